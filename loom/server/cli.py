@@ -1,0 +1,66 @@
+"""`loom serve`: one process, one app, one /metrics — the LLM engine, the model server and the image generator.
+
+Each area contributes a serve plugin module with ``add_serve_arguments(parser)`` and
+``create_component(args, registry) -> Component | None`` (None when its flags ask for nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import signal
+
+from prometheus_client import CollectorRegistry
+
+SERVE_PLUGINS = ("loom.server.llm", "loom.batching.serve", "loom.image.serve")
+
+
+def _plugins():
+    for name in SERVE_PLUGINS:
+        if importlib.util.find_spec(name) is not None:
+            yield importlib.import_module(name)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--log-level", default="info")
+    for plugin in _plugins():
+        plugin.add_serve_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from loom.server.app import build_app
+
+    registry = CollectorRegistry()
+    components = [c for p in _plugins() if (c := p.create_component(args, registry)) is not None]
+    if not components:
+        print("nothing to serve: pass --model (LLM), --serve NAME=HANDLER (model server) or --image (images)")
+        return 2
+    app = build_app(components, registry)
+    configs = [uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)]
+    for component in components:
+        for extra in component.extra_servers():
+            configs.append(uvicorn.Config(extra.app, host=extra.host, port=extra.port, log_level=args.log_level))
+    asyncio.run(_serve_all([uvicorn.Server(c) for c in configs]))
+    return 0
+
+
+async def _serve_all(servers) -> None:
+    """Run every server; SIGTERM/SIGINT stops accepting, drains in-flight requests (lifespan stop), then exits."""
+    loop = asyncio.get_running_loop()
+
+    def request_exit() -> None:
+        for server in servers:
+            server.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, request_exit)
+    for server in servers:
+        server.capture_signals = contextlib.nullcontext  # we own the signals for all of them
+    await asyncio.gather(*(server.serve() for server in servers))
