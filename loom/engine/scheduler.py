@@ -1,0 +1,168 @@
+"""Continuous batching at the iteration level, under one token budget per step.
+
+Each step the scheduler hands out ``max_num_batched_tokens`` tokens: running sequences first (a decode costs one
+token, an unfinished prompt takes the next chunk of what is left), then waiting ones in arrival order, which may
+skip their cached prefix. When the KV pool runs dry, the newest running sequence is preempted by recompute: its
+blocks are freed (full ones keep their hashes, so resuming usually hits the prefix cache) and it goes back to the
+front of the queue. Pure Python.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from loom.engine.block_manager import BlockManager
+from loom.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128
+    """Sequences running at once."""
+    max_num_batched_tokens: int = 2048
+    """Tokens (prefill chunks + decodes) in one forward pass."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts across steps so decodes keep flowing beside them."""
+    watermark: float = 0.01
+    """Fraction of blocks kept free when admitting new sequences, so running ones can grow without preemption."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    seq: Sequence
+    start: int
+    """Position of the first token computed this step."""
+    num_tokens: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the sequence's last token, so its logits give the next token."""
+        return self.end == self.seq.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def update(self, out: SchedulerOutput) -> None:
+        """Advance computed-token counters after the step ran (sampled tokens are appended by the engine)."""
+        for chunk in out.chunks:
+            chunk.seq.num_computed_tokens = chunk.end
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq.seq_id, seq.num_computed_tokens)
+
+    # --- phases --------------------------------------------------------------------------------------------
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = self._chunk_size(seq, seq.num_computed_tokens, budget)
+            if n == 0:
+                i += 1
+                continue
+            while not self.block_manager.allocate(seq.seq_id, seq.all_token_ids, seq.num_computed_tokens + n):
+                victim = self.running.pop()  # newest first; never one already scheduled this step
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+                budget -= n
+                i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        bm = self.block_manager
+        reserve = int(self.config.watermark * bm.num_blocks)
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            token_ids = seq.all_token_ids
+            hits = bm.find_cached_prefix(token_ids)
+            computed = len(hits) * bm.block_size
+            n = self._chunk_size(seq, computed, budget)
+            if n == 0:
+                break
+            needed = bm.blocks_needed(computed + n) - len(hits)
+            if needed > bm.num_free_blocks - reserve or not bm.allocate(seq.seq_id, token_ids, computed + n, hits):
+                break
+            bm.record_prefix_query(seq.num_tokens, computed)
+            if seq.num_preemptions == 0:
+                seq.num_cached_prompt_tokens = computed
+            seq.num_computed_tokens = computed
+            seq.status = SequenceStatus.RUNNING
+            self.waiting.popleft()
+            self.running.append(seq)
+            out.chunks.append(ScheduledChunk(seq, computed, n))
+            budget -= n
+
+    def _chunk_size(self, seq: Sequence, computed: int, budget: int) -> int:
+        remaining = seq.num_tokens - computed
+        if remaining > budget and not self.config.enable_chunked_prefill:
+            return 0
+        return min(remaining, budget)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq.seq_id, seq.num_computed_tokens)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Drop every sequence of a request, freeing its blocks."""
+        dropped = [s for s in [*self.running, *self.waiting] if s.request_id == request_id]
+        for seq in dropped:
+            self.finish(seq, "abort")
+        return dropped

@@ -1,0 +1,115 @@
+"""Block manager: exact block ids for allocation, prefix-cache hits, ref counts, LRU reuse and frees."""
+
+import pytest
+
+from loom.engine.block_manager import BlockManager
+
+
+def tokens(n: int, offset: int = 0) -> list[int]:
+    return list(range(offset, offset + n))
+
+
+def test_allocation_hands_out_blocks_in_order_and_frees_them():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    assert bm.allocate(1, tokens(10), 10)
+    assert bm.block_table(1) == [0, 1, 2]
+    assert bm.allocate(2, tokens(5, 100), 5)
+    assert bm.block_table(2) == [3, 4]
+    assert bm.num_free_blocks == 3
+    # Growing by one token within the last block takes nothing; crossing a boundary takes the next free block.
+    assert bm.allocate(1, tokens(12), 12)
+    assert bm.block_table(1) == [0, 1, 2]
+    assert bm.allocate(1, tokens(13), 13)
+    assert bm.block_table(1) == [0, 1, 2, 5]
+    bm.free(1)
+    bm.free(2)
+    assert bm.num_free_blocks == 8
+    assert all(b.ref_count == 0 for b in bm.blocks)
+
+
+def test_allocation_fails_without_side_effects_when_pool_is_short():
+    bm = BlockManager(num_blocks=3, block_size=4)
+    assert bm.allocate(1, tokens(8), 8)
+    assert not bm.allocate(2, tokens(9, 50), 9)
+    assert bm.block_table(2) == []
+    assert bm.num_free_blocks == 1
+
+
+def test_prefix_cache_hit_shares_full_blocks_and_counts_refs():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    prompt = tokens(10)
+    assert bm.allocate(1, prompt, 10)
+    assert bm.block_table(1) == [0, 1, 2]
+    # Same first 8 tokens, then different: the two full blocks are hits.
+    other = prompt[:8] + [99, 98, 97]
+    hits = bm.find_cached_prefix(other)
+    assert hits == [0, 1]
+    assert bm.allocate(2, other, 11, hits)
+    assert bm.block_table(2) == [0, 1, 3]
+    assert [bm.blocks[i].ref_count for i in (0, 1, 2, 3)] == [2, 2, 1, 1]
+    bm.free(1)
+    assert [bm.blocks[i].ref_count for i in (0, 1, 2)] == [1, 1, 0]
+    bm.free(2)
+    assert bm.num_free_blocks == 10
+
+
+def test_hit_leaves_last_token_to_compute():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    assert bm.allocate(1, tokens(8), 8)
+    # An identical 8-token prompt may only reuse the first block: the last token must run to give logits.
+    assert bm.find_cached_prefix(tokens(8)) == [0]
+    assert bm.find_cached_prefix(tokens(9)) == [0, 1]
+
+
+def test_hash_covers_whole_prefix():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    assert bm.allocate(1, tokens(8), 8)
+    # Second block's tokens equal, first block different: no hit at all.
+    assert bm.find_cached_prefix([50, 51, 52, 53] + tokens(4, 4) + [0]) == []
+
+
+def test_freed_cached_blocks_stay_hits_until_reused_lru():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    assert bm.allocate(1, tokens(8), 8)  # blocks 0, 1 cached
+    bm.free(1)  # freed tail first: queue is 2, 3, 1, 0
+    assert bm.find_cached_prefix(tokens(9)) == [0, 1]
+    assert bm.allocate(2, tokens(4, 100), 4)
+    assert bm.block_table(2) == [2]
+    assert bm.allocate(3, tokens(4, 200), 4)
+    assert bm.block_table(3) == [3]
+    assert bm.allocate(4, tokens(4, 300), 4)
+    assert bm.block_table(4) == [1]  # evicts the second cached block first
+    assert bm.find_cached_prefix(tokens(9)) == [0]
+
+
+def test_reviving_a_free_cached_block_counts_against_the_free_pool():
+    bm = BlockManager(num_blocks=3, block_size=4)
+    assert bm.allocate(1, tokens(8), 8)
+    bm.free(1)
+    hits = bm.find_cached_prefix(tokens(13))
+    assert hits == [0, 1]
+    # Needs the two hits plus two new blocks: only one block is free besides the hits.
+    assert not bm.allocate(2, tokens(13), 13, hits)
+    assert bm.num_free_blocks == 3
+    assert bm.allocate(2, tokens(12), 12, hits)
+    assert bm.block_table(2) == [0, 1, 2]
+
+
+def test_preempted_blocks_past_computed_tokens_are_not_cache_hits():
+    bm = BlockManager(num_blocks=6, block_size=4)
+    assert bm.allocate(1, tokens(12), 12)  # hashed at allocation: blocks 0, 1, 2
+    bm.free(1, num_valid_tokens=4)  # only the first block was computed before preemption
+    assert bm.find_cached_prefix(tokens(13)) == [0]
+
+
+def test_prefix_hit_rate():
+    bm = BlockManager(num_blocks=6, block_size=4)
+    bm.record_prefix_query(10, 0)
+    bm.record_prefix_query(10, 8)
+    assert bm.prefix_hit_rate == pytest.approx(0.4)
+
+
+def test_disabled_prefix_caching_never_hits():
+    bm = BlockManager(num_blocks=6, block_size=4, enable_prefix_caching=False)
+    assert bm.allocate(1, tokens(9), 9)
+    assert bm.find_cached_prefix(tokens(9)) == []

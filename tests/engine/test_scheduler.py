@@ -1,0 +1,164 @@
+"""Scheduler: token budget, chunked prefill, prefix hits across requests, n > 1 sharing, preemption and resume."""
+
+import itertools
+
+from loom.engine.block_manager import BlockManager
+from loom.engine.sampling_params import SamplingParams
+from loom.engine.scheduler import Scheduler, SchedulerConfig
+from loom.engine.sequence import Sequence
+
+_ids = itertools.count()
+
+
+def make_seq(prompt: list[int], request_id: str | None = None, index: int = 0) -> Sequence:
+    seq_id = next(_ids)
+    return Sequence(seq_id, request_id or f"r{seq_id}", index, prompt, SamplingParams(max_tokens=100), 0.0)
+
+
+def run_step(sched: Scheduler, next_token: int = 7):
+    """One engine step without a model: every chunk that reaches the end samples `next_token`."""
+    out = sched.schedule()
+    sched.update(out)
+    for chunk in out.chunks:
+        if chunk.samples:
+            chunk.seq.output_token_ids.append(next_token)
+    return out
+
+
+def make(num_blocks=16, block_size=4, **kw) -> Scheduler:
+    return Scheduler(SchedulerConfig(watermark=0.0, **kw), BlockManager(num_blocks, block_size))
+
+
+def test_prefill_then_decode_in_shared_steps():
+    sched = make()
+    a, b = make_seq(list(range(6))), make_seq(list(range(100, 103)))
+    sched.add(a)
+    sched.add(b)
+    out = run_step(sched)
+    assert [(c.seq, c.start, c.num_tokens) for c in out.chunks] == [(a, 0, 6), (b, 0, 3)]
+    assert sched.block_manager.block_table(a.seq_id) == [0, 1]
+    assert sched.block_manager.block_table(b.seq_id) == [2]
+    out = run_step(sched)
+    # Both decode together: one token each at positions 6 and 3.
+    assert [(c.start, c.num_tokens) for c in out.chunks] == [(6, 1), (3, 1)]
+    assert sched.block_manager.block_table(b.seq_id) == [2]  # b's 4th token still fits its first block
+    out = run_step(sched)
+    assert sched.block_manager.block_table(b.seq_id) == [2, 3]  # its 5th crosses into a new block
+
+
+def test_chunked_prefill_splits_long_prompt_and_keeps_decodes_flowing():
+    sched = make(num_blocks=32, max_num_batched_tokens=8)
+    short = make_seq(list(range(3)))
+    sched.add(short)
+    run_step(sched)
+    long = make_seq(list(range(100, 120)))
+    sched.add(long)
+    steps = []
+    while long.num_output_tokens == 0:
+        out = run_step(sched)
+        steps.append([(c.seq is long, c.start, c.num_tokens) for c in out.chunks])
+    assert steps == [
+        [(False, 3, 1), (True, 0, 7)],
+        [(False, 4, 1), (True, 7, 7)],
+        [(False, 5, 1), (True, 14, 6)],
+    ]
+
+
+def test_no_chunking_waits_for_room_for_the_whole_prompt():
+    sched = make(num_blocks=32, max_num_batched_tokens=8, enable_chunked_prefill=False)
+    a = make_seq(list(range(5)))
+    b = make_seq(list(range(50, 55)))
+    sched.add(a)
+    sched.add(b)
+    out = run_step(sched)
+    assert [c.seq for c in out.chunks] == [a]
+    out = run_step(sched)
+    assert [(c.seq, c.num_tokens) for c in out.chunks] == [(a, 1), (b, 5)]
+
+
+def test_prefix_cache_hit_across_requests_skips_computation():
+    sched = make(num_blocks=16)
+    shared = list(range(8))
+    a = make_seq(shared + [50, 51])
+    sched.add(a)
+    run_step(sched)
+    b = make_seq(shared + [60])
+    sched.add(b)
+    out = run_step(sched)
+    chunk_b = next(c for c in out.chunks if c.seq is b)
+    assert (chunk_b.start, chunk_b.num_tokens) == (8, 1)
+    assert sched.block_manager.block_table(b.seq_id)[:2] == sched.block_manager.block_table(a.seq_id)[:2]
+    assert b.num_cached_prompt_tokens == 8
+
+
+def test_n_siblings_share_prompt_blocks_with_ref_counts():
+    sched = make(num_blocks=16)
+    prompt = list(range(9))
+    siblings = [make_seq(prompt, request_id="req", index=i) for i in range(3)]
+    for s in siblings:
+        sched.add(s)
+    out = run_step(sched)
+    # The first computes the prompt; the others hit its two full blocks in the same step.
+    assert [(c.start, c.num_tokens) for c in out.chunks] == [(0, 9), (8, 1), (8, 1)]
+    bm = sched.block_manager
+    tables = [bm.block_table(s.seq_id) for s in siblings]
+    assert tables == [[0, 1, 2], [0, 1, 3], [0, 1, 4]]
+    assert [bm.blocks[i].ref_count for i in range(5)] == [3, 3, 1, 1, 1]
+    for s in siblings:
+        sched.finish(s, "length")
+    assert bm.num_free_blocks == 16
+
+
+def test_preemption_frees_newest_and_resume_recomputes_with_prefix_hits():
+    # 6 blocks of 4 tokens. Two sequences of 8-token prompts take 2 blocks each (+1 each for the first decode).
+    sched = make(num_blocks=6, block_size=4)
+    old, new = make_seq(list(range(8))), make_seq(list(range(40, 48)))
+    sched.add(old)
+    sched.add(new)
+    run_step(sched)  # prefill both: blocks [0,1] and [2,3]
+    run_step(sched)  # decode: each needs a third block -> [0,1,4] and [2,3,5]
+    assert sched.block_manager.num_free_blocks == 0
+    for _ in range(3):
+        run_step(sched)  # fill the third blocks (positions 8..11)
+    out = run_step(sched)  # old needs a 4th block: newest (new) is preempted
+    assert out.preempted == [new]
+    assert new.num_computed_tokens == 0 and sched.waiting[0] is new
+    assert [c.seq for c in out.chunks] == [old]
+    assert sched.num_preemptions == 1
+    # old took new's freed tail block (evicted first); new's first two blocks are still cached.
+    assert sched.block_manager.block_table(old.seq_id) == [0, 1, 4, 5]
+    sched.finish(old, "length")
+    out = run_step(sched)
+    (chunk,) = out.chunks
+    # Resume recomputes prompt + outputs, skipping the two cached blocks.
+    assert chunk.seq is new and chunk.start == 8 and chunk.end == 13 and new.num_tokens == 14
+    assert sched.block_manager.block_table(new.seq_id)[:2] == [2, 3]
+    assert new.num_output_tokens == 6  # five before preemption, one sampled after resume
+    sched.finish(new, "length")
+    assert sched.block_manager.num_free_blocks == 6
+
+
+def test_abort_frees_everything():
+    sched = make(num_blocks=8)
+    a, b = make_seq(list(range(10)), "x"), make_seq(list(range(30, 40)), "y")
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)
+    c = make_seq(list(range(60, 70)), "x")
+    sched.add(c)
+    assert sched.abort("x") == [a, c]
+    assert sched.running == [b] and not sched.waiting
+    sched.abort("y")
+    assert sched.block_manager.num_free_blocks == 8
+
+
+def test_max_num_seqs_caps_running():
+    sched = make(num_blocks=64, max_num_seqs=2)
+    seqs = [make_seq(list(range(i * 10, i * 10 + 3))) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    out = run_step(sched)
+    assert [c.seq for c in out.chunks] == seqs[:2]
+    sched.finish(seqs[0], "stop")
+    out = run_step(sched)
+    assert [c.seq for c in out.chunks] == [seqs[1], seqs[2]]
