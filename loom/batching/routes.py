@@ -1,0 +1,163 @@
+"""Inference routes on the main app: POST /predictions/{model} (TorchServe's path), POST /v1/embeddings
+(OpenAI's shape) and GET /ping (readiness).
+
+Errors are JSON ``{"error": {"message", "type", "code"}}``: 400 bad input, 404 unknown model, 413 body too large,
+503 + Retry-After when the model's queue is full, 504 when a request waited past its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import struct
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from loom.batching.batcher import DeadlineExceeded, QueueFull
+from loom.batching.model import ItemFailed, ModelUnavailable
+from loom.batching.server import ModelNotFound, ModelServer
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+MAX_EMBEDDING_INPUTS = 2048
+
+try:  # orjson is several times faster on float lists when present; json is the fallback
+    import orjson
+
+    def _dumps(value: Any) -> bytes:
+        return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+except ImportError:  # pragma: no cover - depends on the environment
+
+    def _dumps(value: Any) -> bytes:
+        return json.dumps(value).encode()
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.headers = status, kind, headers or {}
+
+
+def json_response(value: Any, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(_dumps(value), status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(err: HTTPError) -> Response:
+    body = {"error": {"message": str(err), "type": err.kind, "code": err.status}}
+    return json_response(body, err.status, err.headers)
+
+
+def build_inference_router(server: ModelServer) -> APIRouter:
+    router = APIRouter(tags=["model server"])
+
+    @router.post("/predictions/{name}")
+    async def predict(name: str, request: Request) -> Response:
+        try:
+            model = _model(server, name)
+            payload = _decode_body(await _read_body(request), request.headers.get("content-type", ""))
+            return json_response(await _submit(model, payload))
+        except HTTPError as err:
+            return error_response(err)
+
+    @router.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        try:
+            return json_response(await _embeddings(server, await _read_body(request)))
+        except HTTPError as err:
+            return error_response(err)
+
+    @router.get("/ping")
+    async def ping() -> Response:
+        ready = server.is_ready()
+        body = {"status": "Healthy" if ready else "Unhealthy", "models": server.summary()}
+        return json_response(body, 200 if ready else 503)
+
+    return router
+
+
+async def _read_body(request: Request) -> bytes:
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise HTTPError(413, f"body of {length} bytes exceeds the {MAX_BODY_BYTES} byte limit; send smaller inputs")
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise HTTPError(413, f"body exceeds the {MAX_BODY_BYTES} byte limit; send smaller inputs")
+    if not body:
+        raise HTTPError(400, "empty body; send JSON, text or the raw bytes of the input (an image, say)")
+    return body
+
+
+def _decode_body(body: bytes, content_type: str) -> Any:
+    """JSON → parsed value; text/* → str; anything else (images) → bytes, for the handler's decode."""
+    if "json" in content_type:
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise HTTPError(400, f"body is not valid JSON ({exc}); fix it or send another content type") from None
+    if content_type.startswith("text/"):
+        return body.decode("utf-8", errors="replace")
+    return body
+
+
+def _model(server: ModelServer, name: str):
+    try:
+        return server.get(name)
+    except ModelNotFound as exc:
+        raise HTTPError(404, str(exc), "not_found_error") from None
+
+
+async def _submit(model, payload: Any) -> Any:
+    try:
+        return await model.submit(payload)
+    except QueueFull as exc:
+        raise HTTPError(503, f"model {model.config.name} is overloaded: {exc}; retry later", "overloaded_error",
+                        {"Retry-After": str(model.retry_after_s())}) from None
+    except ModelUnavailable as exc:
+        raise HTTPError(503, str(exc), "unavailable_error", {"Retry-After": "1"}) from None
+    except DeadlineExceeded as exc:
+        raise HTTPError(504, f"{exc}; the server is busy, retry later or raise request_timeout", "timeout_error") from None
+    except ItemFailed as exc:
+        raise HTTPError(exc.status, exc.message, "invalid_request_error" if exc.status < 500 else "server_error") from None
+
+
+async def _embeddings(server: ModelServer, body: bytes) -> dict:
+    request = _decode_body(body, "application/json")
+    if not isinstance(request, dict):
+        raise HTTPError(400, 'body must be a JSON object like {"model": "minilm", "input": ["text", ...]}')
+    inputs = _embedding_inputs(request.get("input"))
+    name = request.get("model")
+    if not name and len(server.models) == 1:
+        name = next(iter(server.models))
+    model = _model(server, str(name or ""))
+    encoding = request.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise HTTPError(400, f"encoding_format must be 'float' or 'base64', got {encoding!r}")
+    results = await asyncio.gather(*(_submit(model, text) for text in inputs), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result if isinstance(result, HTTPError) else HTTPError(500, f"embedding failed: {result}", "server_error")
+    data, tokens = [], 0
+    for i, result in enumerate(results):
+        if not isinstance(result, dict) or "embedding" not in result:
+            raise HTTPError(400, f"model {model.config.name} (handler {model.config.handler}) does not return embeddings")
+        tokens += int(result.get("tokens", 0))
+        data.append({"object": "embedding", "index": i, "embedding": _encode(result["embedding"], encoding)})
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return {"object": "list", "data": data, "model": model.config.name, "usage": usage}
+
+
+def _embedding_inputs(value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise HTTPError(400, "'input' must be a non-empty string or list of strings (token-id inputs are not supported)")
+    if len(value) > MAX_EMBEDDING_INPUTS:
+        raise HTTPError(413, f"'input' has {len(value)} items; send at most {MAX_EMBEDDING_INPUTS} per request")
+    return value
+
+
+def _encode(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()

@@ -1,0 +1,111 @@
+"""`loom serve` plugin for the dynamic-batching model server.
+
+    loom serve --serve minilm=embedding --batch-size 32 --max-batch-delay 5 --workers 2
+    loom serve --serve vit=image-classifier:/models/vit --config models.yaml
+    loom serve --model-server          # management API only; register models later
+
+Inference routes join the main app; the management API runs on its own port (127.0.0.1:8081 by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from fastapi import APIRouter
+from prometheus_client import CollectorRegistry
+
+from loom.batching.config import ModelConfig, load_models_yaml, parse_serve_spec
+from loom.batching.management import build_management_app, new_token, write_token_file
+from loom.batching.routes import build_inference_router
+from loom.batching.server import ModelServer
+from loom.server.component import ExtraServer
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model server (dynamic batching)")
+    group.add_argument("--serve", action="append", default=[], metavar="NAME=HANDLER[:PATH]",
+                       help="serve a model: HANDLER is embedding, image-classifier, a .py file or a module (repeatable)")
+    group.add_argument("--config", metavar="MODELS_YAML", help="models.yaml: models: {NAME: {handler, path, batch_size, ...}}")
+    group.add_argument("--model-server", action="store_true", help="start the model server even with no model (register later)")
+    group.add_argument("--batch-size", type=int, default=8, help="most requests per inference call (default 8)")
+    group.add_argument("--max-batch-delay", type=float, default=5.0,
+                       help="ms a batch may wait to fill, from its oldest request's arrival (default 5)")
+    group.add_argument("--workers", type=int, default=1, help="worker processes per model (default 1)")
+    group.add_argument("--max-queue-size", type=int, default=256, help="waiting requests per model before 503 (default 256)")
+    group.add_argument("--request-timeout", type=float, default=30_000.0, help="ms a request may wait before 504 (default 30000)")
+    group.add_argument("--threads-per-worker", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    group.add_argument("--management-host", default="127.0.0.1")
+    group.add_argument("--management-port", type=int, default=8081)
+    group.add_argument("--management-token", default=None, help="bearer token for the management API (default: generated)")
+    group.add_argument("--management-token-file", default=None,
+                       help="where the token is written (default $LOOM_HOME/model-server-token.json)")
+
+
+def configs_from_args(args: argparse.Namespace) -> list[ModelConfig]:
+    defaults = {"batch_size": args.batch_size, "max_batch_delay": args.max_batch_delay, "workers": args.workers,
+                "max_queue_size": args.max_queue_size, "request_timeout": args.request_timeout,
+                "threads_per_worker": args.threads_per_worker}
+    configs = load_models_yaml(args.config, **defaults) if args.config else []
+    configs += [parse_serve_spec(spec, **defaults) for spec in args.serve]
+    names = [c.name for c in configs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"model names {duplicates} are declared twice; give each --serve / models.yaml entry its own name")
+    return configs
+
+
+def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> ModelServerComponent | None:
+    if not (args.serve or args.config or args.model_server):
+        return None
+    configs = configs_from_args(args)
+    token = args.management_token or new_token()
+    token_file = Path(args.management_token_file) if args.management_token_file else _default_token_file()
+    return ModelServerComponent(configs, registry, token, args.management_host, args.management_port, token_file,
+                                announce_token=not args.management_token)
+
+
+def _default_token_file() -> Path:
+    from loom.models.catalogue import loom_home
+
+    return loom_home() / "model-server-token.json"
+
+
+class ModelServerComponent:
+    """The model server as a `loom serve` component."""
+
+    name = "model_server"
+
+    def __init__(self, configs: list[ModelConfig], registry: CollectorRegistry | None, token: str,
+                 management_host: str = "127.0.0.1", management_port: int = 8081, token_file: Path | None = None,
+                 announce_token: bool = False):
+        self.configs = configs
+        self.server = ModelServer(registry)
+        self.token = token
+        self.token_file = token_file
+        self.announce_token = announce_token
+        self.management = ExtraServer(build_management_app(self.server, token), management_host, management_port)
+        self._router = build_inference_router(self.server)
+
+    def routers(self) -> list[APIRouter]:
+        return [self._router]
+
+    def extra_servers(self) -> list[ExtraServer]:
+        return [self.management]
+
+    async def start(self) -> None:
+        if self.token_file is not None:
+            write_token_file(self.token_file, self.token)
+        if self.announce_token:
+            where = f" (also in {self.token_file})" if self.token_file else ""
+            print(f"model server management API on http://{self.management.host}:{self.management.port}, "
+                  f"token: {self.token}{where}", file=sys.stderr, flush=True)
+        await asyncio.gather(*(self.server.register(c) for c in self.configs))
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+    def health(self) -> dict:
+        return {"ready": self.server.is_ready(), "models": self.server.summary()}

@@ -1,0 +1,188 @@
+"""Worker processes: each loads its own copy of the model and runs batches sent over a pipe.
+
+The server side (:class:`WorkerProcess`) lives in the event loop: ``await worker.run(items)`` sends a batch and
+resolves when the child answers; the pipe's file descriptor is watched with ``loop.add_reader`` (no threads).
+The child (:func:`worker_main`) is started with ``spawn``, sets its torch thread count before torch is imported,
+calls the handler's ``setup`` once and then loops: receive a batch, :func:`run_batch`, send the results back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from loom.batching.handler import Context, ItemResult, load_handler_class, run_batch
+
+
+@dataclass(slots=True)
+class WorkerSpec:
+    """Everything a child needs to build its handler (picklable)."""
+
+    model_name: str
+    handler: str
+    model_dir: str | None
+    worker_index: int
+    num_threads: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class WorkerDied(RuntimeError):
+    """The worker process exited while it held a batch (crash, OOM kill)."""
+
+
+class WorkerStartError(RuntimeError):
+    """The handler's setup failed in the worker; the message holds the child's traceback."""
+
+
+def worker_main(conn, spec: WorkerSpec) -> None:
+    """Child process entry point."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(spec.num_threads)
+    try:
+        handler = _build_handler(spec)
+    except Exception:  # noqa: BLE001 - report any setup failure to the server
+        conn.send(("failed", traceback.format_exc()))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        batch_id, items = message
+        start = time.perf_counter()
+        results = run_batch(handler, items)
+        conn.send(("done", batch_id, results, time.perf_counter() - start))
+
+
+def _build_handler(spec: WorkerSpec):
+    handler = load_handler_class(spec.handler)()
+    ctx = Context(spec.model_name, spec.model_dir, spec.worker_index, spec.num_threads, dict(spec.options))
+    handler.setup(ctx)
+    _set_torch_threads(spec.num_threads)
+    return handler
+
+
+def _set_torch_threads(num_threads: int) -> None:
+    """Pin torch's pools if the handler uses torch (OMP_NUM_THREADS, set before any import, covers the rest)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    torch.set_num_threads(num_threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # the interop pool already started
+        pass
+
+
+class WorkerProcess:
+    """The server's handle on one worker process."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        ctx = mp.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        self.process = ctx.Process(target=worker_main, args=(child_conn, spec), daemon=True,
+                                   name=f"loom-worker-{spec.model_name}-{spec.worker_index}")
+        self._child_conn = child_conn
+        self._pending: dict[int, asyncio.Future] = {}
+        self._next_id = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.pid: int | None = None
+        self.is_alive = False
+
+    async def start(self, timeout: float = 600.0) -> None:
+        """Spawn the child and wait for its handler's setup; raises WorkerStartError with the child's traceback."""
+        self._loop = asyncio.get_running_loop()
+        self.process.start()
+        self._child_conn.close()
+        ready: asyncio.Future = self._loop.create_future()
+        self._pending[-1] = ready
+        self._loop.add_reader(self._conn.fileno(), self._on_readable)
+        try:
+            self.pid = await asyncio.wait_for(ready, timeout)
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        self.is_alive = True
+
+    async def run(self, items: list[Any]) -> tuple[list[ItemResult], float]:
+        """Run one batch in the child: (per-item results, seconds the handler took)."""
+        if not self.is_alive:
+            raise WorkerDied(f"worker {self.spec.worker_index} of {self.spec.model_name} is not running")
+        batch_id = self._next_id
+        self._next_id += 1
+        future = self._loop.create_future()
+        self._pending[batch_id] = future
+        try:
+            self._conn.send((batch_id, items))
+        except (BrokenPipeError, OSError) as exc:
+            self._pending.pop(batch_id, None)
+            self._mark_dead()
+            raise WorkerDied(f"worker {self.spec.worker_index} of {self.spec.model_name} is gone: {exc}") from exc
+        return await future
+
+    def _on_readable(self) -> None:
+        try:
+            while self._conn.poll():
+                self._dispatch(self._conn.recv())
+        except (EOFError, OSError):
+            self._mark_dead()
+
+    def _dispatch(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "ready":
+            _resolve(self._pending.pop(-1, None), result=message[1])
+        elif kind == "failed":
+            error = WorkerStartError(f"handler setup failed in worker {self.spec.worker_index}:\n{message[1]}")
+            _resolve(self._pending.pop(-1, None), error=error)
+        elif kind == "done":
+            _resolve(self._pending.pop(message[1], None), result=(message[2], message[3]))
+
+    def _mark_dead(self) -> None:
+        self.is_alive = False
+        if self._loop is not None:
+            self._loop.remove_reader(self._conn.fileno())
+        error = WorkerDied(f"worker {self.spec.worker_index} of {self.spec.model_name} exited (code {self.process.exitcode})")
+        for future in self._pending.values():
+            _resolve(future, error=error)
+        self._pending.clear()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Ask the child to exit after its current batch; kill it if it does not within `grace` seconds."""
+        if self.is_alive or self.process.is_alive():
+            try:
+                self._conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        deadline = time.monotonic() + grace
+        while self.process.is_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self.process.is_alive():
+            self.process.kill()
+        if self.process.pid is not None:
+            await asyncio.to_thread(self.process.join, 5)
+        if self.is_alive or self._pending:
+            self._mark_dead()
+        elif self._loop is not None and not self._conn.closed:
+            self._loop.remove_reader(self._conn.fileno())
+        self.is_alive = False
+        self._conn.close()
+
+
+def _resolve(future: asyncio.Future | None, result: Any = None, error: BaseException | None = None) -> None:
+    if future is None or future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

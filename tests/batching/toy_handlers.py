@@ -1,0 +1,41 @@
+"""Handlers for the model-server tests: no torch, so worker processes start in a fraction of a second."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from loom.batching.handler import Context, Handler, ItemError
+
+
+class EchoHandler(Handler):
+    """Answers each item with the id of the inference call that served it.
+
+    "bad" fails in decode, "boom" makes its whole batch raise (so the server must isolate it); option sleep_s makes
+    every inference call take that long.
+    """
+
+    def setup(self, ctx: Context) -> None:
+        self.pid = os.getpid()
+        self.calls = 0
+        self.sleep_s = float(ctx.options.get("sleep_s", 0.0))
+        self.threads = ctx.num_threads
+
+    def decode(self, item):
+        if item == "bad":
+            raise ItemError("'bad' is not accepted")
+        return item
+
+    def inference(self, batch: list) -> list:
+        self.calls += 1
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        if "boom" in batch:
+            raise RuntimeError("boom poisons its batch")
+        batch_id = f"{self.pid}-{self.calls}"
+        return [{"item": x, "batch": batch_id, "batch_size": len(batch), "pid": self.pid} for x in batch]
+
+
+class BrokenSetupHandler(Handler):
+    def setup(self, ctx: Context) -> None:
+        raise RuntimeError("weights are missing")
