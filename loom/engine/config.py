@@ -1,0 +1,56 @@
+"""Engine configuration: one dataclass that checks itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str = "smollm2"
+    """A catalogue name (``loom models list``) or a local HF folder."""
+    dtype: str = "auto"
+    """float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on CUDA)."""
+    device: str = "auto"
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    kv_cache_memory_gb: float | None = None
+    """Memory for the KV pool; None: 4 GiB on CPU, 60% of free memory on CUDA."""
+    num_kv_blocks: int | None = None
+    """Overrides kv_cache_memory_gb with an exact pool size (tests)."""
+    max_model_len: int | None = None
+    """Longest prompt + output; None: the model's context."""
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    attention_backend: str = "auto"
+    """auto | torch | cpp (the fused CPU decode kernel, compiled on first use)."""
+    seed: int = 0
+    """Seeds the generator of requests that bring no seed of their own."""
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.dtype not in (*_DTYPES, "auto"):
+            raise ValueError(f"dtype must be one of {', '.join([*_DTYPES, 'auto'])}, got {self.dtype!r}")
+        if self.attention_backend not in ("auto", "torch", "cpp"):
+            raise ValueError(f"attention_backend must be auto, torch or cpp, got {self.attention_backend!r}")
+        if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]

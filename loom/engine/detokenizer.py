@@ -1,0 +1,53 @@
+"""Incremental detokenization that never emits half a UTF-8 character, plus stop-string matching on text.
+
+Each step decodes only a short window (a few tokens of context before the new ones): decoding from the context
+start gives the right spacing, and a trailing U+FFFD means a multi-byte character is still incomplete, so the
+text is held back until the next token completes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class DetokState:
+    prefix_offset: int
+    read_offset: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    """Prompt tail + outputs: only the window that decoding needs."""
+
+
+def new_state(prompt_token_ids: list[int], context: int = 5) -> DetokState:
+    tail = prompt_token_ids[-context:]
+    return DetokState(prefix_offset=0, read_offset=len(tail), token_ids=list(tail))
+
+
+def detokenize_next(tokenizer, state: DetokState, token_id: int, skip_special_tokens: bool) -> str:
+    """Append one token and return the text it completes (possibly "")."""
+    state.token_ids.append(token_id)
+    ids = state.token_ids
+    prefix = tokenizer.decode(ids[state.prefix_offset : state.read_offset], skip_special_tokens=skip_special_tokens)
+    full = tokenizer.decode(ids[state.prefix_offset :], skip_special_tokens=skip_special_tokens)
+    if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        return ""
+    delta = full[len(prefix) :]
+    state.text += delta
+    state.prefix_offset, state.read_offset = state.read_offset, len(ids)
+    if state.prefix_offset > 64:  # keep the window short
+        drop = state.prefix_offset
+        state.token_ids = ids[drop:]
+        state.prefix_offset, state.read_offset = 0, state.read_offset - drop
+    return delta
+
+
+def find_stop(text: str, delta_len: int, stops: list[str]) -> tuple[str, int] | None:
+    """The first stop string that ends inside the newest ``delta_len`` characters: (stop, its start index)."""
+    best: tuple[str, int] | None = None
+    for stop in stops:
+        start = max(0, len(text) - delta_len - len(stop) + 1)
+        idx = text.find(stop, start)
+        if idx != -1 and (best is None or idx < best[1]):
+            best = (stop, idx)
+    return best

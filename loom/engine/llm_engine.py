@@ -1,0 +1,313 @@
+"""LLMEngine: add requests, then ``step()`` until done. One step is schedule -> run -> sample -> update."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from loom.engine.block_manager import BlockManager
+from loom.engine.config import EngineConfig
+from loom.engine.detokenizer import DetokState, detokenize_next, find_stop, new_state
+from loom.engine.model_runner import ModelRunner, allocate_kv_caches, kv_bytes_per_block
+from loom.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from loom.engine.sampling_params import SamplingParams
+from loom.engine.scheduler import Scheduler, SchedulerConfig
+from loom.engine.sequence import Sequence
+from loom.models.catalogue import resolve_model
+from loom.models.loader import load_hf_config, load_model
+from loom.ops.sampler import SamplingRow, sample
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    """Fraction of KV blocks in use."""
+    prefix_hit_rate: float
+    num_preemptions: int
+    kv_waste: float
+    """Fraction of the used blocks' slots that hold no token (partially filled last blocks), now."""
+    num_kv_blocks: int
+    num_steps: int
+    num_prompt_tokens: int
+    """Prompt tokens computed so far (cache hits excluded)."""
+    num_generation_tokens: int
+    mean_batch_tokens: float
+
+
+@dataclass(slots=True)
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detok: list[DetokState]
+    metrics: RequestMetrics
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype()
+        self.model_path = resolve_model(config.model)
+        hf_config = load_hf_config(self.model_path)
+        self.max_model_len = min(config.max_model_len or hf_config.max_position_embeddings, hf_config.max_position_embeddings)
+        self.tokenizer = _load_tokenizer(self.model_path)
+        self.eos_token_ids = _eos_ids(self.tokenizer, self.model_path)
+        self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len)
+        self.model.decode_fn = _choose_decode_fn(config.attention_backend, self.device)
+        num_blocks = self._num_blocks()
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill)
+        self.scheduler = Scheduler(sched_cfg, self.block_manager)
+        kv = allocate_kv_caches(self.model, num_blocks, config.block_size, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, kv, self.block_manager, self.device)
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.requests: dict[str, _Request] = {}
+        self._generators: dict[int, torch.Generator] = {}
+        self._seq_ids = itertools.count()
+        self._num_steps = self._num_prompt_tokens = self._num_generation_tokens = self._batched_tokens = 0
+
+    # --- public API -----------------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None = None,
+        params: SamplingParams | None = None,
+        prompt_token_ids: list[int] | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str):
+                raise ValueError("a prompt is a string or {'prompt_token_ids': [...]}")
+            prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        params = self._validate(prompt_token_ids, params)
+        now = arrival_time or time.time()
+        seqs = [
+            Sequence(next(self._seq_ids), request_id, i, prompt_token_ids, params, now, generator_seed=_seed(params, i))
+            for i in range(params.n)
+        ]
+        detok = [new_state(prompt_token_ids) for _ in seqs]
+        self.requests[request_id] = _Request(request_id, prompt, prompt_token_ids, params, seqs, detok, RequestMetrics(now))
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> bool:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.abort(request_id)
+        for seq in req.seqs:
+            self._generators.pop(seq.seq_id, None)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        logits, sampling = self.runner.execute(out)
+        self.scheduler.update(out)
+        rows = [self._sampling_row(c.seq) for c in sampling]
+        result = sample(logits, rows) if rows else None
+        self._count(out)
+        touched = self._append_tokens(sampling, result) if result else {}
+        return [self._request_output(req) for req in touched.values()]
+
+    def stats(self) -> EngineStats:
+        bm, sched = self.block_manager, self.scheduler
+        used_slots = sum(len(bm.block_table(s.seq_id)) for s in sched.running) * bm.block_size
+        held = sum(min(s.num_tokens, len(bm.block_table(s.seq_id)) * bm.block_size) for s in sched.running)
+        return EngineStats(
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            kv_usage=bm.usage,
+            prefix_hit_rate=bm.prefix_hit_rate,
+            num_preemptions=sched.num_preemptions,
+            kv_waste=(used_slots - held) / used_slots if used_slots else 0.0,
+            num_kv_blocks=bm.num_blocks,
+            num_steps=self._num_steps,
+            num_prompt_tokens=self._num_prompt_tokens,
+            num_generation_tokens=self._num_generation_tokens,
+            mean_batch_tokens=self._batched_tokens / self._num_steps if self._num_steps else 0.0,
+        )
+
+    # --- internals ------------------------------------------------------------------------------------------
+    def _num_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        per_block = kv_bytes_per_block(self.model, cfg.block_size, self.dtype)
+        if cfg.kv_cache_memory_gb is not None:
+            budget = cfg.kv_cache_memory_gb * 2**30
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = 0.6 * free
+        else:
+            budget = 4 * 2**30
+        # Never more blocks than max_num_seqs sequences of full context could use.
+        cap = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
+        return max(1, min(int(budget // per_block), cap))
+
+    def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty; give at least one token")
+        vocab = self.model.config.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {n} tokens but the model's context is {self.max_model_len}; "
+                "shorten it or raise max_model_len"
+            )
+        room = self.max_model_len - n
+        if params.max_tokens is None or params.max_tokens > room:
+            if params.max_tokens is not None and params.max_tokens > room:
+                raise ValueError(
+                    f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
+                    f"({self.max_model_len}); lower max_tokens to at most {room}"
+                )
+            params = params.clone(max_tokens=room)
+        pool = self.block_manager.num_blocks * self.block_manager.block_size
+        if n + params.max_tokens > pool:
+            raise ValueError(
+                f"the request needs up to {n + params.max_tokens} tokens of KV cache but the whole pool holds {pool}; "
+                "raise kv_cache_memory_gb or lower max_tokens"
+            )
+        if not self.config.enable_chunked_prefill and n + params.max_tokens > self.config.max_num_batched_tokens:
+            raise ValueError(
+                f"without chunked prefill a sequence of up to {n + params.max_tokens} tokens cannot fit a step of "
+                f"{self.config.max_num_batched_tokens}; enable chunked prefill or raise max_num_batched_tokens"
+            )
+        return params
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        generator = self.generator
+        if seq.generator_seed is not None:
+            generator = self._generators.get(seq.seq_id)
+            if generator is None:
+                generator = torch.Generator(self.device).manual_seed(seq.generator_seed)
+                self._generators[seq.seq_id] = generator
+        stop_ids = frozenset(seq.params.stop_token_ids) | (frozenset() if seq.params.ignore_eos else self.eos_token_ids)
+        return SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, generator, stop_ids)
+
+    def _count(self, out) -> None:
+        self._num_steps += 1
+        self._batched_tokens += out.num_batched_tokens
+        for chunk in out.chunks:
+            n_prompt = max(0, min(chunk.end, chunk.seq.num_prompt_tokens) - chunk.start)
+            self._num_prompt_tokens += n_prompt
+
+    def _append_tokens(self, sampling, result) -> dict[str, _Request]:
+        touched: dict[str, _Request] = {}
+        now = time.time()
+        for chunk, token, logprobs in zip(sampling, result.token_ids, result.logprobs):
+            seq = chunk.seq
+            req = self.requests.get(seq.request_id)
+            if req is None:
+                continue
+            seq.output_token_ids.append(token)
+            self._num_generation_tokens += 1
+            if logprobs is not None:
+                seq.output_logprobs.append(logprobs)
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            self._check_stop(seq, req.detok[seq.index], token)
+            touched[req.request_id] = req
+        for req in touched.values():
+            if all(s.is_finished for s in req.seqs):
+                req.metrics.finished_time = now
+                del self.requests[req.request_id]
+                for s in req.seqs:
+                    self._generators.pop(s.seq_id, None)
+        return touched
+
+    def _check_stop(self, seq: Sequence, detok: DetokState, token: int) -> None:
+        p = seq.params
+        delta = detokenize_next(self.tokenizer, detok, token, p.skip_special_tokens)
+        can_stop = seq.num_output_tokens > p.min_tokens  # stop ids were masked for the first min_tokens
+        if can_stop and not p.ignore_eos and token in self.eos_token_ids:
+            return self._finish(seq, "stop", None)
+        if can_stop and token in p.stop_token_ids:
+            return self._finish(seq, "stop", token)
+        if can_stop and p.stop and delta:
+            hit = find_stop(detok.text, len(delta), p.stop)
+            if hit is not None:
+                stop, idx = hit
+                detok.text = detok.text[: idx + len(stop)] if p.include_stop_str_in_output else detok.text[:idx]
+                return self._finish(seq, "stop", stop)
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return self._finish(seq, "length", None)
+        return None
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
+        seq.stop_reason = stop_reason
+        self.scheduler.finish(seq, reason)
+
+    def _request_output(self, req: _Request) -> RequestOutput:
+        outputs = [self._completion(seq, req.detok[seq.index]) for seq in req.seqs]
+        finished = all(o.finished for o in outputs)
+        cached = req.seqs[0].num_cached_prompt_tokens
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, finished, cached, req.metrics)
+
+    def _completion(self, seq: Sequence, detok: DetokState) -> CompletionOutput:
+        text = detok.text
+        if not seq.is_finished and seq.params.stop:
+            # Hold back text that may be the start of a stop string, so a stream never shows part of one.
+            hold = max(len(s) for s in seq.params.stop) - 1
+            text = text[: max(0, len(text) - hold)]
+        logprobs = list(seq.output_logprobs) if seq.params.logprobs is not None else None
+        cumulative = sum(lp[t] for lp, t in zip(seq.output_logprobs, seq.output_token_ids)) if logprobs else None
+        return CompletionOutput(
+            seq.index, text, list(seq.output_token_ids), cumulative, logprobs, seq.finish_reason, seq.stop_reason
+        )
+
+
+def _seed(params: SamplingParams, index: int) -> int | None:
+    return None if params.seed is None else params.seed + index
+
+
+def _load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _eos_ids(tokenizer, path) -> frozenset[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    try:
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(str(path)).eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except OSError:
+        pass
+    return frozenset(ids)
+
+
+def _choose_decode_fn(backend: str, device: torch.device):
+    from loom.ops.attention import decode_attention_reference
+
+    if backend == "torch" or device.type != "cpu":
+        return decode_attention_reference
+    try:
+        from loom.ops.cpu_kernels import decode_attention_cpp
+    except ImportError:
+        if backend == "cpp":
+            raise
+        return decode_attention_reference
+    return decode_attention_cpp

@@ -1,0 +1,102 @@
+"""``LLM``: offline batched generation in vLLM's shape.
+
+    from loom import LLM, SamplingParams
+    llm = LLM(model="smollm2")
+    outs = llm.generate(["Hello"], SamplingParams(max_tokens=8))
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from loom.engine.config import EngineConfig
+from loom.engine.llm_engine import LLMEngine
+from loom.engine.outputs import RequestOutput
+from loom.engine.sampling_params import SamplingParams
+
+Prompt = str | dict
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2", dtype: str = "auto", **engine_kwargs):
+        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, **engine_kwargs))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion, batched continuously; outputs come back in prompt order."""
+        if isinstance(prompts, str | dict):
+            prompts = [prompts]
+        params = self._params_per_prompt(len(prompts), sampling_params)
+        ids = []
+        for prompt, p in zip(prompts, params):
+            rid = str(next(self._ids))
+            text, token_ids = _split_prompt(prompt)
+            self.engine.add_request(rid, text, p, prompt_token_ids=token_ids)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (a list of messages) or to several."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        return self.generate([{"prompt_token_ids": p} for p in prompts], sampling_params)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        tok = self.engine.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"the model at {self.engine.model_path} has no chat template; use generate() instead")
+        ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = _progress(len(ids)) if use_tqdm else None
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [finished[i] for i in ids]
+
+    @staticmethod
+    def _params_per_prompt(n: int, params) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * n
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        params = list(params)
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts; pass one, or one per prompt")
+        return params
+
+
+def _split_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None]:
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+        return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+    raise ValueError("a prompt is a string or {'prompt_token_ids': [...]}")
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="requests", unit="req")

@@ -1,0 +1,95 @@
+"""Load an HF folder (config.json + *.safetensors, sharded or not) straight into Loom's Llama modules.
+
+transformers supplies only the config; weights stream from safetensors into preallocated (fused) parameters.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from loom.models.llama import LlamaConfig, LlamaForCausalLM
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# HF name inside a layer -> (Loom parameter inside the layer, which slice of a fused parameter)
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+
+def load_hf_config(folder: str | Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder))
+
+
+def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int) -> LlamaForCausalLM:
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors in {folder}; Loom loads HF folders saved with safetensors")
+    cfg = LlamaConfig.from_hf(load_hf_config(folder))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, max_positions=1, dtype=dtype)
+    model = model.to_empty(device=device).to(dtype)
+    # The rotary tables are computed, not loaded: rebuild them on the real device.
+    model.rotary = type(model.rotary)(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype).to(device)
+    params = dict(model.named_parameters())
+    filled: dict[str, int] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                target = _target(name, cfg)
+                if target is None:
+                    continue
+                pname, part = target
+                _copy_into(params[pname], part, f.get_tensor(name), cfg)
+                filled[pname] = filled.get(pname, 0) + 1
+    _check_complete(params, filled, folder)
+    return model.eval()
+
+
+def _target(name: str, cfg: LlamaConfig) -> tuple[str, int | None] | None:
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    if name == "lm_head.weight":
+        return None if cfg.tie_word_embeddings else ("lm_head.weight", None)
+    if name.startswith("model.") and not name.startswith("model.layers."):
+        return name.removeprefix("model."), None
+    m = _LAYER.match(name)
+    if m is None:
+        return None
+    layer, rest = m.groups()
+    module, kind = rest.rsplit(".", 1)
+    if module in _FUSED:
+        fused, part = _FUSED[module]
+        return f"layers.{layer}.{fused}.{kind}", part
+    return f"layers.{layer}.{rest}", None
+
+
+def _copy_into(param: torch.nn.Parameter, part: int | None, tensor: torch.Tensor, cfg: LlamaConfig) -> None:
+    with torch.no_grad():
+        if part is None:
+            param.copy_(tensor)
+            return
+        if param.shape[0] == 2 * cfg.intermediate_size:  # gate_up
+            sizes = [cfg.intermediate_size] * 2
+        else:  # qkv
+            kv = cfg.num_key_value_heads * cfg.head_dim
+            sizes = [cfg.num_attention_heads * cfg.head_dim, kv, kv]
+        start = sum(sizes[:part])
+        param[start : start + sizes[part]].copy_(tensor)
+
+
+def _check_complete(params: dict, filled: dict[str, int], folder: Path) -> None:
+    expected = {name: (3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 1) for name in params}
+    missing = [n for n, count in expected.items() if filled.get(n, 0) < count]
+    if missing:
+        raise ValueError(f"checkpoint in {folder} lacks weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")

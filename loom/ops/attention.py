@@ -1,0 +1,119 @@
+"""Paged attention over a block-paged KV cache.
+
+The cache of one layer is two tensors [num_blocks, block_size, Hkv, D]. A step's tokens are flat rows [T, ...]:
+first the decodes (one query each), then the prefill chunks. Each layer writes its new K/V into the cache slots
+(``slot_mapping``) *before* any attention reads, so a sequence may read blocks another sequence computes in the
+same step (prefix sharing). This module is the plain-PyTorch reference; ``loom.ops.cpu_kernels`` provides a fused
+decode kernel that must match it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    token_start: int
+    token_end: int
+    """Rows [token_start, token_end) of the flat batch."""
+    start_pos: int
+    """Position in its sequence of the chunk's first token (> 0 after a cache hit or an earlier chunk)."""
+    block_table: torch.Tensor | None
+    """[num_blocks] long, needed only when start_pos > 0 to read the earlier context from the cache."""
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor
+    """[T] long: cache slot (block * block_size + offset) of each token."""
+    num_decodes: int
+    decode_block_tables: torch.Tensor
+    """[Bd, max_blocks] int32, padded with block 0."""
+    decode_seq_lens: torch.Tensor
+    """[Bd] int32: context length of each decode, the current token included."""
+    prefills: list[PrefillChunk]
+    block_size: int
+    _decode_mask: torch.Tensor | None = field(default=None, repr=False)
+
+    def decode_mask(self) -> torch.Tensor:
+        """[Bd, 1, 1, max_blocks * block_size] bool, True where a key is inside the sequence (built once a step)."""
+        if self._decode_mask is None:
+            max_len = self.decode_block_tables.shape[1] * self.block_size
+            pos = torch.arange(max_len, device=self.decode_seq_lens.device)
+            self._decode_mask = (pos[None, :] < self.decode_seq_lens[:, None]).view(-1, 1, 1, max_len)
+        return self._decode_mask
+
+
+DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
+
+
+def decode_attention_reference(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q: [Bd, H, D] -> [Bd, H, D]. Gathers each sequence's blocks, masks past its length, SDPA with GQA."""
+    bd, _, d = q.shape
+    tables = meta.decode_block_tables.long()
+    hkv = k_cache.shape[2]
+    k = k_cache[tables].view(bd, -1, hkv, d).transpose(1, 2)  # [Bd, Hkv, L, D]
+    v = v_cache[tables].view(bd, -1, hkv, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=meta.decode_mask(), scale=scale, enable_gqa=True
+    )  # [Bd, H, 1, D]
+    return out.squeeze(2)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    chunk: PrefillChunk,
+    scale: float,
+) -> torch.Tensor:
+    """One chunk. q: [n, H, D], k/v: [n, Hkv, D] (this chunk's own keys) -> [n, H, D]."""
+    n, _, d = q.shape
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+    if chunk.start_pos == 0:
+        kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        ctx = chunk.start_pos + n
+        hkv = k_cache.shape[2]
+        kh = k_cache[chunk.block_table].view(-1, hkv, d)[:ctx].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+        vh = v_cache[chunk.block_table].view(-1, hkv, d)[:ctx].transpose(0, 1).unsqueeze(0)
+        q_pos = torch.arange(chunk.start_pos, ctx, device=q.device)
+        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # [n, ctx]
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    decode_fn: DecodeFn = decode_attention_reference,
+) -> torch.Tensor:
+    """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D]; writes k/v into the cache first."""
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
+    if not meta.prefills:
+        return decode_fn(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
+    nd = meta.num_decodes
+    if nd:
+        out[:nd] = decode_fn(q[:nd], k_cache, v_cache, meta, scale)
+    for chunk in meta.prefills:
+        s, e = chunk.token_start, chunk.token_end
+        out[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], k_cache, v_cache, chunk, scale)
+    return out

@@ -1,0 +1,118 @@
+"""Token sampling for one step: penalties, temperature, top-k / top-p / min-p, per-sequence seeded generators,
+and log-probabilities of the model's raw distribution.
+
+Each sequence that samples owns one row of ``logits`` [S, V]. Rows with a seed draw from their own
+``torch.Generator`` only, so a seeded request gives the same tokens whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loom.engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator
+    stop_ids: frozenset[int]
+    """EOS and stop token ids, masked while fewer than min_tokens were generated."""
+
+
+@dataclass(slots=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]
+    """Per row: the sampled token's and the top-k tokens' raw log-probabilities, when asked for."""
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
+    """logits: [S, V] float32, one row per sampling sequence, in ``rows`` order."""
+    want_logprobs = [r.params.logprobs is not None for r in rows]
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+    logits = _apply_penalties(logits, rows)
+    tokens = logits.argmax(dim=-1)
+    random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
+    if random_rows:
+        tokens[random_rows] = _sample_random(logits[random_rows], [rows[i] for i in random_rows])
+    token_list = tokens.tolist()
+    logprobs = [
+        _gather_logprobs(raw_logprobs[i], token_list[i], rows[i].params.logprobs) if want else None
+        for i, want in enumerate(want_logprobs)
+    ]
+    return SampleResult(token_list, logprobs)
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    needs = [i for i, r in enumerate(rows) if _has_penalty(r)]
+    if not needs:
+        return logits
+    logits = logits.clone()
+    device = logits.device
+    for i in needs:
+        r, p = rows[i], rows[i].params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(r.prompt_token_ids) | set(r.output_token_ids)), device=device)
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and r.output_token_ids:
+            ids, counts = torch.tensor(r.output_token_ids, device=device).unique(return_counts=True)
+            logits[i, ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+        if len(r.output_token_ids) < p.min_tokens and r.stop_ids:
+            logits[i, list(r.stop_ids)] = float("-inf")
+    return logits
+
+
+def _has_penalty(r: SamplingRow) -> bool:
+    p = r.params
+    return (
+        p.repetition_penalty != 1.0
+        or bool(p.presence_penalty or p.frequency_penalty)
+        or len(r.output_token_ids) < p.min_tokens
+    )
+
+
+def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """logits: [R, V] -> sampled ids [R]."""
+    device = logits.device
+    temps = torch.tensor([r.params.temperature for r in rows], device=device, dtype=logits.dtype)
+    x = logits / temps[:, None]
+    top_k = [r.params.top_k for r in rows]
+    top_p = [r.params.top_p for r in rows]
+    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+        x = _top_k_top_p(x, top_k, top_p)
+    probs = torch.softmax(x, dim=-1)
+    min_p = torch.tensor([r.params.min_p for r in rows], device=device, dtype=probs.dtype)
+    if bool((min_p > 0).any()):
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) draws exactly from p, from each row's own generator.
+    noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=r.generator) for r in rows])
+    return (probs / noise).argmax(dim=-1)
+
+
+def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    vocab = x.shape[-1]
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=x.device)
+    ranks = torch.arange(vocab, device=x.device)[None, :]
+    drop = ranks >= k[:, None]
+    probs = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability mass ranked above each token
+    drop |= before > torch.tensor(top_p, device=x.device, dtype=x.dtype)[:, None]
+    drop[:, 0] = False  # the most likely token always survives
+    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+    return torch.empty_like(x).scatter_(-1, order, sorted_x)
+
+
+def _gather_logprobs(row: torch.Tensor, token: int, top: int) -> dict[int, float]:
+    result = {token: float(row[token])}
+    if top:
+        values, ids = row.topk(top)
+        for tid, lp in zip(ids.tolist(), values.tolist()):
+            result.setdefault(tid, lp)
+    return result
