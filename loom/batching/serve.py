@@ -36,7 +36,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--workers", type=int, default=1, help="worker processes per model (default 1)")
     group.add_argument("--max-queue-size", type=int, default=256, help="waiting requests per model before 503 (default 256)")
     group.add_argument("--request-timeout", type=float, default=30_000.0, help="ms a request may wait before 504 (default 30000)")
-    group.add_argument("--threads-per-worker", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    group.add_argument("--threads-per-worker", type=int, default=None, help="torch threads per worker (default: (cores - 1) / workers, at least 1)")
     group.add_argument("--management-host", default="127.0.0.1")
     group.add_argument("--management-port", type=int, default=8081)
     group.add_argument("--management-token", default=None, help="bearer token for the management API (default: generated)")

@@ -1,0 +1,89 @@
+"""Helpers shared by the model-server benchmarks: free ports, readiness polling, the MiniLM workload, timing of
+the model itself in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import time
+
+import httpx
+
+from loom.bench.load_client import json_payloads, run_load, sentences
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Poll GET url until it answers 200; raise if proc exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def workload(seed: int = 0, count: int = 512) -> tuple[list[str], list[bytes]]:
+    texts = sentences(count, seed=seed)
+    return texts, json_payloads(texts)
+
+
+def measure(url: str, payloads: list[bytes], concurrency: int, duration_s: float, warmup_s: float,
+            lone_requests: int) -> dict:
+    """Lone-request latency on the idle server (1 client, sequential), then closed-loop throughput."""
+    lone = asyncio.run(run_load(url, payloads, concurrency=1, num_requests=lone_requests)) if lone_requests else None
+    asyncio.run(run_load(url, payloads, concurrency, duration_s=warmup_s))
+    stats = asyncio.run(run_load(url, payloads, concurrency, duration_s=duration_s))
+    return {**stats.to_dict(), "lone_p50_ms": lone.p50_ms if lone else None,
+            "lone_mean_ms": lone.mean_ms if lone else None}
+
+
+def model_time_ms(texts: list[str], threads: int, batch_size: int = 1, repeats: int = 100) -> dict:
+    """The embedding handler's own time in this process (tokenise + forward + pool), no server in between."""
+    import torch
+
+    from loom.batching.handler import Context, run_batch
+    from loom.batching.handlers.embedding import EmbeddingHandler
+
+    torch.set_num_threads(threads)
+    handler = EmbeddingHandler()
+    handler.setup(Context("minilm", None, 0, threads))
+    batches = [texts[(i * batch_size) % len(texts):][:batch_size] for i in range(repeats)]
+    for batch in batches[:3]:
+        run_batch(handler, batch)
+    times = []
+    start = time.perf_counter()
+    for batch in batches:
+        t0 = time.perf_counter()
+        run_batch(handler, batch)
+        times.append((time.perf_counter() - t0) * 1000)
+    elapsed = time.perf_counter() - start
+    return {"p50_ms": statistics.median(times), "mean_ms": statistics.mean(times),
+            "items_per_s": repeats * batch_size / elapsed, "threads": threads, "batch_size": batch_size}
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 1

@@ -1,0 +1,60 @@
+"""Serving overhead: requests/s through `loom serve` at batch 32 against the same model's batched throughput
+in-process (the handler called directly on batches of 32, same threads), in one run.
+
+Loom keeps the server's share small: one asyncio process parses HTTP and forms batches, one worker process runs
+the model; the ratio says how much of the model's own throughput survives HTTP, JSON, queueing and the pipe to
+the worker. The in-process figure is measured before and after the server run and averaged, because other jobs
+on a shared machine move both. Target: >= 0.90.
+
+    nice -n 10 python benchmarks/serving_overhead.py --duration 15
+Prints one summary line and writes results/serving_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _serving import cpu_count, measure, model_time_ms, workload  # noqa: E402
+from vs_peers import loom_server  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-batch-delay", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=64, help="clients; 2x the batch keeps the worker fed")
+    parser.add_argument("--duration", type=float, default=15.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--batches", type=int, default=40, help="in-process batches per measurement")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results/serving_overhead.json")
+    args = parser.parse_args()
+    threads = cpu_count()
+    texts, payloads = workload(args.seed)
+
+    before = model_time_ms(texts, threads, batch_size=args.batch_size, repeats=args.batches)
+    with __import__("tempfile").TemporaryDirectory(prefix="loom-overhead-") as tmp:
+        with loom_server(args.batch_size, 1, args.max_batch_delay, threads, Path(tmp)) as url:
+            served = measure(url, payloads, args.concurrency, args.duration, args.warmup, lone_requests=0)
+    after = model_time_ms(texts, threads, batch_size=args.batch_size, repeats=args.batches)
+    in_process = (before["items_per_s"] + after["items_per_s"]) / 2
+    ratio = served["requests_per_s"] / in_process
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_count": threads, "args": vars(args),
+              "in_process_items_per_s": [round(before["items_per_s"], 2), round(after["items_per_s"], 2)],
+              "served": served, "ratio": round(ratio, 3)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"serving_overhead: batch {args.batch_size}, {args.concurrency} clients: served {served['requests_per_s']:.1f} "
+          f"req/s vs in-process {in_process:.1f} sentences/s ({before['items_per_s']:.1f} before, "
+          f"{after['items_per_s']:.1f} after) = {ratio:.1%} (target >= 90%); wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
