@@ -1,0 +1,77 @@
+"""Atomic training checkpoints: trainable weights, optimizer, scheduler, step and RNG states.
+
+A checkpoint is written into a hidden temporary folder and renamed into place (``checkpoints/step-000100``), so a
+run killed mid-save leaves the previous checkpoint intact; ``latest_checkpoint`` only ever sees complete ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step-"
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, config: dict, keep: int = 1) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{PREFIX}{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{PREFIX}{step:06d}-", dir=folder))
+    try:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+            },
+            tmp / "state.pt",
+        )
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": config}, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _prune(folder, keep)
+    return target
+
+
+def _prune(folder: Path, keep: int) -> None:
+    for old in sorted(folder.glob(f"{PREFIX}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    done = sorted(p for p in folder.glob(f"{PREFIX}*") if (p / "trainer.json").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
+    """Restore everything saved by ``save_checkpoint``; returns the step to continue from."""
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise ValueError(f"checkpoint {path} does not match the model ({missing[:3]}...); resume with the same config")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    state = torch.load(path / "state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    return json.loads((path / "trainer.json").read_text())["step"]

@@ -1,0 +1,124 @@
+"""A deterministic, offline demo dataset of instruction records with checkable answers and a held-out split.
+
+Four synthetic tasks (Alpaca records with a ``task`` field): sort numbers, reverse the words, extract the year from
+a sentence that also holds a distracting number, and two-digit arithmetic. The same seed always writes the same
+files; held-out records never repeat a training prompt::
+
+    python -m loom.finetune.demo --out data/ --train 2000 --eval 120     # writes train.jsonl and eval.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+WORDS = (
+    "apple river stone cloud garden window candle forest silver dragon pencil mirror ocean ladder rabbit "
+    "tiger violin castle lemon orange rocket planet bottle jacket carpet valley winter summer island harbor "
+    "meadow basket button camera desert engine feather glove hammer kettle lantern marble needle pillow "
+    "puzzle saddle teacup tunnel wagon yellow zebra anchor bridge cactus dolphin falcon guitar helmet igloo "
+    "jungle koala lizard magnet nectar olive parrot quartz radish salmon tomato umbrella velvet walnut"
+).split()
+NAMES = "Alice Bruno Chen Dara Elena Farid Grace Hugo Ines Jonas Kofi Lena Mateo Nadia Omar Priya".split()
+PLACES = "Lisbon Oslo Nairobi Lima Kyoto Dublin Quebec Tunis Perth Krakow Bergen Porto Accra Hanoi".split()
+THINGS = "library bridge museum lighthouse railway school theatre harbour tower hospital observatory".split()
+YEAR_SENTENCES = (
+    "The {thing} in {place} was completed in {year} by a crew of {n} workers.",
+    "In {year}, {name} moved to {place} with {n} boxes of books.",
+    "{name} was born in {place} in {year} and grew up with {n} cousins.",
+    "After {n} months of delays, the {thing} in {place} opened in {year}.",
+    "{name} bought {n} paintings in {place} during {year}.",
+    "The old {thing} of {place}, home to {n} cats, closed its doors in {year}.",
+)
+TASKS = ("sort", "reverse", "year", "arithmetic")
+
+
+def sort_record(rng: random.Random) -> dict:
+    numbers = rng.sample(range(1, 100), rng.randint(4, 6))
+    return {
+        "task": "sort",
+        "instruction": "Sort these numbers in ascending order. Reply with the numbers separated by spaces.",
+        "input": " ".join(map(str, numbers)),
+        "output": " ".join(map(str, sorted(numbers))),
+    }
+
+
+def reverse_record(rng: random.Random) -> dict:
+    words = rng.sample(WORDS, rng.randint(3, 5))
+    return {
+        "task": "reverse",
+        "instruction": "Reverse the order of these words. Reply with the words only.",
+        "input": " ".join(words),
+        "output": " ".join(reversed(words)),
+    }
+
+
+def year_record(rng: random.Random) -> dict:
+    year = rng.randint(1620, 2024)
+    sentence = rng.choice(YEAR_SENTENCES).format(
+        thing=rng.choice(THINGS), place=rng.choice(PLACES), name=rng.choice(NAMES), year=year, n=rng.randint(2, 90)
+    )
+    return {
+        "task": "year",
+        "instruction": "In which year did this happen? Answer with the year only.",
+        "input": sentence,
+        "output": str(year),
+    }
+
+
+def arithmetic_record(rng: random.Random) -> dict:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    if rng.random() < 0.5:
+        question, answer = f"What is {a} + {b}?", a + b
+    else:
+        a, b = max(a, b), min(a, b)
+        question, answer = f"What is {a} - {b}?", a - b
+    return {"task": "arithmetic", "instruction": f"{question} Answer with the number only.", "input": "",
+            "output": str(answer)}
+
+
+MAKERS = {"sort": sort_record, "reverse": reverse_record, "year": year_record, "arithmetic": arithmetic_record}
+
+
+def generate(num_train: int, num_eval: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Round-robin over the tasks; the held-out split comes after, skipping any prompt already in train."""
+    if num_train <= 0 or num_eval <= 0:
+        raise ValueError(f"num_train and num_eval must be positive, got {num_train} and {num_eval}")
+    rng = random.Random(seed)
+    seen: set[tuple[str, str]] = set()
+    splits: list[list[dict]] = [[], []]
+    for split, size in ((0, num_train), (1, num_eval)):
+        while len(splits[split]) < size:
+            record = MAKERS[TASKS[len(splits[split]) % len(TASKS)]](rng)
+            key = (record["instruction"], record["input"])
+            if key in seen:
+                continue
+            seen.add(key)
+            splits[split].append(record)
+    return splits[0], splits[1]
+
+
+def write_jsonl(records: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for train.jsonl and eval.jsonl")
+    parser.add_argument("--train", type=int, default=2000, help="training records")
+    parser.add_argument("--eval", type=int, default=120, help="held-out records")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    train, held_out = generate(args.train, args.eval, args.seed)
+    out = Path(args.out)
+    write_jsonl(train, out / "train.jsonl")
+    write_jsonl(held_out, out / "eval.jsonl")
+    print(f"wrote {len(train)} training and {len(held_out)} held-out records to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

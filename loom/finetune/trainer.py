@@ -1,0 +1,189 @@
+"""The training loop: AdamW, warm-up + cosine, gradient clipping, accumulation normalised per optimizer step.
+
+    trainer = Trainer(cfg, model, tokenizer, examples)
+    result = trainer.fit()        # TrainResult: losses per step, tokens/s, elapsed seconds
+
+One optimizer step = ``grad_accum`` micro-batches; every micro-batch's summed token loss is divided by the number of
+supervised tokens of the whole step before ``backward``, so the accumulated gradient equals the full-batch one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loom.finetune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from loom.finetune.collate import Batch
+from loom.finetune.config import FinetuneConfig
+from loom.finetune.dataset import collate, micro_batch_plan
+from loom.finetune.loss import token_loss_sum
+
+
+@dataclass(slots=True)
+class StepStats:
+    loss: float
+    """Mean token loss of the step (0.0 when it had no supervised token)."""
+    num_supervised: int
+    num_tokens: int
+    grad_norm: float
+
+
+@dataclass(slots=True)
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    num_tokens: int = 0
+    num_supervised: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_tokens / self.elapsed_s if self.elapsed_s else 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine down to ``min_ratio`` at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def autocast_for(device: torch.device, bf16: bool):
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()  # CPUs here have no fast bf16; train in float32
+
+
+def accumulate(model, batches: list[Batch], autocast) -> tuple[float, int]:
+    """Forward + backward over a step's micro-batches; returns (summed token loss, supervised tokens)."""
+    total = sum(b.num_supervised for b in batches)
+    loss_sum = 0.0
+    for batch in batches:
+        with autocast:
+            summed, _ = token_loss_sum(model, batch)
+        (summed / max(total, 1)).backward()
+        loss_sum += float(summed.detach())
+    return loss_sum, total
+
+
+class Trainer:
+    def __init__(self, cfg: FinetuneConfig, model, tokenizer, examples: list[dict]):
+        self.cfg, self.model, self.tokenizer, self.examples = cfg, model, tokenizer, examples
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.lengths = [len(e["input_ids"]) for e in examples]
+        self.total_steps = self._total_steps()
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters; use lora=True or unfreeze the model")
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(warmup, self.total_steps, cfg.min_lr_ratio)
+        )
+        self.autocast = autocast_for(self.device, cfg.bf16)
+
+    def _plan(self, epoch: int) -> list[list[list[int]]]:
+        cfg = self.cfg
+        return micro_batch_plan(
+            self.lengths,
+            batch_size=cfg.batch_size,
+            packing=cfg.packing,
+            max_length=cfg.max_length,
+            seed=cfg.seed,
+            epoch=epoch,
+        )
+
+    def _total_steps(self) -> int:
+        if self.cfg.max_steps is not None:
+            return self.cfg.max_steps
+        return max(1, math.ceil(self.cfg.epochs * len(self._plan(0)) / self.cfg.grad_accum))
+
+    def micro_batches(self, skip: int = 0) -> Iterator[Batch]:
+        """The seeded, endless stream of micro-batches, epoch after epoch; ``skip`` drops the first ones (resume)."""
+        epoch = 0
+        while True:
+            for micro in self._plan(epoch):
+                if skip:
+                    skip -= 1
+                    continue
+                yield collate(self.examples, micro, self.pad_id, self.cfg.packing).to(self.device)
+            epoch += 1
+
+    def train_step(self, batches: list[Batch]) -> StepStats:
+        self.model.train()
+        loss_sum, total = accumulate(self.model, batches, self.autocast)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if total == 0:  # nothing to learn in this step: no update, no NaN
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            return StepStats(0.0, 0, sum(b.num_tokens for b in batches), 0.0)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(loss_sum / total, total, sum(b.num_tokens for b in batches), float(norm))
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.cfg.output) / "checkpoints"
+
+    def _resume(self) -> int:
+        if not self.cfg.resume:
+            return 0
+        path = latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            return 0
+        return load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+
+    def _save(self, step: int) -> None:
+        save_checkpoint(
+            self.checkpoint_dir, step, self.model, self.optimizer, self.scheduler, self.cfg.to_dict(),
+            keep=self.cfg.keep_checkpoints,
+        )
+
+    def fit(self) -> TrainResult:
+        start = self._resume()
+        stream = self.micro_batches(skip=start * self.cfg.grad_accum)
+        result = TrainResult(steps=start)
+        bar = _progress(self.cfg.progress, self.total_steps, start)
+        t0 = time.perf_counter()
+        for step in range(start, self.total_steps):
+            stats = self.train_step([next(stream) for _ in range(self.cfg.grad_accum)])
+            result.steps = step + 1
+            result.losses.append(stats.loss)
+            result.num_tokens += stats.num_tokens
+            result.num_supervised += stats.num_supervised
+            result.elapsed_s = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{result.tokens_per_s:.0f}",
+                            lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            if self.cfg.save_every and (step + 1) % self.cfg.save_every == 0:
+                self._save(step + 1)
+        bar.close()
+        if self.cfg.save_every and result.steps % self.cfg.save_every:
+            self._save(result.steps)
+        return result
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="finetune", unit="step", disable=not enabled, dynamic_ncols=True)
