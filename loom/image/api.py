@@ -1,0 +1,225 @@
+"""HTTP routes of the image generator, mounted by ``loom serve --image``.
+
+    POST /v1/images/generations          OpenAI's shape: {prompt, n, size, response_format: b64_json | url}
+    POST /v1/images/jobs                 submit any task (txt2img, vary_subtle, vary_strong, inpaint, outpaint, upscale)
+    GET  /v1/images/jobs                 history, newest first (?status=succeeded)
+    GET  /v1/images/jobs/{id}            poll: status, progress, settings, file names (?preview=true adds the preview)
+    GET  /v1/images/jobs/{id}/events     server-sent events: one per progress change, then the final state
+    POST /v1/images/jobs/{id}/cancel     (also DELETE /v1/images/jobs/{id})
+    GET  /v1/images/files/{id}/{name}    a result PNG (settings in its metadata)
+    GET  /v1/images/options              styles, samplers, presets, aspect ratios, model facts
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import time
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field
+
+from loom.image.jobs import FINISHED, Job, JobQueue, QueueFull
+from loom.image.presets import ASPECT_RATIOS, PERFORMANCES
+from loom.image.request import ImageRequest
+from loom.image.samplers import sampler_names
+from loom.image.styles import load_styles
+
+MAX_IMAGE_BYTES = 16 * 1024 * 1024
+RETRY_AFTER_S = 5
+
+
+class GenerationBody(BaseModel):
+    """OpenAI's image request, plus Loom's optional settings."""
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    n: int = 1
+    size: str | None = None
+    response_format: str = "b64_json"
+    model: str | None = None
+    negative_prompt: str = ""
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    sampler: str | None = None
+    styles: list[str] = []
+    performance: str = "Speed"
+    aspect_ratio: str | None = None
+
+
+class JobBody(BaseModel):
+    task: str = "txt2img"
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] = []
+    performance: str = "Speed"
+    steps: int | None = None
+    guidance_scale: float | None = None
+    sampler: str | None = None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    aspect_ratio: str | None = None
+    num_images: int = 1
+    denoise: float | None = None
+    image: str | None = Field(None, description="base64 PNG/JPEG (data: URLs accepted)")
+    mask: str | None = Field(None, description="base64 mask, white = repaint")
+    mask_blur: int | None = None
+    outpaint_sides: list[str] = []
+    outpaint_ratio: float = 0.3
+
+
+def decode_image(data: str, field_name: str) -> Image.Image:
+    if "," in data[:100] and data.startswith("data:"):
+        data = data.split(",", 1)[1]
+    if len(data) * 3 // 4 > MAX_IMAGE_BYTES:
+        raise HTTPException(413, f"{field_name} is over {MAX_IMAGE_BYTES // 2**20} MiB; send a smaller image")
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        image.load()
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
+        raise HTTPException(400, f"{field_name} is not a base64-encoded PNG or JPEG image") from None
+    return image
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size is None or size == "auto":
+        return None, None
+    try:
+        w, h = (int(x) for x in size.lower().split("x"))
+    except ValueError:
+        raise HTTPException(400, f"size must look like '512x512', got {size!r}") from None
+    return w, h
+
+
+def job_request(body: JobBody) -> ImageRequest:
+    fields = body.model_dump(exclude={"image", "mask", "guidance_scale"})
+    image = decode_image(body.image, "image") if body.image else None
+    mask = decode_image(body.mask, "mask") if body.mask else None
+    return ImageRequest(**fields, guidance=body.guidance_scale, image=image, mask=mask)
+
+
+def job_json(job: Job, base: str, preview: bool = False) -> dict:
+    data = job.snapshot()
+    data["urls"] = [f"{base}v1/images/files/{job.id}/{p.name}" for p in job.files]
+    if preview and job.preview_png:
+        data["preview"] = base64.b64encode(job.preview_png).decode()
+    return data
+
+
+def build_router(queue: JobQueue) -> APIRouter:
+    router = APIRouter(prefix="/v1/images", tags=["images"])
+
+    def submit(request: ImageRequest) -> Job:
+        try:
+            return queue.submit(request)
+        except QueueFull as exc:
+            raise HTTPException(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except RuntimeError as exc:
+            raise HTTPException(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
+    def find(job_id: str) -> Job:
+        job = queue.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no image job {job_id!r}; GET /v1/images/jobs lists them")
+        return job
+
+    @router.post("/generations")
+    async def generations(body: GenerationBody, http: Request) -> dict:
+        if body.response_format not in ("b64_json", "url"):
+            raise HTTPException(400, "response_format must be 'b64_json' or 'url'")
+        width, height = parse_size(body.size)
+        try:
+            req = ImageRequest(
+                prompt=body.prompt, negative_prompt=body.negative_prompt, num_images=body.n, width=width, height=height,
+                seed=body.seed, steps=body.steps, guidance=body.guidance_scale, sampler=body.sampler, styles=body.styles,
+                performance=body.performance, aspect_ratio=body.aspect_ratio,
+            )
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        job = submit(req)
+        while not job.is_finished:
+            await asyncio.to_thread(job.wait_change, job.version, 1.0)
+        if job.status != "succeeded":
+            raise HTTPException(500 if job.status == "failed" else 409, f"image job {job.id} {job.status}: {job.error or ''}".strip(": "))
+        base = str(http.base_url)
+        data = []
+        for path, settings in zip(job.files, job.settings):
+            item = {"revised_prompt": settings.get("final_prompt", body.prompt)}
+            if body.response_format == "url":
+                item["url"] = f"{base}v1/images/files/{job.id}/{path.name}"
+            else:
+                item["b64_json"] = base64.b64encode(path.read_bytes()).decode()
+            data.append(item)
+        return {"created": int(job.created), "data": data}
+
+    @router.post("/jobs", status_code=202)
+    async def submit_job(body: JobBody, http: Request) -> dict:
+        try:
+            req = job_request(body)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return job_json(submit(req), str(http.base_url))
+
+    @router.get("/jobs")
+    async def list_jobs(http: Request, status: str | None = None, limit: int = 100) -> dict:
+        jobs = [j for j in queue.jobs() if status is None or j.status == status][: max(1, min(limit, 1000))]
+        return {"data": [job_json(j, str(http.base_url)) for j in jobs], "queued": queue.queued}
+
+    @router.get("/jobs/{job_id}")
+    async def get_job(job_id: str, http: Request, preview: bool = False) -> dict:
+        return job_json(find(job_id), str(http.base_url), preview)
+
+    @router.get("/jobs/{job_id}/events")
+    async def job_events(job_id: str, http: Request) -> StreamingResponse:
+        job = find(job_id)
+        base = str(http.base_url)
+
+        async def stream():
+            version = -1
+            while True:
+                if job.version != version:
+                    version = job.version
+                    yield f"data: {json.dumps(job_json(job, base, preview=True))}\n\n"
+                    if job.status in FINISHED:
+                        yield "data: [DONE]\n\n"
+                        return
+                if await http.is_disconnected():
+                    return
+                await asyncio.to_thread(job.wait_change, version, 1.0)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def cancel(job_id: str, http: Request) -> dict:
+        find(job_id)
+        return job_json(queue.cancel(job_id), str(http.base_url))
+
+    router.add_api_route("/jobs/{job_id}/cancel", cancel, methods=["POST"])
+    router.add_api_route("/jobs/{job_id}", cancel, methods=["DELETE"])
+
+    @router.get("/files/{job_id}/{name}")
+    async def get_file(job_id: str, name: str) -> FileResponse:
+        job = find(job_id)
+        match = [p for p in job.files if p.name == name]
+        if not match:
+            raise HTTPException(404, f"job {job_id} has no file {name!r}; it has {[p.name for p in job.files]}")
+        return FileResponse(match[0], media_type="image/png")
+
+    @router.get("/options")
+    async def options() -> dict:
+        return {
+            "styles": sorted(load_styles()), "samplers": sampler_names(), "performances": list(PERFORMANCES),
+            "aspect_ratios": ASPECT_RATIOS, "tasks": ["txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale"],
+            "model": queue.engine.info(), "time": time.time(),
+        }
+
+    return router
+
+
+def http_error_handler(request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse({"error": {"message": exc.detail, "code": exc.status_code}}, status_code=exc.status_code, headers=exc.headers)

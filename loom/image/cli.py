@@ -1,0 +1,96 @@
+"""`loom imagine`: generate images from a prompt on the command line (every task, offline).
+
+    loom imagine "a sneaker" --model demo --out sneaker.png --seed 7 --steps 20
+    loom imagine "a dress" --model /models/sd15 --style Photograph --style Sharp --aspect-ratio 3:2 -n 4 --out dress.png
+    loom imagine "a bag" --model demo --task vary_strong --image in.png --out varied.png
+    loom imagine --model demo --from-png sneaker.png --out again.png     # reproduce from the PNG's settings
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="?", default=None)
+    parser.add_argument("--model", default="demo", help="diffusers folder, .safetensors file, or 'demo' (default)")
+    parser.add_argument("--model-config", default=None, help="pipeline layout folder for a single-file checkpoint")
+    parser.add_argument("--out", default="image.png", help="output PNG; with -n > 1, NAME-0.png, NAME-1.png, ...")
+    parser.add_argument("--task", default="txt2img", choices=["txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale"])
+    parser.add_argument("--negative", default="", help="negative prompt")
+    parser.add_argument("--style", action="append", default=[], help="a style name (repeatable; --list-styles shows them)")
+    parser.add_argument("--performance", default="Speed", choices=["Quality", "Speed", "Extreme Speed"])
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--sampler", default=None, help="Euler a, DPM++ 2M Karras, UniPC, LCM, ...")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--aspect-ratio", default=None, help="W:H at the model's native size, e.g. 16:9")
+    parser.add_argument("-n", "--num-images", type=int, default=1)
+    parser.add_argument("--image", default=None, help="input image for vary / inpaint / outpaint / upscale")
+    parser.add_argument("--mask", default=None, help="inpaint mask (white = repaint)")
+    parser.add_argument("--denoise", type=float, default=None, help="strength for image tasks")
+    parser.add_argument("--sides", default="left,right", help="outpaint: comma-separated sides")
+    parser.add_argument("--from-png", default=None, help="take every setting from a PNG Loom wrote")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--list-styles", action="store_true")
+
+
+def build_request(args: argparse.Namespace):
+    from PIL import Image
+
+    from loom.image.metadata import request_from_png
+    from loom.image.request import ImageRequest
+
+    image = Image.open(args.image) if args.image else None
+    mask = Image.open(args.mask) if args.mask else None
+    if args.from_png:
+        return request_from_png(args.from_png, image=image, mask=mask)
+    if not args.prompt and args.task == "txt2img":
+        raise ValueError('give a prompt: loom imagine "a sneaker" --model demo')
+    return ImageRequest(
+        task=args.task, prompt=args.prompt or "", negative_prompt=args.negative, styles=args.style, performance=args.performance,
+        steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed, width=args.width, height=args.height,
+        aspect_ratio=args.aspect_ratio, num_images=args.num_images, denoise=args.denoise, image=image, mask=mask,
+        outpaint_sides=[s.strip() for s in args.sides.split(",") if s.strip()] if args.task == "outpaint" else [],
+    )
+
+
+def output_paths(out: str, count: int) -> list[Path]:
+    path = Path(out)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_styles:
+        from loom.image.styles import load_styles
+
+        print("\n".join(load_styles()))
+        return 0
+    from loom.image.engine import ImageEngine
+    from loom.image.metadata import save_png
+
+    try:
+        request = build_request(args)
+        start = time.perf_counter()
+        engine = ImageEngine.load(args.model, device=args.device, config=args.model_config)
+        loaded = time.perf_counter() - start
+        result = engine.generate(request, on_step=_print_step)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 2
+    for path, image, settings in zip(output_paths(args.out, len(result.images)), result.images, result.settings):
+        save_png(image, path, settings)
+        print(f"\n{path} {image.width}x{image.height} seed {settings['seed']}")
+    print(f"loaded in {loaded:.1f} s, generated in {result.seconds:.1f} s")
+    return 0
+
+
+def _print_step(done: int, total: int, latents) -> None:
+    print(f"\rstep {done}/{total}", end="", flush=True)

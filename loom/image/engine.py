@@ -1,0 +1,259 @@
+"""``ImageEngine``: one set of components, every task (txt2img, vary, inpaint, outpaint, upscale), step progress.
+
+The text-to-image pipeline is loaded once; the img2img and inpaint pipelines are made from it with
+``from_pipe`` (they share the very same UNet, VAE and text encoder objects). A job reports each finished step to
+``on_step(done, total, latents)`` and stops when ``should_stop()`` turns true: the pipeline's interrupt flag is set
+in that step's callback, so no further UNet call happens and ``JobCancelled`` is raised.
+
+    engine = ImageEngine.load("demo")
+    result = engine.generate(ImageRequest(prompt="a sneaker", seed=1))
+    result.images[0].save("sneaker.png")
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from loom import __version__
+from loom.image import imageops
+from loom.image.presets import UPSCALE_STRENGTH, VARY_STRENGTH, aspect_ratio_size
+from loom.image.request import ImageRequest, ImageResult
+from loom.image.samplers import make_sampler
+from loom.image.styles import apply_styles
+from loom.image.wildcards import expand_wildcards
+
+StepHook = Callable[[int, int, torch.Tensor], None]
+StopHook = Callable[[], bool]
+
+
+class JobCancelled(Exception):
+    """Raised by ``generate`` when ``should_stop`` asked it to stop."""
+
+
+@dataclass(slots=True)
+class Progress:
+    """Counts steps over the (possibly several) sampler runs of one job and relays the stop request."""
+
+    total: int
+    on_step: StepHook | None = None
+    should_stop: StopHook | None = None
+    done: int = 0
+    cancelled: bool = False
+
+    def callback(self, pipe, step: int, timestep, kwargs: dict) -> dict:
+        self.done += 1
+        if self.on_step is not None:
+            self.on_step(self.done, self.total, kwargs["latents"])
+        if self.should_stop is not None and self.should_stop():
+            self.cancelled = True
+            pipe._interrupt = True  # NOTE: diffusers skips every later step's UNet call once this is set
+        return kwargs
+
+    def check(self) -> None:
+        if self.cancelled or (self.should_stop is not None and self.should_stop()):
+            raise JobCancelled()
+
+
+class ImageEngine:
+    def __init__(self, pipe, name: str = "model", upscaler=None):
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+        self.name = name
+        self.txt2img = pipe
+        self.img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+        self.inpaint = AutoPipelineForInpainting.from_pipe(pipe)
+        for p in (self.img2img, self.inpaint):
+            p.set_progress_bar_config(disable=True)
+        self.base_scheduler_config = dict(pipe.scheduler.config)
+        self.upscaler = upscaler
+        self.device = pipe.device
+
+    @classmethod
+    def load(cls, model: str, device: str | None = None, upscaler: str | None = "demo", config: str | None = None, speed: bool = True) -> ImageEngine:
+        """Load ``model`` (folder, single file or 'demo') and the 2x upscaler ('demo' = the packaged one, None = none)."""
+        from loom.image.models import DEMO_UPSCALER_DIR, load_pipeline
+        from loom.image.speed import apply_speed_settings, default_settings
+        from loom.image.upscaler import ESPCNUpscaler
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe, name = load_pipeline(model, device=device, config=config)
+        if speed:
+            apply_speed_settings(pipe, default_settings(device))
+        up = None
+        if upscaler is not None:
+            up_path = DEMO_UPSCALER_DIR if upscaler == "demo" else upscaler
+            up = ESPCNUpscaler.from_pretrained(str(up_path), torch_dtype=torch.float32).to(device).eval()
+        return cls(pipe, name=name, upscaler=up)
+
+    # ------------------------------------------------------------ sizes
+    @property
+    def vae_scale(self) -> int:
+        return int(self.txt2img.vae_scale_factor)
+
+    @property
+    def unit(self) -> int:
+        """Pixel multiple every side must be: VAE downsampling times the UNet's downsampling."""
+        return math.lcm(8, self.vae_scale * 2 ** (len(self.txt2img.unet.config.block_out_channels) - 1))
+
+    @property
+    def native(self) -> int:
+        """The side, in pixels, the model was trained at (512 for SD 1.5, 32 for the demo)."""
+        return int(self.txt2img.unet.config.sample_size) * self.vae_scale
+
+    def size_for(self, req: ImageRequest) -> tuple[int, int]:
+        if req.width and req.height:
+            return imageops.round_size(req.width, self.unit), imageops.round_size(req.height, self.unit)
+        return aspect_ratio_size(req.aspect_ratio or "1:1", self.native, self.unit)
+
+    def info(self) -> dict:
+        return {"model": self.name, "native_size": self.native, "size_unit": self.unit, "device": str(self.device), "has_upscaler": self.upscaler is not None}
+
+    def preview(self, latents: torch.Tensor) -> Image.Image:
+        return latent_preview(latents, self.txt2img.vae)
+
+    # ------------------------------------------------------------ entry
+    def generate(self, req: ImageRequest, on_step: StepHook | None = None, should_stop: StopHook | None = None) -> ImageResult:
+        """Run one request to the end (or raise JobCancelled); every image comes with the settings that remake it."""
+        start = time.perf_counter()
+        task = {"txt2img": self._txt2img, "vary_subtle": self._vary, "vary_strong": self._vary, "inpaint": self._inpaint, "outpaint": self._outpaint, "upscale": self._upscale}[req.task]
+        images, extra = task(req, on_step, should_stop)
+        steps, guidance, sampler = req.resolved()
+        settings = []
+        for i, image in enumerate(images):
+            s = req.settings() | {"seed": req.seed + i, "num_images": 1, "steps": steps, "guidance": guidance, "sampler": sampler}
+            s |= {"width": image.width, "height": image.height, "model": self.name, "loom_version": __version__} | extra[i]
+            if req.task != "txt2img":
+                s["width"] = s["height"] = None  # sizes follow the input image
+            settings.append(s)
+        return ImageResult(images=images, settings=settings, seconds=time.perf_counter() - start)
+
+    # ------------------------------------------------------------ helpers
+    def _prompts(self, req: ImageRequest) -> tuple[list[str], list[str]]:
+        """Per image: wildcards expanded with that image's seed, then styles applied."""
+        pairs = [apply_styles(expand_wildcards(req.prompt, req.seed + i), req.styles, req.negative_prompt) for i in range(req.num_images)]
+        return [p for p, _ in pairs], [n for _, n in pairs]
+
+    def _call(self, pipe, req: ImageRequest, progress: Progress, seeds: list[int], prompts: list[str], negatives: list[str], **kwargs) -> list[Image.Image]:
+        steps, guidance, sampler = req.resolved()
+        pipe.scheduler = make_sampler(sampler, self.base_scheduler_config)
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        out = pipe(
+            prompt=prompts, negative_prompt=negatives if any(negatives) else None, num_inference_steps=steps,
+            guidance_scale=guidance, generator=generators, callback_on_step_end=progress.callback, output_type="pil", **kwargs,
+        )
+        progress.check()
+        return out.images
+
+    def _strength_steps(self, req: ImageRequest, strength: float) -> int:
+        steps, _, _ = req.resolved()
+        return max(1, min(int(steps * strength), steps))
+
+    def _extra(self, prompts: list[str]) -> list[dict]:
+        return [{"final_prompt": p} for p in prompts]
+
+    # ------------------------------------------------------------ tasks
+    def _txt2img(self, req, on_step, should_stop):
+        width, height = self.size_for(req)
+        steps, _, _ = req.resolved()
+        progress = Progress(steps, on_step, should_stop)
+        prompts, negatives = self._prompts(req)
+        seeds = [req.seed + i for i in range(req.num_images)]
+        images = self._call(self.txt2img, req, progress, seeds, prompts, negatives, width=width, height=height)
+        return images, self._extra(prompts)
+
+    def _vary(self, req, on_step, should_stop):
+        image = imageops.fit_to_unit(req.image, self.unit)
+        strength = req.denoise or VARY_STRENGTH[req.task]
+        progress = Progress(self._strength_steps(req, strength), on_step, should_stop)
+        prompts, negatives = self._prompts(req)
+        seeds = [req.seed + i for i in range(req.num_images)]
+        images = self._call(self.img2img, req, progress, seeds, prompts, negatives, image=image, strength=strength)
+        return images, self._extra(prompts)
+
+    def _inpaint(self, req, on_step, should_stop):
+        image = imageops.fit_to_unit(req.image, self.unit)
+        blur = req.mask_blur if req.mask_blur is not None else imageops.default_blur(image.size)
+        mask = imageops.soft_mask(req.mask, image.size, blur)
+        images = self._repaint(req, image, mask, mask, on_step, should_stop)
+        return images, self._extra(self._prompts(req)[0])
+
+    def _outpaint(self, req, on_step, should_stop):
+        original = req.image.convert("RGB")
+        pad = imageops.outpaint_padding(original.size, req.outpaint_sides, req.outpaint_ratio, self.unit)
+        canvas = imageops.outpaint_canvas(original, pad)
+        ramp = req.mask_blur if req.mask_blur is not None else max(2, min(p for p in (pad.left, pad.right, pad.top, pad.bottom) if p) // 2)
+        hard, blend = imageops.outpaint_masks(canvas.size, pad, ramp)
+        images = self._repaint(req, canvas, hard, blend, on_step, should_stop)
+        return images, self._extra(self._prompts(req)[0])
+
+    def _repaint(self, req, image: Image.Image, pipe_mask: Image.Image, blend: Image.Image, on_step, should_stop) -> list[Image.Image]:
+        """Inpaint where ``pipe_mask`` is white, then composite with ``blend`` so untouched pixels stay exact."""
+        strength = req.denoise or 1.0
+        progress = Progress(self._strength_steps(req, strength), on_step, should_stop)
+        prompts, negatives = self._prompts(req)
+        seeds = [req.seed + i for i in range(req.num_images)]
+        generated = self._call(
+            self.inpaint, req, progress, seeds, prompts, negatives, image=image, mask_image=pipe_mask,
+            strength=strength, width=image.width, height=image.height,
+        )
+        return [Image.composite(g.resize(image.size), image, blend) for g in generated]
+
+    def _upscale(self, req, on_step, should_stop):
+        """Fooocus' recipe: a super-resolution model to 2x, then a light img2img pass, tile by tile when large."""
+        if self.upscaler is None:
+            raise ValueError("this engine has no upscaler model; load one (ImageEngine.load(..., upscaler='demo'))")
+        from loom.image.upscaler import upscale_image
+
+        big = imageops.fit_to_unit(upscale_image(self.upscaler, req.image.convert("RGB")), self.unit)
+        strength = req.denoise or UPSCALE_STRENGTH
+        tile = max(self.native, self.unit)
+        overlap = max(self.unit, tile // 4)
+        xs, ys = imageops.tile_starts(big.width, tile, overlap), imageops.tile_starts(big.height, tile, overlap)
+        per_tile = self._strength_steps(req, strength)
+        progress = Progress(per_tile * len(xs) * len(ys) * req.num_images, on_step, should_stop)
+        prompts, negatives = self._prompts(req)
+        images = []
+        for i in range(req.num_images):
+            tiles = []
+            for k, (x, y) in enumerate((x, y) for y in ys for x in xs):
+                crop = big.crop((x, y, min(x + tile, big.width), min(y + tile, big.height)))
+                seed = req.seed + i + 1000 * k
+                out = self._call(self.img2img, req, progress, [seed], [prompts[i]], [negatives[i]], image=crop, strength=strength)[0]
+                tiles.append((x, y, out.resize(crop.size)))
+            images.append(imageops.blend_tiles(big.size, tiles, overlap))
+        return images, self._extra(prompts)
+
+
+def images_equal(a: Image.Image, b: Image.Image, tolerance: int = 0) -> bool:
+    """True when both images have the same size and no channel differs by more than ``tolerance``."""
+    if a.size != b.size:
+        return False
+    return int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()) <= tolerance
+
+
+# A1111's linear map from SD 1.x latents to RGB, for cheap previews of large images.
+SD_LATENT_RGB = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
+PREVIEW_DECODE_MAX = 64 * 64  # latents up to this many positions are decoded by the VAE itself
+
+
+@torch.no_grad()
+def latent_preview(latents: torch.Tensor, vae) -> Image.Image:
+    """A preview image of the first latent: VAE decode when small, a linear approximation when large."""
+    lat = latents[:1].float()  # [1, C, h, w], scaled by vae.config.scaling_factor
+    if lat.shape[-1] * lat.shape[-2] <= PREVIEW_DECODE_MAX:
+        decoded = vae.decode(lat.to(vae.dtype) / vae.config.scaling_factor).sample.float()  # [1, 3, H, W] in [-1, 1]
+        rgb = (decoded[0].clamp(-1, 1) + 1) / 2
+    elif lat.shape[1] == 4:
+        rgb = (torch.einsum("chw,cr->rhw", lat[0], torch.tensor(SD_LATENT_RGB)) + 1) / 2
+    else:
+        x = lat[0, :3]
+        rgb = (x - x.amin()) / (x.amax() - x.amin() + 1e-6)
+    array = (rgb.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)

@@ -1,0 +1,118 @@
+"""What one image job asks for: ``ImageRequest``, a dataclass that checks itself, and the result it yields.
+
+A request is self-contained and JSON-able (input images travel as PIL objects in Python and as base64 PNG over HTTP),
+so the same request reproduces the same images: it is what Loom writes into every PNG's metadata.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from PIL import Image
+
+from loom.image.presets import ASPECT_RATIOS, OUTPAINT_RATIO, get_performance
+from loom.image.samplers import SAMPLERS
+
+TASKS = ("txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale")
+IMAGE_TASKS = TASKS[1:]
+SIDES = ("left", "right", "top", "bottom")
+MAX_IMAGES = 8
+MAX_SIDE = 4096
+
+
+@dataclass(slots=True)
+class ImageRequest:
+    task: str = "txt2img"
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] = field(default_factory=list)
+    performance: str = "Speed"
+    steps: int | None = None
+    """None: the performance preset's steps."""
+    guidance: float | None = None
+    sampler: str | None = None
+    seed: int | None = None
+    """None or -1: a random seed, chosen once and recorded."""
+    width: int | None = None
+    height: int | None = None
+    aspect_ratio: str | None = None
+    """"W:H" at the model's native area; ignored when width and height are given."""
+    num_images: int = 1
+    denoise: float | None = None
+    """img2img / inpaint strength; None: the task's default (vary 0.5 / 0.85, inpaint 1.0, upscale 0.382)."""
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+    """inpaint: white = repaint, black = keep."""
+    mask_blur: int | None = None
+    """Soft mask edge in pixels; None: 1/32 of the image's short side."""
+    outpaint_sides: list[str] = field(default_factory=list)
+    outpaint_ratio: float = OUTPAINT_RATIO
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        get_performance(self.performance)
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.steps is not None and not 1 <= self.steps <= 200:
+            raise ValueError(f"steps must be in 1..200, got {self.steps}")
+        if self.guidance is not None and not 0.0 <= self.guidance <= 30.0:
+            raise ValueError(f"guidance must be in 0..30, got {self.guidance}")
+        if not 1 <= self.num_images <= MAX_IMAGES:
+            raise ValueError(f"num_images must be in 1..{MAX_IMAGES}, got {self.num_images}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and not 8 <= value <= MAX_SIDE:
+                raise ValueError(f"{name} must be in 8..{MAX_SIDE} pixels, got {value}")
+        if self.aspect_ratio is not None and self.aspect_ratio not in ASPECT_RATIOS and ":" not in self.aspect_ratio:
+            raise ValueError(f"aspect_ratio must look like 'W:H' (presets: {', '.join(ASPECT_RATIOS)}), got {self.aspect_ratio!r}")
+        if self.denoise is not None and not 0.0 < self.denoise <= 1.0:
+            raise ValueError(f"denoise must be in (0, 1], got {self.denoise}")
+        self._check_inputs()
+        if self.seed is None or self.seed < 0:
+            self.seed = random.randrange(2**31)
+
+    def _check_inputs(self) -> None:
+        if self.task in IMAGE_TASKS and self.image is None:
+            raise ValueError(f"task {self.task!r} needs an input image")
+        if self.task == "inpaint" and self.mask is None:
+            raise ValueError("task 'inpaint' needs a mask (white = repaint, black = keep)")
+        if self.task == "outpaint":
+            bad = [s for s in self.outpaint_sides if s not in SIDES]
+            if bad or not self.outpaint_sides:
+                raise ValueError(f"outpaint needs outpaint_sides from {SIDES}, got {self.outpaint_sides}")
+            if not 0.05 <= self.outpaint_ratio <= 1.0:
+                raise ValueError(f"outpaint_ratio must be in 0.05..1, got {self.outpaint_ratio}")
+
+    def settings(self) -> dict[str, Any]:
+        """The JSON-able settings (everything but the input images)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("image", "mask")}
+
+    def resolved(self) -> tuple[int, float, str]:
+        """(steps, guidance, sampler) after the performance preset fills what was left unset."""
+        perf = get_performance(self.performance)
+        return (
+            self.steps if self.steps is not None else perf.steps,
+            self.guidance if self.guidance is not None else perf.guidance,
+            self.sampler if self.sampler is not None else perf.sampler,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], **inputs) -> ImageRequest:
+        """Rebuild a request from ``settings()`` output (PNG metadata), unknown keys ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in settings.items() if k in names and k not in ("image", "mask")}, **inputs)
+
+
+@dataclass(slots=True)
+class ImageResult:
+    """Images of one job, each with the exact settings that reproduce it on its own (seed per image)."""
+
+    images: list[Image.Image]
+    settings: list[dict[str, Any]]
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"images": len(self.images)}

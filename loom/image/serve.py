@@ -1,0 +1,106 @@
+"""`loom serve` plugin for images: ``--image PATH|demo`` loads a model once and serves the image API (and the web UI).
+
+    loom serve --image demo                          # API on :8000, web UI on 127.0.0.1:7860
+    loom serve --image /models/sd15 --image-ui-port 0    # API only
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import APIRouter
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from loom.server.component import ExtraServer
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("image generation")
+    group.add_argument("--image", metavar="PATH|demo", help="image model: a diffusers folder, a .safetensors file, or 'demo'")
+    group.add_argument("--image-model-config", metavar="DIR", help="pipeline layout for a single-file checkpoint (offline)")
+    group.add_argument("--image-upscaler", default="demo", metavar="PATH|demo|none", help="2x super-resolution model (default: the packaged one)")
+    group.add_argument("--image-output-dir", default=None, help="where result PNGs and history.jsonl go (default $LOOM_HOME/images)")
+    group.add_argument("--image-max-queued", type=int, default=32, help="queued image jobs before 503 (default 32)")
+    group.add_argument("--image-device", default=None, help="cuda, cpu, ... (default: cuda when present)")
+    group.add_argument("--image-ui-host", default="127.0.0.1")
+    group.add_argument("--image-ui-port", type=int, default=7860, help="port of the Gradio web UI; 0 disables it (default 7860)")
+
+
+@dataclass(slots=True)
+class ImageMetrics:
+    jobs: Counter
+    seconds: Histogram
+    queued: Gauge
+    steps: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> ImageMetrics:
+        return cls(
+            jobs=Counter("loom_image_jobs", "Finished image jobs", ["task", "status"], registry=registry),
+            seconds=Histogram("loom_image_job_seconds", "Image job run time", ["task"], registry=registry,
+                              buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)),
+            queued=Gauge("loom_image_queue_depth", "Image jobs waiting", registry=registry),
+            steps=Counter("loom_image_steps", "Sampler steps run", registry=registry),
+        )
+
+
+def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> ImageComponent | None:
+    if not getattr(args, "image", None):
+        return None
+    from loom.models.catalogue import loom_home
+
+    output = Path(args.image_output_dir) if args.image_output_dir else loom_home() / "images"
+    api_url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    return ImageComponent(
+        model=args.image, registry=registry, output_dir=output, upscaler=None if args.image_upscaler == "none" else args.image_upscaler,
+        model_config=args.image_model_config, device=args.image_device, max_queued=args.image_max_queued,
+        ui_host=args.image_ui_host, ui_port=args.image_ui_port, api_url=api_url,
+    )
+
+
+class ImageComponent:
+    """The image engine + job queue + routes as a `loom serve` component; the model loads in ``start``."""
+
+    name = "images"
+
+    def __init__(self, model: str, registry: CollectorRegistry, output_dir: Path, upscaler: str | None = "demo",
+                 model_config: str | None = None, device: str | None = None, max_queued: int = 32,
+                 ui_host: str = "127.0.0.1", ui_port: int = 0, api_url: str = "http://127.0.0.1:8000", engine=None):
+        from loom.image.api import build_router
+        from loom.image.jobs import JobQueue
+
+        self.model, self.upscaler, self.model_config, self.device = model, upscaler, model_config, device
+        self.ui_host, self.ui_port, self.api_url = ui_host, ui_port, api_url
+        self.queue = JobQueue(engine, output_dir, max_queued=max_queued, metrics=ImageMetrics.create(registry))
+        self._router = build_router(self.queue)
+        self.error: str | None = None
+
+    def routers(self) -> list[APIRouter]:
+        return [self._router]
+
+    async def start(self) -> None:
+        if self.queue.engine is None:
+            from loom.image.engine import ImageEngine
+
+            self.queue.engine = await asyncio.to_thread(
+                ImageEngine.load, self.model, self.device, self.upscaler, self.model_config
+            )
+        self.queue.start()
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.queue.stop, True)
+
+    def health(self) -> dict:
+        ready = self.queue.engine is not None and self.queue._thread is not None
+        info = self.queue.engine.info() if self.queue.engine is not None else {"model": self.model}
+        return {"ready": ready, "queued": self.queue.queued, "running": self.queue.current is not None} | info
+
+    def extra_servers(self) -> list[ExtraServer]:
+        if not self.ui_port:
+            return []
+        from loom.image.ui import build_ui_app
+
+        return [ExtraServer(app=build_ui_app(self.api_url), host=self.ui_host, port=self.ui_port)]

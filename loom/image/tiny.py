@@ -1,0 +1,138 @@
+"""Small Stable-Diffusion-shaped components built from configs: tiny random ones for tests, the demo's sizes.
+
+The shapes follow diffusers' own ``get_dummy_components`` (UNet2DConditionModel with cross-attention, AutoencoderKL,
+CLIPTextModel); the tokenizer is CLIP's real vocabulary built offline (``loom.image.tokenizer``).
+
+    from loom.image.tiny import tiny_pipeline
+    pipe = tiny_pipeline(seed=0)          # a StableDiffusionPipeline of random weights, ~1 s on CPU
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class TinySpec:
+    """Sizes of a small SD-shaped model; the defaults are diffusers' dummy test components."""
+
+    unet_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 2
+    cross_attention_dim: int = 32
+    attention_head_dim: int = 8
+    norm_num_groups: int = 32
+    sample_size: int = 32
+    """Latent side the UNet was made for (pixels = sample_size * vae_scale_factor)."""
+    vae_channels: tuple[int, ...] = (32, 64)
+    latent_channels: int = 4
+    text_hidden: int = 32
+    text_layers: int = 5
+    text_heads: int = 4
+    in_channels: int = 3
+
+    def __post_init__(self):
+        if any(c % self.norm_num_groups for c in self.unet_channels + self.vae_channels):
+            raise ValueError(f"every channel count must be a multiple of norm_num_groups={self.norm_num_groups}")
+        if self.text_hidden % self.text_heads:
+            raise ValueError(f"text_hidden={self.text_hidden} must be a multiple of text_heads={self.text_heads}")
+
+
+def build_unet(spec: TinySpec):
+    from diffusers import UNet2DConditionModel
+
+    n = len(spec.unet_channels)
+    return UNet2DConditionModel(
+        block_out_channels=spec.unet_channels,
+        layers_per_block=spec.layers_per_block,
+        sample_size=spec.sample_size,
+        in_channels=spec.latent_channels,
+        out_channels=spec.latent_channels,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=spec.cross_attention_dim,
+        attention_head_dim=spec.attention_head_dim,
+        norm_num_groups=spec.norm_num_groups,
+    )
+
+
+def build_vae(spec: TinySpec):
+    from diffusers import AutoencoderKL
+
+    n = len(spec.vae_channels)
+    return AutoencoderKL(
+        block_out_channels=spec.vae_channels,
+        in_channels=spec.in_channels,
+        out_channels=spec.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        latent_channels=spec.latent_channels,
+        norm_num_groups=spec.norm_num_groups,
+        sample_size=spec.sample_size * 2 ** (n - 1),
+    )
+
+
+def build_text_encoder(spec: TinySpec):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_hidden * 4,
+        num_attention_heads=spec.text_heads,
+        num_hidden_layers=spec.text_layers,
+        projection_dim=spec.text_hidden,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        layer_norm_eps=1e-5,
+    )
+    return CLIPTextModel(config)
+
+
+def build_scheduler():
+    """SD's own training schedule (scaled_linear betas): every sampler starts from a usable t=999."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, clip_sample=False, steps_offset=1)
+
+
+def tiny_components(seed: int = 0, spec: TinySpec | None = None) -> dict:
+    """The components dict of a StableDiffusionPipeline, random weights fixed by ``seed``."""
+    from diffusers import EulerDiscreteScheduler
+
+    from loom.image.tokenizer import load_clip_tokenizer
+
+    spec = spec or TinySpec()
+    torch.manual_seed(seed)
+    unet = build_unet(spec)
+    torch.manual_seed(seed)
+    vae = build_vae(spec)
+    torch.manual_seed(seed)
+    text_encoder = build_text_encoder(spec)
+    scheduler = EulerDiscreteScheduler.from_config(build_scheduler().config)
+    return {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": load_clip_tokenizer(),
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "image_encoder": None,
+    }
+
+
+def tiny_pipeline(seed: int = 0, spec: TinySpec | None = None):
+    """A StableDiffusionPipeline of tiny random components (for tests and CPU benchmarks)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(**tiny_components(seed, spec), requires_safety_checker=False)
+
+
+def save_tiny_model(path: str, seed: int = 0, spec: TinySpec | None = None) -> str:
+    """Write a tiny random pipeline as a diffusers folder (what ``--model PATH`` loads)."""
+    tiny_pipeline(seed, spec).save_pretrained(path, safe_serialization=True)
+    return path

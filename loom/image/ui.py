@@ -1,0 +1,224 @@
+"""The web UI (Gradio, as Fooocus): a client of Loom's image HTTP API, never of the engine directly.
+
+    python -m loom.image.ui --api http://127.0.0.1:8000 --port 7860
+    (``loom serve --image demo`` starts it on 127.0.0.1:7860 beside the API)
+
+Prompt box, style picker, performance preset, aspect ratio, a gallery, an advanced panel (negative prompt, seed,
+sampler, steps, guidance, image count), and tabs for Vary / Inpaint (draw the mask with the brush) / Outpaint /
+Upscale. Every run submits a job to ``POST /v1/images/jobs`` and follows its server-sent events, so the preview and
+progress bar update live; Stop cancels the job through the API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+
+import httpx
+import numpy as np
+from PIL import Image
+
+TIMEOUT = httpx.Timeout(10.0, read=600.0)
+
+
+class ApiClient:
+    """The few calls the UI makes to the image API."""
+
+    def __init__(self, base_url: str):
+        self.base = base_url.rstrip("/")
+
+    def options(self) -> dict:
+        return httpx.get(f"{self.base}/v1/images/options", timeout=TIMEOUT).json()
+
+    def submit(self, body: dict) -> dict:
+        r = httpx.post(f"{self.base}/v1/images/jobs", json=body, timeout=TIMEOUT)
+        if r.status_code >= 400:
+            raise RuntimeError(_error_text(r))
+        return r.json()
+
+    def events(self, job_id: str):
+        """Yield job states from the SSE stream until the job finishes."""
+        with httpx.stream("GET", f"{self.base}/v1/images/jobs/{job_id}/events", timeout=TIMEOUT) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    yield json.loads(line[6:])
+
+    def cancel(self, job_id: str) -> None:
+        httpx.post(f"{self.base}/v1/images/jobs/{job_id}/cancel", timeout=TIMEOUT)
+
+    def image(self, url: str) -> Image.Image:
+        return Image.open(io.BytesIO(httpx.get(url, timeout=TIMEOUT).content)).convert("RGB")
+
+
+def _error_text(r: httpx.Response) -> str:
+    try:
+        return str(r.json().get("detail") or r.json())
+    except ValueError:
+        return r.text
+
+
+def to_b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def mask_from_editor(value: dict | None) -> tuple[Image.Image | None, Image.Image | None]:
+    """(background image, mask) from an ImageEditor value: strokes on any layer become white in the mask."""
+    if not value or value.get("background") is None:
+        return None, None
+    background = value["background"].convert("RGB")
+    alpha = np.zeros((background.height, background.width), np.uint8)
+    for layer in value.get("layers") or []:
+        a = np.asarray(layer.convert("RGBA").resize(background.size))[..., 3]
+        alpha = np.maximum(alpha, a)
+    return background, Image.fromarray(((alpha > 0) * 255).astype(np.uint8))
+
+
+def settings_body(prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler, steps, guidance, custom) -> dict:
+    body = {"prompt": prompt, "negative_prompt": negative, "styles": styles or [], "performance": performance,
+            "aspect_ratio": aspect, "num_images": int(num_images), "seed": None if random_seed else int(seed)}
+    if custom:
+        body |= {"sampler": sampler, "steps": int(steps), "guidance_scale": float(guidance)}
+    return body
+
+
+def build_blocks(api_url: str):
+    import gradio as gr
+
+    client = ApiClient(api_url)
+    try:
+        opts = client.options()
+    except httpx.HTTPError:
+        opts = {"styles": [], "samplers": ["DPM++ 2M Karras"], "performances": ["Speed"], "aspect_ratios": ["1:1"], "model": {}}
+
+    def run(task, job_state, *values):
+        """Generator: submit, then stream (preview, progress text, gallery, job id) updates."""
+        (prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler, steps, guidance, custom,
+         vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image) = values
+        body = settings_body(prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler, steps, guidance, custom)
+        try:
+            body |= task_inputs(task, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image)
+            job = client.submit(body)
+        except (RuntimeError, ValueError, httpx.HTTPError) as exc:
+            yield None, f"**Error:** {exc}", gr.update(), None
+            return
+        yield None, "queued", gr.update(), job["id"]
+        for state in client.events(job["id"]):
+            preview = Image.open(io.BytesIO(base64.b64decode(state["preview"]))) if state.get("preview") else None
+            p = state["progress"]
+            text = f"{state['status']}: step {p['step']} / {p['total']}"
+            if state["status"] == "succeeded":
+                images = [client.image(u) for u in state["urls"]]
+                seeds = ", ".join(str(s["seed"]) for s in state["settings"])
+                yield preview, f"done in {state['finished'] - state['started']:.1f} s (seeds {seeds})", images, None
+                return
+            if state["status"] in ("failed", "cancelled"):
+                yield preview, f"{state['status']} {state.get('error') or ''}", gr.update(), None
+                return
+            yield preview, text, gr.update(), job["id"]
+
+    def task_inputs(task, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image) -> dict:
+        if task == "txt2img":
+            return {"task": "txt2img"}
+        if task == "vary":
+            _need(vary_image, "Vary")
+            return {"task": "vary_subtle" if vary_mode == "Subtle" else "vary_strong", "image": to_b64(vary_image)}
+        if task == "inpaint":
+            image, mask = mask_from_editor(inpaint_value)
+            _need(image, "Inpaint")
+            if not np.asarray(mask).any():
+                raise ValueError("draw the area to repaint on the image with the brush first")
+            return {"task": "inpaint", "image": to_b64(image), "mask": to_b64(mask)}
+        if task == "outpaint":
+            _need(outpaint_image, "Outpaint")
+            return {"task": "outpaint", "image": to_b64(outpaint_image), "outpaint_sides": [s.lower() for s in sides or []]}
+        _need(upscale_image, "Upscale")
+        return {"task": "upscale", "image": to_b64(upscale_image)}
+
+    def stop(job_id):
+        if job_id:
+            client.cancel(job_id)
+        return "stopping…" if job_id else "nothing running"
+
+    model = opts.get("model", {})
+    with gr.Blocks(title="Loom Imagine") as demo:
+        gr.Markdown(f"## Loom Imagine — model `{model.get('model', '?')}` ({model.get('native_size', '?')} px native)")
+        job_state = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=3):
+                preview = gr.Image(label="Preview", type="pil", height=256, elem_id="preview", interactive=False)
+                progress = gr.Markdown("idle", elem_id="progress")
+                gallery = gr.Gallery(label="Results", columns=4, height=320, elem_id="gallery", format="png")
+                with gr.Row():
+                    prompt = gr.Textbox(show_label=False, placeholder="Type a prompt, e.g. a sneaker", lines=2, scale=5, elem_id="prompt")
+                    generate = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
+                    stop_btn = gr.Button("Stop", scale=1, elem_id="stop")
+                with gr.Tabs():
+                    with gr.Tab("Vary"):
+                        vary_image = gr.Image(type="pil", label="Image to vary")
+                        vary_mode = gr.Radio(["Subtle", "Strong"], value="Subtle", label="Vary")
+                        vary_btn = gr.Button("Vary")
+                    with gr.Tab("Inpaint"):
+                        inpaint_value = gr.ImageEditor(type="pil", label="Draw the area to repaint", brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
+                        inpaint_btn = gr.Button("Inpaint")
+                    with gr.Tab("Outpaint"):
+                        outpaint_image = gr.Image(type="pil", label="Image to extend")
+                        sides = gr.CheckboxGroup(["Left", "Right", "Top", "Bottom"], value=["Left", "Right"], label="Extend")
+                        outpaint_btn = gr.Button("Outpaint")
+                    with gr.Tab("Upscale"):
+                        upscale_image = gr.Image(type="pil", label="Image to upscale 2x")
+                        upscale_btn = gr.Button("Upscale 2x")
+            with gr.Column(scale=2):
+                performance = gr.Radio(opts["performances"], value="Speed" if "Speed" in opts["performances"] else opts["performances"][0], label="Performance")
+                aspect = gr.Radio(opts["aspect_ratios"], value=opts["aspect_ratios"][0], label="Aspect ratio")
+                num_images = gr.Slider(1, 8, value=2, step=1, label="Images")
+                styles = gr.CheckboxGroup(opts["styles"], value=[], label="Styles", elem_id="styles")
+                with gr.Accordion("Advanced", open=False):
+                    negative = gr.Textbox(label="Negative prompt", lines=2)
+                    with gr.Row():
+                        seed = gr.Number(value=0, precision=0, label="Seed")
+                        random_seed = gr.Checkbox(value=True, label="Random seed")
+                    custom = gr.Checkbox(value=False, label="Override the preset's sampler, steps and guidance")
+                    sampler = gr.Dropdown(opts["samplers"], value=opts["samplers"][0], label="Sampler")
+                    steps = gr.Slider(1, 150, value=30, step=1, label="Steps")
+                    guidance = gr.Slider(0.0, 20.0, value=4.0, step=0.5, label="Guidance (CFG)")
+        inputs = [job_state, prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler, steps, guidance, custom,
+                  vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image]
+        outputs = [preview, progress, gallery, job_state]
+        for button, task in ((generate, "txt2img"), (vary_btn, "vary"), (inpaint_btn, "inpaint"), (outpaint_btn, "outpaint"), (upscale_btn, "upscale")):
+            button.click(lambda *v, _t=task: (yield from run(_t, *v)), inputs=inputs, outputs=outputs)
+        prompt.submit(lambda *v: (yield from run("txt2img", *v)), inputs=inputs, outputs=outputs)
+        stop_btn.click(stop, inputs=[job_state], outputs=[progress])
+    return demo
+
+
+def _need(image, tab: str) -> None:
+    if image is None:
+        raise ValueError(f"put an image in the {tab} tab first")
+
+
+def build_ui_app(api_url: str):
+    """A FastAPI app serving the Gradio UI at / (what `loom serve` runs on --image-ui-port)."""
+    import gradio as gr
+    from fastapi import FastAPI
+
+    return gr.mount_gradio_app(FastAPI(), build_blocks(api_url), path="/")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Loom's image web UI (a client of the image API)")
+    parser.add_argument("--api", default="http://127.0.0.1:8000")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    args = parser.parse_args(argv)
+    import uvicorn
+
+    uvicorn.run(build_ui_app(args.api), host=args.host, port=args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
