@@ -216,18 +216,20 @@ class JobQueue:
         self._finish(job, SUCCEEDED, files=files, settings=result.settings)
 
     def _finish(self, job: Job, status: str, **changes) -> None:
-        job.touch(status=status, finished=time.time(), **changes)
+        changes |= {"status": status, "finished": time.time()}
+        if status == SUCCEEDED:
+            self._append_history(job, changes)  # before waking waiters: a finished job is always in the history
+        job.touch(**changes)
         if self.metrics:
             self.metrics.jobs.labels(task=job.request.task, status=status).inc()
             if job.started:
                 self.metrics.seconds.labels(task=job.request.task).observe(job.finished - job.started)
-        if status == SUCCEEDED:
-            self._append_history(job)
 
-    def _append_history(self, job: Job) -> None:
+    def _append_history(self, job: Job, changes: dict) -> None:
+        record = job.snapshot() | changes | {"files": [p.name for p in changes.get("files", [])], "folder": str(self.output_dir / job.id)}
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / "history.jsonl", "a") as f:
-            f.write(json.dumps(job.snapshot() | {"folder": str(self.output_dir / job.id)}) + "\n")
+            f.write(json.dumps(record) + "\n")
 
     def _trim_history(self) -> None:
         while len(self._jobs) > self.max_history:
