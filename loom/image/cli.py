@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--denoise", type=float, default=None, help="strength for image tasks")
     parser.add_argument("--sides", default="left,right", help="outpaint: comma-separated sides")
     parser.add_argument("--from-png", default=None, help="take every setting from a PNG Loom wrote")
+    parser.add_argument("--upscaler", default="demo", help="2x super-resolution model folder, 'demo' (packaged) or 'none'")
     parser.add_argument("--device", default=None)
     parser.add_argument("--list-styles", action="store_true")
 
@@ -79,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         request = build_request(args)
         start = time.perf_counter()
-        engine = ImageEngine.load(args.model, device=args.device, config=args.model_config)
+        upscaler = None if args.upscaler == "none" else args.upscaler
+        engine = ImageEngine.load(args.model, device=args.device, upscaler=upscaler, config=args.model_config)
         loaded = time.perf_counter() - start
         result = engine.generate(request, on_step=_print_step)
     except (ValueError, FileNotFoundError) as exc:

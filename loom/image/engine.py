@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -89,6 +90,8 @@ class ImageEngine:
         up = None
         if upscaler is not None:
             up_path = DEMO_UPSCALER_DIR if upscaler == "demo" else upscaler
+            if not (Path(up_path) / "config.json").is_file():
+                raise FileNotFoundError(f"upscaler {up_path} not found: pass a folder saved by ESPCNUpscaler.save_pretrained, 'demo' or None")
             up = ESPCNUpscaler.from_pretrained(str(up_path), torch_dtype=torch.float32).to(device).eval()
         return cls(pipe, name=name, upscaler=up)
 
