@@ -78,8 +78,9 @@ def mask_from_editor(value: dict | None) -> tuple[Image.Image | None, Image.Imag
 
 
 def settings_body(prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler, steps, guidance, custom) -> dict:
-    body = {"prompt": prompt, "negative_prompt": negative, "styles": styles or [], "performance": performance,
-            "aspect_ratio": aspect, "num_images": int(num_images), "seed": None if random_seed else int(seed)}
+    # NOTE: inputs inside a never-opened accordion may arrive as None
+    body = {"prompt": prompt or "", "negative_prompt": negative or "", "styles": styles or [], "performance": performance or "Speed",
+            "aspect_ratio": aspect, "num_images": int(num_images or 1), "seed": None if random_seed or seed is None else int(seed)}
     if custom:
         body |= {"sampler": sampler, "steps": int(steps), "guidance_scale": float(guidance)}
     return body

@@ -1,0 +1,23 @@
+"""The web UI in a real browser: headless Chromium submits a prompt through the UI, which calls the HTTP API."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+
+def test_ui_generates_an_image_in_headless_chromium(engine, tmp_path):
+    from loom.image.screenshot import generate_in_browser, image_stack
+
+    shot = tmp_path / "ui.png"
+    with image_stack(engine, tmp_path / "out") as (api_url, ui_url):
+        shown = generate_in_browser(ui_url, "a sneaker", shot, timeout=120)
+        import httpx
+
+        history = httpx.get(f"{api_url}/v1/images/jobs").json()["data"]
+    assert shown["progress"].startswith("done in") and shown["gallery_images"] >= 1
+    assert len(history) == 1 and history[0]["prompt"] == "a sneaker" and history[0]["status"] == "succeeded"
+    assert len(history[0]["files"]) == 2  # the UI's default image count
+    assert Image.open(shot).size[0] >= 800
