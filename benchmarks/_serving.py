@@ -51,14 +51,26 @@ def workload(seed: int = 0, count: int = 512) -> tuple[list[str], list[bytes]]:
     return texts, json_payloads(texts)
 
 
+TIMING_HEADER = "x-loom-inference-ms"
+
+
 def measure(url: str, payloads: list[bytes], concurrency: int, duration_s: float, warmup_s: float,
             lone_requests: int) -> dict:
-    """Lone-request latency on the idle server (1 client, sequential), then closed-loop throughput."""
-    lone = asyncio.run(run_load(url, payloads, concurrency=1, num_requests=lone_requests)) if lone_requests else None
+    """Lone-request latency on the idle server (1 client, sequential), then closed-loop throughput.
+
+    For Loom the lone requests also give overhead_p50_ms: client latency minus the worker's handler time, per
+    request, so the split does not depend on how busy the machine was at another moment.
+    """
+    lone = None
+    if lone_requests:
+        asyncio.run(run_load(url, payloads, concurrency=1, num_requests=5))  # connection and caches warm
+        lone = asyncio.run(run_load(url, payloads, concurrency=1, num_requests=lone_requests, timing_header=TIMING_HEADER))
     asyncio.run(run_load(url, payloads, concurrency, duration_s=warmup_s))
     stats = asyncio.run(run_load(url, payloads, concurrency, duration_s=duration_s))
     return {**stats.to_dict(), "lone_p50_ms": lone.p50_ms if lone else None,
-            "lone_mean_ms": lone.mean_ms if lone else None}
+            "lone_mean_ms": lone.mean_ms if lone else None,
+            "lone_model_p50_ms": lone.server_p50_ms if lone else None,
+            "lone_overhead_p50_ms": lone.overhead_p50_ms if lone else None}
 
 
 def model_time_ms(texts: list[str], threads: int, batch_size: int = 1, repeats: int = 100) -> dict:

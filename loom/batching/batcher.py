@@ -30,6 +30,8 @@ class PendingRequest:
     deadline: float
     future: asyncio.Future = field(repr=False)
     dequeued_at: float | None = None
+    inference_s: float | None = None
+    """Handler seconds of the batch that carried this request (set when it returns)."""
 
 
 class BatchQueue:
@@ -69,11 +71,18 @@ class BatchQueue:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def next_batch(self, in_flight: int, should_stop=lambda: False) -> list[PendingRequest]:
-        """Wait for and pop the next batch; [] when should_stop() turned true. `in_flight`: batches running now."""
+    async def next_batch(self, in_flight: int, should_stop=lambda: False, full_only=None) -> list[PendingRequest]:
+        """Wait for and pop the next batch; [] when should_stop() turned true (checked after every notify).
+
+        in_flight: batches running now. full_only: a predicate; when given, only a full batch leaves, and only
+        while full_only() holds (used to queue a worker's next batch while it is still busy).
+        """
         while not should_stop():
             self._expire(time.monotonic())
-            wait_s = self._wait_before_dispatch(time.monotonic(), in_flight)
+            if full_only is not None:
+                wait_s = 0.0 if len(self._items) >= self.batch_size and full_only() else None
+            else:
+                wait_s = self._wait_before_dispatch(time.monotonic(), in_flight)
             if wait_s == 0.0:
                 return self._pop()
             changed = self._changed

@@ -49,6 +49,9 @@ class WorkerSlot:
     num_requests: int = 0
     busy_seconds: float = 0.0
     busy_since: float | None = None
+    """When the worker started its current batch (None: idle)."""
+    outstanding: int = 0
+    """Batches sent and not yet answered (at most 2: the running one and one full batch waiting in the pipe)."""
     recent: deque = field(default_factory=deque)
     """(start, end) monotonic times of batches that ended within the busy window."""
 
@@ -93,8 +96,12 @@ class ServedModel:
         return model
 
     # ---- requests -------------------------------------------------------------------------------------------
-    async def submit(self, payload: Any) -> Any:
-        """Queue one request and wait for its result; raises QueueFull, DeadlineExceeded, ItemFailed, ModelUnavailable."""
+    async def submit(self, payload: Any, timing: dict | None = None) -> Any:
+        """Queue one request and wait for its result; raises QueueFull, DeadlineExceeded, ItemFailed, ModelUnavailable.
+
+        timing, if given, receives queue_ms (arrival to leaving the queue) and inference_ms (the worker's handler
+        time for the batch that carried this request).
+        """
         if not self.is_accepting:
             raise ModelUnavailable(f"model {self.config.name} is being unregistered")
         if not self.slots:
@@ -110,6 +117,9 @@ class ServedModel:
         try:
             return await self._await_result(request)
         finally:
+            if timing is not None and request.inference_s is not None:
+                timing["queue_ms"] = (request.dequeued_at - request.arrival) * 1000
+                timing["inference_ms"] = request.inference_s * 1000
             self.in_flight_requests -= 1
             self._observe_depth()
             if self.in_flight_requests == 0:
@@ -126,6 +136,9 @@ class ServedModel:
         except DeadlineExceeded:
             self._count("timeout")
             raise
+        if result.status == 504:  # expired while waiting in the worker's pipe behind the running batch
+            self._count("timeout")
+            raise DeadlineExceeded(result.error)
         if result.error is not None:
             self._count("error" if result.status >= 500 else "bad_request")
             raise ItemFailed(result.error, result.status)
@@ -134,15 +147,30 @@ class ServedModel:
 
     # ---- worker loops ---------------------------------------------------------------------------------------
     async def _feed(self, slot: WorkerSlot) -> None:
-        """Give this worker batches until it is asked to stop; a dead worker's batch fails with 500."""
-        while not slot.is_stopping:
-            batch = await self.queue.next_batch(self.in_flight_batches, lambda: slot.is_stopping)
-            if not batch:
+        """Give this worker batches until it is asked to stop; a dead worker's batches fail with 500."""
+        running: asyncio.Task | None = None
+        while running is not None or not slot.is_stopping:
+            if running is None:
+                batch = await self.queue.next_batch(self.in_flight_batches, lambda: slot.is_stopping)
+                if batch:
+                    running = asyncio.create_task(self._run_batch(slot, batch))
                 continue
-            await self._run_batch(slot, batch)
+            # NOTE: while the worker runs a batch, a FULL next batch may already go down its pipe (only when every
+            # worker is busy), so the worker starts it the moment it finishes instead of waiting for this process
+            # to be scheduled, read the results and send more: on a loaded machine that gap cost ~15% throughput.
+            current = running
+            following = await self.queue.next_batch(self.in_flight_batches, lambda c=current: c.done() or slot.is_stopping,
+                                                    full_only=self._every_worker_busy)
+            running = asyncio.create_task(self._run_batch(slot, following)) if following else None
+            await current
             if not slot.process.is_alive:
+                if running is not None:
+                    await running
                 asyncio.create_task(self._replace(slot))
                 return
+
+    def _every_worker_busy(self) -> bool:
+        return all(s.outstanding > 0 for s in self.slots)
 
     async def _replace(self, slot: WorkerSlot) -> None:
         """A worker died: drop it and start a fresh one in its place (unless the model is going away)."""
@@ -157,26 +185,32 @@ class ServedModel:
 
     async def _run_batch(self, slot: WorkerSlot, batch: list[PendingRequest]) -> None:
         self.in_flight_batches += 1
-        start = time.monotonic()
-        slot.busy_since = start
-        self._observe_batch_start(batch, start)
+        slot.outstanding += 1
+        sent = time.monotonic()
+        if slot.busy_since is None:
+            slot.busy_since = sent
+        self._observe_batch_start(batch, sent)
         try:
-            results, handler_s = await slot.process.run([r.payload for r in batch])
+            results, handler_s = await slot.process.run([r.payload for r in batch], [r.deadline for r in batch])
         except Exception as exc:  # noqa: BLE001 - WorkerDied, or a payload the pipe could not carry
             results = [ItemResult(error=f"worker failed while running this request: {exc}", status=500)] * len(batch)
-            handler_s = time.monotonic() - start
+            handler_s = time.monotonic() - sent
         finally:
             self.in_flight_batches -= 1
+            slot.outstanding -= 1
             end = time.monotonic()
-            slot.busy_since = None
-            slot.recent.append((start, end))
-            slot.busy_seconds += end - start
+            # Busy time is what the worker reports for the handler (a batch waiting in its pipe is not busy).
+            slot.recent.append((end - handler_s, end))
+            slot.busy_seconds += handler_s
+            slot.busy_since = end if slot.outstanding else None
+            self.queue.notify()  # a worker is free (or a prefetch slot opened)
         slot.num_batches += 1
         slot.num_requests += len(batch)
-        self._recent_batch_s.append(end - start)
+        self._recent_batch_s.append(handler_s)
         if self.metrics:
             self.metrics.inference_seconds.labels(self.config.name).observe(handler_s)
         for request, result in zip(batch, results):
+            request.inference_s = handler_s
             if not request.future.done():
                 request.future.set_result(result)
 

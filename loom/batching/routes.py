@@ -56,7 +56,9 @@ def build_inference_router(server: ModelServer) -> APIRouter:
         try:
             model = _model(server, name)
             payload = _decode_body(await _read_body(request), request.headers.get("content-type", ""))
-            return json_response(await _submit(model, payload))
+            timing: dict = {}
+            value = await _submit(model, payload, timing)
+            return json_response(value, headers=timing_headers(timing))
         except HTTPError as err:
             return error_response(err)
 
@@ -107,9 +109,14 @@ def _model(server: ModelServer, name: str):
         raise HTTPError(404, str(exc), "not_found_error") from None
 
 
-async def _submit(model, payload: Any) -> Any:
+def timing_headers(timing: dict) -> dict[str, str]:
+    """X-Loom-Queue-Ms / X-Loom-Inference-Ms: where a request's time went (the rest is HTTP and transport)."""
+    return {f"X-Loom-{key[:-3].title()}-Ms": f"{value:.3f}" for key, value in timing.items()}
+
+
+async def _submit(model, payload: Any, timing: dict | None = None) -> Any:
     try:
-        return await model.submit(payload)
+        return await model.submit(payload, timing)
     except QueueFull as exc:
         raise HTTPError(503, f"model {model.config.name} is overloaded: {exc}; retry later", "overloaded_error",
                         {"Retry-After": str(model.retry_after_s())}) from None

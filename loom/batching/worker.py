@@ -41,8 +41,9 @@ class WorkerStartError(RuntimeError):
 
 def worker_main(conn, spec: WorkerSpec) -> None:
     """Child process entry point."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):  # RAYON: HF fast tokenizers' pool
         os.environ[var] = str(spec.num_threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if spec.num_threads > 1 else "false")
     try:
         handler = _build_handler(spec)
     except Exception:  # noqa: BLE001 - report any setup failure to the server
@@ -56,10 +57,20 @@ def worker_main(conn, spec: WorkerSpec) -> None:
             return
         if message is None:
             return
-        batch_id, items = message
+        batch_id, items, deadlines = message
         start = time.perf_counter()
-        results = run_batch(handler, items)
+        results = run_unexpired(handler, items, deadlines)
         conn.send(("done", batch_id, results, time.perf_counter() - start))
+
+
+def run_unexpired(handler, items: list[Any], deadlines: list[float]) -> list[ItemResult]:
+    """run_batch on the items whose deadline (time.monotonic(), the same clock in every process) has not passed."""
+    now = time.monotonic()
+    live = [i for i, deadline in enumerate(deadlines) if deadline > now]
+    results = [ItemResult(error="request waited past its deadline before running", status=504)] * len(items)
+    for i, result in zip(live, run_batch(handler, [items[i] for i in live]) if live else []):
+        results[i] = result
+    return results
 
 
 def _build_handler(spec: WorkerSpec):
@@ -115,8 +126,8 @@ class WorkerProcess:
             raise
         self.is_alive = True
 
-    async def run(self, items: list[Any]) -> tuple[list[ItemResult], float]:
-        """Run one batch in the child: (per-item results, seconds the handler took)."""
+    async def run(self, items: list[Any], deadlines: list[float]) -> tuple[list[ItemResult], float]:
+        """Run one batch in the child: (per-item results, seconds the handler took); expired items get 504."""
         if not self.is_alive:
             raise WorkerDied(f"worker {self.spec.worker_index} of {self.spec.model_name} is not running")
         batch_id = self._next_id
@@ -124,7 +135,7 @@ class WorkerProcess:
         future = self._loop.create_future()
         self._pending[batch_id] = future
         try:
-            self._conn.send((batch_id, items))
+            self._conn.send((batch_id, items, deadlines))
         except (BrokenPipeError, OSError) as exc:
             self._pending.pop(batch_id, None)
             self._mark_dead()

@@ -39,6 +39,10 @@ class LoadStats:
     p99_ms: float
     mean_ms: float
     statuses: dict[str, int] = field(default_factory=dict)
+    server_p50_ms: float | None = None
+    """p50 of the timing header's value (for Loom: the worker's handler time), when one was asked for."""
+    overhead_p50_ms: float | None = None
+    """p50 over requests of (client latency - timing header): everything but the model."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,7 +63,7 @@ class _Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def request(self, head: bytes, body: bytes) -> tuple[int, bytes]:
+    async def request(self, head: bytes, body: bytes) -> tuple[int, dict[str, str], bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         self.writer.write(head + body)
@@ -72,7 +76,7 @@ class _Connection:
         payload = await self._body(headers)
         if headers.get("connection") == "close":
             await self.close()
-        return status, payload
+        return status, headers, payload
 
     async def _headers(self) -> dict[str, str]:
         headers = {}
@@ -113,10 +117,11 @@ def _request_bytes(url: str, body: bytes, content_type: str) -> tuple[str, int, 
 
 async def run_load(url: str, payloads: list[bytes], concurrency: int, duration_s: float | None = None,
                    num_requests: int | None = None, content_type: str = "application/json",
-                   warmup_s: float = 0.0) -> LoadStats:
+                   warmup_s: float = 0.0, timing_header: str | None = None) -> LoadStats:
     """Closed loop: `concurrency` connections post payloads (cycled) until duration_s or num_requests is reached.
 
-    Requests finishing during the first warmup_s seconds are not counted.
+    Requests finishing during the first warmup_s seconds are not counted. timing_header names a response header
+    holding the server's own milliseconds for the request (Loom: x-loom-inference-ms), to split latency.
     """
     if (duration_s is None) == (num_requests is None):
         raise ValueError("pass exactly one of duration_s or num_requests")
@@ -127,6 +132,7 @@ async def run_load(url: str, payloads: list[bytes], concurrency: int, duration_s
     cycle = itertools.cycle(requests)
     latencies: list[float] = []
     statuses: dict[str, int] = {}
+    server_ms: list[tuple[float, float]] = []  # (latency s, header ms)
     start = time.perf_counter()
     measure_from = start + warmup_s
     stop_at = None if duration_s is None else measure_from + duration_s
@@ -144,21 +150,28 @@ async def run_load(url: str, payloads: list[bytes], concurrency: int, duration_s
                     return
                 head, body = next(cycle)
                 t0 = time.perf_counter()
+                headers: dict[str, str] = {}
                 try:
-                    status, _ = await conn.request(head, body)
+                    status, headers, _ = await conn.request(head, body)
                 except (ConnectionError, OSError, asyncio.IncompleteReadError, ValueError):
                     status = 599
                     await conn.close()
                 t1 = time.perf_counter()
                 if t1 >= measure_from:
                     latencies.append(t1 - t0)
+                    if timing_header and timing_header in headers:
+                        server_ms.append((t1 - t0, float(headers[timing_header])))
                     statuses[str(status)] = statuses.get(str(status), 0) + 1
         finally:
             await conn.close()
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
     elapsed = time.perf_counter() - max(start, measure_from)
-    return _stats(latencies, statuses, elapsed)
+    stats = _stats(latencies, statuses, elapsed)
+    if server_ms:
+        stats.server_p50_ms = round(percentile(sorted(ms for _, ms in server_ms), 50), 3)
+        stats.overhead_p50_ms = round(percentile(sorted(lat * 1000 - ms for lat, ms in server_ms), 50), 3)
+    return stats
 
 
 def _stats(latencies: list[float], statuses: dict[str, int], elapsed: float) -> LoadStats:

@@ -118,3 +118,21 @@ def test_should_stop_returns_empty_batch():
         return await asyncio.wait_for(waiter, 1.0)
 
     assert run(body()) == []
+
+
+def test_full_only_waits_for_a_full_batch_and_the_predicate():
+    async def body():
+        queue = BatchQueue(max_size=10, batch_size=2, max_batch_delay_s=0.0)
+        allowed, done = [False], [False]
+        queue.put("a", timeout_s=60)
+        waiter = asyncio.create_task(queue.next_batch(0, lambda: done[0], full_only=lambda: allowed[0]))
+        await asyncio.sleep(0.02)
+        assert not waiter.done()  # one request is not a full batch, even with zero delay
+        queue.put("b", timeout_s=60)
+        await asyncio.sleep(0.02)
+        assert not waiter.done()  # full, but the predicate (every worker busy) says no
+        allowed[0] = True
+        queue.notify()
+        return [r.payload for r in await asyncio.wait_for(waiter, 1.0)]
+
+    assert run(body()) == ["a", "b"]

@@ -108,12 +108,12 @@ def test_deadline_answers_504_before_running():
             first = asyncio.create_task(client.post("/predictions/echo", json=0))
             await wait_until(lambda: component.server.get("echo").in_flight_batches == 1)
             responses = await asyncio.gather(first, *(client.post("/predictions/echo", json=i) for i in (1, 2)))
-            slot = component.server.get("echo").slots[0]
-            return responses, slot.num_requests
+            later = await client.post("/predictions/echo", json=3)
+            return responses, later
 
-    responses, ran = run(body())
+    responses, later = run(body())
     assert sorted(r.status_code for r in responses) == [200, 504, 504]
-    assert ran == 1  # the expired requests never reached the worker
+    assert later.json()["batch"].endswith("-2")  # the handler ran twice: the expired requests never ran
     timed_out = [r for r in responses if r.status_code == 504]
     assert timed_out[0].json()["error"]["type"] == "timeout_error"
 
@@ -241,3 +241,13 @@ def test_metrics_show_batches_queue_time_and_busy_workers():
     assert 'loom_model_queue_depth{model="echo"} 0.0' in text
     assert 'loom_model_worker_busy_fraction{model="echo",worker="0"}' in text
     assert 'loom_model_process_cpu_seconds_total{process="echo/0"}' in text
+
+
+def test_timing_headers_split_a_requests_time():
+    async def body():
+        async with serving(echo(options={"sleep_s": 0.05})) as (client, _, _c):
+            return await client.post("/predictions/echo", json=1)
+
+    response = run(body())
+    assert float(response.headers["x-loom-inference-ms"]) >= 50.0
+    assert 0.0 <= float(response.headers["x-loom-queue-ms"]) < 50.0  # a lone request on an idle model is not held
