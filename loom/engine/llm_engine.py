@@ -31,6 +31,8 @@ class EngineStats:
     num_preemptions: int
     kv_waste: float
     """Fraction of the used blocks' slots that hold no token (partially filled last blocks), now."""
+    kv_waste_mean: float
+    """The same, averaged over every step so far (weighted by slots in use)."""
     num_kv_blocks: int
     num_steps: int
     num_prompt_tokens: int
@@ -73,6 +75,7 @@ class LLMEngine:
         self._generators: dict[int, torch.Generator] = {}
         self._seq_ids = itertools.count()
         self._num_steps = self._num_prompt_tokens = self._num_generation_tokens = self._batched_tokens = 0
+        self._slots_used = self._slots_held = 0
 
     # --- public API -----------------------------------------------------------------------------------------
     def add_request(
@@ -122,13 +125,15 @@ class LLMEngine:
         rows = [self._sampling_row(c.seq) for c in sampling]
         result = sample(logits, rows) if rows else None
         self._count(out)
+        used, held = self._kv_slots()
+        self._slots_used += used
+        self._slots_held += held
         touched = self._append_tokens(sampling, result) if result else {}
         return [self._request_output(req) for req in touched.values()]
 
     def stats(self) -> EngineStats:
         bm, sched = self.block_manager, self.scheduler
-        used_slots = sum(len(bm.block_table(s.seq_id)) for s in sched.running) * bm.block_size
-        held = sum(min(s.num_tokens, len(bm.block_table(s.seq_id)) * bm.block_size) for s in sched.running)
+        used_slots, held = self._kv_slots()
         return EngineStats(
             num_running=len(sched.running),
             num_waiting=len(sched.waiting),
@@ -136,6 +141,7 @@ class LLMEngine:
             prefix_hit_rate=bm.prefix_hit_rate,
             num_preemptions=sched.num_preemptions,
             kv_waste=(used_slots - held) / used_slots if used_slots else 0.0,
+            kv_waste_mean=1 - self._slots_held / self._slots_used if self._slots_used else 0.0,
             num_kv_blocks=bm.num_blocks,
             num_steps=self._num_steps,
             num_prompt_tokens=self._num_prompt_tokens,
@@ -144,6 +150,15 @@ class LLMEngine:
         )
 
     # --- internals ------------------------------------------------------------------------------------------
+    def _kv_slots(self) -> tuple[int, int]:
+        """(slots in the running sequences' blocks, slots of those that hold a token)."""
+        bs, used, held = self.block_manager.block_size, 0, 0
+        for seq in self.scheduler.running:
+            capacity = len(self.block_manager.block_table(seq.seq_id)) * bs
+            used += capacity
+            held += min(seq.num_computed_tokens, capacity)
+        return used, held
+
     def _num_blocks(self) -> int:
         cfg = self.config
         if cfg.num_kv_blocks is not None:

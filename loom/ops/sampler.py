@@ -90,9 +90,12 @@ def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     min_p = torch.tensor([r.params.min_p for r in rows], device=device, dtype=probs.dtype)
     if bool((min_p > 0).any()):
         probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
-    # Exponential race: argmax(p / E) with E ~ Exp(1) draws exactly from p, from each row's own generator.
-    noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=r.generator) for r in rows])
-    return (probs / noise).argmax(dim=-1)
+    # Inverse-CDF draw: one uniform number per row, from that row's own generator.
+    u = torch.cat([torch.rand(1, generator=r.generator, device=device) for r in rows])
+    cdf = probs.cumsum(dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return idx.clamp_(max=probs.shape[-1] - 1)
 
 
 def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

@@ -1,0 +1,120 @@
+// Fused paged-attention decode for CPU (float32): one query token per sequence, keys and values read straight
+// from the block-paged cache, no gather copy. Work items are (sequence, KV head); the G = H / Hkv query heads of
+// a group share each key/value row they read. Checked against loom.ops.attention.decode_attention_reference.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+#include <cmath>
+#include <vector>
+
+namespace {
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline float hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
+  return _mm_cvtss_f32(x);
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), acc1);
+  }
+  float sum = hsum(_mm256_add_ps(acc0, acc1));
+  for (; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+inline void axpy(float* y, float alpha, const float* x, int64_t n) {
+  const __m256 va = _mm256_set1_ps(alpha);
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) _mm256_storeu_ps(y + d, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
+  for (; d < n; ++d) y[d] += alpha * x[d];
+}
+#else
+inline float dot(const float* a, const float* b, int64_t n) {
+  float sum = 0.f;
+  for (int64_t d = 0; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+inline void axpy(float* y, float alpha, const float* x, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
+}
+#endif
+
+}  // namespace
+
+torch::Tensor paged_decode(
+    torch::Tensor q,             // [B, H, D]
+    torch::Tensor k_cache,       // [num_blocks, block_size, Hkv, D]
+    torch::Tensor v_cache,       // [num_blocks, block_size, Hkv, D]
+    torch::Tensor block_tables,  // [B, max_blocks] int32
+    torch::Tensor seq_lens,      // [B] int32
+    double scale) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32, "float32 only");
+  q = q.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t BS = k_cache.size(1), HKV = k_cache.size(2), G = H / HKV;
+  const int64_t MB = block_tables.size(1);
+  auto out = torch::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const int32_t* bt = block_tables.data_ptr<int32_t>();
+  const int32_t* sl = seq_lens.data_ptr<int32_t>();
+  float* op = out.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+  const int64_t row = HKV * D;  // stride between consecutive token slots
+
+  at::parallel_for(0, B * HKV, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(G * std::max<int64_t>(MB * BS, 1));
+    std::vector<float> acc(G * D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / HKV, h = item % HKV;
+      const int64_t len = sl[b];
+      const float* qg = qp + (b * H + h * G) * D;  // the group's G queries, [G, D]
+      // Pass 1: scaled scores [G, len] and each query's max.
+      for (int64_t t0 = 0; t0 < len; t0 += BS) {
+        const float* blk = kp + static_cast<int64_t>(bt[b * MB + t0 / BS]) * BS * row + h * D;
+        const int64_t n = std::min(BS, len - t0);
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t g = 0; g < G; ++g) scores[g * len + t0 + i] = dot(qg + g * D, blk + i * row, D) * s;
+      }
+      // Softmax per query.
+      for (int64_t g = 0; g < G; ++g) {
+        float* sc = scores.data() + g * len;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < len; ++t) mx = std::max(mx, sc[t]);
+        float sum = 0.f;
+        for (int64_t t = 0; t < len; ++t) {
+          sc[t] = std::exp(sc[t] - mx);
+          sum += sc[t];
+        }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < len; ++t) sc[t] *= inv;
+      }
+      // Pass 2: weighted sum of values.
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t0 = 0; t0 < len; t0 += BS) {
+        const float* blk = vp + static_cast<int64_t>(bt[b * MB + t0 / BS]) * BS * row + h * D;
+        const int64_t n = std::min(BS, len - t0);
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * D, scores[g * len + t0 + i], blk + i * row, D);
+      }
+      float* o = op + (b * H + h * G) * D;
+      std::copy(acc.begin(), acc.end(), o);
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("paged_decode", &paged_decode, "paged attention decode (CPU)"); }
