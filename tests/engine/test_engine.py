@@ -1,0 +1,180 @@
+"""Engine behaviour on a tiny random Llama: seeds, n > 1, stops, min_tokens, logprobs, bad input, no leaked blocks,
+preemption with identical output, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from loom import LLM, SamplingParams
+from tests.engine.test_parity import varied_prompts
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    return LLM(str(tiny_llama), block_size=4, max_num_batched_tokens=128, num_kv_blocks=1024)
+
+
+def gen(llm, prompts, params):
+    return llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+
+
+def assert_no_leaks(llm):
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    assert all(b.ref_count == 0 for b in bm.blocks)
+    assert not llm.engine.requests and not llm.engine.scheduler.has_unfinished
+
+
+def test_seeded_request_is_reproducible_whatever_shares_the_batch(llm):
+    target = varied_prompts(1, seed=10)[0]
+    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=24, ignore_eos=True)
+    alone = gen(llm, [target], seeded)[0].outputs[0].token_ids
+    others = varied_prompts(7, seed=11)
+    mixed = llm.generate(
+        [{"prompt_token_ids": p} for p in [*others[:3], target, *others[3:]]],
+        [SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)] * 3 + [seeded]
+        + [SamplingParams(temperature=0.7, top_p=0.9, max_tokens=10, ignore_eos=True)] * 4,
+    )  # fmt: skip
+    assert mixed[3].outputs[0].token_ids == alone
+    different = gen(llm, [target], seeded.clone(seed=99))[0].outputs[0].token_ids
+    assert different != alone
+    assert_no_leaks(llm)
+
+
+def test_n_completions_share_the_prompt_and_differ(llm):
+    prompt = varied_prompts(1, seed=12, low=40, high=40)[0]
+    before = llm.engine.block_manager.num_prefix_hit_tokens
+    out = gen(llm, [prompt], SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=12, ignore_eos=True))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 12 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) == 3
+    # Siblings 2 and 3 reuse the first one's 9 full blocks (36 tokens) of the 40-token prompt.
+    assert llm.engine.block_manager.num_prefix_hit_tokens - before == 2 * 36
+    assert_no_leaks(llm)
+
+
+def test_stop_string_ends_text_before_it(llm):
+    prompt = varied_prompts(1, seed=13)[0]
+    full = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].outputs[0]
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    assert len(stop) == 3
+    out = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full.text[: full.text.index(stop)]
+    kept = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=30, stop=[stop], include_stop_str_in_output=True))
+    assert kept[0].outputs[0].text == full.text[: full.text.index(stop) + 3]
+
+
+def test_stop_token_ids_and_min_tokens(llm):
+    prompt = varied_prompts(1, seed=14)[0]
+    greedy = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].outputs[0].token_ids
+    stop_id = greedy[3]
+    first = greedy.index(stop_id)
+    out = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id]))[0].outputs[0]
+    assert (out.finish_reason, out.stop_reason, out.token_ids) == ("stop", stop_id, greedy[: first + 1])
+    # min_tokens masks the stop id for the first 8 tokens, so generation goes past it.
+    held = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id], min_tokens=8))
+    ids = held[0].outputs[0].token_ids
+    assert len(ids) > 8 and stop_id not in ids[:8]
+
+
+def test_max_tokens_gives_length_and_logprobs_have_top_k(llm):
+    prompt = varied_prompts(1, seed=15)[0]
+    out = gen(llm, [prompt], SamplingParams(temperature=0.8, seed=3, max_tokens=7, ignore_eos=True, logprobs=3))
+    c = out[0].outputs[0]
+    assert c.finish_reason == "length" and len(c.token_ids) == 7 and len(c.logprobs) == 7
+    for token, lp in zip(c.token_ids, c.logprobs):
+        assert token in lp and 3 <= len(lp) <= 4 and all(v <= 0 for v in lp.values())
+    assert c.cumulative_logprob == pytest.approx(sum(lp[t] for t, lp in zip(c.token_ids, c.logprobs)))
+
+
+def test_bad_input_raises_clear_errors(llm, tmp_path):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        gen(llm, [[]], SamplingParams())
+    too_long = [5] * 1024
+    with pytest.raises(ValueError, match="1024 tokens but the model's context is 1024"):
+        gen(llm, [too_long], SamplingParams())
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        gen(llm, [[5] * 1000], SamplingParams(max_tokens=100))
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=10, max_tokens=5)
+    with pytest.raises(ValueError, match="neither a catalogue name"):
+        LLM(str(tmp_path / "missing"))
+    assert_no_leaks(llm)
+
+
+def test_request_larger_than_the_whole_pool_fails_at_once(tiny_llama):
+    small = LLM(str(tiny_llama), block_size=4, num_kv_blocks=8)
+    with pytest.raises(ValueError, match="whole pool holds 32"):
+        gen(small, [[5] * 20], SamplingParams(max_tokens=20))
+
+
+def test_abort_frees_every_block(llm):
+    engine = llm.engine
+    for i, p in enumerate(varied_prompts(6, seed=16)):
+        engine.add_request(f"abort-{i}", None, SamplingParams(n=2, max_tokens=50, ignore_eos=True), prompt_token_ids=p)
+    for _ in range(3):
+        engine.step()
+    assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
+    for i in range(6):
+        assert engine.abort_request(f"abort-{i}")
+    assert_no_leaks(llm)
+
+
+def test_preemption_resumes_with_identical_output(tiny_llama):
+    prompts = varied_prompts(8, seed=17, low=20, high=40)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    roomy = LLM(str(tiny_llama), block_size=4, num_kv_blocks=1024)
+    tight = LLM(str(tiny_llama), block_size=4, num_kv_blocks=40)  # 160 slots for 8 sequences of up to 80 tokens
+    expected = [o.outputs[0].token_ids for o in gen(roomy, prompts, params)]
+    got = [o.outputs[0].token_ids for o in gen(tight, prompts, params)]
+    assert tight.engine.stats().num_preemptions > 0
+    assert got == expected
+    assert_no_leaks(tight)
+
+
+def test_incremental_detokenization_never_splits_utf8(smollm2_path):
+    from transformers import AutoTokenizer
+
+    from loom.engine.detokenizer import detokenize_next, new_state
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_path))
+    text = "Grüße aus Köln — 日本語のテキスト 🙂🚀 done."
+    ids = tok.encode(text, add_special_tokens=False)
+    state = new_state(tok.encode("Say:", add_special_tokens=False))
+    deltas = [detokenize_next(tok, state, t, skip_special_tokens=True) for t in ids]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == tok.decode(ids) and state.text == text
+
+
+def test_kv_waste_is_reported_below_a_block_per_sequence(llm):
+    gen(llm, varied_prompts(8, seed=18, low=50, high=90), SamplingParams(max_tokens=16, ignore_eos=True))
+    stats = llm.engine.stats()
+    assert 0 < stats.kv_waste_mean < 0.1
+    assert stats.num_generation_tokens > 0 and stats.num_prompt_tokens > 0
+
+
+@pytest.mark.slow
+def test_loom_chat_answers_capital_of_france():
+    proc = subprocess.run(
+        [sys.executable, "-m", "loom.cli", "chat", "--model", "smollm2", "--kv-cache-memory-gb", "0.25"],
+        input="What is the capital of France?\n", capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+def test_loom_generate_cli(tiny_llama):
+    proc = subprocess.run(
+        [sys.executable, "-m", "loom.cli", "generate", "--model", str(tiny_llama), "--max-tokens", "5", "--json", "Hello"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert '"finish_reason": "length"' in proc.stdout
