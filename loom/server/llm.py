@@ -1,0 +1,114 @@
+"""The LLM serve plugin: ``loom serve --model smollm2`` adds the OpenAI-compatible API to the one Loom app.
+
+    loom serve --model smollm2                    # http://127.0.0.1:8000/v1, /metrics, /health
+    curl 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}'
+
+Routes and their behaviour live in ``loom/server/openai/``; this module maps flags to an ``LLMServerConfig`` and
+wraps the async engine front as a ``Component`` (start = build the engine, stop = drain, then stop its thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter
+from prometheus_client import CollectorRegistry
+
+from loom.engine.config import EngineConfig
+from loom.server.component import ExtraServer
+from loom.server.openai.async_engine import AsyncLLMEngine
+from loom.server.openai.metrics import LLMMetrics
+from loom.server.openai.routes import build_routers
+from loom.server.openai.serving import ServingContext
+
+
+@dataclass(slots=True)
+class LLMServerConfig:
+    engine: EngineConfig
+    served_model_names: list[str] = field(default_factory=list)
+    """Names clients put in ``model``; empty: the --model value as given."""
+    api_key: str | None = None
+    max_waiting: int = 256
+    """Requests that may wait beyond the ``max_num_seqs`` running ones; one more gets 503 + Retry-After."""
+    drain_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if not self.served_model_names:
+            self.served_model_names = [self.engine.model]
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.engine.max_num_seqs + self.max_waiting
+
+
+class LLMComponent:
+    name = "llm"
+
+    def __init__(self, config: LLMServerConfig, registry: CollectorRegistry):
+        self.config = config
+        self.metrics = LLMMetrics(registry, config.served_model_names[0])
+        self.front = AsyncLLMEngine(config.engine, self.metrics, max_in_flight=config.max_in_flight)
+        self.context = ServingContext(self.front, list(config.served_model_names))
+
+    def routers(self) -> list[APIRouter]:
+        return build_routers(self.context, self.config.api_key)
+
+    async def start(self) -> None:
+        await self.front.start()
+
+    async def stop(self) -> None:
+        await self.front.shutdown(self.config.drain_timeout_s)
+
+    def health(self) -> dict:
+        stats = self.front.last_stats
+        return {
+            "ready": self.front.is_ready and not self.front.draining,
+            "model": self.context.model_name,
+            "in_flight": self.front.num_in_flight,
+            "running": stats.num_running if stats else 0,
+            "waiting": stats.num_waiting if stats else 0,
+            "kv_usage": round(stats.kv_usage, 4) if stats else 0.0,
+        }
+
+    def extra_servers(self) -> list[ExtraServer]:
+        return []
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    g = parser.add_argument_group("LLM (OpenAI-compatible API under /v1)")
+    g.add_argument("--model", default=None, metavar="NAME|PATH", help="catalogue name (smollm2) or a local HF folder; enables the LLM routes")
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME", help="name(s) clients use in 'model' (default: the --model value)")
+    g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"], help="weights and KV dtype (auto: float32 on CPU)")
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's context)")
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help=f"sequences in one step (default {d.max_num_seqs})")
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help=f"tokens in one step (default {d.max_num_batched_tokens})")
+    g.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV-cache pool size (default 4 GiB on CPU, 60%% of free GPU memory)")
+    g.add_argument("--block-size", type=int, default=d.block_size, help=f"tokens per KV block (default {d.block_size})")
+    g.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    g.add_argument("--attention-backend", default=d.attention_backend, choices=["auto", "torch", "cpp"])
+    g.add_argument("--seed", type=int, default=d.seed, help="seed for requests without one")
+    g.add_argument("--api-key", default=os.environ.get("LOOM_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1 (default $LOOM_API_KEY)")
+    g.add_argument("--max-waiting", type=int, default=256, help="requests allowed to wait beyond --max-num-seqs before 503 (default 256)")
+
+
+def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> LLMComponent | None:
+    if not getattr(args, "model", None):
+        return None
+    engine = EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+        kv_cache_memory_gb=args.kv_cache_memory_gb, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
+        attention_backend=args.attention_backend, seed=args.seed,
+    )  # fmt: skip
+    config = LLMServerConfig(engine, served_model_names=args.served_model_name or [], api_key=args.api_key,
+                             max_waiting=args.max_waiting)
+    return LLMComponent(config, registry)

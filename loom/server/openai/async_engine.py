@@ -1,0 +1,328 @@
+"""The async front over ``LLMEngine``: one engine thread owns every engine call; asyncio code only sends commands.
+
+    front = AsyncLLMEngine(EngineConfig(model="smollm2"), metrics)
+    await front.start()                                   # builds the engine in its thread
+    stream = await front.add_request("r1", prompt_ids, SamplingParams(max_tokens=8))   # ValueError -> HTTP 400
+    async for out in stream:                              # cumulative RequestOutput after each step
+        ...
+    await stream.close()                                  # aborts (frees the KV blocks) unless it finished
+
+The engine is not thread-safe and ``step()`` is blocking compute, so the engine thread loops: take every queued
+command (add / abort / stop), run one step if any request is unfinished, hand each request's output to its own
+asyncio queue with ``loop.call_soon_threadsafe``. With nothing to do it blocks on the command queue (no spinning).
+Every request that arrives while a step runs joins the next one: that is the continuous batching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from loom.engine.config import EngineConfig
+from loom.engine.outputs import RequestOutput
+from loom.engine.sampling_params import SamplingParams
+from loom.server.openai.metrics import LLMMetrics, RequestTimes
+
+log = logging.getLogger("loom.server.llm")
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full (or the server is draining): answer 503 with Retry-After."""
+
+
+class EngineDead(RuntimeError):
+    """The engine thread stopped (start-up failed or the server shut down)."""
+
+
+_ACCEPTED = object()
+
+
+@dataclass(slots=True)
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: RequestStream
+    times: RequestTimes
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_id: str
+
+
+class _Stop:
+    pass
+
+
+class RequestStream:
+    """One request's outputs, in order; iterate it, then ``close()`` (which aborts an unfinished request)."""
+
+    def __init__(self, front: AsyncLLMEngine, request_id: str):
+        self.request_id = request_id
+        self.finished = False
+        self._front = front
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._closed = False
+
+    def put(self, item) -> None:  # called on the event loop (via call_soon_threadsafe)
+        self._queue.put_nowait(item)
+
+    async def next_item(self):
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        while not self.finished:
+            out: RequestOutput = await self.next_item()
+            self.finished = out.finished
+            yield out
+
+    def close(self) -> None:
+        """Idempotent; aborts the request in the engine unless it finished."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.finished:
+            self._front.abort(self.request_id)
+        self._front._release()
+
+
+class AsyncLLMEngine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        metrics: LLMMetrics | None = None,
+        max_in_flight: int | None = None,
+        engine_factory: Callable | None = None,
+    ):
+        self.config = config
+        self.metrics = metrics
+        self.max_in_flight = max_in_flight
+        """Requests admitted at once (running + waiting); more get EngineOverloaded. None: no bound."""
+        self.engine = None
+        """The LLMEngine, built by (and only to be called from) the engine thread; tests may read it when idle."""
+        self.tokenizer = None
+        """A second tokenizer for the event loop (the engine's stays on the engine thread)."""
+        self.max_model_len = 0
+        self.num_in_flight = 0
+        self.last_stats = None
+        """The engine's EngineStats after its latest step or command batch."""
+        self.draining = False
+        self._factory = engine_factory
+        self._commands: queue.Queue = queue.Queue()
+        self._live: dict[str, tuple[RequestStream, RequestTimes]] = {}  # engine thread only
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: asyncio.Event | None = None
+        self._last_schedule = None  # the SchedulerOutput of the step being run
+
+    # --- event-loop side ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        ready: asyncio.Future = self._loop.create_future()
+        self._thread = threading.Thread(target=self._thread_main, args=(ready,), name="loom-llm-engine", daemon=True)
+        self._thread.start()
+        await ready
+        self.tokenizer = await asyncio.to_thread(_load_tokenizer, self.engine.model_path)
+
+    @property
+    def is_ready(self) -> bool:
+        return self.engine is not None and self._thread is not None and self._thread.is_alive()
+
+    async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                          arrival_time: float | None = None) -> RequestStream:
+        """Admit a request; raises EngineOverloaded (503), ValueError from the engine (400) or EngineDead."""
+        if not self.is_ready:
+            raise EngineDead("the LLM engine is not running")
+        if self.draining:
+            raise EngineOverloaded("the server is shutting down")
+        if self.max_in_flight is not None and self.num_in_flight >= self.max_in_flight:
+            raise EngineOverloaded(f"the waiting queue is full ({self.num_in_flight} requests in flight)")
+        self.num_in_flight += 1
+        self._idle.clear()
+        stream = RequestStream(self, request_id)
+        times = RequestTimes(arrival=arrival_time or time.time(), num_prompt_tokens=len(prompt_token_ids))
+        self._commands.put(_Add(request_id, prompt_token_ids, params, stream, times))
+        try:
+            accepted = await stream.next_item()
+        except BaseException:  # rejected by the engine, or the caller was cancelled while waiting
+            stream.close()
+            raise
+        assert accepted is _ACCEPTED
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    def _release(self) -> None:
+        self.num_in_flight -= 1
+        if self.num_in_flight == 0:
+            self._idle.set()
+
+    async def shutdown(self, drain_timeout: float = 60.0) -> None:
+        """Refuse new requests, let in-flight ones finish (up to drain_timeout), then stop the engine thread."""
+        self.draining = True
+        if self._idle is not None and self.num_in_flight:
+            log.info("draining %d in-flight LLM requests", self.num_in_flight)
+            try:
+                await asyncio.wait_for(self._idle.wait(), drain_timeout)
+            except TimeoutError:
+                log.warning("drain timed out; aborting %d requests", self.num_in_flight)
+        if self._thread is not None and self._thread.is_alive():
+            self._commands.put(_Stop())
+            await asyncio.to_thread(self._thread.join)
+
+    def _deliver(self, stream: RequestStream, item) -> None:
+        try:
+            self._loop.call_soon_threadsafe(stream.put, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    # --- engine thread --------------------------------------------------------------------------------------
+    def _thread_main(self, ready: asyncio.Future) -> None:
+        try:
+            self.engine = self._build_engine()
+            self.max_model_len = self.engine.max_model_len
+        except BaseException as exc:  # report start-up failures to start()
+            self._loop.call_soon_threadsafe(_set_exception, ready, exc)
+            return
+        self._loop.call_soon_threadsafe(_set_result, ready)
+        self._publish_stats()
+        try:
+            while self._take_commands(block=not self.engine.has_unfinished_requests()):
+                if self.engine.has_unfinished_requests():
+                    self._step()
+        finally:
+            self._fail_all(EngineDead("the LLM engine stopped"))
+
+    def _build_engine(self):
+        from loom.engine.llm_engine import LLMEngine
+
+        engine = (self._factory or LLMEngine)(self.config)
+        scheduler = engine.scheduler
+        schedule = scheduler.schedule
+
+        def recording_schedule():  # NOTE: wraps the instance's method to see each step's batch; no engine change
+            out = schedule()
+            self._last_schedule = out
+            return out
+
+        scheduler.schedule = recording_schedule
+        return engine
+
+    def _take_commands(self, block: bool) -> bool:
+        """Apply every queued command, waiting for the first one when ``block``; False once asked to stop."""
+        try:
+            command = self._commands.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            if isinstance(command, _Stop):
+                return False
+            self._apply(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+        self._publish_stats()
+        return True
+
+    def _apply(self, command) -> None:
+        if isinstance(command, _Abort):
+            entry = self._live.pop(command.request_id, None)
+            if entry is not None:
+                self.engine.abort_request(command.request_id)
+                entry[1].finished = time.time()
+                self._observe_finished(entry[1], "abort")
+            return
+        try:
+            self.engine.add_request(command.request_id, None, command.params,
+                                    prompt_token_ids=command.prompt_token_ids, arrival_time=command.times.arrival)
+        except ValueError as exc:
+            self._deliver(command.stream, exc)
+            return
+        self._live[command.request_id] = (command.stream, command.times)
+        self._deliver(command.stream, _ACCEPTED)
+
+    def _step(self) -> None:
+        started = time.time()
+        self._last_schedule = None
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # a failed step leaves requests in an unknown state: fail and drop them all
+            log.exception("engine step failed")
+            for request_id in list(self._live):
+                self.engine.abort_request(request_id)
+            self._fail_all(RuntimeError(f"engine step failed: {exc}"))
+            return
+        now = time.time()
+        self._observe_batch(started)
+        for out in outputs:
+            self._route(out, now)
+        self._publish_stats()
+
+    def _observe_batch(self, started: float) -> None:
+        out = self._last_schedule
+        if out is None or not out.chunks:
+            return
+        for chunk in out.chunks:
+            entry = self._live.get(chunk.seq.request_id)
+            if entry is not None and entry[1].first_scheduled is None:
+                entry[1].first_scheduled = started
+        if self.metrics is not None:
+            self.metrics.observe_step(out.num_batched_tokens, len(out.chunks))
+
+    def _route(self, out: RequestOutput, now: float) -> None:
+        entry = self._live.get(out.request_id)
+        if entry is None:
+            return
+        stream, times = entry
+        times.num_generation_tokens = sum(len(c.token_ids) for c in out.outputs)
+        if times.first_token is None and times.num_generation_tokens:
+            times.first_token = now
+        if out.finished:
+            del self._live[out.request_id]
+            times.finished = now
+            self._observe_finished(times, out.outputs[0].finish_reason or "stop")
+        self._deliver(stream, out)
+
+    def _observe_finished(self, times: RequestTimes, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_finished(times, reason)
+
+    def _publish_stats(self) -> None:
+        stats = self.engine.stats()
+        self.last_stats = stats  # read by /health on the event loop (one attribute store: atomic)
+        if self.metrics is not None:
+            self.metrics.update_stats(stats, self.engine.block_manager.num_free_blocks)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for stream, _ in self._live.values():
+            self._deliver(stream, exc)
+        self._live.clear()
+
+
+def _set_result(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+def _load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))

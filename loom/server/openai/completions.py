@@ -1,0 +1,87 @@
+"""POST /v1/completions: text (or token-id) prompts in, ``text_completion`` objects or SSE chunks out."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from loom.engine.outputs import CompletionOutput, RequestOutput
+from loom.server.openai.protocol import CompletionRequest
+from loom.server.openai.serving import (
+    SSE_HEADERS,
+    ServingContext,
+    close_all,
+    error_event,
+    finals_of,
+    merged,
+    new_id,
+    now_s,
+    sse,
+    unless_disconnected,
+    usage,
+)
+
+
+async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
+    ctx.check_model(req.model)
+    params = req.sampling_params()
+    prompts = [ctx.encode(p) if isinstance(p, str) else list(p) for p in req.prompts()]
+    echo = [ctx.front.tokenizer.decode(p) if req.echo else "" for p in prompts]
+    request_id, created = new_id("cmpl"), now_s()
+    streams = await ctx.open_streams(request_id, prompts, params, time.time())
+    head = {"id": request_id, "object": "text_completion", "created": created, "model": ctx.model_name}
+    if req.stream:
+        return StreamingResponse(_stream(ctx, req, streams, prompts, echo, head), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+    try:
+        return await unless_disconnected(_full(ctx, req, streams, prompts, echo, head), raw)
+    finally:
+        close_all(streams)
+
+
+async def _full(ctx, req: CompletionRequest, streams, prompts, echo, head) -> JSONResponse:
+    finals = await finals_of(streams)
+    choices = [
+        _choice(ctx, req, i * req.n + c.index, echo[i] + c.text, c, c.token_ids, c.logprobs, len(echo[i]))
+        for i, out in enumerate(finals)
+        for c in out.outputs
+    ]
+    body = {**head, "choices": choices, "usage": usage([len(p) for p in prompts], finals), "system_fingerprint": None}
+    return JSONResponse(body)
+
+
+def _choice(ctx, req, index: int, text: str, c: CompletionOutput, token_ids, logprobs, offset: int) -> dict:
+    lp = None
+    if req.logprobs is not None and logprobs is not None:
+        lp = ctx.strings.completion_logprobs(token_ids, logprobs, req.logprobs, offset)
+    return {"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+
+async def _stream(ctx, req: CompletionRequest, streams, prompts, echo, head):
+    sent: dict[tuple[int, int], tuple[int, int, bool]] = {}  # (prompt, completion) -> (chars, tokens, finished)
+    finals: list[RequestOutput | None] = [None] * len(streams)
+    extra = {"usage": None} if req.include_usage else {}
+    try:
+        async for i, out in merged(streams):
+            finals[i] = out
+            for c in out.outputs:
+                chars, toks, done = sent.get((i, c.index), (0, 0, False))
+                text, new_ids = c.text[chars:], c.token_ids[toks:]
+                wants_lp = req.logprobs is not None and bool(new_ids)
+                if done or not (text or c.finished or wants_lp):
+                    continue
+                prefix = echo[i] if (i, c.index) not in sent else ""
+                new_lps = c.logprobs[toks:] if c.logprobs is not None else None
+                choice = _choice(ctx, req, i * req.n + c.index, prefix + text, c, new_ids, new_lps, chars)
+                sent[(i, c.index)] = (len(c.text), len(c.token_ids), c.finished)
+                yield sse({**head, "choices": [choice], **extra})
+        if req.include_usage:
+            yield sse({**head, "choices": [], "usage": usage([len(p) for p in prompts], finals)})
+        yield sse("[DONE]")
+    except Exception as exc:  # mid-stream failure: an error event, then the end marker
+        yield error_event(exc)
+        yield sse("[DONE]")
+    finally:
+        close_all(streams)

@@ -1,0 +1,71 @@
+"""Log-probabilities in OpenAI's two shapes, with each token's decoded text and raw bytes.
+
+Byte-level BPE tokens (GPT-2 style, as SmolLM2 and Llama 3 use) map back to their exact bytes, so a token holding
+half of a UTF-8 character reports its real bytes and ``"\\ufffd"`` as text; other tokenizers fall back to decode.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = keep[:]
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+_BYTE_DECODER = {ch: b for b, ch in _bytes_to_unicode().items()}
+
+
+class TokenStrings:
+    """Decoded text and bytes of single token ids, cached."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.bytes = functools.lru_cache(maxsize=65536)(self._bytes)
+
+    def _bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str) and piece and all(ch in _BYTE_DECODER for ch in piece):
+            return bytes(_BYTE_DECODER[ch] for ch in piece)
+        return self.tokenizer.decode([token_id]).encode("utf-8")
+
+    def text(self, token_id: int) -> str:
+        return self.bytes(token_id).decode("utf-8", errors="replace")
+
+    # --- chat: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]} -----------------------------
+    def chat_entries(self, token_ids: list[int], logprobs: list[dict[int, float]], top: int) -> list[dict]:
+        return [self._chat_entry(t, lp, top) for t, lp in zip(token_ids, logprobs)]
+
+    def _chat_entry(self, token_id: int, logprobs: dict[int, float], top: int) -> dict:
+        ranked = sorted(logprobs.items(), key=lambda kv: -kv[1])[:top]
+        return {
+            **self._one(token_id, logprobs[token_id]),
+            "top_logprobs": [self._one(t, lp) for t, lp in ranked],
+        }
+
+    def _one(self, token_id: int, logprob: float) -> dict:
+        raw = self.bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": max(logprob, -9999.0), "bytes": list(raw)}
+
+    # --- completions: {"tokens", "token_logprobs", "top_logprobs", "text_offset"} ------------------------------
+    def completion_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]], top: int,
+                            text_offset: int = 0) -> dict:
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for token_id, lp in zip(token_ids, logprobs):
+            text = self.text(token_id)
+            tokens.append(text)
+            token_lps.append(max(lp[token_id], -9999.0))
+            ranked = sorted(lp.items(), key=lambda kv: -kv[1])[:top]
+            tops.append({self.text(t): max(v, -9999.0) for t, v in ranked} if top else None)
+            offsets.append(text_offset)
+            text_offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}

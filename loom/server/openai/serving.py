@@ -1,0 +1,176 @@
+"""What the completion and chat handlers share: model-name check, admission, streams per prompt, SSE framing,
+usage, and the watch that aborts a non-streaming request whose client went away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+
+from fastapi import Request, Response
+
+from loom.engine.outputs import RequestOutput
+from loom.engine.sampling_params import SamplingParams
+from loom.server.openai.async_engine import AsyncLLMEngine, EngineDead, EngineOverloaded, RequestStream
+from loom.server.openai.errors import OpenAIError, from_value_error
+from loom.server.openai.logprobs import TokenStrings
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(slots=True)
+class ServingContext:
+    front: AsyncLLMEngine
+    model_names: list[str]
+    """Names accepted in ``model``; the first is the one reported."""
+    retry_after_s: int = 1
+    _strings: TokenStrings | None = field(default=None)
+
+    @property
+    def model_name(self) -> str:
+        return self.model_names[0]
+
+    @property
+    def strings(self) -> TokenStrings:
+        if self._strings is None:
+            self._strings = TokenStrings(self.front.tokenizer)
+        return self._strings
+
+    def check_model(self, name: str) -> None:
+        if name not in self.model_names:
+            raise OpenAIError(404, f"The model `{name}` does not exist. This server serves: {', '.join(self.model_names)}",
+                              param="model", code="model_not_found")
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.front.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        tok = self.front.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise OpenAIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    async def open_streams(self, base_id: str, prompts: list[list[int]], params: SamplingParams,
+                           arrival: float) -> list[RequestStream]:
+        """Admit one engine request per prompt; all or none (a later rejection closes the earlier ones)."""
+        streams: list[RequestStream] = []
+        try:
+            for i, ids in enumerate(prompts):
+                streams.append(await self.front.add_request(f"{base_id}-{i}", ids, params, arrival))
+        except BaseException as exc:
+            for s in streams:
+                s.close()
+            raise self._translate(exc) from exc
+        return streams
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, EngineOverloaded):
+            self.count_rejection()
+            return OpenAIError(503, f"{exc}; retry later", code="server_overloaded",
+                               headers={"Retry-After": str(self.retry_after_s)})
+        if isinstance(exc, EngineDead):
+            return OpenAIError(503, str(exc), code="engine_unavailable", headers={"Retry-After": "5"})
+        if isinstance(exc, ValueError):
+            return from_value_error(exc)
+        return exc
+
+    def count_rejection(self) -> None:
+        if self.front.metrics is not None:
+            self.front.metrics.rejected.inc()
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def usage(prompt_lens: list[int], finals: list[RequestOutput], n: int = 1) -> dict:
+    prompt_tokens = sum(prompt_lens)
+    completion_tokens = sum(len(c.token_ids) for out in finals for c in out.outputs)
+    cached = sum(out.num_cached_tokens for out in finals)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) from every stream as they come."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+        except BaseException as exc:  # forwarded to the consumer
+            queue.put_nowait((i, exc))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def finals_of(streams: list[RequestStream]) -> list[RequestOutput]:
+    """Run every stream to its end; the last (finished) output of each, in prompt order."""
+    last: list[RequestOutput | None] = [None] * len(streams)
+    async for i, out in merged(streams):
+        last[i] = out
+    return last  # type: ignore[return-value]
+
+
+async def unless_disconnected(work: Awaitable, request: Request, poll_s: float = 0.5):
+    """Await ``work``; if the client disconnects first, cancel it (its finally aborts the engine requests)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                return Response(status_code=499)
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def error_event(exc: BaseException) -> str:
+    if isinstance(exc, OpenAIError):
+        return sse(exc.body())
+    return sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
+
+
+def close_all(streams: list[RequestStream]) -> None:
+    for s in streams:
+        s.close()

@@ -1,0 +1,92 @@
+"""Fixtures: a real uvicorn server (in a thread, on a free loopback port) over a tiny random Llama."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import uvicorn
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from loom.engine.config import EngineConfig
+from loom.server.app import build_app
+from loom.server.llm import LLMComponent, LLMServerConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    component: LLMComponent
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample on /metrics as {name{labels}: value}, with the model_name label dropped."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        values = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
+                values[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return values
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "server thread did not stop"
+
+
+def start_server(config: LLMServerConfig, timeout: float = 120.0) -> RunningServer:
+    registry = CollectorRegistry()
+    component = LLMComponent(config, registry)
+    app = build_app([component], registry)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    return RunningServer(f"http://127.0.0.1:{port}", component, server, thread)
+
+
+def tiny_config(model_path, **overrides) -> LLMServerConfig:
+    engine_keys = {"num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"}
+    engine = EngineConfig(model=str(model_path), **{k: v for k, v in overrides.items() if k in engine_keys})
+    rest = {k: v for k, v in overrides.items() if k not in engine_keys}
+    return LLMServerConfig(engine, served_model_names=rest.pop("served_model_names", ["tiny"]), **rest)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_llama):
+    """One shared server over the tiny model: served as 'tiny', 256 KV blocks of 16 tokens."""
+    server = start_server(tiny_config(tiny_llama, num_kv_blocks=256, max_num_seqs=32))
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def client(tiny_server):
+    import openai
+
+    with openai.OpenAI(base_url=tiny_server.base_url, api_key="unused", max_retries=0, timeout=60) as c:
+        yield c
