@@ -191,7 +191,12 @@ def main() -> int:
                "model": args.model, "params": params, "machine": machine(), "backends": {}}  # fmt: skip
     for name in args.backend.split(","):
         peak = matmul_peak_gflops(device=device, dtype=peak_dtype, size=2048 if device == "cpu" else 8192)
-        r = BACKENDS[name](model_path, w, args)
+        try:
+            r = BACKENDS[name](model_path, w, args)
+        except Exception as exc:  # a peer that fails (missing API, OOM) must not lose the others' figures
+            print(f"{name}: failed: {type(exc).__name__}: {exc}", flush=True)
+            results["backends"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
         total = w.num_prompt_tokens + w.num_output_tokens
         r.update(
             requests_per_s=args.num_prompts / r["elapsed_s"],
@@ -209,7 +214,8 @@ def main() -> int:
             f"{peak:.1f} peak ({r['fraction_of_peak']:.0%}), {r['elapsed_s']:.1f} s{extra}",
             flush=True,
         )
-    b = results["backends"]
+        write_json(args.out, results)
+    b = {k: v for k, v in results["backends"].items() if "error" not in v}
     if "loom" in b:
         ratios = {k: b["loom"]["output_tokens_per_s"] / v["output_tokens_per_s"] for k, v in b.items() if k != "loom"}
         results["loom_speedup_output_tokens"] = ratios

@@ -1,6 +1,6 @@
 // Fused paged-attention decode for CPU (float32): one query token per sequence, keys and values read straight
-// from the block-paged cache, no gather copy. Work items are (sequence, KV head); the G = H / Hkv query heads of
-// a group share each key/value row they read. Checked against loom.ops.attention.decode_attention_reference.
+// from the block-paged cache, no gather copy, each cache row read once for all heads (GQA: query head h reads
+// KV head h / G). Checked against loom.ops.attention.decode_attention_reference.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -75,23 +75,25 @@ torch::Tensor paged_decode(
   const float s = static_cast<float>(scale);
   const int64_t row = HKV * D;  // stride between consecutive token slots
 
-  at::parallel_for(0, B * HKV, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(G * std::max<int64_t>(MB * BS, 1));
-    std::vector<float> acc(G * D);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / HKV, h = item % HKV;
+  // One work item per sequence: its K/V blocks are read front to back once, all heads of a token together.
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(H * std::max<int64_t>(MB * BS, 1));
+    for (int64_t b = begin; b < end; ++b) {
       const int64_t len = sl[b];
-      const float* qg = qp + (b * H + h * G) * D;  // the group's G queries, [G, D]
-      // Pass 1: scaled scores [G, len] and each query's max.
+      const float* qb = qp + b * H * D;  // [H, D]
+      float* ob = op + b * H * D;
+      // Pass 1: scaled scores [H, len].
       for (int64_t t0 = 0; t0 < len; t0 += BS) {
-        const float* blk = kp + static_cast<int64_t>(bt[b * MB + t0 / BS]) * BS * row + h * D;
+        const float* blk = kp + static_cast<int64_t>(bt[b * MB + t0 / BS]) * BS * row;
         const int64_t n = std::min(BS, len - t0);
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t g = 0; g < G; ++g) scores[g * len + t0 + i] = dot(qg + g * D, blk + i * row, D) * s;
+        for (int64_t i = 0; i < n; ++i) {
+          const float* k = blk + i * row;
+          for (int64_t hq = 0; hq < H; ++hq) scores[hq * len + t0 + i] = dot(qb + hq * D, k + (hq / G) * D, D) * s;
+        }
       }
-      // Softmax per query.
-      for (int64_t g = 0; g < G; ++g) {
-        float* sc = scores.data() + g * len;
+      // Softmax per head.
+      for (int64_t hq = 0; hq < H; ++hq) {
+        float* sc = scores.data() + hq * len;
         float mx = -INFINITY;
         for (int64_t t = 0; t < len; ++t) mx = std::max(mx, sc[t]);
         float sum = 0.f;
@@ -102,16 +104,16 @@ torch::Tensor paged_decode(
         const float inv = 1.f / sum;
         for (int64_t t = 0; t < len; ++t) sc[t] *= inv;
       }
-      // Pass 2: weighted sum of values.
-      std::fill(acc.begin(), acc.end(), 0.f);
+      // Pass 2: out[h] = sum_t p[h, t] * v[t, h / G].
+      std::fill(ob, ob + H * D, 0.f);
       for (int64_t t0 = 0; t0 < len; t0 += BS) {
-        const float* blk = vp + static_cast<int64_t>(bt[b * MB + t0 / BS]) * BS * row + h * D;
+        const float* blk = vp + static_cast<int64_t>(bt[b * MB + t0 / BS]) * BS * row;
         const int64_t n = std::min(BS, len - t0);
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * D, scores[g * len + t0 + i], blk + i * row, D);
+        for (int64_t i = 0; i < n; ++i) {
+          const float* v = blk + i * row;
+          for (int64_t hq = 0; hq < H; ++hq) axpy(ob + hq * D, scores[hq * len + t0 + i], v + (hq / G) * D, D);
+        }
       }
-      float* o = op + (b * H + h * G) * D;
-      std::copy(acc.begin(), acc.end(), o);
     }
   });
   return out;

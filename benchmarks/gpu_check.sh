@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Every GPU check in one pass, for a lent H100/H200 (Python 3.12 with torch and transformers, no registry).
+# The packaged SmolLM2 weights cannot travel, so a random-weight model with SmolLM2-135M's exact architecture and
+# its real tokenizer stands in. Carry: .whl (diffusers and its pure-Python needs) and .device_carry (tokenizer).
+#   bash benchmarks/gpu_check.sh            (OUT=folder for logs and JSON; default /tmp/loom-gpu)
+set -u
+OUT=${OUT:-/tmp/loom-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site:. HF_HUB_OFFLINE=1 LOOM_HOME=/tmp/loom-home PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+python3 benchmarks/random_smollm2.py --tokenizer .device_carry/smollm2-tokenizer
+echo "== parity on CUDA, bfloat16"
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
+echo "== throughput, bfloat16, SmolLM2-135M architecture (random weights)"
+timeout 240 python3 benchmarks/throughput.py --backend loom,hf,hf-cb --out "$OUT/throughput_gpu.json" 2>&1 \
+  | grep -vE "Warning|warn" | tail -8
+echo "== images, SD-1.5-sized UNet 512x512"
+timeout 170 python3 benchmarks/images.py --cuda --budget-s 110 --out-dir "$OUT" 2>&1 | tail -8
+echo "== done"
