@@ -1,0 +1,165 @@
+"""The OpenAI-compatible API driven by the official ``openai`` client against a real uvicorn server (tiny model)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+
+MESSAGES = [{"role": "user", "content": "Name three colours."}]
+
+
+def _chat(client, **kw):
+    return client.chat.completions.create(model="tiny", messages=MESSAGES, **kw)
+
+
+def test_models_lists_the_served_name(client, tiny_server):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert models.data[0].max_model_len == 1024
+
+
+def test_completion_usage_and_length_finish(client, tiny_server):
+    prompt = "The quick brown fox"
+    expected_prompt = httpx.post(f"{tiny_server.url}/tokenize", json={"prompt": prompt}).json()["count"]
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=7, temperature=0, extra_body={"ignore_eos": True})
+    assert out.object == "text_completion" and out.id.startswith("cmpl-") and out.created > 0
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.prompt_tokens == expected_prompt
+    assert out.usage.completion_tokens == 7
+    assert out.usage.total_tokens == expected_prompt + 7
+    ids = httpx.post(f"{tiny_server.url}/tokenize", json={"prompt": out.choices[0].text}).json()["tokens"]
+    assert 1 <= len(ids) <= 14  # the text re-tokenizes to a similar count (merges may differ)
+
+
+def test_streaming_completion_matches_non_streaming(client):
+    kw = dict(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw).choices[0].text
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_chat_stream_matches_non_stream_and_has_openai_shape(client):
+    full = _chat(client, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    assert full.object == "chat.completion" and full.id.startswith("chatcmpl-")
+    assert full.choices[0].message.role == "assistant" and full.choices[0].finish_reason == "length"
+    chunks = list(_chat(client, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True},
+                        extra_body={"ignore_eos": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == full.choices[0].message.content
+    last_choice = [c for c in chunks if c.choices][-1].choices[0]
+    assert last_choice.finish_reason == "length" and last_choice.delta.content is None
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].usage.completion_tokens == 10
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_raw_sse_ends_with_done(tiny_server):
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{tiny_server.base_url}/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert '"finish_reason":' in lines[-2] and '"finish_reason":null' not in lines[-2]
+
+
+def test_n2_gives_two_choices_and_counts_both(client):
+    out = _chat(client, n=2, max_tokens=6, temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in out.choices) == [0, 1]
+    assert out.choices[0].message.content != out.choices[1].message.content
+    assert out.usage.completion_tokens == 12
+    stream = list(_chat(client, n=2, max_tokens=6, temperature=1.0, seed=7, stream=True, extra_body={"ignore_eos": True}))
+    texts = ["", ""]
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == [c.message.content for c in sorted(out.choices, key=lambda c: c.index)]
+
+
+def test_seed_reproduces_and_differs(client):
+    a = _chat(client, max_tokens=8, temperature=1.0, seed=1234).choices[0].message.content
+    b = _chat(client, max_tokens=8, temperature=1.0, seed=1234).choices[0].message.content
+    c = _chat(client, max_tokens=8, temperature=1.0, seed=4321).choices[0].message.content
+    assert a == b
+    assert a != c
+
+
+def test_stop_string_cuts_the_text(client):
+    kw = dict(model="tiny", prompt="A B C", temperature=0, extra_body={"ignore_eos": True})
+    text = client.completions.create(max_tokens=16, **kw).choices[0].text
+    words = text.split()
+    stop = next(w for w in words[1:] if len(w) >= 3)  # a word after the first one
+    out = client.completions.create(max_tokens=16, stop=[stop], **kw).choices[0]
+    assert out.finish_reason == "stop"
+    assert out.text == text[: text.index(stop)]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(max_tokens=16, stop=stop, stream=True, **kw))
+    assert streamed == out.text  # the held-back text never leaks part of the stop string
+
+
+def test_chat_logprobs_have_tokens_bytes_and_sorted_top(client):
+    out = _chat(client, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    entries = out.choices[0].logprobs.content
+    assert len(entries) == out.usage.completion_tokens == 6
+    joined = b"".join(bytes(e.bytes) for e in entries).decode("utf-8", errors="replace")
+    assert joined == out.choices[0].message.content
+    for e in entries:
+        assert len(e.top_logprobs) == 3
+        tops = [t.logprob for t in e.top_logprobs]
+        assert tops == sorted(tops, reverse=True)
+        assert e.top_logprobs[0].token == e.token and e.logprob == pytest.approx(tops[0])  # greedy
+
+
+def test_completion_logprobs_match_transformers(client, tiny_llama, tiny_server):
+    from transformers import AutoModelForCausalLM
+
+    prompt_ids = httpx.post(f"{tiny_server.url}/tokenize", json={"prompt": "Paris is the capital of"}).json()["tokens"]
+    out = client.completions.create(model="tiny", prompt=prompt_ids, max_tokens=1, temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt_ids])).logits[0, -1], dim=-1)  # [V]
+    values, ids = ref.topk(2)
+    tok = client_tokenizer(tiny_llama)
+    expected_tokens = [tok.decode([i]) for i in ids.tolist()]
+    assert lp.tokens[0] == expected_tokens[0]
+    assert lp.token_logprobs[0] == pytest.approx(values[0].item(), abs=1e-4)
+    assert list(lp.top_logprobs[0]) == expected_tokens
+    assert list(lp.top_logprobs[0].values()) == pytest.approx(values.tolist(), abs=1e-4)
+
+
+def client_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def test_token_id_prompts_and_prompt_lists(client):
+    out = client.completions.create(model="tiny", prompt=["one", "two"], n=2, max_tokens=3, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    assert out.usage.completion_tokens == 12
+    by_prompt = {c.index: c.text for c in out.choices}
+    assert by_prompt[0] == by_prompt[1] and by_prompt[2] == by_prompt[3]  # greedy: both completions agree
+
+
+def test_tokenize_detokenize_roundtrip(tiny_server):
+    ids = httpx.post(f"{tiny_server.url}/tokenize", json={"prompt": "hello world"}).json()["tokens"]
+    assert httpx.post(f"{tiny_server.url}/detokenize", json={"tokens": ids}).json() == {"prompt": "hello world"}
+    chat = httpx.post(f"{tiny_server.url}/tokenize", json={"messages": MESSAGES}).json()
+    assert chat["count"] == len(chat["tokens"]) > len(ids)
+    bad = httpx.post(f"{tiny_server.url}/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_extra_sampling_fields_are_honoured(client):
+    out = _chat(client, max_tokens=5, temperature=0.8, seed=3,
+                extra_body={"top_k": 1, "min_tokens": 5, "repetition_penalty": 1.1, "min_p": 0.0})
+    greedy = _chat(client, max_tokens=5, temperature=0, extra_body={"repetition_penalty": 1.1, "min_tokens": 5})
+    assert out.choices[0].message.content == greedy.choices[0].message.content  # top_k=1 is greedy
+    assert out.usage.completion_tokens == 5
