@@ -4,11 +4,14 @@ the model itself in-process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import socket
 import statistics
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 
@@ -36,7 +39,30 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
     raise RuntimeError(f"{url} did not answer 200 within {timeout} s")
 
 
+def start_server(cmd: list[str], log, **kwargs) -> subprocess.Popen:
+    """Start a server in its own session, its scheduling group niced like this process.
+
+    NOTE: with autogroup scheduling (on here) the kernel shares CPU between sessions, not processes, and `nice`
+    only ranks processes inside a session. A server left in the benchmark's session shares one share with the
+    load client; one in a new session gets a full share. Every server therefore gets its own session, with the
+    group nice of the benchmark's own session (so no server is favoured over the others or over the client).
+    """
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+    with contextlib.suppress(OSError, ValueError):
+        Path(f"/proc/{proc.pid}/autogroup").write_text(str(own_group_nice()))
+    return proc
+
+
+def own_group_nice() -> int:
+    """The nice of this process's scheduling group ("/autogroup-2 nice 0" → 0); 0 without autogroup."""
+    try:
+        return int(Path("/proc/self/autogroup").read_text().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def stop_process(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM the server (it drains), then kill whatever is left of its session."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -44,6 +70,8 @@ def stop_process(proc: subprocess.Popen, grace: float = 30.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def workload(seed: int = 0, count: int = 512) -> tuple[list[str], list[bytes]]:

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -32,7 +33,16 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _serving import cpu_count, free_port, measure, model_time_ms, stop_process, wait_http, workload  # noqa: E402
+from _serving import (  # noqa: E402
+    cpu_count,
+    free_port,
+    measure,
+    model_time_ms,
+    start_server,
+    stop_process,
+    wait_http,
+    workload,
+)
 
 from loom.batching.handlers.embedding import default_model_dir  # noqa: E402
 
@@ -49,7 +59,7 @@ def loom_server(batch: int, workers: int, delay_ms: float, threads: int, workdir
            "--port", str(port), "--management-port", str(free_port()), "--management-token", "bench",
            "--max-queue-size", "1024", "--log-level", "warning"]
     log = open(workdir / f"loom-{batch}-{workers}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = start_server(cmd, log, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", 180, proc)
         yield f"http://127.0.0.1:{port}/predictions/minilm"
@@ -99,9 +109,9 @@ class MiniLMHandler(BaseHandler):
 
 @contextlib.contextmanager
 def torchserve_server(batch: int, workers: int, delay_ms: float, threads: int, workdir: Path):
-    home = workdir / f"ts-{batch}-{workers}"
+    home = Path(tempfile.mkdtemp(prefix=f"ts-{batch}-{workers}-", dir=workdir))
     store = home / "store"
-    store.mkdir(parents=True)
+    store.mkdir()
     (home / "handler.py").write_text(TS_HANDLER.format(model_dir=str(default_model_dir()), threads=threads))
     subprocess.run([str(BIN / "torch-model-archiver"), "--model-name", "minilm", "--version", "1.0", "--handler",
                     str(home / "handler.py"), "--export-path", str(store), "--force"], check=True, cwd=home)
@@ -121,7 +131,7 @@ def torchserve_server(batch: int, workers: int, delay_ms: float, threads: int, w
              "--model-store", str(store), "--ts-config", str(home / "config.properties"), "--foreground"]
     # NOTE: never pipe torchserve's output (the JVM keeps the pipe open); --foreground lets us own the process.
     log = open(home / "torchserve.log", "w")
-    proc = subprocess.Popen(start, stdout=log, stderr=subprocess.STDOUT, cwd=home, env=env)
+    proc = start_server(start, log, cwd=home, env=env)
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", 240, proc)
         params = {"url": "minilm.mar", "model_name": "minilm", "batch_size": batch, "max_batch_delay": int(delay_ms),
@@ -190,28 +200,13 @@ def litserve_server(batch: int, workers: int, delay_ms: float, threads: int, wor
                                        delay_s=delay_ms / 1000, workers=workers, port=port))
     log = open(workdir / f"litserve-{batch}-{workers}.log", "w")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env,
-                            start_new_session=True)
+    proc = start_server([sys.executable, str(script)], log, cwd=workdir, env=env)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 180, proc)
         yield f"http://127.0.0.1:{port}/predict"
     finally:
-        _stop_group(proc)
+        stop_process(proc)
         log.close()
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """LitServe starts its own worker processes; stop the whole session we started it in."""
-    import signal
-
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 PEERS = {
@@ -241,16 +236,20 @@ def run_setting(peers: list[str], batch: int, workers: int, args, payloads: list
     for r in range(args.rounds):
         for peer in peers[r % len(peers):] + peers[:r % len(peers)]:
             t0 = time.monotonic()
-            with PEERS[peer][0](batch, workers, args.max_batch_delay, threads, workdir) as url:
-                started_s = time.monotonic() - t0
-                row = measure(url, payloads, args.concurrency, args.duration, args.warmup, args.lone_requests)
+            try:
+                with PEERS[peer][0](batch, workers, args.max_batch_delay, threads, workdir) as url:
+                    started_s = time.monotonic() - t0
+                    row = measure(url, payloads, args.concurrency, args.duration, args.warmup, args.lone_requests)
+            except Exception as exc:  # noqa: BLE001 - one peer failing must not lose the others' figures
+                print(f"  round {r} {peer}: failed, {exc}", flush=True)
+                continue
             row.update(peer=peer, batch_size=batch, workers=workers, threads=threads, round=r, startup_s=round(started_s, 1))
             extra = f" (overhead {row['lone_overhead_p50_ms']:.2f} ms)" if row["lone_overhead_p50_ms"] is not None else ""
             print(f"  round {r} {peer:10s} batch {batch:>3} x {workers} workers: {row['requests_per_s']:8.1f} req/s  "
                   f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  lone p50 {row['lone_p50_ms']:.2f} ms"
                   f"{extra}  errors {row['errors']}", flush=True)
             rounds[peer].append(row)
-    return {peer: _median_row(rows) for peer, rows in rounds.items()}
+    return {peer: _median_row(rows) for peer, rows in rounds.items() if rows}
 
 
 def _median_row(rows: list[dict]) -> dict:
@@ -276,6 +275,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/vs_peers.json")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the servers' clean-ups on the way out
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
     args.workers = [int(x) for x in args.workers.split(",")]
     texts, payloads = workload(args.seed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -127,7 +128,12 @@ class _server:
         cmd = [sys.executable, "-m", "loom.cli", "serve", "--model-server", "--port", str(port), "--management-port",
                str(mport), "--management-token", token, "--log-level", "warning"]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        self.proc = subprocess.Popen(cmd, env=env)
+        # Its own session, as a deployed server would be: with autogroup scheduling the kernel shares CPU between
+        # sessions, so a server in the client's session would split one share with the load client.
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        with contextlib.suppress(OSError, ValueError, IndexError):  # the same group priority as our own session
+            nice = Path("/proc/self/autogroup").read_text().split()[-1]
+            Path(f"/proc/{self.proc.pid}/autogroup").write_text(nice)
         url = f"http://127.0.0.1:{port}"
         _wait_ready(self.proc, url)
         return url, f"http://127.0.0.1:{mport}", token
