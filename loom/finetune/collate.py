@@ -65,16 +65,18 @@ def pad_collate(examples: list[dict], pad_id: int) -> Batch:
     return Batch(input_ids, labels, attention, position_ids, int(attention.sum()))
 
 
-def plan_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """First-fit-decreasing bin packing of example indices into rows of at most ``max_tokens`` tokens.
+def plan_rows(lengths: list[int], max_tokens: int, decreasing: bool = True) -> list[list[int]]:
+    """First-fit(-decreasing) bin packing of example indices into rows of at most ``max_tokens`` tokens.
 
-    Deterministic: ties keep the input order, so a shuffled index order gives a seeded packing.
+    Deterministic: ties keep the input order, so a shuffled index order gives a seeded packing. ``decreasing=False``
+    keeps the given order (rows mix examples of all lengths, so tasks of different lengths share a row).
     """
     if any(n > max_tokens for n in lengths):
         raise ValueError(f"an example has {max(lengths)} tokens but rows hold {max_tokens}; truncate to max_length")
     rows: list[list[int]] = []
     room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if decreasing else range(len(lengths))
+    for i in order:
         slot = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
         if slot is None:
             rows.append([i])

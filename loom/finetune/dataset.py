@@ -60,11 +60,16 @@ def micro_batch_plan(
     lengths: list[int], *, batch_size: int, packing: bool, max_length: int, seed: int, epoch: int
 ) -> list[list[list[int]]]:
     """One epoch's micro-batches. Padded: ``batch_size`` examples each (one per row). Packed: examples shuffled,
-    packed into rows of ``max_length`` tokens, ``batch_size`` rows per micro-batch."""
+    packed first-fit in that order into rows of ``max_length`` tokens, ``batch_size`` rows per micro-batch.
+
+    NOTE: first-fit in shuffled order rather than first-fit-decreasing: sorting by length would fill each row with
+    examples of one length, often one task, and make every step's gradient lopsided; with rows much longer than
+    the examples the density is nearly the same.
+    """
     order = list(range(len(lengths)))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     if packing:
-        rows = [[order[i] for i in row] for row in plan_rows([lengths[i] for i in order], max_length)]
+        rows = [[order[i] for i in row] for row in plan_rows([lengths[i] for i in order], max_length, decreasing=False)]
         random.Random(seed * 1_000_003 + epoch + 1).shuffle(rows)
     else:
         rows = [[i] for i in order]

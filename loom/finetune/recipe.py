@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -36,9 +37,25 @@ def load_model(path: str | Path, device: torch.device, gradient_checkpointing: b
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_checkpointing(model)
     return model.to(device), tokenizer
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward (transformers 5 renamed gradient -> activation checkpointing)."""
+    kwargs = {"use_reentrant": False}  # non-reentrant: works with frozen embeddings (LoRA) without input grads
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+def auto_threads() -> int:
+    """Cores not already busy (1-minute load average), at least 1: oversubscribed OpenMP threads stall each other."""
+    cores = os.cpu_count() or 1
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, min(cores, cores - busy))
 
 
 def seed_everything(seed: int) -> None:
@@ -65,8 +82,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     """Run the whole recipe; returns the summary also written to ``output/loom_finetune.json``."""
     from loom.models.catalogue import resolve_model
 
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    torch.set_num_threads(cfg.num_threads or auto_threads())
+    log.info("torch threads: %d", torch.get_num_threads())
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     model_path = resolve_model(cfg.model)

@@ -159,13 +159,14 @@ class Trainer:
             keep=self.cfg.keep_checkpoints,
         )
 
-    def fit(self) -> TrainResult:
+    def fit(self, stop_at: int | None = None) -> TrainResult:
+        """Train to ``total_steps`` (or stop after step ``stop_at``, e.g. to time-box a run; resume continues)."""
         start = self._resume()
         stream = self.micro_batches(skip=start * self.cfg.grad_accum)
         result = TrainResult(steps=start)
         bar = _progress(self.cfg.progress, self.total_steps, start)
         t0 = time.perf_counter()
-        for step in range(start, self.total_steps):
+        for step in range(start, min(self.total_steps, stop_at or self.total_steps)):
             stats = self.train_step([next(stream) for _ in range(self.cfg.grad_accum)])
             result.steps = step + 1
             result.losses.append(stats.loss)

@@ -61,6 +61,7 @@ def test_block_causal_mask_matches_loops():
 
 def test_plan_rows_first_fit_decreasing():
     assert plan_rows([5, 3, 4, 2, 6], max_tokens=8) == [[4, 3], [0, 1], [2]]
+    assert plan_rows([5, 3, 4, 2, 6], max_tokens=8, decreasing=False) == [[0, 1], [2, 3], [4]]
     with pytest.raises(ValueError, match="truncate"):
         plan_rows([9], max_tokens=8)
 
