@@ -172,8 +172,11 @@ def main() -> int:
     ap.add_argument("--kv-cache-memory-gb", type=float, default=None)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--hf-batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", default="results/throughput.json")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from loom.models.catalogue import resolve_model
 

@@ -33,6 +33,27 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+// Sum each of 8 vectors into one lane of the result: r[j] = sum(v[j]).
+inline __m256 hsum8(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 v4, __m256 v5, __m256 v6, __m256 v7) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));  // lanes: 0123|0123
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v4, v5), _mm256_hadd_ps(v6, v7));  // lanes: 4567|4567
+  const __m256 lo = _mm256_permute2f128_ps(a, b, 0x20), hi = _mm256_permute2f128_ps(a, b, 0x31);
+  return _mm256_add_ps(lo, hi);
+}
+
+// scores[j] = scale * dot(q, k + j * stride) for 8 rows, D a multiple of 8 (q stays in registers across rows).
+inline void dot8(const float* q, const float* k, int64_t stride, int64_t D, float scale, float* scores) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * stride + d), acc[j]);
+  }
+  const __m256 r = hsum8(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]);
+  _mm256_storeu_ps(scores, _mm256_mul_ps(r, _mm256_set1_ps(scale)));
+}
+constexpr bool kHaveDot8 = true;
+
 inline void axpy(float* y, float alpha, const float* x, int64_t n) {
   const __m256 va = _mm256_set1_ps(alpha);
   int64_t d = 0;
@@ -40,6 +61,9 @@ inline void axpy(float* y, float alpha, const float* x, int64_t n) {
   for (; d < n; ++d) y[d] += alpha * x[d];
 }
 #else
+inline void dot8(const float*, const float*, int64_t, int64_t, float, float*) {}
+constexpr bool kHaveDot8 = false;
+
 inline float dot(const float* a, const float* b, int64_t n) {
   float sum = 0.f;
   for (int64_t d = 0; d < n; ++d) sum += a[d] * b[d];
@@ -82,14 +106,19 @@ torch::Tensor paged_decode(
       const int64_t len = sl[b];
       const float* qb = qp + b * H * D;  // [H, D]
       float* ob = op + b * H * D;
-      // Pass 1: scaled scores [H, len].
+      // Pass 1: scaled scores [H, len]; each K block is read once, 8 rows at a time for every head.
+      const bool fast = kHaveDot8 && D % 8 == 0 && BS % 8 == 0;
       for (int64_t t0 = 0; t0 < len; t0 += BS) {
         const float* blk = kp + static_cast<int64_t>(bt[b * MB + t0 / BS]) * BS * row;
         const int64_t n = std::min(BS, len - t0);
-        for (int64_t i = 0; i < n; ++i) {
-          const float* k = blk + i * row;
-          for (int64_t hq = 0; hq < H; ++hq) scores[hq * len + t0 + i] = dot(qb + hq * D, k + (hq / G) * D, D) * s;
-        }
+        int64_t i = 0;
+        if (fast)
+          for (; i + 8 <= n; i += 8)
+            for (int64_t hq = 0; hq < H; ++hq)
+              dot8(qb + hq * D, blk + i * row + (hq / G) * D, row, D, s, scores.data() + hq * len + t0 + i);
+        for (; i < n; ++i)
+          for (int64_t hq = 0; hq < H; ++hq)
+            scores[hq * len + t0 + i] = dot(qb + hq * D, blk + i * row + (hq / G) * D, D) * s;
       }
       // Softmax per head.
       for (int64_t hq = 0; hq < H; ++hq) {
