@@ -34,10 +34,14 @@ class LLMServerConfig:
     max_waiting: int = 256
     """Requests that may wait beyond the ``max_num_seqs`` running ones; one more gets 503 + Retry-After."""
     drain_timeout_s: float = 120.0
+    threads: int | None = None
+    """torch threads for the engine; None keeps torch's default (one per core)."""
 
     def __post_init__(self) -> None:
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if not self.served_model_names:
@@ -54,7 +58,8 @@ class LLMComponent:
     def __init__(self, config: LLMServerConfig, registry: CollectorRegistry):
         self.config = config
         self.metrics = LLMMetrics(registry, config.served_model_names[0])
-        self.front = AsyncLLMEngine(config.engine, self.metrics, max_in_flight=config.max_in_flight)
+        self.front = AsyncLLMEngine(config.engine, self.metrics, max_in_flight=config.max_in_flight,
+                                    num_threads=config.threads)
         self.context = ServingContext(self.front, list(config.served_model_names))
 
     def routers(self) -> list[APIRouter]:
@@ -95,6 +100,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=d.block_size, help=f"tokens per KV block (default {d.block_size})")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     g.add_argument("--attention-backend", default=d.attention_backend, choices=["auto", "torch", "cpp"])
+    g.add_argument("--threads", type=int, default=None, help="torch threads for the engine (default: one per core; "
+                   "on a busy machine fewer can be much faster)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed for requests without one")
     g.add_argument("--api-key", default=os.environ.get("LOOM_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1 (default $LOOM_API_KEY)")
     g.add_argument("--max-waiting", type=int, default=256, help="requests allowed to wait beyond --max-num-seqs before 503 (default 256)")
@@ -110,5 +117,5 @@ def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> L
         attention_backend=args.attention_backend, seed=args.seed,
     )  # fmt: skip
     config = LLMServerConfig(engine, served_model_names=args.served_model_name or [], api_key=args.api_key,
-                             max_waiting=args.max_waiting)
+                             max_waiting=args.max_waiting, threads=args.threads)
     return LLMComponent(config, registry)

@@ -72,13 +72,14 @@ def start_server(config: LLMServerConfig, timeout: float = 120.0) -> RunningServ
 def tiny_config(model_path, **overrides) -> LLMServerConfig:
     engine_keys = {"num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"}
     engine = EngineConfig(model=str(model_path), **{k: v for k, v in overrides.items() if k in engine_keys})
-    rest = {k: v for k, v in overrides.items() if k not in engine_keys}
+    rest = {"threads": 1, **{k: v for k, v in overrides.items() if k not in engine_keys}}
     return LLMServerConfig(engine, served_model_names=rest.pop("served_model_names", ["tiny"]), **rest)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_server(tiny_llama):
-    """One shared server over the tiny model: served as 'tiny', 256 KV blocks of 16 tokens."""
+    """A server over the tiny model per test module: served as 'tiny', 256 KV blocks of 16 tokens, 1 torch thread
+    (tiny matmuls gain nothing from more, and the setting is restored when the server stops)."""
     server = start_server(tiny_config(tiny_llama, num_kv_blocks=256, max_num_seqs=32))
     yield server
     server.stop()

@@ -102,6 +102,7 @@ class AsyncLLMEngine:
         metrics: LLMMetrics | None = None,
         max_in_flight: int | None = None,
         engine_factory: Callable | None = None,
+        num_threads: int | None = None,
     ):
         self.config = config
         self.metrics = metrics
@@ -117,6 +118,8 @@ class AsyncLLMEngine:
         """The engine's EngineStats after its latest step or command batch."""
         self.draining = False
         self._factory = engine_factory
+        self.num_threads = num_threads
+        """torch intra-op threads for the engine (process-wide; restored when the engine thread ends). None: keep."""
         self._commands: queue.Queue = queue.Queue()
         self._live: dict[str, tuple[RequestStream, RequestTimes]] = {}  # engine thread only
         self._thread: threading.Thread | None = None
@@ -190,6 +193,17 @@ class AsyncLLMEngine:
 
     # --- engine thread --------------------------------------------------------------------------------------
     def _thread_main(self, ready: asyncio.Future) -> None:
+        import torch
+
+        previous_threads = torch.get_num_threads()
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        try:
+            self._serve(ready)
+        finally:
+            torch.set_num_threads(previous_threads)
+
+    def _serve(self, ready: asyncio.Future) -> None:
         try:
             self.engine = self._build_engine()
             self.max_model_len = self.engine.max_model_len

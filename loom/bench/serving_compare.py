@@ -1,0 +1,153 @@
+"""Compare mode of `loom bench serving`: Loom against `transformers serve --continuous-batching`, one after the
+other on loopback, same model folder, same seeded workload, same client; one summary line with the ratios.
+
+    loom bench serving --compare-transformers --num-prompts 64 --input-len 128 --output-len 64 --concurrencies 16
+
+Each server runs alone (the other is stopped first) with torch's default threads; the benchmark client itself
+runs in this process. Startup, model load and two warm-up requests are not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from loom.bench.serving import (
+    _counter,
+    config_from_args,
+    load_tokenizer,
+    parse_lists,
+    point_line,
+    random_dataset,
+    sweep,
+    write_outputs,
+)
+
+
+@dataclass(slots=True)
+class PeerServer:
+    name: str
+    command: list[str]
+    model_field: str
+    """What requests put in ``model``."""
+    exact_output: str
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def servers(model_path: Path, port: int, loom_args: str, threads: int | None) -> list[PeerServer]:
+    transformers_cli = shutil.which("transformers") or str(Path(sys.executable).parent / "transformers")
+    loom = [sys.executable, "-m", "loom.cli", "serve", "--model", str(model_path), "--served-model-name", "bench",
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *shlex.split(loom_args)]
+    if threads:
+        loom += ["--threads", str(threads)]
+    hf = [transformers_cli, "serve", "--continuous-batching", str(model_path), "--host", "127.0.0.1",
+          "--port", str(port), "--device", "cpu", "--dtype", "float32", "--log-level", "warning"]
+    return [PeerServer("loom", loom, "bench", "ignore_eos"),
+            PeerServer("transformers serve", hf, str(model_path), "generation_config")]
+
+
+def start(server: PeerServer, url: str, timeout: float, log_path: Path, threads: int | None = None) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    if threads:  # torch reads these at start-up: the same thread count for every server
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+    proc = subprocess.Popen(server.command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log = log  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            stop(proc)
+            raise RuntimeError(f"{server.name} exited with {proc.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop(proc)
+    raise RuntimeError(f"{server.name} did not answer {url}/health within {timeout} s; see {log_path}")
+
+
+def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM the server's process group, then SIGKILL after ``grace`` seconds."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+    log = getattr(proc, "log", None)
+    if log is not None:
+        log.close()
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from loom.models.catalogue import resolve_model
+
+    model_path = resolve_model(args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    concurrencies, rates = parse_lists(args)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    prefix = Path(args.out)
+    series, configs = {}, {}
+    for server in servers(model_path, port, args.loom_args, args.threads):
+        exact = server.exact_output if args.exact_output == "auto" else args.exact_output
+        cfg = config_from_args(args, f"{url}/v1", server.model_field, exact)
+        samples = random_dataset(tokenizer, cfg)  # same seed: the same prompts for both
+        print(f"starting {server.name}: {' '.join(server.command)}", flush=True)
+        log_path = prefix.parent / f"{prefix.name}-{server.name.split()[0]}.log"
+        proc = start(server, url, args.startup_timeout, log_path, args.threads)
+        try:
+            points = sweep(cfg, samples, _counter(tokenizer), concurrencies, rates, args.warmup)
+        finally:
+            stop(proc)
+        for p in points:
+            print(point_line(server.name, p), flush=True)
+        series[server.name], configs[server.name] = points, cfg
+    summary = compare_line(series, args)
+    print(summary)
+    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": str(model_path), "summary": summary,
+              "configs": {k: _plain(v) for k, v in configs.items()}, "series": series}
+    write_outputs(prefix, result, series, f"{args.model}: Loom vs transformers serve (in {args.input_len}, out {args.output_len})")
+    failed = any(p["failed"] for points in series.values() for p in points)
+    return 1 if failed else 0
+
+
+def compare_line(series: dict[str, list[dict]], args: argparse.Namespace) -> str:
+    """One line: the last point of each (the highest concurrency / rate), and Loom's ratios."""
+    loom, hf = series["loom"][-1], series["transformers serve"][-1]
+    tput = loom["output_throughput"] / hf["output_throughput"] if hf["output_throughput"] else float("inf")
+    ttft = loom["p99_ttft_ms"] / hf["p99_ttft_ms"] if hf["p99_ttft_ms"] else float("nan")
+    verdict = "PASS" if tput >= 3 and ttft < 1 else "MISS"
+    return (f"serving {args.model} c={loom['max_concurrency']} rate={loom['request_rate']} {args.num_prompts} prompts "
+            f"in {args.input_len}/out {args.output_len}: loom {loom['output_throughput']:.1f} out tok/s, p99 TTFT "
+            f"{loom['p99_ttft_ms'] / 1000:.2f} s | transformers serve {hf['output_throughput']:.1f} out tok/s, p99 TTFT "
+            f"{hf['p99_ttft_ms'] / 1000:.2f} s | {tput:.2f}x output tok/s, p99 TTFT {ttft:.2f}x "
+            f"(target >= 3x and < 1x: {verdict})")
+
+
+def _plain(cfg) -> dict:
+    from dataclasses import asdict
+
+    return {k: (str(v) if isinstance(v, float) and v == float("inf") else v) for k, v in asdict(cfg).items()}
