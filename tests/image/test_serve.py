@@ -1,0 +1,58 @@
+"""The `loom serve` plugin: flags, no component without --image, the single-file error, and the demo model."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from loom.image import serve
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    serve.add_serve_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_plugin_only_builds_a_component_for_image(tmp_path):
+    assert serve.create_component(parse([]), CollectorRegistry()) is None
+    component = serve.create_component(parse(["--image", "demo", "--image-output-dir", str(tmp_path), "--image-ui-port", "0"]), CollectorRegistry())
+    assert component.name == "images" and component.extra_servers() == []
+    assert component.health()["ready"] is False  # the model loads in start()
+    assert component.api_url == "http://127.0.0.1:8000"
+
+
+def test_single_file_needs_a_config_offline(tmp_path):
+    from safetensors.torch import save_file
+
+    from loom.image.models import load_pipeline
+
+    path = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.x": __import__("torch").zeros(1)}, str(path))
+    with pytest.raises(ValueError, match="--model-config"):
+        load_pipeline(str(path))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_pipeline(str(tmp_path / "missing"))
+
+
+@pytest.mark.slow
+def test_demo_model_draws_the_prompted_garment():
+    """The packaged Fashion-MNIST model: 32x32 images, deterministic, and trousers differ from bags."""
+    from loom.image.engine import ImageEngine
+    from loom.image.request import ImageRequest
+
+    engine = ImageEngine.load("demo", device="cpu")
+    assert engine.native == 32 and engine.upscaler is not None
+    trousers = engine.generate(ImageRequest(prompt="a pair of trousers", seed=1, steps=15, num_images=2))
+    again = engine.generate(ImageRequest(prompt="a pair of trousers", seed=1, steps=15, num_images=2))
+    bag = engine.generate(ImageRequest(prompt="a bag", seed=1, steps=15, num_images=2))
+    t, b = (np.stack([np.asarray(im.convert("L"), np.float32) for im in r.images]) for r in (trousers, bag))
+    assert t.shape == (2, 32, 32)
+    assert all((np.asarray(x) == np.asarray(y)).all() for x, y in zip(trousers.images, again.images))
+    # trousers are tall and narrow, bags wide: compare ink in the side columns of the garment area
+    assert t[:, 4:28, 4:10].mean() < b[:, 4:28, 4:10].mean()
