@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections import deque
@@ -23,6 +24,7 @@ from loom.batching.metrics import BatchingMetrics, cpu_seconds
 from loom.batching.worker import WorkerProcess, WorkerSpec
 
 BUSY_WINDOW_S = 10.0
+log = logging.getLogger(__name__)
 
 
 class ModelUnavailable(Exception):
@@ -177,6 +179,8 @@ class ServedModel:
         async with self._scale_lock:
             if slot not in self.slots:
                 return
+            log.warning("worker %d of %s (pid %s) died with exit code %s; starting a replacement", slot.index,
+                        self.config.name, slot.process.pid, slot.process.process.exitcode)
             self.slots.remove(slot)
             await slot.process.stop(grace=0)
             if self.is_accepting:

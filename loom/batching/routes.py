@@ -40,7 +40,12 @@ class HTTPError(Exception):
 
 
 def json_response(value: Any, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(_dumps(value), status_code=status, media_type="application/json", headers=headers)
+    try:
+        body = _dumps(value)
+    except TypeError as exc:  # a handler returned a tensor or another object JSON cannot hold
+        message = f"the handler's result is not JSON-serialisable ({exc}); return lists, numbers, strings or dicts"
+        body, status = _dumps({"error": {"message": message, "type": "server_error", "code": 500}}), 500
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 def error_response(err: HTTPError) -> Response:

@@ -251,3 +251,22 @@ def test_timing_headers_split_a_requests_time():
     response = run(body())
     assert float(response.headers["x-loom-inference-ms"]) >= 50.0
     assert 0.0 <= float(response.headers["x-loom-queue-ms"]) < 50.0  # a lone request on an idle model is not held
+
+
+def test_a_dead_worker_fails_its_batch_and_is_replaced():
+    async def body():
+        config = ModelConfig("crashy", f"{TOY}#CrashHandler", batch_size=1)
+        async with serving(config) as (client, _, component):
+            model = component.server.get("crashy")
+            old_pid = model.slots[0].process.pid
+            crashed = await client.post("/predictions/crashy", json="crash")
+            await wait_until(lambda: model.slots and model.slots[0].process.pid != old_pid and model.slots[0].process.is_alive,
+                             timeout=30)
+            after = await client.post("/predictions/crashy", json="fine")
+            unserialisable = await client.post("/predictions/crashy", json="object")
+            return crashed, after, unserialisable
+
+    crashed, after, unserialisable = run(body())
+    assert crashed.status_code == 500 and "worker" in crashed.json()["error"]["message"]
+    assert (after.status_code, after.json()) == (200, "fine")
+    assert unserialisable.status_code == 500 and "not JSON-serialisable" in unserialisable.json()["error"]["message"]

@@ -39,3 +39,12 @@ class EchoHandler(Handler):
 class BrokenSetupHandler(Handler):
     def setup(self, ctx: Context) -> None:
         raise RuntimeError("weights are missing")
+
+
+class CrashHandler(Handler):
+    """Exits its worker process on "crash" (as an OOM kill would); returns a tensor-like object on "object"."""
+
+    def inference(self, batch: list) -> list:
+        if "crash" in batch:
+            os._exit(3)
+        return [object() if x == "object" else x for x in batch]
