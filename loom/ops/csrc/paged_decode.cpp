@@ -54,6 +54,66 @@ inline void dot8(const float* q, const float* k, int64_t stride, int64_t D, floa
 }
 constexpr bool kHaveDot8 = true;
 
+// exp(x) for x <= 0 (softmax after subtracting the max): Cephes' range reduction and degree-5 polynomial,
+// relative error ~1e-7, far inside the tests' tolerances.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+}
+
+// sc[t] = exp(sc[t] - mx) for t < n; returns the sum.
+inline float exp_sub_sum(float* sc, int64_t n, float mx) {
+  const __m256 vm = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + t), vm));
+    _mm256_storeu_ps(sc + t, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float sum = hsum(acc);
+  for (; t < n; ++t) sum += (sc[t] = std::exp(sc[t] - mx));
+  return sum;
+}
+
+// out[0:64] = sum_t p[t] * v_t for the rows of one head, accumulated in registers (D == 64).
+template <typename RowAt>
+inline void weighted_sum64(float* out, const float* p, int64_t n, RowAt row_at) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  for (int64_t t = 0; t < n; ++t) {
+    const float* v = row_at(t);
+    const __m256 w = _mm256_set1_ps(p[t]);
+    a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v), a0);
+    a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8), a1);
+    a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 16), a2);
+    a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 24), a3);
+    a4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 32), a4);
+    a5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 40), a5);
+    a6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 48), a6);
+    a7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 56), a7);
+  }
+  _mm256_storeu_ps(out, a0);
+  _mm256_storeu_ps(out + 8, a1);
+  _mm256_storeu_ps(out + 16, a2);
+  _mm256_storeu_ps(out + 24, a3);
+  _mm256_storeu_ps(out + 32, a4);
+  _mm256_storeu_ps(out + 40, a5);
+  _mm256_storeu_ps(out + 48, a6);
+  _mm256_storeu_ps(out + 56, a7);
+}
+
 inline void axpy(float* y, float alpha, const float* x, int64_t n) {
   const __m256 va = _mm256_set1_ps(alpha);
   int64_t d = 0;
@@ -63,6 +123,21 @@ inline void axpy(float* y, float alpha, const float* x, int64_t n) {
 #else
 inline void dot8(const float*, const float*, int64_t, int64_t, float, float*) {}
 constexpr bool kHaveDot8 = false;
+
+inline float exp_sub_sum(float* sc, int64_t n, float mx) {
+  float sum = 0.f;
+  for (int64_t t = 0; t < n; ++t) sum += (sc[t] = std::exp(sc[t] - mx));
+  return sum;
+}
+
+template <typename RowAt>
+inline void weighted_sum64(float* out, const float* p, int64_t n, RowAt row_at) {
+  std::fill(out, out + 64, 0.f);
+  for (int64_t t = 0; t < n; ++t) {
+    const float* v = row_at(t);
+    for (int d = 0; d < 64; ++d) out[d] += p[t] * v[d];
+  }
+}
 
 inline float dot(const float* a, const float* b, int64_t n) {
   float sum = 0.f;
@@ -125,22 +200,26 @@ torch::Tensor paged_decode(
         float* sc = scores.data() + hq * len;
         float mx = -INFINITY;
         for (int64_t t = 0; t < len; ++t) mx = std::max(mx, sc[t]);
-        float sum = 0.f;
-        for (int64_t t = 0; t < len; ++t) {
-          sc[t] = std::exp(sc[t] - mx);
-          sum += sc[t];
-        }
-        const float inv = 1.f / sum;
+        const float inv = 1.f / exp_sub_sum(sc, len, mx);
         for (int64_t t = 0; t < len; ++t) sc[t] *= inv;
       }
       // Pass 2: out[h] = sum_t p[h, t] * v[t, h / G].
-      std::fill(ob, ob + H * D, 0.f);
-      for (int64_t t0 = 0; t0 < len; t0 += BS) {
-        const float* blk = vp + static_cast<int64_t>(bt[b * MB + t0 / BS]) * BS * row;
-        const int64_t n = std::min(BS, len - t0);
-        for (int64_t i = 0; i < n; ++i) {
-          const float* v = blk + i * row;
-          for (int64_t hq = 0; hq < H; ++hq) axpy(ob + hq * D, scores[hq * len + t0 + i], v + (hq / G) * D, D);
+      if (D == 64) {
+        for (int64_t hq = 0; hq < H; ++hq) {
+          const float* vh = vp + (hq / G) * D;
+          weighted_sum64(ob + hq * D, scores.data() + hq * len, len, [&](int64_t t) {
+            return vh + (static_cast<int64_t>(bt[b * MB + t / BS]) * BS + t % BS) * row;
+          });
+        }
+      } else {
+        std::fill(ob, ob + H * D, 0.f);
+        for (int64_t t0 = 0; t0 < len; t0 += BS) {
+          const float* blk = vp + static_cast<int64_t>(bt[b * MB + t0 / BS]) * BS * row;
+          const int64_t n = std::min(BS, len - t0);
+          for (int64_t i = 0; i < n; ++i) {
+            const float* v = blk + i * row;
+            for (int64_t hq = 0; hq < H; ++hq) axpy(ob + hq * D, scores[hq * len + t0 + i], v + (hq / G) * D, D);
+          }
         }
       }
     }
