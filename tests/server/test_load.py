@@ -120,3 +120,19 @@ def test_full_queue_answers_503_with_retry_after_while_health_answers(tiny_llama
             r.close()
         client.close()
         server.stop()
+
+
+def test_non_streaming_client_that_gives_up_aborts_its_request(tiny_llama):
+    server = start_server(tiny_config(tiny_llama, num_kv_blocks=128, max_num_seqs=4))
+    try:
+        body = {"model": "tiny", "prompt": "patience", "max_tokens": 900, "ignore_eos": True}
+        try:
+            httpx.post(f"{server.base_url}/completions", json=body, timeout=0.5)
+            raise AssertionError("the request should not have finished within 0.5 s")
+        except httpx.TimeoutException:
+            pass
+        m = _wait_for(lambda: (m := server.metrics()).get("loom_request_success_total{finished_reason=abort}") == 1 and m)
+        m = _wait_for(lambda: (m := server.metrics())["loom_kv_cache_free_blocks"] == 128 and m)
+        assert m["loom_generation_tokens_total"] < 900
+    finally:
+        server.stop()

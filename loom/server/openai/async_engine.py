@@ -262,7 +262,9 @@ class AsyncLLMEngine:
         try:
             self.engine.add_request(command.request_id, None, command.params,
                                     prompt_token_ids=command.prompt_token_ids, arrival_time=command.times.arrival)
-        except ValueError as exc:
+        except Exception as exc:  # ValueError: bad request (400); anything else is reported, not fatal to the thread
+            if not isinstance(exc, ValueError):
+                log.exception("add_request failed")
             self._deliver(command.stream, exc)
             return
         self._live[command.request_id] = (command.stream, command.times)

@@ -7,6 +7,7 @@ API without touching the app-wide handlers that other components rely on.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from http import HTTPStatus
 
@@ -15,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
+
+log = logging.getLogger("loom.server.llm")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
           413: "invalid_request_error", 500: "server_error", 503: "overloaded_error"}
@@ -86,5 +89,8 @@ class OpenAIRoute(APIRoute):
                 return from_validation(exc.errors()).response()
             except ValueError as exc:
                 return from_value_error(exc).response()
+            except Exception as exc:  # an answer in OpenAI's shape, and the traceback in the log
+                log.exception("unhandled error in %s", request.url.path)
+                return OpenAIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
 
         return openai_handler
