@@ -42,6 +42,15 @@ class EngineStats:
 
 
 @dataclass(slots=True)
+class StepStats:
+    """What the last step ran: for batch-size metrics."""
+
+    num_batched_tokens: int
+    num_seqs: int
+    num_decodes: int
+
+
+@dataclass(slots=True)
 class _Request:
     request_id: str
     prompt: str | None
@@ -76,6 +85,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._num_steps = self._num_prompt_tokens = self._num_generation_tokens = self._batched_tokens = 0
         self._slots_used = self._slots_held = 0
+        self.last_step: StepStats | None = None
 
     # --- public API -----------------------------------------------------------------------------------------
     def add_request(
@@ -120,6 +130,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
+        self._record_schedule(out)
         logits, sampling = self.runner.execute(out)
         self.scheduler.update(out)
         rows = [self._sampling_row(c.seq) for c in sampling]
@@ -217,6 +228,15 @@ class LLMEngine:
                 self._generators[seq.seq_id] = generator
         stop_ids = frozenset(seq.params.stop_token_ids) | (frozenset() if seq.params.ignore_eos else self.eos_token_ids)
         return SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, generator, stop_ids)
+
+    def _record_schedule(self, out) -> None:
+        now = time.time()
+        for chunk in out.chunks:
+            req = self.requests.get(chunk.seq.request_id)
+            if req is not None and req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+        num_decodes = sum(1 for c in out.chunks if c.num_tokens == 1)
+        self.last_step = StepStats(out.num_batched_tokens, len(out.chunks), num_decodes)
 
     def _count(self, out) -> None:
         self._num_steps += 1
