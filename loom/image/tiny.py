@@ -136,3 +136,33 @@ def save_tiny_model(path: str, seed: int = 0, spec: TinySpec | None = None) -> s
     """Write a tiny random pipeline as a diffusers folder (what ``--model PATH`` loads)."""
     tiny_pipeline(seed, spec).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A StableDiffusionXLPipeline of tiny random components (two text encoders, text-time conditioning)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from loom.image.tokenizer import load_clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=1,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, sample_size=128)
+    config = CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32, intermediate_size=37,
+                            num_attention_heads=4, num_hidden_layers=5, projection_dim=32, vocab_size=49408, hidden_act="gelu")
+    torch.manual_seed(seed)
+    text_encoder, text_encoder_2 = CLIPTextModel(config), CLIPTextModelWithProjection(config)
+    tokenizer = load_clip_tokenizer()
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), text_encoder_2=text_encoder_2.eval(), tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet.eval(), scheduler=EulerDiscreteScheduler.from_config(build_scheduler().config),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
