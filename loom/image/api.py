@@ -20,7 +20,7 @@ import json
 import time
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
@@ -220,6 +220,3 @@ def build_router(queue: JobQueue) -> APIRouter:
 
     return router
 
-
-def http_error_handler(request: Request, exc: HTTPException) -> JSONResponse:
-    return JSONResponse({"error": {"message": exc.detail, "code": exc.status_code}}, status_code=exc.status_code, headers=exc.headers)
