@@ -225,8 +225,38 @@ def sweep(cfg: ServingBenchConfig, samples: list[Sample], count_tokens, concurre
     for c in concurrencies:
         for rate in rates:
             point_cfg = ServingBenchConfig(**{**asdict(cfg), "max_concurrency": c, "request_rate": rate})
-            points.append(asyncio.run(run_benchmark(point_cfg, samples, count_tokens)))
+            before = engine_counters(cfg.base_url)
+            point = asyncio.run(run_benchmark(point_cfg, samples, count_tokens))
+            points.append({**point, **engine_deltas(before, engine_counters(cfg.base_url), point["duration_s"])})
     return points
+
+
+_COUNTERS = ("loom_iteration_seconds_sum", "loom_iteration_num_seqs_sum", "loom_iteration_num_seqs_count")
+
+
+def engine_counters(base_url: str) -> dict[str, float]:
+    """Loom's per-step counters from the server's /metrics; {} for servers that have none."""
+    root = base_url.rstrip("/").removesuffix("/v1")
+    try:
+        text = httpx.get(f"{root}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    values = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in _COUNTERS:
+            values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def engine_deltas(before: dict, after: dict, duration: float) -> dict:
+    """Engine busy fraction (time in steps / wall time) and mean sequences per step during a run."""
+    if not before or set(before) != set(_COUNTERS) or set(after) != set(_COUNTERS):
+        return {}
+    busy = after["loom_iteration_seconds_sum"] - before["loom_iteration_seconds_sum"]
+    steps = after["loom_iteration_num_seqs_count"] - before["loom_iteration_num_seqs_count"]
+    seqs = after["loom_iteration_num_seqs_sum"] - before["loom_iteration_num_seqs_sum"]
+    return {"engine_busy_fraction": busy / duration, "engine_steps": steps, "mean_batch_seqs": seqs / steps if steps else 0.0}
 
 
 # --- output -----------------------------------------------------------------------------------------------------
@@ -260,10 +290,13 @@ def plot(series: dict[str, list[dict]], path: Path, title: str) -> Path:
 
 
 def point_line(name: str, p: dict) -> str:
-    return (f"{name}: c={p['max_concurrency']} rate={p['request_rate']} {p['completed']}/{p['completed'] + p['failed']} ok, "
+    line = (f"{name}: c={p['max_concurrency']} rate={p['request_rate']} {p['completed']}/{p['completed'] + p['failed']} ok, "
             f"{p['output_throughput']:.1f} out tok/s, {p['request_throughput']:.2f} req/s, "
             f"TTFT p50/p99 {p['median_ttft_ms']:.0f}/{p['p99_ttft_ms']:.0f} ms, "
             f"TPOT p50/p99 {p['median_tpot_ms']:.1f}/{p['p99_tpot_ms']:.1f} ms, ITL p50 {p['median_itl_ms']:.1f} ms")
+    if "engine_busy_fraction" in p:
+        line += f", engine busy {100 * p['engine_busy_fraction']:.0f}%, mean batch {p['mean_batch_seqs']:.1f} seqs"
+    return line
 
 
 # --- CLI --------------------------------------------------------------------------------------------------------
@@ -291,6 +324,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the same model and workload; print the ratios")
     parser.add_argument("--threads", type=int, default=None,
                         help="compare mode: torch threads for every server (OMP_NUM_THREADS; Loom's --threads)")
+    parser.add_argument("--kv-blocks", type=int, default=1024,
+                        help="compare mode: KV-cache blocks of 16 tokens for every server (default 1024)")
     parser.add_argument("--loom-args", default="", help="extra flags for `loom serve` in compare mode")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
 

@@ -10,6 +10,7 @@ runs in this process. Startup, model load and two warm-up requests are not measu
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -50,14 +51,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def servers(model_path: Path, port: int, loom_args: str, threads: int | None) -> list[PeerServer]:
+def kv_gib(model_path: Path, num_blocks: int, block_size: int = 16, bytes_per_value: int = 4) -> float:
+    """GiB that ``num_blocks`` float32 KV blocks of this model take (K and V, every layer)."""
+    cfg = json.loads((model_path / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    per_block = 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * block_size * bytes_per_value
+    return num_blocks * per_block / 2**30
+
+
+def servers(model_path: Path, port: int, args: argparse.Namespace) -> list[PeerServer]:
+    """Both servers with the same KV pool (``--kv-blocks`` blocks of 16 tokens) and step budget (2048 tokens).
+
+    NOTE: `transformers serve` on CPU otherwise sizes its cache from system memory (12.5 GB RSS here, OOM-killed).
+    """
     transformers_cli = shutil.which("transformers") or str(Path(sys.executable).parent / "transformers")
     loom = [sys.executable, "-m", "loom.cli", "serve", "--model", str(model_path), "--served-model-name", "bench",
-            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *shlex.split(loom_args)]
-    if threads:
-        loom += ["--threads", str(threads)]
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--block-size", "16",
+            "--kv-cache-memory-gb", f"{kv_gib(model_path, args.kv_blocks) * 1.0001:.6f}",
+            "--max-num-batched-tokens", "2048", *shlex.split(args.loom_args)]
+    if args.threads:
+        loom += ["--threads", str(args.threads)]
     hf = [transformers_cli, "serve", "--continuous-batching", str(model_path), "--host", "127.0.0.1",
-          "--port", str(port), "--device", "cpu", "--dtype", "float32", "--log-level", "warning"]
+          "--port", str(port), "--device", "cpu", "--dtype", "float32", "--log-level", "warning",
+          "--cb-block-size", "16", "--cb-num-blocks", str(args.kv_blocks), "--cb-max-batch-tokens", "2048"]
     return [PeerServer("loom", loom, "bench", "ignore_eos"),
             PeerServer("transformers serve", hf, str(model_path), "generation_config")]
 
@@ -111,7 +128,7 @@ def run_compare(args: argparse.Namespace) -> int:
     url = f"http://127.0.0.1:{port}"
     prefix = Path(args.out)
     series, configs = {}, {}
-    for server in servers(model_path, port, args.loom_args, args.threads):
+    for server in servers(model_path, port, args):
         exact = server.exact_output if args.exact_output == "auto" else args.exact_output
         cfg = config_from_args(args, f"{url}/v1", server.model_field, exact)
         samples = random_dataset(tokenizer, cfg)  # same seed: the same prompts for both

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 
 import pytest
 
-from loom.bench.serving import RequestResult, ServingBenchConfig, random_dataset, request_body, run_benchmark, summarize
+from loom.bench.serving import RequestResult, ServingBenchConfig, random_dataset, request_body, summarize, sweep
 from loom.bench.serving_compare import compare_line
 
 
@@ -55,8 +54,9 @@ def test_benchmark_run_against_the_tiny_server(tiny_server, tiny_llama):
     cfg = ServingBenchConfig(base_url=tiny_server.base_url, model="tiny", num_prompts=6, input_len=12, output_len=5,
                              max_concurrency=3, request_rate=50.0)
     before = tiny_server.metrics()["loom_generation_tokens_total"]
-    s = asyncio.run(run_benchmark(cfg, random_dataset(tok, cfg), lambda text: 0))
+    [s] = sweep(cfg, random_dataset(tok, cfg), lambda text: 0, concurrencies=[3], rates=[50.0], warmup=0)
     assert s["completed"] == 6 and s["failed"] == 0
+    assert 0 < s["engine_busy_fraction"] <= 1.05 and s["mean_batch_seqs"] >= 1
     assert s["total_output_tokens"] == 30  # usage from the server: exactly output_len each (ignore_eos)
     assert tiny_server.metrics()["loom_generation_tokens_total"] - before == 30
     assert 0 < s["median_ttft_ms"] <= s["median_e2el_ms"]

@@ -282,12 +282,12 @@ class AsyncLLMEngine:
             self._fail_all(RuntimeError(f"engine step failed: {exc}"))
             return
         now = time.time()
-        self._observe_batch(started)
+        self._observe_batch(started, now - started)
         for out in outputs:
             self._route(out, now)
         self._publish_stats()
 
-    def _observe_batch(self, started: float) -> None:
+    def _observe_batch(self, started: float, seconds: float) -> None:
         out = self._last_schedule
         if out is None or not out.chunks:
             return
@@ -296,7 +296,7 @@ class AsyncLLMEngine:
             if entry is not None and entry[1].first_scheduled is None:
                 entry[1].first_scheduled = started
         if self.metrics is not None:
-            self.metrics.observe_step(out.num_batched_tokens, len(out.chunks))
+            self.metrics.observe_step(out.num_batched_tokens, len(out.chunks), seconds)
 
     def _route(self, out: RequestOutput, now: float) -> None:
         entry = self._live.get(out.request_id)

@@ -44,6 +44,7 @@ class LLMMetrics:
         self.steps = Counter("loom_engine_steps", "Engine steps that ran the model", label, registry=registry).labels(*name)
         self.iteration_tokens = Histogram("loom_iteration_tokens", "Tokens in one engine step (prefill chunks + decodes)", label, buckets=_TOKEN_BUCKETS, registry=registry).labels(*name)
         self.iteration_seqs = Histogram("loom_iteration_num_seqs", "Sequences in one engine step (the batch size)", label, buckets=_SEQ_BUCKETS, registry=registry).labels(*name)
+        self.step_seconds = Histogram("loom_iteration_seconds", "Wall time of one engine step (schedule, model, sample, update)", label, buckets=_LATENCY_BUCKETS, registry=registry).labels(*name)
         self.max_batch_seqs = Gauge("loom_iteration_num_seqs_max", "Largest batch of one step so far", label, registry=registry).labels(*name)
         self.ttft = Histogram("loom_time_to_first_token_seconds", "Arrival to first generated token", label, buckets=_LATENCY_BUCKETS, registry=registry).labels(*name)
         self.tpot = Histogram("loom_time_per_output_token_seconds", "Mean gap between output tokens of a request", label, buckets=_TPOT_BUCKETS, registry=registry).labels(*name)
@@ -55,8 +56,9 @@ class LLMMetrics:
         self._max_seqs = 0
         self._last: dict[str, int] = {"num_preemptions": 0, "num_prompt_tokens": 0, "num_generation_tokens": 0}
 
-    def observe_step(self, num_tokens: int, num_seqs: int) -> None:
+    def observe_step(self, num_tokens: int, num_seqs: int, seconds: float) -> None:
         self.steps.inc()
+        self.step_seconds.observe(seconds)
         self.iteration_tokens.observe(num_tokens)
         self.iteration_seqs.observe(num_seqs)
         if num_seqs > self._max_seqs:
