@@ -53,6 +53,21 @@ def start_server(cmd: list[str], log, **kwargs) -> subprocess.Popen:
     return proc
 
 
+def session_cpu_seconds(session: int | None) -> float:
+    """User + system CPU seconds of every live process in a session (a server and all its workers)."""
+    import psutil
+
+    total = 0.0
+    if session is None:
+        return total
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
+            if os.getsid(proc.pid) == session:
+                times = proc.cpu_times()
+                total += times.user + times.system
+    return total
+
+
 def own_group_nice() -> int:
     """The nice of this process's scheduling group ("/autogroup-2 nice 0" → 0); 0 without autogroup."""
     try:
@@ -83,9 +98,11 @@ TIMING_HEADER = "x-loom-inference-ms"
 
 
 def measure(url: str, payloads: list[bytes], concurrency: int, duration_s: float, warmup_s: float,
-            lone_requests: int) -> dict:
+            lone_requests: int, session: int | None = None) -> dict:
     """Lone-request latency on the idle server (1 client, sequential), then closed-loop throughput.
 
+    session: the server's session id; its processes' CPU over the throughput run gives server_cpu_cores and
+    requests_per_cpu_s (what a request costs, whatever share of a shared machine the server was given).
     For Loom the lone requests also give overhead_p50_ms: client latency minus the worker's handler time, per
     request, so the split does not depend on how busy the machine was at another moment.
     """
@@ -94,8 +111,13 @@ def measure(url: str, payloads: list[bytes], concurrency: int, duration_s: float
         asyncio.run(run_load(url, payloads, concurrency=1, num_requests=5))  # connection and caches warm
         lone = asyncio.run(run_load(url, payloads, concurrency=1, num_requests=lone_requests, timing_header=TIMING_HEADER))
     asyncio.run(run_load(url, payloads, concurrency, duration_s=warmup_s))
+    cpu_before, t0 = session_cpu_seconds(session), time.monotonic()
     stats = asyncio.run(run_load(url, payloads, concurrency, duration_s=duration_s))
+    cpu = session_cpu_seconds(session) - cpu_before
+    elapsed = time.monotonic() - t0
     return {**stats.to_dict(), "lone_p50_ms": lone.p50_ms if lone else None,
+            "server_cpu_cores": round(cpu / elapsed, 3) if session else None,
+            "requests_per_cpu_s": round(stats.requests / cpu, 2) if session and cpu > 0 else None,
             "lone_mean_ms": lone.mean_ms if lone else None,
             "lone_model_p50_ms": lone.server_p50_ms if lone else None,
             "lone_overhead_p50_ms": lone.overhead_p50_ms if lone else None}

@@ -46,8 +46,9 @@ def main() -> int:
 
     before = best_in_process(texts, args)
     with tempfile.TemporaryDirectory(prefix="loom-overhead-") as tmp:
-        with loom_server(args.batch_size, 1, args.max_batch_delay, threads, Path(tmp)) as url:
-            served = measure(url, payloads, args.concurrency, args.duration, args.warmup, lone_requests=0)
+        with loom_server(args.batch_size, 1, args.max_batch_delay, threads, Path(tmp)) as (url, session):
+            served = measure(url, payloads, args.concurrency, args.duration, args.warmup, lone_requests=0,
+                             session=session)
     after = best_in_process(texts, args)
     in_process = (before["items_per_s"] + after["items_per_s"]) / 2
     ratio = served["requests_per_s"] / in_process

@@ -62,7 +62,7 @@ def loom_server(batch: int, workers: int, delay_ms: float, threads: int, workdir
     proc = start_server(cmd, log, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", 180, proc)
-        yield f"http://127.0.0.1:{port}/predictions/minilm"
+        yield f"http://127.0.0.1:{port}/predictions/minilm", proc.pid
     finally:
         stop_process(proc)
         log.close()
@@ -139,7 +139,7 @@ def torchserve_server(batch: int, workers: int, delay_ms: float, threads: int, w
         r = httpx.post(f"http://127.0.0.1:{mport}/models", params=params, timeout=600)
         if r.status_code >= 300:
             raise RuntimeError(f"TorchServe register failed: {r.status_code} {r.text}")
-        yield f"http://127.0.0.1:{port}/predictions/minilm"
+        yield f"http://127.0.0.1:{port}/predictions/minilm", proc.pid
     finally:
         subprocess.run([str(BIN / "torchserve"), "--stop"], cwd=home, env=env, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=120)
@@ -203,7 +203,7 @@ def litserve_server(batch: int, workers: int, delay_ms: float, threads: int, wor
     proc = start_server([sys.executable, str(script)], log, cwd=workdir, env=env)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 180, proc)
-        yield f"http://127.0.0.1:{port}/predict"
+        yield f"http://127.0.0.1:{port}/predict", proc.pid
     finally:
         stop_process(proc)
         log.close()
@@ -237,15 +237,17 @@ def run_setting(peers: list[str], batch: int, workers: int, args, payloads: list
         for peer in peers[r % len(peers):] + peers[:r % len(peers)]:
             t0 = time.monotonic()
             try:
-                with PEERS[peer][0](batch, workers, args.max_batch_delay, threads, workdir) as url:
+                with PEERS[peer][0](batch, workers, args.max_batch_delay, threads, workdir) as (url, session):
                     started_s = time.monotonic() - t0
-                    row = measure(url, payloads, args.concurrency, args.duration, args.warmup, args.lone_requests)
+                    row = measure(url, payloads, args.concurrency, args.duration, args.warmup, args.lone_requests,
+                                  session)
             except Exception as exc:  # noqa: BLE001 - one peer failing must not lose the others' figures
                 print(f"  round {r} {peer}: failed, {exc}", flush=True)
                 continue
             row.update(peer=peer, batch_size=batch, workers=workers, threads=threads, round=r, startup_s=round(started_s, 1))
             extra = f" (overhead {row['lone_overhead_p50_ms']:.2f} ms)" if row["lone_overhead_p50_ms"] is not None else ""
             print(f"  round {r} {peer:10s} batch {batch:>3} x {workers} workers: {row['requests_per_s']:8.1f} req/s  "
+                  f"({row['requests_per_cpu_s']} req per CPU-s, {row['server_cpu_cores']} cores)  "
                   f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  lone p50 {row['lone_p50_ms']:.2f} ms"
                   f"{extra}  errors {row['errors']}", flush=True)
             rounds[peer].append(row)
@@ -253,7 +255,8 @@ def run_setting(peers: list[str], batch: int, workers: int, args, payloads: list
 
 
 def _median_row(rows: list[dict]) -> dict:
-    keys = ("requests_per_s", "p50_ms", "p99_ms", "lone_p50_ms", "lone_overhead_p50_ms", "lone_model_p50_ms")
+    keys = ("requests_per_s", "p50_ms", "p99_ms", "lone_p50_ms", "lone_overhead_p50_ms", "lone_model_p50_ms",
+            "requests_per_cpu_s", "server_cpu_cores")
     merged = {k: (statistics.median([r[k] for r in rows]) if rows[0][k] is not None else None) for k in keys}
     merged.update({k: rows[0][k] for k in ("peer", "batch_size", "workers", "threads")})
     merged["errors"] = sum(r["errors"] for r in rows)
@@ -314,8 +317,9 @@ def main() -> int:
 
 def summarise(results: dict, own: dict) -> dict:
     best = {peer: max(rows, key=lambda r: r["requests_per_s"]) for peer, rows in results.items() if rows}
-    summary = {peer: {k: row[k] for k in ("requests_per_s", "batch_size", "workers", "p50_ms", "p99_ms", "lone_p50_ms")}
-               for peer, row in best.items()}
+    keys = ("requests_per_s", "requests_per_cpu_s", "server_cpu_cores", "batch_size", "workers", "p50_ms", "p99_ms",
+            "lone_p50_ms")
+    summary = {peer: {k: row[k] for k in keys} for peer, row in best.items()}
     if "loom" in best:
         row = best["loom"]
         summary["loom_lone_overhead_ms"] = row["lone_overhead_p50_ms"]
@@ -323,13 +327,17 @@ def summarise(results: dict, own: dict) -> dict:
         for peer in ("torchserve", "litserve"):
             if peer in best and best[peer]["requests_per_s"] > 0:
                 summary[f"loom_vs_{peer}"] = round(best["loom"]["requests_per_s"] / best[peer]["requests_per_s"], 3)
+                if best["loom"]["requests_per_cpu_s"] and best[peer]["requests_per_cpu_s"]:
+                    summary[f"loom_vs_{peer}_per_cpu"] = round(
+                        best["loom"]["requests_per_cpu_s"] / best[peer]["requests_per_cpu_s"], 3)
     return summary
 
 
 def summary_line(summary: dict, skipped: dict) -> str:
     parts = [f"{p} {s['requests_per_s']:.1f} req/s (batch {s['batch_size']} x {s['workers']})"
              for p, s in summary.items() if isinstance(s, dict)]
-    ratios = [f"{k.replace('loom_vs_', 'loom/')} {v:.2f}x" for k, v in summary.items() if k.startswith("loom_vs_")]
+    ratios = [f"{k.replace('loom_vs_', 'loom/').replace('_per_cpu', ' per CPU-s')} {v:.2f}x"
+              for k, v in summary.items() if k.startswith("loom_vs_")]
     lone = summary.get("loom_lone_overhead_ms")
     extra = [f"loom lone request: {lone:.2f} ms beyond its own model time"] if lone is not None else []
     extra += [f"{p} skipped" for p in skipped]

@@ -270,3 +270,20 @@ def test_a_dead_worker_fails_its_batch_and_is_replaced():
     assert crashed.status_code == 500 and "worker" in crashed.json()["error"]["message"]
     assert (after.status_code, after.json()) == (200, "fine")
     assert unserialisable.status_code == 500 and "not JSON-serialisable" in unserialisable.json()["error"]["message"]
+
+
+def test_ping_reports_not_ready_and_predictions_503_without_workers():
+    async def body():
+        async with serving(echo()) as (client, mgmt, _c):
+            ready = await client.get("/ping")
+            scaled = await mgmt.put("/models/echo", json={"workers": 0}, headers=AUTH)
+            not_ready = await client.get("/ping")
+            refused = await client.post("/predictions/echo", json=1)
+            return ready, scaled, not_ready, refused
+
+    ready, scaled, not_ready, refused = run(body())
+    assert ready.status_code == 200
+    assert scaled.json()["num_workers"] == 0
+    assert not_ready.status_code == 503 and not_ready.json()["status"] == "Unhealthy"
+    assert refused.status_code == 503 and "no workers" in refused.json()["error"]["message"]
+    assert refused.headers["retry-after"] == "1"
