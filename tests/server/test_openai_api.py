@@ -163,3 +163,12 @@ def test_extra_sampling_fields_are_honoured(client):
     greedy = _chat(client, max_tokens=5, temperature=0, extra_body={"repetition_penalty": 1.1, "min_tokens": 5})
     assert out.choices[0].message.content == greedy.choices[0].message.content  # top_k=1 is greedy
     assert out.usage.completion_tokens == 5
+
+
+def test_echo_prepends_the_prompt(client):
+    kw = dict(model="tiny", prompt="Echo this", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kw).choices[0].text
+    echoed = client.completions.create(echo=True, **kw).choices[0].text
+    assert echoed == "Echo this" + plain
+    streamed = "".join(c.choices[0].text for c in client.completions.create(echo=True, stream=True, **kw))
+    assert streamed == echoed
