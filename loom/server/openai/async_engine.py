@@ -125,7 +125,6 @@ class AsyncLLMEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Event | None = None
-        self._last_schedule = None  # the SchedulerOutput of the step being run
 
     # --- event-loop side ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -222,17 +221,7 @@ class AsyncLLMEngine:
     def _build_engine(self):
         from loom.engine.llm_engine import LLMEngine
 
-        engine = (self._factory or LLMEngine)(self.config)
-        scheduler = engine.scheduler
-        schedule = scheduler.schedule
-
-        def recording_schedule():  # NOTE: wraps the instance's method to see each step's batch; no engine change
-            out = schedule()
-            self._last_schedule = out
-            return out
-
-        scheduler.schedule = recording_schedule
-        return engine
+        return (self._factory or LLMEngine)(self.config)
 
     def _take_commands(self, block: bool) -> bool:
         """Apply every queued command, waiting for the first one when ``block``; False once asked to stop."""
@@ -272,7 +261,7 @@ class AsyncLLMEngine:
 
     def _step(self) -> None:
         started = time.time()
-        self._last_schedule = None
+        previous = self.engine.last_step
         try:
             outputs = self.engine.step()
         except Exception as exc:  # a failed step leaves requests in an unknown state: fail and drop them all
@@ -282,27 +271,20 @@ class AsyncLLMEngine:
             self._fail_all(RuntimeError(f"engine step failed: {exc}"))
             return
         now = time.time()
-        self._observe_batch(started, now - started)
+        if self.engine.last_step is not previous and self.metrics is not None:
+            step = self.engine.last_step
+            self.metrics.observe_step(step.num_batched_tokens, step.num_seqs, now - started)
         for out in outputs:
             self._route(out, now)
         self._publish_stats()
-
-    def _observe_batch(self, started: float, seconds: float) -> None:
-        out = self._last_schedule
-        if out is None or not out.chunks:
-            return
-        for chunk in out.chunks:
-            entry = self._live.get(chunk.seq.request_id)
-            if entry is not None and entry[1].first_scheduled is None:
-                entry[1].first_scheduled = started
-        if self.metrics is not None:
-            self.metrics.observe_step(out.num_batched_tokens, len(out.chunks), seconds)
 
     def _route(self, out: RequestOutput, now: float) -> None:
         entry = self._live.get(out.request_id)
         if entry is None:
             return
         stream, times = entry
+        if times.first_scheduled is None and out.metrics is not None:
+            times.first_scheduled = out.metrics.first_scheduled_time
         times.num_generation_tokens = sum(len(c.token_ids) for c in out.outputs)
         if times.first_token is None and times.num_generation_tokens:
             times.first_token = now
