@@ -111,7 +111,19 @@ def run_hf_cb(model_path: str, w: Workload, args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_torch_dtype(args)).to(_device(args)).eval()
     model.set_attn_implementation("paged|sdpa")
     cfg = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=max(w.output_lens))
-    with model.continuous_batching_context_manager(generation_config=cfg, block=True, timeout=30) as manager:
+    cb = {}
+    if _device(args) == "cpu":
+        # NOTE: on CPU transformers sizes its cache from system RAM and was OOM-killed at 14 GB here; give it the same
+        # KV memory and step budget as Loom (pages of 256 tokens).
+        from transformers import ContinuousBatchingConfig
+
+        c = model.config
+        per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+        tokens = int((args.kv_cache_memory_gb or 4.0) * 2**30 // per_token)
+        cb["continuous_batching_config"] = ContinuousBatchingConfig(
+            num_blocks=max(1, tokens // 256), max_batch_tokens=args.max_num_batched_tokens
+        )
+    with model.continuous_batching_context_manager(generation_config=cfg, block=True, timeout=30, **cb) as manager:
         _sync(args.device)
         t = time.perf_counter()
         ids = [manager.add_request(p, max_new_tokens=n, eos_token_id=-1) for p, n in zip(w.prompts, w.output_lens)]
