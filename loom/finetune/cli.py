@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-on-inputs", action="store_true", help="also supervise prompt tokens")
     parser.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example / packed row")
     parser.add_argument("--no-packing", dest="packing", action="store_false", help="pad batches instead of packing")
+    parser.add_argument("--packing-strategy", choices=["ff", "ffd"], default=d.packing_strategy,
+                        help="ff: first-fit in shuffled order (rows mix lengths); ffd: first-fit decreasing (densest)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size,
                         help="examples (padded) or packed rows per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
@@ -44,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast on CUDA")
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: at end)")
+    parser.add_argument("--save-every", type=int, default=d.save_every, help="atomic checkpoint every N steps and at the end (0: none)")
     parser.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT")
     parser.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")

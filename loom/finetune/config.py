@@ -27,6 +27,9 @@ class FinetuneConfig:
     max_length: int = 512
     """Examples are truncated to this many tokens; packed rows hold at most this many."""
     packing: bool = True
+    packing_strategy: str = "ff"
+    """"ff" (first-fit in shuffled order: every row a random mix) or "ffd" (first-fit decreasing: densest rows, but
+    rows of similar lengths, often one task: on the demo, 24 steps gave exact match 0.33 with ffd vs 0.47 with ff)."""
     batch_size: int = 8
     """Examples per micro-batch (padded) or rows of max_length tokens per micro-batch (packed)."""
     grad_accum: int = 1
@@ -51,7 +54,7 @@ class FinetuneConfig:
     """bf16 autocast, used only on CUDA (these CPUs have no fast bf16)."""
     seed: int = 0
     save_every: int = 0
-    """Checkpoint every N steps (0: only at the end); checkpoints are atomic and `resume` continues from the last."""
+    """Checkpoint every N steps and after the last one (0: no checkpoints); atomic; `resume` continues from the last."""
     keep_checkpoints: int = 1
     resume: bool = False
     device: str = "auto"
@@ -61,6 +64,8 @@ class FinetuneConfig:
     progress: bool = True
 
     def __post_init__(self):
+        if self.packing_strategy not in ("ffd", "ff"):
+            raise ValueError(f"packing_strategy must be 'ffd' or 'ff', got {self.packing_strategy!r}")
         if self.template not in TEMPLATES:
             raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
         for name in ("max_length", "batch_size", "grad_accum", "lora_r", "lora_alpha", "keep_checkpoints"):

@@ -57,23 +57,28 @@ def load_examples(path: str, tokenizer, **kwargs) -> tuple[list[dict], int]:
 
 
 def micro_batch_plan(
-    lengths: list[int], *, batch_size: int, packing: bool, max_length: int, seed: int, epoch: int
+    lengths: list[int], *, batch_size: int, packing: bool, max_length: int, seed: int, epoch: int,
+    strategy: str = "ff",
 ) -> list[list[list[int]]]:
     """One epoch's micro-batches. Padded: ``batch_size`` examples each (one per row). Packed: examples shuffled,
-    packed first-fit in that order into rows of ``max_length`` tokens, ``batch_size`` rows per micro-batch.
+    packed into rows of ``max_length`` tokens, rows shuffled, ``batch_size`` rows per micro-batch.
 
-    NOTE: first-fit in shuffled order rather than first-fit-decreasing: sorting by length would fill each row with
-    examples of one length, often one task, and make every step's gradient lopsided; with rows much longer than
-    the examples the density is nearly the same.
+    NOTE: "ff" (first-fit in shuffled order, the default) keeps every row a random mix; "ffd" (first-fit decreasing,
+    like TRL's best-fit decreasing) fills rows best (~98% real tokens on an Alpaca-like mix vs ~93%) but puts
+    examples of similar length together, often one task, which made the demo's steps lopsided (see FinetuneConfig).
     """
     order = list(range(len(lengths)))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     if packing:
-        rows = [[order[i] for i in row] for row in plan_rows([lengths[i] for i in order], max_length, decreasing=False)]
+        planned = plan_rows([lengths[i] for i in order], max_length, decreasing=strategy == "ffd")
+        rows = [[order[i] for i in row] for row in planned]
         random.Random(seed * 1_000_003 + epoch + 1).shuffle(rows)
     else:
         rows = [[i] for i in order]
     return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+PACKING_STRATEGIES = ("ffd", "ff")
 
 
 def collate(examples: list[dict], micro_batch: list[list[int]], pad_id: int, packing: bool) -> Batch:

@@ -10,6 +10,7 @@ supervised tokens of the whole step before ``backward``, so the accumulated grad
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from loom.finetune.collate import Batch
 from loom.finetune.config import FinetuneConfig
 from loom.finetune.dataset import collate, micro_batch_plan
 from loom.finetune.loss import token_loss_sum
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -109,6 +112,7 @@ class Trainer:
             max_length=cfg.max_length,
             seed=cfg.seed,
             epoch=epoch,
+            strategy=cfg.packing_strategy,
         )
 
     def _total_steps(self) -> int:
@@ -150,8 +154,11 @@ class Trainer:
             return 0
         path = latest_checkpoint(self.checkpoint_dir)
         if path is None:
+            log.warning("--resume: no checkpoint under %s, starting from step 0", self.checkpoint_dir)
             return 0
-        return load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        step = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        log.info("resumed from %s (step %d of %d)", path, step, self.total_steps)
+        return step
 
     def _save(self, step: int) -> None:
         save_checkpoint(

@@ -74,5 +74,8 @@ def test_micro_batch_plan_is_seeded_and_covers_every_example():
     flat = sorted(i for micro in a for row in micro for i in row)
     assert flat == list(range(8))
     assert all(sum(lengths[i] for i in row) <= 10 for micro in a for row in micro)
+    ff = micro_batch_plan(lengths, batch_size=2, packing=True, max_length=10, seed=1, epoch=0, strategy="ff")
+    assert sorted(i for micro in ff for row in micro for i in row) == list(range(8))
+    assert all(sum(lengths[i] for i in row) <= 10 for micro in ff for row in micro)
     padded = micro_batch_plan(lengths, batch_size=3, packing=False, max_length=10, seed=1, epoch=0)
     assert [len(m) for m in padded] == [3, 3, 2] and all(len(row) == 1 for m in padded for row in m)
