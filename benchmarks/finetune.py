@@ -28,6 +28,7 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if "trl" in parts:
         result["trl"] = part_trl(path, args)
     result["load_avg_end"] = os.getloadavg()[0]
+    shutil.rmtree(args.tmp, ignore_errors=True)  # trainers' scratch output (nothing is kept)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(summary_line(result))
