@@ -21,8 +21,11 @@ def _extension():
 
     venv_bin = Path(os.sys.executable).parent  # ninja installed in the venv is on no PATH by default
     os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
-    flags = ["-O3", "-march=native", "-ffp-contract=fast"]
-    return load(name="loom_paged_decode", sources=[str(_SRC)], extra_cflags=flags, verbose=False)
+    # -fopenmp: at::parallel_for is an inline `#pragma omp parallel`; without the flag it silently runs serially.
+    flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
+    return load(
+        name="loom_paged_decode", sources=[str(_SRC)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False
+    )
 
 
 def decode_attention_cpp(
