@@ -35,8 +35,6 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_preemptions: int = 0
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
     generator_seed: int | None = None
 
     @property
@@ -63,10 +61,6 @@ class Sequence:
     def is_prefilling(self) -> bool:
         """True while the KV of tokens other than the last sampled one is still missing."""
         return self.num_tokens - self.num_computed_tokens > 1
-
-    def token_at(self, position: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
 
     def token_slice(self, start: int, end: int) -> list[int]:
         n = len(self.prompt_token_ids)
