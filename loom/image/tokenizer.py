@@ -19,6 +19,8 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
+from loom.tokenization import bytes_to_unicode
+
 CLIP_MAX_LENGTH = 77
 NUM_MERGES = 49152 - 256 - 2  # SimpleTokenizer keeps lines 1 .. 48894 of the BPE file
 INSTALL_HINT = "install it without dependencies: pip install --no-deps open_clip_torch (or set LOOM_CLIP_BPE=/path/to/bpe_simple_vocab_16e6.txt.gz)"
@@ -38,19 +40,6 @@ def find_bpe_file() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from open_clip_torch; reinstall it: {INSTALL_HINT}")
     return path
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible map from bytes to printable unicode characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars)))
 
 
 @lru_cache(maxsize=1)

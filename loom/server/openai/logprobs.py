@@ -8,21 +8,9 @@ from __future__ import annotations
 
 import functools
 
+from loom.tokenization import bytes_to_unicode
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = keep[:]
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(keep, map(chr, chars)))
-
-
-_BYTE_DECODER = {ch: b for b, ch in _bytes_to_unicode().items()}
+_BYTE_DECODER = {ch: b for b, ch in bytes_to_unicode().items()}
 
 
 class TokenStrings:
