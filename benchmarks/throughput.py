@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import machine, matmul_peak_gflops, write_json  # noqa: E402
+from benchmarks.common import machine, matmul_peak_gflops, sync, write_json  # noqa: E402
 
 
 @dataclass
@@ -64,10 +64,10 @@ def run_loom(model_path: str, w: Workload, args) -> dict:
     engine = llm.engine
     base = engine.stats()
     engine._slots_used = engine._slots_held = 0
-    _sync(args.device)
+    sync(_device(args))
     t = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in w.prompts], params)
-    _sync(args.device)
+    sync(_device(args))
     elapsed = time.perf_counter() - t
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     assert produced == w.num_output_tokens, f"Loom produced {produced} tokens, expected {w.num_output_tokens}"
@@ -89,7 +89,7 @@ def run_hf_static(model_path: str, w: Workload, args) -> dict:
     bs = args.hf_batch_size
     with torch.inference_mode():
         model.generate(torch.tensor([w.prompts[0][:16]], device=_device(args)), max_new_tokens=2, do_sample=False)
-        _sync(args.device)
+        sync(_device(args))
         t = time.perf_counter()
         for i in range(0, len(w.prompts), bs):
             batch = w.prompts[i : i + bs]
@@ -101,7 +101,7 @@ def run_hf_static(model_path: str, w: Workload, args) -> dict:
                 input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=True,
                 top_k=0, top_p=1.0, temperature=1.0, pad_token_id=pad,
             )  # fmt: skip
-        _sync(args.device)
+        sync(_device(args))
     return {"elapsed_s": time.perf_counter() - t, "batch_size": bs}
 
 
@@ -124,7 +124,7 @@ def run_hf_cb(model_path: str, w: Workload, args) -> dict:
             num_blocks=max(1, tokens // 256), max_batch_tokens=args.max_num_batched_tokens
         )
     with model.continuous_batching_context_manager(generation_config=cfg, block=True, timeout=30, **cb) as manager:
-        _sync(args.device)
+        sync(_device(args))
         t = time.perf_counter()
         ids = [manager.add_request(p, max_new_tokens=n, eos_token_id=-1) for p, n in zip(w.prompts, w.output_lens)]
         done = 0
@@ -134,7 +134,7 @@ def run_hf_cb(model_path: str, w: Workload, args) -> dict:
             if result is not None and result.is_finished():
                 done += 1
                 produced += len(result.generated_tokens)
-        _sync(args.device)
+        sync(_device(args))
         elapsed = time.perf_counter() - t
     return {"elapsed_s": elapsed, "generated_tokens": produced}
 
@@ -150,11 +150,6 @@ def _torch_dtype(args) -> torch.dtype:
     if args.dtype == "auto":
         return torch.bfloat16 if _device(args) == "cuda" else torch.float32
     return getattr(torch, args.dtype)
-
-
-def _sync(device: str) -> None:
-    if torch.cuda.is_available() and device != "cpu":
-        torch.cuda.synchronize()
 
 
 def model_flops_per_token(model_path: str) -> tuple[float, int]:
