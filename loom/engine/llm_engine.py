@@ -68,11 +68,14 @@ class LLMEngine:
         self.dtype = config.torch_dtype()
         self.model_path = resolve_model(config.model)
         hf_config = load_hf_config(self.model_path)
-        self.max_model_len = min(config.max_model_len or hf_config.max_position_embeddings, hf_config.max_position_embeddings)
+        self.max_model_len = min(
+            config.max_model_len or hf_config.max_position_embeddings, hf_config.max_position_embeddings
+        )
         self.tokenizer = _load_tokenizer(self.model_path)
         self.eos_token_ids = _eos_ids(self.tokenizer, self.model_path)
         self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len)
-        self.model.decode_fn = _choose_decode_fn(config.attention_backend, self.device)
+        self.model.ops = _choose_ops(config.attention_backend, self.device)
+        self.model.ops.prepare(self.model)
         num_blocks = self._num_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill)
@@ -110,7 +113,9 @@ class LLMEngine:
             for i in range(params.n)
         ]
         detok = [new_state(prompt_token_ids) for _ in seqs]
-        self.requests[request_id] = _Request(request_id, prompt, prompt_token_ids, params, seqs, detok, RequestMetrics(now))
+        self.requests[request_id] = _Request(
+            request_id, prompt, prompt_token_ids, params, seqs, detok, RequestMetrics(now)
+        )
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -334,15 +339,16 @@ def _eos_ids(tokenizer, path) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _choose_decode_fn(backend: str, device: torch.device):
-    from loom.ops.attention import decode_attention_reference
+def _choose_ops(backend: str, device: torch.device):
+    """The fused C++ kernels on CPU when they build ("auto"), the plain-PyTorch reference otherwise or on request."""
+    from loom.ops.layers import TorchOps
 
     if backend == "torch" or device.type != "cpu":
-        return decode_attention_reference
+        return TorchOps()
     try:
-        from loom.ops.cpu_kernels import decode_attention_cpp
+        from loom.ops.cpu_kernels import CpuOps
     except ImportError:
         if backend == "cpp":
             raise
-        return decode_attention_reference
-    return decode_attention_cpp
+        return TorchOps()
+    return CpuOps()

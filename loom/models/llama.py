@@ -3,7 +3,9 @@
 Covers Llama 2/3 (incl. Llama-3 rope scaling), SmolLM2, Mistral and Qwen2 (q/k/v bias): RMSNorm, RoPE,
 grouped-query attention, SwiGLU, tied or untied embeddings. Tokens of all sequences in a step are one flat
 batch [T, D]; attention finds each sequence's keys through ``AttentionMetadata``. q/k/v and gate/up are fused
-into single matmuls at load time.
+into single matmuls at load time; everything between the matmuls goes through ``model.ops`` (``loom.ops.layers``),
+which the engine points at fused kernels where it can. The residual stream is carried beside the hidden state, as in
+vLLM, so the residual add and the next norm are one op.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.ops.attention import AttentionMetadata, DecodeFn, decode_attention_reference, paged_attention
+from loom.ops.attention import AttentionMetadata, paged_attention
+from loom.ops.layers import TorchOps, rms_norm_reference
 from loom.ops.rotary import RotaryEmbedding
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -76,31 +79,31 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Computed in float32 whatever the dtype, as HF does, so bf16 runs match the reference.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = self.head_dim**-0.5
 
-    def forward(self, x, positions, rotary, kv_cache, meta: AttentionMetadata, decode_fn: DecodeFn):
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, decode_fn)
-        return self.o_proj(out.reshape(t, self.q_size))
+    def forward(self, x, positions, rotary: RotaryEmbedding, kv_cache, meta: AttentionMetadata, ops: TorchOps):
+        k_cache, v_cache = kv_cache
+        q, k, v = ops.rotary_and_cache(
+            self.qkv_proj(x), positions, rotary.cos, rotary.sin, k_cache, v_cache, meta.slot_mapping,
+            self.num_heads, self.num_kv_heads,
+        )  # fmt: skip  # q [T, H, D], k/v [T, Hkv, D]
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, ops.decode_attention)
+        return self.o_proj(out.reshape(x.shape[0], self.q_size))
 
 
 class MLP(nn.Module):
@@ -110,9 +113,8 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -123,9 +125,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, rotary, kv_cache, meta, decode_fn):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta, decode_fn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rotary, kv_cache, meta, ops: TorchOps):
+        """x: this layer's input; residual: the stream before it (None for the first layer). HF computes
+        h = x + attn(norm(x)); out = h + mlp(norm(h)); here the adds ride with the norms."""
+        norm = self.input_layernorm
+        if residual is None:
+            residual, x = x, ops.rms_norm(x, norm.weight, norm.eps)
+        else:
+            x, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+        x = self.self_attn(x, positions, rotary, kv_cache, meta, ops)
+        norm = self.post_attention_layernorm
+        x, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+        return self.mlp(x, ops), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -137,7 +148,9 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
-        self.decode_fn: DecodeFn = decode_attention_reference
+        self.ops: TorchOps = TorchOps()
+        self.logits_proj: nn.Module | None = None
+        """Set by a backend that replaces the LM head matmul (``CpuOps.prepare`` packs it for oneDNN)."""
 
     def forward(
         self,
@@ -147,12 +160,15 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, D] after the final norm."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, self.rotary, kv_cache, meta, self.decode_fn)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, kv_cache, meta, self.ops)
+        x, _ = self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [S, D] (only the rows that sample) -> float32 logits [S, V]."""
+        if self.logits_proj is not None:
+            return self.logits_proj(hidden).float()
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()

@@ -2,9 +2,9 @@
 
 The cache of one layer is two tensors [num_blocks, block_size, Hkv, D]. A step's tokens are flat rows [T, ...]:
 first the decodes (one query each), then the prefill chunks. Each layer writes its new K/V into the cache slots
-(``slot_mapping``) *before* any attention reads, so a sequence may read blocks another sequence computes in the
-same step (prefix sharing). This module is the plain-PyTorch reference; ``loom.ops.cpu_kernels`` provides a fused
-decode kernel that must match it.
+(``slot_mapping``; ``loom.ops.layers.TorchOps.rotary_and_cache``) *before* any attention reads, so a sequence may
+read blocks another sequence computes in the same step (prefix sharing). This module is the plain-PyTorch
+reference; ``loom.ops.cpu_kernels`` provides a fused decode kernel that must match it.
 """
 
 from __future__ import annotations
@@ -103,10 +103,7 @@ def paged_attention(
     scale: float,
     decode_fn: DecodeFn = decode_attention_reference,
 ) -> torch.Tensor:
-    """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D]; writes k/v into the cache first."""
-    hkv, d = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
+    """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D]; this step's k/v are already in the cache."""
     if not meta.prefills:
         return decode_fn(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)

@@ -1,6 +1,6 @@
 """Fused CPU kernels, compiled on first use with torch's C++ extension builder (g++ and ninja; cached under
 ``TORCH_EXTENSIONS_DIR``, by default ~/.cache/torch_extensions). Importing this module raises ImportError when no
-compiler is available, and the engine falls back to the plain-PyTorch reference."""
+compiler is available, and the engine falls back to the plain-PyTorch reference (``loom.ops.layers.TorchOps``)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from loom.ops.attention import AttentionMetadata, decode_attention_reference
+from loom.ops.layers import TorchOps
 
-_SRC = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+_SRC = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
 
 
 @cache
@@ -23,18 +24,67 @@ def _extension():
     os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
     # -fopenmp: at::parallel_for is an inline `#pragma omp parallel`; without the flag it silently runs serially.
     flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
-    return load(
-        name="loom_paged_decode", sources=[str(_SRC)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False
-    )
+    return load(name="loom_cpu_ops", sources=[str(_SRC)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _fast(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
 
 def decode_attention_cpp(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """Same contract as ``decode_attention_reference``; float32 CPU tensors take the fused kernel."""
-    if q.dtype != torch.float32 or q.device.type != "cpu":
+    if not _fast(q):
         return decode_attention_reference(q, k_cache, v_cache, meta, scale)
     return _extension().paged_decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale)
+
+
+class CpuOps(TorchOps):
+    """``TorchOps``' contract in fused kernels for float32 CPU tensors; anything else takes the reference."""
+
+    name = "cpp"
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """float32 CPU models get their matmul weights packed for oneDNN (``loom.ops.packed_linear``), the LM head
+        too (tied or not)."""
+        from loom.ops.packed_linear import PackedLinear, pack_linears, packing_available
+
+        head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        if not (packing_available() and _fast(head)):
+            return
+        pack_linears(model.layers)
+        model.logits_proj = PackedLinear(head, None)
+        if model.lm_head is not None:
+            model.lm_head = None  # its weight now lives packed in logits_proj
+
+    @staticmethod
+    def decode_attention(q, k_cache, v_cache, meta, scale):
+        return decode_attention_cpp(q, k_cache, v_cache, meta, scale)
+
+    def rms_norm(self, x, weight, eps):
+        if not _fast(x, weight) or x.dim() != 2:
+            return super().rms_norm(x, weight, eps)
+        return _extension().rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        if not _fast(x, residual, weight) or x.dim() != 2 or not (x.is_contiguous() and residual.is_contiguous()):
+            return super().add_rms_norm(x, residual, weight, eps)
+        _extension().add_rms_norm_(x, residual, weight, eps)
+        return x, residual
+
+    def rotary_and_cache(self, qkv, positions, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads):
+        if not _fast(qkv, cos, k_cache) or qkv.stride(-1) != 1:
+            return super().rotary_and_cache(qkv, positions, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads)
+        _extension().rotary_cache_(qkv, positions, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads)
+        t, d = qkv.shape[0], cos.shape[-1]
+        q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+        return q.view(t, num_heads, d), k.view(t, num_kv_heads, d), v.view(t, num_kv_heads, d)
+
+    def silu_and_mul(self, gate_up):
+        if not _fast(gate_up) or gate_up.stride(-1) != 1:
+            return super().silu_and_mul(gate_up)
+        return _extension().silu_and_mul(gate_up)
 
 
 try:

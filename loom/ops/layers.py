@@ -1,0 +1,82 @@
+"""The per-layer ops of the Llama forward pass behind one interface, so a backend can fuse them.
+
+``TorchOps`` is the plain-PyTorch reference (any device, any dtype); ``loom.ops.cpu_kernels.CpuOps`` runs the
+same contract in fused C++ kernels for float32 on CPU. The model calls only these and the matmuls:
+
+    h = ops.rms_norm(x, w, eps)                     # first layer
+    h, residual = ops.add_rms_norm(x, residual, w, eps)
+    q, k, v = ops.rotary_and_cache(qkv, ...)        # rotary on q/k + writes k/v into the paged cache
+    attn = paged_attention(q, k, v, ..., ops.decode_attention)
+    h = ops.silu_and_mul(gate_up)
+
+Backends may reuse their inputs' memory (``add_rms_norm`` and ``rotary_and_cache`` do in ``CpuOps``): callers
+must not read an input after passing it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loom.ops.attention import decode_attention_reference
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF LlamaRMSNorm: computed in float32 whatever the dtype, so bf16 runs match the reference."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class TorchOps:
+    name = "torch"
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Adapt a freshly loaded model to this backend (the reference needs nothing)."""
+
+    @staticmethod
+    def decode_attention(q, k_cache, v_cache, meta, scale):
+        return decode_attention_reference(q, k_cache, v_cache, meta, scale)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm_reference(x, weight, eps)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(residual + x), residual + x)."""
+        residual = residual + x
+        return rms_norm_reference(residual, weight, eps), residual
+
+    def rotary_and_cache(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv: [T, (H + 2 Hkv) D] -> q [T, H, D], k [T, Hkv, D] rotated, v [T, Hkv, D]; k and v are written
+        into the cache slots (block * block_size + offset) before any attention reads them."""
+        t, d = qkv.shape[0], cos.shape[-1]
+        q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+        q, k, v = q.view(t, num_heads, d), k.view(t, num_kv_heads, d), v.view(t, num_kv_heads, d)
+        c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+        k_cache.view(-1, num_kv_heads, d).index_copy_(0, slots, k)
+        v_cache.view(-1, num_kv_heads, d).index_copy_(0, slots, v)
+        return q, k, v
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2I] (gate, up) -> silu(gate) * up [T, I]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up

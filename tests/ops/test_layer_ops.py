@@ -1,0 +1,82 @@
+"""The fused CPU kernels (loom.ops.cpu_kernels.CpuOps) against the plain-PyTorch reference (loom.ops.layers.TorchOps),
+op by op, on shapes that take both the serial path (decode-sized batches) and the threaded one (> 64 rows)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loom.ops.layers import TorchOps
+
+cpu_kernels = pytest.importorskip("loom.ops.cpu_kernels", reason="no C++ compiler: the reference path serves")
+ROWS = [1, 7, 37, 200]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    return cpu_kernels.CpuOps(), TorchOps()
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_rms_norm_matches_reference(ops, rows):
+    fused, ref = ops
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 576, generator=g) * 3
+    w = torch.randn(576, generator=g)
+    torch.testing.assert_close(fused.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_add_rms_norm_matches_reference_and_updates_residual(ops, rows):
+    fused, ref = ops
+    g = torch.Generator().manual_seed(rows)
+    x, residual, w = (
+        torch.randn(rows, 100, generator=g),
+        torch.randn(rows, 100, generator=g),
+        torch.randn(100, generator=g),
+    )
+    want_out, want_residual = ref.add_rms_norm(x.clone(), residual.clone(), w, 1e-6)
+    out, new_residual = fused.add_rms_norm(x.clone(), residual.clone(), w, 1e-6)
+    torch.testing.assert_close(new_residual, want_residual, rtol=0, atol=0)  # one float add: exact
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_rotary_and_cache_matches_reference(ops, rows):
+    fused, ref = ops
+    heads, kv_heads, d, block_size, blocks = 9, 3, 64, 16, 64
+    g = torch.Generator().manual_seed(rows)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d, generator=g)
+    positions = torch.randint(0, 500, (rows,), generator=g)
+    angles = torch.arange(512.0)[:, None] * torch.rand(d // 2, generator=g)[None, :]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    slots = torch.randperm(blocks * block_size, generator=g)[:rows]
+    caches = [torch.zeros(blocks, block_size, kv_heads, d) for _ in range(4)]
+
+    want = ref.rotary_and_cache(qkv.clone(), positions, cos, sin, caches[0], caches[1], slots, heads, kv_heads)
+    got = fused.rotary_and_cache(qkv.clone(), positions, cos, sin, caches[2], caches[3], slots, heads, kv_heads)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[2], caches[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[3], caches[1], rtol=0, atol=0)  # v is copied as is
+    written = caches[2].view(-1, kv_heads, d)[slots]
+    assert written.abs().sum(dim=(1, 2)).min() > 0, "every slot of the step was written"
+    assert caches[2].view(-1, kv_heads, d).abs().sum(dim=(1, 2)).count_nonzero() == rows, "and no other slot"
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_silu_and_mul_matches_reference(ops, rows):
+    fused, ref = ops
+    g = torch.Generator().manual_seed(rows)
+    gate_up = torch.randn(rows, 2 * 1540, generator=g) * 8  # 1540: a tail past the 8-wide vector loop
+    gate_up[0, :4] = torch.tensor([-120.0, 120.0, 0.0, -1e-8])  # far tails of exp in both directions
+    torch.testing.assert_close(fused.silu_and_mul(gate_up), ref.silu_and_mul(gate_up), rtol=1e-5, atol=1e-5)
+
+
+def test_non_float32_falls_back_to_the_reference(ops):
+    fused, ref = ops
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    w = torch.ones(64, dtype=torch.bfloat16)
+    assert torch.equal(fused.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5))
+    gate_up = torch.randn(5, 64, dtype=torch.bfloat16)
+    assert torch.equal(fused.silu_and_mul(gate_up), ref.silu_and_mul(gate_up))
