@@ -80,3 +80,32 @@ def test_non_float32_falls_back_to_the_reference(ops):
     assert torch.equal(fused.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5))
     gate_up = torch.randn(5, 64, dtype=torch.bfloat16)
     assert torch.equal(fused.silu_and_mul(gate_up), ref.silu_and_mul(gate_up))
+
+
+@pytest.mark.parametrize("block_size,kv_heads,head_dim", [(16, 3, 64), (4, 2, 24), (8, 4, 64)])
+def test_paged_decode_matches_gather_and_sdpa(ops, block_size, kv_heads, head_dim):
+    from loom.ops.attention import AttentionMetadata
+
+    fused, ref = ops
+    g = torch.Generator().manual_seed(block_size)
+    heads, blocks = kv_heads * 3, 256
+    lens = [1, 5, block_size, block_size + 1, 37, 130, 300]  # partial, exact and multi-block contexts
+    tables, free = [], torch.randperm(blocks, generator=g).tolist()  # scattered, non-contiguous blocks
+    for n in lens:
+        tables.append([free.pop() for _ in range(-(-n // block_size))])
+    width = max(len(t) for t in tables)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(len(lens), dtype=torch.long),
+        num_decodes=len(lens),
+        decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        decode_seq_lens=torch.tensor(lens, dtype=torch.int32),
+        prefills=[],
+        block_size=block_size,
+    )
+    k_cache = torch.randn(blocks, block_size, kv_heads, head_dim, generator=g) * 2
+    v_cache = torch.randn(blocks, block_size, kv_heads, head_dim, generator=g)
+    q = torch.randn(len(lens), heads, head_dim, generator=g) * 2
+    scale = head_dim**-0.5
+    got = fused.decode_attention(q, k_cache, v_cache, meta, scale)
+    want = ref.decode_attention(q, k_cache, v_cache, meta, scale)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

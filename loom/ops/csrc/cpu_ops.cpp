@@ -95,30 +95,16 @@ inline float exp_sub_sum(float* sc, int64_t n, float mx) {
   return sum;
 }
 
-// out[0:64] = sum_t p[t] * v_t for the rows of one head, accumulated in registers (D == 64).
-template <typename RowAt>
-inline void weighted_sum64(float* out, const float* p, int64_t n, RowAt row_at) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  for (int64_t t = 0; t < n; ++t) {
-    const float* v = row_at(t);
+// out[0:64] = corr * out[0:64] + sum_t p[t] * v_t over the rows of one head, accumulated in registers (D == 64).
+inline void weighted_sum64(float* out, float corr, const float* p, int64_t n, const float* v, int64_t stride) {
+  const __m256 c = _mm256_set1_ps(corr);
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_mul_ps(c, _mm256_loadu_ps(out + 8 * j));
+  for (int64_t t = 0; t < n; ++t, v += stride) {
     const __m256 w = _mm256_set1_ps(p[t]);
-    a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v), a0);
-    a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8), a1);
-    a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 16), a2);
-    a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 24), a3);
-    a4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 32), a4);
-    a5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 40), a5);
-    a6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 48), a6);
-    a7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 56), a7);
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), a[j]);
   }
-  _mm256_storeu_ps(out, a0);
-  _mm256_storeu_ps(out + 8, a1);
-  _mm256_storeu_ps(out + 16, a2);
-  _mm256_storeu_ps(out + 24, a3);
-  _mm256_storeu_ps(out + 32, a4);
-  _mm256_storeu_ps(out + 40, a5);
-  _mm256_storeu_ps(out + 48, a6);
-  _mm256_storeu_ps(out + 56, a7);
+  for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + 8 * j, a[j]);
 }
 
 inline void axpy(float* y, float alpha, const float* x, int64_t n) {
@@ -137,13 +123,10 @@ inline float exp_sub_sum(float* sc, int64_t n, float mx) {
   return sum;
 }
 
-template <typename RowAt>
-inline void weighted_sum64(float* out, const float* p, int64_t n, RowAt row_at) {
-  std::fill(out, out + 64, 0.f);
-  for (int64_t t = 0; t < n; ++t) {
-    const float* v = row_at(t);
+inline void weighted_sum64(float* out, float corr, const float* p, int64_t n, const float* v, int64_t stride) {
+  for (int d = 0; d < 64; ++d) out[d] *= corr;
+  for (int64_t t = 0; t < n; ++t, v += stride)
     for (int d = 0; d < 64; ++d) out[d] += p[t] * v[d];
-  }
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -180,54 +163,63 @@ torch::Tensor paged_decode(
   float* op = out.data_ptr<float>();
   const float s = static_cast<float>(scale);
   const int64_t row = HKV * D;  // stride between consecutive token slots
+  const bool fast = kHaveDot8 && D % 8 == 0;
 
-  // One work item per sequence: its K/V blocks are read front to back once, all heads of a token together.
+  // One work item per sequence: its K and V blocks are streamed once, block by block, every head of a block
+  // handled while the block is in L1 (a block's rows are contiguous: the hardware prefetchers follow them), with
+  // an online softmax per query head (running max m and sum l; the output accumulates in place and is rescaled
+  // when the max grows), so no score array spans the whole context. Query heads h*G .. h*G+G-1 share KV head h.
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(H * std::max<int64_t>(MB * BS, 1));
+    std::vector<float> sc(BS), m(H), l(H);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t len = sl[b];
       const float* qb = qp + b * H * D;  // [H, D]
-      float* ob = op + b * H * D;
-      // Pass 1: scaled scores [H, len]; each K block is read once, 8 rows at a time for every head.
-      const bool fast = kHaveDot8 && D % 8 == 0 && BS % 8 == 0;
+      float* ob = op + b * H * D;        // [H, D]
+      std::fill(ob, ob + H * D, 0.f);
+      std::fill(m.begin(), m.end(), -INFINITY);
+      std::fill(l.begin(), l.end(), 0.f);
       for (int64_t t0 = 0; t0 < len; t0 += BS) {
-        const float* blk = kp + static_cast<int64_t>(bt[b * MB + t0 / BS]) * BS * row;
-        const int64_t n = std::min(BS, len - t0);
-        int64_t i = 0;
-        if (fast)
-          for (; i + 8 <= n; i += 8)
-            for (int64_t hq = 0; hq < H; ++hq)
-              dot8(qb + hq * D, blk + i * row + (hq / G) * D, row, D, s, scores.data() + hq * len + t0 + i);
-        for (; i < n; ++i)
-          for (int64_t hq = 0; hq < H; ++hq)
-            scores[hq * len + t0 + i] = dot(qb + hq * D, blk + i * row + (hq / G) * D, D) * s;
-      }
-      // Softmax per head.
-      for (int64_t hq = 0; hq < H; ++hq) {
-        float* sc = scores.data() + hq * len;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < len; ++t) mx = std::max(mx, sc[t]);
-        const float inv = 1.f / exp_sub_sum(sc, len, mx);
-        for (int64_t t = 0; t < len; ++t) sc[t] *= inv;
-      }
-      // Pass 2: out[h] = sum_t p[h, t] * v[t, h / G].
-      if (D == 64) {
-        for (int64_t hq = 0; hq < H; ++hq) {
-          const float* vh = vp + (hq / G) * D;
-          weighted_sum64(ob + hq * D, scores.data() + hq * len, len, [&](int64_t t) {
-            return vh + (static_cast<int64_t>(bt[b * MB + t / BS]) * BS + t % BS) * row;
-          });
+        const int64_t block = bt[b * MB + t0 / BS], n = std::min(BS, len - t0);
+        // The next block starts at an unrelated address, a stream the hardware prefetcher can't guess: prefetch it
+        // here, a slice per head so the requests spread over this block's work instead of stalling at once.
+        const float* kn = nullptr;
+        const float* vn = nullptr;
+        int64_t next_floats = 0, slice = 0;
+        if (t0 + BS < len) {
+          const int64_t next = bt[b * MB + t0 / BS + 1];
+          kn = kp + next * BS * row;
+          vn = vp + next * BS * row;
+          next_floats = std::min(BS, len - t0 - BS) * row;
+          slice = ((next_floats + H - 1) / H + 15) / 16 * 16;
         }
-      } else {
-        std::fill(ob, ob + H * D, 0.f);
-        for (int64_t t0 = 0; t0 < len; t0 += BS) {
-          const float* blk = vp + static_cast<int64_t>(bt[b * MB + t0 / BS]) * BS * row;
-          const int64_t n = std::min(BS, len - t0);
-          for (int64_t i = 0; i < n; ++i) {
-            const float* v = blk + i * row;
-            for (int64_t hq = 0; hq < H; ++hq) axpy(ob + hq * D, scores[hq * len + t0 + i], v + (hq / G) * D, D);
+        for (int64_t h = 0; h < H; ++h) {
+          for (int64_t off = h * slice; off < std::min((h + 1) * slice, next_floats); off += 16) {
+            __builtin_prefetch(kn + off, 0, 2);
+            __builtin_prefetch(vn + off, 0, 2);
+          }
+          const float* kb = kp + block * BS * row + (h / G) * D;  // token i of the block at kb + i * row
+          const float* vb = vp + block * BS * row + (h / G) * D;
+          float* sh = sc.data();
+          int64_t i = 0;
+          if (fast)
+            for (; i + 8 <= n; i += 8) dot8(qb + h * D, kb + i * row, row, D, s, sh + i);
+          for (; i < n; ++i) sh[i] = dot(qb + h * D, kb + i * row, D) * s;
+          const float m_new = std::max(m[h], *std::max_element(sh, sh + n));
+          const float corr = std::exp(m[h] - m_new);  // 0 on the first block (m = -inf)
+          l[h] = l[h] * corr + exp_sub_sum(sh, n, m_new);
+          m[h] = m_new;
+          float* oh = ob + h * D;
+          if (D == 64) {
+            weighted_sum64(oh, corr, sh, n, vb, row);
+          } else {
+            for (int64_t d = 0; d < D; ++d) oh[d] *= corr;
+            for (int64_t t = 0; t < n; ++t) axpy(oh, sh[t], vb + t * row, D);
           }
         }
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const float inv = 1.f / l[h];
+        for (int64_t d = 0; d < D; ++d) ob[h * D + d] *= inv;
       }
     }
   });
