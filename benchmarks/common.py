@@ -14,17 +14,19 @@ import torch
 def matmul_peak_gflops(size: int = 2048, repeats: int = 5, device: str = "cpu", dtype=torch.float32) -> float:
     """Best-of-``repeats`` GFLOP/s of one square matmul: the machine's practical peak for this dtype, now.
 
-    On CPU in float32 the better of two libraries: MKL (``a @ b``) and oneDNN with a pre-packed weight (the path
-    Loom's engine uses, ``loom.ops.packed_linear``); on these AMD cores oneDNN runs ~15% faster, and a peak taken
-    from the slower library would flatter the fraction."""
+    On CPU in float32 the best of MKL (``a @ b``), oneDNN with a pre-packed weight and Loom's own panel kernel
+    (``loom.ops.packed_linear``, when built with AVX-512); on these AMD cores MKL is ~15% slower than the others,
+    and a peak taken from the slowest library would flatter the fraction."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     candidates = [lambda: a @ b]
     if device == "cpu" and dtype == torch.float32:
-        from loom.ops.packed_linear import PackedLinear, packing_available
+        from loom.ops.packed_linear import PackedLinear, _panel_extension, packing_available
 
         if packing_available():
-            candidates.append(lambda layer=PackedLinear(b, None): layer(a))
+            candidates.append(lambda layer=PackedLinear(b, None, "onednn"): layer(a))
+        if _panel_extension() is not None:
+            candidates.append(lambda layer=PackedLinear(b, None, "panel"): layer(a))
     best = float("inf")
     for fn in candidates:
         for _ in range(repeats + 1):

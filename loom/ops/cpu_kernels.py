@@ -46,8 +46,8 @@ class CpuOps(TorchOps):
     name = "cpp"
 
     def prepare(self, model: torch.nn.Module) -> None:
-        """float32 CPU models get their matmul weights packed for oneDNN (``loom.ops.packed_linear``), the LM head
-        too (tied or not)."""
+        """float32 CPU models get their matmul weights packed (``loom.ops.packed_linear``: the AVX-512 panel kernel
+        or oneDNN), the LM head too (tied or not)."""
         from loom.ops.packed_linear import PackedLinear, pack_linears, packing_available
 
         head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight

@@ -109,3 +109,19 @@ def test_paged_decode_matches_gather_and_sdpa(ops, block_size, kv_heads, head_di
     got = fused.decode_attention(q, k_cache, v_cache, meta, scale)
     want = ref.decode_attention(q, k_cache, v_cache, meta, scale)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["onednn", "panel"])
+@pytest.mark.parametrize("rows", [1, 5, 8, 37, 130])
+def test_packed_linear_matches_f_linear(backend, rows):
+    from loom.ops.packed_linear import PackedLinear, _panel_extension, packing_available
+
+    if backend == "panel" and _panel_extension() is None or backend == "onednn" and not packing_available():
+        pytest.skip(f"{backend} is not available on this CPU / build (the engine then uses the other backend)")
+    g = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(100, 72, generator=g), torch.randn(100, generator=g)  # 100: a partial panel
+    x = torch.randn(rows, 72, generator=g)
+    for b in (bias, None):
+        layer = PackedLinear(weight, b, backend)
+        assert layer.backend == backend
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)

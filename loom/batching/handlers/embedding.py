@@ -53,7 +53,7 @@ class EmbeddingHandler(Handler):
 
             self.model = PackedBert.from_pretrained(folder, dtype=torch.float32)
             if packing_available():  # oneDNN with pre-packed weights: ~15% faster than MKL here (packed_linear.py)
-                pack_linears(self.model)
+                pack_linears(self.model, backend="onednn")  # not the panel kernel: no C++ build in a worker's startup
         else:
             from transformers import AutoModel
 

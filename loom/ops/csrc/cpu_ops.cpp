@@ -368,10 +368,137 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
   return out;
 }
 
+
+// ---- panel matmul --------------------------------------------------------------------------------------------------
+// y[M, N] = x[M, K] W^T + b. W is packed once into panels of kPanel output columns, K-major ([N/kPanel][K][kPanel]):
+// a panel streams from memory once per call and is reused from L2 by every tile of rows; each k step loads 2 weight
+// vectors and broadcasts one input per row of the tile into 2 accumulators per row (the register tile of a BLIS
+// micro-kernel). With AVX-512 (32 registers, 8 x 32 tiles) it ran 15-55% faster than oneDNN's packed matmuls on
+// these cores for 8-128 rows and on par for 256-2048 (oneDNN stays on AVX2 here); AVX2 alone it loses past ~8 rows,
+// so the Python side uses it only where has_avx512() says so.
+namespace {
+#if defined(__AVX512F__)
+// 32 output columns = 2 zmm per row; tiles of up to 8 rows: 16 accumulators, 2 weight loads and 8 broadcasts per k.
+constexpr int64_t kPanel = 32;
+constexpr int kMaxRows = 8;
+template <int MR>
+inline void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t K, float* out) {
+  __m512 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 w0 = _mm512_loadu_ps(panel + k * kPanel), w1 = _mm512_loadu_ps(panel + k * kPanel + 16);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xb = _mm512_set1_ps(x[i * ldx + k]);
+      acc[i][0] = _mm512_fmadd_ps(xb, w0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(xb, w1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    _mm512_storeu_ps(out + i * kPanel, acc[i][0]);
+    _mm512_storeu_ps(out + i * kPanel + 16, acc[i][1]);
+  }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+// 16 output columns = 2 ymm per row; tiles of up to 6 rows: 12 of the 16 registers accumulate.
+constexpr int64_t kPanel = 16;
+constexpr int kMaxRows = 6;
+template <int MR>
+inline void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t K, float* out) {
+  __m256 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(panel + k * kPanel), w1 = _mm256_loadu_ps(panel + k * kPanel + 8);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xb = _mm256_broadcast_ss(x + i * ldx + k);
+      acc[i][0] = _mm256_fmadd_ps(xb, w0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(xb, w1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_ps(out + i * kPanel, acc[i][0]);
+    _mm256_storeu_ps(out + i * kPanel + 8, acc[i][1]);
+  }
+}
+#else
+constexpr int64_t kPanel = 16;
+constexpr int kMaxRows = 6;
+template <int MR>
+inline void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t K, float* out) {
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kPanel; ++j) {
+      float a = 0.f;
+      for (int64_t k = 0; k < K; ++k) a += x[i * ldx + k] * panel[k * kPanel + j];
+      out[i * kPanel + j] = a;
+    }
+}
+#endif
+
+inline void panel_rows(int rows, const float* x, int64_t ldx, const float* panel, int64_t K, float* out16) {
+  switch (rows) {
+#if defined(__AVX512F__)
+    case 8: return panel_tile<8>(x, ldx, panel, K, out16);
+    case 7: return panel_tile<7>(x, ldx, panel, K, out16);
+#endif
+    case 6: return panel_tile<6>(x, ldx, panel, K, out16);
+    case 5: return panel_tile<5>(x, ldx, panel, K, out16);
+    case 4: return panel_tile<4>(x, ldx, panel, K, out16);
+    case 3: return panel_tile<3>(x, ldx, panel, K, out16);
+    case 2: return panel_tile<2>(x, ldx, panel, K, out16);
+    default: return panel_tile<1>(x, ldx, panel, K, out16);
+  }
+}
+}  // namespace
+
+// weight [N, K] -> panels [ceil(N / kPanel), K, kPanel], zero-padded past N.
+torch::Tensor pack_panels(torch::Tensor weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32, "pack_panels: [N, K] float32");
+  const int64_t N = weight.size(0), K = weight.size(1), P = (N + kPanel - 1) / kPanel;
+  auto padded = torch::zeros({P * kPanel, K}, weight.options());
+  padded.narrow(0, 0, N).copy_(weight);
+  return padded.view({P, kPanel, K}).transpose(1, 2).contiguous();  // [P, K, kPanel]
+}
+
+// x [M, K] (rows contiguous), panels from pack_panels, N the real output width -> y [M, N].
+torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t N, c10::optional<torch::Tensor> bias) {
+  check_rows(x, "panel_linear");
+  TORCH_CHECK(panels.is_contiguous() && panels.size(1) == x.size(1) && panels.size(2) == kPanel, "panel_linear: shapes");
+  const int64_t M = x.size(0), K = x.size(1), ldx = x.stride(0), P = panels.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = panels.data_ptr<float>();
+  const float* bp = bias && bias->defined() ? bias->contiguous().data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, P, 4, [&](int64_t begin, int64_t end) {
+    float tile[kMaxRows * kPanel];
+    for (int64_t p = begin; p < end; ++p) {
+      const float* panel = wp + p * K * kPanel;
+      const int64_t n0 = p * kPanel, width = std::min(kPanel, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
+        panel_rows(rows, xp + m0 * ldx, ldx, panel, K, tile);
+        for (int i = 0; i < rows; ++i) {
+          float* yr = yp + (m0 + i) * N + n0;
+          for (int64_t j = 0; j < width; ++j) yr[j] = tile[i * kPanel + j] + (bp ? bp[n0 + j] : 0.f);
+        }
+      }
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged attention decode (CPU)");
   m.def("rms_norm", &rms_norm, "RMSNorm over rows");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = RMSNorm(residual), in place");
   m.def("rotary_cache_", &rotary_cache_, "rotary q/k in place + k/v cache write");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  m.def("pack_panels", &pack_panels, "pack a [N, K] weight into kPanel-column panels");
+  m.def("has_avx512", [] {
+#if defined(__AVX512F__)
+    return true;
+#else
+    return false;
+#endif
+  }, "whether the panel matmul was built with AVX-512");
+  m.def("panel_linear", &panel_linear, "x W^T + b for few rows, W from pack_panels");
 }
