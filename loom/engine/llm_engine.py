@@ -105,7 +105,7 @@ class LLMEngine:
         if prompt_token_ids is None:
             if not isinstance(prompt, str):
                 raise ValueError("a prompt is a string or {'prompt_token_ids': [...]}")
-            prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            prompt_token_ids = self.tokenizer.encode(prompt)  # with the tokenizer's BOS where it adds one, as vLLM
         params = self._validate(prompt_token_ids, params)
         now = arrival_time or time.time()
         seqs = [

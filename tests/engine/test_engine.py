@@ -178,3 +178,34 @@ def test_loom_generate_cli(tiny_llama):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert '"finish_reason": "length"' in proc.stdout
+
+
+def test_string_prompts_get_the_tokenizers_bos_and_chat_prompts_do_not_get_two(tmp_path, smollm2_path):
+    """As vLLM and HF encode them: a string prompt with the tokenizer's special tokens (Llama's BOS), a chat prompt
+    exactly as the chat template writes it."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from tests.conftest import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "bos-llama", smollm2_path)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    bos = tok.convert_tokens_to_ids("<|im_start|>")  # SmolLM2's bos_token; its tokenizer adds none by default
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)]
+    )
+    tok.save_pretrained(path)
+    text = "The quick brown fox"
+    expected = AutoTokenizer.from_pretrained(str(path))(text)["input_ids"]
+    assert expected[0] == bos and len(expected) > 1
+
+    llm = LLM(str(path), num_kv_blocks=64)
+    out = llm.generate(text, SamplingParams(max_tokens=2, temperature=0))[0]
+    assert out.prompt_token_ids == expected
+
+    messages = [{"role": "user", "content": text}]
+    chat = llm.chat(messages, SamplingParams(max_tokens=2, temperature=0))[0]
+    templated = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    templated = list(templated["input_ids"] if hasattr(templated, "keys") else templated)
+    assert chat.prompt_token_ids == templated
+    assert chat.prompt_token_ids[:2] != [bos, bos]

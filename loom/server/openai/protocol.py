@@ -155,7 +155,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = False
+    add_special_tokens: bool = True  # for `prompt`, as /v1/completions encodes it (vLLM's default too)
     add_generation_prompt: bool = True
 
 

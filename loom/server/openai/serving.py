@@ -45,7 +45,9 @@ class ServingContext:
                               param="model", code="model_not_found")
 
     def encode(self, text: str) -> list[int]:
-        return list(self.front.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """A completions prompt, with the tokenizer's special tokens (Llama's BOS) as vLLM and HF encode it; chat
+        prompts come from the chat template, which writes its own."""
+        return list(self.front.tokenizer(text)["input_ids"])
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         tok = self.front.tokenizer
