@@ -21,11 +21,11 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 5, device: str = "cpu", 
     b = torch.randn(size, size, device=device, dtype=dtype)
     candidates = [lambda: a @ b]
     if device == "cpu" and dtype == torch.float32:
-        from loom.ops.packed_linear import PackedLinear, _panel_extension, packing_available
+        from loom.ops.packed_linear import PackedLinear, packing_available, panel_available
 
         if packing_available():
             candidates.append(lambda layer=PackedLinear(b, None, "onednn"): layer(a))
-        if _panel_extension() is not None:
+        if panel_available():
             candidates.append(lambda layer=PackedLinear(b, None, "panel"): layer(a))
     best = float("inf")
     for fn in candidates:

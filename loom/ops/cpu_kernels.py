@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from loom.ops.attention import AttentionMetadata, decode_attention_reference
-from loom.ops.layers import TorchOps
+from loom.ops.layers import TorchOps, split_qkv
 
 _SRC = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
 
@@ -47,11 +47,12 @@ class CpuOps(TorchOps):
 
     def prepare(self, model: torch.nn.Module) -> None:
         """float32 CPU models get their matmul weights packed (``loom.ops.packed_linear``: the AVX-512 panel kernel
-        or oneDNN), the LM head too (tied or not)."""
-        from loom.ops.packed_linear import PackedLinear, pack_linears, packing_available
+        or oneDNN), the LM head too (tied or not: a tied head keeps the embedding table for lookups beside its packed
+        copy)."""
+        from loom.ops.packed_linear import PackedLinear, pack_linears, packing_available, panel_available
 
         head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-        if not (packing_available() and _fast(head)):
+        if not ((panel_available() or packing_available()) and _fast(head)):
             return
         pack_linears(model.layers)
         model.logits_proj = PackedLinear(head, None)
@@ -77,9 +78,7 @@ class CpuOps(TorchOps):
         if not _fast(qkv, cos, k_cache) or qkv.stride(-1) != 1:
             return super().rotary_and_cache(qkv, positions, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads)
         _extension().rotary_cache_(qkv, positions, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads)
-        t, d = qkv.shape[0], cos.shape[-1]
-        q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
-        return q.view(t, num_heads, d), k.view(t, num_kv_heads, d), v.view(t, num_kv_heads, d)
+        return split_qkv(qkv, cos.shape[-1], num_heads, num_kv_heads)
 
     def silu_and_mul(self, gate_up):
         if not _fast(gate_up) or gate_up.stride(-1) != 1:

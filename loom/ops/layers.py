@@ -28,6 +28,15 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * xf.to(x.dtype)
 
 
+def split_qkv(
+    qkv: torch.Tensor, head_dim: int, num_heads: int, num_kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[T, (H + 2 Hkv) D] fused projection rows -> views q [T, H, D], k [T, Hkv, D], v [T, Hkv, D]."""
+    t = qkv.shape[0]
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    return q.view(t, num_heads, head_dim), k.view(t, num_kv_heads, head_dim), v.view(t, num_kv_heads, head_dim)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -67,9 +76,8 @@ class TorchOps:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """qkv: [T, (H + 2 Hkv) D] -> q [T, H, D], k [T, Hkv, D] rotated, v [T, Hkv, D]; k and v are written
         into the cache slots (block * block_size + offset) before any attention reads them."""
-        t, d = qkv.shape[0], cos.shape[-1]
-        q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
-        q, k, v = q.view(t, num_heads, d), k.view(t, num_kv_heads, d), v.view(t, num_kv_heads, d)
+        d = cos.shape[-1]
+        q, k, v = split_qkv(qkv, d, num_heads, num_kv_heads)
         c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
         q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
         k_cache.view(-1, num_kv_heads, d).index_copy_(0, slots, k)

@@ -23,13 +23,17 @@ def packing_available() -> bool:
 
 
 def _panel_extension():
-    """The compiled kernels when they have the AVX-512 panel matmul, else None."""
+    """The compiled kernels when they have the panel matmul (AVX-512 builds), else None."""
     try:
         from loom.ops.cpu_kernels import _extension
     except ImportError:
         return None
     ext = _extension()
     return ext if ext.has_avx512() else None
+
+
+def panel_available() -> bool:
+    return _panel_extension() is not None
 
 
 class PackedLinear(nn.Module):

@@ -374,10 +374,11 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
 // a panel streams from memory once per call and is reused from L2 by every tile of rows; each k step loads 2 weight
 // vectors and broadcasts one input per row of the tile into 2 accumulators per row (the register tile of a BLIS
 // micro-kernel). With AVX-512 (32 registers, 8 x 32 tiles) it ran 15-55% faster than oneDNN's packed matmuls on
-// these cores for 8-128 rows and on par for 256-2048 (oneDNN stays on AVX2 here); AVX2 alone it loses past ~8 rows,
-// so the Python side uses it only where has_avx512() says so.
-namespace {
+// these cores for 8-128 rows and on par for 256-2048 (oneDNN stays on AVX2 here). An AVX2 variant (6 x 16 tiles)
+// lost to oneDNN past ~8 rows, so the panel matmul exists only in AVX-512 builds; has_avx512() tells the Python side
+// (loom/ops/packed_linear.py), which uses oneDNN otherwise.
 #if defined(__AVX512F__)
+namespace {
 // 32 output columns = 2 zmm per row; tiles of up to 8 rows: 16 accumulators, 2 weight loads and 8 broadcasts per k.
 constexpr int64_t kPanel = 32;
 constexpr int kMaxRows = 8;
@@ -398,53 +399,17 @@ inline void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t 
     _mm512_storeu_ps(out + i * kPanel + 16, acc[i][1]);
   }
 }
-#elif defined(__AVX2__) && defined(__FMA__)
-// 16 output columns = 2 ymm per row; tiles of up to 6 rows: 12 of the 16 registers accumulate.
-constexpr int64_t kPanel = 16;
-constexpr int kMaxRows = 6;
-template <int MR>
-inline void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t K, float* out) {
-  __m256 acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(panel + k * kPanel), w1 = _mm256_loadu_ps(panel + k * kPanel + 8);
-    for (int i = 0; i < MR; ++i) {
-      const __m256 xb = _mm256_broadcast_ss(x + i * ldx + k);
-      acc[i][0] = _mm256_fmadd_ps(xb, w0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(xb, w1, acc[i][1]);
-    }
-  }
-  for (int i = 0; i < MR; ++i) {
-    _mm256_storeu_ps(out + i * kPanel, acc[i][0]);
-    _mm256_storeu_ps(out + i * kPanel + 8, acc[i][1]);
-  }
-}
-#else
-constexpr int64_t kPanel = 16;
-constexpr int kMaxRows = 6;
-template <int MR>
-inline void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t K, float* out) {
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kPanel; ++j) {
-      float a = 0.f;
-      for (int64_t k = 0; k < K; ++k) a += x[i * ldx + k] * panel[k * kPanel + j];
-      out[i * kPanel + j] = a;
-    }
-}
-#endif
 
-inline void panel_rows(int rows, const float* x, int64_t ldx, const float* panel, int64_t K, float* out16) {
+inline void panel_rows(int rows, const float* x, int64_t ldx, const float* panel, int64_t K, float* out) {
   switch (rows) {
-#if defined(__AVX512F__)
-    case 8: return panel_tile<8>(x, ldx, panel, K, out16);
-    case 7: return panel_tile<7>(x, ldx, panel, K, out16);
-#endif
-    case 6: return panel_tile<6>(x, ldx, panel, K, out16);
-    case 5: return panel_tile<5>(x, ldx, panel, K, out16);
-    case 4: return panel_tile<4>(x, ldx, panel, K, out16);
-    case 3: return panel_tile<3>(x, ldx, panel, K, out16);
-    case 2: return panel_tile<2>(x, ldx, panel, K, out16);
-    default: return panel_tile<1>(x, ldx, panel, K, out16);
+    case 8: return panel_tile<8>(x, ldx, panel, K, out);
+    case 7: return panel_tile<7>(x, ldx, panel, K, out);
+    case 6: return panel_tile<6>(x, ldx, panel, K, out);
+    case 5: return panel_tile<5>(x, ldx, panel, K, out);
+    case 4: return panel_tile<4>(x, ldx, panel, K, out);
+    case 3: return panel_tile<3>(x, ldx, panel, K, out);
+    case 2: return panel_tile<2>(x, ldx, panel, K, out);
+    default: return panel_tile<1>(x, ldx, panel, K, out);
   }
 }
 }  // namespace
@@ -485,6 +450,7 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t N, c10
   });
   return y;
 }
+#endif  // __AVX512F__
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged attention decode (CPU)");
@@ -492,13 +458,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = RMSNorm(residual), in place");
   m.def("rotary_cache_", &rotary_cache_, "rotary q/k in place + k/v cache write");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
-  m.def("pack_panels", &pack_panels, "pack a [N, K] weight into kPanel-column panels");
-  m.def("has_avx512", [] {
 #if defined(__AVX512F__)
-    return true;
+  m.def("pack_panels", &pack_panels, "pack a [N, K] weight into kPanel-column panels");
+  m.def("panel_linear", &panel_linear, "x W^T + b, W from pack_panels");
+  m.def("has_avx512", [] { return true; }, "whether the panel matmul was built (it needs AVX-512)");
 #else
-    return false;
+  m.def("has_avx512", [] { return false; }, "whether the panel matmul was built (it needs AVX-512)");
 #endif
-  }, "whether the panel matmul was built with AVX-512");
-  m.def("panel_linear", &panel_linear, "x W^T + b for few rows, W from pack_panels");
 }
