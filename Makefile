@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install model serve chat test test-fast lint bench finetune-demo clean image-deps image-demo
+.PHONY: install model serve chat test test-fast fuzz faults lint bench finetune-demo clean image-deps image-demo
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,14 @@ test: model image-deps
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# Security: a longer schema-fuzzing run than make test's (25 requests per operation and mode), and the fault runs
+# with their figures (docs/security.md).
+fuzz: model image-deps
+	LOOM_FUZZ_EXAMPLES=300 $(PY) -m pytest -q tests/security/test_fuzz.py
+
+faults: model
+	$(PY) benchmarks/faults.py all --out results/faults.json
 
 lint: install
 	$(VENV)/bin/ruff check .

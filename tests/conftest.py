@@ -1,4 +1,4 @@
-"""Shared fixtures: offline mode, tiny random Llama-family folders, the packaged SmolLM2 folder."""
+"""Shared fixtures: offline mode, tiny random Llama-family folders, the packaged SmolLM2 folder, a tiny image engine."""
 
 from __future__ import annotations
 
@@ -19,23 +19,27 @@ def smollm2_path():
 
 def save_tiny_model(path, smollm2_path, arch: str = "llama", **overrides):
     """A tiny random model of the given family with SmolLM2's tokenizer and chat template, saved as an HF folder."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from loom.models.tiny import save_tiny_model as save
 
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, initializer_range=0.2,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )  # fmt: skip
-    common.update(overrides)
-    cfg_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
-    model = model_cls(cfg_cls(**common)).eval()
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(str(smollm2_path)).save_pretrained(path)
-    return path
+    return save(path, smollm2_path, arch=arch, **overrides)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, smollm2_path):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_image_engine():
+    """One tiny random image engine (UNet, VAE, CLIP from small configs; a small 2x upscaler) for the session."""
+    import torch
+
+    from loom.image.engine import ImageEngine
+    from loom.image.tiny import tiny_pipeline
+    from loom.image.upscaler import ESPCNUpscaler
+
+    torch.set_num_threads(1)
+    pipe = tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(0)
+    return ImageEngine(pipe, name="tiny", upscaler=ESPCNUpscaler(hidden=8, mid=8).eval())

@@ -14,6 +14,14 @@ from pathlib import Path
 from typing import Any
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_BATCH_SIZE = 1024
+MAX_QUEUE_SIZE = 65536
+MAX_BATCH_DELAY_MS = 60_000.0
+
+
+def max_workers() -> int:
+    """Most worker processes per model: four per core (each holds a copy of the model)."""
+    return 4 * (os.cpu_count() or 1)
 
 
 @dataclass(slots=True)
@@ -46,18 +54,21 @@ class ModelConfig:
             raise ValueError(f"model name {self.name!r} must be 1-64 characters of letters, digits, '.', '_' or '-'")
         if not self.handler:
             raise ValueError("handler is empty; use a built-in name (embedding, image-classifier), a .py file or a module")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_batch_delay < 0:
-            raise ValueError(f"max_batch_delay is in milliseconds and must be >= 0, got {self.max_batch_delay}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
-        if self.max_queue_size < 1:
-            raise ValueError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
-        if self.request_timeout <= 0:
-            raise ValueError(f"request_timeout is in milliseconds and must be > 0, got {self.request_timeout}")
-        if self.threads_per_worker is not None and self.threads_per_worker < 1:
-            raise ValueError(f"threads_per_worker must be >= 1 or None (auto), got {self.threads_per_worker}")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch_size must be in 1..{MAX_BATCH_SIZE}, got {self.batch_size}")
+        if not 0 <= self.max_batch_delay <= MAX_BATCH_DELAY_MS:
+            raise ValueError(f"max_batch_delay is in milliseconds and must be in 0..{MAX_BATCH_DELAY_MS:.0f}, "
+                             f"got {self.max_batch_delay}")
+        if not 0 <= self.workers <= max_workers():
+            raise ValueError(f"workers must be in 0..{max_workers()} (4 per core), got {self.workers}")
+        if not 1 <= self.max_queue_size <= MAX_QUEUE_SIZE:
+            raise ValueError(f"max_queue_size must be in 1..{MAX_QUEUE_SIZE}, got {self.max_queue_size}")
+        if not 0 < self.request_timeout <= 3_600_000:
+            raise ValueError(f"request_timeout is in milliseconds and must be in (0, 3600000], got {self.request_timeout}")
+        if self.threads_per_worker is not None and not 1 <= self.threads_per_worker <= max_workers():
+            raise ValueError(f"threads_per_worker must be in 1..{max_workers()} or None (auto), got {self.threads_per_worker}")
+        if not isinstance(self.options, dict):
+            raise ValueError(f"options must be a JSON object of handler settings, got {type(self.options).__name__}")
         if self.path is not None and not Path(self.path).expanduser().exists():
             raise ValueError(f"model path {self.path} does not exist; pass an existing model folder")
 

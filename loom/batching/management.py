@@ -7,6 +7,11 @@
     DELETE /models/{name}          drain, then stop the workers
 
 Send ``Authorization: Bearer <token>``; `loom serve` prints the token and writes it to a file (0600).
+
+Registering a model runs code (a handler file or module) in worker processes, so ``POST /models`` is off unless
+the server was started with ``--enable-model-api`` (TorchServe's answer to ShellTorch, CVE-2023-43654); without it
+the API lists, describes, scales and unregisters, and registration answers 403 naming the flag. With
+``--model-store DIR``, handler files and model folders must lie inside DIR.
 """
 
 from __future__ import annotations
@@ -20,9 +25,13 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 
 from loom.batching.config import ModelConfig
+from loom.batching.handler import BUILTIN_HANDLERS
 from loom.batching.routes import HTTPError, error_response, json_response
 from loom.batching.server import ModelExists, ModelNotFound, ModelServer
 from loom.batching.worker import WorkerStartError
+from loom.server.guard import Guard, HTTPPolicy
+
+MAX_MANAGEMENT_BODY_BYTES = 1 << 20
 
 UPDATABLE = {"workers", "batch_size", "max_batch_delay"}
 
@@ -32,31 +41,30 @@ def new_token() -> str:
 
 
 def write_token_file(path: Path, token: str) -> None:
-    """Write the token readable by the owner only."""
+    """Write the token readable by the owner only: never through a symlink, and 0600 even if the file existed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)  # the mode above applies only when the file is created
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps({"management": token}) + "\n")
 
 
-def build_management_app(server: ModelServer, token: str) -> FastAPI:
+def build_management_app(server: ModelServer, token: str, enable_model_api: bool = False,
+                         model_store: str | Path | None = None) -> Guard:
+    """The management app behind its own ``Guard`` (the token, a 1 MiB body bound, JSON bodies only)."""
     if not token:
         raise ValueError("the management API needs a non-empty token; pass --management-token or let loom generate one")
+    store = Path(model_store).expanduser().resolve() if model_store else None
     app = FastAPI(title="Loom model management", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.middleware("http")
-    async def require_token(request: Request, call_next):
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip().encode(), token.encode()):
-            return error_response(HTTPError(401, "missing or wrong management token; send 'Authorization: Bearer "
-                                            "<token>' with the token loom serve printed", "authentication_error"))
-        return await call_next(request)
 
     @app.post("/models")
     async def register(request: Request) -> Response:
+        if not enable_model_api:
+            return error_response(HTTPError(403, "registering models runs their handler code and is off on this "
+                                            "server; restart it with --enable-model-api to allow it", "permission_error"))
         try:
             config = ModelConfig(**_json_object(await request.body()))
+            check_in_store(config, store)
             model = await server.register(config)
             return json_response(model.describe(), 201)
         except TypeError as exc:
@@ -84,6 +92,7 @@ def build_management_app(server: ModelServer, token: str) -> FastAPI:
         try:
             changes = _update_changes(request, await request.body())
             model = server.get(name)
+            model.config.updated(**changes)  # validates every bound before anything starts or stops
             if "batch_size" in changes or "max_batch_delay" in changes:
                 model.update_batching(changes.get("batch_size"), changes.get("max_batch_delay"))
             if "workers" in changes:
@@ -103,7 +112,24 @@ def build_management_app(server: ModelServer, token: str) -> FastAPI:
         except ModelNotFound as exc:
             return error_response(HTTPError(404, str(exc), "not_found_error"))
 
-    return app
+    policy = HTTPPolicy(api_key=token, max_body_bytes=MAX_MANAGEMENT_BODY_BYTES, public_paths=frozenset(),
+                        key_name="management token (loom serve prints it and writes it to its token file)")
+    return Guard(app, policy)
+
+
+def check_in_store(config: ModelConfig, store: Path | None) -> None:
+    """With a model store, a handler file and a model folder must lie inside it (no ``..``, no symlink out)."""
+    if store is None:
+        return
+    target = BUILTIN_HANDLERS.get(config.handler, config.handler).partition("#")[0]
+    paths = [("handler", target)] if target.endswith(".py") else []
+    if config.path is not None:
+        paths.append(("path", config.path))
+    for field, value in paths:
+        resolved = Path(value).expanduser()
+        resolved = (store / resolved if not resolved.is_absolute() else resolved).resolve()
+        if not resolved.is_relative_to(store):
+            raise ValueError(f"{field} {value!r} is outside the model store; put it in the --model-store folder")
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
@@ -111,6 +137,8 @@ def _json_object(body: bytes) -> dict[str, Any]:
         value = json.loads(body or b"{}")
     except ValueError as exc:
         raise HTTPError(400, f"body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise HTTPError(400, "body JSON nests too deeply; flatten it") from None
     if not isinstance(value, dict):
         raise HTTPError(400, 'body must be a JSON object, e.g. {"name": "minilm", "handler": "embedding"}')
     return value
@@ -122,7 +150,10 @@ def _update_changes(request: Request, body: bytes) -> dict[str, Any]:
     if "min_worker" in query:  # TorchServe's spelling
         query["workers"] = query.pop("min_worker")
     for key, value in query.items():
-        changes[key] = float(value) if key == "max_batch_delay" else int(value)
+        try:
+            changes[key] = float(value) if key == "max_batch_delay" else int(value)
+        except ValueError:
+            raise HTTPError(400, f"query parameter {key} must be a number, got {value!r}") from None
     unknown = set(changes) - UPDATABLE
     if unknown or not changes:
         raise HTTPError(400, f"PUT accepts {sorted(UPDATABLE)}; got {sorted(changes) or 'nothing'}")

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,18 +105,29 @@ class ServedModel:
         timing, if given, receives queue_ms (arrival to leaving the queue) and inference_ms (the worker's handler
         time for the batch that carried this request).
         """
+        return await self._wait(self.enqueue([payload])[0], timing)
+
+    def submit_all(self, payloads: list[Any]) -> list[Awaitable[Any]]:
+        """Queue every payload or none (QueueFull before any is queued); one awaitable result per payload."""
+        return [self._wait(request) for request in self.enqueue(payloads)]
+
+    def enqueue(self, payloads: list[Any]) -> list[PendingRequest]:
+        """Put the payloads in the queue at once (no await: nothing can slip in between); all or none."""
         if not self.is_accepting:
             raise ModelUnavailable(f"model {self.config.name} is being unregistered")
         if not self.slots:
             raise ModelUnavailable(f"model {self.config.name} has no workers; scale it up with PUT /models/{self.config.name}")
-        try:
-            request = self.queue.put(payload, self.config.request_timeout / 1000)
-        except QueueFull:
-            self._count("rejected")
-            raise
+        if len(self.queue) + len(payloads) > self.queue.max_size:
+            self._count("rejected", len(payloads))
+            raise QueueFull(f"queue holds {len(self.queue)} requests and {len(payloads)} more do not fit "
+                            f"(max_queue_size={self.queue.max_size})")
+        requests = [self.queue.put(p, self.config.request_timeout / 1000) for p in payloads]
         self._idle.clear()
-        self.in_flight_requests += 1
+        self.in_flight_requests += len(requests)
         self._observe_depth()
+        return requests
+
+    async def _wait(self, request: PendingRequest, timing: dict | None = None) -> Any:
         try:
             return await self._await_result(request)
         finally:
@@ -298,11 +310,11 @@ class ServedModel:
             "cpu_seconds": cpu_seconds(slot.process.pid),
         }
 
-    def _count(self, status: str) -> None:
+    def _count(self, status: str, num: int = 1) -> None:
         if self.metrics:
-            self.metrics.requests.labels(self.config.name, status).inc()
+            self.metrics.requests.labels(self.config.name, status).inc(num)
             if status == "rejected":
-                self.metrics.rejected.labels(self.config.name).inc()
+                self.metrics.rejected.labels(self.config.name).inc(num)
 
     def _observe_depth(self) -> None:
         if self.metrics:

@@ -1,8 +1,9 @@
 """Inference routes on the main app: POST /predictions/{model} (TorchServe's path), POST /v1/embeddings
 (OpenAI's shape) and GET /ping (readiness).
 
-Errors are JSON ``{"error": {"message", "type", "code"}}``: 400 bad input, 404 unknown model, 413 body too large,
-503 + Retry-After when the model's queue is full, 504 when a request waited past its deadline.
+Errors are JSON ``{"error": {"message", "type", "code"}}``: 400 bad input, 404 unknown model, 413 too many inputs,
+503 + Retry-After when the model's queue is full, 504 when a request waited past its deadline. The app's ``Guard``
+bounds every body and requires a JSON content type on /v1/embeddings; /predictions takes any content type.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from loom.batching.batcher import DeadlineExceeded, QueueFull
 from loom.batching.model import ItemFailed, ModelUnavailable
 from loom.batching.server import ModelNotFound, ModelServer
 
-MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_EMBEDDING_INPUTS = 2048
+RAW_BODY_PREFIXES = ("/predictions/",)
+"""Routes whose bodies may be images, text or JSON (the handler decodes them)."""
 
 try:  # orjson is several times faster on float lists when present; json is the fallback
     import orjson
@@ -84,12 +86,7 @@ def build_inference_router(server: ModelServer) -> APIRouter:
 
 
 async def _read_body(request: Request) -> bytes:
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise HTTPError(413, f"body of {length} bytes exceeds the {MAX_BODY_BYTES} byte limit; send smaller inputs")
     body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise HTTPError(413, f"body exceeds the {MAX_BODY_BYTES} byte limit; send smaller inputs")
     if not body:
         raise HTTPError(400, "empty body; send JSON, text or the raw bytes of the input (an image, say)")
     return body
@@ -102,6 +99,8 @@ def _decode_body(body: bytes, content_type: str) -> Any:
             return json.loads(body)
         except ValueError as exc:
             raise HTTPError(400, f"body is not valid JSON ({exc}); fix it or send another content type") from None
+        except RecursionError:
+            raise HTTPError(400, "body JSON nests too deeply; flatten it") from None
     if content_type.startswith("text/"):
         return body.decode("utf-8", errors="replace")
     return body
@@ -120,17 +119,25 @@ def timing_headers(timing: dict) -> dict[str, str]:
 
 
 async def _submit(model, payload: Any, timing: dict | None = None) -> Any:
+    return await _answer(model.submit(payload, timing), model)
+
+
+async def _answer(result, model) -> Any:
     try:
-        return await model.submit(payload, timing)
-    except QueueFull as exc:
-        raise HTTPError(503, f"model {model.config.name} is overloaded: {exc}; retry later", "overloaded_error",
-                        {"Retry-After": str(model.retry_after_s())}) from None
-    except ModelUnavailable as exc:
-        raise HTTPError(503, str(exc), "unavailable_error", {"Retry-After": "1"}) from None
-    except DeadlineExceeded as exc:
-        raise HTTPError(504, f"{exc}; the server is busy, retry later or raise request_timeout", "timeout_error") from None
-    except ItemFailed as exc:
-        raise HTTPError(exc.status, exc.message, "invalid_request_error" if exc.status < 500 else "server_error") from None
+        return await result
+    except (QueueFull, ModelUnavailable, DeadlineExceeded, ItemFailed) as exc:
+        raise _http_error(exc, model) from None
+
+
+def _http_error(exc: Exception, model) -> HTTPError:
+    if isinstance(exc, QueueFull):
+        return HTTPError(503, f"model {model.config.name} is overloaded: {exc}; retry later", "overloaded_error",
+                         {"Retry-After": str(model.retry_after_s())})
+    if isinstance(exc, ModelUnavailable):
+        return HTTPError(503, str(exc), "unavailable_error", {"Retry-After": "1"})
+    if isinstance(exc, DeadlineExceeded):
+        return HTTPError(504, f"{exc}; the server is busy, retry later or raise request_timeout", "timeout_error")
+    return HTTPError(exc.status, exc.message, "invalid_request_error" if exc.status < 500 else "server_error")
 
 
 async def _embeddings(server: ModelServer, body: bytes) -> dict:
@@ -145,7 +152,11 @@ async def _embeddings(server: ModelServer, body: bytes) -> dict:
     encoding = request.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise HTTPError(400, f"encoding_format must be 'float' or 'base64', got {encoding!r}")
-    results = await asyncio.gather(*(_submit(model, text) for text in inputs), return_exceptions=True)
+    try:  # every input queued at once or none (503 before any is queued): one request never fills the queue
+        waits = model.submit_all(inputs)
+    except (QueueFull, ModelUnavailable) as exc:
+        raise _http_error(exc, model) from None
+    results = await asyncio.gather(*(_answer(wait, model) for wait in waits), return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result if isinstance(result, HTTPError) else HTTPError(500, f"embedding failed: {result}", "server_error")

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from loom.batching.config import ModelConfig, load_models_yaml, parse_serve_spec
 from loom.batching.management import build_management_app, new_token, write_token_file
-from loom.batching.routes import build_inference_router
+from loom.batching.routes import RAW_BODY_PREFIXES, build_inference_router
 from loom.batching.server import ModelServer
 from loom.server.component import ExtraServer
 
@@ -42,6 +42,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--management-token", default=None, help="bearer token for the management API (default: generated)")
     group.add_argument("--management-token-file", default=None,
                        help="where the token is written (default $LOOM_HOME/model-server-token.json)")
+    group.add_argument("--enable-model-api", action="store_true",
+                       help="allow POST /models on the management API, which runs the handler code it names "
+                            "(off by default: list, describe, scale and unregister still work)")
+    group.add_argument("--model-store", default=None, metavar="DIR",
+                       help="with --enable-model-api: handler files and model folders must lie inside DIR")
 
 
 def configs_from_args(args: argparse.Namespace) -> list[ModelConfig]:
@@ -64,7 +69,8 @@ def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> M
     token = args.management_token or new_token()
     token_file = Path(args.management_token_file) if args.management_token_file else _default_token_file()
     return ModelServerComponent(configs, registry, token, args.management_host, args.management_port, token_file,
-                                announce_token=not args.management_token)
+                                announce_token=not args.management_token, enable_model_api=args.enable_model_api,
+                                model_store=args.model_store)
 
 
 def _default_token_file() -> Path:
@@ -77,16 +83,18 @@ class ModelServerComponent:
     """The model server as a `loom serve` component."""
 
     name = "model_server"
+    raw_body_prefixes = RAW_BODY_PREFIXES
 
     def __init__(self, configs: list[ModelConfig], registry: CollectorRegistry | None, token: str,
                  management_host: str = "127.0.0.1", management_port: int = 8081, token_file: Path | None = None,
-                 announce_token: bool = False):
+                 announce_token: bool = False, enable_model_api: bool = False, model_store: str | None = None):
         self.configs = configs
         self.server = ModelServer(registry)
         self.token = token
         self.token_file = token_file
         self.announce_token = announce_token
-        self.management = ExtraServer(build_management_app(self.server, token), management_host, management_port)
+        app = build_management_app(self.server, token, enable_model_api, model_store)
+        self.management = ExtraServer(app, management_host, management_port)
         self._router = build_inference_router(self.server)
 
     def routers(self) -> list[APIRouter]:

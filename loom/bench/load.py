@@ -125,8 +125,8 @@ class _server:
                 raise ValueError("--url needs --management-url and --management-token too")
             return a.url.rstrip("/"), a.management_url.rstrip("/"), a.management_token
         port, mport, token = _free_port(), _free_port(), secrets.token_urlsafe(16)
-        cmd = [sys.executable, "-m", "loom.cli", "serve", "--model-server", "--port", str(port), "--management-port",
-               str(mport), "--management-token", token, "--log-level", "warning"]
+        cmd = [sys.executable, "-m", "loom.cli", "serve", "--model-server", "--enable-model-api", "--port", str(port),
+               "--management-port", str(mport), "--management-token", token, "--log-level", "warning"]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         # Its own session, as a deployed server would be: with autogroup scheduling the kernel shares CPU between
         # sessions, so a server in the client's session would split one share with the load client.

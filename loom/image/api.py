@@ -8,6 +8,10 @@
     POST /v1/images/jobs/{id}/cancel     (also DELETE /v1/images/jobs/{id})
     GET  /v1/images/files/{id}/{name}    a result PNG (settings in its metadata)
     GET  /v1/images/options              styles, samplers, presets, aspect ratios, model facts
+
+Every job is bounded before it is queued: prompt length, styles, images per job, and the pixels of its result and of
+its input images (an input's size is read from its header, before it is decoded; decoding runs off the event loop).
+Waiting for a job (SSE streams, ``/generations``) awaits the job's changes on the event loop, not in a thread.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import binascii
 import io
 import json
 import time
+from typing import Literal
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, StreamingResponse
@@ -25,64 +30,91 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from loom.image.jobs import FINISHED, Job, JobQueue, QueueFull
+from loom.image.limits import DEFAULT_MAX_PIXELS, ImageLimits, TooLarge, check_pixels
 from loom.image.presets import ASPECT_RATIOS, PERFORMANCES
-from loom.image.request import ImageRequest
-from loom.image.samplers import sampler_names
+from loom.image.request import (
+    MAX_IMAGES,
+    MAX_MASK_BLUR,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MAX_STYLES,
+    SIDES,
+    TASKS,
+    ImageRequest,
+)
+from loom.image.samplers import SAMPLERS, sampler_names
 from loom.image.styles import load_styles
+from loom.image.wildcards import list_wildcards
 
 MAX_IMAGE_BYTES = 16 * 1024 * 1024
 RETRY_AFTER_S = 5
 
 
+Performance = Literal[tuple(PERFORMANCES)]  # type: ignore[valid-type]
+Sampler = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
+Task = Literal[TASKS]  # type: ignore[valid-type]
+Side = Literal[SIDES]  # type: ignore[valid-type]
+Seed = Field(None, ge=-1, le=MAX_SEED, description="-1 or none: a random seed")
+
+
 class GenerationBody(BaseModel):
     """OpenAI's image request, plus Loom's optional settings."""
 
-    prompt: str = Field(min_length=1, max_length=4000)
-    n: int = 1
-    size: str | None = None
-    response_format: str = "b64_json"
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    n: int = Field(1, ge=1, le=MAX_IMAGES)
+    size: str | None = Field(None, max_length=32, description="WxH, e.g. 512x512, or auto")
+    response_format: Literal["b64_json", "url"] = "b64_json"
     model: str | None = None
-    negative_prompt: str = ""
-    seed: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    sampler: str | None = None
-    styles: list[str] = []
-    performance: str = "Speed"
-    aspect_ratio: str | None = None
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    seed: int | None = Seed
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    guidance_scale: float | None = Field(None, ge=0, le=30)
+    sampler: Sampler | None = None
+    styles: list[str] = Field([], max_length=MAX_STYLES)
+    performance: Performance = "Speed"
+    aspect_ratio: str | None = Field(None, max_length=32)
 
 
 class JobBody(BaseModel):
-    task: str = "txt2img"
-    prompt: str = ""
-    negative_prompt: str = ""
-    styles: list[str] = []
-    performance: str = "Speed"
-    steps: int | None = None
-    guidance_scale: float | None = None
-    sampler: str | None = None
-    seed: int | None = None
-    width: int | None = None
-    height: int | None = None
-    aspect_ratio: str | None = None
-    num_images: int = 1
-    denoise: float | None = None
+    task: Task = "txt2img"
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    styles: list[str] = Field([], max_length=MAX_STYLES)
+    performance: Performance = "Speed"
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    guidance_scale: float | None = Field(None, ge=0, le=30)
+    sampler: Sampler | None = None
+    seed: int | None = Seed
+    width: int | None = Field(None, ge=8, le=MAX_SIDE)
+    height: int | None = Field(None, ge=8, le=MAX_SIDE)
+    aspect_ratio: str | None = Field(None, max_length=32)
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES)
+    denoise: float | None = Field(None, gt=0, le=1)
     image: str | None = Field(None, description="base64 PNG/JPEG (data: URLs accepted)")
     mask: str | None = Field(None, description="base64 mask, white = repaint")
-    mask_blur: int | None = None
-    outpaint_sides: list[str] = []
-    outpaint_ratio: float = 0.3
+    mask_blur: int | None = Field(None, ge=0, le=MAX_MASK_BLUR)
+    outpaint_sides: list[Side] = Field([], max_length=4)
+    outpaint_ratio: float = Field(0.3, ge=0.05, le=1.0)
 
 
-def decode_image(data: str, field_name: str) -> Image.Image:
+def decode_image(data: str, field_name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A base64 PNG/JPEG; its size is checked on the header before a single pixel is decoded."""
     if "," in data[:100] and data.startswith("data:"):
         data = data.split(",", 1)[1]
     if len(data) * 3 // 4 > MAX_IMAGE_BYTES:
         raise HTTPException(413, f"{field_name} is over {MAX_IMAGE_BYTES // 2**20} MiB; send a smaller image")
     try:
         image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        check_pixels(image.size, max_pixels, field_name)
         image.load()
-    except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
+    except TooLarge as exc:
+        raise HTTPException(413, str(exc)) from None
+    except Image.DecompressionBombError:
+        raise HTTPException(413, f"{field_name} has more pixels than this server decodes ({max_pixels}); "
+                                 "send a smaller image") from None
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError, SyntaxError):
         raise HTTPException(400, f"{field_name} is not a base64-encoded PNG or JPEG image") from None
     return image
 
@@ -97,10 +129,11 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     return w, h
 
 
-def job_request(body: JobBody) -> ImageRequest:
+def job_request(body: JobBody, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageRequest:
+    """The request of a job body (blocking: decodes its images; call it in a thread)."""
     fields = body.model_dump(exclude={"image", "mask", "guidance_scale"})
-    image = decode_image(body.image, "image") if body.image else None
-    mask = decode_image(body.mask, "mask") if body.mask else None
+    image = decode_image(body.image, "image", max_pixels) if body.image else None
+    mask = decode_image(body.mask, "mask", max_pixels) if body.mask else None
     return ImageRequest(**fields, guidance=body.guidance_scale, image=image, mask=mask)
 
 
@@ -112,10 +145,19 @@ def job_json(job: Job, base: str, preview: bool = False) -> dict:
     return data
 
 
-def build_router(queue: JobQueue) -> APIRouter:
+def build_router(queue: JobQueue, limits: ImageLimits | None = None) -> APIRouter:
+    limits = limits or ImageLimits()
     router = APIRouter(prefix="/v1/images", tags=["images"])
 
     def submit(request: ImageRequest) -> Job:
+        try:
+            limits.apply(request)
+            if queue.engine is not None:
+                check_pixels(queue.engine.output_size(request), limits.max_pixels, "the result")
+        except TooLarge as exc:
+            raise HTTPException(413, str(exc)) from None
+        except ValueError as exc:  # over a limit, or an outpaint the model's size unit does not allow
+            raise HTTPException(400, str(exc)) from None
         try:
             return queue.submit(request)
         except QueueFull as exc:
@@ -131,8 +173,6 @@ def build_router(queue: JobQueue) -> APIRouter:
 
     @router.post("/generations")
     async def generations(body: GenerationBody, http: Request) -> dict:
-        if body.response_format not in ("b64_json", "url"):
-            raise HTTPException(400, "response_format must be 'b64_json' or 'url'")
         width, height = parse_size(body.size)
         try:
             req = ImageRequest(
@@ -144,24 +184,16 @@ def build_router(queue: JobQueue) -> APIRouter:
             raise HTTPException(400, str(exc)) from None
         job = submit(req)
         while not job.is_finished:
-            await asyncio.to_thread(job.wait_change, job.version, 1.0)
+            await job.changed(job.version, 1.0)
         if job.status != "succeeded":
             raise HTTPException(500 if job.status == "failed" else 409, f"image job {job.id} {job.status}: {job.error or ''}".strip(": "))
-        base = str(http.base_url)
-        data = []
-        for path, settings in zip(job.files, job.settings):
-            item = {"revised_prompt": settings.get("final_prompt", body.prompt)}
-            if body.response_format == "url":
-                item["url"] = f"{base}v1/images/files/{job.id}/{path.name}"
-            else:
-                item["b64_json"] = base64.b64encode(path.read_bytes()).decode()
-            data.append(item)
+        data = await asyncio.to_thread(_generation_data, job, body, str(http.base_url))
         return {"created": int(job.created), "data": data}
 
     @router.post("/jobs", status_code=202)
     async def submit_job(body: JobBody, http: Request) -> dict:
         try:
-            req = job_request(body)
+            req = await asyncio.to_thread(job_request, body, limits.max_pixels)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
         return job_json(submit(req), str(http.base_url))
@@ -191,7 +223,7 @@ def build_router(queue: JobQueue) -> APIRouter:
                         return
                 if await http.is_disconnected():
                     return
-                await asyncio.to_thread(job.wait_change, version, 1.0)
+                await job.changed(version, 1.0)
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -214,9 +246,22 @@ def build_router(queue: JobQueue) -> APIRouter:
     async def options() -> dict:
         return {
             "styles": sorted(load_styles()), "samplers": sampler_names(), "performances": list(PERFORMANCES),
-            "aspect_ratios": ASPECT_RATIOS, "tasks": ["txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale"],
+            "aspect_ratios": ASPECT_RATIOS, "wildcards": list_wildcards(), "max_pixels": limits.max_pixels, "tasks": ["txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale"],
             "model": queue.engine.info(), "time": time.time(),
         }
 
     return router
 
+
+
+def _generation_data(job: Job, body: GenerationBody, base: str) -> list[dict]:
+    """OpenAI's ``data`` items (reads and encodes the PNGs: call it in a thread)."""
+    data = []
+    for path, settings in zip(job.files, job.settings):
+        item = {"revised_prompt": settings.get("final_prompt", body.prompt)}
+        if body.response_format == "url":
+            item["url"] = f"{base}v1/images/files/{job.id}/{path.name}"
+        else:
+            item["b64_json"] = base64.b64encode(path.read_bytes()).decode()
+        data.append(item)
+    return data

@@ -115,6 +115,18 @@ class ImageEngine:
             return imageops.round_size(req.width, self.unit), imageops.round_size(req.height, self.unit)
         return aspect_ratio_size(req.aspect_ratio or "1:1", self.native, self.unit)
 
+    def output_size(self, req: ImageRequest) -> tuple[int, int]:
+        """(width, height) of the job's images, known before it runs, so that it can be bounded at submission."""
+        if req.task == "txt2img":
+            return self.size_for(req)
+        w, h = req.image.size
+        if req.task == "outpaint":
+            pad = imageops.outpaint_padding((w, h), req.outpaint_sides, req.outpaint_ratio, self.unit)
+            return w + pad.left + pad.right, h + pad.top + pad.bottom
+        if req.task == "upscale":
+            w, h = 2 * w, 2 * h
+        return imageops.round_size(w, self.unit), imageops.round_size(h, self.unit)
+
     def info(self) -> dict:
         return {"model": self.name, "native_size": self.native, "size_unit": self.unit, "device": str(self.device), "has_upscaler": self.upscaler is not None}
 

@@ -8,14 +8,23 @@ cancellation and a history of finished jobs and their files.
     queue.cancel(job.id)                             # queued: dropped; running: stops after the current step
     queue.stop()
 
-Progress is observable by polling (``job.snapshot()``) or by waiting for the next change
-(``job.wait_change(version, timeout)``), which the HTTP API turns into server-sent events.
+Progress is observable by polling (``job.snapshot()``) or by waiting for the next change: from a thread with
+``job.wait_change(version, timeout)``, from the event loop with ``await job.changed(version, timeout)`` (which holds
+no thread, so any number of SSE streams can wait), which the HTTP API turns into server-sent events.
+
+Retention: the newest ``keep_jobs`` finished jobs are kept; an older job's folder of PNGs goes when it leaves the
+history, ``history.jsonl`` (mode 0600) keeps as many lines, and ``start()`` prunes what an earlier run left over.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
+import os
+import re
+import shutil
 import threading
 import time
 import uuid
@@ -31,6 +40,8 @@ from loom.image.request import ImageRequest
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+HISTORY = "history.jsonl"
+JOB_FOLDER = re.compile(r"^[0-9a-f]{16}$")
 
 
 class QueueFull(Exception):
@@ -54,6 +65,8 @@ class Job:
     cancel_requested: bool = False
     version: int = 0
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _waiters: list = field(default_factory=list, repr=False)
+    """(event loop, future) of every ``changed()`` awaiting the next change."""
 
     def snapshot(self) -> dict:
         """JSON-able state (no image bytes)."""
@@ -71,6 +84,10 @@ class Job:
                 setattr(self, key, value)
             self.version += 1
             self._cond.notify_all()
+            waiters, self._waiters = self._waiters, []
+        for loop, future in waiters:
+            with contextlib.suppress(RuntimeError):  # that event loop has closed: nobody waits there any more
+                loop.call_soon_threadsafe(_resolve, future)
 
     def wait_change(self, version: int, timeout: float) -> int:
         """Block until ``self.version`` differs from ``version`` (or timeout); returns the current version."""
@@ -78,20 +95,39 @@ class Job:
             self._cond.wait_for(lambda: self.version != version, timeout=timeout)
             return self.version
 
+    async def changed(self, version: int, timeout: float) -> int:
+        """``wait_change`` for the event loop: awaits the next change (or timeout) without holding a thread."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cond:
+            if self.version != version:
+                return self.version
+            self._waiters.append((loop, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            with self._cond, contextlib.suppress(ValueError):
+                self._waiters.remove((loop, future))
+        return self.version
+
     @property
     def is_finished(self) -> bool:
         return self.status in FINISHED
 
 
 class JobQueue:
-    def __init__(self, engine: ImageEngine, output_dir: str | Path, max_queued: int = 32, max_history: int = 500,
+    def __init__(self, engine: ImageEngine, output_dir: str | Path, max_queued: int = 32, keep_jobs: int = 200,
                  preview_interval_s: float = 0.2, metrics=None):
         if max_queued < 1:
             raise ValueError(f"max_queued must be >= 1, got {max_queued}")
+        if keep_jobs < 1:
+            raise ValueError(f"keep_jobs must be >= 1, got {keep_jobs}")
         self.engine = engine
         self.output_dir = Path(output_dir)
         self.max_queued = max_queued
-        self.max_history = max_history
+        self.keep_jobs = keep_jobs
         self.preview_interval_s = preview_interval_s
         self.metrics = metrics
         self._jobs: OrderedDict[str, Job] = OrderedDict()
@@ -105,6 +141,7 @@ class JobQueue:
     def start(self) -> None:
         if self._thread is not None:
             return
+        self.prune()
         self._running = True
         self._thread = threading.Thread(target=self._worker, name="loom-image-worker", daemon=True)
         self._thread.start()
@@ -228,19 +265,69 @@ class JobQueue:
     def _append_history(self, job: Job, changes: dict) -> None:
         record = job.snapshot() | changes | {"files": [p.name for p in changes.get("files", [])], "folder": str(self.output_dir / job.id)}
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / "history.jsonl", "a") as f:
+        fd = os.open(self.output_dir / HISTORY, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)  # prompts are the users' data: owner only, even if the file existed
+        with os.fdopen(fd, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self._prune_history()
 
     def _trim_history(self) -> None:
-        while len(self._jobs) > self.max_history:
-            oldest = next((k for k, j in self._jobs.items() if j.is_finished), None)
-            if oldest is None:
-                return
+        """Drop the oldest finished jobs past ``keep_jobs``, and their files."""
+        while sum(j.is_finished for j in self._jobs.values()) > self.keep_jobs:
+            oldest = next(k for k, j in self._jobs.items() if j.is_finished)
             del self._jobs[oldest]
+            _remove_job_folder(self.output_dir / oldest)
+
+    def prune(self) -> None:
+        """Keep the newest ``keep_jobs`` lines of history.jsonl and only their job folders (what earlier runs left)."""
+        kept = self._prune_history()
+        if not self.output_dir.is_dir():
+            return
+        live = kept | set(self._jobs)
+        for folder in self.output_dir.iterdir():
+            if JOB_FOLDER.match(folder.name) and folder.name not in live:
+                _remove_job_folder(folder)
+
+    def _prune_history(self) -> set[str]:
+        """Rewrite history.jsonl with its newest ``keep_jobs`` lines (atomically, 0600); the ids kept."""
+        path = self.output_dir / HISTORY
+        if not path.is_file() or path.is_symlink():
+            return set()
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = lines[-self.keep_jobs:]
+        if len(kept) < len(lines):
+            tmp = path.with_name(f".{HISTORY}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+            for line in lines[: len(lines) - len(kept)]:
+                _remove_job_folder(self.output_dir / _job_id(line))
+        return {_job_id(line) for line in kept}
 
     def _observe_depth(self) -> None:
         if self.metrics:
             self.metrics.queued.set(len(self._pending))
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _job_id(line: str) -> str:
+    try:
+        return str(json.loads(line).get("id", ""))
+    except (ValueError, AttributeError):
+        return ""
+
+
+def _remove_job_folder(folder: Path) -> None:
+    """A job's folder of result PNGs; anything else (a folder the user put there) is left alone."""
+    if not JOB_FOLDER.match(folder.name) or not folder.is_dir() or folder.is_symlink():
+        return
+    if all(p.is_file() and p.suffix == ".png" for p in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _png(image: Image.Image) -> bytes:

@@ -12,14 +12,20 @@ from typing import Any
 
 from PIL import Image
 
-from loom.image.presets import ASPECT_RATIOS, OUTPAINT_RATIO, get_performance
+from loom.image.limits import MAX_IMAGES, MAX_STEPS  # noqa: F401 - re-exported for the API's schema
+from loom.image.presets import ASPECT_RATIOS, OUTPAINT_RATIO, get_performance, parse_aspect_ratio
 from loom.image.samplers import SAMPLERS
+from loom.image.styles import load_styles
+from loom.image.wildcards import check_wildcards
 
 TASKS = ("txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale")
 IMAGE_TASKS = TASKS[1:]
 SIDES = ("left", "right", "top", "bottom")
-MAX_IMAGES = 8
 MAX_SIDE = 4096
+MAX_PROMPT_CHARS = 4000
+MAX_STYLES = 16
+MAX_MASK_BLUR = 256
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(slots=True)
@@ -56,8 +62,8 @@ class ImageRequest:
         get_performance(self.performance)
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if self.steps is not None and not 1 <= self.steps <= 200:
-            raise ValueError(f"steps must be in 1..200, got {self.steps}")
+        if self.steps is not None and not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"steps must be in 1..{MAX_STEPS}, got {self.steps}")
         if self.guidance is not None and not 0.0 <= self.guidance <= 30.0:
             raise ValueError(f"guidance must be in 0..30, got {self.guidance}")
         if not 1 <= self.num_images <= MAX_IMAGES:
@@ -66,13 +72,29 @@ class ImageRequest:
             value = getattr(self, name)
             if value is not None and not 8 <= value <= MAX_SIDE:
                 raise ValueError(f"{name} must be in 8..{MAX_SIDE} pixels, got {value}")
-        if self.aspect_ratio is not None and self.aspect_ratio not in ASPECT_RATIOS and ":" not in self.aspect_ratio:
-            raise ValueError(f"aspect_ratio must look like 'W:H' (presets: {', '.join(ASPECT_RATIOS)}), got {self.aspect_ratio!r}")
+        if self.aspect_ratio is not None and self.aspect_ratio not in ASPECT_RATIOS:
+            parse_aspect_ratio(self.aspect_ratio)
         if self.denoise is not None and not 0.0 < self.denoise <= 1.0:
             raise ValueError(f"denoise must be in (0, 1], got {self.denoise}")
+        if self.mask_blur is not None and not 0 <= self.mask_blur <= MAX_MASK_BLUR:
+            raise ValueError(f"mask_blur must be in 0..{MAX_MASK_BLUR} pixels, got {self.mask_blur}")
+        if self.seed is not None and self.seed > MAX_SEED:
+            raise ValueError(f"seed must be at most {MAX_SEED}, got {self.seed}")
+        self._check_text()
         self._check_inputs()
         if self.seed is None or self.seed < 0:
             self.seed = random.randrange(2**31)
+
+    def _check_text(self) -> None:
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(self, name)) > MAX_PROMPT_CHARS:
+                raise ValueError(f"{name} has {len(getattr(self, name))} characters; at most {MAX_PROMPT_CHARS}")
+        if len(self.styles) > MAX_STYLES:
+            raise ValueError(f"at most {MAX_STYLES} styles per request, got {len(self.styles)}")
+        unknown = [name for name in self.styles if name not in load_styles()]
+        if unknown:
+            raise ValueError(f"unknown style(s) {[n[:64] for n in unknown[:4]]}; GET /v1/images/options lists them")
+        check_wildcards(self.prompt)
 
     def _check_inputs(self) -> None:
         if self.task in IMAGE_TASKS and self.image is None:

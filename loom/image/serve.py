@@ -14,6 +14,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from loom.image.limits import DEFAULT_MAX_PIXELS, ImageLimits
 from loom.server.component import ExtraServer
 
 
@@ -24,6 +25,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image-upscaler", default="demo", metavar="PATH|demo|none", help="2x super-resolution model (default: the packaged one)")
     group.add_argument("--image-output-dir", default=None, help="where result PNGs and history.jsonl go (default $LOOM_HOME/images)")
     group.add_argument("--image-max-queued", type=int, default=32, help="queued image jobs before 503 (default 32)")
+    group.add_argument("--image-keep-jobs", type=int, default=200,
+                       help="finished jobs kept with their files; older ones' PNGs and history lines are removed (default 200)")
+    group.add_argument("--image-max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                       help=f"most pixels (width x height) of a result or input image (default {DEFAULT_MAX_PIXELS} = 2048x2048)")
     group.add_argument("--image-device", default=None, help="cuda, cpu, ... (default: cuda when present)")
     group.add_argument("--image-ui-host", default="127.0.0.1")
     group.add_argument("--image-ui-port", type=int, default=7860, help="port of the Gradio web UI; 0 disables it (default 7860)")
@@ -57,7 +62,8 @@ def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> I
     return ImageComponent(
         model=args.image, registry=registry, output_dir=output, upscaler=None if args.image_upscaler == "none" else args.image_upscaler,
         model_config=args.image_model_config, device=args.image_device, max_queued=args.image_max_queued,
-        ui_host=args.image_ui_host, ui_port=args.image_ui_port, api_url=api_url,
+        ui_host=args.image_ui_host, ui_port=args.image_ui_port, api_url=api_url, keep_jobs=args.image_keep_jobs,
+        limits=ImageLimits(max_pixels=args.image_max_pixels), api_key=getattr(args, "api_key", None),
     )
 
 
@@ -68,14 +74,16 @@ class ImageComponent:
 
     def __init__(self, model: str, registry: CollectorRegistry, output_dir: Path, upscaler: str | None = "demo",
                  model_config: str | None = None, device: str | None = None, max_queued: int = 32,
-                 ui_host: str = "127.0.0.1", ui_port: int = 0, api_url: str = "http://127.0.0.1:8000", engine=None):
+                 ui_host: str = "127.0.0.1", ui_port: int = 0, api_url: str = "http://127.0.0.1:8000", engine=None,
+                 keep_jobs: int = 200, limits: ImageLimits | None = None, api_key: str | None = None):
         from loom.image.api import build_router
         from loom.image.jobs import JobQueue
 
         self.model, self.upscaler, self.model_config, self.device = model, upscaler, model_config, device
-        self.ui_host, self.ui_port, self.api_url = ui_host, ui_port, api_url
-        self.queue = JobQueue(engine, output_dir, max_queued=max_queued, metrics=ImageMetrics.create(registry))
-        self._router = build_router(self.queue)
+        self.ui_host, self.ui_port, self.api_url, self.api_key = ui_host, ui_port, api_url, api_key
+        self.queue = JobQueue(engine, output_dir, max_queued=max_queued, keep_jobs=keep_jobs,
+                              metrics=ImageMetrics.create(registry))
+        self._router = build_router(self.queue, limits)
         self.error: str | None = None
 
     def routers(self) -> list[APIRouter]:
@@ -103,4 +111,4 @@ class ImageComponent:
             return []
         from loom.image.ui import build_ui_app
 
-        return [ExtraServer(app=build_ui_app(self.api_url), host=self.ui_host, port=self.ui_port)]
+        return [ExtraServer(app=build_ui_app(self.api_url, self.api_key), host=self.ui_host, port=self.ui_port)]

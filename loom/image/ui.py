@@ -7,6 +7,9 @@ Prompt box, style picker, performance preset, aspect ratio, a gallery, an advanc
 sampler, steps, guidance, image count), and tabs for Vary / Inpaint (draw the mask with the brush) / Outpaint /
 Upscale. Every run submits a job to ``POST /v1/images/jobs`` and follows its server-sent events, so the preview and
 progress bar update live; Stop cancels the job through the API.
+
+With an API key (``loom serve --api-key``), the UI sends it on every API call and asks for it at login (any user
+name, the key as the password), so the UI's port opens nothing the API's key protects.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import argparse
 import base64
 import io
 import json
+import os
+import secrets
 
 import httpx
 import numpy as np
@@ -26,35 +31,41 @@ TIMEOUT = httpx.Timeout(10.0, read=600.0)
 class ApiClient:
     """The few calls the UI makes to the image API."""
 
-    def __init__(self, base_url: str):
+    def __init__(self, base_url: str, api_key: str | None = None):
         self.base = base_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def options(self) -> dict:
-        return httpx.get(f"{self.base}/v1/images/options", timeout=TIMEOUT).json()
+        r = httpx.get(f"{self.base}/v1/images/options", headers=self.headers, timeout=TIMEOUT)
+        r.raise_for_status()
+        return r.json()
 
     def submit(self, body: dict) -> dict:
-        r = httpx.post(f"{self.base}/v1/images/jobs", json=body, timeout=TIMEOUT)
+        r = httpx.post(f"{self.base}/v1/images/jobs", json=body, headers=self.headers, timeout=TIMEOUT)
         if r.status_code >= 400:
             raise RuntimeError(_error_text(r))
         return r.json()
 
     def events(self, job_id: str):
         """Yield job states from the SSE stream until the job finishes."""
-        with httpx.stream("GET", f"{self.base}/v1/images/jobs/{job_id}/events", timeout=TIMEOUT) as r:
+        url = f"{self.base}/v1/images/jobs/{job_id}/events"
+        with httpx.stream("GET", url, headers=self.headers, timeout=TIMEOUT) as r:
             for line in r.iter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     yield json.loads(line[6:])
 
     def cancel(self, job_id: str) -> None:
-        httpx.post(f"{self.base}/v1/images/jobs/{job_id}/cancel", timeout=TIMEOUT)
+        httpx.post(f"{self.base}/v1/images/jobs/{job_id}/cancel", headers=self.headers, timeout=TIMEOUT)
 
     def image(self, url: str) -> Image.Image:
-        return Image.open(io.BytesIO(httpx.get(url, timeout=TIMEOUT).content)).convert("RGB")
+        content = httpx.get(url, headers=self.headers, timeout=TIMEOUT).content
+        return Image.open(io.BytesIO(content)).convert("RGB")
 
 
 def _error_text(r: httpx.Response) -> str:
     try:
-        return str(r.json().get("detail") or r.json())
+        body = r.json()
+        return str(body.get("detail") or (body.get("error") or {}).get("message") or body)
     except ValueError:
         return r.text
 
@@ -86,10 +97,10 @@ def settings_body(prompt, negative, styles, performance, aspect, num_images, see
     return body
 
 
-def build_blocks(api_url: str):
+def build_blocks(api_url: str, api_key: str | None = None):
     import gradio as gr
 
-    client = ApiClient(api_url)
+    client = ApiClient(api_url, api_key)
     try:
         opts = client.options()
     except httpx.HTTPError:
@@ -201,12 +212,18 @@ def _need(image, tab: str) -> None:
         raise ValueError(f"put an image in the {tab} tab first")
 
 
-def build_ui_app(api_url: str):
-    """A FastAPI app serving the Gradio UI at / (what `loom serve` runs on --image-ui-port)."""
+def build_ui_app(api_url: str, api_key: str | None = None):
+    """A FastAPI app serving the Gradio UI at / (what `loom serve` runs on --image-ui-port); with a key, a login."""
     import gradio as gr
     from fastapi import FastAPI
 
-    return gr.mount_gradio_app(FastAPI(), build_blocks(api_url), path="/")
+    auth = None
+    if api_key:
+        def auth(username: str, password: str) -> bool:
+            return secrets.compare_digest(password.encode(), api_key.encode())
+
+    return gr.mount_gradio_app(FastAPI(), build_blocks(api_url, api_key), path="/", auth=auth,
+                               auth_message="Log in with any user name and the server's API key as the password.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,10 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api", default="http://127.0.0.1:8000")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--api-key", default=os.environ.get("LOOM_API_KEY") or None, help="the API's key (default $LOOM_API_KEY)")
     args = parser.parse_args(argv)
     import uvicorn
 
-    uvicorn.run(build_ui_app(args.api), host=args.host, port=args.port)
+    uvicorn.run(build_ui_app(args.api, args.api_key), host=args.host, port=args.port)
     return 0
 
 

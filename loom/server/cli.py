@@ -11,9 +11,13 @@ import asyncio
 import contextlib
 import importlib
 import importlib.util
+import os
 import signal
+import sys
 
 from prometheus_client import CollectorRegistry
+
+from loom.server.guard import DEFAULT_MAX_BODY_BYTES, HTTPPolicy
 
 SERVE_PLUGINS = ("loom.server.llm", "loom.batching.serve", "loom.image.serve")
 
@@ -28,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--api-key", default=os.environ.get("LOOM_API_KEY") or None,
+                        help="require 'Authorization: Bearer KEY' on every route but /health, /ping, /metrics and "
+                             "/version, for every component (default $LOOM_API_KEY; none: no authentication)")
+    parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20,
+                        help=f"largest request body on any route, in MiB; larger ones get 413 "
+                             f"(default {DEFAULT_MAX_BODY_BYTES // 2**20})")
     for plugin in _plugins():
         plugin.add_serve_arguments(parser)
 
@@ -38,17 +48,26 @@ def run(args: argparse.Namespace) -> int:
     from loom.server.app import build_app
 
     registry = CollectorRegistry()
-    components = [c for p in _plugins() if (c := p.create_component(args, registry)) is not None]
+    try:
+        policy = policy_from_args(args)
+        components = [c for p in _plugins() if (c := p.create_component(args, registry)) is not None]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not components:
         print("nothing to serve: pass --model (LLM), --serve NAME=HANDLER (model server) or --image (images)")
         return 2
-    app = build_app(components, registry)
+    app = build_app(components, registry, policy)
     configs = [uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)]
     for component in components:
         for extra in component.extra_servers():
             configs.append(uvicorn.Config(extra.app, host=extra.host, port=extra.port, log_level=args.log_level))
     asyncio.run(_serve_all([uvicorn.Server(c) for c in configs]))
     return 0
+
+
+def policy_from_args(args: argparse.Namespace) -> HTTPPolicy:
+    return HTTPPolicy(api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20))
 
 
 async def _serve_all(servers) -> None:

@@ -7,16 +7,17 @@ one Prometheus registry that every component registers its metrics in, so ``GET 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter
 
 
 @dataclass(slots=True)
 class ExtraServer:
     """A second ASGI app on its own port (the model server's management API, say)."""
 
-    app: FastAPI
+    app: Any
+    """Any ASGI application (a FastAPI app, or one wrapped in a ``Guard``)."""
     host: str
     port: int
 
@@ -43,3 +44,6 @@ class Component(Protocol):
     def extra_servers(self) -> list[ExtraServer]:
         """Apps that `loom serve` runs on further ports; most components return []."""
         ...
+
+    # Optional: ``raw_body_prefixes: tuple[str, ...]``, path prefixes whose request bodies may have any content type
+    # (the app's Guard requires JSON bodies everywhere else).

@@ -11,7 +11,7 @@ wraps the async engine front as a ``Component`` (start = build the engine, stop 
 from __future__ import annotations
 
 import argparse
-import os
+import asyncio
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter
@@ -30,9 +30,12 @@ class LLMServerConfig:
     engine: EngineConfig
     served_model_names: list[str] = field(default_factory=list)
     """Names clients put in ``model``; empty: the --model value as given."""
-    api_key: str | None = None
     max_waiting: int = 256
-    """Requests that may wait beyond the ``max_num_seqs`` running ones; one more gets 503 + Retry-After."""
+    """Sequences that may wait beyond the ``max_num_seqs`` running ones; more get 503 + Retry-After."""
+    max_n: int = 16
+    """Most completions per request (``n``); each is a sequence at admission."""
+    max_prompt_chars: int | None = None
+    """Most prompt characters per request, checked before tokenization; None: 32 per token of context."""
     drain_timeout_s: float = 120.0
     threads: int | None = None
     """torch threads for the engine; None keeps torch's default (one per core)."""
@@ -40,6 +43,10 @@ class LLMServerConfig:
     def __post_init__(self) -> None:
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.max_n < 1:
+            raise ValueError(f"max_n must be >= 1, got {self.max_n}")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ValueError(f"max_prompt_chars must be >= 1, got {self.max_prompt_chars}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.drain_timeout_s < 0:
@@ -60,16 +67,19 @@ class LLMComponent:
         self.metrics = LLMMetrics(registry, config.served_model_names[0])
         self.front = AsyncLLMEngine(config.engine, self.metrics, max_in_flight=config.max_in_flight,
                                     num_threads=config.threads)
-        self.context = ServingContext(self.front, list(config.served_model_names))
+        self.context = ServingContext(self.front, list(config.served_model_names), max_n=config.max_n,
+                                      max_prompt_chars=config.max_prompt_chars)
 
     def routers(self) -> list[APIRouter]:
-        return build_routers(self.context, self.config.api_key)
+        return build_routers(self.context)
 
     async def start(self) -> None:
         await self.front.start()
+        await asyncio.to_thread(lambda: self.context.encoder)  # builds its own tokenizer copy off the event loop
 
     async def stop(self) -> None:
         await self.front.shutdown(self.config.drain_timeout_s)
+        self.context.close()
 
     def health(self) -> dict:
         stats = self.front.last_stats
@@ -103,8 +113,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch threads for the engine (default: one per core; "
                    "on a busy machine fewer can be much faster)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed for requests without one")
-    g.add_argument("--api-key", default=os.environ.get("LOOM_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1 (default $LOOM_API_KEY)")
-    g.add_argument("--max-waiting", type=int, default=256, help="requests allowed to wait beyond --max-num-seqs before 503 (default 256)")
+    g.add_argument("--max-waiting", type=int, default=256, help="sequences allowed to wait beyond --max-num-seqs before 503 (default 256)")
+    g.add_argument("--max-n", type=int, default=16, help="most completions per request, 'n' (default 16)")
+    g.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="most prompt characters per request, checked before tokenization (default: 32 per token of context)")
 
 
 def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> LLMComponent | None:
@@ -116,6 +128,6 @@ def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> L
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend, seed=args.seed,
     )  # fmt: skip
-    config = LLMServerConfig(engine, served_model_names=args.served_model_name or [], api_key=args.api_key,
-                             max_waiting=args.max_waiting, threads=args.threads)
+    config = LLMServerConfig(engine, served_model_names=args.served_model_name or [], max_waiting=args.max_waiting,
+                             threads=args.threads, max_n=args.max_n, max_prompt_chars=args.max_prompt_chars)
     return LLMComponent(config, registry)

@@ -101,7 +101,7 @@ def test_serve_spec_and_validation():
         parse_serve_spec("minilm")
     with pytest.raises(ValueError, match="does not exist"):
         parse_serve_spec("vit=image-classifier:/no/such/folder")
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="batch_size must be in 1..1024"):
         ModelConfig("m", "embedding", batch_size=0)
     with pytest.raises(ValueError, match="model name"):
         ModelConfig("bad name!", "embedding")

@@ -23,7 +23,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 async def serving(*configs: ModelConfig):
     """(inference client, management client, component) over the in-process apps; workers stopped at exit."""
     registry = CollectorRegistry()
-    component = ModelServerComponent(list(configs), registry, TOKEN, token_file=None)
+    component = ModelServerComponent(list(configs), registry, TOKEN, token_file=None, enable_model_api=True)
     app = build_app([component], registry)
     await component.start()
     try:

@@ -1,23 +1,14 @@
-"""Fixtures for the image tests: one tiny random engine shared by the session (CPU, seconds)."""
+"""Fixtures for the image tests: the session's tiny random engine (tests/conftest.py) and an input photo."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 from PIL import Image
 
 
 @pytest.fixture(scope="session")
-def engine():
-    from loom.image.engine import ImageEngine
-    from loom.image.tiny import tiny_pipeline
-    from loom.image.upscaler import ESPCNUpscaler
-
-    torch.set_num_threads(1)
-    pipe = tiny_pipeline(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    torch.manual_seed(0)
-    return ImageEngine(pipe, name="tiny", upscaler=ESPCNUpscaler(hidden=8, mid=8).eval())
+def engine(tiny_image_engine):
+    return tiny_image_engine
 
 
 @pytest.fixture()

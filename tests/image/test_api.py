@@ -98,7 +98,8 @@ def test_cancel_through_the_api(client):
 def test_errors_are_clear_json(client):
     assert client.get("/v1/images/jobs/nope").status_code == 404
     r = client.post("/v1/images/jobs", json={"task": "paint", "prompt": "x"})
-    assert r.status_code == 400 and "task must be one of" in r.json()["detail"]
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "task"]
+    assert "txt2img" in r.json()["detail"][0]["msg"]
     r = client.post("/v1/images/jobs", json={"task": "vary_subtle", "prompt": "x", "image": "not base64!"})
     assert r.status_code == 400 and "base64" in r.json()["detail"]
     r = client.post("/v1/images/jobs", json={"task": "inpaint", "prompt": "x", "image": b64(Image.new("RGB", (8, 8)))})

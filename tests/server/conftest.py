@@ -2,34 +2,23 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from dataclasses import dataclass
 
 import httpx
 import pytest
-import uvicorn
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from loom.bench.process import ThreadServer, serve_in_thread
 from loom.engine.config import EngineConfig
 from loom.server.app import build_app
+from loom.server.guard import HTTPPolicy
 from loom.server.llm import LLMComponent, LLMServerConfig
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
-class RunningServer:
-    url: str
-    component: LLMComponent
-    server: uvicorn.Server
-    thread: threading.Thread
+class RunningServer(ThreadServer):
+    component: LLMComponent = None
 
     @property
     def base_url(self) -> str:
@@ -45,28 +34,14 @@ class RunningServer:
                 values[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
         return values
 
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "server thread did not stop"
 
-
-def start_server(config: LLMServerConfig, timeout: float = 120.0) -> RunningServer:
+def start_server(config: LLMServerConfig, timeout: float = 120.0, api_key: str | None = None,
+                 **policy) -> RunningServer:
     registry = CollectorRegistry()
     component = LLMComponent(config, registry)
-    app = build_app([component], registry)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=10))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    return RunningServer(f"http://127.0.0.1:{port}", component, server, thread)
+    app = build_app([component], registry, HTTPPolicy(api_key=api_key, **policy))
+    running = serve_in_thread(app, timeout)
+    return RunningServer(running.url, running.server, running.thread, component)
 
 
 def tiny_config(model_path, **overrides) -> LLMServerConfig:

@@ -70,7 +70,7 @@ def test_openai_client_raises_typed_errors(client):
 
 
 def test_api_key_guards_v1_but_not_health(tiny_llama):
-    server = start_server(tiny_config(tiny_llama, num_kv_blocks=64, api_key="sekrit"))
+    server = start_server(tiny_config(tiny_llama, num_kv_blocks=64), api_key="sekrit")
     try:
         err = _error(_post(server, "/chat/completions", CHAT), 401)
         assert err["type"] == "authentication_error"

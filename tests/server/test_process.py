@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import free_port
+from loom.bench.process import free_port
 
 
 def _spawn(model, port: int, *extra: str) -> subprocess.Popen:

@@ -63,8 +63,10 @@ class _Stop:
 class RequestStream:
     """One request's outputs, in order; iterate it, then ``close()`` (which aborts an unfinished request)."""
 
-    def __init__(self, front: AsyncLLMEngine, request_id: str):
+    def __init__(self, front: AsyncLLMEngine, request_id: str, num_seqs: int = 1):
         self.request_id = request_id
+        self.num_seqs = num_seqs
+        """Sequences this request holds in the engine (its ``n``): what admission counted."""
         self.finished = False
         self._front = front
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -92,7 +94,7 @@ class RequestStream:
         self._closed = True
         if not self.finished:
             self._front.abort(self.request_id)
-        self._front._release()
+        self._front._release(self.num_seqs)
 
 
 class AsyncLLMEngine:
@@ -107,7 +109,8 @@ class AsyncLLMEngine:
         self.config = config
         self.metrics = metrics
         self.max_in_flight = max_in_flight
-        """Requests admitted at once (running + waiting); more get EngineOverloaded. None: no bound."""
+        """Sequences admitted at once (running + waiting; a request with n=4 is 4); more get EngineOverloaded.
+        None: no bound."""
         self.engine = None
         """The LLMEngine, built by (and only to be called from) the engine thread; tests may read it when idle."""
         self.tokenizer = None
@@ -141,18 +144,24 @@ class AsyncLLMEngine:
     def is_ready(self) -> bool:
         return self.engine is not None and self._thread is not None and self._thread.is_alive()
 
-    async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                          arrival_time: float | None = None) -> RequestStream:
-        """Admit a request; raises EngineOverloaded (503), ValueError from the engine (400) or EngineDead."""
+    def check_room(self, num_seqs: int) -> None:
+        """Raise EngineDead or EngineOverloaded unless ``num_seqs`` more sequences can be admitted now."""
         if not self.is_ready:
             raise EngineDead("the LLM engine is not running")
         if self.draining:
             raise EngineOverloaded("the server is shutting down")
-        if self.max_in_flight is not None and self.num_in_flight >= self.max_in_flight:
-            raise EngineOverloaded(f"the waiting queue is full ({self.num_in_flight} requests in flight)")
-        self.num_in_flight += 1
+        if self.max_in_flight is not None and self.num_in_flight + num_seqs > self.max_in_flight:
+            raise EngineOverloaded(f"the waiting queue is full ({self.num_in_flight} sequences in flight, "
+                                   f"{num_seqs} more asked for)")
+
+    async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                          arrival_time: float | None = None) -> RequestStream:
+        """Admit a request as ``params.n`` sequences; raises EngineOverloaded (503), ValueError from the engine
+        (400) or EngineDead."""
+        self.check_room(params.n)
+        self.num_in_flight += params.n
         self._idle.clear()
-        stream = RequestStream(self, request_id)
+        stream = RequestStream(self, request_id, params.n)
         times = RequestTimes(arrival=arrival_time or time.time(), num_prompt_tokens=len(prompt_token_ids))
         self._commands.put(_Add(request_id, prompt_token_ids, params, stream, times))
         try:
@@ -166,8 +175,8 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
 
-    def _release(self) -> None:
-        self.num_in_flight -= 1
+    def _release(self, num_seqs: int = 1) -> None:
+        self.num_in_flight -= num_seqs
         if self.num_in_flight == 0:
             self._idle.set()
 

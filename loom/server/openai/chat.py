@@ -31,8 +31,9 @@ from loom.server.openai.serving import (
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
     ctx.check_model(req.model)
     params = req.sampling_params()
+    ctx.check_n(params.n)
     messages = [m.as_template_dict() for m in req.messages]
-    prompt = ctx.apply_chat_template(messages, req.add_generation_prompt)
+    prompt = await ctx.apply_chat_template(messages, req.add_generation_prompt)
     request_id, created = new_id("chatcmpl"), now_s()
     streams = await ctx.open_streams(request_id, [prompt], params, time.time())
     if req.stream:

@@ -27,10 +27,17 @@ from loom.server.openai.serving import (
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
     ctx.check_model(req.model)
     params = req.sampling_params()
-    prompts = [ctx.encode(p) if isinstance(p, str) else list(p) for p in req.prompts()]
-    echo = [ctx.front.tokenizer.decode(p) if req.echo else "" for p in prompts]
+    raw_prompts = req.prompts()
+    ctx.check_n(params.n, len(raw_prompts))
+    ctx.encoder.check_chars(sum(len(p) for p in raw_prompts if isinstance(p, str)))
+    prompts = [await ctx.encode(p) if isinstance(p, str) else list(p) for p in raw_prompts]
     request_id, created = new_id("cmpl"), now_s()
-    streams = await ctx.open_streams(request_id, prompts, params, time.time())
+    streams = await ctx.open_streams(request_id, prompts, params, time.time())  # checks token ids too
+    try:
+        echo = [await ctx.encoder.decode(p) if req.echo else "" for p in prompts]
+    except BaseException:
+        close_all(streams)
+        raise
     head = {"id": request_id, "object": "text_completion", "created": created, "model": ctx.model_name}
     if req.stream:
         return StreamingResponse(_stream(ctx, req, streams, prompts, echo, head), media_type="text/event-stream",

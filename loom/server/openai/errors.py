@@ -16,11 +16,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from loom.server.guard import ErrorResponse
 
 log = logging.getLogger("loom.server.llm")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          413: "invalid_request_error", 500: "server_error", 503: "overloaded_error"}
+          413: "invalid_request_error", 415: "invalid_request_error", 500: "server_error", 503: "overloaded_error"}
+
+
+_ERROR_CASES = {
+    400: "bad input (the message names the field)",
+    404: "unknown model",
+    503: "overloaded or starting: retry after Retry-After seconds",
+}
+ERROR_RESPONSES: dict[int | str, dict] = {code: {"model": ErrorResponse, "description": text}
+                                          for code, text in _ERROR_CASES.items()}
 
 
 class OpenAIError(Exception):
@@ -89,8 +101,12 @@ class OpenAIRoute(APIRoute):
                 return from_validation(exc.errors()).response()
             except ValueError as exc:
                 return from_value_error(exc).response()
-            except Exception as exc:  # an answer in OpenAI's shape, and the traceback in the log
+            except HTTPException as exc:  # FastAPI's own (a body it could not parse is 400): keep its status
+                return OpenAIError(exc.status_code, str(exc.detail), headers=exc.headers).response()
+            except RecursionError:  # JSON nested deeper than the parser's recursion limit
+                return OpenAIError(400, "the request body nests too deeply; flatten it", code="invalid_json").response()
+            except Exception:  # an answer in OpenAI's shape, and the traceback (never the client) gets the details
                 log.exception("unhandled error in %s", request.url.path)
-                return OpenAIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+                return OpenAIError(500, "internal server error; the server log has the details").response()
 
         return openai_handler

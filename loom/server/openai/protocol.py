@@ -8,12 +8,17 @@ Loom's extra sampling fields: ``top_k``, ``min_p``, ``repetition_penalty``, ``mi
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from loom.engine.sampling_params import SamplingParams
 from loom.server.openai.errors import bad_request
+
+MAX_STOP = 16
+"""Entries in ``stop`` and in ``stop_token_ids`` (OpenAI allows 4 stop strings); both are checked every step."""
+MAX_STOP_CHARS = 256
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 
 class StreamOptions(BaseModel):
@@ -25,7 +30,7 @@ class _Common(BaseModel):
 
     model: str
     n: int = 1
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -41,7 +46,7 @@ class _Common(BaseModel):
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP)] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -161,4 +166,10 @@ class TokenizeRequest(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model: str | None = None
+    tokens: Annotated[list[int], Field(max_length=1 << 20)]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
     tokens: list[int]

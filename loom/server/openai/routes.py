@@ -1,47 +1,38 @@
-"""The routes: /v1/completions, /v1/chat/completions, /v1/models (Bearer key when set), /tokenize, /detokenize."""
+"""The routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize.
+
+Authentication is the app's (``loom.server.guard``): one key for every component's routes."""
 
 from __future__ import annotations
 
-import secrets
+import json
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request, Response
 
 from loom.server.openai.chat import create_chat_completion
 from loom.server.openai.completions import create_completion
-from loom.server.openai.errors import OpenAIError, OpenAIRoute
+from loom.server.openai.errors import ERROR_RESPONSES, OpenAIError, OpenAIRoute
 from loom.server.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    TokenizeResponse,
 )
 from loom.server.openai.serving import ServingContext, now_s
 
-
-def bearer_check(api_key: str | None):
-    """A dependency that answers 401 unless ``Authorization: Bearer <api_key>`` (a no-op without a key)."""
-
-    async def check(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise OpenAIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' (the server's --api-key)",
-                              code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
-    return check
+STREAMS = {200: {"description": "a JSON object, or server-sent events with stream: true",
+                 "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}}
 
 
-def build_routers(ctx: ServingContext, api_key: str | None) -> list[APIRouter]:
-    v1 = APIRouter(prefix="/v1", route_class=OpenAIRoute, dependencies=[Depends(bearer_check(api_key))],
-                   tags=["openai"])
+def build_routers(ctx: ServingContext) -> list[APIRouter]:
+    v1 = APIRouter(prefix="/v1", route_class=OpenAIRoute, tags=["openai"], responses=ERROR_RESPONSES)
     created = now_s()
 
-    @v1.post("/completions")
+    @v1.post("/completions", responses=STREAMS)
     async def completions(req: CompletionRequest, raw: Request):
         return await create_completion(ctx, req, raw)
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", responses=STREAMS)
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         return await create_chat_completion(ctx, req, raw)
 
@@ -52,19 +43,21 @@ def build_routers(ctx: ServingContext, api_key: str | None) -> list[APIRouter]:
                 for name in ctx.model_names]
         return {"object": "list", "data": data}
 
-    tools = APIRouter(route_class=OpenAIRoute, tags=["tokens"])
+    tools = APIRouter(route_class=OpenAIRoute, tags=["tokens"], responses=ERROR_RESPONSES)
 
-    @tools.post("/tokenize")
-    async def tokenize(req: TokenizeRequest) -> dict:
+    @tools.post("/tokenize", response_model=TokenizeResponse)
+    async def tokenize(req: TokenizeRequest) -> Response:
         if req.model is not None:
             ctx.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise OpenAIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
         if req.messages is not None:
-            ids = ctx.apply_chat_template([m.as_template_dict() for m in req.messages], req.add_generation_prompt)
+            messages = [m.as_template_dict() for m in req.messages]
+            ids = await ctx.apply_chat_template(messages, req.add_generation_prompt, within_context=False)
         else:
-            ids = list(ctx.front.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"])
-        return {"count": len(ids), "max_model_len": ctx.front.max_model_len, "tokens": ids}
+            ids = await ctx.encoder.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        body = {"count": len(ids), "max_model_len": ctx.front.max_model_len, "tokens": ids}
+        return Response(await ctx.encoder.run(json.dumps, body), media_type="application/json")  # rendered off the loop
 
     @tools.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict:
@@ -74,6 +67,6 @@ def build_routers(ctx: ServingContext, api_key: str | None) -> list[APIRouter]:
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
             raise OpenAIError(400, f"token ids must be in [0, {vocab}); got {bad[:5]}", param="tokens")
-        return {"prompt": ctx.front.tokenizer.decode(req.tokens)}
+        return {"prompt": await ctx.encoder.decode(req.tokens)}
 
     return [v1, tools]

@@ -15,8 +15,9 @@ from fastapi import Request, Response
 from loom.engine.outputs import RequestOutput
 from loom.engine.sampling_params import SamplingParams
 from loom.server.openai.async_engine import AsyncLLMEngine, EngineDead, EngineOverloaded, RequestStream
-from loom.server.openai.errors import OpenAIError, from_value_error
+from loom.server.openai.errors import OpenAIError, bad_request, from_value_error
 from loom.server.openai.logprobs import TokenStrings
+from loom.server.openai.prompts import PromptEncoder
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -27,7 +28,12 @@ class ServingContext:
     model_names: list[str]
     """Names accepted in ``model``; the first is the one reported."""
     retry_after_s: int = 1
+    max_n: int = 16
+    """Most completions one request may ask for (``n``); each counts as a sequence at admission."""
+    max_prompt_chars: int | None = None
+    """Most characters in a request's prompt(s) before tokenization; None: 32 per token of the model's context."""
     _strings: TokenStrings | None = field(default=None)
+    _encoder: PromptEncoder | None = field(default=None)
 
     @property
     def model_name(self) -> str:
@@ -39,28 +45,51 @@ class ServingContext:
             self._strings = TokenStrings(self.front.tokenizer)
         return self._strings
 
+    @property
+    def encoder(self) -> PromptEncoder:
+        if self._encoder is None:
+            chars = self.max_prompt_chars or 32 * self.front.max_model_len
+            self._encoder = PromptEncoder(self.front.tokenizer, chars)
+        return self._encoder
+
+    def close(self) -> None:
+        if self._encoder is not None:
+            self._encoder.close()
+
     def check_model(self, name: str) -> None:
         if name not in self.model_names:
             raise OpenAIError(404, f"The model `{name}` does not exist. This server serves: {', '.join(self.model_names)}",
                               param="model", code="model_not_found")
 
-    def encode(self, text: str) -> list[int]:
+    def check_n(self, n: int, num_prompts: int = 1) -> None:
+        """Bound ``n`` and the sequences one request may hold, before any work starts."""
+        if n > self.max_n:
+            raise bad_request(f"n must be at most {self.max_n} on this server (--max-n), got {n}", "n")
+        capacity = self.front.max_in_flight
+        if capacity is not None and n * num_prompts > capacity:
+            raise bad_request(f"{num_prompts} prompt(s) x n={n} is {n * num_prompts} sequences, more than this "
+                              f"server ever holds at once ({capacity}); split the request", "prompt")
+
+    async def encode(self, text: str) -> list[int]:
         """A completions prompt, with the tokenizer's special tokens (Llama's BOS) as vLLM and HF encode it; chat
         prompts come from the chat template, which writes its own."""
-        return list(self.front.tokenizer(text)["input_ids"])
+        return await self.encoder.encode(text, limit=self.front.max_model_len)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        tok = self.front.tokenizer
-        if not getattr(tok, "chat_template", None):
+    async def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                                  within_context: bool = True) -> list[int]:
+        """The chat prompt's ids; with ``within_context``, a prompt longer than the context is a 400."""
+        if not getattr(self.front.tokenizer, "chat_template", None):
             raise OpenAIError(400, "this model has no chat template; use /v1/completions", param="messages")
-        ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        limit = self.front.max_model_len if within_context else None
+        return await self.encoder.chat(messages, add_generation_prompt, limit=limit)
 
     async def open_streams(self, base_id: str, prompts: list[list[int]], params: SamplingParams,
                            arrival: float) -> list[RequestStream]:
-        """Admit one engine request per prompt; all or none (a later rejection closes the earlier ones)."""
+        """Admit one engine request per prompt, each counted as ``params.n`` sequences; all or none (the room for
+        all is checked first, and a later rejection closes the earlier ones)."""
         streams: list[RequestStream] = []
         try:
+            self.front.check_room(len(prompts) * params.n)
             for i, ids in enumerate(prompts):
                 streams.append(await self.front.add_request(f"{base_id}-{i}", ids, params, arrival))
         except BaseException as exc:
@@ -151,20 +180,28 @@ async def finals_of(streams: list[RequestStream]) -> list[RequestOutput]:
     return last  # type: ignore[return-value]
 
 
-async def unless_disconnected(work: Awaitable, request: Request, poll_s: float = 0.5):
-    """Await ``work``; if the client disconnects first, cancel it (its finally aborts the engine requests)."""
+async def unless_disconnected(work: Awaitable, request: Request):
+    """Await ``work``; if the client disconnects first, cancel it at once (its finally aborts the engine requests and
+    frees their KV blocks and admission slots)."""
     task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=poll_s)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                return Response(status_code=499)
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        return Response(status_code=499)
     finally:
-        if not task.done():
-            task.cancel()
+        for pending in (task, gone):
+            if not pending.done():
+                pending.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away. The body has been read, so the next ASGI message can only be the
+    disconnect (what vLLM's ``with_cancellation`` listens for too)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def error_event(exc: BaseException) -> str:
