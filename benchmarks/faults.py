@@ -38,9 +38,9 @@ from loom.batching.handler import Context, Handler
 from loom.batching.serve import ModelServerComponent
 from loom.bench.process import free_port, serve_in_thread
 from loom.engine.config import EngineConfig
+from loom.entrypoints.openai.serve import LLMComponent, LLMServerConfig
 from loom.server.app import build_app
 from loom.server.guard import HTTPPolicy
-from loom.server.llm import LLMComponent, LLMServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the capital of France is Paris and a quick brown fox jumps over lazy dogs while rivers run to the sea".split()

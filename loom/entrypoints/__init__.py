@@ -1,4 +1,5 @@
-"""User-facing entry points: the offline ``LLM`` class and the generate / chat commands."""
+"""User-facing entry points: the offline ``LLM`` class, the generate / chat commands and, in ``openai/``, the
+OpenAI-compatible HTTP API that `loom serve --model` mounts."""
 
 from loom.entrypoints.llm import LLM
 

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from loom.server.guard import DEFAULT_MAX_BODY_BYTES, HTTPPolicy
 
-SERVE_PLUGINS = ("loom.server.llm", "loom.batching.serve", "loom.image.serve")
+SERVE_PLUGINS = ("loom.entrypoints.openai.serve", "loom.batching.serve", "loom.image.serve")
 
 
 def _plugins():

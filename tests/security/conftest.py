@@ -12,11 +12,11 @@ from prometheus_client import CollectorRegistry
 from loom.batching.config import ModelConfig
 from loom.batching.serve import ModelServerComponent
 from loom.bench.process import ThreadServer, free_port, serve_in_thread
+from loom.entrypoints.openai.serve import LLMComponent
 from loom.image.limits import ImageLimits
 from loom.image.serve import ImageComponent
 from loom.server.app import build_app
 from loom.server.guard import HTTPPolicy
-from loom.server.llm import LLMComponent
 from tests.server.conftest import tiny_config
 
 KEY = "sekrit-key"

@@ -11,9 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loom.bench.process import ThreadServer, serve_in_thread
 from loom.engine.config import EngineConfig
+from loom.entrypoints.openai.serve import LLMComponent, LLMServerConfig
 from loom.server.app import build_app
 from loom.server.guard import HTTPPolicy
-from loom.server.llm import LLMComponent, LLMServerConfig
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 from tokenizers.processors import TemplateProcessing
 from transformers import AutoTokenizer
 
-from loom.server.openai.prompts import PromptEncoder, PromptTooLong
+from loom.entrypoints.openai.prompts import PromptEncoder, PromptTooLong
 
 TEXTS = ["The capital of France is", "  leading spaces, trailing\n\n", "déjà vu 🙂 — ünïcödé 数字 12345",
          "<|im_start|>user\nhi<|im_end|>", "a" * 3000, ""]

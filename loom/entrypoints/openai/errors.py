@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 
 from loom.server.guard import ErrorResponse
 
-log = logging.getLogger("loom.server.llm")
+log = logging.getLogger("loom.entrypoints.openai.serve")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
           413: "invalid_request_error", 415: "invalid_request_error", 500: "server_error", 503: "overloaded_error"}

@@ -14,10 +14,10 @@ from fastapi import Request, Response
 
 from loom.engine.outputs import RequestOutput
 from loom.engine.sampling_params import SamplingParams
-from loom.server.openai.async_engine import AsyncLLMEngine, EngineDead, EngineOverloaded, RequestStream
-from loom.server.openai.errors import OpenAIError, bad_request, from_value_error
-from loom.server.openai.logprobs import TokenStrings
-from loom.server.openai.prompts import PromptEncoder
+from loom.entrypoints.openai.async_engine import AsyncLLMEngine, EngineDead, EngineOverloaded, RequestStream
+from loom.entrypoints.openai.errors import OpenAIError, bad_request, from_value_error
+from loom.entrypoints.openai.logprobs import TokenStrings
+from loom.entrypoints.openai.prompts import PromptEncoder
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

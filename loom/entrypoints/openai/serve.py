@@ -4,7 +4,7 @@
     curl 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}'
 
-Routes and their behaviour live in ``loom/server/openai/``; this module maps flags to an ``LLMServerConfig`` and
+Routes and their behaviour live in ``loom/entrypoints/openai/``; this module maps flags to an ``LLMServerConfig`` and
 wraps the async engine front as a ``Component`` (start = build the engine, stop = drain, then stop its thread).
 """
 
@@ -18,11 +18,11 @@ from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
 
 from loom.engine.config import EngineConfig
+from loom.entrypoints.openai.async_engine import AsyncLLMEngine
+from loom.entrypoints.openai.metrics import LLMMetrics
+from loom.entrypoints.openai.routes import build_routers
+from loom.entrypoints.openai.serving import ServingContext
 from loom.server.component import ExtraServer
-from loom.server.openai.async_engine import AsyncLLMEngine
-from loom.server.openai.metrics import LLMMetrics
-from loom.server.openai.routes import build_routers
-from loom.server.openai.serving import ServingContext
 
 
 @dataclass(slots=True)

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from loom.engine.config import EngineConfig
 from loom.engine.outputs import RequestOutput
 from loom.engine.sampling_params import SamplingParams
-from loom.server.openai.metrics import LLMMetrics, RequestTimes
+from loom.entrypoints.openai.metrics import LLMMetrics, RequestTimes
 
-log = logging.getLogger("loom.server.llm")
+log = logging.getLogger("loom.entrypoints.openai.serve")
 
 
 class EngineOverloaded(RuntimeError):

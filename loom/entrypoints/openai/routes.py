@@ -8,17 +8,17 @@ import json
 
 from fastapi import APIRouter, Request, Response
 
-from loom.server.openai.chat import create_chat_completion
-from loom.server.openai.completions import create_completion
-from loom.server.openai.errors import ERROR_RESPONSES, OpenAIError, OpenAIRoute
-from loom.server.openai.protocol import (
+from loom.entrypoints.openai.chat import create_chat_completion
+from loom.entrypoints.openai.completions import create_completion
+from loom.entrypoints.openai.errors import ERROR_RESPONSES, OpenAIError, OpenAIRoute
+from loom.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
     TokenizeResponse,
 )
-from loom.server.openai.serving import ServingContext, now_s
+from loom.entrypoints.openai.serving import ServingContext, now_s
 
 STREAMS = {200: {"description": "a JSON object, or server-sent events with stream: true",
                  "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}}

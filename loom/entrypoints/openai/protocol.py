@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from loom.engine.sampling_params import SamplingParams
-from loom.server.openai.errors import bad_request
+from loom.entrypoints.openai.errors import bad_request
 
 MAX_STOP = 16
 """Entries in ``stop`` and in ``stop_token_ids`` (OpenAI allows 4 stop strings); both are checked every step."""

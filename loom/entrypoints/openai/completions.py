@@ -8,8 +8,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from loom.engine.outputs import CompletionOutput, RequestOutput
-from loom.server.openai.protocol import CompletionRequest
-from loom.server.openai.serving import (
+from loom.entrypoints.openai.protocol import CompletionRequest
+from loom.entrypoints.openai.serving import (
     SSE_HEADERS,
     ServingContext,
     close_all,
