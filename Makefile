@@ -61,7 +61,7 @@ image-deps: install
 	@$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('open_clip') is None)" || $(PY) -m pip install -q --no-deps open_clip_torch
 
 image-demo: image-deps
-	nice -n 10 $(PY) -m loom.image.train
+	nice -n 10 $(PY) scripts/train_image_demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
@@ -71,9 +71,9 @@ clean:
 # of the base model next to the tuned one, then the tuned folder answers through Loom's own engine.
 FT_DEMO := results/finetune-demo
 finetune-demo: model
-	$(PY) -m loom.finetune.demo --out $(FT_DEMO)/data --train 2000 --eval 120
+	$(PY) scripts/finetune_demo_data.py --out $(FT_DEMO)/data --train 2000 --eval 120
 	nice -n 10 $(LOOM) finetune --model smollm2 --data $(FT_DEMO)/data/train.jsonl \
 	  --eval-data $(FT_DEMO)/data/eval.jsonl --max-eval-examples 60 --output $(FT_DEMO)/model \
 	  --lora --lora-r 16 --lora-alpha 32 --lr 1e-3 --max-steps 24 --grad-accum 2 --batch-size 1 --max-length 512
-	nice -n 10 $(PY) -m loom.finetune.serve_check --model $(FT_DEMO)/model --data $(FT_DEMO)/data/eval.jsonl --num 20
+	nice -n 10 $(PY) scripts/finetune_serve_check.py --model $(FT_DEMO)/model --data $(FT_DEMO)/data/eval.jsonl --num 20
 	@echo "serve it: $(LOOM) serve --model $(FT_DEMO)/model   (or: $(LOOM) chat --model $(FT_DEMO)/model)"

@@ -30,18 +30,20 @@ import platform  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for scripts/
 from loom.finetune.config import FinetuneConfig  # noqa: E402
 from loom.finetune.dataset import encode_records  # noqa: E402
-from loom.finetune.demo import WORDS, generate  # noqa: E402
 from loom.finetune.lora import apply_lora  # noqa: E402
 from loom.finetune.recipe import load_model  # noqa: E402
 from loom.finetune.trainer import Trainer  # noqa: E402
 from loom.models.catalogue import resolve_model  # noqa: E402
+from scripts.finetune_demo_data import WORDS, generate  # noqa: E402
 
 LORA = dict(r=16, alpha=32, dropout=0.0, targets="all-linear")
 

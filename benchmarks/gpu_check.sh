@@ -10,7 +10,7 @@ export PYTHONPATH=/tmp/site:. HF_HUB_OFFLINE=1 LOOM_HOME=/tmp/loom-home PYTHONUN
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-python3 benchmarks/random_smollm2.py --tokenizer .device_carry/smollm2-tokenizer
+python3 scripts/random_smollm2.py --tokenizer .device_carry/smollm2-tokenizer
 echo "== parity on CUDA, bfloat16"
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
 echo "== throughput, bfloat16, SmolLM2-135M architecture (random weights)"

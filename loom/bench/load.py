@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import csv
 import io
 import json
@@ -21,8 +20,6 @@ import random
 import re
 import secrets
 import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +28,7 @@ from pathlib import Path
 import httpx
 
 from loom.bench.load_client import json_payloads, run_load, sentences
+from loom.bench.process import ServerProcess, free_port, start_server
 
 
 @dataclass(slots=True)
@@ -116,7 +114,7 @@ class _server:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.proc: subprocess.Popen | None = None
+        self.process: ServerProcess | None = None
 
     def __enter__(self) -> tuple[str, str, str]:
         a = self.args
@@ -124,48 +122,15 @@ class _server:
             if not (a.management_url and a.management_token):
                 raise ValueError("--url needs --management-url and --management-token too")
             return a.url.rstrip("/"), a.management_url.rstrip("/"), a.management_token
-        port, mport, token = _free_port(), _free_port(), secrets.token_urlsafe(16)
+        port, mport, token = free_port(), free_port(), secrets.token_urlsafe(16)
         cmd = [sys.executable, "-m", "loom.cli", "serve", "--model-server", "--enable-model-api", "--port", str(port),
                "--management-port", str(mport), "--management-token", token, "--log-level", "warning"]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        # Its own session, as a deployed server would be: with autogroup scheduling the kernel shares CPU between
-        # sessions, so a server in the client's session would split one share with the load client.
-        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-        with contextlib.suppress(OSError, ValueError, IndexError):  # the same group priority as our own session
-            nice = Path("/proc/self/autogroup").read_text().split()[-1]
-            Path(f"/proc/{self.proc.pid}/autogroup").write_text(nice)
-        url = f"http://127.0.0.1:{port}"
-        _wait_ready(self.proc, url)
-        return url, f"http://127.0.0.1:{mport}", token
+        self.process = start_server(cmd, f"http://127.0.0.1:{port}", ready_path="/ping", timeout=120)
+        return self.process.url, f"http://127.0.0.1:{mport}", token
 
     def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"loom serve exited with code {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"loom serve at {url} not ready after {timeout} s")
+        if self.process is not None:
+            self.process.stop(grace=60)
 
 
 async def _sweep(url, mgmt, token, config, batch_sizes, worker_counts, payloads, content_type, args) -> list[Cell]:

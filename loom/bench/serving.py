@@ -1,4 +1,4 @@
-"""`loom bench serving` (= benchmarks/serving.py): an online serving benchmark for any OpenAI-compatible server,
+"""`loom bench serving`: an online serving benchmark for any OpenAI-compatible server,
 in the style of vLLM's benchmark_serving.
 
 A seeded random dataset (random token ids of the model's tokenizer, decoded to text) is sent over HTTP streaming,
@@ -8,7 +8,8 @@ per run the request throughput and output tokens/s. Several concurrencies or rat
 (JSON + PNG).
 
     loom bench serving --base-url http://127.0.0.1:8000/v1 --model smollm2 --concurrencies 1,4,16
-    loom bench serving --compare-transformers --num-prompts 64   # starts Loom, then `transformers serve`, same workload
+
+benchmarks/serving_vs_transformers.py runs the same client against Loom and then `transformers serve`.
 
 Every request asks for exactly ``--output-len`` tokens: Loom and vLLM take ``ignore_eos``; `transformers serve`
 takes a ``generation_config`` without an EOS id (``--exact-output auto`` picks the right one per server).
@@ -303,7 +304,7 @@ def point_line(name: str, p: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ServingBenchConfig()
     parser.add_argument("--base-url", default=d.base_url, help=f"an OpenAI-compatible /v1 URL (default {d.base_url})")
-    parser.add_argument("--model", default=d.model, help="the 'model' field to send; with --compare-transformers, the model to serve")
+    parser.add_argument("--model", default=d.model, help="the 'model' field to send (and the tokenizer, unless --tokenizer)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or catalogue name for the dataset (default: --model)")
     parser.add_argument("--endpoint", default=d.endpoint, choices=["chat", "completions"])
     parser.add_argument("--num-prompts", type=int, default=d.num_prompts)
@@ -319,15 +320,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured requests first (default 2)")
     parser.add_argument("--out", default="results/serving", help="output prefix: PREFIX.json and PREFIX.png")
-    parser.add_argument("--compare-transformers", action="store_true",
-                        help="start `loom serve`, then `transformers serve --continuous-batching`, on loopback, with "
-                             "the same model and workload; print the ratios")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="compare mode: torch threads for every server (OMP_NUM_THREADS; Loom's --threads)")
-    parser.add_argument("--kv-blocks", type=int, default=1024,
-                        help="compare mode: KV-cache blocks of 16 tokens for every server (default 1024)")
-    parser.add_argument("--loom-args", default="", help="extra flags for `loom serve` in compare mode")
-    parser.add_argument("--startup-timeout", type=float, default=300.0)
 
 
 def config_from_args(args: argparse.Namespace, base_url: str, model: str, exact: str) -> ServingBenchConfig:
@@ -355,16 +347,12 @@ def load_tokenizer(name: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.compare_transformers:
-        from loom.bench.serving_compare import run_compare
-
-        return run_compare(args)
     concurrencies, rates = parse_lists(args)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     exact = "ignore_eos" if args.exact_output == "auto" else args.exact_output
     cfg = config_from_args(args, args.base_url, args.model, exact)
     samples = random_dataset(tokenizer, cfg)
-    points = sweep(cfg, samples, _counter(tokenizer), concurrencies, rates, args.warmup)
+    points = sweep(cfg, samples, token_counter(tokenizer), concurrencies, rates, args.warmup)
     for p in points:
         print(point_line(args.base_url, p))
     prefix = Path(args.out)
@@ -381,7 +369,7 @@ def write_outputs(prefix: Path, result: dict, series: dict[str, list[dict]], tit
     print(f"wrote {json_path} and {png}")
 
 
-def _counter(tokenizer):
+def token_counter(tokenizer):
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

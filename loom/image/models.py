@@ -20,7 +20,7 @@ DEMO_UPSCALER_DIR = ASSETS / "upscaler-2x"
 def resolve_model_path(model: str) -> Path:
     if model == "demo":
         if not (DEMO_DIR / "model_index.json").is_file():
-            raise FileNotFoundError(f"the demo model is missing from {DEMO_DIR}; train it: python -m loom.image.train")
+            raise FileNotFoundError(f"the demo model is missing from {DEMO_DIR}; train it: python scripts/train_image_demo.py")
         return DEMO_DIR
     path = Path(model).expanduser()
     if not path.exists():

@@ -2,7 +2,7 @@
 
 ``ESPCNUpscaler`` is a ``ModelMixin`` + ``ConfigMixin``, so it saves and loads with ``save_pretrained`` /
 ``from_pretrained`` like any diffusers component (config.json + diffusion_pytorch_model.safetensors). The demo's
-weights are trained on scikit-image's bundled photos by ``loom/image/train.py``.
+weights are trained on scikit-image's bundled photos by ``scripts/train_image_demo.py``.
 
     up = ESPCNUpscaler.from_pretrained("loom/image/assets/upscaler-2x")
     big = upscale_image(up, pil_image)        # PIL in, PIL (2x) out

@@ -4,9 +4,7 @@ HTTP on loopback, the generated management token, scaling under load and a clean
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +15,7 @@ import psutil
 import pytest
 import torch
 
-from loom.bench.process import free_port
+from loom.bench.process import free_port, start_server
 from tests.batching.conftest import image_bytes
 
 pytestmark = pytest.mark.slow
@@ -36,46 +34,24 @@ def server(tmp_path_factory, tiny_vit_dir):
            "--management-token-file", str(token_file), "--log-level", "warning", "--config", str(tmp / "models.yaml"),
            "--serve", "minilm=embedding", "--serve", f"vit=image-classifier:{tiny_vit_dir}", "--batch-size", "16",
            "--threads-per-worker", "1"]
-    log = open(tmp / "server.log", "w+")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    children: list[psutil.Process] = []
+    server = start_server(cmd, f"http://127.0.0.1:{port}", ready_path="/ping", log_path=tmp / "server.log",
+                          env={"PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    children = psutil.Process(server.proc.pid).children(recursive=True)
     try:
-        _wait_ready(proc, f"http://127.0.0.1:{port}/ping", log)
-        children = psutil.Process(proc.pid).children(recursive=True)
         token = json.loads(token_file.read_text())["management"]
-        yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "mgmt": f"http://127.0.0.1:{mport}", "token": token,
-               "token_file": token_file, "log": log}
+        yield {"proc": server.proc, "url": server.url, "mgmt": f"http://127.0.0.1:{mport}", "token": token,
+               "token_file": token_file, "process": server}
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        server.stop(grace=10)
         for child in children:  # never leak a worker, whatever happened above
             if child.is_running():
                 child.kill()
-        log.close()
-
-
-def _wait_ready(proc, url: str, log, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise AssertionError(f"loom serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise AssertionError(f"loom serve not ready after {timeout} s")
 
 
 def test_generated_token_is_printed_written_private_and_required(server):
     token_file: Path = server["token_file"]
     assert oct(token_file.stat().st_mode & 0o777) == "0o600"
-    server["log"].seek(0)
-    assert server["token"] in server["log"].read()  # printed at start-up
+    assert server["token"] in server["process"].log_tail(100_000)  # printed at start-up
     assert httpx.get(f"{server['mgmt']}/models").status_code == 401
     assert httpx.get(f"{server['mgmt']}/models", headers={"Authorization": "Bearer nope"}).status_code == 401
     listed = httpx.get(f"{server['mgmt']}/models", headers={"Authorization": f"Bearer {server['token']}"})

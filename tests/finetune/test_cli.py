@@ -7,7 +7,7 @@ import json
 import pytest
 
 from loom.cli import main
-from loom.finetune.demo import write_jsonl
+from scripts.finetune_demo_data import write_jsonl
 
 from .test_loss import RECORDS
 

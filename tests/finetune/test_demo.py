@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from loom.finetune.demo import TASKS, generate, main
+from scripts.finetune_demo_data import TASKS, generate, main
 
 
 def check(record: dict) -> bool:

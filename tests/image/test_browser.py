@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_ui_generates_an_image_in_headless_chromium(engine, tmp_path):
-    from loom.image.screenshot import generate_in_browser, image_stack
+    from scripts.image_ui_screenshot import generate_in_browser, image_stack
 
     shot = tmp_path / "ui.png"
     with image_stack(engine, tmp_path / "out") as (api_url, ui_url):

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
+from benchmarks.serving_vs_transformers import compare_line
 from loom.bench.serving import RequestResult, ServingBenchConfig, random_dataset, request_body, summarize, sweep
-from loom.bench.serving_compare import compare_line
 
 
 def test_summary_statistics_follow_vllm_definitions():

@@ -4,53 +4,29 @@ and (slow) SmolLM2 answers a chat question through the official client."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import openai
 import pytest
 
-from loom.bench.process import free_port
+from loom.bench.process import ServerProcess, free_port, start_server
 
 
-def _spawn(model, port: int, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+def _serve(model, *extra: str, timeout: float = 120.0) -> ServerProcess:
+    port = free_port()
     cmd = [sys.executable, "-m", "loom.cli", "serve", "--model", str(model), "--port", str(port), "--log-level", "warning",
            "--threads", "1", *extra]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited early:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("server did not become ready")
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+    return start_server(cmd, f"http://127.0.0.1:{port}", timeout=timeout)
 
 
 def test_sigterm_drains_in_flight_stream_then_exits(tiny_llama):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = _spawn(tiny_llama, port, "--served-model-name", "tiny", "--max-model-len", "512", "--max-num-seqs", "4")
+    server = _serve(tiny_llama, "--served-model-name", "tiny", "--max-model-len", "512", "--max-num-seqs", "4")
+    url, proc = server.url, server.proc
     try:
-        _wait_ready(url, proc)
         models = httpx.get(f"{url}/v1/models").json()["data"]
         assert models[0]["id"] == "tiny" and models[0]["max_model_len"] == 512
         body = {"model": "tiny", "prompt": "drain me", "max_tokens": 300, "stream": True, "ignore_eos": True,
@@ -77,7 +53,7 @@ def test_sigterm_drains_in_flight_stream_then_exits(tiny_llama):
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{url}/health", timeout=2)
     finally:
-        _kill(proc)
+        server.stop(grace=5)
 
 
 def test_serve_without_model_or_other_component_refuses():
@@ -88,11 +64,8 @@ def test_serve_without_model_or_other_component_refuses():
 
 @pytest.mark.slow
 def test_smollm2_answers_paris(smollm2_path):
-    port = free_port()
-    proc = _spawn("smollm2", port)
-    try:
-        _wait_ready(f"http://127.0.0.1:{port}", proc, timeout=240)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+    with _serve("smollm2", timeout=240) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
         out = client.chat.completions.create(
             model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
             max_tokens=24, temperature=0)
@@ -102,9 +75,3 @@ def test_smollm2_answers_paris(smollm2_path):
             model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
             max_tokens=24, temperature=0, stream=True) if c.choices)
         assert streamed == out.choices[0].message.content
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        finally:
-            _kill(proc)

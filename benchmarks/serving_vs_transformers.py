@@ -1,39 +1,38 @@
-"""Compare mode of `loom bench serving`: Loom against `transformers serve --continuous-batching`, one after the
-other on loopback, same model folder, same seeded workload, same client; one summary line with the ratios.
+"""Loom's LLM server against `transformers serve --continuous-batching`: one after the other on loopback, the same
+model folder, the same seeded workload and client (`loom bench serving`'s), one summary line with the ratios.
 
-    loom bench serving --compare-transformers --num-prompts 64 --input-len 128 --output-len 64 --concurrencies 16
+    nice -n 10 .venv/bin/python benchmarks/serving_vs_transformers.py --num-prompts 64 --input-len 128 --output-len 64 \
+        --concurrencies 16
 
-Each server runs alone (the other is stopped first) with torch's default threads; the benchmark client itself
-runs in this process. Startup, model load and two warm-up requests are not measured.
+Each server runs alone (the other is stopped first) with torch's default threads (or ``--threads``), the same KV pool
+(``--kv-blocks`` blocks of 16 tokens) and the same 2048-token step budget; startup, model load and two warm-up
+requests are not measured. Prints ONE summary line and writes results/serving.json (+ .png).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import httpx
-
+from loom.bench.process import free_port, start_server
 from loom.bench.serving import (
-    _counter,
+    add_arguments,
     config_from_args,
     load_tokenizer,
     parse_lists,
     point_line,
     random_dataset,
     sweep,
+    token_counter,
     write_outputs,
 )
+from loom.models.catalogue import resolve_model
 
 
 @dataclass(slots=True)
@@ -43,12 +42,6 @@ class PeerServer:
     model_field: str
     """What requests put in ``model``."""
     exact_output: str
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kv_gib(model_path: Path, num_blocks: int, block_size: int = 16, bytes_per_value: int = 4) -> float:
@@ -79,48 +72,7 @@ def servers(model_path: Path, port: int, args: argparse.Namespace) -> list[PeerS
             PeerServer("transformers serve", hf, str(model_path), "generation_config")]
 
 
-def start(server: PeerServer, url: str, timeout: float, log_path: Path, threads: int | None = None) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    if threads:  # torch reads these at start-up: the same thread count for every server
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-    proc = subprocess.Popen(server.command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    proc.log = log  # type: ignore[attr-defined]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            stop(proc)
-            raise RuntimeError(f"{server.name} exited with {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop(proc)
-    raise RuntimeError(f"{server.name} did not answer {url}/health within {timeout} s; see {log_path}")
-
-
-def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM the server's process group, then SIGKILL after ``grace`` seconds."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
-    log = getattr(proc, "log", None)
-    if log is not None:
-        log.close()
-
-
 def run_compare(args: argparse.Namespace) -> int:
-    from loom.models.catalogue import resolve_model
-
     model_path = resolve_model(args.model)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     concurrencies, rates = parse_lists(args)
@@ -134,11 +86,11 @@ def run_compare(args: argparse.Namespace) -> int:
         samples = random_dataset(tokenizer, cfg)  # same seed: the same prompts for both
         print(f"starting {server.name}: {' '.join(server.command)}", flush=True)
         log_path = prefix.parent / f"{prefix.name}-{server.name.split()[0]}.log"
-        proc = start(server, url, args.startup_timeout, log_path, args.threads)
-        try:
-            points = sweep(cfg, samples, _counter(tokenizer), concurrencies, rates, args.warmup)
-        finally:
-            stop(proc)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        # torch reads OMP/MKL_NUM_THREADS at start-up: the same thread count for every server
+        env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
+        with start_server(server.command, url, timeout=args.startup_timeout, log_path=log_path, env=env):
+            points = sweep(cfg, samples, token_counter(tokenizer), concurrencies, rates, args.warmup)
         for p in points:
             print(point_line(server.name, p), flush=True)
         series[server.name], configs[server.name] = points, cfg
@@ -165,6 +117,20 @@ def compare_line(series: dict[str, list[dict]], args: argparse.Namespace) -> str
 
 
 def _plain(cfg) -> dict:
-    from dataclasses import asdict
-
     return {k: (str(v) if isinstance(v, float) and v == float("inf") else v) for k, v in asdict(cfg).items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    parser.set_defaults(model="smollm2")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every server (OMP_NUM_THREADS; Loom's --threads)")
+    parser.add_argument("--kv-blocks", type=int, default=1024, help="KV-cache blocks of 16 tokens for every server")
+    parser.add_argument("--loom-args", default="", help="extra flags for `loom serve`")
+    parser.add_argument("--startup-timeout", type=float, default=300.0)
+    return run_compare(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

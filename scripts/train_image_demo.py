@@ -1,7 +1,7 @@
 """Train the demo models, seeded and reproducible: a text-to-image model on Fashion-MNIST and a 2x upscaler.
 
-    nice -n 10 python -m loom.image.train                  # trains all, writes loom/image/assets/{demo,upscaler-2x}
-    nice -n 10 python -m loom.image.train --eval-only      # re-prints classifier agreement and upscaler PSNR
+    nice -n 10 python scripts/train_image_demo.py                  # trains all, writes loom/image/assets/{demo,upscaler-2x}
+    nice -n 10 python scripts/train_image_demo.py --eval-only      # re-prints classifier agreement and upscaler PSNR
 
 The text-to-image model is a Stable-Diffusion-shaped pipeline (AutoencoderKL 32x32 -> 8x8x4 latents, a small
 UNet2DConditionModel with cross-attention, a small CLIPTextModel over CLIP's real vocabulary) trained on real

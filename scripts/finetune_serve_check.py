@@ -1,6 +1,6 @@
 """Ask the exported model held-out questions through Loom's own engine (``loom.LLM``, what ``loom serve`` runs).
 
-    python -m loom.finetune.serve_check --model out/ --data eval.jsonl --num 20
+    python scripts/finetune_serve_check.py --model out/ --data eval.jsonl --num 20
 
 It sends each record's conversation (without the reference answer) through ``LLM.chat`` — the model folder's own
 chat template, greedy, stopping at EOS — and prints the exact-match rate and a few answers.

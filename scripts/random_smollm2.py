@@ -1,7 +1,7 @@
 """Make a random-weight model with SmolLM2-135M's exact architecture and its tokenizer, registered as the catalogue's
 ``smollm2`` under $LOOM_HOME: for machines (a lent GPU) where the packaged weights cannot travel.
 
-    LOOM_HOME=/tmp/loom python benchmarks/random_smollm2.py --tokenizer DIR
+    LOOM_HOME=/tmp/loom python scripts/random_smollm2.py --tokenizer DIR
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Drive the web UI in headless Chromium (Debian ``chromium`` + ``chromium-driver``, via Selenium) and screenshot it.
 
-    python -m loom.image.screenshot --model demo --prompt "an ankle boot" --out docs/images-ui.png
+    python scripts/image_ui_screenshot.py --model demo --prompt "an ankle boot" --out docs/images-ui.png
 
 Starts the image API and the UI in this process on free loopback ports, types the prompt, clicks Generate, waits
 for the gallery to show the images, saves a screenshot, and shuts everything down. The test suite uses the same

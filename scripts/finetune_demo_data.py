@@ -4,7 +4,7 @@ Four synthetic tasks (Alpaca records with a ``task`` field): sort numbers, rever
 a sentence that also holds a distracting number, and two-digit arithmetic. The same seed always writes the same
 files; held-out records never repeat a training prompt::
 
-    python -m loom.finetune.demo --out data/ --train 2000 --eval 120     # writes train.jsonl and eval.jsonl
+    python scripts/finetune_demo_data.py --out data/ --train 2000 --eval 120     # writes train.jsonl and eval.jsonl
 """
 
 from __future__ import annotations
