@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, matmul_peak_gflops, sync, write_json  # noqa: E402
+from loom.devices import resolve_device  # noqa: E402
 
 
 @dataclass
@@ -143,7 +144,7 @@ BACKENDS = {"loom": run_loom, "hf": run_hf_static, "hf-cb": run_hf_cb}
 
 
 def _device(args) -> str:
-    return "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    return str(resolve_device(args.device))
 
 
 def _torch_dtype(args) -> torch.dtype:

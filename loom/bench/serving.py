@@ -29,6 +29,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from loom.models.catalogue import resolve_model
+from loom.models.loader import load_tokenizer as load_folder_tokenizer
+
 
 @dataclass(slots=True)
 class ServingBenchConfig:
@@ -339,11 +342,8 @@ def parse_lists(args: argparse.Namespace) -> tuple[list[int | None], list[float]
 
 
 def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
-    from loom.models.catalogue import resolve_model
-
-    return AutoTokenizer.from_pretrained(str(resolve_model(name)))
+    """The tokenizer of a catalogue name or a local folder."""
+    return load_folder_tokenizer(resolve_model(name))
 
 
 def run(args: argparse.Namespace) -> int:

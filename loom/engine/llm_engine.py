@@ -17,8 +17,8 @@ from loom.engine.sampling_params import SamplingParams
 from loom.engine.scheduler import Scheduler, SchedulerConfig
 from loom.engine.sequence import Sequence
 from loom.models.catalogue import resolve_model
-from loom.models.loader import load_hf_config, load_model
-from loom.ops.sampler import SamplingRow, sample
+from loom.models.loader import load_hf_config, load_model, load_tokenizer
+from loom.ops.sampler import SamplingRow, SamplingSettings, sample
 
 
 @dataclass(slots=True)
@@ -71,7 +71,7 @@ class LLMEngine:
         self.max_model_len = min(
             config.max_model_len or hf_config.max_position_embeddings, hf_config.max_position_embeddings
         )
-        self.tokenizer = _load_tokenizer(self.model_path)
+        self.tokenizer = load_tokenizer(self.model_path)
         self.eos_token_ids = _eos_ids(self.tokenizer, self.model_path)
         self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len)
         self.model.ops = _choose_ops(config.attention_backend, self.device)
@@ -232,7 +232,7 @@ class LLMEngine:
                 generator = torch.Generator(self.device).manual_seed(seq.generator_seed)
                 self._generators[seq.seq_id] = generator
         stop_ids = frozenset(seq.params.stop_token_ids) | (frozenset() if seq.params.ignore_eos else self.eos_token_ids)
-        return SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, generator, stop_ids)
+        return SamplingRow(SamplingSettings.of(seq.params), seq.prompt_token_ids, seq.output_token_ids, generator, stop_ids)
 
     def _record_schedule(self, out) -> None:
         now = time.time()
@@ -317,12 +317,6 @@ class LLMEngine:
 
 def _seed(params: SamplingParams, index: int) -> int | None:
     return None if params.seed is None else params.seed + index
-
-
-def _load_tokenizer(path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 def _eos_ids(tokenizer, path) -> frozenset[int]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from loom.devices import resolve_device
 from loom.finetune.config import FinetuneConfig
 from loom.finetune.dataset import load_examples
 from loom.finetune.evaluate import EvalReport, evaluate
@@ -25,7 +26,7 @@ from loom.finetune.export import export_adapter, export_model
 from loom.finetune.formats import load_records
 from loom.finetune.lora import apply_lora, merge_lora, num_trainable
 from loom.finetune.template import chat_template_for, check_tokenizer
-from loom.finetune.trainer import Trainer, resolve_device
+from loom.finetune.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

@@ -50,12 +50,6 @@ class TrainResult:
         return self.num_tokens / self.elapsed_s if self.elapsed_s else 0.0
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def lr_lambda(warmup: int, total: int, min_ratio: float):
     """Linear warm-up to 1 over ``warmup`` steps, then cosine down to ``min_ratio`` at ``total``."""
 

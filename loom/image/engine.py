@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from loom import __version__
+from loom.devices import resolve_device
 from loom.image import imageops
 from loom.image.presets import UPSCALE_STRENGTH, VARY_STRENGTH, aspect_ratio_size
 from loom.image.request import ImageRequest, ImageResult
@@ -83,7 +84,7 @@ class ImageEngine:
         from loom.image.speed import apply_speed_settings, default_settings
         from loom.image.upscaler import ESPCNUpscaler
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = str(resolve_device(device))
         pipe, name = load_pipeline(model, device=device, config=config)
         if speed:
             apply_speed_settings(pipe, default_settings(device))

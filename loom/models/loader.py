@@ -24,6 +24,13 @@ _FUSED = {
 }
 
 
+def load_tokenizer(folder: str | Path):
+    """The folder's tokenizer (fast when it has a tokenizer.json), with its chat template."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
 def load_hf_config(folder: str | Path):
     from transformers import AutoConfig
 

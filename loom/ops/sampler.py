@@ -7,16 +7,41 @@ Each sequence that samples owns one row of ``logits`` [S, V]. Rows with a seed d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-from loom.engine.sampling_params import SamplingParams
+
+@dataclass(frozen=True, slots=True)
+class SamplingSettings:
+    """What the sampler reads of a request's sampling parameters, as plain values (the engine copies them in)."""
+
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    logprobs: int | None = None
+    """Top log-probabilities to return (0: only the sampled token's); None: none."""
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def of(cls, params) -> SamplingSettings:
+        """The sampler's view of any object with these attributes (the engine's ``SamplingParams``)."""
+        return cls(**{f.name: getattr(params, f.name) for f in fields(cls)})
 
 
 @dataclass(slots=True)
 class SamplingRow:
-    params: SamplingParams
+    params: SamplingSettings
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from loom.engine.sampling_params import SamplingParams
 from loom.ops import sampler
-from loom.ops.sampler import SamplingRow, sample
+from loom.ops.sampler import SamplingRow, SamplingSettings, sample
 
 
 def row(output=(), prompt=(1,), seed=0, stop_ids=frozenset(), **params) -> SamplingRow:
     g = torch.Generator().manual_seed(seed)
-    return SamplingRow(SamplingParams(**params), list(prompt), list(output), g, stop_ids)
+    return SamplingRow(SamplingSettings(**params), list(prompt), list(output), g, stop_ids)
 
 
 def test_penalties_match_reference_formulas():

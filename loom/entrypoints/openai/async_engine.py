@@ -27,6 +27,7 @@ from loom.engine.config import EngineConfig
 from loom.engine.outputs import RequestOutput
 from loom.engine.sampling_params import SamplingParams
 from loom.entrypoints.openai.metrics import LLMMetrics, RequestTimes
+from loom.models.loader import load_tokenizer
 
 log = logging.getLogger("loom.entrypoints.openai.serve")
 
@@ -138,7 +139,7 @@ class AsyncLLMEngine:
         self._thread = threading.Thread(target=self._thread_main, args=(ready,), name="loom-llm-engine", daemon=True)
         self._thread.start()
         await ready
-        self.tokenizer = await asyncio.to_thread(_load_tokenizer, self.engine.model_path)
+        self.tokenizer = await asyncio.to_thread(load_tokenizer, self.engine.model_path)
 
     @property
     def is_ready(self) -> bool:
@@ -327,9 +328,3 @@ def _set_result(future: asyncio.Future) -> None:
 def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
-
-
-def _load_tokenizer(path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
