@@ -22,6 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, matmul_peak_gflops, sync, write_json  # noqa: E402
 from loom.devices import resolve_device  # noqa: E402
+from loom.engine.config import EngineConfig  # noqa: E402
+from loom.flags import add_config_arguments, config_from_args  # noqa: E402
+
+ENGINE_SKIP = {"model", "seed"}  # the benchmark's own flags
 
 
 @dataclass
@@ -49,16 +53,7 @@ def make_workload(n: int, input_range: tuple[int, int], output_range: tuple[int,
 def run_loom(model_path: str, w: Workload, args) -> dict:
     from loom import LLM, SamplingParams
 
-    llm = LLM(
-        model_path,
-        dtype=args.dtype,
-        device=args.device,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_memory_gb=args.kv_cache_memory_gb,
-        attention_backend=args.attention_backend,
-        seed=args.seed,
-    )
+    llm = LLM.from_config(config_from_args(EngineConfig, args, skip=ENGINE_SKIP, model=model_path, seed=args.seed))
     warm = [{"prompt_token_ids": p[:32]} for p in w.prompts[:4]]
     llm.generate(warm, SamplingParams(max_tokens=4, ignore_eos=True))
     params = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True) for n in w.output_lens]
@@ -172,13 +167,9 @@ def main() -> int:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, nargs=2, default=(32, 512), metavar=("MIN", "MAX"))
     ap.add_argument("--output-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--max-num-seqs", type=int, default=128)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--kv-cache-memory-gb", type=float, default=None)
-    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--seed", type=int, default=0, help="the workload's seed (and the engine's)")
+    add_config_arguments(ap.add_argument_group("engine (dtype and device apply to every backend)"), EngineConfig,
+                         skip=ENGINE_SKIP)
     ap.add_argument("--hf-batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", default="results/throughput.json")

@@ -21,7 +21,10 @@ from loom.batching.config import ModelConfig, load_models_yaml, parse_serve_spec
 from loom.batching.management import build_management_app, new_token, write_token_file
 from loom.batching.routes import RAW_BODY_PREFIXES, build_inference_router
 from loom.batching.server import ModelServer
+from loom.flags import add_config_arguments
 from loom.server.component import ExtraServer
+
+MODEL_FLAGS = {"batch_size", "max_batch_delay", "workers", "max_queue_size", "request_timeout", "threads_per_worker"}
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,13 +33,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                        help="serve a model: HANDLER is embedding, image-classifier, a .py file or a module (repeatable)")
     group.add_argument("--config", metavar="MODELS_YAML", help="models.yaml: models: {NAME: {handler, path, batch_size, ...}}")
     group.add_argument("--model-server", action="store_true", help="start the model server even with no model (register later)")
-    group.add_argument("--batch-size", type=int, default=8, help="most requests per inference call (default 8)")
-    group.add_argument("--max-batch-delay", type=float, default=5.0,
-                       help="ms a batch may wait to fill, from its oldest request's arrival (default 5)")
-    group.add_argument("--workers", type=int, default=1, help="worker processes per model (default 1)")
-    group.add_argument("--max-queue-size", type=int, default=256, help="waiting requests per model before 503 (default 256)")
-    group.add_argument("--request-timeout", type=float, default=30_000.0, help="ms a request may wait before 504 (default 30000)")
-    group.add_argument("--threads-per-worker", type=int, default=None, help="torch threads per worker (default: (cores - 1) / workers, at least 1)")
+    add_config_arguments(group, ModelConfig, only=MODEL_FLAGS)  # defaults for every model declared here
     group.add_argument("--management-host", default="127.0.0.1")
     group.add_argument("--management-port", type=int, default=8081)
     group.add_argument("--management-token", default=None, help="bearer token for the management API (default: generated)")
@@ -50,9 +47,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def configs_from_args(args: argparse.Namespace) -> list[ModelConfig]:
-    defaults = {"batch_size": args.batch_size, "max_batch_delay": args.max_batch_delay, "workers": args.workers,
-                "max_queue_size": args.max_queue_size, "request_timeout": args.request_timeout,
-                "threads_per_worker": args.threads_per_worker}
+    defaults = {name: getattr(args, name) for name in MODEL_FLAGS}
     configs = load_models_yaml(args.config, **defaults) if args.config else []
     configs += [parse_serve_spec(spec, **defaults) for spec in args.serve]
     names = [c.name for c in configs]

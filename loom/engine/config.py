@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -15,9 +16,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class EngineConfig:
     model: str = "smollm2"
     """A catalogue name (``loom models list``) or a local HF folder."""
-    dtype: str = "auto"
-    """float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on CUDA)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and KV cache; auto: float32 on CPU, bfloat16 on CUDA."""
     device: str = "auto"
+    """auto (CUDA when present), cpu, cuda, cuda:1 ..."""
     block_size: int = 16
     """Tokens per KV-cache block."""
     kv_cache_memory_gb: float | None = None
@@ -27,11 +29,16 @@ class EngineConfig:
     max_model_len: int | None = None
     """Longest prompt + output; None: the model's context."""
     max_num_seqs: int = 128
+    """Sequences in one step."""
     max_num_batched_tokens: int = 2048
+    """Tokens in one step (prefill chunks + decodes)."""
     enable_prefix_caching: bool = True
+    """Reuse the KV blocks of a prompt prefix seen before."""
     enable_chunked_prefill: bool = True
-    attention_backend: str = "auto"
-    """auto | torch | cpp (the fused CPU decode kernel, compiled on first use)."""
+    """Split long prompts over several steps, beside the decodes."""
+    attention_backend: Literal["auto", "torch", "cpp"] = "auto"
+    """cpp: the fused CPU kernels (compiled on first use); torch: the plain-PyTorch reference; auto: cpp on a CPU
+    where the kernels build, torch otherwise (and on GPUs)."""
     seed: int = 0
     """Seeds the generator of requests that bring no seed of their own."""
 

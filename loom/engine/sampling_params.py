@@ -12,23 +12,35 @@ class SamplingParams:
     temperature: float = 1.0
     """0 means greedy."""
     top_p: float = 1.0
+    """Keep the most likely tokens whose probabilities sum to top_p."""
     top_k: int = 0
-    """0 or -1 disables top-k."""
+    """Keep the top_k most likely tokens; 0 or -1 disables top-k."""
     min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one."""
     repetition_penalty: float = 1.0
+    """Divides the logits of tokens already in the prompt or output (> 1 discourages repeats)."""
     presence_penalty: float = 0.0
+    """Subtracted once from the logits of tokens already generated."""
     frequency_penalty: float = 0.0
+    """Subtracted from a token's logits per time it was generated."""
     max_tokens: int | None = 16
-    """None means up to the model's context."""
+    """Tokens to generate at most; None means up to the model's context."""
     min_tokens: int = 0
+    """Tokens to generate before EOS or a stop token may end the output."""
     stop: list[str] = field(default_factory=list)
+    """Strings that end the output (not included in it)."""
     stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end the output."""
     ignore_eos: bool = False
+    """Keep generating past EOS (benchmarks)."""
     seed: int | None = None
+    """Seed of this request's own random generator (the same seed, the same tokens, whatever shares the batch)."""
     logprobs: int | None = None
     """Top log-probabilities to return per generated token (0 = only the sampled token's); None = none."""
     skip_special_tokens: bool = True
+    """Leave special tokens out of the text."""
     include_stop_str_in_output: bool = False
+    """Keep the matched stop string at the end of the text."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

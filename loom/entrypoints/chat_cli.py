@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loom.entrypoints.cli import add_engine_arguments, add_sampling_arguments, engine_kwargs, sampling_params
+from loom.entrypoints.cli import add_engine_arguments, add_sampling_arguments, engine_config, sampling_params
+from loom.entrypoints.llm import LLM
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,11 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loom.entrypoints.llm import LLM
-
     try:
         params = sampling_params(args)
-        llm = LLM(args.model, **engine_kwargs(args))
+        llm = LLM.from_config(engine_config(args))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,42 +6,34 @@ import argparse
 import json
 import sys
 
+from loom.engine.config import EngineConfig
+from loom.engine.sampling_params import SamplingParams
+from loom.entrypoints.llm import LLM
+from loom.flags import add_config_arguments, config_from_args
+
+SAMPLING_SKIP = {"n", "logprobs"}
+"""Sampling fields with no use on a command line that prints one completion per prompt."""
+ENGINE_SKIP = {"seed"}
+"""The engine's default seed: here ``--seed`` is the requests' own (a sampling flag)."""
+
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="catalogue name or local HF folder (default smollm2)")
-    parser.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--kv-cache-memory-gb", type=float, default=None)
+    """EngineConfig's fields as flags (the request seed is a sampling flag here, so the engine's is left out)."""
+    add_config_arguments(parser.add_argument_group("engine"), EngineConfig, skip=ENGINE_SKIP)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int = 64) -> None:
-    parser.add_argument("--max-tokens", type=int, default=max_tokens)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    """SamplingParams' fields as flags; greedy by default."""
+    add_config_arguments(parser.add_argument_group("sampling"), SamplingParams, skip=SAMPLING_SKIP,
+                         defaults={"max_tokens": max_tokens, "temperature": 0.0})
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return {
-        "dtype": args.dtype,
-        "device": args.device,
-        "max_model_len": args.max_model_len,
-        "kv_cache_memory_gb": args.kv_cache_memory_gb,
-    }
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return config_from_args(EngineConfig, args, skip=ENGINE_SKIP)
 
 
-def sampling_params(args: argparse.Namespace):
-    from loom.engine.sampling_params import SamplingParams
-
-    return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
-    )  # fmt: skip
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return config_from_args(SamplingParams, args, skip=SAMPLING_SKIP)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,15 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loom.entrypoints.llm import LLM
-
     prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         print("no prompts: pass them as arguments or on stdin", file=sys.stderr)
         return 2
     try:
         params = sampling_params(args)
-        llm = LLM(args.model, **engine_kwargs(args))
+        llm = LLM.from_config(engine_config(args))
         outputs = llm.generate(prompts, params)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import fields
 
 from loom.engine.config import EngineConfig
 from loom.engine.llm_engine import LLMEngine
@@ -22,6 +23,10 @@ class LLM:
     def __init__(self, model: str = "smollm2", dtype: str = "auto", **engine_kwargs):
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, **engine_kwargs))
         self._ids = itertools.count()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        return cls(**{f.name: getattr(config, f.name) for f in fields(config)})
 
     @property
     def tokenizer(self):

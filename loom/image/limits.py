@@ -19,7 +19,7 @@ class TooLarge(ValueError):
 @dataclass(slots=True)
 class ImageLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
-    """Most pixels (width x height) of a result image and of an input image."""
+    """Most pixels (width x height) of a result image and of an input image (4194304 = 2048 x 2048)."""
     max_steps: int = MAX_STEPS
     """Most sampler steps per image."""
     max_images: int = MAX_IMAGES

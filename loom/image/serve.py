@@ -14,7 +14,8 @@ from pathlib import Path
 from fastapi import APIRouter
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from loom.image.limits import DEFAULT_MAX_PIXELS, ImageLimits
+from loom.flags import add_config_arguments, config_from_args
+from loom.image.limits import ImageLimits
 from loom.server.component import ExtraServer
 
 
@@ -27,8 +28,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image-max-queued", type=int, default=32, help="queued image jobs before 503 (default 32)")
     group.add_argument("--image-keep-jobs", type=int, default=200,
                        help="finished jobs kept with their files; older ones' PNGs and history lines are removed (default 200)")
-    group.add_argument("--image-max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                       help=f"most pixels (width x height) of a result or input image (default {DEFAULT_MAX_PIXELS} = 2048x2048)")
+    add_config_arguments(group, ImageLimits, prefix="image_")
     group.add_argument("--image-device", default=None, help="cuda, cpu, ... (default: cuda when present)")
     group.add_argument("--image-ui-host", default="127.0.0.1")
     group.add_argument("--image-ui-port", type=int, default=7860, help="port of the Gradio web UI; 0 disables it (default 7860)")
@@ -63,7 +63,7 @@ def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> I
         model=args.image, registry=registry, output_dir=output, upscaler=None if args.image_upscaler == "none" else args.image_upscaler,
         model_config=args.image_model_config, device=args.image_device, max_queued=args.image_max_queued,
         ui_host=args.image_ui_host, ui_port=args.image_ui_port, api_url=api_url, keep_jobs=args.image_keep_jobs,
-        limits=ImageLimits(max_pixels=args.image_max_pixels), api_key=getattr(args, "api_key", None),
+        limits=config_from_args(ImageLimits, args, prefix="image_"), api_key=getattr(args, "api_key", None),
     )
 
 

@@ -22,6 +22,7 @@ from loom.entrypoints.openai.async_engine import AsyncLLMEngine
 from loom.entrypoints.openai.metrics import LLMMetrics
 from loom.entrypoints.openai.routes import build_routers
 from loom.entrypoints.openai.serving import ServingContext
+from loom.flags import add_config_arguments, config_from_args
 from loom.server.component import ExtraServer
 
 
@@ -37,8 +38,10 @@ class LLMServerConfig:
     max_prompt_chars: int | None = None
     """Most prompt characters per request, checked before tokenization; None: 32 per token of context."""
     drain_timeout_s: float = 120.0
+    """Seconds SIGTERM waits for requests in flight before the engine stops."""
     threads: int | None = None
-    """torch threads for the engine; None keeps torch's default (one per core)."""
+    """torch threads for the engine; None keeps torch's default (one per core). On a busy machine fewer can be much
+    faster."""
 
     def __post_init__(self) -> None:
         if self.max_waiting < 0:
@@ -97,37 +100,14 @@ class LLMComponent:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    d = EngineConfig()
-    g = parser.add_argument_group("LLM (OpenAI-compatible API under /v1)")
-    g.add_argument("--model", default=None, metavar="NAME|PATH", help="catalogue name (smollm2) or a local HF folder; enables the LLM routes")
-    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME", help="name(s) clients use in 'model' (default: the --model value)")
-    g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"], help="weights and KV dtype (auto: float32 on CPU)")
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
-    g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's context)")
-    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help=f"sequences in one step (default {d.max_num_seqs})")
-    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help=f"tokens in one step (default {d.max_num_batched_tokens})")
-    g.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV-cache pool size (default 4 GiB on CPU, 60%% of free GPU memory)")
-    g.add_argument("--block-size", type=int, default=d.block_size, help=f"tokens per KV block (default {d.block_size})")
-    g.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
-    g.add_argument("--attention-backend", default=d.attention_backend, choices=["auto", "torch", "cpp"])
-    g.add_argument("--threads", type=int, default=None, help="torch threads for the engine (default: one per core; "
-                   "on a busy machine fewer can be much faster)")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed for requests without one")
-    g.add_argument("--max-waiting", type=int, default=256, help="sequences allowed to wait beyond --max-num-seqs before 503 (default 256)")
-    g.add_argument("--max-n", type=int, default=16, help="most completions per request, 'n' (default 16)")
-    g.add_argument("--max-prompt-chars", type=int, default=None,
-                   help="most prompt characters per request, checked before tokenization (default: 32 per token of context)")
+    group = parser.add_argument_group("LLM (OpenAI-compatible API under /v1)")
+    add_config_arguments(group, EngineConfig, defaults={"model": None},
+                         helps={"model": "catalogue name (smollm2) or a local HF folder; enables the LLM routes"})
+    add_config_arguments(group, LLMServerConfig, skip={"engine"}, names={"served_model_names": "served_model_name"})
 
 
 def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> LLMComponent | None:
     if not getattr(args, "model", None):
         return None
-    engine = EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
-        kv_cache_memory_gb=args.kv_cache_memory_gb, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
-        attention_backend=args.attention_backend, seed=args.seed,
-    )  # fmt: skip
-    config = LLMServerConfig(engine, served_model_names=args.served_model_name or [], max_waiting=args.max_waiting,
-                             threads=args.threads, max_n=args.max_n, max_prompt_chars=args.max_prompt_chars)
-    return LLMComponent(config, registry)
+    engine = config_from_args(EngineConfig, args)
+    return LLMComponent(config_from_args(LLMServerConfig, args, engine=engine), registry)

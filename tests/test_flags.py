@@ -1,0 +1,74 @@
+"""Flags made from config dataclasses: names, help from field docstrings, types, choices, booleans, round trip."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from loom.engine.config import EngineConfig
+from loom.flags import add_config_arguments, config_from_args, field_docs
+
+
+@dataclass(slots=True)
+class Demo:
+    name: str
+    """Who to greet."""
+    max_num_seqs: int = 8
+    """Sequences in one step."""
+    ratio: float | None = None
+    """A share; None: automatic."""
+    mode: Literal["fast", "exact"] = "fast"
+    enabled: bool = True
+    """Turn it off with --no-enabled (100% sure)."""
+    tags: list[str] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+    """Not a command-line type: no flag."""
+
+
+def parse(argv: list[str], **kw) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Demo, **kw)
+    return parser.parse_args(argv)
+
+
+def test_field_docs_come_from_the_source():
+    docs = field_docs(Demo)
+    assert docs["max_num_seqs"] == "Sequences in one step."
+    assert "mode" not in docs and docs["ratio"] == "A share; None: automatic."
+
+
+def test_flags_types_choices_booleans_and_round_trip():
+    args = parse(["--name", "x", "--max-num-seqs", "4", "--ratio", "0.5", "--mode", "exact", "--no-enabled",
+                  "--tags", "a", "--tags", "b"])
+    assert config_from_args(Demo, args) == Demo("x", 4, 0.5, "exact", False, ["a", "b"])
+    assert config_from_args(Demo, parse(["--name", "y"])) == Demo("y")
+    with pytest.raises(SystemExit):
+        parse(["--name", "x", "--mode", "slow"])  # not a choice
+    with pytest.raises(SystemExit):
+        parse([])  # a field without default is a required flag
+    assert not hasattr(parse(["--name", "x"]), "options")
+
+
+def test_help_defaults_prefix_and_renames():
+    parser = argparse.ArgumentParser()
+    added = add_config_arguments(parser, Demo, prefix="demo_", skip={"tags"}, defaults={"name": "z"},
+                                 names={"max_num_seqs": "seqs"}, aliases={"ratio": ["--r"]})
+    assert "tags" not in added and "options" not in added
+    text = parser.format_help()
+    assert "--demo-seqs" in text and "Sequences in one step. (default: 8)" in text and "--r" in text
+    args = parser.parse_args(["--demo-seqs", "3", "--r", "0.1"])
+    assert config_from_args(Demo, args, prefix="demo_") == Demo("z", 3, 0.1)
+
+
+def test_engine_config_flags_cover_its_fields_with_choices():
+    parser = argparse.ArgumentParser()
+    added = add_config_arguments(parser, EngineConfig)
+    assert {"model", "dtype", "max_num_seqs", "enable_prefix_caching", "attention_backend"} <= set(added)
+    args = parser.parse_args(["--dtype", "bfloat16", "--no-enable-prefix-caching", "--max-num-seqs", "4"])
+    config = config_from_args(EngineConfig, args)
+    assert (config.dtype, config.enable_prefix_caching, config.max_num_seqs) == ("bfloat16", False, 4)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dtype", "float64"])
