@@ -1,30 +1,15 @@
-"""Fused CPU kernels, compiled on first use with torch's C++ extension builder (g++ and ninja; cached under
-``TORCH_EXTENSIONS_DIR``, by default ~/.cache/torch_extensions). Importing this module raises ImportError when no
-compiler is available, and the engine falls back to the plain-PyTorch reference (``loom.ops.layers.TorchOps``)."""
+"""Fused CPU kernels (``loom.ops.cpp_extension``, compiled on first use) behind ``TorchOps``' contract. Importing
+this module raises ImportError when the kernels cannot be built, and the engine falls back to the plain-PyTorch
+reference (``loom.ops.layers.TorchOps``)."""
 
 from __future__ import annotations
-
-import os
-from functools import cache
-from pathlib import Path
 
 import torch
 
 from loom.ops.attention import AttentionMetadata, decode_attention_reference
+from loom.ops.cpp_extension import extension as _extension
 from loom.ops.layers import TorchOps, split_qkv
-
-_SRC = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
-
-
-@cache
-def _extension():
-    from torch.utils.cpp_extension import load
-
-    venv_bin = Path(os.sys.executable).parent  # ninja installed in the venv is on no PATH by default
-    os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
-    # -fopenmp: at::parallel_for is an inline `#pragma omp parallel`; without the flag it silently runs serially.
-    flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
-    return load(name="loom_cpu_ops", sources=[str(_SRC)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+from loom.ops.packed_linear import PackedLinear, pack_linears, packing_available, panel_available
 
 
 def _fast(*tensors: torch.Tensor) -> bool:
@@ -49,8 +34,6 @@ class CpuOps(TorchOps):
         """float32 CPU models get their matmul weights packed (``loom.ops.packed_linear``: the AVX-512 panel kernel
         or oneDNN), the LM head too (tied or not: a tied head keeps the embedding table for lookups beside its packed
         copy)."""
-        from loom.ops.packed_linear import PackedLinear, pack_linears, packing_available, panel_available
-
         head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
         if not ((panel_available() or packing_available()) and _fast(head)):
             return

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loom.ops.cpp_extension import extension
+
 
 def packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -25,10 +27,9 @@ def packing_available() -> bool:
 def _panel_extension():
     """The compiled kernels when they have the panel matmul (AVX-512 builds), else None."""
     try:
-        from loom.ops.cpu_kernels import _extension
-    except ImportError:
+        ext = extension()
+    except Exception:  # noqa: BLE001 - no compiler, no headers: oneDNN packs instead
         return None
-    ext = _extension()
     return ext if ext.has_avx512() else None
 
 
