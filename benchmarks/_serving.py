@@ -11,7 +11,9 @@ import socket
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -109,7 +111,8 @@ def measure(url: str, payloads: list[bytes], concurrency: int, duration_s: float
     lone = None
     if lone_requests:
         asyncio.run(run_load(url, payloads, concurrency=1, num_requests=5))  # connection and caches warm
-        lone = asyncio.run(run_load(url, payloads, concurrency=1, num_requests=lone_requests, timing_header=TIMING_HEADER))
+        lone = asyncio.run(run_load(url, payloads, concurrency=1, num_requests=lone_requests,
+                                    timing_header=TIMING_HEADER))
     asyncio.run(run_load(url, payloads, concurrency, duration_s=warmup_s))
     cpu_before, t0 = session_cpu_seconds(session), time.monotonic()
     stats = asyncio.run(run_load(url, payloads, concurrency, duration_s=duration_s))
@@ -123,24 +126,23 @@ def measure(url: str, payloads: list[bytes], concurrency: int, duration_s: float
             "lone_overhead_p50_ms": lone.overhead_p50_ms if lone else None}
 
 
-def model_time_ms(texts: list[str], threads: int, batch_size: int = 1, repeats: int = 100) -> dict:
-    """The embedding handler's own time in this process (tokenise + forward + pool), no server in between."""
+def model_time_ms(texts: list[str], threads: int, batch_size: int = 1, repeats: int = 100,
+                  embed: Callable[[list[str]], Any] | None = None) -> dict:
+    """The model's own time in this process (tokenise + forward + pool), no server in between: Loom's embedding
+    handler, or `embed` (a function of a list of texts) when given."""
     import torch
 
-    from loom.batching.handler import Context, run_batch
-    from loom.batching.handlers.embedding import EmbeddingHandler
-
     torch.set_num_threads(threads)
-    handler = EmbeddingHandler()
-    handler.setup(Context("minilm", None, 0, threads))
+    if embed is None:
+        embed = _loom_embedding(threads)
     batches = [texts[(i * batch_size) % len(texts):][:batch_size] for i in range(repeats)]
     for batch in batches[:3]:
-        run_batch(handler, batch)
+        embed(batch)
     times = []
     start, cpu_start = time.perf_counter(), time.process_time()
     for batch in batches:
         t0 = time.perf_counter()
-        run_batch(handler, batch)
+        embed(batch)
         times.append((time.perf_counter() - t0) * 1000)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return {"p50_ms": statistics.median(times), "mean_ms": statistics.mean(times),
@@ -148,5 +150,26 @@ def model_time_ms(texts: list[str], threads: int, batch_size: int = 1, repeats: 
             "threads": threads, "batch_size": batch_size}
 
 
+def _loom_embedding(threads: int) -> Callable[[list[str]], Any]:
+    from loom.batching.handler import Context, run_batch
+    from loom.batching.handlers.embedding import EmbeddingHandler
+
+    handler = EmbeddingHandler()
+    handler.setup(Context("minilm", None, 0, threads))
+    return lambda batch: run_batch(handler, batch)
+
+
 def cpu_count() -> int:
     return os.cpu_count() or 1
+
+
+def cpu_flags() -> dict[str, str | bool]:
+    """The CPU's model name and vector ISA as /proc/cpuinfo reports it ("AVX-512" or "AVX2"), for the record."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": "unknown", "isa": "unknown"}
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    isa = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+    return {"model": model, "isa": isa, "fma": "fma" in flags, "avx512_bf16": "avx512_bf16" in flags}

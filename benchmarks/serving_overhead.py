@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _peer_servers import serve  # noqa: E402
 from _serving import cpu_count, measure, model_time_ms, workload  # noqa: E402
-from vs_peers import loom_server, worker_threads  # noqa: E402
+from vs_peers import worker_threads  # noqa: E402
 
 
 def in_process(texts: list[str], threads: int, args) -> dict:
@@ -50,7 +51,8 @@ def main() -> int:
     before = in_process(texts, threads, args)
     all_cores = in_process(texts, cpu_count(), args)
     with tempfile.TemporaryDirectory(prefix="loom-overhead-") as tmp:
-        with loom_server(args.batch_size, 1, args.max_batch_delay, threads, Path(tmp)) as (url, session):
+        with serve("loom", "product", args.batch_size, 1, args.max_batch_delay, threads, Path(tmp),
+                   Path(sys.executable).parent) as (url, session):
             served = measure(url, payloads, args.concurrency, args.duration, args.warmup, lone_requests=0,
                              session=session)
     after = in_process(texts, threads, args)
@@ -67,9 +69,10 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"serving_overhead: batch {args.batch_size}, {args.concurrency} clients: served {served['requests_per_s']:.1f} "
-          f"req/s vs in-process {model:.1f} sentences/s with {threads} thread(s) ({before['items_per_s']:.1f} before, "
-          f"{after['items_per_s']:.1f} after) = {ratio:.1%} (target >= 90%); per CPU-second {served['requests_per_cpu_s']} "
+    print(f"serving_overhead: batch {args.batch_size}, {args.concurrency} clients: served "
+          f"{served['requests_per_s']:.1f} req/s vs in-process {model:.1f} sentences/s with {threads} thread(s) "
+          f"({before['items_per_s']:.1f} before, {after['items_per_s']:.1f} after) = {ratio:.1%} (target >= 90%); "
+          f"per CPU-second {served['requests_per_cpu_s']} "
           f"vs {in_process_cpu:.1f} = {ratio_cpu:.1%}; in-process with all {cpu_count()} cores: "
           f"{all_cores['items_per_s']:.1f} sentences/s; wrote {out}")
     return 0

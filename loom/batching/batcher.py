@@ -8,6 +8,7 @@ Requests whose deadline passed while they waited are answered 504 and never run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ class BatchQueue:
         self.max_batch_delay_s = max_batch_delay_s
         self.dispatch_when_idle = dispatch_when_idle
         self._items: deque[PendingRequest] = deque()
-        self._changed = asyncio.Event()
+        self._waiters: list[asyncio.Future] = []
 
     def __len__(self) -> int:
         return len(self._items)
@@ -67,9 +68,11 @@ class BatchQueue:
 
     def notify(self) -> None:
         """Wake every waiting worker loop (new request, settings changed, a worker asked to stop)."""
-        # NOTE: swap in a fresh Event so every current waiter wakes and no later waiter sees a stale set flag.
-        self._changed.set()
-        self._changed = asyncio.Event()
+        # NOTE: hand each current waiter its own future to settle, so every current waiter wakes and no later
+        # waiter sees a stale flag.
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            _settle(waiter)
 
     async def next_batch(self, in_flight: int, should_stop=lambda: False, full_only=None) -> list[PendingRequest]:
         """Wait for and pop the next batch; [] when should_stop() turned true (checked after every notify).
@@ -85,12 +88,30 @@ class BatchQueue:
                 wait_s = self._wait_before_dispatch(time.monotonic(), in_flight)
             if wait_s == 0.0:
                 return self._pop()
-            changed = self._changed
-            try:
-                await asyncio.wait_for(changed.wait(), wait_s)
-            except TimeoutError:
-                pass
+            await self._wait_changed(wait_s)
         return []
+
+    def take_ready(self, in_flight: int) -> list[PendingRequest]:
+        """Pop a batch now if the batching rule lets one leave now (else []): the caller's shortcut past a wake-up."""
+        now = time.monotonic()
+        self._expire(now)
+        return self._pop() if self._wait_before_dispatch(now, in_flight) == 0.0 else []
+
+    async def _wait_changed(self, timeout_s: float | None) -> None:
+        """Until the next notify() or timeout_s seconds (None: no timeout)."""
+        # NOTE: a bare future and a timer instead of asyncio.wait_for(event.wait()), which in Python 3.11 wraps the
+        # wait in a new task per call: the worker loop wakes one event-loop iteration sooner.
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._waiters.append(waiter)
+        timer = None if timeout_s is None else loop.call_later(timeout_s, _settle, waiter)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            with contextlib.suppress(ValueError):  # woken by the timer (or cancelled): still listed
+                self._waiters.remove(waiter)
 
     def _wait_before_dispatch(self, now: float, in_flight: int) -> float | None:
         """0.0: dispatch now; None: wait for a request; else seconds until the oldest request's window closes."""
@@ -116,3 +137,8 @@ class BatchQueue:
             if not request.future.done():
                 request.future.set_exception(DeadlineExceeded("request waited past its deadline in the queue"))
         # Later requests may have shorter deadlines only if timeouts changed; they are caught when they reach the head.
+
+
+def _settle(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

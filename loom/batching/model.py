@@ -55,6 +55,8 @@ class WorkerSlot:
     """When the worker started its current batch (None: idle)."""
     outstanding: int = 0
     """Batches sent and not yet answered (at most 2: the running one and one full batch waiting in the pipe)."""
+    running: asyncio.Future | None = None
+    """Resolves when the worker answers the batch it runs now (None: the worker waits for a first batch)."""
     recent: deque = field(default_factory=deque)
     """(start, end) monotonic times of batches that ended within the busy window."""
 
@@ -105,27 +107,43 @@ class ServedModel:
         timing, if given, receives queue_ms (arrival to leaving the queue) and inference_ms (the worker's handler
         time for the batch that carried this request).
         """
-        return await self._wait(self.enqueue([payload])[0], timing)
+        self._check_accepting()
+        request = self._enqueue(payload)
+        self._dispatch_now()
+        return await self._wait(request, timing)
 
     def submit_all(self, payloads: list[Any]) -> list[Awaitable[Any]]:
-        """Queue every payload or none (QueueFull before any is queued); one awaitable result per payload."""
-        return [self._wait(request) for request in self.enqueue(payloads)]
+        """Queue every payload now or none of them (QueueFull when they do not all fit; ModelUnavailable).
 
-    def enqueue(self, payloads: list[Any]) -> list[PendingRequest]:
-        """Put the payloads in the queue at once (no await: nothing can slip in between); all or none."""
+        Returns one awaitable per payload, in order, each resolving like :meth:`submit`; await them all.
+        """
+        self._check_accepting()
+        free = self.queue.max_size - len(self.queue)
+        if len(payloads) > free:
+            self._count("rejected", len(payloads))
+            raise QueueFull(f"{len(payloads)} inputs do not fit: the queue has room for {max(0, free)} "
+                            f"(max_queue_size={self.queue.max_size})")
+        requests = [self._enqueue(payload) for payload in payloads]
+        self._dispatch_now()  # after all are queued, so that they can share a batch
+        return [self._wait(request) for request in requests]
+
+    def _check_accepting(self) -> None:
         if not self.is_accepting:
             raise ModelUnavailable(f"model {self.config.name} is being unregistered")
         if not self.slots:
-            raise ModelUnavailable(f"model {self.config.name} has no workers; scale it up with PUT /models/{self.config.name}")
-        if len(self.queue) + len(payloads) > self.queue.max_size:
-            self._count("rejected", len(payloads))
-            raise QueueFull(f"queue holds {len(self.queue)} requests and {len(payloads)} more do not fit "
-                            f"(max_queue_size={self.queue.max_size})")
-        requests = [self.queue.put(p, self.config.request_timeout / 1000) for p in payloads]
+            raise ModelUnavailable(f"model {self.config.name} has no workers; scale it up with "
+                                   f"PUT /models/{self.config.name}")
+
+    def _enqueue(self, payload: Any) -> PendingRequest:
+        try:
+            request = self.queue.put(payload, self.config.request_timeout / 1000)
+        except QueueFull:
+            self._count("rejected")
+            raise
         self._idle.clear()
-        self.in_flight_requests += len(requests)
+        self.in_flight_requests += 1
         self._observe_depth()
-        return requests
+        return request
 
     async def _wait(self, request: PendingRequest, timing: dict | None = None) -> Any:
         try:
@@ -139,17 +157,33 @@ class ServedModel:
             if self.in_flight_requests == 0:
                 self._idle.set()
 
+    def _dispatch_now(self) -> None:
+        """Start a batch here if the batching rule lets one leave now and a worker waits for a first batch."""
+        # NOTE: the worker loops would take it too, but one event-loop iteration later; on the lone-request path
+        # every iteration is latency. The loop of the slot adopts the batch (slot.running) when it wakes.
+        slot = next((s for s in self.slots if s.running is None and not s.is_stopping and s.process.is_alive), None)
+        if slot is None:
+            return
+        batch = self.queue.take_ready(self.in_flight_batches)
+        if batch:
+            slot.running = self._start_batch(slot, batch)
+            self.queue.notify()
+
     async def _await_result(self, request: PendingRequest) -> Any:
+        # NOTE: one timer per request rather than wait_for(shield(future)), whose chain of callbacks costs three
+        # event-loop iterations between the worker's answer and this coroutine. The timer fails the request only
+        # while it still waits in the queue; once a worker took it, it runs to the end.
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(max(0.0, request.deadline - time.monotonic()), self._expire_waiting, request)
         try:
-            result: ItemResult = await asyncio.wait_for(asyncio.shield(request.future), request.deadline - time.monotonic())
-        except TimeoutError:
-            if self.queue.remove(request):  # still waiting: it never ran
-                self._count("timeout")
-                raise DeadlineExceeded(f"request waited {self.config.request_timeout:.0f} ms in the queue") from None
-            result = await request.future  # already running: let it finish
+            result: ItemResult = await request.future
         except DeadlineExceeded:
             self._count("timeout")
             raise
+        finally:
+            timer.cancel()
+            if request.future.cancelled():  # the caller went away: a request still waiting never runs
+                self.queue.remove(request)
         if result.status == 504:  # expired while waiting in the worker's pipe behind the running batch
             self._count("timeout")
             raise DeadlineExceeded(result.error)
@@ -159,27 +193,33 @@ class ServedModel:
         self._count("ok")
         return result.value
 
+    def _expire_waiting(self, request: PendingRequest) -> None:
+        if self.queue.remove(request) and not request.future.done():  # still waiting: it never ran
+            request.future.set_exception(
+                DeadlineExceeded(f"request waited {self.config.request_timeout:.0f} ms in the queue"))
+
     # ---- worker loops ---------------------------------------------------------------------------------------
     async def _feed(self, slot: WorkerSlot) -> None:
         """Give this worker batches until it is asked to stop; a dead worker's batches fail with 500."""
-        running: asyncio.Task | None = None
-        while running is not None or not slot.is_stopping:
-            if running is None:
-                batch = await self.queue.next_batch(self.in_flight_batches, lambda: slot.is_stopping)
+        while slot.running is not None or not slot.is_stopping:
+            if slot.running is None:
+                batch = await self.queue.next_batch(self.in_flight_batches,
+                                                    lambda: slot.is_stopping or slot.running is not None)
                 if batch:
-                    running = asyncio.create_task(self._run_batch(slot, batch))
+                    slot.running = self._start_batch(slot, batch)
                 continue
             # NOTE: while the worker runs a batch, a FULL next batch may already go down its pipe (only when every
             # worker is busy), so the worker starts it the moment it finishes instead of waiting for this process
             # to be scheduled, read the results and send more: on a loaded machine that gap cost ~15% throughput.
-            current = running
-            following = await self.queue.next_batch(self.in_flight_batches, lambda c=current: c.done() or slot.is_stopping,
+            current = slot.running
+            following = await self.queue.next_batch(self.in_flight_batches,
+                                                    lambda c=current: c.done() or slot.is_stopping,
                                                     full_only=self._every_worker_busy)
-            running = asyncio.create_task(self._run_batch(slot, following)) if following else None
+            slot.running = self._start_batch(slot, following) if following else None
             await current
             if not slot.process.is_alive:
-                if running is not None:
-                    await running
+                if slot.running is not None:
+                    await slot.running
                 asyncio.create_task(self._replace(slot))
                 return
 
@@ -199,36 +239,53 @@ class ServedModel:
                 with contextlib.suppress(Exception):
                     await self._add_workers(1, len(self.slots) + 1)
 
-    async def _run_batch(self, slot: WorkerSlot, batch: list[PendingRequest]) -> None:
+    def _start_batch(self, slot: WorkerSlot, batch: list[PendingRequest]) -> asyncio.Future:
+        """Send a batch down the worker's pipe now; the returned future resolves once every caller has its result."""
+        done = asyncio.get_running_loop().create_future()
         self.in_flight_batches += 1
         slot.outstanding += 1
         sent = time.monotonic()
         if slot.busy_since is None:
             slot.busy_since = sent
         self._observe_batch_start(batch, sent)
+
+        def on_answer(answer: tuple | None, error: BaseException | None) -> None:
+            try:
+                self._finish_batch(slot, batch, sent, answer, error)
+            finally:
+                done.set_result(None)  # the worker's loop moves on whatever happened
+
         try:
-            results, handler_s = await slot.process.run([r.payload for r in batch], [r.deadline for r in batch])
+            slot.process.send([r.payload for r in batch], [r.deadline for r in batch], on_answer)
         except Exception as exc:  # noqa: BLE001 - WorkerDied, or a payload the pipe could not carry
-            results = [ItemResult(error=f"worker failed while running this request: {exc}", status=500)] * len(batch)
-            handler_s = time.monotonic() - sent
-        finally:
-            self.in_flight_batches -= 1
-            slot.outstanding -= 1
-            end = time.monotonic()
-            # Busy time is what the worker reports for the handler (a batch waiting in its pipe is not busy).
-            slot.recent.append((end - handler_s, end))
-            slot.busy_seconds += handler_s
-            slot.busy_since = end if slot.outstanding else None
-            self.queue.notify()  # a worker is free (or a prefetch slot opened)
+            on_answer(None, exc)
+        return done
+
+    def _finish_batch(self, slot: WorkerSlot, batch: list[PendingRequest], sent: float, answer: tuple | None,
+                      error: BaseException | None) -> None:
+        """Hand each caller its result (called from the pipe's reader, so callers wake in the next iteration)."""
+        end = time.monotonic()
+        if error is None:
+            results, handler_s = answer
+        else:
+            results = [ItemResult(error=f"worker failed while running this request: {error}", status=500)] * len(batch)
+            handler_s = end - sent
+        for request, result in zip(batch, results):
+            request.inference_s = handler_s
+            if not request.future.done():
+                request.future.set_result(result)
+        self.in_flight_batches -= 1
+        slot.outstanding -= 1
+        # Busy time is what the worker reports for the handler (a batch waiting in its pipe is not busy).
+        slot.recent.append((end - handler_s, end))
+        slot.busy_seconds += handler_s
+        slot.busy_since = end if slot.outstanding else None
         slot.num_batches += 1
         slot.num_requests += len(batch)
         self._recent_batch_s.append(handler_s)
         if self.metrics:
             self.metrics.inference_seconds.labels(self.config.name).observe(handler_s)
-        for request, result in zip(batch, results):
-            request.inference_s = handler_s
-            if not request.future.done():
-                request.future.set_result(result)
+        self.queue.notify()  # a worker is free (or a prefetch slot opened)
 
     # ---- scaling and draining -------------------------------------------------------------------------------
     async def scale(self, workers: int) -> None:
@@ -293,7 +350,8 @@ class ServedModel:
         now = time.monotonic()
         return {
             **self.config.to_dict(),
-            "status": "ready" if self.slots and self.is_accepting else ("draining" if not self.is_accepting else "no workers"),
+            "status": "ready" if self.slots and self.is_accepting
+            else ("draining" if not self.is_accepting else "no workers"),
             "queue_depth": len(self.queue),
             "in_flight_requests": self.in_flight_requests,
             "in_flight_batches": self.in_flight_batches,

@@ -1,7 +1,9 @@
 """Worker processes: each loads its own copy of the model and runs batches sent over a pipe.
 
-The server side (:class:`WorkerProcess`) lives in the event loop: ``await worker.run(items)`` sends a batch and
-resolves when the child answers; the pipe's file descriptor is watched with ``loop.add_reader`` (no threads).
+The server side (:class:`WorkerProcess`) lives in the event loop: ``worker.send(items, deadlines, on_answer)`` writes
+a batch to the pipe at once and ``on_answer`` is called from the pipe's reader callback when the child answers
+(``await worker.run(items, deadlines)`` wraps the same in a future); the pipe's file descriptor is watched with
+``loop.add_reader`` (no threads).
 The child (:func:`worker_main`) is started with ``spawn``, sets its torch thread count before torch is imported,
 calls the handler's ``setup`` once and then loops: receive a batch, :func:`run_batch`, send the results back.
 """
@@ -13,6 +15,7 @@ import multiprocessing as mp
 import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +40,10 @@ class WorkerDied(RuntimeError):
 
 class WorkerStartError(RuntimeError):
     """The handler's setup failed in the worker; the message holds the child's traceback."""
+
+
+OnAnswer = Callable[[Any, BaseException | None], None]
+"""Called with (the child's answer, None) or (None, the error) once per message sent."""
 
 
 def worker_main(conn, spec: WorkerSpec) -> None:
@@ -105,7 +112,7 @@ class WorkerProcess:
         self.process = ctx.Process(target=worker_main, args=(child_conn, spec), daemon=True,
                                    name=f"loom-worker-{spec.model_name}-{spec.worker_index}")
         self._child_conn = child_conn
-        self._pending: dict[int, asyncio.Future] = {}
+        self._pending: dict[int, OnAnswer] = {}
         self._next_id = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.pid: int | None = None
@@ -117,7 +124,7 @@ class WorkerProcess:
         self.process.start()
         self._child_conn.close()
         ready: asyncio.Future = self._loop.create_future()
-        self._pending[-1] = ready
+        self._pending[-1] = lambda value, error: _resolve(ready, value, error)
         self._loop.add_reader(self._conn.fileno(), self._on_readable)
         try:
             self.pid = await asyncio.wait_for(ready, timeout)
@@ -126,21 +133,29 @@ class WorkerProcess:
             raise
         self.is_alive = True
 
-    async def run(self, items: list[Any], deadlines: list[float]) -> tuple[list[ItemResult], float]:
-        """Run one batch in the child: (per-item results, seconds the handler took); expired items get 504."""
+    def send(self, items: list[Any], deadlines: list[float], on_answer: OnAnswer) -> None:
+        """Write one batch to the child now; ``on_answer((results, handler_s), None)`` runs when it answers, or
+        ``on_answer(None, WorkerDied)`` if it dies first. Raises WorkerDied if the child is gone already."""
         if not self.is_alive:
             raise WorkerDied(f"worker {self.spec.worker_index} of {self.spec.model_name} is not running")
         batch_id = self._next_id
         self._next_id += 1
-        future = self._loop.create_future()
-        self._pending[batch_id] = future
+        self._pending[batch_id] = on_answer
         try:
             self._conn.send((batch_id, items, deadlines))
         except (BrokenPipeError, OSError) as exc:
             self._pending.pop(batch_id, None)
             self._mark_dead()
             raise WorkerDied(f"worker {self.spec.worker_index} of {self.spec.model_name} is gone: {exc}") from exc
-        return await future
+        except BaseException:  # a payload pickle cannot carry: nothing was sent, nothing will answer
+            self._pending.pop(batch_id, None)
+            raise
+
+    async def run(self, items: list[Any], deadlines: list[float]) -> tuple[list[ItemResult], float]:
+        """Run one batch in the child: (per-item results, seconds the handler took); expired items get 504."""
+        answer: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.send(items, deadlines, lambda value, error: _resolve(answer, value, error))
+        return await answer
 
     def _on_readable(self) -> None:
         try:
@@ -152,21 +167,22 @@ class WorkerProcess:
     def _dispatch(self, message: tuple) -> None:
         kind = message[0]
         if kind == "ready":
-            _resolve(self._pending.pop(-1, None), result=message[1])
+            _answer(self._pending.pop(-1, None), message[1])
         elif kind == "failed":
             error = WorkerStartError(f"handler setup failed in worker {self.spec.worker_index}:\n{message[1]}")
-            _resolve(self._pending.pop(-1, None), error=error)
+            _answer(self._pending.pop(-1, None), error=error)
         elif kind == "done":
-            _resolve(self._pending.pop(message[1], None), result=(message[2], message[3]))
+            _answer(self._pending.pop(message[1], None), (message[2], message[3]))
 
     def _mark_dead(self) -> None:
         self.is_alive = False
         if self._loop is not None:
             self._loop.remove_reader(self._conn.fileno())
-        error = WorkerDied(f"worker {self.spec.worker_index} of {self.spec.model_name} exited (code {self.process.exitcode})")
-        for future in self._pending.values():
-            _resolve(future, error=error)
-        self._pending.clear()
+        error = WorkerDied(f"worker {self.spec.worker_index} of {self.spec.model_name} exited "
+                           f"(code {self.process.exitcode})")
+        pending, self._pending = self._pending, {}
+        for on_answer in pending.values():
+            _answer(on_answer, error=error)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Ask the child to exit after its current batch; kill it if it does not within `grace` seconds."""
@@ -188,6 +204,11 @@ class WorkerProcess:
             self._loop.remove_reader(self._conn.fileno())
         self.is_alive = False
         self._conn.close()
+
+
+def _answer(on_answer: OnAnswer | None, value: Any = None, error: BaseException | None = None) -> None:
+    if on_answer is not None:
+        on_answer(value, error)
 
 
 def _resolve(future: asyncio.Future | None, result: Any = None, error: BaseException | None = None) -> None:
