@@ -69,7 +69,8 @@ class LLMFaults:
 def llm_server(model_dir: Path, faults: LLMFaults, **config):
     """A tiny-model LLM server in this process (the engine is read directly for the leak check)."""
     engine = EngineConfig(model=str(model_dir), num_kv_blocks=256, max_num_seqs=faults.max_num_seqs, max_model_len=512)
-    llm_config = LLMServerConfig(engine, served_model_names=["tiny"], max_waiting=faults.max_waiting, threads=1, **config)
+    llm_config = LLMServerConfig(engine, served_model_names=["tiny"], max_waiting=faults.max_waiting, threads=1,
+                                 **config)
     registry = CollectorRegistry()
     component = LLMComponent(llm_config, registry)
     return serve_in_thread(build_app([component], registry, HTTPPolicy(max_body_bytes=64 << 20))), component

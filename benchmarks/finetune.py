@@ -226,7 +226,8 @@ def summary_line(result: dict) -> str:
         for mode, r in result["trl"].items():
             parts.append(f"{mode}: loom {r['loom']['supervised_tokens_per_s']:.1f} vs trl "
                          f"{r['trl']['supervised_tokens_per_s']:.1f} supervised tok/s ({r['ratio']:.2f}x)")
-    return "finetune bench: " + "; ".join(parts) + f" [threads {result['threads']}, load {result['load_avg_start']:.1f}]"
+    return ("finetune bench: " + "; ".join(parts)
+            + f" [threads {result['threads']}, load {result['load_avg_start']:.1f}]")
 
 
 if __name__ == "__main__":

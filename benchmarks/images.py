@@ -103,7 +103,9 @@ def cuda_main(args) -> dict:
             print(f"  skipping compile mode {mode}: over the {args.budget_s} s budget")
             continue
         try:
-            compiled = speed.apply_to_unet(unet, speed.SpeedSettings(sdpa=False, fuse_qkv=False, channels_last=False, compile_unet=True, compile_mode=mode))
+            settings = speed.SpeedSettings(sdpa=False, fuse_qkv=False, channels_last=False, compile_unet=True,
+                                           compile_mode=mode)
+            compiled = speed.apply_to_unet(unet, settings)
             c0 = time.perf_counter()
             with torch.inference_mode():
                 for _ in range(3):
@@ -120,11 +122,14 @@ def cuda_main(args) -> dict:
     loom_keys = [k for k in results if k.startswith("loom_")]
     best = max(loom_keys, key=lambda k: results[k])
     base = results[f"diffusers_{args.dtype}"]
-    results |= {"best": best, "speedup_vs_diffusers_half": results[best] / base, "speedup_vs_diffusers_fp32": results[best] / results["diffusers_fp32"]}
-    results |= {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
-                "dtype": args.dtype, "size": "512x512", "batch": 2, "iters": args.iters, "total_s": round(time.perf_counter() - t0, 1)}
+    results |= {"best": best, "speedup_vs_diffusers_half": results[best] / base,
+                "speedup_vs_diffusers_fp32": results[best] / results["diffusers_fp32"]}
+    results |= {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                "diffusers": __import__("diffusers").__version__, "dtype": args.dtype, "size": "512x512", "batch": 2,
+                "iters": args.iters, "total_s": round(time.perf_counter() - t0, 1)}
     print(f"images cuda: SD-1.5-sized UNet ({params / 1e6:.0f}M) 512x512 batch 2 {args.dtype} on {results['device']}: "
-          f"diffusers default {base:.2f} steps/s ({results['diffusers_fp32']:.2f} in fp32), Loom {results[best]:.2f} steps/s "
+          f"diffusers default {base:.2f} steps/s ({results['diffusers_fp32']:.2f} in fp32), "
+          f"Loom {results[best]:.2f} steps/s "
           f"[{best}] = {results['speedup_vs_diffusers_half']:.2f}x (target >= 1.3x)")
     return results
 
@@ -142,18 +147,21 @@ def cpu_main(args) -> dict:
     spec = TinySpec(unet_channels=(32, 64, 64), layers_per_block=1, sample_size=32, vae_channels=(32, 64))
     loom_pipe = tiny_pipeline(seed=0, spec=spec)  # 64x64 pixels, 32x32 latents
     components = {k: getattr(loom_pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet")}
-    plain = StableDiffusionPipeline(**components, scheduler=EulerDiscreteScheduler.from_config(loom_pipe.scheduler.config),
+    plain = StableDiffusionPipeline(**components,
+                                    scheduler=EulerDiscreteScheduler.from_config(loom_pipe.scheduler.config),
                                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     plain.set_progress_bar_config(disable=True)
     engine = ImageEngine(loom_pipe, name="bench")
     size, steps = args.size, args.steps
 
     def run_loom():
-        engine.generate(ImageRequest(prompt="a sneaker", seed=0, steps=steps, sampler="Euler", guidance=4.0, width=size, height=size),
+        engine.generate(ImageRequest(prompt="a sneaker", seed=0, steps=steps, sampler="Euler", guidance=4.0,
+                                     width=size, height=size),
                         on_step=lambda d, t, latents: None)
 
     def run_plain():
-        plain("a sneaker", num_inference_steps=steps, guidance_scale=4.0, width=size, height=size, generator=torch.Generator().manual_seed(0))
+        plain("a sneaker", num_inference_steps=steps, guidance_scale=4.0, width=size, height=size,
+              generator=torch.Generator().manual_seed(0))
 
     runs = {"loom": [], "diffusers": []}
     run_loom(), run_plain()  # warm-up
@@ -163,10 +171,12 @@ def cpu_main(args) -> dict:
             fn()
             runs[name].append(steps / (time.perf_counter() - start))
     loom, diff = statistics.median(runs["loom"]), statistics.median(runs["diffusers"])
-    result = {"loom_steps_per_s": loom, "diffusers_steps_per_s": diff, "ratio": loom / diff, "runs": runs, "size": size, "steps": steps,
-              "threads": args.threads, "unet_params": sum(p.numel() for p in loom_pipe.unet.parameters()), "machine": platform.processor() or platform.machine(),
-              "torch": torch.__version__}
-    print(f"images cpu: {size}x{size} txt2img, {steps} Euler steps, CFG 4, {args.threads} threads: Loom {loom:.2f} steps/s vs "
+    result = {"loom_steps_per_s": loom, "diffusers_steps_per_s": diff, "ratio": loom / diff, "runs": runs,
+              "size": size, "steps": steps, "threads": args.threads,
+              "unet_params": sum(p.numel() for p in loom_pipe.unet.parameters()),
+              "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
+    print(f"images cpu: {size}x{size} txt2img, {steps} Euler steps, CFG 4, {args.threads} threads: "
+          f"Loom {loom:.2f} steps/s vs "
           f"diffusers {diff:.2f} steps/s = {loom / diff:.2f}x (median of {args.repeats})")
     return result
 
@@ -177,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--compile-modes", nargs="*", default=["default", "reduce-overhead"])
-    parser.add_argument("--budget-s", type=float, default=200.0, help="skip further compile modes after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=200.0,
+                        help="skip further compile modes after this many seconds")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)

@@ -98,7 +98,8 @@ def run_compare(args: argparse.Namespace) -> int:
     print(summary)
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": str(model_path), "summary": summary,
               "configs": {k: _plain(v) for k, v in configs.items()}, "series": series}
-    write_outputs(prefix, result, series, f"{args.model}: Loom vs transformers serve (in {args.input_len}, out {args.output_len})")
+    write_outputs(prefix, result, series,
+                  f"{args.model}: Loom vs transformers serve (in {args.input_len}, out {args.output_len})")
     failed = any(p["failed"] for points in series.values() for p in points)
     return 1 if failed else 0
 
@@ -111,7 +112,8 @@ def compare_line(series: dict[str, list[dict]], args: argparse.Namespace) -> str
     verdict = "PASS" if tput >= 3 and ttft < 1 else "MISS"
     return (f"serving {args.model} c={loom['max_concurrency']} rate={loom['request_rate']} {args.num_prompts} prompts "
             f"in {args.input_len}/out {args.output_len}: loom {loom['output_throughput']:.1f} out tok/s, p99 TTFT "
-            f"{loom['p99_ttft_ms'] / 1000:.2f} s | transformers serve {hf['output_throughput']:.1f} out tok/s, p99 TTFT "
+            f"{loom['p99_ttft_ms'] / 1000:.2f} s | "
+            f"transformers serve {hf['output_throughput']:.1f} out tok/s, p99 TTFT "
             f"{hf['p99_ttft_ms'] / 1000:.2f} s | {tput:.2f}x output tok/s, p99 TTFT {ttft:.2f}x "
             f"(target >= 3x and < 1x: {verdict})")
 

@@ -42,7 +42,8 @@ class Workload:
         return sum(self.output_lens)
 
 
-def make_workload(n: int, input_range: tuple[int, int], output_range: tuple[int, int], vocab: int, seed: int) -> Workload:
+def make_workload(n: int, input_range: tuple[int, int], output_range: tuple[int, int], vocab: int,
+                  seed: int) -> Workload:
     rng = random.Random(seed)
     low_id = 100  # skip special tokens at the bottom of the vocabulary
     prompts = [[rng.randrange(low_id, vocab) for _ in range(rng.randint(*input_range))] for _ in range(n)]
@@ -184,7 +185,8 @@ def main() -> int:
     flops_per_token, params = model_flops_per_token(model_path)
     from transformers import AutoConfig
 
-    w = make_workload(args.num_prompts, tuple(args.input_len), tuple(args.output_len), AutoConfig.from_pretrained(model_path).vocab_size, args.seed)
+    w = make_workload(args.num_prompts, tuple(args.input_len), tuple(args.output_len),
+                      AutoConfig.from_pretrained(model_path).vocab_size, args.seed)
     device = _device(args)
     peak_dtype = _torch_dtype(args)
     results = {"workload": {"num_prompts": args.num_prompts, "prompt_tokens": w.num_prompt_tokens,

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from loom import __version__
+
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("loom.server.cli", "start the HTTP server (OpenAI LLM API, model server, image API)"),
     "generate": ("loom.entrypoints.cli", "generate completions for prompts with an LLM, offline"),
@@ -40,8 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.version:
-        from loom import __version__
-
         print(__version__)
         return 0
     if not getattr(args, "_module", None):

@@ -5,8 +5,9 @@
     config = config_from_args(EngineConfig, args)
 
 Annotations map to argparse as: ``bool`` -> ``--flag / --no-flag``; ``int``, ``float``, ``str`` -> that type;
-``X | None`` -> X with default None; ``Literal[...]`` -> choices; ``list[X]`` -> a repeatable flag (``--stop a --stop b``). Fields of any other
-type are left out (a config can still take them in Python). vLLM builds its CLI from its configs the same way.
+``X | None`` -> X with default None; ``Literal[...]`` -> choices; ``list[X]`` -> a repeatable flag
+(``--stop a --stop b``). Fields of any other type are left out (a config can still take them in Python). vLLM builds
+its CLI from its configs the same way.
 """
 
 from __future__ import annotations

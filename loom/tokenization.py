@@ -5,7 +5,8 @@ from __future__ import annotations
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible map from bytes to printable unicode characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     chars = printable[:]
     extra = 0
     for b in range(256):

@@ -70,7 +70,8 @@ def chromium_driver():
 
     os.environ.setdefault("SE_AVOID_STATS", "true")
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        raise FileNotFoundError("headless Chromium is missing: apt-get install chromium chromium-driver (or: make image-deps)")
+        raise FileNotFoundError("headless Chromium is missing: apt-get install chromium chromium-driver "
+                                "(or: make image-deps)")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in CHROMIUM_FLAGS:
@@ -78,7 +79,8 @@ def chromium_driver():
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
 
 
-def generate_in_browser(ui_url: str, prompt: str, out: str | Path, timeout: float = 180.0, styles: list[str] = ()) -> dict:
+def generate_in_browser(ui_url: str, prompt: str, out: str | Path, timeout: float = 180.0,
+                        styles: list[str] = ()) -> dict:
     """Type ``prompt``, click Generate, wait for the gallery, save a screenshot; returns what the page showed."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

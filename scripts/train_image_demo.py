@@ -1,7 +1,7 @@
 """Train the demo models, seeded and reproducible: a text-to-image model on Fashion-MNIST and a 2x upscaler.
 
-    nice -n 10 python scripts/train_image_demo.py                  # trains all, writes loom/image/assets/{demo,upscaler-2x}
-    nice -n 10 python scripts/train_image_demo.py --eval-only      # re-prints classifier agreement and upscaler PSNR
+    nice -n 10 python scripts/train_image_demo.py              # trains all, writes loom/image/assets/{demo,upscaler-2x}
+    nice -n 10 python scripts/train_image_demo.py --eval-only  # re-prints classifier agreement and upscaler PSNR
 
 The text-to-image model is a Stable-Diffusion-shaped pipeline (AutoencoderKL 32x32 -> 8x8x4 latents, a small
 UNet2DConditionModel with cross-attention, a small CLIPTextModel over CLIP's real vocabulary) trained on real
@@ -28,11 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loom.image.models import DEMO_DIR
 from loom.image.tiny import TinySpec, build_scheduler, build_text_encoder, build_unet, build_vae
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-ASSETS = Path(__file__).parent / "assets"
-CLASS_NAMES = ["t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+ASSETS = DEMO_DIR.parent  # loom/image/assets: where `loom serve --image demo` loads them from
+CLASS_NAMES = ["t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+               "ankle boot"]
 CLASS_PROMPTS = [("an " if n[0] in "aeiou" else "a ") + n for n in CLASS_NAMES]
 PROMPT_TEMPLATES = ["{}", "a photo of {}", "{}, product photo", "a picture of {}", "{} on a black background"]
 SUFFIXES = ["", "", "", ", high quality", ", detailed", ", cinematic", ", sharp focus", ", masterpiece", ", 4k"]
@@ -50,14 +52,16 @@ DEMO_SPEC = TinySpec(
     text_heads=4,
 )
 HELD_OUT_PHOTOS = ("chelsea", "coffee", "rocket")
-TRAIN_PHOTOS = ("astronaut", "camera", "coins", "moon", "page", "text", "immunohistochemistry", "retina", "brick", "grass", "gravel", "clock", "hubble_deep_field", "colorwheel", "logo", "horse")
+TRAIN_PHOTOS = ("astronaut", "camera", "coins", "moon", "page", "text", "immunohistochemistry", "retina", "brick",
+                "grass", "gravel", "clock", "hubble_deep_field", "colorwheel", "logo", "horse")
 
 
 # ---------------------------------------------------------------- data
 def load_fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """(images [N, 28, 28] uint8, labels [N] int64) from the Debian package's idx files."""
     prefix = "train" if split == "train" else "t10k"
-    images_path, labels_path = FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz", FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz"
+    images_path = FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz"
+    labels_path = FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz"
     if not images_path.is_file():
         raise FileNotFoundError(f"{images_path} is missing; install it: apt-get install dataset-fashion-mnist")
     images = np.frombuffer(gzip.open(images_path).read(), np.uint8, offset=16).reshape(-1, 28, 28)
@@ -121,7 +125,8 @@ def train_diffusion(latents: torch.Tensor, labels: torch.Tensor, tokenizer, step
     for step in range(steps):
         idx = torch.randint(0, len(latents), (batch,), generator=gen)
         z0 = latents[idx]  # [B, C, 8, 8]
-        ids = tokenizer(sample_prompts(labels[idx], gen), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(sample_prompts(labels[idx], gen), padding="max_length", max_length=77, truncation=True,
+                        return_tensors="pt").input_ids
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, 1000, (batch,), generator=gen)
         zt = noise_sched.add_noise(z0, noise, t)
@@ -185,7 +190,8 @@ def train_classifier(steps: int = 1500, batch: int = 128, log=print) -> FashionC
         loss.backward()
         opt.step()
     test_images, test_labels = load_fashion_mnist("test")
-    acc = (classify(model, torch.from_numpy(test_images.astype(np.float32) / 127.5 - 1.0)[:, None]) == torch.from_numpy(test_labels)).float().mean()
+    preds = classify(model, torch.from_numpy(test_images.astype(np.float32) / 127.5 - 1.0)[:, None])
+    acc = (preds == torch.from_numpy(test_labels)).float().mean()
     log(f"classifier test accuracy {acc:.4f}")
     return model.eval()
 
@@ -217,8 +223,10 @@ def generated_to_classifier_input(images) -> torch.Tensor:
 
 
 @torch.no_grad()
-def classifier_agreement(model_dir: Path, classifier: FashionClassifier, per_class: int, steps: int, guidance: float) -> float:
-    """Fraction of generated images (per_class per prompt, Loom's default sampler) the classifier puts in the prompted class."""
+def classifier_agreement(model_dir: Path, classifier: FashionClassifier, per_class: int, steps: int,
+                         guidance: float) -> float:
+    """Fraction of generated images (per_class per prompt, Loom's default sampler) the classifier puts in the
+    prompted class."""
     from loom.image.engine import ImageEngine
     from loom.image.request import ImageRequest
 
@@ -228,7 +236,8 @@ def classifier_agreement(model_dir: Path, classifier: FashionClassifier, per_cla
         images = []
         for first in range(0, per_class, 5):  # jobs of up to 5 images, seeds 1000 * (label + 1) + i
             n = min(5, per_class - first)
-            req = ImageRequest(prompt=prompt, seed=1000 * (label + 1) + first, steps=steps, guidance=guidance, num_images=n, styles=[])
+            req = ImageRequest(prompt=prompt, seed=1000 * (label + 1) + first, steps=steps, guidance=guidance,
+                               num_images=n, styles=[])
             images += engine.generate(req).images
         preds = classify(classifier, generated_to_classifier_input(images))
         hits += int((preds == label).sum())
@@ -342,7 +351,8 @@ def train_demo(out: Path, args, log) -> None:
     vae.register_to_config(scaling_factor=scale)
     log(f"latent std {latents.std():.3f} -> scaling_factor {scale:.4f}")
     torch.manual_seed(0)
-    unet, text_encoder = train_diffusion(latents * scale, torch.from_numpy(labels), load_clip_tokenizer(), args.unet_steps, log=log)
+    unet, text_encoder = train_diffusion(latents * scale, torch.from_numpy(labels), load_clip_tokenizer(),
+                                         args.unet_steps, log=log)
     save_demo(out / "demo", unet, vae, text_encoder, load_clip_tokenizer())
     log(f"saved {out / 'demo'}")
 
@@ -357,11 +367,13 @@ def evaluate(out: Path, args, log, train_seconds: float) -> int:
     for name, (bic, sr) in scores.items():
         log(f"upscaler PSNR on held-out '{name}': bicubic {bic:.2f} dB, upscaler {sr:.2f} dB ({sr - bic:+.2f})")
     mean_gain = float(np.mean([sr - bic for bic, sr in scores.values()]))
-    summary = {"classifier_agreement": agreement, "upscaler_psnr_gain_db": mean_gain, "psnr_bicubic_vs_upscaler_db": scores}
+    summary = {"classifier_agreement": agreement, "upscaler_psnr_gain_db": mean_gain,
+               "psnr_bicubic_vs_upscaler_db": scores}
     if train_seconds > 1:
         summary["train_seconds"] = round(train_seconds, 1)
     (out / "demo_eval.json").write_text(json.dumps(summary, indent=1))
-    print(f"demo: classifier agreement {agreement:.1%} (target >= 85%), upscaler PSNR gain over bicubic {mean_gain:+.2f} dB on {len(scores)} held-out photos")
+    print(f"demo: classifier agreement {agreement:.1%} (target >= 85%), "
+          f"upscaler PSNR gain over bicubic {mean_gain:+.2f} dB on {len(scores)} held-out photos")
     return 0 if agreement >= 0.85 and mean_gain > 0 else 1
 
 

@@ -1,4 +1,4 @@
-"""Loom's import layers, read from the code's own imports (scripts/import_layers.py): no cycle, nothing up or sideways."""
+"""Loom's import layers, read from its own imports (scripts/import_layers.py): no cycle, nothing up or sideways."""
 
 from __future__ import annotations
 

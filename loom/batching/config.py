@@ -53,7 +53,8 @@ class ModelConfig:
         if not _NAME.match(self.name):
             raise ValueError(f"model name {self.name!r} must be 1-64 characters of letters, digits, '.', '_' or '-'")
         if not self.handler:
-            raise ValueError("handler is empty; use a built-in name (embedding, image-classifier), a .py file or a module")
+            raise ValueError("handler is empty; use a built-in name (embedding, image-classifier), "
+                             "a .py file or a module")
         if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
             raise ValueError(f"batch_size must be in 1..{MAX_BATCH_SIZE}, got {self.batch_size}")
         if not 0 <= self.max_batch_delay <= MAX_BATCH_DELAY_MS:
@@ -64,9 +65,11 @@ class ModelConfig:
         if not 1 <= self.max_queue_size <= MAX_QUEUE_SIZE:
             raise ValueError(f"max_queue_size must be in 1..{MAX_QUEUE_SIZE}, got {self.max_queue_size}")
         if not 0 < self.request_timeout <= 3_600_000:
-            raise ValueError(f"request_timeout is in milliseconds and must be in (0, 3600000], got {self.request_timeout}")
+            raise ValueError("request_timeout is in milliseconds and must be in (0, 3600000], "
+                             f"got {self.request_timeout}")
         if self.threads_per_worker is not None and not 1 <= self.threads_per_worker <= max_workers():
-            raise ValueError(f"threads_per_worker must be in 1..{max_workers()} or None (auto), got {self.threads_per_worker}")
+            raise ValueError(f"threads_per_worker must be in 1..{max_workers()} or None (auto), "
+                             f"got {self.threads_per_worker}")
         if not isinstance(self.options, dict):
             raise ValueError(f"options must be a JSON object of handler settings, got {type(self.options).__name__}")
         if self.path is not None and not Path(self.path).expanduser().exists():
@@ -96,14 +99,15 @@ def parse_serve_spec(spec: str, **defaults: Any) -> ModelConfig:
     """``NAME=HANDLER[:PATH]`` → ModelConfig (defaults fill batch settings and workers)."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
-        raise ValueError(f"--serve {spec!r} must look like NAME=HANDLER[:PATH], e.g. minilm=embedding or vit=image-classifier:/models/vit")
+        raise ValueError(f"--serve {spec!r} must look like NAME=HANDLER[:PATH], "
+                         "e.g. minilm=embedding or vit=image-classifier:/models/vit")
     handler, _, path = rest.partition(":")
     return ModelConfig(name=name, handler=handler, path=path or None, **defaults)
 
 
 def load_models_yaml(path: str | Path, **defaults: Any) -> list[ModelConfig]:
     """models.yaml: ``models: {NAME: {handler, path, batch_size, max_batch_delay, workers, ...}}``."""
-    import yaml
+    import yaml  # local: `loom serve` imports this module to build its flags; only --config reads YAML
 
     data = yaml.safe_load(Path(path).read_text()) or {}
     models = data.get("models") if isinstance(data, dict) else None

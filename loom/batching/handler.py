@@ -132,7 +132,8 @@ def load_handler_class(spec: str) -> type[Handler]:
              and c.__module__ == module.__name__]
     if len(found) != 1:
         names = ", ".join(c.__name__ for c in found) or "none"
-        raise ValueError(f"{target} must define exactly one Handler subclass (found {names}); pick one with {target}#ClassName")
+        raise ValueError(f"{target} must define exactly one Handler subclass (found {names}); "
+                         f"pick one with {target}#ClassName")
     return found[0]
 
 
@@ -140,7 +141,8 @@ def _load_module(target: str):
     if target.endswith(".py"):
         path = Path(target).expanduser().resolve()
         if not path.is_file():
-            raise ValueError(f"handler file {path} not found; pass an existing .py file or a built-in name {sorted(BUILTIN_HANDLERS)}")
+            raise ValueError(f"handler file {path} not found; "
+                             f"pass an existing .py file or a built-in name {sorted(BUILTIN_HANDLERS)}")
         name = f"loom_handler_{abs(hash(str(path)))}"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
@@ -161,7 +163,8 @@ def check_handler_spec(spec: str) -> None:
     target = BUILTIN_HANDLERS.get(spec, spec).partition("#")[0]
     if target.endswith(".py"):
         if not Path(target).expanduser().is_file():
-            raise ValueError(f"handler file {target} not found; pass an existing .py file or one of {sorted(BUILTIN_HANDLERS)}")
+            raise ValueError(f"handler file {target} not found; "
+                             f"pass an existing .py file or one of {sorted(BUILTIN_HANDLERS)}")
         return
     try:
         found = importlib.util.find_spec(target) is not None

@@ -61,7 +61,8 @@ def build_management_app(server: ModelServer, token: str, enable_model_api: bool
     async def register(request: Request) -> Response:
         if not enable_model_api:
             return error_response(HTTPError(403, "registering models runs their handler code and is off on this "
-                                            "server; restart it with --enable-model-api to allow it", "permission_error"))
+                                            "server; restart it with --enable-model-api to allow it",
+                                            "permission_error"))
         try:
             config = ModelConfig(**_json_object(await request.body()))
             check_in_store(config, store)

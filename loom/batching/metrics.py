@@ -27,7 +27,8 @@ class BatchingMetrics:
                                        ["model"], buckets=LATENCY_BUCKETS, registry=registry)
         self.batch_size = Histogram("loom_model_batch_size", "Requests per inference call", ["model"],
                                     buckets=BATCH_BUCKETS, registry=registry)
-        self.inference_seconds = Histogram("loom_model_inference_seconds", "Handler time per batch (decode to postprocess)",
+        self.inference_seconds = Histogram("loom_model_inference_seconds",
+                                           "Handler time per batch (decode to postprocess)",
                                            ["model"], buckets=LATENCY_BUCKETS, registry=registry)
         self.queue_depth = Gauge("loom_model_queue_depth", "Requests waiting in the model's queue", ["model"],
                                  registry=registry)
@@ -48,10 +49,10 @@ class _RuntimeCollector:
 
     def collect(self):
         now = time.monotonic()
-        busy = GaugeMetricFamily("loom_model_worker_busy_fraction", "Share of the last 10 s a worker spent running batches",
-                                 labels=["model", "worker"])
-        cpu = CounterMetricFamily("loom_model_process_cpu_seconds", "CPU seconds (user+system) of the server and its workers",
-                                  labels=["process"])
+        busy = GaugeMetricFamily("loom_model_worker_busy_fraction",
+                                 "Share of the last 10 s a worker spent running batches", labels=["model", "worker"])
+        cpu = CounterMetricFamily("loom_model_process_cpu_seconds",
+                                  "CPU seconds (user+system) of the server and its workers", labels=["process"])
         cpu.add_metric(["server"], cpu_seconds(os.getpid()) or 0.0)
         for model in self._models():
             for slot in model.slots:
@@ -64,7 +65,7 @@ class _RuntimeCollector:
     def _gpu(self):
         if not self._nvml:
             return
-        import pynvml
+        import pynvml  # optional: nvidia-ml-py is installed only where there are NVIDIA GPUs
 
         util = GaugeMetricFamily("loom_model_gpu_utilization_ratio", "GPU busy share (NVML)", labels=["gpu"])
         mem = GaugeMetricFamily("loom_model_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=["gpu"])
@@ -78,7 +79,7 @@ class _RuntimeCollector:
 
 def _nvml_handles() -> list:
     try:
-        import pynvml
+        import pynvml  # optional: nvidia-ml-py is installed only where there are NVIDIA GPUs
 
         pynvml.nvmlInit()
         return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
@@ -90,7 +91,7 @@ def cpu_seconds(pid: int | None) -> float | None:
     if pid is None:
         return None
     with contextlib.suppress(Exception):
-        import psutil
+        import psutil  # local: `loom serve` imports this module for every command line; only scrapes need psutil
 
         times = psutil.Process(pid).cpu_times()
         return times.user + times.system

@@ -159,11 +159,13 @@ async def _embeddings(server: ModelServer, body: bytes) -> dict:
     results = await asyncio.gather(*(_answer(wait, model) for wait in waits), return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
-            raise result if isinstance(result, HTTPError) else HTTPError(500, f"embedding failed: {result}", "server_error")
+            raise (result if isinstance(result, HTTPError)
+                   else HTTPError(500, f"embedding failed: {result}", "server_error"))
     data, tokens = [], 0
     for i, result in enumerate(results):
         if not isinstance(result, dict) or "embedding" not in result:
-            raise HTTPError(400, f"model {model.config.name} (handler {model.config.handler}) does not return embeddings")
+            raise HTTPError(400, f"model {model.config.name} (handler {model.config.handler}) "
+                            "does not return embeddings")
         tokens += int(result.get("tokens", 0))
         data.append({"object": "embedding", "index": i, "embedding": _encode(result["embedding"], encoding)})
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
@@ -174,7 +176,8 @@ def _embedding_inputs(value: Any) -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise HTTPError(400, "'input' must be a non-empty string or list of strings (token-id inputs are not supported)")
+        raise HTTPError(400, "'input' must be a non-empty string or list of strings "
+                        "(token-id inputs are not supported)")
     if len(value) > MAX_EMBEDDING_INPUTS:
         raise HTTPError(413, f"'input' has {len(value)} items; send at most {MAX_EMBEDDING_INPUTS} per request")
     return value

@@ -22,6 +22,7 @@ from loom.batching.management import build_management_app, new_token, write_toke
 from loom.batching.routes import RAW_BODY_PREFIXES, build_inference_router
 from loom.batching.server import ModelServer
 from loom.flags import add_config_arguments
+from loom.models.catalogue import loom_home
 from loom.server.component import ExtraServer
 
 MODEL_FLAGS = {"batch_size", "max_batch_delay", "workers", "max_queue_size", "request_timeout", "threads_per_worker"}
@@ -30,13 +31,17 @@ MODEL_FLAGS = {"batch_size", "max_batch_delay", "workers", "max_queue_size", "re
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model server (dynamic batching)")
     group.add_argument("--serve", action="append", default=[], metavar="NAME=HANDLER[:PATH]",
-                       help="serve a model: HANDLER is embedding, image-classifier, a .py file or a module (repeatable)")
-    group.add_argument("--config", metavar="MODELS_YAML", help="models.yaml: models: {NAME: {handler, path, batch_size, ...}}")
-    group.add_argument("--model-server", action="store_true", help="start the model server even with no model (register later)")
+                       help="serve a model: HANDLER is embedding, image-classifier, a .py file or a module "
+                            "(repeatable)")
+    group.add_argument("--config", metavar="MODELS_YAML",
+                       help="models.yaml: models: {NAME: {handler, path, batch_size, ...}}")
+    group.add_argument("--model-server", action="store_true",
+                       help="start the model server even with no model (register later)")
     add_config_arguments(group, ModelConfig, only=MODEL_FLAGS)  # defaults for every model declared here
     group.add_argument("--management-host", default="127.0.0.1")
     group.add_argument("--management-port", type=int, default=8081)
-    group.add_argument("--management-token", default=None, help="bearer token for the management API (default: generated)")
+    group.add_argument("--management-token", default=None,
+                       help="bearer token for the management API (default: generated)")
     group.add_argument("--management-token-file", default=None,
                        help="where the token is written (default $LOOM_HOME/model-server-token.json)")
     group.add_argument("--enable-model-api", action="store_true",
@@ -53,7 +58,8 @@ def configs_from_args(args: argparse.Namespace) -> list[ModelConfig]:
     names = [c.name for c in configs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"model names {duplicates} are declared twice; give each --serve / models.yaml entry its own name")
+        raise ValueError(f"model names {duplicates} are declared twice; "
+                         "give each --serve / models.yaml entry its own name")
     return configs
 
 
@@ -69,8 +75,6 @@ def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> M
 
 
 def _default_token_file() -> Path:
-    from loom.models.catalogue import loom_home
-
     return loom_home() / "model-server-token.json"
 
 

@@ -11,8 +11,10 @@ import argparse
 import importlib
 
 BENCH_COMMANDS: dict[str, tuple[str, str]] = {
-    "load": ("loom.bench.load", "model-server sweep: batch size x workers at a fixed client concurrency (CSV, JSON, PNG)"),
-    "serving": ("loom.bench.serving", "LLM serving benchmark for any OpenAI-compatible URL: TTFT/TPOT/ITL, tok/s (JSON, PNG)"),
+    "load": ("loom.bench.load",
+             "model-server sweep: batch size x workers at a fixed client concurrency (CSV, JSON, PNG)"),
+    "serving": ("loom.bench.serving",
+                "LLM serving benchmark for any OpenAI-compatible URL: TTFT/TPOT/ITL, tok/s (JSON, PNG)"),
 }
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from loom.batching.config import parse_serve_spec
 from loom.bench.load_client import json_payloads, run_load, sentences
 from loom.bench.process import ServerProcess, free_port, start_server
 
@@ -64,8 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loom.batching.config import parse_serve_spec
-
     config = parse_serve_spec(args.serve)
     batch_sizes, worker_counts = _int_list(args.batch_sizes, "--batch-sizes"), _int_list(args.workers, "--workers")
     content_type, payloads = _payloads(config.handler, args)
@@ -73,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     with _server(args) as (url, mgmt, token):
         cells = asyncio.run(_sweep(url, mgmt, token, config, batch_sizes, worker_counts, payloads, content_type, args))
     meta = {"model": args.serve, "concurrency": args.concurrency, "duration_s": args.duration,
-            "max_batch_delay_ms": args.max_batch_delay, "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "max_batch_delay_ms": args.max_batch_delay, "cpu_count": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     paths = write_results(cells, meta, Path(args.out))
     best = max(cells, key=lambda c: c.requests_per_s)
     print(f"loom bench load {args.serve}: best {best.requests_per_s:.1f} req/s at batch {best.batch_size} x "
@@ -100,7 +100,7 @@ def _payloads(handler: str, args: argparse.Namespace) -> tuple[str, list[bytes]]
 
 
 def _png(seed: int, size: int = 224) -> bytes:
-    from PIL import Image
+    from PIL import Image  # local: `loom bench --help` imports this module; only image payloads need PIL
 
     rng = random.Random(seed)
     image = Image.frombytes("RGB", (size, size), bytes(rng.getrandbits(8) for _ in range(size * size * 3)))
@@ -148,7 +148,8 @@ async def _sweep(url, mgmt, token, config, batch_sizes, worker_counts, payloads,
                 _check(await client.put(f"{mgmt}/models/{name}", json={"workers": workers}))
                 for batch_size in batch_sizes:
                     _check(await client.put(f"{mgmt}/models/{name}", json={"batch_size": batch_size}))
-                    cell = await _measure(client, url, mgmt, name, target, payloads, content_type, workers, batch_size, args)
+                    cell = await _measure(client, url, mgmt, name, target, payloads, content_type, workers,
+                                          batch_size, args)
                     print(f"  workers {workers} batch {batch_size:>3}: {cell.requests_per_s:8.1f} req/s  "
                           f"p50 {cell.p50_ms:7.1f} ms  p99 {cell.p99_ms:7.1f} ms  batch {cell.mean_batch_size:5.1f}  "
                           f"busy {cell.busy_fraction:.2f}  cpu {cell.cpu_cores:.2f} cores", flush=True)
@@ -187,7 +188,8 @@ async def _snapshot(client, url, mgmt, name) -> tuple[dict, dict, float]:
 
 def _check(response: httpx.Response) -> httpx.Response:
     if response.status_code >= 400:
-        raise RuntimeError(f"{response.request.method} {response.request.url} -> {response.status_code}: {response.text}")
+        raise RuntimeError(f"{response.request.method} {response.request.url} -> "
+                           f"{response.status_code}: {response.text}")
     return response
 
 
@@ -206,17 +208,20 @@ def write_results(cells: list[Cell], meta: dict, prefix: Path) -> list[Path]:
 
 
 def plot(cells: list[Cell], meta: dict, path: Path) -> None:
+    # local: matplotlib takes ~0.3 s to import and only plots need it; pyplot must come after use("Agg")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    panels = (("requests_per_s", "requests/s"), ("p99_ms", "p99 latency (ms)"), ("busy_fraction", "worker busy fraction"))
+    panels = (("requests_per_s", "requests/s"), ("p99_ms", "p99 latency (ms)"),
+              ("busy_fraction", "worker busy fraction"))
     for ax, (field, label) in zip(axes, panels):
         for workers in sorted({c.workers for c in cells}):
             line = sorted((c for c in cells if c.workers == workers), key=lambda c: c.batch_size)
-            ax.plot([c.batch_size for c in line], [getattr(c, field) for c in line], marker="o", label=f"{workers} workers")
+            ax.plot([c.batch_size for c in line], [getattr(c, field) for c in line], marker="o",
+                    label=f"{workers} workers")
         ax.set_xscale("log", base=2)
         sizes = sorted({c.batch_size for c in cells})
         ax.set_xticks(sizes, [str(s) for s in sizes])
@@ -224,7 +229,8 @@ def plot(cells: list[Cell], meta: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"loom bench load: {meta['model']}, {meta['concurrency']} clients, delay {meta['max_batch_delay_ms']} ms, "
+    fig.suptitle(f"loom bench load: {meta['model']}, {meta['concurrency']} clients, "
+                 f"delay {meta['max_batch_delay_ms']} ms, "
                  f"{meta['cpu_count']} CPUs ({meta['date']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

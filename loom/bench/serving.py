@@ -260,12 +260,14 @@ def engine_deltas(before: dict, after: dict, duration: float) -> dict:
     busy = after["loom_iteration_seconds_sum"] - before["loom_iteration_seconds_sum"]
     steps = after["loom_iteration_num_seqs_count"] - before["loom_iteration_num_seqs_count"]
     seqs = after["loom_iteration_num_seqs_sum"] - before["loom_iteration_num_seqs_sum"]
-    return {"engine_busy_fraction": busy / duration, "engine_steps": steps, "mean_batch_seqs": seqs / steps if steps else 0.0}
+    return {"engine_busy_fraction": busy / duration, "engine_steps": steps,
+            "mean_batch_seqs": seqs / steps if steps else 0.0}
 
 
 # --- output -----------------------------------------------------------------------------------------------------
 def plot(series: dict[str, list[dict]], path: Path, title: str) -> Path:
     """Latency against load: TTFT p50/p99 and TPOT p50 against achieved output tokens/s, one line per server."""
+    # local: matplotlib takes ~0.3 s to import and only plots need it; pyplot must come after use("Agg")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,7 +296,8 @@ def plot(series: dict[str, list[dict]], path: Path, title: str) -> Path:
 
 
 def point_line(name: str, p: dict) -> str:
-    line = (f"{name}: c={p['max_concurrency']} rate={p['request_rate']} {p['completed']}/{p['completed'] + p['failed']} ok, "
+    line = (f"{name}: c={p['max_concurrency']} rate={p['request_rate']} "
+            f"{p['completed']}/{p['completed'] + p['failed']} ok, "
             f"{p['output_throughput']:.1f} out tok/s, {p['request_throughput']:.2f} req/s, "
             f"TTFT p50/p99 {p['median_ttft_ms']:.0f}/{p['p99_ttft_ms']:.0f} ms, "
             f"TPOT p50/p99 {p['median_tpot_ms']:.1f}/{p['p99_tpot_ms']:.1f} ms, ITL p50 {p['median_itl_ms']:.1f} ms")
@@ -307,14 +310,17 @@ def point_line(name: str, p: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ServingBenchConfig()
     parser.add_argument("--base-url", default=d.base_url, help=f"an OpenAI-compatible /v1 URL (default {d.base_url})")
-    parser.add_argument("--model", default=d.model, help="the 'model' field to send (and the tokenizer, unless --tokenizer)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or catalogue name for the dataset (default: --model)")
+    parser.add_argument("--model", default=d.model,
+                        help="the 'model' field to send (and the tokenizer, unless --tokenizer)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer folder or catalogue name for the dataset (default: --model)")
     parser.add_argument("--endpoint", default=d.endpoint, choices=["chat", "completions"])
     parser.add_argument("--num-prompts", type=int, default=d.num_prompts)
     parser.add_argument("--input-len", type=int, default=d.input_len, help="prompt tokens (random ids)")
     parser.add_argument("--output-len", type=int, default=d.output_len, help="output tokens per request")
     parser.add_argument("--range-ratio", type=float, default=d.range_ratio)
-    parser.add_argument("--request-rates", default="inf", help="comma-separated requests/s (Poisson); inf = all at once")
+    parser.add_argument("--request-rates", default="inf",
+                        help="comma-separated requests/s (Poisson); inf = all at once")
     parser.add_argument("--concurrencies", default="16", help="comma-separated caps on requests in flight; 0 = no cap")
     parser.add_argument("--exact-output", default="auto", choices=["auto", "ignore_eos", "generation_config", "none"],
                         help="how to make every request produce --output-len tokens (auto: ignore_eos; "

@@ -18,6 +18,7 @@ from loom.engine.scheduler import Scheduler, SchedulerConfig
 from loom.engine.sequence import Sequence
 from loom.models.catalogue import resolve_model
 from loom.models.loader import load_hf_config, load_model, load_tokenizer
+from loom.ops.layers import TorchOps
 from loom.ops.sampler import SamplingRow, SamplingSettings, sample
 
 
@@ -232,7 +233,8 @@ class LLMEngine:
                 generator = torch.Generator(self.device).manual_seed(seq.generator_seed)
                 self._generators[seq.seq_id] = generator
         stop_ids = frozenset(seq.params.stop_token_ids) | (frozenset() if seq.params.ignore_eos else self.eos_token_ids)
-        return SamplingRow(SamplingSettings.of(seq.params), seq.prompt_token_ids, seq.output_token_ids, generator, stop_ids)
+        return SamplingRow(SamplingSettings.of(seq.params), seq.prompt_token_ids, seq.output_token_ids, generator,
+                           stop_ids)
 
     def _record_schedule(self, out) -> None:
         now = time.time()
@@ -324,6 +326,7 @@ def _eos_ids(tokenizer, path) -> frozenset[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     try:
+        # local: transformers takes ~1 s to import; `loom serve --help` and `loom generate --help` load this module
         from transformers import GenerationConfig
 
         eos = GenerationConfig.from_pretrained(str(path)).eos_token_id
@@ -335,12 +338,10 @@ def _eos_ids(tokenizer, path) -> frozenset[int]:
 
 def _choose_ops(backend: str, device: torch.device):
     """The fused C++ kernels on CPU when they build ("auto"), the plain-PyTorch reference otherwise or on request."""
-    from loom.ops.layers import TorchOps
-
     if backend == "torch" or device.type != "cpu":
         return TorchOps()
     try:
-        from loom.ops.cpu_kernels import CpuOps
+        from loom.ops.cpu_kernels import CpuOps  # local: importing it builds the C++ kernels, or raises ImportError
     except ImportError:
         if backend == "cpp":
             raise

@@ -11,6 +11,8 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import fields
 
+from tqdm import tqdm
+
 from loom.engine.config import EngineConfig
 from loom.engine.llm_engine import LLMEngine
 from loom.engine.outputs import RequestOutput
@@ -102,6 +104,4 @@ def _split_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None]:
 
 
 def _progress(total: int):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc="requests", unit="req")

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     # NOTE: with OpenMP's default busy-waiting, 2 torch threads on 2 shared cores ran 5-10x SLOWER than 1 thread
     # here (measured: greedy eval 70 s vs 5 s); passive waiting must be set before torch starts its thread pool.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # local: the recipe imports torch, which must start after the line above; `loom finetune --help` skips it
     from loom.finetune.recipe import finetune
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

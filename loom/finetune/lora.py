@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 def apply_lora(model, *, r: int, alpha: int, dropout: float, targets: str, gradient_checkpointing: bool = False):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # optional: peft comes with the finetune extra
 
     target_modules = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     config = LoraConfig(

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loom.devices import resolve_device
 from loom.finetune.config import FinetuneConfig
@@ -27,14 +28,13 @@ from loom.finetune.formats import load_records
 from loom.finetune.lora import apply_lora, merge_lora, num_trainable
 from loom.finetune.template import chat_template_for, check_tokenizer
 from loom.finetune.trainer import Trainer
+from loom.models.catalogue import resolve_model
 
 log = logging.getLogger(__name__)
 
 
 def load_model(path: str | Path, device: torch.device, gradient_checkpointing: bool = False):
     """(model in float32 with SDPA attention, tokenizer) from a local HF folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
     if gradient_checkpointing:
@@ -81,8 +81,6 @@ def per_task(records: list[dict], report: EvalReport) -> dict[str, float]:
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run the whole recipe; returns the summary also written to ``output/loom_finetune.json``."""
-    from loom.models.catalogue import resolve_model
-
     torch.set_num_threads(cfg.num_threads or auto_threads())
     log.info("torch threads: %d", torch.get_num_threads())
     seed_everything(cfg.seed)

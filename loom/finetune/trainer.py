@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from loom.finetune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from loom.finetune.collate import Batch
@@ -186,6 +187,4 @@ class Trainer:
 
 
 def _progress(enabled: bool, total: int, initial: int):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc="finetune", unit="step", disable=not enabled, dynamic_ncols=True)

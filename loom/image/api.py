@@ -177,8 +177,8 @@ def build_router(queue: JobQueue, limits: ImageLimits | None = None) -> APIRoute
         try:
             req = ImageRequest(
                 prompt=body.prompt, negative_prompt=body.negative_prompt, num_images=body.n, width=width, height=height,
-                seed=body.seed, steps=body.steps, guidance=body.guidance_scale, sampler=body.sampler, styles=body.styles,
-                performance=body.performance, aspect_ratio=body.aspect_ratio,
+                seed=body.seed, steps=body.steps, guidance=body.guidance_scale, sampler=body.sampler,
+                styles=body.styles, performance=body.performance, aspect_ratio=body.aspect_ratio,
             )
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
@@ -186,7 +186,8 @@ def build_router(queue: JobQueue, limits: ImageLimits | None = None) -> APIRoute
         while not job.is_finished:
             await job.changed(job.version, 1.0)
         if job.status != "succeeded":
-            raise HTTPException(500 if job.status == "failed" else 409, f"image job {job.id} {job.status}: {job.error or ''}".strip(": "))
+            raise HTTPException(500 if job.status == "failed" else 409,
+                                f"image job {job.id} {job.status}: {job.error or ''}".strip(": "))
         data = await asyncio.to_thread(_generation_data, job, body, str(http.base_url))
         return {"created": int(job.created), "data": data}
 
@@ -246,7 +247,8 @@ def build_router(queue: JobQueue, limits: ImageLimits | None = None) -> APIRoute
     async def options() -> dict:
         return {
             "styles": sorted(load_styles()), "samplers": sampler_names(), "performances": list(PERFORMANCES),
-            "aspect_ratios": ASPECT_RATIOS, "wildcards": list_wildcards(), "max_pixels": limits.max_pixels, "tasks": ["txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale"],
+            "aspect_ratios": ASPECT_RATIOS, "wildcards": list_wildcards(), "max_pixels": limits.max_pixels,
+            "tasks": ["txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale"],
             "model": queue.engine.info(), "time": time.time(),
         }
 

@@ -19,9 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="demo", help="diffusers folder, .safetensors file, or 'demo' (default)")
     parser.add_argument("--model-config", default=None, help="pipeline layout folder for a single-file checkpoint")
     parser.add_argument("--out", default="image.png", help="output PNG; with -n > 1, NAME-0.png, NAME-1.png, ...")
-    parser.add_argument("--task", default="txt2img", choices=["txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale"])
+    parser.add_argument("--task", default="txt2img",
+                        choices=["txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale"])
     parser.add_argument("--negative", default="", help="negative prompt")
-    parser.add_argument("--style", action="append", default=[], help="a style name (repeatable; --list-styles shows them)")
+    parser.add_argument("--style", action="append", default=[],
+                        help="a style name (repeatable; --list-styles shows them)")
     parser.add_argument("--performance", default="Speed", choices=["Quality", "Speed", "Extreme Speed"])
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
@@ -36,12 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--denoise", type=float, default=None, help="strength for image tasks")
     parser.add_argument("--sides", default="left,right", help="outpaint: comma-separated sides")
     parser.add_argument("--from-png", default=None, help="take every setting from a PNG Loom wrote")
-    parser.add_argument("--upscaler", default="demo", help="2x super-resolution model folder, 'demo' (packaged) or 'none'")
+    parser.add_argument("--upscaler", default="demo",
+                        help="2x super-resolution model folder, 'demo' (packaged) or 'none'")
     parser.add_argument("--device", default=None)
     parser.add_argument("--list-styles", action="store_true")
 
 
 def build_request(args: argparse.Namespace):
+    # local: these import PIL; `loom imagine --help` imports this module and must not pay for it
     from PIL import Image
 
     from loom.image.metadata import request_from_png
@@ -54,9 +58,10 @@ def build_request(args: argparse.Namespace):
     if not args.prompt and args.task == "txt2img":
         raise ValueError('give a prompt: loom imagine "a sneaker" --model demo')
     return ImageRequest(
-        task=args.task, prompt=args.prompt or "", negative_prompt=args.negative, styles=args.style, performance=args.performance,
-        steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed, width=args.width, height=args.height,
-        aspect_ratio=args.aspect_ratio, num_images=args.num_images, denoise=args.denoise, image=image, mask=mask,
+        task=args.task, prompt=args.prompt or "", negative_prompt=args.negative, styles=args.style,
+        performance=args.performance, steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
+        width=args.width, height=args.height, aspect_ratio=args.aspect_ratio, num_images=args.num_images,
+        denoise=args.denoise, image=image, mask=mask,
         outpaint_sides=[s.strip() for s in args.sides.split(",") if s.strip()] if args.task == "outpaint" else [],
     )
 
@@ -70,10 +75,11 @@ def output_paths(out: str, count: int) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     if args.list_styles:
-        from loom.image.styles import load_styles
+        from loom.image.styles import load_styles  # local: `loom imagine --help` stays ~40 ms without its imports
 
         print("\n".join(load_styles()))
         return 0
+    # local: the engine imports torch; `loom imagine --help` and --list-styles run without it
     from loom.image.engine import ImageEngine
     from loom.image.metadata import save_png
 

@@ -25,9 +25,11 @@ from PIL import Image
 from loom import __version__
 from loom.devices import resolve_device
 from loom.image import imageops
+from loom.image.models import DEMO_UPSCALER_DIR, load_pipeline
 from loom.image.presets import UPSCALE_STRENGTH, VARY_STRENGTH, aspect_ratio_size
 from loom.image.request import ImageRequest, ImageResult
 from loom.image.samplers import make_sampler
+from loom.image.speed import apply_speed_settings, default_settings
 from loom.image.styles import apply_styles
 from loom.image.wildcards import expand_wildcards
 
@@ -65,7 +67,7 @@ class Progress:
 
 class ImageEngine:
     def __init__(self, pipe, name: str = "model", upscaler=None):
-        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting  # optional: the image extra
 
         self.name = name
         self.txt2img = pipe
@@ -78,11 +80,10 @@ class ImageEngine:
         self.device = pipe.device
 
     @classmethod
-    def load(cls, model: str, device: str | None = None, upscaler: str | None = "demo", config: str | None = None, speed: bool = True) -> ImageEngine:
-        """Load ``model`` (folder, single file or 'demo') and the 2x upscaler ('demo' = the packaged one, None = none)."""
-        from loom.image.models import DEMO_UPSCALER_DIR, load_pipeline
-        from loom.image.speed import apply_speed_settings, default_settings
-        from loom.image.upscaler import ESPCNUpscaler
+    def load(cls, model: str, device: str | None = None, upscaler: str | None = "demo", config: str | None = None,
+             speed: bool = True) -> ImageEngine:
+        """Load ``model`` (folder, single file or 'demo') and the 2x upscaler ('demo' = packaged, None = none)."""
+        from loom.image.upscaler import ESPCNUpscaler  # optional: upscaler.py imports diffusers (the image extra)
 
         device = str(resolve_device(device))
         pipe, name = load_pipeline(model, device=device, config=config)
@@ -92,7 +93,8 @@ class ImageEngine:
         if upscaler is not None:
             up_path = DEMO_UPSCALER_DIR if upscaler == "demo" else upscaler
             if not (Path(up_path) / "config.json").is_file():
-                raise FileNotFoundError(f"upscaler {up_path} not found: pass a folder saved by ESPCNUpscaler.save_pretrained, 'demo' or None")
+                raise FileNotFoundError(f"upscaler {up_path} not found: "
+                                        "pass a folder saved by ESPCNUpscaler.save_pretrained, 'demo' or None")
             up = ESPCNUpscaler.from_pretrained(str(up_path), torch_dtype=torch.float32).to(device).eval()
         return cls(pipe, name=name, upscaler=up)
 
@@ -129,22 +131,27 @@ class ImageEngine:
         return imageops.round_size(w, self.unit), imageops.round_size(h, self.unit)
 
     def info(self) -> dict:
-        return {"model": self.name, "native_size": self.native, "size_unit": self.unit, "device": str(self.device), "has_upscaler": self.upscaler is not None}
+        return {"model": self.name, "native_size": self.native, "size_unit": self.unit, "device": str(self.device),
+                "has_upscaler": self.upscaler is not None}
 
     def preview(self, latents: torch.Tensor) -> Image.Image:
         return latent_preview(latents, self.txt2img.vae)
 
     # ------------------------------------------------------------ entry
-    def generate(self, req: ImageRequest, on_step: StepHook | None = None, should_stop: StopHook | None = None) -> ImageResult:
+    def generate(self, req: ImageRequest, on_step: StepHook | None = None,
+                 should_stop: StopHook | None = None) -> ImageResult:
         """Run one request to the end (or raise JobCancelled); every image comes with the settings that remake it."""
         start = time.perf_counter()
-        task = {"txt2img": self._txt2img, "vary_subtle": self._vary, "vary_strong": self._vary, "inpaint": self._inpaint, "outpaint": self._outpaint, "upscale": self._upscale}[req.task]
+        task = {"txt2img": self._txt2img, "vary_subtle": self._vary, "vary_strong": self._vary,
+                "inpaint": self._inpaint, "outpaint": self._outpaint, "upscale": self._upscale}[req.task]
         images, extra = task(req, on_step, should_stop)
         steps, guidance, sampler = req.resolved()
         settings = []
         for i, image in enumerate(images):
-            s = req.settings() | {"seed": req.seed + i, "num_images": 1, "steps": steps, "guidance": guidance, "sampler": sampler}
-            s |= {"width": image.width, "height": image.height, "model": self.name, "loom_version": __version__} | extra[i]
+            s = req.settings() | {"seed": req.seed + i, "num_images": 1, "steps": steps, "guidance": guidance,
+                                  "sampler": sampler}
+            s |= {"width": image.width, "height": image.height, "model": self.name,
+                  "loom_version": __version__} | extra[i]
             if req.task != "txt2img":
                 s["width"] = s["height"] = None  # sizes follow the input image
             settings.append(s)
@@ -153,16 +160,19 @@ class ImageEngine:
     # ------------------------------------------------------------ helpers
     def _prompts(self, req: ImageRequest) -> tuple[list[str], list[str]]:
         """Per image: wildcards expanded with that image's seed, then styles applied."""
-        pairs = [apply_styles(expand_wildcards(req.prompt, req.seed + i), req.styles, req.negative_prompt) for i in range(req.num_images)]
+        pairs = [apply_styles(expand_wildcards(req.prompt, req.seed + i), req.styles, req.negative_prompt)
+                 for i in range(req.num_images)]
         return [p for p, _ in pairs], [n for _, n in pairs]
 
-    def _call(self, pipe, req: ImageRequest, progress: Progress, seeds: list[int], prompts: list[str], negatives: list[str], **kwargs) -> list[Image.Image]:
+    def _call(self, pipe, req: ImageRequest, progress: Progress, seeds: list[int], prompts: list[str],
+              negatives: list[str], **kwargs) -> list[Image.Image]:
         steps, guidance, sampler = req.resolved()
         pipe.scheduler = make_sampler(sampler, self.base_scheduler_config)
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         out = pipe(
             prompt=prompts, negative_prompt=negatives if any(negatives) else None, num_inference_steps=steps,
-            guidance_scale=guidance, generator=generators, callback_on_step_end=progress.callback, output_type="pil", **kwargs,
+            guidance_scale=guidance, generator=generators, callback_on_step_end=progress.callback, output_type="pil",
+            **kwargs,
         )
         progress.check()
         return out.images
@@ -204,12 +214,14 @@ class ImageEngine:
         original = req.image.convert("RGB")
         pad = imageops.outpaint_padding(original.size, req.outpaint_sides, req.outpaint_ratio, self.unit)
         canvas = imageops.outpaint_canvas(original, pad)
-        ramp = req.mask_blur if req.mask_blur is not None else max(2, min(p for p in (pad.left, pad.right, pad.top, pad.bottom) if p) // 2)
+        ramp = (req.mask_blur if req.mask_blur is not None
+                else max(2, min(p for p in (pad.left, pad.right, pad.top, pad.bottom) if p) // 2))
         hard, blend = imageops.outpaint_masks(canvas.size, pad, ramp)
         images = self._repaint(req, canvas, hard, blend, on_step, should_stop)
         return images, self._extra(self._prompts(req)[0])
 
-    def _repaint(self, req, image: Image.Image, pipe_mask: Image.Image, blend: Image.Image, on_step, should_stop) -> list[Image.Image]:
+    def _repaint(self, req, image: Image.Image, pipe_mask: Image.Image, blend: Image.Image, on_step,
+                 should_stop) -> list[Image.Image]:
         """Inpaint where ``pipe_mask`` is white, then composite with ``blend`` so untouched pixels stay exact."""
         strength = req.denoise or 1.0
         progress = Progress(self._strength_steps(req, strength), on_step, should_stop)
@@ -225,7 +237,7 @@ class ImageEngine:
         """Fooocus' recipe: a super-resolution model to 2x, then a light img2img pass, tile by tile when large."""
         if self.upscaler is None:
             raise ValueError("this engine has no upscaler model; load one (ImageEngine.load(..., upscaler='demo'))")
-        from loom.image.upscaler import upscale_image
+        from loom.image.upscaler import upscale_image  # optional: upscaler.py imports diffusers (the image extra)
 
         big = imageops.fit_to_unit(upscale_image(self.upscaler, req.image.convert("RGB")), self.unit)
         strength = req.denoise or UPSCALE_STRENGTH
@@ -241,7 +253,8 @@ class ImageEngine:
             for k, (x, y) in enumerate((x, y) for y in ys for x in xs):
                 crop = big.crop((x, y, min(x + tile, big.width), min(y + tile, big.height)))
                 seed = req.seed + i + 1000 * k
-                out = self._call(self.img2img, req, progress, [seed], [prompts[i]], [negatives[i]], image=crop, strength=strength)[0]
+                out = self._call(self.img2img, req, progress, [seed], [prompts[i]], [negatives[i]], image=crop,
+                                 strength=strength)[0]
                 tiles.append((x, y, out.resize(crop.size)))
             images.append(imageops.blend_tiles(big.size, tiles, overlap))
         return images, self._extra(prompts)
@@ -255,7 +268,8 @@ def images_equal(a: Image.Image, b: Image.Image, tolerance: int = 0) -> bool:
 
 
 # A1111's linear map from SD 1.x latents to RGB, for cheap previews of large images.
-SD_LATENT_RGB = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
+SD_LATENT_RGB = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
+                 [-0.2120, -0.2616, -0.7177]]
 PREVIEW_DECODE_MAX = 64 * 64  # latents up to this many positions are decoded by the VAE itself
 
 

@@ -45,14 +45,16 @@ class Padding:
 def outpaint_padding(size: tuple[int, int], sides: list[str], ratio: float, unit: int) -> Padding:
     """Pixels to add per side (``ratio`` of the image's side) so the canvas is a multiple of ``unit``."""
     w, h = size
-    pads = {s: (round(w * ratio) if s in ("left", "right") else round(h * ratio)) if s in sides else 0 for s in ("left", "right", "top", "bottom")}
+    pads = {s: (round(w * ratio) if s in ("left", "right") else round(h * ratio)) if s in sides else 0
+            for s in ("left", "right", "top", "bottom")}
     for axis, (a, b), length in (("x", ("left", "right"), w), ("y", ("top", "bottom"), h)):
         total = length + pads[a] + pads[b]
         extra = -total % unit
         if extra:  # the rounding goes to a chosen side of this axis (or is split), never into the original
             target = b if b in sides else a if a in sides else None
             if target is None:
-                raise ValueError(f"the image's {'width' if axis == 'x' else 'height'} {length} is not a multiple of {unit}; resize it or outpaint that axis too")
+                raise ValueError(f"the image's {'width' if axis == 'x' else 'height'} {length} is not a multiple of "
+                                 f"{unit}; resize it or outpaint that axis too")
             pads[target] += extra
     return Padding(pads["left"], pads["right"], pads["top"], pads["bottom"])
 

@@ -74,7 +74,8 @@ class Job:
             "id": self.id, "task": self.request.task, "status": self.status, "prompt": self.request.prompt,
             "created": self.created, "started": self.started, "finished": self.finished,
             "progress": {"step": self.step, "total": self.total_steps},
-            "files": [p.name for p in self.files], "settings": self.settings, "error": self.error, "version": self.version,
+            "files": [p.name for p in self.files], "settings": self.settings, "error": self.error,
+            "version": self.version,
         }
 
     def touch(self, **changes) -> None:
@@ -249,7 +250,8 @@ class JobQueue:
             self._finish(job, FAILED, error=f"{type(exc).__name__}: {exc}")
             return
         folder = self.output_dir / job.id
-        files = [save_png(img, folder / f"{i}.png", s) for i, (img, s) in enumerate(zip(result.images, result.settings))]
+        files = [save_png(img, folder / f"{i}.png", s)
+                 for i, (img, s) in enumerate(zip(result.images, result.settings))]
         self._finish(job, SUCCEEDED, files=files, settings=result.settings)
 
     def _finish(self, job: Job, status: str, **changes) -> None:
@@ -263,7 +265,8 @@ class JobQueue:
                 self.metrics.seconds.labels(task=job.request.task).observe(job.finished - job.started)
 
     def _append_history(self, job: Job, changes: dict) -> None:
-        record = job.snapshot() | changes | {"files": [p.name for p in changes.get("files", [])], "folder": str(self.output_dir / job.id)}
+        record = job.snapshot() | changes | {"files": [p.name for p in changes.get("files", [])],
+                                             "folder": str(self.output_dir / job.id)}
         self.output_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.output_dir / HISTORY, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         os.fchmod(fd, 0o600)  # prompts are the users' data: owner only, even if the file existed

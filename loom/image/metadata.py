@@ -12,12 +12,15 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from loom.image.request import ImageRequest
+
 KEY = "loom"
 
 
 def parameters_line(s: dict[str, Any]) -> str:
     """A1111's human-readable form: prompt, negative, then "Steps: .., Sampler: .., ..."."""
-    tail = f"Steps: {s.get('steps')}, Sampler: {s.get('sampler')}, CFG scale: {s.get('guidance')}, Seed: {s.get('seed')}, Size: {s.get('width')}x{s.get('height')}"
+    tail = (f"Steps: {s.get('steps')}, Sampler: {s.get('sampler')}, CFG scale: {s.get('guidance')}, "
+            f"Seed: {s.get('seed')}, Size: {s.get('width')}x{s.get('height')}")
     return f"{s.get('prompt', '')}\nNegative prompt: {s.get('negative_prompt', '')}\n{tail}"
 
 
@@ -43,7 +46,8 @@ def save_png(image: Image.Image, path: str | Path, settings: dict[str, Any]) -> 
 
 def read_settings(source: str | Path | bytes | Image.Image) -> dict[str, Any]:
     """The settings Loom wrote into a PNG (path, bytes or an open image)."""
-    image = source if isinstance(source, Image.Image) else Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    image = (source if isinstance(source, Image.Image)
+             else Image.open(io.BytesIO(source) if isinstance(source, bytes) else source))
     text = getattr(image, "text", None) or image.info
     if KEY not in text:
         raise ValueError("this PNG carries no Loom settings (no 'loom' text chunk); was it saved by Loom?")
@@ -52,8 +56,6 @@ def read_settings(source: str | Path | bytes | Image.Image) -> dict[str, Any]:
 
 def request_from_png(source, **inputs):
     """An ``ImageRequest`` that regenerates the image (pass ``image=``/``mask=`` for tasks that take inputs)."""
-    from loom.image.request import ImageRequest
-
     settings = read_settings(source)
     settings["num_images"] = 1  # each PNG records its own seed
     return ImageRequest.from_settings(settings, **inputs)

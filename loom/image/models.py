@@ -11,6 +11,10 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+
+from loom.image.speed import default_dtype
+from loom.image.tokenizer import load_clip_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"
 DEMO_DIR = ASSETS / "demo"
@@ -20,18 +24,18 @@ DEMO_UPSCALER_DIR = ASSETS / "upscaler-2x"
 def resolve_model_path(model: str) -> Path:
     if model == "demo":
         if not (DEMO_DIR / "model_index.json").is_file():
-            raise FileNotFoundError(f"the demo model is missing from {DEMO_DIR}; train it: python scripts/train_image_demo.py")
+            raise FileNotFoundError(f"the demo model is missing from {DEMO_DIR}; "
+                                    "train it: python scripts/train_image_demo.py")
         return DEMO_DIR
     path = Path(model).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"image model {model!r} not found: pass a diffusers folder, a .safetensors/.ckpt file, or 'demo'")
+        raise FileNotFoundError(f"image model {model!r} not found: "
+                                "pass a diffusers folder, a .safetensors/.ckpt file, or 'demo'")
     return path
 
 
 def _missing_parts(folder: Path) -> dict:
     """Components listed in model_index.json but absent on disk that Loom can supply offline (the CLIP tokenizer)."""
-    from loom.image.tokenizer import load_clip_tokenizer
-
     index = json.loads((folder / "model_index.json").read_text())
     extra = {}
     for name in ("tokenizer",):
@@ -42,16 +46,15 @@ def _missing_parts(folder: Path) -> dict:
 
 def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype | None = None, config: str | None = None):
     """(text-to-image pipeline, display name) from a folder, a single file, or 'demo'."""
-    from diffusers import AutoPipelineForText2Image
-
-    from loom.image.speed import default_dtype
+    from diffusers import AutoPipelineForText2Image  # optional: diffusers comes with the image extra
 
     dtype = dtype or default_dtype(device)
     path = resolve_model_path(model)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-        pipe = AutoPipelineForText2Image.from_pretrained(str(path), torch_dtype=dtype, safety_checker=None, **_missing_parts(path))
+        pipe = AutoPipelineForText2Image.from_pretrained(str(path), torch_dtype=dtype, safety_checker=None,
+                                                         **_missing_parts(path))
     else:
         pipe = _load_single_file(path, dtype, config)
     pipe.set_progress_bar_config(disable=True)
@@ -59,8 +62,7 @@ def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype | None = N
 
 
 def _load_single_file(path: Path, dtype: torch.dtype, config: str | None):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from safetensors import safe_open
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # optional: the image extra
 
     if path.suffix not in (".safetensors", ".ckpt"):
         raise ValueError(f"{path}: a single-file model must be .safetensors or .ckpt")

@@ -13,7 +13,8 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "Euler a": ("EulerAncestralDiscreteScheduler", {}),
     "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
     "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "DPM++ 2M SDE Karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+    "DPM++ 2M SDE Karras": ("DPMSolverMultistepScheduler",
+                            {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
     "DDIM": ("DDIMScheduler", {"set_alpha_to_one": False}),
     "UniPC": ("UniPCMultistepScheduler", {}),
     "LCM": ("LCMScheduler", {}),
@@ -27,7 +28,7 @@ def sampler_names() -> list[str]:
 
 def make_sampler(name: str, base_config: dict):
     """A fresh scheduler of sampler ``name`` on the model's own noise schedule (betas, prediction type)."""
-    import diffusers
+    import diffusers  # optional: diffusers comes with the image extra
 
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")

@@ -16,22 +16,29 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from loom.flags import add_config_arguments, config_from_args
 from loom.image.limits import ImageLimits
+from loom.models.catalogue import loom_home
 from loom.server.component import ExtraServer
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("image generation")
-    group.add_argument("--image", metavar="PATH|demo", help="image model: a diffusers folder, a .safetensors file, or 'demo'")
-    group.add_argument("--image-model-config", metavar="DIR", help="pipeline layout for a single-file checkpoint (offline)")
-    group.add_argument("--image-upscaler", default="demo", metavar="PATH|demo|none", help="2x super-resolution model (default: the packaged one)")
-    group.add_argument("--image-output-dir", default=None, help="where result PNGs and history.jsonl go (default $LOOM_HOME/images)")
+    group.add_argument("--image", metavar="PATH|demo",
+                       help="image model: a diffusers folder, a .safetensors file, or 'demo'")
+    group.add_argument("--image-model-config", metavar="DIR",
+                       help="pipeline layout for a single-file checkpoint (offline)")
+    group.add_argument("--image-upscaler", default="demo", metavar="PATH|demo|none",
+                       help="2x super-resolution model (default: the packaged one)")
+    group.add_argument("--image-output-dir", default=None,
+                       help="where result PNGs and history.jsonl go (default $LOOM_HOME/images)")
     group.add_argument("--image-max-queued", type=int, default=32, help="queued image jobs before 503 (default 32)")
     group.add_argument("--image-keep-jobs", type=int, default=200,
-                       help="finished jobs kept with their files; older ones' PNGs and history lines are removed (default 200)")
+                       help="finished jobs kept with their files; older ones' PNGs and history lines are removed "
+                            "(default 200)")
     add_config_arguments(group, ImageLimits, prefix="image_")
     group.add_argument("--image-device", default=None, help="cuda, cpu, ... (default: cuda when present)")
     group.add_argument("--image-ui-host", default="127.0.0.1")
-    group.add_argument("--image-ui-port", type=int, default=7860, help="port of the Gradio web UI; 0 disables it (default 7860)")
+    group.add_argument("--image-ui-port", type=int, default=7860,
+                       help="port of the Gradio web UI; 0 disables it (default 7860)")
 
 
 @dataclass(slots=True)
@@ -55,12 +62,11 @@ class ImageMetrics:
 def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> ImageComponent | None:
     if not getattr(args, "image", None):
         return None
-    from loom.models.catalogue import loom_home
-
     output = Path(args.image_output_dir) if args.image_output_dir else loom_home() / "images"
     api_url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     return ImageComponent(
-        model=args.image, registry=registry, output_dir=output, upscaler=None if args.image_upscaler == "none" else args.image_upscaler,
+        model=args.image, registry=registry, output_dir=output,
+        upscaler=None if args.image_upscaler == "none" else args.image_upscaler,
         model_config=args.image_model_config, device=args.image_device, max_queued=args.image_max_queued,
         ui_host=args.image_ui_host, ui_port=args.image_ui_port, api_url=api_url, keep_jobs=args.image_keep_jobs,
         limits=config_from_args(ImageLimits, args, prefix="image_"), api_key=getattr(args, "api_key", None),
@@ -76,6 +82,7 @@ class ImageComponent:
                  model_config: str | None = None, device: str | None = None, max_queued: int = 32,
                  ui_host: str = "127.0.0.1", ui_port: int = 0, api_url: str = "http://127.0.0.1:8000", engine=None,
                  keep_jobs: int = 200, limits: ImageLimits | None = None, api_key: str | None = None):
+        # local: the image API imports torch and PIL; `loom serve` parses its flags without them
         from loom.image.api import build_router
         from loom.image.jobs import JobQueue
 
@@ -91,7 +98,7 @@ class ImageComponent:
 
     async def start(self) -> None:
         if self.queue.engine is None:
-            from loom.image.engine import ImageEngine
+            from loom.image.engine import ImageEngine  # local: torch and PIL, as above
 
             self.queue.engine = await asyncio.to_thread(
                 ImageEngine.load, self.model, self.device, self.upscaler, self.model_config
@@ -109,6 +116,6 @@ class ImageComponent:
     def extra_servers(self) -> list[ExtraServer]:
         if not self.ui_port:
             return []
-        from loom.image.ui import build_ui_app
+        from loom.image.ui import build_ui_app  # local: the web UI needs gradio (the image extra) and a UI port
 
         return [ExtraServer(app=build_ui_app(self.api_url, self.api_key), host=self.ui_host, port=self.ui_port)]

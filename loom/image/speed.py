@@ -40,7 +40,7 @@ def default_settings(device: str) -> SpeedSettings:
 
 def use_sdpa(module: torch.nn.Module) -> None:
     """PyTorch's scaled_dot_product_attention for every attention layer of a UNet or VAE."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.models.attention_processor import AttnProcessor2_0  # optional: diffusers comes with the image extra
 
     if hasattr(module, "set_attn_processor"):
         module.set_attn_processor(AttnProcessor2_0())

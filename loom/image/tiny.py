@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from loom.image.tokenizer import load_clip_tokenizer
 
 
 @dataclass(slots=True)
@@ -40,7 +43,7 @@ class TinySpec:
 
 
 def build_unet(spec: TinySpec):
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # optional: diffusers comes with the image extra
 
     n = len(spec.unet_channels)
     return UNet2DConditionModel(
@@ -58,7 +61,7 @@ def build_unet(spec: TinySpec):
 
 
 def build_vae(spec: TinySpec):
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # optional: diffusers comes with the image extra
 
     n = len(spec.vae_channels)
     return AutoencoderKL(
@@ -74,8 +77,6 @@ def build_vae(spec: TinySpec):
 
 
 def build_text_encoder(spec: TinySpec):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     config = CLIPTextConfig(
         bos_token_id=49406,
         eos_token_id=49407,
@@ -94,16 +95,15 @@ def build_text_encoder(spec: TinySpec):
 
 def build_scheduler():
     """SD's own training schedule (scaled_linear betas): every sampler starts from a usable t=999."""
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # optional: diffusers comes with the image extra
 
-    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, clip_sample=False, steps_offset=1)
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                         clip_sample=False, steps_offset=1)
 
 
 def tiny_components(seed: int = 0, spec: TinySpec | None = None) -> dict:
     """The components dict of a StableDiffusionPipeline, random weights fixed by ``seed``."""
-    from diffusers import EulerDiscreteScheduler
-
-    from loom.image.tokenizer import load_clip_tokenizer
+    from diffusers import EulerDiscreteScheduler  # optional: diffusers comes with the image extra
 
     spec = spec or TinySpec()
     torch.manual_seed(seed)
@@ -127,7 +127,7 @@ def tiny_components(seed: int = 0, spec: TinySpec | None = None) -> dict:
 
 def tiny_pipeline(seed: int = 0, spec: TinySpec | None = None):
     """A StableDiffusionPipeline of tiny random components (for tests and CPU benchmarks)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # optional: diffusers comes with the image extra
 
     return StableDiffusionPipeline(**tiny_components(seed, spec), requires_safety_checker=False)
 
@@ -140,23 +140,24 @@ def save_tiny_model(path: str, seed: int = 0, spec: TinySpec | None = None) -> s
 
 def tiny_sdxl_pipeline(seed: int = 0):
     """A StableDiffusionXLPipeline of tiny random components (two text encoders, text-time conditioning)."""
+    # optional: diffusers comes with the image extra
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from loom.image.tokenizer import load_clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=1,
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=1,
     )
     torch.manual_seed(seed)
-    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, sample_size=128)
-    config = CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32, intermediate_size=37,
-                            num_attention_heads=4, num_hidden_layers=5, projection_dim=32, vocab_size=49408, hidden_act="gelu")
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, sample_size=128)
+    config = CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32,
+                            intermediate_size=37, num_attention_heads=4, num_hidden_layers=5, projection_dim=32,
+                            vocab_size=49408, hidden_act="gelu")
     torch.manual_seed(seed)
     text_encoder, text_encoder_2 = CLIPTextModel(config), CLIPTextModelWithProjection(config)
     tokenizer = load_clip_tokenizer()

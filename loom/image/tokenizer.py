@@ -23,7 +23,8 @@ from loom.tokenization import bytes_to_unicode
 
 CLIP_MAX_LENGTH = 77
 NUM_MERGES = 49152 - 256 - 2  # SimpleTokenizer keeps lines 1 .. 48894 of the BPE file
-INSTALL_HINT = "install it without dependencies: pip install --no-deps open_clip_torch (or set LOOM_CLIP_BPE=/path/to/bpe_simple_vocab_16e6.txt.gz)"
+INSTALL_HINT = ("install it without dependencies: pip install --no-deps open_clip_torch "
+                "(or set LOOM_CLIP_BPE=/path/to/bpe_simple_vocab_16e6.txt.gz)")
 
 
 def find_bpe_file() -> Path:
@@ -35,7 +36,8 @@ def find_bpe_file() -> Path:
         return path
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the CLIP BPE vocabulary comes from the open_clip_torch package, which is missing; {INSTALL_HINT}")
+        raise FileNotFoundError("the CLIP BPE vocabulary comes from the open_clip_torch package, which is missing; "
+                                f"{INSTALL_HINT}")
     path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from open_clip_torch; reinstall it: {INSTALL_HINT}")
@@ -71,7 +73,8 @@ def write_clip_tokenizer(out_dir: str | Path) -> Path:
         "tokenizer_class": "CLIPTokenizer",
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
-    (out / "special_tokens_map.json").write_text(json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}))
+    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    (out / "special_tokens_map.json").write_text(json.dumps(special))
     return out
 
 
@@ -90,6 +93,7 @@ def cached_tokenizer_dir() -> Path:
 
 def load_clip_tokenizer():
     """A ``transformers.CLIPTokenizer`` with model_max_length=77, built offline."""
+    # local: transformers takes ~1 s to import; `python -m loom.image.tokenizer` writes the folder without it
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(str(cached_tokenizer_dir()), model_max_length=CLIP_MAX_LENGTH)

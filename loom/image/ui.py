@@ -23,6 +23,8 @@ import secrets
 
 import httpx
 import numpy as np
+import uvicorn
+from fastapi import FastAPI
 from PIL import Image
 
 TIMEOUT = httpx.Timeout(10.0, read=600.0)
@@ -88,29 +90,33 @@ def mask_from_editor(value: dict | None) -> tuple[Image.Image | None, Image.Imag
     return background, Image.fromarray(((alpha > 0) * 255).astype(np.uint8))
 
 
-def settings_body(prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler, steps, guidance, custom) -> dict:
+def settings_body(prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler, steps,
+                  guidance, custom) -> dict:
     # NOTE: inputs inside a never-opened accordion may arrive as None
-    body = {"prompt": prompt or "", "negative_prompt": negative or "", "styles": styles or [], "performance": performance or "Speed",
-            "aspect_ratio": aspect, "num_images": int(num_images or 1), "seed": None if random_seed or seed is None else int(seed)}
+    body = {"prompt": prompt or "", "negative_prompt": negative or "", "styles": styles or [],
+            "performance": performance or "Speed", "aspect_ratio": aspect, "num_images": int(num_images or 1),
+            "seed": None if random_seed or seed is None else int(seed)}
     if custom:
         body |= {"sampler": sampler, "steps": int(steps), "guidance_scale": float(guidance)}
     return body
 
 
 def build_blocks(api_url: str, api_key: str | None = None):
-    import gradio as gr
+    import gradio as gr  # optional: gradio comes with the image extra
 
     client = ApiClient(api_url, api_key)
     try:
         opts = client.options()
     except httpx.HTTPError:
-        opts = {"styles": [], "samplers": ["DPM++ 2M Karras"], "performances": ["Speed"], "aspect_ratios": ["1:1"], "model": {}}
+        opts = {"styles": [], "samplers": ["DPM++ 2M Karras"], "performances": ["Speed"], "aspect_ratios": ["1:1"],
+                "model": {}}
 
     def run(task, job_state, *values):
         """Generator: submit, then stream (preview, progress text, gallery, job id) updates."""
         (prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler, steps, guidance, custom,
          vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image) = values
-        body = settings_body(prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler, steps, guidance, custom)
+        body = settings_body(prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler,
+                             steps, guidance, custom)
         try:
             body |= task_inputs(task, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image)
             job = client.submit(body)
@@ -146,7 +152,8 @@ def build_blocks(api_url: str, api_key: str | None = None):
             return {"task": "inpaint", "image": to_b64(image), "mask": to_b64(mask)}
         if task == "outpaint":
             _need(outpaint_image, "Outpaint")
-            return {"task": "outpaint", "image": to_b64(outpaint_image), "outpaint_sides": [s.lower() for s in sides or []]}
+            return {"task": "outpaint", "image": to_b64(outpaint_image),
+                    "outpaint_sides": [s.lower() for s in sides or []]}
         _need(upscale_image, "Upscale")
         return {"task": "upscale", "image": to_b64(upscale_image)}
 
@@ -165,7 +172,8 @@ def build_blocks(api_url: str, api_key: str | None = None):
                 progress = gr.Markdown("idle", elem_id="progress")
                 gallery = gr.Gallery(label="Results", columns=4, height=320, elem_id="gallery", format="png")
                 with gr.Row():
-                    prompt = gr.Textbox(show_label=False, placeholder="Type a prompt, e.g. a sneaker", lines=2, scale=5, elem_id="prompt")
+                    prompt = gr.Textbox(show_label=False, placeholder="Type a prompt, e.g. a sneaker", lines=2, scale=5,
+                                        elem_id="prompt")
                     generate = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
                     stop_btn = gr.Button("Stop", scale=1, elem_id="stop")
                 with gr.Tabs():
@@ -174,17 +182,21 @@ def build_blocks(api_url: str, api_key: str | None = None):
                         vary_mode = gr.Radio(["Subtle", "Strong"], value="Subtle", label="Vary")
                         vary_btn = gr.Button("Vary")
                     with gr.Tab("Inpaint"):
-                        inpaint_value = gr.ImageEditor(type="pil", label="Draw the area to repaint", brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
+                        inpaint_value = gr.ImageEditor(type="pil", label="Draw the area to repaint",
+                                                       brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
                         inpaint_btn = gr.Button("Inpaint")
                     with gr.Tab("Outpaint"):
                         outpaint_image = gr.Image(type="pil", label="Image to extend")
-                        sides = gr.CheckboxGroup(["Left", "Right", "Top", "Bottom"], value=["Left", "Right"], label="Extend")
+                        sides = gr.CheckboxGroup(["Left", "Right", "Top", "Bottom"], value=["Left", "Right"],
+                                                 label="Extend")
                         outpaint_btn = gr.Button("Outpaint")
                     with gr.Tab("Upscale"):
                         upscale_image = gr.Image(type="pil", label="Image to upscale 2x")
                         upscale_btn = gr.Button("Upscale 2x")
             with gr.Column(scale=2):
-                performance = gr.Radio(opts["performances"], value="Speed" if "Speed" in opts["performances"] else opts["performances"][0], label="Performance")
+                performance = gr.Radio(opts["performances"],
+                                       value="Speed" if "Speed" in opts["performances"] else opts["performances"][0],
+                                       label="Performance")
                 aspect = gr.Radio(opts["aspect_ratios"], value=opts["aspect_ratios"][0], label="Aspect ratio")
                 num_images = gr.Slider(1, 8, value=2, step=1, label="Images")
                 styles = gr.CheckboxGroup(opts["styles"], value=[], label="Styles", elem_id="styles")
@@ -197,10 +209,11 @@ def build_blocks(api_url: str, api_key: str | None = None):
                     sampler = gr.Dropdown(opts["samplers"], value=opts["samplers"][0], label="Sampler")
                     steps = gr.Slider(1, 150, value=30, step=1, label="Steps")
                     guidance = gr.Slider(0.0, 20.0, value=4.0, step=0.5, label="Guidance (CFG)")
-        inputs = [job_state, prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler, steps, guidance, custom,
-                  vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image]
+        inputs = [job_state, prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler,
+                  steps, guidance, custom, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image]
         outputs = [preview, progress, gallery, job_state]
-        for button, task in ((generate, "txt2img"), (vary_btn, "vary"), (inpaint_btn, "inpaint"), (outpaint_btn, "outpaint"), (upscale_btn, "upscale")):
+        for button, task in ((generate, "txt2img"), (vary_btn, "vary"), (inpaint_btn, "inpaint"),
+                             (outpaint_btn, "outpaint"), (upscale_btn, "upscale")):
             button.click(lambda *v, _t=task: (yield from run(_t, *v)), inputs=inputs, outputs=outputs)
         prompt.submit(lambda *v: (yield from run("txt2img", *v)), inputs=inputs, outputs=outputs)
         stop_btn.click(stop, inputs=[job_state], outputs=[progress])
@@ -214,8 +227,7 @@ def _need(image, tab: str) -> None:
 
 def build_ui_app(api_url: str, api_key: str | None = None):
     """A FastAPI app serving the Gradio UI at / (what `loom serve` runs on --image-ui-port); with a key, a login."""
-    import gradio as gr
-    from fastapi import FastAPI
+    import gradio as gr  # optional: gradio comes with the image extra
 
     auth = None
     if api_key:
@@ -231,10 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api", default="http://127.0.0.1:8000")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--api-key", default=os.environ.get("LOOM_API_KEY") or None, help="the API's key (default $LOOM_API_KEY)")
+    parser.add_argument("--api-key", default=os.environ.get("LOOM_API_KEY") or None,
+                        help="the API's key (default $LOOM_API_KEY)")
     args = parser.parse_args(argv)
-    import uvicorn
-
     uvicorn.run(build_ui_app(args.api, args.api_key), host=args.host, port=args.port)
     return 0
 

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoConfig
 
 # config.hidden_act -> the activation between the intermediate and output dense layers
 _ACTIVATIONS = {
@@ -129,8 +131,6 @@ class PackedBert(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> PackedBert:
         """An HF BERT folder (config.json + model.safetensors, else pytorch_model.bin) -> eval-mode PackedBert."""
-        from transformers import AutoConfig
-
         folder = Path(folder)
         hf = AutoConfig.from_pretrained(str(folder))
         with torch.device("meta"):
@@ -173,8 +173,6 @@ def check_config(hf) -> None:
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The folder's model.safetensors, else pytorch_model.bin, as a CPU state dict (HF names)."""
     if (folder / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
         return load_file(str(folder / "model.safetensors"))
     if (folder / "pytorch_model.bin").is_file():
         return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)

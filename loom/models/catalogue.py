@@ -76,6 +76,7 @@ def pull(name: str) -> Path:
 
 
 def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    # local: every LLM command and `loom models` import the catalogue; only a conversion needs torch and transformers
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

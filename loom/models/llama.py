@@ -150,7 +150,8 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
         self.ops: TorchOps = TorchOps()
         self.logits_proj: nn.Module | None = None
-        """Set by a backend that replaces the LM head matmul (``CpuOps.prepare`` packs it, see ``loom.ops.packed_linear``)."""
+        """Set by a backend that replaces the LM head matmul (``CpuOps.prepare`` packs it, see
+        ``loom.ops.packed_linear``)."""
 
     def forward(
         self,

@@ -26,13 +26,14 @@ _FUSED = {
 
 def load_tokenizer(folder: str | Path):
     """The folder's tokenizer (fast when it has a tokenizer.json), with its chat template."""
+    # local: transformers takes ~1 s to import; `loom serve --help` and `loom generate --help` load this module
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))
 
 
 def load_hf_config(folder: str | Path):
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # local: as in load_tokenizer, flag parsing must not pay for transformers
 
     return AutoConfig.from_pretrained(str(folder))
 

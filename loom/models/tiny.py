@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
 TINY = dict(
     vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, initializer_range=0.2,
@@ -16,11 +19,9 @@ TINY = dict(
 )  # fmt: skip
 
 
-def save_tiny_model(path: str | Path, tokenizer_dir: str | Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+def save_tiny_model(path: str | Path, tokenizer_dir: str | Path, arch: str = "llama", seed: int = 0,
+                    **overrides) -> Path:
     """A tiny random model of ``arch`` (llama or qwen2) with the tokenizer (and chat template) of ``tokenizer_dir``."""
-    import torch  # local: torch and transformers load in seconds; callers that only import this module don't pay
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
     torch.manual_seed(seed)
     config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
     model_cls(config_cls(**{**TINY, **overrides})).eval().save_pretrained(path)

@@ -17,6 +17,7 @@ import sys
 
 from prometheus_client import CollectorRegistry
 
+from loom.server.app import build_app
 from loom.server.guard import DEFAULT_MAX_BODY_BYTES, HTTPPolicy
 
 SERVE_PLUGINS = ("loom.entrypoints.openai.serve", "loom.batching.serve", "loom.image.serve")
@@ -43,9 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from loom.server.app import build_app
+    import uvicorn  # local: `loom serve --help` parses flags without it; only a starting server needs it
 
     registry = CollectorRegistry()
     try:
@@ -58,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         print("nothing to serve: pass --model (LLM), --serve NAME=HANDLER (model server) or --image (images)")
         return 2
     app = build_app(components, registry, policy)
-    configs = [uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)]
+    configs = [uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                              timeout_graceful_shutdown=30)]
     for component in components:
         for extra in component.extra_servers():
             configs.append(uvicorn.Config(extra.app, host=extra.host, port=extra.port, log_level=args.log_level))

@@ -109,7 +109,8 @@ def test_serve_spec_and_validation():
 
 def test_models_yaml(tmp_path):
     path = tmp_path / "models.yaml"
-    path.write_text(f"models:\n  echo:\n    handler: {TOY}#EchoHandler\n    batch_size: 16\n  minilm:\n    handler: embedding\n")
+    path.write_text(f"models:\n  echo:\n    handler: {TOY}#EchoHandler\n    batch_size: 16\n"
+                    "  minilm:\n    handler: embedding\n")
     configs = load_models_yaml(path, batch_size=4, workers=2)
     assert [(c.name, c.batch_size, c.workers) for c in configs] == [("echo", 16, 2), ("minilm", 4, 2)]
     path.write_text("models:\n  echo:\n    handler: x\n    batchsize: 3\n")

@@ -162,7 +162,8 @@ def test_management_refuses_requests_without_the_token():
         async with serving(echo()) as (_, mgmt, _c):
             calls = [
                 mgmt.get("/models"), mgmt.get("/models/echo", headers={"Authorization": "Bearer wrong"}),
-                mgmt.post("/models", json={"name": "x", "handler": ECHO}), mgmt.put("/models/echo", json={"workers": 0}),
+                mgmt.post("/models", json={"name": "x", "handler": ECHO}),
+                mgmt.put("/models/echo", json={"workers": 0}),
                 mgmt.delete("/models/echo", headers={"Authorization": TOKEN}),
             ]
             refused = await asyncio.gather(*calls)
@@ -182,7 +183,8 @@ def test_register_describe_and_errors_on_the_management_api():
                 "name": "echo2", "handler": ECHO, "batch_size": 4, "max_batch_delay": 7, "workers": 2})
             duplicate = await mgmt.post("/models", headers=AUTH, json={"name": "echo2", "handler": ECHO})
             unknown = await mgmt.post("/models", headers=AUTH, json={"name": "x", "handler": "no_such_handler_mod"})
-            broken = await mgmt.post("/models", headers=AUTH, json={"name": "y", "handler": f"{TOY}#BrokenSetupHandler"})
+            broken = await mgmt.post("/models", headers=AUTH,
+                                     json={"name": "y", "handler": f"{TOY}#BrokenSetupHandler"})
             bad_field = await mgmt.post("/models", headers=AUTH, json={"name": "z", "handler": ECHO, "batchsize": 2})
             answer = await client.post("/predictions/echo2", json="hi")
             described = await mgmt.get("/models/echo2", headers=AUTH)
@@ -212,7 +214,8 @@ def test_inference_route_errors_are_json():
         async with serving(echo()) as (client, _, _c):
             return (
                 await client.post("/predictions/nope", json=1),
-                await client.post("/predictions/echo", content=b"{not json", headers={"content-type": "application/json"}),
+                await client.post("/predictions/echo", content=b"{not json",
+                                  headers={"content-type": "application/json"}),
                 await client.post("/predictions/echo", content=b""),
                 await client.post("/v1/embeddings", json={"model": "echo", "input": [1, 2]}),
                 await client.post("/v1/embeddings", json={"model": "echo", "input": "text"}),
@@ -260,7 +263,8 @@ def test_a_dead_worker_fails_its_batch_and_is_replaced():
             model = component.server.get("crashy")
             old_pid = model.slots[0].process.pid
             crashed = await client.post("/predictions/crashy", json="crash")
-            await wait_until(lambda: model.slots and model.slots[0].process.pid != old_pid and model.slots[0].process.is_alive,
+            await wait_until(lambda: (model.slots and model.slots[0].process.pid != old_pid
+                                      and model.slots[0].process.is_alive),
                              timeout=30)
             after = await client.post("/predictions/crashy", json="fine")
             unserialisable = await client.post("/predictions/crashy", json="object")

@@ -39,7 +39,8 @@ def hf_bf16(path, prompts, max_new):
 def loom_bf16(llm, prompts, max_new):
     params = SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True, logprobs=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    return [(o.outputs[0].token_ids, [lp[t] for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]) for o in outs]
+    return [(o.outputs[0].token_ids, [lp[t] for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
+            for o in outs]
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_llama", "smollm2_path"])

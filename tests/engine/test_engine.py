@@ -64,7 +64,8 @@ def test_stop_string_ends_text_before_it(llm):
     out = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop]))[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == full.text[: full.text.index(stop)]
-    kept = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=30, stop=[stop], include_stop_str_in_output=True))
+    kept = gen(llm, [prompt],
+               SamplingParams(temperature=0, max_tokens=30, stop=[stop], include_stop_str_in_output=True))
     assert kept[0].outputs[0].text == full.text[: full.text.index(stop) + 3]
 
 
@@ -173,7 +174,8 @@ def test_loom_chat_answers_capital_of_france():
 
 def test_loom_generate_cli(tiny_llama):
     proc = subprocess.run(
-        [sys.executable, "-m", "loom.cli", "generate", "--model", str(tiny_llama), "--max-tokens", "5", "--json", "Hello"],
+        [sys.executable, "-m", "loom.cli", "generate", "--model", str(tiny_llama), "--max-tokens", "5", "--json",
+         "Hello"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -97,7 +97,8 @@ def test_lora_trains_only_adapters_then_merges_and_exports(tmp_path, tokenizer):
     assert changed and all("proj" in n for n in changed)  # only adapted linear layers moved
     export_model(merged, tokenizer, out, tokenizer.chat_template, {"note": "test"})
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= names
+    expected = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    assert expected <= names
     assert not [n for n in names if n.startswith(".tmp")]
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     reloaded = AutoModelForCausalLM.from_pretrained(out)

@@ -40,13 +40,15 @@ def wait_done(client, job_id: str) -> dict:
 
 
 def test_openai_generations_b64_and_url(client):
-    r = client.post("/v1/images/generations", json={"prompt": "a sneaker", "n": 2, "size": "64x64", "seed": 3, "steps": 2})
+    r = client.post("/v1/images/generations",
+                    json={"prompt": "a sneaker", "n": 2, "size": "64x64", "seed": 3, "steps": 2})
     assert r.status_code == 200, r.text
     data = r.json()["data"]
     images = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in data]
     assert [im.size for im in images] == [(64, 64)] * 2
     assert [read_settings(im)["seed"] for im in images] == [3, 4]
-    r = client.post("/v1/images/generations", json={"prompt": "a sneaker", "size": "64x64", "seed": 3, "steps": 2, "response_format": "url"})
+    r = client.post("/v1/images/generations",
+                    json={"prompt": "a sneaker", "size": "64x64", "seed": 3, "steps": 2, "response_format": "url"})
     url = r.json()["data"][0]["url"]
     png = client.get(url)
     assert png.headers["content-type"] == "image/png"

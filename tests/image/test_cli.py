@@ -30,7 +30,8 @@ def test_imagine_writes_png_with_settings_and_reproduces(model_dir, tmp_path, ca
     assert main(["imagine", "--model", str(model_dir), "--from-png", str(out), "--out", str(again)]) == 0
     assert (np.asarray(Image.open(out)) == np.asarray(Image.open(again))).all()
     up = tmp_path / "up.png"
-    assert main(["imagine", "x", "--model", str(model_dir), "--task", "upscale", "--image", str(out), "--out", str(up), "--steps", "4"]) == 0
+    assert main(["imagine", "x", "--model", str(model_dir), "--task", "upscale", "--image", str(out), "--out", str(up),
+                 "--steps", "4"]) == 0
     assert Image.open(up).size == (128, 96)
 
 

@@ -74,21 +74,24 @@ def test_tiles_cover_with_overlap_and_blend_exactly():
     assert starts[0] == 0 and starts[-1] == 200 - 64
     assert all(b - a <= 64 - 16 for a, b in zip(starts, starts[1:]))
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 120, 3), dtype=np.uint8))
-    tiles = [(x, y, image.crop((x, y, x + 64, y + 64))) for y in imageops.tile_starts(100, 64, 16) for x in imageops.tile_starts(120, 64, 16)]
+    tiles = [(x, y, image.crop((x, y, x + 64, y + 64)))
+             for y in imageops.tile_starts(100, 64, 16) for x in imageops.tile_starts(120, 64, 16)]
     assert (np.asarray(imageops.blend_tiles(image.size, tiles, 16)) == np.asarray(image)).all()
 
 
 def test_request_validation_messages():
     for kwargs, message in [({"task": "x"}, "task must be"), ({"steps": 0}, "steps"), ({"num_images": 9}, "num_images"),
                             ({"task": "upscale"}, "needs an input image"), ({"width": 5}, "width"),
-                            ({"task": "outpaint", "image": Image.new("RGB", (8, 8))}, "outpaint_sides"), ({"performance": "Fast"}, "performance")]:
+                            ({"task": "outpaint", "image": Image.new("RGB", (8, 8))}, "outpaint_sides"),
+                            ({"performance": "Fast"}, "performance")]:
         with pytest.raises(ValueError, match=message):
             ImageRequest(prompt="x", **kwargs)
     assert ImageRequest(prompt="x", seed=-1).seed >= 0
 
 
 def test_metadata_round_trip():
-    settings = {"prompt": "a sneaker", "seed": 3, "steps": 4, "sampler": "UniPC", "guidance": 4.0, "width": 8, "height": 8}
+    settings = {"prompt": "a sneaker", "seed": 3, "steps": 4, "sampler": "UniPC", "guidance": 4.0, "width": 8,
+                "height": 8}
     data = png_bytes(Image.new("RGB", (8, 8)), settings)
     assert read_settings(data) == settings
     with pytest.raises(ValueError, match="no Loom settings"):

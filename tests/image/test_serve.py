@@ -21,7 +21,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def test_plugin_only_builds_a_component_for_image(tmp_path):
     assert serve.create_component(parse([]), CollectorRegistry()) is None
-    component = serve.create_component(parse(["--image", "demo", "--image-output-dir", str(tmp_path), "--image-ui-port", "0"]), CollectorRegistry())
+    args = parse(["--image", "demo", "--image-output-dir", str(tmp_path), "--image-ui-port", "0"])
+    component = serve.create_component(args, CollectorRegistry())
     assert component.name == "images" and component.extra_servers() == []
     assert component.health()["ready"] is False  # the model loads in start()
     assert component.api_url == "http://127.0.0.1:8000"

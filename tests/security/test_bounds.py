@@ -90,7 +90,8 @@ def test_prompt_characters_are_bounded_before_tokenization(tiny_llama):
         with httpx.Client(base_url=server.url, timeout=60) as client:
             for path, body in [("/v1/completions", {"model": "tiny", "prompt": "a" * 1001}),
                                ("/v1/completions", {"model": "tiny", "prompt": ["a" * 600, "b" * 600]}),
-                               ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "a" * 1001}]}),
+                               ("/v1/chat/completions",
+                                {**CHAT, "messages": [{"role": "user", "content": "a" * 1001}]}),
                                ("/tokenize", {"prompt": "a" * 1001})]:
                 r = client.post(path, json=body)
                 assert r.status_code == 400 and "--max-prompt-chars" in r.json()["error"]["message"], (path, r.text)
@@ -165,7 +166,8 @@ def test_image_sizes_are_bounded_before_queueing(stack):
             assert client.post("/v1/images/jobs", json={"prompt": "x", "aspect_ratio": bad}).status_code == 400
         big = client.post("/v1/images/jobs", json={"prompt": "x", "width": 128, "height": 128, "steps": 1})
         assert big.status_code == 413 and "--image-max-pixels" in big.json()["detail"]
-        upscale = client.post("/v1/images/jobs", json={"task": "upscale", "image": _png_b64((48, 48), "RGB"), "steps": 1})
+        upscale = client.post("/v1/images/jobs",
+                              json={"task": "upscale", "image": _png_b64((48, 48), "RGB"), "steps": 1})
         assert upscale.status_code == 413  # 96x96 after the 2x upscale
         steps = client.post("/v1/images/jobs", json={"prompt": "x", "steps": 5})
         assert steps.status_code == 400 and "steps" in steps.json()["detail"]

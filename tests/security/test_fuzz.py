@@ -27,7 +27,8 @@ def no_server_error(ctx, response, case) -> None:
     """Every 5xx fails, except the overload answer (503 with Retry-After): shedding load is the contract."""
     if response.status_code == 503 and response.headers.get("retry-after"):
         return
-    assert response.status_code < 500, f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:300]}"
+    assert response.status_code < 500, (f"{case.method} {case.formatted_path} -> {response.status_code}: "
+                                        f"{response.text[:300]}")
 
 
 CHECKS = [no_server_error, response_schema_conformance, content_type_conformance]

@@ -45,7 +45,8 @@ def test_chat_validation_is_400_naming_the_field(tiny_server, body, param, phras
 
 
 def test_invalid_json_is_400(tiny_server):
-    r = httpx.post(f"{tiny_server.base_url}/completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = httpx.post(f"{tiny_server.base_url}/completions", content=b"{not json",
+                   headers={"content-type": "application/json"})
     assert "JSON" in _error(r, 400)["message"]
 
 
@@ -79,6 +80,7 @@ def test_api_key_guards_v1_but_not_health(tiny_llama):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=server.base_url, api_key="wrong", max_retries=0).models.list()
         ok = openai.OpenAI(base_url=server.base_url, api_key="sekrit", max_retries=0)
-        assert ok.chat.completions.create(model="tiny", messages=CHAT["messages"], max_tokens=2).usage.completion_tokens >= 1
+        answer = ok.chat.completions.create(model="tiny", messages=CHAT["messages"], max_tokens=2)
+        assert answer.usage.completion_tokens >= 1
     finally:
         server.stop()

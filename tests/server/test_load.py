@@ -131,7 +131,8 @@ def test_non_streaming_client_that_gives_up_aborts_its_request(tiny_llama):
             raise AssertionError("the request should not have finished within 0.5 s")
         except httpx.TimeoutException:
             pass
-        m = _wait_for(lambda: (m := server.metrics()).get("loom_request_success_total{finished_reason=abort}") == 1 and m)
+        m = _wait_for(lambda: (m := server.metrics()).get("loom_request_success_total{finished_reason=abort}") == 1
+                      and m)
         m = _wait_for(lambda: (m := server.metrics())["loom_kv_cache_free_blocks"] == 128 and m)
         assert m["loom_generation_tokens_total"] < 900
     finally:

@@ -22,7 +22,8 @@ def test_models_lists_the_served_name(client, tiny_server):
 def test_completion_usage_and_length_finish(client, tiny_server):
     prompt = "The quick brown fox"
     expected_prompt = httpx.post(f"{tiny_server.url}/tokenize", json={"prompt": prompt}).json()["count"]
-    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=7, temperature=0, extra_body={"ignore_eos": True})
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=7, temperature=0,
+                                    extra_body={"ignore_eos": True})
     assert out.object == "text_completion" and out.id.startswith("cmpl-") and out.created > 0
     assert out.choices[0].finish_reason == "length"
     assert out.usage.prompt_tokens == expected_prompt
@@ -74,7 +75,8 @@ def test_n2_gives_two_choices_and_counts_both(client):
     assert sorted(c.index for c in out.choices) == [0, 1]
     assert out.choices[0].message.content != out.choices[1].message.content
     assert out.usage.completion_tokens == 12
-    stream = list(_chat(client, n=2, max_tokens=6, temperature=1.0, seed=7, stream=True, extra_body={"ignore_eos": True}))
+    stream = list(_chat(client, n=2, max_tokens=6, temperature=1.0, seed=7, stream=True,
+                        extra_body={"ignore_eos": True}))
     texts = ["", ""]
     for chunk in stream:
         for c in chunk.choices:
@@ -98,7 +100,8 @@ def test_stop_string_cuts_the_text(client):
     out = client.completions.create(max_tokens=16, stop=[stop], **kw).choices[0]
     assert out.finish_reason == "stop"
     assert out.text == text[: text.index(stop)]
-    streamed = "".join(c.choices[0].text for c in client.completions.create(max_tokens=16, stop=stop, stream=True, **kw))
+    streamed = "".join(c.choices[0].text
+                       for c in client.completions.create(max_tokens=16, stop=stop, stream=True, **kw))
     assert streamed == out.text  # the held-back text never leaks part of the stop string
 
 

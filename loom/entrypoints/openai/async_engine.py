@@ -23,7 +23,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import torch
+
 from loom.engine.config import EngineConfig
+from loom.engine.llm_engine import LLMEngine
 from loom.engine.outputs import RequestOutput
 from loom.engine.sampling_params import SamplingParams
 from loom.entrypoints.openai.metrics import LLMMetrics, RequestTimes
@@ -202,8 +205,6 @@ class AsyncLLMEngine:
 
     # --- engine thread --------------------------------------------------------------------------------------
     def _thread_main(self, ready: asyncio.Future) -> None:
-        import torch
-
         previous_threads = torch.get_num_threads()
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
@@ -229,8 +230,6 @@ class AsyncLLMEngine:
             self._fail_all(EngineDead("the LLM engine stopped"))
 
     def _build_engine(self):
-        from loom.engine.llm_engine import LLMEngine
-
         return (self._factory or LLMEngine)(self.config)
 
     def _take_commands(self, block: bool) -> bool:

@@ -63,7 +63,8 @@ def _choice(ctx, req, index: int, text: str, c: CompletionOutput, token_ids, log
     lp = None
     if req.logprobs is not None and logprobs is not None:
         lp = ctx.strings.completion_logprobs(token_ids, logprobs, req.logprobs, offset)
-    return {"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+    return {"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason}
 
 
 async def _stream(ctx, req: CompletionRequest, streams, prompts, echo, head):

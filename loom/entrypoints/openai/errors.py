@@ -65,7 +65,8 @@ def from_validation(errors: list[dict]) -> OpenAIError:
     if first.get("type") == "json_invalid":
         return OpenAIError(400, f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json")
     if first.get("type") == "missing":
-        return OpenAIError(400, f"missing required parameter: '{param}'", param=param, code="missing_required_parameter")
+        return OpenAIError(400, f"missing required parameter: '{param}'", param=param,
+                           code="missing_required_parameter")
     message = f"invalid value for '{param}': {first.get('msg')}" if param else str(first.get("msg"))
     return OpenAIError(400, message, param=param, code="invalid_value")
 

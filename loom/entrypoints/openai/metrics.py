@@ -32,26 +32,49 @@ class RequestTimes:
 class LLMMetrics:
     def __init__(self, registry: CollectorRegistry, model_name: str):
         label, name = ["model_name"], [model_name]
-        self.running = Gauge("loom_num_requests_running", "Sequences in the running batch", label, registry=registry).labels(*name)
-        self.waiting = Gauge("loom_num_requests_waiting", "Sequences waiting to be scheduled", label, registry=registry).labels(*name)
-        self.kv_usage = Gauge("loom_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)", label, registry=registry).labels(*name)
-        self.kv_free = Gauge("loom_kv_cache_free_blocks", "Free KV-cache blocks", label, registry=registry).labels(*name)
-        self.kv_total = Gauge("loom_kv_cache_num_blocks", "KV-cache blocks in the pool", label, registry=registry).labels(*name)
-        self.prefix_hit_rate = Gauge("loom_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / prompt tokens looked up", label, registry=registry).labels(*name)
-        self.preemptions = Counter("loom_num_preemptions", "Sequences preempted (recomputed later)", label, registry=registry).labels(*name)
-        self.prompt_tokens = Counter("loom_prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded)", label, registry=registry).labels(*name)
-        self.generation_tokens = Counter("loom_generation_tokens", "Tokens generated", label, registry=registry).labels(*name)
-        self.steps = Counter("loom_engine_steps", "Engine steps that ran the model", label, registry=registry).labels(*name)
-        self.iteration_tokens = Histogram("loom_iteration_tokens", "Tokens in one engine step (prefill chunks + decodes)", label, buckets=_TOKEN_BUCKETS, registry=registry).labels(*name)
-        self.iteration_seqs = Histogram("loom_iteration_num_seqs", "Sequences in one engine step (the batch size)", label, buckets=_SEQ_BUCKETS, registry=registry).labels(*name)
-        self.step_seconds = Histogram("loom_iteration_seconds", "Wall time of one engine step (schedule, model, sample, update)", label, buckets=_LATENCY_BUCKETS, registry=registry).labels(*name)
-        self.max_batch_seqs = Gauge("loom_iteration_num_seqs_max", "Largest batch of one step so far", label, registry=registry).labels(*name)
-        self.ttft = Histogram("loom_time_to_first_token_seconds", "Arrival to first generated token", label, buckets=_LATENCY_BUCKETS, registry=registry).labels(*name)
-        self.tpot = Histogram("loom_time_per_output_token_seconds", "Mean gap between output tokens of a request", label, buckets=_TPOT_BUCKETS, registry=registry).labels(*name)
-        self.e2e = Histogram("loom_e2e_request_latency_seconds", "Arrival to the last token", label, buckets=_LATENCY_BUCKETS, registry=registry).labels(*name)
-        self.queue_time = Histogram("loom_request_queue_time_seconds", "Arrival to first scheduled in a step", label, buckets=_LATENCY_BUCKETS, registry=registry).labels(*name)
-        self._finished = Counter("loom_request_success", "Finished requests by finish reason", [*label, "finished_reason"], registry=registry)
-        self.rejected = Counter("loom_requests_rejected", "Requests refused with 503 (waiting queue full or draining)", label, registry=registry).labels(*name)
+        self.running = Gauge("loom_num_requests_running", "Sequences in the running batch", label,
+                             registry=registry).labels(*name)
+        self.waiting = Gauge("loom_num_requests_waiting", "Sequences waiting to be scheduled", label,
+                             registry=registry).labels(*name)
+        self.kv_usage = Gauge("loom_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)", label,
+                              registry=registry).labels(*name)
+        self.kv_free = Gauge("loom_kv_cache_free_blocks", "Free KV-cache blocks", label,
+                             registry=registry).labels(*name)
+        self.kv_total = Gauge("loom_kv_cache_num_blocks", "KV-cache blocks in the pool", label,
+                              registry=registry).labels(*name)
+        self.prefix_hit_rate = Gauge("loom_prefix_cache_hit_rate",
+                                     "Prompt tokens found in the prefix cache / prompt tokens looked up", label,
+                                     registry=registry).labels(*name)
+        self.preemptions = Counter("loom_num_preemptions", "Sequences preempted (recomputed later)", label,
+                                   registry=registry).labels(*name)
+        self.prompt_tokens = Counter("loom_prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded)", label,
+                                     registry=registry).labels(*name)
+        self.generation_tokens = Counter("loom_generation_tokens", "Tokens generated", label,
+                                         registry=registry).labels(*name)
+        self.steps = Counter("loom_engine_steps", "Engine steps that ran the model", label,
+                             registry=registry).labels(*name)
+        self.iteration_tokens = Histogram("loom_iteration_tokens",
+                                          "Tokens in one engine step (prefill chunks + decodes)", label,
+                                          buckets=_TOKEN_BUCKETS, registry=registry).labels(*name)
+        self.iteration_seqs = Histogram("loom_iteration_num_seqs", "Sequences in one engine step (the batch size)",
+                                        label, buckets=_SEQ_BUCKETS, registry=registry).labels(*name)
+        self.step_seconds = Histogram("loom_iteration_seconds",
+                                      "Wall time of one engine step (schedule, model, sample, update)", label,
+                                      buckets=_LATENCY_BUCKETS, registry=registry).labels(*name)
+        self.max_batch_seqs = Gauge("loom_iteration_num_seqs_max", "Largest batch of one step so far", label,
+                                    registry=registry).labels(*name)
+        self.ttft = Histogram("loom_time_to_first_token_seconds", "Arrival to first generated token", label,
+                              buckets=_LATENCY_BUCKETS, registry=registry).labels(*name)
+        self.tpot = Histogram("loom_time_per_output_token_seconds", "Mean gap between output tokens of a request",
+                              label, buckets=_TPOT_BUCKETS, registry=registry).labels(*name)
+        self.e2e = Histogram("loom_e2e_request_latency_seconds", "Arrival to the last token", label,
+                             buckets=_LATENCY_BUCKETS, registry=registry).labels(*name)
+        self.queue_time = Histogram("loom_request_queue_time_seconds", "Arrival to first scheduled in a step", label,
+                                    buckets=_LATENCY_BUCKETS, registry=registry).labels(*name)
+        self._finished = Counter("loom_request_success", "Finished requests by finish reason",
+                                 [*label, "finished_reason"], registry=registry)
+        self.rejected = Counter("loom_requests_rejected", "Requests refused with 503 (waiting queue full or draining)",
+                                label, registry=registry).labels(*name)
         self._name = model_name
         self._max_seqs = 0
         self._last: dict[str, int] = {"num_preemptions": 0, "num_prompt_tokens": 0, "num_generation_tokens": 0}

@@ -52,7 +52,8 @@ class PromptEncoder:
         self.check_chars(len(text))
         return await self._run(self._encode, text, add_special_tokens, limit)
 
-    async def chat(self, messages: list[dict], add_generation_prompt: bool = True, limit: int | None = None) -> list[int]:
+    async def chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                   limit: int | None = None) -> list[int]:
         """The chat template's rendering of ``messages``, tokenized as it is written (no extra special tokens)."""
         self.check_chars(sum(len(m.get("content") or "") for m in messages))
         return await self._run(self._chat, messages, add_generation_prompt, limit)

@@ -58,7 +58,8 @@ class ServingContext:
 
     def check_model(self, name: str) -> None:
         if name not in self.model_names:
-            raise OpenAIError(404, f"The model `{name}` does not exist. This server serves: {', '.join(self.model_names)}",
+            raise OpenAIError(404, f"The model `{name}` does not exist. "
+                              f"This server serves: {', '.join(self.model_names)}",
                               param="model", code="model_not_found")
 
     def check_n(self, n: int, num_prompts: int = 1) -> None:
