@@ -29,9 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-from _serving import free_port, start_server, stop_process, wait_http
 
 from loom.batching.handlers.embedding import default_model_dir
+from loom.bench.process import free_port, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("server", "product")
@@ -246,14 +246,9 @@ def _env(threads: int, **extra: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _running(cmd: list[str], log_path: Path, ready_url: str, timeout: float, **kwargs):
-    log = open(log_path, "w")
-    proc = start_server(cmd, log, **kwargs)
-    try:
-        wait_http(ready_url, timeout, proc)
-        yield proc
-    finally:
-        stop_process(proc)
-        log.close()
+    """The server's process, once ``ready_url`` answers 200 (its own session, stopped with everything in it)."""
+    with start_server(cmd, ready_url, ready_path="", timeout=timeout, log_path=log_path, **kwargs) as server:
+        yield server.proc
 
 
 @contextlib.contextmanager

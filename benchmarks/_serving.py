@@ -1,64 +1,24 @@
-"""Helpers shared by the model-server benchmarks: free ports, readiness polling, the MiniLM workload, timing of
-the model itself in-process."""
+"""Helpers shared by the model-server benchmarks: the MiniLM workload, a measured load run, CPU seconds of a server's
+session, timing of the model itself in-process (servers start with loom.bench.process)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import psutil
 
 from loom.bench.load_client import json_payloads, run_load, sentences
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    """Poll GET url until it answers 200; raise if proc exits first or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} did not answer 200 within {timeout} s")
-
-
-def start_server(cmd: list[str], log, **kwargs) -> subprocess.Popen:
-    """Start a server in its own session, its scheduling group niced like this process.
-
-    NOTE: with autogroup scheduling (on here) the kernel shares CPU between sessions, not processes, and `nice`
-    only ranks processes inside a session. A server left in the benchmark's session shares one share with the
-    load client; one in a new session gets a full share. Every server therefore gets its own session, with the
-    group nice of the benchmark's own session (so no server is favoured over the others or over the client).
-    """
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
-    with contextlib.suppress(OSError, ValueError):
-        Path(f"/proc/{proc.pid}/autogroup").write_text(str(own_group_nice()))
-    return proc
-
-
 def session_cpu_seconds(session: int | None) -> float:
     """User + system CPU seconds of every live process in a session (a server and all its workers)."""
-    import psutil
-
     total = 0.0
     if session is None:
         return total
@@ -68,27 +28,6 @@ def session_cpu_seconds(session: int | None) -> float:
                 times = proc.cpu_times()
                 total += times.user + times.system
     return total
-
-
-def own_group_nice() -> int:
-    """The nice of this process's scheduling group ("/autogroup-2 nice 0" → 0); 0 without autogroup."""
-    try:
-        return int(Path("/proc/self/autogroup").read_text().split()[-1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def stop_process(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM the server (it drains), then kill whatever is left of its session."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def workload(seed: int = 0, count: int = 512) -> tuple[list[str], list[bytes]]:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
-import threading
 import time
 from pathlib import Path
+
+from loom.bench.process import serve_in_thread
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -23,30 +23,14 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1400,1000"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def serve_in_thread(app, port: int):
-    """Run an ASGI app with uvicorn on 127.0.0.1:port in a thread (lifespan included) until the block exits."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError(f"server on port {port} did not start")
-        time.sleep(0.05)
+def serving(app):
+    """Run an ASGI app on a free loopback port in a thread (lifespan included) until the block exits; yields its URL."""
+    server = serve_in_thread(app, timeout=60)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield server.url
     finally:
-        server.should_exit = True
-        thread.join(30)
+        server.stop(timeout=30)
 
 
 @contextlib.contextmanager
@@ -60,8 +44,8 @@ def image_stack(engine, output_dir: str | Path):
 
     registry = CollectorRegistry()
     component = ImageComponent(engine.name, registry, Path(output_dir), engine=engine)
-    with serve_in_thread(build_app([component], registry), free_port()) as api_url:
-        with serve_in_thread(build_ui_app(api_url), free_port()) as ui_url:
+    with serving(build_app([component], registry)) as api_url:
+        with serving(build_ui_app(api_url)) as ui_url:
             yield api_url, ui_url
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from loom.image.jobs import Job
 from loom.image.request import ImageRequest
 from tests.security.conftest import AUTH, ECHO
-from tests.server.conftest import start_server, tiny_config
+from tests.server.conftest import start_llm_server, tiny_config
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 JSON_ROUTES = [("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 1}), ("/v1/chat/completions", CHAT),
@@ -49,7 +49,7 @@ def test_n_and_stop_lists_are_bounded(stack, extra, param):
 
 def test_n_counts_as_n_sequences_at_admission(tiny_llama):
     """Before: a request with n=2000 counted as one, so one request could hold every slot and stall everyone."""
-    server = start_server(tiny_config(tiny_llama, num_kv_blocks=64, max_num_seqs=2, max_waiting=2))
+    server = start_llm_server(tiny_config(tiny_llama, num_kv_blocks=64, max_num_seqs=2, max_waiting=2))
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             too_many = client.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b", "c"], "n": 2})
@@ -85,7 +85,7 @@ def test_every_body_route_answers_413_over_the_limit(stack, path):
 
 
 def test_prompt_characters_are_bounded_before_tokenization(tiny_llama):
-    server = start_server(tiny_config(tiny_llama, num_kv_blocks=64, max_prompt_chars=1000))
+    server = start_llm_server(tiny_config(tiny_llama, num_kv_blocks=64, max_prompt_chars=1000))
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             for path, body in [("/v1/completions", {"model": "tiny", "prompt": "a" * 1001}),

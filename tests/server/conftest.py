@@ -35,7 +35,7 @@ class RunningServer(ThreadServer):
         return values
 
 
-def start_server(config: LLMServerConfig, timeout: float = 120.0, api_key: str | None = None,
+def start_llm_server(config: LLMServerConfig, timeout: float = 120.0, api_key: str | None = None,
                  **policy) -> RunningServer:
     registry = CollectorRegistry()
     component = LLMComponent(config, registry)
@@ -55,7 +55,7 @@ def tiny_config(model_path, **overrides) -> LLMServerConfig:
 def tiny_server(tiny_llama):
     """A server over the tiny model per test module: served as 'tiny', 256 KV blocks of 16 tokens, 1 torch thread
     (tiny matmuls gain nothing from more, and the setting is restored when the server stops)."""
-    server = start_server(tiny_config(tiny_llama, num_kv_blocks=256, max_num_seqs=32))
+    server = start_llm_server(tiny_config(tiny_llama, num_kv_blocks=256, max_num_seqs=32))
     yield server
     server.stop()
 

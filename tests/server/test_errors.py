@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import start_server, tiny_config
+from tests.server.conftest import start_llm_server, tiny_config
 
 
 def _post(server, path: str, body, **kw) -> httpx.Response:
@@ -71,7 +71,7 @@ def test_openai_client_raises_typed_errors(client):
 
 
 def test_api_key_guards_v1_but_not_health(tiny_llama):
-    server = start_server(tiny_config(tiny_llama, num_kv_blocks=64), api_key="sekrit")
+    server = start_llm_server(tiny_config(tiny_llama, num_kv_blocks=64), api_key="sekrit")
     try:
         err = _error(_post(server, "/chat/completions", CHAT), 401)
         assert err["type"] == "authentication_error"

@@ -8,7 +8,7 @@ import time
 import httpx
 import openai
 
-from tests.server.conftest import start_server, tiny_config
+from tests.server.conftest import start_llm_server, tiny_config
 
 MESSAGES = [{"role": "user", "content": "Tell me a story."}]
 
@@ -60,7 +60,7 @@ def test_16_concurrent_streams_share_steps_and_report_usage(tiny_server):
 
 
 def test_disconnected_streams_are_aborted_and_free_every_block(tiny_llama):
-    server = start_server(tiny_config(tiny_llama, num_kv_blocks=512, max_num_seqs=16))
+    server = start_llm_server(tiny_config(tiny_llama, num_kv_blocks=512, max_num_seqs=16))
     try:
         body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 900, "stream": True, "ignore_eos": True}
 
@@ -92,7 +92,7 @@ def test_disconnected_streams_are_aborted_and_free_every_block(tiny_llama):
 
 
 def test_full_queue_answers_503_with_retry_after_while_health_answers(tiny_llama):
-    server = start_server(tiny_config(tiny_llama, num_kv_blocks=256, max_num_seqs=2, max_waiting=1))
+    server = start_llm_server(tiny_config(tiny_llama, num_kv_blocks=256, max_num_seqs=2, max_waiting=1))
     body = {"model": "tiny", "prompt": "count with me", "max_tokens": 900, "stream": True, "ignore_eos": True}
     client = httpx.Client(timeout=60)
     held = []
@@ -123,7 +123,7 @@ def test_full_queue_answers_503_with_retry_after_while_health_answers(tiny_llama
 
 
 def test_non_streaming_client_that_gives_up_aborts_its_request(tiny_llama):
-    server = start_server(tiny_config(tiny_llama, num_kv_blocks=128, max_num_seqs=4))
+    server = start_llm_server(tiny_config(tiny_llama, num_kv_blocks=128, max_num_seqs=4))
     try:
         body = {"model": "tiny", "prompt": "patience", "max_tokens": 900, "ignore_eos": True}
         try:
