@@ -62,8 +62,21 @@ def run(args: argparse.Namespace) -> int:
     for component in components:
         for extra in component.extra_servers():
             configs.append(uvicorn.Config(extra.app, host=extra.host, port=extra.port, log_level=args.log_level))
-    asyncio.run(_serve_all([uvicorn.Server(c) for c in configs]))
+    run_event_loop(_serve_all([uvicorn.Server(c) for c in configs]))
     return 0
+
+
+def run_event_loop(main) -> None:
+    """``asyncio.run`` on uvloop where it is installed (as uvicorn's own ``run`` would choose), else on asyncio."""
+    # NOTE: asyncio.run alone never uses uvloop, which uvicorn.run would pick. Measured on the model server's
+    # lone-request overhead (vs_peers, 3 alternating rounds x 2 modes, 2 cores): 1.92 ms mean on asyncio, 1.81 on
+    # uvloop, within the noise (+-0.2 ms); kept so that `loom serve` runs on the loop the in-thread tests use.
+    try:
+        import uvloop  # optional: a dependency everywhere but Windows
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 def policy_from_args(args: argparse.Namespace) -> HTTPPolicy:
