@@ -126,6 +126,9 @@ class WorkerProcess:
         ready: asyncio.Future = self._loop.create_future()
         self._pending[-1] = lambda value, error: _resolve(ready, value, error)
         self._loop.add_reader(self._conn.fileno(), self._on_readable)
+        # NOTE: uvloop (libuv's uv_poll) turns a watched fd non-blocking; Connection.send/recv expect a blocking one
+        # and would fail a large batch with EAGAIN ("Resource temporarily unavailable") once the pipe buffer fills.
+        os.set_blocking(self._conn.fileno(), True)
         try:
             self.pid = await asyncio.wait_for(ready, timeout)
         except BaseException:

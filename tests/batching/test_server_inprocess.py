@@ -7,6 +7,7 @@ import contextlib
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry
 
 from loom.batching.config import ModelConfig
@@ -291,3 +292,19 @@ def test_ping_reports_not_ready_and_predictions_503_without_workers():
     assert not_ready.status_code == 503 and not_ready.json()["status"] == "Unhealthy"
     assert refused.status_code == 503 and "no workers" in refused.json()["error"]["message"]
     assert refused.headers["retry-after"] == "1"
+
+
+def test_large_batches_cross_the_pipe_on_uvloop():
+    """`loom serve` runs on uvloop, whose fd watcher makes the worker pipe non-blocking: batches larger than the pipe
+    buffer (32 x 100 KB here) must still go through whole (before the fix: EAGAIN, the worker marked dead, 500s)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def body():
+        config = echo(batch_size=32, max_batch_delay=50, max_queue_size=256, workers=2)
+        async with serving(config) as (client, _, component):
+            responses = await asyncio.gather(*(client.post("/predictions/echo", json="x" * 100_000) for _ in range(64)))
+            return responses, len(component.server.get("echo").slots)
+
+    responses, workers = uvloop.run(body())
+    assert [r.status_code for r in responses] == [200] * 64
+    assert workers == 2
