@@ -3,6 +3,9 @@
     nice -n 10 .venv/bin/python benchmarks/finetune.py                  # both parts, ~10-20 min on 2 shared cores
     nice -n 10 .venv/bin/python benchmarks/finetune.py --parts packing  # only packed vs padded
 
+The "trl" part needs TRL and datasets (``pip install -e '.[peers]'`` in this venv); without them it is skipped with a
+note in the summary line and the JSON, and the packing part still runs.
+
 Part "packing": one epoch of LoRA training over the same seeded records with a realistic (long-tailed, Alpaca-like)
 length mix, once with padded batches (8 examples padded to the longest) and once packed (rows of max_length tokens,
 block-diagonal mask); the figure is real (non-padding) tokens per second, the target >= 2x.
@@ -24,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its O
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
+import importlib.util  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -207,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     if "packing" in parts:
         result["packing"] = part_packing(path, args)
     if "trl" in parts:
-        result["trl"] = part_trl(path, args)
+        missing = [m for m in ("trl", "datasets") if importlib.util.find_spec(m) is None]
+        if missing:
+            result["trl_skipped"] = f"{' and '.join(missing)} not installed (pip install -e '.[peers]')"
+        else:
+            result["trl"] = part_trl(path, args)
     result["load_avg_end"] = os.getloadavg()[0]
     shutil.rmtree(args.tmp, ignore_errors=True)  # trainers' scratch output (nothing is kept)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -226,6 +234,8 @@ def summary_line(result: dict) -> str:
         for mode, r in result["trl"].items():
             parts.append(f"{mode}: loom {r['loom']['supervised_tokens_per_s']:.1f} vs trl "
                          f"{r['trl']['supervised_tokens_per_s']:.1f} supervised tok/s ({r['ratio']:.2f}x)")
+    if "trl_skipped" in result:
+        parts.append(f"trl part skipped: {result['trl_skipped']}")
     return ("finetune bench: " + "; ".join(parts)
             + f" [threads {result['threads']}, load {result['load_avg_start']:.1f}]")
 

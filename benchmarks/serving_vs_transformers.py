@@ -15,6 +15,7 @@ import argparse
 import json
 import shlex
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-blocks", type=int, default=1024, help="KV-cache blocks of 16 tokens for every server")
     parser.add_argument("--loom-args", default="", help="extra flags for `loom serve`")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SystemExit unwinds the with-blocks: servers are stopped
     return run_compare(parser.parse_args(argv))
 
 

@@ -68,9 +68,14 @@ def run(args: argparse.Namespace) -> int:
     config = parse_serve_spec(args.serve)
     batch_sizes, worker_counts = _int_list(args.batch_sizes, "--batch-sizes"), _int_list(args.workers, "--workers")
     content_type, payloads = _payloads(config.handler, args)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server we started is stopped on the way out
-    with _server(args) as (url, mgmt, token):
-        cells = asyncio.run(_sweep(url, mgmt, token, config, batch_sizes, worker_counts, payloads, content_type, args))
+    # SIGTERM becomes SystemExit so the server we started is stopped on the way out; the caller's handler comes back
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        with _server(args) as (url, mgmt, token):
+            cells = asyncio.run(_sweep(url, mgmt, token, config, batch_sizes, worker_counts, payloads, content_type,
+                                       args))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     meta = {"model": args.serve, "concurrency": args.concurrency, "duration_s": args.duration,
             "max_batch_delay_ms": args.max_batch_delay, "cpu_count": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

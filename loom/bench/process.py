@@ -125,6 +125,9 @@ def start_server(cmd: list[str], url: str, ready_path: str = "/health", timeout:
         tail = server.log_tail()
         server.stop(grace=5)
         raise RuntimeError(f"{exc}; the end of its log:\n{tail}") from None
+    except BaseException:  # Ctrl-C or SIGTERM-as-SystemExit while waiting: don't leave the server running
+        server.stop(grace=5)
+        raise
     return server
 
 

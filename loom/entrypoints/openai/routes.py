@@ -21,7 +21,7 @@ from loom.entrypoints.openai.protocol import (
 from loom.entrypoints.openai.serving import ServingContext, now_s
 
 STREAMS = {200: {"description": "a JSON object, or server-sent events with stream: true",
-                 "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}}
+                 "content": {"application/json": {}, "text/event-stream": {}}}}
 
 
 def build_routers(ctx: ServingContext) -> list[APIRouter]:
