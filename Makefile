@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install model serve chat test test-fast fuzz faults lint bench finetune-demo clean image-deps image-demo
+.PHONY: install model serve chat test test-fast fuzz faults lint bench finetune-demo dpo-demo clean image-deps image-demo
 
 install: $(VENV)/.installed
 
@@ -77,3 +77,14 @@ finetune-demo: model
 	  --lora --lora-r 16 --lora-alpha 32 --lr 1e-3 --max-steps 24 --grad-accum 2 --batch-size 1 --max-length 512
 	nice -n 10 $(PY) scripts/finetune_serve_check.py --model $(FT_DEMO)/model --data $(FT_DEMO)/data/eval.jsonl --num 20
 	@echo "serve it: $(LOOM) serve --model $(FT_DEMO)/model   (or: $(LOOM) chat --model $(FT_DEMO)/model)"
+
+# DPO on SmolLM2 with LoRA: prefer the bare answer over a chatty (and sometimes wrong) one; ~10-15 min on 2 cores.
+DPO_DEMO := results/dpo-demo
+dpo-demo: model
+	$(PY) scripts/dpo_demo_data.py --out $(DPO_DEMO)/data --train 480 --eval 100
+	nice -n 10 $(LOOM) finetune --method dpo --beta 0.1 --model smollm2 --data $(DPO_DEMO)/data/train.jsonl \
+	  --eval-data $(DPO_DEMO)/data/eval.jsonl --output $(DPO_DEMO)/model --lora --lora-r 16 --lora-alpha 32 \
+	  --lr 5e-4 --max-steps 24 --batch-size 8 --no-packing --max-length 256 --eval-batch-size 30 --max-eval-examples 60
+	nice -n 10 $(PY) scripts/dpo_demo_check.py --base smollm2 --tuned $(DPO_DEMO)/model \
+	  --data $(DPO_DEMO)/data/eval.jsonl --num 100 --out $(DPO_DEMO)/check.json
+	@echo "serve it: $(LOOM) serve --model $(DPO_DEMO)/model   (or: $(LOOM) chat --model $(DPO_DEMO)/model)"

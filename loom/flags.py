@@ -8,6 +8,13 @@ Annotations map to argparse as: ``bool`` -> ``--flag / --no-flag``; ``int``, ``f
 ``X | None`` -> X with default None; ``Literal[...]`` -> choices; ``list[X]`` -> a repeatable flag
 (``--stop a --stop b``). Fields of any other type are left out (a config can still take them in Python). vLLM builds
 its CLI from its configs the same way.
+
+To let flags override settings from elsewhere (a config file), add them with ``given_only=True``: a flag not on the
+command line then leaves no value at all, so ``given_args`` tells a flag given with its default value from one not
+given (``--packing`` where the default is on still overrides a file's ``packing: false``):
+
+    add_config_arguments(parser, FinetuneConfig, given_only=True)
+    config = FinetuneConfig(**{**file_values, **given_args(FinetuneConfig, parser.parse_args())})
 """
 
 from __future__ import annotations
@@ -46,12 +53,15 @@ def field_docs(cls: type) -> dict[str, str]:
 def add_config_arguments(parser, cls: type, *, only: set[str] | None = None, skip: set[str] = frozenset(),
                          prefix: str = "", defaults: dict[str, Any] | None = None,
                          names: dict[str, str] | None = None, aliases: dict[str, list[str]] | None = None,
-                         helps: dict[str, str] | None = None) -> list[str]:
+                         helps: dict[str, str] | None = None, given_only: bool = False) -> list[str]:
     """Add one flag per field of dataclass ``cls`` (``only`` / ``skip`` choose fields); returns the fields added.
 
     prefix: put before each flag and dest (``image_`` -> ``--image-max-pixels``, dest ``image_max_pixels``).
     defaults: replace a field's default on this command line; names: a flag spelling other than the field's;
     aliases: more spellings of a flag; helps: replace a field's docstring.
+    given_only: a flag not given sets nothing in the parsed namespace (``argparse.SUPPRESS``) and none is required;
+    ``--help`` still shows the defaults (those of ``defaults`` are then the caller's to apply). Read the flags given
+    with ``given_args``.
     """
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -68,11 +78,13 @@ def add_config_arguments(parser, cls: type, *, only: set[str] | None = None, ski
         flags = [flag, *aliases.get(field.name, [])]
         text = helps.get(field.name, docs.get(field.name, "")).replace("%", "%%")
         if default is dataclasses.MISSING:
-            kwargs = {"required": True, "help": text}
+            kwargs = {"required": not given_only, "help": text}
         elif spec.get("action") is argparse.BooleanOptionalAction:
             kwargs = {"default": default, "help": f"{text} (default: {'on' if default else 'off'})".strip()}
         else:
             kwargs = {"default": default, "help": f"{text} (default: {default})".strip()}
+        if given_only:
+            kwargs["default"] = argparse.SUPPRESS  # not given: no attribute at all, whatever the value would be
         parser.add_argument(*flags, dest=prefix + field.name, **spec, **kwargs)
         added.append(field.name)
     return added
@@ -82,9 +94,15 @@ def config_from_args(cls: type, args: argparse.Namespace, prefix: str = "", skip
                      **overrides: Any):
     """``cls`` built from the parsed flags that ``add_config_arguments`` added (and ``overrides``); pass the same
     ``skip`` as there, so that a flag of another config with the same name is not taken for a skipped field."""
-    values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls)
-              if f.init and f.name not in skip and hasattr(args, prefix + f.name)}
-    return cls(**{**values, **overrides})
+    return cls(**{**given_args(cls, args, prefix, skip), **overrides})
+
+
+def given_args(cls: type, args: argparse.Namespace, prefix: str = "", skip: set[str] = frozenset()) -> dict[str, Any]:
+    """``{field: value}`` for the fields of ``cls`` that have a value in ``args``: with flags added by
+    ``add_config_arguments(..., given_only=True)``, exactly those given on the command line (even when the value
+    given equals the default); otherwise every flag, defaults included."""
+    return {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls)
+            if f.init and f.name not in skip and hasattr(args, prefix + f.name)}
 
 
 def _default(field: dataclasses.Field) -> Any:

@@ -9,7 +9,7 @@ from typing import Literal
 import pytest
 
 from loom.engine.config import EngineConfig
-from loom.flags import add_config_arguments, config_from_args, field_docs
+from loom.flags import add_config_arguments, config_from_args, field_docs, given_args
 
 
 @dataclass(slots=True)
@@ -72,3 +72,18 @@ def test_engine_config_flags_cover_its_fields_with_choices():
     assert (config.dtype, config.enable_prefix_caching, config.max_num_seqs) == ("bfloat16", False, 4)
     with pytest.raises(SystemExit):
         parser.parse_args(["--dtype", "float64"])
+
+
+def test_given_only_tells_given_flags_from_defaults_even_when_equal():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Demo, defaults={"max_num_seqs": 4}, given_only=True)
+    assert given_args(Demo, parser.parse_args([])) == {}  # nothing given: nothing set, no required flag
+    given = given_args(Demo, parser.parse_args(["--enabled", "--max-num-seqs", "4", "--tags", "a", "--tags", "b"]))
+    assert given == {"enabled": True, "max_num_seqs": 4, "tags": ["a", "b"]}  # values equal to the defaults count
+    assert given_args(Demo, parser.parse_args(["--no-enabled", "--ratio", "0.5"])) == {"enabled": False, "ratio": 0.5}
+    text = " ".join(parser.format_help().split())  # help still shows the defaults
+    assert "(100% sure). (default: on)" in text and "Sequences in one step. (default: 4)" in text
+    assert config_from_args(Demo, parser.parse_args(["--name", "x"])) == Demo("x")  # the dataclass fills the rest
+    top = argparse.ArgumentParser()  # as a subcommand (loom finetune): the parent namespace gets only what was given
+    add_config_arguments(top.add_subparsers(dest="command").add_parser("run"), Demo, given_only=True)
+    assert given_args(Demo, top.parse_args(["run", "--name", "y", "--enabled"])) == {"name": "y", "enabled": True}

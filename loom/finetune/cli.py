@@ -1,7 +1,11 @@
 """``loom finetune``: instruction-finetune a causal LM (full or LoRA) and export a folder ``loom serve`` loads.
 
     loom finetune --model smollm2 --data train.jsonl --eval-data eval.jsonl --output out --lora --max-steps 100
+    loom finetune --config recipe.yaml --max-steps 50     # settings from a YAML recipe; flags override it
     loom serve --model out
+
+The resolved settings go to ``OUTPUT/loom_finetune_config.yaml`` (rerun with ``--config`` that file), step metrics
+to ``OUTPUT/logs/metrics.jsonl`` (and TensorBoard / wandb with ``--report-to``).
 """
 
 from __future__ import annotations
@@ -10,18 +14,30 @@ import argparse
 import json
 import logging
 import os
+from pathlib import Path
 
 from loom.finetune.config import FinetuneConfig
-from loom.flags import add_config_arguments
-from loom.flags import config_from_args as config_from
+from loom.finetune.recipe_file import RESOLVED_RECIPE, load_recipe, resolve_config, write_recipe
+from loom.finetune.reporting import check_report_to, where_logs_go
+from loom.flags import add_config_arguments, given_args
+
+CLI_DEFAULTS = {"model": "smollm2"}
+"""Defaults of the command line that FinetuneConfig has not (a recipe overrides them, as flags do)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, FinetuneConfig, defaults={"model": "smollm2"}, aliases={"num_threads": ["--threads"]})
+    parser.add_argument("--config", metavar="RECIPE.yaml",
+                        help="a YAML recipe: these settings as keys (max_steps: 100, or max-steps); flags given on the "
+                             f"command line override it; the merged settings are written to OUTPUT/{RESOLVED_RECIPE}")
+    # given_only: a flag left out sets nothing, so a flag given (even with its default value) overrides the recipe
+    add_config_arguments(parser, FinetuneConfig, defaults=CLI_DEFAULTS, aliases={"num_threads": ["--threads"]},
+                         given_only=True)
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
-    return config_from(FinetuneConfig, args)
+    """Defaults, then the --config recipe, then the flags given on the command line."""
+    recipe = load_recipe(args.config, aliases={"threads": "num_threads"}) if getattr(args, "config", None) else {}
+    return resolve_config(recipe, given_args(FinetuneConfig, args), defaults=CLI_DEFAULTS)
 
 
 def print_report(summary: dict) -> None:
@@ -34,6 +50,19 @@ def print_report(summary: dict) -> None:
             r = ev[name]
             tasks = " ".join(f"{t}={v:.2f}" for t, v in r["exact_match_by_task"].items())
             print(f"{name:<6} {r['loss']:>7.4f} {r['perplexity']:>8.3f} {r['exact_match']:>12.3f}  {tasks}")
+    pref = summary.get("preference_eval")
+    if pref:
+        print(f"{'model':<6} {'loss':>7} {'reward accuracy':>16} {'margin':>8} {'chosen more likely':>19}")
+        for name in ("base", "tuned"):
+            r = pref[name]
+            print(f"{name:<6} {r['loss']:>7.4f} {r['rewards/accuracy_ties_half']:>16.3f} {r['rewards/margins']:>8.3f} "
+                  f"{r['logps/preference_accuracy']:>19.3f}")
+    mc = summary.get("mc_eval")
+    if mc:
+        print(f"{'model':<6} {'mc acc':>7} {'acc_norm':>9}  "
+              f"(multiple choice by log-likelihood, {mc['base']['num_questions']} questions)")
+        for name in ("base", "tuned"):
+            print(f"{name:<6} {mc[name]['acc']:>7.3f} {mc[name]['acc_norm']:>9.3f}")
     print(f"model saved to {summary['config']['output']} (serve it: loom serve --model {summary['config']['output']})")
 
 
@@ -47,10 +76,16 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
+        check_report_to(cfg)  # a missing tensorboard / wandb fails now, not after the model and data are loaded
+        recipe = write_recipe(cfg, Path(cfg.output) / RESOLVED_RECIPE)
+        print(f"settings: {recipe} (rerun: loom finetune --config {recipe})")
+        for line in where_logs_go(cfg):
+            print(line)
         summary = finetune(cfg)
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
     print_report(summary)
-    print(json.dumps({"eval": summary.get("eval")}, default=str))
+    print(json.dumps({key: summary.get(key) for key in ("eval", "preference_eval", "mc_eval") if summary.get(key)}
+                     or {"eval": None}, default=str))
     return 0

@@ -10,6 +10,8 @@ from typing import Literal
 
 from loom.finetune.template import TEMPLATES
 
+REPORT_TARGETS = ("tensorboard", "wandb")
+
 
 @dataclass(slots=True)
 class FinetuneConfig:
@@ -19,6 +21,18 @@ class FinetuneConfig:
     """Training records: Alpaca JSON/JSONL, OpenAI messages JSONL or ShareGPT JSON/JSONL."""
     output: str
     """Folder for the servable model (and adapter/ and checkpoints/)."""
+    method: Literal["sft", "dpo", "orpo"] = "sft"
+    """"sft" (supervised on responses), "dpo" (preference pairs against a reference model) or "orpo" (preference
+    pairs, odds-ratio loss added to SFT on the chosen response; no reference model)."""
+    beta: float = 0.1
+    """DPO: the KL strength (how far the policy may move from the reference); ORPO: the odds-ratio weight (lambda)."""
+    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """DPO's loss: "sigmoid" (the DPO paper) or "ipo" (squared, on length-averaged log-probs; Azar et al. 2023)."""
+    label_smoothing: float = 0.0
+    """cDPO: the assumed share of flipped preference labels, in [0, 0.5) (sigmoid loss only)."""
+    reference: Literal["auto", "adapters", "precompute"] = "auto"
+    """DPO's reference log-probs: "adapters" (the same model with LoRA switched off: no second copy), "precompute"
+    (one pass over the pairs before training, cached), "auto" (adapters with --lora, else precompute)."""
     eval_data: str | None = None
     """Held-out records: loss, perplexity and greedy exact match, base model next to the tuned one."""
     template: Literal["chat", "alpaca"] = "chat"
@@ -82,6 +96,12 @@ class FinetuneConfig:
     """Evaluate on the first N held-out records only."""
     progress: bool = True
     """A progress bar while training."""
+    report_to: list[str] | None = None
+    """Where step metrics go besides OUTPUT/logs/metrics.jsonl (always written): tensorboard, wandb (repeatable)."""
+    logging_steps: int = 1
+    """Log metrics every N optimizer steps."""
+    mc_eval_data: str | None = None
+    """Multiple-choice JSONL ({question, choices, answer}) scored by log-likelihood, base model next to the tuned."""
 
     def __post_init__(self):
         if self.packing_strategy not in ("ffd", "ff"):
@@ -101,6 +121,19 @@ class FinetuneConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0 (0 = only at the end), got {self.save_every}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be positive, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.dpo_loss != "sigmoid":
+            raise ValueError("label_smoothing (cDPO) applies to dpo_loss='sigmoid' only")
+        if self.reference == "adapters" and not self.lora:
+            raise ValueError("reference='adapters' needs lora=True (the reference is the model with adapters off)")
+        if self.logging_steps <= 0:
+            raise ValueError(f"logging_steps must be positive, got {self.logging_steps}")
+        for target in self.report_to or []:
+            if target not in REPORT_TARGETS:
+                raise ValueError(f"report_to takes {', '.join(REPORT_TARGETS)}; got {target!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

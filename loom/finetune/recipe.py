@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import random
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loom.devices import resolve_device
 from loom.finetune.config import FinetuneConfig
@@ -26,6 +23,10 @@ from loom.finetune.evaluate import EvalReport, evaluate
 from loom.finetune.export import export_adapter, export_model
 from loom.finetune.formats import load_records
 from loom.finetune.lora import apply_lora, merge_lora, num_trainable
+from loom.finetune.mc_eval import MCReport, load_mc_records, mc_evaluate
+from loom.finetune.modeling import auto_threads, load_model, seed_everything
+from loom.finetune.preference import PreferenceTrainer, encode_pairs, load_pairs
+from loom.finetune.reporting import make_reporter
 from loom.finetune.template import chat_template_for, check_tokenizer
 from loom.finetune.trainer import Trainer
 from loom.models.catalogue import resolve_model
@@ -33,42 +34,19 @@ from loom.models.catalogue import resolve_model
 log = logging.getLogger(__name__)
 
 
-def load_model(path: str | Path, device: torch.device, gradient_checkpointing: bool = False):
-    """(model in float32 with SDPA attention, tokenizer) from a local HF folder."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
-    if gradient_checkpointing:
-        enable_checkpointing(model)
-    return model.to(device), tokenizer
-
-
-def enable_checkpointing(model) -> None:
-    """Recompute each decoder layer in backward (transformers 5 renamed gradient -> activation checkpointing)."""
-    kwargs = {"use_reentrant": False}  # non-reentrant: works with frozen embeddings (LoRA) without input grads
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.config.use_cache = False
-
-
-def auto_threads() -> int:
-    """Cores not already busy (1-minute load average), at least 1: oversubscribed OpenMP threads stall each other."""
-    cores = os.cpu_count() or 1
-    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-    return max(1, min(cores, cores - busy))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _evaluate(model, tokenizer, records: list[dict], cfg: FinetuneConfig, template: str, label: str) -> EvalReport:
     t0 = time.perf_counter()
     report = evaluate(model, tokenizer, records, template=template, max_length=cfg.max_length,
                       batch_size=cfg.eval_batch_size)
     log.info("%s: %s (%.0f s)", label, report.summary(), time.perf_counter() - t0)
+    return report
+
+
+def _mc_evaluate(model, tokenizer, records: list[dict], cfg: FinetuneConfig, label: str) -> MCReport:
+    t0 = time.perf_counter()
+    report = mc_evaluate(model, tokenizer, records, template=cfg.template, batch_size=cfg.eval_batch_size,
+                         max_length=cfg.max_length)
+    log.info("%s multiple choice: %s (%.0f s)", label, report.line(), time.perf_counter() - t0)
     return report
 
 
@@ -89,17 +67,42 @@ def finetune(cfg: FinetuneConfig) -> dict:
     model, tokenizer = load_model(model_path, device, cfg.gradient_checkpointing)
     check_tokenizer(tokenizer)
     chat_template = chat_template_for(tokenizer, cfg.template)
-    examples, skipped = load_examples(cfg.data, tokenizer, template=cfg.template,
-                                      train_on_inputs=cfg.train_on_inputs, max_length=cfg.max_length)
-    eval_records = _eval_records(cfg)
+    preference = cfg.method in ("dpo", "orpo")
+    if preference:  # eval_data holds preference pairs too: scored by rewards, not by greedy exact match
+        examples, skipped = load_pairs(cfg.data, tokenizer, template=cfg.template, max_length=cfg.max_length)
+        eval_pairs = encode_pairs(_eval_records(cfg), tokenizer, template=cfg.template,
+                                  max_length=cfg.max_length)[0]
+        eval_records = []
+    else:
+        examples, skipped = load_examples(cfg.data, tokenizer, template=cfg.template,
+                                          train_on_inputs=cfg.train_on_inputs, max_length=cfg.max_length)
+        eval_records, eval_pairs = _eval_records(cfg), []
     base = _evaluate(model, tokenizer, eval_records, cfg, cfg.template, "base") if eval_records else None
+    mc_records = load_mc_records(cfg.mc_eval_data) if cfg.mc_eval_data else []
+    base_mc = _mc_evaluate(model, tokenizer, mc_records, cfg, "base") if mc_records else None
     seed_everything(cfg.seed)
     if cfg.lora:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            targets=cfg.lora_targets)
     trainable, total = num_trainable(model)
     log.info("training %d of %d parameters on %d examples (%d skipped)", trainable, total, len(examples), skipped)
-    result = Trainer(cfg, model, tokenizer, examples).fit()
+    reporter = make_reporter(cfg)
+    preference_eval = None
+    try:
+        if preference:
+            trainer = PreferenceTrainer(cfg, model, tokenizer, examples, reporter=reporter)
+            held_out_ref = None  # a precomputed reference must come from the start model: before training
+            if eval_pairs and trainer.reference_mode == "precompute":
+                held_out_ref = trainer.precompute_reference(eval_pairs)
+            base_pref = _preference_eval(trainer, eval_pairs, held_out_ref, "base")
+            result = trainer.fit()
+            tuned_pref = _preference_eval(trainer, eval_pairs, held_out_ref, "tuned")
+            if eval_pairs:
+                preference_eval = {"base": base_pref, "tuned": tuned_pref}
+        else:
+            result = Trainer(cfg, model, tokenizer, examples, reporter=reporter).fit()
+    finally:
+        reporter.close()
     output = Path(cfg.output)
     if cfg.lora:
         export_adapter(model, output)
@@ -110,16 +113,38 @@ def finetune(cfg: FinetuneConfig) -> dict:
         "final_loss": result.losses[-1] if result.losses else None, "train_tokens_per_s": result.tokens_per_s,
         "train_seconds": result.elapsed_s,
     }
+    if preference:
+        summary["train_pairs_per_s"] = result.pairs_per_s
+    if preference_eval:
+        summary["preference_eval"] = preference_eval
+        (output / "eval.json").write_text(json.dumps(preference_eval, indent=2))
     export_model(model, tokenizer, output, chat_template, summary)
-    if eval_records:
+    if eval_records or mc_records:
         del model
         tuned_model, tuned_tok = load_model(output, device)  # exactly the exported folder, its own chat template
+    if eval_records:
         tuned = _evaluate(tuned_model, tuned_tok, eval_records, cfg, cfg.template, "tuned")
         summary["eval"] = _eval_summary(eval_records, base, tuned)
         (output / "eval.json").write_text(json.dumps({**summary["eval"], "predictions": tuned.predictions[:50]},
                                                      indent=2))
+    if mc_records:
+        tuned_mc = _mc_evaluate(tuned_model, tuned_tok, mc_records, cfg, "tuned")
+        summary["mc_eval"] = {"base": base_mc.summary(), "tuned": tuned_mc.summary()}
+        predictions = {"base": base_mc.predictions, "tuned": tuned_mc.predictions}
+        (output / "mc_eval.json").write_text(json.dumps({**summary["mc_eval"], "predictions": predictions}, indent=2))
     (output / "loom_finetune.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _preference_eval(trainer: PreferenceTrainer, pairs: list[dict], reference, label: str) -> dict | None:
+    if not pairs:
+        return None
+    t0 = time.perf_counter()
+    report = trainer.evaluate(pairs, reference)
+    log.info("%s: reward accuracy %.3f (ties 1/2: %.3f), margin %.3f, chosen preferred by log-prob %.3f (%.0f s)",
+             label, report["rewards/accuracy"], report["rewards/accuracy_ties_half"], report["rewards/margins"],
+             report["logps/preference_accuracy"], time.perf_counter() - t0)
+    return report
 
 
 def _eval_records(cfg: FinetuneConfig) -> list[dict]:

@@ -36,6 +36,12 @@ class StepStats:
     num_supervised: int
     num_tokens: int
     grad_norm: float
+    extra: dict[str, float] = field(default_factory=dict)
+    """Method-specific metrics (DPO: rewards, margins, accuracy, log-probs)."""
+
+    def metrics(self) -> dict[str, float]:
+        return {"loss": self.loss, "grad_norm": self.grad_norm, "supervised_tokens": self.num_supervised,
+                "tokens": self.num_tokens, **self.extra}
 
 
 @dataclass(slots=True)
@@ -45,10 +51,16 @@ class TrainResult:
     num_tokens: int = 0
     num_supervised: int = 0
     elapsed_s: float = 0.0
+    num_pairs: int = 0
+    """Preference pairs trained on (DPO/ORPO)."""
 
     @property
     def tokens_per_s(self) -> float:
         return self.num_tokens / self.elapsed_s if self.elapsed_s else 0.0
+
+    @property
+    def pairs_per_s(self) -> float:
+        return self.num_pairs / self.elapsed_s if self.elapsed_s else 0.0
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -82,11 +94,12 @@ def accumulate(model, batches: list[Batch], autocast) -> tuple[float, int]:
 
 
 class Trainer:
-    def __init__(self, cfg: FinetuneConfig, model, tokenizer, examples: list[dict]):
+    def __init__(self, cfg: FinetuneConfig, model, tokenizer, examples: list[dict], reporter=None):
         self.cfg, self.model, self.tokenizer, self.examples = cfg, model, tokenizer, examples
+        self.reporter = reporter  # anything with log(step, metrics), e.g. loom.finetune.reporting; None: no logs
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.lengths = [len(e["input_ids"]) for e in examples]
+        self.lengths = [self.example_length(e) for e in examples]
         self.total_steps = self._total_steps()
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -98,13 +111,22 @@ class Trainer:
         )
         self.autocast = autocast_for(self.device, cfg.bf16)
 
+    @staticmethod
+    def example_length(example: dict) -> int:
+        return len(example["input_ids"])
+
+    @property
+    def row_tokens(self) -> int:
+        """Tokens a packed row holds."""
+        return self.cfg.max_length
+
     def _plan(self, epoch: int) -> list[list[list[int]]]:
         cfg = self.cfg
         return micro_batch_plan(
             self.lengths,
             batch_size=cfg.batch_size,
             packing=cfg.packing,
-            max_length=cfg.max_length,
+            max_length=self.row_tokens,
             seed=cfg.seed,
             epoch=epoch,
             strategy=cfg.packing_strategy,
@@ -123,8 +145,12 @@ class Trainer:
                 if skip:
                     skip -= 1
                     continue
-                yield collate(self.examples, micro, self.pad_id, self.cfg.packing).to(self.device)
+                yield self.collate(micro).to(self.device)
             epoch += 1
+
+    def collate(self, micro: list[list[int]]) -> Batch:
+        """One planned micro-batch (rows of example indices) -> tensors."""
+        return collate(self.examples, micro, self.pad_id, self.cfg.packing)
 
     def train_step(self, batches: list[Batch]) -> StepStats:
         self.model.train()
@@ -174,10 +200,15 @@ class Trainer:
             result.losses.append(stats.loss)
             result.num_tokens += stats.num_tokens
             result.num_supervised += stats.num_supervised
+            result.num_pairs += int(stats.extra.get("pairs", 0))
             result.elapsed_s = time.perf_counter() - t0
             bar.update(1)
             bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{result.tokens_per_s:.0f}",
                             lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            if self.reporter is not None and ((step + 1) % self.cfg.logging_steps == 0
+                                              or step + 1 == self.total_steps):
+                self.reporter.log(step + 1, {**stats.metrics(), "lr": self.scheduler.get_last_lr()[0],
+                                             "tokens_per_s": result.tokens_per_s})
             if self.cfg.save_every and (step + 1) % self.cfg.save_every == 0:
                 self._save(step + 1)
         bar.close()

@@ -34,3 +34,21 @@ def test_main_writes_jsonl(tmp_path):
     assert main(["--out", str(tmp_path), "--train", "8", "--eval", "4"]) == 0
     assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 8
     assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 4
+
+
+def test_dpo_pairs_prefer_the_bare_right_answer_and_style_is_checkable():
+    from scripts.dpo_demo_data import generate_pairs, style_of
+
+    train, held_out = generate_pairs(120, 40, seed=3)
+    assert (train, held_out) == generate_pairs(120, 40, seed=3)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
+    for pair in train + held_out:
+        assert style_of(pair["chosen"], pair["chosen"]) == {"concise": True, "correct": True}
+        assert style_of(pair["rejected"], pair["chosen"])["concise"] is False  # every rejected answer is chatty
+    sorts = [p for p in train if p["task"] == "sort"]
+    wrong = sum(re.findall(r"\d+", p["rejected"]) != p["chosen"].split() for p in sorts)
+    assert 0.15 < wrong / len(sorts) < 0.6  # about a third of the rejected answers are also wrong
+    assert style_of("The year 1930.", "1930") == {"concise": False, "correct": False}
+    assert style_of("1930.", "1930") == {"concise": True, "correct": True}
+    assert style_of("1931", "1930") == {"concise": True, "correct": False}
+    assert style_of("4, 9, 12", "4 9 12") == {"concise": True, "correct": True}

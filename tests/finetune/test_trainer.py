@@ -112,7 +112,7 @@ def test_lora_trains_only_adapters_then_merges_and_exports(tmp_path, tokenizer):
 
 def test_gradient_checkpointing_gives_the_same_gradient(tokenizer):
     from loom.finetune.collate import pack_collate
-    from loom.finetune.recipe import enable_checkpointing
+    from loom.finetune.modeling import enable_checkpointing
     from loom.finetune.trainer import accumulate
 
     exs = [encode_example(r, tokenizer) for r in RECORDS[:4]]
