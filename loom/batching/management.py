@@ -37,7 +37,7 @@ UPDATABLE = {"workers", "batch_size", "max_batch_delay"}
 
 
 def new_token() -> str:
-    return secrets.token_urlsafe(24)
+    return secrets.token_hex(24)  # hex: never starts with '-', so it can be passed as a flag value as it is
 
 
 def write_token_file(path: Path, token: str) -> None:

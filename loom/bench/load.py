@@ -127,9 +127,10 @@ class _server:
             if not (a.management_url and a.management_token):
                 raise ValueError("--url needs --management-url and --management-token too")
             return a.url.rstrip("/"), a.management_url.rstrip("/"), a.management_token
-        port, mport, token = free_port(), free_port(), secrets.token_urlsafe(16)
+        # hex, and passed with "=": a urlsafe token starting with "-" was read by argparse as a flag (a flaky test)
+        port, mport, token = free_port(), free_port(), secrets.token_hex(16)
         cmd = [sys.executable, "-m", "loom.cli", "serve", "--model-server", "--enable-model-api", "--port", str(port),
-               "--management-port", str(mport), "--management-token", token, "--log-level", "warning"]
+               "--management-port", str(mport), f"--management-token={token}", "--log-level", "warning"]
         self.process = start_server(cmd, f"http://127.0.0.1:{port}", ready_path="/ping", timeout=120)
         return self.process.url, f"http://127.0.0.1:{mport}", token
 
