@@ -248,6 +248,11 @@ def _finetune_cmd(model_dir: Path, data: Path, output: Path, steps: int) -> list
             "--threads", "1", "--no-progress", "--seed", "0"]
 
 
+def _newest_step(checkpoints: Path) -> int:
+    steps = [int(p.name[5:]) for p in checkpoints.glob("step-*") if p.name[5:].isdigit()]
+    return max(steps, default=0)
+
+
 def _weights(folder: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -287,11 +292,14 @@ def run_finetune(workdir: Path, model_dir: Path, steps: int = 30, seed: int = 0,
                             stderr=subprocess.DEVNULL)
     checkpoints = killed / "checkpoints"
     deadline = time.monotonic() + timeout
-    while not (checkpoints / f"step-{kill_at:06d}").exists():
+    # NOTE: wait for ANY checkpoint at or past kill_at: with one checkpoint kept, step-k lives for a single step, and a
+    # poller starved on a busy machine missed it and saw the run end (a flaky failure under load)
+    while (reached := _newest_step(checkpoints)) < kill_at:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the finetune ended before step {kill_at} (exit {proc.returncode})")
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
+    kill_at = reached
     proc.wait(30)
     saved = sorted(p.name for p in checkpoints.glob("step-*") if (p / "trainer.json").is_file())
     complete, corrupt = _checkpoints_load(checkpoints)
