@@ -1,11 +1,14 @@
 """The Llama family in PyTorch over flat token batches and a paged KV cache.
 
-Covers Llama 2/3 (incl. Llama-3 rope scaling), SmolLM2, Mistral and Qwen2 (q/k/v bias): RMSNorm, RoPE,
-grouped-query attention, SwiGLU, tied or untied embeddings. Tokens of all sequences in a step are one flat
-batch [T, D]; attention finds each sequence's keys through ``AttentionMetadata``. q/k/v and gate/up are fused
-into single matmuls at load time; everything between the matmuls goes through ``model.ops`` (``loom.ops.layers``),
-which the engine points at fused kernels where it can. The residual stream is carried beside the hidden state, as in
-vLLM, so the residual add and the next norm are one op.
+Covers Llama 2/3 (incl. Llama-3 rope scaling), SmolLM2, Mistral, Qwen2 (q/k/v bias) and Qwen3 (RMSNorm on q and k
+per head): RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied embeddings. A sliding attention window is
+not implemented in the paged path yet: a model that has one loads only with a context no longer than the window
+(where the window never takes effect), never silently with a wrong attention.
+
+Tokens of all sequences in a step are one flat batch [T, D]; attention finds each sequence's keys through
+``AttentionMetadata``. q/k/v and gate/up are fused into single matmuls at load time; everything between the matmuls
+goes through ``model.ops`` (``loom.ops.layers``), which the engine points at fused kernels where it can. The residual
+stream is carried beside the hidden state, as in vLLM, so the residual add and the next norm are one op.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from loom.ops.attention import AttentionMetadata, paged_attention
 from loom.ops.layers import TorchOps, rms_norm_reference
 from loom.ops.rotary import RotaryEmbedding
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 @dataclass(slots=True)
@@ -41,6 +44,10 @@ class LlamaConfig:
     o_bias: bool
     mlp_bias: bool
     architecture: str
+    qk_norm: bool = False
+    """Qwen3: RMSNorm over each head of q and k before the rotary embedding."""
+    sliding_window: int | None = None
+    """Tokens a query may attend back to (itself included) in sliding-window layers; None: full attention."""
 
     @classmethod
     def from_hf(cls, hf) -> LlamaConfig:
@@ -52,6 +59,10 @@ class LlamaConfig:
         theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
         is_qwen2 = arch == "Qwen2ForCausalLM"
         attention_bias = bool(getattr(hf, "attention_bias", False))
+        window = getattr(hf, "sliding_window", None)
+        layer_types = getattr(hf, "layer_types", None) or []
+        windowed = arch == "MistralForCausalLM" or getattr(hf, "use_sliding_window", False) or (
+            "sliding_attention" in layer_types)
         return cls(
             vocab_size=hf.vocab_size,
             hidden_size=hf.hidden_size,
@@ -69,7 +80,18 @@ class LlamaConfig:
             o_bias=attention_bias and not is_qwen2,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             architecture=arch,
+            qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window=int(window) if window and windowed else None,
         )
+
+    def check_context(self, max_model_len: int) -> None:
+        """Refuse a context the implementation would get wrong (a sliding window shorter than it)."""
+        if self.sliding_window is not None and self.sliding_window < max_model_len:
+            raise ValueError(
+                f"this {self.architecture} attends through a sliding window of {self.sliding_window} tokens, which "
+                f"Loom's paged attention does not implement yet; with a context of {max_model_len} tokens its outputs "
+                f"would be wrong. Serve it with --max-model-len {self.sliding_window} (or less), where the window "
+                "never takes effect")
 
 
 class RMSNorm(nn.Module):
@@ -95,15 +117,27 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = self.head_dim**-0.5
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, positions, rotary: RotaryEmbedding, kv_cache, meta: AttentionMetadata, ops: TorchOps):
         k_cache, v_cache = kv_cache
+        qkv = self.qkv_proj(x)
+        if self.q_norm is not None:
+            qkv = self.norm_qk(qkv, ops)
         q, k, v = ops.rotary_and_cache(
-            self.qkv_proj(x), positions, rotary.cos, rotary.sin, k_cache, v_cache, meta.slot_mapping,
+            qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache, meta.slot_mapping,
             self.num_heads, self.num_kv_heads,
         )  # fmt: skip  # q [T, H, D], k/v [T, Hkv, D]
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, ops.decode_attention)
         return self.o_proj(out.reshape(x.shape[0], self.q_size))
+
+    def norm_qk(self, qkv: torch.Tensor, ops: TorchOps) -> torch.Tensor:
+        """Qwen3: RMSNorm over each head of q and of k (v untouched), before the rotary embedding."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = ops.rms_norm(q.reshape(-1, self.head_dim), self.q_norm.weight, self.q_norm.eps)
+        k = ops.rms_norm(k.reshape(-1, self.head_dim), self.k_norm.weight, self.k_norm.eps)
+        return torch.cat([q.reshape(qkv.shape[0], -1), k.reshape(qkv.shape[0], -1), v], dim=-1)
 
 
 class MLP(nn.Module):

@@ -44,6 +44,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
     if not files:
         raise ValueError(f"no *.safetensors in {folder}; Loom loads HF folders saved with safetensors")
     cfg = LlamaConfig.from_hf(load_hf_config(folder))
+    cfg.check_context(max_positions)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions=1, dtype=dtype)
     model = model.to_empty(device=device).to(dtype)
@@ -58,7 +59,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
                 if target is None:
                     continue
                 pname, part = target
-                _copy_into(params[pname], part, f.get_tensor(name), cfg)
+                _copy_into(params[pname], part, f.get_tensor(name), cfg, gate_up="gate_up_proj" in pname)
                 filled[pname] = filled.get(pname, 0) + 1
     _check_complete(params, filled, folder)
     return model.eval()
@@ -82,12 +83,14 @@ def _target(name: str, cfg: LlamaConfig) -> tuple[str, int | None] | None:
     return f"layers.{layer}.{rest}", None
 
 
-def _copy_into(param: torch.nn.Parameter, part: int | None, tensor: torch.Tensor, cfg: LlamaConfig) -> None:
+def _copy_into(param: torch.nn.Parameter, part: int | None, tensor: torch.Tensor, cfg: LlamaConfig,
+               gate_up: bool) -> None:
+    # NOTE: which fused parameter comes from its name: q + 2 kv rows can equal 2 x intermediate_size (a Qwen3 shape)
     with torch.no_grad():
         if part is None:
             param.copy_(tensor)
             return
-        if param.shape[0] == 2 * cfg.intermediate_size:  # gate_up
+        if gate_up:
             sizes = [cfg.intermediate_size] * 2
         else:  # qkv
             kv = cfg.num_key_value_heads * cfg.head_dim

@@ -100,8 +100,11 @@ def test_torch_and_cpp_decode_backends_agree(tiny_llama):
         ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
         ("llama", {"tie_word_embeddings": False, "num_key_value_heads": 4}),
+        ("qwen3", {"head_dim": 32}),
+        ("qwen3", {"head_dim": 16, "attention_bias": True}),
     ],
-    ids=["qwen2-qkv-bias", "llama-attention-bias", "llama3-rope-scaling", "untied-mha"],
+    ids=["qwen2-qkv-bias", "llama-attention-bias", "llama3-rope-scaling", "untied-mha", "qwen3-qk-norm",
+         "qwen3-qk-norm-bias"],
 )  # fmt: skip
 def test_family_variants_match_hf(tmp_path, smollm2_path, arch, overrides):
     path = save_tiny_model(tmp_path / arch, smollm2_path, arch=arch, **overrides)
@@ -109,6 +112,33 @@ def test_family_variants_match_hf(tmp_path, smollm2_path, arch, overrides):
     assert_parity(
         loom_greedy(LLM(str(path), num_kv_blocks=256, block_size=8), prompts, 12), hf_greedy(path, prompts, 12)
     )
+
+
+def test_qwen3_qk_norm_weights_are_loaded_and_used(tmp_path, smollm2_path):
+    """The parity above would also pass if q_norm/k_norm were identity; make them matter and compare again."""
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_model(tmp_path / "qwen3", smollm2_path, arch="qwen3", head_dim=16)
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.2, 3.0)
+            layer.self_attn.k_norm.weight.uniform_(0.2, 3.0)
+    model.save_pretrained(path)
+    prompts = varied_prompts(4, seed=7, low=10, high=60)
+    ours = loom_greedy(LLM(str(path), num_kv_blocks=256, block_size=8), prompts, 12)
+    assert_parity(ours, hf_greedy(path, prompts, 12))
+
+
+def test_a_sliding_window_model_never_loads_with_a_longer_context(tmp_path, smollm2_path):
+    """Mistral with a 48-token window: refused at the default context (outputs would be wrong), served exactly at a
+    context no longer than the window, where the window never takes effect."""
+    path = save_tiny_model(tmp_path / "mistral", smollm2_path, arch="mistral", sliding_window=48, head_dim=16)
+    with pytest.raises(ValueError, match="sliding window of 48 tokens.*--max-model-len 48"):
+        LLM(str(path), num_kv_blocks=256)
+    prompts = varied_prompts(6, seed=8, low=5, high=30)
+    ours = loom_greedy(LLM(str(path), num_kv_blocks=256, block_size=8, max_model_len=48), prompts, 16)
+    assert_parity(ours, hf_greedy(path, prompts, 16))
 
 
 @pytest.mark.slow
@@ -119,3 +149,13 @@ def test_smollm2_concurrent_matches_hf(smollm2_path):
     assert_parity(together, hf_greedy(smollm2_path, prompts, 16))
     alone = [loom_greedy(llm, [p], 16)[0][0] for p in prompts[:4]]
     assert alone == [t[0] for t in together[:4]]
+
+
+def test_an_unsupported_architecture_is_refused_naming_the_supported_ones(tmp_path, smollm2_path):
+    import json
+
+    path = save_tiny_model(tmp_path / "gemma-like", smollm2_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "architectures": ["Gemma2ForCausalLM"]}))
+    with pytest.raises(ValueError, match="Gemma2ForCausalLM is not supported; Loom serves LlamaForCausalLM, .*Qwen3"):
+        LLM(str(path), num_kv_blocks=64)
