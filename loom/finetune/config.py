@@ -127,6 +127,8 @@ class FinetuneConfig:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.dpo_loss != "sigmoid":
             raise ValueError("label_smoothing (cDPO) applies to dpo_loss='sigmoid' only")
+        if self.method != "sft" and self.train_on_inputs:
+            raise ValueError("train_on_inputs applies to method 'sft' only: preference methods score the response")
         if self.reference == "adapters" and not self.lora:
             raise ValueError("reference='adapters' needs lora=True (the reference is the model with adapters off)")
         if self.logging_steps <= 0:

@@ -236,6 +236,8 @@ def test_dpo_training_raises_the_reward_margin_and_accuracy(tmp_path, tokenizer,
 def test_reference_adapters_needs_lora(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="needs lora=True"):
         config(tmp_path, reference="adapters")
+    with pytest.raises(ValueError, match="train_on_inputs applies to method 'sft' only"):
+        config(tmp_path, train_on_inputs=True)
     with pytest.raises(ValueError, match="applies to dpo_loss='sigmoid' only"):
         config(tmp_path, dpo_loss="ipo", label_smoothing=0.1)
 
