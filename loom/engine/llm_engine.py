@@ -16,6 +16,7 @@ from loom.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.scheduler import Scheduler, SchedulerConfig
 from loom.engine.sequence import Sequence
+from loom.engine.structured import StructuredOutputs
 from loom.models.catalogue import resolve_model
 from loom.models.loader import load_hf_config, load_model, load_tokenizer
 from loom.ops.layers import TorchOps
@@ -40,6 +41,12 @@ class EngineStats:
     """Prompt tokens computed so far (cache hits excluded)."""
     num_generation_tokens: int
     mean_batch_tokens: float
+    num_constrained_seqs: int = 0
+    """Structured-output sequences added so far."""
+    num_mixed_steps: int = 0
+    """Steps whose sampled rows had both constrained and free sequences."""
+    grammar_cache_hits: int = 0
+    grammar_cache_misses: int = 0
 
 
 @dataclass(slots=True)
@@ -90,6 +97,8 @@ class LLMEngine:
         self._num_steps = self._num_prompt_tokens = self._num_generation_tokens = self._batched_tokens = 0
         self._slots_used = self._slots_held = 0
         self.last_step: StepStats | None = None
+        self.structured = StructuredOutputs(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
+        self._num_constrained = self._num_mixed_steps = 0
 
     # --- public API -----------------------------------------------------------------------------------------
     def add_request(
@@ -113,6 +122,10 @@ class LLMEngine:
             Sequence(next(self._seq_ids), request_id, i, prompt_token_ids, params, now, generator_seed=_seed(params, i))
             for i in range(params.n)
         ]
+        if params.structured_outputs is not None:  # StructuredOutputError (a ValueError) when it does not compile
+            for seq in seqs:
+                seq.matcher = self.structured.new_matcher(params.structured_outputs)
+            self._num_constrained += len(seqs)
         detok = [new_state(prompt_token_ids) for _ in seqs]
         self.requests[request_id] = _Request(
             request_id, prompt, prompt_token_ids, params, seqs, detok, RequestMetrics(now)
@@ -140,6 +153,7 @@ class LLMEngine:
         logits, sampling = self.runner.execute(out)
         self.scheduler.update(out)
         rows = [self._sampling_row(c.seq) for c in sampling]
+        self._apply_grammars(logits, sampling)
         result = sample(logits, rows) if rows else None
         self._count(out)
         used, held = self._kv_slots()
@@ -164,9 +178,22 @@ class LLMEngine:
             num_prompt_tokens=self._num_prompt_tokens,
             num_generation_tokens=self._num_generation_tokens,
             mean_batch_tokens=self._batched_tokens / self._num_steps if self._num_steps else 0.0,
+            num_constrained_seqs=self._num_constrained,
+            num_mixed_steps=self._num_mixed_steps,
+            grammar_cache_hits=self.structured.num_cache_hits,
+            grammar_cache_misses=self.structured.num_cache_misses,
         )
 
     # --- internals ------------------------------------------------------------------------------------------
+    def _apply_grammars(self, logits, sampling) -> None:
+        """Mask the rows of constrained sequences (only those) to what their grammars allow next."""
+        rows = [i for i, c in enumerate(sampling) if c.seq.matcher is not None]
+        if not rows:
+            return
+        if len(rows) < len(sampling):
+            self._num_mixed_steps += 1
+        self.structured.apply(logits, rows, [sampling[i].seq.matcher for i in rows])
+
     def _kv_slots(self) -> tuple[int, int]:
         """(slots in the running sequences' blocks, slots of those that hold a token)."""
         bs, used, held = self.block_manager.block_size, 0, 0
@@ -266,6 +293,10 @@ class LLMEngine:
                 seq.output_logprobs.append(logprobs)
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
+            if seq.matcher is not None and not seq.matcher.consume_token(token):
+                self._finish(seq, "abort", None)  # the mask forbids this; only a matcher error gets here
+                touched[req.request_id] = req
+                continue
             self._check_stop(seq, req.detok[seq.index], token)
             touched[req.request_id] = req
         for req in touched.values():
@@ -284,6 +315,8 @@ class LLMEngine:
             return self._finish(seq, "stop", None)
         if can_stop and token in p.stop_token_ids:
             return self._finish(seq, "stop", token)
+        if seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete
+            return self._finish(seq, "stop", None)
         if can_stop and p.stop and delta:
             hit = find_stop(detok.text, len(delta), p.stop)
             if hit is not None:

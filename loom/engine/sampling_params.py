@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from loom.engine.structured import StructuredOutputsParams
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -41,6 +43,9 @@ class SamplingParams:
     """Leave special tokens out of the text."""
     include_stop_str_in_output: bool = False
     """Keep the matched stop string at the end of the text."""
+    structured_outputs: StructuredOutputsParams | None = None
+    """Constrain the output to a JSON schema, JSON object, regex, choice or Lark grammar (see loom.engine.structured);
+    a dict is taken as StructuredOutputsParams' fields."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -48,6 +53,8 @@ class SamplingParams:
         self.stop = [s for s in self.stop if s]
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         checks = [
             (isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n}"),
             (0.0 <= self.temperature <= 100.0, f"temperature must be in [0, 100], got {self.temperature}"),

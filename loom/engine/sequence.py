@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from loom.engine.sampling_params import SamplingParams
 
@@ -36,6 +37,8 @@ class Sequence:
     stop_reason: str | int | None = None
     num_preemptions: int = 0
     generator_seed: int | None = None
+    matcher: Any = None
+    """The grammar matcher of a structured-output sequence (an llguidance ``LLMatcher``); None when free."""
 
     @property
     def all_token_ids(self) -> list[int]:

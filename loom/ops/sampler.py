@@ -142,5 +142,6 @@ def _gather_logprobs(row: torch.Tensor, token: int, top: int) -> dict[int, float
     if top:
         values, ids = row.topk(top)
         for tid, lp in zip(ids.tolist(), values.tolist()):
-            result.setdefault(tid, lp)
+            if lp != float("-inf"):  # a grammar-masked token (fewer allowed tokens than asked for)
+                result.setdefault(tid, lp)
     return result

@@ -34,6 +34,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     ctx.check_n(params.n)
     messages = [m.as_template_dict() for m in req.messages]
     prompt = await ctx.apply_chat_template(messages, req.add_generation_prompt)
+    await ctx.compile_grammar(params, "response_format" if req.response_format is not None else "structured_outputs")
     request_id, created = new_id("chatcmpl"), now_s()
     streams = await ctx.open_streams(request_id, [prompt], params, time.time())
     if req.stream:

@@ -31,6 +31,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     ctx.check_n(params.n, len(raw_prompts))
     ctx.encoder.check_chars(sum(len(p) for p in raw_prompts if isinstance(p, str)))
     prompts = [await ctx.encode(p) if isinstance(p, str) else list(p) for p in raw_prompts]
+    await ctx.compile_grammar(params, "structured_outputs")
     request_id, created = new_id("cmpl"), now_s()
     streams = await ctx.open_streams(request_id, prompts, params, time.time())  # checks token ids too
     try:

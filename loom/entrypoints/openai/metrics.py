@@ -75,9 +75,19 @@ class LLMMetrics:
                                  [*label, "finished_reason"], registry=registry)
         self.rejected = Counter("loom_requests_rejected", "Requests refused with 503 (waiting queue full or draining)",
                                 label, registry=registry).labels(*name)
+        self.constrained_seqs = Counter("loom_structured_output_seqs",
+                                        "Sequences generated under a structured-output grammar", label,
+                                        registry=registry).labels(*name)
+        self.mixed_steps = Counter("loom_structured_output_mixed_steps",
+                                   "Engine steps that sampled both grammar-constrained and free sequences", label,
+                                   registry=registry).labels(*name)
+        self.grammar_cache_hits = Counter("loom_grammar_cache_hits", "Structured-output grammars found compiled",
+                                          label, registry=registry).labels(*name)
+        self.grammar_cache_misses = Counter("loom_grammar_cache_misses", "Structured-output grammars compiled",
+                                            label, registry=registry).labels(*name)
         self._name = model_name
         self._max_seqs = 0
-        self._last: dict[str, int] = {"num_preemptions": 0, "num_prompt_tokens": 0, "num_generation_tokens": 0}
+        self._last: dict[str, int] = {}
 
     def observe_step(self, num_tokens: int, num_seqs: int, seconds: float) -> None:
         self.steps.inc()
@@ -97,9 +107,12 @@ class LLMMetrics:
         self.kv_total.set(stats.num_kv_blocks)
         self.prefix_hit_rate.set(stats.prefix_hit_rate)
         for attr, counter in (("num_preemptions", self.preemptions), ("num_prompt_tokens", self.prompt_tokens),
-                              ("num_generation_tokens", self.generation_tokens)):
-            value = getattr(stats, attr)
-            counter.inc(max(0, value - self._last[attr]))
+                              ("num_generation_tokens", self.generation_tokens),
+                              ("num_constrained_seqs", self.constrained_seqs), ("num_mixed_steps", self.mixed_steps),
+                              ("grammar_cache_hits", self.grammar_cache_hits),
+                              ("grammar_cache_misses", self.grammar_cache_misses)):
+            value = getattr(stats, attr, 0)
+            counter.inc(max(0, value - self._last.get(attr, 0)))
             self._last[attr] = value
 
     def observe_finished(self, times: RequestTimes, reason: str) -> None:

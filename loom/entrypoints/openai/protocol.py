@@ -3,7 +3,9 @@
 Ranges are checked by ``SamplingParams`` itself (its ValueError becomes a 400 naming the field); pydantic checks
 types and shapes. Unknown fields are ignored, as vLLM does, so clients' ``extra_body`` extras never break a call.
 Loom's extra sampling fields: ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
-``stop_token_ids``, ``skip_special_tokens``, ``include_stop_str_in_output``.
+``stop_token_ids``, ``skip_special_tokens``, ``include_stop_str_in_output``, and vLLM's ``structured_outputs``
+(``{"json" | "regex" | "choice" | "grammar" | "json_object"}``; the older ``guided_json`` / ``guided_regex`` /
+``guided_choice`` / ``guided_grammar`` too). Chat's ``response_format`` takes ``json_object`` and ``json_schema``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from loom.engine.sampling_params import SamplingParams
+from loom.engine.structured import StructuredOutputsParams
 from loom.entrypoints.openai.errors import bad_request
 
 MAX_STOP = 16
@@ -23,6 +26,19 @@ StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class StructuredOutputsRequest(BaseModel):
+    """vLLM's ``structured_outputs``; its other options (``disable_any_whitespace``, ...) are ignored: JSON is always
+    generated compact."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    json_: dict | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class _Common(BaseModel):
@@ -49,12 +65,39 @@ class _Common(BaseModel):
     stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP)] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _structured(self) -> StructuredOutputsParams | None:
+        """The request's structured-output spec (``structured_outputs`` or a ``guided_*`` field), or None."""
+        spec = None
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            spec = {"json": so.json_, "regex": so.regex, "choice": so.choice, "grammar": so.grammar,
+                    "json_object": bool(so.json_object)}
+            param = "structured_outputs"
+        guided = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+                  "grammar": self.guided_grammar}
+        if any(v is not None for v in guided.values()):
+            if spec is not None:
+                raise bad_request("give structured_outputs or a guided_* field, not both", "structured_outputs")
+            spec, param = {**guided, "json_object": False}, "guided_json"
+        if spec is None:
+            return None
+        try:
+            return StructuredOutputsParams(**spec)
+        except ValueError as exc:
+            raise bad_request(str(exc), param) from None
+
+    def _sampling(self, max_tokens: int | None, logprobs: int | None,
+                  structured: StructuredOutputsParams | None = None) -> SamplingParams:
         if self.logit_bias:
             raise bad_request("logit_bias is not supported by this server; remove it", "logit_bias")
         if self.stream_options is not None and not self.stream:
@@ -77,6 +120,7 @@ class _Common(BaseModel):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            structured_outputs=structured or self._structured(),
         )
 
 
@@ -127,8 +171,25 @@ class ChatMessage(BaseModel):
         return {"role": role, "content": content or ""}
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
-    type: str = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured(self) -> StructuredOutputsParams | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise bad_request("response_format json_schema needs json_schema.schema", "response_format")
+        return StructuredOutputsParams(json=self.json_schema.schema_)
 
 
 class ChatCompletionRequest(_Common):
@@ -145,15 +206,18 @@ class ChatCompletionRequest(_Common):
     def sampling_params(self) -> SamplingParams:
         if self.tools:
             raise bad_request("tools are not supported by this server; remove them", "tools")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
+        structured = self.response_format.structured() if self.response_format is not None else None
+        if structured is not None and (self.structured_outputs is not None or self.guided_json is not None
+                                       or self.guided_regex is not None or self.guided_choice is not None
+                                       or self.guided_grammar is not None):
+            raise bad_request("give response_format or structured_outputs, not both", "response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
             raise bad_request(f"top_logprobs must be in [0, 20], got {self.top_logprobs}", "top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling(max_tokens, logprobs)
+        return self._sampling(max_tokens, logprobs, structured)
 
 
 class TokenizeRequest(BaseModel):

@@ -14,6 +14,7 @@ from fastapi import Request, Response
 
 from loom.engine.outputs import RequestOutput
 from loom.engine.sampling_params import SamplingParams
+from loom.engine.structured import StructuredOutputError
 from loom.entrypoints.openai.async_engine import AsyncLLMEngine, EngineDead, EngineOverloaded, RequestStream
 from loom.entrypoints.openai.errors import OpenAIError, bad_request, from_value_error
 from loom.entrypoints.openai.logprobs import TokenStrings
@@ -83,6 +84,18 @@ class ServingContext:
             raise OpenAIError(400, "this model has no chat template; use /v1/completions", param="messages")
         limit = self.front.max_model_len if within_context else None
         return await self.encoder.chat(messages, add_generation_prompt, limit=limit)
+
+    async def compile_grammar(self, params: SamplingParams, param: str) -> None:
+        """Compile the request's structured-output grammar (cached by spec) on the tokenizer thread, off the event
+        loop and before admission; a spec that does not compile is a 400 naming the problem."""
+        spec = params.structured_outputs
+        manager = getattr(self.front.engine, "structured", None)
+        if spec is None or manager is None:
+            return
+        try:
+            await self.encoder.run(manager.prepare, spec)
+        except StructuredOutputError as exc:
+            raise bad_request(str(exc), param) from None
 
     async def open_streams(self, base_id: str, prompts: list[list[int]], params: SamplingParams,
                            arrival: float) -> list[RequestStream]:
