@@ -1,9 +1,10 @@
 """The Llama family in PyTorch over flat token batches and a paged KV cache.
 
-Covers Llama 2/3 (incl. Llama-3 rope scaling), SmolLM2, Mistral, Qwen2 (q/k/v bias) and Qwen3 (RMSNorm on q and k
-per head): RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied embeddings. A sliding attention window is
-not implemented in the paged path yet: a model that has one loads only with a context no longer than the window
-(where the window never takes effect), never silently with a wrong attention.
+Covers Llama 2/3 (incl. Llama-3 rope scaling), SmolLM2, Mistral, Phi-3 (fused qkv / gate_up checkpoints; default
+rope only), Qwen2 (q/k/v bias) and Qwen3 (RMSNorm on q and k per head): RMSNorm, RoPE, grouped-query attention,
+SwiGLU, tied or untied embeddings. A sliding attention window is not implemented in the paged path yet: a model
+that has one loads only with a context no longer than the window (where the window never takes effect), never
+silently with a wrong attention.
 
 Tokens of all sequences in a step are one flat batch [T, D]; attention finds each sequence's keys through
 ``AttentionMetadata``. q/k/v and gate/up are fused into single matmuls at load time; everything between the matmuls
@@ -23,7 +24,8 @@ from loom.ops.attention import AttentionMetadata, paged_attention
 from loom.ops.layers import TorchOps, rms_norm_reference
 from loom.ops.rotary import RotaryEmbedding
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM")
 
 
 @dataclass(slots=True)
@@ -61,8 +63,12 @@ class LlamaConfig:
         attention_bias = bool(getattr(hf, "attention_bias", False))
         window = getattr(hf, "sliding_window", None)
         layer_types = getattr(hf, "layer_types", None) or []
-        windowed = arch == "MistralForCausalLM" or getattr(hf, "use_sliding_window", False) or (
+        windowed = arch in ("MistralForCausalLM", "Phi3ForCausalLM") or getattr(hf, "use_sliding_window", False) or (
             "sliding_attention" in layer_types)
+        partial = rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0)
+        if partial != 1.0:
+            raise ValueError(f"{arch} with partial_rotary_factor {partial} is not supported (rotary on every dimension "
+                             "only)")
         return cls(
             vocab_size=hf.vocab_size,
             hidden_size=hf.hidden_size,

@@ -60,7 +60,9 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
                     continue
                 pname, part = target
                 _copy_into(params[pname], part, f.get_tensor(name), cfg, gate_up="gate_up_proj" in pname)
-                filled[pname] = filled.get(pname, 0) + 1
+                # a checkpoint that stores q/k/v or gate/up already fused (Phi-3) fills every part at once
+                whole = _parts(pname) if part is None else 1
+                filled[pname] = filled.get(pname, 0) + whole
     _check_complete(params, filled, folder)
     return model.eval()
 
@@ -99,8 +101,13 @@ def _copy_into(param: torch.nn.Parameter, part: int | None, tensor: torch.Tensor
         param[start : start + sizes[part]].copy_(tensor)
 
 
+def _parts(pname: str) -> int:
+    """How many checkpoint tensors make up Loom parameter ``pname`` (fused q/k/v: 3, gate/up: 2)."""
+    return 3 if "qkv_proj" in pname else 2 if "gate_up_proj" in pname else 1
+
+
 def _check_complete(params: dict, filled: dict[str, int], folder: Path) -> None:
-    expected = {name: (3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 1) for name in params}
+    expected = {name: _parts(name) for name in params}
     missing = [n for n, count in expected.items() if filled.get(n, 0) < count]
     if missing:
         raise ValueError(f"checkpoint in {folder} lacks weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -102,9 +102,10 @@ def test_torch_and_cpp_decode_backends_agree(tiny_llama):
         ("llama", {"tie_word_embeddings": False, "num_key_value_heads": 4}),
         ("qwen3", {"head_dim": 32}),
         ("qwen3", {"head_dim": 16, "attention_bias": True}),
+        ("phi3", {"sliding_window": None}),
     ],
     ids=["qwen2-qkv-bias", "llama-attention-bias", "llama3-rope-scaling", "untied-mha", "qwen3-qk-norm",
-         "qwen3-qk-norm-bias"],
+         "qwen3-qk-norm-bias", "phi3-fused-checkpoint"],
 )  # fmt: skip
 def test_family_variants_match_hf(tmp_path, smollm2_path, arch, overrides):
     path = save_tiny_model(tmp_path / arch, smollm2_path, arch=arch, **overrides)
@@ -130,10 +131,11 @@ def test_qwen3_qk_norm_weights_are_loaded_and_used(tmp_path, smollm2_path):
     assert_parity(ours, hf_greedy(path, prompts, 12))
 
 
-def test_a_sliding_window_model_never_loads_with_a_longer_context(tmp_path, smollm2_path):
-    """Mistral with a 48-token window: refused at the default context (outputs would be wrong), served exactly at a
-    context no longer than the window, where the window never takes effect."""
-    path = save_tiny_model(tmp_path / "mistral", smollm2_path, arch="mistral", sliding_window=48, head_dim=16)
+@pytest.mark.parametrize("arch", ["mistral", "phi3"])
+def test_a_sliding_window_model_never_loads_with_a_longer_context(tmp_path, smollm2_path, arch):
+    """A 48-token window: refused at the default context (outputs would be wrong), served exactly at a context no
+    longer than the window, where the window never takes effect."""
+    path = save_tiny_model(tmp_path / arch, smollm2_path, arch=arch, sliding_window=48, head_dim=16)
     with pytest.raises(ValueError, match="sliding window of 48 tokens.*--max-model-len 48"):
         LLM(str(path), num_kv_blocks=256)
     prompts = varied_prompts(6, seed=8, low=5, high=30)
