@@ -127,7 +127,7 @@ class FinetuneConfig:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.dpo_loss != "sigmoid":
             raise ValueError("label_smoothing (cDPO) applies to dpo_loss='sigmoid' only")
-        if self.method != "sft" and self.train_on_inputs:
+        if self.is_preference and self.train_on_inputs:
             raise ValueError("train_on_inputs applies to method 'sft' only: preference methods score the response")
         if self.reference == "adapters" and not self.lora:
             raise ValueError("reference='adapters' needs lora=True (the reference is the model with adapters off)")
@@ -138,6 +138,11 @@ class FinetuneConfig:
                 raise ValueError(f"report_to takes {', '.join(REPORT_TARGETS)}; got {target!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    @property
+    def is_preference(self) -> bool:
+        """Trained on chosen/rejected pairs (dpo, orpo) rather than on responses (sft)."""
+        return self.method != "sft"
 
     @property
     def peak_lr(self) -> float:

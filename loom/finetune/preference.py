@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -248,7 +249,7 @@ class PreferenceTrainer(Trainer):
     """The SFT Trainer's loop (optimizer, schedule, accumulation, checkpoints, resume) over preference pairs."""
 
     def __init__(self, cfg: FinetuneConfig, model, tokenizer, pairs: list[dict], reporter=None):
-        if cfg.method not in ("dpo", "orpo"):
+        if not cfg.is_preference:
             raise ValueError(f"PreferenceTrainer runs method 'dpo' or 'orpo', got {cfg.method!r}")
         self.pairs = pairs
         super().__init__(cfg, model, tokenizer, pairs, reporter=reporter)
@@ -283,18 +284,25 @@ class PreferenceTrainer(Trainer):
         """[len(pairs), 2] (chosen, rejected) log-probs of the model as it is now: the reference when called before
         training (held-out pairs too: call it for them before ``fit``)."""
         pairs = self.pairs if pairs is None else pairs
-        was_training = self.model.training
-        self.model.eval()
         out = torch.empty(len(pairs), 2, dtype=torch.float32)
-        size = self.cfg.eval_batch_size
-        for start in range(0, len(pairs), size):
-            index = list(range(start, min(start + size, len(pairs))))
-            pb = collate_pairs(pairs, index, self.pad_id, packing=False).to(self.device)
+        for index, pb in self.in_order(pairs):
             with self.autocast:
                 sums, _ = sequence_logps(self.model, pb)
             out[index] = sums.view(-1, 2).float().cpu()
-        self.model.train(was_training)
         return out
+
+    def in_order(self, pairs: list[dict]) -> Iterator[tuple[list[int], PairBatch]]:
+        """``pairs`` in padded batches of eval_batch_size, in order, with the model in eval mode meanwhile:
+        (the batch's pair indices, the batch)."""
+        was_training = self.model.training
+        self.model.eval()
+        size = self.cfg.eval_batch_size
+        try:
+            for start in range(0, len(pairs), size):
+                index = list(range(start, min(start + size, len(pairs))))
+                yield index, collate_pairs(pairs, index, self.pad_id, packing=False).to(self.device)
+        finally:
+            self.model.train(was_training)
 
     @torch.no_grad()
     def reference_logps(self, pb: PairBatch, reference: torch.Tensor | None = None) -> torch.Tensor:
@@ -334,13 +342,9 @@ class PreferenceTrainer(Trainer):
             (out.losses.sum() / total_pairs).backward()
             add_pair_metrics(sums, out, logps.detach())
             supervised += int(counts.sum())
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm = self.optimizer_step()
         metrics = {k: v / total_pairs for k, v in sums.items()}
-        return StepStats(metrics.pop("loss"), supervised, sum(pb.batch.num_tokens for pb in batches), float(norm),
+        return StepStats(metrics.pop("loss"), supervised, sum(pb.batch.num_tokens for pb in batches), norm,
                          extra={**metrics, "pairs": total_pairs})
 
     @torch.no_grad()
@@ -351,22 +355,14 @@ class PreferenceTrainer(Trainer):
         if self.reference_mode == "precompute" and reference is None:
             raise ValueError("evaluate: with a precomputed reference, pass precompute_reference(pairs) taken before "
                              "training")
-        was_training = self.model.training
-        self.model.eval()
         sums: dict[str, float] = defaultdict(float)
-        size = self.cfg.eval_batch_size
-        try:
-            for start in range(0, len(pairs), size):
-                index = list(range(start, min(start + size, len(pairs))))
-                pb = collate_pairs(pairs, index, self.pad_id, packing=False).to(self.device)
-                out, logps, _ = self.pair_losses(pb, reference)
-                add_pair_metrics(sums, out, logps)
-                ties = (out.chosen_rewards == out.rejected_rewards).float()
-                sums["rewards/accuracy_ties_half"] += float(((out.chosen_rewards > out.rejected_rewards).float()
-                                                             + 0.5 * ties).sum())
-                sums["logps/preference_accuracy"] += float((logps[0::2] > logps[1::2]).float().sum())
-        finally:
-            self.model.train(was_training)
+        for _, pb in self.in_order(pairs):
+            out, logps, _ = self.pair_losses(pb, reference)
+            add_pair_metrics(sums, out, logps)
+            ties = (out.chosen_rewards == out.rejected_rewards).float()
+            sums["rewards/accuracy_ties_half"] += float(((out.chosen_rewards > out.rejected_rewards).float()
+                                                         + 0.5 * ties).sum())
+            sums["logps/preference_accuracy"] += float((logps[0::2] > logps[1::2]).float().sum())
         return {k: v / max(len(pairs), 1) for k, v in sums.items()} | {"pairs": len(pairs)}
 
 

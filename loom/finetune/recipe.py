@@ -67,8 +67,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     model, tokenizer = load_model(model_path, device, cfg.gradient_checkpointing)
     check_tokenizer(tokenizer)
     chat_template = chat_template_for(tokenizer, cfg.template)
-    preference = cfg.method in ("dpo", "orpo")
-    if preference:  # eval_data holds preference pairs too: scored by rewards, not by greedy exact match
+    if cfg.is_preference:  # eval_data holds preference pairs too: scored by rewards, not by greedy exact match
         examples, skipped = load_pairs(cfg.data, tokenizer, template=cfg.template, max_length=cfg.max_length)
         eval_pairs = encode_pairs(_eval_records(cfg), tokenizer, template=cfg.template,
                                   max_length=cfg.max_length)[0]
@@ -89,7 +88,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     reporter = make_reporter(cfg)
     preference_eval = None
     try:
-        if preference:
+        if cfg.is_preference:
             trainer = PreferenceTrainer(cfg, model, tokenizer, examples, reporter=reporter)
             held_out_ref = None  # a precomputed reference must come from the start model: before training
             if eval_pairs and trainer.reference_mode == "precompute":
@@ -113,7 +112,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         "final_loss": result.losses[-1] if result.losses else None, "train_tokens_per_s": result.tokens_per_s,
         "train_seconds": result.elapsed_s,
     }
-    if preference:
+    if cfg.is_preference:
         summary["train_pairs_per_s"] = result.pairs_per_s
     if preference_eval:
         summary["preference_eval"] = preference_eval

@@ -155,16 +155,21 @@ class Trainer:
     def train_step(self, batches: list[Batch]) -> StepStats:
         self.model.train()
         loss_sum, total = accumulate(self.model, batches, self.autocast)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if total == 0:  # nothing to learn in this step: no update, no NaN
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             return StepStats(0.0, 0, sum(b.num_tokens for b in batches), 0.0)
+        norm = self.optimizer_step()
+        return StepStats(loss_sum / total, total, sum(b.num_tokens for b in batches), norm)
+
+    def optimizer_step(self) -> float:
+        """Clip the accumulated gradients, step the optimizer and the schedule, clear; the norm before clipping."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(loss_sum / total, total, sum(b.num_tokens for b in batches), float(norm))
+        return float(norm)
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -75,6 +75,14 @@ class _Common(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def _guided(self) -> dict:
+        return {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+                "grammar": self.guided_grammar}
+
+    def _asks_structured(self) -> bool:
+        """Whether ``structured_outputs`` or a ``guided_*`` field is given (valid or not)."""
+        return self.structured_outputs is not None or any(v is not None for v in self._guided().values())
+
     def _structured(self) -> StructuredOutputsParams | None:
         """The request's structured-output spec (``structured_outputs`` or a ``guided_*`` field), or None."""
         spec = None
@@ -83,8 +91,7 @@ class _Common(BaseModel):
             spec = {"json": so.json_, "regex": so.regex, "choice": so.choice, "grammar": so.grammar,
                     "json_object": bool(so.json_object)}
             param = "structured_outputs"
-        guided = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
-                  "grammar": self.guided_grammar}
+        guided = self._guided()
         if any(v is not None for v in guided.values()):
             if spec is not None:
                 raise bad_request("give structured_outputs or a guided_* field, not both", "structured_outputs")
@@ -97,7 +104,7 @@ class _Common(BaseModel):
             raise bad_request(str(exc), param) from None
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None,
-                  structured: StructuredOutputsParams | None = None) -> SamplingParams:
+                  structured: StructuredOutputsParams | None) -> SamplingParams:
         if self.logit_bias:
             raise bad_request("logit_bias is not supported by this server; remove it", "logit_bias")
         if self.stream_options is not None and not self.stream:
@@ -120,7 +127,7 @@ class _Common(BaseModel):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            structured_outputs=structured or self._structured(),
+            structured_outputs=structured,
         )
 
 
@@ -137,7 +144,7 @@ class CompletionRequest(_Common):
             raise bad_request("suffix is not supported; put the text in the prompt", "suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise bad_request("best_of is not supported (it must equal n); use n", "best_of")
-        return self._sampling(self.max_tokens, self.logprobs)
+        return self._sampling(self.max_tokens, self.logprobs, self._structured())
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt as text or token ids; a list of ints is one tokenized prompt."""
@@ -207,9 +214,7 @@ class ChatCompletionRequest(_Common):
         if self.tools:
             raise bad_request("tools are not supported by this server; remove them", "tools")
         structured = self.response_format.structured() if self.response_format is not None else None
-        if structured is not None and (self.structured_outputs is not None or self.guided_json is not None
-                                       or self.guided_regex is not None or self.guided_choice is not None
-                                       or self.guided_grammar is not None):
+        if structured is not None and self._asks_structured():
             raise bad_request("give response_format or structured_outputs, not both", "response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
@@ -217,7 +222,7 @@ class ChatCompletionRequest(_Common):
             raise bad_request(f"top_logprobs must be in [0, 20], got {self.top_logprobs}", "top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling(max_tokens, logprobs, structured)
+        return self._sampling(max_tokens, logprobs, structured or self._structured())
 
 
 class TokenizeRequest(BaseModel):
