@@ -40,7 +40,7 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, config
         )
         (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": config}, indent=2))
         if target.exists():
-            shutil.rmtree(target)
+            _remove(target)
         os.rename(tmp, target)
     finally:
         if tmp.exists():
@@ -51,7 +51,15 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, config
 
 def _prune(folder: Path, keep: int) -> None:
     for old in sorted(folder.glob(f"{PREFIX}*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint so that no half-deleted one is ever visible: renamed to a hidden name first (atomic),
+    then removed. A run killed inside rmtree left ``step-N`` with trainer.json but no state.pt (a fault run saw it)."""
+    doomed = checkpoint.with_name(f".tmp-old-{checkpoint.name}-{os.getpid()}")
+    os.rename(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
