@@ -76,7 +76,10 @@ finetune-demo: model
 	  --eval-data $(FT_DEMO)/data/eval.jsonl --max-eval-examples 60 --output $(FT_DEMO)/model \
 	  --lora --lora-r 16 --lora-alpha 32 --lr 1e-3 --max-steps 24 --grad-accum 2 --batch-size 1 --max-length 512
 	nice -n 10 $(PY) scripts/finetune_serve_check.py --model $(FT_DEMO)/model --data $(FT_DEMO)/data/eval.jsonl --num 20
+	nice -n 10 $(PY) scripts/lora_serve_check.py --run $(FT_DEMO)/model --data $(FT_DEMO)/data/eval.jsonl --num 20 \
+	  --out $(FT_DEMO)/lora_check.json
 	@echo "serve it: $(LOOM) serve --model $(FT_DEMO)/model   (or: $(LOOM) chat --model $(FT_DEMO)/model)"
+	@echo "or unmerged: $(LOOM) serve --model smollm2 --enable-lora --lora-modules demo=$(FT_DEMO)/model/adapter"
 
 # DPO on SmolLM2 with LoRA: prefer the bare answer over a chatty (and sometimes wrong) one; ~10-15 min on 2 cores.
 DPO_DEMO := results/dpo-demo

@@ -14,18 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
-
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
+from loom.bench.ab import ab_parser, ab_summary, alternate, post_all, serve_command  # noqa: E402
 from loom.bench.process import free_port, start_server  # noqa: E402
 
 TOPICS = ("a lighthouse", "a violin", "a desert town", "a rocket launch", "a market in Hanoi", "an old bridge",
@@ -51,49 +45,26 @@ def body(i: int, args: argparse.Namespace, constrained: bool) -> dict:
 
 
 async def batch(url: str, args: argparse.Namespace, constrained: bool) -> dict:
-    async with httpx.AsyncClient(timeout=600) as client:
-        t0 = time.perf_counter()
-        responses = await asyncio.gather(*(client.post(f"{url}/v1/chat/completions", json=body(i, args, constrained))
-                                           for i in range(args.concurrency)))
-        wall = time.perf_counter() - t0
-    for r in responses:
-        r.raise_for_status()
-    tokens = sum(r.json()["usage"]["completion_tokens"] for r in responses)
+    result, responses = await post_all(f"{url}/v1/chat/completions",
+                                       [body(i, args, constrained) for i in range(args.concurrency)])
     if constrained:  # the constraint really held: every answer is a prefix of the schema's JSON
         for r in responses:
             assert r.json()["choices"][0]["message"]["content"].startswith('{"description":"'), r.text[:200]
-    return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 2)}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
-    parser.add_argument("--out", default="results/structured.json")
-    args = parser.parse_args(argv)
+    args = ab_parser(__doc__, out="results/structured.json").parse_args(argv)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "loom.cli", "serve", "--model", "smollm2", "--port", str(port), "--threads",
-           str(args.threads), "--max-num-seqs", str(max(32, args.concurrency)), "--log-level", "warning"]
-    rounds = []
-    with start_server(cmd, url, timeout=300):
+    with start_server(serve_command(port, args), url, timeout=300):
         asyncio.run(batch(url, argparse.Namespace(**{**vars(args), "concurrency": 2}), True))  # warm-up, compile
-        for r in range(args.rounds):
-            order = (False, True) if r % 2 == 0 else (True, False)
-            result = {("constrained" if c else "free"): asyncio.run(batch(url, args, c)) for c in order}
-            rounds.append(result)
-    free = statistics.median(r["free"]["tokens_per_s"] for r in rounds)
-    constrained = statistics.median(r["constrained"]["tokens_per_s"] for r in rounds)
-    summary = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or "cpu",
-               "load_avg": os.getloadavg()[0], "args": vars(args), "rounds": rounds,
-               "free_tokens_per_s": free, "constrained_tokens_per_s": constrained,
-               "ratio": round(constrained / free, 3)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2))
-    print(f"structured bench, c={args.concurrency}, {args.max_tokens} tokens each: json_schema {constrained:.1f} vs "
-          f"free {free:.1f} output tok/s ({summary['ratio']:.2f}x, median of {args.rounds} rounds)")
+        rounds = alternate(args.rounds, {"free": lambda: asyncio.run(batch(url, args, False)),
+                                         "constrained": lambda: asyncio.run(batch(url, args, True))})
+    summary = ab_summary(args, rounds, "free", "constrained")
+    print(f"structured bench, c={args.concurrency}, {args.max_tokens} tokens each: json_schema "
+          f"{summary['constrained_tokens_per_s']:.1f} vs free {summary['free_tokens_per_s']:.1f} output tok/s "
+          f"({summary['ratio']:.2f}x, median of {args.rounds} rounds)")
     return 0
 
 

@@ -53,12 +53,14 @@ def field_docs(cls: type) -> dict[str, str]:
 def add_config_arguments(parser, cls: type, *, only: set[str] | None = None, skip: set[str] = frozenset(),
                          prefix: str = "", defaults: dict[str, Any] | None = None,
                          names: dict[str, str] | None = None, aliases: dict[str, list[str]] | None = None,
-                         helps: dict[str, str] | None = None, given_only: bool = False) -> list[str]:
+                         helps: dict[str, str] | None = None, given_only: bool = False,
+                         several: frozenset[str] = frozenset()) -> list[str]:
     """Add one flag per field of dataclass ``cls`` (``only`` / ``skip`` choose fields); returns the fields added.
 
     prefix: put before each flag and dest (``image_`` -> ``--image-max-pixels``, dest ``image_max_pixels``).
     defaults: replace a field's default on this command line; names: a flag spelling other than the field's;
-    aliases: more spellings of a flag; helps: replace a field's docstring.
+    aliases: more spellings of a flag; helps: replace a field's docstring; several: list fields whose flag also takes
+    several values at once (``--lora-modules a=x b=y``, vLLM's spelling) besides being repeatable.
     given_only: a flag not given sets nothing in the parsed namespace (``argparse.SUPPRESS``) and none is required;
     ``--help`` still shows the defaults (those of ``defaults`` are then the caller's to apply). Read the flags given
     with ``given_args``.
@@ -73,6 +75,8 @@ def add_config_arguments(parser, cls: type, *, only: set[str] | None = None, ski
         spec = _argparse_spec(hints[field.name])
         if spec is None:
             continue
+        if field.name in several and spec.get("action") == "append":
+            spec = {**spec, "action": "extend", "nargs": "+"}
         default = defaults.get(field.name, _default(field))
         flag = "--" + prefix.replace("_", "-") + names.get(field.name, field.name).replace("_", "-")
         flags = [flag, *aliases.get(field.name, [])]

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 
-def hash_block(parent: int | None, token_ids: Sequence[int]) -> int:
+def hash_block(parent: Hashable | None, token_ids: Sequence[int]) -> int:
     # NOTE: Python's hash of a tuple of ints is deterministic across processes (no hash randomisation for ints),
     # 64-bit, and cheap; the chain makes a block's hash depend on its whole prefix.
     return hash((parent, tuple(token_ids)))
@@ -66,14 +66,15 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
 
-    def find_cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
+    def find_cached_prefix(self, token_ids: Sequence[int], salt: Hashable | None = None) -> list[int]:
         """Blocks holding the longest cached prefix of ``token_ids``, always leaving at least one token to compute
-        (the last prompt token must run through the model to give logits)."""
+        (the last prompt token must run through the model to give logits). ``salt`` starts the hash chain: requests
+        whose KV differs for the same tokens (another LoRA adapter) never share blocks."""
         if not self.enable_prefix_caching:
             return []
         bs = self.block_size
         hits: list[int] = []
-        parent = None
+        parent = salt
         for i in range((len(token_ids) - 1) // bs):
             h = hash_block(parent, token_ids[i * bs : (i + 1) * bs])
             block_id = self.cached.get(h)
@@ -89,12 +90,14 @@ class BlockManager:
 
     # --- mutators ------------------------------------------------------------------------------------------
     def allocate(
-        self, seq_id: int, token_ids: Sequence[int], num_tokens: int, prefix_blocks: Sequence[int] = ()
+        self, seq_id: int, token_ids: Sequence[int], num_tokens: int, prefix_blocks: Sequence[int] = (),
+        salt: Hashable | None = None,
     ) -> bool:
         """Grow the sequence's table to hold ``num_tokens`` tokens, first taking ``prefix_blocks`` (cache hits).
 
         Returns False, changing nothing, when too few blocks are free. ``token_ids`` must cover ``num_tokens``:
-        full blocks among them are hashed now, so a request scheduled later in the same step can share them.
+        full blocks among them are hashed now (chained from ``salt``, as in ``find_cached_prefix``), so a request
+        scheduled later in the same step can share them.
         """
         table = self.tables.setdefault(seq_id, [])
         num_new = self.blocks_needed(num_tokens) - len(table) - len(prefix_blocks)
@@ -110,7 +113,7 @@ class BlockManager:
             hashes.append(self.blocks[block_id].hash)
         for _ in range(max(num_new, 0)):
             table.append(self._pop_free())
-        self._cache_full_blocks(seq_id, token_ids, num_tokens)
+        self._cache_full_blocks(seq_id, token_ids, num_tokens, salt)
         return True
 
     def free(self, seq_id: int, num_valid_tokens: int | None = None) -> None:
@@ -134,12 +137,12 @@ class BlockManager:
         self.cached.clear()
 
     # --- internals -----------------------------------------------------------------------------------------
-    def _cache_full_blocks(self, seq_id: int, token_ids: Sequence[int], num_tokens: int) -> None:
+    def _cache_full_blocks(self, seq_id: int, token_ids: Sequence[int], num_tokens: int, salt: Hashable | None) -> None:
         if not self.enable_prefix_caching:
             return
         bs, table, hashes = self.block_size, self.tables[seq_id], self.seq_hashes[seq_id]
         for i in range(len(hashes), num_tokens // bs):
-            h = hash_block(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs])
+            h = hash_block(hashes[-1] if hashes else salt, token_ids[i * bs : (i + 1) * bs])
             hashes.append(h)
             block = self.blocks[table[i]]
             if h not in self.cached and block.hash is None:

@@ -41,6 +41,14 @@ class EngineConfig:
     where the kernels build, torch otherwise (and on GPUs)."""
     seed: int = 0
     """Seeds the generator of requests that bring no seed of their own."""
+    enable_lora: bool = False
+    """Serve LoRA adapters unmerged beside the base model (requests name one; see loom.engine.lora)."""
+    max_loras: int = 1
+    """Distinct adapters in one step (the adapter slots beside the base weights)."""
+    max_lora_rank: int = 16
+    """Largest adapter rank the slots hold; a higher-rank adapter is refused."""
+    max_cpu_loras: int | None = None
+    """Adapters kept read in host memory (least recently used out first); None: max_loras."""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -51,6 +59,10 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be auto, torch or cpp, got {self.attention_backend!r}")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError(f"max_loras and max_lora_rank must be >= 1, got {self.max_loras} and {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

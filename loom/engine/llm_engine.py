@@ -11,6 +11,7 @@ import torch
 from loom.engine.block_manager import BlockManager
 from loom.engine.config import EngineConfig
 from loom.engine.detokenizer import DetokState, detokenize_next, find_stop, new_state
+from loom.engine.lora import LoRAManager, LoRARequest
 from loom.engine.model_runner import ModelRunner, allocate_kv_caches, kv_bytes_per_block
 from loom.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from loom.engine.sampling_params import SamplingParams
@@ -47,6 +48,11 @@ class EngineStats:
     """Steps whose sampled rows had both constrained and free sequences."""
     grammar_cache_hits: int = 0
     grammar_cache_misses: int = 0
+    max_step_adapters: int = 0
+    """The most distinct LoRA adapters one step has run so far."""
+    running_adapters: tuple[int, ...] = ()
+    """Ids of the adapters of the running sequences."""
+    waiting_adapters: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -84,12 +90,17 @@ class LLMEngine:
         self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len)
         self.model.ops = _choose_ops(config.attention_backend, self.device)
         self.model.ops.prepare(self.model)
+        self.lora = None
+        if config.enable_lora:  # wraps the (packed) projections, so after ops.prepare
+            self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras,
+                                    self.dtype, self.device)
         num_blocks = self._num_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill)
+        sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
+                                    max_loras=config.max_loras if config.enable_lora else None)
         self.scheduler = Scheduler(sched_cfg, self.block_manager)
         kv = allocate_kv_caches(self.model, num_blocks, config.block_size, self.dtype, self.device)
-        self.runner = ModelRunner(self.model, kv, self.block_manager, self.device)
+        self.runner = ModelRunner(self.model, kv, self.block_manager, self.device, self.lora)
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.requests: dict[str, _Request] = {}
         self._generators: dict[int, torch.Generator] = {}
@@ -98,7 +109,7 @@ class LLMEngine:
         self._slots_used = self._slots_held = 0
         self.last_step: StepStats | None = None
         self.structured = StructuredOutputs(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
-        self._num_constrained = self._num_mixed_steps = 0
+        self._num_constrained = self._num_mixed_steps = self._max_step_adapters = 0
 
     # --- public API -----------------------------------------------------------------------------------------
     def add_request(
@@ -108,6 +119,7 @@ class LLMEngine:
         params: SamplingParams | None = None,
         prompt_token_ids: list[int] | None = None,
         arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         params = params or SamplingParams()
         if request_id in self.requests:
@@ -117,9 +129,11 @@ class LLMEngine:
                 raise ValueError("a prompt is a string or {'prompt_token_ids': [...]}")
             prompt_token_ids = self.tokenizer.encode(prompt)  # with the tokenizer's BOS where it adds one, as vLLM
         params = self._validate(prompt_token_ids, params)
+        adapter = self._adapter(lora_request)
         now = arrival_time or time.time()
         seqs = [
-            Sequence(next(self._seq_ids), request_id, i, prompt_token_ids, params, now, generator_seed=_seed(params, i))
+            Sequence(next(self._seq_ids), request_id, i, prompt_token_ids, params, now, generator_seed=_seed(params, i),
+                     lora_id=lora_request.lora_int_id if lora_request else 0, lora=adapter)
             for i in range(params.n)
         ]
         if params.structured_outputs is not None:  # StructuredOutputError (a ValueError) when it does not compile
@@ -182,9 +196,20 @@ class LLMEngine:
             num_mixed_steps=self._num_mixed_steps,
             grammar_cache_hits=self.structured.num_cache_hits,
             grammar_cache_misses=self.structured.num_cache_misses,
+            max_step_adapters=self._max_step_adapters,
+            running_adapters=tuple(sorted({s.lora_id for s in sched.running if s.lora_id})),
+            waiting_adapters=tuple(sorted({s.lora_id for s in sched.waiting if s.lora_id})),
         )
 
     # --- internals ------------------------------------------------------------------------------------------
+    def _adapter(self, lora_request: LoRARequest | None):
+        if lora_request is None:
+            return None
+        if self.lora is None:
+            raise ValueError(f"adapter {lora_request.lora_name!r} asked for, but this engine serves no LoRA adapters; "
+                             "start it with enable_lora=True (--enable-lora)")
+        return self.lora.get(lora_request)
+
     def _apply_grammars(self, logits, sampling) -> None:
         """Mask the rows of constrained sequences (only those) to what their grammars allow next."""
         rows = [i for i, c in enumerate(sampling) if c.seq.matcher is not None]
@@ -271,6 +296,9 @@ class LLMEngine:
                 req.metrics.first_scheduled_time = now
         num_decodes = sum(1 for c in out.chunks if c.num_tokens == 1)
         self.last_step = StepStats(out.num_batched_tokens, len(out.chunks), num_decodes)
+        if self.lora is not None:
+            adapters = len({c.seq.lora_id for c in out.chunks if c.seq.lora_id})
+            self._max_step_adapters = max(self._max_step_adapters, adapters)
 
     def _count(self, out) -> None:
         self._num_steps += 1

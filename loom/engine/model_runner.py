@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from loom.engine.block_manager import BlockManager
+from loom.engine.lora import LoRAManager
 from loom.engine.scheduler import ScheduledChunk, SchedulerOutput
 from loom.models.llama import LlamaForCausalLM
 from loom.ops.attention import AttentionMetadata, PrefillChunk
@@ -43,8 +44,10 @@ class ModelRunner:
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         block_manager: BlockManager,
         device: torch.device,
+        lora: LoRAManager | None = None,
     ):
         self.model = model
+        self.lora = lora
         self.kv_caches = kv_caches
         self.block_manager = block_manager
         self.block_size = block_manager.block_size
@@ -55,6 +58,10 @@ class ModelRunner:
         """Run the step; returns logits [S, V] and the sampling chunks in row order."""
         decodes = [c for c in out.chunks if c.num_tokens == 1]
         prefills = [c for c in out.chunks if c.num_tokens > 1]
+        if self.lora is not None:  # rows of one adapter side by side: one pair of LoRA matmuls per group
+            decodes.sort(key=_adapter)
+            prefills.sort(key=_adapter)
+            self.lora.prepare_step(decodes + prefills)
         ordered = decodes + prefills
         input_ids, positions, slots = self._flatten(ordered)
         meta = self._metadata(decodes, prefills, slots)
@@ -108,3 +115,7 @@ class ModelRunner:
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+
+def _adapter(chunk: ScheduledChunk) -> int:
+    return chunk.seq.lora_id

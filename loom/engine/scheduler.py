@@ -26,6 +26,8 @@ class SchedulerConfig:
     """Split long prompts across steps so decodes keep flowing beside them."""
     watermark: float = 0.01
     """Fraction of blocks kept free when admitting new sequences, so running ones can grow without preemption."""
+    max_loras: int | None = None
+    """Distinct LoRA adapters among the running sequences (the model's adapter slots); None: no LoRA."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -110,7 +112,8 @@ class Scheduler:
             if n == 0:
                 i += 1
                 continue
-            while not self.block_manager.allocate(seq.seq_id, seq.all_token_ids, seq.num_computed_tokens + n):
+            while not self.block_manager.allocate(seq.seq_id, seq.all_token_ids, seq.num_computed_tokens + n,
+                                                  salt=seq.cache_salt):
                 victim = self.running.pop()  # newest first; never one already scheduled this step
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -125,16 +128,22 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         bm = self.block_manager
         reserve = int(self.config.watermark * bm.num_blocks)
+        adapters = {s.lora_id for s in self.running if s.lora_id}
+        held_back: list[Sequence] = []  # their adapter would exceed max_loras; they keep their place in the queue
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.lora_id and seq.lora_id not in adapters and len(adapters) >= (self.config.max_loras or 0):
+                held_back.append(self.waiting.popleft())
+                continue
             token_ids = seq.all_token_ids
-            hits = bm.find_cached_prefix(token_ids)
+            hits = bm.find_cached_prefix(token_ids, seq.cache_salt)
             computed = len(hits) * bm.block_size
             n = self._chunk_size(seq, computed, budget)
             if n == 0:
                 break
             needed = bm.blocks_needed(computed + n) - len(hits)
-            if needed > bm.num_free_blocks - reserve or not bm.allocate(seq.seq_id, token_ids, computed + n, hits):
+            if needed > bm.num_free_blocks - reserve or not bm.allocate(seq.seq_id, token_ids, computed + n, hits,
+                                                                         seq.cache_salt):
                 break
             bm.record_prefix_query(seq.num_tokens, computed)
             if seq.num_preemptions == 0:
@@ -145,6 +154,9 @@ class Scheduler:
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, computed, n))
             budget -= n
+            if seq.lora_id:
+                adapters.add(seq.lora_id)
+        self.waiting.extendleft(reversed(held_back))
 
     def _chunk_size(self, seq: Sequence, computed: int, budget: int) -> int:
         remaining = seq.num_tokens - computed

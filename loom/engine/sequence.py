@@ -39,6 +39,10 @@ class Sequence:
     generator_seed: int | None = None
     matcher: Any = None
     """The grammar matcher of a structured-output sequence (an llguidance ``LLMatcher``); None when free."""
+    lora_id: int = 0
+    """The LoRA adapter's id (``LoRARequest.lora_int_id``); 0: the base model."""
+    lora: Any = None
+    """The adapter's weights (``loom.models.lora.LoRAWeights``), held while the sequence lives."""
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -55,6 +59,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def cache_salt(self) -> tuple[str, int] | None:
+        """What the prefix-cache hash chain starts from: KV computed under an adapter is that adapter's alone."""
+        return ("lora", self.lora_id) if self.lora_id else None
 
     @property
     def is_finished(self) -> bool:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from loom.engine.config import EngineConfig
 from loom.engine.llm_engine import LLMEngine
+from loom.engine.lora import LoRARequest
 from loom.engine.outputs import RequestOutput
 from loom.engine.sampling_params import SamplingParams
 
@@ -39,16 +40,19 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion, batched continuously; outputs come back in prompt order."""
+        """Run every prompt to completion, batched continuously; outputs come back in prompt order. ``lora_request``
+        (one for all prompts, or one per prompt, None for the base model) needs ``LLM(..., enable_lora=True)``."""
         if isinstance(prompts, str | dict):
             prompts = [prompts]
-        params = self._params_per_prompt(len(prompts), sampling_params)
+        params = _per_prompt(len(prompts), sampling_params, SamplingParams, SamplingParams())
+        loras = _per_prompt(len(prompts), lora_request, LoRARequest, None)
         ids = []
-        for prompt, p in zip(prompts, params):
+        for prompt, p, lora in zip(prompts, params, loras):
             rid = str(next(self._ids))
             text, token_ids = _split_prompt(prompt)
-            self.engine.add_request(rid, text, p, prompt_token_ids=token_ids)
+            self.engine.add_request(rid, text, p, prompt_token_ids=token_ids, lora_request=lora)
             ids.append(rid)
         return self._run(ids, use_tqdm)
 
@@ -57,11 +61,12 @@ class LLM:
         messages: list[dict] | list[list[dict]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (a list of messages) or to several."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
-        return self.generate([{"prompt_token_ids": p} for p in prompts], sampling_params)
+        return self.generate([{"prompt_token_ids": p} for p in prompts], sampling_params, lora_request=lora_request)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         tok = self.engine.tokenizer
@@ -83,16 +88,17 @@ class LLM:
             bar.close()
         return [finished[i] for i in ids]
 
-    @staticmethod
-    def _params_per_prompt(n: int, params) -> list[SamplingParams]:
-        if params is None:
-            return [SamplingParams()] * n
-        if isinstance(params, SamplingParams):
-            return [params] * n
-        params = list(params)
-        if len(params) != n:
-            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts; pass one, or one per prompt")
-        return params
+
+def _per_prompt(n: int, value, kind: type, default) -> list:
+    """One value for every prompt, or a list of one per prompt."""
+    if value is None:
+        return [default] * n
+    if isinstance(value, kind):
+        return [value] * n
+    value = list(value)
+    if len(value) != n:
+        raise ValueError(f"got {len(value)} {kind.__name__}s for {n} prompts; pass one, or one per prompt")
+    return value
 
 
 def _split_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None]:

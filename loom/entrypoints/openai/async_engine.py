@@ -27,6 +27,7 @@ import torch
 
 from loom.engine.config import EngineConfig
 from loom.engine.llm_engine import LLMEngine
+from loom.engine.lora import LoRARequest
 from loom.engine.outputs import RequestOutput
 from loom.engine.sampling_params import SamplingParams
 from loom.entrypoints.openai.metrics import LLMMetrics, RequestTimes
@@ -53,6 +54,7 @@ class _Add:
     params: SamplingParams
     stream: RequestStream
     times: RequestTimes
+    lora_request: LoRARequest | None = None
 
 
 @dataclass(slots=True)
@@ -159,7 +161,7 @@ class AsyncLLMEngine:
                                    f"{num_seqs} more asked for)")
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                          arrival_time: float | None = None) -> RequestStream:
+                          arrival_time: float | None = None, lora_request: LoRARequest | None = None) -> RequestStream:
         """Admit a request as ``params.n`` sequences; raises EngineOverloaded (503), ValueError from the engine
         (400) or EngineDead."""
         self.check_room(params.n)
@@ -167,7 +169,7 @@ class AsyncLLMEngine:
         self._idle.clear()
         stream = RequestStream(self, request_id, params.n)
         times = RequestTimes(arrival=arrival_time or time.time(), num_prompt_tokens=len(prompt_token_ids))
-        self._commands.put(_Add(request_id, prompt_token_ids, params, stream, times))
+        self._commands.put(_Add(request_id, prompt_token_ids, params, stream, times, lora_request))
         try:
             accepted = await stream.next_item()
         except BaseException:  # rejected by the engine, or the caller was cancelled while waiting
@@ -259,7 +261,8 @@ class AsyncLLMEngine:
             return
         try:
             self.engine.add_request(command.request_id, None, command.params,
-                                    prompt_token_ids=command.prompt_token_ids, arrival_time=command.times.arrival)
+                                    prompt_token_ids=command.prompt_token_ids, arrival_time=command.times.arrival,
+                                    lora_request=command.lora_request)
         except Exception as exc:  # ValueError: bad request (400); anything else is reported, not fatal to the thread
             if not isinstance(exc, ValueError):
                 log.exception("add_request failed")

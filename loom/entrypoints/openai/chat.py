@@ -29,20 +29,20 @@ from loom.entrypoints.openai.serving import (
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
-    ctx.check_model(req.model)
+    lora = ctx.check_model(req.model)
     params = req.sampling_params()
     ctx.check_n(params.n)
     messages = [m.as_template_dict() for m in req.messages]
     prompt = await ctx.apply_chat_template(messages, req.add_generation_prompt)
     await ctx.compile_grammar(params, "response_format" if req.response_format is not None else "structured_outputs")
     request_id, created = new_id("chatcmpl"), now_s()
-    streams = await ctx.open_streams(request_id, [prompt], params, time.time())
+    streams = await ctx.open_streams(request_id, [prompt], params, time.time(), lora)
     if req.stream:
-        head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name,
+        head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
                 "system_fingerprint": None}
         return StreamingResponse(_stream(ctx, req, streams[0], len(prompt), head), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
-    head = {"id": request_id, "object": "chat.completion", "created": created, "model": ctx.model_name,
+    head = {"id": request_id, "object": "chat.completion", "created": created, "model": req.model,
             "system_fingerprint": None}
     try:
         return await unless_disconnected(_full(ctx, req, streams, len(prompt), head), raw)

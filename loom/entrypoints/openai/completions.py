@@ -25,7 +25,7 @@ from loom.entrypoints.openai.serving import (
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
-    ctx.check_model(req.model)
+    lora = ctx.check_model(req.model)
     params = req.sampling_params()
     raw_prompts = req.prompts()
     ctx.check_n(params.n, len(raw_prompts))
@@ -33,13 +33,13 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     prompts = [await ctx.encode(p) if isinstance(p, str) else list(p) for p in raw_prompts]
     await ctx.compile_grammar(params, "structured_outputs")
     request_id, created = new_id("cmpl"), now_s()
-    streams = await ctx.open_streams(request_id, prompts, params, time.time())  # checks token ids too
+    streams = await ctx.open_streams(request_id, prompts, params, time.time(), lora)  # checks token ids too
     try:
         echo = [await ctx.encoder.decode(p) if req.echo else "" for p in prompts]
     except BaseException:
         close_all(streams)
         raise
-    head = {"id": request_id, "object": "text_completion", "created": created, "model": ctx.model_name}
+    head = {"id": request_id, "object": "text_completion", "created": created, "model": req.model}
     if req.stream:
         return StreamingResponse(_stream(ctx, req, streams, prompts, echo, head), media_type="text/event-stream",
                                  headers=SSE_HEADERS)

@@ -85,6 +85,12 @@ class LLMMetrics:
                                           label, registry=registry).labels(*name)
         self.grammar_cache_misses = Counter("loom_grammar_cache_misses", "Structured-output grammars compiled",
                                             label, registry=registry).labels(*name)
+        self.lora_running = Gauge("loom_lora_running_adapters", "Distinct LoRA adapters among the running sequences",
+                                  label, registry=registry).labels(*name)
+        self.lora_waiting = Gauge("loom_lora_waiting_adapters", "Distinct LoRA adapters among the waiting sequences",
+                                  label, registry=registry).labels(*name)
+        self.lora_step_max = Gauge("loom_lora_step_adapters_max", "Most distinct LoRA adapters one engine step has run",
+                                   label, registry=registry).labels(*name)
         self._name = model_name
         self._max_seqs = 0
         self._last: dict[str, int] = {}
@@ -106,6 +112,9 @@ class LLMMetrics:
         self.kv_free.set(num_free_blocks)
         self.kv_total.set(stats.num_kv_blocks)
         self.prefix_hit_rate.set(stats.prefix_hit_rate)
+        self.lora_running.set(len(stats.running_adapters))
+        self.lora_waiting.set(len(stats.waiting_adapters))
+        self.lora_step_max.set(stats.max_step_adapters)
         for attr, counter in (("num_preemptions", self.preemptions), ("num_prompt_tokens", self.prompt_tokens),
                               ("num_generation_tokens", self.generation_tokens),
                               ("num_constrained_seqs", self.constrained_seqs), ("num_mixed_steps", self.mixed_steps),

@@ -4,6 +4,7 @@ Authentication is the app's (``loom.server.guard``): one key for every component
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from fastapi import APIRouter, Request, Response
@@ -11,6 +12,7 @@ from fastapi import APIRouter, Request, Response
 from loom.entrypoints.openai.chat import create_chat_completion
 from loom.entrypoints.openai.completions import create_completion
 from loom.entrypoints.openai.errors import ERROR_RESPONSES, OpenAIError, OpenAIRoute
+from loom.entrypoints.openai.lora import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from loom.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -39,8 +41,11 @@ def build_routers(ctx: ServingContext) -> list[APIRouter]:
     @v1.get("/models")
     async def models() -> dict:
         data = [{"id": name, "object": "model", "created": created, "owned_by": "loom",
-                 "root": str(ctx.front.engine.model_path), "max_model_len": ctx.front.max_model_len}
+                 "root": str(ctx.front.engine.model_path), "parent": None, "max_model_len": ctx.front.max_model_len}
                 for name in ctx.model_names]
+        data += [{"id": name, "object": "model", "created": created, "owned_by": "loom", "root": lora.lora_path,
+                  "parent": ctx.model_name, "max_model_len": ctx.front.max_model_len}
+                 for name, lora in (ctx.loras.items() if ctx.loras is not None else [])]
         return {"object": "list", "data": data}
 
     tools = APIRouter(route_class=OpenAIRoute, tags=["tokens"], responses=ERROR_RESPONSES)
@@ -70,3 +75,39 @@ def build_routers(ctx: ServingContext) -> list[APIRouter]:
         return {"prompt": await ctx.encoder.decode(req.tokens)}
 
     return [v1, tools]
+
+
+def build_lora_router(ctx: ServingContext) -> APIRouter:
+    """vLLM's runtime adapter routes (only with --allow-runtime-lora-updating)."""
+    router = APIRouter(prefix="/v1", route_class=OpenAIRoute, tags=["lora"], responses=ERROR_RESPONSES)
+
+    @router.post("/load_lora_adapter")
+    async def load_lora_adapter(req: LoadLoRAAdapterRequest) -> dict:
+        await load_adapter(ctx, req.lora_name, req.lora_path, confine=True)
+        return {"object": "lora_adapter", "id": req.lora_name, "parent": ctx.model_name,
+                "message": f"LoRA adapter {req.lora_name!r} added"}
+
+    @router.post("/unload_lora_adapter")
+    async def unload_lora_adapter(req: UnloadLoRAAdapterRequest) -> dict:
+        removed = ctx.loras.remove(req.lora_name)
+        if removed is None:
+            raise OpenAIError(404, f"no LoRA adapter is named {req.lora_name!r}; GET /v1/models lists them",
+                              param="lora_name", code="model_not_found")
+        ctx.front.engine.lora.remove(removed.lora_int_id)  # requests already running keep it until they finish
+        return {"object": "lora_adapter", "id": req.lora_name, "message": f"LoRA adapter {req.lora_name!r} removed"}
+
+    return router
+
+
+async def load_adapter(ctx: ServingContext, name: str, path: str, confine: bool) -> None:
+    """Register adapter ``name``: check the name, read and check the weights off the event loop, then serve it. A
+    folder that is missing, unreadable or not an adapter of this model is a 400 that does not echo server paths."""
+    try:
+        request = ctx.loras.new_request(name, path, confine)
+        await asyncio.to_thread(ctx.front.engine.lora.get, request)
+        ctx.loras.add(request)
+    except ValueError as exc:
+        raise OpenAIError(400, f"cannot load LoRA adapter {name!r}: {exc}", param="lora_path") from None
+    except OSError:
+        raise OpenAIError(400, f"cannot load LoRA adapter {name!r}: its folder or files cannot be read",
+                          param="lora_path") from None

@@ -19,8 +19,9 @@ from prometheus_client import CollectorRegistry
 
 from loom.engine.config import EngineConfig
 from loom.entrypoints.openai.async_engine import AsyncLLMEngine
+from loom.entrypoints.openai.lora import LoRARegistry, parse_lora_module
 from loom.entrypoints.openai.metrics import LLMMetrics
-from loom.entrypoints.openai.routes import build_routers
+from loom.entrypoints.openai.routes import build_lora_router, build_routers, load_adapter
 from loom.entrypoints.openai.serving import ServingContext
 from loom.flags import add_config_arguments, config_from_args
 from loom.server.component import ExtraServer
@@ -42,6 +43,13 @@ class LLMServerConfig:
     threads: int | None = None
     """torch threads for the engine; None keeps torch's default (one per core). On a busy machine fewer can be much
     faster."""
+    lora_modules: list[str] = field(default_factory=list)
+    """LoRA adapters served from the start, as NAME=PATH (peft folders, e.g. OUTPUT/adapter of `loom finetune
+    --lora`); a request names one in "model". Needs --enable-lora."""
+    allow_runtime_lora_updating: bool = False
+    """Add POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read adapter folders from this machine)."""
+    lora_store: str | None = None
+    """With runtime updating: adapter paths must resolve inside this folder (relative ones are taken from it)."""
 
     def __post_init__(self) -> None:
         if self.max_waiting < 0:
@@ -56,6 +64,11 @@ class LLMServerConfig:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if not self.served_model_names:
             self.served_model_names = [self.engine.model]
+        if (self.lora_modules or self.allow_runtime_lora_updating) and not self.engine.enable_lora:
+            raise ValueError("--lora-modules and --allow-runtime-lora-updating need --enable-lora")
+        self.lora_modules = list(self.lora_modules)
+        for spec in self.lora_modules:
+            parse_lora_module(spec)  # ValueError on a malformed entry, before the engine loads
 
     @property
     def max_in_flight(self) -> int:
@@ -70,15 +83,22 @@ class LLMComponent:
         self.metrics = LLMMetrics(registry, config.served_model_names[0])
         self.front = AsyncLLMEngine(config.engine, self.metrics, max_in_flight=config.max_in_flight,
                                     num_threads=config.threads)
+        loras = LoRARegistry(config.served_model_names, config.lora_store) if config.engine.enable_lora else None
         self.context = ServingContext(self.front, list(config.served_model_names), max_n=config.max_n,
-                                      max_prompt_chars=config.max_prompt_chars)
+                                      max_prompt_chars=config.max_prompt_chars, loras=loras)
 
     def routers(self) -> list[APIRouter]:
-        return build_routers(self.context)
+        routers = build_routers(self.context)
+        if self.config.allow_runtime_lora_updating:
+            routers.append(build_lora_router(self.context))
+        return routers
 
     async def start(self) -> None:
         await self.front.start()
         await asyncio.to_thread(lambda: self.context.encoder)  # builds its own tokenizer copy off the event loop
+        for spec in self.config.lora_modules:  # read now: a bad adapter stops the start with its reason
+            name, path = parse_lora_module(spec)
+            await load_adapter(self.context, name, path, confine=False)
 
     async def stop(self) -> None:
         await self.front.shutdown(self.config.drain_timeout_s)
@@ -103,7 +123,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("LLM (OpenAI-compatible API under /v1)")
     add_config_arguments(group, EngineConfig, defaults={"model": None},
                          helps={"model": "catalogue name (smollm2) or a local HF folder; enables the LLM routes"})
-    add_config_arguments(group, LLMServerConfig, skip={"engine"}, names={"served_model_names": "served_model_name"})
+    add_config_arguments(group, LLMServerConfig, skip={"engine"}, names={"served_model_names": "served_model_name"},
+                         several=frozenset({"lora_modules"}))
 
 
 def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> LLMComponent | None:

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 
 from fastapi import Request, Response
 
+from loom.engine.lora import LoRARequest
 from loom.engine.outputs import RequestOutput
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.structured import StructuredOutputError
 from loom.entrypoints.openai.async_engine import AsyncLLMEngine, EngineDead, EngineOverloaded, RequestStream
 from loom.entrypoints.openai.errors import OpenAIError, bad_request, from_value_error
 from loom.entrypoints.openai.logprobs import TokenStrings
+from loom.entrypoints.openai.lora import LoRARegistry
 from loom.entrypoints.openai.prompts import PromptEncoder
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -33,6 +35,8 @@ class ServingContext:
     """Most completions one request may ask for (``n``); each counts as a sequence at admission."""
     max_prompt_chars: int | None = None
     """Most characters in a request's prompt(s) before tokenization; None: 32 per token of the model's context."""
+    loras: LoRARegistry | None = None
+    """The LoRA adapters a request may name in ``model`` (with --enable-lora)."""
     _strings: TokenStrings | None = field(default=None)
     _encoder: PromptEncoder | None = field(default=None)
 
@@ -57,11 +61,16 @@ class ServingContext:
         if self._encoder is not None:
             self._encoder.close()
 
-    def check_model(self, name: str) -> None:
-        if name not in self.model_names:
-            raise OpenAIError(404, f"The model `{name}` does not exist. "
-                              f"This server serves: {', '.join(self.model_names)}",
+    def check_model(self, name: str) -> LoRARequest | None:
+        """The adapter ``name`` names, None for the base model; 404 for a name this server does not serve."""
+        if name in self.model_names:
+            return None
+        adapter = self.loras.get(name) if self.loras is not None else None
+        if adapter is None:
+            served = self.model_names + (self.loras.names() if self.loras is not None else [])
+            raise OpenAIError(404, f"The model `{name}` does not exist. This server serves: {', '.join(served)}",
                               param="model", code="model_not_found")
+        return adapter
 
     def check_n(self, n: int, num_prompts: int = 1) -> None:
         """Bound ``n`` and the sequences one request may hold, before any work starts."""
@@ -98,14 +107,14 @@ class ServingContext:
             raise bad_request(str(exc), param) from None
 
     async def open_streams(self, base_id: str, prompts: list[list[int]], params: SamplingParams,
-                           arrival: float) -> list[RequestStream]:
+                           arrival: float, lora_request: LoRARequest | None = None) -> list[RequestStream]:
         """Admit one engine request per prompt, each counted as ``params.n`` sequences; all or none (the room for
         all is checked first, and a later rejection closes the earlier ones)."""
         streams: list[RequestStream] = []
         try:
             self.front.check_room(len(prompts) * params.n)
             for i, ids in enumerate(prompts):
-                streams.append(await self.front.add_request(f"{base_id}-{i}", ids, params, arrival))
+                streams.append(await self.front.add_request(f"{base_id}-{i}", ids, params, arrival, lora_request))
         except BaseException as exc:
             for s in streams:
                 s.close()

@@ -1,0 +1,127 @@
+"""Which adapters the engine knows, which of them sit in the model's ``max_loras`` slots, and a step's row groups.
+
+    llm = LLM("smollm2", enable_lora=True, max_loras=4)
+    llm.generate(prompts, params, lora_request=LoRARequest("sql", 1, "out/adapter"))
+
+A ``LoRARequest`` names an adapter folder and gives it an integer id (vLLM's shape); the id is the adapter's identity
+everywhere: in the host cache, in the slots, and in the prefix cache, whose block hashes start from it, so two
+adapters never share KV blocks (their keys and values differ) while requests of one adapter still do. Adapters are
+read once and kept in host memory (``max_cpu_loras`` of them, least recently used first out); a sequence holds its
+adapter's weights while it lives, so evicting or unloading one never fails a request in flight. The scheduler admits
+at most ``max_loras`` distinct adapters among the running sequences, so a step's adapters always fit the slots.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from loom.engine.scheduler import ScheduledChunk
+from loom.models.llama import LlamaForCausalLM
+from loom.models.lora import LoRAModel, LoRAWeights, load_peft_adapter
+
+DENSE_MIN_GROUPS = 3
+DENSE_MAX_ROWS = 128
+"""A step of at least this many adapter groups and at most this many rows adds the deltas of every slot at once
+(``loom.models.lora.LoRABatch``): a few larger matmuls instead of two tiny ones per group (see docs/benchmarks.md)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoRARequest:
+    """An adapter for a request: a name (what ``/v1/models`` lists), an id > 0 (its identity), the peft folder."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lora_int_id, int) or self.lora_int_id < 1:
+            raise ValueError(f"lora_int_id must be an integer >= 1, got {self.lora_int_id!r}")
+
+
+class LoRAManager:
+    def __init__(self, model: LlamaForCausalLM, max_loras: int, max_rank: int, max_cpu_loras: int | None,
+                 dtype: torch.dtype, device: torch.device):
+        self.slots = LoRAModel(model, max_loras, max_rank)
+        self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
+        self.dtype, self.device = dtype, device
+        self._cache: OrderedDict[int, tuple[LoRARequest, LoRAWeights]] = OrderedDict()
+        self._lock = threading.Lock()  # the server loads adapters on its own threads while the engine steps
+        self._slot_ids: list[int | None] = [None] * max_loras
+        self._slot_used = [0] * max_loras
+        self._clock = 0
+        self.num_loads = 0
+
+    @property
+    def max_loras(self) -> int:
+        return self.slots.max_loras
+
+    def get(self, request: LoRARequest) -> LoRAWeights:
+        """The adapter's weights, read from its folder the first time (ValueError when it does not fit)."""
+        with self._lock:
+            hit = self._cache.get(request.lora_int_id)
+            if hit is not None:
+                known, weights = hit
+                if (known.lora_name, known.lora_path) != (request.lora_name, request.lora_path):
+                    raise ValueError(f"lora_int_id {request.lora_int_id} already names adapter {known.lora_name!r};"
+                                     " give each adapter its own id")
+                self._cache.move_to_end(request.lora_int_id)
+                return weights
+        weights = load_peft_adapter(request.lora_path, self.slots.config, self.slots.max_rank, self.dtype,
+                                    self.device, name=request.lora_name)
+        with self._lock:
+            self._cache[request.lora_int_id] = (request, weights)
+            self.num_loads += 1
+            while len(self._cache) > self.max_cpu_loras:
+                self._cache.popitem(last=False)
+        return weights
+
+    def remove(self, lora_int_id: int) -> bool:
+        """Forget an adapter (sequences still running with it keep their copy until they finish)."""
+        with self._lock:
+            return self._cache.pop(lora_int_id, None) is not None
+
+    def loaded_ids(self) -> list[int]:
+        with self._lock:
+            return list(self._cache)
+
+    def prepare_step(self, chunks: Seq[ScheduledChunk]) -> None:
+        """Put the adapters of ``chunks`` (already grouped by adapter, in row order) in slots and set the row
+        groups the wrapped projections read."""
+        slot_of = self._activate({c.seq.lora_id: c.seq.lora for c in chunks if c.seq.lora_id})
+        segments: list[tuple[int, int, int]] = []
+        row = 0
+        for c in chunks:
+            end = row + c.num_tokens
+            if c.seq.lora_id:
+                slot = slot_of[c.seq.lora_id]
+                if segments and segments[-1][1] == row and segments[-1][2] == slot:
+                    segments[-1] = (segments[-1][0], end, slot)
+                else:
+                    segments.append((row, end, slot))
+            row = end
+        self.slots.batch.set(segments, row, dense=len(segments) >= DENSE_MIN_GROUPS and row <= DENSE_MAX_ROWS,
+                             device=self.device)
+
+    def _activate(self, wanted: dict[int, LoRAWeights]) -> dict[int, int]:
+        if len(wanted) > self.max_loras:  # the scheduler never lets this happen
+            raise RuntimeError(f"{len(wanted)} adapters in one step, but max_loras is {self.max_loras}")
+        self._clock += 1
+        slot_of = {}
+        for lora_id in wanted:
+            if lora_id in self._slot_ids:
+                slot_of[lora_id] = self._slot_ids.index(lora_id)
+        for lora_id, weights in wanted.items():
+            if lora_id not in slot_of:
+                free = [s for s in range(self.max_loras) if s not in slot_of.values()]
+                slot = min(free, key=lambda s: (self._slot_ids[s] is not None, self._slot_used[s]))
+                self.slots.load(slot, weights)
+                self._slot_ids[slot] = lora_id
+                slot_of[lora_id] = slot
+        for slot in slot_of.values():
+            self._slot_used[slot] = self._clock
+        return slot_of
