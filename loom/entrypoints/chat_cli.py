@@ -6,7 +6,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loom.entrypoints.cli import add_engine_arguments, add_sampling_arguments, engine_config, sampling_params
+from loom.entrypoints.cli import (
+    add_engine_arguments,
+    add_sampling_arguments,
+    engine_config,
+    lora_request,
+    sampling_params,
+)
 from loom.entrypoints.llm import LLM
 
 
@@ -20,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         params = sampling_params(args)
         llm = LLM.from_config(engine_config(args))
+        adapter = lora_request(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -36,6 +43,6 @@ def run(args: argparse.Namespace) -> int:
             history = history[:1] if args.system else []
             continue
         history.append({"role": "user", "content": line.strip()})
-        reply = llm.chat(history, params)[0].outputs[0].text.strip()
+        reply = llm.chat(history, params, lora_request=adapter)[0].outputs[0].text.strip()
         history.append({"role": "assistant", "content": reply})
         print(f"assistant> {reply}", flush=True)

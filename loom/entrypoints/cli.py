@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from loom.engine.config import EngineConfig
+from loom.engine.lora import LoRARequest
 from loom.engine.sampling_params import SamplingParams
 from loom.entrypoints.llm import LLM
 from loom.flags import add_config_arguments, config_from_args
+from loom.models.lora import read_adapter_config
 
 SAMPLING_SKIP = {"n", "logprobs"}
 """Sampling fields with no use on a command line that prints one completion per prompt."""
-ENGINE_SKIP = {"seed"}
-"""The engine's default seed: here ``--seed`` is the requests' own (a sampling flag)."""
+ENGINE_SKIP = {"seed", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"}
+"""The engine's default seed: here ``--seed`` is the requests' own (a sampling flag); one ``--lora`` folder stands
+for the LoRA settings."""
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """EngineConfig's fields as flags (the request seed is a sampling flag here, so the engine's is left out)."""
-    add_config_arguments(parser.add_argument_group("engine"), EngineConfig, skip=ENGINE_SKIP)
+    """EngineConfig's fields as flags (the request seed is a sampling flag here, so the engine's is left out), and
+    ``--lora``."""
+    group = parser.add_argument_group("engine")
+    add_config_arguments(group, EngineConfig, skip=ENGINE_SKIP)
+    group.add_argument("--lora", default=None, metavar="ADAPTER_DIR",
+                       help="a LoRA adapter folder (peft; e.g. OUTPUT/adapter of `loom finetune --lora`) applied "
+                            "unmerged to every prompt")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int = 64) -> None:
@@ -29,7 +39,15 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int = 64
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return config_from_args(EngineConfig, args, skip=ENGINE_SKIP)
+    config = config_from_args(EngineConfig, args, skip=ENGINE_SKIP)
+    if getattr(args, "lora", None):
+        rank = int(read_adapter_config(Path(args.lora)).get("r", 16))
+        config = dataclasses.replace(config, enable_lora=True, max_lora_rank=rank)
+    return config
+
+
+def lora_request(args: argparse.Namespace) -> LoRARequest | None:
+    return LoRARequest(Path(args.lora).name or "adapter", 1, args.lora) if getattr(args, "lora", None) else None
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -51,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         params = sampling_params(args)
         llm = LLM.from_config(engine_config(args))
-        outputs = llm.generate(prompts, params)
+        outputs = llm.generate(prompts, params, lora_request=lora_request(args))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

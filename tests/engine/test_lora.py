@@ -221,3 +221,16 @@ def test_finetuned_adapter_served_unmerged_answers_like_the_merged_export(tmp_pa
     unmerged = tokens(base.generate(prompts, GREEDY, lora_request=LoRARequest("tuned", 1, str(out / "adapter"))))
     assert unmerged == merged
     assert unmerged != tokens(base.generate(prompts, GREEDY))
+
+
+def test_generate_cli_applies_an_adapter_folder(tiny_llama, adapters, capsys):
+    from loom.cli import main
+
+    request = adapters[0][0]
+    assert main(["generate", "--model", str(tiny_llama), "--lora", request.lora_path, "--max-tokens", "6",
+                 "--ignore-eos", "--num-kv-blocks", "16", "--json", "Hello there"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    llm = LLM(str(tiny_llama), enable_lora=True, max_lora_rank=8, num_kv_blocks=16)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    assert printed["text"] == llm.generate("Hello there", params, lora_request=request)[0].outputs[0].text
+    assert printed["text"] != llm.generate("Hello there", params)[0].outputs[0].text
