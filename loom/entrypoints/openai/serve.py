@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from dataclasses import dataclass, field
+from typing import Literal
 
 from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
@@ -22,6 +23,8 @@ from loom.entrypoints.openai.async_engine import AsyncLLMEngine
 from loom.entrypoints.openai.metrics import LLMMetrics
 from loom.entrypoints.openai.routes import build_routers
 from loom.entrypoints.openai.serving import ServingContext
+from loom.entrypoints.openai.tool_parsers import TOOL_PARSERS
+from loom.entrypoints.openai.tools import ToolSettings
 from loom.flags import add_config_arguments, config_from_args
 from loom.server.component import ExtraServer
 
@@ -42,6 +45,14 @@ class LLMServerConfig:
     threads: int | None = None
     """torch threads for the engine; None keeps torch's default (one per core). On a busy machine fewer can be much
     faster."""
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = None
+    """How tool calls are found in the model's text for tool_choice "auto": hermes (Hermes, Qwen <tool_call> JSON;
+    also the format used for a chat template that ignores tools), llama3_json, mistral."""
+    enable_auto_tool_choice: bool = False
+    """Let the model choose whether to call tools (tool_choice "auto", the default when tools are given); needs
+    --tool-call-parser. Without it such requests get 400."""
+    exclude_tools_when_tool_choice_none: bool = False
+    """Leave the tools out of the prompt when tool_choice is "none" (by default the template still gets them)."""
 
     def __post_init__(self) -> None:
         if self.max_waiting < 0:
@@ -54,12 +65,22 @@ class LLMServerConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_PARSERS)}, got {self.tool_call_parser}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs a tool_call_parser: add --tool-call-parser "
+                             f"({' | '.join(TOOL_PARSERS)}; hermes for Qwen, Hermes and SmolLM2)")
         if not self.served_model_names:
             self.served_model_names = [self.engine.model]
 
     @property
     def max_in_flight(self) -> int:
         return self.engine.max_num_seqs + self.max_waiting
+
+    @property
+    def tool_settings(self) -> ToolSettings:
+        return ToolSettings(self.tool_call_parser, self.enable_auto_tool_choice,
+                            self.exclude_tools_when_tool_choice_none)
 
 
 class LLMComponent:
@@ -71,7 +92,7 @@ class LLMComponent:
         self.front = AsyncLLMEngine(config.engine, self.metrics, max_in_flight=config.max_in_flight,
                                     num_threads=config.threads)
         self.context = ServingContext(self.front, list(config.served_model_names), max_n=config.max_n,
-                                      max_prompt_chars=config.max_prompt_chars)
+                                      max_prompt_chars=config.max_prompt_chars, tool_settings=config.tool_settings)
 
     def routers(self) -> list[APIRouter]:
         return build_routers(self.context)
