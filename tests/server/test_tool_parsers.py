@@ -128,6 +128,14 @@ def test_malformed_calls_are_content_when_whole(case):
     assert content == "" and calls[0][0] == "f"
 
 
+def test_a_cut_constrained_output_keeps_its_calls_as_a_stream_sent_them():
+    text = '[{"name":"a","parameters":{"x":1}},{"name":"b","parameters":{"y":[2'  # "required", cut by max_tokens
+    assert REQUIRED_PARSER.extract(text) == (text, [])  # strict: not a well-formed call list
+    content, calls = REQUIRED_PARSER.extract(text, strict=False)
+    assert content is None and _calls(calls) == [("a", '{"x":1}'), ("b", '{"y":[2')]
+    assert reassemble(stream(REQUIRED_PARSER, text)) == ("", _calls(calls))
+
+
 def test_stream_holds_back_a_partial_start_and_streams_arguments_in_pieces():
     s = HERMES.stream()
     assert s.feed("Hi <tool_") == {"content": "Hi "}

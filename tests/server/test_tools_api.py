@@ -107,6 +107,11 @@ def test_required_gives_valid_calls_of_the_given_tools(smol_client):
     one = smol_client.chat.completions.create(model="smollm2", messages=ASK, tools=TOOLS, tool_choice="required",
                                               parallel_tool_calls=False, temperature=0, max_tokens=120)
     assert len(_valid_calls(one.choices[0].message.tool_calls)) == 1
+    cut = smol_client.chat.completions.create(model="smollm2", messages=ASK, tools=TOOLS, tool_choice="required",
+                                              temperature=0, max_tokens=14).choices[0]  # stops inside the arguments
+    assert cut.finish_reason == "length" and cut.message.content is None  # the call as a stream would have sent it
+    calls = [(c.function.name, c.function.arguments) for c in cut.message.tool_calls]
+    assert calls == [("get_weather", '{"city":"Paris')]
 
 
 HISTORY = [

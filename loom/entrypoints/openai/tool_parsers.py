@@ -47,18 +47,23 @@ class ToolParser:
     def stream(self, max_calls: int | None = None) -> ToolCallStream:
         return ToolCallStream(self, max_calls)
 
-    def extract(self, text: str, max_calls: int | None = None) -> tuple[str | None, list[dict]]:
-        """(content, tool calls) of a whole output; the text as content and no calls when it holds no well-formed
-        call. Content is None when only whitespace precedes the calls."""
+    def extract(self, text: str, max_calls: int | None = None,
+                strict: bool = True) -> tuple[str | None, list[dict]]:
+        """(content, tool calls) of a whole output; content is None when only whitespace precedes the calls.
+
+        strict: a call must be complete, well-formed JSON with object arguments, else the whole text is content
+        and there are no calls (free text, tool_choice "auto"). Not strict: every named call as far as it goes,
+        as a stream would have sent it (a constrained output cut by max_tokens)."""
         search = 0
         while (m := self.start.search(text, search)) is not None:
             region = text[m.start():]
             scanner = _Scanner(self.gap)
             scanner.scan(region)
-            if scanner.calls:
-                calls = [_finished(region, call) for call in scanner.calls[:max_calls]]
-                if any(call is None for call in calls):
-                    break
+            found = scanner.calls[:max_calls]
+            if strict and not all(_is_well_formed(region, call) for call in found):
+                break
+            calls = [tool_call(call.name, _arguments(region, call)) for call in found if call.name is not None]
+            if calls:
                 content = text[: m.start()]
                 return (content if content.strip() else None), calls
             search = m.end()
@@ -194,14 +199,15 @@ def _arguments(region: str, call: _Call) -> str:
     return decoded if isinstance(decoded, str) else raw
 
 
-def _finished(region: str, call: _Call) -> dict | None:
-    """The OpenAI tool call of a complete, well-formed call object; None otherwise."""
-    if call.end is None or call.name is None or not isinstance(_loads(region[call.start:call.end]), dict):
-        return None
-    arguments = _arguments(region, call)
-    if not isinstance(_loads(arguments), dict):
-        return None
-    return {"id": new_call_id(), "type": "function", "function": {"name": call.name, "arguments": arguments}}
+def _is_well_formed(region: str, call: _Call) -> bool:
+    """Complete, named, valid JSON, and the arguments a JSON object."""
+    return (call.end is not None and call.name is not None and isinstance(_loads(region[call.start:call.end]), dict)
+            and isinstance(_loads(_arguments(region, call)), dict))
+
+
+def tool_call(name: str, arguments: str) -> dict:
+    """A tool call in OpenAI's shape, with a fresh id."""
+    return {"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 class ToolCallStream:
@@ -262,8 +268,7 @@ class ToolCallStream:
                 break
             if index == len(self._args_sent):
                 self._args_sent.append(0)
-                out.append({"index": index, "id": new_call_id(), "type": "function",
-                            "function": {"name": call.name, "arguments": ""}})
+                out.append({"index": index, **tool_call(call.name, "")})
             piece = _arguments(region, call)[self._args_sent[index]:]
             if not piece:
                 continue

@@ -35,7 +35,7 @@ from loom.entrypoints.openai.tool_parsers import (
     TOOL_PARSERS,
     ToolCallStream,
     ToolParser,
-    new_call_id,
+    tool_call,
 )
 
 EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -69,10 +69,10 @@ class ToolPlan:
     def message(self, text: str) -> tuple[str | None, list[dict]]:
         """(content, tool calls) of a finished output."""
         if self.mode == "named":
-            return None, [_call(self.function, text)]
+            return None, [tool_call(self.function, text)]
         if self.parser is None:
             return text, []
-        return self.parser.extract(text, self.max_calls)
+        return self.parser.extract(text, self.max_calls, strict=self.mode == "auto")
 
     def stream(self) -> TextStream | NamedCallStream | ToolCallStream:
         """A fresh stream for one choice: ``feed(text_so_far, final) -> delta`` and ``called``."""
@@ -108,13 +108,9 @@ class NamedCallStream:
     def feed(self, text: str, final: bool = False) -> dict:
         if self._sent is None:
             self._sent = len(text)
-            return {"tool_calls": [{"index": 0, **_call(self.function, text)}]}
+            return {"tool_calls": [{"index": 0, **tool_call(self.function, text)}]}
         piece, self._sent = text[self._sent:], len(text)
         return {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} if piece else {}
-
-
-def _call(function: str, arguments: str) -> dict:
-    return {"id": new_call_id(), "type": "function", "function": {"name": function, "arguments": arguments}}
 
 
 def finish_reason_of(reason: str | None, called: bool) -> str | None:
