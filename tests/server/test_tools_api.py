@@ -156,6 +156,8 @@ BAD = {"type": "object", "properties": {"a": {"type": "frob"}}}
         ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools.0.type", "function"),
         ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name",
          "missing"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+         "tools.0.function.parameters", "type: object"),
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
          "'nope'"),
         ({"tools": [_function("f", {"a": {"type": "frob"}}, "")], "tool_choice": "required"}, "tools", "frob"),
@@ -169,8 +171,8 @@ BAD = {"type": "object", "properties": {"a": {"type": "frob"}}}
             {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]},
          "messages.1.tool_calls.0.function.arguments", "JSON object"),
     ],
-    ids=["type", "no_name", "unknown_function", "bad_schema", "no_tools", "bad_choice", "duplicate", "too_many",
-         "with_response_format", "bad_history_arguments"],
+    ids=["type", "no_name", "not_object_schema", "unknown_function", "bad_schema", "no_tools", "bad_choice",
+         "duplicate", "too_many", "with_response_format", "bad_history_arguments"],
 )
 def test_bad_tools_are_400s_naming_the_field(smol, body, param, needle):
     r = httpx.post(f"{smol.base_url}/chat/completions", timeout=60,

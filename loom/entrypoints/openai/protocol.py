@@ -219,8 +219,16 @@ class FunctionDefinition(BaseModel):
     name: Annotated[str, Field(min_length=1, max_length=64)]
     description: str | None = None
     parameters: dict | None = None
-    """The arguments' JSON schema; None: the function takes none."""
+    """The arguments' JSON schema (an object's); None: the function takes none."""
     strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _is_object_schema(cls, value: dict | None) -> dict | None:
+        if value is not None and value.get("type", "object") != "object":
+            raise ValueError(f"parameters must be the JSON schema of an object (type: object), got type "
+                             f"{json.dumps(value['type'])[:40]}")
+        return value
 
 
 class Tool(BaseModel):

@@ -196,7 +196,8 @@ def _shared_defs(tools: list[Tool]) -> dict:
     """Every tool's ``$defs``, lifted to the array's root: inside it, ``#/$defs/X`` refers to the root."""
     defs: dict = {}
     for tool in tools:
-        for key, value in (_parameters(tool).get("$defs") or {}).items():
+        own = _parameters(tool).get("$defs")
+        for key, value in (own.items() if isinstance(own, dict) else ()):  # not a dict: the compiler says so
             if defs.setdefault(key, value) != value:
                 raise bad_request(f"two tools define $defs.{key} differently; rename one of them", "tools")
     return defs
