@@ -9,6 +9,9 @@ from typing import Literal
 import pytest
 
 from loom.engine.config import EngineConfig
+from loom.entrypoints.openai.serve import LLMServerConfig, add_serve_arguments
+from loom.entrypoints.openai.tool_parsers import TOOL_PARSERS
+from loom.entrypoints.openai.tools import ToolSettings
 from loom.flags import add_config_arguments, config_from_args, field_docs, given_args
 
 
@@ -87,3 +90,16 @@ def test_given_only_tells_given_flags_from_defaults_even_when_equal():
     top = argparse.ArgumentParser()  # as a subcommand (loom finetune): the parent namespace gets only what was given
     add_config_arguments(top.add_subparsers(dest="command").add_parser("run"), Demo, given_only=True)
     assert given_args(Demo, top.parse_args(["run", "--name", "y", "--enabled"])) == {"name": "y", "enabled": True}
+
+
+def test_serve_tool_flags_come_from_the_server_config():
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--tool-call-parser", "hermes", "--enable-auto-tool-choice"])
+    config = config_from_args(LLMServerConfig, args, skip={"engine"}, engine=config_from_args(EngineConfig, args))
+    assert config.tool_settings == ToolSettings(parser="hermes", enable_auto=True, exclude_when_none=False)
+    assert f"{{{','.join(TOOL_PARSERS)}}}" in parser.format_help()  # the choices are the registered parsers
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--tool-call-parser", "qwen"])
+    with pytest.raises(ValueError, match="--tool-call-parser"):
+        LLMServerConfig(EngineConfig(model="m"), enable_auto_tool_choice=True)

@@ -337,8 +337,12 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, detok: DetokState, token: int) -> None:
         p = seq.params
-        delta = detokenize_next(self.tokenizer, detok, token, p.skip_special_tokens)
         can_stop = seq.num_output_tokens > p.min_tokens  # stop ids were masked for the first min_tokens
+        is_stop_token = can_stop and ((not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids)
+        # NOTE: a token that ends the output adds no text unless asked (as in vLLM); with skip_special_tokens off the
+        # text would otherwise end in "<|im_end|>", and a tool-call parser would read it as content.
+        keep = not is_stop_token or p.include_stop_str_in_output
+        delta = detokenize_next(self.tokenizer, detok, token, p.skip_special_tokens) if keep else ""
         if can_stop and not p.ignore_eos and token in self.eos_token_ids:
             return self._finish(seq, "stop", None)
         if can_stop and token in p.stop_token_ids:

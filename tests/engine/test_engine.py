@@ -76,6 +76,13 @@ def test_stop_token_ids_and_min_tokens(llm):
     first = greedy.index(stop_id)
     out = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id]))[0].outputs[0]
     assert (out.finish_reason, out.stop_reason, out.token_ids) == ("stop", stop_id, greedy[: first + 1])
+    # The stop token's own text is left out (special or not), unless include_stop_str_in_output.
+    shown = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id], skip_special_tokens=False)
+    before = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=first, ignore_eos=True))[0].outputs[0].text
+    upto = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=first + 1, ignore_eos=True))[0].outputs[0].text
+    assert gen(llm, [prompt], shown)[0].outputs[0].text == before != upto
+    shown.include_stop_str_in_output = True
+    assert gen(llm, [prompt], shown)[0].outputs[0].text == upto
     # min_tokens masks the stop id for the first 8 tokens, so generation goes past it.
     held = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id], min_tokens=8))
     ids = held[0].outputs[0].token_ids

@@ -60,6 +60,17 @@ def tiny_server(tiny_llama):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def smollm2_server():
+    """One server over SmolLM2 for the modules that need a real model's answers (structured outputs, tools): served
+    as 'smollm2', 0.25 GB of KV cache, 32 sequences, 2 torch threads, no tool flags. Shared: starting it is ~10 s."""
+    config = LLMServerConfig(EngineConfig(model="smollm2", kv_cache_memory_gb=0.25, max_num_seqs=32),
+                             served_model_names=["smollm2"], threads=2)
+    server = start_llm_server(config)
+    yield server
+    server.stop()
+
+
 @pytest.fixture()
 def client(tiny_server):
     import openai

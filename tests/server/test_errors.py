@@ -35,7 +35,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
         ({**CHAT, "max_tokens": 0}, "max_tokens", ">= 1"),
         ({**CHAT, "top_logprobs": 3}, "top_logprobs", "logprobs: true"),
         ({**CHAT, "stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
-        ({**CHAT, "tools": [{"type": "function"}]}, "tools", "not supported"),
+        ({**CHAT, "tools": [{"type": "function"}]}, "tools.0.function", "missing"),
     ],
 )
 def test_chat_validation_is_400_naming_the_field(tiny_server, body, param, phrase):

@@ -12,10 +12,7 @@ import httpx
 import openai
 import pytest
 
-from loom.engine.config import EngineConfig
-from loom.entrypoints.openai.serve import LLMServerConfig
 from tests.engine.test_structured import validate
-from tests.server.conftest import start_llm_server
 
 
 def _obj(props: dict, required: list[str] | None = None) -> dict:
@@ -59,12 +56,8 @@ SCHEMAS = {
 
 
 @pytest.fixture(scope="module")
-def server():
-    config = LLMServerConfig(EngineConfig(model="smollm2", kv_cache_memory_gb=0.25, max_num_seqs=32),
-                             served_model_names=["smollm2"], threads=2)
-    running = start_llm_server(config)
-    yield running
-    running.stop()
+def server(smollm2_server):
+    return smollm2_server
 
 
 @pytest.fixture()

@@ -3,6 +3,10 @@
 Streaming follows OpenAI's shape: a first chunk per choice with ``delta.role``, content deltas, a last chunk per
 choice with an empty delta and its ``finish_reason``, a usage chunk (``choices: []``) when
 ``stream_options.include_usage``, then ``data: [DONE]``.
+
+With tools (``tools.py``), a choice's text goes through its tool plan: the answer's ``message`` gets ``tool_calls``
+and ``finish_reason`` is ``tool_calls``; a stream sends ``delta.tool_calls`` (index, id, type and name first, then
+pieces of the arguments) where it would have sent content.
 """
 
 from __future__ import annotations
@@ -26,28 +30,38 @@ from loom.entrypoints.openai.serving import (
     unless_disconnected,
     usage,
 )
+from loom.entrypoints.openai.tools import ToolPlan, finish_reason_of, plan_tools
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
     lora = ctx.check_model(req.model)
-    params = req.sampling_params()
+    plan = plan_tools(req, ctx.tool_settings)
+    params = req.sampling_params(plan.structured)
+    if plan.parser is not None and ctx.has_special_token(plan.parser.markers):
+        params.skip_special_tokens = False  # the parser must see the format's tokens (vLLM's parsers do the same)
     ctx.check_n(params.n)
-    messages = [m.as_template_dict() for m in req.messages]
-    prompt = await ctx.apply_chat_template(messages, req.add_generation_prompt)
-    await ctx.compile_grammar(params, "response_format" if req.response_format is not None else "structured_outputs")
+    prompt = await ctx.apply_chat_template(req.messages, req.add_generation_prompt, tools=plan.tools)
+    await ctx.compile_grammar(params, _grammar_param(req, plan))
     request_id, created = new_id("chatcmpl"), now_s()
     streams = await ctx.open_streams(request_id, [prompt], params, time.time(), lora)
     if req.stream:
         head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
                 "system_fingerprint": None}
-        return StreamingResponse(_stream(ctx, req, streams[0], len(prompt), head), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return StreamingResponse(_stream(ctx, req, plan, streams[0], len(prompt), head),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
     head = {"id": request_id, "object": "chat.completion", "created": created, "model": req.model,
             "system_fingerprint": None}
     try:
-        return await unless_disconnected(_full(ctx, req, streams, len(prompt), head), raw)
+        return await unless_disconnected(_full(ctx, req, plan, streams, len(prompt), head), raw)
     finally:
         close_all(streams)
+
+
+def _grammar_param(req: ChatCompletionRequest, plan: ToolPlan) -> str:
+    """The field a grammar that does not compile is blamed on."""
+    if plan.structured is not None:
+        return "tools"
+    return "response_format" if req.response_format is not None else "structured_outputs"
 
 
 def _logprobs(ctx: ServingContext, req: ChatCompletionRequest, token_ids, logprobs) -> dict | None:
@@ -56,18 +70,22 @@ def _logprobs(ctx: ServingContext, req: ChatCompletionRequest, token_ids, logpro
     return {"content": ctx.strings.chat_entries(token_ids, logprobs, req.top_logprobs or 0), "refusal": None}
 
 
-async def _full(ctx, req: ChatCompletionRequest, streams, prompt_len: int, head: dict) -> JSONResponse:
+async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, streams, prompt_len: int, head: dict) -> JSONResponse:
     finals = await finals_of(streams)
-    choices = [_choice(ctx, req, c) for c in finals[0].outputs]
+    choices = [_choice(ctx, req, plan, c) for c in finals[0].outputs]
     return JSONResponse({**head, "choices": choices, "usage": usage([prompt_len], finals)})
 
 
-def _choice(ctx, req, c: CompletionOutput) -> dict:
+def _choice(ctx, req, plan: ToolPlan, c: CompletionOutput) -> dict:
+    content, calls = plan.message(c.text)
+    message = {"role": "assistant", "content": content, "refusal": None}
+    if calls:
+        message["tool_calls"] = calls
     return {
         "index": c.index,
-        "message": {"role": "assistant", "content": c.text, "refusal": None},
+        "message": message,
         "logprobs": _logprobs(ctx, req, c.token_ids, c.logprobs),
-        "finish_reason": c.finish_reason,
+        "finish_reason": finish_reason_of(c.finish_reason, bool(calls)),
         "stop_reason": c.stop_reason,
     }
 
@@ -77,9 +95,10 @@ def _chunk(head: dict, index: int, delta: dict, finish_reason=None, logprobs=Non
     return sse({**head, "choices": [choice], **(extra or {})})
 
 
-async def _stream(ctx, req: ChatCompletionRequest, stream, prompt_len: int, head: dict):
+async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, stream, prompt_len: int, head: dict):
     extra = {"usage": None} if req.include_usage else None
-    sent = [(0, 0, False)] * req.n  # per choice: (chars, tokens, finished)
+    choices = [plan.stream() for _ in range(req.n)]  # per choice: text so far -> the delta to send
+    sent = [(0, False)] * req.n  # per choice: (tokens, finished)
     last = None
     try:
         for index in range(req.n):
@@ -87,17 +106,20 @@ async def _stream(ctx, req: ChatCompletionRequest, stream, prompt_len: int, head
         async for out in stream:
             last = out
             for c in out.outputs:
-                chars, toks, done = sent[c.index]
+                toks, done = sent[c.index]
                 if done:
                     continue
-                text, new_ids = c.text[chars:], c.token_ids[toks:]
+                delta = choices[c.index].feed(c.text, final=c.finished)
+                new_ids = c.token_ids[toks:]
                 lps = c.logprobs[toks:] if c.logprobs is not None else None
-                if text or (req.logprobs and new_ids):
-                    yield _chunk(head, c.index, {"content": text}, None, _logprobs(ctx, req, new_ids, lps), extra)
-                    sent[c.index] = (len(c.text), len(c.token_ids), False)
+                if delta or (req.logprobs and new_ids):
+                    logprobs = _logprobs(ctx, req, new_ids, lps)
+                    yield _chunk(head, c.index, delta or {"content": ""}, None, logprobs, extra)
+                    toks = len(c.token_ids)
                 if c.finished:
-                    yield _chunk(head, c.index, {}, c.finish_reason, extra=extra)
-                    sent[c.index] = (len(c.text), len(c.token_ids), True)
+                    reason = finish_reason_of(c.finish_reason, choices[c.index].called)
+                    yield _chunk(head, c.index, {}, reason, extra=extra)
+                sent[c.index] = (toks, c.finished)
         if req.include_usage:
             yield sse({**head, "choices": [], "usage": usage([prompt_len], [last])})
         yield sse("[DONE]")

@@ -20,6 +20,7 @@ a tokenizer without a Rust backend falls back to its Python ``__call__``.
 from __future__ import annotations
 
 import asyncio
+import json
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -53,10 +54,12 @@ class PromptEncoder:
         return await self._run(self._encode, text, add_special_tokens, limit)
 
     async def chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                   limit: int | None = None) -> list[int]:
-        """The chat template's rendering of ``messages``, tokenized as it is written (no extra special tokens)."""
-        self.check_chars(sum(len(m.get("content") or "") for m in messages))
-        return await self._run(self._chat, messages, add_generation_prompt, limit)
+                   limit: int | None = None, tools: list[dict] | None = None) -> list[int]:
+        """The chat template's rendering of ``messages`` (and ``tools``), tokenized as it is written (no extra
+        special tokens)."""
+        tools_chars = len(json.dumps(tools)) if tools else 0
+        self.check_chars(sum(len(m.get("content") or "") for m in messages) + tools_chars)
+        return await self._run(self._chat, messages, add_generation_prompt, limit, tools)
 
     async def decode(self, ids: list[int]) -> str:
         return await self._run(self.tokenizer.decode, ids)
@@ -73,8 +76,10 @@ class PromptEncoder:
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
 
-    def _chat(self, messages: list[dict], add_generation_prompt: bool, limit: int | None) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    def _chat(self, messages: list[dict], add_generation_prompt: bool, limit: int | None,
+              tools: list[dict] | None) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
         self.check_chars(len(text))
         return self._encode(text, False, limit)
 

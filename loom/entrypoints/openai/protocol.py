@@ -6,13 +6,15 @@ Loom's extra sampling fields: ``top_k``, ``min_p``, ``repetition_penalty``, ``mi
 ``stop_token_ids``, ``skip_special_tokens``, ``include_stop_str_in_output``, and vLLM's ``structured_outputs``
 (``{"json" | "regex" | "choice" | "grammar" | "json_object"}``; the older ``guided_json`` / ``guided_regex`` /
 ``guided_choice`` / ``guided_grammar`` too). Chat's ``response_format`` takes ``json_object`` and ``json_schema``.
+Chat's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` are OpenAI's (their meaning: ``tools.py``).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.structured import StructuredOutputsParams
@@ -22,6 +24,8 @@ MAX_STOP = 16
 """Entries in ``stop`` and in ``stop_token_ids`` (OpenAI allows 4 stop strings); both are checked every step."""
 MAX_STOP_CHARS = 256
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+MAX_TOOLS = 128
+"""Tools per request (OpenAI's limit): each is rendered into the prompt, and "required" makes one grammar of all."""
 
 
 class StreamOptions(BaseModel):
@@ -163,19 +167,82 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+    """The arguments as a JSON object's text (OpenAI's shape)."""
+
+    @field_validator("arguments")
+    @classmethod
+    def _is_json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError("function arguments must be the text of a JSON object, e.g. '{\"city\": \"Paris\"}'")
+        return value
+
+
+class ToolCall(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def as_template_dict(self) -> dict[str, Any]:
+        """The message as chat templates take it: text content; calls' arguments as dicts (templates write them
+        with ``tojson``, as vLLM passes them)."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        out: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.tool_calls:
+            out["tool_calls"] = [{**({"id": c.id} if c.id else {}), "type": "function", "function": {
+                "name": c.function.name, "arguments": json.loads(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class FunctionDefinition(BaseModel):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    parameters: dict | None = None
+    """The arguments' JSON schema (an object's); None: the function takes none."""
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _is_object_schema(cls, value: dict | None) -> dict | None:
+        if value is not None and value.get("type", "object") != "object":
+            raise ValueError(f"parameters must be the JSON schema of an object (type: object), got type "
+                             f"{json.dumps(value['type'])[:40]}")
+        return value
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionName
 
 
 class JsonSchemaFormat(BaseModel):
@@ -205,17 +272,22 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Any = None
+    """"none", "auto", "required" or a NamedToolChoice; checked by ``tools.plan_tools`` (a 400 naming the field)."""
+    parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
 
-    def sampling_params(self) -> SamplingParams:
-        if self.tools:
-            raise bad_request("tools are not supported by this server; remove them", "tools")
+    def sampling_params(self, tool_structured: StructuredOutputsParams | None = None) -> SamplingParams:
+        """``tool_structured``: the output constraint of a named or "required" tool_choice."""
         structured = self.response_format.structured() if self.response_format is not None else None
         if structured is not None and self._asks_structured():
             raise bad_request("give response_format or structured_outputs, not both", "response_format")
+        if tool_structured is not None and (structured is not None or self._asks_structured()):
+            raise bad_request("a named or \"required\" tool_choice already constrains the output; remove "
+                              "response_format / structured_outputs", "tool_choice")
+        structured = tool_structured or structured
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
@@ -229,6 +301,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     add_special_tokens: bool = True  # for `prompt`, as /v1/completions encodes it (vLLM's default too)
     add_generation_prompt: bool = True
 

@@ -21,6 +21,7 @@ from loom.entrypoints.openai.protocol import (
     TokenizeResponse,
 )
 from loom.entrypoints.openai.serving import ServingContext, now_s
+from loom.entrypoints.openai.tools import template_tools
 
 STREAMS = {200: {"description": "a JSON object, or server-sent events with stream: true",
                  "content": {"application/json": {}, "text/event-stream": {}}}}
@@ -57,8 +58,8 @@ def build_routers(ctx: ServingContext) -> list[APIRouter]:
         if (req.prompt is None) == (req.messages is None):
             raise OpenAIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
         if req.messages is not None:
-            messages = [m.as_template_dict() for m in req.messages]
-            ids = await ctx.apply_chat_template(messages, req.add_generation_prompt, within_context=False)
+            ids = await ctx.apply_chat_template(req.messages, req.add_generation_prompt, within_context=False,
+                                                tools=template_tools(req.tools))
         else:
             ids = await ctx.encoder.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         body = {"count": len(ids), "max_model_len": ctx.front.max_model_len, "tokens": ids}

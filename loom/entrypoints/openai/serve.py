@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from dataclasses import dataclass, field
+from typing import Literal
 
 from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
@@ -23,6 +24,8 @@ from loom.entrypoints.openai.lora import LoRARegistry, parse_lora_module
 from loom.entrypoints.openai.metrics import LLMMetrics
 from loom.entrypoints.openai.routes import build_lora_router, build_routers, load_adapter
 from loom.entrypoints.openai.serving import ServingContext
+from loom.entrypoints.openai.tool_parsers import TOOL_PARSERS
+from loom.entrypoints.openai.tools import ToolSettings
 from loom.flags import add_config_arguments, config_from_args
 from loom.server.component import ExtraServer
 
@@ -50,6 +53,14 @@ class LLMServerConfig:
     """Add POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read adapter folders from this machine)."""
     lora_store: str | None = None
     """With runtime updating: adapter paths must resolve inside this folder (relative ones are taken from it)."""
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = None
+    """How tool calls are found in the model's text for tool_choice "auto": hermes (Hermes, Qwen <tool_call> JSON;
+    also the format used for a chat template that ignores tools), llama3_json, mistral."""
+    enable_auto_tool_choice: bool = False
+    """Let the model choose whether to call tools (tool_choice "auto", the default when tools are given); needs
+    --tool-call-parser. Without it such requests get 400."""
+    exclude_tools_when_tool_choice_none: bool = False
+    """Leave the tools out of the prompt when tool_choice is "none" (by default the template still gets them)."""
 
     def __post_init__(self) -> None:
         if self.max_waiting < 0:
@@ -62,6 +73,11 @@ class LLMServerConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_PARSERS)}, got {self.tool_call_parser}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs a tool_call_parser: add --tool-call-parser "
+                             f"({' | '.join(TOOL_PARSERS)}; hermes for Qwen, Hermes and SmolLM2)")
         if not self.served_model_names:
             self.served_model_names = [self.engine.model]
         if (self.lora_modules or self.allow_runtime_lora_updating) and not self.engine.enable_lora:
@@ -74,6 +90,11 @@ class LLMServerConfig:
     def max_in_flight(self) -> int:
         return self.engine.max_num_seqs + self.max_waiting
 
+    @property
+    def tool_settings(self) -> ToolSettings:
+        return ToolSettings(self.tool_call_parser, self.enable_auto_tool_choice,
+                            self.exclude_tools_when_tool_choice_none)
+
 
 class LLMComponent:
     name = "llm"
@@ -85,7 +106,8 @@ class LLMComponent:
                                     num_threads=config.threads)
         loras = LoRARegistry(config.served_model_names, config.lora_store) if config.engine.enable_lora else None
         self.context = ServingContext(self.front, list(config.served_model_names), max_n=config.max_n,
-                                      max_prompt_chars=config.max_prompt_chars, loras=loras)
+                                      max_prompt_chars=config.max_prompt_chars, loras=loras,
+                                      tool_settings=config.tool_settings)
 
     def routers(self) -> list[APIRouter]:
         routers = build_routers(self.context)

@@ -21,6 +21,8 @@ from loom.entrypoints.openai.errors import OpenAIError, bad_request, from_value_
 from loom.entrypoints.openai.logprobs import TokenStrings
 from loom.entrypoints.openai.lora import LoRARegistry
 from loom.entrypoints.openai.prompts import PromptEncoder
+from loom.entrypoints.openai.protocol import ChatMessage
+from loom.entrypoints.openai.tools import ToolSettings, template_messages
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -37,8 +39,11 @@ class ServingContext:
     """Most characters in a request's prompt(s) before tokenization; None: 32 per token of the model's context."""
     loras: LoRARegistry | None = None
     """The LoRA adapters a request may name in ``model`` (with --enable-lora)."""
+    tool_settings: ToolSettings = field(default_factory=ToolSettings)
     _strings: TokenStrings | None = field(default=None)
     _encoder: PromptEncoder | None = field(default=None)
+    _template_has_tools: bool | None = field(default=None)
+    _special_tokens: frozenset[str] | None = field(default=None)
 
     @property
     def model_name(self) -> str:
@@ -56,6 +61,24 @@ class ServingContext:
             chars = self.max_prompt_chars or 32 * self.front.max_model_len
             self._encoder = PromptEncoder(self.front.tokenizer, chars)
         return self._encoder
+
+    @property
+    def template_has_tools(self) -> bool:
+        """Whether the chat template renders ``tools`` at all (one that never names them would drop them)."""
+        if self._template_has_tools is None:
+            try:
+                template = self.front.tokenizer.get_chat_template(tools=[])
+            except ValueError:  # no chat template: apply_chat_template answers that
+                template = ""
+            self._template_has_tools = "tools" in template
+        return self._template_has_tools
+
+    def has_special_token(self, tokens: tuple[str, ...]) -> bool:
+        """Whether any of ``tokens`` is a special token of the tokenizer (left out of text unless asked)."""
+        if self._special_tokens is None:
+            decoder = getattr(self.front.tokenizer, "added_tokens_decoder", {})
+            self._special_tokens = frozenset(t.content for t in decoder.values() if t.special)
+        return any(t in self._special_tokens for t in tokens)
 
     def close(self) -> None:
         if self._encoder is not None:
@@ -86,13 +109,16 @@ class ServingContext:
         prompts come from the chat template, which writes its own."""
         return await self.encoder.encode(text, limit=self.front.max_model_len)
 
-    async def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                                  within_context: bool = True) -> list[int]:
-        """The chat prompt's ids; with ``within_context``, a prompt longer than the context is a 400."""
+    async def apply_chat_template(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                                  within_context: bool = True, tools: list[dict] | None = None) -> list[int]:
+        """The chat prompt's ids; with ``within_context``, a prompt longer than the context is a 400. Tools go to
+        the template, or into the messages for a template that ignores them (``tools.template_messages``)."""
         if not getattr(self.front.tokenizer, "chat_template", None):
             raise OpenAIError(400, "this model has no chat template; use /v1/completions", param="messages")
         limit = self.front.max_model_len if within_context else None
-        return await self.encoder.chat(messages, add_generation_prompt, limit=limit)
+        native = self.template_has_tools
+        dicts = template_messages(messages, tools, native)
+        return await self.encoder.chat(dicts, add_generation_prompt, limit=limit, tools=tools if native else None)
 
     async def compile_grammar(self, params: SamplingParams, param: str) -> None:
         """Compile the request's structured-output grammar (cached by spec) on the tokenizer thread, off the event

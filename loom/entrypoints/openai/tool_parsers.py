@@ -1,0 +1,296 @@
+"""Tool-call parsers: OpenAI tool calls found in a model's text, whole or while it streams.
+
+    parser = TOOL_PARSERS["hermes"]
+    content, calls = parser.extract('Sure. <tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>')
+    # "Sure. ", [{"id": "call_…", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]
+    stream = parser.stream()
+    delta = stream.feed(text_so_far)               # {"content": …} and/or {"tool_calls": [{"index": 0, …}]}
+    delta = stream.feed(final_text, final=True)
+
+Every format is content, then a region of JSON call objects ``{"name": …, "arguments" | "parameters": {…}}``:
+hermes (Hermes 2 Pro, Qwen 2.5/3) ``<tool_call>{…}</tool_call>`` (several allowed); llama3_json ``{"name": …,
+"parameters": {…}}`` (after an optional ``<|python_tag|>``, several separated by ``;``); mistral
+``[TOOL_CALLS] [{…}, …]``; and the JSON array that ``tool_choice: "required"`` holds the output to. So a parser is
+data (the pattern that opens the region, the text allowed between calls) and one incremental scanner does the rest.
+
+Arguments are the model's own JSON text of the value, not re-serialised, so streamed pieces concatenate to exactly
+the string the non-streaming answer has. Text before the region is content; text after the last call is dropped
+(as vLLM does). Output that does not hold a well-formed call is returned as content, never an error.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+import regex
+
+ARGUMENT_KEYS = ("arguments", "parameters")
+
+
+def new_call_id() -> str:
+    """An id in OpenAI's shape (``call_`` + 24 characters)."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolParser:
+    name: str
+    start: regex.Pattern
+    """Where the region of calls begins (the region starts at the match: a ``{`` in it belongs to the first call)."""
+    gap: regex.Pattern
+    """What may stand between calls (and before the first one); anything else closes the region."""
+    markers: tuple[str, ...] = ()
+    """Literal tokens of the format: where the tokenizer has them as special tokens, the text must keep them."""
+
+    def stream(self, max_calls: int | None = None) -> ToolCallStream:
+        return ToolCallStream(self, max_calls)
+
+    def extract(self, text: str, max_calls: int | None = None,
+                strict: bool = True) -> tuple[str | None, list[dict]]:
+        """(content, tool calls) of a whole output; content is None when only whitespace precedes the calls.
+
+        strict: a call must be complete, well-formed JSON with object arguments, else the whole text is content
+        and there are no calls (free text, tool_choice "auto"). Not strict: every named call as far as it goes,
+        as a stream would have sent it (a constrained output cut by max_tokens)."""
+        search = 0
+        while (m := self.start.search(text, search)) is not None:
+            region = text[m.start():]
+            scanner = _Scanner(self.gap)
+            scanner.scan(region)
+            found = scanner.calls[:max_calls]
+            if strict and not all(_is_well_formed(region, call) for call in found):
+                break
+            calls = [tool_call(call.name, _arguments(region, call)) for call in found if call.name is not None]
+            if calls:
+                content = text[: m.start()]
+                return (content if content.strip() else None), calls
+            search = m.end()
+        return text, []
+
+
+@dataclass(slots=True)
+class _Call:
+    """One call object of the region; offsets are into the region's text."""
+
+    start: int
+    end: int | None = None
+    name: str | None = None
+    args_start: int | None = None
+    args_end: int | None = None
+
+
+class _Scanner:
+    """Incremental scan of a region of JSON objects: each object's extent, its ``name`` and the span of its
+    arguments value. It follows strings and nesting only; the non-streaming path checks the JSON itself."""
+
+    def __init__(self, gap: regex.Pattern):
+        self.gap = gap
+        self.pos = 0
+        self.calls: list[_Call] = []
+        self.closed = False
+        """Text that is neither a call nor allowed between calls came: the region is over."""
+        self._depth = 0
+        self._in_string = False
+        self._escape = False
+        self._string_start = 0
+        self._gap_start = 0
+        self._key_span: tuple[int, int] | None = None  # the last string closed at depth 1 (a key if ':' follows)
+        self._key: str | None = None  # the key whose value comes next, at depth 1
+        self._value_start: int | None = None
+
+    def scan(self, text: str) -> None:
+        """Scan ``text`` (the region so far; it only ever grows) from where the last call stopped."""
+        for i in range(self.pos, len(text)):
+            if self.closed:
+                break
+            self._step(text, i, text[i])
+        self.pos = len(text)
+
+    def is_false_start(self, text: str) -> bool:
+        """No call has begun and what follows the start can no longer lead to one."""
+        return not self.calls and self.gap.fullmatch(text, 0, len(text), partial=True) is None
+
+    def _step(self, text: str, i: int, ch: str) -> None:
+        if self._depth == 0:
+            if ch == "{":
+                if self.gap.fullmatch(text, self._gap_start, i) is None:
+                    self.closed = True
+                    return
+                self.calls.append(_Call(i))
+                self._depth, self._key, self._key_span, self._value_start = 1, None, None, None
+            return
+        if self._in_string:
+            if self._escape:
+                self._escape = False
+            elif ch == "\\":
+                self._escape = True
+            elif ch == '"':
+                self._in_string = False
+                if self._depth == 1:
+                    self._string_closed(text, i + 1)
+            return
+        if self._depth == 1 and self._key is not None and self._value_start is None and not ch.isspace():
+            self._value_begins(i)
+        if ch == '"':
+            self._in_string, self._string_start = True, i
+        elif ch in "{[":
+            self._depth += 1
+        elif ch in "}]":
+            self._close(text, i)
+        elif ch == ":" and self._depth == 1 and self._key_span is not None:
+            self._key = _loads(text[self._key_span[0]:self._key_span[1]])
+            self._key_span = None
+        elif ch == "," and self._depth == 1 and self._value_start is not None:
+            self._value_ends(text, i)  # a number, true, false or null
+
+    def _close(self, text: str, i: int) -> None:
+        self._depth -= 1
+        if self._depth == 1 and self._value_start is not None:  # an object or array value is complete
+            self._value_ends(text, i + 1)
+        elif self._depth == 0:
+            if self._value_start is not None:
+                self._value_ends(text, i)
+            self.calls[-1].end = i + 1
+            self._gap_start = i + 1
+
+    def _string_closed(self, text: str, end: int) -> None:
+        if self._value_start == self._string_start:
+            self._value_ends(text, end)
+        else:
+            self._key_span = (self._string_start, end)
+
+    def _value_begins(self, i: int) -> None:
+        self._value_start = i
+        call = self.calls[-1]
+        if self._key in ARGUMENT_KEYS and call.args_start is None:
+            call.args_start = i
+
+    def _value_ends(self, text: str, end: int) -> None:
+        raw = text[self._value_start:end].rstrip()
+        call = self.calls[-1]
+        if self._key == "name" and call.name is None:
+            name = _loads(raw)
+            call.name = name if isinstance(name, str) and name else None
+        elif self._key in ARGUMENT_KEYS and call.args_start == self._value_start:
+            call.args_end = self._value_start + len(raw)
+        self._key, self._value_start = None, None
+
+
+def _loads(raw: str):
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _arguments(region: str, call: _Call) -> str:
+    """The call's arguments as far as known: an object streams as it comes; a string holding JSON (some models
+    quote the object) and other scalars only once complete. No arguments at all read as ``{}``."""
+    if call.args_start is None:
+        return "{}" if call.end is not None else ""
+    raw = region[call.args_start: call.args_end if call.args_end is not None else len(region)]
+    if raw[:1] in ("{", "["):
+        return raw
+    if call.args_end is None:
+        return ""
+    decoded = _loads(raw)
+    return decoded if isinstance(decoded, str) else raw
+
+
+def _is_well_formed(region: str, call: _Call) -> bool:
+    """Complete, named, valid JSON, and the arguments a JSON object."""
+    return (call.end is not None and call.name is not None and isinstance(_loads(region[call.start:call.end]), dict)
+            and isinstance(_loads(_arguments(region, call)), dict))
+
+
+def tool_call(name: str, arguments: str) -> dict:
+    """A tool call in OpenAI's shape, with a fresh id."""
+    return {"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+class ToolCallStream:
+    """One choice's stream: ``feed`` the whole text so far, get the OpenAI delta to send (possibly ``{}``).
+
+    Content streams until the region may begin (a partial start such as ``<tool_`` is held back). Calls stream in
+    order: the first delta of each has its index, id, type and name, later ones pieces of its arguments. If the
+    output ends without a named call, the held text is sent as content, so the pieces always add up to the text.
+    """
+
+    def __init__(self, parser: ToolParser, max_calls: int | None = None):
+        self.parser = parser
+        self.max_calls = max_calls
+        self._search = 0
+        self._content_end = 0
+        self._content_sent = 0
+        self._region: int | None = None
+        self._start_end = 0
+        self._scanner: _Scanner | None = None
+        self._args_sent: list[int] = []  # per call sent: characters of arguments sent
+
+    @property
+    def called(self) -> bool:
+        return bool(self._args_sent)
+
+    def feed(self, text: str, final: bool = False) -> dict:
+        self._advance(text, final)
+        delta: dict = {}
+        if self._content_end > self._content_sent:
+            delta["content"] = text[self._content_sent:self._content_end]
+            self._content_sent = self._content_end
+        calls = self._call_deltas(text[self._region:]) if self._region is not None else []
+        if calls:
+            delta["tool_calls"] = calls
+        return delta
+
+    def _advance(self, text: str, final: bool) -> None:
+        while True:
+            if self._region is None:
+                m = self.parser.start.search(text, self._search, partial=not final)
+                if m is None or m.partial:
+                    self._content_end = len(text) if m is None else m.start()
+                    return
+                self._region, self._content_end, self._start_end = m.start(), m.start(), m.end()
+                self._scanner = _Scanner(self.parser.gap)
+            region = text[self._region:]
+            self._scanner.scan(region)
+            if not self._scanner.is_false_start(region):
+                break
+            self._region, self._search = None, self._start_end  # a start marker in prose: look further on
+        if final and not self.called:  # no call after all: everything is content
+            self._region, self._content_end = None, len(text)
+
+    def _call_deltas(self, region: str) -> list[dict]:
+        out = []
+        for index, call in enumerate(self._scanner.calls[: self.max_calls]):
+            if call.name is None:
+                break
+            if index == len(self._args_sent):
+                self._args_sent.append(0)
+                out.append({"index": index, **tool_call(call.name, "")})
+            piece = _arguments(region, call)[self._args_sent[index]:]
+            if not piece:
+                continue
+            self._args_sent[index] += len(piece)
+            if out and out[-1]["index"] == index:
+                out[-1]["function"]["arguments"] += piece
+            else:
+                out.append({"index": index, "function": {"arguments": piece}})
+        return out
+
+
+def _parser(name: str, start: str, gap: str, markers: tuple[str, ...] = ()) -> ToolParser:
+    return ToolParser(name, regex.compile(start), regex.compile(gap), markers)
+
+
+TOOL_PARSERS: dict[str, ToolParser] = {
+    "hermes": _parser("hermes", r"<tool_call>", r"(?:\s|</?tool_call>)*", ("<tool_call>", "</tool_call>")),
+    "llama3_json": _parser("llama3_json", r'<\|python_tag\|>|\{\s*"name"\s*:', r"(?:\s|;|<\|python_tag\|>)*",
+                           ("<|python_tag|>",)),
+    "mistral": _parser("mistral", r"\[TOOL_CALLS\]", r"(?:\s|,|\[TOOL_CALLS\]|\[|\])*", ("[TOOL_CALLS]",)),
+}
+"""The parsers ``--tool-call-parser`` chooses from (vLLM's names)."""
+
+REQUIRED_PARSER = _parser("required", r"\[", r"[\s\[,]*")
+"""The JSON array of ``{"name", "parameters"}`` that tool_choice "required" constrains the output to."""
