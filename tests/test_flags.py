@@ -87,3 +87,28 @@ def test_given_only_tells_given_flags_from_defaults_even_when_equal():
     top = argparse.ArgumentParser()  # as a subcommand (loom finetune): the parent namespace gets only what was given
     add_config_arguments(top.add_subparsers(dest="command").add_parser("run"), Demo, given_only=True)
     assert given_args(Demo, top.parse_args(["run", "--name", "y", "--enabled"])) == {"name": "y", "enabled": True}
+
+
+@dataclass(slots=True)
+class Inner:
+    k: int
+    name: str = "x"
+
+
+@dataclass(slots=True)
+class Outer:
+    inner: Inner | None = None
+    """Inner settings as JSON."""
+
+
+def test_dataclass_field_is_one_json_object_flag(capsys):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Outer)
+    assert config_from_args(Outer, parser.parse_args(["--inner", '{"k": 3}'])) == Outer(Inner(3))
+    assert config_from_args(Outer, parser.parse_args([])) == Outer()
+    assert "--inner JSON" in parser.format_help()
+    for bad, message in [("{k: 3}", "not valid JSON"), ("[3]", "expected a JSON object"),
+                         ('{"j": 3}', "unexpected keyword argument 'j'")]:
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--inner", bad])
+        assert message in capsys.readouterr().err

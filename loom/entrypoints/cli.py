@@ -11,8 +11,9 @@ from loom.engine.sampling_params import SamplingParams
 from loom.entrypoints.llm import LLM
 from loom.flags import add_config_arguments, config_from_args
 
-SAMPLING_SKIP = {"n", "logprobs"}
-"""Sampling fields with no use on a command line that prints one completion per prompt."""
+SAMPLING_SKIP = {"n", "logprobs", "structured_outputs"}
+"""Sampling fields with no use on a command line that prints one completion per prompt (structured outputs: not
+offered here yet)."""
 ENGINE_SKIP = {"seed"}
 """The engine's default seed: here ``--seed`` is the requests' own (a sampling flag)."""
 
