@@ -39,6 +39,8 @@ class Sequence:
     generator_seed: int | None = None
     matcher: Any = None
     """The grammar matcher of a structured-output sequence (an llguidance ``LLMatcher``); None when free."""
+    draft_token_ids: list[int] = field(default_factory=list)
+    """Speculative tokens proposed after the last step, to verify in the next one (never part of the tokens above)."""
 
     @property
     def all_token_ids(self) -> list[int]:
