@@ -6,8 +6,9 @@
 
 Annotations map to argparse as: ``bool`` -> ``--flag / --no-flag``; ``int``, ``float``, ``str`` -> that type;
 ``X | None`` -> X with default None; ``Literal[...]`` -> choices; ``list[X]`` -> a repeatable flag
-(``--stop a --stop b``). Fields of any other type are left out (a config can still take them in Python). vLLM builds
-its CLI from its configs the same way.
+(``--stop a --stop b``); a dataclass -> one JSON object (``--speculative-config '{"method": "ngram", ...}'``, built
+with the class's ``from_dict`` where it has one). Fields of any other type are left out (a config can still take
+them in Python). vLLM builds its CLI from its configs the same way.
 
 To let flags override settings from elsewhere (a config file), add them with ``given_only=True``: a flag not on the
 command line then leaves no value at all, so ``given_args`` tells a flag given with its default value from one not
@@ -23,6 +24,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import json
 import textwrap
 import types
 import typing
@@ -131,4 +133,26 @@ def _argparse_spec(annotation: Any) -> dict[str, Any] | None:
         return {"type": type(args[0]), "choices": list(args)}
     if origin is list and len(args) == 1 and args[0] in (int, float, str):
         return {"type": args[0], "action": "append"}  # repeat the flag: a list flag never eats positionals
+    if dataclasses.is_dataclass(annotation):
+        return {"type": _json_object(annotation), "metavar": "JSON"}
     return None
+
+
+def _json_object(cls: type):
+    """An argparse type: a JSON object -> ``cls.from_dict(obj)`` (or ``cls(**obj)``); a bad one is a usage error
+    that names the flag and says what is wrong."""
+
+    def parse(text: str):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from None
+        if not isinstance(values, dict):
+            raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got {text!r}")
+        try:
+            return cls.from_dict(values) if hasattr(cls, "from_dict") else cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = cls.__name__
+    return parse

@@ -103,3 +103,28 @@ def test_serve_tool_flags_come_from_the_server_config():
         parser.parse_args(["--model", "m", "--tool-call-parser", "qwen"])
     with pytest.raises(ValueError, match="--tool-call-parser"):
         LLMServerConfig(EngineConfig(model="m"), enable_auto_tool_choice=True)
+
+
+@dataclass(slots=True)
+class Inner:
+    k: int
+    name: str = "x"
+
+
+@dataclass(slots=True)
+class Outer:
+    inner: Inner | None = None
+    """Inner settings as JSON."""
+
+
+def test_dataclass_field_is_one_json_object_flag(capsys):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Outer)
+    assert config_from_args(Outer, parser.parse_args(["--inner", '{"k": 3}'])) == Outer(Inner(3))
+    assert config_from_args(Outer, parser.parse_args([])) == Outer()
+    assert "--inner JSON" in parser.format_help()
+    for bad, message in [("{k: 3}", "not valid JSON"), ("[3]", "expected a JSON object"),
+                         ('{"j": 3}', "unexpected keyword argument 'j'")]:
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--inner", bad])
+        assert message in capsys.readouterr().err

@@ -95,9 +95,10 @@ class BlockManager:
     ) -> bool:
         """Grow the sequence's table to hold ``num_tokens`` tokens, first taking ``prefix_blocks`` (cache hits).
 
-        Returns False, changing nothing, when too few blocks are free. ``token_ids`` must cover ``num_tokens``:
-        full blocks among them are hashed now (chained from ``salt``, as in ``find_cached_prefix``), so a request
-        scheduled later in the same step can share them.
+        Returns False, changing nothing, when too few blocks are free. Full blocks of ``token_ids`` are hashed now
+        (chained from ``salt``, as in ``find_cached_prefix``), so a request scheduled later in the same step can
+        share them; slots past ``token_ids`` (a speculative decode's draft tokens, not verified yet) are allocated
+        but never hashed.
         """
         table = self.tables.setdefault(seq_id, [])
         num_new = self.blocks_needed(num_tokens) - len(table) - len(prefix_blocks)
@@ -113,7 +114,7 @@ class BlockManager:
             hashes.append(self.blocks[block_id].hash)
         for _ in range(max(num_new, 0)):
             table.append(self._pop_free())
-        self._cache_full_blocks(seq_id, token_ids, num_tokens, salt)
+        self._cache_full_blocks(seq_id, token_ids, min(num_tokens, len(token_ids)), salt)
         return True
 
     def free(self, seq_id: int, num_valid_tokens: int | None = None) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -10,6 +10,58 @@ import torch
 from loom.devices import resolve_device
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class SpeculativeConfig:
+    """Speculative decoding with vLLM's ``--speculative-config`` keys. One method: ``ngram`` (prompt lookup), which
+    proposes the tokens that followed the latest earlier occurrence of the sequence's last n tokens."""
+
+    method: str
+    """ngram: drafts looked up in the sequence's own prompt and output (vLLM's "[ngram]" is taken too)."""
+    num_speculative_tokens: int
+    """Draft tokens proposed per sequence and step (k); the model verifies them in one pass."""
+    prompt_lookup_max: int | None = None
+    """Longest suffix n-gram to look up; None: prompt_lookup_min (both None: 5, as vLLM)."""
+    prompt_lookup_min: int | None = None
+    """Shortest suffix n-gram to look up; None: prompt_lookup_max (both None: 5, as vLLM)."""
+    disable_by_batch_size: int | None = None
+    """Propose nothing while this many sequences or more are running (a large batch is compute-bound, where
+    verifying drafts costs more than it saves); None: always propose."""
+
+    def __post_init__(self) -> None:
+        if self.method == "[ngram]":
+            self.method = "ngram"
+        if self.method != "ngram":
+            raise ValueError(f"speculative_config method must be 'ngram' (prompt lookup, the one method Loom has), "
+                             f"got {self.method!r}")
+        if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {self.num_speculative_tokens!r}")
+        if self.prompt_lookup_min is None and self.prompt_lookup_max is None:
+            self.prompt_lookup_min = self.prompt_lookup_max = 5
+        elif self.prompt_lookup_min is None:
+            self.prompt_lookup_min = self.prompt_lookup_max
+        elif self.prompt_lookup_max is None:
+            self.prompt_lookup_max = self.prompt_lookup_min
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got prompt_lookup_min="
+                             f"{self.prompt_lookup_min} and prompt_lookup_max={self.prompt_lookup_max}")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ValueError(f"disable_by_batch_size must be >= 1 or None, got {self.disable_by_batch_size}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SpeculativeConfig:
+        """From a JSON object such as ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}``."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"speculative_config has unknown key(s) {', '.join(unknown)}; "
+                             f"Loom takes {', '.join(known)}")
+        missing = [k for k in ("method", "num_speculative_tokens") if k not in values]
+        if missing:
+            raise ValueError(f"speculative_config needs {' and '.join(missing)}, e.g. "
+                             '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}')
+        return cls(**values)
 
 
 @dataclass(slots=True)
@@ -49,6 +101,9 @@ class EngineConfig:
     """Largest adapter rank the slots hold; a higher-rank adapter is refused."""
     max_cpu_loras: int | None = None
     """Adapters kept read in host memory (least recently used out first); None: max_loras."""
+    speculative_config: SpeculativeConfig | None = None
+    """Speculative decoding as JSON, vLLM's keys: {"method": "ngram", "num_speculative_tokens": 4,
+    "prompt_lookup_max": 3} (a dict is taken as its fields); None: off."""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -65,6 +120,8 @@ class EngineConfig:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if isinstance(self.speculative_config, dict):
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)

@@ -17,6 +17,7 @@ from loom.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.scheduler import Scheduler, SchedulerConfig
 from loom.engine.sequence import Sequence
+from loom.engine.spec_decode import SpecDecoder
 from loom.engine.structured import StructuredOutputs
 from loom.models.catalogue import resolve_model
 from loom.models.loader import load_hf_config, load_model, load_tokenizer
@@ -53,6 +54,16 @@ class EngineStats:
     running_adapters: tuple[int, ...] = ()
     """Ids of the adapters of the running sequences."""
     waiting_adapters: tuple[int, ...] = ()
+    num_spec_drafts: int = 0
+    """Speculative verifications (one sequence with at least one draft token in one step)."""
+    num_spec_draft_tokens: int = 0
+    num_spec_accepted_tokens: int = 0
+    spec_accepted_per_pos: tuple[int, ...] = ()
+    """Accepted draft tokens by their position in the draft."""
+    spec_acceptance_rate: float = 0.0
+    """Accepted / proposed draft tokens."""
+    spec_mean_acceptance_length: float = 0.0
+    """Tokens emitted per verification (accepted drafts + 1)."""
 
 
 @dataclass(slots=True)
@@ -110,6 +121,8 @@ class LLMEngine:
         self.last_step: StepStats | None = None
         self.structured = StructuredOutputs(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
         self._num_constrained = self._num_mixed_steps = self._max_step_adapters = 0
+        spec = config.speculative_config
+        self.spec = SpecDecoder(spec, self.max_model_len) if spec is not None else None
 
     # --- public API -----------------------------------------------------------------------------------------
     def add_request(
@@ -168,12 +181,14 @@ class LLMEngine:
         self.scheduler.update(out)
         rows = [self._sampling_row(c.seq) for c in sampling]
         self._apply_grammars(logits, sampling)
-        result = sample(logits, rows) if rows else None
+        token_ids, logprobs = self._sample(logits, sampling, rows)
         self._count(out)
         used, held = self._kv_slots()
         self._slots_used += used
         self._slots_held += held
-        touched = self._append_tokens(sampling, result) if result else {}
+        touched = self._append_tokens(sampling, token_ids, logprobs)
+        if self.spec is not None:
+            self.spec.propose([c.seq for c in sampling], len(self.scheduler.running))
         return [self._request_output(req) for req in touched.values()]
 
     def stats(self) -> EngineStats:
@@ -199,6 +214,7 @@ class LLMEngine:
             max_step_adapters=self._max_step_adapters,
             running_adapters=tuple(sorted({s.lora_id for s in sched.running if s.lora_id})),
             waiting_adapters=tuple(sorted({s.lora_id for s in sched.waiting if s.lora_id})),
+            **self._spec_stats(),
         )
 
     # --- internals ------------------------------------------------------------------------------------------
@@ -209,6 +225,24 @@ class LLMEngine:
             raise ValueError(f"adapter {lora_request.lora_name!r} asked for, but this engine serves no LoRA adapters; "
                              "start it with enable_lora=True (--enable-lora)")
         return self.lora.get(lora_request)
+
+    def _sample(self, logits, sampling, rows) -> tuple[list[list[int]], list[list[dict[int, float] | None]]]:
+        """Per sampling chunk, the tokens to append (one; or 1..d + 1 for a speculative decode) and their logprobs."""
+        if self.spec is not None and any(c.draft_token_ids for c in sampling):
+            return self.spec.verify(logits, sampling, rows, self.scheduler)
+        if not rows:
+            return [], []
+        result = sample(logits, rows)
+        return [[t] for t in result.token_ids], [[lp] for lp in result.logprobs]
+
+    def _spec_stats(self) -> dict:
+        if self.spec is None:
+            return {}
+        s = self.spec.stats
+        return dict(num_spec_drafts=s.num_drafts, num_spec_draft_tokens=s.num_draft_tokens,
+                    num_spec_accepted_tokens=s.num_accepted_tokens,
+                    spec_accepted_per_pos=tuple(s.num_accepted_tokens_per_pos),
+                    spec_acceptance_rate=s.acceptance_rate, spec_mean_acceptance_length=s.mean_acceptance_length)
 
     def _apply_grammars(self, logits, sampling) -> None:
         """Mask the rows of constrained sequences (only those) to what their grammars allow next."""
@@ -294,7 +328,7 @@ class LLMEngine:
             req = self.requests.get(chunk.seq.request_id)
             if req is not None and req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-        num_decodes = sum(1 for c in out.chunks if c.num_tokens == 1)
+        num_decodes = sum(1 for c in out.chunks if c.is_decode)
         self.last_step = StepStats(out.num_batched_tokens, len(out.chunks), num_decodes)
         if self.lora is not None:
             adapters = len({c.seq.lora_id for c in out.chunks if c.seq.lora_id})
@@ -307,26 +341,22 @@ class LLMEngine:
             n_prompt = max(0, min(chunk.end, chunk.seq.num_prompt_tokens) - chunk.start)
             self._num_prompt_tokens += n_prompt
 
-    def _append_tokens(self, sampling, result) -> dict[str, _Request]:
+    def _append_tokens(self, sampling, token_ids, logprobs) -> dict[str, _Request]:
+        """Append each chunk's tokens in order through the stop checks; tokens after a stop are dropped."""
         touched: dict[str, _Request] = {}
         now = time.time()
-        for chunk, token, logprobs in zip(sampling, result.token_ids, result.logprobs):
+        for chunk, tokens, token_logprobs in zip(sampling, token_ids, logprobs):
             seq = chunk.seq
             req = self.requests.get(seq.request_id)
             if req is None:
                 continue
-            seq.output_token_ids.append(token)
-            self._num_generation_tokens += 1
-            if logprobs is not None:
-                seq.output_logprobs.append(logprobs)
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
-            if seq.matcher is not None and not seq.matcher.consume_token(token):
-                self._finish(seq, "abort", None)  # the mask forbids this; only a matcher error gets here
-                touched[req.request_id] = req
-                continue
-            self._check_stop(seq, req.detok[seq.index], token)
             touched[req.request_id] = req
+            for token, lp in zip(tokens, token_logprobs):
+                self._append_token(seq, req.detok[seq.index], token, lp)
+                if seq.is_finished:
+                    break
         for req in touched.values():
             if all(s.is_finished for s in req.seqs):
                 req.metrics.finished_time = now
@@ -334,6 +364,15 @@ class LLMEngine:
                 for s in req.seqs:
                     self._generators.pop(s.seq_id, None)
         return touched
+
+    def _append_token(self, seq: Sequence, detok: DetokState, token: int, logprobs: dict[int, float] | None) -> None:
+        seq.output_token_ids.append(token)
+        self._num_generation_tokens += 1
+        if logprobs is not None:
+            seq.output_logprobs.append(logprobs)
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            return self._finish(seq, "abort", None)  # the mask forbids this; only a matcher error gets here
+        return self._check_stop(seq, detok, token)
 
     def _check_stop(self, seq: Sequence, detok: DetokState, token: int) -> None:
         p = seq.params

@@ -1,5 +1,6 @@
 """Turns a ``SchedulerOutput`` into one forward pass: flat token batch, positions, cache slots, attention
-metadata; returns logits only for the rows that sample (the last token of each chunk that reaches its end)."""
+metadata; returns logits only for the rows that sample (the last token of each chunk that reaches its end, and each
+draft token of a speculative decode)."""
 
 from __future__ import annotations
 
@@ -55,9 +56,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledChunk]]:
-        """Run the step; returns logits [S, V] and the sampling chunks in row order."""
-        decodes = [c for c in out.chunks if c.num_tokens == 1]
-        prefills = [c for c in out.chunks if c.num_tokens > 1]
+        """Run the step; returns logits [S + D, V] and the S sampling chunks in row order.
+
+        Row i < S is the last verified token of chunk i (what plain sampling reads); the D rows after them are the
+        draft tokens of speculative chunks, chunk by chunk, in order (see ``loom.engine.spec_decode``)."""
+        decodes = [c for c in out.chunks if c.is_decode]
+        prefills = [c for c in out.chunks if not c.is_decode]
         if self.lora is not None:  # rows of one adapter side by side: one pair of LoRA matmuls per group
             decodes.sort(key=_adapter)
             prefills.sort(key=_adapter)
@@ -66,16 +70,18 @@ class ModelRunner:
         input_ids, positions, slots = self._flatten(ordered)
         meta = self._metadata(decodes, prefills, slots)
         hidden = self.model(self._to_device(input_ids), self._to_device(positions), self.kv_caches, meta)
-        rows, sampling = [], []
+        rows, draft_rows, sampling = [], [], []
         row = 0
         for chunk in ordered:
             row += chunk.num_tokens
             if chunk.samples:
-                rows.append(row - 1)
+                num_drafts = len(chunk.draft_token_ids)
+                rows.append(row - 1 - num_drafts)
+                draft_rows.extend(range(row - num_drafts, row))
                 sampling.append(chunk)
         if not sampling:
             return hidden.new_empty((0, 0)), []
-        return self.model.compute_logits(hidden[self._to_device(rows)]), sampling
+        return self.model.compute_logits(hidden[self._to_device(rows + draft_rows)]), sampling
 
     def _flatten(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[int], list[int]]:
         bs = self.block_size
@@ -84,7 +90,7 @@ class ModelRunner:
         slots: list[int] = []
         for c in chunks:
             table = self.block_manager.block_table(c.seq.seq_id)
-            input_ids.extend(c.seq.token_slice(c.start, c.end))
+            input_ids.extend(c.token_ids)
             span = range(c.start, c.end)
             positions.extend(span)
             slots.extend(table[p // bs] * bs + p % bs for p in span)
@@ -94,10 +100,15 @@ class ModelRunner:
         self, decodes: list[ScheduledChunk], prefills: list[ScheduledChunk], slots: list[int]
     ) -> AttentionMetadata:
         bm = self.block_manager
-        tables = [bm.block_table(c.seq.seq_id) for c in decodes]
+        # NOTE: a speculative decode (1 + d tokens) is 1 + d decode rows over the same blocks, row j seeing the
+        # context up to its own position: causal attention through the batched decode kernel, not one prefill each.
+        tables, seq_lens = [], []
+        for c in decodes:
+            tables += [bm.block_table(c.seq.seq_id)] * c.num_tokens
+            seq_lens += range(c.start + 1, c.end + 1)
         width = max((len(t) for t in tables), default=0)
         padded = [t + [0] * (width - len(t)) for t in tables]
-        chunks, row = [], len(decodes)
+        chunks, row = [], len(tables)
         for c in prefills:
             table = None
             if c.start > 0:
@@ -106,9 +117,9 @@ class ModelRunner:
             row += c.num_tokens
         return AttentionMetadata(
             slot_mapping=self._to_device(slots),
-            num_decodes=len(decodes),
-            decode_block_tables=torch.tensor(padded, dtype=torch.int32).reshape(len(decodes), width).to(self.device),
-            decode_seq_lens=torch.tensor([c.end for c in decodes], dtype=torch.int32).to(self.device),
+            num_decodes=len(tables),
+            decode_block_tables=torch.tensor(padded, dtype=torch.int32).reshape(len(tables), width).to(self.device),
+            decode_seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(self.device),
             prefills=chunks,
             block_size=self.block_size,
         )

@@ -1,10 +1,11 @@
 """Continuous batching at the iteration level, under one token budget per step.
 
 Each step the scheduler hands out ``max_num_batched_tokens`` tokens: running sequences first (a decode costs one
-token, an unfinished prompt takes the next chunk of what is left), then waiting ones in arrival order, which may
-skip their cached prefix. When the KV pool runs dry, the newest running sequence is preempted by recompute: its
-blocks are freed (full ones keep their hashes, so resuming usually hits the prefix cache) and it goes back to the
-front of the queue. Pure Python.
+token, an unfinished prompt takes the next chunk of what is left), then the draft tokens of decodes that have some
+(speculative decoding: a chunk of 1 + d tokens, while budget and free blocks allow), then waiting ones in arrival
+order, which may skip their cached prefix. When the KV pool runs dry, the newest running sequence is preempted by
+recompute: its blocks are freed (full ones keep their hashes, so resuming usually hits the prefix cache) and it goes
+back to the front of the queue. Pure Python.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class ScheduledChunk:
     start: int
     """Position of the first token computed this step."""
     num_tokens: int
+    """Tokens computed this step, draft tokens included."""
+    draft_token_ids: list[int] = field(default_factory=list)
+    """Unverified tokens after the sequence's last one (a speculative decode); their KV is written but counts as
+    computed only once verified."""
 
     @property
     def end(self) -> int:
@@ -50,7 +55,16 @@ class ScheduledChunk:
     @property
     def samples(self) -> bool:
         """The chunk reaches the sequence's last token, so its logits give the next token."""
-        return self.end == self.seq.num_tokens
+        return self.end - len(self.draft_token_ids) == self.seq.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        """One verified token (a decode), with any draft tokens after it."""
+        return self.num_tokens - len(self.draft_token_ids) == 1
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_slice(self.start, self.end - len(self.draft_token_ids)) + self.draft_token_ids
 
 
 @dataclass(slots=True)
@@ -86,6 +100,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:
+            budget = self._add_drafts(out, budget)
             self._schedule_waiting(out, budget)
         return out
 
@@ -93,6 +108,11 @@ class Scheduler:
         """Advance computed-token counters after the step ran (sampled tokens are appended by the engine)."""
         for chunk in out.chunks:
             chunk.seq.num_computed_tokens = chunk.end
+
+    def reject_drafts(self, chunk: ScheduledChunk, num_accepted: int) -> None:
+        """After verification: only the accepted draft tokens' KV counts as computed (the rejected ones' slots are
+        overwritten later)."""
+        chunk.seq.num_computed_tokens = chunk.end - len(chunk.draft_token_ids) + num_accepted
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
@@ -123,6 +143,25 @@ class Scheduler:
                 out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
                 budget -= n
                 i += 1
+        return budget
+
+    def _add_drafts(self, out: SchedulerOutput, budget: int) -> int:
+        """Grow each scheduled decode by its sequence's draft tokens, as far as the budget and free blocks allow.
+
+        NOTE: this runs after every running sequence has its blocks, and drafts never preempt: without room for them
+        a sequence decodes one token. ``allocate`` hashes only the tokens it is given (the verified ones), so a block
+        of draft tokens never becomes a prefix-cache hit.
+        """
+        for chunk in out.chunks:
+            seq = chunk.seq
+            drafts = seq.draft_token_ids[:budget]
+            if not drafts or not chunk.is_decode or not chunk.samples:
+                continue
+            if self.block_manager.allocate(seq.seq_id, seq.all_token_ids, chunk.end + len(drafts),
+                                           salt=seq.cache_salt):
+                chunk.draft_token_ids = drafts
+                chunk.num_tokens += len(drafts)
+                budget -= len(drafts)
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
@@ -167,6 +206,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq.seq_id, seq.num_computed_tokens)
         seq.num_computed_tokens = 0
+        seq.draft_token_ids = []
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

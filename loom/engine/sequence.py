@@ -43,6 +43,8 @@ class Sequence:
     """The LoRA adapter's id (``LoRARequest.lora_int_id``); 0: the base model."""
     lora: Any = None
     """The adapter's weights (``loom.models.lora.LoRAWeights``), held while the sequence lives."""
+    draft_token_ids: list[int] = field(default_factory=list)
+    """Speculative tokens proposed after the last step, to verify in the next one (never part of the tokens above)."""
 
     @property
     def all_token_ids(self) -> list[int]:

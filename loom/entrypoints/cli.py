@@ -15,8 +15,9 @@ from loom.entrypoints.llm import LLM
 from loom.flags import add_config_arguments, config_from_args
 from loom.models.lora import read_adapter_config
 
-SAMPLING_SKIP = {"n", "logprobs"}
-"""Sampling fields with no use on a command line that prints one completion per prompt."""
+SAMPLING_SKIP = {"n", "logprobs", "structured_outputs"}
+"""Sampling fields with no use on a command line that prints one completion per prompt (structured outputs: not
+offered here yet)."""
 ENGINE_SKIP = {"seed", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"}
 """The engine's default seed: here ``--seed`` is the requests' own (a sampling flag); one ``--lora`` folder stands
 for the LoRA settings."""

@@ -60,20 +60,21 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
     """logits: [S, V] float32, one row per sampling sequence, in ``rows`` order."""
     want_logprobs = [r.params.logprobs is not None for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-    logits = _apply_penalties(logits, rows)
+    logits = apply_penalties(logits, rows)
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
     if random_rows:
         tokens[random_rows] = _sample_random(logits[random_rows], [rows[i] for i in random_rows])
     token_list = tokens.tolist()
     logprobs = [
-        _gather_logprobs(raw_logprobs[i], token_list[i], rows[i].params.logprobs) if want else None
+        gather_logprobs(raw_logprobs[i], token_list[i], rows[i].params.logprobs) if want else None
         for i, want in enumerate(want_logprobs)
     ]
     return SampleResult(token_list, logprobs)
 
 
-def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Repetition / presence / frequency penalties and the min_tokens mask of each row (a copy when any applies)."""
     needs = [i for i, r in enumerate(rows) if _has_penalty(r)]
     if not needs:
         return logits
@@ -103,7 +104,14 @@ def _has_penalty(r: SamplingRow) -> bool:
 
 
 def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """logits: [R, V] -> sampled ids [R]."""
+    """logits: [R, V] -> sampled ids [R]. One uniform number per row, from that row's own generator."""
+    u = torch.cat([torch.rand(1, generator=r.generator, device=logits.device) for r in rows])
+    return inverse_cdf(random_probs(logits, rows), u)
+
+
+def random_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """logits: [R, V] (penalties applied) -> the distributions sampled from [R, V]: temperature, top-k / top-p,
+    then min-p. Rows are not renormalised after min-p (``inverse_cdf`` scales by each row's total)."""
     device = logits.device
     temps = torch.tensor([r.params.temperature for r in rows], device=device, dtype=logits.dtype)
     x = logits / temps[:, None]
@@ -115,8 +123,11 @@ def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     min_p = torch.tensor([r.params.min_p for r in rows], device=device, dtype=probs.dtype)
     if bool((min_p > 0).any()):
         probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
-    # Inverse-CDF draw: one uniform number per row, from that row's own generator.
-    u = torch.cat([torch.rand(1, generator=r.generator, device=device) for r in rows])
+    return probs
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs: [R, V] non-negative (any total), u: [R] uniform in [0, 1) -> one token id per row [R]."""
     cdf = probs.cumsum(dim=-1)
     target = (u * cdf[:, -1]).unsqueeze(-1)
     idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
@@ -137,7 +148,7 @@ def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch
     return torch.empty_like(x).scatter_(-1, order, sorted_x)
 
 
-def _gather_logprobs(row: torch.Tensor, token: int, top: int) -> dict[int, float]:
+def gather_logprobs(row: torch.Tensor, token: int, top: int) -> dict[int, float]:
     result = {token: float(row[token])}
     if top:
         values, ids = row.topk(top)

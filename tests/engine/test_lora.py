@@ -12,6 +12,7 @@ import torch
 from loom import LLM, LoRARequest, SamplingParams
 from loom.engine.lora import LoRAManager
 from loom.models.lora import LoRABatch, LoRALinear
+from tests.engine.test_spec_decode import Oracle
 
 TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -234,3 +235,26 @@ def test_generate_cli_applies_an_adapter_folder(tiny_llama, adapters, capsys):
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     assert printed["text"] == llm.generate("Hello there", params, lora_request=request)[0].outputs[0].text
     assert printed["text"] != llm.generate("Hello there", params)[0].outputs[0].text
+
+
+def test_adapters_with_speculative_decoding_give_the_same_tokens_and_keep_their_cache_apart(tiny_llama, adapters):
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2, "prompt_lookup_min": 1}
+    requests = [None] + [r for r, _ in adapters]
+    prompts = [{"prompt_token_ids": [1, 20 + i, 21, 22, 20 + i, 21, 22][: 3 + i % 3]} for i in range(len(requests))]
+    runs = []
+    for config in (None, spec):
+        llm = LLM(str(tiny_llama), enable_lora=True, max_loras=4, max_lora_rank=8, num_kv_blocks=128, block_size=4,
+                  speculative_config=config)
+        if config is not None:  # drafts from the plain run's answers, every third one wrong: accepted and rejected
+            llm.engine.spec.proposer = Oracle({tuple(p["prompt_token_ids"]): t for p, t in zip(prompts, runs[0])}, 3)
+        runs.append(tokens(llm.generate(prompts, GREEDY, lora_request=requests)))
+    assert runs[0] == runs[1]
+    stats = llm.engine.stats()
+    assert 0 < stats.num_spec_accepted_tokens < stats.num_spec_draft_tokens
+    # the blocks a1 filled while speculating are a1's: a1 finds them, the base model and a2 do not
+    a1, a2 = adapters[0][0], adapters[1][0]
+    history = {"prompt_token_ids": prompts[1]["prompt_token_ids"] + runs[1][1][:6]}
+    assert llm.generate(history, GREEDY, lora_request=a1)[0].num_cached_tokens == 8
+    assert llm.generate(history, GREEDY, lora_request=a2)[0].num_cached_tokens == 0
+    assert llm.generate(history, GREEDY)[0].num_cached_tokens == 0
+    assert llm.engine.block_manager.num_free_blocks == 128

@@ -17,7 +17,7 @@ def test_penalties_match_reference_formulas():
     torch.manual_seed(0)
     logits = torch.randn(1, 20) * 3
     r = row(output=[3, 3, 7], prompt=[5, 7], repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25)
-    got = sampler._apply_penalties(logits, [r])[0]
+    got = sampler.apply_penalties(logits, [r])[0]
     ref = logits[0].clone()
     for t in {3, 5, 7}:
         ref[t] = ref[t] / 1.3 if ref[t] > 0 else ref[t] * 1.3

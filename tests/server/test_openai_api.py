@@ -6,6 +6,9 @@ import httpx
 import pytest
 import torch
 
+from tests.engine.test_spec_decode import NGRAM, Oracle
+from tests.server.conftest import start_llm_server, tiny_config
+
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
 
@@ -175,3 +178,26 @@ def test_echo_prepends_the_prompt(client):
     assert echoed == "Echo this" + plain
     streamed = "".join(c.choices[0].text for c in client.completions.create(echo=True, stream=True, **kw))
     assert streamed == echoed
+
+
+def test_speculative_server_streams_the_same_text_and_reports_acceptance(client, tiny_server, tiny_llama):
+    import openai  # local, as in conftest's client fixture
+
+    kw = dict(model="tiny", prompt="The quick brown fox", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    want = client.completions.create(**kw).choices[0].text
+    ids = httpx.post(f"{tiny_server.url}/tokenize", json={"prompt": kw["prompt"]}).json()["tokens"]
+    ahead = httpx.post(f"{tiny_server.url}/tokenize", json={"prompt": want, "add_special_tokens": False}).json()
+    server = start_llm_server(tiny_config(tiny_llama, num_kv_blocks=256, speculative_config=NGRAM))
+    try:
+        server.component.front.engine.spec.proposer = Oracle({tuple(ids): ahead["tokens"]})  # drafts: the answer
+        with openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60) as spec_client:
+            chunks = list(spec_client.completions.create(stream=True, **kw))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+        m = server.metrics()
+        assert m["loom_generation_tokens_total"] == 24
+        assert m["loom_spec_decode_num_draft_tokens_total"] >= m["loom_spec_decode_num_accepted_tokens_total"] > 0
+        assert m["loom_spec_decode_num_drafts_total"] < 24
+        assert m["loom_spec_decode_num_accepted_tokens_per_pos_total{position=0}"] > 0
+        assert 0 < m["loom_spec_decode_draft_acceptance_rate"] <= 1
+    finally:
+        server.stop()

@@ -91,6 +91,19 @@ class LLMMetrics:
                                   label, registry=registry).labels(*name)
         self.lora_step_max = Gauge("loom_lora_step_adapters_max", "Most distinct LoRA adapters one engine step has run",
                                    label, registry=registry).labels(*name)
+        self.spec_drafts = Counter("loom_spec_decode_num_drafts",
+                                   "Speculative verifications (a sequence with draft tokens in a step)", label,
+                                   registry=registry).labels(*name)
+        self.spec_draft_tokens = Counter("loom_spec_decode_num_draft_tokens", "Draft tokens proposed and verified",
+                                         label, registry=registry).labels(*name)
+        self.spec_accepted_tokens = Counter("loom_spec_decode_num_accepted_tokens", "Draft tokens accepted", label,
+                                            registry=registry).labels(*name)
+        self._spec_accepted_per_pos = Counter("loom_spec_decode_num_accepted_tokens_per_pos",
+                                              "Draft tokens accepted, by position in the draft (0 = first)",
+                                              [*label, "position"], registry=registry)
+        self.spec_acceptance_rate = Gauge("loom_spec_decode_draft_acceptance_rate",
+                                          "Accepted / proposed draft tokens since start (0-1)", label,
+                                          registry=registry).labels(*name)
         self._name = model_name
         self._max_seqs = 0
         self._last: dict[str, int] = {}
@@ -119,10 +132,19 @@ class LLMMetrics:
                               ("num_generation_tokens", self.generation_tokens),
                               ("num_constrained_seqs", self.constrained_seqs), ("num_mixed_steps", self.mixed_steps),
                               ("grammar_cache_hits", self.grammar_cache_hits),
-                              ("grammar_cache_misses", self.grammar_cache_misses)):
-            value = getattr(stats, attr, 0)
-            counter.inc(max(0, value - self._last.get(attr, 0)))
-            self._last[attr] = value
+                              ("grammar_cache_misses", self.grammar_cache_misses),
+                              ("num_spec_drafts", self.spec_drafts), ("num_spec_draft_tokens", self.spec_draft_tokens),
+                              ("num_spec_accepted_tokens", self.spec_accepted_tokens)):
+            self._advance(counter, attr, getattr(stats, attr, 0))
+        for pos, value in enumerate(getattr(stats, "spec_accepted_per_pos", ())):
+            self._advance(self._spec_accepted_per_pos.labels(self._name, str(pos)), f"spec_pos_{pos}", value)
+        if getattr(stats, "num_spec_draft_tokens", 0):
+            self.spec_acceptance_rate.set(stats.spec_acceptance_rate)
+
+    def _advance(self, counter, key: str, value: int) -> None:
+        """Counters advance by the change since the last snapshot."""
+        counter.inc(max(0, value - self._last.get(key, 0)))
+        self._last[key] = value
 
     def observe_finished(self, times: RequestTimes, reason: str) -> None:
         self._finished.labels(self._name, reason).inc()
