@@ -27,7 +27,9 @@ from loom.models.lora import LoRAModel, LoRAWeights, load_peft_adapter
 DENSE_MIN_GROUPS = 3
 DENSE_MAX_ROWS = 128
 """A step of at least this many adapter groups and at most this many rows adds the deltas of every slot at once
-(``loom.models.lora.LoRABatch``): a few larger matmuls instead of two tiny ones per group (see docs/benchmarks.md)."""
+(``loom.models.lora.LoRABatch``): a few larger matmuls instead of two tiny ones per group. Measured on SmolLM2, 16
+decodes over 4 rank-16 adapters, 2 cores: 29.5 ms a base step, 49.6 ms by groups, 39.0 ms dense (docs/benchmarks.md).
+"""
 
 
 @dataclass(frozen=True, slots=True)
