@@ -140,3 +140,25 @@ def test_lora_flags_need_enable_lora(tiny_llama):
         LLMServerConfig(EngineConfig(model=str(tiny_llama)), lora_modules=["a=b"])
     with pytest.raises(ValueError, match="NAME=PATH"):
         LLMServerConfig(EngineConfig(model=str(tiny_llama), enable_lora=True), lora_modules=["nopath"])
+
+
+def test_engine_calls_run_on_the_engine_thread_and_return_or_raise(server):
+    """Adapters are read through ``AsyncLLMEngine.call``: on the engine's own thread (torch work on any other thread
+    gives it an OpenMP team and slows every later step), its result or its exception handed back."""
+    import asyncio
+
+    front = server.component.front
+
+    async def calls():
+        thread = await front.call(lambda: threading.current_thread())
+        with pytest.raises(ValueError, match="boom"):
+            await front.call(_raise, ValueError("boom"))
+        return thread, await front.call(lambda a, b: a + b, 2, 3)
+
+    future = asyncio.run_coroutine_threadsafe(calls(), front._loop)
+    thread, total = future.result(timeout=30)
+    assert thread is front._thread and total == 5
+
+
+def _raise(exc: Exception):
+    raise exc

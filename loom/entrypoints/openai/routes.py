@@ -4,7 +4,6 @@ Authentication is the app's (``loom.server.guard``): one key for every component
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 from fastapi import APIRouter, Request, Response
@@ -105,7 +104,7 @@ async def load_adapter(ctx: ServingContext, name: str, path: str, confine: bool)
     folder that is missing, unreadable or not an adapter of this model is a 400 that does not echo server paths."""
     try:
         request = ctx.loras.new_request(name, path, confine)
-        await asyncio.to_thread(ctx.front.engine.lora.get, request)
+        await ctx.front.call(ctx.front.engine.lora.get, request)  # torch work stays on the engine thread
         ctx.loras.add(request)
     except ValueError as exc:
         raise OpenAIError(400, f"cannot load LoRA adapter {name!r}: {exc}", param="lora_path") from None
