@@ -214,3 +214,28 @@ def test_the_cpu_bitmask_kernel_equals_the_unpacked_reference(rows, vocab):
     apply_bitmask(logits, rows, mask)
     assert torch.equal(logits, expected)
     assert torch.isinf(logits[index]).any() and not torch.isinf(logits[[r for r in range(4) if r not in rows]]).any()
+
+
+def test_masks_filled_one_by_one_equal_the_thread_pools(llm):
+    """Both fill paths (llguidance's pool, and one row after another on the engine thread) forbid the same tokens, for
+    matchers in different states (advanced 0, 2, 5 and 9 tokens along allowed ones)."""
+    structured = llm.engine.structured
+    vocab = llm.engine.model.config.vocab_size
+    matchers = []
+    for steps in (0, 2, 5, 9):
+        matcher = structured.new_matcher(StructuredOutputsParams(json=PERSON))
+        for _ in range(steps):
+            logits = torch.zeros(1, vocab)
+            structured.apply(logits, [0], [matcher])
+            allowed = (~torch.isinf(logits[0])).nonzero().flatten()
+            assert matcher.consume_token(int(allowed[len(allowed) // 2]))
+        matchers.append(matcher)
+    results = []
+    for parallel in (True, False):
+        structured.parallel_fill = parallel
+        logits = torch.zeros(len(matchers), vocab)
+        structured.apply(logits, list(range(len(matchers))), matchers)
+        results.append(torch.isinf(logits))
+    structured.parallel_fill = None
+    assert torch.equal(results[0], results[1])
+    assert len({tuple(row.nonzero().flatten()[:64].tolist()) for row in results[0]}) > 1
