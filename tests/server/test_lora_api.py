@@ -162,3 +162,23 @@ def test_engine_calls_run_on_the_engine_thread_and_return_or_raise(server):
 
 def _raise(exc: Exception):
     raise exc
+
+
+def test_loading_into_a_stopped_engine_is_a_503(tmp_path):
+    import asyncio
+    from types import SimpleNamespace
+
+    from loom.entrypoints.openai.async_engine import EngineDead
+    from loom.entrypoints.openai.errors import OpenAIError
+    from loom.entrypoints.openai.lora import LoRARegistry
+    from loom.entrypoints.openai.routes import load_adapter
+    from loom.entrypoints.openai.serving import ServingContext
+
+    async def call(fn, *args):
+        raise EngineDead("the LLM engine is not running")
+
+    front = SimpleNamespace(call=call, engine=SimpleNamespace(lora=SimpleNamespace(get=None)))
+    ctx = ServingContext(front, ["tiny"], loras=LoRARegistry(["tiny"]))
+    with pytest.raises(OpenAIError) as err:
+        asyncio.run(load_adapter(ctx, "a", str(tmp_path), confine=False))
+    assert err.value.status == 503 and "a" not in ctx.loras

@@ -8,6 +8,7 @@ import json
 
 from fastapi import APIRouter, Request, Response
 
+from loom.entrypoints.openai.async_engine import EngineDead
 from loom.entrypoints.openai.chat import create_chat_completion
 from loom.entrypoints.openai.completions import create_completion
 from loom.entrypoints.openai.errors import ERROR_RESPONSES, OpenAIError, OpenAIRoute
@@ -101,11 +102,14 @@ def build_lora_router(ctx: ServingContext) -> APIRouter:
 
 async def load_adapter(ctx: ServingContext, name: str, path: str, confine: bool) -> None:
     """Register adapter ``name``: check the name, read and check the weights off the event loop, then serve it. A
-    folder that is missing, unreadable or not an adapter of this model is a 400 that does not echo server paths."""
+    folder that is missing, unreadable or not an adapter of this model is a 400 that does not echo server paths; an
+    engine that is not running is a 503, as for generation."""
     try:
         request = ctx.loras.new_request(name, path, confine)
         await ctx.front.call(ctx.front.engine.lora.get, request)  # torch work stays on the engine thread
         ctx.loras.add(request)
+    except EngineDead as exc:
+        raise OpenAIError(503, str(exc), code="engine_unavailable", headers={"Retry-After": "5"}) from None
     except ValueError as exc:
         raise OpenAIError(400, f"cannot load LoRA adapter {name!r}: {exc}", param="lora_path") from None
     except OSError:
