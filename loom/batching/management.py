@@ -30,6 +30,7 @@ from loom.batching.routes import HTTPError, error_response, json_response
 from loom.batching.server import ModelExists, ModelNotFound, ModelServer
 from loom.batching.worker import WorkerStartError
 from loom.server.guard import Guard, HTTPPolicy
+from loom.server.paths import resolve_inside
 
 MAX_MANAGEMENT_BODY_BYTES = 1 << 20
 
@@ -127,9 +128,7 @@ def check_in_store(config: ModelConfig, store: Path | None) -> None:
     if config.path is not None:
         paths.append(("path", config.path))
     for field, value in paths:
-        resolved = Path(value).expanduser()
-        resolved = (store / resolved if not resolved.is_absolute() else resolved).resolve()
-        if not resolved.is_relative_to(store):
+        if resolve_inside(store, value) is None:
             raise ValueError(f"{field} {value!r} is outside the model store; put it in the --model-store folder")
 
 

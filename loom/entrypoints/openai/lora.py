@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from loom.engine.lora import LoRARequest
+from loom.server.paths import resolve_inside
 
 MAX_ADAPTERS = 1024
 """Names one server keeps at most (each costs host memory once read)."""
@@ -86,7 +87,7 @@ class LoRARegistry:
     def _resolve(self, path: str) -> str:
         if self.store is None:
             return path
-        target = (self.store / path).resolve()  # an absolute path replaces the store; ".." and links are resolved
-        if not target.is_relative_to(self.store):
+        target = resolve_inside(self.store, path)
+        if target is None:
             raise ValueError("lora_path must name a folder inside the server's --lora-store")
         return str(target)
