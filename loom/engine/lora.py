@@ -56,7 +56,6 @@ class LoRAManager:
         self._slot_ids: list[int | None] = [None] * max_loras
         self._slot_used = [0] * max_loras
         self._clock = 0
-        self.num_loads = 0
 
     @property
     def max_loras(self) -> int:
@@ -77,7 +76,6 @@ class LoRAManager:
                                     self.device, name=request.lora_name)
         with self._lock:
             self._cache[request.lora_int_id] = (request, weights)
-            self.num_loads += 1
             while len(self._cache) > self.max_cpu_loras:
                 self._cache.popitem(last=False)
         return weights

@@ -66,11 +66,6 @@ class LoRAWeights:
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     """Per layer: Loom projection -> (A [R, in], B^T [R, out]) with the scale folded into B; R is the packed rank."""
 
-    @property
-    def num_bytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                   for layer in self.layers for a, b in layer.values())
-
 
 def read_adapter_config(folder: Path) -> dict:
     path = folder / ADAPTER_CONFIG
