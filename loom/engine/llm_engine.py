@@ -211,9 +211,7 @@ class LLMEngine:
             num_mixed_steps=self._num_mixed_steps,
             grammar_cache_hits=self.structured.num_cache_hits,
             grammar_cache_misses=self.structured.num_cache_misses,
-            max_step_adapters=self._max_step_adapters,
-            running_adapters=tuple(sorted({s.lora_id for s in sched.running if s.lora_id})),
-            waiting_adapters=tuple(sorted({s.lora_id for s in sched.waiting if s.lora_id})),
+            **self._lora_stats(),
             **self._spec_stats(),
         )
 
@@ -234,6 +232,15 @@ class LLMEngine:
             return [], []
         result = sample(logits, rows)
         return [[t] for t in result.token_ids], [[lp] for lp in result.logprobs]
+
+    def _lora_stats(self) -> dict:
+        """Only with LoRA on: the server asks for stats every step, and the waiting queue may be long."""
+        if self.lora is None:
+            return {}
+        sched = self.scheduler
+        return dict(max_step_adapters=self._max_step_adapters,
+                    running_adapters=tuple(sorted({s.lora_id for s in sched.running if s.lora_id})),
+                    waiting_adapters=tuple(sorted({s.lora_id for s in sched.waiting if s.lora_id})))
 
     def _spec_stats(self) -> dict:
         if self.spec is None:
@@ -377,14 +384,15 @@ class LLMEngine:
     def _check_stop(self, seq: Sequence, detok: DetokState, token: int) -> None:
         p = seq.params
         can_stop = seq.num_output_tokens > p.min_tokens  # stop ids were masked for the first min_tokens
-        is_stop_token = can_stop and ((not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids)
+        is_eos = can_stop and not p.ignore_eos and token in self.eos_token_ids
+        is_stop_id = can_stop and token in p.stop_token_ids
         # NOTE: a token that ends the output adds no text unless asked (as in vLLM); with skip_special_tokens off the
         # text would otherwise end in "<|im_end|>", and a tool-call parser would read it as content.
-        keep = not is_stop_token or p.include_stop_str_in_output
+        keep = not (is_eos or is_stop_id) or p.include_stop_str_in_output
         delta = detokenize_next(self.tokenizer, detok, token, p.skip_special_tokens) if keep else ""
-        if can_stop and not p.ignore_eos and token in self.eos_token_ids:
+        if is_eos:
             return self._finish(seq, "stop", None)
-        if can_stop and token in p.stop_token_ids:
+        if is_stop_id:
             return self._finish(seq, "stop", token)
         if seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete
             return self._finish(seq, "stop", None)
