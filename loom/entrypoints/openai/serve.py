@@ -82,7 +82,6 @@ class LLMServerConfig:
             self.served_model_names = [self.engine.model]
         if (self.lora_modules or self.allow_runtime_lora_updating) and not self.engine.enable_lora:
             raise ValueError("--lora-modules and --allow-runtime-lora-updating need --enable-lora")
-        self.lora_modules = list(self.lora_modules)
         for spec in self.lora_modules:
             parse_lora_module(spec)  # ValueError on a malformed entry, before the engine loads
 
