@@ -18,7 +18,7 @@ from pathlib import Path
 
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["loom", "loom.tokenization", "loom.devices", "loom.flags"]),
-    ("kernels; the server host", ["loom.ops", "loom.server"]),
+    ("kernels; the server host", ["loom.ops", "loom.server", "loom.distributed"]),
     ("models", ["loom.models"]),
     ("engine", ["loom.engine"]),
     ("capabilities", ["loom.entrypoints", "loom.batching", "loom.image", "loom.finetune"]),

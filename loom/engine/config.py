@@ -101,6 +101,9 @@ class EngineConfig:
     """Largest adapter rank the slots hold; a higher-rank adapter is refused."""
     max_cpu_loras: int | None = None
     """Adapters kept read in host memory (least recently used out first); None: max_loras."""
+    tensor_parallel_size: int = 1
+    """Ranks the model is split over (Megatron-style, by KV-head groups); each is a process with cores / N threads
+    (CPU, gloo) or a GPU (NCCL). Loom starts them itself, or torchrun does (see docs/scale-out.md)."""
     speculative_config: SpeculativeConfig | None = None
     """Speculative decoding as JSON, vLLM's keys: {"method": "ngram", "num_speculative_tokens": 4,
     "prompt_lookup_max": 3} (a dict is taken as its fields); None: off."""
@@ -120,8 +123,18 @@ class EngineConfig:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.enable_lora:
+            raise ValueError("LoRA adapters are not served with tensor parallelism yet; drop --enable-lora or use "
+                             "--tensor-parallel-size 1")
         if isinstance(self.speculative_config, dict):
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+
+    def context_length(self, hf_config) -> int:
+        """Longest prompt + output: max_model_len, never past the model's own context."""
+        limit = hf_config.max_position_embeddings
+        return min(self.max_model_len or limit, limit)
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)

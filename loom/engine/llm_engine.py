@@ -8,20 +8,22 @@ from dataclasses import dataclass
 
 import torch
 
+from loom.distributed.parallel import TensorParallel, head_shard
 from loom.engine.block_manager import BlockManager
 from loom.engine.config import EngineConfig
 from loom.engine.detokenizer import DetokState, detokenize_next, find_stop, new_state
 from loom.engine.lora import LoRAManager, LoRARequest
-from loom.engine.model_runner import ModelRunner, allocate_kv_caches, kv_bytes_per_block
+from loom.engine.model_runner import ModelRunner, allocate_kv_caches, build_model, kv_bytes_per_block
 from loom.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.scheduler import Scheduler, SchedulerConfig
 from loom.engine.sequence import Sequence
 from loom.engine.spec_decode import SpecDecoder
 from loom.engine.structured import StructuredOutputs
+from loom.engine.tensor_parallel import EngineFatalError, RankSpec, TPWorkers, threads_per_rank
 from loom.models.catalogue import resolve_model
-from loom.models.loader import load_hf_config, load_model, load_tokenizer
-from loom.ops.layers import TorchOps
+from loom.models.llama import LlamaConfig
+from loom.models.loader import load_hf_config, load_tokenizer
 from loom.ops.sampler import SamplingRow, SamplingSettings, sample
 
 
@@ -93,14 +95,23 @@ class LLMEngine:
         self.dtype = config.torch_dtype()
         self.model_path = resolve_model(config.model)
         hf_config = load_hf_config(self.model_path)
-        self.max_model_len = min(
-            config.max_model_len or hf_config.max_position_embeddings, hf_config.max_position_embeddings
-        )
+        self.max_model_len = config.context_length(hf_config)
         self.tokenizer = load_tokenizer(self.model_path)
         self.eos_token_ids = _eos_ids(self.tokenizer, self.model_path)
-        self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len)
-        self.model.ops = _choose_ops(config.attention_backend, self.device)
-        self.model.ops.prepare(self.model)
+        self.workers: TPWorkers | None = None
+        """With tensor_parallel_size > 1: the other ranks (this engine is rank 0)."""
+        tp = None
+        if config.tensor_parallel_size > 1:
+            head_shard(LlamaConfig.from_hf(hf_config), 0, config.tensor_parallel_size)  # can it split? before starting
+            threads = threads_per_rank(config.tensor_parallel_size)
+            torch.set_num_threads(threads)
+            self.workers = TPWorkers(RankSpec(config, str(self.model_path), self.max_model_len, threads))
+            tp = TensorParallel(0, config.tensor_parallel_size)
+        try:
+            self.model = build_model(self.model_path, config, self.device, self.max_model_len, tp)
+        except BaseException:
+            self.shutdown()
+            raise
         self.lora = None
         if config.enable_lora:  # wraps the (packed) projections, so after ops.prepare
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras,
@@ -110,8 +121,10 @@ class LLMEngine:
         sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
                                     max_loras=config.max_loras if config.enable_lora else None)
         self.scheduler = Scheduler(sched_cfg, self.block_manager)
+        if self.workers is not None:
+            self.workers.join(num_blocks)
         kv = allocate_kv_caches(self.model, num_blocks, config.block_size, self.dtype, self.device)
-        self.runner = ModelRunner(self.model, kv, self.block_manager, self.device, self.lora)
+        self.runner = ModelRunner(self.model, kv, self.block_manager, self.device, self.lora, peers=self.workers)
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.requests: dict[str, _Request] = {}
         self._generators: dict[int, torch.Generator] = {}
@@ -177,7 +190,12 @@ class LLMEngine:
         if out.is_empty:
             return []
         self._record_schedule(out)
-        logits, sampling = self.runner.execute(out)
+        try:
+            logits, sampling = self.runner.execute(out)
+        except RuntimeError as exc:
+            if self.workers is None or isinstance(exc, EngineFatalError):
+                raise
+            raise self.workers.explain(exc) from exc  # a collective with a dead rank
         self.scheduler.update(out)
         rows = [self._sampling_row(c.seq) for c in sampling]
         self._apply_grammars(logits, sampling)
@@ -190,6 +208,11 @@ class LLMEngine:
         if self.spec is not None:
             self.spec.propose([c.seq for c in sampling], len(self.scheduler.running))
         return [self._request_output(req) for req in touched.values()]
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (idempotent; nothing to do without tensor parallelism)."""
+        if self.workers is not None:
+            self.workers.close()
 
     def stats(self) -> EngineStats:
         bm, sched = self.block_manager, self.scheduler
@@ -446,16 +469,3 @@ def _eos_ids(tokenizer, path) -> frozenset[int]:
     except OSError:
         pass
     return frozenset(ids)
-
-
-def _choose_ops(backend: str, device: torch.device):
-    """The fused C++ kernels on CPU when they build ("auto"), the plain-PyTorch reference otherwise or on request."""
-    if backend == "torch" or device.type != "cpu":
-        return TorchOps()
-    try:
-        from loom.ops.cpu_kernels import CpuOps  # local: importing it builds the C++ kernels, or raises ImportError
-    except ImportError:
-        if backend == "cpp":
-            raise
-        return TorchOps()
-    return CpuOps()

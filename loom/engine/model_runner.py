@@ -4,14 +4,42 @@ draft token of a speculative decode)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from loom.distributed.parallel import TensorParallel
 from loom.engine.block_manager import BlockManager
+from loom.engine.config import EngineConfig
 from loom.engine.lora import LoRAManager
 from loom.engine.scheduler import ScheduledChunk, SchedulerOutput
 from loom.models.llama import LlamaForCausalLM
+from loom.models.loader import load_model
 from loom.ops.attention import AttentionMetadata, PrefillChunk
+from loom.ops.layers import TorchOps
+
+
+def build_model(path, config: EngineConfig, device: torch.device, max_model_len: int,
+                tp: TensorParallel | None = None) -> LlamaForCausalLM:
+    """Load the model (``tp``: this rank's shard) and point it at the ops of ``config.attention_backend``."""
+    model = load_model(path, config.torch_dtype(), device, max_model_len, tp)
+    model.ops = choose_ops(config.attention_backend, device)
+    model.ops.prepare(model)
+    return model
+
+
+def choose_ops(backend: str, device: torch.device):
+    """The fused C++ kernels on CPU when they build ("auto"), the plain-PyTorch reference otherwise or on request."""
+    if backend == "torch" or device.type != "cpu":
+        return TorchOps()
+    try:
+        from loom.ops.cpu_kernels import CpuOps  # local: importing it builds the C++ kernels, or raises ImportError
+    except ImportError:
+        if backend == "cpp":
+            raise
+        return TorchOps()
+    return CpuOps()
 
 
 def allocate_kv_caches(
@@ -38,21 +66,72 @@ def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dt
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
+@dataclass(slots=True)
+class StepInputs:
+    """A step's forward pass as host integers: everything a rank needs to run it, nothing about sequences. Rank 0
+    builds it from the scheduler's output; with tensor parallelism it travels to the other ranks as one tensor
+    (``encode`` / ``decode``)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    decode_tables: list[list[int]]
+    """One block table per decode row, all padded (with block 0) to the longest."""
+    decode_seq_lens: list[int]
+    prefills: list[tuple[int, int, int, list[int] | None]]
+    """(first row, end row, position of the first token, block table — None when that position is 0)."""
+    logit_rows: list[int]
+    """Rows whose logits the step needs, in the order the sampler reads them."""
+
+    def encode(self) -> torch.Tensor:
+        """One int64 tensor: a header of counts, then every list back to back."""
+        width = len(self.decode_tables[0]) if self.decode_tables else 0
+        header = [len(self.input_ids), len(self.decode_tables), width, len(self.prefills), len(self.logit_rows)]
+        prefill_rows = [v for start, end, pos, table in self.prefills for v in (start, end, pos, len(table or ()))]
+        tables = [b for *_, table in self.prefills if table for b in table]
+        flat = [*header, *self.input_ids, *self.positions, *self.slots, *(b for t in self.decode_tables for b in t),
+                *self.decode_seq_lens, *prefill_rows, *tables, *self.logit_rows]
+        return torch.tensor(flat, dtype=torch.long)
+
+    @classmethod
+    def decode(cls, flat: torch.Tensor) -> StepInputs:
+        values = flat.tolist()
+        num_tokens, num_decodes, width, num_prefills, num_rows = values[:5]
+        at = 5
+
+        def take(n: int) -> list[int]:
+            nonlocal at
+            at += n
+            return values[at - n : at]
+
+        input_ids, positions, slots = take(num_tokens), take(num_tokens), take(num_tokens)
+        tables = [take(width) for _ in range(num_decodes)]
+        seq_lens = take(num_decodes)
+        rows = [take(4) for _ in range(num_prefills)]
+        prefills = [(start, end, pos, take(n) if n else None) for start, end, pos, n in rows]
+        return cls(input_ids, positions, slots, tables, seq_lens, prefills, take(num_rows))
+
+
 class ModelRunner:
     def __init__(
         self,
         model: LlamaForCausalLM,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        block_manager: BlockManager,
+        block_manager: BlockManager | None,
         device: torch.device,
         lora: LoRAManager | None = None,
+        block_size: int | None = None,
+        peers=None,
     ):
+        """``block_manager`` is None on a tensor-parallel rank other than 0 (it only runs ``forward``); ``peers``
+        (rank 0 with tensor parallelism, ``loom.engine.tensor_parallel.TPWorkers``) gets each step's inputs first."""
         self.model = model
         self.lora = lora
         self.kv_caches = kv_caches
         self.block_manager = block_manager
-        self.block_size = block_manager.block_size
+        self.block_size = block_size or block_manager.block_size
         self.device = device
+        self.peers = peers
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledChunk]]:
@@ -66,40 +145,32 @@ class ModelRunner:
             decodes.sort(key=_adapter)
             prefills.sort(key=_adapter)
             self.lora.prepare_step(decodes + prefills)
-        ordered = decodes + prefills
-        input_ids, positions, slots = self._flatten(ordered)
-        meta = self._metadata(decodes, prefills, slots)
-        hidden = self.model(self._to_device(input_ids), self._to_device(positions), self.kv_caches, meta)
-        rows, draft_rows, sampling = [], [], []
-        row = 0
-        for chunk in ordered:
-            row += chunk.num_tokens
-            if chunk.samples:
-                num_drafts = len(chunk.draft_token_ids)
-                rows.append(row - 1 - num_drafts)
-                draft_rows.extend(range(row - num_drafts, row))
-                sampling.append(chunk)
-        if not sampling:
-            return hidden.new_empty((0, 0)), []
-        return self.model.compute_logits(hidden[self._to_device(rows + draft_rows)]), sampling
+        inputs, sampling = self._inputs(decodes, prefills)
+        if self.peers is not None:
+            self.peers.send_step(inputs)
+        logits = self.forward(inputs)
+        return (logits, sampling) if sampling else (logits.new_empty((0, 0)), [])
 
-    def _flatten(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[int], list[int]]:
-        bs = self.block_size
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs) -> torch.Tensor | None:
+        """The model over one step's inputs -> logits of ``inputs.logit_rows`` (None on tensor-parallel ranks > 0)."""
+        meta = self._metadata(inputs)
+        hidden = self.model(self._to_device(inputs.input_ids), self._to_device(inputs.positions), self.kv_caches, meta)
+        if not inputs.logit_rows:
+            return hidden.new_empty((0, 0))
+        return self.model.compute_logits(hidden[self._to_device(inputs.logit_rows)])
+
+    def _inputs(self, decodes: list[ScheduledChunk], prefills: list[ScheduledChunk]):
+        bm, bs = self.block_manager, self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        for c in chunks:
-            table = self.block_manager.block_table(c.seq.seq_id)
+        for c in decodes + prefills:
+            table = bm.block_table(c.seq.seq_id)
             input_ids.extend(c.token_ids)
             span = range(c.start, c.end)
             positions.extend(span)
             slots.extend(table[p // bs] * bs + p % bs for p in span)
-        return input_ids, positions, slots
-
-    def _metadata(
-        self, decodes: list[ScheduledChunk], prefills: list[ScheduledChunk], slots: list[int]
-    ) -> AttentionMetadata:
-        bm = self.block_manager
         # NOTE: a speculative decode (1 + d tokens) is 1 + d decode rows over the same blocks, row j seeing the
         # context up to its own position: causal attention through the batched decode kernel, not one prefill each.
         tables, seq_lens = [], []
@@ -110,17 +181,30 @@ class ModelRunner:
         padded = [t + [0] * (width - len(t)) for t in tables]
         chunks, row = [], len(tables)
         for c in prefills:
-            table = None
-            if c.start > 0:
-                table = self._to_device(bm.block_table(c.seq.seq_id)[: bm.blocks_needed(c.end)])
-            chunks.append(PrefillChunk(row, row + c.num_tokens, c.start, table))
+            table = bm.block_table(c.seq.seq_id)[: bm.blocks_needed(c.end)] if c.start > 0 else None
+            chunks.append((row, row + c.num_tokens, c.start, table))
             row += c.num_tokens
+        rows, draft_rows, sampling = [], [], []
+        row = 0
+        for chunk in decodes + prefills:
+            row += chunk.num_tokens
+            if chunk.samples:
+                num_drafts = len(chunk.draft_token_ids)
+                rows.append(row - 1 - num_drafts)
+                draft_rows.extend(range(row - num_drafts, row))
+                sampling.append(chunk)
+        return StepInputs(input_ids, positions, slots, padded, seq_lens, chunks, rows + draft_rows), sampling
+
+    def _metadata(self, inputs: StepInputs) -> AttentionMetadata:
+        tables = inputs.decode_tables
+        width = len(tables[0]) if tables else 0
         return AttentionMetadata(
-            slot_mapping=self._to_device(slots),
+            slot_mapping=self._to_device(inputs.slots),
             num_decodes=len(tables),
-            decode_block_tables=torch.tensor(padded, dtype=torch.int32).reshape(len(tables), width).to(self.device),
-            decode_seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(self.device),
-            prefills=chunks,
+            decode_block_tables=torch.tensor(tables, dtype=torch.int32).reshape(len(tables), width).to(self.device),
+            decode_seq_lens=torch.tensor(inputs.decode_seq_lens, dtype=torch.int32).to(self.device),
+            prefills=[PrefillChunk(start, end, pos, None if table is None else self._to_device(table))
+                      for start, end, pos, table in inputs.prefills],
             block_size=self.block_size,
         )
 

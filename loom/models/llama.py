@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loom.distributed.parallel import TensorParallel, local_config
 from loom.ops.attention import AttentionMetadata, paged_attention
 from loom.ops.layers import TorchOps, rms_norm_reference
 from loom.ops.rotary import RotaryEmbedding
@@ -111,8 +112,11 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None = None):
         super().__init__()
+        self.tp = tp
+        """With tensor parallelism: this rank's heads only (``cfg`` is its local config); o_proj's partial output is
+        summed over the ranks."""
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -136,7 +140,8 @@ class Attention(nn.Module):
             self.num_heads, self.num_kv_heads,
         )  # fmt: skip  # q [T, H, D], k/v [T, Hkv, D]
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, ops.decode_attention)
-        return self.o_proj(out.reshape(x.shape[0], self.q_size))
+        out = self.o_proj(out.reshape(x.shape[0], self.q_size))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
     def norm_qk(self, qkv: torch.Tensor, ops: TorchOps) -> torch.Tensor:
         """Qwen3: RMSNorm over each head of q and of k (v untouched), before the rotary embedding."""
@@ -147,23 +152,25 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None = None):
         super().__init__()
+        self.tp = tp
         self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        out = self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def forward(self, x, residual, positions, rotary, kv_cache, meta, ops: TorchOps):
         """x: this layer's input; residual: the stream before it (None for the first layer). HF computes
@@ -180,13 +187,21 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: LlamaConfig, max_positions: int, dtype: torch.dtype):
+    def __init__(self, cfg: LlamaConfig, max_positions: int, dtype: torch.dtype, tp: TensorParallel | None = None):
+        """``tp``: build only this rank's part (``loom.distributed.parallel``); ``config`` is then the rank's local
+        config (its heads and MLP columns, the full vocab_size) and ``full_config`` the model's."""
         super().__init__()
+        self.full_config = cfg
+        self.tp = tp
+        if tp is not None:
+            cfg = local_config(cfg, tp.rank, tp.size)
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        vocab_rows = cfg.vocab_size if tp is None else tp.vocab_shard(cfg.vocab_size)
+        self.vocab_start = 0 if tp is None else tp.vocab_range(cfg.vocab_size)[0]
+        self.embed_tokens = nn.Embedding(vocab_rows, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, vocab_rows, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
         self.ops: TorchOps = TorchOps()
         self.logits_proj: nn.Module | None = None
@@ -201,15 +216,28 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, D] after the final norm."""
-        x, residual = self.embed_tokens(input_ids), None
+        x, residual = self.embed(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, positions, self.rotary, kv_cache, meta, self.ops)
         x, _ = self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [S, D] (only the rows that sample) -> float32 logits [S, V]."""
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return self.embed_tokens(input_ids)
+        # Vocab-parallel: a rank looks up the ids in its rows, zeros the others, and the ranks' rows are summed.
+        local = input_ids - self.vocab_start
+        inside = (local >= 0) & (local < self.embed_tokens.num_embeddings)
+        x = self.embed_tokens(local * inside)
+        x.mul_(inside.unsqueeze(-1).to(x.dtype))
+        return self.tp.all_reduce(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden: [S, D] (only the rows that sample) -> float32 logits [S, V]; with tensor parallelism on rank 0
+        only (the others return None after sending their vocabulary shard's logits)."""
         if self.logits_proj is not None:
-            return self.logits_proj(hidden).float()
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+            logits = self.logits_proj(hidden).float()
+        else:
+            weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+            logits = F.linear(hidden, weight).float()
+        return logits if self.tp is None else self.tp.gather_logits(logits, self.config.vocab_size)

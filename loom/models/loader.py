@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from loom.distributed.parallel import TensorParallel, head_shard
 from loom.models.llama import LlamaConfig, LlamaForCausalLM
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -38,7 +39,9 @@ def load_hf_config(folder: str | Path):
     return AutoConfig.from_pretrained(str(folder))
 
 
-def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int) -> LlamaForCausalLM:
+def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
+               tp: TensorParallel | None = None) -> LlamaForCausalLM:
+    """``tp``: load only this rank's shard of every weight (``loom.distributed.parallel``)."""
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -46,7 +49,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
     cfg = LlamaConfig.from_hf(load_hf_config(folder))
     cfg.check_context(max_positions)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions=1, dtype=dtype)
+        model = LlamaForCausalLM(cfg, max_positions=1, dtype=dtype, tp=tp)
     model = model.to_empty(device=device).to(dtype)
     # The rotary tables are computed, not loaded: rebuild them on the real device.
     model.rotary = type(model.rotary)(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype).to(device)
@@ -59,7 +62,10 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
                 if target is None:
                     continue
                 pname, part = target
-                _copy_into(params[pname], part, f.get_tensor(name), cfg, gate_up="gate_up_proj" in pname)
+                tensor = f.get_tensor(name)
+                if tp is not None:
+                    tensor = _shard(pname, part, tensor, cfg, tp)
+                _copy_into(params[pname], part, tensor, model.config, gate_up="gate_up_proj" in pname)
                 # a checkpoint that stores q/k/v or gate/up already fused (Phi-3) fills every part at once
                 whole = _parts(pname) if part is None else 1
                 filled[pname] = filled.get(pname, 0) + whole
@@ -99,6 +105,38 @@ def _copy_into(param: torch.nn.Parameter, part: int | None, tensor: torch.Tensor
             sizes = [cfg.num_attention_heads * cfg.head_dim, kv, kv]
         start = sum(sizes[:part])
         param[start : start + sizes[part]].copy_(tensor)
+
+
+def _shard(pname: str, part: int | None, tensor: torch.Tensor, cfg: LlamaConfig, tp: TensorParallel) -> torch.Tensor:
+    """This rank's piece of checkpoint tensor ``tensor`` (bound for Loom parameter ``pname``, slice ``part`` of a
+    fused one): column-parallel weights by output rows, row-parallel ones by input columns, vocabularies by rows."""
+    shard = head_shard(cfg, tp.rank, tp.size)
+    d = cfg.head_dim
+    q_rows = slice(shard.q_heads[0] * d, shard.q_heads[1] * d)
+    kv_rows = slice(shard.kv_heads[0] * d, shard.kv_heads[1] * d)
+    mlp_rows = slice(*shard.intermediate)
+    if "qkv_proj" in pname:
+        q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+        if part is None:  # a fused checkpoint tensor (Phi-3): cut it into q, k, v first
+            q_part, k_part, v_part = tensor.split([q, kv, kv])
+            return torch.cat([q_part[q_rows], k_part[kv_rows], v_part[kv_rows]])
+        return tensor[q_rows] if part == 0 else tensor[kv_rows]
+    if "gate_up_proj" in pname:
+        if part is None:
+            gate, up = tensor.chunk(2)
+            return torch.cat([gate[mlp_rows], up[mlp_rows]])
+        return tensor[mlp_rows]
+    if pname.endswith(("o_proj.bias", "down_proj.bias")):  # added once, after the all-reduce sums the ranks
+        return tensor if tp.rank == 0 else torch.zeros_like(tensor)
+    if pname.endswith("o_proj.weight"):
+        return tensor[:, q_rows]
+    if pname.endswith("down_proj.weight"):
+        return tensor[:, mlp_rows]
+    if pname in ("embed_tokens.weight", "lm_head.weight"):
+        start, end = tp.vocab_range(cfg.vocab_size)
+        rows = tensor[start:end]
+        return torch.cat([rows, rows.new_zeros(end - start - rows.shape[0], rows.shape[1])])
+    return tensor
 
 
 def _parts(pname: str) -> int:

@@ -63,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
         for extra in component.extra_servers():
             configs.append(uvicorn.Config(extra.app, host=extra.host, port=extra.port, log_level=args.log_level))
     run_event_loop(_serve_all([uvicorn.Server(c) for c in configs]))
-    return 0
+    fatal = [f"{c.name}: {error}" for c in components if (error := getattr(c, "fatal_error", None))]
+    for line in fatal:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if fatal else 0
 
 
 def run_event_loop(main) -> None:

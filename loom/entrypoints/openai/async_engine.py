@@ -31,6 +31,7 @@ from loom.engine.llm_engine import LLMEngine
 from loom.engine.lora import LoRARequest
 from loom.engine.outputs import RequestOutput
 from loom.engine.sampling_params import SamplingParams
+from loom.engine.tensor_parallel import EngineFatalError
 from loom.entrypoints.openai.metrics import LLMMetrics, RequestTimes
 from loom.models.loader import load_tokenizer
 
@@ -65,6 +66,11 @@ class _Abort:
 
 class _Stop:
     pass
+
+
+@dataclass(slots=True)
+class _Fatal:
+    message: str
 
 
 @dataclass(slots=True)
@@ -119,6 +125,7 @@ class AsyncLLMEngine:
         max_in_flight: int | None = None,
         engine_factory: Callable | None = None,
         num_threads: int | None = None,
+        on_fatal: Callable[[str], None] | None = None,
     ):
         self.config = config
         self.metrics = metrics
@@ -134,6 +141,9 @@ class AsyncLLMEngine:
         self.last_stats = None
         """The engine's EngineStats after its latest step or command batch."""
         self.draining = False
+        self.on_fatal = on_fatal
+        """Called with the reason when the engine cannot go on (a tensor-parallel rank died); the server exits."""
+        self.fatal_error: str | None = None
         self._factory = engine_factory
         self.num_threads = num_threads
         """torch intra-op threads for the engine (process-wide; restored when the engine thread ends). None: keep."""
@@ -244,13 +254,26 @@ class AsyncLLMEngine:
             self._loop.call_soon_threadsafe(_set_exception, ready, exc)
             return
         self._loop.call_soon_threadsafe(_set_result, ready)
+        workers = getattr(self.engine, "workers", None)
+        if workers is not None:  # a rank that exits while the engine idles wakes this thread
+            workers.on_failure = lambda message: self._commands.put(_Fatal(message))
         self._publish_stats()
         try:
             while self._take_commands(block=not self.engine.has_unfinished_requests()):
                 if self.engine.has_unfinished_requests():
                     self._step()
+        except EngineFatalError as exc:
+            self.fatal_error = str(exc)
+            log.critical("the LLM engine stops: %s", exc)
+            for request_id in list(self._live):
+                self.engine.abort_request(request_id)
+            self._fail_all(EngineDead(f"the LLM engine stopped: {exc}"))
+            if self.on_fatal is not None:
+                self.on_fatal(str(exc))
         finally:
             self._fail_all(EngineDead("the LLM engine stopped"))
+            if hasattr(self.engine, "shutdown"):
+                self.engine.shutdown()
 
     def _build_engine(self):
         return (self._factory or LLMEngine)(self.config)
@@ -264,6 +287,8 @@ class AsyncLLMEngine:
         while True:
             if isinstance(command, _Stop):
                 return False
+            if isinstance(command, _Fatal):
+                raise EngineFatalError(command.message)
             self._apply(command)
             try:
                 command = self._commands.get_nowait()
@@ -303,6 +328,8 @@ class AsyncLLMEngine:
         previous = self.engine.last_step
         try:
             outputs = self.engine.step()
+        except EngineFatalError:
+            raise
         except Exception as exc:  # a failed step leaves requests in an unknown state: fail and drop them all
             log.exception("engine step failed")
             for request_id in list(self._live):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,6 +21,7 @@ from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
 
 from loom.engine.config import EngineConfig
+from loom.engine.tensor_parallel import launched_by_torchrun, run_worker_from_env
 from loom.entrypoints.openai.async_engine import AsyncLLMEngine
 from loom.entrypoints.openai.lora import LoRARegistry, parse_lora_module
 from loom.entrypoints.openai.metrics import LLMMetrics
@@ -102,11 +105,21 @@ class LLMComponent:
         self.config = config
         self.metrics = LLMMetrics(registry, config.served_model_names[0])
         self.front = AsyncLLMEngine(config.engine, self.metrics, max_in_flight=config.max_in_flight,
-                                    num_threads=config.threads)
+                                    num_threads=config.threads, on_fatal=self._exit_server)
         loras = LoRARegistry(config.served_model_names, config.lora_store) if config.engine.enable_lora else None
         self.context = ServingContext(self.front, list(config.served_model_names), max_n=config.max_n,
                                       max_prompt_chars=config.max_prompt_chars, loras=loras,
                                       tool_settings=config.tool_settings)
+
+    @property
+    def fatal_error(self) -> str | None:
+        """Why the engine stopped for good (`loom serve` prints it and exits non-zero), if it did."""
+        return self.front.fatal_error
+
+    @staticmethod
+    def _exit_server(reason: str) -> None:
+        # SIGTERM to ourselves: the server stops as on Ctrl-C (drains what it can), then `loom serve` reports reason
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def routers(self) -> list[APIRouter]:
         routers = build_routers(self.context)
@@ -152,4 +165,7 @@ def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> L
     if not getattr(args, "model", None):
         return None
     engine = config_from_args(EngineConfig, args)
+    if engine.tensor_parallel_size > 1 and launched_by_torchrun() and int(os.environ["RANK"]) != 0:
+        run_worker_from_env(engine)  # torchrun started every rank: only rank 0 serves HTTP
+        raise SystemExit(0)
     return LLMComponent(config_from_args(LLMServerConfig, args, engine=engine), registry)
