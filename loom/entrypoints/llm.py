@@ -31,6 +31,16 @@ class LLM:
     def from_config(cls, config: EngineConfig) -> LLM:
         return cls(**{f.name: getattr(config, f.name) for f in fields(config)})
 
+    def shutdown(self) -> None:
+        """Stop the engine's other tensor-parallel ranks (nothing to do without tensor parallelism)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import openai
@@ -75,3 +76,39 @@ def test_smollm2_answers_paris(smollm2_path):
             model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
             max_tokens=24, temperature=0, stream=True) if c.choices)
         assert streamed == out.choices[0].message.content
+
+
+@pytest.mark.slow
+def test_smollm2_over_two_ranks_answers_then_a_killed_rank_ends_the_server(smollm2_path):
+    """`loom serve --tensor-parallel-size 2`: the official client, streamed and not; then SIGKILL to rank 1 while a
+    stream runs ends the server within 30 s, non-zero, naming the rank."""
+    import psutil
+
+    server = _serve("smollm2", "--tensor-parallel-size", "2", timeout=240)
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        out = client.chat.completions.create(model="smollm2", messages=question, max_tokens=24, temperature=0)
+        assert "Paris" in out.choices[0].message.content
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="smollm2", messages=question, max_tokens=24, temperature=0, stream=True) if c.choices)
+        assert streamed == out.choices[0].message.content
+
+        ranks = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                 if "loom.engine.tensor_parallel" in " ".join(p.cmdline())]
+        assert len(ranks) == 1
+        body = {"model": "smollm2", "prompt": "Count: 1, 2, 3,", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            killed = time.monotonic()
+            ranks[0].kill()
+            rest = list(lines)  # the stream ends (with an error event) instead of hanging
+        assert server.proc.wait(30) == 1
+        assert time.monotonic() - killed < 30
+        events = [line for line in rest if line]
+        assert events[-1] == "data: [DONE]" and "rank 1" in json.loads(events[-2][len("data: "):])["error"]["message"]
+        assert "rank 1" in server.log_tail() and "exited with code -9" in server.log_tail()
+        assert not ranks[0].is_running()
+    finally:
+        server.stop(grace=5)
