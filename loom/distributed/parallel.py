@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
+from loom.distributed.shm import SharedMemoryGroup
+
 
 def split_evenly(total: int, parts: int, index: int) -> tuple[int, int]:
     """[start, end) of part ``index`` when ``total`` items are cut into ``parts`` contiguous runs whose sizes differ
@@ -35,9 +37,14 @@ class TensorParallel:
     size: int
     group: dist.ProcessGroup | None = None
     """None: the default process group."""
+    shm: SharedMemoryGroup | None = None
+    """Ranks on one CPU machine: all-reduce and gather through shared memory (``loom.distributed.shm``) for the
+    tensors that fit its slots; the process group for the rest."""
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the ranks, in place (the partial outputs of a row-parallel matmul)."""
+        if self.shm is not None and self.shm.fits(x):
+            return self.shm.all_reduce(x)
         dist.all_reduce(x, group=self.group)
         return x
 
@@ -53,8 +60,11 @@ class TensorParallel:
     def gather_logits(self, local: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
         """Each rank's [S, vocab_shard] logits -> the full [S, vocab_size] on rank 0 (None on the others)."""
         local = local.contiguous()
-        parts = [torch.empty_like(local) for _ in range(self.size)] if self.rank == 0 else None
-        dist.gather(local, parts, dst=self._global(0), group=self.group)
+        if self.shm is not None and self.shm.fits(local):
+            parts = self.shm.gather(local)
+        else:
+            parts = [torch.empty_like(local) for _ in range(self.size)] if self.rank == 0 else None
+            dist.gather(local, parts, dst=self._global(0), group=self.group)
         if self.rank != 0:
             return None
         return torch.cat(parts, dim=-1)[:, :vocab_size]

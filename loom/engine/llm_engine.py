@@ -106,7 +106,7 @@ class LLMEngine:
             threads = threads_per_rank(config.tensor_parallel_size)
             torch.set_num_threads(threads)
             self.workers = TPWorkers(RankSpec(config, str(self.model_path), self.max_model_len, threads))
-            tp = TensorParallel(0, config.tensor_parallel_size)
+            tp = TensorParallel(0, config.tensor_parallel_size, shm=self.workers.shm)
         try:
             self.model = build_model(self.model_path, config, self.device, self.max_model_len, tp)
         except BaseException:

@@ -20,6 +20,7 @@ connection), and a watcher thread sees a started rank exit while the engine idle
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import json
@@ -34,12 +35,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
+from loom.distributed import shm
 from loom.distributed.parallel import TensorParallel
+from loom.distributed.shm import SharedMemoryGroup
 from loom.engine.config import EngineConfig
 from loom.engine.model_runner import ModelRunner, StepInputs, allocate_kv_caches, build_model
 from loom.models.catalogue import resolve_model
@@ -66,6 +69,9 @@ class RankSpec:
     model_path: str
     max_model_len: int
     threads: int
+    shm_path: str | None = None
+    """Ranks on this machine: the shared buffer for all-reduces (``loom.distributed.shm``); None: gloo only."""
+    shm_slot_bytes: int = 0
 
 
 def launched_by_torchrun() -> bool:
@@ -101,10 +107,21 @@ class TPWorkers:
         self._cpu_group = None
         self.processes: list[subprocess.Popen] = []
         self._ready_fds: dict[int, int] = {}
+        self.shm = None
+        self._shm_path = None
         if launched_by_torchrun():
             self._init_method = "env://"
             return
         self._init_method = f"tcp://127.0.0.1:{_free_port()}"
+        self.shm: SharedMemoryGroup | None = None
+        """This rank's side of the shared-memory all-reduce (CPU ranks started here), None: gloo carries them."""
+        if self.device.type == "cpu" and shm.usable():
+            slot = _slot_bytes(spec.config, load_hf_config(spec.model_path))
+            path = shm.create_file(self.size, slot)
+            if path is not None:
+                spec = replace(spec, shm_path=path, shm_slot_bytes=slot)
+                self.shm = SharedMemoryGroup(path, 0, self.size, slot, should_abort=self._peer_gone)
+        self._shm_path = spec.shm_path
         for rank in range(1, self.size):
             read_fd, write_fd = os.pipe()
             process = subprocess.Popen(
@@ -120,6 +137,7 @@ class TPWorkers:
     def join(self, num_blocks: int) -> None:
         """Wait for every rank to load its shard, form the group, and tell them the KV pool's block count."""
         self._wait_ready()
+        self._unlink_shm()  # every rank has it mapped now; the mapping outlives the name
         dist.init_process_group(_backend(self.device), init_method=self._init_method, rank=0, world_size=self.size,
                                 timeout=_TIMEOUT)
         self._cpu_group = dist.new_group(backend="gloo", timeout=_TIMEOUT) if self.device.type == "cuda" else None
@@ -136,7 +154,11 @@ class TPWorkers:
 
     def explain(self, exc: BaseException) -> EngineFatalError:
         """The error to raise for a collective that failed (a rank died mid-step)."""
+        deadline = time.monotonic() + 5.0  # its socket closes a moment before the process is reaped
         self._reap()
+        while self.failure is None and self.processes and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self._reap()
         return EngineFatalError(self.failure or f"a tensor-parallel collective failed ({exc}); the engine cannot "
                                                 "continue without every rank — restart it")
 
@@ -145,6 +167,7 @@ class TPWorkers:
         if self._closing:
             return
         self._closing = True
+        self._unlink_shm()
         if dist.is_initialized():
             if self.failure is None:
                 try:
@@ -158,6 +181,15 @@ class TPWorkers:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=5)
+
+    def _peer_gone(self) -> bool:
+        return self.failure is not None or any(p.poll() is not None for p in self.processes)
+
+    def _unlink_shm(self) -> None:
+        if self._shm_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._shm_path)
+            self._shm_path = None
 
     def _broadcast_header(self, kind: int, value: int) -> None:
         self._header[0], self._header[1] = kind, value
@@ -257,7 +289,12 @@ def _load_shard(rank: int, size: int, spec: RankSpec):
     device = rank_device(spec.config, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model = build_model(spec.model_path, spec.config, device, spec.max_model_len, TensorParallel(rank, size))
+    group = None
+    if spec.shm_path is not None:
+        parent = os.getppid()
+        group = SharedMemoryGroup(spec.shm_path, rank, size, spec.shm_slot_bytes,
+                                  should_abort=lambda: os.getppid() != parent)
+    model = build_model(spec.model_path, spec.config, device, spec.max_model_len, TensorParallel(rank, size, shm=group))
     return model, device
 
 
@@ -284,6 +321,16 @@ def _serve_steps(model, device: torch.device, spec: RankSpec) -> None:
         dist.broadcast(payload, src=0, group=cpu_group)
         runner.forward(StepInputs.decode(payload))
     dist.destroy_process_group()
+
+
+def _slot_bytes(config: EngineConfig, hf_config) -> int:
+    """Room for the largest tensor a step all-reduces ([tokens, hidden]) or gathers ([rows, vocab shard] float32
+    logits); larger ones (none with these settings) take gloo."""
+    elem = torch.tensor([], dtype=config.torch_dtype()).element_size()
+    drafts = config.speculative_config.num_speculative_tokens if config.speculative_config else 0
+    rows = config.max_num_seqs * (1 + drafts)
+    vocab_shard = -(-hf_config.vocab_size // config.tensor_parallel_size)
+    return max(config.max_num_batched_tokens * hf_config.hidden_size * elem, rows * vocab_shard * 4)
 
 
 def _free_port() -> int:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
 import torch
 
+from loom.distributed import shm
 from loom.distributed.parallel import head_shard, split_evenly
+from loom.distributed.shm import SharedMemoryGroup
 from loom.engine.config import EngineConfig
 from loom.engine.llm_engine import LLMEngine
 from loom.engine.model_runner import StepInputs
@@ -77,6 +80,36 @@ def _with_random_biases(path):
     return path
 
 
+def test_shared_memory_all_reduce_and_gather_between_two_ranks(tmp_path):
+    path = shm.create_file(2, 4096)
+    groups = [SharedMemoryGroup(path, rank, 2, 4096, timeout_s=10) for rank in range(2)]
+    os.unlink(path)
+    xs = [torch.randn(7, 33, generator=torch.Generator().manual_seed(r)) for r in range(2)]
+    results = [[], []]
+
+    def rank_main(rank):
+        for i in range(5):  # several generations: both buffer sets in turn
+            x = xs[rank] * (i + 1)
+            results[rank].append((groups[rank].all_reduce(x.clone()), groups[rank].gather(x)))
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for i in range(5):
+        (sum0, parts), (sum1, none) = results[0][i], results[1][i]
+        assert torch.equal(sum0, sum1)  # bit-identical on every rank
+        torch.testing.assert_close(sum0, (xs[0] + xs[1]) * (i + 1))
+        assert none is None and all(torch.equal(p, x * (i + 1)) for p, x in zip(parts, xs))
+    assert not groups[0].fits(torch.zeros(2048))  # 8 KiB > the 4 KiB slot: the process group takes it
+    lonely_path = shm.create_file(2, 64)
+    lonely = SharedMemoryGroup(lonely_path, 0, 2, 64, timeout_s=0.2)
+    os.unlink(lonely_path)
+    with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] did not reach"):
+        lonely.all_reduce(torch.ones(4))
+
+
 def _run(path, tp: int, prompts, **engine):
     eng = LLMEngine(EngineConfig(model=str(path), tensor_parallel_size=tp, num_kv_blocks=64, seed=0, **engine))
     steps: list[torch.Tensor] = []
@@ -118,7 +151,11 @@ def _assert_same_run(path, prompts, **engine):
     ("llama", dict(UNEVEN, attention_bias=True, mlp_bias=True, tie_word_embeddings=False)),  # o_proj/down biases
     ("phi3", dict(UNEVEN, pad_token_id=0, sliding_window=None)),  # fused qkv and gate_up checkpoint tensors
 ])  # fmt: skip
-def test_two_ranks_match_one_through_prefill_decode_chunks_and_prefix_hits(tmp_path, smollm2_path, arch, overrides):
+def test_two_ranks_match_one_through_prefill_decode_chunks_and_prefix_hits(tmp_path, smollm2_path, arch, overrides,
+                                                                          monkeypatch):
+    """All-reduces through shared memory (``loom.distributed.shm``; Phi-3) and through gloo (Llama)."""
+    if arch == "llama":
+        monkeypatch.setenv("LOOM_TP_SHARED_MEMORY", "0")
     path = _with_random_biases(save_tiny_model(tmp_path / arch, smollm2_path, arch=arch, **overrides))
     shared = list(range(100, 140))
     prompts = [[shared + [7, 8], list(range(300, 323))], [shared + [9]]]
