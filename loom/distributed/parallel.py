@@ -89,6 +89,9 @@ def head_shard(cfg, rank: int, size: int) -> HeadShard:
     """Which heads and MLP columns rank ``rank`` of ``size`` holds of the model ``cfg`` (a ``LlamaConfig``); a clear
     error where the model cannot be split that many ways."""
     kv, heads = cfg.num_key_value_heads, cfg.num_attention_heads
+    if cfg.num_experts and size > 1:
+        raise ValueError("mixture-of-experts models are not split by tensor parallelism yet; use "
+                         "tensor_parallel_size 1")
     if size > kv:
         raise ValueError(f"tensor_parallel_size {size} exceeds the model's {kv} key-value heads: each rank holds "
                          f"whole KV-head groups; use a tensor_parallel_size of at most {kv}")

@@ -1,8 +1,9 @@
 """The Llama family in PyTorch over flat token batches and a paged KV cache.
 
 Covers Llama 2/3 (incl. Llama-3 rope scaling), SmolLM2, Mistral, Phi-3 (fused qkv / gate_up checkpoints; default
-rope only), Qwen2 (q/k/v bias) and Qwen3 (RMSNorm on q and k per head): RMSNorm, RoPE, grouped-query attention,
-SwiGLU, tied or untied embeddings. A sliding attention window is not implemented in the paged path yet: a model
+rope only), Qwen2 (q/k/v bias), Qwen3 (RMSNorm on q and k per head) and the mixtures of experts Mixtral, Qwen2-MoE
+(shared expert) and Qwen3-MoE (``SparseMoE``): RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied
+embeddings. A sliding attention window is not implemented in the paged path yet: a model
 that has one loads only with a context no longer than the window (where the window never takes effect), never
 silently with a wrong attention.
 
@@ -25,8 +26,8 @@ from loom.ops.attention import AttentionMetadata, paged_attention
 from loom.ops.layers import TorchOps, rms_norm_reference
 from loom.ops.rotary import RotaryEmbedding
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM",
+                           "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 
 
 @dataclass(slots=True)
@@ -51,6 +52,17 @@ class LlamaConfig:
     """Qwen3: RMSNorm over each head of q and k before the rotary embedding."""
     sliding_window: int | None = None
     """Tokens a query may attend back to (itself included) in sliding-window layers; None: full attention."""
+    num_experts: int = 0
+    """Mixture-of-experts layers (Mixtral, Qwen2-MoE, Qwen3-MoE): routed experts per layer; 0: dense MLPs."""
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    """Width of each routed expert's MLP."""
+    norm_topk_prob: bool = True
+    """Renormalise the top-k routing probabilities to sum to 1 (Mixtral always; Qwen MoE per config)."""
+    shared_expert_intermediate_size: int = 0
+    """Qwen2-MoE: a dense expert every token goes through, scaled by a sigmoid gate; 0: none."""
+    moe_layers: tuple[int, ...] = ()
+    """Indices of the layers whose MLP is a mixture of experts (the others are dense)."""
 
     @classmethod
     def from_hf(cls, hf) -> LlamaConfig:
@@ -60,12 +72,12 @@ class LlamaConfig:
         heads = hf.num_attention_heads
         rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
         theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
-        is_qwen2 = arch == "Qwen2ForCausalLM"
+        is_qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
         attention_bias = bool(getattr(hf, "attention_bias", False))
         window = getattr(hf, "sliding_window", None)
         layer_types = getattr(hf, "layer_types", None) or []
-        windowed = arch in ("MistralForCausalLM", "Phi3ForCausalLM") or getattr(hf, "use_sliding_window", False) or (
-            "sliding_attention" in layer_types)
+        windowed = (arch in ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM")
+                    or getattr(hf, "use_sliding_window", False) or "sliding_attention" in layer_types)
         partial = rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0)
         if partial != 1.0:
             raise ValueError(f"{arch} with partial_rotary_factor {partial} is not supported (rotary on every dimension "
@@ -87,8 +99,9 @@ class LlamaConfig:
             o_bias=attention_bias and not is_qwen2,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             architecture=arch,
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             sliding_window=int(window) if window and windowed else None,
+            **_moe_fields(hf, arch),
         )
 
     def check_context(self, max_model_len: int) -> None:
@@ -99,6 +112,23 @@ class LlamaConfig:
                 f"Loom's paged attention does not implement yet; with a context of {max_model_len} tokens its outputs "
                 f"would be wrong. Serve it with --max-model-len {self.sliding_window} (or less), where the window "
                 "never takes effect")
+
+
+def _moe_fields(hf, arch: str) -> dict:
+    """The mixture-of-experts settings of a Mixtral / Qwen2-MoE / Qwen3-MoE config (nothing for dense models)."""
+    if arch == "MixtralForCausalLM":
+        return dict(num_experts=hf.num_local_experts, num_experts_per_tok=hf.num_experts_per_tok,
+                    moe_intermediate_size=hf.intermediate_size, norm_topk_prob=True,
+                    moe_layers=tuple(range(hf.num_hidden_layers)))
+    if arch not in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+        return {}
+    dense = set(getattr(hf, "mlp_only_layers", None) or ())
+    step = getattr(hf, "decoder_sparse_step", 1) or 1
+    layers = tuple(i for i in range(hf.num_hidden_layers) if i not in dense and (i + 1) % step == 0)
+    return dict(num_experts=hf.num_experts, num_experts_per_tok=hf.num_experts_per_tok,
+                moe_intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
+                shared_expert_intermediate_size=getattr(hf, "shared_expert_intermediate_size", 0) or 0,
+                moe_layers=layers if hf.num_experts else ())
 
 
 class RMSNorm(nn.Module):
@@ -152,25 +182,70 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None = None):
+    def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None = None, intermediate_size: int | None = None):
         super().__init__()
         self.tp = tp
-        self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.intermediate_size = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(self.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
         out = self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
+class SparseMoE(nn.Module):
+    """A mixture-of-experts MLP: a router picks ``num_experts_per_tok`` experts per token (softmax, then top-k, then
+    renormalised where the model does), tokens are grouped by expert so that each expert chosen in the step runs
+    once over all its tokens (two matmuls, whatever the batch), and the outputs are scattered back weighted.
+    Qwen2-MoE adds a shared expert every token goes through, scaled by a sigmoid gate."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg, intermediate_size=cfg.moe_intermediate_size)
+                                     for _ in range(cfg.num_experts))
+        shared = cfg.shared_expert_intermediate_size
+        self.shared_expert = MLP(cfg, intermediate_size=shared) if shared else None
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if shared else None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (weights [T, k] in x's dtype, expert ids [T, k]), as HF routes (float32 softmax)."""
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), experts
+
+    def forward(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
+        weights, experts = self.route(x)
+        flat = experts.flatten()
+        order = torch.argsort(flat, stable=True)  # the T*k (token, expert) pairs, grouped by expert
+        token = order // self.top_k
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()  # one host sync per layer
+        grouped = x[token]
+        out = torch.empty_like(grouped)
+        start = 0
+        for expert, count in zip(self.experts, counts):
+            if count:
+                out[start : start + count] = expert(grouped[start : start + count], ops)
+                start += count
+        out.mul_(weights.flatten()[order].unsqueeze(-1))
+        y = torch.zeros_like(x).index_add_(0, token, out)
+        if self.shared_expert is not None:
+            y += torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, ops)
+        return y
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None = None):
+    def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None = None, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, tp)
+        self.mlp = SparseMoE(cfg) if index in cfg.moe_layers else MLP(cfg, tp)
 
     def forward(self, x, residual, positions, rotary, kv_cache, meta, ops: TorchOps):
         """x: this layer's input; residual: the stream before it (None for the first layer). HF computes
@@ -199,7 +274,7 @@ class LlamaForCausalLM(nn.Module):
         vocab_rows = cfg.vocab_size if tp is None else tp.vocab_shard(cfg.vocab_size)
         self.vocab_start = 0 if tp is None else tp.vocab_range(cfg.vocab_size)[0]
         self.embed_tokens = nn.Embedding(vocab_rows, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, vocab_rows, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)

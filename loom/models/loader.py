@@ -15,14 +15,18 @@ from loom.distributed.parallel import TensorParallel, head_shard
 from loom.models.llama import LlamaConfig, LlamaForCausalLM
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-# HF name inside a layer -> (Loom parameter inside the layer, which slice of a fused parameter)
+# The last part of an HF module name -> (Loom's fused module, which slice of it); the prefix is kept, so experts'
+# projections ("mlp.experts.3.gate_proj") fuse as the dense MLP's do.
 _FUSED = {
-    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
-    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
-    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
-    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
-    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
 }
+# Mixtral's names for its experts' projections (w1 gate, w3 up, w2 down), as the Qwen MoE models name them
+_MIXTRAL = [(re.compile(r"^block_sparse_moe\."), "mlp."), (re.compile(r"\.w1$"), ".gate_proj"),
+            (re.compile(r"\.w3$"), ".up_proj"), (re.compile(r"\.w2$"), ".down_proj")]
 
 
 def load_tokenizer(folder: str | Path):
@@ -85,10 +89,13 @@ def _target(name: str, cfg: LlamaConfig) -> tuple[str, int | None] | None:
         return None
     layer, rest = m.groups()
     module, kind = rest.rsplit(".", 1)
-    if module in _FUSED:
-        fused, part = _FUSED[module]
-        return f"layers.{layer}.{fused}.{kind}", part
-    return f"layers.{layer}.{rest}", None
+    for pattern, replacement in _MIXTRAL:
+        module = pattern.sub(replacement, module)
+    prefix, _, last = module.rpartition(".")
+    if last in _FUSED:
+        fused, part = _FUSED[last]
+        return f"layers.{layer}.{prefix}.{fused}.{kind}", part
+    return f"layers.{layer}.{module}.{kind}", None
 
 
 def _copy_into(param: torch.nn.Parameter, part: int | None, tensor: torch.Tensor, cfg: LlamaConfig,
@@ -98,8 +105,8 @@ def _copy_into(param: torch.nn.Parameter, part: int | None, tensor: torch.Tensor
         if part is None:
             param.copy_(tensor)
             return
-        if gate_up:
-            sizes = [cfg.intermediate_size] * 2
+        if gate_up:  # a dense MLP's, an expert's or a shared expert's: each its own width
+            sizes = [param.shape[0] // 2] * 2
         else:  # qkv
             kv = cfg.num_key_value_heads * cfg.head_dim
             sizes = [cfg.num_attention_heads * cfg.head_dim, kv, kv]

@@ -16,12 +16,18 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 TINY = dict(
@@ -37,7 +43,12 @@ ARCHS = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "phi3": (Phi3Config, Phi3ForCausalLM),
+    "mixtral": (MixtralConfig, MixtralForCausalLM),
+    "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
 }
+MOE = dict(num_local_experts=8, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64)
+"""Mixture-of-experts settings the MoE configs take (each ignores the names it does not know)."""
 
 
 def save_tiny_model(path: str | Path, tokenizer_dir: str | Path, arch: str = "llama", seed: int = 0,
@@ -47,6 +58,7 @@ def save_tiny_model(path: str | Path, tokenizer_dir: str | Path, arch: str = "ll
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
     torch.manual_seed(seed)
     config_cls, model_cls = ARCHS[arch]
-    model_cls(config_cls(**{**TINY, **overrides})).eval().save_pretrained(path)
+    moe = MOE if arch in ("mixtral", "qwen2_moe", "qwen3_moe") else {}
+    model_cls(config_cls(**{**TINY, **moe, **overrides})).eval().save_pretrained(path)
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(path)
     return Path(path)

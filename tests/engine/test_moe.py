@@ -1,0 +1,88 @@
+"""Mixtures of experts (Mixtral, Qwen2-MoE with a shared expert and dense layers, Qwen3-MoE) against HF
+transformers: greedy ids and logprobs through concurrent prompts, chunked prefill and a prefix hit; the routing
+itself equal to HF's router, token by token; each chosen expert run once per layer and step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loom import LLM
+from loom.models.llama import MLP, SparseMoE
+from tests.conftest import save_tiny_model
+from tests.engine.test_parity import assert_parity, hf_greedy, loom_greedy, varied_prompts
+
+CASES = {
+    "mixtral": ("mixtral", {}),
+    "qwen2-moe-shared-expert": ("qwen2_moe", dict(shared_expert_intermediate_size=96, mlp_only_layers=[1])),
+    "qwen3-moe-normalised": ("qwen3_moe", dict(norm_topk_prob=True, head_dim=16)),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def moe_model(request, tmp_path_factory, smollm2_path):
+    arch, overrides = CASES[request.param]
+    return save_tiny_model(tmp_path_factory.mktemp(request.param), smollm2_path, arch=arch, **overrides)
+
+
+def test_moe_matches_hf_with_chunks_and_a_prefix_hit(moe_model):
+    shared = varied_prompts(1, seed=5, low=40, high=40)[0]
+    prompts = varied_prompts(6, seed=3, low=10, high=120) + [shared + [101, 102], shared + [103]]
+    # 32-token steps: long prompts run in chunks beside the others' decodes; the last prompt hits the cache
+    llm = LLM(str(moe_model), num_kv_blocks=256, block_size=8, max_num_batched_tokens=32)
+    ours = loom_greedy(llm, prompts, 12)
+    assert_parity(ours, hf_greedy(moe_model, prompts, 12))
+    assert llm.engine.stats().prefix_hit_rate > 0
+
+
+def test_routing_equals_hf_router_token_by_token(moe_model):
+    from transformers import AutoModelForCausalLM
+
+    ids = varied_prompts(1, seed=9, low=50, high=50)[0]
+    hf = AutoModelForCausalLM.from_pretrained(str(moe_model), dtype=torch.float32).eval()
+    hf_routes: list[torch.Tensor] = []
+    for layer in hf.model.layers:
+        if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts"):
+            layer.mlp.gate.register_forward_hook(lambda m, args, out: hf_routes.append(out[2]))
+    with torch.inference_mode():
+        hf(torch.tensor([ids]))
+
+    llm = LLM(str(moe_model), num_kv_blocks=64, block_size=8)
+    ours: list[torch.Tensor] = []
+    moe_layers = [layer.mlp for layer in llm.engine.model.layers if isinstance(layer.mlp, SparseMoE)]
+    for moe in moe_layers:
+        route = moe.route
+        moe.route = lambda x, route=route: (out := route(x), ours.append(out[1]))[0]
+    loom_greedy(llm, [ids], 1)  # one prefill of the whole prompt
+    assert len(ours) == len(hf_routes) == len(moe_layers) > 0
+    for mine, theirs in zip(ours, hf_routes):
+        assert torch.equal(mine, theirs.reshape(mine.shape))
+
+
+def test_each_chosen_expert_runs_once_per_layer_and_step(tmp_path, smollm2_path):
+    path = save_tiny_model(tmp_path / "mixtral", smollm2_path, arch="mixtral")
+    llm = LLM(str(path), num_kv_blocks=256, block_size=8)
+    calls: dict[int, int] = {}
+    for layer in llm.engine.model.layers:
+        for expert in layer.mlp.experts:
+            expert.register_forward_hook(lambda m, a, o: calls.__setitem__(id(m), calls.get(id(m), 0) + 1))
+    engine = llm.engine
+    for i, ids in enumerate(varied_prompts(16, seed=2, low=5, high=20)):
+        engine.add_request(str(i), prompt_token_ids=ids)
+    engine.step()  # 16 prompts in one step: ~16 x 15 tokens, 2 experts each
+    assert calls and max(calls.values()) == 1
+    assert sum(calls.values()) <= 8 * len(engine.model.layers)
+
+
+def test_qwen2_moe_keeps_its_dense_layers(tmp_path, smollm2_path):
+    arch, overrides = CASES["qwen2-moe-shared-expert"]
+    path = save_tiny_model(tmp_path / "q", smollm2_path, arch=arch, **overrides)
+    layers = LLM(str(path), num_kv_blocks=16).engine.model.layers
+    assert isinstance(layers[0].mlp, SparseMoE) and layers[0].mlp.shared_expert is not None
+    assert type(layers[1].mlp) is MLP
+
+
+def test_moe_is_not_split_by_tensor_parallelism(tmp_path, smollm2_path):
+    path = save_tiny_model(tmp_path / "mixtral", smollm2_path, arch="mixtral")
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        LLM(str(path), num_kv_blocks=16, tensor_parallel_size=2)
