@@ -3,9 +3,10 @@
 Covers Llama 2/3 (incl. Llama-3 rope scaling), SmolLM2, Mistral, Phi-3 (fused qkv / gate_up checkpoints; default
 rope only), Qwen2 (q/k/v bias), Qwen3 (RMSNorm on q and k per head) and the mixtures of experts Mixtral, Qwen2-MoE
 (shared expert) and Qwen3-MoE (``SparseMoE``): RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied
-embeddings. A sliding attention window is not implemented in the paged path yet: a model
-that has one loads only with a context no longer than the window (where the window never takes effect), never
-silently with a wrong attention.
+embeddings; sliding-window layers (Mistral, Phi-3; Gemma's alternate layers) masked in the paged attention; and
+Gemma 2 / 3: RMSNorm of (1 + weight), GeGLU, scaled embeddings, norms on the attention's and the MLP's outputs,
+attention and final-logit soft-capping (Gemma 2), q/k norms and a separate rotary base for the sliding layers
+(Gemma 3).
 
 Tokens of all sequences in a step are one flat batch [T, D]; attention finds each sequence's keys through
 ``AttentionMetadata``. q/k/v and gate/up are fused into single matmuls at load time; everything between the matmuls
@@ -26,8 +27,10 @@ from loom.ops.attention import AttentionMetadata, paged_attention
 from loom.ops.layers import TorchOps, rms_norm_reference
 from loom.ops.rotary import RotaryEmbedding
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM",
-                           "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
+                           "MixtralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM",
+                           "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
 
 @dataclass(slots=True)
@@ -52,6 +55,25 @@ class LlamaConfig:
     """Qwen3: RMSNorm over each head of q and k before the rotary embedding."""
     sliding_window: int | None = None
     """Tokens a query may attend back to (itself included) in sliding-window layers; None: full attention."""
+    sliding_layers: tuple[int, ...] = ()
+    """Indices of the layers that attend through ``sliding_window`` (Mistral: all; Gemma: alternate ones)."""
+    hidden_act: str = "silu"
+    """The MLP's gate activation: silu (SwiGLU) or gelu_pytorch_tanh (Gemma's GeGLU)."""
+    norm_offset: bool = False
+    """Gemma: RMSNorm scales by (1 + weight); the loader adds the 1 to the stored weights, so the norm is plain."""
+    sandwich_norms: bool = False
+    """Gemma 2/3: RMSNorm on the attention's and the MLP's outputs too (post_attention_layernorm, then
+    pre_feedforward_layernorm before the MLP and post_feedforward_layernorm after it)."""
+    embed_scale: float = 1.0
+    """Gemma: embeddings multiplied by sqrt(hidden_size)."""
+    query_pre_attn_scalar: float | None = None
+    """Gemma: attention scores scaled by query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5."""
+    attn_logit_softcapping: float | None = None
+    """Gemma 2: scores capped as cap * tanh(score / cap)."""
+    final_logit_softcapping: float | None = None
+    """Gemma 2: logits capped the same way."""
+    local_rope_theta: float | None = None
+    """Gemma 3: the sliding layers' rotary base (the global layers take rope_theta and rope_scaling)."""
     num_experts: int = 0
     """Mixture-of-experts layers (Mixtral, Qwen2-MoE, Qwen3-MoE): routed experts per layer; 0: dense MLPs."""
     num_experts_per_tok: int = 0
@@ -71,6 +93,8 @@ class LlamaConfig:
             raise ValueError(f"architecture {arch} is not supported; Loom serves {', '.join(SUPPORTED_ARCHITECTURES)}")
         heads = hf.num_attention_heads
         rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+        local_rope = rope.pop("sliding_attention", None)  # Gemma 3: one rope per layer type
+        rope = dict(rope.pop("full_attention", None) or rope)
         theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
         is_qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
         attention_bias = bool(getattr(hf, "attention_bias", False))
@@ -78,6 +102,12 @@ class LlamaConfig:
         layer_types = getattr(hf, "layer_types", None) or []
         windowed = (arch in ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM")
                     or getattr(hf, "use_sliding_window", False) or "sliding_attention" in layer_types)
+        window = int(window) if window and windowed else None
+        if layer_types:
+            sliding = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
+        else:
+            sliding = tuple(range(hf.num_hidden_layers))
+        gemma = arch in GEMMA
         partial = rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0)
         if partial != 1.0:
             raise ValueError(f"{arch} with partial_rotary_factor {partial} is not supported (rotary on every dimension "
@@ -99,19 +129,19 @@ class LlamaConfig:
             o_bias=attention_bias and not is_qwen2,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             architecture=arch,
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
-            sliding_window=int(window) if window and windowed else None,
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"),
+            sliding_window=window,
+            sliding_layers=sliding if window else (),
+            hidden_act=getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu"),
+            norm_offset=gemma,
+            sandwich_norms=gemma,
+            embed_scale=hf.hidden_size**0.5 if gemma else 1.0,
+            query_pre_attn_scalar=getattr(hf, "query_pre_attn_scalar", None) if gemma else None,
+            attn_logit_softcapping=getattr(hf, "attn_logit_softcapping", None),
+            final_logit_softcapping=getattr(hf, "final_logit_softcapping", None),
+            local_rope_theta=float(local_rope["rope_theta"]) if local_rope else None,
             **_moe_fields(hf, arch),
         )
-
-    def check_context(self, max_model_len: int) -> None:
-        """Refuse a context the implementation would get wrong (a sliding window shorter than it)."""
-        if self.sliding_window is not None and self.sliding_window < max_model_len:
-            raise ValueError(
-                f"this {self.architecture} attends through a sliding window of {self.sliding_window} tokens, which "
-                f"Loom's paged attention does not implement yet; with a context of {max_model_len} tokens its outputs "
-                f"would be wrong. Serve it with --max-model-len {self.sliding_window} (or less), where the window "
-                "never takes effect")
 
 
 def _moe_fields(hf, arch: str) -> dict:
@@ -142,7 +172,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None = None):
+    def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None = None, index: int = 0):
         super().__init__()
         self.tp = tp
         """With tensor parallelism: this rank's heads only (``cfg`` is its local config); o_proj's partial output is
@@ -156,7 +186,9 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
-        self.scale = self.head_dim**-0.5
+        self.scale = (cfg.query_pre_attn_scalar or self.head_dim) ** -0.5
+        self.window = cfg.sliding_window if index in cfg.sliding_layers else None
+        self.softcap = cfg.attn_logit_softcapping
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -169,7 +201,8 @@ class Attention(nn.Module):
             qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache, meta.slot_mapping,
             self.num_heads, self.num_kv_heads,
         )  # fmt: skip  # q [T, H, D], k/v [T, Hkv, D]
-        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, ops.decode_attention)
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, ops.decode_attention, self.window,
+                              self.softcap)
         out = self.o_proj(out.reshape(x.shape[0], self.q_size))
         return out if self.tp is None else self.tp.all_reduce(out)
 
@@ -185,12 +218,16 @@ class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None = None, intermediate_size: int | None = None):
         super().__init__()
         self.tp = tp
+        if cfg.hidden_act not in ("silu", "gelu_pytorch_tanh"):
+            raise ValueError(f"MLP activation {cfg.hidden_act!r} is not supported (silu, gelu_pytorch_tanh)")
+        self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
         self.intermediate_size = intermediate_size or cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(self.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
-        out = self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        out = self.down_proj(ops.gelu_and_mul(gate_up) if self.gelu else ops.silu_and_mul(gate_up))
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
@@ -243,9 +280,13 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None = None, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, tp)
+        self.self_attn = Attention(cfg, tp, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SparseMoE(cfg) if index in cfg.moe_layers else MLP(cfg, tp)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:  # Gemma: post_attention_layernorm normalises the attention's output instead
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, residual, positions, rotary, kv_cache, meta, ops: TorchOps):
         """x: this layer's input; residual: the stream before it (None for the first layer). HF computes
@@ -257,8 +298,14 @@ class DecoderLayer(nn.Module):
             x, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
         x = self.self_attn(x, positions, rotary, kv_cache, meta, ops)
         norm = self.post_attention_layernorm
+        if self.sandwich:
+            x = ops.rms_norm(x, norm.weight, norm.eps)
+            norm = self.pre_feedforward_layernorm
         x, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
-        return self.mlp(x, ops), residual
+        x = self.mlp(x, ops)
+        if self.sandwich:
+            x = ops.rms_norm(x, self.post_feedforward_layernorm.weight, self.post_feedforward_layernorm.eps)
+        return x, residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -278,6 +325,10 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, vocab_rows, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
+        self.rotary_local: RotaryEmbedding | None = None
+        """Gemma 3: the sliding layers' rotary tables (their own base, no scaling)."""
+        if cfg.local_rope_theta is not None:
+            self.rotary_local = RotaryEmbedding(cfg.head_dim, max_positions, cfg.local_rope_theta, None, dtype)
         self.ops: TorchOps = TorchOps()
         self.logits_proj: nn.Module | None = None
         """Set by a backend that replaces the LM head matmul (``CpuOps.prepare`` packs it, see
@@ -292,8 +343,12 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, D] after the final norm."""
         x, residual = self.embed(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, positions, self.rotary, kv_cache, meta, self.ops)
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale
+        local = self.config.sliding_layers if self.rotary_local is not None else ()
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            rotary = self.rotary_local if i in local else self.rotary
+            x, residual = layer(x, residual, positions, rotary, kv_cache, meta, self.ops)
         x, _ = self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
         return x
 
@@ -315,4 +370,7 @@ class LlamaForCausalLM(nn.Module):
         else:
             weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
             logits = F.linear(hidden, weight).float()
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
         return logits if self.tp is None else self.tp.gather_logits(logits, self.config.vocab_size)

@@ -51,12 +51,14 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
     if not files:
         raise ValueError(f"no *.safetensors in {folder}; Loom loads HF folders saved with safetensors")
     cfg = LlamaConfig.from_hf(load_hf_config(folder))
-    cfg.check_context(max_positions)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions=1, dtype=dtype, tp=tp)
     model = model.to_empty(device=device).to(dtype)
     # The rotary tables are computed, not loaded: rebuild them on the real device.
     model.rotary = type(model.rotary)(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype).to(device)
+    if cfg.local_rope_theta is not None:
+        model.rotary_local = type(model.rotary)(cfg.head_dim, max_positions, cfg.local_rope_theta, None, dtype).to(
+            device)
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}
     for file in files:
@@ -67,6 +69,8 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
                     continue
                 pname, part = target
                 tensor = f.get_tensor(name)
+                if cfg.norm_offset and pname.endswith("norm.weight"):  # Gemma: (1 + w), added once here
+                    tensor = tensor.float() + 1.0
                 if tp is not None:
                     tensor = _shard(pname, part, tensor, cfg, tp)
                 _copy_into(params[pname], part, tensor, model.config, gate_up="gate_up_proj" in pname)

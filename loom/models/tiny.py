@@ -12,6 +12,10 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoTokenizer,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -46,9 +50,13 @@ ARCHS = {
     "mixtral": (MixtralConfig, MixtralForCausalLM),
     "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
     "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
 }
 MOE = dict(num_local_experts=8, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64)
 """Mixture-of-experts settings the MoE configs take (each ignores the names it does not know)."""
+GEMMA = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=16)
+"""Gemma's defaults (head_dim 256, window 4096) do not fit a tiny model; a 16-token window takes effect at once."""
 
 
 def save_tiny_model(path: str | Path, tokenizer_dir: str | Path, arch: str = "llama", seed: int = 0,
@@ -58,7 +66,7 @@ def save_tiny_model(path: str | Path, tokenizer_dir: str | Path, arch: str = "ll
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
     torch.manual_seed(seed)
     config_cls, model_cls = ARCHS[arch]
-    moe = MOE if arch in ("mixtral", "qwen2_moe", "qwen3_moe") else {}
-    model_cls(config_cls(**{**TINY, **moe, **overrides})).eval().save_pretrained(path)
+    extra = MOE if arch in ("mixtral", "qwen2_moe", "qwen3_moe") else GEMMA if arch.startswith("gemma") else {}
+    model_cls(config_cls(**{**TINY, **extra, **overrides})).eval().save_pretrained(path)
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(path)
     return Path(path)

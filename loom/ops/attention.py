@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -38,32 +39,55 @@ class AttentionMetadata:
     """[Bd] int32: context length of each decode, the current token included."""
     prefills: list[PrefillChunk]
     block_size: int
-    _decode_mask: torch.Tensor | None = field(default=None, repr=False)
+    _decode_masks: dict = field(default_factory=dict, repr=False)
 
-    def decode_mask(self) -> torch.Tensor:
-        """[Bd, 1, 1, max_blocks * block_size] bool, True where a key is inside the sequence (built once a step)."""
-        if self._decode_mask is None:
+    def decode_mask(self, window: int | None = None) -> torch.Tensor:
+        """[Bd, 1, 1, max_blocks * block_size] bool, True where a key is inside the sequence — and, with a sliding
+        ``window``, among its last ``window`` tokens (built once a step per window)."""
+        mask = self._decode_masks.get(window)
+        if mask is None:
             max_len = self.decode_block_tables.shape[1] * self.block_size
-            pos = torch.arange(max_len, device=self.decode_seq_lens.device)
-            self._decode_mask = (pos[None, :] < self.decode_seq_lens[:, None]).view(-1, 1, 1, max_len)
-        return self._decode_mask
+            pos = torch.arange(max_len, device=self.decode_seq_lens.device)[None, :]
+            lens = self.decode_seq_lens[:, None]
+            mask = pos < lens
+            if window is not None:
+                mask &= pos >= lens - window
+            mask = self._decode_masks[window] = mask.view(-1, 1, 1, max_len)
+        return mask
 
 
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+           softcap: float | None = None, causal: bool = False) -> torch.Tensor:
+    """SDPA over [..., H, n, D] queries and [..., Hkv, L, D] keys/values (GQA); with ``softcap`` (Gemma 2) the scores
+    are capped as cap * tanh(score / cap) before the mask and softmax, which SDPA cannot do."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+    group = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scores = softcap * torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * (scale / softcap))
+    if causal:
+        n, length = scores.shape[-2:]
+        mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+
+
 def decode_attention_reference(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    window: int | None = None, softcap: float | None = None,
 ) -> torch.Tensor:
-    """q: [Bd, H, D] -> [Bd, H, D]. Gathers each sequence's blocks, masks past its length, SDPA with GQA."""
+    """q: [Bd, H, D] -> [Bd, H, D]. Gathers each sequence's blocks, masks past its length (and outside a sliding
+    ``window``), SDPA with GQA (``attend``)."""
     bd, _, d = q.shape
     tables = meta.decode_block_tables.long()
     hkv = k_cache.shape[2]
     k = k_cache[tables].view(bd, -1, hkv, d).transpose(1, 2)  # [Bd, Hkv, L, D]
     v = v_cache[tables].view(bd, -1, hkv, d).transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=meta.decode_mask(), scale=scale, enable_gqa=True
-    )  # [Bd, H, 1, D]
+    out = attend(q.unsqueeze(2), k, v, meta.decode_mask(window), scale, softcap)  # [Bd, H, 1, D]
     return out.squeeze(2)
 
 
@@ -75,21 +99,30 @@ def prefill_attention(
     v_cache: torch.Tensor,
     chunk: PrefillChunk,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """One chunk. q: [n, H, D], k/v: [n, Hkv, D] (this chunk's own keys) -> [n, H, D]."""
+    """One chunk. q: [n, H, D], k/v: [n, Hkv, D] (this chunk's own keys) -> [n, H, D]. Causal; with a sliding
+    ``window`` a query at position p sees keys p - window + 1 .. p."""
     n, _, d = q.shape
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-    if chunk.start_pos == 0:
+    if chunk.start_pos == 0 and (window is None or window >= n):
         kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+        out = attend(qh, kh, vh, None, scale, softcap, causal=True)
     else:
         ctx = chunk.start_pos + n
         hkv = k_cache.shape[2]
-        kh = k_cache[chunk.block_table].view(-1, hkv, d)[:ctx].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
-        vh = v_cache[chunk.block_table].view(-1, hkv, d)[:ctx].transpose(0, 1).unsqueeze(0)
-        q_pos = torch.arange(chunk.start_pos, ctx, device=q.device)
-        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # [n, ctx]
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+        if chunk.start_pos == 0:
+            kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+        else:
+            kh = k_cache[chunk.block_table].view(-1, hkv, d)[:ctx].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+            vh = v_cache[chunk.block_table].view(-1, hkv, d)[:ctx].transpose(0, 1).unsqueeze(0)
+        q_pos = torch.arange(chunk.start_pos, ctx, device=q.device)[:, None]
+        k_pos = torch.arange(ctx, device=q.device)[None, :]
+        mask = k_pos <= q_pos  # [n, ctx]
+        if window is not None:
+            mask &= k_pos > q_pos - window
+        out = attend(qh, kh, vh, mask, scale, softcap)
     return out.squeeze(0).transpose(0, 1)
 
 
@@ -102,8 +135,13 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     decode_fn: DecodeFn = decode_attention_reference,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D]; this step's k/v are already in the cache."""
+    """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D]; this step's k/v are already in the cache. A layer with a sliding
+    ``window`` or a score ``softcap`` decodes through the reference (the fused kernel implements neither)."""
+    if window is not None or softcap is not None:
+        decode_fn = partial(decode_attention_reference, window=window, softcap=softcap)
     if not meta.prefills:
         return decode_fn(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
@@ -112,5 +150,5 @@ def paged_attention(
         out[:nd] = decode_fn(q[:nd], k_cache, v_cache, meta, scale)
     for chunk in meta.prefills:
         s, e = chunk.token_start, chunk.token_end
-        out[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], k_cache, v_cache, chunk, scale)
+        out[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], k_cache, v_cache, chunk, scale, window, softcap)
     return out

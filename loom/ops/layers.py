@@ -88,3 +88,8 @@ class TorchOps:
         """[T, 2I] (gate, up) -> silu(gate) * up [T, I]."""
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def gelu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2I] (gate, up) -> gelu_tanh(gate) * up [T, I] (Gemma's GeGLU)."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up

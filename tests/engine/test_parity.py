@@ -1,5 +1,6 @@
 """Numerical parity with HF transformers: greedy ids identical for varied prompts run concurrently, each equal
-to the same prompt run alone; logprobs within tolerance; chunked prefill on/off; Qwen2 bias and Llama-3 rope."""
+to the same prompt run alone; logprobs within tolerance; chunked prefill on/off; Qwen2 bias and Llama-3 rope;
+sliding windows (Mistral, Phi-3) and Gemma 2 / 3 past their windows."""
 
 from __future__ import annotations
 
@@ -131,16 +132,39 @@ def test_qwen3_qk_norm_weights_are_loaded_and_used(tmp_path, smollm2_path):
     assert_parity(ours, hf_greedy(path, prompts, 12))
 
 
-@pytest.mark.parametrize("arch", ["mistral", "phi3"])
-def test_a_sliding_window_model_never_loads_with_a_longer_context(tmp_path, smollm2_path, arch):
-    """A 48-token window: refused at the default context (outputs would be wrong), served exactly at a context no
-    longer than the window, where the window never takes effect."""
-    path = save_tiny_model(tmp_path / arch, smollm2_path, arch=arch, sliding_window=48, head_dim=16)
-    with pytest.raises(ValueError, match="sliding window of 48 tokens.*--max-model-len 48"):
-        LLM(str(path), num_kv_blocks=256)
-    prompts = varied_prompts(6, seed=8, low=5, high=30)
-    ours = loom_greedy(LLM(str(path), num_kv_blocks=256, block_size=8, max_model_len=48), prompts, 16)
-    assert_parity(ours, hf_greedy(path, prompts, 16))
+def _randomize_norms(path, seed: int = 0) -> None:
+    """HF initialises norm weights to 1 (Gemma's to 0, meaning 1): make every norm matter."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(-0.5, 1.5)
+    model.save_pretrained(path)
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("mistral", {"sliding_window": 24, "head_dim": 16}),
+    ("phi3", {"sliding_window": 20, "head_dim": 16}),
+    # soft caps low enough to bend the scores and logits of a tiny model (Gemma 2's own are 50 and 30)
+    ("gemma2", {"attn_logit_softcapping": 1.0, "final_logit_softcapping": 3.0}),
+    ("gemma3", {"layer_types": ["sliding_attention", "full_attention"]}),
+], ids=["mistral-window", "phi3-window", "gemma2-softcap-alternating", "gemma3-qk-norm-dual-rope"])  # fmt: skip
+def test_sliding_windows_and_gemma_match_hf_past_the_window(tmp_path, smollm2_path, arch, overrides):
+    """Windows of 16-24 tokens under prompts of up to 90 and 16 new tokens; 32-token steps chunk the prompts
+    (a chunk then attends to cached keys partly outside the window); the last prompt hits the prefix cache."""
+    path = save_tiny_model(tmp_path / arch, smollm2_path, arch=arch, **overrides)
+    _randomize_norms(path)
+    shared = varied_prompts(1, seed=5, low=40, high=40)[0]
+    prompts = varied_prompts(5, seed=8, low=5, high=90) + [shared + [101], shared + [102, 103]]
+    llm = LLM(str(path), num_kv_blocks=512, block_size=8, max_num_batched_tokens=32)
+    assert_parity(loom_greedy(llm, prompts, 16), hf_greedy(path, prompts, 16))
+    assert llm.engine.stats().prefix_hit_rate > 0
+    torch_backend = LLM(str(path), num_kv_blocks=512, block_size=8, attention_backend="torch")
+    assert [o[0] for o in loom_greedy(torch_backend, prompts[:3], 16)] == [o[0] for o in loom_greedy(llm, prompts[:3],
+                                                                                                      16)]
 
 
 @pytest.mark.slow
@@ -156,8 +180,8 @@ def test_smollm2_concurrent_matches_hf(smollm2_path):
 def test_an_unsupported_architecture_is_refused_naming_the_supported_ones(tmp_path, smollm2_path):
     import json
 
-    path = save_tiny_model(tmp_path / "gemma-like", smollm2_path)
+    path = save_tiny_model(tmp_path / "falcon-like", smollm2_path)
     config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "architectures": ["Gemma2ForCausalLM"]}))
-    with pytest.raises(ValueError, match="Gemma2ForCausalLM is not supported; Loom serves LlamaForCausalLM, .*Qwen3"):
+    (path / "config.json").write_text(json.dumps({**config, "architectures": ["FalconForCausalLM"]}))
+    with pytest.raises(ValueError, match="FalconForCausalLM is not supported; Loom serves Gemma2ForCausalLM, .*Qwen3"):
         LLM(str(path), num_kv_blocks=64)
