@@ -20,6 +20,11 @@ def hash_block(parent: Hashable | None, token_ids: Sequence[int]) -> int:
     return hash((parent, tuple(token_ids)))
 
 
+RELEASED = -1
+"""A block-table entry whose block the sequence gave back (out of its sliding window); attention never reads it
+(it is masked), and as an index it still names valid memory (the pool's last block)."""
+
+
 @dataclass(slots=True)
 class Block:
     block_id: int
@@ -117,6 +122,20 @@ class BlockManager:
         self._cache_full_blocks(seq_id, token_ids, min(num_tokens, len(token_ids)), salt)
         return True
 
+    def release_front(self, seq_id: int, num_blocks: int) -> None:
+        """Give back the sequence's first ``num_blocks`` blocks, which its sliding window no longer reaches; their
+        table entries become ``RELEASED`` (the table keeps its length, so positions still map to entries). A
+        released block keeps its hash: another request with the same prefix may still take it from the cache."""
+        table = self.tables.get(seq_id, [])
+        for i in range(min(num_blocks, len(table))):
+            if table[i] == RELEASED:
+                continue
+            block = self.blocks[table[i]]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_queue[block.block_id] = None
+            table[i] = RELEASED
+
     def free(self, seq_id: int, num_valid_tokens: int | None = None) -> None:
         """Release a sequence's blocks. Blocks past ``num_valid_tokens`` (allocated but never computed, as on
         preemption) lose their hash, so nobody takes them for a cache hit."""
@@ -125,6 +144,8 @@ class BlockManager:
         first_invalid = len(table) if num_valid_tokens is None else num_valid_tokens // self.block_size
         # Tail first: the end of a sequence is the least likely to be shared, so it is evicted first.
         for i in range(len(table) - 1, -1, -1):
+            if table[i] == RELEASED:
+                continue
             block = self.blocks[table[i]]
             if i >= first_invalid:
                 self._uncache(block)

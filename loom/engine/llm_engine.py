@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from loom.distributed.parallel import TensorParallel, head_shard
-from loom.engine.block_manager import BlockManager
+from loom.engine.block_manager import RELEASED, BlockManager
 from loom.engine.config import EngineConfig
 from loom.engine.detokenizer import DetokState, detokenize_next, find_stop, new_state
 from loom.engine.lora import LoRAManager, LoRARequest
@@ -118,8 +118,10 @@ class LLMEngine:
                                     self.dtype, self.device)
         num_blocks = self._num_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        mcfg = self.model.config
+        window = mcfg.sliding_window if len(mcfg.sliding_layers) == mcfg.num_hidden_layers else None
         sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
-                                    max_loras=config.max_loras if config.enable_lora else None)
+                                    max_loras=config.max_loras if config.enable_lora else None, sliding_window=window)
         self.scheduler = Scheduler(sched_cfg, self.block_manager)
         if self.workers is not None:
             self.workers.join(num_blocks)
@@ -287,9 +289,10 @@ class LLMEngine:
         """(slots in the running sequences' blocks, slots of those that hold a token)."""
         bs, used, held = self.block_manager.block_size, 0, 0
         for seq in self.scheduler.running:
-            capacity = len(self.block_manager.block_table(seq.seq_id)) * bs
+            table = self.block_manager.block_table(seq.seq_id)
+            capacity = sum(1 for b in table if b != RELEASED) * bs
             used += capacity
-            held += min(seq.num_computed_tokens, capacity)
+            held += min(seq.num_computed_tokens - (len(table) * bs - capacity), capacity)
         return used, held
 
     def _num_blocks(self) -> int:

@@ -29,6 +29,8 @@ class SchedulerConfig:
     """Fraction of blocks kept free when admitting new sequences, so running ones can grow without preemption."""
     max_loras: int | None = None
     """Distinct LoRA adapters among the running sequences (the model's adapter slots); None: no LoRA."""
+    sliding_window: int | None = None
+    """Every layer attends through this window (Mistral): blocks behind it are given back as sequences advance."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -108,6 +110,14 @@ class Scheduler:
         """Advance computed-token counters after the step ran (sampled tokens are appended by the engine)."""
         for chunk in out.chunks:
             chunk.seq.num_computed_tokens = chunk.end
+        window = self.config.sliding_window
+        if window is not None:
+            bs = self.block_manager.block_size
+            for chunk in out.chunks:
+                # the next query sits at the first unverified position at the earliest; it reads back window - 1
+                oldest_needed = chunk.end - len(chunk.draft_token_ids) - window + 1
+                if oldest_needed >= bs:
+                    self.block_manager.release_front(chunk.seq.seq_id, oldest_needed // bs)
 
     def reject_drafts(self, chunk: ScheduledChunk, num_accepted: int) -> None:
         """After verification: only the accepted draft tokens' KV counts as computed (the rejected ones' slots are

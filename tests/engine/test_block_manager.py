@@ -113,3 +113,21 @@ def test_disabled_prefix_caching_never_hits():
     bm = BlockManager(num_blocks=6, block_size=4, enable_prefix_caching=False)
     assert bm.allocate(1, tokens(9), 9)
     assert bm.find_cached_prefix(tokens(9)) == []
+
+
+def test_release_front_gives_back_blocks_behind_a_window_and_free_skips_them():
+    from loom.engine.block_manager import RELEASED
+
+    bm = BlockManager(num_blocks=8, block_size=4)
+    tokens = list(range(100, 120))  # 5 full blocks
+    assert bm.allocate(1, tokens, 20)
+    table = list(bm.block_table(1))
+    bm.release_front(1, 3)
+    assert bm.block_table(1) == [RELEASED] * 3 + table[3:]  # the table keeps its length
+    assert bm.num_free_blocks == 8 - 5 + 3
+    bm.release_front(1, 3)  # idempotent
+    assert bm.num_free_blocks == 6
+    # a released block keeps its hash: a new request with the same prefix still hits it
+    assert bm.find_cached_prefix(tokens[:9]) == table[:2]
+    bm.free(1, 20)
+    assert bm.num_free_blocks == 8
