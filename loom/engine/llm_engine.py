@@ -463,6 +463,8 @@ def _eos_ids(tokenizer, path) -> frozenset[int]:
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
+    if str(path).endswith(".gguf"):  # the tokenizer from the file's metadata names its EOS
+        return frozenset(ids)
     try:
         # local: transformers takes ~1 s to import; `loom serve --help` and `loom generate --help` load this module
         from transformers import GenerationConfig

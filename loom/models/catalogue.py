@@ -102,14 +102,18 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
 
 
 def resolve_model(model: str) -> Path:
-    """A catalogue name (converted on first use) or a local HF folder."""
+    """A catalogue name (converted on first use), a local HF folder, or a GGUF file (served quantized)."""
     if model in CATALOGUE:
         return pull(model)
     path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"GGUF file {path} does not exist")
+        return path
     if not path.is_dir():
         raise ValueError(
-            f"model {model!r} is neither a catalogue name ({', '.join(sorted(CATALOGUE))}) nor a local folder; "
-            "pass an HF folder with config.json and *.safetensors"
+            f"model {model!r} is neither a catalogue name ({', '.join(sorted(CATALOGUE))}) nor a local folder or "
+            ".gguf file; pass an HF folder with config.json and *.safetensors, or a GGUF file"
         )
     if not (path / "config.json").is_file():
         raise ValueError(f"model folder {path} has no config.json; pass an HF folder (config.json + *.safetensors)")

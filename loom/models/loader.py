@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from loom.distributed.parallel import TensorParallel, head_shard
+from loom.models.gguf import is_gguf, load_gguf_config, load_gguf_model, load_gguf_tokenizer
 from loom.models.llama import LlamaConfig, LlamaForCausalLM
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -30,7 +31,10 @@ _MIXTRAL = [(re.compile(r"^block_sparse_moe\."), "mlp."), (re.compile(r"\.w1$"),
 
 
 def load_tokenizer(folder: str | Path):
-    """The folder's tokenizer (fast when it has a tokenizer.json), with its chat template."""
+    """The folder's tokenizer (fast when it has a tokenizer.json), with its chat template; a GGUF file's from its
+    metadata."""
+    if is_gguf(folder):
+        return load_gguf_tokenizer(folder)
     # local: transformers takes ~1 s to import; `loom serve --help` and `loom generate --help` load this module
     from transformers import AutoTokenizer
 
@@ -38,6 +42,8 @@ def load_tokenizer(folder: str | Path):
 
 
 def load_hf_config(folder: str | Path):
+    if is_gguf(folder):
+        return load_gguf_config(folder)
     from transformers import AutoConfig  # local: as in load_tokenizer, flag parsing must not pay for transformers
 
     return AutoConfig.from_pretrained(str(folder))
@@ -45,7 +51,12 @@ def load_hf_config(folder: str | Path):
 
 def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
                tp: TensorParallel | None = None) -> LlamaForCausalLM:
-    """``tp``: load only this rank's shard of every weight (``loom.distributed.parallel``)."""
+    """``tp``: load only this rank's shard of every weight (``loom.distributed.parallel``). A ``.gguf`` file loads
+    with its quantized weights kept (``loom.models.gguf``; float32 activations whatever ``dtype`` says)."""
+    if is_gguf(folder):
+        if tp is not None:
+            raise ValueError("GGUF files are not split by tensor parallelism yet; use tensor_parallel_size 1")
+        return load_gguf_model(folder, device, max_positions)
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:

@@ -38,6 +38,8 @@ class CpuOps(TorchOps):
         if not ((panel_available() or packing_available()) and _fast(head)):
             return
         pack_linears(model.layers)
+        if model.logits_proj is not None:  # a head of its own already (a GGUF file's quantized one)
+            return
         model.logits_proj = PackedLinear(head, None)
         if model.lm_head is not None:
             model.lm_head = None  # its weight now lives packed in logits_proj

@@ -1,0 +1,127 @@
+"""GGUF files served as they are: `--model path/to/model.gguf`, the quantized weights kept quantized.
+
+    model = load_gguf_model("SmolLM2-135M-Instruct.Q4_1.gguf", torch.device("cpu"), max_positions=2048)
+
+transformers reads the file's metadata into an HF config and its tokenizer (with the chat template); the tensors
+are read here with the ``gguf`` package. Q8_0, Q4_0 and Q4_1 projections become ``GGUFLinear`` layers (the blocks as
+stored, rows of q/k/v and of gate/up stacked into Loom's fused projections); float tensors (norms) load as they are.
+The tied embedding is expanded once for lookups while the LM head multiplies its quantized copy. llama.cpp's
+converter stores q and k rows permuted for its rotary layout; rows are independent, so un-permuting the rows of the
+quantized matrix restores the HF order without touching a block. Llama-architecture files only (Llama, SmolLM2,
+Mistral-shaped); others are refused by name.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loom.models.llama import LlamaConfig, LlamaForCausalLM
+from loom.ops.quantized import BLOCK_BYTES, GGMLType, GGUFLinear
+
+_LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
+_FLOAT_TYPES = {0: torch.float32, 1: torch.float16}
+_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def is_gguf(path: str | Path) -> bool:
+    return str(path).endswith(".gguf")
+
+
+def load_gguf_config(path: str | Path):
+    from transformers import AutoConfig  # local: transformers takes ~1 s to import
+
+    path = Path(path)
+    return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def load_gguf_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def load_gguf_model(path: str | Path, device: torch.device, max_positions: int) -> LlamaForCausalLM:
+    from gguf import GGUFReader
+
+    if device.type != "cpu":
+        raise ValueError("GGUF weights run on CPU only for now; serve the float32 folder (loom models pull) on a GPU")
+    reader = GGUFReader(str(path))
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF architecture {arch!r} is not supported yet; Loom executes 'llama' GGUF files "
+                         "(Llama, SmolLM2, Mistral)")
+    cfg = LlamaConfig.from_hf(load_gguf_config(path))
+    tensors = {t.name: t for t in reader.tensors}
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, max_positions=1, dtype=torch.float32)
+    model = model.to_empty(device=device)
+    model.rotary = type(model.rotary)(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, torch.float32)
+    with torch.no_grad():
+        embed = tensors["token_embd.weight"]
+        model.embed_tokens.weight.copy_(_dense(embed))
+        head = tensors.get("output.weight", embed)
+        model.logits_proj = _quantized_or_dense([_rows(head)], cfg.hidden_size)
+        model.lm_head = None
+        model.norm.weight.copy_(_dense(tensors["output_norm.weight"]))
+        for i, layer in enumerate(model.layers):
+            t = {m.group(2): tensors[name] for name in tensors if (m := _LAYER.match(name)) and int(m.group(1)) == i}
+            for gguf_name, norm in _NORMS.items():
+                getattr(layer, norm).weight.copy_(_dense(t[gguf_name]))
+            attn, mlp = layer.self_attn, layer.mlp
+            q = _rows(t["attn_q"], cfg.num_attention_heads)
+            k = _rows(t["attn_k"], cfg.num_key_value_heads)
+            attn.qkv_proj = _quantized_or_dense([q, k, _rows(t["attn_v"])], cfg.hidden_size)
+            attn.o_proj = _quantized_or_dense([_rows(t["attn_output"])], attn.q_size)
+            mlp.gate_up_proj = _quantized_or_dense([_rows(t["ffn_gate"]), _rows(t["ffn_up"])], cfg.hidden_size)
+            mlp.down_proj = _quantized_or_dense([_rows(t["ffn_down"])], cfg.intermediate_size)
+    return model.eval()
+
+
+def _field(reader, key: str):
+    field = reader.fields[key]
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def _rows(tensor, num_heads: int | None = None) -> tuple[int, np.ndarray]:
+    """(ggml type, the tensor's rows as stored: [out, row bytes] uint8 or [out, in] float), q/k rows un-permuted."""
+    data = np.asarray(tensor.data)
+    if num_heads is not None:  # llama.cpp stores each head's rows as (half, pair) -> back to HF's (pair, half)
+        half = data.shape[0] // num_heads // 2
+        data = data.reshape(num_heads, half, 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
+    return int(tensor.tensor_type), data
+
+
+def _quantized_or_dense(parts: list[tuple[int, np.ndarray]], in_features: int) -> torch.nn.Module:
+    """One layer over the stacked rows of ``parts`` (``_rows`` results): quantized when all share one executable
+    block type, else the float32 weights (a dense ``nn.Linear``)."""
+    types = {qtype for qtype, _ in parts}
+    if len(types) == 1 and (qtype := types.pop()) in {int(t) for t in BLOCK_BYTES}:
+        rows = torch.from_numpy(np.ascontiguousarray(np.concatenate([data for _, data in parts])))
+        return GGUFLinear(rows, qtype, in_features)
+    weight = torch.cat([_as_float(qtype, data, in_features) for qtype, data in parts])
+    linear = torch.nn.Linear(in_features, weight.shape[0], bias=False)
+    linear.weight.data = weight
+    return linear
+
+
+def _dense(tensor) -> torch.Tensor:
+    qtype, data = _rows(tensor)
+    shape = [int(d) for d in reversed(tensor.shape)]  # ggml lists dimensions innermost first
+    return _as_float(qtype, data, shape[-1]).reshape(shape)
+
+
+def _as_float(qtype: int, data: np.ndarray, in_features: int) -> torch.Tensor:
+    if qtype in _FLOAT_TYPES:
+        return torch.from_numpy(np.array(data)).to(torch.float32).reshape(-1, in_features)
+    if qtype in {int(t) for t in GGMLType}:
+        return GGUFLinear(torch.from_numpy(np.array(data)), qtype, in_features).dequantize()
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    return torch.from_numpy(np.ascontiguousarray(dequantize(data, GGMLQuantizationType(qtype)))).reshape(
+        -1, in_features)

@@ -1,0 +1,119 @@
+// GGUF block-quantized weights multiplied without expanding them (float32 activations, float32 accumulation):
+// - gguf_linear: y[M, N] = x[M, K] W^T for W stored as llama.cpp's Q8_0, Q4_0 or Q4_1 blocks, one row of blocks per
+//   output feature. Each 32-weight block is dequantized once into registers / L1 and used by up to 8 rows of x.
+// - gguf_dequantize: the whole W as float32 (the reference, and the path for large M where a float32 GEMM wins).
+// Block layouts (ggml-common.h): Q8_0 = fp16 d, int8 q[32] (w = d q); Q4_0 = fp16 d, 16 bytes of nibbles
+// (w = d (q - 8)); Q4_1 = fp16 d, fp16 m, 16 bytes of nibbles (w = d q + m). Byte j of the nibbles holds weight j
+// in its low half and weight j + 16 in its high half.
+// The loops are plain C++ over fixed 32-wide blocks, written for the compiler to vectorize with whatever the CPU has
+// (-march=native: AVX-512 or AVX2), so one source serves both kinds of machine.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t QK = 32;
+enum QType : int64_t { Q8_0 = 8, Q4_0 = 2, Q4_1 = 3 };
+
+inline int64_t block_bytes(int64_t qtype) {
+  switch (qtype) {
+    case Q8_0: return 34;
+    case Q4_0: return 18;
+    case Q4_1: return 20;
+  }
+  TORCH_CHECK(false, "unsupported GGUF quantization type ", qtype, " (Loom runs Q8_0, Q4_0 and Q4_1)");
+}
+
+inline float half(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return c10::detail::fp16_ieee_to_fp32_value(bits);
+}
+
+// One block's 32 weights as floats.
+inline void dequantize_block(const uint8_t* b, int64_t qtype, float* __restrict w) {
+  const float d = half(b);
+  if (qtype == Q8_0) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(b + 2);
+    for (int i = 0; i < QK; ++i) w[i] = d * static_cast<float>(q[i]);
+    return;
+  }
+  const bool has_min = qtype == Q4_1;
+  const uint8_t* q = b + (has_min ? 4 : 2);
+  const float m = has_min ? half(b + 2) : -8.f * d;
+  for (int i = 0; i < QK / 2; ++i) {
+    w[i] = d * static_cast<float>(q[i] & 0x0F) + m;
+    w[i + QK / 2] = d * static_cast<float>(q[i] >> 4) + m;
+  }
+}
+
+}  // namespace
+
+torch::Tensor gguf_dequantize(torch::Tensor qweight, int64_t qtype, int64_t in_features) {
+  TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.dim() == 2, "qweight: [N, row_bytes] uint8");
+  TORCH_CHECK(in_features % QK == 0, "in_features must be a multiple of 32");
+  qweight = qweight.contiguous();
+  const int64_t N = qweight.size(0), nb = in_features / QK, bb = block_bytes(qtype);
+  TORCH_CHECK(qweight.size(1) == nb * bb, "qweight rows hold ", qweight.size(1), " bytes, expected ", nb * bb);
+  auto out = torch::empty({N, in_features}, torch::kFloat32);
+  const uint8_t* qp = qweight.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t b = 0; b < nb; ++b) dequantize_block(qp + (n * nb + b) * bb, qtype, op + n * in_features + b * QK);
+  });
+  return out;
+}
+
+torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor qweight, int64_t qtype, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x: [M, K] float32");
+  TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.dim() == 2, "qweight: [N, row_bytes] uint8");
+  x = x.contiguous();
+  qweight = qweight.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), bb = block_bytes(qtype);
+  TORCH_CHECK(K % QK == 0, "in_features must be a multiple of 32");
+  const int64_t nb = K / QK;
+  TORCH_CHECK(qweight.size(1) == nb * bb, "qweight rows hold ", qweight.size(1), " bytes, expected ", nb * bb);
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* qp = qweight.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  constexpr int64_t TM = 8;  // rows of x sharing one dequantized block
+
+  at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
+    alignas(64) float w[QK];
+    alignas(64) float acc[TM][QK];
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* row = qp + n * nb * bb;
+      for (int64_t m0 = 0; m0 < M; m0 += TM) {
+        const int64_t tm = std::min(TM, M - m0);
+        for (int64_t r = 0; r < tm; ++r) std::fill(acc[r], acc[r] + QK, 0.f);
+        for (int64_t b = 0; b < nb; ++b) {
+          dequantize_block(row + b * bb, qtype, w);
+          for (int64_t r = 0; r < tm; ++r) {
+            const float* xr = xp + (m0 + r) * K + b * QK;
+            float* a = acc[r];
+#pragma omp simd
+            for (int i = 0; i < QK; ++i) a[i] += xr[i] * w[i];
+          }
+        }
+        for (int64_t r = 0; r < tm; ++r) {
+          float s = 0.f;
+          for (int i = 0; i < QK; ++i) s += acc[r][i];
+          yp[(m0 + r) * N + n] = s + (bp ? bp[n] : 0.f);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gguf_linear", &gguf_linear, "x W^T with W in GGUF blocks (Q8_0, Q4_0, Q4_1)");
+  m.def("gguf_dequantize", &gguf_dequantize, "GGUF blocks (Q8_0, Q4_0, Q4_1) to float32");
+}
