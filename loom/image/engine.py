@@ -31,6 +31,7 @@ from loom.image.request import ImageRequest, ImageResult
 from loom.image.samplers import make_sampler
 from loom.image.speed import apply_speed_settings, default_settings
 from loom.image.styles import apply_styles
+from loom.image.text_encoding import encode_prompts, needs_embeddings
 from loom.image.wildcards import expand_wildcards
 
 StepHook = Callable[[int, int, torch.Tensor], None]
@@ -170,8 +171,8 @@ class ImageEngine:
         pipe.scheduler = make_sampler(sampler, self.base_scheduler_config)
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         out = pipe(
-            prompt=prompts, negative_prompt=negatives if any(negatives) else None, num_inference_steps=steps,
-            guidance_scale=guidance, generator=generators, callback_on_step_end=progress.callback, output_type="pil",
+            **text_inputs(pipe, prompts, negatives), num_inference_steps=steps, guidance_scale=guidance,
+            generator=generators, callback_on_step_end=progress.callback, output_type="pil",
             **kwargs,
         )
         progress.check()
@@ -258,6 +259,13 @@ class ImageEngine:
                 tiles.append((x, y, out.resize(crop.size)))
             images.append(imageops.blend_tiles(big.size, tiles, overlap))
         return images, self._extra(prompts)
+
+
+def text_inputs(pipe, prompts: list[str], negatives: list[str]) -> dict:
+    """Prompt strings when diffusers encodes them as asked; embeddings when a prompt has weights or is long."""
+    if not needs_embeddings(pipe, prompts + negatives):
+        return {"prompt": prompts, "negative_prompt": negatives if any(negatives) else None}
+    return encode_prompts(pipe, prompts, negatives)
 
 
 def images_equal(a: Image.Image, b: Image.Image, tolerance: int = 0) -> bool:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from loom.image.limits import MAX_IMAGES, MAX_STEPS  # noqa: F401 - re-exported for the API's schema
 from loom.image.presets import ASPECT_RATIOS, OUTPAINT_RATIO, get_performance, parse_aspect_ratio
+from loom.image.prompt_weights import check_weights
 from loom.image.samplers import SAMPLERS
 from loom.image.styles import load_styles
 from loom.image.wildcards import check_wildcards
@@ -95,6 +96,8 @@ class ImageRequest:
         if unknown:
             raise ValueError(f"unknown style(s) {[n[:64] for n in unknown[:4]]}; GET /v1/images/options lists them")
         check_wildcards(self.prompt)
+        check_weights(self.prompt, "prompt")
+        check_weights(self.negative_prompt, "negative_prompt")
 
     def _check_inputs(self) -> None:
         if self.task in IMAGE_TASKS and self.image is None:

@@ -90,7 +90,11 @@ def build_text_encoder(spec: TinySpec):
         max_position_embeddings=77,
         layer_norm_eps=1e-5,
     )
-    return CLIPTextModel(config)
+    model = CLIPTextModel(config)
+    # A trained CLIP's final LayerNorm has a learned bias; a zero one makes every token's states average to 0,
+    # which prompt weighting's mean restoration (loom.image.text_encoding) cannot divide by.
+    torch.nn.init.normal_(model.final_layer_norm.bias, std=0.5)
+    return model
 
 
 def build_scheduler():
