@@ -59,7 +59,17 @@ Side = Literal[SIDES]  # type: ignore[valid-type]
 Seed = Field(None, ge=-1, le=MAX_SEED, description="-1 or none: a random seed")
 
 
-class GenerationBody(BaseModel):
+class TweakFields(BaseModel):
+    """Fooocus' sampling tweaks; none given: the performance preset's (neutral except for Quality)."""
+
+    sharpness: float | None = Field(None, ge=0, le=30, description="0 = off; Fooocus' default 2")
+    adaptive_cfg: float | None = Field(None, ge=1, le=30, description="guidance above this is eased in; 30 = off")
+    adm_scaler_positive: float | None = Field(None, ge=0.1, le=3, description="SDXL; 1 = off")
+    adm_scaler_negative: float | None = Field(None, ge=0.1, le=3, description="SDXL; 1 = off")
+    adm_scaler_end: float | None = Field(None, ge=0, le=1, description="SDXL; fraction of sampling, 0 = off")
+
+
+class GenerationBody(TweakFields):
     """OpenAI's image request, plus Loom's optional settings."""
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
@@ -77,7 +87,7 @@ class GenerationBody(BaseModel):
     aspect_ratio: str | None = Field(None, max_length=32)
 
 
-class JobBody(BaseModel):
+class JobBody(TweakFields):
     task: Task = "txt2img"
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
@@ -179,6 +189,7 @@ def build_router(queue: JobQueue, limits: ImageLimits | None = None) -> APIRoute
                 prompt=body.prompt, negative_prompt=body.negative_prompt, num_images=body.n, width=width, height=height,
                 seed=body.seed, steps=body.steps, guidance=body.guidance_scale, sampler=body.sampler,
                 styles=body.styles, performance=body.performance, aspect_ratio=body.aspect_ratio,
+                **body.model_dump(include=set(TweakFields.model_fields)),
             )
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None

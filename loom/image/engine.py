@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from PIL import Image
 from loom import __version__
 from loom.devices import resolve_device
 from loom.image import imageops
+from loom.image.guidance import sampling_tweaks
 from loom.image.models import DEMO_UPSCALER_DIR, load_pipeline
 from loom.image.presets import UPSCALE_STRENGTH, VARY_STRENGTH, aspect_ratio_size
 from loom.image.request import ImageRequest, ImageResult
@@ -150,7 +151,7 @@ class ImageEngine:
         settings = []
         for i, image in enumerate(images):
             s = req.settings() | {"seed": req.seed + i, "num_images": 1, "steps": steps, "guidance": guidance,
-                                  "sampler": sampler}
+                                  "sampler": sampler} | asdict(req.tweaks())
             s |= {"width": image.width, "height": image.height, "model": self.name,
                   "loom_version": __version__} | extra[i]
             if req.task != "txt2img":
@@ -170,11 +171,11 @@ class ImageEngine:
         steps, guidance, sampler = req.resolved()
         pipe.scheduler = make_sampler(sampler, self.base_scheduler_config)
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        out = pipe(
-            **text_inputs(pipe, prompts, negatives), num_inference_steps=steps, guidance_scale=guidance,
-            generator=generators, callback_on_step_end=progress.callback, output_type="pil",
-            **kwargs,
-        )
+        with sampling_tweaks(pipe, req.tweaks(), guidance):
+            out = pipe(
+                **text_inputs(pipe, prompts, negatives), num_inference_steps=steps, guidance_scale=guidance,
+                generator=generators, callback_on_step_end=progress.callback, output_type="pil", **kwargs,
+            )
         progress.check()
         return out.images
 

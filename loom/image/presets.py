@@ -9,6 +9,38 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+MAX_GUIDANCE = 30.0
+TWEAK_RANGES = {"sharpness": (0.0, 30.0), "adaptive_cfg": (1.0, MAX_GUIDANCE), "adm_scaler_positive": (0.1, 3.0),
+                "adm_scaler_negative": (0.1, 3.0), "adm_scaler_end": (0.0, 1.0)}
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingTweaks:
+    """Fooocus' sampling tweaks (``loom.image.guidance``); the defaults are neutral: diffusers' sampling, untouched."""
+
+    sharpness: float = 0.0
+    """Weight of the anisotropic filter on the positive prediction, in thousandths per unit of progress (0..30)."""
+    adaptive_cfg: float = MAX_GUIDANCE
+    """Guidance above this is eased in from this value (1..30); at 30 it never acts."""
+    adm_scaler_positive: float = 1.0
+    """SDXL: the positive prompt's "original size" is this many times the image's (0.1..3)."""
+    adm_scaler_negative: float = 1.0
+    """SDXL: the negative prompt's "original size" is this many times the image's (0.1..3)."""
+    adm_scaler_end: float = 0.0
+    """SDXL: the scaled sizes apply while progress is below this fraction of sampling (0..1)."""
+
+    def __post_init__(self):
+        for name, (low, high) in TWEAK_RANGES.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in {low:g}..{high:g}, got {value}")
+
+
+NEUTRAL = SamplingTweaks()
+# Fooocus' defaults (sharpness 2, adaptive CFG 7, ADM 1.5 / 0.8 until 30 % of sampling)
+FOOOCUS_TWEAKS = SamplingTweaks(sharpness=2.0, adaptive_cfg=7.0, adm_scaler_positive=1.5, adm_scaler_negative=0.8,
+                                adm_scaler_end=0.3)
+
 
 @dataclass(frozen=True, slots=True)
 class Performance:
@@ -16,12 +48,14 @@ class Performance:
     steps: int
     guidance: float
     sampler: str
+    tweaks: SamplingTweaks = NEUTRAL
 
 
+# NOTE: Speed (the default) and Extreme Speed sample exactly as diffusers does; Quality adds Fooocus' tweaks.
 PERFORMANCES: dict[str, Performance] = {
     p.name: p
     for p in (
-        Performance("Quality", 60, 4.0, "DPM++ 2M Karras"),
+        Performance("Quality", 60, 4.0, "DPM++ 2M Karras", FOOOCUS_TWEAKS),
         Performance("Speed", 30, 4.0, "DPM++ 2M Karras"),
         Performance("Extreme Speed", 8, 1.0, "LCM"),
     )

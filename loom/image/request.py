@@ -13,7 +13,14 @@ from typing import Any
 from PIL import Image
 
 from loom.image.limits import MAX_IMAGES, MAX_STEPS  # noqa: F401 - re-exported for the API's schema
-from loom.image.presets import ASPECT_RATIOS, OUTPAINT_RATIO, get_performance, parse_aspect_ratio
+from loom.image.presets import (
+    ASPECT_RATIOS,
+    OUTPAINT_RATIO,
+    TWEAK_RANGES,
+    SamplingTweaks,
+    get_performance,
+    parse_aspect_ratio,
+)
 from loom.image.prompt_weights import check_weights
 from loom.image.samplers import SAMPLERS
 from loom.image.styles import load_styles
@@ -56,6 +63,16 @@ class ImageRequest:
     """Soft mask edge in pixels; None: 1/32 of the image's short side."""
     outpaint_sides: list[str] = field(default_factory=list)
     outpaint_ratio: float = OUTPAINT_RATIO
+    sharpness: float | None = None
+    """Fooocus' sharpness (0..30; 0 = off); None: the performance preset's (Quality 2, others 0)."""
+    adaptive_cfg: float | None = None
+    """Guidance above this is eased in from it (1..30; 30 = off); None: the preset's (Quality 7, others 30)."""
+    adm_scaler_positive: float | None = None
+    """SDXL: positive "original size" factor (0.1..3; 1 = off); None: the preset's (Quality 1.5)."""
+    adm_scaler_negative: float | None = None
+    """SDXL: negative "original size" factor (0.1..3; 1 = off); None: the preset's (Quality 0.8)."""
+    adm_scaler_end: float | None = None
+    """SDXL: ADM scaling applies until this fraction of sampling (0..1); None: the preset's (Quality 0.3)."""
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -83,6 +100,7 @@ class ImageRequest:
             raise ValueError(f"seed must be at most {MAX_SEED}, got {self.seed}")
         self._check_text()
         self._check_inputs()
+        self.tweaks()
         if self.seed is None or self.seed < 0:
             self.seed = random.randrange(2**31)
 
@@ -123,6 +141,12 @@ class ImageRequest:
             self.guidance if self.guidance is not None else perf.guidance,
             self.sampler if self.sampler is not None else perf.sampler,
         )
+
+    def tweaks(self) -> SamplingTweaks:
+        """Sampling tweaks: the request's own values where set, the performance preset's elsewhere."""
+        preset = get_performance(self.performance).tweaks
+        return SamplingTweaks(**{name: getattr(preset, name) if getattr(self, name) is None else getattr(self, name)
+                                 for name in TWEAK_RANGES})
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any], **inputs) -> ImageRequest:
