@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 
 from loom.image.jobs import FINISHED, Job, JobQueue, QueueFull
 from loom.image.limits import DEFAULT_MAX_PIXELS, ImageLimits, TooLarge, check_pixels
+from loom.image.loras import MAX_LORA_WEIGHT, MAX_LORAS, NAME, UnknownLoRA
 from loom.image.presets import ASPECT_RATIOS, PERFORMANCES
 from loom.image.request import (
     MAX_IMAGES,
@@ -59,6 +60,12 @@ Side = Literal[SIDES]  # type: ignore[valid-type]
 Seed = Field(None, ge=-1, le=MAX_SEED, description="-1 or none: a random seed")
 
 
+class LoRAField(BaseModel):
+    name: str = Field(max_length=128, pattern=f"^(?:{NAME.pattern})$",
+                      description="a LoRA in the server's --image-lora-dir")
+    weight: float = Field(1.0, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT)
+
+
 class TweakFields(BaseModel):
     """Fooocus' sampling tweaks; none given: the performance preset's (neutral except for Quality)."""
 
@@ -67,6 +74,7 @@ class TweakFields(BaseModel):
     adm_scaler_positive: float | None = Field(None, ge=0.1, le=3, description="SDXL; 1 = off")
     adm_scaler_negative: float | None = Field(None, ge=0.1, le=3, description="SDXL; 1 = off")
     adm_scaler_end: float | None = Field(None, ge=0, le=1, description="SDXL; fraction of sampling, 0 = off")
+    loras: list[LoRAField] = Field([], max_length=MAX_LORAS, description="also <lora:NAME:WEIGHT> in the prompt")
 
 
 class GenerationBody(TweakFields):
@@ -169,6 +177,11 @@ def build_router(queue: JobQueue, limits: ImageLimits | None = None) -> APIRoute
         except ValueError as exc:  # over a limit, or an outpaint the model's size unit does not allow
             raise HTTPException(400, str(exc)) from None
         try:
+            if queue.engine is not None:
+                queue.engine.loras.check(request.lora_specs())
+        except UnknownLoRA as exc:
+            raise HTTPException(422, str(exc)) from None
+        try:
             return queue.submit(request)
         except QueueFull as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -260,7 +273,7 @@ def build_router(queue: JobQueue, limits: ImageLimits | None = None) -> APIRoute
             "styles": sorted(load_styles()), "samplers": sampler_names(), "performances": list(PERFORMANCES),
             "aspect_ratios": ASPECT_RATIOS, "wildcards": list_wildcards(), "max_pixels": limits.max_pixels,
             "tasks": ["txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale"],
-            "model": queue.engine.info(), "time": time.time(),
+            "model": queue.engine.info(), "loras": queue.engine.loras.names(), "time": time.time(),
         }
 
     return router

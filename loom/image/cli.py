@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from-png", default=None, help="take every setting from a PNG Loom wrote")
     parser.add_argument("--upscaler", default="demo",
                         help="2x super-resolution model folder, 'demo' (packaged) or 'none'")
+    parser.add_argument("--lora-dir", default=None, help="folder of LoRAs that --lora and <lora:NAME:W> tags name")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
+                        help="a LoRA from --lora-dir with its weight (default 1; repeatable, at most 5)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--list-styles", action="store_true")
 
@@ -61,9 +64,18 @@ def build_request(args: argparse.Namespace):
         task=args.task, prompt=args.prompt or "", negative_prompt=args.negative, styles=args.style,
         performance=args.performance, steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
         width=args.width, height=args.height, aspect_ratio=args.aspect_ratio, num_images=args.num_images,
-        denoise=args.denoise, image=image, mask=mask,
+        denoise=args.denoise, image=image, mask=mask, loras=[parse_lora_flag(v) for v in args.lora],
         outpaint_sides=[s.strip() for s in args.sides.split(",") if s.strip()] if args.task == "outpaint" else [],
     )
+
+
+def parse_lora_flag(value: str) -> dict:
+    """"NAME" or "NAME:WEIGHT" -> {"name", "weight"}."""
+    name, _, weight = value.rpartition(":") if ":" in value else (value, "", "")
+    try:
+        return {"name": name, "weight": float(weight) if weight else 1.0}
+    except ValueError:
+        raise ValueError(f"--lora {value!r}: give NAME or NAME:WEIGHT, e.g. --lora film-grain:0.8") from None
 
 
 def output_paths(out: str, count: int) -> list[Path]:
@@ -87,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         request = build_request(args)
         start = time.perf_counter()
         upscaler = None if args.upscaler == "none" else args.upscaler
-        engine = ImageEngine.load(args.model, device=args.device, upscaler=upscaler, config=args.model_config)
+        engine = ImageEngine.load(args.model, device=args.device, upscaler=upscaler, config=args.model_config,
+                                  lora_dir=args.lora_dir)
         loaded = time.perf_counter() - start
         result = engine.generate(request, on_step=_print_step)
     except (ValueError, FileNotFoundError) as exc:

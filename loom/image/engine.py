@@ -26,6 +26,7 @@ from loom import __version__
 from loom.devices import resolve_device
 from loom.image import imageops
 from loom.image.guidance import sampling_tweaks
+from loom.image.loras import LoRALibrary, LoRAManager, strip_lora_tags
 from loom.image.models import DEMO_UPSCALER_DIR, load_pipeline
 from loom.image.presets import UPSCALE_STRENGTH, VARY_STRENGTH, aspect_ratio_size
 from loom.image.request import ImageRequest, ImageResult
@@ -68,7 +69,7 @@ class Progress:
 
 
 class ImageEngine:
-    def __init__(self, pipe, name: str = "model", upscaler=None):
+    def __init__(self, pipe, name: str = "model", upscaler=None, lora_dir: str | Path | None = None):
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting  # optional: the image extra
 
         self.name = name
@@ -80,11 +81,13 @@ class ImageEngine:
         self.base_scheduler_config = dict(pipe.scheduler.config)
         self.upscaler = upscaler
         self.device = pipe.device
+        self.loras = LoRAManager(pipe, LoRALibrary(lora_dir) if lora_dir is not None else None)
 
     @classmethod
     def load(cls, model: str, device: str | None = None, upscaler: str | None = "demo", config: str | None = None,
-             speed: bool = True) -> ImageEngine:
-        """Load ``model`` (folder, single file or 'demo') and the 2x upscaler ('demo' = packaged, None = none)."""
+             speed: bool = True, lora_dir: str | None = None) -> ImageEngine:
+        """Load ``model`` (folder, single file or 'demo'), the 2x upscaler ('demo' = packaged, None = none) and
+        name the folder LoRAs come from (None: no LoRAs)."""
         from loom.image.upscaler import ESPCNUpscaler  # optional: upscaler.py imports diffusers (the image extra)
 
         device = str(resolve_device(device))
@@ -98,7 +101,7 @@ class ImageEngine:
                 raise FileNotFoundError(f"upscaler {up_path} not found: "
                                         "pass a folder saved by ESPCNUpscaler.save_pretrained, 'demo' or None")
             up = ESPCNUpscaler.from_pretrained(str(up_path), torch_dtype=torch.float32).to(device).eval()
-        return cls(pipe, name=name, upscaler=up)
+        return cls(pipe, name=name, upscaler=up, lora_dir=lora_dir)
 
     # ------------------------------------------------------------ sizes
     @property
@@ -134,7 +137,7 @@ class ImageEngine:
 
     def info(self) -> dict:
         return {"model": self.name, "native_size": self.native, "size_unit": self.unit, "device": str(self.device),
-                "has_upscaler": self.upscaler is not None}
+                "has_upscaler": self.upscaler is not None, "loras": self.loras.names()}
 
     def preview(self, latents: torch.Tensor) -> Image.Image:
         return latent_preview(latents, self.txt2img.vae)
@@ -146,6 +149,7 @@ class ImageEngine:
         start = time.perf_counter()
         task = {"txt2img": self._txt2img, "vary_subtle": self._vary, "vary_strong": self._vary,
                 "inpaint": self._inpaint, "outpaint": self._outpaint, "upscale": self._upscale}[req.task]
+        self.loras.activate(req.lora_specs())
         images, extra = task(req, on_step, should_stop)
         steps, guidance, sampler = req.resolved()
         settings = []
@@ -162,7 +166,8 @@ class ImageEngine:
     # ------------------------------------------------------------ helpers
     def _prompts(self, req: ImageRequest) -> tuple[list[str], list[str]]:
         """Per image: wildcards expanded with that image's seed, then styles applied."""
-        pairs = [apply_styles(expand_wildcards(req.prompt, req.seed + i), req.styles, req.negative_prompt)
+        prompt = strip_lora_tags(req.prompt)
+        pairs = [apply_styles(expand_wildcards(prompt, req.seed + i), req.styles, req.negative_prompt)
                  for i in range(req.num_images)]
         return [p for p, _ in pairs], [n for _, n in pairs]
 

@@ -13,6 +13,7 @@ from typing import Any
 from PIL import Image
 
 from loom.image.limits import MAX_IMAGES, MAX_STEPS  # noqa: F401 - re-exported for the API's schema
+from loom.image.loras import LoRASpec, merge_loras
 from loom.image.presets import (
     ASPECT_RATIOS,
     OUTPAINT_RATIO,
@@ -73,6 +74,8 @@ class ImageRequest:
     """SDXL: negative "original size" factor (0.1..3; 1 = off); None: the preset's (Quality 0.8)."""
     adm_scaler_end: float | None = None
     """SDXL: ADM scaling applies until this fraction of sampling (0..1); None: the preset's (Quality 0.3)."""
+    loras: list[dict] = field(default_factory=list)
+    """Up to 5 ``{"name", "weight"}`` from the server's LoRA folder; ``<lora:NAME:WEIGHT>`` in the prompt adds more."""
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -101,6 +104,8 @@ class ImageRequest:
         self._check_text()
         self._check_inputs()
         self.tweaks()
+        self.loras = [asdict(spec) for spec in self._listed_loras()]
+        self.lora_specs()
         if self.seed is None or self.seed < 0:
             self.seed = random.randrange(2**31)
 
@@ -141,6 +146,16 @@ class ImageRequest:
             self.guidance if self.guidance is not None else perf.guidance,
             self.sampler if self.sampler is not None else perf.sampler,
         )
+
+    def _listed_loras(self) -> list[LoRASpec]:
+        try:
+            return [spec if isinstance(spec, LoRASpec) else LoRASpec(**spec) for spec in self.loras]
+        except TypeError:
+            raise ValueError('each LoRA is {"name": NAME, "weight": WEIGHT}') from None
+
+    def lora_specs(self) -> list[LoRASpec]:
+        """The listed LoRAs, then the prompt's ``<lora:...>`` tags (a tag's weight wins), at most 5."""
+        return merge_loras(self._listed_loras(), self.prompt)
 
     def tweaks(self) -> SamplingTweaks:
         """Sampling tweaks: the request's own values where set, the performance preset's elsewhere."""
