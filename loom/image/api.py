@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 from loom.image.jobs import FINISHED, Job, JobQueue, QueueFull
 from loom.image.limits import DEFAULT_MAX_PIXELS, ImageLimits, TooLarge, check_pixels
 from loom.image.loras import MAX_LORA_WEIGHT, MAX_LORAS, NAME, UnknownLoRA
-from loom.image.presets import ASPECT_RATIOS, PERFORMANCES
+from loom.image.presets import ASPECT_RATIOS, PERFORMANCES, UPSCALE_FACTORS
 from loom.image.request import (
     MAX_IMAGES,
     MAX_MASK_BLUR,
@@ -66,8 +66,8 @@ class LoRAField(BaseModel):
     weight: float = Field(1.0, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT)
 
 
-class TweakFields(BaseModel):
-    """Fooocus' sampling tweaks; none given: the performance preset's (neutral except for Quality)."""
+class QualityFields(BaseModel):
+    """Quality controls: Fooocus' sampling tweaks (none given: the performance preset's), LoRAs, the refiner."""
 
     sharpness: float | None = Field(None, ge=0, le=30, description="0 = off; Fooocus' default 2")
     adaptive_cfg: float | None = Field(None, ge=1, le=30, description="guidance above this is eased in; 30 = off")
@@ -75,9 +75,11 @@ class TweakFields(BaseModel):
     adm_scaler_negative: float | None = Field(None, ge=0.1, le=3, description="SDXL; 1 = off")
     adm_scaler_end: float | None = Field(None, ge=0, le=1, description="SDXL; fraction of sampling, 0 = off")
     loras: list[LoRAField] = Field([], max_length=MAX_LORAS, description="also <lora:NAME:WEIGHT> in the prompt")
+    refiner_switch: float | None = Field(None, gt=0, le=1, description="SDXL refiner: fraction of steps on the base "
+                                                                       "model (default 0.8 with a refiner; 1 = off)")
 
 
-class GenerationBody(TweakFields):
+class GenerationBody(QualityFields):
     """OpenAI's image request, plus Loom's optional settings."""
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
@@ -95,7 +97,7 @@ class GenerationBody(TweakFields):
     aspect_ratio: str | None = Field(None, max_length=32)
 
 
-class JobBody(TweakFields):
+class JobBody(QualityFields):
     task: Task = "txt2img"
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
@@ -115,6 +117,7 @@ class JobBody(TweakFields):
     mask_blur: int | None = Field(None, ge=0, le=MAX_MASK_BLUR)
     outpaint_sides: list[Side] = Field([], max_length=4)
     outpaint_ratio: float = Field(0.3, ge=0.05, le=1.0)
+    upscale_factor: Literal[UPSCALE_FACTORS] = 2.0  # type: ignore[valid-type]
 
 
 def decode_image(data: str, field_name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -178,9 +181,11 @@ def build_router(queue: JobQueue, limits: ImageLimits | None = None) -> APIRoute
             raise HTTPException(400, str(exc)) from None
         try:
             if queue.engine is not None:
-                queue.engine.loras.check(request.lora_specs())
+                queue.engine.check(request)
         except UnknownLoRA as exc:
             raise HTTPException(422, str(exc)) from None
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
         try:
             return queue.submit(request)
         except QueueFull as exc:
@@ -202,7 +207,7 @@ def build_router(queue: JobQueue, limits: ImageLimits | None = None) -> APIRoute
                 prompt=body.prompt, negative_prompt=body.negative_prompt, num_images=body.n, width=width, height=height,
                 seed=body.seed, steps=body.steps, guidance=body.guidance_scale, sampler=body.sampler,
                 styles=body.styles, performance=body.performance, aspect_ratio=body.aspect_ratio,
-                **body.model_dump(include=set(TweakFields.model_fields)),
+                **body.model_dump(include=set(QualityFields.model_fields)),
             )
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None

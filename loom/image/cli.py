@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from-png", default=None, help="take every setting from a PNG Loom wrote")
     parser.add_argument("--upscaler", default="demo",
                         help="2x super-resolution model folder, 'demo' (packaged) or 'none'")
+    parser.add_argument("--upscale-factor", type=float, default=2.0, choices=[1.5, 2.0], help="upscale: 1.5 or 2")
+    parser.add_argument("--refiner", default=None, help="SDXL refiner folder (txt2img hands over to it)")
+    parser.add_argument("--refiner-switch", type=float, default=None,
+                        help="fraction of the steps the base model runs before the refiner (default 0.8)")
     parser.add_argument("--lora-dir", default=None, help="folder of LoRAs that --lora and <lora:NAME:W> tags name")
     parser.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
                         help="a LoRA from --lora-dir with its weight (default 1; repeatable, at most 5)")
@@ -65,6 +69,7 @@ def build_request(args: argparse.Namespace):
         performance=args.performance, steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
         width=args.width, height=args.height, aspect_ratio=args.aspect_ratio, num_images=args.num_images,
         denoise=args.denoise, image=image, mask=mask, loras=[parse_lora_flag(v) for v in args.lora],
+        upscale_factor=args.upscale_factor, refiner_switch=args.refiner_switch,
         outpaint_sides=[s.strip() for s in args.sides.split(",") if s.strip()] if args.task == "outpaint" else [],
     )
 
@@ -100,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         upscaler = None if args.upscaler == "none" else args.upscaler
         engine = ImageEngine.load(args.model, device=args.device, upscaler=upscaler, config=args.model_config,
-                                  lora_dir=args.lora_dir)
+                                  lora_dir=args.lora_dir, refiner=args.refiner)
         loaded = time.perf_counter() - start
         result = engine.generate(request, on_step=_print_step)
     except (ValueError, FileNotFoundError) as exc:

@@ -68,6 +68,8 @@ MAX_ASPECT = 8.0
 VARY_SUBTLE_STRENGTH = 0.5
 VARY_STRONG_STRENGTH = 0.85
 UPSCALE_STRENGTH = 0.382
+UPSCALE_FACTORS = (1.5, 2.0)
+REFINER_SWITCH = 0.8  # Fooocus' default: the refiner takes the last 20 % of the steps
 OUTPAINT_RATIO = 0.3
 VARY_STRENGTH = {"vary_subtle": VARY_SUBTLE_STRENGTH, "vary_strong": VARY_STRONG_STRENGTH}
 

@@ -18,6 +18,7 @@ from loom.image.presets import (
     ASPECT_RATIOS,
     OUTPAINT_RATIO,
     TWEAK_RANGES,
+    UPSCALE_FACTORS,
     SamplingTweaks,
     get_performance,
     parse_aspect_ratio,
@@ -76,6 +77,11 @@ class ImageRequest:
     """SDXL: ADM scaling applies until this fraction of sampling (0..1); None: the preset's (Quality 0.3)."""
     loras: list[dict] = field(default_factory=list)
     """Up to 5 ``{"name", "weight"}`` from the server's LoRA folder; ``<lora:NAME:WEIGHT>`` in the prompt adds more."""
+    upscale_factor: float = 2.0
+    """upscale: 1.5 or 2 times the input's sides."""
+    refiner_switch: float | None = None
+    """txt2img on SDXL with a refiner: the fraction of steps the base model runs before the refiner takes over
+    (0..1; 1 = no refiner); None: 0.8 when the engine has a refiner, else none."""
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -99,6 +105,10 @@ class ImageRequest:
             raise ValueError(f"denoise must be in (0, 1], got {self.denoise}")
         if self.mask_blur is not None and not 0 <= self.mask_blur <= MAX_MASK_BLUR:
             raise ValueError(f"mask_blur must be in 0..{MAX_MASK_BLUR} pixels, got {self.mask_blur}")
+        if self.upscale_factor not in UPSCALE_FACTORS:
+            raise ValueError(f"upscale_factor must be one of {UPSCALE_FACTORS}, got {self.upscale_factor}")
+        if self.refiner_switch is not None and not 0.0 < self.refiner_switch <= 1.0:
+            raise ValueError(f"refiner_switch must be in (0, 1] (1 = no refiner), got {self.refiner_switch}")
         if self.seed is not None and self.seed > MAX_SEED:
             raise ValueError(f"seed must be at most {MAX_SEED}, got {self.seed}")
         self._check_text()

@@ -136,12 +136,16 @@ def build_blocks(api_url: str, api_key: str | None = None):
     def run(task, job_state, *values):
         """Generator: submit, then stream (preview, progress text, gallery, job id) updates."""
         (prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler, steps, guidance, custom,
-         vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image, custom_tweaks) = values[:19]
-        tweaks, loras = values[19 : 19 + len(TWEAKS)], values[19 + len(TWEAKS) :]
+         vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image, upscale_factor, refiner_switch,
+         custom_tweaks) = values[:21]
+        tweaks, loras = values[21 : 21 + len(TWEAKS)], values[21 + len(TWEAKS) :]
         body = settings_body(prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler,
                              steps, guidance, custom) | tweak_fields(custom_tweaks, *tweaks) | lora_fields(*loras)
+        if model.get("has_refiner") and refiner_switch is not None:
+            body["refiner_switch"] = float(refiner_switch)
         try:
-            body |= task_inputs(task, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image)
+            body |= task_inputs(task, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image,
+                                upscale_factor)
             job = client.submit(body)
         except (RuntimeError, ValueError, httpx.HTTPError) as exc:
             yield None, f"**Error:** {exc}", gr.update(), None
@@ -161,7 +165,8 @@ def build_blocks(api_url: str, api_key: str | None = None):
                 return
             yield preview, text, gr.update(), job["id"]
 
-    def task_inputs(task, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image) -> dict:
+    def task_inputs(task, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image,
+                    upscale_factor) -> dict:
         if task == "txt2img":
             return {"task": "txt2img"}
         if task == "vary":
@@ -178,7 +183,7 @@ def build_blocks(api_url: str, api_key: str | None = None):
             return {"task": "outpaint", "image": to_b64(outpaint_image),
                     "outpaint_sides": [s.lower() for s in sides or []]}
         _need(upscale_image, "Upscale")
-        return {"task": "upscale", "image": to_b64(upscale_image)}
+        return {"task": "upscale", "image": to_b64(upscale_image), "upscale_factor": float(upscale_factor.rstrip("x"))}
 
     def stop(job_id):
         if job_id:
@@ -214,8 +219,9 @@ def build_blocks(api_url: str, api_key: str | None = None):
                                                  label="Extend")
                         outpaint_btn = gr.Button("Outpaint")
                     with gr.Tab("Upscale"):
-                        upscale_image = gr.Image(type="pil", label="Image to upscale 2x")
-                        upscale_btn = gr.Button("Upscale 2x")
+                        upscale_image = gr.Image(type="pil", label="Image to upscale")
+                        upscale_factor = gr.Radio(["1.5x", "2x"], value="2x", label="Upscale by")
+                        upscale_btn = gr.Button("Upscale")
             with gr.Column(scale=2):
                 performance = gr.Radio(opts["performances"],
                                        value="Speed" if "Speed" in opts["performances"] else opts["performances"][0],
@@ -232,6 +238,8 @@ def build_blocks(api_url: str, api_key: str | None = None):
                     sampler = gr.Dropdown(opts["samplers"], value=opts["samplers"][0], label="Sampler")
                     steps = gr.Slider(1, 150, value=30, step=1, label="Steps")
                     guidance = gr.Slider(0.0, 20.0, value=4.0, step=0.5, label="Guidance (CFG)")
+                    refiner_switch = gr.Slider(0.05, 1.0, value=0.8, step=0.05, visible=bool(model.get("has_refiner")),
+                                               label="Refiner switch (fraction of steps on the base model; 1 = off)")
                 with gr.Accordion("LoRAs", open=False, elem_id="loras"):
                     lora_inputs = []
                     for i in range(MAX_LORA_ROWS):
@@ -252,7 +260,7 @@ def build_blocks(api_url: str, api_key: str | None = None):
                     ]
         inputs = [job_state, prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler,
                   steps, guidance, custom, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image,
-                  custom_tweaks, *tweak_sliders, *lora_inputs]
+                  upscale_factor, refiner_switch, custom_tweaks, *tweak_sliders, *lora_inputs]
         outputs = [preview, progress, gallery, job_state]
         for button, task in ((generate, "txt2img"), (vary_btn, "vary"), (inpaint_btn, "inpaint"),
                              (outpaint_btn, "outpaint"), (upscale_btn, "upscale")):
