@@ -22,17 +22,17 @@ import binascii
 import io
 import json
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from loom.image.jobs import FINISHED, Job, JobQueue, QueueFull
 from loom.image.limits import DEFAULT_MAX_PIXELS, ImageLimits, TooLarge, check_pixels
 from loom.image.loras import MAX_LORA_WEIGHT, MAX_LORAS, NAME, UnknownLoRA
-from loom.image.presets import ASPECT_RATIOS, PERFORMANCES, UPSCALE_FACTORS
+from loom.image.presets import ASPECT_RATIOS, UPSCALE_FACTORS, get_performance, load_performances
 from loom.image.request import (
     MAX_IMAGES,
     MAX_MASK_BLUR,
@@ -53,7 +53,12 @@ MAX_IMAGE_BYTES = 16 * 1024 * 1024
 RETRY_AFTER_S = 5
 
 
-Performance = Literal[tuple(PERFORMANCES)]  # type: ignore[valid-type]
+def _known_performance(name: str) -> str:
+    get_performance(name)  # ValueError -> 422 naming the known presets
+    return name
+
+
+Performance = Annotated[str, Field(max_length=64), AfterValidator(_known_performance)]
 Sampler = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
 Task = Literal[TASKS]  # type: ignore[valid-type]
 Side = Literal[SIDES]  # type: ignore[valid-type]
@@ -275,7 +280,7 @@ def build_router(queue: JobQueue, limits: ImageLimits | None = None) -> APIRoute
     @router.get("/options")
     async def options() -> dict:
         return {
-            "styles": sorted(load_styles()), "samplers": sampler_names(), "performances": list(PERFORMANCES),
+            "styles": sorted(load_styles()), "samplers": sampler_names(), "performances": list(load_performances()),
             "aspect_ratios": ASPECT_RATIOS, "wildcards": list_wildcards(), "max_pixels": limits.max_pixels,
             "tasks": ["txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale"],
             "model": queue.engine.info(), "loras": queue.engine.loras.names(), "time": time.time(),

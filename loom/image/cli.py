@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--style", action="append", default=[],
                         help="a style name (repeatable; --list-styles shows them)")
-    parser.add_argument("--performance", default="Speed", choices=["Quality", "Speed", "Extreme Speed"])
+    parser.add_argument("--performance", default="Speed",
+                        help="Quality, Speed, Extreme Speed or a preset of $LOOM_PRESETS (default Speed)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None)

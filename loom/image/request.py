@@ -164,8 +164,8 @@ class ImageRequest:
             raise ValueError('each LoRA is {"name": NAME, "weight": WEIGHT}') from None
 
     def lora_specs(self) -> list[LoRASpec]:
-        """The listed LoRAs, then the prompt's ``<lora:...>`` tags (a tag's weight wins), at most 5."""
-        return merge_loras(self._listed_loras(), self.prompt)
+        """The preset's LoRAs, the listed ones, then the prompt's ``<lora:...>`` tags (later weights win), at most 5."""
+        return merge_loras(list(get_performance(self.performance).loras) + self._listed_loras(), self.prompt)
 
     def tweaks(self) -> SamplingTweaks:
         """Sampling tweaks: the request's own values where set, the performance preset's elsewhere."""

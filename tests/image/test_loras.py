@@ -203,3 +203,23 @@ def test_ui_picker_rows_become_the_api_list():
                                                                           {"name": "ink", "weight": -0.3}]}
     assert tweak_fields(False, 2, 7, 1.5, 0.8, 0.3) == {}
     assert tweak_fields(True, 2, 7, 1.5, 0.8, 0.3)["adm_scaler_end"] == 0.3
+
+
+def test_presets_file_carries_loras_and_tweaks(lora_engine, tmp_path, monkeypatch):
+    from loom.image.presets import get_performance
+
+    presets = [{"name": "Film", "steps": 2, "guidance": 5.0, "sampler": "Euler", "sharpness": 3,
+                "loras": [{"name": "film", "weight": 0.5}]}]
+    (tmp_path / "presets.json").write_text(json.dumps(presets))
+    monkeypatch.setenv("LOOM_PRESETS", str(tmp_path / "presets.json"))
+    assert get_performance("Film").loras == (LoRASpec("film", 0.5),) and get_performance("Speed").steps == 30
+    req = ImageRequest(prompt="a sneaker", seed=5, width=32, height=32, performance="Film",
+                       loras=[{"name": "ink", "weight": 0.8}])
+    assert req.resolved() == (2, 5.0, "Euler") and req.tweaks().sharpness == 3
+    assert req.lora_specs() == [LoRASpec("film", 0.5), LoRASpec("ink", 0.8)]
+    explicit = ImageRequest(**REQ, sharpness=3, loras=[{"name": "film", "weight": 0.5}, {"name": "ink", "weight": 0.8}])
+    assert np.array_equal(pixels(lora_engine.generate(req).images[0]), pixels(lora_engine.generate(explicit).images[0]))
+    (tmp_path / "bad.json").write_text(json.dumps([{"name": "X", "sampler": "Euler b"}]))
+    monkeypatch.setenv("LOOM_PRESETS", str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match="unknown sampler"):
+        get_performance("X")
