@@ -223,3 +223,30 @@ def test_presets_file_carries_loras_and_tweaks(lora_engine, tmp_path, monkeypatc
     monkeypatch.setenv("LOOM_PRESETS", str(tmp_path / "bad.json"))
     with pytest.raises(ValueError, match="unknown sampler"):
         get_performance("X")
+
+
+def test_sdxl_lora_equals_diffusers_set_adapters(tmp_path):
+    """SDXL: a UNet LoRA through the engine equals diffusers' own load + set_adapters on the same tiny pipeline."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from loom.image.engine import ImageEngine
+    from loom.image.tiny import tiny_sdxl_pipeline
+
+    donor = tiny_sdxl_pipeline(seed=0).unet
+    torch.manual_seed(7)
+    donor.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=False,
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "xl-ink", unet_lora_layers=get_peft_model_state_dict(donor))
+    engine = ImageEngine(tiny_sdxl_pipeline(seed=0), name="tiny-xl", lora_dir=tmp_path)
+    ours = engine.generate(ImageRequest(**REQ, loras=[{"name": "xl-ink", "weight": 0.6}])).images[0]
+    ref = tiny_sdxl_pipeline(seed=0)
+    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.load_lora_weights(str(tmp_path / "xl-ink"), adapter_name="ink")
+    ref.set_adapters(["ink"], [0.6])
+    theirs = ref("a sneaker", num_inference_steps=2, guidance_scale=5.0, width=32, height=32,
+                 generator=torch.Generator().manual_seed(5)).images[0]
+    base = engine.generate(ImageRequest(**REQ)).images[0]
+    assert np.abs(pixels(ours) - pixels(theirs)).max() <= 1
+    assert np.abs(pixels(ours) - pixels(base)).max() > 1

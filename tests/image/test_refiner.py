@@ -7,8 +7,6 @@ import pytest
 
 from loom.image.request import ImageRequest
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.mark.parametrize(("factor", "size"), [(1.5, (96, 72)), (2.0, (128, 96))])
 def test_upscale_factor_sizes(engine, photo, factor, size):
