@@ -83,13 +83,17 @@ class TweakHooks:
         cond = kwargs.get("added_cond_kwargs")
         if not cond or "time_ids" not in cond or self.progress(args[1]) >= self.tweaks.adm_scaler_end:
             return args, kwargs
-        ids = cond["time_ids"]  # [rows, 6] (orig h, orig w, crop top, crop left, target h, target w) or [rows, 5]
+        # ids: [2B, 6] (orig h, orig w, crop top, crop left, target h, target w; the refiner's 5th is an aesthetic
+        # score). NOTE: diffusers lays the rows out as [negative, positive] * B while the UNet batch is
+        # [uncond * B; cond * B], so the rows are rebuilt from the first pair in the batch's order.
+        ids = cond["time_ids"]
         rows = ids.shape[0]
-        scale = torch.full((rows, 1), self.tweaks.adm_scaler_positive, dtype=ids.dtype, device=ids.device)
         if self.pipe.do_classifier_free_guidance:
-            scale[: rows // 2] = self.tweaks.adm_scaler_negative  # the UNet batch is [uncond; cond]
-        ids = ids[:1].repeat(rows, 1)  # every row is the unscaled size; diffusers' row order is not the batch's
-        ids[:, :2] = ids[:, :2] * scale
+            negative = _scale_size(ids[0], self.tweaks.adm_scaler_negative)
+            positive = _scale_size(ids[1], self.tweaks.adm_scaler_positive)
+            ids = torch.stack([negative] * (rows // 2) + [positive] * (rows // 2))
+        else:
+            ids = _scale_size(ids[0], self.tweaks.adm_scaler_positive).repeat(rows, 1)
         return args, kwargs | {"added_cond_kwargs": cond | {"time_ids": ids}}
 
     # ------------------------------------------------------------ sharpness + adaptive CFG
@@ -121,6 +125,13 @@ class TweakHooks:
         eps = alpha * joint_bilateral_filter(eps, x0) + (1 - alpha) * eps
         out = (eps - (1 - a) ** 0.5 * xf) / a**0.5 if v_pred else eps
         return out.to(cond.dtype)
+
+
+def _scale_size(row: torch.Tensor, factor: float) -> torch.Tensor:
+    """One time-ids row with its "original size" (the first two entries) times ``factor``."""
+    row = row.clone()
+    row[:2] = row[:2] * factor
+    return row
 
 
 def is_neutral(tweaks: SamplingTweaks, guidance: float, xl: bool) -> bool:

@@ -95,6 +95,7 @@ class LoRAManager:
     def __init__(self, pipe, library: LoRALibrary | None):
         self.pipe, self.library = pipe, library
         self.adapters: dict[str, str] = {}  # LoRA name -> peft adapter name (peft names cannot hold '.')
+        self.num_attempts = 0  # numbers adapters; a failed load's name is never reused
         self.enabled = False
 
     def names(self) -> list[str]:
@@ -126,7 +127,14 @@ class LoRAManager:
     def _load(self, name: str) -> None:
         if name in self.adapters:
             return
-        adapter = f"lora_{len(self.adapters)}"
+        adapter = f"lora_{self.num_attempts}"
+        self.num_attempts += 1
         path = self.library.path(name)
-        self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
+        try:
+            self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
+        except Exception as exc:  # a file that is no LoRA of this model: drop what was injected, say which one
+            if adapter in self.pipe.get_list_adapters().get("unet", []):
+                self.pipe.delete_adapters(adapter)
+            raise ValueError(f"LoRA {name!r} could not be loaded into this model ({type(exc).__name__}: "
+                             f"{str(exc)[:200]}); is it an SD / SDXL LoRA of this architecture?") from None
         self.adapters[name] = adapter

@@ -250,3 +250,15 @@ def test_sdxl_lora_equals_diffusers_set_adapters(tmp_path):
     base = engine.generate(ImageRequest(**REQ)).images[0]
     assert np.abs(pixels(ours) - pixels(theirs)).max() <= 1
     assert np.abs(pixels(ours) - pixels(base)).max() > 1
+
+
+def test_a_broken_lora_fails_its_job_and_leaves_the_model_clean(lora_engine, lora_dir):
+    before = lora_engine.generate(ImageRequest(**REQ)).images[0]
+    (lora_dir / "broken.safetensors").write_bytes(b"not a safetensors file")
+    try:
+        with pytest.raises(ValueError, match="'broken' could not be loaded"):
+            lora_engine.generate(ImageRequest(**REQ, loras=[{"name": "broken", "weight": 1.0}]))
+    finally:
+        (lora_dir / "broken.safetensors").unlink()
+    after = lora_engine.generate(ImageRequest(**REQ)).images[0]
+    assert np.array_equal(pixels(before), pixels(after))

@@ -63,3 +63,13 @@ def test_no_refiner_is_a_clear_error(engine):
     with pytest.raises(ValueError, match="no refiner"):
         engine.check(ImageRequest(prompt="x", refiner_switch=0.5))
     engine.check(ImageRequest(prompt="x", refiner_switch=1.0))
+
+
+def test_quality_tweaks_act_on_the_refiner_too(refined):
+    """The refiner's time ids carry an aesthetic score (5 per row); ADM scaling and sharpness still apply."""
+    req = dict(prompt="a (sneaker:1.3)", seed=2, steps=4, width=32, height=32, guidance=5.0, sampler="Euler",
+               refiner_switch=0.5)
+    plain = refined.generate(ImageRequest(**req)).images[0]
+    tweaked = refined.generate(ImageRequest(**req, sharpness=20, adm_scaler_positive=1.5, adm_scaler_negative=0.8,
+                                            adm_scaler_end=1.0)).images[0]
+    assert not np.array_equal(np.asarray(plain), np.asarray(tweaked))
