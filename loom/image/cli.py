@@ -4,6 +4,7 @@
     loom imagine "a dress" --model /models/sd15 --style Photograph --style Sharp --aspect-ratio 3:2 -n 4 --out dress.png
     loom imagine "a bag" --model demo --task vary_strong --image in.png --out varied.png
     loom imagine --model demo --from-png sneaker.png --out again.png     # reproduce from the PNG's settings
+    loom imagine "a (red:1.3) coat <lora:film:0.6>" --model /models/sd15 --lora-dir /models/loras --sharpness 4
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from-png", default=None, help="take every setting from a PNG Loom wrote")
     parser.add_argument("--upscaler", default="demo",
                         help="2x super-resolution model folder, 'demo' (packaged) or 'none'")
+    parser.add_argument("--sharpness", type=float, default=None, help="0..30 (default: the preset's; Quality 2)")
+    parser.add_argument("--adaptive-cfg", type=float, default=None,
+                        help="guidance above this is eased in, 1..30 (default: the preset's; Quality 7)")
+    for side, fooocus in (("positive", 1.5), ("negative", 0.8)):
+        parser.add_argument(f"--adm-scaler-{side}", type=float, default=None,
+                            help=f"SDXL size-conditioning factor, 0.1..3 (default: the preset's; Quality {fooocus})")
+    parser.add_argument("--adm-scaler-end", type=float, default=None,
+                        help="SDXL: ADM scaling until this fraction of sampling (default: the preset's; Quality 0.3)")
     parser.add_argument("--upscale-factor", type=float, default=2.0, choices=[1.5, 2.0], help="upscale: 1.5 or 2")
     parser.add_argument("--refiner", default=None, help="SDXL refiner folder (txt2img hands over to it)")
     parser.add_argument("--refiner-switch", type=float, default=None,
@@ -70,7 +79,9 @@ def build_request(args: argparse.Namespace):
         performance=args.performance, steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
         width=args.width, height=args.height, aspect_ratio=args.aspect_ratio, num_images=args.num_images,
         denoise=args.denoise, image=image, mask=mask, loras=[parse_lora_flag(v) for v in args.lora],
-        upscale_factor=args.upscale_factor, refiner_switch=args.refiner_switch,
+        upscale_factor=args.upscale_factor, refiner_switch=args.refiner_switch, sharpness=args.sharpness,
+        adaptive_cfg=args.adaptive_cfg, adm_scaler_positive=args.adm_scaler_positive,
+        adm_scaler_negative=args.adm_scaler_negative, adm_scaler_end=args.adm_scaler_end,
         outpaint_sides=[s.strip() for s in args.sides.split(",") if s.strip()] if args.task == "outpaint" else [],
     )
 

@@ -198,6 +198,8 @@ class ImageEngine:
     def _call(self, pipe, req: ImageRequest, progress: Progress, seeds: list[int], prompts: list[str],
               negatives: list[str], **kwargs) -> list[Image.Image]:
         steps, guidance, sampler = req.resolved()
+        if "strength" in kwargs:  # diffusers runs int(steps * strength) steps and fails on none: give it one
+            steps = max(steps, math.ceil(1 / kwargs["strength"]))
         pipe.scheduler = make_sampler(sampler, self.base_scheduler_config)
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         with sampling_tweaks(pipe, req.tweaks(), guidance):

@@ -101,8 +101,8 @@ class ImageRequest:
                 raise ValueError(f"{name} must be in 8..{MAX_SIDE} pixels, got {value}")
         if self.aspect_ratio is not None and self.aspect_ratio not in ASPECT_RATIOS:
             parse_aspect_ratio(self.aspect_ratio)
-        if self.denoise is not None and not 0.0 < self.denoise <= 1.0:
-            raise ValueError(f"denoise must be in (0, 1], got {self.denoise}")
+        if self.denoise is not None and not 1 / MAX_STEPS <= self.denoise <= 1.0:
+            raise ValueError(f"denoise must be in {1 / MAX_STEPS:g}..1, got {self.denoise}")
         if self.mask_blur is not None and not 0 <= self.mask_blur <= MAX_MASK_BLUR:
             raise ValueError(f"mask_blur must be in 0..{MAX_MASK_BLUR} pixels, got {self.mask_blur}")
         if self.upscale_factor not in UPSCALE_FACTORS:

@@ -36,19 +36,21 @@ def random_lora_layers(seed: int, text: bool) -> tuple[dict, dict | None]:
         encoder = build_text_encoder(TinySpec())
         # peft directly: transformers' own add_adapter asks for a newer peft than diffusers needs
         inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=False,
-                                           target_modules=["q_proj", "v_proj"]), encoder)
+                                           target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), encoder)
         te_layers = get_peft_model_state_dict(encoder)
     return get_peft_model_state_dict(unet), te_layers
 
 
-def kohya_state_dict(unet_layers: dict) -> dict:
-    """peft's UNet LoRA keys written the way kohya's sd-scripts name them (lora_unet_*.lora_down/up, alpha)."""
+def kohya_state_dict(unet_layers: dict, te_layers: dict) -> dict:
+    """peft's LoRA keys written the way kohya's sd-scripts name them (lora_unet_* / lora_te_text_model_*,
+    .lora_down / .lora_up, .alpha)."""
     out = {}
-    for key, tensor in unet_layers.items():
-        module, kind = key.rsplit(".lora_", 1)
-        base = "lora_unet_" + module.replace(".", "_")
-        out[f"{base}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor.contiguous()
-        out[f"{base}.alpha"] = torch.tensor(float(RANK))
+    for prefix, layers in (("lora_unet_", unet_layers), ("lora_te_text_model_", te_layers)):
+        for key, tensor in layers.items():
+            module, kind = key.rsplit(".lora_", 1)
+            base = prefix + module.replace(".", "_")
+            out[f"{base}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor.contiguous()
+            out[f"{base}.alpha"] = torch.tensor(float(RANK))
     return out
 
 
@@ -61,9 +63,10 @@ def lora_dir(tmp_path_factory):
         unet_layers, te_layers = random_lora_layers(seed, text)
         StableDiffusionPipeline.save_lora_weights(folder / name, unet_lora_layers=unet_layers,
                                                   text_encoder_lora_layers=te_layers)
-    unet_layers, _ = random_lora_layers(3, False)
-    StableDiffusionPipeline.save_lora_weights(folder / "ink3", unet_lora_layers=unet_layers)
-    save_file(kohya_state_dict(unet_layers), str(folder / "ink3-kohya.safetensors"))
+    unet_layers, te_layers = random_lora_layers(3, True)
+    StableDiffusionPipeline.save_lora_weights(folder / "ink3", unet_lora_layers=unet_layers,
+                                              text_encoder_lora_layers=te_layers)
+    save_file(kohya_state_dict(unet_layers, te_layers), str(folder / "ink3-kohya.safetensors"))
     (folder / "notes.txt").write_text("not a LoRA")
     return folder
 
@@ -109,7 +112,10 @@ def test_two_loras_equal_diffusers_set_adapters(lora_engine, lora_dir):
 
 
 def test_a_kohya_file_loads_as_its_diffusers_twin(lora_engine):
+    """UNet and text-encoder layers in kohya's names: diffusers' loader converts them; same image as the twin."""
     kohya = lora_engine.generate(ImageRequest(**REQ, loras=[{"name": "ink3-kohya", "weight": 0.7}])).images[0]
+    adapters = lora_engine.txt2img.get_list_adapters()
+    assert lora_engine.loras.adapters["ink3-kohya"] in adapters["text_encoder"] and adapters["unet"]
     twin = lora_engine.generate(ImageRequest(**REQ, loras=[{"name": "ink3", "weight": 0.7}])).images[0]
     base = lora_engine.generate(ImageRequest(**REQ)).images[0]
     assert np.abs(pixels(kohya) - pixels(twin)).max() <= 1

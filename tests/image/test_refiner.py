@@ -73,3 +73,13 @@ def test_quality_tweaks_act_on_the_refiner_too(refined):
     tweaked = refined.generate(ImageRequest(**req, sharpness=20, adm_scaler_positive=1.5, adm_scaler_negative=0.8,
                                             adm_scaler_end=1.0)).images[0]
     assert not np.array_equal(np.asarray(plain), np.asarray(tweaked))
+
+
+def test_too_few_steps_for_the_strength_still_denoise_once(engine, photo):
+    """1 step x Vary (Subtle)'s strength 0.5 rounds to no step in diffusers (which then fails); Loom runs one."""
+    done = []
+    result = engine.generate(ImageRequest(task="vary_subtle", prompt="x", image=photo, seed=1, steps=1),
+                             on_step=lambda d, t, _: done.append((d, t)))
+    assert result.images[0].size == photo.size and done == [(1, 1)]
+    with pytest.raises(ValueError, match="denoise must be in 0.005..1"):
+        ImageRequest(task="vary_subtle", prompt="x", image=photo, denoise=0.001)
