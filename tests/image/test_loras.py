@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from loom.image.cli import parse_lora_flag
 from loom.image.loras import LoRASpec, UnknownLoRA, merge_loras, strip_lora_tags
+from loom.image.metadata import parameters_line
 from loom.image.request import ImageRequest
 
 pytestmark = pytest.mark.slow
@@ -151,6 +152,7 @@ def test_prompt_tags_add_loras_and_leave_the_text(lora_engine):
     tagged = lora_engine.generate(ImageRequest(**(REQ | {"prompt": "a <lora:film:0.5>sneaker<lora:ink:0.8>"})))
     assert np.array_equal(pixels(listed.images[0]), pixels(tagged.images[0]))
     assert tagged.settings[0]["final_prompt"] == "a sneaker"
+    assert parameters_line(listed.settings[0]).endswith(", LoRAs: film:0.5 ink:0.8")
     assert merge_loras([LoRASpec("film", 1.0)], "<lora:film:0.3> <lora:ink>") == [LoRASpec("film", 0.3),
                                                                                    LoRASpec("ink", 1.0)]
     assert strip_lora_tags("x <lora:a b:1.5>y") == "x y"
