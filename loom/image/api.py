@@ -22,16 +22,17 @@ import binascii
 import io
 import json
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from loom.image.jobs import FINISHED, Job, JobQueue, QueueFull
 from loom.image.limits import DEFAULT_MAX_PIXELS, ImageLimits, TooLarge, check_pixels
-from loom.image.presets import ASPECT_RATIOS, PERFORMANCES
+from loom.image.loras import MAX_LORA_WEIGHT, MAX_LORAS, NAME, UnknownLoRA
+from loom.image.presets import ASPECT_RATIOS, UPSCALE_FACTORS, get_performance, load_performances
 from loom.image.request import (
     MAX_IMAGES,
     MAX_MASK_BLUR,
@@ -52,14 +53,38 @@ MAX_IMAGE_BYTES = 16 * 1024 * 1024
 RETRY_AFTER_S = 5
 
 
-Performance = Literal[tuple(PERFORMANCES)]  # type: ignore[valid-type]
+def _known_performance(name: str) -> str:
+    get_performance(name)  # ValueError -> 422 naming the known presets
+    return name
+
+
+Performance = Annotated[str, Field(max_length=64), AfterValidator(_known_performance)]
 Sampler = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
 Task = Literal[TASKS]  # type: ignore[valid-type]
 Side = Literal[SIDES]  # type: ignore[valid-type]
 Seed = Field(None, ge=-1, le=MAX_SEED, description="-1 or none: a random seed")
 
 
-class GenerationBody(BaseModel):
+class LoRAField(BaseModel):
+    name: str = Field(max_length=128, pattern=f"^(?:{NAME.pattern})$",
+                      description="a LoRA in the server's --image-lora-dir")
+    weight: float = Field(1.0, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT)
+
+
+class QualityFields(BaseModel):
+    """Quality controls: Fooocus' sampling tweaks (none given: the performance preset's), LoRAs, the refiner."""
+
+    sharpness: float | None = Field(None, ge=0, le=30, description="0 = off; Fooocus' default 2")
+    adaptive_cfg: float | None = Field(None, ge=1, le=30, description="guidance above this is eased in; 30 = off")
+    adm_scaler_positive: float | None = Field(None, ge=0.1, le=3, description="SDXL; 1 = off")
+    adm_scaler_negative: float | None = Field(None, ge=0.1, le=3, description="SDXL; 1 = off")
+    adm_scaler_end: float | None = Field(None, ge=0, le=1, description="SDXL; fraction of sampling, 0 = off")
+    loras: list[LoRAField] = Field([], max_length=MAX_LORAS, description="also <lora:NAME:WEIGHT> in the prompt")
+    refiner_switch: float | None = Field(None, gt=0, le=1, description="SDXL refiner: fraction of steps on the base "
+                                                                       "model (default 0.8 with a refiner; 1 = off)")
+
+
+class GenerationBody(QualityFields):
     """OpenAI's image request, plus Loom's optional settings."""
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
@@ -77,7 +102,7 @@ class GenerationBody(BaseModel):
     aspect_ratio: str | None = Field(None, max_length=32)
 
 
-class JobBody(BaseModel):
+class JobBody(QualityFields):
     task: Task = "txt2img"
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
@@ -97,6 +122,7 @@ class JobBody(BaseModel):
     mask_blur: int | None = Field(None, ge=0, le=MAX_MASK_BLUR)
     outpaint_sides: list[Side] = Field([], max_length=4)
     outpaint_ratio: float = Field(0.3, ge=0.05, le=1.0)
+    upscale_factor: Literal[UPSCALE_FACTORS] = 2.0  # type: ignore[valid-type]
 
 
 def decode_image(data: str, field_name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -159,6 +185,13 @@ def build_router(queue: JobQueue, limits: ImageLimits | None = None) -> APIRoute
         except ValueError as exc:  # over a limit, or an outpaint the model's size unit does not allow
             raise HTTPException(400, str(exc)) from None
         try:
+            if queue.engine is not None:
+                queue.engine.check(request)
+        except UnknownLoRA as exc:
+            raise HTTPException(422, str(exc)) from None
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        try:
             return queue.submit(request)
         except QueueFull as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -179,6 +212,7 @@ def build_router(queue: JobQueue, limits: ImageLimits | None = None) -> APIRoute
                 prompt=body.prompt, negative_prompt=body.negative_prompt, num_images=body.n, width=width, height=height,
                 seed=body.seed, steps=body.steps, guidance=body.guidance_scale, sampler=body.sampler,
                 styles=body.styles, performance=body.performance, aspect_ratio=body.aspect_ratio,
+                **body.model_dump(include=set(QualityFields.model_fields)),
             )
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
@@ -246,10 +280,10 @@ def build_router(queue: JobQueue, limits: ImageLimits | None = None) -> APIRoute
     @router.get("/options")
     async def options() -> dict:
         return {
-            "styles": sorted(load_styles()), "samplers": sampler_names(), "performances": list(PERFORMANCES),
+            "styles": sorted(load_styles()), "samplers": sampler_names(), "performances": list(load_performances()),
             "aspect_ratios": ASPECT_RATIOS, "wildcards": list_wildcards(), "max_pixels": limits.max_pixels,
             "tasks": ["txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale"],
-            "model": queue.engine.info(), "time": time.time(),
+            "model": queue.engine.info(), "loras": queue.engine.loras.names(), "time": time.time(),
         }
 
     return router

@@ -4,6 +4,7 @@
     loom imagine "a dress" --model /models/sd15 --style Photograph --style Sharp --aspect-ratio 3:2 -n 4 --out dress.png
     loom imagine "a bag" --model demo --task vary_strong --image in.png --out varied.png
     loom imagine --model demo --from-png sneaker.png --out again.png     # reproduce from the PNG's settings
+    loom imagine "a (red:1.3) coat <lora:film:0.6>" --model /models/sd15 --lora-dir /models/loras --sharpness 4
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--style", action="append", default=[],
                         help="a style name (repeatable; --list-styles shows them)")
-    parser.add_argument("--performance", default="Speed", choices=["Quality", "Speed", "Extreme Speed"])
+    parser.add_argument("--performance", default="Speed",
+                        help="Quality, Speed, Extreme Speed or a preset of $LOOM_PRESETS (default Speed)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None)
@@ -40,6 +42,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from-png", default=None, help="take every setting from a PNG Loom wrote")
     parser.add_argument("--upscaler", default="demo",
                         help="2x super-resolution model folder, 'demo' (packaged) or 'none'")
+    parser.add_argument("--sharpness", type=float, default=None, help="0..30 (default: the preset's; Quality 2)")
+    parser.add_argument("--adaptive-cfg", type=float, default=None,
+                        help="guidance above this is eased in, 1..30 (default: the preset's; Quality 7)")
+    for side, fooocus in (("positive", 1.5), ("negative", 0.8)):
+        parser.add_argument(f"--adm-scaler-{side}", type=float, default=None,
+                            help=f"SDXL size-conditioning factor, 0.1..3 (default: the preset's; Quality {fooocus})")
+    parser.add_argument("--adm-scaler-end", type=float, default=None,
+                        help="SDXL: ADM scaling until this fraction of sampling (default: the preset's; Quality 0.3)")
+    parser.add_argument("--upscale-factor", type=float, default=2.0, choices=[1.5, 2.0], help="upscale: 1.5 or 2")
+    parser.add_argument("--refiner", default=None, help="SDXL refiner folder (txt2img hands over to it)")
+    parser.add_argument("--refiner-switch", type=float, default=None,
+                        help="fraction of the steps the base model runs before the refiner (default 0.8)")
+    parser.add_argument("--lora-dir", default=None, help="folder of LoRAs that --lora and <lora:NAME:W> tags name")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
+                        help="a LoRA from --lora-dir with its weight (default 1; repeatable, at most 5)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--list-styles", action="store_true")
 
@@ -61,9 +78,21 @@ def build_request(args: argparse.Namespace):
         task=args.task, prompt=args.prompt or "", negative_prompt=args.negative, styles=args.style,
         performance=args.performance, steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
         width=args.width, height=args.height, aspect_ratio=args.aspect_ratio, num_images=args.num_images,
-        denoise=args.denoise, image=image, mask=mask,
+        denoise=args.denoise, image=image, mask=mask, loras=[parse_lora_flag(v) for v in args.lora],
+        upscale_factor=args.upscale_factor, refiner_switch=args.refiner_switch, sharpness=args.sharpness,
+        adaptive_cfg=args.adaptive_cfg, adm_scaler_positive=args.adm_scaler_positive,
+        adm_scaler_negative=args.adm_scaler_negative, adm_scaler_end=args.adm_scaler_end,
         outpaint_sides=[s.strip() for s in args.sides.split(",") if s.strip()] if args.task == "outpaint" else [],
     )
+
+
+def parse_lora_flag(value: str) -> dict:
+    """"NAME" or "NAME:WEIGHT" -> {"name", "weight"}."""
+    name, _, weight = value.rpartition(":") if ":" in value else (value, "", "")
+    try:
+        return {"name": name, "weight": float(weight) if weight else 1.0}
+    except ValueError:
+        raise ValueError(f"--lora {value!r}: give NAME or NAME:WEIGHT, e.g. --lora film-grain:0.8") from None
 
 
 def output_paths(out: str, count: int) -> list[Path]:
@@ -87,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
         request = build_request(args)
         start = time.perf_counter()
         upscaler = None if args.upscaler == "none" else args.upscaler
-        engine = ImageEngine.load(args.model, device=args.device, upscaler=upscaler, config=args.model_config)
+        engine = ImageEngine.load(args.model, device=args.device, upscaler=upscaler, config=args.model_config,
+                                  lora_dir=args.lora_dir, refiner=args.refiner)
         loaded = time.perf_counter() - start
         result = engine.generate(request, on_step=_print_step)
     except (ValueError, FileNotFoundError) as exc:

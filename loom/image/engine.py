@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +25,15 @@ from PIL import Image
 from loom import __version__
 from loom.devices import resolve_device
 from loom.image import imageops
-from loom.image.models import DEMO_UPSCALER_DIR, load_pipeline
-from loom.image.presets import UPSCALE_STRENGTH, VARY_STRENGTH, aspect_ratio_size
+from loom.image.guidance import sampling_tweaks
+from loom.image.loras import LoRALibrary, LoRAManager, strip_lora_tags
+from loom.image.models import DEMO_UPSCALER_DIR, load_pipeline, load_refiner
+from loom.image.presets import REFINER_SWITCH, UPSCALE_STRENGTH, VARY_STRENGTH, aspect_ratio_size
 from loom.image.request import ImageRequest, ImageResult
 from loom.image.samplers import make_sampler
 from loom.image.speed import apply_speed_settings, default_settings
 from loom.image.styles import apply_styles
+from loom.image.text_encoding import encode_prompts, needs_embeddings
 from loom.image.wildcards import expand_wildcards
 
 StepHook = Callable[[int, int, torch.Tensor], None]
@@ -66,7 +69,7 @@ class Progress:
 
 
 class ImageEngine:
-    def __init__(self, pipe, name: str = "model", upscaler=None):
+    def __init__(self, pipe, name: str = "model", upscaler=None, lora_dir: str | Path | None = None, refiner=None):
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting  # optional: the image extra
 
         self.name = name
@@ -78,17 +81,24 @@ class ImageEngine:
         self.base_scheduler_config = dict(pipe.scheduler.config)
         self.upscaler = upscaler
         self.device = pipe.device
+        self.loras = LoRAManager(pipe, LoRALibrary(lora_dir) if lora_dir is not None else None)
+        self.refiner = refiner
+        if refiner is not None:
+            refiner.set_progress_bar_config(disable=True)
 
     @classmethod
     def load(cls, model: str, device: str | None = None, upscaler: str | None = "demo", config: str | None = None,
-             speed: bool = True) -> ImageEngine:
-        """Load ``model`` (folder, single file or 'demo') and the 2x upscaler ('demo' = packaged, None = none)."""
+             speed: bool = True, lora_dir: str | None = None, refiner: str | None = None) -> ImageEngine:
+        """Load ``model`` (folder, single file or 'demo'), the 2x upscaler ('demo' = packaged, None = none), an
+        optional SDXL refiner folder, and name the folder LoRAs come from (None: no LoRAs)."""
         from loom.image.upscaler import ESPCNUpscaler  # optional: upscaler.py imports diffusers (the image extra)
 
         device = str(resolve_device(device))
         pipe, name = load_pipeline(model, device=device, config=config)
+        refiner_pipe = load_refiner(refiner, pipe) if refiner is not None else None
         if speed:
-            apply_speed_settings(pipe, default_settings(device))
+            for p in filter(None, (pipe, refiner_pipe)):
+                apply_speed_settings(p, default_settings(device))
         up = None
         if upscaler is not None:
             up_path = DEMO_UPSCALER_DIR if upscaler == "demo" else upscaler
@@ -96,7 +106,7 @@ class ImageEngine:
                 raise FileNotFoundError(f"upscaler {up_path} not found: "
                                         "pass a folder saved by ESPCNUpscaler.save_pretrained, 'demo' or None")
             up = ESPCNUpscaler.from_pretrained(str(up_path), torch_dtype=torch.float32).to(device).eval()
-        return cls(pipe, name=name, upscaler=up)
+        return cls(pipe, name=name, upscaler=up, lora_dir=lora_dir, refiner=refiner_pipe)
 
     # ------------------------------------------------------------ sizes
     @property
@@ -127,15 +137,32 @@ class ImageEngine:
             pad = imageops.outpaint_padding((w, h), req.outpaint_sides, req.outpaint_ratio, self.unit)
             return w + pad.left + pad.right, h + pad.top + pad.bottom
         if req.task == "upscale":
-            w, h = 2 * w, 2 * h
+            w, h = round(w * req.upscale_factor), round(h * req.upscale_factor)
         return imageops.round_size(w, self.unit), imageops.round_size(h, self.unit)
 
     def info(self) -> dict:
         return {"model": self.name, "native_size": self.native, "size_unit": self.unit, "device": str(self.device),
-                "has_upscaler": self.upscaler is not None}
+                "has_upscaler": self.upscaler is not None, "has_refiner": self.refiner is not None,
+                "loras": self.loras.names()}
 
     def preview(self, latents: torch.Tensor) -> Image.Image:
         return latent_preview(latents, self.txt2img.vae)
+
+    def check(self, req: ImageRequest) -> None:
+        """What only this engine can tell before the job is queued: its LoRAs (UnknownLoRA), its refiner."""
+        self.loras.check(req.lora_specs())
+        if self.refiner is None and req.refiner_switch is not None and req.refiner_switch < 1:
+            raise ValueError("this engine has no refiner; load one (loom serve --image-refiner DIR) "
+                             "or leave refiner_switch unset")
+
+    def refiner_step(self, req: ImageRequest) -> int | None:
+        """The step at which a txt2img job hands over to the refiner; None: no refiner for this job."""
+        if self.refiner is None or req.task != "txt2img":
+            return None
+        steps, _, _ = req.resolved()
+        switch = REFINER_SWITCH if req.refiner_switch is None else req.refiner_switch
+        k = max(1, round(steps * switch))
+        return k if k < steps else None
 
     # ------------------------------------------------------------ entry
     def generate(self, req: ImageRequest, on_step: StepHook | None = None,
@@ -144,12 +171,15 @@ class ImageEngine:
         start = time.perf_counter()
         task = {"txt2img": self._txt2img, "vary_subtle": self._vary, "vary_strong": self._vary,
                 "inpaint": self._inpaint, "outpaint": self._outpaint, "upscale": self._upscale}[req.task]
+        self.check(req)
+        self.loras.activate(req.lora_specs())
         images, extra = task(req, on_step, should_stop)
         steps, guidance, sampler = req.resolved()
         settings = []
         for i, image in enumerate(images):
             s = req.settings() | {"seed": req.seed + i, "num_images": 1, "steps": steps, "guidance": guidance,
-                                  "sampler": sampler}
+                                  "sampler": sampler} | asdict(req.tweaks())
+            s |= {"refiner_step": self.refiner_step(req)} if self.refiner is not None else {}
             s |= {"width": image.width, "height": image.height, "model": self.name,
                   "loom_version": __version__} | extra[i]
             if req.task != "txt2img":
@@ -160,20 +190,23 @@ class ImageEngine:
     # ------------------------------------------------------------ helpers
     def _prompts(self, req: ImageRequest) -> tuple[list[str], list[str]]:
         """Per image: wildcards expanded with that image's seed, then styles applied."""
-        pairs = [apply_styles(expand_wildcards(req.prompt, req.seed + i), req.styles, req.negative_prompt)
+        prompt = strip_lora_tags(req.prompt)
+        pairs = [apply_styles(expand_wildcards(prompt, req.seed + i), req.styles, req.negative_prompt)
                  for i in range(req.num_images)]
         return [p for p, _ in pairs], [n for _, n in pairs]
 
     def _call(self, pipe, req: ImageRequest, progress: Progress, seeds: list[int], prompts: list[str],
               negatives: list[str], **kwargs) -> list[Image.Image]:
         steps, guidance, sampler = req.resolved()
+        if "strength" in kwargs:  # diffusers runs int(steps * strength) steps and fails on none: give it one
+            steps = max(steps, math.ceil(1 / kwargs["strength"]))
         pipe.scheduler = make_sampler(sampler, self.base_scheduler_config)
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        out = pipe(
-            prompt=prompts, negative_prompt=negatives if any(negatives) else None, num_inference_steps=steps,
-            guidance_scale=guidance, generator=generators, callback_on_step_end=progress.callback, output_type="pil",
-            **kwargs,
-        )
+        with sampling_tweaks(pipe, req.tweaks(), guidance):
+            out = pipe(
+                **text_inputs(pipe, prompts, negatives), num_inference_steps=steps, guidance_scale=guidance,
+                generator=generators, callback_on_step_end=progress.callback, **({"output_type": "pil"} | kwargs),
+            )
         progress.check()
         return out.images
 
@@ -191,8 +224,27 @@ class ImageEngine:
         progress = Progress(steps, on_step, should_stop)
         prompts, negatives = self._prompts(req)
         seeds = [req.seed + i for i in range(req.num_images)]
-        images = self._call(self.txt2img, req, progress, seeds, prompts, negatives, width=width, height=height)
+        k = self.refiner_step(req)
+        if k is None:
+            images = self._call(self.txt2img, req, progress, seeds, prompts, negatives, width=width, height=height)
+        else:
+            images = self._refine(req, progress, seeds, prompts, negatives, k, width=width, height=height)
         return images, self._extra(prompts)
+
+    def _refine(self, req, progress: Progress, seeds: list[int], prompts: list[str], negatives: list[str], k: int,
+                **size) -> list[Image.Image]:
+        """Fooocus' refiner swap: the base model runs steps [0, k), the refiner steps [k, steps) on its latents."""
+        steps, _, sampler = req.resolved()
+        schedule = make_sampler(sampler, self.base_scheduler_config)
+        schedule.set_timesteps(steps)
+        t_k = float(schedule.timesteps[k])
+        # NOTE: diffusers splits at a timestep cutoff: the base keeps t >= cutoff, the refiner t < cutoff. A cutoff of
+        # floor(t_k) + 1 gives the base exactly the first k steps on any first-order schedule (integer or not).
+        split = 1.0 - (math.floor(t_k) + 1) / schedule.config.num_train_timesteps
+        latents = self._call(self.txt2img, req, progress, seeds, prompts, negatives, denoising_end=split,
+                             output_type="latent", **size)
+        return self._call(self.refiner, req, progress, seeds, prompts, negatives, image=latents,
+                          denoising_start=split)
 
     def _vary(self, req, on_step, should_stop):
         image = imageops.fit_to_unit(req.image, self.unit)
@@ -234,12 +286,17 @@ class ImageEngine:
         return [Image.composite(g.resize(image.size), image, blend) for g in generated]
 
     def _upscale(self, req, on_step, should_stop):
-        """Fooocus' recipe: a super-resolution model to 2x, then a light img2img pass, tile by tile when large."""
+        """Fooocus' recipe: a super-resolution model to 2x (Lanczos down to 1.5x when asked), then a light img2img
+        pass, tile by tile when large."""
         if self.upscaler is None:
             raise ValueError("this engine has no upscaler model; load one (ImageEngine.load(..., upscaler='demo'))")
         from loom.image.upscaler import upscale_image  # optional: upscaler.py imports diffusers (the image extra)
 
-        big = imageops.fit_to_unit(upscale_image(self.upscaler, req.image.convert("RGB")), self.unit)
+        big = upscale_image(self.upscaler, req.image.convert("RGB"))  # 2x
+        if req.upscale_factor != 2.0:
+            w, h = req.image.size
+            big = big.resize((round(w * req.upscale_factor), round(h * req.upscale_factor)), Image.LANCZOS)
+        big = imageops.fit_to_unit(big, self.unit)
         strength = req.denoise or UPSCALE_STRENGTH
         tile = max(self.native, self.unit)
         overlap = max(self.unit, tile // 4)
@@ -258,6 +315,13 @@ class ImageEngine:
                 tiles.append((x, y, out.resize(crop.size)))
             images.append(imageops.blend_tiles(big.size, tiles, overlap))
         return images, self._extra(prompts)
+
+
+def text_inputs(pipe, prompts: list[str], negatives: list[str]) -> dict:
+    """Prompt strings when diffusers encodes them as asked; embeddings when a prompt has weights or is long."""
+    if not needs_embeddings(pipe, prompts + negatives):
+        return {"prompt": prompts, "negative_prompt": negatives if any(negatives) else None}
+    return encode_prompts(pipe, prompts, negatives)
 
 
 def images_equal(a: Image.Image, b: Image.Image, tolerance: int = 0) -> bool:

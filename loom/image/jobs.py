@@ -258,11 +258,11 @@ class JobQueue:
         changes |= {"status": status, "finished": time.time()}
         if status == SUCCEEDED:
             self._append_history(job, changes)  # before waking waiters: a finished job is always in the history
-        job.touch(**changes)
-        if self.metrics:
+        if self.metrics:  # before waking waiters too: a client that saw the job finish finds it counted
             self.metrics.jobs.labels(task=job.request.task, status=status).inc()
             if job.started:
-                self.metrics.seconds.labels(task=job.request.task).observe(job.finished - job.started)
+                self.metrics.seconds.labels(task=job.request.task).observe(changes["finished"] - job.started)
+        job.touch(**changes)
 
     def _append_history(self, job: Job, changes: dict) -> None:
         record = job.snapshot() | changes | {"files": [p.name for p in changes.get("files", [])],

@@ -12,6 +12,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from loom.image.presets import MAX_GUIDANCE
 from loom.image.request import ImageRequest
 
 KEY = "loom"
@@ -21,6 +22,12 @@ def parameters_line(s: dict[str, Any]) -> str:
     """A1111's human-readable form: prompt, negative, then "Steps: .., Sampler: .., ..."."""
     tail = (f"Steps: {s.get('steps')}, Sampler: {s.get('sampler')}, CFG scale: {s.get('guidance')}, "
             f"Seed: {s.get('seed')}, Size: {s.get('width')}x{s.get('height')}")
+    if s.get("sharpness"):
+        tail += f", Sharpness: {s['sharpness']}"
+    if s.get("adaptive_cfg") is not None and s["adaptive_cfg"] < MAX_GUIDANCE:
+        tail += f", Adaptive CFG: {s['adaptive_cfg']}"
+    if s.get("loras"):
+        tail += ", LoRAs: " + " ".join(f"{lora['name']}:{lora['weight']}" for lora in s["loras"])
     return f"{s.get('prompt', '')}\nNegative prompt: {s.get('negative_prompt', '')}\n{tail}"
 
 

@@ -77,3 +77,16 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: str | None):
             "(a diffusers folder of the same architecture, e.g. a converted SD 1.5 or SDXL)"
         )
     return cls.from_single_file(str(path), config=config, torch_dtype=dtype, local_files_only=True)
+
+
+def load_refiner(path: str, base):
+    """An SDXL refiner (``StableDiffusionXLImg2ImgPipeline``) from a diffusers folder, sharing ``base``'s VAE."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline  # optional: diffusers comes with the image extra
+
+    folder = resolve_model_path(path)
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"refiner {path}: give a diffusers folder of an SDXL refiner (with model_index.json)")
+    extra = {} if (folder / "tokenizer_2").is_dir() else {"tokenizer_2": load_clip_tokenizer()}
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(str(folder), vae=base.vae, torch_dtype=base.dtype, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(base.device)

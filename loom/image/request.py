@@ -13,7 +13,17 @@ from typing import Any
 from PIL import Image
 
 from loom.image.limits import MAX_IMAGES, MAX_STEPS  # noqa: F401 - re-exported for the API's schema
-from loom.image.presets import ASPECT_RATIOS, OUTPAINT_RATIO, get_performance, parse_aspect_ratio
+from loom.image.loras import LoRASpec, merge_loras
+from loom.image.presets import (
+    ASPECT_RATIOS,
+    OUTPAINT_RATIO,
+    TWEAK_RANGES,
+    UPSCALE_FACTORS,
+    SamplingTweaks,
+    get_performance,
+    parse_aspect_ratio,
+)
+from loom.image.prompt_weights import check_weights
 from loom.image.samplers import SAMPLERS
 from loom.image.styles import load_styles
 from loom.image.wildcards import check_wildcards
@@ -55,6 +65,23 @@ class ImageRequest:
     """Soft mask edge in pixels; None: 1/32 of the image's short side."""
     outpaint_sides: list[str] = field(default_factory=list)
     outpaint_ratio: float = OUTPAINT_RATIO
+    sharpness: float | None = None
+    """Fooocus' sharpness (0..30; 0 = off); None: the performance preset's (Quality 2, others 0)."""
+    adaptive_cfg: float | None = None
+    """Guidance above this is eased in from it (1..30; 30 = off); None: the preset's (Quality 7, others 30)."""
+    adm_scaler_positive: float | None = None
+    """SDXL: positive "original size" factor (0.1..3; 1 = off); None: the preset's (Quality 1.5)."""
+    adm_scaler_negative: float | None = None
+    """SDXL: negative "original size" factor (0.1..3; 1 = off); None: the preset's (Quality 0.8)."""
+    adm_scaler_end: float | None = None
+    """SDXL: ADM scaling applies until this fraction of sampling (0..1); None: the preset's (Quality 0.3)."""
+    loras: list[dict] = field(default_factory=list)
+    """Up to 5 ``{"name", "weight"}`` from the server's LoRA folder; ``<lora:NAME:WEIGHT>`` in the prompt adds more."""
+    upscale_factor: float = 2.0
+    """upscale: 1.5 or 2 times the input's sides."""
+    refiner_switch: float | None = None
+    """txt2img on SDXL with a refiner: the fraction of steps the base model runs before the refiner takes over
+    (0..1; 1 = no refiner); None: 0.8 when the engine has a refiner, else none."""
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -74,14 +101,21 @@ class ImageRequest:
                 raise ValueError(f"{name} must be in 8..{MAX_SIDE} pixels, got {value}")
         if self.aspect_ratio is not None and self.aspect_ratio not in ASPECT_RATIOS:
             parse_aspect_ratio(self.aspect_ratio)
-        if self.denoise is not None and not 0.0 < self.denoise <= 1.0:
-            raise ValueError(f"denoise must be in (0, 1], got {self.denoise}")
+        if self.denoise is not None and not 1 / MAX_STEPS <= self.denoise <= 1.0:
+            raise ValueError(f"denoise must be in {1 / MAX_STEPS:g}..1, got {self.denoise}")
         if self.mask_blur is not None and not 0 <= self.mask_blur <= MAX_MASK_BLUR:
             raise ValueError(f"mask_blur must be in 0..{MAX_MASK_BLUR} pixels, got {self.mask_blur}")
+        if self.upscale_factor not in UPSCALE_FACTORS:
+            raise ValueError(f"upscale_factor must be one of {UPSCALE_FACTORS}, got {self.upscale_factor}")
+        if self.refiner_switch is not None and not 0.0 < self.refiner_switch <= 1.0:
+            raise ValueError(f"refiner_switch must be in (0, 1] (1 = no refiner), got {self.refiner_switch}")
         if self.seed is not None and self.seed > MAX_SEED:
             raise ValueError(f"seed must be at most {MAX_SEED}, got {self.seed}")
         self._check_text()
         self._check_inputs()
+        self.tweaks()
+        self.loras = [asdict(spec) for spec in self._listed_loras()]
+        self.lora_specs()
         if self.seed is None or self.seed < 0:
             self.seed = random.randrange(2**31)
 
@@ -95,6 +129,8 @@ class ImageRequest:
         if unknown:
             raise ValueError(f"unknown style(s) {[n[:64] for n in unknown[:4]]}; GET /v1/images/options lists them")
         check_wildcards(self.prompt)
+        check_weights(self.prompt, "prompt")
+        check_weights(self.negative_prompt, "negative_prompt")
 
     def _check_inputs(self) -> None:
         if self.task in IMAGE_TASKS and self.image is None:
@@ -120,6 +156,22 @@ class ImageRequest:
             self.guidance if self.guidance is not None else perf.guidance,
             self.sampler if self.sampler is not None else perf.sampler,
         )
+
+    def _listed_loras(self) -> list[LoRASpec]:
+        try:
+            return [spec if isinstance(spec, LoRASpec) else LoRASpec(**spec) for spec in self.loras]
+        except TypeError:
+            raise ValueError('each LoRA is {"name": NAME, "weight": WEIGHT}') from None
+
+    def lora_specs(self) -> list[LoRASpec]:
+        """The preset's LoRAs, the listed ones, then the prompt's ``<lora:...>`` tags (later weights win), at most 5."""
+        return merge_loras(list(get_performance(self.performance).loras) + self._listed_loras(), self.prompt)
+
+    def tweaks(self) -> SamplingTweaks:
+        """Sampling tweaks: the request's own values where set, the performance preset's elsewhere."""
+        preset = get_performance(self.performance).tweaks
+        return SamplingTweaks(**{name: getattr(preset, name) if getattr(self, name) is None else getattr(self, name)
+                                 for name in TWEAK_RANGES})
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any], **inputs) -> ImageRequest:

@@ -36,6 +36,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default 200)")
     add_config_arguments(group, ImageLimits, prefix="image_")
     group.add_argument("--image-device", default=None, help="cuda, cpu, ... (default: cuda when present)")
+    group.add_argument("--image-refiner", default=None, metavar="DIR",
+                       help="SDXL refiner (diffusers folder); txt2img hands over to it at --refiner-switch of the "
+                            "steps (0.8 unless the request says otherwise)")
+    group.add_argument("--image-lora-dir", default=None, metavar="DIR",
+                       help="folder of LoRAs (NAME.safetensors, diffusers or kohya keys, or NAME/ folders) that "
+                            "requests may name; requests never give paths (default: no LoRAs)")
     group.add_argument("--image-ui-host", default="127.0.0.1")
     group.add_argument("--image-ui-port", type=int, default=7860,
                        help="port of the Gradio web UI; 0 disables it (default 7860)")
@@ -70,6 +76,7 @@ def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> I
         model_config=args.image_model_config, device=args.image_device, max_queued=args.image_max_queued,
         ui_host=args.image_ui_host, ui_port=args.image_ui_port, api_url=api_url, keep_jobs=args.image_keep_jobs,
         limits=config_from_args(ImageLimits, args, prefix="image_"), api_key=getattr(args, "api_key", None),
+        lora_dir=args.image_lora_dir, refiner=args.image_refiner,
     )
 
 
@@ -81,12 +88,14 @@ class ImageComponent:
     def __init__(self, model: str, registry: CollectorRegistry, output_dir: Path, upscaler: str | None = "demo",
                  model_config: str | None = None, device: str | None = None, max_queued: int = 32,
                  ui_host: str = "127.0.0.1", ui_port: int = 0, api_url: str = "http://127.0.0.1:8000", engine=None,
-                 keep_jobs: int = 200, limits: ImageLimits | None = None, api_key: str | None = None):
+                 keep_jobs: int = 200, limits: ImageLimits | None = None, api_key: str | None = None,
+                 lora_dir: str | None = None, refiner: str | None = None):
         # local: the image API imports torch and PIL; `loom serve` parses its flags without them
         from loom.image.api import build_router
         from loom.image.jobs import JobQueue
 
         self.model, self.upscaler, self.model_config, self.device = model, upscaler, model_config, device
+        self.lora_dir, self.refiner = lora_dir, refiner
         self.ui_host, self.ui_port, self.api_url, self.api_key = ui_host, ui_port, api_url, api_key
         self.queue = JobQueue(engine, output_dir, max_queued=max_queued, keep_jobs=keep_jobs,
                               metrics=ImageMetrics.create(registry))
@@ -101,7 +110,8 @@ class ImageComponent:
             from loom.image.engine import ImageEngine  # local: torch and PIL, as above
 
             self.queue.engine = await asyncio.to_thread(
-                ImageEngine.load, self.model, self.device, self.upscaler, self.model_config
+                ImageEngine.load, self.model, self.device, self.upscaler, self.model_config, lora_dir=self.lora_dir,
+                refiner=self.refiner,
             )
         self.queue.start()
 

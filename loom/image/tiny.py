@@ -90,7 +90,11 @@ def build_text_encoder(spec: TinySpec):
         max_position_embeddings=77,
         layer_norm_eps=1e-5,
     )
-    return CLIPTextModel(config)
+    model = CLIPTextModel(config)
+    # A trained CLIP's final LayerNorm has a learned bias; a zero one makes every token's states average to 0,
+    # which prompt weighting's mean restoration (loom.image.text_encoding) cannot divide by.
+    torch.nn.init.normal_(model.final_layer_norm.bias, std=0.5)
+    return model
 
 
 def build_scheduler():
@@ -164,6 +168,29 @@ def tiny_sdxl_pipeline(seed: int = 0):
     pipe = StableDiffusionXLPipeline(
         vae=vae.eval(), text_encoder=text_encoder.eval(), text_encoder_2=text_encoder_2.eval(), tokenizer=tokenizer,
         tokenizer_2=tokenizer, unet=unet.eval(), scheduler=EulerDiscreteScheduler.from_config(build_scheduler().config),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_refiner(base, seed: int = 1):
+    """A StableDiffusionXLImg2ImgPipeline shaped like SDXL's refiner (encoder 2 only, aesthetic-score conditioning),
+    sharing ``base``'s VAE, tokenizer and second text encoder (the real refiner ships its own copies of them)."""
+    # optional: diffusers comes with the image extra
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=72,
+        cross_attention_dim=32, norm_num_groups=1,
+    )  # 72 = 5 time ids (sizes, crop, aesthetic score) x 8 + the 32-wide pooled text embedding
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae, text_encoder=None, text_encoder_2=base.text_encoder_2, tokenizer=None,
+        tokenizer_2=base.tokenizer_2, unet=unet.eval(), requires_aesthetics_score=True,
+        scheduler=EulerDiscreteScheduler.from_config(build_scheduler().config),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -4,7 +4,8 @@
     (``loom serve --image demo`` starts it on 127.0.0.1:7860 beside the API)
 
 Prompt box, style picker, performance preset, aspect ratio, a gallery, an advanced panel (negative prompt, seed,
-sampler, steps, guidance, image count), and tabs for Vary / Inpaint (draw the mask with the brush) / Outpaint /
+sampler, steps, guidance, image count), a LoRA picker (5 rows of name and weight), a sampling-quality panel
+(sharpness, adaptive CFG, SDXL ADM scaling), and tabs for Vary / Inpaint (draw the mask with the brush) / Outpaint /
 Upscale. Every run submits a job to ``POST /v1/images/jobs`` and follows its server-sent events, so the preview and
 progress bar update live; Stop cancels the job through the API.
 
@@ -101,6 +102,27 @@ def settings_body(prompt, negative, styles, performance, aspect, num_images, see
     return body
 
 
+TWEAKS = ("sharpness", "adaptive_cfg", "adm_scaler_positive", "adm_scaler_negative", "adm_scaler_end")
+
+
+MAX_LORA_ROWS = 5
+NO_LORA = "None"
+
+
+def lora_fields(*values) -> dict:
+    """The LoRA picker's (name, weight) rows as the API's ``loras`` list; rows left at "None" are skipped."""
+    pairs = zip(values[0::2], values[1::2])
+    return {"loras": [{"name": name, "weight": float(weight)} for name, weight in pairs
+                      if name and name != NO_LORA]}
+
+
+def tweak_fields(custom_tweaks, *values) -> dict:
+    """The sampling-quality sliders as API fields, only when the user overrides the preset's values."""
+    if not custom_tweaks:
+        return {}
+    return {name: float(v) for name, v in zip(TWEAKS, values) if v is not None}
+
+
 def build_blocks(api_url: str, api_key: str | None = None):
     import gradio as gr  # optional: gradio comes with the image extra
 
@@ -114,11 +136,16 @@ def build_blocks(api_url: str, api_key: str | None = None):
     def run(task, job_state, *values):
         """Generator: submit, then stream (preview, progress text, gallery, job id) updates."""
         (prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler, steps, guidance, custom,
-         vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image) = values
+         vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image, upscale_factor, refiner_switch,
+         custom_tweaks) = values[:21]
+        tweaks, loras = values[21 : 21 + len(TWEAKS)], values[21 + len(TWEAKS) :]
         body = settings_body(prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler,
-                             steps, guidance, custom)
+                             steps, guidance, custom) | tweak_fields(custom_tweaks, *tweaks) | lora_fields(*loras)
+        if model.get("has_refiner") and refiner_switch is not None:
+            body["refiner_switch"] = float(refiner_switch)
         try:
-            body |= task_inputs(task, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image)
+            body |= task_inputs(task, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image,
+                                upscale_factor)
             job = client.submit(body)
         except (RuntimeError, ValueError, httpx.HTTPError) as exc:
             yield None, f"**Error:** {exc}", gr.update(), None
@@ -138,7 +165,8 @@ def build_blocks(api_url: str, api_key: str | None = None):
                 return
             yield preview, text, gr.update(), job["id"]
 
-    def task_inputs(task, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image) -> dict:
+    def task_inputs(task, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image,
+                    upscale_factor) -> dict:
         if task == "txt2img":
             return {"task": "txt2img"}
         if task == "vary":
@@ -155,7 +183,7 @@ def build_blocks(api_url: str, api_key: str | None = None):
             return {"task": "outpaint", "image": to_b64(outpaint_image),
                     "outpaint_sides": [s.lower() for s in sides or []]}
         _need(upscale_image, "Upscale")
-        return {"task": "upscale", "image": to_b64(upscale_image)}
+        return {"task": "upscale", "image": to_b64(upscale_image), "upscale_factor": float(upscale_factor.rstrip("x"))}
 
     def stop(job_id):
         if job_id:
@@ -191,8 +219,9 @@ def build_blocks(api_url: str, api_key: str | None = None):
                                                  label="Extend")
                         outpaint_btn = gr.Button("Outpaint")
                     with gr.Tab("Upscale"):
-                        upscale_image = gr.Image(type="pil", label="Image to upscale 2x")
-                        upscale_btn = gr.Button("Upscale 2x")
+                        upscale_image = gr.Image(type="pil", label="Image to upscale")
+                        upscale_factor = gr.Radio(["1.5x", "2x"], value="2x", label="Upscale by")
+                        upscale_btn = gr.Button("Upscale")
             with gr.Column(scale=2):
                 performance = gr.Radio(opts["performances"],
                                        value="Speed" if "Speed" in opts["performances"] else opts["performances"][0],
@@ -209,8 +238,29 @@ def build_blocks(api_url: str, api_key: str | None = None):
                     sampler = gr.Dropdown(opts["samplers"], value=opts["samplers"][0], label="Sampler")
                     steps = gr.Slider(1, 150, value=30, step=1, label="Steps")
                     guidance = gr.Slider(0.0, 20.0, value=4.0, step=0.5, label="Guidance (CFG)")
+                    refiner_switch = gr.Slider(0.05, 1.0, value=0.8, step=0.05, visible=bool(model.get("has_refiner")),
+                                               label="Refiner switch (fraction of steps on the base model; 1 = off)")
+                with gr.Accordion("LoRAs", open=False, elem_id="loras"):
+                    lora_inputs = []
+                    for i in range(MAX_LORA_ROWS):
+                        with gr.Row():
+                            lora_inputs.append(gr.Dropdown([NO_LORA] + opts.get("loras", []), value=NO_LORA,
+                                                           label=f"LoRA {i + 1}", elem_id=f"lora-{i}", scale=3))
+                            lora_inputs.append(gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="Weight",
+                                                         elem_id=f"lora-{i}-weight", scale=2))
+                with gr.Accordion("Sampling quality", open=False):
+                    custom_tweaks = gr.Checkbox(value=False, label="Override the preset's sharpness, adaptive CFG "
+                                                                   "and ADM scaling", elem_id="custom-tweaks")
+                    tweak_sliders = [
+                        gr.Slider(0.0, 30.0, value=2.0, step=0.5, label="Sharpness (0 = off)", elem_id="sharpness"),
+                        gr.Slider(1.0, 30.0, value=7.0, step=0.5, label="Adaptive CFG (30 = off)"),
+                        gr.Slider(0.1, 3.0, value=1.5, step=0.1, label="ADM positive scale (SDXL)"),
+                        gr.Slider(0.1, 3.0, value=0.8, step=0.1, label="ADM negative scale (SDXL)"),
+                        gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="ADM scaling ends at (SDXL)"),
+                    ]
         inputs = [job_state, prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler,
-                  steps, guidance, custom, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image]
+                  steps, guidance, custom, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image,
+                  upscale_factor, refiner_switch, custom_tweaks, *tweak_sliders, *lora_inputs]
         outputs = [preview, progress, gallery, job_state]
         for button, task in ((generate, "txt2img"), (vary_btn, "vary"), (inpaint_btn, "inpaint"),
                              (outpaint_btn, "outpaint"), (upscale_btn, "upscale")):

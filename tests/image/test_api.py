@@ -121,3 +121,13 @@ def test_options_health_and_metrics(client):
     metrics = client.get("/metrics").text
     assert 'loom_image_jobs_total{status="succeeded",task="txt2img"} 1.0' in metrics
     assert "loom_image_steps_total 2.0" in metrics
+
+
+def test_sampling_tweaks_through_the_api(client):
+    r = client.post("/v1/images/jobs", json={"prompt": "x", "sharpness": 31})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "sharpness"]
+    body = {"prompt": "a (bag:1.2)", "steps": 2, "width": 32, "height": 32, "seed": 1, "sharpness": 5,
+            "adaptive_cfg": 2.5}
+    final = wait_done(client, client.post("/v1/images/jobs", json=body).json()["id"])[-1]
+    assert final["status"] == "succeeded"
+    assert final["settings"][0]["sharpness"] == 5 and final["settings"][0]["adaptive_cfg"] == 2.5

@@ -49,3 +49,17 @@ def test_offline_tokenizer_has_clips_ids():
     assert len(tok) == 49408 and tok.model_max_length == 77
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert len(tok("word " * 200, truncation=True).input_ids) == 77
+
+
+def test_imagine_quality_flags(model_dir, tmp_path, capsys):
+    """--upscale-factor 1.5 sizes the result; --lora names are checked against --lora-dir and say what exists."""
+    src = tmp_path / "src.png"
+    Image.new("RGB", (64, 48), (120, 40, 200)).save(src)
+    out = tmp_path / "up.png"
+    assert main(["imagine", "x", "--model", str(model_dir), "--task", "upscale", "--image", str(src), "--out", str(out),
+                 "--steps", "2", "--upscale-factor", "1.5", "--sharpness", "3"]) == 0
+    assert Image.open(out).size == (96, 72) and read_settings(out)["sharpness"] == 3
+    (tmp_path / "loras").mkdir()
+    assert main(["imagine", "x", "--model", str(model_dir), "--out", str(tmp_path / "x.png"), "--steps", "2",
+                 "--lora-dir", str(tmp_path / "loras"), "--lora", "nope:0.5"]) == 2
+    assert "unknown LoRA 'nope'" in capsys.readouterr().err

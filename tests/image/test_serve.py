@@ -57,3 +57,28 @@ def test_demo_model_draws_the_prompted_garment():
     assert all((np.asarray(x) == np.asarray(y)).all() for x, y in zip(trousers.images, again.images))
     # trousers are tall and narrow, bags wide: compare ink in the side columns of the garment area
     assert t[:, 4:28, 4:10].mean() < b[:, 4:28, 4:10].mean()
+
+
+@pytest.mark.slow
+def test_refiner_and_lora_folders_load_from_disk(tmp_path):
+    """--image-refiner / --image-lora-dir reach ImageEngine.load, which loads an SDXL refiner folder beside the base."""
+    from loom.image.engine import ImageEngine
+    from loom.image.request import ImageRequest
+    from loom.image.tiny import tiny_sdxl_pipeline, tiny_sdxl_refiner
+
+    base = tiny_sdxl_pipeline(seed=0)
+    base.save_pretrained(tmp_path / "base")
+    tiny_sdxl_refiner(base).save_pretrained(tmp_path / "refiner")
+    (tmp_path / "loras").mkdir()
+    args = parse(["--image", str(tmp_path / "base"), "--image-refiner", str(tmp_path / "refiner"),
+                  "--image-lora-dir", str(tmp_path / "loras"), "--image-ui-port", "0",
+                  "--image-output-dir", str(tmp_path / "out")])
+    component = serve.create_component(args, CollectorRegistry())
+    assert (component.refiner, component.lora_dir) == (str(tmp_path / "refiner"), str(tmp_path / "loras"))
+    engine = ImageEngine.load(component.model, device="cpu", upscaler=None, refiner=component.refiner,
+                              lora_dir=component.lora_dir)
+    assert engine.refiner.vae is engine.txt2img.vae and engine.info()["has_refiner"] is True
+    result = engine.generate(ImageRequest(prompt="x", seed=1, steps=2, width=32, height=32, refiner_switch=0.5))
+    assert result.settings[0]["refiner_step"] == 1 and result.images[0].size == (32, 32)
+    with pytest.raises(ValueError, match="SDXL refiner"):
+        ImageEngine.load(component.model, device="cpu", upscaler=None, refiner=str(tmp_path / "loras"))
