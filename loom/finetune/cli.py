@@ -67,16 +67,10 @@ def print_report(summary: dict) -> None:
     print(f"model saved to {summary['config']['output']} (serve it: loom serve --model {summary['config']['output']})")
 
 
-class RankFailed(RuntimeError):
-    """A training rank ended with an error; the others were stopped."""
-
-
 def train(cfg: FinetuneConfig) -> dict:
     """``finetune(cfg)`` here, or in ``cfg.nproc_per_node`` new processes (rank 0's summary is read from the output
     folder, where it wrote it)."""
     # local: these import torch, which must start after run() sets OMP_WAIT_POLICY; `loom finetune --help` skips it
-    from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
-
     from loom.finetune.distributed import check_distributed, launch, ranks_from_env
     from loom.finetune.recipe import finetune
 
@@ -86,12 +80,7 @@ def train(cfg: FinetuneConfig) -> dict:
         raise ValueError("already one of several ranks (torchrun sets WORLD_SIZE): leave out --nproc-per-node, "
                          "torchrun's own --nproc-per-node starts the ranks")
     check_distributed(cfg.nproc_per_node, is_preference=cfg.is_preference, batch_size=cfg.batch_size)
-    try:
-        launch(_rank_main, (cfg,), cfg.nproc_per_node)
-    except ProcessRaisedException as exc:  # the traceback of the rank that failed first
-        raise RankFailed(f"a training rank failed (the others were stopped):\n{exc}") from None
-    except ProcessExitedException as exc:  # killed (e.g. out of memory) rather than raised
-        raise RankFailed(f"a training rank died: {exc} (the others were stopped)") from None
+    launch(_rank_main, (cfg,), cfg.nproc_per_node)
     return json.loads((Path(cfg.output) / "loom_finetune.json").read_text())
 
 
@@ -125,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
-    except RankFailed as exc:
+    except RuntimeError as exc:
+        if type(exc).__name__ != "RankFailed":  # loom.finetune.distributed imports torch: not imported up here
+            raise
         print(f"error: {exc}")
         return 1
     if not summary:  # a rank other than 0 under torchrun

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -27,6 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
 from torch.nn.parallel import DistributedDataParallel
 
 from loom.finetune.collate import Batch
@@ -88,8 +90,10 @@ def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
 
 @contextlib.contextmanager
 def process_group(ranks: Ranks, device: torch.device, timeout_s: float):
-    """Join the process group for the ``with`` body (gloo on CPU, NCCL on CUDA) and always leave it after; nothing
-    on one rank."""
+    """Join the process group for the ``with`` body (gloo on CPU, NCCL on CUDA) and leave it after; nothing on one
+    rank. NOTE: a body that raises does not leave the group: leaving closes the connections at once, and the peers'
+    "connection closed" errors would then race this rank's own error to the launcher; the rank's exit closes them,
+    after its error is recorded."""
     if not ranks.is_distributed:
         yield
         return
@@ -98,10 +102,8 @@ def process_group(ranks: Ranks, device: torch.device, timeout_s: float):
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=ranks.rank, world_size=ranks.world_size,
                             timeout=timedelta(seconds=timeout_s))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+    yield
+    dist.destroy_process_group()
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:
@@ -193,11 +195,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class RankFailed(RuntimeError):
+    """A rank ended with an error (the message holds its traceback); the launcher stopped the others."""
+
+
 def launch(fn, args: tuple, nproc: int) -> None:
     """Run ``fn(*args)`` in ``nproc`` new processes that see the torchrun variables (ranks 0..nproc-1 on this node,
-    rendezvous on a free 127.0.0.1 port); returns when all have ended, raises the first failure's traceback."""
+    rendezvous on a free 127.0.0.1 port); returns when all have ended. RankFailed names the rank that failed first
+    and gives its traceback: the others then fail too (their peer is gone) or are stopped."""
     port = free_port()
-    mp.start_processes(_rank_main, args=(fn, args, nproc, port), nprocs=nproc, join=True, start_method="spawn")
+    context = mp.start_processes(_rank_main, args=(fn, args, nproc, port), nprocs=nproc, join=False,
+                                 start_method="spawn")
+    try:
+        while not context.join():
+            pass
+    except ProcessRaisedException:
+        rank, trace = _first_error(context.error_files)
+        raise RankFailed(f"rank {rank} failed (the other ranks were stopped):\n{trace}") from None
+    except ProcessExitedException as exc:  # killed by a signal (e.g. out of memory) rather than raised
+        raise RankFailed(f"rank {exc.error_index} died ({exc}); the other ranks were stopped") from None
+
+
+def _first_error(error_files: list[str]) -> tuple[int, str]:
+    """(rank, traceback) of the earliest error a rank wrote: the cause, not a peer's "connection closed"."""
+    written = [(os.path.getmtime(path), rank, path) for rank, path in enumerate(error_files) if os.path.exists(path)]
+    _, rank, path = min(written)
+    with open(path, "rb") as fh:  # written by our own rank process (torch.multiprocessing's error file)
+        return rank, pickle.load(fh)
 
 
 def _rank_main(rank: int, fn, args: tuple, nproc: int, port: int) -> None:
