@@ -39,10 +39,26 @@ def _answers(handler, device: str, items: list, **ctx) -> list:
     return [r.value for r in run_batch(handler, items)]
 
 
-def test_embedding_handler_on_cuda_matches_the_cpu():
-    texts = ["a short sentence", "a somewhat longer sentence about model servers on GPUs", "x"]
-    on_gpu = _answers(EmbeddingHandler(), "cuda:0", texts)
-    on_cpu = _answers(EmbeddingHandler(), "cpu", texts)
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A random 2-layer BERT with a word-level vocabulary (MiniLM's package may be missing on a GPU machine)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    words = "a short sentence somewhat longer about model servers on gpus x".split()
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+def test_embedding_handler_on_cuda_matches_the_cpu(tiny_bert_dir):
+    texts = ["a short sentence", "a somewhat longer sentence about model servers on gpus", "x"]
+    on_gpu = _answers(EmbeddingHandler(), "cuda:0", texts, model_dir=str(tiny_bert_dir))  # HF BERT, padded
+    on_cpu = _answers(EmbeddingHandler(), "cpu", texts, model_dir=str(tiny_bert_dir))  # PackedBert
     for gpu, cpu in zip(on_gpu, on_cpu):
         assert gpu["tokens"] == cpu["tokens"]
         torch.testing.assert_close(torch.tensor(gpu["embedding"]), torch.tensor(cpu["embedding"]), atol=1e-3,
