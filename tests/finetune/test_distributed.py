@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,7 +90,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(runs, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_fsdp2_lora_on_two_ranks_equals_one_rank(tmp_path, tiny_model_dir):
+def test_fsdp2_lora_on_two_ranks_equals_one_rank_and_resumes_on_one(tmp_path, tiny_model_dir):
     write_jsonl(RECORDS, tmp_path / "train.jsonl")
     lora = ["--lora", "--lora-r", "4", "--no-packing"]
     assert main(finetune_args(tmp_path, tiny_model_dir, "one", *lora)) == 0
@@ -98,6 +99,11 @@ def test_fsdp2_lora_on_two_ranks_equals_one_rank(tmp_path, tiny_model_dir):
     assert_close_weights(exported(tmp_path / "fsdp"), exported(tmp_path / "one"))
     adapters = [load_file(str(tmp_path / run / "adapter" / "adapter_model.safetensors")) for run in ("one", "fsdp")]
     assert_close_weights(adapters[1], adapters[0])
+    # the sharded run's checkpoint is full and name-keyed: one process without FSDP resumes it
+    step_2 = Path("checkpoints") / "step-000002"
+    shutil.copytree(tmp_path / "fsdp" / step_2, tmp_path / "resumed" / step_2)
+    assert main(finetune_args(tmp_path, tiny_model_dir, "resumed", *lora, "--resume")) == 0
+    assert_close_weights(exported(tmp_path / "resumed"), exported(tmp_path / "one"))
 
 
 def _fail_on_rank_1() -> None:
