@@ -86,6 +86,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(runs, tiny_model_dir):
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(runs / "ddp" / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
     assert main(finetune_args(runs, tiny_model_dir, "resumed", "--resume")) == 0
+    assert [m["step"] for m in step_metrics(resumed)] == [3, 4]  # it did continue, not start over
     assert_close_weights(exported(resumed), exported(runs / "one"))
 
 
@@ -103,6 +104,7 @@ def test_fsdp2_lora_on_two_ranks_equals_one_rank_and_resumes_on_one(tmp_path, ti
     step_2 = Path("checkpoints") / "step-000002"
     shutil.copytree(tmp_path / "fsdp" / step_2, tmp_path / "resumed" / step_2)
     assert main(finetune_args(tmp_path, tiny_model_dir, "resumed", *lora, "--resume")) == 0
+    assert [m["step"] for m in step_metrics(tmp_path / "resumed")] == [3, 4]
     assert_close_weights(exported(tmp_path / "resumed"), exported(tmp_path / "one"))
 
 
