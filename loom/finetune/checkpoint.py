@@ -100,8 +100,16 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
         raise ValueError(f"checkpoint {path} does not match the model ({missing[:3]}...); resume with the same config")
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     state = torch.load(path / "state.pt", weights_only=True)  # tensors and plain types only: no code runs
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    if _keyed_by_index(state["optimizer"]):  # written by one process before states were keyed by name
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     return json.loads((path / "trainer.json").read_text())["step"]
+
+
+def _keyed_by_index(optimizer_state: dict) -> bool:
+    """``optimizer.state_dict()`` (parameters by index) rather than ``get_optimizer_state_dict`` (by name)."""
+    return any(isinstance(i, int) for group in optimizer_state["param_groups"] for i in group["params"])

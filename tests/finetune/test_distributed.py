@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from loom.cli import main
+from loom.finetune.checkpoint import load_checkpoint, save_checkpoint
 from loom.finetune.cli import train
 from loom.finetune.collate import pad_collate
 from loom.finetune.config import FinetuneConfig
@@ -31,6 +32,7 @@ from loom.finetune.distributed import (
 )
 from scripts.finetune_demo_data import write_jsonl
 
+from .conftest import make_tiny_llama
 from .test_loss import RECORDS
 
 
@@ -106,6 +108,24 @@ def test_fsdp2_lora_on_two_ranks_equals_one_rank_and_resumes_on_one(tmp_path, ti
     assert main(finetune_args(tmp_path, tiny_model_dir, "resumed", *lora, "--resume")) == 0
     assert [m["step"] for m in step_metrics(tmp_path / "resumed")] == [3, 4]
     assert_close_weights(exported(tmp_path / "resumed"), exported(tmp_path / "one"))
+
+
+def test_a_checkpoint_with_the_optimizer_keyed_by_index_still_resumes(tmp_path, tokenizer):
+    """Checkpoints written before states were keyed by name hold ``optimizer.state_dict()``."""
+    model = make_tiny_llama(len(tokenizer))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.tensor([[5, 6, 7]])).logits.sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    path = save_checkpoint(tmp_path, 1, weights, optimizer.state_dict(), scheduler, {})
+    fresh = make_tiny_llama(len(tokenizer), seed=1)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    step = load_checkpoint(path, fresh, fresh_optimizer, torch.optim.lr_scheduler.LambdaLR(fresh_optimizer,
+                                                                                             lambda s: 1.0))
+    assert step == 1 and torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+    exp_avg = [fresh_optimizer.state[p]["exp_avg"] for p in fresh.parameters()]
+    assert all(torch.equal(a, optimizer.state[p]["exp_avg"]) for a, p in zip(exp_avg, model.parameters()))
 
 
 def _fail_on_rank_1() -> None:
