@@ -2,7 +2,7 @@
 
     loom finetune --model smollm2 --data train.jsonl --eval-data eval.jsonl --output out --lora --max-steps 100
     loom finetune --config recipe.yaml --max-steps 50     # settings from a YAML recipe; flags override it
-    loom finetune ... --nproc-per-node 2                  # DDP over 2 processes (or: torchrun ... -m loom finetune)
+    loom finetune ... --nproc-per-node 2                  # DDP over 2 processes (or: torchrun --no-python loom ...)
     loom serve --model out
 
 The resolved settings go to ``OUTPUT/loom_finetune_config.yaml`` (rerun with ``--config`` that file), step metrics
@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     # NOTE: with OpenMP's default busy-waiting, 2 torch threads on 2 shared cores ran 5-10x SLOWER than 1 thread
     # here (measured: greedy eval 70 s vs 5 s); passive waiting must be set before torch starts its thread pool.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from loom.finetune.distributed import RankFailed  # local: imports torch, which must start after the line above
+
     _setup_logging()
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 writes and prints
     try:
@@ -114,9 +116,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
-    except RuntimeError as exc:
-        if type(exc).__name__ != "RankFailed":  # loom.finetune.distributed imports torch: not imported up here
-            raise
+    except RankFailed as exc:
         print(f"error: {exc}")
         return 1
     if not summary:  # a rank other than 0 under torchrun

@@ -1,7 +1,7 @@
 """Multi-process finetuning: ranks, the process group, DDP / FSDP2 wrapping and the launcher.
 
     loom finetune ... --nproc-per-node 2                  # Loom starts 2 ranks on this node (torch.multiprocessing)
-    torchrun --nproc-per-node 2 -m loom finetune ...      # or torchrun does (RANK, WORLD_SIZE, ... in the env)
+    torchrun --nproc-per-node 2 --no-python loom finetune ...   # or torchrun does (RANK, WORLD_SIZE, ... in env)
 
 Every rank walks the same seeded plan of micro-batches and takes every R-th row of each (``shard``), so an optimizer
 step covers the same examples with any number of ranks; the trainer divides by the step's supervised tokens summed
