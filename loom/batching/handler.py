@@ -46,6 +46,7 @@ class Context:
     num_threads: int
     options: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
+    """Where to put the model: "cpu", or this worker's GPU ("cuda:1") from the server's round-robin (--gpus)."""
 
 
 class Handler:

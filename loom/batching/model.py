@@ -22,6 +22,7 @@ from loom.batching.batcher import BatchQueue, DeadlineExceeded, PendingRequest, 
 from loom.batching.config import ModelConfig
 from loom.batching.handler import ItemResult
 from loom.batching.metrics import BatchingMetrics, cpu_seconds
+from loom.batching.placement import DevicePlacer
 from loom.batching.worker import WorkerProcess, WorkerSpec
 
 BUSY_WINDOW_S = 10.0
@@ -74,9 +75,11 @@ class WorkerSlot:
 class ServedModel:
     """A registered model; create with ``await ServedModel.create(config, metrics)``."""
 
-    def __init__(self, config: ModelConfig, metrics: BatchingMetrics | None = None):
+    def __init__(self, config: ModelConfig, metrics: BatchingMetrics | None = None,
+                 placer: DevicePlacer | None = None):
         self.config = config
         self.metrics = metrics
+        self.placer = placer or DevicePlacer(["cpu"])  # the server's, shared by all its models
         self.queue = BatchQueue(config.max_queue_size, config.batch_size, config.max_batch_delay / 1000,
                                 config.dispatch_when_idle)
         self.slots: list[WorkerSlot] = []
@@ -91,8 +94,9 @@ class ServedModel:
         self.created_at = time.time()
 
     @classmethod
-    async def create(cls, config: ModelConfig, metrics: BatchingMetrics | None = None) -> ServedModel:
-        model = cls(config, metrics)
+    async def create(cls, config: ModelConfig, metrics: BatchingMetrics | None = None,
+                     placer: DevicePlacer | None = None) -> ServedModel:
+        model = cls(config, metrics, placer)
         try:
             await model.scale(config.workers)
         except BaseException:
@@ -303,7 +307,7 @@ class ServedModel:
         new = []
         for _ in range(count):
             spec = WorkerSpec(self.config.name, self.config.handler, self.config.path, self._next_index,
-                              self.config.threads(total), dict(self.config.options))
+                              self.config.threads(total), dict(self.config.options), self.placer.next())
             self._next_index += 1
             new.append(WorkerSlot(spec.worker_index, WorkerProcess(spec)))
         results = await asyncio.gather(*(s.process.start() for s in new), return_exceptions=True)
@@ -362,7 +366,8 @@ class ServedModel:
     def _describe_slot(self, slot: WorkerSlot, now: float) -> dict[str, Any]:
         busy = slot.busy_seconds + (now - slot.busy_since if slot.busy_since is not None else 0.0)
         return {
-            "index": slot.index, "pid": slot.process.pid, "alive": slot.process.is_alive,
+            "index": slot.index, "pid": slot.process.pid, "device": slot.process.spec.device,
+            "alive": slot.process.is_alive,
             "busy": slot.busy_since is not None, "busy_fraction_10s": round(slot.busy_fraction(now), 4),
             "busy_seconds": round(busy, 4), "batches": slot.num_batches, "requests": slot.num_requests,
             "cpu_seconds": cpu_seconds(slot.process.pid),

@@ -3,6 +3,7 @@
     loom serve --serve minilm=embedding --batch-size 32 --max-batch-delay 5 --workers 2
     loom serve --serve vit=image-classifier:/models/vit --config models.yaml
     loom serve --model-server          # management API only; register models later
+    loom serve --serve vit=image-classifier --workers 4 --gpus 0,1    # workers on cuda:0, cuda:1, cuda:0, cuda:1
 
 Inference routes join the main app; the management API runs on its own port (127.0.0.1:8081 by default).
 """
@@ -19,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from loom.batching.config import ModelConfig, load_models_yaml, parse_serve_spec
 from loom.batching.management import build_management_app, new_token, write_token_file
+from loom.batching.placement import device_list
 from loom.batching.routes import RAW_BODY_PREFIXES, build_inference_router
 from loom.batching.server import ModelServer
 from loom.flags import add_config_arguments
@@ -38,6 +40,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model-server", action="store_true",
                        help="start the model server even with no model (register later)")
     add_config_arguments(group, ModelConfig, only=MODEL_FLAGS)  # defaults for every model declared here
+    group.add_argument("--gpus", default=None, metavar="0,1",
+                       help="GPUs the workers use, in turn over every worker of every model (TorchServe's "
+                            "round-robin); a handler finds its device in ctx.device (default: every visible GPU, "
+                            "else the CPU)")
     group.add_argument("--management-host", default="127.0.0.1")
     group.add_argument("--management-port", type=int, default=8081)
     group.add_argument("--management-token", default=None,
@@ -67,11 +73,12 @@ def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> M
     if not (args.serve or args.config or args.model_server):
         return None
     configs = configs_from_args(args)
+    devices = device_list(args.gpus)
     token = args.management_token or new_token()
     token_file = Path(args.management_token_file) if args.management_token_file else _default_token_file()
     return ModelServerComponent(configs, registry, token, args.management_host, args.management_port, token_file,
                                 announce_token=not args.management_token, enable_model_api=args.enable_model_api,
-                                model_store=args.model_store)
+                                model_store=args.model_store, devices=devices)
 
 
 def _default_token_file() -> Path:
@@ -86,9 +93,10 @@ class ModelServerComponent:
 
     def __init__(self, configs: list[ModelConfig], registry: CollectorRegistry | None, token: str,
                  management_host: str = "127.0.0.1", management_port: int = 8081, token_file: Path | None = None,
-                 announce_token: bool = False, enable_model_api: bool = False, model_store: str | None = None):
+                 announce_token: bool = False, enable_model_api: bool = False, model_store: str | None = None,
+                 devices: list[str] | None = None):
         self.configs = configs
-        self.server = ModelServer(registry)
+        self.server = ModelServer(registry, devices)
         self.token = token
         self.token_file = token_file
         self.announce_token = announce_token

@@ -14,6 +14,7 @@ from loom.batching.config import ModelConfig
 from loom.batching.handler import check_handler_spec
 from loom.batching.metrics import BatchingMetrics
 from loom.batching.model import ServedModel
+from loom.batching.placement import DevicePlacer, device_list
 
 
 class ModelExists(Exception):
@@ -25,8 +26,10 @@ class ModelNotFound(Exception):
 
 
 class ModelServer:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, devices: list[str] | None = None):
+        """devices: where workers go, in turn over all models (default: every visible GPU, else the CPU)."""
         self.models: dict[str, ServedModel] = {}
+        self.placer = DevicePlacer(device_list() if devices is None else devices)
         self._loading: set[str] = set()
         self.metrics = BatchingMetrics(registry, lambda: list(self.models.values())) if registry is not None else None
 
@@ -44,7 +47,7 @@ class ModelServer:
         check_handler_spec(config.handler)
         self._loading.add(config.name)
         try:
-            model = await ServedModel.create(config, self.metrics)
+            model = await ServedModel.create(config, self.metrics, self.placer)
         finally:
             self._loading.discard(config.name)
         self.models[config.name] = model

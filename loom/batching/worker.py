@@ -32,6 +32,8 @@ class WorkerSpec:
     worker_index: int
     num_threads: int
     options: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    """Where the handler should put its model ("cuda:1"): see loom.batching.placement."""
 
 
 class WorkerDied(RuntimeError):
@@ -82,7 +84,8 @@ def run_unexpired(handler, items: list[Any], deadlines: list[float]) -> list[Ite
 
 def _build_handler(spec: WorkerSpec):
     handler = load_handler_class(spec.handler)()
-    ctx = Context(spec.model_name, spec.model_dir, spec.worker_index, spec.num_threads, dict(spec.options))
+    ctx = Context(spec.model_name, spec.model_dir, spec.worker_index, spec.num_threads, dict(spec.options),
+                  spec.device)
     handler.setup(ctx)
     _set_torch_threads(spec.num_threads)
     return handler

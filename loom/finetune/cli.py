@@ -2,6 +2,7 @@
 
     loom finetune --model smollm2 --data train.jsonl --eval-data eval.jsonl --output out --lora --max-steps 100
     loom finetune --config recipe.yaml --max-steps 50     # settings from a YAML recipe; flags override it
+    loom finetune ... --nproc-per-node 2                  # DDP over 2 processes (or: torchrun --no-python loom ...)
     loom serve --model out
 
 The resolved settings go to ``OUTPUT/loom_finetune_config.yaml`` (rerun with ``--config`` that file), step metrics
@@ -66,25 +67,60 @@ def print_report(summary: dict) -> None:
     print(f"model saved to {summary['config']['output']} (serve it: loom serve --model {summary['config']['output']})")
 
 
+def train(cfg: FinetuneConfig) -> dict:
+    """``finetune(cfg)`` here, or in ``cfg.nproc_per_node`` new processes (rank 0's summary is read from the output
+    folder, where it wrote it)."""
+    # local: these import torch, which must start after run() sets OMP_WAIT_POLICY; `loom finetune --help` skips it
+    from loom.finetune.distributed import check_distributed, launch, ranks_from_env
+    from loom.finetune.recipe import finetune
+
+    if cfg.nproc_per_node == 1:
+        return finetune(cfg)
+    if ranks_from_env().is_distributed:
+        raise ValueError("already one of several ranks (torchrun sets WORLD_SIZE): leave out --nproc-per-node, "
+                         "torchrun's own --nproc-per-node starts the ranks")
+    check_distributed(cfg.nproc_per_node, is_preference=cfg.is_preference, batch_size=cfg.batch_size)
+    launch(_rank_main, (cfg,), cfg.nproc_per_node)
+    return json.loads((Path(cfg.output) / "loom_finetune.json").read_text())
+
+
+def _rank_main(cfg: FinetuneConfig) -> None:
+    """One spawned rank: a new interpreter, so the logging set up by ``run`` is set up again."""
+    from loom.finetune.recipe import finetune
+
+    _setup_logging()
+    finetune(cfg)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def run(args: argparse.Namespace) -> int:
     # NOTE: with OpenMP's default busy-waiting, 2 torch threads on 2 shared cores ran 5-10x SLOWER than 1 thread
     # here (measured: greedy eval 70 s vs 5 s); passive waiting must be set before torch starts its thread pool.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    # local: the recipe imports torch, which must start after the line above; `loom finetune --help` skips it
-    from loom.finetune.recipe import finetune
+    from loom.finetune.distributed import RankFailed  # local: imports torch, which must start after the line above
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _setup_logging()
+    is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 writes and prints
     try:
         cfg = config_from_args(args)
         check_report_to(cfg)  # a missing tensorboard / wandb fails now, not after the model and data are loaded
-        recipe = write_recipe(cfg, Path(cfg.output) / RESOLVED_RECIPE)
-        print(f"settings: {recipe} (rerun: loom finetune --config {recipe})")
-        for line in where_logs_go(cfg):
-            print(line)
-        summary = finetune(cfg)
+        if is_main:
+            recipe = write_recipe(cfg, Path(cfg.output) / RESOLVED_RECIPE)
+            print(f"settings: {recipe} (rerun: loom finetune --config {recipe})")
+            for line in where_logs_go(cfg):
+                print(line)
+        summary = train(cfg)
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
+    except RankFailed as exc:
+        print(f"error: {exc}")
+        return 1
+    if not summary:  # a rank other than 0 under torchrun
+        return 0
     print_report(summary)
     print(json.dumps({key: summary.get(key) for key in ("eval", "preference_eval", "mc_eval") if summary.get(key)}
                      or {"eval": None}, default=str))

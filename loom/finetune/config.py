@@ -102,13 +102,23 @@ class FinetuneConfig:
     """Log metrics every N optimizer steps."""
     mc_eval_data: str | None = None
     """Multiple-choice JSONL ({question, choices, answer}) scored by log-likelihood, base model next to the tuned."""
+    nproc_per_node: int = 1
+    """Training processes (ranks) to start on this node, one per GPU on CUDA; each takes its rows of every
+    micro-batch, so a step trains on the same examples as with 1 (under torchrun leave it out: torchrun starts them)."""
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    """With several ranks: "ddp" (a full replica per rank, gradients all-reduced) or "fsdp" (FSDP2: each decoder
+    layer's weights, gradients and optimizer state sharded over the ranks, for models that do not fit one device)."""
+    dist_timeout: float = 1800.0
+    """Seconds a rank waits for the others in a collective before failing (rank 0 evaluates the base model alone
+    meanwhile); a rank that crashes stops the others at once, this is for one that hangs."""
 
     def __post_init__(self):
         if self.packing_strategy not in ("ffd", "ff"):
             raise ValueError(f"packing_strategy must be 'ffd' or 'ff', got {self.packing_strategy!r}")
         if self.template not in TEMPLATES:
             raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
-        for name in ("max_length", "batch_size", "grad_accum", "lora_r", "lora_alpha", "keep_checkpoints"):
+        for name in ("max_length", "batch_size", "grad_accum", "lora_r", "lora_alpha", "keep_checkpoints",
+                     "nproc_per_node", "dist_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps <= 0:
@@ -136,6 +146,8 @@ class FinetuneConfig:
         for target in self.report_to or []:
             if target not in REPORT_TARGETS:
                 raise ValueError(f"report_to takes {', '.join(REPORT_TARGETS)}; got {target!r}")
+        if self.parallelism not in ("ddp", "fsdp"):
+            raise ValueError(f"parallelism must be 'ddp' or 'fsdp', got {self.parallelism!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

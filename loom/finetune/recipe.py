@@ -5,6 +5,9 @@
 
 The tuned model is evaluated after reloading the exported folder with ``AutoModelForCausalLM`` and its own chat
 template, i.e. exactly what ``loom serve --model out`` loads.
+
+Under several ranks (``--nproc-per-node`` or torchrun) every rank runs ``finetune``: all train, rank 0 alone
+evaluates, reports and exports (the others return ``{}``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from loom.devices import resolve_device
 from loom.finetune.config import FinetuneConfig
 from loom.finetune.dataset import load_examples
+from loom.finetune.distributed import Ranks, check_distributed, process_group, rank_device, ranks_from_env, unshard
 from loom.finetune.evaluate import EvalReport, evaluate
 from loom.finetune.export import export_adapter, export_model
 from loom.finetune.formats import load_records
@@ -26,7 +30,7 @@ from loom.finetune.lora import apply_lora, merge_lora, num_trainable
 from loom.finetune.mc_eval import MCReport, load_mc_records, mc_evaluate
 from loom.finetune.modeling import auto_threads, load_model, seed_everything
 from loom.finetune.preference import PreferenceTrainer, encode_pairs, load_pairs
-from loom.finetune.reporting import make_reporter
+from loom.finetune.reporting import Reporters, make_reporter
 from loom.finetune.template import chat_template_for, check_tokenizer
 from loom.finetune.trainer import Trainer
 from loom.models.catalogue import resolve_model
@@ -58,11 +62,21 @@ def per_task(records: list[dict], report: EvalReport) -> dict[str, float]:
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    """Run the whole recipe; returns the summary also written to ``output/loom_finetune.json``."""
-    torch.set_num_threads(cfg.num_threads or auto_threads())
-    log.info("torch threads: %d", torch.get_num_threads())
+    """Run the whole recipe; returns the summary also written to ``output/loom_finetune.json`` ({} on ranks > 0)."""
+    ranks = ranks_from_env()
+    check_distributed(ranks.world_size, is_preference=cfg.is_preference, batch_size=cfg.batch_size)
+    if not ranks.is_main:
+        logging.getLogger("loom").setLevel(logging.WARNING)
+    torch.set_num_threads(cfg.num_threads or max(1, auto_threads() // ranks.local_world_size))
+    log.info("torch threads: %d%s", torch.get_num_threads(),
+             f" per rank, {ranks.world_size} ranks ({cfg.parallelism})" if ranks.is_distributed else "")
+    device = rank_device(resolve_device(cfg.device), ranks)
+    with process_group(ranks, device, cfg.dist_timeout):
+        return _finetune(cfg, ranks, device)
+
+
+def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device) -> dict:
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
     model_path = resolve_model(cfg.model)
     model, tokenizer = load_model(model_path, device, cfg.gradient_checkpointing)
     check_tokenizer(tokenizer)
@@ -75,9 +89,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     else:
         examples, skipped = load_examples(cfg.data, tokenizer, template=cfg.template,
                                           train_on_inputs=cfg.train_on_inputs, max_length=cfg.max_length)
-        eval_records, eval_pairs = _eval_records(cfg), []
+        eval_records, eval_pairs = _eval_records(cfg) if ranks.is_main else [], []
     base = _evaluate(model, tokenizer, eval_records, cfg, cfg.template, "base") if eval_records else None
-    mc_records = load_mc_records(cfg.mc_eval_data) if cfg.mc_eval_data else []
+    mc_records = load_mc_records(cfg.mc_eval_data) if cfg.mc_eval_data and ranks.is_main else []
     base_mc = _mc_evaluate(model, tokenizer, mc_records, cfg, "base") if mc_records else None
     seed_everything(cfg.seed)
     if cfg.lora:
@@ -85,7 +99,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                            targets=cfg.lora_targets)
     trainable, total = num_trainable(model)
     log.info("training %d of %d parameters on %d examples (%d skipped)", trainable, total, len(examples), skipped)
-    reporter = make_reporter(cfg)
+    reporter = make_reporter(cfg) if ranks.is_main else Reporters([])
     preference_eval = None
     try:
         if cfg.is_preference:
@@ -99,9 +113,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
             if eval_pairs:
                 preference_eval = {"base": base_pref, "tuned": tuned_pref}
         else:
-            result = Trainer(cfg, model, tokenizer, examples, reporter=reporter).fit()
+            result = Trainer(cfg, model, tokenizer, examples, reporter=reporter, ranks=ranks).fit()
     finally:
         reporter.close()
+    if ranks.is_distributed and cfg.parallelism == "fsdp":
+        model = unshard(model, lambda: _plain_model(model_path, cfg), ranks)
+    if not ranks.is_main:
+        return {}
     output = Path(cfg.output)
     if cfg.lora:
         export_adapter(model, output)
@@ -133,6 +151,15 @@ def finetune(cfg: FinetuneConfig) -> dict:
         (output / "mc_eval.json").write_text(json.dumps({**summary["mc_eval"], "predictions": predictions}, indent=2))
     (output / "loom_finetune.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _plain_model(model_path: Path, cfg: FinetuneConfig):
+    """The model as built for training, unsharded on the CPU (to export FSDP2's gathered weights)."""
+    model, _ = load_model(model_path, torch.device("cpu"))
+    if cfg.lora:
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           targets=cfg.lora_targets)
+    return model
 
 
 def _preference_eval(trainer: PreferenceTrainer, pairs: list[dict], reference, label: str) -> dict | None:

@@ -5,6 +5,9 @@
 
 One optimizer step = ``grad_accum`` micro-batches; every micro-batch's summed token loss is divided by the number of
 supervised tokens of the whole step before ``backward``, so the accumulated gradient equals the full-batch one.
+
+On several ranks (``loom.finetune.distributed``) each rank takes its rows of every micro-batch, the divisor is the
+step's supervised tokens over all ranks, and the gradient, reduced by DDP or FSDP2, is still the full-batch one.
 """
 
 from __future__ import annotations
@@ -18,13 +21,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from loom.finetune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from loom.finetune.checkpoint import full_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from loom.finetune.collate import Batch
 from loom.finetune.config import FinetuneConfig
 from loom.finetune.dataset import collate, micro_batch_plan
-from loom.finetune.loss import token_loss_sum
+from loom.finetune.distributed import (
+    Ranks,
+    TokenLoss,
+    all_sum,
+    barrier,
+    no_sync,
+    shard,
+    without_targets,
+    wrap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +94,35 @@ def autocast_for(device: torch.device, bf16: bool):
     return contextlib.nullcontext()  # CPUs here have no fast bf16; train in float32
 
 
-def accumulate(model, batches: list[Batch], autocast) -> tuple[float, int]:
-    """Forward + backward over a step's micro-batches; returns (summed token loss, supervised tokens)."""
-    total = sum(b.num_supervised for b in batches)
+def accumulate(model, batches: list[Batch], autocast, *, total: int | None = None,
+               world_size: int = 1) -> tuple[float, int]:
+    """Forward + backward over a step's micro-batches; returns (summed token loss, supervised tokens) of these.
+
+    model: a causal LM, or ``distributed.wrap``'s module (DDP / FSDP2 over ``TokenLoss``). total: the step's
+    supervised tokens over all ranks (default: these batches'). Each summed loss is divided by ``total`` and
+    multiplied by ``world_size``, which the ranks' gradient averaging divides back out. Gradients are reduced across
+    ranks only in the last backward.
+    """
+    loss_module = model if isinstance(model, (TokenLoss, DistributedDataParallel)) else TokenLoss(model)
+    local = sum(b.num_supervised for b in batches)
+    divisor = max(local if total is None else total, 1)
     loss_sum = 0.0
-    for batch in batches:
-        with autocast:
-            summed, _ = token_loss_sum(model, batch)
-        (summed / max(total, 1)).backward()
+    for i, batch in enumerate(batches):
+        with no_sync(loss_module) if i < len(batches) - 1 else contextlib.nullcontext():
+            with autocast:
+                summed, _ = loss_module(batch)
+            (summed * world_size / divisor).backward()  # * 1 is exact: one rank divides as before
         loss_sum += float(summed.detach())
-    return loss_sum, total
+    return loss_sum, local
 
 
 class Trainer:
-    def __init__(self, cfg: FinetuneConfig, model, tokenizer, examples: list[dict], reporter=None):
+    def __init__(self, cfg: FinetuneConfig, model, tokenizer, examples: list[dict], reporter=None,
+                 ranks: Ranks | None = None):
         self.cfg, self.model, self.tokenizer, self.examples = cfg, model, tokenizer, examples
         self.reporter = reporter  # anything with log(step, metrics), e.g. loom.finetune.reporting; None: no logs
+        self.ranks = ranks or Ranks()
+        self.loss_module = wrap(model, cfg.parallelism, self.ranks)  # before the optimizer: FSDP2 swaps parameters
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.lengths = [self.example_length(e) for e in examples]
@@ -138,14 +164,17 @@ class Trainer:
         return max(1, math.ceil(self.cfg.epochs * len(self._plan(0)) / self.cfg.grad_accum))
 
     def micro_batches(self, skip: int = 0) -> Iterator[Batch]:
-        """The seeded, endless stream of micro-batches, epoch after epoch; ``skip`` drops the first ones (resume)."""
+        """The seeded, endless stream of micro-batches, epoch after epoch (this rank's rows of each); ``skip`` drops
+        the first ones (resume: the plan is the same for any number of ranks)."""
         epoch = 0
         while True:
             for micro in self._plan(epoch):
                 if skip:
                     skip -= 1
                     continue
-                yield self.collate(micro).to(self.device)
+                rows = shard(micro, self.ranks)
+                batch = self.collate(rows or micro[:1])
+                yield (batch if rows else without_targets(batch)).to(self.device)
             epoch += 1
 
     def collate(self, micro: list[list[int]]) -> Batch:
@@ -154,13 +183,16 @@ class Trainer:
 
     def train_step(self, batches: list[Batch]) -> StepStats:
         self.model.train()
-        loss_sum, total = accumulate(self.model, batches, self.autocast)
-        if total == 0:  # nothing to learn in this step: no update, no NaN
+        total, num_tokens = (int(x) for x in all_sum([sum(b.num_supervised for b in batches),
+                                                      sum(b.num_tokens for b in batches)], self.device))
+        if total == 0:  # nothing to learn in this step (on any rank): no update, no NaN
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
-            return StepStats(0.0, 0, sum(b.num_tokens for b in batches), 0.0)
+            return StepStats(0.0, 0, num_tokens, 0.0)
+        loss_sum, _ = accumulate(self.loss_module, batches, self.autocast, total=total,
+                                 world_size=self.ranks.world_size)
         norm = self.optimizer_step()
-        return StepStats(loss_sum / total, total, sum(b.num_tokens for b in batches), norm)
+        return StepStats(all_sum([loss_sum], self.device)[0] / total, total, num_tokens, norm)
 
     def optimizer_step(self) -> float:
         """Clip the accumulated gradients, step the optimizer and the schedule, clear; the norm before clipping."""
@@ -169,7 +201,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -187,17 +219,19 @@ class Trainer:
         return step
 
     def _save(self, step: int) -> None:
-        save_checkpoint(
-            self.checkpoint_dir, step, self.model, self.optimizer, self.scheduler, self.cfg.to_dict(),
-            keep=self.cfg.keep_checkpoints,
-        )
+        """Every rank gathers (FSDP2 needs all), rank 0 writes, the others wait so that none runs ahead of it."""
+        weights, optimizer_state = full_state(self.model, self.optimizer)
+        if self.ranks.is_main:
+            save_checkpoint(self.checkpoint_dir, step, weights, optimizer_state, self.scheduler, self.cfg.to_dict(),
+                            keep=self.cfg.keep_checkpoints)
+        barrier()
 
     def fit(self, stop_at: int | None = None) -> TrainResult:
         """Train to ``total_steps`` (or stop after step ``stop_at``, e.g. to time-box a run; resume continues)."""
         start = self._resume()
         stream = self.micro_batches(skip=start * self.cfg.grad_accum)
         result = TrainResult(steps=start)
-        bar = _progress(self.cfg.progress, self.total_steps, start)
+        bar = _progress(self.cfg.progress and self.ranks.is_main, self.total_steps, start)
         t0 = time.perf_counter()
         for step in range(start, min(self.total_steps, stop_at or self.total_steps)):
             stats = self.train_step([next(stream) for _ in range(self.cfg.grad_accum)])

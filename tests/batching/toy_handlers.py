@@ -48,3 +48,13 @@ class CrashHandler(Handler):
         if "crash" in batch:
             os._exit(3)
         return [object() if x == "object" else x for x in batch]
+
+
+class DeviceHandler(Handler):
+    """Answers with the device its worker was given (ctx.device) and the worker's index; touches no GPU."""
+
+    def setup(self, ctx: Context) -> None:
+        self.device, self.index = ctx.device, ctx.worker_index
+
+    def inference(self, batch: list) -> list:
+        return [{"device": self.device, "worker": self.index} for _ in batch]

@@ -47,7 +47,9 @@ class EmbeddingHandler(Handler):
 
         folder = Path(ctx.model_dir) if ctx.model_dir else default_model_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.packed = json.loads((folder / "config.json").read_text()).get("model_type") == "bert"
+        # PackedBert's kernels are the CPU's; on a GPU the HF model runs the padded batch
+        self.packed = (json.loads((folder / "config.json").read_text()).get("model_type") == "bert"
+                       and ctx.device == "cpu")
         if self.packed:
             from loom.models.bert import PackedBert
             from loom.ops.packed_linear import pack_linears, packing_available
@@ -58,7 +60,8 @@ class EmbeddingHandler(Handler):
         else:
             from transformers import AutoModel
 
-            self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+            self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval().to(ctx.device)
+        self.device = ctx.device
         self.pooling, self.normalize, self.max_length = read_sentence_transformers_config(folder, self.tokenizer)
         self.torch = torch
 
@@ -93,6 +96,7 @@ class EmbeddingHandler(Handler):
                 pooled = pool_segments(hidden, batch["cu_seqlens"], self.pooling)  # [B, D]
                 lengths = batch["lengths"]
             else:
+                batch = batch.to(self.device)
                 hidden = self.model(**batch).last_hidden_state  # [B, T, D]
                 pooled = pool(hidden, batch["attention_mask"], self.pooling)  # [B, D]
                 lengths = batch["attention_mask"].sum(dim=1)

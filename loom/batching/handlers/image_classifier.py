@@ -27,6 +27,8 @@ class ImageClassifierHandler(Handler):
             raise ValueError("image-classifier needs a model folder: --serve NAME=image-classifier:/path/to/hf-folder")
         folder = Path(ctx.model_dir)
         self.model = AutoModelForImageClassification.from_pretrained(folder, dtype=torch.float32).eval()
+        self.model.to(ctx.device)
+        self.device = ctx.device
         self.processor = _image_processor(folder, self.model.config)
         self.top_k = max(1, min(int(ctx.options.get("top_k", 5)), self.model.config.num_labels))
 
@@ -51,7 +53,7 @@ class ImageClassifierHandler(Handler):
 
     def inference(self, pixel_values) -> Any:
         with torch.inference_mode():
-            probs = self.model(pixel_values=pixel_values).logits.softmax(dim=-1)  # [B, num_labels]
+            probs = self.model(pixel_values=pixel_values.to(self.device)).logits.softmax(dim=-1)  # [B, labels]
         return probs.topk(self.top_k, dim=-1)
 
     def postprocess(self, outputs) -> list[list[dict]]:
