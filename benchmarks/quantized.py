@@ -1,11 +1,11 @@
 """GGUF executed quantized vs the same weights expanded to float32: SmolLM2-135M's packaged Q4_1 file against the
 float32 folder `loom models pull smollm2` makes from it, in the same run, alternated round by round.
 
-    python benchmarks/gguf.py --rounds 3
+    python benchmarks/quantized.py --rounds 3
 
 Measures (offline, ``LLM.generate``, ignore_eos, greedy): batch-1 decode (one 32-token prompt, 64 new tokens: output
 tokens/s and the mean step time) and a 16-sequence batch (16 x 128-token prompts, 64 new tokens each: output tokens/s).
-Prints one summary line (the quantized / float32 ratios) and writes JSON (default results/gguf.json).
+Prints one summary line (the quantized / float32 ratios) and writes JSON (default results/quantized.json).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="results/gguf.json")
+    ap.add_argument("--out", default="results/quantized.json")
     args = ap.parse_args()
     models = {"q4_1": packaged_gguf(), "float32": "smollm2"}
     rounds = []
