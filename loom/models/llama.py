@@ -96,6 +96,9 @@ class LlamaConfig:
         local_rope = rope.pop("sliding_attention", None)  # Gemma 3: one rope per layer type
         rope = dict(rope.pop("full_attention", None) or rope)
         theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+        if rope.get("rope_type", rope.get("type")) in ("longrope", "su"):  # the table needs both context lengths
+            rope.setdefault("original_max_position_embeddings", getattr(hf, "original_max_position_embeddings", None))
+            rope["max_position_embeddings"] = hf.max_position_embeddings
         is_qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
         attention_bias = bool(getattr(hf, "attention_bias", False))
         window = getattr(hf, "sliding_window", None)

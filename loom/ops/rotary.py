@@ -1,4 +1,5 @@
-"""Rotary position embeddings (the Llama / HF "rotate half" layout), with Llama-3 and linear rope scaling."""
+"""Rotary position embeddings (the Llama / HF "rotate half" layout), with Llama-3, linear and Phi-3's LongRoPE
+scaling."""
 
 from __future__ import annotations
 
@@ -17,7 +18,25 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
         return inv_freq / scaling["factor"]
     if rope_type == "llama3":
         return _llama3_inv_freq(inv_freq, scaling)
-    raise ValueError(f"rope scaling {rope_type!r} is not supported; Loom supports default, linear and llama3")
+    raise ValueError(f"rope scaling {rope_type!r} is not supported; Loom supports default, linear, llama3 and "
+                     "longrope")
+
+
+def _longrope(head_dim: int, max_positions: int, theta: float, s: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Phi-3's LongRoPE ("su"): frequencies divided per dimension by ``short_factor`` at positions below
+    ``original_max_position_embeddings`` and by ``long_factor`` from there on, cos/sin scaled by the attention factor
+    (sqrt(1 + ln(factor) / ln(original)) unless given). Returns (freqs [max_positions, D/2], attention factor).
+    NOTE: HF switches every position of a forward to the long factors once the longest sequence passes the original
+    context; here each position keeps its own, so the two agree up to the original context (Phi-3 mini: 4096)."""
+    original = s["original_max_position_embeddings"]
+    factor = s.get("factor") or s["max_position_embeddings"] / original
+    attention = s.get("attention_factor") or (
+        1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original)))
+    shape = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    short = 1.0 / (torch.tensor(s["short_factor"], dtype=torch.float32) * theta**shape)
+    long = 1.0 / (torch.tensor(s["long_factor"], dtype=torch.float32) * theta**shape)
+    pos = torch.arange(max_positions, dtype=torch.float32)[:, None]
+    return torch.where(pos < original, pos * short[None, :], pos * long[None, :]), attention
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
@@ -38,8 +57,12 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, dtype: torch.dtype):
         super().__init__()
-        inv_freq = rope_inv_freq(head_dim, theta, scaling)
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        attention = 1.0
+        if (scaling or {}).get("rope_type", (scaling or {}).get("type")) in ("longrope", "su"):
+            freqs, attention = _longrope(head_dim, max_positions, theta, scaling)
+        else:
+            inv_freq = rope_inv_freq(head_dim, theta, scaling)
+            freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
-        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+        self.register_buffer("cos", (emb.cos() * attention).to(dtype), persistent=False)
+        self.register_buffer("sin", (emb.sin() * attention).to(dtype), persistent=False)

@@ -137,6 +137,39 @@ def test_family_variants_match_hf(tmp_path, smollm2_path, arch, overrides):
     )
 
 
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+            "long_factor": [1.2, 1.9, 2.9, 4.4, 6.6, 9.9, 14.8, 22.0], "original_max_position_embeddings": 64}
+
+
+def test_phi3_longrope_matches_hf_within_the_original_context(tmp_path, smollm2_path):
+    """LongRoPE: short factors and the attention factor (1024 / 64 context) change every score; HF and Loom agree
+    while sequences stay within the original 64 positions."""
+    path = save_tiny_model(tmp_path / "phi3", smollm2_path, arch="phi3", head_dim=16, sliding_window=None,
+                           max_position_embeddings=1024, rope_parameters={"rope_theta": 10000.0, **LONGROPE},
+                           original_max_position_embeddings=64)
+    prompts = varied_prompts(6, seed=13, low=5, high=48)
+    ours = loom_greedy(LLM(str(path), num_kv_blocks=256, block_size=8), prompts, 16)
+    assert_parity(ours, hf_greedy(path, prompts, 16))
+
+
+def test_longrope_tables_take_the_long_factors_past_the_original_context():
+    from transformers import Phi3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from loom.ops.rotary import RotaryEmbedding
+
+    config = Phi3Config(hidden_size=64, num_attention_heads=4, max_position_embeddings=1024,
+                        rope_parameters={"rope_theta": 10000.0, **LONGROPE}, original_max_position_embeddings=64)
+    scaling = {**LONGROPE, "max_position_embeddings": 1024}
+    rotary = RotaryEmbedding(16, 200, 10000.0, scaling, torch.float32)
+    for seq_len, positions in ((None, range(0, 64)), (65, range(64, 200))):
+        inv_freq, attention = ROPE_INIT_FUNCTIONS["longrope"](config, None, seq_len=seq_len)
+        pos = torch.tensor(list(positions), dtype=torch.float32)[:, None]
+        emb = torch.cat([pos * inv_freq[None, :]] * 2, dim=-1)
+        torch.testing.assert_close(rotary.cos[list(positions)], emb.cos() * attention)
+        torch.testing.assert_close(rotary.sin[list(positions)], emb.sin() * attention)
+
+
 def test_qwen3_qk_norm_weights_are_loaded_and_used(tmp_path, smollm2_path):
     """The parity above would also pass if q_norm/k_norm were identity; make them matter and compare again."""
     from transformers import AutoModelForCausalLM
