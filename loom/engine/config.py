@@ -68,6 +68,9 @@ class SpeculativeConfig:
 class EngineConfig:
     model: str = "smollm2"
     """A catalogue name (``loom models list``) or a local HF folder."""
+    tokenizer: str | None = None
+    """An HF folder whose tokenizer (and chat template) to use instead of the model's own; None: the model's (a GGUF
+    file's from its metadata)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and KV cache; auto: float32 on CPU, bfloat16 on CUDA."""
     device: str = "auto"

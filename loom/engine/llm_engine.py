@@ -96,7 +96,8 @@ class LLMEngine:
         self.model_path = resolve_model(config.model)
         hf_config = load_hf_config(self.model_path)
         self.max_model_len = config.context_length(hf_config)
-        self.tokenizer = load_tokenizer(self.model_path)
+        self.tokenizer_path = resolve_model(config.tokenizer) if config.tokenizer else self.model_path
+        self.tokenizer = load_tokenizer(self.tokenizer_path)
         self.eos_token_ids = _eos_ids(self.tokenizer, self.model_path)
         self.workers: TPWorkers | None = None
         """With tensor_parallel_size > 1: the other ranks (this engine is rank 0)."""

@@ -49,8 +49,8 @@ def packaged_gguf() -> str:
 
 @pytest.mark.slow
 def test_packaged_q4_1_file_runs_quantized_and_agrees_with_its_float32_expansion(packaged_gguf, smollm2_path):
-    quantized = LLM(packaged_gguf, num_kv_blocks=512)
-    model = quantized.engine.model
+    quantized = LLM(packaged_gguf, num_kv_blocks=512, tokenizer=str(smollm2_path))  # --tokenizer: skips the ~6 s
+    model = quantized.engine.model                                                   # tokenizer build from metadata
     layer = model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj, GGUFLinear) and layer.self_attn.qkv_proj.qtype == GGMLType.Q4_1
     assert isinstance(layer.mlp.gate_up_proj, GGUFLinear) and model.logits_proj.qtype == GGMLType.Q8_0
@@ -67,8 +67,9 @@ def test_packaged_q4_1_file_runs_quantized_and_agrees_with_its_float32_expansion
     full = LLM("smollm2", num_kv_blocks=512).generate([{"prompt_token_ids": p} for p in prompts], params)
     pairs = [(a, b) for x, y in zip(ours, full) for a, b in zip(x.outputs[0].token_ids, y.outputs[0].token_ids)]
     assert len(pairs) == 24 * 16 and sum(a == b for a, b in pairs) >= 0.9 * len(pairs)
-    answer = quantized.chat([{"role": "user", "content": "What is the capital of France?"}],
-                            SamplingParams(temperature=0, max_tokens=16))
+    assert quantized.engine.tokenizer.name_or_path == str(smollm2_path)
+    answer = LLM(packaged_gguf, num_kv_blocks=64).chat(  # the tokenizer and chat template from the file itself
+        [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0, max_tokens=16))
     assert "Paris" in answer[0].outputs[0].text
 
 

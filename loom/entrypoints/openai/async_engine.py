@@ -162,7 +162,7 @@ class AsyncLLMEngine:
         self._thread = threading.Thread(target=self._thread_main, args=(ready,), name="loom-llm-engine", daemon=True)
         self._thread.start()
         await ready
-        self.tokenizer = await asyncio.to_thread(load_tokenizer, self.engine.model_path)
+        self.tokenizer = await asyncio.to_thread(load_tokenizer, self.engine.tokenizer_path)
 
     @property
     def is_ready(self) -> bool:
