@@ -63,7 +63,7 @@ class EngineFatalError(RuntimeError):
 
 @dataclass(slots=True)
 class RankSpec:
-    """What a rank needs to build its part of the model (picklable: it crosses into spawned processes)."""
+    """What a rank needs to build its part of the model (pickled to the ranks' stdin)."""
 
     config: EngineConfig
     model_path: str
@@ -107,14 +107,13 @@ class TPWorkers:
         self._cpu_group = None
         self.processes: list[subprocess.Popen] = []
         self._ready_fds: dict[int, int] = {}
-        self.shm = None
-        self._shm_path = None
+        self.shm: SharedMemoryGroup | None = None
+        """This rank's side of the shared-memory all-reduce (CPU ranks started here), None: gloo carries them."""
+        self._shm_path: str | None = None
         if launched_by_torchrun():
             self._init_method = "env://"
             return
         self._init_method = f"tcp://127.0.0.1:{_free_port()}"
-        self.shm: SharedMemoryGroup | None = None
-        """This rank's side of the shared-memory all-reduce (CPU ranks started here), None: gloo carries them."""
         if self.device.type == "cpu" and shm.usable():
             slot = _slot_bytes(spec.config, load_hf_config(spec.model_path))
             path = shm.create_file(self.size, slot)
