@@ -103,6 +103,9 @@ def process_group(ranks: Ranks, device: torch.device, timeout_s: float):
     dist.init_process_group(backend, rank=ranks.rank, world_size=ranks.world_size,
                             timeout=timedelta(seconds=timeout_s))
     yield
+    # Leave together: a rank that tears its connections down while a peer is still in its last collective makes
+    # gloo abort that peer ("terminate called without an active exception", seen once under load).
+    dist.barrier()
     dist.destroy_process_group()
 
 
