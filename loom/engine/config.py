@@ -91,9 +91,10 @@ class EngineConfig:
     """Reuse the KV blocks of a prompt prefix seen before."""
     enable_chunked_prefill: bool = True
     """Split long prompts over several steps, beside the decodes."""
-    attention_backend: Literal["auto", "torch", "cpp"] = "auto"
-    """cpp: the fused CPU kernels (compiled on first use); torch: the plain-PyTorch reference; auto: cpp on a CPU
-    where the kernels build, torch otherwise (and on GPUs)."""
+    attention_backend: Literal["auto", "torch", "cpp", "triton"] = "auto"
+    """cpp: the fused CPU kernels (compiled on first use); triton: Triton's paged decode attention (CUDA); torch: the
+    plain-PyTorch reference; auto: cpp on a CPU where the kernels build, triton on CUDA where triton is installed,
+    torch otherwise."""
     seed: int = 0
     """Seeds the generator of requests that bring no seed of their own."""
     enable_lora: bool = False
@@ -116,8 +117,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.dtype not in (*_DTYPES, "auto"):
             raise ValueError(f"dtype must be one of {', '.join([*_DTYPES, 'auto'])}, got {self.dtype!r}")
-        if self.attention_backend not in ("auto", "torch", "cpp"):
-            raise ValueError(f"attention_backend must be auto, torch or cpp, got {self.attention_backend!r}")
+        if self.attention_backend not in ("auto", "torch", "cpp", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch, cpp or triton, got {self.attention_backend!r}")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
         if self.max_loras < 1 or self.max_lora_rank < 1:

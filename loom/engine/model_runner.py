@@ -4,6 +4,8 @@ draft token of a speculative decode)."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,8 +31,20 @@ def build_model(path, config: EngineConfig, device: torch.device, max_model_len:
     return model
 
 
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def choose_ops(backend: str, device: torch.device):
-    """The fused C++ kernels on CPU when they build ("auto"), the plain-PyTorch reference otherwise or on request."""
+    """The fused C++ kernels on CPU when they build ("auto"), Triton's paged decode on CUDA ("auto" where triton is
+    installed, or "triton"; on CPU only under TRITON_INTERPRET=1, for tests), the plain-PyTorch reference otherwise
+    or on request."""
+    if backend == "triton" or (backend == "auto" and device.type == "cuda" and _has_triton()):
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("attention_backend triton runs on CUDA (or on CPU under TRITON_INTERPRET=1, for tests)")
+        from loom.ops.triton_ops import TritonOps  # local: imports triton
+
+        return TritonOps()
     if backend == "torch" or device.type != "cpu":
         return TorchOps()
     try:
