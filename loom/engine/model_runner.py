@@ -93,7 +93,7 @@ class StepInputs:
     """One block table per decode row, all padded (with block 0) to the longest."""
     decode_seq_lens: list[int]
     prefills: list[tuple[int, int, int, list[int] | None]]
-    """(first row, end row, position of the first token, block table — None when that position is 0)."""
+    """(first row, end row, position of the first token, block table covering the chunk's end)."""
     logit_rows: list[int]
     """Rows whose logits the step needs, in the order the sampler reads them."""
 
@@ -195,8 +195,7 @@ class ModelRunner:
         padded = [t + [0] * (width - len(t)) for t in tables]
         chunks, row = [], len(tables)
         for c in prefills:
-            table = bm.block_table(c.seq.seq_id)[: bm.blocks_needed(c.end)] if c.start > 0 else None
-            chunks.append((row, row + c.num_tokens, c.start, table))
+            chunks.append((row, row + c.num_tokens, c.start, bm.block_table(c.seq.seq_id)[: bm.blocks_needed(c.end)]))
             row += c.num_tokens
         rows, draft_rows, sampling = [], [], []
         row = 0

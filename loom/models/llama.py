@@ -205,7 +205,7 @@ class Attention(nn.Module):
             self.num_heads, self.num_kv_heads,
         )  # fmt: skip  # q [T, H, D], k/v [T, Hkv, D]
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, ops.decode_attention, self.window,
-                              self.softcap)
+                              self.softcap, ops.prefill_attention)
         out = self.o_proj(out.reshape(x.shape[0], self.q_size))
         return out if self.tp is None else self.tp.all_reduce(out)
 

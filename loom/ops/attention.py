@@ -25,7 +25,8 @@ class PrefillChunk:
     start_pos: int
     """Position in its sequence of the chunk's first token (> 0 after a cache hit or an earlier chunk)."""
     block_table: torch.Tensor | None
-    """[num_blocks] long, needed only when start_pos > 0 to read the earlier context from the cache."""
+    """[num_blocks] long, covering the chunk's end (the reference reads it only when start_pos > 0; Triton's kernel
+    reads every key through it)."""
 
 
 @dataclass(slots=True)
@@ -137,17 +138,21 @@ def paged_attention(
     decode_fn: DecodeFn = decode_attention_reference,
     window: int | None = None,
     softcap: float | None = None,
+    prefill_fn=None,
 ) -> torch.Tensor:
     """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D]; this step's k/v are already in the cache. A layer with a sliding
-    ``window`` or a score ``softcap`` decodes through the reference (the fused kernel implements neither)."""
+    ``window`` or a score ``softcap`` runs the reference (the fused kernels implement neither). ``prefill_fn``: a
+    backend's attention over all prefill chunks in one call (``TorchOps.prefill_attention``)."""
     if window is not None or softcap is not None:
-        decode_fn = partial(decode_attention_reference, window=window, softcap=softcap)
+        decode_fn, prefill_fn = partial(decode_attention_reference, window=window, softcap=softcap), None
     if not meta.prefills:
         return decode_fn(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
         out[:nd] = decode_fn(q[:nd], k_cache, v_cache, meta, scale)
+    if prefill_fn is not None:
+        return prefill_fn(q, k_cache, v_cache, meta.prefills, scale, out)
     for chunk in meta.prefills:
         s, e = chunk.token_start, chunk.token_end
         out[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], k_cache, v_cache, chunk, scale, window, softcap)

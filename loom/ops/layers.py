@@ -44,6 +44,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class TorchOps:
     name = "torch"
+    prefill_attention = None
+    """A backend's attention over all of a step's prefill chunks at once, ``(q, k_cache, v_cache, chunks, scale,
+    out) -> out`` (Triton's); None: ``loom.ops.attention`` runs the chunks one by one."""
 
     def prepare(self, model: torch.nn.Module) -> None:
         """Adapt a freshly loaded model to this backend (the reference needs nothing)."""

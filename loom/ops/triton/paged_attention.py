@@ -1,5 +1,7 @@
-"""Paged decode attention in Triton: K/V read in place from the block-paged cache through the block tables (no
-gather copy), split-KV ("flash-decoding") for long contexts, GQA, online softmax, float32 accumulation.
+"""Paged attention in Triton: K/V read in place from the block-paged cache through the block tables (no gather copy),
+GQA, online softmax, float32 accumulation. ``paged_decode``: one query per sequence, split-KV ("flash-decoding")
+for long contexts. ``paged_prefill``: every prefill chunk of a step (cached prefix + the chunk, causal) in one
+launch.
 
     out = paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)     # the contract of
                                                                                # loom.ops.attention's reference
@@ -101,3 +103,89 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     total = (sums * weights).sum(-1, keepdim=True)
     out = (acc * weights.unsqueeze(-1)).sum(2) / total
     return out.to(q.dtype)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, prog_chunk_ptr, prog_row_ptr,
+    chunk_row_ptr, chunk_len_ptr, chunk_pos_ptr,
+    scale,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh,
+    stride_tc,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    program = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // G
+    chunk = tl.load(prog_chunk_ptr + program)
+    first_row = tl.load(prog_row_ptr + program)  # offset of this program's rows inside the chunk
+    row0 = tl.load(chunk_row_ptr + chunk)
+    length = tl.load(chunk_len_ptr + chunk)
+    start_pos = tl.load(chunk_pos_ptr + chunk)
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_ok = rows < length
+    q_pos = start_pos + rows  # each query's position in its sequence
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    q = tl.load(q_ptr + (row0 + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_D]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    offs = tl.arange(0, BLOCK_SIZE)
+    last_pos = start_pos + tl.minimum(first_row + BLOCK_M, length) - 1
+    for j in range(0, last_pos // BLOCK_SIZE + 1):
+        block = tl.load(tables_ptr + chunk * stride_tc + j)
+        k_pos = j * BLOCK_SIZE + offs
+        kv_off = block * stride_kb + offs[:, None] * stride_ks + kv_head * stride_kh + dims[None, :]
+        k = tl.load(k_ptr + kv_off, mask=dim_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_SIZE, BLOCK_D]
+        v = tl.load(v_ptr + kv_off, mask=dim_ok[None, :], other=0.0).to(tl.float32)
+        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [BLOCK_M, BLOCK_SIZE]
+        visible = (k_pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past the chunk's end see nothing
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + (row0 + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunks, scale: float,
+                  out: torch.Tensor | None = None, block_m: int = 16) -> torch.Tensor:
+    """Every prefill chunk of a step in one launch, like vLLM's unified Triton attention. ``chunks``:
+    ``loom.ops.attention.PrefillChunk`` (rows [token_start, token_end) of q, position of the first, a block table
+    covering the chunk's end). The chunk's own keys are already in the cache, so each query reads its cached prefix
+    and its chunk causally through the table. q [T, H, D] -> the chunks' rows of ``out`` (allocated when None)."""
+    t, h, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    out = torch.empty_like(q) if out is None else out
+    if not chunks:
+        return out
+    device = q.device
+    tables = torch.nn.utils.rnn.pad_sequence([c.block_table.to(torch.int32) for c in chunks], batch_first=True)
+    prog_chunk, prog_row = [], []
+    for i, c in enumerate(chunks):
+        for row in range(0, c.token_end - c.token_start, block_m):
+            prog_chunk.append(i)
+            prog_row.append(row)
+
+    def ints(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+
+    _prefill_kernel[(len(prog_chunk), h)](
+        q, k_cache, v_cache, out, tables, ints(prog_chunk), ints(prog_row),
+        ints([c.token_start for c in chunks]), ints([c.token_end - c.token_start for c in chunks]),
+        ints([c.start_pos for c in chunks]),
+        scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        tables.stride(0),
+        G=h // hkv, D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_SIZE=block_size,
+    )  # fmt: skip
+    return out
