@@ -1,14 +1,50 @@
 """``TorchOps``' contract with Triton's paged attention (``loom.ops.triton.paged_attention``): decode and all of a
-step's prefill chunks read K/V in place through the block tables instead of gathering them every layer.
-The other ops keep the reference implementations for now (fused norm / rotary / SiLU kernels are the next step)."""
+step's prefill chunks read K/V in place through the block tables instead of gathering them every layer; RMSNorm
+(with the residual add), rotary with the cache write and SiLU·mul are one kernel each (``loom.ops.triton.layers``),
+so a layer is a handful of launches besides its matmuls."""
 
 from __future__ import annotations
 
-from loom.ops.layers import TorchOps
+from loom.ops.layers import TorchOps, split_qkv
+
+
+def _rows(*tensors) -> bool:
+    """Row-major 2-D tensors (the kernels' layout); anything else takes the reference."""
+    return all(t.dim() == 2 and t.stride(-1) == 1 for t in tensors)
 
 
 class TritonOps(TorchOps):
     name = "triton"
+
+    def rms_norm(self, x, weight, eps):
+        if not _rows(x):
+            return super().rms_norm(x, weight, eps)
+        from loom.ops.triton import layers
+
+        return layers.rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        if not (_rows(x, residual) and residual.is_contiguous()):
+            return super().add_rms_norm(x, residual, weight, eps)
+        from loom.ops.triton import layers
+
+        return layers.add_rms_norm(x, residual, weight, eps)
+
+    def rotary_and_cache(self, qkv, positions, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads):
+        if not (_rows(qkv) and k_cache.is_contiguous() and v_cache.is_contiguous() and cos.shape[-1] % 2 == 0
+                and (cos.shape[-1] & (cos.shape[-1] - 1)) == 0):  # head_dim a power of two: the kernel's tile
+            return super().rotary_and_cache(qkv, positions, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads)
+        from loom.ops.triton import layers
+
+        layers.rotary_and_cache_(qkv, positions, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads)
+        return split_qkv(qkv, cos.shape[-1], num_heads, num_kv_heads)
+
+    def silu_and_mul(self, gate_up):
+        if not _rows(gate_up):
+            return super().silu_and_mul(gate_up)
+        from loom.ops.triton import layers
+
+        return layers.silu_and_mul(gate_up)
 
     @staticmethod
     def decode_attention(q, k_cache, v_cache, meta, scale):
