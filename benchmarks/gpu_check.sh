@@ -14,7 +14,7 @@ python3 scripts/random_smollm2.py --tokenizer .device_carry/smollm2-tokenizer
 echo "== parity on CUDA, bfloat16"
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
 echo "== Triton paged decode attention compiled on the GPU (the same tests run interpreted on CPU in make test)"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_attention.py 2>&1 \
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_attention.py tests/ops/test_triton_layers.py 2>&1 \
   | tee "$OUT/pytest_triton.log" | tail -6
 echo "== model-server workers on the GPUs (round-robin, ctx.device), finetuning on CUDA (DDP on NCCL: 2+ GPUs)"
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/batching/test_gpu_workers.py tests/finetune/test_gpu.py \
