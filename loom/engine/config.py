@@ -97,6 +97,8 @@ class EngineConfig:
     torch otherwise."""
     seed: int = 0
     """Seeds the generator of requests that bring no seed of their own."""
+    enforce_eager: bool = False
+    """Never replay decode steps as CUDA graphs (vLLM's name); graphs are captured only on CUDA, per batch bucket."""
     enable_lora: bool = False
     """Serve LoRA adapters unmerged beside the base model (requests name one; see loom.engine.lora)."""
     max_loras: int = 1

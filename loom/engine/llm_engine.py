@@ -11,6 +11,7 @@ import torch
 from loom.distributed.parallel import TensorParallel, head_shard
 from loom.engine.block_manager import RELEASED, BlockManager
 from loom.engine.config import EngineConfig
+from loom.engine.cuda_graphs import DecodeGraphs
 from loom.engine.detokenizer import DetokState, detokenize_next, find_stop, new_state
 from loom.engine.lora import LoRAManager, LoRARequest
 from loom.engine.model_runner import ModelRunner, allocate_kv_caches, build_model, kv_bytes_per_block
@@ -126,8 +127,16 @@ class LLMEngine:
         self.scheduler = Scheduler(sched_cfg, self.block_manager)
         if self.workers is not None:
             self.workers.join(num_blocks)
-        kv = allocate_kv_caches(self.model, num_blocks, config.block_size, self.dtype, self.device)
-        self.runner = ModelRunner(self.model, kv, self.block_manager, self.device, self.lora, peers=self.workers)
+        graphs = (self.device.type == "cuda" and not config.enforce_eager and not mcfg.num_experts
+                  and self.lora is None and self.workers is None)
+        # with graphs, one block past the pool (never handed out) takes the padded rows' writes
+        kv = allocate_kv_caches(self.model, num_blocks + (1 if graphs else 0), config.block_size, self.dtype,
+                                self.device)
+        decode_graphs = DecodeGraphs(self.model, kv, self.device, config.max_num_seqs,
+                                     -(-self.max_model_len // config.block_size), config.block_size,
+                                     scratch_block=num_blocks) if graphs else None
+        self.runner = ModelRunner(self.model, kv, self.block_manager, self.device, self.lora, peers=self.workers,
+                                  graphs=decode_graphs)
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.requests: dict[str, _Request] = {}
         self._generators: dict[int, torch.Generator] = {}

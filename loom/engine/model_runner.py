@@ -136,6 +136,7 @@ class ModelRunner:
         lora: LoRAManager | None = None,
         block_size: int | None = None,
         peers=None,
+        graphs=None,
     ):
         """``block_manager`` is None on a tensor-parallel rank other than 0 (it only runs ``forward``); ``peers``
         (rank 0 with tensor parallelism, ``loom.engine.tensor_parallel.TPWorkers``) gets each step's inputs first."""
@@ -146,6 +147,8 @@ class ModelRunner:
         self.block_size = block_size or block_manager.block_size
         self.device = device
         self.peers = peers
+        self.graphs = graphs
+        """``loom.engine.cuda_graphs.DecodeGraphs``: decode-only steps replayed as CUDA graphs; None: always eager."""
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledChunk]]:
@@ -162,7 +165,10 @@ class ModelRunner:
         inputs, sampling = self._inputs(decodes, prefills)
         if self.peers is not None:
             self.peers.send_step(inputs)
-        logits = self.forward(inputs)
+        if self.graphs is not None and self.graphs.can_run(inputs):
+            logits = self.graphs.run(inputs)
+        else:
+            logits = self.forward(inputs)
         return (logits, sampling) if sampling else (logits.new_empty((0, 0)), [])
 
     @torch.inference_mode()
