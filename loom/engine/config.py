@@ -78,7 +78,10 @@ class EngineConfig:
     block_size: int = 16
     """Tokens per KV-cache block."""
     kv_cache_memory_gb: float | None = None
-    """Memory for the KV pool; None: 4 GiB on CPU, 60% of free memory on CUDA."""
+    """Memory for the KV pool; None: 4 GiB on CPU; on CUDA what gpu_memory_utilization leaves."""
+    gpu_memory_utilization: float = 0.9
+    """CUDA: the fraction of the GPU this engine may fill (vLLM's flag): the KV pool gets it less the weights, a
+    profiled forward at the largest step and what other processes hold."""
     num_kv_blocks: int | None = None
     """Overrides kv_cache_memory_gb with an exact pool size (tests)."""
     max_model_len: int | None = None
@@ -121,6 +124,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {', '.join([*_DTYPES, 'auto'])}, got {self.dtype!r}")
         if self.attention_backend not in ("auto", "torch", "cpp", "triton"):
             raise ValueError(f"attention_backend must be auto, torch, cpp or triton, got {self.attention_backend!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
         if self.max_loras < 1 or self.max_lora_rank < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from loom.engine.config import EngineConfig
 from loom.engine.cuda_graphs import DecodeGraphs
 from loom.engine.detokenizer import DetokState, detokenize_next, find_stop, new_state
 from loom.engine.lora import LoRAManager, LoRARequest
-from loom.engine.model_runner import ModelRunner, allocate_kv_caches, build_model, kv_bytes_per_block
+from loom.engine.model_runner import ModelRunner, StepInputs, allocate_kv_caches, build_model, kv_bytes_per_block
 from loom.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.scheduler import Scheduler, SchedulerConfig
@@ -26,6 +27,8 @@ from loom.models.catalogue import resolve_model
 from loom.models.llama import LlamaConfig
 from loom.models.loader import load_hf_config, load_tokenizer
 from loom.ops.sampler import SamplingRow, SamplingSettings, sample
+
+log = logging.getLogger("loom.engine")
 
 
 @dataclass(slots=True)
@@ -313,13 +316,36 @@ class LLMEngine:
         if cfg.kv_cache_memory_gb is not None:
             budget = cfg.kv_cache_memory_gb * 2**30
         elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = 0.6 * free
+            budget = self._profile_gpu_budget()
         else:
             budget = 4 * 2**30
         # Never more blocks than max_num_seqs sequences of full context could use.
         cap = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
-        return max(1, min(int(budget // per_block), cap))
+        blocks = max(1, min(int(budget // per_block), cap))
+        log.info("KV cache: %d blocks of %d tokens, %.2f GiB", blocks, cfg.block_size, blocks * per_block / 2**30)
+        return blocks
+
+    def _profile_gpu_budget(self) -> float:
+        """vLLM's rule: run a forward at the largest step (max_num_batched_tokens prompt tokens, into a throw-away
+        cache), then the KV pool gets gpu_memory_utilization of the GPU minus that peak and what others hold."""
+        cfg = self.config
+        tokens = min(cfg.max_num_batched_tokens, self.max_model_len)
+        blocks = -(-tokens // cfg.block_size)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        kv = allocate_kv_caches(self.model, blocks, cfg.block_size, self.dtype, self.device)
+        runner = ModelRunner(self.model, kv, None, self.device, block_size=cfg.block_size)
+        ids = list(range(tokens))
+        with torch.inference_mode():
+            runner.forward(StepInputs([0] * tokens, ids, ids, [], [], [(0, tokens, 0, list(range(blocks)))],
+                                      [tokens - 1]))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del kv, runner
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        return kv_budget_bytes(total, free, torch.cuda.memory_reserved(self.device), peak,
+                               cfg.gpu_memory_utilization)
 
     def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
         n = len(prompt_token_ids)
@@ -463,6 +489,14 @@ class LLMEngine:
         return CompletionOutput(
             seq.index, text, list(seq.output_token_ids), cumulative, logprobs, seq.finish_reason, seq.stop_reason
         )
+
+
+def kv_budget_bytes(total: int, free: int, reserved: int, peak: int, utilization: float) -> float:
+    """Bytes for the KV pool: ``utilization`` of the device, less the profiled peak of this process's tensors
+    (weights + the largest step's activations) and less what other processes and non-torch allocations hold
+    (total - free - this process's reserved pool). 0 when nothing is left."""
+    others = max(0, total - free - reserved)
+    return max(0.0, utilization * total - peak - others)
 
 
 def _seed(params: SamplingParams, index: int) -> int | None:

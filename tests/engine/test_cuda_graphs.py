@@ -1,13 +1,15 @@
 """The CUDA-graph decode path's padded static buffers, run eagerly on CPU (capture=False): the same tokens and
-logprobs as the plain path, padded rows confined to the scratch block, the buckets vLLM captures."""
+logprobs as the plain path, padded rows confined to the scratch block, the buckets vLLM captures; and the KV budget
+gpu_memory_utilization leaves."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from loom.engine.config import EngineConfig
 from loom.engine.cuda_graphs import DecodeGraphs, batch_buckets
-from loom.engine.llm_engine import LLMEngine
+from loom.engine.llm_engine import LLMEngine, kv_budget_bytes
 from loom.engine.sampling_params import SamplingParams
 from tests.engine.test_parity import varied_prompts
 
@@ -49,3 +51,12 @@ def test_padded_static_decode_gives_the_eager_tokens_and_touches_only_the_scratc
     assert batches and 3 in batches  # decode steps took the padded path (3 rows in a bucket of 4)
     assert all(k[32].abs().sum() > 0 for k, _ in pools)  # the padded row wrote into the scratch block
     assert graphs.bucket(3) == 4 and graphs.bucket(9) is None
+
+
+def test_gpu_memory_utilization_leaves_the_kv_pool_what_the_weights_activations_and_others_do_not_use():
+    gib = 2**30
+    # an 80 GiB GPU, 0.9 of it ours; a 6 GiB peak (weights + the largest step), another process holding 10 GiB
+    assert kv_budget_bytes(80 * gib, 64 * gib, 6 * gib, 6 * gib, 0.9) == 0.9 * 80 * gib - 6 * gib - 10 * gib
+    assert kv_budget_bytes(80 * gib, 4 * gib, 6 * gib, 6 * gib, 0.5) == 0.0  # nothing left: 0, never negative
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        EngineConfig(gpu_memory_utilization=1.5)
