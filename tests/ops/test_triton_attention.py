@@ -12,8 +12,8 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' module is imported: @triton.jit reads it then
+if not CUDA:  # tests/conftest.py sets it before anything imports triton; here for running this file alone too
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from loom import LLM  # noqa: E402
 from loom.ops.attention import AttentionMetadata, PrefillChunk, decode_attention_reference  # noqa: E402

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+if not CUDA:  # tests/conftest.py sets it before anything imports triton; here for running this file alone too
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from loom.ops.layers import TorchOps  # noqa: E402
 from loom.ops.rotary import RotaryEmbedding  # noqa: E402
