@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="join this Ray cluster (auto: the one on this node) instead of starting a local one")
     replicas.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="Ray CPUs each replica reserves")
     replicas.add_argument("--num-gpus-per-replica", type=float, default=0.0, help="Ray GPUs each replica reserves")
+    replicas.add_argument("--max-ongoing-requests", type=int, default=128,
+                          help="requests Ray's proxy sends one replica at a time (Serve's default, 5, starves Loom's "
+                               "batching: it queues and batches by itself)")
     for plugin in _plugins():
         plugin.add_serve_arguments(parser)
 

@@ -33,7 +33,7 @@ OWNER_ENV = "LOOM_RAY_OWNER"
 
 
 def wanted(args: argparse.Namespace) -> bool:
-    return bool(args.replicas or args.autoscale or args.ray_address)
+    return args.replicas is not None or bool(args.autoscale or args.ray_address)
 
 
 def parse_autoscale(spec: str | None) -> tuple[int, int] | None:
@@ -53,37 +53,59 @@ def run(args: argparse.Namespace) -> int:
         print("error: --replicas / --autoscale / --ray-address need Ray Serve: pip install 'loom[ray]' "
               "(ray[serve])", file=sys.stderr)
         return 2
-    autoscale = parse_autoscale(args.autoscale)
-    if args.replicas is not None and args.replicas < 1:
-        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
-    options: dict = {"ray_actor_options": {"num_cpus": args.num_cpus_per_replica,
-                                           "num_gpus": args.num_gpus_per_replica}}
-    if autoscale is not None:
-        options["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
-                                         "target_ongoing_requests": 8}
-    else:
-        options["num_replicas"] = args.replicas or 1
+    app = application(args)
     local = not (args.ray_address or os.environ.get("RAY_ADDRESS"))
     if local:  # a cluster of its own: every process it starts inherits this mark (see _sweep)
         os.environ[OWNER_ENV] = f"{os.getpid()}-{time.time_ns()}"
     ray.init(address=args.ray_address, include_dashboard=False, logging_level="warning", log_to_driver=True)
+    stop = _catch_signals()
     try:
         serve.start(http_options={"host": args.host, "port": args.port}, detached=False)
-
-        def build_app():  # a function, which Serve calls once in each replica (an object would be taken as the app)
-            return replica_app(args)
-
-        deployment = serve.deployment(serve.ingress(build_app)(), name="loom", **options)
-        serve.run(deployment.bind(), name=APP_NAME, route_prefix="/", blocking=False)
-        replicas = f"autoscaling {autoscale[0]}-{autoscale[1]}" if autoscale else f"{options['num_replicas']}"
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        replicas = f"autoscaling {args.autoscale}" if args.autoscale else f"{args.replicas or 1}"
         print(f"Loom on Ray Serve: {replicas} replica(s) at http://{args.host}:{args.port}", flush=True)
-        _wait_for_signal()
+        stop.wait()
     finally:
         _stop(serve, ray, local)
     return 0
 
 
-def _stop(serve, ray, local: bool, timeout: float = 30.0) -> None:
+def application(args: argparse.Namespace):
+    """The Serve application (a bound deployment) of these flags: replicas, resources, autoscaling."""
+    from ray import serve
+
+    autoscale = parse_autoscale(args.autoscale)
+    if args.replicas is not None and args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    options: dict = {"ray_actor_options": {"num_cpus": args.num_cpus_per_replica,
+                                           "num_gpus": args.num_gpus_per_replica},
+                     "max_ongoing_requests": args.max_ongoing_requests}
+    if autoscale is not None:
+        options["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
+                                         "target_ongoing_requests": 8}
+    else:
+        options["num_replicas"] = args.replicas or 1
+
+    def build_app():  # a function, which Serve calls once in each replica (an object would be taken as the app)
+        return replica_app(args)
+
+    return serve.deployment(serve.ingress(build_app)(), name="loom", **options).bind()
+
+
+def app_from_flags(config: dict):
+    """Serve's application builder for config files (`serve run`, `serve deploy`, KubeRay's RayService):
+    ``import_path: loom.server.ray_serve:app_from_flags`` with ``args: {flags: "--model smollm2 --replicas 2"}``.
+    The config file's own ``deployments`` settings override the flags' replicas and resources."""
+    import shlex
+
+    from loom.server.cli import add_arguments
+
+    parser = argparse.ArgumentParser(prog="loom serve")
+    add_arguments(parser)
+    return application(parser.parse_args(shlex.split(config.get("flags", ""))))
+
+
+def _stop(serve, ray, local: bool, timeout: float = 10.0) -> None:
     """Take the app down; on a local cluster, Serve and Ray too, then kill whatever of it is left.
 
     A Ctrl-C or a `timeout`/`kill -- -PGID` signals the whole process group, which Ray's own processes share with this
@@ -122,11 +144,13 @@ def _sweep(mark: str, grace: float = 10.0) -> None:
     psutil.wait_procs(alive, timeout=grace)
 
 
-def _wait_for_signal() -> None:
+def _catch_signals() -> threading.Event:
+    """SIGTERM/SIGINT set the returned event. Installed right after ``ray.init``, which installs a handler that
+    aborts the process (and so skips the shutdown below)."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    return stop
 
 
 def replica_app(args: argparse.Namespace):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -67,7 +68,8 @@ def test_two_replicas_answer_stream_survive_a_kill_and_leave_nothing(tiny_llama,
     port = free_port()
     cmd = [sys.executable, "-m", "loom.cli", "serve", "--model", str(tiny_llama), "--served-model-name", "tiny",
            "--max-model-len", "256", "--threads", "1", "--serve", "echo=tests.batching.toy_handlers#EchoHandler",
-           "--threads-per-worker", "1", "--replicas", "2", "--num-cpus-per-replica", "0.5",
+           "--threads-per-worker", "1", "--management-token-file", str(tmp_path / "token.json"),
+           "--replicas", "2", "--num-cpus-per-replica", "0.5",
            "--api-key", KEY, "--port", str(port), "--log-level", "warning"]
     # A short private temp dir: Ray's socket paths must fit 107 bytes, and this cluster's files stay apart.
     ray_tmp = Path(f"/tmp/lr{marker[:8]}")
@@ -124,19 +126,40 @@ def test_two_replicas_answer_stream_survive_a_kill_and_leave_nothing(tiny_llama,
         _wait(lambda: fresh.add(_complete(url).headers["x-loom-replica"]) or len(fresh - seen) == 1, 90,
               "the replacement replica answering with a new id")
     finally:
-        server.proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(signal.SIGTERM)  # to the server alone (see docs/scale-out.md for a group's signal)
         try:
             code = server.proc.wait(90)
         finally:
             left = _wait_gone(marker, 30)
             for proc in left:  # never leak a worker, whatever happened above
                 proc.kill()
+            log = server.log_tail(5000)
             server.stop(grace=5)
             _rm_tree(ray_tmp)
-    assert code == 0, server.log_tail()
     assert not left, f"processes left after shutdown: {[(p.pid, p.name()) for p in left]}"
+    assert code == 0, log
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health", timeout=2)
+
+
+def test_flags_become_serve_options_without_starting_ray():
+    from loom.server.ray_serve import app_from_flags
+
+    fixed = app_from_flags({"flags": "--model m --replicas 3 --num-cpus-per-replica 2 --num-gpus-per-replica 1"})
+    deployment = fixed._bound_deployment
+    assert deployment.num_replicas == 3 and deployment.max_ongoing_requests == 128
+    assert deployment.ray_actor_options == {"num_cpus": 2.0, "num_gpus": 1.0}
+    scaling = app_from_flags({"flags": "--model m --autoscale 2:5"})._bound_deployment._deployment_config
+    assert (scaling.autoscaling_config.min_replicas, scaling.autoscaling_config.max_replicas) == (2, 5)
+
+
+@pytest.mark.parametrize("flags", ["--autoscale 3", "--autoscale 4:2", "--autoscale 0:2", "--replicas 0"])
+def test_bad_replica_flags_are_refused_before_ray_starts(flags, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "loom.cli", "serve", "--model", "m", *flags.split(), "--port",
+                          str(free_port())], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(tmp_path)})
+    assert out.returncode == 2 and ("--autoscale" in out.stderr or "--replicas" in out.stderr), out.stderr
+    assert not (tmp_path / "ray").exists()  # refused before any Ray process started
 
 
 def _wait_gone(marker: str, timeout: float) -> list[psutil.Process]:
