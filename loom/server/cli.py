@@ -39,17 +39,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20,
                         help=f"largest request body on any route, in MiB; larger ones get 413 "
                              f"(default {DEFAULT_MAX_BODY_BYTES // 2**20})")
+    replicas = parser.add_argument_group("replicas on Ray Serve (pip install 'loom[ray]'; docs/scale-out.md)")
+    replicas.add_argument("--replicas", type=int, default=None,
+                          help="run the app as N Ray Serve replicas behind Ray's HTTP proxy on --host/--port")
+    replicas.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                          help="Serve's autoscaling between MIN and MAX replicas instead of a fixed --replicas")
+    replicas.add_argument("--ray-address", default=None,
+                          help="join this Ray cluster (auto: the one on this node) instead of starting a local one")
+    replicas.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="Ray CPUs each replica reserves")
+    replicas.add_argument("--num-gpus-per-replica", type=float, default=0.0, help="Ray GPUs each replica reserves")
+    replicas.add_argument("--max-ongoing-requests", type=int, default=128,
+                          help="requests Ray's proxy sends one replica at a time (Serve's default, 5, starves Loom's "
+                               "batching: it queues and batches by itself)")
     for plugin in _plugins():
         plugin.add_serve_arguments(parser)
+
+
+def build_components(args: argparse.Namespace, registry: CollectorRegistry) -> list:
+    """The components the flags ask for (ValueError on a bad flag; empty when they ask for nothing)."""
+    return [c for p in _plugins() if (c := p.create_component(args, registry)) is not None]
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn  # local: `loom serve --help` parses flags without it; only a starting server needs it
 
+    from loom.server import ray_serve
+
     registry = CollectorRegistry()
     try:
         policy = policy_from_args(args)
-        components = [c for p in _plugins() if (c := p.create_component(args, registry)) is not None]
+        if ray_serve.wanted(args):
+            return ray_serve.run(args)
+        components = build_components(args, registry)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
