@@ -78,7 +78,8 @@ def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> M
     token_file = Path(args.management_token_file) if args.management_token_file else _default_token_file()
     return ModelServerComponent(configs, registry, token, args.management_host, args.management_port, token_file,
                                 announce_token=not args.management_token, enable_model_api=args.enable_model_api,
-                                model_store=args.model_store, devices=devices)
+                                model_store=args.model_store, devices=devices,
+                                management=not getattr(args, "in_replica", False))
 
 
 def _default_token_file() -> Path:
@@ -94,26 +95,28 @@ class ModelServerComponent:
     def __init__(self, configs: list[ModelConfig], registry: CollectorRegistry | None, token: str,
                  management_host: str = "127.0.0.1", management_port: int = 8081, token_file: Path | None = None,
                  announce_token: bool = False, enable_model_api: bool = False, model_store: str | None = None,
-                 devices: list[str] | None = None):
+                 devices: list[str] | None = None, management: bool = True):
+        """``management``: open the management API on its own port (off in a Ray Serve replica, where N replicas
+        cannot share the port): no token file, no announcement."""
         self.configs = configs
         self.server = ModelServer(registry, devices)
         self.token = token
         self.token_file = token_file
         self.announce_token = announce_token
         app = build_management_app(self.server, token, enable_model_api, model_store)
-        self.management = ExtraServer(app, management_host, management_port)
+        self.management = ExtraServer(app, management_host, management_port) if management else None
         self._router = build_inference_router(self.server)
 
     def routers(self) -> list[APIRouter]:
         return [self._router]
 
     def extra_servers(self) -> list[ExtraServer]:
-        return [self.management]
+        return [self.management] if self.management else []
 
     async def start(self) -> None:
-        if self.token_file is not None:
+        if self.management and self.token_file is not None:
             write_token_file(self.token_file, self.token)
-        if self.announce_token:
+        if self.management and self.announce_token:
             where = f" (also in {self.token_file})" if self.token_file else ""
             print(f"model server management API on http://{self.management.host}:{self.management.port}, "
                   f"token: {self.token}{where}", file=sys.stderr, flush=True)

@@ -165,6 +165,8 @@ def replica_app(args: argparse.Namespace):
     info = Gauge("loom_replica_info", "The Ray Serve replica that serves this /metrics", ["replica"],
                  registry=registry)
     info.labels(replica=replica).set(1)
+    # extra ports are not opened in a replica: components leave out what would announce or serve them
+    args = argparse.Namespace(**{**vars(args), "in_replica": True})
     return ReplicaHeader(build_app(build_components(args, registry), registry, policy_from_args(args)), replica)
 
 

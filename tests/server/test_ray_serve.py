@@ -90,6 +90,8 @@ def test_two_replicas_answer_stream_survive_a_kill_and_leave_nothing(tiny_llama,
         assert denied.status_code == 401 and "error" in denied.json()
         echo = httpx.post(f"{url}/predictions/echo", json="ping", headers=AUTH, timeout=30)
         assert echo.status_code == 200 and echo.json()["item"] == "ping" and echo.headers["x-loom-replica"] in seen
+        # no management API in replicas (N replicas cannot share its port): no token written or announced
+        assert not (tmp_path / "token.json").exists() and "management API on" not in server.log_tail(20000)
 
         # SSE passes through Ray's proxy chunk by chunk, ending with [DONE]; same tokens as without streaming.
         whole = _complete(url, max_tokens=8, ignore_eos=True).json()["choices"][0]["text"]
