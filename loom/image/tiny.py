@@ -142,19 +142,26 @@ def save_tiny_model(path: str, seed: int = 0, spec: TinySpec | None = None) -> s
     return path
 
 
-def tiny_sdxl_pipeline(seed: int = 0):
-    """A StableDiffusionXLPipeline of tiny random components (two text encoders, text-time conditioning)."""
-    # optional: diffusers comes with the image extra
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+def _tiny_sdxl_unet(seed: int, pooled_and_time_ids: int, cross_attention_dim: int):
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=1,
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=pooled_and_time_ids, cross_attention_dim=cross_attention_dim,
+        norm_num_groups=1,
     )
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A StableDiffusionXLPipeline of tiny random components (two text encoders, text-time conditioning)."""
+    # optional: diffusers comes with the image extra
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    unet = _tiny_sdxl_unet(seed, pooled_and_time_ids=80, cross_attention_dim=64)  # 6 time ids x 8 + 32 pooled
     torch.manual_seed(seed)
     vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
@@ -177,16 +184,10 @@ def tiny_sdxl_refiner(base, seed: int = 1):
     """A StableDiffusionXLImg2ImgPipeline shaped like SDXL's refiner (encoder 2 only, aesthetic-score conditioning),
     sharing ``base``'s VAE, tokenizer and second text encoder (the real refiner ships its own copies of them)."""
     # optional: diffusers comes with the image extra
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=72,
-        cross_attention_dim=32, norm_num_groups=1,
-    )  # 72 = 5 time ids (sizes, crop, aesthetic score) x 8 + the 32-wide pooled text embedding
+    # 72 = 5 time ids (sizes, crop, aesthetic score) x 8 + the 32-wide pooled text embedding
+    unet = _tiny_sdxl_unet(seed, pooled_and_time_ids=72, cross_attention_dim=32)
     pipe = StableDiffusionXLImg2ImgPipeline(
         vae=base.vae, text_encoder=None, text_encoder_2=base.text_encoder_2, tokenizer=None,
         tokenizer_2=base.tokenizer_2, unet=unet.eval(), requires_aesthetics_score=True,
