@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -79,38 +80,47 @@ inline void dequantize_block_512(const uint8_t* b, int64_t qtype, __m512& w0, __
   w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), dv, mv);
 }
 
-// Rows [m0, m0 + T) of y for output feature n: each block dequantized once into two registers, then one FMA pair
-// per row of x; the 2T accumulators stay in registers across the whole row of blocks.
+// Rows [m0, m0 + T) of y for output feature n: each block dequantized once into two registers, then applied to every
+// row of x; the accumulators stay in registers across the whole row of blocks. Up to 4 rows keep two accumulators
+// each (two independent FMA chains per row); larger tiles, one (16 rows fit the register file with the block).
 template <int T>
 inline void rows_512(const float* xp, int64_t K, const uint8_t* row, int64_t nb, int64_t bb, int64_t qtype,
                      float* yp, int64_t N, int64_t n, int64_t m0, const float* bp) {
-  __m512 acc0[T], acc1[T];
-  for (int r = 0; r < T; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  constexpr bool kTwo = T <= 4;
+  __m512 acc0[T], acc1[kTwo ? T : 1];
+  for (int r = 0; r < T; ++r) acc0[r] = _mm512_setzero_ps();
+  if constexpr (kTwo)
+    for (int r = 0; r < T; ++r) acc1[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m512 w0, w1;
     dequantize_block_512(row + b * bb, qtype, w0, w1);
     for (int r = 0; r < T; ++r) {
       const float* xr = xp + (m0 + r) * K + b * QK;
       acc0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), w0, acc0[r]);
-      acc1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), w1, acc1[r]);
+      if constexpr (kTwo)
+        acc1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), w1, acc1[r]);
+      else
+        acc0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), w1, acc0[r]);
     }
   }
-  for (int r = 0; r < T; ++r)
-    yp[(m0 + r) * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + (bp ? bp[n] : 0.f);
+  for (int r = 0; r < T; ++r) {
+    const __m512 sum = kTwo ? _mm512_add_ps(acc0[r], acc1[r]) : acc0[r];
+    yp[(m0 + r) * N + n] = _mm512_reduce_add_ps(sum) + (bp ? bp[n] : 0.f);
+  }
 }
+
+template <int... Ts>
+inline void row_tile_dispatch(int64_t tm, std::integer_sequence<int, Ts...>, const float* xp, int64_t K,
+                              const uint8_t* row, int64_t nb, int64_t bb, int64_t qtype, float* yp, int64_t N,
+                              int64_t n, int64_t m0, const float* bp) {
+  ((tm == Ts + 1 ? (rows_512<Ts + 1>(xp, K, row, nb, bb, qtype, yp, N, n, m0, bp), 0) : 0), ...);
+}
+
+constexpr int64_t kTile512 = 16;  // rows of x sharing one dequantized block
 
 inline void row_tile_512(int64_t tm, const float* xp, int64_t K, const uint8_t* row, int64_t nb, int64_t bb,
                          int64_t qtype, float* yp, int64_t N, int64_t n, int64_t m0, const float* bp) {
-  switch (tm) {
-    case 1: return rows_512<1>(xp, K, row, nb, bb, qtype, yp, N, n, m0, bp);
-    case 2: return rows_512<2>(xp, K, row, nb, bb, qtype, yp, N, n, m0, bp);
-    case 3: return rows_512<3>(xp, K, row, nb, bb, qtype, yp, N, n, m0, bp);
-    case 4: return rows_512<4>(xp, K, row, nb, bb, qtype, yp, N, n, m0, bp);
-    case 5: return rows_512<5>(xp, K, row, nb, bb, qtype, yp, N, n, m0, bp);
-    case 6: return rows_512<6>(xp, K, row, nb, bb, qtype, yp, N, n, m0, bp);
-    case 7: return rows_512<7>(xp, K, row, nb, bb, qtype, yp, N, n, m0, bp);
-    default: return rows_512<8>(xp, K, row, nb, bb, qtype, yp, N, n, m0, bp);
-  }
+  row_tile_dispatch(tm, std::make_integer_sequence<int, kTile512>{}, xp, K, row, nb, bb, qtype, yp, N, n, m0, bp);
 }
 #endif
 
@@ -151,8 +161,8 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor qweight, int64_t qtype,
 #if defined(__AVX512F__)
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n)
-      for (int64_t m0 = 0; m0 < M; m0 += TM)
-        row_tile_512(std::min(TM, M - m0), xp, K, qp + n * nb * bb, nb, bb, qtype, yp, N, n, m0, bp);
+      for (int64_t m0 = 0; m0 < M; m0 += kTile512)
+        row_tile_512(std::min(kTile512, M - m0), xp, K, qp + n * nb * bb, nb, bb, qtype, yp, N, n, m0, bp);
   });
   return y;
 #endif
