@@ -29,7 +29,6 @@ import os
 import pickle
 import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -42,6 +41,7 @@ import torch.distributed as dist
 
 from loom.distributed import shm
 from loom.distributed.parallel import TensorParallel
+from loom.distributed.ports import free_port
 from loom.distributed.shm import SharedMemoryGroup
 from loom.engine.config import EngineConfig
 from loom.engine.model_runner import ModelRunner, StepInputs, allocate_kv_caches, build_model
@@ -113,7 +113,7 @@ class TPWorkers:
         if launched_by_torchrun():
             self._init_method = "env://"
             return
-        self._init_method = f"tcp://127.0.0.1:{_free_port()}"
+        self._init_method = f"tcp://127.0.0.1:{free_port()}"
         if self.device.type == "cpu" and shm.usable():
             slot = _slot_bytes(spec.config, load_hf_config(spec.model_path))
             path = shm.create_file(self.size, slot)
@@ -332,10 +332,6 @@ def _slot_bytes(config: EngineConfig, hf_config) -> int:
     return max(config.max_num_batched_tokens * hf_config.hidden_size * elem, rows * vocab_shard * 4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

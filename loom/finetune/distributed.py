@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -31,6 +30,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
 from torch.nn.parallel import DistributedDataParallel
 
+from loom.distributed.ports import free_port
 from loom.finetune.collate import Batch
 from loom.finetune.loss import causal_lm_parts, token_loss_sum
 
@@ -190,12 +190,6 @@ def unshard(model: torch.nn.Module, build, ranks: Ranks) -> torch.nn.Module | No
     plain = build()
     plain.load_state_dict(weights)
     return plain
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RankFailed(RuntimeError):
