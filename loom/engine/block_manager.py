@@ -45,6 +45,8 @@ class BlockManager:
         self.cached: dict[int, int] = {}
         self.tables: dict[int, list[int]] = {}
         self.seq_hashes: dict[int, list[int]] = {}
+        self.released: dict[int, int] = {}
+        """Per sequence, how many of its first table entries it gave back (``release_front``)."""
         self.num_prefix_query_tokens = 0
         self.num_prefix_hit_tokens = 0
 
@@ -127,20 +129,21 @@ class BlockManager:
         table entries become ``RELEASED`` (the table keeps its length, so positions still map to entries). A
         released block keeps its hash: another request with the same prefix may still take it from the cache."""
         table = self.tables.get(seq_id, [])
-        for i in range(min(num_blocks, len(table))):
-            if table[i] == RELEASED:
-                continue
+        done = self.released.get(seq_id, 0)
+        for i in range(done, min(num_blocks, len(table))):
             block = self.blocks[table[i]]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_queue[block.block_id] = None
             table[i] = RELEASED
+        self.released[seq_id] = max(done, min(num_blocks, len(table)))
 
     def free(self, seq_id: int, num_valid_tokens: int | None = None) -> None:
         """Release a sequence's blocks. Blocks past ``num_valid_tokens`` (allocated but never computed, as on
         preemption) lose their hash, so nobody takes them for a cache hit."""
         table = self.tables.pop(seq_id, [])
         self.seq_hashes.pop(seq_id, None)
+        self.released.pop(seq_id, None)
         first_invalid = len(table) if num_valid_tokens is None else num_valid_tokens // self.block_size
         # Tail first: the end of a sequence is the least likely to be shared, so it is evicted first.
         for i in range(len(table) - 1, -1, -1):

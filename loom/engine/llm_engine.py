@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from loom.distributed.parallel import TensorParallel, head_shard
-from loom.engine.block_manager import RELEASED, BlockManager
+from loom.engine.block_manager import BlockManager
 from loom.engine.config import EngineConfig
 from loom.engine.cuda_graphs import DecodeGraphs
 from loom.engine.detokenizer import DetokState, detokenize_next, find_stop, new_state
@@ -302,10 +302,10 @@ class LLMEngine:
         """(slots in the running sequences' blocks, slots of those that hold a token)."""
         bs, used, held = self.block_manager.block_size, 0, 0
         for seq in self.scheduler.running:
-            table = self.block_manager.block_table(seq.seq_id)
-            capacity = sum(1 for b in table if b != RELEASED) * bs
+            released = self.block_manager.released.get(seq.seq_id, 0) * bs  # slots given back behind a window
+            capacity = len(self.block_manager.block_table(seq.seq_id)) * bs - released
             used += capacity
-            held += min(seq.num_computed_tokens - (len(table) * bs - capacity), capacity)
+            held += min(seq.num_computed_tokens - released, capacity)
         return used, held
 
     def _num_blocks(self) -> int:
