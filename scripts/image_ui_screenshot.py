@@ -1,6 +1,7 @@
 """Drive the web UI in headless Chromium (Debian ``chromium`` + ``chromium-driver``, via Selenium) and screenshot it.
 
     python scripts/image_ui_screenshot.py --model demo --prompt "an ankle boot" --out docs/images-ui.png
+    python scripts/image_ui_screenshot.py --model demo --expansion --out docs/images-ui-expansion.png
 
 Starts the image API and the UI in this process on free loopback ports, types the prompt, clicks Generate, waits
 for the gallery to show the images, saves a screenshot, and shuts everything down. The test suite uses the same
@@ -64,8 +65,9 @@ def chromium_driver():
 
 
 def generate_in_browser(ui_url: str, prompt: str, out: str | Path, timeout: float = 180.0,
-                        styles: list[str] = ()) -> dict:
-    """Type ``prompt``, click Generate, wait for the gallery, save a screenshot; returns what the page showed."""
+                        styles: list[str] = (), expansion: bool = False) -> dict:
+    """Type ``prompt`` (tick prompt expansion when asked), click Generate, wait for the gallery, save a screenshot;
+    returns what the page showed."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -76,6 +78,8 @@ def generate_in_browser(ui_url: str, prompt: str, out: str | Path, timeout: floa
         box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
         for style in styles:
             driver.find_element(By.XPATH, f"//*[@id='styles']//label[.//span[normalize-space()='{style}']]").click()
+        if expansion:
+            driver.find_element(By.CSS_SELECTOR, "#expansion input[type=checkbox]").click()
         box.send_keys(prompt)
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
         wait.until(lambda d: "done in" in d.find_element(By.CSS_SELECTOR, "#progress").text)
@@ -85,7 +89,8 @@ def generate_in_browser(ui_url: str, prompt: str, out: str | Path, timeout: floa
         driver.save_screenshot(str(out))
         images = driver.find_elements(By.CSS_SELECTOR, "#gallery img")
         return {"progress": driver.find_element(By.CSS_SELECTOR, "#progress").text, "gallery_images": len(images),
-                "first_src": images[0].get_attribute("src")}
+                "first_src": images[0].get_attribute("src"),
+                "final_prompt": driver.find_element(By.CSS_SELECTOR, "#final-prompt").text}
     finally:
         driver.quit()
 
@@ -99,12 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--prompt", default="an ankle boot")
     parser.add_argument("--style", action="append", default=[])
+    parser.add_argument("--expansion", action="store_true", help="tick prompt expansion (by --expansion-model)")
+    parser.add_argument("--expansion-model", default="smollm2")
     parser.add_argument("--out", default="docs/images-ui.png")
     args = parser.parse_args(argv)
-    engine = ImageEngine.load(args.model)
+    engine = ImageEngine.load(args.model, expansion=args.expansion_model if args.expansion else None)
     with tempfile.TemporaryDirectory() as tmp, image_stack(engine, tmp) as (_, ui_url):
-        shown = generate_in_browser(ui_url, args.prompt, args.out, styles=args.style)
+        shown = generate_in_browser(ui_url, args.prompt, args.out, styles=args.style, expansion=args.expansion)
     print(f"screenshot {args.out}: {shown['progress']}, {shown['gallery_images']} image(s) in the gallery")
+    if args.expansion:
+        print(shown["final_prompt"])
     return 0
 
 

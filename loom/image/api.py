@@ -82,6 +82,8 @@ class QualityFields(BaseModel):
     loras: list[LoRAField] = Field([], max_length=MAX_LORAS, description="also <lora:NAME:WEIGHT> in the prompt")
     refiner_switch: float | None = Field(None, gt=0, le=1, description="SDXL refiner: fraction of steps on the base "
                                                                        "model (default 0.8 with a refiner; 1 = off)")
+    expansion: bool = Field(False, description="expand the prompt with the server's LLM first (same seed, same "
+                                               "expansion; the result's revised_prompt shows it)")
 
 
 class GenerationBody(QualityFields):

@@ -57,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-dir", default=None, help="folder of LoRAs that --lora and <lora:NAME:W> tags name")
     parser.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
                         help="a LoRA from --lora-dir with its weight (default 1; repeatable, at most 5)")
+    parser.add_argument("--expansion", action="store_true",
+                        help="expand the prompt with an LLM first (Fooocus' V2; seeded by the image seed)")
+    parser.add_argument("--expansion-model", default="smollm2", metavar="NAME|PATH",
+                        help="the LLM --expansion uses (default smollm2, the packaged one)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--list-styles", action="store_true")
 
@@ -81,7 +85,7 @@ def build_request(args: argparse.Namespace):
         denoise=args.denoise, image=image, mask=mask, loras=[parse_lora_flag(v) for v in args.lora],
         upscale_factor=args.upscale_factor, refiner_switch=args.refiner_switch, sharpness=args.sharpness,
         adaptive_cfg=args.adaptive_cfg, adm_scaler_positive=args.adm_scaler_positive,
-        adm_scaler_negative=args.adm_scaler_negative, adm_scaler_end=args.adm_scaler_end,
+        adm_scaler_negative=args.adm_scaler_negative, adm_scaler_end=args.adm_scaler_end, expansion=args.expansion,
         outpaint_sides=[s.strip() for s in args.sides.split(",") if s.strip()] if args.task == "outpaint" else [],
     )
 
@@ -117,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         upscaler = None if args.upscaler == "none" else args.upscaler
         engine = ImageEngine.load(args.model, device=args.device, upscaler=upscaler, config=args.model_config,
-                                  lora_dir=args.lora_dir, refiner=args.refiner)
+                                  lora_dir=args.lora_dir, refiner=args.refiner,
+                                  expansion=args.expansion_model if request.expansion else None)
         loaded = time.perf_counter() - start
         result = engine.generate(request, on_step=_print_step)
     except (ValueError, FileNotFoundError) as exc:
@@ -126,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
     for path, image, settings in zip(output_paths(args.out, len(result.images)), result.images, result.settings):
         save_png(image, path, settings)
         print(f"\n{path} {image.width}x{image.height} seed {settings['seed']}")
+        if request.expansion:
+            print(f"prompt: {settings['final_prompt']}")
     print(f"loaded in {loaded:.1f} s, generated in {result.seconds:.1f} s")
     return 0
 

@@ -69,7 +69,8 @@ class Progress:
 
 
 class ImageEngine:
-    def __init__(self, pipe, name: str = "model", upscaler=None, lora_dir: str | Path | None = None, refiner=None):
+    def __init__(self, pipe, name: str = "model", upscaler=None, lora_dir: str | Path | None = None, refiner=None,
+                 expander=None):
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting  # optional: the image extra
 
         self.name = name
@@ -85,12 +86,17 @@ class ImageEngine:
         self.refiner = refiner
         if refiner is not None:
             refiner.set_progress_bar_config(disable=True)
+        self.expander = expander
+        """A ``PromptExpander`` (loom.image.expansion) for jobs with ``expansion=True``; None: none can ask."""
+        self._job_prompts: tuple[ImageRequest, tuple[list[str], list[str]]] | None = None
 
     @classmethod
     def load(cls, model: str, device: str | None = None, upscaler: str | None = "demo", config: str | None = None,
-             speed: bool = True, lora_dir: str | None = None, refiner: str | None = None) -> ImageEngine:
+             speed: bool = True, lora_dir: str | None = None, refiner: str | None = None,
+             expansion=None) -> ImageEngine:
         """Load ``model`` (folder, single file or 'demo'), the 2x upscaler ('demo' = packaged, None = none), an
-        optional SDXL refiner folder, and name the folder LoRAs come from (None: no LoRAs)."""
+        optional SDXL refiner folder, and name the folder LoRAs come from (None: no LoRAs). ``expansion``: the LLM
+        that expands prompts (a model name or folder for an engine of its own, or a ``PromptExpander``)."""
         from loom.image.upscaler import ESPCNUpscaler  # optional: upscaler.py imports diffusers (the image extra)
 
         device = str(resolve_device(device))
@@ -106,7 +112,11 @@ class ImageEngine:
                 raise FileNotFoundError(f"upscaler {up_path} not found: "
                                         "pass a folder saved by ESPCNUpscaler.save_pretrained, 'demo' or None")
             up = ESPCNUpscaler.from_pretrained(str(up_path), torch_dtype=torch.float32).to(device).eval()
-        return cls(pipe, name=name, upscaler=up, lora_dir=lora_dir, refiner=refiner_pipe)
+        if isinstance(expansion, str):
+            from loom.image.expansion import PromptExpander  # local: the LLM engine loads only when asked for
+
+            expansion = PromptExpander.load(expansion)
+        return cls(pipe, name=name, upscaler=up, lora_dir=lora_dir, refiner=refiner_pipe, expander=expansion)
 
     # ------------------------------------------------------------ sizes
     @property
@@ -143,7 +153,8 @@ class ImageEngine:
     def info(self) -> dict:
         return {"model": self.name, "native_size": self.native, "size_unit": self.unit, "device": str(self.device),
                 "has_upscaler": self.upscaler is not None, "has_refiner": self.refiner is not None,
-                "loras": self.loras.names()}
+                "loras": self.loras.names(),
+                "expansion_model": self.expander.name if self.expander is not None else None}
 
     def preview(self, latents: torch.Tensor) -> Image.Image:
         return latent_preview(latents, self.txt2img.vae)
@@ -154,6 +165,9 @@ class ImageEngine:
         if self.refiner is None and req.refiner_switch is not None and req.refiner_switch < 1:
             raise ValueError("this engine has no refiner; load one (loom serve --image-refiner DIR) "
                              "or leave refiner_switch unset")
+        if req.expansion and self.expander is None:
+            raise ValueError("this server has no LLM for prompt expansion: start it with --image-expansion-model "
+                             "smollm2 (or serve an LLM in the same process with --model), or leave expansion off")
 
     def refiner_step(self, req: ImageRequest) -> int | None:
         """The step at which a txt2img job hands over to the refiner; None: no refiner for this job."""
@@ -173,7 +187,13 @@ class ImageEngine:
                 "inpaint": self._inpaint, "outpaint": self._outpaint, "upscale": self._upscale}[req.task]
         self.check(req)
         self.loras.activate(req.lora_specs())
-        images, extra = task(req, on_step, should_stop)
+        try:
+            self._job_prompts = (req, self._make_prompts(req))
+            if should_stop is not None and should_stop():
+                raise JobCancelled()
+            images, extra = task(req, on_step, should_stop)
+        finally:
+            self._job_prompts = None
         steps, guidance, sampler = req.resolved()
         settings = []
         for i, image in enumerate(images):
@@ -189,10 +209,20 @@ class ImageEngine:
 
     # ------------------------------------------------------------ helpers
     def _prompts(self, req: ImageRequest) -> tuple[list[str], list[str]]:
-        """Per image: wildcards expanded with that image's seed, then styles applied."""
+        """(prompts, negative prompts) of each image of the running job (made once per job: expansion costs)."""
+        if self._job_prompts is not None and self._job_prompts[0] is req:
+            return self._job_prompts[1]
+        return self._make_prompts(req)
+
+    def _make_prompts(self, req: ImageRequest) -> tuple[list[str], list[str]]:
+        """Per image: wildcards expanded with that image's seed, the prompt expanded by the LLM (when asked, with
+        the image's seed), then styles applied."""
         prompt = strip_lora_tags(req.prompt)
-        pairs = [apply_styles(expand_wildcards(prompt, req.seed + i), req.styles, req.negative_prompt)
-                 for i in range(req.num_images)]
+        seeds = [req.seed + i for i in range(req.num_images)]
+        prompts = [expand_wildcards(prompt, seed) for seed in seeds]
+        if req.expansion:
+            prompts = self.expander.expand(prompts, seeds)
+        pairs = [apply_styles(p, req.styles, req.negative_prompt) for p in prompts]
         return [p for p, _ in pairs], [n for _, n in pairs]
 
     def _call(self, pipe, req: ImageRequest, progress: Progress, seeds: list[int], prompts: list[str],

@@ -79,6 +79,8 @@ class ImageRequest:
     """Up to 5 ``{"name", "weight"}`` from the server's LoRA folder; ``<lora:NAME:WEIGHT>`` in the prompt adds more."""
     upscale_factor: float = 2.0
     """upscale: 1.5 or 2 times the input's sides."""
+    expansion: bool = False
+    """Expand the prompt with the server's LLM first (Fooocus' "V2"; seeded by each image's seed, so repeatable)."""
     refiner_switch: float | None = None
     """txt2img on SDXL with a refiner: the fraction of steps the base model runs before the refiner takes over
     (0..1; 1 = no refiner); None: 0.8 when the engine has a refiner, else none."""

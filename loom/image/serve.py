@@ -42,6 +42,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image-lora-dir", default=None, metavar="DIR",
                        help="folder of LoRAs (NAME.safetensors, diffusers or kohya keys, or NAME/ folders) that "
                             "requests may name; requests never give paths (default: no LoRAs)")
+    group.add_argument("--image-expansion-model", default="auto", metavar="auto|NAME|PATH|none",
+                       help="LLM that expands prompts of jobs asking for expansion: auto = the LLM this server serves "
+                            "(--model), if any; a model name or folder (e.g. smollm2) = an engine of its own; none = "
+                            "no expansion (default auto)")
     group.add_argument("--image-ui-host", default="127.0.0.1")
     group.add_argument("--image-ui-port", type=int, default=7860,
                        help="port of the Gradio web UI; 0 disables it (default 7860)")
@@ -76,7 +80,7 @@ def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> I
         model_config=args.image_model_config, device=args.image_device, max_queued=args.image_max_queued,
         ui_host=args.image_ui_host, ui_port=args.image_ui_port, api_url=api_url, keep_jobs=args.image_keep_jobs,
         limits=config_from_args(ImageLimits, args, prefix="image_"), api_key=getattr(args, "api_key", None),
-        lora_dir=args.image_lora_dir, refiner=args.image_refiner,
+        lora_dir=args.image_lora_dir, refiner=args.image_refiner, expansion_model=args.image_expansion_model,
     )
 
 
@@ -89,13 +93,17 @@ class ImageComponent:
                  model_config: str | None = None, device: str | None = None, max_queued: int = 32,
                  ui_host: str = "127.0.0.1", ui_port: int = 0, api_url: str = "http://127.0.0.1:8000", engine=None,
                  keep_jobs: int = 200, limits: ImageLimits | None = None, api_key: str | None = None,
-                 lora_dir: str | None = None, refiner: str | None = None):
+                 lora_dir: str | None = None, refiner: str | None = None, expansion_model: str | None = None):
         # local: the image API imports torch and PIL; `loom serve` parses its flags without them
         from loom.image.api import build_router
         from loom.image.jobs import JobQueue
 
         self.model, self.upscaler, self.model_config, self.device = model, upscaler, model_config, device
         self.lora_dir, self.refiner = lora_dir, refiner
+        self.expansion_model = None if expansion_model in ("none", "auto") else expansion_model
+        self.use_served_llm = expansion_model == "auto"
+        self.llm = None
+        """The LLM component of the same server (``attach``), whose engine expands prompts under 'auto'."""
         self.ui_host, self.ui_port, self.api_url, self.api_key = ui_host, ui_port, api_url, api_key
         self.queue = JobQueue(engine, output_dir, max_queued=max_queued, keep_jobs=keep_jobs,
                               metrics=ImageMetrics.create(registry))
@@ -105,13 +113,27 @@ class ImageComponent:
     def routers(self) -> list[APIRouter]:
         return [self._router]
 
+    def attach(self, components: list) -> None:
+        self.llm = next((c for c in components if c.name == "llm"), None)
+
+    def _expansion(self):
+        """What expands prompts: a model to load, the served LLM's engine, or None (called on the event loop)."""
+        if self.expansion_model is not None:
+            return self.expansion_model
+        if self.use_served_llm and self.llm is not None:
+            from loom.image.expansion import PromptExpander  # local: as above
+
+            name = self.llm.config.served_model_names[0]
+            return PromptExpander.served(self.llm.front, asyncio.get_running_loop(), name)
+        return None
+
     async def start(self) -> None:
         if self.queue.engine is None:
             from loom.image.engine import ImageEngine  # local: torch and PIL, as above
 
             self.queue.engine = await asyncio.to_thread(
                 ImageEngine.load, self.model, self.device, self.upscaler, self.model_config, lora_dir=self.lora_dir,
-                refiner=self.refiner,
+                refiner=self.refiner, expansion=self._expansion(),
             )
         self.queue.start()
 

@@ -3,11 +3,11 @@
     python -m loom.image.ui --api http://127.0.0.1:8000 --port 7860
     (``loom serve --image demo`` starts it on 127.0.0.1:7860 beside the API)
 
-Prompt box, style picker, performance preset, aspect ratio, a gallery, an advanced panel (negative prompt, seed,
-sampler, steps, guidance, image count), a LoRA picker (5 rows of name and weight), a sampling-quality panel
-(sharpness, adaptive CFG, SDXL ADM scaling), and tabs for Vary / Inpaint (draw the mask with the brush) / Outpaint /
-Upscale. Every run submits a job to ``POST /v1/images/jobs`` and follows its server-sent events, so the preview and
-progress bar update live; Stop cancels the job through the API.
+Prompt box, a prompt-expansion toggle (when the server has an LLM for it), style picker, performance preset, aspect
+ratio, a gallery, an advanced panel (negative prompt, seed, sampler, steps, guidance, image count), a LoRA picker (5
+rows of name and weight), a sampling-quality panel (sharpness, adaptive CFG, SDXL ADM scaling), and tabs for Vary /
+Inpaint (draw the mask with the brush) / Outpaint / Upscale. Every run submits a job to ``POST /v1/images/jobs`` and
+follows its server-sent events, so the preview and progress bar update live; Stop cancels the job through the API.
 
 With an API key (``loom serve --api-key``), the UI sends it on every API call and asks for it at login (any user
 name, the key as the password), so the UI's port opens nothing the API's key protects.
@@ -137,10 +137,12 @@ def build_blocks(api_url: str, api_key: str | None = None):
         """Generator: submit, then stream (preview, progress text, gallery, job id) updates."""
         (prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler, steps, guidance, custom,
          vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image, upscale_factor, refiner_switch,
-         custom_tweaks) = values[:21]
-        tweaks, loras = values[21 : 21 + len(TWEAKS)], values[21 + len(TWEAKS) :]
+         custom_tweaks, expansion) = values[:22]
+        tweaks, loras = values[22 : 22 + len(TWEAKS)], values[22 + len(TWEAKS) :]
         body = settings_body(prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler,
                              steps, guidance, custom) | tweak_fields(custom_tweaks, *tweaks) | lora_fields(*loras)
+        if expansion:
+            body["expansion"] = True
         if model.get("has_refiner") and refiner_switch is not None:
             body["refiner_switch"] = float(refiner_switch)
         try:
@@ -148,9 +150,9 @@ def build_blocks(api_url: str, api_key: str | None = None):
                                 upscale_factor)
             job = client.submit(body)
         except (RuntimeError, ValueError, httpx.HTTPError) as exc:
-            yield None, f"**Error:** {exc}", gr.update(), None
+            yield None, f"**Error:** {exc}", gr.update(), None, gr.update()
             return
-        yield None, "queued", gr.update(), job["id"]
+        yield None, "queued", gr.update(), job["id"], ""
         for state in client.events(job["id"]):
             preview = Image.open(io.BytesIO(base64.b64decode(state["preview"]))) if state.get("preview") else None
             p = state["progress"]
@@ -158,12 +160,14 @@ def build_blocks(api_url: str, api_key: str | None = None):
             if state["status"] == "succeeded":
                 images = [client.image(u) for u in state["urls"]]
                 seeds = ", ".join(str(s["seed"]) for s in state["settings"])
-                yield preview, f"done in {state['finished'] - state['started']:.1f} s (seeds {seeds})", images, None
+                final = "\n\n".join(f"`{s['final_prompt']}`" for s in state["settings"] if "final_prompt" in s)
+                yield (preview, f"done in {state['finished'] - state['started']:.1f} s (seeds {seeds})", images, None,
+                       f"**Prompt{'s' if len(state['settings']) > 1 else ''} used:**\n\n{final}" if final else "")
                 return
             if state["status"] in ("failed", "cancelled"):
-                yield preview, f"{state['status']} {state.get('error') or ''}", gr.update(), None
+                yield preview, f"{state['status']} {state.get('error') or ''}", gr.update(), None, gr.update()
                 return
-            yield preview, text, gr.update(), job["id"]
+            yield preview, text, gr.update(), job["id"], gr.update()
 
     def task_inputs(task, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image,
                     upscale_factor) -> dict:
@@ -199,6 +203,7 @@ def build_blocks(api_url: str, api_key: str | None = None):
                 preview = gr.Image(label="Preview", type="pil", height=256, elem_id="preview", interactive=False)
                 progress = gr.Markdown("idle", elem_id="progress")
                 gallery = gr.Gallery(label="Results", columns=4, height=320, elem_id="gallery", format="png")
+                final_prompt = gr.Markdown("", elem_id="final-prompt")
                 with gr.Row():
                     prompt = gr.Textbox(show_label=False, placeholder="Type a prompt, e.g. a sneaker", lines=2, scale=5,
                                         elem_id="prompt")
@@ -228,6 +233,8 @@ def build_blocks(api_url: str, api_key: str | None = None):
                                        label="Performance")
                 aspect = gr.Radio(opts["aspect_ratios"], value=opts["aspect_ratios"][0], label="Aspect ratio")
                 num_images = gr.Slider(1, 8, value=2, step=1, label="Images")
+                expansion = gr.Checkbox(value=False, visible=bool(model.get("expansion_model")), elem_id="expansion",
+                                        label=f"Prompt expansion (by {model.get('expansion_model')})")
                 styles = gr.CheckboxGroup(opts["styles"], value=[], label="Styles", elem_id="styles")
                 with gr.Accordion("Advanced", open=False):
                     negative = gr.Textbox(label="Negative prompt", lines=2)
@@ -260,8 +267,8 @@ def build_blocks(api_url: str, api_key: str | None = None):
                     ]
         inputs = [job_state, prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler,
                   steps, guidance, custom, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image,
-                  upscale_factor, refiner_switch, custom_tweaks, *tweak_sliders, *lora_inputs]
-        outputs = [preview, progress, gallery, job_state]
+                  upscale_factor, refiner_switch, custom_tweaks, expansion, *tweak_sliders, *lora_inputs]
+        outputs = [preview, progress, gallery, job_state, final_prompt]
         for button, task in ((generate, "txt2img"), (vary_btn, "vary"), (inpaint_btn, "inpaint"),
                              (outpaint_btn, "outpaint"), (upscale_btn, "upscale")):
             button.click(lambda *v, _t=task: (yield from run(_t, *v)), inputs=inputs, outputs=outputs)

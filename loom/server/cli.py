@@ -56,8 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_components(args: argparse.Namespace, registry: CollectorRegistry) -> list:
-    """The components the flags ask for (ValueError on a bad flag; empty when they ask for nothing)."""
-    return [c for p in _plugins() if (c := p.create_component(args, registry)) is not None]
+    """The components the flags ask for (ValueError on a bad flag; empty when they ask for nothing). A component with
+    an ``attach(components)`` method is then shown the others (the image generator uses a served LLM that way)."""
+    components = [c for p in _plugins() if (c := p.create_component(args, registry)) is not None]
+    for component in components:
+        if hasattr(component, "attach"):
+            component.attach(components)
+    return components
 
 
 def run(args: argparse.Namespace) -> int:

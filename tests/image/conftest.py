@@ -1,4 +1,5 @@
-"""Fixtures for the image tests: the session's tiny random engine (tests/conftest.py) and an input photo."""
+"""Fixtures for the image tests: the session's tiny random engine (tests/conftest.py), prompt expansion on SmolLM2,
+and an input photo."""
 
 from __future__ import annotations
 
@@ -9,6 +10,22 @@ from PIL import Image
 @pytest.fixture(scope="session")
 def engine(tiny_image_engine):
     return tiny_image_engine
+
+
+@pytest.fixture(scope="session")
+def expander(smollm2_path):
+    """Prompt expansion on the packaged SmolLM2, an engine of its own (loaded once: ~3 s)."""
+    from loom.image.expansion import PromptExpander
+
+    return PromptExpander.load(str(smollm2_path))
+
+
+@pytest.fixture()
+def expanding(engine, expander):
+    """The session's tiny image engine with the expander attached for one test."""
+    engine.expander = expander
+    yield engine
+    engine.expander = None
 
 
 @pytest.fixture()

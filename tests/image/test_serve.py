@@ -82,3 +82,43 @@ def test_refiner_and_lora_folders_load_from_disk(tmp_path):
     assert result.settings[0]["refiner_step"] == 1 and result.images[0].size == (32, 32)
     with pytest.raises(ValueError, match="SDXL refiner"):
         ImageEngine.load(component.model, device="cpu", upscaler=None, refiner=str(tmp_path / "loras"))
+
+
+def test_expansion_flag_picks_the_served_llm_or_its_own_or_none(tmp_path):
+    """--image-expansion-model: auto = the LLM component of the same server (attached by build_components), a name
+    = an engine of its own, none = no expansion."""
+    import asyncio
+    import types
+
+    from loom.image.expansion import PromptExpander
+
+    base = ["--image", "demo", "--image-output-dir", str(tmp_path), "--image-ui-port", "0"]
+    llm = types.SimpleNamespace(name="llm", front=object(),
+                                config=types.SimpleNamespace(served_model_names=["smollm2"]))
+
+    def expansion(flags, components):
+        component = serve.create_component(parse(base + flags), CollectorRegistry())
+        component.attach([component, *components])
+        return asyncio.run(_on_loop(component._expansion))
+
+    served = expansion([], [llm])
+    assert isinstance(served, PromptExpander) and served.name == "smollm2"
+    assert expansion([], []) is None  # auto without an LLM in the server
+    assert expansion(["--image-expansion-model", "none"], [llm]) is None
+    assert expansion(["--image-expansion-model", "smollm2"], [llm]) == "smollm2"  # ImageEngine.load loads it
+
+
+async def _on_loop(fn):
+    return fn()
+
+
+def test_build_components_attaches_the_llm_to_the_image_component(tmp_path):
+    from loom.server import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--model", "smollm2", "--image", "demo", "--image-output-dir", str(tmp_path),
+                              "--image-ui-port", "0"])
+    components = cli.build_components(args, CollectorRegistry())
+    llm, image = (next(c for c in components if c.name == name) for name in ("llm", "images"))
+    assert image.llm is llm
