@@ -65,9 +65,13 @@ def chromium_driver():
 
 
 def generate_in_browser(ui_url: str, prompt: str, out: str | Path, timeout: float = 180.0,
-                        styles: list[str] = (), expansion: bool = False) -> dict:
-    """Type ``prompt`` (tick prompt expansion when asked), click Generate, wait for the gallery, save a screenshot;
-    returns what the page showed."""
+                        styles: list[str] = (), expansion: bool = False, open_panels: list[str] = (),
+                        tab: str | None = None, tab_image: str | None = None, crop: str | None = None,
+                        before_run=None) -> dict:
+    """Type ``prompt`` (tick prompt expansion when asked), open accordions by element id (``open_panels``), and run
+    the job: Generate, or the run button of the tab with id ``tab`` (e.g. ``tab-upscale``) after uploading
+    ``tab_image`` there; wait for the gallery and save a screenshot of the page, or of the element with id ``crop``.
+    ``before_run(driver)`` may set further controls. Returns what the page showed."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -80,13 +84,33 @@ def generate_in_browser(ui_url: str, prompt: str, out: str | Path, timeout: floa
             driver.find_element(By.XPATH, f"//*[@id='styles']//label[.//span[normalize-space()='{style}']]").click()
         if expansion:
             driver.find_element(By.CSS_SELECTOR, "#expansion input[type=checkbox]").click()
+        for panel in open_panels:
+            header = driver.find_element(By.CSS_SELECTOR, f"#{panel} > button.label-wrap")
+            driver.execute_script("arguments[0].scrollIntoView()", header)
+            header.click()
         box.send_keys(prompt)
-        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        run = "#generate"
+        if tab is not None:
+            driver.find_element(By.CSS_SELECTOR, f"#{tab}-button").click()  # Gradio names a tab's button so
+            if tab_image is not None:
+                upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"#{tab} input[type=file]"))
+                upload.send_keys(str(Path(tab_image).resolve()))
+                wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{tab} img"))
+            run = f"#{tab}-run"
+        if before_run is not None:
+            before_run(driver)
+        driver.find_element(By.CSS_SELECTOR, run).click()
         wait.until(lambda d: "done in" in d.find_element(By.CSS_SELECTOR, "#progress").text)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img"))
         time.sleep(0.5)  # let the gallery images paint
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(out))
+        if crop is None:
+            driver.save_screenshot(str(out))
+        else:
+            element = driver.find_element(By.CSS_SELECTOR, f"#{crop}")
+            driver.execute_script("arguments[0].scrollIntoView()", element)
+            time.sleep(0.5)
+            element.screenshot(str(out))
         images = driver.find_elements(By.CSS_SELECTOR, "#gallery img")
         return {"progress": driver.find_element(By.CSS_SELECTOR, "#progress").text, "gallery_images": len(images),
                 "first_src": images[0].get_attribute("src"),
@@ -106,11 +130,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--style", action="append", default=[])
     parser.add_argument("--expansion", action="store_true", help="tick prompt expansion (by --expansion-model)")
     parser.add_argument("--expansion-model", default="smollm2")
+    parser.add_argument("--open", action="append", default=[], metavar="ID",
+                        help="open this accordion first (advanced, loras, sampling-quality; repeatable)")
+    parser.add_argument("--tab", default=None, metavar="ID", help="run this tab's job (tab-vary, tab-upscale, ...)")
+    parser.add_argument("--tab-image", default=None, help="the image to upload into --tab")
+    parser.add_argument("--performance", default=None, help="click this performance preset")
+    parser.add_argument("--lora-dir", default=None, help="the LoRA folder the server offers")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME",
+                        help="pick this LoRA in the next row of the LoRA panel (repeatable)")
+    parser.add_argument("--crop", default=None, metavar="ID", help="screenshot only this element")
     parser.add_argument("--out", default="docs/images-ui.png")
     args = parser.parse_args(argv)
-    engine = ImageEngine.load(args.model, expansion=args.expansion_model if args.expansion else None)
+    engine = ImageEngine.load(args.model, expansion=args.expansion_model if args.expansion else None,
+                              lora_dir=args.lora_dir)
+
+    def before_run(driver):
+        from selenium.webdriver.common.by import By
+
+        if args.performance:
+            driver.find_element(By.XPATH, f"//label[.//span[normalize-space()='{args.performance}']]").click()
+        for row, name in enumerate(args.lora):
+            from selenium.webdriver.common.keys import Keys
+
+            box = driver.find_element(By.CSS_SELECTOR, f"#lora-{row} input")
+            box.click()
+            box.send_keys(Keys.CONTROL, "a")
+            box.send_keys(name)
+            time.sleep(0.3)
+            box.send_keys(Keys.ENTER)
+
     with tempfile.TemporaryDirectory() as tmp, image_stack(engine, tmp) as (_, ui_url):
-        shown = generate_in_browser(ui_url, args.prompt, args.out, styles=args.style, expansion=args.expansion)
+        shown = generate_in_browser(ui_url, args.prompt, args.out, styles=args.style, expansion=args.expansion,
+                                    open_panels=args.open, tab=args.tab, tab_image=args.tab_image, crop=args.crop,
+                                    before_run=before_run)
     print(f"screenshot {args.out}: {shown['progress']}, {shown['gallery_images']} image(s) in the gallery")
     if args.expansion:
         print(shown["final_prompt"])

@@ -210,23 +210,23 @@ def build_blocks(api_url: str, api_key: str | None = None):
                     generate = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
                     stop_btn = gr.Button("Stop", scale=1, elem_id="stop")
                 with gr.Tabs():
-                    with gr.Tab("Vary"):
+                    with gr.Tab("Vary", elem_id="tab-vary"):
                         vary_image = gr.Image(type="pil", label="Image to vary")
                         vary_mode = gr.Radio(["Subtle", "Strong"], value="Subtle", label="Vary")
-                        vary_btn = gr.Button("Vary")
-                    with gr.Tab("Inpaint"):
+                        vary_btn = gr.Button("Vary", elem_id="tab-vary-run")
+                    with gr.Tab("Inpaint", elem_id="tab-inpaint"):
                         inpaint_value = gr.ImageEditor(type="pil", label="Draw the area to repaint",
                                                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
-                        inpaint_btn = gr.Button("Inpaint")
-                    with gr.Tab("Outpaint"):
+                        inpaint_btn = gr.Button("Inpaint", elem_id="tab-inpaint-run")
+                    with gr.Tab("Outpaint", elem_id="tab-outpaint"):
                         outpaint_image = gr.Image(type="pil", label="Image to extend")
                         sides = gr.CheckboxGroup(["Left", "Right", "Top", "Bottom"], value=["Left", "Right"],
                                                  label="Extend")
-                        outpaint_btn = gr.Button("Outpaint")
-                    with gr.Tab("Upscale"):
+                        outpaint_btn = gr.Button("Outpaint", elem_id="tab-outpaint-run")
+                    with gr.Tab("Upscale", elem_id="tab-upscale"):
                         upscale_image = gr.Image(type="pil", label="Image to upscale")
                         upscale_factor = gr.Radio(["1.5x", "2x"], value="2x", label="Upscale by")
-                        upscale_btn = gr.Button("Upscale")
+                        upscale_btn = gr.Button("Upscale", elem_id="tab-upscale-run")
             with gr.Column(scale=2):
                 performance = gr.Radio(opts["performances"],
                                        value="Speed" if "Speed" in opts["performances"] else opts["performances"][0],
@@ -236,7 +236,7 @@ def build_blocks(api_url: str, api_key: str | None = None):
                 expansion = gr.Checkbox(value=False, visible=bool(model.get("expansion_model")), elem_id="expansion",
                                         label=f"Prompt expansion (by {model.get('expansion_model')})")
                 styles = gr.CheckboxGroup(opts["styles"], value=[], label="Styles", elem_id="styles")
-                with gr.Accordion("Advanced", open=False):
+                with gr.Accordion("Advanced", open=False, elem_id="advanced"):
                     negative = gr.Textbox(label="Negative prompt", lines=2)
                     with gr.Row():
                         seed = gr.Number(value=0, precision=0, label="Seed")
@@ -255,7 +255,7 @@ def build_blocks(api_url: str, api_key: str | None = None):
                                                            label=f"LoRA {i + 1}", elem_id=f"lora-{i}", scale=3))
                             lora_inputs.append(gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="Weight",
                                                          elem_id=f"lora-{i}-weight", scale=2))
-                with gr.Accordion("Sampling quality", open=False):
+                with gr.Accordion("Sampling quality", open=False, elem_id="sampling-quality"):
                     custom_tweaks = gr.Checkbox(value=False, label="Override the preset's sharpness, adaptive CFG "
                                                                    "and ADM scaling", elem_id="custom-tweaks")
                     tweak_sliders = [
