@@ -140,9 +140,9 @@ class LLMEngine:
                                      scratch_block=num_blocks) if graphs else None
         self.runner = ModelRunner(self.model, kv, self.block_manager, self.device, self.lora, peers=self.workers,
                                   graphs=decode_graphs)
-        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        """Draws the seed of each sequence whose request gives none (the sampler's uniforms hash a seed)."""
         self.requests: dict[str, _Request] = {}
-        self._generators: dict[int, torch.Generator] = {}
         self._seq_ids = itertools.count()
         self._num_steps = self._num_prompt_tokens = self._num_generation_tokens = self._batched_tokens = 0
         self._slots_used = self._slots_held = 0
@@ -173,7 +173,7 @@ class LLMEngine:
         adapter = self._adapter(lora_request)
         now = arrival_time or time.time()
         seqs = [
-            Sequence(next(self._seq_ids), request_id, i, prompt_token_ids, params, now, generator_seed=_seed(params, i),
+            Sequence(next(self._seq_ids), request_id, i, prompt_token_ids, params, now, seed=self._seed(params, i),
                      lora_id=lora_request.lora_int_id if lora_request else 0, lora=adapter)
             for i in range(params.n)
         ]
@@ -193,8 +193,6 @@ class LLMEngine:
         if req is None:
             return False
         self.scheduler.abort(request_id)
-        for seq in req.seqs:
-            self._generators.pop(seq.seq_id, None)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -381,15 +379,15 @@ class LLMEngine:
         return params
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        generator = self.generator
-        if seq.generator_seed is not None:
-            generator = self._generators.get(seq.seq_id)
-            if generator is None:
-                generator = torch.Generator(self.device).manual_seed(seq.generator_seed)
-                self._generators[seq.seq_id] = generator
         stop_ids = frozenset(seq.params.stop_token_ids) | (frozenset() if seq.params.ignore_eos else self.eos_token_ids)
-        return SamplingRow(SamplingSettings.of(seq.params), seq.prompt_token_ids, seq.output_token_ids, generator,
+        return SamplingRow(SamplingSettings.of(seq.params), seq.prompt_token_ids, seq.output_token_ids, seq.seed,
                            stop_ids)
+
+    def _seed(self, params: SamplingParams, index: int) -> int:
+        """Sibling ``index``'s seed: the request's seed + index, or one drawn from the engine's generator."""
+        if params.seed is not None:
+            return (params.seed + index) % 2**63  # any integer: the sampler hashes it as a 64-bit one
+        return int(torch.randint(0, 2**62, (1,), generator=self.generator))
 
     def _record_schedule(self, out) -> None:
         now = time.time()
@@ -430,8 +428,6 @@ class LLMEngine:
             if all(s.is_finished for s in req.seqs):
                 req.metrics.finished_time = now
                 del self.requests[req.request_id]
-                for s in req.seqs:
-                    self._generators.pop(s.seq_id, None)
         return touched
 
     def _append_token(self, seq: Sequence, detok: DetokState, token: int, logprobs: dict[int, float] | None) -> None:
@@ -497,10 +493,6 @@ def kv_budget_bytes(total: int, free: int, reserved: int, peak: int, utilization
     (total - free - this process's reserved pool). 0 when nothing is left."""
     others = max(0, total - free - reserved)
     return max(0.0, utilization * total - peak - others)
-
-
-def _seed(params: SamplingParams, index: int) -> int | None:
-    return None if params.seed is None else params.seed + index
 
 
 def _eos_ids(tokenizer, path) -> frozenset[int]:

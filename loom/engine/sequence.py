@@ -36,7 +36,8 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_preemptions: int = 0
-    generator_seed: int | None = None
+    seed: int = 0
+    """The seed of the sampler's uniforms for this sequence (the request's seed + index, or drawn by the engine)."""
     matcher: Any = None
     """The grammar matcher of a structured-output sequence (an llguidance ``LLMatcher``); None when free."""
     lora_id: int = 0

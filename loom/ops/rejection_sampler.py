@@ -11,7 +11,7 @@ as if sampled one step at a time (Leviathan et al. 2023, Chen et al. 2023).
 
 Penalties and min_tokens see the drafts before a row as generated tokens, so row j is processed as the plain
 sampler would process it once x_1..x_j were accepted. A sequence without drafts reduces to ``sample``: one uniform
-number from its generator, the same distribution, the same token.
+number (draw 0 at its position), the same distribution, the same token.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from loom.ops.sampler import SamplingRow, apply_penalties, gather_logprobs, inverse_cdf, random_probs
+from loom.ops.sampler import SamplingRow, apply_penalties, gather_logprobs, inverse_cdf, random_probs, row_uniforms
 
 
 @dataclass(slots=True)
@@ -83,10 +83,12 @@ def _verify_sampled(processed, expanded, drafts, index, seqs, tokens, accepted) 
     probs = random_probs(processed[flat], [expanded[r] for r in flat])  # [R, V], rows not renormalised
     p_draft = _draft_probs(probs, [[pos[r] for r in index[i][:-1]] for i in seqs], [drafts[i] for i in seqs])
     final_pos, excluded, final_u = [], [], []
+    # One uniform per draft (accept if u < p(x)) and one for the token drawn after: draws 0..d at the row's position.
+    width = max(len(drafts[i]) for i in seqs) + 1
+    all_u = row_uniforms([expanded[i] for i in seqs], width, probs.device, torch.float64).tolist()
     for k, i in enumerate(seqs):
         d = len(drafts[i])
-        # One uniform per draft (accept if u < p(x)) and one for the token drawn after: d + 1 from its generator.
-        u = torch.rand(d + 1, generator=expanded[i].generator, device=probs.device).tolist()
+        u = all_u[k][: d + 1]
         a = 0
         while a < d and u[a] < p_draft[k][a]:
             a += 1

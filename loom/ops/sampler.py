@@ -1,8 +1,12 @@
-"""Token sampling for one step: penalties, temperature, top-k / top-p / min-p, per-sequence seeded generators,
+"""Token sampling for one step: penalties, temperature, top-k / top-p / min-p, per-sequence seeded random numbers,
 and log-probabilities of the model's raw distribution.
 
-Each sequence that samples owns one row of ``logits`` [S, V]. Rows with a seed draw from their own
-``torch.Generator`` only, so a seeded request gives the same tokens whatever else shares the batch.
+Each sequence that samples owns one row of ``logits`` [S, V]; a step is a fixed number of tensor ops whatever the
+rows ask for, and one device-to-host copy of the sampled ids (no op per row: on a GPU, a loop of small ops per
+request costs a kernel launch each). Random numbers come from a counter-based generator: the uniform a row uses is a
+hash of its sequence's seed and its position (the number of tokens it has generated, and the draft index under
+speculative decoding), computed for all rows at once on the logits' device. So a seeded request gives the same
+tokens whatever else shares the batch, after a preemption, and on any device; and no generator state is kept.
 """
 
 from __future__ import annotations
@@ -44,9 +48,19 @@ class SamplingRow:
     params: SamplingSettings
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    generator: torch.Generator
+    seed: int
+    """The sequence's random seed (the request's seed + its index among n siblings, or one drawn by the engine)."""
     stop_ids: frozenset[int]
     """EOS and stop token ids, masked while fewer than min_tokens were generated."""
+
+    @property
+    def position(self) -> int:
+        """Where the sequence is: its uniforms are ``uniforms([seed], [position * MAX_DRAWS + j])``."""
+        return len(self.output_token_ids)
+
+
+MAX_DRAWS = 256
+"""Uniforms a row may use in one step (1 for plain sampling, drafts + 1 under speculative decoding)."""
 
 
 @dataclass(slots=True)
@@ -74,24 +88,43 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Repetition / presence / frequency penalties and the min_tokens mask of each row (a copy when any applies)."""
+    """Repetition / presence / frequency penalties and the min_tokens mask of each row (a copy when any applies).
+
+    The rows that need any are handled together: their token ids go to the device as one padded tensor per kind and
+    become [N, V] counts (``scatter_add``), as vLLM's bin counts do; no op runs per row."""
     needs = [i for i, r in enumerate(rows) if _has_penalty(r)]
     if not needs:
         return logits
     logits = logits.clone()
-    device = logits.device
-    for i in needs:
-        r, p = rows[i], rows[i].params
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(r.prompt_token_ids) | set(r.output_token_ids)), device=device)
-            vals = logits[i, seen]
-            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and r.output_token_ids:
-            ids, counts = torch.tensor(r.output_token_ids, device=device).unique(return_counts=True)
-            logits[i, ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
-        if len(r.output_token_ids) < p.min_tokens and r.stop_ids:
-            logits[i, list(r.stop_ids)] = float("-inf")
+    device, vocab = logits.device, logits.shape[-1]
+    sub = logits[needs]
+    params = [rows[i].params for i in needs]
+    outputs = _counts([rows[i].output_token_ids for i in needs], vocab, device)  # [N, V] float
+    rep = torch.tensor([p.repetition_penalty for p in params], device=device, dtype=logits.dtype)[:, None]
+    if bool((rep != 1.0).any()):
+        seen = (outputs + _counts([rows[i].prompt_token_ids for i in needs], vocab, device)) > 0
+        penalised = torch.where(sub > 0, sub / rep, sub * rep)
+        sub = torch.where(seen & (rep != 1.0), penalised, sub)
+    freq = torch.tensor([p.frequency_penalty for p in params], device=device, dtype=logits.dtype)[:, None]
+    presence = torch.tensor([p.presence_penalty for p in params], device=device, dtype=logits.dtype)[:, None]
+    sub = sub - freq * outputs - presence * (outputs > 0).to(logits.dtype)
+    early = [r for r, i in enumerate(needs) if len(rows[i].output_token_ids) < rows[i].params.min_tokens]
+    stops = [sorted(rows[needs[r]].stop_ids) for r in early]
+    if any(stops):
+        mask = _counts(stops, vocab, device) > 0  # [E, V]
+        sub[early] = sub[early].masked_fill(mask, float("-inf"))
+    logits[needs] = sub
     return logits
+
+
+def _counts(token_lists: list[list[int]], vocab: int, device) -> torch.Tensor:
+    """[len(token_lists), vocab] float32: how often each token id occurs in each list (one padded upload)."""
+    width = max((len(t) for t in token_lists), default=0)
+    counts = torch.zeros(len(token_lists), vocab + 1, device=device)
+    if width:
+        padded = torch.tensor([list(t) + [vocab] * (width - len(t)) for t in token_lists], device=device)
+        counts.scatter_add_(1, padded, torch.ones(padded.shape, device=device))
+    return counts[:, :vocab]
 
 
 def _has_penalty(r: SamplingRow) -> bool:
@@ -104,9 +137,43 @@ def _has_penalty(r: SamplingRow) -> bool:
 
 
 def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """logits: [R, V] -> sampled ids [R]. One uniform number per row, from that row's own generator."""
-    u = torch.cat([torch.rand(1, generator=r.generator, device=logits.device) for r in rows])
+    """logits: [R, V] -> sampled ids [R]. One uniform number per row: draw 0 at the row's position."""
+    u = row_uniforms(rows, 1, logits.device, logits.dtype)[:, 0]
     return inverse_cdf(random_probs(logits, rows), u)
+
+
+def row_uniforms(rows: list[SamplingRow], draws: int, device, dtype=torch.float32) -> torch.Tensor:
+    """[R, draws] uniforms in [0, 1): row r's draw j is the hash of (seed, position * MAX_DRAWS + j)."""
+    if draws > MAX_DRAWS:
+        raise ValueError(f"at most {MAX_DRAWS} random draws per row and step, asked for {draws}")
+    keys = torch.tensor([[r.seed, r.position] for r in rows], dtype=torch.int64, device=device)  # one upload
+    counters = keys[:, 1:] * MAX_DRAWS + torch.arange(draws, device=device)[None, :]
+    return uniforms(keys[:, :1], counters).to(dtype)
+
+
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
+_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic: it copies the sign bit)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors (multiplication wraps modulo 2**64, as in C on uint64)."""
+    x = x + _GOLDEN
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Counter-based uniforms in [0, 1) (float32, 24 random bits): ``splitmix64(splitmix64(seed) ^ counter)`` for each
+    (seed, counter) pair, broadcast; int64 tensors on any device."""
+    bits = _splitmix64(_splitmix64(seeds) ^ counters)
+    return _shift_right(bits, 40).to(torch.float32) * (1.0 / (1 << 24))
 
 
 def random_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

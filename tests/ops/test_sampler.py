@@ -9,8 +9,7 @@ from loom.ops.sampler import SamplingRow, SamplingSettings, sample
 
 
 def row(output=(), prompt=(1,), seed=0, stop_ids=frozenset(), **params) -> SamplingRow:
-    g = torch.Generator().manual_seed(seed)
-    return SamplingRow(SamplingSettings(**params), list(prompt), list(output), g, stop_ids)
+    return SamplingRow(SamplingSettings(**params), list(prompt), list(output), seed, stop_ids)
 
 
 def test_penalties_match_reference_formulas():
@@ -57,15 +56,14 @@ def test_greedy_and_sampled_frequencies():
     torch.manual_seed(2)
     logits = torch.randn(1, 30) * 2
     assert sample(logits, [row(temperature=0)]).token_ids == [int(logits.argmax())]
-    r = row(seed=7, temperature=1.0)
-    counts = torch.bincount(torch.tensor([sample(logits, [r]).token_ids[0] for _ in range(8000)]), minlength=30)
+    rows = [row(seed=7 + i, temperature=1.0) for i in range(8000)]  # 8000 sequences in one step
+    counts = torch.bincount(torch.tensor(sample(logits.expand(8000, 30), rows).token_ids), minlength=30)
     assert (counts / 8000 - torch.softmax(logits[0], -1)).abs().max() < 0.02
 
 
 def test_min_p_drops_unlikely_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    r = row(seed=3, temperature=1.0, min_p=0.2)
-    seen = {sample(logits, [r]).token_ids[0] for _ in range(500)}
+    seen = {sample(logits, [row(seed=s, temperature=1.0, min_p=0.2)]).token_ids[0] for s in range(500)}
     assert seen == {0, 1, 2}
 
 
@@ -78,3 +76,73 @@ def test_logprobs_are_raw_model_logprobs():
     assert abs(res.logprobs[0][token] - float(lp[token])) < 1e-6
     top = lp.topk(2).indices.tolist()
     assert set(top) <= set(res.logprobs[0])
+
+
+MASK64 = (1 << 64) - 1
+
+
+def splitmix64_reference(x: int) -> int:
+    """SplitMix64's finaliser on Python integers modulo 2**64 (Steele, Lea and Flood 2014; Vigna's reference C)."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def test_uniforms_equal_the_unsigned_64_bit_reference():
+    seeds = [0, 1, 7, 2**31 - 1, 2**62 + 12345, 2**63 - 1]
+    counters = [0, 1, 255, 256, 2**40 + 3]
+    got = sampler.uniforms(torch.tensor(seeds)[:, None], torch.tensor(counters)[None, :])
+    for i, s in enumerate(seeds):
+        for j, c in enumerate(counters):
+            bits = splitmix64_reference(splitmix64_reference(s) ^ c)
+            assert float(got[i, j]) == (bits >> 40) / 2**24
+
+
+def test_uniforms_are_uniform_and_uncorrelated():
+    u = sampler.uniforms(torch.arange(200)[:, None], torch.arange(1000)[None, :]).flatten()  # 200 seeds x 1000 draws
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    counts = torch.bincount((u * 16).long(), minlength=16).double()
+    chi2 = float(((counts - len(u) / 16) ** 2 / (len(u) / 16)).sum())
+    assert chi2 < 37.70  # chi-square, 15 degrees of freedom, p = 0.001
+    rows = u.view(200, 1000) - 0.5
+    lag1 = float((rows[:, 1:] * rows[:, :-1]).mean() / rows.pow(2).mean())
+    across = float((rows[1:] * rows[:-1]).mean() / rows.pow(2).mean())  # neighbouring seeds, same position
+    assert abs(lag1) < 0.01 and abs(across) < 0.01
+
+
+def test_a_seeded_row_draws_the_same_token_whatever_shares_the_step():
+    torch.manual_seed(4)
+    logits = torch.randn(6, 100)
+    alone = [sample(logits[i : i + 1], [row(seed=40 + i, output=[1] * i, temperature=0.9)]).token_ids[0]
+             for i in range(6)]
+    together = sample(logits, [row(seed=40 + i, output=[1] * i, temperature=0.9) for i in range(6)]).token_ids
+    assert together == alone
+    # the next position draws a fresh number: over 50 positions one seed does not repeat one token
+    drawn = {sample(logits[:1], [row(seed=3, output=[1] * n, temperature=1.0)]).token_ids[0] for n in range(50)}
+    assert len(drawn) > 5
+
+
+def test_penalties_of_many_rows_at_once_match_each_row_alone():
+    """Rows with different penalty kinds (and none) in one step equal the reference formulas row by row."""
+    torch.manual_seed(5)
+    logits = torch.randn(4, 30) * 3
+    rows = [
+        row(output=[3, 3, 7], prompt=[5, 7], repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25),
+        row(output=[], prompt=[1]),
+        row(output=[2, 9, 9, 9], prompt=[2], frequency_penalty=-0.5, min_tokens=6, stop_ids=frozenset({0, 11})),
+        row(output=[4], prompt=[8, 8, 4], repetition_penalty=0.7),
+    ]
+    got = sampler.apply_penalties(logits, rows)
+    ref = logits.clone()
+    for i, r in enumerate(rows):
+        p = r.params
+        for t in set(r.prompt_token_ids) | set(r.output_token_ids):
+            if p.repetition_penalty != 1.0:
+                ref[i, t] = ref[i, t] / p.repetition_penalty if ref[i, t] > 0 else ref[i, t] * p.repetition_penalty
+        for t in set(r.output_token_ids):
+            ref[i, t] -= p.frequency_penalty * r.output_token_ids.count(t) + p.presence_penalty
+        if len(r.output_token_ids) < p.min_tokens:
+            ref[i, sorted(r.stop_ids)] = float("-inf")
+    torch.testing.assert_close(got, ref)
+    assert got.data_ptr() != logits.data_ptr() and torch.equal(got[1], logits[1])
