@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 python3 scripts/random_smollm2.py --tokenizer .device_carry/smollm2-tokenizer
 echo "== parity on CUDA, bfloat16"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py tests/engine/test_step_upload.py tests/ops/test_sampler.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
 echo "== Triton paged decode attention compiled on the GPU (the same tests run interpreted on CPU in make test)"
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_attention.py tests/ops/test_triton_layers.py 2>&1 \
   | tee "$OUT/pytest_triton.log" | tail -6

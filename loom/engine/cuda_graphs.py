@@ -17,6 +17,7 @@ import bisect
 
 import torch
 
+from loom.engine.model_runner import Uploader
 from loom.ops.attention import AttentionMetadata
 
 
@@ -46,6 +47,7 @@ class DecodeGraphs:
         self.scratch_block = scratch_block
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        self.uploader = Uploader(device)
 
     def bucket(self, batch: int) -> int | None:
         i = bisect.bisect_left(self.buckets, batch)
@@ -72,12 +74,13 @@ class DecodeGraphs:
         return logits[:n]
 
     def _fill(self, inputs, n: int, b: int) -> None:
+        step = self.uploader.upload(inputs)  # one transfer; the copies below run on the device
         width = len(inputs.decode_tables[0]) if n else 0
-        self.input_ids[:n].copy_(torch.tensor(inputs.input_ids))
-        self.positions[:n].copy_(torch.tensor(inputs.positions))
-        self.slots[:n].copy_(torch.tensor(inputs.slots))
-        self.seq_lens[:n].copy_(torch.tensor(inputs.decode_seq_lens, dtype=torch.int32))
-        self.tables[:n, :width].copy_(torch.tensor(inputs.decode_tables, dtype=torch.int32).view(n, width))
+        self.input_ids[:n].copy_(step.input_ids)
+        self.positions[:n].copy_(step.positions)
+        self.slots[:n].copy_(step.slots)
+        self.seq_lens[:n].copy_(step.decode_seq_lens)
+        self.tables[:n, :width].copy_(step.decode_tables)
         self.tables[:n, width:] = self.scratch_block
         # rows n..b (padding): token 0 at position 0, context 1, writing into the scratch slot
         self.input_ids[n:b] = 0

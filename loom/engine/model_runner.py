@@ -126,6 +126,70 @@ class StepInputs:
         return cls(input_ids, positions, slots, tables, seq_lens, prefills, take(num_rows))
 
 
+@dataclass(slots=True)
+class StepTensors:
+    """A step's integers on the device, views into one uploaded tensor (``Uploader.upload``)."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    decode_tables: torch.Tensor
+    """[decodes, width] int32."""
+    decode_seq_lens: torch.Tensor
+    """[decodes] int32."""
+    prefill_tables: list[torch.Tensor | None]
+    logit_rows: torch.Tensor
+
+
+class Uploader:
+    """Puts a step's integers on the device in one copy: ``StepInputs.encode`` packs them into one int64 tensor,
+    staged in pinned host memory on CUDA and copied without blocking the host; the step's tensors are views into it
+    (the two int32 ones are converted on the device). One host-to-device transfer a step instead of one per list;
+    a pageable ``.to(cuda)`` also blocks the host until the copy is done."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._staging: torch.Tensor | None = None
+        self._copied = None
+        """A CUDA event after the latest copy out of ``_staging``: the next step waits for it before overwriting."""
+
+    def upload(self, inputs: StepInputs) -> StepTensors:
+        flat = inputs.encode()
+        if self.device.type == "cuda":
+            if self._staging is None or self._staging.numel() < flat.numel():
+                self._staging = torch.empty(max(2 * flat.numel(), 4096), dtype=torch.long, pin_memory=True)
+                self._copied = None
+            if self._copied is not None:
+                self._copied.synchronize()
+            staged = self._staging[: flat.numel()]
+            staged.copy_(flat)
+            flat = staged.to(self.device, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        elif flat.device != self.device:
+            flat = flat.to(self.device)
+        return split_step(flat, inputs)
+
+
+def split_step(flat: torch.Tensor, inputs: StepInputs) -> StepTensors:
+    """The views of ``inputs.encode()``'s layout in ``flat`` (wherever it lives); counts come from ``inputs``."""
+    num_tokens, num_decodes = len(inputs.input_ids), len(inputs.decode_tables)
+    width = len(inputs.decode_tables[0]) if inputs.decode_tables else 0
+    at = 5
+
+    def take(n: int) -> torch.Tensor:
+        nonlocal at
+        at += n
+        return flat[at - n : at]
+
+    input_ids, positions, slots = take(num_tokens), take(num_tokens), take(num_tokens)
+    tables = take(num_decodes * width).view(num_decodes, width).to(torch.int32)
+    seq_lens = take(num_decodes).to(torch.int32)
+    take(4 * len(inputs.prefills))
+    prefill_tables = [None if table is None else take(len(table)) for *_, table in inputs.prefills]
+    return StepTensors(input_ids, positions, slots, tables, seq_lens, prefill_tables, take(len(inputs.logit_rows)))
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -149,6 +213,7 @@ class ModelRunner:
         self.peers = peers
         self.graphs = graphs
         """``loom.engine.cuda_graphs.DecodeGraphs``: decode-only steps replayed as CUDA graphs; None: always eager."""
+        self.uploader = Uploader(device)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledChunk]]:
@@ -174,11 +239,17 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor | None:
         """The model over one step's inputs -> logits of ``inputs.logit_rows`` (None on tensor-parallel ranks > 0)."""
-        meta = self._metadata(inputs)
-        hidden = self.model(self._to_device(inputs.input_ids), self._to_device(inputs.positions), self.kv_caches, meta)
+        step = self.uploader.upload(inputs)
+        meta = AttentionMetadata(
+            slot_mapping=step.slots, num_decodes=len(inputs.decode_tables), decode_block_tables=step.decode_tables,
+            decode_seq_lens=step.decode_seq_lens, block_size=self.block_size,
+            prefills=[PrefillChunk(start, end, pos, table)
+                      for (start, end, pos, _), table in zip(inputs.prefills, step.prefill_tables)],
+        )
+        hidden = self.model(step.input_ids, step.positions, self.kv_caches, meta)
         if not inputs.logit_rows:
             return hidden.new_empty((0, 0))
-        return self.model.compute_logits(hidden[self._to_device(inputs.logit_rows)])
+        return self.model.compute_logits(hidden[step.logit_rows])
 
     def _inputs(self, decodes: list[ScheduledChunk], prefills: list[ScheduledChunk]):
         bm, bs = self.block_manager, self.block_size
@@ -213,22 +284,6 @@ class ModelRunner:
                 draft_rows.extend(range(row - num_drafts, row))
                 sampling.append(chunk)
         return StepInputs(input_ids, positions, slots, padded, seq_lens, chunks, rows + draft_rows), sampling
-
-    def _metadata(self, inputs: StepInputs) -> AttentionMetadata:
-        tables = inputs.decode_tables
-        width = len(tables[0]) if tables else 0
-        return AttentionMetadata(
-            slot_mapping=self._to_device(inputs.slots),
-            num_decodes=len(tables),
-            decode_block_tables=torch.tensor(tables, dtype=torch.int32).reshape(len(tables), width).to(self.device),
-            decode_seq_lens=torch.tensor(inputs.decode_seq_lens, dtype=torch.int32).to(self.device),
-            prefills=[PrefillChunk(start, end, pos, None if table is None else self._to_device(table))
-                      for start, end, pos, table in inputs.prefills],
-            block_size=self.block_size,
-        )
-
-    def _to_device(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
 
 def _adapter(chunk: ScheduledChunk) -> int:
