@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     from loom.image.engine import ImageEngine
+    from loom.image.serve import parse_controlnets
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo")
@@ -136,19 +137,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tab-image", default=None, help="the image to upload into --tab")
     parser.add_argument("--performance", default=None, help="click this performance preset")
     parser.add_argument("--lora-dir", default=None, help="the LoRA folder the server offers")
+    parser.add_argument("--controlnet", action="append", default=[], metavar="TYPE=DIR",
+                        help="a ControlNet the server offers (repeatable)")
     parser.add_argument("--lora", action="append", default=[], metavar="NAME",
                         help="pick this LoRA in the next row of the LoRA panel (repeatable)")
+    parser.add_argument("--click", action="append", default=[], metavar="ID",
+                        help="click this button before the job runs (e.g. tab-control-preview; repeatable)")
     parser.add_argument("--crop", default=None, metavar="ID", help="screenshot only this element")
     parser.add_argument("--out", default="docs/images-ui.png")
     args = parser.parse_args(argv)
     engine = ImageEngine.load(args.model, expansion=args.expansion_model if args.expansion else None,
-                              lora_dir=args.lora_dir)
+                              lora_dir=args.lora_dir, controlnets=parse_controlnets(args.controlnet, "--controlnet"))
 
     def before_run(driver):
         from selenium.webdriver.common.by import By
 
         if args.performance:
             driver.find_element(By.XPATH, f"//label[.//span[normalize-space()='{args.performance}']]").click()
+        for button in args.click:
+            driver.find_element(By.CSS_SELECTOR, f"#{button}").click()
+            time.sleep(2.0)  # let its result arrive
         for row, name in enumerate(args.lora):
             from selenium.webdriver.common.keys import Keys
 

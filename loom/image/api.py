@@ -1,13 +1,15 @@
 """HTTP routes of the image generator, mounted by ``loom serve --image``.
 
     POST /v1/images/generations          OpenAI's shape: {prompt, n, size, response_format: b64_json | url}
-    POST /v1/images/jobs                 submit any task (txt2img, vary_subtle, vary_strong, inpaint, outpaint, upscale)
+    POST /v1/images/jobs                 submit any task (txt2img, vary_subtle, vary_strong, inpaint, outpaint, upscale,
+                                         controlnet)
     GET  /v1/images/jobs                 history, newest first (?status=succeeded)
     GET  /v1/images/jobs/{id}            poll: status, progress, settings, file names (?preview=true adds the preview)
     GET  /v1/images/jobs/{id}/events     server-sent events: one per progress change, then the final state
     POST /v1/images/jobs/{id}/cancel     (also DELETE /v1/images/jobs/{id})
     GET  /v1/images/files/{id}/{name}    a result PNG (settings in its metadata)
     GET  /v1/images/options              styles, samplers, presets, aspect ratios, model facts
+    POST /v1/images/control/preprocess   the control map of an image (PyraCanny edges, estimated depth)
 
 Every job is bounded before it is queued: prompt length, styles, images per job, and the pixels of its result and of
 its input images (an input's size is read from its header, before it is decoded; decoding runs off the event loop).
@@ -34,6 +36,7 @@ from loom.image.limits import DEFAULT_MAX_PIXELS, ImageLimits, TooLarge, check_p
 from loom.image.loras import MAX_LORA_WEIGHT, MAX_LORAS, NAME, UnknownLoRA
 from loom.image.presets import ASPECT_RATIOS, UPSCALE_FACTORS, get_performance, load_performances
 from loom.image.request import (
+    CONTROL_TYPES,
     MAX_IMAGES,
     MAX_MASK_BLUR,
     MAX_PROMPT_CHARS,
@@ -62,6 +65,7 @@ Performance = Annotated[str, Field(max_length=64), AfterValidator(_known_perform
 Sampler = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
 Task = Literal[TASKS]  # type: ignore[valid-type]
 Side = Literal[SIDES]  # type: ignore[valid-type]
+ControlType = Literal[CONTROL_TYPES]  # type: ignore[valid-type]
 Seed = Field(None, ge=-1, le=MAX_SEED, description="-1 or none: a random seed")
 
 
@@ -125,6 +129,15 @@ class JobBody(QualityFields):
     outpaint_sides: list[Side] = Field([], max_length=4)
     outpaint_ratio: float = Field(0.3, ge=0.05, le=1.0)
     upscale_factor: Literal[UPSCALE_FACTORS] = 2.0  # type: ignore[valid-type]
+    control_type: ControlType = "canny"
+    control_weight: float = Field(1.0, ge=0, le=2, description="controlnet: the ControlNet's scale")
+    control_stop_at: float = Field(0.5, gt=0, le=1, description="controlnet: acts on this first fraction of steps")
+    control_preprocess: bool = Field(True, description="controlnet: false = `image` is the control map already")
+
+
+class PreprocessBody(BaseModel):
+    image: str = Field(description="base64 PNG/JPEG (data: URLs accepted)")
+    control_type: ControlType = "canny"
 
 
 def decode_image(data: str, field_name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -284,9 +297,30 @@ def build_router(queue: JobQueue, limits: ImageLimits | None = None) -> APIRoute
         return {
             "styles": sorted(load_styles()), "samplers": sampler_names(), "performances": list(load_performances()),
             "aspect_ratios": ASPECT_RATIOS, "wildcards": list_wildcards(), "max_pixels": limits.max_pixels,
-            "tasks": ["txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale"],
-            "model": queue.engine.info(), "loras": queue.engine.loras.names(), "time": time.time(),
+            "tasks": list(TASKS), "model": queue.engine.info(), "loras": queue.engine.loras.names(),
+            "controlnets": queue.engine.controls.types(), "time": time.time(),
         }
+
+    @router.post("/control/preprocess")
+    async def preprocess(body: PreprocessBody) -> dict:
+        """The control map a controlnet job would make of ``image`` (PyraCanny edges or estimated depth)."""
+        if queue.engine is None:
+            raise HTTPException(503, "the image model is still loading", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+        def run() -> Image.Image:
+            image = decode_image(body.image, "image", limits.max_pixels)
+            return queue.engine.controls.preprocess(body.control_type, image)
+
+        try:
+            control = await asyncio.to_thread(run)
+        except TooLarge as exc:
+            raise HTTPException(413, str(exc)) from None
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        buf = io.BytesIO()
+        control.save(buf, format="PNG")
+        return {"control_type": body.control_type, "width": control.width, "height": control.height,
+                "image": base64.b64encode(buf.getvalue()).decode()}
 
     return router
 

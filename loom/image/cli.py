@@ -5,6 +5,7 @@
     loom imagine "a bag" --model demo --task vary_strong --image in.png --out varied.png
     loom imagine --model demo --from-png sneaker.png --out again.png     # reproduce from the PNG's settings
     loom imagine "a (red:1.3) coat <lora:film:0.6>" --model /models/sd15 --lora-dir /models/loras --sharpness 4
+    loom imagine "a house" --model /models/sd15 --task controlnet --controlnet canny=/models/cn-canny --image photo.png
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-config", default=None, help="pipeline layout folder for a single-file checkpoint")
     parser.add_argument("--out", default="image.png", help="output PNG; with -n > 1, NAME-0.png, NAME-1.png, ...")
     parser.add_argument("--task", default="txt2img",
-                        choices=["txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale"])
+                        choices=["txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale",
+                                 "controlnet"])
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--style", action="append", default=[],
                         help="a style name (repeatable; --list-styles shows them)")
@@ -57,6 +59,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-dir", default=None, help="folder of LoRAs that --lora and <lora:NAME:W> tags name")
     parser.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
                         help="a LoRA from --lora-dir with its weight (default 1; repeatable, at most 5)")
+    parser.add_argument("--controlnet", action="append", default=[], metavar="TYPE=DIR",
+                        help="a ControlNet folder for --task controlnet (TYPE canny or depth; repeatable)")
+    parser.add_argument("--depth-estimator", default=None, metavar="DIR",
+                        help="transformers depth-estimation folder that makes depth maps from --image")
+    parser.add_argument("--control-type", default="canny", choices=["canny", "depth"])
+    parser.add_argument("--control-weight", type=float, default=1.0, help="the ControlNet's scale, 0..2")
+    parser.add_argument("--control-stop-at", type=float, default=0.5,
+                        help="the ControlNet acts on this first fraction of the steps (default 0.5)")
+    parser.add_argument("--no-control-preprocess", action="store_true",
+                        help="--image is the control map already (edges, or a depth map with near = white)")
     parser.add_argument("--expansion", action="store_true",
                         help="expand the prompt with an LLM first (Fooocus' V2; seeded by the image seed)")
     parser.add_argument("--expansion-model", default="smollm2", metavar="NAME|PATH",
@@ -86,6 +98,8 @@ def build_request(args: argparse.Namespace):
         upscale_factor=args.upscale_factor, refiner_switch=args.refiner_switch, sharpness=args.sharpness,
         adaptive_cfg=args.adaptive_cfg, adm_scaler_positive=args.adm_scaler_positive,
         adm_scaler_negative=args.adm_scaler_negative, adm_scaler_end=args.adm_scaler_end, expansion=args.expansion,
+        control_type=args.control_type, control_weight=args.control_weight, control_stop_at=args.control_stop_at,
+        control_preprocess=not args.no_control_preprocess,
         outpaint_sides=[s.strip() for s in args.sides.split(",") if s.strip()] if args.task == "outpaint" else [],
     )
 
@@ -115,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     # local: the engine imports torch; `loom imagine --help` and --list-styles run without it
     from loom.image.engine import ImageEngine
     from loom.image.metadata import save_png
+    from loom.image.serve import parse_controlnets
 
     try:
         request = build_request(args)
@@ -122,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
         upscaler = None if args.upscaler == "none" else args.upscaler
         engine = ImageEngine.load(args.model, device=args.device, upscaler=upscaler, config=args.model_config,
                                   lora_dir=args.lora_dir, refiner=args.refiner,
-                                  expansion=args.expansion_model if request.expansion else None)
+                                  expansion=args.expansion_model if request.expansion else None,
+                                  controlnets=parse_controlnets(args.controlnet, "--controlnet"),
+                                  depth_estimator=args.depth_estimator)
         loaded = time.perf_counter() - start
         result = engine.generate(request, on_step=_print_step)
     except (ValueError, FileNotFoundError) as exc:

@@ -25,11 +25,12 @@ from PIL import Image
 from loom import __version__
 from loom.devices import resolve_device
 from loom.image import imageops
+from loom.image.control import ControlNets
 from loom.image.guidance import sampling_tweaks
 from loom.image.loras import LoRALibrary, LoRAManager, strip_lora_tags
 from loom.image.models import DEMO_UPSCALER_DIR, load_pipeline, load_refiner
 from loom.image.presets import REFINER_SWITCH, UPSCALE_STRENGTH, VARY_STRENGTH, aspect_ratio_size
-from loom.image.request import ImageRequest, ImageResult
+from loom.image.request import SIZED_TASKS, ImageRequest, ImageResult
 from loom.image.samplers import make_sampler
 from loom.image.speed import apply_speed_settings, default_settings
 from loom.image.styles import apply_styles
@@ -70,7 +71,7 @@ class Progress:
 
 class ImageEngine:
     def __init__(self, pipe, name: str = "model", upscaler=None, lora_dir: str | Path | None = None, refiner=None,
-                 expander=None):
+                 expander=None, controls: ControlNets | None = None):
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting  # optional: the image extra
 
         self.name = name
@@ -86,6 +87,8 @@ class ImageEngine:
         self.refiner = refiner
         if refiner is not None:
             refiner.set_progress_bar_config(disable=True)
+        self.controls = controls if controls is not None else ControlNets(pipe)
+        """The loaded ControlNets (``loom.image.control``; none by default: canny preprocessing still works)."""
         self.expander = expander
         """A ``PromptExpander`` (loom.image.expansion) for jobs with ``expansion=True``; None: none can ask."""
         self._job_prompts: tuple[ImageRequest, tuple[list[str], list[str]]] | None = None
@@ -93,10 +96,12 @@ class ImageEngine:
     @classmethod
     def load(cls, model: str, device: str | None = None, upscaler: str | None = "demo", config: str | None = None,
              speed: bool = True, lora_dir: str | None = None, refiner: str | None = None,
-             expansion=None) -> ImageEngine:
+             expansion=None, controlnets: dict[str, str] | None = None,
+             depth_estimator: str | None = None) -> ImageEngine:
         """Load ``model`` (folder, single file or 'demo'), the 2x upscaler ('demo' = packaged, None = none), an
         optional SDXL refiner folder, and name the folder LoRAs come from (None: no LoRAs). ``expansion``: the LLM
-        that expands prompts (a model name or folder for an engine of its own, or a ``PromptExpander``)."""
+        that expands prompts (a model name or folder for an engine of its own, or a ``PromptExpander``).
+        ``controlnets``: {"canny" | "depth": ControlNet folder}; ``depth_estimator``: a depth-estimation folder."""
         from loom.image.upscaler import ESPCNUpscaler  # optional: upscaler.py imports diffusers (the image extra)
 
         device = str(resolve_device(device))
@@ -116,7 +121,9 @@ class ImageEngine:
             from loom.image.expansion import PromptExpander  # local: the LLM engine loads only when asked for
 
             expansion = PromptExpander.load(expansion)
-        return cls(pipe, name=name, upscaler=up, lora_dir=lora_dir, refiner=refiner_pipe, expander=expansion)
+        controls = ControlNets.load(pipe, controlnets or {}, depth_estimator)
+        return cls(pipe, name=name, upscaler=up, lora_dir=lora_dir, refiner=refiner_pipe, expander=expansion,
+                   controls=controls)
 
     # ------------------------------------------------------------ sizes
     @property
@@ -140,7 +147,7 @@ class ImageEngine:
 
     def output_size(self, req: ImageRequest) -> tuple[int, int]:
         """(width, height) of the job's images, known before it runs, so that it can be bounded at submission."""
-        if req.task == "txt2img":
+        if req.task in SIZED_TASKS:
             return self.size_for(req)
         w, h = req.image.size
         if req.task == "outpaint":
@@ -154,7 +161,8 @@ class ImageEngine:
         return {"model": self.name, "native_size": self.native, "size_unit": self.unit, "device": str(self.device),
                 "has_upscaler": self.upscaler is not None, "has_refiner": self.refiner is not None,
                 "loras": self.loras.names(),
-                "expansion_model": self.expander.name if self.expander is not None else None}
+                "expansion_model": self.expander.name if self.expander is not None else None,
+                "controlnets": self.controls.types(), "has_depth_estimator": self.controls.depth_estimator is not None}
 
     def preview(self, latents: torch.Tensor) -> Image.Image:
         return latent_preview(latents, self.txt2img.vae)
@@ -165,6 +173,8 @@ class ImageEngine:
         if self.refiner is None and req.refiner_switch is not None and req.refiner_switch < 1:
             raise ValueError("this engine has no refiner; load one (loom serve --image-refiner DIR) "
                              "or leave refiner_switch unset")
+        if req.task == "controlnet":
+            self.controls.check(req.control_type, req.control_preprocess)
         if req.expansion and self.expander is None:
             raise ValueError("this server has no LLM for prompt expansion: start it with --image-expansion-model "
                              "smollm2 (or serve an LLM in the same process with --model), or leave expansion off")
@@ -184,7 +194,8 @@ class ImageEngine:
         """Run one request to the end (or raise JobCancelled); every image comes with the settings that remake it."""
         start = time.perf_counter()
         task = {"txt2img": self._txt2img, "vary_subtle": self._vary, "vary_strong": self._vary,
-                "inpaint": self._inpaint, "outpaint": self._outpaint, "upscale": self._upscale}[req.task]
+                "inpaint": self._inpaint, "outpaint": self._outpaint, "upscale": self._upscale,
+                "controlnet": self._controlnet}[req.task]
         self.check(req)
         self.loras.activate(req.lora_specs())
         try:
@@ -202,7 +213,7 @@ class ImageEngine:
             s |= {"refiner_step": self.refiner_step(req)} if self.refiner is not None else {}
             s |= {"width": image.width, "height": image.height, "model": self.name,
                   "loom_version": __version__} | extra[i]
-            if req.task != "txt2img":
+            if req.task not in SIZED_TASKS:
                 s["width"] = s["height"] = None  # sizes follow the input image
             settings.append(s)
         return ImageResult(images=images, settings=settings, seconds=time.perf_counter() - start)
@@ -275,6 +286,22 @@ class ImageEngine:
                              output_type="latent", **size)
         return self._call(self.refiner, req, progress, seeds, prompts, negatives, image=latents,
                           denoising_start=split)
+
+    def _controlnet(self, req, on_step, should_stop):
+        """Text to image steered by a control map (made from ``req.image`` unless it is the map already)."""
+        width, height = self.size_for(req)
+        control = req.image.convert("RGB")
+        if req.control_preprocess:
+            control = self.controls.preprocess(req.control_type, control)
+        control = control.resize((width, height), Image.BILINEAR)
+        steps, _, _ = req.resolved()
+        progress = Progress(steps, on_step, should_stop)
+        prompts, negatives = self._prompts(req)
+        seeds = [req.seed + i for i in range(req.num_images)]
+        images = self._call(self.controls.pipeline(req.control_type), req, progress, seeds, prompts, negatives,
+                            image=control, width=width, height=height,
+                            controlnet_conditioning_scale=req.control_weight, control_guidance_end=req.control_stop_at)
+        return images, self._extra(prompts)
 
     def _vary(self, req, on_step, should_stop):
         image = imageops.fit_to_unit(req.image, self.unit)

@@ -28,7 +28,10 @@ from loom.image.samplers import SAMPLERS
 from loom.image.styles import load_styles
 from loom.image.wildcards import check_wildcards
 
-TASKS = ("txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale")
+TASKS = ("txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale", "controlnet")
+SIZED_TASKS = ("txt2img", "controlnet")
+"""Tasks whose size comes from width / height / aspect_ratio, not from the input image."""
+CONTROL_TYPES = ("canny", "depth")
 IMAGE_TASKS = TASKS[1:]
 SIDES = ("left", "right", "top", "bottom")
 MAX_SIDE = 4096
@@ -79,6 +82,14 @@ class ImageRequest:
     """Up to 5 ``{"name", "weight"}`` from the server's LoRA folder; ``<lora:NAME:WEIGHT>`` in the prompt adds more."""
     upscale_factor: float = 2.0
     """upscale: 1.5 or 2 times the input's sides."""
+    control_type: str = "canny"
+    """controlnet: which loaded ControlNet steers the job ("canny" or "depth")."""
+    control_weight: float = 1.0
+    """controlnet: the ControlNet's residual scale (0..2; diffusers' controlnet_conditioning_scale)."""
+    control_stop_at: float = 0.5
+    """controlnet: the ControlNet acts on this first fraction of the steps (0..1; Fooocus' default 0.5)."""
+    control_preprocess: bool = True
+    """controlnet: make the map from ``image`` (PyraCanny edges, estimated depth); False: ``image`` is the map."""
     expansion: bool = False
     """Expand the prompt with the server's LLM first (Fooocus' "V2"; seeded by each image's seed, so repeatable)."""
     refiner_switch: float | None = None
@@ -111,6 +122,13 @@ class ImageRequest:
             raise ValueError(f"upscale_factor must be one of {UPSCALE_FACTORS}, got {self.upscale_factor}")
         if self.refiner_switch is not None and not 0.0 < self.refiner_switch <= 1.0:
             raise ValueError(f"refiner_switch must be in (0, 1] (1 = no refiner), got {self.refiner_switch}")
+        if self.control_type not in CONTROL_TYPES:
+            raise ValueError(f"control_type must be one of {', '.join(CONTROL_TYPES)}, got {self.control_type!r}")
+        if not 0.0 <= self.control_weight <= 2.0:
+            raise ValueError(f"control_weight must be in 0..2, got {self.control_weight}")
+        if not 0.0 < self.control_stop_at <= 1.0:
+            raise ValueError(f"control_stop_at must be in (0, 1], got {self.control_stop_at}")
+        self.control_weight, self.control_stop_at = float(self.control_weight), float(self.control_stop_at)
         if self.seed is not None and self.seed > MAX_SEED:
             raise ValueError(f"seed must be at most {MAX_SEED}, got {self.seed}")
         self._check_text()

@@ -42,6 +42,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image-lora-dir", default=None, metavar="DIR",
                        help="folder of LoRAs (NAME.safetensors, diffusers or kohya keys, or NAME/ folders) that "
                             "requests may name; requests never give paths (default: no LoRAs)")
+    group.add_argument("--image-controlnet", action="append", default=[], metavar="TYPE=DIR",
+                       help="a ControlNet (diffusers folder) for controlnet jobs of TYPE canny or depth (repeatable)")
+    group.add_argument("--image-depth-estimator", default=None, metavar="DIR",
+                       help="transformers depth-estimation folder (DPT, Depth Anything) that makes depth maps for "
+                            "depth ControlNet jobs (without it, such jobs send a ready map: control_preprocess=false)")
     group.add_argument("--image-expansion-model", default="auto", metavar="auto|NAME|PATH|none",
                        help="LLM that expands prompts of jobs asking for expansion: auto = the LLM this server serves "
                             "(--model), if any; a model name or folder (e.g. smollm2) = an engine of its own; none = "
@@ -81,7 +86,22 @@ def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> I
         ui_host=args.image_ui_host, ui_port=args.image_ui_port, api_url=api_url, keep_jobs=args.image_keep_jobs,
         limits=config_from_args(ImageLimits, args, prefix="image_"), api_key=getattr(args, "api_key", None),
         lora_dir=args.image_lora_dir, refiner=args.image_refiner, expansion_model=args.image_expansion_model,
+        controlnets=parse_controlnets(args.image_controlnet, "--image-controlnet"),
+        depth_estimator=args.image_depth_estimator,
     )
+
+
+def parse_controlnets(values: list[str], flag: str) -> dict[str, str]:
+    """["canny=/models/cn"] -> {"canny": "/models/cn"} (ValueError naming ``flag`` on a bad value)."""
+    from loom.image.request import CONTROL_TYPES  # local: as the component's imports
+
+    out = {}
+    for value in values:
+        kind, sep, folder = value.partition("=")
+        if not sep or kind not in CONTROL_TYPES or not folder:
+            raise ValueError(f"{flag} {value!r}: give TYPE=DIR with TYPE one of {', '.join(CONTROL_TYPES)}")
+        out[kind] = folder
+    return out
 
 
 class ImageComponent:
@@ -93,13 +113,15 @@ class ImageComponent:
                  model_config: str | None = None, device: str | None = None, max_queued: int = 32,
                  ui_host: str = "127.0.0.1", ui_port: int = 0, api_url: str = "http://127.0.0.1:8000", engine=None,
                  keep_jobs: int = 200, limits: ImageLimits | None = None, api_key: str | None = None,
-                 lora_dir: str | None = None, refiner: str | None = None, expansion_model: str | None = None):
+                 lora_dir: str | None = None, refiner: str | None = None, expansion_model: str | None = None,
+                 controlnets: dict[str, str] | None = None, depth_estimator: str | None = None):
         # local: the image API imports torch and PIL; `loom serve` parses its flags without them
         from loom.image.api import build_router
         from loom.image.jobs import JobQueue
 
         self.model, self.upscaler, self.model_config, self.device = model, upscaler, model_config, device
         self.lora_dir, self.refiner = lora_dir, refiner
+        self.controlnets, self.depth_estimator = controlnets or {}, depth_estimator
         self.expansion_model = None if expansion_model in ("none", "auto") else expansion_model
         self.use_served_llm = expansion_model == "auto"
         self.llm = None
@@ -133,7 +155,8 @@ class ImageComponent:
 
             self.queue.engine = await asyncio.to_thread(
                 ImageEngine.load, self.model, self.device, self.upscaler, self.model_config, lora_dir=self.lora_dir,
-                refiner=self.refiner, expansion=self._expansion(),
+                refiner=self.refiner, expansion=self._expansion(), controlnets=self.controlnets,
+                depth_estimator=self.depth_estimator,
             )
         self.queue.start()
 

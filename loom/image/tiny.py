@@ -195,3 +195,31 @@ def tiny_sdxl_refiner(base, seed: int = 1):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def save_tiny_controlnet(unet, folder: str, seed: int = 1, vae_scale_factor: int = 2) -> str:
+    """A ControlNet for ``unet`` with random (not zero) output convolutions, so it changes the image; its condition
+    embedding downsamples by ``vae_scale_factor`` (the tiny VAEs here: 2). Saved as a diffusers folder."""
+    from diffusers import ControlNetModel  # optional: diffusers comes with the image extra
+
+    torch.manual_seed(seed)
+    stages = (16, 32, 64, 128)[: vae_scale_factor.bit_length()]  # one stride-2 convolution per stage after the first
+    model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=stages)
+    for name, param in model.named_parameters():  # diffusers starts these at zero: the ControlNet would do nothing
+        if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+            torch.nn.init.normal_(param, std=0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_depth_estimator(folder: str, seed: int = 0) -> str:
+    """A tiny random DPT depth estimator (transformers' DPTForDepthEstimation + its image processor) as a folder."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    config = DPTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                       intermediate_size=37, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[16, 16, 16, 16],
+                       fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5], is_hybrid=False)
+    torch.manual_seed(seed)
+    DPTForDepthEstimation(config).eval().save_pretrained(folder)
+    DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(folder)
+    return folder

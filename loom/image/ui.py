@@ -6,8 +6,9 @@
 Prompt box, a prompt-expansion toggle (when the server has an LLM for it), style picker, performance preset, aspect
 ratio, a gallery, an advanced panel (negative prompt, seed, sampler, steps, guidance, image count), a LoRA picker (5
 rows of name and weight), a sampling-quality panel (sharpness, adaptive CFG, SDXL ADM scaling), and tabs for Vary /
-Inpaint (draw the mask with the brush) / Outpaint / Upscale. Every run submits a job to ``POST /v1/images/jobs`` and
-follows its server-sent events, so the preview and progress bar update live; Stop cancels the job through the API.
+Inpaint (draw the mask with the brush) / Outpaint / Upscale / Control (ControlNet, shown when the server has one; a
+Preview map button shows the preprocessed map). Every run submits a job to ``POST /v1/images/jobs`` and follows its
+server-sent events, so the preview and progress bar update live; Stop cancels the job through the API.
 
 With an API key (``loom serve --api-key``), the UI sends it on every API call and asks for it at login (any user
 name, the key as the password), so the UI's port opens nothing the API's key protects.
@@ -57,6 +58,13 @@ class ApiClient:
                 if line.startswith("data: ") and line != "data: [DONE]":
                     yield json.loads(line[6:])
 
+    def preprocess(self, image: Image.Image, kind: str) -> Image.Image:
+        r = httpx.post(f"{self.base}/v1/images/control/preprocess", json={"image": to_b64(image), "control_type": kind},
+                       headers=self.headers, timeout=TIMEOUT)
+        if r.status_code >= 400:
+            raise RuntimeError(_error_text(r))
+        return Image.open(io.BytesIO(base64.b64decode(r.json()["image"]))).convert("RGB")
+
     def cancel(self, job_id: str) -> None:
         httpx.post(f"{self.base}/v1/images/jobs/{job_id}/cancel", headers=self.headers, timeout=TIMEOUT)
 
@@ -102,6 +110,8 @@ def settings_body(prompt, negative, styles, performance, aspect, num_images, see
     return body
 
 
+FIXED_INPUTS = 27
+"""Inputs of ``run`` before the sampling-quality sliders and the LoRA rows (see ``inputs`` in build_blocks)."""
 TWEAKS = ("sharpness", "adaptive_cfg", "adm_scaler_positive", "adm_scaler_negative", "adm_scaler_end")
 
 
@@ -137,8 +147,8 @@ def build_blocks(api_url: str, api_key: str | None = None):
         """Generator: submit, then stream (preview, progress text, gallery, job id) updates."""
         (prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler, steps, guidance, custom,
          vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image, upscale_factor, refiner_switch,
-         custom_tweaks, expansion) = values[:22]
-        tweaks, loras = values[22 : 22 + len(TWEAKS)], values[22 + len(TWEAKS) :]
+         custom_tweaks, expansion, *control) = values[:FIXED_INPUTS]
+        tweaks, loras = values[FIXED_INPUTS : FIXED_INPUTS + len(TWEAKS)], values[FIXED_INPUTS + len(TWEAKS) :]
         body = settings_body(prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler,
                              steps, guidance, custom) | tweak_fields(custom_tweaks, *tweaks) | lora_fields(*loras)
         if expansion:
@@ -147,7 +157,7 @@ def build_blocks(api_url: str, api_key: str | None = None):
             body["refiner_switch"] = float(refiner_switch)
         try:
             body |= task_inputs(task, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image,
-                                upscale_factor)
+                                upscale_factor, *control)
             job = client.submit(body)
         except (RuntimeError, ValueError, httpx.HTTPError) as exc:
             yield None, f"**Error:** {exc}", gr.update(), None, gr.update()
@@ -170,9 +180,15 @@ def build_blocks(api_url: str, api_key: str | None = None):
             yield preview, text, gr.update(), job["id"], gr.update()
 
     def task_inputs(task, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image,
-                    upscale_factor) -> dict:
+                    upscale_factor, control_image, control_type, control_weight, control_stop_at,
+                    control_preprocess) -> dict:
         if task == "txt2img":
             return {"task": "txt2img"}
+        if task == "controlnet":
+            _need(control_image, "Control")
+            return {"task": "controlnet", "image": to_b64(control_image), "control_type": control_type,
+                    "control_weight": float(control_weight), "control_stop_at": float(control_stop_at),
+                    "control_preprocess": bool(control_preprocess)}
         if task == "vary":
             _need(vary_image, "Vary")
             return {"task": "vary_subtle" if vary_mode == "Subtle" else "vary_strong", "image": to_b64(vary_image)}
@@ -227,6 +243,21 @@ def build_blocks(api_url: str, api_key: str | None = None):
                         upscale_image = gr.Image(type="pil", label="Image to upscale")
                         upscale_factor = gr.Radio(["1.5x", "2x"], value="2x", label="Upscale by")
                         upscale_btn = gr.Button("Upscale", elem_id="tab-upscale-run")
+                    with gr.Tab("Control", elem_id="tab-control", visible=bool(opts.get("controlnets"))):
+                        with gr.Row():
+                            control_image = gr.Image(type="pil", label="Control image")
+                            control_map = gr.Image(type="pil", label="Control map", interactive=False,
+                                                   elem_id="control-map")
+                        control_type = gr.Radio(opts.get("controlnets") or ["canny"],
+                                                value=(opts.get("controlnets") or ["canny"])[0], label="ControlNet")
+                        control_weight = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Weight")
+                        control_stop_at = gr.Slider(0.05, 1.0, value=0.5, step=0.05,
+                                                    label="Stop at (fraction of the steps)")
+                        control_preprocess = gr.Checkbox(value=True, label="Preprocess (PyraCanny edges / depth); "
+                                                                           "off: the image is the map")
+                        with gr.Row():
+                            preview_map_btn = gr.Button("Preview map", elem_id="tab-control-preview")
+                            control_btn = gr.Button("Generate with control", elem_id="tab-control-run")
             with gr.Column(scale=2):
                 performance = gr.Radio(opts["performances"],
                                        value="Speed" if "Speed" in opts["performances"] else opts["performances"][0],
@@ -267,13 +298,24 @@ def build_blocks(api_url: str, api_key: str | None = None):
                     ]
         inputs = [job_state, prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler,
                   steps, guidance, custom, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image,
-                  upscale_factor, refiner_switch, custom_tweaks, expansion, *tweak_sliders, *lora_inputs]
+                  upscale_factor, refiner_switch, custom_tweaks, expansion, control_image, control_type, control_weight,
+                  control_stop_at, control_preprocess, *tweak_sliders, *lora_inputs]
         outputs = [preview, progress, gallery, job_state, final_prompt]
         for button, task in ((generate, "txt2img"), (vary_btn, "vary"), (inpaint_btn, "inpaint"),
-                             (outpaint_btn, "outpaint"), (upscale_btn, "upscale")):
+                             (outpaint_btn, "outpaint"), (upscale_btn, "upscale"), (control_btn, "controlnet")):
             button.click(lambda *v, _t=task: (yield from run(_t, *v)), inputs=inputs, outputs=outputs)
         prompt.submit(lambda *v: (yield from run("txt2img", *v)), inputs=inputs, outputs=outputs)
         stop_btn.click(stop, inputs=[job_state], outputs=[progress])
+
+        def preview_map(image, kind):
+            if image is None:
+                return None, "put an image in the Control tab first"
+            try:
+                return client.preprocess(image, kind), "control map ready"
+            except (RuntimeError, httpx.HTTPError) as exc:
+                return None, f"**Error:** {exc}"
+
+        preview_map_btn.click(preview_map, inputs=[control_image, control_type], outputs=[control_map, progress])
     return demo
 
 
