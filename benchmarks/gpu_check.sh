@@ -24,4 +24,6 @@ timeout 240 python3 benchmarks/throughput.py --backend loom,hf,hf-cb --out "$OUT
   | grep -vE "Warning|warn" | tail -8
 echo "== images, SD-1.5-sized UNet 512x512"
 timeout 170 python3 benchmarks/images.py --cuda --budget-s 110 --out-dir "$OUT" 2>&1 | tail -8
+echo "== images: IP-Adapter and LoRA switching per SD-1.5-sized step (issue 15: <= 10% each)"
+timeout 90 python3 benchmarks/images.py --controls --cuda --iters 20 --repeats 3 --out-dir "$OUT" 2>&1 | tail -3
 echo "== done"

@@ -2,6 +2,7 @@
 
     nice -n 10 .venv/bin/python benchmarks/images.py                  # CPU: a small SD-shaped pipeline, txt2img
     python benchmarks/images.py --cuda [--dtype bf16]                 # GPU: SD-1.5-sized UNet, 512x512, CFG batch 2
+    python benchmarks/images.py --controls [--cuda]                   # IP-Adapter and LoRA switching per UNet step
 
 CPU mode times whole text-to-image runs (steps/s = sampler steps per second) of ``ImageEngine`` (styles, seeds,
 progress hooks, Loom's CPU settings) and of ``StableDiffusionPipeline`` called directly with diffusers' defaults,
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import platform
 import statistics
@@ -134,6 +136,103 @@ def cuda_main(args) -> dict:
     return results
 
 
+# ---------------------------------------------------------------- controls
+def controls_main(args) -> dict:
+    """What an image prompt (IP-Adapter) and per-job LoRA switching add to one UNet step, against the plain step.
+
+    The issue's GPU check: an SD-1.5-shaped UNet (random weights), 512x512 (64x64 latents), batch 2 (CFG), in
+    --dtype on CUDA; on CPU a small UNet (--size pixels / 8 latents) so the path can be checked anywhere. Variants,
+    round-robin, median steps/s of --repeats blocks of --iters calls:
+      plain        the UNet as loaded
+      ip_adapter   a random SD-1.5-shaped IP-Adapter active (4 image tokens, image embedding 1024), scale 0.6
+      lora_switch  two rank-16 LoRAs (peft) on the attention projections, the active one switched every call
+                   (set_adapters, as a server switching adapters between jobs does at each job's start)
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    sys.path.insert(0, str(ROOT))
+    from loom.image.tiny import ip_adapter_state_dict
+
+    cuda = args.cuda
+    device = "cuda" if cuda else "cpu"
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype] if cuda else torch.float32
+    torch.manual_seed(0)
+    config = SD15_UNET if cuda else SD15_UNET | dict(block_out_channels=(32, 64, 64, 64), cross_attention_dim=64,
+                                                      sample_size=args.size // 8)
+    unet = UNet2DConditionModel(**config).to(device, dtype).eval()
+    side = config["sample_size"]
+    x = torch.randn(2, 4, side, side, device=device, dtype=dtype)
+    t = torch.tensor([500, 500], device=device)
+    text = torch.randn(2, 77, config["cross_attention_dim"], device=device, dtype=dtype)
+    embed_dim = 1024 if cuda else 32
+    image_embeds = [torch.randn(2, 1, embed_dim, device=device, dtype=dtype)]
+
+    def timed(fn) -> float:
+        with torch.inference_mode():
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                fn()
+            if cuda:
+                torch.cuda.synchronize()
+        return args.iters / (time.perf_counter() - start)
+
+    plain_state = (dict(unet.attn_processors), unet.encoder_hid_proj, unet.config.encoder_hid_dim_type)
+    unet._load_ip_adapter_weights([ip_adapter_state_dict(unet, embed_dim)])
+    unet.to(device, dtype)
+    ip_state = (dict(unet.attn_processors), unet.encoder_hid_proj, unet.config.encoder_hid_dim_type)
+    for proc in unet.attn_processors.values():
+        if hasattr(proc, "scale"):
+            proc.scale = [0.6]
+
+    def use(state):
+        unet.set_attn_processor(dict(state[0]))
+        unet.encoder_hid_proj, unet.config.encoder_hid_dim_type = state[1], state[2]
+
+    def plain():
+        unet(x, t, encoder_hidden_states=text)
+
+    def ip():
+        unet(x, t, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": image_embeds})
+
+    variants = {"plain": (plain_state, plain), "ip_adapter": (ip_state, ip)}
+    runs: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, (state, fn) in variants.items():
+            use(state)
+            runs[name].append(timed(fn))
+    use(plain_state)
+    result = {name: statistics.median(v) for name, v in runs.items()}
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        result["lora_switch_error"] = "peft is not installed"
+    else:
+        for name in ("a", "b"):
+            unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
+                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=name)
+        unet.to(device, dtype)
+        calls = itertools.count()
+
+        def switching():
+            unet.set_adapters(["a"] if next(calls) % 2 else ["b"])
+            plain()
+
+        result["lora_switch"] = statistics.median(timed(switching) for _ in range(args.repeats))
+    base = result["plain"]
+    result |= {f"{k}_cost": base / v - 1 for k, v in list(result.items()) if k in ("ip_adapter", "lora_switch")}
+    result |= {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+               "dtype": str(dtype), "latents": side, "batch": 2, "iters": args.iters, "repeats": args.repeats,
+               "unet_params": sum(p.numel() for p in unet.parameters()), "runs": runs}
+    costs = ", ".join(f"{k[:-5]} +{v:.1%}" for k, v in result.items() if k.endswith("_cost"))
+    print(f"images controls: {'SD-1.5-sized' if cuda else 'small'} UNet, {side * 8}x{side * 8}, batch 2, {dtype}: "
+          f"plain {base:.2f} steps/s; {costs} (target <= 10% each)")
+    return result
+
+
 # ---------------------------------------------------------------- CPU
 def cpu_main(args) -> dict:
     import torch
@@ -184,6 +283,8 @@ def cpu_main(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cuda", action="store_true", help="the GPU benchmark (SD-1.5-sized UNet, 512x512)")
+    parser.add_argument("--controls", action="store_true",
+                        help="what an IP-Adapter and LoRA switching add to a UNet step (with --cuda: SD-1.5-sized)")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--compile-modes", nargs="*", default=["default", "reduce-overhead"])
@@ -195,10 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", default=str(ROOT / "results"))
     args = parser.parse_args(argv)
-    result = cuda_main(args) if args.cuda else cpu_main(args)
+    if args.controls:
+        result = controls_main(args)
+    else:
+        result = cuda_main(args) if args.cuda else cpu_main(args)
     result["command"] = " ".join(sys.argv)
     result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    print(f"wrote {write_result('cuda' if args.cuda else 'cpu', result, args.out_dir)}")
+    name = ("controls_" if args.controls else "") + ("cuda" if args.cuda else "cpu")
+    print(f"wrote {write_result(name, result, args.out_dir)}")
     return 0
 
 

@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tab-image", default=None, help="the image to upload into --tab")
     parser.add_argument("--performance", default=None, help="click this performance preset")
     parser.add_argument("--lora-dir", default=None, help="the LoRA folder the server offers")
+    parser.add_argument("--ip-adapter", default=None, metavar="DIR", help="an IP-Adapter the server offers")
     parser.add_argument("--controlnet", action="append", default=[], metavar="TYPE=DIR",
                         help="a ControlNet the server offers (repeatable)")
     parser.add_argument("--lora", action="append", default=[], metavar="NAME",
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/images-ui.png")
     args = parser.parse_args(argv)
     engine = ImageEngine.load(args.model, expansion=args.expansion_model if args.expansion else None,
-                              lora_dir=args.lora_dir, controlnets=parse_controlnets(args.controlnet, "--controlnet"))
+                              lora_dir=args.lora_dir, controlnets=parse_controlnets(args.controlnet, "--controlnet"),
+                              ip_adapter=args.ip_adapter)
 
     def before_run(driver):
         from selenium.webdriver.common.by import By

@@ -2,7 +2,7 @@
 
     POST /v1/images/generations          OpenAI's shape: {prompt, n, size, response_format: b64_json | url}
     POST /v1/images/jobs                 submit any task (txt2img, vary_subtle, vary_strong, inpaint, outpaint, upscale,
-                                         controlnet)
+                                         controlnet, image_prompt)
     GET  /v1/images/jobs                 history, newest first (?status=succeeded)
     GET  /v1/images/jobs/{id}            poll: status, progress, settings, file names (?preview=true adds the preview)
     GET  /v1/images/jobs/{id}/events     server-sent events: one per progress change, then the final state
@@ -51,6 +51,7 @@ from loom.image.request import (
 from loom.image.samplers import SAMPLERS, sampler_names
 from loom.image.styles import load_styles
 from loom.image.wildcards import list_wildcards
+from loom.server.guard import ErrorResponse
 
 MAX_IMAGE_BYTES = 16 * 1024 * 1024
 RETRY_AFTER_S = 5
@@ -133,6 +134,9 @@ class JobBody(QualityFields):
     control_weight: float = Field(1.0, ge=0, le=2, description="controlnet: the ControlNet's scale")
     control_stop_at: float = Field(0.5, gt=0, le=1, description="controlnet: acts on this first fraction of steps")
     control_preprocess: bool = Field(True, description="controlnet: false = `image` is the control map already")
+    ip_adapter_weight: float = Field(0.6, ge=0, le=2, description="image_prompt: the IP-Adapter's scale")
+    ip_adapter_stop_at: float = Field(0.5, gt=0, le=1, description="image_prompt: acts on this first fraction of "
+                                                                    "the steps")
 
 
 class PreprocessBody(BaseModel):
@@ -186,9 +190,22 @@ def job_json(job: Job, base: str, preview: bool = False) -> dict:
     return data
 
 
+class DetailError(BaseModel):
+    """The image routes' own errors (FastAPI's shape): ``{"detail": "what to change"}``."""
+
+    detail: str
+
+
+IMAGE_RESPONSES: dict[int | str, dict] = {
+    413: {"model": ErrorResponse | DetailError,
+          "description": "body over --max-body-mb (the guard's error), or an image or result over the pixel limit"},
+}
+"""A 413 comes from the guard (body size) or from the route (pixels): the schema names both shapes."""
+
+
 def build_router(queue: JobQueue, limits: ImageLimits | None = None) -> APIRouter:
     limits = limits or ImageLimits()
-    router = APIRouter(prefix="/v1/images", tags=["images"])
+    router = APIRouter(prefix="/v1/images", tags=["images"], responses=IMAGE_RESPONSES)
 
     def submit(request: ImageRequest) -> Job:
         try:

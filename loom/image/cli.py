@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="image.png", help="output PNG; with -n > 1, NAME-0.png, NAME-1.png, ...")
     parser.add_argument("--task", default="txt2img",
                         choices=["txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale",
-                                 "controlnet"])
+                                 "controlnet", "image_prompt"])
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--style", action="append", default=[],
                         help="a style name (repeatable; --list-styles shows them)")
@@ -69,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the ControlNet acts on this first fraction of the steps (default 0.5)")
     parser.add_argument("--no-control-preprocess", action="store_true",
                         help="--image is the control map already (edges, or a depth map with near = white)")
+    parser.add_argument("--ip-adapter", default=None, metavar="DIR",
+                        help="IP-Adapter folder (weights + image_encoder/) for --task image_prompt (--image: the "
+                             "image prompt)")
+    parser.add_argument("--ip-adapter-weight", type=float, default=0.6, help="the image prompt's scale, 0..2")
+    parser.add_argument("--ip-adapter-stop-at", type=float, default=0.5,
+                        help="the image prompt acts on this first fraction of the steps (default 0.5)")
     parser.add_argument("--expansion", action="store_true",
                         help="expand the prompt with an LLM first (Fooocus' V2; seeded by the image seed)")
     parser.add_argument("--expansion-model", default="smollm2", metavar="NAME|PATH",
@@ -99,7 +105,8 @@ def build_request(args: argparse.Namespace):
         adaptive_cfg=args.adaptive_cfg, adm_scaler_positive=args.adm_scaler_positive,
         adm_scaler_negative=args.adm_scaler_negative, adm_scaler_end=args.adm_scaler_end, expansion=args.expansion,
         control_type=args.control_type, control_weight=args.control_weight, control_stop_at=args.control_stop_at,
-        control_preprocess=not args.no_control_preprocess,
+        control_preprocess=not args.no_control_preprocess, ip_adapter_weight=args.ip_adapter_weight,
+        ip_adapter_stop_at=args.ip_adapter_stop_at,
         outpaint_sides=[s.strip() for s in args.sides.split(",") if s.strip()] if args.task == "outpaint" else [],
     )
 
@@ -139,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
                                   lora_dir=args.lora_dir, refiner=args.refiner,
                                   expansion=args.expansion_model if request.expansion else None,
                                   controlnets=parse_controlnets(args.controlnet, "--controlnet"),
-                                  depth_estimator=args.depth_estimator)
+                                  depth_estimator=args.depth_estimator, ip_adapter=args.ip_adapter)
         loaded = time.perf_counter() - start
         result = engine.generate(request, on_step=_print_step)
     except (ValueError, FileNotFoundError) as exc:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +54,13 @@ class Progress:
     should_stop: StopHook | None = None
     done: int = 0
     cancelled: bool = False
+    step_hooks: list[Callable[[int], None]] = field(default_factory=list)
+    """Called after each step with the steps done in the running pipeline call (the IP-Adapter's stop-at)."""
 
     def callback(self, pipe, step: int, timestep, kwargs: dict) -> dict:
         self.done += 1
+        for hook in self.step_hooks:
+            hook(step + 1)
         if self.on_step is not None:
             self.on_step(self.done, self.total, kwargs["latents"])
         if self.should_stop is not None and self.should_stop():
@@ -71,7 +75,7 @@ class Progress:
 
 class ImageEngine:
     def __init__(self, pipe, name: str = "model", upscaler=None, lora_dir: str | Path | None = None, refiner=None,
-                 expander=None, controls: ControlNets | None = None):
+                 expander=None, controls: ControlNets | None = None, ip_adapter=None):
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting  # optional: the image extra
 
         self.name = name
@@ -89,6 +93,8 @@ class ImageEngine:
             refiner.set_progress_bar_config(disable=True)
         self.controls = controls if controls is not None else ControlNets(pipe)
         """The loaded ControlNets (``loom.image.control``; none by default: canny preprocessing still works)."""
+        self.ip_adapter = ip_adapter
+        """An ``IPAdapter`` (loom.image.ip_adapter) for image_prompt jobs; None: such jobs are refused."""
         self.expander = expander
         """A ``PromptExpander`` (loom.image.expansion) for jobs with ``expansion=True``; None: none can ask."""
         self._job_prompts: tuple[ImageRequest, tuple[list[str], list[str]]] | None = None
@@ -97,11 +103,12 @@ class ImageEngine:
     def load(cls, model: str, device: str | None = None, upscaler: str | None = "demo", config: str | None = None,
              speed: bool = True, lora_dir: str | None = None, refiner: str | None = None,
              expansion=None, controlnets: dict[str, str] | None = None,
-             depth_estimator: str | None = None) -> ImageEngine:
+             depth_estimator: str | None = None, ip_adapter: str | None = None) -> ImageEngine:
         """Load ``model`` (folder, single file or 'demo'), the 2x upscaler ('demo' = packaged, None = none), an
         optional SDXL refiner folder, and name the folder LoRAs come from (None: no LoRAs). ``expansion``: the LLM
         that expands prompts (a model name or folder for an engine of its own, or a ``PromptExpander``).
-        ``controlnets``: {"canny" | "depth": ControlNet folder}; ``depth_estimator``: a depth-estimation folder."""
+        ``controlnets``: {"canny" | "depth": ControlNet folder}; ``depth_estimator``: a depth-estimation folder;
+        ``ip_adapter``: an IP-Adapter folder (weights + image_encoder/) for image prompts."""
         from loom.image.upscaler import ESPCNUpscaler  # optional: upscaler.py imports diffusers (the image extra)
 
         device = str(resolve_device(device))
@@ -122,8 +129,13 @@ class ImageEngine:
 
             expansion = PromptExpander.load(expansion)
         controls = ControlNets.load(pipe, controlnets or {}, depth_estimator)
+        adapter = None
+        if ip_adapter is not None:
+            from loom.image.ip_adapter import IPAdapter  # local: transformers' CLIP vision model, only when asked for
+
+            adapter = IPAdapter.load(pipe, ip_adapter)
         return cls(pipe, name=name, upscaler=up, lora_dir=lora_dir, refiner=refiner_pipe, expander=expansion,
-                   controls=controls)
+                   controls=controls, ip_adapter=adapter)
 
     # ------------------------------------------------------------ sizes
     @property
@@ -162,7 +174,8 @@ class ImageEngine:
                 "has_upscaler": self.upscaler is not None, "has_refiner": self.refiner is not None,
                 "loras": self.loras.names(),
                 "expansion_model": self.expander.name if self.expander is not None else None,
-                "controlnets": self.controls.types(), "has_depth_estimator": self.controls.depth_estimator is not None}
+                "controlnets": self.controls.types(), "has_depth_estimator": self.controls.depth_estimator is not None,
+                "has_ip_adapter": self.ip_adapter is not None}
 
     def preview(self, latents: torch.Tensor) -> Image.Image:
         return latent_preview(latents, self.txt2img.vae)
@@ -175,6 +188,9 @@ class ImageEngine:
                              "or leave refiner_switch unset")
         if req.task == "controlnet":
             self.controls.check(req.control_type, req.control_preprocess)
+        if req.task == "image_prompt" and self.ip_adapter is None:
+            raise ValueError("this server has no IP-Adapter for image prompts; start it with --image-ip-adapter DIR "
+                             "(a folder with the IP-Adapter weights and image_encoder/)")
         if req.expansion and self.expander is None:
             raise ValueError("this server has no LLM for prompt expansion: start it with --image-expansion-model "
                              "smollm2 (or serve an LLM in the same process with --model), or leave expansion off")
@@ -195,7 +211,7 @@ class ImageEngine:
         start = time.perf_counter()
         task = {"txt2img": self._txt2img, "vary_subtle": self._vary, "vary_strong": self._vary,
                 "inpaint": self._inpaint, "outpaint": self._outpaint, "upscale": self._upscale,
-                "controlnet": self._controlnet}[req.task]
+                "controlnet": self._controlnet, "image_prompt": self._image_prompt}[req.task]
         self.check(req)
         self.loras.activate(req.lora_specs())
         try:
@@ -259,12 +275,16 @@ class ImageEngine:
         return [{"final_prompt": p} for p in prompts]
 
     # ------------------------------------------------------------ tasks
-    def _txt2img(self, req, on_step, should_stop):
-        width, height = self.size_for(req)
+    def _sized(self, req, on_step, should_stop):
+        """What every text-to-image-shaped task starts from: (width, height), progress over all steps, prompts,
+        negative prompts, seeds."""
         steps, _, _ = req.resolved()
-        progress = Progress(steps, on_step, should_stop)
         prompts, negatives = self._prompts(req)
         seeds = [req.seed + i for i in range(req.num_images)]
+        return self.size_for(req), Progress(steps, on_step, should_stop), prompts, negatives, seeds
+
+    def _txt2img(self, req, on_step, should_stop):
+        (width, height), progress, prompts, negatives, seeds = self._sized(req, on_step, should_stop)
         k = self.refiner_step(req)
         if k is None:
             images = self._call(self.txt2img, req, progress, seeds, prompts, negatives, width=width, height=height)
@@ -289,19 +309,24 @@ class ImageEngine:
 
     def _controlnet(self, req, on_step, should_stop):
         """Text to image steered by a control map (made from ``req.image`` unless it is the map already)."""
-        width, height = self.size_for(req)
+        (width, height), progress, prompts, negatives, seeds = self._sized(req, on_step, should_stop)
         control = req.image.convert("RGB")
         if req.control_preprocess:
             control = self.controls.preprocess(req.control_type, control)
         control = control.resize((width, height), Image.BILINEAR)
-        steps, _, _ = req.resolved()
-        progress = Progress(steps, on_step, should_stop)
-        prompts, negatives = self._prompts(req)
-        seeds = [req.seed + i for i in range(req.num_images)]
         images = self._call(self.controls.pipeline(req.control_type), req, progress, seeds, prompts, negatives,
                             image=control, width=width, height=height,
                             controlnet_conditioning_scale=req.control_weight, control_guidance_end=req.control_stop_at)
         return images, self._extra(prompts)
+
+    def _image_prompt(self, req, on_step, should_stop):
+        """Text to image guided by an image prompt (IP-Adapter) for the first ``ip_adapter_stop_at`` of the steps."""
+        (width, height), progress, prompts, negatives, seeds = self._sized(req, on_step, should_stop)
+        stop_step = max(1, round(req.ip_adapter_stop_at * progress.total))
+        with self.ip_adapter.active(self.txt2img, req.ip_adapter_weight, stop_step, progress):
+            images = self._call(self.txt2img, req, progress, seeds, prompts, negatives, width=width, height=height,
+                                ip_adapter_image=req.image.convert("RGB"))
+        return images, [e | {"ip_adapter_steps": stop_step} for e in self._extra(prompts)]
 
     def _vary(self, req, on_step, should_stop):
         image = imageops.fit_to_unit(req.image, self.unit)

@@ -28,8 +28,8 @@ from loom.image.samplers import SAMPLERS
 from loom.image.styles import load_styles
 from loom.image.wildcards import check_wildcards
 
-TASKS = ("txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale", "controlnet")
-SIZED_TASKS = ("txt2img", "controlnet")
+TASKS = ("txt2img", "vary_subtle", "vary_strong", "inpaint", "outpaint", "upscale", "controlnet", "image_prompt")
+SIZED_TASKS = ("txt2img", "controlnet", "image_prompt")
 """Tasks whose size comes from width / height / aspect_ratio, not from the input image."""
 CONTROL_TYPES = ("canny", "depth")
 IMAGE_TASKS = TASKS[1:]
@@ -90,6 +90,10 @@ class ImageRequest:
     """controlnet: the ControlNet acts on this first fraction of the steps (0..1; Fooocus' default 0.5)."""
     control_preprocess: bool = True
     """controlnet: make the map from ``image`` (PyraCanny edges, estimated depth); False: ``image`` is the map."""
+    ip_adapter_weight: float = 0.6
+    """image_prompt: the IP-Adapter's scale (0..2; Fooocus' default 0.6)."""
+    ip_adapter_stop_at: float = 0.5
+    """image_prompt: the image prompt acts on the first max(1, round(stop_at x steps)) steps (0..1; default 0.5)."""
     expansion: bool = False
     """Expand the prompt with the server's LLM first (Fooocus' "V2"; seeded by each image's seed, so repeatable)."""
     refiner_switch: float | None = None
@@ -129,6 +133,10 @@ class ImageRequest:
         if not 0.0 < self.control_stop_at <= 1.0:
             raise ValueError(f"control_stop_at must be in (0, 1], got {self.control_stop_at}")
         self.control_weight, self.control_stop_at = float(self.control_weight), float(self.control_stop_at)
+        if not 0.0 <= self.ip_adapter_weight <= 2.0:
+            raise ValueError(f"ip_adapter_weight must be in 0..2, got {self.ip_adapter_weight}")
+        if not 0.0 < self.ip_adapter_stop_at <= 1.0:
+            raise ValueError(f"ip_adapter_stop_at must be in (0, 1], got {self.ip_adapter_stop_at}")
         if self.seed is not None and self.seed > MAX_SEED:
             raise ValueError(f"seed must be at most {MAX_SEED}, got {self.seed}")
         self._check_text()

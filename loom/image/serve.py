@@ -47,6 +47,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image-depth-estimator", default=None, metavar="DIR",
                        help="transformers depth-estimation folder (DPT, Depth Anything) that makes depth maps for "
                             "depth ControlNet jobs (without it, such jobs send a ready map: control_preprocess=false)")
+    group.add_argument("--image-ip-adapter", default=None, metavar="DIR",
+                       help="IP-Adapter for image_prompt jobs: a folder with the weights (*.safetensors) and "
+                            "image_encoder/ (h94/IP-Adapter's layout), or the weights file itself")
     group.add_argument("--image-expansion-model", default="auto", metavar="auto|NAME|PATH|none",
                        help="LLM that expands prompts of jobs asking for expansion: auto = the LLM this server serves "
                             "(--model), if any; a model name or folder (e.g. smollm2) = an engine of its own; none = "
@@ -87,7 +90,7 @@ def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> I
         limits=config_from_args(ImageLimits, args, prefix="image_"), api_key=getattr(args, "api_key", None),
         lora_dir=args.image_lora_dir, refiner=args.image_refiner, expansion_model=args.image_expansion_model,
         controlnets=parse_controlnets(args.image_controlnet, "--image-controlnet"),
-        depth_estimator=args.image_depth_estimator,
+        depth_estimator=args.image_depth_estimator, ip_adapter=args.image_ip_adapter,
     )
 
 
@@ -114,14 +117,15 @@ class ImageComponent:
                  ui_host: str = "127.0.0.1", ui_port: int = 0, api_url: str = "http://127.0.0.1:8000", engine=None,
                  keep_jobs: int = 200, limits: ImageLimits | None = None, api_key: str | None = None,
                  lora_dir: str | None = None, refiner: str | None = None, expansion_model: str | None = None,
-                 controlnets: dict[str, str] | None = None, depth_estimator: str | None = None):
+                 controlnets: dict[str, str] | None = None, depth_estimator: str | None = None,
+                 ip_adapter: str | None = None):
         # local: the image API imports torch and PIL; `loom serve` parses its flags without them
         from loom.image.api import build_router
         from loom.image.jobs import JobQueue
 
         self.model, self.upscaler, self.model_config, self.device = model, upscaler, model_config, device
         self.lora_dir, self.refiner = lora_dir, refiner
-        self.controlnets, self.depth_estimator = controlnets or {}, depth_estimator
+        self.controlnets, self.depth_estimator, self.ip_adapter = controlnets or {}, depth_estimator, ip_adapter
         self.expansion_model = None if expansion_model in ("none", "auto") else expansion_model
         self.use_served_llm = expansion_model == "auto"
         self.llm = None
@@ -156,7 +160,7 @@ class ImageComponent:
             self.queue.engine = await asyncio.to_thread(
                 ImageEngine.load, self.model, self.device, self.upscaler, self.model_config, lora_dir=self.lora_dir,
                 refiner=self.refiner, expansion=self._expansion(), controlnets=self.controlnets,
-                depth_estimator=self.depth_estimator,
+                depth_estimator=self.depth_estimator, ip_adapter=self.ip_adapter,
             )
         self.queue.start()
 

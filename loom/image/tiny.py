@@ -223,3 +223,50 @@ def save_tiny_depth_estimator(folder: str, seed: int = 0) -> str:
     DPTForDepthEstimation(config).eval().save_pretrained(folder)
     DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(folder)
     return folder
+
+
+def save_tiny_ip_adapter(unet, folder: str, seed: int = 3, image_embed_dim: int = 32) -> str:
+    """A random IP-Adapter for ``unet`` in h94/IP-Adapter's layout: ``ip-adapter.safetensors`` (the image projection
+    to 4 tokens and each cross-attention's to_k_ip / to_v_ip, keyed as diffusers' loader reads them) and
+    ``image_encoder/`` (a tiny CLIPVisionModelWithProjection with a 32-pixel image processor)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    out = Path(folder)
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=4, projection_dim=image_embed_dim)
+    CLIPVisionModelWithProjection(config).eval().save_pretrained(out / "image_encoder")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        out / "image_encoder")
+    state = ip_adapter_state_dict(unet, image_embed_dim)
+    tensors = {f"{part}.{key}": value for part, values in state.items() for key, value in values.items()}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "ip-adapter.safetensors"))
+    return folder
+
+
+def ip_adapter_state_dict(unet, image_embed_dim: int) -> dict:
+    """Random IP-Adapter weights for ``unet`` as diffusers' loader takes them: {"image_proj": {...}, "ip_adapter":
+    {"1.to_k_ip.weight", ...}} (an image projection to 4 tokens; to_k_ip / to_v_ip per cross-attention layer)."""
+    cross = unet.config.cross_attention_dim
+    tensors = {"image_proj.proj.weight": torch.randn(cross * 4, image_embed_dim) * 0.2,
+               "image_proj.proj.bias": torch.randn(cross * 4) * 0.2,
+               "image_proj.norm.weight": torch.ones(cross), "image_proj.norm.bias": torch.zeros(cross)}
+    channels = list(unet.config.block_out_channels)
+    key_id = 1
+    for name in unet.attn_processors:  # diffusers numbers the cross-attention layers 1, 3, 5, ... in this order
+        if name.endswith("attn1.processor"):
+            continue
+        block = name.split(".")
+        hidden = (channels[-1] if block[0] == "mid_block" else
+                  channels[int(block[1])] if block[0] == "down_blocks" else channels[::-1][int(block[1])])
+        for kind in ("to_k_ip", "to_v_ip"):
+            tensors[f"ip_adapter.{key_id}.{kind}.weight"] = torch.randn(hidden, cross) * 0.2
+        key_id += 2
+    state: dict = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in tensors.items():
+        part, _, rest = key.partition(".")
+        state[part][rest] = value
+    return state

@@ -6,9 +6,10 @@
 Prompt box, a prompt-expansion toggle (when the server has an LLM for it), style picker, performance preset, aspect
 ratio, a gallery, an advanced panel (negative prompt, seed, sampler, steps, guidance, image count), a LoRA picker (5
 rows of name and weight), a sampling-quality panel (sharpness, adaptive CFG, SDXL ADM scaling), and tabs for Vary /
-Inpaint (draw the mask with the brush) / Outpaint / Upscale / Control (ControlNet, shown when the server has one; a
-Preview map button shows the preprocessed map). Every run submits a job to ``POST /v1/images/jobs`` and follows its
-server-sent events, so the preview and progress bar update live; Stop cancels the job through the API.
+Inpaint (draw the mask with the brush) / Outpaint / Upscale / Image Prompt (IP-Adapter, shown when the server has
+one) / Control (ControlNet, shown when the server has one; a Preview map button shows the preprocessed map). Every
+run submits a job to ``POST /v1/images/jobs`` and follows its server-sent events, so the preview and progress bar
+update live; Stop cancels the job through the API.
 
 With an API key (``loom serve --api-key``), the UI sends it on every API call and asks for it at login (any user
 name, the key as the password), so the UI's port opens nothing the API's key protects.
@@ -110,7 +111,7 @@ def settings_body(prompt, negative, styles, performance, aspect, num_images, see
     return body
 
 
-FIXED_INPUTS = 27
+FIXED_INPUTS = 30
 """Inputs of ``run`` before the sampling-quality sliders and the LoRA rows (see ``inputs`` in build_blocks)."""
 TWEAKS = ("sharpness", "adaptive_cfg", "adm_scaler_positive", "adm_scaler_negative", "adm_scaler_end")
 
@@ -147,7 +148,7 @@ def build_blocks(api_url: str, api_key: str | None = None):
         """Generator: submit, then stream (preview, progress text, gallery, job id) updates."""
         (prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler, steps, guidance, custom,
          vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image, upscale_factor, refiner_switch,
-         custom_tweaks, expansion, *control) = values[:FIXED_INPUTS]
+         custom_tweaks, expansion, *task_values) = values[:FIXED_INPUTS]
         tweaks, loras = values[FIXED_INPUTS : FIXED_INPUTS + len(TWEAKS)], values[FIXED_INPUTS + len(TWEAKS) :]
         body = settings_body(prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler,
                              steps, guidance, custom) | tweak_fields(custom_tweaks, *tweaks) | lora_fields(*loras)
@@ -157,7 +158,7 @@ def build_blocks(api_url: str, api_key: str | None = None):
             body["refiner_switch"] = float(refiner_switch)
         try:
             body |= task_inputs(task, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image,
-                                upscale_factor, *control)
+                                upscale_factor, *task_values)
             job = client.submit(body)
         except (RuntimeError, ValueError, httpx.HTTPError) as exc:
             yield None, f"**Error:** {exc}", gr.update(), None, gr.update()
@@ -181,9 +182,13 @@ def build_blocks(api_url: str, api_key: str | None = None):
 
     def task_inputs(task, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image,
                     upscale_factor, control_image, control_type, control_weight, control_stop_at,
-                    control_preprocess) -> dict:
+                    control_preprocess, prompt_image, ip_weight, ip_stop_at) -> dict:
         if task == "txt2img":
             return {"task": "txt2img"}
+        if task == "image_prompt":
+            _need(prompt_image, "Image Prompt")
+            return {"task": "image_prompt", "image": to_b64(prompt_image), "ip_adapter_weight": float(ip_weight),
+                    "ip_adapter_stop_at": float(ip_stop_at)}
         if task == "controlnet":
             _need(control_image, "Control")
             return {"task": "controlnet", "image": to_b64(control_image), "control_type": control_type,
@@ -243,6 +248,12 @@ def build_blocks(api_url: str, api_key: str | None = None):
                         upscale_image = gr.Image(type="pil", label="Image to upscale")
                         upscale_factor = gr.Radio(["1.5x", "2x"], value="2x", label="Upscale by")
                         upscale_btn = gr.Button("Upscale", elem_id="tab-upscale-run")
+                    with gr.Tab("Image Prompt", elem_id="tab-image-prompt", visible=bool(model.get("has_ip_adapter"))):
+                        prompt_image = gr.Image(type="pil", label="Image prompt (IP-Adapter)")
+                        ip_weight = gr.Slider(0.0, 2.0, value=0.6, step=0.05, label="Weight")
+                        ip_stop_at = gr.Slider(0.05, 1.0, value=0.5, step=0.05,
+                                               label="Stop at (fraction of the steps)")
+                        image_prompt_btn = gr.Button("Generate with image prompt", elem_id="tab-image-prompt-run")
                     with gr.Tab("Control", elem_id="tab-control", visible=bool(opts.get("controlnets"))):
                         with gr.Row():
                             control_image = gr.Image(type="pil", label="Control image")
@@ -299,10 +310,12 @@ def build_blocks(api_url: str, api_key: str | None = None):
         inputs = [job_state, prompt, negative, styles, performance, aspect, num_images, seed, random_seed, sampler,
                   steps, guidance, custom, vary_image, vary_mode, inpaint_value, outpaint_image, sides, upscale_image,
                   upscale_factor, refiner_switch, custom_tweaks, expansion, control_image, control_type, control_weight,
-                  control_stop_at, control_preprocess, *tweak_sliders, *lora_inputs]
+                  control_stop_at, control_preprocess, prompt_image, ip_weight, ip_stop_at, *tweak_sliders,
+                  *lora_inputs]
         outputs = [preview, progress, gallery, job_state, final_prompt]
         for button, task in ((generate, "txt2img"), (vary_btn, "vary"), (inpaint_btn, "inpaint"),
-                             (outpaint_btn, "outpaint"), (upscale_btn, "upscale"), (control_btn, "controlnet")):
+                             (outpaint_btn, "outpaint"), (upscale_btn, "upscale"), (control_btn, "controlnet"),
+                             (image_prompt_btn, "image_prompt")):
             button.click(lambda *v, _t=task: (yield from run(_t, *v)), inputs=inputs, outputs=outputs)
         prompt.submit(lambda *v: (yield from run("txt2img", *v)), inputs=inputs, outputs=outputs)
         stop_btn.click(stop, inputs=[job_state], outputs=[progress])

@@ -16,6 +16,7 @@ from loom.image.engine import ImageEngine, images_equal
 from loom.image.request import ImageRequest
 from loom.image.samplers import make_sampler
 from loom.image.tiny import save_tiny_controlnet, save_tiny_depth_estimator, tiny_pipeline, tiny_sdxl_pipeline
+from tests.image.test_api import wait_done
 
 pytestmark = pytest.mark.slow
 
@@ -210,11 +211,7 @@ def test_api_controlnet_job_preprocess_route_and_errors(controlled, tmp_path):
         body = {"task": "controlnet", "prompt": "a house", "image": photo, "seed": 3, "steps": 2, "width": 64,
                 "height": 64, "control_weight": 0.5}
         job_id = client.post("/v1/images/jobs", json=body).json()["id"]
-        for _ in range(600):
-            state = client.get(f"/v1/images/jobs/{job_id}").json()
-            if state["status"] in ("succeeded", "failed", "cancelled"):
-                break
-            __import__("time").sleep(0.1)
+        state = wait_done(client, job_id)[-1]
         assert state["status"] == "succeeded" and state["settings"][0]["control_weight"] == 0.5
         assert client.post("/v1/images/jobs", json=body | {"control_type": "edges"}).status_code == 422
         assert client.post("/v1/images/jobs", json={k: v for k, v in body.items() if k != "image"}).status_code == 400
