@@ -102,6 +102,8 @@ def generate_in_browser(ui_url: str, prompt: str, out: str | Path, timeout: floa
         driver.find_element(By.CSS_SELECTOR, run).click()
         wait.until(lambda d: "done in" in d.find_element(By.CSS_SELECTOR, "#progress").text)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img"))
+        # NOTE: the prompts used arrive in the same update as "done in", but the page may paint them a moment later
+        wait.until(lambda d: "Prompt" in d.find_element(By.CSS_SELECTOR, "#final-prompt").text)
         time.sleep(0.5)  # let the gallery images paint
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         if crop is None:
