@@ -94,3 +94,26 @@ class GGUFLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}"
+
+
+class StackedGGUFLinear(nn.Module):
+    """A fused projection whose stacked parts are of different GGUF types (llama.cpp's Q4_K_M mixes keep v in Q6_K
+    beside Q4_K q and k in some layers): each part multiplies with its own kernel, the outputs are concatenated."""
+
+    def __init__(self, parts: list[GGUFLinear]):
+        super().__init__()
+        if len({p.in_features for p in parts}) != 1:
+            raise ValueError(f"stacked parts must share in_features, got {[p.in_features for p in parts]}")
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([part.dequantize() for part in self.parts])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.parts)
