@@ -136,9 +136,10 @@ struct BlockQ6_K {
   void sub(int s, float* __restrict w) const {
     const int h = s / 4, c = s % 4, lshift = (c / 2) * 4, hshift = 2 * c;
     const uint8_t *lo = ql + 64 * h + 32 * (c & 1), *hi = qh + 32 * h;
-    for (int i = 0; i < QK; ++i) {
-      const int q = ((lo[i] >> lshift) & 0x0F) | (((hi[i] >> hshift) & 3) << 4);
-      w[i] = d * static_cast<float>(scales[8 * h + 2 * c + i / 16]) * static_cast<float>(q - 32);
+    for (int j = 0; j < 2; ++j) {  // 16 weights a scale
+      const float dl = d * static_cast<float>(scales[8 * h + 2 * c + j]);
+      for (int i = 16 * j; i < 16 * j + 16; ++i)
+        w[i] = dl * static_cast<float>((((lo[i] >> lshift) & 0x0F) | (((hi[i] >> hshift) & 3) << 4)) - 32);
     }
   }
 #if defined(__AVX512F__)
@@ -225,6 +226,7 @@ inline void rows_512(const float* xp, int64_t K, const uint8_t* row, int64_t nb,
     for (int r = 0; r < T; ++r) acc1[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const Block block(row + b * Block::kBytes);
+#pragma GCC unroll 8
     for (int s = 0; s < Block::kSubs; ++s) {
       __m512 w0, w1;
       block.sub512(s, w0, w1);
