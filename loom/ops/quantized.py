@@ -113,7 +113,3 @@ class StackedGGUFLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         return torch.cat([part.dequantize() for part in self.parts])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(part.nbytes for part in self.parts)

@@ -124,12 +124,8 @@ def write_tiny_kquant_gguf(path) -> None:
     writer.close()
 
 
-def hf_greedy_from_gguf(path, prompts: list[list[int]], max_new: int) -> list[tuple[list[int], list[float]]]:
-    """transformers' LlamaForCausalLM over the file expanded by the gguf package's dequantizer (and its own q/k
-    un-permute): greedy ids and the chosen tokens' float32 logprobs."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+def hf_greedy(model, prompts: list[list[int]], max_new: int) -> list[tuple[list[int], list[float]]]:
+    """Greedy ids and the chosen tokens' float32 logprobs of an HF causal LM."""
     results = []
     with torch.inference_mode():
         for ids in prompts:
@@ -152,8 +148,16 @@ def test_a_kquant_gguf_file_runs_quantized_and_agrees_with_transformers_float32_
     assert first.self_attn.o_proj.qtype == GGMLType.Q6_K and first.mlp.gate_up_proj.qtype == GGMLType.Q4_K
     assert first.mlp.down_proj.qtype == GGMLType.Q6_K and model.logits_proj.qtype == GGMLType.Q6_K
 
+    from transformers import AutoModelForCausalLM
+
+    # transformers' own GGUF loader: the file expanded by the gguf package's dequantizer, q/k un-permuted its own way
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    hf_attn = hf.model.layers[1].self_attn
+    hf_qkv = torch.cat([hf_attn.q_proj.weight, hf_attn.k_proj.weight, hf_attn.v_proj.weight])
+    assert torch.equal(second.self_attn.qkv_proj.dequantize(), hf_qkv)
+
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, VOCAB, n).tolist() for n in (1, 5, 17, 40, 90)]  # the last two: the GEMM path
-    reference = hf_greedy_from_gguf(path, prompts, max_new=8)
+    reference = hf_greedy(hf, prompts, max_new=8)
     assert len({ids[0] for ids, _ in reference}) > 1  # the random model does not answer every prompt alike
     assert_parity(loom_greedy(llm, prompts, 8), reference)
