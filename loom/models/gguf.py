@@ -3,8 +3,10 @@
     model = load_gguf_model("SmolLM2-135M-Instruct.Q4_1.gguf", torch.device("cpu"), max_positions=2048)
 
 transformers reads the file's metadata into an HF config and its tokenizer (with the chat template); the tensors
-are read here with the ``gguf`` package. Q8_0, Q4_0 and Q4_1 projections become ``GGUFLinear`` layers (the blocks as
-stored, rows of q/k/v and of gate/up stacked into Loom's fused projections); float tensors (norms) load as they are.
+are read here with the ``gguf`` package. Q8_0, Q4_0, Q4_1, Q4_K and Q6_K projections become ``GGUFLinear`` layers (the
+blocks as stored, rows of q/k/v and of gate/up stacked into Loom's fused projections; parts of different types, as
+Q4_K_M files have, a ``StackedGGUFLinear``); other types (Q5_K, Q2_K, ...) are expanded to float32 at load, and float
+tensors (norms) load as they are.
 The tied embedding is expanded once for lookups while the LM head multiplies its quantized copy. llama.cpp's
 converter stores q and k rows permuted for its rotary layout; rows are independent, so un-permuting the rows of the
 quantized matrix restores the HF order without touching a block. Llama-architecture files only (Llama, SmolLM2,
@@ -14,13 +16,14 @@ Mistral-shaped); others are refused by name.
 from __future__ import annotations
 
 import re
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from loom.models.llama import LlamaConfig, LlamaForCausalLM
-from loom.ops.quantized import BLOCK_BYTES, GGMLType, GGUFLinear
+from loom.ops.quantized import GGMLType, GGUFLinear, StackedGGUFLinear
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 _FLOAT_TYPES = {0: torch.float32, 1: torch.float16}
@@ -97,12 +100,13 @@ def _rows(tensor, num_heads: int | None = None) -> tuple[int, np.ndarray]:
 
 
 def _quantized_or_dense(parts: list[tuple[int, np.ndarray]], in_features: int) -> torch.nn.Module:
-    """One layer over the stacked rows of ``parts`` (``_rows`` results): quantized when all share one executable
-    block type, else the float32 weights (a dense ``nn.Linear``)."""
-    types = {qtype for qtype, _ in parts}
-    if len(types) == 1 and (qtype := types.pop()) in {int(t) for t in BLOCK_BYTES}:
-        rows = torch.from_numpy(np.ascontiguousarray(np.concatenate([data for _, data in parts])))
-        return GGUFLinear(rows, qtype, in_features)
+    """One layer over the stacked rows of ``parts`` (``_rows`` results): quantized when every part is of an executable
+    block type (one ``GGUFLinear`` per run of parts of one type), else the float32 weights (a dense ``nn.Linear``)."""
+    if all(qtype in {int(t) for t in GGMLType} for qtype, _ in parts):
+        runs = [list(run) for _, run in groupby(parts, key=lambda part: part[0])]
+        layers = [GGUFLinear(torch.from_numpy(np.ascontiguousarray(np.concatenate([data for _, data in run]))),
+                             run[0][0], in_features) for run in runs]
+        return layers[0] if len(layers) == 1 else StackedGGUFLinear(layers)
     weight = torch.cat([_as_float(qtype, data, in_features) for qtype, data in parts])
     linear = torch.nn.Linear(in_features, weight.shape[0], bias=False)
     linear.weight.data = weight

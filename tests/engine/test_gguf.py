@@ -1,5 +1,6 @@
-"""GGUF files served quantized: the block kernels against the gguf package's dequantizer then a float32 matmul, and
-the packaged SmolLM2 Q4_1 file against the same weights dequantized to float32 (the folder `loom models pull` makes)."""
+"""GGUF files served quantized: the 32-weight block kernels (AVX-512 and portable paths) against the gguf package's
+dequantizer then a float32 matmul, and the packaged SmolLM2 Q4_1 file against the same weights dequantized to float32
+(the folder `loom models pull` makes). The K-quants: test_gguf_kquants.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from loom import LLM, SamplingParams
-from loom.ops.quantized import DEQUANTIZE_ROWS, GGMLType, GGUFLinear, dequantize_reference
+from loom.ops.cpp_extension import gguf_extension
+from loom.ops.quantized import BLOCK_WEIGHTS, DEQUANTIZE_ROWS, GGMLType, GGUFLinear, dequantize_reference
 from tests.engine.test_parity import varied_prompts
 
 
@@ -23,15 +25,18 @@ def _quantized(qtype: GGMLType, out: int, k: int, seed: int = 0) -> torch.Tensor
     return torch.from_numpy(np.ascontiguousarray(quantize(w, GGMLQuantizationType(int(qtype)))))
 
 
-@pytest.mark.parametrize("qtype", list(GGMLType), ids=lambda t: t.name)
-@pytest.mark.parametrize("rows", [1, 5, 8, 9, 17, DEQUANTIZE_ROWS + 3])  # tails of the 8-row tile; the GEMM path
-def test_block_kernel_equals_dequantize_then_matmul(qtype, rows):
+@pytest.mark.parametrize("portable", [False, True], ids=["default", "portable"])
+@pytest.mark.parametrize("qtype", [t for t in GGMLType if BLOCK_WEIGHTS[t] == 32], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 17, DEQUANTIZE_ROWS + 3])  # tails of the 8/16-row tiles; GEMM path
+def test_block_kernel_equals_dequantize_then_matmul(qtype, rows, portable):
     qweight = _quantized(qtype, out=72, k=96)
     layer = GGUFLinear(qweight, qtype, 96, bias=torch.randn(72))
     reference = dequantize_reference(qweight, qtype, 96)
-    assert torch.equal(layer.dequantize(), reference)
+    ext = gguf_extension()
+    assert torch.equal(ext.gguf_dequantize(qweight, int(qtype), 96, portable=portable), reference)
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
-    torch.testing.assert_close(layer(x), x @ reference.T + layer.bias, atol=1e-4, rtol=1e-5)
+    y = ext.gguf_linear(x, qweight, int(qtype), layer.bias, portable=True) if portable else layer(x)
+    torch.testing.assert_close(y, x @ reference.T + layer.bias, atol=1e-4, rtol=1e-5)
 
 
 def test_a_malformed_quantized_weight_is_refused():

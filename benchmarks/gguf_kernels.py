@@ -1,0 +1,97 @@
+"""GGUF kernels on decode-shaped projections: one GGUFLinear call (Q4_1, Q4_K, Q6_K; the AVX-512 path and the
+portable C++ loops) against float32 ``F.linear`` on the same shape, SmolLM2-135M's MLP shapes by default.
+
+    python benchmarks/gguf_kernels.py --repeats 7
+
+For each shape (K inputs -> N outputs) and M rows of x: median over ``--repeats`` timings of ``--calls`` calls, in
+microseconds a call, and the bytes of weight it reads. The weights are random (Q4_1 from gguf's quantizer; K-quant
+super-blocks of random bytes with finite scales: the kernels' cost does not depend on the values). A K-quant needs K
+a multiple of 256, so SmolLM2's 576-wide projections have no K-quant figure (llama.cpp quantizes such tensors to
+another type). Prints a line per case and writes JSON (default results/gguf_kernels.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import machine, write_json  # noqa: E402
+from loom.ops.cpp_extension import gguf_extension  # noqa: E402
+from loom.ops.quantized import BLOCK_BYTES, BLOCK_WEIGHTS, GGMLType  # noqa: E402
+
+
+def quantized_weight(qtype: GGMLType, n: int, k: int, rng: np.random.Generator) -> torch.Tensor:
+    """[n, row bytes] uint8 of ``qtype``."""
+    if BLOCK_WEIGHTS[qtype] == 32:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import quantize
+
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(quantize(w, GGMLQuantizationType(int(qtype)))))
+    raw = rng.integers(0, 256, (n, k // 256, BLOCK_BYTES[qtype]), dtype=np.uint8)
+    d = np.full((n, k // 256), 1e-3, np.float16).view(np.uint8).reshape(n, k // 256, 2)
+    for offset in (0, 2) if qtype == GGMLType.Q4_K else (208,):  # d (and Q4_K's dmin): finite fp16
+        raw[..., offset:offset + 2] = d
+    return torch.from_numpy(raw.reshape(n, -1))
+
+
+def median_us(fn, calls: int, repeats: int) -> float:
+    for _ in range(max(3, calls // 10)):  # warm-up: pages touched, caches and thread pool up
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
+def measure_shape(k: int, n: int, m: int, calls: int, repeats: int, rng: np.random.Generator) -> dict:
+    ext = gguf_extension()
+    x = torch.randn(m, k)
+    weight = torch.randn(n, k)
+    result = {"float32": {"us": median_us(partial(torch.nn.functional.linear, x, weight), calls, repeats),
+                          "weight_bytes": weight.numel() * 4}}
+    for qtype in (GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q6_K):
+        if k % BLOCK_WEIGHTS[qtype]:
+            continue
+        q = quantized_weight(qtype, n, k, rng)
+        for path, portable in (("", False), ("_portable", True)):
+            result[qtype.name + path] = {
+                "us": median_us(partial(ext.gguf_linear, x, q, int(qtype), None, portable=portable), calls, repeats),
+                "weight_bytes": q.numel()}
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="576x1536,1536x576", help="comma-separated KxN (inputs x outputs)")
+    ap.add_argument("--rows", default="1,16", help="comma-separated M (rows of x)")
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="results/gguf_kernels.json")
+    args = ap.parse_args()
+    rng = np.random.default_rng(args.seed)
+    results = {}
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        for m in (int(v) for v in args.rows.split(",")):
+            results[f"{k}x{n}_m{m}"] = measure_shape(k, n, m, args.calls, args.repeats, rng)
+    write_json(args.out, {"results": results, "threads": torch.get_num_threads(), "machine": machine()})
+    for case, row in results.items():
+        print(f"gguf kernels {case} (us/call): " + ", ".join(f"{name} {r['us']:.1f}" for name, r in row.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""GGUF K-quants (Q4_K, Q6_K) executed quantized: the kernels on random super-blocks against the gguf package's
+dequantizer (then a float32 matmul), on the AVX-512 path and the portable one; and a tiny random llama GGUF file of
+Q4_K / Q6_K projections against transformers' own GGUF loader, which expands the same file to float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from loom import LLM
+from loom.ops.cpp_extension import gguf_extension
+from loom.ops.quantized import (
+    BLOCK_BYTES,
+    DEQUANTIZE_ROWS,
+    GGMLType,
+    GGUFLinear,
+    StackedGGUFLinear,
+    dequantize_reference,
+)
+from tests.engine.test_parity import assert_parity, loom_greedy
+
+K_QUANTS = [GGMLType.Q4_K, GGMLType.Q6_K]
+
+
+def random_blocks(qtype: GGMLType, rows: int, k: int, seed: int = 0, std: float = 0.05) -> torch.Tensor:
+    """[rows, k / 256 * block bytes] uint8: random bytes for every quant and scale, with finite fp16 d (and dmin)
+    drawn so the weights have about ``std`` (Q4_K's dmin near 7.5 d centres its unsigned nibbles)."""
+    rng = np.random.default_rng(seed)
+    nb = k // 256
+    raw = rng.integers(0, 256, (rows, nb, BLOCK_BYTES[qtype]), dtype=np.uint8)
+
+    def fp16(scale: float) -> np.ndarray:  # [rows, nb, 2]: the bytes of fp16 values around scale
+        return (scale * rng.uniform(0.5, 1.5, (rows, nb))).astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
+
+    if qtype == GGMLType.Q4_K:  # w = d sc q - dmin m; sc, m in [0, 63], q in [0, 15]
+        d = std / 145
+        raw[..., 0:2], raw[..., 2:4] = fp16(d), fp16(7.5 * d)
+    else:  # w = d scale (q - 32); scale int8, q - 32 in [-32, 31]
+        raw[..., 208:210] = fp16(std / 1350)
+    return torch.from_numpy(raw.reshape(rows, -1))
+
+
+def linear(layer: GGUFLinear, x: torch.Tensor, path: str) -> torch.Tensor:
+    """The layer's forward (AVX-512 where compiled in), or the extension's portable C++ loops on the same blocks."""
+    if path == "default":
+        return layer(x)
+    return gguf_extension().gguf_linear(x, layer.qweight, int(layer.qtype), layer.bias, portable=True)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["default", "portable"])
+@pytest.mark.parametrize("qtype", K_QUANTS, ids=lambda t: t.name)
+def test_kquant_dequantize_equals_the_gguf_reference(qtype, portable):
+    qweight = random_blocks(qtype, rows=37, k=768)  # 3 super-blocks a row; rows not a multiple of 16
+    ours = gguf_extension().gguf_dequantize(qweight, int(qtype), 768, portable=portable)
+    assert torch.equal(ours, dequantize_reference(qweight, qtype, 768))
+
+
+@pytest.mark.parametrize("path", ["default", "portable"])
+@pytest.mark.parametrize("qtype", K_QUANTS, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, DEQUANTIZE_ROWS + 3])  # tile tails; the last: the dequantize + GEMM
+def test_kquant_kernel_equals_the_reference_matmul(qtype, path, rows):
+    qweight = random_blocks(qtype, rows=37, k=768, seed=rows)
+    layer = GGUFLinear(qweight, qtype, 768, bias=torch.randn(37))
+    reference = dequantize_reference(qweight, qtype, 768)
+    x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(rows))
+    expected = x @ reference.T + layer.bias
+    assert expected.abs().max() > 1  # outputs of a size where the tolerance below means something
+    torch.testing.assert_close(linear(layer, x, path), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_a_kquant_layer_needs_whole_super_blocks():
+    with pytest.raises(ValueError, match="in_features must be a multiple of 256 for Q4_K blocks, got 288"):
+        GGUFLinear(random_blocks(GGMLType.Q4_K, rows=4, k=256), GGMLType.Q4_K, 288)
+    with pytest.raises(ValueError, match=r"Q6_K weight for 512 inputs must be \[out, 420\] uint8"):
+        GGUFLinear(random_blocks(GGMLType.Q6_K, rows=4, k=256), GGMLType.Q6_K, 512)
+
+
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 256, 512, 4, 2, 1024
+
+
+def write_tiny_kquant_gguf(path) -> None:
+    """A 2-layer random llama GGUF shaped like a Q4_K_M file: Q4_K q/k/gate/up and embedding, Q6_K o/down and
+    output; v is Q4_K in layer 0 and Q6_K in layer 1 (a fused q/k/v of two types)."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_context_length(1024)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(INTERMEDIATE)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_rope_dimension_count(HIDDEN // HEADS)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(VOCAB)
+    seed = iter(range(1000))
+
+    def quantized(name: str, qtype: GGMLType, rows: int, k: int, std: float = 0.05) -> None:
+        writer.add_tensor(name, random_blocks(qtype, rows, k, next(seed), std).numpy(),
+                          raw_dtype=GGMLQuantizationType(int(qtype)))
+
+    def norm(name: str) -> None:
+        writer.add_tensor(name, np.random.default_rng(next(seed)).uniform(0.8, 1.2, HIDDEN).astype(np.float32))
+
+    kv = KV_HEADS * HIDDEN // HEADS
+    quantized("token_embd.weight", GGMLType.Q4_K, VOCAB, HIDDEN, std=1.0)
+    quantized("output.weight", GGMLType.Q6_K, VOCAB, HIDDEN)
+    norm("output_norm.weight")
+    for i, v_type in enumerate([GGMLType.Q4_K, GGMLType.Q6_K]):
+        norm(f"blk.{i}.attn_norm.weight")
+        norm(f"blk.{i}.ffn_norm.weight")
+        quantized(f"blk.{i}.attn_q.weight", GGMLType.Q4_K, HIDDEN, HIDDEN)
+        quantized(f"blk.{i}.attn_k.weight", GGMLType.Q4_K, kv, HIDDEN)
+        quantized(f"blk.{i}.attn_v.weight", v_type, kv, HIDDEN)
+        quantized(f"blk.{i}.attn_output.weight", GGMLType.Q6_K, HIDDEN, HIDDEN)
+        quantized(f"blk.{i}.ffn_gate.weight", GGMLType.Q4_K, INTERMEDIATE, HIDDEN)
+        quantized(f"blk.{i}.ffn_up.weight", GGMLType.Q4_K, INTERMEDIATE, HIDDEN)
+        quantized(f"blk.{i}.ffn_down.weight", GGMLType.Q6_K, HIDDEN, INTERMEDIATE)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def hf_greedy(model, prompts: list[list[int]], max_new: int) -> list[tuple[list[int], list[float]]]:
+    """Greedy ids and the chosen tokens' float32 logprobs of an HF causal LM."""
+    results = []
+    with torch.inference_mode():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, min_new_tokens=max_new,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=2)
+            new = out.sequences[0, len(ids):].tolist()
+            results.append((new, [torch.log_softmax(step[0], -1)[t].item() for step, t in zip(out.logits, new)]))
+    return results
+
+
+def test_a_kquant_gguf_file_runs_quantized_and_agrees_with_transformers_float32_expansion(tmp_path, smollm2_path):
+    path = tmp_path / "tiny-q4_k_m.gguf"
+    write_tiny_kquant_gguf(path)
+    llm = LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=256)
+    model = llm.engine.model
+    first, second = model.layers
+    assert isinstance(first.self_attn.qkv_proj, GGUFLinear) and first.self_attn.qkv_proj.qtype == GGMLType.Q4_K
+    assert isinstance(second.self_attn.qkv_proj, StackedGGUFLinear)
+    assert [p.qtype for p in second.self_attn.qkv_proj.parts] == [GGMLType.Q4_K, GGMLType.Q6_K]
+    assert first.self_attn.o_proj.qtype == GGMLType.Q6_K and first.mlp.gate_up_proj.qtype == GGMLType.Q4_K
+    assert first.mlp.down_proj.qtype == GGMLType.Q6_K and model.logits_proj.qtype == GGMLType.Q6_K
+
+    from transformers import AutoModelForCausalLM
+
+    # transformers' own GGUF loader: the file expanded by the gguf package's dequantizer, q/k un-permuted its own way
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    hf_attn = hf.model.layers[1].self_attn
+    hf_qkv = torch.cat([hf_attn.q_proj.weight, hf_attn.k_proj.weight, hf_attn.v_proj.weight])
+    assert torch.equal(second.self_attn.qkv_proj.dequantize(), hf_qkv)
+
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, VOCAB, n).tolist() for n in (1, 5, 17, 40, 90)]  # the last two: the GEMM path
+    reference = hf_greedy(hf, prompts, max_new=8)
+    assert len({ids[0] for ids, _ in reference}) > 1  # the random model does not answer every prompt alike
+    assert_parity(loom_greedy(llm, prompts, 8), reference)
