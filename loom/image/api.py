@@ -142,6 +142,10 @@ class JobBody(QualityFields):
 class PreprocessBody(BaseModel):
     image: str = Field(description="base64 PNG/JPEG (data: URLs accepted)")
     control_type: ControlType = "canny"
+    width: int | None = Field(None, ge=8, le=MAX_SIDE, description="with height or aspect_ratio: the map a job of "
+                                                                   "that size gets (cropped to it); none: image's size")
+    height: int | None = Field(None, ge=8, le=MAX_SIDE)
+    aspect_ratio: str | None = Field(None, max_length=32)
 
 
 def decode_image(data: str, field_name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -326,7 +330,13 @@ def build_router(queue: JobQueue, limits: ImageLimits | None = None) -> APIRoute
 
         def run() -> Image.Image:
             image = decode_image(body.image, "image", limits.max_pixels)
-            return queue.engine.controls.preprocess(body.control_type, image)
+            if not (body.width or body.height or body.aspect_ratio):
+                return queue.engine.controls.preprocess(body.control_type, image)
+            req = ImageRequest(task="controlnet", image=image, control_type=body.control_type, width=body.width,
+                               height=body.height, aspect_ratio=body.aspect_ratio)
+            size = queue.engine.size_for(req)
+            check_pixels(size, limits.max_pixels, "the map")
+            return queue.engine.controls.control_map(body.control_type, image, size)
 
         try:
             control = await asyncio.to_thread(run)

@@ -2,13 +2,15 @@
 
     controls = ControlNets.load(pipe, {"canny": "/models/cn-canny", "depth": "/models/cn-depth"},
                                 depth_estimator="/models/dpt-hybrid")
-    control_map = controls.preprocess("canny", photo)                  # PyraCanny edges, RGB
+    control_map = controls.control_map("canny", photo, (768, 512))    # cropped to the job's size, PyraCanny edges
     pipe = controls.pipeline("canny")                                  # shares the base pipeline's UNet, VAE, CLIP
 
 A ``task: "controlnet"`` job is text-to-image whose UNet is steered by the control map: ``control_weight`` is
 diffusers' ``controlnet_conditioning_scale`` and ``control_stop_at`` its ``control_guidance_end`` (the ControlNet acts
 on the first ``stop_at`` of the steps, Fooocus' "stop at"); ``control_preprocess: false`` takes the input image as
-the ready map (an edge map, or a depth map with near = white).
+the ready map (an edge map, or a depth map with near = white). As in Fooocus, the image is first resized to cover the
+job's size and centre-cropped to it (aspect kept), then preprocessed there, so edges are one pixel thin at the size the
+model sees.
 
 PyraCanny is Fooocus' multi-scale canny: an edge map at 9 scales of the image (0.2, 0.3, ..., 1.0 of its size,
 area-downsampled), each scale's map blended into the running one upsampled (``0.75 * running + 0.25 * this scale``),
@@ -74,6 +76,40 @@ def _stretch(x: np.ndarray, low: float, high: float) -> np.ndarray:
     return ((x - lo) / (hi - lo) * 255.0).clip(0, 255).astype(np.uint8)
 
 
+def cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """RGB ``image`` resized (Lanczos, aspect kept) to cover ``size`` = (w, h), centre-cropped to it: Fooocus'
+    ``resize_image`` mode 1, with its integer sizes and offsets."""
+    width, height = size
+    w, h = image.size
+    if width / height > w / h:  # wider than the image: fit the width, crop top and bottom
+        scaled = (width, h * width // w)
+    else:
+        scaled = (w * height // h, height)
+    left, top = scaled[0] // 2 - width // 2, scaled[1] // 2 - height // 2
+    return image.convert("RGB").resize(scaled, Image.LANCZOS).crop((left, top, left + width, top + height))
+
+
+def skip_when_off(model):
+    """Make ``model`` (a ControlNetModel) return no residuals, without running, at conditioning scale 0.
+
+    NOTE: diffusers' ControlNet pipelines run the ControlNet on every step and scale its residuals by 0 outside
+    ``control_guidance_end`` (and at weight 0); the UNet adds nothing when handed None, and x + 0 == x, so skipping
+    those calls gives the very same pixels and saves a ControlNet forward on each step after stop-at. The forward is
+    replaced on the instance (as accelerate's hooks do), so hooks and ``isinstance`` checks still see the model.
+    """
+    forward = model.forward
+
+    def skipping(*args, conditioning_scale: float = 1.0, guess_mode: bool = False, return_dict: bool = True,
+                 **kwargs):
+        if conditioning_scale == 0 and not guess_mode and not return_dict:  # guess mode pads the residuals: run it
+            return None, None
+        return forward(*args, conditioning_scale=conditioning_scale, guess_mode=guess_mode, return_dict=return_dict,
+                       **kwargs)
+
+    model.forward = skipping
+    return model
+
+
 class DepthEstimator:
     """A transformers depth-estimation model from a local folder (``AutoModelForDepthEstimation``)."""
 
@@ -118,7 +154,8 @@ class ControlNets:
             if not (Path(folder) / "config.json").is_file():
                 raise FileNotFoundError(f"ControlNet {kind}={folder}: give a diffusers ControlNetModel folder "
                                         "(config.json + diffusion_pytorch_model.safetensors)")
-            models[kind] = ControlNetModel.from_pretrained(str(folder), torch_dtype=pipe.unet.dtype).to(pipe.device)
+            model = ControlNetModel.from_pretrained(str(folder), torch_dtype=pipe.unet.dtype).to(pipe.device)
+            models[kind] = skip_when_off(model)
         estimator = DepthEstimator(depth_estimator, pipe.device) if depth_estimator else None
         return cls(pipe, models, estimator)
 
@@ -147,6 +184,11 @@ class ControlNets:
         if kind == "depth" and preprocess and self.depth_estimator is None:
             raise ValueError("depth preprocessing needs a depth estimator: start the server with "
                              "--image-depth-estimator DIR, or send a ready depth map with control_preprocess=false")
+
+    def control_map(self, kind: str, image: Image.Image, size: tuple[int, int], preprocess: bool = True) -> Image.Image:
+        """What a job's ControlNet gets: ``image`` covering ``size`` = (w, h), then preprocessed unless it is one."""
+        image = cover(image, size)
+        return self.preprocess(kind, image) if preprocess else image
 
     def preprocess(self, kind: str, image: Image.Image) -> Image.Image:
         """The control map of ``image`` (its size): PyraCanny edges or the estimator's depth (no ControlNet needed)."""

@@ -310,10 +310,7 @@ class ImageEngine:
     def _controlnet(self, req, on_step, should_stop):
         """Text to image steered by a control map (made from ``req.image`` unless it is the map already)."""
         (width, height), progress, prompts, negatives, seeds = self._sized(req, on_step, should_stop)
-        control = req.image.convert("RGB")
-        if req.control_preprocess:
-            control = self.controls.preprocess(req.control_type, control)
-        control = control.resize((width, height), Image.BILINEAR)
+        control = self.controls.control_map(req.control_type, req.image, (width, height), req.control_preprocess)
         images = self._call(self.controls.pipeline(req.control_type), req, progress, seeds, prompts, negatives,
                             image=control, width=width, height=height,
                             controlnet_conditioning_scale=req.control_weight, control_guidance_end=req.control_stop_at)

@@ -59,9 +59,9 @@ class ApiClient:
                 if line.startswith("data: ") and line != "data: [DONE]":
                     yield json.loads(line[6:])
 
-    def preprocess(self, image: Image.Image, kind: str) -> Image.Image:
-        r = httpx.post(f"{self.base}/v1/images/control/preprocess", json={"image": to_b64(image), "control_type": kind},
-                       headers=self.headers, timeout=TIMEOUT)
+    def preprocess(self, image: Image.Image, kind: str, aspect_ratio: str | None = None) -> Image.Image:
+        body = {"image": to_b64(image), "control_type": kind, "aspect_ratio": aspect_ratio}
+        r = httpx.post(f"{self.base}/v1/images/control/preprocess", json=body, headers=self.headers, timeout=TIMEOUT)
         if r.status_code >= 400:
             raise RuntimeError(_error_text(r))
         return Image.open(io.BytesIO(base64.b64decode(r.json()["image"]))).convert("RGB")
@@ -320,15 +320,16 @@ def build_blocks(api_url: str, api_key: str | None = None):
         prompt.submit(lambda *v: (yield from run("txt2img", *v)), inputs=inputs, outputs=outputs)
         stop_btn.click(stop, inputs=[job_state], outputs=[progress])
 
-        def preview_map(image, kind):
+        def preview_map(image, kind, aspect):
             if image is None:
                 return None, "put an image in the Control tab first"
             try:
-                return client.preprocess(image, kind), "control map ready"
+                return client.preprocess(image, kind, aspect), "control map ready (cropped to the aspect ratio)"
             except (RuntimeError, httpx.HTTPError) as exc:
                 return None, f"**Error:** {exc}"
 
-        preview_map_btn.click(preview_map, inputs=[control_image, control_type], outputs=[control_map, progress])
+        preview_map_btn.click(preview_map, inputs=[control_image, control_type, aspect],
+                              outputs=[control_map, progress])
     return demo
 
 
