@@ -327,3 +327,31 @@ def test_api_controlnet_job_preprocess_route_and_errors(controlled, tmp_path):
         r = client.post("/v1/images/control/preprocess", json={"image": photo, "control_type": "depth"})
         assert r.status_code == 400 and "--image-depth-estimator" in r.json()["detail"]
         assert client.post("/v1/images/control/preprocess", json={"image": photo}).status_code == 200
+
+
+def test_control_tab_in_headless_chromium(controlled, tmp_path):
+    """The Control tab end to end: upload, Preview map (the route's map appears), Generate with control (the job is a
+    controlnet job with the tab's settings)."""
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from scripts.image_ui_screenshot import generate_in_browser, image_stack
+
+    square().save(tmp_path / "square.png")
+
+    def preview(driver):
+        driver.find_element(By.CSS_SELECTOR, "#tab-control-preview").click()
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#control-map img"))
+        WebDriverWait(driver, 60).until(lambda d: "control map ready" in d.find_element(By.CSS_SELECTOR,
+                                                                                          "#progress").text)
+
+    with image_stack(controlled, tmp_path / "out") as (api_url, ui_url):
+        shown = generate_in_browser(ui_url, "a house", tmp_path / "ui.png", timeout=120, tab="tab-control",
+                                    tab_image=str(tmp_path / "square.png"), before_run=preview)
+        history = httpx.get(f"{api_url}/v1/images/jobs").json()["data"]
+    assert shown["progress"].startswith("done in") and shown["gallery_images"] >= 1
+    settings = history[0]["settings"][0]
+    assert history[0]["status"] == "succeeded" and settings["task"] == "controlnet"
+    assert (settings["control_type"], settings["control_weight"], settings["control_stop_at"],
+            settings["control_preprocess"]) == ("canny", 1.0, 0.5, True)
