@@ -82,6 +82,13 @@ def _error_text(r: httpx.Response) -> str:
         return r.text
 
 
+def enlarged(image: Image.Image, side: int = 256) -> Image.Image:
+    """``image`` scaled up by a whole factor (nearest: pixel for pixel) until its longer side reaches ``side``, so a
+    small model's map (the demo's 32 px) can be seen."""
+    factor = max(1, side // max(image.size))
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
 def to_b64(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -324,7 +331,7 @@ def build_blocks(api_url: str, api_key: str | None = None):
             if image is None:
                 return None, "put an image in the Control tab first"
             try:
-                return client.preprocess(image, kind, aspect), "control map ready (cropped to the aspect ratio)"
+                return enlarged(client.preprocess(image, kind, aspect)), "control map ready (at the job's size)"
             except (RuntimeError, httpx.HTTPError) as exc:
                 return None, f"**Error:** {exc}"
 
