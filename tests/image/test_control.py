@@ -355,3 +355,17 @@ def test_control_tab_in_headless_chromium(controlled, tmp_path):
     assert history[0]["status"] == "succeeded" and settings["task"] == "controlnet"
     assert (settings["control_type"], settings["control_weight"], settings["control_stop_at"],
             settings["control_preprocess"]) == ("canny", 1.0, 0.5, True)
+
+
+def test_control_tab_shown_only_with_controlnets(controlled, tmp_path):
+    import httpx
+
+    from scripts.image_ui_screenshot import image_stack
+
+    def tab_visible(engine) -> bool:
+        with image_stack(engine, tmp_path / engine.name) as (_, ui_url):
+            components = httpx.get(f"{ui_url}/config").json()["components"]
+        return next(c["props"]["visible"] for c in components if c["props"].get("elem_id") == "tab-control")
+
+    assert tab_visible(controlled) is True
+    assert tab_visible(ImageEngine(tiny_pipeline(seed=0), name="bare")) is False
