@@ -369,3 +369,37 @@ def test_control_tab_shown_only_with_controlnets(controlled, tmp_path):
 
     assert tab_visible(controlled) is True
     assert tab_visible(ImageEngine(tiny_pipeline(seed=0), name="bare")) is False
+
+
+def test_imagine_and_serve_flags(controlled, folders, tmp_path, capsys):
+    """`loom imagine --task controlnet --controlnet canny=DIR` gives the engine's own result; `--image-controlnet`
+    values are parsed (and refused, naming the flag)."""
+    import argparse
+
+    from loom.cli import main
+    from loom.image.metadata import read_settings
+    from loom.image.serve import add_serve_arguments, parse_controlnets
+    from loom.image.tiny import save_tiny_model
+
+    model = save_tiny_model(str(tmp_path / "model"), seed=0)  # the weights of tiny_pipeline(seed=0), as `controlled`
+    square().save(tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    assert main(["imagine", "a house", "--model", model, "--task", "controlnet", "--controlnet",
+                 f"canny={folders['canny']}", "--image", str(tmp_path / "in.png"), "--control-weight", "0.7",
+                 "--control-stop-at", "0.4", "--seed", "3", "--steps", "3", "--width", "64", "--height", "64",
+                 "--upscaler", "none", "--out", str(out)]) == 0
+    settings = read_settings(out)
+    assert (settings["task"], settings["control_weight"], settings["control_stop_at"]) == ("controlnet", 0.7, 0.4)
+    expected = controlled.generate(job(control_weight=0.7, control_stop_at=0.4)).images[0]
+    assert images_equal(Image.open(out).convert("RGB"), expected, tolerance=1)
+    assert main(["imagine", "x", "--model", model, "--controlnet", "edges=/x", "--out", str(out)]) == 2
+    assert "--controlnet 'edges=/x': give TYPE=DIR" in capsys.readouterr().err
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--image-controlnet", "canny=/m/c", "--image-controlnet", "depth=/m/d",
+                              "--image-depth-estimator", "/m/dpt"])
+    assert parse_controlnets(args.image_controlnet, "--image-controlnet") == {"canny": "/m/c", "depth": "/m/d"}
+    assert args.image_depth_estimator == "/m/dpt"
+    with pytest.raises(ValueError, match="--image-controlnet 'canny': give TYPE=DIR"):
+        parse_controlnets(["canny"], "--image-controlnet")
