@@ -200,7 +200,15 @@ class DetailError(BaseModel):
     detail: str
 
 
+class ValidationErrors(BaseModel):
+    """FastAPI's own 422 for a malformed body: ``{"detail": [{"loc", "msg", "type", ...}]}``."""
+
+    detail: list[dict]
+
+
 IMAGE_RESPONSES: dict[int | str, dict] = {
+    422: {"model": ValidationErrors | DetailError,
+          "description": "a malformed body (FastAPI's list of errors), or an unknown LoRA (a message)"},
     413: {"model": ErrorResponse | DetailError,
           "description": "body over --max-body-mb (the guard's error), or an image or result over the pixel limit"},
 }
