@@ -1,7 +1,9 @@
-"""GGUF kernels on decode-shaped projections: one GGUFLinear call (Q4_1, Q4_K, Q6_K; the AVX-512 path and the
-portable C++ loops) against float32 ``F.linear`` on the same shape, SmolLM2-135M's MLP shapes by default.
+"""GGUF kernels on decode-shaped projections: one GGUFLinear call (Q4_1, Q8_0, Q4_K, Q6_K; float32 activations
+on the AVX-512 path and the portable C++ loops, and int8 dot products on activations quantized per 32, VNNI and
+AVX2 and portable) against float32 ``F.linear`` on the same shape, SmolLM2-135M's MLP shapes by default.
 
     python benchmarks/gguf_kernels.py --repeats 7
+    python benchmarks/gguf_kernels.py --rows 1,16,128 --paths int8 --formats Q4_1   # one path, more rows
 
 For each shape (K inputs -> N outputs) and M rows of x: median over ``--repeats`` timings of ``--calls`` calls, in
 microseconds a call, and the bytes of weight it reads. The weights are random (Q4_1 from gguf's quantizer; K-quant
@@ -55,20 +57,29 @@ def median_us(fn, calls: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_shape(k: int, n: int, m: int, calls: int, repeats: int, rng: np.random.Generator) -> dict:
+PATHS = ("float", "float_portable", "int8", "int8_avx2", "int8_portable")
+
+
+def measure_shape(k: int, n: int, m: int, calls: int, repeats: int, rng: np.random.Generator,
+                  formats: list[GGMLType], paths: list[str]) -> dict:
     ext = gguf_extension()
     x = torch.randn(m, k)
     weight = torch.randn(n, k)
     result = {"float32": {"us": median_us(partial(torch.nn.functional.linear, x, weight), calls, repeats),
                           "weight_bytes": weight.numel() * 4}}
-    for qtype in (GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q6_K):
+    for qtype in formats:
         if k % BLOCK_WEIGHTS[qtype]:
             continue
         q = quantized_weight(qtype, n, k, rng)
-        for path, portable in (("", False), ("_portable", True)):
-            result[qtype.name + path] = {
-                "us": median_us(partial(ext.gguf_linear, x, q, int(qtype), None, portable=portable), calls, repeats),
-                "weight_bytes": q.numel()}
+        packed = ext.gguf_int8_pack(q, int(qtype), k)
+        calls_of = {"float": partial(ext.gguf_linear, x, q, int(qtype), None),
+                    "int8": partial(ext.gguf_int8_linear, x, *packed, int(qtype), n, None)}
+        for path in paths:
+            kernel, _, variant = path.partition("_")
+            option = {"portable": variant == "portable"} if kernel == "float" else {"path": variant or "auto"}
+            result[f"{qtype.name}_{path}"] = {
+                "us": median_us(partial(calls_of[kernel], **option), calls, repeats),
+                "weight_bytes": q.numel() if kernel == "float" else sum(t.numel() * t.element_size() for t in packed)}
     return result
 
 
@@ -78,16 +89,23 @@ def main() -> int:
     ap.add_argument("--rows", default="1,16", help="comma-separated M (rows of x)")
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--formats", default="Q4_1,Q8_0,Q4_K,Q6_K", help="comma-separated GGML types")
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated kernels among {', '.join(PATHS)}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/gguf_kernels.json")
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
+    formats = [GGMLType[name] for name in args.formats.split(",")]
+    paths = args.paths.split(",")
+    if unknown := set(paths) - set(PATHS):
+        ap.error(f"unknown --paths {sorted(unknown)}; choose among {', '.join(PATHS)}")
     results = {}
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
         for m in (int(v) for v in args.rows.split(",")):
-            results[f"{k}x{n}_m{m}"] = measure_shape(k, n, m, args.calls, args.repeats, rng)
-    write_json(args.out, {"results": results, "threads": torch.get_num_threads(), "machine": machine()})
+            results[f"{k}x{n}_m{m}"] = measure_shape(k, n, m, args.calls, args.repeats, rng, formats, paths)
+    write_json(args.out, {"results": results, "threads": torch.get_num_threads(), "machine": machine(),
+                          "vnni": gguf_extension().has_vnni(), "command": sys.argv})
     for case, row in results.items():
         print(f"gguf kernels {case} (us/call): " + ", ".join(f"{name} {r['us']:.1f}" for name, r in row.items()))
     return 0

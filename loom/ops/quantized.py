@@ -5,15 +5,23 @@ keeps them.
     y = layer(x)                                                        # x [M, 576] float32 -> [M, out]
 
 A decode step reads each weight once; 4-bit blocks are 5 bits a weight (Q4_1: 32 nibbles + two fp16 per block)
-instead of float32's 32, so a memory-bound decode reads ~6x fewer bytes (Q4_K 4.5 bits, Q6_K 6.56). The C++ kernel
-(``csrc/gguf_ops.cpp``) dequantizes each 32-weight (sub-)block into registers and applies it to a tile of up to 16
-rows of x; K-quant super-blocks of 256 weights are read as 8 such sub-blocks. From ``DEQUANTIZE_ROWS`` rows
-up (prefill) the weight is expanded once for the call and a float32 GEMM takes over, where arithmetic, not bytes,
-decides. Rows are independent, so fused projections (q/k/v, gate/up) are the quantized rows stacked.
+instead of float32's 32, so a memory-bound decode reads ~6x fewer bytes (Q4_K 4.5 bits, Q6_K 6.56). Rows are
+independent, so fused projections (q/k/v, gate/up) are the quantized rows stacked.
+
+Two ways to multiply (``csrc/gguf_ops.cpp``), chosen by ``activations``:
+- ``"int8"`` (the default, llama.cpp's arithmetic): x is quantized per 32 inputs to int8 (scale amax / 127) and each
+  group of weights meets it in integer dot products, 64 multiply-adds an instruction with AVX-512 VNNI (AVX2:
+  ``vpmaddubsw``); the blocks are repacked at load into tiles of 16 output features for that instruction
+  (``gguf_int8_pack``: the same quants and scales, laid out differently; Q4_K's scales become float32 products, so
+  it takes 6 bits a weight instead of 4.5). One kernel serves every row count, decode and prefill.
+- ``"float32"``: each 32-weight (sub-)block is dequantized in registers and applied to float32 rows of x (a tile of
+  up to 16); from ``DEQUANTIZE_ROWS`` rows up the weight is expanded for a float32 GEMM. Exact to float rounding
+  against dequantize-then-matmul; ``LOOM_GGUF_ACTIVATIONS=float32`` selects it for a whole model.
 """
 
 from __future__ import annotations
 
+import os
 from enum import IntEnum
 
 import numpy as np
@@ -51,12 +59,28 @@ def dequantize_reference(qweight: torch.Tensor, qtype: int, in_features: int) ->
         qweight.shape[0], in_features)
 
 
+ACTIVATIONS = ("int8", "float32")
+
+
+def default_activations() -> str:
+    """``LOOM_GGUF_ACTIVATIONS`` (int8 or float32), int8 when unset."""
+    value = os.environ.get("LOOM_GGUF_ACTIVATIONS", "int8")
+    if value not in ACTIVATIONS:
+        raise ValueError(f"LOOM_GGUF_ACTIVATIONS must be one of {', '.join(ACTIVATIONS)}, got {value!r}")
+    return value
+
+
 class GGUFLinear(nn.Module):
     """y = x W^T (+ b) with W as GGUF blocks: ``qweight`` [out_features, in_features / block weights * block bytes]
-    uint8."""
+    uint8. ``activations="int8"`` keeps the blocks repacked for int8 dot products (``qweight`` is then dropped),
+    ``"float32"`` keeps them as stored; ``None``: ``default_activations()``."""
 
-    def __init__(self, qweight: torch.Tensor, qtype: int, in_features: int, bias: torch.Tensor | None = None):
+    def __init__(self, qweight: torch.Tensor, qtype: int, in_features: int, bias: torch.Tensor | None = None,
+                 activations: str | None = None):
         super().__init__()
+        activations = activations or default_activations()
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
         qtype = GGMLType(int(qtype))
         weights = BLOCK_WEIGHTS[qtype]
         if in_features % weights:
@@ -65,35 +89,58 @@ class GGUFLinear(nn.Module):
         if qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] != expected:
             raise ValueError(f"{qtype.name} weight for {in_features} inputs must be [out, {expected}] uint8, got "
                              f"{list(qweight.shape)} {qweight.dtype}")
-        self.register_buffer("qweight", qweight.contiguous(), persistent=False)
-        self.register_buffer("bias", bias, persistent=False)
+        from loom.ops.cpp_extension import gguf_extension
+
         self.qtype = qtype
         self.in_features = in_features
         self.out_features = qweight.shape[0]
+        self.activations = activations
+        self._ext = gguf_extension()  # looked up once: a decode step makes ~120 calls
+        if activations == "int8":
+            qs, d, m = self._ext.gguf_int8_pack(qweight, int(qtype), in_features)
+            self.register_buffer("qweight", None, persistent=False)
+            self.register_buffer("qs", qs, persistent=False)
+            self.register_buffer("scales", d, persistent=False)
+            self.register_buffer("mins", m, persistent=False)
+        else:
+            self.register_buffer("qweight", qweight.contiguous(), persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from loom.ops.cpp_extension import gguf_extension
-
-        ext = gguf_extension()
+        if self.activations == "int8" and x.dim() == 2 and x.dtype == torch.float32:  # the engine's flat batches
+            return self._ext.gguf_int8_linear(x, self.qs, self.scales, self.mins, self.qtype.value, self.out_features,
+                                              self.bias)
         shape = x.shape
         x = x.reshape(-1, self.in_features).float()
-        if x.shape[0] >= DEQUANTIZE_ROWS:
+        if self.activations == "int8":
+            y = self._ext.gguf_int8_linear(x, self.qs, self.scales, self.mins, self.qtype.value, self.out_features,
+                                           self.bias)
+        elif x.shape[0] >= DEQUANTIZE_ROWS:
             y = torch.nn.functional.linear(x, self.dequantize(), self.bias)
         else:
-            y = ext.gguf_linear(x, self.qweight, int(self.qtype), self.bias)
+            y = self._ext.gguf_linear(x, self.qweight, self.qtype.value, self.bias)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def dequantize(self) -> torch.Tensor:
-        from loom.ops.cpp_extension import gguf_extension
+    def linear(self, x: torch.Tensor, path: str) -> torch.Tensor:
+        """The int8 product on a named kernel path: "auto" (the forward's), "avx2" or "portable" (for tests)."""
+        return self._ext.gguf_int8_linear(x, self.qs, self.scales, self.mins, int(self.qtype),
+                                                 self.out_features, self.bias, path=path)
 
-        return gguf_extension().gguf_dequantize(self.qweight, int(self.qtype), self.in_features)
+    def dequantize(self) -> torch.Tensor:
+        """W as float32 [out_features, in_features], exactly the gguf package's dequantization."""
+        if self.activations == "int8":
+            return self._ext.gguf_int8_unpack(self.qs, self.scales, self.mins, self.qtype.value, self.out_features)
+        return self._ext.gguf_dequantize(self.qweight, self.qtype.value, self.in_features)
 
     @property
     def nbytes(self) -> int:
+        if self.activations == "int8":
+            return sum(t.numel() * t.element_size() for t in (self.qs, self.scales, self.mins))
         return self.qweight.numel()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}, "
+                f"activations={self.activations}")
 
 
 class StackedGGUFLinear(nn.Module):

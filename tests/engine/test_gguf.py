@@ -1,6 +1,7 @@
-"""GGUF files served quantized: the 32-weight block kernels (AVX-512 and portable paths) against the gguf package's
-dequantizer then a float32 matmul, and the packaged SmolLM2 Q4_1 file against the same weights dequantized to float32
-(the folder `loom models pull` makes). The K-quants: test_gguf_kquants.py."""
+"""GGUF files served quantized: the 32-weight block kernels on float32 activations (AVX-512 and portable paths)
+against the gguf package's dequantizer then a float32 matmul, and the packaged SmolLM2 Q4_1 file (run as it is served:
+int8 dot products) against the same weights dequantized to float32 (the folder `loom models pull` makes). The
+K-quants: test_gguf_kquants.py; the int8 kernels: test_gguf_int8.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from loom import LLM, SamplingParams
 from loom.ops.cpp_extension import gguf_extension
 from loom.ops.quantized import BLOCK_WEIGHTS, DEQUANTIZE_ROWS, GGMLType, GGUFLinear, dequantize_reference
-from tests.engine.test_parity import varied_prompts
+from tests.engine.test_parity import teacher_forced_agreement, varied_prompts
 
 
 def _quantized(qtype: GGMLType, out: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -30,7 +31,7 @@ def _quantized(qtype: GGMLType, out: int, k: int, seed: int = 0) -> torch.Tensor
 @pytest.mark.parametrize("rows", [1, 5, 8, 9, 17, DEQUANTIZE_ROWS + 3])  # tails of the 8/16-row tiles; GEMM path
 def test_block_kernel_equals_dequantize_then_matmul(qtype, rows, portable):
     qweight = _quantized(qtype, out=72, k=96)
-    layer = GGUFLinear(qweight, qtype, 96, bias=torch.randn(72))
+    layer = GGUFLinear(qweight, qtype, 96, bias=torch.randn(72), activations="float32")
     reference = dequantize_reference(qweight, qtype, 96)
     ext = gguf_extension()
     assert torch.equal(ext.gguf_dequantize(qweight, int(qtype), 96, portable=portable), reference)
@@ -53,11 +54,13 @@ def packaged_gguf() -> str:
 
 
 @pytest.mark.slow
-def test_packaged_q4_1_file_runs_quantized_and_agrees_with_its_float32_expansion(packaged_gguf, smollm2_path):
+def test_packaged_q4_1_file_runs_quantized_and_agrees_with_its_float32_expansion(packaged_gguf, smollm2_path,
+                                                                                 monkeypatch):
     quantized = LLM(packaged_gguf, num_kv_blocks=512, tokenizer=str(smollm2_path))  # --tokenizer: skips the ~6 s
     model = quantized.engine.model                                                   # tokenizer build from metadata
     layer = model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj, GGUFLinear) and layer.self_attn.qkv_proj.qtype == GGMLType.Q4_1
+    assert layer.self_attn.qkv_proj.activations == "int8"  # served as llama.cpp runs it
     assert isinstance(layer.mlp.gate_up_proj, GGUFLinear) and model.logits_proj.qtype == GGMLType.Q8_0
     # q/k rows un-permuted from llama.cpp's layout: the dequantized fused qkv equals the float32 folder's q, k, v
     from safetensors import safe_open
@@ -68,11 +71,19 @@ def test_packaged_q4_1_file_runs_quantized_and_agrees_with_its_float32_expansion
 
     prompts = varied_prompts(24, seed=12, low=4, high=40)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    ours = quantized.generate([{"prompt_token_ids": p} for p in prompts], params)
     full = LLM("smollm2", num_kv_blocks=512).generate([{"prompt_token_ids": p} for p in prompts], params)
-    pairs = [(a, b) for x, y in zip(ours, full) for a, b in zip(x.outputs[0].token_ids, y.outputs[0].token_ids)]
+    reference = [o.outputs[0].token_ids for o in full]
+    # int8 activations (llama.cpp's arithmetic): the next token given the same context agrees on >= 90% of positions.
+    # Free-running, one near-tie flip changes every later token: 300 / 384 positions agreed when this was written.
+    assert teacher_forced_agreement(quantized, prompts, reference) >= 0.9
+    # float32 activations: the blocks' own rounding only; free-running greedy outputs agree on >= 90% of positions
+    monkeypatch.setenv("LOOM_GGUF_ACTIVATIONS", "float32")
+    exact = LLM(packaged_gguf, num_kv_blocks=512, tokenizer=str(smollm2_path))
+    ours = exact.generate([{"prompt_token_ids": p} for p in prompts], params)
+    pairs = [(a, b) for x, ref in zip(ours, reference) for a, b in zip(x.outputs[0].token_ids, ref)]
     assert len(pairs) == 24 * 16 and sum(a == b for a, b in pairs) >= 0.9 * len(pairs)
     assert quantized.engine.tokenizer.name_or_path == str(smollm2_path)
+    monkeypatch.setenv("LOOM_GGUF_ACTIVATIONS", "int8")
     answer = LLM(packaged_gguf, num_kv_blocks=64).chat(  # the tokenizer and chat template from the file itself
         [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0, max_tokens=16))
     assert "Paris" in answer[0].outputs[0].text

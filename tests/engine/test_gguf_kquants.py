@@ -1,6 +1,8 @@
-"""GGUF K-quants (Q4_K, Q6_K) executed quantized: the kernels on random super-blocks against the gguf package's
-dequantizer (then a float32 matmul), on the AVX-512 path and the portable one; and a tiny random llama GGUF file of
-Q4_K / Q6_K projections against transformers' own GGUF loader, which expands the same file to float32."""
+"""GGUF K-quants (Q4_K, Q6_K) executed quantized: the float32-activation kernels on random super-blocks against the
+gguf package's dequantizer (then a float32 matmul), on the AVX-512 path and the portable one; and a tiny random llama
+GGUF file of Q4_K / Q6_K projections against transformers' own GGUF loader, which expands the same file to float32:
+with float32 activations equal to float rounding, with int8 ones (the default) the same greedy tokens on most
+positions. The int8 kernels themselves: test_gguf_int8.py."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from loom.ops.quantized import (
     StackedGGUFLinear,
     dequantize_reference,
 )
-from tests.engine.test_parity import assert_parity, loom_greedy
+from tests.engine.test_parity import assert_parity, loom_greedy, teacher_forced_agreement
 
 K_QUANTS = [GGMLType.Q4_K, GGMLType.Q6_K]
 
@@ -61,7 +63,7 @@ def test_kquant_dequantize_equals_the_gguf_reference(qtype, portable):
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, DEQUANTIZE_ROWS + 3])  # tile tails; the last: the dequantize + GEMM
 def test_kquant_kernel_equals_the_reference_matmul(qtype, path, rows):
     qweight = random_blocks(qtype, rows=37, k=768, seed=rows)
-    layer = GGUFLinear(qweight, qtype, 768, bias=torch.randn(37))
+    layer = GGUFLinear(qweight, qtype, 768, bias=torch.randn(37), activations="float32")
     reference = dequantize_reference(qweight, qtype, 768)
     x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(rows))
     expected = x @ reference.T + layer.bias
@@ -136,9 +138,11 @@ def hf_greedy(model, prompts: list[list[int]], max_new: int) -> list[tuple[list[
     return results
 
 
-def test_a_kquant_gguf_file_runs_quantized_and_agrees_with_transformers_float32_expansion(tmp_path, smollm2_path):
+def test_a_kquant_gguf_file_runs_quantized_and_agrees_with_transformers_float32_expansion(tmp_path, smollm2_path,
+                                                                                         monkeypatch):
     path = tmp_path / "tiny-q4_k_m.gguf"
     write_tiny_kquant_gguf(path)
+    monkeypatch.setenv("LOOM_GGUF_ACTIVATIONS", "float32")  # exact to float rounding; int8 below
     llm = LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=256)
     model = llm.engine.model
     first, second = model.layers
@@ -161,3 +165,10 @@ def test_a_kquant_gguf_file_runs_quantized_and_agrees_with_transformers_float32_
     reference = hf_greedy(hf, prompts, max_new=8)
     assert len({ids[0] for ids, _ in reference}) > 1  # the random model does not answer every prompt alike
     assert_parity(loom_greedy(llm, prompts, 8), reference)
+
+    monkeypatch.setenv("LOOM_GGUF_ACTIVATIONS", "int8")  # activations quantized per 32: llama.cpp's arithmetic
+    int8 = LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=256)
+    assert int8.engine.model.layers[0].mlp.gate_up_proj.activations == "int8"
+    assert teacher_forced_agreement(int8, prompts, [ids for ids, _ in reference]) >= 0.9
+    for (_, ours_lp), (_, ref_lp) in zip(loom_greedy(int8, prompts, 8), reference):  # the first token's logprob
+        assert abs(ours_lp[0] - ref_lp[0]) < 0.05

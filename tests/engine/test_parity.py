@@ -48,6 +48,16 @@ def loom_greedy(llm: LLM, prompts: list[list[int]], max_new: int):
     ]
 
 
+def teacher_forced_agreement(llm: LLM, prompts: list[list[int]], reference: list[list[int]]) -> float:
+    """Share of positions where ``llm``'s greedy next token, given the prompt and the reference's tokens before that
+    position, is the reference's token. Unlike comparing two free-running greedy outputs, one near-tie flip does not
+    make every later position count as a disagreement."""
+    forced = [p + list(ref[:i]) for p, ref in zip(prompts, reference) for i in range(len(ref))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in forced], SamplingParams(temperature=0, max_tokens=1))
+    expected = [t for ref in reference for t in ref]
+    return sum(o.outputs[0].token_ids[0] == t for o, t in zip(outs, expected, strict=True)) / len(expected)
+
+
 def assert_parity(ours, reference, atol=LOGPROB_ATOL_FP32):
     for i, ((ids, lps), (ref_ids, ref_lps)) in enumerate(zip(ours, reference, strict=True)):
         assert ids == ref_ids, f"prompt {i}: token ids differ"
