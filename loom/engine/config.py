@@ -98,6 +98,9 @@ class EngineConfig:
     """cpp: the fused CPU kernels (compiled on first use); triton: Triton's paged decode attention (CUDA); torch: the
     plain-PyTorch reference; auto: cpp on a CPU where the kernels build, triton on CUDA where triton is installed,
     torch otherwise."""
+    quantization: Literal["int8"] | None = None
+    """Weights of an HF folder quantized at load: int8 (one float32 scale per output feature; activations quantized
+    per 32 at run time, integer dot products). CPU, float32 dtype. A GGUF file runs its own quantized blocks."""
     seed: int = 0
     """Seeds the generator of requests that bring no seed of their own."""
     enforce_eager: bool = False
@@ -139,6 +142,14 @@ class EngineConfig:
         if self.tensor_parallel_size > 1 and self.enable_lora:
             raise ValueError("LoRA adapters are not served with tensor parallelism yet; drop --enable-lora or use "
                              "--tensor-parallel-size 1")
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization must be int8 (or unset), got {self.quantization!r}")
+        if self.quantization and self.tensor_parallel_size > 1:
+            raise ValueError("int8 weights are not split by tensor parallelism yet; drop --quantization or use "
+                             "--tensor-parallel-size 1")
+        if self.quantization and self.enable_lora:
+            raise ValueError("LoRA adapters are not served over int8 weights yet; drop --quantization or "
+                             "--enable-lora")
         if isinstance(self.speculative_config, dict):
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
 

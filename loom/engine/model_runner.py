@@ -16,16 +16,27 @@ from loom.engine.block_manager import BlockManager
 from loom.engine.config import EngineConfig
 from loom.engine.lora import LoRAManager
 from loom.engine.scheduler import ScheduledChunk, SchedulerOutput
+from loom.models.gguf import is_gguf
 from loom.models.llama import LlamaForCausalLM
 from loom.models.loader import load_model
 from loom.ops.attention import AttentionMetadata, PrefillChunk
 from loom.ops.layers import TorchOps
+from loom.ops.quantized import quantize_int8
 
 
 def build_model(path, config: EngineConfig, device: torch.device, max_model_len: int,
                 tp: TensorParallel | None = None) -> LlamaForCausalLM:
-    """Load the model (``tp``: this rank's shard) and point it at the ops of ``config.attention_backend``."""
+    """Load the model (``tp``: this rank's shard), quantize it if ``config.quantization`` asks, and point it at the
+    ops of ``config.attention_backend``."""
+    if config.quantization:
+        if is_gguf(path):
+            raise ValueError(f"{path} is a GGUF file, already quantized: drop --quantization {config.quantization}")
+        if device.type != "cpu" or config.torch_dtype() != torch.float32:
+            raise ValueError(f"--quantization {config.quantization} runs on CPU in float32 (got {device.type}, "
+                             f"{config.torch_dtype()}); on CUDA serve the float weights")
     model = load_model(path, config.torch_dtype(), device, max_model_len, tp)
+    if config.quantization == "int8":
+        quantize_int8(model)
     model.ops = choose_ops(config.attention_backend, device)
     model.ops.prepare(model)
     return model

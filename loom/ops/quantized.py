@@ -160,3 +160,79 @@ class StackedGGUFLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         return torch.cat([part.dequantize() for part in self.parts])
+
+
+INT8_ROWS = 1000
+"""The int8 kernels' id for weight-only int8 (not a GGUF type; ``csrc/gguf_ops.cpp`` I8_ROWS)."""
+
+QUANTIZED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+"""The linears ``quantize_int8`` replaces (the MoE router stays float32: its top-k decides which experts run)."""
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 (``--quantization int8``): y = x W^T (+ b) with W = scale[n] q[n, k], q int8 in [-127, 127] and
+    one float32 scale per output feature (amax / 127) computed here from float32 weights; executed by the GGUF int8
+    kernels (activations quantized per 32, integer dot products), the quants stored offset by 128 in their tiles."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        from loom.ops.cpp_extension import gguf_extension
+
+        out_features, in_features = weight.shape
+        if in_features % 32:
+            raise ValueError(f"int8 weights need in_features a multiple of 32, got {in_features}")
+        weight = weight.detach().float()
+        scale = weight.abs().amax(1) / 127
+        inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+        q = torch.round(weight * inverse[:, None]).clamp(-127, 127).to(torch.int16) + 128
+        tiles, groups = -(-out_features // 16), in_features // 32
+        padded = torch.full((tiles * 16, in_features), 128, dtype=torch.int16)
+        padded[:out_features] = q
+        scales = torch.zeros(tiles * 16)
+        scales[:out_features] = scale
+        # byte 64 j + 4 n + l of a group's line: feature n's quant for input 32 g + 4 j + l
+        qs = padded.to(torch.uint8).reshape(tiles, 16, groups, 8, 4).permute(0, 2, 3, 1, 4).reshape(tiles, groups, 512)
+        self.register_buffer("qs", qs.contiguous(), persistent=False)
+        self.register_buffer("scales", scales.reshape(tiles, 1, 16).expand(tiles, groups, 16).contiguous(),
+                             persistent=False)
+        self.register_buffer("mins", torch.empty(0), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
+        self.in_features, self.out_features = in_features, out_features
+        self._ext = gguf_extension()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.linear(x.reshape(-1, self.in_features).float(), "auto")
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def linear(self, x: torch.Tensor, path: str) -> torch.Tensor:
+        """The product on a named kernel path: "auto" (the forward's), "avx2" or "portable" (for tests)."""
+        return self._ext.gguf_int8_linear(x, self.qs, self.scales, self.mins, INT8_ROWS, self.out_features,
+                                          self.bias, path=path)
+
+    def dequantize(self) -> torch.Tensor:
+        """W as float32 [out_features, in_features]: scale[n] q[n, k]."""
+        return self._ext.gguf_int8_unpack(self.qs, self.scales, self.mins, INT8_ROWS, self.out_features)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.scales))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per output feature"
+
+
+def quantize_int8(model: nn.Module) -> int:
+    """Replace the projections (``QUANTIZED_PROJECTIONS``) of a float32 CPU model's layers and its LM head by
+    ``Int8Linear``; returns how many. The embedding table stays float32 for lookups (a tied head gets an int8 copy)."""
+    count = 0
+    for module in model.layers.modules():
+        for name in QUANTIZED_PROJECTIONS:
+            child = getattr(module, name, None)
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear(child.weight, child.bias))
+                count += 1
+    head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+    model.logits_proj = Int8Linear(head)
+    model.lm_head = None
+    return count + 1

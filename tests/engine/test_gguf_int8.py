@@ -1,5 +1,6 @@
-"""GGUF weights multiplied by int8 dot products (llama.cpp's arithmetic): activations quantized per 32 inputs to int8,
-the blocks repacked into 16-feature tiles for vpdpbusd (AVX-512 VNNI), vpmaddubsw (AVX2) or plain loops.
+"""GGUF weights multiplied by int8 dot products (llama.cpp's arithmetic), and weight-only int8 for HF folders
+(``--quantization int8``) on the same kernels: activations quantized per 32 inputs to int8, the weights in 16-feature
+tiles for vpdpbusd (AVX-512 VNNI), vpmaddubsw (AVX2) or plain loops.
 
 Each path is held to the same reference, computed here in float64 from the gguf package's dequantizer and this
 file's own per-32 activation quantization: repacking loses nothing (its unpacking equals gguf's dequantization
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from loom.ops.cpp_extension import gguf_extension
-from loom.ops.quantized import BLOCK_BYTES, BLOCK_WEIGHTS, GGMLType, GGUFLinear, dequantize_reference
+from loom.ops.quantized import BLOCK_BYTES, BLOCK_WEIGHTS, GGMLType, GGUFLinear, Int8Linear, dequantize_reference
 from tests.engine.test_gguf_kquants import random_blocks
 
 PATHS = ["auto", "avx2", "portable"]  # auto: VNNI where compiled in; avx2 / portable: forced (portable where no AVX2)
@@ -121,3 +122,59 @@ def test_a_packed_weight_that_does_not_fit_is_refused():
         gguf_extension().gguf_int8_linear(torch.randn(2, 96), layer.qs, layer.scales, layer.mins, int(layer.qtype), 16)
     with pytest.raises(RuntimeError, match="path: auto, avx2 or portable"):
         layer.linear(torch.randn(2, 64), "neon")
+
+
+# Weight-only int8 for HF folders (--quantization int8): one float32 scale per output feature, the same kernels.
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("rows", [1, 9, 70])
+def test_int8_rows_layer_equals_the_reference(path, rows):
+    weight = torch.randn(45, 256, generator=torch.Generator().manual_seed(rows)) * torch.linspace(0.1, 3, 45)[:, None]
+    bias = torch.randn(45)
+    layer = Int8Linear(weight, bias)
+    scale = weight.abs().amax(1, keepdim=True) / 127
+    q = torch.round(weight / scale)
+    assert q.abs().max() == 127
+    dequantized = layer.dequantize()
+    torch.testing.assert_close(dequantized, q * scale, rtol=1e-6, atol=0)  # scale[n] q[n, k]
+    assert ((dequantized - weight).abs() <= scale / 2 * (1 + 1e-5)).all()  # each weight rounded to its nearest step
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(100 + rows))
+    expected = reference_linear(x, dequantized, bias)
+    torch.testing.assert_close(layer.linear(x, path), expected, atol=2e-6 * expected.abs().max(), rtol=0)
+
+
+def test_int8_rows_refuse_widths_off_the_32_grid():
+    with pytest.raises(ValueError, match="in_features a multiple of 32, got 40"):
+        Int8Linear(torch.randn(4, 40))
+
+
+@pytest.mark.slow
+def test_an_hf_folder_served_with_int8_weights_agrees_with_float32(smollm2_path):
+    from loom import LLM, SamplingParams
+    from tests.engine.test_parity import teacher_forced_agreement, varied_prompts
+
+    int8 = LLM(str(smollm2_path), quantization="int8", num_kv_blocks=512)
+    model = int8.engine.model
+    assert isinstance(model.layers[3].mlp.down_proj, Int8Linear) and isinstance(model.logits_proj, Int8Linear)
+    assert isinstance(model.layers[3].self_attn.qkv_proj, Int8Linear)
+    prompts = varied_prompts(24, seed=12, low=4, high=40)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    full = LLM(str(smollm2_path), num_kv_blocks=512).generate([{"prompt_token_ids": p} for p in prompts], params)
+    assert teacher_forced_agreement(int8, prompts, [o.outputs[0].token_ids for o in full]) >= 0.9
+
+
+def test_int8_quantization_is_refused_where_it_does_not_run(tmp_path):
+    from loom.engine.config import EngineConfig
+    from loom.engine.model_runner import build_model
+
+    with pytest.raises(ValueError, match="quantization must be int8"):
+        EngineConfig(quantization="int4")
+    with pytest.raises(ValueError, match="not split by tensor parallelism"):
+        EngineConfig(quantization="int8", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="LoRA adapters are not served over int8"):
+        EngineConfig(quantization="int8", enable_lora=True)
+    with pytest.raises(ValueError, match="already quantized"):
+        build_model(tmp_path / "m.gguf", EngineConfig(quantization="int8"), torch.device("cpu"), 64)
+    with pytest.raises(ValueError, match="runs on CPU in float32"):
+        build_model(tmp_path, EngineConfig(quantization="int8", dtype="bfloat16"), torch.device("cpu"), 64)

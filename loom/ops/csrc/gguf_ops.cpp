@@ -32,7 +32,9 @@
 namespace {
 
 constexpr int64_t QK = 32;  // weights per sub-block: what a kernel dequantizes at once
-enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+// I8_ROWS is not a GGUF type: int8 weights with a float32 scale per output feature (--quantization int8 on an HF
+// folder), packed in Python (loom.ops.quantized.Int8Linear) straight into the int8 kernels' tiles.
+enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14, I8_ROWS = 1000 };
 
 inline float half(const uint8_t* p) {
   uint16_t bits;
@@ -327,6 +329,7 @@ Int8Format int8_format(int64_t qtype) {
     case Q8_0: return {8, 32, 128, false, true};
     case Q4_K: return {4, 32, 0, true, false};
     case Q6_K: return {8, 16, 32, false, false};
+    case I8_ROWS: return {8, 32, 128, false, false};
   }
   TORCH_CHECK(false, "unsupported GGUF quantization type ", qtype, " (Loom runs Q8_0, Q4_0, Q4_1, Q4_K and Q6_K)");
 }
@@ -473,6 +476,7 @@ using FQ4_1 = Fmt<4, 32, 0, true, uint16_t>;
 using FQ8_0 = Fmt<8, 32, 128, false, uint16_t>;
 using FQ4_K = Fmt<4, 32, 0, true, float>;
 using FQ6_K = Fmt<8, 16, 32, false, float>;
+using FI8 = Fmt<8, 32, 128, false, float>;
 
 template <class F>
 void with_int8_format(int64_t qtype, F&& f) {
@@ -482,6 +486,7 @@ void with_int8_format(int64_t qtype, F&& f) {
     case Q8_0: return f(FQ8_0{});
     case Q4_K: return f(FQ4_K{});
     case Q6_K: return f(FQ6_K{});
+    case I8_ROWS: return f(FI8{});
   }
   TORCH_CHECK(false, "unsupported GGUF quantization type ", qtype, " (Loom runs Q8_0, Q4_0, Q4_1, Q4_K and Q6_K)");
 }
