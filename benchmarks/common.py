@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -51,6 +52,10 @@ def machine() -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
+    with contextlib.suppress(OSError):
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        info["cpu_flags"] = sorted(set(flags.split(":")[1].split()) & {"avx2", "avx512f", "avx512bw", "avx512_vnni",
+                                                                       "avx_vnni", "amx_int8", "f16c", "fma"})
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

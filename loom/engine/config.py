@@ -67,7 +67,8 @@ class SpeculativeConfig:
 @dataclass(slots=True)
 class EngineConfig:
     model: str = "smollm2"
-    """A catalogue name (``loom models list``) or a local HF folder."""
+    """A catalogue name (``loom models list``; ``smollm2`` runs its 4-bit GGUF on CPU, ``smollm2:f32`` the float32
+    folder), a local HF folder or a .gguf file."""
     tokenizer: str | None = None
     """An HF folder whose tokenizer (and chat template) to use instead of the model's own; None: the model's (a GGUF
     file's from its metadata)."""
@@ -152,6 +153,20 @@ class EngineConfig:
                              "--enable-lora")
         if isinstance(self.speculative_config, dict):
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+
+    def needs_float(self) -> str | None:
+        """Why this engine cannot run a GGUF file (quantized weights run on CPU, unsplit, without adapters), or None."""
+        if self.torch_device().type != "cpu":
+            return "a GPU"
+        if self.tensor_parallel_size > 1:
+            return "tensor parallelism"
+        if self.enable_lora:
+            return "LoRA"
+        if self.quantization:
+            return f"--quantization {self.quantization}"
+        if self.dtype not in ("auto", "float32"):
+            return f"dtype {self.dtype}"
+        return None
 
     def context_length(self, hf_config) -> int:
         """Longest prompt + output: max_model_len, never past the model's own context."""

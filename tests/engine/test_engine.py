@@ -172,7 +172,7 @@ def test_kv_waste_is_reported_below_a_block_per_sequence(llm):
 @pytest.mark.slow
 def test_loom_chat_answers_capital_of_france():
     proc = subprocess.run(
-        [sys.executable, "-m", "loom.cli", "chat", "--model", "smollm2", "--kv-cache-memory-gb", "0.25"],
+        [sys.executable, "-m", "loom.cli", "chat", "--model", "smollm2:f32", "--kv-cache-memory-gb", "0.25"],
         input="What is the capital of France?\n", capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
