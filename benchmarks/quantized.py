@@ -1,5 +1,5 @@
 """GGUF executed quantized vs the same weights expanded to float32: SmolLM2-135M's packaged Q4_1 file against the
-float32 folder `loom models pull smollm2` makes from it, in the same run, alternated round by round.
+float32 folder it expands to (`smollm2:f32`), in the same run, alternated round by round.
 
     python benchmarks/quantized.py --rounds 3
     python benchmarks/quantized.py --configs q4_1,float32      # without the float32-activation kernel
@@ -70,7 +70,7 @@ def main() -> int:
     if set(configs) - set(CONFIGS) or "float32" not in configs:
         ap.error(f"--configs: choose among {', '.join(CONFIGS)}, float32 included (the ratios' base); got "
                  f"{args.configs}")
-    models = {"q4_1": packaged_gguf(), "q4_1_float": packaged_gguf(), "int8": "smollm2", "float32": "smollm2"}
+    models = {"q4_1": packaged_gguf(), "q4_1_float": packaged_gguf(), "int8": "smollm2:f32", "float32": "smollm2:f32"}
     rounds = []
     for i in range(args.rounds):
         order = configs if i % 2 == 0 else configs[::-1]

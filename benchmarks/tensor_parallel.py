@@ -45,7 +45,7 @@ def run(model_path: str, tp: int, w, seed: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--model", default="smollm2:f32", help="float32 weights: TP=1 and TP=2 load the same ones")
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--input-len", type=int, nargs=2, default=(32, 512), metavar=("MIN", "MAX"))

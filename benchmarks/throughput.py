@@ -163,7 +163,8 @@ def model_flops_per_token(model_path: str) -> tuple[float, int]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--model", default="smollm2:f32",
+                    help="the weights every backend loads (default: the packaged model's float32 folder)")
     ap.add_argument("--backend", default="loom", help="comma list of: " + ", ".join(BACKENDS))
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, nargs=2, default=(32, 512), metavar=("MIN", "MAX"))

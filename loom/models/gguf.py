@@ -9,8 +9,9 @@ Q4_K_M files have, a ``StackedGGUFLinear``); other types (Q5_K, Q2_K, ...) are e
 tensors (norms) load as they are.
 The tied embedding is expanded once for lookups while the LM head multiplies its quantized copy. llama.cpp's
 converter stores q and k rows permuted for its rotary layout; rows are independent, so un-permuting the rows of the
-quantized matrix restores the HF order without touching a block. Llama-architecture files only (Llama, SmolLM2,
-Mistral-shaped); others are refused by name.
+quantized matrix restores the HF order without touching a block. Architectures: llama (Llama, SmolLM2, Mistral-shaped
+files), qwen2 (q/k/v biases) and qwen3 (q/k RMSNorm per head, head_dim from ``attention.key_length``), whose
+converter keeps q and k in HF's order; others are refused by name.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import torch
 from loom.models.llama import LlamaConfig, LlamaForCausalLM
 from loom.ops.quantized import GGMLType, GGUFLinear, StackedGGUFLinear
 
-_LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
+_LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+"""GGUF ``general.architecture`` values Loom executes, and the HF architecture each is."""
 _FLOAT_TYPES = {0: torch.float32, 1: torch.float16}
 _NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
@@ -34,11 +37,31 @@ def is_gguf(path: str | Path) -> bool:
     return str(path).endswith(".gguf")
 
 
+def gguf_architecture(path: str | Path) -> str:
+    """The file's ``general.architecture``; ValueError naming the supported ones when Loom does not execute it."""
+    from gguf import GGUFReader
+
+    arch = _field(GGUFReader(str(path)), "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported yet; Loom executes GGUF files of "
+                         f"{', '.join(ARCHITECTURES)}; for others serve the HF folder")
+    return arch
+
+
 def load_gguf_config(path: str | Path):
+    """transformers' reading of the file's metadata as an HF config, its architecture set (transformers leaves it
+    out) and, where the file gives one, the head size."""
+    from gguf import GGUFReader
     from transformers import AutoConfig  # local: transformers takes ~1 s to import
 
+    arch = gguf_architecture(path)
     path = Path(path)
-    return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    hf.architectures = [ARCHITECTURES[arch]]
+    fields = GGUFReader(str(path)).fields
+    if f"{arch}.attention.key_length" in fields:  # Qwen3: head_dim need not be hidden / heads
+        hf.head_dim = int(fields[f"{arch}.attention.key_length"].parts[-1][0])
+    return hf
 
 
 def load_gguf_tokenizer(path: str | Path):
@@ -54,10 +77,7 @@ def load_gguf_model(path: str | Path, device: torch.device, max_positions: int) 
     if device.type != "cpu":
         raise ValueError("GGUF weights run on CPU only for now; serve the float32 folder (loom models pull) on a GPU")
     reader = GGUFReader(str(path))
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported yet; Loom executes 'llama' GGUF files "
-                         "(Llama, SmolLM2, Mistral)")
+    arch = gguf_architecture(path)
     cfg = LlamaConfig.from_hf(load_gguf_config(path))
     tensors = {t.name: t for t in reader.tensors}
     with torch.device("meta"):
@@ -71,14 +91,20 @@ def load_gguf_model(path: str | Path, device: torch.device, max_positions: int) 
         model.logits_proj = _quantized_or_dense([_rows(head)], cfg.hidden_size)
         model.lm_head = None
         model.norm.weight.copy_(_dense(tensors["output_norm.weight"]))
+        permuted = arch == "llama"  # llama.cpp's converter permutes q/k rows for llama files only
         for i, layer in enumerate(model.layers):
-            t = {m.group(2): tensors[name] for name in tensors if (m := _LAYER.match(name)) and int(m.group(1)) == i}
+            t = {m.group(2) + (".bias" if m.group(3) == "bias" else ""): tensors[name] for name in tensors
+                 if (m := _LAYER.match(name)) and int(m.group(1)) == i}
             for gguf_name, norm in _NORMS.items():
                 getattr(layer, norm).weight.copy_(_dense(t[gguf_name]))
             attn, mlp = layer.self_attn, layer.mlp
-            q = _rows(t["attn_q"], cfg.num_attention_heads)
-            k = _rows(t["attn_k"], cfg.num_key_value_heads)
-            attn.qkv_proj = _quantized_or_dense([q, k, _rows(t["attn_v"])], cfg.hidden_size)
+            q = _rows(t["attn_q"], cfg.num_attention_heads if permuted else None)
+            k = _rows(t["attn_k"], cfg.num_key_value_heads if permuted else None)
+            bias = torch.cat([_dense(t[f"attn_{x}.bias"]) for x in "qkv"]) if cfg.qkv_bias else None
+            attn.qkv_proj = _quantized_or_dense([q, k, _rows(t["attn_v"])], cfg.hidden_size, bias)
+            if cfg.qk_norm:
+                attn.q_norm.weight.copy_(_dense(t["attn_q_norm"]))
+                attn.k_norm.weight.copy_(_dense(t["attn_k_norm"]))
             attn.o_proj = _quantized_or_dense([_rows(t["attn_output"])], attn.q_size)
             mlp.gate_up_proj = _quantized_or_dense([_rows(t["ffn_gate"]), _rows(t["ffn_up"])], cfg.hidden_size)
             mlp.down_proj = _quantized_or_dense([_rows(t["ffn_down"])], cfg.intermediate_size)
@@ -99,17 +125,25 @@ def _rows(tensor, num_heads: int | None = None) -> tuple[int, np.ndarray]:
     return int(tensor.tensor_type), data
 
 
-def _quantized_or_dense(parts: list[tuple[int, np.ndarray]], in_features: int) -> torch.nn.Module:
+def _quantized_or_dense(parts: list[tuple[int, np.ndarray]], in_features: int,
+                        bias: torch.Tensor | None = None) -> torch.nn.Module:
     """One layer over the stacked rows of ``parts`` (``_rows`` results): quantized when every part is of an executable
-    block type (one ``GGUFLinear`` per run of parts of one type), else the float32 weights (a dense ``nn.Linear``)."""
+    block type (one ``GGUFLinear`` per run of parts of one type, each with its rows of ``bias``), else the float32
+    weights (a dense ``nn.Linear``)."""
     if all(qtype in {int(t) for t in GGMLType} for qtype, _ in parts):
         runs = [list(run) for _, run in groupby(parts, key=lambda part: part[0])]
-        layers = [GGUFLinear(torch.from_numpy(np.ascontiguousarray(np.concatenate([data for _, data in run]))),
-                             run[0][0], in_features) for run in runs]
+        layers, row = [], 0
+        for run in runs:
+            rows = np.ascontiguousarray(np.concatenate([data for _, data in run]))
+            part_bias = None if bias is None else bias[row:row + rows.shape[0]].contiguous()
+            layers.append(GGUFLinear(torch.from_numpy(rows), run[0][0], in_features, part_bias))
+            row += rows.shape[0]
         return layers[0] if len(layers) == 1 else StackedGGUFLinear(layers)
     weight = torch.cat([_as_float(qtype, data, in_features) for qtype, data in parts])
-    linear = torch.nn.Linear(in_features, weight.shape[0], bias=False)
+    linear = torch.nn.Linear(in_features, weight.shape[0], bias=bias is not None)
     linear.weight.data = weight
+    if bias is not None:
+        linear.bias.data = bias.float()
     return linear
 
 
