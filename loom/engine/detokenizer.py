@@ -2,7 +2,8 @@
 
 Each step decodes only a short window (a few tokens of context before the new ones): decoding from the context
 start gives the right spacing, and a trailing U+FFFD means a multi-byte character is still incomplete, so the
-text is held back until the next token completes it.
+text is held back until the next token completes it; an output that ends inside a character gets the held-back
+text when it finishes (``detokenize_flush``), so the streamed deltas always add up to the final text.
 """
 
 from __future__ import annotations
@@ -39,6 +40,20 @@ def detokenize_next(tokenizer, state: DetokState, token_id: int, skip_special_to
         drop = state.prefix_offset
         state.token_ids = ids[drop:]
         state.prefix_offset, state.read_offset = 0, state.read_offset - drop
+    return delta
+
+
+def detokenize_flush(tokenizer, state: DetokState, skip_special_tokens: bool) -> str:
+    """At the end of an output: the text still held back (tokens that end inside a UTF-8 character decode to U+FFFD,
+    as a full decode gives them), appended to ``state.text`` and returned ("" when nothing is pending)."""
+    ids = state.token_ids
+    if state.read_offset >= len(ids):
+        return ""
+    prefix = tokenizer.decode(ids[state.prefix_offset : state.read_offset], skip_special_tokens=skip_special_tokens)
+    full = tokenizer.decode(ids[state.prefix_offset :], skip_special_tokens=skip_special_tokens)
+    delta = full[len(prefix) :] if full.startswith(prefix) else ""
+    state.text += delta
+    state.prefix_offset, state.read_offset = state.read_offset, len(ids)
     return delta
 
 

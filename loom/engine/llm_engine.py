@@ -13,7 +13,7 @@ from loom.distributed.parallel import TensorParallel, head_shard
 from loom.engine.block_manager import BlockManager
 from loom.engine.config import EngineConfig
 from loom.engine.cuda_graphs import DecodeGraphs
-from loom.engine.detokenizer import DetokState, detokenize_next, find_stop, new_state
+from loom.engine.detokenizer import DetokState, detokenize_flush, detokenize_next, find_stop, new_state
 from loom.engine.lora import LoRAManager, LoRARequest
 from loom.engine.model_runner import ModelRunner, StepInputs, allocate_kv_caches, build_model, kv_bytes_per_block
 from loom.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -447,21 +447,20 @@ class LLMEngine:
         # text would otherwise end in "<|im_end|>", and a tool-call parser would read it as content.
         keep = not (is_eos or is_stop_id) or p.include_stop_str_in_output
         delta = detokenize_next(self.tokenizer, detok, token, p.skip_special_tokens) if keep else ""
-        if is_eos:
-            return self._finish(seq, "stop", None)
-        if is_stop_id:
-            return self._finish(seq, "stop", token)
-        if seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete
-            return self._finish(seq, "stop", None)
-        if can_stop and p.stop and delta:
-            hit = find_stop(detok.text, len(delta), p.stop)
-            if hit is not None:
-                stop, idx = hit
-                detok.text = detok.text[: idx + len(stop)] if p.include_stop_str_in_output else detok.text[:idx]
-                return self._finish(seq, "stop", stop)
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return self._finish(seq, "length", None)
-        return None
+        if is_eos or is_stop_id:
+            reason, stop_reason = "stop", token if is_stop_id else None
+        elif seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete
+            reason, stop_reason = "stop", None
+        elif can_stop and p.stop and delta and (hit := find_stop(detok.text, len(delta), p.stop)) is not None:
+            stop, idx = hit
+            detok.text = detok.text[: idx + len(stop)] if p.include_stop_str_in_output else detok.text[:idx]
+            return self._finish(seq, "stop", stop)
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason, stop_reason = "length", None
+        else:
+            return None
+        detokenize_flush(self.tokenizer, detok, p.skip_special_tokens)  # an output that ends inside a character
+        return self._finish(seq, reason, stop_reason)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
         seq.stop_reason = stop_reason

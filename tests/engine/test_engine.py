@@ -218,3 +218,19 @@ def test_string_prompts_get_the_tokenizers_bos_and_chat_prompts_do_not_get_two(t
     templated = list(templated["input_ids"] if hasattr(templated, "keys") else templated)
     assert chat.prompt_token_ids == templated
     assert chat.prompt_token_ids[:2] != [bos, bos]
+
+
+def test_an_output_ending_inside_a_character_gets_its_held_back_text_at_the_end(smollm2_path):
+    from transformers import AutoTokenizer
+
+    from loom.engine.detokenizer import detokenize_flush, detokenize_next, new_state
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_path))
+    ids = tok.encode("Grüße 🙂🚀", add_special_tokens=False)
+    cut = next(n for n in range(len(ids), 0, -1) if tok.decode(ids[:n]).endswith("\ufffd"))  # ends mid-character
+    state = new_state(tok.encode("Say:", add_special_tokens=False))
+    streamed = "".join(detokenize_next(tok, state, t, skip_special_tokens=True) for t in ids[:cut])
+    assert "\ufffd" not in streamed  # held back while the character may still complete ...
+    rest = detokenize_flush(tok, state, skip_special_tokens=True)
+    assert rest.endswith("\ufffd") and streamed + rest == tok.decode(ids[:cut]) == state.text  # ... given at the end
+    assert detokenize_flush(tok, state, skip_special_tokens=True) == ""
