@@ -52,6 +52,11 @@ class ServingBenchConfig:
     """ignore_eos (Loom, vLLM) | generation_config (transformers serve) | none (stop at EOS)."""
     api_key: str | None = None
     timeout_s: float = 600.0
+    extra_body: dict | None = None
+    """Fields added to every request's body (e.g. ``{"min_tokens": 64}``)."""
+    keepalive: bool = True
+    """Reuse connections between requests; False opens one per request (llama-server's cpp-httplib sometimes drops
+    a kept-alive connection as the next request arrives: "Server disconnected without sending a response")."""
 
     def __post_init__(self) -> None:
         if self.endpoint not in ("chat", "completions"):
@@ -83,6 +88,8 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     output_tokens: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens the server says it served from a cache (usage.prompt_tokens_details.cached_tokens)."""
     error: str = ""
 
 
@@ -116,7 +123,7 @@ def request_body(cfg: ServingBenchConfig, sample: Sample) -> dict:
         body["stream_options"] = {"include_usage": True}
     elif cfg.exact_output == "generation_config":  # a fresh GenerationConfig has no EOS id: it runs to max_new_tokens
         body["generation_config"] = json.dumps({"max_new_tokens": sample.output_len, "do_sample": False})
-    return body
+    return {**body, **(cfg.extra_body or {})}
 
 
 async def send_one(client: httpx.AsyncClient, cfg: ServingBenchConfig, sample: Sample, count_tokens) -> RequestResult:
@@ -148,6 +155,7 @@ async def send_one(client: httpx.AsyncClient, cfg: ServingBenchConfig, sample: S
     result.latency = time.perf_counter() - start
     result.output_tokens = usage["completion_tokens"] if usage else count_tokens("".join(text))
     result.prompt_tokens = usage["prompt_tokens"] if usage else sample.prompt_len
+    result.cached_tokens = int(((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
     result.ok = last is not None
     result.error = "" if result.ok else "no content streamed"
     return result
@@ -168,7 +176,8 @@ async def run_benchmark(cfg: ServingBenchConfig, samples: list[Sample], count_to
     rng = np.random.default_rng(cfg.seed)
     limit = asyncio.Semaphore(cfg.max_concurrency or len(samples))
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    limits = httpx.Limits(max_connections=(cfg.max_concurrency or len(samples)) + 4)
+    limits = httpx.Limits(max_connections=(cfg.max_concurrency or len(samples)) + 4,
+                          max_keepalive_connections=20 if cfg.keepalive else 0)  # 20: httpx's default
     async with httpx.AsyncClient(timeout=cfg.timeout_s, headers=headers, limits=limits) as client:
 
         async def limited(sample: Sample) -> RequestResult:
@@ -209,6 +218,9 @@ def summarize(results: list[RequestResult], duration: float, cfg: ServingBenchCo
         "duration_s": duration,
         "total_input_tokens": in_tokens,
         "total_output_tokens": out_tokens,
+        "cached_prompt_tokens": sum(r.cached_tokens for r in ok),
+        "min_output_tokens": min((r.output_tokens for r in ok), default=0),
+        "min_streamed_chunks": min((len(r.itl) + 1 for r in ok), default=0),
         "request_throughput": len(ok) / duration,
         "output_throughput": out_tokens / duration,
         "total_token_throughput": (in_tokens + out_tokens) / duration,

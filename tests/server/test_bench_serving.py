@@ -16,12 +16,13 @@ def test_summary_statistics_follow_vllm_definitions():
     cfg = ServingBenchConfig(max_concurrency=2)
     results = [
         RequestResult(ok=True, ttft=0.1, latency=1.1, itl=[0.2, 0.3], output_tokens=11, prompt_tokens=5),
-        RequestResult(ok=True, ttft=0.3, latency=2.3, itl=[0.5], output_tokens=5, prompt_tokens=7),
+        RequestResult(ok=True, ttft=0.3, latency=2.3, itl=[0.5], output_tokens=5, prompt_tokens=7, cached_tokens=3),
         RequestResult(ok=False, error="HTTP 503"),
     ]
     s = summarize(results, duration=4.0, cfg=cfg)
     assert (s["completed"], s["failed"], s["errors"]) == (2, 1, ["HTTP 503"])
     assert s["output_throughput"] == pytest.approx(16 / 4.0)
+    assert (s["cached_prompt_tokens"], s["min_output_tokens"]) == (3, 5)
     assert s["request_throughput"] == pytest.approx(0.5)
     assert s["total_token_throughput"] == pytest.approx(28 / 4.0)
     assert s["mean_ttft_ms"] == pytest.approx(200.0)
