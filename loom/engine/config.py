@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -100,8 +101,9 @@ class EngineConfig:
     plain-PyTorch reference; auto: cpp on a CPU where the kernels build, triton on CUDA where triton is installed,
     torch otherwise."""
     quantization: Literal["int8"] | None = None
-    """Weights of an HF folder quantized at load: int8 (one float32 scale per output feature; activations quantized
-    per 32 at run time, integer dot products). CPU, float32 dtype. A GGUF file runs its own quantized blocks."""
+    """Weights of an HF folder quantized at load: int8 (one float32 scale per output feature). On CPU (float32 dtype)
+    activations are quantized per 32 at run time for integer dot products; on CUDA Triton kernels dequantize the
+    weights in registers (weight-only). A GGUF file runs its own quantized blocks."""
     seed: int = 0
     """Seeds the generator of requests that bring no seed of their own."""
     enforce_eager: bool = False
@@ -154,18 +156,30 @@ class EngineConfig:
         if isinstance(self.speculative_config, dict):
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
 
-    def needs_float(self) -> str | None:
-        """Why this engine cannot run a GGUF file (quantized weights run on CPU, unsplit, without adapters), or None."""
-        if self.torch_device().type != "cpu":
-            return "a GPU"
+    def gguf_unsupported(self) -> str | None:
+        """Why this engine cannot run a GGUF file at all (quantized weights run unsplit, without adapters; on CPU in
+        float32 with the C++ kernels, on CUDA with the Triton ones), or None."""
         if self.tensor_parallel_size > 1:
             return "tensor parallelism"
         if self.enable_lora:
             return "LoRA"
         if self.quantization:
             return f"--quantization {self.quantization}"
-        if self.dtype not in ("auto", "float32"):
-            return f"dtype {self.dtype}"
+        device = self.torch_device().type
+        if device == "cpu" and self.dtype not in ("auto", "float32"):
+            return f"dtype {self.dtype} on CPU"
+        if device != "cpu" and importlib.util.find_spec("triton") is None:
+            return "a GPU without triton"
+        return None
+
+    def needs_float(self) -> str | None:
+        """Why a catalogue model without a format tag runs its float32 folder rather than its GGUF file, or None: the
+        reasons of ``gguf_unsupported``, and a GPU (where the bfloat16 folder is the tested, measured default and
+        GGUF runs when asked for by name)."""
+        if reason := self.gguf_unsupported():
+            return reason
+        if self.torch_device().type != "cpu":
+            return "a GPU"
         return None
 
     def context_length(self, hf_config) -> int:

@@ -97,7 +97,8 @@ class LLMEngine:
         self.config = config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
-        self.model_path, self.tokenizer_path = resolve_runtime(config.model, config.tokenizer, config.needs_float())
+        self.model_path, self.tokenizer_path = resolve_runtime(config.model, config.tokenizer, config.needs_float(),
+                                                                   config.gguf_unsupported())
         hf_config = load_hf_config(self.model_path)
         self.max_model_len = config.context_length(hf_config)
         self.tokenizer = load_tokenizer(self.tokenizer_path)

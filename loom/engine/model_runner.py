@@ -27,19 +27,36 @@ from loom.ops.quantized import quantize_int8
 def build_model(path, config: EngineConfig, device: torch.device, max_model_len: int,
                 tp: TensorParallel | None = None) -> LlamaForCausalLM:
     """Load the model (``tp``: this rank's shard), quantize it if ``config.quantization`` asks, and point it at the
-    ops of ``config.attention_backend``."""
+    ops of ``config.attention_backend``. Quantized weights (a GGUF file, ``--quantization int8``) are multiplied by
+    the C++ kernels on CPU and by Triton's on CUDA (or on CPU with the triton backend, under its interpreter)."""
+    kernels = quantized_kernels(config.attention_backend, device)
     if config.quantization:
         if is_gguf(path):
             raise ValueError(f"{path} is a GGUF file, already quantized: drop --quantization {config.quantization}")
-        if device.type != "cpu" or config.torch_dtype() != torch.float32:
-            raise ValueError(f"--quantization {config.quantization} runs on CPU in float32 (got {device.type}, "
-                             f"{config.torch_dtype()}); on CUDA serve the float weights")
-    model = load_model(path, config.torch_dtype(), device, max_model_len, tp)
+        if kernels == "cpu" and config.torch_dtype() != torch.float32:
+            raise ValueError(f"--quantization {config.quantization} runs on CPU in float32 (got "
+                             f"{config.torch_dtype()})")
+    model = load_model(path, config.torch_dtype(), device, max_model_len, tp, kernels)
     if config.quantization == "int8":
-        quantize_int8(model)
+        if kernels == "triton":
+            from loom.ops.triton.quantized import TritonQuantLinear  # local: imports triton
+
+            quantize_int8(model, TritonQuantLinear.from_float)
+        else:
+            quantize_int8(model)
     model.ops = choose_ops(config.attention_backend, device)
     model.ops.prepare(model)
     return model
+
+
+def quantized_kernels(backend: str, device: torch.device) -> str:
+    """"triton" on CUDA or with the triton backend, else "cpu"."""
+    if device.type == "cpu" and backend != "triton":
+        return "cpu"
+    if not _has_triton():
+        raise ValueError("quantized weights on a GPU run with Triton kernels: pip install triton, or serve the float "
+                         "weights")
+    return "triton"
 
 
 def _has_triton() -> bool:

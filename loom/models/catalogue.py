@@ -124,15 +124,17 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve_runtime(model: str, tokenizer: str | None, needs_float: str | None) -> tuple[Path, Path]:
+def resolve_runtime(model: str, tokenizer: str | None, needs_float: str | None,
+                    gguf_unsupported: str | None = None) -> tuple[Path, Path]:
     """(weights, tokenizer) an engine loads for ``model``: a catalogue name without a tag runs its default format
     (the quantized GGUF, with the float32 folder's tokenizer: building one from GGUF metadata takes seconds) unless
-    ``needs_float`` names a reason it cannot (a GPU, tensor parallelism, LoRA, ...), then the float32 folder."""
+    ``needs_float`` names a reason it should not (a GPU, tensor parallelism, LoRA, ...), then the float32 folder; a
+    GGUF asked for by tag is refused only for ``gguf_unsupported``'s reason (what cannot run GGUF at all)."""
     name, tag = split_tag(model)
     if name in CATALOGUE:
         fmt = tag or ("f32" if needs_float else DEFAULT_FORMAT)
-        if fmt == "q4_1" and needs_float:
-            raise ValueError(f"{model} is a GGUF file, which {needs_float} does not run; use {name}:f32")
+        if fmt == "q4_1" and gguf_unsupported:
+            raise ValueError(f"{model} is a GGUF file, which {gguf_unsupported} does not run; use {name}:f32")
         folder = pull(name)
         weights = packaged_file(name) if fmt == "q4_1" else folder
         return weights, resolve_model(tokenizer) if tokenizer else folder

@@ -1,12 +1,14 @@
 """GGUF files served as they are: `--model path/to/model.gguf`, the quantized weights kept quantized.
 
     model = load_gguf_model("SmolLM2-135M-Instruct.Q4_1.gguf", torch.device("cpu"), max_positions=2048)
+    model = load_gguf_model(path, torch.device("cuda"), 2048, dtype=torch.bfloat16, kernels="triton")
 
 transformers reads the file's metadata into an HF config and its tokenizer (with the chat template); the tensors
 are read here with the ``gguf`` package. Q8_0, Q4_0, Q4_1, Q4_K and Q6_K projections become ``GGUFLinear`` layers (the
 blocks as stored, rows of q/k/v and of gate/up stacked into Loom's fused projections; parts of different types, as
 Q4_K_M files have, a ``StackedGGUFLinear``); other types (Q5_K, Q2_K, ...) are expanded to float32 at load, and float
-tensors (norms) load as they are.
+tensors (norms) load as they are. ``kernels="triton"`` (CUDA; on CPU under TRITON_INTERPRET=1 for tests) makes them
+``TritonQuantLinear`` layers instead, the rest of the model in ``dtype``; ``"cpu"`` (the C++ kernels) runs float32.
 The tied embedding is expanded once for lookups while the LM head multiplies its quantized copy. llama.cpp's
 converter stores q and k rows permuted for its rotary layout; rows are independent, so un-permuting the rows of the
 quantized matrix restores the HF order without touching a block. Architectures: llama (Llama, SmolLM2, Mistral-shaped
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from loom.models.llama import LlamaConfig, LlamaForCausalLM
-from loom.ops.quantized import GGMLType, GGUFLinear, StackedGGUFLinear
+from loom.ops.quantized import GGMLType, GGUFLinear, StackedGGUFLinear, block_quants, dequantize_block_quants
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -71,19 +73,28 @@ def load_gguf_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-def load_gguf_model(path: str | Path, device: torch.device, max_positions: int) -> LlamaForCausalLM:
+def load_gguf_model(path: str | Path, device: torch.device, max_positions: int, dtype: torch.dtype = torch.float32,
+                    kernels: str = "cpu") -> LlamaForCausalLM:
     from gguf import GGUFReader
 
-    if device.type != "cpu":
-        raise ValueError("GGUF weights run on CPU only for now; serve the float32 folder (loom models pull) on a GPU")
+    if kernels not in ("cpu", "triton"):
+        raise ValueError(f"kernels must be cpu or triton, got {kernels!r}")
+    if kernels == "cpu" and (device.type != "cpu" or dtype != torch.float32):
+        raise ValueError(f"GGUF weights run with the CPU kernels in float32 (got {device.type}, {dtype}); on CUDA "
+                         "they need triton")
     reader = GGUFReader(str(path))
     arch = gguf_architecture(path)
     cfg = LlamaConfig.from_hf(load_gguf_config(path))
     tensors = {t.name: t for t in reader.tensors}
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions=1, dtype=torch.float32)
+        model = LlamaForCausalLM(cfg, max_positions=1, dtype=dtype)
     model = model.to_empty(device=device)
-    model.rotary = type(model.rotary)(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, torch.float32)
+    model.rotary = type(model.rotary)(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype).to(device)
+
+    def _quantized_or_dense(parts: list[tuple[int, np.ndarray]], in_features: int,
+                            bias: torch.Tensor | None = None) -> torch.nn.Module:
+        return _linear(parts, in_features, bias, kernels, device, dtype)
+
     with torch.no_grad():
         embed = tensors["token_embd.weight"]
         model.embed_tokens.weight.copy_(_dense(embed))
@@ -125,25 +136,31 @@ def _rows(tensor, num_heads: int | None = None) -> tuple[int, np.ndarray]:
     return int(tensor.tensor_type), data
 
 
-def _quantized_or_dense(parts: list[tuple[int, np.ndarray]], in_features: int,
-                        bias: torch.Tensor | None = None) -> torch.nn.Module:
+def _linear(parts: list[tuple[int, np.ndarray]], in_features: int, bias: torch.Tensor | None, kernels: str,
+            device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """One layer over the stacked rows of ``parts`` (``_rows`` results): quantized when every part is of an executable
-    block type (one ``GGUFLinear`` per run of parts of one type, each with its rows of ``bias``), else the float32
-    weights (a dense ``nn.Linear``)."""
+    block type (one quantized linear of ``kernels`` per run of parts of one type, each with its rows of ``bias``),
+    else the float weights (a dense ``nn.Linear`` in ``dtype``)."""
     if all(qtype in {int(t) for t in GGMLType} for qtype, _ in parts):
         runs = [list(run) for _, run in groupby(parts, key=lambda part: part[0])]
         layers, row = [], 0
         for run in runs:
-            rows = np.ascontiguousarray(np.concatenate([data for _, data in run]))
+            rows = torch.from_numpy(np.ascontiguousarray(np.concatenate([data for _, data in run])))
             part_bias = None if bias is None else bias[row:row + rows.shape[0]].contiguous()
-            layers.append(GGUFLinear(torch.from_numpy(rows), run[0][0], in_features, part_bias))
+            if kernels == "triton":
+                from loom.ops.triton.quantized import TritonQuantLinear  # local: imports triton
+
+                layers.append(TritonQuantLinear.from_gguf(rows, run[0][0], in_features, part_bias, device))
+            else:
+                layers.append(GGUFLinear(rows, run[0][0], in_features, part_bias))
             row += rows.shape[0]
         return layers[0] if len(layers) == 1 else StackedGGUFLinear(layers)
     weight = torch.cat([_as_float(qtype, data, in_features) for qtype, data in parts])
-    linear = torch.nn.Linear(in_features, weight.shape[0], bias=bias is not None)
-    linear.weight.data = weight
-    if bias is not None:
-        linear.bias.data = bias.float()
+    linear = torch.nn.Linear(in_features, weight.shape[0], bias=bias is not None, device=device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
     return linear
 
 
@@ -157,7 +174,7 @@ def _as_float(qtype: int, data: np.ndarray, in_features: int) -> torch.Tensor:
     if qtype in _FLOAT_TYPES:
         return torch.from_numpy(np.array(data)).to(torch.float32).reshape(-1, in_features)
     if qtype in {int(t) for t in GGMLType}:
-        return GGUFLinear(torch.from_numpy(np.array(data)), qtype, in_features).dequantize()
+        return dequantize_block_quants(block_quants(torch.from_numpy(np.array(data)), qtype, in_features))
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 

@@ -50,13 +50,14 @@ def load_hf_config(folder: str | Path):
 
 
 def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
-               tp: TensorParallel | None = None) -> LlamaForCausalLM:
+               tp: TensorParallel | None = None, quantized_kernels: str = "cpu") -> LlamaForCausalLM:
     """``tp``: load only this rank's shard of every weight (``loom.distributed.parallel``). A ``.gguf`` file loads
-    with its quantized weights kept (``loom.models.gguf``; float32 activations whatever ``dtype`` says)."""
+    with its quantized weights kept (``loom.models.gguf``), multiplied by ``quantized_kernels``: "cpu" (the C++
+    kernels, float32 activations) or "triton"."""
     if is_gguf(folder):
         if tp is not None:
             raise ValueError("GGUF files are not split by tensor parallelism yet; use tensor_parallel_size 1")
-        return load_gguf_model(folder, device, max_positions)
+        return load_gguf_model(folder, device, max_positions, dtype, quantized_kernels)
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:

@@ -22,6 +22,7 @@ Two ways to multiply (``csrc/gguf_ops.cpp``), chosen by ``activations``:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
@@ -222,17 +223,94 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per output feature"
 
 
-def quantize_int8(model: nn.Module) -> int:
-    """Replace the projections (``QUANTIZED_PROJECTIONS``) of a float32 CPU model's layers and its LM head by
-    ``Int8Linear``; returns how many. The embedding table stays float32 for lookups (a tied head gets an int8 copy)."""
+def quantize_int8(model: nn.Module, make=None) -> int:
+    """Replace the projections (``QUANTIZED_PROJECTIONS``) of a model's layers and its LM head by int8 layers with a
+    scale per output feature, ``make(weight, bias)`` (default ``Int8Linear``, for a float32 CPU model; the GPU path
+    passes ``TritonQuantLinear.from_float``); returns how many. The embedding table stays float for lookups (a tied
+    head gets an int8 copy)."""
+    make = make or Int8Linear
     count = 0
     for module in model.layers.modules():
         for name in QUANTIZED_PROJECTIONS:
             child = getattr(module, name, None)
             if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child.weight, child.bias))
+                setattr(module, name, make(child.weight, child.bias))
                 count += 1
     head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-    model.logits_proj = Int8Linear(head)
+    model.logits_proj = make(head)
     model.lm_head = None
     return count + 1
+
+
+@dataclass
+class BlockQuants:
+    """A block-quantized weight spelled out for kernels that dequantize in registers (the Triton path): weight
+    [n, k] = (q[n, k] - zero) * scale[n, k // group] (+ offset[n, k // group]). Every GGUF format Loom executes is of
+    this shape (Q4_K's 6-bit sub-block scales and mins become float32 products, Q6_K's 16-weight groups float32
+    products d * scale), so one kernel serves all; ``bits`` is how the kernel stores q (4: two a byte)."""
+
+    q: torch.Tensor
+    """[n, k] quants: uint8 (unsigned formats) or int8 (signed: Q8_0, Q6_K with its offset of 32 removed)."""
+    scale: torch.Tensor
+    """[n, k / group] float16 (where the file's scale is a float16) or float32 (products of scales)."""
+    offset: torch.Tensor | None
+    """[n, k / group], added after scaling (Q4_1's m, Q4_K's -dmin * m), or None."""
+    zero: int
+    group: int
+    bits: int
+
+
+def _halves(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The float16 at byte ``start`` of every block, as a [n, blocks] float16 tensor."""
+    return blocks[..., start:start + 2].contiguous().view(torch.float16)[..., 0]
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[..., 16 j] bytes -> [..., 32 j]: each run of 16 bytes gives its low nibbles, then its high ones (ggml's
+    order for 32 weights)."""
+    qs = qs.unflatten(-1, (-1, 16))
+    return torch.stack([qs & 15, qs >> 4], dim=-2).flatten(-3)
+
+
+def block_quants(qweight: torch.Tensor, qtype: int, in_features: int) -> BlockQuants:
+    """Split GGUF blocks ([out, row bytes] uint8, as stored) into ``BlockQuants``: bit for bit the same weights as the
+    gguf package's dequantizer gives (``BlockQuants.dequantize``)."""
+    qtype = GGMLType(int(qtype))
+    n = qweight.shape[0]
+    blocks = qweight.reshape(n, -1, BLOCK_BYTES[qtype])
+    if qtype in (GGMLType.Q4_0, GGMLType.Q4_1):
+        scale = _halves(blocks, 0)
+        qs = _nibbles(blocks[..., 4 if qtype == GGMLType.Q4_1 else 2:]).reshape(n, in_features)
+        if qtype == GGMLType.Q4_0:
+            return BlockQuants(qs, scale, None, zero=8, group=32, bits=4)
+        return BlockQuants(qs, scale, _halves(blocks, 2), zero=0, group=32, bits=4)
+    if qtype == GGMLType.Q8_0:
+        qs = blocks[..., 2:].contiguous().view(torch.int8).reshape(n, in_features)
+        return BlockQuants(qs, _halves(blocks, 0), None, zero=0, group=32, bits=8)
+    if qtype == GGMLType.Q4_K:
+        d, dmin = _halves(blocks, 0).float(), _halves(blocks, 2).float()
+        s = blocks[..., 4:16].long()
+        low, high = s[..., 0:4], s[..., 4:8]
+        sc = torch.cat([low & 63, (s[..., 8:12] & 15) | ((low >> 6) << 4)], dim=-1)  # 8 sub-blocks' 6-bit scales
+        mins = torch.cat([high & 63, (s[..., 8:12] >> 4) | ((high >> 6) << 4)], dim=-1)
+        qs = blocks[..., 16:].unflatten(-1, (4, 32))  # 4 runs of 32 bytes: low nibbles one sub-block, high the next
+        qs = torch.stack([qs & 15, qs >> 4], dim=-2).reshape(n, in_features)
+        scale = (d[..., None] * sc.float()).reshape(n, -1)
+        return BlockQuants(qs, scale, -(dmin[..., None] * mins.float()).reshape(n, -1), zero=0, group=32, bits=4)
+    # Q6_K: per 128-weight half, 64 bytes of low nibbles, 32 of 2-bit high parts, then 16 int8 scales and d
+    ql = blocks[..., :128].unflatten(-1, (2, 2, 32))  # [n, b, half, run, 32]
+    qh = blocks[..., 128:192].unflatten(-1, (2, 1, 32))
+    low = torch.stack([ql & 15, ql >> 4], dim=-3).flatten(-3, -2)  # [n, b, half, 4 quarters, 32]
+    high = torch.stack([(qh >> shift) & 3 for shift in (0, 2, 4, 6)], dim=-2).flatten(-3, -2)
+    qs = ((low | (high << 4)).to(torch.int16) - 32).to(torch.int8).reshape(n, in_features)
+    scales = blocks[..., 192:208].contiguous().view(torch.int8).float()
+    scale = (_halves(blocks, 208).float()[..., None] * scales).reshape(n, -1)
+    return BlockQuants(qs, scale, None, zero=0, group=16, bits=8)
+
+
+def dequantize_block_quants(bq: BlockQuants) -> torch.Tensor:
+    """float32 [n, k]: (q - zero) * scale (+ offset), group by group."""
+    w = (bq.q.float() - bq.zero).unflatten(-1, (-1, bq.group)) * bq.scale.float()[..., None]
+    if bq.offset is not None:
+        w = w + bq.offset.float()[..., None]
+    return w.flatten(-2)

@@ -34,7 +34,11 @@ def test_the_engine_runs_the_quantized_file_unless_a_feature_needs_float_weights
         assert reason in config.needs_float()
         assert resolve_runtime("smollm2", None, config.needs_float()) == (smollm2_path, smollm2_path)
     with pytest.raises(ValueError, match="smollm2:q4_1 is a GGUF file, which LoRA does not run; use smollm2:f32"):
-        resolve_runtime("smollm2:q4_1", None, "LoRA")
+        resolve_runtime("smollm2:q4_1", None, "LoRA", EngineConfig(enable_lora=True).gguf_unsupported())
+    # on a GPU the folder is the default, and the GGUF runs when named (Triton kernels)
+    gpu = EngineConfig(device="cuda")
+    assert gpu.gguf_unsupported() is None and gpu.needs_float() == "a GPU"
+    assert resolve_runtime("smollm2:q4_1", None, gpu.needs_float(), gpu.gguf_unsupported())[0] == gguf
 
 
 def test_models_pull_prints_the_default_format_and_the_float32_one_on_request(smollm2_path):
