@@ -27,7 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, write_json  # noqa: E402
 from loom.ops.cpp_extension import gguf_extension  # noqa: E402
-from loom.ops.quantized import BLOCK_BYTES, BLOCK_WEIGHTS, GGMLType  # noqa: E402
+from loom.ops.quantized import BLOCK_BYTES, BLOCK_WEIGHTS, FLOAT_KERNEL_TYPES, GGMLType, GGUFLinear  # noqa: E402
+
+SCALE_OFFSETS = {GGMLType.Q4_K: (0, 2), GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,), GGMLType.Q3_K: (108,),
+                 GGMLType.Q2_K: (80, 82)}
+"""Where a super-block's float16 d (and dmin) sit."""
 
 
 def quantized_weight(qtype: GGMLType, n: int, k: int, rng: np.random.Generator) -> torch.Tensor:
@@ -40,7 +44,7 @@ def quantized_weight(qtype: GGMLType, n: int, k: int, rng: np.random.Generator) 
         return torch.from_numpy(np.ascontiguousarray(quantize(w, GGMLQuantizationType(int(qtype)))))
     raw = rng.integers(0, 256, (n, k // 256, BLOCK_BYTES[qtype]), dtype=np.uint8)
     d = np.full((n, k // 256), 1e-3, np.float16).view(np.uint8).reshape(n, k // 256, 2)
-    for offset in (0, 2) if qtype == GGMLType.Q4_K else (208,):  # d (and Q4_K's dmin): finite fp16
+    for offset in SCALE_OFFSETS[qtype]:  # d (and dmin): finite fp16
         raw[..., offset:offset + 2] = d
     return torch.from_numpy(raw.reshape(n, -1))
 
@@ -71,10 +75,13 @@ def measure_shape(k: int, n: int, m: int, calls: int, repeats: int, rng: np.rand
         if k % BLOCK_WEIGHTS[qtype]:
             continue
         q = quantized_weight(qtype, n, k, rng)
-        packed = ext.gguf_int8_pack(q, int(qtype), k)
+        packed = GGUFLinear(q, qtype, k, activations="int8")
+        packed = (packed.qs, packed.scales, packed.mins)
         calls_of = {"float": partial(ext.gguf_linear, x, q, int(qtype), None),
                     "int8": partial(ext.gguf_int8_linear, x, *packed, int(qtype), n, None)}
         for path in paths:
+            if path.startswith("float") and qtype not in FLOAT_KERNEL_TYPES:
+                continue
             kernel, _, variant = path.partition("_")
             option = {"portable": variant == "portable"} if kernel == "float" else {"path": variant or "auto"}
             result[f"{qtype.name}_{path}"] = {
@@ -89,7 +96,8 @@ def main() -> int:
     ap.add_argument("--rows", default="1,16", help="comma-separated M (rows of x)")
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--formats", default="Q4_1,Q8_0,Q4_K,Q6_K", help="comma-separated GGML types")
+    ap.add_argument("--formats", default="Q4_1,Q8_0,Q4_K,Q6_K",
+                    help="comma-separated GGML types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)")
     ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated kernels among {', '.join(PATHS)}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/gguf_kernels.json")

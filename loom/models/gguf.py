@@ -4,11 +4,13 @@
     model = load_gguf_model(path, torch.device("cuda"), 2048, dtype=torch.bfloat16, kernels="triton")
 
 transformers reads the file's metadata into an HF config and its tokenizer (with the chat template); the tensors
-are read here with the ``gguf`` package. Q8_0, Q4_0, Q4_1, Q4_K and Q6_K projections become ``GGUFLinear`` layers (the
-blocks as stored, rows of q/k/v and of gate/up stacked into Loom's fused projections; parts of different types, as
-Q4_K_M files have, a ``StackedGGUFLinear``); other types (Q5_K, Q2_K, ...) are expanded to float32 at load, and float
-tensors (norms) load as they are. ``kernels="triton"`` (CUDA; on CPU under TRITON_INTERPRET=1 for tests) makes them
-``TritonQuantLinear`` layers instead, the rest of the model in ``dtype``; ``"cpu"`` (the C++ kernels) runs float32.
+are read here with the ``gguf`` package. Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K projections
+become ``GGUFLinear`` layers (the blocks repacked for int8 dot products; rows of q/k/v and of gate/up stacked into
+Loom's fused projections; parts of different types, as Q4_K_M files have, a ``StackedGGUFLinear``); with
+``LOOM_GGUF_ACTIVATIONS=float32`` only ``FLOAT_KERNEL_TYPES`` run in their blocks. Other types (IQ*, BF16, ...) are
+expanded at load, and float tensors (norms) load as they are. ``kernels="triton"`` (CUDA; on CPU under
+TRITON_INTERPRET=1 for tests) makes them ``TritonQuantLinear`` layers instead, the rest of the model in ``dtype``;
+``"cpu"`` (the C++ kernels) runs float32.
 The tied embedding is expanded once for lookups while the LM head multiplies its quantized copy. llama.cpp's
 converter stores q and k rows permuted for its rotary layout; rows are independent, so un-permuting the rows of the
 quantized matrix restores the HF order without touching a block. Architectures: llama (Llama, SmolLM2, Mistral-shaped
@@ -26,7 +28,15 @@ import numpy as np
 import torch
 
 from loom.models.llama import LlamaConfig, LlamaForCausalLM
-from loom.ops.quantized import GGMLType, GGUFLinear, StackedGGUFLinear, block_quants, dequantize_block_quants
+from loom.ops.quantized import (
+    FLOAT_KERNEL_TYPES,
+    GGMLType,
+    GGUFLinear,
+    StackedGGUFLinear,
+    block_quants,
+    default_activations,
+    dequantize_block_quants,
+)
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -141,7 +151,9 @@ def _linear(parts: list[tuple[int, np.ndarray]], in_features: int, bias: torch.T
     """One layer over the stacked rows of ``parts`` (``_rows`` results): quantized when every part is of an executable
     block type (one quantized linear of ``kernels`` per run of parts of one type, each with its rows of ``bias``),
     else the float weights (a dense ``nn.Linear`` in ``dtype``)."""
-    if all(qtype in {int(t) for t in GGMLType} for qtype, _ in parts):
+    executable = {int(t) for t in (GGMLType if kernels == "triton" or default_activations() == "int8"
+                                   else FLOAT_KERNEL_TYPES)}
+    if all(qtype in executable for qtype, _ in parts):
         runs = [list(run) for _, run in groupby(parts, key=lambda part: part[0])]
         layers, row = [], 0
         for run in runs:

@@ -1,5 +1,5 @@
-"""Linear layers whose weights stay in GGUF's block-quantized form (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), as llama.cpp
-keeps them.
+"""Linear layers whose weights stay in GGUF's block-quantized form (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K; on the int8 path
+also Q5_0, Q5_1, Q5_K, Q3_K, Q2_K), as llama.cpp keeps them.
 
     layer = GGUFLinear(qweight, qtype=GGMLType.Q4_1, in_features=576)   # qweight: [out, row_bytes] uint8
     y = layer(x)                                                        # x [M, 576] float32 -> [M, out]
@@ -38,15 +38,26 @@ class GGMLType(IntEnum):
 
     Q4_0 = 2
     Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
     Q8_0 = 8
+    Q2_K = 10
+    Q3_K = 11
     Q4_K = 12
+    Q5_K = 13
     Q6_K = 14
 
 
-BLOCK_WEIGHTS = {GGMLType.Q8_0: 32, GGMLType.Q4_0: 32, GGMLType.Q4_1: 32, GGMLType.Q4_K: 256, GGMLType.Q6_K: 256}
-"""Weights per block (K-quants: a super-block of 8 sub-blocks with their own scales)."""
+FLOAT_KERNEL_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K})
+"""The types the float32-activation kernels (``activations="float32"``) read in their blocks; the others (Q5_0,
+Q5_1, Q2_K, Q3_K, Q5_K) run on the int8 path only (on CPU) and through the Triton kernels (on CUDA)."""
 
-BLOCK_BYTES = {GGMLType.Q8_0: 34, GGMLType.Q4_0: 18, GGMLType.Q4_1: 20, GGMLType.Q4_K: 144, GGMLType.Q6_K: 210}
+BLOCK_WEIGHTS = {GGMLType.Q8_0: 32, GGMLType.Q4_0: 32, GGMLType.Q4_1: 32, GGMLType.Q5_0: 32, GGMLType.Q5_1: 32,
+                 GGMLType.Q2_K: 256, GGMLType.Q3_K: 256, GGMLType.Q4_K: 256, GGMLType.Q5_K: 256, GGMLType.Q6_K: 256}
+"""Weights per block (K-quants: a super-block of 8 or 16 sub-blocks with their own scales)."""
+
+BLOCK_BYTES = {GGMLType.Q8_0: 34, GGMLType.Q4_0: 18, GGMLType.Q4_1: 20, GGMLType.Q5_0: 22, GGMLType.Q5_1: 24,
+               GGMLType.Q2_K: 84, GGMLType.Q3_K: 110, GGMLType.Q4_K: 144, GGMLType.Q5_K: 176, GGMLType.Q6_K: 210}
 """Bytes per block of ``BLOCK_WEIGHTS`` weights."""
 
 
@@ -97,7 +108,18 @@ class GGUFLinear(nn.Module):
         self.out_features = qweight.shape[0]
         self.activations = activations
         self._ext = gguf_extension()  # looked up once: a decode step makes ~120 calls
-        if activations == "int8":
+        if activations == "float32" and qtype not in FLOAT_KERNEL_TYPES:
+            raise ValueError(f"{qtype.name} blocks run with int8 activations only (float32 ones read "
+                             f"{', '.join(t.name for t in sorted(FLOAT_KERNEL_TYPES))})")
+        if activations == "int8" and qtype not in FLOAT_KERNEL_TYPES:  # spelled out here, packed by the extension
+            bq = block_quants(qweight, qtype, in_features)
+            offset = bq.offset if bq.offset is not None else torch.empty(0)
+            qs, d, m = self._ext.gguf_int8_pack_quants(bq.q, bq.scale, offset, int(qtype))
+            self.register_buffer("qweight", None, persistent=False)
+            self.register_buffer("qs", qs, persistent=False)
+            self.register_buffer("scales", d, persistent=False)
+            self.register_buffer("mins", m, persistent=False)
+        elif activations == "int8":
             qs, d, m = self._ext.gguf_int8_pack(qweight, int(qtype), in_features)
             self.register_buffer("qweight", None, persistent=False)
             self.register_buffer("qs", qs, persistent=False)
@@ -272,6 +294,19 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.stack([qs & 15, qs >> 4], dim=-2).flatten(-3)
 
 
+def _bits(words: torch.Tensor) -> torch.Tensor:
+    """[..., b] bytes -> [..., 8 b] bits: bit i of the little-endian word they make."""
+    return torch.stack([(words >> j) & 1 for j in range(8)], dim=-1).flatten(-2)
+
+
+def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: 12 bytes -> the 8 sub-blocks' 6-bit scales and mins."""
+    low, high = s[..., 0:4], s[..., 4:8]
+    sc = torch.cat([low & 63, (s[..., 8:12] & 15) | ((low >> 6) << 4)], dim=-1)
+    mins = torch.cat([high & 63, (s[..., 8:12] >> 4) | ((high >> 6) << 4)], dim=-1)
+    return sc, mins
+
+
 def block_quants(qweight: torch.Tensor, qtype: int, in_features: int) -> BlockQuants:
     """Split GGUF blocks ([out, row bytes] uint8, as stored) into ``BlockQuants``: bit for bit the same weights as the
     gguf package's dequantizer gives (``BlockQuants.dequantize``)."""
@@ -284,15 +319,48 @@ def block_quants(qweight: torch.Tensor, qtype: int, in_features: int) -> BlockQu
         if qtype == GGMLType.Q4_0:
             return BlockQuants(qs, scale, None, zero=8, group=32, bits=4)
         return BlockQuants(qs, scale, _halves(blocks, 2), zero=0, group=32, bits=4)
+    if qtype in (GGMLType.Q5_0, GGMLType.Q5_1):  # d (, m), 32 high bits, 16 bytes of low nibbles
+        start = 4 if qtype == GGMLType.Q5_1 else 2
+        high = _bits(blocks[..., start:start + 4])
+        qs = (_nibbles(blocks[..., start + 4:]) | (high << 4)).reshape(n, in_features)
+        if qtype == GGMLType.Q5_0:
+            return BlockQuants(qs, _halves(blocks, 0), None, zero=16, group=32, bits=8)
+        return BlockQuants(qs, _halves(blocks, 0), _halves(blocks, 2), zero=0, group=32, bits=8)
+    if qtype == GGMLType.Q5_K:  # Q4_K's scales and nibbles, and a fifth bit: sub-block s takes bit s of 32 bytes
+        d, dmin = _halves(blocks, 0).float(), _halves(blocks, 2).float()
+        sc, mins = _k_scales(blocks[..., 4:16].long())
+        low = blocks[..., 48:].unflatten(-1, (4, 32))
+        low = torch.stack([low & 15, low >> 4], dim=-2).flatten(-3, -2)  # [n, b, 8 sub-blocks, 32]
+        high = torch.stack([(blocks[..., 16:48] >> s) & 1 for s in range(8)], dim=-2)
+        qs = (low | (high << 4)).reshape(n, in_features)
+        scale = (d[..., None] * sc.float()).reshape(n, -1)
+        return BlockQuants(qs, scale, -(dmin[..., None] * mins.float()).reshape(n, -1), zero=0, group=32, bits=8)
+    if qtype in (GGMLType.Q2_K, GGMLType.Q3_K):
+        # 2-bit quants: 2 runs of 32 bytes, each byte 4 quants (shifts 0, 2, 4, 6 give 4 runs of 32 weights)
+        at = 16 if qtype == GGMLType.Q2_K else 32
+        qs = blocks[..., at:at + 64].unflatten(-1, (2, 1, 32))
+        qs = torch.cat([(qs >> shift) & 3 for shift in (0, 2, 4, 6)], dim=-2).flatten(-3)  # [n, b, 256]
+        if qtype == GGMLType.Q2_K:  # 16 scale bytes (low nibble: scale, high: min), then d, dmin; groups of 16
+            sc = blocks[..., :16]
+            d, dmin = _halves(blocks, 80).float(), _halves(blocks, 82).float()
+            scale = (d[..., None] * (sc & 15).float()).reshape(n, -1)
+            offset = -(dmin[..., None] * (sc >> 4).float()).reshape(n, -1)
+            return BlockQuants(qs.reshape(n, in_features), scale, offset, zero=0, group=16, bits=4)
+        # Q3_K: 32 bytes of high bits (weight 32 j + l: bit j of byte l; set means no -4), 6-bit signed scales
+        high = torch.cat([(blocks[..., :32] >> j) & 1 for j in range(8)], dim=-1)
+        qs = (qs | (high << 2)).reshape(n, in_features)
+        s = blocks[..., 96:108]
+        low = torch.cat([s[..., :8] & 15, s[..., :8] >> 4], dim=-1)
+        top = torch.cat([(s[..., 8:12] >> shift) & 3 for shift in (0, 2, 4, 6)], dim=-1)
+        sc = (low | (top << 4)).float() - 32
+        scale = (_halves(blocks, 108).float()[..., None] * sc).reshape(n, -1)
+        return BlockQuants(qs, scale, None, zero=4, group=16, bits=4)
     if qtype == GGMLType.Q8_0:
         qs = blocks[..., 2:].contiguous().view(torch.int8).reshape(n, in_features)
         return BlockQuants(qs, _halves(blocks, 0), None, zero=0, group=32, bits=8)
     if qtype == GGMLType.Q4_K:
         d, dmin = _halves(blocks, 0).float(), _halves(blocks, 2).float()
-        s = blocks[..., 4:16].long()
-        low, high = s[..., 0:4], s[..., 4:8]
-        sc = torch.cat([low & 63, (s[..., 8:12] & 15) | ((low >> 6) << 4)], dim=-1)  # 8 sub-blocks' 6-bit scales
-        mins = torch.cat([high & 63, (s[..., 8:12] >> 4) | ((high >> 6) << 4)], dim=-1)
+        sc, mins = _k_scales(blocks[..., 4:16].long())
         qs = blocks[..., 16:].unflatten(-1, (4, 32))  # 4 runs of 32 bytes: low nibbles one sub-block, high the next
         qs = torch.stack([qs & 15, qs >> 4], dim=-2).reshape(n, in_features)
         scale = (d[..., None] * sc.float()).reshape(n, -1)

@@ -14,7 +14,14 @@ import torch
 
 from loom import LLM, SamplingParams
 from loom.ops.cpp_extension import gguf_extension
-from loom.ops.quantized import BLOCK_WEIGHTS, DEQUANTIZE_ROWS, GGMLType, GGUFLinear, dequantize_reference
+from loom.ops.quantized import (
+    BLOCK_WEIGHTS,
+    DEQUANTIZE_ROWS,
+    FLOAT_KERNEL_TYPES,
+    GGMLType,
+    GGUFLinear,
+    dequantize_reference,
+)
 from tests.engine.test_parity import teacher_forced_agreement, varied_prompts
 
 
@@ -27,7 +34,8 @@ def _quantized(qtype: GGMLType, out: int, k: int, seed: int = 0) -> torch.Tensor
 
 
 @pytest.mark.parametrize("portable", [False, True], ids=["default", "portable"])
-@pytest.mark.parametrize("qtype", [t for t in GGMLType if BLOCK_WEIGHTS[t] == 32], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [t for t in sorted(FLOAT_KERNEL_TYPES) if BLOCK_WEIGHTS[t] == 32],
+                         ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [1, 5, 8, 9, 17, DEQUANTIZE_ROWS + 3])  # tails of the 8/16-row tiles; GEMM path
 def test_block_kernel_equals_dequantize_then_matmul(qtype, rows, portable):
     qweight = _quantized(qtype, out=72, k=96)
@@ -38,6 +46,12 @@ def test_block_kernel_equals_dequantize_then_matmul(qtype, rows, portable):
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
     y = ext.gguf_linear(x, qweight, int(qtype), layer.bias, portable=True) if portable else layer(x)
     torch.testing.assert_close(y, x @ reference.T + layer.bias, atol=1e-4, rtol=1e-5)
+
+
+def test_types_without_a_float32_kernel_are_refused_with_float32_activations():
+    qweight = _quantized(GGMLType.Q5_0, out=4, k=64)
+    with pytest.raises(ValueError, match="Q5_0 blocks run with int8 activations only"):
+        GGUFLinear(qweight, GGMLType.Q5_0, 64, activations="float32")
 
 
 def test_a_malformed_quantized_weight_is_refused():

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from loom import LLM
+from loom import LLM, SamplingParams
 from loom.ops.cpp_extension import gguf_extension
 from loom.ops.quantized import (
     BLOCK_BYTES,
+    BLOCK_WEIGHTS,
     DEQUANTIZE_ROWS,
     GGMLType,
     GGUFLinear,
@@ -35,11 +36,17 @@ def random_blocks(qtype: GGMLType, rows: int, k: int, seed: int = 0, std: float 
     def fp16(scale: float) -> np.ndarray:  # [rows, nb, 2]: the bytes of fp16 values around scale
         return (scale * rng.uniform(0.5, 1.5, (rows, nb))).astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
 
-    if qtype == GGMLType.Q4_K:  # w = d sc q - dmin m; sc, m in [0, 63], q in [0, 15]
-        d = std / 145
-        raw[..., 0:2], raw[..., 2:4] = fp16(d), fp16(7.5 * d)
-    else:  # w = d scale (q - 32); scale int8, q - 32 in [-32, 31]
+    if qtype in (GGMLType.Q4_K, GGMLType.Q5_K):  # w = d sc q - dmin m; sc, m in [0, 63], q in [0, 15] / [0, 31]
+        d = std / (145 if qtype == GGMLType.Q4_K else 290)
+        raw[..., 0:2], raw[..., 2:4] = fp16(d), fp16((7.5 if qtype == GGMLType.Q4_K else 15.5) * d)
+    elif qtype == GGMLType.Q6_K:  # w = d scale (q - 32); scale int8, q - 32 in [-32, 31]
         raw[..., 208:210] = fp16(std / 1350)
+    elif qtype == GGMLType.Q3_K:  # w = d (sc - 32) (q - 4); q in [0, 7]
+        raw[..., 108:110] = fp16(std / 40)
+    elif qtype == GGMLType.Q2_K:  # w = d sc q - dmin m; sc, m in [0, 15], q in [0, 3]
+        raw[..., 80:82], raw[..., 82:84] = fp16(std / 15), fp16(std / 10)
+    else:
+        raise ValueError(f"random super-blocks of {qtype.name}?")
     return torch.from_numpy(raw.reshape(rows, -1))
 
 
@@ -81,9 +88,16 @@ def test_a_kquant_layer_needs_whole_super_blocks():
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 256, 512, 4, 2, 1024
 
 
-def write_tiny_kquant_gguf(path) -> None:
-    """A 2-layer random llama GGUF shaped like a Q4_K_M file: Q4_K q/k/gate/up and embedding, Q6_K o/down and
-    output; v is Q4_K in layer 0 and Q6_K in layer 1 (a fused q/k/v of two types)."""
+Q4_K_M = {"embd": GGMLType.Q4_K, "output": GGMLType.Q6_K, "q": GGMLType.Q4_K, "k": GGMLType.Q4_K,
+          "v": (GGMLType.Q4_K, GGMLType.Q6_K), "o": GGMLType.Q6_K, "gate": GGMLType.Q4_K, "up": GGMLType.Q4_K,
+          "down": GGMLType.Q6_K}
+"""The tensor types of a Q4_K_M-shaped file (v: per layer)."""
+
+
+def write_tiny_kquant_gguf(path, types: dict = Q4_K_M) -> None:
+    """A 2-layer random llama GGUF of the given tensor ``types``, by default shaped like a Q4_K_M file: Q4_K
+    q/k/gate/up and embedding, Q6_K o/down and output; v is Q4_K in layer 0 and Q6_K in layer 1 (a fused q/k/v of
+    two types)."""
     from gguf import GGMLQuantizationType, GGUFWriter
 
     writer = GGUFWriter(str(path), "llama")
@@ -100,6 +114,13 @@ def write_tiny_kquant_gguf(path) -> None:
     seed = iter(range(1000))
 
     def quantized(name: str, qtype: GGMLType, rows: int, k: int, std: float = 0.05) -> None:
+        if BLOCK_WEIGHTS[qtype] == 32:  # gguf's own quantizer for the 32-weight types
+            from gguf.quants import quantize
+
+            w = np.random.default_rng(next(seed)).standard_normal((rows, k)).astype(np.float32) * std
+            writer.add_tensor(name, quantize(w, GGMLQuantizationType(int(qtype))),
+                              raw_dtype=GGMLQuantizationType(int(qtype)))
+            return
         writer.add_tensor(name, random_blocks(qtype, rows, k, next(seed), std).numpy(),
                           raw_dtype=GGMLQuantizationType(int(qtype)))
 
@@ -107,19 +128,19 @@ def write_tiny_kquant_gguf(path) -> None:
         writer.add_tensor(name, np.random.default_rng(next(seed)).uniform(0.8, 1.2, HIDDEN).astype(np.float32))
 
     kv = KV_HEADS * HIDDEN // HEADS
-    quantized("token_embd.weight", GGMLType.Q4_K, VOCAB, HIDDEN, std=1.0)
-    quantized("output.weight", GGMLType.Q6_K, VOCAB, HIDDEN)
+    quantized("token_embd.weight", types["embd"], VOCAB, HIDDEN, std=1.0)
+    quantized("output.weight", types["output"], VOCAB, HIDDEN)
     norm("output_norm.weight")
-    for i, v_type in enumerate([GGMLType.Q4_K, GGMLType.Q6_K]):
+    for i, v_type in enumerate(types["v"]):
         norm(f"blk.{i}.attn_norm.weight")
         norm(f"blk.{i}.ffn_norm.weight")
-        quantized(f"blk.{i}.attn_q.weight", GGMLType.Q4_K, HIDDEN, HIDDEN)
-        quantized(f"blk.{i}.attn_k.weight", GGMLType.Q4_K, kv, HIDDEN)
+        quantized(f"blk.{i}.attn_q.weight", types["q"], HIDDEN, HIDDEN)
+        quantized(f"blk.{i}.attn_k.weight", types["k"], kv, HIDDEN)
         quantized(f"blk.{i}.attn_v.weight", v_type, kv, HIDDEN)
-        quantized(f"blk.{i}.attn_output.weight", GGMLType.Q6_K, HIDDEN, HIDDEN)
-        quantized(f"blk.{i}.ffn_gate.weight", GGMLType.Q4_K, INTERMEDIATE, HIDDEN)
-        quantized(f"blk.{i}.ffn_up.weight", GGMLType.Q4_K, INTERMEDIATE, HIDDEN)
-        quantized(f"blk.{i}.ffn_down.weight", GGMLType.Q6_K, HIDDEN, INTERMEDIATE)
+        quantized(f"blk.{i}.attn_output.weight", types["o"], HIDDEN, HIDDEN)
+        quantized(f"blk.{i}.ffn_gate.weight", types["gate"], INTERMEDIATE, HIDDEN)
+        quantized(f"blk.{i}.ffn_up.weight", types["up"], INTERMEDIATE, HIDDEN)
+        quantized(f"blk.{i}.ffn_down.weight", types["down"], HIDDEN, INTERMEDIATE)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -172,3 +193,48 @@ def test_a_kquant_gguf_file_runs_quantized_and_agrees_with_transformers_float32_
     assert teacher_forced_agreement(int8, prompts, [ids for ids, _ in reference]) >= 0.9
     for (_, ours_lp), (_, ref_lp) in zip(loom_greedy(int8, prompts, 8), reference):  # the first token's logprob
         assert abs(ours_lp[0] - ref_lp[0]) < 0.05
+
+
+MIXED = {"embd": GGMLType.Q5_0, "output": GGMLType.Q5_1, "q": GGMLType.Q5_K, "k": GGMLType.Q5_K,
+         "v": (GGMLType.Q3_K, GGMLType.Q5_K), "o": GGMLType.Q2_K, "gate": GGMLType.Q3_K, "up": GGMLType.Q3_K,
+         "down": GGMLType.Q5_K}
+"""Q5_K_M's main type, the 2- and 3-bit K-quants and the 5-bit legacy types, in one file."""
+
+
+def test_five_three_and_two_bit_types_run_packed_and_agree_with_transformers(tmp_path, smollm2_path):
+    """Q5_0, Q5_1, Q2_K, Q3_K and Q5_K projections (no float32-activation kernel: spelled out by ``block_quants``,
+    packed into the int8 tiles) run quantized: their weights equal transformers' expansion of the file exactly, and
+    the next token agrees on >= 90% of teacher-forced positions; with the triton backend (weight-only, float
+    activations) greedy tokens and logprobs equal transformers' to float32 rounding."""
+    from transformers import AutoModelForCausalLM
+
+    from loom.ops.triton.quantized import TritonQuantLinear
+
+    path = tmp_path / "tiny-mixed.gguf"
+    write_tiny_kquant_gguf(path, MIXED)
+    llm = LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=256)
+    first, second = llm.engine.model.layers
+    assert [p.qtype for p in first.self_attn.qkv_proj.parts] == [GGMLType.Q5_K, GGMLType.Q3_K]
+    assert second.self_attn.qkv_proj.qtype == GGMLType.Q5_K and first.self_attn.o_proj.qtype == GGMLType.Q2_K
+    assert first.mlp.gate_up_proj.qtype == GGMLType.Q3_K and llm.engine.model.logits_proj.qtype == GGMLType.Q5_1
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    hf_attn, hf_mlp = hf.model.layers[0].self_attn, hf.model.layers[0].mlp
+    assert torch.equal(first.self_attn.qkv_proj.dequantize(),
+                       torch.cat([hf_attn.q_proj.weight, hf_attn.k_proj.weight, hf_attn.v_proj.weight]))
+    assert torch.equal(first.self_attn.o_proj.dequantize(), hf_attn.o_proj.weight)
+    assert torch.equal(first.mlp.down_proj.dequantize(), hf_mlp.down_proj.weight)
+    assert torch.equal(llm.engine.model.logits_proj.dequantize(), hf.lm_head.weight)
+
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(3, VOCAB, n).tolist() for n in (1, 5, 17, 40)]
+    reference = hf_greedy(hf, prompts, max_new=6)
+    assert len({ids[0] for ids, _ in reference}) > 1
+    assert teacher_forced_agreement(llm, prompts, [ids for ids, _ in reference]) >= 0.9
+
+    triton = LLM(str(path), tokenizer=str(smollm2_path), attention_backend="triton", num_kv_blocks=64)
+    assert isinstance(triton.engine.model.layers[0].self_attn.o_proj, TritonQuantLinear)
+    params = SamplingParams(temperature=0, max_tokens=4, min_tokens=4, logprobs=1)  # as hf_greedy: no EOS
+    outs = triton.generate([{"prompt_token_ids": p} for p in prompts[:3]], params)
+    ours = [(o.outputs[0].token_ids, [lp[t] for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
+            for o in outs]
+    assert_parity(ours, [(ids[:4], lps[:4]) for ids, lps in reference[:3]])

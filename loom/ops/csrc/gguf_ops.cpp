@@ -34,7 +34,10 @@ namespace {
 constexpr int64_t QK = 32;  // weights per sub-block: what a kernel dequantizes at once
 // I8_ROWS is not a GGUF type: int8 weights with a float32 scale per output feature (--quantization int8 on an HF
 // folder), packed in Python (loom.ops.quantized.Int8Linear) straight into the int8 kernels' tiles.
-enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14, I8_ROWS = 1000 };
+enum QType : int64_t {
+  Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
+  I8_ROWS = 1000
+};
 
 inline float half(const uint8_t* p) {
   uint16_t bits;
@@ -330,8 +333,15 @@ Int8Format int8_format(int64_t qtype) {
     case Q4_K: return {4, 32, 0, true, false};
     case Q6_K: return {8, 16, 32, false, false};
     case I8_ROWS: return {8, 32, 128, false, false};
+    // packed from spelled-out quants (gguf_int8_pack_quants; loom.ops.quantized.block_quants unpacks the blocks)
+    case Q5_0: return {8, 32, 16, false, true};
+    case Q5_1: return {8, 32, 0, true, true};
+    case Q5_K: return {8, 32, 0, true, false};
+    case Q3_K: return {4, 16, 4, false, false};
+    case Q2_K: return {4, 16, 0, true, false};
   }
-  TORCH_CHECK(false, "unsupported GGUF quantization type ", qtype, " (Loom runs Q8_0, Q4_0, Q4_1, Q4_K and Q6_K)");
+  TORCH_CHECK(false, "unsupported GGUF quantization type ", qtype, " (Loom runs Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, ",
+              "Q3_K, Q4_K, Q5_K and Q6_K)");
 }
 
 int64_t block_weights(int64_t qtype) { return qtype == Q4_K || qtype == Q6_K ? 256 : 32; }
@@ -477,6 +487,11 @@ using FQ8_0 = Fmt<8, 32, 128, false, uint16_t>;
 using FQ4_K = Fmt<4, 32, 0, true, float>;
 using FQ6_K = Fmt<8, 16, 32, false, float>;
 using FI8 = Fmt<8, 32, 128, false, float>;
+using FQ5_0 = Fmt<8, 32, 16, false, uint16_t>;
+using FQ5_1 = Fmt<8, 32, 0, true, uint16_t>;
+using FQ5_K = Fmt<8, 32, 0, true, float>;
+using FQ3_K = Fmt<4, 16, 4, false, float>;
+using FQ2_K = Fmt<4, 16, 0, true, float>;
 
 template <class F>
 void with_int8_format(int64_t qtype, F&& f) {
@@ -487,8 +502,13 @@ void with_int8_format(int64_t qtype, F&& f) {
     case Q4_K: return f(FQ4_K{});
     case Q6_K: return f(FQ6_K{});
     case I8_ROWS: return f(FI8{});
+    case Q5_0: return f(FQ5_0{});
+    case Q5_1: return f(FQ5_1{});
+    case Q5_K: return f(FQ5_K{});
+    case Q3_K: return f(FQ3_K{});
+    case Q2_K: return f(FQ2_K{});
   }
-  TORCH_CHECK(false, "unsupported GGUF quantization type ", qtype, " (Loom runs Q8_0, Q4_0, Q4_1, Q4_K and Q6_K)");
+  TORCH_CHECK(false, "unsupported GGUF quantization type ", qtype);
 }
 
 inline int32_t four_bytes(const int8_t* p) {
@@ -717,41 +737,31 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor qweight, int64_t qtype,
   return y;
 }
 
-std::vector<torch::Tensor> gguf_int8_pack(torch::Tensor qweight, int64_t qtype, int64_t in_features) {
-  TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.dim() == 2, "qweight: [N, row_bytes] uint8");
-  qweight = qweight.contiguous();
-  const Int8Format f = int8_format(qtype);
-  const int64_t N = qweight.size(0), K = in_features, bw = block_weights(qtype), nb = K / bw;
-  TORCH_CHECK(K % bw == 0 && qweight.size(1) == nb * block_bytes(qtype), "qweight rows hold ", qweight.size(1),
-              " bytes, expected ", nb * block_bytes(qtype), " for ", K, " inputs");
+// The tiles from spelled-out weights: q [N, K] unsigned quants, d and m [N, K / group] float32 (m empty when the
+// format has no min), w = d (q - zero) + m.
+std::vector<torch::Tensor> pack_tiles(const uint8_t* q, const float* dr, const float* mr, int64_t N, int64_t K,
+                                      const Int8Format& f) {
   const int64_t tiles = (N + 15) / 16, groups = K / f.group, line = f.group * 16 * f.bits / 8;
   auto qs = torch::zeros({tiles, groups, line}, torch::kUInt8);
   const auto scale_type = f.half_scales ? torch::kFloat16 : torch::kFloat32;
   auto d = torch::zeros({tiles, groups, 16}, scale_type);
   auto m = f.has_min ? torch::zeros({tiles, groups, 16}, scale_type) : torch::empty({0}, scale_type);
   uint8_t* qsp = qs.data_ptr<uint8_t>();
-  const uint8_t* src = qweight.data_ptr<uint8_t>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> q(K);
-    std::vector<float> dr(K / 16), mr(K / 16);
-    const int64_t gpb = bw / f.group;  // groups a block
     for (int64_t n = begin; n < end; ++n) {
-      for (int64_t b = 0; b < nb; ++b)
-        unpack_block(qtype, src + (n * nb + b) * block_bytes(qtype), q.data() + b * bw, dr.data() + b * gpb,
-                     mr.data() + b * gpb);
       const int64_t t = n / 16, lane = n % 16;
       for (int64_t g = 0; g < groups; ++g) {
-        const int64_t idx = (t * groups + g) * 16 + lane;
+        const int64_t idx = (t * groups + g) * 16 + lane, src = n * groups + g;
         if (f.half_scales) {
-          d.data_ptr<at::Half>()[idx] = at::Half(dr[g]);
-          if (f.has_min) m.data_ptr<at::Half>()[idx] = at::Half(mr[g]);
+          d.data_ptr<at::Half>()[idx] = at::Half(dr[src]);
+          if (f.has_min) m.data_ptr<at::Half>()[idx] = at::Half(mr[src]);
         } else {
-          d.data_ptr<float>()[idx] = dr[g];
-          if (f.has_min) m.data_ptr<float>()[idx] = mr[g];
+          d.data_ptr<float>()[idx] = dr[src];
+          if (f.has_min) m.data_ptr<float>()[idx] = mr[src];
         }
         uint8_t* out = qsp + (t * groups + g) * line;
         for (int64_t k = 0; k < f.group; ++k) {
-          const uint8_t v = q[g * f.group + k];
+          const uint8_t v = q[n * K + g * f.group + k];
           const int64_t j = k / 4, l = k % 4;
           if (f.bits == 8)
             out[64 * j + 4 * lane + l] = v;
@@ -763,6 +773,41 @@ std::vector<torch::Tensor> gguf_int8_pack(torch::Tensor qweight, int64_t qtype, 
   });
   // Padding features (N not a multiple of 16) keep scale 0 and min 0: their weights are 0 whatever the quants.
   return {qs, d, m};
+}
+
+std::vector<torch::Tensor> gguf_int8_pack(torch::Tensor qweight, int64_t qtype, int64_t in_features) {
+  TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.dim() == 2, "qweight: [N, row_bytes] uint8");
+  TORCH_CHECK(qtype == Q4_0 || qtype == Q4_1 || qtype == Q8_0 || qtype == Q4_K || qtype == Q6_K,
+              "gguf_int8_pack reads Q4_0, Q4_1, Q8_0, Q4_K and Q6_K blocks; other types: gguf_int8_pack_quants");
+  qweight = qweight.contiguous();
+  const Int8Format f = int8_format(qtype);
+  const int64_t N = qweight.size(0), K = in_features, bw = block_weights(qtype), nb = K / bw;
+  TORCH_CHECK(K % bw == 0 && qweight.size(1) == nb * block_bytes(qtype), "qweight rows hold ", qweight.size(1),
+              " bytes, expected ", nb * block_bytes(qtype), " for ", K, " inputs");
+  const int64_t groups = K / f.group, gpb = bw / f.group;  // gpb: groups a block
+  std::vector<uint8_t> q(N * K);
+  std::vector<float> dr(N * groups), mr(N * groups);
+  const uint8_t* src = qweight.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t b = 0; b < nb; ++b)
+        unpack_block(qtype, src + (n * nb + b) * block_bytes(qtype), q.data() + n * K + b * bw,
+                     dr.data() + n * groups + b * gpb, mr.data() + n * groups + b * gpb);
+  });
+  return pack_tiles(q.data(), dr.data(), mr.data(), N, K, f);
+}
+
+std::vector<torch::Tensor> gguf_int8_pack_quants(torch::Tensor q, torch::Tensor d, torch::Tensor m, int64_t qtype) {
+  const Int8Format f = int8_format(qtype);
+  TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.dim() == 2 && q.size(1) % f.group == 0,
+              "q: [N, K] uint8 with K a multiple of ", f.group);
+  const int64_t N = q.size(0), K = q.size(1);
+  q = q.contiguous();
+  d = d.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(d.numel() == N * (K / f.group), "d: one scale per ", f.group, " weights");
+  m = f.has_min ? m.to(torch::kFloat32).contiguous() : d;
+  TORCH_CHECK(m.numel() == d.numel(), "m: one min per ", f.group, " weights");
+  return pack_tiles(q.data_ptr<uint8_t>(), d.data_ptr<float>(), m.data_ptr<float>(), N, K, f);
 }
 
 torch::Tensor gguf_int8_unpack(torch::Tensor qs, torch::Tensor d, torch::Tensor m, int64_t qtype, int64_t N) {
@@ -838,6 +883,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qweight"), py::arg("qtype"), py::arg("bias") = py::none(), py::arg("portable") = false);
   m.def("gguf_dequantize", &gguf_dequantize, "GGUF blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) to float32",
         py::arg("qweight"), py::arg("qtype"), py::arg("in_features"), py::arg("portable") = false);
+  m.def("gguf_int8_pack_quants", &gguf_int8_pack_quants, "spelled-out quants, scales and mins -> int8 tiles");
   m.def("gguf_int8_pack", &gguf_int8_pack, "GGUF blocks repacked for int8 dot products: [quads, d, m]",
         py::arg("qweight"), py::arg("qtype"), py::arg("in_features"));
   m.def("gguf_int8_unpack", &gguf_int8_unpack, "repacked weights back to float32 [N, K]", py::arg("qs"), py::arg("d"),

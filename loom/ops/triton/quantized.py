@@ -1,5 +1,6 @@
-"""Quantized linears on the GPU: GGUF blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) and weight-only int8 multiplied by
-Triton kernels that dequantize in registers, so a decode step reads the packed bytes, not float weights.
+"""Quantized linears on the GPU: GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and
+weight-only int8 multiplied by Triton kernels that dequantize in registers, so a decode step reads the packed bytes,
+not float weights.
 
     layer = TritonQuantLinear.from_gguf(qweight, GGMLType.Q4_K, in_features=2048, device="cuda")
     layer = TritonQuantLinear.from_float(weight)        # --quantization int8: per-output-feature scales
@@ -8,8 +9,8 @@ Triton kernels that dequantize in registers, so a decode step reads the packed b
 Every format is stored as ``BlockQuants`` (``loom.ops.quantized``): quants [out, in] (4-bit ones two a byte, the
 first 16 of each 32 in the low nibbles), a scale per group of 16 or 32 (float16 where the file's is one, float32
 where it is a product: Q4_K, Q6_K), an optional offset, so weight = (q - zero) * scale (+ offset) and one kernel
-serves all formats. Q6_K's quants take a byte each here (8 + 2 bits a weight, against 6.56 in the file); the others
-keep their size (Q4_K: 4 + 2).
+serves all formats. 5- and 6-bit quants take a byte each here (Q6_K: 8 + 2 bits a weight, against 6.56 in the
+file), 2- and 3-bit ones half a byte; 4- and 8-bit ones keep their size (Q4_K: 4 + 2 with its float32 scales).
 
 Two kernels, chosen by the number of rows of x:
 - up to ``GEMV_ROWS`` rows (decode): each program owns ``BLOCK_N`` output features of all rows and walks the inputs,
