@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from loom.ops.cpp_extension import extension
+from loom.ops.huge_pages import huge_page_copy
 
 
 def packing_available() -> bool:
@@ -51,7 +52,7 @@ class PackedLinear(nn.Module):
         self.backend = "panel" if ext is not None else "onednn"
         if self.backend == "panel":
             self._ext = ext
-            self.packed_weight = ext.pack_panels(weight)  # [N / 32, K, 32]
+            self.packed_weight = huge_page_copy(ext.pack_panels(weight))  # [N / 32, K, 32], streamed every step
         else:
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight)
 

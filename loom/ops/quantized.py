@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from loom.ops.huge_pages import huge_page_copy
+
 DEQUANTIZE_ROWS = 64
 """From this many rows of x, expand the weight and run a float32 GEMM (prefill chunks)."""
 
@@ -116,13 +118,13 @@ class GGUFLinear(nn.Module):
             offset = bq.offset if bq.offset is not None else torch.empty(0)
             qs, d, m = self._ext.gguf_int8_pack_quants(bq.q, bq.scale, offset, int(qtype))
             self.register_buffer("qweight", None, persistent=False)
-            self.register_buffer("qs", qs, persistent=False)
+            self.register_buffer("qs", huge_page_copy(qs), persistent=False)
             self.register_buffer("scales", d, persistent=False)
             self.register_buffer("mins", m, persistent=False)
         elif activations == "int8":
             qs, d, m = self._ext.gguf_int8_pack(qweight, int(qtype), in_features)
             self.register_buffer("qweight", None, persistent=False)
-            self.register_buffer("qs", qs, persistent=False)
+            self.register_buffer("qs", huge_page_copy(qs), persistent=False)
             self.register_buffer("scales", d, persistent=False)
             self.register_buffer("mins", m, persistent=False)
         else:
@@ -215,7 +217,7 @@ class Int8Linear(nn.Module):
         scales[:out_features] = scale
         # byte 64 j + 4 n + l of a group's line: feature n's quant for input 32 g + 4 j + l
         qs = padded.to(torch.uint8).reshape(tiles, 16, groups, 8, 4).permute(0, 2, 3, 1, 4).reshape(tiles, groups, 512)
-        self.register_buffer("qs", qs.contiguous(), persistent=False)
+        self.register_buffer("qs", huge_page_copy(qs.contiguous()), persistent=False)
         self.register_buffer("scales", scales.reshape(tiles, 1, 16).expand(tiles, groups, 16).contiguous(),
                              persistent=False)
         self.register_buffer("mins", torch.empty(0), persistent=False)
