@@ -14,8 +14,9 @@ TRITON_INTERPRET=1 for tests) makes them ``TritonQuantLinear`` layers instead, t
 The tied embedding is expanded once for lookups while the LM head multiplies its quantized copy. llama.cpp's
 converter stores q and k rows permuted for its rotary layout; rows are independent, so un-permuting the rows of the
 quantized matrix restores the HF order without touching a block. Architectures: llama (Llama, SmolLM2, Mistral-shaped
-files), qwen2 (q/k/v biases) and qwen3 (q/k RMSNorm per head, head_dim from ``attention.key_length``), whose
-converter keeps q and k in HF's order; others are refused by name.
+files), qwen2 (q/k/v biases), qwen3 (q/k RMSNorm per head, head_dim from ``attention.key_length``) and their
+mixtures of experts qwen2moe (with its shared expert) and qwen3moe (each expert's matrices sliced out of the 3-D
+``ffn_*_exps`` tensors, kept quantized), whose converter keeps q and k in HF's order; others are refused by name.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loom.models.llama import LlamaConfig, LlamaForCausalLM
+from loom.models.llama import LlamaConfig, LlamaForCausalLM, SparseMoE
 from loom.ops.quantized import (
     FLOAT_KERNEL_TYPES,
     GGMLType,
@@ -39,7 +40,8 @@ from loom.ops.quantized import (
 )
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
 """GGUF ``general.architecture`` values Loom executes, and the HF architecture each is."""
 _FLOAT_TYPES = {0: torch.float32, 1: torch.float16}
 _NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
@@ -73,6 +75,16 @@ def load_gguf_config(path: str | Path):
     fields = GGUFReader(str(path)).fields
     if f"{arch}.attention.key_length" in fields:  # Qwen3: head_dim need not be hidden / heads
         hf.head_dim = int(fields[f"{arch}.attention.key_length"].parts[-1][0])
+    if arch in ("qwen2moe", "qwen3moe"):  # every layer sparse; llama.cpp normalises the top-k weights for qwen3moe
+        def integer(key: str, default: int) -> int:
+            return int(fields[key].parts[-1][0]) if key in fields else default
+
+        hf.moe_intermediate_size = integer(f"{arch}.expert_feed_forward_length", hf.moe_intermediate_size)
+        if arch == "qwen2moe":
+            hf.shared_expert_intermediate_size = integer(f"{arch}.expert_shared_feed_forward_length",
+                                                         hf.shared_expert_intermediate_size)
+        hf.norm_topk_prob = arch == "qwen3moe"
+        hf.mlp_only_layers, hf.decoder_sparse_step = [], 1
     return hf
 
 
@@ -127,9 +139,28 @@ def load_gguf_model(path: str | Path, device: torch.device, max_positions: int, 
                 attn.q_norm.weight.copy_(_dense(t["attn_q_norm"]))
                 attn.k_norm.weight.copy_(_dense(t["attn_k_norm"]))
             attn.o_proj = _quantized_or_dense([_rows(t["attn_output"])], attn.q_size)
+            if isinstance(mlp, SparseMoE):
+                _load_experts(mlp, t, cfg, _quantized_or_dense)
+                continue
             mlp.gate_up_proj = _quantized_or_dense([_rows(t["ffn_gate"]), _rows(t["ffn_up"])], cfg.hidden_size)
             mlp.down_proj = _quantized_or_dense([_rows(t["ffn_down"])], cfg.intermediate_size)
     return model.eval()
+
+
+def _load_experts(moe: SparseMoE, t: dict, cfg: LlamaConfig, linear) -> None:
+    """A mixture-of-experts layer from llama.cpp's tensors: the router ``ffn_gate_inp``, every expert's rows of the
+    3-D ``ffn_{gate,up,down}_exps`` (one matrix per expert, quantized as stored), and Qwen2-MoE's shared expert
+    (``*_shexp``, with its sigmoid gate ``ffn_gate_inp_shexp``)."""
+    moe.gate.weight.copy_(_dense(t["ffn_gate_inp"]))
+    (gate_type, gates), (up_type, ups), (down_type, downs) = (_rows(t[f"ffn_{w}_exps"]) for w in ("gate", "up", "down"))
+    for e, expert in enumerate(moe.experts):
+        expert.gate_up_proj = linear([(gate_type, gates[e]), (up_type, ups[e])], cfg.hidden_size)
+        expert.down_proj = linear([(down_type, downs[e])], cfg.moe_intermediate_size)
+    if moe.shared_expert is not None:
+        shared = moe.shared_expert
+        shared.gate_up_proj = linear([_rows(t["ffn_gate_shexp"]), _rows(t["ffn_up_shexp"])], cfg.hidden_size)
+        shared.down_proj = linear([_rows(t["ffn_down_shexp"])], cfg.shared_expert_intermediate_size)
+        moe.shared_expert_gate.weight.copy_(_dense(t["ffn_gate_inp_shexp"]).reshape(1, -1))
 
 
 def _field(reader, key: str):

@@ -46,8 +46,8 @@ def available() -> bool:
 
 def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of ``t`` in anonymous memory aligned to 2 MiB, its whole 2 MiB pages madvised MADV_HUGEPAGE
-    before it is written; ``t`` itself where huge pages are not ``available()``, ``t`` is not on the CPU or is under 2 MiB. The
-    copy keeps its mapping alive (unmapped when the last tensor on it is freed)."""
+    before it is written; ``t`` itself where huge pages are not ``available()``, or ``t`` is not on the CPU or is
+    under 2 MiB. The copy keeps its mapping alive (unmapped when the last tensor on it is freed)."""
     nbytes = t.numel() * t.element_size()
     if t.device.type != "cpu" or nbytes < HUGE_PAGE or not available():
         return t

@@ -15,14 +15,22 @@ from tests.engine.test_parity import assert_parity, loom_greedy, teacher_forced_
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB, LAYERS = 128, 256, 4, 2, 1024, 2
 
 
+MOE = {"qwen3moe": {"experts": 4, "used": 2, "ff": 768, "shared": 0},  # transformers' defaults for the sizes
+       "qwen2moe": {"experts": 4, "used": 2, "ff": 1408, "shared": 5632}}  # it does not read from the file
+"""The tiny mixtures' shapes: transformers reads no expert_feed_forward_length (Qwen3MoeConfig's default 768,
+Qwen2MoeConfig's 1408 and a 5632-wide shared expert), so the files use those."""
+
+
 def write_tiny_gguf(path, arch: str) -> None:
     """A 2-layer random ``arch`` GGUF: Q8_0 embedding and q/k/v, Q4_1 o/gate/up, Q4_0 down, an F32 output head;
-    qwen2: F32 q/k/v biases; qwen3: F32 q/k norms and head_dim 128 (hidden / heads would be 32)."""
+    qwen2(moe): F32 q/k/v biases; qwen3(moe): F32 q/k norms and head_dim 128 (hidden / heads would be 32); the
+    mixtures: an F32 router, 3-D expert tensors (Q4_K gate/up, Q8_0 down for qwen3moe; Q4_1 gate/up, Q5_0 down for
+    qwen2moe) and qwen2moe's shared expert (Q8_0) with its F32 gate."""
     from gguf import GGMLQuantizationType as T
     from gguf import GGUFWriter
     from gguf.quants import quantize
 
-    head_dim = 128 if arch == "qwen3" else HIDDEN // HEADS  # transformers reads no key_length: Qwen3Config's 128
+    head_dim = 128 if arch.startswith("qwen3") else HIDDEN // HEADS  # transformers reads no key_length: 128
     writer = GGUFWriter(str(path), arch)
     writer.add_context_length(1024)
     writer.add_embedding_length(HIDDEN)
@@ -35,6 +43,13 @@ def write_tiny_gguf(path, arch: str) -> None:
     writer.add_rope_freq_base(1000000.0)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_vocab_size(VOCAB)
+    moe = MOE.get(arch)
+    if moe:
+        writer.add_expert_count(moe["experts"])
+        writer.add_expert_used_count(moe["used"])
+        writer.add_expert_feed_forward_length(moe["ff"])
+        if moe["shared"]:
+            writer.add_expert_shared_feed_forward_length(moe["shared"])
     rng = np.random.default_rng(0)
 
     def tensor(name: str, shape: tuple[int, ...], qtype=None, std: float = 0.08, mean: float = 0.0) -> None:
@@ -43,6 +58,14 @@ def write_tiny_gguf(path, arch: str) -> None:
             writer.add_tensor(name, data)
         else:
             writer.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
+
+    def kquant(name: str, shape: tuple[int, ...], qtype) -> None:  # random super-blocks (gguf quantizes no K-quant)
+        from loom.ops.quantized import GGMLType
+        from tests.engine.test_gguf_kquants import random_blocks
+
+        rows = int(np.prod(shape[:-1]))
+        data = random_blocks(GGMLType(int(qtype)), rows, shape[-1], seed=int(rng.integers(1 << 30)), std=0.08)
+        writer.add_tensor(name, data.numpy().reshape(*shape[:-1], -1), raw_dtype=qtype)
 
     q_rows, kv_rows = HEADS * head_dim, KV_HEADS * head_dim
     tensor("token_embd.weight", (VOCAB, HIDDEN), T.Q8_0, std=1.0)
@@ -54,13 +77,29 @@ def write_tiny_gguf(path, arch: str) -> None:
         tensor(f"blk.{i}.attn_q.weight", (q_rows, HIDDEN), T.Q8_0)
         tensor(f"blk.{i}.attn_k.weight", (kv_rows, HIDDEN), T.Q8_0)
         tensor(f"blk.{i}.attn_v.weight", (kv_rows, HIDDEN), T.Q8_0)
-        if arch == "qwen2":
+        if arch.startswith("qwen2"):
             for name, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
                 tensor(f"blk.{i}.attn_{name}.bias", (rows,), std=0.5)
         else:
             tensor(f"blk.{i}.attn_q_norm.weight", (head_dim,), std=0.1, mean=1.0)
             tensor(f"blk.{i}.attn_k_norm.weight", (head_dim,), std=0.1, mean=1.0)
         tensor(f"blk.{i}.attn_output.weight", (HIDDEN, q_rows), T.Q4_1)
+        if moe:
+            e, ff = moe["experts"], moe["ff"]
+            tensor(f"blk.{i}.ffn_gate_inp.weight", (e, HIDDEN), std=0.5)
+            if arch == "qwen3moe":  # Q4_K: in_features 128 is not whole super-blocks; the down matrices' 768 is
+                tensor(f"blk.{i}.ffn_gate_exps.weight", (e, ff, HIDDEN), T.Q4_1)
+                tensor(f"blk.{i}.ffn_up_exps.weight", (e, ff, HIDDEN), T.Q4_1)
+                kquant(f"blk.{i}.ffn_down_exps.weight", (e, HIDDEN, ff), T.Q4_K)
+            else:
+                tensor(f"blk.{i}.ffn_gate_exps.weight", (e, ff, HIDDEN), T.Q4_1)
+                tensor(f"blk.{i}.ffn_up_exps.weight", (e, ff, HIDDEN), T.Q4_1)
+                tensor(f"blk.{i}.ffn_down_exps.weight", (e, HIDDEN, ff), T.Q5_0)
+                tensor(f"blk.{i}.ffn_gate_inp_shexp.weight", (HIDDEN,), std=0.5)
+                tensor(f"blk.{i}.ffn_gate_shexp.weight", (moe["shared"], HIDDEN), T.Q8_0, std=0.03)
+                tensor(f"blk.{i}.ffn_up_shexp.weight", (moe["shared"], HIDDEN), T.Q8_0, std=0.03)
+                tensor(f"blk.{i}.ffn_down_shexp.weight", (HIDDEN, moe["shared"]), T.Q8_0, std=0.03)
+            continue
         tensor(f"blk.{i}.ffn_gate.weight", (INTERMEDIATE, HIDDEN), T.Q4_1)
         tensor(f"blk.{i}.ffn_up.weight", (INTERMEDIATE, HIDDEN), T.Q4_1)
         tensor(f"blk.{i}.ffn_down.weight", (HIDDEN, INTERMEDIATE), T.Q4_0)
@@ -114,3 +153,45 @@ def test_an_unsupported_gguf_architecture_is_refused_by_name(tmp_path, smollm2_p
     with pytest.raises(ValueError, match="GGUF architecture 'phi2' is not supported yet; Loom executes GGUF files of "
                                          "llama, qwen2, qwen3"):
         LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=16)
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe"])
+def test_a_mixture_of_experts_gguf_runs_quantized_and_agrees_with_transformers(arch, tmp_path, smollm2_path,
+                                                                               monkeypatch):
+    """qwen3moe (q/k norms, normalised top-2 of 4 experts, Q4_K down experts) and qwen2moe (biases, a shared expert
+    behind a sigmoid gate, un-normalised top-2): each expert's matrices sliced from the 3-D tensors and kept
+    quantized; with float32 activations transformers' greedy tokens and logprobs (its GGUF loader expands the same
+    file), through a chunked prefill; with int8 activations >= 90% teacher-forced agreement."""
+    from transformers import AutoModelForCausalLM
+
+    from loom.models.llama import SparseMoE
+    from tests.engine.test_gguf_kquants import hf_greedy
+
+    path = tmp_path / f"tiny-{arch}.gguf"
+    write_tiny_gguf(path, arch)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(3, VOCAB, n).tolist() for n in (1, 7, 26, 45)]
+    reference = hf_greedy(hf, prompts, max_new=6)
+    assert len({ids[0] for ids, _ in reference}) > 1
+
+    monkeypatch.setenv("LOOM_GGUF_ACTIVATIONS", "float32")
+    llm = LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=256, max_num_batched_tokens=32)
+    moe = llm.engine.model.layers[1].mlp
+    assert isinstance(moe, SparseMoE) and len(moe.experts) == 4 and moe.norm_topk_prob == (arch == "qwen3moe")
+    assert isinstance(moe.experts[3].gate_up_proj, GGUFLinear)
+    hf_moe = hf.model.layers[1].mlp
+    if arch == "qwen2moe":
+        assert isinstance(moe.shared_expert.down_proj, GGUFLinear)
+        assert torch.equal(moe.shared_expert.down_proj.dequantize(), hf_moe.shared_expert.down_proj.weight)
+    assert_parity(loom_greedy(llm, prompts, 6), reference)
+
+    monkeypatch.setenv("LOOM_GGUF_ACTIVATIONS", "int8")  # 64 positions: a routing flip moves a whole token
+    more = [rng.integers(3, VOCAB, n).tolist() for n in (12, 60, 3, 33)]
+    forced = [ids for ids, _ in reference] + [ids for ids, _ in hf_greedy(hf, more, max_new=6)]
+    int8 = LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=256)
+    # every expert matrix packed here, Q5_0 too (it has no float32-activation kernel: the run above expanded it)
+    moe = int8.engine.model.layers[1].mlp
+    assert all(isinstance(linear, GGUFLinear) for expert in moe.experts
+               for linear in (expert.gate_up_proj, expert.down_proj))
+    assert teacher_forced_agreement(int8, prompts + more, forced) >= 0.9
