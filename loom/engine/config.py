@@ -150,19 +150,15 @@ class EngineConfig:
         if self.quantization and self.tensor_parallel_size > 1:
             raise ValueError("int8 weights are not split by tensor parallelism yet; drop --quantization or use "
                              "--tensor-parallel-size 1")
-        if self.quantization and self.enable_lora:
-            raise ValueError("LoRA adapters are not served over int8 weights yet; drop --quantization or "
-                             "--enable-lora")
         if isinstance(self.speculative_config, dict):
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
 
     def gguf_unsupported(self) -> str | None:
-        """Why this engine cannot run a GGUF file at all (quantized weights run unsplit, without adapters; on CPU in
-        float32 with the C++ kernels, on CUDA with the Triton ones), or None."""
+        """Why this engine cannot run a GGUF file at all (quantized weights run unsplit; on CPU in float32 with the C++
+        kernels, on CUDA with the Triton ones; LoRA adapters add their deltas to the quantized projections), or
+        None."""
         if self.tensor_parallel_size > 1:
             return "tensor parallelism"
-        if self.enable_lora:
-            return "LoRA"
         if self.quantization:
             return f"--quantization {self.quantization}"
         device = self.torch_device().type
@@ -174,10 +170,12 @@ class EngineConfig:
 
     def needs_float(self) -> str | None:
         """Why a catalogue model without a format tag runs its float32 folder rather than its GGUF file, or None: the
-        reasons of ``gguf_unsupported``, and a GPU (where the bfloat16 folder is the tested, measured default and
-        GGUF runs when asked for by name)."""
+        reasons of ``gguf_unsupported``, LoRA (adapters are trained on the float weights) and a GPU (where the
+        bfloat16 folder is the tested, measured default); in the last two cases the GGUF runs when named."""
         if reason := self.gguf_unsupported():
             return reason
+        if self.enable_lora:  # adapters are trained on float weights: run them there unless the GGUF is named
+            return "LoRA"
         if self.torch_device().type != "cpu":
             return "a GPU"
         return None

@@ -33,8 +33,14 @@ def test_the_engine_runs_the_quantized_file_unless_a_feature_needs_float_weights
                            (EngineConfig(dtype="bfloat16"), "dtype bfloat16"), (EngineConfig(device="cuda"), "a GPU")):
         assert reason in config.needs_float()
         assert resolve_runtime("smollm2", None, config.needs_float()) == (smollm2_path, smollm2_path)
-    with pytest.raises(ValueError, match="smollm2:q4_1 is a GGUF file, which LoRA does not run; use smollm2:f32"):
-        resolve_runtime("smollm2:q4_1", None, "LoRA", EngineConfig(enable_lora=True).gguf_unsupported())
+    tp = EngineConfig(tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="smollm2:q4_1 is a GGUF file, which tensor parallelism does not run; use "
+                                         "smollm2:f32"):
+        resolve_runtime("smollm2:q4_1", None, tp.needs_float(), tp.gguf_unsupported())
+    # with LoRA the folder is the default (adapters are trained on float weights), and the GGUF runs when named
+    lora = EngineConfig(enable_lora=True)
+    assert lora.gguf_unsupported() is None
+    assert resolve_runtime("smollm2:q4_1", None, lora.needs_float(), lora.gguf_unsupported())[0] == gguf
     # on a GPU the folder is the default, and the GGUF runs when named (Triton kernels)
     gpu = EngineConfig(device="cuda")
     assert gpu.gguf_unsupported() is None and gpu.needs_float() == "a GPU"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -258,3 +259,50 @@ def test_adapters_with_speculative_decoding_give_the_same_tokens_and_keep_their_
     assert llm.generate(history, GREEDY, lora_request=a2)[0].num_cached_tokens == 0
     assert llm.generate(history, GREEDY)[0].num_cached_tokens == 0
     assert llm.engine.block_manager.num_free_blocks == 128
+
+
+def test_adapters_over_quantized_weights_match_peft_on_the_dequantized_model(tmp_path, smollm2_path, monkeypatch):
+    """LoRA over a GGUF file (a Q4_K_M-shaped tiny llama: Q4_K and Q6_K projections, one fused q/k/v of two types) and
+    over --quantization int8: each projection's delta is added to the quantized one's output. With the exact
+    float32-activation kernels the greedy tokens equal peft's on the file's dequantized weights (transformers' GGUF
+    loader, saved as a folder); with int8 activations and with int8 weights the next token given peft's context
+    agrees on >= 90% of positions, and the adapter changes the answer."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.engine.test_gguf_kquants import VOCAB, write_tiny_kquant_gguf
+
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_kquant_gguf(gguf)
+    folder = tmp_path / "dequantized"
+    expanded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=gguf.name, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(expanded.config, dtype=torch.float32)  # transformers will not save a
+    plain.load_state_dict(expanded.state_dict())                                     # GGUF-loaded model as it is
+    plain.save_pretrained(folder)
+    peft_model = make_adapter(tmp_path / "adapter", str(folder), seed=3, r=8, alpha=16, targets=TARGETS_ALL)
+    request = LoRARequest("a", 1, str(tmp_path / "adapter"))
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, VOCAB, n).tolist() for n in (4, 11, 23)]
+    reference = [hf_greedy(peft_model, p, 8) for p in prompts]
+    params = SamplingParams(max_tokens=8, min_tokens=8, temperature=0, ignore_eos=True)
+
+    def run(llm, lora=request):
+        return tokens(llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=lora))
+
+    engine = dict(tokenizer=str(smollm2_path), enable_lora=True, max_lora_rank=8, num_kv_blocks=64)
+    monkeypatch.setenv("LOOM_GGUF_ACTIVATIONS", "float32")
+    exact = LLM(str(gguf), **engine)
+    assert type(exact.engine.model.layers[0].mlp.gate_up_proj.base).__name__ == "GGUFLinear"
+    assert run(exact) == reference
+    assert run(exact, None) != reference  # the adapter changes the answer
+    forced = [p + list(ids[:i]) for p, ids in zip(prompts, reference) for i in range(len(ids))]
+
+    def agreement(llm, lora) -> float:  # next token given peft's context
+        outs = llm.generate([{"prompt_token_ids": f} for f in forced], SamplingParams(max_tokens=1, temperature=0),
+                            lora_request=lora)
+        return float(np.mean([o.outputs[0].token_ids[0] == t for o, t in zip(outs, sum(reference, []))]))
+
+    monkeypatch.setenv("LOOM_GGUF_ACTIVATIONS", "int8")
+    for kind, llm in (("int8 activations", LLM(str(gguf), **engine)),
+                      ("int8 weights", LLM(str(folder), quantization="int8", **engine))):
+        with_adapter = agreement(llm, request)
+        assert with_adapter >= 0.9 and agreement(llm, None) < with_adapter, kind
