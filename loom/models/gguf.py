@@ -22,6 +22,7 @@ mixtures of experts qwen2moe (with its shared expert) and qwen3moe (each expert'
 from __future__ import annotations
 
 import re
+from functools import partial
 from itertools import groupby
 from pathlib import Path
 
@@ -74,15 +75,12 @@ def load_gguf_config(path: str | Path):
     hf.architectures = [ARCHITECTURES[arch]]
     fields = GGUFReader(str(path)).fields
     if f"{arch}.attention.key_length" in fields:  # Qwen3: head_dim need not be hidden / heads
-        hf.head_dim = int(fields[f"{arch}.attention.key_length"].parts[-1][0])
+        hf.head_dim = _int_field(fields, f"{arch}.attention.key_length", None)
     if arch in ("qwen2moe", "qwen3moe"):  # every layer sparse; llama.cpp normalises the top-k weights for qwen3moe
-        def integer(key: str, default: int) -> int:
-            return int(fields[key].parts[-1][0]) if key in fields else default
-
-        hf.moe_intermediate_size = integer(f"{arch}.expert_feed_forward_length", hf.moe_intermediate_size)
+        hf.moe_intermediate_size = _int_field(fields, f"{arch}.expert_feed_forward_length", hf.moe_intermediate_size)
         if arch == "qwen2moe":
-            hf.shared_expert_intermediate_size = integer(f"{arch}.expert_shared_feed_forward_length",
-                                                         hf.shared_expert_intermediate_size)
+            hf.shared_expert_intermediate_size = _int_field(fields, f"{arch}.expert_shared_feed_forward_length",
+                                                            hf.shared_expert_intermediate_size)
         hf.norm_topk_prob = arch == "qwen3moe"
         hf.mlp_only_layers, hf.decoder_sparse_step = [], 1
     return hf
@@ -113,10 +111,7 @@ def load_gguf_model(path: str | Path, device: torch.device, max_positions: int, 
     model = model.to_empty(device=device)
     model.rotary = type(model.rotary)(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype).to(device)
 
-    def _quantized_or_dense(parts: list[tuple[int, np.ndarray]], in_features: int,
-                            bias: torch.Tensor | None = None) -> torch.nn.Module:
-        return _linear(parts, in_features, bias, kernels, device, dtype)
-
+    _quantized_or_dense = partial(_linear, kernels=kernels, device=device, dtype=dtype)
     with torch.no_grad():
         embed = tensors["token_embd.weight"]
         model.embed_tokens.weight.copy_(_dense(embed))
@@ -163,6 +158,11 @@ def _load_experts(moe: SparseMoE, t: dict, cfg: LlamaConfig, linear) -> None:
         moe.shared_expert_gate.weight.copy_(_dense(t["ffn_gate_inp_shexp"]).reshape(1, -1))
 
 
+def _int_field(fields, key: str, default):
+    """An integer metadata value of the file, or ``default`` where it has none."""
+    return int(fields[key].parts[-1][0]) if key in fields else default
+
+
 def _field(reader, key: str):
     field = reader.fields[key]
     return bytes(field.parts[field.data[0]]).decode()
@@ -177,8 +177,8 @@ def _rows(tensor, num_heads: int | None = None) -> tuple[int, np.ndarray]:
     return int(tensor.tensor_type), data
 
 
-def _linear(parts: list[tuple[int, np.ndarray]], in_features: int, bias: torch.Tensor | None, kernels: str,
-            device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def _linear(parts: list[tuple[int, np.ndarray]], in_features: int, bias: torch.Tensor | None = None, *,
+            kernels: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """One layer over the stacked rows of ``parts`` (``_rows`` results): quantized when every part is of an executable
     block type (one quantized linear of ``kernels`` per run of parts of one type, each with its rows of ``bias``),
     else the float weights (a dense ``nn.Linear`` in ``dtype``)."""

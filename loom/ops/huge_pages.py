@@ -1,8 +1,8 @@
 """Weights in transparent huge pages (Linux): a CPU decode step streams every weight matrix once, and with 4 KiB
 pages the hardware prefetchers stop at each page boundary and the TLB misses every 4 KiB. Memory madvised with
 MADV_HUGEPAGE before it is first written is backed by 2 MiB pages where the kernel has them (THP "madvise" or
-"always"). On SmolLM2-135M in float32 the decode step's forward went from 20.1 to 18.1 ms on the 2-core EPYC
-(stream-read bound: 538 MB at ~33 GB/s is 16 ms); llama.cpp gets the same effect from its mmapped model file.
+"always"). On SmolLM2-135M in float32 the decode step's forward took 0.94-0.98x the time with the same weights in
+ordinary pages (in-process A/B on the 2-core EPYC, docs/benchmarks.md).
 
     weight = huge_page_copy(weight)   # the same values, in huge-page memory (or ``weight`` itself: see below)
 

@@ -113,16 +113,13 @@ class GGUFLinear(nn.Module):
         if activations == "float32" and qtype not in FLOAT_KERNEL_TYPES:
             raise ValueError(f"{qtype.name} blocks run with int8 activations only (float32 ones read "
                              f"{', '.join(t.name for t in sorted(FLOAT_KERNEL_TYPES))})")
-        if activations == "int8" and qtype not in FLOAT_KERNEL_TYPES:  # spelled out here, packed by the extension
-            bq = block_quants(qweight, qtype, in_features)
-            offset = bq.offset if bq.offset is not None else torch.empty(0)
-            qs, d, m = self._ext.gguf_int8_pack_quants(bq.q, bq.scale, offset, int(qtype))
-            self.register_buffer("qweight", None, persistent=False)
-            self.register_buffer("qs", huge_page_copy(qs), persistent=False)
-            self.register_buffer("scales", d, persistent=False)
-            self.register_buffer("mins", m, persistent=False)
-        elif activations == "int8":
-            qs, d, m = self._ext.gguf_int8_pack(qweight, int(qtype), in_features)
+        if activations == "int8":
+            if qtype in FLOAT_KERNEL_TYPES:  # the extension reads these blocks itself
+                qs, d, m = self._ext.gguf_int8_pack(qweight, int(qtype), in_features)
+            else:  # spelled out here, packed by the extension
+                bq = block_quants(qweight, qtype, in_features)
+                offset = bq.offset if bq.offset is not None else torch.empty(0)
+                qs, d, m = self._ext.gguf_int8_pack_quants(bq.q, bq.scale, offset, int(qtype))
             self.register_buffer("qweight", None, persistent=False)
             self.register_buffer("qs", huge_page_copy(qs), persistent=False)
             self.register_buffer("scales", d, persistent=False)

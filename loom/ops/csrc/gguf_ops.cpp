@@ -737,10 +737,10 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor qweight, int64_t qtype,
   return y;
 }
 
-// The tiles from spelled-out weights: q [N, K] unsigned quants, d and m [N, K / group] float32 (m empty when the
-// format has no min), w = d (q - zero) + m.
-std::vector<torch::Tensor> pack_tiles(const uint8_t* q, const float* dr, const float* mr, int64_t N, int64_t K,
-                                      const Int8Format& f) {
+// The tiles, row by row: ``row(n, q, d, m)`` writes feature n's K unsigned quants and its K / group scales d and
+// mins m (float32; m unused when the format has none) into per-thread buffers, w = d (q - zero) + m.
+template <class Row>
+std::vector<torch::Tensor> pack_tiles(int64_t N, int64_t K, const Int8Format& f, Row&& row) {
   const int64_t tiles = (N + 15) / 16, groups = K / f.group, line = f.group * 16 * f.bits / 8;
   auto qs = torch::zeros({tiles, groups, line}, torch::kUInt8);
   const auto scale_type = f.half_scales ? torch::kFloat16 : torch::kFloat32;
@@ -748,20 +748,23 @@ std::vector<torch::Tensor> pack_tiles(const uint8_t* q, const float* dr, const f
   auto m = f.has_min ? torch::zeros({tiles, groups, 16}, scale_type) : torch::empty({0}, scale_type);
   uint8_t* qsp = qs.data_ptr<uint8_t>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> q(K);
+    std::vector<float> dr(groups), mr(groups);
     for (int64_t n = begin; n < end; ++n) {
+      row(n, q.data(), dr.data(), mr.data());
       const int64_t t = n / 16, lane = n % 16;
       for (int64_t g = 0; g < groups; ++g) {
-        const int64_t idx = (t * groups + g) * 16 + lane, src = n * groups + g;
+        const int64_t idx = (t * groups + g) * 16 + lane;
         if (f.half_scales) {
-          d.data_ptr<at::Half>()[idx] = at::Half(dr[src]);
-          if (f.has_min) m.data_ptr<at::Half>()[idx] = at::Half(mr[src]);
+          d.data_ptr<at::Half>()[idx] = at::Half(dr[g]);
+          if (f.has_min) m.data_ptr<at::Half>()[idx] = at::Half(mr[g]);
         } else {
-          d.data_ptr<float>()[idx] = dr[src];
-          if (f.has_min) m.data_ptr<float>()[idx] = mr[src];
+          d.data_ptr<float>()[idx] = dr[g];
+          if (f.has_min) m.data_ptr<float>()[idx] = mr[g];
         }
         uint8_t* out = qsp + (t * groups + g) * line;
         for (int64_t k = 0; k < f.group; ++k) {
-          const uint8_t v = q[n * K + g * f.group + k];
+          const uint8_t v = q[g * f.group + k];
           const int64_t j = k / 4, l = k % 4;
           if (f.bits == 8)
             out[64 * j + 4 * lane + l] = v;
@@ -784,30 +787,31 @@ std::vector<torch::Tensor> gguf_int8_pack(torch::Tensor qweight, int64_t qtype, 
   const int64_t N = qweight.size(0), K = in_features, bw = block_weights(qtype), nb = K / bw;
   TORCH_CHECK(K % bw == 0 && qweight.size(1) == nb * block_bytes(qtype), "qweight rows hold ", qweight.size(1),
               " bytes, expected ", nb * block_bytes(qtype), " for ", K, " inputs");
-  const int64_t groups = K / f.group, gpb = bw / f.group;  // gpb: groups a block
-  std::vector<uint8_t> q(N * K);
-  std::vector<float> dr(N * groups), mr(N * groups);
+  const int64_t gpb = bw / f.group;  // groups a block
   const uint8_t* src = qweight.data_ptr<uint8_t>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
-      for (int64_t b = 0; b < nb; ++b)
-        unpack_block(qtype, src + (n * nb + b) * block_bytes(qtype), q.data() + n * K + b * bw,
-                     dr.data() + n * groups + b * gpb, mr.data() + n * groups + b * gpb);
+  return pack_tiles(N, K, f, [&](int64_t n, uint8_t* q, float* dr, float* mr) {
+    for (int64_t b = 0; b < nb; ++b)
+      unpack_block(qtype, src + (n * nb + b) * block_bytes(qtype), q + b * bw, dr + b * gpb, mr + b * gpb);
   });
-  return pack_tiles(q.data(), dr.data(), mr.data(), N, K, f);
 }
 
 std::vector<torch::Tensor> gguf_int8_pack_quants(torch::Tensor q, torch::Tensor d, torch::Tensor m, int64_t qtype) {
   const Int8Format f = int8_format(qtype);
   TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.dim() == 2 && q.size(1) % f.group == 0,
               "q: [N, K] uint8 with K a multiple of ", f.group);
-  const int64_t N = q.size(0), K = q.size(1);
+  const int64_t N = q.size(0), K = q.size(1), groups = K / f.group;
   q = q.contiguous();
   d = d.to(torch::kFloat32).contiguous();
-  TORCH_CHECK(d.numel() == N * (K / f.group), "d: one scale per ", f.group, " weights");
+  TORCH_CHECK(d.numel() == N * groups, "d: one scale per ", f.group, " weights");
   m = f.has_min ? m.to(torch::kFloat32).contiguous() : d;
   TORCH_CHECK(m.numel() == d.numel(), "m: one min per ", f.group, " weights");
-  return pack_tiles(q.data_ptr<uint8_t>(), d.data_ptr<float>(), m.data_ptr<float>(), N, K, f);
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float *dp = d.data_ptr<float>(), *mp = m.data_ptr<float>();
+  return pack_tiles(N, K, f, [&](int64_t n, uint8_t* qr, float* dr, float* mr) {
+    std::copy_n(qp + n * K, K, qr);
+    std::copy_n(dp + n * groups, groups, dr);
+    std::copy_n(mp + n * groups, groups, mr);
+  });
 }
 
 torch::Tensor gguf_int8_unpack(torch::Tensor qs, torch::Tensor d, torch::Tensor m, int64_t qtype, int64_t N) {
