@@ -33,8 +33,8 @@ def test_a_copy_has_the_same_values_in_aligned_memory_flagged_for_huge_pages():
         return
     assert copy.data_ptr() != t.data_ptr() and torch.equal(copy, t)
     assert copy.data_ptr() % HUGE_PAGE == 0
-    assert "hg" in vm_flags(copy.data_ptr())  # MADV_HUGEPAGE
-    assert "hg" not in vm_flags(t.data_ptr())
+    assert "hg" in vm_flags(copy.data_ptr())  # MADV_HUGEPAGE (the original's flags are the allocator's business:
+    # glibc or torch may madvise large blocks themselves, so they are not asserted)
     del t
     copy.add_(1)  # still mapped, still writable
 
