@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from loom.batching.config import ModelConfig, load_models_yaml, parse_serve_spec
 from loom.batching.management import build_management_app, new_token, write_token_file
 from loom.batching.placement import device_list
-from loom.batching.routes import RAW_BODY_PREFIXES, build_inference_router
+from loom.batching.routes import RAW_BODY_PREFIXES, PredictionRoute, build_inference_router
 from loom.batching.server import ModelServer
 from loom.flags import add_config_arguments
 from loom.models.catalogue import loom_home
@@ -106,9 +106,13 @@ class ModelServerComponent:
         app = build_management_app(self.server, token, enable_model_api, model_store)
         self.management = ExtraServer(app, management_host, management_port) if management else None
         self._router = build_inference_router(self.server)
+        self._predictions = PredictionRoute(self.server)
 
     def routers(self) -> list[APIRouter]:
         return [self._router]
+
+    def raw_routes(self) -> list[PredictionRoute]:
+        return [self._predictions]
 
     def extra_servers(self) -> list[ExtraServer]:
         return [self.management] if self.management else []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
+import pickle
 import time
 import traceback
 from collections.abc import Callable
@@ -56,12 +57,12 @@ def worker_main(conn, spec: WorkerSpec) -> None:
     try:
         handler = _build_handler(spec)
     except Exception:  # noqa: BLE001 - report any setup failure to the server
-        conn.send(("failed", traceback.format_exc()))
+        send(conn, ("failed", traceback.format_exc()))
         return
-    conn.send(("ready", os.getpid()))
+    send(conn, ("ready", os.getpid()))
     while True:
         try:
-            message = conn.recv()
+            message = recv(conn)
         except (EOFError, OSError):
             return
         if message is None:
@@ -69,7 +70,19 @@ def worker_main(conn, spec: WorkerSpec) -> None:
         batch_id, items, deadlines = message
         start = time.perf_counter()
         results = run_unexpired(handler, items, deadlines)
-        conn.send(("done", batch_id, results, time.perf_counter() - start))
+        send(conn, ("done", batch_id, results, time.perf_counter() - start))
+
+
+def send(conn, message: Any) -> None:
+    """Pickle ``message`` and write it to the pipe. Plain pickle rather than ``Connection.send``'s ForkingPickler,
+    which builds a new pickler and copies copyreg's dispatch table for every message (payloads and results are plain
+    values: JSON, text, bytes; tensors would travel by value, not through shared memory)."""
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def recv(conn) -> Any:
+    """The next message :func:`send` wrote on the other end."""
+    return pickle.loads(conn.recv_bytes())
 
 
 def run_unexpired(handler, items: list[Any], deadlines: list[float]) -> list[ItemResult]:
@@ -148,7 +161,7 @@ class WorkerProcess:
         self._next_id += 1
         self._pending[batch_id] = on_answer
         try:
-            self._conn.send((batch_id, items, deadlines))
+            send(self._conn, (batch_id, items, deadlines))
         except (BrokenPipeError, OSError) as exc:
             self._pending.pop(batch_id, None)
             self._mark_dead()
@@ -166,7 +179,7 @@ class WorkerProcess:
     def _on_readable(self) -> None:
         try:
             while self._conn.poll():
-                self._dispatch(self._conn.recv())
+                self._dispatch(recv(self._conn))
         except (EOFError, OSError):
             self._mark_dead()
 
@@ -194,7 +207,7 @@ class WorkerProcess:
         """Ask the child to exit after its current batch; kill it if it does not within `grace` seconds."""
         if self.is_alive or self.process.is_alive():
             try:
-                self._conn.send(None)
+                send(self._conn, None)
             except (BrokenPipeError, OSError):
                 pass
         deadline = time.monotonic() + grace

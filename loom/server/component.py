@@ -47,3 +47,5 @@ class Component(Protocol):
 
     # Optional: ``raw_body_prefixes: tuple[str, ...]``, path prefixes whose request bodies may have any content type
     # (the app's Guard requires JSON bodies everywhere else).
+    # Optional: ``raw_routes() -> list``, plain ASGI routes answered ahead of FastAPI's router (``RawRoutes`` in
+    # loom.server.app: each has ``prefix``, ``methods`` and ``async __call__(scope, receive, send, segment)``).

@@ -308,3 +308,96 @@ def test_large_batches_cross_the_pipe_on_uvloop():
     responses, workers = uvloop.run(body())
     assert [r.status_code for r in responses] == [200] * 64
     assert workers == 2
+
+
+class _WithoutRawRoutes:
+    """The model server component minus its raw route: POST /predictions/{name} reaches FastAPI's route instead."""
+
+    def __init__(self, component):
+        self._component = component
+
+    def __getattr__(self, name):
+        if name == "raw_routes":
+            raise AttributeError(name)
+        return getattr(self._component, name)
+
+
+def test_the_raw_prediction_route_answers_as_the_fastapi_route_does():
+    """PredictionRoute (plain ASGI, ahead of FastAPI's router) and the FastAPI route of the same path: same status,
+    content type, JSON body and timing headers for answers, handler errors and bad input alike."""
+    requests = [
+        ("POST", "/predictions/echo", {"json": 7}),
+        ("POST", "/predictions/echo", {"content": b"plain words", "headers": {"content-type": "text/plain"}}),
+        ("POST", "/predictions/echo", {"content": "chunks", "headers": {"content-type": "application/json"}}),
+        ("POST", "/predictions/echo", {"content": b"", "headers": {"content-type": "application/json"}}),
+        ("POST", "/predictions/echo", {"content": b"{not json", "headers": {"content-type": "application/json"}}),
+        ("POST", "/predictions/echo", {"json": "bad"}),
+        ("POST", "/predictions/echo", {"json": "boom"}),
+        ("POST", "/predictions/crash", {"json": "object"}),  # a result JSON cannot hold
+        ("POST", "/predictions/nosuch", {"json": 1}),
+        ("POST", "/predictions/echo/extra", {"json": 1}),
+        ("POST", "/predictions/", {"json": 1}),
+        ("GET", "/predictions/echo", {}),
+    ]
+
+    async def chunks():  # a body without a length: sent chunked, read and replayed by the Guard
+        yield b'{"parts": '
+        yield b"[1, 2]}"
+
+    async def body():
+        registry = CollectorRegistry()
+        configs = [echo(), ModelConfig("crash", f"{TOY}#CrashHandler")]
+        component = ModelServerComponent(configs, registry, TOKEN, token_file=None)
+        route = component.raw_routes()[0]
+        calls = []
+
+        async def counted(scope, receive, send, name):
+            calls.append(name)
+            await route(scope, receive, send, name)
+
+        counted.prefix, counted.methods = route.prefix, route.methods
+        component.raw_routes = lambda: [counted]
+        raw_app = build_app([component], registry)
+        plain_app = build_app([_WithoutRawRoutes(component)], CollectorRegistry())
+        await component.start()
+        answers = []
+        try:
+            for app in (raw_app, plain_app):
+                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://loom") as client:
+                    answers.append([await client.request(method, path, **(kwargs | {"content": chunks()}
+                                                                          if kwargs.get("content") == "chunks"
+                                                                          else kwargs))
+                                    for method, path, kwargs in requests])
+        finally:
+            await component.stop()
+        return answers, calls
+
+    (raw, plain), calls = run(body())
+    assert calls == ["echo"] * 7 + ["crash", "nosuch"]  # the raw app's POSTs to one segment took the raw route
+    assert [r.status_code for r in raw] == [200, 200, 200, 400, 400, 400, 500, 500, 404, 404, 404, 405]
+    for (_, path, _), a, b in zip(requests, raw, plain, strict=True):
+        assert (a.status_code, a.headers["content-type"]) == (b.status_code, b.headers["content-type"]), path
+        if a.status_code == 200:
+            assert a.json()["item"] == b.json()["item"]
+            assert float(a.headers["x-loom-inference-ms"]) > 0 and "x-loom-queue-ms" in b.headers
+        else:
+            assert a.json() == b.json()
+    assert [r.json()["item"] for r in raw[:3]] == [7, "plain words", {"parts": [1, 2]}]
+    assert "not JSON-serialisable" in raw[7].json()["error"]["message"]
+
+
+def test_the_raw_prediction_route_sends_nothing_to_a_client_that_left_mid_body():
+    from loom.batching.routes import PredictionRoute
+
+    sent = []
+    messages = iter([{"type": "http.request", "body": b'{"a"', "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        sent.append(message)
+
+    route = PredictionRoute(server=None)  # never reached: the body did not arrive
+    run(route({"type": "http", "method": "POST", "headers": []}, receive, send, "echo"))
+    assert sent == []
