@@ -7,9 +7,9 @@ AVX2 and portable) against float32 ``F.linear`` on the same shape, SmolLM2-135M'
 
 For each shape (K inputs -> N outputs) and M rows of x: median over ``--repeats`` timings of ``--calls`` calls, in
 microseconds a call, and the bytes of weight it reads. The weights are random (Q4_1 from gguf's quantizer; K-quant
-super-blocks of random bytes with finite scales: the kernels' cost does not depend on the values). A K-quant needs K
-a multiple of 256, so SmolLM2's 576-wide projections have no K-quant figure (llama.cpp quantizes such tensors to
-another type). Prints a line per case and writes JSON (default results/gguf_kernels.json).
+super-blocks and IQ4 blocks of random bytes with finite scales: the kernels' cost does not depend on the values). A
+K-quant or IQ4_XS needs K a multiple of 256, so SmolLM2's 576-wide projections have no K-quant figure (llama.cpp
+quantizes such tensors to another type). Prints a line per case and writes JSON (default results/gguf_kernels.json).
 """
 
 from __future__ import annotations
@@ -30,20 +30,21 @@ from loom.ops.cpp_extension import gguf_extension  # noqa: E402
 from loom.ops.quantized import BLOCK_BYTES, BLOCK_WEIGHTS, FLOAT_KERNEL_TYPES, GGMLType, GGUFLinear  # noqa: E402
 
 SCALE_OFFSETS = {GGMLType.Q4_K: (0, 2), GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,), GGMLType.Q3_K: (108,),
-                 GGMLType.Q2_K: (80, 82)}
-"""Where a super-block's float16 d (and dmin) sit."""
+                 GGMLType.Q2_K: (80, 82), GGMLType.IQ4_NL: (0,), GGMLType.IQ4_XS: (0,)}
+"""Where a (super-)block's float16 d (and dmin) sit, for the types made of random bytes."""
 
 
 def quantized_weight(qtype: GGMLType, n: int, k: int, rng: np.random.Generator) -> torch.Tensor:
     """[n, row bytes] uint8 of ``qtype``."""
-    if BLOCK_WEIGHTS[qtype] == 32:
+    if qtype not in SCALE_OFFSETS:  # gguf's quantizer (it has none for IQ4_NL)
         from gguf import GGMLQuantizationType
         from gguf.quants import quantize
 
         w = rng.standard_normal((n, k)).astype(np.float32)
         return torch.from_numpy(np.ascontiguousarray(quantize(w, GGMLQuantizationType(int(qtype)))))
-    raw = rng.integers(0, 256, (n, k // 256, BLOCK_BYTES[qtype]), dtype=np.uint8)
-    d = np.full((n, k // 256), 1e-3, np.float16).view(np.uint8).reshape(n, k // 256, 2)
+    nb = k // BLOCK_WEIGHTS[qtype]
+    raw = rng.integers(0, 256, (n, nb, BLOCK_BYTES[qtype]), dtype=np.uint8)
+    d = np.full((n, nb), 1e-3, np.float16).view(np.uint8).reshape(n, nb, 2)
     for offset in SCALE_OFFSETS[qtype]:  # d (and dmin): finite fp16
         raw[..., offset:offset + 2] = d
     return torch.from_numpy(raw.reshape(n, -1))

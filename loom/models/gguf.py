@@ -4,10 +4,11 @@
     model = load_gguf_model(path, torch.device("cuda"), 2048, dtype=torch.bfloat16, kernels="triton")
 
 transformers reads the file's metadata into an HF config and its tokenizer (with the chat template); the tensors
-are read here with the ``gguf`` package. Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K projections
-become ``GGUFLinear`` layers (the blocks repacked for int8 dot products; rows of q/k/v and of gate/up stacked into
-Loom's fused projections; parts of different types, as Q4_K_M files have, a ``StackedGGUFLinear``); with
-``LOOM_GGUF_ACTIVATIONS=float32`` only ``FLOAT_KERNEL_TYPES`` run in their blocks. Other types (IQ*, BF16, ...) are
+are read here with the ``gguf`` package. Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL and
+IQ4_XS projections become ``GGUFLinear`` layers (the blocks repacked for int8 dot products; rows of q/k/v and of
+gate/up stacked into Loom's fused projections; parts of different types, as Q4_K_M files have, a
+``StackedGGUFLinear``); with
+``LOOM_GGUF_ACTIVATIONS=float32`` only ``FLOAT_KERNEL_TYPES`` run in their blocks. Other types (IQ2/IQ3, BF16, ...) are
 expanded at load, and float tensors (norms) load as they are. ``kernels="triton"`` (CUDA; on CPU under
 TRITON_INTERPRET=1 for tests) makes them ``TritonQuantLinear`` layers instead, the rest of the model in ``dtype``;
 ``"cpu"`` (the C++ kernels) runs float32.

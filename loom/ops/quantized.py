@@ -1,5 +1,5 @@
 """Linear layers whose weights stay in GGUF's block-quantized form (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K; on the int8 path
-also Q5_0, Q5_1, Q5_K, Q3_K, Q2_K), as llama.cpp keeps them.
+also Q5_0, Q5_1, Q5_K, Q3_K, Q2_K and the non-linear IQ4_NL, IQ4_XS), as llama.cpp keeps them.
 
     layer = GGUFLinear(qweight, qtype=GGMLType.Q4_1, in_features=576)   # qweight: [out, row_bytes] uint8
     y = layer(x)                                                        # x [M, 576] float32 -> [M, out]
@@ -48,18 +48,26 @@ class GGMLType(IntEnum):
     Q4_K = 12
     Q5_K = 13
     Q6_K = 14
+    IQ4_NL = 20
+    IQ4_XS = 23
 
 
 FLOAT_KERNEL_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K})
 """The types the float32-activation kernels (``activations="float32"``) read in their blocks; the others (Q5_0,
-Q5_1, Q2_K, Q3_K, Q5_K) run on the int8 path only (on CPU) and through the Triton kernels (on CUDA)."""
+Q5_1, Q2_K, Q3_K, Q5_K, IQ4_NL, IQ4_XS) run on the int8 path only (on CPU) and through the Triton kernels (on
+CUDA)."""
 
 BLOCK_WEIGHTS = {GGMLType.Q8_0: 32, GGMLType.Q4_0: 32, GGMLType.Q4_1: 32, GGMLType.Q5_0: 32, GGMLType.Q5_1: 32,
-                 GGMLType.Q2_K: 256, GGMLType.Q3_K: 256, GGMLType.Q4_K: 256, GGMLType.Q5_K: 256, GGMLType.Q6_K: 256}
-"""Weights per block (K-quants: a super-block of 8 or 16 sub-blocks with their own scales)."""
+                 GGMLType.Q2_K: 256, GGMLType.Q3_K: 256, GGMLType.Q4_K: 256, GGMLType.Q5_K: 256, GGMLType.Q6_K: 256,
+                 GGMLType.IQ4_NL: 32, GGMLType.IQ4_XS: 256}
+"""Weights per block (K-quants and IQ4_XS: a super-block of 8 or 16 sub-blocks with their own scales)."""
+
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+"""IQ4_NL's and IQ4_XS's 16 non-uniform levels: a 4-bit quant q stands for IQ4_VALUES[q] (times its group's scale)."""
 
 BLOCK_BYTES = {GGMLType.Q8_0: 34, GGMLType.Q4_0: 18, GGMLType.Q4_1: 20, GGMLType.Q5_0: 22, GGMLType.Q5_1: 24,
-               GGMLType.Q2_K: 84, GGMLType.Q3_K: 110, GGMLType.Q4_K: 144, GGMLType.Q5_K: 176, GGMLType.Q6_K: 210}
+               GGMLType.Q2_K: 84, GGMLType.Q3_K: 110, GGMLType.Q4_K: 144, GGMLType.Q5_K: 176, GGMLType.Q6_K: 210,
+               GGMLType.IQ4_NL: 18, GGMLType.IQ4_XS: 136}
 """Bytes per block of ``BLOCK_WEIGHTS`` weights."""
 
 
@@ -279,6 +287,9 @@ class BlockQuants:
     zero: int
     group: int
     bits: int
+    values: torch.Tensor | None = None
+    """int8 [16] levels the quants index (IQ4_NL, IQ4_XS: weight = values[q] * scale), or None (the quants are the
+    levels)."""
 
 
 def _halves(blocks: torch.Tensor, start: int) -> torch.Tensor:
@@ -354,6 +365,18 @@ def block_quants(qweight: torch.Tensor, qtype: int, in_features: int) -> BlockQu
         sc = (low | (top << 4)).float() - 32
         scale = (_halves(blocks, 108).float()[..., None] * sc).reshape(n, -1)
         return BlockQuants(qs, scale, None, zero=4, group=16, bits=4)
+    if qtype in (GGMLType.IQ4_NL, GGMLType.IQ4_XS):
+        values = torch.tensor(IQ4_VALUES, dtype=torch.int8)
+        if qtype == GGMLType.IQ4_NL:  # d, then 16 bytes of nibble indices
+            return BlockQuants(_nibbles(blocks[..., 2:]).reshape(n, in_features), _halves(blocks, 0), None, zero=0,
+                               group=32, bits=4, values=values)
+        # IQ4_XS: d, 2 bytes of the sub-blocks' high scale bits (2 each), 4 bytes of low ones (4 each), 128 of nibbles
+        high = blocks[..., 2:4].contiguous().view(torch.int16).long()  # [n, b, 1]
+        high = torch.stack([(high >> (2 * i)) & 3 for i in range(8)], dim=-1).flatten(-2)
+        low = torch.stack([blocks[..., 4:8] & 15, blocks[..., 4:8] >> 4], dim=-1).flatten(-2).long()
+        scale = (_halves(blocks, 0).float()[..., None] * ((low | (high << 4)) - 32).float()).reshape(n, -1)
+        return BlockQuants(_nibbles(blocks[..., 8:]).reshape(n, in_features), scale, None, zero=0, group=32, bits=4,
+                           values=values)
     if qtype == GGMLType.Q8_0:
         qs = blocks[..., 2:].contiguous().view(torch.int8).reshape(n, in_features)
         return BlockQuants(qs, _halves(blocks, 0), None, zero=0, group=32, bits=8)
@@ -376,8 +399,9 @@ def block_quants(qweight: torch.Tensor, qtype: int, in_features: int) -> BlockQu
 
 
 def dequantize_block_quants(bq: BlockQuants) -> torch.Tensor:
-    """float32 [n, k]: (q - zero) * scale (+ offset), group by group."""
-    w = (bq.q.float() - bq.zero).unflatten(-1, (-1, bq.group)) * bq.scale.float()[..., None]
+    """float32 [n, k]: (q - zero) * scale (+ offset), group by group (q the level it indexes, where there are)."""
+    q = bq.q if bq.values is None else bq.values.to(bq.q.device)[bq.q.long()]
+    w = (q.float() - bq.zero).unflatten(-1, (-1, bq.group)) * bq.scale.float()[..., None]
     if bq.offset is not None:
         w = w + bq.offset.float()[..., None]
     return w.flatten(-2)

@@ -24,8 +24,8 @@ PATHS = ["auto", "avx2", "portable"]  # auto: VNNI where compiled in; avx2 / por
 
 def blocks(qtype: GGMLType, rows: int, k: int, seed: int = 0) -> torch.Tensor:
     """[rows, row bytes] of random quants: gguf's quantizer for the 32-weight formats (Q8_0 then given random int8
-    bytes, -128 included, which the quantizer never writes), random super-blocks for the K-quants."""
-    if BLOCK_WEIGHTS[qtype] == 256:
+    bytes, -128 included, which the quantizer never writes), random blocks for the K-quants and IQ4."""
+    if BLOCK_WEIGHTS[qtype] == 256 or qtype == GGMLType.IQ4_NL:  # (gguf has no quantizer for IQ4_NL)
         return random_blocks(qtype, rows, k, seed)
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize

@@ -27,10 +27,10 @@ K_QUANTS = [GGMLType.Q4_K, GGMLType.Q6_K]
 
 
 def random_blocks(qtype: GGMLType, rows: int, k: int, seed: int = 0, std: float = 0.05) -> torch.Tensor:
-    """[rows, k / 256 * block bytes] uint8: random bytes for every quant and scale, with finite fp16 d (and dmin)
-    drawn so the weights have about ``std`` (Q4_K's dmin near 7.5 d centres its unsigned nibbles)."""
+    """[rows, k / block weights * block bytes] uint8: random bytes for every quant and scale, with finite fp16 d (and
+    dmin) drawn so the weights have about ``std`` (Q4_K's dmin near 7.5 d centres its unsigned nibbles)."""
     rng = np.random.default_rng(seed)
-    nb = k // 256
+    nb = k // BLOCK_WEIGHTS[qtype]
     raw = rng.integers(0, 256, (rows, nb, BLOCK_BYTES[qtype]), dtype=np.uint8)
 
     def fp16(scale: float) -> np.ndarray:  # [rows, nb, 2]: the bytes of fp16 values around scale
@@ -45,6 +45,10 @@ def random_blocks(qtype: GGMLType, rows: int, k: int, seed: int = 0, std: float 
         raw[..., 108:110] = fp16(std / 40)
     elif qtype == GGMLType.Q2_K:  # w = d sc q - dmin m; sc, m in [0, 15], q in [0, 3]
         raw[..., 80:82], raw[..., 82:84] = fp16(std / 15), fp16(std / 10)
+    elif qtype == GGMLType.IQ4_NL:  # w = d level; levels in [-127, 113]
+        raw[..., 0:2] = fp16(std / 70)
+    elif qtype == GGMLType.IQ4_XS:  # w = d (ls - 32) level; ls in [0, 63]
+        raw[..., 0:2] = fp16(std / 1300)
     else:
         raise ValueError(f"random super-blocks of {qtype.name}?")
     return torch.from_numpy(raw.reshape(rows, -1))
@@ -114,7 +118,7 @@ def write_tiny_kquant_gguf(path, types: dict = Q4_K_M) -> None:
     seed = iter(range(1000))
 
     def quantized(name: str, qtype: GGMLType, rows: int, k: int, std: float = 0.05) -> None:
-        if BLOCK_WEIGHTS[qtype] == 32:  # gguf's own quantizer for the 32-weight types
+        if BLOCK_WEIGHTS[qtype] == 32 and qtype != GGMLType.IQ4_NL:  # gguf's own quantizer for these 32-weight types
             from gguf.quants import quantize
 
             w = np.random.default_rng(next(seed)).standard_normal((rows, k)).astype(np.float32) * std
@@ -200,23 +204,29 @@ MIXED = {"embd": GGMLType.Q5_0, "output": GGMLType.Q5_1, "q": GGMLType.Q5_K, "k"
          "down": GGMLType.Q5_K}
 """Q5_K_M's main type, the 2- and 3-bit K-quants and the 5-bit legacy types, in one file."""
 
+IQ4 = {"embd": GGMLType.IQ4_NL, "output": GGMLType.IQ4_XS, "q": GGMLType.IQ4_XS, "k": GGMLType.IQ4_XS,
+       "v": (GGMLType.IQ4_NL, GGMLType.IQ4_XS), "o": GGMLType.IQ4_NL, "gate": GGMLType.IQ4_NL, "up": GGMLType.IQ4_NL,
+       "down": GGMLType.IQ4_XS}
+"""The non-linear 4-bit types (levels looked up from the nibbles) in one file, IQ4_XS_M-like."""
 
-def test_five_three_and_two_bit_types_run_packed_and_agree_with_transformers(tmp_path, smollm2_path):
-    """Q5_0, Q5_1, Q2_K, Q3_K and Q5_K projections (no float32-activation kernel: spelled out by ``block_quants``,
-    packed into the int8 tiles) run quantized: their weights equal transformers' expansion of the file exactly, and
-    the next token agrees on >= 90% of teacher-forced positions; with the triton backend (weight-only, float
-    activations) greedy tokens and logprobs equal transformers' to float32 rounding."""
+
+@pytest.mark.parametrize("types", [MIXED, IQ4], ids=["q5-q3-q2", "iq4"])
+def test_types_without_float_kernels_run_packed_and_agree_with_transformers(tmp_path, smollm2_path, types):
+    """Q5_0, Q5_1, Q2_K, Q3_K, Q5_K, IQ4_NL and IQ4_XS projections (no float32-activation kernel: spelled out by
+    ``block_quants``, packed into the int8 tiles) run quantized: their weights equal transformers' expansion of the
+    file exactly, and the next token agrees on >= 90% of teacher-forced positions; with the triton backend
+    (weight-only, float activations) greedy tokens and logprobs equal transformers' to float32 rounding."""
     from transformers import AutoModelForCausalLM
 
     from loom.ops.triton.quantized import TritonQuantLinear
 
     path = tmp_path / "tiny-mixed.gguf"
-    write_tiny_kquant_gguf(path, MIXED)
+    write_tiny_kquant_gguf(path, types)
     llm = LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=256)
     first, second = llm.engine.model.layers
-    assert [p.qtype for p in first.self_attn.qkv_proj.parts] == [GGMLType.Q5_K, GGMLType.Q3_K]
-    assert second.self_attn.qkv_proj.qtype == GGMLType.Q5_K and first.self_attn.o_proj.qtype == GGMLType.Q2_K
-    assert first.mlp.gate_up_proj.qtype == GGMLType.Q3_K and llm.engine.model.logits_proj.qtype == GGMLType.Q5_1
+    assert [p.qtype for p in first.self_attn.qkv_proj.parts] == [types["q"], types["v"][0]]
+    assert second.self_attn.qkv_proj.qtype == types["q"] and first.self_attn.o_proj.qtype == types["o"]
+    assert first.mlp.gate_up_proj.qtype == types["gate"] and llm.engine.model.logits_proj.qtype == types["output"]
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     hf_attn, hf_mlp = hf.model.layers[0].self_attn, hf.model.layers[0].mlp
     assert torch.equal(first.self_attn.qkv_proj.dequantize(),

@@ -36,8 +36,12 @@ constexpr int64_t QK = 32;  // weights per sub-block: what a kernel dequantizes 
 // folder), packed in Python (loom.ops.quantized.Int8Linear) straight into the int8 kernels' tiles.
 enum QType : int64_t {
   Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
-  I8_ROWS = 1000
+  IQ4_NL = 20, IQ4_XS = 23, I8_ROWS = 1000
 };
+
+// IQ4_NL's and IQ4_XS's 16 levels plus 128 (unsigned, zero point 128): a 4-bit quant q is the weight
+// kIq4Levels[q] - 128 times its group's scale. The kernels map nibbles to levels with one byte shuffle.
+alignas(16) constexpr uint8_t kIq4Levels[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
 
 inline float half(const uint8_t* p) {
   uint16_t bits;
@@ -323,6 +327,7 @@ void linear_portable(const float* xp, int64_t M, int64_t K, const uint8_t* qp, i
 struct Int8Format {
   int bits, group, zero;
   bool has_min, half_scales;
+  bool levels = false;  // the 4-bit quants index kIq4Levels (IQ4_NL, IQ4_XS)
 };
 
 Int8Format int8_format(int64_t qtype) {
@@ -339,9 +344,11 @@ Int8Format int8_format(int64_t qtype) {
     case Q5_K: return {8, 32, 0, true, false};
     case Q3_K: return {4, 16, 4, false, false};
     case Q2_K: return {4, 16, 0, true, false};
+    case IQ4_NL: return {4, 32, 128, false, true, true};
+    case IQ4_XS: return {4, 32, 128, false, false, true};
   }
   TORCH_CHECK(false, "unsupported GGUF quantization type ", qtype, " (Loom runs Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, ",
-              "Q3_K, Q4_K, Q5_K and Q6_K)");
+              "Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS)");
 }
 
 int64_t block_weights(int64_t qtype) { return qtype == Q4_K || qtype == Q6_K ? 256 : 32; }
@@ -474,11 +481,12 @@ struct Int8Call {
   float* y;
 };
 
-// The formats as types: quant bits, weights a group (one d, one m), zero point, whether m exists, scale storage.
-template <int kBits, int kGroup, int kZero, bool kMin, class Scale>
+// The formats as types: quant bits, weights a group (one d, one m), zero point, whether m exists, scale storage,
+// whether the quants index kIq4Levels.
+template <int kBits, int kGroup, int kZero, bool kMin, class Scale, bool kLevels = false>
 struct Fmt {
   static constexpr int bits = kBits, group = kGroup, zero = kZero, quads = kGroup / 4;
-  static constexpr bool has_min = kMin;
+  static constexpr bool has_min = kMin, levels = kLevels;
   using S = Scale;
 };
 using FQ4_0 = Fmt<4, 32, 8, false, uint16_t>;
@@ -492,6 +500,8 @@ using FQ5_1 = Fmt<8, 32, 0, true, uint16_t>;
 using FQ5_K = Fmt<8, 32, 0, true, float>;
 using FQ3_K = Fmt<4, 16, 4, false, float>;
 using FQ2_K = Fmt<4, 16, 0, true, float>;
+using FIQ4_NL = Fmt<4, 32, 128, false, uint16_t, true>;
+using FIQ4_XS = Fmt<4, 32, 128, false, float, true>;
 
 template <class F>
 void with_int8_format(int64_t qtype, F&& f) {
@@ -507,6 +517,8 @@ void with_int8_format(int64_t qtype, F&& f) {
     case Q5_K: return f(FQ5_K{});
     case Q3_K: return f(FQ3_K{});
     case Q2_K: return f(FQ2_K{});
+    case IQ4_NL: return f(FIQ4_NL{});
+    case IQ4_XS: return f(FIQ4_XS{});
   }
   TORCH_CHECK(false, "unsupported GGUF quantization type ", qtype);
 }
@@ -531,6 +543,7 @@ inline void int8_rows_512(const Int8Call& c, int64_t m0) {
   __m512 acc[T];
   for (int r = 0; r < T; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i levels = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4Levels)));
   for (int64_t g = 0; g < c.groups; ++g) {
     const uint8_t* line = c.qs + g * c.line;
     __m512i w[F::quads];
@@ -542,6 +555,8 @@ inline void int8_rows_512(const Int8Call& c, int64_t m0) {
         w[2 * j] = _mm512_and_si512(v, low);
         w[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
       }
+      if constexpr (F::levels)
+        for (int j = 0; j < F::quads; ++j) w[j] = _mm512_shuffle_epi8(levels, w[j]);
     }
     const __m512 dw = scales16(d + 16 * g);
     __m512 mw;
@@ -576,14 +591,15 @@ inline __m256 scales8(const float* p) { return _mm256_loadu_ps(p); }
 
 // The same with AVX2 (no VNNI): each half of the tile (8 features, 32 bytes of a quad) at a time; vpmaddubsw
 // multiplies unsigned by signed bytes into pairs of int16 (saturating: safe for quants below 64), vpmaddwd adds
-// the pairs into each feature's int32. Q8_0's quants (0..255 with zero 128) would saturate, so they are turned
-// back to signed and llama.cpp's sign trick used: |w| times x with w's sign.
+// the pairs into each feature's int32. Q8_0's and IQ4's quants (0..255 with zero 128) would saturate, so they are
+// turned back to signed and llama.cpp's sign trick used: |w| times x with w's sign.
 template <int T, class F>
 inline void int8_rows_256(const Int8Call& c, int64_t m0) {
-  constexpr bool kSigned = F::bits == 8 && F::zero == 128;
+  constexpr bool kSigned = F::zero == 128;
   const auto* d = static_cast<const typename F::S*>(c.d);
   const auto* mn = static_cast<const typename F::S*>(c.m);
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(-128);
+  const __m256i levels = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4Levels)));
   for (int h = 0; h < 2; ++h) {
     const int64_t width = std::min<int64_t>(8, c.N - c.n0 - 8 * h);
     if (width <= 0) break;
@@ -603,6 +619,8 @@ inline void int8_rows_256(const Int8Call& c, int64_t m0) {
           w[2 * j] = _mm256_and_si256(v, low);
           w[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
         }
+        if constexpr (F::levels)
+          for (int j = 0; j < F::quads; ++j) w[j] = _mm256_xor_si256(_mm256_shuffle_epi8(levels, w[j]), flip);
       }
       const __m256 dw = scales8(d + 16 * g + 8 * h);
       __m256 mw;
@@ -646,7 +664,8 @@ void int8_rows_portable(const Int8Call& c, int64_t m0, int64_t tm) {
       for (int n = 0; n < 16; ++n)
         for (int l = 0; l < 4; ++l)
           w[n][4 * j + l] = F::bits == 8 ? line[64 * j + 4 * n + l]
-                                         : (line[64 * (j / 2) + 4 * n + l] >> (4 * (j % 2))) & 0x0F;
+                                         : F::levels ? kIq4Levels[(line[64 * (j / 2) + 4 * n + l] >> (4 * (j % 2))) & 0x0F]
+                                                     : (line[64 * (j / 2) + 4 * n + l] >> (4 * (j % 2))) & 0x0F;
     for (int64_t r = 0; r < tm; ++r) {
       const int64_t row = m0 + r;
       const int8_t* a = c.xq + row * c.K + g * F::group;
@@ -829,7 +848,8 @@ torch::Tensor gguf_int8_unpack(torch::Tensor qs, torch::Tensor d, torch::Tensor 
       const float dv = df.data_ptr<float>()[idx], mv = f.has_min ? mf.data_ptr<float>()[idx] : 0.f;
       for (int64_t k = 0; k < f.group; ++k) {
         const int64_t j = k / 4, l = k % 4;
-        const int q = f.bits == 8 ? in[64 * j + 4 * (n % 16) + l] : (in[64 * (j / 2) + 4 * (n % 16) + l] >> (4 * (j % 2))) & 0x0F;
+        int q = f.bits == 8 ? in[64 * j + 4 * (n % 16) + l] : (in[64 * (j / 2) + 4 * (n % 16) + l] >> (4 * (j % 2))) & 0x0F;
+        if (f.levels) q = kIq4Levels[q];
         out.data_ptr<float>()[n * K + g * f.group + k] = dv * static_cast<float>(q - f.zero) + mv;
       }
     }

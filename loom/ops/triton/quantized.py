@@ -1,4 +1,5 @@
-"""Quantized linears on the GPU: GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and
+"""Quantized linears on the GPU: GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL,
+IQ4_XS) and
 weight-only int8 multiplied by Triton kernels that dequantize in registers, so a decode step reads the packed bytes,
 not float weights.
 
@@ -11,6 +12,8 @@ first 16 of each 32 in the low nibbles), a scale per group of 16 or 32 (float16 
 where it is a product: Q4_K, Q6_K), an optional offset, so weight = (q - zero) * scale (+ offset) and one kernel
 serves all formats. 5- and 6-bit quants take a byte each here (Q6_K: 8 + 2 bits a weight, against 6.56 in the
 file), 2- and 3-bit ones half a byte; 4- and 8-bit ones keep their size (Q4_K: 4 + 2 with its float32 scales).
+IQ4_NL's and IQ4_XS's 4-bit quants index 16 non-uniform levels: here each becomes its level, a byte a weight (the
+CPU kernels keep the nibbles and look the levels up in registers).
 
 Two kernels, chosen by the number of rows of x:
 - up to ``GEMV_ROWS`` rows (decode): each program owns ``BLOCK_N`` output features of all rows and walks the inputs,
@@ -126,6 +129,8 @@ class TritonQuantLinear(nn.Module):
 
     def __init__(self, bq: BlockQuants, in_features: int, bias: torch.Tensor | None = None, kind: str = ""):
         super().__init__()
+        if bq.values is not None:  # IQ4: each quant replaced by its level, kept as int8 (a byte a weight on the GPU)
+            bq = BlockQuants(bq.values.to(bq.q.device)[bq.q.long()], bq.scale, bq.offset, bq.zero, bq.group, bits=8)
         if bq.bits == 4:
             if bq.q.dtype != torch.uint8 or in_features % 32:
                 raise ValueError("4-bit quants must be uint8 with in_features a multiple of 32")
@@ -150,7 +155,7 @@ class TritonQuantLinear(nn.Module):
 
         bq = block_quants(qweight, qtype, in_features)
         bq = BlockQuants(bq.q.to(device), bq.scale.to(device), None if bq.offset is None else bq.offset.to(device),
-                         bq.zero, bq.group, bq.bits)
+                         bq.zero, bq.group, bq.bits, bq.values)
         return cls(bq, in_features, None if bias is None else bias.float().to(device), GGMLType(int(qtype)).name)
 
     @classmethod
