@@ -17,7 +17,9 @@ converter stores q and k rows permuted for its rotary layout; rows are independe
 quantized matrix restores the HF order without touching a block. Architectures: llama (Llama, SmolLM2, Mistral-shaped
 files), qwen2 (q/k/v biases), qwen3 (q/k RMSNorm per head, head_dim from ``attention.key_length``) and their
 mixtures of experts qwen2moe (with its shared expert) and qwen3moe (each expert's matrices sliced out of the 3-D
-``ffn_*_exps`` tensors, kept quantized), whose converter keeps q and k in HF's order; others are refused by name.
+``ffn_*_exps`` tensors, kept quantized), whose converter keeps q and k in HF's order, and phi3 (q/k/v rows in one
+``attn_qkv`` tensor and gate/up in one ``ffn_up``, as Loom fuses them; its sliding window read from the file; the
+128k models' per-frequency rotary factors refused); others are refused by name.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from loom.ops.quantized import (
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
+                 "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM"}
 """GGUF ``general.architecture`` values Loom executes, and the HF architecture each is."""
 _FLOAT_TYPES = {0: torch.float32, 1: torch.float16}
 _NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
@@ -77,6 +79,10 @@ def load_gguf_config(path: str | Path):
     fields = GGUFReader(str(path)).fields
     if f"{arch}.attention.key_length" in fields:  # Qwen3: head_dim need not be hidden / heads
         hf.head_dim = _int_field(fields, f"{arch}.attention.key_length", None)
+    if arch == "phi3":  # transformers reads neither of these from the file
+        hf.sliding_window = _int_field(fields, "phi3.attention.sliding_window", None)
+        head_dim = hf.hidden_size // hf.num_attention_heads
+        hf.partial_rotary_factor = _int_field(fields, "phi3.rope.dimension_count", head_dim) / head_dim
     if arch in ("qwen2moe", "qwen3moe"):  # every layer sparse; llama.cpp normalises the top-k weights for qwen3moe
         hf.moe_intermediate_size = _int_field(fields, f"{arch}.expert_feed_forward_length", hf.moe_intermediate_size)
         if arch == "qwen2moe":
@@ -107,6 +113,9 @@ def load_gguf_model(path: str | Path, device: torch.device, max_positions: int, 
     arch = gguf_architecture(path)
     cfg = LlamaConfig.from_hf(load_gguf_config(path))
     tensors = {t.name: t for t in reader.tensors}
+    if "rope_factors_long.weight" in tensors:
+        raise ValueError(f"{Path(path).name} scales its rotary embedding per frequency (Phi-3's long-context "
+                         "'longrope' factors), which Loom does not run from GGUF files yet; serve the HF folder")
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions=1, dtype=dtype)
     model = model.to_empty(device=device)
@@ -127,10 +136,13 @@ def load_gguf_model(path: str | Path, device: torch.device, max_positions: int, 
             for gguf_name, norm in _NORMS.items():
                 getattr(layer, norm).weight.copy_(_dense(t[gguf_name]))
             attn, mlp = layer.self_attn, layer.mlp
-            q = _rows(t["attn_q"], cfg.num_attention_heads if permuted else None)
-            k = _rows(t["attn_k"], cfg.num_key_value_heads if permuted else None)
-            bias = torch.cat([_dense(t[f"attn_{x}.bias"]) for x in "qkv"]) if cfg.qkv_bias else None
-            attn.qkv_proj = _quantized_or_dense([q, k, _rows(t["attn_v"])], cfg.hidden_size, bias)
+            if "attn_qkv" in t:  # phi3: q, k and v rows in one tensor, as Loom fuses them
+                attn.qkv_proj = _quantized_or_dense([_rows(t["attn_qkv"])], cfg.hidden_size)
+            else:
+                q = _rows(t["attn_q"], cfg.num_attention_heads if permuted else None)
+                k = _rows(t["attn_k"], cfg.num_key_value_heads if permuted else None)
+                bias = torch.cat([_dense(t[f"attn_{x}.bias"]) for x in "qkv"]) if cfg.qkv_bias else None
+                attn.qkv_proj = _quantized_or_dense([q, k, _rows(t["attn_v"])], cfg.hidden_size, bias)
             if cfg.qk_norm:
                 attn.q_norm.weight.copy_(_dense(t["attn_q_norm"]))
                 attn.k_norm.weight.copy_(_dense(t["attn_k_norm"]))
@@ -138,7 +150,9 @@ def load_gguf_model(path: str | Path, device: torch.device, max_positions: int, 
             if isinstance(mlp, SparseMoE):
                 _load_experts(mlp, t, cfg, _quantized_or_dense)
                 continue
-            mlp.gate_up_proj = _quantized_or_dense([_rows(t["ffn_gate"]), _rows(t["ffn_up"])], cfg.hidden_size)
+            # phi3: ffn_up holds the gate rows, then the up rows
+            gate_up = [_rows(t["ffn_gate"]), _rows(t["ffn_up"])] if "ffn_gate" in t else [_rows(t["ffn_up"])]
+            mlp.gate_up_proj = _quantized_or_dense(gate_up, cfg.hidden_size)
             mlp.down_proj = _quantized_or_dense([_rows(t["ffn_down"])], cfg.intermediate_size)
     return model.eval()
 

@@ -1,6 +1,7 @@
-"""GGUF files of other architectures than llama, executed quantized: tiny random qwen2 (q/k/v biases) and qwen3 (q/k
-RMSNorm per head, a head_dim other than hidden / heads) files written with ``GGUFWriter`` in llama.cpp's tensor
-names, against transformers' own GGUF loader, which expands the same file to float32."""
+"""GGUF files of other architectures than llama, executed quantized: tiny random qwen2 (q/k/v biases), qwen3 (q/k
+RMSNorm per head, a head_dim other than hidden / heads), phi3 (fused q/k/v and gate/up tensors, a sliding window) and
+the qwen mixtures of experts, written with ``GGUFWriter`` in llama.cpp's tensor names, against transformers' own GGUF
+loader, which expands the same file to float32."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from tests.engine.test_parity import assert_parity, loom_greedy, teacher_forced_
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB, LAYERS = 128, 256, 4, 2, 1024, 2
 
+
+PHI3_WINDOW = 48
+"""The tiny phi3 file's sliding window: shorter than the longest test prompt."""
 
 MOE = {"qwen3moe": {"experts": 4, "used": 2, "ff": 768, "shared": 0},  # transformers' defaults for the sizes
        "qwen2moe": {"experts": 4, "used": 2, "ff": 1408, "shared": 5632}}  # it does not read from the file
@@ -44,6 +48,10 @@ def write_tiny_gguf(path, arch: str) -> None:
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_vocab_size(VOCAB)
     moe = MOE.get(arch)
+    if arch == "phi3":
+        writer.add_sliding_window(PHI3_WINDOW)
+        for add, token in ((writer.add_bos_token_id, 1), (writer.add_eos_token_id, 2), (writer.add_pad_token_id, 0)):
+            add(token)  # Phi3Config's defaults (32000) lie outside the tiny vocabulary
     if moe:
         writer.add_expert_count(moe["experts"])
         writer.add_expert_used_count(moe["used"])
@@ -74,6 +82,12 @@ def write_tiny_gguf(path, arch: str) -> None:
     for i in range(LAYERS):
         tensor(f"blk.{i}.attn_norm.weight", (HIDDEN,), std=0.1, mean=1.0)
         tensor(f"blk.{i}.ffn_norm.weight", (HIDDEN,), std=0.1, mean=1.0)
+        if arch == "phi3":  # q, k and v rows in one tensor; gate and up rows in ffn_up
+            tensor(f"blk.{i}.attn_qkv.weight", (q_rows + 2 * kv_rows, HIDDEN), T.Q8_0)
+            tensor(f"blk.{i}.attn_output.weight", (HIDDEN, q_rows), T.Q4_1)
+            tensor(f"blk.{i}.ffn_up.weight", (2 * INTERMEDIATE, HIDDEN), T.Q4_1)
+            tensor(f"blk.{i}.ffn_down.weight", (HIDDEN, INTERMEDIATE), T.Q4_0)
+            continue
         tensor(f"blk.{i}.attn_q.weight", (q_rows, HIDDEN), T.Q8_0)
         tensor(f"blk.{i}.attn_k.weight", (kv_rows, HIDDEN), T.Q8_0)
         tensor(f"blk.{i}.attn_v.weight", (kv_rows, HIDDEN), T.Q8_0)
@@ -109,9 +123,9 @@ def write_tiny_gguf(path, arch: str) -> None:
     writer.close()
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_a_qwen_gguf_runs_quantized_and_agrees_with_transformers_float32_expansion(arch, tmp_path, smollm2_path,
-                                                                                    monkeypatch):
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "phi3"])
+def test_a_qwen_or_phi3_gguf_runs_quantized_and_agrees_with_transformers_float32_expansion(arch, tmp_path,
+                                                                                            smollm2_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from tests.engine.test_gguf_kquants import hf_greedy
@@ -119,7 +133,11 @@ def test_a_qwen_gguf_runs_quantized_and_agrees_with_transformers_float32_expansi
     path = tmp_path / f"tiny-{arch}.gguf"
     write_tiny_gguf(path, arch)
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
-    assert type(hf).__name__ == {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]
+    assert type(hf).__name__ == {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                                 "phi3": "Phi3ForCausalLM"}[arch]
+    if arch == "phi3":  # transformers' GGUF loader does not read the window: the reference is told it here
+        assert hf.config.sliding_window is None
+        hf.config.sliding_window = PHI3_WINDOW
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, VOCAB, n).tolist() for n in (1, 6, 19, 45, 80)]
     reference = hf_greedy(hf, prompts, max_new=8)
@@ -130,9 +148,14 @@ def test_a_qwen_gguf_runs_quantized_and_agrees_with_transformers_float32_expansi
     attn = llm.engine.model.layers[1].self_attn
     assert isinstance(attn.qkv_proj, GGUFLinear) and attn.head_dim == (128 if arch == "qwen3" else HIDDEN // HEADS)
     assert (attn.qkv_proj.bias is not None) == (arch == "qwen2") and (attn.q_norm is not None) == (arch == "qwen3")
+    assert attn.window == (PHI3_WINDOW if arch == "phi3" else None)
     hf_attn = hf.model.layers[1].self_attn
-    assert torch.equal(attn.qkv_proj.dequantize(), torch.cat([hf_attn.q_proj.weight, hf_attn.k_proj.weight,
-                                                              hf_attn.v_proj.weight]))  # q/k kept in HF's order
+    hf_qkv = hf_attn.qkv_proj.weight if arch == "phi3" else torch.cat([hf_attn.q_proj.weight, hf_attn.k_proj.weight,
+                                                                        hf_attn.v_proj.weight])
+    assert torch.equal(attn.qkv_proj.dequantize(), hf_qkv)  # q/k kept in HF's order
+    if arch == "phi3":
+        mlp = llm.engine.model.layers[1].mlp
+        assert torch.equal(mlp.gate_up_proj.dequantize(), hf.model.layers[1].mlp.gate_up_proj.weight)
     assert_parity(loom_greedy(llm, prompts, 8), reference)
 
     monkeypatch.setenv("LOOM_GGUF_ACTIVATIONS", "int8")
@@ -152,6 +175,31 @@ def test_an_unsupported_gguf_architecture_is_refused_by_name(tmp_path, smollm2_p
     writer.close()
     with pytest.raises(ValueError, match="GGUF architecture 'phi2' is not supported yet; Loom executes GGUF files of "
                                          "llama, qwen2, qwen3"):
+        LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=16)
+
+
+def test_a_phi3_file_with_long_context_rotary_factors_is_refused(tmp_path, smollm2_path):
+    """Phi-3's 128k models scale the rotary embedding per frequency (rope_factors_long/short tensors): refused with
+    the reason, not run with the wrong positions."""
+    from gguf import GGUFReader, GGUFWriter
+
+    plain = tmp_path / "plain" / "phi3.gguf"
+    plain.parent.mkdir()
+    write_tiny_gguf(plain, "phi3")
+    reader = GGUFReader(str(plain))
+    path = tmp_path / "phi3-128k.gguf"
+    writer = GGUFWriter(str(path), "phi3")
+    for field in reader.fields.values():
+        if field.name.startswith("phi3.") or field.name.startswith("tokenizer."):
+            writer.add_key_value(field.name, field.contents(), field.types[0])
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_dtype=tensor.tensor_type)
+    writer.add_tensor("rope_factors_long.weight", np.ones(HIDDEN // HEADS // 2, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="long-context 'longrope' factors"):
         LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=16)
 
 
