@@ -19,7 +19,9 @@ files), qwen2 (q/k/v biases), qwen3 (q/k RMSNorm per head, head_dim from ``atten
 mixtures of experts qwen2moe (with its shared expert) and qwen3moe (each expert's matrices sliced out of the 3-D
 ``ffn_*_exps`` tensors, kept quantized), whose converter keeps q and k in HF's order, and phi3 (q/k/v rows in one
 ``attn_qkv`` tensor and gate/up in one ``ffn_up``, as Loom fuses them; its sliding window read from the file; the
-128k models' per-frequency rotary factors refused); others are refused by name.
+128k models' per-frequency rotary factors refused), gemma2 and gemma3 (four norms a layer, stored plus one as Loom
+keeps them; soft caps, Gemma 3's rotary scaling and Gemma 2 27B's query scale read or derived as llama.cpp does);
+others are refused by name.
 """
 
 from __future__ import annotations
@@ -45,10 +47,14 @@ from loom.ops.quantized import (
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM"}
+                 "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM",
+                 "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 """GGUF ``general.architecture`` values Loom executes, and the HF architecture each is."""
 _FLOAT_TYPES = {0: torch.float32, 1: torch.float16}
 _NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+_GEMMA_NORMS = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+                "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+"""Gemma's four norms a layer (llama.cpp stores Gemma's norm weights plus one, which is how Loom keeps them too)."""
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -79,6 +85,15 @@ def load_gguf_config(path: str | Path):
     fields = GGUFReader(str(path)).fields
     if f"{arch}.attention.key_length" in fields:  # Qwen3: head_dim need not be hidden / heads
         hf.head_dim = _int_field(fields, f"{arch}.attention.key_length", None)
+    if arch in ("gemma2", "gemma3"):  # what transformers does not read from the file, where the file has it
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            setattr(hf, key, _float_field(fields, f"{arch}.{key}", getattr(hf, key, None)))
+        # llama.cpp's rule (the file has no such key): Gemma 2 27B scales queries by hidden / heads, others by head_dim
+        big = arch == "gemma2" and hf.num_hidden_layers == 46
+        hf.query_pre_attn_scalar = hf.hidden_size // hf.num_attention_heads if big else hf.head_dim
+        factor = _float_field(fields, f"{arch}.rope.scaling.factor", 1.0)
+        if arch == "gemma3" and factor != 1.0:  # Gemma 3 4B and up: linear, on the global layers only
+            hf.rope_parameters["full_attention"].update(rope_type="linear", factor=factor)
     if arch == "phi3":  # transformers reads neither of these from the file
         hf.sliding_window = _int_field(fields, "phi3.attention.sliding_window", None)
         head_dim = hf.hidden_size // hf.num_attention_heads
@@ -119,7 +134,7 @@ def load_gguf_model(path: str | Path, device: torch.device, max_positions: int, 
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions=1, dtype=dtype)
     model = model.to_empty(device=device)
-    model.rotary = type(model.rotary)(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype).to(device)
+    model.build_rotary(max_positions, dtype, device)  # both tables (Gemma 3 has a second, for its sliding layers)
 
     _quantized_or_dense = partial(_linear, kernels=kernels, device=device, dtype=dtype)
     with torch.no_grad():
@@ -133,7 +148,7 @@ def load_gguf_model(path: str | Path, device: torch.device, max_positions: int, 
         for i, layer in enumerate(model.layers):
             t = {m.group(2) + (".bias" if m.group(3) == "bias" else ""): tensors[name] for name in tensors
                  if (m := _LAYER.match(name)) and int(m.group(1)) == i}
-            for gguf_name, norm in _NORMS.items():
+            for gguf_name, norm in (_GEMMA_NORMS if cfg.sandwich_norms else _NORMS).items():
                 getattr(layer, norm).weight.copy_(_dense(t[gguf_name]))
             attn, mlp = layer.self_attn, layer.mlp
             if "attn_qkv" in t:  # phi3: q, k and v rows in one tensor, as Loom fuses them
@@ -176,6 +191,11 @@ def _load_experts(moe: SparseMoE, t: dict, cfg: LlamaConfig, linear) -> None:
 def _int_field(fields, key: str, default):
     """An integer metadata value of the file, or ``default`` where it has none."""
     return int(fields[key].parts[-1][0]) if key in fields else default
+
+
+def _float_field(fields, key: str, default):
+    """A number of the file's metadata as a float, or ``default`` where it has none."""
+    return float(fields[key].parts[-1][0]) if key in fields else default
 
 
 def _field(reader, key: str):

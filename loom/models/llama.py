@@ -327,15 +327,27 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, tp, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, vocab_rows, bias=False)
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
-        self.rotary_local: RotaryEmbedding | None = None
+        self.rotary: RotaryEmbedding
+        self.rotary_local: RotaryEmbedding | None
         """Gemma 3: the sliding layers' rotary tables (their own base, no scaling)."""
-        if cfg.local_rope_theta is not None:
-            self.rotary_local = RotaryEmbedding(cfg.head_dim, max_positions, cfg.local_rope_theta, None, dtype)
+        self.build_rotary(max_positions, dtype)
         self.ops: TorchOps = TorchOps()
         self.logits_proj: nn.Module | None = None
         """Set by a backend that replaces the LM head matmul (``CpuOps.prepare`` packs it, see
         ``loom.ops.packed_linear``)."""
+
+    def build_rotary(self, max_positions: int, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        """(Re)compute the rotary tables for ``max_positions`` (on ``device``; None: torch's current default): they
+        are computed, not loaded, so a model built on the meta device gets them here once its weights are in place."""
+        cfg = self.config
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
+        self.rotary_local = None
+        if cfg.local_rope_theta is not None:
+            self.rotary_local = RotaryEmbedding(cfg.head_dim, max_positions, cfg.local_rope_theta, None, dtype)
+        if device is not None:
+            self.rotary.to(device)
+            if self.rotary_local is not None:
+                self.rotary_local.to(device)
 
     def forward(
         self,

@@ -66,11 +66,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions=1, dtype=dtype, tp=tp)
     model = model.to_empty(device=device).to(dtype)
-    # The rotary tables are computed, not loaded: rebuild them on the real device.
-    model.rotary = type(model.rotary)(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype).to(device)
-    if cfg.local_rope_theta is not None:
-        model.rotary_local = type(model.rotary)(cfg.head_dim, max_positions, cfg.local_rope_theta, None, dtype).to(
-            device)
+    model.build_rotary(max_positions, dtype, device)
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}
     for file in files:

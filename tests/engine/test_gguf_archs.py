@@ -34,7 +34,9 @@ def write_tiny_gguf(path, arch: str) -> None:
     from gguf import GGUFWriter
     from gguf.quants import quantize
 
-    head_dim = 128 if arch.startswith("qwen3") else HIDDEN // HEADS  # transformers reads no key_length: 128
+    gemma = arch.startswith("gemma")
+    # qwen3: transformers reads no key_length, so its default 128; gemma: 256, its query_pre_attn_scalar's default
+    head_dim = 128 if arch.startswith("qwen3") else 256 if gemma else HIDDEN // HEADS
     writer = GGUFWriter(str(path), arch)
     writer.add_context_length(1024)
     writer.add_embedding_length(HIDDEN)
@@ -48,6 +50,11 @@ def write_tiny_gguf(path, arch: str) -> None:
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_vocab_size(VOCAB)
     moe = MOE.get(arch)
+    if arch == "gemma2":  # Gemma 2's soft caps (transformers' defaults are these too; Gemma 3 has none)
+        writer.add_attn_logit_softcapping(50.0)
+        writer.add_final_logit_softcapping(30.0)
+    if gemma:  # gemma2: alternate layers windowed; gemma3: five of six
+        writer.add_sliding_window(PHI3_WINDOW)
     if arch == "phi3":
         writer.add_sliding_window(PHI3_WINDOW)
         for add, token in ((writer.add_bos_token_id, 1), (writer.add_eos_token_id, 2), (writer.add_pad_token_id, 0)):
@@ -76,12 +83,16 @@ def write_tiny_gguf(path, arch: str) -> None:
         writer.add_tensor(name, data.numpy().reshape(*shape[:-1], -1), raw_dtype=qtype)
 
     q_rows, kv_rows = HEADS * head_dim, KV_HEADS * head_dim
-    tensor("token_embd.weight", (VOCAB, HIDDEN), T.Q8_0, std=1.0)
-    tensor("output.weight", (VOCAB, HIDDEN))
+    tensor("token_embd.weight", (VOCAB, HIDDEN), T.Q8_0, std=0.1 if gemma else 1.0)  # gemma scales it by sqrt(128)
+    if not gemma:  # gemma ties its head to the embedding
+        tensor("output.weight", (VOCAB, HIDDEN))
     tensor("output_norm.weight", (HIDDEN,), std=0.1, mean=1.0)
     for i in range(LAYERS):
         tensor(f"blk.{i}.attn_norm.weight", (HIDDEN,), std=0.1, mean=1.0)
         tensor(f"blk.{i}.ffn_norm.weight", (HIDDEN,), std=0.1, mean=1.0)
+        if gemma:  # norms after attention and around the MLP (weights stored plus one, as llama.cpp does)
+            tensor(f"blk.{i}.post_attention_norm.weight", (HIDDEN,), std=0.1, mean=1.0)
+            tensor(f"blk.{i}.post_ffw_norm.weight", (HIDDEN,), std=0.1, mean=1.0)
         if arch == "phi3":  # q, k and v rows in one tensor; gate and up rows in ffn_up
             tensor(f"blk.{i}.attn_qkv.weight", (q_rows + 2 * kv_rows, HIDDEN), T.Q8_0)
             tensor(f"blk.{i}.attn_output.weight", (HIDDEN, q_rows), T.Q4_1)
@@ -94,7 +105,7 @@ def write_tiny_gguf(path, arch: str) -> None:
         if arch.startswith("qwen2"):
             for name, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
                 tensor(f"blk.{i}.attn_{name}.bias", (rows,), std=0.5)
-        else:
+        elif arch != "gemma2":
             tensor(f"blk.{i}.attn_q_norm.weight", (head_dim,), std=0.1, mean=1.0)
             tensor(f"blk.{i}.attn_k_norm.weight", (head_dim,), std=0.1, mean=1.0)
         tensor(f"blk.{i}.attn_output.weight", (HIDDEN, q_rows), T.Q4_1)
@@ -123,7 +134,7 @@ def write_tiny_gguf(path, arch: str) -> None:
     writer.close()
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "phi3", "gemma2", "gemma3"])
 def test_a_qwen_or_phi3_gguf_runs_quantized_and_agrees_with_transformers_float32_expansion(arch, tmp_path,
                                                                                             smollm2_path, monkeypatch):
     from transformers import AutoModelForCausalLM
@@ -133,8 +144,8 @@ def test_a_qwen_or_phi3_gguf_runs_quantized_and_agrees_with_transformers_float32
     path = tmp_path / f"tiny-{arch}.gguf"
     write_tiny_gguf(path, arch)
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
-    assert type(hf).__name__ == {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                                 "phi3": "Phi3ForCausalLM"}[arch]
+    assert type(hf).__name__ == {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                                 "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[arch]
     if arch == "phi3":  # transformers' GGUF loader does not read the window: the reference is told it here
         assert hf.config.sliding_window is None
         hf.config.sliding_window = PHI3_WINDOW
@@ -146,9 +157,13 @@ def test_a_qwen_or_phi3_gguf_runs_quantized_and_agrees_with_transformers_float32
     monkeypatch.setenv("LOOM_GGUF_ACTIVATIONS", "float32")  # exact to float rounding
     llm = LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=256)
     attn = llm.engine.model.layers[1].self_attn
-    assert isinstance(attn.qkv_proj, GGUFLinear) and attn.head_dim == (128 if arch == "qwen3" else HIDDEN // HEADS)
-    assert (attn.qkv_proj.bias is not None) == (arch == "qwen2") and (attn.q_norm is not None) == (arch == "qwen3")
-    assert attn.window == (PHI3_WINDOW if arch == "phi3" else None)
+    head_dim = {"qwen3": 128, "gemma2": 256, "gemma3": 256}.get(arch, HIDDEN // HEADS)
+    assert isinstance(attn.qkv_proj, GGUFLinear) and attn.head_dim == head_dim
+    assert (attn.qkv_proj.bias is not None) == (arch == "qwen2")
+    assert (attn.q_norm is not None) == (arch in ("qwen3", "gemma3"))
+    assert attn.window == {"phi3": PHI3_WINDOW, "gemma3": PHI3_WINDOW}.get(arch)  # gemma2: layer 1 is global
+    assert llm.engine.model.layers[0].self_attn.window == (PHI3_WINDOW if arch in ("phi3", "gemma2", "gemma3")
+                                                           else None)
     hf_attn = hf.model.layers[1].self_attn
     hf_qkv = hf_attn.qkv_proj.weight if arch == "phi3" else torch.cat([hf_attn.q_proj.weight, hf_attn.k_proj.weight,
                                                                         hf_attn.v_proj.weight])
@@ -176,6 +191,46 @@ def test_an_unsupported_gguf_architecture_is_refused_by_name(tmp_path, smollm2_p
     with pytest.raises(ValueError, match="GGUF architecture 'phi2' is not supported yet; Loom executes GGUF files of "
                                          "llama, qwen2, qwen3"):
         LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=16)
+
+
+def test_gemma3_rotary_scaling_and_gemma2_27b_query_scale_come_from_the_file():
+    """What transformers' GGUF loader leaves out: Gemma 3's linear rotary scaling (4B and up; the global layers only,
+    the sliding layers keep their own base) and Gemma 2 27B's query scale (llama.cpp's rule: hidden / heads)."""
+    import tempfile
+    from pathlib import Path
+
+    from gguf import GGUFWriter
+
+    from loom.models.gguf import load_gguf_config
+    from loom.models.llama import LlamaConfig
+
+    def config(arch: str, layers: int, factor: float | None):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{arch}.gguf"
+            writer = GGUFWriter(str(path), arch)
+            writer.add_context_length(1024)
+            writer.add_embedding_length(HIDDEN)
+            writer.add_block_count(layers)
+            writer.add_feed_forward_length(INTERMEDIATE)
+            writer.add_head_count(HEADS)
+            writer.add_head_count_kv(KV_HEADS)
+            writer.add_key_length(256)
+            writer.add_value_length(256)
+            writer.add_layer_norm_rms_eps(1e-6)
+            writer.add_vocab_size(VOCAB)
+            if factor:
+                writer.add_rope_scaling_factor(factor)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            return LlamaConfig.from_hf(load_gguf_config(path))
+
+    scaled = config("gemma3", 2, 8.0)
+    assert scaled.rope_scaling == {"rope_type": "linear", "factor": 8.0, "rope_theta": scaled.rope_theta}
+    assert scaled.local_rope_theta == 10000.0 and config("gemma3", 2, None).rope_scaling is None
+    assert config("gemma2", 46, None).query_pre_attn_scalar == HIDDEN // HEADS  # the 27B's 46 layers
+    assert config("gemma2", 2, None).query_pre_attn_scalar == 256
 
 
 def test_a_phi3_file_with_long_context_rotary_factors_is_refused(tmp_path, smollm2_path):
