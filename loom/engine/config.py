@@ -154,11 +154,9 @@ class EngineConfig:
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
 
     def gguf_unsupported(self) -> str | None:
-        """Why this engine cannot run a GGUF file at all (quantized weights run unsplit; on CPU in float32 with the C++
-        kernels, on CUDA with the Triton ones; LoRA adapters add their deltas to the quantized projections), or
-        None."""
-        if self.tensor_parallel_size > 1:
-            return "tensor parallelism"
+        """Why this engine cannot run a GGUF file at all (quantized weights run on CPU in float32 with the C++ kernels,
+        on CUDA with the Triton ones, split over tensor-parallel ranks by their stored rows and blocks; LoRA adapters
+        add their deltas to the quantized projections), or None."""
         if self.quantization:
             return f"--quantization {self.quantization}"
         device = self.torch_device().type
@@ -170,10 +168,14 @@ class EngineConfig:
 
     def needs_float(self) -> str | None:
         """Why a catalogue model without a format tag runs its float32 folder rather than its GGUF file, or None: the
-        reasons of ``gguf_unsupported``, LoRA (adapters are trained on the float weights) and a GPU (where the
-        bfloat16 folder is the tested, measured default); in the last two cases the GGUF runs when named."""
+        reasons of ``gguf_unsupported``, tensor parallelism (int8 activations make a split GGUF's outputs drift from
+        one rank's: the all-reduce's summation order flips roundings, 30 layers deep), LoRA (adapters are trained on
+        the float weights) and a GPU (where the bfloat16 folder is the tested, measured default); in the last three
+        cases the GGUF runs when named."""
         if reason := self.gguf_unsupported():
             return reason
+        if self.tensor_parallel_size > 1:  # the split float weights are the tested default; a named GGUF splits too
+            return "tensor parallelism"
         if self.enable_lora:  # adapters are trained on float weights: run them there unless the GGUF is named
             return "LoRA"
         if self.torch_device().type != "cpu":

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loom.distributed.parallel import TensorParallel, head_shard
 from loom.models.llama import LlamaConfig, LlamaForCausalLM, SparseMoE
 from loom.ops.quantized import (
     FLOAT_KERNEL_TYPES,
@@ -116,7 +117,8 @@ def load_gguf_tokenizer(path: str | Path):
 
 
 def load_gguf_model(path: str | Path, device: torch.device, max_positions: int, dtype: torch.dtype = torch.float32,
-                    kernels: str = "cpu") -> LlamaForCausalLM:
+                    kernels: str = "cpu", tp: TensorParallel | None = None) -> LlamaForCausalLM:
+    """``tp``: only this rank's shard, cut from the quantized rows as stored (``_Shard``)."""
     from gguf import GGUFReader
 
     if kernels not in ("cpu", "triton"):
@@ -132,16 +134,17 @@ def load_gguf_model(path: str | Path, device: torch.device, max_positions: int, 
         raise ValueError(f"{Path(path).name} scales its rotary embedding per frequency (Phi-3's long-context "
                          "'longrope' factors), which Loom does not run from GGUF files yet; serve the HF folder")
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions=1, dtype=dtype)
+        model = LlamaForCausalLM(cfg, max_positions=1, dtype=dtype, tp=tp)
     model = model.to_empty(device=device)
     model.build_rotary(max_positions, dtype, device)  # both tables (Gemma 3 has a second, for its sliding layers)
+    shard = _Shard(cfg, tp)
 
     _quantized_or_dense = partial(_linear, kernels=kernels, device=device, dtype=dtype)
     with torch.no_grad():
         embed = tensors["token_embd.weight"]
-        model.embed_tokens.weight.copy_(_dense(embed))
+        model.embed_tokens.weight.copy_(shard.vocab_dense(_dense(embed)))
         head = tensors.get("output.weight", embed)
-        model.logits_proj = _quantized_or_dense([_rows(head)], cfg.hidden_size)
+        model.logits_proj = _quantized_or_dense([shard.vocab(_rows(head))], cfg.hidden_size)
         model.lm_head = None
         model.norm.weight.copy_(_dense(tensors["output_norm.weight"]))
         permuted = arch == "llama"  # llama.cpp's converter permutes q/k rows for llama files only
@@ -152,24 +155,100 @@ def load_gguf_model(path: str | Path, device: torch.device, max_positions: int, 
                 getattr(layer, norm).weight.copy_(_dense(t[gguf_name]))
             attn, mlp = layer.self_attn, layer.mlp
             if "attn_qkv" in t:  # phi3: q, k and v rows in one tensor, as Loom fuses them
-                attn.qkv_proj = _quantized_or_dense([_rows(t["attn_qkv"])], cfg.hidden_size)
+                attn.qkv_proj = _quantized_or_dense(shard.qkv(*_split_rows(_rows(t["attn_qkv"]), shard.qkv_sizes)),
+                                                    cfg.hidden_size)
             else:
                 q = _rows(t["attn_q"], cfg.num_attention_heads if permuted else None)
                 k = _rows(t["attn_k"], cfg.num_key_value_heads if permuted else None)
-                bias = torch.cat([_dense(t[f"attn_{x}.bias"]) for x in "qkv"]) if cfg.qkv_bias else None
-                attn.qkv_proj = _quantized_or_dense([q, k, _rows(t["attn_v"])], cfg.hidden_size, bias)
+                bias = None
+                if cfg.qkv_bias:
+                    bias = torch.cat([shard.rows(_dense(t[f"attn_{x}.bias"]), x != "q") for x in "qkv"])
+                attn.qkv_proj = _quantized_or_dense(shard.qkv(q, k, _rows(t["attn_v"])), cfg.hidden_size, bias)
             if cfg.qk_norm:
                 attn.q_norm.weight.copy_(_dense(t["attn_q_norm"]))
                 attn.k_norm.weight.copy_(_dense(t["attn_k_norm"]))
-            attn.o_proj = _quantized_or_dense([_rows(t["attn_output"])], attn.q_size)
+            attn.o_proj = _quantized_or_dense([shard.columns(_rows(t["attn_output"]), *shard.q_rows)], attn.q_size)
             if isinstance(mlp, SparseMoE):
                 _load_experts(mlp, t, cfg, _quantized_or_dense)
                 continue
             # phi3: ffn_up holds the gate rows, then the up rows
-            gate_up = [_rows(t["ffn_gate"]), _rows(t["ffn_up"])] if "ffn_gate" in t else [_rows(t["ffn_up"])]
-            mlp.gate_up_proj = _quantized_or_dense(gate_up, cfg.hidden_size)
-            mlp.down_proj = _quantized_or_dense([_rows(t["ffn_down"])], cfg.intermediate_size)
+            gate_up = ([_rows(t["ffn_gate"]), _rows(t["ffn_up"])] if "ffn_gate" in t
+                       else _split_rows(_rows(t["ffn_up"]), [cfg.intermediate_size] * 2))
+            mlp.gate_up_proj = _quantized_or_dense([shard.mlp(part) for part in gate_up], cfg.hidden_size)
+            mlp.down_proj = _quantized_or_dense([shard.columns(_rows(t["ffn_down"]), *shard.mlp_rows)],
+                                                model.config.intermediate_size)
     return model.eval()
+
+
+class _Shard:
+    """Which rows and columns of each GGUF tensor this tensor-parallel rank keeps (all of them without ``tp``), cut
+    from ``_rows`` results: column-parallel projections (q/k/v, gate/up) by output rows, row-parallel ones (o, down)
+    by input columns, which must fall on block boundaries; the vocabulary by rows, padded with zero rows as the HF
+    loader pads it (a block of zero bytes has scale 0: every weight 0)."""
+
+    def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None):
+        self.tp = tp
+        d = cfg.head_dim
+        self.qkv_sizes = [cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d]
+        if tp is None:
+            self.q_rows, self.kv_rows = (0, self.qkv_sizes[0]), (0, self.qkv_sizes[1])
+            self.mlp_rows = (0, cfg.intermediate_size)
+            return
+        heads = head_shard(cfg, tp.rank, tp.size)
+        self.q_rows = (heads.q_heads[0] * d, heads.q_heads[1] * d)
+        self.kv_rows = (heads.kv_heads[0] * d, heads.kv_heads[1] * d)
+        self.mlp_rows = heads.intermediate
+        self.vocab_range = tp.vocab_range(cfg.vocab_size)
+
+    def rows(self, data, kv: bool = False):
+        """A bias (or any tensor cut like q's rows, or k's and v's with ``kv``)."""
+        start, end = self.kv_rows if kv else self.q_rows
+        return data[start:end]
+
+    def qkv(self, q: tuple, k: tuple, v: tuple) -> list[tuple]:
+        return [(q[0], self.rows(q[1])), (k[0], self.rows(k[1], kv=True)), (v[0], self.rows(v[1], kv=True))]
+
+    def mlp(self, part: tuple) -> tuple:
+        return part[0], part[1][slice(*self.mlp_rows)]
+
+    def columns(self, part: tuple, start: int, end: int) -> tuple:
+        """Input columns [start, end) of a (type, rows) pair: whole blocks of the stored bytes, or float columns."""
+        qtype, data = part
+        if self.tp is None:
+            return part
+        if qtype in _FLOAT_TYPES:
+            return qtype, data[:, start:end]
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        weights, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+        if start % weights or end % weights:
+            raise ValueError(f"a {GGMLQuantizationType(qtype).name} matrix cannot be split at input column "
+                             f"{start if start % weights else end}: its blocks hold {weights} weights; use another "
+                             "tensor_parallel_size (or a file of 32-weight types)")
+        return qtype, data[:, start // weights * nbytes:end // weights * nbytes]
+
+    def vocab(self, part: tuple) -> tuple:
+        if self.tp is None:
+            return part
+        qtype, data = part
+        start, end = self.vocab_range
+        rows = data[start:end]
+        pad = np.zeros((end - start - rows.shape[0], *rows.shape[1:]), dtype=rows.dtype)
+        return qtype, np.concatenate([rows, pad])
+
+    def vocab_dense(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return weight
+        start, end = self.vocab_range
+        rows = weight[start:end]
+        return torch.cat([rows, rows.new_zeros(end - start - rows.shape[0], rows.shape[1])])
+
+
+def _split_rows(part: tuple, sizes: list[int]) -> list[tuple]:
+    """A (type, rows) pair cut into consecutive runs of rows (a fused tensor into its parts)."""
+    qtype, data = part
+    bounds = np.cumsum([0, *sizes])
+    return [(qtype, data[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _load_experts(moe: SparseMoE, t: dict, cfg: LlamaConfig, linear) -> None:

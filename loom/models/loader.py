@@ -55,9 +55,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
     with its quantized weights kept (``loom.models.gguf``), multiplied by ``quantized_kernels``: "cpu" (the C++
     kernels, float32 activations) or "triton"."""
     if is_gguf(folder):
-        if tp is not None:
-            raise ValueError("GGUF files are not split by tensor parallelism yet; use tensor_parallel_size 1")
-        return load_gguf_model(folder, device, max_positions, dtype, quantized_kernels)
+        return load_gguf_model(folder, device, max_positions, dtype, quantized_kernels, tp)
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:

@@ -33,10 +33,14 @@ def test_the_engine_runs_the_quantized_file_unless_a_feature_needs_float_weights
                            (EngineConfig(dtype="bfloat16"), "dtype bfloat16"), (EngineConfig(device="cuda"), "a GPU")):
         assert reason in config.needs_float()
         assert resolve_runtime("smollm2", None, config.needs_float()) == (smollm2_path, smollm2_path)
-    tp = EngineConfig(tensor_parallel_size=2)
-    with pytest.raises(ValueError, match="smollm2:q4_1 is a GGUF file, which tensor parallelism does not run; use "
+    int8 = EngineConfig(quantization="int8")
+    with pytest.raises(ValueError, match="smollm2:q4_1 is a GGUF file, which --quantization int8 does not run; use "
                                          "smollm2:f32"):
-        resolve_runtime("smollm2:q4_1", None, tp.needs_float(), tp.gguf_unsupported())
+        resolve_runtime("smollm2:q4_1", None, int8.needs_float(), int8.gguf_unsupported())
+    # with tensor parallelism the folder is the default, and the GGUF splits when named
+    tp = EngineConfig(tensor_parallel_size=2)
+    assert tp.gguf_unsupported() is None
+    assert resolve_runtime("smollm2:q4_1", None, tp.needs_float(), tp.gguf_unsupported())[0] == gguf
     # with LoRA the folder is the default (adapters are trained on float weights), and the GGUF runs when named
     lora = EngineConfig(enable_lora=True)
     assert lora.gguf_unsupported() is None

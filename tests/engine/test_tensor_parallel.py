@@ -203,3 +203,39 @@ def test_tensor_parallel_refuses_what_it_cannot_split(tmp_path, smollm2_path):
         LLMEngine(EngineConfig(model=str(path), tensor_parallel_size=4, num_kv_blocks=16))
     with pytest.raises(ValueError, match="LoRA"):
         EngineConfig(model=str(path), tensor_parallel_size=2, enable_lora=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_a_gguf_file_splits_over_two_ranks_and_runs_as_on_one(tmp_path, smollm2_path, arch, monkeypatch):
+    """Quantized rows split as stored: q/k/v and gate/up by rows (phi3's fused tensors cut first), o and down by
+    whole blocks of input columns, qwen2's q/k/v biases with their rows, the vocabulary (a quantized or float head) by
+    rows padded with zero blocks. A llama file of five 32-weight types (IQ4_NL among them), a qwen2 file (F32 head)
+    and a phi3 file; float32 activations, and int8 ones for the llama file (per-32 activation blocks fall the same way
+    when the split is block-aligned)."""
+    from loom.ops.quantized import GGMLType
+    from tests.engine.test_gguf_archs import write_tiny_gguf
+    from tests.engine.test_gguf_kquants import write_tiny_kquant_gguf
+
+    path = tmp_path / f"tiny-{arch}.gguf"
+    if arch == "llama":
+        write_tiny_kquant_gguf(path, {"embd": GGMLType.Q8_0, "output": GGMLType.Q4_1, "q": GGMLType.Q4_0,
+                                      "k": GGMLType.Q4_0, "v": (GGMLType.Q5_0, GGMLType.IQ4_NL), "o": GGMLType.Q4_1,
+                                      "gate": GGMLType.Q8_0, "up": GGMLType.Q8_0, "down": GGMLType.IQ4_NL})
+    else:
+        write_tiny_gguf(path, arch)
+    shared = list(range(100, 140))
+    prompts = [[shared + [7, 8], list(range(300, 323))], [shared + [9]]]
+    for activations in ("float32", "int8") if arch == "llama" else ("float32",):
+        monkeypatch.setenv("LOOM_GGUF_ACTIVATIONS", activations)
+        _assert_same_run(path, prompts, tokenizer=str(smollm2_path), max_num_batched_tokens=16)
+
+
+def test_a_gguf_matrix_whose_blocks_a_split_would_cut_is_refused(tmp_path, smollm2_path):
+    from tests.engine.test_gguf_kquants import write_tiny_kquant_gguf
+
+    path = tmp_path / "tiny-q4_k_m.gguf"
+    write_tiny_kquant_gguf(path)  # o_proj in Q6_K: 256-weight blocks, and each of 2 ranks holds 128 input columns
+    with pytest.raises(ValueError, match="Q6_K matrix cannot be split at input column 128: its blocks hold 256"):
+        LLMEngine(EngineConfig(model=str(path), tokenizer=str(smollm2_path), tensor_parallel_size=2,
+                               num_kv_blocks=16))
