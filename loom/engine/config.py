@@ -147,9 +147,6 @@ class EngineConfig:
                              "--tensor-parallel-size 1")
         if self.quantization not in (None, "int8"):
             raise ValueError(f"quantization must be int8 (or unset), got {self.quantization!r}")
-        if self.quantization and self.tensor_parallel_size > 1:
-            raise ValueError("int8 weights are not split by tensor parallelism yet; drop --quantization or use "
-                             "--tensor-parallel-size 1")
         if isinstance(self.speculative_config, dict):
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
 

@@ -332,6 +332,9 @@ class LlamaForCausalLM(nn.Module):
         """Gemma 3: the sliding layers' rotary tables (their own base, no scaling)."""
         self.build_rotary(max_positions, dtype)
         self.ops: TorchOps = TorchOps()
+        self.row_amax: dict[str, torch.Tensor] = {}
+        """With tensor parallelism, the largest |weight| of each whole row of the row-parallel projections (the rank
+        holds some of their columns), by parameter name: ``--quantization int8`` scales by it, as one rank would."""
         self.logits_proj: nn.Module | None = None
         """Set by a backend that replaces the LM head matmul (``CpuOps.prepare`` packs it, see
         ``loom.ops.packed_linear``)."""

@@ -78,6 +78,8 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
                 if cfg.norm_offset and pname.endswith("norm.weight"):  # Gemma: (1 + w), added once here
                     tensor = tensor.float() + 1.0
                 if tp is not None:
+                    if pname.endswith(ROW_PARALLEL_WEIGHTS):  # int8 scales come from whole rows (ops.quantized)
+                        model.row_amax[pname] = tensor.float().abs().amax(1)
                     tensor = _shard(pname, part, tensor, cfg, tp)
                 _copy_into(params[pname], part, tensor, model.config, gate_up="gate_up_proj" in pname)
                 # a checkpoint that stores q/k/v or gate/up already fused (Phi-3) fills every part at once
@@ -85,6 +87,10 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
                 filled[pname] = filled.get(pname, 0) + whole
     _check_complete(params, filled, folder)
     return model.eval()
+
+
+ROW_PARALLEL_WEIGHTS = ("o_proj.weight", "down_proj.weight")
+"""A tensor-parallel rank holds some input columns of these; ``model.row_amax`` keeps each whole row's largest |w|."""
 
 
 def _target(name: str, cfg: LlamaConfig) -> tuple[str, int | None] | None:

@@ -204,7 +204,9 @@ class Int8Linear(nn.Module):
     one float32 scale per output feature (amax / 127) computed here from float32 weights; executed by the GGUF int8
     kernels (activations quantized per 32, integer dot products), the quants stored offset by 128 in their tiles."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, amax: torch.Tensor | None = None):
+        """``amax``: each output feature's largest |weight| when ``weight`` holds only some of its inputs (a
+        tensor-parallel rank's columns); None: this weight's own."""
         super().__init__()
         from loom.ops.cpp_extension import gguf_extension
 
@@ -212,7 +214,7 @@ class Int8Linear(nn.Module):
         if in_features % 32:
             raise ValueError(f"int8 weights need in_features a multiple of 32, got {in_features}")
         weight = weight.detach().float()
-        scale = weight.abs().amax(1) / 127
+        scale = (weight.abs().amax(1) if amax is None else amax.float()) / 127
         inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
         q = torch.round(weight * inverse[:, None]).clamp(-127, 127).to(torch.int16) + 128
         tiles, groups = -(-out_features // 16), in_features // 32
@@ -254,16 +256,19 @@ class Int8Linear(nn.Module):
 
 def quantize_int8(model: nn.Module, make=None) -> int:
     """Replace the projections (``QUANTIZED_PROJECTIONS``) of a model's layers and its LM head by int8 layers with a
-    scale per output feature, ``make(weight, bias)`` (default ``Int8Linear``, for a float32 CPU model; the GPU path
-    passes ``TritonQuantLinear.from_float``); returns how many. The embedding table stays float for lookups (a tied
-    head gets an int8 copy)."""
+    scale per output feature, ``make(weight, bias, amax)`` (default ``Int8Linear``, for a float32 CPU model; the GPU
+    path passes ``TritonQuantLinear.from_float``); returns how many. The embedding table stays float for lookups (a
+    tied head gets an int8 copy). A tensor-parallel rank's row-parallel projections hold some columns of each row:
+    their scales come from ``model.row_amax`` (the whole rows', noted by the loader), so every rank's quants are the
+    ones a single rank would have."""
     make = make or Int8Linear
+    row_amax = getattr(model, "row_amax", {})
     count = 0
-    for module in model.layers.modules():
+    for path, module in model.layers.named_modules():
         for name in QUANTIZED_PROJECTIONS:
             child = getattr(module, name, None)
             if isinstance(child, nn.Linear):
-                setattr(module, name, make(child.weight, child.bias))
+                setattr(module, name, make(child.weight, child.bias, row_amax.get(f"layers.{path}.{name}.weight")))
                 count += 1
     head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
     model.logits_proj = make(head)

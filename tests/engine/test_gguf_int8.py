@@ -170,8 +170,6 @@ def test_int8_quantization_is_refused_where_it_does_not_run(tmp_path):
 
     with pytest.raises(ValueError, match="quantization must be int8"):
         EngineConfig(quantization="int4")
-    with pytest.raises(ValueError, match="not split by tensor parallelism"):
-        EngineConfig(quantization="int8", tensor_parallel_size=2)
     with pytest.raises(ValueError, match="already quantized"):
         build_model(tmp_path / "m.gguf", EngineConfig(quantization="int8"), torch.device("cpu"), 64)
     with pytest.raises(ValueError, match="runs on CPU in float32"):

@@ -231,6 +231,17 @@ def test_a_gguf_file_splits_over_two_ranks_and_runs_as_on_one(tmp_path, smollm2_
         _assert_same_run(path, prompts, tokenizer=str(smollm2_path), max_num_batched_tokens=16)
 
 
+@pytest.mark.slow
+def test_int8_weights_split_over_two_ranks_run_as_on_one(tmp_path, smollm2_path):
+    """``--quantization int8`` on every rank: o_proj and down_proj hold some input columns of each row, so their scales
+    come from the amax of the whole row (a max over the ranks), and every rank's quants are one rank's."""
+    path = _with_random_biases(save_tiny_model(tmp_path / "m", smollm2_path, **dict(UNEVEN, hidden_size=192,
+                                                                                     intermediate_size=256)))
+    shared = list(range(100, 140))
+    prompts = [[shared + [7, 8], list(range(300, 323))], [shared + [9]]]
+    _assert_same_run(path, prompts, quantization="int8", max_num_batched_tokens=16)
+
+
 def test_a_gguf_matrix_whose_blocks_a_split_would_cut_is_refused(tmp_path, smollm2_path):
     from tests.engine.test_gguf_kquants import write_tiny_kquant_gguf
 

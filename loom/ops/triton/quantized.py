@@ -159,11 +159,13 @@ class TritonQuantLinear(nn.Module):
         return cls(bq, in_features, None if bias is None else bias.float().to(device), GGMLType(int(qtype)).name)
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> TritonQuantLinear:
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   amax: torch.Tensor | None = None) -> TritonQuantLinear:
         """Weight-only int8 (``--quantization int8``): q = round(w / s) in [-127, 127], s = amax / 127 per output
-        feature, computed on the weight's device from its values."""
+        feature, computed on the weight's device from its values (``amax``: given, for a tensor-parallel rank's
+        columns of whole rows)."""
         weight = weight.detach().float()
-        scale = weight.abs().amax(1, keepdim=True) / 127
+        scale = (weight.abs().amax(1) if amax is None else amax.float().to(weight.device))[:, None] / 127
         inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
         q = torch.round(weight * inverse).clamp(-127, 127).to(torch.int8)
         bq = BlockQuants(q, scale, None, zero=0, group=weight.shape[1], bits=8)
