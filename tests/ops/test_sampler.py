@@ -126,12 +126,14 @@ def test_a_seeded_row_draws_the_same_token_whatever_shares_the_step():
 def test_penalties_of_many_rows_at_once_match_each_row_alone():
     """Rows with different penalty kinds (and none) in one step equal the reference formulas row by row."""
     torch.manual_seed(5)
-    logits = torch.randn(4, 30) * 3
+    logits = torch.randn(6, 30) * 3
     rows = [
         row(output=[3, 3, 7], prompt=[5, 7], repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25),
         row(output=[], prompt=[1]),
         row(output=[2, 9, 9, 9], prompt=[2], frequency_penalty=-0.5, min_tokens=6, stop_ids=frozenset({0, 11})),
         row(output=[4], prompt=[8, 8, 4], repetition_penalty=0.7),
+        row(output=[5], prompt=[3], min_tokens=3, stop_ids=frozenset({2, 6, 29})),  # the mask alone, no counts
+        row(output=[1, 1, 1], min_tokens=2, stop_ids=frozenset({4})),  # its minimum reached: untouched
     ]
     got = sampler.apply_penalties(logits, rows)
     ref = logits.clone()
@@ -145,4 +147,4 @@ def test_penalties_of_many_rows_at_once_match_each_row_alone():
         if len(r.output_token_ids) < p.min_tokens:
             ref[i, sorted(r.stop_ids)] = float("-inf")
     torch.testing.assert_close(got, ref)
-    assert got.data_ptr() != logits.data_ptr() and torch.equal(got[1], logits[1])
+    assert got.data_ptr() != logits.data_ptr() and torch.equal(got[1], logits[1]) and torch.equal(got[5], logits[5])
