@@ -102,8 +102,8 @@ async def predict(server: ModelServer, name: str, body: bytes, content_type: str
             raise HTTPError(400, _EMPTY_BODY)
         timing: dict = {}
         value = await _submit(model, _decode_body(body, content_type), timing)
-        body, status = json_body(value)
-        return status, body, timing_headers(timing)
+        answer, status = json_body(value)
+        return status, answer, timing_headers(timing)
     except HTTPError as err:
         return err.status, json_body(error_value(err))[0], err.headers
 

@@ -57,6 +57,12 @@ class TensorParallel:
     def vocab_shard(self, vocab_size: int) -> int:
         return -(-vocab_size // self.size)
 
+    def vocab_rows(self, table: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """This rank's rows of a [vocab_size, D] table (the embedding, the LM head), zero rows past the vocabulary."""
+        start, end = self.vocab_range(vocab_size)
+        rows = table[start:end]
+        return torch.cat([rows, rows.new_zeros(end - start - rows.shape[0], rows.shape[1])])
+
     def gather_logits(self, local: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
         """Each rank's [S, vocab_shard] logits -> the full [S, vocab_size] on rank 0 (None on the others)."""
         local = local.contiguous()
@@ -83,6 +89,14 @@ class HeadShard:
     """Query heads [start, end): those that read the KV heads above."""
     intermediate: tuple[int, int]
     """MLP columns [start, end) of gate, of up, and the matching input columns of down_proj."""
+
+    def q_rows(self, head_dim: int) -> slice:
+        """The rows of q (and input columns of o_proj) of these heads."""
+        return slice(self.q_heads[0] * head_dim, self.q_heads[1] * head_dim)
+
+    def kv_rows(self, head_dim: int) -> slice:
+        """The rows of k and of v of these heads."""
+        return slice(self.kv_heads[0] * head_dim, self.kv_heads[1] * head_dim)
 
 
 def head_shard(cfg, rank: int, size: int) -> HeadShard:

@@ -36,7 +36,8 @@ def build_model(path, config: EngineConfig, device: torch.device, max_model_len:
         if kernels == "cpu" and config.torch_dtype() != torch.float32:
             raise ValueError(f"--quantization {config.quantization} runs on CPU in float32 (got "
                              f"{config.torch_dtype()})")
-    model = load_model(path, config.torch_dtype(), device, max_model_len, tp, kernels)
+    model = load_model(path, config.torch_dtype(), device, max_model_len, tp, kernels,
+                       row_amax=config.quantization is not None)
     if config.quantization == "int8":
         if kernels == "triton":
             from loom.ops.triton.quantized import TritonQuantLinear  # local: imports triton

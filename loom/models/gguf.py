@@ -162,12 +162,13 @@ def load_gguf_model(path: str | Path, device: torch.device, max_positions: int, 
                 k = _rows(t["attn_k"], cfg.num_key_value_heads if permuted else None)
                 bias = None
                 if cfg.qkv_bias:
-                    bias = torch.cat([shard.rows(_dense(t[f"attn_{x}.bias"]), x != "q") for x in "qkv"])
+                    bias = torch.cat([_dense(t[f"attn_{x}.bias"])[shard.q_rows if x == "q" else shard.kv_rows]
+                                      for x in "qkv"])
                 attn.qkv_proj = _quantized_or_dense(shard.qkv(q, k, _rows(t["attn_v"])), cfg.hidden_size, bias)
             if cfg.qk_norm:
                 attn.q_norm.weight.copy_(_dense(t["attn_q_norm"]))
                 attn.k_norm.weight.copy_(_dense(t["attn_k_norm"]))
-            attn.o_proj = _quantized_or_dense([shard.columns(_rows(t["attn_output"]), *shard.q_rows)], attn.q_size)
+            attn.o_proj = _quantized_or_dense([shard.columns(_rows(t["attn_output"]), shard.q_rows)], attn.q_size)
             if isinstance(mlp, SparseMoE):
                 _load_experts(mlp, t, cfg, _quantized_or_dense)
                 continue
@@ -175,7 +176,7 @@ def load_gguf_model(path: str | Path, device: torch.device, max_positions: int, 
             gate_up = ([_rows(t["ffn_gate"]), _rows(t["ffn_up"])] if "ffn_gate" in t
                        else _split_rows(_rows(t["ffn_up"]), [cfg.intermediate_size] * 2))
             mlp.gate_up_proj = _quantized_or_dense([shard.mlp(part) for part in gate_up], cfg.hidden_size)
-            mlp.down_proj = _quantized_or_dense([shard.columns(_rows(t["ffn_down"]), *shard.mlp_rows)],
+            mlp.down_proj = _quantized_or_dense([shard.columns(_rows(t["ffn_down"]), shard.mlp_rows)],
                                                 model.config.intermediate_size)
     return model.eval()
 
@@ -187,40 +188,29 @@ class _Shard:
     loader pads it (a block of zero bytes has scale 0: every weight 0)."""
 
     def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None):
-        self.tp = tp
+        self.tp, self.vocab_size = tp, cfg.vocab_size
         d = cfg.head_dim
         self.qkv_sizes = [cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d]
-        if tp is None:
-            self.q_rows, self.kv_rows = (0, self.qkv_sizes[0]), (0, self.qkv_sizes[1])
-            self.mlp_rows = (0, cfg.intermediate_size)
-            return
-        heads = head_shard(cfg, tp.rank, tp.size)
-        self.q_rows = (heads.q_heads[0] * d, heads.q_heads[1] * d)
-        self.kv_rows = (heads.kv_heads[0] * d, heads.kv_heads[1] * d)
-        self.mlp_rows = heads.intermediate
-        self.vocab_range = tp.vocab_range(cfg.vocab_size)
-
-    def rows(self, data, kv: bool = False):
-        """A bias (or any tensor cut like q's rows, or k's and v's with ``kv``)."""
-        start, end = self.kv_rows if kv else self.q_rows
-        return data[start:end]
+        heads = head_shard(cfg, tp.rank, tp.size) if tp is not None else head_shard(cfg, 0, 1)  # one rank: all
+        self.q_rows, self.kv_rows, self.mlp_rows = heads.q_rows(d), heads.kv_rows(d), slice(*heads.intermediate)
 
     def qkv(self, q: tuple, k: tuple, v: tuple) -> list[tuple]:
-        return [(q[0], self.rows(q[1])), (k[0], self.rows(k[1], kv=True)), (v[0], self.rows(v[1], kv=True))]
+        return [(q[0], q[1][self.q_rows]), (k[0], k[1][self.kv_rows]), (v[0], v[1][self.kv_rows])]
 
     def mlp(self, part: tuple) -> tuple:
-        return part[0], part[1][slice(*self.mlp_rows)]
+        return part[0], part[1][self.mlp_rows]
 
-    def columns(self, part: tuple, start: int, end: int) -> tuple:
-        """Input columns [start, end) of a (type, rows) pair: whole blocks of the stored bytes, or float columns."""
+    def columns(self, part: tuple, columns: slice) -> tuple:
+        """Input columns of a (type, rows) pair: whole blocks of the stored bytes, or float columns."""
         qtype, data = part
         if self.tp is None:
             return part
         if qtype in _FLOAT_TYPES:
-            return qtype, data[:, start:end]
+            return qtype, data[:, columns]
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
         weights, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+        start, end = columns.start, columns.stop
         if start % weights or end % weights:
             raise ValueError(f"a {GGMLQuantizationType(qtype).name} matrix cannot be split at input column "
                              f"{start if start % weights else end}: its blocks hold {weights} weights; use another "
@@ -228,20 +218,16 @@ class _Shard:
         return qtype, data[:, start // weights * nbytes:end // weights * nbytes]
 
     def vocab(self, part: tuple) -> tuple:
+        """A (type, rows) head: this rank's rows, zero rows (zero blocks) past the vocabulary."""
         if self.tp is None:
             return part
         qtype, data = part
-        start, end = self.vocab_range
+        start, end = self.tp.vocab_range(self.vocab_size)
         rows = data[start:end]
-        pad = np.zeros((end - start - rows.shape[0], *rows.shape[1:]), dtype=rows.dtype)
-        return qtype, np.concatenate([rows, pad])
+        return qtype, np.concatenate([rows, np.zeros((end - start - rows.shape[0], *rows.shape[1:]), rows.dtype)])
 
     def vocab_dense(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.tp is None:
-            return weight
-        start, end = self.vocab_range
-        rows = weight[start:end]
-        return torch.cat([rows, rows.new_zeros(end - start - rows.shape[0], rows.shape[1])])
+        return weight if self.tp is None else self.tp.vocab_rows(weight, self.vocab_size)
 
 
 def _split_rows(part: tuple, sizes: list[int]) -> list[tuple]:

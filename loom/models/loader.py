@@ -50,10 +50,12 @@ def load_hf_config(folder: str | Path):
 
 
 def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
-               tp: TensorParallel | None = None, quantized_kernels: str = "cpu") -> LlamaForCausalLM:
-    """``tp``: load only this rank's shard of every weight (``loom.distributed.parallel``). A ``.gguf`` file loads
-    with its quantized weights kept (``loom.models.gguf``), multiplied by ``quantized_kernels``: "cpu" (the C++
-    kernels, float32 activations) or "triton"."""
+               tp: TensorParallel | None = None, quantized_kernels: str = "cpu",
+               row_amax: bool = False) -> LlamaForCausalLM:
+    """``tp``: load only this rank's shard of every weight (``loom.distributed.parallel``); with ``row_amax`` (the
+    weights are to be quantized) it notes the whole rows' amax of the row-parallel ones in ``model.row_amax``. A
+    ``.gguf`` file loads with its quantized weights kept (``loom.models.gguf``), multiplied by ``quantized_kernels``:
+    "cpu" (the C++ kernels, float32 activations) or "triton"."""
     if is_gguf(folder):
         return load_gguf_model(folder, device, max_positions, dtype, quantized_kernels, tp)
     folder = Path(folder)
@@ -78,7 +80,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
                 if cfg.norm_offset and pname.endswith("norm.weight"):  # Gemma: (1 + w), added once here
                     tensor = tensor.float() + 1.0
                 if tp is not None:
-                    if pname.endswith(ROW_PARALLEL_WEIGHTS):  # int8 scales come from whole rows (ops.quantized)
+                    if row_amax and pname.endswith(ROW_PARALLEL_WEIGHTS):  # int8 scales: whole rows' (ops.quantized)
                         model.row_amax[pname] = tensor.float().abs().amax(1)
                     tensor = _shard(pname, part, tensor, cfg, tp)
                 _copy_into(params[pname], part, tensor, model.config, gate_up="gate_up_proj" in pname)
@@ -135,9 +137,7 @@ def _shard(pname: str, part: int | None, tensor: torch.Tensor, cfg: LlamaConfig,
     fused one): column-parallel weights by output rows, row-parallel ones by input columns, vocabularies by rows."""
     shard = head_shard(cfg, tp.rank, tp.size)
     d = cfg.head_dim
-    q_rows = slice(shard.q_heads[0] * d, shard.q_heads[1] * d)
-    kv_rows = slice(shard.kv_heads[0] * d, shard.kv_heads[1] * d)
-    mlp_rows = slice(*shard.intermediate)
+    q_rows, kv_rows, mlp_rows = shard.q_rows(d), shard.kv_rows(d), slice(*shard.intermediate)
     if "qkv_proj" in pname:
         q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
         if part is None:  # a fused checkpoint tensor (Phi-3): cut it into q, k, v first
@@ -156,9 +156,7 @@ def _shard(pname: str, part: int | None, tensor: torch.Tensor, cfg: LlamaConfig,
     if pname.endswith("down_proj.weight"):
         return tensor[:, mlp_rows]
     if pname in ("embed_tokens.weight", "lm_head.weight"):
-        start, end = tp.vocab_range(cfg.vocab_size)
-        rows = tensor[start:end]
-        return torch.cat([rows, rows.new_zeros(end - start - rows.shape[0], rows.shape[1])])
+        return tp.vocab_rows(tensor, cfg.vocab_size)
     return tensor
 
 

@@ -93,7 +93,8 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     The rows that need penalties are handled together: their token ids go to the device as one padded tensor per kind
     and become [N, V] counts (``scatter_add``), as vLLM's bin counts do; no op runs per row. The min_tokens mask is
     one indexed write of -inf at the stop ids of the rows still short of their minimum (no [N, V] work: with
-    min_tokens alone, as a benchmark's fixed-length requests ask, the counts cost ~13% of a SmolLM2 decode step)."""
+    min_tokens alone, as a benchmark's fixed-length requests ask, the counts cost ~0.3 ms, ~4% of a SmolLM2 Q4_1
+    decode step)."""
     needs = [i for i, r in enumerate(rows) if _has_penalty(r)]
     if not needs:
         return logits

@@ -662,10 +662,11 @@ void int8_rows_portable(const Int8Call& c, int64_t m0, int64_t tm) {
     const uint8_t* line = c.qs + g * c.line;
     for (int j = 0; j < F::quads; ++j)
       for (int n = 0; n < 16; ++n)
-        for (int l = 0; l < 4; ++l)
-          w[n][4 * j + l] = F::bits == 8 ? line[64 * j + 4 * n + l]
-                                         : F::levels ? kIq4Levels[(line[64 * (j / 2) + 4 * n + l] >> (4 * (j % 2))) & 0x0F]
-                                                     : (line[64 * (j / 2) + 4 * n + l] >> (4 * (j % 2))) & 0x0F;
+        for (int l = 0; l < 4; ++l) {
+          const uint8_t q = F::bits == 8 ? line[64 * j + 4 * n + l]
+                                         : (line[64 * (j / 2) + 4 * n + l] >> (4 * (j % 2))) & 0x0F;
+          w[n][4 * j + l] = F::levels ? kIq4Levels[q] : q;
+        }
     for (int64_t r = 0; r < tm; ++r) {
       const int64_t row = m0 + r;
       const int8_t* a = c.xq + row * c.K + g * F::group;
