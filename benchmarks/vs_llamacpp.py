@@ -41,6 +41,17 @@ How llama-server is built (llama.cpp as vendored in the llama-cpp-python 0.3.36 
         "$(python -c 'from loom.models.catalogue import pull; print(pull("smollm2"))')"
 
 (on an AVX2-only CPU the same commands give its AVX2 build: ``GGML_NATIVE`` compiles for the build machine.)
+
+``--isa avx2`` runs the AVX2 code paths on an AVX-512 machine: Loom's kernels built with ``LOOM_CPU_ARCH=x86-64-v3``,
+torch, oneDNN and MKL limited to AVX2, and llama-server from an AVX2 build (``--llama-server``), made from the same
+source with the CPU features spelled out instead of ``GGML_NATIVE`` (an AVX2 EPYC's: AVX2, FMA, F16C, BMI2):
+
+    cmake -S . -B build-avx2 -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON \
+        -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DLLAMA_BUILD_SERVER=ON \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+    cmake --build build-avx2 -j2 --target llama-server
+
+The script refuses ``--isa avx2`` with a llama-server whose build cache says ``GGML_NATIVE=ON`` or ``GGML_AVX512=ON``.
 """
 
 from __future__ import annotations
@@ -102,6 +113,19 @@ def server_command(config: str, port: int, args: argparse.Namespace) -> list[str
     return [args.llama_server, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-t", str(args.threads),
             "-tb", str(args.threads), "-np", "16", "-c", str(args.ctx), "--alias", "bench", "--log-disable",
             *shlex.split(args.llama_args)]
+
+
+# --isa avx2 on an AVX-512 machine: Loom's own kernels compiled for x86-64-v3 (AVX2 + FMA, no AVX-512 or VNNI: its
+# AVX2 int8 path, and torch's GEMMs in place of the AVX-512 panel matmul), and torch's kernels, oneDNN and MKL limited
+# to AVX2. llama.cpp's ISA is fixed when it is built: give --llama-server an AVX2 build (docstring). The ISA of an
+# AVX2-only machine, not its clock, caches or memory.
+AVX2_ENV = {"LOOM_CPU_ARCH": "x86-64-v3", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def server_env(args: argparse.Namespace) -> dict:
+    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    return {**env, **AVX2_ENV} if args.isa == "avx2" else env
 
 
 # --- the machine's other load ---------------------------------------------------------------------------------
@@ -185,7 +209,7 @@ def measure(config: str, tokenizer, args: argparse.Namespace, round_index: int, 
     quiet = wait_quiet(args)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    env = server_env(args)
     # fresh prompts for every run: a seed per (invocation seed, round, configuration, attempt, point), never repeated
     base = args.seed * 100_000 + 1000 * (round_index + 1) + 100 * CONFIGS.index(config) + 10 * attempt
     cmd = server_command(config, port, args)
@@ -205,7 +229,6 @@ def paired_lone(fmt: str, tokenizer, args: argparse.Namespace) -> dict:
     is much tighter than one of separate runs. Both servers of a pair get the same prompt (each sees it once, so neither
     has it cached); only the server being asked works, the other idles (its CPU recorded)."""
     names = (f"loom-{fmt}", f"llamacpp-{fmt}")
-    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     quiet = wait_quiet(args)
     base = args.seed * 100_000 + 90_000 + 1000 * FORMATS.index(fmt)
     samples = random_dataset(tokenizer, ServingBenchConfig(num_prompts=args.paired_lone, input_len=args.input_len,
@@ -216,7 +239,7 @@ def paired_lone(fmt: str, tokenizer, args: argparse.Namespace) -> dict:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             servers[name] = stack.enter_context(start_server(server_command(name, port, args), url,
-                                                             timeout=args.startup_timeout, env=env))
+                                                             timeout=args.startup_timeout, env=server_env(args)))
             run_point(url, tokenizer, args, 2, args.warmup, seed=base + 1 + names.index(name),
                       server_sid=servers[name].proc.pid)
         meter = CpuMeter(*(servers[name].proc.pid for name in names))
@@ -294,8 +317,9 @@ def summary_line(ratios: dict, paired: dict, args: argparse.Namespace, loaded: s
         r = p["tpot_ratio_loom_over_llamacpp"]
         if r["median_of_pairs"] is not None:
             parts.append(f"{fmt} paired c=1 TPOT {r['median_of_pairs']:.2f}x ({p['timed_pairs']} pairs)")
+    isa = " (AVX2 code paths)" if args.isa == "avx2" else ""
     return (f"loom / llama.cpp, smollm2 /v1/completions in {args.input_len}/out {args.output_len}, "
-            f"{args.threads} threads: " + "; ".join(parts))
+            f"{args.threads} threads{isa}: " + "; ".join(parts))
 
 
 def cpu_model() -> str:
@@ -337,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-server", default=default_llama_server(),
                     help="the llama-server binary (default: $LLAMA_SERVER, a build under /tmp/llamacpp, or PATH)")
     ap.add_argument("--f32-gguf", default=default_f32_gguf(), help="the float32 folder converted to an F32 GGUF")
+    ap.add_argument("--isa", choices=("native", "avx2"), default="native",
+                    help="avx2: Loom and torch limited to AVX2 (with an AVX2 build of llama-server: the ISA of an "
+                         "AVX2-only CPU on this one)")
     ap.add_argument("--llama-args", default="", help="extra llama-server flags, e.g. '--cache-ram 0'")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of separate runs (0: only --paired-lone)")
     ap.add_argument("--threads", type=int, default=2)
@@ -374,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
             llama = llama_server_facts(args.llama_server)
         except (OSError, subprocess.SubprocessError) as exc:
             ap.error(f"--llama-server {args.llama_server} does not run: {exc}")
+        native = [x for x in llama.get("cmake_cache", []) if x.split("=")[0] in ("GGML_NATIVE:BOOL", "GGML_AVX512:BOOL")
+                  and x.split("=", 1)[1].upper() in ("ON", "TRUE", "1")]
+        if args.isa == "avx2" and (native or "cmake_cache" not in llama):
+            ap.error(f"--isa avx2 needs an AVX2 build of llama-server (see the docstring); {args.llama_server}'s build "
+                     f"has {', '.join(native) or 'no CMakeCache.txt beside it'}")
     if "llamacpp-f32" in configs and not Path(args.f32_gguf).is_file():
         ap.error(f"--f32-gguf {args.f32_gguf} does not exist (convert_hf_to_gguf.py --outtype f32, see the docstring)")
     try:

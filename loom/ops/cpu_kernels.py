@@ -31,7 +31,7 @@ class CpuOps(TorchOps):
     name = "cpp"
 
     def prepare(self, model: torch.nn.Module) -> None:
-        """float32 CPU models get their matmul weights packed (``loom.ops.packed_linear``: the AVX-512 panel kernel
+        """float32 CPU models get their matmul weights packed (``loom.ops.packed_linear``: the panel kernel
         or oneDNN), the LM head too (tied or not: a tied head keeps the embedding table for lookups beside its packed
         copy)."""
         head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight

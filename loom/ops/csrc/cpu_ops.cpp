@@ -371,16 +371,19 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
 
 // ---- panel matmul --------------------------------------------------------------------------------------------------
 // y[M, N] = x[M, K] W^T + b. W is packed once into panels of kPanel output columns, K-major ([N/kPanel][K][kPanel]):
-// a panel streams from memory once per call and is reused from L2 by every tile of rows; each k step loads 2 weight
-// vectors and broadcasts one input per row of the tile into 2 accumulators per row (the register tile of a BLIS
-// micro-kernel). With AVX-512 (32 registers, 8 x 32 tiles) it ran 15-55% faster than oneDNN's packed matmuls on
-// these cores for 8-128 rows and on par for 256-2048 (oneDNN stays on AVX2 here). An AVX2 variant (6 x 16 tiles)
-// lost to oneDNN past ~8 rows, so the panel matmul exists only in AVX-512 builds; has_avx512() tells the Python side
-// (loom/ops/packed_linear.py), which uses oneDNN otherwise.
-#if defined(__AVX512F__)
+// a panel streams from memory once per call and is reused from L2 by every tile of rows; each k step loads the panel's
+// weight vectors and broadcasts one input per row of the tile into one accumulator per row and vector (the register
+// tile of a BLIS micro-kernel). With AVX-512 (32 registers, 8 x 32 tiles) it ran 15-55% faster than oneDNN's packed
+// matmuls on these cores for 8-128 rows and on par for 256-2048 (oneDNN stays on AVX2 here). The AVX2 build has 16
+// registers: tiles of up to 3 x 32 (12 accumulators, 3 broadcasts, 1 weight vector); against oneDNN held to AVX2 it
+// took 2.3x less time at 1 row, 1.2x at 64 and the same at 1024 (loom/ops/packed_linear.py). has_avx512() tells
+// which build this is.
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define LOOM_HAS_PANEL 1
 namespace {
-// 32 output columns = 2 zmm per row; tiles of up to 8 rows: 16 accumulators, 2 weight loads and 8 broadcasts per k.
 constexpr int64_t kPanel = 32;
+#if defined(__AVX512F__)
+// 32 output columns = 2 zmm per row; tiles of up to 8 rows: 16 accumulators, 2 weight loads and 8 broadcasts per k.
 constexpr int kMaxRows = 8;
 template <int MR>
 inline void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t K, float* out) {
@@ -412,6 +415,34 @@ inline void panel_rows(int rows, const float* x, int64_t ldx, const float* panel
     default: return panel_tile<1>(x, ldx, panel, K, out);
   }
 }
+#else
+// 32 output columns = 4 ymm per row; tiles of up to 3 rows: 12 accumulators, 3 broadcasts and 1 weight vector live.
+constexpr int kMaxRows = 3;
+template <int MR>
+inline void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t K, float* out) {
+  __m256 acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 xb[MR];
+    for (int i = 0; i < MR; ++i) xb[i] = _mm256_broadcast_ss(x + i * ldx + k);
+    for (int j = 0; j < 4; ++j) {
+      const __m256 w = _mm256_loadu_ps(panel + k * kPanel + 8 * j);
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(xb[i], w, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + i * kPanel + 8 * j, acc[i][j]);
+}
+
+inline void panel_rows(int rows, const float* x, int64_t ldx, const float* panel, int64_t K, float* out) {
+  switch (rows) {
+    case 3: return panel_tile<3>(x, ldx, panel, K, out);
+    case 2: return panel_tile<2>(x, ldx, panel, K, out);
+    default: return panel_tile<1>(x, ldx, panel, K, out);
+  }
+}
+#endif
 }  // namespace
 
 // weight [N, K] -> panels [ceil(N / kPanel), K, kPanel], zero-padded past N.
@@ -450,7 +481,7 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t N, c10
   });
   return y;
 }
-#endif  // __AVX512F__
+#endif  // LOOM_HAS_PANEL
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged attention decode (CPU)");
@@ -458,11 +489,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = RMSNorm(residual), in place");
   m.def("rotary_cache_", &rotary_cache_, "rotary q/k in place + k/v cache write");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
-#if defined(__AVX512F__)
+#if defined(LOOM_HAS_PANEL)
   m.def("pack_panels", &pack_panels, "pack a [N, K] weight into kPanel-column panels");
   m.def("panel_linear", &panel_linear, "x W^T + b, W from pack_panels");
-  m.def("has_avx512", [] { return true; }, "whether the panel matmul was built (it needs AVX-512)");
+#endif
+#if defined(__AVX512F__)
+  m.def("has_avx512", [] { return true; }, "whether the kernels were built with AVX-512 (8 x 32 panel tiles)");
 #else
-  m.def("has_avx512", [] { return false; }, "whether the panel matmul was built (it needs AVX-512)");
+  m.def("has_avx512", [] { return false; }, "whether the kernels were built with AVX-512 (8 x 32 panel tiles)");
 #endif
 }
