@@ -4,6 +4,10 @@ extension builder (g++ and ninja; cached under ``TORCH_EXTENSIONS_DIR``, by defa
     ext = extension()        # the compiled module; raises when it cannot be built (no compiler, no headers)
     gguf = gguf_extension()  # the GGUF quantized matmul
 
+Every op releases the GIL while it computes (``py::call_guard<py::gil_scoped_release>`` on its binding), as torch's
+own ops do: the server's event loop streams tokens while the engine thread multiplies (measured: TPOT 1-2% lower,
+float32 SmolLM2 at c=1).
+
 They are compiled for the CPU that builds them (``-march=native``: AVX-512 and VNNI where it has them).
 ``LOOM_CPU_ARCH`` names another gcc ``-march`` target, e.g. ``x86-64-v3`` (AVX2 + FMA, no AVX-512) to build for an
 older CPU, or to run the AVX2 code paths on an AVX-512 machine; such a build is cached under its own name

@@ -125,3 +125,40 @@ def test_packed_linear_matches_f_linear(backend, rows):
         layer = PackedLinear(weight, b, backend)
         assert layer.backend == backend
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernels_let_other_python_threads_run_while_they_compute():
+    """The C++ ops release the GIL (the server's event loop streams tokens while the engine thread multiplies): a
+    Python thread keeps ticking through one long panel matmul instead of stalling for all of it."""
+    import threading
+    import time
+
+    from loom.ops.packed_linear import PackedLinear, panel_available
+
+    if not panel_available():
+        pytest.skip("no panel matmul in this build (oneDNN's calls are torch's, which release the GIL)")
+    layer = PackedLinear(torch.randn(4096, 1024), None, "panel")
+    x = torch.randn(512, 1024)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # leave the other core to the ticking thread
+    try:
+        layer(x)  # warm
+        done, ticks = threading.Event(), []
+
+        def tick():
+            while not done.is_set():
+                ticks.append(time.perf_counter())
+
+        ticker = threading.Thread(target=tick)
+        ticker.start()
+        time.sleep(0.02)
+        start = time.perf_counter()
+        layer(x)
+        took = time.perf_counter() - start
+        done.set()
+        ticker.join()
+    finally:
+        torch.set_num_threads(threads)
+    during = [t for t in ticks if start <= t <= start + took]
+    gaps = [b - a for a, b in zip(during, during[1:])]
+    assert took > 0.05 and during and max(gaps, default=took) < took / 2, (took, len(during), max(gaps, default=None))

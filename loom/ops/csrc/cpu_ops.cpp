@@ -484,14 +484,21 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t N, c10
 #endif  // LOOM_HAS_PANEL
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "paged attention decode (CPU)");
-  m.def("rms_norm", &rms_norm, "RMSNorm over rows");
-  m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = RMSNorm(residual), in place");
-  m.def("rotary_cache_", &rotary_cache_, "rotary q/k in place + k/v cache write");
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  m.def("paged_decode", &paged_decode, "paged attention decode (CPU)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm", &rms_norm, "RMSNorm over rows",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = RMSNorm(residual), in place",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rotary_cache_", &rotary_cache_, "rotary q/k in place + k/v cache write",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up",
+        py::call_guard<py::gil_scoped_release>());
 #if defined(LOOM_HAS_PANEL)
-  m.def("pack_panels", &pack_panels, "pack a [N, K] weight into kPanel-column panels");
-  m.def("panel_linear", &panel_linear, "x W^T + b, W from pack_panels");
+  m.def("pack_panels", &pack_panels, "pack a [N, K] weight into kPanel-column panels",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("panel_linear", &panel_linear, "x W^T + b, W from pack_panels",
+        py::call_guard<py::gil_scoped_release>());
 #endif
 #if defined(__AVX512F__)
   m.def("has_avx512", [] { return true; }, "whether the kernels were built with AVX-512 (8 x 32 panel tiles)");
