@@ -402,19 +402,6 @@ inline void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t 
     _mm512_storeu_ps(out + i * kPanel + 16, acc[i][1]);
   }
 }
-
-inline void panel_rows(int rows, const float* x, int64_t ldx, const float* panel, int64_t K, float* out) {
-  switch (rows) {
-    case 8: return panel_tile<8>(x, ldx, panel, K, out);
-    case 7: return panel_tile<7>(x, ldx, panel, K, out);
-    case 6: return panel_tile<6>(x, ldx, panel, K, out);
-    case 5: return panel_tile<5>(x, ldx, panel, K, out);
-    case 4: return panel_tile<4>(x, ldx, panel, K, out);
-    case 3: return panel_tile<3>(x, ldx, panel, K, out);
-    case 2: return panel_tile<2>(x, ldx, panel, K, out);
-    default: return panel_tile<1>(x, ldx, panel, K, out);
-  }
-}
 #else
 // 32 output columns = 4 ymm per row; tiles of up to 3 rows: 12 accumulators, 3 broadcasts and 1 weight vector live.
 constexpr int kMaxRows = 3;
@@ -434,15 +421,16 @@ inline void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t 
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + i * kPanel + 8 * j, acc[i][j]);
 }
-
-inline void panel_rows(int rows, const float* x, int64_t ldx, const float* panel, int64_t K, float* out) {
-  switch (rows) {
-    case 3: return panel_tile<3>(x, ldx, panel, K, out);
-    case 2: return panel_tile<2>(x, ldx, panel, K, out);
-    default: return panel_tile<1>(x, ldx, panel, K, out);
-  }
-}
 #endif
+
+// rows (1..MR) -> the tile of that height, chosen at run time among the compiled ones.
+template <int MR = kMaxRows>
+inline void panel_rows(int rows, const float* x, int64_t ldx, const float* panel, int64_t K, float* out) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return panel_rows<MR - 1>(rows, x, ldx, panel, K, out);
+  }
+  panel_tile<MR>(x, ldx, panel, K, out);
+}
 }  // namespace
 
 // weight [N, K] -> panels [ceil(N / kPanel), K, kPanel], zero-padded past N.
@@ -484,21 +472,15 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t N, c10
 #endif  // LOOM_HAS_PANEL
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "paged attention decode (CPU)",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("rms_norm", &rms_norm, "RMSNorm over rows",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = RMSNorm(residual), in place",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("rotary_cache_", &rotary_cache_, "rotary q/k in place + k/v cache write",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up",
-        py::call_guard<py::gil_scoped_release>());
+  using NoGil = py::call_guard<py::gil_scoped_release>;  // every op computes without the GIL, as torch's do
+  m.def("paged_decode", &paged_decode, "paged attention decode (CPU)", NoGil());
+  m.def("rms_norm", &rms_norm, "RMSNorm over rows", NoGil());
+  m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = RMSNorm(residual), in place", NoGil());
+  m.def("rotary_cache_", &rotary_cache_, "rotary q/k in place + k/v cache write", NoGil());
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", NoGil());
 #if defined(LOOM_HAS_PANEL)
-  m.def("pack_panels", &pack_panels, "pack a [N, K] weight into kPanel-column panels",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("panel_linear", &panel_linear, "x W^T + b, W from pack_panels",
-        py::call_guard<py::gil_scoped_release>());
+  m.def("pack_panels", &pack_panels, "pack a [N, K] weight into kPanel-column panels", NoGil());
+  m.def("panel_linear", &panel_linear, "x W^T + b, W from pack_panels", NoGil());
 #endif
 #if defined(__AVX512F__)
   m.def("has_avx512", [] { return true; }, "whether the kernels were built with AVX-512 (8 x 32 panel tiles)");

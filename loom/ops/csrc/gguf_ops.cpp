@@ -903,30 +903,22 @@ bool has_vnni() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using NoGil = py::call_guard<py::gil_scoped_release>;  // every op computes without the GIL, as torch's do
   // portable: the plain C++ loops even where the AVX-512 path is compiled in (a no-op elsewhere); for tests.
   m.def("gguf_linear", &gguf_linear, "x W^T with W in GGUF blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)", py::arg("x"),
-        py::arg("qweight"), py::arg("qtype"), py::arg("bias") = py::none(), py::arg("portable") = false,
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("qweight"), py::arg("qtype"), py::arg("bias") = py::none(), py::arg("portable") = false, NoGil());
   m.def("gguf_dequantize", &gguf_dequantize, "GGUF blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) to float32",
-        py::arg("qweight"), py::arg("qtype"), py::arg("in_features"), py::arg("portable") = false,
-        py::call_guard<py::gil_scoped_release>());
-  m.def("gguf_int8_pack_quants", &gguf_int8_pack_quants, "spelled-out quants, scales and mins -> int8 tiles",
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("qweight"), py::arg("qtype"), py::arg("in_features"), py::arg("portable") = false, NoGil());
+  m.def("gguf_int8_pack_quants", &gguf_int8_pack_quants, "spelled-out quants, scales and mins -> int8 tiles", NoGil());
   m.def("gguf_int8_pack", &gguf_int8_pack, "GGUF blocks repacked for int8 dot products: [quads, d, m]",
-        py::arg("qweight"), py::arg("qtype"), py::arg("in_features"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("qweight"), py::arg("qtype"), py::arg("in_features"), NoGil());
   m.def("gguf_int8_unpack", &gguf_int8_unpack, "repacked weights back to float32 [N, K]", py::arg("qs"), py::arg("d"),
-        py::arg("m"), py::arg("qtype"), py::arg("out_features"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("m"), py::arg("qtype"), py::arg("out_features"), NoGil());
   m.def("gguf_int8_linear", &gguf_int8_linear, "x W^T (+ b) by int8 dot products on x quantized per 32",
         py::arg("x"), py::arg("qs"), py::arg("d"), py::arg("m"), py::arg("qtype"), py::arg("out_features"),
-        py::arg("bias") = py::none(), py::arg("path") = "auto",
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("bias") = py::none(), py::arg("path") = "auto", NoGil());
   m.def("gguf_quantize_activations", &gguf_quantize_activations, "x quantized per 32: [x_q, d_x, group sums, d_x sums]",
-        py::arg("x"), py::arg("group"), py::arg("portable") = false,
-        py::call_guard<py::gil_scoped_release>());
-  m.def("has_vnni", &has_vnni, "whether the int8 kernels were compiled for AVX-512 VNNI",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("has_avx2", &has_avx2, "whether the int8 kernels were compiled with the AVX2 path",
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("x"), py::arg("group"), py::arg("portable") = false, NoGil());
+  m.def("has_vnni", &has_vnni, "whether the int8 kernels were compiled for AVX-512 VNNI");
+  m.def("has_avx2", &has_avx2, "whether the int8 kernels were compiled with the AVX2 path");
 }
