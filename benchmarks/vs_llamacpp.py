@@ -71,6 +71,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, write_json  # noqa: E402
+from benchmarks.isa import AVX2_ENV  # noqa: E402
 from loom.bench.process import free_port, start_server  # noqa: E402
 from loom.bench.serving import ServingBenchConfig, random_dataset, run_benchmark, token_counter  # noqa: E402
 
@@ -115,15 +116,9 @@ def server_command(config: str, port: int, args: argparse.Namespace) -> list[str
             *shlex.split(args.llama_args)]
 
 
-# --isa avx2 on an AVX-512 machine: Loom's own kernels compiled for x86-64-v3 (AVX2 + FMA, no AVX-512 or VNNI: its
-# AVX2 int8 path, and torch's GEMMs in place of the AVX-512 panel matmul), and torch's kernels, oneDNN and MKL limited
-# to AVX2. llama.cpp's ISA is fixed when it is built: give --llama-server an AVX2 build (docstring). The ISA of an
-# AVX2-only machine, not its clock, caches or memory.
-AVX2_ENV = {"LOOM_CPU_ARCH": "x86-64-v3", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-
-
 def server_env(args: argparse.Namespace) -> dict:
+    """Every server's environment; with --isa avx2 Loom's and torch's kernels held to AVX2 (llama.cpp's ISA is fixed
+    when it is built: give --llama-server an AVX2 build, see the docstring)."""
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     return {**env, **AVX2_ENV} if args.isa == "avx2" else env
 

@@ -46,15 +46,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _peer_servers import COMMON, MODES, PEERS, missing, serve, write_common  # noqa: E402
 from _serving import cpu_count, cpu_flags, measure, model_time_ms, workload  # noqa: E402
+from isa import TORCH_AVX2_ENV  # noqa: E402
 
 from loom.batching.handlers.embedding import default_model_dir  # noqa: E402
 
 TARGETS = {("server", "torchserve"): 1.5, ("server", "litserve"): 1.2, ("product", "torchserve"): 2.0,
            ("product", "litserve"): 1.5}
 LONE_TARGET_MS = 1.0
-# --isa avx2 on an AVX-512 machine: torch's own kernels, oneDNN and MKL limited to AVX2 in every server (the ISA
-# of an AVX2-only machine; not its clock, caches or memory).
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 ROW_KEYS = ("requests_per_s", "p50_ms", "p99_ms", "lone_p50_ms", "lone_overhead_p50_ms", "lone_model_p50_ms",
             "requests_per_cpu_s", "server_cpu_cores")
 
@@ -169,7 +167,7 @@ def main() -> int:
         parser.error(f"--modes takes {', '.join(MODES)}, got {args.modes}")
     args.peers_python = args.peers_python.absolute()
     if args.isa == "avx2":
-        os.environ.update(AVX2_ENV)  # before torch is imported here; every server inherits it
+        os.environ.update(TORCH_AVX2_ENV)  # before torch is imported here; every server inherits it
     texts, payloads = workload(args.seed)
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
