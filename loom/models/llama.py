@@ -363,10 +363,14 @@ class LlamaForCausalLM(nn.Module):
         x, residual = self.embed(input_ids), None
         if self.config.embed_scale != 1.0:
             x = x * self.config.embed_scale
-        local = self.config.sliding_layers if self.rotary_local is not None else ()
-        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            rotary = self.rotary_local if i in local else self.rotary
-            x, residual = layer(x, residual, positions, rotary, kv_cache, meta, self.ops)
+        fused = None if meta.prefills else self.ops.decode_layers(self, x, positions, kv_caches, meta)
+        if fused is not None:
+            x, residual = fused
+        else:
+            local = self.config.sliding_layers if self.rotary_local is not None else ()
+            for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+                rotary = self.rotary_local if i in local else self.rotary
+                x, residual = layer(x, residual, positions, rotary, kv_cache, meta, self.ops)
         x, _ = self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
         return x
 

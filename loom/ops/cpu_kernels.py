@@ -29,6 +29,9 @@ class CpuOps(TorchOps):
     """``TorchOps``' contract in fused kernels for float32 CPU tensors; anything else takes the reference."""
 
     name = "cpp"
+    _decode_plan: list[tuple] | tuple | None = None
+    """``decode_layers``' per-layer arguments, () where the model has layers it does not compute; None: not yet
+    looked at."""
 
     def prepare(self, model: torch.nn.Module) -> None:
         """float32 CPU models get their matmul weights packed (``loom.ops.packed_linear``: the panel kernel
@@ -43,6 +46,22 @@ class CpuOps(TorchOps):
         model.logits_proj = PackedLinear(head, None)
         if model.lm_head is not None:
             model.lm_head = None  # its weight now lives packed in logits_proj
+
+    def decode_layers(self, model, x, positions, kv_caches, meta):
+        """Dense Llama-family layers with panel-packed float32 weights: one ``decode_layer`` call each (the C++ kernel
+        chains this class's ops), so a decode step does not return to Python between ops. Any other model (sliding
+        windows, q/k norms, Gemma's sandwich norms, MoE, GeLU, tensor parallelism, LoRA, oneDNN or quantized
+        weights): None, and the layers run one op at a time."""
+        if self._decode_plan is None:  # at the first decode step: LoRA wraps the projections after prepare
+            self._decode_plan = _decode_plan(model) or ()
+        if not self._decode_plan or not _fast(x):
+            return None
+        decode_layer, residual, cos, sin = _extension().decode_layer, None, model.rotary.cos, model.rotary.sin
+        for (weights, widths, eps, heads, kv_heads, scale), (k_cache, v_cache) in zip(self._decode_plan, kv_caches):
+            x, residual = decode_layer(x, residual, weights, widths, eps, positions, cos, sin, k_cache, v_cache,
+                                       meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens, heads,
+                                       kv_heads, scale)
+        return x, residual
 
     @staticmethod
     def decode_attention(q, k_cache, v_cache, meta, scale):
@@ -69,6 +88,36 @@ class CpuOps(TorchOps):
         if not _fast(gate_up) or gate_up.stride(-1) != 1:
             return super().silu_and_mul(gate_up)
         return _extension().silu_and_mul(gate_up)
+
+
+def _decode_plan(model: torch.nn.Module) -> list[tuple] | None:
+    """Per layer, the arguments ``decode_layer`` takes besides the step's tensors; None unless every layer is one it
+    computes exactly: a dense SwiGLU layer with panel-packed projections, full attention, no q/k norm, no extra norms
+    and no tensor parallelism."""
+    plan = []
+    if model.tp is not None or model.rotary_local is not None or not hasattr(_extension(), "decode_layer"):
+        return None
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if not hasattr(mlp, "gate_up_proj") or mlp.gelu or mlp.tp is not None or layer.sandwich:  # MoE: experts
+            return None
+        if attn.window is not None or attn.softcap is not None or attn.q_norm is not None or attn.tp is not None:
+            return None
+        projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if not all(type(p) is PackedLinear and p.backend == "panel" for p in projections):
+            return None
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if norms[0].eps != norms[1].eps or not _fast(norms[0].weight, norms[1].weight):
+            return None
+        weights = [norms[0].weight.detach()]
+        for proj, norm in zip(projections, (None, norms[1], None, None)):
+            weights += [proj.packed_weight, proj.bias]
+            if norm is not None:
+                weights.append(norm.weight.detach())
+        # [norm, qkv, qkv_b, o, o_b, post_norm, gate_up, gate_up_b, down, down_b]
+        widths = [attn.qkv_proj.out_features, attn.o_proj.out_features, mlp.gate_up_proj.out_features]
+        plan.append((weights, widths, norms[0].eps, attn.num_heads, attn.num_kv_heads, attn.scale))
+    return plan
 
 
 try:

@@ -51,6 +51,11 @@ class TorchOps:
     def prepare(self, model: torch.nn.Module) -> None:
         """Adapt a freshly loaded model to this backend (the reference needs nothing)."""
 
+    def decode_layers(self, model, x, positions, kv_caches, meta) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A backend's whole stack of decoder layers over a decode-only step: ``(x, residual)`` as the model's layer
+        loop leaves them, or None where the backend has no such path for this model (the loop runs)."""
+        return None
+
     @staticmethod
     def decode_attention(q, k_cache, v_cache, meta, scale):
         return decode_attention_reference(q, k_cache, v_cache, meta, scale)

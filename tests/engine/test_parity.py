@@ -103,6 +103,32 @@ def test_torch_and_cpp_decode_backends_agree(tiny_llama):
     assert_parity(fast, ref)
 
 
+@pytest.mark.parametrize("arch,overrides,fused", [
+    ("llama", {}, True),
+    ("qwen2", {}, True),  # q/k/v biases
+    ("llama", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False}, True),
+    ("qwen3", {"head_dim": 32}, False),  # q/k norms
+    ("mistral", {"sliding_window": 24, "head_dim": 16}, False),
+    ("gemma2", {}, False),
+    ("mixtral", {}, False),
+], ids=["llama", "qwen2-qkv-bias", "llama-all-biases-untied", "qwen3", "mistral-window", "gemma2", "mixtral"])  # fmt: skip
+def test_fused_decode_layers_compute_exactly_what_the_op_by_op_layers_do(tmp_path, smollm2_path, monkeypatch, arch,
+                                                                          overrides, fused):
+    """CpuOps.decode_layers runs each dense layer of a decode-only step in one C++ call chaining the same kernels in
+    the same order as the op-by-op path, so logprobs are identical, not merely close; models with layers it does not
+    compute (q/k norms, windows, Gemma's norms and GeLU, experts) are left to the op-by-op path."""
+    from loom.ops.cpu_kernels import CpuOps
+
+    path = save_tiny_model(tmp_path / arch, smollm2_path, arch=arch, **overrides)
+    prompts = varied_prompts(5, seed=21, low=3, high=70)
+    llm = LLM(str(path), num_kv_blocks=256, block_size=8)
+    out = loom_greedy(llm, prompts, 12)
+    assert isinstance(llm.engine.model.ops, CpuOps)
+    assert bool(llm.engine.model.ops._decode_plan) is fused
+    monkeypatch.setattr(CpuOps, "decode_layers", lambda *args: None)
+    assert loom_greedy(LLM(str(path), num_kv_blocks=256, block_size=8), prompts, 12) == out
+
+
 def test_mistral_gives_back_blocks_behind_its_window_and_still_matches_hf(tmp_path, smollm2_path):
     """Every layer windowed (24 tokens, blocks of 8): a sequence holds at most 5 blocks however long it runs, the
     blocks it gives back go to the others (a pool too small for all contexts at once), and outputs match HF."""
