@@ -8,8 +8,10 @@ import torch
 
 from loom.ops.attention import AttentionMetadata, decode_attention_reference
 from loom.ops.cpp_extension import extension as _extension
+from loom.ops.cpp_extension import gguf_extension
 from loom.ops.layers import TorchOps, split_qkv
 from loom.ops.packed_linear import PackedLinear, pack_linears, packing_available, panel_available
+from loom.ops.quantized import INT8_ROWS, GGUFLinear, Int8Linear
 
 
 def _fast(*tensors: torch.Tensor) -> bool:
@@ -48,19 +50,21 @@ class CpuOps(TorchOps):
             model.lm_head = None  # its weight now lives packed in logits_proj
 
     def decode_layers(self, model, x, positions, kv_caches, meta):
-        """Dense Llama-family layers with panel-packed float32 weights: one ``decode_layer`` call each (the C++ kernel
-        chains this class's ops), so a decode step does not return to Python between ops. Any other model (sliding
-        windows, q/k norms, Gemma's sandwich norms, MoE, GeLU, tensor parallelism, LoRA, oneDNN or quantized
-        weights): None, and the layers run one op at a time."""
+        """Dense Llama-family layers whose projections are panel-packed float32 or int8-executed quantized (a GGUF
+        file's, ``--quantization int8``): one C++ call each (``decode_layer`` / ``gguf_decode_layer`` chain this
+        class's ops with the matmul), so a decode step does not return to Python between ops. Any other model
+        (sliding windows, q/k norms, Gemma's sandwich norms, MoE, GeLU, tensor parallelism, LoRA, oneDNN weights, a
+        projection of mixed GGUF types): None, and the layers run one op at a time."""
         if self._decode_plan is None:  # at the first decode step: LoRA wraps the projections after prepare
             self._decode_plan = _decode_plan(model) or ()
         if not self._decode_plan or not _fast(x):
             return None
-        decode_layer, residual, cos, sin = _extension().decode_layer, None, model.rotary.cos, model.rotary.sin
-        for (weights, widths, eps, heads, kv_heads, scale), (k_cache, v_cache) in zip(self._decode_plan, kv_caches):
-            x, residual = decode_layer(x, residual, weights, widths, eps, positions, cos, sin, k_cache, v_cache,
-                                       meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens, heads,
-                                       kv_heads, scale)
+        residual, cos, sin = None, model.rotary.cos, model.rotary.sin
+        for (layer, norms, weights, shapes, eps, heads, kv_heads, scale), (k_cache, v_cache) in zip(self._decode_plan,
+                                                                                                     kv_caches):
+            x, residual = layer(x, residual, norms, weights, shapes, eps, positions, cos, sin, k_cache, v_cache,
+                                meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens, heads, kv_heads,
+                                scale)
         return x, residual
 
     @staticmethod
@@ -91,33 +95,49 @@ class CpuOps(TorchOps):
 
 
 def _decode_plan(model: torch.nn.Module) -> list[tuple] | None:
-    """Per layer, the arguments ``decode_layer`` takes besides the step's tensors; None unless every layer is one it
-    computes exactly: a dense SwiGLU layer with panel-packed projections, full attention, no q/k norm, no extra norms
-    and no tensor parallelism."""
-    plan = []
-    if model.tp is not None or model.rotary_local is not None or not hasattr(_extension(), "decode_layer"):
+    """Per layer, the arguments of its C++ layer call besides the step's tensors; None unless every layer is one that
+    call computes exactly: a dense SwiGLU layer, full attention, no q/k norm, no extra norms, no tensor parallelism,
+    and its four projections all panel-packed or all int8-executed."""
+    if model.tp is not None or model.rotary_local is not None:
         return None
+    plan = []
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if not hasattr(mlp, "gate_up_proj") or mlp.gelu or mlp.tp is not None or layer.sandwich:  # MoE: experts
             return None
         if attn.window is not None or attn.softcap is not None or attn.q_norm is not None or attn.tp is not None:
             return None
-        projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if not all(type(p) is PackedLinear and p.backend == "panel" for p in projections):
-            return None
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         if norms[0].eps != norms[1].eps or not _fast(norms[0].weight, norms[1].weight):
             return None
-        weights = [norms[0].weight.detach()]
-        for proj, norm in zip(projections, (None, norms[1], None, None)):
-            weights += [proj.packed_weight, proj.bias]
-            if norm is not None:
-                weights.append(norm.weight.detach())
-        # [norm, qkv, qkv_b, o, o_b, post_norm, gate_up, gate_up_b, down, down_b]
-        widths = [attn.qkv_proj.out_features, attn.o_proj.out_features, mlp.gate_up_proj.out_features]
-        plan.append((weights, widths, norms[0].eps, attn.num_heads, attn.num_kv_heads, attn.scale))
+        projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        weights, shapes = [], []
+        if all(type(p) is PackedLinear and p.backend == "panel" for p in projections):
+            call = getattr(_extension(), "decode_layer", None)
+            for p in projections:
+                weights += [p.packed_weight, p.bias]
+                shapes.append(p.out_features)
+        elif all(_int8_format(p) is not None for p in projections):
+            call = gguf_extension().gguf_decode_layer
+            for p in projections:
+                weights += [p.qs, p.scales, p.mins, p.bias]
+                shapes += [_int8_format(p), p.out_features]
+        else:
+            return None
+        if call is None:
+            return None
+        plan.append((call, [n.weight.detach() for n in norms], weights, shapes, norms[0].eps, attn.num_heads,
+                     attn.num_kv_heads, attn.scale))
     return plan
+
+
+def _int8_format(proj: torch.nn.Module) -> int | None:
+    """The int8 kernels' format of a projection they execute (a GGUF type or weight-only int8's), else None."""
+    if type(proj) is Int8Linear:
+        return INT8_ROWS
+    if type(proj) is GGUFLinear and proj.activations == "int8":
+        return int(proj.qtype)
+    return None
 
 
 try:

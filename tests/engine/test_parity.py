@@ -111,7 +111,8 @@ def test_torch_and_cpp_decode_backends_agree(tiny_llama):
     ("mistral", {"sliding_window": 24, "head_dim": 16}, False),
     ("gemma2", {}, False),
     ("mixtral", {}, False),
-], ids=["llama", "qwen2-qkv-bias", "llama-all-biases-untied", "qwen3", "mistral-window", "gemma2", "mixtral"])  # fmt: skip
+], ids=["llama", "qwen2-qkv-bias", "llama-all-biases-untied", "qwen3", "mistral-window", "gemma2",
+       "mixtral"])  # fmt: skip
 def test_fused_decode_layers_compute_exactly_what_the_op_by_op_layers_do(tmp_path, smollm2_path, monkeypatch, arch,
                                                                           overrides, fused):
     """CpuOps.decode_layers runs each dense layer of a decode-only step in one C++ call chaining the same kernels in
@@ -127,6 +128,27 @@ def test_fused_decode_layers_compute_exactly_what_the_op_by_op_layers_do(tmp_pat
     assert bool(llm.engine.model.ops._decode_plan) is fused
     monkeypatch.setattr(CpuOps, "decode_layers", lambda *args: None)
     assert loom_greedy(LLM(str(path), num_kv_blocks=256, block_size=8), prompts, 12) == out
+
+
+@pytest.mark.parametrize("weights", ["gguf-int8", "quantization-int8"])
+def test_fused_decode_layers_on_int8_executed_weights_compute_what_the_op_by_op_layers_do(tmp_path, smollm2_path,
+                                                                                           monkeypatch, weights):
+    """The same for projections the int8 kernels execute: a GGUF file's (q/k/v biases, Q8_0, Q4_1 and Q4_0 blocks) and
+    an HF folder's under --quantization int8 (gguf_decode_layer)."""
+    from loom.ops.cpu_kernels import CpuOps
+    from tests.engine.test_gguf_archs import write_tiny_gguf
+
+    if weights == "gguf-int8":
+        path, kwargs = tmp_path / "tiny-qwen2.gguf", {"tokenizer": str(smollm2_path)}
+        write_tiny_gguf(path, "qwen2")
+    else:
+        path, kwargs = save_tiny_model(tmp_path / "llama", smollm2_path), {"quantization": "int8"}
+    prompts = [[t % 1000 for t in p] for p in varied_prompts(5, seed=22, low=3, high=70)]  # the GGUF's vocab: 1024
+    llm = LLM(str(path), num_kv_blocks=256, block_size=8, **kwargs)
+    out = loom_greedy(llm, prompts, 12)
+    assert llm.engine.model.ops._decode_plan[0][0].__name__ == "gguf_decode_layer"
+    monkeypatch.setattr(CpuOps, "decode_layers", lambda *args: None)
+    assert loom_greedy(LLM(str(path), num_kv_blocks=256, block_size=8, **kwargs), prompts, 12) == out
 
 
 def test_mistral_gives_back_blocks_behind_its_window_and_still_matches_hf(tmp_path, smollm2_path):

@@ -16,6 +16,8 @@
 // to exactly the reference's floats.
 // With AVX-512 the sub-blocks are widened and scaled in registers (Block::sub512, rows_512); elsewhere, or with
 // portable=true (tests run both), plain C++ loops over 32-weight sub-blocks that the compiler vectorizes (AVX2).
+#include "layer_ops.h"
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -877,6 +879,26 @@ torch::Tensor gguf_int8_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor 
   return y;
 }
 
+// decode_layer_with (layer_ops.h) on weights repacked for int8 dot products (gguf_int8_pack). norms: {input_norm,
+// post_attention_norm}; w: {qs, d, m, bias} for each of qkv, o, gate_up, down (bias optional); formats: {qtype,
+// out_features} for each.
+std::tuple<torch::Tensor, torch::Tensor> gguf_decode_layer(
+    torch::Tensor x, c10::optional<torch::Tensor> residual, const std::vector<torch::Tensor>& norms,
+    const std::vector<c10::optional<torch::Tensor>>& w, const std::vector<int64_t>& formats, double eps,
+    torch::Tensor positions, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
+    torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens, int64_t H, int64_t HKV, double scale) {
+  TORCH_CHECK(norms.size() == 2 && w.size() == 16 && formats.size() == 8, "gguf_decode_layer: 2 norms, 16 weights, "
+              "8 formats");
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 3; ++j) TORCH_CHECK(w[4 * i + j].has_value(), "gguf_decode_layer: weight ", 4 * i + j, " is missing");
+  const auto linear = [&](int i, const torch::Tensor& in) {
+    return gguf_int8_linear(in, *w[4 * i], *w[4 * i + 1], *w[4 * i + 2], formats[2 * i], formats[2 * i + 1],
+                            w[4 * i + 3], "auto");
+  };
+  return decode_layer_with(linear, x, residual, norms[0], norms[1], eps, positions, cos, sin, k_cache, v_cache, slots,
+                           block_tables, seq_lens, H, HKV, scale);
+}
+
 std::vector<torch::Tensor> gguf_quantize_activations(torch::Tensor x, int64_t group, bool portable) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.size(1) % 32 == 0, "x: [M, K] float32, K % 32 == 0");
   x = x.contiguous();
@@ -919,6 +941,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias") = py::none(), py::arg("path") = "auto", NoGil());
   m.def("gguf_quantize_activations", &gguf_quantize_activations, "x quantized per 32: [x_q, d_x, group sums, d_x sums]",
         py::arg("x"), py::arg("group"), py::arg("portable") = false, NoGil());
+  m.def("gguf_decode_layer", &gguf_decode_layer, "a dense Llama-family decoder layer over a decode-only step",
+        NoGil());
   m.def("has_vnni", &has_vnni, "whether the int8 kernels were compiled for AVX-512 VNNI");
   m.def("has_avx2", &has_avx2, "whether the int8 kernels were compiled with the AVX2 path");
 }
