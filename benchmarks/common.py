@@ -1,12 +1,14 @@
-"""Helpers shared by the benchmark scripts: machine facts, the float32 matmul peak, JSON results."""
+"""Helpers shared by the benchmark scripts: machine facts, the float32 matmul peak, JSON results, list flags."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,3 +68,15 @@ def write_json(path: str | Path, result: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     return path
+
+
+def names_arg(choices) -> Callable[[str], list[str]]:
+    """An argparse ``type``: comma-separated names, each one of ``choices``."""
+
+    def parse(value: str) -> list[str]:
+        names = value.split(",")
+        if set(names) - set(choices):
+            raise argparse.ArgumentTypeError(f"choose among {', '.join(choices)}; got {value}")
+        return names
+
+    return parse

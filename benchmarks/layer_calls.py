@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import machine, write_json  # noqa: E402
+from benchmarks.common import machine, names_arg, write_json  # noqa: E402
 from benchmarks.quantized import packaged_gguf  # noqa: E402
 
 WEIGHTS = {"q4_1": (None, None), "float32": ("smollm2:f32", None), "int8": ("smollm2:f32", "int8")}
@@ -55,14 +55,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--weights", default=",".join(WEIGHTS), help=f"comma-separated, among {', '.join(WEIGHTS)}")
+    ap.add_argument("--weights", type=names_arg(WEIGHTS), default=list(WEIGHTS),
+                    help=f"comma-separated, among {', '.join(WEIGHTS)}")
     ap.add_argument("--out", default="results/layer_calls.json")
     args = ap.parse_args()
-    names = args.weights.split(",")
-    if set(names) - set(WEIGHTS):
-        ap.error(f"--weights: choose among {', '.join(WEIGHTS)}; got {args.weights}")
     results = {}
-    for name in names:
+    for name in args.weights:
         model, quantization = WEIGHTS[name]
         results[name] = measure(model or packaged_gguf(), quantization, args.pairs, args.seed)
     write_json(args.out, {"results": results, "machine": machine(), "command": sys.argv})

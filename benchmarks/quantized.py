@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import machine, write_json  # noqa: E402
+from benchmarks.common import machine, names_arg, write_json  # noqa: E402
 
 
 def packaged_gguf() -> str:
@@ -63,13 +63,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, among {', '.join(CONFIGS)}")
+    ap.add_argument("--configs", type=names_arg(CONFIGS), default=list(CONFIGS),
+                    help=f"comma-separated, among {', '.join(CONFIGS)}, float32 included (the ratios' base)")
     ap.add_argument("--out", default="results/quantized.json")
     args = ap.parse_args()
-    configs = args.configs.split(",")
-    if set(configs) - set(CONFIGS) or "float32" not in configs:
-        ap.error(f"--configs: choose among {', '.join(CONFIGS)}, float32 included (the ratios' base); got "
-                 f"{args.configs}")
+    configs = args.configs
+    if "float32" not in configs:
+        ap.error(f"--configs: float32 must be among them (the ratios' base); got {','.join(configs)}")
     models = {"q4_1": packaged_gguf(), "q4_1_float": packaged_gguf(), "int8": "smollm2:f32", "float32": "smollm2:f32"}
     rounds = []
     for i in range(args.rounds):
