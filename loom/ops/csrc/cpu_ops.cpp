@@ -113,7 +113,9 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer(
     torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens, int64_t H, int64_t HKV, double scale) {
   TORCH_CHECK(norms.size() == 2 && w.size() == 8 && widths.size() == 4, "decode_layer: 2 norms, 8 weights, 4 widths");
   for (int i = 0; i < 4; ++i) TORCH_CHECK(w[2 * i].has_value(), "decode_layer: weight ", 2 * i, " is missing");
-  const auto linear = [&](int i, const torch::Tensor& in) { return panel_linear(in, *w[2 * i], widths[i], w[2 * i + 1]); };
+  const auto linear = [&](int i, const torch::Tensor& in) {
+    return panel_linear(in, *w[2 * i], widths[i], w[2 * i + 1]);
+  };
   return decode_layer_with(linear, x, residual, norms[0], norms[1], eps, positions, cos, sin, k_cache, v_cache, slots,
                            block_tables, seq_lens, H, HKV, scale);
 }

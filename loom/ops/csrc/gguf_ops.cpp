@@ -890,7 +890,8 @@ std::tuple<torch::Tensor, torch::Tensor> gguf_decode_layer(
   TORCH_CHECK(norms.size() == 2 && w.size() == 16 && formats.size() == 8, "gguf_decode_layer: 2 norms, 16 weights, "
               "8 formats");
   for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 3; ++j) TORCH_CHECK(w[4 * i + j].has_value(), "gguf_decode_layer: weight ", 4 * i + j, " is missing");
+    for (int j = 0; j < 3; ++j)
+      TORCH_CHECK(w[4 * i + j].has_value(), "gguf_decode_layer: weight ", 4 * i + j, " is missing");
   const auto linear = [&](int i, const torch::Tensor& in) {
     return gguf_int8_linear(in, *w[4 * i], *w[4 * i + 1], *w[4 * i + 2], formats[2 * i], formats[2 * i + 1],
                             w[4 * i + 3], "auto");

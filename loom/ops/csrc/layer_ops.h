@@ -370,13 +370,13 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
 }
 
 // ---- a whole decoder layer -----------------------------------------------------------------------------------------
-// One dense pre-norm decoder layer of the Llama family (RMSNorm, fused qkv with rotary and the cache write, paged decode
-// attention, o_proj, RMSNorm, fused gate/up with SwiGLU, down) over a decode-only step: the ops above chained in one
-// call, the same arithmetic as DecoderLayer.forward through CpuOps but without a trip through Python between ops (at
-// batch 1 that trip cost ~1/8 of SmolLM2-135M's float32 step and ~2/5 of its 4-bit one). linear(i, x) multiplies by
-// projection i: 0 qkv, 1 o, 2 gate_up, 3 down. x: the layer's input [B, hidden], updated in place; residual: the stream
-// before it, updated in place (none for the first layer: x becomes it). Returns (the layer's output, the residual
-// stream), as DecoderLayer.forward.
+// One dense pre-norm decoder layer of the Llama family (RMSNorm, fused qkv with rotary and the cache write, paged
+// decode attention, o_proj, RMSNorm, fused gate/up with SwiGLU, down) over a decode-only step: the ops above chained in
+// one call, the same arithmetic as DecoderLayer.forward through CpuOps but without a trip through Python between ops
+// (at batch 1 that trip cost ~1/10 of SmolLM2-135M's float32 step and ~1/3 of its 4-bit one). linear(i, x) multiplies
+// by projection i: 0 qkv, 1 o, 2 gate_up, 3 down. x: the layer's input [B, hidden], updated in place; residual: the
+// stream before it, updated in place (none for the first layer: x becomes it). Returns (the layer's output, the
+// residual stream), as DecoderLayer.forward.
 template <class Linear>
 std::tuple<torch::Tensor, torch::Tensor> decode_layer_with(
     const Linear& linear, torch::Tensor x, c10::optional<torch::Tensor> residual, const torch::Tensor& input_norm,
@@ -394,7 +394,8 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer_with(
   const int64_t B = x.size(0), D = cos.size(1);
   auto qkv = linear(0, x);
   rotary_cache_(qkv, positions, cos, sin, k_cache, v_cache, slots, H, HKV);
-  auto attn = paged_decode(qkv.narrow(1, 0, H * D).reshape({B, H, D}), k_cache, v_cache, block_tables, seq_lens, scale);
+  auto q = qkv.narrow(1, 0, H * D).reshape({B, H, D});
+  auto attn = paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale);
   auto h = linear(1, attn.view({B, H * D}));
   add_rms_norm_(h, res, post_attention_norm, eps);
   auto out = linear(3, silu_and_mul(linear(2, h)));
