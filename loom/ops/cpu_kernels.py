@@ -50,11 +50,11 @@ class CpuOps(TorchOps):
             model.lm_head = None  # its weight now lives packed in logits_proj
 
     def decode_layers(self, model, x, positions, kv_caches, meta):
-        """Dense Llama-family layers whose projections are panel-packed float32 or int8-executed quantized (a GGUF
-        file's, ``--quantization int8``): one C++ call each (``decode_layer`` / ``gguf_decode_layer`` chain this
-        class's ops with the matmul), so a decode step does not return to Python between ops. Any other model
-        (sliding windows, q/k norms, Gemma's sandwich norms, MoE, GeLU, tensor parallelism, LoRA, oneDNN weights, a
-        projection of mixed GGUF types): None, and the layers run one op at a time."""
+        """Dense Llama-family layers (Qwen3's q/k norms included) whose projections are panel-packed float32 or
+        int8-executed quantized (a GGUF file's, ``--quantization int8``): one C++ call each (``decode_layer`` /
+        ``gguf_decode_layer`` chain this class's ops with the matmul), so a decode step does not return to Python
+        between ops. Any other model (sliding windows, Gemma's sandwich norms, MoE, GeLU, tensor parallelism, LoRA,
+        oneDNN weights, a projection of mixed GGUF types): None, and the layers run one op at a time."""
         if self._decode_plan is None:  # at the first decode step: LoRA wraps the projections after prepare
             self._decode_plan = _decode_plan(model) or ()
         if not self._decode_plan or not _fast(x):
@@ -96,8 +96,8 @@ class CpuOps(TorchOps):
 
 def _decode_plan(model: torch.nn.Module) -> list[tuple] | None:
     """Per layer, the arguments of its C++ layer call besides the step's tensors; None unless every layer is one that
-    call computes exactly: a dense SwiGLU layer, full attention, no q/k norm, no extra norms, no tensor parallelism,
-    and its four projections all panel-packed or all int8-executed."""
+    call computes exactly: a dense SwiGLU layer, full attention, Qwen3's q/k norms or none, no extra norms, no tensor
+    parallelism, and its four projections all panel-packed or all int8-executed."""
     if model.tp is not None or model.rotary_local is not None:
         return None
     plan = []
@@ -105,10 +105,12 @@ def _decode_plan(model: torch.nn.Module) -> list[tuple] | None:
         attn, mlp = layer.self_attn, layer.mlp
         if not hasattr(mlp, "gate_up_proj") or mlp.gelu or mlp.tp is not None or layer.sandwich:  # MoE: experts
             return None
-        if attn.window is not None or attn.softcap is not None or attn.q_norm is not None or attn.tp is not None:
+        if attn.window is not None or attn.softcap is not None or attn.tp is not None:
             return None
-        norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        if norms[0].eps != norms[1].eps or not _fast(norms[0].weight, norms[1].weight):
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        if attn.q_norm is not None:  # Qwen3
+            norms += [attn.q_norm, attn.k_norm]
+        if len({n.eps for n in norms}) > 1 or not _fast(*(n.weight for n in norms)):
             return None
         projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         weights, shapes = [], []

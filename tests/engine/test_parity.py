@@ -107,20 +107,21 @@ def test_torch_and_cpp_decode_backends_agree(tiny_llama):
     ("llama", {}, True),
     ("qwen2", {}, True),  # q/k/v biases
     ("llama", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False}, True),
-    ("qwen3", {"head_dim": 32}, False),  # q/k norms
+    ("qwen3", {"head_dim": 32}, True),  # q/k norms
     ("mistral", {"sliding_window": 24, "head_dim": 16}, False),
     ("gemma2", {}, False),
     ("mixtral", {}, False),
-], ids=["llama", "qwen2-qkv-bias", "llama-all-biases-untied", "qwen3", "mistral-window", "gemma2",
+], ids=["llama", "qwen2-qkv-bias", "llama-all-biases-untied", "qwen3-qk-norm", "mistral-window", "gemma2",
        "mixtral"])  # fmt: skip
 def test_fused_decode_layers_compute_exactly_what_the_op_by_op_layers_do(tmp_path, smollm2_path, monkeypatch, arch,
                                                                           overrides, fused):
     """CpuOps.decode_layers runs each dense layer of a decode-only step in one C++ call chaining the same kernels in
     the same order as the op-by-op path, so logprobs are identical, not merely close; models with layers it does not
-    compute (q/k norms, windows, Gemma's norms and GeLU, experts) are left to the op-by-op path."""
+    compute (windows, Gemma's norms and GeLU, experts) are left to the op-by-op path."""
     from loom.ops.cpu_kernels import CpuOps
 
     path = save_tiny_model(tmp_path / arch, smollm2_path, arch=arch, **overrides)
+    _randomize_norms(path)  # q/k norms too: a swapped or unused weight must show
     prompts = varied_prompts(5, seed=21, low=3, high=70)
     llm = LLM(str(path), num_kv_blocks=256, block_size=8)
     out = loom_greedy(llm, prompts, 12)
@@ -130,17 +131,18 @@ def test_fused_decode_layers_compute_exactly_what_the_op_by_op_layers_do(tmp_pat
     assert loom_greedy(LLM(str(path), num_kv_blocks=256, block_size=8), prompts, 12) == out
 
 
-@pytest.mark.parametrize("weights", ["gguf-int8", "quantization-int8"])
+@pytest.mark.parametrize("weights", ["gguf-qwen2", "gguf-qwen3", "quantization-int8"])
 def test_fused_decode_layers_on_int8_executed_weights_compute_what_the_op_by_op_layers_do(tmp_path, smollm2_path,
                                                                                            monkeypatch, weights):
-    """The same for projections the int8 kernels execute: a GGUF file's (q/k/v biases, Q8_0, Q4_1 and Q4_0 blocks) and
-    an HF folder's under --quantization int8 (gguf_decode_layer)."""
+    """The same for projections the int8 kernels execute: GGUF files' (Q8_0, Q4_1 and Q4_0 blocks; qwen2's q/k/v
+    biases, qwen3's q/k norms) and an HF folder's under --quantization int8 (gguf_decode_layer)."""
     from loom.ops.cpu_kernels import CpuOps
     from tests.engine.test_gguf_archs import write_tiny_gguf
 
-    if weights == "gguf-int8":
-        path, kwargs = tmp_path / "tiny-qwen2.gguf", {"tokenizer": str(smollm2_path)}
-        write_tiny_gguf(path, "qwen2")
+    if weights.startswith("gguf"):
+        arch = weights.split("-")[1]
+        path, kwargs = tmp_path / f"tiny-{arch}.gguf", {"tokenizer": str(smollm2_path)}
+        write_tiny_gguf(path, arch)
     else:
         path, kwargs = save_tiny_model(tmp_path / "llama", smollm2_path), {"quantization": "int8"}
     prompts = [[t % 1000 for t in p] for p in varied_prompts(5, seed=22, low=3, high=70)]  # the GGUF's vocab: 1024

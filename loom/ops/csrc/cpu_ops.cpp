@@ -104,20 +104,20 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t N, c10
 }
 
 // ---- a whole decoder layer -----------------------------------------------------------------------------------------
-// decode_layer_with (layer_ops.h) on panel-packed weights. norms: {input_norm, post_attention_norm}; w: {panels, bias}
+// decode_layer_with (layer_ops.h) on panel-packed weights (norms: as it takes them); w: {panels, bias}
 // for each of qkv, o, gate_up, down (panels from pack_panels, bias optional); widths: their output widths.
 std::tuple<torch::Tensor, torch::Tensor> decode_layer(
     torch::Tensor x, c10::optional<torch::Tensor> residual, const std::vector<torch::Tensor>& norms,
     const std::vector<c10::optional<torch::Tensor>>& w, const std::vector<int64_t>& widths, double eps,
     torch::Tensor positions, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
     torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens, int64_t H, int64_t HKV, double scale) {
-  TORCH_CHECK(norms.size() == 2 && w.size() == 8 && widths.size() == 4, "decode_layer: 2 norms, 8 weights, 4 widths");
+  TORCH_CHECK(w.size() == 8 && widths.size() == 4, "decode_layer: 8 weights, 4 widths");
   for (int i = 0; i < 4; ++i) TORCH_CHECK(w[2 * i].has_value(), "decode_layer: weight ", 2 * i, " is missing");
   const auto linear = [&](int i, const torch::Tensor& in) {
     return panel_linear(in, *w[2 * i], widths[i], w[2 * i + 1]);
   };
-  return decode_layer_with(linear, x, residual, norms[0], norms[1], eps, positions, cos, sin, k_cache, v_cache, slots,
-                           block_tables, seq_lens, H, HKV, scale);
+  return decode_layer_with(linear, x, residual, norms, eps, positions, cos, sin, k_cache, v_cache, slots, block_tables,
+                           seq_lens, H, HKV, scale);
 }
 #endif  // LOOM_HAS_PANEL
 

@@ -879,16 +879,15 @@ torch::Tensor gguf_int8_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor 
   return y;
 }
 
-// decode_layer_with (layer_ops.h) on weights repacked for int8 dot products (gguf_int8_pack). norms: {input_norm,
-// post_attention_norm}; w: {qs, d, m, bias} for each of qkv, o, gate_up, down (bias optional); formats: {qtype,
-// out_features} for each.
+// decode_layer_with (layer_ops.h) on weights repacked for int8 dot products (gguf_int8_pack; norms: as it takes
+// them). w: {qs, d, m, bias} for each of qkv, o, gate_up, down (bias optional); formats: {qtype, out_features} for
+// each.
 std::tuple<torch::Tensor, torch::Tensor> gguf_decode_layer(
     torch::Tensor x, c10::optional<torch::Tensor> residual, const std::vector<torch::Tensor>& norms,
     const std::vector<c10::optional<torch::Tensor>>& w, const std::vector<int64_t>& formats, double eps,
     torch::Tensor positions, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
     torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens, int64_t H, int64_t HKV, double scale) {
-  TORCH_CHECK(norms.size() == 2 && w.size() == 16 && formats.size() == 8, "gguf_decode_layer: 2 norms, 16 weights, "
-              "8 formats");
+  TORCH_CHECK(w.size() == 16 && formats.size() == 8, "gguf_decode_layer: 16 weights, 8 formats");
   for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 3; ++j)
       TORCH_CHECK(w[4 * i + j].has_value(), "gguf_decode_layer: weight ", 4 * i + j, " is missing");
@@ -896,8 +895,8 @@ std::tuple<torch::Tensor, torch::Tensor> gguf_decode_layer(
     return gguf_int8_linear(in, *w[4 * i], *w[4 * i + 1], *w[4 * i + 2], formats[2 * i], formats[2 * i + 1],
                             w[4 * i + 3], "auto");
   };
-  return decode_layer_with(linear, x, residual, norms[0], norms[1], eps, positions, cos, sin, k_cache, v_cache, slots,
-                           block_tables, seq_lens, H, HKV, scale);
+  return decode_layer_with(linear, x, residual, norms, eps, positions, cos, sin, k_cache, v_cache, slots, block_tables,
+                           seq_lens, H, HKV, scale);
 }
 
 std::vector<torch::Tensor> gguf_quantize_activations(torch::Tensor x, int64_t group, bool portable) {

@@ -369,20 +369,43 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
   return out;
 }
 
+// Qwen3's q/k norms: RMSNorm over each q head (weight q_norm [D]) and each k head (k_norm) of the fused qkv rows
+// [T, (H + 2 Hkv) D], in place, v untouched; the arithmetic of rms_norm on the heads as rows.
+void qk_norm_(torch::Tensor qkv, const torch::Tensor& q_norm, const torch::Tensor& k_norm, int64_t H, int64_t HKV,
+              double eps) {
+  check_rows(qkv, "qk_norm_");
+  TORCH_CHECK(q_norm.is_contiguous() && k_norm.is_contiguous() && q_norm.numel() == k_norm.numel(), "qk_norm_: weights");
+  const int64_t T = qkv.size(0), D = q_norm.numel(), ld = qkv.stride(0);
+  TORCH_CHECK(qkv.size(1) == (H + 2 * HKV) * D, "qk_norm_: qkv width != (H + 2 Hkv) * D");
+  float* base = qkv.data_ptr<float>();
+  const float* qw = q_norm.data_ptr<float>();
+  const float* kw = k_norm.data_ptr<float>();
+  at::parallel_for(0, T, kRowGrain, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      for (int64_t h = 0; h < H + HKV; ++h) {
+        float* x = base + t * ld + h * D;
+        rms_norm_row(x, h < H ? qw : kw, x, D, static_cast<float>(eps));
+      }
+  });
+}
+
 // ---- a whole decoder layer -----------------------------------------------------------------------------------------
 // One dense pre-norm decoder layer of the Llama family (RMSNorm, fused qkv with rotary and the cache write, paged
 // decode attention, o_proj, RMSNorm, fused gate/up with SwiGLU, down) over a decode-only step: the ops above chained in
 // one call, the same arithmetic as DecoderLayer.forward through CpuOps but without a trip through Python between ops
 // (at batch 1 that trip cost ~1/10 of SmolLM2-135M's float32 step and ~1/3 of its 4-bit one). linear(i, x) multiplies
 // by projection i: 0 qkv, 1 o, 2 gate_up, 3 down. x: the layer's input [B, hidden], updated in place; residual: the
-// stream before it, updated in place (none for the first layer: x becomes it). Returns (the layer's output, the
+// stream before it, updated in place (none for the first layer: x becomes it). norms: {input_norm,
+// post_attention_norm}, then {q_norm, k_norm} where the model has them (Qwen3). Returns (the layer's output, the
 // residual stream), as DecoderLayer.forward.
 template <class Linear>
 std::tuple<torch::Tensor, torch::Tensor> decode_layer_with(
-    const Linear& linear, torch::Tensor x, c10::optional<torch::Tensor> residual, const torch::Tensor& input_norm,
-    const torch::Tensor& post_attention_norm, double eps, torch::Tensor positions, torch::Tensor cos,
+    const Linear& linear, torch::Tensor x, c10::optional<torch::Tensor> residual,
+    const std::vector<torch::Tensor>& norms, double eps, torch::Tensor positions, torch::Tensor cos,
     torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, torch::Tensor block_tables,
     torch::Tensor seq_lens, int64_t H, int64_t HKV, double scale) {
+  TORCH_CHECK(norms.size() == 2 || norms.size() == 4, "decode layer: 2 norms, or 4 with q/k norms");
+  const torch::Tensor &input_norm = norms[0], &post_attention_norm = norms[1];
   torch::Tensor res;
   if (residual.has_value()) {
     res = *residual;
@@ -393,6 +416,7 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer_with(
   }
   const int64_t B = x.size(0), D = cos.size(1);
   auto qkv = linear(0, x);
+  if (norms.size() == 4) qk_norm_(qkv, norms[2], norms[3], H, HKV, eps);
   rotary_cache_(qkv, positions, cos, sin, k_cache, v_cache, slots, H, HKV);
   auto q = qkv.narrow(1, 0, H * D).reshape({B, H, D});
   auto attn = paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale);
