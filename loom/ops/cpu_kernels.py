@@ -56,7 +56,7 @@ class CpuOps(TorchOps):
         between ops. Any other model (sliding windows, Gemma's sandwich norms, MoE, GeLU, tensor parallelism, LoRA,
         oneDNN weights, a projection of mixed GGUF types): None, and the layers run one op at a time."""
         if self._decode_plan is None:  # at the first decode step: LoRA wraps the projections after prepare
-            self._decode_plan = _decode_plan(model) or ()
+            self._decode_plan = _layer_plan(model) or ()
         if not self._decode_plan or not _fast(x):
             return None
         residual, cos, sin = None, model.rotary.cos, model.rotary.sin
@@ -94,7 +94,7 @@ class CpuOps(TorchOps):
         return _extension().silu_and_mul(gate_up)
 
 
-def _decode_plan(model: torch.nn.Module) -> list[tuple] | None:
+def _layer_plan(model: torch.nn.Module) -> list[tuple] | None:
     """Per layer, the arguments of its C++ layer call besides the step's tensors; None unless every layer is one that
     call computes exactly: a dense SwiGLU layer, full attention, Qwen3's q/k norms or none, no extra norms, no tensor
     parallelism, and its four projections all panel-packed or all int8-executed."""
@@ -113,20 +113,19 @@ def _decode_plan(model: torch.nn.Module) -> list[tuple] | None:
         if len({n.eps for n in norms}) > 1 or not _fast(*(n.weight for n in norms)):
             return None
         projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        formats = [_int8_format(p) for p in projections]
         weights, shapes = [], []
         if all(type(p) is PackedLinear and p.backend == "panel" for p in projections):
-            call = getattr(_extension(), "decode_layer", None)
+            call = _extension().decode_layer  # built wherever the panel matmul is
             for p in projections:
                 weights += [p.packed_weight, p.bias]
                 shapes.append(p.out_features)
-        elif all(_int8_format(p) is not None for p in projections):
+        elif None not in formats:
             call = gguf_extension().gguf_decode_layer
-            for p in projections:
+            for p, fmt in zip(projections, formats):
                 weights += [p.qs, p.scales, p.mins, p.bias]
-                shapes += [_int8_format(p), p.out_features]
+                shapes += [fmt, p.out_features]
         else:
-            return None
-        if call is None:
             return None
         plan.append((call, [n.weight.detach() for n in norms], weights, shapes, norms[0].eps, attn.num_heads,
                      attn.num_kv_heads, attn.scale))

@@ -122,13 +122,9 @@ def test_fused_decode_layers_compute_exactly_what_the_op_by_op_layers_do(tmp_pat
 
     path = save_tiny_model(tmp_path / arch, smollm2_path, arch=arch, **overrides)
     _randomize_norms(path)  # q/k norms too: a swapped or unused weight must show
-    prompts = varied_prompts(5, seed=21, low=3, high=70)
-    llm = LLM(str(path), num_kv_blocks=256, block_size=8)
-    out = loom_greedy(llm, prompts, 12)
-    assert isinstance(llm.engine.model.ops, CpuOps)
-    assert bool(llm.engine.model.ops._decode_plan) is fused
-    monkeypatch.setattr(CpuOps, "decode_layers", lambda *args: None)
-    assert loom_greedy(LLM(str(path), num_kv_blocks=256, block_size=8), prompts, 12) == out
+    ops = _layer_calls_match_op_by_op(monkeypatch, path, varied_prompts(5, seed=21, low=3, high=70))
+    assert isinstance(ops, CpuOps)
+    assert bool(ops._decode_plan) is fused
 
 
 @pytest.mark.parametrize("weights", ["gguf-qwen2", "gguf-qwen3", "quantization-int8"])
@@ -136,7 +132,6 @@ def test_fused_decode_layers_on_int8_executed_weights_compute_what_the_op_by_op_
                                                                                            monkeypatch, weights):
     """The same for projections the int8 kernels execute: GGUF files' (Q8_0, Q4_1 and Q4_0 blocks; qwen2's q/k/v
     biases, qwen3's q/k norms) and an HF folder's under --quantization int8 (gguf_decode_layer)."""
-    from loom.ops.cpu_kernels import CpuOps
     from tests.engine.test_gguf_archs import write_tiny_gguf
 
     if weights.startswith("gguf"):
@@ -146,11 +141,20 @@ def test_fused_decode_layers_on_int8_executed_weights_compute_what_the_op_by_op_
     else:
         path, kwargs = save_tiny_model(tmp_path / "llama", smollm2_path), {"quantization": "int8"}
     prompts = [[t % 1000 for t in p] for p in varied_prompts(5, seed=22, low=3, high=70)]  # the GGUF's vocab: 1024
+    ops = _layer_calls_match_op_by_op(monkeypatch, path, prompts, **kwargs)
+    assert ops._decode_plan[0][0].__name__ == "gguf_decode_layer"
+
+
+def _layer_calls_match_op_by_op(monkeypatch, path, prompts, **kwargs):
+    """Asserts that greedy ids and logprobs with the whole-layer decode calls equal those of an engine without them;
+    returns the first engine's ops (its layer plan made)."""
+    from loom.ops.cpu_kernels import CpuOps
+
     llm = LLM(str(path), num_kv_blocks=256, block_size=8, **kwargs)
     out = loom_greedy(llm, prompts, 12)
-    assert llm.engine.model.ops._decode_plan[0][0].__name__ == "gguf_decode_layer"
     monkeypatch.setattr(CpuOps, "decode_layers", lambda *args: None)
     assert loom_greedy(LLM(str(path), num_kv_blocks=256, block_size=8, **kwargs), prompts, 12) == out
+    return llm.engine.model.ops
 
 
 def test_mistral_gives_back_blocks_behind_its_window_and_still_matches_hf(tmp_path, smollm2_path):
