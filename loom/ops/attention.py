@@ -4,14 +4,13 @@ The cache of one layer is two tensors [num_blocks, block_size, Hkv, D]. A step's
 first the decodes (one query each), then the prefill chunks. Each layer writes its new K/V into the cache slots
 (``slot_mapping``; ``loom.ops.layers.TorchOps.rotary_and_cache``) *before* any attention reads, so a sequence may
 read blocks another sequence computes in the same step (prefix sharing). This module is the plain-PyTorch
-reference; ``loom.ops.cpu_kernels`` provides a fused decode kernel that must match it.
+reference; ``loom.ops.cpu_kernels`` and ``loom.ops.triton`` provide kernels that must match it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +56,9 @@ class AttentionMetadata:
         return mask
 
 
-DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
+DecodeFn = Callable[..., torch.Tensor]
+"""``(q, k_cache, v_cache, meta, scale, window=None, softcap=None) -> out``: ``decode_attention_reference``'s
+contract."""
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -140,19 +141,17 @@ def paged_attention(
     softcap: float | None = None,
     prefill_fn=None,
 ) -> torch.Tensor:
-    """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D]; this step's k/v are already in the cache. A layer with a sliding
-    ``window`` or a score ``softcap`` runs the reference (the fused kernels implement neither). ``prefill_fn``: a
-    backend's attention over all prefill chunks in one call (``TorchOps.prefill_attention``)."""
-    if window is not None or softcap is not None:
-        decode_fn, prefill_fn = partial(decode_attention_reference, window=window, softcap=softcap), None
+    """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D]; this step's k/v are already in the cache. ``window``: a sliding
+    window (Mistral, Phi-3, Gemma's local layers), ``softcap``: Gemma 2's score cap; every backend's kernels take
+    both. ``prefill_fn``: a backend's attention over all prefill chunks in one call (``TorchOps.prefill_attention``)."""
     if not meta.prefills:
-        return decode_fn(q, k_cache, v_cache, meta, scale)
+        return decode_fn(q, k_cache, v_cache, meta, scale, window, softcap)
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        out[:nd] = decode_fn(q[:nd], k_cache, v_cache, meta, scale)
+        out[:nd] = decode_fn(q[:nd], k_cache, v_cache, meta, scale, window, softcap)
     if prefill_fn is not None:
-        return prefill_fn(q, k_cache, v_cache, meta.prefills, scale, out)
+        return prefill_fn(q, k_cache, v_cache, meta.prefills, scale, out, window, softcap)
     for chunk in meta.prefills:
         s, e = chunk.token_start, chunk.token_end
         out[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], k_cache, v_cache, chunk, scale, window, softcap)

@@ -19,12 +19,14 @@ def _fast(*tensors: torch.Tensor) -> bool:
 
 
 def decode_attention_cpp(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    window: int | None = None, softcap: float | None = None,
 ) -> torch.Tensor:
     """Same contract as ``decode_attention_reference``; float32 CPU tensors take the fused kernel."""
     if not _fast(q):
-        return decode_attention_reference(q, k_cache, v_cache, meta, scale)
-    return _extension().paged_decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale)
+        return decode_attention_reference(q, k_cache, v_cache, meta, scale, window, softcap)
+    return _extension().paged_decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
+                                     window or 0, softcap or 0.0)
 
 
 class CpuOps(TorchOps):
@@ -50,26 +52,27 @@ class CpuOps(TorchOps):
             model.lm_head = None  # its weight now lives packed in logits_proj
 
     def decode_layers(self, model, x, positions, kv_caches, meta):
-        """Dense Llama-family layers (Qwen3's q/k norms included) whose projections are panel-packed float32 or
+        """Dense layers of the Llama family, Qwen3, Mistral, Phi-3 and Gemma 2 / 3 (q/k norms, sliding windows,
+        soft-capping, GeGLU and Gemma's sandwich norms included) whose projections are panel-packed float32 or
         int8-executed quantized (a GGUF file's, ``--quantization int8``): one C++ call each (``decode_layer`` /
         ``gguf_decode_layer`` chain this class's ops with the matmul), so a decode step does not return to Python
-        between ops. Any other model (sliding windows, Gemma's sandwich norms, MoE, GeLU, tensor parallelism, LoRA,
-        oneDNN weights, a projection of mixed GGUF types): None, and the layers run one op at a time."""
+        between ops. Any other model (MoE, tensor parallelism, LoRA, oneDNN weights, a projection of mixed GGUF
+        types): None, and the layers run one op at a time."""
         if self._decode_plan is None:  # at the first decode step: LoRA wraps the projections after prepare
             self._decode_plan = _layer_plan(model) or ()
         if not self._decode_plan or not _fast(x):
             return None
-        residual, cos, sin = None, model.rotary.cos, model.rotary.sin
-        for (layer, norms, weights, shapes, eps, heads, kv_heads, scale), (k_cache, v_cache) in zip(self._decode_plan,
-                                                                                                     kv_caches):
-            x, residual = layer(x, residual, norms, weights, shapes, eps, positions, cos, sin, k_cache, v_cache,
-                                meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens, heads, kv_heads,
-                                scale)
+        residual = None
+        for (layer, norms, weights, shapes, eps, rotary, attention, variant), (k_cache, v_cache) in zip(
+                self._decode_plan, kv_caches):
+            x, residual = layer(x, residual, norms, weights, shapes, eps, positions, rotary.cos, rotary.sin, k_cache,
+                                v_cache, meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens, *attention,
+                                *variant)
         return x, residual
 
     @staticmethod
-    def decode_attention(q, k_cache, v_cache, meta, scale):
-        return decode_attention_cpp(q, k_cache, v_cache, meta, scale)
+    def decode_attention(q, k_cache, v_cache, meta, scale, window=None, softcap=None):
+        return decode_attention_cpp(q, k_cache, v_cache, meta, scale, window, softcap)
 
     def rms_norm(self, x, weight, eps):
         if not _fast(x, weight) or x.dim() != 2:
@@ -93,22 +96,28 @@ class CpuOps(TorchOps):
             return super().silu_and_mul(gate_up)
         return _extension().silu_and_mul(gate_up)
 
+    def gelu_and_mul(self, gate_up):
+        if not _fast(gate_up) or gate_up.stride(-1) != 1 or gate_up.dim() != 2:
+            return super().gelu_and_mul(gate_up)
+        return _extension().gelu_and_mul(gate_up)
+
 
 def _layer_plan(model: torch.nn.Module) -> list[tuple] | None:
     """Per layer, the arguments of its C++ layer call besides the step's tensors; None unless every layer is one that
-    call computes exactly: a dense SwiGLU layer, full attention, Qwen3's q/k norms or none, no extra norms, no tensor
-    parallelism, and its four projections all panel-packed or all int8-executed."""
-    if model.tp is not None or model.rotary_local is not None:
+    call computes exactly: a dense MLP (SwiGLU or GeGLU), norms of one eps, no tensor parallelism, and its four
+    projections all panel-packed or all int8-executed."""
+    if model.tp is not None:
         return None
+    local = model.config.sliding_layers if model.rotary_local is not None else ()  # Gemma 3: their own rope base
     plan = []
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        if not hasattr(mlp, "gate_up_proj") or mlp.gelu or mlp.tp is not None or layer.sandwich:  # MoE: experts
-            return None
-        if attn.window is not None or attn.softcap is not None or attn.tp is not None:
+        if not hasattr(mlp, "gate_up_proj") or mlp.tp is not None or attn.tp is not None:  # MoE: experts
             return None
         norms = [layer.input_layernorm, layer.post_attention_layernorm]
-        if attn.q_norm is not None:  # Qwen3
+        if layer.sandwich:  # Gemma
+            norms += [layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm]
+        if attn.q_norm is not None:  # Qwen3, Gemma 3
             norms += [attn.q_norm, attn.k_norm]
         if len({n.eps for n in norms}) > 1 or not _fast(*(n.weight for n in norms)):
             return None
@@ -127,8 +136,11 @@ def _layer_plan(model: torch.nn.Module) -> list[tuple] | None:
                 shapes += [fmt, p.out_features]
         else:
             return None
-        plan.append((call, [n.weight.detach() for n in norms], weights, shapes, norms[0].eps, attn.num_heads,
-                     attn.num_kv_heads, attn.scale))
+        rotary = model.rotary_local if i in local else model.rotary
+        attention = (attn.num_heads, attn.num_kv_heads, attn.scale)
+        variant = (attn.window or 0, attn.softcap or 0.0, mlp.gelu, layer.sandwich)
+        plan.append((call, [n.weight.detach() for n in norms], weights, shapes, norms[0].eps, rotary, attention,
+                     variant))
     return plan
 
 

@@ -46,7 +46,7 @@ class TorchOps:
     name = "torch"
     prefill_attention = None
     """A backend's attention over all of a step's prefill chunks at once, ``(q, k_cache, v_cache, chunks, scale,
-    out) -> out`` (Triton's); None: ``loom.ops.attention`` runs the chunks one by one."""
+    out, window, softcap) -> out`` (Triton's); None: ``loom.ops.attention`` runs the chunks one by one."""
 
     def prepare(self, model: torch.nn.Module) -> None:
         """Adapt a freshly loaded model to this backend (the reference needs nothing)."""
@@ -57,8 +57,8 @@ class TorchOps:
         return None
 
     @staticmethod
-    def decode_attention(q, k_cache, v_cache, meta, scale):
-        return decode_attention_reference(q, k_cache, v_cache, meta, scale)
+    def decode_attention(q, k_cache, v_cache, meta, scale, window=None, softcap=None):
+        return decode_attention_reference(q, k_cache, v_cache, meta, scale, window, softcap)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm_reference(x, weight, eps)

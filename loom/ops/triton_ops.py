@@ -47,13 +47,14 @@ class TritonOps(TorchOps):
         return layers.silu_and_mul(gate_up)
 
     @staticmethod
-    def decode_attention(q, k_cache, v_cache, meta, scale):
+    def decode_attention(q, k_cache, v_cache, meta, scale, window=None, softcap=None):
         from loom.ops.triton.paged_attention import paged_decode  # local: imports triton
 
-        return paged_decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale)
+        return paged_decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
+                            window=window, softcap=softcap)
 
     @staticmethod
-    def prefill_attention(q, k_cache, v_cache, chunks, scale, out):
+    def prefill_attention(q, k_cache, v_cache, chunks, scale, out, window=None, softcap=None):
         from loom.ops.triton.paged_attention import paged_prefill
 
-        return paged_prefill(q, k_cache, v_cache, chunks, scale, out)
+        return paged_prefill(q, k_cache, v_cache, chunks, scale, out, window, softcap)

@@ -108,16 +108,19 @@ def test_torch_and_cpp_decode_backends_agree(tiny_llama):
     ("qwen2", {}, True),  # q/k/v biases
     ("llama", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False}, True),
     ("qwen3", {"head_dim": 32}, True),  # q/k norms
-    ("mistral", {"sliding_window": 24, "head_dim": 16}, False),
-    ("gemma2", {}, False),
+    ("mistral", {"sliding_window": 24, "head_dim": 16}, True),  # every layer windowed, blocks given back
+    ("phi3", {"sliding_window": 20, "head_dim": 16}, True),
+    # alternate layers windowed (16), soft caps low enough to bend a tiny model's scores, GeGLU, sandwich norms
+    ("gemma2", {"attn_logit_softcapping": 1.0, "final_logit_softcapping": 3.0}, True),
+    ("gemma3", {"layer_types": ["sliding_attention", "full_attention"]}, True),  # q/k norms, two rope bases
     ("mixtral", {}, False),
-], ids=["llama", "qwen2-qkv-bias", "llama-all-biases-untied", "qwen3-qk-norm", "mistral-window", "gemma2",
-       "mixtral"])  # fmt: skip
+], ids=["llama", "qwen2-qkv-bias", "llama-all-biases-untied", "qwen3-qk-norm", "mistral-window", "phi3-window",
+       "gemma2-softcap", "gemma3-dual-rope", "mixtral"])  # fmt: skip
 def test_fused_decode_layers_compute_exactly_what_the_op_by_op_layers_do(tmp_path, smollm2_path, monkeypatch, arch,
                                                                           overrides, fused):
     """CpuOps.decode_layers runs each dense layer of a decode-only step in one C++ call chaining the same kernels in
     the same order as the op-by-op path, so logprobs are identical, not merely close; models with layers it does not
-    compute (windows, Gemma's norms and GeLU, experts) are left to the op-by-op path."""
+    compute (experts) are left to the op-by-op path. Prompts of up to 70 tokens run past the windows."""
     from loom.ops.cpu_kernels import CpuOps
 
     path = save_tiny_model(tmp_path / arch, smollm2_path, arch=arch, **overrides)
@@ -127,11 +130,12 @@ def test_fused_decode_layers_compute_exactly_what_the_op_by_op_layers_do(tmp_pat
     assert bool(ops._decode_plan) is fused
 
 
-@pytest.mark.parametrize("weights", ["gguf-qwen2", "gguf-qwen3", "quantization-int8"])
+@pytest.mark.parametrize("weights", ["gguf-qwen2", "gguf-qwen3", "gguf-gemma2", "quantization-int8"])
 def test_fused_decode_layers_on_int8_executed_weights_compute_what_the_op_by_op_layers_do(tmp_path, smollm2_path,
                                                                                            monkeypatch, weights):
     """The same for projections the int8 kernels execute: GGUF files' (Q8_0, Q4_1 and Q4_0 blocks; qwen2's q/k/v
-    biases, qwen3's q/k norms) and an HF folder's under --quantization int8 (gguf_decode_layer)."""
+    biases, qwen3's q/k norms, gemma2's windows, soft caps, GeGLU and sandwich norms) and an HF folder's under
+    --quantization int8 (gguf_decode_layer)."""
     from tests.engine.test_gguf_archs import write_tiny_gguf
 
     if weights.startswith("gguf"):

@@ -73,6 +73,15 @@ def test_silu_and_mul_matches_reference(ops, rows):
     torch.testing.assert_close(fused.silu_and_mul(gate_up), ref.silu_and_mul(gate_up), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", ROWS)
+def test_gelu_and_mul_matches_reference(ops, rows):
+    fused, ref = ops
+    g = torch.Generator().manual_seed(rows)
+    gate_up = torch.randn(rows, 2 * 1540, generator=g) * 4  # 1540: a tail past the 8-wide vector loop
+    gate_up[0, :4] = torch.tensor([-120.0, 120.0, 0.0, -1e-8])  # both tails of tanh
+    torch.testing.assert_close(fused.gelu_and_mul(gate_up), ref.gelu_and_mul(gate_up), rtol=1e-5, atol=1e-5)
+
+
 def test_non_float32_falls_back_to_the_reference(ops):
     fused, ref = ops
     x = torch.randn(5, 64, dtype=torch.bfloat16)
@@ -82,8 +91,12 @@ def test_non_float32_falls_back_to_the_reference(ops):
     assert torch.equal(fused.silu_and_mul(gate_up), ref.silu_and_mul(gate_up))
 
 
+@pytest.mark.parametrize("window,softcap", [(None, None), (20, None), (None, 2.0), (45, 8.0)],
+                         ids=["full", "window", "softcap", "window-softcap"])
 @pytest.mark.parametrize("block_size,kv_heads,head_dim", [(16, 3, 64), (4, 2, 24), (8, 4, 64)])
-def test_paged_decode_matches_gather_and_sdpa(ops, block_size, kv_heads, head_dim):
+def test_paged_decode_matches_gather_and_sdpa(ops, block_size, kv_heads, head_dim, window, softcap):
+    """With a window, table entries of blocks wholly before it are -1 (given back): the kernel must not read them.
+    Soft caps of 2 and 8 bend most scores of these inputs (|score| up to ~30)."""
     from loom.ops.attention import AttentionMetadata
 
     fused, ref = ops
@@ -92,7 +105,8 @@ def test_paged_decode_matches_gather_and_sdpa(ops, block_size, kv_heads, head_di
     lens = [1, 5, block_size, block_size + 1, 37, 130, 300]  # partial, exact and multi-block contexts
     tables, free = [], torch.randperm(blocks, generator=g).tolist()  # scattered, non-contiguous blocks
     for n in lens:
-        tables.append([free.pop() for _ in range(-(-n // block_size))])
+        released = max(0, n - window) // block_size if window else 0
+        tables.append([-1 if i < released else free.pop() for i in range(-(-n // block_size))])
     width = max(len(t) for t in tables)
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(len(lens), dtype=torch.long),
@@ -106,9 +120,11 @@ def test_paged_decode_matches_gather_and_sdpa(ops, block_size, kv_heads, head_di
     v_cache = torch.randn(blocks, block_size, kv_heads, head_dim, generator=g)
     q = torch.randn(len(lens), heads, head_dim, generator=g) * 2
     scale = head_dim**-0.5
-    got = fused.decode_attention(q, k_cache, v_cache, meta, scale)
-    want = ref.decode_attention(q, k_cache, v_cache, meta, scale)
+    got = fused.decode_attention(q, k_cache, v_cache, meta, scale, window, softcap)
+    want = ref.decode_attention(q, k_cache, v_cache, meta, scale, window, softcap)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if window or softcap:  # the variant changes the result: a kernel that ignored it would fail above
+        assert (want - ref.decode_attention(q, k_cache, v_cache, meta, scale)).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("backend", ["onednn", "panel"])

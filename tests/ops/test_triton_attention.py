@@ -42,8 +42,36 @@ def test_paged_decode_equals_the_reference(dtype, atol, heads, kv_heads):
     torch.testing.assert_close(out.float(), reference, atol=atol, rtol=atol)
 
 
-def test_all_prefill_chunks_of_a_step_in_one_launch_equal_the_reference():
-    """Chunks with and without a cached prefix, shorter and longer than a query tile, one of a single token; GQA."""
+@pytest.mark.parametrize("window,softcap", [(20, None), (None, 2.0), (45, 8.0)],
+                         ids=["window", "softcap", "window-softcap"])
+def test_paged_decode_with_a_window_and_soft_caps_equals_the_reference(window, softcap):
+    """Table entries of blocks wholly before the window are -1 (given back): the kernel must not read them."""
+    torch.manual_seed(3)
+    num_blocks, block_size, heads, kv_heads, d = 128, 8, 6, 2, 16
+    k = torch.randn(num_blocks, block_size, kv_heads, d, device=DEVICE) * 2
+    v = torch.randn(num_blocks, block_size, kv_heads, d, device=DEVICE)
+    lens = [1, 7, 8, 21, 70, 150]
+    free, rows = torch.randperm(num_blocks).tolist(), []
+    for n in lens:
+        released = max(0, n - window) // block_size if window else 0
+        rows.append([-1 if i < released else free.pop() for i in range(19)])
+    tables = torch.tensor(rows, dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(len(lens), heads, d, device=DEVICE) * 2
+    meta = AttentionMetadata(slot_mapping=torch.zeros(len(lens), dtype=torch.long), num_decodes=len(lens),
+                             decode_block_tables=tables, decode_seq_lens=lens, prefills=[], block_size=block_size)
+    reference = decode_attention_reference(q, k, v, meta, 0.3, window, softcap)
+    out = paged_decode(q, k, v, tables, lens, 0.3, blocks_per_split=4, window=window, softcap=softcap)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    assert (reference - decode_attention_reference(q, k, v, meta, 0.3)).abs().max() > 1e-2  # the variant matters
+
+
+@pytest.mark.parametrize("window,softcap", [(None, None), (12, None), (None, 2.0), (30, 8.0)],
+                         ids=["full", "window", "softcap", "window-softcap"])
+def test_all_prefill_chunks_of_a_step_in_one_launch_equal_the_reference(window, softcap):
+    """Chunks with and without a cached prefix, shorter and longer than a query tile, one of a single token; GQA.
+    With a window, blocks no query of a chunk sees are -1 in its table (given back), as the block manager leaves
+    them."""
     torch.manual_seed(1)
     heads, kv_heads, d, block_size, num_blocks = 6, 2, 16, 8, 64
     k_cache = torch.randn(num_blocks, block_size, kv_heads, d, device=DEVICE)
@@ -52,16 +80,22 @@ def test_all_prefill_chunks_of_a_step_in_one_launch_equal_the_reference():
     chunks, row = [], 0
     for start, n in [(0, 20), (16, 11), (0, 1), (37, 40)]:
         count = -(-(start + n) // block_size)
-        table, free = torch.tensor(free[:count], device=DEVICE), free[count:]
+        released = max(0, start - window + 1) // block_size if window else 0
+        table = torch.tensor([-1] * released + free[released:count], device=DEVICE)
+        free = free[count:]
         chunks.append(PrefillChunk(row, row + n, start, table))
         row += n
-    q = torch.randn(row, heads, d, device=DEVICE)
-    out = paged_prefill(q, k_cache, v_cache, chunks, 0.25)
+    q = torch.randn(row, heads, d, device=DEVICE) * 2
+    out = paged_prefill(q, k_cache, v_cache, chunks, 0.25, window=window, softcap=softcap)
     for c in chunks:  # the reference takes the chunk's own keys as given; here they are the cache's
         keys = k_cache[c.block_table].view(-1, kv_heads, d)[c.start_pos : c.start_pos + c.token_end - c.token_start]
         values = v_cache[c.block_table].view(-1, kv_heads, d)[c.start_pos : c.start_pos + c.token_end - c.token_start]
-        expected = prefill_reference(q[c.token_start : c.token_end], keys, values, k_cache, v_cache, c, 0.25)
+        rows = q[c.token_start : c.token_end]
+        expected = prefill_reference(rows, keys, values, k_cache, v_cache, c, 0.25, window, softcap)
         torch.testing.assert_close(out[c.token_start : c.token_end], expected, atol=1e-5, rtol=1e-5)
+        if (window or softcap) and c.token_end - c.token_start > 16:  # the variant matters
+            plain = prefill_reference(rows, keys, values, k_cache, v_cache, c, 0.25)
+            assert (expected - plain).abs().max() > 1e-2
 
 
 def test_engine_with_triton_attention_gives_the_reference_tokens(tiny_llama):
@@ -73,6 +107,25 @@ def test_engine_with_triton_attention_gives_the_reference_tokens(tiny_llama):
     triton_llm = LLM(str(tiny_llama), attention_backend="triton", **engine)
     ours = loom_greedy(triton_llm, prompts, 8)
     assert triton_llm.engine.stats().prefix_hit_rate > 0
+    assert [o[0] for o in ours] == [r[0] for r in reference]
+    for (_, lps), (_, ref) in zip(ours, reference):
+        assert max(abs(a - b) for a, b in zip(lps, ref)) < 1e-4
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("mistral", {"sliding_window": 20, "head_dim": 16}),  # every layer windowed: blocks behind it given back (-1)
+    ("gemma2", {"attn_logit_softcapping": 1.0}),  # alternate 16-token windows, soft caps that bend the scores
+], ids=["mistral-window", "gemma2-softcap"])  # fmt: skip
+def test_windowed_and_soft_capped_models_through_triton_give_the_reference_tokens(tmp_path, smollm2_path, arch,
+                                                                                   overrides):
+    """Prompts past the window, chunked over 16-token steps, decoding 12 tokens further."""
+    from tests.conftest import save_tiny_model
+
+    path = save_tiny_model(tmp_path / arch, smollm2_path, arch=arch, **overrides)
+    prompts = varied_prompts(3, seed=9, low=20, high=45)
+    engine = dict(num_kv_blocks=64, block_size=8, max_num_batched_tokens=16)
+    reference = loom_greedy(LLM(str(path), attention_backend="torch", **engine), prompts, 12)
+    ours = loom_greedy(LLM(str(path), attention_backend="triton", **engine), prompts, 12)
     assert [o[0] for o in ours] == [r[0] for r in reference]
     for (_, lps), (_, ref) in zip(ours, reference):
         assert max(abs(a - b) for a, b in zip(lps, ref)) < 1e-4

@@ -110,28 +110,32 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer(
     torch::Tensor x, c10::optional<torch::Tensor> residual, const std::vector<torch::Tensor>& norms,
     const std::vector<c10::optional<torch::Tensor>>& w, const std::vector<int64_t>& widths, double eps,
     torch::Tensor positions, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
-    torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens, int64_t H, int64_t HKV, double scale) {
+    torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens, int64_t H, int64_t HKV, double scale,
+    int64_t window, double softcap, bool gelu, bool sandwich) {
   TORCH_CHECK(w.size() == 8 && widths.size() == 4, "decode_layer: 8 weights, 4 widths");
   for (int i = 0; i < 4; ++i) TORCH_CHECK(w[2 * i].has_value(), "decode_layer: weight ", 2 * i, " is missing");
   const auto linear = [&](int i, const torch::Tensor& in) {
     return panel_linear(in, *w[2 * i], widths[i], w[2 * i + 1]);
   };
   return decode_layer_with(linear, x, residual, norms, eps, positions, cos, sin, k_cache, v_cache, slots, block_tables,
-                           seq_lens, H, HKV, scale);
+                           seq_lens, H, HKV, scale, window, softcap, gelu, sandwich);
 }
 #endif  // LOOM_HAS_PANEL
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using NoGil = py::call_guard<py::gil_scoped_release>;  // every op computes without the GIL, as torch's do
-  m.def("paged_decode", &paged_decode, "paged attention decode (CPU)", NoGil());
+  m.def("paged_decode", &paged_decode, "paged attention decode (CPU)", py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("scale"), py::arg("window") = 0,
+        py::arg("softcap") = 0.0, NoGil());
   m.def("rms_norm", &rms_norm, "RMSNorm over rows", NoGil());
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = RMSNorm(residual), in place", NoGil());
   m.def("rotary_cache_", &rotary_cache_, "rotary q/k in place + k/v cache write", NoGil());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", NoGil());
+  m.def("gelu_and_mul", &gelu_and_mul, "gelu_tanh(gate) * up", NoGil());
 #if defined(LOOM_HAS_PANEL)
   m.def("pack_panels", &pack_panels, "pack a [N, K] weight into kPanel-column panels", NoGil());
   m.def("panel_linear", &panel_linear, "x W^T + b, W from pack_panels", NoGil());
-  m.def("decode_layer", &decode_layer, "a dense Llama-family decoder layer over a decode-only step", NoGil());
+  m.def("decode_layer", &decode_layer, "a dense decoder layer over a decode-only step", NoGil());
 #endif
 #if defined(__AVX512F__)
   m.def("has_avx512", [] { return true; }, "whether the kernels were built with AVX-512 (8 x 32 panel tiles)");

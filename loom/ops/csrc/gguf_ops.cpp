@@ -886,7 +886,8 @@ std::tuple<torch::Tensor, torch::Tensor> gguf_decode_layer(
     torch::Tensor x, c10::optional<torch::Tensor> residual, const std::vector<torch::Tensor>& norms,
     const std::vector<c10::optional<torch::Tensor>>& w, const std::vector<int64_t>& formats, double eps,
     torch::Tensor positions, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
-    torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens, int64_t H, int64_t HKV, double scale) {
+    torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens, int64_t H, int64_t HKV, double scale,
+    int64_t window, double softcap, bool gelu, bool sandwich) {
   TORCH_CHECK(w.size() == 16 && formats.size() == 8, "gguf_decode_layer: 16 weights, 8 formats");
   for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 3; ++j)
@@ -896,7 +897,7 @@ std::tuple<torch::Tensor, torch::Tensor> gguf_decode_layer(
                             w[4 * i + 3], "auto");
   };
   return decode_layer_with(linear, x, residual, norms, eps, positions, cos, sin, k_cache, v_cache, slots, block_tables,
-                           seq_lens, H, HKV, scale);
+                           seq_lens, H, HKV, scale, window, softcap, gelu, sandwich);
 }
 
 std::vector<torch::Tensor> gguf_quantize_activations(torch::Tensor x, int64_t group, bool portable) {
@@ -941,7 +942,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias") = py::none(), py::arg("path") = "auto", NoGil());
   m.def("gguf_quantize_activations", &gguf_quantize_activations, "x quantized per 32: [x_q, d_x, group sums, d_x sums]",
         py::arg("x"), py::arg("group"), py::arg("portable") = false, NoGil());
-  m.def("gguf_decode_layer", &gguf_decode_layer, "a dense Llama-family decoder layer over a decode-only step",
+  m.def("gguf_decode_layer", &gguf_decode_layer, "a dense decoder layer over a decode-only step",
         NoGil());
   m.def("has_vnni", &has_vnni, "whether the int8 kernels were compiled for AVX-512 VNNI");
   m.def("has_avx2", &has_avx2, "whether the int8 kernels were compiled with the AVX2 path");

@@ -3,10 +3,11 @@
 // plain-PyTorch reference in loom.ops.layers / loom.ops.attention:
 // - paged_decode: paged-attention decode, one query token per sequence, keys and values read straight from the
 //   block-paged cache, no gather copy, each cache row read once for all heads (GQA: query head h reads KV head
-//   h / G).
+//   h / G); sliding windows (Mistral, Phi-3, Gemma) and score soft-capping (Gemma 2).
 // - rms_norm, add_rms_norm_: RMSNorm, and the residual add fused with it (vLLM's fused_add_rms_norm).
 // - rotary_cache_: rotary embedding of q and k in place inside the fused qkv rows, and the k/v cache write.
-// - silu_and_mul: SwiGLU's silu(gate) * up from the fused gate/up rows.
+// - silu_and_mul, gelu_and_mul: SwiGLU's silu(gate) * up and GeGLU's gelu_tanh(gate) * up from the fused gate/up
+//   rows.
 // - decode_layer_with: a whole dense decoder layer over a decode-only step, with the module's own matmul.
 // A decode step of a 135M model at batch 32 has ~600 KB of activations per layer: these ops are bound by
 // dispatch and memory passes, not arithmetic, so one pass each instead of 4-12 PyTorch ops is the gain.
@@ -85,6 +86,23 @@ inline __m256 exp256(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
 }
 
+// tanh(x) = 1 - 2 / (exp(2x) + 1), exp's argument capped at 88 (exp256 floors it at -87.3): exactly +-1 in the
+// tails, absolute error ~1e-7 elsewhere.
+inline __m256 tanh256(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 e = exp256(_mm256_min_ps(_mm256_add_ps(x, x), _mm256_set1_ps(88.f)));
+  return _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, one)));
+}
+
+// sc[t] = cap * tanh(sc[t] / cap) for t < n (Gemma 2's attention soft-capping).
+inline void softcap_scores(float* sc, int64_t n, float cap) {
+  const __m256 c = _mm256_set1_ps(cap), inv = _mm256_set1_ps(1.f / cap);
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8)
+    _mm256_storeu_ps(sc + t, _mm256_mul_ps(c, tanh256(_mm256_mul_ps(_mm256_loadu_ps(sc + t), inv))));
+  for (; t < n; ++t) sc[t] = cap * std::tanh(sc[t] / cap);
+}
+
 // sc[t] = exp(sc[t] - mx) for t < n; returns the sum.
 inline float exp_sub_sum(float* sc, int64_t n, float mx) {
   const __m256 vm = _mm256_set1_ps(mx);
@@ -122,6 +140,10 @@ inline void axpy(float* y, float alpha, const float* x, int64_t n) {
 inline void dot8(const float*, const float*, int64_t, int64_t, float, float*) {}
 constexpr bool kHaveDot8 = false;
 
+inline void softcap_scores(float* sc, int64_t n, float cap) {
+  for (int64_t t = 0; t < n; ++t) sc[t] = cap * std::tanh(sc[t] / cap);
+}
+
 inline float exp_sub_sum(float* sc, int64_t n, float mx) {
   float sum = 0.f;
   for (int64_t t = 0; t < n; ++t) sum += (sc[t] = std::exp(sc[t] - mx));
@@ -151,7 +173,9 @@ torch::Tensor paged_decode(
     torch::Tensor v_cache,       // [num_blocks, block_size, Hkv, D]
     torch::Tensor block_tables,  // [B, max_blocks] int32
     torch::Tensor seq_lens,      // [B] int32
-    double scale) {
+    double scale,
+    int64_t window = 0,          // > 0: a query sees only the last `window` keys (itself included)
+    double softcap = 0.0) {      // > 0: scores capped as softcap * tanh(score / softcap) (Gemma 2)
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32, "float32 only");
   q = q.contiguous();
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
@@ -164,7 +188,7 @@ torch::Tensor paged_decode(
   const int32_t* bt = block_tables.data_ptr<int32_t>();
   const int32_t* sl = seq_lens.data_ptr<int32_t>();
   float* op = out.data_ptr<float>();
-  const float s = static_cast<float>(scale);
+  const float s = static_cast<float>(scale), cap = static_cast<float>(softcap);
   const int64_t row = HKV * D;  // stride between consecutive token slots
   const bool fast = kHaveDot8 && D % 8 == 0;
 
@@ -172,17 +196,20 @@ torch::Tensor paged_decode(
   // handled while the block is in L1 (a block's rows are contiguous: the hardware prefetchers follow them), with
   // an online softmax per query head (running max m and sum l; the output accumulates in place and is rescaled
   // when the max grows), so no score array spans the whole context. Query heads h*G .. h*G+G-1 share KV head h.
+  // With a window the walk starts at the block of the oldest key the query sees: the blocks before it may have been
+  // given back (their table entries are -1) and are never read.
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> sc(BS), m(H), l(H);
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t len = sl[b];
+      const int64_t len = sl[b], first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const float* qb = qp + b * H * D;  // [H, D]
       float* ob = op + b * H * D;        // [H, D]
       std::fill(ob, ob + H * D, 0.f);
       std::fill(m.begin(), m.end(), -INFINITY);
       std::fill(l.begin(), l.end(), 0.f);
-      for (int64_t t0 = 0; t0 < len; t0 += BS) {
-        const int64_t block = bt[b * MB + t0 / BS], n = std::min(BS, len - t0);
+      for (int64_t t0 = first / BS * BS; t0 < len; t0 += BS) {
+        const int64_t block = bt[b * MB + t0 / BS], skip = std::max<int64_t>(0, first - t0);
+        const int64_t n = std::min(BS, len - t0) - skip;  // keys skip .. skip + n - 1 of the block
         // The next block starts at an unrelated address, a stream the hardware prefetcher can't guess: prefetch it
         // here, a slice per head so the requests spread over this block's work instead of stalling at once.
         const float* kn = nullptr;
@@ -200,13 +227,14 @@ torch::Tensor paged_decode(
             __builtin_prefetch(kn + off, 0, 2);
             __builtin_prefetch(vn + off, 0, 2);
           }
-          const float* kb = kp + block * BS * row + (h / G) * D;  // token i of the block at kb + i * row
-          const float* vb = vp + block * BS * row + (h / G) * D;
+          const float* kb = kp + (block * BS + skip) * row + (h / G) * D;  // key i at kb + i * row
+          const float* vb = vp + (block * BS + skip) * row + (h / G) * D;
           float* sh = sc.data();
           int64_t i = 0;
           if (fast)
             for (; i + 8 <= n; i += 8) dot8(qb + h * D, kb + i * row, row, D, s, sh + i);
           for (; i < n; ++i) sh[i] = dot(qb + h * D, kb + i * row, D) * s;
+          if (cap > 0.f) softcap_scores(sh, n, cap);
           const float m_new = std::max(m[h], *std::max_element(sh, sh + n));
           const float corr = std::exp(m[h] - m_new);  // 0 on the first block (m = -inf)
           l[h] = l[h] * corr + exp_sub_sum(sh, n, m_new);
@@ -339,9 +367,11 @@ void rotary_cache_(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos
   });
 }
 
-// gate_up: [T, 2I] (gate then up) -> silu(gate) * up: [T, I].
-torch::Tensor silu_and_mul(torch::Tensor gate_up) {
-  check_rows(gate_up, "silu_and_mul");
+// gate_up: [T, 2I] (gate then up) -> act(gate) * up: [T, I]. act8: the activation on 8 floats (AVX2 builds; nullptr
+// elsewhere), act: on one (the tail, and the whole row without AVX2).
+template <class Act8, class Act>
+torch::Tensor gated_mul(const torch::Tensor& gate_up, const char* name, Act8 act8, Act act) {
+  check_rows(gate_up, name);
   const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2, ld = gate_up.stride(0);
   auto out = torch::empty({T, I}, gate_up.options());
   const float* gp = gate_up.data_ptr<float>();
@@ -353,20 +383,45 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
       float* o = op + t * I;
       int64_t i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-      const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
-      for (; i + 8 <= I; i += 8) {
-        const __m256 x = _mm256_loadu_ps(g + i);
-        // exp(-x), the argument capped at 88 where float32 exp is still finite (exp256 floors it at -87.3).
-        const __m256 neg = _mm256_min_ps(_mm256_sub_ps(zero, x), _mm256_set1_ps(88.f));
-        const __m256 ex = exp256(neg);
-        const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, ex));
-        _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
-      }
+      for (; i + 8 <= I; i += 8)
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(act8(_mm256_loadu_ps(g + i)), _mm256_loadu_ps(u + i)));
 #endif
-      for (; i < I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      for (; i < I; ++i) o[i] = act(g[i]) * u[i];
     }
   });
   return out;
+}
+
+// SwiGLU: silu(gate) * up.
+torch::Tensor silu_and_mul(torch::Tensor gate_up) {
+#if defined(__AVX2__) && defined(__FMA__)
+  const auto silu8 = [](__m256 x) {
+    // exp(-x), the argument capped at 88 where float32 exp is still finite (exp256 floors it at -87.3).
+    const __m256 ex = exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), x), _mm256_set1_ps(88.f)));
+    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), ex));
+  };
+#else
+  const std::nullptr_t silu8 = nullptr;
+#endif
+  return gated_mul(gate_up, "silu_and_mul", silu8, [](float x) { return x / (1.f + std::exp(-x)); });
+}
+
+// Gemma's GeGLU: gelu_tanh(gate) * up, torch's gelu(approximate="tanh"): 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715
+// x^3))).
+constexpr float kGeluBeta = 0.7978845608028654f, kGeluKappa = 0.044715f;
+torch::Tensor gelu_and_mul(torch::Tensor gate_up) {
+#if defined(__AVX2__) && defined(__FMA__)
+  const auto gelu8 = [](__m256 x) {
+    const __m256 cubic = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(kGeluKappa), x), _mm256_mul_ps(x, x), x);
+    const __m256 t = tanh256(_mm256_mul_ps(_mm256_set1_ps(kGeluBeta), cubic));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(_mm256_set1_ps(1.f), t));
+  };
+#else
+  const std::nullptr_t gelu8 = nullptr;
+#endif
+  return gated_mul(gate_up, "gelu_and_mul", gelu8, [](float x) {
+    return 0.5f * x * (1.f + std::tanh(kGeluBeta * (x + kGeluKappa * x * x * x)));
+  });
 }
 
 // Qwen3's q/k norms: RMSNorm over each q head (weight q_norm [D]) and each k head (k_norm) of the fused qkv rows
@@ -396,15 +451,20 @@ void qk_norm_(torch::Tensor qkv, const torch::Tensor& q_norm, const torch::Tenso
 // (at batch 1 that trip cost ~1/10 of SmolLM2-135M's float32 step and ~1/3 of its 4-bit one). linear(i, x) multiplies
 // by projection i: 0 qkv, 1 o, 2 gate_up, 3 down. x: the layer's input [B, hidden], updated in place; residual: the
 // stream before it, updated in place (none for the first layer: x becomes it). norms: {input_norm,
-// post_attention_norm}, then {q_norm, k_norm} where the model has them (Qwen3). Returns (the layer's output, the
-// residual stream), as DecoderLayer.forward.
+// post_attention_norm}, then {pre_feedforward_norm, post_feedforward_norm} with Gemma's sandwich norms, then {q_norm,
+// k_norm} where the model has them (Qwen3, Gemma 3). The variants: window / softcap as paged_decode takes them (0:
+// none), gelu: GeGLU instead of SwiGLU, sandwich: Gemma's norms of the attention's and the MLP's outputs. Returns (the
+// layer's output, the residual stream), as DecoderLayer.forward.
 template <class Linear>
 std::tuple<torch::Tensor, torch::Tensor> decode_layer_with(
     const Linear& linear, torch::Tensor x, c10::optional<torch::Tensor> residual,
     const std::vector<torch::Tensor>& norms, double eps, torch::Tensor positions, torch::Tensor cos,
     torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, torch::Tensor block_tables,
-    torch::Tensor seq_lens, int64_t H, int64_t HKV, double scale) {
-  TORCH_CHECK(norms.size() == 2 || norms.size() == 4, "decode layer: 2 norms, or 4 with q/k norms");
+    torch::Tensor seq_lens, int64_t H, int64_t HKV, double scale, int64_t window, double softcap, bool gelu,
+    bool sandwich) {
+  const size_t base = sandwich ? 4 : 2;
+  TORCH_CHECK(norms.size() == base || norms.size() == base + 2,
+              "decode layer: 2 norms (4 with sandwich norms), and 2 more with q/k norms");
   const torch::Tensor &input_norm = norms[0], &post_attention_norm = norms[1];
   torch::Tensor res;
   if (residual.has_value()) {
@@ -416,13 +476,20 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layer_with(
   }
   const int64_t B = x.size(0), D = cos.size(1);
   auto qkv = linear(0, x);
-  if (norms.size() == 4) qk_norm_(qkv, norms[2], norms[3], H, HKV, eps);
+  if (norms.size() == base + 2) qk_norm_(qkv, norms[base], norms[base + 1], H, HKV, eps);
   rotary_cache_(qkv, positions, cos, sin, k_cache, v_cache, slots, H, HKV);
   auto q = qkv.narrow(1, 0, H * D).reshape({B, H, D});
-  auto attn = paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale);
+  auto attn = paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, window, softcap);
   auto h = linear(1, attn.view({B, H * D}));
-  add_rms_norm_(h, res, post_attention_norm, eps);
-  auto out = linear(3, silu_and_mul(linear(2, h)));
+  if (sandwich) {
+    h = rms_norm(h, post_attention_norm, eps);
+    add_rms_norm_(h, res, norms[2], eps);
+  } else {
+    add_rms_norm_(h, res, post_attention_norm, eps);
+  }
+  auto gate_up = linear(2, h);
+  auto out = linear(3, gelu ? gelu_and_mul(gate_up) : silu_and_mul(gate_up));
+  if (sandwich) out = rms_norm(out, norms[3], eps);
   return {out, res};
 }
 

@@ -1,7 +1,8 @@
 """Paged attention in Triton: K/V read in place from the block-paged cache through the block tables (no gather copy),
-GQA, online softmax, float32 accumulation. ``paged_decode``: one query per sequence, split-KV ("flash-decoding")
-for long contexts. ``paged_prefill``: every prefill chunk of a step (cached prefix + the chunk, causal) in one
-launch.
+GQA, online softmax, float32 accumulation, sliding windows and Gemma 2's score soft-capping. ``paged_decode``: one
+query per sequence, split-KV ("flash-decoding") for long contexts. ``paged_prefill``: every prefill chunk of a step
+(cached prefix + the chunk, causal) in one launch. With a window, blocks wholly before it are never read (a sequence
+whose every layer is windowed gives them back: their table entries are -1).
 
     out = paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)     # the contract of
                                                                                # loom.ops.attention's reference
@@ -20,21 +21,30 @@ import triton.language as tl
 
 
 @triton.jit
+def _tanh(x):
+    """tanh(x) = 1 - 2 / (exp(2x) + 1), the exponent capped where float32 exp is finite: exactly +-1 in the tails."""
+    return 1.0 - 2.0 / (tl.exp(tl.minimum(2.0 * x, 88.0)) + 1.0)
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, acc_ptr, max_ptr, sum_ptr,
-    scale,
+    scale, window, softcap,
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_tb,
     stride_ab, stride_ah, stride_as,
     stride_mb, stride_mh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCKS_PER_SPLIT: tl.constexpr,
+    BLOCKS_PER_SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(lens_ptr + seq)
+    lo = 0  # the oldest key the query sees: blocks before its block may have been given back (-1) and are not read
+    if USE_WINDOW:
+        lo = tl.maximum(length - window, 0)
     heads = kv_head * G + tl.arange(0, BLOCK_G)
     head_ok = tl.arange(0, BLOCK_G) < G
     dims = tl.arange(0, BLOCK_D)
@@ -49,14 +59,16 @@ def _decode_split_kernel(
     for i in range(BLOCKS_PER_SPLIT):
         block_index = first + i
         start = block_index * BLOCK_SIZE
-        if start < length:
+        if (start < length) & (start + BLOCK_SIZE > lo):
             block = tl.load(tables_ptr + seq * stride_tb + block_index)
-            pos_ok = start + offs < length
+            pos_ok = (start + offs < length) & (start + offs >= lo)
             kv_off = block * stride_kb + offs[:, None] * stride_ks + kv_head * stride_kh + dims[None, :]
             kv_mask = pos_ok[:, None] & dim_ok[None, :]
             k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)  # [BLOCK_SIZE, BLOCK_D]
             v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
             scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [BLOCK_G, BLOCK_SIZE]
+            if USE_SOFTCAP:
+                scores = softcap * _tanh(scores / softcap)
             scores = tl.where(pos_ok[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             alpha = tl.exp(m_i - m_new)
@@ -72,9 +84,11 @@ def _decode_split_kernel(
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 seq_lens: torch.Tensor, scale: float, blocks_per_split: int = 16) -> torch.Tensor:
+                 seq_lens: torch.Tensor, scale: float, blocks_per_split: int = 16, window: int | None = None,
+                 softcap: float | None = None) -> torch.Tensor:
     """q [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32; seq_lens [B] int32
-    -> [B, H, D] in q's dtype."""
+    -> [B, H, D] in q's dtype. ``window``: a query sees its last ``window`` keys; ``softcap``: scores become
+    softcap * tanh(score / softcap) (Gemma 2)."""
     b, h, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     if b == 0:
@@ -88,14 +102,15 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     q = q.contiguous()
     _decode_split_kernel[(b, hkv, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, acc, maxes, sums,
-        scale,
+        scale, window or 0, softcap or 0.0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2),
         maxes.stride(0), maxes.stride(1),
         G=group, BLOCK_G=max(triton.next_power_of_2(group), 1), D=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_SIZE=block_size, BLOCKS_PER_SPLIT=blocks_per_split,
+        BLOCK_SIZE=block_size, BLOCKS_PER_SPLIT=blocks_per_split, USE_WINDOW=window is not None,
+        USE_SOFTCAP=softcap is not None,
     )  # fmt: skip
     # Combine the splits: weights exp(m_s - m) per split, empty splits (m = -inf) weigh nothing.
     top = maxes.max(dim=-1, keepdim=True).values
@@ -109,11 +124,12 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, prog_chunk_ptr, prog_row_ptr,
     chunk_row_ptr, chunk_len_ptr, chunk_pos_ptr,
-    scale,
+    scale, window, softcap,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh,
     stride_tc,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
 ):
     program = tl.program_id(0)
     head = tl.program_id(1)
@@ -135,14 +151,21 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs = tl.arange(0, BLOCK_SIZE)
     last_pos = start_pos + tl.minimum(first_row + BLOCK_M, length) - 1
-    for j in range(0, last_pos // BLOCK_SIZE + 1):
+    first_block = 0  # with a window: the block of the oldest key the tile's first query sees (earlier ones: maybe -1)
+    if USE_WINDOW:
+        first_block = tl.maximum(start_pos + first_row - window + 1, 0) // BLOCK_SIZE
+    for j in range(first_block, last_pos // BLOCK_SIZE + 1):
         block = tl.load(tables_ptr + chunk * stride_tc + j)
         k_pos = j * BLOCK_SIZE + offs
         kv_off = block * stride_kb + offs[:, None] * stride_ks + kv_head * stride_kh + dims[None, :]
         k = tl.load(k_ptr + kv_off, mask=dim_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_SIZE, BLOCK_D]
         v = tl.load(v_ptr + kv_off, mask=dim_ok[None, :], other=0.0).to(tl.float32)
         scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [BLOCK_M, BLOCK_SIZE]
+        if USE_SOFTCAP:
+            scores = softcap * _tanh(scores / softcap)
         visible = (k_pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
+        if USE_WINDOW:
+            visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past the chunk's end see nothing
@@ -157,11 +180,13 @@ def _prefill_kernel(
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunks, scale: float,
-                  out: torch.Tensor | None = None, block_m: int = 16) -> torch.Tensor:
+                  out: torch.Tensor | None = None, window: int | None = None, softcap: float | None = None,
+                  block_m: int = 16) -> torch.Tensor:
     """Every prefill chunk of a step in one launch, like vLLM's unified Triton attention. ``chunks``:
     ``loom.ops.attention.PrefillChunk`` (rows [token_start, token_end) of q, position of the first, a block table
     covering the chunk's end). The chunk's own keys are already in the cache, so each query reads its cached prefix
-    and its chunk causally through the table. q [T, H, D] -> the chunks' rows of ``out`` (allocated when None)."""
+    and its chunk causally through the table, within ``window`` keys where given, scores soft-capped by ``softcap``
+    where given. q [T, H, D] -> the chunks' rows of ``out`` (allocated when None)."""
     t, h, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     out = torch.empty_like(q) if out is None else out
@@ -182,10 +207,11 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q, k_cache, v_cache, out, tables, ints(prog_chunk), ints(prog_row),
         ints([c.token_start for c in chunks]), ints([c.token_end - c.token_start for c in chunks]),
         ints([c.start_pos for c in chunks]),
-        scale,
+        scale, window or 0, softcap or 0.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         tables.stride(0),
         G=h // hkv, D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_SIZE=block_size,
+        USE_WINDOW=window is not None, USE_SOFTCAP=softcap is not None,
     )  # fmt: skip
     return out
