@@ -1,7 +1,7 @@
 """``TorchOps``' contract with Triton's paged attention (``loom.ops.triton.paged_attention``): decode and all of a
 step's prefill chunks read K/V in place through the block tables instead of gathering them every layer; RMSNorm
-(with the residual add), rotary with the cache write and SiLU·mul are one kernel each (``loom.ops.triton.layers``),
-so a layer is a handful of launches besides its matmuls."""
+(with the residual add), rotary with the cache write and SiLU·mul / GeGLU are one kernel each
+(``loom.ops.triton.layers``), so a layer is a handful of launches besides its matmuls."""
 
 from __future__ import annotations
 
@@ -45,6 +45,13 @@ class TritonOps(TorchOps):
         from loom.ops.triton import layers
 
         return layers.silu_and_mul(gate_up)
+
+    def gelu_and_mul(self, gate_up):
+        if not _rows(gate_up):
+            return super().gelu_and_mul(gate_up)
+        from loom.ops.triton import layers
+
+        return layers.gelu_and_mul(gate_up)
 
     @staticmethod
     def decode_attention(q, k_cache, v_cache, meta, scale, window=None, softcap=None):

@@ -1,6 +1,6 @@
 """Triton's layer ops (loom.ops.triton.layers via TritonOps) against the plain-PyTorch reference (TorchOps), on CPU
 under Triton's interpreter (on a CUDA machine they compile): RMSNorm, residual add + RMSNorm, rotary + cache write,
-SiLU·mul, in float32 and bfloat16, on an odd hidden size."""
+SiLU·mul and GeGLU, in float32 and bfloat16, on an odd hidden size."""
 
 from __future__ import annotations
 
@@ -36,8 +36,10 @@ def test_norms_and_silu_mul_equal_the_reference(dtype, tol):
     assert summed.data_ptr() == in_place.data_ptr()  # the sum lands in the residual buffer
     torch.testing.assert_close(summed, expected_sum, atol=tol, rtol=tol)
     torch.testing.assert_close(out, expected_out, atol=tol, rtol=tol)
-    gate_up = torch.randn(5, 2 * 300, device=DEVICE).to(dtype)
+    gate_up = torch.randn(5, 2 * 300, device=DEVICE).to(dtype) * 3
+    gate_up[0, :3] = torch.tensor([-60.0, 60.0, 0.0])  # the tails of exp and tanh
     torch.testing.assert_close(triton_ops.silu_and_mul(gate_up), reference.silu_and_mul(gate_up), atol=tol, rtol=tol)
+    torch.testing.assert_close(triton_ops.gelu_and_mul(gate_up), reference.gelu_and_mul(gate_up), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype, tol", CASES)

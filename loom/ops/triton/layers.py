@@ -46,23 +46,43 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 
 @triton.jit
-def _silu_mul_kernel(gate_up_ptr, out_ptr, n, stride_g, stride_o, BLOCK: tl.constexpr):
+def tanh(x):
+    """tanh(x) = 1 - 2 / (exp(2x) + 1), the exponent capped where float32 exp is finite: exactly +-1 in the tails."""
+    return 1.0 - 2.0 / (tl.exp(tl.minimum(2.0 * x, 88.0)) + 1.0)
+
+
+@triton.jit
+def _gated_mul_kernel(gate_up_ptr, out_ptr, n, stride_g, stride_o, BLOCK: tl.constexpr, GELU: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n
     gate = tl.load(gate_up_ptr + row * stride_g + cols, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(gate_up_ptr + row * stride_g + n + cols, mask=ok, other=0.0).to(tl.float32)
-    y = gate / (1.0 + tl.exp(-gate)) * up
+    if GELU:  # torch's gelu(approximate="tanh")
+        y = 0.5 * gate * (1.0 + tanh(0.7978845608028654 * (gate + 0.044715 * gate * gate * gate))) * up
+    else:
+        y = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def _gated_mul(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
     t, two_n = gate_up.shape
     n = two_n // 2
     out = torch.empty(t, n, dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(n))
-    _silu_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, n, gate_up.stride(0), out.stride(0), BLOCK=block)
+    _gated_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, n, gate_up.stride(0), out.stride(0), BLOCK=block,
+                                                  GELU=gelu)
     return out
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate, up) -> silu(gate) * up [T, I]."""
+    return _gated_mul(gate_up, gelu=False)
+
+
+def gelu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate, up) -> gelu_tanh(gate) * up [T, I] (Gemma's GeGLU)."""
+    return _gated_mul(gate_up, gelu=True)
 
 
 @triton.jit

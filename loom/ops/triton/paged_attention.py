@@ -19,11 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _tanh(x):
-    """tanh(x) = 1 - 2 / (exp(2x) + 1), the exponent capped where float32 exp is finite: exactly +-1 in the tails."""
-    return 1.0 - 2.0 / (tl.exp(tl.minimum(2.0 * x, 88.0)) + 1.0)
+from loom.ops.triton.layers import tanh
 
 
 @triton.jit
@@ -68,7 +64,7 @@ def _decode_split_kernel(
             v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
             scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [BLOCK_G, BLOCK_SIZE]
             if USE_SOFTCAP:
-                scores = softcap * _tanh(scores / softcap)
+                scores = softcap * tanh(scores / softcap)
             scores = tl.where(pos_ok[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             alpha = tl.exp(m_i - m_new)
@@ -162,7 +158,7 @@ def _prefill_kernel(
         v = tl.load(v_ptr + kv_off, mask=dim_ok[None, :], other=0.0).to(tl.float32)
         scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [BLOCK_M, BLOCK_SIZE]
         if USE_SOFTCAP:
-            scores = softcap * _tanh(scores / softcap)
+            scores = softcap * tanh(scores / softcap)
         visible = (k_pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
         if USE_WINDOW:
             visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
