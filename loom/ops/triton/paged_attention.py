@@ -7,10 +7,15 @@ whose every layer is windowed gives them back: their table entries are -1).
     out = paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)     # the contract of
                                                                                # loom.ops.attention's reference
 
-Grid: (sequence, KV head, split). A program loads the G query heads that share its KV head, walks the blocks of its
-split of the context — one block table entry per iteration, ``block_size`` keys at a time — keeping a running max,
-sum and weighted value sum per query head, and writes them; a small second pass (plain torch: S splits per row)
-combines the splits by their log-sum-exp. Contexts shorter than one split use one split.
+Both kernels walk the keys in tiles of BLOCK_N positions, whatever the cache's block size: each key's block comes
+from the table (one gathered load per tile), so a tile spans several cache blocks. Scores and the weighted values are
+``tl.dot`` products (tensor cores on a GPU; float32 operands in IEEE precision, not TF32), accumulated in float32.
+
+Decode grid: (sequence, KV head, split). A program holds the G query heads that share its KV head (padded to 16 rows,
+the smallest ``tl.dot`` tile: a memory-bound kernel does not mind the idle rows), walks its split of the context,
+keeps a running max, sum and weighted value sum per query head, and writes them; a small second pass (plain torch:
+S splits per row) combines the splits by their log-sum-exp. Contexts shorter than one split use one split.
+Prefill grid: (query tile, head): a tile of up to BLOCK_M rows of one chunk, flash-attention style.
 """
 
 from __future__ import annotations
@@ -23,6 +28,34 @@ from loom.ops.triton.layers import tanh
 
 
 @triton.jit
+def _kv_tile(k_ptr, v_ptr, table_ptr, pos, key_ok, kv_head, dims, dim_ok, stride_kb, stride_ks, stride_kh,
+             BLOCK_SIZE: tl.constexpr):
+    """K and V [BLOCK_N, BLOCK_D] at the key positions ``pos`` of one sequence, each key's cache block read from its
+    table row ``table_ptr`` (masked keys: zeros, their table entry and block never read)."""
+    block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=key_ok, other=0)
+    off = block[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_ks + kv_head * stride_kh + dims[None, :]
+    mask = key_ok[:, None] & dim_ok[None, :]
+    return tl.load(k_ptr + off, mask=mask, other=0.0), tl.load(v_ptr + off, mask=mask, other=0.0)
+
+
+@triton.jit
+def _softmax_step(q, k, v, visible, m_i, l_i, acc, scale, softcap, USE_SOFTCAP: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """One tile of keys into the running max, sum and weighted value sum of the query rows ``q`` (``visible``: which
+    keys each row sees; a row that has seen none stays empty)."""
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    if USE_SOFTCAP:
+        scores = softcap * tanh(scores / softcap)
+    scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(scores - m_safe[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, acc_ptr, max_ptr, sum_ptr,
     scale, window, softcap,
@@ -32,46 +65,32 @@ def _decode_split_kernel(
     stride_ab, stride_ah, stride_as,
     stride_mb, stride_mh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCKS_PER_SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_KEYS: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(lens_ptr + seq)
-    lo = 0  # the oldest key the query sees: blocks before its block may have been given back (-1) and are not read
-    if USE_WINDOW:
-        lo = tl.maximum(length - window, 0)
     heads = kv_head * G + tl.arange(0, BLOCK_G)
     head_ok = tl.arange(0, BLOCK_G) < G
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-                mask=head_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_G, BLOCK_D]
+                mask=head_ok[:, None] & dim_ok[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    offs = tl.arange(0, BLOCK_SIZE)
-    first = split * BLOCKS_PER_SPLIT
-    for i in range(BLOCKS_PER_SPLIT):
-        block_index = first + i
-        start = block_index * BLOCK_SIZE
-        if (start < length) & (start + BLOCK_SIZE > lo):
-            block = tl.load(tables_ptr + seq * stride_tb + block_index)
-            pos_ok = (start + offs < length) & (start + offs >= lo)
-            kv_off = block * stride_kb + offs[:, None] * stride_ks + kv_head * stride_kh + dims[None, :]
-            kv_mask = pos_ok[:, None] & dim_ok[None, :]
-            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)  # [BLOCK_SIZE, BLOCK_D]
-            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [BLOCK_G, BLOCK_SIZE]
-            if USE_SOFTCAP:
-                scores = softcap * tanh(scores / softcap)
-            scores = tl.where(pos_ok[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(scores - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-            m_i = m_new
+    end = tl.minimum((split + 1) * SPLIT_KEYS, length)
+    begin = split * SPLIT_KEYS
+    if USE_WINDOW:  # the oldest key the query sees: blocks before its block may have been given back (-1)
+        begin = tl.maximum(begin, length - window)
+    for n0 in range(begin, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        key_ok = pos < end
+        k, v = _kv_tile(k_ptr, v_ptr, tables_ptr + seq * stride_tb, pos, key_ok, kv_head, dims, dim_ok, stride_kb,
+                        stride_ks, stride_kh, BLOCK_SIZE)
+        m_i, l_i, acc = _softmax_step(q, k, v, key_ok[None, :], m_i, l_i, acc, scale, softcap, USE_SOFTCAP, PRECISION)
     out_off = seq * stride_ab + heads[:, None] * stride_ah + split * stride_as + dims[None, :]
     tl.store(acc_ptr + out_off, acc, mask=head_ok[:, None] & dim_ok[None, :])
     stat_off = seq * stride_mb + heads * stride_mh + split
@@ -79,12 +98,26 @@ def _decode_split_kernel(
     tl.store(sum_ptr + stat_off, l_i, mask=head_ok)
 
 
+def _dot_tiles(dtype: torch.dtype, d: int) -> dict:
+    """The constexprs every kernel here shares: the head dim's tile (tl.dot needs >= 16) and the product precision."""
+    return dict(D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                PRECISION="ieee" if dtype == torch.float32 else "tf32")  # tf32: ignored for 16-bit operands
+
+
+def _decode_tiles(dtype: torch.dtype, d: int) -> dict:
+    """Keys per iteration and warps of the decode kernel: 32 keys with 4 warps (16 keys at head dims over 128, and
+    over 64 in float32) kept every shape scripts/triton_sm90.py compiles for sm_90 free of spills, at 110-230
+    registers; 64 keys took 250+ registers and spilled at head dim 256."""
+    wide = d > 128 or (dtype == torch.float32 and d > 64)
+    return dict(BLOCK_N=16 if wide else 32, num_warps=4)
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, scale: float, blocks_per_split: int = 16, window: int | None = None,
                  softcap: float | None = None) -> torch.Tensor:
     """q [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32; seq_lens [B] int32
     -> [B, H, D] in q's dtype. ``window``: a query sees its last ``window`` keys; ``softcap``: scores become
-    softcap * tanh(score / softcap) (Gemma 2)."""
+    softcap * tanh(score / softcap) (Gemma 2). A split covers ``blocks_per_split`` cache blocks."""
     b, h, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     if b == 0:
@@ -92,6 +125,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     group = h // hkv
     max_blocks = block_tables.shape[1]
     splits = max(1, -(-max_blocks // blocks_per_split))
+    split_keys = blocks_per_split * block_size
     acc = torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
     maxes = torch.full((b, h, splits), float("-inf"), dtype=torch.float32, device=q.device)
     sums = torch.zeros(b, h, splits, dtype=torch.float32, device=q.device)
@@ -104,9 +138,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         block_tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2),
         maxes.stride(0), maxes.stride(1),
-        G=group, BLOCK_G=max(triton.next_power_of_2(group), 1), D=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_SIZE=block_size, BLOCKS_PER_SPLIT=blocks_per_split, USE_WINDOW=window is not None,
-        USE_SOFTCAP=softcap is not None,
+        G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, SPLIT_KEYS=split_keys,
+        USE_WINDOW=window is not None, USE_SOFTCAP=softcap is not None, **_dot_tiles(q.dtype, d),
+        **_decode_tiles(q.dtype, d), num_stages=1,
     )  # fmt: skip
     # Combine the splits: weights exp(m_s - m) per split, empty splits (m = -inf) weigh nothing.
     top = maxes.max(dim=-1, keepdim=True).values
@@ -124,8 +158,8 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh,
     stride_tc,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     program = tl.program_id(0)
     head = tl.program_id(1)
@@ -141,43 +175,42 @@ def _prefill_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
     q = tl.load(q_ptr + (row0 + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_D]
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    offs = tl.arange(0, BLOCK_SIZE)
-    last_pos = start_pos + tl.minimum(first_row + BLOCK_M, length) - 1
-    first_block = 0  # with a window: the block of the oldest key the tile's first query sees (earlier ones: maybe -1)
-    if USE_WINDOW:
-        first_block = tl.maximum(start_pos + first_row - window + 1, 0) // BLOCK_SIZE
-    for j in range(first_block, last_pos // BLOCK_SIZE + 1):
-        block = tl.load(tables_ptr + chunk * stride_tc + j)
-        k_pos = j * BLOCK_SIZE + offs
-        kv_off = block * stride_kb + offs[:, None] * stride_ks + kv_head * stride_kh + dims[None, :]
-        k = tl.load(k_ptr + kv_off, mask=dim_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_SIZE, BLOCK_D]
-        v = tl.load(v_ptr + kv_off, mask=dim_ok[None, :], other=0.0).to(tl.float32)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [BLOCK_M, BLOCK_SIZE]
-        if USE_SOFTCAP:
-            scores = softcap * tanh(scores / softcap)
-        visible = (k_pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
+    end = start_pos + tl.minimum(first_row + BLOCK_M, length)  # past the tile's last query
+    begin = 0
+    if USE_WINDOW:  # the oldest key the tile's first query sees (earlier blocks: maybe given back, -1)
+        begin = tl.maximum(start_pos + first_row - window + 1, 0)
+    for n0 in range(begin, end, BLOCK_N):
+        k_pos = n0 + tl.arange(0, BLOCK_N)
+        key_ok = k_pos < end
+        k, v = _kv_tile(k_ptr, v_ptr, tables_ptr + chunk * stride_tc, k_pos, key_ok, kv_head, dims, dim_ok,
+                        stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
+        visible = (k_pos[None, :] <= q_pos[:, None]) & row_ok[:, None] & key_ok[None, :]
         if USE_WINDOW:
             visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past the chunk's end see nothing
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(q, k, v, visible, m_i, l_i, acc, scale, softcap, USE_SOFTCAP, PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + (row0 + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
+def _prefill_tiles(dtype: torch.dtype, d: int) -> dict:
+    """Query rows, keys per iteration and warps of the prefill kernel, by operand width and head dim: the largest
+    tiles that scripts/triton_sm90.py found free of spills on sm_90 (16-bit: 64 x 64 up to head dim 128, 116-192
+    registers; 32 x 32 at 256; float32 a step smaller each way)."""
+    if dtype == torch.float32:
+        rows, keys = (32, 32) if d <= 64 else (32, 16) if d <= 128 else (16, 16)
+    else:
+        rows, keys = (64, 64) if d <= 128 else (32, 32)
+    return dict(BLOCK_M=rows, BLOCK_N=keys, num_warps=8)
+
+
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunks, scale: float,
-                  out: torch.Tensor | None = None, window: int | None = None, softcap: float | None = None,
-                  block_m: int = 16) -> torch.Tensor:
+                  out: torch.Tensor | None = None, window: int | None = None,
+                  softcap: float | None = None) -> torch.Tensor:
     """Every prefill chunk of a step in one launch, like vLLM's unified Triton attention. ``chunks``:
     ``loom.ops.attention.PrefillChunk`` (rows [token_start, token_end) of q, position of the first, a block table
     covering the chunk's end). The chunk's own keys are already in the cache, so each query reads its cached prefix
@@ -188,6 +221,8 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     out = torch.empty_like(q) if out is None else out
     if not chunks:
         return out
+    tiles = _prefill_tiles(q.dtype, d)
+    block_m = tiles["BLOCK_M"]
     device = q.device
     tables = torch.nn.utils.rnn.pad_sequence([c.block_table.to(torch.int32) for c in chunks], batch_first=True)
     prog_chunk, prog_row = [], []
@@ -207,7 +242,7 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         tables.stride(0),
-        G=h // hkv, D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_SIZE=block_size,
-        USE_WINDOW=window is not None, USE_SOFTCAP=softcap is not None,
+        G=h // hkv, BLOCK_SIZE=block_size, USE_WINDOW=window is not None, USE_SOFTCAP=softcap is not None,
+        **_dot_tiles(q.dtype, d), **tiles, num_stages=1,
     )  # fmt: skip
     return out
