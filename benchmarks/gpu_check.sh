@@ -3,14 +3,19 @@
 # The packaged SmolLM2 weights cannot travel, so a random-weight model with SmolLM2-135M's exact architecture and
 # its real tokenizer stands in. Carry: .whl (diffusers, gguf and their pure-Python needs) and .device_carry (tokenizer).
 #   bash benchmarks/gpu_check.sh            (OUT=folder for logs and JSON; default /tmp/loom-gpu)
+#   PART=llm bash benchmarks/gpu_check.sh   (one part of: llm, shapes, other; comma-separated; default all: a device
+#                                            call runs at most 10 minutes, so a session may run the parts in turn)
 set -u
 OUT=${OUT:-/tmp/loom-gpu}
+PART=${PART:-all}
+want() { [ "$PART" = all ] || [[ ",$PART," == *",$1,"* ]]; }
 mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:. HF_HUB_OFFLINE=1 LOOM_HOME=/tmp/loom-home PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 python3 scripts/random_smollm2.py --tokenizer .device_carry/smollm2-tokenizer
+if want llm; then
 echo "== parity on CUDA, bfloat16"
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py tests/engine/test_step_upload.py tests/ops/test_sampler.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
 echo "== Triton paged decode attention compiled on the GPU (the same tests run interpreted on CPU in make test)"
@@ -20,14 +25,26 @@ echo "== quantized linears (GGUF blocks, weight-only int8) compiled on the GPU, 
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_quantized.py 2>&1 \
   | tee "$OUT/pytest_triton_quantized.log" | tail -6
 timeout 120 python3 benchmarks/gguf_cuda.py --out "$OUT/gguf_cuda.json" 2>&1 | tail -25
+fi
+if want other; then
 echo "== model-server workers on the GPUs (round-robin, ctx.device), finetuning on CUDA (DDP on NCCL: 2+ GPUs)"
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/batching/test_gpu_workers.py tests/finetune/test_gpu.py \
   2>&1 | tee "$OUT/pytest_gpu_workers_finetune.log" | tail -8
+fi
+if want llm; then
 echo "== throughput, bfloat16, SmolLM2-135M architecture (random weights)"
 timeout 240 python3 benchmarks/throughput.py --backend loom,hf,hf-cb --out "$OUT/throughput_gpu.json" 2>&1 \
   | grep -vE "Warning|warn" | tail -8
+fi
+if want shapes; then
+echo "== the issue 11 table at real shapes: Llama-3.2-1B / 3.1-8B (random weights drawn on the GPU), roofline, decode"
+timeout 420 python3 benchmarks/gpu_shapes.py --tokenizer .device_carry/smollm2-tokenizer --out "$OUT/gpu_shapes.json" \
+  2>&1 | grep -vE "Warning|warn" | tail -6
+fi
+if want other; then
 echo "== images, SD-1.5-sized UNet 512x512"
 timeout 170 python3 benchmarks/images.py --cuda --budget-s 110 --out-dir "$OUT" 2>&1 | tail -8
 echo "== images: IP-Adapter and LoRA switching per SD-1.5-sized step (issue 15: <= 10% each)"
 timeout 90 python3 benchmarks/images.py --controls --cuda --iters 20 --repeats 3 --out-dir "$OUT" 2>&1 | tail -3
+fi
 echo "== done"

@@ -78,10 +78,20 @@ def run_loom(model_path: str, w: Workload, args) -> dict:
     }
 
 
-def run_hf_static(model_path: str, w: Workload, args) -> dict:
-    from transformers import AutoModelForCausalLM
+def hf_model(model_path: str, args):
+    """transformers' model of the folder on the run's device and dtype; with ``--load-format dummy``, random weights
+    from its config.json, drawn on the device (as Loom's dummy format: the values do not matter to speed)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_torch_dtype(args)).to(_device(args)).eval()
+    if getattr(args, "load_format", "auto") == "dummy":
+        with torch.device(_device(args)):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path),
+                                                    dtype=_torch_dtype(args)).eval()
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=_torch_dtype(args)).to(_device(args)).eval()
+
+
+def run_hf_static(model_path: str, w: Workload, args) -> dict:
+    model = hf_model(model_path, args)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     bs = args.hf_batch_size
     with torch.inference_mode():
@@ -103,9 +113,9 @@ def run_hf_static(model_path: str, w: Workload, args) -> dict:
 
 
 def run_hf_cb(model_path: str, w: Workload, args) -> dict:
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_torch_dtype(args)).to(_device(args)).eval()
+    model = hf_model(model_path, args)
     model.set_attn_implementation("paged|sdpa")
     cfg = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=max(w.output_lens))
     cb = {}

@@ -104,6 +104,9 @@ class EngineConfig:
     """Weights of an HF folder quantized at load: int8 (one float32 scale per output feature). On CPU (float32 dtype)
     activations are quantized per 32 at run time for integer dot products; on CUDA Triton kernels dequantize the
     weights in registers (weight-only). A GGUF file runs its own quantized blocks."""
+    load_format: Literal["auto", "dummy"] = "auto"
+    """auto: the folder's safetensors (or the GGUF file); dummy: random weights of the folder's config.json, seeded
+    by ``seed`` and drawn on the device (vLLM's name: benchmarks of real shapes with no weights to move)."""
     seed: int = 0
     """Seeds the generator of requests that bring no seed of their own."""
     enforce_eager: bool = False
@@ -145,6 +148,8 @@ class EngineConfig:
         if self.tensor_parallel_size > 1 and self.enable_lora:
             raise ValueError("LoRA adapters are not served with tensor parallelism yet; drop --enable-lora or use "
                              "--tensor-parallel-size 1")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.quantization not in (None, "int8"):
             raise ValueError(f"quantization must be int8 (or unset), got {self.quantization!r}")
         if isinstance(self.speculative_config, dict):

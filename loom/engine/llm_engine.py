@@ -447,7 +447,7 @@ class LLMEngine:
         # NOTE: a token that ends the output adds no text unless asked (as in vLLM); with skip_special_tokens off the
         # text would otherwise end in "<|im_end|>", and a tool-call parser would read it as content.
         keep = not (is_eos or is_stop_id) or p.include_stop_str_in_output
-        delta = detokenize_next(self.tokenizer, detok, token, p.skip_special_tokens) if keep else ""
+        delta = detokenize_next(self.tokenizer, detok, token, p.skip_special_tokens) if keep and p.detokenize else ""
         if is_eos or is_stop_id:
             reason, stop_reason = "stop", token if is_stop_id else None
         elif seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete
@@ -460,7 +460,8 @@ class LLMEngine:
             reason, stop_reason = "length", None
         else:
             return None
-        detokenize_flush(self.tokenizer, detok, p.skip_special_tokens)  # an output that ends inside a character
+        if p.detokenize:
+            detokenize_flush(self.tokenizer, detok, p.skip_special_tokens)  # an output that ends inside a character
         return self._finish(seq, reason, stop_reason)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:

@@ -37,7 +37,8 @@ def build_model(path, config: EngineConfig, device: torch.device, max_model_len:
             raise ValueError(f"--quantization {config.quantization} runs on CPU in float32 (got "
                              f"{config.torch_dtype()})")
     model = load_model(path, config.torch_dtype(), device, max_model_len, tp, kernels,
-                       row_amax=config.quantization is not None)
+                       row_amax=config.quantization is not None,
+                       dummy_seed=config.seed if config.load_format == "dummy" else None)
     if config.quantization == "int8":
         if kernels == "triton":
             from loom.ops.triton.quantized import TritonQuantLinear  # local: imports triton

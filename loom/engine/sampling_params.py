@@ -43,6 +43,9 @@ class SamplingParams:
     """Leave special tokens out of the text."""
     include_stop_str_in_output: bool = False
     """Keep the matched stop string at the end of the text."""
+    detokenize: bool = True
+    """False: token ids only, no text (vLLM's flag: throughput benchmarks, random-weight models whose vocabulary
+    the tokenizer does not cover); stop strings need text."""
     structured_outputs: StructuredOutputsParams | None = None
     """Constrain the output to a JSON schema, JSON object, regex, choice or Lark grammar (see loom.engine.structured);
     a dict is taken as StructuredOutputsParams' fields."""
@@ -74,6 +77,7 @@ class SamplingParams:
             ),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
+            (self.detokenize or not self.stop, "stop strings are matched on text: drop stop or keep detokenize on"),
         ]
         for ok, message in checks:
             if not ok:

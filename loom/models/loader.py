@@ -51,22 +51,31 @@ def load_hf_config(folder: str | Path):
 
 def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
                tp: TensorParallel | None = None, quantized_kernels: str = "cpu",
-               row_amax: bool = False) -> LlamaForCausalLM:
+               row_amax: bool = False, dummy_seed: int | None = None) -> LlamaForCausalLM:
     """``tp``: load only this rank's shard of every weight (``loom.distributed.parallel``); with ``row_amax`` (the
     weights are to be quantized) it notes the whole rows' amax of the row-parallel ones in ``model.row_amax``. A
     ``.gguf`` file loads with its quantized weights kept (``loom.models.gguf``), multiplied by ``quantized_kernels``:
-    "cpu" (the C++ kernels, float32 activations) or "triton"."""
+    "cpu" (the C++ kernels, float32 activations) or "triton". ``dummy_seed``: no weights are read; every parameter is
+    drawn from U(-1e-3, 1e-3) on the device with that seed (vLLM's dummy format; only config.json is needed)."""
     if is_gguf(folder):
+        if dummy_seed is not None:
+            raise ValueError(f"{folder} is a GGUF file: load_format dummy takes an HF folder's config.json")
         return load_gguf_model(folder, device, max_positions, dtype, quantized_kernels, tp)
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
-    if not files:
+    if not files and dummy_seed is None:
         raise ValueError(f"no *.safetensors in {folder}; Loom loads HF folders saved with safetensors")
     cfg = LlamaConfig.from_hf(load_hf_config(folder))
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions=1, dtype=dtype, tp=tp)
     model = model.to_empty(device=device).to(dtype)
     model.build_rotary(max_positions, dtype, device)
+    if dummy_seed is not None:
+        generator = torch.Generator(device).manual_seed(dummy_seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.uniform_(-1e-3, 1e-3, generator=generator)
+        return model.eval()
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}
     for file in files:

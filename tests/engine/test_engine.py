@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from loom import LLM, SamplingParams
 from tests.engine.test_parity import varied_prompts
@@ -67,6 +68,39 @@ def test_stop_string_ends_text_before_it(llm):
     kept = gen(llm, [prompt],
                SamplingParams(temperature=0, max_tokens=30, stop=[stop], include_stop_str_in_output=True))
     assert kept[0].outputs[0].text == full.text[: full.text.index(stop) + 3]
+
+
+def test_without_detokenizing_the_ids_are_the_same_and_there_is_no_text(llm):
+    prompts = varied_prompts(3, seed=17)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    full = [o.outputs[0] for o in gen(llm, prompts, params)]
+    bare = [o.outputs[0] for o in gen(llm, prompts, params.clone(detokenize=False))]
+    assert [o.token_ids for o in bare] == [o.token_ids for o in full] and all(o.text for o in full)
+    assert [o.text for o in bare] == ["", "", ""]
+    with pytest.raises(ValueError, match="stop strings are matched on text"):
+        SamplingParams(stop=["x"], detokenize=False)
+
+
+def test_dummy_weights_need_only_a_config_and_follow_the_seed(tmp_path, smollm2_path):
+    """load_format="dummy" (vLLM's): a folder with config.json and a tokenizer, no safetensors; weights drawn from
+    U(-1e-3, 1e-3) with the engine's seed, so the same seed gives the same weights."""
+    import shutil
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_path / name, tmp_path / name)
+    (tmp_path / "config.json").write_text((tmp_path / "config.json").read_text().replace('"num_hidden_layers": 30',
+                                                                                         '"num_hidden_layers": 2'))
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        LLM(str(tmp_path))
+    kwargs = dict(load_format="dummy", num_kv_blocks=64)
+    first, again, other = (LLM(str(tmp_path), seed=s, **kwargs) for s in (1, 1, 2))
+    weights = first.engine.model.embed_tokens.weight.detach()
+    assert weights.shape == (49152, 576) and 0 < weights.abs().max() <= 1e-3 and weights.std() > 4e-4
+    assert torch.equal(weights, again.engine.model.embed_tokens.weight)
+    assert not torch.equal(weights, other.engine.model.embed_tokens.weight)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, detokenize=False)
+    ids = [gen(m, [[5, 6, 7, 8]], params)[0].outputs[0].token_ids for m in (first, again)]
+    assert len(ids[0]) == 6 and ids[0] == ids[1]
 
 
 def test_stop_token_ids_and_min_tokens(llm):
