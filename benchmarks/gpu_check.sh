@@ -3,7 +3,7 @@
 # The packaged SmolLM2 weights cannot travel, so a random-weight model with SmolLM2-135M's exact architecture and
 # its real tokenizer stands in. Carry: .whl (diffusers, gguf and their pure-Python needs) and .device_carry (tokenizer).
 #   bash benchmarks/gpu_check.sh            (OUT=folder for logs and JSON; default /tmp/loom-gpu)
-#   PART=llm bash benchmarks/gpu_check.sh   (one part of: llm, shapes, other; comma-separated; default all: a device
+#   PART=llm bash benchmarks/gpu_check.sh   (parts: llm, parity, shapes, other; comma-separated; default all: a device
 #                                            call runs at most 10 minutes, so a session may run the parts in turn)
 set -u
 OUT=${OUT:-/tmp/loom-gpu}
@@ -17,7 +17,8 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 python3 scripts/random_smollm2.py --tokenizer .device_carry/smollm2-tokenizer
 if want llm; then
 echo "== parity on CUDA, bfloat16"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py tests/engine/test_step_upload.py tests/ops/test_sampler.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py tests/engine/test_step_upload.py tests/ops/test_sampler.py \
+  -k "not real_shapes" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
 echo "== Triton paged decode attention compiled on the GPU (the same tests run interpreted on CPU in make test)"
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_attention.py tests/ops/test_triton_layers.py 2>&1 \
   | tee "$OUT/pytest_triton.log" | tail -6
@@ -35,6 +36,11 @@ if want llm; then
 echo "== throughput, bfloat16, SmolLM2-135M architecture (random weights)"
 timeout 240 python3 benchmarks/throughput.py --backend loom,hf,hf-cb --out "$OUT/throughput_gpu.json" 2>&1 \
   | grep -vE "Warning|warn" | tail -8
+fi
+if want parity; then
+echo "== parity at Llama-3.2-1B and 3.1-8B shapes (HF's random init, saved and loaded), graphs on and off"
+timeout 420 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py -k real_shapes 2>&1 \
+  | tee "$OUT/pytest_cuda_shapes.log" | tail -8
 fi
 if want shapes; then
 echo "== the issue 11 table at real shapes: Llama-3.2-1B / 3.1-8B (random weights drawn on the GPU), roofline, decode"
