@@ -71,15 +71,18 @@ def test_paged_decode_with_a_window_and_soft_caps_equals_the_reference(window, s
     assert (reference - decode_attention_reference(q, k, v, meta, 0.3)).abs().max() > 1e-2  # the variant matters
 
 
+@pytest.mark.parametrize("heads, kv_heads", [(6, 2), (4, 4), (9, 3)])
 @pytest.mark.parametrize("dtype, atol", DTYPES)
 @pytest.mark.parametrize("window,softcap", [(None, None), (12, None), (None, 2.0), (30, 8.0)],
                          ids=["full", "window", "softcap", "window-softcap"])
-def test_all_prefill_chunks_of_a_step_in_one_launch_equal_the_reference(window, softcap, dtype, atol):
-    """Chunks with and without a cached prefix, shorter and longer than a query tile, one of a single token; GQA.
+def test_all_prefill_chunks_of_a_step_in_one_launch_equal_the_reference(window, softcap, dtype, atol, heads,
+                                                                          kv_heads):
+    """Chunks with and without a cached prefix, shorter and longer than a query tile, one of a single token; GQA
+    (the kernel packs a KV head's G query heads into one tile's rows) and MHA.
     With a window, blocks no query of a chunk sees are -1 in its table (given back), as the block manager leaves
     them."""
     torch.manual_seed(1)
-    heads, kv_heads, d, block_size, num_blocks = 6, 2, 16, 8, 64
+    d, block_size, num_blocks = 16, 8, 64  # query heads packed G to a KV head in the kernel's tiles: G = 3, 1, 3
     k_cache = torch.randn(num_blocks, block_size, kv_heads, d, device=DEVICE).to(dtype)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, d, device=DEVICE).to(dtype)
     free = torch.randperm(num_blocks).tolist()

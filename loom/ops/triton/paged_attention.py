@@ -15,7 +15,9 @@ Decode grid: (sequence, KV head, split). A program holds the G query heads that 
 the smallest ``tl.dot`` tile: a memory-bound kernel does not mind the idle rows), walks its split of the context,
 keeps a running max, sum and weighted value sum per query head, and writes them; a small second pass (plain torch:
 S splits per row) combines the splits by their log-sum-exp. Contexts shorter than one split use one split.
-Prefill grid: (query tile, head): a tile of up to BLOCK_M rows of one chunk, flash-attention style.
+Prefill grid: (query tile, KV head): a tile's BLOCK_M rows are BLOCK_M / G tokens of one chunk x the G query heads
+that share the KV head (as vLLM's unified attention packs them), so each K/V tile is read once for the G heads and a
+short chunk still fills the tile; flash-attention style.
 """
 
 from __future__ import annotations
@@ -158,31 +160,35 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh,
     stride_tc,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, TOKENS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     program = tl.program_id(0)
-    head = tl.program_id(1)
-    kv_head = head // G
+    kv_head = tl.program_id(1)
     chunk = tl.load(prog_chunk_ptr + program)
-    first_row = tl.load(prog_row_ptr + program)  # offset of this program's rows inside the chunk
+    first_token = tl.load(prog_row_ptr + program)  # offset of this program's first token inside the chunk
     row0 = tl.load(chunk_row_ptr + chunk)
     length = tl.load(chunk_len_ptr + chunk)
     start_pos = tl.load(chunk_pos_ptr + chunk)
-    rows = first_row + tl.arange(0, BLOCK_M)
-    row_ok = rows < length
-    q_pos = start_pos + rows  # each query's position in its sequence
+    # The tile's rows are (token, query head) pairs: TOKENS tokens x the G query heads of this KV head, so each K/V
+    # tile is read once for all G heads (rows past TOKENS * G, when G is not a power of two, are idle).
+    r = tl.arange(0, BLOCK_M)
+    tokens = first_token + r // G
+    heads = kv_head * G + r % G
+    row_ok = (tokens < length) & (r < TOKENS * G)
+    q_pos = start_pos + tokens  # each row's position in its sequence
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
-    q = tl.load(q_ptr + (row0 + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :],
+    q = tl.load(q_ptr + (row0 + tokens)[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    end = start_pos + tl.minimum(first_row + BLOCK_M, length)  # past the tile's last query
+    end = start_pos + tl.minimum(first_token + TOKENS, length)  # past the tile's last query
     begin = 0
     if USE_WINDOW:  # the oldest key the tile's first query sees (earlier blocks: maybe given back, -1)
-        begin = tl.maximum(start_pos + first_row - window + 1, 0)
+        begin = tl.maximum(start_pos + first_token - window + 1, 0)
     for n0 in range(begin, end, BLOCK_N):
         k_pos = n0 + tl.arange(0, BLOCK_N)
         key_ok = k_pos < end
@@ -193,7 +199,7 @@ def _prefill_kernel(
             visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
         m_i, l_i, acc = _softmax_step(q, k, v, visible, m_i, l_i, acc, scale, softcap, USE_SOFTCAP, PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(out_ptr + (row0 + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
+    tl.store(out_ptr + (row0 + tokens)[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
@@ -221,20 +227,22 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     out = torch.empty_like(q) if out is None else out
     if not chunks:
         return out
+    group = h // hkv
     tiles = _prefill_tiles(q.dtype, d)
-    block_m = tiles["BLOCK_M"]
+    tiles["BLOCK_M"] = max(tiles["BLOCK_M"], triton.next_power_of_2(group))  # at least one token's G heads
+    tokens = tiles["BLOCK_M"] // group
     device = q.device
     tables = torch.nn.utils.rnn.pad_sequence([c.block_table.to(torch.int32) for c in chunks], batch_first=True)
     prog_chunk, prog_row = [], []
     for i, c in enumerate(chunks):
-        for row in range(0, c.token_end - c.token_start, block_m):
+        for row in range(0, c.token_end - c.token_start, tokens):
             prog_chunk.append(i)
             prog_row.append(row)
 
     def ints(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
 
-    _prefill_kernel[(len(prog_chunk), h)](
+    _prefill_kernel[(len(prog_chunk), hkv)](
         q, k_cache, v_cache, out, tables, ints(prog_chunk), ints(prog_row),
         ints([c.token_start for c in chunks]), ints([c.token_end - c.token_start for c in chunks]),
         ints([c.start_pos for c in chunks]),
@@ -242,7 +250,7 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         tables.stride(0),
-        G=h // hkv, BLOCK_SIZE=block_size, USE_WINDOW=window is not None, USE_SOFTCAP=softcap is not None,
-        **_dot_tiles(q.dtype, d), **tiles, num_stages=1,
+        G=group, TOKENS=tokens, BLOCK_SIZE=block_size, USE_WINDOW=window is not None,
+        USE_SOFTCAP=softcap is not None, **_dot_tiles(q.dtype, d), **tiles, num_stages=1,
     )  # fmt: skip
     return out
