@@ -352,6 +352,12 @@ class LlamaForCausalLM(nn.Module):
             if self.rotary_local is not None:
                 self.rotary_local.to(device)
 
+    def rotary_of(self, index: int) -> RotaryEmbedding:
+        """Layer ``index``'s rotary tables: Gemma 3's sliding layers have their own (``rotary_local``)."""
+        if self.rotary_local is not None and index in self.config.sliding_layers:
+            return self.rotary_local
+        return self.rotary
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -367,10 +373,8 @@ class LlamaForCausalLM(nn.Module):
         if fused is not None:
             x, residual = fused
         else:
-            local = self.config.sliding_layers if self.rotary_local is not None else ()
             for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-                rotary = self.rotary_local if i in local else self.rotary
-                x, residual = layer(x, residual, positions, rotary, kv_cache, meta, self.ops)
+                x, residual = layer(x, residual, positions, self.rotary_of(i), kv_cache, meta, self.ops)
         x, _ = self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
         return x
 

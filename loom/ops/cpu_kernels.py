@@ -108,7 +108,6 @@ def _layer_plan(model: torch.nn.Module) -> list[tuple] | None:
     projections all panel-packed or all int8-executed."""
     if model.tp is not None:
         return None
-    local = model.config.sliding_layers if model.rotary_local is not None else ()  # Gemma 3: their own rope base
     plan = []
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -136,7 +135,7 @@ def _layer_plan(model: torch.nn.Module) -> list[tuple] | None:
                 shapes += [fmt, p.out_features]
         else:
             return None
-        rotary = model.rotary_local if i in local else model.rotary
+        rotary = model.rotary_of(i)  # Gemma 3's sliding layers: their own rope base
         attention = (attn.num_heads, attn.num_kv_heads, attn.scale)
         variant = (attn.window or 0, attn.softcap or 0.0, mlp.gelu, layer.sandwich)
         plan.append((call, [n.weight.detach() for n in norms], weights, shapes, norms[0].eps, rotary, attention,

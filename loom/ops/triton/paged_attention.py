@@ -108,7 +108,7 @@ def _dot_tiles(dtype: torch.dtype, d: int) -> dict:
 
 def _decode_tiles(dtype: torch.dtype, d: int) -> dict:
     """Keys per iteration and warps of the decode kernel: 32 keys with 4 warps (16 keys at head dims over 128, and
-    over 64 in float32) kept every shape scripts/triton_sm90.py compiles for sm_90 free of spills, at 110-230
+    over 64 in float32) kept every shape scripts/triton_sm90.py compiles for sm_90 free of spills, at 95-226
     registers; 64 keys took 250+ registers and spilled at head dim 256."""
     wide = d > 128 or (dtype == torch.float32 and d > 64)
     return dict(BLOCK_N=16 if wide else 32, num_warps=4)
@@ -205,8 +205,8 @@ def _prefill_kernel(
 
 def _prefill_tiles(dtype: torch.dtype, d: int) -> dict:
     """Query rows, keys per iteration and warps of the prefill kernel, by operand width and head dim: the largest
-    tiles that scripts/triton_sm90.py found free of spills on sm_90 (16-bit: 64 x 64 up to head dim 128, 116-192
-    registers; 32 x 32 at 256; float32 a step smaller each way)."""
+    tiles that scripts/triton_sm90.py found free of spills on sm_90 (16-bit: 64 x 64 up to head dim 128, 32 x 32 at
+    256; float32 a step smaller each way; 76-206 registers with the G heads packed into the rows)."""
     if dtype == torch.float32:
         rows, keys = (32, 32) if d <= 64 else (32, 16) if d <= 128 else (16, 16)
     else:
