@@ -32,13 +32,15 @@ import sys
 import tempfile
 import time
 from argparse import Namespace
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, matmul_peak_gflops, sync, write_json  # noqa: E402
-from benchmarks.throughput import Workload, make_workload, run_hf_cb, run_hf_static  # noqa: E402
+from benchmarks.throughput import Workload, make_workload, matmul_params, run_hf_cb, run_hf_static  # noqa: E402
 
 SHAPES = {  # HF LlamaConfig fields; vocab 128256 as Llama 3's
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -59,16 +61,13 @@ INPUT_RANGE, OUTPUT_RANGE = (128, 1024), (128, 512)
 
 
 def config_folder(shape: str, tokenizer: Path, root: Path) -> Path:
-    """A folder with the shape's config.json and the tokenizer's files: all load_format="dummy" reads."""
-    import shutil
-
-    from transformers import LlamaConfig
+    """A folder with the shape's config.json and the tokenizer (saved as loom.models.tiny saves it, so a model folder
+    given as the tokenizer lends no weights): all load_format="dummy" reads."""
+    from transformers import AutoTokenizer, LlamaConfig
 
     folder = root / shape
     LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2).save_pretrained(folder)
-    for file in tokenizer.iterdir():
-        if file.is_file() and file.name != "config.json":
-            shutil.copy(file, folder / file.name)
+    AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(folder)
     return folder
 
 
@@ -84,13 +83,11 @@ class Shape:
     """Bytes and FLOPs of one model's steps, from its config (bf16/fp16: 2 bytes a value)."""
 
     def __init__(self, cfg: dict, elem: int):
-        d, i, layers, h, hkv, hd = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                      "num_attention_heads", "num_key_value_heads", "head_dim"))
-        self.layers, self.h, self.hd = layers, h, hd
-        self.layer_params = layers * (d * hd * (2 * h + 2 * hkv) + 3 * d * i)
-        self.head_params = d * cfg["vocab_size"]
+        c = SimpleNamespace(**cfg)
+        self.layers, self.h, self.hd = c.num_hidden_layers, c.num_attention_heads, c.head_dim
+        self.layer_params, self.head_params = matmul_params(c)
         self.weight_bytes = (self.layer_params + self.head_params) * elem
-        self.kv_bytes_per_token = 2 * layers * hkv * hd * elem
+        self.kv_bytes_per_token = 2 * self.layers * c.num_key_value_heads * self.hd * elem
 
     def step(self, chunks: list[tuple[int, int, bool]]) -> tuple[float, float]:
         """(bytes, FLOPs) of a step of chunks (query tokens, context at the chunk's end, samples)."""
@@ -102,30 +99,34 @@ class Shape:
         return self.weight_bytes + kv, flops
 
 
-def record_steps(llm) -> list[list[tuple[int, int, bool]]]:
-    """Every step the engine runs from now on, as its chunks: (query tokens, context at the chunk's end, samples)."""
+@contextmanager
+def recorded_steps(llm):
+    """Yields a list that gets every step the engine schedules inside the block, as its chunks: (query tokens,
+    context at the chunk's end, samples); the scheduler is as it was after the block."""
     steps: list = []
     scheduler = llm.engine.scheduler
-    schedule = scheduler.schedule
 
     def recording():
-        out = schedule()
+        out = type(scheduler).schedule(scheduler)
         steps.append([(c.num_tokens, c.start + c.num_tokens, c.start + c.num_tokens >= c.seq.num_tokens)
                       for c in out.chunks])
         return out
 
     scheduler.schedule = recording
-    return steps
+    try:
+        yield steps
+    finally:
+        del scheduler.schedule
 
 
 def run_loom(llm, w: Workload, device: str) -> tuple[float, list]:
     from loom import SamplingParams
 
     params = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, detokenize=False) for n in w.output_lens]
-    steps = record_steps(llm)
     sync(device)
     start = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in w.prompts], params)
+    with recorded_steps(llm) as steps:
+        outs = llm.generate([{"prompt_token_ids": p} for p in w.prompts], params)
     sync(device)
     elapsed = time.perf_counter() - start
     assert sum(len(o.outputs[0].token_ids) for o in outs) == w.num_output_tokens

@@ -159,15 +159,20 @@ def _torch_dtype(args) -> torch.dtype:
     return getattr(torch, args.dtype)
 
 
+def matmul_params(c) -> tuple[int, int]:
+    """(the decoder layers' matmul parameters, the LM head's) of a dense Llama-family config (an HF config or anything
+    with its attributes): q, k, v, o and gate, up, down per layer; the embedding lookup is no matmul."""
+    d, i, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    hd = getattr(c, "head_dim", None) or d // c.num_attention_heads
+    attn = d * hd * (c.num_attention_heads * 2 + c.num_key_value_heads * 2)
+    return layers * (attn + 3 * d * i), d * c.vocab_size
+
+
 def model_flops_per_token(model_path: str) -> tuple[float, int]:
     """2 x parameters (embedding lookup excluded, LM head included, tied or not)."""
     from transformers import AutoConfig
 
-    c = AutoConfig.from_pretrained(model_path)
-    d, i, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
-    hd = getattr(c, "head_dim", None) or d // c.num_attention_heads
-    attn = d * hd * (c.num_attention_heads * 2 + c.num_key_value_heads * 2)
-    params = layers * (attn + 3 * d * i) + d * c.vocab_size
+    params = sum(matmul_params(AutoConfig.from_pretrained(model_path)))
     return 2.0 * params, params
 
 
