@@ -12,6 +12,7 @@ tokens whatever else shares the batch, after a preemption, and on any device; an
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from functools import cache
 
 import torch
 
@@ -75,16 +76,52 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
     want_logprobs = [r.params.logprobs is not None for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
     logits = apply_penalties(logits, rows)
-    tokens = logits.argmax(dim=-1)
-    random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
-    if random_rows:
-        tokens[random_rows] = _sample_random(logits[random_rows], [rows[i] for i in random_rows])
-    token_list = tokens.tolist()
+    kernel = _cpu_kernel(logits)
+    token_list = (sample_torch(logits, rows) if kernel is None else kernel(logits, *_row_settings(rows))).tolist()
     logprobs = [
         gather_logprobs(raw_logprobs[i], token_list[i], rows[i].params.logprobs) if want else None
         for i, want in enumerate(want_logprobs)
     ]
     return SampleResult(token_list, logprobs)
+
+
+def sample_torch(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Token ids [S] from penalised logits in tensor ops (any device): argmax, then the random rows by inverse CDF over
+    ``random_probs``. On CPU, ``sample`` draws the same tokens with the C++ kernel instead (``_cpu_kernel``)."""
+    tokens = logits.argmax(dim=-1)
+    random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
+    if random_rows:
+        tokens[random_rows] = _sample_random(logits[random_rows], [rows[i] for i in random_rows])
+    return tokens
+
+
+def _cpu_kernel(logits: torch.Tensor):
+    """``sample_rows`` of Loom's C++ extension for float32 CPU logits, when it builds; None otherwise.
+
+    It draws what ``sample_torch`` draws in a few passes over each row, without sorting the vocabulary. Measured on
+    2 Zen 4 cores, a 49,152-token vocabulary (``benchmarks/sampler.py``): temperature 1, 0.33 -> 0.06 ms for one row
+    and 22 -> 3.5 ms for 128; top_p 0.9 on peaked logits, 5.2 -> 0.18 ms for one row and 305 -> 12 ms for 128."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(-1) != 1:
+        return None
+    return _sample_rows()
+
+
+@cache
+def _sample_rows():
+    try:
+        from loom.ops.cpp_extension import extension  # local: the first call compiles the extension
+        return extension().sample_rows
+    except Exception:  # noqa: BLE001 - no compiler, no headers: the tensor ops serve instead
+        return None
+
+
+def _row_settings(rows: list[SamplingRow]) -> tuple[torch.Tensor, ...]:
+    """``sample_rows``' per-row arguments: temperature, top_p, min_p; top_k and the seed and counter of the row's
+    uniform (draw 0 at its position, as ``row_uniforms``; the kernel hashes them as ``uniforms`` does)."""
+    floats = torch.tensor([[r.params.temperature, r.params.top_p, r.params.min_p] for r in rows], dtype=torch.float32)
+    ints = torch.tensor([[r.params.top_k, r.seed, r.position * MAX_DRAWS] for r in rows], dtype=torch.int64)
+    floats, ints = floats.T.contiguous(), ints.T.contiguous()
+    return floats[0], floats[1], floats[2], ints[0], ints[1], ints[2]
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -35,8 +35,8 @@ def test_a_build_for_another_target_is_cached_under_its_own_name():
 
 def test_the_avx2_build_passes_the_kernel_parity_tests():
     """The int8 GGUF kernels (whose "auto" path is then vpmaddubsw), the fused layer ops, the panel matmul (its AVX2
-    tiles) and the whole-layer decode calls on both, built for x86-64-v3 (AVX2 + FMA, no AVX-512), against the same
-    references as the native build, in a fresh process."""
+    tiles), the sampler and the whole-layer decode calls on both, built for x86-64-v3 (AVX2 + FMA, no AVX-512),
+    against the same references as the native build, in a fresh process."""
     env = {**os.environ, "LOOM_CPU_ARCH": "x86-64-v3", "ATEN_CPU_CAPABILITY": "avx2"}
     probe = ("from loom.ops.cpp_extension import extension, gguf_extension; e, g = extension(), gguf_extension(); "
              "print(e.has_avx512(), hasattr(e, 'panel_linear'), g.has_vnni(), g.has_avx2())")
@@ -46,7 +46,7 @@ def test_the_avx2_build_passes_the_kernel_parity_tests():
     # no AVX-512: the panel matmul's 3 x 32 tiles, the AVX2 int8 path, no VNNI
     assert built.stdout.split() == ["False", "True", "False", "True"]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "tests/engine/test_gguf_int8.py", "tests/ops/test_layer_ops.py",
+                          "tests/engine/test_gguf_int8.py", "tests/ops/test_layer_ops.py", "tests/ops/test_sampler.py",
                           "tests/engine/test_parity.py::"
                           "test_fused_decode_layers_compute_exactly_what_the_op_by_op_layers_do",
                           "tests/engine/test_parity.py::"

@@ -148,3 +148,79 @@ def test_penalties_of_many_rows_at_once_match_each_row_alone():
             ref[i, sorted(r.stop_ids)] = float("-inf")
     torch.testing.assert_close(got, ref)
     assert got.data_ptr() != logits.data_ptr() and torch.equal(got[1], logits[1]) and torch.equal(got[5], logits[5])
+
+
+# --- the C++ kernel (sample_rows) against the tensor ops ------------------------------------------------------------
+SETTINGS = [
+    dict(temperature=1.0), dict(temperature=0.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.9),
+    dict(temperature=1.0, top_p=0.5, top_k=50), dict(temperature=0.8, min_p=0.1), dict(temperature=1.0, top_k=1),
+    dict(temperature=1.0, top_p=0.0), dict(temperature=2.0, top_k=20, top_p=0.7, min_p=0.05),
+    dict(temperature=1e-3, top_p=0.95), dict(temperature=1.0, top_k=-1, top_p=1.0),
+]
+
+
+def reference_cdf_gap(logits_row: torch.Tensor, r: SamplingRow, u: float) -> float:
+    """How far the row's draw target lies from the nearest step of the reference CDF, relative to its total."""
+    probs = sampler.random_probs(logits_row[None], [r])[0].double()
+    cdf = probs.cumsum(0)
+    return float((cdf - u * cdf[-1]).abs().min() / cdf[-1])
+
+
+def kernel_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+    kernel = sampler._cpu_kernel(logits)
+    assert kernel is not None, "the C++ sampler did not build"
+    return kernel(logits, *sampler._row_settings(rows)).tolist()
+
+
+def test_the_cpu_kernel_draws_the_tokens_the_tensor_ops_draw():
+    """Every setting, many seeds and positions, peaked and flat rows: the kernel's token equals ``sample_torch``'s,
+    except where the uniform falls within float rounding of a step of the reference CDF (sums in another order)."""
+    torch.manual_seed(6)
+    vocab = 3000
+    scales = [0.5, 2.0, 8.0]  # flat to peaked
+    rows, logit_rows = [], []
+    for i in range(330):
+        rows.append(row(seed=1000 + i, output=[1] * (i % 7), **SETTINGS[i % len(SETTINGS)]))
+        logit_rows.append(torch.randn(vocab) * scales[i % len(scales)])
+    logits = torch.stack(logit_rows)
+    got = kernel_tokens(logits, rows)
+    want = sampler.sample_torch(logits, rows).tolist()
+    u = sampler.row_uniforms(rows, 1, "cpu")[:, 0].tolist()
+    differ = [i for i in range(len(rows)) if got[i] != want[i]]
+    assert all(reference_cdf_gap(logits[i], rows[i], u[i]) < 1e-5 for i in differ), differ
+    assert len(differ) <= 2
+    assert sample(logits, rows).token_ids == got  # sample() takes the kernel on CPU
+
+
+def test_the_cpu_kernel_keeps_exactly_the_reference_set():
+    """20,000 rows of one distribution with their own seeds: the tokens drawn are kept ones, every kept token of
+    probability >= 1e-3 is drawn, and the frequencies follow the reference's distribution."""
+    torch.manual_seed(7)
+    n, vocab = 20000, 400
+    logits = (torch.randn(1, vocab) * 3).expand(n, -1).contiguous()
+    for settings in SETTINGS[2:6] + SETTINGS[8:9]:
+        rows = [row(seed=s, **settings) for s in range(n)]
+        probs = sampler.random_probs(logits[:1], rows[:1])[0].double()
+        probs /= probs.sum()
+        got = kernel_tokens(logits, rows)
+        counts = torch.bincount(torch.tensor(got), minlength=vocab).double() / n
+        kept = set(probs.nonzero().flatten().tolist())
+        assert set(got) <= kept, settings
+        assert {t for t in kept if probs[t] >= 1e-3} <= set(got), settings
+        assert (counts - probs).abs().max() < 0.015, settings
+
+
+def test_the_cpu_kernel_never_draws_a_masked_token_and_breaks_ties_as_argmax():
+    logits = torch.full((4, 300), float("-inf"))
+    logits[0, 17] = 0.0  # one allowed token
+    logits[1, [5, 250]] = torch.tensor([1.0, 1.0])  # two, equally likely
+    logits[2, [3, 9, 40]] = 2.5  # a greedy row with a three-way tie: the first index, as torch.argmax
+    logits[3, 100:200] = torch.linspace(-5, 5, 100)
+    rows = [row(seed=s, temperature=t, top_p=p) for s, t, p in [(1, 1.0, 1.0), (2, 1.0, 0.9), (3, 0.0, 1.0),
+                                                                (4, 1.0, 1.0)]]
+    for position in range(200):
+        for r in rows:
+            r.output_token_ids = [0] * position
+        got = kernel_tokens(logits, rows)
+        assert got[0] == 17 and got[1] in (5, 250) and got[2] == 3 and 100 <= got[3] < 200
+        assert got[2] == int(logits[2].argmax())

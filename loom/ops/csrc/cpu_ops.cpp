@@ -1,6 +1,8 @@
 // Loom's float32 CPU kernels: the Llama layer's fused ops (layer_ops.h) and the panel matmul, which packs a float32
-// weight once and streams it at memory bandwidth in decode steps; decode_layer chains the two over a whole layer.
+// weight once and streams it at memory bandwidth in decode steps; decode_layer chains the two over a whole layer; and
+// the sampler (sample_ops.h).
 #include "layer_ops.h"
+#include "sample_ops.h"
 
 // ---- panel matmul --------------------------------------------------------------------------------------------------
 // y[M, N] = x[M, K] W^T + b. W is packed once into panels of kPanel output columns, K-major ([N/kPanel][K][kPanel]):
@@ -132,6 +134,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_cache_", &rotary_cache_, "rotary q/k in place + k/v cache write", NoGil());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", NoGil());
   m.def("gelu_and_mul", &gelu_and_mul, "gelu_tanh(gate) * up", NoGil());
+  m.def("sample_rows", &sample_rows, "one token per row: greedy, or temperature / top-k / top-p / min-p by inverse CDF",
+        py::arg("logits"), py::arg("temperature"), py::arg("top_p"), py::arg("min_p"), py::arg("top_k"),
+        py::arg("seeds"), py::arg("counters"), NoGil());
 #if defined(LOOM_HAS_PANEL)
   m.def("pack_panels", &pack_panels, "pack a [N, K] weight into kPanel-column panels", NoGil());
   m.def("panel_linear", &panel_linear, "x W^T + b, W from pack_panels", NoGil());
