@@ -1,6 +1,10 @@
 """The paged KV cache's bookkeeping: fixed-size blocks, per-sequence block tables, ref counts, prefix caching.
 
-Pure Python. A block is ``block_size`` token slots in every layer's KV pool. A full block is identified by a hash
+Pure Python, and one numpy array: ``table_array`` holds every sequence's table as a row of int32 block ids, written
+entry by entry as the lists change, so a step's block tables and cache slots are numpy gathers from it instead of
+lists rebuilt per step (vLLM v1's persistent block table).
+
+A block is ``block_size`` token slots in every layer's KV pool. A full block is identified by a hash
 chained over (parent block's hash, the block's token ids), so equal hashes mean equal whole prefixes and a new
 request can take the cached blocks of an earlier one instead of recomputing them. Free blocks sit in an LRU queue;
 a free block keeps its hash (and stays a cache hit) until it is handed out again.
@@ -12,6 +16,8 @@ import math
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 
 def hash_block(parent: Hashable | None, token_ids: Sequence[int]) -> int:
@@ -47,6 +53,11 @@ class BlockManager:
         self.seq_hashes: dict[int, list[int]] = {}
         self.released: dict[int, int] = {}
         """Per sequence, how many of its first table entries it gave back (``release_front``)."""
+        self.table_array = np.zeros((16, 32), dtype=np.int32)
+        """Row ``row_of(seq_id)`` starts with that sequence's table; entries past its length are stale block ids (a
+        padding that still indexes the pool). Grows (doubling) when rows or columns run out."""
+        self._rows: dict[int, int] = {}
+        self._free_rows = list(range(len(self.table_array) - 1, -1, -1))
         self.num_prefix_query_tokens = 0
         self.num_prefix_hit_tokens = 0
 
@@ -69,6 +80,10 @@ class BlockManager:
 
     def block_table(self, seq_id: int) -> list[int]:
         return self.tables.get(seq_id, [])
+
+    def row_of(self, seq_id: int) -> int:
+        """The sequence's row of ``table_array``."""
+        return self._rows[seq_id]
 
     def blocks_needed(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
@@ -115,12 +130,14 @@ class BlockManager:
                 del self.tables[seq_id]
             return False
         hashes = self.seq_hashes.setdefault(seq_id, [])
+        first_new = len(table)
         for block_id in prefix_blocks:
             self._take(block_id)
             table.append(block_id)
             hashes.append(self.blocks[block_id].hash)
         for _ in range(max(num_new, 0)):
             table.append(self._pop_free())
+        self._mirror(seq_id, table, first_new)
         self._cache_full_blocks(seq_id, token_ids, min(num_tokens, len(token_ids)), salt)
         return True
 
@@ -136,6 +153,8 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_queue[block.block_id] = None
             table[i] = RELEASED
+        if seq_id in self._rows and num_blocks > done:
+            self.table_array[self._rows[seq_id], done : min(num_blocks, len(table))] = RELEASED
         self.released[seq_id] = max(done, min(num_blocks, len(table)))
 
     def free(self, seq_id: int, num_valid_tokens: int | None = None) -> None:
@@ -144,6 +163,8 @@ class BlockManager:
         table = self.tables.pop(seq_id, [])
         self.seq_hashes.pop(seq_id, None)
         self.released.pop(seq_id, None)
+        if seq_id in self._rows:
+            self._free_rows.append(self._rows.pop(seq_id))
         first_invalid = len(table) if num_valid_tokens is None else num_valid_tokens // self.block_size
         # Tail first: the end of a sequence is the least likely to be shared, so it is evicted first.
         for i in range(len(table) - 1, -1, -1):
@@ -162,6 +183,25 @@ class BlockManager:
         self.cached.clear()
 
     # --- internals -----------------------------------------------------------------------------------------
+    def _mirror(self, seq_id: int, table: list[int], start: int) -> None:
+        """Copy ``table[start:]`` into the sequence's row (taking a row first if it has none)."""
+        row = self._rows.get(seq_id)
+        if row is None:
+            if not self._free_rows:
+                rows = len(self.table_array)
+                self._grow(2 * rows, self.table_array.shape[1])
+                self._free_rows = list(range(2 * rows - 1, rows - 1, -1))
+            row = self._rows[seq_id] = self._free_rows.pop()
+        if len(table) > self.table_array.shape[1]:
+            self._grow(len(self.table_array), max(len(table), 2 * self.table_array.shape[1]))
+        if len(table) > start:
+            self.table_array[row, start : len(table)] = table[start:]
+
+    def _grow(self, rows: int, cols: int) -> None:
+        grown = np.zeros((rows, cols), dtype=np.int32)
+        grown[: len(self.table_array), : self.table_array.shape[1]] = self.table_array
+        self.table_array = grown
+
     def _cache_full_blocks(self, seq_id: int, token_ids: Sequence[int], num_tokens: int, salt: Hashable | None) -> None:
         if not self.enable_prefix_caching:
             return

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 
+import numpy as np
 import torch
 
 from loom.engine.model_runner import Uploader
@@ -57,8 +58,8 @@ class DecodeGraphs:
         """Decode-only, one sampled row per sequence (no drafts), within the largest bucket."""
         n = len(inputs.input_ids)
         return (not inputs.prefills and len(inputs.decode_tables) == n == len(inputs.logit_rows)
-                and inputs.logit_rows == list(range(n)) and self.bucket(n) is not None
-                and (not inputs.decode_tables or len(inputs.decode_tables[0]) <= self.tables.shape[1]))
+                and np.array_equal(inputs.logit_rows, np.arange(n)) and self.bucket(n) is not None
+                and inputs.decode_tables.shape[1] <= self.tables.shape[1])
 
     @torch.inference_mode()
     def run(self, inputs) -> torch.Tensor:
@@ -75,7 +76,7 @@ class DecodeGraphs:
 
     def _fill(self, inputs, n: int, b: int) -> None:
         step = self.uploader.upload(inputs)  # one transfer; the copies below run on the device
-        width = len(inputs.decode_tables[0]) if n else 0
+        width = inputs.decode_tables.shape[1]
         self.input_ids[:n].copy_(step.input_ids)
         self.positions[:n].copy_(step.positions)
         self.slots[:n].copy_(step.slots)

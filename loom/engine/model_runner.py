@@ -5,6 +5,7 @@ draft token of a speculative decode)."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -110,50 +111,82 @@ def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dt
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class StepInputs:
-    """A step's forward pass as host integers: everything a rank needs to run it, nothing about sequences. Rank 0
-    builds it from the scheduler's output; with tensor parallelism it travels to the other ranks as one tensor
-    (``encode`` / ``decode``)."""
+    """A step's forward pass as host integers (numpy int64 arrays; lists are converted): everything a rank needs to
+    run it, nothing about sequences. Rank 0 builds it from the scheduler's output with numpy gathers from the block
+    manager's ``table_array``; with tensor parallelism it travels to the other ranks as one tensor (``encode`` /
+    ``decode``)."""
 
-    input_ids: list[int]
-    positions: list[int]
-    slots: list[int]
-    decode_tables: list[list[int]]
-    """One block table per decode row, all padded (with block 0) to the longest."""
-    decode_seq_lens: list[int]
-    prefills: list[tuple[int, int, int, list[int] | None]]
+    input_ids: np.ndarray
+    positions: np.ndarray
+    slots: np.ndarray
+    decode_tables: np.ndarray
+    """[decode rows, width]: row i's first ceil(decode_seq_lens[i] / block_size) entries are its sequence's block
+    table; entries after them are padding (block ids never read)."""
+    decode_seq_lens: np.ndarray
+    prefills: list[tuple[int, int, int, np.ndarray | None]]
     """(first row, end row, position of the first token, block table covering the chunk's end)."""
-    logit_rows: list[int]
+    logit_rows: np.ndarray
     """Rows whose logits the step needs, in the order the sampler reads them."""
 
+    def __post_init__(self) -> None:
+        for name in ("input_ids", "positions", "slots", "decode_seq_lens", "logit_rows"):
+            setattr(self, name, _int64(getattr(self, name)))
+        tables = _int64(self.decode_tables)
+        self.decode_tables = tables.reshape(len(tables), -1) if tables.size else tables.reshape(len(tables), 0)
+        self.prefills = [(start, end, pos, None if table is None else _int64(table))
+                         for start, end, pos, table in self.prefills]
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, StepInputs):
+            return NotImplemented
+        arrays = ("input_ids", "positions", "slots", "decode_tables", "decode_seq_lens", "logit_rows")
+        return (all(np.array_equal(getattr(self, a), getattr(other, a)) for a in arrays)
+                and self.decode_tables.shape == other.decode_tables.shape
+                and len(self.prefills) == len(other.prefills)
+                and all(a[:3] == b[:3] and _same_table(a[3], b[3]) for a, b in zip(self.prefills, other.prefills)))
+
     def encode(self) -> torch.Tensor:
-        """One int64 tensor: a header of counts, then every list back to back."""
-        width = len(self.decode_tables[0]) if self.decode_tables else 0
-        header = [len(self.input_ids), len(self.decode_tables), width, len(self.prefills), len(self.logit_rows)]
-        prefill_rows = [v for start, end, pos, table in self.prefills for v in (start, end, pos, len(table or ()))]
-        tables = [b for *_, table in self.prefills if table for b in table]
-        flat = [*header, *self.input_ids, *self.positions, *self.slots, *(b for t in self.decode_tables for b in t),
-                *self.decode_seq_lens, *prefill_rows, *tables, *self.logit_rows]
-        return torch.tensor(flat, dtype=torch.long)
+        """One int64 tensor: a header of counts, then every array back to back."""
+        num_decodes, width = self.decode_tables.shape
+        header = [len(self.input_ids), num_decodes, width, len(self.prefills), len(self.logit_rows)]
+        prefill_rows = [v for start, end, pos, table in self.prefills for v in (start, end, pos, _len(table))]
+        tables = [table for *_, table in self.prefills if table is not None]
+        flat = np.concatenate([np.array(header, dtype=np.int64), self.input_ids, self.positions,
+                               self.slots, self.decode_tables.ravel(), self.decode_seq_lens,
+                               np.array(prefill_rows, dtype=np.int64), *tables, self.logit_rows]).astype(np.int64)
+        return torch.from_numpy(flat)
 
     @classmethod
     def decode(cls, flat: torch.Tensor) -> StepInputs:
-        values = flat.tolist()
-        num_tokens, num_decodes, width, num_prefills, num_rows = values[:5]
+        values = flat.numpy()
+        num_tokens, num_decodes, width, num_prefills, num_rows = values[:5].tolist()
         at = 5
 
-        def take(n: int) -> list[int]:
+        def take(n: int) -> np.ndarray:
             nonlocal at
             at += n
             return values[at - n : at]
 
         input_ids, positions, slots = take(num_tokens), take(num_tokens), take(num_tokens)
-        tables = [take(width) for _ in range(num_decodes)]
+        tables = take(num_decodes * width).reshape(num_decodes, width)
         seq_lens = take(num_decodes)
-        rows = [take(4) for _ in range(num_prefills)]
+        rows = take(4 * num_prefills).reshape(num_prefills, 4).tolist()
         prefills = [(start, end, pos, take(n) if n else None) for start, end, pos, n in rows]
         return cls(input_ids, positions, slots, tables, seq_lens, prefills, take(num_rows))
+
+
+def _int64(values) -> np.ndarray:
+    return values if isinstance(values, np.ndarray) and values.dtype == np.int64 else np.asarray(values, np.int64)
+
+
+def _len(table: np.ndarray | None) -> int:
+    return 0 if table is None else len(table)
+
+
+def _same_table(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return a is None and b is None or a is not None and b is not None and np.array_equal(a, b)
 
 
 @dataclass(slots=True)
@@ -203,8 +236,7 @@ class Uploader:
 
 def split_step(flat: torch.Tensor, inputs: StepInputs) -> StepTensors:
     """The views of ``inputs.encode()``'s layout in ``flat`` (wherever it lives); counts come from ``inputs``."""
-    num_tokens, num_decodes = len(inputs.input_ids), len(inputs.decode_tables)
-    width = len(inputs.decode_tables[0]) if inputs.decode_tables else 0
+    num_tokens, (num_decodes, width) = len(inputs.input_ids), inputs.decode_tables.shape
     at = 5
 
     def take(n: int) -> torch.Tensor:
@@ -277,43 +309,46 @@ class ModelRunner:
                       for (start, end, pos, _), table in zip(inputs.prefills, step.prefill_tables)],
         )
         hidden = self.model(step.input_ids, step.positions, self.kv_caches, meta)
-        if not inputs.logit_rows:
+        if not len(inputs.logit_rows):
             return hidden.new_empty((0, 0))
         return self.model.compute_logits(hidden[step.logit_rows])
 
     def _inputs(self, decodes: list[ScheduledChunk], prefills: list[ScheduledChunk]):
+        """The step's integers, decode rows first. Positions, cache slots, decode tables and context lengths are numpy
+        gathers from the block manager's ``table_array`` (no per-token Python, no table lists rebuilt); only the
+        token ids come from the sequences' lists.
+
+        NOTE: a speculative decode (1 + d tokens) is 1 + d decode rows over the same blocks, row j seeing the context
+        up to its own position: causal attention through the batched decode kernel, not one prefill each."""
         bm, bs = self.block_manager, self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        for c in decodes + prefills:
-            table = bm.block_table(c.seq.seq_id)
-            input_ids.extend(c.token_ids)
-            span = range(c.start, c.end)
-            positions.extend(span)
-            slots.extend(table[p // bs] * bs + p % bs for p in span)
-        # NOTE: a speculative decode (1 + d tokens) is 1 + d decode rows over the same blocks, row j seeing the
-        # context up to its own position: causal attention through the batched decode kernel, not one prefill each.
-        tables, seq_lens = [], []
-        for c in decodes:
-            tables += [bm.block_table(c.seq.seq_id)] * c.num_tokens
-            seq_lens += range(c.start + 1, c.end + 1)
-        width = max((len(t) for t in tables), default=0)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        chunks, row = [], len(tables)
-        for c in prefills:
-            chunks.append((row, row + c.num_tokens, c.start, bm.block_table(c.seq.seq_id)[: bm.blocks_needed(c.end)]))
-            row += c.num_tokens
-        rows, draft_rows, sampling = [], [], []
-        row = 0
-        for chunk in decodes + prefills:
-            row += chunk.num_tokens
+        array = bm.table_array
+        chunks = decodes + prefills
+        rows = np.fromiter((bm.row_of(c.seq.seq_id) for c in chunks), np.int64, len(chunks))
+        counts = np.fromiter((c.num_tokens for c in chunks), np.int64, len(chunks))
+        starts = np.fromiter((c.start for c in chunks), np.int64, len(chunks))
+        ends = np.cumsum(counts)
+        token_rows = np.repeat(rows, counts)  # the table row of every token
+        positions = np.repeat(starts - (ends - counts), counts) + np.arange(ends[-1] if len(ends) else 0)
+        slots = array[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        input_ids = np.fromiter(itertools.chain.from_iterable(c.token_ids for c in chunks), np.int64, len(positions))
+        num_decode_rows = int(ends[len(decodes) - 1]) if decodes else 0
+        decode_positions = positions[:num_decode_rows]
+        width = int(decode_positions.max()) // bs + 1 if num_decode_rows else 0
+        tables = array[token_rows[:num_decode_rows], :width]
+        prefill_chunks = []
+        for i, c in enumerate(prefills, len(decodes)):
+            first = int(ends[i] - counts[i])
+            prefill_chunks.append((first, int(ends[i]), c.start, array[rows[i], : bm.blocks_needed(c.end)]))
+        logit_rows, draft_rows, sampling = [], [], []
+        for chunk, end in zip(chunks, ends.tolist()):
             if chunk.samples:
                 num_drafts = len(chunk.draft_token_ids)
-                rows.append(row - 1 - num_drafts)
-                draft_rows.extend(range(row - num_drafts, row))
+                logit_rows.append(end - 1 - num_drafts)
+                draft_rows.extend(range(end - num_drafts, end))
                 sampling.append(chunk)
-        return StepInputs(input_ids, positions, slots, padded, seq_lens, chunks, rows + draft_rows), sampling
+        inputs = StepInputs(input_ids, positions, slots, tables, decode_positions + 1, prefill_chunks,
+                            logit_rows + draft_rows)
+        return inputs, sampling
 
 
 def _adapter(chunk: ScheduledChunk) -> int:

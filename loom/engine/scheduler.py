@@ -142,7 +142,7 @@ class Scheduler:
             if n == 0:
                 i += 1
                 continue
-            while not self.block_manager.allocate(seq.seq_id, seq.all_token_ids, seq.num_computed_tokens + n,
+            while not self.block_manager.allocate(seq.seq_id, seq.tokens, seq.num_computed_tokens + n,
                                                   salt=seq.cache_salt):
                 victim = self.running.pop()  # newest first; never one already scheduled this step
                 self._preempt(victim)
@@ -167,7 +167,7 @@ class Scheduler:
             drafts = seq.draft_token_ids[:budget]
             if not drafts or not chunk.is_decode or not chunk.samples:
                 continue
-            if self.block_manager.allocate(seq.seq_id, seq.all_token_ids, chunk.end + len(drafts),
+            if self.block_manager.allocate(seq.seq_id, seq.tokens, chunk.end + len(drafts),
                                            salt=seq.cache_salt):
                 chunk.draft_token_ids = drafts
                 chunk.num_tokens += len(drafts)

@@ -52,6 +52,12 @@ class Sequence:
         return self.prompt_token_ids + self.output_token_ids
 
     @property
+    def tokens(self) -> TokenView:
+        """``all_token_ids`` as a view: its length and slices without copying the whole list (a running sequence's
+        blocks are hashed from it every step, one new block at most)."""
+        return TokenView(self)
+
+    @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
@@ -78,7 +84,29 @@ class Sequence:
         return self.num_tokens - self.num_computed_tokens > 1
 
     def token_slice(self, start: int, end: int) -> list[int]:
+        """``all_token_ids[start:end]`` without building the whole list (a decode reads one token of a long one)."""
         n = len(self.prompt_token_ids)
         if end <= n:
             return self.prompt_token_ids[start:end]
-        return self.all_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
+
+
+class TokenView:
+    """Prompt and output tokens of a sequence as one read-only sequence of ints: ``len`` and slices (what the block
+    manager's hashing reads)."""
+
+    __slots__ = ("seq",)
+
+    def __init__(self, seq: Sequence):
+        self.seq = seq
+
+    def __len__(self) -> int:
+        return self.seq.num_tokens
+
+    def __getitem__(self, index: slice) -> list[int]:
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("TokenView takes contiguous slices only")
+        start, stop, _ = index.indices(self.seq.num_tokens)
+        return self.seq.token_slice(start, max(start, stop))

@@ -131,3 +131,50 @@ def test_release_front_gives_back_blocks_behind_a_window_and_free_skips_them():
     assert bm.find_cached_prefix(tokens[:9]) == table[:2]
     bm.free(1, 20)
     assert bm.num_free_blocks == 8
+
+
+def assert_mirrored(bm: BlockManager) -> None:
+    rows = [bm.row_of(seq_id) for seq_id in bm.tables]
+    assert len(set(rows)) == len(rows)  # one row per sequence
+    for seq_id, table in bm.tables.items():
+        assert bm.table_array[bm.row_of(seq_id), : len(table)].tolist() == table, seq_id
+
+
+def test_the_table_array_mirrors_every_table_through_allocations_hits_releases_and_frees():
+    """The step builder reads block tables from one int32 array, a row per sequence, kept in step by every change the
+    lists see (never rebuilt): random growth, prefix hits, windows given back, frees and row reuse, and the array
+    growing past its first rows and columns."""
+    import random
+
+    rng = random.Random(0)
+    bm = BlockManager(num_blocks=2000, block_size=4)
+    prompts: dict[int, list[int]] = {}
+    lengths: dict[int, int] = {}
+    next_id = most_alive = 0
+    for _ in range(600):
+        op = rng.random()
+        if op < 0.2 or not prompts:  # a new sequence, half of them sharing a prefix with an earlier one
+            base = prompts[rng.choice(list(prompts))][:12] if prompts and rng.random() < 0.5 else []
+            prompt = base + [rng.randrange(1000) for _ in range(rng.randrange(1, 40))]
+            hits = bm.find_cached_prefix(prompt)
+            n = len(hits) * 4 + rng.randrange(1, len(prompt) - len(hits) * 4 + 1)
+            if bm.allocate(next_id, prompt, n, hits):
+                prompts[next_id], lengths[next_id] = prompt, n
+            next_id += 1
+        elif op < 0.75:  # a sequence grows by a decode or a chunk
+            seq_id = rng.choice(list(prompts))
+            grown = lengths[seq_id] + rng.choice([1, 1, 1, 5, 17, 90])
+            prompts[seq_id] += [rng.randrange(1000) for _ in range(max(0, grown - len(prompts[seq_id])))]
+            if bm.allocate(seq_id, prompts[seq_id], grown):
+                lengths[seq_id] = grown
+        elif op < 0.85:  # a window gives back its oldest blocks
+            seq_id = rng.choice(list(prompts))
+            bm.release_front(seq_id, rng.randrange(len(bm.block_table(seq_id)) + 1))
+        else:
+            seq_id = rng.choice(list(prompts))
+            bm.free(seq_id, lengths[seq_id])
+            del prompts[seq_id], lengths[seq_id]
+        assert_mirrored(bm)
+        most_alive = max(most_alive, len(bm.tables))
+    assert len(bm.table_array) <= max(16, 2 * most_alive)  # freed rows are reused
+    assert next_id > 100 and bm.table_array.shape[0] > 16 and bm.table_array.shape[1] > 32  # both grew

@@ -162,3 +162,14 @@ def test_max_num_seqs_caps_running():
     sched.finish(seqs[0], "stop")
     out = run_step(sched)
     assert [c.seq for c in out.chunks] == [seqs[1], seqs[2]]
+
+
+def test_token_slices_and_the_token_view_equal_slices_of_all_token_ids():
+    seq = make_seq(list(range(10, 16)))
+    seq.output_token_ids = [20, 21, 22]
+    full = seq.all_token_ids
+    for start in range(len(full) + 1):
+        for end in range(start, len(full) + 1):
+            assert seq.token_slice(start, end) == full[start:end]
+            assert seq.tokens[start:end] == full[start:end]
+    assert len(seq.tokens) == 9 and seq.tokens[7:] == [21, 22] and seq.tokens[:] == full and seq.tokens[5:2] == []
