@@ -379,9 +379,16 @@ class LLMEngine:
         return params
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        stop_ids = frozenset(seq.params.stop_token_ids) | (frozenset() if seq.params.ignore_eos else self.eos_token_ids)
-        return SamplingRow(SamplingSettings.of(seq.params), seq.prompt_token_ids, seq.output_token_ids, seq.seed,
-                           stop_ids)
+        """The sequence's row, built at its first sample and kept: it holds the sequence's own token lists, so its
+        position and penalties follow them (rebuilt only if those lists were replaced)."""
+        row = seq.sampling_row
+        if row is None or row.output_token_ids is not seq.output_token_ids or row.prompt_token_ids is not \
+                seq.prompt_token_ids:
+            p = seq.params
+            stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
+            row = seq.sampling_row = SamplingRow(SamplingSettings.of(p), seq.prompt_token_ids, seq.output_token_ids,
+                                                 seq.seed, stop_ids)
+        return row
 
     def _seed(self, params: SamplingParams, index: int) -> int:
         """Sibling ``index``'s seed: the request's seed + index, or one drawn from the engine's generator."""

@@ -46,6 +46,8 @@ class Sequence:
     """The adapter's weights (``loom.models.lora.LoRAWeights``), held while the sequence lives."""
     draft_token_ids: list[int] = field(default_factory=list)
     """Speculative tokens proposed after the last step, to verify in the next one (never part of the tokens above)."""
+    sampling_row: Any = None
+    """The sampler's view of this sequence (``loom.ops.sampler.SamplingRow``), built by the engine once."""
 
     @property
     def all_token_ids(self) -> list[int]:
