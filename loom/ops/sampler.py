@@ -73,26 +73,39 @@ class SampleResult:
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
     """logits: [S, V] float32, one row per sampling sequence, in ``rows`` order."""
-    want_logprobs = [r.params.logprobs is not None for r in rows]
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+    want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    raw_logprobs = torch.log_softmax(logits[want] if len(want) < len(rows) else logits, dim=-1) if want else None
     logits = apply_penalties(logits, rows)
     kernel = _cpu_kernel(logits)
-    token_list = (sample_torch(logits, rows) if kernel is None else kernel(logits, *_row_settings(rows))).tolist()
-    logprobs = [
-        gather_logprobs(raw_logprobs[i], token_list[i], rows[i].params.logprobs) if want else None
-        for i, want in enumerate(want_logprobs)
-    ]
+    tokens = sample_torch(logits, rows) if kernel is None else kernel(logits, *_row_settings(rows))
+    token_list = tokens.tolist()
+    logprobs: list[dict[int, float] | None] = [None] * len(rows)
+    if want:
+        picked = [token_list[i] for i in want]
+        for i, lp in zip(want, batch_logprobs(raw_logprobs, picked, [rows[i].params.logprobs for i in want])):
+            logprobs[i] = lp
     return SampleResult(token_list, logprobs)
 
 
 def sample_torch(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Token ids [S] from penalised logits in tensor ops (any device): argmax, then the random rows by inverse CDF over
-    ``random_probs``. On CPU, ``sample`` draws the same tokens with the C++ kernel instead (``_cpu_kernel``)."""
+    """Token ids [S] from penalised logits in tensor ops, on any device: argmax for greedy rows, the inverse CDF of
+    ``random_probs`` for the others, chosen per row on the device (no index lists, no host sync: the settings travel
+    in two tensors). On CPU, ``sample`` draws the same tokens with the C++ kernel instead (``_cpu_kernel``)."""
     tokens = logits.argmax(dim=-1)
-    random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
-    if random_rows:
-        tokens[random_rows] = _sample_random(logits[random_rows], [rows[i] for i in random_rows])
-    return tokens
+    if all(r.params.is_greedy for r in rows):
+        return tokens
+    floats, ints = _settings_tensors(rows, logits.device)
+    greedy = floats[:, 0] == 0
+    probs = _filtered_probs(logits, rows, floats, ints)
+    sampled = inverse_cdf(probs, uniforms(ints[:, 1:2], ints[:, 2:3])[:, 0].to(probs.dtype))
+    return torch.where(greedy, tokens, sampled)
+
+
+def _settings_tensors(rows: list[SamplingRow], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, [temperature, top_p, min_p] (float32) and [top_k, seed, counter of draw 0] (int64), one copy each."""
+    floats = torch.tensor([[r.params.temperature, r.params.top_p, r.params.min_p] for r in rows], dtype=torch.float32)
+    ints = torch.tensor([[r.params.top_k, r.seed, r.position * MAX_DRAWS] for r in rows], dtype=torch.int64)
+    return floats.to(device, non_blocking=True), ints.to(device, non_blocking=True)
 
 
 def _cpu_kernel(logits: torch.Tensor):
@@ -118,8 +131,7 @@ def _sample_rows():
 def _row_settings(rows: list[SamplingRow]) -> tuple[torch.Tensor, ...]:
     """``sample_rows``' per-row arguments: temperature, top_p, min_p; top_k and the seed and counter of the row's
     uniform (draw 0 at its position, as ``row_uniforms``; the kernel hashes them as ``uniforms`` does)."""
-    floats = torch.tensor([[r.params.temperature, r.params.top_p, r.params.min_p] for r in rows], dtype=torch.float32)
-    ints = torch.tensor([[r.params.top_k, r.seed, r.position * MAX_DRAWS] for r in rows], dtype=torch.int64)
+    floats, ints = _settings_tensors(rows, "cpu")
     floats, ints = floats.T.contiguous(), ints.T.contiguous()
     return floats[0], floats[1], floats[2], ints[0], ints[1], ints[2]
 
@@ -143,7 +155,7 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
         params = [rows[i].params for i in penalised]
         outputs = _counts([rows[i].output_token_ids for i in penalised], vocab, device)  # [N, V] float
         rep = torch.tensor([p.repetition_penalty for p in params], device=device, dtype=logits.dtype)[:, None]
-        if bool((rep != 1.0).any()):
+        if any(p.repetition_penalty != 1.0 for p in params):  # decided on the host: no wait on the device
             seen = (outputs + _counts([rows[i].prompt_token_ids for i in penalised], vocab, device)) > 0
             scaled = torch.where(sub > 0, sub / rep, sub * rep)
             sub = torch.where(seen & (rep != 1.0), scaled, sub)
@@ -175,12 +187,6 @@ def _has_penalty(r: SamplingRow) -> bool:
 def _has_token_penalty(p: SamplingSettings) -> bool:
     """A repetition, presence or frequency penalty (what needs the token counts)."""
     return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
-
-
-def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """logits: [R, V] -> sampled ids [R]. One uniform number per row: draw 0 at the row's position."""
-    u = row_uniforms(rows, 1, logits.device, logits.dtype)[:, 0]
-    return inverse_cdf(random_probs(logits, rows), u)
 
 
 def row_uniforms(rows: list[SamplingRow], draws: int, device, dtype=torch.float32) -> torch.Tensor:
@@ -220,16 +226,21 @@ def uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
 def random_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """logits: [R, V] (penalties applied) -> the distributions sampled from [R, V]: temperature, top-k / top-p,
     then min-p. Rows are not renormalised after min-p (``inverse_cdf`` scales by each row's total)."""
-    device = logits.device
-    temps = torch.tensor([r.params.temperature for r in rows], device=device, dtype=logits.dtype)
-    x = logits / temps[:, None]
-    top_k = [r.params.top_k for r in rows]
-    top_p = [r.params.top_p for r in rows]
-    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
-        x = _top_k_top_p(x, top_k, top_p)
+    floats, ints = _settings_tensors(rows, logits.device)
+    return _filtered_probs(logits, rows, floats, ints)
+
+
+def _filtered_probs(logits: torch.Tensor, rows: list[SamplingRow], floats: torch.Tensor,
+                    ints: torch.Tensor) -> torch.Tensor:
+    """``random_probs`` from ``_settings_tensors``; which filters run is decided from ``rows`` on the host, so nothing
+    waits for the device. A greedy row (temperature 0) is scaled by 1 here; its token is the argmax anyway."""
+    temps = floats[:, 0]
+    x = logits / torch.where(temps == 0, 1.0, temps).to(logits.dtype)[:, None]
+    if any(0 < r.params.top_k < logits.shape[-1] or r.params.top_p < 1.0 for r in rows):
+        x = _top_k_top_p(x, ints[:, 0], floats[:, 1])
     probs = torch.softmax(x, dim=-1)
-    min_p = torch.tensor([r.params.min_p for r in rows], device=device, dtype=probs.dtype)
-    if bool((min_p > 0).any()):
+    if any(r.params.min_p > 0 for r in rows):
+        min_p = floats[:, 2].to(probs.dtype)
         probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
     return probs
 
@@ -242,25 +253,42 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp_(max=probs.shape[-1] - 1)
 
 
-def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+def _top_k_top_p(x: torch.Tensor, top_k, top_p) -> torch.Tensor:
+    """x: [R, V]; top_k, top_p: per row (lists or tensors; top_k <= 0 or >= V is off). Drops what the sorted walk
+    drops: ranks past k, then tokens with more than top_p of the (top-k) mass ranked above them."""
     vocab = x.shape[-1]
     sorted_x, order = x.sort(dim=-1, descending=True)
-    k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=x.device)
+    k = torch.as_tensor(top_k, device=x.device)
+    k = torch.where((k > 0) & (k < vocab), k, vocab)
     ranks = torch.arange(vocab, device=x.device)[None, :]
     drop = ranks >= k[:, None]
     probs = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)
     before = probs.cumsum(dim=-1) - probs  # probability mass ranked above each token
-    drop |= before > torch.tensor(top_p, device=x.device, dtype=x.dtype)[:, None]
+    drop |= before > torch.as_tensor(top_p, device=x.device, dtype=x.dtype)[:, None]
     drop[:, 0] = False  # the most likely token always survives
     sorted_x = sorted_x.masked_fill(drop, float("-inf"))
     return torch.empty_like(x).scatter_(-1, order, sorted_x)
 
 
 def gather_logprobs(row: torch.Tensor, token: int, top: int) -> dict[int, float]:
-    result = {token: float(row[token])}
-    if top:
-        values, ids = row.topk(top)
-        for tid, lp in zip(ids.tolist(), values.tolist()):
-            if lp != float("-inf"):  # a grammar-masked token (fewer allowed tokens than asked for)
+    """One row's raw log-probabilities: the token's, then the ``top`` most likely (``batch_logprobs`` for many)."""
+    return batch_logprobs(row[None], [token], [top])[0]
+
+
+def batch_logprobs(logprobs: torch.Tensor, tokens: list[int], tops: list[int]) -> list[dict[int, float]]:
+    """logprobs: [R, V] raw log-probabilities -> per row {token: lp, then its ``tops[r]`` most likely tokens}, in two
+    device-to-host copies for all rows (not two per row). A -inf entry (a grammar-masked token, when fewer tokens
+    are allowed than asked for) is left out of the top ones."""
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    k = max(tops, default=0)
+    if k:
+        values, ids = logprobs.topk(k, dim=-1)
+        values, ids = values.tolist(), ids.tolist()
+    out = []
+    for r, (token, top) in enumerate(zip(tokens, tops)):
+        result = {token: chosen[r]}
+        for tid, lp in zip(ids[r][:top], values[r][:top]) if top else ():
+            if lp != float("-inf"):
                 result.setdefault(tid, lp)
-    return result
+        out.append(result)
+    return out

@@ -224,3 +224,20 @@ def test_the_cpu_kernel_never_draws_a_masked_token_and_breaks_ties_as_argmax():
         got = kernel_tokens(logits, rows)
         assert got[0] == 17 and got[1] in (5, 250) and got[2] == 3 and 100 <= got[3] < 200
         assert got[2] == int(logits[2].argmax())
+
+
+def test_logprobs_of_many_rows_come_out_per_row_as_each_asked():
+    """Rows asking for 0, 1 and 5 top log-probabilities and one asking for none, in one step (two copies to the
+    host for all of them): each gets its sampled token's raw log-probability and exactly its own top ones."""
+    torch.manual_seed(8)
+    logits = torch.randn(4, 40) * 2
+    rows = [row(temperature=0, logprobs=0), row(seed=3, temperature=1.0, logprobs=5), row(temperature=0),
+            row(seed=4, temperature=0.7, logprobs=1, repetition_penalty=1.5, prompt=[int(logits[3].argmax())])]
+    res = sample(logits, rows)
+    assert res.logprobs[2] is None
+    for i, top in ((0, 0), (1, 5), (3, 1)):
+        lp = torch.log_softmax(logits[i], -1)
+        token = res.token_ids[i]
+        expected = {token: float(lp[token]), **{t: float(lp[t]) for t in lp.topk(top).indices.tolist()}}
+        assert res.logprobs[i].keys() == expected.keys() and next(iter(res.logprobs[i])) == token
+        assert all(abs(res.logprobs[i][t] - v) < 1e-6 for t, v in expected.items())
