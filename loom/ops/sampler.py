@@ -121,9 +121,19 @@ def _cpu_kernel(logits: torch.Tensor):
 
 @cache
 def _sample_rows():
+    ext = _extension()
+    return None if ext is None else ext.sample_rows
+
+
+def _filtered_probs_cpu():
+    return _extension().filtered_probs
+
+
+@cache
+def _extension():
     try:
         from loom.ops.cpp_extension import extension  # local: the first call compiles the extension
-        return extension().sample_rows
+        return extension()
     except Exception:  # noqa: BLE001 - no compiler, no headers: the tensor ops serve instead
         return None
 
@@ -225,7 +235,16 @@ def uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
 
 def random_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """logits: [R, V] (penalties applied) -> the distributions sampled from [R, V]: temperature, top-k / top-p,
-    then min-p. Rows are not renormalised after min-p (``inverse_cdf`` scales by each row's total)."""
+    then min-p. Rows are not renormalised after min-p (``inverse_cdf`` scales by each row's total). On CPU the C++
+    kernel computes them without sorting (as ``sample`` draws)."""
+    if _cpu_kernel(logits) is not None:
+        temperature, top_p, min_p, top_k, *_ = _row_settings(rows)
+        return _filtered_probs_cpu()(logits, temperature, top_p, min_p, top_k)
+    return random_probs_torch(logits, rows)
+
+
+def random_probs_torch(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """``random_probs`` in tensor ops (any device; a full sort for top-k / top-p)."""
     floats, ints = _settings_tensors(rows, logits.device)
     return _filtered_probs(logits, rows, floats, ints)
 

@@ -161,7 +161,7 @@ SETTINGS = [
 
 def reference_cdf_gap(logits_row: torch.Tensor, r: SamplingRow, u: float) -> float:
     """How far the row's draw target lies from the nearest step of the reference CDF, relative to its total."""
-    probs = sampler.random_probs(logits_row[None], [r])[0].double()
+    probs = sampler.random_probs_torch(logits_row[None], [r])[0].double()
     cdf = probs.cumsum(0)
     return float((cdf - u * cdf[-1]).abs().min() / cdf[-1])
 
@@ -200,7 +200,7 @@ def test_the_cpu_kernel_keeps_exactly_the_reference_set():
     logits = (torch.randn(1, vocab) * 3).expand(n, -1).contiguous()
     for settings in SETTINGS[2:6] + SETTINGS[8:9]:
         rows = [row(seed=s, **settings) for s in range(n)]
-        probs = sampler.random_probs(logits[:1], rows[:1])[0].double()
+        probs = sampler.random_probs_torch(logits[:1], rows[:1])[0].double()
         probs /= probs.sum()
         got = kernel_tokens(logits, rows)
         counts = torch.bincount(torch.tensor(got), minlength=vocab).double() / n
@@ -241,3 +241,16 @@ def test_logprobs_of_many_rows_come_out_per_row_as_each_asked():
         expected = {token: float(lp[token]), **{t: float(lp[t]) for t in lp.topk(top).indices.tolist()}}
         assert res.logprobs[i].keys() == expected.keys() and next(iter(res.logprobs[i])) == token
         assert all(abs(res.logprobs[i][t] - v) < 1e-6 for t, v in expected.items())
+
+
+def test_the_cpu_kernel_gives_the_reference_distributions():
+    """``random_probs`` on CPU (the C++ ``filtered_probs``, what speculative decoding's verification reads) equals the
+    tensor ops' distributions: the same tokens kept, the same probabilities; greedy rows taken at temperature 1."""
+    torch.manual_seed(9)
+    logits = torch.randn(len(SETTINGS) * 3, 500) * torch.tensor([0.5, 2.0, 8.0]).repeat(len(SETTINGS))[:, None]
+    logits[0, :250] = float("-inf")  # a masked half
+    rows = [row(seed=i, **SETTINGS[i // 3]) for i in range(len(logits))]
+    got = sampler.random_probs(logits, rows)
+    want = sampler.random_probs_torch(logits, rows)
+    assert torch.equal(got > 0, want > 0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

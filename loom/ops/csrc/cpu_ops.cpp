@@ -137,6 +137,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_rows", &sample_rows, "one token per row: greedy, or temperature / top-k / top-p / min-p by inverse CDF",
         py::arg("logits"), py::arg("temperature"), py::arg("top_p"), py::arg("min_p"), py::arg("top_k"),
         py::arg("seeds"), py::arg("counters"), NoGil());
+  m.def("filtered_probs", &filtered_probs, "softmax(logits / T) over the top-k / top-p survivors, min-p zeroed",
+        py::arg("logits"), py::arg("temperature"), py::arg("top_p"), py::arg("min_p"), py::arg("top_k"), NoGil());
 #if defined(LOOM_HAS_PANEL)
   m.def("pack_panels", &pack_panels, "pack a [N, K] weight into kPanel-column panels", NoGil());
   m.def("panel_linear", &panel_linear, "x W^T + b, W from pack_panels", NoGil());

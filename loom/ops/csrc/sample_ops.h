@@ -186,18 +186,55 @@ inline int64_t argmax_row(const float* l, int64_t V) {
 
 }  // namespace
 
+// A row's filters: e (exp((l - max) / T), written by filter_row) is kept where e >= thr; ``norm`` is the mass of the
+// top-k / top-p survivors (the reference's softmax denominator, taken before min-p), ``kept`` the mass kept after
+// min-p (what the inverse CDF scales its uniform by).
+struct RowFilter {
+  float thr;
+  double norm, kept;
+};
+
+inline RowFilter filter_row(const float* l, float* e, int64_t V, float mx, float temperature, int64_t k, float top_p,
+                            float min_p, std::vector<float>& scratch, std::vector<uint32_t>& cand) {
+  double total = scaled_exp(l, e, V, mx, 1.f / temperature);
+  const auto kept_mass = [&](float thr) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < V; ++i) sum += e[i] >= thr ? e[i] : 0.f;
+    return sum;
+  };
+  float thr = std::numeric_limits<float>::denorm_min();  // e == 0 (a masked token) is never kept
+  if (k > 0 && k < V) {
+    thr = std::max(thr, kth_largest(e, V, k, scratch));
+    total = kept_mass(thr);
+  }
+  if (top_p < 1.f) {
+    const float p_thr = mass_threshold(e, V, thr, double(top_p) * total, cand);
+    if (p_thr > thr) {
+      thr = p_thr;
+      total = kept_mass(thr);
+    }
+  }
+  if (min_p > thr) return {min_p, total, kept_mass(min_p)};
+  return {thr, total, total};
+}
+
+inline void check_settings(const torch::Tensor& logits, const std::vector<const torch::Tensor*>& floats,
+                           const std::vector<const torch::Tensor*>& ints, const char* name) {
+  check_rows(logits, name);
+  for (const auto* t : floats)
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == logits.size(0) && t->scalar_type() == torch::kFloat32 &&
+                t->is_contiguous(), name, ": one contiguous float32 value per row");
+  for (const auto* t : ints)
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == logits.size(0) && t->scalar_type() == torch::kInt64 &&
+                t->is_contiguous(), name, ": one contiguous int64 value per row");
+}
+
 // logits [S, V] float32 (rows contiguous), per row: temperature (0: greedy), top_p, min_p (float32), top_k (0 or
 // >= V: off) and the uniform's seed and counter (int64; see loom.ops.sampler.uniforms) -> token ids [S] int64.
 torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor temperature, torch::Tensor top_p, torch::Tensor min_p,
                           torch::Tensor top_k, torch::Tensor seeds, torch::Tensor counters) {
-  check_rows(logits, "sample_rows");
+  check_settings(logits, {&temperature, &top_p, &min_p}, {&top_k, &seeds, &counters}, "sample_rows");
   const int64_t S = logits.size(0), V = logits.size(1), ld = logits.stride(0);
-  for (const auto* t : {&temperature, &top_p, &min_p, &top_k, &seeds, &counters}) {
-    const auto want = t == &temperature || t == &top_p || t == &min_p ? torch::kFloat32 : torch::kInt64;
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == S && t->scalar_type() == want && t->is_contiguous(),
-                "sample_rows: one contiguous value per row (float32 temperature, top_p, min_p; int64 top_k, seeds, "
-                "counters)");
-  }
   auto out = torch::empty({S}, logits.options().dtype(torch::kInt64));
   const float* lp = logits.data_ptr<float>();
   const float *tp = temperature.data_ptr<float>(), *pp = top_p.data_ptr<float>(), *mp = min_p.data_ptr<float>();
@@ -214,23 +251,35 @@ torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor temperature, torch
         op[r] = top;
         continue;
       }
-      double total = scaled_exp(l, e.data(), V, mx, 1.f / tp[r]);
-      const auto kept_mass = [&](float thr) {
-        double sum = 0.0;
-        for (int64_t i = 0; i < V; ++i) sum += e[i] >= thr ? e[i] : 0.f;
-        return sum;
-      };
-      float thr = std::numeric_limits<float>::denorm_min();  // e == 0 (a masked token) is never kept
-      const int64_t k = kp[r];
-      if (k > 0 && k < V) {
-        thr = std::max(thr, kth_largest(e.data(), V, k, scratch));
-        total = kept_mass(thr);
-      }
-      const float before = thr;
-      if (pp[r] < 1.f) thr = std::max(thr, mass_threshold(e.data(), V, thr, double(pp[r]) * total, cand));
-      thr = std::max(thr, mp[r]);
-      if (thr != before) total = kept_mass(thr);
-      op[r] = inverse_cdf_kept(e.data(), V, thr, double(uniform(sp[r], cp[r])) * total);
+      const RowFilter f = filter_row(l, e.data(), V, mx, tp[r], kp[r], pp[r], mp[r], scratch, cand);
+      op[r] = inverse_cdf_kept(e.data(), V, f.thr, double(uniform(sp[r], cp[r])) * f.kept);
+    }
+  });
+  return out;
+}
+
+// loom.ops.sampler.random_probs: the distributions the rows sample from, [S, V] float32: softmax(logits / T) over the
+// top-k / top-p survivors, min-p's drops zeroed without renormalising. A greedy row (T == 0) is taken at T = 1.
+torch::Tensor filtered_probs(torch::Tensor logits, torch::Tensor temperature, torch::Tensor top_p,
+                             torch::Tensor min_p, torch::Tensor top_k) {
+  check_settings(logits, {&temperature, &top_p, &min_p}, {&top_k}, "filtered_probs");
+  const int64_t S = logits.size(0), V = logits.size(1), ld = logits.stride(0);
+  auto out = torch::zeros({S, V}, logits.options());
+  const float* lp = logits.data_ptr<float>();
+  const float *tp = temperature.data_ptr<float>(), *pp = top_p.data_ptr<float>(), *mp = min_p.data_ptr<float>();
+  const int64_t* kp = top_k.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    std::vector<uint32_t> cand;
+    for (int64_t r = begin; r < end; ++r) {
+      const float* l = lp + r * ld;
+      float* e = op + r * V;
+      const float mx = l[argmax_row(l, V)];
+      if (mx == -INFINITY) continue;  // nothing allowed: zeros
+      const RowFilter f = filter_row(l, e, V, mx, tp[r] == 0.f ? 1.f : tp[r], kp[r], pp[r], mp[r], scratch, cand);
+      const float inv = static_cast<float>(1.0 / f.norm);
+      for (int64_t i = 0; i < V; ++i) e[i] = e[i] >= f.thr ? e[i] * inv : 0.f;
     }
   });
   return out;
