@@ -13,7 +13,7 @@ from loom.distributed.parallel import TensorParallel, head_shard
 from loom.engine.block_manager import BlockManager
 from loom.engine.config import EngineConfig
 from loom.engine.cuda_graphs import DecodeGraphs
-from loom.engine.detokenizer import DetokState, detokenize_flush, detokenize_next, find_stop, new_state
+from loom.engine.detokenizer import DetokState, FastDecode, detokenize_flush, detokenize_next, find_stop, new_state
 from loom.engine.lora import LoRAManager, LoRARequest
 from loom.engine.model_runner import ModelRunner, StepInputs, allocate_kv_caches, build_model, kv_bytes_per_block
 from loom.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -103,6 +103,7 @@ class LLMEngine:
         self.max_model_len = config.context_length(hf_config)
         self.tokenizer = load_tokenizer(self.tokenizer_path)
         self.eos_token_ids = _eos_ids(self.tokenizer, self.model_path)
+        self.decoder = FastDecode(self.tokenizer)
         self.workers: TPWorkers | None = None
         """With tensor_parallel_size > 1: the other ranks (this engine is rank 0)."""
         tp = None
@@ -454,7 +455,7 @@ class LLMEngine:
         # NOTE: a token that ends the output adds no text unless asked (as in vLLM); with skip_special_tokens off the
         # text would otherwise end in "<|im_end|>", and a tool-call parser would read it as content.
         keep = not (is_eos or is_stop_id) or p.include_stop_str_in_output
-        delta = detokenize_next(self.tokenizer, detok, token, p.skip_special_tokens) if keep and p.detokenize else ""
+        delta = detokenize_next(self.decoder, detok, token, p.skip_special_tokens) if keep and p.detokenize else ""
         if is_eos or is_stop_id:
             reason, stop_reason = "stop", token if is_stop_id else None
         elif seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete
@@ -468,7 +469,7 @@ class LLMEngine:
         else:
             return None
         if p.detokenize:
-            detokenize_flush(self.tokenizer, detok, p.skip_special_tokens)  # an output that ends inside a character
+            detokenize_flush(self.decoder, detok, p.skip_special_tokens)  # an output that ends inside a character
         return self._finish(seq, reason, stop_reason)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:

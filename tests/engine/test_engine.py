@@ -196,6 +196,34 @@ def test_incremental_detokenization_never_splits_utf8(smollm2_path):
     assert "".join(deltas) == tok.decode(ids) and state.text == text
 
 
+def test_the_fast_decode_decodes_as_the_tokenizer_does(smollm2_path):
+    """The engine's detokenizer calls the Rust tokenizer directly: the same text as ``tokenizer.decode`` for random
+    ids with special tokens among them, skipping them or not, and the incremental stream adds up to the text; a
+    tokenizer that cleans up spaces keeps its own decode."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from loom.engine.detokenizer import FastDecode, detokenize_next, new_state
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_path))
+    fast = FastDecode(tok)
+    assert fast.backend is not None
+    rng = random.Random(3)
+    specials = tok.all_special_ids
+    for _ in range(300):
+        ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(tok.vocab_size)
+               for _ in range(rng.randrange(1, 12))]
+        for skip in (True, False):
+            assert fast.decode(ids, skip_special_tokens=skip) == tok.decode(ids, skip_special_tokens=skip), ids
+    text = "Grüße aus Köln — 日本語のテキスト 🙂🚀 done."
+    ids = tok.encode(text, add_special_tokens=False)
+    state = new_state(tok.encode("Say:", add_special_tokens=False))
+    assert "".join(detokenize_next(fast, state, t, skip_special_tokens=True) for t in ids) == text
+    tok.clean_up_tokenization_spaces = True
+    assert FastDecode(tok).backend is None
+
+
 def test_kv_waste_is_reported_below_a_block_per_sequence(llm):
     gen(llm, varied_prompts(8, seed=18, low=50, high=90), SamplingParams(max_tokens=16, ignore_eos=True))
     stats = llm.engine.stats()
