@@ -122,6 +122,11 @@ class BlockManager:
         share them; slots past ``token_ids`` (a speculative decode's draft tokens, not verified yet) are allocated
         but never hashed.
         """
+        table = self.tables.get(seq_id)
+        if table is not None and not prefix_blocks and len(table) * self.block_size >= num_tokens and (
+                not self.enable_prefix_caching
+                or len(self.seq_hashes[seq_id]) >= min(num_tokens, len(token_ids)) // self.block_size):
+            return True  # most decode steps: the last block has room and no block filled up (nothing to hash)
         table = self.tables.setdefault(seq_id, [])
         num_new = self.blocks_needed(num_tokens) - len(table) - len(prefix_blocks)
         num_revived = sum(1 for b in prefix_blocks if self.blocks[b].ref_count == 0)
