@@ -40,6 +40,9 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     block_size: int
     _decode_masks: dict = field(default_factory=dict, repr=False)
+    plans: dict = field(default_factory=dict, repr=False)
+    """What a backend derives from this metadata once a step and reuses in every layer (Triton's prefill launch
+    integers), by its own keys."""
 
     def decode_mask(self, window: int | None = None) -> torch.Tensor:
         """[Bd, 1, 1, max_blocks * block_size] bool, True where a key is inside the sequence — and, with a sliding
@@ -151,7 +154,7 @@ def paged_attention(
     if nd:
         out[:nd] = decode_fn(q[:nd], k_cache, v_cache, meta, scale, window, softcap)
     if prefill_fn is not None:
-        return prefill_fn(q, k_cache, v_cache, meta.prefills, scale, out, window, softcap)
+        return prefill_fn(q, k_cache, v_cache, meta, scale, out, window, softcap)
     for chunk in meta.prefills:
         s, e = chunk.token_start, chunk.token_end
         out[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], k_cache, v_cache, chunk, scale, window, softcap)

@@ -45,8 +45,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class TorchOps:
     name = "torch"
     prefill_attention = None
-    """A backend's attention over all of a step's prefill chunks at once, ``(q, k_cache, v_cache, chunks, scale,
-    out, window, softcap) -> out`` (Triton's); None: ``loom.ops.attention`` runs the chunks one by one."""
+    """A backend's attention over all of a step's prefill chunks at once, ``(q, k_cache, v_cache, meta, scale, out,
+    window, softcap) -> out`` (Triton's; ``meta.prefills`` are the chunks, ``meta.plans`` keeps what it derives once a
+    step); None: ``loom.ops.attention`` runs the chunks one by one."""
 
     def prepare(self, model: torch.nn.Module) -> None:
         """Adapt a freshly loaded model to this backend (the reference needs nothing)."""

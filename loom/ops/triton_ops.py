@@ -61,7 +61,7 @@ class TritonOps(TorchOps):
                             window=window, softcap=softcap)
 
     @staticmethod
-    def prefill_attention(q, k_cache, v_cache, chunks, scale, out, window=None, softcap=None):
+    def prefill_attention(q, k_cache, v_cache, meta, scale, out, window=None, softcap=None):
         from loom.ops.triton.paged_attention import paged_prefill
 
-        return paged_prefill(q, k_cache, v_cache, chunks, scale, out, window, softcap)
+        return paged_prefill(q, k_cache, v_cache, meta.prefills, scale, out, window, softcap, plans=meta.plans)

@@ -108,14 +108,29 @@ def test_all_prefill_chunks_of_a_step_in_one_launch_equal_the_reference(window, 
             assert (expected - plain).abs().max() > 1e-2
 
 
-def test_engine_with_triton_attention_gives_the_reference_tokens(tiny_llama):
-    """Decode and prefill through the kernels: 16-token steps chunk the prompts, the last one hits the prefix cache."""
+def test_engine_with_triton_attention_gives_the_reference_tokens(tiny_llama, monkeypatch):
+    """Decode and prefill through the kernels: 16-token steps chunk the prompts, the last one hits the prefix cache.
+    The prefill launch's integers are built once a step and read by every layer."""
+    from loom.ops.triton import paged_attention
+
+    calls = {"plan": 0, "prefill": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(paged_attention, "prefill_plan", counted("plan", paged_attention.prefill_plan))
+    monkeypatch.setattr(paged_attention, "paged_prefill", counted("prefill", paged_attention.paged_prefill))
     shared = varied_prompts(1, seed=6, low=24, high=24)[0]
     prompts = varied_prompts(3, seed=4, low=5, high=40) + [shared + [101, 102], shared + [103]]
     engine = dict(num_kv_blocks=64, block_size=8, max_num_batched_tokens=16)
     reference = loom_greedy(LLM(str(tiny_llama), attention_backend="torch", **engine), prompts, 8)
     triton_llm = LLM(str(tiny_llama), attention_backend="triton", **engine)
     ours = loom_greedy(triton_llm, prompts, 8)
+    layers = triton_llm.engine.model.config.num_hidden_layers
+    assert layers > 1 and calls["plan"] > 0 and calls["prefill"] == layers * calls["plan"]
     assert triton_llm.engine.stats().prefix_hit_rate > 0
     assert [o[0] for o in ours] == [r[0] for r in reference]
     for (_, lps), (_, ref) in zip(ours, reference):

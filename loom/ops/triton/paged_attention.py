@@ -216,12 +216,13 @@ def _prefill_tiles(dtype: torch.dtype, d: int) -> dict:
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunks, scale: float,
                   out: torch.Tensor | None = None, window: int | None = None,
-                  softcap: float | None = None) -> torch.Tensor:
+                  softcap: float | None = None, plans: dict | None = None) -> torch.Tensor:
     """Every prefill chunk of a step in one launch, like vLLM's unified Triton attention. ``chunks``:
     ``loom.ops.attention.PrefillChunk`` (rows [token_start, token_end) of q, position of the first, a block table
     covering the chunk's end). The chunk's own keys are already in the cache, so each query reads its cached prefix
     and its chunk causally through the table, within ``window`` keys where given, scores soft-capped by ``softcap``
-    where given. q [T, H, D] -> the chunks' rows of ``out`` (allocated when None)."""
+    where given. q [T, H, D] -> the chunks' rows of ``out`` (allocated when None). ``plans``: a per-step dict
+    (``AttentionMetadata.plans``) that keeps the launch's integer tensors for the step's other layers."""
     t, h, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     out = torch.empty_like(q) if out is None else out
@@ -231,21 +232,14 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     tiles = _prefill_tiles(q.dtype, d)
     tiles["BLOCK_M"] = max(tiles["BLOCK_M"], triton.next_power_of_2(group))  # at least one token's G heads
     tokens = tiles["BLOCK_M"] // group
-    device = q.device
-    tables = torch.nn.utils.rnn.pad_sequence([c.block_table.to(torch.int32) for c in chunks], batch_first=True)
-    prog_chunk, prog_row = [], []
-    for i, c in enumerate(chunks):
-        for row in range(0, c.token_end - c.token_start, tokens):
-            prog_chunk.append(i)
-            prog_row.append(row)
-
-    def ints(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
-
+    plan = None if plans is None else plans.get(("prefill", tokens))
+    if plan is None:
+        plan = prefill_plan(chunks, tokens, q.device)
+        if plans is not None:
+            plans[("prefill", tokens)] = plan
+    tables, prog_chunk, prog_row, chunk_rows, chunk_lens, chunk_pos = plan
     _prefill_kernel[(len(prog_chunk), hkv)](
-        q, k_cache, v_cache, out, tables, ints(prog_chunk), ints(prog_row),
-        ints([c.token_start for c in chunks]), ints([c.token_end - c.token_start for c in chunks]),
-        ints([c.start_pos for c in chunks]),
+        q, k_cache, v_cache, out, tables, prog_chunk, prog_row, chunk_rows, chunk_lens, chunk_pos,
         scale, window or 0, softcap or 0.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -254,3 +248,22 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         USE_SOFTCAP=softcap is not None, **_dot_tiles(q.dtype, d), **tiles, num_stages=1,
     )  # fmt: skip
     return out
+
+
+def prefill_plan(chunks, tokens: int, device) -> tuple[torch.Tensor, ...]:
+    """The prefill launch's integers for ``tokens`` query tokens a program: the chunks' block tables padded into one
+    [chunks, blocks] int32 tensor, then per program its chunk and first row, per chunk its first row in the batch,
+    length and first position. The five int32 lists reach the device in one copy. The same for every layer of a step
+    (``paged_prefill`` keeps it in the step's ``plans``)."""
+    tables = torch.nn.utils.rnn.pad_sequence([c.block_table.to(torch.int32) for c in chunks], batch_first=True)
+    prog_chunk, prog_row = [], []
+    for i, c in enumerate(chunks):
+        for row in range(0, c.token_end - c.token_start, tokens):
+            prog_chunk.append(i)
+            prog_row.append(row)
+    per_chunk = [[c.token_start, c.token_end - c.token_start, c.start_pos] for c in chunks]
+    flat = torch.tensor(prog_chunk + prog_row + [v for row in zip(*per_chunk) for v in row], dtype=torch.int32)
+    flat = flat.to(device, non_blocking=True)
+    n, m = len(prog_chunk), len(chunks)
+    return (tables, flat[:n], flat[n : 2 * n], flat[2 * n : 2 * n + m], flat[2 * n + m : 2 * n + 2 * m],
+            flat[2 * n + 2 * m :])
