@@ -11,8 +11,9 @@ hundred tokens inside it). Settings: greedy, temperature 1, top_p 0.9, top_k 50,
 0.05. Each figure is the median of ``--repeats`` timed calls after a warm-up; the kernel's tokens are checked against
 the tensor ops' on every case (they may differ only where a uniform falls within float rounding of a CDF step).
 With ``--engine``: the packaged SmolLM2 (the default model) generates --engine-tokens tokens for one request at a
-time, greedy, temperature 0.8, + top_p 0.95, + top_k 40, with the kernel and with the tensor ops (``sample`` made to
-take them), alternated, --engine-pairs times; the figure is ms per output token (wall time / tokens), the median.
+time, greedy, temperature 0.8, + top_p 0.95, + top_k 40, + repetition_penalty 1.1, with the C++ kernels and with the
+tensor ops (``sample`` and the penalties made to take them), alternated, --engine-pairs times; the figure is ms per
+output token (wall time / tokens), the median.
 Prints one summary line and writes JSON (default results/sampler.json).
 """
 
@@ -52,7 +53,8 @@ def timed(fn, repeats: int) -> float:
 
 
 ENGINE_SETTINGS = {"greedy": dict(temperature=0.0), "temperature": dict(temperature=0.8),
-                   "top_p": dict(temperature=0.8, top_p=0.95), "top_k": dict(temperature=0.8, top_k=40)}
+                   "top_p": dict(temperature=0.8, top_p=0.95), "top_k": dict(temperature=0.8, top_k=40),
+                   "repetition": dict(temperature=0.8, repetition_penalty=1.1)}
 
 
 def engine_per_token(tokens: int, pairs: int) -> dict:
@@ -61,7 +63,7 @@ def engine_per_token(tokens: int, pairs: int) -> dict:
 
     llm = LLM(seed=0)
     prompt = "Write a long story about a lighthouse keeper who finds a strange map."
-    kernel_choice = sampler._cpu_kernel
+    kernel_choice = sampler._cpu_kernel  # "torch": sample and the penalties through the tensor ops
     results = {}
     for name, settings in ENGINE_SETTINGS.items():
         times = {"kernel": [], "torch": []}

@@ -254,3 +254,32 @@ def test_the_cpu_kernel_gives_the_reference_distributions():
     want = sampler.random_probs_torch(logits, rows)
     assert torch.equal(got > 0, want > 0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_penalties_through_the_kernel_and_the_tensor_ops_agree(monkeypatch):
+    """CPU logits take the C++ kernel; the tensor ops (a GPU's path) give the same logits on the same rows, long
+    prompts and outputs with repeats, ids the penalties never touch left as they were."""
+    torch.manual_seed(10)
+    gen = torch.Generator().manual_seed(10)
+    logits = torch.randn(5, 300) * 3
+    rows = [row(output=torch.randint(0, 300, (n,), generator=gen).tolist(),
+                prompt=torch.randint(0, 300, (m,), generator=gen).tolist(), **kw)
+            for n, m, kw in [(40, 120, dict(repetition_penalty=1.2)), (0, 50, dict(repetition_penalty=0.8)),
+                             (200, 10, dict(frequency_penalty=0.3, presence_penalty=0.1)), (5, 5, dict()),
+                             (60, 60, dict(repetition_penalty=1.1, frequency_penalty=-0.2, presence_penalty=0.4))]]
+    kernel = sampler.apply_penalties(logits, rows)
+    monkeypatch.setattr(sampler, "_cpu_kernel", lambda logits: None)
+    tensors = sampler.apply_penalties(logits, rows)
+    torch.testing.assert_close(kernel, tensors)
+    assert torch.equal(kernel[3], logits[3]) and not torch.equal(kernel[0], logits[0])
+
+
+def test_a_rows_token_arrays_follow_its_lists():
+    r = row(output=[5, 6], prompt=[1, 2, 3])
+    prompt, output = r.token_arrays()
+    assert prompt.tolist() == [1, 2, 3] and output.tolist() == [5, 6]
+    for t in range(7, 60):  # grows past its buffer
+        r.output_token_ids.append(t)
+        assert r.token_arrays()[1].tolist() == [5, 6, *range(7, t + 1)]
+    drafted = __import__("dataclasses").replace(r, output_token_ids=r.output_token_ids + [99])
+    assert drafted.token_arrays()[1].tolist()[-2:] == [59, 99] and r.token_arrays()[1].tolist()[-1] == 59

@@ -137,6 +137,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_rows", &sample_rows, "one token per row: greedy, or temperature / top-k / top-p / min-p by inverse CDF",
         py::arg("logits"), py::arg("temperature"), py::arg("top_p"), py::arg("min_p"), py::arg("top_k"),
         py::arg("seeds"), py::arg("counters"), NoGil());
+  m.def("apply_penalties_", &apply_penalties_, "repetition / frequency / presence penalties in place",
+        py::arg("logits"), py::arg("rows"), py::arg("prompt_ids"), py::arg("prompt_offsets"), py::arg("output_ids"),
+        py::arg("output_offsets"), py::arg("repetition"), py::arg("frequency"), py::arg("presence"), NoGil());
   m.def("filtered_probs", &filtered_probs, "softmax(logits / T) over the top-k / top-p survivors, min-p zeroed",
         py::arg("logits"), py::arg("temperature"), py::arg("top_p"), py::arg("min_p"), py::arg("top_k"), NoGil());
 #if defined(LOOM_HAS_PANEL)

@@ -284,3 +284,58 @@ torch::Tensor filtered_probs(torch::Tensor logits, torch::Tensor temperature, to
   });
   return out;
 }
+
+// loom.ops.sampler.apply_penalties' token penalties, in place on logits [S, V] float32, for the rows ``rows`` [N]:
+// row n's prompt tokens are prompt_ids[prompt_offsets[n]:prompt_offsets[n + 1]], its generated ones likewise in
+// output_ids. A token seen in either has its logit divided by the repetition penalty (multiplied when <= 0); a
+// generated one then loses frequency * count and presence. O(tokens) a row: counts live in per-thread arrays of V
+// entries, cleared through the same token lists.
+void apply_penalties_(torch::Tensor logits, torch::Tensor rows, torch::Tensor prompt_ids, torch::Tensor prompt_offsets,
+                      torch::Tensor output_ids, torch::Tensor output_offsets, torch::Tensor repetition,
+                      torch::Tensor frequency, torch::Tensor presence) {
+  check_rows(logits, "apply_penalties_");
+  const int64_t N = rows.size(0), V = logits.size(1), ld = logits.stride(0);
+  for (const auto* t : {&rows, &prompt_ids, &prompt_offsets, &output_ids, &output_offsets})
+    TORCH_CHECK(t->dim() == 1 && t->scalar_type() == torch::kInt64 && t->is_contiguous(),
+                "apply_penalties_: contiguous int64 rows, ids and offsets");
+  TORCH_CHECK(prompt_offsets.size(0) == N + 1 && output_offsets.size(0) == N + 1, "apply_penalties_: N + 1 offsets");
+  for (const auto* t : {&repetition, &frequency, &presence})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == N && t->scalar_type() == torch::kFloat32 && t->is_contiguous(),
+                "apply_penalties_: one float32 penalty per row");
+  float* lp = logits.data_ptr<float>();
+  const int64_t *rp = rows.data_ptr<int64_t>(), *pi = prompt_ids.data_ptr<int64_t>();
+  const int64_t *po = prompt_offsets.data_ptr<int64_t>(), *oi = output_ids.data_ptr<int64_t>();
+  const int64_t* oo = output_offsets.data_ptr<int64_t>();
+  const float *rep = repetition.data_ptr<float>(), *freq = frequency.data_ptr<float>();
+  const float* pres = presence.data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> count(V, 0);
+    std::vector<uint8_t> done(V, 0);
+    for (int64_t n = begin; n < end; ++n) {
+      float* l = lp + rp[n] * ld;
+      const auto each = [&](auto&& f) {
+        for (int64_t j = oo[n]; j < oo[n + 1]; ++j)
+          if (oi[j] >= 0 && oi[j] < V) f(oi[j]);
+        for (int64_t j = po[n]; j < po[n + 1]; ++j)
+          if (pi[j] >= 0 && pi[j] < V) f(pi[j]);
+      };
+      for (int64_t j = oo[n]; j < oo[n + 1]; ++j)
+        if (oi[j] >= 0 && oi[j] < V) ++count[oi[j]];
+      each([&](int64_t t) {
+        if (done[t]) return;
+        done[t] = 1;
+        float x = l[t];
+        if (rep[n] != 1.f) x = x > 0.f ? x / rep[n] : x * rep[n];
+        if (count[t] > 0) {
+          x = x - freq[n] * static_cast<float>(count[t]);
+          x = x - pres[n];
+        }
+        l[t] = x;
+      });
+      each([&](int64_t t) {
+        count[t] = 0;
+        done[t] = 0;
+      });
+    }
+  });
+}
