@@ -48,6 +48,8 @@ timeout 420 python3 benchmarks/gpu_shapes.py --tokenizer .device_carry/smollm2-t
   2>&1 | grep -vE "Warning|warn" | tail -6
 fi
 if want other; then
+echo "== the engine's host work per decode step (a 1-layer model: what the GPU waits for each step)"
+timeout 90 python3 benchmarks/host_overhead.py --out "$OUT/host_overhead.json" 2>&1 | grep -vE "Warning|warn" | tail -4
 echo "== images, SD-1.5-sized UNet 512x512"
 timeout 170 python3 benchmarks/images.py --cuda --budget-s 110 --out-dir "$OUT" 2>&1 | tail -8
 echo "== images: IP-Adapter and LoRA switching per SD-1.5-sized step (issue 15: <= 10% each)"

@@ -324,7 +324,8 @@ def _top_k_top_p(x: torch.Tensor, top_k, top_p) -> torch.Tensor:
     drop = ranks >= k[:, None]
     probs = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)
     before = probs.cumsum(dim=-1) - probs  # probability mass ranked above each token
-    drop |= before > torch.as_tensor(top_p, device=x.device, dtype=x.dtype)[:, None]
+    p = torch.as_tensor(top_p, device=x.device, dtype=x.dtype)[:, None]
+    drop |= (before > p) & (p < 1.0)  # top_p 1 is off: a float cumsum may pass 1.0 in the tail and drop tokens
     drop[:, 0] = False  # the most likely token always survives
     sorted_x = sorted_x.masked_fill(drop, float("-inf"))
     return torch.empty_like(x).scatter_(-1, order, sorted_x)
