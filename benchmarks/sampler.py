@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, write_json  # noqa: E402
 from loom.ops import sampler  # noqa: E402
+from loom.ops.cpp_extension import extension_if_built  # noqa: E402
 from loom.ops.sampler import SamplingRow, SamplingSettings  # noqa: E402
 
 SETTINGS = {
@@ -63,18 +64,18 @@ def engine_per_token(tokens: int, pairs: int) -> dict:
 
     llm = LLM(seed=0)
     prompt = "Write a long story about a lighthouse keeper who finds a strange map."
-    kernel_choice = sampler._cpu_kernel  # "torch": sample and the penalties through the tensor ops
+    kernel_choice = sampler._cpu_extension  # "torch": sample and the penalties through the tensor ops
     results = {}
     for name, settings in ENGINE_SETTINGS.items():
         times = {"kernel": [], "torch": []}
         llm.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True, **settings))
         for i in range(pairs):
             for path in ("kernel", "torch") if i % 2 == 0 else ("torch", "kernel"):
-                sampler._cpu_kernel = kernel_choice if path == "kernel" else (lambda logits: None)
+                sampler._cpu_extension = kernel_choice if path == "kernel" else (lambda logits: None)
                 t = time.perf_counter()
                 llm.generate([prompt], SamplingParams(max_tokens=tokens, ignore_eos=True, seed=i, **settings))
                 times[path].append((time.perf_counter() - t) / tokens * 1e3)
-        sampler._cpu_kernel = kernel_choice
+        sampler._cpu_extension = kernel_choice
         results[name] = {path: round(statistics.median(ts), 2) for path, ts in times.items()}
         print(f"  engine, 1 request, {name:12s} tensor ops {results[name]['torch']:6.2f} ms/token  "
               f"kernel {results[name]['kernel']:6.2f} ms/token", flush=True)
@@ -91,8 +92,8 @@ def main() -> int:
     ap.add_argument("--engine-pairs", type=int, default=4)
     ap.add_argument("--out", default="results/sampler.json")
     args = ap.parse_args()
-    kernel = sampler._sample_rows()
-    if kernel is None:
+    ext = extension_if_built()
+    if ext is None:
         print("the C++ extension did not build: nothing to compare", file=sys.stderr)
         return 1
     gen = torch.Generator().manual_seed(0)
@@ -103,7 +104,7 @@ def main() -> int:
             for name, settings in SETTINGS.items():
                 rows = [SamplingRow(settings, [1], [2] * 3, seed, frozenset()) for seed in range(n)]
                 def run_kernel(logits=logits, rows=rows):
-                    return kernel(logits, *sampler._row_settings(rows))
+                    return ext.sample_rows(logits, *sampler._row_settings(rows))
 
                 def run_torch(logits=logits, rows=rows):
                     return sampler.sample_torch(logits, rows)

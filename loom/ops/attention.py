@@ -39,15 +39,14 @@ class AttentionMetadata:
     """[Bd] int32: context length of each decode, the current token included."""
     prefills: list[PrefillChunk]
     block_size: int
-    _decode_masks: dict = field(default_factory=dict, repr=False)
     plans: dict = field(default_factory=dict, repr=False)
-    """What a backend derives from this metadata once a step and reuses in every layer (Triton's prefill launch
-    integers), by its own keys."""
+    """What is derived from this metadata once a step and reused in every layer, by its own keys: the reference's
+    decode masks, Triton's prefill launch integers."""
 
     def decode_mask(self, window: int | None = None) -> torch.Tensor:
         """[Bd, 1, 1, max_blocks * block_size] bool, True where a key is inside the sequence — and, with a sliding
         ``window``, among its last ``window`` tokens (built once a step per window)."""
-        mask = self._decode_masks.get(window)
+        mask = self.plans.get(("decode_mask", window))
         if mask is None:
             max_len = self.decode_block_tables.shape[1] * self.block_size
             pos = torch.arange(max_len, device=self.decode_seq_lens.device)[None, :]
@@ -55,7 +54,7 @@ class AttentionMetadata:
             mask = pos < lens
             if window is not None:
                 mask &= pos >= lens - window
-            mask = self._decode_masks[window] = mask.view(-1, 1, 1, max_len)
+            mask = self.plans[("decode_mask", window)] = mask.view(-1, 1, 1, max_len)
         return mask
 
 

@@ -33,6 +33,16 @@ def extension():
 
 
 @cache
+def extension_if_built():
+    """``extension()``, or None where it cannot be built (no compiler, no ninja, no headers): the callers that have a
+    plain-PyTorch path take it. Cached, so a failed build is tried once, not at every call."""
+    try:
+        return extension()
+    except Exception:  # noqa: BLE001 - whatever the build raised, the fallback is the same
+        return None
+
+
+@cache
 def gguf_extension():
     """The GGUF block-quantized matmul (``csrc/gguf_ops.cpp``), built on first use like ``extension``."""
     return _build("loom_gguf_ops", "gguf_ops.cpp")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loom.ops.cpp_extension import extension
+from loom.ops.cpp_extension import extension_if_built
 from loom.ops.huge_pages import huge_page_copy
 
 
@@ -29,11 +29,9 @@ def packing_available() -> bool:
 
 
 def _panel_extension():
-    """The compiled kernels when they have the panel matmul (AVX-512 and AVX2 builds), else None."""
-    try:
-        ext = extension()
-    except Exception:  # noqa: BLE001 - no compiler, no headers: oneDNN packs instead
-        return None
+    """The compiled kernels when they build and have the panel matmul (AVX-512 and AVX2 builds), else None (oneDNN
+    packs instead)."""
+    ext = extension_if_built()
     return ext if hasattr(ext, "panel_linear") else None
 
 

@@ -167,9 +167,9 @@ def reference_cdf_gap(logits_row: torch.Tensor, r: SamplingRow, u: float) -> flo
 
 
 def kernel_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
-    kernel = sampler._cpu_kernel(logits)
-    assert kernel is not None, "the C++ sampler did not build"
-    return kernel(logits, *sampler._row_settings(rows)).tolist()
+    ext = sampler._cpu_extension(logits)
+    assert ext is not None, "the C++ sampler did not build"
+    return ext.sample_rows(logits, *sampler._row_settings(rows)).tolist()
 
 
 def test_the_cpu_kernel_draws_the_tokens_the_tensor_ops_draw():
@@ -269,7 +269,7 @@ def test_penalties_through_the_kernel_and_the_tensor_ops_agree(monkeypatch):
                              (200, 10, dict(frequency_penalty=0.3, presence_penalty=0.1)), (5, 5, dict()),
                              (60, 60, dict(repetition_penalty=1.1, frequency_penalty=-0.2, presence_penalty=0.4))]]
     kernel = sampler.apply_penalties(logits, rows)
-    monkeypatch.setattr(sampler, "_cpu_kernel", lambda logits: None)
+    monkeypatch.setattr(sampler, "_cpu_extension", lambda logits: None)
     tensors = sampler.apply_penalties(logits, rows)
     torch.testing.assert_close(kernel, tensors)
     assert torch.equal(kernel[3], logits[3]) and not torch.equal(kernel[0], logits[0])
