@@ -36,6 +36,9 @@ if want llm; then
 echo "== throughput, bfloat16, SmolLM2-135M architecture (random weights)"
 timeout 240 python3 benchmarks/throughput.py --backend loom,hf,hf-cb --out "$OUT/throughput_gpu.json" 2>&1 \
   | grep -vE "Warning|warn" | tail -8
+echo "== the same workload, Loom with async scheduling (step N + 1 queued while N runs)"
+timeout 120 python3 benchmarks/throughput.py --backend loom --async-scheduling --out "$OUT/throughput_gpu_async.json" \
+  2>&1 | grep -vE "Warning|warn" | tail -3
 fi
 if want parity; then
 echo "== parity at Llama-3.2-1B and 3.1-8B shapes (HF's random init, saved and loaded), graphs on and off"
@@ -50,6 +53,8 @@ fi
 if want other; then
 echo "== the engine's host work per decode step (a 1-layer model: what the GPU waits for each step)"
 timeout 90 python3 benchmarks/host_overhead.py --out "$OUT/host_overhead.json" 2>&1 | grep -vE "Warning|warn" | tail -4
+timeout 90 python3 benchmarks/host_overhead.py --async-scheduling --out "$OUT/host_overhead_async.json" 2>&1 \
+  | grep -vE "Warning|warn" | tail -4
 echo "== images, SD-1.5-sized UNet 512x512"
 timeout 170 python3 benchmarks/images.py --cuda --budget-s 110 --out-dir "$OUT" 2>&1 | tail -8
 echo "== images: IP-Adapter and LoRA switching per SD-1.5-sized step (issue 15: <= 10% each)"

@@ -32,6 +32,8 @@ def main() -> int:
     ap.add_argument("--batches", default="1,32,128")
     ap.add_argument("--context", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="queue each step before reading the last one back (on a GPU: host work beside the device's)")
     ap.add_argument("--out", default="results/host_overhead.json")
     args = ap.parse_args()
 
@@ -46,8 +48,9 @@ def main() -> int:
     batches = [int(b) for b in args.batches.split(",")]
     results = {}
     for batch in batches:
+        extra = {"async_scheduling": True} if args.async_scheduling else {}  # an older tree has no such option
         llm = LLM(model=str(folder), max_num_seqs=batch, max_num_batched_tokens=8192, seed=0, max_model_len=4096,
-                  kv_cache_memory_gb=2)
+                  kv_cache_memory_gb=2, **extra)
         engine = llm.engine
         gen = torch.Generator().manual_seed(batch)
         for i in range(batch):
@@ -66,9 +69,11 @@ def main() -> int:
         results[batch] = round(statistics.median(times) * 1e3, 3)
         print(f"  batch {batch:4d}: {results[batch]:.2f} ms a decode step", flush=True)
     write_json(args.out, dict(benchmark="host_overhead", loom=str(Path(loom.__file__).parent), context=args.context,
-                              steps=args.steps, machine=machine(), ms_per_step=results))
+                              steps=args.steps, async_scheduling=args.async_scheduling, machine=machine(),
+                              ms_per_step=results))
     print("host overhead: " + ", ".join(f"batch {b} {ms:.2f} ms/step" for b, ms in results.items())
-          + f" (1-layer hidden-32 model, {args.context}-token contexts, temperature 1, text on)")
+          + f" (1-layer hidden-32 model, {args.context}-token contexts, temperature 1, text on"
+          + (", async scheduling)" if args.async_scheduling else ")"))
     return 0
 
 

@@ -111,6 +111,11 @@ class EngineConfig:
     """Seeds the generator of requests that bring no seed of their own."""
     enforce_eager: bool = False
     """Never replay decode steps as CUDA graphs (vLLM's name); graphs are captured only on CUDA, per batch bucket."""
+    async_scheduling: bool = False
+    """Schedule and queue each step while the device still runs the one before, reading its sampled ids back after
+    (vLLM's name): on a GPU the host's work per step hides behind the device's. Outputs are the same; on CPU, where
+    the forward runs in the calling thread, it changes nothing but when outputs come. Not with speculative decoding
+    or tensor parallelism."""
     enable_lora: bool = False
     """Serve LoRA adapters unmerged beside the base model (requests name one; see loom.engine.lora)."""
     max_loras: int = 1
@@ -154,6 +159,9 @@ class EngineConfig:
             raise ValueError(f"quantization must be int8 (or unset), got {self.quantization!r}")
         if isinstance(self.speculative_config, dict):
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        if self.async_scheduling and (self.speculative_config is not None or self.tensor_parallel_size > 1):
+            what = "speculative decoding" if self.speculative_config is not None else "tensor parallelism"
+            raise ValueError(f"async scheduling does not run with {what} yet: drop --async-scheduling or {what}")
 
     def gguf_unsupported(self) -> str | None:
         """Why this engine cannot run a GGUF file at all (quantized weights run on CPU in float32 with the C++ kernels,

@@ -18,7 +18,7 @@ from loom.engine.lora import LoRAManager, LoRARequest
 from loom.engine.model_runner import ModelRunner, StepInputs, allocate_kv_caches, build_model, kv_bytes_per_block
 from loom.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from loom.engine.sampling_params import SamplingParams
-from loom.engine.scheduler import Scheduler, SchedulerConfig
+from loom.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from loom.engine.sequence import Sequence
 from loom.engine.spec_decode import SpecDecoder
 from loom.engine.structured import StructuredOutputs
@@ -26,7 +26,7 @@ from loom.engine.tensor_parallel import EngineFatalError, RankSpec, TPWorkers, t
 from loom.models.catalogue import resolve_runtime
 from loom.models.llama import LlamaConfig
 from loom.models.loader import load_hf_config, load_tokenizer
-from loom.ops.sampler import SamplingRow, SamplingSettings, sample
+from loom.ops.sampler import DeferredSample, SamplingRow, SamplingSettings, has_token_penalty, sample_deferred
 
 log = logging.getLogger("loom.engine")
 
@@ -79,6 +79,25 @@ class StepStats:
     num_batched_tokens: int
     num_seqs: int
     num_decodes: int
+
+
+@dataclass(slots=True)
+class _Launched:
+    """A step whose forward ran (on a GPU: is queued) and whose sampled ids are not read back yet."""
+
+    sampling: list[ScheduledChunk]
+    """The chunks that sample, in row order."""
+    sample: DeferredSample | None
+    """The sampled ids, still on the device; None for a speculative verification (done at once) or no sampling."""
+    verified: tuple[list[list[int]], list[list[dict[int, float] | None]]]
+    """A speculative verification's tokens and logprobs per chunk."""
+
+    def read(self) -> tuple[list[list[int]], list[list[dict[int, float] | None]]]:
+        """Per sampling chunk, the tokens to append (one; or 1..d + 1 for a speculative decode) and their logprobs."""
+        if self.sample is None:
+            return self.verified
+        result = self.sample.result()
+        return [[t] for t in result.token_ids], [[lp] for lp in result.logprobs]
 
 
 @dataclass(slots=True)
@@ -152,6 +171,8 @@ class LLMEngine:
         self._num_constrained = self._num_mixed_steps = self._max_step_adapters = 0
         spec = config.speculative_config
         self.spec = SpecDecoder(spec, self.max_model_len) if spec is not None else None
+        self._in_flight: _Launched | None = None
+        """Async scheduling: the step queued last, whose tokens are read back during the next ``step()``."""
 
     # --- public API -----------------------------------------------------------------------------------------
     def add_request(
@@ -197,15 +218,46 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and run one step; returns the outputs of the requests it advanced. With async scheduling, the step
+        is queued on the device and the outputs returned are those of the step before it, read back meanwhile."""
+        if self.config.async_scheduling:
+            return self._step_ahead()
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
+        return self._resolve(self._launch(out, None))
+
+    def _step_ahead(self) -> list[RequestOutput]:
+        """Async scheduling (vLLM v1's, SGLang's overlap scheduler): step N + 1 is scheduled and queued while the
+        device still runs step N, counting N's sampled tokens as pending (their ids reach N + 1's inputs on the
+        device); then N's ids are read back and its outputs made while N + 1 runs. A sequence that N ends (a stop,
+        EOS) wastes its row of N + 1, which is dropped; one whose pending tokens reach max_tokens is not scheduled
+        again. When a sequence of N needs its tokens on the host before it samples again (a grammar to advance,
+        penalties to count), N is read back first."""
+        prev, self._in_flight = self._in_flight, None
+        outputs: list[RequestOutput] = []
+        if prev is not None and self._needs_tokens(prev):
+            outputs, prev = self._resolve(prev), None
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return self._resolve(prev) if prev is not None else outputs
+        launched = self._launch(out, prev)
+        if prev is not None:
+            outputs = self._resolve(prev)
+        self._in_flight = launched
+        return outputs
+
+    def _launch(self, out, prev: _Launched | None) -> _Launched:
+        """Run the forward and queue the sampling of a scheduled step (``prev``: the step in flight before it)."""
         self._record_schedule(out)
+        in_flight = None
+        if prev is not None:
+            in_flight = prev.sample.tokens, {c.seq.seq_id: i for i, c in enumerate(prev.sampling)}
         try:
-            logits, sampling = self.runner.execute(out)
+            logits, sampling = self.runner.execute(out, in_flight)
         except RuntimeError as exc:
             if self.workers is None or isinstance(exc, EngineFatalError):
                 raise
@@ -213,15 +265,30 @@ class LLMEngine:
         self.scheduler.update(out)
         rows = [self._sampling_row(c.seq) for c in sampling]
         self._apply_grammars(logits, sampling)
-        token_ids, logprobs = self._sample(logits, sampling, rows)
+        launched = self._sample(logits, sampling, rows)
+        for chunk in sampling:
+            chunk.seq.num_pending += 1
         self._count(out)
         used, held = self._kv_slots()
         self._slots_used += used
         self._slots_held += held
-        touched = self._append_tokens(sampling, token_ids, logprobs)
+        return launched
+
+    def _resolve(self, launched: _Launched) -> list[RequestOutput]:
+        """Read a launched step's tokens back and append them through the stop checks."""
+        token_ids, logprobs = launched.read()
+        for chunk in launched.sampling:
+            chunk.seq.num_pending -= 1
+        touched = self._append_tokens(launched.sampling, token_ids, logprobs)
         if self.spec is not None:
-            self.spec.propose([c.seq for c in sampling], len(self.scheduler.running))
+            self.spec.propose([c.seq for c in launched.sampling], len(self.scheduler.running))
         return [self._request_output(req) for req in touched.values()]
+
+    def _needs_tokens(self, launched: _Launched) -> bool:
+        """Whether a sequence of the step in flight needs its tokens on the host before it samples again."""
+        return launched.sample is None or any(
+            not c.seq.is_finished and (c.seq.matcher is not None or has_token_penalty(c.seq.params))
+            for c in launched.sampling)
 
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks (idempotent; nothing to do without tensor parallelism)."""
@@ -261,14 +328,11 @@ class LLMEngine:
                              "start it with enable_lora=True (--enable-lora)")
         return self.lora.get(lora_request)
 
-    def _sample(self, logits, sampling, rows) -> tuple[list[list[int]], list[list[dict[int, float] | None]]]:
-        """Per sampling chunk, the tokens to append (one; or 1..d + 1 for a speculative decode) and their logprobs."""
+    def _sample(self, logits, sampling, rows) -> _Launched:
+        """The step's sampling: queued on the device, or (a speculative verification) done at once."""
         if self.spec is not None and any(c.draft_token_ids for c in sampling):
-            return self.spec.verify(logits, sampling, rows, self.scheduler)
-        if not rows:
-            return [], []
-        result = sample(logits, rows)
-        return [[t] for t in result.token_ids], [[lp] for lp in result.logprobs]
+            return _Launched(sampling, None, self.spec.verify(logits, sampling, rows, self.scheduler))
+        return _Launched(sampling, sample_deferred(logits, rows) if rows else None, ([], []))
 
     def _lora_stats(self) -> dict:
         """Only with LoRA on: the server asks for stats every step, and the waiting queue may be long."""
@@ -389,6 +453,7 @@ class LLMEngine:
             stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
             row = seq.sampling_row = SamplingRow(SamplingSettings.of(p), seq.prompt_token_ids, seq.output_token_ids,
                                                  seq.seed, stop_ids)
+        row.num_pending = seq.num_pending
         return row
 
     def _seed(self, params: SamplingParams, index: int) -> int:
@@ -423,7 +488,7 @@ class LLMEngine:
         for chunk, tokens, token_logprobs in zip(sampling, token_ids, logprobs):
             seq = chunk.seq
             req = self.requests.get(seq.request_id)
-            if req is None:
+            if req is None or seq.is_finished:  # aborted; or ended by the step before (async scheduling)
                 continue
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
@@ -464,7 +529,7 @@ class LLMEngine:
             stop, idx = hit
             detok.text = detok.text[: idx + len(stop)] if p.include_stop_str_in_output else detok.text[:idx]
             return self._finish(seq, "stop", stop)
-        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_known_tokens >= self.max_model_len:
             reason, stop_reason = "length", None
         else:
             return None

@@ -17,6 +17,7 @@ from loom.engine.block_manager import BlockManager
 from loom.engine.config import EngineConfig
 from loom.engine.lora import LoRAManager
 from loom.engine.scheduler import ScheduledChunk, SchedulerOutput
+from loom.engine.sequence import PENDING
 from loom.models.gguf import is_gguf
 from loom.models.llama import LlamaForCausalLM
 from loom.models.loader import load_model
@@ -111,6 +112,17 @@ def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dt
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
+@dataclass(slots=True)
+class TokenFeed:
+    """Input tokens that the step still in flight samples (async scheduling): before the forward, on the device, row
+    ``rows[i]`` of the step's flat batch takes ``tokens[sources[i]]``."""
+
+    tokens: torch.Tensor
+    """The step in flight's sampled ids [S], on the device."""
+    rows: np.ndarray
+    sources: np.ndarray
+
+
 @dataclass(slots=True, eq=False)
 class StepInputs:
     """A step's forward pass as host integers (numpy int64 arrays; lists are converted): everything a rank needs to
@@ -129,6 +141,9 @@ class StepInputs:
     """(first row, end row, position of the first token, block table covering the chunk's end)."""
     logit_rows: np.ndarray
     """Rows whose logits the step needs, in the order the sampler reads them."""
+    feed: TokenFeed | None = None
+    """Input tokens still on the device (async scheduling: their rows of ``input_ids`` hold ``PENDING``). Not part of
+    ``encode``: tensor-parallel ranks never get one."""
 
     def __post_init__(self) -> None:
         for name in ("input_ids", "positions", "slots", "decode_seq_lens", "logit_rows"):
@@ -218,6 +233,9 @@ class Uploader:
 
     def upload(self, inputs: StepInputs) -> StepTensors:
         flat = inputs.encode()
+        feed = inputs.feed
+        if feed is not None:  # its rows and sources travel in the same copy, after the step's integers
+            flat = torch.cat([flat, torch.from_numpy(np.concatenate([feed.rows, feed.sources]).astype(np.int64))])
         if self.device.type == "cuda":
             if self._staging is None or self._staging.numel() < flat.numel():
                 self._staging = torch.empty(max(2 * flat.numel(), 4096), dtype=torch.long, pin_memory=True)
@@ -231,7 +249,12 @@ class Uploader:
             self._copied.record()
         elif flat.device != self.device:
             flat = flat.to(self.device)
-        return split_step(flat, inputs)
+        step = split_step(flat, inputs)
+        if feed is not None:
+            n = len(feed.rows)
+            indices = flat[flat.numel() - 2 * n :]
+            step.input_ids[indices[:n]] = feed.tokens[indices[n:]]  # on the device: no wait for the step in flight
+        return step
 
 
 def split_step(flat: torch.Tensor, inputs: StepInputs) -> StepTensors:
@@ -278,18 +301,21 @@ class ModelRunner:
         self.uploader = Uploader(device)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledChunk]]:
+    def execute(self, out: SchedulerOutput, in_flight: tuple[torch.Tensor, dict[int, int]] | None = None,
+                ) -> tuple[torch.Tensor, list[ScheduledChunk]]:
         """Run the step; returns logits [S + D, V] and the S sampling chunks in row order.
 
         Row i < S is the last verified token of chunk i (what plain sampling reads); the D rows after them are the
-        draft tokens of speculative chunks, chunk by chunk, in order (see ``loom.engine.spec_decode``)."""
+        draft tokens of speculative chunks, chunk by chunk, in order (see ``loom.engine.spec_decode``).
+        ``in_flight``: the sampled ids of the step before, not read back yet, and each of its sequences' row in them
+        (async scheduling): the pending tokens of this step's sequences come from there, on the device."""
         decodes = [c for c in out.chunks if c.is_decode]
         prefills = [c for c in out.chunks if not c.is_decode]
         if self.lora is not None:  # rows of one adapter side by side: one pair of LoRA matmuls per group
             decodes.sort(key=_adapter)
             prefills.sort(key=_adapter)
             self.lora.prepare_step(decodes + prefills)
-        inputs, sampling = self._inputs(decodes, prefills)
+        inputs, sampling = self._inputs(decodes, prefills, in_flight)
         if self.peers is not None:
             self.peers.send_step(inputs)
         if self.graphs is not None and self.graphs.can_run(inputs):
@@ -313,7 +339,8 @@ class ModelRunner:
             return hidden.new_empty((0, 0))
         return self.model.compute_logits(hidden[step.logit_rows])
 
-    def _inputs(self, decodes: list[ScheduledChunk], prefills: list[ScheduledChunk]):
+    def _inputs(self, decodes: list[ScheduledChunk], prefills: list[ScheduledChunk],
+                in_flight: tuple[torch.Tensor, dict[int, int]] | None = None):
         """The step's integers, decode rows first. Positions, cache slots, decode tables and context lengths are numpy
         gathers from the block manager's ``table_array`` (no per-token Python, no table lists rebuilt); only the
         token ids come from the sequences' lists.
@@ -347,8 +374,23 @@ class ModelRunner:
                 draft_rows.extend(range(end - num_drafts, end))
                 sampling.append(chunk)
         inputs = StepInputs(input_ids, positions, slots, tables, decode_positions + 1, prefill_chunks,
-                            logit_rows + draft_rows)
+                            logit_rows + draft_rows, _feed(input_ids, chunks, counts, in_flight))
         return inputs, sampling
+
+
+def _feed(input_ids: np.ndarray, chunks: list[ScheduledChunk], counts: np.ndarray,
+          in_flight: tuple[torch.Tensor, dict[int, int]] | None) -> TokenFeed | None:
+    """Where the step's ``PENDING`` token ids come from: the step in flight's row of each one's sequence."""
+    rows = np.flatnonzero(input_ids == PENDING)
+    if not len(rows):
+        return None
+    chunk_of_row = np.repeat(np.arange(len(chunks)), counts)[rows]
+    try:
+        tokens, index = in_flight
+        sources = np.fromiter((index[chunks[c].seq.seq_id] for c in chunk_of_row), np.int64, len(rows))
+    except (TypeError, KeyError):
+        raise RuntimeError("a scheduled token is pending but no step in flight samples it") from None
+    return TokenFeed(tokens, rows, sources)
 
 
 def _adapter(chunk: ScheduledChunk) -> int:

@@ -138,7 +138,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = self._chunk_size(seq, seq.num_computed_tokens, budget)
+            n = 0 if _ends_when_read(seq) else self._chunk_size(seq, seq.num_computed_tokens, budget)
             if n == 0:
                 i += 1
                 continue
@@ -181,6 +181,8 @@ class Scheduler:
         held_back: list[Sequence] = []  # their adapter would exceed max_loras; they keep their place in the queue
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted while its last token was in flight: admitted once that is read
+                break
             if seq.lora_id and seq.lora_id not in adapters and len(adapters) >= (self.config.max_loras or 0):
                 held_back.append(self.waiting.popleft())
                 continue
@@ -228,3 +230,10 @@ class Scheduler:
         for seq in dropped:
             self.finish(seq, "abort")
         return dropped
+
+
+def _ends_when_read(seq: Sequence) -> bool:
+    """Its pending tokens reach max_tokens (async scheduling): it finishes once they are read, so the step ahead
+    gives it nothing (its token would be past max_tokens, and past the context at max_model_len)."""
+    return bool(seq.num_pending) and seq.params.max_tokens is not None and \
+        seq.num_output_tokens + seq.num_pending >= seq.params.max_tokens

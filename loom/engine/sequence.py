@@ -11,6 +11,9 @@ from typing import Any
 
 from loom.engine.sampling_params import SamplingParams
 
+PENDING = -1
+"""The token id a pending token reads as until the step that samples it is read back."""
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -48,6 +51,10 @@ class Sequence:
     """Speculative tokens proposed after the last step, to verify in the next one (never part of the tokens above)."""
     sampling_row: Any = None
     """The sampler's view of this sequence (``loom.ops.sampler.SamplingRow``), built by the engine once."""
+    num_pending: int = 0
+    """Tokens sampled by a step still in flight whose ids the host has not read yet (async scheduling): they count in
+    ``num_tokens``, so the next step can be scheduled before they are known, and read as ``PENDING`` in
+    ``token_slice``; never in ``output_token_ids`` or ``tokens`` (what is hashed for the prefix cache)."""
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -61,6 +68,12 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens the scheduler counts: prompt, outputs and the pending ones."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt and output tokens whose ids the host holds (``num_tokens`` less the pending ones)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
@@ -86,7 +99,12 @@ class Sequence:
         return self.num_tokens - self.num_computed_tokens > 1
 
     def token_slice(self, start: int, end: int) -> list[int]:
-        """``all_token_ids[start:end]`` without building the whole list (a decode reads one token of a long one)."""
+        """``all_token_ids[start:end]`` without building the whole list (a decode reads one token of a long one);
+        positions of pending tokens read ``PENDING`` (the model runner takes them from the step in flight)."""
+        known = self.num_known_tokens
+        if end > known:
+            pending = [PENDING] * (end - max(start, known))
+            return self.token_slice(start, known) + pending if start < known else pending
         n = len(self.prompt_token_ids)
         if end <= n:
             return self.prompt_token_ids[start:end]
@@ -105,10 +123,10 @@ class TokenView:
         self.seq = seq
 
     def __len__(self) -> int:
-        return self.seq.num_tokens
+        return self.seq.num_known_tokens
 
     def __getitem__(self, index: slice) -> list[int]:
         if not isinstance(index, slice) or index.step not in (None, 1):
             raise TypeError("TokenView takes contiguous slices only")
-        start, stop, _ = index.indices(self.seq.num_tokens)
+        start, stop, _ = index.indices(self.seq.num_known_tokens)
         return self.seq.token_slice(start, max(start, stop))

@@ -55,6 +55,9 @@ class SamplingRow:
     """The sequence's random seed (the request's seed + its index among n siblings, or one drawn by the engine)."""
     stop_ids: frozenset[int]
     """EOS and stop token ids, masked while fewer than min_tokens were generated."""
+    num_pending: int = 0
+    """Tokens the sequence sampled in a step whose ids are not read yet (async scheduling): they count in its
+    position."""
     _arrays: list | None = field(default=None, init=False, repr=False, compare=False)
     """[prompt ids, output buffer, outputs in it]: ``token_arrays``' cache (``replace`` starts a new one)."""
 
@@ -76,8 +79,9 @@ class SamplingRow:
 
     @property
     def position(self) -> int:
-        """Where the sequence is: its uniforms are ``uniforms([seed], [position * MAX_DRAWS + j])``."""
-        return len(self.output_token_ids)
+        """Where the sequence is (tokens generated, read or pending): its uniforms are
+        ``uniforms([seed], [position * MAX_DRAWS + j])``, and its stop ids are masked while this is below min_tokens."""
+        return len(self.output_token_ids) + self.num_pending
 
 
 MAX_DRAWS = 256
@@ -91,20 +95,67 @@ class SampleResult:
     """Per row: the sampled token's and the top-k tokens' raw log-probabilities, when asked for."""
 
 
+class DeferredSample:
+    """A step's sampled ids (and log-probabilities) still on the device: ``result()`` reads them back.
+
+    On CUDA the ids and the asked-for log-probabilities are copied into pinned host memory without blocking, behind
+    an event, as soon as they are sampled, so ``result()`` waits for this step's sampling only, not for work queued on
+    the stream after it (the next step's forward, under async scheduling). Until then ``tokens`` also feeds the next
+    step's inputs on the device."""
+
+    __slots__ = ("tokens", "_host", "_ready", "_want", "_tops", "_result")
+
+    def __init__(self, tokens: torch.Tensor, raw_logprobs: torch.Tensor | None, want: list[int], tops: list[int],
+                 want_index: torch.Tensor | None = None):
+        """``raw_logprobs``: the rows ``want`` of the model's log-softmax (``want_index``, on the device, when not
+        every row), each asking for ``tops[i]`` top log-probabilities."""
+        self.tokens = tokens
+        """[S] int64 on the logits' device."""
+        self._want, self._tops = want, tops
+        parts = [tokens]
+        if want:  # the sampled tokens' log-probabilities and the top ones, still on the device
+            parts += _logprob_parts(raw_logprobs, tokens if want_index is None else tokens[want_index], max(tops))
+        self._ready = None
+        self._result: SampleResult | None = None
+        if tokens.device.type == "cuda":
+            self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in parts]
+            for host, t in zip(self._host, parts):
+                host.copy_(t, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = parts
+
+    def result(self) -> SampleResult:
+        if self._result is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            token_list = self._host[0].tolist()
+            logprobs: list[dict[int, float] | None] = [None] * len(token_list)
+            if self._want:
+                picked = [token_list[i] for i in self._want]
+                for i, lp in zip(self._want, _logprob_dicts(picked, self._tops, *self._host[1:])):
+                    logprobs[i] = lp
+            self._result = SampleResult(token_list, logprobs)
+            self._host = []
+        return self._result
+
+
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
     """logits: [S, V] float32, one row per sampling sequence, in ``rows`` order."""
+    return sample_deferred(logits, rows).result()
+
+
+def sample_deferred(logits: torch.Tensor, rows: list[SamplingRow]) -> DeferredSample:
+    """``sample`` without reading the ids back: they stay on the logits' device until ``result()``."""
     want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-    raw_logprobs = torch.log_softmax(logits[want] if len(want) < len(rows) else logits, dim=-1) if want else None
+    # a list index would reach the device in a blocking copy (a wait for the stream): send it without one
+    some = torch.tensor(want).to(logits.device, non_blocking=True) if 0 < len(want) < len(rows) else None
+    raw_logprobs = torch.log_softmax(logits if some is None else logits[some], dim=-1) if want else None
     logits = apply_penalties(logits, rows)
     ext = _cpu_extension(logits)
     tokens = sample_torch(logits, rows) if ext is None else ext.sample_rows(logits, *_row_settings(rows))
-    token_list = tokens.tolist()
-    logprobs: list[dict[int, float] | None] = [None] * len(rows)
-    if want:
-        picked = [token_list[i] for i in want]
-        for i, lp in zip(want, batch_logprobs(raw_logprobs, picked, [rows[i].params.logprobs for i in want])):
-            logprobs[i] = lp
-    return SampleResult(token_list, logprobs)
+    return DeferredSample(tokens, raw_logprobs, want, [rows[i].params.logprobs for i in want], some)
 
 
 def sample_torch(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -162,7 +213,7 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
         return logits
     logits = logits.clone()
     device, vocab = logits.device, logits.shape[-1]
-    penalised = [i for i in needs if _has_token_penalty(rows[i].params)]
+    penalised = [i for i in needs if has_token_penalty(rows[i].params)]
     ext = _cpu_extension(logits) if penalised else None
     if ext is not None:
         _penalties_cpu(ext, logits, penalised, rows)
@@ -178,7 +229,7 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
         freq = torch.tensor([p.frequency_penalty for p in params], device=device, dtype=logits.dtype)[:, None]
         presence = torch.tensor([p.presence_penalty for p in params], device=device, dtype=logits.dtype)[:, None]
         logits[penalised] = sub - freq * outputs - presence * (outputs > 0).to(logits.dtype)
-    masked = [(i, t) for i in needs if len(rows[i].output_token_ids) < rows[i].params.min_tokens
+    masked = [(i, t) for i in needs if rows[i].position < rows[i].params.min_tokens
               for t in rows[i].stop_ids if 0 <= t < vocab]
     if masked:
         row_ids, token_ids = zip(*masked)
@@ -216,10 +267,10 @@ def _penalties_cpu(ext, logits: torch.Tensor, penalised: list[int], rows: list[S
 
 
 def _has_penalty(r: SamplingRow) -> bool:
-    return _has_token_penalty(r.params) or len(r.output_token_ids) < r.params.min_tokens
+    return has_token_penalty(r.params) or r.position < r.params.min_tokens
 
 
-def _has_token_penalty(p: SamplingSettings) -> bool:
+def has_token_penalty(p: SamplingSettings) -> bool:
     """A repetition, presence or frequency penalty (what needs the token counts)."""
     return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
 
@@ -325,15 +376,28 @@ def batch_logprobs(logprobs: torch.Tensor, tokens: list[int], tops: list[int]) -
     """logprobs: [R, V] raw log-probabilities -> per row {token: lp, then its ``tops[r]`` most likely tokens}, in two
     device-to-host copies for all rows (not two per row). A -inf entry (a grammar-masked token, when fewer tokens
     are allowed than asked for) is left out of the top ones."""
-    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
-    k = max(tops, default=0)
+    parts = _logprob_parts(logprobs, torch.tensor(tokens, device=logprobs.device), max(tops, default=0))
+    return _logprob_dicts(tokens, tops, *(t.cpu() for t in parts))
+
+
+def _logprob_parts(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """On the device: [R] the tokens' log-probabilities, then (when k) [R, k] the top values and [R, k] their ids."""
+    parts = [logprobs.gather(1, tokens[:, None])[:, 0]]
     if k:
-        values, ids = logprobs.topk(k, dim=-1)
-        values, ids = values.tolist(), ids.tolist()
+        parts += list(logprobs.topk(k, dim=-1))
+    return parts
+
+
+def _logprob_dicts(tokens: list[int], tops: list[int], chosen: torch.Tensor, values: torch.Tensor | None = None,
+                   ids: torch.Tensor | None = None) -> list[dict[int, float]]:
+    """``_logprob_parts`` read back (host tensors) -> the per-row dicts of ``batch_logprobs``."""
+    chosen_list = chosen.tolist()
+    if values is not None:
+        value_rows, id_rows = values.tolist(), ids.tolist()
     out = []
     for r, (token, top) in enumerate(zip(tokens, tops)):
-        result = {token: chosen[r]}
-        for tid, lp in zip(ids[r][:top], values[r][:top]) if top else ():
+        result = {token: chosen_list[r]}
+        for tid, lp in zip(id_rows[r][:top], value_rows[r][:top]) if top else ():
             if lp != float("-inf"):
                 result.setdefault(tid, lp)
         out.append(result)

@@ -95,3 +95,49 @@ def test_bf16_cuda_matches_hf_at_real_shapes_and_graphs_equal_eager(tmp_path, sm
             assert (torch.tensor(lps) - chosen).abs().max() < LOGPROB_ATOL_BF16, f"eager={eager}: logprobs"
             assert (reference.max(-1).values - chosen).max() < LOGPROB_ATOL_BF16, f"eager={eager}: not HF's best"
     assert [ids[0] for ids, _ in runs[True]] == [ids[0] for ids, _ in runs[False]]
+
+
+def test_async_scheduling_on_cuda_gives_the_sync_tokens(tiny_llama):
+    """Async scheduling with CUDA graphs: pending tokens fed on the device, ids read back through pinned memory
+    behind an event. Without stops both modes run the same batches, so greedy and seeded ids and logprobs match."""
+    from tests.engine.test_async_scheduling import run, same
+
+    prompts = varied_prompts(12, seed=23, low=4, high=120)
+    requests = [(p, SamplingParams(temperature=0 if i % 2 else 0.8, seed=i, max_tokens=4 + 3 * i, ignore_eos=True,
+                                   logprobs=1)) for i, p in enumerate(prompts)]
+    results = []
+    for async_scheduling in (False, True):
+        llm = LLM(str(tiny_llama), dtype="bfloat16", device="cuda", kv_cache_memory_gb=0.5,
+                  async_scheduling=async_scheduling)
+        results.append(run(llm.engine, requests))
+        assert llm.engine.runner.graphs is not None and llm.engine.runner.graphs.graphs  # graphs were replayed
+        del llm
+    assert same(results[1], results[0])
+
+
+def test_async_decode_steps_never_wait_for_the_device(tiny_llama):
+    """What async scheduling is for: a decode step queues its forward and sampling and reads the step before back
+    through an event, so nothing in it synchronises implicitly (a blocking copy, ``.item()``, ``.tolist()`` of a
+    CUDA tensor). torch's sync debug mode warns at each such call; the message names the line."""
+    import warnings
+
+    llm = LLM(str(tiny_llama), dtype="bfloat16", device="cuda", kv_cache_memory_gb=0.5, max_num_seqs=8,
+              async_scheduling=True)
+    engine = llm.engine
+    for i, p in enumerate(varied_prompts(6, seed=24, low=4, high=60)):
+        engine.add_request(str(i), params=SamplingParams(temperature=0.8 if i % 2 else 0, seed=i, max_tokens=40,
+                                                         ignore_eos=True, logprobs=1 if i == 0 else None),
+                           prompt_token_ids=p)
+    for _ in range(8):  # the prefills, then decode steps (their graph bucket captured)
+        engine.step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(10):
+                engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
+    assert not syncs, syncs[:5]

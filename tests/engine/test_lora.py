@@ -70,8 +70,10 @@ def test_unmerged_adapters_match_peft(tiny_llama, adapters, backend):
     assert llm.engine.block_manager.num_free_blocks == 64
 
 
-def test_four_adapters_and_the_base_share_steps_and_equal_their_runs_alone(tiny_llama, adapters):
-    llm = LLM(str(tiny_llama), enable_lora=True, max_loras=4, max_lora_rank=8, num_kv_blocks=128)
+@pytest.mark.parametrize("async_scheduling", [False, True])  # async: decode rows sorted by adapter, tokens fed
+def test_four_adapters_and_the_base_share_steps_and_equal_their_runs_alone(tiny_llama, adapters, async_scheduling):
+    llm = LLM(str(tiny_llama), enable_lora=True, max_loras=4, max_lora_rank=8, num_kv_blocks=128,
+              async_scheduling=async_scheduling)
     requests = [None] + [r for r, _ in adapters]
     prompts = [{"prompt_token_ids": PROMPTS[i % len(PROMPTS)]} for i in range(len(requests))]
     alone = [tokens(llm.generate(p, GREEDY, lora_request=r))[0] for p, r in zip(prompts, requests)]

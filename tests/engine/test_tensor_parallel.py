@@ -115,8 +115,8 @@ def _run(path, tp: int, prompts, **engine):
     steps: list[torch.Tensor] = []
     execute = eng.runner.execute
 
-    def recording(out):
-        logits, sampling = execute(out)
+    def recording(out, in_flight=None):
+        logits, sampling = execute(out, in_flight)
         steps.append(logits.clone())
         return logits, sampling
 

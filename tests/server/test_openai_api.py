@@ -201,3 +201,38 @@ def test_speculative_server_streams_the_same_text_and_reports_acceptance(client,
         assert 0 < m["loom_spec_decode_draft_acceptance_rate"] <= 1
     finally:
         server.stop()
+
+
+def test_async_scheduling_server_streams_what_the_synchronous_one_answers(client, tiny_llama):
+    """A server with --async-scheduling: concurrent streamed completions (stop strings, n = 2, seeds) give the text,
+    finish reasons and token counts of the synchronous server; tokens a stop made the step in flight waste are not
+    counted."""
+    import concurrent.futures
+
+    import openai  # local, as in conftest's client fixture
+
+    kinds = [dict(prompt="Once upon a time", max_tokens=16, temperature=0, extra_body={"ignore_eos": True}),
+             dict(prompt="The capital of", max_tokens=20, temperature=0, stop=["e", "a"],
+                  extra_body={"ignore_eos": True}),
+             dict(prompt="Tell me", max_tokens=12, temperature=0.9, seed=3, n=2, extra_body={"ignore_eos": True})]
+
+    def ask(c, kw):
+        chunks = list(c.completions.create(model="tiny", stream=True, stream_options={"include_usage": True}, **kw))
+        texts, reasons = {}, {}
+        for chunk in chunks:
+            for choice in chunk.choices:
+                texts[choice.index] = texts.get(choice.index, "") + choice.text
+                reasons[choice.index] = choice.finish_reason or reasons.get(choice.index)
+        return texts, reasons, chunks[-1].usage.completion_tokens
+
+    want = [ask(client, kw) for kw in kinds]
+    server = start_llm_server(tiny_config(tiny_llama, num_kv_blocks=256, max_num_seqs=32, async_scheduling=True))
+    try:
+        with openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60) as async_client:
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                got = list(pool.map(lambda kw: ask(async_client, kw), kinds))
+        assert got == want
+        assert want[1][1][0] == "stop" and want[1][2] < 20  # a stop string did end one early
+        assert server.metrics()["loom_generation_tokens_total"] == sum(w[2] for w in want)
+    finally:
+        server.stop()
