@@ -282,7 +282,8 @@ class LLMEngine:
         touched = self._append_tokens(launched.sampling, token_ids, logprobs)
         if self.spec is not None:
             self.spec.propose([c.seq for c in launched.sampling], len(self.scheduler.running))
-        return [self._request_output(req) for req in touched.values()]
+        return [self._request_output(req) for req in touched.values()
+                if req.params.output_kind == "cumulative" or req.request_id not in self.requests]  # or finished
 
     def _needs_tokens(self, launched: _Launched) -> bool:
         """Whether a sequence of the step in flight needs its tokens on the host before it samples again."""

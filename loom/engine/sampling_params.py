@@ -46,6 +46,10 @@ class SamplingParams:
     detokenize: bool = True
     """False: token ids only, no text (vLLM's flag: throughput benchmarks, random-weight models whose vocabulary
     the tokenizer does not cover); stop strings need text."""
+    output_kind: str = "cumulative"
+    """What ``LLMEngine.step`` returns for this request (vLLM's ``RequestOutputKind``): "cumulative", its output so far
+    at every step that advanced it; "final_only", only the finished output (``LLM.generate`` asks for this: it keeps
+    nothing else, and copying every sequence's tokens and text each step is host work a GPU waits for)."""
     structured_outputs: StructuredOutputsParams | None = None
     """Constrain the output to a JSON schema, JSON object, regex, choice or Lark grammar (see loom.engine.structured);
     a dict is taken as StructuredOutputsParams' fields."""
@@ -78,6 +82,8 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
             (self.detokenize or not self.stop, "stop strings are matched on text: drop stop or keep detokenize on"),
+            (self.output_kind in ("cumulative", "final_only"),
+             f"output_kind must be cumulative or final_only, got {self.output_kind!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -56,7 +56,7 @@ class LLM:
         (one for all prompts, or one per prompt, None for the base model) needs ``LLM(..., enable_lora=True)``."""
         if isinstance(prompts, str | dict):
             prompts = [prompts]
-        params = _per_prompt(len(prompts), sampling_params, SamplingParams, SamplingParams())
+        params = _final_only(_per_prompt(len(prompts), sampling_params, SamplingParams, SamplingParams()))
         loras = _per_prompt(len(prompts), lora_request, LoRARequest, None)
         ids = []
         for prompt, p, lora in zip(prompts, params, loras):
@@ -109,6 +109,14 @@ def _per_prompt(n: int, value, kind: type, default) -> list:
     if len(value) != n:
         raise ValueError(f"got {len(value)} {kind.__name__}s for {n} prompts; pass one, or one per prompt")
     return value
+
+
+def _final_only(params: list[SamplingParams]) -> list[SamplingParams]:
+    """The same settings asking the engine for finished outputs only (``generate`` keeps nothing else); one copy per
+    distinct object, and the caller's own objects untouched."""
+    copies: dict[int, SamplingParams] = {}
+    return [copies.setdefault(id(p), p if p.output_kind == "final_only" else p.clone(output_kind="final_only"))
+            for p in params]
 
 
 def _split_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None]:

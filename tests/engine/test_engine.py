@@ -296,3 +296,35 @@ def test_an_output_ending_inside_a_character_gets_its_held_back_text_at_the_end(
     rest = detokenize_flush(tok, state, skip_special_tokens=True)
     assert rest.endswith("\ufffd") and streamed + rest == tok.decode(ids[:cut]) == state.text  # ... given at the end
     assert detokenize_flush(tok, state, skip_special_tokens=True) == ""
+
+
+def test_final_only_requests_come_back_once_with_the_cumulative_final_output(llm):
+    engine = llm.engine
+    prompts = varied_prompts(3, seed=50)
+    for kind in ("cumulative", "final_only"):
+        for i, p in enumerate(prompts):
+            engine.add_request(f"{kind}-{i}", None, SamplingParams(temperature=0, max_tokens=5 + i, ignore_eos=True,
+                                                                   output_kind=kind), prompt_token_ids=p)
+    seen: dict[str, list] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen.setdefault(out.request_id, []).append(out)
+    for i in range(3):
+        cumulative, final = seen[f"cumulative-{i}"], seen[f"final_only-{i}"]
+        assert len(cumulative) == 5 + i and len(final) == 1 and final[0].finished
+        assert (final[0].outputs[0].token_ids, final[0].outputs[0].text) == (cumulative[-1].outputs[0].token_ids,
+                                                                             cumulative[-1].outputs[0].text)
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind="delta")
+    assert_no_leaks(llm)
+
+
+def test_generate_asks_for_final_outputs_only_and_leaves_the_callers_params_alone(llm, monkeypatch):
+    returned = []
+    step = llm.engine.step
+    monkeypatch.setattr(llm.engine, "step", lambda: returned.extend(outs := step()) or outs)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = gen(llm, varied_prompts(4, seed=51), params)
+    assert params.output_kind == "cumulative"
+    assert [len(o.outputs[0].token_ids) for o in outs] == [6] * 4
+    assert len(returned) == 4 and all(o.finished for o in returned)  # no output built for an unfinished step
