@@ -236,3 +236,27 @@ def test_async_scheduling_server_streams_what_the_synchronous_one_answers(client
         assert server.metrics()["loom_generation_tokens_total"] == sum(w[2] for w in want)
     finally:
         server.stop()
+
+
+def test_a_non_streamed_request_is_delivered_once_finished_and_timed_from_its_first_token(client, tiny_server):
+    """A non-streamed request asks the engine for its final output only (no per-step wake-up of the event loop);
+    its time to first token still comes from when its first token was sampled, not from when it finished."""
+    from loom.engine.outputs import RequestOutput
+
+    front = tiny_server.component.front
+    delivered = []
+    deliver = front._deliver
+    front._deliver = lambda stream, item: (delivered.append(item), deliver(stream, item))[1]
+    before = tiny_server.metrics()
+    try:
+        out = client.completions.create(model="tiny", prompt="Hello there", max_tokens=40, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    finally:
+        front._deliver = deliver
+    assert out.usage.completion_tokens == 40
+    outputs = [d for d in delivered if isinstance(d, RequestOutput)]
+    assert len(outputs) == 1 and outputs[0].finished
+    after = tiny_server.metrics()
+    ttft = after["loom_time_to_first_token_seconds_sum"] - before.get("loom_time_to_first_token_seconds_sum", 0)
+    e2e = after["loom_e2e_request_latency_seconds_sum"] - before.get("loom_e2e_request_latency_seconds_sum", 0)
+    assert 0 < ttft < e2e  # 39 more decode steps came after the first token

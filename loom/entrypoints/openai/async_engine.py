@@ -3,7 +3,8 @@
     front = AsyncLLMEngine(EngineConfig(model="smollm2"), metrics)
     await front.start()                                   # builds the engine in its thread
     stream = await front.add_request("r1", prompt_ids, SamplingParams(max_tokens=8))   # ValueError -> HTTP 400
-    async for out in stream:                              # cumulative RequestOutput after each step
+    async for out in stream:                              # cumulative RequestOutput after each step (only the
+                                                          # finished one when params.output_kind is final_only)
         ...
     await stream.close()                                  # aborts (frees the KV blocks) unless it finished
 
@@ -353,7 +354,9 @@ class AsyncLLMEngine:
             times.first_scheduled = out.metrics.first_scheduled_time
         times.num_generation_tokens = sum(len(c.token_ids) for c in out.outputs)
         if times.first_token is None and times.num_generation_tokens:
-            times.first_token = now
+            # when the engine appended it: a non-streamed request gets only its final output
+            metrics = out.metrics
+            times.first_token = metrics.first_token_time if metrics and metrics.first_token_time is not None else now
         if out.finished:
             del self._live[out.request_id]
             times.finished = now
