@@ -47,7 +47,8 @@ timeout 420 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py -
 fi
 if want shapes; then
 echo "== the issue 11 table at real shapes: Llama-3.2-1B / 3.1-8B (random weights drawn on the GPU), roofline, decode"
-timeout 420 python3 benchmarks/gpu_shapes.py --tokenizer .device_carry/smollm2-tokenizer --out "$OUT/gpu_shapes.json" \
+# SHAPES_ARGS=--async-scheduling: Loom's runs with async scheduling (a second call, to compare)
+timeout 420 python3 benchmarks/gpu_shapes.py --tokenizer .device_carry/smollm2-tokenizer ${SHAPES_ARGS:-} --out "$OUT/gpu_shapes.json" \
   2>&1 | grep -vE "Warning|warn" | tail -6
 fi
 if want other; then

@@ -75,7 +75,7 @@ def engine(folder: Path, args, **overrides):
     from loom import LLM
 
     kwargs = dict(load_format="dummy", dtype=args.dtype, device=args.device, seed=0, max_num_seqs=256,
-                  max_num_batched_tokens=8192, gpu_memory_utilization=0.85)
+                  max_num_batched_tokens=8192, gpu_memory_utilization=0.85, async_scheduling=args.async_scheduling)
     return LLM(str(folder), **{**kwargs, **overrides})
 
 
@@ -191,6 +191,7 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--async-scheduling", action="store_true", help="Loom's runs with async scheduling")
     ap.add_argument("--out", default="results/gpu_shapes.json")
     args = ap.parse_args()
     if args.tokenizer is None:
