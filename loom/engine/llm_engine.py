@@ -228,33 +228,35 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        return self._resolve(self._launch(out, None))
+        logits, sampling = self._forward(out, None)
+        return self._resolve(self._sample_step(out, logits, sampling))
 
     def _step_ahead(self) -> list[RequestOutput]:
         """Async scheduling (vLLM v1's, SGLang's overlap scheduler): step N + 1 is scheduled and queued while the
         device still runs step N, counting N's sampled tokens as pending (their ids reach N + 1's inputs on the
         device); then N's ids are read back and its outputs made while N + 1 runs. A sequence that N ends (a stop,
         EOS) wastes its row of N + 1, which is dropped; one whose pending tokens reach max_tokens is not scheduled
-        again. When a sequence of N needs its tokens on the host before it samples again (a grammar to advance,
-        penalties to count), N is read back first."""
+        again. A row of N + 1 that needs N's token on the host to be sampled (a grammar to advance, penalties to
+        count) has N read back between N + 1's forward and its sampling, as vLLM does for structured outputs: the
+        forward still overlaps."""
         prev, self._in_flight = self._in_flight, None
-        outputs: list[RequestOutput] = []
-        if prev is not None and self._needs_tokens(prev):
-            outputs, prev = self._resolve(prev), None
         out = self.scheduler.schedule()
         if out.is_empty:
-            return self._resolve(prev) if prev is not None else outputs
-        launched = self._launch(out, prev)
+            return self._resolve(prev) if prev is not None else []
+        logits, sampling = self._forward(out, prev)
+        outputs: list[RequestOutput] = []
+        if prev is not None and (prev.sample is None or self._needs_tokens(sampling)):
+            outputs, prev = self._resolve(prev), None
+        self._in_flight = self._sample_step(out, logits, sampling)
         if prev is not None:
             outputs = self._resolve(prev)
-        self._in_flight = launched
         return outputs
 
-    def _launch(self, out, prev: _Launched | None) -> _Launched:
-        """Run the forward and queue the sampling of a scheduled step (``prev``: the step in flight before it)."""
+    def _forward(self, out, prev: _Launched | None) -> tuple[torch.Tensor, list[ScheduledChunk]]:
+        """Run a scheduled step's forward (``prev``: the step in flight before it, whose ids feed this one)."""
         self._record_schedule(out)
         in_flight = None
-        if prev is not None:
+        if prev is not None and prev.sample is not None:
             in_flight = prev.sample.tokens, {c.seq.seq_id: i for i, c in enumerate(prev.sampling)}
         try:
             logits, sampling = self.runner.execute(out, in_flight)
@@ -263,6 +265,10 @@ class LLMEngine:
                 raise
             raise self.workers.explain(exc) from exc  # a collective with a dead rank
         self.scheduler.update(out)
+        return logits, sampling
+
+    def _sample_step(self, out, logits: torch.Tensor, sampling: list[ScheduledChunk]) -> _Launched:
+        """Queue the sampling of a step whose forward ran."""
         rows = [self._sampling_row(c.seq) for c in sampling]
         self._apply_grammars(logits, sampling)
         launched = self._sample(logits, sampling, rows)
@@ -285,11 +291,12 @@ class LLMEngine:
         return [self._request_output(req) for req in touched.values()
                 if req.params.output_kind == "cumulative" or req.request_id not in self.requests]  # or finished
 
-    def _needs_tokens(self, launched: _Launched) -> bool:
-        """Whether a sequence of the step in flight needs its tokens on the host before it samples again."""
-        return launched.sample is None or any(
-            not c.seq.is_finished and (c.seq.matcher is not None or has_token_penalty(c.seq.params))
-            for c in launched.sampling)
+    @staticmethod
+    def _needs_tokens(sampling: list[ScheduledChunk]) -> bool:
+        """Whether a row to sample needs its sequence's pending token on the host first (its grammar advanced
+        through it, or its penalties counting it)."""
+        return any(c.seq.num_pending and not c.seq.is_finished
+                   and (c.seq.matcher is not None or has_token_penalty(c.seq.params)) for c in sampling)
 
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks (idempotent; nothing to do without tensor parallelism)."""
@@ -355,7 +362,7 @@ class LLMEngine:
 
     def _apply_grammars(self, logits, sampling) -> None:
         """Mask the rows of constrained sequences (only those) to what their grammars allow next."""
-        rows = [i for i, c in enumerate(sampling) if c.seq.matcher is not None]
+        rows = [i for i, c in enumerate(sampling) if c.seq.matcher is not None and not c.seq.is_finished]
         if not rows:
             return
         if len(rows) < len(sampling):

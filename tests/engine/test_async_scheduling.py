@@ -111,7 +111,7 @@ def test_async_with_chunked_prefill_and_preemption_gives_the_sync_outputs(tiny_l
     assert tight.stats().num_preemptions > 0
 
 
-def test_async_with_penalties_and_grammars_reads_those_steps_back_first(tiny_llama):
+def test_async_with_penalties_and_grammars_gives_the_sync_outputs(tiny_llama):
     prompts = varied_prompts(6, seed=43, low=5, high=30)
     params = [
         SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3, ignore_eos=True),
@@ -145,34 +145,54 @@ def test_async_on_the_padded_graph_path_gives_the_sync_outputs(tiny_llama, stop_
     assert sum(fed) > 5  # decode steps took the graph path with their tokens still on the device
 
 
-def test_async_steps_overlap_the_one_in_flight(tiny_llama):
-    """Step N + 1 runs before step N's ids are read back, its pending tokens fed from N's device tensor."""
-    eng = engine(tiny_llama, async_scheduling=True)
+def traced(eng: LLMEngine, requests, monkeypatch) -> list[tuple[str, bool | None]]:
+    """Run ``requests``, recording each forward ("run", fed from a step in flight), each sampling ("sample") and
+    each read-back ("read") in order."""
+    from loom.engine import llm_engine
+    from loom.ops import sampler
+
     events = []
-    execute = eng.runner.execute
+    execute, sample, result = eng.runner.execute, llm_engine.sample_deferred, sampler.DeferredSample.result
 
     def traced_execute(out, in_flight=None):
         events.append(("run", in_flight is not None))
         return execute(out, in_flight)
 
-    eng.runner.execute = traced_execute
-    from loom.ops import sampler
-
-    result = sampler.DeferredSample.result
+    def traced_sample(logits, rows):
+        events.append(("sample", None))
+        return sample(logits, rows)
 
     def traced_result(self):
         events.append(("read", None))
         return result(self)
 
-    sampler.DeferredSample.result = traced_result
-    try:
-        run(eng, [(p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-                  for p in varied_prompts(3, seed=44, low=4, high=9)])
-    finally:
-        sampler.DeferredSample.result = result
+    monkeypatch.setattr(eng.runner, "execute", traced_execute)
+    monkeypatch.setattr(llm_engine, "sample_deferred", traced_sample)
+    monkeypatch.setattr(sampler.DeferredSample, "result", traced_result)
+    run(eng, requests)
+    return events
+
+
+def test_async_steps_overlap_the_one_in_flight(tiny_llama, monkeypatch):
+    """Step N + 1's forward and sampling are queued before step N's ids are read back, its pending tokens fed from
+    N's device tensor."""
+    events = traced(engine(tiny_llama, async_scheduling=True),
+                    [(p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+                     for p in varied_prompts(3, seed=44, low=4, high=9)], monkeypatch)
     runs = [e for e in events if e[0] == "run"]
-    assert events[:3] == [("run", False), ("run", True), ("read", None)]  # step 2 ran before step 1 was read
+    assert events[:5] == [("run", False), ("sample", None), ("run", True), ("sample", None), ("read", None)]
     assert sum(fed for _, fed in runs) == len(runs) - 1 == 5  # every step after the first took its tokens in flight
+
+
+def test_a_row_with_penalties_or_a_grammar_reads_the_step_before_after_the_forward(tiny_llama, monkeypatch):
+    """Its sampling needs the pending token on the host: N is read between N + 1's forward and N + 1's sampling
+    (so the forward still overlaps the step in flight)."""
+    for params in (SamplingParams(temperature=0, max_tokens=6, presence_penalty=0.5, ignore_eos=True),
+                   SamplingParams(temperature=0, max_tokens=6, structured_outputs=StructuredOutputsParams(
+                       regex="[a-z ]{20,40}"))):
+        events = traced(engine(tiny_llama, async_scheduling=True), [(varied_prompts(1, seed=46)[0], params)],
+                        monkeypatch)
+        assert events[:5] == [("run", False), ("sample", None), ("run", True), ("read", None), ("sample", None)]
 
 
 def test_aborting_a_request_in_flight_leaks_nothing_and_others_are_unchanged(tiny_llama):
