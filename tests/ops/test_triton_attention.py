@@ -135,6 +135,9 @@ def test_engine_with_triton_attention_gives_the_reference_tokens(tiny_llama, mon
     assert [o[0] for o in ours] == [r[0] for r in reference]
     for (_, lps), (_, ref) in zip(ours, reference):
         assert max(abs(a - b) for a, b in zip(lps, ref)) < 1e-4
+    # the GPU path with async scheduling: pending tokens fed into the Triton step's inputs
+    ahead = loom_greedy(LLM(str(tiny_llama), attention_backend="triton", async_scheduling=True, **engine), prompts, 8)
+    assert [o[0] for o in ahead] == [r[0] for r in reference]
 
 
 @pytest.mark.parametrize("arch,overrides", [
