@@ -245,7 +245,7 @@ class LLMEngine:
             return self._resolve(prev) if prev is not None else []
         logits, sampling = self._forward(out, prev)
         outputs: list[RequestOutput] = []
-        if prev is not None and (prev.sample is None or self._needs_tokens(sampling)):
+        if prev is not None and self._needs_tokens(sampling):
             outputs, prev = self._resolve(prev), None
         self._in_flight = self._sample_step(out, logits, sampling)
         if prev is not None:
@@ -289,7 +289,7 @@ class LLMEngine:
         if self.spec is not None:
             self.spec.propose([c.seq for c in launched.sampling], len(self.scheduler.running))
         return [self._request_output(req) for req in touched.values()
-                if req.params.output_kind == "cumulative" or req.request_id not in self.requests]  # or finished
+                if req.params.output_kind == "cumulative" or all(s.is_finished for s in req.seqs)]
 
     @staticmethod
     def _needs_tokens(sampling: list[ScheduledChunk]) -> bool:

@@ -384,13 +384,12 @@ def _feed(input_ids: np.ndarray, chunks: list[ScheduledChunk], counts: np.ndarra
     rows = np.flatnonzero(input_ids == PENDING)
     if not len(rows):
         return None
+    tokens, index = in_flight if in_flight is not None else (None, {})
     chunk_of_row = np.repeat(np.arange(len(chunks)), counts)[rows]
-    try:
-        tokens, index = in_flight
-        sources = np.fromiter((index[chunks[c].seq.seq_id] for c in chunk_of_row), np.int64, len(rows))
-    except (TypeError, KeyError):
-        raise RuntimeError("a scheduled token is pending but no step in flight samples it") from None
-    return TokenFeed(tokens, rows, sources)
+    seq_ids = [chunks[c].seq.seq_id for c in chunk_of_row]
+    if any(seq_id not in index for seq_id in seq_ids):
+        raise RuntimeError("a scheduled token is pending but no step in flight samples it")
+    return TokenFeed(tokens, rows, np.fromiter((index[seq_id] for seq_id in seq_ids), np.int64, len(rows)))
 
 
 def _adapter(chunk: ScheduledChunk) -> int:
