@@ -245,14 +245,15 @@ def test_a_non_streamed_request_is_delivered_once_finished_and_timed_from_its_fi
 
     front = tiny_server.component.front
     delivered = []
-    deliver = front._deliver
+    deliver, deliver_all = front._deliver, front._deliver_all
     front._deliver = lambda stream, item: (delivered.append(item), deliver(stream, item))[1]
+    front._deliver_all = lambda routed: (delivered.extend(out for _, out in routed), deliver_all(routed))[1]
     before = tiny_server.metrics()
     try:
         out = client.completions.create(model="tiny", prompt="Hello there", max_tokens=40, temperature=0,
                                         extra_body={"ignore_eos": True})
     finally:
-        front._deliver = deliver
+        front._deliver, front._deliver_all = deliver, deliver_all
     assert out.usage.completion_tokens == 40
     outputs = [d for d in delivered if isinstance(d, RequestOutput)]
     assert len(outputs) == 1 and outputs[0].finished

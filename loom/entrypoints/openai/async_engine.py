@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -82,7 +83,11 @@ class _Call:
 
 
 class RequestStream:
-    """One request's outputs, in order; iterate it, then ``close()`` (which aborts an unfinished request)."""
+    """One request's outputs, in order; iterate it, then ``close()`` (which aborts an unfinished request).
+
+    Outputs are cumulative, so one that arrives while the one before is still unread replaces it (vLLM's
+    ``RequestOutputCollector`` merges the same way): a consumer that falls behind the engine reads the latest output,
+    several tokens at once, instead of a backlog of one per step. Anything else (the acceptance, an error) queues."""
 
     def __init__(self, front: AsyncLLMEngine, request_id: str, num_seqs: int = 1):
         self.request_id = request_id
@@ -90,14 +95,28 @@ class RequestStream:
         """Sequences this request holds in the engine (its ``n``): what admission counted."""
         self.finished = False
         self._front = front
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._items: deque = deque()
+        self._waiter: asyncio.Future | None = None
         self._closed = False
 
     def put(self, item) -> None:  # called on the event loop (via call_soon_threadsafe)
-        self._queue.put_nowait(item)
+        items = self._items
+        if items and isinstance(item, RequestOutput) and isinstance(items[-1], RequestOutput):
+            items[-1] = item  # unread and cumulative: the newer output holds everything the older one did
+        else:
+            items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def next_item(self):
-        item = await self._queue.get()
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._items.popleft()
         if isinstance(item, BaseException):
             raise item
         return item
@@ -237,6 +256,13 @@ class AsyncLLMEngine:
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 
+    def _deliver_all(self, routed: list[tuple[RequestStream, RequestOutput]]) -> None:
+        """A step's outputs in one hand-off: the event loop wakes once a step, not once per request."""
+        try:
+            self._loop.call_soon_threadsafe(_put_all, routed)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
     # --- engine thread --------------------------------------------------------------------------------------
     def _thread_main(self, ready: asyncio.Future) -> None:
         previous_threads = torch.get_num_threads()
@@ -341,14 +367,16 @@ class AsyncLLMEngine:
         if self.engine.last_step is not previous and self.metrics is not None:
             step = self.engine.last_step
             self.metrics.observe_step(step.num_batched_tokens, step.num_seqs, now - started)
-        for out in outputs:
-            self._route(out, now)
+        routed = [(stream, out) for out in outputs if (stream := self._route(out, now)) is not None]
+        if routed:
+            self._deliver_all(routed)
         self._publish_stats()
 
-    def _route(self, out: RequestOutput, now: float) -> None:
+    def _route(self, out: RequestOutput, now: float) -> RequestStream | None:
+        """Account for the output (times, metrics, the end of the request); the stream it goes to, if any."""
         entry = self._live.get(out.request_id)
         if entry is None:
-            return
+            return None
         stream, times = entry
         if times.first_scheduled is None and out.metrics is not None:
             times.first_scheduled = out.metrics.first_scheduled_time
@@ -361,7 +389,7 @@ class AsyncLLMEngine:
             del self._live[out.request_id]
             times.finished = now
             self._observe_finished(times, out.outputs[0].finish_reason or "stop")
-        self._deliver(stream, out)
+        return stream
 
     def _observe_finished(self, times: RequestTimes, reason: str) -> None:
         if self.metrics is not None:
@@ -377,6 +405,11 @@ class AsyncLLMEngine:
         for stream, _ in self._live.values():
             self._deliver(stream, exc)
         self._live.clear()
+
+
+def _put_all(routed: list[tuple[RequestStream, RequestOutput]]) -> None:
+    for stream, out in routed:
+        stream.put(out)
 
 
 def _set_result(future: asyncio.Future) -> None:

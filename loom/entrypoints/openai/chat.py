@@ -90,7 +90,7 @@ def _choice(ctx, req, plan: ToolPlan, c: CompletionOutput) -> dict:
     }
 
 
-def _chunk(head: dict, index: int, delta: dict, finish_reason=None, logprobs=None, extra=None) -> str:
+def _chunk(head: dict, index: int, delta: dict, finish_reason=None, logprobs=None, extra=None) -> bytes:
     choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return sse({**head, "choices": [choice], **(extra or {})})
 
