@@ -182,3 +182,35 @@ def test_loading_into_a_stopped_engine_is_a_503(tmp_path):
     with pytest.raises(OpenAIError) as err:
         asyncio.run(load_adapter(ctx, "a", str(tmp_path), confine=False))
     assert err.value.status == 503 and "a" not in ctx.loras
+
+
+def test_adapters_load_serve_and_unload_in_the_engine_process(server, tiny_llama, store):
+    """With ``--engine-process`` the adapter is read in the child (``front.call`` waits for its answer): a start-up
+    adapter and one loaded at run time answer as the in-thread server does; a bad one is a 400; unloaded, a 404."""
+    process = start_llm_server(server_config(tiny_llama, store, allow_runtime_lora_updating=True,
+                                             lora_store=str(store), engine_process=True))
+    try:
+        assert complete(process.url, "a1").json()["choices"][0]["text"] == \
+            complete(server.url, "a1").json()["choices"][0]["text"]
+        loaded = httpx.post(f"{process.url}/v1/load_lora_adapter", json={"lora_name": "p2", "lora_path": "a2"},
+                            timeout=60)
+        assert loaded.status_code == 200, loaded.text
+        want = offline_text(tiny_llama, store / "a2")
+        assert complete(process.url, "p2").json()["choices"][0]["text"] == want
+        (store / "broken").mkdir(exist_ok=True)  # exists, so only reading it in the child can refuse it
+        (store / "broken" / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8, "target_modules": ["x"]}')
+        bad = httpx.post(f"{process.url}/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": "broken"},
+                         timeout=60)
+        assert bad.status_code == 400 and "bad" in bad.json()["error"]["message"]
+        assert complete(process.url, "bad").status_code == 404
+        gone = httpx.post(f"{process.url}/v1/unload_lora_adapter", json={"lora_name": "p2"}, timeout=60)
+        assert gone.status_code == 200 and complete(process.url, "p2").status_code == 404
+    finally:
+        process.stop()
+
+
+def offline_text(tiny_llama, adapter) -> str:
+    offline = LLM(str(tiny_llama), enable_lora=True, max_lora_rank=8, num_kv_blocks=32)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    return offline.generate({"prompt_token_ids": PROMPT}, params,
+                            lora_request=LoRARequest("p2", 7, str(adapter)))[0].outputs[0].text

@@ -207,7 +207,7 @@ class AsyncLLMEngine:
         self._idle.clear()
         stream = RequestStream(self, request_id, params.n)
         times = RequestTimes(arrival=arrival_time or time.time(), num_prompt_tokens=len(prompt_token_ids))
-        self._commands.put(_Add(request_id, prompt_token_ids, params, stream, times, lora_request))
+        self._command(_Add(request_id, prompt_token_ids, params, stream, times, lora_request))
         try:
             accepted = await stream.next_item()
         except BaseException:  # rejected by the engine, or the caller was cancelled while waiting
@@ -217,7 +217,7 @@ class AsyncLLMEngine:
         return stream
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(_Abort(request_id))
+        self._command(_Abort(request_id))
 
     async def call(self, fn: Callable, *args):
         """``fn(*args)`` on the engine thread, between steps; its result, or its exception raised here.
@@ -229,7 +229,7 @@ class AsyncLLMEngine:
         if not self.is_ready:
             raise EngineDead("the LLM engine is not running")
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(_Call(fn, args, future))
+        self._command(_Call(fn, args, future))
         return await asyncio.wrap_future(future)
 
     def _release(self, num_seqs: int = 1) -> None:
@@ -247,8 +247,12 @@ class AsyncLLMEngine:
             except TimeoutError:
                 log.warning("drain timed out; aborting %d requests", self.num_in_flight)
         if self._thread is not None and self._thread.is_alive():
-            self._commands.put(_Stop())
+            self._command(_Stop())
             await asyncio.to_thread(self._thread.join)
+
+    def _command(self, command) -> None:
+        """Queue a command for the engine thread (from the event loop)."""
+        self._commands.put(command)
 
     def _deliver(self, stream: RequestStream, item) -> None:
         try:
@@ -283,24 +287,27 @@ class AsyncLLMEngine:
         self._loop.call_soon_threadsafe(_set_result, ready)
         workers = getattr(self.engine, "workers", None)
         if workers is not None:  # a rank that exits while the engine idles wakes this thread
-            workers.on_failure = lambda message: self._commands.put(_Fatal(message))
+            workers.on_failure = lambda message: self._command(_Fatal(message))
         self._publish_stats()
         try:
             while self._take_commands(block=not self.engine.has_unfinished_requests()):
                 if self.engine.has_unfinished_requests():
                     self._step()
         except EngineFatalError as exc:
-            self.fatal_error = str(exc)
-            log.critical("the LLM engine stops: %s", exc)
-            for request_id in list(self._live):
-                self.engine.abort_request(request_id)
-            self._fail_all(EngineDead(f"the LLM engine stopped: {exc}"))
-            if self.on_fatal is not None:
-                self.on_fatal(str(exc))
+            self._stop_for_good(exc)
         finally:
             self._fail_all(EngineDead("the LLM engine stopped"))
             if hasattr(self.engine, "shutdown"):
                 self.engine.shutdown()
+
+    def _stop_for_good(self, exc: EngineFatalError) -> None:
+        self.fatal_error = str(exc)
+        log.critical("the LLM engine stops: %s", exc)
+        for request_id in list(self._live):
+            self.engine.abort_request(request_id)
+        self._fail_all(EngineDead(f"the LLM engine stopped: {exc}"))
+        if self.on_fatal is not None:
+            self.on_fatal(str(exc))
 
     def _build_engine(self):
         return (self._factory or LLMEngine)(self.config)
@@ -326,18 +333,23 @@ class AsyncLLMEngine:
 
     def _apply(self, command) -> None:
         if isinstance(command, _Call):
-            try:
-                command.future.set_result(command.fn(*command.args))
-            except Exception as exc:  # handed to the caller, never fatal to the engine thread
-                command.future.set_exception(exc)
-            return
-        if isinstance(command, _Abort):
+            self._run_call(command)
+        elif isinstance(command, _Abort):
             entry = self._live.pop(command.request_id, None)
             if entry is not None:
                 self.engine.abort_request(command.request_id)
                 entry[1].finished = time.time()
                 self._observe_finished(entry[1], "abort")
-            return
+        else:
+            self._add(command)
+
+    def _run_call(self, command: _Call) -> None:
+        try:
+            command.future.set_result(command.fn(*command.args))
+        except Exception as exc:  # handed to the caller, never fatal to the engine thread
+            command.future.set_exception(exc)
+
+    def _add(self, command: _Add) -> None:
         try:
             self.engine.add_request(command.request_id, None, command.params,
                                     prompt_token_ids=command.prompt_token_ids, arrival_time=command.times.arrival,
@@ -357,16 +369,24 @@ class AsyncLLMEngine:
             outputs = self.engine.step()
         except EngineFatalError:
             raise
-        except Exception as exc:  # a failed step leaves requests in an unknown state: fail and drop them all
-            log.exception("engine step failed")
-            for request_id in list(self._live):
-                self.engine.abort_request(request_id)
-            self._fail_all(RuntimeError(f"engine step failed: {exc}"))
+        except Exception as exc:
+            self._step_failed(exc)
             return
         now = time.time()
-        if self.engine.last_step is not previous and self.metrics is not None:
+        self._stepped(outputs, now, now - started if self.engine.last_step is not previous else None)
+
+    def _step_failed(self, exc: Exception) -> None:
+        """A failed step leaves requests in an unknown state: fail and drop them all."""
+        log.error("engine step failed", exc_info=exc)
+        for request_id in list(self._live):
+            self.engine.abort_request(request_id)
+        self._fail_all(RuntimeError(f"engine step failed: {exc}"))
+
+    def _stepped(self, outputs: list[RequestOutput], now: float, seconds: float | None) -> None:
+        """A step's outputs to their streams, in one hand-off; ``seconds``: the step's time, None if none ran."""
+        if seconds is not None and self.metrics is not None:
             step = self.engine.last_step
-            self.metrics.observe_step(step.num_batched_tokens, step.num_seqs, now - started)
+            self.metrics.observe_step(step.num_batched_tokens, step.num_seqs, seconds)
         routed = [(stream, out) for out in outputs if (stream := self._route(out, now)) is not None]
         if routed:
             self._deliver_all(routed)

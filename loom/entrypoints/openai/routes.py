@@ -94,7 +94,10 @@ def build_lora_router(ctx: ServingContext) -> APIRouter:
         if removed is None:
             raise OpenAIError(404, f"no LoRA adapter is named {req.lora_name!r}; GET /v1/models lists them",
                               param="lora_name", code="model_not_found")
-        ctx.front.engine.lora.remove(removed.lora_int_id)  # requests already running keep it until they finish
+        try:  # on the engine thread, as every engine call (the engine may be in another process)
+            await ctx.front.call(ctx.front.engine.lora.remove, removed.lora_int_id)  # running requests keep it
+        except EngineDead:
+            pass  # nothing left to forget it in
         return {"object": "lora_adapter", "id": req.lora_name, "message": f"LoRA adapter {req.lora_name!r} removed"}
 
     return router

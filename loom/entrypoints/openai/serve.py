@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from loom.engine.config import EngineConfig
 from loom.engine.tensor_parallel import launched_by_torchrun, run_worker_from_env
 from loom.entrypoints.openai.async_engine import AsyncLLMEngine
+from loom.entrypoints.openai.engine_process import ProcessLLMEngine
 from loom.entrypoints.openai.lora import LoRARegistry, parse_lora_module
 from loom.entrypoints.openai.metrics import LLMMetrics
 from loom.entrypoints.openai.routes import build_lora_router, build_routers, load_adapter
@@ -64,6 +65,10 @@ class LLMServerConfig:
     --tool-call-parser. Without it such requests get 400."""
     exclude_tools_when_tool_choice_none: bool = False
     """Leave the tools out of the prompt when tool_choice is "none" (by default the template still gets them)."""
+    engine_process: bool = False
+    """Run the engine in a process of its own (vLLM v1's EngineCore) instead of a thread of the server's: the HTTP
+    event loop and the engine's Python stop sharing one GIL. Pays where host work bounds a step (a GPU, many
+    streams); outputs cross a pipe as deltas."""
 
     def __post_init__(self) -> None:
         if self.max_waiting < 0:
@@ -104,8 +109,9 @@ class LLMComponent:
     def __init__(self, config: LLMServerConfig, registry: CollectorRegistry):
         self.config = config
         self.metrics = LLMMetrics(registry, config.served_model_names[0])
-        self.front = AsyncLLMEngine(config.engine, self.metrics, max_in_flight=config.max_in_flight,
-                                    num_threads=config.threads, on_fatal=self._exit_server)
+        front = ProcessLLMEngine if config.engine_process else AsyncLLMEngine
+        self.front = front(config.engine, self.metrics, max_in_flight=config.max_in_flight, num_threads=config.threads,
+                           on_fatal=self._exit_server)
         loras = LoRARegistry(config.served_model_names, config.lora_store) if config.engine.enable_lora else None
         self.context = ServingContext(self.front, list(config.served_model_names), max_n=config.max_n,
                                       max_prompt_chars=config.max_prompt_chars, loras=loras,
