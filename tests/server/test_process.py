@@ -4,6 +4,7 @@ and (slow) SmolLM2 answers a chat question through the official client."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from loom.bench.process import ServerProcess, free_port, start_server
@@ -24,9 +26,15 @@ def _serve(model, *extra: str, timeout: float = 120.0) -> ServerProcess:
     return start_server(cmd, f"http://127.0.0.1:{port}", timeout=timeout)
 
 
-def test_sigterm_drains_in_flight_stream_then_exits(tiny_llama):
-    server = _serve(tiny_llama, "--served-model-name", "tiny", "--max-model-len", "512", "--max-num-seqs", "4")
+@pytest.mark.parametrize("mode", [[], ["--engine-process"]], ids=["engine-thread", "engine-process"])
+def test_sigterm_drains_in_flight_stream_then_exits(tiny_llama, mode):
+    """SIGTERM to the server's whole process group (as Ctrl-C, `timeout` and systemd send it): the stream in flight
+    still runs to its end (the engine's own process ignores the signal until the server has drained), exit 0, and
+    no process of the server's is left."""
+    server = _serve(tiny_llama, "--served-model-name", "tiny", "--max-model-len", "512", "--max-num-seqs", "4", *mode)
     url, proc = server.url, server.proc
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert len(children) == len(mode)  # the engine's process, with --engine-process
     try:
         models = httpx.get(f"{url}/v1/models").json()["data"]
         assert models[0]["id"] == "tiny" and models[0]["max_model_len"] == 512
@@ -45,9 +53,10 @@ def test_sigterm_drains_in_flight_stream_then_exits(tiny_llama):
         reader = threading.Thread(target=consume)
         reader.start()
         assert first.wait(60)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)  # the server runs in a session of its own: its group is its pid
         reader.join(120)
         assert proc.wait(120) == 0
+        assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
         assert lines[-1] == "data: [DONE]"
         usage = json.loads(lines[-2][len("data: "):])["usage"]
         assert usage["completion_tokens"] == 300  # the request in flight ran to its end

@@ -14,12 +14,12 @@ The child never waits for the parent between steps (a step-by-step round trip wo
 the engine's path). ``EngineProcess`` is the parent's end; ``ProcessLLMEngine`` is ``AsyncLLMEngine`` with that
 relay in place of its engine loop. The child is a fresh ``python -m loom.entrypoints.openai.engine_process``
 talking over a socket pair (as tensor-parallel ranks are started: unlike multiprocessing's spawn it never re-imports
-the caller's ``__main__``).
-Outputs cross as deltas (new token ids, text, logprobs), so a step's message grows with the batch, not with the
-outputs' lengths; the parent rebuilds the cumulative ``RequestOutput`` the handlers read. The child ignores SIGINT
-(Ctrl-C reaches the whole process group: the parent stops it) and exits when the parent's end of the socket closes,
-so it never outlives the server. A child that dies mid-run is an ``EngineFatalError``: the server fails what is in
-flight and exits, as when a tensor-parallel rank dies.
+the caller's ``__main__``). Outputs cross as deltas (new token ids, text, logprobs), so a step's message grows with
+the batch, not with the outputs' lengths; the parent rebuilds the cumulative ``RequestOutput`` the handlers read.
+The child ignores SIGINT and SIGTERM (Ctrl-C, ``timeout`` and systemd signal the whole process group: the server
+drains, then stops it) and exits when the parent's end of the socket closes, so it never outlives the server. A
+child that dies mid-run is an ``EngineFatalError``: the server fails what is in flight and exits, as when a
+tensor-parallel rank dies.
 """
 
 from __future__ import annotations
@@ -173,7 +173,10 @@ def _apply(c: CompletionOutput, d: tuple) -> CompletionOutput:
 def engine_main(conn: Connection) -> None:
     """The engine process: build the engine, then step while there are requests, answering calls between steps,
     until told to stop or the parent goes away."""
+    # Ctrl-C, `timeout` and systemd signal the whole process group: the server drains its requests first, then
+    # stops this process (or its socket closes if the server is killed outright)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config, num_threads, log_level = _recv(conn)
     logging.basicConfig(level=log_level, format="%(levelname)s:     [engine] %(message)s")
     import torch
