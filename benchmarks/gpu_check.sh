@@ -17,7 +17,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 python3 scripts/random_smollm2.py --tokenizer .device_carry/smollm2-tokenizer
 if want llm; then
 echo "== parity on CUDA, bfloat16"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py tests/engine/test_step_upload.py tests/ops/test_sampler.py \
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py tests/engine/test_step_upload.py \
   -k "not real_shapes" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
 echo "== Triton paged decode attention compiled on the GPU (the same tests run interpreted on CPU in make test)"
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_attention.py tests/ops/test_triton_layers.py 2>&1 \
@@ -29,7 +29,8 @@ timeout 120 python3 benchmarks/gguf_cuda.py --out "$OUT/gguf_cuda.json" 2>&1 | t
 fi
 if want other; then
 echo "== model-server workers on the GPUs (round-robin, ctx.device), finetuning on CUDA (DDP on NCCL: 2+ GPUs)"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/batching/test_gpu_workers.py tests/finetune/test_gpu.py \
+timeout 180 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors tests/batching/test_gpu_workers.py \
+  tests/finetune/test_gpu.py \
   2>&1 | tee "$OUT/pytest_gpu_workers_finetune.log" | tail -8
 fi
 if want llm; then

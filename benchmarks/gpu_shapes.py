@@ -220,6 +220,7 @@ def main() -> int:
             row["fraction_of_copy_bw"] = row["achieved_gb_per_s"] / bandwidth
         del llm
         release(args.device)
+        write_json(args.out, result)  # after each part: a later failure or timeout keeps what was measured
         result["throughput"] = {}
         for name, (n, subset, targets) in runs.items():
             folder = config_folder(name, args.tokenizer, Path(root))
@@ -242,11 +243,17 @@ def main() -> int:
                                 max_num_batched_tokens=256 if args.tiny else 8192)
             for backend, run in (("hf", run_hf_static), ("hf-cb", run_hf_cb)):
                 if backend in targets or args.tiny:
-                    seconds = run(str(folder), sub, hf_args)["elapsed_s"]
-                    release(args.device)
+                    try:
+                        seconds = run(str(folder), sub, hf_args)["elapsed_s"]
+                    except Exception as exc:  # a peer's failure (OOM, an API change) must not lose Loom's figures
+                        row["subset"][f"{backend}_error"] = f"{type(exc).__name__}: {exc}"
+                        continue
+                    finally:
+                        release(args.device)
                     row["subset"][f"{backend}_s"] = seconds
                     row["subset"][f"vs_{backend}"] = seconds / loom_sub
             result["throughput"][name] = row
+            write_json(args.out, result)
     write_json(args.out, result)
     decode = ", ".join(f"batch {r['batch']} {r['step_ms']:.2f} ms ({r['fraction_of_copy_bw']:.0%} of copy BW)"
                        for r in result["decode"])

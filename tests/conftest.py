@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-if not os.path.exists("/dev/nvidia0"):
+if not glob.glob("/dev/nvidia[0-9]*"):  # a container given one GPU of several may see /dev/nvidia3 only
     # Triton's kernels run interpreted on a machine without a GPU. Set before anything imports triton: its standard
     # library (tl.maximum, ...) is jit-decorated at import, interpreted or not for good.
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -90,6 +90,16 @@ class DecodeGraphs:
         self.seq_lens[n:b] = 1
         self.tables[n:b] = self.scratch_block
 
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Capture every bucket now, largest first into one pool (vLLM's order), so that no step pays a capture: two
+        warm-up forwards and a synchronize each, which otherwise land in the first steps of each batch size. The
+        static buffers hold padding (token 0 at position 0 writing the scratch block) until the first step."""
+        if self.capture:
+            for b in reversed(self.buckets):
+                if b not in self.graphs:
+                    self._capture(b)
+
     def _forward(self, b: int) -> torch.Tensor:
         meta = AttentionMetadata(slot_mapping=self.slots[:b], num_decodes=b, decode_block_tables=self.tables[:b],
                                  decode_seq_lens=self.seq_lens[:b], prefills=[], block_size=self.block_size)

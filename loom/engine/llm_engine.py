@@ -115,6 +115,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = config.torch_device()
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # events, graph capture and Triton launches use the current device
         self.dtype = config.torch_dtype()
         self.model_path, self.tokenizer_path = resolve_runtime(config.model, config.tokenizer, config.needs_float(),
                                                                    config.gguf_unsupported())
@@ -160,6 +162,11 @@ class LLMEngine:
                                      scratch_block=num_blocks) if graphs else None
         self.runner = ModelRunner(self.model, kv, self.block_manager, self.device, self.lora, peers=self.workers,
                                   graphs=decode_graphs)
+        if decode_graphs is not None:  # at start, as vLLM: a capture inside serving stalls the first steps of a size
+            started = time.perf_counter()
+            decode_graphs.capture_all()
+            log.info("captured decode graphs for %d batch sizes in %.1f s", len(decode_graphs.graphs),
+                     time.perf_counter() - started)
         self.generator = torch.Generator().manual_seed(config.seed)
         """Draws the seed of each sequence whose request gives none (the sampler's uniforms hash a seed)."""
         self.requests: dict[str, _Request] = {}

@@ -125,7 +125,7 @@ def test_engine_with_triton_attention_gives_the_reference_tokens(tiny_llama, mon
     monkeypatch.setattr(paged_attention, "paged_prefill", counted("prefill", paged_attention.paged_prefill))
     shared = varied_prompts(1, seed=6, low=24, high=24)[0]
     prompts = varied_prompts(3, seed=4, low=5, high=40) + [shared + [101, 102], shared + [103]]
-    engine = dict(num_kv_blocks=64, block_size=8, max_num_batched_tokens=16)
+    engine = dict(num_kv_blocks=64, block_size=8, max_num_batched_tokens=16, dtype="float32")  # also on CUDA
     reference = loom_greedy(LLM(str(tiny_llama), attention_backend="torch", **engine), prompts, 8)
     triton_llm = LLM(str(tiny_llama), attention_backend="triton", **engine)
     ours = loom_greedy(triton_llm, prompts, 8)
@@ -151,7 +151,7 @@ def test_windowed_and_soft_capped_models_through_triton_give_the_reference_token
 
     path = save_tiny_model(tmp_path / arch, smollm2_path, arch=arch, **overrides)
     prompts = varied_prompts(3, seed=9, low=20, high=45)
-    engine = dict(num_kv_blocks=64, block_size=8, max_num_batched_tokens=16)
+    engine = dict(num_kv_blocks=64, block_size=8, max_num_batched_tokens=16, dtype="float32")  # also on CUDA
     reference = loom_greedy(LLM(str(path), attention_backend="torch", **engine), prompts, 12)
     ours = loom_greedy(LLM(str(path), attention_backend="triton", **engine), prompts, 12)
     assert [o[0] for o in ours] == [r[0] for r in reference]

@@ -124,7 +124,7 @@ def test_a_gguf_file_runs_through_the_triton_kernels_as_transformers_expands_it(
     prompts = [rng.integers(3, VOCAB, n).tolist() for n in (1, 6, 19, 30)]
     reference = hf_greedy(hf, prompts, max_new=5)
     llm = LLM(str(path), tokenizer=str(smollm2_path), attention_backend="triton", num_kv_blocks=64,
-              max_num_batched_tokens=16)
+              max_num_batched_tokens=16, dtype="float32")  # "auto" is bfloat16 on CUDA: the reference is float32
     layer = llm.engine.model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj, tq.TritonQuantLinear) and layer.self_attn.qkv_proj.kind == "Q8_0"
     assert layer.mlp.down_proj.kind == "Q4_0" and layer.self_attn.qkv_proj.bias is not None
@@ -138,7 +138,7 @@ def test_weight_only_int8_through_the_engine_equals_its_dequantized_weights(tiny
     from loom.ops.quantized import QUANTIZED_PROJECTIONS
     from tests.engine.test_parity import assert_parity, loom_greedy
 
-    engine = dict(num_kv_blocks=64, block_size=8, max_num_batched_tokens=16)
+    engine = dict(num_kv_blocks=64, block_size=8, max_num_batched_tokens=16, dtype="float32")  # also on CUDA
     int8 = LLM(str(tiny_llama), quantization="int8", attention_backend="triton", **engine)
     reference = LLM(str(tiny_llama), attention_backend="torch", **engine)
     ours_model, ref_model = int8.engine.model, reference.engine.model
@@ -153,7 +153,8 @@ def test_weight_only_int8_through_the_engine_equals_its_dequantized_weights(tiny
                         replaced += 1
         head = ref_model.lm_head.weight if ref_model.lm_head is not None else ref_model.embed_tokens.weight
         if ref_model.lm_head is None:  # a tied head: give the reference a head of its own with the int8 weights
-            ref_model.logits_proj = torch.nn.Linear(head.shape[1], head.shape[0], bias=False)
+            ref_model.logits_proj = torch.nn.Linear(head.shape[1], head.shape[0], bias=False, device=head.device,
+                                                    dtype=head.dtype)
             ref_model.logits_proj.weight.copy_(ours_model.logits_proj.dequantize())
         else:
             head.copy_(ours_model.logits_proj.dequantize())

@@ -34,7 +34,8 @@ def _kv_tile(k_ptr, v_ptr, table_ptr, pos, key_ok, kv_head, dims, dim_ok, stride
              BLOCK_SIZE: tl.constexpr):
     """K and V [BLOCK_N, BLOCK_D] at the key positions ``pos`` of one sequence, each key's cache block read from its
     table row ``table_ptr`` (masked keys: zeros, their table entry and block never read)."""
-    block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=key_ok, other=0)
+    # int64: block * stride_kb passes 2**31 once one layer's cache holds more than 2**31 elements
+    block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
     off = block[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_ks + kv_head * stride_kh + dims[None, :]
     mask = key_ok[:, None] & dim_ok[None, :]
     return tl.load(k_ptr + off, mask=mask, other=0.0), tl.load(v_ptr + off, mask=mask, other=0.0)
@@ -148,7 +149,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     top = maxes.max(dim=-1, keepdim=True).values
     weights = torch.exp(maxes - top).nan_to_num(0.0)
     total = (sums * weights).sum(-1, keepdim=True)
-    out = (acc * weights.unsqueeze(-1)).sum(2) / total
+    out = torch.einsum("bhsd,bhs->bhd", acc, weights) / total  # no [b, h, splits, d] temporary
     return out.to(q.dtype)
 
 
