@@ -1,8 +1,11 @@
 """Parity on CUDA in bfloat16 (runs only where a GPU is present; the CPU suite covers the same code in float32).
 
-Tolerances: greedy token ids identical to HF transformers' bf16 run of the same checkpoint on the same GPU, and to
-the same prompt run alone; logprobs of the chosen tokens within 0.1 (bf16 keeps ~3 significant digits, and the two
-implementations round in different places: fused q/k/v and gate/up matmuls, paged attention).
+Tolerances, teacher-forced: HF transformers' bf16 model of the same checkpoint on the same GPU scores Loom's greedy
+tokens in one forward a prompt; each token's logprob is within 0.1 of HF's, and each token within 0.1 of HF's best at
+its step. Exact ids are not asked for: the checkpoints here have random weights, whose flat distributions have
+near-ties (SmolLM2's random-weight logits: a median top-1/top-2 gap of 0.075; ~4% of positions flip between float32
+and bfloat16) that any change of rounding order — fused matmuls, paged attention, a graph's padded batch — can flip,
+after which the two continuations part for good.
 """
 
 from __future__ import annotations
@@ -20,20 +23,16 @@ pytestmark = [
 LOGPROB_ATOL_BF16 = 0.1
 
 
-def hf_bf16(path, prompts, max_new):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).cuda().eval()
-    out = []
-    with torch.inference_mode():
-        for ids in prompts:
-            g = model.generate(
-                torch.tensor([ids], device="cuda"), max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
-                output_logits=True, return_dict_in_generate=True, pad_token_id=2,
-            )  # fmt: skip
-            new = g.sequences[0, len(ids) :].tolist()
-            out.append((new, [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(g.logits, new)]))
-    return out
+def assert_hf_scores_loom_tokens(hf, prompts, run, label: str) -> None:
+    """Teacher-forced: ``hf`` scores each prompt's Loom tokens in one forward; every token's logprob within 0.1 of
+    HF's, and every token within 0.1 of HF's best at its step."""
+    for i, (prompt, (ids, lps)) in enumerate(zip(prompts, run)):
+        with torch.inference_mode():
+            logits = hf(torch.tensor([prompt + ids[:-1]], device="cuda")).logits[0, len(prompt) - 1 :].float()
+        reference = torch.log_softmax(logits, -1).cpu()
+        chosen = reference[torch.arange(len(ids)), torch.tensor(ids)]
+        assert (torch.tensor(lps) - chosen).abs().max() < LOGPROB_ATOL_BF16, f"{label}, prompt {i}: logprobs"
+        assert (reference.max(-1).values - chosen).max() < LOGPROB_ATOL_BF16, f"{label}, prompt {i}: not HF's best"
 
 
 def loom_bf16(llm, prompts, max_new):
@@ -45,16 +44,20 @@ def loom_bf16(llm, prompts, max_new):
 
 @pytest.mark.parametrize("model_fixture", ["tiny_llama", "smollm2_path"])
 def test_bf16_cuda_concurrent_matches_hf_and_alone(request, model_fixture):
+    """16 prompts decoded together, then each alone (other batch shapes, other CUDA graphs): both runs score as HF's
+    own bf16 model would choose, teacher-forced."""
+    from transformers import AutoModelForCausalLM
+
     path = request.getfixturevalue(model_fixture)
     prompts = varied_prompts(16, seed=21, low=4, high=120)
     llm = LLM(str(path), dtype="bfloat16", device="cuda", max_num_batched_tokens=256, kv_cache_memory_gb=1.0)
     together = loom_bf16(llm, prompts, 16)
-    reference = hf_bf16(path, prompts, 16)
-    for i, ((ids, lps), (ref_ids, ref_lps)) in enumerate(zip(together, reference)):
-        assert ids == ref_ids, f"prompt {i}: token ids differ from HF bf16"
-        assert max(abs(a - b) for a, b in zip(lps, ref_lps)) < LOGPROB_ATOL_BF16, f"prompt {i}: logprobs"
-    alone = [loom_bf16(llm, [p], 16)[0][0] for p in prompts]
-    assert alone == [t[0] for t in together]
+    alone = [loom_bf16(llm, [p], 16)[0] for p in prompts]
+    del llm
+    torch.cuda.empty_cache()
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).cuda().eval()
+    assert_hf_scores_loom_tokens(hf, prompts, together, "together")
+    assert_hf_scores_loom_tokens(hf, prompts, alone, "alone")
 
 
 @pytest.mark.parametrize("shape", ["llama-3.2-1b", "llama-3.1-8b"])
@@ -87,13 +90,7 @@ def test_bf16_cuda_matches_hf_at_real_shapes_and_graphs_equal_eager(tmp_path, sm
         del llm
         torch.cuda.empty_cache()
     for eager, run in runs.items():
-        for prompt, (ids, lps) in zip(prompts, run):
-            with torch.inference_mode():
-                logits = hf(torch.tensor([prompt + ids[:-1]], device="cuda")).logits[0, len(prompt) - 1 :].float()
-            reference = torch.log_softmax(logits, -1).cpu()
-            chosen = reference[torch.arange(len(ids)), torch.tensor(ids)]
-            assert (torch.tensor(lps) - chosen).abs().max() < LOGPROB_ATOL_BF16, f"eager={eager}: logprobs"
-            assert (reference.max(-1).values - chosen).max() < LOGPROB_ATOL_BF16, f"eager={eager}: not HF's best"
+        assert_hf_scores_loom_tokens(hf, prompts, run, f"eager={eager}")
     assert [ids[0] for ids, _ in runs[True]] == [ids[0] for ids, _ in runs[False]]
 
 
