@@ -109,7 +109,7 @@ def server_command(config: str, port: int, args: argparse.Namespace) -> list[str
         model = packaged_gguf() if fmt == "q4_1" else folder
         return [sys.executable, "-m", "loom.cli", "serve", "--model", model, "--tokenizer", folder,
                 "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-                "--threads", str(args.threads)]
+                "--threads", str(args.threads), *shlex.split(args.loom_args)]
     model = packaged_gguf() if fmt == "q4_1" else args.f32_gguf
     return [args.llama_server, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-t", str(args.threads),
             "-tb", str(args.threads), "-np", "16", "-c", str(args.ctx), "--alias", "bench", "--log-disable",
@@ -360,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="avx2: Loom and torch limited to AVX2 (with an AVX2 build of llama-server: the ISA of an "
                          "AVX2-only CPU on this one)")
     ap.add_argument("--llama-args", default="", help="extra llama-server flags, e.g. '--cache-ram 0'")
+    ap.add_argument("--loom-args", default="", help="extra `loom serve` flags, e.g. '--engine-process'")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of separate runs (0: only --paired-lone)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--input-len", type=int, default=128)
