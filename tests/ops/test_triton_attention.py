@@ -108,6 +108,20 @@ def test_all_prefill_chunks_of_a_step_in_one_launch_equal_the_reference(window, 
             assert (expected - plain).abs().max() > 1e-2
 
 
+def test_a_cache_past_int32_offsets_is_refused_not_misread():
+    """The kernels' int32 offsets address 2**31 elements of a layer's cache: a larger one is a clear error (here on
+    meta tensors: nothing allocated, nothing launched)."""
+    q = torch.empty(2, 4, 64, device="meta")
+    big = torch.empty(2**31 // (16 * 2 * 64), 16, 2, 64, device="meta")  # exactly 2**31 elements
+    tables, lens = torch.empty(2, 8, dtype=torch.int32, device="meta"), torch.empty(2, dtype=torch.int32, device="meta")
+    with pytest.raises(ValueError, match="int32 offsets"):
+        paged_decode(q, big, big, tables, lens, 0.125)
+    with pytest.raises(ValueError, match="int32 offsets"):
+        paged_prefill(q, big, big, [], 0.125)
+    small = torch.empty(2**31 // (16 * 2 * 64) - 1, 16, 2, 64, device="meta")
+    assert paged_decode(torch.empty(0, 4, 64, device="meta"), small, small, tables, lens, 0.125).shape == (0, 4, 64)
+
+
 def test_engine_with_triton_attention_gives_the_reference_tokens(tiny_llama, monkeypatch):
     """Decode and prefill through the kernels: 16-token steps chunk the prompts, the last one hits the prefix cache.
     The prefill launch's integers are built once a step and read by every layer."""

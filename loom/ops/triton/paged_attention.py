@@ -34,8 +34,9 @@ def _kv_tile(k_ptr, v_ptr, table_ptr, pos, key_ok, kv_head, dims, dim_ok, stride
              BLOCK_SIZE: tl.constexpr):
     """K and V [BLOCK_N, BLOCK_D] at the key positions ``pos`` of one sequence, each key's cache block read from its
     table row ``table_ptr`` (masked keys: zeros, their table entry and block never read)."""
-    # int64: block * stride_kb passes 2**31 once one layer's cache holds more than 2**31 elements
-    block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+    # NOTE: int32 offsets: block * stride_kb overflows once one layer's cache holds 2**31 elements (4 GiB in bf16).
+    # int64 ones (the block id, or each key's row start) spill 16 B of registers in the float32 prefill on sm_90.
+    block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=key_ok, other=0)
     off = block[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_ks + kv_head * stride_kh + dims[None, :]
     mask = key_ok[:, None] & dim_ok[None, :]
     return tl.load(k_ptr + off, mask=mask, other=0.0), tl.load(v_ptr + off, mask=mask, other=0.0)
@@ -101,6 +102,15 @@ def _decode_split_kernel(
     tl.store(sum_ptr + stat_off, l_i, mask=head_ok)
 
 
+def check_addressable(cache: torch.Tensor) -> None:
+    """The kernels address a layer's cache with int32 offsets (int64 ones spill registers on sm_90): refuse a cache
+    they would read past, instead of reading the wrong memory."""
+    if cache.numel() >= 2**31:
+        raise ValueError(f"one layer's KV cache holds {cache.numel():,} elements, more than the Triton attention "
+                         "kernels' int32 offsets address (2**31): lower --gpu-memory-utilization, --num-kv-blocks or "
+                         "--kv-cache-memory-gb, or use --attention-backend torch")
+
+
 def _dot_tiles(dtype: torch.dtype, d: int) -> dict:
     """The constexprs every kernel here shares: the head dim's tile (tl.dot needs >= 16) and the product precision."""
     return dict(D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
@@ -123,6 +133,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     softcap * tanh(score / softcap) (Gemma 2). A split covers ``blocks_per_split`` cache blocks."""
     b, h, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
+    check_addressable(k_cache)
     if b == 0:
         return q.new_empty(q.shape)
     group = h // hkv
@@ -226,6 +237,7 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     (``AttentionMetadata.plans``) that keeps the launch's integer tensors for the step's other layers."""
     t, h, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
+    check_addressable(k_cache)
     out = torch.empty_like(q) if out is None else out
     if not chunks:
         return out
