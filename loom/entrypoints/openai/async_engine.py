@@ -255,15 +255,15 @@ class AsyncLLMEngine:
         self._commands.put(command)
 
     def _deliver(self, stream: RequestStream, item) -> None:
-        try:
-            self._loop.call_soon_threadsafe(stream.put, item)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
+        self._to_loop(stream.put, item)
 
     def _deliver_all(self, routed: list[tuple[RequestStream, RequestOutput]]) -> None:
         """A step's outputs in one hand-off: the event loop wakes once a step, not once per request."""
+        self._to_loop(_put_all, routed)
+
+    def _to_loop(self, fn: Callable, *args) -> None:
         try:
-            self._loop.call_soon_threadsafe(_put_all, routed)
+            self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 
@@ -290,15 +290,19 @@ class AsyncLLMEngine:
             workers.on_failure = lambda message: self._command(_Fatal(message))
         self._publish_stats()
         try:
-            while self._take_commands(block=not self.engine.has_unfinished_requests()):
-                if self.engine.has_unfinished_requests():
-                    self._step()
+            self._run()
         except EngineFatalError as exc:
             self._stop_for_good(exc)
         finally:
             self._fail_all(EngineDead("the LLM engine stopped"))
             if hasattr(self.engine, "shutdown"):
                 self.engine.shutdown()
+
+    def _run(self) -> None:
+        """Apply commands and step until told to stop (EngineFatalError: the engine cannot go on)."""
+        while self._take_commands(block=not self.engine.has_unfinished_requests()):
+            if self.engine.has_unfinished_requests():
+                self._step()
 
     def _stop_for_good(self, exc: EngineFatalError) -> None:
         self.fatal_error = str(exc)

@@ -48,11 +48,8 @@ from loom.engine.tensor_parallel import EngineFatalError
 from loom.entrypoints.openai.async_engine import (
     _ACCEPTED,
     AsyncLLMEngine,
-    EngineDead,
     _Add,
     _Call,
-    _set_exception,
-    _set_result,
 )
 from loom.entrypoints.openai.metrics import LLMMetrics
 
@@ -105,10 +102,8 @@ class DeltaEncoder:
         """request id -> per completion (text, tokens, logprobs) as last sent."""
 
     def encode(self, out: RequestOutput) -> RequestOutput | OutputDelta:
-        sent = self._sent.get(out.request_id)
-        if out.finished:
-            self._sent.pop(out.request_id, None)
-        elif sent is None or len(sent) != len(out.outputs):
+        sent = self._sent.pop(out.request_id, None)
+        if not out.finished:
             self._sent[out.request_id] = [_mark(c) for c in out.outputs]
         if sent is None or len(sent) != len(out.outputs):
             return out
@@ -118,8 +113,6 @@ class DeltaEncoder:
             new_lps = c.logprobs[logprobs:] if c.logprobs is not None else None
             deltas.append((c.index, start, c.text[start:], c.token_ids[tokens:], new_lps, c.cumulative_logprob,
                            c.finish_reason, c.stop_reason))
-        if not out.finished:
-            self._sent[out.request_id] = [_mark(c) for c in out.outputs]
         m = out.metrics
         metrics = None if m is None else (m.arrival_time, m.first_scheduled_time, m.first_token_time, m.finished_time)
         return out.request_id, out.finished, out.num_cached_tokens, metrics, deltas
@@ -428,30 +421,20 @@ class ProcessLLMEngine(AsyncLLMEngine):
     def _build_engine(self) -> EngineProcess:
         return EngineProcess(self.config, self.engine_threads)
 
-    def _serve(self, ready) -> None:
-        try:
-            self.engine = self._build_engine()
-            self.max_model_len = self.engine.max_model_len
-        except BaseException as exc:
-            self._loop.call_soon_threadsafe(_set_exception, ready, exc)
-            return
-        self._loop.call_soon_threadsafe(_set_result, ready)
-        self._publish_stats()
-        engine = self.engine
+    def _run(self) -> None:
+        """Wait on the child's socket and the wake-up socket: commands go on as they come, answers and outputs are
+        routed as they arrive, until told to stop."""
+        connection = self.engine.connection
         try:
             while True:
-                sources = wait([engine.connection, self._wake_read])
+                sources = wait([connection, self._wake_read])
                 if self._wake_read in sources:
                     _drain(self._wake_read)  # then every queued command, not one per byte
                     if not self._take_commands(block=False):
                         break
-                if engine.connection in sources:
+                if connection in sources:
                     self._receive()
-        except EngineFatalError as exc:
-            self._stop_for_good(exc)
         finally:
-            self._fail_all(EngineDead("the LLM engine stopped"))
-            engine.shutdown()
             self._wake_write.close()
             self._wake_read.close()
 
