@@ -145,9 +145,10 @@ def quantized_workloads():
         raw = torch.randint(0, 256, (n, k // BLOCK_WEIGHTS[qtype] * BLOCK_BYTES[qtype]), dtype=torch.uint8,
                             generator=generator)
         layer = TritonQuantLinear.from_gguf(raw, qtype, k)
-        for rows, kernel in ((1, "gemv"), (64, "gemm"), (DEQUANTIZE_ROWS, "dequantize")):
+        for rows, kernel in ((1, "gemv"), (2, "gemv"), (4, "gemv"), (8, "gemv"), (16, "gemm"), (64, "gemm"),
+                            (DEQUANTIZE_ROWS, "dequantize")):
             x = torch.empty(rows, k, dtype=torch.bfloat16)
-            yield f"quantized {kernel} {qtype.name} bf16", partial(layer, x)
+            yield f"quantized {kernel} m={rows} {qtype.name} bf16", partial(layer, x)
 
 
 def main() -> int:

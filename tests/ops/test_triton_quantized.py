@@ -28,7 +28,8 @@ from tests.engine.test_gguf_int8 import blocks  # noqa: E402
 DEVICE = "cuda" if CUDA else "cpu"
 K = 512  # two K-quant super-blocks, sixteen 32-weight blocks
 N = 70  # not a multiple of the 32 / 64 feature tiles
-ROWS = {"gemv": 3, "gemm": 20, "dequantize": tq.DEQUANTIZE_ROWS}
+ROWS = {"gemv": 3, "gemv-wide": 7, "gemm": 20, "dequantize": tq.DEQUANTIZE_ROWS}
+"""Rows of x per kernel: GEMV up to 4 rows with 64-wide K steps, 5-8 rows with 32-wide ones (see forward)."""
 
 
 @pytest.mark.parametrize("qtype", list(GGMLType), ids=lambda t: t.name)

@@ -204,8 +204,11 @@ class TritonQuantLinear(nn.Module):
         wide = 4 if _INTERPRETED else 1  # the interpreter's cost is per program: fewer, wider ones for the tests
         if m <= GEMV_ROWS:
             block_m, block_n = max(1, triton.next_power_of_2(m)), 32 * wide
+            # NOTE: the product tile is [BLOCK_M, BLOCK_N, BLOCK_K] floats in registers: at 5-8 rows a 64-wide K
+            # step spilled 176-336 B on sm_90 (scripts/triton_sm90.py); a 32-wide one uses 80-96 registers
+            block_k = 64 if block_m <= 4 else 32
             _gemv_kernel[(triton.cdiv(n, block_n),)](*common, **self._meta(), HAS_BIAS=self.bias is not None,
-                                                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64)
+                                                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
         else:
             block_m, block_n = (16 if m <= 16 else 32 if m <= 32 else 64), 64 * wide
             _gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
