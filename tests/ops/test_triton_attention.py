@@ -71,6 +71,32 @@ def test_paged_decode_with_a_window_and_soft_caps_equals_the_reference(window, s
     assert (reference - decode_attention_reference(q, k, v, meta, 0.3)).abs().max() > 1e-2  # the variant matters
 
 
+@pytest.mark.parametrize("window", [None, 20], ids=["full", "window"])
+def test_decode_splits_without_keys_are_neither_written_nor_read(monkeypatch, window):
+    """The split partials are not filled: a split past a row's context (or wholly before its window) skips its
+    stores, and the combine reads only the splits that saw keys. Allocations poisoned with NaN catch either half
+    missing (a NaN read anywhere reaches the output)."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        tensor = empty(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    torch.manual_seed(5)
+    num_blocks, block_size, heads, kv_heads, d = 64, 8, 6, 2, 16
+    k = torch.randn(num_blocks, block_size, kv_heads, d, device=DEVICE)
+    v = torch.randn(num_blocks, block_size, kv_heads, d, device=DEVICE)
+    lens = torch.tensor([1, 9, 33, 150], dtype=torch.int32, device=DEVICE)  # 1, 1, 2 and 5 of 5 splits
+    tables = torch.stack([torch.randperm(num_blocks)[:19] for _ in lens]).to(torch.int32).to(DEVICE)
+    q = torch.randn(len(lens), heads, d, device=DEVICE)
+    meta = AttentionMetadata(slot_mapping=torch.zeros(len(lens), dtype=torch.long), num_decodes=len(lens),
+                             decode_block_tables=tables, decode_seq_lens=lens, prefills=[], block_size=block_size)
+    reference = decode_attention_reference(q, k, v, meta, 0.3, window)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    out = paged_decode(q, k, v, tables, lens, 0.3, blocks_per_split=4, window=window)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("heads, kv_heads", [(6, 2), (4, 4), (9, 3)])
 @pytest.mark.parametrize("dtype, atol", DTYPES)
 @pytest.mark.parametrize("window,softcap", [(None, None), (12, None), (None, 2.0), (30, 8.0)],

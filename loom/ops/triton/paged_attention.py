@@ -13,8 +13,9 @@ from the table (one gathered load per tile), so a tile spans several cache block
 
 Decode grid: (sequence, KV head, split). A program holds the G query heads that share its KV head (padded to 16 rows,
 the smallest ``tl.dot`` tile: a memory-bound kernel does not mind the idle rows), walks its split of the context,
-keeps a running max, sum and weighted value sum per query head, and writes them; a small second pass (plain torch:
-S splits per row) combines the splits by their log-sum-exp. Contexts shorter than one split use one split.
+keeps a running max, sum and weighted value sum per query head, and writes them (a split with no keys of its row
+writes nothing); a second kernel, one program per (sequence, query head), combines the row's splits that saw keys
+by their log-sum-exp (as vLLM's paged_attention_v2 reduce does). Contexts shorter than one split use one split.
 Prefill grid: (query tile, KV head): a tile's BLOCK_M rows are BLOCK_M / G tokens of one chunk x the G query heads
 that share the KV head (as vLLM's unified attention packs them), so each K/V tile is read once for the G heads and a
 short chunk still fills the tile; flash-attention style.
@@ -95,11 +96,46 @@ def _decode_split_kernel(
         k, v = _kv_tile(k_ptr, v_ptr, tables_ptr + seq * stride_tb, pos, key_ok, kv_head, dims, dim_ok, stride_kb,
                         stride_ks, stride_kh, BLOCK_SIZE)
         m_i, l_i, acc = _softmax_step(q, k, v, key_ok[None, :], m_i, l_i, acc, scale, softcap, USE_SOFTCAP, PRECISION)
+    # A split past the context (or wholly before the window) writes nothing: the combine never reads it.
+    head_ok = head_ok & (tl.zeros([BLOCK_G], tl.int32) + (end - begin) > 0)
     out_off = seq * stride_ab + heads[:, None] * stride_ah + split * stride_as + dims[None, :]
     tl.store(acc_ptr + out_off, acc, mask=head_ok[:, None] & dim_ok[None, :])
     stat_off = seq * stride_mb + heads * stride_mh + split
     tl.store(max_ptr + stat_off, m_i, mask=head_ok)
     tl.store(sum_ptr + stat_off, l_i, mask=head_ok)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    acc_ptr, max_ptr, sum_ptr, lens_ptr, out_ptr, window,
+    stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ob, stride_oh,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_KEYS: tl.constexpr, USE_WINDOW: tl.constexpr,
+):
+    """One (sequence, query head): the splits that saw keys, merged by their log-sum-exp, divided by the total."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    length = tl.load(lens_ptr + seq)
+    first = 0
+    if USE_WINDOW:
+        first = tl.maximum(length - window, 0) // SPLIT_KEYS
+    last = (length + SPLIT_KEYS - 1) // SPLIT_KEYS
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    m = tl.full([1], float("-inf"), tl.float32)
+    total = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    stats = max_ptr + seq * stride_mb + head * stride_mh
+    for split in range(first, last):  # every one saw a key: its max is finite
+        m_s = tl.load(stats + split + tl.arange(0, 1))
+        l_s = tl.load(sum_ptr + seq * stride_mb + head * stride_mh + split + tl.arange(0, 1))
+        a_s = tl.load(acc_ptr + seq * stride_ab + head * stride_ah + split * stride_as + dims, mask=dim_ok, other=0.0)
+        m_new = tl.maximum(m, m_s)
+        alpha, beta = tl.exp(m - m_new), tl.exp(m_s - m_new)
+        total = total * alpha + l_s * beta
+        acc = acc * alpha + a_s * beta
+        m = m_new
+    out = tl.where(total > 0, acc / tl.maximum(total, 1e-30), 0.0)  # a context of no keys: zeros
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
 
 
 def check_addressable(cache: torch.Tensor) -> None:
@@ -140,9 +176,12 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     max_blocks = block_tables.shape[1]
     splits = max(1, -(-max_blocks // blocks_per_split))
     split_keys = blocks_per_split * block_size
+    # NOTE: no fill: a split writes its partials only if it saw keys, and the combine reads only those, so the
+    # traffic and work of the splits follow each row's context, not the table's width (under CUDA graphs the table
+    # is padded to the model's longest context: 32 splits for SmolLM2 at 8,192 tokens, whatever the batch holds).
     acc = torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
-    maxes = torch.full((b, h, splits), float("-inf"), dtype=torch.float32, device=q.device)
-    sums = torch.zeros(b, h, splits, dtype=torch.float32, device=q.device)
+    maxes = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
+    sums = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
     q = q.contiguous()
     _decode_split_kernel[(b, hkv, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, acc, maxes, sums,
@@ -156,12 +195,14 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         USE_WINDOW=window is not None, USE_SOFTCAP=softcap is not None, **_dot_tiles(q.dtype, d),
         **_decode_tiles(q.dtype, d), num_stages=1,
     )  # fmt: skip
-    # Combine the splits: weights exp(m_s - m) per split, empty splits (m = -inf) weigh nothing.
-    top = maxes.max(dim=-1, keepdim=True).values
-    weights = torch.exp(maxes - top).nan_to_num(0.0)
-    total = (sums * weights).sum(-1, keepdim=True)
-    out = torch.einsum("bhsd,bhs->bhd", acc, weights) / total  # no [b, h, splits, d] temporary
-    return out.to(q.dtype)
+    out = torch.empty_like(q)
+    _decode_combine_kernel[(b, h)](
+        acc, maxes, sums, seq_lens, out, window or 0,
+        acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1), out.stride(0), out.stride(1),
+        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), SPLIT_KEYS=split_keys, USE_WINDOW=window is not None,
+        num_warps=1,
+    )  # fmt: skip
+    return out
 
 
 @triton.jit
