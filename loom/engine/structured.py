@@ -211,6 +211,8 @@ def apply_bitmask(logits: torch.Tensor, rows: list[int], mask: torch.Tensor) -> 
     import llguidance.torch as lt
     import torch
 
+    from loom.ops.sampler import to_device
+
     if logits.device.type == "cpu" and logits.dtype == torch.float32:
         if len(rows) == logits.shape[0]:  # every row constrained
             lt.apply_token_bitmask_inplace(logits, mask)
@@ -224,7 +226,7 @@ def apply_bitmask(logits: torch.Tensor, rows: list[int], mask: torch.Tensor) -> 
     if len(rows) == logits.shape[0]:
         logits.masked_fill_(forbidden, float("-inf"))
     else:
-        index = torch.tensor(rows, device=logits.device)
+        index = to_device(rows, logits.device)
         logits[index] = logits[index].masked_fill(forbidden, float("-inf"))
 
 

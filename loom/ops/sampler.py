@@ -141,6 +141,16 @@ class DeferredSample:
         return self._result
 
 
+def to_device(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host values as a tensor on ``device`` without making the host wait for the device.
+
+    NOTE: ``torch.tensor(values, device=cuda)`` copies and then synchronizes the stream: the host waits for every
+    kernel queued before the copy — under async scheduling, the next step's forward, which the host should be
+    preparing the step after for. A non-blocking copy of a small pageable tensor is staged by the driver and returns
+    at once (the source may be freed right after)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
     """logits: [S, V] float32, one row per sampling sequence, in ``rows`` order."""
     return sample_deferred(logits, rows).result()
@@ -150,7 +160,7 @@ def sample_deferred(logits: torch.Tensor, rows: list[SamplingRow]) -> DeferredSa
     """``sample`` without reading the ids back: they stay on the logits' device until ``result()``."""
     want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     # a list index would reach the device in a blocking copy (a wait for the stream): send it without one
-    some = torch.tensor(want).to(logits.device, non_blocking=True) if 0 < len(want) < len(rows) else None
+    some = to_device(want, logits.device) if 0 < len(want) < len(rows) else None
     raw_logprobs = torch.log_softmax(logits if some is None else logits[some], dim=-1) if want else None
     logits = apply_penalties(logits, rows)
     ext = _cpu_extension(logits)
@@ -221,19 +231,19 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
         sub = logits[penalised]
         params = [rows[i].params for i in penalised]
         outputs = _counts([rows[i].token_arrays()[1] for i in penalised], vocab, device)  # [N, V] float
-        rep = torch.tensor([p.repetition_penalty for p in params], device=device, dtype=logits.dtype)[:, None]
+        rep = to_device([p.repetition_penalty for p in params], device, logits.dtype)[:, None]
         if any(p.repetition_penalty != 1.0 for p in params):  # decided on the host: no wait on the device
             seen = (outputs + _counts([rows[i].token_arrays()[0] for i in penalised], vocab, device)) > 0
             scaled = torch.where(sub > 0, sub / rep, sub * rep)
             sub = torch.where(seen & (rep != 1.0), scaled, sub)
-        freq = torch.tensor([p.frequency_penalty for p in params], device=device, dtype=logits.dtype)[:, None]
-        presence = torch.tensor([p.presence_penalty for p in params], device=device, dtype=logits.dtype)[:, None]
+        freq = to_device([p.frequency_penalty for p in params], device, logits.dtype)[:, None]
+        presence = to_device([p.presence_penalty for p in params], device, logits.dtype)[:, None]
         logits[penalised] = sub - freq * outputs - presence * (outputs > 0).to(logits.dtype)
     masked = [(i, t) for i in needs if rows[i].position < rows[i].params.min_tokens
               for t in rows[i].stop_ids if 0 <= t < vocab]
     if masked:
         row_ids, token_ids = zip(*masked)
-        logits[torch.tensor(row_ids, device=device), torch.tensor(token_ids, device=device)] = float("-inf")
+        logits[to_device(row_ids, device), to_device(token_ids, device)] = float("-inf")
     return logits
 
 
@@ -245,7 +255,7 @@ def _counts(token_lists: list[np.ndarray], vocab: int, device) -> torch.Tensor:
         padded = np.full((len(token_lists), width), vocab, dtype=np.int64)
         for row, tokens in zip(padded, token_lists):
             row[: len(tokens)] = tokens
-        padded = torch.from_numpy(padded).to(device)
+        padded = torch.from_numpy(padded).to(device, non_blocking=True)
         counts.scatter_add_(1, padded, torch.ones(padded.shape, device=device))
     return counts[:, :vocab]
 
@@ -279,7 +289,7 @@ def row_uniforms(rows: list[SamplingRow], draws: int, device, dtype=torch.float3
     """[R, draws] uniforms in [0, 1): row r's draw j is the hash of (seed, position * MAX_DRAWS + j)."""
     if draws > MAX_DRAWS:
         raise ValueError(f"at most {MAX_DRAWS} random draws per row and step, asked for {draws}")
-    keys = torch.tensor([[r.seed, r.position] for r in rows], dtype=torch.int64, device=device)  # one upload
+    keys = to_device([[r.seed, r.position] for r in rows], device, torch.int64)  # one upload
     counters = keys[:, 1:] * MAX_DRAWS + torch.arange(draws, device=device)[None, :]
     return uniforms(keys[:, :1], counters).to(dtype)
 

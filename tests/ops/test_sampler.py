@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from loom.ops import sampler
@@ -123,8 +124,12 @@ def test_a_seeded_row_draws_the_same_token_whatever_shares_the_step():
     assert len(drawn) > 5
 
 
-def test_penalties_of_many_rows_at_once_match_each_row_alone():
-    """Rows with different penalty kinds (and none) in one step equal the reference formulas row by row."""
+@pytest.mark.parametrize("path", ["kernel", "tensors"])
+def test_penalties_of_many_rows_at_once_match_each_row_alone(path, monkeypatch):
+    """Rows with different penalty kinds (and none) in one step equal the reference formulas row by row, through the
+    C++ kernel (CPU float32) and through the tensor ops every other device runs."""
+    if path == "tensors":
+        monkeypatch.setattr(sampler, "_cpu_extension", lambda logits: None)
     torch.manual_seed(5)
     logits = torch.randn(6, 30) * 3
     rows = [
