@@ -523,6 +523,7 @@ class LLMEngine:
         self._num_generation_tokens += 1
         if logprobs is not None:
             seq.output_logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs[token]
         if seq.matcher is not None and not seq.matcher.consume_token(token):
             return self._finish(seq, "abort", None)  # the mask forbids this; only a matcher error gets here
         return self._check_stop(seq, detok, token)
@@ -569,10 +570,9 @@ class LLMEngine:
             hold = max(len(s) for s in seq.params.stop) - 1
             text = text[: max(0, len(text) - hold)]
         logprobs = list(seq.output_logprobs) if seq.params.logprobs is not None else None
-        cumulative = sum(lp[t] for lp, t in zip(seq.output_logprobs, seq.output_token_ids)) if logprobs else None
-        return CompletionOutput(
-            seq.index, text, list(seq.output_token_ids), cumulative, logprobs, seq.finish_reason, seq.stop_reason
-        )
+        cumulative = seq.cumulative_logprob if logprobs else None
+        return CompletionOutput(seq.index, text, list(seq.output_token_ids), cumulative, logprobs, seq.finish_reason,
+                                seq.stop_reason)
 
 
 def kv_budget_bytes(total: int, free: int, reserved: int, peak: int, utilization: float) -> float:

@@ -32,6 +32,9 @@ class Sequence:
     arrival_time: float
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    """Sum of the sampled tokens' log-probabilities in ``output_logprobs`` (kept as they are appended: a stream's
+    outputs would otherwise sum the whole list again at every step)."""
     num_computed_tokens: int = 0
     """Tokens whose KV is in the cache (prefix-cache hits included)."""
     num_cached_prompt_tokens: int = 0
