@@ -6,6 +6,8 @@ fails what is in flight when the child dies."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import time
@@ -13,8 +15,9 @@ import time
 import httpx
 import pytest
 
+from loom.engine.config import EngineConfig
 from loom.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from loom.entrypoints.openai.engine_process import DeltaDecoder, DeltaEncoder
+from loom.entrypoints.openai.engine_process import DeltaDecoder, DeltaEncoder, ProcessLLMEngine
 
 from .conftest import start_llm_server, tiny_config
 
@@ -139,3 +142,18 @@ def test_a_dead_engine_process_fails_the_request_in_flight_and_stops_the_server(
         assert r.status_code == 503
     finally:
         server.stop()
+
+
+def test_an_engine_process_that_fails_to_start_reports_why_and_leaves_nothing_open(tmp_path, tiny_llama):
+    """The child's start-up error reaches start(); the child is gone and the relay's wake-up sockets are closed."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_llama.iterdir():
+        if f.is_file():
+            (broken / f.name).write_bytes(f.read_bytes())
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchForCausalLM"]}))
+    front = ProcessLLMEngine(EngineConfig(model=str(broken), num_kv_blocks=64))
+    with pytest.raises(Exception, match="NoSuchForCausalLM"):
+        asyncio.run(front.start())
+    assert front._wake_read.fileno() == -1 and front._wake_write.fileno() == -1

@@ -419,7 +419,12 @@ class ProcessLLMEngine(AsyncLLMEngine):
             pass
 
     def _build_engine(self) -> EngineProcess:
-        return EngineProcess(self.config, self.engine_threads)
+        try:
+            return EngineProcess(self.config, self.engine_threads)
+        except BaseException:  # the relay loop that closes the wake-up sockets will never run
+            self._wake_write.close()
+            self._wake_read.close()
+            raise
 
     def _run(self) -> None:
         """Wait on the child's socket and the wake-up socket: commands go on as they come, answers and outputs are
