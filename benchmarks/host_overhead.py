@@ -3,7 +3,9 @@
 A random 1-layer model of hidden size 32 (SmolLM2's tokenizer and 49,152-token vocabulary) makes the model's own
 time small, so a step is mostly what the engine does around the model: on a GPU this is the time the device waits
 for the host unless it is overlapped. B sequences with 1,000-token random prompts are prefilled, then --steps decode
-steps are timed (temperature 1, text on, ``ignore_eos``).
+steps are timed (temperature 1, text on, ``ignore_eos``). ``--generated N`` first decodes N tokens untimed, so the
+timed steps make outputs that long (what grows with a stream's length shows); ``--logprobs K`` asks every request for
+its sampled token's log-probability and the K most likely.
 
     python benchmarks/host_overhead.py                          # batches 1,32,128
     PYTHONPATH=/path/to/older/tree python benchmarks/host_overhead.py --out before.json   # the same, older code
@@ -32,6 +34,8 @@ def main() -> int:
     ap.add_argument("--batches", default="1,32,128")
     ap.add_argument("--context", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--generated", type=int, default=0, help="tokens decoded (untimed) before the timed steps")
+    ap.add_argument("--logprobs", type=int, default=None, help="log-probabilities per token (default: none)")
     ap.add_argument("--async-scheduling", action="store_true",
                     help="queue each step before reading the last one back (on a GPU: host work beside the device's)")
     ap.add_argument("--out", default="results/host_overhead.json")
@@ -56,10 +60,11 @@ def main() -> int:
         for i in range(batch):
             prompt = torch.randint(10, 40000, (args.context,), generator=gen).tolist()
             engine.add_request(str(i), prompt_token_ids=prompt,
-                               params=SamplingParams(max_tokens=args.steps + 20, ignore_eos=True))
+                               params=SamplingParams(max_tokens=args.generated + args.steps + 20, ignore_eos=True,
+                                                     logprobs=args.logprobs))
         while engine.scheduler.waiting or any(s.num_computed_tokens < args.context for s in engine.scheduler.running):
             engine.step()
-        for _ in range(5):
+        for _ in range(5 + args.generated):
             engine.step()
         times = []
         for _ in range(args.steps):
@@ -69,10 +74,12 @@ def main() -> int:
         results[batch] = round(statistics.median(times) * 1e3, 3)
         print(f"  batch {batch:4d}: {results[batch]:.2f} ms a decode step", flush=True)
     write_json(args.out, dict(benchmark="host_overhead", loom=str(Path(loom.__file__).parent), context=args.context,
-                              steps=args.steps, async_scheduling=args.async_scheduling, machine=machine(),
+                              steps=args.steps, generated=args.generated, logprobs=args.logprobs,
+                              async_scheduling=args.async_scheduling, machine=machine(),
                               ms_per_step=results))
     print("host overhead: " + ", ".join(f"batch {b} {ms:.2f} ms/step" for b, ms in results.items())
-          + f" (1-layer hidden-32 model, {args.context}-token contexts, temperature 1, text on"
+          + f" (1-layer hidden-32 model, {args.context}-token prompts, {args.generated} tokens generated before,"
+          + f" logprobs {args.logprobs}, temperature 1, text on"
           + (", async scheduling)" if args.async_scheduling else ")"))
     return 0
 
