@@ -146,9 +146,13 @@ def to_device(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
 
     NOTE: ``torch.tensor(values, device=cuda)`` copies and then synchronizes the stream: the host waits for every
     kernel queued before the copy — under async scheduling, the next step's forward, which the host should be
-    preparing the step after for. A non-blocking copy of a small pageable tensor is staged by the driver and returns
-    at once (the source may be freed right after)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    preparing the step after for. From pageable memory even a non-blocking copy may wait (CUDA stages it and "may
+    synchronize with the stream"); from pinned memory it never does, and torch's pinned-memory pool keeps the
+    block until the copy has run, so the temporary may be dropped at once."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:

@@ -170,6 +170,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     b, h, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     check_addressable(k_cache)
+    if window is not None and window < 1:  # the combine would read a split no program wrote
+        raise ValueError(f"window must be at least 1 key (None: no window), got {window}")
     if b == 0:
         return q.new_empty(q.shape)
     group = h // hkv
