@@ -26,8 +26,9 @@ others are refused by name.
 
 from __future__ import annotations
 
+import copy
 import re
-from functools import partial
+from functools import lru_cache, partial
 from itertools import groupby
 from pathlib import Path
 
@@ -62,11 +63,26 @@ def is_gguf(path: str | Path) -> bool:
     return str(path).endswith(".gguf")
 
 
-def gguf_architecture(path: str | Path) -> str:
-    """The file's ``general.architecture``; ValueError naming the supported ones when Loom does not execute it."""
+def gguf_reader(path: str | Path):
+    """The file's ``gguf.GGUFReader``, parsed once per file version (path, size and modification time).
+
+    NOTE: parsing takes ~2 s for SmolLM2's file (the reader walks the 49,152-token vocabulary and its merges in
+    Python), and loading a model asks for the architecture, the config (transformers parses the file once more on
+    its own) and the tensors: five parses, ~20 s of ``loom serve --model smollm2``'s start, before this cache."""
+    stat = Path(path).stat()
+    return _reader(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=2)
+def _reader(path: str, size: int, mtime_ns: int):
     from gguf import GGUFReader
 
-    arch = _field(GGUFReader(str(path)), "general.architecture")
+    return GGUFReader(path)
+
+
+def gguf_architecture(path: str | Path) -> str:
+    """The file's ``general.architecture``; ValueError naming the supported ones when Loom does not execute it."""
+    arch = _field(gguf_reader(path), "general.architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(f"GGUF architecture {arch!r} is not supported yet; Loom executes GGUF files of "
                          f"{', '.join(ARCHITECTURES)}; for others serve the HF folder")
@@ -75,15 +91,20 @@ def gguf_architecture(path: str | Path) -> str:
 
 def load_gguf_config(path: str | Path):
     """transformers' reading of the file's metadata as an HF config, its architecture set (transformers leaves it
-    out) and, where the file gives one, the head size."""
-    from gguf import GGUFReader
+    out) and, where the file gives one, the head size. A copy of what the first call for this file version read."""
+    stat = Path(path).stat()
+    return copy.deepcopy(_gguf_config(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns))
+
+
+@lru_cache(maxsize=2)
+def _gguf_config(path: str, size: int, mtime_ns: int):
     from transformers import AutoConfig  # local: transformers takes ~1 s to import
 
     arch = gguf_architecture(path)
     path = Path(path)
     hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     hf.architectures = [ARCHITECTURES[arch]]
-    fields = GGUFReader(str(path)).fields
+    fields = gguf_reader(path).fields
     if f"{arch}.attention.key_length" in fields:  # Qwen3: head_dim need not be hidden / heads
         hf.head_dim = _int_field(fields, f"{arch}.attention.key_length", None)
     if arch in ("gemma2", "gemma3"):  # what transformers does not read from the file, where the file has it
@@ -119,14 +140,12 @@ def load_gguf_tokenizer(path: str | Path):
 def load_gguf_model(path: str | Path, device: torch.device, max_positions: int, dtype: torch.dtype = torch.float32,
                     kernels: str = "cpu", tp: TensorParallel | None = None) -> LlamaForCausalLM:
     """``tp``: only this rank's shard, cut from the quantized rows as stored (``_Shard``)."""
-    from gguf import GGUFReader
-
     if kernels not in ("cpu", "triton"):
         raise ValueError(f"kernels must be cpu or triton, got {kernels!r}")
     if kernels == "cpu" and (device.type != "cpu" or dtype != torch.float32):
         raise ValueError(f"GGUF weights run with the CPU kernels in float32 (got {device.type}, {dtype}); on CUDA "
                          "they need triton")
-    reader = GGUFReader(str(path))
+    reader = gguf_reader(path)
     arch = gguf_architecture(path)
     cfg = LlamaConfig.from_hf(load_gguf_config(path))
     tensors = {t.name: t for t in reader.tensors}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from loom import LLM
+from loom import LLM, SamplingParams
 from loom.ops.quantized import GGUFLinear
 from tests.engine.test_parity import assert_parity, loom_greedy, teacher_forced_agreement
 
@@ -298,3 +298,32 @@ def test_a_mixture_of_experts_gguf_runs_quantized_and_agrees_with_transformers(a
     assert all(isinstance(linear, GGUFLinear) for expert in moe.experts
                for linear in (expert.gate_up_proj, expert.down_proj))
     assert teacher_forced_agreement(int8, prompts + more, forced) >= 0.9
+
+
+def test_a_gguf_file_is_parsed_once_per_version(tmp_path, smollm2_path, monkeypatch):
+    """Loading a GGUF model reads its architecture, config and tensors from one parse of the file (plus
+    transformers' own, for the config): a parse of SmolLM2's file takes ~2 s, and five of them were most of
+    `loom serve --model smollm2`'s start. A second engine on the same file parses nothing; a rewritten file is
+    parsed again."""
+    import gguf
+
+    parses = []
+    original = gguf.GGUFReader.__init__
+
+    def counting(self, path, *args, **kwargs):
+        parses.append(str(path))
+        original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", counting)
+    path = tmp_path / "tiny-qwen2.gguf"
+    write_tiny_gguf(path, "qwen2")
+    first = LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=64)
+    assert len(parses) == 2  # Loom's one, transformers' one (AutoConfig)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    expected = first.generate([{"prompt_token_ids": [5, 6, 7]}], params)[0].outputs[0].token_ids
+    second = LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=64)
+    assert len(parses) == 2
+    assert second.generate([{"prompt_token_ids": [5, 6, 7]}], params)[0].outputs[0].token_ids == expected
+    write_tiny_gguf(path, "qwen2")  # a new version of the file (same path)
+    LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=64)
+    assert len(parses) == 4
