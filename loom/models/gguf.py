@@ -64,7 +64,8 @@ def is_gguf(path: str | Path) -> bool:
 
 
 def gguf_reader(path: str | Path):
-    """The file's ``gguf.GGUFReader``, parsed once per file version (path, size and modification time).
+    """The file's ``gguf.GGUFReader``, parsed once per file version (path, size and modification time) until a model
+    has been loaded from it (``load_gguf_model`` lets the cache go).
 
     NOTE: parsing takes ~2 s for SmolLM2's file (the reader walks the 49,152-token vocabulary and its merges in
     Python), and loading a model asks for the architecture, the config (transformers parses the file once more on
@@ -140,6 +141,13 @@ def load_gguf_tokenizer(path: str | Path):
 def load_gguf_model(path: str | Path, device: torch.device, max_positions: int, dtype: torch.dtype = torch.float32,
                     kernels: str = "cpu", tp: TensorParallel | None = None) -> LlamaForCausalLM:
     """``tp``: only this rank's shard, cut from the quantized rows as stored (``_Shard``)."""
+    try:
+        return _load_gguf_model(path, device, max_positions, dtype, kernels, tp)
+    finally:  # the weights are copied out: let the file's mapping go (a 7B file maps gigabytes)
+        _reader.cache_clear()
+
+
+def _load_gguf_model(path, device, max_positions, dtype, kernels, tp) -> LlamaForCausalLM:
     if kernels not in ("cpu", "triton"):
         raise ValueError(f"kernels must be cpu or triton, got {kernels!r}")
     if kernels == "cpu" and (device.type != "cpu" or dtype != torch.float32):
