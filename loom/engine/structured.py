@@ -222,7 +222,7 @@ def apply_bitmask(logits: torch.Tensor, rows: list[int], mask: torch.Tensor) -> 
             lt.apply_token_bitmask_inplace(sub, mask)
             logits[index] = sub
         return
-    forbidden = _forbidden(mask.to(logits.device, non_blocking=True), logits.shape[-1])
+    forbidden = _forbidden(to_device(mask, logits.device), logits.shape[-1])
     if len(rows) == logits.shape[0]:
         logits.masked_fill_(forbidden, float("-inf"))
     else:

@@ -142,14 +142,15 @@ class DeferredSample:
 
 
 def to_device(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Host values as a tensor on ``device`` without making the host wait for the device.
+    """Host values (a list, a numpy array or a CPU tensor) as a tensor on ``device`` without making the host wait for
+    the device.
 
     NOTE: ``torch.tensor(values, device=cuda)`` copies and then synchronizes the stream: the host waits for every
     kernel queued before the copy — under async scheduling, the next step's forward, which the host should be
     preparing the step after for. From pageable memory even a non-blocking copy may wait (CUDA stages it and "may
     synchronize with the stream"); from pinned memory it never does, and torch's pinned-memory pool keeps the
     block until the copy has run, so the temporary may be dropped at once."""
-    tensor = torch.tensor(values, dtype=dtype)
+    tensor = torch.as_tensor(values, dtype=dtype)
     if torch.device(device).type == "cuda":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
@@ -188,9 +189,9 @@ def sample_torch(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 
 def _settings_tensors(rows: list[SamplingRow], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, [temperature, top_p, min_p] (float32) and [top_k, seed, counter of draw 0] (int64), one copy each."""
-    floats = torch.tensor([[r.params.temperature, r.params.top_p, r.params.min_p] for r in rows], dtype=torch.float32)
-    ints = torch.tensor([[r.params.top_k, r.seed, r.position * MAX_DRAWS] for r in rows], dtype=torch.int64)
-    return floats.to(device, non_blocking=True), ints.to(device, non_blocking=True)
+    floats = to_device([[r.params.temperature, r.params.top_p, r.params.min_p] for r in rows], device, torch.float32)
+    ints = to_device([[r.params.top_k, r.seed, r.position * MAX_DRAWS] for r in rows], device, torch.int64)
+    return floats, ints
 
 
 def _cpu_extension(logits: torch.Tensor):
@@ -259,7 +260,7 @@ def _counts(token_lists: list[np.ndarray], vocab: int, device) -> torch.Tensor:
         padded = np.full((len(token_lists), width), vocab, dtype=np.int64)
         for row, tokens in zip(padded, token_lists):
             row[: len(tokens)] = tokens
-        padded = torch.from_numpy(padded).to(device, non_blocking=True)
+        padded = to_device(padded, device)
         counts.scatter_add_(1, padded, torch.ones(padded.shape, device=device))
     return counts[:, :vocab]
 

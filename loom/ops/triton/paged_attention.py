@@ -124,11 +124,12 @@ def _decode_combine_kernel(
     m = tl.full([1], float("-inf"), tl.float32)
     total = tl.zeros([1], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
-    stats = max_ptr + seq * stride_mb + head * stride_mh
+    stats = seq * stride_mb + head * stride_mh  # of this row's splits in the max and sum buffers
+    partials = acc_ptr + seq * stride_ab + head * stride_ah
     for split in range(first, last):  # every one saw a key: its max is finite
-        m_s = tl.load(stats + split + tl.arange(0, 1))
-        l_s = tl.load(sum_ptr + seq * stride_mb + head * stride_mh + split + tl.arange(0, 1))
-        a_s = tl.load(acc_ptr + seq * stride_ab + head * stride_ah + split * stride_as + dims, mask=dim_ok, other=0.0)
+        m_s = tl.load(max_ptr + stats + split + tl.arange(0, 1))
+        l_s = tl.load(sum_ptr + stats + split + tl.arange(0, 1))
+        a_s = tl.load(partials + split * stride_as + dims, mask=dim_ok, other=0.0)
         m_new = tl.maximum(m, m_s)
         alpha, beta = tl.exp(m - m_new), tl.exp(m_s - m_new)
         total = total * alpha + l_s * beta
