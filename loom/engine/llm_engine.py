@@ -296,7 +296,7 @@ class LLMEngine:
         if self.spec is not None:
             self.spec.propose([c.seq for c in launched.sampling], len(self.scheduler.running))
         return [self._request_output(req) for req in touched.values()
-                if req.params.output_kind == "cumulative" or all(s.is_finished for s in req.seqs)]
+                if req.params.output_kind != "final_only" or all(s.is_finished for s in req.seqs)]
 
     @staticmethod
     def _needs_tokens(sampling: list[ScheduledChunk]) -> bool:
@@ -558,21 +558,33 @@ class LLMEngine:
         self.scheduler.finish(seq, reason)
 
     def _request_output(self, req: _Request) -> RequestOutput:
-        outputs = [self._completion(seq, req.detok[seq.index]) for seq in req.seqs]
+        delta = req.params.output_kind == "delta"
+        outputs = [self._completion(seq, req.detok[seq.index], delta) for seq in req.seqs]
         finished = all(o.finished for o in outputs)
         cached = req.seqs[0].num_cached_prompt_tokens
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, finished, cached, req.metrics)
 
-    def _completion(self, seq: Sequence, detok: DetokState) -> CompletionOutput:
+    @staticmethod
+    def _completion(seq: Sequence, detok: DetokState, delta: bool) -> CompletionOutput:
+        """The sequence's output so far, or (``delta``) what is new since its last one."""
         text = detok.text
+        end = len(text)
         if not seq.is_finished and seq.params.stop:
-            # Hold back text that may be the start of a stop string, so a stream never shows part of one.
-            hold = max(len(s) for s in seq.params.stop) - 1
-            text = text[: max(0, len(text) - hold)]
-        logprobs = list(seq.output_logprobs) if seq.params.logprobs is not None else None
-        cumulative = seq.cumulative_logprob if logprobs else None
-        return CompletionOutput(seq.index, text, list(seq.output_token_ids), cumulative, logprobs, seq.finish_reason,
-                                seq.stop_reason)
+            # Hold back text that may be the start of a stop string, so a stream never shows part of one. The text
+            # shown only grows: a stop found later starts at or after what was shown (find_stop looks back only
+            # len(stop) - 1 characters from the new text).
+            end = max(0, end - (max(len(s) for s in seq.params.stop) - 1))
+        wants_logprobs = seq.params.logprobs is not None
+        if delta:
+            tokens, chars = seq.num_sent_tokens, seq.num_sent_chars
+            seq.num_sent_tokens, seq.num_sent_chars = len(seq.output_token_ids), end
+            text, token_ids = text[chars:end], seq.output_token_ids[tokens:]
+            logprobs = seq.output_logprobs[tokens:] if wants_logprobs else None
+        else:
+            text, token_ids = text[:end], list(seq.output_token_ids)
+            logprobs = list(seq.output_logprobs) if wants_logprobs else None
+        cumulative = seq.cumulative_logprob if wants_logprobs and seq.output_logprobs else None
+        return CompletionOutput(seq.index, text, token_ids, cumulative, logprobs, seq.finish_reason, seq.stop_reason)
 
 
 def kv_budget_bytes(total: int, free: int, reserved: int, peak: int, utilization: float) -> float:

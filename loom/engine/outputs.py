@@ -40,3 +40,18 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     prompt_logprobs: None = field(default=None)
+
+
+def merge_deltas(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """Two outputs of one request back to back as one: ``newer``'s texts, token ids and logprobs appended to
+    ``older``'s, everything else ``newer``'s. Merges "delta" outputs (a reader that fell behind gets what it missed in
+    one), or rebuilds a cumulative output from the one before and a delta. Builds new objects (readers may still hold
+    ``older``)."""
+    outputs = []
+    for old, new in zip(older.outputs, newer.outputs, strict=True):
+        assert old.index == new.index, "outputs list their completions in the same order"
+        logprobs = old.logprobs + new.logprobs if old.logprobs is not None and new.logprobs is not None else None
+        outputs.append(CompletionOutput(new.index, old.text + new.text, old.token_ids + new.token_ids,
+                                        new.cumulative_logprob, logprobs, new.finish_reason, new.stop_reason))
+    return RequestOutput(newer.request_id, newer.prompt, newer.prompt_token_ids, outputs, newer.finished,
+                         newer.num_cached_tokens, newer.metrics)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from loom.engine.structured import StructuredOutputsParams
 
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -48,8 +50,10 @@ class SamplingParams:
     the tokenizer does not cover); stop strings need text."""
     output_kind: str = "cumulative"
     """What ``LLMEngine.step`` returns for this request (vLLM's ``RequestOutputKind``): "cumulative", its output so far
-    at every step that advanced it; "final_only", only the finished output (``LLM.generate`` asks for this: it keeps
-    nothing else, and copying every sequence's tokens and text each step is host work a GPU waits for)."""
+    at every step that advanced it; "delta", only what is new since its last output (text, token ids and logprobs;
+    ``cumulative_logprob``, ``finish_reason`` and ``stop_reason`` as in a cumulative one), what a stream sends on:
+    a cumulative output copies every token and logprob list so far, O(length) at each step; "final_only", only the
+    finished output, cumulative (``LLM.generate`` asks for this: it keeps nothing else)."""
     structured_outputs: StructuredOutputsParams | None = None
     """Constrain the output to a JSON schema, JSON object, regex, choice or Lark grammar (see loom.engine.structured);
     a dict is taken as StructuredOutputsParams' fields."""
@@ -82,8 +86,8 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
             (self.detokenize or not self.stop, "stop strings are matched on text: drop stop or keep detokenize on"),
-            (self.output_kind in ("cumulative", "final_only"),
-             f"output_kind must be cumulative or final_only, got {self.output_kind!r}"),
+            (self.output_kind in OUTPUT_KINDS,
+             f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -35,6 +35,10 @@ class Sequence:
     cumulative_logprob: float = 0.0
     """Sum of the sampled tokens' log-probabilities in ``output_logprobs`` (kept as they are appended: a stream's
     outputs would otherwise sum the whole list again at every step)."""
+    num_sent_tokens: int = 0
+    """Output tokens (and their logprobs) that the request's "delta" outputs have returned so far."""
+    num_sent_chars: int = 0
+    """Characters of the text that its "delta" outputs have returned so far."""
     num_computed_tokens: int = 0
     """Tokens whose KV is in the cache (prefix-cache hits included)."""
     num_cached_prompt_tokens: int = 0

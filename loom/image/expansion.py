@@ -133,7 +133,7 @@ class PromptExpander:
 
     def params(self, seed: int) -> SamplingParams:
         return SamplingParams(**SAMPLING, seed=seed % 2**31, max_tokens=MAX_TOKENS,
-                              structured_outputs={"regex": self.regex})
+                              structured_outputs={"regex": self.regex}, output_kind="final_only")
 
     def chat_ids(self, prompt: str) -> list[int]:
         messages = [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": prompt}]

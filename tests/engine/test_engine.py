@@ -315,7 +315,52 @@ def test_final_only_requests_come_back_once_with_the_cumulative_final_output(llm
         assert (final[0].outputs[0].token_ids, final[0].outputs[0].text) == (cumulative[-1].outputs[0].token_ids,
                                                                              cumulative[-1].outputs[0].text)
     with pytest.raises(ValueError, match="output_kind"):
-        SamplingParams(output_kind="delta")
+        SamplingParams(output_kind="deltas")
+    assert_no_leaks(llm)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_delta_outputs_add_up_to_the_cumulative_ones_step_by_step(tiny_llama, async_scheduling):
+    """Each request runs twice in one engine, "cumulative" and "delta", side by side (so in the same steps): after
+    every step, the deltas so far merged equal the cumulative output (text held back before a stop string, logprobs,
+    two completions of which one stops early, a stop string kept in the text)."""
+    from loom.engine.outputs import merge_deltas
+
+    llm = LLM(str(tiny_llama), block_size=4, max_num_batched_tokens=256, num_kv_blocks=512,
+              async_scheduling=async_scheduling)
+    prompts = varied_prompts(3, seed=60, low=5, high=20)
+    plain = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+    text, other = (o.outputs[0].text for o in gen(llm, prompts[::2], plain))
+    sampled = SamplingParams(n=2, temperature=1.0, seed=8, max_tokens=12, ignore_eos=True, logprobs=2)
+    first = gen(llm, prompts[1:2], sampled)[0].outputs[0].text
+    cases = [
+        (prompts[0], plain.clone(stop=[text[8:12]], logprobs=0)),
+        (prompts[1], sampled.clone(stop=[first[6:9]])),
+        (prompts[2], plain.clone(stop=["zzz", other[5:7]], include_stop_str_in_output=True)),
+    ]
+    engine = llm.engine
+    for i, (prompt, params) in enumerate(cases):
+        for kind in ("cumulative", "delta"):
+            engine.add_request(f"{kind}-{i}", None, params.clone(output_kind=kind), prompt_token_ids=prompt)
+    merged: dict[int, object] = {}
+    compared = 0
+    while engine.has_unfinished_requests():
+        outs = {o.request_id: o for o in engine.step()}
+        for i in range(len(cases)):
+            cumulative, delta = outs.get(f"cumulative-{i}"), outs.get(f"delta-{i}")
+            assert (cumulative is None) == (delta is None)
+            if delta is None:
+                continue
+            merged[i] = delta if i not in merged else merge_deltas(merged[i], delta)
+            got = merged[i]
+            assert (got.outputs, got.finished, got.prompt_token_ids) == (cumulative.outputs, cumulative.finished,
+                                                                         cumulative.prompt_token_ids)
+            compared += 1
+    finals = [merged[i].outputs for i in range(3)]
+    assert [c.finish_reason for c in finals[0]] == ["stop"] and finals[0][0].logprobs[0]
+    assert [c.finish_reason for c in finals[1]] == ["stop", "length"] and len(finals[1][0].logprobs[0]) >= 2
+    assert finals[2][0].finish_reason == "stop" and finals[2][0].text.endswith(finals[2][0].stop_reason)
+    assert compared >= 12  # several steps of each request
     assert_no_leaks(llm)
 
 

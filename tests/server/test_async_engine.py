@@ -1,5 +1,5 @@
 """The hand-off between the engine thread and the event loop: one wake-up per step, and outputs a slow reader has
-not read yet merged into the latest (they are cumulative)."""
+not read yet merged into one (the latest of cumulative outputs; deltas appended)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ def _output(tokens: list[int], finished: bool = False) -> RequestOutput:
     return RequestOutput("r", None, [1, 2], [completion], finished)
 
 
-def _stream() -> RequestStream:
-    return RequestStream(SimpleNamespace(abort=lambda request_id: None, _release=lambda n: None), "r")
+def _stream(delta: bool = False) -> RequestStream:
+    return RequestStream(SimpleNamespace(abort=lambda request_id: None, _release=lambda n: None), "r", delta=delta)
 
 
 def test_unread_outputs_merge_into_the_latest_and_other_items_keep_their_place():
@@ -45,6 +45,26 @@ def test_unread_outputs_merge_into_the_latest_and_other_items_keep_their_place()
     assert second.outputs[0].token_ids == [0, 1, 2, 3] and second.outputs[0].text == "<0><1><2><3>"
     assert third.outputs[0].token_ids == [0, 1, 2, 3, 4]
     assert fourth.outputs[0].token_ids == [0, 1, 2, 3, 4, 5]
+
+
+def test_unread_deltas_are_appended_into_one_and_other_items_keep_their_place():
+    async def run():
+        stream = _stream(delta=True)
+        for tokens in ([0, 1], [2], [], [3, 4]):  # four steps' deltas before the reader looks (one added nothing)
+            stream.put(_output(tokens))
+        first = await stream.next_item()
+        stream.put(_output([5]))
+        stream.put(ValueError("the engine failed"))
+        stream.put(_output([6], finished=True))  # behind the error: never merged into what came before it
+        second = await stream.next_item()
+        with pytest.raises(ValueError, match="the engine failed"):
+            await stream.next_item()
+        return first, second, await stream.next_item()
+
+    first, second, third = asyncio.run(run())
+    assert first.outputs[0].token_ids == [0, 1, 2, 3, 4] and first.outputs[0].text == "<0><1><2><3><4>"
+    assert second.outputs[0].token_ids == [5] and not second.finished
+    assert third.outputs[0].token_ids == [6] and third.finished and third.outputs[0].finish_reason == "length"
 
 
 def test_a_reader_that_keeps_up_gets_every_output_and_stops_at_the_finished_one():

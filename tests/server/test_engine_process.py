@@ -1,8 +1,8 @@
 """``loom serve --engine-process``: the engine in a child process, outputs across the pipe as deltas.
 
-The deltas rebuild exactly the cumulative outputs the engine made; a server with the engine in a process answers and
-streams what the in-thread server does, frees every block of an aborted stream, loads adapters in the child, and
-fails what is in flight when the child dies."""
+What crosses the pipe rebuilds exactly the outputs the engine makes of each kind; a server with the engine in a
+process answers and streams what the in-thread server does, frees every block of an aborted stream, loads adapters
+in the child, and fails what is in flight when the child dies."""
 
 from __future__ import annotations
 
@@ -16,47 +16,57 @@ import httpx
 import pytest
 
 from loom.engine.config import EngineConfig
-from loom.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from loom.entrypoints.openai.engine_process import DeltaDecoder, DeltaEncoder, ProcessLLMEngine
+from loom.entrypoints.openai.engine_process import ProcessLLMEngine
 
 from .conftest import start_llm_server, tiny_config
 
 
-def _completion(index, text, ids, logprobs=None, reason=None):
-    lps = [{t: -0.5 * t} for t in ids] if logprobs else None
-    cumulative = sum(-0.5 * t for t in ids) if logprobs else None
-    return CompletionOutput(index, text, list(ids), cumulative, lps, reason, "x" if reason == "stop" else None)
+def test_what_crosses_the_pipe_rebuilds_every_output_of_the_kind_asked_for(tiny_llama):
+    """The child's engine runs a request as ``wire_params`` makes it; the parent's decoder turns what crosses back
+    into the outputs the request asked for. Each request runs twice in one engine, as asked and as the child runs
+    it, side by side (so in the same steps): two completions with logprobs, one stopping early; a stop string held
+    back; a final-only request; an aborted request forgotten; a request the child refused."""
+    from loom.engine.llm_engine import LLMEngine
+    from loom.engine.sampling_params import SamplingParams
+    from loom.entrypoints.openai.engine_process import OutputDecoder, encode, wire_params
+    from tests.engine.test_parity import varied_prompts
 
-
-def test_deltas_rebuild_every_cumulative_output():
-    """Two completions (n=2) with logprobs, one ending two steps before the other; a text that is rewritten rather
-    than extended (sent whole again); a request finished on its first output; an aborted one forgotten."""
-    steps = [
-        [_completion(0, "He", [5], True), _completion(1, "Yo", [7], True)],
-        [_completion(0, "Hell", [5, 6], True), _completion(1, "Yo!", [7, 8], True, "stop")],
-        [_completion(0, "Hello", [5, 6, 9], True), _completion(1, "Yo!", [7, 8], True, "stop")],
-        [_completion(0, "Hallo there", [5, 6, 9, 10], True), _completion(1, "Yo!", [7, 8], True, "stop")],
-        [_completion(0, "Hallo there.", [5, 6, 9, 10, 11], True, "length"), _completion(1, "Yo!", [7, 8], True,
-                                                                                           "stop")],
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama), block_size=4, num_kv_blocks=256, seed=0))
+    prompts = varied_prompts(4, seed=70, low=5, high=20)
+    asked = [
+        SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=10, ignore_eos=True, logprobs=1, stop=["e"]),
+        SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, stop=["zzz"]),
+        SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, output_kind="final_only"),
+        SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
     ]
-    made = [RequestOutput("a", "hi", [1, 2, 3], outs, i == len(steps) - 1, 2, RequestMetrics(float(i)))
-            for i, outs in enumerate(steps)]
-    made.insert(2, RequestOutput("b", None, [4], [_completion(0, "ok", [3], reason="stop")], True))
-    made.insert(3, RequestOutput("c", None, [4], [_completion(0, "x", [3])], False))
-    encoder, decoder = DeltaEncoder(), DeltaDecoder()
-    sent = []
-    for out in made:
-        sent.append(encoder.encode(out))
-        rebuilt = decoder.decode(sent[-1])
-        assert rebuilt == out
-    encoder.forget("c"), decoder.forget("c")
-    kinds = [type(s).__name__ for s in sent]
-    assert kinds == ["RequestOutput", "tuple", "RequestOutput", "RequestOutput", "tuple", "tuple", "tuple"]
-    completions = [s[-1] for s in sent if isinstance(s, tuple)]  # (index, text_from, text, token_ids, ...)
-    assert [c[0][3] for c in completions] == [[6], [9], [10], [11]]  # only what is new travels
-    assert [c[0][1] for c in completions] == [2, 4, 0, 11]  # "Hello" -> "Hallo there": sent whole
-    assert [c[1][3] for c in completions] == [[8], [], [], []]
-    assert encoder._sent == {} and decoder._last == {}  # finished and aborted requests leave nothing behind
+    decoder = OutputDecoder()
+    for i, (prompt, params) in enumerate(zip(prompts, asked)):
+        engine.add_request(f"asked-{i}", None, params, prompt_token_ids=prompt)
+        decoder.expect(f"wire-{i}", prompt, params)
+        engine.add_request(f"wire-{i}", None, wire_params(params), prompt_token_ids=prompt)
+    decoder.expect("refused", [1], asked[0])
+    decoder.forget("refused")  # what the parent does when the child's answer is an error
+    steps = 0
+    while engine.has_unfinished_requests():
+        if steps == 3:
+            engine.abort_request("wire-3"), engine.abort_request("asked-3")
+            decoder.forget("wire-3")
+        outs = engine.step()
+        steps += 1
+        want = {o.request_id.removeprefix("asked-"): o for o in outs if o.request_id.startswith("asked-")}
+        got = {}
+        for o in outs:
+            if o.request_id.startswith("wire-") and (out := decoder.decode(encode(o))) is not None:
+                got[o.request_id.removeprefix("wire-")] = out
+            if o.request_id == "wire-3":
+                aborted = encode(o)
+        assert got.keys() == want.keys()
+        for i, out in got.items():
+            assert (out.outputs, out.finished, out.prompt_token_ids) == (want[i].outputs, want[i].finished,
+                                                                         want[i].prompt_token_ids)
+    assert decoder.decode(aborted) is None  # an output of a step that ran while the abort was on its way
+    assert wire_params(asked[0]).output_kind == "delta" and wire_params(asked[2]).output_kind == "final_only"
+    assert decoder._requests == {}  # finished, aborted and refused requests leave nothing behind
 
 
 @pytest.fixture(scope="module")

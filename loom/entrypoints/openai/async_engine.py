@@ -3,8 +3,8 @@
     front = AsyncLLMEngine(EngineConfig(model="smollm2"), metrics)
     await front.start()                                   # builds the engine in its thread
     stream = await front.add_request("r1", prompt_ids, SamplingParams(max_tokens=8))   # ValueError -> HTTP 400
-    async for out in stream:                              # cumulative RequestOutput after each step (only the
-                                                          # finished one when params.output_kind is final_only)
+    async for out in stream:                              # a RequestOutput after each step that advanced it, of
+                                                          # params.output_kind (only what is new for "delta")
         ...
     await stream.close()                                  # aborts (frees the KV blocks) unless it finished
 
@@ -31,7 +31,7 @@ import torch
 from loom.engine.config import EngineConfig
 from loom.engine.llm_engine import LLMEngine
 from loom.engine.lora import LoRARequest
-from loom.engine.outputs import RequestOutput
+from loom.engine.outputs import RequestOutput, merge_deltas
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.tensor_parallel import EngineFatalError
 from loom.entrypoints.openai.metrics import LLMMetrics, RequestTimes
@@ -85,14 +85,17 @@ class _Call:
 class RequestStream:
     """One request's outputs, in order; iterate it, then ``close()`` (which aborts an unfinished request).
 
-    Outputs are cumulative, so one that arrives while the one before is still unread replaces it (vLLM's
-    ``RequestOutputCollector`` merges the same way): a consumer that falls behind the engine reads the latest output,
-    several tokens at once, instead of a backlog of one per step. Anything else (the acceptance, an error) queues."""
+    An output that arrives while the one before is still unread is merged into it (vLLM's ``RequestOutputCollector``
+    does the same): a cumulative one replaces it, a delta is appended to it. A consumer that falls behind the engine
+    reads one output with several tokens instead of a backlog of one per step. Anything else (the acceptance, an
+    error) queues."""
 
-    def __init__(self, front: AsyncLLMEngine, request_id: str, num_seqs: int = 1):
+    def __init__(self, front: AsyncLLMEngine, request_id: str, num_seqs: int = 1, delta: bool = False):
         self.request_id = request_id
         self.num_seqs = num_seqs
         """Sequences this request holds in the engine (its ``n``): what admission counted."""
+        self.delta = delta
+        """Its outputs are deltas (``output_kind="delta"``)."""
         self.finished = False
         self._front = front
         self._items: deque = deque()
@@ -102,7 +105,7 @@ class RequestStream:
     def put(self, item) -> None:  # called on the event loop (via call_soon_threadsafe)
         items = self._items
         if items and isinstance(item, RequestOutput) and isinstance(items[-1], RequestOutput):
-            items[-1] = item  # unread and cumulative: the newer output holds everything the older one did
+            items[-1] = merge_deltas(items[-1], item) if self.delta else item  # a cumulative one holds the older
         else:
             items.append(item)
         waiter = self._waiter
@@ -205,7 +208,7 @@ class AsyncLLMEngine:
         self.check_room(params.n)
         self.num_in_flight += params.n
         self._idle.clear()
-        stream = RequestStream(self, request_id, params.n)
+        stream = RequestStream(self, request_id, params.n, delta=params.output_kind == "delta")
         times = RequestTimes(arrival=arrival_time or time.time(), num_prompt_tokens=len(prompt_token_ids))
         self._command(_Add(request_id, prompt_token_ids, params, stream, times, lora_request))
         try:
@@ -404,7 +407,8 @@ class AsyncLLMEngine:
         stream, times = entry
         if times.first_scheduled is None and out.metrics is not None:
             times.first_scheduled = out.metrics.first_scheduled_time
-        times.num_generation_tokens = sum(len(c.token_ids) for c in out.outputs)
+        num_tokens = sum(len(c.token_ids) for c in out.outputs)
+        times.num_generation_tokens = times.num_generation_tokens + num_tokens if stream.delta else num_tokens
         if times.first_token is None and times.num_generation_tokens:
             # when the engine appended it: a non-streamed request gets only its final output
             metrics = out.metrics

@@ -29,6 +29,7 @@ from loom.entrypoints.openai.serving import (
     sse,
     unless_disconnected,
     usage,
+    usage_of,
 )
 from loom.entrypoints.openai.tools import ToolPlan, finish_reason_of, plan_tools
 
@@ -96,32 +97,32 @@ def _chunk(head: dict, index: int, delta: dict, finish_reason=None, logprobs=Non
 
 
 async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, stream, prompt_len: int, head: dict):
+    """The stream's outputs are deltas (``output_kind="delta"``); a tool parser reads each choice's text so far."""
     extra = {"usage": None} if req.include_usage else None
     choices = [plan.stream() for _ in range(req.n)]  # per choice: text so far -> the delta to send
-    sent = [(0, False)] * req.n  # per choice: (tokens, finished)
-    last = None
+    texts = [""] * req.n
+    done = [False] * req.n
+    num_tokens = cached = 0
     try:
         for index in range(req.n):
             yield _chunk(head, index, {"role": "assistant", "content": ""}, extra=extra)
         async for out in stream:
-            last = out
+            cached = out.num_cached_tokens
             for c in out.outputs:
-                toks, done = sent[c.index]
-                if done:
+                num_tokens += len(c.token_ids)
+                if done[c.index]:
                     continue
-                delta = choices[c.index].feed(c.text, final=c.finished)
-                new_ids = c.token_ids[toks:]
-                lps = c.logprobs[toks:] if c.logprobs is not None else None
-                if delta or (req.logprobs and new_ids):
-                    logprobs = _logprobs(ctx, req, new_ids, lps)
+                texts[c.index] += c.text
+                delta = choices[c.index].feed(texts[c.index], final=c.finished)
+                if delta or (req.logprobs and c.token_ids):
+                    logprobs = _logprobs(ctx, req, c.token_ids, c.logprobs)
                     yield _chunk(head, c.index, delta or {"content": ""}, None, logprobs, extra)
-                    toks = len(c.token_ids)
                 if c.finished:
                     reason = finish_reason_of(c.finish_reason, choices[c.index].called)
                     yield _chunk(head, c.index, {}, reason, extra=extra)
-                sent[c.index] = (toks, c.finished)
+                done[c.index] = c.finished
         if req.include_usage:
-            yield sse({**head, "choices": [], "usage": usage([prompt_len], [last])})
+            yield sse({**head, "choices": [], "usage": usage_of([prompt_len], num_tokens, cached)})
         yield sse("[DONE]")
     except Exception as exc:  # mid-stream failure: an error event, then the end marker
         yield error_event(exc)

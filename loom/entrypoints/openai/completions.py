@@ -7,7 +7,7 @@ import time
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from loom.engine.outputs import CompletionOutput, RequestOutput
+from loom.engine.outputs import CompletionOutput
 from loom.entrypoints.openai.protocol import CompletionRequest
 from loom.entrypoints.openai.serving import (
     SSE_HEADERS,
@@ -21,6 +21,7 @@ from loom.entrypoints.openai.serving import (
     sse,
     unless_disconnected,
     usage,
+    usage_of,
 )
 
 
@@ -69,25 +70,25 @@ def _choice(ctx, req, index: int, text: str, c: CompletionOutput, token_ids, log
 
 
 async def _stream(ctx, req: CompletionRequest, streams, prompts, echo, head):
-    sent: dict[tuple[int, int], tuple[int, int, bool]] = {}  # (prompt, completion) -> (chars, tokens, finished)
-    finals: list[RequestOutput | None] = [None] * len(streams)
+    """Streams' outputs are deltas (``output_kind="delta"``): each chunk sends a completion's new text."""
+    sent: dict[tuple[int, int], tuple[int, bool]] = {}  # (prompt, completion) -> (characters sent, finished)
+    num_tokens, cached = 0, [0] * len(streams)
     extra = {"usage": None} if req.include_usage else {}
     try:
         async for i, out in merged(streams):
-            finals[i] = out
+            cached[i] = out.num_cached_tokens
             for c in out.outputs:
-                chars, toks, done = sent.get((i, c.index), (0, 0, False))
-                text, new_ids = c.text[chars:], c.token_ids[toks:]
-                wants_lp = req.logprobs is not None and bool(new_ids)
-                if done or not (text or c.finished or wants_lp):
+                num_tokens += len(c.token_ids)
+                chars, done = sent.get((i, c.index), (0, False))
+                wants_lp = req.logprobs is not None and bool(c.token_ids)
+                if done or not (c.text or c.finished or wants_lp):
                     continue
                 prefix = echo[i] if (i, c.index) not in sent else ""
-                new_lps = c.logprobs[toks:] if c.logprobs is not None else None
-                choice = _choice(ctx, req, i * req.n + c.index, prefix + text, c, new_ids, new_lps, chars)
-                sent[(i, c.index)] = (len(c.text), len(c.token_ids), c.finished)
+                choice = _choice(ctx, req, i * req.n + c.index, prefix + c.text, c, c.token_ids, c.logprobs, chars)
+                sent[(i, c.index)] = (chars + len(c.text), c.finished)
                 yield sse({**head, "choices": [choice], **extra})
         if req.include_usage:
-            yield sse({**head, "choices": [], "usage": usage([len(p) for p in prompts], finals)})
+            yield sse({**head, "choices": [], "usage": usage_of([len(p) for p in prompts], num_tokens, sum(cached))})
         yield sse("[DONE]")
     except Exception as exc:  # mid-stream failure: an error event, then the end marker
         yield error_event(exc)

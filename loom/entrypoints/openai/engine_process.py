@@ -15,7 +15,7 @@ the engine's path). ``EngineProcess`` is the parent's end; ``ProcessLLMEngine`` 
 relay in place of its engine loop. The child is a fresh ``python -m loom.entrypoints.openai.engine_process``
 talking over a socket pair (as tensor-parallel ranks are started: unlike multiprocessing's spawn it never re-imports
 the caller's ``__main__``). Outputs cross as deltas (new token ids, text, logprobs), so a step's message grows with
-the batch, not with the outputs' lengths; the parent rebuilds the cumulative ``RequestOutput`` the handlers read.
+the batch, not with the outputs' lengths; the parent rebuilds cumulative outputs for requests that asked for them.
 The child ignores SIGINT and SIGTERM (Ctrl-C, ``timeout`` and systemd signal the whole process group: the server
 drains, then stops it) and exits when the parent's end of the socket closes, so it never outlives the server. A
 child that dies mid-run is an ``EngineFatalError``: the server fails what is in flight and exits, as when a
@@ -42,7 +42,7 @@ from typing import Any
 
 from loom.engine.config import EngineConfig
 from loom.engine.lora import LoRARequest
-from loom.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from loom.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, merge_deltas
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.tensor_parallel import EngineFatalError
 from loom.entrypoints.openai.async_engine import (
@@ -74,12 +74,14 @@ def _portable(exc: BaseException) -> BaseException:
 
 
 # --- what crosses the pipe -----------------------------------------------------------------------------------
-# A delta is plain tuples: pickling 128 of them takes 0.03 ms where slotted dataclasses take 0.44 (and 0.04 vs 0.23 ms
-# to load), every step, on both sides.
-#   output delta:     (request_id, finished, num_cached_tokens, metrics fields, [completion delta, ...])
-#   completion delta: (index, text_from, text, token_ids, logprobs, cumulative_logprob, finish_reason, stop_reason)
-# ``text_from``: where ``text`` starts in the whole text: its length last time (text only grows), 0 for a full text.
-OutputDelta = tuple
+# Outputs cross as plain tuples: pickling 128 of them takes 0.03 ms where slotted dataclasses take 0.44 (and 0.04 vs
+# 0.23 ms to load), every step, on both sides. The child's engine makes "delta" outputs of a request the parent asked
+# "cumulative" for (only what is new crosses, and no step copies what came before); the parent rebuilds them.
+#   output:     (request_id, finished, num_cached_tokens, metrics fields, [completion, ...])
+#   completion: CompletionOutput's fields in order (index, text, token_ids, cumulative_logprob, logprobs,
+#               finish_reason, stop_reason)
+# The prompt never crosses back: the parent has it from the request.
+WireOutput = tuple
 
 
 @dataclass(slots=True)
@@ -94,72 +96,50 @@ class EngineState:
     step_seconds: float | None = None
 
 
-class DeltaEncoder:
-    """Child side: each request's first output whole (its prompt ids travel once), then only what is new."""
+def wire_params(params: SamplingParams) -> SamplingParams:
+    """What the child's engine runs: "delta" in place of "cumulative" (the parent rebuilds the cumulative outputs)."""
+    return params.clone(output_kind="delta") if params.output_kind == "cumulative" else params
+
+
+def encode(out: RequestOutput) -> WireOutput:
+    m = out.metrics
+    metrics = None if m is None else (m.arrival_time, m.first_scheduled_time, m.first_token_time, m.finished_time)
+    completions = [(c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs, c.finish_reason, c.stop_reason)
+                   for c in out.outputs]
+    return out.request_id, out.finished, out.num_cached_tokens, metrics, completions
+
+
+class OutputDecoder:
+    """Parent side: each request's ``RequestOutput`` again, of the kind it asked for (a new object each time: handlers
+    on the event loop may still hold the last one while the relay thread builds the next)."""
 
     def __init__(self) -> None:
-        self._sent: dict[str, list[tuple[str, int, int]]] = {}
-        """request id -> per completion (text, tokens, logprobs) as last sent."""
+        self._requests: dict[str, tuple[list[int], bool, RequestOutput | None]] = {}
+        """request id -> (prompt ids, cumulative, its last output if cumulative)."""
 
-    def encode(self, out: RequestOutput) -> RequestOutput | OutputDelta:
-        sent = self._sent.pop(out.request_id, None)
-        if not out.finished:
-            self._sent[out.request_id] = [_mark(c) for c in out.outputs]
-        if sent is None or len(sent) != len(out.outputs):
-            return out
-        deltas = []
-        for c, (text, tokens, logprobs) in zip(out.outputs, sent, strict=True):
-            start = len(text) if c.text.startswith(text) else 0
-            new_lps = c.logprobs[logprobs:] if c.logprobs is not None else None
-            deltas.append((c.index, start, c.text[start:], c.token_ids[tokens:], new_lps, c.cumulative_logprob,
-                           c.finish_reason, c.stop_reason))
-        m = out.metrics
-        metrics = None if m is None else (m.arrival_time, m.first_scheduled_time, m.first_token_time, m.finished_time)
-        return out.request_id, out.finished, out.num_cached_tokens, metrics, deltas
+    def expect(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Before the request is sent: its outputs may follow the child's answer at once."""
+        self._requests[request_id] = (prompt_token_ids, params.output_kind == "cumulative", None)
 
-    def forget(self, request_id: str) -> None:
-        self._sent.pop(request_id, None)
-
-
-def _mark(c: CompletionOutput) -> tuple[str, int, int]:
-    return c.text, len(c.token_ids), len(c.logprobs) if c.logprobs is not None else 0
-
-
-class DeltaDecoder:
-    """Parent side: the cumulative ``RequestOutput`` again, a new object each time (handlers on the event loop may
-    still hold the last one while the relay thread builds the next)."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, RequestOutput] = {}
-
-    def decode(self, item: RequestOutput | OutputDelta) -> RequestOutput | None:
-        """The cumulative output; None for a delta of a request forgotten since (aborted while the step ran)."""
-        if isinstance(item, RequestOutput):
-            out = item
-        else:
-            request_id, finished, num_cached, metrics, deltas = item
-            last = self._last.get(request_id)
-            if last is None:
-                return None
-            outputs = [_apply(c, d) for c, d in zip(last.outputs, deltas, strict=True)]
-            out = RequestOutput(request_id, last.prompt, last.prompt_token_ids, outputs, finished, num_cached,
-                                RequestMetrics(*metrics) if metrics is not None else None)
-        if out.finished:
-            self._last.pop(out.request_id, None)
-        else:
-            self._last[out.request_id] = out
+    def decode(self, item: WireOutput) -> RequestOutput | None:
+        """The output; None for one of a request forgotten since (aborted while the step ran)."""
+        request_id, finished, num_cached, metrics, completions = item
+        entry = self._requests.get(request_id)
+        if entry is None:
+            return None
+        prompt_token_ids, cumulative, last = entry
+        out = RequestOutput(request_id, None, prompt_token_ids, [CompletionOutput(*c) for c in completions], finished,
+                            num_cached, RequestMetrics(*metrics) if metrics is not None else None)
+        if last is not None:
+            out = merge_deltas(last, out)
+        if finished:
+            del self._requests[request_id]
+        elif cumulative:
+            self._requests[request_id] = (prompt_token_ids, True, out)
         return out
 
     def forget(self, request_id: str) -> None:
-        self._last.pop(request_id, None)
-
-
-def _apply(c: CompletionOutput, d: tuple) -> CompletionOutput:
-    index, text_from, text, token_ids, logprobs, cumulative, finish_reason, stop_reason = d
-    if c.logprobs is not None and logprobs is not None:
-        logprobs = c.logprobs + logprobs
-    return CompletionOutput(index, c.text[:text_from] + text, c.token_ids + token_ids, cumulative, logprobs,
-                            finish_reason, stop_reason)
+        self._requests.pop(request_id, None)
 
 
 # --- the child ---------------------------------------------------------------------------------------------
@@ -183,22 +163,21 @@ def engine_main(conn: Connection) -> None:
     except BaseException as exc:
         _send(conn, (0, "raise", _portable(exc), None))
         return
-    encoder = DeltaEncoder()
     info = {"max_model_len": engine.max_model_len, "model_path": engine.model_path,
             "tokenizer_path": engine.tokenizer_path}
     _send(conn, (0, "ok", info, _state(engine, None)))
     try:
         while True:
-            if (not engine.has_unfinished_requests() or conn.poll()) and not _answer_calls(engine, encoder, conn):
+            if (not engine.has_unfinished_requests() or conn.poll()) and not _answer_calls(engine, conn):
                 break
-            if engine.has_unfinished_requests() and not _step(engine, encoder, conn):
+            if engine.has_unfinished_requests() and not _step(engine, conn):
                 break
     finally:
         engine.shutdown()
         conn.close()
 
 
-def _answer_calls(engine, encoder: DeltaEncoder, conn: Connection) -> bool:
+def _answer_calls(engine, conn: Connection) -> bool:
     """Answer calls (waiting for the first) until none is pending; False once told to stop or the parent is gone."""
     while True:
         try:
@@ -209,7 +188,7 @@ def _answer_calls(engine, encoder: DeltaEncoder, conn: Connection) -> bool:
             return False
         previous = engine.last_step
         try:
-            answer = (call_id, "ok", _answer(engine, encoder, call, args))
+            answer = (call_id, "ok", _answer(engine, call, args))
         except BaseException as exc:  # the parent raises it where the call was made
             answer = (call_id, "raise", _portable(exc))
         _send(conn, (*answer, _state(engine, previous)))
@@ -217,7 +196,7 @@ def _answer_calls(engine, encoder: DeltaEncoder, conn: Connection) -> bool:
             return True
 
 
-def _step(engine, encoder: DeltaEncoder, conn: Connection) -> bool:
+def _step(engine, conn: Connection) -> bool:
     """One step, its outputs pushed to the parent (call id None); False after a fatal error."""
     previous, started = engine.last_step, time.perf_counter()
     try:
@@ -229,18 +208,17 @@ def _step(engine, encoder: DeltaEncoder, conn: Connection) -> bool:
         _send(conn, (None, "raise", _portable(exc), _state(engine, previous)))
         return True
     state = _state(engine, previous, time.perf_counter() - started)
-    _send(conn, (None, "ok", [encoder.encode(out) for out in outputs], state))
+    _send(conn, (None, "ok", [encode(out) for out in outputs], state))
     return True
 
 
-def _answer(engine, encoder: DeltaEncoder, call: str, args: tuple):
+def _answer(engine, call: str, args: tuple):
     if call == "add":
         request_id, params, prompt_token_ids, arrival_time, lora_request = args
-        engine.add_request(request_id, None, params, prompt_token_ids=prompt_token_ids, arrival_time=arrival_time,
-                           lora_request=lora_request)
+        engine.add_request(request_id, None, wire_params(params), prompt_token_ids=prompt_token_ids,
+                           arrival_time=arrival_time, lora_request=lora_request)
         return None
     if call == "abort":
-        encoder.forget(args[0])
         return engine.abort_request(args[0])
     if call == "lora.get":
         engine.lora.get(args[0])  # read and kept in the child; the weights do not travel
@@ -287,7 +265,7 @@ class EngineProcess:
         self._send_lock = threading.Lock()
         self._pending: dict[int, Future] = {}
         self._ids = itertools.count(1)
-        self._decoder = DeltaDecoder()
+        self._decoder = OutputDecoder()
         self.block_manager = _BlockCounts()
         self.lora = _RemoteLoRA(self)
         self.last_step = None
@@ -328,7 +306,14 @@ class EngineProcess:
     # --- the relay thread --------------------------------------------------------------------------------
     def add_request(self, request_id: str, params: SamplingParams, prompt_token_ids: list[int],
                     arrival_time: float | None = None, lora_request: LoRARequest | None = None) -> Future:
-        return self.request("add", request_id, params, prompt_token_ids, arrival_time, lora_request)
+        self._decoder.expect(request_id, prompt_token_ids, params)
+        future = self.request("add", request_id, params, prompt_token_ids, arrival_time, lora_request)
+        future.add_done_callback(partial(self._added, request_id))
+        return future
+
+    def _added(self, request_id: str, future: Future) -> None:
+        if future.exception() is not None:  # refused: no output will come
+            self._decoder.forget(request_id)
 
     def abort_request(self, request_id: str) -> None:
         """Abort without waiting: the child drops the request before its next step."""
@@ -336,7 +321,7 @@ class EngineProcess:
         self.request("abort", request_id)
 
     def receive(self) -> list[RequestOutput] | None:
-        """The next message: a step's outputs (cumulative again), or None for an answer (now in its future).
+        """The next message: a step's outputs (of the kinds asked for), or None for an answer (now in its future).
         Raises the error of a step that failed, and EngineFatalError once the child is gone."""
         call_id, status, payload, state = self._recv()
         if state is not None:

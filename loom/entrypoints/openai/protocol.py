@@ -132,8 +132,9 @@ class _Common(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             structured_outputs=structured,
-            # a whole answer needs only the finished output: no per-step hand-off to the event loop
-            output_kind="cumulative" if self.stream else "final_only",
+            # a stream sends on only what is new; a whole answer needs only the finished output (no per-step
+            # hand-off to the event loop)
+            output_kind="delta" if self.stream else "final_only",
         )
 
 

@@ -177,10 +177,14 @@ def sse(payload: dict | str) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
-def usage(prompt_lens: list[int], finals: list[RequestOutput], n: int = 1) -> dict:
+def usage(prompt_lens: list[int], finals: list[RequestOutput]) -> dict:
+    """Of whole (final, cumulative) outputs."""
+    return usage_of(prompt_lens, sum(len(c.token_ids) for out in finals for c in out.outputs),
+                    sum(out.num_cached_tokens for out in finals))
+
+
+def usage_of(prompt_lens: list[int], completion_tokens: int, cached: int) -> dict:
     prompt_tokens = sum(prompt_lens)
-    completion_tokens = sum(len(c.token_ids) for out in finals for c in out.outputs)
-    cached = sum(out.num_cached_tokens for out in finals)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
