@@ -233,7 +233,8 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     if ext is not None:
         _penalties_cpu(ext, logits, penalised, rows)
     elif penalised:
-        sub = logits[penalised]
+        index = to_device(penalised, device)  # a list index would be uploaded from pageable memory: a stream sync
+        sub = logits.index_select(0, index)
         params = [rows[i].params for i in penalised]
         outputs = _counts([rows[i].token_arrays()[1] for i in penalised], vocab, device)  # [N, V] float
         rep = to_device([p.repetition_penalty for p in params], device, logits.dtype)[:, None]
@@ -243,7 +244,7 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
             sub = torch.where(seen & (rep != 1.0), scaled, sub)
         freq = to_device([p.frequency_penalty for p in params], device, logits.dtype)[:, None]
         presence = to_device([p.presence_penalty for p in params], device, logits.dtype)[:, None]
-        logits[penalised] = sub - freq * outputs - presence * (outputs > 0).to(logits.dtype)
+        logits.index_copy_(0, index, sub - freq * outputs - presence * (outputs > 0).to(logits.dtype))
     masked = [(i, t) for i in needs if rows[i].position < rows[i].params.min_tokens
               for t in rows[i].stop_ids if 0 <= t < vocab]
     if masked:
