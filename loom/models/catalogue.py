@@ -103,13 +103,16 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from loom.models.gguf_reader import fast_gguf_reads
+
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write into a temporary sibling and rename: an interrupted conversion never leaves a half folder behind.
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         folder, file = str(gguf_path.parent), gguf_path.name
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+        with fast_gguf_reads():  # transformers parses the file for each (metadata and tensors)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

@@ -4,7 +4,8 @@
     model = load_gguf_model(path, torch.device("cuda"), 2048, dtype=torch.bfloat16, kernels="triton")
 
 transformers reads the file's metadata into an HF config and its tokenizer (with the chat template); the tensors
-are read here with the ``gguf`` package. Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL and
+are read here with the ``gguf`` package's reader, parsed faster (``loom.models.gguf_reader``, which transformers gets
+too while it reads). Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL and
 IQ4_XS projections become ``GGUFLinear`` layers (the blocks repacked for int8 dot products; rows of q/k/v and of
 gate/up stacked into Loom's fused projections; parts of different types, as Q4_K_M files have, a
 ``StackedGGUFLinear``); with
@@ -67,9 +68,10 @@ def gguf_reader(path: str | Path):
     """The file's ``gguf.GGUFReader``, parsed once per file version (path, size and modification time) until a model
     has been loaded from it (``load_gguf_model`` lets the cache go).
 
-    NOTE: parsing takes ~2.4 s for SmolLM2's file (the reader walks the 49,152-token vocabulary and its merges in
-    Python), and loading a model asks for the architecture, the config and the tensors: six parses in Loom (and two
-    in transformers, for the config), most of ``loom serve --model smollm2``'s start before this cache."""
+    NOTE: the ``gguf`` package's reader takes ~2 s on SmolLM2's file (it walks the 49,152-token vocabulary and its
+    merges in Python; ``FastGGUFReader``, what this returns, 0.14 s), and loading a model asks for the architecture,
+    the config and the tensors: six parses in Loom (and two in transformers, for the config), most of
+    ``loom serve --model smollm2``'s start before this cache."""
     return _reader(*_version(path))
 
 
@@ -81,9 +83,9 @@ def _version(path: str | Path) -> tuple[str, int, int]:
 
 @lru_cache(maxsize=2)
 def _reader(path: str, size: int, mtime_ns: int):
-    from gguf import GGUFReader
+    from loom.models.gguf_reader import FastGGUFReader
 
-    return GGUFReader(path)
+    return FastGGUFReader(path)
 
 
 def gguf_architecture(path: str | Path) -> str:
@@ -105,9 +107,12 @@ def load_gguf_config(path: str | Path):
 def _gguf_config(path: str, size: int, mtime_ns: int):
     from transformers import AutoConfig  # local: transformers takes ~1 s to import
 
+    from loom.models.gguf_reader import fast_gguf_reads  # local: as gguf itself
+
     arch = gguf_architecture(path)
     path = Path(path)
-    hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    with fast_gguf_reads():
+        hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     hf.architectures = [ARCHITECTURES[arch]]
     fields = gguf_reader(path).fields
     if f"{arch}.attention.key_length" in fields:  # Qwen3: head_dim need not be hidden / heads
@@ -138,8 +143,11 @@ def _gguf_config(path: str, size: int, mtime_ns: int):
 def load_gguf_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
+    from loom.models.gguf_reader import fast_gguf_reads
+
     path = Path(path)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    with fast_gguf_reads():
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def load_gguf_model(path: str | Path, device: torch.device, max_positions: int, dtype: torch.dtype = torch.float32,
