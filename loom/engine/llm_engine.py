@@ -566,7 +566,8 @@ class LLMEngine:
 
     @staticmethod
     def _completion(seq: Sequence, detok: DetokState, delta: bool) -> CompletionOutput:
-        """The sequence's output so far, or (``delta``) what is new since its last one."""
+        """The sequence's output so far, or (``delta``) what is new since its last one: a delta advances the
+        sequence's sent marks, so each step builds it once (a second call returns nothing new)."""
         text = detok.text
         end = len(text)
         if not seq.is_finished and seq.params.stop:

@@ -54,8 +54,9 @@ def test_unread_deltas_are_appended_into_one_and_other_items_keep_their_place():
             stream.put(_output(tokens))
         first = await stream.next_item()
         stream.put(_output([5]))
-        stream.put(ValueError("the engine failed"))
-        stream.put(_output([6], finished=True))  # behind the error: never merged into what came before it
+        stream.put(_output([6]))
+        stream.put(ValueError("the engine failed"))  # queued behind the merged output, which is complete
+        stream.put(_output([7], finished=True))  # behind the error: never merged into what came before it
         second = await stream.next_item()
         with pytest.raises(ValueError, match="the engine failed"):
             await stream.next_item()
@@ -63,8 +64,8 @@ def test_unread_deltas_are_appended_into_one_and_other_items_keep_their_place():
 
     first, second, third = asyncio.run(run())
     assert first.outputs[0].token_ids == [0, 1, 2, 3, 4] and first.outputs[0].text == "<0><1><2><3><4>"
-    assert second.outputs[0].token_ids == [5] and not second.finished
-    assert third.outputs[0].token_ids == [6] and third.finished and third.outputs[0].finish_reason == "length"
+    assert second.outputs[0].token_ids == [5, 6] and second.outputs[0].text == "<5><6>" and not second.finished
+    assert third.outputs[0].token_ids == [7] and third.finished and third.outputs[0].finish_reason == "length"
 
 
 def test_a_reader_that_keeps_up_gets_every_output_and_stops_at_the_finished_one():

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from loom.engine.config import EngineConfig
+from loom.entrypoints.openai.async_engine import AsyncLLMEngine
 from loom.entrypoints.openai.engine_process import ProcessLLMEngine
 
 from .conftest import start_llm_server, tiny_config
@@ -167,3 +168,30 @@ def test_an_engine_process_that_fails_to_start_reports_why_and_leaves_nothing_op
     with pytest.raises(Exception, match="NoSuchForCausalLM"):
         asyncio.run(front.start())
     assert front._wake_read.fileno() == -1 and front._wake_write.fileno() == -1
+
+
+@pytest.mark.parametrize("front_class", [AsyncLLMEngine, ProcessLLMEngine])
+def test_a_request_id_in_use_is_refused_and_the_live_request_goes_on(tiny_llama, front_class):
+    from loom.engine.sampling_params import SamplingParams
+
+    async def run():
+        front = front_class(EngineConfig(model=str(tiny_llama), num_kv_blocks=128, block_size=4))
+        await front.start()
+        try:
+            params = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True, output_kind="delta")
+            stream = await front.add_request("x", [5, 6, 7], params)
+            with pytest.raises(ValueError, match="already in use"):
+                await front.add_request("x", [8, 9], params)
+            tokens = []
+
+            async def read():
+                async for out in stream:
+                    tokens.extend(out.outputs[0].token_ids)
+
+            await asyncio.wait_for(read(), 60)  # a live request dropped by the refusal would never finish
+            stream.close()
+            return tokens
+        finally:
+            await front.shutdown()
+
+    assert len(asyncio.run(run())) == 300

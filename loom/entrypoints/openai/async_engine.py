@@ -31,7 +31,7 @@ import torch
 from loom.engine.config import EngineConfig
 from loom.engine.llm_engine import LLMEngine
 from loom.engine.lora import LoRARequest
-from loom.engine.outputs import RequestOutput, merge_deltas
+from loom.engine.outputs import RequestOutput
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.tensor_parallel import EngineFatalError
 from loom.entrypoints.openai.metrics import LLMMetrics, RequestTimes
@@ -101,16 +101,44 @@ class RequestStream:
         self._items: deque = deque()
         self._waiter: asyncio.Future | None = None
         self._closed = False
+        self._tail_texts: list[list[str]] | None = None
+        """The text pieces of the deltas merged into the last unread output, per completion (joined when it is read
+        or something queues behind it: a reader stalled for k steps costs O(k), not O(k^2))."""
 
     def put(self, item) -> None:  # called on the event loop (via call_soon_threadsafe)
         items = self._items
         if items and isinstance(item, RequestOutput) and isinstance(items[-1], RequestOutput):
-            items[-1] = merge_deltas(items[-1], item) if self.delta else item  # a cumulative one holds the older
+            if self.delta:
+                self._append_delta(items[-1], item)
+            else:
+                items[-1] = item  # cumulative: the newer output holds everything the older one did
         else:
+            self._seal()
             items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _append_delta(self, tail: RequestOutput, new: RequestOutput) -> None:
+        """``new`` appended to the unread ``tail`` in place: nothing but this queue holds an unread output (the engine
+        builds new lists for every delta)."""
+        if self._tail_texts is None:
+            self._tail_texts = [[c.text] for c in tail.outputs]
+        for old, c, pieces in zip(tail.outputs, new.outputs, self._tail_texts, strict=True):
+            pieces.append(c.text)
+            old.token_ids.extend(c.token_ids)
+            if old.logprobs is not None and c.logprobs is not None:
+                old.logprobs.extend(c.logprobs)
+            old.cumulative_logprob, old.finish_reason, old.stop_reason = (c.cumulative_logprob, c.finish_reason,
+                                                                          c.stop_reason)
+        tail.finished, tail.num_cached_tokens, tail.metrics = new.finished, new.num_cached_tokens, new.metrics
+
+    def _seal(self) -> None:
+        """Join the merged text pieces of the last unread output."""
+        if self._tail_texts is not None:
+            for c, pieces in zip(self._items[-1].outputs, self._tail_texts, strict=True):
+                c.text = "".join(pieces)
+            self._tail_texts = None
 
     async def next_item(self):
         while not self._items:
@@ -119,6 +147,8 @@ class RequestStream:
                 await self._waiter
             finally:
                 self._waiter = None
+        if len(self._items) == 1:
+            self._seal()
         item = self._items.popleft()
         if isinstance(item, BaseException):
             raise item
@@ -130,12 +160,13 @@ class RequestStream:
             self.finished = out.finished
             yield out
 
-    def close(self) -> None:
-        """Idempotent; aborts the request in the engine unless it finished."""
+    def close(self, abort: bool = True) -> None:
+        """Idempotent; aborts the request in the engine unless it finished (or ``abort`` is False: the engine refused
+        it, and the id may be another request's)."""
         if self._closed:
             return
         self._closed = True
-        if not self.finished:
+        if abort and not self.finished:
             self._front.abort(self.request_id)
         self._front._release(self.num_seqs)
 
@@ -213,8 +244,10 @@ class AsyncLLMEngine:
         self._command(_Add(request_id, prompt_token_ids, params, stream, times, lora_request))
         try:
             accepted = await stream.next_item()
-        except BaseException:  # rejected by the engine, or the caller was cancelled while waiting
-            stream.close()
+        except BaseException as exc:
+            # refused by the engine (an exception it delivered): nothing to abort, and aborting the id would end a
+            # live request that has it; cancelled while waiting: the add may still go through, so abort it
+            stream.close(abort=not isinstance(exc, Exception))
             raise
         assert accepted is _ACCEPTED
         return stream

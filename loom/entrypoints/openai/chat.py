@@ -98,6 +98,7 @@ def _chunk(head: dict, index: int, delta: dict, finish_reason=None, logprobs=Non
 
 async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, stream, prompt_len: int, head: dict):
     """The stream's outputs are deltas (``output_kind="delta"``); a tool parser reads each choice's text so far."""
+    assert stream.delta, "a stream's outputs are deltas (ChatCompletionRequest.sampling_params)"
     extra = {"usage": None} if req.include_usage else None
     choices = [plan.stream() for _ in range(req.n)]  # per choice: text so far -> the delta to send
     texts = [""] * req.n

@@ -71,6 +71,7 @@ def _choice(ctx, req, index: int, text: str, c: CompletionOutput, token_ids, log
 
 async def _stream(ctx, req: CompletionRequest, streams, prompts, echo, head):
     """Streams' outputs are deltas (``output_kind="delta"``): each chunk sends a completion's new text."""
+    assert all(s.delta for s in streams), "a stream's outputs are deltas (CompletionRequest.sampling_params)"
     sent: dict[tuple[int, int], tuple[int, bool]] = {}  # (prompt, completion) -> (characters sent, finished)
     num_tokens, cached = 0, [0] * len(streams)
     extra = {"usage": None} if req.include_usage else {}

@@ -455,7 +455,11 @@ class ProcessLLMEngine(AsyncLLMEngine):
 
     def _add(self, command: _Add) -> None:
         """Live from now, so that outputs right behind the child's answer find their stream; accepted or refused
-        when the answer comes (``_added``)."""
+        when the answer comes (``_added``). A request id already live is refused here: the child would refuse it,
+        and the refusal would then drop the live request's stream and outputs."""
+        if command.request_id in self._live:
+            self._deliver(command.stream, ValueError(f"request id {command.request_id!r} is already in use"))
+            return
         self._live[command.request_id] = (command.stream, command.times)
         future = self.engine.add_request(command.request_id, command.params, command.prompt_token_ids,
                                          command.times.arrival, command.lora_request)
