@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig
 
+from loom.ops.layers import uninitialized_embedding
+
 # config.hidden_act -> the activation between the intermediate and output dense layers
 _ACTIVATIONS = {
     "gelu": F.gelu,  # exact (erf) GELU, as HF's "gelu"
@@ -75,9 +77,9 @@ def segment_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
 class BertEmbeddings(nn.Module):
     def __init__(self, hf):
         super().__init__()
-        self.word_embeddings = nn.Embedding(hf.vocab_size, hf.hidden_size)
-        self.position_embeddings = nn.Embedding(hf.max_position_embeddings, hf.hidden_size)
-        self.token_type_embeddings = nn.Embedding(hf.type_vocab_size, hf.hidden_size)
+        self.word_embeddings = uninitialized_embedding(hf.vocab_size, hf.hidden_size)  # built on meta, loaded after
+        self.position_embeddings = uninitialized_embedding(hf.max_position_embeddings, hf.hidden_size)
+        self.token_type_embeddings = uninitialized_embedding(hf.type_vocab_size, hf.hidden_size)
         self.LayerNorm = nn.LayerNorm(hf.hidden_size, eps=hf.layer_norm_eps)
 
     def forward(self, input_ids, positions, token_type_ids):

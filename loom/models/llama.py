@@ -24,7 +24,7 @@ from torch import nn
 
 from loom.distributed.parallel import TensorParallel, local_config
 from loom.ops.attention import AttentionMetadata, paged_attention
-from loom.ops.layers import TorchOps, rms_norm_reference
+from loom.ops.layers import TorchOps, rms_norm_reference, uninitialized_embedding
 from loom.ops.rotary import RotaryEmbedding
 
 SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
@@ -323,7 +323,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         vocab_rows = cfg.vocab_size if tp is None else tp.vocab_shard(cfg.vocab_size)
         self.vocab_start = 0 if tp is None else tp.vocab_range(cfg.vocab_size)[0]
-        self.embed_tokens = nn.Embedding(vocab_rows, cfg.hidden_size)
+        self.embed_tokens = uninitialized_embedding(vocab_rows, cfg.hidden_size)  # built on meta, loaded after
         self.layers = nn.ModuleList(DecoderLayer(cfg, tp, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, vocab_rows, bias=False)
@@ -340,8 +340,9 @@ class LlamaForCausalLM(nn.Module):
         ``loom.ops.packed_linear``)."""
 
     def build_rotary(self, max_positions: int, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
-        """(Re)compute the rotary tables for ``max_positions`` (on ``device``; None: torch's current default): they
-        are computed, not loaded, so a model built on the meta device gets them here once its weights are in place."""
+        """(Re)compute the rotary tables for ``max_positions`` (computed on the CPU, then moved to ``device``; None:
+        left there): they are computed, not loaded, so a model built on the meta device gets them here once its
+        weights are in place."""
         cfg = self.config
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
         self.rotary_local = None

@@ -21,6 +21,13 @@ import torch.nn.functional as F
 from loom.ops.attention import decode_attention_reference
 
 
+def uninitialized_embedding(num_embeddings: int, embedding_dim: int) -> torch.nn.Embedding:
+    """An ``nn.Embedding`` whose weight is left as allocated, for models built on the meta device and loaded after:
+    ``nn.Embedding``'s own ``normal_`` init on meta runs through ``torch._refs``, whose first call imports
+    ``torch._dynamo`` (1.1 s of a server's or a worker's start, for nothing)."""
+    return torch.nn.Embedding(num_embeddings, embedding_dim, _weight=torch.empty(num_embeddings, embedding_dim))
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF LlamaRMSNorm: computed in float32 whatever the dtype, so bf16 runs match the reference."""
     xf = x.float()
