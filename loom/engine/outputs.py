@@ -44,9 +44,9 @@ class RequestOutput:
 
 def merge_deltas(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
     """Two outputs of one request back to back as one: ``newer``'s texts, token ids and logprobs appended to
-    ``older``'s, everything else ``newer``'s. Merges "delta" outputs (a reader that fell behind gets what it missed in
-    one), or rebuilds a cumulative output from the one before and a delta. Builds new objects (readers may still hold
-    ``older``)."""
+    ``older``'s, everything else ``newer``'s: a cumulative output rebuilt from the one before and a delta
+    (``--engine-process``'s parent), or deltas added up (tests). Builds new objects, since readers may still hold
+    ``older``; a stream's unread deltas are merged in place instead (``RequestStream``, which alone holds them)."""
     outputs = []
     for old, new in zip(older.outputs, newer.outputs, strict=True):
         assert old.index == new.index, "outputs list their completions in the same order"

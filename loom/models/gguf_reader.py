@@ -22,13 +22,16 @@ from gguf import GGUFReader, GGUFValueType
 class FastGGUFReader(GGUFReader):
     _plain: np.ndarray | None = None
 
+    def _view(self) -> np.ndarray:
+        """The whole mapping as a plain array: slicing it runs no Python."""
+        if self._plain is None:
+            self._plain = self.data.view(np.ndarray)
+        return self._plain
+
     def _get(self, offset: int, dtype, count: int = 1, override_order=None) -> np.ndarray:
-        plain = self._plain
-        if plain is None:  # the whole mapping as a plain array: slicing it runs no Python
-            plain = self._plain = self.data.view(np.ndarray)
         dtype = np.dtype(dtype)
         count = int(count)
-        arr = plain[offset : offset + dtype.itemsize * count].view(dtype)[:count]
+        arr = self._view()[offset : offset + dtype.itemsize * count].view(dtype)[:count]
         return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
 
     def _get_field_parts(self, orig_offs: int, raw_type: int):
@@ -42,8 +45,7 @@ class FastGGUFReader(GGUFReader):
         if count == 0:
             return 12, parts, [], [GGUFValueType.ARRAY]
         if item_type == GGUFValueType.STRING:
-            self._get(offs, np.uint8)  # builds the plain view
-            plain, unpack = self._plain, struct.Struct("=Q").unpack_from
+            plain, unpack = self._view(), struct.Struct("=Q").unpack_from
             u64 = np.dtype(np.uint64).newbyteorder(self.byte_order)
             for _ in range(count):
                 (length,) = unpack(plain, offs)

@@ -10,7 +10,7 @@ import torch
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """Inverse frequencies [D/2] in float32, after the checkpoint's rope scaling."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type == "default":
         return inv_freq
@@ -32,10 +32,10 @@ def _longrope(head_dim: int, max_positions: int, theta: float, s: dict) -> tuple
     factor = s.get("factor") or s["max_position_embeddings"] / original
     attention = s.get("attention_factor") or (
         1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original)))
-    shape = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
-    short = 1.0 / (torch.tensor(s["short_factor"], dtype=torch.float32, device="cpu") * theta**shape)
-    long = 1.0 / (torch.tensor(s["long_factor"], dtype=torch.float32, device="cpu") * theta**shape)
-    pos = torch.arange(max_positions, dtype=torch.float32, device="cpu")[:, None]
+    shape = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    short = 1.0 / (torch.tensor(s["short_factor"], dtype=torch.float32) * theta**shape)
+    long = 1.0 / (torch.tensor(s["long_factor"], dtype=torch.float32) * theta**shape)
+    pos = torch.arange(max_positions, dtype=torch.float32)[:, None]
     return torch.where(pos < original, pos * short[None, :], pos * long[None, :]), attention
 
 
@@ -60,11 +60,13 @@ class RotaryEmbedding(torch.nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, dtype: torch.dtype):
         super().__init__()
         attention = 1.0
-        if (scaling or {}).get("rope_type", (scaling or {}).get("type")) in ("longrope", "su"):
-            freqs, attention = _longrope(head_dim, max_positions, theta, scaling)
-        else:
-            inv_freq = rope_inv_freq(head_dim, theta, scaling)
-            freqs = torch.arange(max_positions, dtype=torch.float32, device="cpu")[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", (emb.cos() * attention).to(dtype), persistent=False)
-        self.register_buffer("sin", (emb.sin() * attention).to(dtype), persistent=False)
+        with torch.device("cpu"):
+            if (scaling or {}).get("rope_type", (scaling or {}).get("type")) in ("longrope", "su"):
+                freqs, attention = _longrope(head_dim, max_positions, theta, scaling)
+            else:
+                inv_freq = rope_inv_freq(head_dim, theta, scaling)
+                freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = (emb.cos() * attention).to(dtype), (emb.sin() * attention).to(dtype)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
