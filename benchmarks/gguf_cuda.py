@@ -8,8 +8,10 @@ the same run, at decode and prefill row counts. Llama-3-8B's projection shapes b
 For each shape (K inputs -> N outputs), format and M rows of x (bfloat16): the median over ``--repeats`` of
 ``--calls`` back-to-back calls timed with CUDA events, in microseconds a call; the bytes of weight a call reads and
 the bandwidth that makes; the ratio to bfloat16 cuBLAS (> 1: the quantized call is faster). Random weights (the
-kernels' cost does not depend on the values). Prints a line per case and a summary line (the geometric mean of the
-ratios at decode rows and at prefill rows), writes JSON (default results/gguf_cuda.json).
+kernels' cost does not depend on the values). Where the kernels split K across programs (split-K, chosen by the grid
+and the SM count), the same call with one slice is timed too, so each run says what the split buys. Prints a line per
+case and a summary line (the geometric mean of the ratios at decode rows and at prefill rows, and of the split's
+gains), writes JSON (default results/gguf_cuda.json).
 """
 
 from __future__ import annotations
@@ -60,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (the same kernels are tested on CPU under TRITON_INTERPRET=1 by make test)")
-    from loom.ops.triton.quantized import GEMV_ROWS, TritonQuantLinear
+    from loom.ops.triton.quantized import DEQUANTIZE_ROWS, GEMV_ROWS, TritonQuantLinear
 
     rng = np.random.default_rng(args.seed)
-    cases, decode, prefill = [], [], []
+    cases, decode, prefill, split_gains = [], [], [], []
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
         dense = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
@@ -82,18 +84,29 @@ def main(argv: list[str] | None = None) -> int:
                 case = {"k": k, "n": n, "format": fmt, "rows": m, "quantized_us": ours, "bf16_cublas_us": cublas,
                         "weight_bytes": layer.nbytes, "quantized_gb_s": layer.nbytes / ours / 1e3,
                         "bf16_gb_s": n * k * 2 / cublas / 1e3, "speedup_vs_bf16": ratio}
+                slices = layer.plan(m, x.device, x.dtype)[2] if m < DEQUANTIZE_ROWS else 1
+                split = ""
+                if slices > 1:
+                    layer.split_k = 1
+                    case["one_slice_us"] = cuda_us(partial(layer, x), args.calls, args.repeats)
+                    layer.split_k = None
+                    case.update(k_slices=slices, split_gain=case["one_slice_us"] / ours)
+                    split_gains.append(case["split_gain"])
+                    split = f"; {slices} slices of K vs one: {case['one_slice_us']:.1f} us, {case['split_gain']:.2f}x"
                 cases.append(case)
                 print(f"{k}->{n} {fmt:5s} M={m:4d}: {ours:8.1f} us ({case['quantized_gb_s']:6.0f} GB/s) vs bf16 "
-                      f"{cublas:8.1f} us ({case['bf16_gb_s']:6.0f} GB/s): {ratio:.2f}x", flush=True)
+                      f"{cublas:8.1f} us ({case['bf16_gb_s']:6.0f} GB/s): {ratio:.2f}x{split}", flush=True)
 
     def geomean(values: list[float]) -> float:
         return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
-    summary = {"decode_rows_geomean_speedup": geomean(decode), "prefill_rows_geomean_speedup": geomean(prefill)}
+    summary = {"decode_rows_geomean_speedup": geomean(decode), "prefill_rows_geomean_speedup": geomean(prefill),
+               "split_k_gain_geomean": geomean(split_gains), "split_k_cases": len(split_gains)}
     write_json(args.out, {"command": sys.argv, "device": torch.cuda.get_device_name(), "summary": summary,
                           "cases": cases, "machine": machine()})
     print(f"quantized linears vs bf16 cuBLAS on {torch.cuda.get_device_name()}: decode rows (<= {GEMV_ROWS}) "
-          f"{summary['decode_rows_geomean_speedup']:.2f}x, more rows {summary['prefill_rows_geomean_speedup']:.2f}x "
+          f"{summary['decode_rows_geomean_speedup']:.2f}x, more rows {summary['prefill_rows_geomean_speedup']:.2f}x; "
+          f"split-K over one slice {summary['split_k_gain_geomean']:.2f}x in {len(split_gains)} cases "
           "(geometric means)")
     return 0
 

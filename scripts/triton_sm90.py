@@ -149,6 +149,11 @@ def quantized_workloads():
                             (DEQUANTIZE_ROWS, "dequantize")):
             x = torch.empty(rows, k, dtype=torch.bfloat16)
             yield f"quantized {kernel} m={rows} {qtype.name} bf16", partial(layer, x)
+        split = TritonQuantLinear.from_gguf(raw, qtype, k)
+        split.split_k = 4  # what a GPU's SM count picks for an under-filled grid (a CPU tensor has none)
+        for rows, kernel in ((1, "gemv"), (16, "gemm")):
+            x = torch.empty(rows, k, dtype=torch.bfloat16)
+            yield f"quantized {kernel} split-K m={rows} {qtype.name} bf16", partial(split, x)
 
 
 def main() -> int:

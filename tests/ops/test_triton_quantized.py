@@ -57,16 +57,24 @@ def test_the_dequantize_kernel_equals_the_gguf_reference(qtype):
 @pytest.mark.parametrize("kernel", list(ROWS))
 @pytest.mark.parametrize("qtype", list(GGMLType), ids=lambda t: t.name)
 def test_the_product_equals_dequantize_then_matmul(qtype, kernel):
-    torch.manual_seed(5)
-    qweight = blocks(qtype, rows=N, k=K, seed=5)
+    layer, x, expected = product_case(qtype, ROWS[kernel], seed=5)
+    assert_product(layer(x.to(DEVICE)).cpu(), expected)
+
+
+def product_case(qtype: GGMLType, rows: int, seed: int):
+    """A layer of random blocks with a bias, float32 x of ``rows`` rows, and their product in float64."""
+    torch.manual_seed(seed)
+    qweight = blocks(qtype, rows=N, k=K, seed=seed)
     bias = torch.randn(N)
     layer = tq.TritonQuantLinear.from_gguf(qweight, qtype, K, bias, device=DEVICE)
-    x = torch.randn(ROWS[kernel], K)
+    x = torch.randn(rows, K)
     expected = torch.nn.functional.linear(x.double(), dequantize_reference(qweight, qtype, K).double(), bias.double())
-    ours = layer(x.to(DEVICE)).cpu()
-    assert ours.dtype == torch.float32 and ours.shape == (ROWS[kernel], N)
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(ours.double(), expected, rtol=0, atol=2e-6 * scale)
+    return layer, x, expected
+
+
+def assert_product(ours: torch.Tensor, expected: torch.Tensor) -> None:
+    assert ours.dtype == torch.float32 and ours.shape == expected.shape
+    torch.testing.assert_close(ours.double(), expected, rtol=0, atol=2e-6 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("kernel", list(ROWS))
@@ -81,6 +89,74 @@ def test_bfloat16_activations_match_a_bfloat16_reference(kernel):
     ours = layer(x.to(DEVICE)).cpu()
     assert ours.dtype == torch.bfloat16
     torch.testing.assert_close(ours.double(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("kernel", ["gemv", "gemv-wide", "gemm"])
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
+def test_split_k_sums_the_same_product(qtype, kernel, splits, monkeypatch):
+    """K cut into slices (8 slices of 64 inputs; 3 of 192, 192 and 128: the last one short) summed by the reduction
+    kernel with the bias: the product of the unsplit kernels within float32 rounding."""
+    reductions = []
+    reduce = tq._split_sum_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(partials, *args, **kwargs):
+                reductions.append(tuple(partials.shape))
+                return reduce[grid](partials, *args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tq, "_split_sum_kernel", Spy())
+    layer, x, expected = product_case(qtype, ROWS[kernel], seed=10)
+    layer.split_k = 1
+    layer(x.to(DEVICE))
+    assert reductions == []  # one slice: no reduction
+    layer.split_k = splits
+    ours = layer(x.to(DEVICE)).cpu()
+    assert reductions == [(splits, ROWS[kernel], N)]
+    assert_product(ours, expected)
+
+
+def test_split_k_in_bfloat16_without_a_bias():
+    torch.manual_seed(11)
+    qweight = blocks(GGMLType.Q4_0, rows=N, k=K, seed=11)
+    layer = tq.TritonQuantLinear.from_gguf(qweight, GGMLType.Q4_0, K, device=DEVICE)
+    layer.split_k = 4
+    x = torch.randn(2, K).to(torch.bfloat16)
+    weight = dequantize_reference(qweight, GGMLType.Q4_0, K).to(torch.bfloat16)
+    expected = x.double() @ weight.double().T
+    ours = layer(x.to(DEVICE)).cpu()
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
+def test_split_k_is_chosen_by_how_far_the_grid_is_from_filling_the_device():
+    # Llama-3-8B's 4096 -> 4096 at one row on 132 SMs: 128 programs of 32 features; 4 a SM wants 5 slices,
+    # each of 832 inputs (13 steps of 64; the last slice 768)
+    assert tq.split_k(128, 4096, 64, 132) == (5, 832)
+    assert tq.split_k(448, 4096, 64, 132) == (2, 2048)  # 14336 features: 448 programs, 528 wanted
+    assert tq.split_k(528, 4096, 64, 132) == (1, 4096)  # already 4 a SM
+    assert tq.split_k(18, 576, 64, 132) == (2, 320)  # SmolLM2: 576 inputs are two slices of >= 4 steps at most
+    assert tq.split_k(4, 1 << 16, 32, 132) == (16, 4096)  # at most MAX_SPLITS
+    assert tq.split_k(18, 200, 64, 132) == (1, 256)  # shorter than two slices' minimum: not split
+    assert tq.split_k(18, 4096, 64, 0) == (1, 4096)  # no SM count (CPU, the interpreter): not split
+
+
+def test_the_plan_splits_k_on_a_cuda_device_by_its_sm_count(monkeypatch):
+    """The wiring: a CUDA device's SM count reaches ``split_k`` with the grid the kernel launches (here a fake count:
+    no GPU needed); ``split_k = 1`` turns it off, and CPU tensors are never split unless asked."""
+    monkeypatch.setattr(tq, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(tq, "_INTERPRETED", False)  # the GPU's tile widths
+    layer = tq.TritonQuantLinear.from_gguf(blocks(GGMLType.Q8_0, rows=4096, k=4096, seed=12), GGMLType.Q8_0, 4096)
+    cuda = torch.device("cuda", 0)
+    kernel, grid, splits, per, options = layer.plan(1, cuda, torch.bfloat16)
+    assert (kernel, grid, splits, per, options["BLOCK_K"]) == (tq._gemv_kernel, (128,), 5, 832, 64)
+    kernel, grid, splits, per, _ = layer.plan(16, cuda, torch.bfloat16)  # 64 programs of 16 x 64, 32-wide K steps
+    assert (kernel, grid, splits, per) == (tq._gemm_kernel, (1, 64), 9, 480)
+    assert layer.plan(1, torch.device("cpu"), torch.bfloat16)[2] == 1
+    layer.split_k = 1
+    assert layer.plan(1, cuda, torch.bfloat16)[2:4] == (1, 4096)
 
 
 def test_leading_dimensions_are_kept():

@@ -22,12 +22,19 @@ Two kernels, chosen by the number of rows of x:
 - more rows: a tiled GEMM with ``tl.dot`` (tensor cores on the dequantized tile in x's dtype; float32 x in IEEE
   float32), up to ``DEQUANTIZE_ROWS``; from there the weight is dequantized once into x's dtype by a third kernel
   and multiplied by cuBLAS (prefill chunks are bound by FLOPs, not bytes).
+A decode-sized GEMV or GEMM has few programs (``cdiv(out, BLOCK_N)``: 18 for SmolLM2's 576 features, 128 for 4096)
+where the GPU has 132 SMs that each need several to hide memory latency, so where the grid would under-fill the
+device the inputs are split too (**split-K**, ``split_k``): each program sums a slice of K into a float32 partial and a
+small kernel adds the slices in a fixed order (deterministic, so CUDA graphs replay what eager runs compute), then the
+bias, and rounds to x's dtype.
 Accumulation is float32 throughout; bias added in float32; the output rounded to x's dtype. Under
 ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (the tests).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 
 import torch
@@ -40,6 +47,27 @@ from loom.ops.quantized import BlockQuants, block_quants
 GEMV_ROWS = 8
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEQUANTIZE_ROWS = 128
+PROGRAMS_PER_SM = 4
+"""Split K until the grid holds this many programs per SM (registers allow 2-4 resident at a time; more queue)."""
+MIN_SPLIT_STEPS = 4
+"""Each slice of K walks at least this many BLOCK_K steps (the partials' extra traffic stays small)."""
+MAX_SPLITS = 16
+
+
+def split_k(programs: int, k: int, block_k: int, sms: int) -> tuple[int, int]:
+    """(slices, inputs per slice) of K for a launch of ``programs`` programs on a device of ``sms`` SMs: one slice
+    (no split) when the grid fills the device already or K is too short to split, else as many as bring the grid to
+    ``PROGRAMS_PER_SM`` a SM, each slice a whole number of BLOCK_K steps (so 4-bit bytes and quant groups are never
+    cut) and at least ``MIN_SPLIT_STEPS`` of them."""
+    want = triton.cdiv(PROGRAMS_PER_SM * sms, programs) if sms > 0 else 1
+    splits = max(1, min(want, MAX_SPLITS, k // (MIN_SPLIT_STEPS * block_k)))
+    per = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    return triton.cdiv(k, per), per
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @triton.jit
@@ -63,17 +91,22 @@ def _weight_tile(q_ptr, s_ptr, o_ptr, rn, k, n_ok, k_ok, stride_qn, stride_sn, s
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, K,
-                 stride_xm, stride_qn, stride_sn, stride_sg, stride_ym,
+def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, K, K_SLICE,
+                 stride_xm, stride_qn, stride_sn, stride_sg, stride_ym, stride_ys,
                  BITS: tl.constexpr, GROUP: tl.constexpr, ZERO: tl.constexpr, HAS_OFFSET: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows [0, M) of x times features of program 0's block, over inputs of program 1's slice of K (the whole of K
+    when there is one slice); the slice's sum goes to y + slice * stride_ys."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     n_ok, m_ok = rn < N, rm < M
+    k_start = tl.program_id(1) * K_SLICE
+    k_end = tl.minimum(k_start + K_SLICE, K)
+    y_ptr += tl.program_id(1).to(tl.int64) * stride_ys
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
+        k_ok = k < k_end
         w = _weight_tile(q_ptr, s_ptr, o_ptr, rn, k, n_ok, k_ok, stride_qn, stride_sn, stride_sg,
                          BITS, GROUP, ZERO, HAS_OFFSET)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
@@ -86,18 +119,22 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, K,
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, K,
-                 stride_xm, stride_qn, stride_sn, stride_sg, stride_ym,
+def _gemm_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, K, K_SLICE,
+                 stride_xm, stride_qn, stride_sn, stride_sg, stride_ym, stride_ys,
                  BITS: tl.constexpr, GROUP: tl.constexpr, ZERO: tl.constexpr, HAS_OFFSET: tl.constexpr,
                  HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A [BLOCK_M, BLOCK_N] tile of the product over program 2's slice of K, as ``_gemv_kernel``."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok, m_ok = rn < N, rm < M
+    k_start = tl.program_id(2) * K_SLICE
+    k_end = tl.minimum(k_start + K_SLICE, K)
+    y_ptr += tl.program_id(2).to(tl.int64) * stride_ys
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
+        k_ok = k < k_end
         x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = _weight_tile(q_ptr, s_ptr, o_ptr, rn, k, n_ok, k_ok, stride_qn, stride_sn, stride_sg,
                          BITS, GROUP, ZERO, HAS_OFFSET)
@@ -109,6 +146,19 @@ def _gemm_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, K,
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _split_sum_kernel(p_ptr, b_ptr, y_ptr, N, SIZE, SPLITS, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y = the SPLITS partials [SPLITS, SIZE] summed in order (+ bias per feature), in y's dtype."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < SIZE
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(0, SPLITS):
+        acc += tl.load(p_ptr + s * SIZE + i, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + i % N, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -145,6 +195,8 @@ class TritonQuantLinear(nn.Module):
         self.bits, self.group, self.zero = bq.bits, bq.group, bq.zero
         self.in_features, self.out_features = in_features, bq.q.shape[0]
         self.kind = kind
+        self.split_k: int | None = None
+        """Slices of K for the GEMV and GEMM kernels: None chooses by the grid and the device's SMs (``split_k``)."""
         # per-output-feature scales (int8): one column read for every group (stride 0)
         self.scale_group_stride = 0 if self.scale.shape[1] == 1 else 1
 
@@ -188,6 +240,32 @@ class TritonQuantLinear(nn.Module):
                                  self.scale_group_stride, w.stride(0), **self._meta(), BLOCK_N=32, BLOCK_K=64)
         return w
 
+    def plan(self, m: int, device: torch.device, dtype: torch.dtype) -> tuple:
+        """How ``m`` rows (fewer than ``DEQUANTIZE_ROWS``) are multiplied: (kernel, grid without the K axis, slices of
+        K, inputs per slice, the kernel's tile options)."""
+        k = self.in_features
+        wide = 4 if _INTERPRETED else 1  # the interpreter's cost is per program: fewer, wider ones for the tests
+        if m <= GEMV_ROWS:
+            block_m, block_n = max(1, triton.next_power_of_2(m)), 32 * wide
+            # NOTE: the product tile is [BLOCK_M, BLOCK_N, BLOCK_K] floats in registers: at 5-8 rows a 64-wide K
+            # step spilled 176-336 B on sm_90 (scripts/triton_sm90.py); a 32-wide one uses 80-96 registers
+            block_k = 64 if block_m <= 4 else 32
+            kernel, grid, options = _gemv_kernel, (triton.cdiv(self.out_features, block_n),), {}
+        else:
+            block_m, block_n, block_k = (16 if m <= 16 else 32 if m <= 32 else 64), 64 * wide, 32
+            kernel = _gemm_kernel
+            grid = (triton.cdiv(m, block_m), triton.cdiv(self.out_features, block_n))
+            options = dict(IEEE=dtype == torch.float32 or _INTERPRETED)
+        if self.split_k is not None:
+            per = triton.cdiv(triton.cdiv(k, self.split_k), block_k) * block_k
+            splits = triton.cdiv(k, per)
+        else:
+            sms = 0
+            if device.type == "cuda":
+                sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+            splits, per = split_k(math.prod(grid), k, block_k, sms)
+        return kernel, grid, splits, per, options | dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features)
@@ -197,23 +275,18 @@ class TritonQuantLinear(nn.Module):
         if m >= DEQUANTIZE_ROWS:
             return nn.functional.linear(x, self.dequantize(x.dtype),
                                         None if self.bias is None else self.bias.to(x.dtype)).reshape(*shape[:-1], n)
+        kernel, grid, splits, per, options = self.plan(m, x.device, x.dtype)
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        out = y if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
         bias = self.bias if self.bias is not None else self.scale
-        common = (x, *self._args(), bias, y, m, n, k, x.stride(0), self.q.stride(0), self.scale.stride(0),
-                  self.scale_group_stride, y.stride(0))
-        wide = 4 if _INTERPRETED else 1  # the interpreter's cost is per program: fewer, wider ones for the tests
-        if m <= GEMV_ROWS:
-            block_m, block_n = max(1, triton.next_power_of_2(m)), 32 * wide
-            # NOTE: the product tile is [BLOCK_M, BLOCK_N, BLOCK_K] floats in registers: at 5-8 rows a 64-wide K
-            # step spilled 176-336 B on sm_90 (scripts/triton_sm90.py); a 32-wide one uses 80-96 registers
-            block_k = 64 if block_m <= 4 else 32
-            _gemv_kernel[(triton.cdiv(n, block_n),)](*common, **self._meta(), HAS_BIAS=self.bias is not None,
-                                                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-        else:
-            block_m, block_n = (16 if m <= 16 else 32 if m <= 32 else 64), 64 * wide
-            _gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-                *common, **self._meta(), HAS_BIAS=self.bias is not None, IEEE=x.dtype == torch.float32 or _INTERPRETED,
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32)
+        kernel[(*grid, splits)](
+            x, *self._args(), bias, out, m, n, k, per, x.stride(0), self.q.stride(0), self.scale.stride(0),
+            self.scale_group_stride, out.stride(-2), m * n, **self._meta(),
+            HAS_BIAS=self.bias is not None and splits == 1, **options)
+        if splits > 1:
+            block = 1024
+            _split_sum_kernel[(triton.cdiv(m * n, block),)](out, bias, y, n, m * n, splits,
+                                                           HAS_BIAS=self.bias is not None, BLOCK=block)
         return y.reshape(*shape[:-1], n)
 
     @property
