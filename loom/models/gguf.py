@@ -130,6 +130,22 @@ def _gguf_config(path: str, size: int, mtime_ns: int):
         hf.sliding_window = _int_field(fields, "phi3.attention.sliding_window", None)
         head_dim = hf.hidden_size // hf.num_attention_heads
         hf.partial_rotary_factor = _int_field(fields, "phi3.rope.dimension_count", head_dim) / head_dim
+    key = f"{arch}.rope.scaling.type"
+    scaling = _field(gguf_reader(path), key) if key in fields else "none"
+    if scaling != "none" and arch != "gemma3":  # transformers reads none of it (Gemma 3's is handled above)
+        factor = _float_field(fields, f"{arch}.rope.scaling.factor", 1.0)
+        if scaling == "linear":
+            hf.rope_parameters.update(rope_type="linear", factor=factor)
+        elif scaling == "yarn":
+            hf.rope_parameters.update(
+                rope_type="yarn", factor=factor,
+                original_max_position_embeddings=_int_field(fields, f"{arch}.rope.scaling.original_context_length",
+                                                            None),
+                beta_fast=_float_field(fields, f"{arch}.rope.scaling.yarn_beta_fast", None),
+                beta_slow=_float_field(fields, f"{arch}.rope.scaling.yarn_beta_slow", None))
+        else:
+            raise ValueError(f"{path.name} scales its rotary embedding by {scaling!r}, which Loom does not run from "
+                             "GGUF files (linear and yarn only); serve the HF folder")
     if arch in ("qwen2moe", "qwen3moe"):  # every layer sparse; llama.cpp normalises the top-k weights for qwen3moe
         hf.moe_intermediate_size = _int_field(fields, f"{arch}.expert_feed_forward_length", hf.moe_intermediate_size)
         if arch == "qwen2moe":
@@ -172,6 +188,9 @@ def _load_gguf_model(path, device, max_positions, dtype, kernels, tp) -> LlamaFo
     if "rope_factors_long.weight" in tensors:
         raise ValueError(f"{Path(path).name} scales its rotary embedding per frequency (Phi-3's long-context "
                          "'longrope' factors), which Loom does not run from GGUF files yet; serve the HF folder")
+    if "rope_freqs.weight" in tensors:  # Llama 3.1+: llama.cpp's converter stores llama3 rope scaling as divisors
+        factors = _dense(tensors["rope_freqs.weight"]).flatten().tolist()
+        cfg.rope_scaling = {"rope_type": "freq_factors", "factors": factors}
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions=1, dtype=dtype, tp=tp)
     model = model.to_empty(device=device)

@@ -1,8 +1,9 @@
 """The Llama family in PyTorch over flat token batches and a paged KV cache.
 
-Covers Llama 2/3 (incl. Llama-3 rope scaling), SmolLM2, Mistral, Phi-3 (fused qkv / gate_up checkpoints; default
-rope only), Qwen2 (q/k/v bias), Qwen3 (RMSNorm on q and k per head) and the mixtures of experts Mixtral, Qwen2-MoE
-(shared expert) and Qwen3-MoE (``SparseMoE``): RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied
+Covers Llama 2/3 (incl. Llama-3 rope scaling), SmolLM2, SmolLM3 (layers without rotary: NoPE), Granite (embedding,
+attention, residual and logit multipliers), Mistral, Phi-3 (fused qkv / gate_up checkpoints; default rope only), Qwen2
+(q/k/v bias), Qwen3 (RMSNorm on q and k per head) and the mixtures of experts Mixtral, Qwen2-MoE (shared expert) and
+Qwen3-MoE (``SparseMoE``): RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied
 embeddings; sliding-window layers (Mistral, Phi-3; Gemma's alternate layers) masked in the paged attention; and
 Gemma 2 / 3: RMSNorm of (1 + weight), GeGLU, scaled embeddings, norms on the attention's and the MLP's outputs,
 attention and final-logit soft-capping (Gemma 2), q/k norms and a separate rotary base for the sliding layers
@@ -27,9 +28,9 @@ from loom.ops.attention import AttentionMetadata, paged_attention
 from loom.ops.layers import TorchOps, rms_norm_reference, uninitialized_embedding
 from loom.ops.rotary import RotaryEmbedding
 
-SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
-                           "MixtralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM",
-                           "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "LlamaForCausalLM",
+                           "MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "SmolLM3ForCausalLM")
 GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
 
@@ -74,6 +75,15 @@ class LlamaConfig:
     """Gemma 2: logits capped the same way."""
     local_rope_theta: float | None = None
     """Gemma 3: the sliding layers' rotary base (the global layers take rope_theta and rope_scaling)."""
+    nope_layers: tuple[int, ...] = ()
+    """SmolLM3: indices of the layers whose q and k get no rotary embedding (NoPE)."""
+    attention_multiplier: float | None = None
+    """Granite: the attention scores' scale (instead of head_dim ** -0.5)."""
+    residual_multiplier: float = 1.0
+    """Granite: each layer's attention and MLP outputs are scaled by this before the residual add. The loader folds
+    it into o_proj's and down_proj's weights (and biases), and LoRA adapters' deltas on them, so no kernel sees it."""
+    logits_scaling: float = 1.0
+    """Granite: the logits are divided by this."""
     num_experts: int = 0
     """Mixture-of-experts layers (Mixtral, Qwen2-MoE, Qwen3-MoE): routed experts per layer; 0: dense MLPs."""
     num_experts_per_tok: int = 0
@@ -96,7 +106,7 @@ class LlamaConfig:
         local_rope = rope.pop("sliding_attention", None)  # Gemma 3: one rope per layer type
         rope = dict(rope.pop("full_attention", None) or rope)
         theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
-        if rope.get("rope_type", rope.get("type")) in ("longrope", "su"):  # the table needs both context lengths
+        if rope.get("rope_type", rope.get("type")) in ("longrope", "su", "yarn"):  # both context lengths
             rope.setdefault("original_max_position_embeddings", getattr(hf, "original_max_position_embeddings", None))
             rope["max_position_embeddings"] = hf.max_position_embeddings
         is_qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
@@ -105,12 +115,15 @@ class LlamaConfig:
         layer_types = getattr(hf, "layer_types", None) or []
         windowed = (arch in ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM")
                     or getattr(hf, "use_sliding_window", False) or "sliding_attention" in layer_types)
+        if arch == "SmolLM3ForCausalLM":  # its attention windows a sliding layer only under use_sliding_window
+            windowed = bool(getattr(hf, "use_sliding_window", False))
         window = int(window) if window and windowed else None
         if layer_types:
             sliding = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
         else:
             sliding = tuple(range(hf.num_hidden_layers))
         gemma = arch in GEMMA
+        granite = arch == "GraniteForCausalLM"
         partial = rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0)
         if partial != 1.0:
             raise ValueError(f"{arch} with partial_rotary_factor {partial} is not supported (rotary on every dimension "
@@ -138,11 +151,16 @@ class LlamaConfig:
             hidden_act=getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu"),
             norm_offset=gemma,
             sandwich_norms=gemma,
-            embed_scale=hf.hidden_size**0.5 if gemma else 1.0,
+            embed_scale=hf.hidden_size**0.5 if gemma else float(hf.embedding_multiplier) if granite else 1.0,
             query_pre_attn_scalar=getattr(hf, "query_pre_attn_scalar", None) if gemma else None,
             attn_logit_softcapping=getattr(hf, "attn_logit_softcapping", None),
             final_logit_softcapping=getattr(hf, "final_logit_softcapping", None),
             local_rope_theta=float(local_rope["rope_theta"]) if local_rope else None,
+            nope_layers=tuple(i for i, rope in enumerate(getattr(hf, "no_rope_layers", None) or []) if not rope
+                              and i < hf.num_hidden_layers) if arch == "SmolLM3ForCausalLM" else (),
+            attention_multiplier=float(hf.attention_multiplier) if granite else None,
+            residual_multiplier=float(hf.residual_multiplier) if granite else 1.0,
+            logits_scaling=float(hf.logits_scaling) if granite else 1.0,
             **_moe_fields(hf, arch),
         )
 
@@ -189,7 +207,8 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
-        self.scale = (cfg.query_pre_attn_scalar or self.head_dim) ** -0.5
+        self.scale = (cfg.attention_multiplier if cfg.attention_multiplier is not None
+                      else (cfg.query_pre_attn_scalar or self.head_dim) ** -0.5)
         self.window = cfg.sliding_window if index in cfg.sliding_layers else None
         self.softcap = cfg.attn_logit_softcapping
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -330,6 +349,9 @@ class LlamaForCausalLM(nn.Module):
         self.rotary: RotaryEmbedding
         self.rotary_local: RotaryEmbedding | None
         """Gemma 3: the sliding layers' rotary tables (their own base, no scaling)."""
+        self.rotary_none: RotaryEmbedding | None
+        """SmolLM3: the NoPE layers' tables, cos 1 and sin 0 (rotating by them leaves q and k exactly as they are, so
+        every backend and the whole-layer calls take these layers as they are)."""
         self.build_rotary(max_positions, dtype)
         self.ops: TorchOps = TorchOps()
         self.row_amax: dict[str, torch.Tensor] = {}
@@ -348,13 +370,17 @@ class LlamaForCausalLM(nn.Module):
         self.rotary_local = None
         if cfg.local_rope_theta is not None:
             self.rotary_local = RotaryEmbedding(cfg.head_dim, max_positions, cfg.local_rope_theta, None, dtype)
+        self.rotary_none = RotaryEmbedding.identity(cfg.head_dim, max_positions, dtype) if cfg.nope_layers else None
         if device is not None:
-            self.rotary.to(device)
-            if self.rotary_local is not None:
-                self.rotary_local.to(device)
+            for rotary in (self.rotary, self.rotary_local, self.rotary_none):
+                if rotary is not None:
+                    rotary.to(device)
 
     def rotary_of(self, index: int) -> RotaryEmbedding:
-        """Layer ``index``'s rotary tables: Gemma 3's sliding layers have their own (``rotary_local``)."""
+        """Layer ``index``'s rotary tables: Gemma 3's sliding layers have their own (``rotary_local``), SmolLM3's NoPE
+        layers the identity (``rotary_none``)."""
+        if self.rotary_none is not None and index in self.config.nope_layers:
+            return self.rotary_none
         if self.rotary_local is not None and index in self.config.sliding_layers:
             return self.rotary_local
         return self.rotary
@@ -397,6 +423,8 @@ class LlamaForCausalLM(nn.Module):
         else:
             weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
             logits = F.linear(hidden, weight).float()
+        if self.config.logits_scaling != 1.0:  # Granite
+            logits = logits / self.config.logits_scaling
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -88,6 +88,8 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
                 tensor = f.get_tensor(name)
                 if cfg.norm_offset and pname.endswith("norm.weight"):  # Gemma: (1 + w), added once here
                     tensor = tensor.float() + 1.0
+                if cfg.residual_multiplier != 1.0 and pname.endswith(RESIDUAL_BRANCH_OUTPUTS):  # Granite
+                    tensor = tensor.float() * cfg.residual_multiplier
                 if tp is not None:
                     if row_amax and pname.endswith(ROW_PARALLEL_WEIGHTS):  # int8 scales: whole rows' (ops.quantized)
                         model.row_amax[pname] = tensor.float().abs().amax(1)
@@ -100,6 +102,8 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
     return model.eval()
 
 
+RESIDUAL_BRANCH_OUTPUTS = ("o_proj.weight", "o_proj.bias", "down_proj.weight", "down_proj.bias")
+"""The projections whose outputs join the residual stream: Granite's residual_multiplier is folded into them."""
 ROW_PARALLEL_WEIGHTS = ("o_proj.weight", "down_proj.weight")
 """A tensor-parallel rank holds some input columns of these; ``model.row_amax`` keeps each whole row's largest |w|."""
 

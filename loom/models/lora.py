@@ -146,6 +146,8 @@ def load_peft_adapter(folder: str | Path, cfg: LlamaConfig, max_rank: int, dtype
                 a_alpha = float(_pattern_value(alpha_pattern, f"model.layers.{layer}.{loom_name.split('.')[0]}.{hf}",
                                                alpha))
                 scale = a_alpha / (math.sqrt(r) if rslora else r)
+                if loom_name in ("self_attn.o_proj", "mlp.down_proj"):  # Granite: folded as into the base weights
+                    scale *= cfg.residual_multiplier
                 bt = torch.zeros(r, width)
                 bt[:, row0:row0 + rows] = (b * scale).t()
                 a_rows.append(a)

@@ -1,5 +1,5 @@
-"""Rotary position embeddings (the Llama / HF "rotate half" layout), with Llama-3, linear and Phi-3's LongRoPE
-scaling."""
+"""Rotary position embeddings (the Llama / HF "rotate half" layout), with Llama-3, linear, YaRN (Qwen2.5 / Qwen3's long
+context, DeepSeek's mscale) and Phi-3's LongRoPE scaling."""
 
 from __future__ import annotations
 
@@ -18,8 +18,50 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
         return inv_freq / scaling["factor"]
     if rope_type == "llama3":
         return _llama3_inv_freq(inv_freq, scaling)
-    raise ValueError(f"rope scaling {rope_type!r} is not supported; Loom supports default, linear, llama3 and "
+    if rope_type == "freq_factors":  # a GGUF file's rope_freqs tensor: each frequency divided by its factor
+        factors = torch.tensor(scaling["factors"], dtype=torch.float32)
+        if factors.shape != inv_freq.shape:
+            raise ValueError(f"rope_freqs holds {factors.numel()} factors but the heads rotate {inv_freq.numel()} "
+                             "frequencies: the file's rotary settings do not fit its heads")
+        return inv_freq / factors
+    raise ValueError(f"rope scaling {rope_type!r} is not supported; Loom supports default, linear, llama3, yarn and "
                      "longrope")
+
+
+def _yarn(head_dim: int, theta: float, s: dict) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071), as HF and vLLM compute it: each frequency is blended between itself (extrapolated: the
+    fast dimensions, more than ``beta_fast`` turns over the original context) and itself / ``factor`` (interpolated:
+    the slow ones, under ``beta_slow`` turns) along a linear ramp between the two, and cos/sin are scaled by the
+    attention factor (0.1 ln(factor) + 1 unless given, or DeepSeek's ratio of two such terms with ``mscale`` and
+    ``mscale_all_dim``). Returns (inverse frequencies [D/2], attention factor)."""
+    original = s.get("original_max_position_embeddings")
+    if not original:
+        raise ValueError("yarn rope scaling needs original_max_position_embeddings (the context the model was "
+                         "pretrained at) in rope_scaling / rope_parameters or the config")
+    factor = s.get("factor") or s["max_position_embeddings"] / original
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = s.get("attention_factor")
+    if attention is None:
+        m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    fast, slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def dimension(turns: float) -> float:  # the dimension whose wavelength fits ``turns`` times in the context
+        return head_dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dimension(fast), dimension(slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    powers = theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    extrapolated, interpolated = 1.0 / powers, 1.0 / (factor * powers)
+    return interpolated * ramp + extrapolated * (1 - ramp), float(attention)
 
 
 def _longrope(head_dim: int, max_positions: int, theta: float, s: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -61,8 +103,12 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         attention = 1.0
         with torch.device("cpu"):
-            if (scaling or {}).get("rope_type", (scaling or {}).get("type")) in ("longrope", "su"):
+            rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+            if rope_type in ("longrope", "su"):
                 freqs, attention = _longrope(head_dim, max_positions, theta, scaling)
+            elif rope_type == "yarn":
+                inv_freq, attention = _yarn(head_dim, theta, scaling)
+                freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
             else:
                 inv_freq = rope_inv_freq(head_dim, theta, scaling)
                 freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
@@ -70,3 +116,14 @@ class RotaryEmbedding(torch.nn.Module):
             cos, sin = (emb.cos() * attention).to(dtype), (emb.sin() * attention).to(dtype)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+
+    @classmethod
+    def identity(cls, head_dim: int, max_positions: int, dtype: torch.dtype) -> RotaryEmbedding:
+        """Tables that rotate nothing (SmolLM3's NoPE layers): cos 1 and sin 0, so q cos + rotate_half(q) sin is q,
+        exactly."""
+        rotary = cls.__new__(cls)
+        torch.nn.Module.__init__(rotary)
+        rotary.register_buffer("cos", torch.ones(max_positions, head_dim, dtype=dtype, device="cpu"), persistent=False)
+        rotary.register_buffer("sin", torch.zeros(max_positions, head_dim, dtype=dtype, device="cpu"),
+                               persistent=False)
+        return rotary

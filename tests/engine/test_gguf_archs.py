@@ -236,26 +236,90 @@ def test_gemma3_rotary_scaling_and_gemma2_27b_query_scale_come_from_the_file():
 def test_a_phi3_file_with_long_context_rotary_factors_is_refused(tmp_path, smollm2_path):
     """Phi-3's 128k models scale the rotary embedding per frequency (rope_factors_long/short tensors): refused with
     the reason, not run with the wrong positions."""
-    from gguf import GGUFReader, GGUFWriter
-
     plain = tmp_path / "plain" / "phi3.gguf"
     plain.parent.mkdir()
     write_tiny_gguf(plain, "phi3")
-    reader = GGUFReader(str(plain))
     path = tmp_path / "phi3-128k.gguf"
-    writer = GGUFWriter(str(path), "phi3")
+    copy_gguf_with(plain, path, "phi3", {"rope_factors_long.weight": np.ones(HIDDEN // HEADS // 2, np.float32)})
+    with pytest.raises(ValueError, match="long-context 'longrope' factors"):
+        LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=16)
+
+
+def copy_gguf_with(source, path, arch: str, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
+    """``source`` (an ``arch`` file) rewritten to ``path`` with float32 ``tensors`` and ``metadata`` (key: value; a
+    str, float or int value is written as a string, float32 or uint32) added."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(str(source))
+    writer = GGUFWriter(str(path), arch)
     for field in reader.fields.values():
-        if field.name.startswith("phi3.") or field.name.startswith("tokenizer."):
+        if field.name.startswith(f"{arch}.") or field.name.startswith("tokenizer."):
             writer.add_key_value(field.name, field.contents(), field.types[0])
+    kinds = {str: GGUFValueType.STRING, float: GGUFValueType.FLOAT32, int: GGUFValueType.UINT32}
+    for key, value in (metadata or {}).items():
+        writer.add_key_value(key, value, kinds[type(value)])
     for tensor in reader.tensors:
         writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_dtype=tensor.tensor_type)
-    writer.add_tensor("rope_factors_long.weight", np.ones(HIDDEN // HEADS // 2, np.float32))
+    for name, data in tensors.items():
+        writer.add_tensor(name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ValueError, match="long-context 'longrope' factors"):
-        LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=16)
+
+
+def llama_cpp_rope_freqs(head_dim: int, theta: float, scaling: dict) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf.py writes as ``rope_freqs.weight`` for a Llama 3.1+ checkpoint (its
+    llama3 rope scaling as one divisor per frequency; llama.cpp's rope divides each frequency by it)."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    factors = []
+    for freq in 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim):
+        wavelen = 2 * np.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def test_a_llama3_gguf_rotates_by_its_rope_freqs_as_transformers_llama3_scaling_does(tmp_path, smollm2_path,
+                                                                                     monkeypatch):
+    """Llama 3.1 / 3.2 files carry their rope scaling as a ``rope_freqs`` tensor, not in the metadata (transformers'
+    GGUF loader ignores it, so its reference gets the llama3 scaling put back by hand): the same weights with that
+    scaling give the same greedy tokens and logprobs; the file without the tensor (default rope) does not."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from loom.ops.quantized import GGMLType
+    from tests.engine.test_gguf_kquants import HEADS as KQ_HEADS
+    from tests.engine.test_gguf_kquants import HIDDEN as KQ_HIDDEN
+    from tests.engine.test_gguf_kquants import hf_greedy, write_tiny_kquant_gguf
+
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64}
+    plain = tmp_path / "plain" / "llama.gguf"
+    plain.parent.mkdir()
+    write_tiny_kquant_gguf(plain, {name: GGMLType.Q8_0 for name in ("embd", "output", "q", "k", "o", "gate", "up",
+                                                                    "down")} | {"v": (GGMLType.Q8_0,) * 2})
+    path = tmp_path / "llama-3.1.gguf"
+    head_dim = KQ_HIDDEN // KQ_HEADS
+    copy_gguf_with(plain, path, "llama", {"rope_freqs.weight": llama_cpp_rope_freqs(head_dim, 10000.0, llama3)})
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    hf.config.rope_parameters = {"rope_theta": 10000.0, **llama3}
+    hf.model.rotary_emb = LlamaRotaryEmbedding(hf.config)
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(3, VOCAB, n).tolist() for n in (7, 30, 90)]
+    reference = hf_greedy(hf, prompts, max_new=8)
+
+    monkeypatch.setenv("LOOM_GGUF_ACTIVATIONS", "float32")  # exact to float rounding
+    llm = LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=256)
+    assert_parity(loom_greedy(llm, prompts, 8), reference)
+    default_rope = loom_greedy(LLM(str(plain), tokenizer=str(smollm2_path), num_kv_blocks=256), prompts, 8)
+    assert [ids for ids, _ in default_rope] != [ids for ids, _ in reference]  # the factors change the answer
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe"])
@@ -331,3 +395,40 @@ def test_a_gguf_file_is_parsed_once_per_version(tmp_path, smollm2_path, monkeypa
     write_tiny_gguf(path, "qwen2")  # a new version of the file (same path)
     LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=64)
     assert len(parses) == 5
+
+
+@pytest.mark.parametrize("scaling", [
+    {"type": "yarn", "factor": 4.0, "original_context_length": 32},  # Qwen2.5's long context, as llama.cpp writes it
+    {"type": "linear", "factor": 2.5},
+], ids=["yarn", "linear"])  # fmt: skip
+def test_rope_scaling_in_a_gguf_files_metadata_is_applied_as_transformers_applies_it_to_the_folder(
+        scaling, tmp_path, smollm2_path, monkeypatch):
+    """``{arch}.rope.scaling.*`` (transformers' GGUF loader reads none of it for these architectures, so its
+    reference gets the scaling put back by hand): greedy tokens and logprobs over prompts past the original context;
+    a kind Loom does not run is refused by name."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    from tests.engine.test_gguf_kquants import hf_greedy
+
+    plain = tmp_path / "plain" / "qwen2.gguf"
+    plain.parent.mkdir()
+    write_tiny_gguf(plain, "qwen2")
+    path = tmp_path / "qwen2-scaled.gguf"
+    copy_gguf_with(plain, path, "qwen2", {}, {f"qwen2.rope.scaling.{k}": v for k, v in scaling.items()})
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    kind = scaling["type"]
+    hf.config.rope_parameters = {"rope_theta": 1000000.0, "rope_type": kind, "factor": scaling["factor"]}
+    if kind == "yarn":
+        hf.config.rope_parameters["original_max_position_embeddings"] = scaling["original_context_length"]
+    hf.model.rotary_emb = Qwen2RotaryEmbedding(hf.config)
+    rng = np.random.default_rng(12)
+    prompts = [rng.integers(3, VOCAB, n).tolist() for n in (9, 40, 80)]
+    reference = hf_greedy(hf, prompts, max_new=8)
+    monkeypatch.setenv("LOOM_GGUF_ACTIVATIONS", "float32")
+    assert_parity(loom_greedy(LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=256), prompts, 8), reference)
+
+    refused = tmp_path / "qwen2-dynamic.gguf"
+    copy_gguf_with(plain, refused, "qwen2", {}, {"qwen2.rope.scaling.type": "dynamic"})
+    with pytest.raises(ValueError, match="'dynamic'.*linear and yarn only"):
+        LLM(str(refused), tokenizer=str(smollm2_path), num_kv_blocks=16)

@@ -207,6 +207,20 @@ def test_smollm2_with_an_adapter_matches_peft(smollm2_path, tmp_path):
     assert got[0].outputs[0].token_ids != llm.generate({"prompt_token_ids": ids}, GREEDY)[0].outputs[0].token_ids
 
 
+def test_granite_adapters_on_the_residual_branch_match_peft(tmp_path, smollm2_path):
+    """Granite's residual_multiplier is folded into o_proj and down_proj at load; an adapter's delta on those two must
+    be scaled the same way (the tiny Granite's multiplier is 0.4), which peft's greedy tokens check."""
+    from tests.conftest import save_tiny_model
+
+    base = save_tiny_model(tmp_path / "granite", smollm2_path, arch="granite")
+    model = make_adapter(tmp_path / "g", str(base), seed=6, r=8, alpha=32, targets=["o_proj", "down_proj"])
+    llm = LLM(str(base), enable_lora=True, max_lora_rank=8, num_kv_blocks=64)
+    request = LoRARequest("g", 1, str(tmp_path / "g"))
+    got = tokens(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, lora_request=request))
+    assert got == [hf_greedy(model, p) for p in PROMPTS]
+    assert got != tokens(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY))
+
+
 @pytest.mark.slow
 def test_finetuned_adapter_served_unmerged_answers_like_the_merged_export(tmp_path, tiny_llama):
     """`loom finetune --lora` writes OUTPUT (merged) and OUTPUT/adapter (peft): both serve the same answers."""

@@ -1,6 +1,7 @@
 """Numerical parity with HF transformers: greedy ids identical for varied prompts run concurrently, each equal
 to the same prompt run alone; logprobs within tolerance; chunked prefill on/off; Qwen2 bias and Llama-3 rope;
-sliding windows (Mistral, Phi-3) and Gemma 2 / 3 past their windows."""
+SmolLM3's NoPE layers and Granite's multipliers; sliding windows (Mistral, Phi-3, SmolLM3) and Gemma 2 / 3 past their
+windows."""
 
 from __future__ import annotations
 
@@ -113,9 +114,11 @@ def test_torch_and_cpp_decode_backends_agree(tiny_llama):
     # alternate layers windowed (16), soft caps low enough to bend a tiny model's scores, GeGLU, sandwich norms
     ("gemma2", {"attn_logit_softcapping": 1.0, "final_logit_softcapping": 3.0}, True),
     ("gemma3", {"layer_types": ["sliding_attention", "full_attention"]}, True),  # q/k norms, two rope bases
+    ("smollm3", {}, True),  # layer 1 without rotary
+    ("granite", {"attention_bias": True, "mlp_bias": True}, True),  # multipliers, o/down biases scaled too
     ("mixtral", {}, False),
 ], ids=["llama", "qwen2-qkv-bias", "llama-all-biases-untied", "qwen3-qk-norm", "mistral-window", "phi3-window",
-       "gemma2-softcap", "gemma3-dual-rope", "mixtral"])  # fmt: skip
+       "gemma2-softcap", "gemma3-dual-rope", "smollm3-nope", "granite-multipliers", "mixtral"])  # fmt: skip
 def test_fused_decode_layers_compute_exactly_what_the_op_by_op_layers_do(tmp_path, smollm2_path, monkeypatch, arch,
                                                                           overrides, fused):
     """CpuOps.decode_layers runs each dense layer of a decode-only step in one C++ call chaining the same kernels in
@@ -193,9 +196,13 @@ def test_mistral_gives_back_blocks_behind_its_window_and_still_matches_hf(tmp_pa
         ("qwen3", {"head_dim": 32}),
         ("qwen3", {"head_dim": 16, "attention_bias": True}),
         ("phi3", {"sliding_window": None}),
+        ("smollm3", {}),  # every second layer NoPE
+        ("granite", {}),  # embedding, attention, residual and logit multipliers
+        ("granite", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False}),
     ],
     ids=["qwen2-qkv-bias", "llama-attention-bias", "llama3-rope-scaling", "untied-mha", "qwen3-qk-norm",
-         "qwen3-qk-norm-bias", "phi3-fused-checkpoint"],
+         "qwen3-qk-norm-bias", "phi3-fused-checkpoint", "smollm3-nope", "granite-multipliers",
+         "granite-biases-untied"],
 )  # fmt: skip
 def test_family_variants_match_hf(tmp_path, smollm2_path, arch, overrides):
     path = save_tiny_model(tmp_path / arch, smollm2_path, arch=arch, **overrides)
@@ -238,6 +245,41 @@ def test_longrope_tables_take_the_long_factors_past_the_original_context():
         torch.testing.assert_close(rotary.sin[list(positions)], emb.sin() * attention)
 
 
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize("scaling", [
+    YARN,  # Qwen2.5 / Qwen3's long-context setting, shrunk
+    {**YARN, "beta_fast": 16, "beta_slow": 2, "truncate": False},
+    {**YARN, "attention_factor": 0.7},
+    {**YARN, "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 0.7},  # DeepSeek's form of the attention factor
+    {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 256},  # factor from the two contexts
+], ids=["qwen", "betas-untruncated", "attention-factor", "deepseek-mscale", "factor-from-contexts"])  # fmt: skip
+def test_yarn_tables_equal_transformers(scaling):
+    from transformers import Qwen3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from loom.ops.rotary import RotaryEmbedding
+
+    config = Qwen3Config(hidden_size=64, num_attention_heads=4, head_dim=32, max_position_embeddings=1024,
+                         rope_parameters={"rope_theta": 10000.0, **scaling})
+    inv_freq, attention = ROPE_INIT_FUNCTIONS["yarn"](config, None)
+    rotary = RotaryEmbedding(32, 300, 10000.0, {**scaling, "max_position_embeddings": 1024}, torch.float32)
+    pos = torch.arange(300, dtype=torch.float32)[:, None]
+    emb = torch.cat([pos * inv_freq[None, :]] * 2, dim=-1)
+    assert attention != 1.0 and not torch.allclose(inv_freq, 1.0 / 10000.0 ** (torch.arange(0, 32, 2) / 32))
+    torch.testing.assert_close(rotary.cos, emb.cos() * attention)
+    torch.testing.assert_close(rotary.sin, emb.sin() * attention)
+
+
+def test_qwen3_with_yarn_matches_hf_past_the_original_context(tmp_path, smollm2_path):
+    path = save_tiny_model(tmp_path / "qwen3", smollm2_path, arch="qwen3", head_dim=16,
+                           rope_parameters={"rope_theta": 10000.0, **YARN})
+    prompts = varied_prompts(4, seed=17, low=20, high=90)  # past the 32 positions YaRN stretches
+    ours = loom_greedy(LLM(str(path), num_kv_blocks=256, block_size=8, max_num_batched_tokens=32), prompts, 12)
+    assert_parity(ours, hf_greedy(path, prompts, 12))
+
+
 def test_qwen3_qk_norm_weights_are_loaded_and_used(tmp_path, smollm2_path):
     """The parity above would also pass if q_norm/k_norm were identity; make them matter and compare again."""
     from transformers import AutoModelForCausalLM
@@ -273,7 +315,9 @@ def _randomize_norms(path, seed: int = 0) -> None:
     # soft caps low enough to bend the scores and logits of a tiny model (Gemma 2's own are 50 and 30)
     ("gemma2", {"attn_logit_softcapping": 1.0, "final_logit_softcapping": 3.0}),
     ("gemma3", {"layer_types": ["sliding_attention", "full_attention"]}),
-], ids=["mistral-window", "phi3-window", "gemma2-softcap-alternating", "gemma3-qk-norm-dual-rope"])  # fmt: skip
+    ("smollm3", {"use_sliding_window": True, "sliding_window": 16}),  # its NoPE layer windowed
+], ids=["mistral-window", "phi3-window", "gemma2-softcap-alternating", "gemma3-qk-norm-dual-rope",
+       "smollm3-nope-window"])  # fmt: skip
 def test_sliding_windows_and_gemma_match_hf_past_the_window(tmp_path, smollm2_path, arch, overrides):
     """Windows of 16-24 tokens under prompts of up to 90 and 16 new tokens; 32-token steps chunk the prompts
     (a chunk then attends to cached keys partly outside the window); the last prompt hits the prefix cache."""

@@ -150,6 +150,8 @@ def _assert_same_run(path, prompts, **engine):
 @pytest.mark.parametrize("arch, overrides", [
     ("llama", dict(UNEVEN, attention_bias=True, mlp_bias=True, tie_word_embeddings=False)),  # o_proj/down biases
     ("phi3", dict(UNEVEN, pad_token_id=0, sliding_window=None)),  # fused qkv and gate_up checkpoint tensors
+    ("granite", dict(UNEVEN, attention_bias=True, mlp_bias=True)),  # the residual multiplier folded into shards
+    ("smollm3", UNEVEN),  # a NoPE layer
 ])  # fmt: skip
 def test_two_ranks_match_one_through_prefill_decode_chunks_and_prefix_hits(tmp_path, smollm2_path, arch, overrides,
                                                                           monkeypatch):
