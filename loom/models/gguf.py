@@ -132,8 +132,26 @@ def _gguf_config(path: str, size: int, mtime_ns: int):
         hf.partial_rotary_factor = _int_field(fields, "phi3.rope.dimension_count", head_dim) / head_dim
     key = f"{arch}.rope.scaling.type"
     scaling = _field(gguf_reader(path), key) if key in fields else "none"
+    factors = {t.name: t for t in gguf_reader(path).tensors if t.name.startswith("rope_factors_")}
+    if factors:  # Phi-3 128k: LongRoPE, its factors as tensors (llama.cpp's converter writes them so)
+        original = _int_field(fields, f"{arch}.rope.scaling.original_context_length", None)
+        if arch != "phi3" or len(factors) != 2 or not original:
+            raise ValueError(f"{path.name} has per-frequency rotary factors ({', '.join(sorted(factors))}) without "
+                             "Phi-3's pair of long and short ones and its original context length; serve the HF "
+                             "folder")
+        hf.original_max_position_embeddings = original
+        hf.rope_parameters.update(
+            rope_type="longrope", original_max_position_embeddings=original,
+            short_factor=_dense(factors["rope_factors_short.weight"]).flatten().tolist(),
+            long_factor=_dense(factors["rope_factors_long.weight"]).flatten().tolist(),
+            attention_factor=_float_field(fields, f"{arch}.rope.scaling.attn_factor", None))
+        scaling = "none" if scaling in ("longrope", "su") else scaling
     if scaling != "none" and arch != "gemma3":  # transformers reads none of it (Gemma 3's is handled above)
         factor = _float_field(fields, f"{arch}.rope.scaling.factor", 1.0)
+        if f"{arch}.rope.scaling.yarn_log_multiplier" in fields or _float_field(
+                fields, f"{arch}.rope.scaling.attn_factor", 1.0) != 1.0:  # llama.cpp's: a product on top of yarn's
+            raise ValueError(f"{path.name} sets rope.scaling.attn_factor / yarn_log_multiplier, which Loom does not "
+                             "run from GGUF files; serve the HF folder")
         if scaling == "linear":
             hf.rope_parameters.update(rope_type="linear", factor=factor)
         elif scaling == "yarn":
@@ -185,9 +203,6 @@ def _load_gguf_model(path, device, max_positions, dtype, kernels, tp) -> LlamaFo
     arch = gguf_architecture(path)
     cfg = LlamaConfig.from_hf(load_gguf_config(path))
     tensors = {t.name: t for t in reader.tensors}
-    if "rope_factors_long.weight" in tensors:
-        raise ValueError(f"{Path(path).name} scales its rotary embedding per frequency (Phi-3's long-context "
-                         "'longrope' factors), which Loom does not run from GGUF files yet; serve the HF folder")
     if "rope_freqs.weight" in tensors:  # Llama 3.1+: llama.cpp's converter stores llama3 rope scaling as divisors
         factors = _dense(tensors["rope_freqs.weight"]).flatten().tolist()
         cfg.rope_scaling = {"rope_type": "freq_factors", "factors": factors}

@@ -233,16 +233,46 @@ def test_gemma3_rotary_scaling_and_gemma2_27b_query_scale_come_from_the_file():
     assert config("gemma2", 2, None).query_pre_attn_scalar == 256
 
 
-def test_a_phi3_file_with_long_context_rotary_factors_is_refused(tmp_path, smollm2_path):
-    """Phi-3's 128k models scale the rotary embedding per frequency (rope_factors_long/short tensors): refused with
-    the reason, not run with the wrong positions."""
+def test_a_phi3_128k_file_runs_its_longrope_factors_as_transformers_runs_the_folder(tmp_path, smollm2_path,
+                                                                                    monkeypatch):
+    """Phi-3's 128k models scale the rotary embedding per frequency: llama.cpp's converter writes the factors as
+    ``rope_factors_long`` / ``rope_factors_short`` tensors and the original context and attention factor as metadata.
+    Against transformers with that LongRoPE put back by hand (its GGUF loader reads none of it), within the original
+    context (see docs/models.md on where HF and Loom switch to the long factors). A file with the long factors only is
+    refused with the reason."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    from tests.engine.test_gguf_kquants import hf_greedy
+
     plain = tmp_path / "plain" / "phi3.gguf"
     plain.parent.mkdir()
     write_tiny_gguf(plain, "phi3")
+    half = HIDDEN // HEADS // 2
+    rng = np.random.default_rng(13)
+    short, long = rng.uniform(1.0, 3.0, half).astype(np.float32), rng.uniform(2.0, 20.0, half).astype(np.float32)
+    original, attention = 64, 1.19
     path = tmp_path / "phi3-128k.gguf"
-    copy_gguf_with(plain, path, "phi3", {"rope_factors_long.weight": np.ones(HIDDEN // HEADS // 2, np.float32)})
-    with pytest.raises(ValueError, match="long-context 'longrope' factors"):
-        LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=16)
+    copy_gguf_with(plain, path, "phi3", {"rope_factors_long.weight": long, "rope_factors_short.weight": short},
+                   {"phi3.rope.scaling.original_context_length": original, "phi3.rope.scaling.attn_factor": attention})
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    hf.config.sliding_window = PHI3_WINDOW  # transformers' GGUF loader does not read the window either
+    hf.config.original_max_position_embeddings = original
+    hf.config.rope_parameters = {"rope_theta": 1000000.0, "rope_type": "longrope", "short_factor": short.tolist(),
+                                 "long_factor": long.tolist(), "attention_factor": attention,
+                                 "original_max_position_embeddings": original}
+    hf.model.rotary_emb = Phi3RotaryEmbedding(hf.config)
+    prompts = [rng.integers(3, VOCAB, n).tolist() for n in (5, 23, 50)]  # 50 + 8 new < 64
+    reference = hf_greedy(hf, prompts, max_new=8)
+    monkeypatch.setenv("LOOM_GGUF_ACTIVATIONS", "float32")
+    llm = LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=256)
+    assert llm.engine.model.config.rope_scaling["rope_type"] == "longrope"
+    assert_parity(loom_greedy(llm, prompts, 8), reference)
+
+    refused = tmp_path / "phi3-long-only.gguf"
+    copy_gguf_with(plain, refused, "phi3", {"rope_factors_long.weight": long})
+    with pytest.raises(ValueError, match="per-frequency rotary factors"):
+        LLM(str(refused), tokenizer=str(smollm2_path), num_kv_blocks=16)
 
 
 def copy_gguf_with(source, path, arch: str, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
@@ -431,4 +461,10 @@ def test_rope_scaling_in_a_gguf_files_metadata_is_applied_as_transformers_applie
     refused = tmp_path / "qwen2-dynamic.gguf"
     copy_gguf_with(plain, refused, "qwen2", {}, {"qwen2.rope.scaling.type": "dynamic"})
     with pytest.raises(ValueError, match="'dynamic'.*linear and yarn only"):
+        LLM(str(refused), tokenizer=str(smollm2_path), num_kv_blocks=16)
+    # llama.cpp multiplies yarn's attention factor by this one; transformers' attention_factor replaces it
+    copy_gguf_with(plain, refused, "qwen2", {}, {"qwen2.rope.scaling.type": "yarn", "qwen2.rope.scaling.factor": 4.0,
+                                                 "qwen2.rope.scaling.original_context_length": 32,
+                                                 "qwen2.rope.scaling.attn_factor": 1.2})
+    with pytest.raises(ValueError, match="attn_factor"):
         LLM(str(refused), tokenizer=str(smollm2_path), num_kv_blocks=16)
