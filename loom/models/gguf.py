@@ -47,6 +47,7 @@ from loom.ops.quantized import (
     default_activations,
     dequantize_block_quants,
 )
+from loom.ops.rotary import partial_rotary_order, partial_rotary_rows
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -130,6 +131,7 @@ def _gguf_config(path: str, size: int, mtime_ns: int):
         hf.sliding_window = _int_field(fields, "phi3.attention.sliding_window", None)
         head_dim = hf.hidden_size // hf.num_attention_heads
         hf.partial_rotary_factor = _int_field(fields, "phi3.rope.dimension_count", head_dim) / head_dim
+        hf.rope_parameters["partial_rotary_factor"] = hf.partial_rotary_factor  # where LlamaConfig reads it first
     key = f"{arch}.rope.scaling.type"
     scaling = _field(gguf_reader(path), key) if key in fields else "none"
     factors = {t.name: t for t in gguf_reader(path).tensors if t.name.startswith("rope_factors_")}
@@ -221,6 +223,15 @@ def _load_gguf_model(path, device, max_positions, dtype, kernels, tp) -> LlamaFo
         model.lm_head = None
         model.norm.weight.copy_(_dense(tensors["output_norm.weight"]))
         permuted = arch == "llama"  # llama.cpp's converter permutes q/k rows for llama files only
+        # partial rotary (Phi-4-mini): q/k rows of each head in the order the padded rotary tables expect
+        rotary_order = (partial_rotary_order(cfg.head_dim, cfg.rotary_dim) if cfg.rotary_dim is not None
+                        else torch.arange(cfg.head_dim))
+
+        def rotary_rows(part: tuple, heads: int | None) -> tuple:
+            """A (type, rows) pair of q or k with each head's rows in ``rotary_order`` (unchanged without)."""
+            if cfg.rotary_dim is None or heads is None:
+                return part
+            return part[0], part[1][partial_rotary_rows(rotary_order, heads).numpy()]
         for i, layer in enumerate(model.layers):
             t = {m.group(2) + (".bias" if m.group(3) == "bias" else ""): tensors[name] for name in tensors
                  if (m := _LAYER.match(name)) and int(m.group(1)) == i}
@@ -228,19 +239,23 @@ def _load_gguf_model(path, device, max_positions, dtype, kernels, tp) -> LlamaFo
                 getattr(layer, norm).weight.copy_(_dense(t[gguf_name]))
             attn, mlp = layer.self_attn, layer.mlp
             if "attn_qkv" in t:  # phi3: q, k and v rows in one tensor, as Loom fuses them
-                attn.qkv_proj = _quantized_or_dense(shard.qkv(*_split_rows(_rows(t["attn_qkv"]), shard.qkv_sizes)),
-                                                    cfg.hidden_size)
+                q, k, v = _split_rows(_rows(t["attn_qkv"]), shard.qkv_sizes)
+                q, k = rotary_rows(q, cfg.num_attention_heads), rotary_rows(k, cfg.num_key_value_heads)
+                attn.qkv_proj = _quantized_or_dense(shard.qkv(q, k, v), cfg.hidden_size)
             else:
-                q = _rows(t["attn_q"], cfg.num_attention_heads if permuted else None)
-                k = _rows(t["attn_k"], cfg.num_key_value_heads if permuted else None)
+                q = rotary_rows(_rows(t["attn_q"], cfg.num_attention_heads if permuted else None),
+                                cfg.num_attention_heads)
+                k = rotary_rows(_rows(t["attn_k"], cfg.num_key_value_heads if permuted else None),
+                                cfg.num_key_value_heads)
                 bias = None
                 if cfg.qkv_bias:
-                    bias = torch.cat([_dense(t[f"attn_{x}.bias"])[shard.q_rows if x == "q" else shard.kv_rows]
-                                      for x in "qkv"])
+                    heads = {"q": cfg.num_attention_heads, "k": cfg.num_key_value_heads, "v": None}
+                    bias = torch.cat([rotary_rows((0, _dense(t[f"attn_{x}.bias"])), heads[x])[1]
+                                      [shard.q_rows if x == "q" else shard.kv_rows] for x in "qkv"])
                 attn.qkv_proj = _quantized_or_dense(shard.qkv(q, k, _rows(t["attn_v"])), cfg.hidden_size, bias)
             if cfg.qk_norm:
-                attn.q_norm.weight.copy_(_dense(t["attn_q_norm"]))
-                attn.k_norm.weight.copy_(_dense(t["attn_k_norm"]))
+                attn.q_norm.weight.copy_(_dense(t["attn_q_norm"])[rotary_order])
+                attn.k_norm.weight.copy_(_dense(t["attn_k_norm"])[rotary_order])
             attn.o_proj = _quantized_or_dense([shard.columns(_rows(t["attn_output"]), shard.q_rows)], attn.q_size)
             if isinstance(mlp, SparseMoE):
                 _load_experts(mlp, t, cfg, _quantized_or_dense)

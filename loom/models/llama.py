@@ -26,7 +26,7 @@ from torch import nn
 from loom.distributed.parallel import TensorParallel, local_config
 from loom.ops.attention import AttentionMetadata, paged_attention
 from loom.ops.layers import TorchOps, rms_norm_reference, uninitialized_embedding
-from loom.ops.rotary import RotaryEmbedding
+from loom.ops.rotary import RotaryEmbedding, partial_rotary_order, partial_rotary_rows
 
 SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "LlamaForCausalLM",
                            "MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
@@ -77,6 +77,9 @@ class LlamaConfig:
     """Gemma 3: the sliding layers' rotary base (the global layers take rope_theta and rope_scaling)."""
     nope_layers: tuple[int, ...] = ()
     """SmolLM3: indices of the layers whose q and k get no rotary embedding (NoPE)."""
+    rotary_dim: int | None = None
+    """Partial rotary (Phi-4-mini: 96 of 128): dimensions of each head that rotate; None: all. The loader orders q and
+    k rows by ``partial_rotary_order`` so that full-width kernels run it over padded tables (``RotaryEmbedding``)."""
     attention_multiplier: float | None = None
     """Granite: the attention scores' scale (instead of head_dim ** -0.5)."""
     residual_multiplier: float = 1.0
@@ -124,10 +127,14 @@ class LlamaConfig:
             sliding = tuple(range(hf.num_hidden_layers))
         gemma = arch in GEMMA
         granite = arch == "GraniteForCausalLM"
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
         partial = rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0)
-        if partial != 1.0:
-            raise ValueError(f"{arch} with partial_rotary_factor {partial} is not supported (rotary on every dimension "
-                             "only)")
+        rotary_dim = int(head_dim * partial) if partial != 1.0 else None
+        if rotary_dim is not None and arch != "Phi3ForCausalLM":  # the family transformers implements it for
+            raise ValueError(f"{arch} with partial_rotary_factor {partial} is not supported (partial rotary: "
+                             "Phi3ForCausalLM only, e.g. Phi-4-mini)")
+        if rotary_dim is not None:
+            partial_rotary_order(head_dim, rotary_dim)  # refuses what it cannot order
         return cls(
             vocab_size=hf.vocab_size,
             hidden_size=hf.hidden_size,
@@ -135,7 +142,7 @@ class LlamaConfig:
             num_hidden_layers=hf.num_hidden_layers,
             num_attention_heads=heads,
             num_key_value_heads=getattr(hf, "num_key_value_heads", None) or heads,
-            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+            head_dim=head_dim,
             rms_norm_eps=hf.rms_norm_eps,
             rope_theta=float(theta),
             rope_scaling=rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None,
@@ -156,6 +163,7 @@ class LlamaConfig:
             attn_logit_softcapping=getattr(hf, "attn_logit_softcapping", None),
             final_logit_softcapping=getattr(hf, "final_logit_softcapping", None),
             local_rope_theta=float(local_rope["rope_theta"]) if local_rope else None,
+            rotary_dim=rotary_dim,
             nope_layers=tuple(i for i, rope in enumerate(getattr(hf, "no_rope_layers", None) or []) if not rope
                               and i < hf.num_hidden_layers) if arch == "SmolLM3ForCausalLM" else (),
             attention_multiplier=float(hf.attention_multiplier) if granite else None,
@@ -180,6 +188,18 @@ def _moe_fields(hf, arch: str) -> dict:
                 moe_intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
                 shared_expert_intermediate_size=getattr(hf, "shared_expert_intermediate_size", 0) or 0,
                 moe_layers=layers if hf.num_experts else ())
+
+
+def qkv_load_order(cfg: LlamaConfig) -> torch.Tensor | None:
+    """Partial rotary (``LlamaConfig.rotary_dim``): the fused q/k/v projection's rows in load order, each q and k head
+    in ``partial_rotary_order`` and v as it is; None without partial rotary. ``cfg``: a tensor-parallel rank's local
+    config orders its own heads."""
+    if cfg.rotary_dim is None:
+        return None
+    order = partial_rotary_order(cfg.head_dim, cfg.rotary_dim)
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return torch.cat((partial_rotary_rows(order, cfg.num_attention_heads),
+                      q + partial_rotary_rows(order, cfg.num_key_value_heads), torch.arange(q + kv, q + 2 * kv)))
 
 
 class RMSNorm(nn.Module):
@@ -366,7 +386,8 @@ class LlamaForCausalLM(nn.Module):
         left there): they are computed, not loaded, so a model built on the meta device gets them here once its
         weights are in place."""
         cfg = self.config
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype,
+                                      cfg.rotary_dim)
         self.rotary_local = None
         if cfg.local_rope_theta is not None:
             self.rotary_local = RotaryEmbedding(cfg.head_dim, max_positions, cfg.local_rope_theta, None, dtype)
@@ -375,6 +396,24 @@ class LlamaForCausalLM(nn.Module):
             for rotary in (self.rotary, self.rotary_local, self.rotary_none):
                 if rotary is not None:
                     rotary.to(device)
+
+    def order_partial_rotary_rows(self) -> None:
+        """Partial rotary: put the loaded float q/k/v rows (and biases) in ``qkv_load_order`` and the q/k norm weights
+        in ``partial_rotary_order``. Quantized projections are ordered as their rows are read (``loom.models.gguf``)."""
+        cfg = self.config
+        rows = qkv_load_order(cfg)
+        if rows is None:
+            return
+        order = partial_rotary_order(cfg.head_dim, cfg.rotary_dim)
+        with torch.no_grad():
+            for layer in self.layers:
+                attn = layer.self_attn
+                for param in (attn.qkv_proj.weight, attn.qkv_proj.bias):
+                    if param is not None:
+                        param.copy_(param[rows.to(param.device)])
+                for norm in (attn.q_norm, attn.k_norm):
+                    if norm is not None:
+                        norm.weight.copy_(norm.weight[order.to(norm.weight.device)])
 
     def rotary_of(self, index: int) -> RotaryEmbedding:
         """Layer ``index``'s rotary tables: Gemma 3's sliding layers have their own (``rotary_local``), SmolLM3's NoPE

@@ -99,6 +99,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
                 whole = _parts(pname) if part is None else 1
                 filled[pname] = filled.get(pname, 0) + whole
     _check_complete(params, filled, folder)
+    model.order_partial_rotary_rows()
     return model.eval()
 
 

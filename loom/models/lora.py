@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loom.models.llama import LlamaConfig, LlamaForCausalLM
+from loom.models.llama import LlamaConfig, LlamaForCausalLM, qkv_load_order
 from loom.ops.packed_linear import PackedLinear
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -123,6 +123,7 @@ def load_peft_adapter(folder: str | Path, cfg: LlamaConfig, max_rank: int, dtype
         raise ValueError(f"{ADAPTER_WEIGHTS} holds no LoRA tensors")
     weights = LoRAWeights(name or folder.name, 0, [{} for _ in range(cfg.num_hidden_layers)])
     in_features = _in_features(cfg)
+    qkv_order = qkv_load_order(cfg)
     for layer in range(cfg.num_hidden_layers):
         for loom_name, parts in slices.items():
             found = [(hf, pairs[(layer, hf)]) for hf in parts if (layer, hf) in pairs]
@@ -148,6 +149,8 @@ def load_peft_adapter(folder: str | Path, cfg: LlamaConfig, max_rank: int, dtype
                 scale = a_alpha / (math.sqrt(r) if rslora else r)
                 if loom_name in ("self_attn.o_proj", "mlp.down_proj"):  # Granite: folded as into the base weights
                     scale *= cfg.residual_multiplier
+                if qkv_order is not None and loom_name == "self_attn.qkv_proj":  # rows as the base's (partial rotary)
+                    b = b[qkv_order[row0:row0 + rows] - row0]
                 bt = torch.zeros(r, width)
                 bt[:, row0:row0 + rows] = (b * scale).t()
                 a_rows.append(a)

@@ -99,21 +99,31 @@ class RotaryEmbedding(torch.nn.Module):
     the meta device, where these ops would run torch's Python meta kernels and import torch._dynamo: ~1 s of a
     server's start); ``loom.ops.layers`` rotates q and k with them."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, dtype: torch.dtype):
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, dtype: torch.dtype,
+                 rotary_dim: int | None = None):
+        """``rotary_dim`` < ``head_dim`` (partial rotary, Phi-4-mini): the first ``rotary_dim`` dimensions of each head
+        rotate at that width's frequencies and the rest pass through. The tables stay ``head_dim`` wide for every
+        kernel: they rotate the first rotary_dim / 2 dimensions of each half, and the pass-through ones by cos 1, sin 0
+        (exactly unchanged); ``partial_rotary_order`` gives the order the q/k rows are loaded in to match."""
         super().__init__()
         attention = 1.0
+        dim = rotary_dim or head_dim
         with torch.device("cpu"):
             rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
             if rope_type in ("longrope", "su"):
-                freqs, attention = _longrope(head_dim, max_positions, theta, scaling)
+                freqs, attention = _longrope(dim, max_positions, theta, scaling)
             elif rope_type == "yarn":
-                inv_freq, attention = _yarn(head_dim, theta, scaling)
+                inv_freq, attention = _yarn(dim, theta, scaling)
                 freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
             else:
-                inv_freq = rope_inv_freq(head_dim, theta, scaling)
+                inv_freq = rope_inv_freq(dim, theta, scaling)
                 freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            cos, sin = (emb.cos() * attention).to(dtype), (emb.sin() * attention).to(dtype)
+            cos, sin = freqs.cos() * attention, freqs.sin() * attention
+            if dim < head_dim:
+                passing = (head_dim - dim) // 2
+                cos = torch.cat((cos, torch.ones(max_positions, passing)), dim=-1)
+                sin = torch.cat((sin, torch.zeros(max_positions, passing)), dim=-1)
+            cos, sin = torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((sin, sin), dim=-1).to(dtype)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -127,3 +137,21 @@ class RotaryEmbedding(torch.nn.Module):
         rotary.register_buffer("sin", torch.zeros(max_positions, head_dim, dtype=dtype, device="cpu"),
                                persistent=False)
         return rotary
+
+
+def partial_rotary_order(head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """Where each dimension of a head comes from when a partial rotary (HF: rotate_half over the first ``rotary_dim``
+    dimensions, pairing j with j + rotary_dim / 2; the rest untouched) is run as a full-width one (pairing j with j +
+    head_dim / 2) over ``RotaryEmbedding``'s padded tables: new j < r/2 <- j, new h/2 + j <- r/2 + j, and the
+    pass-through dimensions fill the rest of each half in order. q and k rows are loaded in this order (a permutation
+    within each head, the same for both, so every score q . k is unchanged); v and the output are not touched."""
+    if rotary_dim % 2 or (head_dim - rotary_dim) % 2 or not 0 < rotary_dim <= head_dim:
+        raise ValueError(f"a partial rotary of {rotary_dim} of {head_dim} dimensions is not supported (both even)")
+    rhalf, passing = rotary_dim // 2, (head_dim - rotary_dim) // 2
+    rest = torch.arange(rotary_dim, head_dim)
+    return torch.cat((torch.arange(rhalf), rest[:passing], torch.arange(rhalf, rotary_dim), rest[passing:]))
+
+
+def partial_rotary_rows(order: torch.Tensor, heads: int) -> torch.Tensor:
+    """``order`` applied to each of ``heads`` heads' rows of a projection: the row indices, in load order."""
+    return (torch.arange(heads)[:, None] * len(order) + order[None, :]).flatten()

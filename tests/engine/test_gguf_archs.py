@@ -468,3 +468,32 @@ def test_rope_scaling_in_a_gguf_files_metadata_is_applied_as_transformers_applie
                                                  "qwen2.rope.scaling.attn_factor": 1.2})
     with pytest.raises(ValueError, match="attn_factor"):
         LLM(str(refused), tokenizer=str(smollm2_path), num_kv_blocks=16)
+
+
+def test_a_phi4_mini_shaped_gguf_with_partial_rotary_agrees_with_transformers(tmp_path, smollm2_path, monkeypatch):
+    """``phi3.rope.dimension_count`` below the head size (Phi-4-mini: 96 of 128): the quantized q/k rows of each head
+    are reordered as they are read, so the full-width kernels rotate only those dimensions; against transformers with
+    the partial rotary put back (its GGUF loader does not read the count)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    from tests.engine.test_gguf_kquants import hf_greedy
+
+    plain = tmp_path / "plain" / "phi3.gguf"
+    plain.parent.mkdir()
+    write_tiny_gguf(plain, "phi3")
+    head_dim = HIDDEN // HEADS
+    path = tmp_path / "phi4-mini-shaped.gguf"
+    copy_gguf_with(plain, path, "phi3", {}, {"phi3.rope.dimension_count": head_dim * 3 // 4})
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    hf.config.sliding_window = PHI3_WINDOW
+    hf.config.partial_rotary_factor = hf.config.rope_parameters["partial_rotary_factor"] = 0.75
+    hf.model.rotary_emb = Phi3RotaryEmbedding(hf.config)
+    assert hf.model.rotary_emb.inv_freq.numel() == head_dim * 3 // 8
+    rng = np.random.default_rng(14)
+    prompts = [rng.integers(3, VOCAB, n).tolist() for n in (4, 30, 70)]
+    reference = hf_greedy(hf, prompts, max_new=8)
+    monkeypatch.setenv("LOOM_GGUF_ACTIVATIONS", "float32")
+    llm = LLM(str(path), tokenizer=str(smollm2_path), num_kv_blocks=256)
+    assert llm.engine.model.config.rotary_dim == head_dim * 3 // 4
+    assert_parity(loom_greedy(llm, prompts, 8), reference)

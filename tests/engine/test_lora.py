@@ -221,6 +221,21 @@ def test_granite_adapters_on_the_residual_branch_match_peft(tmp_path, smollm2_pa
     assert got != tokens(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY))
 
 
+def test_phi4_mini_shaped_adapters_on_the_fused_qkv_match_peft(tmp_path, smollm2_path):
+    """Partial rotary reorders each q and k head's rows at load; an adapter's rows on Phi-3's fused qkv_proj must be
+    reordered the same way (v's left alone), which peft's greedy tokens check."""
+    from tests.conftest import save_tiny_model
+
+    base = save_tiny_model(tmp_path / "phi4", smollm2_path, arch="phi3", head_dim=16, sliding_window=None,
+                           partial_rotary_factor=0.75)
+    model = make_adapter(tmp_path / "p", str(base), seed=7, r=8, alpha=32, targets=["qkv_proj"])
+    llm = LLM(str(base), enable_lora=True, max_lora_rank=8, num_kv_blocks=64)
+    request = LoRARequest("p", 1, str(tmp_path / "p"))
+    got = tokens(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, lora_request=request))
+    assert got == [hf_greedy(model, p) for p in PROMPTS]
+    assert got != tokens(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY))
+
+
 @pytest.mark.slow
 def test_finetuned_adapter_served_unmerged_answers_like_the_merged_export(tmp_path, tiny_llama):
     """`loom finetune --lora` writes OUTPUT (merged) and OUTPUT/adapter (peft): both serve the same answers."""

@@ -116,9 +116,11 @@ def test_torch_and_cpp_decode_backends_agree(tiny_llama):
     ("gemma3", {"layer_types": ["sliding_attention", "full_attention"]}, True),  # q/k norms, two rope bases
     ("smollm3", {}, True),  # layer 1 without rotary
     ("granite", {"attention_bias": True, "mlp_bias": True}, True),  # multipliers, o/down biases scaled too
+    ("phi3", {"sliding_window": 20, "head_dim": 16, "partial_rotary_factor": 0.75}, True),  # Phi-4-mini's rotary
     ("mixtral", {}, False),
 ], ids=["llama", "qwen2-qkv-bias", "llama-all-biases-untied", "qwen3-qk-norm", "mistral-window", "phi3-window",
-       "gemma2-softcap", "gemma3-dual-rope", "smollm3-nope", "granite-multipliers", "mixtral"])  # fmt: skip
+       "gemma2-softcap", "gemma3-dual-rope", "smollm3-nope", "granite-multipliers", "phi3-partial-rotary",
+       "mixtral"])  # fmt: skip
 def test_fused_decode_layers_compute_exactly_what_the_op_by_op_layers_do(tmp_path, smollm2_path, monkeypatch, arch,
                                                                           overrides, fused):
     """CpuOps.decode_layers runs each dense layer of a decode-only step in one C++ call chaining the same kernels in
@@ -199,10 +201,11 @@ def test_mistral_gives_back_blocks_behind_its_window_and_still_matches_hf(tmp_pa
         ("smollm3", {}),  # every second layer NoPE
         ("granite", {}),  # embedding, attention, residual and logit multipliers
         ("granite", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False}),
+        ("phi3", {"sliding_window": None, "head_dim": 16, "partial_rotary_factor": 0.75}),  # Phi-4-mini's rotary
     ],
     ids=["qwen2-qkv-bias", "llama-attention-bias", "llama3-rope-scaling", "untied-mha", "qwen3-qk-norm",
          "qwen3-qk-norm-bias", "phi3-fused-checkpoint", "smollm3-nope", "granite-multipliers",
-         "granite-biases-untied"],
+         "granite-biases-untied", "phi3-partial-rotary"],
 )  # fmt: skip
 def test_family_variants_match_hf(tmp_path, smollm2_path, arch, overrides):
     path = save_tiny_model(tmp_path / arch, smollm2_path, arch=arch, **overrides)
@@ -225,6 +228,45 @@ def test_phi3_longrope_matches_hf_within_the_original_context(tmp_path, smollm2_
     prompts = varied_prompts(6, seed=13, low=5, high=48)
     ours = loom_greedy(LLM(str(path), num_kv_blocks=256, block_size=8), prompts, 16)
     assert_parity(ours, hf_greedy(path, prompts, 16))
+
+
+def test_phi4_mini_partial_rotary_with_longrope_matches_hf_within_the_original_context(tmp_path, smollm2_path):
+    """Phi-4-mini's rotary: LongRoPE on the first 3/4 of each head (factors for those 12 of 16 dimensions), the rest
+    passed through; run by full-width kernels over padded tables with q/k rows reordered at load."""
+    scaling = {**LONGROPE, "short_factor": LONGROPE["short_factor"][:6], "long_factor": LONGROPE["long_factor"][:6]}
+    path = save_tiny_model(tmp_path / "phi4", smollm2_path, arch="phi3", head_dim=16, sliding_window=None,
+                           partial_rotary_factor=0.75, max_position_embeddings=1024,
+                           rope_parameters={"rope_theta": 10000.0, **scaling}, original_max_position_embeddings=64)
+    _randomize_norms(path)
+    prompts = varied_prompts(6, seed=14, low=5, high=48)
+    llm = LLM(str(path), num_kv_blocks=256, block_size=8, max_num_batched_tokens=16)
+    assert llm.engine.model.config.rotary_dim == 12
+    assert_parity(loom_greedy(llm, prompts, 16), hf_greedy(path, prompts, 16))
+
+
+def test_partial_rotary_order_runs_hf_partial_rotation_through_full_width_tables():
+    """The identity behind partial rotary: rotating q by HF's partial rule equals reordering its dimensions, rotating
+    by the padded full-width tables and ordering back; q . k of two positions is the same either way."""
+    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
+
+    from loom.ops.layers import rotate_half
+    from loom.ops.rotary import RotaryEmbedding, partial_rotary_order
+
+    head_dim, rotary_dim, positions = 16, 12, torch.tensor([0, 3, 40])
+    order = partial_rotary_order(head_dim, rotary_dim)
+    assert sorted(order.tolist()) == list(range(head_dim))
+    rotary = RotaryEmbedding(head_dim, 64, 10000.0, None, torch.float32, rotary_dim)
+    q, k = torch.randn(3, 2, head_dim), torch.randn(3, 2, head_dim)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
+    emb = torch.cat([positions[:, None].float() * inv_freq] * 2, dim=-1)
+    hf_q, hf_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], emb.cos()[None],
+                                      emb.sin()[None])
+    cos, sin = rotary.cos[positions].unsqueeze(1), rotary.sin[positions].unsqueeze(1)  # as TorchOps rotates
+    ours_q = q[..., order] * cos + rotate_half(q[..., order]) * sin
+    ours_k = k[..., order] * cos + rotate_half(k[..., order]) * sin
+    back = torch.argsort(order)
+    torch.testing.assert_close(ours_q[..., back], hf_q[0].transpose(0, 1))
+    torch.testing.assert_close(ours_k[..., back], hf_k[0].transpose(0, 1))
 
 
 def test_longrope_tables_take_the_long_factors_past_the_original_context():

@@ -152,6 +152,7 @@ def _assert_same_run(path, prompts, **engine):
     ("phi3", dict(UNEVEN, pad_token_id=0, sliding_window=None)),  # fused qkv and gate_up checkpoint tensors
     ("granite", dict(UNEVEN, attention_bias=True, mlp_bias=True)),  # the residual multiplier folded into shards
     ("smollm3", UNEVEN),  # a NoPE layer
+    ("phi3", dict(UNEVEN, pad_token_id=0, sliding_window=None, partial_rotary_factor=0.75)),  # q/k rows reordered
 ])  # fmt: skip
 def test_two_ranks_match_one_through_prefill_decode_chunks_and_prefix_hits(tmp_path, smollm2_path, arch, overrides,
                                                                           monkeypatch):
