@@ -432,6 +432,11 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if any(t < 0 or t >= vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        for name, ids in (("logit_bias", params.logit_bias or ()),
+                          ("allowed_token_ids", params.allowed_token_ids or ())):
+            outside = [t for t in ids if t >= vocab]
+            if outside:
+                raise ValueError(f"{name} names token id {outside[0]}, outside the vocabulary [0, {vocab})")
         if n >= self.max_model_len:
             raise ValueError(
                 f"prompt has {n} tokens but the model's context is {self.max_model_len}; "

@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from loom.engine.structured import StructuredOutputsParams
 
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+MAX_LOGIT_BIAS = 1024
+"""Entries in ``logit_bias`` (OpenAI allows 300)."""
+MAX_ALLOWED_TOKEN_IDS = 8192
+"""Entries in ``allowed_token_ids``: the sampler reads them every step (to allow nearly every token, ban the others
+with ``logit_bias`` instead)."""
 
 
 @dataclass(slots=True)
@@ -57,6 +62,11 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None
     """Constrain the output to a JSON schema, JSON object, regex, choice or Lark grammar (see loom.engine.structured);
     a dict is taken as StructuredOutputsParams' fields."""
+    logit_bias: dict[int, float] | None = None
+    """Added to the logits of these token ids before sampling (OpenAI's ``logit_bias``: -100 bans a token, 100 all but
+    forces it); string keys are taken as ids. Log-probabilities stay the model's own, as vLLM returns them."""
+    allowed_token_ids: list[int] | None = None
+    """Only these token ids may be sampled (vLLM's ``allowed_token_ids``); None: any."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,6 +76,15 @@ class SamplingParams:
             self.top_k = 0
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.logit_bias is not None:
+            self.logit_bias = _token_bias(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = _token_ids(self.allowed_token_ids, "allowed_token_ids")
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids is empty: no token could be sampled; give at least one id")
+            if len(self.allowed_token_ids) > MAX_ALLOWED_TOKEN_IDS:
+                raise ValueError(f"allowed_token_ids has {len(self.allowed_token_ids)} entries; at most "
+                                 f"{MAX_ALLOWED_TOKEN_IDS} (ban tokens with logit_bias -100 instead)")
         checks = [
             (isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n}"),
             (0.0 <= self.temperature <= 100.0, f"temperature must be in [0, 100], got {self.temperature}"),
@@ -101,3 +120,31 @@ class SamplingParams:
         values = {name: getattr(self, name) for name in self.__dataclass_fields__}
         values.update(changes)
         return SamplingParams(**values)
+
+
+def _token_ids(values, name: str) -> list[int]:
+    """Token ids given as ints or integer strings (JSON object keys), each >= 0."""
+    ids = []
+    for value in values:
+        try:
+            token = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} takes token ids (integers), got {value!r}") from None
+        if token < 0 or (isinstance(value, float) and value != token):
+            raise ValueError(f"{name} takes token ids (integers >= 0), got {value!r}")
+        ids.append(token)
+    return ids
+
+
+def _token_bias(bias) -> dict[int, float]:
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias maps token ids to biases, e.g. {{\"50256\": -100}}; got {type(bias).__name__}")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS}")
+    ids = _token_ids(bias, "logit_bias")
+    values = []
+    for value in bias.values():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100.0 <= value <= 100.0:
+            raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r}")
+        values.append(float(value))
+    return dict(zip(ids, values))

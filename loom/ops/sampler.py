@@ -35,6 +35,10 @@ class SamplingSettings:
     min_tokens: int = 0
     logprobs: int | None = None
     """Top log-probabilities to return (0: only the sampled token's); None: none."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits."""
+    allowed_token_ids: tuple[int, ...] = ()
+    """The only ids that may be sampled; (): any."""
 
     @property
     def is_greedy(self) -> bool:
@@ -43,7 +47,11 @@ class SamplingSettings:
     @classmethod
     def of(cls, params) -> SamplingSettings:
         """The sampler's view of any object with these attributes (the engine's ``SamplingParams``)."""
-        return cls(**{f.name: getattr(params, f.name) for f in fields(cls)})
+        values = {f.name: getattr(params, f.name, None) for f in fields(cls)}
+        bias = values["logit_bias"]
+        values["logit_bias"] = tuple(sorted(bias.items())) if isinstance(bias, dict) else tuple(bias or ())
+        values["allowed_token_ids"] = tuple(sorted(set(values["allowed_token_ids"] or ())))
+        return cls(**values)
 
 
 @dataclass(slots=True)
@@ -215,7 +223,11 @@ def _row_settings(rows: list[SamplingRow]) -> tuple[torch.Tensor, ...]:
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Repetition / presence / frequency penalties and the min_tokens mask of each row (a copy when any applies).
+    """``allowed_token_ids``, ``logit_bias``, then repetition / presence / frequency penalties and the min_tokens mask
+    of each row (a copy when any applies), in vLLM's order: the penalties scale the biased logits.
+
+    The allowed ids and the biases of every row are each one indexed write (-inf over the rows that restrict, their
+    allowed ids put back; the biases added at (row, id) pairs).
 
     The rows that need penalties are handled together: on CPU one C++ call walks each row's tokens (O(tokens), from
     arrays each ``SamplingRow`` keeps up to date); elsewhere their token ids go to the device as one padded tensor per
@@ -228,6 +240,7 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
         return logits
     logits = logits.clone()
     device, vocab = logits.device, logits.shape[-1]
+    _apply_allowed_and_bias(logits, [(i, rows[i].params) for i in needs])
     penalised = [i for i in needs if has_token_penalty(rows[i].params)]
     ext = _cpu_extension(logits) if penalised else None
     if ext is not None:
@@ -251,6 +264,24 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
         row_ids, token_ids = zip(*masked)
         logits[to_device(row_ids, device), to_device(token_ids, device)] = float("-inf")
     return logits
+
+
+def _apply_allowed_and_bias(logits: torch.Tensor, needs: list[tuple[int, SamplingSettings]]) -> None:
+    """In place: -inf outside each restricting row's ``allowed_token_ids``, then its ``logit_bias`` added."""
+    device = logits.device
+    allowed = [(i, p.allowed_token_ids) for i, p in needs if p.allowed_token_ids]
+    if allowed:
+        restricted = to_device([i for i, _ in allowed], device)
+        ids_of = np.concatenate([np.asarray(ids, dtype=np.int64) for _, ids in allowed])
+        rows_of = np.repeat(np.arange(len(allowed)), [len(ids) for _, ids in allowed])
+        mask = torch.full((len(allowed), logits.shape[-1]), float("-inf"), device=device, dtype=logits.dtype)
+        mask[to_device(rows_of, device), to_device(ids_of, device)] = 0.0
+        logits.index_add_(0, restricted, mask)
+    biased = [(i, t, b) for i, p in needs for t, b in p.logit_bias]
+    if biased:
+        rows_of, ids_of, values = zip(*biased)
+        logits.index_put_((to_device(rows_of, device), to_device(ids_of, device)),
+                          to_device(values, device, logits.dtype), accumulate=True)
 
 
 def _counts(token_lists: list[np.ndarray], vocab: int, device) -> torch.Tensor:
@@ -283,7 +314,8 @@ def _penalties_cpu(ext, logits: torch.Tensor, penalised: list[int], rows: list[S
 
 
 def _has_penalty(r: SamplingRow) -> bool:
-    return has_token_penalty(r.params) or r.position < r.params.min_tokens
+    p = r.params
+    return has_token_penalty(p) or r.position < p.min_tokens or bool(p.logit_bias or p.allowed_token_ids)
 
 
 def has_token_penalty(p: SamplingSettings) -> bool:

@@ -122,7 +122,8 @@ def test_async_with_penalties_and_grammars_gives_the_sync_outputs(tiny_llama):
         SamplingParams(temperature=0.9, seed=2, max_tokens=12,
                        structured_outputs=StructuredOutputsParams(regex="[a-c]{3,8}")),
         SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
-        SamplingParams(temperature=0.7, seed=3, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=0.7, seed=3, max_tokens=20, ignore_eos=True,
+                       logit_bias={300: 4.0, 301: -100.0}, allowed_token_ids=list(range(290, 340))),
     ]
     requests = list(zip(prompts, params))
     assert same(run(engine(tiny_llama, async_scheduling=True), requests), run(engine(tiny_llama), requests))

@@ -373,3 +373,34 @@ def test_generate_asks_for_final_outputs_only_and_leaves_the_callers_params_alon
     assert params.output_kind == "cumulative"
     assert [len(o.outputs[0].token_ids) for o in outs] == [6] * 4
     assert len(returned) == 4 and all(o.finished for o in returned)  # no output built for an unfinished step
+
+
+def test_logit_bias_and_allowed_token_ids_steer_sampling_and_keep_the_models_logprobs(tiny_llama):
+    """OpenAI's logit_bias and vLLM's allowed_token_ids: +100 forces a token, -100 bans it, an allowed set holds every
+    output token; the log-probabilities returned are the model's own (as vLLM's default), not the biased ones."""
+    llm = LLM(str(tiny_llama), num_kv_blocks=64)
+    prompt = {"prompt_token_ids": [1, 42, 7, 99, 13]}
+    greedy = dict(temperature=0, max_tokens=6, ignore_eos=True)
+    base = llm.generate(prompt, SamplingParams(**greedy, logprobs=20))[0].outputs[0]
+    forced = llm.generate(prompt, SamplingParams(**greedy, logit_bias={"777": 100}))[0].outputs[0]
+    assert forced.token_ids == [777] * 6
+    banned = llm.generate(prompt, SamplingParams(**greedy, logit_bias={base.token_ids[0]: -100}))[0].outputs[0]
+    assert banned.token_ids[0] != base.token_ids[0]
+    top = sorted(base.logprobs[0], key=base.logprobs[0].get, reverse=True)
+    allowed = top[3:6]  # three of the first step's top 20, not its best
+    out = llm.generate(prompt, SamplingParams(**greedy, allowed_token_ids=allowed, logprobs=0))[0].outputs[0]
+    assert set(out.token_ids) <= set(allowed)
+    assert out.token_ids[0] == max(allowed, key=base.logprobs[0].get)  # the best of the allowed
+    assert out.logprobs[0][out.token_ids[0]] == pytest.approx(base.logprobs[0][out.token_ids[0]], abs=1e-5)
+    seeded = SamplingParams(temperature=1.0, seed=5, max_tokens=8, ignore_eos=True, allowed_token_ids=allowed,
+                            logit_bias={allowed[0]: -2.0})
+    runs = [llm.generate(prompt, seeded)[0].outputs[0].token_ids for _ in range(2)]
+    assert runs[0] == runs[1] and set(runs[0]) <= set(allowed)
+    vocab = llm.engine.model.config.vocab_size
+    for bad, message in (({"logit_bias": {vocab: 1.0}}, "outside the vocabulary"),
+                         ({"allowed_token_ids": [3, vocab + 5]}, "outside the vocabulary"),
+                         ({"logit_bias": {"3": 101}}, r"\[-100, 100\]"), ({"logit_bias": {"x": 1}}, "token ids"),
+                         ({"allowed_token_ids": []}, "empty")):
+        with pytest.raises(ValueError, match=message):
+            llm.generate(prompt, SamplingParams(**greedy, **bad))
+    assert llm.engine.block_manager.num_free_blocks == 64

@@ -268,7 +268,8 @@ def test_stops_and_max_tokens_inside_accepted_drafts(base, spec):
 def test_penalties_and_logprobs_match_plain_decoding(base, spec):
     prompts = varied_prompts(3, seed=32, low=10, high=30)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.3,
-                            presence_penalty=0.4, frequency_penalty=0.3, logprobs=2)
+                            presence_penalty=0.4, frequency_penalty=0.3, logprobs=2,
+                            logit_bias={500: 3.0, 501: 2.0}, allowed_token_ids=list(range(400, 700)))
     want = gen(base, prompts, params)
     spec.engine.spec.proposer = Oracle({tuple(p): o.outputs[0].token_ids for p, o in zip(prompts, want)}, 4)
     got = gen(spec, prompts, params)

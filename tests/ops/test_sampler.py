@@ -26,6 +26,37 @@ def test_penalties_match_reference_formulas():
     torch.testing.assert_close(got, ref)
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "tensor-ops"])
+def test_allowed_ids_and_logit_bias_come_before_the_penalties_as_in_vllm(kernel, monkeypatch):
+    """Per row: -inf outside allowed_token_ids, the bias added, then the repetition penalty scales the biased logit
+    (vLLM applies allowed ids and logit_bias before penalties); rows without either are left as they are."""
+    if not kernel:
+        monkeypatch.setattr(sampler, "_cpu_extension", lambda logits: None)
+    torch.manual_seed(3)
+    logits = torch.randn(4, 20) * 3
+    rows = [row(logit_bias=((2, 5.0), (9, -100.0))),
+            row(allowed_token_ids=(1, 4, 7)),
+            row(output=[4, 4], allowed_token_ids=(4, 6), logit_bias=((4, 2.5), (6, -1.0), (8, 30.0)),
+                repetition_penalty=1.5),
+            row()]
+    got = sampler.apply_penalties(logits, rows)
+    ref = logits.clone()
+    ref[0, 2] += 5.0
+    ref[0, 9] -= 100.0
+    ref[1, [t for t in range(20) if t not in (1, 4, 7)]] = float("-inf")
+    ref[2, [t for t in range(20) if t not in (4, 6)]] = float("-inf")
+    ref[2, 4] += 2.5
+    ref[2, 6] -= 1.0
+    for t in (1, 4):  # the prompt's and the output's tokens: the penalty on the biased logit (8 stays -inf)
+        ref[2, t] = ref[2, t] / 1.5 if ref[2, t] > 0 else ref[2, t] * 1.5
+    torch.testing.assert_close(got, ref)
+    assert torch.equal(got[3], logits[3])
+    greedy = sample(logits[:3], [row(temperature=0, allowed_token_ids=(11, 12)),
+                                 row(temperature=0, logit_bias=((5, 100.0),)),
+                                 row(temperature=0.7, seed=4, allowed_token_ids=(3,))])
+    assert greedy.token_ids == [11 + int(logits[0, 12] > logits[0, 11]), 5, 3]
+
+
 def test_min_tokens_masks_stop_ids_until_reached():
     logits = torch.zeros(1, 10)
     logits[0, 4] = 10.0

@@ -36,6 +36,10 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
         ({**CHAT, "top_logprobs": 3}, "top_logprobs", "logprobs: true"),
         ({**CHAT, "stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
         ({**CHAT, "tools": [{"type": "function"}]}, "tools.0.function", "missing"),
+        ({**CHAT, "logit_bias": {"5": 200}}, "logit_bias", "[-100, 100]"),
+        ({**CHAT, "logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
+        ({**CHAT, "logit_bias": {"99999999": 1}}, "logit_bias", "outside the vocabulary"),
+        ({**CHAT, "allowed_token_ids": []}, "allowed_token_ids", "empty"),
     ],
 )
 def test_chat_validation_is_400_naming_the_field(tiny_server, body, param, phrase):

@@ -171,6 +171,32 @@ def test_extra_sampling_fields_are_honoured(client):
     assert out.usage.completion_tokens == 5
 
 
+def test_logit_bias_and_allowed_token_ids_through_the_api(client, tiny_server):
+    """OpenAI's logit_bias (string ids, as the openai client sends them) forces or bans tokens in completions and
+    chat; vLLM's allowed_token_ids (extra_body) holds a stream to its set."""
+    forced = httpx.post(f"{tiny_server.url}/tokenize", json={"prompt": " blue", "add_special_tokens": False}).json()
+    token = forced["tokens"][0]
+    out = client.completions.create(model="tiny", prompt="The sky is", max_tokens=4, temperature=0,
+                                    logit_bias={str(token): 100}, extra_body={"ignore_eos": True})
+    assert out.choices[0].text == httpx.post(f"{tiny_server.url}/detokenize", json={"tokens": [token] * 4}).json()[
+        "prompt"]
+    plain = _chat(client, max_tokens=3, temperature=0, extra_body={"ignore_eos": True}, logprobs=True)
+    first = plain.choices[0].logprobs.content[0]
+    first_id = httpx.post(f"{tiny_server.url}/tokenize", json={"prompt": first.token,
+                                                               "add_special_tokens": False}).json()["tokens"]
+    banned = _chat(client, max_tokens=3, temperature=0, extra_body={"ignore_eos": True}, logprobs=True,
+                   logit_bias={str(t): -100 for t in first_id})
+    assert banned.choices[0].logprobs.content[0].token != first.token
+    words = [" blue", " red", " green", " sky"]
+    allowed = [httpx.post(f"{tiny_server.url}/tokenize", json={"prompt": w, "add_special_tokens": False}).json()[
+        "tokens"] for w in words]
+    assert all(len(ids) == 1 for ids in allowed)  # each word one token
+    chunks = _chat(client, max_tokens=6, temperature=0.9, seed=1, stream=True,
+                   extra_body={"ignore_eos": True, "allowed_token_ids": [ids[0] for ids in allowed]})
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.split() and set(text.split()) <= {w.strip() for w in words} and len(text.split()) == 6
+
+
 def test_echo_prepends_the_prompt(client):
     kw = dict(model="tiny", prompt="Echo this", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
     plain = client.completions.create(**kw).choices[0].text

@@ -2,8 +2,9 @@
 
 Ranges are checked by ``SamplingParams`` itself (its ValueError becomes a 400 naming the field); pydantic checks
 types and shapes. Unknown fields are ignored, as vLLM does, so clients' ``extra_body`` extras never break a call.
-Loom's extra sampling fields: ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
-``stop_token_ids``, ``skip_special_tokens``, ``include_stop_str_in_output``, and vLLM's ``structured_outputs``
+OpenAI's ``logit_bias`` (token id strings to biases in [-100, 100]). Loom's extra sampling fields: ``top_k``,
+``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``allowed_token_ids``,
+``skip_special_tokens``, ``include_stop_str_in_output``, and vLLM's ``structured_outputs``
 (``{"json" | "regex" | "choice" | "grammar" | "json_object"}``; the older ``guided_json`` / ``guided_regex`` /
 ``guided_choice`` / ``guided_grammar`` too). Chat's ``response_format`` takes ``json_object`` and ``json_schema``.
 Chat's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` are OpenAI's (their meaning: ``tools.py``).
@@ -61,6 +62,7 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     # Loom / vLLM extras
+    allowed_token_ids: list[int] | None = None
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
@@ -109,8 +111,6 @@ class _Common(BaseModel):
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None,
                   structured: StructuredOutputsParams | None) -> SamplingParams:
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported by this server; remove it", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
         return SamplingParams(
@@ -132,6 +132,8 @@ class _Common(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             structured_outputs=structured,
+            logit_bias=self.logit_bias or None,
+            allowed_token_ids=self.allowed_token_ids,
             # a stream sends on only what is new; a whole answer needs only the finished output (no per-step
             # hand-off to the event loop)
             output_kind="delta" if self.stream else "final_only",
