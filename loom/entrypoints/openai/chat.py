@@ -6,7 +6,9 @@ choice with an empty delta and its ``finish_reason``, a usage chunk (``choices: 
 
 With tools (``tools.py``), a choice's text goes through its tool plan: the answer's ``message`` gets ``tool_calls``
 and ``finish_reason`` is ``tool_calls``; a stream sends ``delta.tool_calls`` (index, id, type and name first, then
-pieces of the arguments) where it would have sent content.
+pieces of the arguments) where it would have sent content. With ``--reasoning-parser`` (``reasoning.py``) the
+thinking block is split off first: ``message.reasoning_content`` / ``delta.reasoning_content``, and only what follows
+it is content (or tool calls). ``chat_template_kwargs`` and ``continue_final_message`` reach the template.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from loom.engine.outputs import CompletionOutput
 from loom.entrypoints.openai.protocol import ChatCompletionRequest
+from loom.entrypoints.openai.reasoning import ReasoningParser, ReasoningStream
 from loom.entrypoints.openai.serving import (
     SSE_HEADERS,
     ServingContext,
@@ -38,24 +41,76 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     lora = ctx.check_model(req.model)
     plan = plan_tools(req, ctx.tool_settings)
     params = req.sampling_params(plan.structured)
-    if plan.parser is not None and ctx.has_special_token(plan.parser.markers):
-        params.skip_special_tokens = False  # the parser must see the format's tokens (vLLM's parsers do the same)
+    # a grammar constrains the whole output, so a constrained answer has no thinking block to split off
+    reasoning = ctx.reasoning if params.structured_outputs is None else None
+    markers = (plan.parser.markers if plan.parser is not None else ()) + (reasoning.markers if reasoning else ())
+    if markers and ctx.has_special_token(markers):
+        params.skip_special_tokens = False  # the parsers must see the format's tokens (vLLM's parsers do the same)
     ctx.check_n(params.n)
-    prompt = await ctx.apply_chat_template(req.messages, req.add_generation_prompt, tools=plan.tools)
+    template = req.template_options(req.messages, req.add_generation_prompt)
+    prompt = await ctx.apply_chat_template(req.messages, req.add_generation_prompt, tools=plan.tools,
+                                           template=template)
     await ctx.compile_grammar(params, _grammar_param(req, plan))
     request_id, created = new_id("chatcmpl"), now_s()
     streams = await ctx.open_streams(request_id, [prompt], params, time.time(), lora)
+    answer = _Answer(plan, reasoning, with_reasoning=ctx.reasoning is not None)
     if req.stream:
         head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
                 "system_fingerprint": None}
-        return StreamingResponse(_stream(ctx, req, plan, streams[0], len(prompt), head),
+        return StreamingResponse(_stream(ctx, req, answer, streams[0], len(prompt), head),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     head = {"id": request_id, "object": "chat.completion", "created": created, "model": req.model,
             "system_fingerprint": None}
     try:
-        return await unless_disconnected(_full(ctx, req, plan, streams, len(prompt), head), raw)
+        return await unless_disconnected(_full(ctx, req, answer, streams, len(prompt), head), raw)
     finally:
         close_all(streams)
+
+
+class _Answer:
+    """How a choice's text becomes its message: the reasoning split off first (``--reasoning-parser``), then the rest
+    through the tool plan."""
+
+    def __init__(self, plan: ToolPlan, reasoning: ReasoningParser | None, with_reasoning: bool):
+        self.plan, self.reasoning = plan, reasoning
+        self.with_reasoning = with_reasoning
+        """Whether messages carry ``reasoning_content`` (a parser is configured, even if this answer is not split)."""
+
+    def message(self, text: str) -> tuple[dict, bool]:
+        """(the finished choice's message, whether it called tools)."""
+        reasoning = None
+        if self.reasoning is not None:
+            reasoning, text = self.reasoning.split(text)
+        content, calls = self.plan.message(text) if text is not None else (None, [])
+        message = {"role": "assistant", "content": content, "refusal": None}
+        if self.with_reasoning:
+            message["reasoning_content"] = reasoning
+        if calls:
+            message["tool_calls"] = calls
+        return message, bool(calls)
+
+    def stream(self) -> _ChoiceStream:
+        return _ChoiceStream(self.plan.stream(), self.reasoning.stream() if self.reasoning else None)
+
+
+class _ChoiceStream:
+    """One streamed choice: its text so far -> the delta to send (reasoning pieces, then content or tool calls)."""
+
+    def __init__(self, content, reasoning: ReasoningStream | None):
+        self.content, self.reasoning = content, reasoning
+
+    @property
+    def called(self) -> bool:
+        return self.content.called
+
+    def feed(self, text: str, final: bool) -> dict:
+        if self.reasoning is None:
+            return self.content.feed(text, final=final)
+        piece, rest = self.reasoning.feed(text, final=final)
+        delta = {"reasoning_content": piece} if piece else {}
+        if rest is not None:
+            delta.update(self.content.feed(rest, final=final))
+        return delta
 
 
 def _grammar_param(req: ChatCompletionRequest, plan: ToolPlan) -> str:
@@ -71,22 +126,20 @@ def _logprobs(ctx: ServingContext, req: ChatCompletionRequest, token_ids, logpro
     return {"content": ctx.strings.chat_entries(token_ids, logprobs, req.top_logprobs or 0), "refusal": None}
 
 
-async def _full(ctx, req: ChatCompletionRequest, plan: ToolPlan, streams, prompt_len: int, head: dict) -> JSONResponse:
+async def _full(ctx, req: ChatCompletionRequest, answer: _Answer, streams, prompt_len: int,
+                head: dict) -> JSONResponse:
     finals = await finals_of(streams)
-    choices = [_choice(ctx, req, plan, c) for c in finals[0].outputs]
+    choices = [_choice(ctx, req, answer, c) for c in finals[0].outputs]
     return JSONResponse({**head, "choices": choices, "usage": usage([prompt_len], finals)})
 
 
-def _choice(ctx, req, plan: ToolPlan, c: CompletionOutput) -> dict:
-    content, calls = plan.message(c.text)
-    message = {"role": "assistant", "content": content, "refusal": None}
-    if calls:
-        message["tool_calls"] = calls
+def _choice(ctx, req, answer: _Answer, c: CompletionOutput) -> dict:
+    message, called = answer.message(c.text)
     return {
         "index": c.index,
         "message": message,
         "logprobs": _logprobs(ctx, req, c.token_ids, c.logprobs),
-        "finish_reason": finish_reason_of(c.finish_reason, bool(calls)),
+        "finish_reason": finish_reason_of(c.finish_reason, called),
         "stop_reason": c.stop_reason,
     }
 
@@ -96,11 +149,12 @@ def _chunk(head: dict, index: int, delta: dict, finish_reason=None, logprobs=Non
     return sse({**head, "choices": [choice], **(extra or {})})
 
 
-async def _stream(ctx, req: ChatCompletionRequest, plan: ToolPlan, stream, prompt_len: int, head: dict):
-    """The stream's outputs are deltas (``output_kind="delta"``); a tool parser reads each choice's text so far."""
+async def _stream(ctx, req: ChatCompletionRequest, answer: _Answer, stream, prompt_len: int, head: dict):
+    """The stream's outputs are deltas (``output_kind="delta"``); the reasoning and tool parsers read each choice's
+    text so far."""
     assert stream.delta, "a stream's outputs are deltas (ChatCompletionRequest.sampling_params)"
     extra = {"usage": None} if req.include_usage else None
-    choices = [plan.stream() for _ in range(req.n)]  # per choice: text so far -> the delta to send
+    choices = [answer.stream() for _ in range(req.n)]  # per choice: text so far -> the delta to send
     texts = [""] * req.n
     done = [False] * req.n
     num_tokens = cached = 0

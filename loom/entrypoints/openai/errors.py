@@ -78,6 +78,8 @@ def from_value_error(exc: ValueError) -> OpenAIError:
     param = word if word.isidentifier() and word in _KNOWN_PARAMS else None
     if message.startswith("prompt"):
         param = "prompt"
+    elif message.startswith("messages:"):
+        param, message = "messages", message.removeprefix("messages: ")
     return OpenAIError(400, message, param=param, code="invalid_value")
 
 

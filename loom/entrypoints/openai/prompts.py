@@ -34,6 +34,10 @@ class PromptTooLong(ValueError):
     """The prompt has more characters or tokens than allowed (HTTP 400)."""
 
 
+class TemplateRefused(ValueError):
+    """The chat template raised on these messages (HTTP 400 naming ``messages``)."""
+
+
 class PromptEncoder:
     def __init__(self, tokenizer, max_prompt_chars: int):
         if max_prompt_chars < 1:
@@ -54,12 +58,15 @@ class PromptEncoder:
         return await self._run(self._encode, text, add_special_tokens, limit)
 
     async def chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                   limit: int | None = None, tools: list[dict] | None = None) -> list[int]:
+                   limit: int | None = None, tools: list[dict] | None = None,
+                   template: dict | None = None) -> list[int]:
         """The chat template's rendering of ``messages`` (and ``tools``), tokenized as it is written (no extra
-        special tokens)."""
-        tools_chars = len(json.dumps(tools)) if tools else 0
-        self.check_chars(sum(len(m.get("content") or "") for m in messages) + tools_chars)
-        return await self._run(self._chat, messages, add_generation_prompt, limit, tools)
+        special tokens). ``template``: more keyword arguments of ``apply_chat_template`` (``continue_final_message``,
+        the template's variables), checked by the caller."""
+        extra_chars = len(json.dumps(tools)) if tools else 0
+        extra_chars += len(json.dumps(template, default=str)) if template else 0
+        self.check_chars(sum(len(m.get("content") or "") for m in messages) + extra_chars)
+        return await self._run(self._chat, messages, add_generation_prompt, limit, tools, template)
 
     async def decode(self, ids: list[int]) -> str:
         return await self._run(self.tokenizer.decode, ids)
@@ -77,9 +84,15 @@ class PromptEncoder:
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
 
     def _chat(self, messages: list[dict], add_generation_prompt: bool, limit: int | None,
-              tools: list[dict] | None) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False)
+              tools: list[dict] | None, template: dict | None = None) -> list[int]:
+        from jinja2 import TemplateError  # local: transformers imports jinja2 only for chat templates
+
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tools=tools,
+                                                      add_generation_prompt=add_generation_prompt, tokenize=False,
+                                                      **(template or {}))
+        except TemplateError as exc:  # the template's own raise_exception ("roles must alternate", ...)
+            raise TemplateRefused(f"messages: the model's chat template refused them: {exc}") from None
         self.check_chars(len(text))
         return self._encode(text, False, limit)
 

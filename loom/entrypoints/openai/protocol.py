@@ -271,7 +271,42 @@ class ResponseFormat(BaseModel):
         return StructuredOutputsParams(json=self.json_schema.schema_)
 
 
-class ChatCompletionRequest(_Common):
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "chat_template", "conversation", "messages", "tools", "documents", "tokenize", "add_generation_prompt",
+    "continue_final_message", "return_dict", "return_tensors", "return_assistant_tokens_mask", "padding",
+    "truncation", "max_length", "tokenizer_kwargs", "processor_kwargs"})
+"""``apply_chat_template``'s own arguments: a request's chat_template_kwargs may not set them (a ``chat_template``
+there would run a client's Jinja in the server, whose sandbox does not bound the work: vLLM's advisory
+GHSA-jmjw-q4x3-hmc2)."""
+
+
+class ChatTemplateFields(BaseModel):
+    """vLLM's chat template extras: ``chat_template_kwargs`` (the template's own variables, e.g. Qwen3's
+    ``{"enable_thinking": false}``) and ``continue_final_message`` (the answer continues the last, assistant,
+    message instead of opening a new one; needs ``add_generation_prompt: false``)."""
+
+    chat_template_kwargs: dict[str, Any] | None = None
+    continue_final_message: bool = False
+
+    def template_options(self, messages: list, add_generation_prompt: bool) -> dict:
+        """The extra keyword arguments of ``apply_chat_template``; a 400 naming the field for what cannot be."""
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(self.chat_template_kwargs or {}))
+        if reserved:
+            raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)} (apply_chat_template's own "
+                              "arguments); give the template's variables only", "chat_template_kwargs")
+        options = dict(self.chat_template_kwargs or {})
+        if self.continue_final_message:
+            if add_generation_prompt:
+                raise bad_request("continue_final_message needs add_generation_prompt: false (the answer continues "
+                                  "the last message instead of opening a new one)", "continue_final_message")
+            if not messages or messages[-1].role != "assistant":
+                raise bad_request("continue_final_message needs an assistant message last: the one to continue",
+                                  "continue_final_message")
+            options["continue_final_message"] = True
+        return options
+
+
+class ChatCompletionRequest(_Common, ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -302,7 +337,7 @@ class ChatCompletionRequest(_Common):
         return self._sampling(max_tokens, logprobs, structured or self._structured())
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(ChatTemplateFields):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None

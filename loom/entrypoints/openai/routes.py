@@ -59,7 +59,8 @@ def build_routers(ctx: ServingContext) -> list[APIRouter]:
             raise OpenAIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
         if req.messages is not None:
             ids = await ctx.apply_chat_template(req.messages, req.add_generation_prompt, within_context=False,
-                                                tools=template_tools(req.tools))
+                                                tools=template_tools(req.tools),
+                                                template=req.template_options(req.messages, req.add_generation_prompt))
         else:
             ids = await ctx.encoder.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         body = {"count": len(ids), "max_model_len": ctx.front.max_model_len, "tokens": ids}

@@ -26,6 +26,7 @@ from loom.entrypoints.openai.async_engine import AsyncLLMEngine
 from loom.entrypoints.openai.engine_process import ProcessLLMEngine
 from loom.entrypoints.openai.lora import LoRARegistry, parse_lora_module
 from loom.entrypoints.openai.metrics import LLMMetrics
+from loom.entrypoints.openai.reasoning import REASONING_PARSERS
 from loom.entrypoints.openai.routes import build_lora_router, build_routers, load_adapter
 from loom.entrypoints.openai.serving import ServingContext
 from loom.entrypoints.openai.tool_parsers import TOOL_PARSERS
@@ -63,6 +64,10 @@ class LLMServerConfig:
     enable_auto_tool_choice: bool = False
     """Let the model choose whether to call tools (tool_choice "auto", the default when tools are given); needs
     --tool-call-parser. Without it such requests get 400."""
+    reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = None
+    """Split a thinking model's <think>...</think> text into the message's reasoning_content and content: qwen3
+    (Qwen3, SmolLM3: an output that opens the block), deepseek_r1 (DeepSeek-R1, Qwen3 Thinking-2507: the template
+    opens it, the output is reasoning up to </think>)."""
     exclude_tools_when_tool_choice_none: bool = False
     """Leave the tools out of the prompt when tool_choice is "none" (by default the template still gets them)."""
     engine_process: bool = False
@@ -115,7 +120,8 @@ class LLMComponent:
         loras = LoRARegistry(config.served_model_names, config.lora_store) if config.engine.enable_lora else None
         self.context = ServingContext(self.front, list(config.served_model_names), max_n=config.max_n,
                                       max_prompt_chars=config.max_prompt_chars, loras=loras,
-                                      tool_settings=config.tool_settings)
+                                      tool_settings=config.tool_settings,
+                                      reasoning=REASONING_PARSERS.get(config.reasoning_parser or ""))
 
     @property
     def fatal_error(self) -> str | None:

@@ -22,6 +22,7 @@ from loom.entrypoints.openai.logprobs import TokenStrings
 from loom.entrypoints.openai.lora import LoRARegistry
 from loom.entrypoints.openai.prompts import PromptEncoder
 from loom.entrypoints.openai.protocol import ChatMessage
+from loom.entrypoints.openai.reasoning import ReasoningParser
 from loom.entrypoints.openai.tools import ToolSettings, template_messages
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -40,6 +41,8 @@ class ServingContext:
     loras: LoRARegistry | None = None
     """The LoRA adapters a request may name in ``model`` (with --enable-lora)."""
     tool_settings: ToolSettings = field(default_factory=ToolSettings)
+    reasoning: ReasoningParser | None = None
+    """``--reasoning-parser``: chat answers split into reasoning_content and content (``reasoning.py``)."""
     _strings: TokenStrings | None = field(default=None)
     _encoder: PromptEncoder | None = field(default=None)
     _template_has_tools: bool | None = field(default=None)
@@ -110,15 +113,18 @@ class ServingContext:
         return await self.encoder.encode(text, limit=self.front.max_model_len)
 
     async def apply_chat_template(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                                  within_context: bool = True, tools: list[dict] | None = None) -> list[int]:
+                                  within_context: bool = True, tools: list[dict] | None = None,
+                                  template: dict | None = None) -> list[int]:
         """The chat prompt's ids; with ``within_context``, a prompt longer than the context is a 400. Tools go to
-        the template, or into the messages for a template that ignores them (``tools.template_messages``)."""
+        the template, or into the messages for a template that ignores them (``tools.template_messages``).
+        ``template``: ``continue_final_message`` and the template's own variables (``ChatTemplateFields``)."""
         if not getattr(self.front.tokenizer, "chat_template", None):
             raise OpenAIError(400, "this model has no chat template; use /v1/completions", param="messages")
         limit = self.front.max_model_len if within_context else None
         native = self.template_has_tools
         dicts = template_messages(messages, tools, native)
-        return await self.encoder.chat(dicts, add_generation_prompt, limit=limit, tools=tools if native else None)
+        return await self.encoder.chat(dicts, add_generation_prompt, limit=limit, tools=tools if native else None,
+                                       template=template)
 
     async def compile_grammar(self, params: SamplingParams, param: str) -> None:
         """Compile the request's structured-output grammar (cached by spec) on the tokenizer thread, off the event

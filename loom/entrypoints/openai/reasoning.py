@@ -1,0 +1,97 @@
+"""Reasoning outputs (``--reasoning-parser``, vLLM's flag): a thinking model's ``<think> ... </think>`` text goes to
+the message's ``reasoning_content`` and what follows it to ``content`` (and to the tool parser), streamed as
+``delta.reasoning_content`` then ``delta.content``.
+
+    parser = REASONING_PARSERS["qwen3"]
+    reasoning, content = parser.split("<think>\nThe user greets me.\n</think>\n\nHello!")
+    # ("\nThe user greets me.\n", "\n\nHello!")
+
+Two rules, as vLLM's parsers of the same names apply them:
+
+- ``qwen3`` — hybrid models whose output opens the block itself when they think (Qwen3, SmolLM3; with
+  ``chat_template_kwargs: {"enable_thinking": false}`` their template closes an empty block in the prompt): an output
+  that starts with ``<think>`` is reasoning up to ``</think>``; any other output is all content.
+- ``deepseek_r1`` — models whose template opens the block in the prompt (DeepSeek-R1, Qwen3-*-Thinking-2507): the
+  output is reasoning up to ``</think>`` (a leading ``<think>`` is dropped), content after it.
+
+An output that ends (``max_tokens``) before ``</think>`` is all reasoning and has no content. A stream holds back the
+characters that could be the start of a tag, so a tag is never split between the two fields, and the split of a
+streamed output is the split of the whole one (one code path: ``split`` feeds the whole text to a stream).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningParser:
+    name: str
+    start_in_output: bool
+    """True (qwen3): only an output that opens with the start tag has reasoning. False (deepseek_r1): the template
+    opened the block, so the output starts inside it (a start tag there is dropped)."""
+    start: str = "<think>"
+    end: str = "</think>"
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """The tags, which must stay in the decoded text (``skip_special_tokens`` off where they are special)."""
+        return (self.start, self.end)
+
+    def stream(self) -> ReasoningStream:
+        return ReasoningStream(self)
+
+    def split(self, text: str) -> tuple[str | None, str | None]:
+        """(reasoning, content) of a finished output; None where either is empty or absent (as vLLM answers)."""
+        reasoning, content = self.stream().feed(text, final=True)
+        return reasoning or None, content or None
+
+
+class ReasoningStream:
+    """One choice's text so far -> (new reasoning, content so far or None): ``feed`` is called with the whole text at
+    every step; content starts after the end tag and is handed on whole (the tool parser takes text so far)."""
+
+    def __init__(self, parser: ReasoningParser):
+        self.parser = parser
+        self._begin: int | None = None  # where the reasoning starts in the text, once known
+        self._sent = 0  # reasoning characters sent
+        self._content: int | None = None  # where the content starts, once known
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, str | None]:
+        p = self.parser
+        if self._content is None and self._begin is None:
+            if text.startswith(p.start):
+                self._begin = len(p.start)
+            elif p.start.startswith(text) and not final:
+                return "", None  # could still become the start tag
+            elif p.start_in_output:
+                self._content = 0  # no reasoning block: all content
+            else:
+                self._begin = 0
+        if self._content is None:
+            end = text.find(p.end, self._begin)
+            if end >= 0:
+                self._content = end + len(p.end)
+                upto = end
+            else:
+                upto = len(text) if final else len(text) - _partial_suffix(text, p.end, self._begin)
+            piece = text[self._begin + self._sent:upto] if upto > self._begin + self._sent else ""
+            self._sent += len(piece)
+            if self._content is None:
+                return piece, None
+            return piece, text[self._content:]
+        return "", text[self._content:]
+
+
+def _partial_suffix(text: str, tag: str, begin: int) -> int:
+    """Length of the longest end of ``text[begin:]`` that is a proper start of ``tag`` (held back from a stream)."""
+    for n in range(min(len(tag) - 1, len(text) - begin), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
+
+
+REASONING_PARSERS = {
+    "qwen3": ReasoningParser("qwen3", start_in_output=True),
+    "deepseek_r1": ReasoningParser("deepseek_r1", start_in_output=False),
+}

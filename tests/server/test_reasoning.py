@@ -1,0 +1,167 @@
+"""Reasoning outputs (``--reasoning-parser``): the split of ``<think>`` text into reasoning and content, streamed
+in any pieces, equals the split of the whole text; through the server with a tiny model forced (by a regex) to write
+a thinking block, in chat answers and streams, beside tool calls; ``chat_template_kwargs`` reach the template."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from loom.entrypoints.openai.reasoning import REASONING_PARSERS
+
+CASES = [  # text, qwen3 (reasoning, content), deepseek_r1 (reasoning, content)
+    ("<think>\nplan it\n</think>\n\nHello!", ("\nplan it\n", "\n\nHello!"), ("\nplan it\n", "\n\nHello!")),
+    ("Hello!", (None, "Hello!"), ("Hello!", None)),
+    ("plan it</think>Hello", (None, "plan it</think>Hello"), ("plan it", "Hello")),
+    ("<think>cut short by max_tokens", ("cut short by max_tokens", None), ("cut short by max_tokens", None)),
+    ("<think></think>answer", (None, "answer"), (None, "answer")),
+    ("<thin", (None, "<thin"), ("<thin", None)),
+    ("<think>a < b </thin but </think>x</think>", ("a < b </thin but ", "x</think>"),
+     ("a < b </thin but ", "x</think>")),
+]
+
+
+@pytest.mark.parametrize("name", ["qwen3", "deepseek_r1"])
+@pytest.mark.parametrize("case", CASES, ids=range(len(CASES)))
+def test_a_whole_output_splits_as_vllms_parser_of_that_name(name, case):
+    text, qwen3, deepseek = case
+    assert REASONING_PARSERS[name].split(text) == (qwen3 if name == "qwen3" else deepseek)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "deepseek_r1"])
+def test_any_streamed_pieces_give_the_whole_outputs_split_and_never_split_a_tag(name):
+    parser = REASONING_PARSERS[name]
+    rng = random.Random(0)
+    for text, *_ in CASES:
+        for _ in range(30):
+            cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 6))))
+            stream, reasoning, content = parser.stream(), "", None
+            for end in [*cuts, len(text)]:
+                piece, content = stream.feed(text[:end], final=end == len(text))
+                assert "<think>" not in piece and "</think>" not in piece
+                assert not any(piece.endswith(parser.end[:n]) for n in range(2, len(parser.end))) or end == len(text)
+                reasoning += piece
+            assert (reasoning or None, content or None) == parser.split(text), (text, cuts)
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama):
+    from tests.server.conftest import start_llm_server, tiny_config
+
+    running = start_llm_server(tiny_config(tiny_llama, num_kv_blocks=256, reasoning_parser="qwen3",
+                                           enable_auto_tool_choice=True, tool_call_parser="hermes"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def scripted(server, monkeypatch):
+    """The engine writes a given text: each sequence's next token is the text's token at its position, then EOS
+    (the sampler is replaced; the model still runs). A random tiny model never writes a thinking block itself."""
+    import torch
+
+    from loom.engine import llm_engine
+    from loom.ops.sampler import DeferredSample
+
+    tokenizer = server.component.front.tokenizer
+    eos = server.component.front.engine.eos_token_ids
+
+    def script(text: str) -> None:
+        ids = tokenizer.encode(text, add_special_tokens=False) + [min(eos)]
+
+        def sample(logits, rows):
+            return DeferredSample(torch.tensor([ids[min(r.position, len(ids) - 1)] for r in rows]), None, [], [])
+
+        monkeypatch.setattr(llm_engine, "sample_deferred", sample)
+
+    return script
+
+
+def _chat(server, **body):
+    import httpx
+
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64, **body}
+    return httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=60)
+
+
+def _streamed(server, **body) -> tuple[str, str, list[dict]]:
+    import json
+
+    import httpx
+
+    reasoning, content, deltas = "", "", []
+    with httpx.stream("POST", f"{server.base_url}/chat/completions", timeout=60,
+                      json={"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64,
+                            "stream": True, **body}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    delta = choice["delta"]
+                    deltas.append(delta)
+                    reasoning += delta.get("reasoning_content") or ""
+                    content += delta.get("content") or ""
+    return reasoning, content, deltas
+
+
+def test_a_thinking_answer_is_split_in_the_message_and_in_the_stream(server, scripted):
+    scripted("<think>\nThe user says hi.\n</think>\n\nHello there!")
+    message = _chat(server).json()["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == ("\nThe user says hi.\n", "\n\nHello there!")
+    reasoning, content, deltas = _streamed(server)
+    assert (reasoning, content) == ("\nThe user says hi.\n", "\n\nHello there!")
+    assert not any("think>" in (d.get("reasoning_content") or "") + (d.get("content") or "") for d in deltas)
+    scripted("Hello without thinking.")  # qwen3's rule: no block opened, all content
+    message = _chat(server).json()["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == (None, "Hello without thinking.")
+
+
+def test_a_tool_call_after_the_thinking_block_is_parsed_from_the_content(server, scripted):
+    scripted('<think>\nNeed the weather.\n</think>\n\n<tool_call>\n{"name": "get_weather", '
+             '"arguments": {"city": "Paris"}}\n</tool_call>')
+    choice = _chat(server, tools=TOOLS).json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["reasoning_content"] == "\nNeed the weather.\n"
+    call = choice["message"]["tool_calls"][0]["function"]
+    assert (call["name"], call["arguments"]) == ("get_weather", '{"city": "Paris"}')
+    reasoning, _, deltas = _streamed(server, tools=TOOLS)
+    assert reasoning == "\nNeed the weather.\n"
+    assert [d["tool_calls"][0]["function"]["name"] for d in deltas if d.get("tool_calls") and
+            d["tool_calls"][0].get("function", {}).get("name")] == ["get_weather"]
+
+
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% if not (loop.last and "
+            "continue_final_message) %}</{{ m['role'] }}>{% endif %}{% endfor %}"
+            "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}"
+            "{% if messages[0]['role'] == 'system' and messages[0]['content'] == 'refuse' %}"
+            "{{ raise_exception('system prompts are not allowed') }}{% endif %}")
+
+
+def test_chat_template_kwargs_and_continue_final_message_reach_the_template(server, monkeypatch):
+    import httpx
+
+    monkeypatch.setattr(server.component.front.tokenizer, "chat_template", TEMPLATE)
+
+    def rendered(**body):
+        r = httpx.post(f"{server.url}/tokenize", json={"messages": [{"role": "user", "content": "Hi"}], **body})
+        assert r.status_code == 200, r.text
+        return httpx.post(f"{server.url}/detokenize", json={"tokens": r.json()["tokens"]}).json()["prompt"]
+
+    assert rendered() == "<user>Hi</user><assistant>"
+    assert rendered(chat_template_kwargs={"enable_thinking": False}) == "<user>Hi</user><think></think><assistant>"
+    two = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
+    assert rendered(messages=two, add_generation_prompt=False, continue_final_message=True) == (
+        "<user>Hi</user><assistant>Hel")
+    for body, param in (({"chat_template_kwargs": {"chat_template": "{{ 7 * 7 }}"}}, "chat_template_kwargs"),
+                        ({"continue_final_message": True}, "continue_final_message"),
+                        ({"messages": [{"role": "system", "content": "refuse"}]}, "messages")):
+        r = _chat(server, **body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert "not allowed" in _chat(server, messages=[{"role": "system", "content": "refuse"}]).json()["error"][
+        "message"]
