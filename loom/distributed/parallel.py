@@ -106,6 +106,9 @@ def head_shard(cfg, rank: int, size: int) -> HeadShard:
     if cfg.num_experts and size > 1:
         raise ValueError("mixture-of-experts models are not split by tensor parallelism yet; use "
                          "tensor_parallel_size 1")
+    if getattr(cfg, "qk_norm_full", False) and size > 1:
+        raise ValueError("OLMo 2's q/k norms span every head, which tensor parallelism would split; use "
+                         "tensor_parallel_size 1")
     if size > kv:
         raise ValueError(f"tensor_parallel_size {size} exceeds the model's {kv} key-value heads: each rank holds "
                          f"whole KV-head groups; use a tensor_parallel_size of at most {kv}")

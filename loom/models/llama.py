@@ -1,7 +1,8 @@
 """The Llama family in PyTorch over flat token batches and a paged KV cache.
 
 Covers Llama 2/3 (incl. Llama-3 rope scaling), SmolLM2, SmolLM3 (layers without rotary: NoPE), Granite (embedding,
-attention, residual and logit multipliers), Mistral, Phi-3 (fused qkv / gate_up checkpoints; default rope only), Qwen2
+attention, residual and logit multipliers), OLMo 2 (norms after attention and MLP, none before; q/k norms over all
+heads), Mistral, Phi-3 (fused qkv / gate_up checkpoints; default rope only), Qwen2
 (q/k/v bias), Qwen3 (RMSNorm on q and k per head) and the mixtures of experts Mixtral, Qwen2-MoE (shared expert) and
 Qwen3-MoE (``SparseMoE``): RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied
 embeddings; sliding-window layers (Mistral, Phi-3; Gemma's alternate layers) masked in the paged attention; and
@@ -29,8 +30,9 @@ from loom.ops.layers import TorchOps, rms_norm_reference, uninitialized_embeddin
 from loom.ops.rotary import RotaryEmbedding, partial_rotary_order, partial_rotary_rows
 
 SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "LlamaForCausalLM",
-                           "MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "SmolLM3ForCausalLM")
+                           "MistralForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM",
+                           "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+                           "SmolLM3ForCausalLM")
 GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
 
@@ -54,6 +56,10 @@ class LlamaConfig:
     architecture: str
     qk_norm: bool = False
     """Qwen3: RMSNorm over each head of q and k before the rotary embedding."""
+    qk_norm_full: bool = False
+    """OLMo 2: the q and k norms span all heads (one RMSNorm over the whole q, one over the whole k)."""
+    post_norms: bool = False
+    """OLMo 2: no norm before attention or the MLP; each one's output is normalised before the residual add."""
     sliding_window: int | None = None
     """Tokens a query may attend back to (itself included) in sliding-window layers; None: full attention."""
     sliding_layers: tuple[int, ...] = ()
@@ -152,7 +158,9 @@ class LlamaConfig:
             o_bias=attention_bias and not is_qwen2,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             architecture=arch,
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM"),
+            qk_norm_full=arch == "Olmo2ForCausalLM",
+            post_norms=arch == "Olmo2ForCausalLM",
             sliding_window=window,
             sliding_layers=sliding if window else (),
             hidden_act=getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu"),
@@ -231,8 +239,10 @@ class Attention(nn.Module):
                       else (cfg.query_pre_attn_scalar or self.head_dim) ** -0.5)
         self.window = cfg.sliding_window if index in cfg.sliding_layers else None
         self.softcap = cfg.attn_logit_softcapping
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.qk_norm_full = cfg.qk_norm_full
+        norms = (self.q_size, self.kv_size) if cfg.qk_norm_full else (self.head_dim, self.head_dim)
+        self.q_norm = RMSNorm(norms[0], cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(norms[1], cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, positions, rotary: RotaryEmbedding, kv_cache, meta: AttentionMetadata, ops: TorchOps):
         k_cache, v_cache = kv_cache
@@ -249,10 +259,12 @@ class Attention(nn.Module):
         return out if self.tp is None else self.tp.all_reduce(out)
 
     def norm_qk(self, qkv: torch.Tensor, ops: TorchOps) -> torch.Tensor:
-        """Qwen3: RMSNorm over each head of q and of k (v untouched), before the rotary embedding."""
+        """Qwen3: RMSNorm over each head of q and of k (v untouched), before the rotary embedding; OLMo 2: over the
+        whole of q and of k."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = ops.rms_norm(q.reshape(-1, self.head_dim), self.q_norm.weight, self.q_norm.eps)
-        k = ops.rms_norm(k.reshape(-1, self.head_dim), self.k_norm.weight, self.k_norm.eps)
+        width = None if self.qk_norm_full else self.head_dim
+        q = ops.rms_norm(q.reshape(-1, width or self.q_size), self.q_norm.weight, self.q_norm.eps)
+        k = ops.rms_norm(k.reshape(-1, width or self.kv_size), self.k_norm.weight, self.k_norm.eps)
         return torch.cat([q.reshape(qkv.shape[0], -1), k.reshape(qkv.shape[0], -1), v], dim=-1)
 
 
@@ -321,7 +333,8 @@ class SparseMoE(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None = None, index: int = 0):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_norms = cfg.post_norms
+        self.input_layernorm = None if cfg.post_norms else RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, tp, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SparseMoE(cfg) if index in cfg.moe_layers else MLP(cfg, tp)
@@ -329,10 +342,14 @@ class DecoderLayer(nn.Module):
         if self.sandwich:  # Gemma: post_attention_layernorm normalises the attention's output instead
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        elif self.post_norms:  # OLMo 2: post_attention_layernorm normalises the attention's output
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, residual, positions, rotary, kv_cache, meta, ops: TorchOps):
         """x: this layer's input; residual: the stream before it (None for the first layer). HF computes
         h = x + attn(norm(x)); out = h + mlp(norm(h)); here the adds ride with the norms."""
+        if self.post_norms:
+            return self._forward_post_norms(x, residual, positions, rotary, kv_cache, meta, ops)
         norm = self.input_layernorm
         if residual is None:
             residual, x = x, ops.rms_norm(x, norm.weight, norm.eps)
@@ -348,6 +365,15 @@ class DecoderLayer(nn.Module):
         if self.sandwich:
             x = ops.rms_norm(x, self.post_feedforward_layernorm.weight, self.post_feedforward_layernorm.eps)
         return x, residual
+
+    def _forward_post_norms(self, x, residual, positions, rotary, kv_cache, meta, ops: TorchOps):
+        """OLMo 2: h = x + norm(attn(x)); out = h + norm(mlp(h)) (no norm before either), returned as (norm(mlp(h)),
+        h) so the next layer's add (or the final norm's) completes it."""
+        h = x if residual is None else x + residual
+        attn = self.self_attn(h, positions, rotary, kv_cache, meta, ops)
+        h = h + ops.rms_norm(attn, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
+        out = self.mlp(h, ops)
+        return ops.rms_norm(out, self.post_feedforward_layernorm.weight, self.post_feedforward_layernorm.eps), h
 
 
 class LlamaForCausalLM(nn.Module):

@@ -24,6 +24,8 @@ from transformers import (
     MistralForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     Qwen2Config,
@@ -58,6 +60,7 @@ ARCHS = {
     "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
     "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
     "granite": (GraniteConfig, GraniteForCausalLM),
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM),
 }
 MOE = dict(num_local_experts=8, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64)
 """Mixture-of-experts settings the MoE configs take (each ignores the names it does not know)."""

@@ -113,6 +113,8 @@ def _layer_plan(model: torch.nn.Module) -> list[tuple] | None:
         attn, mlp = layer.self_attn, layer.mlp
         if not hasattr(mlp, "gate_up_proj") or mlp.tp is not None or attn.tp is not None:  # MoE: experts
             return None
+        if layer.post_norms or attn.qk_norm_full:  # OLMo 2's norms after the branches, over all heads
+            return None
         norms = [layer.input_layernorm, layer.post_attention_layernorm]
         if layer.sandwich:  # Gemma
             norms += [layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm]

@@ -117,10 +117,11 @@ def test_torch_and_cpp_decode_backends_agree(tiny_llama):
     ("smollm3", {}, True),  # layer 1 without rotary
     ("granite", {"attention_bias": True, "mlp_bias": True}, True),  # multipliers, o/down biases scaled too
     ("phi3", {"sliding_window": 20, "head_dim": 16, "partial_rotary_factor": 0.75}, True),  # Phi-4-mini's rotary
+    ("olmo2", {}, False),  # norms after the branches and over all heads: op by op
     ("mixtral", {}, False),
 ], ids=["llama", "qwen2-qkv-bias", "llama-all-biases-untied", "qwen3-qk-norm", "mistral-window", "phi3-window",
        "gemma2-softcap", "gemma3-dual-rope", "smollm3-nope", "granite-multipliers", "phi3-partial-rotary",
-       "mixtral"])  # fmt: skip
+       "olmo2-post-norms", "mixtral"])  # fmt: skip
 def test_fused_decode_layers_compute_exactly_what_the_op_by_op_layers_do(tmp_path, smollm2_path, monkeypatch, arch,
                                                                           overrides, fused):
     """CpuOps.decode_layers runs each dense layer of a decode-only step in one C++ call chaining the same kernels in
@@ -320,6 +321,21 @@ def test_qwen3_with_yarn_matches_hf_past_the_original_context(tmp_path, smollm2_
     prompts = varied_prompts(4, seed=17, low=20, high=90)  # past the 32 positions YaRN stretches
     ours = loom_greedy(LLM(str(path), num_kv_blocks=256, block_size=8, max_num_batched_tokens=32), prompts, 12)
     assert_parity(ours, hf_greedy(path, prompts, 12))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_olmo2_post_norms_and_whole_width_qk_norms_match_hf(tmp_path, smollm2_path, backend):
+    """OLMo 2: no norm before attention or the MLP, RMSNorm on each one's output before the residual add, q/k norms
+    over all heads; every norm randomised so a swapped or skipped one shows; chunked prompts and a prefix hit."""
+    path = save_tiny_model(tmp_path / "olmo2", smollm2_path, arch="olmo2", attention_bias=True)
+    _randomize_norms(path)
+    shared = varied_prompts(1, seed=19, low=40, high=40)[0]
+    prompts = varied_prompts(4, seed=20, low=5, high=90) + [shared + [101], shared + [102, 103]]
+    llm = LLM(str(path), num_kv_blocks=512, block_size=8, max_num_batched_tokens=32, attention_backend=backend)
+    assert llm.engine.model.layers[0].input_layernorm is None
+    assert llm.engine.model.layers[0].self_attn.q_norm.weight.shape == (4 * 16,)
+    assert_parity(loom_greedy(llm, prompts, 12), hf_greedy(path, prompts, 12))
+    assert llm.engine.stats().prefix_hit_rate > 0
 
 
 def test_qwen3_qk_norm_weights_are_loaded_and_used(tmp_path, smollm2_path):
