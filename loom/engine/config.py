@@ -193,8 +193,8 @@ class EngineConfig:
         return None
 
     def context_length(self, hf_config) -> int:
-        """Longest prompt + output: max_model_len, never past the model's own context."""
-        limit = hf_config.max_position_embeddings
+        """Longest prompt + output: max_model_len, never past the model's own context (``model_context``)."""
+        limit = model_context(hf_config)
         return min(self.max_model_len or limit, limit)
 
     def torch_device(self) -> torch.device:
@@ -204,3 +204,16 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
         return _DTYPES[self.dtype]
+
+
+def model_context(hf_config) -> int:
+    """The model's context: ``max_position_embeddings``, or with YaRN rope scaling the original context times the
+    factor where that is longer (vLLM's rule: Qwen2.5 / Qwen3 ship 32,768 / 40,960 and document yarn with factor 4
+    for 131,072; the config's max_position_embeddings is left as it was)."""
+    limit = hf_config.max_position_embeddings
+    rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+    rope = rope.get("full_attention", rope)  # per layer type (Gemma 3)
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "yarn" and rope.get("factor"):
+        original = rope.get("original_max_position_embeddings") or limit
+        limit = max(limit, int(original * rope["factor"]))
+    return limit

@@ -437,6 +437,11 @@ class LLMEngine:
             outside = [t for t in ids if t >= vocab]
             if outside:
                 raise ValueError(f"{name} names token id {outside[0]}, outside the vocabulary [0, {vocab})")
+        if params.allowed_token_ids and params.min_tokens:
+            stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+            if set(params.allowed_token_ids) <= stops:
+                raise ValueError("allowed_token_ids holds only stop tokens, which min_tokens masks: no token could "
+                                 "be sampled; allow another token or drop min_tokens")
         if n >= self.max_model_len:
             raise ValueError(
                 f"prompt has {n} tokens but the model's context is {self.max_model_len}; "

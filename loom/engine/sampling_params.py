@@ -128,7 +128,7 @@ def _token_ids(values, name: str) -> list[int]:
     for value in values:
         try:
             token = int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{name} takes token ids (integers), got {value!r}") from None
         if token < 0 or (isinstance(value, float) and value != token):
             raise ValueError(f"{name} takes token ids (integers >= 0), got {value!r}")

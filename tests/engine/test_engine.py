@@ -400,7 +400,8 @@ def test_logit_bias_and_allowed_token_ids_steer_sampling_and_keep_the_models_log
     for bad, message in (({"logit_bias": {vocab: 1.0}}, "outside the vocabulary"),
                          ({"allowed_token_ids": [3, vocab + 5]}, "outside the vocabulary"),
                          ({"logit_bias": {"3": 101}}, r"\[-100, 100\]"), ({"logit_bias": {"x": 1}}, "token ids"),
-                         ({"allowed_token_ids": []}, "empty")):
+                         ({"allowed_token_ids": []}, "empty"), ({"logit_bias": {float("inf"): 1}}, "token ids"),
+                         ({"allowed_token_ids": [2], "min_tokens": 2, "stop_token_ids": [2]}, "only stop tokens")):
         with pytest.raises(ValueError, match=message):
             llm.generate(prompt, SamplingParams(**greedy, **bad))
     assert llm.engine.block_manager.num_free_blocks == 64

@@ -315,6 +315,20 @@ def test_yarn_tables_equal_transformers(scaling):
     torch.testing.assert_close(rotary.sin, emb.sin() * attention)
 
 
+def test_yarn_extends_the_context_to_the_original_times_the_factor_as_vllm_does():
+    """Qwen2.5's documented setting: max_position_embeddings stays 32,768, yarn factor 4 over 32,768 serves 131,072."""
+    from transformers import Qwen2Config
+
+    from loom.engine.config import EngineConfig, model_context
+
+    qwen = Qwen2Config(max_position_embeddings=32768, rope_parameters={
+        "rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})
+    assert model_context(qwen) == 131072
+    assert EngineConfig(max_model_len=131072).context_length(qwen) == 131072
+    assert EngineConfig(max_model_len=200000).context_length(qwen) == 131072
+    assert model_context(Qwen2Config(max_position_embeddings=32768)) == 32768
+
+
 def test_qwen3_with_yarn_matches_hf_past_the_original_context(tmp_path, smollm2_path):
     path = save_tiny_model(tmp_path / "qwen3", smollm2_path, arch="qwen3", head_dim=16,
                            rope_parameters={"rope_theta": 10000.0, **YARN})

@@ -138,6 +138,7 @@ def test_a_tool_call_after_the_thinking_block_is_parsed_from_the_content(server,
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% if not (loop.last and "
             "continue_final_message) %}</{{ m['role'] }}>{% endif %}{% endfor %}"
             "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+            "{% if mode is defined %}{{ 'mode: ' + mode }}{% endif %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}"
             "{% if messages[0]['role'] == 'system' and messages[0]['content'] == 'refuse' %}"
             "{{ raise_exception('system prompts are not allowed') }}{% endif %}")
@@ -159,6 +160,8 @@ def test_chat_template_kwargs_and_continue_final_message_reach_the_template(serv
     assert rendered(messages=two, add_generation_prompt=False, continue_final_message=True) == (
         "<user>Hi</user><assistant>Hel")
     for body, param in (({"chat_template_kwargs": {"chat_template": "{{ 7 * 7 }}"}}, "chat_template_kwargs"),
+                        ({"chat_template_kwargs": {"self": 1, "conversations": []}}, "chat_template_kwargs"),
+                        ({"chat_template_kwargs": {"enable_thinking": False, "mode": 3}}, "messages"),
                         ({"continue_final_message": True}, "continue_final_message"),
                         ({"messages": [{"role": "system", "content": "refuse"}]}, "messages")):
         r = _chat(server, **body)

@@ -113,6 +113,18 @@ def test_stream_gives_the_same_calls_and_content(case, seed):
     assert streamed_content.strip() == (content or "").strip()
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_calls_that_arrive_whole_in_the_last_feed_are_calls(case):
+    """A reader that fell behind gets its deltas merged, and accepted drafts bring many tokens a step: the start of a
+    call and all of it can arrive in the final feed, and must still be sent as a call, as the whole answer has it."""
+    parser, text, content, calls = CASES[case]
+    for cut in (0, len(text) // 3):
+        s = parser.stream()
+        first = s.feed(text[:cut]) if cut else {}
+        assert reassemble([d for d in (first, s.feed(text, final=True)) if d]) == (
+            (content or "") + ("" if calls else text), calls)
+
+
 @pytest.mark.parametrize("case", PLAIN)
 def test_output_without_a_call_is_content(case):
     parser, text = PLAIN[case]

@@ -93,6 +93,9 @@ class PromptEncoder:
                                                       **(template or {}))
         except TemplateError as exc:  # the template's own raise_exception ("roles must alternate", ...)
             raise TemplateRefused(f"messages: the model's chat template refused them: {exc}") from None
+        except TypeError as exc:  # a value the template cannot use (a chat_template_kwargs number added to a str)
+            raise TemplateRefused(f"messages: the model's chat template failed on this request ({exc}); check "
+                                  "chat_template_kwargs and the messages' fields") from None
         self.check_chars(len(text))
         return self._encode(text, False, limit)
 

@@ -272,9 +272,9 @@ class ResponseFormat(BaseModel):
 
 
 RESERVED_TEMPLATE_KWARGS = frozenset({
-    "chat_template", "conversation", "messages", "tools", "documents", "tokenize", "add_generation_prompt",
-    "continue_final_message", "return_dict", "return_tensors", "return_assistant_tokens_mask", "padding",
-    "truncation", "max_length", "tokenizer_kwargs", "processor_kwargs"})
+    "self", "chat_template", "conversation", "conversations", "messages", "tools", "documents", "tokenize",
+    "add_generation_prompt", "continue_final_message", "sanitize_control_tokens", "return_dict", "return_tensors",
+    "return_assistant_tokens_mask", "padding", "truncation", "max_length", "tokenizer_kwargs", "processor_kwargs"})
 """``apply_chat_template``'s own arguments: a request's chat_template_kwargs may not set them (a ``chat_template``
 there would run a client's Jinja in the server, whose sandbox does not bound the work: vLLM's advisory
 GHSA-jmjw-q4x3-hmc2)."""

@@ -6,7 +6,8 @@ the message's ``reasoning_content`` and what follows it to ``content`` (and to t
     reasoning, content = parser.split("<think>\nThe user greets me.\n</think>\n\nHello!")
     # ("\nThe user greets me.\n", "\n\nHello!")
 
-Two rules, as vLLM's parsers of the same names apply them:
+Two rules, after vLLM's parsers of the same names (one difference: an output cut off inside the block is reasoning
+here in a whole answer too, where recent vLLM's qwen3 returns it as content, so a stream and the whole answer agree):
 
 - ``qwen3`` — hybrid models whose output opens the block itself when they think (Qwen3, SmolLM3; with
   ``chat_template_kwargs: {"enable_thinking": false}`` their template closes an empty block in the prompt): an output

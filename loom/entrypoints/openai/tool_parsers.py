@@ -44,8 +44,9 @@ class ToolParser:
     markers: tuple[str, ...] = ()
     """Literal tokens of the format: where the tokenizer has them as special tokens, the text must keep them."""
 
-    def stream(self, max_calls: int | None = None) -> ToolCallStream:
-        return ToolCallStream(self, max_calls)
+    def stream(self, max_calls: int | None = None, strict: bool = True) -> ToolCallStream:
+        """``strict``: as ``extract``'s, for an output that ends before any call was sent."""
+        return ToolCallStream(self, max_calls, strict)
 
     def extract(self, text: str, max_calls: int | None = None,
                 strict: bool = True) -> tuple[str | None, list[dict]]:
@@ -218,9 +219,10 @@ class ToolCallStream:
     output ends without a named call, the held text is sent as content, so the pieces always add up to the text.
     """
 
-    def __init__(self, parser: ToolParser, max_calls: int | None = None):
+    def __init__(self, parser: ToolParser, max_calls: int | None = None, strict: bool = True):
         self.parser = parser
         self.max_calls = max_calls
+        self.strict = strict
         self._search = 0
         self._content_end = 0
         self._content_sent = 0
@@ -258,7 +260,9 @@ class ToolCallStream:
             if not self._scanner.is_false_start(region):
                 break
             self._region, self._search = None, self._start_end  # a start marker in prose: look further on
-        if final and not self.called:  # no call after all: everything is content
+        # nothing sent as a call yet: the whole answer's reading decides (a call that arrives whole in this last feed,
+        # as merged deltas or accepted drafts bring it, is still a call; a malformed one is content)
+        if final and not self.called and not self.parser.extract(text, self.max_calls, strict=self.strict)[1]:
             self._region, self._content_end = None, len(text)
 
     def _call_deltas(self, region: str) -> list[dict]:

@@ -80,7 +80,7 @@ class ToolPlan:
             return NamedCallStream(self.function)
         if self.parser is None:
             return TextStream()
-        return self.parser.stream(self.max_calls)
+        return self.parser.stream(self.max_calls, strict=self.mode == "auto")
 
 
 class TextStream:
