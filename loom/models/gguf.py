@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from loom.distributed.parallel import TensorParallel, head_shard
-from loom.models.llama import LlamaConfig, LlamaForCausalLM, SparseMoE
+from loom.models.llama import LlamaConfig, LlamaForCausalLM, SparseMoE, qkv_load_order
 from loom.ops.quantized import (
     FLOAT_KERNEL_TYPES,
     GGMLType,
@@ -47,7 +47,7 @@ from loom.ops.quantized import (
     default_activations,
     dequantize_block_quants,
 )
-from loom.ops.rotary import partial_rotary_order, partial_rotary_rows
+from loom.ops.rotary import partial_rotary_order
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -115,7 +115,8 @@ def _gguf_config(path: str, size: int, mtime_ns: int):
     with fast_gguf_reads():
         hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     hf.architectures = [ARCHITECTURES[arch]]
-    fields = gguf_reader(path).fields
+    reader = gguf_reader(path)
+    fields = reader.fields
     if f"{arch}.attention.key_length" in fields:  # Qwen3: head_dim need not be hidden / heads
         hf.head_dim = _int_field(fields, f"{arch}.attention.key_length", None)
     if arch in ("gemma2", "gemma3"):  # what transformers does not read from the file, where the file has it
@@ -133,8 +134,8 @@ def _gguf_config(path: str, size: int, mtime_ns: int):
         hf.partial_rotary_factor = _int_field(fields, "phi3.rope.dimension_count", head_dim) / head_dim
         hf.rope_parameters["partial_rotary_factor"] = hf.partial_rotary_factor  # where LlamaConfig reads it first
     key = f"{arch}.rope.scaling.type"
-    scaling = _field(gguf_reader(path), key) if key in fields else "none"
-    factors = {t.name: t for t in gguf_reader(path).tensors if t.name.startswith("rope_factors_")}
+    scaling = _field(reader, key) if key in fields else "none"
+    factors = {t.name: t for t in reader.tensors if t.name.startswith("rope_factors_")}
     if factors:  # Phi-3 128k: LongRoPE, its factors as tensors (llama.cpp's converter writes them so)
         original = _int_field(fields, f"{arch}.rope.scaling.original_context_length", None)
         if arch != "phi3" or len(factors) != 2 or not original:
@@ -223,15 +224,17 @@ def _load_gguf_model(path, device, max_positions, dtype, kernels, tp) -> LlamaFo
         model.lm_head = None
         model.norm.weight.copy_(_dense(tensors["output_norm.weight"]))
         permuted = arch == "llama"  # llama.cpp's converter permutes q/k rows for llama files only
-        # partial rotary (Phi-4-mini): q/k rows of each head in the order the padded rotary tables expect
-        rotary_order = (partial_rotary_order(cfg.head_dim, cfg.rotary_dim) if cfg.rotary_dim is not None
-                        else torch.arange(cfg.head_dim))
+        # partial rotary (Phi-4-mini): q and k rows (and q/k norm weights) in the load order the padded rotary tables
+        # expect, as load_model puts a folder's (``qkv_load_order``, over all heads: the ranks cut whole heads after)
+        qkv_order = qkv_load_order(cfg)
+        q_size, kv_size = shard.qkv_sizes[:2]
+        orders = [None, None, None] if qkv_order is None else [
+            qkv_order[:q_size].numpy(), (qkv_order[q_size:q_size + kv_size] - q_size).numpy(), None]
+        norm_order = slice(None) if cfg.rotary_dim is None else partial_rotary_order(cfg.head_dim, cfg.rotary_dim)
 
-        def rotary_rows(part: tuple, heads: int | None) -> tuple:
-            """A (type, rows) pair of q or k with each head's rows in ``rotary_order`` (unchanged without)."""
-            if cfg.rotary_dim is None or heads is None:
-                return part
-            return part[0], part[1][partial_rotary_rows(rotary_order, heads).numpy()]
+        def ordered(rows, part: int):
+            """Rows (stored bytes or floats) of q (0), k (1) or v (2) in load order."""
+            return rows if orders[part] is None else rows[orders[part]]
         for i, layer in enumerate(model.layers):
             t = {m.group(2) + (".bias" if m.group(3) == "bias" else ""): tensors[name] for name in tensors
                  if (m := _LAYER.match(name)) and int(m.group(1)) == i}
@@ -239,23 +242,21 @@ def _load_gguf_model(path, device, max_positions, dtype, kernels, tp) -> LlamaFo
                 getattr(layer, norm).weight.copy_(_dense(t[gguf_name]))
             attn, mlp = layer.self_attn, layer.mlp
             if "attn_qkv" in t:  # phi3: q, k and v rows in one tensor, as Loom fuses them
-                q, k, v = _split_rows(_rows(t["attn_qkv"]), shard.qkv_sizes)
-                q, k = rotary_rows(q, cfg.num_attention_heads), rotary_rows(k, cfg.num_key_value_heads)
+                parts = _split_rows(_rows(t["attn_qkv"]), shard.qkv_sizes)
+                q, k, v = [(qtype, ordered(rows, i)) for i, (qtype, rows) in enumerate(parts)]
                 attn.qkv_proj = _quantized_or_dense(shard.qkv(q, k, v), cfg.hidden_size)
             else:
-                q = rotary_rows(_rows(t["attn_q"], cfg.num_attention_heads if permuted else None),
-                                cfg.num_attention_heads)
-                k = rotary_rows(_rows(t["attn_k"], cfg.num_key_value_heads if permuted else None),
-                                cfg.num_key_value_heads)
+                q = _rows(t["attn_q"], cfg.num_attention_heads if permuted else None)
+                k = _rows(t["attn_k"], cfg.num_key_value_heads if permuted else None)
+                q, k = (q[0], ordered(q[1], 0)), (k[0], ordered(k[1], 1))
                 bias = None
                 if cfg.qkv_bias:
-                    heads = {"q": cfg.num_attention_heads, "k": cfg.num_key_value_heads, "v": None}
-                    bias = torch.cat([rotary_rows((0, _dense(t[f"attn_{x}.bias"])), heads[x])[1]
-                                      [shard.q_rows if x == "q" else shard.kv_rows] for x in "qkv"])
+                    kept = (shard.q_rows, shard.kv_rows, shard.kv_rows)
+                    bias = torch.cat([ordered(_dense(t[f"attn_{x}.bias"]), i)[kept[i]] for i, x in enumerate("qkv")])
                 attn.qkv_proj = _quantized_or_dense(shard.qkv(q, k, _rows(t["attn_v"])), cfg.hidden_size, bias)
             if cfg.qk_norm:
-                attn.q_norm.weight.copy_(_dense(t["attn_q_norm"])[rotary_order])
-                attn.k_norm.weight.copy_(_dense(t["attn_k_norm"])[rotary_order])
+                attn.q_norm.weight.copy_(_dense(t["attn_q_norm"])[norm_order])
+                attn.k_norm.weight.copy_(_dense(t["attn_k_norm"])[norm_order])
             attn.o_proj = _quantized_or_dense([shard.columns(_rows(t["attn_output"]), shard.q_rows)], attn.q_size)
             if isinstance(mlp, SparseMoE):
                 _load_experts(mlp, t, cfg, _quantized_or_dense)

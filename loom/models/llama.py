@@ -261,10 +261,9 @@ class Attention(nn.Module):
     def norm_qk(self, qkv: torch.Tensor, ops: TorchOps) -> torch.Tensor:
         """Qwen3: RMSNorm over each head of q and of k (v untouched), before the rotary embedding; OLMo 2: over the
         whole of q and of k."""
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        width = None if self.qk_norm_full else self.head_dim
-        q = ops.rms_norm(q.reshape(-1, width or self.q_size), self.q_norm.weight, self.q_norm.eps)
-        k = ops.rms_norm(k.reshape(-1, width or self.kv_size), self.k_norm.weight, self.k_norm.eps)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)  # each norm spans its weight's width
+        q = ops.rms_norm(q.reshape(-1, self.q_norm.weight.shape[0]), self.q_norm.weight, self.q_norm.eps)
+        k = ops.rms_norm(k.reshape(-1, self.k_norm.weight.shape[0]), self.k_norm.weight, self.k_norm.eps)
         return torch.cat([q.reshape(qkv.shape[0], -1), k.reshape(qkv.shape[0], -1), v], dim=-1)
 
 

@@ -106,17 +106,14 @@ class RotaryEmbedding(torch.nn.Module):
         kernel: they rotate the first rotary_dim / 2 dimensions of each half, and the pass-through ones by cos 1, sin 0
         (exactly unchanged); ``partial_rotary_order`` gives the order the q/k rows are loaded in to match."""
         super().__init__()
-        attention = 1.0
         dim = rotary_dim or head_dim
         with torch.device("cpu"):
             rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
             if rope_type in ("longrope", "su"):
                 freqs, attention = _longrope(dim, max_positions, theta, scaling)
-            elif rope_type == "yarn":
-                inv_freq, attention = _yarn(dim, theta, scaling)
-                freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
             else:
-                inv_freq = rope_inv_freq(dim, theta, scaling)
+                inv_freq, attention = (_yarn(dim, theta, scaling) if rope_type == "yarn"
+                                       else (rope_inv_freq(dim, theta, scaling), 1.0))
                 freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
             cos, sin = freqs.cos() * attention, freqs.sin() * attention
             if dim < head_dim:

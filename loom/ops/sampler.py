@@ -47,9 +47,8 @@ class SamplingSettings:
     @classmethod
     def of(cls, params) -> SamplingSettings:
         """The sampler's view of any object with these attributes (the engine's ``SamplingParams``)."""
-        values = {f.name: getattr(params, f.name, None) for f in fields(cls)}
-        bias = values["logit_bias"]
-        values["logit_bias"] = tuple(sorted(bias.items())) if isinstance(bias, dict) else tuple(bias or ())
+        values = {f.name: getattr(params, f.name) for f in fields(cls)}
+        values["logit_bias"] = tuple(sorted((values["logit_bias"] or {}).items()))
         values["allowed_token_ids"] = tuple(sorted(set(values["allowed_token_ids"] or ())))
         return cls(**values)
 
