@@ -73,25 +73,33 @@ def generate_in_browser(ui_url: str, prompt: str, out: str | Path, timeout: floa
     ``tab_image`` there; wait for the gallery and save a screenshot of the page, or of the element with id ``crop``.
     ``before_run(driver)`` may set further controls. Returns what the page showed."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver = chromium_driver()
     try:
         driver.get(ui_url)
         wait = WebDriverWait(driver, timeout)
-        box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
+
+        def clickable(selector: str, by: str = By.CSS_SELECTOR):
+            # NOTE: Gradio mounts the page's components one after another, so on a busy machine the prompt box can be
+            # there while a control further down is not yet; wait for each element the run touches
+            return wait.until(expected_conditions.element_to_be_clickable((by, selector)))
+
+        box = clickable("#prompt textarea")
         for style in styles:
-            driver.find_element(By.XPATH, f"//*[@id='styles']//label[.//span[normalize-space()='{style}']]").click()
+            clickable(f"//*[@id='styles']//label[.//span[normalize-space()='{style}']]", By.XPATH).click()
         if expansion:
-            driver.find_element(By.CSS_SELECTOR, "#expansion input[type=checkbox]").click()
+            clickable("#expansion input[type=checkbox]").click()
         for panel in open_panels:
-            header = driver.find_element(By.CSS_SELECTOR, f"#{panel} > button.label-wrap")
+            header = wait.until(expected_conditions.presence_of_element_located(
+                (By.CSS_SELECTOR, f"#{panel} > button.label-wrap")))
             driver.execute_script("arguments[0].scrollIntoView()", header)
             header.click()
         box.send_keys(prompt)
         run = "#generate"
         if tab is not None:
-            driver.find_element(By.CSS_SELECTOR, f"#{tab}-button").click()  # Gradio names a tab's button so
+            clickable(f"#{tab}-button").click()  # Gradio names a tab's button so
             if tab_image is not None:
                 upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"#{tab} input[type=file]"))
                 upload.send_keys(str(Path(tab_image).resolve()))
@@ -99,7 +107,7 @@ def generate_in_browser(ui_url: str, prompt: str, out: str | Path, timeout: floa
             run = f"#{tab}-run"
         if before_run is not None:
             before_run(driver)
-        driver.find_element(By.CSS_SELECTOR, run).click()
+        clickable(run).click()
         wait.until(lambda d: "done in" in d.find_element(By.CSS_SELECTOR, "#progress").text)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img"))
         # NOTE: the prompts used arrive in the same update as "done in", but the page may paint them a moment later
