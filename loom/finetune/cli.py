@@ -79,7 +79,7 @@ def train(cfg: FinetuneConfig) -> dict:
     if ranks_from_env().is_distributed:
         raise ValueError("already one of several ranks (torchrun sets WORLD_SIZE): leave out --nproc-per-node, "
                          "torchrun's own --nproc-per-node starts the ranks")
-    check_distributed(cfg.nproc_per_node, is_preference=cfg.is_preference, batch_size=cfg.batch_size)
+    check_distributed(cfg.nproc_per_node, batch_size=cfg.batch_size)
     launch(_rank_main, (cfg,), cfg.nproc_per_node)
     return json.loads((Path(cfg.output) / "loom_finetune.json").read_text())
 

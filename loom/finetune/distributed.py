@@ -7,6 +7,7 @@ Every rank walks the same seeded plan of micro-batches and takes every R-th row 
 step covers the same examples with any number of ranks; the trainer divides by the step's supervised tokens summed
 over all ranks and multiplies by R, because DDP and FSDP2 average the ranks' gradients where the sum is wanted. The
 result is the 1-rank gradient, whatever R is; checkpoints hold full (unsharded) states, so any R resumes them.
+Preference tuning shares a micro-batch's pairs the same way and divides by the step's pair count over all ranks.
 
 NOTE: Loom starts its ranks with ``torch.multiprocessing.start_processes`` rather than torch's elastic agent: the
 ranks are children of the ``loom finetune`` process, a rank that raises ends the others at once (SIGTERM) and the
@@ -69,14 +70,9 @@ def ranks_from_env(env: dict[str, str] | None = None) -> Ranks:
                  local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world))))
 
 
-def check_distributed(world_size: int, *, is_preference: bool, batch_size: int) -> None:
+def check_distributed(world_size: int, *, batch_size: int) -> None:
     """ValueError for settings that multi-process training cannot run, before any rank starts."""
-    if world_size <= 1:
-        return
-    if is_preference:
-        raise ValueError("preference methods (dpo, orpo) are not supported with --nproc-per-node > 1 yet; "
-                         "train them on one process")
-    if batch_size < world_size:
+    if world_size > 1 and batch_size < world_size:
         raise ValueError(f"batch_size {batch_size} is smaller than the {world_size} ranks: each micro-batch's rows "
                          f"are split across the ranks; raise --batch-size to at least {world_size}")
 
@@ -118,6 +114,13 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks in place (one all-reduce) and return it; as is on one rank."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -146,10 +149,12 @@ class TokenLoss(torch.nn.Module):
         return token_loss_sum(self.lm, batch)
 
 
-def wrap(model: torch.nn.Module, parallelism: str, ranks: Ranks) -> torch.nn.Module:
-    """``TokenLoss(model)``; on several ranks under DDP (replicas) or FSDP2 (each decoder layer and the rest sharded
-    over the ranks). Build the optimizer after this: FSDP2 replaces the parameters with sharded ones."""
-    module = TokenLoss(model)
+def wrap(model: torch.nn.Module, parallelism: str, ranks: Ranks,
+         head: type[torch.nn.Module] = TokenLoss) -> torch.nn.Module:
+    """``head(model)`` (``TokenLoss``, or preference tuning's ``PairLogps``); on several ranks under DDP (replicas) or
+    FSDP2 (each decoder layer and the rest sharded over the ranks). Build the optimizer after this: FSDP2 replaces the
+    parameters with sharded ones."""
+    module = head(model)
     if not ranks.is_distributed:
         return module
     if parallelism == "ddp":

@@ -23,12 +23,18 @@ and cached per pair. Losses, with the log-ratios ``c = log pi(chosen) - log ref(
 
 The step's loss is the mean over its pairs (each micro-batch's summed loss divided by the step's pair count).
 Rewards are ``beta c`` and ``beta r``; reward accuracy is the share of pairs with ``beta c > beta r``.
+
+On several ranks (``loom finetune --nproc-per-node N``, DDP or FSDP2) each rank takes its rows of every micro-batch,
+as SFT does (``loom.finetune.distributed``): the divisor is the step's pairs over all ranks, so the gradient is the
+1-rank one; the reference forward runs through the same wrapped module (``PairLogps``), and the passes over a list
+of pairs (the precomputed reference, held-out evaluation) are dealt out by batch and summed over the ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -37,6 +43,7 @@ import torch.nn.functional as F
 
 from loom.finetune.collate import Batch, pack_collate, pad_collate
 from loom.finetune.config import FinetuneConfig
+from loom.finetune.distributed import Ranks, all_sum, all_sum_, no_sync
 from loom.finetune.formats import ROLES, DataError, load_records, where
 from loom.finetune.loss import causal_lm_parts
 from loom.finetune.template import IGNORE_INDEX, check_tokenizer, encode_example
@@ -149,13 +156,20 @@ class PairBatch:
     """[B, T] long: 2k for pair k's chosen tokens, 2k + 1 for its rejected ones, -1 on padding."""
     pair_index: torch.Tensor
     """[P] long: each pair's index in the trainer's list (looks up precomputed reference log-probs)."""
+    counted: bool = True
+    """False: a rank's stand-in when its share of a micro-batch is empty; it runs forward and backward (DDP and FSDP2
+    need every rank in each reduction) and adds nothing."""
 
     @property
     def num_pairs(self) -> int:
         return int(self.pair_index.numel())
 
+    @property
+    def counted_pairs(self) -> int:
+        return self.num_pairs if self.counted else 0
+
     def to(self, device) -> PairBatch:
-        return PairBatch(self.batch.to(device), self.sequence_ids.to(device), self.pair_index.to(device))
+        return PairBatch(self.batch.to(device), self.sequence_ids.to(device), self.pair_index.to(device), self.counted)
 
 
 def collate_pairs(pairs: list[dict], index: list[int], pad_id: int, packing: bool, rows: list[list[int]] | None = None,
@@ -204,6 +218,20 @@ def sequence_logps(model, pb: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return sums, counts
 
 
+class PairLogps(torch.nn.Module):
+    """A causal LM with ``sequence_logps`` as its forward: what DDP and FSDP2 wrap (as ``TokenLoss`` for SFT), so
+    every forward, the reference's too, passes through the wrapper's hooks. ``reference=True``: with the LoRA
+    adapters switched off (DPO's reference; call it under ``torch.no_grad()``, which DDP must see)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.lm = model
+
+    def forward(self, pb: PairBatch, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.lm.disable_adapter() if reference else contextlib.nullcontext():
+            return sequence_logps(self.lm, pb)
+
+
 # ---------------------------------------------------------------- losses
 
 
@@ -248,11 +276,14 @@ def _log1m_exp(x: torch.Tensor) -> torch.Tensor:
 class PreferenceTrainer(Trainer):
     """The SFT Trainer's loop (optimizer, schedule, accumulation, checkpoints, resume) over preference pairs."""
 
-    def __init__(self, cfg: FinetuneConfig, model, tokenizer, pairs: list[dict], reporter=None):
+    loss_head = PairLogps
+
+    def __init__(self, cfg: FinetuneConfig, model, tokenizer, pairs: list[dict], reporter=None,
+                 ranks: Ranks | None = None):
         if not cfg.is_preference:
             raise ValueError(f"PreferenceTrainer runs method 'dpo' or 'orpo', got {cfg.method!r}")
         self.pairs = pairs
-        super().__init__(cfg, model, tokenizer, pairs, reporter=reporter)
+        super().__init__(cfg, model, tokenizer, pairs, reporter=reporter, ranks=ranks)
         self.reference_mode = reference_mode(cfg) if cfg.method == "dpo" else None
         if self.reference_mode == "adapters" and not hasattr(model, "disable_adapter"):
             raise ValueError("reference='adapters' needs a LoRA (peft) model; use lora=True or reference='precompute'")
@@ -265,6 +296,10 @@ class PreferenceTrainer(Trainer):
     @property
     def row_tokens(self) -> int:
         return 2 * self.cfg.max_length  # a packed row holds any pair whole
+
+    @staticmethod
+    def empty_share(pb: PairBatch) -> PairBatch:
+        return dataclasses.replace(pb, counted=False)
 
     def collate(self, micro: list[list[int]]) -> PairBatch:
         index = [i for row in micro for i in row]
@@ -282,25 +317,32 @@ class PreferenceTrainer(Trainer):
     @torch.no_grad()
     def precompute_reference(self, pairs: list[dict] | None = None) -> torch.Tensor:
         """[len(pairs), 2] (chosen, rejected) log-probs of the model as it is now: the reference when called before
-        training (held-out pairs too: call it for them before ``fit``)."""
+        training (held-out pairs too: call it for them before ``fit``). On several ranks each computes its batches
+        and every rank gets the whole table."""
         pairs = self.pairs if pairs is None else pairs
-        out = torch.empty(len(pairs), 2, dtype=torch.float32)
+        out = torch.zeros(len(pairs), 2, dtype=torch.float32)
         for index, pb in self.in_order(pairs):
             with self.autocast:
-                sums, _ = sequence_logps(self.model, pb)
-            out[index] = sums.view(-1, 2).float().cpu()
-        return out
+                sums, _ = self.loss_module(pb)
+            if pb.counted:
+                out[index] = sums.view(-1, 2).float().cpu()
+        return all_sum_(out.to(self.device)).cpu()  # each entry was filled on exactly one rank
 
     def in_order(self, pairs: list[dict]) -> Iterator[tuple[list[int], PairBatch]]:
         """``pairs`` in padded batches of eval_batch_size, in order, with the model in eval mode meanwhile:
-        (the batch's pair indices, the batch)."""
+        (the batch's pair indices, the batch). On several ranks, rank r takes batches r, r + R, ... and every rank
+        runs as many forwards (a rank with one batch fewer runs a stand-in that is not ``counted``)."""
         was_training = self.model.training
         self.model.eval()
-        size = self.cfg.eval_batch_size
+        size, rank, world = self.cfg.eval_batch_size, self.ranks.rank, self.ranks.world_size
+        starts = list(range(0, len(pairs), size))
+        mine = starts[rank::world]
         try:
-            for start in range(0, len(pairs), size):
+            for k in range(-(-len(starts) // world)):
+                start = mine[k] if k < len(mine) else 0
                 index = list(range(start, min(start + size, len(pairs))))
-                yield index, collate_pairs(pairs, index, self.pad_id, packing=False).to(self.device)
+                pb = collate_pairs(pairs, index, self.pad_id, packing=False).to(self.device)
+                yield index, (pb if k < len(mine) else self.empty_share(pb))
         finally:
             self.model.train(was_training)
 
@@ -310,20 +352,21 @@ class PreferenceTrainer(Trainer):
         if self.reference_mode == "precompute":
             table = self.reference if reference is None else reference
             return table[pb.pair_index.cpu()].reshape(-1).to(self.device)
-        with self.model.disable_adapter(), self.autocast:
-            sums, _ = sequence_logps(self.model, pb)
+        with self.autocast:
+            sums, _ = self.loss_module(pb, reference=True)
         return sums.detach()
 
     def pair_losses(self, pb: PairBatch, reference: torch.Tensor | None = None,
                     ) -> tuple[PreferenceOutput, torch.Tensor, torch.Tensor]:
         """(losses and rewards, policy log-probs [2P], token counts [2P]) for one micro-batch (with grad)."""
         cfg = self.cfg
+        # the reference first: DDP must not see another forward between the policy's and its backward
+        ref = self.reference_logps(pb, reference) if cfg.method == "dpo" else None
         with self.autocast:
-            logps, counts = sequence_logps(self.model, pb)
+            logps, counts = self.loss_module(pb)
         if cfg.method == "orpo":
             mean = logps / counts.clamp(min=1)
             return orpo_loss(mean[0::2], mean[1::2], beta=cfg.beta), logps, counts
-        ref = self.reference_logps(pb, reference)
         if cfg.dpo_loss == "ipo":  # IPO compares length-averaged log-probs
             logps_used, ref = logps / counts.clamp(min=1), ref / counts.clamp(min=1)
         else:
@@ -334,42 +377,60 @@ class PreferenceTrainer(Trainer):
 
     def train_step(self, batches: list[PairBatch]) -> StepStats:
         self.model.train()
-        total_pairs = sum(pb.num_pairs for pb in batches)
-        sums: dict[str, float] = defaultdict(float)
+        world = self.ranks.world_size
+        total_pairs, num_tokens = (int(x) for x in all_sum(
+            [sum(pb.counted_pairs for pb in batches), sum(pb.batch.num_tokens for pb in batches if pb.counted)],
+            self.device))
+        sums = dict.fromkeys(PAIR_METRICS, 0.0)
         supervised = 0
-        for pb in batches:
-            out, logps, counts = self.pair_losses(pb)
-            (out.losses.sum() / total_pairs).backward()
-            add_pair_metrics(sums, out, logps.detach())
-            supervised += int(counts.sum())
+        for i, pb in enumerate(batches):
+            # gradients are reduced across ranks in the step's last backward only
+            with no_sync(self.loss_module) if i < len(batches) - 1 else contextlib.nullcontext():
+                out, logps, counts = self.pair_losses(pb)
+                summed = out.losses.sum()
+                # * world: DDP and FSDP2 average the ranks' gradients where the sum is wanted (* 1 is exact)
+                (summed * world / total_pairs if pb.counted else summed * 0.0).backward()
+            if pb.counted:
+                add_pair_metrics(sums, out, logps.detach())
+                supervised += int(counts.sum())
         norm = self.optimizer_step()
-        metrics = {k: v / total_pairs for k, v in sums.items()}
-        return StepStats(metrics.pop("loss"), supervised, sum(pb.batch.num_tokens for pb in batches), norm,
+        *totals, supervised = all_sum([*sums.values(), supervised], self.device)
+        metrics = {k: v / total_pairs for k, v in zip(sums, totals)}
+        return StepStats(metrics.pop("loss"), int(supervised), num_tokens, norm,
                          extra={**metrics, "pairs": total_pairs})
 
     @torch.no_grad()
     def evaluate(self, pairs: list[dict], reference: torch.Tensor | None = None) -> dict[str, float]:
         """Held-out pairs: mean loss, rewards, margins, reward accuracy (strict, as in training, and with a tie
         counted 1/2) and how often the policy itself gives the chosen response the higher log-probability.
-        With reference="precompute", pass ``precompute_reference(pairs)`` taken before training."""
+        With reference="precompute", pass ``precompute_reference(pairs)`` taken before training. On several ranks
+        every rank calls it and gets the figures over all the pairs."""
         if self.reference_mode == "precompute" and reference is None:
             raise ValueError("evaluate: with a precomputed reference, pass precompute_reference(pairs) taken before "
                              "training")
-        sums: dict[str, float] = defaultdict(float)
+        sums = dict.fromkeys((*PAIR_METRICS, "rewards/accuracy_ties_half", "logps/preference_accuracy"), 0.0)
         for _, pb in self.in_order(pairs):
             out, logps, _ = self.pair_losses(pb, reference)
+            if not pb.counted:
+                continue
             add_pair_metrics(sums, out, logps)
             ties = (out.chosen_rewards == out.rejected_rewards).float()
             sums["rewards/accuracy_ties_half"] += float(((out.chosen_rewards > out.rejected_rewards).float()
                                                          + 0.5 * ties).sum())
             sums["logps/preference_accuracy"] += float((logps[0::2] > logps[1::2]).float().sum())
-        return {k: v / max(len(pairs), 1) for k, v in sums.items()} | {"pairs": len(pairs)}
+        totals = all_sum(list(sums.values()), self.device)
+        return {k: v / max(len(pairs), 1) for k, v in zip(sums, totals)} | {"pairs": len(pairs)}
 
 
 def reference_mode(cfg: FinetuneConfig) -> str:
     if cfg.reference != "auto":
         return cfg.reference
     return "adapters" if cfg.lora else "precompute"
+
+
+PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "logps/chosen",
+                "logps/rejected")
+"""What ``add_pair_metrics`` adds up, in a fixed order (the ranks sum them as one list)."""
 
 
 def add_pair_metrics(sums: dict[str, float], out: PreferenceOutput, logps: torch.Tensor) -> None:

@@ -64,7 +64,7 @@ def per_task(records: list[dict], report: EvalReport) -> dict[str, float]:
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run the whole recipe; returns the summary also written to ``output/loom_finetune.json`` ({} on ranks > 0)."""
     ranks = ranks_from_env()
-    check_distributed(ranks.world_size, is_preference=cfg.is_preference, batch_size=cfg.batch_size)
+    check_distributed(ranks.world_size, batch_size=cfg.batch_size)
     if not ranks.is_main:
         logging.getLogger("loom").setLevel(logging.WARNING)
     torch.set_num_threads(cfg.num_threads or max(1, auto_threads() // ranks.local_world_size))
@@ -103,7 +103,7 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device) -> dict:
     preference_eval = None
     try:
         if cfg.is_preference:
-            trainer = PreferenceTrainer(cfg, model, tokenizer, examples, reporter=reporter)
+            trainer = PreferenceTrainer(cfg, model, tokenizer, examples, reporter=reporter, ranks=ranks)
             held_out_ref = None  # a precomputed reference must come from the start model: before training
             if eval_pairs and trainer.reference_mode == "precompute":
                 held_out_ref = trainer.precompute_reference(eval_pairs)

@@ -117,12 +117,16 @@ def accumulate(model, batches: list[Batch], autocast, *, total: int | None = Non
 
 
 class Trainer:
+    loss_head: type[torch.nn.Module] = TokenLoss
+    """What DDP / FSDP2 wrap: the model with the method's forward (``distributed.wrap``)."""
+
     def __init__(self, cfg: FinetuneConfig, model, tokenizer, examples: list[dict], reporter=None,
                  ranks: Ranks | None = None):
         self.cfg, self.model, self.tokenizer, self.examples = cfg, model, tokenizer, examples
         self.reporter = reporter  # anything with log(step, metrics), e.g. loom.finetune.reporting; None: no logs
         self.ranks = ranks or Ranks()
-        self.loss_module = wrap(model, cfg.parallelism, self.ranks)  # before the optimizer: FSDP2 swaps parameters
+        # before the optimizer: FSDP2 swaps the parameters
+        self.loss_module = wrap(model, cfg.parallelism, self.ranks, self.loss_head)
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.lengths = [self.example_length(e) for e in examples]
@@ -174,8 +178,13 @@ class Trainer:
                     continue
                 rows = shard(micro, self.ranks)
                 batch = self.collate(rows or micro[:1])
-                yield (batch if rows else without_targets(batch)).to(self.device)
+                yield (batch if rows else self.empty_share(batch)).to(self.device)
             epoch += 1
+
+    @staticmethod
+    def empty_share(batch: Batch) -> Batch:
+        """What a rank runs when its share of a micro-batch is empty: the batch, counting nothing."""
+        return without_targets(batch)
 
     def collate(self, micro: list[list[int]]) -> Batch:
         """One planned micro-batch (rows of example indices) -> tensors."""
