@@ -35,6 +35,19 @@ def tiny_llama(tmp_path_factory, smollm2_path):
 
 
 @pytest.fixture(scope="session")
+def tiny_thinker(tmp_path_factory, smollm2_path):
+    """The tiny Llama with ``<think>`` and ``</think>`` added to its tokenizer as single tokens (ids 49152, 49153; the
+    model's vocabulary has room), as a thinking model's tokenizer has them."""
+    from transformers import AutoTokenizer
+
+    path = save_tiny_model(tmp_path_factory.mktemp("tiny-thinker"), smollm2_path, vocab_size=49216)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_image_engine():
     """One tiny random image engine (UNet, VAE, CLIP from small configs; a small 2x upscaler) for the session."""
     import torch

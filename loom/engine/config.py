@@ -130,6 +130,10 @@ class EngineConfig:
     speculative_config: SpeculativeConfig | None = None
     """Speculative decoding as JSON, vLLM's keys: {"method": "ngram", "num_speculative_tokens": 4,
     "prompt_lookup_max": 3} (a dict is taken as its fields); None: off."""
+    reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = None
+    """A thinking model's <think>...</think> block: the chat route splits it into reasoning_content and content, and
+    structured outputs start after it (vLLM's rule). qwen3 (Qwen3, SmolLM3: an output that opens the block),
+    deepseek_r1 (DeepSeek-R1, Qwen3 Thinking-2507: the template opens it, the output is reasoning up to </think>)."""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

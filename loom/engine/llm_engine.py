@@ -17,6 +17,7 @@ from loom.engine.detokenizer import DetokState, FastDecode, detokenize_flush, de
 from loom.engine.lora import LoRAManager, LoRARequest
 from loom.engine.model_runner import ModelRunner, StepInputs, allocate_kv_caches, build_model, kv_bytes_per_block
 from loom.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from loom.engine.reasoning import REASONING_TAGS, think_tokens
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from loom.engine.sequence import Sequence
@@ -174,7 +175,13 @@ class LLMEngine:
         self._num_steps = self._num_prompt_tokens = self._num_generation_tokens = self._batched_tokens = 0
         self._slots_used = self._slots_held = 0
         self.last_step: StepStats | None = None
-        self.structured = StructuredOutputs(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
+        think = think_tokens(self.tokenizer, config.reasoning_parser)
+        if config.reasoning_parser is not None and think is None:
+            log.warning("reasoning_parser %s: %s and %s are not single tokens of this tokenizer, so structured outputs "
+                        "are enforced from the first token (not after the thinking block)", config.reasoning_parser,
+                        REASONING_TAGS[config.reasoning_parser].start, REASONING_TAGS[config.reasoning_parser].end)
+        self.structured = StructuredOutputs(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids,
+                                            think=think)
         self._num_constrained = self._num_mixed_steps = self._max_step_adapters = 0
         spec = config.speculative_config
         self.spec = SpecDecoder(spec, self.max_model_len) if spec is not None else None
@@ -208,7 +215,7 @@ class LLMEngine:
         ]
         if params.structured_outputs is not None:  # StructuredOutputError (a ValueError) when it does not compile
             for seq in seqs:
-                seq.matcher = self.structured.new_matcher(params.structured_outputs)
+                seq.matcher = self.structured.new_matcher(params.structured_outputs, prompt_token_ids)
             self._num_constrained += len(seqs)
         detok = [new_state(prompt_token_ids) for _ in seqs]
         self.requests[request_id] = _Request(

@@ -168,3 +168,29 @@ def test_chat_template_kwargs_and_continue_final_message_reach_the_template(serv
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert "not allowed" in _chat(server, messages=[{"role": "system", "content": "refuse"}]).json()["error"][
         "message"]
+
+
+SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+          "additionalProperties": False}
+
+
+def test_a_grammar_starts_after_the_thinking_block(tiny_thinker):
+    """A tokenizer with the tags as single tokens (the engine can gate), deepseek_r1 (the output starts inside the
+    block): the end tag, pushed first by logit_bias, closes the block; response_format shapes the content after it,
+    in the message and in the stream (it used to be one string, tag and JSON, in content)."""
+    import json
+
+    from tests.server.conftest import start_llm_server, tiny_config
+
+    running = start_llm_server(tiny_config(tiny_thinker, num_kv_blocks=128, reasoning_parser="deepseek_r1"))
+    try:
+        assert running.component.context.grammar_after_reasoning
+        body = {"logit_bias": {"49153": 100}, "temperature": 0,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}}
+        choice = _chat(running, **body).json()["choices"][0]
+        assert choice["finish_reason"] == "stop" and choice["message"]["reasoning_content"] is None
+        assert json.loads(choice["message"]["content"])["answer"] in ("yes", "no")
+        reasoning, content, _ = _streamed(running, **body)
+        assert reasoning == "" and content == choice["message"]["content"]
+    finally:
+        running.stop()

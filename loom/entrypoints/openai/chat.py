@@ -41,8 +41,10 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     lora = ctx.check_model(req.model)
     plan = plan_tools(req, ctx.tool_settings)
     params = req.sampling_params(plan.structured)
-    # a grammar constrains the whole output, so a constrained answer has no thinking block to split off
-    reasoning = ctx.reasoning if params.structured_outputs is None else None
+    # the engine starts a grammar after the thinking block where it can tell the block's tags (single tokens);
+    # elsewhere a grammar constrains the whole output, which has no block to split off
+    grammar_free = params.structured_outputs is None or ctx.grammar_after_reasoning
+    reasoning = ctx.reasoning if grammar_free else None
     markers = (plan.parser.markers if plan.parser is not None else ()) + (reasoning.markers if reasoning else ())
     if markers and ctx.has_special_token(markers):
         params.skip_special_tokens = False  # the parsers must see the format's tokens (vLLM's parsers do the same)

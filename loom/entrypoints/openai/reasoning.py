@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loom.engine.reasoning import REASONING_TAGS
+
 
 @dataclass(frozen=True, slots=True)
 class ReasoningParser:
@@ -92,7 +94,5 @@ def _partial_suffix(text: str, tag: str, begin: int) -> int:
     return 0
 
 
-REASONING_PARSERS = {
-    "qwen3": ReasoningParser("qwen3", start_in_output=True),
-    "deepseek_r1": ReasoningParser("deepseek_r1", start_in_output=False),
-}
+REASONING_PARSERS = {name: ReasoningParser(name, tags.start_in_output, tags.start, tags.end)
+                     for name, tags in REASONING_TAGS.items()}

@@ -64,10 +64,6 @@ class LLMServerConfig:
     enable_auto_tool_choice: bool = False
     """Let the model choose whether to call tools (tool_choice "auto", the default when tools are given); needs
     --tool-call-parser. Without it such requests get 400."""
-    reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = None
-    """Split a thinking model's <think>...</think> text into the message's reasoning_content and content: qwen3
-    (Qwen3, SmolLM3: an output that opens the block), deepseek_r1 (DeepSeek-R1, Qwen3 Thinking-2507: the template
-    opens it, the output is reasoning up to </think>)."""
     exclude_tools_when_tool_choice_none: bool = False
     """Leave the tools out of the prompt when tool_choice is "none" (by default the template still gets them)."""
     engine_process: bool = False
@@ -121,7 +117,7 @@ class LLMComponent:
         self.context = ServingContext(self.front, list(config.served_model_names), max_n=config.max_n,
                                       max_prompt_chars=config.max_prompt_chars, loras=loras,
                                       tool_settings=config.tool_settings,
-                                      reasoning=REASONING_PARSERS.get(config.reasoning_parser or ""))
+                                      reasoning=REASONING_PARSERS.get(config.engine.reasoning_parser or ""))
 
     @property
     def fatal_error(self) -> str | None:

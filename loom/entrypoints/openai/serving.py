@@ -14,6 +14,7 @@ from fastapi import Request, Response
 
 from loom.engine.lora import LoRARequest
 from loom.engine.outputs import RequestOutput
+from loom.engine.reasoning import think_tokens
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.structured import StructuredOutputError
 from loom.entrypoints.openai.async_engine import AsyncLLMEngine, EngineDead, EngineOverloaded, RequestStream
@@ -47,10 +48,20 @@ class ServingContext:
     _encoder: PromptEncoder | None = field(default=None)
     _template_has_tools: bool | None = field(default=None)
     _special_tokens: frozenset[str] | None = field(default=None)
+    _grammar_after_reasoning: bool | None = field(default=None)
 
     @property
     def model_name(self) -> str:
         return self.model_names[0]
+
+    @property
+    def grammar_after_reasoning(self) -> bool:
+        """Whether the engine starts structured outputs after the thinking block (it does where the block's tags
+        are single tokens: ``loom.engine.reasoning``), so a constrained answer is split too."""
+        if self._grammar_after_reasoning is None:
+            self._grammar_after_reasoning = (self.reasoning is not None
+                                             and think_tokens(self.front.tokenizer, self.reasoning.name) is not None)
+        return self._grammar_after_reasoning
 
     @property
     def strings(self) -> TokenStrings:

@@ -1,0 +1,105 @@
+"""Thinking models' ``<think> ... </think>`` block in the engine: structured outputs start after it (vLLM's rule with
+``--reasoning-parser``), so a thinking model thinks freely and its answer follows the grammar.
+
+    gate = ReasoningGate.for_prompt(matcher, ThinkTokens(start=151667, end=151668, start_in_output=True), prompt_ids)
+    gate.consume_token(token)   # what the engine calls on any matcher; the grammar sees the tokens after the block
+
+Where the block stands is read from the prompt's last tag: an end tag (Qwen3's template with ``enable_thinking:
+false`` closes an empty block) means the grammar applies from the first token; a start tag (DeepSeek-R1's template
+opens the block) means the output starts inside it. With no tag, ``qwen3`` models open the block themselves when
+they think: the first token may be the start tag or what the grammar allows, and anything but the start tag is the
+grammar's from there on; ``deepseek_r1`` outputs start inside the block. Inside it nothing is masked; the end tag
+closes it and the grammar takes over at the next token. The tags must be single tokens of the vocabulary (they are
+added tokens in Qwen3, SmolLM3 and DeepSeek-R1); where they are not, ``think_tokens`` is None and the engine
+enforces the grammar from the first token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningTags:
+    start: str
+    end: str
+    start_in_output: bool
+    """True (qwen3): the output opens the block when the model thinks. False (deepseek_r1): the template opened it,
+    so the output starts inside it."""
+
+
+REASONING_TAGS = {
+    "qwen3": ReasoningTags("<think>", "</think>", start_in_output=True),
+    "deepseek_r1": ReasoningTags("<think>", "</think>", start_in_output=False),
+}
+"""``--reasoning-parser`` names (vLLM's): Qwen3 and SmolLM3 (hybrid), DeepSeek-R1 and Qwen3 ``*-Thinking-2507``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ThinkTokens:
+    start: int
+    end: int
+    start_in_output: bool
+
+
+def think_tokens(tokenizer, parser: str | None) -> ThinkTokens | None:
+    """The tags of ``parser`` as token ids of ``tokenizer``; None without a parser or where a tag is not one token."""
+    if parser is None:
+        return None
+    tags = REASONING_TAGS[parser]
+    ids = [tokenizer.encode(tag, add_special_tokens=False) for tag in (tags.start, tags.end)]
+    if any(len(i) != 1 for i in ids):
+        return None
+    return ThinkTokens(ids[0][0], ids[1][0], tags.start_in_output)
+
+
+OPEN, MAY_OPEN, DONE = "open", "may_open", "done"
+
+
+class ReasoningGate:
+    """A grammar matcher held back while the output is inside the thinking block (the module docstring's rule).
+    The engine uses it as a matcher (``consume_token``, ``is_stopped``); ``StructuredOutputs.apply`` masks a row only
+    while ``constrains``, and lets the start tag through as well while ``allows_start``."""
+
+    __slots__ = ("matcher", "tokens", "state")
+
+    def __init__(self, matcher: Any, tokens: ThinkTokens, state: str):
+        self.matcher, self.tokens, self.state = matcher, tokens, state
+
+    @classmethod
+    def for_prompt(cls, matcher: Any, tokens: ThinkTokens, prompt_token_ids: list[int]) -> Any:
+        """The gate for a prompt, or ``matcher`` itself where the prompt has closed the block already."""
+        state = MAY_OPEN if tokens.start_in_output else OPEN
+        for token in reversed(prompt_token_ids):
+            if token == tokens.end:
+                return matcher
+            if token == tokens.start:
+                state = OPEN
+                break
+        return cls(matcher, tokens, state)
+
+    @property
+    def constrains(self) -> bool:
+        """Whether the grammar masks the next token."""
+        return self.state != OPEN
+
+    @property
+    def allows_start(self) -> bool:
+        """Whether the next token may also open the block (the first token of a ``qwen3`` output)."""
+        return self.state == MAY_OPEN
+
+    def consume_token(self, token: int) -> bool:
+        if self.state == OPEN:
+            if token == self.tokens.end:
+                self.state = DONE
+            return True
+        if self.state == MAY_OPEN:
+            if token == self.tokens.start:
+                self.state = OPEN
+                return True
+            self.state = DONE
+        return self.matcher.consume_token(token)
+
+    def is_stopped(self) -> bool:
+        return self.state == DONE and self.matcher.is_stopped()
