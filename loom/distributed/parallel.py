@@ -3,7 +3,9 @@ collectives a sharded forward needs.
 
 A rank holds a contiguous run of KV-head groups (each KV head with the query heads that share it), so attention
 never crosses ranks; q/k/v and gate/up are split by output rows (column-parallel), o_proj and down_proj by input
-columns (row-parallel, then an all-reduce sums the partial outputs), and the embedding and LM head by vocabulary
+columns (row-parallel, then an all-reduce sums the partial outputs), a mixture of experts the same way inside every
+expert (each rank holds a slice of each expert's columns and routes every token as the others do: the router is
+whole on every rank; one all-reduce sums the weighted partial outputs), and the embedding and LM head by vocabulary
 rows (an embedding lookup is all-reduced, the LM head's logits gathered on rank 0). Nothing here chooses a backend
 or starts a process (``loom.distributed.executor`` does); ranks only call ``all_reduce`` and ``gather_logits``.
 
@@ -89,6 +91,10 @@ class HeadShard:
     """Query heads [start, end): those that read the KV heads above."""
     intermediate: tuple[int, int]
     """MLP columns [start, end) of gate, of up, and the matching input columns of down_proj."""
+    moe_intermediate: tuple[int, int] = (0, 0)
+    """Each routed expert's columns, cut the same way (every rank holds a slice of every expert)."""
+    shared_intermediate: tuple[int, int] = (0, 0)
+    """The shared expert's columns (Qwen2-MoE)."""
 
     def q_rows(self, head_dim: int) -> slice:
         """The rows of q (and input columns of o_proj) of these heads."""
@@ -103,27 +109,36 @@ def head_shard(cfg, rank: int, size: int) -> HeadShard:
     """Which heads and MLP columns rank ``rank`` of ``size`` holds of the model ``cfg`` (a ``LlamaConfig``); a clear
     error where the model cannot be split that many ways."""
     kv, heads = cfg.num_key_value_heads, cfg.num_attention_heads
-    if cfg.num_experts and size > 1:
-        raise ValueError("mixture-of-experts models are not split by tensor parallelism yet; use "
-                         "tensor_parallel_size 1")
     if getattr(cfg, "qk_norm_full", False) and size > 1:
         raise ValueError("OLMo 2's q/k norms span every head, which tensor parallelism would split; use "
                          "tensor_parallel_size 1")
     if size > kv:
         raise ValueError(f"tensor_parallel_size {size} exceeds the model's {kv} key-value heads: each rank holds "
                          f"whole KV-head groups; use a tensor_parallel_size of at most {kv}")
-    if cfg.intermediate_size < size:
-        raise ValueError(f"tensor_parallel_size {size} exceeds the MLP width {cfg.intermediate_size}")
+    widths = {"the MLP width": cfg.intermediate_size}
+    if cfg.num_experts:
+        widths["the experts' width"] = cfg.moe_intermediate_size
+        if cfg.shared_expert_intermediate_size:
+            widths["the shared expert's width"] = cfg.shared_expert_intermediate_size
+    for what, width in widths.items():
+        if width < size:
+            raise ValueError(f"tensor_parallel_size {size} exceeds {what} {width}")
     group = heads // kv
     kv_start, kv_end = split_evenly(kv, size, rank)
     return HeadShard((kv_start, kv_end), (kv_start * group, kv_end * group),
-                     split_evenly(cfg.intermediate_size, size, rank))
+                     split_evenly(cfg.intermediate_size, size, rank),
+                     split_evenly(cfg.moe_intermediate_size, size, rank),
+                     split_evenly(cfg.shared_expert_intermediate_size, size, rank))
 
 
 def local_config(cfg, rank: int, size: int):
-    """The config of the part of the model rank ``rank`` builds: its heads and MLP columns (vocab_size stays the
-    full vocabulary: the engine validates token ids against it; the embedding holds the rank's shard)."""
+    """The config of the part of the model rank ``rank`` builds: its heads and MLP (and experts') columns (vocab_size
+    stays the full vocabulary: the engine validates token ids against it; the embedding holds the rank's shard)."""
     shard = head_shard(cfg, rank, size)
-    return replace(cfg, num_attention_heads=shard.q_heads[1] - shard.q_heads[0],
-                   num_key_value_heads=shard.kv_heads[1] - shard.kv_heads[0],
-                   intermediate_size=shard.intermediate[1] - shard.intermediate[0])
+
+    def width(run: tuple[int, int]) -> int:
+        return run[1] - run[0]
+
+    return replace(cfg, num_attention_heads=width(shard.q_heads), num_key_value_heads=width(shard.kv_heads),
+                   intermediate_size=width(shard.intermediate), moe_intermediate_size=width(shard.moe_intermediate),
+                   shared_expert_intermediate_size=width(shard.shared_intermediate))

@@ -259,7 +259,7 @@ def _load_gguf_model(path, device, max_positions, dtype, kernels, tp) -> LlamaFo
                 attn.k_norm.weight.copy_(_dense(t["attn_k_norm"])[norm_order])
             attn.o_proj = _quantized_or_dense([shard.columns(_rows(t["attn_output"]), shard.q_rows)], attn.q_size)
             if isinstance(mlp, SparseMoE):
-                _load_experts(mlp, t, cfg, _quantized_or_dense)
+                _load_experts(mlp, t, cfg, shard, _quantized_or_dense)
                 continue
             # phi3: ffn_up holds the gate rows, then the up rows
             gate_up = ([_rows(t["ffn_gate"]), _rows(t["ffn_up"])] if "ffn_gate" in t
@@ -282,12 +282,14 @@ class _Shard:
         self.qkv_sizes = [cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d]
         heads = head_shard(cfg, tp.rank, tp.size) if tp is not None else head_shard(cfg, 0, 1)  # one rank: all
         self.q_rows, self.kv_rows, self.mlp_rows = heads.q_rows(d), heads.kv_rows(d), slice(*heads.intermediate)
+        self.moe_rows, self.shared_rows = slice(*heads.moe_intermediate), slice(*heads.shared_intermediate)
 
     def qkv(self, q: tuple, k: tuple, v: tuple) -> list[tuple]:
         return [(q[0], q[1][self.q_rows]), (k[0], k[1][self.kv_rows]), (v[0], v[1][self.kv_rows])]
 
-    def mlp(self, part: tuple) -> tuple:
-        return part[0], part[1][self.mlp_rows]
+    def mlp(self, part: tuple, rows: slice | None = None) -> tuple:
+        """This rank's rows of a gate or up matrix (a dense MLP's, or ``rows`` of an expert's)."""
+        return part[0], part[1][self.mlp_rows if rows is None else rows]
 
     def columns(self, part: tuple, columns: slice) -> tuple:
         """Input columns of a (type, rows) pair: whole blocks of the stored bytes, or float columns."""
@@ -326,19 +328,23 @@ def _split_rows(part: tuple, sizes: list[int]) -> list[tuple]:
     return [(qtype, data[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _load_experts(moe: SparseMoE, t: dict, cfg: LlamaConfig, linear) -> None:
+def _load_experts(moe: SparseMoE, t: dict, cfg: LlamaConfig, shard: _Shard, linear) -> None:
     """A mixture-of-experts layer from llama.cpp's tensors: the router ``ffn_gate_inp``, every expert's rows of the
     3-D ``ffn_{gate,up,down}_exps`` (one matrix per expert, quantized as stored), and Qwen2-MoE's shared expert
-    (``*_shexp``, with its sigmoid gate ``ffn_gate_inp_shexp``)."""
+    (``*_shexp``, with its sigmoid gate ``ffn_gate_inp_shexp``); under tensor parallelism this rank's slice of each
+    expert (``shard``: gate/up rows, down's input columns in whole blocks), the router and gates whole."""
     moe.gate.weight.copy_(_dense(t["ffn_gate_inp"]))
     (gate_type, gates), (up_type, ups), (down_type, downs) = (_rows(t[f"ffn_{w}_exps"]) for w in ("gate", "up", "down"))
+    rows, width = shard.moe_rows, shard.moe_rows.stop - shard.moe_rows.start
     for e, expert in enumerate(moe.experts):
-        expert.gate_up_proj = linear([(gate_type, gates[e]), (up_type, ups[e])], cfg.hidden_size)
-        expert.down_proj = linear([(down_type, downs[e])], cfg.moe_intermediate_size)
+        expert.gate_up_proj = linear([shard.mlp((gate_type, gates[e]), rows), shard.mlp((up_type, ups[e]), rows)],
+                                     cfg.hidden_size)
+        expert.down_proj = linear([shard.columns((down_type, downs[e]), rows)], width)
     if moe.shared_expert is not None:
-        shared = moe.shared_expert
-        shared.gate_up_proj = linear([_rows(t["ffn_gate_shexp"]), _rows(t["ffn_up_shexp"])], cfg.hidden_size)
-        shared.down_proj = linear([_rows(t["ffn_down_shexp"])], cfg.shared_expert_intermediate_size)
+        shared, rows = moe.shared_expert, shard.shared_rows
+        shared.gate_up_proj = linear([shard.mlp(_rows(t["ffn_gate_shexp"]), rows),
+                                      shard.mlp(_rows(t["ffn_up_shexp"]), rows)], cfg.hidden_size)
+        shared.down_proj = linear([shard.columns(_rows(t["ffn_down_shexp"]), rows)], rows.stop - rows.start)
         moe.shared_expert_gate.weight.copy_(_dense(t["ffn_gate_inp_shexp"]).reshape(1, -1))
 
 

@@ -288,10 +288,13 @@ class SparseMoE(nn.Module):
     """A mixture-of-experts MLP: a router picks ``num_experts_per_tok`` experts per token (softmax, then top-k, then
     renormalised where the model does), tokens are grouped by expert so that each expert chosen in the step runs
     once over all its tokens (two matmuls, whatever the batch), and the outputs are scattered back weighted.
-    Qwen2-MoE adds a shared expert every token goes through, scaled by a sigmoid gate."""
+    Qwen2-MoE adds a shared expert every token goes through, scaled by a sigmoid gate. Under tensor parallelism each
+    rank holds a slice of every expert's columns (``cfg`` is the rank's) and the router whole, so all ranks route
+    alike, and one all-reduce sums the weighted partial outputs."""
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None = None):
         super().__init__()
+        self.tp = tp
         self.top_k = cfg.num_experts_per_tok
         self.norm_topk_prob = cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
@@ -326,7 +329,7 @@ class SparseMoE(nn.Module):
         y = torch.zeros_like(x).index_add_(0, token, out)
         if self.shared_expert is not None:
             y += torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, ops)
-        return y
+        return y if self.tp is None else self.tp.all_reduce(y)
 
 
 class DecoderLayer(nn.Module):
@@ -336,7 +339,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = None if cfg.post_norms else RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, tp, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SparseMoE(cfg) if index in cfg.moe_layers else MLP(cfg, tp)
+        self.mlp = SparseMoE(cfg, tp) if index in cfg.moe_layers else MLP(cfg, tp)
         self.sandwich = cfg.sandwich_norms
         if self.sandwich:  # Gemma: post_attention_layernorm normalises the attention's output instead
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -151,7 +151,10 @@ def _shard(pname: str, part: int | None, tensor: torch.Tensor, cfg: LlamaConfig,
     fused one): column-parallel weights by output rows, row-parallel ones by input columns, vocabularies by rows."""
     shard = head_shard(cfg, tp.rank, tp.size)
     d = cfg.head_dim
-    q_rows, kv_rows, mlp_rows = shard.q_rows(d), shard.kv_rows(d), slice(*shard.intermediate)
+    q_rows, kv_rows = shard.q_rows(d), shard.kv_rows(d)
+    # a routed expert's, the shared expert's or a dense MLP's columns
+    mlp_rows = slice(*(shard.moe_intermediate if ".experts." in pname else
+                       shard.shared_intermediate if ".shared_expert." in pname else shard.intermediate))
     if "qkv_proj" in pname:
         q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
         if part is None:  # a fused checkpoint tensor (Phi-3): cut it into q, k, v first

@@ -82,7 +82,20 @@ def test_qwen2_moe_keeps_its_dense_layers(tmp_path, smollm2_path):
     assert type(layers[1].mlp) is MLP
 
 
-def test_moe_is_not_split_by_tensor_parallelism(tmp_path, smollm2_path):
-    path = save_tiny_model(tmp_path / "mixtral", smollm2_path, arch="mixtral")
-    with pytest.raises(ValueError, match="mixture-of-experts"):
-        LLM(str(path), num_kv_blocks=16, tensor_parallel_size=2)
+def test_tensor_parallel_ranks_hold_complementary_slices_of_every_expert():
+    """The shard arithmetic behind the step-by-step checks in test_tensor_parallel.py: the ranks' expert and shared
+    columns tile each width, the local configs carry them, and a width narrower than the ranks is refused."""
+    from loom.distributed.parallel import head_shard, local_config
+    from loom.models.llama import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=8,
+                      num_key_value_heads=8, head_dim=4, rms_norm_eps=1e-6, rope_theta=1e4, rope_scaling=None,
+                      max_position_embeddings=64, tie_word_embeddings=True, qkv_bias=False, o_bias=False,
+                      mlp_bias=False, architecture="Qwen2MoeForCausalLM", num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=13, shared_expert_intermediate_size=7, moe_layers=(0,))
+    shards = [head_shard(cfg, rank, 3) for rank in range(3)]
+    assert [s.moe_intermediate for s in shards] == [(0, 5), (5, 9), (9, 13)]
+    assert [s.shared_intermediate for s in shards] == [(0, 3), (3, 5), (5, 7)]
+    assert [local_config(cfg, r, 3).moe_intermediate_size for r in range(3)] == [5, 4, 4]
+    with pytest.raises(ValueError, match="exceeds the shared expert's width 7"):
+        head_shard(cfg, 0, 8)

@@ -153,6 +153,8 @@ def _assert_same_run(path, prompts, **engine):
     ("granite", dict(UNEVEN, attention_bias=True, mlp_bias=True)),  # the residual multiplier folded into shards
     ("smollm3", UNEVEN),  # a NoPE layer
     ("phi3", dict(UNEVEN, pad_token_id=0, sliding_window=None, partial_rotary_factor=0.75)),  # q/k rows reordered
+    # every expert (and the shared one) cut by columns, odd widths; the dense layer too (mlp_only_layers)
+    ("qwen2_moe", dict(UNEVEN, moe_intermediate_size=66, shared_expert_intermediate_size=90, mlp_only_layers=[1])),
 ])  # fmt: skip
 def test_two_ranks_match_one_through_prefill_decode_chunks_and_prefix_hits(tmp_path, smollm2_path, arch, overrides,
                                                                           monkeypatch):
@@ -212,13 +214,14 @@ def test_tensor_parallel_refuses_what_it_cannot_split(tmp_path, smollm2_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "qwen2moe"])
 def test_a_gguf_file_splits_over_two_ranks_and_runs_as_on_one(tmp_path, smollm2_path, arch, monkeypatch):
     """Quantized rows split as stored: q/k/v and gate/up by rows (phi3's fused tensors cut first), o and down by
     whole blocks of input columns, qwen2's q/k/v biases with their rows, the vocabulary (a quantized or float head) by
-    rows padded with zero blocks. A llama file of five 32-weight types (IQ4_NL among them), a qwen2 file (F32 head)
-    and a phi3 file; float32 activations, and int8 ones for the llama file (per-32 activation blocks fall the same way
-    when the split is block-aligned)."""
+    rows padded with zero blocks, each expert's gate/up rows and down columns (qwen2moe, with its shared expert). A
+    llama file of five 32-weight types (IQ4_NL among them), a qwen2 file (F32 head), a phi3 file and a qwen2moe
+    file; float32 activations, and int8 ones for the llama file (per-32 activation blocks fall the same way when the
+    split is block-aligned)."""
     from loom.ops.quantized import GGMLType
     from tests.engine.test_gguf_archs import write_tiny_gguf
     from tests.engine.test_gguf_kquants import write_tiny_kquant_gguf
