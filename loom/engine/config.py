@@ -154,9 +154,6 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.tensor_parallel_size > 1 and self.enable_lora:
-            raise ValueError("LoRA adapters are not served with tensor parallelism yet; drop --enable-lora or use "
-                             "--tensor-parallel-size 1")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.quantization not in (None, "int8"):

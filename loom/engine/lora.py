@@ -9,6 +9,11 @@ adapters never share KV blocks (their keys and values differ) while requests of 
 read once and kept in host memory (``max_cpu_loras`` of them, least recently used first out); a sequence holds its
 adapter's weights while it lives, so evicting or unloading one never fails a request in flight. The scheduler admits
 at most ``max_loras`` distinct adapters among the running sequences, so a step's adapters always fit the slots.
+
+With tensor parallelism every rank holds its part of each adapter (``loom.models.lora.shard_adapter``, cut as the
+base weights are). Rank 0 decides; the other ranks (``RankLoRA``) read an adapter from the same folder when rank 0
+puts it in a slot (``take_loads``, sent before the step), and each step's row groups travel with its inputs
+(``encode_batch``).
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ from collections import OrderedDict
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from loom.distributed.parallel import HeadShard, head_shard
 from loom.engine.scheduler import ScheduledChunk
-from loom.models.llama import LlamaForCausalLM
-from loom.models.lora import LoRAModel, LoRAWeights, load_peft_adapter
+from loom.models.llama import LlamaConfig, LlamaForCausalLM
+from loom.models.lora import LoRABatch, LoRAModel, LoRAWeights, load_peft_adapter, shard_adapter
 
 DENSE_MIN_GROUPS = 3
 DENSE_MAX_ROWS = 128
@@ -45,10 +52,26 @@ class LoRARequest:
             raise ValueError(f"lora_int_id must be an integer >= 1, got {self.lora_int_id!r}")
 
 
+def read_adapter(path: str, cfg: LlamaConfig, max_rank: int, dtype: torch.dtype, device: torch.device, name: str,
+                 shard: HeadShard | None) -> LoRAWeights:
+    """An adapter folder laid out for the model ``cfg`` (the whole model's), cut to ``shard`` on a tensor-parallel
+    rank."""
+    weights = load_peft_adapter(path, cfg, max_rank, dtype, device, name=name)
+    return weights if shard is None else shard_adapter(weights, cfg, shard)
+
+
+def rank_shard(model: LlamaForCausalLM) -> HeadShard | None:
+    return None if model.tp is None else head_shard(model.full_config, model.tp.rank, model.tp.size)
+
+
 class LoRAManager:
     def __init__(self, model: LlamaForCausalLM, max_loras: int, max_rank: int, max_cpu_loras: int | None,
                  dtype: torch.dtype, device: torch.device):
         self.slots = LoRAModel(model, max_loras, max_rank)
+        self.full_config = model.full_config
+        self.shard = rank_shard(model)
+        self._loads: list[tuple[int, int, str, str]] = []
+        """(slot, adapter id, name, folder) put in slots since ``take_loads`` (tensor parallelism only)."""
         self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
         self.dtype, self.device = dtype, device
         self._cache: OrderedDict[int, tuple[LoRARequest, LoRAWeights]] = OrderedDict()
@@ -72,8 +95,8 @@ class LoRAManager:
                                      " give each adapter its own id")
                 self._cache.move_to_end(request.lora_int_id)
                 return weights
-        weights = load_peft_adapter(request.lora_path, self.slots.config, self.slots.max_rank, self.dtype,
-                                    self.device, name=request.lora_name)
+        weights = read_adapter(request.lora_path, self.full_config, self.slots.max_rank, self.dtype, self.device,
+                               request.lora_name, self.shard)
         with self._lock:
             self._cache[request.lora_int_id] = (request, weights)
             while len(self._cache) > self.max_cpu_loras:
@@ -121,7 +144,55 @@ class LoRAManager:
                 slot = min(free, key=lambda s: (self._slot_ids[s] is not None, self._slot_used[s]))
                 self.slots.load(slot, weights)
                 self._slot_ids[slot] = lora_id
+                if self.shard is not None:
+                    self._loads.append((slot, lora_id, weights.name, weights.path))
                 slot_of[lora_id] = slot
         for slot in slot_of.values():
             self._slot_used[slot] = self._clock
         return slot_of
+
+    def take_loads(self) -> list[tuple[int, int, str, str]]:
+        """The slots filled since the last call: what the other tensor-parallel ranks must load before the step."""
+        loads, self._loads = self._loads, []
+        return loads
+
+
+def encode_batch(batch: LoRABatch) -> np.ndarray:
+    """A step's row groups as int64s: [dense, groups, (first row, end row, slot) per group]."""
+    flat = [v for segment in batch.segments for v in segment]
+    return np.array([int(batch.row_slots is not None), len(batch.segments), *flat], dtype=np.int64)
+
+
+def decode_batch(values: np.ndarray) -> tuple[list[tuple[int, int, int]], bool, int]:
+    """``encode_batch``'s groups from the front of ``values``: (segments, dense, int64s read)."""
+    dense, count = values[:2].tolist()
+    flat = values[2 : 2 + 3 * count].tolist()
+    return [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)], bool(dense), 2 + 3 * count
+
+
+class RankLoRA:
+    """A tensor-parallel rank's adapter slots (ranks 1..N-1): it fills a slot when rank 0 does, reading the adapter
+    from the same folder (kept read, least recently used out, as rank 0 keeps them), and sets each step's groups."""
+
+    def __init__(self, model: LlamaForCausalLM, max_loras: int, max_rank: int, max_cpu_loras: int | None):
+        self.slots = LoRAModel(model, max_loras, max_rank)
+        self.full_config, self.shard = model.full_config, rank_shard(model)
+        self.dtype, self.device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
+        self.capacity = max(max_cpu_loras or max_loras, max_loras)
+        self._cache: OrderedDict[tuple[int, str], LoRAWeights] = OrderedDict()
+
+    def load(self, loads: list) -> None:
+        for slot, lora_id, name, path in loads:
+            key = (lora_id, path)
+            weights = self._cache.get(key)
+            if weights is None:
+                weights = read_adapter(path, self.full_config, self.slots.max_rank, self.dtype, self.device, name,
+                                       self.shard)
+                self._cache[key] = weights
+                while len(self._cache) > self.capacity:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(key)
+            self.slots.load(slot, weights)
+
+    def set_step(self, segments: list[tuple[int, int, int]], num_rows: int, dense: bool) -> None:
+        self.slots.batch.set(segments, num_rows, dense, self.device)

@@ -317,7 +317,7 @@ class ModelRunner:
             self.lora.prepare_step(decodes + prefills)
         inputs, sampling = self._inputs(decodes, prefills, in_flight)
         if self.peers is not None:
-            self.peers.send_step(inputs)
+            self.peers.send_step(inputs, self.lora)
         if self.graphs is not None and self.graphs.can_run(inputs):
             logits = self.graphs.run(inputs)
         else:

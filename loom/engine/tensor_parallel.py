@@ -44,13 +44,14 @@ from loom.distributed.parallel import TensorParallel
 from loom.distributed.ports import free_port
 from loom.distributed.shm import SharedMemoryGroup
 from loom.engine.config import EngineConfig
+from loom.engine.lora import LoRAManager, RankLoRA, decode_batch, encode_batch
 from loom.engine.model_runner import ModelRunner, StepInputs, allocate_kv_caches, build_model
 from loom.models.catalogue import resolve_model
 from loom.models.loader import load_hf_config
 
 log = logging.getLogger("loom.engine.tensor_parallel")
 
-_STEP, _STOP, _INIT = 1, 2, 3
+_STEP, _STOP, _INIT, _LORA_LOAD = 1, 2, 3, 4
 _TIMEOUT = datetime.timedelta(days=365)
 """Collective timeout: ranks wait for the next step as long as the server idles (a dead peer fails them at once)."""
 _START_TIMEOUT_S = 600.0
@@ -144,10 +145,19 @@ class TPWorkers:
         if self.processes:
             threading.Thread(target=self._watch, name="loom-tp-watch", daemon=True).start()
 
-    def send_step(self, inputs: StepInputs) -> None:
+    def send_step(self, inputs: StepInputs, lora: LoRAManager | None = None) -> None:
+        """The step's inputs; with LoRA first the adapters rank 0 just put in slots (as JSON: slot, id, name,
+        folder), and the step's row groups ahead of its inputs."""
         if self.failure is not None:
             raise EngineFatalError(self.failure)
         payload = inputs.encode()
+        if lora is not None:
+            loads = lora.take_loads()
+            if loads:
+                data = torch.frombuffer(bytearray(json.dumps(loads).encode()), dtype=torch.uint8)
+                self._broadcast_header(_LORA_LOAD, data.numel())
+                dist.broadcast(data, src=0, group=self._cpu_group)
+            payload = torch.cat([torch.from_numpy(encode_batch(lora.slots.batch)), payload])
         self._broadcast_header(_STEP, payload.numel())
         dist.broadcast(payload, src=0, group=self._cpu_group)
 
@@ -308,17 +318,29 @@ def _serve_steps(model, device: torch.device, spec: RankSpec) -> None:
     cfg = spec.config
     kv = allocate_kv_caches(model, num_blocks, cfg.block_size, model.embed_tokens.weight.dtype, device)
     runner = ModelRunner(model, kv, None, device, block_size=cfg.block_size)
+    lora = RankLoRA(model, cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras) if cfg.enable_lora else None
     buffer = torch.empty(4096, dtype=torch.long)
     while True:
         dist.broadcast(header, src=0, group=cpu_group)
         kind, length = header.tolist()
         if kind == _STOP:
             break
+        if kind == _LORA_LOAD:
+            data = torch.empty(length, dtype=torch.uint8)
+            dist.broadcast(data, src=0, group=cpu_group)
+            lora.load(json.loads(data.numpy().tobytes()))
+            continue
         if length > buffer.numel():
             buffer = torch.empty(2 * length, dtype=torch.long)
         payload = buffer[:length]
         dist.broadcast(payload, src=0, group=cpu_group)
-        runner.forward(StepInputs.decode(payload))
+        if lora is None:
+            runner.forward(StepInputs.decode(payload))
+            continue
+        segments, dense, used = decode_batch(payload.numpy())
+        inputs = StepInputs.decode(payload[used:])
+        lora.set_step(segments, len(inputs.input_ids), dense)
+        runner.forward(inputs)
     dist.destroy_process_group()
 
 

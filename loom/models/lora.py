@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from loom.distributed.parallel import HeadShard
 from loom.models.llama import LlamaConfig, LlamaForCausalLM, qkv_load_order
 from loom.ops.packed_linear import PackedLinear
 
@@ -65,6 +66,8 @@ class LoRAWeights:
     """The largest r among its projections."""
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     """Per layer: Loom projection -> (A [R, in], B^T [R, out]) with the scale folded into B; R is the packed rank."""
+    path: str = ""
+    """The folder it was read from (tensor-parallel ranks read it there too)."""
 
 
 def read_adapter_config(folder: Path) -> dict:
@@ -121,7 +124,7 @@ def load_peft_adapter(folder: str | Path, cfg: LlamaConfig, max_rank: int, dtype
             pairs.setdefault((layer, m.group(3)), {})[m.group(4)] = f.get_tensor(key)
     if not pairs:
         raise ValueError(f"{ADAPTER_WEIGHTS} holds no LoRA tensors")
-    weights = LoRAWeights(name or folder.name, 0, [{} for _ in range(cfg.num_hidden_layers)])
+    weights = LoRAWeights(name or folder.name, 0, [{} for _ in range(cfg.num_hidden_layers)], str(folder))
     in_features = _in_features(cfg)
     qkv_order = qkv_load_order(cfg)
     for layer in range(cfg.num_hidden_layers):
@@ -159,6 +162,34 @@ def load_peft_adapter(folder: str | Path, cfg: LlamaConfig, max_rank: int, dtype
             weights.layers[layer][loom_name] = (torch.cat(a_rows).to(device, dtype).contiguous(),
                                                 torch.cat(b_cols).to(device, dtype).contiguous())
     return weights
+
+
+def shard_adapter(weights: LoRAWeights, cfg: LlamaConfig, shard: HeadShard) -> LoRAWeights:
+    """A tensor-parallel rank's part of an adapter laid out for the whole model ``cfg``: as the base weights are cut
+    (``loom.distributed.parallel``), B's columns of q/k/v and gate/up (column-parallel) and A's input columns of
+    o_proj and down_proj (row-parallel: the rank's partial delta joins its partial output before the all-reduce,
+    which sums x A^T B^T over the ranks' columns)."""
+    d, inter = cfg.head_dim, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    q_rows, kv_rows, mlp_rows = shard.q_rows(d), shard.kv_rows(d), slice(*shard.intermediate)
+
+    def run(r: slice, offset: int = 0) -> torch.Tensor:
+        return torch.arange(r.start + offset, r.stop + offset)
+
+    b_columns = {"self_attn.qkv_proj": torch.cat([run(q_rows), run(kv_rows, q), run(kv_rows, q + kv)]),
+                 "mlp.gate_up_proj": torch.cat([run(mlp_rows), run(mlp_rows, inter)])}
+    a_columns = {"self_attn.o_proj": q_rows, "mlp.down_proj": mlp_rows}
+    layers = []
+    for pairs in weights.layers:
+        local = {}
+        for name, (a, bt) in pairs.items():
+            if name in b_columns:
+                bt = bt[:, b_columns[name].to(bt.device)]
+            else:
+                a = a[:, a_columns[name]]
+            local[name] = (a.contiguous(), bt.contiguous())
+        layers.append(local)
+    return LoRAWeights(weights.name, weights.max_rank, layers, weights.path)
 
 
 def parts_out(parts: dict[str, tuple[int, int]]) -> int:

@@ -125,8 +125,9 @@ def _run(path, tp: int, prompts, **engine):
     try:
         outputs = {}
         for wave in prompts:  # waves: the second finds the first's prefix in the cache
-            for i, ids in enumerate(wave):
-                eng.add_request(f"{len(outputs)}-{i}", prompt_token_ids=ids, params=params)
+            for i, item in enumerate(wave):  # token ids, or (token ids, LoRA adapter)
+                ids, adapter = item if isinstance(item, tuple) else (item, None)
+                eng.add_request(f"{len(outputs)}-{i}", prompt_token_ids=ids, params=params, lora_request=adapter)
             while eng.has_unfinished_requests():
                 for out in eng.step():
                     if out.finished:
@@ -182,6 +183,31 @@ def test_smollm2_greedy_ids_are_identical_over_two_ranks(smollm2_path):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)  # 30 layers of reordered sums
 
 
+@pytest.mark.slow
+def test_lora_adapters_split_over_two_ranks_run_as_on_one(tmp_path, smollm2_path):
+    """Each rank holds its part of every adapter (B's columns of q/k/v and gate/up, A's input columns of o and down).
+    Three adapters and the base in one decode batch (the dense path), then a fourth adapter in a full set of slots:
+    rank 0 swaps one out and the other rank reads the new one from its folder before the step."""
+    from loom.engine.lora import LoRARequest
+    from tests.engine.test_lora import TARGETS_ALL, make_adapter
+
+    path = _with_random_biases(save_tiny_model(tmp_path / "m", smollm2_path, **UNEVEN))
+    specs = [(8, 16, TARGETS_ALL), (4, 8, ["q_proj", "v_proj", "down_proj"]), (2, 4, ["gate_proj", "o_proj"]),
+             (4, 4, ["k_proj", "up_proj"])]
+    adapters = []
+    for i, (r, alpha, targets) in enumerate(specs):
+        make_adapter(tmp_path / f"a{i}", path, seed=i, r=r, alpha=alpha, targets=targets)
+        adapters.append(LoRARequest(f"a{i}", i + 1, str(tmp_path / f"a{i}")))
+    shared = list(range(100, 140))
+    prompts = [[(shared + [7, 8], adapters[0]), (list(range(300, 323)), adapters[1]), (shared + [5], adapters[2]),
+                shared + [6]],
+               [(shared + [9], adapters[3]), (shared + [7, 8, 10], adapters[0])]]
+    outputs = _assert_same_run(path, prompts, enable_lora=True, max_loras=3, max_lora_rank=8,
+                               max_num_batched_tokens=64)
+    assert outputs["4-1"][1] == 32  # adapter 0's prefix from the first wave (an adapter's blocks are its own)
+    assert len({tuple(ids) for ids, _ in outputs.values()}) > 1
+
+
 def test_a_rank_that_dies_stops_the_engine_with_its_exit_code(tmp_path, smollm2_path):
     path = save_tiny_model(tmp_path / "m", smollm2_path, **UNEVEN)
     eng = LLMEngine(EngineConfig(model=str(path), tensor_parallel_size=2, num_kv_blocks=16))
@@ -206,8 +232,6 @@ def test_tensor_parallel_refuses_what_it_cannot_split(tmp_path, smollm2_path):
     path = save_tiny_model(tmp_path / "m", smollm2_path, **UNEVEN)
     with pytest.raises(ValueError, match="at most 3"):
         LLMEngine(EngineConfig(model=str(path), tensor_parallel_size=4, num_kv_blocks=16))
-    with pytest.raises(ValueError, match="LoRA"):
-        EngineConfig(model=str(path), tensor_parallel_size=2, enable_lora=True)
     olmo2 = save_tiny_model(tmp_path / "olmo2", smollm2_path, arch="olmo2", **UNEVEN)
     with pytest.raises(ValueError, match="OLMo 2's q/k norms span every head"):
         LLMEngine(EngineConfig(model=str(olmo2), tensor_parallel_size=2, num_kv_blocks=16))
