@@ -17,7 +17,7 @@ from loom.engine.block_manager import BlockManager
 from loom.engine.config import EngineConfig
 from loom.engine.lora import LoRAManager
 from loom.engine.scheduler import ScheduledChunk, SchedulerOutput
-from loom.engine.sequence import PENDING
+from loom.engine.sequence import PENDING, Sequence
 from loom.models.gguf import is_gguf
 from loom.models.llama import LlamaForCausalLM
 from loom.models.loader import load_model
@@ -315,13 +315,17 @@ class ModelRunner:
             decodes.sort(key=_adapter)
             prefills.sort(key=_adapter)
             self.lora.prepare_step(decodes + prefills)
-        inputs, sampling = self._inputs(decodes, prefills, in_flight)
+        inputs, sampling, prompt_rows = self._inputs(decodes, prefills, in_flight)
         if self.peers is not None:
             self.peers.send_step(inputs, self.lora)
         if self.graphs is not None and self.graphs.can_run(inputs):
             logits = self.graphs.run(inputs)
         else:
             logits = self.forward(inputs)
+        if prompt_rows:  # after the sampling rows
+            num_sampled = len(inputs.logit_rows) - sum(len(targets) for _, targets in prompt_rows)
+            add_prompt_logprobs(logits[num_sampled:], prompt_rows)
+            logits = logits[:num_sampled]
         return (logits, sampling) if sampling else (logits.new_empty((0, 0)), [])
 
     @torch.inference_mode()
@@ -373,9 +377,51 @@ class ModelRunner:
                 logit_rows.append(end - 1 - num_drafts)
                 draft_rows.extend(range(end - num_drafts, end))
                 sampling.append(chunk)
+        prompt_rows, prompt_logit_rows = [], []
+        for i, c in enumerate(prefills, len(decodes)):
+            if c.seq.params.prompt_logprobs is not None:
+                rows, targets = _prompt_logprob_rows(c, int(ends[i] - counts[i]))
+                if len(targets):
+                    prompt_rows.append((c.seq, targets))
+                    prompt_logit_rows.extend(rows)
         inputs = StepInputs(input_ids, positions, slots, tables, decode_positions + 1, prefill_chunks,
-                            logit_rows + draft_rows, _feed(input_ids, chunks, counts, in_flight))
-        return inputs, sampling
+                            logit_rows + draft_rows + prompt_logit_rows, _feed(input_ids, chunks, counts, in_flight))
+        return inputs, sampling, prompt_rows
+
+
+def _prompt_logprob_rows(chunk: ScheduledChunk, first_row: int) -> tuple[range, list[int]]:
+    """The rows of a prefill chunk whose logits give prompt logprobs not known yet (the row at position p scores
+    prompt token p + 1; the last prompt position's row samples, so it is not one), and the tokens they score. A
+    sequence recomputed after preemption has its earlier ones already."""
+    seq = chunk.seq
+    prompt = seq.prompt_token_ids
+    start = max(chunk.start, len(seq.prompt_logprobs) - 1)
+    end = min(chunk.end, len(prompt) - 1)
+    if end <= start:
+        return range(0), []
+    return range(first_row + start - chunk.start, first_row + end - chunk.start), prompt[start + 1 : end + 1]
+
+
+def add_prompt_logprobs(logits: torch.Tensor, prompt_rows: list[tuple[Sequence, list[int]]]) -> None:
+    """Append to each sequence's ``prompt_logprobs`` its rows' scores: {prompt token: log-probability, then the
+    top ``params.prompt_logprobs`` tokens'} from the raw logits' log-softmax (one pass for the step's rows)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    targets = torch.tensor([t for _, tokens in prompt_rows for t in tokens], device=logits.device)
+    own = logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
+    k = max(seq.params.prompt_logprobs for seq, _ in prompt_rows)
+    if k:
+        top_values, top_ids = (t.tolist() for t in logprobs.topk(k, dim=-1))
+    else:
+        top_values = top_ids = [[]] * len(own)
+    row = 0
+    for seq, tokens in prompt_rows:
+        wanted = seq.params.prompt_logprobs
+        for token in tokens:
+            entry = {token: own[row]}
+            for tid, value in zip(top_ids[row][:wanted], top_values[row][:wanted]):
+                entry.setdefault(tid, value)
+            seq.prompt_logprobs.append(entry)
+            row += 1
 
 
 def _feed(input_ids: np.ndarray, chunks: list[ScheduledChunk], counts: np.ndarray,

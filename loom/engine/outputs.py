@@ -39,7 +39,9 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
-    prompt_logprobs: None = field(default=None)
+    prompt_logprobs: list[dict[int, float] | None] | None = field(default=None)
+    """With ``SamplingParams.prompt_logprobs``: per prompt token, {token id: log-probability} (the token itself
+    first); None for the first token. Complete once the first output token is."""
 
 
 def merge_deltas(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
@@ -54,4 +56,4 @@ def merge_deltas(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
         outputs.append(CompletionOutput(new.index, old.text + new.text, old.token_ids + new.token_ids,
                                         new.cumulative_logprob, logprobs, new.finish_reason, new.stop_reason))
     return RequestOutput(newer.request_id, newer.prompt, newer.prompt_token_ids, outputs, newer.finished,
-                         newer.num_cached_tokens, newer.metrics)
+                         newer.num_cached_tokens, newer.metrics, newer.prompt_logprobs or older.prompt_logprobs)

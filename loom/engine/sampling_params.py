@@ -46,6 +46,9 @@ class SamplingParams:
     """Seed of this request's own random generator (the same seed, the same tokens, whatever shares the batch)."""
     logprobs: int | None = None
     """Top log-probabilities to return per generated token (0 = only the sampled token's); None = none."""
+    prompt_logprobs: int | None = None
+    """Top log-probabilities to return per prompt token (0 = only the prompt token's own), from the model's raw
+    logits as vLLM returns them; the first token has none. The prompt is then computed whole (no prefix-cache hit)."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the text."""
     include_stop_str_in_output: bool = False
@@ -103,6 +106,8 @@ class SamplingParams:
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
             ),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
             (self.detokenize or not self.stop, "stop strings are matched on text: drop stop or keep detokenize on"),
             (self.output_kind in OUTPUT_KINDS,

@@ -187,7 +187,8 @@ class Scheduler:
                 held_back.append(self.waiting.popleft())
                 continue
             token_ids = seq.all_token_ids
-            hits = bm.find_cached_prefix(token_ids, seq.cache_salt)
+            # prompt logprobs need every prompt position's logits: no cached prefix (vLLM's rule too)
+            hits = [] if seq.params.prompt_logprobs is not None else bm.find_cached_prefix(token_ids, seq.cache_salt)
             computed = len(hits) * bm.block_size
             n = self._chunk_size(seq, computed, budget)
             if n == 0:

@@ -32,6 +32,9 @@ class Sequence:
     arrival_time: float
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """With ``params.prompt_logprobs``: per prompt token so far, {token id: log-probability} (the token itself first,
+    then the top ones); None for the first token. Filled chunk by chunk as the prompt is computed."""
     cumulative_logprob: float = 0.0
     """Sum of the sampled tokens' log-probabilities in ``output_logprobs`` (kept as they are appended: a stream's
     outputs would otherwise sum the whole list again at every step)."""

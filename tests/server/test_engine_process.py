@@ -100,6 +100,7 @@ def _complete(url: str, stream: bool, **body) -> tuple[str, list[str | None], in
     {"n": 2, "temperature": 1.0, "seed": 7, "max_tokens": 20},
     {"stop": [" the", "."], "max_tokens": 30},
     {"logprobs": 2, "max_tokens": 6},
+    {"logprobs": 2, "max_tokens": 3, "echo": True},  # the prompt's logprobs cross the pipe too
 ])
 def test_the_process_engine_answers_and_streams_what_the_thread_engine_does(tiny_server, process_server, body):
     want = _complete(tiny_server.base_url, False, **body)
@@ -109,8 +110,10 @@ def test_the_process_engine_answers_and_streams_what_the_thread_engine_does(tiny
         ask = {"model": "tiny", "prompt": "The tiny model says", "temperature": 0, **body}
         a = httpx.post(f"{tiny_server.base_url}/completions", json=ask, timeout=60).json()["choices"][0]["logprobs"]
         b = httpx.post(f"{process_server.base_url}/completions", json=ask, timeout=60).json()["choices"][0]["logprobs"]
-        assert a["tokens"] == b["tokens"] and a["top_logprobs"][0].keys() == b["top_logprobs"][0].keys()
-        assert a["token_logprobs"] == pytest.approx(b["token_logprobs"], abs=1e-5)
+        assert a["tokens"] == b["tokens"] and a["top_logprobs"][-1].keys() == b["top_logprobs"][-1].keys()
+        first = 1 if body.get("echo") else 0  # an echoed prompt's first token has no logprob
+        assert a["token_logprobs"][first:] == pytest.approx(b["token_logprobs"][first:], abs=1e-5)
+        assert len(a["tokens"]) == body["max_tokens"] + (4 if body.get("echo") else 0)  # the prompt: 4 tokens
 
 
 def test_an_abandoned_stream_frees_its_blocks_and_metrics_come_from_the_child(process_server):

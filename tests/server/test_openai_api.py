@@ -206,6 +206,37 @@ def test_echo_prepends_the_prompt(client):
     assert streamed == echoed
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_reads_it(tiny_server, tiny_llama):
+    """lm-eval's loglikelihood request (``echo``, ``logprobs: 1``, ``max_tokens: 1``): every prompt token scored
+    after the first, as HF transformers scores it; the top logprobs let it tell a greedy continuation; a stream
+    gives the same."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    ids = list(range(500, 530))
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True}
+    lp = httpx.post(f"{tiny_server.base_url}/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 1 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0], dim=-1)
+    assert lp["token_logprobs"][1:len(ids)] == pytest.approx([ref[j - 1, ids[j]].item() for j in range(1, len(ids))],
+                                                            abs=1e-4)
+    greedy = [max(top.values()) == token for token, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:])]
+    assert greedy[:-1] == [int(ref[j - 1].argmax()) == ids[j] for j in range(1, len(ids))]
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+    streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    with httpx.stream("POST", f"{tiny_server.base_url}/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    for key in streamed:
+                        streamed[key] += (choice["logprobs"] or {}).get(key) or []
+    assert streamed["tokens"] == lp["tokens"] and streamed["text_offset"] == lp["text_offset"]
+    assert streamed["token_logprobs"][1:] == pytest.approx(lp["token_logprobs"][1:], abs=1e-5)
+
+
 def test_speculative_server_streams_the_same_text_and_reports_acceptance(client, tiny_server, tiny_llama):
     import openai  # local, as in conftest's client fixture
 

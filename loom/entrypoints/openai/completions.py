@@ -53,7 +53,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
 async def _full(ctx, req: CompletionRequest, streams, prompts, echo, head) -> JSONResponse:
     finals = await finals_of(streams)
     choices = [
-        _choice(ctx, req, i * req.n + c.index, echo[i] + c.text, c, c.token_ids, c.logprobs, len(echo[i]))
+        _choice(ctx, req, i * req.n + c.index, echo[i] + c.text, c, c.token_ids, c.logprobs, len(echo[i]),
+                _echoed(req, prompts[i], out.prompt_logprobs))
         for i, out in enumerate(finals)
         for c in out.outputs
     ]
@@ -61,10 +62,19 @@ async def _full(ctx, req: CompletionRequest, streams, prompts, echo, head) -> JS
     return JSONResponse(body)
 
 
-def _choice(ctx, req, index: int, text: str, c: CompletionOutput, token_ids, logprobs, offset: int) -> dict:
+def _echoed(req: CompletionRequest, prompt: list[int], prompt_logprobs) -> tuple[list[int], list] | None:
+    """With ``echo`` and ``logprobs``: the prompt's tokens and their scores, which lead the choice's logprobs."""
+    return (prompt, prompt_logprobs) if req.echo and prompt_logprobs is not None else None
+
+
+def _choice(ctx, req, index: int, text: str, c: CompletionOutput, token_ids, logprobs, offset: int,
+            echoed: tuple[list[int], list] | None = None) -> dict:
     lp = None
     if req.logprobs is not None and logprobs is not None:
         lp = ctx.strings.completion_logprobs(token_ids, logprobs, req.logprobs, offset)
+        if echoed is not None:  # the prompt's tokens first (the first one unscored), as vLLM and OpenAI echo them
+            head = ctx.strings.completion_logprobs(*echoed, req.logprobs)
+            lp = {key: head[key] + lp[key] for key in lp}
     return {"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
             "stop_reason": c.stop_reason}
 
@@ -74,19 +84,25 @@ async def _stream(ctx, req: CompletionRequest, streams, prompts, echo, head):
     assert all(s.delta for s in streams), "a stream's outputs are deltas (CompletionRequest.sampling_params)"
     sent: dict[tuple[int, int], tuple[int, bool]] = {}  # (prompt, completion) -> (characters sent, finished)
     num_tokens, cached = 0, [0] * len(streams)
+    scored: dict[int, list] = {}  # prompt -> its prompt logprobs (a delta carries them once, for every completion)
     extra = {"usage": None} if req.include_usage else {}
     try:
         async for i, out in merged(streams):
             cached[i] = out.num_cached_tokens
+            if out.prompt_logprobs is not None:
+                scored[i] = out.prompt_logprobs
             for c in out.outputs:
                 num_tokens += len(c.token_ids)
                 chars, done = sent.get((i, c.index), (0, False))
                 wants_lp = req.logprobs is not None and bool(c.token_ids)
                 if done or not (c.text or c.finished or wants_lp):
                     continue
-                prefix = echo[i] if (i, c.index) not in sent else ""
-                choice = _choice(ctx, req, i * req.n + c.index, prefix + c.text, c, c.token_ids, c.logprobs, chars)
-                sent[(i, c.index)] = (chars + len(c.text), c.finished)
+                first = (i, c.index) not in sent
+                prefix = echo[i] if first else ""
+                echoed = _echoed(req, prompts[i], scored.get(i)) if first else None
+                choice = _choice(ctx, req, i * req.n + c.index, prefix + c.text, c, c.token_ids, c.logprobs,
+                                 chars + len(prefix), echoed)
+                sent[(i, c.index)] = (chars + len(prefix) + len(c.text), c.finished)  # text offsets count the echo
                 yield sse({**head, "choices": [choice], **extra})
         if req.include_usage:
             yield sse({**head, "choices": [], "usage": usage_of([len(p) for p in prompts], num_tokens, sum(cached))})

@@ -45,15 +45,19 @@ class TokenStrings:
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": max(logprob, -9999.0), "bytes": list(raw)}
 
     # --- completions: {"tokens", "token_logprobs", "top_logprobs", "text_offset"} ------------------------------
-    def completion_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]], top: int,
+    def completion_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float] | None], top: int,
                             text_offset: int = 0) -> dict:
         tokens, token_lps, tops, offsets = [], [], [], []
         for token_id, lp in zip(token_ids, logprobs):
             text = self.text(token_id)
             tokens.append(text)
-            token_lps.append(max(lp[token_id], -9999.0))
-            ranked = sorted(lp.items(), key=lambda kv: -kv[1])[:top]
-            tops.append({self.text(t): max(v, -9999.0) for t, v in ranked} if top else None)
+            if lp is None:  # an echoed prompt's first token: nothing scores it
+                token_lps.append(None)
+                tops.append(None)
+            else:
+                token_lps.append(max(lp[token_id], -9999.0))
+                ranked = sorted(lp.items(), key=lambda kv: -kv[1])[:top]
+                tops.append({self.text(t): max(v, -9999.0) for t, v in ranked} if top else None)
             offsets.append(text_offset)
             text_offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}

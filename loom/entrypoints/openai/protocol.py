@@ -153,7 +153,10 @@ class CompletionRequest(_Common):
             raise bad_request("suffix is not supported; put the text in the prompt", "suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise bad_request("best_of is not supported (it must equal n); use n", "best_of")
-        return self._sampling(self.max_tokens, self.logprobs, self._structured())
+        params = self._sampling(self.max_tokens, self.logprobs, self._structured())
+        if self.echo and self.logprobs is not None:  # the echoed prompt's tokens are scored too (vLLM, OpenAI)
+            params.prompt_logprobs = self.logprobs  # in range: logprobs was checked the same way
+        return params
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt as text or token ids; a list of ints is one tokenized prompt."""
