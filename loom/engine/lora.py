@@ -11,8 +11,9 @@ adapter's weights while it lives, so evicting or unloading one never fails a req
 at most ``max_loras`` distinct adapters among the running sequences, so a step's adapters always fit the slots.
 
 With tensor parallelism every rank holds its part of each adapter (``loom.models.lora.shard_adapter``, cut as the
-base weights are). Rank 0 decides; the other ranks (``RankLoRA``) read an adapter from the same folder when rank 0
-puts it in a slot (``take_loads``, sent before the step), and each step's row groups travel with its inputs
+base weights are). Rank 0 reads the folder and decides; when it fills a slot it sends the other ranks the whole
+adapter (``take_loads``, before the step), which they cut themselves (``RankLoRA``): every rank runs the very
+weights rank 0 read, whatever happens to the folder since. Each step's row groups travel with its inputs
 (``encode_batch``).
 """
 
@@ -54,10 +55,14 @@ class LoRARequest:
 
 def read_adapter(path: str, cfg: LlamaConfig, max_rank: int, dtype: torch.dtype, device: torch.device, name: str,
                  shard: HeadShard | None) -> LoRAWeights:
-    """An adapter folder laid out for the model ``cfg`` (the whole model's), cut to ``shard`` on a tensor-parallel
-    rank."""
-    weights = load_peft_adapter(path, cfg, max_rank, dtype, device, name=name)
-    return weights if shard is None else shard_adapter(weights, cfg, shard)
+    """An adapter folder laid out for the model ``cfg`` (the whole model's); on a tensor-parallel rank 0, this rank's
+    part, holding the whole adapter on the CPU (``full``) for the other ranks."""
+    if shard is None:
+        return load_peft_adapter(path, cfg, max_rank, dtype, device, name=name)
+    full = load_peft_adapter(path, cfg, max_rank, dtype, "cpu", name=name)
+    local = shard_adapter(full, cfg, shard).to(device)
+    local.full = full
+    return local
 
 
 def rank_shard(model: LlamaForCausalLM) -> HeadShard | None:
@@ -70,8 +75,8 @@ class LoRAManager:
         self.slots = LoRAModel(model, max_loras, max_rank)
         self.full_config = model.full_config
         self.shard = rank_shard(model)
-        self._loads: list[tuple[int, int, str, str]] = []
-        """(slot, adapter id, name, folder) put in slots since ``take_loads`` (tensor parallelism only)."""
+        self._loads: list[tuple[int, LoRAWeights]] = []
+        """(slot, whole adapter on the CPU) put in slots since ``take_loads`` (tensor parallelism only)."""
         self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
         self.dtype, self.device = dtype, device
         self._cache: OrderedDict[int, tuple[LoRARequest, LoRAWeights]] = OrderedDict()
@@ -145,13 +150,13 @@ class LoRAManager:
                 self.slots.load(slot, weights)
                 self._slot_ids[slot] = lora_id
                 if self.shard is not None:
-                    self._loads.append((slot, lora_id, weights.name, weights.path))
+                    self._loads.append((slot, weights.full))
                 slot_of[lora_id] = slot
         for slot in slot_of.values():
             self._slot_used[slot] = self._clock
         return slot_of
 
-    def take_loads(self) -> list[tuple[int, int, str, str]]:
+    def take_loads(self) -> list[tuple[int, LoRAWeights]]:
         """The slots filled since the last call: what the other tensor-parallel ranks must load before the step."""
         loads, self._loads = self._loads, []
         return loads
@@ -171,28 +176,17 @@ def decode_batch(values: np.ndarray) -> tuple[list[tuple[int, int, int]], bool, 
 
 
 class RankLoRA:
-    """A tensor-parallel rank's adapter slots (ranks 1..N-1): it fills a slot when rank 0 does, reading the adapter
-    from the same folder (kept read, least recently used out, as rank 0 keeps them), and sets each step's groups."""
+    """A tensor-parallel rank's adapter slots (ranks 1..N-1): it fills a slot when rank 0 does, cutting its part of
+    the adapter rank 0 sent, and sets each step's row groups."""
 
-    def __init__(self, model: LlamaForCausalLM, max_loras: int, max_rank: int, max_cpu_loras: int | None):
+    def __init__(self, model: LlamaForCausalLM, max_loras: int, max_rank: int):
         self.slots = LoRAModel(model, max_loras, max_rank)
         self.full_config, self.shard = model.full_config, rank_shard(model)
-        self.dtype, self.device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
-        self.capacity = max(max_cpu_loras or max_loras, max_loras)
-        self._cache: OrderedDict[tuple[int, str], LoRAWeights] = OrderedDict()
+        self.device = model.embed_tokens.weight.device
 
-    def load(self, loads: list) -> None:
-        for slot, lora_id, name, path in loads:
-            key = (lora_id, path)
-            weights = self._cache.get(key)
-            if weights is None:
-                weights = read_adapter(path, self.full_config, self.slots.max_rank, self.dtype, self.device, name,
-                                       self.shard)
-                self._cache[key] = weights
-                while len(self._cache) > self.capacity:
-                    self._cache.popitem(last=False)
-            self._cache.move_to_end(key)
-            self.slots.load(slot, weights)
+    def load(self, loads: list[tuple[int, LoRAWeights]]) -> None:
+        for slot, full in loads:
+            self.slots.load(slot, shard_adapter(full, self.full_config, self.shard).to(self.device))
 
     def set_step(self, segments: list[tuple[int, int, int]], num_rows: int, dense: bool) -> None:
         self.slots.batch.set(segments, num_rows, dense, self.device)

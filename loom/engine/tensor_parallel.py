@@ -146,17 +146,16 @@ class TPWorkers:
             threading.Thread(target=self._watch, name="loom-tp-watch", daemon=True).start()
 
     def send_step(self, inputs: StepInputs, lora: LoRAManager | None = None) -> None:
-        """The step's inputs; with LoRA first the adapters rank 0 just put in slots (as JSON: slot, id, name,
-        folder), and the step's row groups ahead of its inputs."""
+        """The step's inputs; with LoRA first the adapters rank 0 just put in slots (each whole, which every rank
+        cuts its part from), and the step's row groups ahead of its inputs."""
         if self.failure is not None:
             raise EngineFatalError(self.failure)
         payload = inputs.encode()
         if lora is not None:
             loads = lora.take_loads()
-            if loads:
-                data = torch.frombuffer(bytearray(json.dumps(loads).encode()), dtype=torch.uint8)
-                self._broadcast_header(_LORA_LOAD, data.numel())
-                dist.broadcast(data, src=0, group=self._cpu_group)
+            if loads:  # (slot, whole adapter on the CPU): between this engine's own processes
+                self._broadcast_header(_LORA_LOAD, len(loads))
+                dist.broadcast_object_list([loads], src=0, group=self._cpu_group)
             payload = torch.cat([torch.from_numpy(encode_batch(lora.slots.batch)), payload])
         self._broadcast_header(_STEP, payload.numel())
         dist.broadcast(payload, src=0, group=self._cpu_group)
@@ -318,7 +317,7 @@ def _serve_steps(model, device: torch.device, spec: RankSpec) -> None:
     cfg = spec.config
     kv = allocate_kv_caches(model, num_blocks, cfg.block_size, model.embed_tokens.weight.dtype, device)
     runner = ModelRunner(model, kv, None, device, block_size=cfg.block_size)
-    lora = RankLoRA(model, cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras) if cfg.enable_lora else None
+    lora = RankLoRA(model, cfg.max_loras, cfg.max_lora_rank) if cfg.enable_lora else None
     buffer = torch.empty(4096, dtype=torch.long)
     while True:
         dist.broadcast(header, src=0, group=cpu_group)
@@ -326,9 +325,9 @@ def _serve_steps(model, device: torch.device, spec: RankSpec) -> None:
         if kind == _STOP:
             break
         if kind == _LORA_LOAD:
-            data = torch.empty(length, dtype=torch.uint8)
-            dist.broadcast(data, src=0, group=cpu_group)
-            lora.load(json.loads(data.numpy().tobytes()))
+            loads = [None]
+            dist.broadcast_object_list(loads, src=0, group=cpu_group)
+            lora.load(loads[0])
             continue
         if length > buffer.numel():
             buffer = torch.empty(2 * length, dtype=torch.long)

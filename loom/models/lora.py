@@ -66,8 +66,13 @@ class LoRAWeights:
     """The largest r among its projections."""
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     """Per layer: Loom projection -> (A [R, in], B^T [R, out]) with the scale folded into B; R is the packed rank."""
-    path: str = ""
-    """The folder it was read from (tensor-parallel ranks read it there too)."""
+    full: LoRAWeights | None = None
+    """On a tensor-parallel rank 0: the whole adapter on the CPU, which the other ranks cut their parts from."""
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LoRAWeights:
+        layers = [{name: (a.to(device, dtype).contiguous(), bt.to(device, dtype).contiguous())
+                   for name, (a, bt) in pairs.items()} for pairs in self.layers]
+        return LoRAWeights(self.name, self.max_rank, layers)
 
 
 def read_adapter_config(folder: Path) -> dict:
@@ -124,7 +129,7 @@ def load_peft_adapter(folder: str | Path, cfg: LlamaConfig, max_rank: int, dtype
             pairs.setdefault((layer, m.group(3)), {})[m.group(4)] = f.get_tensor(key)
     if not pairs:
         raise ValueError(f"{ADAPTER_WEIGHTS} holds no LoRA tensors")
-    weights = LoRAWeights(name or folder.name, 0, [{} for _ in range(cfg.num_hidden_layers)], str(folder))
+    weights = LoRAWeights(name or folder.name, 0, [{} for _ in range(cfg.num_hidden_layers)])
     in_features = _in_features(cfg)
     qkv_order = qkv_load_order(cfg)
     for layer in range(cfg.num_hidden_layers):
@@ -189,7 +194,7 @@ def shard_adapter(weights: LoRAWeights, cfg: LlamaConfig, shard: HeadShard) -> L
                 a = a[:, a_columns[name]]
             local[name] = (a.contiguous(), bt.contiguous())
         layers.append(local)
-    return LoRAWeights(weights.name, weights.max_rank, layers, weights.path)
+    return LoRAWeights(weights.name, weights.max_rank, layers)
 
 
 def parts_out(parts: dict[str, tuple[int, int]]) -> int:

@@ -110,7 +110,7 @@ def test_shared_memory_all_reduce_and_gather_between_two_ranks(tmp_path):
         lonely.all_reduce(torch.ones(4))
 
 
-def _run(path, tp: int, prompts, **engine):
+def _run(path, tp: int, prompts, after_add=None, **engine):
     eng = LLMEngine(EngineConfig(model=str(path), tensor_parallel_size=tp, num_kv_blocks=64, seed=0, **engine))
     steps: list[torch.Tensor] = []
     execute = eng.runner.execute
@@ -128,6 +128,8 @@ def _run(path, tp: int, prompts, **engine):
             for i, item in enumerate(wave):  # token ids, or (token ids, LoRA adapter)
                 ids, adapter = item if isinstance(item, tuple) else (item, None)
                 eng.add_request(f"{len(outputs)}-{i}", prompt_token_ids=ids, params=params, lora_request=adapter)
+            if after_add is not None:
+                after_add()
             while eng.has_unfinished_requests():
                 for out in eng.step():
                     if out.finished:
@@ -137,8 +139,12 @@ def _run(path, tp: int, prompts, **engine):
         eng.shutdown()
 
 
-def _assert_same_run(path, prompts, **engine):
+def _assert_same_run(path, prompts, before_run=None, **engine):
+    if before_run is not None:
+        before_run()
     one_steps, one = _run(path, 1, prompts, **engine)
+    if before_run is not None:
+        before_run()
     two_steps, two = _run(path, 2, prompts, **engine)
     assert len(one_steps) == len(two_steps)
     for a, b in zip(one_steps, two_steps):
@@ -187,7 +193,8 @@ def test_smollm2_greedy_ids_are_identical_over_two_ranks(smollm2_path):
 def test_lora_adapters_split_over_two_ranks_run_as_on_one(tmp_path, smollm2_path):
     """Each rank holds its part of every adapter (B's columns of q/k/v and gate/up, A's input columns of o and down).
     Three adapters and the base in one decode batch (the dense path), then a fourth adapter in a full set of slots:
-    rank 0 swaps one out and the other rank reads the new one from its folder before the step."""
+    rank 0 swaps one out and sends the other rank the new one before the step. The folders are moved away once the
+    requests are in: every rank runs the weights rank 0 read (no rank reads a folder again)."""
     from loom.engine.lora import LoRARequest
     from tests.engine.test_lora import TARGETS_ALL, make_adapter
 
@@ -202,8 +209,25 @@ def test_lora_adapters_split_over_two_ranks_run_as_on_one(tmp_path, smollm2_path
     prompts = [[(shared + [7, 8], adapters[0]), (list(range(300, 323)), adapters[1]), (shared + [5], adapters[2]),
                 shared + [6]],
                [(shared + [9], adapters[3]), (shared + [7, 8, 10], adapters[0])]]
-    outputs = _assert_same_run(path, prompts, enable_lora=True, max_loras=3, max_lora_rank=8,
-                               max_num_batched_tokens=64)
+    def hide():
+        for adapter in adapters:
+            os.rename(adapter.lora_path, adapter.lora_path + ".away")
+
+    def restore():
+        for adapter in adapters:
+            if os.path.exists(adapter.lora_path + ".away"):
+                os.rename(adapter.lora_path + ".away", adapter.lora_path)
+
+    waves = []
+
+    def after_add():  # each run has two waves: once the second's requests are in, every adapter has been read
+        waves.append(None)
+        if len(waves) % 2 == 0:
+            hide()
+
+    outputs = _assert_same_run(path, prompts, before_run=restore, after_add=after_add, enable_lora=True,
+                               max_loras=3, max_lora_rank=8, max_num_batched_tokens=64)
+    restore()
     assert outputs["4-1"][1] == 32  # adapter 0's prefix from the first wave (an adapter's blocks are its own)
     assert len({tuple(ids) for ids, _ in outputs.values()}) > 1
 
