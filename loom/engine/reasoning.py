@@ -57,6 +57,16 @@ def think_tokens(tokenizer, parser: str | None) -> ThinkTokens | None:
 OPEN, MAY_OPEN, DONE = "open", "may_open", "done"
 
 
+def prompt_block(prompt_token_ids: list[int], tokens: ThinkTokens) -> str | None:
+    """Where the prompt leaves the thinking block, from its last tag: DONE (closed), OPEN (opened), None (no tag)."""
+    for token in reversed(prompt_token_ids):
+        if token == tokens.end:
+            return DONE
+        if token == tokens.start:
+            return OPEN
+    return None
+
+
 class ReasoningGate:
     """A grammar matcher held back while the output is inside the thinking block (the module docstring's rule).
     The engine uses it as a matcher (``consume_token``, ``is_stopped``); ``StructuredOutputs.apply`` masks a row only
@@ -70,14 +80,10 @@ class ReasoningGate:
     @classmethod
     def for_prompt(cls, matcher: Any, tokens: ThinkTokens, prompt_token_ids: list[int]) -> Any:
         """The gate for a prompt, or ``matcher`` itself where the prompt has closed the block already."""
-        state = MAY_OPEN if tokens.start_in_output else OPEN
-        for token in reversed(prompt_token_ids):
-            if token == tokens.end:
-                return matcher
-            if token == tokens.start:
-                state = OPEN
-                break
-        return cls(matcher, tokens, state)
+        state = prompt_block(prompt_token_ids, tokens)
+        if state == DONE:
+            return matcher
+        return cls(matcher, tokens, state or (MAY_OPEN if tokens.start_in_output else OPEN))
 
     @property
     def constrains(self) -> bool:

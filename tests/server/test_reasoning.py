@@ -184,7 +184,7 @@ def test_a_grammar_starts_after_the_thinking_block(tiny_thinker):
 
     running = start_llm_server(tiny_config(tiny_thinker, num_kv_blocks=128, reasoning_parser="deepseek_r1"))
     try:
-        assert running.component.context.grammar_after_reasoning
+        assert running.component.context.think is not None
         body = {"logit_bias": {"49153": 100}, "temperature": 0,
                 "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}}
         choice = _chat(running, **body).json()["choices"][0]
@@ -192,5 +192,20 @@ def test_a_grammar_starts_after_the_thinking_block(tiny_thinker):
         assert json.loads(choice["message"]["content"])["answer"] in ("yes", "no")
         reasoning, content, _ = _streamed(running, **body)
         assert reasoning == "" and content == choice["message"]["content"]
+        # a prompt that closes the block itself (a prefilled answer): the grammar from the first token, and the
+        # answer is all content, though deepseek_r1's rule alone would call it reasoning
+        prefill = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>easy</think>"}]
+        choice = _chat(running, messages=prefill, add_generation_prompt=False, continue_final_message=True,
+                       **{**body, "logit_bias": None}).json()["choices"][0]
+        assert choice["message"]["reasoning_content"] is None
+        assert json.loads(choice["message"]["content"])["answer"] in ("yes", "no")
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("name", ["qwen3", "deepseek_r1"])
+def test_the_prompts_last_tag_sets_where_an_answer_starts(name):
+    parser = REASONING_PARSERS[name]
+    assert parser.after_prompt("done") is None  # a closed block: all content
+    assert parser.after_prompt("open").split("plan</think>answer") == ("plan", "answer")  # starts inside it
+    assert parser.after_prompt(None) is parser

@@ -19,6 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from loom.engine.outputs import CompletionOutput
+from loom.engine.reasoning import prompt_block
 from loom.entrypoints.openai.protocol import ChatCompletionRequest
 from loom.entrypoints.openai.reasoning import ReasoningParser, ReasoningStream
 from loom.entrypoints.openai.serving import (
@@ -43,7 +44,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     params = req.sampling_params(plan.structured)
     # the engine starts a grammar after the thinking block where it can tell the block's tags (single tokens);
     # elsewhere a grammar constrains the whole output, which has no block to split off
-    grammar_free = params.structured_outputs is None or ctx.grammar_after_reasoning
+    grammar_free = params.structured_outputs is None or ctx.think is not None
     reasoning = ctx.reasoning if grammar_free else None
     markers = (plan.parser.markers if plan.parser is not None else ()) + (reasoning.markers if reasoning else ())
     if markers and ctx.has_special_token(markers):
@@ -52,6 +53,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     template = req.template_options(req.messages, req.add_generation_prompt)
     prompt = await ctx.apply_chat_template(req.messages, req.add_generation_prompt, tools=plan.tools,
                                            template=template)
+    if reasoning is not None and ctx.think is not None:
+        reasoning = reasoning.after_prompt(prompt_block(prompt, ctx.think))  # as the engine's gate reads it
     await ctx.compile_grammar(params, _grammar_param(req, plan))
     request_id, created = new_id("chatcmpl"), now_s()
     streams = await ctx.open_streams(request_id, [prompt], params, time.time(), lora)

@@ -22,9 +22,9 @@ streamed output is the split of the whole one (one code path: ``split`` feeds th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from loom.engine.reasoning import REASONING_TAGS
+from loom.engine.reasoning import DONE, OPEN, REASONING_TAGS
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +40,16 @@ class ReasoningParser:
     def markers(self) -> tuple[str, ...]:
         """The tags, which must stay in the decoded text (``skip_special_tokens`` off where they are special)."""
         return (self.start, self.end)
+
+    def after_prompt(self, block: str | None) -> ReasoningParser | None:
+        """The rule for an answer to a prompt that leaves the block ``block`` (``loom.engine.reasoning.prompt_block``,
+        from the prompt's last tag): closed, the answer is all content (None: no split); opened, the answer starts
+        inside it, whatever the parser's name says; no tag, the parser's own rule."""
+        if block == DONE:
+            return None
+        if block == OPEN and self.start_in_output:
+            return replace(self, start_in_output=False)
+        return self
 
     def stream(self) -> ReasoningStream:
         return ReasoningStream(self)

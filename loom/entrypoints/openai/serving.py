@@ -14,7 +14,7 @@ from fastapi import Request, Response
 
 from loom.engine.lora import LoRARequest
 from loom.engine.outputs import RequestOutput
-from loom.engine.reasoning import think_tokens
+from loom.engine.reasoning import ThinkTokens, think_tokens
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.structured import StructuredOutputError
 from loom.entrypoints.openai.async_engine import AsyncLLMEngine, EngineDead, EngineOverloaded, RequestStream
@@ -48,20 +48,21 @@ class ServingContext:
     _encoder: PromptEncoder | None = field(default=None)
     _template_has_tools: bool | None = field(default=None)
     _special_tokens: frozenset[str] | None = field(default=None)
-    _grammar_after_reasoning: bool | None = field(default=None)
+    _think: ThinkTokens | bool | None = field(default=None)
 
     @property
     def model_name(self) -> str:
         return self.model_names[0]
 
     @property
-    def grammar_after_reasoning(self) -> bool:
-        """Whether the engine starts structured outputs after the thinking block (it does where the block's tags
-        are single tokens: ``loom.engine.reasoning``), so a constrained answer is split too."""
-        if self._grammar_after_reasoning is None:
-            self._grammar_after_reasoning = (self.reasoning is not None
-                                             and think_tokens(self.front.tokenizer, self.reasoning.name) is not None)
-        return self._grammar_after_reasoning
+    def think(self) -> ThinkTokens | None:
+        """The thinking block's tags as token ids, where ``--reasoning-parser`` is on and they are single tokens: the
+        engine then starts structured outputs after the block (``loom.engine.reasoning``), so a constrained answer is
+        split too, and the prompt's last tag says where an answer starts."""
+        if self._think is None:
+            self._think = (self.reasoning is not None and think_tokens(self.front.tokenizer, self.reasoning.name)
+                           or False)
+        return self._think or None
 
     @property
     def strings(self) -> TokenStrings:
