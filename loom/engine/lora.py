@@ -140,8 +140,9 @@ class LoRAManager:
             raise RuntimeError(f"{len(wanted)} adapters in one step, but max_loras is {self.max_loras}")
         self._clock += 1
         slot_of = {}
-        for lora_id in wanted:
-            if lora_id in self._slot_ids:
+        for lora_id, weights in wanted.items():
+            # the slot must hold these very weights: an id removed and given to another folder reloads
+            if lora_id in self._slot_ids and self.slots.slots[self._slot_ids.index(lora_id)] is weights:
                 slot_of[lora_id] = self._slot_ids.index(lora_id)
         for lora_id, weights in wanted.items():
             if lora_id not in slot_of:

@@ -197,6 +197,17 @@ def test_an_evicted_or_removed_adapter_never_fails_a_sequence_in_flight(tiny_lla
     assert done == {"x": hf_greedy(m1, PROMPTS[0]), "y": hf_greedy(m2, PROMPTS[1])}
 
 
+def test_an_id_removed_and_given_to_another_folder_serves_the_new_adapter(tiny_llama, adapters):
+    """The slot still holding the old weights is not taken for the new ones under the same id."""
+    (r1, _), (r2, m2) = adapters[0], adapters[1]
+    llm = LLM(str(tiny_llama), enable_lora=True, max_loras=1, max_lora_rank=8, num_kv_blocks=64)
+    llm.generate([{"prompt_token_ids": PROMPTS[0]}], GREEDY, lora_request=r1)
+    assert llm.engine.lora.remove(r1.lora_int_id)
+    renamed = LoRARequest(r2.lora_name, r1.lora_int_id, r2.lora_path)
+    out = llm.generate([{"prompt_token_ids": PROMPTS[1]}], GREEDY, lora_request=renamed)
+    assert out[0].outputs[0].token_ids == hf_greedy(m2, PROMPTS[1])
+
+
 @pytest.mark.slow
 def test_smollm2_with_an_adapter_matches_peft(smollm2_path, tmp_path):
     model = make_adapter(tmp_path / "s", smollm2_path, seed=5, r=8, alpha=16, targets=TARGETS_ALL)
