@@ -216,16 +216,22 @@ def _hf_name(name: str) -> str:
 def pool_segments(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str) -> torch.Tensor:
     """hidden: [N, D] packed rows, cu_seqlens: [B+1] -> [B, D] by sentence-transformers' rule for `mode`.
 
-    mode: "mean", "cls" (first token), "max" or "mean_sqrt_len" (sum / sqrt(length)); the packed twin of
-    ``loom.batching.handlers.embedding.pool``.
+    mode: "mean", "cls" (first token), "lasttoken", "max", "mean_sqrt_len" (sum / sqrt(length)) or "weightedmean"
+    (token i of a text weighted i + 1); the packed twin of ``loom.batching.handlers.embedding.pool``.
     """
     if mode == "cls":
         return hidden.index_select(0, cu_seqlens[:-1])
+    if mode == "lasttoken":
+        return hidden.index_select(0, cu_seqlens[1:] - 1)
     batch, dim = cu_seqlens.shape[0] - 1, hidden.shape[1]
     seq_ids = segment_ids(cu_seqlens)  # [N]
     if mode == "max":
         index = seq_ids[:, None].expand(-1, dim)
         return hidden.new_empty(batch, dim).scatter_reduce_(0, index, hidden, "amax", include_self=False)
+    if mode == "weightedmean":
+        weights = (torch.arange(hidden.shape[0], device=hidden.device) - cu_seqlens[seq_ids] + 1).to(hidden.dtype)
+        summed = hidden.new_zeros(batch, dim).index_add_(0, seq_ids, hidden * weights[:, None])
+        return summed / hidden.new_zeros(batch).index_add_(0, seq_ids, weights)[:, None]
     summed = hidden.new_zeros(batch, dim).index_add_(0, seq_ids, hidden)  # [B, D]
     counts = cu_seqlens.diff().to(hidden.dtype)[:, None]  # [B, 1]
     return summed / (counts.sqrt() if mode == "mean_sqrt_len" else counts)

