@@ -1,8 +1,8 @@
 """Per-model settings of the model server and the two ways to declare them: `--serve` specs and models.yaml.
 
-``--serve NAME=HANDLER[:PATH]``: HANDLER is a built-in name (``embedding``, ``image-classifier``), a ``.py`` file or
-a dotted module path (``file.py#Class`` / ``pkg.mod#Class`` picks one class when the module defines several);
-PATH is the model folder handed to the handler's ``setup``.
+``--serve NAME=HANDLER[:PATH]``: HANDLER is a built-in name (``embedding``, ``reranker``, ``image-classifier``), a
+``.py`` file or a dotted module path (``file.py#Class`` / ``pkg.mod#Class`` picks one class when the module defines
+several); PATH is the model folder handed to the handler's ``setup``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class ModelConfig:
         if not _NAME.match(self.name):
             raise ValueError(f"model name {self.name!r} must be 1-64 characters of letters, digits, '.', '_' or '-'")
         if not self.handler:
-            raise ValueError("handler is empty; use a built-in name (embedding, image-classifier), "
+            raise ValueError("handler is empty; use a built-in name (embedding, reranker, image-classifier), "
                              "a .py file or a module")
         if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
             raise ValueError(f"batch_size must be in 1..{MAX_BATCH_SIZE}, got {self.batch_size}")

@@ -25,6 +25,7 @@ from typing import Any
 BUILTIN_HANDLERS = {
     "embedding": "loom.batching.handlers.embedding#EmbeddingHandler",
     "image-classifier": "loom.batching.handlers.image_classifier#ImageClassifierHandler",
+    "reranker": "loom.batching.handlers.reranker#RerankerHandler",
 }
 
 

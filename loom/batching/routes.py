@@ -1,9 +1,10 @@
 """Inference routes on the main app: POST /predictions/{model} (TorchServe's path), POST /v1/embeddings
-(OpenAI's shape) and GET /ping (readiness).
+(OpenAI's shape), POST /v1/rerank (the shape vLLM, Jina and Cohere v1 answer; also /rerank) and POST /v1/score
+(vLLM's) for cross-encoders, and GET /ping (readiness).
 
 Errors are JSON ``{"error": {"message", "type", "code"}}``: 400 bad input, 404 unknown model, 413 too many inputs,
 503 + Retry-After when the model's queue is full, 504 when a request waited past its deadline. The app's ``Guard``
-bounds every body and requires a JSON content type on /v1/embeddings; /predictions takes any content type.
+bounds every body and requires a JSON content type on the /v1 routes; /predictions takes any content type.
 
 POST /predictions/{name} is answered by :class:`PredictionRoute`, a plain ASGI app that the main app runs behind its
 ``Guard`` and in front of FastAPI's router (``raw_routes``): FastAPI's request handling (routing, dependency
@@ -18,6 +19,7 @@ import asyncio
 import base64
 import json
 import struct
+import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -27,6 +29,7 @@ from loom.batching.model import ItemFailed, ModelUnavailable
 from loom.batching.server import ModelNotFound, ModelServer
 
 MAX_EMBEDDING_INPUTS = 2048
+MAX_RERANK_DOCUMENTS = 1024
 RAW_BODY_PREFIXES = ("/predictions/",)
 """Routes whose bodies may be images, text or JSON (the handler decodes them)."""
 
@@ -78,12 +81,9 @@ def build_inference_router(server: ModelServer) -> APIRouter:
                                               request.headers.get("content-type", ""))
         return Response(body, status_code=status, media_type="application/json", headers=headers)
 
-    @router.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Response:
-        try:
-            return json_response(await _embeddings(server, await _read_body(request)))
-        except HTTPError as err:
-            return error_response(err)
+    for path, answer in (("/v1/embeddings", _embeddings), ("/v1/rerank", _rerank), ("/rerank", _rerank),
+                         ("/v1/score", _score)):
+        router.add_api_route(path, _json_route(server, answer), methods=["POST"])
 
     @router.get("/ping")
     async def ping() -> Response:
@@ -92,6 +92,18 @@ def build_inference_router(server: ModelServer) -> APIRouter:
         return json_response(body, 200 if ready else 503)
 
     return router
+
+
+def _json_route(server: ModelServer, answer):
+    """A POST route whose JSON body ``answer(server, body)`` turns into the JSON reply (HTTPError: its status)."""
+
+    async def route(request: Request) -> Response:
+        try:
+            return json_response(await answer(server, await _read_body(request)))
+        except HTTPError as err:
+            return error_response(err)
+
+    return route
 
 
 async def predict(server: ModelServer, name: str, body: bytes, content_type: str) -> tuple[int, bytes, dict]:
@@ -193,26 +205,13 @@ def _http_error(exc: Exception, model) -> HTTPError:
 
 
 async def _embeddings(server: ModelServer, body: bytes) -> dict:
-    request = _decode_body(body, "application/json")
-    if not isinstance(request, dict):
-        raise HTTPError(400, 'body must be a JSON object like {"model": "minilm", "input": ["text", ...]}')
+    request = _json_request(body, '{"model": "minilm", "input": ["text", ...]}')
     inputs = _embedding_inputs(request.get("input"))
-    name = request.get("model")
-    if not name and len(server.models) == 1:
-        name = next(iter(server.models))
-    model = _model(server, str(name or ""))
+    model = _named_model(server, request)
     encoding = request.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise HTTPError(400, f"encoding_format must be 'float' or 'base64', got {encoding!r}")
-    try:  # every input queued at once or none (503 before any is queued): one request never fills the queue
-        waits = model.submit_all(inputs)
-    except (QueueFull, ModelUnavailable) as exc:
-        raise _http_error(exc, model) from None
-    results = await asyncio.gather(*(_answer(wait, model) for wait in waits), return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise (result if isinstance(result, HTTPError)
-                   else HTTPError(500, f"embedding failed: {result}", "server_error"))
+    results = await _run_all(model, inputs, "embedding")
     data, tokens = [], 0
     for i, result in enumerate(results):
         if not isinstance(result, dict) or "embedding" not in result:
@@ -222,6 +221,94 @@ async def _embeddings(server: ModelServer, body: bytes) -> dict:
         data.append({"object": "embedding", "index": i, "embedding": _encode(result["embedding"], encoding)})
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
     return {"object": "list", "data": data, "model": model.config.name, "usage": usage}
+
+
+async def _run_all(model, payloads: list, what: str) -> list:
+    """Every payload queued at once or none (503 before any is queued: one request never fills the queue); their
+    results in order, the first failure raised as its HTTP error."""
+    try:
+        waits = model.submit_all(payloads)
+    except (QueueFull, ModelUnavailable) as exc:
+        raise _http_error(exc, model) from None
+    results = await asyncio.gather(*(_answer(wait, model) for wait in waits), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise (result if isinstance(result, HTTPError)
+                   else HTTPError(500, f"{what} failed: {result}", "server_error"))
+    return results
+
+
+def _json_request(body: bytes, example: str) -> dict:
+    request = _decode_body(body, "application/json")
+    if not isinstance(request, dict):
+        raise HTTPError(400, f"body must be a JSON object like {example}")
+    return request
+
+
+def _named_model(server: ModelServer, request: dict):
+    """The model the request names, or the only one served."""
+    name = request.get("model")
+    if not name and len(server.models) == 1:
+        name = next(iter(server.models))
+    return _model(server, str(name or ""))
+
+
+async def _scores(model, pairs: list[tuple[str, str]]) -> tuple[list[float], int]:
+    """Each (query, document) pair's relevance score through a reranker model, and the tokens they took."""
+    results = await _run_all(model, [{"query": q, "document": d} for q, d in pairs], "scoring")
+    if not all(isinstance(r, dict) and isinstance(r.get("score"), int | float) for r in results):
+        raise HTTPError(400, f"model {model.config.name} (handler {model.config.handler}) does not score pairs; "
+                        "serve a cross-encoder with the reranker handler (NAME=reranker:PATH)")
+    return [float(r["score"]) for r in results], sum(int(r.get("tokens", 0)) for r in results)
+
+
+def _texts(value: Any, field: str, limit: int) -> list[str]:
+    """A non-empty list of strings ({"text": ...} objects too, as Cohere's and Jina's clients send documents)."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        value = [v["text"] if isinstance(v, dict) and isinstance(v.get("text"), str) else v for v in value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise HTTPError(400, f"'{field}' must be a non-empty string or list of strings")
+    if len(value) > limit:
+        raise HTTPError(413, f"'{field}' has {len(value)} items; send at most {limit} per request")
+    return value
+
+
+async def _rerank(server: ModelServer, body: bytes) -> dict:
+    request = _json_request(body, '{"model": "rerank", "query": "...", "documents": ["...", ...]}')
+    query = request.get("query")
+    if not isinstance(query, str):
+        raise HTTPError(400, "'query' must be a string")
+    documents = _texts(request.get("documents"), "documents", MAX_RERANK_DOCUMENTS)
+    top_n = request.get("top_n")
+    if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
+        raise HTTPError(400, f"'top_n' must be a positive integer, got {top_n!r}")
+    model = _named_model(server, request)
+    scores, tokens = await _scores(model, [(query, d) for d in documents])
+    ranked = sorted(range(len(documents)), key=lambda i: -scores[i])[:top_n]
+    keep = request.get("return_documents", True) is not False
+    results = [{"index": i, "relevance_score": scores[i], **({"document": {"text": documents[i]}} if keep else {})}
+               for i in ranked]
+    return {"id": f"rerank-{uuid.uuid4().hex}", "model": model.config.name, "results": results,
+            "usage": {"total_tokens": tokens}}
+
+
+async def _score(server: ModelServer, body: bytes) -> dict:
+    """vLLM's /v1/score: text_1 against each of text_2 (one text_1), or pairwise (as many of each)."""
+    request = _json_request(body, '{"model": "rerank", "text_1": "...", "text_2": ["...", ...]}')
+    first = _texts(request.get("text_1"), "text_1", MAX_RERANK_DOCUMENTS)
+    second = _texts(request.get("text_2"), "text_2", MAX_RERANK_DOCUMENTS)
+    if len(first) == 1:
+        first = first * len(second)
+    elif len(first) != len(second):
+        raise HTTPError(400, f"'text_1' has {len(first)} texts and 'text_2' {len(second)}: give one text_1, or as "
+                        "many as text_2 (scored pairwise)")
+    model = _named_model(server, request)
+    scores, tokens = await _scores(model, list(zip(first, second)))
+    return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "model": model.config.name,
+            "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 def _embedding_inputs(value: Any) -> list[str]:

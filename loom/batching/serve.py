@@ -33,7 +33,7 @@ MODEL_FLAGS = {"batch_size", "max_batch_delay", "workers", "max_queue_size", "re
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model server (dynamic batching)")
     group.add_argument("--serve", action="append", default=[], metavar="NAME=HANDLER[:PATH]",
-                       help="serve a model: HANDLER is embedding, image-classifier, a .py file or a module "
+                       help="serve a model: HANDLER is embedding, reranker, image-classifier, a .py file or a module "
                             "(repeatable)")
     group.add_argument("--config", metavar="MODELS_YAML",
                        help="models.yaml: models: {NAME: {handler, path, batch_size, ...}}")

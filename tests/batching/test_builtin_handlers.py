@@ -107,3 +107,28 @@ def test_a_decoder_embedder_matches_sentence_transformers(tmp_path, smollm2_path
     alone = torch.tensor([run_batch(handler, [t])[0].value["embedding"] for t in texts])
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours, alone, atol=1e-5, rtol=1e-4)
+
+
+PAIRS = [("how do I bake bread", "Mix flour, water, salt and yeast, then bake."),
+         ("how do I bake bread", "The stock market fell today."),
+         ("capital of France", "Paris " * 600),  # past 512 tokens: truncated as sentence-transformers truncates
+         ("capital of France", "")]
+
+
+def test_reranker_scores_pairs_as_sentence_transformers_cross_encoder(tiny_cross_encoder_dir):
+    from sentence_transformers import CrossEncoder
+
+    from loom.batching.handlers.reranker import RerankerHandler
+
+    handler = RerankerHandler()
+    handler.setup(Context("rerank", str(tiny_cross_encoder_dir), 0, num_threads=1))
+    items = [{"query": PAIRS[0][0], "document": PAIRS[0][1]}, list(PAIRS[1]),
+             {"text": PAIRS[2][0], "text_pair": PAIRS[2][1]}, {"query": PAIRS[3][0], "document": PAIRS[3][1]},
+             {"query": "only a query"}]
+    results = run_batch(handler, items)
+    ours = torch.tensor([r.value["score"] for r in results[:4]])
+    reference = torch.tensor(CrossEncoder(str(tiny_cross_encoder_dir), device="cpu").predict(PAIRS))
+    torch.testing.assert_close(ours, reference.float(), atol=1e-5, rtol=1e-5)
+    assert ((ours > 0) & (ours < 1)).all()  # the one-label model's sigmoid, as CrossEncoder applies it
+    assert results[2].value["tokens"] == 512
+    assert results[4].status == 400 and '"document"' in results[4].error

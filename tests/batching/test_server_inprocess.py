@@ -401,3 +401,52 @@ def test_the_raw_prediction_route_sends_nothing_to_a_client_that_left_mid_body()
     route = PredictionRoute(server=None)  # never reached: the body did not arrive
     run(route({"type": "http", "method": "POST", "headers": []}, receive, send, "echo"))
     assert sent == []
+
+
+def test_rerank_and_score_routes_rank_documents_by_the_cross_encoders_scores(tiny_cross_encoder_dir):
+    """/v1/rerank (vLLM's, Jina's and Cohere's shape) and /v1/score over a reranker worker: the scores are the
+    handler's, documents sorted by them (top_n, return_documents, {"text"} documents), bad input a 400 naming the
+    field, too many documents 413, a model that does not score pairs 400."""
+    from loom.batching.handler import Context, run_batch
+    from loom.batching.handlers.reranker import RerankerHandler
+
+    query = "how do I bake bread"
+    documents = ["Mix flour, water, salt and yeast, then bake.", "The stock market fell today.", "Bread", "ovens"]
+
+    async def body():
+        async with serving(ModelConfig("rerank", "reranker", str(tiny_cross_encoder_dir), max_batch_delay=50),
+                           echo()) as (client, _, _c):
+            return (
+                await client.post("/v1/rerank", json={"model": "rerank", "query": query, "documents": documents}),
+                await client.post("/rerank", json={"model": "rerank", "query": query, "top_n": 2,
+                                                   "return_documents": False,
+                                                   "documents": [{"text": d} for d in documents]}),
+                await client.post("/v1/score", json={"model": "rerank", "text_1": query, "text_2": documents}),
+                await client.post("/v1/score", json={"model": "rerank", "text_1": [query, query], "text_2": documents}),
+                await client.post("/v1/rerank", json={"model": "rerank", "documents": documents}),
+                await client.post("/v1/rerank", json={"model": "rerank", "query": query, "documents": []}),
+                await client.post("/v1/rerank", json={"model": "rerank", "query": query, "documents": ["x"] * 1025}),
+                await client.post("/v1/rerank", json={"model": "rerank", "query": query, "documents": documents,
+                                                      "top_n": 0}),
+                await client.post("/v1/rerank", json={"model": "echo", "query": query, "documents": documents}),
+            )
+
+    full, top, score, mismatched, no_query, empty, too_many, bad_top, not_reranker = run(body())
+    handler = RerankerHandler()
+    handler.setup(Context("rerank", str(tiny_cross_encoder_dir), 0, num_threads=1))
+    expected = [r.value["score"] for r in run_batch(handler, [{"query": query, "document": d} for d in documents])]
+    order = sorted(range(len(documents)), key=lambda i: -expected[i])
+    results = full.json()["results"]
+    assert full.status_code == 200 and [r["index"] for r in results] == order
+    assert [r["relevance_score"] for r in results] == pytest.approx([expected[i] for i in order], abs=1e-6)
+    assert [r["document"]["text"] for r in results] == [documents[i] for i in order]
+    assert full.json()["usage"]["total_tokens"] > 0 and full.json()["model"] == "rerank"
+    assert [r["index"] for r in top.json()["results"]] == order[:2]
+    assert all("document" not in r for r in top.json()["results"])
+    assert [d["score"] for d in score.json()["data"]] == pytest.approx(expected, abs=1e-6)
+    assert mismatched.status_code == 400 and "text_1" in mismatched.json()["error"]["message"]
+    assert no_query.status_code == 400 and "'query'" in no_query.json()["error"]["message"]
+    assert empty.status_code == 400 and "'documents'" in empty.json()["error"]["message"]
+    assert too_many.status_code == 413
+    assert bad_top.status_code == 400 and "top_n" in bad_top.json()["error"]["message"]
+    assert not_reranker.status_code == 400 and "does not score pairs" in not_reranker.json()["error"]["message"]

@@ -1,1 +1,2 @@
-"""Built-in handlers: ``embedding`` (sentence-transformers folders) and ``image-classifier`` (ViT)."""
+"""Built-in handlers: ``embedding`` (sentence-transformers folders), ``reranker`` (cross-encoders) and
+``image-classifier`` (ViT)."""
