@@ -21,11 +21,16 @@ class FinetuneConfig:
     """Training records: Alpaca JSON/JSONL, OpenAI messages JSONL or ShareGPT JSON/JSONL."""
     output: str
     """Folder for the servable model (and adapter/ and checkpoints/)."""
-    method: Literal["sft", "dpo", "orpo"] = "sft"
-    """"sft" (supervised on responses), "dpo" (preference pairs against a reference model) or "orpo" (preference
-    pairs, odds-ratio loss added to SFT on the chosen response; no reference model)."""
+    method: Literal["sft", "dpo", "orpo", "simpo"] = "sft"
+    """"sft" (supervised on responses), "dpo" (preference pairs against a reference model), "orpo" (preference
+    pairs, odds-ratio loss added to SFT on the chosen response; no reference model) or "simpo" (preference pairs,
+    length-averaged log-probs with a target margin; no reference model: TRL's CPO with loss_type "simpo")."""
     beta: float = 0.1
-    """DPO: the KL strength (how far the policy may move from the reference); ORPO: the odds-ratio weight (lambda)."""
+    """DPO: the KL strength (how far the policy may move from the reference); ORPO: the odds-ratio weight (lambda);
+    SimPO: the reward scale (the paper's 2.0-2.5)."""
+    simpo_gamma: float = 0.5
+    """SimPO: the target reward margin gamma (the margin beta x (mean log-prob chosen - rejected) should exceed);
+    the paper's gamma / beta of 0.5 with beta 2.0 is gamma 1.0."""
     dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
     """DPO's loss: "sigmoid" (the DPO paper) or "ipo" (squared, on length-averaged log-probs; Azar et al. 2023)."""
     label_smoothing: float = 0.0
@@ -153,7 +158,7 @@ class FinetuneConfig:
 
     @property
     def is_preference(self) -> bool:
-        """Trained on chosen/rejected pairs (dpo, orpo) rather than on responses (sft)."""
+        """Trained on chosen/rejected pairs (dpo, orpo, simpo) rather than on responses (sft)."""
         return self.method != "sft"
 
     @property

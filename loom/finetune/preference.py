@@ -1,7 +1,7 @@
-"""Preference tuning: DPO (sigmoid, IPO, cDPO label smoothing) and ORPO on chosen/rejected pairs.
+"""Preference tuning: DPO (sigmoid, IPO, cDPO label smoothing), ORPO and SimPO on chosen/rejected pairs.
 
     pairs, skipped = encode_pairs(load_records("prefs.jsonl"), tokenizer, template="chat", max_length=512)
-    trainer = PreferenceTrainer(cfg, model, tokenizer, pairs)     # cfg.method "dpo" or "orpo"
+    trainer = PreferenceTrainer(cfg, model, tokenizer, pairs)     # cfg.method "dpo", "orpo" or "simpo"
     result = trainer.fit()
 
 A record is ``{"prompt" | "messages", "chosen", "rejected"}`` as TRL takes them: plain text (``"prompt": "2+2?"``,
@@ -19,7 +19,9 @@ and cached per pair. Losses, with the log-ratios ``c = log pi(chosen) - log ref(
 - dpo/sigmoid: ``-(1 - e) log sigmoid(beta (c - r)) - e log sigmoid(-beta (c - r))`` (``e`` = label smoothing, cDPO);
 - dpo/ipo: ``(c - r - 1 / (2 beta))^2`` on length-averaged log-probs (Azar et al.);
 - orpo: ``-mean log pi(chosen) - beta log sigmoid(log odds(chosen) - log odds(rejected))`` on length-averaged
-  log-probs, with ``odds(p) = p / (1 - p)`` (Hong et al.; no reference model).
+  log-probs, with ``odds(p) = p / (1 - p)`` (Hong et al.; no reference model);
+- simpo: ``-log sigmoid(beta (mean log pi(chosen) - mean log pi(rejected)) - gamma)`` on length-averaged log-probs
+  (Meng et al. 2024, TRL's CPO with loss_type "simpo" and cpo_alpha 0; no reference model).
 
 The step's loss is the mean over its pairs (each micro-batch's summed loss divided by the step's pair count).
 Rewards are ``beta c`` and ``beta r``; reward accuracy is the share of pairs with ``beta c > beta r``.
@@ -265,6 +267,13 @@ def orpo_loss(mean_chosen: torch.Tensor, mean_rejected: torch.Tensor, *, beta: f
     return PreferenceOutput(losses, beta * mean_chosen.detach(), beta * mean_rejected.detach())
 
 
+def simpo_loss(mean_chosen: torch.Tensor, mean_rejected: torch.Tensor, *, beta: float,
+               gamma: float) -> PreferenceOutput:
+    """SimPO on length-averaged log-probs: the scaled margin should exceed ``gamma``; rewards are beta x the means."""
+    losses = -F.logsigmoid(beta * (mean_chosen - mean_rejected) - gamma)
+    return PreferenceOutput(losses, beta * mean_chosen.detach(), beta * mean_rejected.detach())
+
+
 def _log1m_exp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, stable near 0 (an averaged log-prob of ~0 would give log(0))."""
     return torch.log1p(-torch.exp(x).clamp(max=1 - 1e-7))
@@ -281,7 +290,7 @@ class PreferenceTrainer(Trainer):
     def __init__(self, cfg: FinetuneConfig, model, tokenizer, pairs: list[dict], reporter=None,
                  ranks: Ranks | None = None):
         if not cfg.is_preference:
-            raise ValueError(f"PreferenceTrainer runs method 'dpo' or 'orpo', got {cfg.method!r}")
+            raise ValueError(f"PreferenceTrainer runs method 'dpo', 'orpo' or 'simpo', got {cfg.method!r}")
         self.pairs = pairs
         super().__init__(cfg, model, tokenizer, pairs, reporter=reporter, ranks=ranks)
         self.reference_mode = reference_mode(cfg) if cfg.method == "dpo" else None
@@ -364,9 +373,11 @@ class PreferenceTrainer(Trainer):
         ref = self.reference_logps(pb, reference) if cfg.method == "dpo" else None
         with self.autocast:
             logps, counts = self.loss_module(pb)
-        if cfg.method == "orpo":
+        if cfg.method in ("orpo", "simpo"):
             mean = logps / counts.clamp(min=1)
-            return orpo_loss(mean[0::2], mean[1::2], beta=cfg.beta), logps, counts
+            out = (orpo_loss(mean[0::2], mean[1::2], beta=cfg.beta) if cfg.method == "orpo" else
+                   simpo_loss(mean[0::2], mean[1::2], beta=cfg.beta, gamma=cfg.simpo_gamma))
+            return out, logps, counts
         if cfg.dpo_loss == "ipo":  # IPO compares length-averaged log-probs
             logps_used, ref = logps / counts.clamp(min=1), ref / counts.clamp(min=1)
         else:

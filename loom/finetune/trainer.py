@@ -65,7 +65,7 @@ class TrainResult:
     num_supervised: int = 0
     elapsed_s: float = 0.0
     num_pairs: int = 0
-    """Preference pairs trained on (DPO/ORPO)."""
+    """Preference pairs trained on (DPO, ORPO, SimPO)."""
 
     @property
     def tokens_per_s(self) -> float:

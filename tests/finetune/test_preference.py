@@ -21,6 +21,7 @@ from loom.finetune.preference import (
     orpo_loss,
     pair_conversations,
     sequence_logps,
+    simpo_loss,
 )
 from loom.finetune.template import IGNORE_INDEX, encode_example
 
@@ -138,6 +139,9 @@ def test_dpo_ipo_cdpo_orpo_losses_equal_hand_computed_values():
     log_odds = (-0.5 - math.log(1 - math.exp(-0.5))) - (-1.2 - math.log(1 - math.exp(-1.2)))
     expected = 0.5 - beta * math.log(1 / (1 + math.exp(-log_odds)))
     assert float(orpo_loss(mc, mr, beta=beta).losses) == pytest.approx(expected, rel=1e-6)
+    simpo = simpo_loss(mc, mr, beta=2.0, gamma=0.5)  # 2.0 x 0.7 - 0.5 = 0.9 past the margin
+    assert float(simpo.losses) == pytest.approx(math.log1p(math.exp(-0.9)), rel=1e-6)
+    assert float(simpo.chosen_rewards) == pytest.approx(-1.0) and float(simpo.rejected_rewards) == pytest.approx(-2.4)
 
 
 def test_dpo_loss_on_a_tiny_model_equals_the_hand_computed_value(tmp_path, tokenizer):
@@ -178,7 +182,7 @@ def test_lora_reference_with_adapters_off_equals_a_frozen_copy(tmp_path, tokeniz
     assert not torch.allclose(with_adapters, expected, atol=1e-3)  # the adapters matter, so the check can fail
 
 
-@pytest.mark.parametrize("method, extra", [("dpo", {}), ("dpo", {"dpo_loss": "ipo"}), ("orpo", {})])
+@pytest.mark.parametrize("method, extra", [("dpo", {}), ("dpo", {"dpo_loss": "ipo"}), ("orpo", {}), ("simpo", {})])
 def test_packed_and_padded_pairs_give_the_same_loss_and_gradient(tmp_path, tokenizer, method, extra):
     pairs, _ = encode_pairs(PAIRS, tokenizer)
     results = []
@@ -231,6 +235,18 @@ def test_dpo_training_raises_the_reward_margin_and_accuracy(tmp_path, tokenizer,
     assert result.num_pairs == 16 * 4 and result.losses[-1] < result.losses[0]
     assert after["rewards/margins"] > 0.2 and after["rewards/accuracy"] == 1.0
     assert after["loss"] < math.log(2) - 0.05
+
+
+def test_simpo_training_opens_the_length_averaged_margin(tmp_path, tokenizer):
+    pairs, _ = encode_pairs(PAIRS, tokenizer)
+    cfg = config(tmp_path, method="simpo", beta=2.0, simpo_gamma=0.5, batch_size=4, max_steps=16, lr=1e-2)
+    trainer = PreferenceTrainer(cfg, make_tiny_llama(len(tokenizer)), tokenizer, pairs)
+    assert trainer.reference_mode is None  # no reference model
+    before = trainer.evaluate(pairs)
+    result = trainer.fit()
+    after = trainer.evaluate(pairs)
+    assert result.losses[-1] < result.losses[0] and after["rewards/accuracy"] == 1.0
+    assert after["rewards/margins"] > before["rewards/margins"] + 0.5
 
 
 def test_reference_adapters_needs_lora(tmp_path, tokenizer):
