@@ -100,7 +100,8 @@ def test_step_inputs_gathered_from_the_table_array_equal_the_token_by_token_refe
             continue
         decodes = [c for c in out.chunks if c.is_decode]
         prefills = [c for c in out.chunks if not c.is_decode]
-        got, _ = runner._inputs(decodes, prefills)
+        got, _, prompt_rows = runner._inputs(decodes, prefills)
+        assert prompt_rows == []  # no request asks for prompt logprobs
         ids, positions, slots, tables, seq_lens, prefill_chunks, rows = reference_inputs(bm, decodes, prefills)
         assert got.input_ids.tolist() == ids and got.positions.tolist() == positions and got.slots.tolist() == slots
         assert got.decode_seq_lens.tolist() == seq_lens and got.logit_rows.tolist() == rows
