@@ -379,7 +379,7 @@ class ModelRunner:
                 sampling.append(chunk)
         prompt_rows, prompt_logit_rows = [], []
         for i, c in enumerate(prefills, len(decodes)):
-            if c.seq.params.prompt_logprobs is not None:
+            if c.seq.prompt_logprobs is not None:  # a request's first sequence (n > 1: its siblings skip)
                 rows, targets = _prompt_logprob_rows(c, int(ends[i] - counts[i]))
                 if len(targets):
                     prompt_rows.append((c.seq, targets))

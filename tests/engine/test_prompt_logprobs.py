@@ -48,9 +48,11 @@ def test_prompt_logprobs_equal_transformers(tiny_llama, reference):
 
 
 def test_prompt_logprobs_zero_gives_each_tokens_own(tiny_llama, reference):
+    """Also with n = 2: the prompt is the request's, scored once (on its first sequence)."""
     ids = list(range(300, 320))
     out = LLM(str(tiny_llama), num_kv_blocks=32).generate(
-        [{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+        [{"prompt_token_ids": ids}], SamplingParams(n=2, max_tokens=1, prompt_logprobs=0))[0]
+    assert len(out.outputs) == 2 and len(out.prompt_logprobs) == len(ids)
     ref = reference(ids)
     assert [list(e) for e in out.prompt_logprobs[1:]] == [[t] for t in ids[1:]]
     assert [e[t] for e, t in zip(out.prompt_logprobs[1:], ids[1:])] == pytest.approx(
