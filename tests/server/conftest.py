@@ -78,3 +78,26 @@ def client(tiny_server):
 
     with openai.OpenAI(base_url=tiny_server.base_url, api_key="unused", max_retries=0, timeout=60) as c:
         yield c
+
+
+def script_outputs(server: RunningServer, monkeypatch):
+    """``script(text)``: from then on the engine writes ``text``: each sequence's next token is the text's token at its
+    position, then EOS (the sampler is replaced through ``monkeypatch``; the model still runs)."""
+    import torch
+
+    from loom.engine import llm_engine
+    from loom.ops.sampler import DeferredSample
+
+    tokenizer = server.component.front.tokenizer
+    eos = server.component.front.engine.eos_token_ids
+
+    def script(text: str) -> list[int]:
+        ids = tokenizer.encode(text, add_special_tokens=False) + [min(eos)]
+
+        def sample(logits, rows):
+            return DeferredSample(torch.tensor([ids[min(r.position, len(ids) - 1)] for r in rows]), None, [], [])
+
+        monkeypatch.setattr(llm_engine, "sample_deferred", sample)
+        return ids
+
+    return script

@@ -62,25 +62,10 @@ def server(tiny_llama):
 
 @pytest.fixture
 def scripted(server, monkeypatch):
-    """The engine writes a given text: each sequence's next token is the text's token at its position, then EOS
-    (the sampler is replaced; the model still runs). A random tiny model never writes a thinking block itself."""
-    import torch
+    """The engine writes a given text (``script_outputs``): a random tiny model never writes a thinking block."""
+    from tests.server.conftest import script_outputs
 
-    from loom.engine import llm_engine
-    from loom.ops.sampler import DeferredSample
-
-    tokenizer = server.component.front.tokenizer
-    eos = server.component.front.engine.eos_token_ids
-
-    def script(text: str) -> None:
-        ids = tokenizer.encode(text, add_special_tokens=False) + [min(eos)]
-
-        def sample(logits, rows):
-            return DeferredSample(torch.tensor([ids[min(r.position, len(ids) - 1)] for r in rows]), None, [], [])
-
-        monkeypatch.setattr(llm_engine, "sample_deferred", sample)
-
-    return script
+    return script_outputs(server, monkeypatch)
 
 
 def _chat(server, **body):

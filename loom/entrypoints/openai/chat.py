@@ -14,12 +14,15 @@ it is content (or tool calls). ``chat_template_kwargs`` and ``continue_final_mes
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from loom.engine.lora import LoRARequest
 from loom.engine.outputs import CompletionOutput
 from loom.engine.reasoning import prompt_block
+from loom.engine.sampling_params import SamplingParams
 from loom.entrypoints.openai.protocol import ChatCompletionRequest
 from loom.entrypoints.openai.reasoning import ReasoningParser, ReasoningStream
 from loom.entrypoints.openai.serving import (
@@ -39,6 +42,35 @@ from loom.entrypoints.openai.tools import ToolPlan, finish_reason_of, plan_tools
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
+    run = await prepare_chat(ctx, req)
+    request_id, created = new_id("chatcmpl"), now_s()
+    streams = await ctx.open_streams(request_id, [run.prompt], run.params, time.time(), run.lora)
+    if req.stream:
+        head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                "system_fingerprint": None}
+        return StreamingResponse(_stream(ctx, req, run.answer, streams[0], len(run.prompt), head),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+    head = {"id": request_id, "object": "chat.completion", "created": created, "model": req.model,
+            "system_fingerprint": None}
+    try:
+        return await unless_disconnected(_full(ctx, req, run.answer, streams, len(run.prompt), head), raw)
+    finally:
+        close_all(streams)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRun:
+    """A checked chat request, ready to admit: its adapter, sampling, prompt ids and how its text becomes a message."""
+
+    lora: LoRARequest | None
+    params: SamplingParams
+    prompt: list[int]
+    answer: Answer
+
+
+async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatRun:
+    """Everything before admission, each problem a 400 naming the field: model, tools, sampling, the rendered prompt,
+    the grammar compiled. /v1/responses goes through here too."""
     lora = ctx.check_model(req.model)
     plan = plan_tools(req, ctx.tool_settings)
     params = req.sampling_params(plan.structured)
@@ -56,23 +88,10 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     if reasoning is not None and ctx.think is not None:
         reasoning = reasoning.after_prompt(prompt_block(prompt, ctx.think))  # as the engine's gate reads it
     await ctx.compile_grammar(params, _grammar_param(req, plan))
-    request_id, created = new_id("chatcmpl"), now_s()
-    streams = await ctx.open_streams(request_id, [prompt], params, time.time(), lora)
-    answer = _Answer(plan, reasoning, with_reasoning=ctx.reasoning is not None)
-    if req.stream:
-        head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                "system_fingerprint": None}
-        return StreamingResponse(_stream(ctx, req, answer, streams[0], len(prompt), head),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
-    head = {"id": request_id, "object": "chat.completion", "created": created, "model": req.model,
-            "system_fingerprint": None}
-    try:
-        return await unless_disconnected(_full(ctx, req, answer, streams, len(prompt), head), raw)
-    finally:
-        close_all(streams)
+    return ChatRun(lora, params, prompt, Answer(plan, reasoning, with_reasoning=ctx.reasoning is not None))
 
 
-class _Answer:
+class Answer:
     """How a choice's text becomes its message: the reasoning split off first (``--reasoning-parser``), then the rest
     through the tool plan."""
 
@@ -94,11 +113,11 @@ class _Answer:
             message["tool_calls"] = calls
         return message, bool(calls)
 
-    def stream(self) -> _ChoiceStream:
-        return _ChoiceStream(self.plan.stream(), self.reasoning.stream() if self.reasoning else None)
+    def stream(self) -> ChoiceStream:
+        return ChoiceStream(self.plan.stream(), self.reasoning.stream() if self.reasoning else None)
 
 
-class _ChoiceStream:
+class ChoiceStream:
     """One streamed choice: its text so far -> the delta to send (reasoning pieces, then content or tool calls)."""
 
     def __init__(self, content, reasoning: ReasoningStream | None):
@@ -131,14 +150,14 @@ def _logprobs(ctx: ServingContext, req: ChatCompletionRequest, token_ids, logpro
     return {"content": ctx.strings.chat_entries(token_ids, logprobs, req.top_logprobs or 0), "refusal": None}
 
 
-async def _full(ctx, req: ChatCompletionRequest, answer: _Answer, streams, prompt_len: int,
+async def _full(ctx, req: ChatCompletionRequest, answer: Answer, streams, prompt_len: int,
                 head: dict) -> JSONResponse:
     finals = await finals_of(streams)
     choices = [_choice(ctx, req, answer, c) for c in finals[0].outputs]
     return JSONResponse({**head, "choices": choices, "usage": usage([prompt_len], finals)})
 
 
-def _choice(ctx, req, answer: _Answer, c: CompletionOutput) -> dict:
+def _choice(ctx, req, answer: Answer, c: CompletionOutput) -> dict:
     message, called = answer.message(c.text)
     return {
         "index": c.index,
@@ -154,7 +173,7 @@ def _chunk(head: dict, index: int, delta: dict, finish_reason=None, logprobs=Non
     return sse({**head, "choices": [choice], **(extra or {})})
 
 
-async def _stream(ctx, req: ChatCompletionRequest, answer: _Answer, stream, prompt_len: int, head: dict):
+async def _stream(ctx, req: ChatCompletionRequest, answer: Answer, stream, prompt_len: int, head: dict):
     """The stream's outputs are deltas (``output_kind="delta"``); the reasoning and tool parsers read each choice's
     text so far."""
     assert stream.delta, "a stream's outputs are deltas (ChatCompletionRequest.sampling_params)"

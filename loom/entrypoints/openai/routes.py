@@ -1,4 +1,5 @@
-"""The routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize.
+"""The routes: /v1/completions, /v1/chat/completions, /v1/responses (and its stored responses), /v1/models,
+/tokenize, /detokenize.
 
 Authentication is the app's (``loom.server.guard``): one key for every component's routes."""
 
@@ -20,6 +21,8 @@ from loom.entrypoints.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from loom.entrypoints.openai.responses import create_response, input_items_page, stored_response
+from loom.entrypoints.openai.responses_protocol import ResponsesRequest
 from loom.entrypoints.openai.serving import ServingContext, now_s
 from loom.entrypoints.openai.tools import template_tools
 
@@ -38,6 +41,31 @@ def build_routers(ctx: ServingContext) -> list[APIRouter]:
     @v1.post("/chat/completions", responses=STREAMS)
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         return await create_chat_completion(ctx, req, raw)
+
+    @v1.post("/responses", responses=STREAMS)
+    async def responses(req: ResponsesRequest, raw: Request):
+        return await create_response(ctx, ctx.responses, req, raw)
+
+    @v1.get("/responses/{response_id}")
+    async def get_response(response_id: str) -> dict:
+        return stored_response(ctx.responses, response_id).body
+
+    @v1.delete("/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict:
+        stored_response(ctx.responses, response_id)  # 404 for an unknown id
+        ctx.responses.delete(response_id)
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+    @v1.get("/responses/{response_id}/input_items")
+    async def response_input_items(response_id: str, limit: int = 20, order: str = "desc",
+                                   after: str | None = None) -> dict:
+        return input_items_page(stored_response(ctx.responses, response_id), limit, order, after)
+
+    @v1.post("/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str) -> dict:
+        stored_response(ctx.responses, response_id)
+        raise OpenAIError(400, "only background responses can be cancelled, and this server runs none: a response "
+                          "is finished when its request returns", param="response_id", code="invalid_value")
 
     @v1.get("/models")
     async def models() -> dict:

@@ -27,6 +27,7 @@ from loom.entrypoints.openai.engine_process import ProcessLLMEngine
 from loom.entrypoints.openai.lora import LoRARegistry, parse_lora_module
 from loom.entrypoints.openai.metrics import LLMMetrics
 from loom.entrypoints.openai.reasoning import REASONING_PARSERS
+from loom.entrypoints.openai.response_store import DEFAULT_STORED_RESPONSES, ResponseStore
 from loom.entrypoints.openai.routes import build_lora_router, build_routers, load_adapter
 from loom.entrypoints.openai.serving import ServingContext
 from loom.entrypoints.openai.tool_parsers import TOOL_PARSERS
@@ -66,6 +67,9 @@ class LLMServerConfig:
     --tool-call-parser. Without it such requests get 400."""
     exclude_tools_when_tool_choice_none: bool = False
     """Leave the tools out of the prompt when tool_choice is "none" (by default the template still gets them)."""
+    max_stored_responses: int = DEFAULT_STORED_RESPONSES
+    """Responses /v1/responses keeps (store: true, OpenAI's default) for previous_response_id and GET
+    /v1/responses/{id}, in memory, oldest dropped first; 0 keeps none (store is then ignored)."""
     engine_process: bool = False
     """Run the engine in a process of its own (vLLM v1's EngineCore) instead of a thread of the server's: the HTTP
     event loop and the engine's Python stop sharing one GIL. Pays where host work bounds a step (a GPU, many
@@ -78,6 +82,8 @@ class LLMServerConfig:
             raise ValueError(f"max_n must be >= 1, got {self.max_n}")
         if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
             raise ValueError(f"max_prompt_chars must be >= 1, got {self.max_prompt_chars}")
+        if self.max_stored_responses < 0:
+            raise ValueError(f"max_stored_responses must be >= 0, got {self.max_stored_responses}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.drain_timeout_s < 0:
@@ -117,7 +123,8 @@ class LLMComponent:
         self.context = ServingContext(self.front, list(config.served_model_names), max_n=config.max_n,
                                       max_prompt_chars=config.max_prompt_chars, loras=loras,
                                       tool_settings=config.tool_settings,
-                                      reasoning=REASONING_PARSERS.get(config.engine.reasoning_parser or ""))
+                                      reasoning=REASONING_PARSERS.get(config.engine.reasoning_parser or ""),
+                                      responses=ResponseStore(config.max_stored_responses))
 
     @property
     def fatal_error(self) -> str | None:

@@ -24,6 +24,7 @@ from loom.entrypoints.openai.lora import LoRARegistry
 from loom.entrypoints.openai.prompts import PromptEncoder
 from loom.entrypoints.openai.protocol import ChatMessage
 from loom.entrypoints.openai.reasoning import ReasoningParser
+from loom.entrypoints.openai.response_store import DEFAULT_STORED_RESPONSES, ResponseStore
 from loom.entrypoints.openai.tools import ToolSettings, template_messages
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -44,6 +45,8 @@ class ServingContext:
     tool_settings: ToolSettings = field(default_factory=ToolSettings)
     reasoning: ReasoningParser | None = None
     """``--reasoning-parser``: chat answers split into reasoning_content and content (``reasoning.py``)."""
+    responses: ResponseStore = field(default_factory=lambda: ResponseStore(DEFAULT_STORED_RESPONSES))
+    """The stored responses of /v1/responses (``store: true``)."""
     _strings: TokenStrings | None = field(default=None)
     _encoder: PromptEncoder | None = field(default=None)
     _template_has_tools: bool | None = field(default=None)
