@@ -34,7 +34,8 @@ def every_route(app) -> list[tuple[str, str]]:
 def test_every_route_but_the_public_four_needs_the_key(stack):
     routes = every_route(stack.app)
     protected = [(m, p) for m, p in routes if p not in PUBLIC_PATHS]
-    assert {p for _, p in routes} >= {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
+    assert {p for _, p in routes} >= {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize",
+                                      "/detokenize", "/v1/responses/echo", "/v1/responses/echo/input_items",
                                       "/v1/embeddings", "/predictions/echo", "/v1/images/generations",
                                       "/v1/images/jobs", "/v1/models", "/openapi.json"}
     with httpx.Client(base_url=stack.url, timeout=30) as client:
