@@ -96,6 +96,10 @@ class EngineConfig:
     """Reuse the KV blocks of a prompt prefix seen before."""
     enable_chunked_prefill: bool = True
     """Split long prompts over several steps, beside the decodes."""
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    """fcfs: requests wait and are preempted in arrival order. priority: by each request's priority (lower first;
+    the API's "priority" field), then arrival; the running request of the largest priority value is preempted
+    first."""
     attention_backend: Literal["auto", "torch", "cpp", "triton"] = "auto"
     """cpp: the fused CPU kernels (compiled on first use); triton: Triton's paged decode attention (CUDA); torch: the
     plain-PyTorch reference; auto: cpp on a CPU where the kernels build, triton on CUDA where triton is installed,

@@ -151,7 +151,8 @@ class LLMEngine:
         mcfg = self.model.config
         window = mcfg.sliding_window if len(mcfg.sliding_layers) == mcfg.num_hidden_layers else None
         sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
-                                    max_loras=config.max_loras if config.enable_lora else None, sliding_window=window)
+                                    max_loras=config.max_loras if config.enable_lora else None, sliding_window=window,
+                                    policy=config.scheduling_policy)
         self.scheduler = Scheduler(sched_cfg, self.block_manager)
         if self.workers is not None:
             self.workers.join(num_blocks)
@@ -199,10 +200,16 @@ class LLMEngine:
         prompt_token_ids: list[int] | None = None,
         arrival_time: float | None = None,
         lora_request: LoRARequest | None = None,
+        priority: int = 0,
     ) -> None:
+        """``priority``: lower is served first, with ``scheduling_policy="priority"`` only (a ValueError otherwise,
+        as vLLM refuses it)."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if priority != 0 and self.config.scheduling_policy != "priority":
+            raise ValueError(f"priority {priority} needs priority scheduling: start the server with "
+                             "--scheduling-policy priority (or leave priority 0)")
         if prompt_token_ids is None:
             if not isinstance(prompt, str):
                 raise ValueError("a prompt is a string or {'prompt_token_ids': [...]}")
@@ -212,7 +219,7 @@ class LLMEngine:
         now = arrival_time or time.time()
         seqs = [
             Sequence(next(self._seq_ids), request_id, i, prompt_token_ids, params, now, seed=self._seed(params, i),
-                     lora_id=lora_request.lora_int_id if lora_request else 0, lora=adapter)
+                     priority=priority, lora_id=lora_request.lora_int_id if lora_request else 0, lora=adapter)
             for i in range(params.n)
         ]
         if params.prompt_logprobs is not None:  # scored on the first sequence only (the prompt is the request's)

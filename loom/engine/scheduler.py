@@ -6,12 +6,17 @@ token, an unfinished prompt takes the next chunk of what is left), then the draf
 order, which may skip their cached prefix. When the KV pool runs dry, the newest running sequence is preempted by
 recompute: its blocks are freed (full ones keep their hashes, so resuming usually hits the prefix cache) and it goes
 back to the front of the queue. Pure Python.
+
+The "priority" policy (vLLM's ``--scheduling-policy priority``) orders the waiting queue by (priority, arrival), a
+lower priority value first, preempted sequences included; and preempts the running sequence with the largest
+(priority, arrival), taking back its chunk if it was already scheduled this step.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal
 
 from loom.engine.block_manager import BlockManager
 from loom.engine.sequence import Sequence, SequenceStatus
@@ -31,8 +36,13 @@ class SchedulerConfig:
     """Distinct LoRA adapters among the running sequences (the model's adapter slots); None: no LoRA."""
     sliding_window: int | None = None
     """Every layer attends through this window (Mistral): blocks behind it are given back as sequences advance."""
+    policy: Literal["fcfs", "priority"] = "fcfs"
+    """Waiting order and preemption: first come first served, or by each request's priority (lower first), then
+    arrival."""
 
     def __post_init__(self) -> None:
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be fcfs or priority, got {self.policy!r}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
@@ -96,7 +106,18 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        if self.config.policy == "priority":
+            self._insert_waiting(seq)
+        else:
+            self.waiting.append(seq)
+
+    def _insert_waiting(self, seq: Sequence) -> None:
+        """Into the waiting queue in (priority, arrival) order, after its equals (a stable order)."""
+        key = _priority_key(seq)
+        i = len(self.waiting)
+        while i > 0 and _priority_key(self.waiting[i - 1]) > key:
+            i -= 1
+        self.waiting.insert(i, seq)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -144,7 +165,14 @@ class Scheduler:
                 continue
             while not self.block_manager.allocate(seq.seq_id, seq.tokens, seq.num_computed_tokens + n,
                                                   salt=seq.cache_salt):
-                victim = self.running.pop()  # newest first; never one already scheduled this step
+                victim = self._victim()
+                at = self.running.index(victim)
+                del self.running[at]
+                if at < i:  # scheduled earlier this step: its chunk and tokens are taken back
+                    chunk = next(c for c in out.chunks if c.seq is victim)
+                    out.chunks.remove(chunk)
+                    budget += chunk.num_tokens
+                    i -= 1
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -210,6 +238,13 @@ class Scheduler:
                 adapters.add(seq.lora_id)
         self.waiting.extendleft(reversed(held_back))
 
+    def _victim(self) -> Sequence:
+        """The running sequence to preempt: the newest (FCFS: never one already scheduled this step, as running
+        sequences are scheduled in order), or the one with the largest (priority, arrival)."""
+        if self.config.policy == "priority":
+            return max(reversed(self.running), key=_priority_key)  # of equal keys, the later in the list
+        return self.running[-1]
+
     def _chunk_size(self, seq: Sequence, computed: int, budget: int) -> int:
         remaining = seq.num_tokens - computed
         if remaining > budget and not self.config.enable_chunked_prefill:
@@ -223,7 +258,10 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        if self.config.policy == "priority":
+            self._insert_waiting(seq)
+        else:
+            self.waiting.appendleft(seq)
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Drop every sequence of a request, freeing its blocks."""
@@ -231,6 +269,10 @@ class Scheduler:
         for seq in dropped:
             self.finish(seq, "abort")
         return dropped
+
+
+def _priority_key(seq: Sequence) -> tuple[int, float]:
+    return seq.priority, seq.arrival_time
 
 
 def _ends_when_read(seq: Sequence) -> bool:

@@ -53,6 +53,8 @@ class Sequence:
     """The seed of the sampler's uniforms for this sequence (the request's seed + index, or drawn by the engine)."""
     matcher: Any = None
     """The grammar matcher of a structured-output sequence (an llguidance ``LLMatcher``); None when free."""
+    priority: int = 0
+    """The request's priority under the "priority" scheduling policy: lower is served first (vLLM's rule)."""
     lora_id: int = 0
     """The LoRA adapter's id (``LoRARequest.lora_int_id``); 0: the base model."""
     lora: Any = None

@@ -51,19 +51,28 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        priority: int | Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion, batched continuously; outputs come back in prompt order. ``lora_request``
-        (one for all prompts, or one per prompt, None for the base model) needs ``LLM(..., enable_lora=True)``."""
+        (one for all prompts, or one per prompt, None for the base model) needs ``LLM(..., enable_lora=True)``;
+        ``priority`` (one for all, or one per prompt; lower first) ``LLM(..., scheduling_policy="priority")``. A
+        prompt the engine refuses raises, and the prompts added before it are dropped."""
         if isinstance(prompts, str | dict):
             prompts = [prompts]
         params = _final_only(_per_prompt(len(prompts), sampling_params, SamplingParams, SamplingParams()))
         loras = _per_prompt(len(prompts), lora_request, LoRARequest, None)
+        priorities = _per_prompt(len(prompts), priority, int, 0)
         ids = []
-        for prompt, p, lora in zip(prompts, params, loras):
-            rid = str(next(self._ids))
-            text, token_ids = _split_prompt(prompt)
-            self.engine.add_request(rid, text, p, prompt_token_ids=token_ids, lora_request=lora)
-            ids.append(rid)
+        try:
+            for prompt, p, lora, rank in zip(prompts, params, loras, priorities):
+                rid = str(next(self._ids))
+                text, token_ids = _split_prompt(prompt)
+                self.engine.add_request(rid, text, p, prompt_token_ids=token_ids, lora_request=lora, priority=rank)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
         return self._run(ids, use_tqdm)
 
     def chat(

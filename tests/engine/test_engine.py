@@ -405,3 +405,33 @@ def test_logit_bias_and_allowed_token_ids_steer_sampling_and_keep_the_models_log
         with pytest.raises(ValueError, match=message):
             llm.generate(prompt, SamplingParams(**greedy, **bad))
     assert llm.engine.block_manager.num_free_blocks == 64
+
+
+def test_priority_scheduling_serves_lower_values_first_with_the_same_outputs(tiny_llama, llm):
+    prompts = varied_prompts(6, seed=5, low=8, high=16)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in gen(llm, prompts, params)]
+    one_at_a_time = LLM(str(tiny_llama), block_size=4, num_kv_blocks=1024, max_num_seqs=1,
+                        scheduling_policy="priority")
+    engine = one_at_a_time.engine
+    for i, (prompt, priority) in enumerate(zip(prompts, [3, 1, 2, 0, 1, 5])):
+        engine.add_request(str(i), None, params, prompt_token_ids=prompt, priority=priority)
+    finished, outputs = [], {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished.append(out.request_id)
+                outputs[int(out.request_id)] = out.outputs[0].token_ids
+    assert finished == ["3", "1", "4", "2", "0", "5"]  # by priority, then arrival
+    assert [outputs[i] for i in range(6)] == expected
+    # preempted by priority in a tight pool: the same outputs, nothing leaked
+    tight = LLM(str(tiny_llama), block_size=4, num_kv_blocks=40, scheduling_policy="priority")
+    long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = varied_prompts(8, seed=17, low=20, high=40)
+    got = tight.generate([{"prompt_token_ids": p} for p in prompts], long, priority=[2, 0, 1, 3, 0, 2, 1, 0])
+    assert tight.engine.stats().num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in gen(llm, prompts, long)]
+    assert_no_leaks(tight)
+    with pytest.raises(ValueError, match="--scheduling-policy priority"):  # the first prompt is dropped too
+        llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params, priority=[0, 1])
+    assert_no_leaks(llm)

@@ -1,4 +1,5 @@
-"""Scheduler: token budget, chunked prefill, prefix hits across requests, n > 1 sharing, preemption and resume."""
+"""Scheduler: token budget, chunked prefill, prefix hits across requests, n > 1 sharing, preemption and resume, and
+the priority policy (admission and preemption by priority, then arrival)."""
 
 import itertools
 
@@ -10,9 +11,11 @@ from loom.engine.sequence import Sequence
 _ids = itertools.count()
 
 
-def make_seq(prompt: list[int], request_id: str | None = None, index: int = 0) -> Sequence:
+def make_seq(prompt: list[int], request_id: str | None = None, index: int = 0, priority: int = 0,
+             arrival: float = 0.0) -> Sequence:
     seq_id = next(_ids)
-    return Sequence(seq_id, request_id or f"r{seq_id}", index, prompt, SamplingParams(max_tokens=100), 0.0)
+    return Sequence(seq_id, request_id or f"r{seq_id}", index, prompt, SamplingParams(max_tokens=100), arrival,
+                    priority=priority)
 
 
 def run_step(sched: Scheduler, next_token: int = 7):
@@ -173,3 +176,51 @@ def test_token_slices_and_the_token_view_equal_slices_of_all_token_ids():
             assert seq.token_slice(start, end) == full[start:end]
             assert seq.tokens[start:end] == full[start:end]
     assert len(seq.tokens) == 9 and seq.tokens[7:] == [21, 22] and seq.tokens[:] == full and seq.tokens[5:2] == []
+
+
+def _four(name: str, priority: int, arrival: float) -> Sequence:
+    """A sequence whose 4-token prompt fills one block of 4: its first decode needs a second block."""
+    return make_seq([ord(name) * 10 + i for i in range(4)], name, priority=priority, arrival=arrival)
+
+
+def test_the_priority_policy_admits_by_priority_then_arrival():
+    spec = [("a", 1, 0.0), ("b", 0, 1.0), ("c", 0, 2.0), ("d", -1, 3.0), ("e", 1, 4.0)]
+    for policy, order in (("fcfs", "abcde"), ("priority", "dbcae")):
+        sched = make(num_blocks=64, policy=policy)
+        for name, priority, arrival in spec:
+            sched.add(_four(name, priority, arrival))
+        assert "".join(s.request_id for s in sched.waiting) == order
+        assert "".join(c.seq.request_id for c in run_step(sched).chunks) == order
+
+
+def test_the_priority_policy_preempts_the_lowest_priority_then_newest():
+    """Three running sequences on 4 blocks; each decode needs a second block, so the step must preempt. FCFS takes the
+    newest (c); the priority policy takes the largest (priority, arrival), here a, whose decode was already scheduled
+    this step: its chunk is taken back, and it waits behind the waiting sequence of higher priority."""
+    results = {}
+    for policy in ("fcfs", "priority"):
+        sched = make(num_blocks=4, policy=policy)
+        a, b, c = _four("a", 2, 0.0), _four("b", 0, 1.0), _four("c", 0, 2.0)
+        for s in (a, b, c):
+            sched.add(s)
+        run_step(sched)  # three prefills, three blocks
+        w = _four("w", 1, 3.0)
+        sched.add(w)
+        out = run_step(sched)
+        results[policy] = ("".join(ch.seq.request_id for ch in out.chunks),
+                           "".join(s.request_id for s in out.preempted),
+                           "".join(s.request_id for s in sched.waiting),
+                           sched.block_manager.num_free_blocks)
+        assert all(s.num_computed_tokens == 0 for s in out.preempted)
+    assert results == {"fcfs": ("ab", "c", "cw", 0), "priority": ("bc", "a", "wa", 0)}
+
+
+def test_the_priority_policy_preempts_the_sequence_itself_when_it_is_the_lowest():
+    sched = make(num_blocks=4, policy="priority")
+    a, b, c = _four("a", 0, 0.0), _four("b", 2, 1.0), _four("c", 1, 2.0)
+    for s in (a, b, c):
+        sched.add(s)
+    run_step(sched)
+    out = run_step(sched)
+    # a takes the last block; b finds none and is itself the lowest: it steps back, and c decodes in its block
+    assert ([ch.seq for ch in out.chunks], out.preempted, list(sched.waiting)) == ([a, c], [b], [b])

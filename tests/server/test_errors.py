@@ -40,6 +40,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
         ({**CHAT, "logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
         ({**CHAT, "logit_bias": {"99999999": 1}}, "logit_bias", "outside the vocabulary"),
         ({**CHAT, "allowed_token_ids": []}, "allowed_token_ids", "empty"),
+        ({**CHAT, "priority": 1}, "priority", "--scheduling-policy priority"),  # an FCFS server
     ],
 )
 def test_chat_validation_is_400_naming_the_field(tiny_server, body, param, phrase):

@@ -238,6 +238,7 @@ def test_a_json_schema_format_holds_the_output_to_it(client, server):
     ({"max_output_tokens": 0}, 400, "max_output_tokens"),
     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}}, 400, "text.format"),
     ({"model": "other"}, 404, "model"),
+    ({"priority": -1}, 400, "priority"),  # vLLM's extra, passed through: this server schedules first come first served
 ])
 def test_bad_requests_over_http(server, body, status, param):
     r = httpx.post(f"{server.base_url}/responses", json={"model": "tiny", "input": "Hi", **body}, timeout=30)

@@ -59,6 +59,7 @@ class _Add:
     stream: RequestStream
     times: RequestTimes
     lora_request: LoRARequest | None = None
+    priority: int = 0
 
 
 @dataclass(slots=True)
@@ -233,7 +234,8 @@ class AsyncLLMEngine:
                                    f"{num_seqs} more asked for)")
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                          arrival_time: float | None = None, lora_request: LoRARequest | None = None) -> RequestStream:
+                          arrival_time: float | None = None, lora_request: LoRARequest | None = None,
+                          priority: int = 0) -> RequestStream:
         """Admit a request as ``params.n`` sequences; raises EngineOverloaded (503), ValueError from the engine
         (400) or EngineDead."""
         self.check_room(params.n)
@@ -241,7 +243,7 @@ class AsyncLLMEngine:
         self._idle.clear()
         stream = RequestStream(self, request_id, params.n, delta=params.output_kind == "delta")
         times = RequestTimes(arrival=arrival_time or time.time(), num_prompt_tokens=len(prompt_token_ids))
-        self._command(_Add(request_id, prompt_token_ids, params, stream, times, lora_request))
+        self._command(_Add(request_id, prompt_token_ids, params, stream, times, lora_request, priority))
         try:
             accepted = await stream.next_item()
         except BaseException as exc:
@@ -393,7 +395,7 @@ class AsyncLLMEngine:
         try:
             self.engine.add_request(command.request_id, None, command.params,
                                     prompt_token_ids=command.prompt_token_ids, arrival_time=command.times.arrival,
-                                    lora_request=command.lora_request)
+                                    lora_request=command.lora_request, priority=command.priority)
         except Exception as exc:  # ValueError: bad request (400); anything else is reported, not fatal to the thread
             if not isinstance(exc, ValueError):
                 log.exception("add_request failed")

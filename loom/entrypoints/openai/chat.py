@@ -44,7 +44,7 @@ from loom.entrypoints.openai.tools import ToolPlan, finish_reason_of, plan_tools
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
     run = await prepare_chat(ctx, req)
     request_id, created = new_id("chatcmpl"), now_s()
-    streams = await ctx.open_streams(request_id, [run.prompt], run.params, time.time(), run.lora)
+    streams = await ctx.open_streams(request_id, [run.prompt], run.params, time.time(), run.lora, run.priority)
     if req.stream:
         head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
                 "system_fingerprint": None}
@@ -66,6 +66,7 @@ class ChatRun:
     params: SamplingParams
     prompt: list[int]
     answer: Answer
+    priority: int = 0
 
 
 async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatRun:
@@ -88,7 +89,8 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatR
     if reasoning is not None and ctx.think is not None:
         reasoning = reasoning.after_prompt(prompt_block(prompt, ctx.think))  # as the engine's gate reads it
     await ctx.compile_grammar(params, _grammar_param(req, plan))
-    return ChatRun(lora, params, prompt, Answer(plan, reasoning, with_reasoning=ctx.reasoning is not None))
+    return ChatRun(lora, params, prompt, Answer(plan, reasoning, with_reasoning=ctx.reasoning is not None),
+                   req.priority)
 
 
 class Answer:

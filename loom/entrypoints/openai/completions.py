@@ -34,7 +34,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     prompts = [await ctx.encode(p) if isinstance(p, str) else list(p) for p in raw_prompts]
     await ctx.compile_grammar(params, "structured_outputs")
     request_id, created = new_id("cmpl"), now_s()
-    streams = await ctx.open_streams(request_id, prompts, params, time.time(), lora)  # checks token ids too
+    streams = await ctx.open_streams(request_id, prompts, params, time.time(), lora, req.priority)  # checks ids too
     try:
         echo = [await ctx.encoder.decode(p) if req.echo else "" for p in prompts]
     except BaseException:

@@ -214,9 +214,9 @@ def _step(engine, conn: Connection) -> bool:
 
 def _answer(engine, call: str, args: tuple):
     if call == "add":
-        request_id, params, prompt_token_ids, arrival_time, lora_request = args
+        request_id, params, prompt_token_ids, arrival_time, lora_request, priority = args
         engine.add_request(request_id, None, wire_params(params), prompt_token_ids=prompt_token_ids,
-                           arrival_time=arrival_time, lora_request=lora_request)
+                           arrival_time=arrival_time, lora_request=lora_request, priority=priority)
         return None
     if call == "abort":
         return engine.abort_request(args[0])
@@ -305,9 +305,10 @@ class EngineProcess:
 
     # --- the relay thread --------------------------------------------------------------------------------
     def add_request(self, request_id: str, params: SamplingParams, prompt_token_ids: list[int],
-                    arrival_time: float | None = None, lora_request: LoRARequest | None = None) -> Future:
+                    arrival_time: float | None = None, lora_request: LoRARequest | None = None,
+                    priority: int = 0) -> Future:
         self._decoder.expect(request_id, prompt_token_ids, params)
-        future = self.request("add", request_id, params, prompt_token_ids, arrival_time, lora_request)
+        future = self.request("add", request_id, params, prompt_token_ids, arrival_time, lora_request, priority)
         future.add_done_callback(partial(self._added, request_id))
         return future
 
@@ -462,7 +463,7 @@ class ProcessLLMEngine(AsyncLLMEngine):
             return
         self._live[command.request_id] = (command.stream, command.times)
         future = self.engine.add_request(command.request_id, command.params, command.prompt_token_ids,
-                                         command.times.arrival, command.lora_request)
+                                         command.times.arrival, command.lora_request, command.priority)
         future.add_done_callback(partial(self._added, command))
 
     def _added(self, command, future: Future) -> None:  # on this thread, from receive()

@@ -85,7 +85,7 @@ def from_value_error(exc: ValueError) -> OpenAIError:
 
 _KNOWN_PARAMS = {"n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "max_tokens", "min_tokens", "logprobs", "seed", "stop", "logit_bias",
-                 "allowed_token_ids"}
+                 "allowed_token_ids", "priority"}
 
 
 class OpenAIRoute(APIRoute):

@@ -4,7 +4,8 @@ Ranges are checked by ``SamplingParams`` itself (its ValueError becomes a 400 na
 types and shapes. Unknown fields are ignored, as vLLM does, so clients' ``extra_body`` extras never break a call.
 OpenAI's ``logit_bias`` (token id strings to biases in [-100, 100]). Loom's extra sampling fields: ``top_k``,
 ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``allowed_token_ids``,
-``skip_special_tokens``, ``include_stop_str_in_output``, and vLLM's ``structured_outputs``
+``skip_special_tokens``, ``include_stop_str_in_output``, ``priority`` (vLLM's, with ``--scheduling-policy
+priority``), and vLLM's ``structured_outputs``
 (``{"json" | "regex" | "choice" | "grammar" | "json_object"}``; the older ``guided_json`` / ``guided_regex`` /
 ``guided_choice`` / ``guided_grammar`` too). Chat's ``response_format`` takes ``json_object`` and ``json_schema``.
 Chat's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` are OpenAI's (their meaning: ``tools.py``).
@@ -71,6 +72,8 @@ class _Common(BaseModel):
     stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP)] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    priority: int = 0
+    """vLLM's: lower is served first, with --scheduling-policy priority (a 400 otherwise unless 0)."""
     structured_outputs: StructuredOutputsRequest | None = None
     guided_json: dict | str | None = None
     guided_regex: str | None = None

@@ -64,7 +64,7 @@ async def create_response(ctx: ServingContext, store: ResponseStore, req: Respon
     # the conversation the next turn builds on: without instructions, which OpenAI does not carry over
     conversation = chat.messages[1:] if req.instructions else chat.messages
     reply = Reply(ctx, req, run, item_id("resp"), conversation)
-    streams = await ctx.open_streams(reply.id, [run.prompt], run.params, time.time(), run.lora)
+    streams = await ctx.open_streams(reply.id, [run.prompt], run.params, time.time(), run.lora, run.priority)
     keep = store if req.store and store.enabled else None
     if req.stream:
         return StreamingResponse(_stream(reply, streams[0], keep), media_type="text/event-stream",

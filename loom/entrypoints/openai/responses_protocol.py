@@ -29,7 +29,7 @@ MAX_INPUT_ITEMS = 4096
 
 SAMPLING_EXTRAS = ("seed", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop",
                    "min_tokens", "ignore_eos", "stop_token_ids", "allowed_token_ids", "logit_bias",
-                   "skip_special_tokens", "include_stop_str_in_output", "chat_template_kwargs")
+                   "skip_special_tokens", "include_stop_str_in_output", "chat_template_kwargs", "priority")
 """Chat fields a Responses request may carry too (vLLM's extras; OpenAI's API has none of them)."""
 
 INCLUDABLE = frozenset({"message.output_text.logprobs", "reasoning.encrypted_content",

@@ -154,14 +154,16 @@ class ServingContext:
             raise bad_request(str(exc), param) from None
 
     async def open_streams(self, base_id: str, prompts: list[list[int]], params: SamplingParams,
-                           arrival: float, lora_request: LoRARequest | None = None) -> list[RequestStream]:
+                           arrival: float, lora_request: LoRARequest | None = None,
+                           priority: int = 0) -> list[RequestStream]:
         """Admit one engine request per prompt, each counted as ``params.n`` sequences; all or none (the room for
         all is checked first, and a later rejection closes the earlier ones)."""
         streams: list[RequestStream] = []
         try:
             self.front.check_room(len(prompts) * params.n)
             for i, ids in enumerate(prompts):
-                streams.append(await self.front.add_request(f"{base_id}-{i}", ids, params, arrival, lora_request))
+                streams.append(await self.front.add_request(f"{base_id}-{i}", ids, params, arrival, lora_request,
+                                                            priority))
         except BaseException as exc:
             for s in streams:
                 s.close()
