@@ -94,8 +94,12 @@ def script_outputs(server: RunningServer, monkeypatch):
     def script(text: str) -> list[int]:
         ids = tokenizer.encode(text, add_special_tokens=False) + [min(eos)]
 
-        def sample(logits, rows):
-            return DeferredSample(torch.tensor([ids[min(r.position, len(ids) - 1)] for r in rows]), None, [], [])
+        def sample(logits, rows):  # the model's log-probabilities where asked, as the real sampler gives them
+            tokens = torch.tensor([ids[min(r.position, len(ids) - 1)] for r in rows])
+            want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+            raw = torch.log_softmax(logits[want], dim=-1) if want else None
+            index = torch.tensor(want) if 0 < len(want) < len(rows) else None
+            return DeferredSample(tokens, raw, want, [rows[i].params.logprobs for i in want], index)
 
         monkeypatch.setattr(llm_engine, "sample_deferred", sample)
         return ids

@@ -10,6 +10,7 @@ import json
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from loom.entrypoints.openai.errors import OpenAIError
@@ -89,19 +90,58 @@ def _stored(rid: str, text: str) -> StoredResponse:
 
 
 def test_the_store_drops_the_oldest_past_either_bound():
-    store = ResponseStore(max_responses=2, max_chars=10)
+    """Each response counts as its JSON, its input items' and its conversation's text: 10 + 2 + n bytes here."""
+    assert _stored("a", "xx").num_bytes == len(orjson.dumps({"id": "a"})) + len(b"[]") + 2 == 14
+    store = ResponseStore(max_responses=2, max_bytes=33)
     for rid in "abc":
         store.put(_stored(rid, "xx"))
     assert [store.get(r) is not None for r in "abc"] == [False, True, True]  # two at most
-    store.put(_stored("d", "x" * 7))  # 2 + 2 + 7 > 10 characters: b goes; 2 + 7 fits
+    store.put(_stored("d", "x" * 7))  # 14 + 14 + 19 > 33 bytes: b goes; 14 + 19 fits
     assert [store.get(r) is not None for r in "bcd"] == [False, True, True]
-    store.put(_stored("e", "x" * 11))  # larger than the whole budget: not kept, nothing dropped for it
+    store.put(_stored("e", "x" * 22))  # larger than the whole budget: not kept, nothing dropped for it
     assert store.get("e") is None and len(store) == 2
-    store.put(_stored("c", "x" * 3))  # the same id again replaces it, counted once
+    store.put(_stored("c", "xx"))  # the same id again replaces it, counted once
     assert store.delete("d") and not store.delete("d")
     store.put(_stored("f", "x" * 7))
     assert [store.get(r) is not None for r in "cf"] == [True, True]
     assert ResponseStore(max_responses=0).enabled is False
+
+
+@pytest.mark.parametrize("before, message, after", [
+    ("<think>\nplan it\n</think>", "\n\nHello there!", ""),
+    ("", "Sure.", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'),
+    ("", "Hello</s", ""),
+])
+def test_logprobs_go_with_the_message_text_they_made(tiny_thinker, before, message, after):
+    """Token by token, as the engine streams: the message's log-probabilities are its own tokens' (and the end
+    token's when the message is last); thinking, tags and a call's tokens are dropped, held-back ones kept."""
+    from transformers import AutoTokenizer
+
+    from loom.entrypoints.openai.chat import Answer
+    from loom.entrypoints.openai.logprobs import TokenStrings
+    from loom.entrypoints.openai.reasoning import REASONING_PARSERS
+    from loom.entrypoints.openai.responses import ResponseEvents
+    from loom.entrypoints.openai.tool_parsers import TOOL_PARSERS
+    from loom.entrypoints.openai.tools import ToolPlan
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_thinker))
+    ids = tokenizer.encode(before + message + after, add_special_tokens=False) + [tokenizer.eos_token_id]
+    plan = ToolPlan("auto", parser=TOOL_PARSERS["hermes"])
+    choice = Answer(plan, REASONING_PARSERS["qwen3"], with_reasoning=True).stream()
+    events = ResponseEvents(TokenStrings(tokenizer))
+    for k, token in enumerate(ids):  # token k's log-probability is -k
+        so_far = tokenizer.decode(ids[:k + 1], skip_special_tokens=True)
+        events.feed(choice.feed(so_far, final=k == len(ids) - 1), [token], [{token: -float(k)}])
+    events.close(cut=False)
+    item = next(i for i in events.output if i["type"] == "message")
+    assert item["content"][0]["text"] == message
+
+    def upto(text: str) -> int:  # tokens that first make ``text``
+        decoded = (tokenizer.decode(ids[:k], skip_special_tokens=True) for k in range(len(ids) + 1))
+        return next(k for k, so_far in enumerate(decoded) if so_far.startswith(text))
+
+    first, last = upto(before), len(ids) if not after else upto(before + message)
+    assert [-e["logprob"] for e in item["content"][0]["logprobs"]] == [float(k) for k in range(first, last)]
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +180,7 @@ def test_a_response_is_the_chat_answer_to_the_same_messages(client):
 
 def test_streamed_events_build_the_same_response(client, server):
     kw = {"model": "tiny", "input": "Tell me a story.", "max_output_tokens": 16, "temperature": 0}
+    client.responses.create(**{**kw, "max_output_tokens": 1})  # both answers below then hit the prefix cache alike
     whole = client.responses.create(**kw)
     with client.responses.stream(**kw) as stream:  # the client's own reading of the events
         events = list(stream)
@@ -175,6 +216,26 @@ def test_reasoning_and_tool_calls_become_items(client, server, monkeypatch):
               ("response.reasoning_text.delta", "response.function_call_arguments.delta")}
     assert pieces == {"response.reasoning_text.delta": "\nNeed the weather.\n",
                       "response.function_call_arguments.delta": final.output[1].arguments}
+
+
+def test_a_call_cut_short_is_the_same_item_streamed_or_not_and_the_next_turn_goes_on(client, server, monkeypatch):
+    ids = script_outputs(server, monkeypatch)(CALL_TEXT)
+    kw = {"model": "tiny", "input": "Weather in Paris?", "tools": [WEATHER], "max_output_tokens": len(ids) - 8}
+    whole = client.responses.create(**kw)
+    with client.responses.stream(**kw) as stream:
+        final = list(stream)[-1].response
+    for response in (whole, final):
+        assert response.status == "incomplete"
+        assert [(i.type, i.status) for i in response.output] == [("reasoning", "completed"),
+                                                                 ("function_call", "incomplete")]
+    assert whole.output[1].arguments == final.output[1].arguments and whole.output[1].arguments.startswith('{"city')
+    after = client.responses.create(model="tiny", previous_response_id=whole.id, input="Try again.",
+                                    max_output_tokens=4)  # the cut call is left out of the history
+    assert after.status in ("completed", "incomplete")
+    items = client.responses.input_items.list(whole.id)
+    assert [(i.type, i.role, i.content[0].type, i.content[0].text) for i in items.data] == [
+        ("message", "user", "input_text", "Weather in Paris?")]  # a string input, listed as an input_text part
+    assert whole.tool_choice == "auto" and whole.tools[0].name == "get_weather"
 
 
 def _tokens(server, messages: list[dict], tools=None) -> int:
@@ -239,6 +300,8 @@ def test_a_json_schema_format_holds_the_output_to_it(client, server):
     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}}, 400, "text.format"),
     ({"model": "other"}, 404, "model"),
     ({"priority": -1}, 400, "priority"),  # vLLM's extra, passed through: this server schedules first come first served
+    ({"tools": [{"type": "function", "name": ""}]}, 400, "tools.0.name"),
+    ({"input": "word " * 5000}, 400, "input"),  # over the context
 ])
 def test_bad_requests_over_http(server, body, status, param):
     r = httpx.post(f"{server.base_url}/responses", json={"model": "tiny", "input": "Hi", **body}, timeout=30)

@@ -2,7 +2,8 @@
 ``GET /v1/responses/{id}`` and its ``input_items`` read.
 
 Kept in this process's memory, newest last, bounded twice: at most ``max_responses`` of them
-(``--max-stored-responses``) and about ``max_chars`` characters of conversation in all; the oldest go first. A server
+(``--max-stored-responses``) and ``max_bytes`` in all (each counted as its JSON and its conversation's text: the
+answer's log-probabilities, a client's tools and input items included); the oldest go first. A server
 restart forgets them all. A response's conversation is the messages its prompt was made of (without its
 ``instructions``, which OpenAI does not carry over) and its answer as an assistant message: the next turn's history.
 
@@ -16,11 +17,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import orjson
+
 from loom.entrypoints.openai.protocol import ChatMessage
 
 DEFAULT_STORED_RESPONSES = 256
-MAX_STORED_CHARS = 1 << 26
-"""Characters of stored conversations, all responses together (64 Mi: a few hundred MB of Python strings at most)."""
+MAX_STORED_BYTES = 1 << 26
+"""Stored responses' size, all together (64 MiB of JSON and text; their Python objects take a few times that)."""
 
 
 @dataclass(slots=True)
@@ -30,14 +33,15 @@ class StoredResponse:
     conversation: list[ChatMessage]
     input_items: list[dict]
     """The request's ``input`` as items with ids (``GET /v1/responses/{id}/input_items``)."""
-    num_chars: int = field(default=0)
+    num_bytes: int = field(default=0)
 
     @property
     def id(self) -> str:
         return self.body["id"]
 
     def __post_init__(self) -> None:
-        self.num_chars = sum(_chars(m) for m in self.conversation)
+        self.num_bytes = (len(orjson.dumps(self.body)) + len(orjson.dumps(self.input_items))
+                          + sum(_chars(m) for m in self.conversation))
 
 
 def _chars(message: ChatMessage) -> int:
@@ -47,13 +51,13 @@ def _chars(message: ChatMessage) -> int:
 
 
 class ResponseStore:
-    def __init__(self, max_responses: int, max_chars: int = MAX_STORED_CHARS):
+    def __init__(self, max_responses: int, max_bytes: int = MAX_STORED_BYTES):
         if max_responses < 0:
             raise ValueError(f"max_responses must be >= 0, got {max_responses}")
         self.max_responses = max_responses
-        self.max_chars = max_chars
+        self.max_bytes = max_bytes
         self._responses: OrderedDict[str, StoredResponse] = OrderedDict()
-        self._num_chars = 0
+        self._num_bytes = 0
 
     @property
     def enabled(self) -> bool:
@@ -63,16 +67,16 @@ class ResponseStore:
         return len(self._responses)
 
     def put(self, stored: StoredResponse) -> None:
-        """Keep ``stored`` (newest); drop the oldest past either bound. One larger than ``max_chars`` alone is not
+        """Keep ``stored`` (newest); drop the oldest past either bound. One larger than ``max_bytes`` alone is not
         kept."""
-        if not self.enabled or stored.num_chars > self.max_chars:
+        if not self.enabled or stored.num_bytes > self.max_bytes:
             return
         self.delete(stored.id)
         self._responses[stored.id] = stored
-        self._num_chars += stored.num_chars
-        while len(self._responses) > self.max_responses or self._num_chars > self.max_chars:
+        self._num_bytes += stored.num_bytes
+        while len(self._responses) > self.max_responses or self._num_bytes > self.max_bytes:
             _, oldest = self._responses.popitem(last=False)
-            self._num_chars -= oldest.num_chars
+            self._num_bytes -= oldest.num_bytes
 
     def get(self, response_id: str) -> StoredResponse | None:
         return self._responses.get(response_id)
@@ -81,5 +85,5 @@ class ResponseStore:
         stored = self._responses.pop(response_id, None)
         if stored is None:
             return False
-        self._num_chars -= stored.num_chars
+        self._num_bytes -= stored.num_bytes
         return True

@@ -16,22 +16,28 @@ There is no ``[DONE]``.
 With ``store`` (the default) the response is kept (``response_store.py``) for ``previous_response_id`` (its
 conversation comes before the new input), ``GET /v1/responses/{id}``, ``GET /v1/responses/{id}/input_items`` and
 ``DELETE /v1/responses/{id}``; ``--max-stored-responses 0`` keeps none and then ignores ``store``, as vLLM does
-without its store. ``include: ["message.output_text.logprobs"]`` (+ ``top_logprobs``) puts every output token's
-log-probability on the message's text part.
+without its store. ``include: ["message.output_text.logprobs"]`` (+ ``top_logprobs``) gives the message text's
+tokens their log-probabilities (``ResponseEvents``).
+
+A whole answer and a stream are one reading (``_answer``) of the engine's deltas through the chat route's stream
+parsers, so both hold the same items: a call cut short by ``max_output_tokens`` is an ``incomplete`` function_call in
+both, where chat's whole answer would give its text as content.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import orjson
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from loom.engine.outputs import CompletionOutput
 from loom.entrypoints.openai.chat import Answer, ChatRun, prepare_chat
 from loom.entrypoints.openai.errors import OpenAIError, from_value_error
+from loom.entrypoints.openai.logprobs import TokenStrings
 from loom.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage, FunctionCall, ToolCall
 from loom.entrypoints.openai.response_store import ResponseStore, StoredResponse
 from loom.entrypoints.openai.responses_protocol import ResponsesRequest, to_chat
@@ -39,7 +45,6 @@ from loom.entrypoints.openai.serving import (
     SSE_HEADERS,
     ServingContext,
     close_all,
-    finals_of,
     now_s,
     unless_disconnected,
 )
@@ -47,8 +52,8 @@ from loom.entrypoints.openai.serving import (
 STATUS = {"stop": "completed", "length": "incomplete", "abort": "failed"}
 """A finish reason's response status (an aborted request: the server stopped it, draining)."""
 
-RENAMED = {"messages": "input", "max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
-           "response_format": "text.format", "structured_outputs": "text.format"}
+RENAMED = {"messages": "input", "prompt": "input", "max_completion_tokens": "max_output_tokens",
+           "max_tokens": "max_output_tokens", "response_format": "text.format", "structured_outputs": "text.format"}
 """Chat's field names that a Responses error names instead (chat's preparation raises the error)."""
 
 
@@ -64,13 +69,16 @@ async def create_response(ctx: ServingContext, store: ResponseStore, req: Respon
     # the conversation the next turn builds on: without instructions, which OpenAI does not carry over
     conversation = chat.messages[1:] if req.instructions else chat.messages
     reply = Reply(ctx, req, run, item_id("resp"), conversation)
-    streams = await ctx.open_streams(reply.id, [run.prompt], run.params, time.time(), run.lora, run.priority)
+    try:
+        streams = await ctx.open_streams(reply.id, [run.prompt], run.params, time.time(), run.lora, run.priority)
+    except OpenAIError as exc:
+        raise _renamed(exc) from None
     keep = store if req.store and store.enabled else None
     if req.stream:
         return StreamingResponse(_stream(reply, streams[0], keep), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
     try:
-        return await unless_disconnected(_full(reply, streams, keep), raw)
+        return await unless_disconnected(_full(reply, streams[0], keep), raw)
     finally:
         close_all(streams)
 
@@ -100,12 +108,17 @@ async def _prepare(ctx: ServingContext, req: ResponsesRequest,
 
 
 def _renamed(exc: OpenAIError) -> OpenAIError:
+    """``exc`` naming the Responses field where chat's preparation named its own."""
     if exc.param is None:
         return exc
     head, _, rest = exc.param.partition(".")
+    if head == "tools":  # chat's tools.N.function.name is tools.N.name here
+        return OpenAIError(exc.status, exc.message, exc.param.replace(".function.", ".", 1), exc.code, exc.headers)
     if head not in RENAMED:
         return exc
-    message = exc.message.replace(head, RENAMED[head]) if head != "messages" else exc.message
+    message = exc.message
+    for chat_name in ("max_completion_tokens", "max_tokens", "response_format"):
+        message = message.replace(chat_name, RENAMED[chat_name])
     return OpenAIError(exc.status, message, f"{RENAMED[head]}.{rest}".rstrip("."), exc.code, exc.headers)
 
 
@@ -128,8 +141,8 @@ class Reply:
         """The response object; ``finish_reason`` sets its status (None: in progress, or failed with ``error``)."""
         req = self.req
         status = "failed" if error else STATUS.get(finish_reason, "in_progress")
-        if finish_reason == "abort":
-            error = {"code": "cancelled", "message": "the server stopped this response before it finished"}
+        if finish_reason == "abort":  # the server draining, or a grammar matcher's failure (logged)
+            error = {"code": "server_error", "message": "the engine stopped this response before it finished"}
         incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
         return {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
@@ -140,33 +153,10 @@ class Reply:
             "reasoning": {"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
             "store": req.store, "temperature": 1.0 if req.temperature is None else req.temperature,
             "text": {"format": (req.text.format if req.text and req.text.format else {"type": "text"})},
-            "tool_choice": req.tool_choice or ("auto" if req.tools else "none"), "tools": req.tools or [],
+            "tool_choice": req.tool_choice or "auto", "tools": req.tools or [],
             "top_logprobs": req.top_logprobs, "top_p": 1.0 if req.top_p is None else req.top_p,
             "truncation": req.truncation, "usage": usage, "user": req.user, "metadata": req.metadata or {},
         }
-
-    def logprobs(self, c: CompletionOutput) -> list[dict]:
-        if not self.req.wants_logprobs or c.logprobs is None:
-            return []
-        return self.ctx.strings.chat_entries(c.token_ids, c.logprobs, self.req.top_logprobs or 0)
-
-    def items(self, text: str, logprobs: list[dict], cut: bool) -> list[dict]:
-        """A finished answer's output items: reasoning, then the message, then the calls; the last ``incomplete``
-        where the output was ``cut`` by max_output_tokens. A message of whitespace only (between a thinking block and
-        a call) is left out beside other items; alone, it is kept, and an answer with nothing at all is an empty
-        message."""
-        message, _ = self.answer.message(text)
-        content = message["content"] or ""
-        items = []
-        if message.get("reasoning_content"):
-            items.append(reasoning_item(item_id("rs"), message["reasoning_content"]))
-        if content.strip() or not (items or message.get("tool_calls")):
-            items.append(message_item(item_id("msg"), content, logprobs))
-        items += [call_item(item_id("fc"), c["id"], c["function"]["name"], c["function"]["arguments"])
-                  for c in message.get("tool_calls", ())]
-        if cut:
-            items[-1]["status"] = "incomplete"
-        return items
 
     async def usage(self, token_ids: list[int], output: list[dict], cached: int) -> dict:
         reasoning = await self._reasoning_tokens(token_ids, output)
@@ -186,14 +176,27 @@ class Reply:
 
     def stored(self, body: dict) -> StoredResponse:
         answer = assistant_message(body["output"])
-        inputs = [{"id": item_id("msg"), **item} for item in _input_items(self.req.input)]
+        inputs = [input_item(item) for item in _as_items(self.req.input)]
         return StoredResponse(body, [*self.conversation, *([answer] if answer else [])], inputs)
 
 
-def _input_items(value: str | list[dict]) -> list[dict]:
-    if isinstance(value, str):
-        return [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}]
-    return [{"type": "message", **item} if "type" not in item else item for item in value]
+def _as_items(value: str | list[dict]) -> list[dict]:
+    return [{"type": "message", "role": "user", "content": value}] if isinstance(value, str) else value
+
+
+INPUT_ID_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def input_item(item: dict) -> dict:
+    """An input item as ``input_items`` lists it: typed, with an id and a status, a message's text content as
+    parts (``input_text``; ``output_text`` for the assistant's)."""
+    kind = item.get("type", "message")
+    out = {"id": item.get("id") or item_id(INPUT_ID_PREFIX.get(kind, "item")), **item, "type": kind}
+    out.setdefault("status", "completed")
+    if kind == "message" and isinstance(item.get("content"), str):
+        part = "output_text" if item.get("role") == "assistant" else "input_text"
+        out["content"] = [{"type": part, "text": item["content"]}]
+    return out
 
 
 def reasoning_item(rid: str, text: str, status: str = "completed") -> dict:
@@ -212,75 +215,107 @@ def call_item(fid: str, call_id: str, name: str, arguments: str, status: str = "
 
 
 def assistant_message(output: list[dict]) -> ChatMessage | None:
-    """The answer as the next turn's history: its text and calls (its reasoning dropped)."""
+    """The answer as the next turn's history: its text and calls (its reasoning dropped; a call whose arguments are
+    not a JSON object, cut by max_output_tokens or malformed, dropped too: a template could not render it)."""
     text = "".join(part["text"] for item in output if item["type"] == "message" for part in item["content"])
     calls = [ToolCall(id=item["call_id"], function=FunctionCall(name=item["name"], arguments=item["arguments"]))
-             for item in output if item["type"] == "function_call"]
+             for item in output if item["type"] == "function_call" and _is_json_object(item["arguments"])]
     if not text and not calls:
         return None
     return ChatMessage(role="assistant", content=text, tool_calls=calls or None)
 
 
-async def _full(reply: Reply, streams, store: ResponseStore | None) -> JSONResponse:
-    out = (await finals_of(streams))[0]
-    c = out.outputs[0]
-    output = reply.items(c.text, reply.logprobs(c), cut=c.finish_reason == "length")
-    body = reply.body(c.finish_reason, output, await reply.usage(c.token_ids, output, out.num_cached_tokens))
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+async def _answer(reply: Reply, stream, store: ResponseStore | None) -> AsyncIterator[tuple[str, dict]]:
+    """The one reading of an answer, streamed or not: its events as (type, fields), the last one ending the response
+    with the whole of it (stored, with ``store``). The engine's outputs are deltas."""
+    assert stream.delta, "a Responses answer reads deltas (to_chat asks for them)"
+    events = ResponseEvents(reply.ctx.strings if reply.req.wants_logprobs else None, reply.req.top_logprobs or 0)
+    choice = reply.answer.stream()
+    text, token_ids, cached, reason = "", [], 0, None
+    yield "response.created", {"response": reply.body(None, [])}
+    yield "response.in_progress", {"response": reply.body(None, [])}
+    async for out in stream:
+        cached = out.num_cached_tokens
+        for c in out.outputs:
+            text += c.text
+            token_ids += c.token_ids
+            for event in events.feed(choice.feed(text, final=c.finished), c.token_ids, c.logprobs):
+                yield event
+            reason = c.finish_reason if c.finished else reason
+    for event in events.close(cut=reason == "length"):
+        yield event
+    # an answer that ends unfinished was aborted (the server draining)
+    body = reply.body(reason or "abort", events.output, await reply.usage(token_ids, events.output, cached))
     if store is not None and body["status"] != "failed":
         store.put(reply.stored(body))
-    return JSONResponse(body)
+    yield f"response.{body['status']}", {"response": body}
+
+
+async def _full(reply: Reply, stream, store: ResponseStore | None) -> JSONResponse:
+    """A whole answer: the last event's response (an error is raised, and answered with its status)."""
+    async for _, fields in _answer(reply, stream, store):
+        last = fields
+    return JSONResponse(last["response"])
 
 
 async def _stream(reply: Reply, stream, store: ResponseStore | None):
-    assert stream.delta, "a stream's outputs are deltas (ChatCompletionRequest.sampling_params)"
-    events = ResponseEvents()
-    choice = reply.answer.stream()
-    text, token_ids, cached, reason = "", [], 0, None
+    """Server-sent events, numbered from 0; a failure after the first byte ends the response as failed."""
+    sequence = 0
+
+    def sse_event(kind: str, fields: dict) -> bytes:
+        nonlocal sequence
+        data = orjson.dumps({"type": kind, "sequence_number": sequence, **fields})
+        sequence += 1
+        return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+
     try:
-        yield events.emit("response.created", response=reply.body(None, []))
-        yield events.emit("response.in_progress", response=reply.body(None, []))
-        async for out in stream:
-            cached = out.num_cached_tokens
-            for c in out.outputs:
-                text += c.text
-                token_ids += c.token_ids
-                for event in events.feed(choice.feed(text, final=c.finished), reply.logprobs(c)):
-                    yield event
-                reason = c.finish_reason if c.finished else reason
-        for event in events.close(cut=reason == "length"):
-            yield event
-        output = events.output
-        # a stream that ends unfinished was aborted (the server draining)
-        body = reply.body(reason or "abort", output, await reply.usage(token_ids, output, cached))
-        if store is not None and body["status"] != "failed":
-            store.put(reply.stored(body))
-        yield events.emit(f"response.{body['status']}", response=body)
-    except Exception as exc:  # mid-stream failure: the response fails with the error
+        async for kind, fields in _answer(reply, stream, store):
+            yield sse_event(kind, fields)
+    except Exception as exc:
         error = exc.body()["error"] if isinstance(exc, OpenAIError) else {"message": str(exc)}
-        yield events.emit("response.failed", response=reply.body(
-            None, events.output, error={"code": error.get("code") or "server_error", "message": error["message"]}))
+        error = {"code": error.get("code") or "server_error", "message": error["message"]}
+        yield sse_event("response.failed", {"response": reply.body(None, [], error=error)})
     finally:
         close_all([stream])
 
 
-class ResponseEvents:
-    """A streamed answer's chat deltas (``ChoiceStream.feed``) -> Responses events; ``output`` holds the items
-    finished so far. One item is open at a time: reasoning, a message, or a function call."""
+Event = tuple[str, dict]
+"""An event's type and its fields (``_stream`` numbers and frames it)."""
 
-    def __init__(self):
+
+class ResponseEvents:
+    """An answer's chat deltas (``ChoiceStream.feed``) -> Responses events; ``output`` holds the items finished so
+    far. One item is open at a time: reasoning, a message, or a function call.
+
+    NOTE: log-probabilities go with the text they made, step by step: a step whose delta has message text gives its
+    tokens to it; one that sends nothing while no item or the message is open holds them for the next text (a
+    possible stop string, a tag's start) or the message's end (its end token); thinking, a call, or a step that sends
+    nothing inside them, drops them with what was held. Deltas merged for a slow reader are one step here.
+    """
+
+    def __init__(self, strings: TokenStrings | None, top: int = 0):
         self.output: list[dict] = []
-        self._sequence = 0
+        self._strings, self._top = strings, top
         self._open: dict | None = None
-        self._logprobs: list[dict] = []  # of tokens not yet sent with a text delta
+        self._logprobs: list[dict] = []  # of tokens not yet given to a message text
         self._blank = ""  # whitespace content not yet sent: a message only if something else follows it
 
-    def emit(self, kind: str, **fields) -> bytes:
-        data = orjson.dumps({"type": kind, "sequence_number": self._sequence, **fields})
-        self._sequence += 1
-        return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
-
-    def feed(self, delta: dict, logprobs: list[dict]) -> list[bytes]:
-        self._logprobs += logprobs
+    def feed(self, delta: dict, token_ids: list[int], logprobs: list[dict[int, float]] | None) -> list[Event]:
+        entries = (self._strings.chat_entries(token_ids, logprobs, self._top)
+                   if self._strings is not None and logprobs is not None else [])
+        if delta.get("content"):
+            self._logprobs += entries  # given to the message text below (or held with its leading whitespace)
+        elif delta.get("reasoning_content") or delta.get("tool_calls"):
+            self._logprobs = []  # thinking or a call's markup, with what was held back before it
+        elif self._open is None or self._open["type"] == "message":
+            self._logprobs += entries  # held back (a possible stop string or tag), or the end token
         events = []
         if delta.get("reasoning_content"):
             events += self._text("reasoning", delta["reasoning_content"])
@@ -290,24 +325,24 @@ class ResponseEvents:
             events += self._call(call)
         return events
 
-    def close(self, cut: bool) -> list[bytes]:
+    def close(self, cut: bool) -> list[Event]:
         """The last item's end (``incomplete`` where the output was ``cut``); the held whitespace (or an empty
-        message) when the answer made no item at all, as ``Reply.items`` makes a whole answer's."""
+        message) when the answer made no item at all."""
         events = self._text("message", self._blank) if not self.output and self._open is None else []
         return events + self._close("incomplete" if cut else "completed")
 
-    def _content(self, piece: str) -> list[bytes]:
+    @property
+    def _index(self) -> int:
+        return len(self.output)
+
+    def _content(self, piece: str) -> list[Event]:
         if not (self._open is not None and self._open["type"] == "message") and not piece.strip():
             self._blank += piece
             return []
         piece, self._blank = self._blank + piece, ""
         return self._text("message", piece)
 
-    @property
-    def _index(self) -> int:
-        return len(self.output)
-
-    def _text(self, kind: str, piece: str) -> list[bytes]:
+    def _text(self, kind: str, piece: str) -> list[Event]:
         events = []
         if self._open is None or self._open["type"] != kind:
             events += self._close() + self._open_text(kind)
@@ -316,56 +351,56 @@ class ResponseEvents:
         part["text"] += piece
         where = {"item_id": item["id"], "output_index": self._index, "content_index": 0}
         if kind == "reasoning":
-            return [*events, self.emit("response.reasoning_text.delta", **where, delta=piece)]
+            return [*events, ("response.reasoning_text.delta", {**where, "delta": piece})]
         logprobs, self._logprobs = self._logprobs, []
         part["logprobs"] += logprobs
-        return [*events, self.emit("response.output_text.delta", **where, delta=piece, logprobs=logprobs)]
+        return [*events, ("response.output_text.delta", {**where, "delta": piece, "logprobs": logprobs})]
 
-    def _open_text(self, kind: str) -> list[bytes]:
+    def _open_text(self, kind: str) -> list[Event]:
         if kind == "reasoning":
             self._open = reasoning_item(item_id("rs"), "", status="in_progress")
         else:
             self._open = message_item(item_id("msg"), "", [], status="in_progress")
         item = {**self._open, "content": []}
         part = {**self._open["content"][0]}
-        return [self.emit("response.output_item.added", output_index=self._index, item=item),
-                self.emit("response.content_part.added", item_id=self._open["id"], output_index=self._index,
-                          content_index=0, part=part)]
+        return [("response.output_item.added", {"output_index": self._index, "item": item}),
+                ("response.content_part.added", {"item_id": self._open["id"], "output_index": self._index,
+                                                 "content_index": 0, "part": part})]
 
-    def _call(self, call: dict) -> list[bytes]:
+    def _call(self, call: dict) -> list[Event]:
         events = []
         function = call.get("function", {})
         if "id" in call:  # a new call: its first delta has the id and name
             events += self._close()
             self._open = call_item(item_id("fc"), call["id"], function["name"], "", status="in_progress")
-            events.append(self.emit("response.output_item.added", output_index=self._index, item={**self._open}))
+            events.append(("response.output_item.added", {"output_index": self._index, "item": {**self._open}}))
         piece = function.get("arguments") or ""
         if piece:
             self._open["arguments"] += piece
-            events.append(self.emit("response.function_call_arguments.delta", item_id=self._open["id"],
-                                    output_index=self._index, delta=piece))
+            events.append(("response.function_call_arguments.delta",
+                           {"item_id": self._open["id"], "output_index": self._index, "delta": piece}))
         return events
 
-    def _close(self, status: str = "completed") -> list[bytes]:
+    def _close(self, status: str = "completed") -> list[Event]:
         item, self._open = self._open, None
         if item is None:
             return []
         item["status"] = status
         where = {"item_id": item["id"], "output_index": self._index}
         if item["type"] == "function_call":
-            events = [self.emit("response.function_call_arguments.done", **where, name=item["name"],
-                                arguments=item["arguments"])]
+            events = [("response.function_call_arguments.done",
+                       {**where, "name": item["name"], "arguments": item["arguments"]})]
         else:
             part = item["content"][0]
             if item["type"] == "message":
-                part["logprobs"] += self._logprobs
+                part["logprobs"] += self._logprobs  # the end token's
                 self._logprobs = []
-                done = self.emit("response.output_text.done", **where, content_index=0, text=part["text"],
-                                 logprobs=part["logprobs"])
+                done = ("response.output_text.done", {**where, "content_index": 0, "text": part["text"],
+                                                       "logprobs": part["logprobs"]})
             else:
-                done = self.emit("response.reasoning_text.done", **where, content_index=0, text=part["text"])
-            events = [done, self.emit("response.content_part.done", **where, content_index=0, part=part)]
-        events.append(self.emit("response.output_item.done", output_index=self._index, item=item))
+                done = ("response.reasoning_text.done", {**where, "content_index": 0, "text": part["text"]})
+            events = [done, ("response.content_part.done", {**where, "content_index": 0, "part": part})]
+        events.append(("response.output_item.done", {"output_index": self._index, "item": item}))
         self.output.append(item)
         return events
 

@@ -81,7 +81,9 @@ class ResponsesRequest(BaseModel):
     store: bool = True
     background: bool = False
     truncation: Literal["disabled", "auto"] = "disabled"
-    metadata: Annotated[dict[str, str], Field(max_length=16)] | None = None
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                        Field(max_length=16)] | None = None
+    """OpenAI's bounds: 16 pairs, keys of 64 and values of 512 characters."""
     user: str | None = None
 
     @property
@@ -102,7 +104,8 @@ def to_chat(req: ResponsesRequest, history: list[ChatMessage]) -> ChatCompletion
         raise bad_request("input is empty; give a string or at least one message item", "input")
     fields = {
         "model": req.model, "messages": messages, "max_completion_tokens": req.max_output_tokens,
-        "temperature": req.temperature, "top_p": req.top_p, "stream": req.stream,
+        # stream: the engine's outputs as deltas, streamed or not: one reading makes both (responses.py)
+        "temperature": req.temperature, "top_p": req.top_p, "stream": True,
         "logprobs": req.wants_logprobs, "top_logprobs": req.top_logprobs if req.wants_logprobs else None,
         "tools": chat_tools(req.tools), "tool_choice": chat_tool_choice(req.tool_choice),
         "parallel_tool_calls": req.parallel_tool_calls, "response_format": response_format(req.text),
