@@ -5,7 +5,7 @@ The offline LLM API mirrors vLLM's: ``from loom import LLM, SamplingParams``.
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "LoRARequest", "SamplingParams", "StructuredOutputsParams", "__version__"]
+__all__ = ["LLM", "BeamSearchParams", "LoRARequest", "SamplingParams", "StructuredOutputsParams", "__version__"]
 
 
 def __getattr__(name: str):
@@ -18,6 +18,10 @@ def __getattr__(name: str):
         from loom.engine.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "BeamSearchParams":
+        from loom.engine.beam_search import BeamSearchParams
+
+        return BeamSearchParams
     if name == "LoRARequest":
         from loom.engine.lora import LoRARequest
 

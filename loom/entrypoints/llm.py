@@ -13,6 +13,7 @@ from dataclasses import fields
 
 from tqdm import tqdm
 
+from loom.engine.beam_search import BeamSearch, BeamSearchParams, beam_output, next_token_logprobs, step_params
 from loom.engine.config import EngineConfig
 from loom.engine.llm_engine import LLMEngine
 from loom.engine.lora import LoRARequest
@@ -74,6 +75,37 @@ class LLM:
                 self.engine.abort_request(rid)
             raise
         return self._run(ids, use_tqdm)
+
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams,
+                    lora_request: LoRARequest | None = None) -> list[RequestOutput]:
+        """Beam search (``loom.engine.beam_search``; vLLM's ``LLM.beam_search``): per prompt, one finished output
+        holding the ``beam_width`` best beams, best first, with their ``cumulative_logprob``. Every prompt's beams
+        share each step's batch."""
+        prompts = [prompts] if isinstance(prompts, str | dict) else list(prompts)
+        searches = []
+        for prompt in prompts:
+            text, token_ids = _split_prompt(prompt)
+            ids = token_ids if token_ids is not None else self.engine.tokenizer.encode(text)
+            searches.append(BeamSearch(ids, params, set(self.engine.eos_token_ids)))
+        one_token = step_params(params)
+        while not all(s.done for s in searches):
+            live = [s for s in searches if not s.done]
+            ids = [[] for _ in live]
+            for search, own in zip(live, ids):
+                for prompt_ids in search.prompts():
+                    own.append(str(next(self._ids)))
+                    self.engine.add_request(own[-1], None, one_token, prompt_token_ids=prompt_ids,
+                                            lora_request=lora_request)
+            outputs = {out.request_id: out for out in self._run([i for own in ids for i in own], False)}
+            for search, own in zip(live, ids):
+                search.advance([next_token_logprobs(outputs[i]) for i in own])
+        outputs = []
+        for prompt, search in zip(prompts, searches):
+            beams = search.result()
+            texts = [self.engine.tokenizer.decode(b.token_ids, skip_special_tokens=True) for b in beams]
+            text = prompt if isinstance(prompt, str) else prompt.get("prompt")
+            outputs.append(beam_output(str(next(self._ids)), text, search.prompt_token_ids, beams, texts))
+        return outputs
 
     def chat(
         self,

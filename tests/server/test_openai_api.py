@@ -318,3 +318,24 @@ def test_a_non_streamed_request_is_delivered_once_finished_and_timed_from_its_fi
     ttft = after["loom_time_to_first_token_seconds_sum"] - before.get("loom_time_to_first_token_seconds_sum", 0)
     e2e = after["loom_e2e_request_latency_seconds_sum"] - before.get("loom_e2e_request_latency_seconds_sum", 0)
     assert 0 < ttft < e2e  # 39 more decode steps came after the first token
+
+
+def test_beam_search_returns_the_offline_searchs_beams(client, tiny_server, tiny_llama):
+    from loom import LLM, BeamSearchParams
+
+    prompts = ["The capital of France is", "Once upon a time"]
+    offline = LLM(str(tiny_llama), num_kv_blocks=256).beam_search(prompts, BeamSearchParams(beam_width=3, max_tokens=5))
+    out = client.completions.create(model="tiny", prompt=prompts, n=3, max_tokens=5,
+                                    extra_body={"use_beam_search": True})
+    assert [c.text for c in out.choices] == [c.text for o in offline for c in o.outputs]
+    assert [c.index for c in out.choices] == list(range(6)) and out.usage.completion_tokens == 30
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], n=2,
+                                          max_tokens=4, extra_body={"use_beam_search": True, "length_penalty": 0.5})
+    assert len(chat.choices) == 2 and all(c.finish_reason == "length" for c in chat.choices)
+    assert chat.choices[0].message.content != chat.choices[1].message.content
+    for body, param in (({"stream": True}, "stream"), ({"stop": ["x"]}, "stop"), ({"n": 11}, "n"),
+                        ({"max_tokens": 5000}, "max_tokens")):
+        r = httpx.post(f"{tiny_server.base_url}/completions", timeout=30, json={
+            "model": "tiny", "prompt": "Hi", "use_beam_search": True, "n": 2, "max_tokens": 4, **body})
+        assert (r.status_code, r.json()["error"]["param"]) == (400, param), body
+    assert tiny_server.metrics()["loom_kv_cache_free_blocks"] == tiny_server.metrics()["loom_kv_cache_num_blocks"]

@@ -23,6 +23,7 @@ from loom.engine.lora import LoRARequest
 from loom.engine.outputs import CompletionOutput
 from loom.engine.reasoning import prompt_block
 from loom.engine.sampling_params import SamplingParams
+from loom.entrypoints.openai.beam import beam_params, beam_search
 from loom.entrypoints.openai.protocol import ChatCompletionRequest
 from loom.entrypoints.openai.reasoning import ReasoningParser, ReasoningStream
 from loom.entrypoints.openai.serving import (
@@ -42,6 +43,8 @@ from loom.entrypoints.openai.tools import ToolPlan, finish_reason_of, plan_tools
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
+    if req.use_beam_search:
+        return await unless_disconnected(_beam_chat(ctx, req), raw)
     run = await prepare_chat(ctx, req)
     request_id, created = new_id("chatcmpl"), now_s()
     streams = await ctx.open_streams(request_id, [run.prompt], run.params, time.time(), run.lora, run.priority)
@@ -91,6 +94,25 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatR
     await ctx.compile_grammar(params, _grammar_param(req, plan))
     return ChatRun(lora, params, prompt, Answer(plan, reasoning, with_reasoning=ctx.reasoning is not None),
                    req.priority)
+
+
+async def _beam_chat(ctx: ServingContext, req: ChatCompletionRequest) -> JSONResponse:
+    """``use_beam_search``: the n best beams as the n choices, best first (``beam.py``); a thinking block is split off
+    as in any answer."""
+    lora = ctx.check_model(req.model)
+    ctx.check_n(req.n)
+    template = req.template_options(req.messages, req.add_generation_prompt)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    params = beam_params(req, max_tokens, ctx.front.max_model_len, 0)  # the fields first, before any work
+    prompt = await ctx.apply_chat_template(req.messages, req.add_generation_prompt, template=template)
+    params = beam_params(req, max_tokens, ctx.front.max_model_len, len(prompt))
+    request_id = new_id("chatcmpl")
+    out = await beam_search(ctx, request_id, prompt, params, lora, req.priority)
+    answer = Answer(ToolPlan(), ctx.reasoning, with_reasoning=ctx.reasoning is not None)
+    choices = [{"index": c.index, "message": answer.message(c.text)[0], "logprobs": None,
+                "finish_reason": c.finish_reason, "stop_reason": None} for c in out.outputs]
+    return JSONResponse({"id": request_id, "object": "chat.completion", "created": now_s(), "model": req.model,
+                         "system_fingerprint": None, "choices": choices, "usage": usage([len(prompt)], [out])})
 
 
 class Answer:

@@ -8,6 +8,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from loom.engine.outputs import CompletionOutput
+from loom.entrypoints.openai.beam import beam_params, beam_searches
 from loom.entrypoints.openai.protocol import CompletionRequest
 from loom.entrypoints.openai.serving import (
     SSE_HEADERS,
@@ -27,11 +28,13 @@ from loom.entrypoints.openai.serving import (
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
     lora = ctx.check_model(req.model)
-    params = req.sampling_params()
+    params = req.sampling_params() if not req.use_beam_search else None
     raw_prompts = req.prompts()
-    ctx.check_n(params.n, len(raw_prompts))
+    ctx.check_n(req.n, len(raw_prompts))
     ctx.encoder.check_chars(sum(len(p) for p in raw_prompts if isinstance(p, str)))
     prompts = [await ctx.encode(p) if isinstance(p, str) else list(p) for p in raw_prompts]
+    if params is None:
+        return await unless_disconnected(_beam_completion(ctx, req, prompts, lora), raw)
     await ctx.compile_grammar(params, "structured_outputs")
     request_id, created = new_id("cmpl"), now_s()
     streams = await ctx.open_streams(request_id, prompts, params, time.time(), lora, req.priority)  # checks ids too
@@ -60,6 +63,18 @@ async def _full(ctx, req: CompletionRequest, streams, prompts, echo, head) -> JS
     ]
     body = {**head, "choices": choices, "usage": usage([len(p) for p in prompts], finals), "system_fingerprint": None}
     return JSONResponse(body)
+
+
+async def _beam_completion(ctx, req: CompletionRequest, prompts: list[list[int]], lora) -> JSONResponse:
+    """``use_beam_search``: the n best beams of each prompt as its n choices, best first (``beam.py``)."""
+    params = [beam_params(req, req.max_tokens, ctx.front.max_model_len, len(p)) for p in prompts]
+    request_id = new_id("cmpl")
+    outs = await beam_searches(ctx, request_id, prompts, params, lora, req.priority)
+    choices = [{"index": i * req.n + c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason,
+                "stop_reason": None} for i, out in enumerate(outs) for c in out.outputs]
+    head = {"id": request_id, "object": "text_completion", "created": now_s(), "model": req.model}
+    return JSONResponse({**head, "choices": choices, "usage": usage([len(p) for p in prompts], outs),
+                         "system_fingerprint": None})
 
 
 def _echoed(req: CompletionRequest, prompt: list[int], prompt_logprobs) -> tuple[list[int], list] | None:

@@ -164,7 +164,7 @@ def engine_main(conn: Connection) -> None:
         _send(conn, (0, "raise", _portable(exc), None))
         return
     info = {"max_model_len": engine.max_model_len, "model_path": engine.model_path,
-            "tokenizer_path": engine.tokenizer_path}
+            "tokenizer_path": engine.tokenizer_path, "eos_token_ids": list(engine.eos_token_ids)}
     _send(conn, (0, "ok", info, _state(engine, None)))
     try:
         while True:
@@ -288,6 +288,7 @@ class EngineProcess:
         self.max_model_len = info["max_model_len"]
         self.model_path = info["model_path"]
         self.tokenizer_path = info["tokenizer_path"]
+        self.eos_token_ids = info["eos_token_ids"]
 
     # --- any thread --------------------------------------------------------------------------------------
     def request(self, call: str, *args) -> Future:

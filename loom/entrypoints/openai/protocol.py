@@ -5,7 +5,7 @@ types and shapes. Unknown fields are ignored, as vLLM does, so clients' ``extra_
 OpenAI's ``logit_bias`` (token id strings to biases in [-100, 100]). Loom's extra sampling fields: ``top_k``,
 ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``allowed_token_ids``,
 ``skip_special_tokens``, ``include_stop_str_in_output``, ``priority`` (vLLM's, with ``--scheduling-policy
-priority``), and vLLM's ``structured_outputs``
+priority``), ``use_beam_search`` and ``length_penalty`` (``beam.py``), and vLLM's ``structured_outputs``
 (``{"json" | "regex" | "choice" | "grammar" | "json_object"}``; the older ``guided_json`` / ``guided_regex`` /
 ``guided_choice`` / ``guided_grammar`` too). Chat's ``response_format`` takes ``json_object`` and ``json_schema``.
 Chat's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` are OpenAI's (their meaning: ``tools.py``).
@@ -74,6 +74,10 @@ class _Common(BaseModel):
     include_stop_str_in_output: bool = False
     priority: int = 0
     """vLLM's: lower is served first, with --scheduling-policy priority (a 400 otherwise unless 0)."""
+    use_beam_search: bool = False
+    """vLLM's: the n best beams of a beam search of width n (``beam.py``) instead of sampling."""
+    length_penalty: float = 1.0
+    """Beam search: scores are cumulative log-probabilities over the generated length to this power."""
     structured_outputs: StructuredOutputsRequest | None = None
     guided_json: dict | str | None = None
     guided_regex: str | None = None

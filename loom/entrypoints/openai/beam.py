@@ -1,0 +1,83 @@
+"""``use_beam_search`` on /v1/completions and /v1/chat/completions (vLLM's extra): the search of
+``loom.engine.beam_search``, each step's beams admitted as one-token engine requests beside everyone else's, the
+``n`` best beams returned as the choices (best first; ``n`` is the beam width, at most 10).
+
+    {"model": "smollm2", "prompt": "The capital of France is", "n": 3, "max_tokens": 8,
+     "use_beam_search": true, "length_penalty": 1.0}
+
+Beams rank by the model's own log-probabilities, so the sampling fields have no effect, and the fields that shape
+or stop an output token by token (``stop``, ``logprobs``, structured outputs, tools, ``stream``, ...) are a 400
+naming the field rather than dropped. ``ignore_eos`` and ``include_stop_str_in_output`` apply to the end token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from loom.engine.beam_search import BeamSearch, BeamSearchParams, beam_output, next_token_logprobs, step_params
+from loom.engine.lora import LoRARequest
+from loom.engine.outputs import RequestOutput
+from loom.entrypoints.openai.errors import bad_request
+from loom.entrypoints.openai.serving import ServingContext, close_all, finals_of
+
+REFUSED = ("stream", "logprobs", "top_logprobs", "echo", "stop", "stop_token_ids", "min_tokens", "logit_bias",
+           "allowed_token_ids", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+           "guided_grammar", "response_format", "tools", "prompt_logprobs")
+"""Fields that act on an output token by token (or on its stream): not supported with beam search."""
+
+
+def beam_params(req, max_tokens: int | None, max_model_len: int, prompt_len: int) -> BeamSearchParams:
+    """The request's search settings; 400 naming the field for what beam search cannot honour."""
+    for name in REFUSED:
+        value = getattr(req, name, None)
+        if value not in (None, False, [], {}):
+            raise bad_request(f"{name} is not supported with use_beam_search; leave it out or sample instead", name)
+    if max_tokens is None:
+        max_tokens = max_model_len - prompt_len
+    if prompt_len + max_tokens > max_model_len:
+        raise bad_request(f"prompt has {prompt_len} tokens and max_tokens is {max_tokens}: more than the model's "
+                          f"context of {max_model_len}; lower max_tokens", "max_tokens")
+    try:
+        return BeamSearchParams(beam_width=req.n, max_tokens=max_tokens, ignore_eos=req.ignore_eos,
+                                length_penalty=req.length_penalty,
+                                include_stop_str_in_output=req.include_stop_str_in_output)
+    except ValueError as exc:
+        param = "n" if str(exc).startswith("beam_width") else "max_tokens"
+        raise bad_request(str(exc).replace("beam_width", "n (the beam width)"), param) from None
+
+
+async def beam_search(ctx: ServingContext, request_id: str, prompt_ids: list[int], params: BeamSearchParams,
+                      lora: LoRARequest | None = None, priority: int = 0) -> RequestOutput:
+    """Run the search to its end: each step's live beams are admitted together (a 503 when the server is full)."""
+    search = BeamSearch(prompt_ids, params, set(ctx.front.engine.eos_token_ids))
+    one_token = step_params(params)
+    cached = None
+    while not search.done:
+        streams = await ctx.open_streams(f"{request_id}-{search.num_steps}", search.prompts(), one_token,
+                                         time.time(), lora, priority)
+        try:
+            finals = await finals_of(streams)
+        finally:
+            close_all(streams)
+        cached = finals[0].num_cached_tokens if cached is None else cached  # the prompt's, at the first step
+        search.advance([next_token_logprobs(out) for out in finals])
+    beams = search.result()
+    texts = [await ctx.encoder.run(_text, ctx.encoder.tokenizer, b.token_ids) for b in beams]  # off the event loop
+    return beam_output(request_id, None, prompt_ids, beams, texts, cached or 0)
+
+
+def _text(tokenizer, token_ids: list[int]) -> str:
+    return tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+async def beam_searches(ctx: ServingContext, request_id: str, prompts: list[list[int]], params: list[BeamSearchParams],
+                        lora: LoRARequest | None, priority: int) -> list[RequestOutput]:
+    """One search per prompt, side by side; one failing (or the request cancelled) ends them all."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(beam_search(ctx, f"{request_id}-{i}", p, bp, lora, priority))
+                     for i, (p, bp) in enumerate(zip(prompts, params))]
+    except ExceptionGroup as failed:  # the first failure, as the route answers it (a 503 when full, ...)
+        raise failed.exceptions[0] from None
+    return [t.result() for t in tasks]
