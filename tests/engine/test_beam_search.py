@@ -51,6 +51,7 @@ def test_end_token_options_and_the_candidates_per_beam():
     kept = _search(1, include_stop_str_in_output=True)
     kept.advance([{EOS: -0.1, 4: -0.2}])
     assert _beams(kept.finished) == [([EOS], -0.1, "stop")]
+    assert _beams(kept.live) == [([4], -0.2, None)]  # the second candidate: width live ones even after an end
     ignoring = _search(1, ignore_eos=True)
     ignoring.advance([{EOS: -0.1, 4: -0.2}])
     assert not ignoring.finished and _beams(ignoring.live) == [([EOS], -0.1, None)]
