@@ -207,6 +207,8 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
         if priority != 0 and self.config.scheduling_policy != "priority":
             raise ValueError(f"priority {priority} needs priority scheduling: start the server with "
                              "--scheduling-policy priority (or leave priority 0)")

@@ -165,14 +165,14 @@ class Scheduler:
                 continue
             while not self.block_manager.allocate(seq.seq_id, seq.tokens, seq.num_computed_tokens + n,
                                                   salt=seq.cache_salt):
-                victim = self._victim()
-                at = self.running.index(victim)
-                del self.running[at]
-                if at < i:  # scheduled earlier this step: its chunk and tokens are taken back
-                    chunk = next(c for c in out.chunks if c.seq is victim)
-                    out.chunks.remove(chunk)
-                    budget += chunk.num_tokens
+                at = self._victim()
+                victim = self.running.pop(at)
+                if at < i:  # passed earlier this step: its chunk, if it got one, and its tokens are taken back
                     i -= 1
+                    chunk = next((c for c in out.chunks if c.seq is victim), None)  # none: it ends when read
+                    if chunk is not None:
+                        out.chunks.remove(chunk)
+                        budget += chunk.num_tokens
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -238,12 +238,16 @@ class Scheduler:
                 adapters.add(seq.lora_id)
         self.waiting.extendleft(reversed(held_back))
 
-    def _victim(self) -> Sequence:
-        """The running sequence to preempt: the newest (FCFS: never one already scheduled this step, as running
-        sequences are scheduled in order), or the one with the largest (priority, arrival)."""
+    def _victim(self) -> int:
+        """Where in ``running`` the sequence to preempt is: the newest (FCFS: never one already passed this step, as
+        running sequences are scheduled in order), or the one with the largest (priority, arrival).
+
+        NOTE: of equal keys (n > 1 siblings, a request's several prompts) the later in the list goes, as FCFS's newest;
+        vLLM's ``max`` takes the first."""
+        last = len(self.running) - 1
         if self.config.policy == "priority":
-            return max(reversed(self.running), key=_priority_key)  # of equal keys, the later in the list
-        return self.running[-1]
+            return max(range(last, -1, -1), key=lambda k: _priority_key(self.running[k]))
+        return last
 
     def _chunk_size(self, seq: Sequence, computed: int, budget: int) -> int:
         remaining = seq.num_tokens - computed

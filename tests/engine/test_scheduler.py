@@ -195,8 +195,8 @@ def test_the_priority_policy_admits_by_priority_then_arrival():
 
 def test_the_priority_policy_preempts_the_lowest_priority_then_newest():
     """Three running sequences on 4 blocks; each decode needs a second block, so the step must preempt. FCFS takes the
-    newest (c); the priority policy takes the largest (priority, arrival), here a, whose decode was already scheduled
-    this step: its chunk is taken back, and it waits behind the waiting sequence of higher priority."""
+    newest (c); the priority policy takes the largest (priority, arrival), here a, which then waits behind the
+    waiting sequence of higher priority."""
     results = {}
     for policy in ("fcfs", "priority"):
         sched = make(num_blocks=4, policy=policy)
@@ -224,3 +224,48 @@ def test_the_priority_policy_preempts_the_sequence_itself_when_it_is_the_lowest(
     out = run_step(sched)
     # a takes the last block; b finds none and is itself the lowest: it steps back, and c decodes in its block
     assert ([ch.seq for ch in out.chunks], out.preempted, list(sched.waiting)) == ([a, c], [b], [b])
+
+
+def test_a_victim_scheduled_earlier_in_the_step_gives_back_its_chunk_and_tokens():
+    """a (priority 2) runs first, b and c (priority 0) join a step later, on 4 blocks. a's next decode fits its
+    second block and is scheduled; b's needs a block there is none of, and the victim is a: its chunk and token go
+    back, and c, now one place earlier in the running list, is still scheduled."""
+    sched = make(num_blocks=4, policy="priority")
+    a, b, c = _four("a", 2, 0.0), _four("b", 0, 1.0), _four("c", 0, 2.0)
+    sched.add(a)
+    run_step(sched)  # a's prompt: 1 block
+    sched.add(b)
+    sched.add(c)
+    run_step(sched)  # a decodes into a second block; b's and c's prompts take the other two
+    out = run_step(sched)
+    assert ([ch.seq.request_id for ch in out.chunks], out.preempted, out.num_batched_tokens) == (["b", "c"], [a], 2)
+    assert sched.running == [b, c] and list(sched.waiting) == [a] and a.num_computed_tokens == 0
+    assert sched.block_manager.num_free_blocks == 0  # a's two blocks back, then b's and c's second ones
+
+
+def test_a_victim_that_got_no_chunk_this_step_is_preempted_too():
+    """Async scheduling: a sequence whose in-flight token ends it gets no chunk; as the victim it still goes."""
+    sched = make(num_blocks=4, policy="priority")
+    a = _four("a", 2, 0.0)
+    sched.add(a)
+    run_step(sched)
+    a.params = SamplingParams(max_tokens=2)
+    a.num_pending = 1  # its second token is in flight: nothing to schedule for it
+    b, c = _four("b", 0, 1.0), _four("c", 0, 2.0)
+    sched.add(b)
+    sched.add(c)
+    run_step(sched)  # b and c prefill: 3 blocks held
+    out = run_step(sched)  # b takes the last block; c finds none: a goes
+    assert ([ch.seq.request_id for ch in out.chunks], out.preempted) == (["b", "c"], [a])
+    assert sched.block_manager.num_free_blocks == 0 and list(sched.waiting) == [a]
+
+
+def test_of_equal_priority_and_arrival_the_later_running_sequence_goes():
+    """n > 1 siblings share their key: the later one is preempted, as FCFS's newest (vLLM's max takes the first)."""
+    sched = make(num_blocks=3, policy="priority")
+    first, second = (make_seq([i * 10 + t for t in range(4)], "x", i, priority=1) for i in (1, 2))
+    sched.add(first)
+    sched.add(second)
+    run_step(sched)
+    out = run_step(sched)  # first takes the last block; second finds none and is the victim itself
+    assert ([ch.seq for ch in out.chunks], out.preempted) == ([first], [second])
