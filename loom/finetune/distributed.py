@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -166,6 +167,20 @@ def wrap(model: torch.nn.Module, parallelism: str, ranks: Ranks,
         fully_shard(layer)
     fully_shard(module)  # the root: embeddings, final norm and the (tied) LM head
     return module
+
+
+def micro_steps(module: torch.nn.Module, batches: list) -> Iterator:
+    """A step's micro-batches, each but the last yielded inside ``no_sync(module)``: run its forward and backward in
+    the loop body, and gradients are reduced across ranks in the step's last backward only."""
+    for i, batch in enumerate(batches):
+        with no_sync(module) if i < len(batches) - 1 else contextlib.nullcontext():
+            yield batch
+
+
+def rank_scaled(summed: torch.Tensor, world_size: int, total: int) -> torch.Tensor:
+    """A micro-batch's summed loss as its share of the step's mean over ``total`` items on all ranks, times the world
+    size, which DDP's and FSDP2's gradient averaging divides back out (``* 1`` is exact on one rank)."""
+    return summed * world_size / total
 
 
 def no_sync(module: torch.nn.Module):

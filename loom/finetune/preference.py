@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from loom.finetune.collate import Batch, pack_collate, pad_collate
 from loom.finetune.config import FinetuneConfig
-from loom.finetune.distributed import Ranks, all_sum, all_sum_, no_sync
+from loom.finetune.distributed import Ranks, all_sum, all_sum_, micro_steps, rank_scaled
 from loom.finetune.formats import ROLES, DataError, load_records, where
 from loom.finetune.loss import causal_lm_parts
 from loom.finetune.template import IGNORE_INDEX, check_tokenizer, encode_example
@@ -394,13 +394,10 @@ class PreferenceTrainer(Trainer):
             self.device))
         sums = dict.fromkeys(PAIR_METRICS, 0.0)
         supervised = 0
-        for i, pb in enumerate(batches):
-            # gradients are reduced across ranks in the step's last backward only
-            with no_sync(self.loss_module) if i < len(batches) - 1 else contextlib.nullcontext():
-                out, logps, counts = self.pair_losses(pb)
-                summed = out.losses.sum()
-                # * world: DDP and FSDP2 average the ranks' gradients where the sum is wanted (* 1 is exact)
-                (summed * world / total_pairs if pb.counted else summed * 0.0).backward()
+        for pb in micro_steps(self.loss_module, batches):
+            out, logps, counts = self.pair_losses(pb)
+            summed = out.losses.sum()
+            (rank_scaled(summed, world, total_pairs) if pb.counted else summed * 0.0).backward()
             if pb.counted:
                 add_pair_metrics(sums, out, logps.detach())
                 supervised += int(counts.sum())

@@ -33,7 +33,8 @@ from loom.finetune.distributed import (
     TokenLoss,
     all_sum,
     barrier,
-    no_sync,
+    micro_steps,
+    rank_scaled,
     shard,
     without_targets,
     wrap,
@@ -107,11 +108,10 @@ def accumulate(model, batches: list[Batch], autocast, *, total: int | None = Non
     local = sum(b.num_supervised for b in batches)
     divisor = max(local if total is None else total, 1)
     loss_sum = 0.0
-    for i, batch in enumerate(batches):
-        with no_sync(loss_module) if i < len(batches) - 1 else contextlib.nullcontext():
-            with autocast:
-                summed, _ = loss_module(batch)
-            (summed * world_size / divisor).backward()  # * 1 is exact: one rank divides as before
+    for batch in micro_steps(loss_module, batches):
+        with autocast:
+            summed, _ = loss_module(batch)
+        rank_scaled(summed, world_size, divisor).backward()
         loss_sum += float(summed.detach())
     return loss_sum, local
 
