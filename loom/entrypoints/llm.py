@@ -86,16 +86,23 @@ class LLM:
         for prompt in prompts:
             text, token_ids = _split_prompt(prompt)
             ids = token_ids if token_ids is not None else self.engine.tokenizer.encode(text)
+            if len(ids) + params.max_tokens > self.engine.max_model_len:
+                raise ValueError(f"prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}: more than the "
+                                 f"model's context of {self.engine.max_model_len}; lower max_tokens")
             searches.append(BeamSearch(ids, params, set(self.engine.eos_token_ids)))
-        one_token = step_params(params)
         while not all(s.done for s in searches):
             live = [s for s in searches if not s.done]
             ids = [[] for _ in live]
-            for search, own in zip(live, ids):
-                for prompt_ids in search.prompts():
-                    own.append(str(next(self._ids)))
-                    self.engine.add_request(own[-1], None, one_token, prompt_token_ids=prompt_ids,
-                                            lora_request=lora_request)
+            try:
+                for search, own in zip(live, ids):
+                    for prompt_ids in search.prompts():
+                        own.append(str(next(self._ids)))
+                        self.engine.add_request(own[-1], None, step_params(search), prompt_token_ids=prompt_ids,
+                                                lora_request=lora_request)
+            except Exception:  # a refused prompt: nothing of this search stays in the engine
+                for rid in (i for own in ids for i in own):
+                    self.engine.abort_request(rid)
+                raise
             outputs = {out.request_id: out for out in self._run([i for own in ids for i in own], False)}
             for search, own in zip(live, ids):
                 search.advance([next_token_logprobs(outputs[i]) for i in own])

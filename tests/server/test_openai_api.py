@@ -333,9 +333,41 @@ def test_beam_search_returns_the_offline_searchs_beams(client, tiny_server, tiny
                                           max_tokens=4, extra_body={"use_beam_search": True, "length_penalty": 0.5})
     assert len(chat.choices) == 2 and all(c.finish_reason == "length" for c in chat.choices)
     assert chat.choices[0].message.content != chat.choices[1].message.content
+    kept = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], n=2,
+                                          max_tokens=2, response_format={"type": "text"},  # the default: no format
+                                          extra_body={"use_beam_search": True})
+    assert len(kept.choices) == 2
     for body, param in (({"stream": True}, "stream"), ({"stop": ["x"]}, "stop"), ({"n": 11}, "n"),
-                        ({"max_tokens": 5000}, "max_tokens")):
+                        ({"max_tokens": 5000}, "max_tokens"), ({"logprobs": 0}, "logprobs"),
+                        ({"suffix": "x"}, "suffix"), ({"length_penalty": 2000}, "length_penalty")):
         r = httpx.post(f"{tiny_server.base_url}/completions", timeout=30, json={
             "model": "tiny", "prompt": "Hi", "use_beam_search": True, "n": 2, "max_tokens": 4, **body})
         assert (r.status_code, r.json()["error"]["param"]) == (400, param), body
     assert tiny_server.metrics()["loom_kv_cache_free_blocks"] == tiny_server.metrics()["loom_kv_cache_num_blocks"]
+
+
+def test_a_beam_search_holds_its_room_from_the_first_step_to_the_last(tiny_llama):
+    """Capacity 4, a search of width 4, and requests one after another while it runs: they are refused (503), and no
+    step of the search is, whatever comes in between its steps (the last ones may come after it let go)."""
+    import asyncio
+
+    server = start_llm_server(tiny_config(tiny_llama, num_kv_blocks=128, max_num_seqs=2, max_waiting=2))
+
+    async def run() -> tuple[int, set[int]]:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as http:
+            search = asyncio.create_task(http.post("/completions", json={
+                "model": "tiny", "prompt": "Hi", "n": 4, "max_tokens": 40, "use_beam_search": True}))
+            while server.component.front.num_in_flight < 4 and not search.done():
+                await asyncio.sleep(0.005)
+            others = []  # one after another until the search ends: some land between its steps
+            while not search.done():
+                others.append((await http.post("/completions", json={"model": "tiny", "prompt": "Hi",
+                                                                      "max_tokens": 2})).status_code)
+            return (await search).status_code, set(others)
+
+    try:
+        status, others = asyncio.run(run())
+        assert status == 200 and 503 in others
+        assert server.component.front.num_in_flight == 0
+    finally:
+        server.stop()

@@ -233,12 +233,26 @@ class AsyncLLMEngine:
             raise EngineOverloaded(f"the waiting queue is full ({self.num_in_flight} sequences in flight, "
                                    f"{num_seqs} more asked for)")
 
+    def hold(self, num_seqs: int) -> None:
+        """Count ``num_seqs`` sequences in flight until ``release``: room kept for a caller whose requests come one
+        after another (a beam search's steps), which then add them with ``held=True``. Raises as ``check_room``."""
+        self.check_room(num_seqs)
+        self.num_in_flight += num_seqs
+        self._idle.clear()
+
+    def release(self, num_seqs: int) -> None:
+        self._release(num_seqs)
+
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                           arrival_time: float | None = None, lora_request: LoRARequest | None = None,
-                          priority: int = 0) -> RequestStream:
+                          priority: int = 0, held: bool = False) -> RequestStream:
         """Admit a request as ``params.n`` sequences; raises EngineOverloaded (503), ValueError from the engine
-        (400) or EngineDead."""
-        self.check_room(params.n)
+        (400) or EngineDead. ``held``: in room already held (``hold``), so neither a full queue nor draining refuses
+        it (it is still counted while it runs)."""
+        if not held:
+            self.check_room(params.n)
+        elif not self.is_ready:
+            raise EngineDead("the LLM engine is not running")
         self.num_in_flight += params.n
         self._idle.clear()
         stream = RequestStream(self, request_id, params.n, delta=params.output_kind == "delta")

@@ -28,10 +28,11 @@ REFUSED = ("stream", "logprobs", "top_logprobs", "echo", "stop", "stop_token_ids
 
 
 def beam_params(req, max_tokens: int | None, max_model_len: int, prompt_len: int) -> BeamSearchParams:
-    """The request's search settings; 400 naming the field for what beam search cannot honour."""
+    """The request's search settings; 400 naming the field for what beam search cannot honour (the request's own
+    checks, as ``sampling_params`` makes them, come first)."""
+    req.sampling_params()  # suffix, best_of, stream_options without stream, top_logprobs without logprobs, ranges
     for name in REFUSED:
-        value = getattr(req, name, None)
-        if value not in (None, False, [], {}):
+        if _given(req, name):
             raise bad_request(f"{name} is not supported with use_beam_search; leave it out or sample instead", name)
     if max_tokens is None:
         max_tokens = max_model_len - prompt_len
@@ -43,40 +44,54 @@ def beam_params(req, max_tokens: int | None, max_model_len: int, prompt_len: int
                                 length_penalty=req.length_penalty,
                                 include_stop_str_in_output=req.include_stop_str_in_output)
     except ValueError as exc:
-        param = "n" if str(exc).startswith("beam_width") else "max_tokens"
+        param = {"beam_width": "n", "length_penalty": "length_penalty"}.get(str(exc).split(" ")[0], "max_tokens")
         raise bad_request(str(exc).replace("beam_width", "n (the beam width)"), param) from None
 
 
+def _given(req, name: str) -> bool:
+    """Whether the client set ``name`` to anything but its default (a "text" response_format is no format)."""
+    if name not in req.model_fields_set:
+        return False
+    value = getattr(req, name)
+    if name == "response_format":
+        return value is not None and value.type != "text"
+    return value != type(req).model_fields[name].default
+
+
 async def beam_search(ctx: ServingContext, request_id: str, prompt_ids: list[int], params: BeamSearchParams,
-                      lora: LoRARequest | None = None, priority: int = 0) -> RequestOutput:
-    """Run the search to its end: each step's live beams are admitted together (a 503 when the server is full)."""
+                      lora: LoRARequest | None = None, priority: int = 0,
+                      skip_special_tokens: bool = True) -> RequestOutput:
+    """Run the search to its end. Room for its ``beam_width`` sequences is held from the start (a 503 then when the
+    server is full) to the end, so that no step is refused after the work of the ones before."""
     search = BeamSearch(prompt_ids, params, set(ctx.front.engine.eos_token_ids))
-    one_token = step_params(params)
     cached = None
-    while not search.done:
-        streams = await ctx.open_streams(f"{request_id}-{search.num_steps}", search.prompts(), one_token,
-                                         time.time(), lora, priority)
-        try:
-            finals = await finals_of(streams)
-        finally:
-            close_all(streams)
-        cached = finals[0].num_cached_tokens if cached is None else cached  # the prompt's, at the first step
-        search.advance([next_token_logprobs(out) for out in finals])
+    with ctx.hold(params.beam_width):
+        while not search.done:
+            streams = await ctx.open_streams(f"{request_id}-{search.num_steps}", search.prompts(),
+                                             step_params(search), time.time(), lora, priority, held=True)
+            try:
+                finals = await finals_of(streams)
+            finally:
+                close_all(streams)
+            cached = finals[0].num_cached_tokens if cached is None else cached  # the prompt's, at the first step
+            search.advance([next_token_logprobs(out) for out in finals])
     beams = search.result()
-    texts = [await ctx.encoder.run(_text, ctx.encoder.tokenizer, b.token_ids) for b in beams]  # off the event loop
+    texts = [await ctx.encoder.run(_text, ctx.encoder.tokenizer, b.token_ids, skip_special_tokens)
+             for b in beams]  # off the event loop
     return beam_output(request_id, None, prompt_ids, beams, texts, cached or 0)
 
 
-def _text(tokenizer, token_ids: list[int]) -> str:
-    return tokenizer.decode(token_ids, skip_special_tokens=True)
+def _text(tokenizer, token_ids: list[int], skip_special_tokens: bool) -> str:
+    return tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
 
 async def beam_searches(ctx: ServingContext, request_id: str, prompts: list[list[int]], params: list[BeamSearchParams],
-                        lora: LoRARequest | None, priority: int) -> list[RequestOutput]:
+                        lora: LoRARequest | None, priority: int, skip_special_tokens: bool) -> list[RequestOutput]:
     """One search per prompt, side by side; one failing (or the request cancelled) ends them all."""
     try:
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(beam_search(ctx, f"{request_id}-{i}", p, bp, lora, priority))
+            tasks = [group.create_task(beam_search(ctx, f"{request_id}-{i}", p, bp, lora, priority,
+                                                   skip_special_tokens))
                      for i, (p, bp) in enumerate(zip(prompts, params))]
     except ExceptionGroup as failed:  # the first failure, as the route answers it (a 503 when full, ...)
         raise failed.exceptions[0] from None

@@ -107,7 +107,7 @@ async def _beam_chat(ctx: ServingContext, req: ChatCompletionRequest) -> JSONRes
     prompt = await ctx.apply_chat_template(req.messages, req.add_generation_prompt, template=template)
     params = beam_params(req, max_tokens, ctx.front.max_model_len, len(prompt))
     request_id = new_id("chatcmpl")
-    out = await beam_search(ctx, request_id, prompt, params, lora, req.priority)
+    out = await beam_search(ctx, request_id, prompt, params, lora, req.priority, req.skip_special_tokens)
     answer = Answer(ToolPlan(), ctx.reasoning, with_reasoning=ctx.reasoning is not None)
     choices = [{"index": c.index, "message": answer.message(c.text)[0], "logprobs": None,
                 "finish_reason": c.finish_reason, "stop_reason": None} for c in out.outputs]

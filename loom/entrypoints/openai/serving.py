@@ -4,9 +4,10 @@ usage, and the watch that aborts a non-streaming request whose client went away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 
 import orjson
@@ -155,20 +156,34 @@ class ServingContext:
 
     async def open_streams(self, base_id: str, prompts: list[list[int]], params: SamplingParams,
                            arrival: float, lora_request: LoRARequest | None = None,
-                           priority: int = 0) -> list[RequestStream]:
+                           priority: int = 0, held: bool = False) -> list[RequestStream]:
         """Admit one engine request per prompt, each counted as ``params.n`` sequences; all or none (the room for
-        all is checked first, and a later rejection closes the earlier ones)."""
+        all is checked first, and a later rejection closes the earlier ones). ``held``: in room held by ``hold``."""
         streams: list[RequestStream] = []
         try:
-            self.front.check_room(len(prompts) * params.n)
+            if not held:
+                self.front.check_room(len(prompts) * params.n)
             for i, ids in enumerate(prompts):
                 streams.append(await self.front.add_request(f"{base_id}-{i}", ids, params, arrival, lora_request,
-                                                            priority))
+                                                            priority, held))
         except BaseException as exc:
             for s in streams:
                 s.close()
             raise self._translate(exc) from exc
         return streams
+
+    @contextlib.contextmanager
+    def hold(self, num_seqs: int) -> Iterator[None]:
+        """Keep room for ``num_seqs`` sequences while the block runs (``AsyncLLMEngine.hold``); a 503 when there is
+        none."""
+        try:
+            self.front.hold(num_seqs)
+        except BaseException as exc:
+            raise self._translate(exc) from exc
+        try:
+            yield
+        finally:
+            self.front.release(num_seqs)
 
     def _translate(self, exc: BaseException) -> BaseException:
         if isinstance(exc, EngineOverloaded):
