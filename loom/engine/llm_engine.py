@@ -225,7 +225,7 @@ class LLMEngine:
             for i in range(params.n)
         ]
         if params.prompt_logprobs is not None:  # scored on the first sequence only (the prompt is the request's)
-            seqs[0].prompt_logprobs = [None]
+            seqs[0].prompt_logprobs, seqs[0].prompt_ranks = [None], [None]
         if params.structured_outputs is not None:  # StructuredOutputError (a ValueError) when it does not compile
             for seq in seqs:
                 seq.matcher = self.structured.new_matcher(params.structured_outputs, prompt_token_ids)
@@ -592,15 +592,15 @@ class LLMEngine:
         outputs = [self._completion(seq, req.detok[seq.index], delta) for seq in req.seqs]
         finished = all(o.finished for o in outputs)
         cached = req.seqs[0].num_cached_prompt_tokens
-        prompt_logprobs = req.seqs[0].prompt_logprobs
+        prompt_logprobs, prompt_ranks = req.seqs[0].prompt_logprobs, req.seqs[0].prompt_ranks
         if prompt_logprobs is not None and (len(prompt_logprobs) < len(req.prompt_token_ids)
                                             or delta and req.sent_prompt_logprobs):
-            prompt_logprobs = None  # not complete yet, or (a delta) sent already
+            prompt_logprobs = prompt_ranks = None  # not complete yet, or (a delta) sent already
         elif prompt_logprobs is not None:
             req.sent_prompt_logprobs = True
-            prompt_logprobs = list(prompt_logprobs)
+            prompt_logprobs, prompt_ranks = list(prompt_logprobs), list(prompt_ranks)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, finished, cached, req.metrics,
-                             prompt_logprobs)
+                             prompt_logprobs, prompt_ranks)
 
     @staticmethod
     def _completion(seq: Sequence, detok: DetokState, delta: bool) -> CompletionOutput:

@@ -404,10 +404,13 @@ def _prompt_logprob_rows(chunk: ScheduledChunk, first_row: int) -> tuple[range, 
 
 def add_prompt_logprobs(logits: torch.Tensor, prompt_rows: list[tuple[Sequence, list[int]]]) -> None:
     """Append to each sequence's ``prompt_logprobs`` its rows' scores: {prompt token: log-probability, then the
-    top ``params.prompt_logprobs`` tokens'} from the raw logits' log-softmax (one pass for the step's rows)."""
+    top ``params.prompt_logprobs`` tokens'} from the raw logits' log-softmax (one pass for the step's rows), and to its
+    ``prompt_ranks`` each prompt token's rank (1 + the tokens more likely)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     targets = torch.tensor([t for _, tokens in prompt_rows for t in tokens], device=logits.device)
-    own = logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
+    own_t = logprobs.gather(1, targets[:, None])  # [R, 1]
+    ranks = ((logprobs > own_t).sum(dim=-1) + 1).tolist()
+    own = own_t.squeeze(1).tolist()
     k = max(seq.params.prompt_logprobs for seq, _ in prompt_rows)
     if k:
         top_values, top_ids = (t.tolist() for t in logprobs.topk(k, dim=-1))
@@ -421,6 +424,7 @@ def add_prompt_logprobs(logits: torch.Tensor, prompt_rows: list[tuple[Sequence, 
             for tid, value in zip(top_ids[row][:wanted], top_values[row][:wanted]):
                 entry.setdefault(tid, value)
             seq.prompt_logprobs.append(entry)
+            seq.prompt_ranks.append(ranks[row])
             row += 1
 
 

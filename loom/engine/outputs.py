@@ -42,6 +42,8 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = field(default=None)
     """With ``SamplingParams.prompt_logprobs``: per prompt token, {token id: log-probability} (the token itself
     first); None for the first token. Complete once the first output token is."""
+    prompt_ranks: list[int | None] | None = field(default=None)
+    """Beside ``prompt_logprobs``: each prompt token's rank (1: the most likely); None for the first."""
 
 
 def merge_deltas(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
@@ -56,4 +58,5 @@ def merge_deltas(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
         outputs.append(CompletionOutput(new.index, old.text + new.text, old.token_ids + new.token_ids,
                                         new.cumulative_logprob, logprobs, new.finish_reason, new.stop_reason))
     return RequestOutput(newer.request_id, newer.prompt, newer.prompt_token_ids, outputs, newer.finished,
-                         newer.num_cached_tokens, newer.metrics, newer.prompt_logprobs or older.prompt_logprobs)
+                         newer.num_cached_tokens, newer.metrics, newer.prompt_logprobs or older.prompt_logprobs,
+                         newer.prompt_ranks or older.prompt_ranks)

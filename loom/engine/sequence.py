@@ -35,6 +35,9 @@ class Sequence:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     """With ``params.prompt_logprobs``: per prompt token so far, {token id: log-probability} (the token itself first,
     then the top ones); None for the first token. Filled chunk by chunk as the prompt is computed."""
+    prompt_ranks: list[int | None] | None = None
+    """Beside ``prompt_logprobs``: each prompt token's rank in its row (1: the most likely token); None for the
+    first."""
     cumulative_logprob: float = 0.0
     """Sum of the sampled tokens' log-probabilities in ``output_logprobs`` (kept as they are appended: a stream's
     outputs would otherwise sum the whole list again at every step)."""

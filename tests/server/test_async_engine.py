@@ -68,6 +68,22 @@ def test_unread_deltas_are_appended_into_one_and_other_items_keep_their_place():
     assert third.outputs[0].token_ids == [7] and third.finished and third.outputs[0].finish_reason == "length"
 
 
+def test_prompt_scores_in_a_merged_delta_are_kept():
+    """The delta that completes the prompt's scores (sent once) may land on an unread one: they stay."""
+    async def run():
+        stream = _stream(delta=True)
+        stream.put(_output([0]))
+        scored = _output([1])
+        scored.prompt_logprobs, scored.prompt_ranks = [None, {2: -1.5}], [None, 3]
+        stream.put(scored)
+        stream.put(_output([2]))
+        return await stream.next_item()
+
+    merged = asyncio.run(run())
+    assert merged.outputs[0].token_ids == [0, 1, 2]
+    assert (merged.prompt_logprobs, merged.prompt_ranks) == ([None, {2: -1.5}], [None, 3])
+
+
 def test_a_reader_that_keeps_up_gets_every_output_and_stops_at_the_finished_one():
     async def run():
         stream = _stream()

@@ -371,3 +371,37 @@ def test_a_beam_search_holds_its_room_from_the_first_step_to_the_last(tiny_llama
         assert server.component.front.num_in_flight == 0
     finally:
         server.stop()
+
+
+def test_prompt_logprobs_field_gives_each_prompt_tokens_score_and_rank(tiny_server, tiny_llama):
+    """vLLM's ``prompt_logprobs``: [None, {"<id>": {"logprob", "rank", "decoded_token"}}, ...], the prompt token's
+    own entry and the top k (ranks 1..k), as the engine scores them; in a completion, in its stream's first chunk,
+    and beside a chat answer's choices."""
+    import json
+
+    from loom import LLM, SamplingParams
+
+    ids = [1, 504, 3458, 314, 2858, 30, 17]
+    engine = LLM(str(tiny_llama), num_kv_blocks=64).generate(
+        [{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=2))[0]
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 2, "prompt_logprobs": 2}
+    whole = httpx.post(f"{tiny_server.base_url}/completions", json=body, timeout=30).json()
+    scores = whole["choices"][0]["prompt_logprobs"]
+    assert scores[0] is None and len(scores) == len(ids)
+    for j in range(1, len(ids)):
+        own = scores[j][str(ids[j])]
+        assert own["rank"] == engine.prompt_ranks[j]
+        assert own["logprob"] == pytest.approx(engine.prompt_logprobs[j][ids[j]], abs=1e-5)
+        top = sorted(((int(t), e) for t, e in scores[j].items() if e["rank"] <= 2), key=lambda te: te[1]["rank"])
+        assert [e["rank"] for _, e in top] == [1, 2] and top[0][1]["logprob"] >= top[1][1]["logprob"]
+        assert len(scores[j]) == (2 if own["rank"] <= 2 else 3)
+    with httpx.stream("POST", f"{tiny_server.base_url}/completions", json={**body, "stream": True}, timeout=30) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks[0]["choices"][0]["prompt_logprobs"] == scores
+    assert all("prompt_logprobs" not in c["choices"][0] for c in chunks[1:])
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "prompt_logprobs": 0}
+    answer = httpx.post(f"{tiny_server.base_url}/chat/completions", json=chat, timeout=30).json()
+    assert answer["prompt_logprobs"][0] is None and len(answer["prompt_logprobs"]) == answer["usage"]["prompt_tokens"]
+    assert all(len(e) == 1 for e in answer["prompt_logprobs"][1:])
+    refused = httpx.post(f"{tiny_server.base_url}/chat/completions", json={**chat, "stream": True}, timeout=30)
+    assert (refused.status_code, refused.json()["error"]["param"]) == (400, "prompt_logprobs")

@@ -133,6 +133,8 @@ class RequestStream:
             old.cumulative_logprob, old.finish_reason, old.stop_reason = (c.cumulative_logprob, c.finish_reason,
                                                                           c.stop_reason)
         tail.finished, tail.num_cached_tokens, tail.metrics = new.finished, new.num_cached_tokens, new.metrics
+        if new.prompt_logprobs is not None:  # sent once, in whichever delta completes them
+            tail.prompt_logprobs, tail.prompt_ranks = new.prompt_logprobs, new.prompt_ranks
 
     def _seal(self) -> None:
         """Join the merged text pieces of the last unread output."""

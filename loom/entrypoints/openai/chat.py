@@ -178,7 +178,12 @@ async def _full(ctx, req: ChatCompletionRequest, answer: Answer, streams, prompt
                 head: dict) -> JSONResponse:
     finals = await finals_of(streams)
     choices = [_choice(ctx, req, answer, c) for c in finals[0].outputs]
-    return JSONResponse({**head, "choices": choices, "usage": usage([prompt_len], finals)})
+    body = {**head, "choices": choices, "usage": usage([prompt_len], finals)}
+    out = finals[0]
+    if req.prompt_logprobs is not None and out.prompt_logprobs is not None:  # vLLM's field, beside the choices
+        body["prompt_logprobs"] = ctx.strings.prompt_entries(out.prompt_token_ids, out.prompt_logprobs,
+                                                             out.prompt_ranks, req.prompt_logprobs)
+    return JSONResponse(body)
 
 
 def _choice(ctx, req, answer: Answer, c: CompletionOutput) -> dict:

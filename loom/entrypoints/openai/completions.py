@@ -7,7 +7,7 @@ import time
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from loom.engine.outputs import CompletionOutput
+from loom.engine.outputs import CompletionOutput, RequestOutput
 from loom.entrypoints.openai.beam import beam_params, beam_searches
 from loom.entrypoints.openai.protocol import CompletionRequest
 from loom.entrypoints.openai.serving import (
@@ -57,7 +57,7 @@ async def _full(ctx, req: CompletionRequest, streams, prompts, echo, head) -> JS
     finals = await finals_of(streams)
     choices = [
         _choice(ctx, req, i * req.n + c.index, echo[i] + c.text, c, c.token_ids, c.logprobs, len(echo[i]),
-                _echoed(req, prompts[i], out.prompt_logprobs))
+                _echoed(req, prompts[i], out.prompt_logprobs)) | _prompt_scores(ctx, req, prompts[i], out)
         for i, out in enumerate(finals)
         for c in out.outputs
     ]
@@ -75,6 +75,14 @@ async def _beam_completion(ctx, req: CompletionRequest, prompts: list[list[int]]
     head = {"id": request_id, "object": "text_completion", "created": now_s(), "model": req.model}
     return JSONResponse({**head, "choices": choices, "usage": usage([len(p) for p in prompts], outs),
                          "system_fingerprint": None})
+
+
+def _prompt_scores(ctx, req, prompt: list[int], out) -> dict:
+    """vLLM's ``prompt_logprobs`` field of a choice, where asked for."""
+    if req.prompt_logprobs is None or out.prompt_logprobs is None:
+        return {}
+    return {"prompt_logprobs": ctx.strings.prompt_entries(prompt, out.prompt_logprobs, out.prompt_ranks,
+                                                          req.prompt_logprobs)}
 
 
 def _echoed(req: CompletionRequest, prompt: list[int], prompt_logprobs) -> tuple[list[int], list] | None:
@@ -99,13 +107,13 @@ async def _stream(ctx, req: CompletionRequest, streams, prompts, echo, head):
     assert all(s.delta for s in streams), "a stream's outputs are deltas (CompletionRequest.sampling_params)"
     sent: dict[tuple[int, int], tuple[int, bool]] = {}  # (prompt, completion) -> (characters sent, finished)
     num_tokens, cached = 0, [0] * len(streams)
-    scored: dict[int, list] = {}  # prompt -> its prompt logprobs (a delta carries them once, for every completion)
+    scored: dict[int, RequestOutput] = {}  # prompt -> the output with its scores (a delta carries them once)
     extra = {"usage": None} if req.include_usage else {}
     try:
         async for i, out in merged(streams):
             cached[i] = out.num_cached_tokens
             if out.prompt_logprobs is not None:
-                scored[i] = out.prompt_logprobs
+                scored[i] = out
             for c in out.outputs:
                 num_tokens += len(c.token_ids)
                 chars, done = sent.get((i, c.index), (0, False))
@@ -114,9 +122,11 @@ async def _stream(ctx, req: CompletionRequest, streams, prompts, echo, head):
                     continue
                 first = (i, c.index) not in sent
                 prefix = echo[i] if first else ""
-                echoed = _echoed(req, prompts[i], scored.get(i)) if first else None
+                echoed = _echoed(req, prompts[i], scored[i].prompt_logprobs) if first and i in scored else None
                 choice = _choice(ctx, req, i * req.n + c.index, prefix + c.text, c, c.token_ids, c.logprobs,
                                  chars + len(prefix), echoed)
+                if first and i in scored:
+                    choice |= _prompt_scores(ctx, req, prompts[i], scored[i])
                 sent[(i, c.index)] = (chars + len(prefix) + len(c.text), c.finished)  # text offsets count the echo
                 yield sse({**head, "choices": [choice], **extra})
         if req.include_usage:

@@ -106,7 +106,8 @@ def encode(out: RequestOutput) -> WireOutput:
     metrics = None if m is None else (m.arrival_time, m.first_scheduled_time, m.first_token_time, m.finished_time)
     completions = [(c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs, c.finish_reason, c.stop_reason)
                    for c in out.outputs]
-    return out.request_id, out.finished, out.num_cached_tokens, metrics, completions, out.prompt_logprobs
+    return (out.request_id, out.finished, out.num_cached_tokens, metrics, completions, out.prompt_logprobs,
+            out.prompt_ranks)
 
 
 class OutputDecoder:
@@ -123,13 +124,14 @@ class OutputDecoder:
 
     def decode(self, item: WireOutput) -> RequestOutput | None:
         """The output; None for one of a request forgotten since (aborted while the step ran)."""
-        request_id, finished, num_cached, metrics, completions, prompt_logprobs = item
+        request_id, finished, num_cached, metrics, completions, prompt_logprobs, prompt_ranks = item
         entry = self._requests.get(request_id)
         if entry is None:
             return None
         prompt_token_ids, cumulative, last = entry
         out = RequestOutput(request_id, None, prompt_token_ids, [CompletionOutput(*c) for c in completions], finished,
-                            num_cached, RequestMetrics(*metrics) if metrics is not None else None, prompt_logprobs)
+                            num_cached, RequestMetrics(*metrics) if metrics is not None else None, prompt_logprobs,
+                            prompt_ranks)
         if last is not None:
             out = merge_deltas(last, out)
         if finished:

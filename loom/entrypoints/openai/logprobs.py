@@ -61,3 +61,22 @@ class TokenStrings:
             offsets.append(text_offset)
             text_offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+    # --- vLLM's prompt_logprobs: [None, {"<id>": {"logprob", "rank", "decoded_token"}}, ...] --------------------
+    def prompt_entries(self, token_ids: list[int], logprobs: list[dict[int, float] | None],
+                       ranks: list[int | None], top: int) -> list[dict | None]:
+        """Per prompt token: the token's own score and rank, then the ``top`` most likely tokens' (ranks 1..top);
+        None for the first token."""
+        out: list[dict | None] = []
+        for token_id, lp, rank in zip(token_ids, logprobs, ranks):
+            if lp is None:
+                out.append(None)
+                continue
+            entry = {str(token_id): self._prompt_one(token_id, lp[token_id], rank)}
+            for place, (t, v) in enumerate(sorted(lp.items(), key=lambda kv: -kv[1])[:top]):
+                entry.setdefault(str(t), self._prompt_one(t, v, place + 1))
+            out.append(entry)
+        return out
+
+    def _prompt_one(self, token_id: int, logprob: float, rank: int) -> dict:
+        return {"logprob": max(logprob, -9999.0), "rank": rank, "decoded_token": self.text(token_id)}

@@ -74,6 +74,9 @@ class _Common(BaseModel):
     include_stop_str_in_output: bool = False
     priority: int = 0
     """vLLM's: lower is served first, with --scheduling-policy priority (a 400 otherwise unless 0)."""
+    prompt_logprobs: int | None = None
+    """vLLM's: every prompt token's log-probability and rank, and the top ones' (in [0, 20]); whole answers, and
+    completions streams (in each choice's first chunk)."""
     use_beam_search: bool = False
     """vLLM's: the n best beams of a beam search of width n (``beam.py``) instead of sampling."""
     length_penalty: float = 1.0
@@ -161,8 +164,9 @@ class CompletionRequest(_Common):
         if self.best_of is not None and self.best_of != self.n:
             raise bad_request("best_of is not supported (it must equal n); use n", "best_of")
         params = self._sampling(self.max_tokens, self.logprobs, self._structured())
-        if self.echo and self.logprobs is not None:  # the echoed prompt's tokens are scored too (vLLM, OpenAI)
-            params.prompt_logprobs = self.logprobs  # in range: logprobs was checked the same way
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        if wanted:  # the echoed prompt's tokens are scored too (vLLM, OpenAI); each view takes its top ones
+            params = params.clone(prompt_logprobs=max(wanted))  # its range checked
         return params
 
     def prompts(self) -> list[str | list[int]]:
@@ -344,7 +348,11 @@ class ChatCompletionRequest(_Common, ChatTemplateFields):
             raise bad_request(f"top_logprobs must be in [0, 20], got {self.top_logprobs}", "top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling(max_tokens, logprobs, structured or self._structured())
+        if self.prompt_logprobs is not None and self.stream:
+            raise bad_request("prompt_logprobs comes with whole chat answers; leave out stream (completions streams "
+                              "carry them)", "prompt_logprobs")
+        params = self._sampling(max_tokens, logprobs, structured or self._structured())
+        return params if self.prompt_logprobs is None else params.clone(prompt_logprobs=self.prompt_logprobs)
 
 
 class TokenizeRequest(ChatTemplateFields):
