@@ -405,3 +405,19 @@ def test_prompt_logprobs_field_gives_each_prompt_tokens_score_and_rank(tiny_serv
     assert all(len(e) == 1 for e in answer["prompt_logprobs"][1:])
     refused = httpx.post(f"{tiny_server.base_url}/chat/completions", json={**chat, "stream": True}, timeout=30)
     assert (refused.status_code, refused.json()["error"]["param"]) == (400, "prompt_logprobs")
+
+
+@pytest.mark.parametrize("route, body", [("/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+                                         ("/completions", {"prompt": "Hi"})])
+def test_continuous_usage_stats_put_the_counts_so_far_in_every_chunk(tiny_server, route, body):
+    import json
+
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    with httpx.stream("POST", f"{tiny_server.base_url}{route}", timeout=30, json={
+            "model": "tiny", "max_tokens": 6, "ignore_eos": True, "stream": True, "stream_options": options,
+            **body}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert all(c["usage"]["prompt_tokens"] == chunks[-1]["usage"]["prompt_tokens"] for c in chunks)
+    assert counts == sorted(counts) and counts[-1] == 6 and counts[-2] == 6  # the last: the usage-only chunk
+    assert chunks[-1]["choices"] == [] and len(counts) > 2

@@ -29,6 +29,7 @@ from loom.entrypoints.openai.reasoning import ReasoningParser, ReasoningStream
 from loom.entrypoints.openai.serving import (
     SSE_HEADERS,
     ServingContext,
+    chunk_usage,
     close_all,
     error_event,
     finals_of,
@@ -206,14 +207,14 @@ async def _stream(ctx, req: ChatCompletionRequest, answer: Answer, stream, promp
     """The stream's outputs are deltas (``output_kind="delta"``); the reasoning and tool parsers read each choice's
     text so far."""
     assert stream.delta, "a stream's outputs are deltas (ChatCompletionRequest.sampling_params)"
-    extra = {"usage": None} if req.include_usage else None
     choices = [answer.stream() for _ in range(req.n)]  # per choice: text so far -> the delta to send
     texts = [""] * req.n
     done = [False] * req.n
     num_tokens = cached = 0
     try:
         for index in range(req.n):
-            yield _chunk(head, index, {"role": "assistant", "content": ""}, extra=extra)
+            yield _chunk(head, index, {"role": "assistant", "content": ""},
+                         extra=chunk_usage(req, [prompt_len], 0, 0))
         async for out in stream:
             cached = out.num_cached_tokens
             for c in out.outputs:
@@ -222,6 +223,7 @@ async def _stream(ctx, req: ChatCompletionRequest, answer: Answer, stream, promp
                     continue
                 texts[c.index] += c.text
                 delta = choices[c.index].feed(texts[c.index], final=c.finished)
+                extra = chunk_usage(req, [prompt_len], num_tokens, cached)
                 if delta or (req.logprobs and c.token_ids):
                     logprobs = _logprobs(ctx, req, c.token_ids, c.logprobs)
                     yield _chunk(head, c.index, delta or {"content": ""}, None, logprobs, extra)

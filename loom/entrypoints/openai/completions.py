@@ -13,6 +13,7 @@ from loom.entrypoints.openai.protocol import CompletionRequest
 from loom.entrypoints.openai.serving import (
     SSE_HEADERS,
     ServingContext,
+    chunk_usage,
     close_all,
     error_event,
     finals_of,
@@ -108,7 +109,6 @@ async def _stream(ctx, req: CompletionRequest, streams, prompts, echo, head):
     sent: dict[tuple[int, int], tuple[int, bool]] = {}  # (prompt, completion) -> (characters sent, finished)
     num_tokens, cached = 0, [0] * len(streams)
     scored: dict[int, RequestOutput] = {}  # prompt -> the output with its scores (a delta carries them once)
-    extra = {"usage": None} if req.include_usage else {}
     try:
         async for i, out in merged(streams):
             cached[i] = out.num_cached_tokens
@@ -128,7 +128,8 @@ async def _stream(ctx, req: CompletionRequest, streams, prompts, echo, head):
                 if first and i in scored:
                     choice |= _prompt_scores(ctx, req, prompts[i], scored[i])
                 sent[(i, c.index)] = (chars + len(prefix) + len(c.text), c.finished)  # text offsets count the echo
-                yield sse({**head, "choices": [choice], **extra})
+                yield sse({**head, "choices": [choice],
+                           **chunk_usage(req, [len(p) for p in prompts], num_tokens, sum(cached))})
         if req.include_usage:
             yield sse({**head, "choices": [], "usage": usage_of([len(p) for p in prompts], num_tokens, sum(cached))})
         yield sse("[DONE]")

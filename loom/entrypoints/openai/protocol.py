@@ -32,6 +32,8 @@ MAX_TOOLS = 128
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+    """vLLM's: with include_usage, every chunk carries the usage so far (not only the last, usage-only one)."""
 
 
 class StructuredOutputsRequest(BaseModel):
@@ -90,6 +92,10 @@ class _Common(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     def _guided(self) -> dict:
         return {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,

@@ -231,6 +231,14 @@ def usage_of(prompt_lens: list[int], completion_tokens: int, cached: int) -> dic
     }
 
 
+def chunk_usage(req, prompt_lens: list[int], num_tokens: int, cached: int) -> dict:
+    """A stream chunk's ``usage`` field: none without ``include_usage``, null in all but the last chunk, or with
+    ``continuous_usage_stats`` the counts so far (vLLM's)."""
+    if not req.include_usage:
+        return {}
+    return {"usage": usage_of(prompt_lens, num_tokens, cached) if req.continuous_usage else None}
+
+
 async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, output) from every stream as they come."""
     if len(streams) == 1:
