@@ -71,7 +71,7 @@ def test_input_items_become_the_chat_messages():
     ({"input": []}, "input", "empty"),
     ({"tools": [{"type": "web_search"}]}, "tools.0.type", "function tools only"),
     ({"tool_choice": {"type": "file_search"}}, "tool_choice", "tool_choice must be"),
-    ({"background": True}, "background", "not supported"),
+    ({"background": True, "stream": True}, "background", "store true and stream false"),
     ({"truncation": "auto"}, "truncation", "disabled"),
     ({"include": ["message.output_text.logprobs", "nonsense"]}, "include", "nonsense"),
     ({"top_logprobs": 21}, "top_logprobs", "[0, 20]"),
@@ -307,3 +307,27 @@ def test_bad_requests_over_http(server, body, status, param):
     r = httpx.post(f"{server.base_url}/responses", json={"model": "tiny", "input": "Hi", **body}, timeout=30)
     assert (r.status_code, r.json()["error"]["param"]) == (status, param)
     assert "max_tokens" not in r.json()["error"]["message"]
+
+
+def test_a_background_response_is_read_as_it_is_made_and_can_be_cancelled(client, server, monkeypatch):
+    import time
+
+    kw = {"model": "tiny", "input": "Tell me a story.", "max_output_tokens": 8, "temperature": 0}
+    started = client.responses.create(**kw, background=True)
+    assert started.status == "in_progress" and started.background and started.output == []
+    deadline = time.time() + 60
+    while (done := client.responses.retrieve(started.id)).status == "in_progress" and time.time() < deadline:
+        time.sleep(0.02)
+    assert done.status == "incomplete", done
+    assert done.output_text == client.responses.create(**kw).output_text and done.usage.output_tokens == 8
+    with pytest.raises(openai.BadRequestError):  # finished: nothing to cancel
+        client.responses.cancel(started.id)
+
+    script_outputs(server, monkeypatch)("word " * 400)  # long enough to be cancelled on the way
+    long = client.responses.create(model="tiny", input="Go on.", max_output_tokens=400, background=True)
+    cancelled = client.responses.cancel(long.id)
+    assert cancelled.status == "cancelled" and client.responses.retrieve(long.id).status == "cancelled"
+    assert server.component.front.num_in_flight == 0 and not server.component.context.responses.tasks
+    for extra in ({"stream": True}, {"store": False}):
+        r = httpx.post(f"{server.base_url}/responses", json={**kw, "background": True, **extra}, timeout=30)
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "background")

@@ -14,6 +14,7 @@ restart forgets them all. A response's conversation is the messages its prompt w
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -58,6 +59,8 @@ class ResponseStore:
         self.max_bytes = max_bytes
         self._responses: OrderedDict[str, StoredResponse] = OrderedDict()
         self._num_bytes = 0
+        self.tasks: dict[str, asyncio.Task] = {}
+        """Background responses being made, by id (``POST /v1/responses/{id}/cancel`` stops them)."""
 
     @property
     def enabled(self) -> bool:

@@ -16,8 +16,9 @@ There is no ``[DONE]``.
 With ``store`` (the default) the response is kept (``response_store.py``) for ``previous_response_id`` (its
 conversation comes before the new input), ``GET /v1/responses/{id}``, ``GET /v1/responses/{id}/input_items`` and
 ``DELETE /v1/responses/{id}``; ``--max-stored-responses 0`` keeps none and then ignores ``store``, as vLLM does
-without its store. ``include: ["message.output_text.logprobs"]`` (+ ``top_logprobs``) gives the message text's
-tokens their log-probabilities (``ResponseEvents``).
+without its store. ``background`` answers at once and makes the response in a task of its own (read with GET,
+stopped with ``POST /v1/responses/{id}/cancel``). ``include: ["message.output_text.logprobs"]`` (+ ``top_logprobs``)
+gives the message text's tokens their log-probabilities (``ResponseEvents``).
 
 A whole answer and a stream are one reading (``_answer``) of the engine's deltas through the chat route's stream
 parsers, so both hold the same items: a call cut short by ``max_output_tokens`` is an ``incomplete`` function_call in
@@ -26,6 +27,7 @@ both, where chat's whole answer would give its text as content.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -49,7 +51,7 @@ from loom.entrypoints.openai.serving import (
     unless_disconnected,
 )
 
-STATUS = {"stop": "completed", "length": "incomplete", "abort": "failed"}
+STATUS = {"stop": "completed", "length": "incomplete", "abort": "failed", "cancelled": "cancelled"}
 """A finish reason's response status (an aborted request: the server stopped it, draining)."""
 
 RENAMED = {"messages": "input", "prompt": "input", "max_completion_tokens": "max_output_tokens",
@@ -74,6 +76,8 @@ async def create_response(ctx: ServingContext, store: ResponseStore, req: Respon
     except OpenAIError as exc:
         raise _renamed(exc) from None
     keep = store if req.store and store.enabled else None
+    if req.background:
+        return _start_in_background(reply, streams[0], store)
     if req.stream:
         return StreamingResponse(_stream(reply, streams[0], keep), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
@@ -92,6 +96,9 @@ def _history(store: ResponseStore, previous_id: str | None) -> list[ChatMessage]
                           f"deleted, or is older than the {store.max_responses} this server keeps "
                           "(--max-stored-responses); send the whole conversation in input instead",
                           param="previous_response_id", code="response_not_found")
+    if stored.body["status"] not in ("completed", "incomplete"):
+        raise OpenAIError(400, f"response {previous_id!r} is {stored.body['status']}: a conversation goes on from a "
+                          "finished response", param="previous_response_id", code="invalid_value")
     return stored.conversation
 
 
@@ -146,7 +153,7 @@ class Reply:
         incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
         return {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
-            "background": False, "error": error, "incomplete_details": incomplete,
+            "background": req.background, "error": error, "incomplete_details": incomplete,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": req.model,
             "output": output, "parallel_tool_calls": req.parallel_tool_calls,
             "previous_response_id": req.previous_response_id,
@@ -256,6 +263,52 @@ async def _answer(reply: Reply, stream, store: ResponseStore | None) -> AsyncIte
     if store is not None and body["status"] != "failed":
         store.put(reply.stored(body))
     yield f"response.{body['status']}", {"response": body}
+
+
+def _start_in_background(reply: Reply, stream, store: ResponseStore) -> JSONResponse:
+    """``background``: answer at once with the response in progress (stored), and make it in a task of its own;
+    ``GET /v1/responses/{id}`` reads it, ``POST /v1/responses/{id}/cancel`` stops it."""
+    if not store.enabled:
+        close_all([stream])
+        raise OpenAIError(400, "background responses need the server to keep responses (--max-stored-responses "
+                          "above 0)", param="background", code="invalid_value")
+    body = reply.body(None, [])
+    inputs = [input_item(item) for item in _as_items(reply.req.input)]
+    store.put(StoredResponse(body, [], inputs))
+
+    async def run() -> None:
+        last = body
+        try:
+            async for _, fields in _answer(reply, stream, store):  # stores the finished response
+                last = fields.get("response", last)  # the lifecycle events', the last one whole
+            if last["status"] == "failed":  # which _answer leaves out of the store
+                store.put(StoredResponse(last, [], inputs))
+        except asyncio.CancelledError:
+            store.put(StoredResponse(reply.body("cancelled", []), [], inputs))
+            raise
+        except Exception as exc:  # kept as the stored response's error
+            error = exc.body()["error"] if isinstance(exc, OpenAIError) else {"message": str(exc)}
+            error = {"code": error.get("code") or "server_error", "message": error["message"]}
+            store.put(StoredResponse(reply.body(None, [], error=error), [], inputs))
+        finally:
+            close_all([stream])
+            store.tasks.pop(reply.id, None)
+
+    store.tasks[reply.id] = asyncio.get_running_loop().create_task(run())
+    return JSONResponse(body)
+
+
+async def cancel(store: ResponseStore, response_id: str) -> dict:
+    """Stop a background response being made; its stored state says ``cancelled``."""
+    stored = stored_response(store, response_id)
+    task = store.tasks.get(response_id)
+    if task is None:
+        raise OpenAIError(400, f"response {response_id!r} is not being made in the background (it is "
+                          f"{stored.body['status']}); only a background response in progress can be cancelled",
+                          param="response_id", code="invalid_value")
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return stored_response(store, response_id).body
 
 
 async def _full(reply: Reply, stream, store: ResponseStore | None) -> JSONResponse:

@@ -10,8 +10,8 @@ function tools written flat (``{"type": "function", "name", "parameters"}``); ``
     # 400 (OpenAIError naming the Responses field) for items, tools or options this server cannot take
 
 What a text-only server cannot do is refused by name rather than ignored: image, file and audio parts, hosted tools
-(web search, file search, code interpreter, MCP), ``background`` and ``truncation: "auto"``. Earlier ``reasoning``
-items are dropped from the prompt, as chat templates drop earlier turns' thinking. Loom's sampling extras
+(web search, file search, code interpreter, MCP), ``background`` with ``stream`` and ``truncation: "auto"``. Earlier
+``reasoning`` items are dropped from the prompt, as chat templates drop earlier turns' thinking. Loom's sampling extras
 (``SAMPLING_EXTRAS``: ``top_k``, ``seed``, ``stop``, ...) and ``chat_template_kwargs`` pass through as in chat.
 """
 
@@ -118,9 +118,9 @@ def to_chat(req: ResponsesRequest, history: list[ChatMessage]) -> ChatCompletion
 
 
 def _check_supported(req: ResponsesRequest) -> None:
-    if req.background:
-        raise bad_request("background responses are not supported here; leave background false (stream: true "
-                          "returns events as they are made)", "background")
+    if req.background and (req.stream or not req.store):
+        raise bad_request("a background response is stored and read with GET /v1/responses/{id}: it needs store "
+                          "true and stream false", "background")
     if req.truncation == "auto":
         raise bad_request('truncation "auto" is not supported: a conversation longer than the context is a 400; '
                           'leave truncation "disabled" and start a shorter conversation', "truncation")

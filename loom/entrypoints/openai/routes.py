@@ -21,7 +21,7 @@ from loom.entrypoints.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from loom.entrypoints.openai.responses import create_response, input_items_page, stored_response
+from loom.entrypoints.openai.responses import cancel, create_response, input_items_page, stored_response
 from loom.entrypoints.openai.responses_protocol import ResponsesRequest
 from loom.entrypoints.openai.serving import ServingContext, now_s
 from loom.entrypoints.openai.tools import template_tools
@@ -63,9 +63,7 @@ def build_routers(ctx: ServingContext) -> list[APIRouter]:
 
     @v1.post("/responses/{response_id}/cancel")
     async def cancel_response(response_id: str) -> dict:
-        stored_response(ctx.responses, response_id)
-        raise OpenAIError(400, "only background responses can be cancelled, and this server runs none: a response "
-                          "is finished when its request returns", param="response_id", code="invalid_value")
+        return await cancel(ctx.responses, response_id)
 
     @v1.get("/models")
     async def models() -> dict:
