@@ -132,7 +132,8 @@ class BeamSearch:
 
 def step_params(search: BeamSearch) -> SamplingParams:
     """One engine request per live beam and step: one token, the top ``num_candidates`` log-probabilities (raw, as
-    the model gives them; at most the engine's 20), no text."""
+    the model gives them), no text. NOTE: the engine gives at most 20, so a model with more than 20 − width end
+    tokens, all among a row's best, may keep fewer than width beams live where HF keeps width."""
     return SamplingParams(max_tokens=1, temperature=0.0, logprobs=min(search.num_candidates, MAX_LOGPROBS),
                           ignore_eos=True, detokenize=False, output_kind="final_only")
 

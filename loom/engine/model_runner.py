@@ -405,11 +405,12 @@ def _prompt_logprob_rows(chunk: ScheduledChunk, first_row: int) -> tuple[range, 
 def add_prompt_logprobs(logits: torch.Tensor, prompt_rows: list[tuple[Sequence, list[int]]]) -> None:
     """Append to each sequence's ``prompt_logprobs`` its rows' scores: {prompt token: log-probability, then the
     top ``params.prompt_logprobs`` tokens'} from the raw logits' log-softmax (one pass for the step's rows), and to its
-    ``prompt_ranks`` each prompt token's rank (1 + the tokens more likely)."""
+    ``prompt_ranks`` each prompt token's rank: the tokens at least as likely, itself included (vLLM's count: a tie
+    ranks below, a -inf token last)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     targets = torch.tensor([t for _, tokens in prompt_rows for t in tokens], device=logits.device)
     own_t = logprobs.gather(1, targets[:, None])  # [R, 1]
-    ranks = ((logprobs > own_t).sum(dim=-1) + 1).tolist()
+    ranks = (logprobs >= own_t).sum(dim=-1).tolist()
     own = own_t.squeeze(1).tolist()
     k = max(seq.params.prompt_logprobs for seq, _ in prompt_rows)
     if k:

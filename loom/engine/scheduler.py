@@ -215,8 +215,10 @@ class Scheduler:
                 held_back.append(self.waiting.popleft())
                 continue
             token_ids = seq.all_token_ids
-            # prompt logprobs need every prompt position's logits: no cached prefix (vLLM's rule too)
-            hits = [] if seq.params.prompt_logprobs is not None else bm.find_cached_prefix(token_ids, seq.cache_salt)
+            # prompt logprobs need every prompt position's logits: no cached prefix (vLLM's rule too) for the sequence
+            # that scores them, until it has (n > 1 siblings and a recompute after the scores are whole may hit)
+            scoring = seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < len(seq.prompt_token_ids)
+            hits = [] if scoring else bm.find_cached_prefix(token_ids, seq.cache_salt)
             computed = len(hits) * bm.block_size
             n = self._chunk_size(seq, computed, budget)
             if n == 0:

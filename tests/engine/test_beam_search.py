@@ -116,6 +116,7 @@ def test_with_an_end_token_the_beams_and_scores_are_hfs(llm, tiny_llama, monkeyp
         beam_width=width, max_tokens=steps, length_penalty=length_penalty, include_stop_str_in_output=True))[0]
     # a finished beam is among the best unless a length penalty of 2 ranks it below the longer ones
     assert any(c.finish_reason == "stop" for c in out.outputs) == (length_penalty < 2)
+    assert len(out.outputs) == len(ref.sequences) == width
     for c, seq, score in zip(out.outputs, ref.sequences.tolist(), ref.sequences_scores.tolist()):
         generated = seq[len(prompt):]
         assert generated[:len(c.token_ids)] == c.token_ids and set(generated[len(c.token_ids):]) <= {eos}

@@ -44,7 +44,9 @@ def test_prompt_logprobs_equal_transformers(tiny_llama, reference):
             for token, value in zip(top.indices.tolist(), top.values.tolist()):
                 assert entry[token] == pytest.approx(value, abs=1e-4)
             assert len(entry) in (3, 4)  # the prompt token, unless among the top 3
-            assert out.prompt_ranks[j] == int((ref[j - 1] > ref[j - 1, ids[j]]).sum()) + 1  # 1: the most likely
+            # the tokens at least as likely (vLLM's count), up to the float differences with HF's forward
+            row, own = ref[j - 1], ref[j - 1, ids[j]]
+            assert int((row > own + 1e-4).sum()) + 1 <= out.prompt_ranks[j] <= int((row >= own - 1e-4).sum())
         assert out.prompt_ranks[0] is None and len(out.prompt_ranks) == len(ids)
     assert outs[3].prompt_logprobs is None and outs[3].num_cached_tokens == 32  # a plain request still hits
 

@@ -335,7 +335,7 @@ def test_beam_search_returns_the_offline_searchs_beams(client, tiny_server, tiny
     assert chat.choices[0].message.content != chat.choices[1].message.content
     kept = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], n=2,
                                           max_tokens=2, response_format={"type": "text"},  # the default: no format
-                                          extra_body={"use_beam_search": True})
+                                          stop=[], extra_body={"use_beam_search": True})  # no stops: none asked
     assert len(kept.choices) == 2
     for body, param in (({"stream": True}, "stream"), ({"stop": ["x"]}, "stop"), ({"n": 11}, "n"),
                         ({"max_tokens": 5000}, "max_tokens"), ({"logprobs": 0}, "logprobs"),
@@ -369,6 +369,12 @@ def test_a_beam_search_holds_its_room_from_the_first_step_to_the_last(tiny_llama
         status, others = asyncio.run(run())
         assert status == 200 and 503 in others
         assert server.component.front.num_in_flight == 0
+    finally:
+        server.stop()
+    server = start_llm_server(tiny_config(tiny_llama, num_kv_blocks=128, max_num_seqs=2, max_waiting=3))
+    try:  # capacity 5: the search's 4 are counted once (not again for each step's requests), so 1 more fits
+        status, others = asyncio.run(run())
+        assert status == 200 and others == {200}
     finally:
         server.stop()
 
@@ -405,6 +411,9 @@ def test_prompt_logprobs_field_gives_each_prompt_tokens_score_and_rank(tiny_serv
     assert all(len(e) == 1 for e in answer["prompt_logprobs"][1:])
     refused = httpx.post(f"{tiny_server.base_url}/chat/completions", json={**chat, "stream": True}, timeout=30)
     assert (refused.status_code, refused.json()["error"]["param"]) == (400, "prompt_logprobs")
+    out_of_range = httpx.post(f"{tiny_server.base_url}/completions", timeout=30,  # beside echo's logprobs too
+                              json={**body, "echo": True, "logprobs": 5, "prompt_logprobs": -1})
+    assert (out_of_range.status_code, out_of_range.json()["error"]["param"]) == (400, "prompt_logprobs")
 
 
 @pytest.mark.parametrize("route, body", [("/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),

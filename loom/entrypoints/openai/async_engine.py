@@ -198,6 +198,7 @@ class AsyncLLMEngine:
         self.last_stats = None
         """The engine's EngineStats after its latest step or command batch."""
         self.draining = False
+        self._stopping = False
         self.on_fatal = on_fatal
         """Called with the reason when the engine cannot go on (a tensor-parallel rank died); the server exits."""
         self.fatal_error: str | None = None
@@ -250,14 +251,15 @@ class AsyncLLMEngine:
                           priority: int = 0, held: bool = False) -> RequestStream:
         """Admit a request as ``params.n`` sequences; raises EngineOverloaded (503), ValueError from the engine
         (400) or EngineDead. ``held``: in room already held (``hold``), so neither a full queue nor draining refuses
-        it (it is still counted while it runs)."""
+        it, and it is not counted again."""
         if not held:
             self.check_room(params.n)
-        elif not self.is_ready:
+        elif not self.is_ready or self._stopping:
             raise EngineDead("the LLM engine is not running")
-        self.num_in_flight += params.n
+        counted = 0 if held else params.n
+        self.num_in_flight += counted
         self._idle.clear()
-        stream = RequestStream(self, request_id, params.n, delta=params.output_kind == "delta")
+        stream = RequestStream(self, request_id, counted, delta=params.output_kind == "delta")
         times = RequestTimes(arrival=arrival_time or time.time(), num_prompt_tokens=len(prompt_token_ids))
         self._command(_Add(request_id, prompt_token_ids, params, stream, times, lora_request, priority))
         try:
@@ -301,6 +303,7 @@ class AsyncLLMEngine:
             except TimeoutError:
                 log.warning("drain timed out; aborting %d requests", self.num_in_flight)
         if self._thread is not None and self._thread.is_alive():
+            self._stopping = True  # a held request (a beam search's next step) is refused from now: never applied
             self._command(_Stop())
             await asyncio.to_thread(self._thread.join)
 

@@ -53,6 +53,8 @@ def _given(req, name: str) -> bool:
     if name not in req.model_fields_set:
         return False
     value = getattr(req, name)
+    if value in ([], {}):  # an empty list of stops or tools, an empty bias: nothing asked
+        return False
     if name == "response_format":
         return value is not None and value.type != "text"
     return value != type(req).model_fields[name].default

@@ -170,6 +170,7 @@ class CompletionRequest(_Common):
         if self.best_of is not None and self.best_of != self.n:
             raise bad_request("best_of is not supported (it must equal n); use n", "best_of")
         params = self._sampling(self.max_tokens, self.logprobs, self._structured())
+        _check_prompt_logprobs(self.prompt_logprobs)
         wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
         if wanted:  # the echoed prompt's tokens are scored too (vLLM, OpenAI); each view takes its top ones
             params = params.clone(prompt_logprobs=max(wanted))  # its range checked
@@ -185,6 +186,11 @@ class CompletionRequest(_Common):
         if all(isinstance(x, int) for x in p):
             return [list(p)]
         return list(p)
+
+
+def _check_prompt_logprobs(k: int | None) -> None:
+    if k is not None and not 0 <= k <= 20:
+        raise bad_request(f"prompt_logprobs must be in [0, 20], got {k}", "prompt_logprobs")
 
 
 class TextPart(BaseModel):
@@ -358,6 +364,7 @@ class ChatCompletionRequest(_Common, ChatTemplateFields):
             raise bad_request("prompt_logprobs comes with whole chat answers; leave out stream (completions streams "
                               "carry them)", "prompt_logprobs")
         params = self._sampling(max_tokens, logprobs, structured or self._structured())
+        _check_prompt_logprobs(self.prompt_logprobs)
         return params if self.prompt_logprobs is None else params.clone(prompt_logprobs=self.prompt_logprobs)
 
 
