@@ -417,16 +417,25 @@ def test_prompt_logprobs_field_gives_each_prompt_tokens_score_and_rank(tiny_serv
 
 
 @pytest.mark.parametrize("route, body", [("/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
-                                         ("/completions", {"prompt": "Hi"})])
+                                         ("/completions", {"prompt": ["Hi", "Hello there"]})])
 def test_continuous_usage_stats_put_the_counts_so_far_in_every_chunk(tiny_server, route, body):
+    """vLLM's counts: each chunk its own choice's prompt and tokens so far; the usage-only chunk the request's."""
     import json
 
     options = {"include_usage": True, "continuous_usage_stats": True}
     with httpx.stream("POST", f"{tiny_server.base_url}{route}", timeout=30, json={
-            "model": "tiny", "max_tokens": 6, "ignore_eos": True, "stream": True, "stream_options": options,
+            "model": "tiny", "max_tokens": 6, "ignore_eos": True, "n": 2, "stream": True, "stream_options": options,
             **body}) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
-    counts = [c["usage"]["completion_tokens"] for c in chunks]
-    assert all(c["usage"]["prompt_tokens"] == chunks[-1]["usage"]["prompt_tokens"] for c in chunks)
-    assert counts == sorted(counts) and counts[-1] == 6 and counts[-2] == 6  # the last: the usage-only chunk
-    assert chunks[-1]["choices"] == [] and len(counts) > 2
+    *per_choice, total = chunks
+    counts: dict[int, list[int]] = {}
+    prompt_of: dict[int, set[int]] = {}
+    for chunk in per_choice:
+        index = chunk["choices"][0]["index"]
+        counts.setdefault(index, []).append(chunk["usage"]["completion_tokens"])
+        prompt_of.setdefault(index, set()).add(chunk["usage"]["prompt_tokens"])
+    num_choices = len(counts)
+    assert num_choices == (2 if route == "/chat/completions" else 4)
+    assert all(c == sorted(c) and c[-1] == 6 for c in counts.values())
+    assert all(len(p) == 1 for p in prompt_of.values())  # each choice's own prompt, throughout
+    assert total["choices"] == [] and total["usage"]["completion_tokens"] == 6 * num_choices

@@ -104,6 +104,9 @@ def test_the_store_drops_the_oldest_past_either_bound():
     assert store.delete("d") and not store.delete("d")
     store.put(_stored("f", "x" * 7))
     assert [store.get(r) is not None for r in "cf"] == [True, True]
+    store.tasks["c"] = None  # c is being made in the background: pinned, f goes instead
+    store.put(_stored("g", "xx"))
+    assert [store.get(r) is not None for r in "cfg"] == [True, False, True]
     assert ResponseStore(max_responses=0).enabled is False
 
 
@@ -309,6 +312,22 @@ def test_bad_requests_over_http(server, body, status, param):
     assert "max_tokens" not in r.json()["error"]["message"]
 
 
+def _engine_is_idle(server) -> None:
+    """No request left in the engine: its aborts applied, every KV block back (waits for the engine thread)."""
+    import time
+
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        values = server.metrics()
+        if (values["loom_num_requests_running"] == 0
+                and values["loom_kv_cache_free_blocks"] == values["loom_kv_cache_num_blocks"]):
+            break
+        time.sleep(0.05)
+    assert values["loom_num_requests_running"] == 0
+    assert values["loom_kv_cache_free_blocks"] == values["loom_kv_cache_num_blocks"]
+    assert server.component.front.num_in_flight == 0 and not server.component.context.responses.tasks
+
+
 def test_a_background_response_is_read_as_it_is_made_and_can_be_cancelled(client, server, monkeypatch):
     import time
 
@@ -320,14 +339,19 @@ def test_a_background_response_is_read_as_it_is_made_and_can_be_cancelled(client
         time.sleep(0.02)
     assert done.status == "incomplete", done
     assert done.output_text == client.responses.create(**kw).output_text and done.usage.output_tokens == 8
-    with pytest.raises(openai.BadRequestError):  # finished: nothing to cancel
-        client.responses.cancel(started.id)
+    assert client.responses.cancel(started.id).status == "incomplete"  # finished: returned as it is
 
     script_outputs(server, monkeypatch)("word " * 400)  # long enough to be cancelled on the way
     long = client.responses.create(model="tiny", input="Go on.", max_output_tokens=400, background=True)
     cancelled = client.responses.cancel(long.id)
     assert cancelled.status == "cancelled" and client.responses.retrieve(long.id).status == "cancelled"
-    assert server.component.front.num_in_flight == 0 and not server.component.context.responses.tasks
+    assert client.responses.cancel(long.id).status == "cancelled"  # again: the same, as OpenAI's
+    _engine_is_idle(server)
+    deleted = client.responses.create(model="tiny", input="Go on.", max_output_tokens=400, background=True)
+    client.responses.delete(deleted.id)  # stops it too: it is not stored again when it would have finished
+    _engine_is_idle(server)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(deleted.id)
     for extra in ({"stream": True}, {"store": False}):
         r = httpx.post(f"{server.base_url}/responses", json={**kw, "background": True, **extra}, timeout=30)
         assert (r.status_code, r.json()["error"]["param"]) == (400, "background")

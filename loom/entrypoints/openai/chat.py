@@ -211,6 +211,7 @@ async def _stream(ctx, req: ChatCompletionRequest, answer: Answer, stream, promp
     texts = [""] * req.n
     done = [False] * req.n
     num_tokens = cached = 0
+    own_tokens = [0] * req.n  # per choice: what a chunk's continuous usage counts (vLLM's)
     try:
         for index in range(req.n):
             yield _chunk(head, index, {"role": "assistant", "content": ""},
@@ -219,11 +220,12 @@ async def _stream(ctx, req: ChatCompletionRequest, answer: Answer, stream, promp
             cached = out.num_cached_tokens
             for c in out.outputs:
                 num_tokens += len(c.token_ids)
+                own_tokens[c.index] += len(c.token_ids)
                 if done[c.index]:
                     continue
                 texts[c.index] += c.text
                 delta = choices[c.index].feed(texts[c.index], final=c.finished)
-                extra = chunk_usage(req, [prompt_len], num_tokens, cached)
+                extra = chunk_usage(req, [prompt_len], own_tokens[c.index], cached)
                 if delta or (req.logprobs and c.token_ids):
                     logprobs = _logprobs(ctx, req, c.token_ids, c.logprobs)
                     yield _chunk(head, c.index, delta or {"content": ""}, None, logprobs, extra)

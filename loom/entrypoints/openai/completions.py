@@ -108,6 +108,7 @@ async def _stream(ctx, req: CompletionRequest, streams, prompts, echo, head):
     assert all(s.delta for s in streams), "a stream's outputs are deltas (CompletionRequest.sampling_params)"
     sent: dict[tuple[int, int], tuple[int, bool]] = {}  # (prompt, completion) -> (characters sent, finished)
     num_tokens, cached = 0, [0] * len(streams)
+    own_tokens: dict[tuple[int, int], int] = {}  # per choice: what a chunk's continuous usage counts (vLLM's)
     scored: dict[int, RequestOutput] = {}  # prompt -> the output with its scores (a delta carries them once)
     try:
         async for i, out in merged(streams):
@@ -116,6 +117,7 @@ async def _stream(ctx, req: CompletionRequest, streams, prompts, echo, head):
                 scored[i] = out
             for c in out.outputs:
                 num_tokens += len(c.token_ids)
+                own_tokens[(i, c.index)] = own_tokens.get((i, c.index), 0) + len(c.token_ids)
                 chars, done = sent.get((i, c.index), (0, False))
                 wants_lp = req.logprobs is not None and bool(c.token_ids)
                 if done or not (c.text or c.finished or wants_lp):
@@ -129,7 +131,7 @@ async def _stream(ctx, req: CompletionRequest, streams, prompts, echo, head):
                     choice |= _prompt_scores(ctx, req, prompts[i], scored[i])
                 sent[(i, c.index)] = (chars + len(prefix) + len(c.text), c.finished)  # text offsets count the echo
                 yield sse({**head, "choices": [choice],
-                           **chunk_usage(req, [len(p) for p in prompts], num_tokens, sum(cached))})
+                           **chunk_usage(req, [len(prompts[i])], own_tokens[(i, c.index)], cached[i])})
         if req.include_usage:
             yield sse({**head, "choices": [], "usage": usage_of([len(p) for p in prompts], num_tokens, sum(cached))})
         yield sse("[DONE]")

@@ -78,8 +78,11 @@ class ResponseStore:
         self._responses[stored.id] = stored
         self._num_bytes += stored.num_bytes
         while len(self._responses) > self.max_responses or self._num_bytes > self.max_bytes:
-            _, oldest = self._responses.popitem(last=False)
-            self._num_bytes -= oldest.num_bytes
+            # background responses being made stay (they can still be read and cancelled)
+            oldest = next((rid for rid in self._responses if rid not in self.tasks), None)
+            if oldest is None:
+                break
+            self._num_bytes -= self._responses.pop(oldest).num_bytes
 
     def get(self, response_id: str) -> StoredResponse | None:
         return self._responses.get(response_id)

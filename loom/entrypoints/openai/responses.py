@@ -299,16 +299,26 @@ def _start_in_background(reply: Reply, stream, store: ResponseStore) -> JSONResp
 
 
 async def cancel(store: ResponseStore, response_id: str) -> dict:
-    """Stop a background response being made; its stored state says ``cancelled``."""
+    """Stop a background response being made; its stored state says ``cancelled``. A background response already
+    over is returned as it is (cancelling is idempotent, as OpenAI's)."""
     stored = stored_response(store, response_id)
     task = store.tasks.get(response_id)
-    if task is None:
-        raise OpenAIError(400, f"response {response_id!r} is not being made in the background (it is "
-                          f"{stored.body['status']}); only a background response in progress can be cancelled",
-                          param="response_id", code="invalid_value")
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    if task is None and not stored.body["background"]:
+        raise OpenAIError(400, f"response {response_id!r} was not made in the background; only a background "
+                          "response can be cancelled", param="response_id", code="invalid_value")
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
     return stored_response(store, response_id).body
+
+
+async def delete(store: ResponseStore, response_id: str) -> dict:
+    """Forget a stored response; one still being made in the background is stopped first."""
+    stored_response(store, response_id)  # 404 for an unknown id
+    if response_id in store.tasks:
+        await cancel(store, response_id)
+    store.delete(response_id)
+    return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
 async def _full(reply: Reply, stream, store: ResponseStore | None) -> JSONResponse:

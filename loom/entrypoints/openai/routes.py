@@ -21,7 +21,7 @@ from loom.entrypoints.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from loom.entrypoints.openai.responses import cancel, create_response, input_items_page, stored_response
+from loom.entrypoints.openai.responses import cancel, create_response, delete, input_items_page, stored_response
 from loom.entrypoints.openai.responses_protocol import ResponsesRequest
 from loom.entrypoints.openai.serving import ServingContext, now_s
 from loom.entrypoints.openai.tools import template_tools
@@ -52,9 +52,7 @@ def build_routers(ctx: ServingContext) -> list[APIRouter]:
 
     @v1.delete("/responses/{response_id}")
     async def delete_response(response_id: str) -> dict:
-        stored_response(ctx.responses, response_id)  # 404 for an unknown id
-        ctx.responses.delete(response_id)
-        return {"id": response_id, "object": "response.deleted", "deleted": True}
+        return await delete(ctx.responses, response_id)
 
     @v1.get("/responses/{response_id}/input_items")
     async def response_input_items(response_id: str, limit: int = 20, order: str = "desc",

@@ -233,7 +233,7 @@ def usage_of(prompt_lens: list[int], completion_tokens: int, cached: int) -> dic
 
 def chunk_usage(req, prompt_lens: list[int], num_tokens: int, cached: int) -> dict:
     """A stream chunk's ``usage`` field: none without ``include_usage``, null in all but the last chunk, or with
-    ``continuous_usage_stats`` the counts so far (vLLM's)."""
+    ``continuous_usage_stats`` the counts so far of the chunk's choice: its prompt and its tokens (vLLM's)."""
     if not req.include_usage:
         return {}
     return {"usage": usage_of(prompt_lens, num_tokens, cached) if req.continuous_usage else None}
