@@ -123,7 +123,7 @@ def test_logprobs_go_with_the_message_text_they_made(tiny_thinker, before, messa
     from loom.entrypoints.openai.chat import Answer
     from loom.entrypoints.openai.logprobs import TokenStrings
     from loom.entrypoints.openai.reasoning import REASONING_PARSERS
-    from loom.entrypoints.openai.responses import ResponseEvents
+    from loom.entrypoints.openai.response_events import ResponseEvents
     from loom.entrypoints.openai.tool_parsers import TOOL_PARSERS
     from loom.entrypoints.openai.tools import ToolPlan
 
