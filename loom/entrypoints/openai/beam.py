@@ -27,13 +27,17 @@ REFUSED = ("stream", "logprobs", "top_logprobs", "echo", "stop", "stop_token_ids
 """Fields that act on an output token by token (or on its stream): not supported with beam search."""
 
 
-def beam_params(req, max_tokens: int | None, max_model_len: int, prompt_len: int) -> BeamSearchParams:
-    """The request's search settings; 400 naming the field for what beam search cannot honour (the request's own
-    checks, as ``sampling_params`` makes them, come first)."""
-    req.sampling_params()  # suffix, best_of, stream_options without stream, top_logprobs without logprobs, ranges
+def check_beam_request(req) -> None:
+    """Before any work: the request's own checks, as ``sampling_params`` makes them (suffix, best_of, stream_options
+    without stream, top_logprobs without logprobs, ranges), then a 400 naming each field beam search cannot honour."""
+    req.sampling_params()
     for name in REFUSED:
         if _given(req, name):
             raise bad_request(f"{name} is not supported with use_beam_search; leave it out or sample instead", name)
+
+
+def beam_params(req, max_tokens: int | None, max_model_len: int, prompt_len: int) -> BeamSearchParams:
+    """The search settings of a request ``check_beam_request`` passed, for a prompt of ``prompt_len`` tokens."""
     if max_tokens is None:
         max_tokens = max_model_len - prompt_len
     if prompt_len + max_tokens > max_model_len:

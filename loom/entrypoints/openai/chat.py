@@ -23,7 +23,7 @@ from loom.engine.lora import LoRARequest
 from loom.engine.outputs import CompletionOutput
 from loom.engine.reasoning import prompt_block
 from loom.engine.sampling_params import SamplingParams
-from loom.entrypoints.openai.beam import beam_params, beam_search
+from loom.entrypoints.openai.beam import beam_params, beam_search, check_beam_request
 from loom.entrypoints.openai.protocol import ChatCompletionRequest
 from loom.entrypoints.openai.reasoning import ReasoningParser, ReasoningStream
 from loom.entrypoints.openai.serving import (
@@ -35,6 +35,7 @@ from loom.entrypoints.openai.serving import (
     finals_of,
     new_id,
     now_s,
+    prompt_scores,
     sse,
     unless_disconnected,
     usage,
@@ -104,7 +105,7 @@ async def _beam_chat(ctx: ServingContext, req: ChatCompletionRequest) -> JSONRes
     ctx.check_n(req.n)
     template = req.template_options(req.messages, req.add_generation_prompt)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = beam_params(req, max_tokens, ctx.front.max_model_len, 0)  # the fields first, before any work
+    check_beam_request(req)
     prompt = await ctx.apply_chat_template(req.messages, req.add_generation_prompt, template=template)
     params = beam_params(req, max_tokens, ctx.front.max_model_len, len(prompt))
     request_id = new_id("chatcmpl")
@@ -179,12 +180,9 @@ async def _full(ctx, req: ChatCompletionRequest, answer: Answer, streams, prompt
                 head: dict) -> JSONResponse:
     finals = await finals_of(streams)
     choices = [_choice(ctx, req, answer, c) for c in finals[0].outputs]
-    body = {**head, "choices": choices, "usage": usage([prompt_len], finals)}
     out = finals[0]
-    if req.prompt_logprobs is not None and out.prompt_logprobs is not None:  # vLLM's field, beside the choices
-        body["prompt_logprobs"] = ctx.strings.prompt_entries(out.prompt_token_ids, out.prompt_logprobs,
-                                                             out.prompt_ranks, req.prompt_logprobs)
-    return JSONResponse(body)
+    return JSONResponse({**head, "choices": choices, "usage": usage([prompt_len], finals),
+                         **prompt_scores(ctx, req, out.prompt_token_ids, out)})
 
 
 def _choice(ctx, req, answer: Answer, c: CompletionOutput) -> dict:
@@ -210,8 +208,8 @@ async def _stream(ctx, req: ChatCompletionRequest, answer: Answer, stream, promp
     choices = [answer.stream() for _ in range(req.n)]  # per choice: text so far -> the delta to send
     texts = [""] * req.n
     done = [False] * req.n
-    num_tokens = cached = 0
-    own_tokens = [0] * req.n  # per choice: what a chunk's continuous usage counts (vLLM's)
+    cached = 0
+    own_tokens = [0] * req.n  # per choice (a chunk's continuous usage counts its choice's, as vLLM's)
     try:
         for index in range(req.n):
             yield _chunk(head, index, {"role": "assistant", "content": ""},
@@ -219,7 +217,6 @@ async def _stream(ctx, req: ChatCompletionRequest, answer: Answer, stream, promp
         async for out in stream:
             cached = out.num_cached_tokens
             for c in out.outputs:
-                num_tokens += len(c.token_ids)
                 own_tokens[c.index] += len(c.token_ids)
                 if done[c.index]:
                     continue
@@ -234,7 +231,7 @@ async def _stream(ctx, req: ChatCompletionRequest, answer: Answer, stream, promp
                     yield _chunk(head, c.index, {}, reason, extra=extra)
                 done[c.index] = c.finished
         if req.include_usage:
-            yield sse({**head, "choices": [], "usage": usage_of([prompt_len], num_tokens, cached)})
+            yield sse({**head, "choices": [], "usage": usage_of([prompt_len], sum(own_tokens), cached)})
         yield sse("[DONE]")
     except Exception as exc:  # mid-stream failure: an error event, then the end marker
         yield error_event(exc)

@@ -7,8 +7,8 @@ import time
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from loom.engine.outputs import CompletionOutput, RequestOutput
-from loom.entrypoints.openai.beam import beam_params, beam_searches
+from loom.engine.outputs import CompletionOutput
+from loom.entrypoints.openai.beam import beam_params, beam_searches, check_beam_request
 from loom.entrypoints.openai.protocol import CompletionRequest
 from loom.entrypoints.openai.serving import (
     SSE_HEADERS,
@@ -20,6 +20,7 @@ from loom.entrypoints.openai.serving import (
     merged,
     new_id,
     now_s,
+    prompt_scores,
     sse,
     unless_disconnected,
     usage,
@@ -29,6 +30,8 @@ from loom.entrypoints.openai.serving import (
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
     lora = ctx.check_model(req.model)
+    if req.use_beam_search:
+        check_beam_request(req)
     params = req.sampling_params() if not req.use_beam_search else None
     raw_prompts = req.prompts()
     ctx.check_n(req.n, len(raw_prompts))
@@ -56,9 +59,10 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
 
 async def _full(ctx, req: CompletionRequest, streams, prompts, echo, head) -> JSONResponse:
     finals = await finals_of(streams)
+    scores = [prompt_scores(ctx, req, prompts[i], out) for i, out in enumerate(finals)]  # once for the n choices
     choices = [
         _choice(ctx, req, i * req.n + c.index, echo[i] + c.text, c, c.token_ids, c.logprobs, len(echo[i]),
-                _echoed(req, prompts[i], out.prompt_logprobs)) | _prompt_scores(ctx, req, prompts[i], out)
+                _echoed(req, prompts[i], out.prompt_logprobs)) | scores[i]
         for i, out in enumerate(finals)
         for c in out.outputs
     ]
@@ -76,14 +80,6 @@ async def _beam_completion(ctx, req: CompletionRequest, prompts: list[list[int]]
     head = {"id": request_id, "object": "text_completion", "created": now_s(), "model": req.model}
     return JSONResponse({**head, "choices": choices, "usage": usage([len(p) for p in prompts], outs),
                          "system_fingerprint": None})
-
-
-def _prompt_scores(ctx, req, prompt: list[int], out) -> dict:
-    """vLLM's ``prompt_logprobs`` field of a choice, where asked for."""
-    if req.prompt_logprobs is None or out.prompt_logprobs is None:
-        return {}
-    return {"prompt_logprobs": ctx.strings.prompt_entries(prompt, out.prompt_logprobs, out.prompt_ranks,
-                                                          req.prompt_logprobs)}
 
 
 def _echoed(req: CompletionRequest, prompt: list[int], prompt_logprobs) -> tuple[list[int], list] | None:
@@ -107,16 +103,15 @@ async def _stream(ctx, req: CompletionRequest, streams, prompts, echo, head):
     """Streams' outputs are deltas (``output_kind="delta"``): each chunk sends a completion's new text."""
     assert all(s.delta for s in streams), "a stream's outputs are deltas (CompletionRequest.sampling_params)"
     sent: dict[tuple[int, int], tuple[int, bool]] = {}  # (prompt, completion) -> (characters sent, finished)
-    num_tokens, cached = 0, [0] * len(streams)
-    own_tokens: dict[tuple[int, int], int] = {}  # per choice: what a chunk's continuous usage counts (vLLM's)
-    scored: dict[int, RequestOutput] = {}  # prompt -> the output with its scores (a delta carries them once)
+    cached = [0] * len(streams)
+    own_tokens: dict[tuple[int, int], int] = {}  # per choice (a chunk's continuous usage counts its choice's)
+    scored: dict[int, tuple[list, dict]] = {}  # prompt -> its scores and prompt_logprobs field (a delta carries them)
     try:
         async for i, out in merged(streams):
             cached[i] = out.num_cached_tokens
             if out.prompt_logprobs is not None:
-                scored[i] = out
+                scored[i] = (out.prompt_logprobs, prompt_scores(ctx, req, prompts[i], out))
             for c in out.outputs:
-                num_tokens += len(c.token_ids)
                 own_tokens[(i, c.index)] = own_tokens.get((i, c.index), 0) + len(c.token_ids)
                 chars, done = sent.get((i, c.index), (0, False))
                 wants_lp = req.logprobs is not None and bool(c.token_ids)
@@ -124,16 +119,17 @@ async def _stream(ctx, req: CompletionRequest, streams, prompts, echo, head):
                     continue
                 first = (i, c.index) not in sent
                 prefix = echo[i] if first else ""
-                echoed = _echoed(req, prompts[i], scored[i].prompt_logprobs) if first and i in scored else None
+                echoed = _echoed(req, prompts[i], scored[i][0]) if first and i in scored else None
                 choice = _choice(ctx, req, i * req.n + c.index, prefix + c.text, c, c.token_ids, c.logprobs,
                                  chars + len(prefix), echoed)
                 if first and i in scored:
-                    choice |= _prompt_scores(ctx, req, prompts[i], scored[i])
+                    choice |= scored[i][1]
                 sent[(i, c.index)] = (chars + len(prefix) + len(c.text), c.finished)  # text offsets count the echo
                 yield sse({**head, "choices": [choice],
                            **chunk_usage(req, [len(prompts[i])], own_tokens[(i, c.index)], cached[i])})
         if req.include_usage:
-            yield sse({**head, "choices": [], "usage": usage_of([len(p) for p in prompts], num_tokens, sum(cached))})
+            total = usage_of([len(p) for p in prompts], sum(own_tokens.values()), sum(cached))
+            yield sse({**head, "choices": [], "usage": total})
         yield sse("[DONE]")
     except Exception as exc:  # mid-stream failure: an error event, then the end marker
         yield error_event(exc)

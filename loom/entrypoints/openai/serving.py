@@ -231,6 +231,15 @@ def usage_of(prompt_lens: list[int], completion_tokens: int, cached: int) -> dic
     }
 
 
+def prompt_scores(ctx: ServingContext, req, prompt: list[int], out: RequestOutput) -> dict:
+    """vLLM's ``prompt_logprobs`` field, where the request asked for it and ``out`` carries the scores: a completion
+    choice's, or beside a chat answer's choices."""
+    if req.prompt_logprobs is None or out.prompt_logprobs is None:
+        return {}
+    return {"prompt_logprobs": ctx.strings.prompt_entries(prompt, out.prompt_logprobs, out.prompt_ranks,
+                                                          req.prompt_logprobs)}
+
+
 def chunk_usage(req, prompt_lens: list[int], num_tokens: int, cached: int) -> dict:
     """A stream chunk's ``usage`` field: none without ``include_usage``, null in all but the last chunk, or with
     ``continuous_usage_stats`` the counts so far of the chunk's choice: its prompt and its tokens (vLLM's)."""
