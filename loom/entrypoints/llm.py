@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import fields
 
 from tqdm import tqdm
@@ -63,18 +63,26 @@ class LLM:
         params = _final_only(_per_prompt(len(prompts), sampling_params, SamplingParams, SamplingParams()))
         loras = _per_prompt(len(prompts), lora_request, LoRARequest, None)
         priorities = _per_prompt(len(prompts), priority, int, 0)
-        ids = []
+        ids = self._add_all((*_split_prompt(prompt), p, lora, rank)
+                            for prompt, p, lora, rank in zip(prompts, params, loras, priorities))
+        return self._run(ids, use_tqdm)
+
+    def _add_all(self, requests: Iterable[tuple[str | None, list[int] | None, SamplingParams, LoRARequest | None,
+                                               int]]) -> list[str]:
+        """Add each (text, token ids, params, LoRA, priority) as an engine request; their ids. All or none: one the
+        engine refuses raises, and those added before it are dropped."""
+        ids: list[str] = []
         try:
-            for prompt, p, lora, rank in zip(prompts, params, loras, priorities):
+            for text, token_ids, params, lora, rank in requests:
                 rid = str(next(self._ids))
-                text, token_ids = _split_prompt(prompt)
-                self.engine.add_request(rid, text, p, prompt_token_ids=token_ids, lora_request=lora, priority=rank)
+                self.engine.add_request(rid, text, params, prompt_token_ids=token_ids, lora_request=lora,
+                                        priority=rank)
                 ids.append(rid)
         except Exception:
             for rid in ids:
                 self.engine.abort_request(rid)
             raise
-        return self._run(ids, use_tqdm)
+        return ids
 
     def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams,
                     lora_request: LoRARequest | None = None) -> list[RequestOutput]:
@@ -92,20 +100,11 @@ class LLM:
             searches.append(BeamSearch(ids, params, set(self.engine.eos_token_ids)))
         while not all(s.done for s in searches):
             live = [s for s in searches if not s.done]
-            ids = [[] for _ in live]
-            try:
-                for search, own in zip(live, ids):
-                    for prompt_ids in search.prompts():
-                        own.append(str(next(self._ids)))
-                        self.engine.add_request(own[-1], None, step_params(search), prompt_token_ids=prompt_ids,
-                                                lora_request=lora_request)
-            except Exception:  # a refused prompt: nothing of this search stays in the engine
-                for rid in (i for own in ids for i in own):
-                    self.engine.abort_request(rid)
-                raise
-            outputs = {out.request_id: out for out in self._run([i for own in ids for i in own], False)}
-            for search, own in zip(live, ids):
-                search.advance([next_token_logprobs(outputs[i]) for i in own])
+            ids = self._add_all((None, prompt_ids, step_params(search), lora_request, 0)
+                                for search in live for prompt_ids in search.prompts())
+            outputs = iter(self._run(ids, False))  # in the order added: search by search, beam by beam
+            for search in live:
+                search.advance([next_token_logprobs(next(outputs)) for _ in search.live])
         outputs = []
         for prompt, search in zip(prompts, searches):
             beams = search.result()
