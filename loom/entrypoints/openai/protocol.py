@@ -206,13 +206,16 @@ class FunctionCall(BaseModel):
     @field_validator("arguments")
     @classmethod
     def _is_json_object(cls, value: str) -> str:
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            parsed = None
-        if not isinstance(parsed, dict):
+        if not is_json_object(value):
             raise ValueError("function arguments must be the text of a JSON object, e.g. '{\"city\": \"Paris\"}'")
         return value
+
+
+def is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 class ToolCall(BaseModel):

@@ -28,7 +28,6 @@ both, where chat's whole answer would give its text as content.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 
@@ -38,7 +37,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from loom.entrypoints.openai.chat import Answer, ChatRun, prepare_chat
 from loom.entrypoints.openai.errors import OpenAIError, from_value_error
-from loom.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage, FunctionCall, ToolCall
+from loom.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage, FunctionCall, ToolCall, is_json_object
 from loom.entrypoints.openai.response_events import ResponseEvents, item_id
 from loom.entrypoints.openai.response_store import ResponseStore, StoredResponse
 from loom.entrypoints.openai.responses_protocol import ResponsesRequest, to_chat
@@ -61,6 +60,9 @@ RENAMED = {"messages": "input", "prompt": "input", "max_completion_tokens": "max
 async def create_response(ctx: ServingContext, store: ResponseStore, req: ResponsesRequest, raw: Request):
     if req.model is None:  # optional in the Responses API (vLLM's default too)
         req.model = ctx.model_name
+    if req.background and not store.enabled:  # before any work
+        raise OpenAIError(400, "background responses need the server to keep responses (--max-stored-responses "
+                          "above 0)", param="background", code="invalid_value")
     history = _history(store, req.previous_response_id)
     chat, run = await _prepare(ctx, req, history)
     # the conversation the next turn builds on: without instructions, which OpenAI does not carry over
@@ -133,6 +135,8 @@ class Reply:
         self.id, self.created_at = response_id, now_s()
         self.conversation = conversation
         """The prompt's messages without the instructions: with the answer, the next turn's history."""
+        self.input_items = [input_item(item) for item in _as_items(req.input)]
+        """``input`` as ``input_items`` lists it (ids given once, the same while in progress and after)."""
 
     @property
     def answer(self) -> Answer:
@@ -178,8 +182,7 @@ class Reply:
 
     def stored(self, body: dict) -> StoredResponse:
         answer = assistant_message(body["output"])
-        inputs = [input_item(item) for item in _as_items(self.req.input)]
-        return StoredResponse(body, [*self.conversation, *([answer] if answer else [])], inputs)
+        return StoredResponse(body, [*self.conversation, *([answer] if answer else [])], self.input_items)
 
 
 def _as_items(value: str | list[dict]) -> list[dict]:
@@ -206,17 +209,10 @@ def assistant_message(output: list[dict]) -> ChatMessage | None:
     not a JSON object, cut by max_output_tokens or malformed, dropped too: a template could not render it)."""
     text = "".join(part["text"] for item in output if item["type"] == "message" for part in item["content"])
     calls = [ToolCall(id=item["call_id"], function=FunctionCall(name=item["name"], arguments=item["arguments"]))
-             for item in output if item["type"] == "function_call" and _is_json_object(item["arguments"])]
+             for item in output if item["type"] == "function_call" and is_json_object(item["arguments"])]
     if not text and not calls:
         return None
     return ChatMessage(role="assistant", content=text, tool_calls=calls or None)
-
-
-def _is_json_object(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), dict)
-    except ValueError:
-        return False
 
 
 async def _answer(reply: Reply, stream, store: ResponseStore | None) -> AsyncIterator[tuple[str, dict]]:
@@ -248,12 +244,8 @@ async def _answer(reply: Reply, stream, store: ResponseStore | None) -> AsyncIte
 def _start_in_background(reply: Reply, stream, store: ResponseStore) -> JSONResponse:
     """``background``: answer at once with the response in progress (stored), and make it in a task of its own;
     ``GET /v1/responses/{id}`` reads it, ``POST /v1/responses/{id}/cancel`` stops it."""
-    if not store.enabled:
-        close_all([stream])
-        raise OpenAIError(400, "background responses need the server to keep responses (--max-stored-responses "
-                          "above 0)", param="background", code="invalid_value")
     body = reply.body(None, [])
-    inputs = [input_item(item) for item in _as_items(reply.req.input)]
+    inputs = reply.input_items
     store.put(StoredResponse(body, [], inputs))
 
     async def run() -> None:
