@@ -21,7 +21,7 @@ def _output(tokens: list[int], finished: bool = False) -> RequestOutput:
 
 
 def _stream(delta: bool = False) -> RequestStream:
-    return RequestStream(SimpleNamespace(abort=lambda request_id: None, _release=lambda n: None), "r", delta=delta)
+    return RequestStream(SimpleNamespace(abort=lambda request_id: None, release=lambda n: None), "r", delta=delta)
 
 
 def test_unread_outputs_merge_into_the_latest_and_other_items_keep_their_place():

@@ -171,7 +171,7 @@ class RequestStream:
         self._closed = True
         if abort and not self.finished:
             self._front.abort(self.request_id)
-        self._front._release(self.num_seqs)
+        self._front.release(self.num_seqs)
 
 
 class AsyncLLMEngine:
@@ -243,9 +243,6 @@ class AsyncLLMEngine:
         self.num_in_flight += num_seqs
         self._idle.clear()
 
-    def release(self, num_seqs: int) -> None:
-        self._release(num_seqs)
-
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                           arrival_time: float | None = None, lora_request: LoRARequest | None = None,
                           priority: int = 0, held: bool = False) -> RequestStream:
@@ -288,7 +285,8 @@ class AsyncLLMEngine:
         self._command(_Call(fn, args, future))
         return await asyncio.wrap_future(future)
 
-    def _release(self, num_seqs: int = 1) -> None:
+    def release(self, num_seqs: int = 1) -> None:
+        """Sequences leave the in-flight count: a stream's when it closes, a ``hold``'s when its holder is done."""
         self.num_in_flight -= num_seqs
         if self.num_in_flight == 0:
             self._idle.set()
