@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ from loom.engine.structured import StructuredOutputs
 from loom.engine.tensor_parallel import EngineFatalError, RankSpec, TPWorkers, threads_per_rank
 from loom.models.catalogue import resolve_runtime
 from loom.models.llama import LlamaConfig
-from loom.models.loader import load_hf_config, load_tokenizer
+from loom.models.loader import load_hf_config, load_tokenizer, load_weights
 from loom.ops.sampler import DeferredSample, SamplingRow, SamplingSettings, has_token_penalty, sample_deferred
 
 log = logging.getLogger("loom.engine")
@@ -243,6 +244,26 @@ class LLMEngine:
             return False
         self.scheduler.abort(request_id)
         return True
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """New values for every weight, named as in an HF checkpoint (a training model's ``state_dict().items()``):
+        written in place (``loom.models.loader.load_weights``), and the prefix cache emptied, since its blocks hold
+        keys and values of the old weights. What vLLM's ``load_weights`` + ``reset_prefix_cache`` do for an RL
+        trainer's rollouts (``loom finetune --method grpo``). Only between requests; not with tensor parallelism,
+        LoRA adapters or quantized weights. Returns how many checkpoint tensors were written."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("update_weights while requests are running: finish or abort them first")
+        if self.workers is not None:
+            raise ValueError("update_weights: not with tensor parallelism (the other ranks hold their own shards)")
+        if self.lora is not None:
+            raise ValueError("update_weights: not on an engine with enable_lora (the adapters wrap the projections)")
+        written = load_weights(self.model, weights)
+        self.reset_prefix_cache()
+        return written
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (vLLM's ``reset_prefix_cache``); blocks in use stay with their sequences."""
+        self.block_manager.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished or self._in_flight is not None

@@ -11,6 +11,7 @@ import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
 
+import torch
 from tqdm import tqdm
 
 from loom.engine.beam_search import BeamSearch, BeamSearchParams, beam_output, next_token_logprobs, step_params
@@ -41,6 +42,14 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Every weight anew, named as in an HF checkpoint (``model.state_dict().items()``), written in place; the
+        prefix cache is emptied (``LLMEngine.update_weights``). Returns how many tensors were written."""
+        return self.engine.update_weights(weights)
+
+    def reset_prefix_cache(self) -> None:
+        self.engine.reset_prefix_cache()
 
     @property
     def tokenizer(self):

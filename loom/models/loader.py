@@ -6,6 +6,7 @@ transformers supplies only the config; weights stream from safetensors into prea
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -13,7 +14,9 @@ from safetensors import safe_open
 
 from loom.distributed.parallel import TensorParallel, head_shard
 from loom.models.gguf import is_gguf, load_gguf_config, load_gguf_model, load_gguf_tokenizer
-from loom.models.llama import LlamaConfig, LlamaForCausalLM
+from loom.models.llama import LlamaConfig, LlamaForCausalLM, qkv_load_order
+from loom.ops.packed_linear import PackedLinear
+from loom.ops.rotary import partial_rotary_order
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # The last part of an HF module name -> (Loom's fused module, which slice of it); the prefix is kept, so experts'
@@ -85,11 +88,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
                 if target is None:
                     continue
                 pname, part = target
-                tensor = f.get_tensor(name)
-                if cfg.norm_offset and pname.endswith("norm.weight"):  # Gemma: (1 + w), added once here
-                    tensor = tensor.float() + 1.0
-                if cfg.residual_multiplier != 1.0 and pname.endswith(RESIDUAL_BRANCH_OUTPUTS):  # Granite
-                    tensor = tensor.float() * cfg.residual_multiplier
+                tensor = _as_loom(pname, f.get_tensor(name), cfg)
                 if tp is not None:
                     if row_amax and pname.endswith(ROW_PARALLEL_WEIGHTS):  # int8 scales: whole rows' (ops.quantized)
                         model.row_amax[pname] = tensor.float().abs().amax(1)
@@ -101,6 +100,107 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
     _check_complete(params, filled, folder)
     model.order_partial_rotary_rows()
     return model.eval()
+
+
+def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """Overwrite a loaded model's weights in place with ``weights``: (name, tensor) pairs named as in an HF checkpoint
+    (a training model's ``state_dict().items()``, say), the same shapes. Every weight the model holds must be given,
+    so a fused projection (q/k/v, gate/up) or a packed one (``PackedLinear``) is rebuilt whole; the names and the
+    completeness are checked before anything is written. Tensors stay where they are (CUDA graphs and the C++ layer
+    plan keep reading them). Quantized weights and tensor-parallel shards are refused. Returns how many checkpoint
+    tensors were written."""
+    if model.tp is not None:
+        raise ValueError("load_weights: the model is sharded over tensor-parallel ranks; load the new weights from a "
+                         "folder instead")
+    cfg = model.config
+    params = dict(model.named_parameters())
+    staged: dict[str, torch.Tensor] = {}  # the whole weights of packed projections, rebuilt in float32
+    writes, filled = [], {}
+    for name, tensor in weights:
+        target = _target(name, cfg)
+        if target is None:
+            continue
+        pname, part = target
+        if pname == "lm_head.weight" and model.lm_head is None:
+            if not isinstance(model.logits_proj, PackedLinear):
+                raise ValueError("load_weights: the LM head is quantized; float weights cannot replace it")
+            pname = "logits_proj.weight"
+        if pname not in params:
+            module = _packed(model, pname)
+            if pname not in staged:
+                like = module.bias if pname.endswith(".bias") else None
+                staged[pname] = (torch.empty(module.out_features, module.in_features) if like is None
+                                 else torch.empty_like(like))
+        writes.append((pname, part, tensor))
+        filled[pname] = filled.get(pname, 0) + (_parts(pname) if part is None else 1)
+    expected = {name: _parts(name) for name in params}
+    for pname in _packed_weights(model):
+        expected[pname] = _parts(pname)
+    missing = [n for n, count in expected.items() if filled.get(n, 0) < count]
+    if missing:
+        raise ValueError(f"load_weights: no new values for {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+                         "give every weight of the model")
+    for pname, part, tensor in writes:
+        dest = _slice(params[pname] if pname in params else staged[pname], part, cfg, "gate_up_proj" in pname)
+        if dest.shape != tensor.shape:
+            raise ValueError(f"load_weights: {pname} takes a tensor of shape {tuple(dest.shape)}, got "
+                             f"{tuple(tensor.shape)}")
+    dests = {}
+    for pname, part, tensor in writes:
+        dests[pname] = dest = params[pname] if pname in params else staged[pname]
+        _copy_into(dest, part, _as_loom(pname, tensor, cfg), cfg, gate_up="gate_up_proj" in pname)
+    _order_partial_rotary(dests, cfg)
+    for pname, weight in staged.items():
+        if pname.endswith(".weight"):
+            bias = staged.get(pname.removesuffix(".weight") + ".bias")
+            _packed(model, pname).load_(weight, bias)
+    if cfg.tie_word_embeddings and isinstance(model.logits_proj, PackedLinear):  # the head packs the embeddings
+        model.logits_proj.load_(model.embed_tokens.weight)
+    model.ops.weights_changed(model)
+    return len(writes)
+
+
+def _order_partial_rotary(tensors: dict[str, torch.Tensor], cfg: LlamaConfig) -> None:
+    """``LlamaForCausalLM.order_partial_rotary_rows`` on the written tensors, before any is packed."""
+    rows = qkv_load_order(cfg)
+    if rows is None:
+        return
+    order = partial_rotary_order(cfg.head_dim, cfg.rotary_dim)
+    with torch.no_grad():
+        for pname, tensor in tensors.items():
+            if "qkv_proj" in pname:
+                tensor.copy_(tensor[rows.to(tensor.device)])
+            elif pname.endswith(("q_norm.weight", "k_norm.weight")):
+                tensor.copy_(tensor[order.to(tensor.device)])
+
+
+def _packed(model: LlamaForCausalLM, pname: str) -> PackedLinear:
+    module = model.get_submodule(pname.rsplit(".", 1)[0])
+    if not isinstance(module, PackedLinear):
+        raise ValueError(f"load_weights: {pname} is held as {type(module).__name__} (quantized?); only float "
+                         "weights can be replaced")
+    return module
+
+
+def _packed_weights(model: LlamaForCausalLM) -> list[str]:
+    """The Loom names of the weights (and biases) held packed, besides a tied head's (it packs the embeddings)."""
+    names = []
+    for path, module in model.named_modules():
+        if isinstance(module, PackedLinear) and not (path == "logits_proj" and model.config.tie_word_embeddings):
+            names.append(f"{path}.weight")
+            if module.bias is not None:
+                names.append(f"{path}.bias")
+    return names
+
+
+def _as_loom(pname: str, tensor: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
+    """A checkpoint tensor as Loom's parameter holds it: Gemma's norms as (1 + w), Granite's residual multiplier
+    folded into the projections that join the residual stream."""
+    if cfg.norm_offset and pname.endswith("norm.weight"):
+        tensor = tensor.float() + 1.0
+    if cfg.residual_multiplier != 1.0 and pname.endswith(RESIDUAL_BRANCH_OUTPUTS):
+        tensor = tensor.float() * cfg.residual_multiplier
+    return tensor
 
 
 RESIDUAL_BRANCH_OUTPUTS = ("o_proj.weight", "o_proj.bias", "down_proj.weight", "down_proj.bias")
@@ -132,18 +232,22 @@ def _target(name: str, cfg: LlamaConfig) -> tuple[str, int | None] | None:
 
 def _copy_into(param: torch.nn.Parameter, part: int | None, tensor: torch.Tensor, cfg: LlamaConfig,
                gate_up: bool) -> None:
-    # NOTE: which fused parameter comes from its name: q + 2 kv rows can equal 2 x intermediate_size (a Qwen3 shape)
     with torch.no_grad():
-        if part is None:
-            param.copy_(tensor)
-            return
-        if gate_up:  # a dense MLP's, an expert's or a shared expert's: each its own width
-            sizes = [param.shape[0] // 2] * 2
-        else:  # qkv
-            kv = cfg.num_key_value_heads * cfg.head_dim
-            sizes = [cfg.num_attention_heads * cfg.head_dim, kv, kv]
-        start = sum(sizes[:part])
-        param[start : start + sizes[part]].copy_(tensor)
+        _slice(param, part, cfg, gate_up).copy_(tensor)
+
+
+def _slice(param: torch.Tensor, part: int | None, cfg: LlamaConfig, gate_up: bool) -> torch.Tensor:
+    """The rows of ``param`` that checkpoint tensor ``part`` of a fused projection fills (all of it: None)."""
+    # NOTE: which fused parameter comes from its name: q + 2 kv rows can equal 2 x intermediate_size (a Qwen3 shape)
+    if part is None:
+        return param
+    if gate_up:  # a dense MLP's, an expert's or a shared expert's: each its own width
+        sizes = [param.shape[0] // 2] * 2
+    else:  # qkv
+        kv = cfg.num_key_value_heads * cfg.head_dim
+        sizes = [cfg.num_attention_heads * cfg.head_dim, kv, kv]
+    start = sum(sizes[:part])
+    return param[start : start + sizes[part]]
 
 
 def _shard(pname: str, part: int | None, tensor: torch.Tensor, cfg: LlamaConfig, tp: TensorParallel) -> torch.Tensor:

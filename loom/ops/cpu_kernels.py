@@ -51,6 +51,9 @@ class CpuOps(TorchOps):
         if model.lm_head is not None:
             model.lm_head = None  # its weight now lives packed in logits_proj
 
+    def weights_changed(self, model: torch.nn.Module) -> None:
+        self._decode_plan = None  # oneDNN's packed weights are new tensors; the plan is made again at the next step
+
     def decode_layers(self, model, x, positions, kv_caches, meta):
         """Dense layers of the Llama family, Qwen3, Mistral, Phi-3 and Gemma 2 / 3 (q/k norms, sliding windows,
         soft-capping, GeGLU and Gemma's sandwich norms included) whose projections are panel-packed float32 or

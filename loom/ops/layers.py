@@ -59,6 +59,10 @@ class TorchOps:
     def prepare(self, model: torch.nn.Module) -> None:
         """Adapt a freshly loaded model to this backend (the reference needs nothing)."""
 
+    def weights_changed(self, model: torch.nn.Module) -> None:
+        """The model's weights were overwritten in place (``loom.models.loader.load_weights``): drop what was derived
+        from them."""
+
     def decode_layers(self, model, x, positions, kv_caches, meta) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A backend's whole stack of decoder layers over a decode-only step: ``(x, residual)`` as the model's layer
         loop leaves them, or None where the backend has no such path for this model (the loop runs)."""

@@ -57,6 +57,21 @@ class PackedLinear(nn.Module):
         else:
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight)
 
+    def load_(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """New values for W (and b), packed again into the same tensors (the panel's in place, so a layer plan that
+        holds them reads the new ones)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(weight.shape)} for a {self.out_features} x {self.in_features} "
+                             "linear")
+        weight = weight.detach().float().contiguous()
+        with torch.no_grad():
+            if self.backend == "panel":
+                self.packed_weight.copy_(self._ext.pack_panels(weight))
+            else:
+                self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight)
+            if bias is not None:
+                self.bias.copy_(bias)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, backend: str = "auto") -> PackedLinear:
         return cls(linear.weight, linear.bias, backend)
