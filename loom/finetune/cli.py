@@ -58,6 +58,15 @@ def print_report(summary: dict) -> None:
             r = pref[name]
             print(f"{name:<6} {r['loss']:>7.4f} {r['rewards/accuracy_ties_half']:>16.3f} {r['rewards/margins']:>8.3f} "
                   f"{r['logps/preference_accuracy']:>19.3f}")
+    rewards = summary.get("reward_eval")
+    if rewards:
+        names = [k for k in rewards["base"] if k.startswith("rewards/")]
+        print(f"{'model':<6} {'reward':>7} {'length':>7}  " + " ".join(n.removeprefix("rewards/") for n in names)
+              + f"  (greedy, {rewards['base']['prompts']} held-out prompts)")
+        for name in ("base", "tuned"):
+            r = rewards[name]
+            print(f"{name:<6} {r['reward']:>7.3f} {r['completions/mean_length']:>7.1f}  "
+                  + " ".join(f"{r[n]:.3f}" for n in names))
     mc = summary.get("mc_eval")
     if mc:
         print(f"{'model':<6} {'mc acc':>7} {'acc_norm':>9}  "
@@ -122,6 +131,6 @@ def run(args: argparse.Namespace) -> int:
     if not summary:  # a rank other than 0 under torchrun
         return 0
     print_report(summary)
-    print(json.dumps({key: summary.get(key) for key in ("eval", "preference_eval", "mc_eval") if summary.get(key)}
-                     or {"eval": None}, default=str))
+    evals = ("eval", "preference_eval", "reward_eval", "mc_eval")
+    print(json.dumps({key: summary.get(key) for key in evals if summary.get(key)} or {"eval": None}, default=str))
     return 0

@@ -21,10 +21,11 @@ class FinetuneConfig:
     """Training records: Alpaca JSON/JSONL, OpenAI messages JSONL or ShareGPT JSON/JSONL."""
     output: str
     """Folder for the servable model (and adapter/ and checkpoints/)."""
-    method: Literal["sft", "dpo", "orpo", "simpo"] = "sft"
+    method: Literal["sft", "dpo", "orpo", "simpo", "grpo"] = "sft"
     """"sft" (supervised on responses), "dpo" (preference pairs against a reference model), "orpo" (preference
-    pairs, odds-ratio loss added to SFT on the chosen response; no reference model) or "simpo" (preference pairs,
-    length-averaged log-probs with a target margin; no reference model: TRL's CPO with loss_type "simpo")."""
+    pairs, odds-ratio loss added to SFT on the chosen response; no reference model), "simpo" (preference pairs,
+    length-averaged log-probs with a target margin; no reference model: TRL's CPO with loss_type "simpo") or "grpo"
+    (prompts; completions sampled by Loom's engine and scored by reward_funcs: TRL's GRPOTrainer)."""
     beta: float = 0.1
     """DPO: the KL strength (how far the policy may move from the reference); ORPO: the odds-ratio weight (lambda);
     SimPO: the reward scale (the paper's 2.0-2.5)."""
@@ -38,8 +39,39 @@ class FinetuneConfig:
     reference: Literal["auto", "adapters", "precompute"] = "auto"
     """DPO's reference log-probs: "adapters" (the same model with LoRA switched off: no second copy), "precompute"
     (one pass over the pairs before training, cached), "auto" (adapters with --lora, else precompute)."""
+    reward_funcs: list[str] | None = None
+    """GRPO: reward functions, each a built-in ("exact_match": the completion equals the record's reference / answer
+    / solution, or an SFT record's answer; "think_format": <think>...</think> then an answer) or your own
+    module:function / file.py:function, called as TRL calls them (repeatable)."""
+    reward_weights: list[float] | None = None
+    """GRPO: one weight per reward function (default 1 each); the reward is their weighted sum."""
+    num_generations: int = 8
+    """GRPO: completions sampled per prompt (the group each is compared with)."""
+    max_completion_length: int = 256
+    """GRPO: tokens per completion at most; prompts longer than max_length minus this are skipped."""
+    temperature: float = 1.0
+    """GRPO: sampling temperature of the completions (their log-probs are taken at it too)."""
+    top_p: float = 1.0
+    """GRPO: nucleus sampling of the completions (1: off)."""
+    top_k: int = 0
+    """GRPO: top-k sampling of the completions (0: off)."""
+    grpo_beta: float = 0.0
+    """GRPO: the KL coefficient against the start model (TRL's beta; 0, TRL's default, loads no reference; DeepSeek-R1
+    used 0.001)."""
+    grpo_loss: Literal["dapo", "bnpo", "grpo", "dr_grpo"] = "dapo"
+    """GRPO: how token losses are averaged: over the step's completion tokens ("dapo", TRL's default), each
+    micro-batch's ("bnpo"), each completion's then the completions ("grpo"), or rows x max_completion_length
+    ("dr_grpo")."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """GRPO: advantages are (reward - group mean) divided by the group's std ("group"), the batch's ("batch") or
+    nothing ("none", Dr. GRPO)."""
+    mask_truncated_completions: bool = False
+    """GRPO: completions cut at max_completion_length add nothing to the loss (DAPO)."""
+    rollout_kv_cache_gb: float = 1.0
+    """GRPO: memory for the rollout engine's paged KV cache (GiB), beside the training model."""
     eval_data: str | None = None
-    """Held-out records: loss, perplexity and greedy exact match, base model next to the tuned one."""
+    """Held-out records: loss, perplexity and greedy exact match, base model next to the tuned one (GRPO: the mean
+    reward of greedy completions)."""
     template: Literal["chat", "alpaca"] = "chat"
     """"chat" (the model's own chat template, as `loom serve` applies it) or "alpaca"."""
     train_on_inputs: bool = False
@@ -52,7 +84,8 @@ class FinetuneConfig:
     """"ff" (first-fit in shuffled order: every row a random mix) or "ffd" (first-fit decreasing: densest rows, but
     rows of similar lengths, often one task: on the demo, 24 steps gave exact match 0.33 with ffd vs 0.47 with ff)."""
     batch_size: int = 8
-    """Examples per micro-batch (padded) or rows of max_length tokens per micro-batch (packed)."""
+    """Examples per micro-batch (padded) or rows of max_length tokens per micro-batch (packed); GRPO: prompts per
+    micro-batch, each with its num_generations completions."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     max_steps: int | None = None
@@ -151,15 +184,47 @@ class FinetuneConfig:
         for target in self.report_to or []:
             if target not in REPORT_TARGETS:
                 raise ValueError(f"report_to takes {', '.join(REPORT_TARGETS)}; got {target!r}")
+        if self.method == "grpo":
+            self._check_grpo()
         if self.parallelism not in ("ddp", "fsdp"):
             raise ValueError(f"parallelism must be 'ddp' or 'fsdp', got {self.parallelism!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
+    def _check_grpo(self) -> None:
+        if not self.reward_funcs:
+            raise ValueError("method grpo needs reward_funcs (--reward-funcs exact_match, or module:function)")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} "
+                             "reward functions")
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be at least 2 (a completion is compared with its group), got "
+                             f"{self.num_generations}")
+        if not 0 < self.max_completion_length < self.max_length:
+            raise ValueError(f"max_completion_length must be positive and below max_length ({self.max_length}), got "
+                             f"{self.max_completion_length}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive (GRPO samples), got {self.temperature}")
+        if not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"top_p must be in (0, 1] and top_k >= 0, got {self.top_p} and {self.top_k}")
+        if self.grpo_beta < 0:
+            raise ValueError(f"grpo_beta must be >= 0, got {self.grpo_beta}")
+        if self.grpo_loss not in ("dapo", "bnpo", "grpo", "dr_grpo"):
+            raise ValueError(f"grpo_loss must be dapo, bnpo, grpo or dr_grpo, got {self.grpo_loss!r}")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
+        if self.rollout_kv_cache_gb <= 0:
+            raise ValueError(f"rollout_kv_cache_gb must be positive, got {self.rollout_kv_cache_gb}")
+        if self.train_on_inputs:
+            raise ValueError("train_on_inputs applies to method 'sft' only: GRPO trains on sampled completions")
+        if self.nproc_per_node > 1:
+            raise ValueError("method grpo runs on one process (its rollout engine lives beside the model); leave out "
+                             "--nproc-per-node")
+
     @property
     def is_preference(self) -> bool:
-        """Trained on chosen/rejected pairs (dpo, orpo, simpo) rather than on responses (sft)."""
-        return self.method != "sft"
+        """Trained on chosen/rejected pairs (dpo, orpo, simpo)."""
+        return self.method in ("dpo", "orpo", "simpo")
 
     @property
     def peak_lr(self) -> float:

@@ -26,11 +26,13 @@ from loom.finetune.distributed import Ranks, check_distributed, process_group, r
 from loom.finetune.evaluate import EvalReport, evaluate
 from loom.finetune.export import export_adapter, export_model
 from loom.finetune.formats import load_records
+from loom.finetune.grpo import GRPOTrainer, Rollouts, encode_prompts, load_prompts, reward_eval
 from loom.finetune.lora import apply_lora, merge_lora, num_trainable
 from loom.finetune.mc_eval import MCReport, load_mc_records, mc_evaluate
 from loom.finetune.modeling import auto_threads, load_model, seed_everything
 from loom.finetune.preference import PreferenceTrainer, encode_pairs, load_pairs
 from loom.finetune.reporting import Reporters, make_reporter
+from loom.finetune.rewards import RewardSet
 from loom.finetune.template import chat_template_for, check_tokenizer
 from loom.finetune.trainer import Trainer
 from loom.models.catalogue import resolve_model
@@ -81,7 +83,19 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device) -> dict:
     model, tokenizer = load_model(model_path, device, cfg.gradient_checkpointing)
     check_tokenizer(tokenizer)
     chat_template = chat_template_for(tokenizer, cfg.template)
-    if cfg.is_preference:  # eval_data holds preference pairs too: scored by rewards, not by greedy exact match
+    rollouts = rewards = None
+    eval_prompts: list = []
+    if cfg.method == "grpo":  # eval_data holds prompts: scored by the reward functions on greedy completions
+        max_prompt = cfg.max_length - cfg.max_completion_length
+        examples, skipped, records = load_prompts(cfg.data, tokenizer, template=cfg.template,
+                                                  max_prompt_tokens=max_prompt)
+        rewards = RewardSet(cfg.reward_funcs, cfg.reward_weights)
+        rewards.check_records([p.columns for p in examples])
+        eval_prompts = encode_prompts(_eval_records(cfg), tokenizer, template=cfg.template,
+                                      max_prompt_tokens=max_prompt)[0]
+        eval_records, eval_pairs = [], []
+        rollouts = Rollouts(model_path, cfg, device)
+    elif cfg.is_preference:  # eval_data holds preference pairs too: scored by rewards, not by greedy exact match
         examples, skipped = load_pairs(cfg.data, tokenizer, template=cfg.template, max_length=cfg.max_length)
         eval_pairs = encode_pairs(_eval_records(cfg), tokenizer, template=cfg.template,
                                   max_length=cfg.max_length)[0]
@@ -100,9 +114,15 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device) -> dict:
     trainable, total = num_trainable(model)
     log.info("training %d of %d parameters on %d examples (%d skipped)", trainable, total, len(examples), skipped)
     reporter = make_reporter(cfg) if ranks.is_main else Reporters([])
-    preference_eval = None
+    preference_eval = reward_evals = None
     try:
-        if cfg.is_preference:
+        if cfg.method == "grpo":
+            base_reward = _reward_eval(rollouts, eval_prompts, rewards, "base")
+            result = GRPOTrainer(cfg, model, tokenizer, examples, rewards, rollouts, reporter=reporter).fit()
+            if eval_prompts:
+                rollouts.sync(model)
+                reward_evals = {"base": base_reward, "tuned": _reward_eval(rollouts, eval_prompts, rewards, "tuned")}
+        elif cfg.is_preference:
             trainer = PreferenceTrainer(cfg, model, tokenizer, examples, reporter=reporter, ranks=ranks)
             held_out_ref = None  # a precomputed reference must come from the start model: before training
             if eval_pairs and trainer.reference_mode == "precompute":
@@ -132,6 +152,9 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device) -> dict:
     }
     if cfg.is_preference:
         summary["train_pairs_per_s"] = result.pairs_per_s
+    if reward_evals:
+        summary["reward_eval"] = reward_evals
+        (output / "eval.json").write_text(json.dumps(reward_evals, indent=2, default=str))
     if preference_eval:
         summary["preference_eval"] = preference_eval
         (output / "eval.json").write_text(json.dumps(preference_eval, indent=2))
@@ -160,6 +183,17 @@ def _plain_model(model_path: Path, cfg: FinetuneConfig):
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            targets=cfg.lora_targets)
     return model
+
+
+def _reward_eval(rollouts: Rollouts, prompts: list, rewards: RewardSet, label: str) -> dict | None:
+    if not prompts:
+        return None
+    t0 = time.perf_counter()
+    report = reward_eval(rollouts, prompts, rewards)
+    log.info("%s: mean reward %.3f over %d held-out prompts (greedy), %s (%.0f s)", label, report["reward"],
+             len(prompts), ", ".join(f"{n} {report[f'rewards/{n}']:.3f}" for n in rewards.names),
+             time.perf_counter() - t0)
+    return report
 
 
 def _preference_eval(trainer: PreferenceTrainer, pairs: list[dict], reference, label: str) -> dict | None:

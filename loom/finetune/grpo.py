@@ -1,0 +1,462 @@
+"""GRPO: the policy samples a group of completions per prompt through Loom's own engine, reward functions score them,
+and each completion is pushed up or down by its reward against its group's (Shao et al. 2024, DeepSeekMath; the
+objective and defaults of TRL's ``GRPOTrainer``).
+
+    prompts, skipped = load_prompts("prompts.jsonl", tokenizer, template="chat", max_prompt_tokens=256)
+    rollouts = Rollouts(model_path, cfg, device)              # an LLMEngine on the same weights, in this process
+    trainer = GRPOTrainer(cfg, model, tokenizer, prompts, RewardSet(["exact_match"]), rollouts)
+    result = trainer.fit()
+
+A record is ``{"prompt": str | [messages], ...fields}`` (TRL's prompt-only format; the other fields go to the reward
+functions) or any SFT record (Alpaca, ``messages``, ShareGPT): its last assistant turn is then not trained on but
+handed to the rewards as ``reference``. A prompt is rendered with the model's chat template and the generation prompt
+(a plain string is the user's turn), exactly as ``loom serve`` renders a chat request.
+
+One optimizer step takes ``batch_size x grad_accum`` prompts and samples ``num_generations`` completions for each in
+one call to the engine (``temperature``, ``top_p``, ``top_k``, at most ``max_completion_length`` tokens, a seed per
+prompt and step). The engine runs on the policy's current weights: after every optimizer step the trainer writes
+them into it in place (``LLMEngine.update_weights``; LoRA adapters merged on the fly, the policy untouched), so no
+checkpoint is written or read between steps. With rewards ``r`` (the functions' weighted sum; NaN where all abstain)
+a completion's advantage is ``A = (r - mean of its group) / (std + 1e-4)``, the std the group's (``scale_rewards``
+"group"), the whole batch's ("batch") or none ("none": Dr. GRPO). Per completion token, with ``ratio = pi / pi_old``
+(``pi`` the policy's probability of the sampled token at the sampling temperature)::
+
+    loss_t = -min(ratio A, clip(ratio, 1 - 0.2, 1 + 0.2) A) + beta (exp(ref - logp) - (ref - logp) - 1)
+
+One gradient step is taken per generation (TRL's default ``num_iterations=1``), so ``pi_old`` is the policy itself
+(detached): the ratio is 1, the clip never binds, and the gradient is ``-A grad log pi``. The KL term (against the
+start model: LoRA switched off, or a frozen copy) is there when ``grpo_beta > 0`` (TRL's default 0 loads no reference
+model). The token losses are summed and divided by (``grpo_loss``): the step's completion tokens ("dapo", TRL's
+default), each micro-batch's tokens ("bnpo"), each completion's own length, then averaged ("grpo"), or the
+micro-batch's rows x ``max_completion_length`` ("dr_grpo").
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from loom.finetune.collate import Batch, pad_collate
+from loom.finetune.config import FinetuneConfig
+from loom.finetune.formats import ROLES, DataError, load_records, to_messages, where
+from loom.finetune.lora import is_lora
+from loom.finetune.loss import causal_lm_parts
+from loom.finetune.rewards import RewardSet
+from loom.finetune.template import IGNORE_INDEX, chat_template_for, check_tokenizer, render
+from loom.finetune.trainer import StepStats, Trainer
+
+log = logging.getLogger(__name__)
+
+STD_EPS = 1e-4
+"""Added to the std that divides the advantages (TRL's)."""
+CLIP_EPS = 0.2
+"""The PPO clip range (TRL's epsilon); with one gradient step per generation it never binds."""
+
+
+# ---------------------------------------------------------------- prompts
+
+
+@dataclass(slots=True)
+class Prompt:
+    ids: list[int]
+    """The rendered prompt's token ids (chat template + generation prompt)."""
+    prompt: str | list[dict]
+    """As the record gives it, for the reward functions."""
+    conversational: bool
+    """Completions go to the rewards as ``[{"role": "assistant", "content": text}]`` (else as text)."""
+    columns: dict = field(default_factory=dict)
+    """The record's other fields (``reference``: an SFT record's answer)."""
+
+
+def prompt_messages(record: dict) -> tuple[list[dict], str | list[dict], bool, dict]:
+    """(messages to render, the prompt as given, conversational?, the other fields) of one record."""
+    columns = {k: v for k, v in record.items() if not k.startswith("_")}
+    if "prompt" in record:
+        value = columns.pop("prompt")
+        if isinstance(value, str):
+            return [{"role": "user", "content": value}], value, False, columns
+        if (not isinstance(value, list) or not value or
+                any(not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str)
+                    for m in value)):
+            raise DataError(f"{where(record)}: 'prompt' must be a string or a non-empty list of {{role, content}} "
+                            "messages")
+        if value[-1]["role"] == "assistant":
+            raise DataError(f"{where(record)}: the prompt ends with an assistant turn; end it with the user's turn")
+        messages = [{"role": m["role"], "content": m["content"]} for m in value]
+        return messages, messages, True, columns
+    messages = to_messages(record)
+    if messages[-1]["role"] == "assistant":  # an SFT record: its answer is the reference, not a target
+        columns.setdefault("reference", messages[-1]["content"])
+        messages = messages[:-1]
+    if not messages or messages[-1]["role"] == "assistant":
+        raise DataError(f"{where(record)}: no prompt before the last assistant turn")
+    return messages, messages, True, columns
+
+
+def encode_prompts(records: list[dict], tokenizer, *, template: str = "chat",
+                   max_prompt_tokens: int | None = None) -> tuple[list[Prompt], int]:
+    """Every record's prompt; one longer than ``max_prompt_tokens`` is skipped (and counted)."""
+    check_tokenizer(tokenizer)
+    chat_template = chat_template_for(tokenizer, template)
+    prompts, skipped = [], 0
+    for record in records:
+        messages, given, conversational, columns = prompt_messages(record)
+        text = render(tokenizer, messages, chat_template, add_generation_prompt=True)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            skipped += 1
+            continue
+        prompts.append(Prompt(ids, given, conversational, columns))
+    if skipped:
+        log.warning("skipped %d of %d prompts longer than %s tokens (max_length - max_completion_length)", skipped,
+                    len(records), max_prompt_tokens)
+    return prompts, skipped
+
+
+def load_prompts(path: str, tokenizer, **kwargs) -> tuple[list[Prompt], int, list[dict]]:
+    """(prompts, skipped, the records read) from a JSON / JSONL file."""
+    records = load_records(path)
+    prompts, skipped = encode_prompts(records, tokenizer, **kwargs)
+    if not prompts:
+        raise ValueError(f"{path}: no usable prompts (skipped {skipped}); check the format and --max-length")
+    return prompts, skipped, records
+
+
+# ---------------------------------------------------------------- rollouts through Loom's engine
+
+
+@dataclass(slots=True)
+class Completion:
+    ids: list[int]
+    """Sampled token ids, the end-of-sequence token included when it ended the completion."""
+    text: str
+    truncated: bool
+    """Cut at max_completion_length (finish_reason "length")."""
+
+
+def policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy's weights under their HF checkpoint names; a peft model's LoRA deltas added to the base weights
+    (what ``merge_and_unload`` would give) without touching the model."""
+    if not is_lora(model):
+        yield from model.state_dict().items()
+        return
+    from peft.tuners.lora import LoraLayer  # optional: peft comes with the finetune extra
+
+    inner = model.get_base_model()
+    merged = {}
+    with torch.no_grad():
+        for name, module in inner.named_modules():
+            if isinstance(module, LoraLayer):
+                weight = module.base_layer.weight.detach().clone()
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        weight += module.get_delta_weight(adapter)
+                merged[f"{name}.weight"] = weight
+    for name, tensor in inner.state_dict().items():
+        if "lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        yield name, merged.get(name, tensor)
+
+
+class Rollouts:
+    """An ``LLMEngine`` in this process on the policy's weights: groups of sampled completions per prompt, and greedy
+    ones for evaluation."""
+
+    def __init__(self, model_path, cfg: FinetuneConfig, device: torch.device):
+        from loom.engine.config import EngineConfig  # local: the engine is needed by GRPO only
+        from loom.engine.llm_engine import LLMEngine
+
+        self.cfg = cfg
+        rows = cfg.batch_size * cfg.grad_accum * cfg.num_generations
+        self.engine = LLMEngine(EngineConfig(
+            model=str(model_path), dtype="float32" if device.type == "cpu" else "auto", device=str(device),
+            max_model_len=cfg.max_length, kv_cache_memory_gb=cfg.rollout_kv_cache_gb, max_num_seqs=min(rows, 256),
+            seed=cfg.seed))
+        self._calls = 0
+
+    def sync(self, model) -> None:
+        """Write the policy's current weights into the engine (in place; its prefix cache emptied)."""
+        self.engine.update_weights(policy_weights(model))
+
+    def generate(self, prompts: list[list[int]], n: int, seed: int, greedy: bool = False) -> list[list[Completion]]:
+        """``n`` completions for each prompt (one ``SamplingParams`` per prompt, seeded ``seed + i``)."""
+        from loom.engine.sampling_params import SamplingParams  # local: as in __init__
+
+        cfg = self.cfg
+        self._calls += 1
+        ids = []
+        for i, prompt in enumerate(prompts):
+            params = SamplingParams(
+                n=n, temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p,
+                top_k=0 if greedy else cfg.top_k, max_tokens=cfg.max_completion_length, seed=seed + i,
+                output_kind="final_only")
+            request_id = f"rollout-{self._calls}-{i}"
+            self.engine.add_request(request_id, prompt_token_ids=prompt, params=params)
+            ids.append(request_id)
+        finished = {}
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+        finally:
+            for request_id in ids:
+                if request_id not in finished:
+                    self.engine.abort_request(request_id)
+        return [[Completion(list(c.token_ids), c.text, c.finish_reason == "length") for c in finished[r].outputs]
+                for r in ids]
+
+
+# ---------------------------------------------------------------- rewards, advantages and the loss
+
+
+def score_groups(prompts: list[Prompt], rewards: RewardSet, indices: list[int],
+                 groups: list[list[Completion]]) -> torch.Tensor:
+    """[N, F] rewards of the completions of prompts ``indices``, group after group, as TRL calls reward functions:
+    the prompt and each record field repeated once per completion."""
+    given, completions, ids, records = [], [], [], []
+    for i, group in zip(indices, groups):
+        p = prompts[i]
+        for c in group:
+            given.append(p.prompt)
+            completions.append([{"role": "assistant", "content": c.text}] if p.conversational else c.text)
+            ids.append(c.ids)
+            records.append(p.columns)
+    keys = sorted({k for r in records for k in r})
+    return rewards.score(given, completions, ids, {k: [r.get(k) for r in records] for k in keys})
+
+
+def _nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """The unbiased std over the non-NaN entries (TRL's nanstd)."""
+    mean = torch.nanmean(x, dim=dim, keepdim=dim is not None)
+    count = (~torch.isnan(x)).sum(dim=dim) if dim is not None else (~torch.isnan(x)).sum()
+    return torch.sqrt(torch.nansum((x - mean) ** 2, dim=dim) / (count - 1))
+
+
+def group_advantages(rewards: torch.Tensor, group: int, scale: str = "group") -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages [N], the std each was scaled by [N]) for rewards [N] in groups of ``group`` consecutive
+    completions of one prompt. NaN rewards (every function abstained) are left out of the means and stds and get
+    advantage 0."""
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
+    grouped = rewards.view(-1, group)
+    mean = torch.nanmean(grouped, dim=1).repeat_interleave(group)
+    if scale == "batch":
+        std = _nanstd(rewards).expand_as(rewards)
+    else:  # "none" keeps the group std for the zero-std count
+        std = _nanstd(grouped, dim=1).repeat_interleave(group)
+    advantages = rewards - mean
+    if scale != "none":
+        advantages = advantages / (std + STD_EPS)
+    return torch.nan_to_num(advantages, nan=0.0), std
+
+
+def grpo_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, *,
+                    ref_logps: torch.Tensor | None = None, beta: float = 0.0, epsilon: float = CLIP_EPS,
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(per-token loss, per-token KL or None): the clipped surrogate on token log-probs [N] with each token's
+    completion's advantage [N], plus ``beta`` x the k3 estimate of KL(policy || reference)."""
+    ratio = torch.exp(logps - old_logps)
+    clipped = ratio.clamp(1 - epsilon, 1 + epsilon)
+    loss = -torch.min(ratio * advantages, clipped * advantages)
+    kl = None
+    if ref_logps is not None and beta:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        loss = loss + beta * kl
+    return loss, kl
+
+
+def reduce_loss(token_loss: torch.Tensor, rows: torch.Tensor, num_rows: int, loss_type: str, *, step_tokens: int,
+                num_micro: int, max_completion_length: int) -> torch.Tensor:
+    """One micro-batch's share of the step's loss (what ``backward`` takes: summed over micro-batches it is the step's
+    loss). ``rows``: each token's completion, 0 .. num_rows - 1."""
+    if loss_type == "dapo":
+        return token_loss.sum() / max(step_tokens, 1)
+    if loss_type == "bnpo":
+        return token_loss.sum() / max(token_loss.numel(), 1) / num_micro
+    if loss_type == "dr_grpo":
+        return token_loss.sum() / (num_rows * max_completion_length) / num_micro
+    if loss_type == "grpo":
+        sums = torch.zeros(num_rows, dtype=token_loss.dtype, device=token_loss.device).index_add(0, rows, token_loss)
+        counts = torch.zeros(num_rows, dtype=token_loss.dtype, device=token_loss.device).index_add(
+            0, rows, torch.ones_like(token_loss))
+        return (sums / counts.clamp(min=1)).mean() / num_micro
+    raise ValueError(f"grpo_loss must be 'dapo', 'bnpo', 'grpo' or 'dr_grpo', got {loss_type!r}")
+
+
+def completion_logps(model, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-prob of each completion token [N] at ``temperature``, its row [N], the entropy there [N], detached).
+    The LM head runs on the completion positions only."""
+    body, head = causal_lm_parts(model)
+    hidden = body(**batch.model_inputs(), use_cache=False).last_hidden_state
+    targets = batch.labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = head(hidden[:, :-1][keep]).float() / temperature
+    token_logps = -F.cross_entropy(logits, targets[keep], reduction="none")
+    with torch.no_grad():
+        logp = torch.log_softmax(logits.detach(), -1)
+        entropy = -(logp.exp() * logp).sum(-1)
+    rows = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)[keep]
+    return token_logps, rows, entropy
+
+
+# ---------------------------------------------------------------- trainer
+
+
+class GRPOTrainer(Trainer):
+    """The SFT Trainer's optimizer, schedule, checkpoints and logging, with rollouts and rewards for data."""
+
+    def __init__(self, cfg: FinetuneConfig, model, tokenizer, prompts: list[Prompt], rewards: RewardSet,
+                 rollouts: Rollouts, reporter=None):
+        if cfg.method != "grpo":
+            raise ValueError(f"GRPOTrainer runs method 'grpo', got {cfg.method!r}")
+        self.prompts, self.rewards, self.rollouts = prompts, rewards, rollouts
+        super().__init__(cfg, model, tokenizer, prompts, reporter=reporter)
+        self.reference = None
+        if cfg.grpo_beta > 0 and not is_lora(model):  # LoRA: the model with its adapters off is the reference
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self._stale = cfg.resume  # the engine loaded the start weights; a resumed run trains from others
+        self._calls = 0
+
+    @staticmethod
+    def example_length(prompt: Prompt) -> int:
+        return len(prompt.ids)
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        """Micro-batches of ``batch_size`` prompt indices, in a seeded order per epoch."""
+        order = list(range(len(self.prompts)))
+        random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
+        size = self.cfg.batch_size
+        return [order[i : i + size] for i in range(0, len(order), size)]
+
+    def micro_batches(self, skip: int = 0) -> Iterator[list[int]]:
+        epoch = 0
+        while True:
+            for micro in self._plan(epoch):
+                if skip:
+                    skip -= 1
+                    continue
+                yield micro
+            epoch += 1
+
+    def sample(self, indices: list[int]) -> list[list[Completion]]:
+        """``num_generations`` completions of each prompt by the engine, on the policy's current weights."""
+        if self._stale:
+            self.rollouts.sync(self.model)
+            self._stale = False
+        self._calls += 1
+        seed = (self.cfg.seed * 1_000_003 + self._calls * 100_003) % 2**31
+        return self.rollouts.generate([self.prompts[i].ids for i in indices], self.cfg.num_generations, seed)
+
+    def score(self, indices: list[int], groups: list[list[Completion]]) -> torch.Tensor:
+        return score_groups(self.prompts, self.rewards, indices, groups)
+
+    def train_step(self, batches: list[list[int]]) -> StepStats:
+        cfg, g = self.cfg, self.cfg.num_generations
+        indices = [i for micro in batches for i in micro]
+        groups = self.sample(indices)
+        table = self.score(indices, groups)
+        rewards = self.rewards.combine(table)
+        advantages, std = group_advantages(rewards, g, cfg.scale_rewards)
+        flat = [c for group in groups for c in group]
+        trained = [not (cfg.mask_truncated_completions and c.truncated) for c in flat]
+        step_tokens = sum(len(c.ids) for c, t in zip(flat, trained) if t)
+        metrics = self._rollout_metrics(table, rewards, std, flat)
+        self.model.train()
+        num_tokens = sum(len(self.prompts[i].ids) + len(c.ids) for i, group in zip(indices, groups) for c in group)
+        if step_tokens == 0:  # every completion masked: nothing to learn, no NaN
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            return StepStats(0.0, 0, num_tokens, 0.0, extra=metrics)
+        loss_sum, kl_sum, entropy_sum, row = 0.0, 0.0, 0.0, 0
+        for micro in batches:
+            examples, first = [], row
+            for i in micro:
+                p = self.prompts[i]
+                for _ in range(g):
+                    c = flat[row]
+                    labels = c.ids if trained[row] else [IGNORE_INDEX] * len(c.ids)
+                    examples.append({"input_ids": p.ids + c.ids, "labels": [IGNORE_INDEX] * len(p.ids) + labels})
+                    row += 1
+            batch = pad_collate(examples, self.pad_id).to(self.device)
+            if batch.num_supervised == 0:
+                continue
+            with self.autocast:
+                logps, rows, entropy = completion_logps(self.model, batch, cfg.temperature)
+            ref = self._reference_logps(batch) if cfg.grpo_beta > 0 else None
+            adv = advantages[first:row].to(self.device)[rows]
+            token_loss, kl = grpo_token_loss(logps, logps.detach(), adv, ref_logps=ref, beta=cfg.grpo_beta)
+            share = reduce_loss(token_loss, rows, row - first, cfg.grpo_loss, step_tokens=step_tokens,
+                                num_micro=len(batches), max_completion_length=cfg.max_completion_length)
+            share.backward()
+            loss_sum += float(share.detach())
+            entropy_sum += float(entropy.sum())
+            if kl is not None:
+                kl_sum += float(kl.detach().sum())
+        norm = self.optimizer_step()
+        self._stale = True
+        metrics["entropy"] = entropy_sum / step_tokens
+        if cfg.grpo_beta > 0:
+            metrics["kl"] = kl_sum / step_tokens
+        return StepStats(loss_sum, step_tokens, num_tokens, norm, extra=metrics)
+
+    @torch.no_grad()
+    def _reference_logps(self, batch: Batch) -> torch.Tensor:
+        with self.autocast:
+            if self.reference is not None:
+                return completion_logps(self.reference, batch, self.cfg.temperature)[0]
+            with self.model.disable_adapter():
+                return completion_logps(self.model, batch, self.cfg.temperature)[0]
+
+    def _rollout_metrics(self, table: torch.Tensor, rewards: torch.Tensor, std: torch.Tensor,
+                         flat: list[Completion]) -> dict[str, float]:
+        """TRL's names: the rewards (combined and per function), the share of groups with all-equal rewards, the
+        completions' lengths and how many were cut at max_completion_length."""
+        lengths = torch.tensor([len(c.ids) for c in flat], dtype=torch.float32)
+        ended = [len(c.ids) for c in flat if not c.truncated]
+        g = self.cfg.num_generations
+        out = {"reward": _nan_float(torch.nanmean(rewards)), "reward_std": _nan_float(torch.nanmean(std[::g])),
+               "frac_reward_zero_std": float(torch.isclose(std[::g], torch.zeros(())).float().mean()),
+               "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+               "completions/max_length": float(lengths.max()),
+               "completions/clipped_ratio": sum(c.truncated for c in flat) / len(flat),
+               "completions/mean_terminated_length": sum(ended) / len(ended) if ended else 0.0,
+               "prompts": len(flat) // g}
+        for f, name in enumerate(self.rewards.names):
+            out[f"rewards/{name}/mean"] = _nan_float(torch.nanmean(table[:, f]))
+            out[f"rewards/{name}/std"] = _nan_float(_nanstd(table[:, f]))
+        return out
+
+
+def _nan_float(x: torch.Tensor) -> float:
+    value = float(x)
+    return 0.0 if math.isnan(value) else value
+
+
+def reward_eval(rollouts: Rollouts, prompts: list[Prompt], rewards: RewardSet, batch_size: int = 64) -> dict:
+    """Greedy completions of held-out prompts by the engine as it is now: the mean reward (combined and per function),
+    the mean completion length and how many were cut."""
+    tables, flat = [], []
+    for start in range(0, len(prompts), batch_size):
+        index = list(range(start, min(start + batch_size, len(prompts))))
+        groups = rollouts.generate([prompts[i].ids for i in index], 1, seed=0, greedy=True)
+        tables.append(score_groups(prompts, rewards, index, groups))
+        flat += [c for group in groups for c in group]
+    table = torch.cat(tables)
+    out = {"reward": _nan_float(torch.nanmean(rewards.combine(table))), "prompts": len(prompts),
+           "completions/mean_length": sum(len(c.ids) for c in flat) / max(len(flat), 1),
+           "completions/clipped_ratio": sum(c.truncated for c in flat) / max(len(flat), 1)}
+    for f, name in enumerate(rewards.names):
+        out[f"rewards/{name}"] = _nan_float(torch.nanmean(table[:, f]))
+    out["examples"] = [{"prompt": prompts[i].prompt, "completion": c.text, "reward": _nan_float(r)}
+                       for i, c, r in zip(range(5), flat, rewards.combine(table))]
+    return out

@@ -1,0 +1,144 @@
+"""Reward functions for GRPO, in TRL's calling convention.
+
+    rewards = RewardSet.from_names(["exact_match", "mymodule:brevity"], weights=None)
+    table = rewards.score(prompts, completions, completion_ids, columns)   # [N, F] float, NaN where one abstains
+
+A reward function is ``fn(prompts, completions, completion_ids, **columns) -> list[float | None]``, as TRL's
+``GRPOTrainer`` calls one: ``prompts`` as the dataset gives them (a string, or a list of chat messages),
+``completions`` as text (a string) or, for conversational prompts, ``[{"role": "assistant", "content": text}]``,
+``completion_ids`` the sampled token ids, and every other field of the records as a keyword argument holding one value
+per completion (``reference`` included: the answer of an SFT-style record). ``None`` means "no opinion" for that
+completion; a completion every function abstains on gets no advantage.
+
+Built in:
+
+- ``exact_match``: 1.0 when the completion, stripped and with whitespace runs collapsed, equals the record's
+  ``reference`` (or ``answer`` / ``solution``), else 0.0;
+- ``think_format``: 1.0 when the completion is ``<think>...</think>`` followed by an answer (TRL's
+  ``think_format_reward``), else 0.0.
+
+Any other name is ``module:function`` (an importable module) or ``path/to/file.py:function``: the user's own code,
+run in the training process (``loom finetune`` runs what its user names, as TRL does; nothing here is reachable
+from a server).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+REFERENCE_FIELDS = ("reference", "answer", "solution")
+"""Where ``exact_match`` finds a record's expected answer, in this order."""
+
+
+def completion_text(completion) -> str:
+    """The text of a completion in either of TRL's shapes."""
+    if isinstance(completion, str):
+        return completion
+    return completion[-1]["content"] if completion else ""
+
+
+def _normalise(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def exact_match(prompts, completions, completion_ids, **columns) -> list[float | None]:
+    references = next((columns[f] for f in REFERENCE_FIELDS if f in columns), None)
+    if references is None:
+        return [None] * len(completions)
+    return [None if ref is None else float(_normalise(completion_text(c)) == _normalise(ref))
+            for c, ref in zip(completions, references)]
+
+
+_THINK = re.compile(r"^<think>(?!.*<think>)(.*?)</think>.*$", re.DOTALL)
+
+
+def think_format(prompts, completions, completion_ids, **columns) -> list[float]:
+    return [1.0 if _THINK.match(completion_text(c)) else 0.0 for c in completions]
+
+
+BUILT_IN: dict[str, Callable] = {"exact_match": exact_match, "think_format": think_format}
+NEEDS_FIELD = {"exact_match": REFERENCE_FIELDS}
+"""Built-ins that read a record field: every training record must have one of these."""
+
+
+def load_reward(name: str) -> Callable:
+    """A built-in by name, or ``module:function`` / ``file.py:function``."""
+    if name in BUILT_IN:
+        return BUILT_IN[name]
+    module_name, sep, attr = name.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward function {name!r}: give a built-in ({', '.join(BUILT_IN)}) or module:function / "
+                         "path/to/file.py:function")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise ValueError(f"reward function {name!r}: {path} is not a file")
+        spec = importlib.util.spec_from_file_location(f"loom_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(f"reward function {name!r}: cannot import {module_name}: {exc}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward function {name!r}: {module_name} has no function {attr!r}")
+    return fn
+
+
+class RewardSet:
+    """The run's reward functions with their weights; ``score`` calls each once over a whole batch of completions."""
+
+    def __init__(self, names: Sequence[str], weights: Sequence[float] | None = None):
+        if not names:
+            raise ValueError(f"GRPO needs at least one reward function: built-in {', '.join(BUILT_IN)}, or "
+                             "module:function")
+        if weights is not None and len(weights) != len(names):
+            raise ValueError(f"reward_weights has {len(weights)} values for {len(names)} reward functions")
+        self.funcs = [load_reward(n) for n in names]
+        self.names = []
+        """What the metrics call each: the built-in's name or the function's own (TRL's ``__name__``)."""
+        for spec, fn in zip(names, self.funcs):
+            name = spec if spec in BUILT_IN else getattr(fn, "__name__", spec)
+            self.names.append(name if name not in self.names else f"{name}_{len(self.names)}")
+        self.specs = list(names)
+        self.weights = torch.tensor(list(weights) if weights is not None else [1.0] * len(names))
+
+    def check_records(self, records: Sequence[dict]) -> None:
+        """A built-in that reads a field must find it in every record (else the run would learn from nothing)."""
+        for name in self.specs:
+            fields = NEEDS_FIELD.get(name)
+            if fields is None:
+                continue
+            lacking = [r for r in records if not any(r.get(f) is not None for f in fields)]
+            if lacking:
+                raise ValueError(f"reward {name!r} compares with a record's {' / '.join(fields)} (or an SFT record's "
+                                 f"answer); {len(lacking)} of {len(records)} records have none")
+
+    def score(self, prompts: list, completions: list, completion_ids: list[list[int]],
+              columns: dict[str, list]) -> torch.Tensor:
+        """[N, F] float32: function f's reward for completion n; NaN where it returned None."""
+        table = torch.full((len(completions), len(self.funcs)), math.nan)
+        for f, (name, fn) in enumerate(zip(self.names, self.funcs)):
+            values = list(fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns))
+            if len(values) != len(completions):
+                raise ValueError(f"reward function {name!r} returned {len(values)} values for {len(completions)} "
+                                 "completions")
+            for n, value in enumerate(values):
+                if value is not None:
+                    table[n, f] = float(value)
+        return table
+
+    def combine(self, table: torch.Tensor) -> torch.Tensor:
+        """[N] weighted sum over the functions (TRL's nansum), NaN where every function abstained."""
+        combined = (table * self.weights).nansum(1)
+        combined[torch.isnan(table).all(1)] = math.nan
+        return combined
