@@ -339,14 +339,7 @@ class GRPOTrainer(Trainer):
         return [order[i : i + size] for i in range(0, len(order), size)]
 
     def micro_batches(self, skip: int = 0) -> Iterator[list[int]]:
-        epoch = 0
-        while True:
-            for micro in self._plan(epoch):
-                if skip:
-                    skip -= 1
-                    continue
-                yield micro
-            epoch += 1
+        return self.planned(skip)  # prompt indices: the rollouts make the tensors
 
     def sample(self, indices: list[int]) -> list[list[Completion]]:
         """``num_generations`` completions of each prompt by the engine, on the policy's current weights."""

@@ -170,15 +170,20 @@ class Trainer:
     def micro_batches(self, skip: int = 0) -> Iterator[Batch]:
         """The seeded, endless stream of micro-batches, epoch after epoch (this rank's rows of each); ``skip`` drops
         the first ones (resume: the plan is the same for any number of ranks)."""
+        for micro in self.planned(skip):
+            rows = shard(micro, self.ranks)
+            batch = self.collate(rows or micro[:1])
+            yield (batch if rows else self.empty_share(batch)).to(self.device)
+
+    def planned(self, skip: int = 0) -> Iterator:
+        """The planned micro-batches, epoch after epoch, less the first ``skip``."""
         epoch = 0
         while True:
             for micro in self._plan(epoch):
                 if skip:
                     skip -= 1
                     continue
-                rows = shard(micro, self.ranks)
-                batch = self.collate(rows or micro[:1])
-                yield (batch if rows else self.empty_share(batch)).to(self.device)
+                yield micro
             epoch += 1
 
     @staticmethod

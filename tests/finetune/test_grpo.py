@@ -99,14 +99,20 @@ def test_clipping_kl_and_the_four_normalisations_equal_hand_computed_values():
         assert got.item() == pytest.approx(value, rel=1e-6), loss_type
 
 
-def test_policy_weights_of_a_lora_model_equal_its_merge(tiny_dir):
-    model = apply_lora(AutoModelForCausalLM.from_pretrained(str(tiny_dir)), r=4, alpha=8, dropout=0.0,
+def lora_model(folder, seed: int, std: float):
+    """The folder's model with LoRA adapters whose B is random (peft starts it at zero: nothing to add)."""
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(str(folder)), r=4, alpha=8, dropout=0.0,
                        targets="all-linear")
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.05)  # peft starts B at zero: give the adapters something to add
+                p.normal_(0, std)
+    return model
+
+
+def test_policy_weights_of_a_lora_model_equal_its_merge(tiny_dir):
+    model = lora_model(tiny_dir, seed=1, std=0.05)
     ours = dict(policy_weights(model))
     merged = copy.deepcopy(model).merge_and_unload().state_dict()
     assert sorted(ours) == sorted(merged)
@@ -120,13 +126,7 @@ def test_rollout_engine_follows_the_policy_after_sync(tiny_dir):
     cfg = FinetuneConfig(model=str(tiny_dir), data="-", output="-", method="grpo", reward_funcs=["exact_match"],
                          max_completion_length=10, max_length=128, num_generations=2, batch_size=2)
     rollouts = Rollouts(tiny_dir, cfg, torch.device("cpu"))
-    model = apply_lora(AutoModelForCausalLM.from_pretrained(str(tiny_dir)), r=4, alpha=8, dropout=0.0,
-                       targets="all-linear")
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
+    model = lora_model(tiny_dir, seed=2, std=0.2)
     prompts = [[1, 520, 3042, 88], [1, 77, 901]]
     before = rollouts.generate(prompts, 1, seed=0, greedy=True)
     rollouts.sync(model)
