@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from loom.finetune.collate import Batch, pad_collate
+from loom.finetune.collate import Batch
 from loom.finetune.config import FinetuneConfig
 from loom.finetune.formats import ROLES, DataError, load_records, to_messages, where
 from loom.finetune.lora import is_lora
@@ -293,20 +293,88 @@ def reduce_loss(token_loss: torch.Tensor, rows: torch.Tensor, num_rows: int, los
     raise ValueError(f"grpo_loss must be 'dapo', 'bnpo', 'grpo' or 'dr_grpo', got {loss_type!r}")
 
 
-def completion_logps(model, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log-prob of each completion token [N] at ``temperature``, its row [N], the entropy there [N], detached).
-    The LM head runs on the completion positions only."""
+@dataclass(slots=True)
+class CompletionBatch:
+    """A micro-batch's completions laid out for one forward: which hidden state predicts each completion token."""
+
+    batch: Batch
+    source: torch.Tensor
+    """[N] long: the position (flat over B x T) whose hidden state predicts completion token n."""
+    targets: torch.Tensor
+    """[N] long: the completion tokens."""
+    sequence: torch.Tensor
+    """[N] long: each token's completion, 0 .. num_sequences - 1 (the order given)."""
+    num_sequences: int
+
+    def to(self, device) -> CompletionBatch:
+        return CompletionBatch(self.batch.to(device), self.source.to(device), self.targets.to(device),
+                               self.sequence.to(device), self.num_sequences)
+
+
+def collate_groups(groups: list[tuple[list[int], list[list[int] | None]]], pad_id: int,
+                   share_prompt: bool = True, max_row_tokens: int = 512) -> CompletionBatch:
+    """``groups``: (prompt ids, its completions' ids; None for one left out of the loss) -> one batch.
+
+    ``share_prompt``: a row holds a prompt ONCE followed by as many of its completions as fit in ``max_row_tokens``
+    (at least one), each completion attending to the prompt and causally to itself, its positions continuing the
+    prompt's; so a group of G completions runs its prompt through the model once instead of G times, with the same
+    log-probabilities and gradients (autograd sums what the completions send back through the shared prompt). Off:
+    one right-padded row per completion. Completions left out take no room."""
+    rows: list[tuple[list[int], list[tuple[int, list[int]]]]] = []  # (prompt, [(sequence, completion)])
+    k = 0
+    for prompt, completions in groups:
+        row = None
+        for ids in completions:
+            if ids is not None:
+                used = len(prompt) + sum(len(c) for _, c in row[1]) if row is not None else 0
+                if row is None or not share_prompt or used + len(ids) > max_row_tokens:
+                    row = (prompt, [])
+                    rows.append(row)
+                row[1].append((k, ids))
+            k += 1
+    width = max((len(p) + sum(len(c) for _, c in cs) for p, cs in rows), default=1)
+    B = max(len(rows), 1)
+    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, width), dtype=torch.long)
+    segment = torch.full((B, width), -1, dtype=torch.long)  # 0 the prompt, 1.. its completions, -1 padding
+    source, targets, sequence = [], [], []
+    for b, (prompt, completions) in enumerate(rows):
+        P = len(prompt)
+        input_ids[b, :P] = torch.tensor(prompt)
+        position_ids[b, :P] = torch.arange(P)
+        segment[b, :P] = 0
+        start = P
+        for s, (seq, ids) in enumerate(completions, start=1):
+            n = len(ids)
+            input_ids[b, start : start + n] = torch.tensor(ids)
+            position_ids[b, start : start + n] = torch.arange(P, P + n)
+            segment[b, start : start + n] = s
+            # token 0 is predicted from the prompt's last position, token j from the completion's position j - 1
+            source += [b * width + P - 1] + [b * width + start + j for j in range(n - 1)]
+            targets += ids
+            sequence += [seq] * n
+            start += n
+        position_ids[b, start:] = torch.arange(width - start)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    q, kv = segment[:, :, None], segment[:, None, :]
+    mask = ((q == kv) | ((kv == 0) & (q > 0))) & causal  # padding (-1) is a block of its own: no empty query row
+    num_tokens = int((segment >= 0).sum())
+    batch = Batch(input_ids, torch.full_like(input_ids, IGNORE_INDEX), mask[:, None], position_ids, num_tokens)
+    return CompletionBatch(batch, torch.tensor(source, dtype=torch.long), torch.tensor(targets, dtype=torch.long),
+                           torch.tensor(sequence, dtype=torch.long), k)
+
+
+def completion_logps(model, cb: CompletionBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each completion token [N] at ``temperature``, the entropy there [N], detached). The LM head runs
+    on the predicting positions only."""
     body, head = causal_lm_parts(model)
-    hidden = body(**batch.model_inputs(), use_cache=False).last_hidden_state
-    targets = batch.labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    logits = head(hidden[:, :-1][keep]).float() / temperature
-    token_logps = -F.cross_entropy(logits, targets[keep], reduction="none")
+    hidden = body(**cb.batch.model_inputs(), use_cache=False).last_hidden_state
+    logits = head(hidden.reshape(-1, hidden.shape[-1])[cb.source]).float() / temperature
+    token_logps = -F.cross_entropy(logits, cb.targets, reduction="none")
     with torch.no_grad():
         logp = torch.log_softmax(logits.detach(), -1)
         entropy = -(logp.exp() * logp).sum(-1)
-    rows = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)[keep]
-    return token_logps, rows, entropy
+    return token_logps, entropy
 
 
 # ---------------------------------------------------------------- trainer
@@ -370,31 +438,29 @@ class GRPOTrainer(Trainer):
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             return StepStats(0.0, 0, num_tokens, 0.0, extra=metrics)
-        loss_sum, kl_sum, entropy_sum, row = 0.0, 0.0, 0.0, 0
+        loss_sum, kl_sum, entropy_sum, first = 0.0, 0.0, 0.0, 0
         for micro in batches:
-            examples, first = [], row
-            for i in micro:
-                p = self.prompts[i]
-                for _ in range(g):
-                    c = flat[row]
-                    labels = c.ids if trained[row] else [IGNORE_INDEX] * len(c.ids)
-                    examples.append({"input_ids": p.ids + c.ids, "labels": [IGNORE_INDEX] * len(p.ids) + labels})
-                    row += 1
-            batch = pad_collate(examples, self.pad_id).to(self.device)
-            if batch.num_supervised == 0:
+            count, group0 = g * len(micro), first // g  # this micro-batch's completions and its first group
+            rows = [(self.prompts[i].ids, [c.ids if trained[first + j * g + k] else None
+                                           for k, c in enumerate(groups[group0 + j])]) for j, i in enumerate(micro)]
+            cb = collate_groups(rows, self.pad_id, share_prompt=cfg.packing,
+                                max_row_tokens=cfg.max_length).to(self.device)
+            if cb.targets.numel() == 0:
+                first += count
                 continue
             with self.autocast:
-                logps, rows, entropy = completion_logps(self.model, batch, cfg.temperature)
-            ref = self._reference_logps(batch) if cfg.grpo_beta > 0 else None
-            adv = advantages[first:row].to(self.device)[rows]
+                logps, entropy = completion_logps(self.model, cb, cfg.temperature)
+            ref = self._reference_logps(cb) if cfg.grpo_beta > 0 else None
+            adv = advantages[first : first + count].to(self.device)[cb.sequence]
             token_loss, kl = grpo_token_loss(logps, logps.detach(), adv, ref_logps=ref, beta=cfg.grpo_beta)
-            share = reduce_loss(token_loss, rows, row - first, cfg.grpo_loss, step_tokens=step_tokens,
+            share = reduce_loss(token_loss, cb.sequence, count, cfg.grpo_loss, step_tokens=step_tokens,
                                 num_micro=len(batches), max_completion_length=cfg.max_completion_length)
             share.backward()
             loss_sum += float(share.detach())
             entropy_sum += float(entropy.sum())
             if kl is not None:
                 kl_sum += float(kl.detach().sum())
+            first += count
         norm = self.optimizer_step()
         self._stale = True
         metrics["entropy"] = entropy_sum / step_tokens
@@ -403,12 +469,12 @@ class GRPOTrainer(Trainer):
         return StepStats(loss_sum, step_tokens, num_tokens, norm, extra=metrics)
 
     @torch.no_grad()
-    def _reference_logps(self, batch: Batch) -> torch.Tensor:
+    def _reference_logps(self, cb: CompletionBatch) -> torch.Tensor:
         with self.autocast:
             if self.reference is not None:
-                return completion_logps(self.reference, batch, self.cfg.temperature)[0]
+                return completion_logps(self.reference, cb, self.cfg.temperature)[0]
             with self.model.disable_adapter():
-                return completion_logps(self.model, batch, self.cfg.temperature)[0]
+                return completion_logps(self.model, cb, self.cfg.temperature)[0]
 
     def _rollout_metrics(self, table: torch.Tensor, rewards: torch.Tensor, std: torch.Tensor,
                          flat: list[Completion]) -> dict[str, float]:

@@ -16,6 +16,8 @@ from loom.finetune.config import FinetuneConfig
 from loom.finetune.formats import DataError
 from loom.finetune.grpo import (
     Rollouts,
+    collate_groups,
+    completion_logps,
     encode_prompts,
     group_advantages,
     grpo_token_loss,
@@ -109,6 +111,34 @@ def lora_model(folder, seed: int, std: float):
             if "lora_B" in name:
                 p.normal_(0, std)
     return model
+
+
+@pytest.mark.parametrize("share_prompt,max_row_tokens", [(True, 512), (True, 24), (False, 512)])
+def test_completion_logps_equal_plain_forwards_and_share_prompts_exactly(tiny_dir, share_prompt, max_row_tokens):
+    model = lora_model(tiny_dir, seed=3, std=0.05)
+    groups = [([1, 520, 3042, 88, 17], [[5, 6, 7], None, [9, 2], [11, 12, 13, 14]]),
+              ([1, 77, 901], [[40, 41], [42], [43, 44, 45], None])]
+    cb = collate_groups(groups, pad_id=2, share_prompt=share_prompt, max_row_tokens=max_row_tokens)
+    assert cb.num_sequences == 8 and cb.sequence.tolist() == [0] * 3 + [2] * 2 + [3] * 4 + [4] * 2 + [5] + [6] * 3
+    if share_prompt and max_row_tokens == 512:
+        assert cb.batch.input_ids.shape[0] == 2  # each prompt once, its completions after it
+    logps, _ = completion_logps(model, cb, temperature=0.7)
+    weights = torch.linspace(-1, 1, logps.numel())
+    (weights * logps).sum().backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    expected = []  # every completion on its own, after its prompt: log_softmax(logits / T) at its tokens
+    for prompt, completions in groups:
+        for ids in completions:
+            if ids is not None:
+                logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1] / 0.7
+                expected.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(ids)[:, None]).squeeze(1))
+    expected = torch.cat(expected)
+    (weights * expected).sum().backward()
+    torch.testing.assert_close(logps, expected, atol=2e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(ours[name], p.grad, atol=2e-5, rtol=1e-4)
 
 
 def test_policy_weights_of_a_lora_model_equal_its_merge(tiny_dir):
