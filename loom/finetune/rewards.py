@@ -14,6 +14,8 @@ Built in:
 
 - ``exact_match``: 1.0 when the completion, stripped and with whitespace runs collapsed, equals the record's
   ``reference`` (or ``answer`` / ``solution``), else 0.0;
+- ``contains_reference``: 1.0 when that reference (whitespace-normalised) appears anywhere in the completion: partial
+  credit for a right answer wrapped in words, which a model that never answers exactly still earns;
 - ``think_format``: 1.0 when the completion is ``<think>...</think>`` followed by an answer (TRL's
   ``think_format_reward``), else 0.0.
 
@@ -56,6 +58,14 @@ def exact_match(prompts, completions, completion_ids, **columns) -> list[float |
             for c, ref in zip(completions, references)]
 
 
+def contains_reference(prompts, completions, completion_ids, **columns) -> list[float | None]:
+    references = next((columns[f] for f in REFERENCE_FIELDS if f in columns), None)
+    if references is None:
+        return [None] * len(completions)
+    return [None if ref is None else float(_normalise(ref) in _normalise(completion_text(c)))
+            for c, ref in zip(completions, references)]
+
+
 _THINK = re.compile(r"^<think>(?!.*<think>)(.*?)</think>.*$", re.DOTALL)
 
 
@@ -63,8 +73,9 @@ def think_format(prompts, completions, completion_ids, **columns) -> list[float]
     return [1.0 if _THINK.match(completion_text(c)) else 0.0 for c in completions]
 
 
-BUILT_IN: dict[str, Callable] = {"exact_match": exact_match, "think_format": think_format}
-NEEDS_FIELD = {"exact_match": REFERENCE_FIELDS}
+BUILT_IN: dict[str, Callable] = {"exact_match": exact_match, "contains_reference": contains_reference,
+                                 "think_format": think_format}
+NEEDS_FIELD = {"exact_match": REFERENCE_FIELDS, "contains_reference": REFERENCE_FIELDS}
 """Built-ins that read a record field: every training record must have one of these."""
 
 

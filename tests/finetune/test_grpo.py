@@ -25,7 +25,7 @@ from loom.finetune.grpo import (
     reduce_loss,
 )
 from loom.finetune.lora import apply_lora
-from loom.finetune.rewards import RewardSet, exact_match, think_format
+from loom.finetune.rewards import RewardSet, contains_reference, exact_match, think_format
 from tests.conftest import save_tiny_model
 
 FIRST_TOKEN_ODD = "def first_token_odd(prompts, completions, completion_ids, **columns):\n" \
@@ -203,6 +203,8 @@ def test_reward_functions_built_in_and_from_a_file(tmp_path):
     completions = [" 1  2 3 ", [{"role": "assistant", "content": "1 2 4"}], "x"]
     assert exact_match([], completions, [], reference=["1 2 3", "1 2 3", None]) == [1.0, 0.0, None]
     assert exact_match([], completions, []) == [None, None, None]
+    assert contains_reference([], ["It was 1918.", "1 9 1 8", "x"], [], answer=["1918", "1918", None]) == [1.0, 0.0,
+                                                                                                          None]
     assert think_format([], ["<think>a</think>b", "<think>a<think>b</think>", "b"], []) == [1.0, 0.0, 0.0]
     (tmp_path / "mine.py").write_text(FIRST_TOKEN_ODD)
     rewards = RewardSet([f"{tmp_path}/mine.py:first_token_odd", "exact_match"], weights=[2.0, 1.0])
