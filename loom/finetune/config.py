@@ -42,7 +42,7 @@ class FinetuneConfig:
     reward_funcs: list[str] | None = None
     """GRPO: reward functions, each a built-in ("exact_match": the completion equals the record's reference / answer
     / solution, or an SFT record's answer; "contains_reference": it appears in the completion; "think_format":
-    <think>...</think> then an answer) or your own
+    <think>...</think> then an answer), a reward model's folder (a sequence classifier) or your own
     module:function / file.py:function, called as TRL calls them (repeatable)."""
     reward_weights: list[float] | None = None
     """GRPO: one weight per reward function (default 1 each); the reward is their weighted sum."""

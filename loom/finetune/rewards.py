@@ -19,6 +19,7 @@ Built in:
 - ``think_format``: 1.0 when the completion is ``<think>...</think>`` followed by an answer (TRL's
   ``think_format_reward``), else 0.0.
 
+A folder is a reward model (``RewardModel``: a sequence classifier scoring prompt + completion, as TRL takes one).
 Any other name is ``module:function`` (an importable module) or ``path/to/file.py:function``: the user's own code,
 run in the training process (``loom finetune`` runs what its user names, as TRL does; nothing here is reachable
 from a server).
@@ -79,14 +80,54 @@ NEEDS_FIELD = {"exact_match": REFERENCE_FIELDS, "contains_reference": REFERENCE_
 """Built-ins that read a record field: every training record must have one of these."""
 
 
-def load_reward(name: str) -> Callable:
-    """A built-in by name, or ``module:function`` / ``file.py:function``."""
+class RewardModel:
+    """A sequence-classification model folder as a reward function (TRL's ``reward_funcs="path/to/model"``): the
+    model's first logit for the prompt followed by the completion. Conversational prompts, and plain ones when the
+    reward model's tokenizer has a chat template, are rendered as a conversation ending in the completion as the
+    assistant's turn (a plain prompt is the user's turn); otherwise prompt and completion text are joined. Scored in
+    right-padded batches of ``batch_size`` on ``device``."""
+
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu", batch_size: int = 16):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer  # local: ~1 s to import
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(folder)).to(device).eval()
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.__name__ = Path(folder).name
+
+    def text(self, prompt, completion) -> str:
+        if not isinstance(prompt, str) or getattr(self.tokenizer, "chat_template", None):
+            turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            turns.append({"role": "assistant", "content": completion_text(completion)})
+            return self.tokenizer.apply_chat_template(turns, tokenize=False)
+        return prompt + completion_text(completion)
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, completion_ids, **columns) -> list[float]:
+        texts = [self.text(p, c) for p, c in zip(prompts, completions)]
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            inputs = self.tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True,
+                                    padding_side="right", add_special_tokens=False).to(self.device)
+            scores += self.model(**inputs).logits[:, 0].float().tolist()
+        return scores
+
+
+def load_reward(name: str, device: str | torch.device = "cpu") -> Callable:
+    """A built-in by name, a reward model's folder, or ``module:function`` / ``file.py:function``."""
     if name in BUILT_IN:
         return BUILT_IN[name]
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").is_file():
+            raise ValueError(f"reward function {name!r}: a folder is a reward model, but it has no config.json")
+        return RewardModel(name, device)
     module_name, sep, attr = name.rpartition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward function {name!r}: give a built-in ({', '.join(BUILT_IN)}) or module:function / "
-                         "path/to/file.py:function")
+        raise ValueError(f"reward function {name!r}: give a built-in ({', '.join(BUILT_IN)}), a reward model's "
+                         "folder, or module:function / path/to/file.py:function")
     if module_name.endswith(".py"):
         path = Path(module_name)
         if not path.is_file():
@@ -108,13 +149,14 @@ def load_reward(name: str) -> Callable:
 class RewardSet:
     """The run's reward functions with their weights; ``score`` calls each once over a whole batch of completions."""
 
-    def __init__(self, names: Sequence[str], weights: Sequence[float] | None = None):
+    def __init__(self, names: Sequence[str], weights: Sequence[float] | None = None,
+                 device: str | torch.device = "cpu"):
         if not names:
             raise ValueError(f"GRPO needs at least one reward function: built-in {', '.join(BUILT_IN)}, or "
                              "module:function")
         if weights is not None and len(weights) != len(names):
             raise ValueError(f"reward_weights has {len(weights)} values for {len(names)} reward functions")
-        self.funcs = [load_reward(n) for n in names]
+        self.funcs = [load_reward(n, device) for n in names]
         self.names = []
         """What the metrics call each: the built-in's name or the function's own (TRL's ``__name__``)."""
         for spec, fn in zip(names, self.funcs):

@@ -220,6 +220,32 @@ def test_reward_functions_built_in_and_from_a_file(tmp_path):
         RewardSet(["exact_match"]).check_records([{"answer": "1"}, {"task": "x"}])
 
 
+def test_a_reward_model_folder_scores_prompt_and_completion_as_one_text(tmp_path, smollm2_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_path))
+    torch.manual_seed(4)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    folder = tmp_path / "rm"
+    LlamaForSequenceClassification(config).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    rewards = RewardSet([str(folder)])
+    assert rewards.names == ["rm"]
+    prompts = ["What is 2+2?", [{"role": "user", "content": "Name a colour."}], "Hi"]
+    completions = ["4", [{"role": "assistant", "content": "A deep shade of blue, like the sea"}], "Hello there"]
+    table = rewards.score(prompts, completions, [[], [], []], {})
+    model = LlamaForSequenceClassification.from_pretrained(folder).eval()
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):  # one at a time: no padding
+        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        turns.append({"role": "assistant", "content": completion if isinstance(completion, str)
+                      else completion[0]["content"]})
+        ids = tok(tok.apply_chat_template(turns, tokenize=False), return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            assert table[row, 0].item() == pytest.approx(model(**ids).logits[0, 0].item(), abs=1e-5)
+    assert len(set(table[:, 0].tolist())) == 3
+
+
 @pytest.mark.parametrize("changes,message", [
     ({"reward_funcs": None}, "needs reward_funcs"),
     ({"num_generations": 1}, "at least 2"),
