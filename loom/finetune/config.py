@@ -59,6 +59,13 @@ class FinetuneConfig:
     grpo_beta: float = 0.0
     """GRPO: the KL coefficient against the start model (TRL's beta; 0, TRL's default, loads no reference; DeepSeek-R1
     used 0.001)."""
+    num_iterations: int = 1
+    """GRPO: optimizer steps on each generation batch (TRL's mu); above 1 the ratio to the sampling policy moves
+    and the clip binds. max_steps counts every one of them."""
+    epsilon: float = 0.2
+    """GRPO: the clip range below 1 (and above, unless epsilon_high is given)."""
+    epsilon_high: float | None = None
+    """GRPO: the clip range above 1 (DAPO's clip-higher: 0.28)."""
     grpo_loss: Literal["dapo", "bnpo", "grpo", "dr_grpo"] = "dapo"
     """GRPO: how token losses are averaged: over the step's completion tokens ("dapo", TRL's default), each
     micro-batch's ("bnpo"), each completion's then the completions ("grpo"), or rows x max_completion_length
@@ -208,6 +215,11 @@ class FinetuneConfig:
             raise ValueError(f"temperature must be positive (GRPO samples), got {self.temperature}")
         if not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError(f"top_p must be in (0, 1] and top_k >= 0, got {self.top_p} and {self.top_k}")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be at least 1, got {self.num_iterations}")
+        if not 0 < self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high <= 0):
+            raise ValueError(f"epsilon must be in (0, 1) and epsilon_high positive, got {self.epsilon} and "
+                             f"{self.epsilon_high}")
         if self.grpo_beta < 0:
             raise ValueError(f"grpo_beta must be >= 0, got {self.grpo_beta}")
         if self.grpo_loss not in ("dapo", "bnpo", "grpo", "dr_grpo"):

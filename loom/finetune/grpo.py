@@ -23,8 +23,10 @@ a completion's advantage is ``A = (r - mean of its group) / (std + 1e-4)``, the 
 
     loss_t = -min(ratio A, clip(ratio, 1 - 0.2, 1 + 0.2) A) + beta (exp(ref - logp) - (ref - logp) - 1)
 
-One gradient step is taken per generation (TRL's default ``num_iterations=1``), so ``pi_old`` is the policy itself
-(detached): the ratio is 1, the clip never binds, and the gradient is ``-A grad log pi``. The KL term (against the
+With one optimizer step per generation (``num_iterations=1``, TRL's default) ``pi_old`` is the policy itself
+(detached): the ratio is 1, the clip never binds, and the gradient is ``-A grad log pi``. With ``num_iterations`` mu
+> 1 each generation batch serves mu optimizer steps, ``pi_old`` is the sampling policy's log-probs (one no-grad
+forward when the batch is made), and the clip ([1 - epsilon, 1 + epsilon_high]) binds. The KL term (against the
 start model: LoRA switched off, or a frozen copy) is there when ``grpo_beta > 0`` (TRL's default 0 loads no reference
 model). The token losses are summed and divided by (``grpo_loss``): the step's completion tokens ("dapo", TRL's
 default), each micro-batch's tokens ("bnpo"), each completion's own length, then averaged ("grpo"), or the
@@ -261,11 +263,12 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: str = "group") ->
 
 def grpo_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, *,
                     ref_logps: torch.Tensor | None = None, beta: float = 0.0, epsilon: float = CLIP_EPS,
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    epsilon_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(per-token loss, per-token KL or None): the clipped surrogate on token log-probs [N] with each token's
-    completion's advantage [N], plus ``beta`` x the k3 estimate of KL(policy || reference)."""
+    completion's advantage [N] (the ratio clipped to [1 - epsilon, 1 + epsilon_high], epsilon_high defaulting to
+    epsilon), plus ``beta`` x the k3 estimate of KL(policy || reference)."""
     ratio = torch.exp(logps - old_logps)
-    clipped = ratio.clamp(1 - epsilon, 1 + epsilon)
+    clipped = ratio.clamp(1 - epsilon, 1 + (epsilon if epsilon_high is None else epsilon_high))
     loss = -torch.min(ratio * advantages, clipped * advantages)
     kl = None
     if ref_logps is not None and beta:
@@ -273,6 +276,14 @@ def grpo_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: to
         kl = torch.exp(delta) - delta - 1
         loss = loss + beta * kl
     return loss, kl
+
+
+def clip_active(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, epsilon: float = CLIP_EPS,
+                epsilon_high: float | None = None) -> torch.Tensor:
+    """[N] bool: tokens whose clipped term is the smaller one, so they send no gradient (TRL's clip_ratio/region)."""
+    ratio = torch.exp(logps - old_logps)
+    high = 1 + (epsilon if epsilon_high is None else epsilon_high)
+    return ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > high) & (advantages > 0))
 
 
 def reduce_loss(token_loss: torch.Tensor, rows: torch.Tensor, num_rows: int, loss_type: str, *, step_tokens: int,
@@ -380,6 +391,20 @@ def completion_logps(model, cb: CompletionBatch, temperature: float) -> tuple[to
 # ---------------------------------------------------------------- trainer
 
 
+@dataclass(slots=True)
+class Rollout:
+    """One generation batch, laid out for the optimizer steps that use it."""
+
+    metrics: dict[str, float]
+    tokens: int
+    """Completion tokens in the loss (the "dapo" divisor)."""
+    num_tokens: int
+    """Prompt and completion tokens, every completion counted with its prompt."""
+    micro: list[tuple[CompletionBatch, torch.Tensor, int, torch.Tensor | None]] = field(default_factory=list)
+    """Per micro-batch: its completions, each token's advantage, how many completions, the sampling policy's
+    log-probs (None: one step per generation, the policy's own are used)."""
+
+
 class GRPOTrainer(Trainer):
     """The SFT Trainer's optimizer, schedule, checkpoints and logging, with rollouts and rewards for data."""
 
@@ -394,6 +419,8 @@ class GRPOTrainer(Trainer):
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         self._stale = cfg.resume  # the engine loaded the start weights; a resumed run trains from others
         self._calls = 0
+        self._rollout: Rollout | None = None
+        """The generation batch the coming steps train on (``num_iterations`` steps each)."""
 
     @staticmethod
     def example_length(prompt: Prompt) -> int:
@@ -407,7 +434,17 @@ class GRPOTrainer(Trainer):
         return [order[i : i + size] for i in range(0, len(order), size)]
 
     def micro_batches(self, skip: int = 0) -> Iterator[list[int]]:
-        return self.planned(skip)  # prompt indices: the rollouts make the tensors
+        """Prompt indices (the rollouts make the tensors): each step's ``grad_accum`` micro-batches, handed
+        ``num_iterations`` times in a row (``train_step`` samples on the first and reuses the rollouts after)."""
+        accum, repeat = self.cfg.grad_accum, self.cfg.num_iterations
+        planned, position = self.planned(), 0
+        while True:
+            step = [next(planned) for _ in range(accum)]
+            for _ in range(repeat):
+                for micro in step:
+                    if position >= skip:
+                        yield micro
+                    position += 1
 
     def sample(self, indices: list[int]) -> list[list[Completion]]:
         """``num_generations`` completions of each prompt by the engine, on the policy's current weights."""
@@ -421,7 +458,9 @@ class GRPOTrainer(Trainer):
     def score(self, indices: list[int], groups: list[list[Completion]]) -> torch.Tensor:
         return score_groups(self.prompts, self.rewards, indices, groups)
 
-    def train_step(self, batches: list[list[int]]) -> StepStats:
+    def rollout(self, batches: list[list[int]]) -> Rollout:
+        """Sample, score and lay out one generation batch: the step's micro-batches of prompts, each with its
+        completions' advantages (and, when they are to be reused, the log-probs of the policy that sampled them)."""
         cfg, g = self.cfg, self.cfg.num_generations
         indices = [i for micro in batches for i in micro]
         groups = self.sample(indices)
@@ -430,43 +469,65 @@ class GRPOTrainer(Trainer):
         advantages, std = group_advantages(rewards, g, cfg.scale_rewards)
         flat = [c for group in groups for c in group]
         trained = [not (cfg.mask_truncated_completions and c.truncated) for c in flat]
-        step_tokens = sum(len(c.ids) for c, t in zip(flat, trained) if t)
-        metrics = self._rollout_metrics(table, rewards, std, flat)
-        self.model.train()
-        num_tokens = sum(len(self.prompts[i].ids) + len(c.ids) for i, group in zip(indices, groups) for c in group)
-        if step_tokens == 0:  # every completion masked: nothing to learn, no NaN
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            return StepStats(0.0, 0, num_tokens, 0.0, extra=metrics)
-        loss_sum, kl_sum, entropy_sum, first = 0.0, 0.0, 0.0, 0
+        out = Rollout(metrics=self._rollout_metrics(table, rewards, std, flat),
+                      tokens=sum(len(c.ids) for c, t in zip(flat, trained) if t),
+                      num_tokens=sum(len(self.prompts[i].ids) + len(c.ids) for i, group in zip(indices, groups)
+                                     for c in group))
+        first = 0
         for micro in batches:
             count, group0 = g * len(micro), first // g  # this micro-batch's completions and its first group
             rows = [(self.prompts[i].ids, [c.ids if trained[first + j * g + k] else None
                                            for k, c in enumerate(groups[group0 + j])]) for j, i in enumerate(micro)]
             cb = collate_groups(rows, self.pad_id, share_prompt=cfg.packing,
                                 max_row_tokens=cfg.max_length).to(self.device)
+            adv = advantages[first : first + count].to(self.device)[cb.sequence]
+            old = None
+            if cfg.num_iterations > 1 and cb.targets.numel():  # the sampling policy's, before this batch's updates
+                with torch.no_grad(), self.autocast:
+                    old = completion_logps(self.model, cb, cfg.temperature)[0]
+            out.micro.append((cb, adv, count, old))
+            first += count
+        return out
+
+    def train_step(self, batches: list[list[int]]) -> StepStats:
+        """One optimizer step: on a new generation batch, or on the last one again (``num_iterations`` > 1; the
+        stream hands the same prompts that many times in a row)."""
+        cfg = self.cfg
+        iteration = self.scheduler.last_epoch % cfg.num_iterations  # optimizer steps so far (restored on resume)
+        if self._rollout is None or iteration == 0:  # a resumed run samples its block's prompts anew
+            self._rollout = self.rollout(batches)
+        ro = self._rollout
+        metrics = dict(ro.metrics)
+        self.model.train()
+        if ro.tokens == 0:  # every completion masked: nothing to learn, no NaN
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            return StepStats(0.0, 0, ro.num_tokens, 0.0, extra=metrics)
+        loss_sum = kl_sum = entropy_sum = clipped = 0.0
+        for cb, adv, count, old in ro.micro:
             if cb.targets.numel() == 0:
-                first += count
                 continue
             with self.autocast:
                 logps, entropy = completion_logps(self.model, cb, cfg.temperature)
             ref = self._reference_logps(cb) if cfg.grpo_beta > 0 else None
-            adv = advantages[first : first + count].to(self.device)[cb.sequence]
-            token_loss, kl = grpo_token_loss(logps, logps.detach(), adv, ref_logps=ref, beta=cfg.grpo_beta)
-            share = reduce_loss(token_loss, cb.sequence, count, cfg.grpo_loss, step_tokens=step_tokens,
-                                num_micro=len(batches), max_completion_length=cfg.max_completion_length)
+            old = logps.detach() if old is None else old
+            token_loss, kl = grpo_token_loss(logps, old, adv, ref_logps=ref, beta=cfg.grpo_beta,
+                                             epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high)
+            share = reduce_loss(token_loss, cb.sequence, count, cfg.grpo_loss, step_tokens=ro.tokens,
+                                num_micro=len(ro.micro), max_completion_length=cfg.max_completion_length)
             share.backward()
             loss_sum += float(share.detach())
             entropy_sum += float(entropy.sum())
+            clipped += float(clip_active(logps.detach(), old, adv, cfg.epsilon, cfg.epsilon_high).sum())
             if kl is not None:
                 kl_sum += float(kl.detach().sum())
-            first += count
         norm = self.optimizer_step()
         self._stale = True
-        metrics["entropy"] = entropy_sum / step_tokens
+        metrics.update({"entropy": entropy_sum / ro.tokens, "clip_ratio": clipped / ro.tokens,
+                        "iteration": iteration + 1})
         if cfg.grpo_beta > 0:
-            metrics["kl"] = kl_sum / step_tokens
-        return StepStats(loss_sum, step_tokens, num_tokens, norm, extra=metrics)
+            metrics["kl"] = kl_sum / ro.tokens
+        return StepStats(loss_sum, ro.tokens, ro.num_tokens, norm, extra=metrics)
 
     @torch.no_grad()
     def _reference_logps(self, cb: CompletionBatch) -> torch.Tensor:

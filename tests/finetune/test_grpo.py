@@ -15,7 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from loom.finetune.config import FinetuneConfig
 from loom.finetune.formats import DataError
 from loom.finetune.grpo import (
+    GRPOTrainer,
     Rollouts,
+    clip_active,
     collate_groups,
     completion_logps,
     encode_prompts,
@@ -139,6 +141,43 @@ def test_completion_logps_equal_plain_forwards_and_share_prompts_exactly(tiny_di
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(ours[name], p.grad, atol=2e-5, rtol=1e-4)
+
+
+def test_clip_higher_and_the_clipped_tokens():
+    logps = torch.tensor([0.5, 0.5, -0.5, -0.5, 0.1])
+    old = torch.zeros(5)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0])
+    loss, _ = grpo_token_loss(logps, old, adv, epsilon=0.2, epsilon_high=0.28)
+    r = [math.exp(x) for x in logps.tolist()]  # 1.65, 1.65, 0.61, 0.61, 1.105
+    expected = [-1.28, r[1], -r[2], 0.8, -r[4]]  # -min(r A, clip(r) A), the ratio clipped to [0.8, 1.28]
+    torch.testing.assert_close(loss, torch.tensor(expected))
+    assert clip_active(logps, old, adv, 0.2, 0.28).tolist() == [True, False, False, True, False]
+
+
+def test_num_iterations_reuse_each_generation_batch(tiny_dir, tmp_path):
+    from loom.finetune.modeling import load_model
+
+    cfg = FinetuneConfig(model=str(tiny_dir), data="-", output=str(tmp_path / "out"), method="grpo",
+                         reward_funcs=[str(tmp_path / "mine.py:first_token_odd")], num_generations=4,
+                         max_completion_length=6, max_length=128, batch_size=2, grad_accum=2, num_iterations=2,
+                         max_steps=4, lr=3e-2, temperature=0.5, progress=False)
+    (tmp_path / "mine.py").write_text(FIRST_TOKEN_ODD)
+    model, tok = load_model(tiny_dir, torch.device("cpu"))
+    prompts, _ = encode_prompts([{"prompt": f"Count to {i}"} for i in range(8)], tok)
+    rollouts = Rollouts(tiny_dir, cfg, torch.device("cpu"))
+    trainer = GRPOTrainer(cfg, model, tok, prompts, RewardSet(cfg.reward_funcs), rollouts)
+    stream = trainer.micro_batches()
+    taken = [next(stream) for _ in range(8)]
+    assert taken[:2] == taken[2:4] and taken[4:6] == taken[6:8] and taken[:2] != taken[4:6]
+    sampled = []
+    generate = rollouts.generate
+    rollouts.generate = lambda prompts, *a, **k: sampled.append(prompts) or generate(prompts, *a, **k)
+    stats = [trainer.train_step(taken[2 * k : 2 * k + 2]) for k in range(4)]
+    assert len(sampled) == 2  # one generation batch per two optimizer steps
+    assert [s.extra["iteration"] for s in stats] == [1, 2, 1, 2]
+    assert stats[0].extra["clip_ratio"] == 0.0  # the first step's policy is the sampling one: ratio 1
+    assert stats[1].extra["clip_ratio"] > 0.0  # after one step at lr 3e-2 some ratios left [0.8, 1.2]
+    assert stats[1].extra["reward"] == stats[0].extra["reward"]  # the same completions, scored once
 
 
 def test_policy_weights_of_a_lora_model_equal_its_merge(tiny_dir):
