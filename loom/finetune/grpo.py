@@ -50,7 +50,7 @@ from loom.finetune.config import FinetuneConfig
 from loom.finetune.formats import ROLES, DataError, load_records, to_messages, where
 from loom.finetune.lora import is_lora
 from loom.finetune.loss import causal_lm_parts
-from loom.finetune.rewards import RewardSet
+from loom.finetune.rewards import REFERENCE_FIELDS, RewardSet
 from loom.finetune.template import IGNORE_INDEX, chat_template_for, check_tokenizer, render
 from loom.finetune.trainer import StepStats, Trainer
 
@@ -93,9 +93,14 @@ def prompt_messages(record: dict) -> tuple[list[dict], str | list[dict], bool, d
             raise DataError(f"{where(record)}: the prompt ends with an assistant turn; end it with the user's turn")
         messages = [{"role": m["role"], "content": m["content"]} for m in value]
         return messages, messages, True, columns
+    if isinstance(record.get("messages"), list) and record["messages"] and isinstance(record["messages"][-1], dict) \
+            and record["messages"][-1].get("role") != "assistant":  # a prompt-only chat record
+        columns.pop("messages")
+        return prompt_messages({"prompt": record["messages"], **columns, "_where": record.get("_where")})
     messages = to_messages(record)
-    if messages[-1]["role"] == "assistant":  # an SFT record: its answer is the reference, not a target
-        columns.setdefault("reference", messages[-1]["content"])
+    if messages[-1]["role"] == "assistant" and not any(columns.get(f) is not None for f in REFERENCE_FIELDS):
+        columns["reference"] = messages[-1]["content"]  # an SFT record's answer: the reference, not a target
+    if messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     if not messages or messages[-1]["role"] == "assistant":
         raise DataError(f"{where(record)}: no prompt before the last assistant turn")
@@ -189,16 +194,16 @@ class Rollouts:
         self.engine.update_weights(policy_weights(model))
 
     def generate(self, prompts: list[list[int]], n: int, seed: int, greedy: bool = False) -> list[list[Completion]]:
-        """``n`` completions for each prompt (one ``SamplingParams`` per prompt, seeded ``seed + i``)."""
+        """``n`` completions for each prompt (one ``SamplingParams`` per prompt, seeded ``seed + i * n``)."""
         from loom.engine.sampling_params import SamplingParams  # local: as in __init__
 
         cfg = self.cfg
         self._calls += 1
         ids = []
         for i, prompt in enumerate(prompts):
-            params = SamplingParams(
+            params = SamplingParams(  # the engine seeds sequence k of a request seed + k: n apart, none shared
                 n=n, temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p,
-                top_k=0 if greedy else cfg.top_k, max_tokens=cfg.max_completion_length, seed=seed + i,
+                top_k=0 if greedy else cfg.top_k, max_tokens=cfg.max_completion_length, seed=seed + i * n,
                 output_kind="final_only")
             request_id = f"rollout-{self._calls}-{i}"
             self.engine.add_request(request_id, prompt_token_ids=prompt, params=params)
@@ -232,8 +237,12 @@ def score_groups(prompts: list[Prompt], rewards: RewardSet, indices: list[int],
             completions.append([{"role": "assistant", "content": c.text}] if p.conversational else c.text)
             ids.append(c.ids)
             records.append(p.columns)
-    keys = sorted({k for r in records for k in r})
+    keys = sorted({k for r in records for k in r} - RESERVED)
     return rewards.score(given, completions, ids, {k: [r.get(k) for r in records] for k in keys})
+
+
+RESERVED = frozenset({"prompts", "completions", "completion_ids"})
+"""Record fields that would collide with the reward functions' own arguments: not passed on."""
 
 
 def _nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -418,13 +427,18 @@ class GRPOTrainer(Trainer):
         if cfg.grpo_beta > 0 and not is_lora(model):  # LoRA: the model with its adapters off is the reference
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         self._stale = cfg.resume  # the engine loaded the start weights; a resumed run trains from others
-        self._calls = 0
         self._rollout: Rollout | None = None
         """The generation batch the coming steps train on (``num_iterations`` steps each)."""
 
     @staticmethod
     def example_length(prompt: Prompt) -> int:
         return len(prompt.ids)
+
+    def _total_steps(self) -> int:
+        """An epoch sees every prompt once, and each generation batch takes ``num_iterations`` steps."""
+        if self.cfg.max_steps is not None:
+            return self.cfg.max_steps
+        return max(1, math.ceil(self.cfg.epochs * len(self._plan(0)) / self.cfg.grad_accum)) * self.cfg.num_iterations
 
     def _plan(self, epoch: int) -> list[list[int]]:
         """Micro-batches of ``batch_size`` prompt indices, in a seeded order per epoch."""
@@ -451,8 +465,8 @@ class GRPOTrainer(Trainer):
         if self._stale:
             self.rollouts.sync(self.model)
             self._stale = False
-        self._calls += 1
-        seed = (self.cfg.seed * 1_000_003 + self._calls * 100_003) % 2**31
+        generation = self.scheduler.last_epoch // self.cfg.num_iterations  # restored on resume: the same seeds
+        seed = (self.cfg.seed * 1_000_003 + (generation + 1) * 100_003) % 2**31
         return self.rollouts.generate([self.prompts[i].ids for i in indices], self.cfg.num_generations, seed)
 
     def score(self, indices: list[int], groups: list[list[Completion]]) -> torch.Tensor:

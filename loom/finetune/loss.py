@@ -15,9 +15,31 @@ from loom.finetune.template import IGNORE_INDEX
 
 
 def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(decoder body, lm_head) of an HF causal LM, also through a peft wrapper."""
+    """(decoder body, LM head) of an HF causal LM, also through a peft wrapper. The head gives the logits the model's
+    own forward gives: Granite's ``logits_scaling`` divides them, Gemma's ``final_logit_softcapping`` bends them."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.model, inner.get_output_embeddings()
+    head = inner.get_output_embeddings()
+    scaling = getattr(inner.config, "logits_scaling", None) or 1.0
+    cap = getattr(inner.config, "final_logit_softcapping", None)
+    if scaling == 1.0 and not cap:
+        return inner.model, head
+    return inner.model, ScaledHead(head, scaling, cap)
+
+
+class ScaledHead(torch.nn.Module):
+    """``head(x) / scaling``, then ``cap * tanh(logits / cap)`` when ``cap``: as the HF model's forward finishes."""
+
+    def __init__(self, head: torch.nn.Module, scaling: float, cap: float | None):
+        super().__init__()
+        self.head, self.scaling, self.cap = head, float(scaling), cap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        if self.scaling != 1.0:
+            logits = logits / self.scaling
+        if self.cap:
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return logits
 
 
 def token_loss_sum(model, batch: Batch) -> tuple[torch.Tensor, int]:

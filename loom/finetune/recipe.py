@@ -93,6 +93,7 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device) -> dict:
         rewards.check_records([p.columns for p in examples])
         eval_prompts = encode_prompts(_eval_records(cfg), tokenizer, template=cfg.template,
                                       max_prompt_tokens=max_prompt)[0]
+        rewards.check_records([p.columns for p in eval_prompts])
         eval_records, eval_pairs = [], []
         rollouts = Rollouts(model_path, cfg, device)
     elif cfg.is_preference:  # eval_data holds preference pairs too: scored by rewards, not by greedy exact match

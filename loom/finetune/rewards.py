@@ -51,20 +51,20 @@ def _normalise(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def references(columns: dict[str, list], count: int) -> list[str | None]:
+    """Each completion's expected answer: its record's first field of REFERENCE_FIELDS that is not None."""
+    fields = [columns[f] for f in REFERENCE_FIELDS if f in columns]
+    return [next((str(values[n]) for values in fields if values[n] is not None), None) for n in range(count)]
+
+
 def exact_match(prompts, completions, completion_ids, **columns) -> list[float | None]:
-    references = next((columns[f] for f in REFERENCE_FIELDS if f in columns), None)
-    if references is None:
-        return [None] * len(completions)
     return [None if ref is None else float(_normalise(completion_text(c)) == _normalise(ref))
-            for c, ref in zip(completions, references)]
+            for c, ref in zip(completions, references(columns, len(completions)))]
 
 
 def contains_reference(prompts, completions, completion_ids, **columns) -> list[float | None]:
-    references = next((columns[f] for f in REFERENCE_FIELDS if f in columns), None)
-    if references is None:
-        return [None] * len(completions)
     return [None if ref is None else float(_normalise(ref) in _normalise(completion_text(c)))
-            for c, ref in zip(completions, references)]
+            for c, ref in zip(completions, references(columns, len(completions)))]
 
 
 _THINK = re.compile(r"^<think>(?!.*<think>)(.*?)</think>.*$", re.DOTALL)

@@ -6,7 +6,7 @@ transformers supplies only the config; weights stream from safetensors into prea
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -112,15 +112,22 @@ def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Ten
     if model.tp is not None:
         raise ValueError("load_weights: the model is sharded over tensor-parallel ranks; load the new weights from a "
                          "folder instead")
+    quantized = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in QUANTIZED_MODULES})
+    if quantized:
+        raise ValueError(f"load_weights: the model's weights are quantized ({', '.join(quantized)}); float weights "
+                         "cannot replace them: serve the float checkpoint to update it")
     cfg = model.config
     params = dict(model.named_parameters())
     staged: dict[str, torch.Tensor] = {}  # the whole weights of packed projections, rebuilt in float32
-    writes, filled = [], {}
-    for name, tensor in weights:
+    writes, filled, seen = [], {}, set()
+    for name, tensor in _per_expert(weights):
         target = _target(name, cfg)
         if target is None:
             continue
         pname, part = target
+        if (pname, part) in seen:
+            raise ValueError(f"load_weights: {name} is given twice (as part of {pname})")
+        seen.add((pname, part))
         if pname == "lm_head.weight" and model.lm_head is None:
             if not isinstance(model.logits_proj, PackedLinear):
                 raise ValueError("load_weights: the LM head is quantized; float weights cannot replace it")
@@ -172,6 +179,24 @@ def _order_partial_rotary(tensors: dict[str, torch.Tensor], cfg: LlamaConfig) ->
                 tensor.copy_(tensor[rows.to(tensor.device)])
             elif pname.endswith(("q_norm.weight", "k_norm.weight")):
                 tensor.copy_(tensor[order.to(tensor.device)])
+
+
+QUANTIZED_MODULES = ("GGUFLinear", "StackedGGUFLinear", "Int8Linear", "TritonQuantLinear")
+"""Modules holding quantized weights (``loom.ops.quantized``, ``loom.ops.triton.quantized``)."""
+_FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def _per_expert(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """transformers 5 holds a MoE layer's experts as two 3-D tensors (``mlp.experts.gate_up_proj`` [E, 2I, H], gate
+    rows first, and ``mlp.experts.down_proj`` [E, H, I]); checkpoints and Loom hold one projection per expert."""
+    for name, tensor in weights:
+        m = _FUSED_EXPERTS.match(name)
+        if m is None or tensor.dim() != 3:
+            yield name, tensor
+            continue
+        prefix, kind = m.groups()
+        for e in range(tensor.shape[0]):
+            yield f"{prefix}.{e}.{kind}.weight", tensor[e]
 
 
 def _packed(model: LlamaForCausalLM, pname: str) -> PackedLinear:

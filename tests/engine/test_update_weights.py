@@ -24,6 +24,8 @@ def _state(path) -> dict[str, torch.Tensor]:
     ("gemma2", {}, "auto"),  # norms stored as (1 + w)
     ("phi3", {"head_dim": 16, "partial_rotary_factor": 0.75}, "auto"),  # q/k rows reordered before packing
     ("granite", {"attention_bias": True, "mlp_bias": True}, "auto"),  # residual multiplier folded into o / down
+    ("mixtral", {}, "auto"),  # transformers 5's experts as two 3-D tensors, one projection per expert in Loom
+    ("qwen2_moe", {}, "auto"),  # and a shared expert with its gate
 ])
 def test_updated_engine_equals_a_fresh_one(tmp_path, smollm2_path, arch, overrides, backend):
     old = save_tiny_model(tmp_path / "old", smollm2_path, arch=arch, seed=0, **overrides)
@@ -52,6 +54,12 @@ def test_update_weights_empties_the_prefix_cache(tmp_path, smollm2_path):
     assert llm.engine.block_manager.num_prefix_hit_tokens > hits  # the cache itself still works
 
 
+def test_update_weights_refuses_quantized_weights(tmp_path, smollm2_path, tiny_llama):
+    llm = LLM(str(tiny_llama), num_kv_blocks=64, quantization="int8")
+    with pytest.raises(ValueError, match="quantized"):
+        llm.update_weights([("model.norm.weight", torch.ones(64))])
+
+
 def test_update_weights_refuses_an_incomplete_or_running_update(tmp_path, smollm2_path, tiny_llama):
     llm = LLM(str(tiny_llama), num_kv_blocks=64)
     state = _state(tiny_llama)
@@ -60,6 +68,10 @@ def test_update_weights_refuses_an_incomplete_or_running_update(tmp_path, smollm
     with pytest.raises(ValueError, match="layers.1.self_attn.qkv_proj.weight"):
         llm.update_weights(partial.items())
     assert loom_greedy(llm, varied_prompts(2, seed=7), 6) == before  # nothing was written
+    twice = [(k, v) for k, v in state.items() if "layers.1.self_attn.k_proj" not in k]
+    twice.append(("model.layers.1.self_attn.q_proj.weight", state["model.layers.1.self_attn.q_proj.weight"]))
+    with pytest.raises(ValueError, match="q_proj.weight is given twice"):  # 3 writes, but no k: not complete
+        llm.update_weights(twice)
     wrong = dict(state, **{"model.layers.0.mlp.down_proj.weight": torch.zeros(64, 64)})
     with pytest.raises(ValueError, match=r"down_proj.weight takes a tensor of shape \(64, 128\)"):
         llm.update_weights(wrong.items())
