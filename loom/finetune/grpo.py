@@ -558,7 +558,7 @@ class GRPOTrainer(Trainer):
         lengths = torch.tensor([len(c.ids) for c in flat], dtype=torch.float32)
         ended = [len(c.ids) for c in flat if not c.truncated]
         g = self.cfg.num_generations
-        out = {"reward": _nan_float(torch.nanmean(rewards)), "reward_std": _nan_float(torch.nanmean(std[::g])),
+        out = {"reward": _nan_float(torch.nanmean(rewards)), "reward_std": _nan_float(_nanstd(rewards)),
                "frac_reward_zero_std": float(torch.isclose(std[::g], torch.zeros(())).float().mean()),
                "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
                "completions/max_length": float(lengths.max()),
