@@ -88,16 +88,22 @@ def arithmetic_record(rng: random.Random) -> dict:
 MAKERS = {"sort": sort_record, "reverse": reverse_record, "year": year_record, "arithmetic": arithmetic_record}
 
 
-def generate(num_train: int, num_eval: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Round-robin over the tasks; the held-out split comes after, skipping any prompt already in train."""
+def generate(num_train: int, num_eval: int, seed: int = 0,
+             tasks: tuple[str, ...] | None = None) -> tuple[list[dict], list[dict]]:
+    """Round-robin over the tasks (all, or ``tasks``); the held-out split comes after, skipping any prompt already in
+    train."""
     if num_train <= 0 or num_eval <= 0:
         raise ValueError(f"num_train and num_eval must be positive, got {num_train} and {num_eval}")
+    tasks = tuple(tasks or TASKS)
+    unknown = [t for t in tasks if t not in MAKERS]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; the tasks are {list(MAKERS)}")
     rng = random.Random(seed)
     seen: set[tuple[str, str]] = set()
     splits: list[list[dict]] = [[], []]
     for split, size in ((0, num_train), (1, num_eval)):
         while len(splits[split]) < size:
-            record = MAKERS[TASKS[len(splits[split]) % len(TASKS)]](rng)
+            record = MAKERS[tasks[len(splits[split]) % len(tasks)]](rng)
             key = (record["instruction"], record["input"])
             if key in seen:
                 continue
@@ -178,8 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", type=int, default=120, help="held-out records")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mc", type=int, default=0, help="also write this many multiple-choice questions to mc.jsonl")
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {','.join(TASKS)}")
     args = parser.parse_args(argv)
-    train, held_out = generate(args.train, args.eval, args.seed)
+    try:
+        train, held_out = generate(args.train, args.eval, args.seed, tuple(t for t in args.tasks.split(",") if t))
+    except ValueError as exc:
+        parser.error(str(exc))
     out = Path(args.out)
     write_jsonl(train, out / "train.jsonl")
     write_jsonl(held_out, out / "eval.jsonl")

@@ -16,6 +16,8 @@ Built in:
   ``reference`` (or ``answer`` / ``solution``), else 0.0;
 - ``contains_reference``: 1.0 when that reference (whitespace-normalised) appears anywhere in the completion: partial
   credit for a right answer wrapped in words, which a model that never answers exactly still earns;
+- ``overlong``: DAPO's soft overlong punishment, 0 up to 3/4 of max_completion_length tokens, then down to -1 at the
+  limit (TRL's ``get_soft_overlong_punishment`` with a cache of a quarter): no credit for running on;
 - ``think_format``: 1.0 when the completion is ``<think>...</think>`` followed by an answer (TRL's
   ``think_format_reward``), else 0.0.
 
@@ -74,6 +76,23 @@ def think_format(prompts, completions, completion_ids, **columns) -> list[float]
     return [1.0 if _THINK.match(completion_text(c)) else 0.0 for c in completions]
 
 
+class SoftOverlong:
+    """DAPO's soft overlong punishment (TRL's ``get_soft_overlong_punishment``): 0 up to ``max_len - cache`` tokens,
+    then falling linearly to -1 at ``max_len`` (a completion cut at the limit gets -1)."""
+
+    __name__ = "overlong"
+
+    def __init__(self, max_len: int, cache: int):
+        if not 0 < cache <= max_len:
+            raise ValueError(f"overlong: the soft cache must be in (0, {max_len}], got {cache}")
+        self.max_len, self.cache = max_len, cache
+
+    def __call__(self, prompts, completions, completion_ids, **columns) -> list[float]:
+        start = self.max_len - self.cache
+        return [0.0 if len(ids) <= start else -1.0 if len(ids) > self.max_len else (start - len(ids)) / self.cache
+                for ids in completion_ids]
+
+
 BUILT_IN: dict[str, Callable] = {"exact_match": exact_match, "contains_reference": contains_reference,
                                  "think_format": think_format}
 NEEDS_FIELD = {"exact_match": REFERENCE_FIELDS, "contains_reference": REFERENCE_FIELDS}
@@ -116,18 +135,22 @@ class RewardModel:
         return scores
 
 
-def load_reward(name: str, device: str | torch.device = "cpu") -> Callable:
+def load_reward(name: str, device: str | torch.device = "cpu", max_completion_length: int | None = None) -> Callable:
     """A built-in by name, a reward model's folder, or ``module:function`` / ``file.py:function``."""
     if name in BUILT_IN:
         return BUILT_IN[name]
+    if name == "overlong":
+        if max_completion_length is None:
+            raise ValueError("reward 'overlong' needs the run's max_completion_length")
+        return SoftOverlong(max_completion_length, max(1, max_completion_length // 4))
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise ValueError(f"reward function {name!r}: a folder is a reward model, but it has no config.json")
         return RewardModel(name, device)
     module_name, sep, attr = name.rpartition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward function {name!r}: give a built-in ({', '.join(BUILT_IN)}), a reward model's "
-                         "folder, or module:function / path/to/file.py:function")
+        raise ValueError(f"reward function {name!r}: give a built-in ({', '.join(BUILT_IN)}, overlong), a reward "
+                         "model's folder, or module:function / path/to/file.py:function")
     if module_name.endswith(".py"):
         path = Path(module_name)
         if not path.is_file():
@@ -150,17 +173,17 @@ class RewardSet:
     """The run's reward functions with their weights; ``score`` calls each once over a whole batch of completions."""
 
     def __init__(self, names: Sequence[str], weights: Sequence[float] | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", max_completion_length: int | None = None):
         if not names:
             raise ValueError(f"GRPO needs at least one reward function: built-in {', '.join(BUILT_IN)}, or "
                              "module:function")
         if weights is not None and len(weights) != len(names):
             raise ValueError(f"reward_weights has {len(weights)} values for {len(names)} reward functions")
-        self.funcs = [load_reward(n, device) for n in names]
+        self.funcs = [load_reward(n, device, max_completion_length) for n in names]
         self.names = []
         """What the metrics call each: the built-in's name or the function's own (TRL's ``__name__``)."""
         for spec, fn in zip(names, self.funcs):
-            name = spec if spec in BUILT_IN else getattr(fn, "__name__", spec)
+            name = spec if spec in (*BUILT_IN, "overlong") else getattr(fn, "__name__", spec)
             self.names.append(name if name not in self.names else f"{name}_{len(self.names)}")
         self.specs = list(names)
         self.weights = torch.tensor(list(weights) if weights is not None else [1.0] * len(names))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from scripts.finetune_demo_data import TASKS, generate, main
 
 
@@ -34,6 +36,15 @@ def test_main_writes_jsonl(tmp_path):
     assert main(["--out", str(tmp_path), "--train", "8", "--eval", "4"]) == 0
     assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 8
     assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 4
+
+
+def test_tasks_can_be_chosen(tmp_path):
+    train, held_out = generate(6, 3, seed=1, tasks=("year", "sort"))
+    assert [r["task"] for r in train] == ["year", "sort"] * 3 and {r["task"] for r in held_out} == {"year", "sort"}
+    assert main(["--out", str(tmp_path), "--train", "4", "--eval", "2", "--tasks", "year"]) == 0
+    assert {r for r in (tmp_path / "train.jsonl").read_text().splitlines() if '"task": "year"' not in r} == set()
+    with pytest.raises(ValueError, match="unknown tasks"):
+        generate(2, 2, tasks=("poetry",))
 
 
 def test_dpo_pairs_prefer_the_bare_right_answer_and_style_is_checkable():

@@ -274,6 +274,10 @@ def test_reward_functions_built_in_and_from_a_file(tmp_path):
     # each record's own field: one names its answer "reference", the next "answer"
     assert exact_match([], ["4", "5"], [], reference=[None, "5"], answer=["4", None]) == [1.0, 1.0]
     assert think_format([], ["<think>a</think>b", "<think>a<think>b</think>", "b"], []) == [1.0, 0.0, 0.0]
+    overlong = RewardSet(["overlong"], max_completion_length=8)  # DAPO's: 0 up to 6 tokens, then down to -1 at 8
+    assert overlong.names == ["overlong"]
+    assert overlong.score([""] * 4, [""] * 4, [[0] * 6, [0] * 7, [0] * 8, [0] * 9], {})[:, 0].tolist() == [
+        0.0, -0.5, -1.0, -1.0]
     (tmp_path / "mine.py").write_text(FIRST_TOKEN_ODD)
     rewards = RewardSet([f"{tmp_path}/mine.py:first_token_odd", "exact_match"], weights=[2.0, 1.0])
     assert rewards.names == ["first_token_odd", "exact_match"]
