@@ -41,7 +41,8 @@ class FinetuneConfig:
     (one pass over the pairs before training, cached), "auto" (adapters with --lora, else precompute)."""
     reward_funcs: list[str] | None = None
     """GRPO: reward functions, each a built-in ("exact_match": the completion equals the record's reference / answer
-    / solution, or an SFT record's answer; "contains_reference": it appears in the completion; "think_format":
+    / solution, or an SFT record's answer; "contains_reference": it appears in the completion; "overlong": DAPO's
+    length penalty near max_completion_length; "think_format":
     <think>...</think> then an answer), a reward model's folder (a sequence classifier) or your own
     module:function / file.py:function, called as TRL calls them (repeatable)."""
     reward_weights: list[float] | None = None
