@@ -21,7 +21,7 @@ a completion's advantage is ``A = (r - mean of its group) / (std + 1e-4)``, the 
 "group"), the whole batch's ("batch") or none ("none": Dr. GRPO). Per completion token, with ``ratio = pi / pi_old``
 (``pi`` the policy's probability of the sampled token at the sampling temperature)::
 
-    loss_t = -min(ratio A, clip(ratio, 1 - 0.2, 1 + 0.2) A) + beta (exp(ref - logp) - (ref - logp) - 1)
+    loss_t = -min(ratio A, clip(ratio, 1 - epsilon, 1 + epsilon_high) A) + beta (exp(ref - logp) - (ref - logp) - 1)
 
 With one optimizer step per generation (``num_iterations=1``, TRL's default) ``pi_old`` is the policy itself
 (detached): the ratio is 1, the clip never binds, and the gradient is ``-A grad log pi``. With ``num_iterations`` mu
@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 STD_EPS = 1e-4
 """Added to the std that divides the advantages (TRL's)."""
 CLIP_EPS = 0.2
-"""The PPO clip range (TRL's epsilon); with one gradient step per generation it never binds."""
+"""The PPO clip range's default (TRL's epsilon); it binds only with num_iterations > 1."""
 
 
 # ---------------------------------------------------------------- prompts
@@ -478,6 +478,7 @@ class GRPOTrainer(Trainer):
         cfg, g = self.cfg, self.cfg.num_generations
         indices = [i for micro in batches for i in micro]
         groups = self.sample(indices)
+        self.model.train()  # the sampling policy's log-probs below as the training forward computes them
         table = self.score(indices, groups)
         rewards = self.rewards.combine(table)
         advantages, std = group_advantages(rewards, g, cfg.scale_rewards)

@@ -16,27 +16,34 @@ from loom.finetune.template import IGNORE_INDEX
 
 def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(decoder body, LM head) of an HF causal LM, also through a peft wrapper. The head gives the logits the model's
-    own forward gives: Granite's ``logits_scaling`` divides them, Gemma's ``final_logit_softcapping`` bends them."""
+    own forward gives: Granite's ``logits_scaling`` divides them, Cohere's ``logit_scale`` multiplies them, Gemma 2 /
+    3's ``final_logit_softcapping`` bends them (by model type: other families use these names otherwise)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = inner.get_output_embeddings()
-    scaling = getattr(inner.config, "logits_scaling", None) or 1.0
-    cap = getattr(inner.config, "final_logit_softcapping", None)
-    if scaling == 1.0 and not cap:
+    cfg = inner.config
+    kind = getattr(cfg, "model_type", "")
+    scale = 1.0
+    if kind.startswith("granite"):
+        scale = 1.0 / (getattr(cfg, "logits_scaling", None) or 1.0)
+    elif kind.startswith("cohere"):
+        scale = getattr(cfg, "logit_scale", None) or 1.0
+    cap = getattr(cfg, "final_logit_softcapping", None) if kind.startswith("gemma") else None
+    if scale == 1.0 and not cap:
         return inner.model, head
-    return inner.model, ScaledHead(head, scaling, cap)
+    return inner.model, ScaledHead(head, scale, cap)
 
 
 class ScaledHead(torch.nn.Module):
-    """``head(x) / scaling``, then ``cap * tanh(logits / cap)`` when ``cap``: as the HF model's forward finishes."""
+    """``head(x) * scale``, then ``cap * tanh(logits / cap)`` when ``cap``: as the HF model's forward finishes."""
 
-    def __init__(self, head: torch.nn.Module, scaling: float, cap: float | None):
+    def __init__(self, head: torch.nn.Module, scale: float, cap: float | None):
         super().__init__()
-        self.head, self.scaling, self.cap = head, float(scaling), cap
+        self.head, self.scale, self.cap = head, float(scale), cap
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden)
-        if self.scaling != 1.0:
-            logits = logits / self.scaling
+        if self.scale != 1.0:
+            logits = logits * self.scale
         if self.cap:
             logits = torch.tanh(logits / self.cap) * self.cap
         return logits

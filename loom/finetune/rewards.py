@@ -101,10 +101,10 @@ NEEDS_FIELD = {"exact_match": REFERENCE_FIELDS, "contains_reference": REFERENCE_
 
 class RewardModel:
     """A sequence-classification model folder as a reward function (TRL's ``reward_funcs="path/to/model"``): the
-    model's first logit for the prompt followed by the completion. Conversational prompts, and plain ones when the
-    reward model's tokenizer has a chat template, are rendered as a conversation ending in the completion as the
-    assistant's turn (a plain prompt is the user's turn); otherwise prompt and completion text are joined. Scored in
-    right-padded batches of ``batch_size`` on ``device``."""
+    model's first logit for the prompt followed by the completion. With a chat template the reward model's tokenizer
+    renders the conversation that ends with the completion as the assistant's turn (a plain prompt is the user's
+    turn); without one, a plain prompt and the completion are joined, and a conversation's texts go one a line.
+    Weights from safetensors only; scored in right-padded batches of ``batch_size`` on ``device``."""
 
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu", batch_size: int = 16):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer  # local: ~1 s to import
@@ -112,17 +112,21 @@ class RewardModel:
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(folder)).to(device).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(folder), use_safetensors=True).to(device)
+        self.model.eval()
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device, self.batch_size = torch.device(device), batch_size
         self.__name__ = Path(folder).name
 
     def text(self, prompt, completion) -> str:
-        if not isinstance(prompt, str) or getattr(self.tokenizer, "chat_template", None):
+        if getattr(self.tokenizer, "chat_template", None):
             turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
             turns.append({"role": "assistant", "content": completion_text(completion)})
             return self.tokenizer.apply_chat_template(turns, tokenize=False)
-        return prompt + completion_text(completion)
+        if isinstance(prompt, str):
+            return prompt + completion_text(completion)
+        # no template: the conversation's texts, one a line
+        return "\n".join([m["content"] for m in prompt] + [completion_text(completion)])
 
     @torch.no_grad()
     def __call__(self, prompts, completions, completion_ids, **columns) -> list[float]:

@@ -119,15 +119,16 @@ def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Ten
     cfg = model.config
     params = dict(model.named_parameters())
     staged: dict[str, torch.Tensor] = {}  # the whole weights of packed projections, rebuilt in float32
-    writes, filled, seen = [], {}, set()
+    writes, filled, seen = [], {}, {}
     for name, tensor in _per_expert(weights):
         target = _target(name, cfg)
         if target is None:
             continue
         pname, part = target
-        if (pname, part) in seen:
+        parts = seen.setdefault(pname, set())
+        if part in parts or None in parts or (part is None and parts):  # a fused tensor covers all its parts
             raise ValueError(f"load_weights: {name} is given twice (as part of {pname})")
-        seen.add((pname, part))
+        parts.add(part)
         if pname == "lm_head.weight" and model.lm_head is None:
             if not isinstance(model.logits_proj, PackedLinear):
                 raise ValueError("load_weights: the LM head is quantized; float weights cannot replace it")

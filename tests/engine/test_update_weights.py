@@ -72,6 +72,9 @@ def test_update_weights_refuses_an_incomplete_or_running_update(tmp_path, smollm
     twice.append(("model.layers.1.self_attn.q_proj.weight", state["model.layers.1.self_attn.q_proj.weight"]))
     with pytest.raises(ValueError, match="q_proj.weight is given twice"):  # 3 writes, but no k: not complete
         llm.update_weights(twice)
+    fused = torch.cat([state[f"model.layers.0.self_attn.{x}_proj.weight"] for x in "qkv"])
+    with pytest.raises(ValueError, match="given twice"):  # q, k, v and a fused q/k/v of the same layer
+        llm.update_weights([*state.items(), ("model.layers.0.self_attn.qkv_proj.weight", fused)])
     wrong = dict(state, **{"model.layers.0.mlp.down_proj.weight": torch.zeros(64, 64)})
     with pytest.raises(ValueError, match=r"down_proj.weight takes a tensor of shape \(64, 128\)"):
         llm.update_weights(wrong.items())

@@ -27,7 +27,7 @@ from loom.finetune.grpo import (
     reduce_loss,
 )
 from loom.finetune.lora import apply_lora
-from loom.finetune.rewards import RewardSet, contains_reference, exact_match, think_format
+from loom.finetune.rewards import RewardModel, RewardSet, contains_reference, exact_match, think_format
 from tests.conftest import save_tiny_model
 
 FIRST_TOKEN_ODD = "def first_token_odd(prompts, completions, completion_ids, **columns):\n" \
@@ -316,6 +316,20 @@ def test_a_reward_model_folder_scores_prompt_and_completion_as_one_text(tmp_path
         with torch.no_grad():
             assert table[row, 0].item() == pytest.approx(model(**ids).logits[0, 0].item(), abs=1e-5)
     assert len(set(table[:, 0].tolist())) == 3
+    # a reward model whose tokenizer has no chat template: the plain prompt joined, a conversation one text a line
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    plain = RewardModel(folder)
+    assert not getattr(plain.tokenizer, "chat_template", None)
+    assert plain.text("2+2=", "4") == "2+2=4"
+    assert plain.text([{"role": "user", "content": "Name a colour."}], [{"role": "assistant", "content": "Blue"}]) \
+        == "Name a colour.\nBlue"
+    scores = plain(prompts[1:2], completions[1:2], [[]])
+    ids = tok("Name a colour.\nA deep shade of blue, like the sea", return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        assert scores[0] == pytest.approx(model(**ids).logits[0, 0].item(), abs=1e-5)
 
 
 @pytest.mark.parametrize("changes,message", [
