@@ -198,6 +198,23 @@ def _moe_fields(hf, arch: str) -> dict:
                 moe_layers=layers if hf.num_experts else ())
 
 
+def order_partial_rotary(tensors: dict[str, torch.Tensor], cfg: LlamaConfig) -> None:
+    """Partial rotary: put loaded float q/k/v rows (and biases) among ``tensors`` (Loom's parameter names, e.g. a
+    model's ``named_parameters()``, or whole weights about to be packed) in ``qkv_load_order`` and q/k norm weights in
+    ``partial_rotary_order``, in place. Quantized projections are ordered as their rows are read
+    (``loom.models.gguf``)."""
+    rows = qkv_load_order(cfg)
+    if rows is None:
+        return
+    order = partial_rotary_order(cfg.head_dim, cfg.rotary_dim)
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if name.endswith(("qkv_proj.weight", "qkv_proj.bias")):
+                tensor.copy_(tensor[rows.to(tensor.device)])
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                tensor.copy_(tensor[order.to(tensor.device)])
+
+
 def qkv_load_order(cfg: LlamaConfig) -> torch.Tensor | None:
     """Partial rotary (``LlamaConfig.rotary_dim``): the fused q/k/v projection's rows in load order, each q and k head
     in ``partial_rotary_order`` and v as it is; None without partial rotary. ``cfg``: a tensor-parallel rank's local
@@ -424,24 +441,6 @@ class LlamaForCausalLM(nn.Module):
             for rotary in (self.rotary, self.rotary_local, self.rotary_none):
                 if rotary is not None:
                     rotary.to(device)
-
-    def order_partial_rotary_rows(self) -> None:
-        """Partial rotary: put the loaded float q/k/v rows (and biases) in ``qkv_load_order`` and the q/k norm weights
-        in ``partial_rotary_order``. Quantized projections are ordered as their rows are read (``loom.models.gguf``)."""
-        cfg = self.config
-        rows = qkv_load_order(cfg)
-        if rows is None:
-            return
-        order = partial_rotary_order(cfg.head_dim, cfg.rotary_dim)
-        with torch.no_grad():
-            for layer in self.layers:
-                attn = layer.self_attn
-                for param in (attn.qkv_proj.weight, attn.qkv_proj.bias):
-                    if param is not None:
-                        param.copy_(param[rows.to(param.device)])
-                for norm in (attn.q_norm, attn.k_norm):
-                    if norm is not None:
-                        norm.weight.copy_(norm.weight[order.to(norm.weight.device)])
 
     def rotary_of(self, index: int) -> RotaryEmbedding:
         """Layer ``index``'s rotary tables: Gemma 3's sliding layers have their own (``rotary_local``), SmolLM3's NoPE

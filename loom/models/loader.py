@@ -14,9 +14,8 @@ from safetensors import safe_open
 
 from loom.distributed.parallel import TensorParallel, head_shard
 from loom.models.gguf import is_gguf, load_gguf_config, load_gguf_model, load_gguf_tokenizer
-from loom.models.llama import LlamaConfig, LlamaForCausalLM, qkv_load_order
+from loom.models.llama import LlamaConfig, LlamaForCausalLM, order_partial_rotary
 from loom.ops.packed_linear import PackedLinear
-from loom.ops.rotary import partial_rotary_order
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # The last part of an HF module name -> (Loom's fused module, which slice of it); the prefix is kept, so experts'
@@ -98,7 +97,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
                 whole = _parts(pname) if part is None else 1
                 filled[pname] = filled.get(pname, 0) + whole
     _check_complete(params, filled, folder)
-    model.order_partial_rotary_rows()
+    order_partial_rotary(dict(model.named_parameters()), model.config)
     return model.eval()
 
 
@@ -119,45 +118,40 @@ def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Ten
     cfg = model.config
     params = dict(model.named_parameters())
     staged: dict[str, torch.Tensor] = {}  # the whole weights of packed projections, rebuilt in float32
-    writes, filled, seen = [], {}, {}
+    seen: dict[str, set[int | None]] = {}  # the parts of each Loom weight given (None: all of it at once)
+    writes = []  # (the whole Loom tensor, the rows this checkpoint tensor fills, the checkpoint tensor)
     for name, tensor in _per_expert(weights):
         target = _target(name, cfg)
         if target is None:
             continue
         pname, part = target
-        parts = seen.setdefault(pname, set())
-        if part in parts or None in parts or (part is None and parts):  # a fused tensor covers all its parts
-            raise ValueError(f"load_weights: {name} is given twice (as part of {pname})")
-        parts.add(part)
         if pname == "lm_head.weight" and model.lm_head is None:
             if not isinstance(model.logits_proj, PackedLinear):
                 raise ValueError("load_weights: the LM head is quantized; float weights cannot replace it")
             pname = "logits_proj.weight"
-        if pname not in params:
+        parts = seen.setdefault(pname, set())
+        if part in parts or None in parts or (part is None and parts):  # a fused tensor covers all its parts
+            raise ValueError(f"load_weights: {name} is given twice (as part of {pname})")
+        parts.add(part)
+        if pname not in params and pname not in staged:
             module = _packed(model, pname)
-            if pname not in staged:
-                like = module.bias if pname.endswith(".bias") else None
-                staged[pname] = (torch.empty(module.out_features, module.in_features) if like is None
-                                 else torch.empty_like(like))
-        writes.append((pname, part, tensor))
-        filled[pname] = filled.get(pname, 0) + (_parts(pname) if part is None else 1)
-    expected = {name: _parts(name) for name in params}
-    for pname in _packed_weights(model):
-        expected[pname] = _parts(pname)
-    missing = [n for n, count in expected.items() if filled.get(n, 0) < count]
+            staged[pname] = (torch.empty_like(module.bias) if pname.endswith(".bias")
+                             else torch.empty(module.out_features, module.in_features))
+        whole = params[pname] if pname in params else staged[pname]
+        rows = _slice(whole, part, cfg, "gate_up_proj" in pname)
+        if rows.shape != tensor.shape:
+            raise ValueError(f"load_weights: {pname} takes a tensor of shape {tuple(rows.shape)}, got "
+                             f"{tuple(tensor.shape)}")
+        writes.append((pname, whole, rows, tensor))
+    expected = {name: _parts(name) for name in [*params, *_packed_weights(model)]}
+    missing = [n for n, count in expected.items() if None not in seen.get(n, ()) and len(seen.get(n, ())) < count]
     if missing:
         raise ValueError(f"load_weights: no new values for {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
                          "give every weight of the model")
-    for pname, part, tensor in writes:
-        dest = _slice(params[pname] if pname in params else staged[pname], part, cfg, "gate_up_proj" in pname)
-        if dest.shape != tensor.shape:
-            raise ValueError(f"load_weights: {pname} takes a tensor of shape {tuple(dest.shape)}, got "
-                             f"{tuple(tensor.shape)}")
-    dests = {}
-    for pname, part, tensor in writes:
-        dests[pname] = dest = params[pname] if pname in params else staged[pname]
-        _copy_into(dest, part, _as_loom(pname, tensor, cfg), cfg, gate_up="gate_up_proj" in pname)
-    _order_partial_rotary(dests, cfg)
+    with torch.no_grad():  # every name, part and shape checked: now write
+        for pname, _, rows, tensor in writes:
+            rows.copy_(_as_loom(pname, tensor, cfg))
+    order_partial_rotary({pname: whole for pname, whole, _, _ in writes}, cfg)  # before any is packed
     for pname, weight in staged.items():
         if pname.endswith(".weight"):
             bias = staged.get(pname.removesuffix(".weight") + ".bias")
@@ -166,20 +160,6 @@ def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Ten
         model.logits_proj.load_(model.embed_tokens.weight)
     model.ops.weights_changed(model)
     return len(writes)
-
-
-def _order_partial_rotary(tensors: dict[str, torch.Tensor], cfg: LlamaConfig) -> None:
-    """``LlamaForCausalLM.order_partial_rotary_rows`` on the written tensors, before any is packed."""
-    rows = qkv_load_order(cfg)
-    if rows is None:
-        return
-    order = partial_rotary_order(cfg.head_dim, cfg.rotary_dim)
-    with torch.no_grad():
-        for pname, tensor in tensors.items():
-            if "qkv_proj" in pname:
-                tensor.copy_(tensor[rows.to(tensor.device)])
-            elif pname.endswith(("q_norm.weight", "k_norm.weight")):
-                tensor.copy_(tensor[order.to(tensor.device)])
 
 
 QUANTIZED_MODULES = ("GGUFLinear", "StackedGGUFLinear", "Int8Linear", "TritonQuantLinear")
