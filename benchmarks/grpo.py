@@ -32,8 +32,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse  # noqa: E402
 import importlib.metadata  # noqa: E402
 import importlib.util  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -44,6 +42,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import machine, write_json  # noqa: E402
 from loom.finetune.config import FinetuneConfig  # noqa: E402
 from loom.finetune.grpo import GRPOTrainer, Rollouts, encode_prompts  # noqa: E402
 from loom.finetune.lora import apply_lora  # noqa: E402
@@ -157,15 +156,6 @@ def summarise(name: str, times: list[float], sampling: list[float], rewards: lis
             "step_seconds": [round(t, 3) for t in times]}
 
 
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "amx_tile"))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=8)
@@ -194,15 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     ratio = round(trl["step_seconds_median"] / loom["step_seconds_median"], 2) if "skipped" not in trl else None
     result.update({
         "speedup_step_time": ratio, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "flags": cpu_flags(),
-                    "threads": args.threads},
+        "machine": machine(),
         "versions": {p: _version(p) for p in ("torch", "transformers", "peft", "trl")},
         "workload": {"model": "SmolLM2-135M-Instruct (float32)", "prompts_per_step": args.prompts_per_step,
                      "num_generations": 8, "max_completion_length": args.max_completion_length, "steps": args.steps,
                      "lora": LORA, "lr": args.lr, "reward": "exact_match"},
     })
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     trl_part = (f"trl {trl['step_seconds_median']:.2f} s/step ({trl['sampling_share']:.0%} sampling), "
                 f"Loom {ratio}x faster" if ratio else trl["skipped"])
     print(f"grpo: loom {loom['step_seconds_median']:.2f} s/step ({loom['sampling_share']:.0%} sampling, "

@@ -140,3 +140,18 @@ def _check_messages(record: dict, messages: list[dict]) -> None:
         raise DataError(f"{where(record)}: the record has no assistant turn, so nothing to learn; add a response")
     if messages[0]["role"] == "assistant":
         raise DataError(f"{where(record)}: the conversation starts with an assistant turn; start with a user turn")
+
+
+def as_messages(value, record: dict, name: str, default_role: str) -> list[dict]:
+    """A record field that holds a string (one turn of ``default_role``) or a list of {role, content} messages, checked
+    and copied to plain messages (preference pairs' sides, GRPO prompts)."""
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where(record)}: {name!r} must be a string or a non-empty list of {{role, content}} "
+                        f"messages, got {type(value).__name__}")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where(record)}: {name}[{i}] must be {{'role': one of {list(ROLES)}, 'content': str}}, "
+                            f"got {m!r}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from loom.finetune.collate import Batch
 from loom.finetune.config import FinetuneConfig
-from loom.finetune.formats import ROLES, DataError, load_records, to_messages, where
+from loom.finetune.formats import DataError, as_messages, load_records, to_messages, where
 from loom.finetune.lora import is_lora
 from loom.finetune.loss import causal_lm_parts
 from loom.finetune.rewards import REFERENCE_FIELDS, RewardSet
@@ -82,17 +82,10 @@ def prompt_messages(record: dict) -> tuple[list[dict], str | list[dict], bool, d
     columns = {k: v for k, v in record.items() if not k.startswith("_")}
     if "prompt" in record:
         value = columns.pop("prompt")
-        if isinstance(value, str):
-            return [{"role": "user", "content": value}], value, False, columns
-        if (not isinstance(value, list) or not value or
-                any(not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str)
-                    for m in value)):
-            raise DataError(f"{where(record)}: 'prompt' must be a string or a non-empty list of {{role, content}} "
-                            "messages")
-        if value[-1]["role"] == "assistant":
+        messages = as_messages(value, record, "prompt", "user")
+        if messages[-1]["role"] == "assistant":
             raise DataError(f"{where(record)}: the prompt ends with an assistant turn; end it with the user's turn")
-        messages = [{"role": m["role"], "content": m["content"]} for m in value]
-        return messages, messages, True, columns
+        return messages, value if isinstance(value, str) else messages, not isinstance(value, str), columns
     if isinstance(record.get("messages"), list) and record["messages"] and isinstance(record["messages"][-1], dict) \
             and record["messages"][-1].get("role") != "assistant":  # a prompt-only chat record
         columns.pop("messages")
@@ -127,13 +120,12 @@ def encode_prompts(records: list[dict], tokenizer, *, template: str = "chat",
     return prompts, skipped
 
 
-def load_prompts(path: str, tokenizer, **kwargs) -> tuple[list[Prompt], int, list[dict]]:
-    """(prompts, skipped, the records read) from a JSON / JSONL file."""
-    records = load_records(path)
-    prompts, skipped = encode_prompts(records, tokenizer, **kwargs)
+def load_prompts(path: str, tokenizer, **kwargs) -> tuple[list[Prompt], int]:
+    """(prompts, skipped) from a JSON / JSONL file."""
+    prompts, skipped = encode_prompts(load_records(path), tokenizer, **kwargs)
     if not prompts:
         raise ValueError(f"{path}: no usable prompts (skipped {skipped}); check the format and --max-length")
-    return prompts, skipped, records
+    return prompts, skipped
 
 
 # ---------------------------------------------------------------- rollouts through Loom's engine
@@ -199,17 +191,15 @@ class Rollouts:
 
         cfg = self.cfg
         self._calls += 1
-        ids = []
-        for i, prompt in enumerate(prompts):
-            params = SamplingParams(  # the engine seeds sequence k of a request seed + k: n apart, none shared
-                n=n, temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p,
-                top_k=0 if greedy else cfg.top_k, max_tokens=cfg.max_completion_length, seed=seed + i * n,
-                output_kind="final_only")
-            request_id = f"rollout-{self._calls}-{i}"
-            self.engine.add_request(request_id, prompt_token_ids=prompt, params=params)
-            ids.append(request_id)
-        finished = {}
-        try:
+        ids, finished = [], {}
+        try:  # a prompt the engine refuses, or a failed step: nothing of this call stays in the engine
+            for i, prompt in enumerate(prompts):
+                params = SamplingParams(  # the engine seeds sequence k of a request seed + k: n apart, none shared
+                    n=n, temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p,
+                    top_k=0 if greedy else cfg.top_k, max_tokens=cfg.max_completion_length, seed=seed + i * n,
+                    output_kind="final_only")
+                ids.append(f"rollout-{self._calls}-{i}")
+                self.engine.add_request(ids[-1], prompt_token_ids=prompt, params=params)
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished:
@@ -436,9 +426,8 @@ class GRPOTrainer(Trainer):
 
     def _total_steps(self) -> int:
         """An epoch sees every prompt once, and each generation batch takes ``num_iterations`` steps."""
-        if self.cfg.max_steps is not None:
-            return self.cfg.max_steps
-        return max(1, math.ceil(self.cfg.epochs * len(self._plan(0)) / self.cfg.grad_accum)) * self.cfg.num_iterations
+        steps = super()._total_steps()
+        return steps if self.cfg.max_steps is not None else steps * self.cfg.num_iterations
 
     def _plan(self, epoch: int) -> list[list[int]]:
         """Micro-batches of ``batch_size`` prompt indices, in a seeded order per epoch."""
@@ -478,7 +467,6 @@ class GRPOTrainer(Trainer):
         cfg, g = self.cfg, self.cfg.num_generations
         indices = [i for micro in batches for i in micro]
         groups = self.sample(indices)
-        self.model.train()  # the sampling policy's log-probs below as the training forward computes them
         table = self.score(indices, groups)
         rewards = self.rewards.combine(table)
         advantages, std = group_advantages(rewards, g, cfg.scale_rewards)
@@ -508,12 +496,12 @@ class GRPOTrainer(Trainer):
         """One optimizer step: on a new generation batch, or on the last one again (``num_iterations`` > 1; the
         stream hands the same prompts that many times in a row)."""
         cfg = self.cfg
+        self.model.train()  # also for the sampling policy's log-probs in rollout(): as the training forward's
         iteration = self.scheduler.last_epoch % cfg.num_iterations  # optimizer steps so far (restored on resume)
         if self._rollout is None or iteration == 0:  # a resumed run samples its block's prompts anew
             self._rollout = self.rollout(batches)
         ro = self._rollout
         metrics = dict(ro.metrics)
-        self.model.train()
         if ro.tokens == 0:  # every completion masked: nothing to learn, no NaN
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from loom.finetune.collate import Batch, pack_collate, pad_collate
 from loom.finetune.config import FinetuneConfig
 from loom.finetune.distributed import Ranks, all_sum, all_sum_, micro_steps, rank_scaled
-from loom.finetune.formats import ROLES, DataError, load_records, where
+from loom.finetune.formats import DataError, as_messages, load_records, where
 from loom.finetune.loss import causal_lm_parts
 from loom.finetune.template import IGNORE_INDEX, check_tokenizer, encode_example
 from loom.finetune.trainer import StepStats, Trainer
@@ -55,19 +55,6 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- records -> token ids
-
-
-def _as_messages(value, record: dict, name: str, default_role: str) -> list[dict]:
-    if isinstance(value, str):
-        return [{"role": default_role, "content": value}]
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where(record)}: {name!r} must be a string or a non-empty list of {{role, content}} "
-                        f"messages, got {type(value).__name__}")
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where(record)}: {name}[{i}] must be {{'role': one of {list(ROLES)}, 'content': str}}, "
-                            f"got {m!r}")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def pair_conversations(record: dict) -> tuple[list[dict], list[dict]]:
@@ -79,16 +66,16 @@ def pair_conversations(record: dict) -> tuple[list[dict], list[dict]]:
                             f"'messages'); got keys {keys}")
     prompt_value = record.get("prompt", record.get("messages"))
     if prompt_value is None:  # implicit prompt: whole conversations sharing everything but the last turn
-        chosen = _as_messages(record["chosen"], record, "chosen", "assistant")
-        rejected = _as_messages(record["rejected"], record, "rejected", "assistant")
+        chosen = as_messages(record["chosen"], record, "chosen", "assistant")
+        rejected = as_messages(record["rejected"], record, "rejected", "assistant")
         if len(chosen) < 2 or chosen[:-1] != rejected[:-1]:
             raise DataError(f"{where(record)}: without 'prompt', chosen and rejected must be conversations that "
                             "differ only in their last (assistant) turn")
         prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
     else:
-        prompt = _as_messages(prompt_value, record, "prompt", "user")
-        chosen = _as_messages(record["chosen"], record, "chosen", "assistant")
-        rejected = _as_messages(record["rejected"], record, "rejected", "assistant")
+        prompt = as_messages(prompt_value, record, "prompt", "user")
+        chosen = as_messages(record["chosen"], record, "chosen", "assistant")
+        rejected = as_messages(record["rejected"], record, "rejected", "assistant")
     for name, turns in (("chosen", chosen), ("rejected", rejected)):
         if turns[-1]["role"] != "assistant":
             raise DataError(f"{where(record)}: {name} must end with an assistant turn (the response to compare)")

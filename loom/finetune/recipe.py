@@ -87,8 +87,7 @@ def _finetune(cfg: FinetuneConfig, ranks: Ranks, device: torch.device) -> dict:
     eval_prompts: list = []
     if cfg.method == "grpo":  # eval_data holds prompts: scored by the reward functions on greedy completions
         max_prompt = cfg.max_length - cfg.max_completion_length
-        examples, skipped, records = load_prompts(cfg.data, tokenizer, template=cfg.template,
-                                                  max_prompt_tokens=max_prompt)
+        examples, skipped = load_prompts(cfg.data, tokenizer, template=cfg.template, max_prompt_tokens=max_prompt)
         rewards = RewardSet(cfg.reward_funcs, cfg.reward_weights, device, cfg.max_completion_length)
         rewards.check_records([p.columns for p in examples])
         eval_prompts = encode_prompts(_eval_records(cfg), tokenizer, template=cfg.template,
