@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 
 from loom.devices import resolve_device
+from loom.models.vision import language_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,6 +63,27 @@ class SpeculativeConfig:
         if missing:
             raise ValueError(f"speculative_config needs {' and '.join(missing)}, e.g. "
                              '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}')
+        return cls(**values)
+
+
+@dataclass(slots=True)
+class MultiModalLimits:
+    """vLLM's ``--limit-mm-per-prompt``: how many inputs of each kind one prompt of a vision model may hold."""
+
+    image: int = 4
+    """Images per prompt (each is the model's tokens per image in the context: 576 for LLaVA-1.5)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image, int) or isinstance(self.image, bool) or self.image < 0:
+            raise ValueError(f"limit_mm_per_prompt image must be an integer >= 0, got {self.image!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MultiModalLimits:
+        """From a JSON object such as ``{"image": 2}``."""
+        unknown = sorted(set(values) - {"image"})
+        if unknown:
+            raise ValueError(f"limit_mm_per_prompt has unknown key(s) {', '.join(unknown)}; Loom's vision models take "
+                             'images only: {"image": N}')
         return cls(**values)
 
 
@@ -134,6 +156,9 @@ class EngineConfig:
     speculative_config: SpeculativeConfig | None = None
     """Speculative decoding as JSON, vLLM's keys: {"method": "ngram", "num_speculative_tokens": 4,
     "prompt_lookup_max": 3} (a dict is taken as its fields); None: off."""
+    limit_mm_per_prompt: MultiModalLimits | None = None
+    """A vision model's inputs per prompt as JSON, vLLM's keys: {"image": 2} (a dict is taken as its fields); None:
+    {"image": 4}."""
     reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = None
     """A thinking model's <think>...</think> block: the chat route splits it into reasoning_content and content, and
     structured outputs start after it (vLLM's rule). qwen3 (Qwen3, SmolLM3: an output that opens the block),
@@ -164,6 +189,8 @@ class EngineConfig:
             raise ValueError(f"quantization must be int8 (or unset), got {self.quantization!r}")
         if isinstance(self.speculative_config, dict):
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        if isinstance(self.limit_mm_per_prompt, dict):
+            self.limit_mm_per_prompt = MultiModalLimits.from_dict(self.limit_mm_per_prompt)
         if self.async_scheduling and (self.speculative_config is not None or self.tensor_parallel_size > 1):
             what = "speculative decoding" if self.speculative_config is not None else "tensor parallelism"
             raise ValueError(f"async scheduling does not run with {what} yet: drop --async-scheduling or {what}")
@@ -215,6 +242,7 @@ def model_context(hf_config) -> int:
     """The model's context: ``max_position_embeddings``, or with YaRN rope scaling the original context times the
     factor where that is longer (vLLM's rule: Qwen2.5 / Qwen3 ship 32,768 / 40,960 and document yarn with factor 4
     for 131,072; the config's max_position_embeddings is left as it was)."""
+    hf_config = language_config(hf_config)
     limit = hf_config.max_position_embeddings
     rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
     rope = rope.get("full_attention", rope)  # per layer type (Gemma 3)

@@ -12,7 +12,7 @@ import torch
 
 from loom.distributed.parallel import TensorParallel, head_shard
 from loom.engine.block_manager import BlockManager
-from loom.engine.config import EngineConfig
+from loom.engine.config import EngineConfig, MultiModalLimits
 from loom.engine.cuda_graphs import DecodeGraphs
 from loom.engine.detokenizer import DetokState, FastDecode, detokenize_flush, detokenize_next, find_stop, new_state
 from loom.engine.lora import LoRAManager, LoRARequest
@@ -28,6 +28,7 @@ from loom.engine.tensor_parallel import EngineFatalError, RankSpec, TPWorkers, t
 from loom.models.catalogue import resolve_runtime
 from loom.models.llama import LlamaConfig
 from loom.models.loader import load_hf_config, load_tokenizer, load_weights
+from loom.models.vision import VisionEncoder, is_multimodal, place_image_tokens
 from loom.ops.sampler import DeferredSample, SamplingRow, SamplingSettings, has_token_penalty, sample_deferred
 
 log = logging.getLogger("loom.engine")
@@ -132,6 +133,9 @@ class LLMEngine:
         self.workers: TPWorkers | None = None
         """With tensor_parallel_size > 1: the other ranks (this engine is rank 0)."""
         tp = None
+        multimodal = is_multimodal(hf_config)
+        if multimodal and config.tensor_parallel_size > 1:
+            raise ValueError("vision models run on one rank: drop --tensor-parallel-size")
         if config.tensor_parallel_size > 1:
             head_shard(LlamaConfig.from_hf(hf_config), 0, config.tensor_parallel_size)  # can it split? before starting
             threads = threads_per_rank(config.tensor_parallel_size)
@@ -143,6 +147,13 @@ class LLMEngine:
         except BaseException:
             self.shutdown()
             raise
+        self.vision: VisionEncoder | None = None
+        """A vision-language model's image encoder (``loom.models.vision``); None for a text model."""
+        if multimodal:
+            self.vision = VisionEncoder(self.model_path, hf_config, self.dtype, self.device,
+                                        load=config.load_format != "dummy")
+            log.info("vision model: %s tower, %d tokens per image", hf_config.vision_config.model_type,
+                     self.vision.tokens_per_image)
         self.lora = None
         if config.enable_lora:  # wraps the (packed) projections, so after ops.prepare
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras,
@@ -202,9 +213,12 @@ class LLMEngine:
         arrival_time: float | None = None,
         lora_request: LoRARequest | None = None,
         priority: int = 0,
+        multi_modal_data: dict | None = None,
     ) -> None:
         """``priority``: lower is served first, with ``scheduling_policy="priority"`` only (a ValueError otherwise,
-        as vLLM refuses it)."""
+        as vLLM refuses it). ``multi_modal_data``: a vision model's images, vLLM's shape ``{"image": PIL image or a
+        list of them}``, one image token in the prompt per image, in order (or each already repeated
+        ``image_tokens[1]`` times)."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -217,7 +231,11 @@ class LLMEngine:
             if not isinstance(prompt, str):
                 raise ValueError("a prompt is a string or {'prompt_token_ids': [...]}")
             prompt_token_ids = self.tokenizer.encode(prompt)  # with the tokenizer's BOS where it adds one, as vLLM
+        images = self._images(multi_modal_data)
+        if self.vision is not None:
+            prompt_token_ids = place_image_tokens(prompt_token_ids, *self.image_tokens, len(images))
         params = self._validate(prompt_token_ids, params)
+        image_input = self.vision.image_input(prompt_token_ids, images) if images else None
         adapter = self._adapter(lora_request)
         now = arrival_time or time.time()
         seqs = [
@@ -225,6 +243,8 @@ class LLMEngine:
                      priority=priority, lora_id=lora_request.lora_int_id if lora_request else 0, lora=adapter)
             for i in range(params.n)
         ]
+        for seq in seqs:
+            seq.images = image_input
         if params.prompt_logprobs is not None:  # scored on the first sequence only (the prompt is the request's)
             seqs[0].prompt_logprobs, seqs[0].prompt_ranks = [None], [None]
         if params.structured_outputs is not None:  # StructuredOutputError (a ValueError) when it does not compile
@@ -257,6 +277,8 @@ class LLMEngine:
             raise ValueError("update_weights: not with tensor parallelism (the other ranks hold their own shards)")
         if self.lora is not None:
             raise ValueError("update_weights: not on an engine with enable_lora (the adapters wrap the projections)")
+        if self.vision is not None:
+            raise ValueError("update_weights: not on a vision model yet (its image tower would keep the old weights)")
         written = load_weights(self.model, weights)
         self.reset_prefix_cache()
         return written
@@ -465,6 +487,37 @@ class LLMEngine:
         free, total = torch.cuda.mem_get_info(self.device)
         return kv_budget_bytes(total, free, torch.cuda.memory_reserved(self.device), peak,
                                cfg.gpu_memory_utilization)
+
+    @property
+    def image_tokens(self) -> tuple[int, int] | None:
+        """A vision model's image token id and how many of them one image takes; None for a text model."""
+        return None if self.vision is None else (self.vision.image_token_id, self.vision.tokens_per_image)
+
+    def _images(self, multi_modal_data: dict | None) -> list:
+        """The request's images, checked: a vision model, vLLM's {"image": ...} shape, PIL images, the limit."""
+        if not multi_modal_data:
+            return []
+        if not isinstance(multi_modal_data, dict) or set(multi_modal_data) - {"image"}:
+            raise ValueError('multi_modal_data is {"image": a PIL image or a list of them}; other kinds are not '
+                             "supported")
+        if self.vision is None:
+            raise ValueError(f"{self.config.model} is a text model: it takes no images (serve a vision model, e.g. a "
+                             "LlavaForConditionalGeneration folder)")
+        from PIL import Image  # local: only vision requests need Pillow
+
+        images = multi_modal_data.get("image")
+        if images is None or isinstance(images, Image.Image):
+            images = [] if images is None else [images]
+        elif isinstance(images, list | tuple):
+            images = list(images)
+        else:
+            raise ValueError("multi_modal_data['image'] holds PIL images (PIL.Image.Image), one or a list")
+        if not all(isinstance(image, Image.Image) for image in images):
+            raise ValueError("multi_modal_data['image'] holds PIL images (PIL.Image.Image)")
+        limit = (self.config.limit_mm_per_prompt or MultiModalLimits()).image
+        if len(images) > limit:
+            raise ValueError(f"{len(images)} images in one prompt; the limit is {limit} (--limit-mm-per-prompt)")
+        return images
 
     def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
         n = len(prompt_token_ids)

@@ -144,6 +144,9 @@ class StepInputs:
     feed: TokenFeed | None = None
     """Input tokens still on the device (async scheduling: their rows of ``input_ids`` hold ``PENDING``). Not part of
     ``encode``: tensor-parallel ranks never get one."""
+    images: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Image rows of a vision-language model's prefill chunks: (step rows [R], their input embeddings [R, hidden]),
+    written over those rows' token embeddings. Not part of ``encode`` (vision models run on one rank)."""
 
     def __post_init__(self) -> None:
         for name in ("input_ids", "positions", "slots", "decode_seq_lens", "logit_rows"):
@@ -318,7 +321,7 @@ class ModelRunner:
         inputs, sampling, prompt_rows = self._inputs(decodes, prefills, in_flight)
         if self.peers is not None:
             self.peers.send_step(inputs, self.lora)
-        if self.graphs is not None and self.graphs.can_run(inputs):
+        if self.graphs is not None and inputs.images is None and self.graphs.can_run(inputs):
             logits = self.graphs.run(inputs)
         else:
             logits = self.forward(inputs)
@@ -338,7 +341,7 @@ class ModelRunner:
             prefills=[PrefillChunk(start, end, pos, table)
                       for (start, end, pos, _), table in zip(inputs.prefills, step.prefill_tables)],
         )
-        hidden = self.model(step.input_ids, step.positions, self.kv_caches, meta)
+        hidden = self.model(step.input_ids, step.positions, self.kv_caches, meta, inputs.images)
         if not len(inputs.logit_rows):
             return hidden.new_empty((0, 0))
         return self.model.compute_logits(hidden[step.logit_rows])
@@ -385,8 +388,33 @@ class ModelRunner:
                     prompt_rows.append((c.seq, targets))
                     prompt_logit_rows.extend(rows)
         inputs = StepInputs(input_ids, positions, slots, tables, decode_positions + 1, prefill_chunks,
-                            logit_rows + draft_rows + prompt_logit_rows, _feed(input_ids, chunks, counts, in_flight))
+                            logit_rows + draft_rows + prompt_logit_rows, _feed(input_ids, chunks, counts, in_flight),
+                            _image_rows(chunks, ends - counts, self.device))
         return inputs, sampling, prompt_rows
+
+
+def _image_rows(chunks: list[ScheduledChunk], first_rows: np.ndarray, device: torch.device,
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The step rows of the image tokens in the chunks (each chunk's first row in ``first_rows``) and their
+    embeddings; None when no chunk has one. (A one-token chunk is scheduled as a decode: after a prefix hit, the
+    prompt's last token may be an image's.) A sequence whose chunk reaches past its last image lets go of the
+    images' embeddings."""
+    rows, embeds, done = [], [], []
+    for chunk, first in zip(chunks, first_rows.tolist()):
+        images = chunk.seq.images
+        if images is None:
+            continue
+        offsets, index = images.rows_in(chunk.start, chunk.end)
+        if len(index):
+            rows.append(offsets + first)
+            embeds.append(images.rows(int(index[0]), int(index[-1])))  # a chunk's image rows are consecutive
+            if chunk.end >= images.end:
+                done.append(images)
+    for images in done:  # after the step's gathering: n > 1 siblings share them
+        images.release()
+    if not rows:
+        return None
+    return torch.from_numpy(np.concatenate(rows)).to(device), torch.cat(embeds)
 
 
 def _prompt_logprob_rows(chunk: ScheduledChunk, first_row: int) -> tuple[range, list[int]]:

@@ -214,7 +214,7 @@ class Scheduler:
             if seq.lora_id and seq.lora_id not in adapters and len(adapters) >= (self.config.max_loras or 0):
                 held_back.append(self.waiting.popleft())
                 continue
-            token_ids = seq.all_token_ids
+            token_ids = seq.hashed_token_ids
             # prompt logprobs need every prompt position's logits: no cached prefix (vLLM's rule too) for the sequence
             # that scores them, until it has (n > 1 siblings and a recompute after the scores are whole may hit)
             scoring = seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < len(seq.prompt_token_ids)

@@ -66,6 +66,9 @@ class Sequence:
     """Speculative tokens proposed after the last step, to verify in the next one (never part of the tokens above)."""
     sampling_row: Any = None
     """The sampler's view of this sequence (``loom.ops.sampler.SamplingRow``), built by the engine once."""
+    images: Any = None
+    """A vision model's prompt images (``loom.models.vision.ImageInput``): their embedding rows, and the keys the prefix
+    cache hashes in place of their tokens (so a cached block is only reused for the same image). Shared by siblings."""
     num_pending: int = 0
     """Tokens sampled by a step still in flight whose ids the host has not read yet (async scheduling): they count in
     ``num_tokens``, so the next step can be scheduled before they are known, and read as ``PENDING`` in
@@ -74,6 +77,15 @@ class Sequence:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def hashed_token_ids(self) -> list[int]:
+        """``all_token_ids`` as the prefix cache hashes them: an image's tokens as its key."""
+        ids = self.all_token_ids
+        if self.images is not None:
+            for position, key in self.images.keys.items():
+                ids[position] = key
+        return ids
 
     @property
     def tokens(self) -> TokenView:
@@ -130,7 +142,7 @@ class Sequence:
 
 class TokenView:
     """Prompt and output tokens of a sequence as one read-only sequence of ints: ``len`` and slices (what the block
-    manager's hashing reads)."""
+    manager's hashing reads; image tokens read as their image's key, as in ``Sequence.hashed_token_ids``)."""
 
     __slots__ = ("seq",)
 
@@ -144,4 +156,8 @@ class TokenView:
         if not isinstance(index, slice) or index.step not in (None, 1):
             raise TypeError("TokenView takes contiguous slices only")
         start, stop, _ = index.indices(self.seq.num_known_tokens)
-        return self.seq.token_slice(start, max(start, stop))
+        ids = self.seq.token_slice(start, max(start, stop))
+        images = self.seq.images
+        if images is not None and start < images.end:
+            ids = [images.keys.get(p, t) for p, t in enumerate(ids, start)]
+        return ids

@@ -20,6 +20,7 @@ from loom.engine.llm_engine import LLMEngine
 from loom.engine.lora import LoRARequest
 from loom.engine.outputs import RequestOutput
 from loom.engine.sampling_params import SamplingParams
+from loom.entrypoints.openai.media import content_format, load_image, vision_content
 
 Prompt = str | dict
 
@@ -72,20 +73,20 @@ class LLM:
         params = _final_only(_per_prompt(len(prompts), sampling_params, SamplingParams, SamplingParams()))
         loras = _per_prompt(len(prompts), lora_request, LoRARequest, None)
         priorities = _per_prompt(len(prompts), priority, int, 0)
-        ids = self._add_all((*_split_prompt(prompt), p, lora, rank)
+        ids = self._add_all((*_split_prompt(prompt), p, lora, rank, _multi_modal_data(prompt))
                             for prompt, p, lora, rank in zip(prompts, params, loras, priorities))
         return self._run(ids, use_tqdm)
 
     def _add_all(self, requests: Iterable[tuple[str | None, list[int] | None, SamplingParams, LoRARequest | None,
-                                               int]]) -> list[str]:
-        """Add each (text, token ids, params, LoRA, priority) as an engine request; their ids. All or none: one the
-        engine refuses raises, and those added before it are dropped."""
+                                               int, dict | None]]) -> list[str]:
+        """Add each (text, token ids, params, LoRA, priority, images) as an engine request; their ids. All or none:
+        one the engine refuses raises, and those added before it are dropped."""
         ids: list[str] = []
         try:
-            for text, token_ids, params, lora, rank in requests:
+            for text, token_ids, params, lora, rank, mm in requests:
                 rid = str(next(self._ids))
                 self.engine.add_request(rid, text, params, prompt_token_ids=token_ids, lora_request=lora,
-                                        priority=rank)
+                                        priority=rank, multi_modal_data=mm)
                 ids.append(rid)
         except Exception:
             for rid in ids:
@@ -101,6 +102,8 @@ class LLM:
         prompts = [prompts] if isinstance(prompts, str | dict) else list(prompts)
         searches = []
         for prompt in prompts:
+            if _multi_modal_data(prompt):
+                raise ValueError("beam_search does not take images yet; use generate()")
             text, token_ids = _split_prompt(prompt)
             ids = token_ids if token_ids is not None else self.engine.tokenizer.encode(text)
             if len(ids) + params.max_tokens > self.engine.max_model_len:
@@ -109,7 +112,7 @@ class LLM:
             searches.append(BeamSearch(ids, params, set(self.engine.eos_token_ids)))
         while not all(s.done for s in searches):
             live = [s for s in searches if not s.done]
-            ids = self._add_all((None, prompt_ids, step_params(search), lora_request, 0)
+            ids = self._add_all((None, prompt_ids, step_params(search), lora_request, 0, None)
                                 for search in live for prompt_ids in search.prompts())
             outputs = iter(self._run(ids, False))  # in the order added: search by search, beam by beam
             for search in live:
@@ -129,17 +132,53 @@ class LLM:
         add_generation_prompt: bool = True,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation (a list of messages) or to several."""
+        """Apply the model's chat template to one conversation (a list of messages) or to several. A vision model's
+        user messages may hold images as content parts: ``{"type": "image_pil", "image_pil": PIL image}`` or
+        ``{"type": "image_url", "image_url": {"url": "data:..." or "file:///..."}}`` (vLLM's parts)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
-        return self.generate([{"prompt_token_ids": p} for p in prompts], sampling_params, lora_request=lora_request)
+        prompts = []
+        for conversation in conversations:
+            conversation, images = self._chat_images(conversation)
+            prompt = {"prompt_token_ids": self.apply_chat_template(conversation, add_generation_prompt)}
+            if images:
+                prompt["multi_modal_data"] = {"image": images}
+            prompts.append(prompt)
+        return self.generate(prompts, sampling_params, lora_request=lora_request)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The conversation's prompt ids; a vision model's image parts (``{"type": "image"}`` or any of ``chat``'s)
+        become its placeholder, one per image (the engine repeats it)."""
         tok = self.engine.tokenizer
         if not getattr(tok, "chat_template", None):
             raise ValueError(f"the model at {self.engine.model_path} has no chat template; use generate() instead")
+        if self.engine.image_tokens is not None:
+            parts = [{**m, "content": [p if p.get("type") == "text" else {"type": "image"} for p in m["content"]]}
+                     if isinstance(m.get("content"), list) else m for m in messages]
+            image_text = tok.convert_ids_to_tokens(self.engine.image_tokens[0])
+            messages = vision_content(parts, content_format(tok.get_chat_template()), image_text)
         ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def _chat_images(self, messages: list[dict]) -> tuple[list[dict], list]:
+        """The messages with their image parts as ``{"type": "image"}``, and the images, read."""
+        images, out = [], []
+        for m in messages:
+            content = m.get("content")
+            if isinstance(content, list) and any(p.get("type") != "text" for p in content):
+                parts = []
+                for p in content:
+                    kind = p.get("type")
+                    if kind == "image_pil":
+                        images.append(p["image_pil"])
+                    elif kind == "image_url":
+                        url = p["image_url"]["url"] if isinstance(p["image_url"], dict) else p["image_url"]
+                        images.append(load_image(url, allowed_local_path="/"))  # offline: the caller's own files
+                    elif kind != "text":
+                        raise ValueError(f"content part type {kind!r}: Loom takes text, image_url and image_pil")
+                    parts.append(p if kind == "text" else {"type": "image"})
+                m = {**m, "content": parts}
+            out.append(m)
+        return out, images
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
@@ -180,7 +219,14 @@ def _split_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None]:
         return prompt, None
     if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
         return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-    raise ValueError("a prompt is a string or {'prompt_token_ids': [...]}")
+    if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+        return prompt["prompt"], None
+    raise ValueError("a prompt is a string, {'prompt': text} or {'prompt_token_ids': [...]} (either with "
+                     "'multi_modal_data' for a vision model)")
+
+
+def _multi_modal_data(prompt: Prompt) -> dict | None:
+    return prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
 
 
 def _progress(total: int):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.distributed.parallel import TensorParallel, local_config
+from loom.models.vision import is_multimodal, language_config
 from loom.ops.attention import AttentionMetadata, paged_attention
 from loom.ops.layers import TorchOps, rms_norm_reference, uninitialized_embedding
 from loom.ops.rotary import RotaryEmbedding, partial_rotary_order, partial_rotary_rows
@@ -107,6 +108,10 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf) -> LlamaConfig:
+        # a vision-language model's text model: under LLaVA's own LM head, without the text model's logit scaling or
+        # soft-capping (transformers' LlavaForConditionalGeneration applies neither)
+        head_of_its_own = is_multimodal(hf)
+        hf = language_config(hf)
         arch = (getattr(hf, "architectures", None) or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"architecture {arch} is not supported; Loom serves {', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -169,14 +174,14 @@ class LlamaConfig:
             embed_scale=hf.hidden_size**0.5 if gemma else float(hf.embedding_multiplier) if granite else 1.0,
             query_pre_attn_scalar=getattr(hf, "query_pre_attn_scalar", None) if gemma else None,
             attn_logit_softcapping=getattr(hf, "attn_logit_softcapping", None),
-            final_logit_softcapping=getattr(hf, "final_logit_softcapping", None),
+            final_logit_softcapping=None if head_of_its_own else getattr(hf, "final_logit_softcapping", None),
             local_rope_theta=float(local_rope["rope_theta"]) if local_rope else None,
             rotary_dim=rotary_dim,
             nope_layers=tuple(i for i, rope in enumerate(getattr(hf, "no_rope_layers", None) or []) if not rope
                               and i < hf.num_hidden_layers) if arch == "SmolLM3ForCausalLM" else (),
             attention_multiplier=float(hf.attention_multiplier) if granite else None,
             residual_multiplier=float(hf.residual_multiplier) if granite else 1.0,
-            logits_scaling=float(hf.logits_scaling) if granite else 1.0,
+            logits_scaling=float(hf.logits_scaling) if granite and not head_of_its_own else 1.0,
             **_moe_fields(hf, arch),
         )
 
@@ -457,12 +462,22 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        images: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [T] -> hidden states [T, D] after the final norm."""
+        """input_ids, positions: [T] -> hidden states [T, D] after the final norm. ``images``: (rows, embeddings) of a
+        vision model's image tokens, which take the place of those rows' token embeddings."""
         x, residual = self.embed(input_ids), None
+        # Granite multiplies the whole input (image rows too); Gemma scales its token embeddings only
+        scale_images = self.config.architecture == "GraniteForCausalLM"
+        if images is not None and scale_images:
+            x = x.index_copy(0, images[0], images[1].to(x.dtype))
         if self.config.embed_scale != 1.0:
             x = x * self.config.embed_scale
-        fused = None if meta.prefills else self.ops.decode_layers(self, x, positions, kv_caches, meta)
+        if images is not None and not scale_images:
+            x = x.index_copy(0, images[0], images[1].to(x.dtype))
+        fused = None  # the backend's whole-decode path (the C++ layer plan) takes token rows only
+        if not meta.prefills and images is None:
+            fused = self.ops.decode_layers(self, x, positions, kv_caches, meta)
         if fused is not None:
             x, residual = fused
         else:

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from loom.distributed.parallel import TensorParallel, head_shard
 from loom.models.gguf import is_gguf, load_gguf_config, load_gguf_model, load_gguf_tokenizer
 from loom.models.llama import LlamaConfig, LlamaForCausalLM, order_partial_rotary
+from loom.models.vision import is_multimodal, language_weight_name
 from loom.ops.packed_linear import PackedLinear
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -67,7 +68,9 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
     files = sorted(folder.glob("*.safetensors"))
     if not files and dummy_seed is None:
         raise ValueError(f"no *.safetensors in {folder}; Loom loads HF folders saved with safetensors")
-    cfg = LlamaConfig.from_hf(load_hf_config(folder))
+    hf = load_hf_config(folder)
+    cfg = LlamaConfig.from_hf(hf)
+    rename = language_weight_name if is_multimodal(hf) else None  # the text model's weights of a vision model
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions=1, dtype=dtype, tp=tp)
     model = model.to_empty(device=device).to(dtype)
@@ -83,7 +86,8 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                target = _target(name, cfg)
+                own = rename(name) if rename is not None else name
+                target = None if own is None else _target(own, cfg)
                 if target is None:
                     continue
                 pname, part = target

@@ -79,8 +79,69 @@ def save_tiny_model(path: str | Path, tokenizer_dir: str | Path, arch: str = "ll
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
     torch.manual_seed(seed)
     config_cls, model_cls = ARCHS[arch]
-    extra = {"smollm3": SMOLLM3, "granite": GRANITE}.get(arch) or (
-        MOE if arch in ("mixtral", "qwen2_moe", "qwen3_moe") else GEMMA if arch.startswith("gemma") else {})
-    model_cls(config_cls(**{**TINY, **extra, **overrides})).eval().save_pretrained(path)
+    model_cls(config_cls(**{**TINY, **_arch_settings(arch), **overrides})).eval().save_pretrained(path)
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(path)
+    return Path(path)
+
+
+def _arch_settings(arch: str) -> dict:
+    """The settings a tiny ``arch`` model needs beside TINY (the ones whose defaults would not be tested)."""
+    return {"smollm3": SMOLLM3, "granite": GRANITE}.get(arch) or (
+        MOE if arch in ("mixtral", "qwen2_moe", "qwen3_moe") else GEMMA if arch.startswith("gemma") else {})
+
+
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+"""llava-hf's chat template layout (images first in a turn, then its text; it loops over content parts)."""
+
+
+def save_tiny_vision_model(path: str | Path, tokenizer_dir: str | Path, tower: str = "clip", arch: str = "llama",
+                           seed: int = 0, **overrides) -> Path:
+    """A tiny random LLaVA (``LlavaForConditionalGeneration``): a 2-layer CLIP or SigLIP tower on 32x32 images
+    (patch 8: 16 patches), the projector, and a tiny ``arch`` language model, with ``<image>`` added to the tokenizer
+    and llava-hf's processor files and chat template. ``overrides`` go to the LlavaConfig."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    if tower == "clip":
+        vision_config, processor = CLIPVisionConfig(**vision), CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        strategy, extra_tokens = "default", 1  # CLIP's CLS row is dropped
+    elif tower == "siglip":
+        vision_config, processor = SiglipVisionConfig(**vision), SiglipImageProcessor(size={"height": 32, "width": 32})
+        strategy, extra_tokens = "full", 0
+    else:
+        raise ValueError(f"tower must be clip or siglip, got {tower!r}")
+    config_cls, _ = ARCHS[arch]
+    text = config_cls(**{**TINY, **_arch_settings(arch), "vocab_size": 49216})
+    settings = dict(vision_feature_layer=-2, vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
+                    tie_word_embeddings=True)
+    config = LlavaConfig(vision_config=vision_config, text_config=text, image_token_id=image_id,
+                         **{**settings, **overrides})
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # transformers' init leaves the projector's rows tiny next to the embeddings: scale it up
+        for p in model.model.multi_modal_projector.parameters():
+            p.normal_(0, 0.3)
+    model.save_pretrained(path)
+    tokenizer.chat_template = LLAVA_TEMPLATE
+    LlavaProcessor(image_processor=processor, tokenizer=tokenizer, patch_size=8, image_token="<image>",
+                   vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_tokens,
+                   chat_template=LLAVA_TEMPLATE).save_pretrained(path)
     return Path(path)

@@ -61,8 +61,12 @@ def test_input_items_become_the_chat_messages():
 
 
 @pytest.mark.parametrize("fields, param, needle", [
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content.0.type",
-     "text only"),
+    ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "x"}]}]}, "input.0.content.0.type",
+     "files and audio not at all"),
+    ({"input": [{"role": "system", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     "input.0.content.0.type", "images go in user messages"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "x"}]}]},
+     "input.0.content.0.image_url", "file_id is not supported"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0.type", "not supported"),
     ({"input": [{"role": "tool", "content": "x"}]}, "input.0.role", "role"),
     ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}]}, "input.0.arguments",

@@ -28,7 +28,7 @@ def tokenizer(smollm2_path):
 
 
 def render(tokenizer, messages: list[dict], tools: list[dict] | None) -> tuple[ServingContext, str]:
-    ctx = ServingContext(SimpleNamespace(tokenizer=tokenizer, max_model_len=4096), ["m"])
+    ctx = ServingContext(SimpleNamespace(tokenizer=tokenizer, max_model_len=4096, image_tokens=None), ["m"])
     try:
         ids = asyncio.run(ctx.apply_chat_template([ChatMessage(**m) for m in messages], tools=tools))
         return ctx, tokenizer.decode(ids)

@@ -60,6 +60,7 @@ class _Add:
     times: RequestTimes
     lora_request: LoRARequest | None = None
     priority: int = 0
+    multi_modal_data: dict | None = None
 
 
 @dataclass(slots=True)
@@ -194,6 +195,8 @@ class AsyncLLMEngine:
         self.tokenizer = None
         """A second tokenizer for the event loop (the engine's stays on the engine thread)."""
         self.max_model_len = 0
+        self.image_tokens: tuple[int, int] | None = None
+        """A vision model's image token id and tokens per image (``LLMEngine.image_tokens``); None: a text model."""
         self.num_in_flight = 0
         self.last_stats = None
         """The engine's EngineStats after its latest step or command batch."""
@@ -245,10 +248,12 @@ class AsyncLLMEngine:
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                           arrival_time: float | None = None, lora_request: LoRARequest | None = None,
-                          priority: int = 0, held: bool = False) -> RequestStream:
+                          priority: int = 0, held: bool = False,
+                          multi_modal_data: dict | None = None) -> RequestStream:
         """Admit a request as ``params.n`` sequences; raises EngineOverloaded (503), ValueError from the engine
         (400) or EngineDead. ``held``: in room already held (``hold``), so neither a full queue nor draining refuses
-        it, and it is not counted again."""
+        it, and it is not counted again. ``multi_modal_data``: a vision model's images (``LLMEngine.add_request``),
+        their tokens already in ``prompt_token_ids``."""
         if not held:
             self.check_room(params.n)
         elif not self.is_ready or self._stopping:
@@ -258,7 +263,8 @@ class AsyncLLMEngine:
         self._idle.clear()
         stream = RequestStream(self, request_id, counted, delta=params.output_kind == "delta")
         times = RequestTimes(arrival=arrival_time or time.time(), num_prompt_tokens=len(prompt_token_ids))
-        self._command(_Add(request_id, prompt_token_ids, params, stream, times, lora_request, priority))
+        self._command(_Add(request_id, prompt_token_ids, params, stream, times, lora_request, priority,
+                           multi_modal_data))
         try:
             accepted = await stream.next_item()
         except BaseException as exc:
@@ -336,6 +342,7 @@ class AsyncLLMEngine:
         try:
             self.engine = self._build_engine()
             self.max_model_len = self.engine.max_model_len
+            self.image_tokens = self.engine.image_tokens
         except BaseException as exc:  # report start-up failures to start()
             self._loop.call_soon_threadsafe(_set_exception, ready, exc)
             return
@@ -412,7 +419,8 @@ class AsyncLLMEngine:
         try:
             self.engine.add_request(command.request_id, None, command.params,
                                     prompt_token_ids=command.prompt_token_ids, arrival_time=command.times.arrival,
-                                    lora_request=command.lora_request, priority=command.priority)
+                                    lora_request=command.lora_request, priority=command.priority,
+                                    multi_modal_data=command.multi_modal_data)
         except Exception as exc:  # ValueError: bad request (400); anything else is reported, not fatal to the thread
             if not isinstance(exc, ValueError):
                 log.exception("add_request failed")

@@ -14,7 +14,7 @@ it is content (or tool calls). ``chat_template_kwargs`` and ``continue_final_mes
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -24,6 +24,7 @@ from loom.engine.outputs import CompletionOutput
 from loom.engine.reasoning import prompt_block
 from loom.engine.sampling_params import SamplingParams
 from loom.entrypoints.openai.beam import beam_params, beam_search, check_beam_request
+from loom.entrypoints.openai.errors import bad_request
 from loom.entrypoints.openai.protocol import ChatCompletionRequest
 from loom.entrypoints.openai.reasoning import ReasoningParser, ReasoningStream
 from loom.entrypoints.openai.serving import (
@@ -49,7 +50,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         return await unless_disconnected(_beam_chat(ctx, req), raw)
     run = await prepare_chat(ctx, req)
     request_id, created = new_id("chatcmpl"), now_s()
-    streams = await ctx.open_streams(request_id, [run.prompt], run.params, time.time(), run.lora, run.priority)
+    images, run = run.multi_modal_data, replace(run, multi_modal_data=None)  # the engine holds what it needs
+    streams = await ctx.open_streams(request_id, [run.prompt], run.params, time.time(), run.lora, run.priority,
+                                     multi_modal_data=images)
     if req.stream:
         head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
                 "system_fingerprint": None}
@@ -72,6 +75,8 @@ class ChatRun:
     prompt: list[int]
     answer: Answer
     priority: int = 0
+    multi_modal_data: dict | None = None
+    """A vision model's images ({"image": [...]}), their tokens in ``prompt``; None: no images."""
 
 
 async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatRun:
@@ -89,13 +94,14 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatR
         params.skip_special_tokens = False  # the parsers must see the format's tokens (vLLM's parsers do the same)
     ctx.check_n(params.n)
     template = req.template_options(req.messages, req.add_generation_prompt)
+    images = await ctx.load_images(req.messages)
     prompt = await ctx.apply_chat_template(req.messages, req.add_generation_prompt, tools=plan.tools,
                                            template=template)
     if reasoning is not None and ctx.think is not None:
         reasoning = reasoning.after_prompt(prompt_block(prompt, ctx.think))  # as the engine's gate reads it
     await ctx.compile_grammar(params, _grammar_param(req, plan))
     return ChatRun(lora, params, prompt, Answer(plan, reasoning, with_reasoning=ctx.reasoning is not None),
-                   req.priority)
+                   req.priority, {"image": images} if images else None)
 
 
 async def _beam_chat(ctx: ServingContext, req: ChatCompletionRequest) -> JSONResponse:
@@ -106,6 +112,8 @@ async def _beam_chat(ctx: ServingContext, req: ChatCompletionRequest) -> JSONRes
     template = req.template_options(req.messages, req.add_generation_prompt)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     check_beam_request(req)
+    if any(m.image_urls() for m in req.messages):
+        raise bad_request("use_beam_search does not take images yet; sample instead", "use_beam_search")
     prompt = await ctx.apply_chat_template(req.messages, req.add_generation_prompt, template=template)
     params = beam_params(req, max_tokens, ctx.front.max_model_len, len(prompt))
     request_id = new_id("chatcmpl")

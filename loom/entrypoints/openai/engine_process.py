@@ -166,7 +166,8 @@ def engine_main(conn: Connection) -> None:
         _send(conn, (0, "raise", _portable(exc), None))
         return
     info = {"max_model_len": engine.max_model_len, "model_path": engine.model_path,
-            "tokenizer_path": engine.tokenizer_path, "eos_token_ids": list(engine.eos_token_ids)}
+            "tokenizer_path": engine.tokenizer_path, "eos_token_ids": list(engine.eos_token_ids),
+            "image_tokens": engine.image_tokens}
     _send(conn, (0, "ok", info, _state(engine, None)))
     try:
         while True:
@@ -216,9 +217,10 @@ def _step(engine, conn: Connection) -> bool:
 
 def _answer(engine, call: str, args: tuple):
     if call == "add":
-        request_id, params, prompt_token_ids, arrival_time, lora_request, priority = args
+        request_id, params, prompt_token_ids, arrival_time, lora_request, priority, multi_modal_data = args
         engine.add_request(request_id, None, wire_params(params), prompt_token_ids=prompt_token_ids,
-                           arrival_time=arrival_time, lora_request=lora_request, priority=priority)
+                           arrival_time=arrival_time, lora_request=lora_request, priority=priority,
+                           multi_modal_data=multi_modal_data)
         return None
     if call == "abort":
         return engine.abort_request(args[0])
@@ -291,6 +293,7 @@ class EngineProcess:
         self.model_path = info["model_path"]
         self.tokenizer_path = info["tokenizer_path"]
         self.eos_token_ids = info["eos_token_ids"]
+        self.image_tokens = info["image_tokens"]
 
     # --- any thread --------------------------------------------------------------------------------------
     def request(self, call: str, *args) -> Future:
@@ -309,9 +312,10 @@ class EngineProcess:
     # --- the relay thread --------------------------------------------------------------------------------
     def add_request(self, request_id: str, params: SamplingParams, prompt_token_ids: list[int],
                     arrival_time: float | None = None, lora_request: LoRARequest | None = None,
-                    priority: int = 0) -> Future:
+                    priority: int = 0, multi_modal_data: dict | None = None) -> Future:
         self._decoder.expect(request_id, prompt_token_ids, params)
-        future = self.request("add", request_id, params, prompt_token_ids, arrival_time, lora_request, priority)
+        future = self.request("add", request_id, params, prompt_token_ids, arrival_time, lora_request, priority,
+                              multi_modal_data)
         future.add_done_callback(partial(self._added, request_id))
         return future
 
@@ -466,7 +470,8 @@ class ProcessLLMEngine(AsyncLLMEngine):
             return
         self._live[command.request_id] = (command.stream, command.times)
         future = self.engine.add_request(command.request_id, command.params, command.prompt_token_ids,
-                                         command.times.arrival, command.lora_request, command.priority)
+                                         command.times.arrival, command.lora_request, command.priority,
+                                         command.multi_modal_data)
         future.add_done_callback(partial(self._added, command))
 
     def _added(self, command, future: Future) -> None:  # on this thread, from receive()

@@ -65,7 +65,7 @@ class PromptEncoder:
         the template's variables), checked by the caller."""
         extra_chars = len(json.dumps(tools)) if tools else 0
         extra_chars += len(json.dumps(template, default=str)) if template else 0
-        self.check_chars(sum(len(m.get("content") or "") for m in messages) + extra_chars)
+        self.check_chars(sum(_content_chars(m.get("content")) for m in messages) + extra_chars)
         return await self._run(self._chat, messages, add_generation_prompt, limit, tools, template)
 
     async def decode(self, ids: list[int]) -> str:
@@ -131,6 +131,13 @@ class PromptEncoder:
             raise PromptTooLong(f"prompt has more than {num - EARLY_MARGIN} tokens (its first {cut} of {len(text)} "
                                 f"characters alone) but the model's context is {limit}; shorten it or raise "
                                 "max_model_len")
+
+
+def _content_chars(content) -> int:
+    """A template message's characters: its text, or its parts' text (a vision model's messages are part lists)."""
+    if isinstance(content, list):
+        return sum(len(part.get("text") or "") for part in content if isinstance(part, dict))
+    return len(content or "")
 
 
 def _check_tokens(num_tokens: int, limit: int | None) -> None:

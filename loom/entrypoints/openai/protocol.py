@@ -198,6 +198,19 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+    """Accepted and ignored: a LLaVA model sees every image at its processor's one size."""
+
+
+class ImagePart(BaseModel):
+    """An image in a user message (OpenAI's shape); a vision model only (``media.load_image`` reads it)."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class FunctionCall(BaseModel):
     name: str
     arguments: str
@@ -228,17 +241,22 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
     def as_template_dict(self) -> dict[str, Any]:
-        """The message as chat templates take it: text content; calls' arguments as dicts (templates write them
-        with ``tojson``, as vLLM passes them)."""
+        """The message as chat templates take it: text content (a list of ``{"type": "text" | "image"}`` parts where
+        it holds images: ``vision_content`` shapes it for the template); calls' arguments as dicts (templates write
+        them with ``tojson``, as vLLM passes them)."""
         content = self.content
         if isinstance(content, list):
-            content = "".join(part.text for part in content)
+            if any(part.type == "image_url" for part in content):
+                content = [{"type": "text", "text": part.text} if part.type == "text" else {"type": "image"}
+                           for part in content]
+            else:
+                content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
         out: dict[str, Any] = {"role": role, "content": content or ""}
         if self.tool_calls:
@@ -247,6 +265,12 @@ class ChatMessage(BaseModel):
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
         return out
+
+    def image_urls(self) -> list[str]:
+        """The URLs of the message's image parts, in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [part.image_url.url for part in self.content if part.type == "image_url"]
 
 
 class FunctionDefinition(BaseModel):

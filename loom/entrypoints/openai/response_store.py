@@ -47,6 +47,8 @@ class StoredResponse:
 
 def _chars(message: ChatMessage) -> int:
     content = message.content if isinstance(message.content, str) else ""
+    if isinstance(message.content, list):  # text and image parts (an image's data: URL counts whole)
+        content = "".join(p.text if p.type == "text" else p.image_url.url for p in message.content)
     calls = sum(len(c.function.name) + len(c.function.arguments) for c in message.tool_calls or [])
     return len(content) + calls
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import orjson
 from fastapi import Request
@@ -67,9 +68,11 @@ async def create_response(ctx: ServingContext, store: ResponseStore, req: Respon
     chat, run = await _prepare(ctx, req, history)
     # the conversation the next turn builds on: without instructions, which OpenAI does not carry over
     conversation = chat.messages[1:] if req.instructions else chat.messages
+    images, run = run.multi_modal_data, replace(run, multi_modal_data=None)  # the engine holds what it needs
     reply = Reply(ctx, req, run, item_id("resp"), conversation)
     try:
-        streams = await ctx.open_streams(reply.id, [run.prompt], run.params, time.time(), run.lora, run.priority)
+        streams = await ctx.open_streams(reply.id, [run.prompt], run.params, time.time(), run.lora, run.priority,
+                                         multi_modal_data=images)
     except OpenAIError as exc:
         raise _renamed(exc) from None
     keep = store if req.store and store.enabled else None

@@ -157,7 +157,26 @@ def _message(item: dict, where: str) -> ChatMessage:
     if role not in ("user", "system", "developer", "assistant"):
         raise bad_request(f"a message item's role must be user, system, developer or assistant, got {role!r}",
                           f"{where}.role")
-    return ChatMessage(role=role, content=_text(item.get("content"), f"{where}.content"))
+    content = item.get("content")
+    if role == "user" and isinstance(content, list) and any(
+            isinstance(p, dict) and p.get("type") == "input_image" for p in content):
+        return ChatMessage(role=role, content=_parts(content, f"{where}.content"))
+    return ChatMessage(role=role, content=_text(content, f"{where}.content"))
+
+
+def _parts(content: list, where: str) -> list[dict]:
+    """A user message's text and ``input_image`` parts as chat content parts (images as ``image_url``; a vision model
+    reads them, a text model answers 400)."""
+    parts = []
+    for j, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type") == "input_image":
+            if not isinstance(part.get("image_url"), str):
+                raise bad_request("an input_image part needs image_url (a data: URL); file_id is not supported",
+                                  f"{where}.{j}.image_url")
+            parts.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+        else:
+            parts.append({"type": "text", "text": _text([part], f"{where}.{j}")})
+    return parts
 
 
 def _text(content: Any, where: str) -> str:
@@ -170,8 +189,8 @@ def _text(content: Any, where: str) -> str:
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in MEDIA_PARTS:
-            raise bad_request(f"{kind} parts are not supported: this server's language models read text only; "
-                              "send input_text parts", f"{where}.{j}.type")
+            raise bad_request(f"{kind} parts are not supported here: images go in user messages (input_image, to a "
+                              "vision model); files and audio not at all", f"{where}.{j}.type")
         key = TEXT_PARTS.get(kind)
         if key is None or not isinstance(part.get(key), str):
             raise bad_request(f"content part {j} must be an input_text part with a string 'text', got "

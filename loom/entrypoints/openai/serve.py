@@ -20,7 +20,7 @@ from typing import Literal
 from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
 
-from loom.engine.config import EngineConfig
+from loom.engine.config import EngineConfig, MultiModalLimits
 from loom.engine.tensor_parallel import launched_by_torchrun, run_worker_from_env
 from loom.entrypoints.openai.async_engine import AsyncLLMEngine
 from loom.entrypoints.openai.engine_process import ProcessLLMEngine
@@ -70,6 +70,9 @@ class LLMServerConfig:
     max_stored_responses: int = DEFAULT_STORED_RESPONSES
     """Responses /v1/responses keeps (store: true, OpenAI's default) for previous_response_id and GET
     /v1/responses/{id}, in memory, oldest dropped first; 0 keeps none (store is then ignored)."""
+    allowed_local_media_path: str | None = None
+    """A vision model's chat requests may name images as file:// URLs under this folder (vLLM's flag); None: only
+    inline data: URLs. Loom never fetches http(s) images."""
     engine_process: bool = False
     """Run the engine in a process of its own (vLLM v1's EngineCore) instead of a thread of the server's: the HTTP
     event loop and the engine's Python stop sharing one GIL. Pays where host work bounds a step (a GPU, many
@@ -124,7 +127,9 @@ class LLMComponent:
                                       max_prompt_chars=config.max_prompt_chars, loras=loras,
                                       tool_settings=config.tool_settings,
                                       reasoning=REASONING_PARSERS.get(config.engine.reasoning_parser or ""),
-                                      responses=ResponseStore(config.max_stored_responses))
+                                      responses=ResponseStore(config.max_stored_responses),
+                                      allowed_local_media_path=config.allowed_local_media_path,
+                                      max_images=(config.engine.limit_mm_per_prompt or MultiModalLimits()).image)
 
     @property
     def fatal_error(self) -> str | None:

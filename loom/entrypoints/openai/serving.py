@@ -22,11 +22,13 @@ from loom.entrypoints.openai.async_engine import AsyncLLMEngine, EngineDead, Eng
 from loom.entrypoints.openai.errors import OpenAIError, bad_request, from_value_error
 from loom.entrypoints.openai.logprobs import TokenStrings
 from loom.entrypoints.openai.lora import LoRARegistry
+from loom.entrypoints.openai.media import MediaError, content_format, load_image, vision_content
 from loom.entrypoints.openai.prompts import PromptEncoder
 from loom.entrypoints.openai.protocol import ChatMessage
 from loom.entrypoints.openai.reasoning import ReasoningParser
 from loom.entrypoints.openai.response_store import DEFAULT_STORED_RESPONSES, ResponseStore
 from loom.entrypoints.openai.tools import ToolSettings, template_messages
+from loom.models.vision import place_image_tokens
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -48,11 +50,16 @@ class ServingContext:
     """``--reasoning-parser``: chat answers split into reasoning_content and content (``reasoning.py``)."""
     responses: ResponseStore = field(default_factory=lambda: ResponseStore(DEFAULT_STORED_RESPONSES))
     """The stored responses of /v1/responses (``store: true``)."""
+    allowed_local_media_path: str | None = None
+    """``--allowed-local-media-path``: file:// images are read from under this folder only; None: not at all."""
+    max_images: int = 4
+    """Images one request may hold (``--limit-mm-per-prompt``); checked before any is decoded."""
     _strings: TokenStrings | None = field(default=None)
     _encoder: PromptEncoder | None = field(default=None)
     _template_has_tools: bool | None = field(default=None)
     _special_tokens: frozenset[str] | None = field(default=None)
     _think: ThinkTokens | bool | None = field(default=None)
+    _content_format: str | None = field(default=None)
 
     @property
     def model_name(self) -> str:
@@ -139,8 +146,63 @@ class ServingContext:
         limit = self.front.max_model_len if within_context else None
         native = self.template_has_tools
         dicts = template_messages(messages, tools, native)
-        return await self.encoder.chat(dicts, add_generation_prompt, limit=limit, tools=tools if native else None,
-                                       template=template)
+        num_images = sum(len(m.image_urls()) for m in messages)
+        if num_images and self.front.image_tokens is None:
+            raise bad_request(f"{self.model_name} is a text model: it takes no images (image_url parts); serve a "
+                              "vision model (a LlavaForConditionalGeneration folder)", "messages")
+        if self.front.image_tokens is not None:
+            image_id, per_image = self.front.image_tokens
+            dicts = vision_content(dicts, self.content_format, self.front.tokenizer.convert_ids_to_tokens(image_id))
+        ids = await self.encoder.chat(dicts, add_generation_prompt, limit=limit, tools=tools if native else None,
+                                      template=template)
+        if num_images:
+            try:
+                ids = place_image_tokens(ids, image_id, per_image, num_images)
+            except ValueError:
+                raise bad_request(f"the chat template placed {ids.count(image_id)} image tokens for {num_images} "
+                                  "images; this model's template does not take image parts", "messages") from None
+            if limit is not None and len(ids) >= limit:
+                raise bad_request(f"prompt has {len(ids)} tokens ({per_image} per image) but the model's context is "
+                                  f"{limit}; send fewer images or less text", "messages")
+        return ids
+
+    @property
+    def content_format(self) -> str:
+        """How the chat template reads a message's content: "openai" (a list of typed parts it loops over, as
+        llava-hf's templates do) or "string" (text, image placeholders written into it)."""
+        if self._content_format is None:
+            try:
+                template = self.front.tokenizer.get_chat_template()
+            except ValueError:
+                template = ""
+            self._content_format = content_format(template)
+        return self._content_format
+
+    async def load_images(self, messages: list[ChatMessage]) -> list:
+        """The images of the messages' image_url parts, decoded off the event loop (a 400 naming the message for
+        one that cannot be read, for too many, or for images sent to a text model or outside a user message)."""
+        urls = []
+        for i, m in enumerate(messages):
+            found = m.image_urls()
+            if found and m.role != "user":
+                raise bad_request(f"messages[{i}]: images go in user messages (role {m.role} has image_url parts)",
+                                  "messages")
+            urls.extend((i, url) for url in found)
+        if not urls:
+            return []
+        if self.front.image_tokens is None:
+            raise bad_request(f"{self.model_name} is a text model: it takes no images (image_url parts); serve a "
+                              "vision model (a LlavaForConditionalGeneration folder)", "messages")
+        if len(urls) > self.max_images:
+            raise bad_request(f"{len(urls)} images in one request; this server takes at most {self.max_images} "
+                              "(--limit-mm-per-prompt)", "messages")
+        images = []
+        for i, url in urls:
+            try:
+                images.append(await self.encoder.run(load_image, url, self.allowed_local_media_path))
+            except MediaError as exc:
+                raise bad_request(f"messages[{i}]: {exc}", "messages") from None
+        return images
 
     async def compile_grammar(self, params: SamplingParams, param: str) -> None:
         """Compile the request's structured-output grammar (cached by spec) on the tokenizer thread, off the event
@@ -156,7 +218,8 @@ class ServingContext:
 
     async def open_streams(self, base_id: str, prompts: list[list[int]], params: SamplingParams,
                            arrival: float, lora_request: LoRARequest | None = None,
-                           priority: int = 0, held: bool = False) -> list[RequestStream]:
+                           priority: int = 0, held: bool = False,
+                           multi_modal_data: dict | None = None) -> list[RequestStream]:
         """Admit one engine request per prompt, each counted as ``params.n`` sequences; all or none (the room for
         all is checked first, and a later rejection closes the earlier ones). ``held``: in room held by ``hold``."""
         streams: list[RequestStream] = []
@@ -165,7 +228,7 @@ class ServingContext:
                 self.front.check_room(len(prompts) * params.n)
             for i, ids in enumerate(prompts):
                 streams.append(await self.front.add_request(f"{base_id}-{i}", ids, params, arrival, lora_request,
-                                                            priority, held))
+                                                            priority, held, multi_modal_data))
         except BaseException as exc:
             for s in streams:
                 s.close()

@@ -1,0 +1,153 @@
+"""Vision-language models (LLaVA): Loom's greedy ids and logprobs equal HF transformers'
+``LlavaForConditionalGeneration`` on tiny random checkpoints (CLIP and SigLIP towers), through chunked prefill and
+the prefix cache, which must never serve one image's keys and values for another's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from loom import LLM, SamplingParams
+from loom.engine.sequence import Sequence
+from loom.models.tiny import save_tiny_vision_model
+from loom.models.vision import ImageInput, place_image_tokens
+
+
+@pytest.fixture(scope="module")
+def clip_llava(tmp_path_factory, smollm2_path):
+    return save_tiny_vision_model(tmp_path_factory.mktemp("llava-clip"), smollm2_path, tower="clip")
+
+
+@pytest.fixture(scope="module")
+def siglip_llava(tmp_path_factory, smollm2_path):
+    # two feature layers concatenated, Qwen2 as the language model
+    return save_tiny_vision_model(tmp_path_factory.mktemp("llava-siglip"), smollm2_path, tower="siglip",
+                                  arch="qwen2", vision_feature_layer=[-2, -1])
+
+
+@pytest.fixture(scope="module")
+def granite_llava(tmp_path_factory, smollm2_path):
+    # Granite multiplies its whole input, image rows included, by embedding_multiplier (3.0 here)
+    return save_tiny_vision_model(tmp_path_factory.mktemp("llava-granite"), smollm2_path, tower="clip",
+                                  arch="granite")
+
+
+def image(seed: int, size=(40, 50)) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (*size, 3), dtype=np.uint8))
+
+
+def hf_greedy(path, prompt: str, images: list, max_tokens: int) -> tuple[list[int], list[float]]:
+    processor = AutoProcessor.from_pretrained(str(path))
+    model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
+    inputs = processor(images=images or None, text=prompt, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True)
+    ids = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    logprobs = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, ids)]
+    return ids, logprobs
+
+
+def loom_greedy(llm: LLM, prompt: str, images: list, max_tokens: int) -> tuple[list[int], list[float]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, ignore_eos=True)
+    request = {"prompt": prompt, "multi_modal_data": {"image": images}} if images else prompt
+    out = llm.generate(request, params)[0].outputs[0]
+    return out.token_ids, [lp[t] for lp, t in zip(out.logprobs, out.token_ids)]
+
+
+PROMPTS = [
+    ("USER: <image>\nWhat is in the picture? ASSISTANT:", [1]),
+    ("USER: <image>\n<image>\nCompare the two pictures. ASSISTANT:", [2, 3]),
+    ("Describe this: <image>", [4]),  # the prompt ends on the image: its last token is an image row
+]
+
+
+@pytest.mark.parametrize("tower,backend", [("clip", "auto"), ("clip", "torch"), ("siglip", "auto"),
+                                           ("siglip", "torch"), ("granite", "auto")])
+def test_greedy_equals_hf(request, tower, backend):
+    path = request.getfixturevalue(f"{tower}_llava")
+    llm = LLM(str(path), attention_backend=backend, num_kv_blocks=128, enable_prefix_caching=False)
+    for prompt, seeds in PROMPTS:
+        images = [image(s) for s in seeds]
+        want_ids, want_lp = hf_greedy(path, prompt, images, 10)
+        ids, lp = loom_greedy(llm, prompt, images, 10)
+        assert ids == want_ids, prompt
+        np.testing.assert_allclose(lp, want_lp, atol=2e-4)
+
+
+def test_chunked_prefill_cuts_through_an_image(clip_llava):
+    """A 6-token step budget splits each image's 16 rows over chunks."""
+    prompt, seeds = PROMPTS[1]
+    images = [image(s) for s in seeds]
+    llm = LLM(str(clip_llava), max_num_batched_tokens=6, num_kv_blocks=128, block_size=4)
+    assert loom_greedy(llm, prompt, images, 8)[0] == hf_greedy(clip_llava, prompt, images, 8)[0]
+
+
+def test_prefix_cache_tells_images_apart(clip_llava):
+    """Two requests whose token ids are equal but whose images differ: the second must not reuse the first's blocks
+    past the image (block_size 4: blocks before the image are shared, and that is fine)."""
+    prompt = "USER: Look at this picture carefully. <image>\nWhat do you see? ASSISTANT:"
+    llm = LLM(str(clip_llava), num_kv_blocks=128, block_size=4)
+    bm = llm.engine.block_manager
+    first = loom_greedy(llm, prompt, [image(7)], 8)
+    hits = bm.num_prefix_hit_tokens
+    second = loom_greedy(llm, prompt, [image(8)], 8)
+    text_blocks = len(llm.tokenizer.encode("USER: Look at this picture carefully. ")) // 4 * 4
+    assert 0 < bm.num_prefix_hit_tokens - hits <= text_blocks  # only the text before the image
+    assert second[0] == hf_greedy(clip_llava, prompt, [image(8)], 8)[0]
+    assert second[0] != first[0]
+    hits = bm.num_prefix_hit_tokens
+    again = loom_greedy(llm, prompt, [image(7)], 8)  # the same image again: its blocks are hits
+    assert bm.num_prefix_hit_tokens - hits > text_blocks + 16
+    assert again[0] == first[0]
+    np.testing.assert_allclose(again[1], first[1], atol=1e-4)
+
+
+def test_chat_places_images_as_the_template_does(clip_llava):
+    llm = LLM(str(clip_llava), num_kv_blocks=128)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                             {"type": "image_pil", "image_pil": image(5)}]}]
+    out = llm.chat(messages, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    # llava-hf's template writes the turn's images first, then its text
+    want = hf_greedy(clip_llava, "USER: <image>\nWhat is this? ASSISTANT:", [image(5)], 6)[0]
+    assert out.outputs[0].token_ids == want
+    assert out.prompt_token_ids.count(llm.engine.image_tokens[0]) == 16
+
+
+def test_refusals(clip_llava, tiny_llama):
+    llm = LLM(str(clip_llava), num_kv_blocks=64, limit_mm_per_prompt={"image": 2})
+    params = SamplingParams(max_tokens=2)
+    with pytest.raises(ValueError, match="2 image tokens for 1 images"):
+        llm.generate({"prompt": "<image> and <image>", "multi_modal_data": {"image": image(1)}}, params)
+    with pytest.raises(ValueError, match="1 image tokens for 0 images"):
+        llm.generate("<image> with no image given", params)
+    with pytest.raises(ValueError, match="the limit is 2"):
+        llm.generate({"prompt": "<image>" * 3, "multi_modal_data": {"image": [image(1)] * 3}}, params)
+    with pytest.raises(ValueError, match="PIL images"):
+        llm.generate({"prompt": "<image>", "multi_modal_data": {"image": np.zeros((4, 4, 3))}}, params)
+    with pytest.raises(ValueError, match="other kinds"):
+        llm.generate({"prompt": "hi", "multi_modal_data": {"video": []}}, params)
+    assert not llm.engine.has_unfinished_requests()
+    text = LLM(str(tiny_llama), num_kv_blocks=64)
+    with pytest.raises(ValueError, match="text model"):
+        text.generate({"prompt": "hi", "multi_modal_data": {"image": image(1)}}, params)
+
+
+def test_place_image_tokens():
+    assert place_image_tokens([5, 9, 6, 9], 9, 3, 2) == [5, 9, 9, 9, 6, 9, 9, 9]
+    already = [5, 9, 9, 9, 6]
+    assert place_image_tokens(already, 9, 3, 1) is already
+    with pytest.raises(ValueError, match="2 image tokens for 1 images"):
+        place_image_tokens([9, 1, 9], 9, 3, 1)
+
+
+def test_image_tokens_hash_as_their_image(clip_llava):
+    """The block manager reads a sequence's tokens with each image token replaced by its image's key."""
+    seq = Sequence(0, "r", 0, [1, 2, 9, 9, 3], SamplingParams(), 0.0)
+    seq.images = ImageInput(np.array([2, 3]), torch.zeros(1, 3, 2, 2), {2: -11, 3: -11}, lambda p: torch.zeros(2, 4))
+    assert seq.tokens[0:5] == [1, 2, -11, -11, 3]
+    assert seq.tokens[3:5] == [-11, 3]
+    assert seq.hashed_token_ids == [1, 2, -11, -11, 3]
+    assert seq.all_token_ids == [1, 2, 9, 9, 3]
