@@ -35,7 +35,10 @@ from loom.ops.packed_linear import PackedLinear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.|model\.language_model\.|language_model\.model\.)layers\.(\d+)\."
+                  r"(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+"""A peft tensor of a text model's layer (``model.layers...``), or of a LLaVA's language model (transformers 5's
+``model.language_model.layers...``, 4.x's ``language_model.model.layers...``)."""
 
 
 def projection_slices(cfg: LlamaConfig) -> dict[str, dict[str, tuple[int, int]]]:

@@ -151,3 +151,31 @@ def test_image_tokens_hash_as_their_image(clip_llava):
     assert seq.tokens[3:5] == [-11, 3]
     assert seq.hashed_token_ids == [1, 2, -11, -11, 3]
     assert seq.all_token_ids == [1, 2, 9, 9, 3]
+
+
+def test_adapter_on_the_language_model_matches_peft(clip_llava, tmp_path):
+    """A peft LoRA trained on the whole LLaVA, its targets in the language model (the tower's q/k/v projections are
+    named alike, so a regex keeps them out), served unmerged: HF's peft model with the same images gives the same
+    ids."""
+    from peft import LoraConfig, get_peft_model
+
+    from loom.engine.lora import LoRARequest
+
+    torch.manual_seed(3)
+    base = LlavaForConditionalGeneration.from_pretrained(str(clip_llava), dtype=torch.float32)
+    targets = r".*language_model.*\.(q_proj|v_proj|gate_proj|down_proj)"
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                 init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    prompt, images = PROMPTS[0][0], [image(9)]
+    processor = AutoProcessor.from_pretrained(str(clip_llava))
+    inputs = processor(images=images, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = peft_model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    want = out[0, inputs["input_ids"].shape[1]:].tolist()
+    llm = LLM(str(clip_llava), enable_lora=True, max_lora_rank=4, num_kv_blocks=64)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    request = {"prompt": prompt, "multi_modal_data": {"image": images}}
+    got = llm.generate(request, params, lora_request=LoRARequest("a", 1, str(tmp_path / "adapter")))
+    assert got[0].outputs[0].token_ids == want
+    assert want != llm.generate(request, params)[0].outputs[0].token_ids  # the adapter changes the answer
