@@ -28,7 +28,7 @@ from loom.engine.tensor_parallel import EngineFatalError, RankSpec, TPWorkers, t
 from loom.models.catalogue import resolve_runtime
 from loom.models.llama import LlamaConfig
 from loom.models.loader import load_hf_config, load_tokenizer, load_weights
-from loom.models.vision import VisionEncoder, is_multimodal, place_image_tokens
+from loom.models.vision import ImageTokens, VisionEncoder, is_multimodal, place_image_tokens
 from loom.ops.sampler import DeferredSample, SamplingRow, SamplingSettings, has_token_penalty, sample_deferred
 
 log = logging.getLogger("loom.engine")
@@ -152,8 +152,8 @@ class LLMEngine:
         if multimodal:
             self.vision = VisionEncoder(self.model_path, hf_config, self.dtype, self.device,
                                         load=config.load_format != "dummy")
-            log.info("vision model: %s tower, %d tokens per image", hf_config.vision_config.model_type,
-                     self.vision.tokens_per_image)
+            log.info("vision model: %s tower, %d tokens per image%s", hf_config.vision_config.model_type,
+                     self.vision.tokens.tile_rows, " tile (AnyRes)" if self.vision.anyres else "")
         self.lora = None
         if config.enable_lora:  # wraps the (packed) projections, so after ops.prepare
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras,
@@ -218,7 +218,7 @@ class LLMEngine:
         """``priority``: lower is served first, with ``scheduling_policy="priority"`` only (a ValueError otherwise,
         as vLLM refuses it). ``multi_modal_data``: a vision model's images, vLLM's shape ``{"image": PIL image or a
         list of them}``, one image token in the prompt per image, in order (or each already repeated
-        ``image_tokens[1]`` times)."""
+        ``image_tokens.count`` times)."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -233,7 +233,9 @@ class LLMEngine:
             prompt_token_ids = self.tokenizer.encode(prompt)  # with the tokenizer's BOS where it adds one, as vLLM
         images = self._images(multi_modal_data)
         if self.vision is not None:
-            prompt_token_ids = place_image_tokens(prompt_token_ids, *self.image_tokens, len(images))
+            tokens = self.vision.tokens
+            prompt_token_ids = place_image_tokens(prompt_token_ids, tokens.token_id,
+                                                  [tokens.count(image.width, image.height) for image in images])
         params = self._validate(prompt_token_ids, params)
         image_input = self.vision.image_input(prompt_token_ids, images) if images else None
         adapter = self._adapter(lora_request)
@@ -489,9 +491,9 @@ class LLMEngine:
                                cfg.gpu_memory_utilization)
 
     @property
-    def image_tokens(self) -> tuple[int, int] | None:
-        """A vision model's image token id and how many of them one image takes; None for a text model."""
-        return None if self.vision is None else (self.vision.image_token_id, self.vision.tokens_per_image)
+    def image_tokens(self) -> ImageTokens | None:
+        """A vision model's image token and how many of them an image takes; None for a text model."""
+        return None if self.vision is None else self.vision.tokens
 
     def _images(self, multi_modal_data: dict | None) -> list:
         """The request's images, checked: a vision model, vLLM's {"image": ...} shape, PIL images, the limit."""

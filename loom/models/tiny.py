@@ -99,16 +99,25 @@ LLAVA_TEMPLATE = (
 """llava-hf's chat template layout (images first in a turn, then its text; it loops over content parts)."""
 
 
+ANYRES_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96]]
+"""The tiny LLaVA-NeXT's AnyRes resolutions (height, width): grids of 1 x 2, 2 x 1, 2 x 2 and 1 x 3 tiles of 32."""
+
+
 def save_tiny_vision_model(path: str | Path, tokenizer_dir: str | Path, tower: str = "clip", arch: str = "llama",
-                           seed: int = 0, **overrides) -> Path:
-    """A tiny random LLaVA (``LlavaForConditionalGeneration``): a 2-layer CLIP or SigLIP tower on 32x32 images
+                           seed: int = 0, anyres: bool = False, **overrides) -> Path:
+    """A tiny random LLaVA (``LlavaForConditionalGeneration``; with ``anyres``, a LLaVA-NeXT,
+    ``LlavaNextForConditionalGeneration``, tiled by ANYRES_PINPOINTS): a 2-layer CLIP or SigLIP tower on 32x32 images
     (patch 8: 16 patches), the projector, and a tiny ``arch`` language model, with ``<image>`` added to the tokenizer
-    and llava-hf's processor files and chat template. ``overrides`` go to the LlavaConfig."""
+    and llava-hf's processor files and chat template. ``overrides`` go to the model's config."""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
         LlavaProcessor,
         SiglipImageProcessor,
         SiglipVisionConfig,
@@ -133,15 +142,28 @@ def save_tiny_vision_model(path: str | Path, tokenizer_dir: str | Path, tower: s
     text = config_cls(**{**TINY, **_arch_settings(arch), "vocab_size": 49216})
     settings = dict(vision_feature_layer=-2, vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
                     tie_word_embeddings=True)
-    config = LlavaConfig(vision_config=vision_config, text_config=text, image_token_id=image_id,
-                         **{**settings, **overrides})
-    model = LlavaForConditionalGeneration(config).eval()
+    if anyres:
+        if tower != "clip":
+            raise ValueError("the tiny LLaVA-NeXT has a CLIP tower")
+        config = LlavaNextConfig(vision_config=vision_config, text_config=text, image_token_id=image_id,
+                                 image_grid_pinpoints=ANYRES_PINPOINTS, **{**settings, **overrides})
+        model = LlavaNextForConditionalGeneration(config).eval()
+        processor = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                            image_grid_pinpoints=ANYRES_PINPOINTS)
+        processor_cls = LlavaNextProcessor
+    else:
+        config = LlavaConfig(vision_config=vision_config, text_config=text, image_token_id=image_id,
+                             **{**settings, **overrides})
+        model = LlavaForConditionalGeneration(config).eval()
+        processor_cls = LlavaProcessor
     with torch.no_grad():  # transformers' init leaves the projector's rows tiny next to the embeddings: scale it up
         for p in model.model.multi_modal_projector.parameters():
             p.normal_(0, 0.3)
+        if anyres:
+            model.model.image_newline.normal_(0, 1)
     model.save_pretrained(path)
     tokenizer.chat_template = LLAVA_TEMPLATE
-    LlavaProcessor(image_processor=processor, tokenizer=tokenizer, patch_size=8, image_token="<image>",
-                   vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_tokens,
-                   chat_template=LLAVA_TEMPLATE).save_pretrained(path)
+    processor_cls(image_processor=processor, tokenizer=tokenizer, patch_size=8, image_token="<image>",
+                  vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_tokens,
+                  chat_template=LLAVA_TEMPLATE).save_pretrained(path)
     return Path(path)

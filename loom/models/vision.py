@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-MULTIMODAL_ARCHITECTURES = ("LlavaForConditionalGeneration",)
+MULTIMODAL_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 IMAGE_TOWERS = ("clip_vision_model", "siglip_vision_model")
 _KEY_BITS = (1 << 62) - 1
 
@@ -57,28 +57,58 @@ def language_weight_name(name: str) -> str | None:
     return None
 
 
-def image_key(pixels: torch.Tensor) -> int:
-    """A 62-bit digest of an image's pixels as the model sees them: equal keys, equal image rows (the prefix cache
-    hashes it in place of the image's tokens)."""
-    digest = hashlib.blake2b(pixels.detach().cpu().float().contiguous().numpy().tobytes(), digest_size=8).digest()
+def image_key(pixels: torch.Tensor, size: tuple[int, int] = (0, 0)) -> int:
+    """A 62-bit digest of an image's pixels as the model sees them (and of its size, which LLaVA-NeXT's layout reads):
+    equal keys, equal image rows (the prefix cache hashes it in place of the image's tokens)."""
+    digest = hashlib.blake2b(pixels.detach().cpu().float().contiguous().numpy().tobytes(), digest_size=8,
+                             key=repr(tuple(size)).encode()).digest()
     return int.from_bytes(digest, "little") & _KEY_BITS or 1
 
 
-def place_image_tokens(token_ids: list[int], image_token_id: int, tokens_per_image: int, num_images: int,
-                       ) -> list[int]:
-    """The prompt with each image's one placeholder token repeated ``tokens_per_image`` times (what the HF processor
-    does to the text); placeholders already repeated are left as they are. A ValueError when the count fits neither."""
-    count = token_ids.count(image_token_id)
-    if count == num_images and tokens_per_image > 1:
+@dataclass(frozen=True, slots=True)
+class ImageTokens:
+    """How a vision model's images sit in its prompts: the placeholder token, and how many of them an image becomes
+    (plain data: the server and the engine process both count with it)."""
+
+    token_id: int
+    tile_rows: int
+    """Rows of one tile: an image's whole count for LLaVA (576 at 336 px), the base view's for LLaVA-NeXT."""
+    grid_pinpoints: tuple[tuple[int, int], ...] | None = None
+    """LLaVA-NeXT's AnyRes resolutions (height, width); None: one tile per image."""
+    tile_size: int = 0
+    patches_per_side: int = 0
+    newline: bool = False
+
+    def count(self, width: int, height: int) -> int:
+        """Prompt tokens of a ``width`` x ``height`` image (transformers' processor expands its placeholder to as
+        many: for LLaVA-NeXT, the base view, then the tile grid cropped to the image's aspect with one newline row per
+        line)."""
+        if self.grid_pinpoints is None:
+            return self.tile_rows
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+        grid_h, grid_w = get_anyres_image_grid_shape([height, width], [list(p) for p in self.grid_pinpoints],
+                                                     self.tile_size)
+        side = self.patches_per_side
+        rows, cols = unpad_image(torch.empty(0, grid_h * side, grid_w * side), [height, width]).shape[1:]
+        return self.tile_rows + rows * (cols + int(self.newline))
+
+
+def place_image_tokens(token_ids: list[int], image_token_id: int, counts: list[int]) -> list[int]:
+    """The prompt with the k-th image's one placeholder token repeated ``counts[k]`` times (what the HF processor does
+    to the text); placeholders already repeated are left as they are. A ValueError when the count fits neither."""
+    found = token_ids.count(image_token_id)
+    if found == len(counts) and any(n > 1 for n in counts):
         out: list[int] = []
+        sizes = iter(counts)
         for t in token_ids:
             if t == image_token_id:
-                out.extend([t] * tokens_per_image)
+                out.extend([t] * next(sizes))
             else:
                 out.append(t)
         return out
-    if count != num_images * tokens_per_image:
-        raise ValueError(f"the prompt has {count} image tokens for {num_images} images: it needs one image "
+    if found != sum(counts):
+        raise ValueError(f"the prompt has {found} image tokens for {len(counts)} images: it needs one image "
                          "placeholder per image")
     return token_ids
 
@@ -91,13 +121,13 @@ class ImageInput:
 
     positions: np.ndarray
     """Prompt positions of the image tokens, ascending (int64)."""
-    pixels: torch.Tensor
-    """The processor's pixel values [images, 3, H, W], on the CPU."""
+    pixels: list[tuple[torch.Tensor, tuple[int, int]]]
+    """Per image, the processor's pixel values [tiles, 3, S, S] on the CPU and its (height, width)."""
     keys: dict[int, int]
     """Prompt position -> the key the prefix cache hashes there (the position's image's ``image_key``, negated so that
     no token id equals it)."""
-    encode: Callable[[torch.Tensor], torch.Tensor]
-    """Pixels -> embeddings [len(positions), hidden] (``VisionEncoder.embed_flat``)."""
+    encode: Callable[[list], torch.Tensor]
+    """Pixels -> embeddings [len(positions), hidden] (``VisionEncoder.embed``)."""
     embeds: torch.Tensor | None = None
 
     @property
@@ -136,7 +166,8 @@ class Projector(nn.Module):
 
 
 class VisionEncoder:
-    """Images -> rows of input embeddings for a LLaVA checkpoint (its tower, projector and image processor)."""
+    """Images -> rows of input embeddings for a LLaVA or LLaVA-NeXT checkpoint (its tower, projector and image
+    processor; LLaVA-NeXT's AnyRes tiles and row-end ``image_newline`` too)."""
 
     def __init__(self, folder: str | Path, hf_config, dtype: torch.dtype, device: torch.device,
                  load: bool = True):
@@ -149,26 +180,38 @@ class VisionEncoder:
         layers = hf_config.vision_feature_layer
         self.feature_layers = [layers] if isinstance(layers, int) else list(layers)
         self.drop_cls = hf_config.vision_feature_select_strategy == "default"
-        self.image_token_id = int(getattr(hf_config, "image_token_id", None)
-                                  if getattr(hf_config, "image_token_id", None) is not None
-                                  else hf_config.image_token_index)
+        token_id = getattr(hf_config, "image_token_id", None)
+        token_id = int(token_id if token_id is not None else hf_config.image_token_index)
+        self.anyres = hf_config.architectures[0] == "LlavaNextForConditionalGeneration"
+        self.grid_pinpoints = [list(p) for p in hf_config.image_grid_pinpoints] if self.anyres else None
+        self.tile_size = vision.image_size
         self.tower = AutoModel.from_config(vision).eval()
-        self.projector = Projector(vision.hidden_size * len(self.feature_layers), hf_config.text_config.hidden_size,
+        hidden = hf_config.text_config.hidden_size
+        self.projector = Projector(vision.hidden_size * len(self.feature_layers), hidden,
                                    hf_config.projector_hidden_act, getattr(hf_config, "multimodal_projector_bias",
                                                                            True))
+        self.image_newline = torch.zeros(hidden) if self.anyres else None
+        """LLaVA-NeXT: the row closing each line of an image's tile grid."""
         if load:
             self._load(Path(folder))
         self.tower.to(device=device, dtype=dtype)
         self.projector.to(device=device, dtype=dtype).eval()
+        if self.image_newline is not None:
+            self.image_newline = self.image_newline.to(device=device, dtype=dtype)
         self.dtype, self.device = dtype, device
         self.processor = AutoImageProcessor.from_pretrained(str(folder))
-        size = vision.image_size
-        self.tokens_per_image = int(self.embed(torch.zeros(1, 3, size, size))[0].shape[0])
+        tile_rows = int(self._tiles(torch.zeros(1, 3, self.tile_size, self.tile_size)).shape[1])
+        self.tokens = ImageTokens(token_id, tile_rows, tuple(map(tuple, self.grid_pinpoints or ())) or None,
+                                  self.tile_size, vision.image_size // vision.patch_size, self.anyres)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokens.token_id
 
     def _load(self, folder: Path) -> None:
         own = dict(self.tower.named_parameters()) | dict(self.tower.named_buffers())
         inner = "vision_model." if not any(n.startswith("vision_model.") for n in own) else ""
-        tower, projector = {}, {}
+        tower, projector, newline = {}, {}, None
         for file in sorted(folder.glob("*.safetensors")):
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in f.keys():
@@ -178,44 +221,79 @@ class VisionEncoder:
                         tower[key.removeprefix(inner) if inner else key] = f.get_tensor(name)
                     elif bare.startswith("multi_modal_projector."):
                         projector[bare.removeprefix("multi_modal_projector.")] = f.get_tensor(name)
+                    elif bare == "image_newline":
+                        newline = f.get_tensor(name)
         # a checkpoint may keep tower layers past the feature layer; transformers' tower has them all, so all match
         missing = [n for n in own if n not in tower and not n.endswith("position_ids")]
+        if self.anyres and newline is None:
+            missing.append("image_newline")
         if missing:
             raise ValueError(f"{folder}: the vision tower's weights are incomplete (no {', '.join(missing[:3])}"
                              f"{' ...' if len(missing) > 3 else ''})")
         self.tower.load_state_dict(tower, strict=False)
         self.projector.load_state_dict(projector)
+        if newline is not None:
+            self.image_newline = newline.float()
 
-    def pixels(self, images: list) -> torch.Tensor:
-        """PIL images -> the processor's pixel values [N, 3, H, W] (float32, on the CPU)."""
+    def pixels(self, images: list) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        """PIL images -> per image, the processor's pixel values [tiles, 3, S, S] (float32, on the CPU: one tile for
+        LLaVA, the base view and the AnyRes grid for LLaVA-NeXT) and the image's (height, width)."""
         out = self.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
-        return out["pixel_values"].float()
+        values = out["pixel_values"].float()
+        if not self.anyres:
+            return [(values[i : i + 1], (image.height, image.width)) for i, image in enumerate(images)]
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        result = []
+        for i, (height, width) in enumerate(out["image_sizes"].tolist()):
+            tiles = image_size_to_num_patches((height, width), self.grid_pinpoints, self.tile_size)
+            result.append((values[i, :tiles], (height, width)))
+        return result
 
     @torch.inference_mode()
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixel values [N, 3, H, W] -> image rows [N, tokens_per_image, hidden] (the model's dtype and device)."""
+    def _tiles(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Tiles [N, 3, S, S] -> their projected rows [N, rows per tile, hidden] (the model's dtype and device)."""
         out = self.tower(pixels.to(device=self.device, dtype=self.dtype), output_hidden_states=True)
         hidden = [out.hidden_states[layer] for layer in self.feature_layers]
         if self.drop_cls:
             hidden = [h[:, 1:] for h in hidden]
         return self.projector(torch.cat(hidden, dim=-1))
 
+    @torch.inference_mode()
+    def embed(self, pixels: list[tuple[torch.Tensor, tuple[int, int]]]) -> torch.Tensor:
+        """``pixels``' images -> their rows one after another [sum of ``tokens.count``, hidden]: all the tiles through
+        the tower at once, then each image's rows as transformers' ``LlavaNextModel.pack_image_features`` lays them
+        out (the base view's rows, then the grid's unpadded rows, each line closed by ``image_newline``)."""
+        rows = self._tiles(torch.cat([tiles for tiles, _ in pixels]))
+        if not self.anyres:
+            return rows.flatten(0, 1)
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+        side = self.tokens.patches_per_side
+        out, at = [], 0
+        for tiles, size in pixels:
+            image = rows[at : at + len(tiles)]
+            at += len(tiles)
+            grid_h, grid_w = get_anyres_image_grid_shape(list(size), self.grid_pinpoints, self.tile_size)
+            grid = image[1:].view(grid_h, grid_w, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
+            grid = unpad_image(grid, list(size))  # [hidden, H, W]
+            newline = self.image_newline[:, None, None].expand(*grid.shape[:-1], 1)
+            grid = torch.cat([grid, newline], dim=-1).flatten(1, 2).transpose(0, 1)
+            out += [image[0], grid]
+        return torch.cat(out)
+
     def image_input(self, token_ids: list[int], images: list) -> ImageInput:
         """The rows and cache keys of a prompt's ``images`` (in order), whose placeholders ``token_ids`` already holds
         expanded; a ValueError when the counts disagree."""
-        positions = np.flatnonzero(np.asarray(token_ids, dtype=np.int64) == self.image_token_id)
-        n = self.tokens_per_image
-        if len(positions) != n * len(images):
-            placed = len(positions) / n
-            raise ValueError(f"the prompt has {placed:g} image placeholders ({len(positions)} image tokens, "
-                             f"{n} per image) for {len(images)} images: put one image token in the text per image")
+        positions = np.flatnonzero(np.asarray(token_ids, dtype=np.int64) == self.tokens.token_id)
+        counts = [self.tokens.count(image.width, image.height) for image in images]
+        if len(positions) != sum(counts):
+            raise ValueError(f"the prompt has {len(positions)} image tokens where its {len(images)} images take "
+                             f"{sum(counts)}: put one image token in the text per image")
         pixels = self.pixels(images)
-        keys = {}
-        for i in range(len(images)):
-            key = -image_key(pixels[i])
-            keys.update((int(p), key) for p in positions[i * n : (i + 1) * n])
-        return ImageInput(positions, pixels, keys, self.embed_flat)
-
-    def embed_flat(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixel values [N, 3, H, W] -> the images' rows one after another [N * tokens_per_image, hidden]."""
-        return self.embed(pixels).reshape(-1, self.projector.linear_2.out_features)
+        keys, at = {}, 0
+        for (tiles, size), n in zip(pixels, counts):
+            key = -image_key(tiles, size)
+            keys.update((int(p), key) for p in positions[at : at + n])
+            at += n
+        return ImageInput(positions, pixels, keys, self.embed)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
 from loom import LLM, SamplingParams
 from loom.engine.sequence import Sequence
@@ -35,13 +35,18 @@ def granite_llava(tmp_path_factory, smollm2_path):
                                   arch="granite")
 
 
+@pytest.fixture(scope="module")
+def next_llava(tmp_path_factory, smollm2_path):
+    return save_tiny_vision_model(tmp_path_factory.mktemp("llava-next"), smollm2_path, anyres=True)
+
+
 def image(seed: int, size=(40, 50)) -> Image.Image:
     return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (*size, 3), dtype=np.uint8))
 
 
 def hf_greedy(path, prompt: str, images: list, max_tokens: int) -> tuple[list[int], list[float]]:
     processor = AutoProcessor.from_pretrained(str(path))
-    model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
     inputs = processor(images=images or None, text=prompt, return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, output_scores=True,
                          return_dict_in_generate=True)
@@ -75,6 +80,38 @@ def test_greedy_equals_hf(request, tower, backend):
         ids, lp = loom_greedy(llm, prompt, images, 10)
         assert ids == want_ids, prompt
         np.testing.assert_allclose(lp, want_lp, atol=2e-4)
+
+
+# (height, width): grids of 1 x 2, 2 x 1, 2 x 2 and 1 x 3 tiles; each unpadded to the picture's aspect
+SIZES = [(40, 50), (90, 30), (64, 64), (20, 100), (33, 97)]
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_llava_next_anyres_equals_hf(next_llava, backend):
+    llm = LLM(str(next_llava), attention_backend=backend, num_kv_blocks=256, enable_prefix_caching=False)
+    for i, size in enumerate(SIZES):
+        images = [image(i, size)]
+        want_ids, want_lp = hf_greedy(next_llava, "USER: <image>\nWhat is this? ASSISTANT:", images, 8)
+        ids, lp = loom_greedy(llm, "USER: <image>\nWhat is this? ASSISTANT:", images, 8)
+        assert ids == want_ids, size
+        np.testing.assert_allclose(lp, want_lp, atol=2e-4)
+    # two pictures of different sizes in one prompt, through 7-token chunks
+    images = [image(7, SIZES[1]), image(8, SIZES[3])]
+    prompt = "USER: <image>\n<image>\nCompare them. ASSISTANT:"
+    chunked = LLM(str(next_llava), attention_backend=backend, num_kv_blocks=256, max_num_batched_tokens=7,
+                  block_size=4)
+    assert loom_greedy(chunked, prompt, images, 8)[0] == hf_greedy(next_llava, prompt, images, 8)[0]
+
+
+def test_anyres_token_counts_equal_the_processor(next_llava):
+    """``ImageTokens.count`` (what the server expands placeholders by) against transformers' processor."""
+    processor = AutoProcessor.from_pretrained(str(next_llava))
+    llm = LLM(str(next_llava), num_kv_blocks=16)
+    tokens = llm.engine.image_tokens
+    rng = np.random.RandomState(0)
+    for height, width in [*SIZES, *rng.randint(8, 300, size=(40, 2)).tolist()]:
+        ids = processor(images=[image(0, (height, width))], text="<image>", return_tensors="pt")["input_ids"][0]
+        assert tokens.count(width, height) == int((ids == tokens.token_id).sum()), (height, width)
 
 
 def test_chunked_prefill_cuts_through_an_image(clip_llava):
@@ -113,7 +150,7 @@ def test_chat_places_images_as_the_template_does(clip_llava):
     # llava-hf's template writes the turn's images first, then its text
     want = hf_greedy(clip_llava, "USER: <image>\nWhat is this? ASSISTANT:", [image(5)], 6)[0]
     assert out.outputs[0].token_ids == want
-    assert out.prompt_token_ids.count(llm.engine.image_tokens[0]) == 16
+    assert out.prompt_token_ids.count(llm.engine.image_tokens.token_id) == 16
 
 
 def test_refusals(clip_llava, tiny_llama):
@@ -136,17 +173,17 @@ def test_refusals(clip_llava, tiny_llama):
 
 
 def test_place_image_tokens():
-    assert place_image_tokens([5, 9, 6, 9], 9, 3, 2) == [5, 9, 9, 9, 6, 9, 9, 9]
+    assert place_image_tokens([5, 9, 6, 9], 9, [3, 2]) == [5, 9, 9, 9, 6, 9, 9]
     already = [5, 9, 9, 9, 6]
-    assert place_image_tokens(already, 9, 3, 1) is already
+    assert place_image_tokens(already, 9, [3]) is already
     with pytest.raises(ValueError, match="2 image tokens for 1 images"):
-        place_image_tokens([9, 1, 9], 9, 3, 1)
+        place_image_tokens([9, 1, 9], 9, [3])
 
 
 def test_image_tokens_hash_as_their_image(clip_llava):
     """The block manager reads a sequence's tokens with each image token replaced by its image's key."""
     seq = Sequence(0, "r", 0, [1, 2, 9, 9, 3], SamplingParams(), 0.0)
-    seq.images = ImageInput(np.array([2, 3]), torch.zeros(1, 3, 2, 2), {2: -11, 3: -11}, lambda p: torch.zeros(2, 4))
+    seq.images = ImageInput(np.array([2, 3]), [], {2: -11, 3: -11}, lambda p: torch.zeros(2, 4))
     assert seq.tokens[0:5] == [1, 2, -11, -11, 3]
     assert seq.tokens[3:5] == [-11, 3]
     assert seq.hashed_token_ids == [1, 2, -11, -11, 3]

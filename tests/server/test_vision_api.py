@@ -120,7 +120,7 @@ def test_tokenize_counts_image_tokens(vision_server, offline):
     got = httpx.post(vision_server.url + "/tokenize", json=body).json()
     prompt = offline.apply_chat_template(user(TEXT, {"type": "image"}))
     assert got["count"] == len(prompt) + 15
-    assert got["tokens"].count(offline.engine.image_tokens[0]) == 16
+    assert got["tokens"].count(offline.engine.image_tokens.token_id) == 16
 
 
 @pytest.mark.parametrize("parts, needle", [
@@ -154,6 +154,35 @@ def test_engine_process_carries_the_images(clip_llava, offline):
         out = client.chat.completions.create(model="tiny", messages=user(TEXT, image_part(data_url(img))),
                                              max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
         assert out.choices[0].message.content == want
+    finally:
+        server.stop()
+
+
+def test_llava_next_counts_each_picture_by_its_size(tmp_path, smollm2_path):
+    """AnyRes: a picture's tokens depend on its size; the server expands each placeholder by it (usage, /tokenize)
+    and answers as the offline engine does."""
+    import httpx
+
+    from loom.models.tiny import save_tiny_vision_model
+
+    path = save_tiny_vision_model(tmp_path / "next", smollm2_path, anyres=True)
+    offline = LLM(str(path), num_kv_blocks=128)
+    wide, tall = image(31, (20, 100)), image(32, (90, 30))
+    messages = user(TEXT, {"type": "image_pil", "image_pil": wide}, {"type": "image_pil", "image_pil": tall})
+    want = offline.chat(messages, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    tokens = offline.engine.image_tokens
+    assert tokens.count(100, 20) != tokens.count(30, 90)
+    server = start_llm_server(tiny_config(path, num_kv_blocks=128))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        parts = [image_part(data_url(wide)), image_part(data_url(tall))]
+        out = client.chat.completions.create(model="tiny", messages=user(TEXT, *parts), max_tokens=8, temperature=0,
+                                             extra_body={"ignore_eos": True})
+        assert out.choices[0].message.content == offline.tokenizer.decode(want.outputs[0].token_ids,
+                                                                           skip_special_tokens=True)
+        assert out.usage.prompt_tokens == len(want.prompt_token_ids)
+        body = {"model": "tiny", "messages": user(TEXT, *parts)}
+        assert httpx.post(server.url + "/tokenize", json=body).json()["tokens"] == want.prompt_token_ids
     finally:
         server.stop()
 

@@ -195,8 +195,8 @@ class AsyncLLMEngine:
         self.tokenizer = None
         """A second tokenizer for the event loop (the engine's stays on the engine thread)."""
         self.max_model_len = 0
-        self.image_tokens: tuple[int, int] | None = None
-        """A vision model's image token id and tokens per image (``LLMEngine.image_tokens``); None: a text model."""
+        self.image_tokens = None
+        """A vision model's ``loom.models.vision.ImageTokens`` (``LLMEngine.image_tokens``); None: a text model."""
         self.num_in_flight = 0
         self.last_stats = None
         """The engine's EngineStats after its latest step or command batch."""

@@ -96,7 +96,7 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatR
     template = req.template_options(req.messages, req.add_generation_prompt)
     images = await ctx.load_images(req.messages)
     prompt = await ctx.apply_chat_template(req.messages, req.add_generation_prompt, tools=plan.tools,
-                                           template=template)
+                                           template=template, images=images)
     if reasoning is not None and ctx.think is not None:
         reasoning = reasoning.after_prompt(prompt_block(prompt, ctx.think))  # as the engine's gate reads it
     await ctx.compile_grammar(params, _grammar_param(req, plan))

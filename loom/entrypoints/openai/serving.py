@@ -137,7 +137,7 @@ class ServingContext:
 
     async def apply_chat_template(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
                                   within_context: bool = True, tools: list[dict] | None = None,
-                                  template: dict | None = None) -> list[int]:
+                                  template: dict | None = None, images: list | None = None) -> list[int]:
         """The chat prompt's ids; with ``within_context``, a prompt longer than the context is a 400. Tools go to
         the template, or into the messages for a template that ignores them (``tools.template_messages``).
         ``template``: ``continue_final_message`` and the template's own variables (``ChatTemplateFields``)."""
@@ -150,20 +150,25 @@ class ServingContext:
         if num_images and self.front.image_tokens is None:
             raise bad_request(f"{self.model_name} is a text model: it takes no images (image_url parts); serve a "
                               "vision model (a LlavaForConditionalGeneration folder)", "messages")
-        if self.front.image_tokens is not None:
-            image_id, per_image = self.front.image_tokens
-            dicts = vision_content(dicts, self.content_format, self.front.tokenizer.convert_ids_to_tokens(image_id))
+        tokens = self.front.image_tokens
+        if tokens is not None:
+            dicts = vision_content(dicts, self.content_format,
+                                   self.front.tokenizer.convert_ids_to_tokens(tokens.token_id))
         ids = await self.encoder.chat(dicts, add_generation_prompt, limit=limit, tools=tools if native else None,
                                       template=template)
         if num_images:
+            if images is None:  # /tokenize: the images' sizes decide their token counts
+                images = await self.load_images(messages)
+            counts = [tokens.count(image.width, image.height) for image in images]
             try:
-                ids = place_image_tokens(ids, image_id, per_image, num_images)
+                ids = place_image_tokens(ids, tokens.token_id, counts)
             except ValueError:
-                raise bad_request(f"the chat template placed {ids.count(image_id)} image tokens for {num_images} "
-                                  "images; this model's template does not take image parts", "messages") from None
+                raise bad_request(f"the chat template placed {ids.count(tokens.token_id)} image tokens for "
+                                  f"{num_images} images; this model's template does not take image parts",
+                                  "messages") from None
             if limit is not None and len(ids) >= limit:
-                raise bad_request(f"prompt has {len(ids)} tokens ({per_image} per image) but the model's context is "
-                                  f"{limit}; send fewer images or less text", "messages")
+                raise bad_request(f"prompt has {len(ids)} tokens ({sum(counts)} for images) but the model's context "
+                                  f"is {limit}; send fewer or smaller images, or less text", "messages")
         return ids
 
     @property
