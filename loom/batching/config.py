@@ -1,8 +1,9 @@
 """Per-model settings of the model server and the two ways to declare them: `--serve` specs and models.yaml.
 
-``--serve NAME=HANDLER[:PATH]``: HANDLER is a built-in name (``embedding``, ``reranker``, ``image-classifier``), a
-``.py`` file or a dotted module path (``file.py#Class`` / ``pkg.mod#Class`` picks one class when the module defines
-several); PATH is the model folder handed to the handler's ``setup``.
+``--serve NAME=HANDLER[:PATH]``: HANDLER is a built-in name (``embedding``, ``reranker``, ``image-classifier``,
+``torchserve``), a ``.py`` file or a dotted module path (``file.py#Class`` / ``pkg.mod#Class`` picks one class when
+the module defines several); PATH is the model folder handed to the handler's ``setup``. ``NAME=model.mar`` is short
+for ``NAME=torchserve:model.mar`` (a TorchServe archive with its own handler).
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ def parse_serve_spec(spec: str, **defaults: Any) -> ModelConfig:
         raise ValueError(f"--serve {spec!r} must look like NAME=HANDLER[:PATH], "
                          "e.g. minilm=embedding or vit=image-classifier:/models/vit")
     handler, _, path = rest.partition(":")
+    if handler.endswith(".mar") and not path:  # NAME=model.mar: TorchServe's archive, run by its own handler
+        handler, path = "torchserve", handler
     return ModelConfig(name=name, handler=handler, path=path or None, **defaults)
 
 

@@ -26,6 +26,7 @@ BUILTIN_HANDLERS = {
     "embedding": "loom.batching.handlers.embedding#EmbeddingHandler",
     "image-classifier": "loom.batching.handlers.image_classifier#ImageClassifierHandler",
     "reranker": "loom.batching.handlers.reranker#RerankerHandler",
+    "torchserve": "loom.batching.handlers.torchserve#TorchServeHandler",
 }
 
 
@@ -48,6 +49,8 @@ class Context:
     options: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     """Where to put the model: "cpu", or this worker's GPU ("cuda:1") from the server's round-robin (--gpus)."""
+    batch_size: int = 1
+    """The most requests one batch holds (the model's batch_size)."""
 
 
 class Handler:
@@ -71,6 +74,18 @@ class Handler:
     def postprocess(self, outputs: Any) -> list[Any]:
         """Model outputs → one JSON-able result (or exception) per request, in order."""
         return list(outputs)
+
+
+@dataclass(slots=True, frozen=True)
+class Raw:
+    """A result sent back as it is, not as JSON: ``body`` with its ``content_type`` (an image, text)."""
+
+    body: bytes
+    content_type: str
+
+    def __post_init__(self) -> None:
+        if not self.content_type.isprintable() or not self.content_type.isascii() or "\n" in self.content_type:
+            raise ValueError(f"content type {self.content_type!r} is not a header value")
 
 
 @dataclass(slots=True)

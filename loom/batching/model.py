@@ -307,7 +307,8 @@ class ServedModel:
         new = []
         for _ in range(count):
             spec = WorkerSpec(self.config.name, self.config.handler, self.config.path, self._next_index,
-                              self.config.threads(total), dict(self.config.options), self.placer.next())
+                              self.config.threads(total), dict(self.config.options), self.placer.next(),
+                              self.config.batch_size)
             self._next_index += 1
             new.append(WorkerSlot(spec.worker_index, WorkerProcess(spec)))
         results = await asyncio.gather(*(s.process.start() for s in new), return_exceptions=True)

@@ -25,6 +25,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from loom.batching.batcher import DeadlineExceeded, QueueFull
+from loom.batching.handler import Raw
 from loom.batching.model import ItemFailed, ModelUnavailable
 from loom.batching.server import ModelNotFound, ModelServer
 
@@ -79,7 +80,8 @@ def build_inference_router(server: ModelServer) -> APIRouter:
     async def predictions(name: str, request: Request) -> Response:
         status, body, headers = await predict(server, name, await request.body(),
                                               request.headers.get("content-type", ""))
-        return Response(body, status_code=status, media_type="application/json", headers=headers)
+        media_type = headers.pop("Content-Type", "application/json")
+        return Response(body, status_code=status, media_type=media_type, headers=headers)
 
     for path, answer in (("/v1/embeddings", _embeddings), ("/v1/rerank", _rerank), ("/rerank", _rerank),
                          ("/v1/score", _score)):
@@ -114,6 +116,8 @@ async def predict(server: ModelServer, name: str, body: bytes, content_type: str
             raise HTTPError(400, _EMPTY_BODY)
         timing: dict = {}
         value = await _submit(model, _decode_body(body, content_type), timing)
+        if isinstance(value, Raw):  # sent as it is (a TorchServe handler's text or bytes, say)
+            return 200, value.body, {**timing_headers(timing), "Content-Type": value.content_type}
         answer, status = json_body(value)
         return status, answer, timing_headers(timing)
     except HTTPError as err:
@@ -140,7 +144,8 @@ class PredictionRoute:
                 break
         content_type = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-type"), "")
         status, body, headers = await predict(self.server, name, b"".join(chunks), content_type)
-        raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        media_type = headers.pop("Content-Type", "application/json")
+        raw = [(b"content-type", media_type.encode("latin-1")), (b"content-length", str(len(body)).encode())]
         raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})

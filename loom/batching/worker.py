@@ -35,6 +35,7 @@ class WorkerSpec:
     options: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     """Where the handler should put its model ("cuda:1"): see loom.batching.placement."""
+    batch_size: int = 1
 
 
 class WorkerDied(RuntimeError):
@@ -98,7 +99,7 @@ def run_unexpired(handler, items: list[Any], deadlines: list[float]) -> list[Ite
 def _build_handler(spec: WorkerSpec):
     handler = load_handler_class(spec.handler)()
     ctx = Context(spec.model_name, spec.model_dir, spec.worker_index, spec.num_threads, dict(spec.options),
-                  spec.device)
+                  spec.device, spec.batch_size)
     handler.setup(ctx)
     _set_torch_threads(spec.num_threads)
     return handler

@@ -1,0 +1,250 @@
+"""`torchserve` handler: a TorchServe model archive (``.mar``, or the folder it unpacks to) served with its own handler
+code, unchanged, behind Loom's batching, workers and routes.
+
+    loom serve --serve mnist=torchserve:/models/mnist.mar --batch-size 8 --max-batch-delay 10
+    curl -s localhost:8000/predictions/mnist -T 0.png
+
+What TorchServe's Python backend gives a handler, this gives it too:
+
+- **The archive.** ``MAR-INF/MANIFEST.json`` names the handler (``file.py``, ``file.py:function``, or a TorchServe
+  built-in such as ``image_classifier``), the ``serializedFile`` and ``modelFile``. A ``.mar`` is unpacked once into
+  ``$LOOM_HOME/mar/`` (no member outside the folder, no links, bounded size) and reused while unchanged.
+- **The entry point,** by TorchServe's rules (``ts/model_loader.py``): ``file.py:fn`` is a function ``fn(data,
+  context)``, called once with ``data=None`` to initialise; a module defining exactly one class gets an instance,
+  ``initialize(context)``, then ``handle(data, context)`` per batch; otherwise the module's own ``handle``.
+- **The context** (``ts.context.Context``'s surface): ``model_name``, ``manifest``, ``system_properties``
+  (``model_dir``, ``gpu_id``, ``batch_size``, ...), ``model_yaml_config``, ``metrics`` (recorded, not exported),
+  ``get_request_header`` (None: Loom hands handlers bodies only), ``set_response_content_type`` /
+  ``set_response_status``.
+- **The batch:** ``data`` is one ``{"body": value}`` per request, the value decoded as TorchServe decodes it (JSON
+  parsed, text as ``str``, anything else ``bytes``); ``handle`` returns one result per request. A ``str`` result
+  goes back as text, ``bytes`` as ``application/octet-stream`` (or the content type the handler set), anything else
+  as JSON.
+
+Handlers that import ``ts`` (``from ts.torch_handler.base_handler import BaseHandler``, the built-in handlers) need
+TorchServe's Python package: ``pip install torchserve`` (it runs without TorchServe's Java frontend). A ``.mar`` is
+code: it is served only when the operator names it (``--serve``, models.yaml, or a registration with
+``--enable-model-api``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import shutil
+import stat
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from loom.batching.handler import Context, Handler, ItemError, Raw
+from loom.models.catalogue import loom_home
+
+MANIFEST = "MAR-INF/MANIFEST.json"
+TS_BUILTINS = ("image_classifier", "image_segmenter", "object_detector", "text_classifier", "dali_image_classifier")
+"""TorchServe's own handler names (``ts.torch_handler.<name>``)."""
+MAX_MEMBERS = 100_000
+MAX_RATIO = 20
+"""Unpacked size over archive size past which a .mar is refused (weights barely compress; a zip bomb does)."""
+
+
+class Metrics:
+    """``context.metrics`` (TorchServe's MetricsCache surface): every call is recorded in ``values``."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def _add(self, name: str, value: Any = None, *args, **kwargs) -> None:
+        self.values[name] = value
+
+    add_time = add_counter = add_size = add_percent = add_error = add_metric = _add
+
+    def get_metric(self, name: str, *args, **kwargs) -> Any:
+        return self.values.get(name)
+
+
+class TorchServeContext:
+    """The context a TorchServe handler is given (``ts.context.Context``'s attributes and methods)."""
+
+    def __init__(self, model_name: str, model_dir: str, manifest: dict, batch_size: int, gpu_id: int | None):
+        self.model_name = model_name
+        self.manifest = manifest
+        self.system_properties = {"model_dir": model_dir, "gpu_id": gpu_id, "batch_size": batch_size,
+                                  "server_name": "Loom", "server_version": "0.12.0",
+                                  "limit_max_image_pixels": True}
+        self.model_yaml_config: dict = {}
+        self.metrics = Metrics()
+        self.request_ids: dict[int, str] = {}
+        self.request_processor: list = []
+        self.stopping_criteria = None
+        self.response: dict[int, dict[str, Any]] = {}
+        """Per request index: "content-type", "status", "phrase" the handler set for this batch."""
+
+    def get_request_id(self, idx: int = 0) -> str | None:
+        return self.request_ids.get(idx)
+
+    def get_request_header(self, idx: int, key: str) -> str | None:
+        return None
+
+    def get_all_request_header(self, idx: int) -> dict:
+        return {}
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        self.response.setdefault(idx, {})["content-type"] = value
+
+    def get_response_content_type(self, idx: int) -> str | None:
+        return self.response.get(idx, {}).get("content-type")
+
+    def set_response_header(self, idx: int, key: str, value: str) -> None:
+        self.response.setdefault(idx, {})[key.lower()] = value
+
+    def get_response_headers(self, idx: int) -> dict:
+        return dict(self.response.get(idx, {}))
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        self.response.setdefault(idx, {}).update(status=code, phrase=phrase)
+
+    def set_all_response_status(self, code: int = 200, phrase: str = "") -> None:
+        for idx in range(len(self.request_ids) or 1):
+            self.set_response_status(code, phrase, idx)
+
+    def get_response_status(self, idx: int) -> tuple[int, str]:
+        entry = self.response.get(idx, {})
+        return entry.get("status", 200), entry.get("phrase", "")
+
+
+class TorchServeHandler(Handler):
+    def setup(self, ctx: Context) -> None:
+        if not ctx.model_dir:
+            raise ValueError("the torchserve handler needs a model archive: NAME=torchserve:/path/model.mar (or the "
+                             "folder a .mar unpacks to)")
+        source = Path(ctx.model_dir).expanduser()
+        folder = unpack(source) if source.is_file() else source
+        manifest = read_manifest(folder)
+        gpu = int(ctx.device.split(":")[1]) if ctx.device.startswith("cuda:") else None
+        self.context = TorchServeContext(ctx.model_name, str(folder), manifest, ctx.batch_size, gpu)
+        self.entry = load_entry_point(folder, manifest["model"]["handler"], self.context)
+
+    def inference(self, batch: list[Any]) -> list[Any]:
+        context = self.context
+        context.response = {}
+        context.request_ids = {i: f"{i}" for i in range(len(batch))}
+        started = time.perf_counter()
+        outputs = self.entry([{"body": value} for value in batch], context)
+        context.metrics.add_time("PredictionTime", (time.perf_counter() - started) * 1000, None, "ms")
+        if not isinstance(outputs, list) or len(outputs) != len(batch):
+            got = f"{len(outputs)} results" if isinstance(outputs, list) else type(outputs).__name__
+            raise RuntimeError(f"the TorchServe handler returned {got} for a batch of {len(batch)}; handle() must "
+                               "return a list with one result per request")
+        return [self._result(i, out) for i, out in enumerate(outputs)]
+
+    def _result(self, idx: int, out: Any) -> Any:
+        status, phrase = self.context.get_response_status(idx)
+        if status >= 400:
+            return ItemError(phrase or f"the handler answered {status}", status)
+        content_type = self.context.get_response_content_type(idx)
+        if isinstance(out, bytes | bytearray):
+            return Raw(bytes(out), content_type or "application/octet-stream")
+        if isinstance(out, str):
+            return Raw(out.encode(), content_type or "text/plain; charset=utf-8")
+        return out
+
+
+def load_entry_point(folder: Path, handler: str, context: TorchServeContext):
+    """TorchServe's entry point rules (see the module docstring); initialises the handler."""
+    module_name, _, function = handler.partition(":")
+    module_name = module_name.removesuffix(".py")
+    if module_name in TS_BUILTINS:
+        module_name = f"ts.torch_handler.{module_name}"
+    elif not (folder / f"{module_name}.py").is_file() and "." not in module_name:
+        raise ValueError(f"the archive's handler {handler!r} is neither a file in it nor a TorchServe built-in "
+                         f"({', '.join(TS_BUILTINS)})")
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))  # as TorchServe: the handler imports the archive's other files
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] == "ts":
+            raise ValueError(f"the handler imports TorchServe's package ({exc.name}): pip install torchserve (its "
+                             "Python part runs without Java)") from exc
+        raise
+    if function:
+        entry = getattr(module, function, None)
+        if not callable(entry):
+            raise ValueError(f"the handler module {module_name} has no function {function!r}")
+        entry(None, context)  # TorchServe initialises a function entry point with data=None
+        return entry
+    classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+    if len(classes) == 1:
+        instance = classes[0]()
+        instance.initialize(context)
+        return instance.handle
+    if len(classes) > 1:
+        raise ValueError(f"the handler module {module_name} defines {len(classes)} classes; name the entry point as "
+                         "module:function, or keep one class")
+    entry = getattr(module, "handle", None)
+    if not callable(entry):
+        raise ValueError(f"the handler module {module_name} has no class and no handle(data, context) function")
+    entry(None, context)
+    return entry
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["model"]["handler"]  # noqa: B018 - must be there
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{folder} is not a TorchServe model: {MANIFEST} with model.handler is missing or "
+                         "unreadable (make one with torch-model-archiver)") from None
+    return manifest
+
+
+def unpack(archive: Path) -> Path:
+    """The folder ``archive`` unpacks to under ``$LOOM_HOME/mar/`` (unpacked once; reused while the file is the
+    same): no member may leave the folder or be a link, and the whole may not be many times the archive's size."""
+    digest = hashlib.sha256()
+    with archive.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    target = loom_home() / "mar" / f"{archive.stem}-{digest.hexdigest()[:16]}"
+    if (target / MANIFEST).is_file():
+        return target
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = zf.infolist()
+            _check_members(members, archive)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
+            try:
+                for member in members:
+                    zf.extract(member, staging)
+                os.replace(staging, target)  # workers unpacking at once: one wins, the others reuse it
+            except OSError:
+                if not (target / MANIFEST).is_file():
+                    raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{archive} is not a model archive (.mar files are zip files)") from None
+    return target
+
+
+def _check_members(members: list[zipfile.ZipInfo], archive: Path) -> None:
+    if len(members) > MAX_MEMBERS:
+        raise ValueError(f"{archive} has {len(members)} files, more than {MAX_MEMBERS}")
+    total = sum(m.file_size for m in members)
+    if total > MAX_RATIO * max(archive.stat().st_size, 1) + (64 << 20):
+        raise ValueError(f"{archive} unpacks to {total} bytes, {MAX_RATIO}x more than its size: refused")
+    for m in members:
+        parts = Path(m.filename).parts
+        if m.filename.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+            raise ValueError(f"{archive}: member {m.filename!r} would land outside the model folder")
+        if stat.S_ISLNK(m.external_attr >> 16):
+            raise ValueError(f"{archive}: member {m.filename!r} is a link")

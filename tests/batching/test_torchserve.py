@@ -1,0 +1,240 @@
+"""TorchServe model archives (.mar) served by Loom with their own handler code: a BaseHandler-shaped class (eager
+model file + state dict, as torch-model-archiver packs it) batched by Loom's batcher and equal to the model run by
+hand; a function entry point whose text and bytes results go back as TorchServe sends them; per-request statuses
+set through the context; and archives that must not unpack (paths out, links, zip bombs, no manifest)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+import textwrap
+import zipfile
+
+import pytest
+import torch
+
+from loom.batching.config import ModelConfig, parse_serve_spec
+from loom.batching.handlers.torchserve import MANIFEST, unpack
+from tests.batching.test_server_inprocess import run, serving
+
+MODEL_PY = """
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.softmax(self.fc(x), dim=-1)
+"""
+
+# The shape of a TorchServe BaseHandler subclass (initialize / preprocess / inference / postprocess / handle), without
+# importing ts: the model class from the archive's model file, its weights from the serialized file.
+CLASS_HANDLER = """
+import importlib
+import os
+
+import torch
+
+
+class NetHandler:
+    def initialize(self, context):
+        properties = context.system_properties
+        model_dir = properties["model_dir"]
+        model_file = context.manifest["model"]["modelFile"].removesuffix(".py")
+        self.model = importlib.import_module(model_file).Net()
+        weights = os.path.join(model_dir, context.manifest["model"]["serializedFile"])
+        self.model.load_state_dict(torch.load(weights, weights_only=True))
+        self.model.eval()
+        self.batch_size = properties["batch_size"]
+        self.initialized = True
+
+    def preprocess(self, data):
+        rows = []
+        for idx, row in enumerate(data):
+            body = row.get("data") or row.get("body")
+            if not isinstance(body, dict) or len(body.get("x", [])) != 4:
+                self.context.set_response_status(400, "send {'x': [4 numbers]}", idx)
+                body = {"x": [0.0] * 4}
+            rows.append(body["x"])
+        return torch.tensor(rows, dtype=torch.float32)
+
+    def inference(self, batch):
+        with torch.no_grad():
+            return self.model(batch)
+
+    def postprocess(self, output):
+        return [{"probs": row, "batch": len(output), "max_batch": self.batch_size} for row in output.tolist()]
+
+    def handle(self, data, context):
+        self.context = context
+        out = self.postprocess(self.inference(self.preprocess(data)))
+        context.metrics.add_time("HandlerTime", 1.0, None, "ms")
+        return out
+"""
+
+FUNCTION_HANDLER = """
+STATE = {}
+
+
+def handle_fn(data, context):
+    if data is None:  # TorchServe initialises a function entry point with data=None
+        STATE["ready"] = context.model_name
+        return None
+    out = []
+    for idx, row in enumerate(data):
+        body = row.get("body")
+        if isinstance(body, bytes):
+            context.set_response_content_type(idx, "image/x-reversed")
+            out.append(body[::-1])
+        else:
+            out.append(f"{STATE['ready']}:{str(body).upper()}")
+    return out
+"""
+
+
+def make_mar(path, handler: str, files: dict[str, bytes | str], extra: dict | None = None):
+    """An archive as torch-model-archiver writes one: the files at the top, MAR-INF/MANIFEST.json beside them."""
+    manifest = {"createdOn": "07/12/2026 10:00:00", "runtime": "python", "archiverVersion": "0.12.0",
+                "model": {"modelName": path.stem, "handler": handler, "modelVersion": "1.0", **(extra or {})}}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(MANIFEST, json.dumps(manifest))
+        for name, content in files.items():
+            zf.writestr(name, content)
+    return path
+
+
+@pytest.fixture
+def loom_home(tmp_path, monkeypatch):
+    home = tmp_path / "loom-home"
+    monkeypatch.setenv("LOOM_HOME", str(home))  # the workers inherit it: archives unpack under the test's folder
+    return home
+
+
+@pytest.fixture
+def net_mar(tmp_path):
+    torch.manual_seed(0)
+    namespace: dict = {}
+    exec(MODEL_PY, namespace)  # noqa: S102 - the test's own model file
+    net = namespace["Net"]().eval()
+    weights = tmp_path / "net.pt"
+    torch.save(net.state_dict(), weights)
+    mar = make_mar(tmp_path / "net.mar", "net_handler.py",
+                   {"net_handler.py": textwrap.dedent(CLASS_HANDLER), "model.py": MODEL_PY,
+                    "net.pt": weights.read_bytes()},
+                   {"serializedFile": "net.pt", "modelFile": "model.py"})
+    return mar, net
+
+
+def test_a_class_handler_runs_batched_and_equals_the_model(loom_home, net_mar):
+    mar, net = net_mar
+    rows = torch.randn(8, 4).tolist()
+
+    async def body():
+        config = ModelConfig("net", "torchserve", str(mar), batch_size=8, max_batch_delay=500,
+                             dispatch_when_idle=False)
+        async with serving(config) as (client, _, _component):
+            return await asyncio.gather(*(client.post("/predictions/net", json={"x": r}) for r in rows))
+
+    responses = run(body())
+    assert [r.status_code for r in responses] == [200] * 8
+    got = torch.tensor([r.json()["probs"] for r in responses])
+    with torch.no_grad():
+        want = net(torch.tensor(rows))
+    torch.testing.assert_close(got, want)
+    assert {r.json()["batch"] for r in responses} == {8}  # one handle() call took all eight
+    assert {r.json()["max_batch"] for r in responses} == {8}  # system_properties["batch_size"]
+    assert len(list((loom_home / "mar").iterdir())) == 1  # unpacked once, into LOOM_HOME
+
+
+def test_a_status_the_handler_sets_fails_only_its_request(loom_home, net_mar):
+    mar, _ = net_mar
+
+    async def body():
+        config = ModelConfig("net", "torchserve", str(mar), batch_size=4, max_batch_delay=500,
+                             dispatch_when_idle=False)
+        async with serving(config) as (client, _, _component):
+            good = {"x": [1.0, 2.0, 3.0, 4.0]}
+            return await asyncio.gather(*(client.post("/predictions/net", json=b)
+                                          for b in (good, {"x": [1]}, good, "text")))
+
+    a, bad, b, text = run(body())
+    assert (a.status_code, b.status_code) == (200, 200)
+    assert bad.status_code == 400 and "4 numbers" in bad.json()["error"]["message"]
+    assert text.status_code == 400
+
+
+def test_a_function_entry_point_answers_text_and_bytes(loom_home, tmp_path):
+    mar = make_mar(tmp_path / "fn.mar", "fn_handler.py:handle_fn", {"fn_handler.py": FUNCTION_HANDLER})
+
+    async def body():
+        async with serving(parse_serve_spec(f"fn={mar}", batch_size=2)) as (client, _, _component):
+            text = await client.post("/predictions/fn", content=b"hello", headers={"content-type": "text/plain"})
+            raw = await client.post("/predictions/fn", content=b"\x00\x01\x02",
+                                    headers={"content-type": "application/octet-stream"})
+            return text, raw
+
+    text, raw = run(body())
+    assert (text.status_code, text.text) == (200, "fn:HELLO")  # initialised with data=None, then called
+    assert text.headers["content-type"].startswith("text/plain")
+    assert (raw.status_code, raw.content, raw.headers["content-type"]) == (200, b"\x02\x01\x00", "image/x-reversed")
+
+
+def test_serve_spec_shorthand(tmp_path):
+    mar = make_mar(tmp_path / "m.mar", "h.py", {"h.py": ""})
+    config = parse_serve_spec(f"m={mar}")
+    assert (config.handler, config.path) == ("torchserve", str(mar))
+
+
+def test_unpacked_once_and_reused(loom_home, tmp_path):
+    mar = make_mar(tmp_path / "m.mar", "h.py", {"h.py": "x = 1\n", "sub/data.txt": "d"})
+    folder = unpack(mar)
+    assert (folder / "h.py").read_text() == "x = 1\n" and (folder / "sub" / "data.txt").read_text() == "d"
+    (folder / "h.py").write_text("changed")
+    assert unpack(mar) == folder and (folder / "h.py").read_text() == "changed"  # not unpacked again
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staging folder left
+
+
+def _zip_with(path, name: str, content: bytes = b"x", mode: int | None = None, manifest: bool = True):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        if manifest:
+            zf.writestr(MANIFEST, json.dumps({"model": {"handler": "h.py"}}))
+        info = zipfile.ZipInfo(name)
+        info.compress_type = zipfile.ZIP_DEFLATED
+        if mode is not None:
+            info.external_attr = mode << 16
+        zf.writestr(info, content)
+    return path
+
+
+@pytest.mark.parametrize("name, content, mode, needle", [
+    ("../evil.py", b"x", None, "outside the model folder"),
+    ("/etc/evil.py", b"x", None, "outside the model folder"),
+    ("link.py", b"/etc/passwd", stat.S_IFLNK | 0o777, "is a link"),
+    ("zeros.bin", bytes(100 << 20), None, "more than its size"),  # 100 MiB of zeros: a ~100 KiB archive
+])
+def test_archives_that_must_not_unpack(loom_home, tmp_path, name, content, mode, needle):
+    with pytest.raises(ValueError, match=needle):
+        unpack(_zip_with(tmp_path / "bad.mar", name, content, mode))
+    assert not (tmp_path / "evil.py").exists()
+    assert not list((loom_home / "mar").glob("bad-*"))
+
+
+def test_not_an_archive_and_no_manifest(loom_home, tmp_path):
+    from loom.batching.handler import Context
+    from loom.batching.handlers.torchserve import TorchServeHandler
+
+    junk = tmp_path / "junk.mar"
+    junk.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a model archive"):
+        unpack(junk)
+    bare = _zip_with(tmp_path / "bare.mar", "h.py", manifest=False)
+    with pytest.raises(ValueError, match="MANIFEST.json"):
+        TorchServeHandler().setup(Context("m", str(bare), 0, 1))
+    needs_ts = make_mar(tmp_path / "ts.mar", "h.py",
+                        {"h.py": "from ts.torch_handler.base_handler import BaseHandler\n"})
+    with pytest.raises(ValueError, match="pip install torchserve"):
+        TorchServeHandler().setup(Context("m", str(needs_ts), 0, 1))
