@@ -1,6 +1,8 @@
 """The management API (its own port, 127.0.0.1:8081 by default), every route behind a bearer token.
 
     POST   /models                 {"name", "handler", "path", "batch_size", "max_batch_delay", "workers", ...}
+    POST   /models?url=net.mar     TorchServe's registration: &model_name, &batch_size, &max_batch_delay,
+                                   &initial_workers, &response_timeout (s); the archive's own handler runs it
     GET    /models                 list
     GET    /models/{name}          describe: workers (pid, busy, CPU), batch settings, queue depth
     PUT    /models/{name}          {"workers": N} and/or {"batch_size": B, "max_batch_delay": ms}; also ?min_worker=N
@@ -65,7 +67,9 @@ def build_management_app(server: ModelServer, token: str, enable_model_api: bool
                                             "server; restart it with --enable-model-api to allow it",
                                             "permission_error"))
         try:
-            config = ModelConfig(**_json_object(await request.body()))
+            query = dict(request.query_params)
+            settings = archive_settings(query, store) if "url" in query else _json_object(await request.body())
+            config = ModelConfig(**settings)
             check_in_store(config, store)
             model = await server.register(config)
             return json_response(model.describe(), 201)
@@ -117,6 +121,38 @@ def build_management_app(server: ModelServer, token: str, enable_model_api: bool
     policy = HTTPPolicy(api_key=token, max_body_bytes=MAX_MANAGEMENT_BODY_BYTES, public_paths=frozenset(),
                         key_name="management token (loom serve prints it and writes it to its token file)")
     return Guard(app, policy)
+
+
+TORCHSERVE_QUERY = {"url", "model_name", "batch_size", "max_batch_delay", "initial_workers", "response_timeout",
+                    "synchronous", "handler", "runtime"}
+
+
+def archive_settings(query: dict[str, str], store: Path | None) -> dict[str, Any]:
+    """TorchServe's ``POST /models?url=...`` as Loom's settings: the archive (a file name in the model store, or a
+    path) served by the ``torchserve`` handler. URLs to download are refused: put the archive in the store."""
+    unknown = sorted(set(query) - TORCHSERVE_QUERY)
+    if unknown:
+        raise HTTPError(400, f"unknown registration parameter(s) {', '.join(unknown)}; TorchServe's are "
+                             f"{', '.join(sorted(TORCHSERVE_QUERY))}")
+    url = query["url"]
+    if "://" in url:
+        raise HTTPError(400, "Loom does not download model archives: copy the .mar into the model store and give "
+                             "its file name as url")
+    if query.get("handler") or query.get("runtime", "python") != "python":
+        raise HTTPError(400, "the archive's own handler runs it: drop handler, and runtime other than python")
+    path = store / url if store is not None and not Path(url).is_absolute() else Path(url).expanduser()
+    name = query.get("model_name") or path.name.removesuffix(".mar")
+    settings: dict[str, Any] = {"name": name, "handler": "torchserve", "path": str(path)}
+    for key, field, kind in (("batch_size", "batch_size", int), ("max_batch_delay", "max_batch_delay", float),
+                             ("initial_workers", "workers", int), ("response_timeout", "request_timeout", float)):
+        if key in query:
+            try:
+                settings[field] = kind(query[key])
+            except ValueError:
+                raise HTTPError(400, f"query parameter {key} must be a number, got {query[key]!r}") from None
+    if "request_timeout" in settings:
+        settings["request_timeout"] *= 1000.0  # TorchServe's response_timeout is in seconds
+    return settings
 
 
 def check_in_store(config: ModelConfig, store: Path | None) -> None:

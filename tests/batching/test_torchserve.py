@@ -183,6 +183,60 @@ def test_a_function_entry_point_answers_text_and_bytes(loom_home, tmp_path):
     assert (raw.status_code, raw.content, raw.headers["content-type"]) == (200, b"\x02\x01\x00", "image/x-reversed")
 
 
+def test_torchserve_registration_by_query(loom_home, net_mar, tmp_path):
+    """TorchServe's ``POST /models?url=net.mar&batch_size=..&initial_workers=..`` against the model store."""
+    import contextlib
+
+    import httpx
+    from prometheus_client import CollectorRegistry
+
+    from loom.batching.serve import ModelServerComponent
+    from loom.server.app import build_app
+    from tests.batching.test_server_inprocess import AUTH, TOKEN
+
+    import shutil
+
+    mar, net = net_mar
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(mar, store / "net.mar")
+    shutil.copy(mar, tmp_path / "outside.mar")  # exists, but not in the store
+
+    async def body():
+        registry = CollectorRegistry()
+        component = ModelServerComponent([], registry, TOKEN, token_file=None, enable_model_api=True,
+                                          model_store=str(store))
+        app = build_app([component], registry)
+        await component.start()
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                client = await stack.enter_async_context(httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=app), base_url="http://loom", timeout=30))
+                mgmt = await stack.enter_async_context(httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=component.management.app), base_url="http://mgmt",
+                    timeout=60))
+                registered = await mgmt.post("/models?url=net.mar&batch_size=4&max_batch_delay=20"
+                                             "&initial_workers=1&response_timeout=5", headers=AUTH)
+                answer = await client.post("/predictions/net", json={"x": [1.0, 2.0, 3.0, 4.0]})
+                refused = [await mgmt.post(f"/models?url={url}", headers=AUTH)
+                           for url in ("https://example.com/net.mar", "../outside.mar", "net.mar&handler=x.py",
+                                       "net.mar&model_name=other&batch_size=lots")]
+                return registered, answer, refused
+        finally:
+            await component.stop()
+
+    registered, answer, refused = run(body())
+    assert registered.status_code == 201, registered.text
+    described = registered.json()
+    assert (described["name"], described["batch_size"], described["max_batch_delay"]) == ("net", 4, 20.0)
+    with torch.no_grad():
+        want = net(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))[0].tolist()
+    assert answer.json()["probs"] == pytest.approx(want)
+    assert [r.status_code for r in refused] == [400] * 4
+    assert "does not download" in refused[0].json()["error"]["message"]
+    assert "outside the model store" in refused[1].json()["error"]["message"]
+
+
 def test_serve_spec_shorthand(tmp_path):
     mar = make_mar(tmp_path / "m.mar", "h.py", {"h.py": ""})
     config = parse_serve_spec(f"m={mar}")
