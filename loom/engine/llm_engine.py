@@ -28,7 +28,7 @@ from loom.engine.tensor_parallel import EngineFatalError, RankSpec, TPWorkers, t
 from loom.models.catalogue import resolve_runtime
 from loom.models.llama import LlamaConfig
 from loom.models.loader import load_hf_config, load_tokenizer, load_weights
-from loom.models.vision import ImageTokens, VisionEncoder, is_multimodal, place_image_tokens
+from loom.models.vision import ImageTokens, PreparedImage, VisionEncoder, is_multimodal, place_image_tokens
 from loom.ops.sampler import DeferredSample, SamplingRow, SamplingSettings, has_token_penalty, sample_deferred
 
 log = logging.getLogger("loom.engine")
@@ -496,7 +496,8 @@ class LLMEngine:
         return None if self.vision is None else self.vision.tokens
 
     def _images(self, multi_modal_data: dict | None) -> list:
-        """The request's images, checked: a vision model, vLLM's {"image": ...} shape, PIL images, the limit."""
+        """The request's images, checked: a vision model, vLLM's {"image": ...} shape, PIL images (or images the
+        server prepared, ``PreparedImage``, of this model's shapes), the limit."""
         if not multi_modal_data:
             return []
         if not isinstance(multi_modal_data, dict) or set(multi_modal_data) - {"image"}:
@@ -508,14 +509,17 @@ class LLMEngine:
         from PIL import Image  # local: only vision requests need Pillow
 
         images = multi_modal_data.get("image")
-        if images is None or isinstance(images, Image.Image):
+        if images is None or isinstance(images, Image.Image | PreparedImage):
             images = [] if images is None else [images]
         elif isinstance(images, list | tuple):
             images = list(images)
         else:
             raise ValueError("multi_modal_data['image'] holds PIL images (PIL.Image.Image), one or a list")
-        if not all(isinstance(image, Image.Image) for image in images):
-            raise ValueError("multi_modal_data['image'] holds PIL images (PIL.Image.Image)")
+        for image in images:
+            if isinstance(image, PreparedImage):
+                self.vision.images.check(image)
+            elif not isinstance(image, Image.Image):
+                raise ValueError("multi_modal_data['image'] holds PIL images (PIL.Image.Image)")
         limit = (self.config.limit_mm_per_prompt or MultiModalLimits()).image
         if len(images) > limit:
             raise ValueError(f"{len(images)} images in one prompt; the limit is {limit} (--limit-mm-per-prompt)")

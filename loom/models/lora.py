@@ -35,8 +35,8 @@ from loom.ops.packed_linear import PackedLinear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.|model\.language_model\.|language_model\.model\.)layers\.(\d+)\."
-                  r"(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<prefix>model\.|model\.language_model\.|language_model\.model\.)"
+                  r"layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.(?P<proj>\w+)\.lora_(?P<ab>[AB])\.weight$")
 """A peft tensor of a text model's layer (``model.layers...``), or of a LLaVA's language model (transformers 5's
 ``model.language_model.layers...``, 4.x's ``language_model.model.layers...``)."""
 
@@ -119,17 +119,19 @@ def load_peft_adapter(folder: str | Path, cfg: LlamaConfig, max_rank: int, dtype
     slices = projection_slices(cfg)
     allowed = {f"{loom.split('.')[0]}.{hf}" for loom, parts in slices.items() for hf in parts}
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    prefix = "model."  # where the layers sit in the trained model (peft's alpha_pattern names modules from there)
     with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:
         for key in f.keys():
             m = _KEY.match(key)
-            if m is None or f"{m.group(2)}.{m.group(3)}" not in allowed:
+            if m is None or f"{m['block']}.{m['proj']}" not in allowed:
                 raise ValueError(f"adapter tensor {key!r} targets a module Loom cannot serve unmerged (LoRA on the "
                                  "attention and MLP projections only)")
-            layer = int(m.group(1))
+            layer = int(m["layer"])
             if layer >= cfg.num_hidden_layers:
                 raise ValueError(f"adapter tensor {key!r} is for layer {layer}, but the model has "
                                  f"{cfg.num_hidden_layers} layers: the adapter was trained for another model")
-            pairs.setdefault((layer, m.group(3)), {})[m.group(4)] = f.get_tensor(key)
+            prefix = m["prefix"]
+            pairs.setdefault((layer, m["proj"]), {})[m["ab"]] = f.get_tensor(key)
     if not pairs:
         raise ValueError(f"{ADAPTER_WEIGHTS} holds no LoRA tensors")
     weights = LoRAWeights(name or folder.name, 0, [{} for _ in range(cfg.num_hidden_layers)])
@@ -155,7 +157,7 @@ def load_peft_adapter(folder: str | Path, cfg: LlamaConfig, max_rank: int, dtype
                 if r > max_rank:
                     raise ValueError(f"the adapter's rank {r} (layer {layer} {hf}) exceeds max_lora_rank {max_rank};"
                                      f" raise --max-lora-rank to at least {r}")
-                a_alpha = float(_pattern_value(alpha_pattern, f"model.layers.{layer}.{loom_name.split('.')[0]}.{hf}",
+                a_alpha = float(_pattern_value(alpha_pattern, f"{prefix}layers.{layer}.{loom_name.split('.')[0]}.{hf}",
                                                alpha))
                 scale = a_alpha / (math.sqrt(r) if rslora else r)
                 if loom_name in ("self_attn.o_proj", "mlp.down_proj"):  # Granite: folded as into the base weights

@@ -121,8 +121,8 @@ class ImageInput:
 
     positions: np.ndarray
     """Prompt positions of the image tokens, ascending (int64)."""
-    pixels: list[tuple[torch.Tensor, tuple[int, int]]]
-    """Per image, the processor's pixel values [tiles, 3, S, S] on the CPU and its (height, width)."""
+    pixels: list[PreparedImage]
+    """The images, prepared (pixel values on the CPU)."""
     keys: dict[int, int]
     """Prompt position -> the key the prefix cache hashes there (the position's image's ``image_key``, negated so that
     no token id equals it)."""
@@ -150,6 +150,62 @@ class ImageInput:
         self.embeds = None
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class PreparedImage:
+    """An image as the tower takes it: the processor's pixel values [tiles, 3, S, S] (float32, CPU; one tile for
+    LLaVA, the base view and the AnyRes grid for LLaVA-NeXT), the picture's size and its cache key. Picklable: the
+    server prepares images on its own threads and hands the engine these."""
+
+    pixels: torch.Tensor
+    height: int
+    width: int
+    key: int
+    """``image_key`` of the pixels and size."""
+
+
+class ImageProcessor:
+    """A vision model's image preprocessing without its tower (the folder's HF image processor and AnyRes grid):
+    PIL images -> ``PreparedImage``. Runs where a request arrives (the server's media threads; offline, the caller),
+    never on the engine's loop."""
+
+    def __init__(self, folder: str | Path, hf_config=None):
+        from transformers import AutoImageProcessor  # local: transformers
+
+        if hf_config is None:
+            from transformers import AutoConfig
+
+            hf_config = AutoConfig.from_pretrained(str(folder))
+        self.anyres = hf_config.architectures[0] == "LlavaNextForConditionalGeneration"
+        self.grid_pinpoints = [list(p) for p in hf_config.image_grid_pinpoints] if self.anyres else None
+        self.tile_size = hf_config.vision_config.image_size
+        self.processor = AutoImageProcessor.from_pretrained(str(folder))
+
+    def tiles(self, height: int, width: int) -> int:
+        """Tiles a picture of this size is cut into (1 for LLaVA; the base view and the grid for LLaVA-NeXT)."""
+        if not self.anyres:
+            return 1
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        return image_size_to_num_patches((height, width), self.grid_pinpoints, self.tile_size)
+
+    def check(self, image: PreparedImage) -> None:
+        """A ValueError unless ``image`` has the tiles this model's processor makes for its size."""
+        want = (self.tiles(image.height, image.width), 3, self.tile_size, self.tile_size)
+        if tuple(image.pixels.shape) != want:
+            raise ValueError(f"a prepared image of {image.width}x{image.height} has pixels "
+                             f"{tuple(image.pixels.shape)}; this model's processor makes {want}")
+
+    def prepare(self, images: list) -> list[PreparedImage]:
+        out = self.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
+        values = out["pixel_values"].float()
+        if not self.anyres:
+            tiles = [values[i : i + 1] for i in range(len(images))]
+        else:
+            tiles = [values[i, : self.tiles(image.height, image.width)] for i, image in enumerate(images)]
+        return [PreparedImage(t.clone(), image.height, image.width, image_key(t, (image.height, image.width)))
+                for t, image in zip(tiles, images)]
+
+
 class Projector(nn.Module):
     """LLaVA's multi-modal projector: two linears with an activation between (``projector_hidden_act``)."""
 
@@ -172,7 +228,7 @@ class VisionEncoder:
     def __init__(self, folder: str | Path, hf_config, dtype: torch.dtype, device: torch.device,
                  load: bool = True):
         """``load``: read the weights (False: the transformers initialisation, for ``load_format="dummy"``)."""
-        from transformers import AutoImageProcessor, AutoModel  # local: transformers
+        from transformers import AutoModel  # local: transformers
 
         vision = hf_config.vision_config
         if vision.model_type not in IMAGE_TOWERS:
@@ -199,8 +255,14 @@ class VisionEncoder:
         if self.image_newline is not None:
             self.image_newline = self.image_newline.to(device=device, dtype=dtype)
         self.dtype, self.device = dtype, device
-        self.processor = AutoImageProcessor.from_pretrained(str(folder))
+        self.images = ImageProcessor(folder, hf_config)
         tile_rows = int(self._tiles(torch.zeros(1, 3, self.tile_size, self.tile_size)).shape[1])
+        side = vision.image_size // vision.patch_size
+        if self.anyres and tile_rows != side * side:
+            raise ValueError(f"{folder}: LLaVA-NeXT lays a tile's rows out as a {side} x {side} grid, but the tower "
+                             f"gives {tile_rows} (vision_feature_select_strategy "
+                             f"{hf_config.vision_feature_select_strategy!r} with this tower); transformers cannot run "
+                             "it either")
         self.tokens = ImageTokens(token_id, tile_rows, tuple(map(tuple, self.grid_pinpoints or ())) or None,
                                   self.tile_size, vision.image_size // vision.patch_size, self.anyres)
 
@@ -235,21 +297,6 @@ class VisionEncoder:
         if newline is not None:
             self.image_newline = newline.float()
 
-    def pixels(self, images: list) -> list[tuple[torch.Tensor, tuple[int, int]]]:
-        """PIL images -> per image, the processor's pixel values [tiles, 3, S, S] (float32, on the CPU: one tile for
-        LLaVA, the base view and the AnyRes grid for LLaVA-NeXT) and the image's (height, width)."""
-        out = self.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
-        values = out["pixel_values"].float()
-        if not self.anyres:
-            return [(values[i : i + 1], (image.height, image.width)) for i, image in enumerate(images)]
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        result = []
-        for i, (height, width) in enumerate(out["image_sizes"].tolist()):
-            tiles = image_size_to_num_patches((height, width), self.grid_pinpoints, self.tile_size)
-            result.append((values[i, :tiles], (height, width)))
-        return result
-
     @torch.inference_mode()
     def _tiles(self, pixels: torch.Tensor) -> torch.Tensor:
         """Tiles [N, 3, S, S] -> their projected rows [N, rows per tile, hidden] (the model's dtype and device)."""
@@ -260,40 +307,43 @@ class VisionEncoder:
         return self.projector(torch.cat(hidden, dim=-1))
 
     @torch.inference_mode()
-    def embed(self, pixels: list[tuple[torch.Tensor, tuple[int, int]]]) -> torch.Tensor:
-        """``pixels``' images -> their rows one after another [sum of ``tokens.count``, hidden]: all the tiles through
-        the tower at once, then each image's rows as transformers' ``LlavaNextModel.pack_image_features`` lays them
-        out (the base view's rows, then the grid's unpadded rows, each line closed by ``image_newline``)."""
-        rows = self._tiles(torch.cat([tiles for tiles, _ in pixels]))
+    def embed(self, images: list[PreparedImage]) -> torch.Tensor:
+        """The images' rows one after another [sum of ``tokens.count``, hidden]: all the tiles through the tower at
+        once, then each image's rows as transformers' ``LlavaNextModel.pack_image_features`` lays them out (the base
+        view's rows, then the grid's unpadded rows, each line closed by ``image_newline``)."""
+        rows = self._tiles(torch.cat([image.pixels for image in images]))
         if not self.anyres:
             return rows.flatten(0, 1)
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
         side = self.tokens.patches_per_side
         out, at = [], 0
-        for tiles, size in pixels:
-            image = rows[at : at + len(tiles)]
-            at += len(tiles)
-            grid_h, grid_w = get_anyres_image_grid_shape(list(size), self.grid_pinpoints, self.tile_size)
-            grid = image[1:].view(grid_h, grid_w, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
-            grid = unpad_image(grid, list(size))  # [hidden, H, W]
+        for image in images:
+            tiles = rows[at : at + len(image.pixels)]
+            at += len(image.pixels)
+            size = [image.height, image.width]
+            grid_h, grid_w = get_anyres_image_grid_shape(size, self.grid_pinpoints, self.tile_size)
+            grid = tiles[1:].view(grid_h, grid_w, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
+            grid = unpad_image(grid, size)  # [hidden, H, W]
             newline = self.image_newline[:, None, None].expand(*grid.shape[:-1], 1)
             grid = torch.cat([grid, newline], dim=-1).flatten(1, 2).transpose(0, 1)
-            out += [image[0], grid]
+            out += [tiles[0], grid]
         return torch.cat(out)
 
     def image_input(self, token_ids: list[int], images: list) -> ImageInput:
-        """The rows and cache keys of a prompt's ``images`` (in order), whose placeholders ``token_ids`` already holds
-        expanded; a ValueError when the counts disagree."""
+        """The rows and cache keys of a prompt's ``images`` (PIL images or ``PreparedImage``, in order), whose
+        placeholders ``token_ids`` already holds expanded; a ValueError when the counts disagree."""
         positions = np.flatnonzero(np.asarray(token_ids, dtype=np.int64) == self.tokens.token_id)
         counts = [self.tokens.count(image.width, image.height) for image in images]
         if len(positions) != sum(counts):
             raise ValueError(f"the prompt has {len(positions)} image tokens where its {len(images)} images take "
                              f"{sum(counts)}: put one image token in the text per image")
-        pixels = self.pixels(images)
+        raw = [i for i, image in enumerate(images) if not isinstance(image, PreparedImage)]
+        prepared = list(images)
+        for i, image in zip(raw, self.images.prepare([images[i] for i in raw]) if raw else []):
+            prepared[i] = image
         keys, at = {}, 0
-        for (tiles, size), n in zip(pixels, counts):
-            key = -image_key(tiles, size)
-            keys.update((int(p), key) for p in positions[at : at + n])
+        for image, n in zip(prepared, counts):
+            keys.update((int(p), -image.key) for p in positions[at : at + n])
             at += n
-        return ImageInput(positions, pixels, keys, self.embed)
+        return ImageInput(positions, prepared, keys, self.embed)

@@ -186,6 +186,7 @@ def test_a_function_entry_point_answers_text_and_bytes(loom_home, tmp_path):
 def test_torchserve_registration_by_query(loom_home, net_mar, tmp_path):
     """TorchServe's ``POST /models?url=net.mar&batch_size=..&initial_workers=..`` against the model store."""
     import contextlib
+    import shutil
 
     import httpx
     from prometheus_client import CollectorRegistry
@@ -193,8 +194,6 @@ def test_torchserve_registration_by_query(loom_home, net_mar, tmp_path):
     from loom.batching.serve import ModelServerComponent
     from loom.server.app import build_app
     from tests.batching.test_server_inprocess import AUTH, TOKEN
-
-    import shutil
 
     mar, net = net_mar
     store = tmp_path / "store"

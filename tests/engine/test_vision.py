@@ -201,8 +201,10 @@ def test_adapter_on_the_language_model_matches_peft(clip_llava, tmp_path):
     torch.manual_seed(3)
     base = LlavaForConditionalGeneration.from_pretrained(str(clip_llava), dtype=torch.float32)
     targets = r".*language_model.*\.(q_proj|v_proj|gate_proj|down_proj)"
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                 init_lora_weights=False)).eval()
+    # an alpha of its own for one module, named from the language model as peft matches it
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
+                                                 alpha_pattern={"language_model.layers.0.self_attn.q_proj": 64}))
+    peft_model.eval()
     peft_model.save_pretrained(tmp_path / "adapter")
     prompt, images = PROMPTS[0][0], [image(9)]
     processor = AutoProcessor.from_pretrained(str(clip_llava))
@@ -216,3 +218,23 @@ def test_adapter_on_the_language_model_matches_peft(clip_llava, tmp_path):
     got = llm.generate(request, params, lora_request=LoRARequest("a", 1, str(tmp_path / "adapter")))
     assert got[0].outputs[0].token_ids == want
     assert want != llm.generate(request, params)[0].outputs[0].token_ids  # the adapter changes the answer
+
+
+def test_prepared_images_are_checked_and_anyres_needs_a_square_grid(next_llava, tmp_path, smollm2_path):
+    """The server hands the engine prepared pixels: one of the wrong shape is a ValueError at admission (not a failed
+    step). A LLaVA-NeXT whose tiles are not a square grid of rows (CLS kept) is refused at load, as transformers
+    cannot run it either."""
+    from loom.models.vision import PreparedImage
+
+    llm = LLM(str(next_llava), num_kv_blocks=64)
+    good = llm.engine.vision.images.prepare([image(1, (40, 50))])[0]
+    bad = PreparedImage(good.pixels[:1], good.height, good.width, good.key)
+    params = SamplingParams(max_tokens=4, temperature=0)
+    with pytest.raises(ValueError, match="this model's processor makes"):
+        llm.generate({"prompt": "<image>", "multi_modal_data": {"image": bad}}, params)
+    direct = llm.generate({"prompt": "<image>", "multi_modal_data": {"image": image(1, (40, 50))}}, params)
+    prepared = llm.generate({"prompt": "<image>", "multi_modal_data": {"image": good}}, params)
+    assert prepared[0].outputs[0].token_ids == direct[0].outputs[0].token_ids
+    full = save_tiny_vision_model(tmp_path / "full", smollm2_path, anyres=True, vision_feature_select_strategy="full")
+    with pytest.raises(ValueError, match="square|grid"):
+        LLM(str(full), num_kv_blocks=16)

@@ -36,6 +36,7 @@ from loom.engine.sampling_params import SamplingParams
 from loom.engine.tensor_parallel import EngineFatalError
 from loom.entrypoints.openai.metrics import LLMMetrics, RequestTimes
 from loom.models.loader import load_tokenizer
+from loom.models.vision import ImageProcessor
 
 log = logging.getLogger("loom.entrypoints.openai.serve")
 
@@ -197,6 +198,8 @@ class AsyncLLMEngine:
         self.max_model_len = 0
         self.image_tokens = None
         """A vision model's ``loom.models.vision.ImageTokens`` (``LLMEngine.image_tokens``); None: a text model."""
+        self.image_processor: ImageProcessor | None = None
+        """A vision model's image preprocessing, run on the server's media threads (``ServingContext``)."""
         self.num_in_flight = 0
         self.last_stats = None
         """The engine's EngineStats after its latest step or command batch."""
@@ -224,6 +227,8 @@ class AsyncLLMEngine:
         self._thread.start()
         await ready
         self.tokenizer = await asyncio.to_thread(load_tokenizer, self.engine.tokenizer_path)
+        if self.image_tokens is not None:  # chat images are preprocessed here, off the engine's loop
+            self.image_processor = await asyncio.to_thread(ImageProcessor, self.engine.model_path)
 
     @property
     def is_ready(self) -> bool:

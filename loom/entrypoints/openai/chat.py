@@ -50,9 +50,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         return await unless_disconnected(_beam_chat(ctx, req), raw)
     run = await prepare_chat(ctx, req)
     request_id, created = new_id("chatcmpl"), now_s()
-    images, run = run.multi_modal_data, replace(run, multi_modal_data=None)  # the engine holds what it needs
     streams = await ctx.open_streams(request_id, [run.prompt], run.params, time.time(), run.lora, run.priority,
-                                     multi_modal_data=images)
+                                     multi_modal_data=run.multi_modal_data)
+    run = replace(run, multi_modal_data=None)  # the engine holds what it needs
     if req.stream:
         head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
                 "system_fingerprint": None}

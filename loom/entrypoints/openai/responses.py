@@ -68,13 +68,13 @@ async def create_response(ctx: ServingContext, store: ResponseStore, req: Respon
     chat, run = await _prepare(ctx, req, history)
     # the conversation the next turn builds on: without instructions, which OpenAI does not carry over
     conversation = chat.messages[1:] if req.instructions else chat.messages
-    images, run = run.multi_modal_data, replace(run, multi_modal_data=None)  # the engine holds what it needs
-    reply = Reply(ctx, req, run, item_id("resp"), conversation)
+    reply = Reply(ctx, req, replace(run, multi_modal_data=None), item_id("resp"), conversation)
     try:
         streams = await ctx.open_streams(reply.id, [run.prompt], run.params, time.time(), run.lora, run.priority,
-                                         multi_modal_data=images)
+                                         multi_modal_data=run.multi_modal_data)
     except OpenAIError as exc:
         raise _renamed(exc) from None
+    del run  # the images are the engine's now: nothing here keeps them
     keep = store if req.store and store.enabled else None
     if req.background:
         return _start_in_background(reply, streams[0], store)

@@ -8,6 +8,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import orjson
@@ -30,6 +31,8 @@ from loom.entrypoints.openai.response_store import DEFAULT_STORED_RESPONSES, Res
 from loom.entrypoints.openai.tools import ToolSettings, template_messages
 from loom.models.vision import place_image_tokens
 
+MEDIA_THREADS = 2
+"""Threads that decode and preprocess chat images (apart from the tokenizer's, which every request waits on)."""
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -60,6 +63,7 @@ class ServingContext:
     _special_tokens: frozenset[str] | None = field(default=None)
     _think: ThinkTokens | bool | None = field(default=None)
     _content_format: str | None = field(default=None)
+    _media: ThreadPoolExecutor | None = field(default=None)
 
     @property
     def model_name(self) -> str:
@@ -109,6 +113,8 @@ class ServingContext:
     def close(self) -> None:
         if self._encoder is not None:
             self._encoder.close()
+        if self._media is not None:
+            self._media.shutdown(wait=False, cancel_futures=True)
 
     def check_model(self, name: str) -> LoRARequest | None:
         """The adapter ``name`` names, None for the base model; 404 for a name this server does not serve."""
@@ -201,13 +207,27 @@ class ServingContext:
         if len(urls) > self.max_images:
             raise bad_request(f"{len(urls)} images in one request; this server takes at most {self.max_images} "
                               "(--limit-mm-per-prompt)", "messages")
+        try:  # a request that would be refused for room is refused before its images cost anything
+            self.front.check_room(1)
+        except (EngineOverloaded, EngineDead) as exc:
+            raise self._translate(exc) from None
+        loop = asyncio.get_running_loop()
+        if self._media is None:
+            self._media = ThreadPoolExecutor(MEDIA_THREADS, thread_name_prefix="loom-media")
         images = []
         for i, url in urls:
             try:
-                images.append(await self.encoder.run(load_image, url, self.allowed_local_media_path))
+                images.append(await loop.run_in_executor(self._media, self._prepare_image, url))
             except MediaError as exc:
                 raise bad_request(f"messages[{i}]: {exc}", "messages") from None
         return images
+
+    def _prepare_image(self, url: str):
+        """Decode and preprocess one image (on a media thread): the decoded picture is dropped once its pixels are
+        made, so a request holds the model's few hundred pixels a side, not the upload's."""
+        image = load_image(url, self.allowed_local_media_path)
+        processor = getattr(self.front, "image_processor", None)
+        return processor.prepare([image])[0] if processor is not None else image
 
     async def compile_grammar(self, params: SamplingParams, param: str) -> None:
         """Compile the request's structured-output grammar (cached by spec) on the tokenizer thread, off the event
