@@ -34,7 +34,10 @@ from loom.batching.handlers.embedding import default_model_dir
 from loom.bench.process import free_port, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("server", "product")
+MODES = ("server", "product", "archive")
+ARCHIVE_PEERS = ("loom", "torchserve")
+"""archive mode: TorchServe's own .mar of the server-mode code, served by TorchServe and by Loom's torchserve
+handler (needs the peers' ts package and torch-model-archiver)."""
 PEERS = ("loom", "torchserve", "litserve", "rayserve")
 
 COMMON = '''
@@ -255,29 +258,27 @@ def _running(cmd: list[str], log_path: Path, ready_url: str, timeout: float, **k
 def _loom(mode, batch, workers, delay_ms, threads, workdir, peers_bin):
     port = free_port()
     handler = "embedding"
+    extra_env: dict[str, str] = {}
     if mode == "server":
         path = workdir / "loom_padded.py"
         path.write_text(LOOM_PADDED.format(workdir=str(workdir), model_dir=str(default_model_dir())))
         handler = str(path)
+    elif mode == "archive":  # the very archive TorchServe serves, its BaseHandler run by Loom's torchserve handler
+        handler = str(_archive(workdir / "loom-archive", workdir, threads, peers_bin))
+        extra_env = {"PYTHONPATH": str(_ts_only(workdir, peers_bin)), "LOOM_HOME": str(workdir / "loom-home")}
     cmd = [sys.executable, "-m", "loom.cli", "serve", "--serve", f"minilm={handler}", "--batch-size", str(batch),
            "--max-batch-delay", str(delay_ms), "--workers", str(workers), "--threads-per-worker", str(threads),
            "--port", str(port), "--management-port", str(free_port()), "--management-token", "bench",
            "--max-queue-size", "1024", "--log-level", "warning"]
     log = workdir / f"loom-{mode}-{batch}-{workers}.log"
-    with _running(cmd, log, f"http://127.0.0.1:{port}/ping", 180, cwd=ROOT, env=_env(threads)) as proc:
+    with _running(cmd, log, f"http://127.0.0.1:{port}/ping", 180, cwd=ROOT, env=_env(threads, **extra_env)) as proc:
         yield f"http://127.0.0.1:{port}/predictions/minilm", proc.pid
 
 
 @contextlib.contextmanager
 def _torchserve(mode, batch, workers, delay_ms, threads, workdir, peers_bin):
     home = Path(tempfile.mkdtemp(prefix=f"ts-{mode}-{batch}-{workers}-", dir=workdir))
-    store = home / "store"
-    store.mkdir()
-    (home / "handler.py").write_text(TS_HANDLER.format(workdir=str(workdir), mode=mode, threads=threads,
-                                                       model_dir=str(default_model_dir())))
-    archiver = [str(peers_bin / "torch-model-archiver"), "--model-name", "minilm", "--version", "1.0",
-                "--handler", str(home / "handler.py"), "--export-path", str(store), "--force"]
-    subprocess.run(archiver, check=True, cwd=home)
+    store = _archive(home, workdir, threads, peers_bin, "server" if mode == "archive" else mode).parent
     port, mport, metrics_port = free_port(), free_port(), free_port()
     (home / "config.properties").write_text(textwrap.dedent(f"""\
         inference_address=http://127.0.0.1:{port}
@@ -304,6 +305,29 @@ def _torchserve(mode, batch, workers, delay_ms, threads, workdir, peers_bin):
     finally:
         subprocess.run([str(peers_bin / "torchserve"), "--stop"], cwd=home, env=env, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=120)
+
+
+def _archive(home: Path, workdir: Path, threads: int, peers_bin: Path, mode: str = "server") -> Path:
+    """minilm.mar made by the peers' torch-model-archiver from TS_HANDLER (``mode``'s model code), in home/store."""
+    store = home / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    (home / "handler.py").write_text(TS_HANDLER.format(workdir=str(workdir), mode=mode, threads=threads,
+                                                       model_dir=str(default_model_dir())))
+    archiver = [str(peers_bin / "torch-model-archiver"), "--model-name", "minilm", "--version", "1.0",
+                "--handler", str(home / "handler.py"), "--export-path", str(store), "--force"]
+    subprocess.run(archiver, check=True, cwd=home)
+    return store / "minilm.mar"
+
+
+def _ts_only(workdir: Path, peers_bin: Path) -> Path:
+    """A folder holding only TorchServe's ``ts`` package, copied from the peers' environment: Loom's workers import
+    it (BaseHandler) without the peers' torch or anything else of theirs on the path."""
+    target = workdir / "ts-only"
+    if not (target / "ts").is_dir():
+        where = subprocess.run([str(peers_bin / "python"), "-c", "import ts, os; print(os.path.dirname(ts.__file__))"],
+                               check=True, capture_output=True, text=True).stdout.strip()
+        shutil.copytree(where, target / "ts")
+    return target
 
 
 @contextlib.contextmanager

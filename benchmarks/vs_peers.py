@@ -3,6 +3,11 @@
 - **server** mode compares the servers: every one runs the identical model code (``PaddedMiniLM`` in
   benchmarks/_peer_servers.py: HF ``AutoModel`` on a padded batch, mean pooling, L2 normalisation; Loom through a
   handler file that wraps exactly that code). The ratio measures batching, queueing, HTTP and worker overhead only.
+- **archive** mode is server mode through TorchServe's own packaging: the archive torch-model-archiver makes of
+  the server-mode handler (a ``BaseHandler`` subclass) is served by TorchServe and, unchanged, by Loom's
+  ``torchserve`` handler (``--serve minilm=minilm.mar``, TorchServe's ``ts`` package on its path). LitServe and Ray
+  Serve take no archives, so this mode has TorchServe alone as the peer. The ratio is what moving a ``.mar`` to Loom
+  buys, handler code untouched.
 - **product** mode compares what a user gets out of the box: Loom's built-in ``embedding`` handler (packed,
   unpadded encoder with pre-packed oneDNN weights) against each peer running sentence-transformers' ``encode`` (the
   library the model is published for; no peer ships an embedding handler) in its handler API with its recommended
@@ -44,7 +49,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _peer_servers import COMMON, MODES, PEERS, missing, serve, write_common  # noqa: E402
+from _peer_servers import ARCHIVE_PEERS, COMMON, MODES, PEERS, missing, serve, write_common  # noqa: E402
 from _serving import cpu_count, cpu_flags, measure, model_time_ms, workload  # noqa: E402
 from isa import TORCH_AVX2_ENV  # noqa: E402
 
@@ -125,13 +130,17 @@ def available_peers(names: list[str], peers_bin: Path, skipped: dict[str, str]) 
 
 def run_all(args, peers: list[str], payloads: list[bytes], skipped: dict[str, str]) -> dict[str, dict[str, list]]:
     """results[mode][peer] = one merged row per setting."""
-    results = {mode: {peer: [] for peer in peers} for mode in args.modes}
+    results = {mode: {peer: [] for peer in _mode_peers(mode, peers)} for mode in args.modes}
     with tempfile.TemporaryDirectory(prefix="loom-vs-peers-") as tmp:
         write_common(Path(tmp))
         for mode in args.modes:
             for workers in args.workers:
                 for batch in args.batch_sizes:
-                    for peer, row in run_setting(mode, peers, batch, workers, args, payloads, Path(tmp)).items():
+                    mode_peers = _mode_peers(mode, peers)
+                    if len(mode_peers) < 2:
+                        continue
+                    for peer, row in run_setting(mode, mode_peers, batch, workers, args, payloads,
+                                                 Path(tmp)).items():
                         results[mode][peer].append(row)
     for mode, by_peer in results.items():
         for peer, rows in by_peer.items():
@@ -140,10 +149,19 @@ def run_all(args, peers: list[str], payloads: list[bytes], skipped: dict[str, st
     return results
 
 
+def _mode_peers(mode: str, peers: list[str]) -> list[str]:
+    """The servers a mode compares: archive mode only Loom and TorchServe (and only when TorchServe is installed:
+    Loom's side needs its ts package and archiver)."""
+    if mode != "archive":
+        return peers
+    return [p for p in peers if p in ARCHIVE_PEERS] if "torchserve" in peers else []
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", default=",".join(PEERS))
-    parser.add_argument("--modes", default=",".join(MODES), help="server (same model code) and/or product")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="server (same model code), product, archive (TorchServe's .mar on both)")
     parser.add_argument("--peers-python", type=Path, default=Path(sys.executable).parent,
                         help="bin folder of the virtual environment holding the peers (default: this one's)")
     parser.add_argument("--batch-sizes", default="8,32")
@@ -206,6 +224,7 @@ def model_ceilings(texts: list[str], args) -> dict[str, dict]:
     padded = common["PaddedMiniLM"](str(default_model_dir()), threads)
     ceilings = {"server": model_time_ms(texts, threads, batch, repeats=40, embed=padded.embed),
                 "product": model_time_ms(texts, threads, batch, repeats=40)}
+    ceilings["archive"] = ceilings["server"]  # the same model code, packed in TorchServe's archive
     for mode, row in ceilings.items():
         print(f"  {mode} mode model alone, batch {batch}, {threads} thread(s): {row['items_per_cpu_s']:.1f} "
               f"sentences per CPU-second", flush=True)

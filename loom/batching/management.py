@@ -138,10 +138,11 @@ def archive_settings(query: dict[str, str], store: Path | None) -> dict[str, Any
     if "://" in url:
         raise HTTPError(400, "Loom does not download model archives: copy the .mar into the model store and give "
                              "its file name as url")
-    if query.get("handler") or query.get("runtime", "python") != "python":
+    if query.get("handler") or query.get("runtime", "python").lower() not in ("python", "python3"):
         raise HTTPError(400, "the archive's own handler runs it: drop handler, and runtime other than python")
     path = store / url if store is not None and not Path(url).is_absolute() else Path(url).expanduser()
-    name = query.get("model_name") or path.name.removesuffix(".mar")
+    inside = store is None or resolve_inside(store, str(path)) is not None  # read nothing outside the store
+    name = query.get("model_name") or (archive_model_name(path) if inside else None) or path.name.removesuffix(".mar")
     settings: dict[str, Any] = {"name": name, "handler": "torchserve", "path": str(path)}
     for key, field, kind in (("batch_size", "batch_size", int), ("max_batch_delay", "max_batch_delay", float),
                              ("initial_workers", "workers", int), ("response_timeout", "request_timeout", float)):
@@ -153,6 +154,18 @@ def archive_settings(query: dict[str, str], store: Path | None) -> dict[str, Any
     if "request_timeout" in settings:
         settings["request_timeout"] *= 1000.0  # TorchServe's response_timeout is in seconds
     return settings
+
+
+def archive_model_name(path: Path) -> str | None:
+    """The ``modelName`` an archive's manifest gives (TorchServe's default name), or None."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            name = json.loads(zf.read("MAR-INF/MANIFEST.json"))["model"]["modelName"]
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def check_in_store(config: ModelConfig, store: Path | None) -> None:

@@ -236,6 +236,87 @@ def test_torchserve_registration_by_query(loom_home, net_mar, tmp_path):
     assert "outside the model store" in refused[1].json()["error"]["message"]
 
 
+# TorchServe's habits a handler may rely on: a module-level handle() beside a class (handle wins), files opened by
+# relative names (the worker runs in the model folder), the archive's model-config.yaml (model_yaml_config; its
+# batchSize caps a call), custom metrics, request processors, a header set by name, a 4xx answer with a body.
+QUIRKS_HANDLER = """
+import json
+
+import torch
+
+LABELS = json.load(open("labels.json"))  # relative: TorchServe's worker runs in the model folder
+
+
+class Helper(torch.nn.Module):  # a class beside handle(): TorchServe still calls handle()
+    pass
+
+
+def handle(data, context):
+    if data is None:
+        assert context.model_yaml_config["handler"]["greeting"] == "hi"
+        return None
+    metric = context.metrics.add_metric_to_cache("Seen", unit="count")
+    out = []
+    for idx, row in enumerate(data):
+        metric.add_or_update(idx)
+        assert context.request_processor[idx].get_request_property("x") is None
+        context.set_response_header(idx, "Status", "kept")  # a header named like the status: just a header
+        body = row["body"]
+        if body == "bad":
+            context.set_response_status(422, "unused phrase", idx)
+            out.append("bad is not a label index")
+        else:
+            out.append({"label": LABELS[int(body)], "rows": len(data),
+                        "greeting": context.model_yaml_config["handler"]["greeting"]})
+    return out
+"""
+
+SINGLE_HANDLER = """
+def handle(data, context):  # written for TorchServe's default batch of one
+    if data is None:
+        return None
+    return [{"echo": data[0]["body"]}]
+"""
+
+
+def test_torchserve_habits(loom_home, tmp_path):
+    config_yaml = "batchSize: 2\nhandler:\n  greeting: hi\n"
+    mar = make_mar(tmp_path / "quirks.mar", "quirks.py",
+                   {"quirks.py": QUIRKS_HANDLER, "labels.json": json.dumps(["cat", "dog", "ship"]),
+                    "model-config.yaml": config_yaml}, {"configFile": "model-config.yaml"})
+    single = make_mar(tmp_path / "single.mar", "single.py", {"single.py": SINGLE_HANDLER})
+
+    async def body():
+        configs = [ModelConfig("quirks", "torchserve", str(mar), batch_size=8, max_batch_delay=500,
+                               dispatch_when_idle=False),
+                   ModelConfig("single", "torchserve", str(single), batch_size=8, max_batch_delay=500,
+                               dispatch_when_idle=False)]
+        async with serving(*configs) as (client, _, _component):
+            quirks = await asyncio.gather(*(client.post("/predictions/quirks", json=b) for b in (0, 1, "bad", 2)))
+            singles = await asyncio.gather(*(client.post("/predictions/single", json=i) for i in range(4)))
+            return quirks, singles
+
+    quirks, singles = run(body())
+    assert [r.status_code for r in quirks] == [200, 200, 422, 200]
+    assert [r.json()["label"] for r in (quirks[0], quirks[1], quirks[3])] == ["cat", "dog", "ship"]
+    assert {r.json()["rows"] for r in (quirks[0], quirks[1], quirks[3])} <= {1, 2}  # the archive's batchSize
+    assert quirks[0].json()["greeting"] == "hi"
+    assert quirks[2].json()["error"]["message"] == "bad is not a label index"  # the handler's answer, with its status
+    assert [r.json() for r in singles] == [{"echo": i} for i in range(4)]  # one request per call, none lost
+
+
+def test_archive_file_named_like_a_builtin_is_the_archives(loom_home, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # setup() moves into the model folder, as TorchServe's worker runs there
+    from loom.batching.handler import Context
+    from loom.batching.handlers.torchserve import TorchServeHandler
+
+    own = "def handle(data, context):\n    return None if data is None else ['own' for _ in data]\n"
+    mar = make_mar(tmp_path / "ic.mar", "image_classifier.py", {"image_classifier.py": own})
+    handler = TorchServeHandler()
+    handler.setup(Context("ic", str(mar), 0, 1))
+    assert handler.inference([b"x", b"y"]) == [handler._result(0, "own"), handler._result(1, "own")]
+
+
 def test_serve_spec_shorthand(tmp_path):
     mar = make_mar(tmp_path / "m.mar", "h.py", {"h.py": ""})
     config = parse_serve_spec(f"m={mar}")
@@ -276,7 +357,8 @@ def test_archives_that_must_not_unpack(loom_home, tmp_path, name, content, mode,
     assert not list((loom_home / "mar").glob("bad-*"))
 
 
-def test_not_an_archive_and_no_manifest(loom_home, tmp_path):
+def test_not_an_archive_and_no_manifest(loom_home, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     from loom.batching.handler import Context
     from loom.batching.handlers.torchserve import TorchServeHandler
 
@@ -285,8 +367,9 @@ def test_not_an_archive_and_no_manifest(loom_home, tmp_path):
     with pytest.raises(ValueError, match="not a model archive"):
         unpack(junk)
     bare = _zip_with(tmp_path / "bare.mar", "h.py", manifest=False)
-    with pytest.raises(ValueError, match="MANIFEST.json"):
-        TorchServeHandler().setup(Context("m", str(bare), 0, 1))
+    for _ in range(2):  # the same clear answer every time (nothing half-unpacked left behind)
+        with pytest.raises(ValueError, match="MANIFEST.json"):
+            TorchServeHandler().setup(Context("m", str(bare), 0, 1))
     needs_ts = make_mar(tmp_path / "ts.mar", "h.py",
                         {"h.py": "from ts.torch_handler.base_handler import BaseHandler\n"})
     with pytest.raises(ValueError, match="pip install torchserve"):

@@ -33,6 +33,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import logging
 import os
 import shutil
 import stat
@@ -46,27 +47,54 @@ from typing import Any
 from loom.batching.handler import Context, Handler, ItemError, Raw
 from loom.models.catalogue import loom_home
 
+log = logging.getLogger(__name__)
 MANIFEST = "MAR-INF/MANIFEST.json"
-TS_BUILTINS = ("image_classifier", "image_segmenter", "object_detector", "text_classifier", "dali_image_classifier")
+TS_BUILTINS = ("base_handler", "image_classifier", "image_segmenter", "object_detector", "text_classifier",
+               "dali_image_classifier", "vllm_handler", "trt_llm_handler")
 """TorchServe's own handler names (``ts.torch_handler.<name>``)."""
 MAX_MEMBERS = 100_000
 MAX_RATIO = 20
 """Unpacked size over archive size past which a .mar is refused (weights barely compress; a zip bomb does)."""
 
 
+class Metric:
+    """One custom metric (TorchServe's ``Metric``: ``add_or_update`` / ``update``); the last value is kept."""
+
+    def __init__(self, name: str, value: Any = None):
+        self.name, self.value = name, value
+
+    def add_or_update(self, value: Any, dimension_values: list | None = None, request_id: str = "") -> None:
+        self.value = value
+
+    update = add_or_update
+
+
 class Metrics:
-    """``context.metrics`` (TorchServe's MetricsCache surface): every call is recorded in ``values``."""
+    """``context.metrics`` (TorchServe's MetricsCache surface): every metric is kept in ``values`` (not exported)."""
 
     def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
+        self.values: dict[str, Metric] = {}
 
     def _add(self, name: str, value: Any = None, *args, **kwargs) -> None:
-        self.values[name] = value
+        self.values.setdefault(name, Metric(name)).add_or_update(value)
 
     add_time = add_counter = add_size = add_percent = add_error = add_metric = _add
 
-    def get_metric(self, name: str, *args, **kwargs) -> Any:
-        return self.values.get(name)
+    def add_metric_to_cache(self, metric_name: str, *args, **kwargs) -> Metric:
+        return self.values.setdefault(metric_name, Metric(metric_name))
+
+    def get_metric(self, metric_name: str, *args, **kwargs) -> Metric:
+        return self.values.setdefault(metric_name, Metric(metric_name))
+
+
+class RequestProcessor:
+    """``context.request_processor[i]``: a request's properties (Loom hands handlers bodies only: none)."""
+
+    def get_request_property(self, key: str) -> None:
+        return None
+
+    def get_request_properties(self) -> dict:
+        return {}
 
 
 class TorchServeContext:
@@ -78,13 +106,19 @@ class TorchServeContext:
         self.system_properties = {"model_dir": model_dir, "gpu_id": gpu_id, "batch_size": batch_size,
                                   "server_name": "Loom", "server_version": "0.12.0",
                                   "limit_max_image_pixels": True}
-        self.model_yaml_config: dict = {}
+        self.model_yaml_config: dict = _model_yaml(model_dir, manifest)
         self.metrics = Metrics()
         self.request_ids: dict[int, str] = {}
-        self.request_processor: list = []
+        self.request_processor: list[RequestProcessor] = []
         self.stopping_criteria = None
-        self.response: dict[int, dict[str, Any]] = {}
-        """Per request index: "content-type", "status", "phrase" the handler set for this batch."""
+        self.headers: dict[int, dict[str, str]] = {}
+        """Per request index: the response headers the handler set for this batch (content-type among them)."""
+        self.status: dict[int, tuple[int, str]] = {}
+
+    def start_batch(self, size: int) -> None:
+        self.headers, self.status = {}, {}
+        self.request_ids = {i: f"{i}" for i in range(size)}
+        self.request_processor = [RequestProcessor() for _ in range(size)]
 
     def get_request_id(self, idx: int = 0) -> str | None:
         return self.request_ids.get(idx)
@@ -96,27 +130,26 @@ class TorchServeContext:
         return {}
 
     def set_response_content_type(self, idx: int, value: str) -> None:
-        self.response.setdefault(idx, {})["content-type"] = value
+        self.set_response_header(idx, "content-type", value)
 
     def get_response_content_type(self, idx: int) -> str | None:
-        return self.response.get(idx, {}).get("content-type")
+        return self.headers.get(idx, {}).get("content-type")
 
     def set_response_header(self, idx: int, key: str, value: str) -> None:
-        self.response.setdefault(idx, {})[key.lower()] = value
+        self.headers.setdefault(idx, {})[key.lower()] = value
 
     def get_response_headers(self, idx: int) -> dict:
-        return dict(self.response.get(idx, {}))
+        return dict(self.headers.get(idx, {}))
 
     def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
-        self.response.setdefault(idx, {}).update(status=code, phrase=phrase)
+        self.status[idx] = (int(code), str(phrase))
 
     def set_all_response_status(self, code: int = 200, phrase: str = "") -> None:
         for idx in range(len(self.request_ids) or 1):
             self.set_response_status(code, phrase, idx)
 
     def get_response_status(self, idx: int) -> tuple[int, str]:
-        entry = self.response.get(idx, {})
-        return entry.get("status", 200), entry.get("phrase", "")
+        return self.status.get(idx, (200, ""))
 
 
 class TorchServeHandler(Handler):
@@ -124,30 +157,47 @@ class TorchServeHandler(Handler):
         if not ctx.model_dir:
             raise ValueError("the torchserve handler needs a model archive: NAME=torchserve:/path/model.mar (or the "
                              "folder a .mar unpacks to)")
-        source = Path(ctx.model_dir).expanduser()
+        source = Path(ctx.model_dir).expanduser().resolve()
         folder = unpack(source) if source.is_file() else source
         manifest = read_manifest(folder)
         gpu = int(ctx.device.split(":")[1]) if ctx.device.startswith("cuda:") else None
         self.context = TorchServeContext(ctx.model_name, str(folder), manifest, ctx.batch_size, gpu)
+        os.chdir(folder)  # as TorchServe starts its workers: handlers open their files by relative names
+        self.max_rows = _archive_batch_size(self.context.model_yaml_config) or ctx.batch_size
+        """The most requests one handle() call gets: the archive's own batchSize (model-config.yaml) if it gives
+        one; a handler found to answer one result per call is given one request at a time."""
         self.entry = load_entry_point(folder, manifest["model"]["handler"], self.context)
 
     def inference(self, batch: list[Any]) -> list[Any]:
+        results: list[Any] = []
+        for start in range(0, len(batch), self.max_rows):
+            results += self._handle(batch[start : start + self.max_rows])
+        return results
+
+    def _handle(self, rows: list[Any]) -> list[Any]:
         context = self.context
-        context.response = {}
-        context.request_ids = {i: f"{i}" for i in range(len(batch))}
+        context.start_batch(len(rows))
         started = time.perf_counter()
-        outputs = self.entry([{"body": value} for value in batch], context)
+        outputs = self.entry([{"body": value} for value in rows], context)
         context.metrics.add_time("PredictionTime", (time.perf_counter() - started) * 1000, None, "ms")
-        if not isinstance(outputs, list) or len(outputs) != len(batch):
+        if isinstance(outputs, list) and len(outputs) == 1 and len(rows) > 1 and self.max_rows > 1:
+            # a handler written for TorchServe's default batch of one (it reads data[0]): one request at a time
+            log.warning("the TorchServe handler answered 1 result for %d requests: giving it one request per call "
+                        "(set batchSize in the archive's model-config.yaml to batch it)", len(rows))
+            self.max_rows = 1
+            return self.inference(rows)
+        if not isinstance(outputs, list) or len(outputs) != len(rows):
             got = f"{len(outputs)} results" if isinstance(outputs, list) else type(outputs).__name__
-            raise RuntimeError(f"the TorchServe handler returned {got} for a batch of {len(batch)}; handle() must "
+            raise RuntimeError(f"the TorchServe handler returned {got} for a batch of {len(rows)}; handle() must "
                                "return a list with one result per request")
         return [self._result(i, out) for i, out in enumerate(outputs)]
 
     def _result(self, idx: int, out: Any) -> Any:
         status, phrase = self.context.get_response_status(idx)
-        if status >= 400:
-            return ItemError(phrase or f"the handler answered {status}", status)
+        if status >= 400:  # TorchServe sends the handler's answer with the status; here it is the error's message
+            body = out.decode("utf-8", "replace") if isinstance(out, bytes | bytearray) else out
+            message = body if isinstance(body, str) and body else phrase or f"the handler answered {status}"
+            return ItemError(message, status)
         content_type = self.context.get_response_content_type(idx)
         if isinstance(out, bytes | bytearray):
             return Raw(bytes(out), content_type or "application/octet-stream")
@@ -159,40 +209,60 @@ class TorchServeHandler(Handler):
 def load_entry_point(folder: Path, handler: str, context: TorchServeContext):
     """TorchServe's entry point rules (see the module docstring); initialises the handler."""
     module_name, _, function = handler.partition(":")
-    module_name = module_name.removesuffix(".py")
-    if module_name in TS_BUILTINS:
-        module_name = f"ts.torch_handler.{module_name}"
-    elif not (folder / f"{module_name}.py").is_file() and "." not in module_name:
-        raise ValueError(f"the archive's handler {handler!r} is neither a file in it nor a TorchServe built-in "
-                         f"({', '.join(TS_BUILTINS)})")
+    module_name = Path(module_name).name.removesuffix(".py")
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))  # as TorchServe: the handler imports the archive's other files
-    try:
-        module = importlib.import_module(module_name)
+    try:  # the archive's own file first, then TorchServe's built-in of that name (ts/model_loader.py's order)
+        module = importlib.import_module(module_name) if (folder / f"{module_name}.py").is_file() else None
+        if module is None:
+            if module_name not in TS_BUILTINS:
+                raise ValueError(f"the archive's handler {handler!r} is neither a file in it nor a TorchServe "
+                                 f"built-in ({', '.join(TS_BUILTINS)})")
+            module = importlib.import_module(f"ts.torch_handler.{module_name}")
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] == "ts":
             raise ValueError(f"the handler imports TorchServe's package ({exc.name}): pip install torchserve (its "
                              "Python part runs without Java)") from exc
         raise
-    if function:
-        entry = getattr(module, function, None)
+    name = function or "handle"
+    if hasattr(module, name):  # a function entry point, initialised with data=None
+        entry = getattr(module, name)
         if not callable(entry):
-            raise ValueError(f"the handler module {module_name} has no function {function!r}")
-        entry(None, context)  # TorchServe initialises a function entry point with data=None
+            raise ValueError(f"the handler module {module_name}'s {name} is not a function")
+        entry(None, context)
         return entry
+    if function:
+        raise ValueError(f"the handler module {module_name} has no function {function!r}")
     classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
-    if len(classes) == 1:
-        instance = classes[0]()
-        instance.initialize(context)
-        return instance.handle
-    if len(classes) > 1:
-        raise ValueError(f"the handler module {module_name} defines {len(classes)} classes; name the entry point as "
-                         "module:function, or keep one class")
-    entry = getattr(module, "handle", None)
-    if not callable(entry):
-        raise ValueError(f"the handler module {module_name} has no class and no handle(data, context) function")
-    entry(None, context)
-    return entry
+    if len(classes) != 1:
+        raise ValueError(f"the handler module {module_name} has no handle() and {len(classes)} classes; TorchServe "
+                         "takes one class with handle(), or a function entry point (file.py:function)")
+    instance = classes[0]()
+    if not callable(getattr(instance, "handle", None)):
+        raise ValueError(f"the handler class {classes[0].__name__} has no handle(data, context) method")
+    initialize = getattr(instance, "initialize", None)
+    if callable(initialize):
+        initialize(context)
+    return instance.handle
+
+
+def _model_yaml(model_dir: str, manifest: dict) -> dict:
+    """The archive's model-config.yaml (``manifest.model.configFile``), as TorchServe hands it to the handler."""
+    name = manifest.get("model", {}).get("configFile")
+    if not name:
+        return {}
+    import yaml  # local: only archives with a config file need it
+
+    try:
+        value = yaml.safe_load((Path(model_dir) / name).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"the archive's configFile {name} cannot be read: {exc}") from None
+    return value if isinstance(value, dict) else {}
+
+
+def _archive_batch_size(config: dict) -> int | None:
+    value = config.get("batchSize")
+    return int(value) if isinstance(value, int) and value >= 1 else None
 
 
 def read_manifest(folder: Path) -> dict:
@@ -209,30 +279,34 @@ def read_manifest(folder: Path) -> dict:
 def unpack(archive: Path) -> Path:
     """The folder ``archive`` unpacks to under ``$LOOM_HOME/mar/`` (unpacked once; reused while the file is the
     same): no member may leave the folder or be a link, and the whole may not be many times the archive's size."""
-    digest = hashlib.sha256()
-    with archive.open("rb") as f:
+    with archive.open("rb") as f:  # hashed and unpacked through one handle: a file replaced meanwhile is not mixed in
+        digest = hashlib.sha256()
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    target = loom_home() / "mar" / f"{archive.stem}-{digest.hexdigest()[:16]}"
-    if (target / MANIFEST).is_file():
-        return target
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            members = zf.infolist()
-            _check_members(members, archive)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
-            try:
-                for member in members:
-                    zf.extract(member, staging)
-                os.replace(staging, target)  # workers unpacking at once: one wins, the others reuse it
-            except OSError:
-                if not (target / MANIFEST).is_file():
-                    raise
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-    except zipfile.BadZipFile:
-        raise ValueError(f"{archive} is not a model archive (.mar files are zip files)") from None
+        target = loom_home() / "mar" / f"{archive.stem}-{digest.hexdigest()[:16]}"
+        if (target / MANIFEST).is_file():
+            return target
+        f.seek(0)
+        try:
+            with zipfile.ZipFile(f) as zf:
+                members = zf.infolist()
+                _check_members(members, archive)
+                if MANIFEST not in {m.filename for m in members}:
+                    raise ValueError(f"{archive} is not a TorchServe model: it has no {MANIFEST} (make it with "
+                                     "torch-model-archiver)")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
+                try:
+                    for member in members:
+                        zf.extract(member, staging)
+                    os.replace(staging, target)  # workers unpacking at once: one wins, the others reuse it
+                except OSError:
+                    if not (target / MANIFEST).is_file():
+                        raise
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+        except zipfile.BadZipFile:
+            raise ValueError(f"{archive} is not a model archive (.mar files are zip files)") from None
     return target
 
 
