@@ -12,6 +12,7 @@ from loom.engine.config import EngineConfig
 from loom.engine.lora import LoRARequest
 from loom.engine.sampling_params import SamplingParams
 from loom.entrypoints.llm import LLM
+from loom.entrypoints.openai.media import decode_image
 from loom.flags import add_config_arguments, config_from_args
 from loom.models.lora import read_adapter_config
 
@@ -60,6 +61,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser, max_tokens=32)
     parser.add_argument("prompts", nargs="*", help="prompts; none reads one prompt per line from stdin")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    parser.add_argument("--image", action="append", default=[], metavar="FILE",
+                        help="a picture for a vision model (repeat for several), given to every prompt; a prompt "
+                             "without image tokens gets one per picture in front")
+
+
+def _with_images(llm: LLM, prompts: list[str], images: list) -> list:
+    """The prompts as vLLM's {"prompt", "multi_modal_data"} when there are pictures (one image token per picture put
+    in front of a prompt that has none)."""
+    if not images:
+        return prompts
+    tokens = llm.engine.image_tokens
+    if tokens is None:
+        raise ValueError(f"--image: {llm.engine.model_path} is a text model; serve a vision model (a LLaVA folder)")
+    placeholder = llm.tokenizer.convert_ids_to_tokens(tokens.token_id)
+    return [{"prompt": p if placeholder in p else f"{placeholder}\n" * len(images) + p,
+             "multi_modal_data": {"image": images}} for p in prompts]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,9 +86,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         params = sampling_params(args)
+        images = [decode_image(Path(path).read_bytes()) for path in args.image]
         llm = LLM.from_config(engine_config(args))
-        outputs = llm.generate(prompts, params, lora_request=lora_request(args))
-    except ValueError as exc:
+        outputs = llm.generate(_with_images(llm, prompts, images), params, lora_request=lora_request(args))
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for out in outputs:

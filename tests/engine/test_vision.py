@@ -238,3 +238,22 @@ def test_prepared_images_are_checked_and_anyres_needs_a_square_grid(next_llava, 
     full = save_tiny_vision_model(tmp_path / "full", smollm2_path, anyres=True, vision_feature_select_strategy="full")
     with pytest.raises(ValueError, match="square|grid"):
         LLM(str(full), num_kv_blocks=16)
+
+
+def test_generate_cli_takes_pictures(clip_llava, tmp_path, capsys):
+    import json
+
+    from loom.cli import main
+
+    picture = tmp_path / "cat.png"
+    image(12).save(picture)
+    assert main(["generate", "--model", str(clip_llava), "--image", str(picture), "--max-tokens", "6",
+                 "--ignore-eos", "--num-kv-blocks", "32", "--json", "What is this?"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    from PIL import Image
+
+    seen = Image.open(picture).convert("RGB")
+    want = hf_greedy(clip_llava, "<image>\nWhat is this?", [seen], 6)[0]
+    llm = LLM(str(clip_llava), num_kv_blocks=32)
+    assert printed["text"] == llm.tokenizer.decode(want)
+    assert main(["generate", "--model", str(clip_llava), "--image", str(tmp_path / "missing.png"), "hi"]) == 2

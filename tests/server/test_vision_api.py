@@ -270,3 +270,29 @@ def test_content_shapes():
         {"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, messages[1]]
     assert vision_content(messages, "string", "<image>") == [
         messages[0], {"role": "user", "content": "<image>\nLook: "}]
+
+
+def test_chat_template_content_format_flag(clip_llava):
+    """vLLM's --chat-template-content-format: "string" hands llava's parts-looping template plain text, which then
+    places no image (a 400 that says so); "auto" reads the template and hands it parts."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from loom.entrypoints.openai.errors import OpenAIError
+    from loom.entrypoints.openai.protocol import ChatMessage
+    from loom.entrypoints.openai.serving import ServingContext
+    from loom.models.loader import load_tokenizer
+    from loom.models.vision import ImageTokens
+
+    tokenizer = load_tokenizer(clip_llava)
+    front = SimpleNamespace(tokenizer=tokenizer, max_model_len=4096,
+                            image_tokens=ImageTokens(tokenizer.convert_tokens_to_ids("<image>"), 16))
+    messages = [ChatMessage(**m) for m in user(TEXT, image_part(data_url(image(1))))]
+    auto = ServingContext(front, ["m"])
+    ids = asyncio.run(auto.apply_chat_template(messages, images=[image(1)]))
+    assert ids.count(front.image_tokens.token_id) == 16
+    forced = ServingContext(front, ["m"], chat_template_content_format="string")
+    with pytest.raises(OpenAIError, match="placed 0 image tokens"):
+        asyncio.run(forced.apply_chat_template(messages, images=[image(1)]))
+    auto.close()
+    forced.close()

@@ -70,6 +70,10 @@ class LLMServerConfig:
     max_stored_responses: int = DEFAULT_STORED_RESPONSES
     """Responses /v1/responses keeps (store: true, OpenAI's default) for previous_response_id and GET
     /v1/responses/{id}, in memory, oldest dropped first; 0 keeps none (store is then ignored)."""
+    chat_template_content_format: Literal["auto", "string", "openai"] = "auto"
+    """How chat templates get a message's content (vLLM's flag): "string" (text; image placeholders written into
+    it), "openai" (a list of typed parts, for templates that loop over them), "auto" (a vision model's template is
+    read to tell; a text model's gets strings)."""
     allowed_local_media_path: str | None = None
     """A vision model's chat requests may name images as file:// URLs under this folder (vLLM's flag); None: only
     inline data: URLs. Loom never fetches http(s) images."""
@@ -129,6 +133,7 @@ class LLMComponent:
                                       reasoning=REASONING_PARSERS.get(config.engine.reasoning_parser or ""),
                                       responses=ResponseStore(config.max_stored_responses),
                                       allowed_local_media_path=config.allowed_local_media_path,
+                                      chat_template_content_format=config.chat_template_content_format,
                                       max_images=(config.engine.limit_mm_per_prompt or MultiModalLimits()).image)
 
     @property

@@ -57,6 +57,8 @@ class ServingContext:
     """``--allowed-local-media-path``: file:// images are read from under this folder only; None: not at all."""
     max_images: int = 4
     """Images one request may hold (``--limit-mm-per-prompt``); checked before any is decoded."""
+    chat_template_content_format: str = "auto"
+    """``--chat-template-content-format``: "string", "openai", or "auto" (a vision model's template is read)."""
     _strings: TokenStrings | None = field(default=None)
     _encoder: PromptEncoder | None = field(default=None)
     _template_has_tools: bool | None = field(default=None)
@@ -157,9 +159,9 @@ class ServingContext:
             raise bad_request(f"{self.model_name} is a text model: it takes no images (image_url parts); serve a "
                               "vision model (a LlavaForConditionalGeneration folder)", "messages")
         tokens = self.front.image_tokens
-        if tokens is not None:
-            dicts = vision_content(dicts, self.content_format,
-                                   self.front.tokenizer.convert_ids_to_tokens(tokens.token_id))
+        if tokens is not None or self.chat_template_content_format == "openai":
+            image_text = self.front.tokenizer.convert_ids_to_tokens(tokens.token_id) if tokens is not None else ""
+            dicts = vision_content(dicts, self.content_format, image_text)
         ids = await self.encoder.chat(dicts, add_generation_prompt, limit=limit, tools=tools if native else None,
                                       template=template)
         if num_images:
@@ -182,6 +184,9 @@ class ServingContext:
         """How the chat template reads a message's content: "openai" (a list of typed parts it loops over, as
         llava-hf's templates do) or "string" (text, image placeholders written into it)."""
         if self._content_format is None:
+            if self.chat_template_content_format != "auto":
+                self._content_format = self.chat_template_content_format
+                return self._content_format
             try:
                 template = self.front.tokenizer.get_chat_template()
             except ValueError:
