@@ -296,3 +296,17 @@ def test_chat_template_content_format_flag(clip_llava):
         asyncio.run(forced.apply_chat_template(messages, images=[image(1)]))
     auto.close()
     forced.close()
+
+
+def test_responses_conversation_keeps_its_image(client, offline):
+    """previous_response_id carries the first turn's picture: the second turn's prompt holds it again (and its
+    blocks come from the prefix cache)."""
+    first = client.responses.create(model="tiny", max_output_tokens=4, temperature=0, extra_body={"ignore_eos": True},
+                                    input=[{"role": "user", "content": [
+                                        {"type": "input_text", "text": TEXT["text"]},
+                                        {"type": "input_image", "image_url": data_url(image(41))}]}])
+    second = client.responses.create(model="tiny", max_output_tokens=4, temperature=0, previous_response_id=first.id,
+                                     input="And its colours?", extra_body={"ignore_eos": True})
+    assert second.status == "incomplete"  # cut at max_output_tokens, as asked
+    assert second.usage.input_tokens > first.usage.input_tokens > 16  # the image's 16 tokens are in both
+    assert second.usage.input_tokens_details.cached_tokens >= 16

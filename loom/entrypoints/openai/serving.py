@@ -165,8 +165,8 @@ class ServingContext:
         ids = await self.encoder.chat(dicts, add_generation_prompt, limit=limit, tools=tools if native else None,
                                       template=template)
         if num_images:
-            if images is None:  # /tokenize: the images' sizes decide their token counts
-                images = await self.load_images(messages)
+            if images is None:  # /tokenize: the images' sizes decide their token counts (no room needed)
+                images = await self.load_images(messages, admitting=False)
             counts = [tokens.count(image.width, image.height) for image in images]
             try:
                 ids = place_image_tokens(ids, tokens.token_id, counts)
@@ -194,7 +194,7 @@ class ServingContext:
             self._content_format = content_format(template)
         return self._content_format
 
-    async def load_images(self, messages: list[ChatMessage]) -> list:
+    async def load_images(self, messages: list[ChatMessage], admitting: bool = True) -> list:
         """The images of the messages' image_url parts, decoded off the event loop (a 400 naming the message for
         one that cannot be read, for too many, or for images sent to a text model or outside a user message)."""
         urls = []
@@ -213,7 +213,8 @@ class ServingContext:
             raise bad_request(f"{len(urls)} images in one request; this server takes at most {self.max_images} "
                               "(--limit-mm-per-prompt)", "messages")
         try:  # a request that would be refused for room is refused before its images cost anything
-            self.front.check_room(1)
+            if admitting:
+                self.front.check_room(1)
         except (EngineOverloaded, EngineDead) as exc:
             raise self._translate(exc) from None
         loop = asyncio.get_running_loop()
