@@ -235,7 +235,8 @@ class LLMEngine:
         if self.vision is not None:
             tokens = self.vision.tokens
             prompt_token_ids = place_image_tokens(prompt_token_ids, tokens.token_id,
-                                                  [tokens.count(image.width, image.height) for image in images])
+                                                  [tokens.count(image.width, image.height, len(images))
+                                                   for image in images])
         params = self._validate(prompt_token_ids, params)
         image_input = self.vision.image_input(prompt_token_ids, images) if images else None
         adapter = self._adapter(lora_request)

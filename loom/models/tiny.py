@@ -104,11 +104,14 @@ ANYRES_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96]]
 
 
 def save_tiny_vision_model(path: str | Path, tokenizer_dir: str | Path, tower: str = "clip", arch: str = "llama",
-                           seed: int = 0, anyres: bool = False, **overrides) -> Path:
+                           seed: int = 0, anyres: bool = False, onevision: bool = False, **overrides) -> Path:
     """A tiny random LLaVA (``LlavaForConditionalGeneration``; with ``anyres``, a LLaVA-NeXT,
-    ``LlavaNextForConditionalGeneration``, tiled by ANYRES_PINPOINTS): a 2-layer CLIP or SigLIP tower on 32x32 images
-    (patch 8: 16 patches), the projector, and a tiny ``arch`` language model, with ``<image>`` added to the tokenizer
-    and llava-hf's processor files and chat template. ``overrides`` go to the model's config."""
+    ``LlavaNextForConditionalGeneration``, tiled by ANYRES_PINPOINTS; with ``onevision``, a LLaVA-OneVision, tiled
+    the same, ``anyres_max_1`` so that a grid of more than one tile's rows is scaled down): a 2-layer CLIP or SigLIP
+    tower on 32x32 images (patch 8: 16 patches), the projector, and a tiny ``arch`` language model, with ``<image>``
+    added to the tokenizer and llava-hf's processor files and chat template. ``overrides`` go to the model's
+    config. (OneVision's processor needs torchvision for videos: its image processor and tokenizer are saved
+    alone.)"""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -118,6 +121,9 @@ def save_tiny_vision_model(path: str | Path, tokenizer_dir: str | Path, tower: s
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessor,
         LlavaNextProcessor,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
         LlavaProcessor,
         SiglipImageProcessor,
         SiglipVisionConfig,
@@ -142,7 +148,15 @@ def save_tiny_vision_model(path: str | Path, tokenizer_dir: str | Path, tower: s
     text = config_cls(**{**TINY, **_arch_settings(arch), "vocab_size": 49216})
     settings = dict(vision_feature_layer=-2, vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
                     tie_word_embeddings=True)
-    if anyres:
+    if onevision:
+        config = LlavaOnevisionConfig(vision_config=vision_config, text_config=text, image_token_id=image_id,
+                                      image_grid_pinpoints=ANYRES_PINPOINTS, vision_aspect_ratio="anyres_max_1",
+                                      **{**settings, **overrides})
+        model = LlavaOnevisionForConditionalGeneration(config).eval()
+        processor = LlavaOnevisionImageProcessor(size={"height": 32, "width": 32},
+                                                 image_grid_pinpoints=ANYRES_PINPOINTS)
+        processor_cls = None
+    elif anyres:
         if tower != "clip":
             raise ValueError("the tiny LLaVA-NeXT has a CLIP tower")
         config = LlavaNextConfig(vision_config=vision_config, text_config=text, image_token_id=image_id,
@@ -159,11 +173,15 @@ def save_tiny_vision_model(path: str | Path, tokenizer_dir: str | Path, tower: s
     with torch.no_grad():  # transformers' init leaves the projector's rows tiny next to the embeddings: scale it up
         for p in model.model.multi_modal_projector.parameters():
             p.normal_(0, 0.3)
-        if anyres:
+        if anyres or onevision:
             model.model.image_newline.normal_(0, 1)
     model.save_pretrained(path)
     tokenizer.chat_template = LLAVA_TEMPLATE
-    processor_cls(image_processor=processor, tokenizer=tokenizer, patch_size=8, image_token="<image>",
-                  vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_tokens,
-                  chat_template=LLAVA_TEMPLATE).save_pretrained(path)
+    if processor_cls is None:
+        processor.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    else:
+        processor_cls(image_processor=processor, tokenizer=tokenizer, patch_size=8, image_token="<image>",
+                      vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_tokens,
+                      chat_template=LLAVA_TEMPLATE).save_pretrained(path)
     return Path(path)

@@ -13,6 +13,7 @@ module (CLIP or SigLIP, built from the config; it runs once per image), the lang
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-MULTIMODAL_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+MULTIMODAL_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                            "LlavaOnevisionForConditionalGeneration")
+ANYRES_ARCHITECTURES = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
+_MULTI_IMAGE_SALT = 0x5DEECE66D
+"""Mixed into an image's cache key where LLaVA-OneVision gives it its base view only (a prompt of several images)."""
 IMAGE_TOWERS = ("clip_vision_model", "siglip_vision_model")
 _KEY_BITS = (1 << 62) - 1
 
@@ -78,20 +83,35 @@ class ImageTokens:
     tile_size: int = 0
     patches_per_side: int = 0
     newline: bool = False
+    max_patches: int | None = None
+    """LLaVA-OneVision (``anyres_max_N``): a grid of more than N tiles' rows is scaled down (bilinear) to about N;
+    and a prompt of several images gives each its base view only. None: LLaVA-NeXT's layout."""
 
-    def count(self, width: int, height: int) -> int:
-        """Prompt tokens of a ``width`` x ``height`` image (transformers' processor expands its placeholder to as
-        many: for LLaVA-NeXT, the base view, then the tile grid cropped to the image's aspect with one newline row per
-        line)."""
+    def count(self, width: int, height: int, num_images: int = 1) -> int:
+        """Prompt tokens of a ``width`` x ``height`` image among ``num_images`` of a prompt (transformers' processor
+        expands its placeholder to as many: for LLaVA-NeXT, the base view, then the tile grid cropped to the image's
+        aspect with one newline row per line; LLaVA-OneVision scales a large grid down, and in a prompt of several
+        images keeps the base view and one newline row)."""
         if self.grid_pinpoints is None:
             return self.tile_rows
+        if self.max_patches is not None and num_images > 1:
+            return self.tile_rows + 1
+        rows, cols = self.grid_rows(width, height)
+        return self.tile_rows + rows * (cols + int(self.newline))
+
+    def grid_rows(self, width: int, height: int) -> tuple[int, int]:
+        """The rows and columns of an AnyRes image's grid features after unpadding (and OneVision's scaling)."""
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
         grid_h, grid_w = get_anyres_image_grid_shape([height, width], [list(p) for p in self.grid_pinpoints],
                                                      self.tile_size)
         side = self.patches_per_side
         rows, cols = unpad_image(torch.empty(0, grid_h * side, grid_w * side), [height, width]).shape[1:]
-        return self.tile_rows + rows * (cols + int(self.newline))
+        if self.max_patches is not None:
+            ratio = math.sqrt(rows * cols / (self.max_patches * side**2))
+            if ratio > 1.1:
+                rows, cols = int(rows // ratio), int(cols // ratio)
+        return rows, cols
 
 
 def place_image_tokens(token_ids: list[int], image_token_id: int, counts: list[int]) -> list[int]:
@@ -175,7 +195,7 @@ class ImageProcessor:
             from transformers import AutoConfig
 
             hf_config = AutoConfig.from_pretrained(str(folder))
-        self.anyres = hf_config.architectures[0] == "LlavaNextForConditionalGeneration"
+        self.anyres = hf_config.architectures[0] in ANYRES_ARCHITECTURES
         self.grid_pinpoints = [list(p) for p in hf_config.image_grid_pinpoints] if self.anyres else None
         self.tile_size = hf_config.vision_config.image_size
         self.processor = AutoImageProcessor.from_pretrained(str(folder))
@@ -238,7 +258,9 @@ class VisionEncoder:
         self.drop_cls = hf_config.vision_feature_select_strategy == "default"
         token_id = getattr(hf_config, "image_token_id", None)
         token_id = int(token_id if token_id is not None else hf_config.image_token_index)
-        self.anyres = hf_config.architectures[0] == "LlavaNextForConditionalGeneration"
+        self.anyres = hf_config.architectures[0] in ANYRES_ARCHITECTURES
+        self.onevision = hf_config.architectures[0] == "LlavaOnevisionForConditionalGeneration"
+        max_patches = (int(hf_config.vision_aspect_ratio.removeprefix("anyres_max_")) if self.onevision else None)
         self.grid_pinpoints = [list(p) for p in hf_config.image_grid_pinpoints] if self.anyres else None
         self.tile_size = vision.image_size
         self.tower = AutoModel.from_config(vision).eval()
@@ -259,12 +281,12 @@ class VisionEncoder:
         tile_rows = int(self._tiles(torch.zeros(1, 3, self.tile_size, self.tile_size)).shape[1])
         side = vision.image_size // vision.patch_size
         if self.anyres and tile_rows != side * side:
-            raise ValueError(f"{folder}: LLaVA-NeXT lays a tile's rows out as a {side} x {side} grid, but the tower "
+            raise ValueError(f"{folder}: AnyRes lays a tile's rows out as a {side} x {side} grid, but the tower "
                              f"gives {tile_rows} (vision_feature_select_strategy "
                              f"{hf_config.vision_feature_select_strategy!r} with this tower); transformers cannot run "
                              "it either")
         self.tokens = ImageTokens(token_id, tile_rows, tuple(map(tuple, self.grid_pinpoints or ())) or None,
-                                  self.tile_size, vision.image_size // vision.patch_size, self.anyres)
+                                  self.tile_size, vision.image_size // vision.patch_size, self.anyres, max_patches)
 
     @property
     def image_token_id(self) -> int:
@@ -311,20 +333,29 @@ class VisionEncoder:
         """The images' rows one after another [sum of ``tokens.count``, hidden]: all the tiles through the tower at
         once, then each image's rows as transformers' ``LlavaNextModel.pack_image_features`` lays them out (the base
         view's rows, then the grid's unpadded rows, each line closed by ``image_newline``)."""
-        rows = self._tiles(torch.cat([image.pixels for image in images]))
+        base_only = self.onevision and len(images) > 1  # OneVision: several images, each its base view alone
+        pixels = [image.pixels[:1] if base_only else image.pixels for image in images]
+        rows = self._tiles(torch.cat(pixels))
         if not self.anyres:
             return rows.flatten(0, 1)
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
         side = self.tokens.patches_per_side
         out, at = [], 0
-        for image in images:
-            tiles = rows[at : at + len(image.pixels)]
-            at += len(image.pixels)
+        for image, tiles_in in zip(images, pixels):
+            tiles = rows[at : at + len(tiles_in)]
+            at += len(tiles_in)
+            if base_only:
+                out += [tiles[0], self.image_newline[None]]
+                continue
             size = [image.height, image.width]
             grid_h, grid_w = get_anyres_image_grid_shape(size, self.grid_pinpoints, self.tile_size)
             grid = tiles[1:].view(grid_h, grid_w, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
             grid = unpad_image(grid, size)  # [hidden, H, W]
+            if self.onevision:  # anyres_max_N: a grid past about N tiles' rows is scaled down, as transformers does
+                height, width = self.tokens.grid_rows(image.width, image.height)
+                if (height, width) != tuple(grid.shape[1:]):
+                    grid = torch.nn.functional.interpolate(grid[None], [height, width], mode="bilinear")[0]
             newline = self.image_newline[:, None, None].expand(*grid.shape[:-1], 1)
             grid = torch.cat([grid, newline], dim=-1).flatten(1, 2).transpose(0, 1)
             out += [tiles[0], grid]
@@ -334,7 +365,7 @@ class VisionEncoder:
         """The rows and cache keys of a prompt's ``images`` (PIL images or ``PreparedImage``, in order), whose
         placeholders ``token_ids`` already holds expanded; a ValueError when the counts disagree."""
         positions = np.flatnonzero(np.asarray(token_ids, dtype=np.int64) == self.tokens.token_id)
-        counts = [self.tokens.count(image.width, image.height) for image in images]
+        counts = [self.tokens.count(image.width, image.height, len(images)) for image in images]
         if len(positions) != sum(counts):
             raise ValueError(f"the prompt has {len(positions)} image tokens where its {len(images)} images take "
                              f"{sum(counts)}: put one image token in the text per image")
@@ -343,7 +374,9 @@ class VisionEncoder:
         for i, image in zip(raw, self.images.prepare([images[i] for i in raw]) if raw else []):
             prepared[i] = image
         keys, at = {}, 0
+        salt = _MULTI_IMAGE_SALT if self.onevision and len(images) > 1 else 0
         for image, n in zip(prepared, counts):
-            keys.update((int(p), -image.key) for p in positions[at : at + n])
+            key = ((image.key ^ salt) & _KEY_BITS) or 1
+            keys.update((int(p), -key) for p in positions[at : at + n])
             at += n
         return ImageInput(positions, prepared, keys, self.embed)

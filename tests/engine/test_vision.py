@@ -4,6 +4,8 @@ the prefix cache, which must never serve one image's keys and values for another
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -257,3 +259,58 @@ def test_generate_cli_takes_pictures(clip_llava, tmp_path, capsys):
     llm = LLM(str(clip_llava), num_kv_blocks=32)
     assert printed["text"] == llm.tokenizer.decode(want)
     assert main(["generate", "--model", str(clip_llava), "--image", str(tmp_path / "missing.png"), "hi"]) == 2
+
+
+@pytest.fixture(scope="module", params=["clip", "siglip"])
+def onevision_llava(request, tmp_path_factory, smollm2_path):
+    return save_tiny_vision_model(tmp_path_factory.mktemp(f"llava-ov-{request.param}"), smollm2_path,
+                                  tower=request.param, onevision=True)
+
+
+def hf_onevision_greedy(path, prompt: str, images: list, tokens, max_tokens: int):
+    """transformers' LlavaOnevisionForConditionalGeneration on the prompt with each placeholder expanded by
+    ``tokens.count`` (its processor needs torchvision for videos; the model itself refuses a count that does not
+    match its features, so this checks the counts too)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+    ids = AutoTokenizer.from_pretrained(str(path))(prompt)["input_ids"]
+    ids = place_image_tokens(ids, tokens.token_id, [tokens.count(i.width, i.height, len(images)) for i in images])
+    pixels = AutoImageProcessor.from_pretrained(str(path))(images, return_tensors="pt")
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
+    out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"],
+                         batch_num_images=torch.tensor([len(images)]), max_new_tokens=max_tokens, do_sample=False,
+                         output_scores=True, return_dict_in_generate=True)
+    new = out.sequences[0, len(ids):].tolist()
+    return new, [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, new)]
+
+
+def test_llava_onevision_equals_hf(onevision_llava):
+    """OneVision: AnyRes grids scaled down past anyres_max_N (N = 1 here, so every grid is), and a prompt of two
+    pictures giving each its base view and one newline row."""
+    llm = LLM(str(onevision_llava), num_kv_blocks=256, enable_prefix_caching=False)
+    tokens = llm.engine.image_tokens
+    scaled = 0
+    for prompt, images in [("USER: <image>\nWhat? ASSISTANT:", [image(1, SIZES[0])]),
+                           ("USER: <image>\nWhat? ASSISTANT:", [image(2, SIZES[1])]),
+                           ("USER: <image>\nWhat? ASSISTANT:", [image(3, SIZES[2])]),
+                           ("USER: <image>\n<image>\nBoth? ASSISTANT:", [image(4, SIZES[0]), image(5, SIZES[3])])]:
+        want_ids, want_lp = hf_onevision_greedy(onevision_llava, prompt, images, tokens, 8)
+        ids, lp = loom_greedy(llm, prompt, images, 8)
+        assert ids == want_ids, [i.size for i in images]
+        np.testing.assert_allclose(lp, want_lp, atol=2e-4)
+        unscaled = dataclasses.replace(tokens, max_patches=None)  # LLaVA-NeXT's rows for the same picture
+        width, height = images[0].size
+        scaled += len(images) == 1 and tokens.grid_rows(width, height) != unscaled.grid_rows(width, height)
+    assert scaled  # the scaling down was exercised
+    assert tokens.count(50, 40, 2) == tokens.tile_rows + 1 < tokens.count(50, 40, 1)
+
+
+def test_onevision_keys_tell_a_picture_alone_from_one_of_several(onevision_llava):
+    """Alone, a picture's rows are its whole grid; beside another, its base view: its cache key must differ too."""
+    llm = LLM(str(onevision_llava), num_kv_blocks=64)
+    vision, tokens = llm.engine.vision, llm.engine.image_tokens
+    picture = image(6, SIZES[0])
+    alone = vision.image_input([tokens.token_id] * tokens.count(50, 40, 1), [picture])
+    pair = vision.image_input([tokens.token_id] * (2 * tokens.count(50, 40, 2)), [picture, picture])
+    assert set(alone.keys.values()).isdisjoint(pair.keys.values())

@@ -158,20 +158,22 @@ def test_engine_process_carries_the_images(clip_llava, offline):
         server.stop()
 
 
-def test_llava_next_counts_each_picture_by_its_size(tmp_path, smollm2_path):
-    """AnyRes: a picture's tokens depend on its size; the server expands each placeholder by it (usage, /tokenize)
-    and answers as the offline engine does."""
+@pytest.mark.parametrize("kind", ["anyres", "onevision"])
+def test_anyres_counts_each_picture_by_its_size(tmp_path, smollm2_path, kind):
+    """AnyRes (LLaVA-NeXT, LLaVA-OneVision): a picture's tokens depend on its size (and, for OneVision, on how many
+    pictures the prompt has); the server expands each placeholder by it (usage, /tokenize) and answers as the offline
+    engine does."""
     import httpx
 
     from loom.models.tiny import save_tiny_vision_model
 
-    path = save_tiny_vision_model(tmp_path / "next", smollm2_path, anyres=True)
+    path = save_tiny_vision_model(tmp_path / kind, smollm2_path, **{kind: True})
     offline = LLM(str(path), num_kv_blocks=128)
     wide, tall = image(31, (20, 100)), image(32, (90, 30))
     messages = user(TEXT, {"type": "image_pil", "image_pil": wide}, {"type": "image_pil", "image_pil": tall})
     want = offline.chat(messages, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
     tokens = offline.engine.image_tokens
-    assert tokens.count(100, 20) != tokens.count(30, 90)
+    assert tokens.count(100, 20) != tokens.count(30, 90)  # alone, each its own grid
     server = start_llm_server(tiny_config(path, num_kv_blocks=128))
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)

@@ -167,7 +167,7 @@ class ServingContext:
         if num_images:
             if images is None:  # /tokenize: the images' sizes decide their token counts (no room needed)
                 images = await self.load_images(messages, admitting=False)
-            counts = [tokens.count(image.width, image.height) for image in images]
+            counts = [tokens.count(image.width, image.height, len(images)) for image in images]
             try:
                 ids = place_image_tokens(ids, tokens.token_id, counts)
             except ValueError:
