@@ -517,9 +517,7 @@ class LLMEngine:
         else:
             raise ValueError("multi_modal_data['image'] holds PIL images (PIL.Image.Image), one or a list")
         for image in images:
-            if isinstance(image, PreparedImage):
-                self.vision.images.check(image)
-            elif not isinstance(image, Image.Image):
+            if not isinstance(image, Image.Image | PreparedImage):  # prepared ones: shapes checked by image_input
                 raise ValueError("multi_modal_data['image'] holds PIL images (PIL.Image.Image)")
         limit = (self.config.limit_mm_per_prompt or MultiModalLimits()).image
         if len(images) > limit:

@@ -26,8 +26,6 @@ from torch import nn
 MULTIMODAL_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
                             "LlavaOnevisionForConditionalGeneration")
 ANYRES_ARCHITECTURES = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
-_MULTI_IMAGE_SALT = 0x5DEECE66D
-"""Mixed into an image's cache key where LLaVA-OneVision gives it its base view only (a prompt of several images)."""
 IMAGE_TOWERS = ("clip_vision_model", "siglip_vision_model")
 _KEY_BITS = (1 << 62) - 1
 
@@ -196,32 +194,42 @@ class ImageProcessor:
 
             hf_config = AutoConfig.from_pretrained(str(folder))
         self.anyres = hf_config.architectures[0] in ANYRES_ARCHITECTURES
+        self.onevision = hf_config.architectures[0] == "LlavaOnevisionForConditionalGeneration"
         self.grid_pinpoints = [list(p) for p in hf_config.image_grid_pinpoints] if self.anyres else None
         self.tile_size = hf_config.vision_config.image_size
         self.processor = AutoImageProcessor.from_pretrained(str(folder))
 
-    def tiles(self, height: int, width: int) -> int:
-        """Tiles a picture of this size is cut into (1 for LLaVA; the base view and the grid for LLaVA-NeXT)."""
-        if not self.anyres:
+    def tiles(self, height: int, width: int, several: bool = False) -> int:
+        """Tiles a picture of this size is cut into (1 for LLaVA; the base view and the grid for LLaVA-NeXT; 1, padded
+        to a square, for a LLaVA-OneVision picture among ``several`` of a prompt)."""
+        if not self.anyres or (self.onevision and several):
             return 1
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         return image_size_to_num_patches((height, width), self.grid_pinpoints, self.tile_size)
 
-    def check(self, image: PreparedImage) -> None:
-        """A ValueError unless ``image`` has the tiles this model's processor makes for its size."""
-        want = (self.tiles(image.height, image.width), 3, self.tile_size, self.tile_size)
+    def check(self, image: PreparedImage, several: bool = False) -> None:
+        """A ValueError unless ``image`` has the tiles this model's processor makes for its size (``several``: in a
+        prompt of more than one picture)."""
+        want = (self.tiles(image.height, image.width, several), 3, self.tile_size, self.tile_size)
         if tuple(image.pixels.shape) != want:
             raise ValueError(f"a prepared image of {image.width}x{image.height} has pixels "
                              f"{tuple(image.pixels.shape)}; this model's processor makes {want}")
 
-    def prepare(self, images: list) -> list[PreparedImage]:
-        out = self.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
-        values = out["pixel_values"].float()
-        if not self.anyres:
-            tiles = [values[i : i + 1] for i in range(len(images))]
+    def prepare(self, images: list, several: bool = False) -> list[PreparedImage]:
+        """``several``: the pictures belong to a prompt of more than one (LLaVA-OneVision then pads each to a square
+        and keeps that one tile, as its processor does for a sample of several images)."""
+        rgb = [image.convert("RGB") for image in images]
+        if self.onevision and several:  # a nested batch of two or more is what turns the processor's grids off
+            group = rgb if len(rgb) > 1 else rgb * 2
+            values = self.processor(images=[group], return_tensors="pt")["pixel_values"].float()
+            tiles = [values[i, :1] for i in range(len(images))]
         else:
-            tiles = [values[i, : self.tiles(image.height, image.width)] for i, image in enumerate(images)]
+            values = self.processor(images=rgb, return_tensors="pt")["pixel_values"].float()
+            if not self.anyres:
+                tiles = [values[i : i + 1] for i in range(len(images))]
+            else:
+                tiles = [values[i, : self.tiles(image.height, image.width)] for i, image in enumerate(images)]
         return [PreparedImage(t.clone(), image.height, image.width, image_key(t, (image.height, image.width)))
                 for t, image in zip(tiles, images)]
 
@@ -333,8 +341,8 @@ class VisionEncoder:
         """The images' rows one after another [sum of ``tokens.count``, hidden]: all the tiles through the tower at
         once, then each image's rows as transformers' ``LlavaNextModel.pack_image_features`` lays them out (the base
         view's rows, then the grid's unpadded rows, each line closed by ``image_newline``)."""
-        base_only = self.onevision and len(images) > 1  # OneVision: several images, each its base view alone
-        pixels = [image.pixels[:1] if base_only else image.pixels for image in images]
+        base_only = self.onevision and len(images) > 1  # OneVision: several images, each one square tile
+        pixels = [image.pixels for image in images]
         rows = self._tiles(torch.cat(pixels))
         if not self.anyres:
             return rows.flatten(0, 1)
@@ -369,14 +377,15 @@ class VisionEncoder:
         if len(positions) != sum(counts):
             raise ValueError(f"the prompt has {len(positions)} image tokens where its {len(images)} images take "
                              f"{sum(counts)}: put one image token in the text per image")
+        several = len(images) > 1
         raw = [i for i, image in enumerate(images) if not isinstance(image, PreparedImage)]
         prepared = list(images)
-        for i, image in zip(raw, self.images.prepare([images[i] for i in raw]) if raw else []):
+        for i, image in zip(raw, self.images.prepare([images[i] for i in raw], several) if raw else []):
             prepared[i] = image
+        for image in prepared:
+            self.images.check(image, several)
         keys, at = {}, 0
-        salt = _MULTI_IMAGE_SALT if self.onevision and len(images) > 1 else 0
-        for image, n in zip(prepared, counts):
-            key = ((image.key ^ salt) & _KEY_BITS) or 1
-            keys.update((int(p), -key) for p in positions[at : at + n])
+        for image, n in zip(prepared, counts):  # (a OneVision picture alone and among several: other pixels, keys)
+            keys.update((int(p), -image.key) for p in positions[at : at + n])
             at += n
         return ImageInput(positions, prepared, keys, self.embed)

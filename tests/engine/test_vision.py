@@ -275,7 +275,8 @@ def hf_onevision_greedy(path, prompt: str, images: list, tokens, max_tokens: int
 
     ids = AutoTokenizer.from_pretrained(str(path))(prompt)["input_ids"]
     ids = place_image_tokens(ids, tokens.token_id, [tokens.count(i.width, i.height, len(images)) for i in images])
-    pixels = AutoImageProcessor.from_pretrained(str(path))(images, return_tensors="pt")
+    # several pictures of one sample go as a nested batch: the processor pads each to a square, one tile
+    pixels = AutoImageProcessor.from_pretrained(str(path))([images] if len(images) > 1 else images, return_tensors="pt")
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
     out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                          pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"],

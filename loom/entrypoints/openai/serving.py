@@ -223,17 +223,18 @@ class ServingContext:
         images = []
         for i, url in urls:
             try:
-                images.append(await loop.run_in_executor(self._media, self._prepare_image, url))
+                images.append(await loop.run_in_executor(self._media, self._prepare_image, url, len(urls) > 1))
             except MediaError as exc:
                 raise bad_request(f"messages[{i}]: {exc}", "messages") from None
         return images
 
-    def _prepare_image(self, url: str):
-        """Decode and preprocess one image (on a media thread): the decoded picture is dropped once its pixels are
-        made, so a request holds the model's few hundred pixels a side, not the upload's."""
+    def _prepare_image(self, url: str, several: bool):
+        """Decode and preprocess one image (on a media thread) of a request with ``several`` or one: the decoded
+        picture is dropped once its pixels are made, so a request holds the model's few hundred pixels a side, not
+        the upload's."""
         image = load_image(url, self.allowed_local_media_path)
         processor = getattr(self.front, "image_processor", None)
-        return processor.prepare([image])[0] if processor is not None else image
+        return processor.prepare([image], several)[0] if processor is not None else image
 
     async def compile_grammar(self, params: SamplingParams, param: str) -> None:
         """Compile the request's structured-output grammar (cached by spec) on the tokenizer thread, off the event
