@@ -80,12 +80,8 @@ class Sequence:
 
     @property
     def hashed_token_ids(self) -> list[int]:
-        """``all_token_ids`` as the prefix cache hashes them: an image's tokens as its key."""
-        ids = self.all_token_ids
-        if self.images is not None:
-            for position, key in self.images.keys.items():
-                ids[position] = key
-        return ids
+        """``all_token_ids`` as the prefix cache hashes them: an image's tokens as its key (``TokenView``'s reading)."""
+        return self.tokens[:]
 
     @property
     def tokens(self) -> TokenView:

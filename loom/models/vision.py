@@ -1,13 +1,15 @@
-"""Vision-language models of the LLaVA family (``LlavaForConditionalGeneration``: LLaVA-1.5, BakLLaVA, LLaVA-Interleave
-and other checkpoints in llava-hf's layout): an image becomes rows of the language model's input embeddings.
+"""Vision-language models of the LLaVA family (``LlavaForConditionalGeneration``: LLaVA-1.5, BakLLaVA, LLaVA-Interleave;
+``LlavaNextForConditionalGeneration`` and ``LlavaOnevisionForConditionalGeneration``, AnyRes; checkpoints in
+llava-hf's layout or transformers 5's): an image becomes rows of the language model's input embeddings.
 
-    image --image processor--> pixels [3, H, W] --vision tower--> hidden states of one layer [P, Dv]
+    image --image processor--> pixels [tiles, 3, H, W] --vision tower--> hidden states of one layer [P, Dv]
           --(the CLS row dropped, "default" strategy)--> [N, Dv] --projector (linear, act, linear)--> [N, D]
 
-The prompt holds N copies of the image token per image (``expand_image_tokens``: one placeholder in the text becomes
-N); the engine writes the image's rows over those tokens' embeddings before the first layer (``ImageInput``), so the
-language model, its paged KV cache, chunked prefill and prefix cache run as for text. The tower is transformers' own
-module (CLIP or SigLIP, built from the config; it runs once per image), the language model is Loom's.
+The prompt holds N copies of the image token per image (``place_image_tokens``: one placeholder in the text becomes
+N, ``ImageTokens.count``); the engine writes the image's rows over those tokens' embeddings before the first layer
+(``ImageInput``), so the language model, its paged KV cache, chunked prefill and prefix cache run as for text. The
+tower is transformers' own module (CLIP or SigLIP, built from the config; it runs once per image), the language model
+is Loom's.
 """
 
 from __future__ import annotations
@@ -80,22 +82,21 @@ class ImageTokens:
     """LLaVA-NeXT's AnyRes resolutions (height, width); None: one tile per image."""
     tile_size: int = 0
     patches_per_side: int = 0
-    newline: bool = False
     max_patches: int | None = None
     """LLaVA-OneVision (``anyres_max_N``): a grid of more than N tiles' rows is scaled down (bilinear) to about N;
-    and a prompt of several images gives each its base view only. None: LLaVA-NeXT's layout."""
+    and a prompt of several images gives each one square tile. None: LLaVA-NeXT's layout."""
 
     def count(self, width: int, height: int, num_images: int = 1) -> int:
         """Prompt tokens of a ``width`` x ``height`` image among ``num_images`` of a prompt (transformers' processor
         expands its placeholder to as many: for LLaVA-NeXT, the base view, then the tile grid cropped to the image's
         aspect with one newline row per line; LLaVA-OneVision scales a large grid down, and in a prompt of several
-        images keeps the base view and one newline row)."""
+        images gives each one square tile and one newline row)."""
         if self.grid_pinpoints is None:
             return self.tile_rows
         if self.max_patches is not None and num_images > 1:
             return self.tile_rows + 1
         rows, cols = self.grid_rows(width, height)
-        return self.tile_rows + rows * (cols + int(self.newline))
+        return self.tile_rows + rows * (cols + 1)  # each grid line closed by image_newline
 
     def grid_rows(self, width: int, height: int) -> tuple[int, int]:
         """The rows and columns of an AnyRes image's grid features after unpadding (and OneVision's scaling)."""
@@ -250,8 +251,8 @@ class Projector(nn.Module):
 
 
 class VisionEncoder:
-    """Images -> rows of input embeddings for a LLaVA or LLaVA-NeXT checkpoint (its tower, projector and image
-    processor; LLaVA-NeXT's AnyRes tiles and row-end ``image_newline`` too)."""
+    """Images -> rows of input embeddings for a LLaVA, LLaVA-NeXT or LLaVA-OneVision checkpoint (its tower, projector
+    and image processor; AnyRes tiles and the row-end ``image_newline`` too)."""
 
     def __init__(self, folder: str | Path, hf_config, dtype: torch.dtype, device: torch.device,
                  load: bool = True):
@@ -266,11 +267,10 @@ class VisionEncoder:
         self.drop_cls = hf_config.vision_feature_select_strategy == "default"
         token_id = getattr(hf_config, "image_token_id", None)
         token_id = int(token_id if token_id is not None else hf_config.image_token_index)
-        self.anyres = hf_config.architectures[0] in ANYRES_ARCHITECTURES
-        self.onevision = hf_config.architectures[0] == "LlavaOnevisionForConditionalGeneration"
+        self.images = ImageProcessor(folder, hf_config)
+        """The layout (AnyRes, OneVision, grid, tile size) is the processor's: one reading of the config."""
+        self.anyres, self.onevision = self.images.anyres, self.images.onevision
         max_patches = (int(hf_config.vision_aspect_ratio.removeprefix("anyres_max_")) if self.onevision else None)
-        self.grid_pinpoints = [list(p) for p in hf_config.image_grid_pinpoints] if self.anyres else None
-        self.tile_size = vision.image_size
         self.tower = AutoModel.from_config(vision).eval()
         hidden = hf_config.text_config.hidden_size
         self.projector = Projector(vision.hidden_size * len(self.feature_layers), hidden,
@@ -285,20 +285,16 @@ class VisionEncoder:
         if self.image_newline is not None:
             self.image_newline = self.image_newline.to(device=device, dtype=dtype)
         self.dtype, self.device = dtype, device
-        self.images = ImageProcessor(folder, hf_config)
-        tile_rows = int(self._tiles(torch.zeros(1, 3, self.tile_size, self.tile_size)).shape[1])
+        size = self.images.tile_size
+        tile_rows = int(self._tiles(torch.zeros(1, 3, size, size)).shape[1])
         side = vision.image_size // vision.patch_size
         if self.anyres and tile_rows != side * side:
             raise ValueError(f"{folder}: AnyRes lays a tile's rows out as a {side} x {side} grid, but the tower "
                              f"gives {tile_rows} (vision_feature_select_strategy "
                              f"{hf_config.vision_feature_select_strategy!r} with this tower); transformers cannot run "
                              "it either")
-        self.tokens = ImageTokens(token_id, tile_rows, tuple(map(tuple, self.grid_pinpoints or ())) or None,
-                                  self.tile_size, vision.image_size // vision.patch_size, self.anyres, max_patches)
-
-    @property
-    def image_token_id(self) -> int:
-        return self.tokens.token_id
+        self.tokens = ImageTokens(token_id, tile_rows, tuple(map(tuple, self.images.grid_pinpoints or ())) or None,
+                                  size, side, max_patches)
 
     def _load(self, folder: Path) -> None:
         own = dict(self.tower.named_parameters()) | dict(self.tower.named_buffers())
@@ -342,22 +338,21 @@ class VisionEncoder:
         once, then each image's rows as transformers' ``LlavaNextModel.pack_image_features`` lays them out (the base
         view's rows, then the grid's unpadded rows, each line closed by ``image_newline``)."""
         base_only = self.onevision and len(images) > 1  # OneVision: several images, each one square tile
-        pixels = [image.pixels for image in images]
-        rows = self._tiles(torch.cat(pixels))
+        rows = self._tiles(torch.cat([image.pixels for image in images]))
         if not self.anyres:
             return rows.flatten(0, 1)
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
         side = self.tokens.patches_per_side
         out, at = [], 0
-        for image, tiles_in in zip(images, pixels):
-            tiles = rows[at : at + len(tiles_in)]
-            at += len(tiles_in)
+        for image in images:
+            tiles = rows[at : at + len(image.pixels)]
+            at += len(image.pixels)
             if base_only:
                 out += [tiles[0], self.image_newline[None]]
                 continue
             size = [image.height, image.width]
-            grid_h, grid_w = get_anyres_image_grid_shape(size, self.grid_pinpoints, self.tile_size)
+            grid_h, grid_w = get_anyres_image_grid_shape(size, self.images.grid_pinpoints, self.images.tile_size)
             grid = tiles[1:].view(grid_h, grid_w, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
             grid = unpad_image(grid, size)  # [hidden, H, W]
             if self.onevision:  # anyres_max_N: a grid past about N tiles' rows is scaled down, as transformers does

@@ -155,9 +155,8 @@ class ServingContext:
         native = self.template_has_tools
         dicts = template_messages(messages, tools, native)
         num_images = sum(len(m.image_urls()) for m in messages)
-        if num_images and self.front.image_tokens is None:
-            raise bad_request(f"{self.model_name} is a text model: it takes no images (image_url parts); serve a "
-                              "vision model (a LlavaForConditionalGeneration folder)", "messages")
+        if num_images and images is None:  # /tokenize: the images' sizes decide their token counts (no room needed)
+            images = await self.load_images(messages, admitting=False)  # a text model's refusal is its
         tokens = self.front.image_tokens
         if tokens is not None or self.chat_template_content_format == "openai":
             image_text = self.front.tokenizer.convert_ids_to_tokens(tokens.token_id) if tokens is not None else ""
@@ -165,8 +164,6 @@ class ServingContext:
         ids = await self.encoder.chat(dicts, add_generation_prompt, limit=limit, tools=tools if native else None,
                                       template=template)
         if num_images:
-            if images is None:  # /tokenize: the images' sizes decide their token counts (no room needed)
-                images = await self.load_images(messages, admitting=False)
             counts = [tokens.count(image.width, image.height, len(images)) for image in images]
             try:
                 ids = place_image_tokens(ids, tokens.token_id, counts)
