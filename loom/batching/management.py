@@ -147,10 +147,7 @@ def archive_settings(query: dict[str, str], store: Path | None) -> dict[str, Any
     for key, field, kind in (("batch_size", "batch_size", int), ("max_batch_delay", "max_batch_delay", float),
                              ("initial_workers", "workers", int), ("response_timeout", "request_timeout", float)):
         if key in query:
-            try:
-                settings[field] = kind(query[key])
-            except ValueError:
-                raise HTTPError(400, f"query parameter {key} must be a number, got {query[key]!r}") from None
+            settings[field] = _query_number(key, query[key], kind)
     if "request_timeout" in settings:
         settings["request_timeout"] *= 1000.0  # TorchServe's response_timeout is in seconds
     return settings
@@ -193,16 +190,20 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return value
 
 
+def _query_number(key: str, value: str, kind: type) -> int | float:
+    try:
+        return kind(value)
+    except ValueError:
+        raise HTTPError(400, f"query parameter {key} must be a number, got {value!r}") from None
+
+
 def _update_changes(request: Request, body: bytes) -> dict[str, Any]:
     changes = _json_object(body)
     query = dict(request.query_params)
     if "min_worker" in query:  # TorchServe's spelling
         query["workers"] = query.pop("min_worker")
     for key, value in query.items():
-        try:
-            changes[key] = float(value) if key == "max_batch_delay" else int(value)
-        except ValueError:
-            raise HTTPError(400, f"query parameter {key} must be a number, got {value!r}") from None
+        changes[key] = _query_number(key, value, float if key == "max_batch_delay" else int)
     unknown = set(changes) - UPDATABLE
     if unknown or not changes:
         raise HTTPError(400, f"PUT accepts {sorted(UPDATABLE)}; got {sorted(changes) or 'nothing'}")

@@ -80,8 +80,7 @@ def build_inference_router(server: ModelServer) -> APIRouter:
     async def predictions(name: str, request: Request) -> Response:
         status, body, headers = await predict(server, name, await request.body(),
                                               request.headers.get("content-type", ""))
-        media_type = headers.pop("Content-Type", "application/json")
-        return Response(body, status_code=status, media_type=media_type, headers=headers)
+        return Response(body, status_code=status, headers=headers)
 
     for path, answer in (("/v1/embeddings", _embeddings), ("/v1/rerank", _rerank), ("/rerank", _rerank),
                          ("/v1/score", _score)):
@@ -109,7 +108,8 @@ def _json_route(server: ModelServer, answer):
 
 
 async def predict(server: ModelServer, name: str, body: bytes, content_type: str) -> tuple[int, bytes, dict]:
-    """One POST /predictions/{name}: (status, JSON body, headers), errors included."""
+    """One POST /predictions/{name}: (status, body, headers with its content-type), errors included."""
+    json_type = {"content-type": "application/json"}
     try:
         model = _model(server, name)
         if not body:
@@ -117,11 +117,11 @@ async def predict(server: ModelServer, name: str, body: bytes, content_type: str
         timing: dict = {}
         value = await _submit(model, _decode_body(body, content_type), timing)
         if isinstance(value, Raw):  # sent as it is (a TorchServe handler's text or bytes, say)
-            return 200, value.body, {**timing_headers(timing), "Content-Type": value.content_type}
+            return 200, value.body, {**timing_headers(timing), "content-type": value.content_type}
         answer, status = json_body(value)
-        return status, answer, timing_headers(timing)
+        return status, answer, {**timing_headers(timing), **json_type}
     except HTTPError as err:
-        return err.status, json_body(error_value(err))[0], err.headers
+        return err.status, json_body(error_value(err))[0], {**err.headers, **json_type}
 
 
 class PredictionRoute:
@@ -144,8 +144,7 @@ class PredictionRoute:
                 break
         content_type = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-type"), "")
         status, body, headers = await predict(self.server, name, b"".join(chunks), content_type)
-        media_type = headers.pop("Content-Type", "application/json")
-        raw = [(b"content-type", media_type.encode("latin-1")), (b"content-length", str(len(body)).encode())]
+        raw = [(b"content-length", str(len(body)).encode())]
         raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
