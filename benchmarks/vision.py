@@ -37,7 +37,6 @@ WORDS = ("picture image scene color shape object left right top bottom light dar
 def build_model(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
     from transformers import (
         AutoConfig,
-        AutoTokenizer,
         CLIPImageProcessor,
         CLIPVisionConfig,
         LlavaConfig,
@@ -45,24 +44,19 @@ def build_model(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
         LlavaProcessor,
     )
 
-    from loom.models.tiny import LLAVA_TEMPLATE
+    from loom.models.tiny import image_tokenizer, save_vision_folder
 
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer, image_id = image_tokenizer(tokenizer_dir)
     text = AutoConfig.from_pretrained(str(tokenizer_dir))
     text.vocab_size = 49216  # room for <image> (49152), as llava-hf pads its vocabularies
     vision = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                               image_size=224, patch_size=16)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(
-        "<image>"), vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=True)
-    LlavaForConditionalGeneration(config).eval().save_pretrained(folder)
-    tokenizer.chat_template = LLAVA_TEMPLATE
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_id, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", tie_word_embeddings=True)
     processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-    LlavaProcessor(image_processor=processor, tokenizer=tokenizer, patch_size=16, image_token="<image>",
-                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                   chat_template=LLAVA_TEMPLATE).save_pretrained(folder)
-    return folder
+    return save_vision_folder(folder, LlavaForConditionalGeneration(config).eval(), tokenizer, processor,
+                              LlavaProcessor, 16, "default", 1)
 
 
 def make_requests(n: int, seed: int) -> list[tuple[str, object]]:

@@ -130,9 +130,7 @@ def save_tiny_vision_model(path: str | Path, tokenizer_dir: str | Path, tower: s
     )
 
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    tokenizer, image_id = image_tokenizer(tokenizer_dir)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
                   patch_size=8)
     if tower == "clip":
@@ -175,13 +173,28 @@ def save_tiny_vision_model(path: str | Path, tokenizer_dir: str | Path, tower: s
             p.normal_(0, 0.3)
         if anyres or onevision:
             model.model.image_newline.normal_(0, 1)
+    return save_vision_folder(path, model, tokenizer, processor, processor_cls, 8, strategy, extra_tokens)
+
+
+def image_tokenizer(tokenizer_dir: str | Path):
+    """``tokenizer_dir``'s tokenizer with ``<image>`` added (49152 in SmolLM2's, so a vocabulary of 49216 holds it),
+    and the token's id."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer, tokenizer.convert_tokens_to_ids("<image>")
+
+
+def save_vision_folder(path: str | Path, model, tokenizer, image_processor, processor_cls, patch_size: int,
+                       strategy: str, extra_tokens: int) -> Path:
+    """A vision model's folder as llava-hf lays one out: the weights, the tokenizer with llava-hf's chat template, and
+    the processor (``processor_cls`` None: the image processor alone, for processors that need torchvision)."""
     model.save_pretrained(path)
     tokenizer.chat_template = LLAVA_TEMPLATE
     if processor_cls is None:
-        processor.save_pretrained(path)
+        image_processor.save_pretrained(path)
         tokenizer.save_pretrained(path)
     else:
-        processor_cls(image_processor=processor, tokenizer=tokenizer, patch_size=8, image_token="<image>",
-                      vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_tokens,
-                      chat_template=LLAVA_TEMPLATE).save_pretrained(path)
+        processor_cls(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                      image_token="<image>", vision_feature_select_strategy=strategy,
+                      num_additional_image_tokens=extra_tokens, chat_template=LLAVA_TEMPLATE).save_pretrained(path)
     return Path(path)
