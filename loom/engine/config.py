@@ -88,6 +88,36 @@ class MultiModalLimits:
 
 
 @dataclass(slots=True)
+class ImageResize:
+    """vLLM's ``--mm-processor-kwargs`` for the vision models that resize a picture to its own resolution (Qwen2-VL,
+    Qwen2.5-VL): how many pixels the resized picture holds, and so how many tokens it takes (one per 28 x 28)."""
+
+    min_pixels: int | None = None
+    """A smaller picture is scaled up to about this many pixels; None: the checkpoint's (3136 for Qwen2-VL)."""
+    max_pixels: int | None = None
+    """A larger picture is scaled down to at most this many; None: the checkpoint's (12845056 for Qwen2-VL: up to
+    16384 tokens a picture; vLLM's docs suggest e.g. 1003520, 1280 tokens)."""
+
+    def __post_init__(self) -> None:
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"mm_processor_kwargs {name} must be a positive integer, got {value!r}")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"mm_processor_kwargs min_pixels ({self.min_pixels}) must not exceed max_pixels "
+                             f"({self.max_pixels})")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ImageResize:
+        """From a JSON object such as ``{"max_pixels": 1003520}``."""
+        unknown = sorted(set(values) - {"min_pixels", "max_pixels"})
+        if unknown:
+            raise ValueError(f"mm_processor_kwargs has unknown key(s) {', '.join(unknown)}; Loom takes min_pixels "
+                             "and max_pixels")
+        return cls(**values)
+
+
+@dataclass(slots=True)
 class EngineConfig:
     model: str = "smollm2"
     """A catalogue name (``loom models list``; ``smollm2`` runs its 4-bit GGUF on CPU, ``smollm2:f32`` the float32
@@ -159,6 +189,10 @@ class EngineConfig:
     limit_mm_per_prompt: MultiModalLimits | None = None
     """A vision model's inputs per prompt as JSON, vLLM's keys: {"image": 2} (a dict is taken as its fields); None:
     {"image": 4}."""
+    mm_processor_kwargs: ImageResize | None = None
+    """Qwen2-VL / Qwen2.5-VL's picture size as JSON, vLLM's keys: {"min_pixels": 3136, "max_pixels": 1003520} (a
+    picture takes a token per 28 x 28 pixels once resized to between the two); None: the checkpoint's
+    preprocessor_config.json."""
     reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = None
     """A thinking model's <think>...</think> block: the chat route splits it into reasoning_content and content, and
     structured outputs start after it (vLLM's rule). qwen3 (Qwen3, SmolLM3: an output that opens the block),
@@ -191,6 +225,8 @@ class EngineConfig:
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
         if isinstance(self.limit_mm_per_prompt, dict):
             self.limit_mm_per_prompt = MultiModalLimits.from_dict(self.limit_mm_per_prompt)
+        if isinstance(self.mm_processor_kwargs, dict):
+            self.mm_processor_kwargs = ImageResize.from_dict(self.mm_processor_kwargs)
         if self.async_scheduling and (self.speculative_config is not None or self.tensor_parallel_size > 1):
             what = "speculative decoding" if self.speculative_config is not None else "tensor parallelism"
             raise ValueError(f"async scheduling does not run with {what} yet: drop --async-scheduling or {what}")

@@ -28,6 +28,8 @@ from loom.engine.tensor_parallel import EngineFatalError, RankSpec, TPWorkers, t
 from loom.models.catalogue import resolve_runtime
 from loom.models.llama import LlamaConfig
 from loom.models.loader import load_hf_config, load_tokenizer, load_weights
+from loom.models.multimodal import vision_encoder
+from loom.models.qwen_vl import QwenVisionEncoder
 from loom.models.vision import ImageTokens, PreparedImage, VisionEncoder, is_multimodal, place_image_tokens
 from loom.ops.sampler import DeferredSample, SamplingRow, SamplingSettings, has_token_penalty, sample_deferred
 
@@ -147,13 +149,15 @@ class LLMEngine:
         except BaseException:
             self.shutdown()
             raise
-        self.vision: VisionEncoder | None = None
+        self.vision: VisionEncoder | QwenVisionEncoder | None = None
         """A vision-language model's image encoder (``loom.models.vision``); None for a text model."""
         if multimodal:
-            self.vision = VisionEncoder(self.model_path, hf_config, self.dtype, self.device,
-                                        load=config.load_format != "dummy")
-            log.info("vision model: %s tower, %d tokens per image%s", hf_config.vision_config.model_type,
-                     self.vision.tokens.tile_rows, " tile (AnyRes)" if self.vision.anyres else "")
+            self.vision = vision_encoder(self.model_path, hf_config, self.dtype, self.device,
+                                         config.load_format != "dummy", config.mm_processor_kwargs)
+            tokens = self.vision.tokens
+            log.info("vision model: %s tower, %s", hf_config.vision_config.model_type,
+                     f"a token per {tokens.tile_size} x {tokens.tile_size} pixels" if tokens.pixel_range else
+                     f"{tokens.tile_rows} tokens per image{' tile (AnyRes)' if self.vision.anyres else ''}")
         self.lora = None
         if config.enable_lora:  # wraps the (packed) projections, so after ops.prepare
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras,

@@ -144,9 +144,10 @@ class StepInputs:
     feed: TokenFeed | None = None
     """Input tokens still on the device (async scheduling: their rows of ``input_ids`` hold ``PENDING``). Not part of
     ``encode``: tensor-parallel ranks never get one."""
-    images: tuple[torch.Tensor, torch.Tensor] | None = None
-    """Image rows of a vision-language model's prefill chunks: (step rows [R], their input embeddings [R, hidden]),
-    written over those rows' token embeddings. Not part of ``encode`` (vision models run on one rank)."""
+    images: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+    """Image rows of a vision-language model's prefill chunks: (step rows [R], their input embeddings [R, hidden],
+    M-RoPE positions [R, 3] or None), written over those rows' token embeddings. Not part of ``encode`` (vision models
+    run on one rank)."""
 
     def __post_init__(self) -> None:
         for name in ("input_ids", "positions", "slots", "decode_seq_lens", "logit_rows"):
@@ -387,19 +388,38 @@ class ModelRunner:
                 if len(targets):
                     prompt_rows.append((c.seq, targets))
                     prompt_logit_rows.extend(rows)
-        inputs = StepInputs(input_ids, positions, slots, tables, decode_positions + 1, prefill_chunks,
+        inputs = StepInputs(input_ids, _rope_positions(chunks, positions, ends - counts), slots, tables,
+                            decode_positions + 1, prefill_chunks,
                             logit_rows + draft_rows + prompt_logit_rows, _feed(input_ids, chunks, counts, in_flight),
                             _image_rows(chunks, ends - counts, self.device))
         return inputs, sampling, prompt_rows
 
 
+def _rope_positions(chunks: list[ScheduledChunk], positions: np.ndarray, first_rows: np.ndarray) -> np.ndarray:
+    """The positions the step's tokens rotate by: their cache positions, except under M-RoPE (Qwen2-VL), where a
+    prompt's tokens after an image rotate by fewer (an image's rows span only its grid's longer side) and the tokens
+    after the prompt by their position plus the prompt's ``rope_delta`` (``ImageInput.rope``)."""
+    out = None
+    for chunk, first in zip(chunks, first_rows.tolist()):
+        images = chunk.seq.images
+        if images is None or images.rope is None:
+            continue
+        if out is None:
+            out = positions.copy()
+        index = np.arange(chunk.start, chunk.end)
+        rope = images.rope
+        out[first : first + len(index)] = np.where(index < len(rope), rope[np.minimum(index, len(rope) - 1)],
+                                                   index + images.rope_delta)
+    return positions if out is None else out
+
+
 def _image_rows(chunks: list[ScheduledChunk], first_rows: np.ndarray, device: torch.device,
-                ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The step rows of the image tokens in the chunks (each chunk's first row in ``first_rows``) and their
-    embeddings; None when no chunk has one. (A one-token chunk is scheduled as a decode: after a prefix hit, the
-    prompt's last token may be an image's.) A sequence whose chunk reaches past its last image lets go of the
-    images' embeddings."""
-    rows, embeds, done = [], [], []
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """The step rows of the image tokens in the chunks (each chunk's first row in ``first_rows``), their
+    embeddings, and under M-RoPE their (temporal, height, width) positions; None when no chunk has one. (A one-token
+    chunk is scheduled as a decode: after a prefix hit, the prompt's last token may be an image's.) A sequence whose
+    chunk reaches past its last image lets go of the images' embeddings."""
+    rows, embeds, mrope, done = [], [], [], []
     for chunk, first in zip(chunks, first_rows.tolist()):
         images = chunk.seq.images
         if images is None:
@@ -408,13 +428,18 @@ def _image_rows(chunks: list[ScheduledChunk], first_rows: np.ndarray, device: to
         if len(index):
             rows.append(offsets + first)
             embeds.append(images.rows(int(index[0]), int(index[-1])))  # a chunk's image rows are consecutive
+            if images.mrope is not None:
+                mrope.append(images.mrope[index])
             if chunk.end >= images.end:
                 done.append(images)
     for images in done:  # after the step's gathering: n > 1 siblings share them
         images.release()
     if not rows:
         return None
-    return torch.from_numpy(np.concatenate(rows)).to(device), torch.cat(embeds)
+    if mrope and len(mrope) != len(rows):
+        raise ValueError("a step mixed M-RoPE and plain image rows")  # one model: never
+    return (torch.from_numpy(np.concatenate(rows)).to(device), torch.cat(embeds),
+            torch.from_numpy(np.concatenate(mrope)).to(device) if mrope else None)
 
 
 def _prompt_logprob_rows(chunk: ScheduledChunk, first_row: int) -> tuple[range, list[int]]:

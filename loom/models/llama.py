@@ -28,7 +28,7 @@ from loom.distributed.parallel import TensorParallel, local_config
 from loom.models.vision import is_multimodal, language_config
 from loom.ops.attention import AttentionMetadata, paged_attention
 from loom.ops.layers import TorchOps, rms_norm_reference, uninitialized_embedding
-from loom.ops.rotary import RotaryEmbedding, partial_rotary_order, partial_rotary_rows
+from loom.ops.rotary import RotaryEmbedding, mrope_rows, partial_rotary_order, partial_rotary_rows
 
 SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "LlamaForCausalLM",
                            "MistralForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM",
@@ -105,13 +105,18 @@ class LlamaConfig:
     """Qwen2-MoE: a dense expert every token goes through, scaled by a sigmoid gate; 0: none."""
     moe_layers: tuple[int, ...] = ()
     """Indices of the layers whose MLP is a mixture of experts (the others are dense)."""
+    mrope_section: tuple[int, ...] | None = None
+    """Qwen2-VL / Qwen2.5-VL's multimodal rotary (M-RoPE): how many of each head's rotary frequencies turn with the
+    temporal, height and width positions of an image token (text tokens have all three equal: plain RoPE)."""
 
     @classmethod
     def from_hf(cls, hf) -> LlamaConfig:
         # a vision-language model's text model: under LLaVA's own LM head, without the text model's logit scaling or
         # soft-capping (transformers' LlavaForConditionalGeneration applies neither)
         head_of_its_own = is_multimodal(hf)
+        tie = getattr(hf, "tie_word_embeddings", False)
         hf = language_config(hf)
+        tie = getattr(hf, "tie_word_embeddings", tie)  # Qwen2-VL's text config leaves it to the model's
         arch = (getattr(hf, "architectures", None) or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"architecture {arch} is not supported; Loom serves {', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -119,6 +124,9 @@ class LlamaConfig:
         rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
         local_rope = rope.pop("sliding_attention", None)  # Gemma 3: one rope per layer type
         rope = dict(rope.pop("full_attention", None) or rope)
+        mrope = rope.pop("mrope_section", None)
+        if rope.get("type") == "mrope":  # Qwen2-VL's older configs name M-RoPE as a scaling type
+            rope.pop("type")
         theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
         if rope.get("rope_type", rope.get("type")) in ("longrope", "su", "yarn"):  # both context lengths
             rope.setdefault("original_max_position_embeddings", getattr(hf, "original_max_position_embeddings", None))
@@ -146,6 +154,9 @@ class LlamaConfig:
                              "Phi3ForCausalLM only, e.g. Phi-4-mini)")
         if rotary_dim is not None:
             partial_rotary_order(head_dim, rotary_dim)  # refuses what it cannot order
+        if mrope and sum(mrope) != head_dim // 2:
+            raise ValueError(f"mrope_section {list(mrope)} must share out the {head_dim // 2} rotary frequencies of "
+                             f"a {head_dim}-wide head")
         return cls(
             vocab_size=hf.vocab_size,
             hidden_size=hf.hidden_size,
@@ -158,7 +169,7 @@ class LlamaConfig:
             rope_theta=float(theta),
             rope_scaling=rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None,
             max_position_embeddings=hf.max_position_embeddings,
-            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            tie_word_embeddings=bool(tie),
             qkv_bias=is_qwen2 or attention_bias,
             o_bias=attention_bias and not is_qwen2,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
@@ -182,6 +193,7 @@ class LlamaConfig:
             attention_multiplier=float(hf.attention_multiplier) if granite else None,
             residual_multiplier=float(hf.residual_multiplier) if granite else 1.0,
             logits_scaling=float(hf.logits_scaling) if granite and not head_of_its_own else 1.0,
+            mrope_section=tuple(int(n) for n in mrope) if mrope and head_of_its_own else None,
             **_moe_fields(hf, arch),
         )
 
@@ -462,10 +474,15 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
-        images: tuple[torch.Tensor, torch.Tensor] | None = None,
+        images: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [T] -> hidden states [T, D] after the final norm. ``images``: (rows, embeddings) of a
-        vision model's image tokens, which take the place of those rows' token embeddings."""
+        """input_ids, positions: [T] -> hidden states [T, D] after the final norm. ``images``: (rows, embeddings,
+        M-RoPE positions [R, 3] or None) of a vision model's image tokens, which take the place of those rows' token
+        embeddings (and, with M-RoPE, rotate by their temporal / height / width positions)."""
+        step_rotary = None
+        if images is not None and images[2] is not None:
+            step_rotary = mrope_rows(self.rotary, positions, images[0], images[2], self.config.mrope_section)
+            positions = torch.arange(len(positions), device=positions.device)
         x, residual = self.embed(input_ids), None
         # Granite multiplies the whole input (image rows too); Gemma scales its token embeddings only
         scale_images = self.config.architecture == "GraniteForCausalLM"
@@ -482,7 +499,8 @@ class LlamaForCausalLM(nn.Module):
             x, residual = fused
         else:
             for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-                x, residual = layer(x, residual, positions, self.rotary_of(i), kv_cache, meta, self.ops)
+                x, residual = layer(x, residual, positions, step_rotary or self.rotary_of(i), kv_cache, meta,
+                                    self.ops)
         x, _ = self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
         return x
 

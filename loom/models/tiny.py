@@ -198,3 +198,67 @@ def save_vision_folder(path: str | Path, model, tokenizer, image_processor, proc
                       image_token="<image>", vision_feature_select_strategy=strategy,
                       num_additional_image_tokens=extra_tokens, chat_template=LLAVA_TEMPLATE).save_pretrained(path)
     return Path(path)
+
+
+QWEN_VL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}{% if message['content'] is string %}"
+    "{{ message['content'] + '<|im_end|>\n' }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{{ '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""Qwen2-VL's chat template (images as ``<|vision_start|><|image_pad|><|vision_end|>`` where they stand in a turn),
+without its video and numbering options."""
+
+QWEN_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def save_tiny_qwen_vl(path: str | Path, tokenizer_dir: str | Path, version: str = "2", seed: int = 0,
+                      min_pixels: int = 32 * 32, max_pixels: int = 64 * 96, **overrides) -> Path:
+    """A tiny random Qwen2-VL (``version`` "2") or Qwen2.5-VL ("2.5"): a 2-layer vision transformer on 8-pixel
+    patches merged 2 x 2 (a token per 16 x 16 pixels of the resized picture, which has between ``min_pixels`` and
+    ``max_pixels``), and a 2-layer Qwen2 language model with M-RoPE (head 16: sections 2, 3, 3), with Qwen2-VL's
+    vision tokens added to the ``tokenizer_dir`` tokenizer, its chat template and image processor. ``overrides`` go
+    to the model's config. Saved as transformers saves it: the hub's layout (``model.*``, ``visual.*``)."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_VL_TOKENS})
+    start, end, image, video = tokenizer.convert_tokens_to_ids(QWEN_VL_TOKENS)
+    text = dict(vocab_size=49216, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    vision = dict(depth=2, num_heads=2, patch_size=8, spatial_merge_size=2, temporal_patch_size=2)
+    if version == "2":
+        config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
+    elif version == "2.5":
+        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        # windows of 32 pixels (2 x 2 merged patches); the second block attends over the whole picture
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=32,
+                      fullatt_block_indexes=[1])
+    else:
+        raise ValueError(f"version must be 2 or 2.5, got {version!r}")
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=image, video_token_id=video,
+                        vision_start_token_id=start, vision_end_token_id=end, tie_word_embeddings=True, **overrides)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # transformers' init leaves the rows small next to the embeddings: widen them
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path)
+    Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
+                             size={"shortest_edge": min_pixels, "longest_edge": max_pixels}).save_pretrained(path)
+    tokenizer.chat_template = QWEN_VL_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return Path(path)

@@ -1,6 +1,7 @@
 """Vision-language models of the LLaVA family (``LlavaForConditionalGeneration``: LLaVA-1.5, BakLLaVA, LLaVA-Interleave;
 ``LlavaNextForConditionalGeneration`` and ``LlavaOnevisionForConditionalGeneration``, AnyRes; checkpoints in
-llava-hf's layout or transformers 5's): an image becomes rows of the language model's input embeddings.
+llava-hf's layout or transformers 5's) and Qwen2-VL / Qwen2.5-VL (``loom.models.qwen_vl``): an image becomes rows of
+the language model's input embeddings.
 
     image --image processor--> pixels [tiles, 3, H, W] --vision tower--> hidden states of one layer [P, Dv]
           --(the CLS row dropped, "default" strategy)--> [N, Dv] --projector (linear, act, linear)--> [N, D]
@@ -25,10 +26,13 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 MULTIMODAL_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                            "LlavaOnevisionForConditionalGeneration")
+                            "LlavaOnevisionForConditionalGeneration", *QWEN_VL_ARCHITECTURES)
 ANYRES_ARCHITECTURES = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
 IMAGE_TOWERS = ("clip_vision_model", "siglip_vision_model")
+TEXT_ARCHITECTURES = {"qwen2_vl_text": "Qwen2ForCausalLM", "qwen2_5_vl_text": "Qwen2ForCausalLM"}
+"""Text models that transformers registers under no causal-LM class: the architecture Loom runs them as."""
 _KEY_BITS = (1 << 62) - 1
 
 
@@ -46,19 +50,25 @@ def language_config(hf_config):
 
     text = hf_config.text_config
     if not getattr(text, "architectures", None):
-        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(text.model_type)
+        arch = TEXT_ARCHITECTURES.get(text.model_type) or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(text.model_type)
         text.architectures = [arch or f"{text.model_type} (text model)"]
     return text
 
 
+_VISION_PARTS = ("vision_tower.", "multi_modal_projector.", "image_newline", "visual.")
+
+
 def language_weight_name(name: str) -> str | None:
     """A vision-language checkpoint's weight name as the language model's own (``model.layers.0...``), in llava-hf's
-    layout (``language_model.model.*``, ``language_model.lm_head.*``) and transformers 5's (``model.language_model.*``,
-    ``lm_head.*``); None for the vision tower's and the projector's."""
+    layout (``language_model.model.*``, ``language_model.lm_head.*``), transformers 5's (``model.language_model.*``,
+    ``lm_head.*``) and Qwen2-VL's (``model.*`` beside ``visual.*``); None for the vision tower's and the
+    projector's."""
     for prefix, to in (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                        ("model.language_model.", "model."), ("lm_head.", "lm_head.")):
         if name.startswith(prefix):
             return to + name.removeprefix(prefix)
+    if name.startswith("model.") and not name.removeprefix("model.").startswith(_VISION_PARTS):
+        return name
     return None
 
 
@@ -85,18 +95,33 @@ class ImageTokens:
     max_patches: int | None = None
     """LLaVA-OneVision (``anyres_max_N``): a grid of more than N tiles' rows is scaled down (bilinear) to about N;
     and a prompt of several images gives each one square tile. None: LLaVA-NeXT's layout."""
+    pixel_range: tuple[int, int] | None = None
+    """Qwen2-VL: an image is resized to between these many pixels (min, max), each side a multiple of ``tile_size``
+    (patch size x merge size), and takes one token per tile_size x tile_size square; None: LLaVA's layouts."""
 
     def count(self, width: int, height: int, num_images: int = 1) -> int:
         """Prompt tokens of a ``width`` x ``height`` image among ``num_images`` of a prompt (transformers' processor
         expands its placeholder to as many: for LLaVA-NeXT, the base view, then the tile grid cropped to the image's
         aspect with one newline row per line; LLaVA-OneVision scales a large grid down, and in a prompt of several
-        images gives each one square tile and one newline row)."""
+        images gives each one square tile and one newline row; Qwen2-VL, one per merged patch of the resized
+        picture)."""
+        if self.pixel_range is not None:
+            rows, cols = self.qwen_grid(width, height)
+            return rows * cols
         if self.grid_pinpoints is None:
             return self.tile_rows
         if self.max_patches is not None and num_images > 1:
             return self.tile_rows + 1
         rows, cols = self.grid_rows(width, height)
         return self.tile_rows + rows * (cols + 1)  # each grid line closed by image_newline
+
+    def qwen_grid(self, width: int, height: int) -> tuple[int, int]:
+        """Qwen2-VL: the rows and columns of merged patches (tokens) of a ``width`` x ``height`` picture."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        low, high = self.pixel_range
+        resized_h, resized_w = smart_resize(height, width, self.tile_size, low, high)
+        return resized_h // self.tile_size, resized_w // self.tile_size
 
     def grid_rows(self, width: int, height: int) -> tuple[int, int]:
         """The rows and columns of an AnyRes image's grid features after unpadding (and OneVision's scaling)."""
@@ -148,6 +173,13 @@ class ImageInput:
     encode: Callable[[list], torch.Tensor]
     """Pixels -> embeddings [len(positions), hidden] (``VisionEncoder.embed``)."""
     embeds: torch.Tensor | None = None
+    rope: np.ndarray | None = None
+    """M-RoPE (Qwen2-VL): the position each prompt token rotates by (an image token's temporal one); None: its
+    index, as for any model."""
+    mrope: np.ndarray | None = None
+    """M-RoPE: the image tokens' (temporal, height, width) positions [len(positions), 3]."""
+    rope_delta: int = 0
+    """M-RoPE: a token past the prompt rotates by its index plus this (<= 0)."""
 
     @property
     def end(self) -> int:
@@ -180,6 +212,8 @@ class PreparedImage:
     width: int
     key: int
     """``image_key`` of the pixels and size."""
+    grid: tuple[int, int, int] | None = None
+    """Qwen2-VL: the patches' (temporal, height, width) grid; its pixels are the flattened patches [t*h*w, dims]."""
 
 
 class ImageProcessor:
@@ -384,3 +418,4 @@ class VisionEncoder:
             keys.update((int(p), -image.key) for p in positions[at : at + n])
             at += n
         return ImageInput(positions, prepared, keys, self.embed)
+

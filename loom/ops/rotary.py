@@ -152,3 +152,26 @@ def partial_rotary_order(head_dim: int, rotary_dim: int) -> torch.Tensor:
 def partial_rotary_rows(order: torch.Tensor, heads: int) -> torch.Tensor:
     """``order`` applied to each of ``heads`` heads' rows of a projection: the row indices, in load order."""
     return (torch.arange(heads)[:, None] * len(order) + order[None, :]).flatten()
+
+
+class RotaryRows:
+    """One step's own cos/sin rows [T, D], row i for the step's token i (so the step's positions are 0..T-1): what
+    M-RoPE's image tokens rotate by, where the temporal, height and width positions each turn some frequencies."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin = cos, sin
+
+
+def mrope_rows(rotary: RotaryEmbedding, positions: torch.Tensor, rows: torch.Tensor, mrope: torch.Tensor,
+               section: tuple[int, ...]) -> RotaryRows:
+    """Qwen2-VL's multimodal RoPE for a step: token i rotates by the tables' row ``positions[i]`` (text: its three
+    positions are equal, plain RoPE), except the image tokens at step rows ``rows``, whose frequencies in the k-th
+    part of ``section`` turn with their position ``mrope[:, k % 3]`` (temporal, height, width), as transformers'
+    ``Qwen2VLRotaryEmbedding`` lays them out (each half of the rotate-half layout alike)."""
+    cos, sin = rotary.cos[positions], rotary.sin[positions]
+    which = torch.repeat_interleave(torch.arange(len(section)) % 3, torch.tensor(section)).to(mrope.device)
+    which = torch.cat((which, which))  # [D]: the position each column turns with
+    at = mrope[:, which]  # [R, D]
+    columns = torch.arange(len(which), device=mrope.device)
+    cos[rows], sin[rows] = rotary.cos[at, columns], rotary.sin[at, columns]
+    return RotaryRows(cos, sin)

@@ -36,6 +36,8 @@ from loom.engine.sampling_params import SamplingParams
 from loom.engine.tensor_parallel import EngineFatalError
 from loom.entrypoints.openai.metrics import LLMMetrics, RequestTimes
 from loom.models.loader import load_tokenizer
+from loom.models.multimodal import image_processor
+from loom.models.qwen_vl import QwenImageProcessor
 from loom.models.vision import ImageProcessor
 
 log = logging.getLogger("loom.entrypoints.openai.serve")
@@ -198,8 +200,9 @@ class AsyncLLMEngine:
         self.max_model_len = 0
         self.image_tokens = None
         """A vision model's ``loom.models.vision.ImageTokens`` (``LLMEngine.image_tokens``); None: a text model."""
-        self.image_processor: ImageProcessor | None = None
-        """A vision model's image preprocessing, run on the server's media threads (``ServingContext``)."""
+        self.image_processor: ImageProcessor | QwenImageProcessor | None = None
+        """A vision model's image preprocessing, sized as the engine's, run on the server's media threads
+        (``ServingContext``)."""
         self.num_in_flight = 0
         self.last_stats = None
         """The engine's EngineStats after its latest step or command batch."""
@@ -228,7 +231,8 @@ class AsyncLLMEngine:
         await ready
         self.tokenizer = await asyncio.to_thread(load_tokenizer, self.engine.tokenizer_path)
         if self.image_tokens is not None:  # chat images are preprocessed here, off the engine's loop
-            self.image_processor = await asyncio.to_thread(ImageProcessor, self.engine.model_path)
+            self.image_processor = await asyncio.to_thread(image_processor, self.engine.model_path,
+                                                           self.engine.config.mm_processor_kwargs)
 
     @property
     def is_ready(self) -> bool:

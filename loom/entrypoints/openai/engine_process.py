@@ -264,6 +264,7 @@ class EngineProcess:
     message."""
 
     def __init__(self, config: EngineConfig, num_threads: int | None = None):
+        self.config = config
         mine, theirs = socket.socketpair()
         self.connection = Connection(mine.detach())
         self._send_lock = threading.Lock()

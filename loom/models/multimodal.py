@@ -1,0 +1,34 @@
+"""Which vision-language implementation a checkpoint takes: the LLaVA family's (``loom.models.vision``) or Qwen2-VL's
+(``loom.models.qwen_vl``), for the image encoder the engine runs and the preprocessing the server runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loom.models.qwen_vl import QwenImageProcessor, QwenVisionEncoder
+from loom.models.vision import QWEN_VL_ARCHITECTURES, ImageProcessor, VisionEncoder
+
+
+def vision_encoder(folder: str | Path, hf_config, dtype: torch.dtype, device: torch.device, load: bool = True,
+                   resize=None) -> VisionEncoder | QwenVisionEncoder:
+    """The checkpoint's image encoder. ``resize``: ``loom.engine.config.ImageResize`` (Qwen2-VL only; a LLaVA model
+    refuses it: its pictures take the tower's tiles)."""
+    if hf_config.architectures[0] in QWEN_VL_ARCHITECTURES:
+        return QwenVisionEncoder(folder, hf_config, dtype, device, load, resize)
+    if resize is not None:
+        raise ValueError("mm_processor_kwargs (min_pixels, max_pixels) sizes Qwen2-VL's pictures; a LLaVA model "
+                         "resizes to its tower's tiles: drop --mm-processor-kwargs")
+    return VisionEncoder(folder, hf_config, dtype, device, load)
+
+
+def image_processor(folder: str | Path, resize=None) -> ImageProcessor | QwenImageProcessor:
+    """The checkpoint's image preprocessing alone (what the server runs on its media threads), sized as the engine's
+    encoder is."""
+    from transformers import AutoConfig  # local: transformers
+
+    hf_config = AutoConfig.from_pretrained(str(folder))
+    if hf_config.architectures[0] in QWEN_VL_ARCHITECTURES:
+        return QwenImageProcessor(folder, getattr(resize, "min_pixels", None), getattr(resize, "max_pixels", None))
+    return ImageProcessor(folder, hf_config)

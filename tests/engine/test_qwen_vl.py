@@ -1,0 +1,195 @@
+"""Qwen2-VL and Qwen2.5-VL: Loom's greedy ids and logprobs equal HF transformers' on tiny random checkpoints, with
+pictures of several sizes (each its own token count), two in a prompt, a prompt ending on one, through chunked
+prefill, the prefix cache and preemption; the M-RoPE positions equal transformers' ``get_rope_index``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoTokenizer
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from loom import LLM, SamplingParams
+from loom.models.qwen_vl import mrope_positions
+from loom.models.tiny import save_tiny_qwen_vl
+from loom.models.vision import place_image_tokens
+from tests.engine.test_vision import image, loom_greedy
+
+V = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+@pytest.fixture(scope="module", params=["2", "2.5"])
+def qwen_vl(request, tmp_path_factory, smollm2_path):
+    return save_tiny_qwen_vl(tmp_path_factory.mktemp(f"qwen{request.param}-vl"), smollm2_path,
+                             version=request.param)
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl(tmp_path_factory, smollm2_path):
+    return save_tiny_qwen_vl(tmp_path_factory.mktemp("qwen2-vl"), smollm2_path, version="2")
+
+
+class HF:
+    """transformers' model on a prompt whose ``<|image_pad|>`` placeholders are expanded by the image processor's
+    grids (the full processor needs torchvision for videos; the model refuses counts that miss its features)."""
+
+    def __init__(self, path):
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))
+        self.model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
+        self.pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    def inputs(self, prompt: str, images: list) -> dict:
+        ids = self.tokenizer.encode(prompt)
+        extra = {}
+        if images:
+            pixels = self.processor(images=images, return_tensors="pt")
+            ids = place_image_tokens(ids, self.pad, (pixels["image_grid_thw"].prod(-1) // 4).tolist())
+            extra = dict(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
+        input_ids = torch.tensor([ids])
+        return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                    mm_token_type_ids=(input_ids == self.pad).int(), **extra)
+
+    def greedy(self, prompt: str, images: list, max_tokens: int) -> tuple[list[int], list[float]]:
+        inputs = self.inputs(prompt, images)
+        out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, output_scores=True,
+                                  return_dict_in_generate=True)
+        ids = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        return ids, [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, ids)]
+
+
+PROMPTS = [
+    (f"Describe: {V} what is it?", [(1, (40, 50))]),
+    (f"A {V} and {V}, compare them.", [(2, (90, 30)), (3, (64, 100))]),  # tall, then wide: other grids
+    ("Plain text, no picture at all.", []),
+    (f"Ends on {V}", [(4, (20, 120))]),  # the prompt's last tokens are an image's
+]
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_greedy_equals_hf(qwen_vl, backend):
+    hf = HF(qwen_vl)
+    llm = LLM(str(qwen_vl), attention_backend=backend, num_kv_blocks=128, enable_prefix_caching=False)
+    for prompt, pictures in PROMPTS:
+        images = [image(seed, size) for seed, size in pictures]
+        want_ids, want_lp = hf.greedy(prompt, images, 10)
+        ids, lp = loom_greedy(llm, prompt, images, 10)
+        assert ids == want_ids, prompt
+        np.testing.assert_allclose(lp, want_lp, atol=2e-4)
+
+
+def test_mrope_positions_equal_transformers(qwen2_vl):
+    """The positions every prompt token rotates by, the image tokens' three, and the delta after the prompt."""
+    hf = HF(qwen2_vl)
+    llm = LLM(str(qwen2_vl), num_kv_blocks=64)
+    vision = llm.engine.vision
+    deltas = set()
+    for prompt, pictures in [*PROMPTS, (f"{V}{V}", [(5, (32, 32)), (6, (100, 20))])]:
+        images = [image(seed, size) for seed, size in pictures]
+        inputs = hf.inputs(prompt, images)
+        want, delta = hf.model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                    inputs.get("image_grid_thw"))
+        ids = inputs["input_ids"][0].tolist()
+        if not images:
+            assert (want[:, 0].numpy() == np.arange(len(ids))).all() and delta.item() == 0
+            continue
+        got = vision.image_input(ids, images)
+        text = np.ones(len(ids), bool)
+        text[got.positions] = False
+        np.testing.assert_array_equal(got.rope[text], want[0, 0].numpy()[text])
+        np.testing.assert_array_equal(got.mrope, want[:, 0].numpy()[:, got.positions].T)
+        np.testing.assert_array_equal(got.rope[~text], want[0, 0].numpy()[~text])
+        assert got.rope_delta == delta.item()
+        deltas.add(got.rope_delta)
+    assert min(deltas) < 0  # a picture of several rows and columns puts positions behind indices
+
+
+def test_token_counts_equal_the_processor(qwen2_vl):
+    """``ImageTokens.count`` (what the server expands a placeholder by) against the processor's grid."""
+    processor = Qwen2VLImageProcessorPil.from_pretrained(str(qwen2_vl))
+    tokens = LLM(str(qwen2_vl), num_kv_blocks=16).engine.image_tokens
+    rng = np.random.RandomState(0)
+    counts = set()
+    for height, width in [(40, 50), (8, 300), (300, 8), *rng.randint(8, 400, size=(30, 2)).tolist()]:
+        grid = processor(images=[image(0, (height, width))], return_tensors="pt")["image_grid_thw"][0]
+        assert tokens.count(width, height) == int(grid.prod()) // 4, (height, width)
+        counts.add(tokens.count(width, height))
+    assert len(counts) > 5  # sizes decide the count
+
+
+def test_chunked_prefill_prefix_cache_and_preemption(qwen2_vl):
+    """5-token steps cut through the pictures; the same picture again is a prefix hit with the same answer, another
+    picture is not; a pool too small for all the requests preempts and recomputes them (positions past the prompt
+    rotate by their index plus the delta) with the same answers."""
+    hf = HF(qwen2_vl)
+    prompt, pictures = PROMPTS[1]
+    images = [image(seed, size) for seed, size in pictures]
+    want = hf.greedy(prompt, images, 8)[0]
+    chunked = LLM(str(qwen2_vl), max_num_batched_tokens=5, num_kv_blocks=128, block_size=4)
+    assert loom_greedy(chunked, prompt, images, 8)[0] == want
+    bm = chunked.engine.block_manager
+    hits = bm.num_prefix_hit_tokens
+    assert loom_greedy(chunked, prompt, images, 8)[0] == want
+    assert bm.num_prefix_hit_tokens - hits >= 40
+    other = [image(9, (64, 100)), images[1]]
+    hits = bm.num_prefix_hit_tokens
+    assert loom_greedy(chunked, prompt, other, 8)[0] == hf.greedy(prompt, other, 8)[0]
+    assert bm.num_prefix_hit_tokens - hits < 8  # "A <|vision_start|>" at most: not the other picture's rows
+
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    requests = [{"prompt": f"Picture {i}: {V} tell.", "multi_modal_data": {"image": [image(20 + i, (40, 50))]}}
+                for i in range(4)]
+    roomy = [o.outputs[0].token_ids for o in LLM(str(qwen2_vl), num_kv_blocks=128).generate(requests, params)]
+    tight = LLM(str(qwen2_vl), num_kv_blocks=24, block_size=4)  # 96 slots for 4 sequences of ~50
+    assert [o.outputs[0].token_ids for o in tight.generate(requests, params)] == roomy
+    assert tight.engine.stats().num_preemptions > 0
+    assert roomy[0] == hf.greedy(requests[0]["prompt"], requests[0]["multi_modal_data"]["image"], 24)[0]
+
+
+def test_chat_places_pictures_where_the_template_does(qwen2_vl):
+    llm = LLM(str(qwen2_vl), num_kv_blocks=128)
+    picture = image(7, (50, 70))
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Look: "},
+                                             {"type": "image_pil", "image_pil": picture},
+                                             {"type": "text", "text": " what is it?"}]}]
+    out = llm.chat(messages, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    prompt = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nLook: "
+              f"{V} what is it?<|im_end|>\n<|im_start|>assistant\n")
+    assert out.outputs[0].token_ids == HF(qwen2_vl).greedy(prompt, [picture], 6)[0]
+    assert out.prompt_token_ids.count(llm.engine.image_tokens.token_id) == llm.engine.image_tokens.count(70, 50)
+
+
+def test_mrope_positions_fall_behind_after_each_picture():
+    """Two pictures of 2 x 3 and 4 x 1 tokens: each takes its longer side's worth of positions."""
+    rope, mrope, delta = mrope_positions(14, [2, 9], [(1, 2, 3), (1, 4, 1)])
+    assert rope[:2].tolist() == [0, 1]
+    assert mrope[:6].tolist() == [[2, 2, 2], [2, 2, 3], [2, 2, 4], [2, 3, 2], [2, 3, 3], [2, 3, 4]]
+    assert rope[8] == 5  # the text after the first picture: 2 + max(2, 3)
+    assert mrope[6:].tolist() == [[6, 6, 6], [6, 7, 6], [6, 8, 6], [6, 9, 6]]
+    assert rope[13] == 10 and delta == 10 + 1 - 14
+
+
+def test_mm_processor_kwargs_resize_pictures(qwen2_vl):
+    """vLLM's --mm-processor-kwargs: a lower max_pixels gives a large picture fewer tokens, and the answer equals
+    transformers' with its processor sized the same; bad values and a LLaVA model are refused."""
+    small = LLM(str(qwen2_vl), num_kv_blocks=128, mm_processor_kwargs={"max_pixels": 32 * 48})
+    tokens = small.engine.image_tokens
+    default = LLM(str(qwen2_vl), num_kv_blocks=16).engine.image_tokens
+    assert tokens.count(100, 64) < default.count(100, 64)
+    hf = HF(qwen2_vl)
+    hf.processor.size["longest_edge"] = 32 * 48
+    prompt, picture = f"See {V} now", image(8, (64, 100))
+    assert loom_greedy(small, prompt, [picture], 6)[0] == hf.greedy(prompt, [picture], 6)[0]
+    with pytest.raises(ValueError, match="unknown key"):
+        LLM(str(qwen2_vl), mm_processor_kwargs={"max_pixel": 10})
+    with pytest.raises(ValueError, match="must not exceed"):
+        LLM(str(qwen2_vl), mm_processor_kwargs={"min_pixels": 5000, "max_pixels": 1000})
+
+
+def test_mm_processor_kwargs_refused_for_llava(tmp_path, smollm2_path):
+    from loom.models.tiny import save_tiny_vision_model
+
+    path = save_tiny_vision_model(tmp_path / "llava", smollm2_path)
+    with pytest.raises(ValueError, match="drop --mm-processor-kwargs"):
+        LLM(str(path), mm_processor_kwargs={"max_pixels": 1000})
