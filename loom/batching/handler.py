@@ -30,6 +30,26 @@ BUILTIN_HANDLERS = {
 }
 
 
+WHOLE_REQUEST_HANDLERS = ("torchserve",)
+"""Built-in handlers whose items are whole requests (``RequestData``: headers and form fields beside the body), as
+TorchServe's handlers read them; every other handler gets the decoded body alone."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestData:
+    """One POST /predictions request as a whole-request handler gets it (picklable: it travels to the workers)."""
+
+    body: Any
+    """The body decoded by its content type (JSON parsed, text as str, else bytes); None for a form's."""
+    headers: dict[str, str]
+    """The request's headers, names in lower case."""
+    form: dict[str, Any] | None = None
+    """A multipart/form-data body's fields by name (each part decoded by its own content type; a part without one
+    stays bytes, as TorchServe passes it); None: not a form."""
+    form_types: dict[str, str] = field(default_factory=dict)
+    """Each form field's content type ("" where the part has none)."""
+
+
 class ItemError(Exception):
     """One request's failure, with the HTTP status its caller gets (400: bad input by default)."""
 

@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request, Response
 
 from loom.batching.config import ModelConfig
 from loom.batching.handler import BUILTIN_HANDLERS
+from loom.batching.handlers.torchserve import archive_settings as torchserve_archive_settings
 from loom.batching.routes import HTTPError, error_response, json_response
 from loom.batching.server import ModelExists, ModelNotFound, ModelServer
 from loom.batching.worker import WorkerStartError
@@ -144,12 +145,17 @@ def archive_settings(query: dict[str, str], store: Path | None) -> dict[str, Any
     inside = store is None or resolve_inside(store, str(path)) is not None  # read nothing outside the store
     name = query.get("model_name") or (archive_model_name(path) if inside else None) or path.name.removesuffix(".mar")
     settings: dict[str, Any] = {"name": name, "handler": "torchserve", "path": str(path)}
-    for key, field, kind in (("batch_size", "batch_size", int), ("max_batch_delay", "max_batch_delay", float),
-                             ("initial_workers", "workers", int), ("response_timeout", "request_timeout", float)):
+    if inside:  # the archive's model-config.yaml, then the query's parameters over it (TorchServe's order)
+        try:
+            settings.update(torchserve_archive_settings(path))
+        except ValueError as exc:
+            raise HTTPError(400, str(exc)) from None
+    for key, field, kind, scale in (("batch_size", "batch_size", int, 1),
+                                    ("max_batch_delay", "max_batch_delay", float, 1),
+                                    ("initial_workers", "workers", int, 1),
+                                    ("response_timeout", "request_timeout", float, 1000)):  # TorchServe: seconds
         if key in query:
-            settings[field] = _query_number(key, query[key], kind)
-    if "request_timeout" in settings:
-        settings["request_timeout"] *= 1000.0  # TorchServe's response_timeout is in seconds
+            settings[field] = _query_number(key, query[key], kind) * scale
     return settings
 
 

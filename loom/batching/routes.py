@@ -25,7 +25,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from loom.batching.batcher import DeadlineExceeded, QueueFull
-from loom.batching.handler import Raw
+from loom.batching.handler import WHOLE_REQUEST_HANDLERS, Raw, RequestData
 from loom.batching.model import ItemFailed, ModelUnavailable
 from loom.batching.server import ModelNotFound, ModelServer
 
@@ -79,7 +79,8 @@ def build_inference_router(server: ModelServer) -> APIRouter:
     @router.post("/predictions/{name}")
     async def predictions(name: str, request: Request) -> Response:
         status, body, headers = await predict(server, name, await request.body(),
-                                              request.headers.get("content-type", ""))
+                                              request.headers.get("content-type", ""),
+                                              {k.lower(): v for k, v in request.headers.items()})
         return Response(body, status_code=status, headers=headers)
 
     for path, answer in (("/v1/embeddings", _embeddings), ("/v1/rerank", _rerank), ("/rerank", _rerank),
@@ -107,15 +108,21 @@ def _json_route(server: ModelServer, answer):
     return route
 
 
-async def predict(server: ModelServer, name: str, body: bytes, content_type: str) -> tuple[int, bytes, dict]:
-    """One POST /predictions/{name}: (status, body, headers with its content-type), errors included."""
+async def predict(server: ModelServer, name: str, body: bytes, content_type: str,
+                  request_headers: dict[str, str] | None = None) -> tuple[int, bytes, dict]:
+    """One POST /predictions/{name}: (status, body, headers with its content-type), errors included.
+    ``request_headers`` (lower-case names) go to whole-request handlers (``RequestData``)."""
     json_type = {"content-type": "application/json"}
     try:
         model = _model(server, name)
         if not body:
             raise HTTPError(400, _EMPTY_BODY)
         timing: dict = {}
-        value = await _submit(model, _decode_body(body, content_type), timing)
+        if model.config.handler in WHOLE_REQUEST_HANDLERS:
+            payload = _request_data(body, content_type, request_headers or {"content-type": content_type})
+        else:
+            payload = _decode_body(body, content_type)
+        value = await _submit(model, payload, timing)
         if isinstance(value, Raw):  # sent as it is (a TorchServe handler's text or bytes, say)
             return 200, value.body, {**timing_headers(timing), "content-type": value.content_type}
         answer, status = json_body(value)
@@ -142,8 +149,9 @@ class PredictionRoute:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
-        content_type = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-type"), "")
-        status, body, headers = await predict(self.server, name, b"".join(chunks), content_type)
+        request_headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        status, body, headers = await predict(self.server, name, b"".join(chunks),
+                                              request_headers.get("content-type", ""), request_headers)
         raw = [(b"content-length", str(len(body)).encode())]
         raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -172,6 +180,32 @@ def _decode_body(body: bytes, content_type: str) -> Any:
     if content_type.startswith("text/"):
         return body.decode("utf-8", errors="replace")
     return body
+
+
+def _request_data(body: bytes, content_type: str, headers: dict[str, str]) -> RequestData:
+    """A whole request: a multipart/form-data body's fields by name (TorchServe's way: each decoded by its part's
+    content type, bytes without one), any other body decoded as for every handler."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        return RequestData(_decode_body(body, content_type), headers)
+    from email import policy
+    from email.parser import BytesParser
+
+    head = b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n"
+    message = BytesParser(policy=policy.HTTP).parsebytes(head + body)
+    parts = list(message.iter_parts()) if message.is_multipart() else []
+    form, types = {}, {}
+    for part in parts:
+        field_name = part.get_param("name", header="content-disposition")
+        if not field_name:
+            continue
+        value = part.get_payload(decode=True) or b""
+        part_type = part.get_content_type() if part.get("content-type") else ""
+        types[field_name] = part_type
+        form[field_name] = _decode_body(value, part_type) if part_type else value
+    if not form:
+        raise HTTPError(400, "the multipart/form-data body has no named fields (or no boundary): send fields as "
+                        "curl -F name=@file does, or the raw bytes with another content type")
+    return RequestData(None, headers, form, types)
 
 
 def _model(server: ModelServer, name: str):

@@ -19,6 +19,7 @@ from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
 
 from loom.batching.config import ModelConfig, load_models_yaml, parse_serve_spec
+from loom.batching.handlers.torchserve import archive_settings
 from loom.batching.management import build_management_app, new_token, write_token_file
 from loom.batching.placement import device_list
 from loom.batching.routes import RAW_BODY_PREFIXES, PredictionRoute, build_inference_router
@@ -60,13 +61,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def configs_from_args(args: argparse.Namespace) -> list[ModelConfig]:
     defaults = {name: getattr(args, name) for name in MODEL_FLAGS}
     configs = load_models_yaml(args.config, **defaults) if args.config else []
-    configs += [parse_serve_spec(spec, **defaults) for spec in args.serve]
+    configs += [_archive_defaults(parse_serve_spec(spec, **defaults), defaults) for spec in args.serve]
     names = [c.name for c in configs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"model names {duplicates} are declared twice; "
                          "give each --serve / models.yaml entry its own name")
     return configs
+
+
+def _archive_defaults(config: ModelConfig, flags: dict) -> ModelConfig:
+    """A TorchServe archive's model-config.yaml settings (batchSize, maxBatchDelay, minWorkers, responseTimeout) where
+    the flags were left at their defaults (TorchServe's order: what the operator gives, then the archive, then the
+    server's defaults)."""
+    if config.handler != "torchserve" or config.path is None:
+        return config
+    fields = ModelConfig.__dataclass_fields__
+    archive = {k: v for k, v in archive_settings(config.path).items() if flags.get(k) == fields[k].default}
+    return config.updated(**archive) if archive else config
 
 
 def create_component(args: argparse.Namespace, registry: CollectorRegistry) -> ModelServerComponent | None:

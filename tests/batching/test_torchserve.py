@@ -305,6 +305,52 @@ def test_torchserve_habits(loom_home, tmp_path):
     assert [r.json() for r in singles] == [{"echo": i} for i in range(4)]  # one request per call, none lost
 
 
+FORM_HANDLER = """
+def handle(data, context):
+    if data is None:
+        return None
+    out = []
+    for idx, row in enumerate(data):
+        out.append({"inputs": {k: [type(v).__name__, v if isinstance(v, (str, dict, list)) else len(v)]
+                               for k, v in row.items()},
+                    "token": context.get_request_header(idx, "X-Token"),
+                    "input_types": {k: context.get_request_header(idx, k) for k in row},
+                    "user_agent": "user-agent" in context.get_all_request_header(idx)})
+    return out
+"""
+
+
+def test_headers_and_form_fields_reach_the_handler(loom_home, tmp_path):
+    """As TorchServe: a multipart/form-data body's fields by name (a file part bytes, a JSON part parsed, a text
+    part str, a field without a content type bytes), a plain body under "body", and the request's headers through
+    get_request_header (any case) beside each input's content type; a form with no fields is a 400."""
+    mar = make_mar(tmp_path / "form.mar", "form_handler.py", {"form_handler.py": FORM_HANDLER})
+    png = bytes(range(256)) * 3
+
+    async def body():
+        async with serving(parse_serve_spec(f"form={mar}", batch_size=4)) as (client, _, _component):
+            form = await client.post(
+                "/predictions/form", headers={"X-Token": "abc"}, data={"note": "hello"},
+                files={"data": ("kitten.png", png, "image/png"), "meta": ("m.json", b'{"k": [1, 2]}', "application/json"),
+                       "caption": ("c.txt", "a cat".encode(), "text/plain")})
+            plain = await client.post("/predictions/form", json={"x": 1}, headers={"x-token": "def"})
+            empty = await client.post("/predictions/form", content=b"--nothing--",
+                                      headers={"content-type": "multipart/form-data; boundary=zzz"})
+            return form, plain, empty
+
+    form, plain, empty = run(body())
+    assert form.status_code == 200, form.text
+    got = form.json()
+    assert got["inputs"] == {"data": ["bytes", len(png)], "meta": ["dict", {"k": [1, 2]}], "caption": ["str", "a cat"],
+                             "note": ["bytes", 5]}
+    assert got["token"] == "abc" and got["user_agent"]
+    assert got["input_types"] == {"data": {"content-type": "image/png"}, "meta": {"content-type": "application/json"},
+                                  "caption": {"content-type": "text/plain"}, "note": {"content-type": ""}}
+    assert plain.json() == {"inputs": {"body": ["dict", {"x": 1}]}, "token": "def",
+                            "input_types": {"body": {"content-type": "application/json"}}, "user_agent": True}
+    assert empty.status_code == 400 and "no named fields" in empty.json()["error"]["message"]
+
+
 def test_archive_file_named_like_a_builtin_is_the_archives(loom_home, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # setup() moves into the model folder, as TorchServe's worker runs there
     from loom.batching.handler import Context
@@ -374,3 +420,38 @@ def test_not_an_archive_and_no_manifest(loom_home, tmp_path, monkeypatch):
                         {"h.py": "from ts.torch_handler.base_handler import BaseHandler\n"})
     with pytest.raises(ValueError, match="pip install torchserve"):
         TorchServeHandler().setup(Context("m", str(needs_ts), 0, 1))
+
+
+def test_archive_model_config_sets_what_the_operator_leaves(tmp_path):
+    """model-config.yaml's batchSize, maxBatchDelay, minWorkers and responseTimeout (seconds) become the model's
+    settings where the flags (or the registration's query) leave them at their defaults, as TorchServe orders them;
+    a value of the wrong kind is refused by name."""
+    import argparse
+
+    from loom.batching.handlers.torchserve import archive_settings
+    from loom.batching.management import archive_settings as registration
+    from loom.batching.serve import add_serve_arguments, configs_from_args
+
+    config_yaml = "batchSize: 3\nmaxBatchDelay: 40\nminWorkers: 1\nresponseTimeout: 7\nhandler:\n  k: v\n"
+    files = {"fn_handler.py": FUNCTION_HANDLER, "model-config.yaml": config_yaml}
+    mar = make_mar(tmp_path / "cfg.mar", "fn_handler.py:handle_fn", files, {"configFile": "model-config.yaml"})
+    want = {"batch_size": 3, "max_batch_delay": 40.0, "workers": 1, "request_timeout": 7000.0}
+    assert archive_settings(mar) == want
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    (plain,) = configs_from_args(parser.parse_args(["--serve", f"cfg={mar}"]))
+    assert (plain.batch_size, plain.max_batch_delay, plain.workers, plain.request_timeout) == (3, 40.0, 1, 7000.0)
+    (given,) = configs_from_args(parser.parse_args(["--serve", f"cfg={mar}", "--batch-size", "5"]))
+    assert (given.batch_size, given.max_batch_delay) == (5, 40.0)
+
+    settings = registration({"url": "cfg.mar", "batch_size": "6"}, tmp_path)
+    assert (settings["batch_size"], settings["max_batch_delay"], settings["request_timeout"]) == (6, 40.0, 7000.0)
+
+    bad = make_mar(tmp_path / "bad.mar", "fn_handler.py:handle_fn",
+                   {"fn_handler.py": FUNCTION_HANDLER, "model-config.yaml": "batchSize: 2.5\n"},
+                   {"configFile": "model-config.yaml"})
+    with pytest.raises(ValueError, match="batchSize in its model-config.yaml must be an integer"):
+        archive_settings(bad)
+    assert archive_settings(make_mar(tmp_path / "none.mar", "fn_handler.py:handle_fn",
+                                     {"fn_handler.py": FUNCTION_HANDLER})) == {}

@@ -14,10 +14,12 @@ What TorchServe's Python backend gives a handler, this gives it too:
   ``initialize(context)``, then ``handle(data, context)`` per batch; otherwise the module's own ``handle``.
 - **The context** (``ts.context.Context``'s surface): ``model_name``, ``manifest``, ``system_properties``
   (``model_dir``, ``gpu_id``, ``batch_size``, ...), ``model_yaml_config``, ``metrics`` (recorded, not exported),
-  ``get_request_header`` (None: Loom hands handlers bodies only), ``set_response_content_type`` /
-  ``set_response_status``.
-- **The batch:** ``data`` is one ``{"body": value}`` per request, the value decoded as TorchServe decodes it (JSON
-  parsed, text as ``str``, anything else ``bytes``); ``handle`` returns one result per request. A ``str`` result
+  ``get_request_header`` / ``get_all_request_header`` (the request's HTTP headers, and each input's
+  ``{"content-type": ...}``), ``set_response_content_type`` / ``set_response_status``.
+- **The batch:** ``data`` is one dict per request: ``{"body": value}``, or a multipart/form-data body's fields by
+  name (``curl -F data=@kitten.jpg`` gives ``{"data": ...}``), each value decoded as TorchServe decodes it (JSON
+  parsed, text as ``str``, anything else ``bytes``; a form field without a content type stays ``bytes``);
+  ``handle`` returns one result per request. A ``str`` result
   goes back as text, ``bytes`` as ``application/octet-stream`` (or the content type the handler set), anything else
   as JSON.
 
@@ -44,7 +46,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from loom.batching.handler import Context, Handler, ItemError, Raw
+from loom.batching.handler import Context, Handler, ItemError, Raw, RequestData
 from loom.models.catalogue import loom_home
 
 log = logging.getLogger(__name__)
@@ -88,13 +90,19 @@ class Metrics:
 
 
 class RequestProcessor:
-    """``context.request_processor[i]``: a request's properties (Loom hands handlers bodies only: none)."""
+    """One request's headers as ``ts.context.RequestProcessor`` holds them: the HTTP headers, and each input's
+    ``{name: {"content-type": ...}}`` (``body`` for a plain body, the field names of a form). Names are looked up as
+    given, then in lower case (HTTP names are case-insensitive; Loom receives them in lower case)."""
 
-    def get_request_property(self, key: str) -> None:
-        return None
+    def __init__(self, request_header: dict | None = None):
+        self._request_header = dict(request_header or {})
+
+    def get_request_property(self, key: str):
+        value = self._request_header.get(key)
+        return value if value is not None else self._request_header.get(key.lower())
 
     def get_request_properties(self) -> dict:
-        return {}
+        return dict(self._request_header)
 
 
 class TorchServeContext:
@@ -115,19 +123,19 @@ class TorchServeContext:
         """Per request index: the response headers the handler set for this batch (content-type among them)."""
         self.status: dict[int, tuple[int, str]] = {}
 
-    def start_batch(self, size: int) -> None:
+    def start_batch(self, request_headers: list[dict]) -> None:
         self.headers, self.status = {}, {}
-        self.request_ids = {i: f"{i}" for i in range(size)}
-        self.request_processor = [RequestProcessor() for _ in range(size)]
+        self.request_ids = {i: f"{i}" for i in range(len(request_headers))}
+        self.request_processor = [RequestProcessor(h) for h in request_headers]
 
     def get_request_id(self, idx: int = 0) -> str | None:
         return self.request_ids.get(idx)
 
     def get_request_header(self, idx: int, key: str) -> str | None:
-        return None
+        return self.request_processor[idx].get_request_property(key)
 
     def get_all_request_header(self, idx: int) -> dict:
-        return {}
+        return self.request_processor[idx].get_request_properties()
 
     def set_response_content_type(self, idx: int, value: str) -> None:
         self.set_response_header(idx, "content-type", value)
@@ -176,9 +184,10 @@ class TorchServeHandler(Handler):
 
     def _handle(self, rows: list[Any]) -> list[Any]:
         context = self.context
-        context.start_batch(len(rows))
+        data, headers = zip(*map(_ts_input, rows)) if rows else ((), ())
+        context.start_batch(list(headers))
         started = time.perf_counter()
-        outputs = self.entry([{"body": value} for value in rows], context)
+        outputs = self.entry(list(data), context)
         context.metrics.add_time("PredictionTime", (time.perf_counter() - started) * 1000, None, "ms")
         if isinstance(outputs, list) and len(outputs) == 1 and len(rows) > 1 and self.max_rows > 1:
             # a handler written for TorchServe's default batch of one (it reads data[0]): one request at a time
@@ -204,6 +213,18 @@ class TorchServeHandler(Handler):
         if isinstance(out, str):
             return Raw(out.encode(), content_type or "text/plain; charset=utf-8")
         return out
+
+
+def _ts_input(row: Any) -> tuple[dict, dict]:
+    """A request as TorchServe's backend hands it over: (its inputs by name: ``body``, or a form's fields; its
+    headers: each input's ``{"content-type": ...}``, then the HTTP headers)."""
+    if not isinstance(row, RequestData):  # a bare value (a handler called in-process)
+        return {"body": row}, {}
+    if row.form is None:
+        inputs, types = {"body": row.body}, {"body": row.headers.get("content-type", "")}
+    else:
+        inputs, types = dict(row.form), row.form_types
+    return inputs, {**{name: {"content-type": types.get(name, "")} for name in inputs}, **row.headers}
 
 
 def load_entry_point(folder: Path, handler: str, context: TorchServeContext):
@@ -258,6 +279,48 @@ def _model_yaml(model_dir: str, manifest: dict) -> dict:
     except (OSError, yaml.YAMLError) as exc:
         raise ValueError(f"the archive's configFile {name} cannot be read: {exc}") from None
     return value if isinstance(value, dict) else {}
+
+
+YAML_SETTINGS = {"batchSize": ("batch_size", int, 1), "maxBatchDelay": ("max_batch_delay", float, 1),
+                 "minWorkers": ("workers", int, 1), "responseTimeout": ("request_timeout", float, 1000)}
+"""model-config.yaml keys Loom reads as the model's settings: (``ModelConfig`` field, kind, scale); responseTimeout
+is in seconds, Loom's request_timeout in milliseconds."""
+
+
+def archive_settings(path: str | Path) -> dict[str, Any]:
+    """The model settings an archive's model-config.yaml gives (``YAML_SETTINGS``), read from the ``.mar`` without
+    unpacking it (or from its folder); {} without a config file. A value that is not a number is a ValueError."""
+    path = Path(path).expanduser()
+    try:
+        if path.is_file():
+            with zipfile.ZipFile(path) as zf:
+                manifest = json.loads(zf.read(MANIFEST))
+                name = manifest.get("model", {}).get("configFile")
+                text = zf.read(name).decode() if name else ""
+        else:
+            manifest = read_manifest(path)
+            name = manifest.get("model", {}).get("configFile")
+            text = (path / name).read_text() if name else ""
+    except (OSError, KeyError, ValueError, AttributeError, zipfile.BadZipFile):
+        return {}  # what is wrong with the archive is told when it loads
+    if not text:
+        return {}
+    import yaml  # local: only archives with a config file need it
+
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: its {name} is not YAML: {exc}") from None
+    settings = {}
+    for key, (field, kind, scale) in YAML_SETTINGS.items():
+        value = config.get(key) if isinstance(config, dict) else None
+        if value is None:
+            continue
+        if not isinstance(value, int if kind is int else int | float) or isinstance(value, bool):
+            raise ValueError(f"{path}: {key} in its {name} must be {'an integer' if kind is int else 'a number'}, "
+                             f"got {value!r}")
+        settings[field] = kind(value * scale)
+    return settings
 
 
 def _archive_batch_size(config: dict) -> int | None:
