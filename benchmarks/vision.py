@@ -1,7 +1,8 @@
-"""Vision-language serving on CPU: one LLaVA through Loom's engine and through HF transformers' ``generate`` in the same
-run, on the same requests (one image and a question each), alternated round by round.
+"""Vision-language serving on CPU: one LLaVA (or Qwen2-VL) through Loom's engine and through HF transformers'
+``generate`` in the same run, on the same requests (one image and a question each), alternated round by round.
 
     python benchmarks/vision.py --num-prompts 32 --rounds 2
+    python benchmarks/vision.py --model qwen2-vl --num-prompts 32 --rounds 2
 
 The model: LLaVA-1.5's layout at a CPU-sized scale, random weights (seeded), float32. The tower is CLIP ViT-B/16 at
 224 px (12 layers, hidden 768; 196 image tokens a picture, the second-to-last layer, CLS dropped), the projector two
@@ -11,6 +12,12 @@ token ignored, so both produce the same count). Loom runs every request through 
 engine (images encoded in the steps that reach them); transformers runs static batches of ``--hf-batch-size`` with
 left padding, its processor and tower batched per batch. Prints one summary line (median output tokens/s of each and
 the ratio) and writes JSON (default results/vision.json).
+
+``--model qwen2-vl``: Qwen2-VL's layout at the same scale: its vision transformer with 12 layers of width 768 on
+14-pixel patches merged 2 x 2 (a 320 x 240 picture: 99 tokens), the same SmolLM2-135M-shaped language model with
+M-RoPE (sections 8, 12, 12), Qwen2-VL's vision tokens and chat layout; transformers gets each batch's prompts
+expanded by its image processor's grids (its full processor needs torchvision), left-padded, with the token types
+its M-RoPE reads.
 """
 
 from __future__ import annotations
@@ -59,7 +66,59 @@ def build_model(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
                               LlavaProcessor, 16, "default", 1)
 
 
-def make_requests(n: int, seed: int) -> list[tuple[str, object]]:
+def build_qwen2_vl(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
+    from transformers import AutoConfig, AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from loom.models.tiny import QWEN_VL_TEMPLATE, QWEN_VL_TOKENS
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_VL_TOKENS})
+    start, end, image, video = tokenizer.convert_tokens_to_ids(QWEN_VL_TOKENS)
+    text = AutoConfig.from_pretrained(str(tokenizer_dir)).to_dict()
+    text = {k: text[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                 "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "bos_token_id",
+                                 "eos_token_id")}
+    text.update(vocab_size=49216, rope_parameters={"rope_type": "default", "rope_theta": 100000.0,
+                                                   "mrope_section": [8, 12, 12]})
+    vision = dict(depth=12, embed_dim=768, num_heads=12, mlp_ratio=4, hidden_size=text["hidden_size"], patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=image, video_token_id=video,
+                           vision_start_token_id=start, vision_end_token_id=end, tie_word_embeddings=True)
+    Qwen2VLForConditionalGeneration(config).eval().save_pretrained(folder)
+    Qwen2VLImageProcessorPil().save_pretrained(folder)
+    tokenizer.chat_template = QWEN_VL_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+class QwenHF:
+    """transformers' Qwen2-VL on a batch: prompts expanded by the image processor's grids, left-padded."""
+
+    def __init__(self, path: Path):
+        from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.images = Qwen2VLImageProcessorPil.from_pretrained(str(path))
+        self.model = Qwen2VLForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
+        self.pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    def __call__(self, images, text, **_) -> dict:
+        from loom.models.vision import place_image_tokens
+
+        pixels = self.images(images=images, return_tensors="pt")
+        counts = (pixels["image_grid_thw"].prod(-1) // 4).tolist()
+        ids = [place_image_tokens(self.tokenizer.encode(t), self.pad, [n]) for t, n in zip(text, counts)]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[0] * (width - len(i)) + i for i in ids])
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+        return dict(input_ids=input_ids, attention_mask=mask, mm_token_type_ids=(input_ids == self.pad).int(),
+                    pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
+
+
+def make_requests(n: int, seed: int, qwen: bool = False) -> list[tuple[str, object]]:
     from PIL import Image
 
     rng = random.Random(seed)
@@ -68,7 +127,11 @@ def make_requests(n: int, seed: int) -> list[tuple[str, object]]:
     for _ in range(n):
         question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40)))
         image = Image.fromarray(pixels.randint(0, 255, (240, 320, 3), dtype=np.uint8))
-        out.append((f"USER: <image>\n{question}? ASSISTANT:", image))
+        if qwen:
+            out.append((f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}?<|im_end|>\n"
+                        "<|im_start|>assistant\n", image))
+        else:
+            out.append((f"USER: <image>\n{question}? ASSISTANT:", image))
     return out
 
 
@@ -101,6 +164,7 @@ def run_hf(model, processor, requests, batch_size: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["llava", "qwen2-vl"], default="llava")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--hf-batch-size", type=int, default=8)
@@ -113,29 +177,38 @@ def main() -> int:
     from loom import LLM
     from loom.models.catalogue import resolve_model
 
+    qwen = args.model == "qwen2-vl"
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_model(Path(tmp) / "llava", resolve_model("smollm2"), args.seed)
+        build = build_qwen2_vl if qwen else build_model
+        path = build(Path(tmp) / args.model, resolve_model("smollm2"), args.seed)
         llm = LLM(str(path), seed=args.seed)
-        processor = AutoProcessor.from_pretrained(str(path))
-        processor.tokenizer.padding_side = "left"
-        model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
-        warm = make_requests(2, args.seed + 1000)
+        if qwen:
+            processor = QwenHF(path)
+            model = processor.model
+        else:
+            processor = AutoProcessor.from_pretrained(str(path))
+            processor.tokenizer.padding_side = "left"
+            model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
+        image_tokens = llm.engine.image_tokens.count(320, 240)
+        warm = make_requests(2, args.seed + 1000, qwen)
         run_loom(llm, warm)
         run_hf(model, processor, warm, 2)
         tokens = OUTPUT_TOKENS * args.num_prompts
         loom_tps, hf_tps = [], []
         for r in range(args.rounds):
-            requests = make_requests(args.num_prompts, args.seed + r)  # new pictures each round: no cache hit
+            requests = make_requests(args.num_prompts, args.seed + r, qwen)  # new pictures each round: no cache hit
             loom_tps.append(tokens / run_loom(llm, requests))
             hf_tps.append(tokens / run_hf(model, processor, requests, args.hf_batch_size))
             print(f"round {r + 1}: loom {loom_tps[-1]:.1f} tok/s, hf {hf_tps[-1]:.1f} tok/s", flush=True)
     loom, hf = statistics.median(loom_tps), statistics.median(hf_tps)
-    result = {"benchmark": "vision", "model": "LLaVA layout: CLIP ViT-B/16 224 px + SmolLM2-135M shape, random",
-              "num_prompts": args.num_prompts, "output_tokens": OUTPUT_TOKENS, "image_tokens": 196,
+    described = ("Qwen2-VL layout: 12-layer ViT (768) on 14 px patches merged 2x2 + SmolLM2-135M shape, M-RoPE, "
+                 "random" if qwen else "LLaVA layout: CLIP ViT-B/16 224 px + SmolLM2-135M shape, random")
+    result = {"benchmark": "vision", "model": described,
+              "num_prompts": args.num_prompts, "output_tokens": OUTPUT_TOKENS, "image_tokens": image_tokens,
               "hf_batch_size": args.hf_batch_size, "rounds": args.rounds, "loom_tok_s": loom_tps,
               "hf_tok_s": hf_tps, "ratio": loom / hf, "machine": machine()}
     write_json(args.out, result)
-    print(f"vision: loom {loom:.1f} out tok/s, transformers {hf:.1f} out tok/s, ratio {loom / hf:.2f}x "
+    print(f"vision ({args.model}): loom {loom:.1f} out tok/s, transformers {hf:.1f} out tok/s, ratio {loom / hf:.2f}x "
           f"({args.num_prompts} requests x 1 image x {OUTPUT_TOKENS} tokens) -> {args.out}")
     return 0
 
