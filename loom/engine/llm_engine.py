@@ -510,7 +510,7 @@ class LLMEngine:
                              "supported")
         if self.vision is None:
             raise ValueError(f"{self.config.model} is a text model: it takes no images (serve a vision model, e.g. a "
-                             "LlavaForConditionalGeneration folder)")
+                             "LlavaForConditionalGeneration or Qwen2VLForConditionalGeneration folder)")
         from PIL import Image  # local: only vision requests need Pillow
 
         images = multi_modal_data.get("image")

@@ -66,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "without image tokens gets one per picture in front")
 
 
+QWEN_VL_PICTURE = "<|vision_start|><|image_pad|><|vision_end|>"
+"""How Qwen2-VL's chat template writes a picture."""
+
+
 def _with_images(llm: LLM, prompts: list[str], images: list) -> list:
     """The prompts as vLLM's {"prompt", "multi_modal_data"} when there are pictures (one image token per picture put
     in front of a prompt that has none)."""
@@ -73,9 +77,11 @@ def _with_images(llm: LLM, prompts: list[str], images: list) -> list:
         return prompts
     tokens = llm.engine.image_tokens
     if tokens is None:
-        raise ValueError(f"--image: {llm.engine.model_path} is a text model; serve a vision model (a LLaVA folder)")
+        raise ValueError(f"--image: {llm.engine.model_path} is a text model; serve a vision model (a LLaVA or "
+                         "Qwen2-VL folder)")
     placeholder = llm.tokenizer.convert_ids_to_tokens(tokens.token_id)
-    return [{"prompt": p if placeholder in p else f"{placeholder}\n" * len(images) + p,
+    marked = QWEN_VL_PICTURE if placeholder == "<|image_pad|>" else placeholder  # Qwen2-VL: between its markers
+    return [{"prompt": p if placeholder in p else f"{marked}\n" * len(images) + p,
              "multi_modal_data": {"image": images}} for p in prompts]
 
 

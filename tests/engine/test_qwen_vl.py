@@ -193,3 +193,44 @@ def test_mm_processor_kwargs_refused_for_llava(tmp_path, smollm2_path):
     path = save_tiny_vision_model(tmp_path / "llava", smollm2_path)
     with pytest.raises(ValueError, match="drop --mm-processor-kwargs"):
         LLM(str(path), mm_processor_kwargs={"max_pixels": 1000})
+
+
+def test_adapter_on_the_language_model_matches_peft(qwen2_vl, tmp_path):
+    """A peft LoRA trained on the whole Qwen2-VL (targets in its language model: the tower's blocks are named
+    otherwise), served unmerged, gives the ids of transformers' peft model on the same picture."""
+    from peft import LoraConfig, get_peft_model
+
+    from loom.engine.lora import LoRARequest
+
+    torch.manual_seed(4)
+    hf = HF(qwen2_vl)
+    peft_model = get_peft_model(hf.model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                     target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+    peft_model.eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    prompt, picture = PROMPTS[0][0], [image(9, (40, 50))]
+    with torch.no_grad():
+        inputs = hf.inputs(prompt, picture)
+        want = peft_model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    llm = LLM(str(qwen2_vl), enable_lora=True, max_lora_rank=4, num_kv_blocks=64)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    request = {"prompt": prompt, "multi_modal_data": {"image": picture}}
+    got = llm.generate(request, params, lora_request=LoRARequest("a", 1, str(tmp_path / "adapter")))
+    assert got[0].outputs[0].token_ids == want.tolist()
+    assert want.tolist() != llm.generate(request, params)[0].outputs[0].token_ids  # the adapter changes the answer
+
+
+def test_generate_cli_puts_the_picture_between_its_markers(qwen2_vl, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from loom.cli import main
+
+    picture = tmp_path / "cat.png"
+    image(12, (48, 64)).save(picture)
+    assert main(["generate", "--model", str(qwen2_vl), "--image", str(picture), "--max-tokens", "6", "--ignore-eos",
+                 "--num-kv-blocks", "32", "--json", "What is this?"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    want = HF(qwen2_vl).greedy(f"{V}\nWhat is this?", [Image.open(picture).convert("RGB")], 6)[0]
+    assert printed["text"] == LLM(str(qwen2_vl), num_kv_blocks=32).tokenizer.decode(want)

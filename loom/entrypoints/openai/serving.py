@@ -205,7 +205,7 @@ class ServingContext:
             return []
         if self.front.image_tokens is None:
             raise bad_request(f"{self.model_name} is a text model: it takes no images (image_url parts); serve a "
-                              "vision model (a LlavaForConditionalGeneration folder)", "messages")
+                              "vision model (a LLaVA or Qwen2-VL folder)", "messages")
         if len(urls) > self.max_images:
             raise bad_request(f"{len(urls)} images in one request; this server takes at most {self.max_images} "
                               "(--limit-mm-per-prompt)", "messages")
