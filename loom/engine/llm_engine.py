@@ -206,6 +206,9 @@ class LLMEngine:
         self.spec = SpecDecoder(spec, self.max_model_len) if spec is not None else None
         self._in_flight: _Launched | None = None
         """Async scheduling: the step queued last, whose tokens are read back during the next ``step()``."""
+        self._failed: set[str] = set()
+        """Requests a step ended by a failure of their own (the vision tower's on their pictures), reported with the
+        next outputs."""
 
     # --- public API -----------------------------------------------------------------------------------------
     def add_request(
@@ -342,6 +345,11 @@ class LLMEngine:
                 raise
             raise self.workers.explain(exc) from exc  # a collective with a dead rank
         self.scheduler.update(out)
+        for chunk in out.chunks:  # a prompt whose pictures the vision tower failed on ran with zeros: end it
+            seq = chunk.seq
+            if seq.images is not None and seq.images.error is not None and not seq.is_finished:
+                self._finish(seq, "abort", None)
+                self._failed.add(seq.request_id)
         return logits, sampling
 
     def _sample_step(self, out, logits: torch.Tensor, sampling: list[ScheduledChunk]) -> _Launched:
@@ -613,6 +621,10 @@ class LLMEngine:
         """Append each chunk's tokens in order through the stop checks; tokens after a stop are dropped."""
         touched: dict[str, _Request] = {}
         now = time.time()
+        for request_id in self._failed:  # ended by a failure in the step: their last output says so
+            if (req := self.requests.get(request_id)) is not None:
+                touched[request_id] = req
+        self._failed.clear()
         for chunk, tokens, token_logprobs in zip(sampling, token_ids, logprobs):
             seq = chunk.seq
             req = self.requests.get(seq.request_id)

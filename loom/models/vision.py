@@ -180,6 +180,8 @@ class ImageInput:
     """M-RoPE: the image tokens' (temporal, height, width) positions [len(positions), 3]."""
     rope_delta: int = 0
     """M-RoPE: a token past the prompt rotates by its index plus this (<= 0)."""
+    error: str | None = None
+    """Why the vision tower failed on these pictures (the engine then ends the request); None: it has not."""
 
     @property
     def end(self) -> int:

@@ -331,8 +331,9 @@ def test_headers_and_form_fields_reach_the_handler(loom_home, tmp_path):
         async with serving(parse_serve_spec(f"form={mar}", batch_size=4)) as (client, _, _component):
             form = await client.post(
                 "/predictions/form", headers={"X-Token": "abc"}, data={"note": "hello"},
-                files={"data": ("kitten.png", png, "image/png"), "meta": ("m.json", b'{"k": [1, 2]}', "application/json"),
-                       "caption": ("c.txt", "a cat".encode(), "text/plain")})
+                files={"data": ("kitten.png", png, "image/png"),
+                       "meta": ("m.json", b'{"k": [1, 2]}', "application/json"),
+                       "caption": ("c.txt", b"a cat", "text/plain")})
             plain = await client.post("/predictions/form", json={"x": 1}, headers={"x-token": "def"})
             empty = await client.post("/predictions/form", content=b"--nothing--",
                                       headers={"content-type": "multipart/form-data; boundary=zzz"})
