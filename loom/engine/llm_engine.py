@@ -26,6 +26,7 @@ from loom.engine.spec_decode import SpecDecoder
 from loom.engine.structured import StructuredOutputs
 from loom.engine.tensor_parallel import EngineFatalError, RankSpec, TPWorkers, threads_per_rank
 from loom.models.catalogue import resolve_runtime
+from loom.models.idefics3 import IdeficsVisionEncoder
 from loom.models.llama import LlamaConfig
 from loom.models.loader import load_hf_config, load_tokenizer, load_weights
 from loom.models.multimodal import vision_encoder
@@ -149,10 +150,10 @@ class LLMEngine:
         except BaseException:
             self.shutdown()
             raise
-        self.vision: VisionEncoder | QwenVisionEncoder | None = None
+        self.vision: VisionEncoder | QwenVisionEncoder | IdeficsVisionEncoder | None = None
         """A vision-language model's image encoder (``loom.models.vision``); None for a text model."""
         if multimodal:
-            self.vision = vision_encoder(self.model_path, hf_config, self.dtype, self.device,
+            self.vision = vision_encoder(self.model_path, hf_config, self.tokenizer, self.dtype, self.device,
                                          config.load_format != "dummy", config.mm_processor_kwargs)
             tokens = self.vision.tokens
             log.info("vision model: %s tower, %s", hf_config.vision_config.model_type,
@@ -242,7 +243,7 @@ class LLMEngine:
         if self.vision is not None:
             tokens = self.vision.tokens
             prompt_token_ids = place_image_tokens(prompt_token_ids, tokens.token_id,
-                                                  [tokens.count(image.width, image.height, len(images))
+                                                  [tokens.expansion(image.width, image.height, len(images))
                                                    for image in images])
         params = self._validate(prompt_token_ids, params)
         image_input = self.vision.image_input(prompt_token_ids, images) if images else None

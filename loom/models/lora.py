@@ -35,10 +35,12 @@ from loom.ops.packed_linear import PackedLinear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<prefix>model\.|model\.language_model\.|language_model\.model\.)"
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<prefix>model\.|model\.language_model\.|language_model\.model\.|"
+                  r"model\.text_model\.)"
                   r"layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.(?P<proj>\w+)\.lora_(?P<ab>[AB])\.weight$")
-"""A peft tensor of a text model's layer (``model.layers...``), or of a LLaVA's language model (transformers 5's
-``model.language_model.layers...``, 4.x's ``language_model.model.layers...``)."""
+"""A peft tensor of a text model's layer (``model.layers...``), or of a vision model's language model (LLaVA's and
+Qwen2-VL's in transformers 5: ``model.language_model.layers...``; LLaVA's in 4.x: ``language_model.model.layers...``;
+Idefics3's: ``model.text_model.layers...``)."""
 
 
 def projection_slices(cfg: LlamaConfig) -> dict[str, dict[str, tuple[int, int]]]:

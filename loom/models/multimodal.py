@@ -1,5 +1,6 @@
-"""Which vision-language implementation a checkpoint takes: the LLaVA family's (``loom.models.vision``) or Qwen2-VL's
-(``loom.models.qwen_vl``), for the image encoder the engine runs and the preprocessing the server runs."""
+"""Which vision-language implementation a checkpoint takes: the LLaVA family's (``loom.models.vision``), Qwen2-VL's
+(``loom.models.qwen_vl``) or Idefics3's (``loom.models.idefics3``), for the image encoder the engine runs and the
+preprocessing the server runs."""
 
 from __future__ import annotations
 
@@ -7,23 +8,26 @@ from pathlib import Path
 
 import torch
 
+from loom.models.idefics3 import IdeficsImageProcessor, IdeficsVisionEncoder
 from loom.models.qwen_vl import QwenImageProcessor, QwenVisionEncoder
 from loom.models.vision import QWEN_VL_ARCHITECTURES, ImageProcessor, VisionEncoder
 
 
-def vision_encoder(folder: str | Path, hf_config, dtype: torch.dtype, device: torch.device, load: bool = True,
-                   resize=None) -> VisionEncoder | QwenVisionEncoder:
-    """The checkpoint's image encoder. ``resize``: ``loom.engine.config.ImageResize`` (Qwen2-VL only; a LLaVA model
-    refuses it: its pictures take the tower's tiles)."""
+def vision_encoder(folder: str | Path, hf_config, tokenizer, dtype: torch.dtype, device: torch.device,
+                   load: bool = True, resize=None) -> VisionEncoder | QwenVisionEncoder | IdeficsVisionEncoder:
+    """The checkpoint's image encoder. ``resize``: ``loom.engine.config.ImageResize`` (Qwen2-VL only; the others
+    refuse it: their pictures take the tower's tiles)."""
     if hf_config.architectures[0] in QWEN_VL_ARCHITECTURES:
         return QwenVisionEncoder(folder, hf_config, dtype, device, load, resize)
     if resize is not None:
-        raise ValueError("mm_processor_kwargs (min_pixels, max_pixels) sizes Qwen2-VL's pictures; a LLaVA model "
+        raise ValueError("mm_processor_kwargs (min_pixels, max_pixels) sizes Qwen2-VL's pictures; this model "
                          "resizes to its tower's tiles: drop --mm-processor-kwargs")
+    if hf_config.architectures[0] == "Idefics3ForConditionalGeneration":
+        return IdeficsVisionEncoder(folder, hf_config, tokenizer, dtype, device, load)
     return VisionEncoder(folder, hf_config, dtype, device, load)
 
 
-def image_processor(folder: str | Path, resize=None) -> ImageProcessor | QwenImageProcessor:
+def image_processor(folder: str | Path, resize=None) -> ImageProcessor | QwenImageProcessor | IdeficsImageProcessor:
     """The checkpoint's image preprocessing alone (what the server runs on its media threads), sized as the engine's
     encoder is."""
     from transformers import AutoConfig  # local: transformers
@@ -31,4 +35,6 @@ def image_processor(folder: str | Path, resize=None) -> ImageProcessor | QwenIma
     hf_config = AutoConfig.from_pretrained(str(folder))
     if hf_config.architectures[0] in QWEN_VL_ARCHITECTURES:
         return QwenImageProcessor(folder, getattr(resize, "min_pixels", None), getattr(resize, "max_pixels", None))
+    if hf_config.architectures[0] == "Idefics3ForConditionalGeneration":
+        return IdeficsImageProcessor(folder)
     return ImageProcessor(folder, hf_config)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from loom.models.vision import ImageInput, ImageTokens, PreparedImage, image_key
+from loom.models.vision import ImageInput, ImageTokens, PreparedImage, image_key, image_keys, prompt_images
 
 TOWERS = {"qwen2_vl_vision": ("qwen2_vl", "Qwen2VisionTransformerPretrainedModel"),
           "qwen2_5_vl_vision": ("qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel")}
@@ -157,26 +157,17 @@ class QwenVisionEncoder:
     def image_input(self, token_ids: list[int], images: list) -> ImageInput:
         """The rows, cache keys and M-RoPE positions of a prompt's ``images`` (PIL images or ``PreparedImage``, in
         order), whose placeholders ``token_ids`` already holds expanded; a ValueError when the counts disagree."""
-        positions = np.flatnonzero(np.asarray(token_ids, dtype=np.int64) == self.tokens.token_id)
-        counts = [self.tokens.count(image.width, image.height) for image in images]
-        if len(positions) != sum(counts):
-            raise ValueError(f"the prompt has {len(positions)} image tokens where its {len(images)} images take "
-                             f"{sum(counts)}: put one image token in the text per image")
-        raw = [i for i, image in enumerate(images) if not isinstance(image, PreparedImage)]
-        prepared = list(images)
-        for i, image in zip(raw, self.images.prepare([images[i] for i in raw]) if raw else []):
-            prepared[i] = image
-        keys, starts, grids, at = {}, [], [], 0
+        positions, prepared, counts = prompt_images(token_ids, images, self.tokens, self.images)
+        starts, grids, at = [], [], 0
         for image, n in zip(prepared, counts):
-            self.images.check(image)
             run = positions[at : at + n]
             if run[-1] - run[0] != n - 1:
                 raise ValueError("an image's tokens must stand together in the prompt (one run of "
                                  f"{n} for a {image.width}x{image.height} picture)")
-            keys.update((int(p), -image.key) for p in run)
             _, rows, cols = image.grid
             starts.append(int(run[0]))
             grids.append((image.grid[0], rows // self.images.merge_size, cols // self.images.merge_size))
             at += n
         rope, mrope, delta = mrope_positions(len(token_ids), starts, grids)
-        return ImageInput(positions, prepared, keys, self.embed, rope=rope, mrope=mrope, rope_delta=delta)
+        return ImageInput(positions, prepared, image_keys(positions, prepared, counts), self.embed, rope=rope,
+                          mrope=mrope, rope_delta=delta)

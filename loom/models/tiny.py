@@ -262,3 +262,47 @@ def save_tiny_qwen_vl(path: str | Path, tokenizer_dir: str | Path, version: str 
     tokenizer.chat_template = QWEN_VL_TEMPLATE
     tokenizer.save_pretrained(path)
     return Path(path)
+
+
+IDEFICS3_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+"""SmolVLM's chat template (Idefics3's layout: ``User:<image>text<end_of_utterance>``)."""
+
+IDEFICS3_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
+                   *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))]
+
+
+def save_tiny_idefics3(path: str | Path, tokenizer_dir: str | Path, seed: int = 0, longest_edge: int = 64,
+                       split: bool = True, **overrides) -> Path:
+    """A tiny random Idefics3 (SmolVLM's architecture): a 2-layer tower on 32-pixel tiles (8-pixel patches, pixel
+    shuffle by 2: 4 rows a tile), a pictures' longest side resized to ``longest_edge`` (64: up to 2 x 2 tiles and the
+    global view), and a tiny Llama language model, with Idefics3's tokens added to the ``tokenizer_dir`` tokenizer,
+    SmolVLM's chat template and the processor. ``overrides`` go to the model's config."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS3_TOKENS})
+    text = {**TINY, "model_type": "llama", "vocab_size": 49216}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=2,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=True,
+                            **overrides)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # transformers' init leaves the connector's rows small next to the embeddings
+        model.model.connector.modality_projection.proj.weight.normal_(0, 0.3)
+    model.save_pretrained(path)
+    images = Idefics3ImageProcessorPil(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": 32},
+                                       do_image_splitting=split)
+    Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
+                      chat_template=IDEFICS3_TEMPLATE).save_pretrained(path)
+    tokenizer.chat_template = IDEFICS3_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return Path(path)

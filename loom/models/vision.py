@@ -28,7 +28,8 @@ from torch import nn
 
 QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 MULTIMODAL_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                            "LlavaOnevisionForConditionalGeneration", *QWEN_VL_ARCHITECTURES)
+                            "LlavaOnevisionForConditionalGeneration", *QWEN_VL_ARCHITECTURES,
+                            "Idefics3ForConditionalGeneration")
 ANYRES_ARCHITECTURES = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
 IMAGE_TOWERS = ("clip_vision_model", "siglip_vision_model")
 TEXT_ARCHITECTURES = {"qwen2_vl_text": "Qwen2ForCausalLM", "qwen2_5_vl_text": "Qwen2ForCausalLM"}
@@ -55,16 +56,16 @@ def language_config(hf_config):
     return text
 
 
-_VISION_PARTS = ("vision_tower.", "multi_modal_projector.", "image_newline", "visual.")
+_VISION_PARTS = ("vision_tower.", "multi_modal_projector.", "image_newline", "visual.", "vision_model.", "connector.")
 
 
 def language_weight_name(name: str) -> str | None:
     """A vision-language checkpoint's weight name as the language model's own (``model.layers.0...``), in llava-hf's
     layout (``language_model.model.*``, ``language_model.lm_head.*``), transformers 5's (``model.language_model.*``,
-    ``lm_head.*``) and Qwen2-VL's (``model.*`` beside ``visual.*``); None for the vision tower's and the
-    projector's."""
+    ``lm_head.*``), Qwen2-VL's (``model.*`` beside ``visual.*``) and Idefics3's (``model.text_model.*``); None for the
+    vision tower's and the projector's."""
     for prefix, to in (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-                       ("model.language_model.", "model."), ("lm_head.", "lm_head.")):
+                       ("model.language_model.", "model."), ("model.text_model.", "model."), ("lm_head.", "lm_head.")):
         if name.startswith(prefix):
             return to + name.removeprefix(prefix)
     if name.startswith("model.") and not name.removeprefix("model.").startswith(_VISION_PARTS):
@@ -115,6 +116,10 @@ class ImageTokens:
         rows, cols = self.grid_rows(width, height)
         return self.tile_rows + rows * (cols + 1)  # each grid line closed by image_newline
 
+    def expansion(self, width: int, height: int, num_images: int = 1) -> list[int]:
+        """The token ids one image placeholder becomes (``place_image_tokens``): here ``count`` image tokens."""
+        return [self.token_id] * self.count(width, height, num_images)
+
     def qwen_grid(self, width: int, height: int) -> tuple[int, int]:
         """Qwen2-VL: the rows and columns of merged patches (tokens) of a ``width`` x ``height`` picture."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
@@ -138,20 +143,23 @@ class ImageTokens:
         return rows, cols
 
 
-def place_image_tokens(token_ids: list[int], image_token_id: int, counts: list[int]) -> list[int]:
-    """The prompt with the k-th image's one placeholder token repeated ``counts[k]`` times (what the HF processor does
-    to the text); placeholders already repeated are left as they are. A ValueError when the count fits neither."""
+def place_image_tokens(token_ids: list[int], image_token_id: int, counts: list[int | list[int]]) -> list[int]:
+    """The prompt with the k-th image's one placeholder token replaced by what ``counts[k]`` says: an int n, the
+    placeholder repeated n times (what the HF processor does to the text); a list, those token ids (Idefics3's tiles
+    with their row and column tags, ``ImageTokens.expansion``). Placeholders already expanded are left as they are.
+    A ValueError when the prompt fits neither."""
+    expansions = [[image_token_id] * n if isinstance(n, int) else list(n) for n in counts]
     found = token_ids.count(image_token_id)
-    if found == len(counts) and any(n > 1 for n in counts):
+    if found == len(expansions) and any(e != [image_token_id] for e in expansions):
         out: list[int] = []
-        sizes = iter(counts)
+        pieces = iter(expansions)
         for t in token_ids:
             if t == image_token_id:
-                out.extend([t] * next(sizes))
+                out.extend(next(pieces))
             else:
                 out.append(t)
         return out
-    if found != sum(counts):
+    if found != sum(e.count(image_token_id) for e in expansions):
         raise ValueError(f"the prompt has {found} image tokens for {len(counts)} images: it needs one image "
                          "placeholder per image")
     return token_ids
@@ -214,8 +222,9 @@ class PreparedImage:
     width: int
     key: int
     """``image_key`` of the pixels and size."""
-    grid: tuple[int, int, int] | None = None
-    """Qwen2-VL: the patches' (temporal, height, width) grid; its pixels are the flattened patches [t*h*w, dims]."""
+    grid: tuple[int, ...] | None = None
+    """Qwen2-VL: the patches' (temporal, height, width) grid (its pixels are the flattened patches [t*h*w, dims]);
+    Idefics3: the tiles' (rows, columns), (0, 0) for the global view alone."""
 
 
 class ImageProcessor:
@@ -403,21 +412,35 @@ class VisionEncoder:
     def image_input(self, token_ids: list[int], images: list) -> ImageInput:
         """The rows and cache keys of a prompt's ``images`` (PIL images or ``PreparedImage``, in order), whose
         placeholders ``token_ids`` already holds expanded; a ValueError when the counts disagree."""
-        positions = np.flatnonzero(np.asarray(token_ids, dtype=np.int64) == self.tokens.token_id)
-        counts = [self.tokens.count(image.width, image.height, len(images)) for image in images]
-        if len(positions) != sum(counts):
-            raise ValueError(f"the prompt has {len(positions)} image tokens where its {len(images)} images take "
-                             f"{sum(counts)}: put one image token in the text per image")
-        several = len(images) > 1
-        raw = [i for i, image in enumerate(images) if not isinstance(image, PreparedImage)]
-        prepared = list(images)
-        for i, image in zip(raw, self.images.prepare([images[i] for i in raw], several) if raw else []):
-            prepared[i] = image
-        for image in prepared:
-            self.images.check(image, several)
-        keys, at = {}, 0
-        for image, n in zip(prepared, counts):  # (a OneVision picture alone and among several: other pixels, keys)
-            keys.update((int(p), -image.key) for p in positions[at : at + n])
-            at += n
-        return ImageInput(positions, prepared, keys, self.embed)
+        # (a OneVision picture alone and among several: other pixels, other keys)
+        positions, prepared, counts = prompt_images(token_ids, images, self.tokens, self.images)
+        return ImageInput(positions, prepared, image_keys(positions, prepared, counts), self.embed)
 
+
+def prompt_images(token_ids: list[int], images: list, tokens: ImageTokens, processor,
+                  ) -> tuple[np.ndarray, list[PreparedImage], list[int]]:
+    """A prompt's image tokens' positions, its ``images`` prepared (PIL ones through ``processor``'s ``prepare``,
+    every one through its ``check``) and each one's token count; a ValueError when the prompt's image tokens are not
+    the images' (their placeholders must be expanded already)."""
+    positions = np.flatnonzero(np.asarray(token_ids, dtype=np.int64) == tokens.token_id)
+    counts = [tokens.count(image.width, image.height, len(images)) for image in images]
+    if len(positions) != sum(counts):
+        raise ValueError(f"the prompt has {len(positions)} image tokens where its {len(images)} images take "
+                         f"{sum(counts)}: put one image token in the text per image")
+    several = len(images) > 1
+    raw = [i for i, image in enumerate(images) if not isinstance(image, PreparedImage)]
+    prepared = list(images)
+    for i, image in zip(raw, processor.prepare([images[i] for i in raw], several) if raw else []):
+        prepared[i] = image
+    for image in prepared:
+        processor.check(image, several)
+    return positions, prepared, counts
+
+
+def image_keys(positions: np.ndarray, prepared: list[PreparedImage], counts: list[int]) -> dict[int, int]:
+    """Prompt position -> the key the prefix cache hashes there (``ImageInput.keys``)."""
+    keys, at = {}, 0
+    for image, n in zip(prepared, counts):
+        keys.update((int(p), -image.key) for p in positions[at : at + n])
+        at += n
+    return keys

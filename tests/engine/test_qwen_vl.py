@@ -14,7 +14,13 @@ from loom import LLM, SamplingParams
 from loom.models.qwen_vl import mrope_positions
 from loom.models.tiny import save_tiny_qwen_vl
 from loom.models.vision import place_image_tokens
-from tests.engine.test_vision import image, loom_greedy
+from tests.engine.test_vision import (
+    assert_adapter_serves_as_peft,
+    assert_chunks_and_cache,
+    assert_greedy_equals,
+    image,
+    loom_greedy,
+)
 
 V = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -69,14 +75,8 @@ PROMPTS = [
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_greedy_equals_hf(qwen_vl, backend):
-    hf = HF(qwen_vl)
     llm = LLM(str(qwen_vl), attention_backend=backend, num_kv_blocks=128, enable_prefix_caching=False)
-    for prompt, pictures in PROMPTS:
-        images = [image(seed, size) for seed, size in pictures]
-        want_ids, want_lp = hf.greedy(prompt, images, 10)
-        ids, lp = loom_greedy(llm, prompt, images, 10)
-        assert ids == want_ids, prompt
-        np.testing.assert_allclose(lp, want_lp, atol=2e-4)
+    assert_greedy_equals(llm, HF(qwen_vl).greedy, PROMPTS)
 
 
 def test_mrope_positions_equal_transformers(qwen2_vl):
@@ -124,18 +124,10 @@ def test_chunked_prefill_prefix_cache_and_preemption(qwen2_vl):
     rotate by their index plus the delta) with the same answers."""
     hf = HF(qwen2_vl)
     prompt, pictures = PROMPTS[1]
-    images = [image(seed, size) for seed, size in pictures]
-    want = hf.greedy(prompt, images, 8)[0]
     chunked = LLM(str(qwen2_vl), max_num_batched_tokens=5, num_kv_blocks=128, block_size=4)
-    assert loom_greedy(chunked, prompt, images, 8)[0] == want
-    bm = chunked.engine.block_manager
-    hits = bm.num_prefix_hit_tokens
-    assert loom_greedy(chunked, prompt, images, 8)[0] == want
-    assert bm.num_prefix_hit_tokens - hits >= 40
-    other = [image(9, (64, 100)), images[1]]
-    hits = bm.num_prefix_hit_tokens
-    assert loom_greedy(chunked, prompt, other, 8)[0] == hf.greedy(prompt, other, 8)[0]
-    assert bm.num_prefix_hit_tokens - hits < 8  # "A <|vision_start|>" at most: not the other picture's rows
+    # another first picture: "A <|vision_start|>" at most, not the other picture's rows
+    assert_chunks_and_cache(chunked, hf.greedy, prompt, [image(seed, size) for seed, size in pictures],
+                            image(9, (64, 100)), min_hits=40, max_other_hits=7)
 
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     requests = [{"prompt": f"Picture {i}: {V} tell.", "multi_modal_data": {"image": [image(20 + i, (40, 50))]}}
@@ -200,7 +192,6 @@ def test_adapter_on_the_language_model_matches_peft(qwen2_vl, tmp_path):
     otherwise), served unmerged, gives the ids of transformers' peft model on the same picture."""
     from peft import LoraConfig, get_peft_model
 
-    from loom.engine.lora import LoRARequest
 
     torch.manual_seed(4)
     hf = HF(qwen2_vl)
@@ -212,12 +203,7 @@ def test_adapter_on_the_language_model_matches_peft(qwen2_vl, tmp_path):
     with torch.no_grad():
         inputs = hf.inputs(prompt, picture)
         want = peft_model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-    llm = LLM(str(qwen2_vl), enable_lora=True, max_lora_rank=4, num_kv_blocks=64)
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    request = {"prompt": prompt, "multi_modal_data": {"image": picture}}
-    got = llm.generate(request, params, lora_request=LoRARequest("a", 1, str(tmp_path / "adapter")))
-    assert got[0].outputs[0].token_ids == want.tolist()
-    assert want.tolist() != llm.generate(request, params)[0].outputs[0].token_ids  # the adapter changes the answer
+    assert_adapter_serves_as_peft(qwen2_vl, tmp_path / "adapter", prompt, picture, want.tolist())
 
 
 def test_generate_cli_puts_the_picture_between_its_markers(qwen2_vl, tmp_path, capsys):

@@ -64,6 +64,47 @@ def loom_greedy(llm: LLM, prompt: str, images: list, max_tokens: int) -> tuple[l
     return out.token_ids, [lp[t] for lp, t in zip(out.logprobs, out.token_ids)]
 
 
+def assert_greedy_equals(llm: LLM, reference, prompts: list, max_tokens: int = 10) -> None:
+    """For each (prompt, [(seed, (height, width)), ...]): Loom's greedy ids equal ``reference(prompt, images,
+    max_tokens)``'s and its logprobs are within 2e-4."""
+    for prompt, pictures in prompts:
+        images = [image(seed, size) for seed, size in pictures]
+        want_ids, want_lp = reference(prompt, images, max_tokens)
+        ids, lp = loom_greedy(llm, prompt, images, max_tokens)
+        assert ids == want_ids, prompt
+        np.testing.assert_allclose(lp, want_lp, atol=2e-4)
+
+
+def assert_chunks_and_cache(llm: LLM, reference, prompt: str, images: list, other_first, min_hits: int,
+                            max_other_hits: int) -> None:
+    """Through ``llm`` (small steps: chunks cut through the pictures) the answer is ``reference``'s; the same
+    pictures again are prefix hits (at least ``min_hits`` tokens) with the same answer; the first picture swapped for
+    ``other_first`` hits at most ``max_other_hits`` tokens (the text before it) and answers as ``reference`` does."""
+    want = reference(prompt, images, 8)[0]
+    assert loom_greedy(llm, prompt, images, 8)[0] == want
+    bm = llm.engine.block_manager
+    hits = bm.num_prefix_hit_tokens
+    assert loom_greedy(llm, prompt, images, 8)[0] == want
+    assert bm.num_prefix_hit_tokens - hits >= min_hits
+    other = [other_first, *images[1:]]
+    hits = bm.num_prefix_hit_tokens
+    assert loom_greedy(llm, prompt, other, 8)[0] == reference(prompt, other, 8)[0]
+    assert bm.num_prefix_hit_tokens - hits <= max_other_hits
+
+
+def assert_adapter_serves_as_peft(path, adapter, prompt: str, images: list, want: list[int]) -> None:
+    """The peft adapter folder ``adapter``, served unmerged on ``path``, gives ``want`` (peft's ids) for the prompt
+    and pictures, and the base model another answer."""
+    from loom.engine.lora import LoRARequest
+
+    llm = LLM(str(path), enable_lora=True, max_lora_rank=4, num_kv_blocks=64)
+    params = SamplingParams(max_tokens=len(want), temperature=0, ignore_eos=True)
+    request = {"prompt": prompt, "multi_modal_data": {"image": images}}
+    got = llm.generate(request, params, lora_request=LoRARequest("a", 1, str(adapter)))
+    assert got[0].outputs[0].token_ids == want
+    assert want != llm.generate(request, params)[0].outputs[0].token_ids  # the adapter changes the answer
+
+
 PROMPTS = [
     ("USER: <image>\nWhat is in the picture? ASSISTANT:", [1]),
     ("USER: <image>\n<image>\nCompare the two pictures. ASSISTANT:", [2, 3]),

@@ -314,25 +314,30 @@ def test_responses_conversation_keeps_its_image(client, offline):
     assert second.usage.input_tokens_details.cached_tokens >= 16
 
 
-def test_qwen2_vl_chat_tokenize_and_usage(tmp_path, smollm2_path):
-    """Qwen2-VL: a picture's tokens follow its size (the server's media threads prepare its patches), the template
-    puts it where the part stands, and the answer, usage and /tokenize equal the offline engine's."""
+
+@pytest.mark.parametrize("kind", ["qwen2-vl", "idefics3"])
+def test_resolution_models_chat_tokenize_and_usage(tmp_path, smollm2_path, kind):
+    """Qwen2-VL (a picture's tokens follow its size, one per merged patch) and Idefics3 / SmolVLM (a placeholder
+    becomes the picture's tiles with their tags: a token sequence, not one token repeated): the server's media
+    threads prepare the pictures, the template puts them where the parts stand, and the answer, usage and /tokenize
+    equal the offline engine's."""
     import httpx
 
-    from loom.models.tiny import save_tiny_qwen_vl
+    from loom.models.tiny import save_tiny_idefics3, save_tiny_qwen_vl
 
-    path = save_tiny_qwen_vl(tmp_path / "qwen2-vl", smollm2_path)
+    save = save_tiny_qwen_vl if kind == "qwen2-vl" else save_tiny_idefics3
+    path = save(tmp_path / kind, smollm2_path)
     offline = LLM(str(path), num_kv_blocks=128)
     wide, tall = image(41, (30, 110)), image(42, (80, 40))
-    messages = user(TEXT, {"type": "image_pil", "image_pil": wide}, {"type": "text", "text": "and"},
-                    {"type": "image_pil", "image_pil": tall})
+    and_part = {"type": "text", "text": "and"}
+    messages = user({"type": "image_pil", "image_pil": wide}, TEXT, and_part, {"type": "image_pil", "image_pil": tall})
     want = offline.chat(messages, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
     tokens = offline.engine.image_tokens
     assert want.prompt_token_ids.count(tokens.token_id) == tokens.count(110, 30) + tokens.count(40, 80)
     server = start_llm_server(tiny_config(path, num_kv_blocks=128))
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
-        parts = [TEXT, image_part(data_url(wide)), {"type": "text", "text": "and"}, image_part(data_url(tall))]
+        parts = [image_part(data_url(wide)), TEXT, and_part, image_part(data_url(tall))]
         out = client.chat.completions.create(model="tiny", messages=user(*parts), max_tokens=8, temperature=0,
                                              extra_body={"ignore_eos": True})
         assert out.choices[0].message.content == offline.tokenizer.decode(want.outputs[0].token_ids,

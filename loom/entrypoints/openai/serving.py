@@ -164,7 +164,7 @@ class ServingContext:
         ids = await self.encoder.chat(dicts, add_generation_prompt, limit=limit, tools=tools if native else None,
                                       template=template)
         if num_images:
-            counts = [tokens.count(image.width, image.height, len(images)) for image in images]
+            counts = [tokens.expansion(image.width, image.height, len(images)) for image in images]
             try:
                 ids = place_image_tokens(ids, tokens.token_id, counts)
             except ValueError:
@@ -172,8 +172,8 @@ class ServingContext:
                                   f"{num_images} images; this model's template does not take image parts",
                                   "messages") from None
             if limit is not None and len(ids) >= limit:
-                raise bad_request(f"prompt has {len(ids)} tokens ({sum(counts)} for images) but the model's context "
-                                  f"is {limit}; send fewer or smaller images, or less text", "messages")
+                raise bad_request(f"prompt has {len(ids)} tokens ({sum(map(len, counts))} for images) but the "
+                                  f"model's context is {limit}; send fewer or smaller images, or less text", "messages")
         return ids
 
     @property
