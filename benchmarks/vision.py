@@ -3,6 +3,7 @@
 
     python benchmarks/vision.py --num-prompts 32 --rounds 2
     python benchmarks/vision.py --model qwen2-vl --num-prompts 32 --rounds 2
+    python benchmarks/vision.py --model smolvlm --num-prompts 32 --rounds 2
 
 The model: LLaVA-1.5's layout at a CPU-sized scale, random weights (seeded), float32. The tower is CLIP ViT-B/16 at
 224 px (12 layers, hidden 768; 196 image tokens a picture, the second-to-last layer, CLS dropped), the projector two
@@ -18,6 +19,11 @@ the ratio) and writes JSON (default results/vision.json).
 M-RoPE (sections 8, 12, 12), Qwen2-VL's vision tokens and chat layout; transformers gets each batch's prompts
 expanded by its image processor's grids (its full processor needs torchvision), left-padded, with the token types
 its M-RoPE reads.
+
+``--model smolvlm``: SmolVLM-256M's layout (``Idefics3ForConditionalGeneration``): a SigLIP tower of 12 layers of
+width 768 on 512-pixel tiles (16-pixel patches), pixel shuffle by 4 (64 tokens a tile), SmolLM2-135M's shape, with
+pictures' longest side resized to 1024 (SmolVLM ships 2048; 1024 keeps a CPU run short): a 320 x 240 picture is
+2 x 2 tiles and the global view, 320 image tokens and their tags. transformers runs its own processor, left-padded.
 """
 
 from __future__ import annotations
@@ -67,14 +73,13 @@ def build_model(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
 
 
 def build_qwen2_vl(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
-    from transformers import AutoConfig, AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import AutoConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from loom.models.tiny import QWEN_VL_TEMPLATE, QWEN_VL_TOKENS
+    from loom.models.tiny import QWEN_VL_TEMPLATE, QWEN_VL_TOKENS, tokenizer_with
 
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_VL_TOKENS})
+    tokenizer = tokenizer_with(tokenizer_dir, QWEN_VL_TOKENS)
     start, end, image, video = tokenizer.convert_tokens_to_ids(QWEN_VL_TOKENS)
     text = AutoConfig.from_pretrained(str(tokenizer_dir)).to_dict()
     text = {k: text[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -89,6 +94,33 @@ def build_qwen2_vl(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
     Qwen2VLForConditionalGeneration(config).eval().save_pretrained(folder)
     Qwen2VLImageProcessorPil().save_pretrained(folder)
     tokenizer.chat_template = QWEN_VL_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_smolvlm(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
+    from transformers import (
+        AutoConfig,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3Processor,
+    )
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    from loom.models.tiny import IDEFICS3_TEMPLATE, IDEFICS3_TOKENS, tokenizer_with
+
+    torch.manual_seed(seed)
+    tokenizer = tokenizer_with(tokenizer_dir, IDEFICS3_TOKENS)
+    text = AutoConfig.from_pretrained(str(tokenizer_dir)).to_dict()
+    text["vocab_size"] = 49280  # SmolVLM's, with room for its tokens
+    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  image_size=512, patch_size=16)
+    config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=4, tie_word_embeddings=True,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    Idefics3ForConditionalGeneration(config).eval().save_pretrained(folder)
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 1024}, max_image_size={"longest_edge": 512})
+    Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=64,
+                      chat_template=IDEFICS3_TEMPLATE).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -118,7 +150,7 @@ class QwenHF:
                     pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
 
 
-def make_requests(n: int, seed: int, qwen: bool = False) -> list[tuple[str, object]]:
+def make_requests(n: int, seed: int, layout: str = "llava") -> list[tuple[str, object]]:
     from PIL import Image
 
     rng = random.Random(seed)
@@ -127,9 +159,11 @@ def make_requests(n: int, seed: int, qwen: bool = False) -> list[tuple[str, obje
     for _ in range(n):
         question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40)))
         image = Image.fromarray(pixels.randint(0, 255, (240, 320, 3), dtype=np.uint8))
-        if qwen:
+        if layout == "qwen2-vl":
             out.append((f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}?<|im_end|>\n"
                         "<|im_start|>assistant\n", image))
+        elif layout == "smolvlm":
+            out.append((f"<|im_start|>User:<image>{question}?<end_of_utterance>\nAssistant:", image))
         else:
             out.append((f"USER: <image>\n{question}? ASSISTANT:", image))
     return out
@@ -164,7 +198,7 @@ def run_hf(model, processor, requests, batch_size: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["llava", "qwen2-vl"], default="llava")
+    ap.add_argument("--model", choices=["llava", "qwen2-vl", "smolvlm"], default="llava")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--hf-batch-size", type=int, default=8)
@@ -172,14 +206,14 @@ def main() -> int:
     ap.add_argument("--out", default="results/vision.json")
     args = ap.parse_args()
 
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from loom import LLM
     from loom.models.catalogue import resolve_model
 
     qwen = args.model == "qwen2-vl"
     with tempfile.TemporaryDirectory() as tmp:
-        build = build_qwen2_vl if qwen else build_model
+        build = {"llava": build_model, "qwen2-vl": build_qwen2_vl, "smolvlm": build_smolvlm}[args.model]
         path = build(Path(tmp) / args.model, resolve_model("smollm2"), args.seed)
         llm = LLM(str(path), seed=args.seed)
         if qwen:
@@ -188,21 +222,24 @@ def main() -> int:
         else:
             processor = AutoProcessor.from_pretrained(str(path))
             processor.tokenizer.padding_side = "left"
-            model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
+            model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
         image_tokens = llm.engine.image_tokens.count(320, 240)
-        warm = make_requests(2, args.seed + 1000, qwen)
+        warm = make_requests(2, args.seed + 1000, args.model)
         run_loom(llm, warm)
         run_hf(model, processor, warm, 2)
         tokens = OUTPUT_TOKENS * args.num_prompts
         loom_tps, hf_tps = [], []
         for r in range(args.rounds):
-            requests = make_requests(args.num_prompts, args.seed + r, qwen)  # new pictures each round: no cache hit
+            requests = make_requests(args.num_prompts, args.seed + r, args.model)  # new pictures: no cache hit
             loom_tps.append(tokens / run_loom(llm, requests))
             hf_tps.append(tokens / run_hf(model, processor, requests, args.hf_batch_size))
             print(f"round {r + 1}: loom {loom_tps[-1]:.1f} tok/s, hf {hf_tps[-1]:.1f} tok/s", flush=True)
     loom, hf = statistics.median(loom_tps), statistics.median(hf_tps)
-    described = ("Qwen2-VL layout: 12-layer ViT (768) on 14 px patches merged 2x2 + SmolLM2-135M shape, M-RoPE, "
-                 "random" if qwen else "LLaVA layout: CLIP ViT-B/16 224 px + SmolLM2-135M shape, random")
+    described = {"qwen2-vl": "Qwen2-VL layout: 12-layer ViT (768) on 14 px patches merged 2x2 + SmolLM2-135M shape, "
+                             "M-RoPE, random",
+                 "smolvlm": "SmolVLM-256M layout: SigLIP 12 layers (768) on 512 px tiles, pixel shuffle 4, "
+                            "SmolLM2-135M shape, longest side 1024, random",
+                 "llava": "LLaVA layout: CLIP ViT-B/16 224 px + SmolLM2-135M shape, random"}[args.model]
     result = {"benchmark": "vision", "model": described,
               "num_prompts": args.num_prompts, "output_tokens": OUTPUT_TOKENS, "image_tokens": image_tokens,
               "hf_batch_size": args.hf_batch_size, "rounds": args.rounds, "loom_tok_s": loom_tps,

@@ -15,6 +15,7 @@ from loom.entrypoints.llm import LLM
 from loom.entrypoints.openai.media import decode_image
 from loom.flags import add_config_arguments, config_from_args
 from loom.models.lora import read_adapter_config
+from loom.models.vision import image_placeholder
 
 SAMPLING_SKIP = {"n", "logprobs", "structured_outputs"}
 """Sampling fields with no use on a command line that prints one completion per prompt (structured outputs: not
@@ -66,10 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "without image tokens gets one per picture in front")
 
 
-QWEN_VL_PICTURE = "<|vision_start|><|image_pad|><|vision_end|>"
-"""How Qwen2-VL's chat template writes a picture."""
-
-
 def _with_images(llm: LLM, prompts: list[str], images: list) -> list:
     """The prompts as vLLM's {"prompt", "multi_modal_data"} when there are pictures (one image token per picture put
     in front of a prompt that has none)."""
@@ -80,7 +77,7 @@ def _with_images(llm: LLM, prompts: list[str], images: list) -> list:
         raise ValueError(f"--image: {llm.engine.model_path} is a text model; serve a vision model (a LLaVA or "
                          "Qwen2-VL folder)")
     placeholder = llm.tokenizer.convert_ids_to_tokens(tokens.token_id)
-    marked = QWEN_VL_PICTURE if placeholder == "<|image_pad|>" else placeholder  # Qwen2-VL: between its markers
+    marked = image_placeholder(placeholder)  # Qwen2-VL's between its markers
     return [{"prompt": p if placeholder in p else f"{marked}\n" * len(images) + p,
              "multi_modal_data": {"image": images}} for p in prompts]
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.distributed.parallel import TensorParallel, local_config
-from loom.models.vision import is_multimodal, language_config
+from loom.models.vision import QWEN_VL_ARCHITECTURES, is_multimodal, language_config
 from loom.ops.attention import AttentionMetadata, paged_attention
 from loom.ops.layers import TorchOps, rms_norm_reference, uninitialized_embedding
 from loom.ops.rotary import RotaryEmbedding, mrope_rows, partial_rotary_order, partial_rotary_rows
@@ -114,6 +114,7 @@ class LlamaConfig:
         # a vision-language model's text model: under LLaVA's own LM head, without the text model's logit scaling or
         # soft-capping (transformers' LlavaForConditionalGeneration applies neither)
         head_of_its_own = is_multimodal(hf)
+        top_arch = (getattr(hf, "architectures", None) or [""])[0]
         tie = getattr(hf, "tie_word_embeddings", False)
         hf = language_config(hf)
         tie = getattr(hf, "tie_word_embeddings", tie)  # Qwen2-VL's text config leaves it to the model's
@@ -125,6 +126,8 @@ class LlamaConfig:
         local_rope = rope.pop("sliding_attention", None)  # Gemma 3: one rope per layer type
         rope = dict(rope.pop("full_attention", None) or rope)
         mrope = rope.pop("mrope_section", None)
+        if mrope is None and head_of_its_own and top_arch in QWEN_VL_ARCHITECTURES:
+            mrope = [16, 24, 24]  # transformers' default for a Qwen2-VL config without one (checked below)
         if rope.get("type") == "mrope":  # Qwen2-VL's older configs name M-RoPE as a scaling type
             rope.pop("type")
         theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))

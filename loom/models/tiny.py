@@ -176,11 +176,17 @@ def save_tiny_vision_model(path: str | Path, tokenizer_dir: str | Path, tower: s
     return save_vision_folder(path, model, tokenizer, processor, processor_cls, 8, strategy, extra_tokens)
 
 
+def tokenizer_with(tokenizer_dir: str | Path, tokens: list[str]):
+    """``tokenizer_dir``'s tokenizer with ``tokens`` added as special tokens (49152 on in SmolLM2's)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    return tokenizer
+
+
 def image_tokenizer(tokenizer_dir: str | Path):
     """``tokenizer_dir``'s tokenizer with ``<image>`` added (49152 in SmolLM2's, so a vocabulary of 49216 holds it),
     and the token's id."""
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer = tokenizer_with(tokenizer_dir, ["<image>"])
     return tokenizer, tokenizer.convert_tokens_to_ids("<image>")
 
 
@@ -232,8 +238,7 @@ def save_tiny_qwen_vl(path: str | Path, tokenizer_dir: str | Path, version: str 
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_VL_TOKENS})
+    tokenizer = tokenizer_with(tokenizer_dir, QWEN_VL_TOKENS)
     start, end, image, video = tokenizer.convert_tokens_to_ids(QWEN_VL_TOKENS)
     text = dict(vocab_size=49216, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
@@ -287,8 +292,7 @@ def save_tiny_idefics3(path: str | Path, tokenizer_dir: str | Path, seed: int = 
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS3_TOKENS})
+    tokenizer = tokenizer_with(tokenizer_dir, IDEFICS3_TOKENS)
     text = {**TINY, "model_type": "llama", "vocab_size": 49216}
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
                   patch_size=8)

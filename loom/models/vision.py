@@ -42,6 +42,16 @@ def is_multimodal(hf_config) -> bool:
     return bool(archs) and archs[0] in MULTIMODAL_ARCHITECTURES
 
 
+MARKED_PLACEHOLDERS = {"<|image_pad|>": "<|vision_start|><|image_pad|><|vision_end|>"}
+"""Image tokens that chat templates write between markers (Qwen2-VL's), as a prompt written by hand must hold them."""
+
+
+def image_placeholder(token_text: str) -> str:
+    """The text one picture is written as in a prompt whose template does not place it: the image token, between
+    its markers where the model's template puts them (Qwen2-VL's ``<|vision_start|>...<|vision_end|>``)."""
+    return MARKED_PLACEHOLDERS.get(token_text, token_text)
+
+
 def language_config(hf_config):
     """The language model's config: a vision-language config's ``text_config``, named by its architecture (which
     llava configs leave out), or the config itself."""

@@ -250,3 +250,34 @@ def test_a_tower_failure_ends_only_its_request(qwen2_vl, async_scheduling):
     assert outs[1].outputs[0].token_ids == []
     assert llm.generate(good, params)[0].outputs[0].token_ids == alone[0].outputs[0].token_ids  # it goes on
     assert_no_leaks(llm)
+
+
+def test_configs_without_mrope_section_and_string_templates(qwen2_vl, tmp_path):
+    """A Qwen2-VL config without mrope_section takes transformers' default (16, 24, 24), refused at load where the
+    heads cannot hold it; a template that takes plain strings gets each picture between its vision markers."""
+    import json
+    import shutil
+
+    from transformers import AutoConfig
+
+    from loom.models.llama import LlamaConfig
+
+    folder = tmp_path / "no-section"
+    shutil.copytree(qwen2_vl, folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["text_config"]["rope_parameters"]["mrope_section"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"mrope_section \[16, 24, 24\] must share out the 8"):
+        LLM(str(folder), num_kv_blocks=16)
+    hf = AutoConfig.from_pretrained(str(folder))
+    hf.text_config.head_dim = 128
+    assert LlamaConfig.from_hf(hf).mrope_section == (16, 24, 24)
+
+    llm = LLM(str(qwen2_vl), num_kv_blocks=64)
+    llm.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                             {"type": "image_pil", "image_pil": image(3, (40, 50))}]}]
+    ids = llm.chat(messages, SamplingParams(max_tokens=2))[0].prompt_token_ids
+    start, end, pad = llm.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"])
+    first, last = ids.index(pad), len(ids) - 1 - ids[::-1].index(pad)
+    assert ids[first - 1] == start and ids[last + 1] == end

@@ -46,7 +46,7 @@ def start_llm_server(config: LLMServerConfig, timeout: float = 120.0, api_key: s
 
 def tiny_config(model_path, **overrides) -> LLMServerConfig:
     engine_keys = {"num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size",
-                   "speculative_config", "async_scheduling", "reasoning_parser"}
+                   "speculative_config", "async_scheduling", "reasoning_parser", "mm_processor_kwargs"}
     engine = EngineConfig(model=str(model_path), **{k: v for k, v in overrides.items() if k in engine_keys})
     rest = {"threads": 1, **{k: v for k, v in overrides.items() if k not in engine_keys}}
     return LLMServerConfig(engine, served_model_names=rest.pop("served_model_names", ["tiny"]), **rest)

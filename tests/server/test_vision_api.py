@@ -327,14 +327,16 @@ def test_resolution_models_chat_tokenize_and_usage(tmp_path, smollm2_path, kind)
 
     save = save_tiny_qwen_vl if kind == "qwen2-vl" else save_tiny_idefics3
     path = save(tmp_path / kind, smollm2_path)
-    offline = LLM(str(path), num_kv_blocks=128)
+    # Qwen2-VL: pictures bounded by --mm-processor-kwargs, on the server's media threads as in the engine
+    resize = {"mm_processor_kwargs": {"max_pixels": 48 * 64}} if kind == "qwen2-vl" else {}
+    offline = LLM(str(path), num_kv_blocks=128, **resize)
     wide, tall = image(41, (30, 110)), image(42, (80, 40))
     and_part = {"type": "text", "text": "and"}
     messages = user({"type": "image_pil", "image_pil": wide}, TEXT, and_part, {"type": "image_pil", "image_pil": tall})
     want = offline.chat(messages, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
     tokens = offline.engine.image_tokens
     assert want.prompt_token_ids.count(tokens.token_id) == tokens.count(110, 30) + tokens.count(40, 80)
-    server = start_llm_server(tiny_config(path, num_kv_blocks=128))
+    server = start_llm_server(tiny_config(path, num_kv_blocks=128, **resize))
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
         parts = [image_part(data_url(wide)), TEXT, and_part, image_part(data_url(tall))]

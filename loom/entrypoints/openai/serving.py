@@ -29,7 +29,7 @@ from loom.entrypoints.openai.protocol import ChatMessage
 from loom.entrypoints.openai.reasoning import ReasoningParser
 from loom.entrypoints.openai.response_store import DEFAULT_STORED_RESPONSES, ResponseStore
 from loom.entrypoints.openai.tools import ToolSettings, template_messages
-from loom.models.vision import place_image_tokens
+from loom.models.vision import image_placeholder, place_image_tokens
 
 MEDIA_THREADS = 2
 """Threads that decode and preprocess chat images (apart from the tokenizer's, which every request waits on)."""
@@ -159,7 +159,8 @@ class ServingContext:
             images = await self.load_images(messages, admitting=False)  # a text model's refusal is its
         tokens = self.front.image_tokens
         if tokens is not None or self.chat_template_content_format == "openai":
-            image_text = self.front.tokenizer.convert_ids_to_tokens(tokens.token_id) if tokens is not None else ""
+            image_text = (image_placeholder(self.front.tokenizer.convert_ids_to_tokens(tokens.token_id))
+                          if tokens is not None else "")
             dicts = vision_content(dicts, self.content_format, image_text)
         ids = await self.encoder.chat(dicts, add_generation_prompt, limit=limit, tools=tools if native else None,
                                       template=template)
