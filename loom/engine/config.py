@@ -189,6 +189,10 @@ class EngineConfig:
     limit_mm_per_prompt: MultiModalLimits | None = None
     """A vision model's inputs per prompt as JSON, vLLM's keys: {"image": 2} (a dict is taken as its fields); None:
     {"image": 4}."""
+    max_num_encoder_tokens: int | None = None
+    """A vision model's image tokens whose pictures the tower may start encoding in one step (vLLM's encoder
+    budget): a burst of pictured prompts is spread over steps, so the steps of the requests decoding beside them stay
+    short (a step's first picture runs whatever its size); None: max_num_batched_tokens."""
     mm_processor_kwargs: ImageResize | None = None
     """Qwen2-VL / Qwen2.5-VL's picture size as JSON, vLLM's keys: {"min_pixels": 3136, "max_pixels": 1003520} (a
     picture takes a token per 28 x 28 pixels once resized to between the two); None: the checkpoint's
@@ -213,6 +217,8 @@ class EngineConfig:
             raise ValueError(f"max_loras and max_lora_rank must be >= 1, got {self.max_loras} and {self.max_lora_rank}")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        if self.max_num_encoder_tokens is not None and self.max_num_encoder_tokens < 1:
+            raise ValueError(f"max_num_encoder_tokens must be >= 1, got {self.max_num_encoder_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.tensor_parallel_size < 1:

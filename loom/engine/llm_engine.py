@@ -169,7 +169,8 @@ class LLMEngine:
         window = mcfg.sliding_window if len(mcfg.sliding_layers) == mcfg.num_hidden_layers else None
         sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
                                     max_loras=config.max_loras if config.enable_lora else None, sliding_window=window,
-                                    policy=config.scheduling_policy)
+                                    policy=config.scheduling_policy, max_num_encoder_tokens=(
+                                        config.max_num_encoder_tokens or config.max_num_batched_tokens))
         self.scheduler = Scheduler(sched_cfg, self.block_manager)
         if self.workers is not None:
             self.workers.join(num_blocks)

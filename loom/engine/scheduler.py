@@ -18,6 +18,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from loom.engine.block_manager import BlockManager
 from loom.engine.sequence import Sequence, SequenceStatus
 
@@ -39,6 +41,9 @@ class SchedulerConfig:
     policy: Literal["fcfs", "priority"] = "fcfs"
     """Waiting order and preemption: first come first served, or by each request's priority (lower first), then
     arrival."""
+    max_num_encoder_tokens: int | None = None
+    """Image tokens whose pictures the vision tower may start encoding in one step (vLLM's encoder budget): a chunk
+    that would go past it stops before its picture (a step's first picture runs whatever its size); None: no bound."""
 
     def __post_init__(self) -> None:
         if self.policy not in ("fcfs", "priority"):
@@ -100,6 +105,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._encoder_used = 0
+        """Image tokens this step's chunks have the tower encode (``max_num_encoder_tokens``)."""
+        self._encoding: set[int] = set()
+        """The ``ImageInput``s (by id) this step encodes: n > 1 siblings share theirs, counted once."""
 
     @property
     def has_unfinished(self) -> bool:
@@ -121,6 +130,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self._encoder_used, self._encoding = 0, set()
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:
             budget = self._add_drafts(out, budget)
@@ -178,6 +188,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
+                self._encode_for(seq, seq.num_computed_tokens, n)
                 out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
                 budget -= n
                 i += 1
@@ -234,6 +245,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.waiting.popleft()
             self.running.append(seq)
+            self._encode_for(seq, computed, n)
             out.chunks.append(ScheduledChunk(seq, computed, n))
             budget -= n
             if seq.lora_id:
@@ -255,7 +267,31 @@ class Scheduler:
         remaining = seq.num_tokens - computed
         if remaining > budget and not self.config.enable_chunked_prefill:
             return 0
-        return min(remaining, budget)
+        n = min(remaining, budget)
+        cost, first = self._encoder_cost(seq, computed, n)
+        limit = self.config.max_num_encoder_tokens
+        if cost and limit is not None and self._encoder_used and self._encoder_used + cost > limit:
+            return first - computed  # the text before the picture; the picture in a later step
+        return n
+
+    def _encoder_cost(self, seq: Sequence, computed: int, n: int) -> tuple[int, int]:
+        """(image tokens the tower must encode for positions [computed, computed + n) of ``seq``, the first image
+        position there): a prompt's pictures are encoded together, once, when a chunk first reaches one of them (and
+        again after a preemption dropped them); (0, 0) when the chunk needs no encoding."""
+        images = seq.images
+        if images is None or images.embeds is not None or id(images) in self._encoding:
+            return 0, 0
+        at = int(np.searchsorted(images.positions, computed))
+        if at == len(images.positions) or images.positions[at] >= computed + n:
+            return 0, 0
+        return len(images.positions), int(images.positions[at])
+
+    def _encode_for(self, seq: Sequence, computed: int, n: int) -> None:
+        """Count the encoding a scheduled chunk brings into the step."""
+        cost, _ = self._encoder_cost(seq, computed, n)
+        if cost:
+            self._encoder_used += cost
+            self._encoding.add(id(seq.images))
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq.seq_id, seq.num_computed_tokens)

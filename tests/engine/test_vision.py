@@ -356,3 +356,31 @@ def test_onevision_keys_tell_a_picture_alone_from_one_of_several(onevision_llava
     alone = vision.image_input([tokens.token_id] * tokens.count(50, 40, 1), [picture])
     pair = vision.image_input([tokens.token_id] * (2 * tokens.count(50, 40, 2)), [picture, picture])
     assert set(alone.keys.values()).isdisjoint(pair.keys.values())
+
+
+def test_encoder_budget_spreads_a_burst_of_pictures(clip_llava):
+    """max_num_encoder_tokens (vLLM's encoder budget): a burst of pictured prompts gets its pictures encoded over
+    several steps, a prompt's text before its picture still scheduled; a picture larger than the budget runs alone;
+    the answers are those of an unbounded engine."""
+    prompts = [{"prompt": f"USER: some words first {i} <image>\nWhat? ASSISTANT:",
+                "multi_modal_data": {"image": [image(30 + i)]}} for i in range(4)]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    free = LLM(str(clip_llava), num_kv_blocks=128)
+    want = [o.outputs[0].token_ids for o in free.generate(prompts, params)]
+    for budget, most in ((16, 1), (40, 2), (8, 1)):  # 16 rows a picture: one, two, or one over the budget per step
+        llm = LLM(str(clip_llava), num_kv_blocks=128, max_num_encoder_tokens=budget)
+        vision, engine = llm.engine.vision, llm.engine
+        encoded, encode = [], vision.embed
+        vision.embed = lambda images, encode=encode, encoded=encoded: encoded.append(len(images)) or encode(images)
+        for p in prompts:
+            engine.add_request(str(len(engine.requests)) + p["prompt"][-20:], p["prompt"], params,
+                               multi_modal_data=p["multi_modal_data"])
+        per_step, outs = [], {}
+        while engine.has_unfinished_requests():
+            before = len(encoded)
+            for out in engine.step():
+                outs[out.request_id] = out
+            per_step.append(len(encoded) - before)
+        assert max(per_step) == most and sum(per_step) == 4, budget
+        got = [o.outputs[0].token_ids for o in sorted(outs.values(), key=lambda o: o.request_id)]
+        assert got == want, budget
