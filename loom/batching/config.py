@@ -108,8 +108,10 @@ def parse_serve_spec(spec: str, **defaults: Any) -> ModelConfig:
     return ModelConfig(name=name, handler=handler, path=path or None, **defaults)
 
 
-def load_models_yaml(path: str | Path, **defaults: Any) -> list[ModelConfig]:
-    """models.yaml: ``models: {NAME: {handler, path, batch_size, max_batch_delay, workers, ...}}``."""
+def load_models_yaml(path: str | Path, archive_settings=None, **defaults: Any) -> list[ModelConfig]:
+    """models.yaml: ``models: {NAME: {handler, path, batch_size, max_batch_delay, workers, ...}}``. An entry's own
+    settings win over ``defaults`` (the flags given), which win over ``archive_settings(handler, path)`` (a TorchServe
+    archive's model-config.yaml)."""
     import yaml  # local: `loom serve` imports this module to build its flags; only --config reads YAML
 
     data = yaml.safe_load(Path(path).read_text()) or {}
@@ -123,5 +125,6 @@ def load_models_yaml(path: str | Path, **defaults: Any) -> list[ModelConfig]:
         unknown = set(settings) - set(ModelConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{path}: model {name!r} has unknown settings {sorted(unknown)}")
-        configs.append(ModelConfig(name=str(name), **{**defaults, **settings}))
+        own = archive_settings(settings["handler"], settings.get("path")) if archive_settings else {}
+        configs.append(ModelConfig(name=str(name), **{**own, **defaults, **settings}))
     return configs

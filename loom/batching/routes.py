@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
+import re
 import struct
 import uuid
 from typing import Any
@@ -118,8 +120,10 @@ async def predict(server: ModelServer, name: str, body: bytes, content_type: str
         if not body:
             raise HTTPError(400, _EMPTY_BODY)
         timing: dict = {}
-        if model.config.handler in WHOLE_REQUEST_HANDLERS:
-            payload = _request_data(body, content_type, request_headers or {"content-type": content_type})
+        if model.config.handler in WHOLE_REQUEST_HANDLERS:  # a form is parsed off the event loop
+            parse = functools.partial(_request_data, body, content_type,
+                                      request_headers or {"content-type": content_type})
+            payload = await asyncio.to_thread(parse) if _is_form(content_type) else parse()
         else:
             payload = _decode_body(body, content_type)
         value = await _submit(model, payload, timing)
@@ -182,13 +186,27 @@ def _decode_body(body: bytes, content_type: str) -> Any:
     return body
 
 
+MAX_FORM_PARTS = 1000
+"""Parts of a multipart/form-data body (Starlette's default bound): more is a 413."""
+
+
+def _is_form(content_type: str) -> bool:
+    return content_type.lower().startswith("multipart/form-data")
+
+
 def _request_data(body: bytes, content_type: str, headers: dict[str, str]) -> RequestData:
     """A whole request: a multipart/form-data body's fields by name (TorchServe's way: each decoded by its part's
     content type, bytes without one), any other body decoded as for every handler."""
-    if not content_type.lower().startswith("multipart/form-data"):
+    if not _is_form(content_type):
         return RequestData(_decode_body(body, content_type), headers)
     from email import policy
     from email.parser import BytesParser
+
+    boundary = re.search(r'boundary="?([^";]+)"?', content_type)
+    if boundary is None:
+        raise HTTPError(400, "a multipart/form-data body needs a boundary in its Content-Type (curl -F sets one)")
+    if body.count(b"--" + boundary.group(1).encode("latin-1", "replace")) > MAX_FORM_PARTS + 1:
+        raise HTTPError(413, f"the form has more than {MAX_FORM_PARTS} parts; send fewer fields")
 
     head = b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n"
     message = BytesParser(policy=policy.HTTP).parsebytes(head + body)

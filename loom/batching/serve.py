@@ -24,7 +24,7 @@ from loom.batching.management import build_management_app, new_token, write_toke
 from loom.batching.placement import device_list
 from loom.batching.routes import RAW_BODY_PREFIXES, PredictionRoute, build_inference_router
 from loom.batching.server import ModelServer
-from loom.flags import add_config_arguments
+from loom.flags import add_config_arguments, given_args
 from loom.models.catalogue import loom_home
 from loom.server.component import ExtraServer
 
@@ -40,7 +40,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                        help="models.yaml: models: {NAME: {handler, path, batch_size, ...}}")
     group.add_argument("--model-server", action="store_true",
                        help="start the model server even with no model (register later)")
-    add_config_arguments(group, ModelConfig, only=MODEL_FLAGS)  # defaults for every model declared here
+    # settings for every model declared here; given ones only, so a TorchServe archive's own fill the rest
+    add_config_arguments(group, ModelConfig, only=MODEL_FLAGS, given_only=True)
     group.add_argument("--gpus", default=None, metavar="0,1",
                        help="GPUs the workers use, in turn over every worker of every model (TorchServe's "
                             "round-robin); a handler finds its device in ctx.device (default: every visible GPU, "
@@ -59,9 +60,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def configs_from_args(args: argparse.Namespace) -> list[ModelConfig]:
-    defaults = {name: getattr(args, name) for name in MODEL_FLAGS}
-    configs = load_models_yaml(args.config, **defaults) if args.config else []
-    configs += [_archive_defaults(parse_serve_spec(spec, **defaults), defaults) for spec in args.serve]
+    given = given_args(ModelConfig, args)  # the model flags on the command line, nothing else
+    configs = load_models_yaml(args.config, archive_settings=_archive_settings, **given) if args.config else []
+    configs += [_archive_defaults(parse_serve_spec(spec, **given), given) for spec in args.serve]
     names = [c.name for c in configs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -70,14 +71,16 @@ def configs_from_args(args: argparse.Namespace) -> list[ModelConfig]:
     return configs
 
 
-def _archive_defaults(config: ModelConfig, flags: dict) -> ModelConfig:
-    """A TorchServe archive's model-config.yaml settings (batchSize, maxBatchDelay, minWorkers, responseTimeout) where
-    the flags were left at their defaults (TorchServe's order: what the operator gives, then the archive, then the
-    server's defaults)."""
-    if config.handler != "torchserve" or config.path is None:
-        return config
-    fields = ModelConfig.__dataclass_fields__
-    archive = {k: v for k, v in archive_settings(config.path).items() if flags.get(k) == fields[k].default}
+def _archive_settings(handler: str, path: str | None) -> dict:
+    """A TorchServe archive's model-config.yaml settings (batchSize, maxBatchDelay, minWorkers, responseTimeout);
+    {} for any other model."""
+    return archive_settings(path) if handler == "torchserve" and path is not None else {}
+
+
+def _archive_defaults(config: ModelConfig, given: dict) -> ModelConfig:
+    """A --serve archive's own settings where no flag was given (TorchServe's order: what the operator gives, then
+    the archive, then the server's defaults)."""
+    archive = {k: v for k, v in _archive_settings(config.handler, config.path).items() if k not in given}
     return config.updated(**archive) if archive else config
 
 

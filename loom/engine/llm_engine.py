@@ -307,9 +307,9 @@ class LLMEngine:
         is queued on the device and the outputs returned are those of the step before it, read back meanwhile."""
         if self.config.async_scheduling:
             return self._step_ahead()
-        out = self.scheduler.schedule()
+        out = self._schedule()
         if out.is_empty:
-            return []
+            return self._failed_outputs()
         logits, sampling = self._forward(out, None)
         return self._resolve(self._sample_step(out, logits, sampling))
 
@@ -322,9 +322,9 @@ class LLMEngine:
         count) has N read back between N + 1's forward and its sampling, as vLLM does for structured outputs: the
         forward still overlaps."""
         prev, self._in_flight = self._in_flight, None
-        out = self.scheduler.schedule()
+        out = self._schedule()
         if out.is_empty:
-            return self._resolve(prev) if prev is not None else []
+            return self._resolve(prev) if prev is not None else self._failed_outputs()
         logits, sampling = self._forward(out, prev)
         outputs: list[RequestOutput] = []
         if prev is not None and self._needs_tokens(sampling):
@@ -333,6 +333,20 @@ class LLMEngine:
         if prev is not None:
             outputs = self._resolve(prev)
         return outputs
+
+    def _schedule(self):
+        """The scheduler's next step; the requests whose pictures the vision tower failed on end ("abort", the error
+        logged), reported with this step's outputs."""
+        out = self.scheduler.schedule()
+        for seq in out.failed:
+            if not seq.is_finished:
+                self._finish(seq, "abort", None)
+                self._failed.add(seq.request_id)
+        return out
+
+    def _failed_outputs(self) -> list[RequestOutput]:
+        """The final outputs of requests ended by a failure, when no step runs to carry them."""
+        return [self._request_output(req) for req in self._append_tokens([], [], []).values()]
 
     def _forward(self, out, prev: _Launched | None) -> tuple[torch.Tensor, list[ScheduledChunk]]:
         """Run a scheduled step's forward (``prev``: the step in flight before it, whose ids feed this one)."""
@@ -347,11 +361,6 @@ class LLMEngine:
                 raise
             raise self.workers.explain(exc) from exc  # a collective with a dead rank
         self.scheduler.update(out)
-        for chunk in out.chunks:  # a prompt whose pictures the vision tower failed on ran with zeros: end it
-            seq = chunk.seq
-            if seq.images is not None and seq.images.error is not None and not seq.is_finished:
-                self._finish(seq, "abort", None)
-                self._failed.add(seq.request_id)
         return logits, sampling
 
     def _sample_step(self, out, logits: torch.Tensor, sampling: list[ScheduledChunk]) -> _Launched:

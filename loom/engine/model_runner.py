@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import logging
 import os
 from dataclasses import dataclass
 
@@ -25,8 +24,6 @@ from loom.models.loader import load_model
 from loom.ops.attention import AttentionMetadata, PrefillChunk
 from loom.ops.layers import TorchOps
 from loom.ops.quantized import quantize_int8
-
-log = logging.getLogger("loom.engine")
 
 
 def build_model(path, config: EngineConfig, device: torch.device, max_model_len: int,
@@ -394,7 +391,7 @@ class ModelRunner:
         inputs = StepInputs(input_ids, _rope_positions(chunks, positions, ends - counts), slots, tables,
                             decode_positions + 1, prefill_chunks,
                             logit_rows + draft_rows + prompt_logit_rows, _feed(input_ids, chunks, counts, in_flight),
-                            _image_rows(chunks, ends - counts, self.device, self.model.config.hidden_size))
+                            _image_rows(chunks, ends - counts, self.device))
         return inputs, sampling, prompt_rows
 
 
@@ -416,14 +413,13 @@ def _rope_positions(chunks: list[ScheduledChunk], positions: np.ndarray, first_r
     return positions if out is None else out
 
 
-def _image_rows(chunks: list[ScheduledChunk], first_rows: np.ndarray, device: torch.device, hidden_size: int,
+def _image_rows(chunks: list[ScheduledChunk], first_rows: np.ndarray, device: torch.device,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """The step rows of the image tokens in the chunks (each chunk's first row in ``first_rows``), their
     embeddings, and under M-RoPE their (temporal, height, width) positions; None when no chunk has one. (A one-token
     chunk is scheduled as a decode: after a prefix hit, the prompt's last token may be an image's.) A sequence whose
-    chunk reaches past its last image lets go of the images' embeddings. Where the vision tower fails on a prompt's
-    pictures, their rows are zeros and ``ImageInput.error`` says why: the engine ends that request after the step,
-    and the others in it go on."""
+    chunk reaches past its last image lets go of the images' embeddings. (The scheduler has them encoded when it
+    schedules a chunk that reaches them, so a failure of the tower never gets here.)"""
     rows, embeds, mrope, done = [], [], [], []
     for chunk, first in zip(chunks, first_rows.tolist()):
         images = chunk.seq.images
@@ -432,14 +428,7 @@ def _image_rows(chunks: list[ScheduledChunk], first_rows: np.ndarray, device: to
         offsets, index = images.rows_in(chunk.start, chunk.end)
         if len(index):
             rows.append(offsets + first)
-            try:
-                embeds.append(images.rows(int(index[0]), int(index[-1])))  # a chunk's image rows are consecutive
-            except Exception as exc:  # noqa: BLE001 - one request's pictures; its request ends, not the step
-                if images.error is None:
-                    log.error("the vision tower failed on request %s's pictures", chunk.seq.request_id, exc_info=exc)
-                images.error = f"{type(exc).__name__}: {exc}"
-                dtype = embeds[0].dtype if embeds else torch.get_default_dtype()
-                embeds.append(torch.zeros(len(index), hidden_size, dtype=dtype, device=device))
+            embeds.append(images.rows(int(index[0]), int(index[-1])))  # a chunk's image rows are consecutive
             if images.mrope is not None:
                 mrope.append(images.mrope[index])
             if chunk.end >= images.end:

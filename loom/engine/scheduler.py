@@ -14,6 +14,7 @@ lower priority value first, preempted sequences included; and preempts the runni
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,6 +23,8 @@ import numpy as np
 
 from loom.engine.block_manager import BlockManager
 from loom.engine.sequence import Sequence, SequenceStatus
+
+log = logging.getLogger("loom.engine")
 
 
 @dataclass(slots=True)
@@ -88,6 +91,9 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    failed: list[Sequence] = field(default_factory=list)
+    """Sequences whose pictures the vision tower failed on (``ImageInput.error``): not scheduled; the engine ends
+    them. No chunk ever ran with their pictures' rows, so no block holds KV computed without them."""
 
     @property
     def num_batched_tokens(self) -> int:
@@ -106,9 +112,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._encoder_used = 0
-        """Image tokens this step's chunks have the tower encode (``max_num_encoder_tokens``)."""
-        self._encoding: set[int] = set()
-        """The ``ImageInput``s (by id) this step encodes: n > 1 siblings share theirs, counted once."""
+        """Image tokens the tower has encoded for this step's chunks (``max_num_encoder_tokens``)."""
+        self._failed: list[Sequence] = []
+        """This step's ``SchedulerOutput.failed``."""
 
     @property
     def has_unfinished(self) -> bool:
@@ -130,7 +136,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        self._encoder_used, self._encoding = 0, set()
+        self._encoder_used, self._failed = 0, out.failed
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:
             budget = self._add_drafts(out, budget)
@@ -188,7 +194,6 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                self._encode_for(seq, seq.num_computed_tokens, n)
                 out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
                 budget -= n
                 i += 1
@@ -232,6 +237,9 @@ class Scheduler:
             hits = [] if scoring else bm.find_cached_prefix(token_ids, seq.cache_salt)
             computed = len(hits) * bm.block_size
             n = self._chunk_size(seq, computed, budget)
+            if n == 0 and seq in self._failed:  # its pictures cannot be encoded: the engine ends it
+                self.waiting.popleft()
+                continue
             if n == 0:
                 break
             needed = bm.blocks_needed(computed + n) - len(hits)
@@ -245,7 +253,6 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.waiting.popleft()
             self.running.append(seq)
-            self._encode_for(seq, computed, n)
             out.chunks.append(ScheduledChunk(seq, computed, n))
             budget -= n
             if seq.lora_id:
@@ -268,30 +275,35 @@ class Scheduler:
         if remaining > budget and not self.config.enable_chunked_prefill:
             return 0
         n = min(remaining, budget)
-        cost, first = self._encoder_cost(seq, computed, n)
-        limit = self.config.max_num_encoder_tokens
-        if cost and limit is not None and self._encoder_used and self._encoder_used + cost > limit:
-            return first - computed  # the text before the picture; the picture in a later step
-        return n
+        return self._encode(seq, computed, n) if seq.images is not None else n
 
-    def _encoder_cost(self, seq: Sequence, computed: int, n: int) -> tuple[int, int]:
-        """(image tokens the tower must encode for positions [computed, computed + n) of ``seq``, the first image
-        position there): a prompt's pictures are encoded together, once, when a chunk first reaches one of them (and
-        again after a preemption dropped them); (0, 0) when the chunk needs no encoding."""
+    def _encode(self, seq: Sequence, computed: int, n: int) -> int:
+        """The chunk [computed, computed + n) of a pictured prompt, its pictures encoded first if it reaches one whose
+        rows are not at hand (a prompt's pictures are encoded together, once, and again after a preemption dropped
+        them): cut before the picture when the step's encoder budget is spent (a step's first picture runs whatever its
+        size); 0 when the tower fails on them (the sequence goes to ``failed``). Encoding here, before any block is
+        allocated for the chunk, keeps a failure out of the KV cache and the prefix cache."""
         images = seq.images
-        if images is None or images.embeds is not None or id(images) in self._encoding:
-            return 0, 0
+        if images.error is not None:  # an n > 1 sibling's pictures failed
+            self._failed.append(seq)
+            return 0
+        if images.embeds is not None:
+            return n
         at = int(np.searchsorted(images.positions, computed))
         if at == len(images.positions) or images.positions[at] >= computed + n:
-            return 0, 0
-        return len(images.positions), int(images.positions[at])
-
-    def _encode_for(self, seq: Sequence, computed: int, n: int) -> None:
-        """Count the encoding a scheduled chunk brings into the step."""
-        cost, _ = self._encoder_cost(seq, computed, n)
-        if cost:
-            self._encoder_used += cost
-            self._encoding.add(id(seq.images))
+            return n  # the chunk reaches no picture
+        cost, limit = len(images.positions), self.config.max_num_encoder_tokens
+        if limit is not None and self._encoder_used and self._encoder_used + cost > limit:
+            return int(images.positions[at]) - computed  # the text before the picture; the picture in a later step
+        try:
+            images.encode_all()
+        except Exception as exc:  # noqa: BLE001 - one prompt's pictures: that request ends, not the step
+            log.error("the vision tower failed on request %s's pictures", seq.request_id, exc_info=exc)
+            images.error = f"{type(exc).__name__}: {exc}"
+            self._failed.append(seq)
+            return 0
+        self._encoder_used += cost
+        return n
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq.seq_id, seq.num_computed_tokens)

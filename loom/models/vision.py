@@ -199,7 +199,8 @@ class ImageInput:
     rope_delta: int = 0
     """M-RoPE: a token past the prompt rotates by its index plus this (<= 0)."""
     error: str | None = None
-    """Why the vision tower failed on these pictures (the engine then ends the request); None: it has not."""
+    """Why the vision tower failed on these pictures (the scheduler then leaves the request out and the engine ends
+    it); None: it has not."""
 
     @property
     def end(self) -> int:
@@ -211,10 +212,14 @@ class ImageInput:
         lo, hi = np.searchsorted(self.positions, [start, end])
         return self.positions[lo:hi] - start, np.arange(lo, hi)
 
-    def rows(self, first: int, last: int) -> torch.Tensor:
-        """Embedding rows [first, last] (encoding the images if they are not)."""
+    def encode_all(self) -> None:
+        """Encode the images (the scheduler calls it when a chunk first reaches one)."""
         if self.embeds is None:
             self.embeds = self.encode(self.pixels)
+
+    def rows(self, first: int, last: int) -> torch.Tensor:
+        """Embedding rows [first, last] (encoding the images if they are not)."""
+        self.encode_all()
         return self.embeds[first : last + 1]
 
     def release(self) -> None:

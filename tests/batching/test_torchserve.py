@@ -323,7 +323,8 @@ def handle(data, context):
 def test_headers_and_form_fields_reach_the_handler(loom_home, tmp_path):
     """As TorchServe: a multipart/form-data body's fields by name (a file part bytes, a JSON part parsed, a text
     part str, a field without a content type bytes), a plain body under "body", and the request's headers through
-    get_request_header (any case) beside each input's content type; a form with no fields is a 400."""
+    get_request_header (any case) beside each input's content type; a form with no fields or no boundary is a 400,
+    one of more than 1000 parts a 413."""
     mar = make_mar(tmp_path / "form.mar", "form_handler.py", {"form_handler.py": FORM_HANDLER})
     png = bytes(range(256)) * 3
 
@@ -337,9 +338,16 @@ def test_headers_and_form_fields_reach_the_handler(loom_home, tmp_path):
             plain = await client.post("/predictions/form", json={"x": 1}, headers={"x-token": "def"})
             empty = await client.post("/predictions/form", content=b"--nothing--",
                                       headers={"content-type": "multipart/form-data; boundary=zzz"})
-            return form, plain, empty
+            many = "".join(f'--b\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\nx\r\n' for i in range(1001))
+            too_many = await client.post("/predictions/form", content=(many + "--b--\r\n").encode(),
+                                         headers={"content-type": "multipart/form-data; boundary=b"})
+            no_boundary = await client.post("/predictions/form", content=b"x",
+                                            headers={"content-type": "multipart/form-data"})
+            return form, plain, empty, too_many, no_boundary
 
-    form, plain, empty = run(body())
+    form, plain, empty, too_many, no_boundary = run(body())
+    assert too_many.status_code == 413 and "more than 1000 parts" in too_many.json()["error"]["message"]
+    assert no_boundary.status_code == 400 and "boundary" in no_boundary.json()["error"]["message"]
     assert form.status_code == 200, form.text
     got = form.json()
     assert got["inputs"] == {"data": ["bytes", len(png)], "meta": ["dict", {"k": [1, 2]}], "caption": ["str", "a cat"],
@@ -445,6 +453,13 @@ def test_archive_model_config_sets_what_the_operator_leaves(tmp_path):
     assert (plain.batch_size, plain.max_batch_delay, plain.workers, plain.request_timeout) == (3, 40.0, 1, 7000.0)
     (given,) = configs_from_args(parser.parse_args(["--serve", f"cfg={mar}", "--batch-size", "5"]))
     assert (given.batch_size, given.max_batch_delay) == (5, 40.0)
+    # given at the defaults' values: still the operator's
+    (same,) = configs_from_args(parser.parse_args(["--serve", f"cfg={mar}", "--batch-size", "8", "--workers", "0"]))
+    assert (same.batch_size, same.workers, same.max_batch_delay) == (8, 0, 40.0)
+    models_yaml = tmp_path / "models.yaml"
+    models_yaml.write_text(f"models:\n  cfg:\n    handler: torchserve\n    path: {mar}\n    max_batch_delay: 10\n")
+    (entry,) = configs_from_args(parser.parse_args(["--config", str(models_yaml), "--workers", "0"]))
+    assert (entry.batch_size, entry.max_batch_delay, entry.workers, entry.request_timeout) == (3, 10.0, 0, 7000.0)
 
     settings = registration({"url": "cfg.mar", "batch_size": "6"}, tmp_path)
     assert (settings["batch_size"], settings["max_batch_delay"], settings["request_timeout"]) == (6, 40.0, 7000.0)

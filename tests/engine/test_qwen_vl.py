@@ -225,30 +225,33 @@ def test_generate_cli_puts_the_picture_between_its_markers(qwen2_vl, tmp_path, c
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_a_tower_failure_ends_only_its_request(qwen2_vl, async_scheduling):
     """The vision tower raising on one prompt's picture ends that request ("abort") and no other: the step's other
-    requests (one before the picture, one in the same step) answer as they would alone, the engine goes on, and no
-    KV block is left behind."""
+    requests answer as they would alone, the engine goes on, no KV block is left behind, and nothing computed
+    without the picture reaches the prefix cache: the same picture again (in the same batch, and later, once the tower
+    works) answers as a fresh engine does."""
     from tests.engine.test_engine import assert_no_leaks
 
-    llm = LLM(str(qwen2_vl), num_kv_blocks=64, async_scheduling=async_scheduling)
+    llm = LLM(str(qwen2_vl), num_kv_blocks=64, async_scheduling=async_scheduling, block_size=4)
     vision = llm.engine.vision
-    encode = vision.embed
+    encode, failures = vision.embed, [1]
 
-    def fragile(images):
-        if any(image.width == 77 for image in images):
+    def fragile(images):  # fails on the first call with a 77-pixel-wide picture
+        if any(image.width == 77 for image in images) and failures:
+            failures.pop()
             raise RuntimeError("out of memory in the tower")
         return encode(images)
 
     vision.embed = fragile
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     good = {"prompt": f"Fine {V} picture.", "multi_modal_data": {"image": [image(1, (40, 50))]}}
-    bad = {"prompt": f"Broken {V} picture.", "multi_modal_data": {"image": [image(2, (40, 77))]}}
-    alone = llm.generate([good, "plain text"], params)
-    outs = llm.generate([good, bad, "plain text"], params)
-    assert [o.outputs[0].finish_reason for o in outs] == ["length", "abort", "length"]
-    assert outs[0].outputs[0].token_ids == alone[0].outputs[0].token_ids
-    assert outs[2].outputs[0].token_ids == alone[1].outputs[0].token_ids
+    bad = {"prompt": f"Some words before the picture {V} picture.",
+           "multi_modal_data": {"image": [image(2, (40, 77))]}}
+    fresh = LLM(str(qwen2_vl), num_kv_blocks=64).generate([good, "plain text", bad], params)
+    outs = llm.generate([good, bad, "plain text", bad], params)
+    assert [o.outputs[0].finish_reason for o in outs] == ["length", "abort", "length", "length"]
     assert outs[1].outputs[0].token_ids == []
-    assert llm.generate(good, params)[0].outputs[0].token_ids == alone[0].outputs[0].token_ids  # it goes on
+    assert [o.outputs[0].token_ids for o in (outs[0], outs[2], outs[3])] == [o.outputs[0].token_ids for o in fresh]
+    again = llm.generate(bad, params)[0]
+    assert again.outputs[0].token_ids == fresh[2].outputs[0].token_ids and again.num_cached_tokens > 0
     assert_no_leaks(llm)
 
 
