@@ -54,6 +54,11 @@ class ServingBenchConfig:
     timeout_s: float = 600.0
     extra_body: dict | None = None
     """Fields added to every request's body (e.g. ``{"min_tokens": 64}``)."""
+    images: int = 0
+    """Pictures per chat request (vLLM's random multimodal dataset): seeded random JPEGs of ``image_size``, sent as
+    image_url data URLs, for a vision model's serving."""
+    image_size: tuple[int, int] = (640, 480)
+    """The pictures' width and height."""
     keepalive: bool = True
     """Reuse connections between requests; False opens one per request (llama-server's cpp-httplib sometimes drops
     a kept-alive connection as the next request arrives: "Server disconnected without sending a response")."""
@@ -71,6 +76,10 @@ class ServingBenchConfig:
             raise ValueError(f"request_rate must be > 0 (inf = all at once), got {self.request_rate}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1 or None, got {self.max_concurrency}")
+        if self.images < 0 or (self.images and self.endpoint != "chat"):
+            raise ValueError(f"images must be >= 0 and need the chat endpoint, got {self.images} on {self.endpoint}")
+        if len(self.image_size) != 2 or min(self.image_size) < 1:
+            raise ValueError(f"image_size is (width, height) in pixels, got {self.image_size}")
 
 
 @dataclass(slots=True)
@@ -78,6 +87,8 @@ class Sample:
     prompt: str
     prompt_len: int
     output_len: int
+    images: list[str] = field(default_factory=list)
+    """Data URLs of the request's pictures (``ServingBenchConfig.images``)."""
 
 
 @dataclass(slots=True)
@@ -100,11 +111,25 @@ def random_dataset(tokenizer, cfg: ServingBenchConfig) -> list[Sample]:
     special = set(tokenizer.all_special_ids)
     vocab = [i for i in range(len(tokenizer)) if i not in special]
     samples = []
+    pixels = np.random.default_rng(cfg.seed)
     for _ in range(cfg.num_prompts):
         n_in = _draw(rng, cfg.input_len, cfg.range_ratio)
         text = tokenizer.decode([rng.choice(vocab) for _ in range(n_in)])
-        samples.append(Sample(text, n_in, _draw(rng, cfg.output_len, cfg.range_ratio)))
+        images = [_random_picture(pixels, cfg.image_size) for _ in range(cfg.images)]
+        samples.append(Sample(text, n_in, _draw(rng, cfg.output_len, cfg.range_ratio), images))
     return samples
+
+
+def _random_picture(rng: np.random.Generator, size: tuple[int, int]) -> str:
+    """A JPEG of random pixels as a data URL (quality 90: a 640 x 480 one is ~200 kB)."""
+    import base64
+    import io
+
+    from PIL import Image  # local: only pictured runs need Pillow
+
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _draw(rng: random.Random, length: int, ratio: float) -> int:
@@ -114,7 +139,10 @@ def _draw(rng: random.Random, length: int, ratio: float) -> int:
 # --- one request ------------------------------------------------------------------------------------------------
 def request_body(cfg: ServingBenchConfig, sample: Sample) -> dict:
     body: dict = {"model": cfg.model, "max_tokens": sample.output_len, "stream": True, "temperature": 0.0}
-    if cfg.endpoint == "chat":
+    if cfg.endpoint == "chat" and sample.images:
+        parts = [{"type": "image_url", "image_url": {"url": url}} for url in sample.images]
+        body["messages"] = [{"role": "user", "content": [*parts, {"type": "text", "text": sample.prompt}]}]
+    elif cfg.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": sample.prompt}]
     else:
         body["prompt"] = sample.prompt
@@ -227,6 +255,7 @@ def summarize(results: list[RequestResult], duration: float, cfg: ServingBenchCo
         **_stats("ttft", [r.ttft for r in ok]),
         **_stats("tpot", tpot),
         **_stats("itl", [g for r in ok for g in r.itl]),
+        "max_itl_ms": max((g for r in ok for g in r.itl), default=float("nan")) * 1000,
         **_stats("e2el", [r.latency for r in ok]),
     }
 
@@ -337,6 +366,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exact-output", default="auto", choices=["auto", "ignore_eos", "generation_config", "none"],
                         help="how to make every request produce --output-len tokens (auto: ignore_eos; "
                              "generation_config for transformers serve)")
+    parser.add_argument("--images", type=int, default=d.images,
+                        help="random pictures per chat request, for a vision model (default 0)")
+    parser.add_argument("--image-size", default="x".join(map(str, d.image_size)), metavar="WxH",
+                        help=f"the pictures' size (default {d.image_size[0]}x{d.image_size[1]})")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured requests first (default 2)")
@@ -347,8 +380,15 @@ def config_from_args(args: argparse.Namespace, base_url: str, model: str, exact:
     return ServingBenchConfig(
         base_url=base_url, model=model, endpoint=args.endpoint, num_prompts=args.num_prompts, input_len=args.input_len,
         output_len=args.output_len, range_ratio=args.range_ratio, seed=args.seed, exact_output=exact,
-        api_key=args.api_key,
+        api_key=args.api_key, images=args.images, image_size=_size(args.image_size),
     )  # fmt: skip
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise ValueError(f"--image-size is WIDTHxHEIGHT, e.g. 640x480; got {text!r}")
+    return int(width), int(height)
 
 
 def parse_lists(args: argparse.Namespace) -> tuple[list[int | None], list[float]]:

@@ -27,7 +27,7 @@ def test_summary_statistics_follow_vllm_definitions():
     assert s["total_token_throughput"] == pytest.approx(28 / 4.0)
     assert s["mean_ttft_ms"] == pytest.approx(200.0)
     assert s["mean_tpot_ms"] == pytest.approx(((1.0 / 10) + (2.0 / 4)) / 2 * 1000)  # (latency - ttft) / (out - 1)
-    assert s["median_itl_ms"] == pytest.approx(300.0)
+    assert s["median_itl_ms"] == pytest.approx(300.0) and s["max_itl_ms"] == pytest.approx(500.0)
     assert s["p99_e2el_ms"] == pytest.approx(1000 * (1.1 + 0.99 * (2.3 - 1.1)))
 
 
@@ -72,3 +72,35 @@ def test_compare_line_reports_ratios_and_verdict():
     assert "3.00x output tok/s" in line and "p99 TTFT 0.25x" in line and line.endswith("PASS)")
     slow = compare_line({"loom": [{**loom, "output_throughput": 45.0}], "transformers serve": [hf]}, args)
     assert "1.50x" in slow and slow.endswith("MISS)")
+
+
+def test_pictured_requests_against_a_vision_server(tmp_path, smollm2_path):
+    """--images: seeded random JPEGs sent as image_url parts; a tiny LLaVA server counts each picture's 16 tokens in
+    the usage the benchmark sums, and a text endpoint refuses pictures."""
+    from loom.models.tiny import save_tiny_vision_model
+    from tests.server.conftest import start_llm_server, tiny_config
+
+    path = save_tiny_vision_model(tmp_path / "llava", smollm2_path)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    cfg = ServingBenchConfig(model="tiny", num_prompts=3, input_len=10, output_len=4, images=2, image_size=(64, 48),
+                             seed=5)
+    a, b = random_dataset(tok, cfg), random_dataset(tok, cfg)
+    assert a == b and all(len(s.images) == 2 and s.images[0].startswith("data:image/jpeg;base64,") for s in a)
+    assert a[0].images[0] != a[0].images[1]
+    parts = request_body(cfg, a[0])["messages"][0]["content"]
+    assert [p["type"] for p in parts] == ["image_url", "image_url", "text"]
+    with pytest.raises(ValueError, match="chat endpoint"):
+        ServingBenchConfig(images=1, endpoint="completions")
+    server = start_llm_server(tiny_config(path, num_kv_blocks=128))
+    try:
+        cfg.base_url = server.base_url
+        plain = ServingBenchConfig(**{**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, "images": 0})
+        [pictured] = sweep(cfg, a, lambda text: 0, concurrencies=[3], rates=[math.inf], warmup=0)
+        [text] = sweep(plain, random_dataset(tok, plain), lambda text: 0, concurrencies=[3], rates=[math.inf],
+                       warmup=0)
+    finally:
+        server.stop()
+    assert pictured["completed"] == 3 and pictured["failed"] == 0
+    assert pictured["total_input_tokens"] - text["total_input_tokens"] >= 3 * 2 * 16  # and each picture's tags
