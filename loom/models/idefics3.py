@@ -26,6 +26,33 @@ from safetensors import safe_open
 from loom.models.vision import ImageInput, ImageTokens, PreparedImage, image_key, image_keys, prompt_images
 
 
+def tile_grid(height: int, width: int, longest_edge: int, tile: int, split: bool = True) -> tuple[int, int]:
+    """(rows, columns) of ``tile``-pixel tiles Idefics3's processor cuts a picture into, as its preprocessing does
+    (the longest side resized to ``longest_edge``, then each side up to a multiple of the tile, the shorter one
+    from the aspect); (0, 0): the global view alone. (transformers' ``get_number_of_image_patches`` reckons the shorter
+    side from the original size and disagrees where ``longest_edge`` is not a multiple of the tile.)"""
+    if not split:
+        return 0, 0
+    from transformers.models.idefics3.image_processing_pil_idefics3 import (
+        MAX_IMAGE_SIZE,
+        _resize_output_size_rescale_to_max_len,
+        _resize_output_size_scale_below_upper_bound,
+    )
+
+    height, width = _resize_output_size_rescale_to_max_len(height, width, max_len=longest_edge)
+    height, width = _resize_output_size_scale_below_upper_bound(height, width, max_len=MAX_IMAGE_SIZE)
+    aspect = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / aspect) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * aspect) / tile) * tile
+    if height > tile or width > tile:
+        return height // tile, width // tile
+    return 0, 0
+
+
 @dataclass(frozen=True, slots=True)
 class IdeficsImageTokens(ImageTokens):
     """How an Idefics3 picture sits in a prompt (plain data: the server expands placeholders with it)."""
@@ -45,23 +72,8 @@ class IdeficsImageTokens(ImageTokens):
     """``do_image_splitting``: tiles of ``tile_size`` plus the global view; False: the global view alone."""
 
     def grid(self, width: int, height: int) -> tuple[int, int]:
-        """(rows, columns) of tiles a ``width`` x ``height`` picture is cut into; (0, 0): the global view alone (the
-        reckoning of transformers' ``Idefics3ImageProcessor.get_number_of_image_patches``)."""
-        if not self.split:
-            return 0, 0
-        from transformers.models.idefics3.image_processing_pil_idefics3 import (
-            MAX_IMAGE_SIZE,
-            _resize_output_size_rescale_to_max_len,
-            _resize_output_size_scale_below_upper_bound,
-        )
-
-        height, width = _resize_output_size_rescale_to_max_len(height, width, max_len=self.longest_edge)
-        height, width = _resize_output_size_scale_below_upper_bound(height, width, max_len=MAX_IMAGE_SIZE)
-        tile = self.tile_size
-        resized_h, resized_w = math.ceil(height / tile) * tile, math.ceil(width / tile) * tile
-        if resized_h > tile or resized_w > tile:
-            return math.ceil(resized_h / tile), math.ceil(resized_w / tile)
-        return 0, 0
+        """(rows, columns) of tiles a ``width`` x ``height`` picture is cut into; (0, 0): the global view alone."""
+        return tile_grid(height, width, self.longest_edge, self.tile_size, self.split)
 
     def count(self, width: int, height: int, num_images: int = 1) -> int:
         rows, cols = self.grid(width, height)
@@ -95,8 +107,8 @@ class IdeficsImageProcessor:
         """A ValueError unless ``image`` has the grid of tiles this processor makes for its size."""
         rows, cols = image.grid or (-1, -1)
         want = (rows * cols + 1, 3, self.tile_size, self.tile_size)
-        _, want_rows, want_cols = self.processor.get_number_of_image_patches(image.height, image.width)
-        if tuple(image.pixels.shape) != want or (want_rows, want_cols) != (rows, cols):
+        grid = tile_grid(image.height, image.width, self.longest_edge, self.tile_size, self.split)
+        if tuple(image.pixels.shape) != want or grid != (rows, cols):
             raise ValueError(f"a prepared image of {image.width}x{image.height} has pixels "
                              f"{tuple(image.pixels.shape)} on a {rows} x {cols} grid; this model's processor makes "
                              "another")

@@ -69,6 +69,19 @@ def test_expansion_equals_the_processors_text(idefics3):
     assert {(1, 2), (2, 1), (2, 2)} <= grids  # every picture is scaled to 64 a side: never one tile alone
 
 
+def test_sizes_that_are_not_multiples_of_the_tile(tmp_path, smollm2_path):
+    """A longest side (50) that is no multiple of the tile (32): the grid follows the processor's own preprocessing
+    (transformers' get_number_of_image_patches reckons otherwise there)."""
+    path = save_tiny_idefics3(tmp_path / "fifty", smollm2_path, longest_edge=50)
+    processor = AutoProcessor.from_pretrained(str(path))
+    tokens = LLM(str(path), num_kv_blocks=16).engine.image_tokens
+    before, after = processor.tokenizer.encode("A"), processor.tokenizer.encode("B")
+    rng = np.random.RandomState(1)
+    for height, width in rng.randint(8, 200, (30, 2)).tolist():
+        ids = processor(images=[image(0, (height, width))], text="A<image>B")["input_ids"][0]
+        assert ids == before + tokens.expansion(width, height) + after, (height, width)
+
+
 def test_without_splitting(tmp_path, smollm2_path):
     """do_image_splitting off: every picture is the global view alone (one tile's rows)."""
     path = save_tiny_idefics3(tmp_path / "whole", smollm2_path, split=False)
