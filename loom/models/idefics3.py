@@ -1,5 +1,5 @@
-"""Idefics3 (``Idefics3ForConditionalGeneration``): SmolVLM-256M / 500M / 2B-Instruct and Idefics3-8B, the small
-vision-language models people run on a CPU.
+"""Idefics3 (``Idefics3ForConditionalGeneration``: SmolVLM-256M / 500M / 2B-Instruct, Idefics3-8B) and SmolVLM2
+(``SmolVLMForConditionalGeneration``, pictures only): the small vision-language models people run on a CPU.
 
     image --longest side resized to ``size`` (SmolVLM: 2048), then to multiples of the tile (512)-->
           rows x cols tiles of 512, and the whole picture squeezed to one more tile (the "global" view)
@@ -24,6 +24,20 @@ import torch
 from safetensors import safe_open
 
 from loom.models.vision import ImageInput, ImageTokens, PreparedImage, image_key, image_keys, prompt_images
+
+FAMILIES = {"Idefics3ForConditionalGeneration": ("idefics3", "Idefics3"),
+            "SmolVLMForConditionalGeneration": ("smolvlm", "SmolVLM")}
+"""Architecture -> transformers' model folder and class prefix (SmolVLM2's pictures are Idefics3's: the same tower,
+connector, tiling and prompt; its videos are not served)."""
+
+
+def _transformers_class(arch: str, kind: str, name: str):
+    """transformers' ``{Prefix}{name}`` class of ``arch``'s family from its ``kind`` module (modeling, or
+    image_processing_pil)."""
+    import importlib
+
+    folder, prefix = FAMILIES[arch]
+    return getattr(importlib.import_module(f"transformers.models.{folder}.{kind}_{folder}"), prefix + name)
 
 
 def tile_grid(height: int, width: int, longest_edge: int, tile: int, split: bool = True) -> tuple[int, int]:
@@ -94,10 +108,9 @@ class IdeficsImageProcessor:
     """Idefics3's image preprocessing without its tower (the folder's processor, transformers' PIL backend): PIL
     images -> ``PreparedImage`` with the tiles [rows * cols + 1, 3, S, S] and ``grid`` (rows, cols)."""
 
-    def __init__(self, folder: str | Path):
-        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-
-        self.processor = Idefics3ImageProcessorPil.from_pretrained(str(folder))
+    def __init__(self, folder: str | Path, arch: str = "Idefics3ForConditionalGeneration"):
+        self.processor = _transformers_class(arch, "image_processing_pil", "ImageProcessorPil").from_pretrained(
+            str(folder))
         self.tile_size = int(self.processor.max_image_size["longest_edge"])
         self.longest_edge = int(self.processor.size["longest_edge"])
         self.split = bool(self.processor.do_image_splitting)
@@ -133,10 +146,9 @@ class IdeficsVisionEncoder:
 
     def __init__(self, folder: str | Path, hf_config, tokenizer, dtype: torch.dtype, device: torch.device,
                  load: bool = True):
-        from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector, Idefics3VisionTransformer
-
+        arch = hf_config.architectures[0]
         vision = hf_config.vision_config
-        self.images = IdeficsImageProcessor(folder)
+        self.images = IdeficsImageProcessor(folder, arch)
         self.anyres = self.onevision = False
         if self.images.tile_size != vision.image_size:
             raise ValueError(f"{folder}: the image processor cuts {self.images.tile_size}-pixel tiles but the tower "
@@ -155,8 +167,8 @@ class IdeficsVisionEncoder:
             double_newline=tuple(tokenizer.encode("\n\n", add_special_tokens=False)),
             longest_edge=self.images.longest_edge, split=self.images.split)
         self.patches = vision.image_size // vision.patch_size
-        self.tower = Idefics3VisionTransformer._from_config(vision).eval()
-        self.connector = Idefics3Connector(hf_config).eval()
+        self.tower = _transformers_class(arch, "modeling", "VisionTransformer")._from_config(vision).eval()
+        self.connector = _transformers_class(arch, "modeling", "Connector")(hf_config).eval()
         if load:
             self._load(Path(folder))
         self.tower.to(device=device, dtype=dtype)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from loom.models.idefics3 import FAMILIES as IDEFICS_FAMILIES
 from loom.models.idefics3 import IdeficsImageProcessor, IdeficsVisionEncoder
 from loom.models.qwen_vl import QwenImageProcessor, QwenVisionEncoder
 from loom.models.vision import QWEN_VL_ARCHITECTURES, ImageProcessor, VisionEncoder
@@ -22,7 +23,7 @@ def vision_encoder(folder: str | Path, hf_config, tokenizer, dtype: torch.dtype,
     if resize is not None:
         raise ValueError("mm_processor_kwargs (min_pixels, max_pixels) sizes Qwen2-VL's pictures; this model "
                          "resizes to its tower's tiles: drop --mm-processor-kwargs")
-    if hf_config.architectures[0] == "Idefics3ForConditionalGeneration":
+    if hf_config.architectures[0] in IDEFICS_FAMILIES:
         return IdeficsVisionEncoder(folder, hf_config, tokenizer, dtype, device, load)
     return VisionEncoder(folder, hf_config, dtype, device, load)
 
@@ -35,6 +36,6 @@ def image_processor(folder: str | Path, resize=None) -> ImageProcessor | QwenIma
     hf_config = AutoConfig.from_pretrained(str(folder))
     if hf_config.architectures[0] in QWEN_VL_ARCHITECTURES:
         return QwenImageProcessor(folder, getattr(resize, "min_pixels", None), getattr(resize, "max_pixels", None))
-    if hf_config.architectures[0] == "Idefics3ForConditionalGeneration":
-        return IdeficsImageProcessor(folder)
+    if hf_config.architectures[0] in IDEFICS_FAMILIES:
+        return IdeficsImageProcessor(folder, hf_config.architectures[0])
     return ImageProcessor(folder, hf_config)

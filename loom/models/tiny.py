@@ -283,30 +283,43 @@ IDEFICS3_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>",
 
 
 def save_tiny_idefics3(path: str | Path, tokenizer_dir: str | Path, seed: int = 0, longest_edge: int = 64,
-                       split: bool = True, **overrides) -> Path:
-    """A tiny random Idefics3 (SmolVLM's architecture): a 2-layer tower on 32-pixel tiles (8-pixel patches, pixel
-    shuffle by 2: 4 rows a tile), a pictures' longest side resized to ``longest_edge`` (64: up to 2 x 2 tiles and the
-    global view), and a tiny Llama language model, with Idefics3's tokens added to the ``tokenizer_dir`` tokenizer,
-    SmolVLM's chat template and the processor. ``overrides`` go to the model's config."""
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+                       split: bool = True, smolvlm: bool = False, **overrides) -> Path:
+    """A tiny random Idefics3 (SmolVLM's architecture; ``smolvlm``: SmolVLM2's ``SmolVLMForConditionalGeneration``):
+    a 2-layer tower on 32-pixel tiles (8-pixel patches, pixel shuffle by 2: 4 rows a tile), a pictures' longest side
+    resized to ``longest_edge`` (64: up to 2 x 2 tiles and the global view), and a tiny Llama language model, with
+    Idefics3's tokens added to the ``tokenizer_dir`` tokenizer, SmolVLM's chat template and the processor (SmolVLM2's
+    image processor alone: its processor needs num2words). ``overrides`` go to the model's config."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3Processor,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+    )
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
     torch.manual_seed(seed)
     tokenizer = tokenizer_with(tokenizer_dir, IDEFICS3_TOKENS)
     text = {**TINY, "model_type": "llama", "vocab_size": 49216}
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
                   patch_size=8)
-    config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=2,
-                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=True,
-                            **overrides)
-    model = Idefics3ForConditionalGeneration(config).eval()
+    config_cls, model_cls = (SmolVLMConfig, SmolVLMForConditionalGeneration) if smolvlm else (
+        Idefics3Config, Idefics3ForConditionalGeneration)
+    config = config_cls(text_config=text, vision_config=vision, scale_factor=2,
+                        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=True,
+                        **overrides)
+    model = model_cls(config).eval()
     with torch.no_grad():  # transformers' init leaves the connector's rows small next to the embeddings
         model.model.connector.modality_projection.proj.weight.normal_(0, 0.3)
     model.save_pretrained(path)
-    images = Idefics3ImageProcessorPil(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": 32},
-                                       do_image_splitting=split)
-    Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
-                      chat_template=IDEFICS3_TEMPLATE).save_pretrained(path)
+    images = (SmolVLMImageProcessorPil if smolvlm else Idefics3ImageProcessorPil)(
+        size={"longest_edge": longest_edge}, max_image_size={"longest_edge": 32}, do_image_splitting=split)
+    if smolvlm:
+        images.save_pretrained(path)
+    else:
+        Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
+                          chat_template=IDEFICS3_TEMPLATE).save_pretrained(path)
     tokenizer.chat_template = IDEFICS3_TEMPLATE
     tokenizer.save_pretrained(path)
     return Path(path)

@@ -29,7 +29,7 @@ from torch import nn
 QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 MULTIMODAL_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
                             "LlavaOnevisionForConditionalGeneration", *QWEN_VL_ARCHITECTURES,
-                            "Idefics3ForConditionalGeneration")
+                            "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
 ANYRES_ARCHITECTURES = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
 IMAGE_TOWERS = ("clip_vision_model", "siglip_vision_model")
 TEXT_ARCHITECTURES = {"qwen2_vl_text": "Qwen2ForCausalLM", "qwen2_5_vl_text": "Qwen2ForCausalLM"}

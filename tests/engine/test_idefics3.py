@@ -128,3 +128,31 @@ def test_adapter_on_the_language_model_matches_peft(idefics3, tmp_path):
     with torch.no_grad():
         want = peft_model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
     assert_adapter_serves_as_peft(idefics3, tmp_path / "adapter", prompt, picture, want.tolist())
+
+
+def test_smolvlm2_equals_hf(tmp_path, smollm2_path):
+    """SmolVLM2 (SmolVLMForConditionalGeneration): the same tiling and prompt as Idefics3, its own modules; checked
+    against transformers' model on the prompt its processor's prompt function writes (the processor itself needs
+    num2words) and its image processor's tiles."""
+    from transformers import AutoTokenizer, SmolVLMForConditionalGeneration
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+    path = save_tiny_idefics3(tmp_path / "smolvlm2", smollm2_path, smolvlm=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    images = SmolVLMImageProcessorPil.from_pretrained(str(path))
+    model = SmolVLMForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
+
+    def reference(prompt, pictures, max_tokens):
+        pixels = images(images=[pictures], return_tensors="pt", return_row_col_info=True)
+        for rows, cols in zip(pixels.pop("rows")[0], pixels.pop("cols")[0]):
+            prompt = prompt.replace("<image>", get_image_prompt_string(
+                rows, cols, 4, "<fake_token_around_image>", "<IMG>", "<global-img>"), 1)
+        ids = torch.tensor([tokenizer.encode(prompt.replace("<IMG>", "<image>"))])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                             do_sample=False, output_scores=True, return_dict_in_generate=True, **pixels)
+        new = out.sequences[0, ids.shape[1]:].tolist()
+        return new, [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, new)]
+
+    llm = LLM(str(path), num_kv_blocks=128, enable_prefix_caching=False)
+    assert_greedy_equals(llm, reference, [p for p in PROMPTS if p[1]])
