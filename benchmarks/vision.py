@@ -202,6 +202,8 @@ def main() -> int:
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--hf-batch-size", type=int, default=8)
+    ap.add_argument("--mm-encoder-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="Loom's tower dtype (transformers runs float32 throughout)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/vision.json")
     args = ap.parse_args()
@@ -215,7 +217,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         build = {"llava": build_model, "qwen2-vl": build_qwen2_vl, "smolvlm": build_smolvlm}[args.model]
         path = build(Path(tmp) / args.model, resolve_model("smollm2"), args.seed)
-        llm = LLM(str(path), seed=args.seed)
+        llm = LLM(str(path), seed=args.seed, mm_encoder_dtype=args.mm_encoder_dtype)
         if qwen:
             processor = QwenHF(path)
             model = processor.model
@@ -242,8 +244,9 @@ def main() -> int:
                  "llava": "LLaVA layout: CLIP ViT-B/16 224 px + SmolLM2-135M shape, random"}[args.model]
     result = {"benchmark": "vision", "model": described,
               "num_prompts": args.num_prompts, "output_tokens": OUTPUT_TOKENS, "image_tokens": image_tokens,
-              "hf_batch_size": args.hf_batch_size, "rounds": args.rounds, "loom_tok_s": loom_tps,
-              "hf_tok_s": hf_tps, "ratio": loom / hf, "machine": machine()}
+              "hf_batch_size": args.hf_batch_size, "loom_mm_encoder_dtype": args.mm_encoder_dtype,
+              "rounds": args.rounds, "loom_tok_s": loom_tps, "hf_tok_s": hf_tps, "ratio": loom / hf,
+              "machine": machine()}
     write_json(args.out, result)
     print(f"vision ({args.model}): loom {loom:.1f} out tok/s, transformers {hf:.1f} out tok/s, ratio {loom / hf:.2f}x "
           f"({args.num_prompts} requests x 1 image x {OUTPUT_TOKENS} tokens) -> {args.out}")

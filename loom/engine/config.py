@@ -193,6 +193,9 @@ class EngineConfig:
     """A vision model's image tokens whose pictures the tower may start encoding in one step (vLLM's encoder
     budget): a burst of pictured prompts is spread over steps, so the steps of the requests decoding beside them stay
     short (a step's first picture runs whatever its size); None: max_num_batched_tokens."""
+    mm_encoder_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """A vision model's tower (and projector) dtype: auto, the model's. bfloat16 on a float32 CPU model runs the
+    tower 1.7x faster where the CPU has AVX-512 BF16 (rows within ~1% of float32's, then cast to the model's dtype)."""
     mm_processor_kwargs: ImageResize | None = None
     """Qwen2-VL / Qwen2.5-VL's picture size as JSON, vLLM's keys: {"min_pixels": 3136, "max_pixels": 1003520} (a
     picture takes a token per 28 x 28 pixels once resized to between the two); None: the checkpoint's
@@ -207,6 +210,9 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.dtype not in (*_DTYPES, "auto"):
             raise ValueError(f"dtype must be one of {', '.join([*_DTYPES, 'auto'])}, got {self.dtype!r}")
+        if self.mm_encoder_dtype not in (*_DTYPES, "auto"):
+            raise ValueError(f"mm_encoder_dtype must be one of {', '.join([*_DTYPES, 'auto'])}, got "
+                             f"{self.mm_encoder_dtype!r}")
         if self.attention_backend not in ("auto", "torch", "cpp", "triton"):
             raise ValueError(f"attention_backend must be auto, torch, cpp or triton, got {self.attention_backend!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -278,6 +284,10 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
         return _DTYPES[self.dtype]
+
+    def encoder_dtype(self) -> torch.dtype:
+        """The vision tower's dtype (``mm_encoder_dtype``; auto: the model's)."""
+        return self.torch_dtype() if self.mm_encoder_dtype == "auto" else _DTYPES[self.mm_encoder_dtype]
 
 
 def model_context(hf_config) -> int:

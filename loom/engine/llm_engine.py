@@ -153,8 +153,8 @@ class LLMEngine:
         self.vision: VisionEncoder | QwenVisionEncoder | IdeficsVisionEncoder | None = None
         """A vision-language model's image encoder (``loom.models.vision``); None for a text model."""
         if multimodal:
-            self.vision = vision_encoder(self.model_path, hf_config, self.tokenizer, self.dtype, self.device,
-                                         config.load_format != "dummy", config.mm_processor_kwargs)
+            self.vision = vision_encoder(self.model_path, hf_config, self.tokenizer, config.encoder_dtype(),
+                                         self.device, config.load_format != "dummy", config.mm_processor_kwargs)
             tokens = self.vision.tokens
             log.info("vision model: %s tower, %s", hf_config.vision_config.model_type,
                      f"a token per {tokens.tile_size} x {tokens.tile_size} pixels" if tokens.pixel_range else

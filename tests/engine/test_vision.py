@@ -384,3 +384,28 @@ def test_encoder_budget_spreads_a_burst_of_pictures(clip_llava):
         assert max(per_step) == most and sum(per_step) == 4, budget
         got = [o.outputs[0].token_ids for o in sorted(outs.values(), key=lambda o: o.request_id)]
         assert got == want, budget
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2-vl", "idefics3"])
+def test_encoder_in_bfloat16(tmp_path, smollm2_path, kind):
+    """--mm-encoder-dtype bfloat16 on a float32 model: the tower runs in bfloat16, its rows within a few percent of
+    float32's, cast to the model's dtype in the step (the prompt's answer comes out; the text model stays float32)."""
+    from loom.models.tiny import save_tiny_idefics3, save_tiny_qwen_vl
+
+    save = {"llava": save_tiny_vision_model, "qwen2-vl": save_tiny_qwen_vl, "idefics3": save_tiny_idefics3}[kind]
+    path = save(tmp_path / kind, smollm2_path)
+    full = LLM(str(path), num_kv_blocks=64)
+    half = LLM(str(path), num_kv_blocks=64, mm_encoder_dtype="bfloat16")
+    tower = half.engine.vision.tower
+    assert next(tower.parameters()).dtype == torch.bfloat16
+    assert half.engine.model.embed_tokens.weight.dtype == torch.float32
+    pictures = full.engine.vision.images.prepare([image(3, (40, 50))])
+    want, got = full.engine.vision.embed(pictures), half.engine.vision.embed(pictures)
+    assert got.dtype == torch.bfloat16 and want.dtype == torch.float32
+    assert ((got.float() - want).norm() / want.norm()).item() < 0.05
+    placeholder = half.tokenizer.convert_ids_to_tokens(half.engine.image_tokens.token_id)
+    request = {"prompt": f"Look {placeholder} here", "multi_modal_data": {"image": [image(3, (40, 50))]}}
+    out = half.generate(request, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 4
+    with pytest.raises(ValueError, match="mm_encoder_dtype"):
+        LLM(str(path), mm_encoder_dtype="int8")
