@@ -26,12 +26,10 @@ from loom.engine.spec_decode import SpecDecoder
 from loom.engine.structured import StructuredOutputs
 from loom.engine.tensor_parallel import EngineFatalError, RankSpec, TPWorkers, threads_per_rank
 from loom.models.catalogue import resolve_runtime
-from loom.models.idefics3 import IdeficsVisionEncoder
 from loom.models.llama import LlamaConfig
 from loom.models.loader import load_hf_config, load_tokenizer, load_weights
-from loom.models.multimodal import vision_encoder
-from loom.models.qwen_vl import QwenVisionEncoder
-from loom.models.vision import ImageTokens, PreparedImage, VisionEncoder, is_multimodal, place_image_tokens
+from loom.models.multimodal import Encoder, vision_encoder
+from loom.models.vision import ImageTokens, PreparedImage, is_multimodal, place_image_tokens
 from loom.ops.sampler import DeferredSample, SamplingRow, SamplingSettings, has_token_penalty, sample_deferred
 
 log = logging.getLogger("loom.engine")
@@ -150,15 +148,12 @@ class LLMEngine:
         except BaseException:
             self.shutdown()
             raise
-        self.vision: VisionEncoder | QwenVisionEncoder | IdeficsVisionEncoder | None = None
+        self.vision: Encoder | None = None
         """A vision-language model's image encoder (``loom.models.vision``); None for a text model."""
         if multimodal:
             self.vision = vision_encoder(self.model_path, hf_config, self.tokenizer, config.encoder_dtype(),
                                          self.device, config.load_format != "dummy", config.mm_processor_kwargs)
-            tokens = self.vision.tokens
-            log.info("vision model: %s tower, %s", hf_config.vision_config.model_type,
-                     f"a token per {tokens.tile_size} x {tokens.tile_size} pixels" if tokens.pixel_range else
-                     f"{tokens.tile_rows} tokens per image{' tile (AnyRes)' if self.vision.anyres else ''}")
+            log.info("vision model: %s tower, %s", hf_config.vision_config.model_type, self.vision.tokens.describe())
         self.lora = None
         if config.enable_lora:  # wraps the (packed) projections, so after ops.prepare
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras,

@@ -437,8 +437,6 @@ def _image_rows(chunks: list[ScheduledChunk], first_rows: np.ndarray, device: to
         images.release()
     if not rows:
         return None
-    if mrope and len(mrope) != len(rows):
-        raise ValueError("a step mixed M-RoPE and plain image rows")  # one model: never
     return (torch.from_numpy(np.concatenate(rows)).to(device), torch.cat(embeds),
             torch.from_numpy(np.concatenate(mrope)).to(device) if mrope else None)
 

@@ -19,8 +19,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
-
 from loom.engine.block_manager import BlockManager
 from loom.engine.sequence import Sequence, SequenceStatus
 
@@ -289,12 +287,12 @@ class Scheduler:
             return 0
         if images.embeds is not None:
             return n
-        at = int(np.searchsorted(images.positions, computed))
-        if at == len(images.positions) or images.positions[at] >= computed + n:
+        offsets, _ = images.rows_in(computed, computed + n)
+        if not len(offsets):
             return n  # the chunk reaches no picture
         cost, limit = len(images.positions), self.config.max_num_encoder_tokens
         if limit is not None and self._encoder_used and self._encoder_used + cost > limit:
-            return int(images.positions[at]) - computed  # the text before the picture; the picture in a later step
+            return int(offsets[0])  # the text before the picture; the picture in a later step
         try:
             images.encode_all()
         except Exception as exc:  # noqa: BLE001 - one prompt's pictures: that request ends, not the step

@@ -21,9 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from loom.models.vision import ImageInput, ImageTokens, PreparedImage, image_key, image_keys, prompt_images
+from loom.models.vision import (
+    ImageInput,
+    ImageTokens,
+    PreparedImage,
+    image_key,
+    image_keys,
+    load_whole,
+    prompt_images,
+    read_weights,
+)
 
 FAMILIES = {"Idefics3ForConditionalGeneration": ("idefics3", "Idefics3"),
             "SmolVLMForConditionalGeneration": ("smolvlm", "SmolVLM")}
@@ -92,6 +100,9 @@ class IdeficsImageTokens(ImageTokens):
     def count(self, width: int, height: int, num_images: int = 1) -> int:
         rows, cols = self.grid(width, height)
         return (rows * cols + 1) * self.seq_len
+
+    def describe(self) -> str:
+        return f"{self.seq_len} tokens per {self.tile_size}-pixel tile"
 
     def expansion(self, width: int, height: int, num_images: int = 1) -> list[int]:
         rows, cols = self.grid(width, height)
@@ -176,21 +187,9 @@ class IdeficsVisionEncoder:
         self.dtype, self.device = dtype, device
 
     def _load(self, folder: Path) -> None:
-        parts = {"vision_model.": {}, "connector.": {}}
-        for file in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    bare = name.removeprefix("model.")
-                    for prefix, weights in parts.items():
-                        if bare.startswith(prefix):
-                            weights[bare.removeprefix(prefix)] = f.get_tensor(name)
-        for module, prefix in ((self.tower, "vision_model."), (self.connector, "connector.")):
-            own, weights = module.state_dict(), parts[prefix]
-            missing = [n for n in own if n not in weights]
-            if missing:
-                raise ValueError(f"{folder}: the {prefix[:-1]}'s weights are incomplete (no "
-                                 f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})")
-            module.load_state_dict({n: weights[n] for n in own})
+        parts = read_weights(folder, ("vision_model.", "connector."))
+        load_whole(self.tower, parts["vision_model."], folder, "vision_model")
+        load_whole(self.connector, parts["connector."], folder, "connector")
 
     @torch.inference_mode()
     def embed(self, images: list[PreparedImage]) -> torch.Tensor:

@@ -13,9 +13,14 @@ from loom.models.idefics3 import IdeficsImageProcessor, IdeficsVisionEncoder
 from loom.models.qwen_vl import QwenImageProcessor, QwenVisionEncoder
 from loom.models.vision import QWEN_VL_ARCHITECTURES, ImageProcessor, VisionEncoder
 
+Encoder = VisionEncoder | QwenVisionEncoder | IdeficsVisionEncoder
+"""A vision-language model's image encoder, whichever family."""
+Preprocessor = ImageProcessor | QwenImageProcessor | IdeficsImageProcessor
+"""A vision-language model's image preprocessing alone, whichever family."""
+
 
 def vision_encoder(folder: str | Path, hf_config, tokenizer, dtype: torch.dtype, device: torch.device,
-                   load: bool = True, resize=None) -> VisionEncoder | QwenVisionEncoder | IdeficsVisionEncoder:
+                   load: bool = True, resize=None) -> Encoder:
     """The checkpoint's image encoder. ``resize``: ``loom.engine.config.ImageResize`` (Qwen2-VL only; the others
     refuse it: their pictures take the tower's tiles)."""
     if hf_config.architectures[0] in QWEN_VL_ARCHITECTURES:
@@ -28,7 +33,7 @@ def vision_encoder(folder: str | Path, hf_config, tokenizer, dtype: torch.dtype,
     return VisionEncoder(folder, hf_config, dtype, device, load)
 
 
-def image_processor(folder: str | Path, resize=None) -> ImageProcessor | QwenImageProcessor | IdeficsImageProcessor:
+def image_processor(folder: str | Path, resize=None) -> Preprocessor:
     """The checkpoint's image preprocessing alone (what the server runs on its media threads), sized as the engine's
     encoder is."""
     from transformers import AutoConfig  # local: transformers

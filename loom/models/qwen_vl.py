@@ -5,26 +5,35 @@ their own resolution, and a rotary embedding with three positions (M-RoPE).
           patches [t * h * w, 3 * 2 * 14 * 14] (the picture twice: the temporal patch) --vision transformer
           (2-D rotary; Qwen2.5-VL: windowed attention, RMSNorm, SwiGLU)--> merged 2 x 2 --> [h/2 * w/2, hidden]
 
-So an image takes (h / 2) * (w / 2) tokens, one per 28 x 28 pixels of the resized picture (``ImageTokens.count``
-with ``pixel_range``). The language model is Qwen2 with M-RoPE: a text token rotates every frequency by one position
-(plain RoPE), an image token rotates some frequencies by its temporal position, some by its row, some by its column
-(``mrope_section``), each counted from where the image starts; the text after an image goes on from that start plus
-the grid's longer side, not its token count. So positions fall behind token indices after each image, and a token
-past the prompt rotates by its index plus the prompt's ``rope_delta``. The engine's KV cache, chunked prefill and
-prefix cache are those of any model: only the rotation differs (``loom.engine.model_runner._rope_positions``,
+So an image takes (h / 2) * (w / 2) tokens, one per 28 x 28 pixels of the resized picture
+(``QwenImageTokens.count``). The language model is Qwen2 with M-RoPE: a text token rotates every frequency by one
+position (plain RoPE), an image token rotates some frequencies by its temporal position, some by its row, some by
+its column (``mrope_section``), each counted from where the image starts; the text after an image goes on from that
+start plus the grid's longer side, not its token count. So positions fall behind token indices after each image, and
+a token past the prompt rotates by its index plus the prompt's ``rope_delta``. The engine's KV cache, chunked prefill
+and prefix cache are those of any model: only the rotation differs (``loom.engine.model_runner._rope_positions``,
 ``loom.ops.rotary.mrope_rows``). The tower is transformers' module, built from the config; the language model is
 Loom's.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
-from loom.models.vision import ImageInput, ImageTokens, PreparedImage, image_key, image_keys, prompt_images
+from loom.models.vision import (
+    ImageInput,
+    ImageTokens,
+    PreparedImage,
+    image_key,
+    image_keys,
+    load_whole,
+    prompt_images,
+    read_weights,
+)
 
 TOWERS = {"qwen2_vl_vision": ("qwen2_vl", "Qwen2VisionTransformerPretrainedModel"),
           "qwen2_5_vl_vision": ("qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel")}
@@ -52,6 +61,30 @@ def mrope_positions(num_tokens: int, starts: list[int], grids: list[tuple[int, i
     return rope, np.concatenate(mrope) if mrope else np.empty((0, 3), dtype=np.int64), shift
 
 
+def merged_grid(height: int, width: int, factor: int, pixel_range: tuple[int, int]) -> tuple[int, int]:
+    """The rows and columns of merged patches (tokens) of a picture once resized as Qwen2-VL's processor resizes it:
+    sides multiples of ``factor`` (patch x merge size), between ``pixel_range`` pixels."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    resized_h, resized_w = smart_resize(height, width, factor, *pixel_range)
+    return resized_h // factor, resized_w // factor
+
+
+@dataclass(frozen=True, slots=True)
+class QwenImageTokens(ImageTokens):
+    """How a Qwen2-VL picture sits in a prompt: a token per ``tile_size`` x ``tile_size`` square (patch size x merge
+    size) of the picture resized to between ``pixel_range`` pixels (plain data: the server counts with it)."""
+
+    pixel_range: tuple[int, int] = (0, 0)
+
+    def count(self, width: int, height: int, num_images: int = 1) -> int:
+        rows, cols = merged_grid(height, width, self.tile_size, self.pixel_range)
+        return rows * cols
+
+    def describe(self) -> str:
+        return f"a token per {self.tile_size} x {self.tile_size} pixels"
+
+
 class QwenImageProcessor:
     """Qwen2-VL's image preprocessing without its tower (the folder's image processor, run by transformers' PIL
     backend: no torchvision): PIL images -> ``PreparedImage`` with the patch grid."""
@@ -72,12 +105,12 @@ class QwenImageProcessor:
         self.tile_size = self.patch_size * self.merge_size
         self.anyres = self.onevision = False
 
-    def tokens(self, token_id: int) -> ImageTokens:
-        return ImageTokens(token_id, 0, tile_size=self.tile_size, pixel_range=self.pixel_range)
+    def tokens(self, token_id: int) -> QwenImageTokens:
+        return QwenImageTokens(token_id, 0, tile_size=self.tile_size, pixel_range=self.pixel_range)
 
     def grid(self, height: int, width: int) -> tuple[int, int, int]:
         """The patch grid (temporal, rows, columns) of a picture of this size."""
-        rows, cols = self.tokens(0).qwen_grid(width, height)
+        rows, cols = merged_grid(height, width, self.tile_size, self.pixel_range)
         return 1, rows * self.merge_size, cols * self.merge_size
 
     def check(self, image: PreparedImage, several: bool = False) -> None:
@@ -132,19 +165,7 @@ class QwenVisionEncoder:
         self.dtype, self.device = dtype, device
 
     def _load(self, folder: Path) -> None:
-        weights = {}
-        for file in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    bare = name.removeprefix("model.")
-                    if bare.startswith("visual."):
-                        weights[bare.removeprefix("visual.")] = f.get_tensor(name)
-        own = self.tower.state_dict()
-        missing = [n for n in own if n not in weights]
-        if missing:
-            raise ValueError(f"{folder}: the vision tower's weights are incomplete (no {', '.join(missing[:3])}"
-                             f"{' ...' if len(missing) > 3 else ''})")
-        self.tower.load_state_dict({n: weights[n] for n in own})
+        load_whole(self.tower, read_weights(folder, ("visual.",))["visual."], folder, "vision tower")
 
     @torch.inference_mode()
     def embed(self, images: list[PreparedImage]) -> torch.Tensor:

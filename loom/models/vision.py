@@ -83,6 +83,31 @@ def language_weight_name(name: str) -> str | None:
     return None
 
 
+def read_weights(folder: Path, prefixes: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    """A vision checkpoint's tensors under each of ``prefixes`` (after an optional ``model.``), by prefix, the prefix
+    taken off: the tower's and the projector's, which the language model's loader leaves alone."""
+    found: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in prefixes}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                bare = name.removeprefix("model.")
+                prefix = next((p for p in prefixes if bare.startswith(p)), None)
+                if prefix is not None:
+                    found[prefix][bare.removeprefix(prefix)] = f.get_tensor(name)
+    return found
+
+
+def load_whole(module: nn.Module, weights: dict[str, torch.Tensor], folder: Path, what: str) -> None:
+    """Load every tensor of ``module``'s state from ``weights`` (extra ones ignored); a ValueError naming ``what``
+    when any is missing."""
+    own = module.state_dict()
+    missing = [n for n in own if n not in weights]
+    if missing:
+        raise ValueError(f"{folder}: the {what}'s weights are incomplete (no {', '.join(missing[:3])}"
+                         f"{' ...' if len(missing) > 3 else ''})")
+    module.load_state_dict({n: weights[n] for n in own})
+
+
 def image_key(pixels: torch.Tensor, size: tuple[int, int] = (0, 0)) -> int:
     """A 62-bit digest of an image's pixels as the model sees them (and of its size, which LLaVA-NeXT's layout reads):
     equal keys, equal image rows (the prefix cache hashes it in place of the image's tokens)."""
@@ -106,19 +131,13 @@ class ImageTokens:
     max_patches: int | None = None
     """LLaVA-OneVision (``anyres_max_N``): a grid of more than N tiles' rows is scaled down (bilinear) to about N;
     and a prompt of several images gives each one square tile. None: LLaVA-NeXT's layout."""
-    pixel_range: tuple[int, int] | None = None
-    """Qwen2-VL: an image is resized to between these many pixels (min, max), each side a multiple of ``tile_size``
-    (patch size x merge size), and takes one token per tile_size x tile_size square; None: LLaVA's layouts."""
 
     def count(self, width: int, height: int, num_images: int = 1) -> int:
         """Prompt tokens of a ``width`` x ``height`` image among ``num_images`` of a prompt (transformers' processor
         expands its placeholder to as many: for LLaVA-NeXT, the base view, then the tile grid cropped to the image's
         aspect with one newline row per line; LLaVA-OneVision scales a large grid down, and in a prompt of several
-        images gives each one square tile and one newline row; Qwen2-VL, one per merged patch of the resized
-        picture)."""
-        if self.pixel_range is not None:
-            rows, cols = self.qwen_grid(width, height)
-            return rows * cols
+        images gives each one square tile and one newline row). Other families' tokens override it
+        (``loom.models.qwen_vl``, ``loom.models.idefics3``)."""
         if self.grid_pinpoints is None:
             return self.tile_rows
         if self.max_patches is not None and num_images > 1:
@@ -130,13 +149,9 @@ class ImageTokens:
         """The token ids one image placeholder becomes (``place_image_tokens``): here ``count`` image tokens."""
         return [self.token_id] * self.count(width, height, num_images)
 
-    def qwen_grid(self, width: int, height: int) -> tuple[int, int]:
-        """Qwen2-VL: the rows and columns of merged patches (tokens) of a ``width`` x ``height`` picture."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        low, high = self.pixel_range
-        resized_h, resized_w = smart_resize(height, width, self.tile_size, low, high)
-        return resized_h // self.tile_size, resized_w // self.tile_size
+    def describe(self) -> str:
+        """How pictures become tokens, for the engine's start-up log."""
+        return f"{self.tile_rows} tokens per image{' tile (AnyRes)' if self.grid_pinpoints else ''}"
 
     def grid_rows(self, width: int, height: int) -> tuple[int, int]:
         """The rows and columns of an AnyRes image's grid features after unpadding (and OneVision's scaling)."""
@@ -359,18 +374,9 @@ class VisionEncoder:
     def _load(self, folder: Path) -> None:
         own = dict(self.tower.named_parameters()) | dict(self.tower.named_buffers())
         inner = "vision_model." if not any(n.startswith("vision_model.") for n in own) else ""
-        tower, projector, newline = {}, {}, None
-        for file in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    bare = name.removeprefix("model.")
-                    if bare.startswith("vision_tower."):
-                        key = bare.removeprefix("vision_tower.")
-                        tower[key.removeprefix(inner) if inner else key] = f.get_tensor(name)
-                    elif bare.startswith("multi_modal_projector."):
-                        projector[bare.removeprefix("multi_modal_projector.")] = f.get_tensor(name)
-                    elif bare == "image_newline":
-                        newline = f.get_tensor(name)
+        parts = read_weights(folder, ("vision_tower.", "multi_modal_projector.", "image_newline"))
+        tower = {key.removeprefix(inner): value for key, value in parts["vision_tower."].items()}
+        projector, newline = parts["multi_modal_projector."], parts["image_newline"].get("")
         # a checkpoint may keep tower layers past the feature layer; transformers' tower has them all, so all match
         missing = [n for n in own if n not in tower and not n.endswith("position_ids")]
         if self.anyres and newline is None:

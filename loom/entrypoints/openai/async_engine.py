@@ -35,11 +35,8 @@ from loom.engine.outputs import RequestOutput
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.tensor_parallel import EngineFatalError
 from loom.entrypoints.openai.metrics import LLMMetrics, RequestTimes
-from loom.models.idefics3 import IdeficsImageProcessor
 from loom.models.loader import load_tokenizer
-from loom.models.multimodal import image_processor
-from loom.models.qwen_vl import QwenImageProcessor
-from loom.models.vision import ImageProcessor
+from loom.models.multimodal import Preprocessor, image_processor
 
 log = logging.getLogger("loom.entrypoints.openai.serve")
 
@@ -201,7 +198,7 @@ class AsyncLLMEngine:
         self.max_model_len = 0
         self.image_tokens = None
         """A vision model's ``loom.models.vision.ImageTokens`` (``LLMEngine.image_tokens``); None: a text model."""
-        self.image_processor: ImageProcessor | QwenImageProcessor | IdeficsImageProcessor | None = None
+        self.image_processor: Preprocessor | None = None
         """A vision model's image preprocessing, sized as the engine's, run on the server's media threads
         (``ServingContext``)."""
         self.num_in_flight = 0
