@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request, Response
 
 from loom.batching.config import ModelConfig
 from loom.batching.handler import BUILTIN_HANDLERS
+from loom.batching.handlers.torchserve import archive_model_name
 from loom.batching.handlers.torchserve import archive_settings as torchserve_archive_settings
 from loom.batching.routes import HTTPError, error_response, json_response
 from loom.batching.server import ModelExists, ModelNotFound, ModelServer
@@ -157,18 +158,6 @@ def archive_settings(query: dict[str, str], store: Path | None) -> dict[str, Any
         if key in query:
             settings[field] = _query_number(key, query[key], kind) * scale
     return settings
-
-
-def archive_model_name(path: Path) -> str | None:
-    """The ``modelName`` an archive's manifest gives (TorchServe's default name), or None."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as zf:
-            name = json.loads(zf.read("MAR-INF/MANIFEST.json"))["model"]["modelName"]
-    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile):
-        return None
-    return name if isinstance(name, str) else None
 
 
 def check_in_store(config: ModelConfig, store: Path | None) -> None:

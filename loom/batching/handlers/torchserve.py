@@ -272,13 +272,36 @@ def _model_yaml(model_dir: str, manifest: dict) -> dict:
     name = manifest.get("model", {}).get("configFile")
     if not name:
         return {}
+    try:
+        text = (Path(model_dir) / name).read_text()
+    except OSError as exc:
+        raise ValueError(f"the archive's configFile {name} cannot be read: {exc}") from None
+    return _parse_yaml(text, f"the archive's configFile {name} cannot be read")
+
+
+def _parse_yaml(text: str, error: str) -> dict:
+    """A model-config.yaml's mapping ({} for anything else); a ValueError saying ``error`` when it is not YAML."""
     import yaml  # local: only archives with a config file need it
 
     try:
-        value = yaml.safe_load((Path(model_dir) / name).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"the archive's configFile {name} cannot be read: {exc}") from None
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{error}: {exc}") from None
     return value if isinstance(value, dict) else {}
+
+
+def read_archive(path: str | Path) -> tuple[dict, str | None, str]:
+    """(manifest, configFile name or None, its text) of a ``.mar``, read without unpacking it, or of the folder one
+    unpacks to; OSError, KeyError, ValueError or zipfile.BadZipFile when they cannot be read."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        with zipfile.ZipFile(path) as zf:
+            manifest = json.loads(zf.read(MANIFEST))
+            name = manifest.get("model", {}).get("configFile")
+            return manifest, name, zf.read(name).decode() if name else ""
+    manifest = read_manifest(path)
+    name = manifest.get("model", {}).get("configFile")
+    return manifest, name, (path / name).read_text() if name else ""
 
 
 YAML_SETTINGS = {"batchSize": ("batch_size", int, 1), "maxBatchDelay": ("max_batch_delay", float, 1),
@@ -290,30 +313,17 @@ is in seconds, Loom's request_timeout in milliseconds."""
 def archive_settings(path: str | Path) -> dict[str, Any]:
     """The model settings an archive's model-config.yaml gives (``YAML_SETTINGS``), read from the ``.mar`` without
     unpacking it (or from its folder); {} without a config file. A value that is not a number is a ValueError."""
-    path = Path(path).expanduser()
     try:
-        if path.is_file():
-            with zipfile.ZipFile(path) as zf:
-                manifest = json.loads(zf.read(MANIFEST))
-                name = manifest.get("model", {}).get("configFile")
-                text = zf.read(name).decode() if name else ""
-        else:
-            manifest = read_manifest(path)
-            name = manifest.get("model", {}).get("configFile")
-            text = (path / name).read_text() if name else ""
+        _, name, text = read_archive(path)
     except (OSError, KeyError, ValueError, AttributeError, zipfile.BadZipFile):
         return {}  # what is wrong with the archive is told when it loads
     if not text:
         return {}
-    import yaml  # local: only archives with a config file need it
-
-    try:
-        config = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: its {name} is not YAML: {exc}") from None
+    path = Path(path).expanduser()
+    config = _parse_yaml(text, f"{path}: its {name} is not YAML")
     settings = {}
     for key, (field, kind, scale) in YAML_SETTINGS.items():
-        value = config.get(key) if isinstance(config, dict) else None
+        value = config.get(key)
         if value is None:
             continue
         if not isinstance(value, int if kind is int else int | float) or isinstance(value, bool):
@@ -321,6 +331,17 @@ def archive_settings(path: str | Path) -> dict[str, Any]:
                              f"got {value!r}")
         settings[field] = kind(value * scale)
     return settings
+
+
+def archive_model_name(path: str | Path) -> str | None:
+    """The ``modelName`` a ``.mar``'s manifest gives (TorchServe's default name), or None."""
+    if not Path(path).expanduser().is_file():
+        return None
+    try:
+        name = read_archive(path)[0]["model"]["modelName"]
+    except (OSError, KeyError, TypeError, ValueError, AttributeError, zipfile.BadZipFile):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def _archive_batch_size(config: dict) -> int | None:
