@@ -77,7 +77,7 @@ def _with_images(llm: LLM, prompts: list[str], images: list) -> list:
         raise ValueError(f"--image: {llm.engine.model_path} is a text model; serve a vision model (a LLaVA or "
                          "Qwen2-VL folder)")
     placeholder = llm.tokenizer.convert_ids_to_tokens(tokens.token_id)
-    marked = image_placeholder(placeholder)  # Qwen2-VL's between its markers
+    marked = image_placeholder(llm.tokenizer, tokens.token_id)  # Qwen2-VL's between its markers
     return [{"prompt": p if placeholder in p else f"{marked}\n" * len(images) + p,
              "multi_modal_data": {"image": images}} for p in prompts]
 

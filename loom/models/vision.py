@@ -46,10 +46,11 @@ MARKED_PLACEHOLDERS = {"<|image_pad|>": "<|vision_start|><|image_pad|><|vision_e
 """Image tokens that chat templates write between markers (Qwen2-VL's), as a prompt written by hand must hold them."""
 
 
-def image_placeholder(token_text: str) -> str:
+def image_placeholder(tokenizer, token_id: int) -> str:
     """The text one picture is written as in a prompt whose template does not place it: the image token, between
     its markers where the model's template puts them (Qwen2-VL's ``<|vision_start|>...<|vision_end|>``)."""
-    return MARKED_PLACEHOLDERS.get(token_text, token_text)
+    text = tokenizer.convert_ids_to_tokens(token_id)
+    return MARKED_PLACEHOLDERS.get(text, text)
 
 
 def language_config(hf_config):

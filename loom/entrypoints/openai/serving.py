@@ -159,8 +159,7 @@ class ServingContext:
             images = await self.load_images(messages, admitting=False)  # a text model's refusal is its
         tokens = self.front.image_tokens
         if tokens is not None or self.chat_template_content_format == "openai":
-            image_text = (image_placeholder(self.front.tokenizer.convert_ids_to_tokens(tokens.token_id))
-                          if tokens is not None else "")
+            image_text = image_placeholder(self.front.tokenizer, tokens.token_id) if tokens is not None else ""
             dicts = vision_content(dicts, self.content_format, image_text)
         ids = await self.encoder.chat(dicts, add_generation_prompt, limit=limit, tools=tools if native else None,
                                       template=template)
