@@ -90,7 +90,8 @@ class MultiModalLimits:
 @dataclass(slots=True)
 class ImageResize:
     """vLLM's ``--mm-processor-kwargs`` for the vision models that resize a picture to its own resolution (Qwen2-VL,
-    Qwen2.5-VL): how many pixels the resized picture holds, and so how many tokens it takes (one per 28 x 28)."""
+    Qwen2.5-VL, Qwen3-VL): how many pixels the resized picture holds, and so how many tokens it takes (one per
+    28 x 28; Qwen3-VL: 32 x 32)."""
 
     min_pixels: int | None = None
     """A smaller picture is scaled up to about this many pixels; None: the checkpoint's (3136 for Qwen2-VL)."""

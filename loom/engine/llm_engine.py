@@ -29,7 +29,7 @@ from loom.models.catalogue import resolve_runtime
 from loom.models.llama import LlamaConfig
 from loom.models.loader import load_hf_config, load_tokenizer, load_weights
 from loom.models.multimodal import Encoder, vision_encoder
-from loom.models.vision import ImageTokens, PreparedImage, is_multimodal, place_image_tokens
+from loom.models.vision import SERVE_A_VISION_MODEL, ImageTokens, PreparedImage, is_multimodal, place_image_tokens
 from loom.ops.sampler import DeferredSample, SamplingRow, SamplingSettings, has_token_penalty, sample_deferred
 
 log = logging.getLogger("loom.engine")
@@ -523,8 +523,7 @@ class LLMEngine:
             raise ValueError('multi_modal_data is {"image": a PIL image or a list of them}; other kinds are not '
                              "supported")
         if self.vision is None:
-            raise ValueError(f"{self.config.model} is a text model: it takes no images (serve a vision model, e.g. a "
-                             "LlavaForConditionalGeneration or Qwen2VLForConditionalGeneration folder)")
+            raise ValueError(f"{self.config.model} is a text model: it takes no images; {SERVE_A_VISION_MODEL}")
         from PIL import Image  # local: only vision requests need Pillow
 
         images = multi_modal_data.get("image")

@@ -15,7 +15,7 @@ from loom.entrypoints.llm import LLM
 from loom.entrypoints.openai.media import decode_image
 from loom.flags import add_config_arguments, config_from_args
 from loom.models.lora import read_adapter_config
-from loom.models.vision import image_placeholder
+from loom.models.vision import SERVE_A_VISION_MODEL, image_placeholder
 
 SAMPLING_SKIP = {"n", "logprobs", "structured_outputs"}
 """Sampling fields with no use on a command line that prints one completion per prompt (structured outputs: not
@@ -74,8 +74,7 @@ def _with_images(llm: LLM, prompts: list[str], images: list) -> list:
         return prompts
     tokens = llm.engine.image_tokens
     if tokens is None:
-        raise ValueError(f"--image: {llm.engine.model_path} is a text model; serve a vision model (a LLaVA or "
-                         "Qwen2-VL folder)")
+        raise ValueError(f"--image: {llm.engine.model_path} is a text model; {SERVE_A_VISION_MODEL}")
     placeholder = llm.tokenizer.convert_ids_to_tokens(tokens.token_id)
     marked = image_placeholder(llm.tokenizer, tokens.token_id)  # Qwen2-VL's between its markers
     return [{"prompt": p if placeholder in p else f"{marked}\n" * len(images) + p,

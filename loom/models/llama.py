@@ -28,7 +28,13 @@ from loom.distributed.parallel import TensorParallel, local_config
 from loom.models.vision import QWEN_VL_ARCHITECTURES, is_multimodal, language_config
 from loom.ops.attention import AttentionMetadata, paged_attention
 from loom.ops.layers import TorchOps, rms_norm_reference, uninitialized_embedding
-from loom.ops.rotary import RotaryEmbedding, mrope_rows, partial_rotary_order, partial_rotary_rows
+from loom.ops.rotary import (
+    RotaryEmbedding,
+    mrope_columns,
+    mrope_rows,
+    partial_rotary_order,
+    partial_rotary_rows,
+)
 
 SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "LlamaForCausalLM",
                            "MistralForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM",
@@ -108,6 +114,12 @@ class LlamaConfig:
     mrope_section: tuple[int, ...] | None = None
     """Qwen2-VL / Qwen2.5-VL's multimodal rotary (M-RoPE): how many of each head's rotary frequencies turn with the
     temporal, height and width positions of an image token (text tokens have all three equal: plain RoPE)."""
+    mrope_interleaved: bool = False
+    """Qwen3-VL: M-RoPE's frequencies take the three positions in turn (``loom.ops.rotary.mrope_columns``), not in
+    contiguous runs."""
+    deepstack_layers: int = 0
+    """Qwen3-VL (DeepStack): an image token's rows also carry features of that many of the tower's inner layers, the
+    k-th added to its hidden state after decoder layer k."""
 
     @classmethod
     def from_hf(cls, hf) -> LlamaConfig:
@@ -115,6 +127,7 @@ class LlamaConfig:
         # soft-capping (transformers' LlavaForConditionalGeneration applies neither)
         head_of_its_own = is_multimodal(hf)
         top_arch = (getattr(hf, "architectures", None) or [""])[0]
+        deepstack = len(getattr(getattr(hf, "vision_config", None), "deepstack_visual_indexes", None) or ())
         tie = getattr(hf, "tie_word_embeddings", False)
         hf = language_config(hf)
         tie = getattr(hf, "tie_word_embeddings", tie)  # Qwen2-VL's text config leaves it to the model's
@@ -126,6 +139,7 @@ class LlamaConfig:
         local_rope = rope.pop("sliding_attention", None)  # Gemma 3: one rope per layer type
         rope = dict(rope.pop("full_attention", None) or rope)
         mrope = rope.pop("mrope_section", None)
+        interleaved = bool(rope.pop("mrope_interleaved", False))
         if mrope is None and head_of_its_own and top_arch in QWEN_VL_ARCHITECTURES:
             mrope = [16, 24, 24]  # transformers' default for a Qwen2-VL config without one (checked below)
         if rope.get("type") == "mrope":  # Qwen2-VL's older configs name M-RoPE as a scaling type
@@ -157,6 +171,9 @@ class LlamaConfig:
                              "Phi3ForCausalLM only, e.g. Phi-4-mini)")
         if rotary_dim is not None:
             partial_rotary_order(head_dim, rotary_dim)  # refuses what it cannot order
+        if deepstack > hf.num_hidden_layers:
+            raise ValueError(f"the vision tower feeds {deepstack} DeepStack features, one per decoder layer, to a "
+                             f"language model of {hf.num_hidden_layers} layers")
         if mrope and sum(mrope) != head_dim // 2:
             raise ValueError(f"mrope_section {list(mrope)} must share out the {head_dim // 2} rotary frequencies of "
                              f"a {head_dim}-wide head")
@@ -197,6 +214,8 @@ class LlamaConfig:
             residual_multiplier=float(hf.residual_multiplier) if granite else 1.0,
             logits_scaling=float(hf.logits_scaling) if granite and not head_of_its_own else 1.0,
             mrope_section=tuple(int(n) for n in mrope) if mrope and head_of_its_own else None,
+            mrope_interleaved=interleaved and head_of_its_own,
+            deepstack_layers=deepstack if head_of_its_own else 0,
             **_moe_fields(hf, arch),
         )
 
@@ -213,7 +232,8 @@ def _moe_fields(hf, arch: str) -> dict:
     step = getattr(hf, "decoder_sparse_step", 1) or 1
     layers = tuple(i for i in range(hf.num_hidden_layers) if i not in dense and (i + 1) % step == 0)
     return dict(num_experts=hf.num_experts, num_experts_per_tok=hf.num_experts_per_tok,
-                moe_intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
+                moe_intermediate_size=hf.moe_intermediate_size,
+                norm_topk_prob=bool(getattr(hf, "norm_topk_prob", True)),  # Qwen3-VL-MoE's: always
                 shared_expert_intermediate_size=getattr(hf, "shared_expert_intermediate_size", 0) or 0,
                 moe_layers=layers if hf.num_experts else ())
 
@@ -438,6 +458,8 @@ class LlamaForCausalLM(nn.Module):
         """SmolLM3: the NoPE layers' tables, cos 1 and sin 0 (rotating by them leaves q and k exactly as they are, so
         every backend and the whole-layer calls take these layers as they are)."""
         self.build_rotary(max_positions, dtype)
+        self.mrope_columns = None if cfg.mrope_section is None else mrope_columns(cfg.mrope_section,
+                                                                                  cfg.mrope_interleaved)
         self.ops: TorchOps = TorchOps()
         self.row_amax: dict[str, torch.Tensor] = {}
         """With tensor parallelism, the largest |weight| of each whole row of the row-parallel projections (the rank
@@ -481,11 +503,16 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, D] after the final norm. ``images``: (rows, embeddings,
         M-RoPE positions [R, 3] or None) of a vision model's image tokens, which take the place of those rows' token
-        embeddings (and, with M-RoPE, rotate by their temporal / height / width positions)."""
-        step_rotary = None
+        embeddings (and, with M-RoPE, rotate by their temporal / height / width positions). With DeepStack the
+        embeddings are [R, (1 + deepstack_layers) * D]: the input rows, then what each of the first layers adds."""
+        step_rotary, deepstack = None, None
         if images is not None and images[2] is not None:
-            step_rotary = mrope_rows(self.rotary, positions, images[0], images[2], self.config.mrope_section)
+            step_rotary = mrope_rows(self.rotary, positions, images[0], images[2], self.mrope_columns)
             positions = torch.arange(len(positions), device=positions.device)
+        if images is not None and self.config.deepstack_layers:
+            rows, embeds, mrope = images
+            deepstack = embeds[:, self.config.hidden_size :].unflatten(1, (self.config.deepstack_layers, -1))
+            images = (rows, embeds[:, : self.config.hidden_size], mrope)
         x, residual = self.embed(input_ids), None
         # Granite multiplies the whole input (image rows too); Gemma scales its token embeddings only
         scale_images = self.config.architecture == "GraniteForCausalLM"
@@ -504,6 +531,8 @@ class LlamaForCausalLM(nn.Module):
             for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
                 x, residual = layer(x, residual, positions, step_rotary or self.rotary_of(i), kv_cache, meta,
                                     self.ops)
+                if deepstack is not None and i < self.config.deepstack_layers:
+                    x = x.index_add(0, images[0], deepstack[:, i].to(x.dtype))  # the layer's output is x + residual
         x, _ = self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
         return x
 

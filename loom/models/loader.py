@@ -87,19 +87,26 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 own = rename(name) if rename is not None else name
-                target = None if own is None else _target(own, cfg)
-                if target is None:
+                if own is None:
                     continue
-                pname, part = target
-                tensor = _as_loom(pname, f.get_tensor(name), cfg)
-                if tp is not None:
-                    if row_amax and pname.endswith(ROW_PARALLEL_WEIGHTS):  # int8 scales: whole rows' (ops.quantized)
-                        model.row_amax[pname] = tensor.float().abs().amax(1)
-                    tensor = _shard(pname, part, tensor, cfg, tp)
-                _copy_into(params[pname], part, tensor, model.config, gate_up="gate_up_proj" in pname)
-                # a checkpoint that stores q/k/v or gate/up already fused (Phi-3) fills every part at once
-                whole = _parts(pname) if part is None else 1
-                filled[pname] = filled.get(pname, 0) + whole
+                pieces = [(own, None)]  # the tensor read only once it is known to be wanted
+                if _FUSED_EXPERTS.match(own):
+                    fused = f.get_tensor(name)
+                    pieces = _per_expert([(own, fused)], in_by_out=_in_by_out(own, fused, cfg))
+                for own, tensor in pieces:
+                    target = _target(own, cfg)
+                    if target is None:
+                        continue
+                    pname, part = target
+                    tensor = _as_loom(pname, f.get_tensor(name) if tensor is None else tensor, cfg)
+                    if tp is not None:
+                        if row_amax and pname.endswith(ROW_PARALLEL_WEIGHTS):  # int8 scales: whole rows'
+                            model.row_amax[pname] = tensor.float().abs().amax(1)
+                        tensor = _shard(pname, part, tensor, cfg, tp)
+                    _copy_into(params[pname], part, tensor, model.config, gate_up="gate_up_proj" in pname)
+                    # a checkpoint that stores q/k/v or gate/up already fused (Phi-3) fills every part at once
+                    whole = _parts(pname) if part is None else 1
+                    filled[pname] = filled.get(pname, 0) + whole
     _check_complete(params, filled, folder)
     order_partial_rotary(dict(model.named_parameters()), model.config)
     return model.eval()
@@ -171,9 +178,19 @@ QUANTIZED_MODULES = ("GGUFLinear", "StackedGGUFLinear", "Int8Linear", "TritonQua
 _FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
-def _per_expert(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+def _in_by_out(name: str, fused: torch.Tensor, cfg: LlamaConfig) -> bool:
+    """Whether a checkpoint's fused experts are input-major, ``gate_up_proj`` [E, H, 2I] and ``down_proj`` [E, I, H]
+    (Qwen3-VL-MoE's files on the hub), not as transformers holds them; square ones are taken as transformers holds
+    them (as transformers' loader takes them)."""
+    rows = 2 * cfg.moe_intermediate_size if name.endswith("gate_up_proj") else cfg.hidden_size
+    return fused.shape[1] != rows
+
+
+def _per_expert(weights: Iterable[tuple[str, torch.Tensor]], in_by_out: bool = False,
+                ) -> Iterator[tuple[str, torch.Tensor]]:
     """transformers 5 holds a MoE layer's experts as two 3-D tensors (``mlp.experts.gate_up_proj`` [E, 2I, H], gate
-    rows first, and ``mlp.experts.down_proj`` [E, H, I]); checkpoints and Loom hold one projection per expert."""
+    rows first, and ``mlp.experts.down_proj`` [E, H, I]; ``in_by_out``: each expert's matrix transposed, as
+    Qwen3-VL-MoE's files hold them); Loom holds one projection per expert."""
     for name, tensor in weights:
         m = _FUSED_EXPERTS.match(name)
         if m is None or tensor.dim() != 3:
@@ -181,7 +198,7 @@ def _per_expert(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[s
             continue
         prefix, kind = m.groups()
         for e in range(tensor.shape[0]):
-            yield f"{prefix}.{e}.{kind}.weight", tensor[e]
+            yield f"{prefix}.{e}.{kind}.weight", tensor[e].T if in_by_out else tensor[e]
 
 
 def _packed(model: LlamaForCausalLM, pname: str) -> PackedLinear:

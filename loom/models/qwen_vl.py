@@ -1,5 +1,6 @@
-"""Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``): images at
-their own resolution, and a rotary embedding with three positions (M-RoPE).
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+``Qwen3VLForConditionalGeneration``): images at their own resolution, and a rotary embedding with three positions
+(M-RoPE).
 
     image --resized to sides that are multiples of 28 (patch 14 x merge 2), within [min_pixels, max_pixels]-->
           patches [t * h * w, 3 * 2 * 14 * 14] (the picture twice: the temporal patch) --vision transformer
@@ -14,6 +15,12 @@ a token past the prompt rotates by its index plus the prompt's ``rope_delta``. T
 and prefix cache are those of any model: only the rotation differs (``loom.engine.model_runner._rope_positions``,
 ``loom.ops.rotary.mrope_rows``). The tower is transformers' module, built from the config; the language model is
 Loom's.
+
+Qwen3-VL cuts 16-pixel patches (a token per 32 x 32 pixels), its language model is Qwen3, and two things differ:
+M-RoPE's frequencies take the temporal, height and width positions in turn rather than in runs
+(``mrope_interleaved``), and the tower also hands over features of some of its inner layers (DeepStack), each added to
+the image tokens' hidden states after one of the first decoder layers. ``QwenVisionEncoder.embed`` returns them beside
+the input rows, one wide row per token, so the engine's image rows carry them through chunked prefill unchanged.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ from loom.models.vision import (
 )
 
 TOWERS = {"qwen2_vl_vision": ("qwen2_vl", "Qwen2VisionTransformerPretrainedModel"),
-          "qwen2_5_vl_vision": ("qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel")}
+          "qwen2_5_vl_vision": ("qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel"),
+          "qwen3_vl_vision": ("qwen3_vl", "Qwen3VLVisionModel"),
+          "qwen3_vl_moe_vision": ("qwen3_vl_moe", "Qwen3VLMoeVisionModel")}
 """Vision config model type -> transformers' module (its models/ folder) and class."""
 
 
@@ -136,7 +145,7 @@ class QwenImageProcessor:
 
 
 class QwenVisionEncoder:
-    """Images -> rows of input embeddings, and the prompt's M-RoPE positions, for a Qwen2-VL or Qwen2.5-VL
+    """Images -> rows of input embeddings, and the prompt's M-RoPE positions, for a Qwen2-VL, Qwen2.5-VL or Qwen3-VL
     checkpoint (its vision transformer with the patch merger, and its image processor)."""
 
     def __init__(self, folder: str | Path, hf_config, dtype: torch.dtype, device: torch.device,
@@ -170,10 +179,13 @@ class QwenVisionEncoder:
     @torch.inference_mode()
     def embed(self, images: list[PreparedImage]) -> torch.Tensor:
         """The images' rows one after another [sum of ``tokens.count``, hidden]: all the patches through the tower
-        at once (its attention keeps each image to itself)."""
+        at once (its attention keeps each image to itself). Qwen3-VL: [..., (1 + DeepStack layers) * hidden], the
+        input rows then each DeepStack feature (``LlamaModel.forward`` splits them)."""
         pixels = torch.cat([image.pixels for image in images]).to(device=self.device, dtype=self.dtype)
         grids = torch.tensor([image.grid for image in images], device=self.device)
-        return self.tower(pixels, grid_thw=grids).pooler_output
+        out = self.tower(pixels, grid_thw=grids)
+        deepstack = getattr(out, "deepstack_features", None) or []
+        return torch.cat([out.pooler_output, *deepstack], dim=-1) if deepstack else out.pooler_output
 
     def image_input(self, token_ids: list[int], images: list) -> ImageInput:
         """The rows, cache keys and M-RoPE positions of a prompt's ``images`` (PIL images or ``PreparedImage``, in

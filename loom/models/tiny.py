@@ -224,16 +224,23 @@ QWEN_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|vide
 
 def save_tiny_qwen_vl(path: str | Path, tokenizer_dir: str | Path, version: str = "2", seed: int = 0,
                       min_pixels: int = 32 * 32, max_pixels: int = 64 * 96, **overrides) -> Path:
-    """A tiny random Qwen2-VL (``version`` "2") or Qwen2.5-VL ("2.5"): a 2-layer vision transformer on 8-pixel
+    """A tiny random Qwen2-VL (``version`` "2"), Qwen2.5-VL ("2.5"), Qwen3-VL ("3") or Qwen3-VL-MoE ("3-moe": 4
+    experts, top 2, held fused and input-major as the hub's files hold them): a 2-layer vision transformer
+    (Qwen3-VL: 3 layers, the first two's features fed to the language model's first two layers: DeepStack) on 8-pixel
     patches merged 2 x 2 (a token per 16 x 16 pixels of the resized picture, which has between ``min_pixels`` and
-    ``max_pixels``), and a 2-layer Qwen2 language model with M-RoPE (head 16: sections 2, 3, 3), with Qwen2-VL's
-    vision tokens added to the ``tokenizer_dir`` tokenizer, its chat template and image processor. ``overrides`` go
-    to the model's config. Saved as transformers saves it: the hub's layout (``model.*``, ``visual.*``)."""
+    ``max_pixels``), and a 2-layer Qwen2 language model (Qwen3-VL: Qwen3) with M-RoPE (head 16: sections 2, 3, 3;
+    Qwen3-VL's interleaved), with Qwen2-VL's vision tokens added to the ``tokenizer_dir`` tokenizer, its chat template
+    and image processor. ``overrides`` go to the model's config. Saved as transformers saves it: the hub's layout
+    (Qwen2-VL: ``model.*``, ``visual.*``; Qwen3-VL: ``model.language_model.*``, ``model.visual.*``)."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
     )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -252,8 +259,17 @@ def save_tiny_qwen_vl(path: str | Path, tokenizer_dir: str | Path, version: str 
         # windows of 32 pixels (2 x 2 merged patches); the second block attends over the whole picture
         vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=32,
                       fullatt_block_indexes=[1])
+    elif version in ("3", "3-moe"):
+        config_cls, model_cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration
+        text.update(head_dim=16)
+        if version == "3-moe":  # 4 experts of width 48, top-2 (48 x 2 is no multiple of the hidden size 64)
+            config_cls, model_cls = Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vision.update(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0, 1])
     else:
-        raise ValueError(f"version must be 2 or 2.5, got {version!r}")
+        raise ValueError(f"version must be 2, 2.5, 3 or 3-moe, got {version!r}")
     config = config_cls(text_config=text, vision_config=vision, image_token_id=image, video_token_id=video,
                         vision_start_token_id=start, vision_end_token_id=end, tie_word_embeddings=True, **overrides)
     model = model_cls(config).eval()
@@ -262,6 +278,13 @@ def save_tiny_qwen_vl(path: str | Path, tokenizer_dir: str | Path, version: str 
             if p.dim() > 1:
                 p.normal_(0, 0.2)
     model.save_pretrained(path)
+    if version == "3-moe":  # the hub's files hold each expert's matrix input-major: [E, H, 2I], [E, I, H]
+        from safetensors.torch import load_file, save_file
+
+        file = Path(path) / "model.safetensors"
+        tensors = load_file(str(file))
+        save_file({name: t.transpose(1, 2).contiguous() if ".mlp.experts." in name else t
+                   for name, t in tensors.items()}, str(file), metadata={"format": "pt"})
     Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
                              size={"shortest_edge": min_pixels, "longest_edge": max_pixels}).save_pretrained(path)
     tokenizer.chat_template = QWEN_VL_TEMPLATE

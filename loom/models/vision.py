@@ -1,7 +1,7 @@
 """Vision-language models of the LLaVA family (``LlavaForConditionalGeneration``: LLaVA-1.5, BakLLaVA, LLaVA-Interleave;
 ``LlavaNextForConditionalGeneration`` and ``LlavaOnevisionForConditionalGeneration``, AnyRes; checkpoints in
-llava-hf's layout or transformers 5's) and Qwen2-VL / Qwen2.5-VL (``loom.models.qwen_vl``): an image becomes rows of
-the language model's input embeddings.
+llava-hf's layout or transformers 5's), Qwen2-VL / Qwen2.5-VL / Qwen3-VL (``loom.models.qwen_vl``) and Idefics3 /
+SmolVLM (``loom.models.idefics3``): an image becomes rows of the language model's input embeddings.
 
     image --image processor--> pixels [tiles, 3, H, W] --vision tower--> hidden states of one layer [P, Dv]
           --(the CLS row dropped, "default" strategy)--> [N, Dv] --projector (linear, act, linear)--> [N, D]
@@ -26,13 +26,17 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                         "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 MULTIMODAL_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
                             "LlavaOnevisionForConditionalGeneration", *QWEN_VL_ARCHITECTURES,
                             "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+SERVE_A_VISION_MODEL = f"serve a vision model (architectures {', '.join(MULTIMODAL_ARCHITECTURES)})"
+"""The end of the refusal a text model gives a request with images."""
 ANYRES_ARCHITECTURES = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
 IMAGE_TOWERS = ("clip_vision_model", "siglip_vision_model")
-TEXT_ARCHITECTURES = {"qwen2_vl_text": "Qwen2ForCausalLM", "qwen2_5_vl_text": "Qwen2ForCausalLM"}
+TEXT_ARCHITECTURES = {"qwen2_vl_text": "Qwen2ForCausalLM", "qwen2_5_vl_text": "Qwen2ForCausalLM",
+                      "qwen3_vl_text": "Qwen3ForCausalLM", "qwen3_vl_moe_text": "Qwen3MoeForCausalLM"}
 """Text models that transformers registers under no causal-LM class: the architecture Loom runs them as."""
 _KEY_BITS = (1 << 62) - 1
 

@@ -162,16 +162,31 @@ class RotaryRows:
         self.cos, self.sin = cos, sin
 
 
+def mrope_columns(section: tuple[int, ...], interleaved: bool = False) -> torch.Tensor:
+    """Which of an image token's three positions (0 temporal, 1 height, 2 width) each rotary column [head_dim] turns
+    with. Qwen2-VL: the k-th part of ``section`` takes position k % 3 (contiguous runs of frequencies); Qwen3-VL
+    (``interleaved``): frequency j takes height where j % 3 == 1 and j < 3 * section[1], width where j % 3 == 2 and
+    j < 3 * section[2], temporal otherwise (transformers' ``recomposition_frequencies``). Each half of the
+    rotate-half layout alike."""
+    half = sum(section)
+    if interleaved:
+        which = torch.zeros(half, dtype=torch.long, device="cpu")
+        which[1 : 3 * section[1] : 3] = 1
+        which[2 : 3 * section[2] : 3] = 2
+    else:
+        which = torch.repeat_interleave(torch.arange(len(section), device="cpu") % 3,
+                                        torch.tensor(section, device="cpu"))
+    return torch.cat((which, which))
+
+
 def mrope_rows(rotary: RotaryEmbedding, positions: torch.Tensor, rows: torch.Tensor, mrope: torch.Tensor,
-               section: tuple[int, ...]) -> RotaryRows:
+               columns: torch.Tensor) -> RotaryRows:
     """Qwen2-VL's multimodal RoPE for a step: token i rotates by the tables' row ``positions[i]`` (text: its three
-    positions are equal, plain RoPE), except the image tokens at step rows ``rows``, whose frequencies in the k-th
-    part of ``section`` turn with their position ``mrope[:, k % 3]`` (temporal, height, width), as transformers'
-    ``Qwen2VLRotaryEmbedding`` lays them out (each half of the rotate-half layout alike)."""
+    positions are equal, plain RoPE), except the image tokens at step rows ``rows``, whose column c turns with their
+    position ``mrope[:, columns[c]]`` (temporal, height, width; ``mrope_columns``)."""
     cos, sin = rotary.cos[positions], rotary.sin[positions]
-    which = torch.repeat_interleave(torch.arange(len(section)) % 3, torch.tensor(section)).to(mrope.device)
-    which = torch.cat((which, which))  # [D]: the position each column turns with
+    which = columns.to(mrope.device)
     at = mrope[:, which]  # [R, D]
-    columns = torch.arange(len(which), device=mrope.device)
-    cos[rows], sin[rows] = rotary.cos[at, columns], rotary.sin[at, columns]
+    index = torch.arange(len(which), device=mrope.device)
+    cos[rows], sin[rows] = rotary.cos[at, index], rotary.sin[at, index]
     return RotaryRows(cos, sin)

@@ -1,6 +1,7 @@
-"""Qwen2-VL and Qwen2.5-VL: Loom's greedy ids and logprobs equal HF transformers' on tiny random checkpoints, with
-pictures of several sizes (each its own token count), two in a prompt, a prompt ending on one, through chunked
-prefill, the prefix cache and preemption; the M-RoPE positions equal transformers' ``get_rope_index``."""
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: Loom's greedy ids and logprobs equal HF transformers' on tiny random
+checkpoints, with pictures of several sizes (each its own token count), two in a prompt, a prompt ending on one,
+through chunked prefill, the prefix cache and preemption; the M-RoPE positions equal transformers' ``get_rope_index``
+and Qwen3-VL's interleaved rotation its rotary embedding's."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from loom import LLM, SamplingParams
 from loom.models.qwen_vl import mrope_positions
 from loom.models.tiny import save_tiny_qwen_vl
 from loom.models.vision import place_image_tokens
+from loom.ops.rotary import RotaryEmbedding, mrope_columns, mrope_rows
 from tests.engine.test_vision import (
     assert_adapter_serves_as_peft,
     assert_chunks_and_cache,
@@ -25,7 +27,7 @@ from tests.engine.test_vision import (
 V = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
-@pytest.fixture(scope="module", params=["2", "2.5"])
+@pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe"])
 def qwen_vl(request, tmp_path_factory, smollm2_path):
     return save_tiny_qwen_vl(tmp_path_factory.mktemp(f"qwen{request.param}-vl"), smollm2_path,
                              version=request.param)
@@ -34,6 +36,14 @@ def qwen_vl(request, tmp_path_factory, smollm2_path):
 @pytest.fixture(scope="module")
 def qwen2_vl(tmp_path_factory, smollm2_path):
     return save_tiny_qwen_vl(tmp_path_factory.mktemp("qwen2-vl"), smollm2_path, version="2")
+
+
+@pytest.fixture(scope="module", params=["2", "3"])
+def qwen2_or_3_vl(request, tmp_path_factory, smollm2_path):
+    """Qwen2-VL, then Qwen3-VL (interleaved M-RoPE, DeepStack rows that chunks cut through as they cut the input
+    rows)."""
+    return save_tiny_qwen_vl(tmp_path_factory.mktemp(f"qwen{request.param}-vl-"), smollm2_path,
+                             version=request.param)
 
 
 class HF:
@@ -79,10 +89,10 @@ def test_greedy_equals_hf(qwen_vl, backend):
     assert_greedy_equals(llm, HF(qwen_vl).greedy, PROMPTS)
 
 
-def test_mrope_positions_equal_transformers(qwen2_vl):
+def test_mrope_positions_equal_transformers(qwen2_or_3_vl):
     """The positions every prompt token rotates by, the image tokens' three, and the delta after the prompt."""
-    hf = HF(qwen2_vl)
-    llm = LLM(str(qwen2_vl), num_kv_blocks=64)
+    hf = HF(qwen2_or_3_vl)
+    llm = LLM(str(qwen2_or_3_vl), num_kv_blocks=64)
     vision = llm.engine.vision
     deltas = set()
     for prompt, pictures in [*PROMPTS, (f"{V}{V}", [(5, (32, 32)), (6, (100, 20))])]:
@@ -118,13 +128,14 @@ def test_token_counts_equal_the_processor(qwen2_vl):
     assert len(counts) > 5  # sizes decide the count
 
 
-def test_chunked_prefill_prefix_cache_and_preemption(qwen2_vl):
+def test_chunked_prefill_prefix_cache_and_preemption(qwen2_or_3_vl):
     """5-token steps cut through the pictures; the same picture again is a prefix hit with the same answer, another
     picture is not; a pool too small for all the requests preempts and recomputes them (positions past the prompt
     rotate by their index plus the delta) with the same answers."""
-    hf = HF(qwen2_vl)
+    path = qwen2_or_3_vl
+    hf = HF(path)
     prompt, pictures = PROMPTS[1]
-    chunked = LLM(str(qwen2_vl), max_num_batched_tokens=5, num_kv_blocks=128, block_size=4)
+    chunked = LLM(str(path), max_num_batched_tokens=5, num_kv_blocks=128, block_size=4)
     # another first picture: "A <|vision_start|>" at most, not the other picture's rows
     assert_chunks_and_cache(chunked, hf.greedy, prompt, [image(seed, size) for seed, size in pictures],
                             image(9, (64, 100)), min_hits=40, max_other_hits=7)
@@ -132,8 +143,8 @@ def test_chunked_prefill_prefix_cache_and_preemption(qwen2_vl):
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     requests = [{"prompt": f"Picture {i}: {V} tell.", "multi_modal_data": {"image": [image(20 + i, (40, 50))]}}
                 for i in range(4)]
-    roomy = [o.outputs[0].token_ids for o in LLM(str(qwen2_vl), num_kv_blocks=128).generate(requests, params)]
-    tight = LLM(str(qwen2_vl), num_kv_blocks=24, block_size=4)  # 96 slots for 4 sequences of ~50
+    roomy = [o.outputs[0].token_ids for o in LLM(str(path), num_kv_blocks=128).generate(requests, params)]
+    tight = LLM(str(path), num_kv_blocks=24, block_size=4)  # 96 slots for 4 sequences of ~50
     assert [o.outputs[0].token_ids for o in tight.generate(requests, params)] == roomy
     assert tight.engine.stats().num_preemptions > 0
     assert roomy[0] == hf.greedy(requests[0]["prompt"], requests[0]["multi_modal_data"]["image"], 24)[0]
@@ -150,6 +161,30 @@ def test_chat_places_pictures_where_the_template_does(qwen2_vl):
               f"{V} what is it?<|im_end|>\n<|im_start|>assistant\n")
     assert out.outputs[0].token_ids == HF(qwen2_vl).greedy(prompt, [picture], 6)[0]
     assert out.prompt_token_ids.count(llm.engine.image_tokens.token_id) == llm.engine.image_tokens.count(70, 50)
+
+
+@pytest.mark.parametrize("version", ["2", "3"])
+def test_mrope_rotation_equals_transformers_at_real_sections(version):
+    """cos / sin of tokens with three unequal positions, at the released models' 128-wide heads: Qwen2-VL's sections
+    (16, 24, 24) in runs, Qwen3-VL's (24, 20, 20) interleaved."""
+    from transformers import Qwen2VLTextConfig, Qwen3VLTextConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+
+    section = [16, 24, 24] if version == "2" else [24, 20, 20]
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}
+    if version == "2":
+        reference = Qwen2VLRotaryEmbedding(Qwen2VLTextConfig(hidden_size=1024, num_attention_heads=8,
+                                                             rope_parameters=rope))
+    else:
+        reference = Qwen3VLTextRotaryEmbedding(Qwen3VLTextConfig(head_dim=128, rope_parameters={
+            **rope, "mrope_interleaved": True}))
+    positions = torch.tensor([[3, 9, 40, 41, 100], [3, 12, 40, 44, 7], [3, 15, 40, 50, 90]])  # temporal, h, w
+    cos, sin = reference(torch.zeros(1, dtype=torch.float64), positions[:, None, :])
+    rotary = RotaryEmbedding(128, 128, 1e6, None, torch.float64)
+    rows = mrope_rows(rotary, positions[0], torch.arange(5), positions.T, mrope_columns(section, version == "3"))
+    torch.testing.assert_close(rows.cos, cos[0].to(torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(rows.sin, sin[0].to(torch.float64), atol=1e-6, rtol=0)
 
 
 def test_mrope_positions_fall_behind_after_each_picture():

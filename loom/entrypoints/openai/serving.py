@@ -29,7 +29,7 @@ from loom.entrypoints.openai.protocol import ChatMessage
 from loom.entrypoints.openai.reasoning import ReasoningParser
 from loom.entrypoints.openai.response_store import DEFAULT_STORED_RESPONSES, ResponseStore
 from loom.entrypoints.openai.tools import ToolSettings, template_messages
-from loom.models.vision import image_placeholder, place_image_tokens
+from loom.models.vision import SERVE_A_VISION_MODEL, image_placeholder, place_image_tokens
 
 MEDIA_THREADS = 2
 """Threads that decode and preprocess chat images (apart from the tokenizer's, which every request waits on)."""
@@ -204,8 +204,8 @@ class ServingContext:
         if not urls:
             return []
         if self.front.image_tokens is None:
-            raise bad_request(f"{self.model_name} is a text model: it takes no images (image_url parts); serve a "
-                              "vision model (a LLaVA or Qwen2-VL folder)", "messages")
+            raise bad_request(f"{self.model_name} is a text model: it takes no images (image_url parts); "
+                              f"{SERVE_A_VISION_MODEL}", "messages")
         if len(urls) > self.max_images:
             raise bad_request(f"{len(urls)} images in one request; this server takes at most {self.max_images} "
                               "(--limit-mm-per-prompt)", "messages")
