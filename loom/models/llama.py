@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.distributed.parallel import TensorParallel, local_config
-from loom.models.vision import QWEN_VL_ARCHITECTURES, is_multimodal, language_config
+from loom.models.vision import QWEN3_VL_ARCHITECTURES, QWEN_VL_ARCHITECTURES, is_multimodal, language_config
 from loom.ops.attention import AttentionMetadata, paged_attention
 from loom.ops.layers import TorchOps, rms_norm_reference, uninitialized_embedding
 from loom.ops.rotary import (
@@ -130,7 +130,11 @@ class LlamaConfig:
         deepstack = len(getattr(getattr(hf, "vision_config", None), "deepstack_visual_indexes", None) or ())
         tie = getattr(hf, "tie_word_embeddings", False)
         hf = language_config(hf)
-        tie = getattr(hf, "tie_word_embeddings", tie)  # Qwen2-VL's text config leaves it to the model's
+        if not head_of_its_own:
+            tie = getattr(hf, "tie_word_embeddings", tie)
+        # else the vision model's own setting decides, as in transformers (whose configs take an older save's text
+        # config setting into it): Qwen3-VL-MoE's text config says True by default, its model False
+        qwen3_vl = top_arch in QWEN3_VL_ARCHITECTURES
         arch = (getattr(hf, "architectures", None) or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"architecture {arch} is not supported; Loom serves {', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -139,9 +143,10 @@ class LlamaConfig:
         local_rope = rope.pop("sliding_attention", None)  # Gemma 3: one rope per layer type
         rope = dict(rope.pop("full_attention", None) or rope)
         mrope = rope.pop("mrope_section", None)
-        interleaved = bool(rope.pop("mrope_interleaved", False))
+        interleaved = bool(rope.pop("mrope_interleaved", False)) or qwen3_vl  # transformers' Qwen3-VL always does
         if mrope is None and head_of_its_own and top_arch in QWEN_VL_ARCHITECTURES:
-            mrope = [16, 24, 24]  # transformers' default for a Qwen2-VL config without one (checked below)
+            # transformers' defaults for a config without one (checked below)
+            mrope = [24, 20, 20] if qwen3_vl else [16, 24, 24]
         if rope.get("type") == "mrope":  # Qwen2-VL's older configs name M-RoPE as a scaling type
             rope.pop("type")
         theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
@@ -216,12 +221,13 @@ class LlamaConfig:
             mrope_section=tuple(int(n) for n in mrope) if mrope and head_of_its_own else None,
             mrope_interleaved=interleaved and head_of_its_own,
             deepstack_layers=deepstack if head_of_its_own else 0,
-            **_moe_fields(hf, arch),
+            **_moe_fields(hf, arch, renormalise=top_arch == "Qwen3VLMoeForConditionalGeneration"),
         )
 
 
-def _moe_fields(hf, arch: str) -> dict:
-    """The mixture-of-experts settings of a Mixtral / Qwen2-MoE / Qwen3-MoE config (nothing for dense models)."""
+def _moe_fields(hf, arch: str, renormalise: bool = False) -> dict:
+    """The mixture-of-experts settings of a Mixtral / Qwen2-MoE / Qwen3-MoE config (nothing for dense models).
+    ``renormalise``: the top-k probabilities sum to 1 whatever the config says (Qwen3-VL-MoE's router)."""
     if arch == "MixtralForCausalLM":
         return dict(num_experts=hf.num_local_experts, num_experts_per_tok=hf.num_experts_per_tok,
                     moe_intermediate_size=hf.intermediate_size, norm_topk_prob=True,
@@ -233,7 +239,7 @@ def _moe_fields(hf, arch: str) -> dict:
     layers = tuple(i for i in range(hf.num_hidden_layers) if i not in dense and (i + 1) % step == 0)
     return dict(num_experts=hf.num_experts, num_experts_per_tok=hf.num_experts_per_tok,
                 moe_intermediate_size=hf.moe_intermediate_size,
-                norm_topk_prob=bool(getattr(hf, "norm_topk_prob", True)),  # Qwen3-VL-MoE's: always
+                norm_topk_prob=renormalise or bool(hf.norm_topk_prob),
                 shared_expert_intermediate_size=getattr(hf, "shared_expert_intermediate_size", 0) or 0,
                 moe_layers=layers if hf.num_experts else ())
 

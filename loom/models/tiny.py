@@ -225,7 +225,8 @@ QWEN_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|vide
 def save_tiny_qwen_vl(path: str | Path, tokenizer_dir: str | Path, version: str = "2", seed: int = 0,
                       min_pixels: int = 32 * 32, max_pixels: int = 64 * 96, **overrides) -> Path:
     """A tiny random Qwen2-VL (``version`` "2"), Qwen2.5-VL ("2.5"), Qwen3-VL ("3") or Qwen3-VL-MoE ("3-moe": 4
-    experts, top 2, held fused and input-major as the hub's files hold them): a 2-layer vision transformer
+    experts, top 2, held fused and input-major as the hub's files hold them; its own LM head): a 2-layer vision
+    transformer
     (Qwen3-VL: 3 layers, the first two's features fed to the language model's first two layers: DeepStack) on 8-pixel
     patches merged 2 x 2 (a token per 16 x 16 pixels of the resized picture, which has between ``min_pixels`` and
     ``max_pixels``), and a 2-layer Qwen2 language model (Qwen3-VL: Qwen3) with M-RoPE (head 16: sections 2, 3, 3;
@@ -265,13 +266,15 @@ def save_tiny_qwen_vl(path: str | Path, tokenizer_dir: str | Path, version: str 
         if version == "3-moe":  # 4 experts of width 48, top-2 (48 x 2 is no multiple of the hidden size 64)
             config_cls, model_cls = Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
             text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+            overrides = {"tie_word_embeddings": False, **overrides}  # the hub's: its own head
         text["rope_parameters"]["mrope_interleaved"] = True
         vision.update(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_position_embeddings=64,
                       deepstack_visual_indexes=[0, 1])
     else:
         raise ValueError(f"version must be 2, 2.5, 3 or 3-moe, got {version!r}")
     config = config_cls(text_config=text, vision_config=vision, image_token_id=image, video_token_id=video,
-                        vision_start_token_id=start, vision_end_token_id=end, tie_word_embeddings=True, **overrides)
+                        vision_start_token_id=start, vision_end_token_id=end,
+                        **{"tie_word_embeddings": True, **overrides})
     model = model_cls(config).eval()
     with torch.no_grad():  # transformers' init leaves the rows small next to the embeddings: widen them
         for p in model.parameters():

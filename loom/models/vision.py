@@ -26,8 +26,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+QWEN3_VL_ARCHITECTURES = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-                         "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+                         *QWEN3_VL_ARCHITECTURES)
 MULTIMODAL_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
                             "LlavaOnevisionForConditionalGeneration", *QWEN_VL_ARCHITECTURES,
                             "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")

@@ -38,10 +38,10 @@ def qwen2_vl(tmp_path_factory, smollm2_path):
     return save_tiny_qwen_vl(tmp_path_factory.mktemp("qwen2-vl"), smollm2_path, version="2")
 
 
-@pytest.fixture(scope="module", params=["2", "3"])
+@pytest.fixture(scope="module", params=["2", "3", "3-moe"])
 def qwen2_or_3_vl(request, tmp_path_factory, smollm2_path):
     """Qwen2-VL, then Qwen3-VL (interleaved M-RoPE, DeepStack rows that chunks cut through as they cut the input
-    rows)."""
+    rows) and its MoE."""
     return save_tiny_qwen_vl(tmp_path_factory.mktemp(f"qwen{request.param}-vl-"), smollm2_path,
                              version=request.param)
 
@@ -310,6 +310,13 @@ def test_configs_without_mrope_section_and_string_templates(qwen2_vl, tmp_path):
     hf = AutoConfig.from_pretrained(str(folder))
     hf.text_config.head_dim = 128
     assert LlamaConfig.from_hf(hf).mrope_section == (16, 24, 24)
+    # Qwen3-VL's rotary interleaves whatever its config says, by default over (24, 20, 20)
+    from transformers import Qwen3VLConfig
+
+    hf = Qwen3VLConfig(text_config={"head_dim": 128, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+                       architectures=["Qwen3VLForConditionalGeneration"])
+    cfg = LlamaConfig.from_hf(hf)
+    assert (cfg.mrope_section, cfg.mrope_interleaved, cfg.deepstack_layers) == ((24, 20, 20), True, 3)
 
     llm = LLM(str(qwen2_vl), num_kv_blocks=64)
     llm.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
