@@ -12,7 +12,39 @@ if not glob.glob("/dev/nvidia[0-9]*"):  # a container given one GPU of several m
     # library (tl.maximum, ...) is jit-decorated at import, interpreted or not for good.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
+
+_PREBUILD: subprocess.Popen | None = None
+
+
+def pytest_sessionstart(session):
+    """Build the GGUF kernels' C++ extension in the background (a minute on one core from a cold cache, as on a fresh
+    clone) while the first tests build and use the other one, which would otherwise be built one after the other. Both
+    are needed; torch's builder locks an extension's folder, so a test that needs this one first waits for it. A build
+    that fails here fails again, with its message, in the tests that use it."""
+    global _PREBUILD
+    if session.config.option.collectonly or _built("loom_gguf_ops"):
+        return
+    _PREBUILD = subprocess.Popen([sys.executable, "-c", "from loom.ops.cpp_extension import gguf_extension as g; g()"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _PREBUILD is not None:
+        try:
+            _PREBUILD.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            _PREBUILD.kill()
+
+
+def _built(name: str) -> bool:
+    """Whether the extension's native build is in torch's cache (a fresh clone's is empty)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return bool(glob.glob(os.path.join(_get_build_directory(name, verbose=False), "*.so")))
 
 
 @pytest.fixture(scope="session")

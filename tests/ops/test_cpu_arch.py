@@ -38,6 +38,12 @@ def test_the_avx2_build_passes_the_kernel_parity_tests():
     tiles), the sampler and the whole-layer decode calls on both, built for x86-64-v3 (AVX2 + FMA, no AVX-512),
     against the same references as the native build, in a fresh process."""
     env = {**os.environ, "LOOM_CPU_ARCH": "x86-64-v3", "ATEN_CPU_CAPABILITY": "avx2"}
+    # the two extensions build at once (each compiles on one core): about a minute each from a cold cache
+    builds = [subprocess.Popen([sys.executable, "-c", f"from loom.ops.cpp_extension import {name}; {name}()"], cwd=ROOT,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+              for name in ("extension", "gguf_extension")]
+    for build in builds:
+        build.wait(timeout=900)  # a failed build fails again below, with its message
     probe = ("from loom.ops.cpp_extension import extension, gguf_extension; e, g = extension(), gguf_extension(); "
              "print(e.has_avx512(), hasattr(e, 'panel_linear'), g.has_vnni(), g.has_avx2())")
     built = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
