@@ -1,8 +1,10 @@
-"""Vision-language serving on CPU: one LLaVA (or Qwen2-VL) through Loom's engine and through HF transformers'
-``generate`` in the same run, on the same requests (one image and a question each), alternated round by round.
+"""Vision-language serving on CPU: one LLaVA (or Qwen2-VL, Qwen3-VL, SmolVLM) through Loom's engine and through HF
+transformers' ``generate`` in the same run, on the same requests (one image and a question each), alternated round by
+round.
 
     python benchmarks/vision.py --num-prompts 32 --rounds 2
     python benchmarks/vision.py --model qwen2-vl --num-prompts 32 --rounds 2
+    python benchmarks/vision.py --model qwen3-vl --num-prompts 32 --rounds 2
     python benchmarks/vision.py --model smolvlm --num-prompts 32 --rounds 2
 
 The model: LLaVA-1.5's layout at a CPU-sized scale, random weights (seeded), float32. The tower is CLIP ViT-B/16 at
@@ -19,6 +21,11 @@ the ratio) and writes JSON (default results/vision.json).
 M-RoPE (sections 8, 12, 12), Qwen2-VL's vision tokens and chat layout; transformers gets each batch's prompts
 expanded by its image processor's grids (its full processor needs torchvision), left-padded, with the token types
 its M-RoPE reads.
+
+``--model qwen3-vl``: Qwen3-VL's layout at that scale: its vision transformer with 12 layers of width 768 on
+16-pixel patches merged 2 x 2 (a 320 x 240 picture: 80 tokens), DeepStack features of layers 3, 7 and 11 added after
+the language model's first three layers, the same SmolLM2-135M-shaped language model as Qwen3 (q/k norm) with
+interleaved M-RoPE (sections 12, 10, 10), fed as for Qwen2-VL.
 
 ``--model smolvlm``: SmolVLM-256M's layout (``Idefics3ForConditionalGeneration``): a SigLIP tower of 12 layers of
 width 768 on 512-pixel tiles (16-pixel patches), pixel shuffle by 4 (64 tokens a tile), SmolLM2-135M's shape, with
@@ -125,16 +132,45 @@ def build_smolvlm(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
     return folder
 
 
+def build_qwen3_vl(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
+    from transformers import AutoConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from loom.models.tiny import QWEN_VL_TEMPLATE, QWEN_VL_TOKENS, tokenizer_with
+
+    torch.manual_seed(seed)
+    tokenizer = tokenizer_with(tokenizer_dir, QWEN_VL_TOKENS)
+    start, end, image, video = tokenizer.convert_tokens_to_ids(QWEN_VL_TOKENS)
+    text = AutoConfig.from_pretrained(str(tokenizer_dir)).to_dict()
+    text = {k: text[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                 "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "bos_token_id",
+                                 "eos_token_id")}
+    text.update(vocab_size=49216, head_dim=text["hidden_size"] // text["num_attention_heads"],
+                rope_parameters={"rope_type": "default", "rope_theta": 100000.0, "mrope_section": [12, 10, 10],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=12, hidden_size=768, num_heads=12, intermediate_size=3072, out_hidden_size=text["hidden_size"],
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[3, 7, 11])
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=image, video_token_id=video,
+                           vision_start_token_id=start, vision_end_token_id=end, tie_word_embeddings=True)
+    Qwen3VLForConditionalGeneration(config).eval().save_pretrained(folder)
+    Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
+        folder)
+    tokenizer.chat_template = QWEN_VL_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 class QwenHF:
-    """transformers' Qwen2-VL on a batch: prompts expanded by the image processor's grids, left-padded."""
+    """transformers' Qwen2-VL or Qwen3-VL on a batch: prompts expanded by the image processor's grids, left-padded."""
 
     def __init__(self, path: Path):
-        from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.images = Qwen2VLImageProcessorPil.from_pretrained(str(path))
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
+        self.model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
         self.pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
     def __call__(self, images, text, **_) -> dict:
@@ -159,7 +195,7 @@ def make_requests(n: int, seed: int, layout: str = "llava") -> list[tuple[str, o
     for _ in range(n):
         question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40)))
         image = Image.fromarray(pixels.randint(0, 255, (240, 320, 3), dtype=np.uint8))
-        if layout == "qwen2-vl":
+        if layout in ("qwen2-vl", "qwen3-vl"):
             out.append((f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}?<|im_end|>\n"
                         "<|im_start|>assistant\n", image))
         elif layout == "smolvlm":
@@ -198,7 +234,7 @@ def run_hf(model, processor, requests, batch_size: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["llava", "qwen2-vl", "smolvlm"], default="llava")
+    ap.add_argument("--model", choices=["llava", "qwen2-vl", "qwen3-vl", "smolvlm"], default="llava")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--hf-batch-size", type=int, default=8)
@@ -213,9 +249,10 @@ def main() -> int:
     from loom import LLM
     from loom.models.catalogue import resolve_model
 
-    qwen = args.model == "qwen2-vl"
+    qwen = args.model in ("qwen2-vl", "qwen3-vl")
     with tempfile.TemporaryDirectory() as tmp:
-        build = {"llava": build_model, "qwen2-vl": build_qwen2_vl, "smolvlm": build_smolvlm}[args.model]
+        build = {"llava": build_model, "qwen2-vl": build_qwen2_vl, "qwen3-vl": build_qwen3_vl,
+                 "smolvlm": build_smolvlm}[args.model]
         path = build(Path(tmp) / args.model, resolve_model("smollm2"), args.seed)
         llm = LLM(str(path), seed=args.seed, mm_encoder_dtype=args.mm_encoder_dtype)
         if qwen:
@@ -239,6 +276,8 @@ def main() -> int:
     loom, hf = statistics.median(loom_tps), statistics.median(hf_tps)
     described = {"qwen2-vl": "Qwen2-VL layout: 12-layer ViT (768) on 14 px patches merged 2x2 + SmolLM2-135M shape, "
                              "M-RoPE, random",
+                 "qwen3-vl": "Qwen3-VL layout: 12-layer ViT (768) on 16 px patches merged 2x2, DeepStack 3 layers + "
+                             "SmolLM2-135M shape as Qwen3, interleaved M-RoPE, random",
                  "smolvlm": "SmolVLM-256M layout: SigLIP 12 layers (768) on 512 px tiles, pixel shuffle 4, "
                             "SmolLM2-135M shape, longest side 1024, random",
                  "llava": "LLaVA layout: CLIP ViT-B/16 224 px + SmolLM2-135M shape, random"}[args.model]
