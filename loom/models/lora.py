@@ -132,6 +132,10 @@ def load_peft_adapter(folder: str | Path, cfg: LlamaConfig, max_rank: int, dtype
             if layer >= cfg.num_hidden_layers:
                 raise ValueError(f"adapter tensor {key!r} is for layer {layer}, but the model has "
                                  f"{cfg.num_hidden_layers} layers: the adapter was trained for another model")
+            if m["block"] == "mlp" and layer in cfg.moe_layers:
+                raise ValueError(f"adapter tensor {key!r} targets the MLP of layer {layer}, a mixture of experts in "
+                                 "this model: LoRA on experts is not served (the attention projections and dense "
+                                 "MLPs are): the adapter was trained for another model")
             prefix = m["prefix"]
             pairs.setdefault((layer, m["proj"]), {})[m["ab"]] = f.get_tensor(key)
     if not pairs:
@@ -308,7 +312,8 @@ class LoRALinear(nn.Module):
 
 
 class LoRAModel:
-    """Wraps every attention and MLP projection of ``model`` in a ``LoRALinear`` with ``max_loras`` slots."""
+    """Wraps every attention and MLP projection of ``model`` in a ``LoRALinear`` with ``max_loras`` slots (a
+    mixture-of-experts layer's attention only: its experts take no adapter)."""
 
     def __init__(self, model: LlamaForCausalLM, max_loras: int, max_rank: int):
         if max_loras < 1 or max_rank < 1:
@@ -322,10 +327,12 @@ class LoRAModel:
         weight = model.embed_tokens.weight
         slices, in_features = projection_slices(cfg), _in_features(cfg)
         self.layers: list[dict[str, LoRALinear]] = []
-        for layer in model.layers:
+        for index, layer in enumerate(model.layers):
             wrapped = {}
             for name, parts in slices.items():
                 parent_name, attr = name.split(".")
+                if parent_name == "mlp" and index in cfg.moe_layers:
+                    continue
                 parent = getattr(layer, parent_name)
                 module = LoRALinear(getattr(parent, attr), in_features[name], parts_out(parts), max_loras,
                                     _parts(parts) * max_rank, self.batch, weight.dtype, weight.device)

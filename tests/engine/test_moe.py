@@ -99,3 +99,37 @@ def test_tensor_parallel_ranks_hold_complementary_slices_of_every_expert():
     assert [local_config(cfg, r, 3).moe_intermediate_size for r in range(3)] == [5, 4, 4]
     with pytest.raises(ValueError, match="exceeds the shared expert's width 7"):
         head_shard(cfg, 0, 8)
+
+
+def test_adapters_on_a_moe_model_serve_attention_and_refuse_experts(tmp_path, smollm2_path):
+    """``enable_lora`` on a mixture of experts (Qwen3-MoE with a dense layer 1, whose MLP takes adapter slots as any
+    dense model's): an adapter on the attention projections, served unmerged, gives peft's ids; one that claims an MLP
+    of an MoE layer (peft names no such module there; written by hand) is refused with the reason."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from loom import LoRARequest, SamplingParams
+    from tests.engine.test_lora import hf_greedy, make_adapter
+
+    arch, overrides = CASES["qwen3-moe-normalised"]
+    base = save_tiny_model(tmp_path / "base", smollm2_path, arch=arch, mlp_only_layers=[1], **overrides)
+    peft = make_adapter(tmp_path / "adapter", base, seed=3, r=4, alpha=8,
+                        targets=["q_proj", "v_proj", "o_proj"])
+    llm = LLM(str(base), enable_lora=True, max_lora_rank=4, num_kv_blocks=64)
+    prompts = varied_prompts(3, seed=4, low=5, high=30)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                      lora_request=LoRARequest("a", 1, str(tmp_path / "adapter")))]
+    assert got == [hf_greedy(peft, p) for p in prompts]
+    assert got != [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "peft_type": "LORA",
+                                                         "target_modules": ["gate_proj"]}))
+    save_file({"base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight": torch.zeros(4, 64),
+               "base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight": torch.zeros(96, 4)},
+              str(bad / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="mixture of experts in this model"):
+        llm.generate([{"prompt_token_ids": prompts[0]}], params, lora_request=LoRARequest("bad", 2, str(bad)))

@@ -222,12 +222,13 @@ def test_mm_processor_kwargs_refused_for_llava(tmp_path, smollm2_path):
         LLM(str(path), mm_processor_kwargs={"max_pixels": 1000})
 
 
-def test_adapter_on_the_language_model_matches_peft(qwen2_vl, tmp_path):
-    """A peft LoRA trained on the whole Qwen2-VL (targets in its language model: the tower's blocks are named
-    otherwise), served unmerged, gives the ids of transformers' peft model on the same picture."""
+def test_adapter_on_the_language_model_matches_peft(qwen2_or_3_vl, tmp_path):
+    """A peft LoRA trained on the whole Qwen2-VL / Qwen3-VL (targets in its language model: the tower's blocks are
+    named otherwise; the MoE's experts are no modules peft targets), served unmerged, gives the ids of transformers'
+    peft model on the same picture."""
     from peft import LoraConfig, get_peft_model
 
-
+    qwen2_vl = qwen2_or_3_vl
     torch.manual_seed(4)
     hf = HF(qwen2_vl)
     peft_model = get_peft_model(hf.model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
