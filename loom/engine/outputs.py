@@ -5,6 +5,45 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class Logprob(float):
+    """One log-probability as vLLM's offline API gives it (``.logprob``, ``.rank``: 1 for the most likely token, None
+    where the top-k asked for do not tell; ``.decoded_token``), and still the float itself, so arithmetic and JSON take
+    it as one. ``LLM.generate`` and ``LLM.chat`` return these; the engine and the server carry plain floats."""
+
+    __slots__ = ("rank", "decoded_token")
+
+    def __new__(cls, logprob: float, rank: int | None = None, decoded_token: str | None = None) -> Logprob:
+        self = super().__new__(cls, logprob)
+        self.rank, self.decoded_token = rank, decoded_token
+        return self
+
+    @property
+    def logprob(self) -> float:
+        return float(self)
+
+    def __reduce__(self):
+        return Logprob, (float(self), self.rank, self.decoded_token)
+
+    def __repr__(self) -> str:
+        return f"Logprob(logprob={float(self)!r}, rank={self.rank!r}, decoded_token={self.decoded_token!r})"
+
+
+def logprob_objects(entries: dict[int, float], top_k: int, decode, rank: int | None = None) -> dict[int, Logprob]:
+    """A position's {token id: log-probability} (its own token first, then the ``top_k`` most likely, which the own
+    token may be one of) as ``Logprob`` objects. A token's rank is 1 + how many of those listed are more likely, when
+    the own token is among the top k (or ``rank`` gives the own token's, as prompt logprobs do); the own token's is
+    None otherwise (it ranks below the k listed)."""
+    items = list(entries.items())
+    own_listed = len(items) <= top_k  # no extra entry: the own token is one of the top k
+    out = {}
+    for i, (token, value) in enumerate(items):
+        known = rank if i == 0 and rank is not None else None
+        if known is None and (i > 0 or own_listed):
+            known = 1 + sum(other > value for _, other in items)
+        out[token] = Logprob(value, known, decode(token))
+    return out
+
+
 @dataclass(slots=True)
 class CompletionOutput:
     index: int

@@ -18,7 +18,7 @@ from loom.engine.beam_search import BeamSearch, BeamSearchParams, beam_output, n
 from loom.engine.config import EngineConfig
 from loom.engine.llm_engine import LLMEngine
 from loom.engine.lora import LoRARequest
-from loom.engine.outputs import RequestOutput
+from loom.engine.outputs import RequestOutput, logprob_objects
 from loom.engine.sampling_params import SamplingParams
 from loom.entrypoints.openai.media import content_format, load_image, vision_content
 from loom.models.vision import image_placeholder
@@ -76,7 +76,26 @@ class LLM:
         priorities = _per_prompt(len(prompts), priority, int, 0)
         ids = self._add_all((*_split_prompt(prompt), p, lora, rank, _multi_modal_data(prompt))
                             for prompt, p, lora, rank in zip(prompts, params, loras, priorities))
-        return self._run(ids, use_tqdm)
+        outputs = self._run(ids, use_tqdm)
+        for out, p in zip(outputs, params, strict=True):
+            self._logprob_objects(out, p)
+        return outputs
+
+    def _logprob_objects(self, out: RequestOutput, params: SamplingParams) -> None:
+        """vLLM's ``Logprob`` objects in place of the engine's floats (``loom.engine.outputs.Logprob``: floats too)."""
+        decode = self._decode_one
+        for completion in out.outputs:
+            if completion.logprobs is not None:
+                completion.logprobs = [logprob_objects(entries, params.logprobs, decode)
+                                       for entries in completion.logprobs]
+        if out.prompt_logprobs is not None:
+            ranks = out.prompt_ranks or [None] * len(out.prompt_logprobs)
+            out.prompt_logprobs = [None if entries is None else
+                                   logprob_objects(entries, params.prompt_logprobs, decode, rank)
+                                   for entries, rank in zip(out.prompt_logprobs, ranks, strict=True)]
+
+    def _decode_one(self, token: int) -> str:
+        return self.engine.tokenizer.decode([token])
 
     def _add_all(self, requests: Iterable[tuple[str | None, list[int] | None, SamplingParams, LoRARequest | None,
                                                int, dict | None]]) -> list[str]:

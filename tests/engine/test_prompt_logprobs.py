@@ -79,3 +79,36 @@ def test_a_recomputed_prompt_scores_only_the_tokens_it_has_not_scored():
     rows, targets = _prompt_logprob_rows(SimpleNamespace(seq=seq, start=40, end=70), first_row=0)
     assert rows == range(0, 29) and targets == prompt[41:70]  # position 69 samples the first output token
     assert _prompt_logprob_rows(SimpleNamespace(seq=seq, start=0, end=20), first_row=0) == (range(0), [])
+
+
+def test_offline_outputs_carry_vllm_logprob_objects(tiny_llama, reference):
+    """``LLM.generate``'s logprobs are vLLM's ``Logprob`` objects (``.logprob``, ``.rank``, ``.decoded_token``) that
+    are the floats too: ranks against transformers' log-softmax, the own token's rank None where it is not among the
+    top k (a sampled token), and prompt tokens ranked by the engine."""
+    import json
+
+    from loom.engine.outputs import Logprob
+
+    llm = LLM(str(tiny_llama), num_kv_blocks=32)
+    tokenizer = llm.engine.tokenizer
+    prompt = list(range(300, 312))
+    greedy, sampled = llm.generate([{"prompt_token_ids": prompt}] * 2, [
+        SamplingParams(max_tokens=4, temperature=0, logprobs=3, prompt_logprobs=2),
+        SamplingParams(max_tokens=12, temperature=5.0, seed=1, logprobs=1)])
+    ref = reference(prompt + greedy.outputs[0].token_ids)
+    for position, (token, entries) in enumerate(zip(greedy.outputs[0].token_ids, greedy.outputs[0].logprobs)):
+        row = ref[len(prompt) - 1 + position]
+        order = torch.argsort(row, descending=True).tolist()
+        assert all(isinstance(lp, Logprob) for lp in entries.values())
+        for t, lp in entries.items():
+            assert lp.rank == order.index(t) + 1 and lp.logprob == float(lp) == pytest.approx(row[t].item(), abs=2e-4)
+            assert lp.decoded_token == tokenizer.decode([t])
+        assert entries[token].rank == 1 and len(entries) == 3  # greedy: the own token is the top one
+    for position, lp in enumerate(greedy.prompt_logprobs[1:], start=1):
+        own = lp[prompt[position]]
+        assert own.rank == greedy.prompt_ranks[position] == torch.argsort(ref[position - 1], descending=True).tolist(
+            ).index(prompt[position]) + 1
+    # a hot sample falls outside the top one now and then: its rank is unknown, the listed top one's is 1
+    outside = [(t, e) for t, e in zip(sampled.outputs[0].token_ids, sampled.outputs[0].logprobs) if len(e) == 2]
+    assert outside and all(e[t].rank is None and max(e.values()).rank == 1 for t, e in outside)
+    assert json.loads(json.dumps(greedy.outputs[0].logprobs[0]))  # still floats to JSON
