@@ -7,19 +7,29 @@ from dataclasses import dataclass, field
 
 class Logprob(float):
     """One log-probability as vLLM's offline API gives it (``.logprob``, ``.rank``: 1 for the most likely token, None
-    where the top-k asked for do not tell; ``.decoded_token``), and still the float itself, so arithmetic and JSON take
-    it as one. ``LLM.generate`` and ``LLM.chat`` return these; the engine and the server carry plain floats."""
+    where the top-k asked for do not tell; ``.decoded_token``, decoded when first read), and still the float itself,
+    so arithmetic and JSON take it as one. ``LLM.generate`` and ``LLM.chat`` return these; the engine and the server
+    carry plain floats."""
 
-    __slots__ = ("rank", "decoded_token")
+    __slots__ = ("rank", "_token", "_decode", "_text")
 
-    def __new__(cls, logprob: float, rank: int | None = None, decoded_token: str | None = None) -> Logprob:
+    def __new__(cls, logprob: float, rank: int | None = None, decoded_token: str | None = None,
+                token: int | None = None, decode=None) -> Logprob:
+        """``decoded_token``, or ``token`` and ``decode`` (token id -> text) to decode it when it is read: most
+        callers never read it, and a long prompt's logprobs would otherwise cost a decode per entry."""
         self = super().__new__(cls, logprob)
-        self.rank, self.decoded_token = rank, decoded_token
+        self.rank, self._text, self._token, self._decode = rank, decoded_token, token, decode
         return self
 
     @property
     def logprob(self) -> float:
         return float(self)
+
+    @property
+    def decoded_token(self) -> str | None:
+        if self._text is None and self._decode is not None:
+            self._text, self._decode = self._decode(self._token), None
+        return self._text
 
     def __reduce__(self):
         return Logprob, (float(self), self.rank, self.decoded_token)
@@ -40,7 +50,7 @@ def logprob_objects(entries: dict[int, float], top_k: int, decode, rank: int | N
         known = rank if i == 0 and rank is not None else None
         if known is None and (i > 0 or own_listed):
             known = 1 + sum(other > value for _, other in items)
-        out[token] = Logprob(value, known, decode(token))
+        out[token] = Logprob(value, known, token=token, decode=decode)
     return out
 
 
