@@ -41,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +80,16 @@ def build_model(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
                               LlavaProcessor, 16, "default", 1)
 
 
-def build_qwen2_vl(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
-    from transformers import AutoConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+def build_qwen_vl(folder: Path, tokenizer_dir: Path, seed: int, version: str = "2") -> Path:
+    """Qwen2-VL's layout (``version`` "2") or Qwen3-VL's ("3": 16-pixel patches, DeepStack, Qwen3 with interleaved
+    M-RoPE) at the CPU scale of the module docstring."""
+    from transformers import (
+        AutoConfig,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from loom.models.tiny import QWEN_VL_TEMPLATE, QWEN_VL_TOKENS, tokenizer_with
@@ -92,14 +101,24 @@ def build_qwen2_vl(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
     text = {k: text[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                  "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "bos_token_id",
                                  "eos_token_id")}
-    text.update(vocab_size=49216, rope_parameters={"rope_type": "default", "rope_theta": 100000.0,
-                                                   "mrope_section": [8, 12, 12]})
-    vision = dict(depth=12, embed_dim=768, num_heads=12, mlp_ratio=4, hidden_size=text["hidden_size"], patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2)
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=image, video_token_id=video,
-                           vision_start_token_id=start, vision_end_token_id=end, tie_word_embeddings=True)
-    Qwen2VLForConditionalGeneration(config).eval().save_pretrained(folder)
-    Qwen2VLImageProcessorPil().save_pretrained(folder)
+    rope = {"rope_type": "default", "rope_theta": 100000.0}
+    if version == "2":
+        config_cls, model_cls, images = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil()
+        text.update(vocab_size=49216, rope_parameters={**rope, "mrope_section": [8, 12, 12]})
+        vision = dict(depth=12, embed_dim=768, num_heads=12, mlp_ratio=4, hidden_size=text["hidden_size"],
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    else:
+        config_cls, model_cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration
+        images = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        text.update(vocab_size=49216, head_dim=text["hidden_size"] // text["num_attention_heads"],
+                    rope_parameters={**rope, "mrope_section": [12, 10, 10], "mrope_interleaved": True})
+        vision = dict(depth=12, hidden_size=768, num_heads=12, intermediate_size=3072,
+                      out_hidden_size=text["hidden_size"], patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                      num_position_embeddings=2304, deepstack_visual_indexes=[3, 7, 11])
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=image, video_token_id=video,
+                        vision_start_token_id=start, vision_end_token_id=end, tie_word_embeddings=True)
+    model_cls(config).eval().save_pretrained(folder)
+    images.save_pretrained(folder)
     tokenizer.chat_template = QWEN_VL_TEMPLATE
     tokenizer.save_pretrained(folder)
     return folder
@@ -128,35 +147,6 @@ def build_smolvlm(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
     images = Idefics3ImageProcessorPil(size={"longest_edge": 1024}, max_image_size={"longest_edge": 512})
     Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=64,
                       chat_template=IDEFICS3_TEMPLATE).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def build_qwen3_vl(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
-    from transformers import AutoConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from loom.models.tiny import QWEN_VL_TEMPLATE, QWEN_VL_TOKENS, tokenizer_with
-
-    torch.manual_seed(seed)
-    tokenizer = tokenizer_with(tokenizer_dir, QWEN_VL_TOKENS)
-    start, end, image, video = tokenizer.convert_tokens_to_ids(QWEN_VL_TOKENS)
-    text = AutoConfig.from_pretrained(str(tokenizer_dir)).to_dict()
-    text = {k: text[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                 "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "bos_token_id",
-                                 "eos_token_id")}
-    text.update(vocab_size=49216, head_dim=text["hidden_size"] // text["num_attention_heads"],
-                rope_parameters={"rope_type": "default", "rope_theta": 100000.0, "mrope_section": [12, 10, 10],
-                                 "mrope_interleaved": True})
-    vision = dict(depth=12, hidden_size=768, num_heads=12, intermediate_size=3072, out_hidden_size=text["hidden_size"],
-                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
-                  deepstack_visual_indexes=[3, 7, 11])
-    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=image, video_token_id=video,
-                           vision_start_token_id=start, vision_end_token_id=end, tie_word_embeddings=True)
-    Qwen3VLForConditionalGeneration(config).eval().save_pretrained(folder)
-    Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
-        folder)
-    tokenizer.chat_template = QWEN_VL_TEMPLATE
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -251,8 +241,8 @@ def main() -> int:
 
     qwen = args.model in ("qwen2-vl", "qwen3-vl")
     with tempfile.TemporaryDirectory() as tmp:
-        build = {"llava": build_model, "qwen2-vl": build_qwen2_vl, "qwen3-vl": build_qwen3_vl,
-                 "smolvlm": build_smolvlm}[args.model]
+        build = {"llava": build_model, "qwen2-vl": partial(build_qwen_vl, version="2"),
+                 "qwen3-vl": partial(build_qwen_vl, version="3"), "smolvlm": build_smolvlm}[args.model]
         path = build(Path(tmp) / args.model, resolve_model("smollm2"), args.seed)
         llm = LLM(str(path), seed=args.seed, mm_encoder_dtype=args.mm_encoder_dtype)
         if qwen:
