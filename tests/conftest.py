@@ -41,10 +41,14 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def _built(name: str) -> bool:
-    """Whether the extension's native build is in torch's cache (a fresh clone's is empty)."""
+    """Whether the extension's build for this session's target (``LOOM_CPU_ARCH``, or native) is in torch's cache (a
+    fresh clone's is empty)."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    return bool(glob.glob(os.path.join(_get_build_directory(name, verbose=False), "*.so")))
+    from loom.ops.cpp_extension import cache_name, cpu_arch
+
+    folder = _get_build_directory(cache_name(name, cpu_arch()), verbose=False)
+    return bool(glob.glob(os.path.join(folder, "*.so")))
 
 
 @pytest.fixture(scope="session")

@@ -226,13 +226,13 @@ def save_tiny_qwen_vl(path: str | Path, tokenizer_dir: str | Path, version: str 
                       min_pixels: int = 32 * 32, max_pixels: int = 64 * 96, **overrides) -> Path:
     """A tiny random Qwen2-VL (``version`` "2"), Qwen2.5-VL ("2.5"), Qwen3-VL ("3") or Qwen3-VL-MoE ("3-moe": 4
     experts, top 2, held fused and input-major as the hub's files hold them; its own LM head): a 2-layer vision
-    transformer
-    (Qwen3-VL: 3 layers, the first two's features fed to the language model's first two layers: DeepStack) on 8-pixel
-    patches merged 2 x 2 (a token per 16 x 16 pixels of the resized picture, which has between ``min_pixels`` and
-    ``max_pixels``), and a 2-layer Qwen2 language model (Qwen3-VL: Qwen3) with M-RoPE (head 16: sections 2, 3, 3;
-    Qwen3-VL's interleaved), with Qwen2-VL's vision tokens added to the ``tokenizer_dir`` tokenizer, its chat template
-    and image processor. ``overrides`` go to the model's config. Saved as transformers saves it: the hub's layout
-    (Qwen2-VL: ``model.*``, ``visual.*``; Qwen3-VL: ``model.language_model.*``, ``model.visual.*``)."""
+    transformer (Qwen3-VL: 3 layers, the first two's features fed to the language model's first two layers:
+    DeepStack) on 8-pixel patches merged 2 x 2 (a token per 16 x 16 pixels of the resized picture, which has between
+    ``min_pixels`` and ``max_pixels``), and a 2-layer Qwen2 language model (Qwen3-VL: Qwen3) with M-RoPE (head 16:
+    sections 2, 3, 3; Qwen3-VL's interleaved), with Qwen2-VL's vision tokens added to the ``tokenizer_dir``
+    tokenizer, its chat template and image processor. ``overrides`` go to the model's config. Saved as transformers
+    saves it: the hub's layout (Qwen2-VL: ``model.*``, ``visual.*``; Qwen3-VL: ``model.language_model.*``,
+    ``model.visual.*``)."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
