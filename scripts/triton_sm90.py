@@ -117,6 +117,12 @@ def workloads():
             chunks = [PrefillChunk(0, 300, 0, torch.zeros(19, dtype=torch.int32))]
             yield f"paged_prefill {tag}", partial(paged_prefill, torch.empty(300, h, d, dtype=dtype), cache, cache,
                                                   chunks, 0.1, window=window, softcap=cap)
+    for dtype in (torch.bfloat16, torch.float32):  # Gemma 3 4B's heads, its images' tokens attended both ways
+        cache = torch.empty(64, 16, 4, 256, dtype=dtype)
+        chunks = [PrefillChunk(0, 300, 0, torch.zeros(19, dtype=torch.int32))]
+        yield f"paged_prefill gemma-3-4b image spans {DTYPES[dtype]}", partial(
+            paged_prefill, torch.empty(300, 8, 256, dtype=dtype), cache, cache, chunks, 0.0625, window=1024,
+            visible=torch.zeros(300, dtype=torch.int32))
     ops = TritonOps()
     for dtype in (torch.bfloat16, torch.float32):
         x, w = torch.empty(8, 4096, dtype=dtype), torch.empty(4096, dtype=dtype)

@@ -29,7 +29,7 @@ from loom.models.catalogue import resolve_runtime
 from loom.models.llama import LlamaConfig
 from loom.models.loader import load_hf_config, load_tokenizer, load_weights
 from loom.models.multimodal import Encoder, vision_encoder
-from loom.models.vision import SERVE_A_VISION_MODEL, ImageTokens, PreparedImage, is_multimodal, place_image_tokens
+from loom.models.vision import SERVE_A_VISION_MODEL, ImageTokens, PreparedImage, is_multimodal
 from loom.ops.sampler import DeferredSample, SamplingRow, SamplingSettings, has_token_penalty, sample_deferred
 
 log = logging.getLogger("loom.engine")
@@ -137,6 +137,11 @@ class LLMEngine:
         multimodal = is_multimodal(hf_config)
         if multimodal and config.tensor_parallel_size > 1:
             raise ValueError("vision models run on one rank: drop --tensor-parallel-size")
+        span = getattr(hf_config, "mm_tokens_per_image", 0) if multimodal else 0
+        if span > config.max_num_batched_tokens:  # Gemma 3: an image's tokens, attended both ways, in one step
+            raise ValueError(f"an image's {span} tokens attend to each other both ways, so they are computed in one "
+                             f"step: max_num_batched_tokens must be at least {span}, got "
+                             f"{config.max_num_batched_tokens}")
         if config.tensor_parallel_size > 1:
             head_shard(LlamaConfig.from_hf(hf_config), 0, config.tensor_parallel_size)  # can it split? before starting
             threads = threads_per_rank(config.tensor_parallel_size)
@@ -237,10 +242,7 @@ class LLMEngine:
             prompt_token_ids = self.tokenizer.encode(prompt)  # with the tokenizer's BOS where it adds one, as vLLM
         images = self._images(multi_modal_data)
         if self.vision is not None:
-            tokens = self.vision.tokens
-            prompt_token_ids = place_image_tokens(prompt_token_ids, tokens.token_id,
-                                                  [tokens.expansion(image.width, image.height, len(images))
-                                                   for image in images])
+            prompt_token_ids = self.vision.tokens.place(prompt_token_ids, [(im.width, im.height) for im in images])
         params = self._validate(prompt_token_ids, params)
         image_input = self.vision.image_input(prompt_token_ids, images) if images else None
         adapter = self._adapter(lora_request)

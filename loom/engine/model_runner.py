@@ -148,6 +148,9 @@ class StepInputs:
     """Image rows of a vision-language model's prefill chunks: (step rows [R], their input embeddings [R, hidden],
     M-RoPE positions [R, 3] or None), written over those rows' token embeddings. Not part of ``encode`` (vision models
     run on one rank)."""
+    visible_through: np.ndarray | None = None
+    """[T] int32: the last position each row's query sees, past its own inside a span attended both ways (Gemma 3's
+    images); None: causal (``AttentionMetadata.visible_through``). Not part of ``encode`` either."""
 
     def __post_init__(self) -> None:
         for name in ("input_ids", "positions", "slots", "decode_seq_lens", "logit_rows"):
@@ -341,6 +344,8 @@ class ModelRunner:
             decode_seq_lens=step.decode_seq_lens, block_size=self.block_size,
             prefills=[PrefillChunk(start, end, pos, table)
                       for (start, end, pos, _), table in zip(inputs.prefills, step.prefill_tables)],
+            visible_through=None if inputs.visible_through is None else torch.from_numpy(
+                inputs.visible_through).to(self.device),
         )
         hidden = self.model(step.input_ids, step.positions, self.kv_caches, meta, inputs.images)
         if not len(inputs.logit_rows):
@@ -391,8 +396,24 @@ class ModelRunner:
         inputs = StepInputs(input_ids, _rope_positions(chunks, positions, ends - counts), slots, tables,
                             decode_positions + 1, prefill_chunks,
                             logit_rows + draft_rows + prompt_logit_rows, _feed(input_ids, chunks, counts, in_flight),
-                            _image_rows(chunks, ends - counts, self.device))
+                            _image_rows(chunks, ends - counts, self.device),
+                            _visible_through(chunks, positions, ends - counts))
         return inputs, sampling, prompt_rows
+
+
+def _visible_through(chunks: list[ScheduledChunk], positions: np.ndarray, first_rows: np.ndarray,
+                     ) -> np.ndarray | None:
+    """``StepInputs.visible_through``: each row's own position, past it inside a span its prompt attends both ways
+    (``ImageInput.spans``); None when no chunk of the step reaches one."""
+    out = None
+    for chunk, first in zip(chunks, first_rows.tolist()):
+        images = chunk.seq.images
+        if images is None or images.spans is None or chunk.start >= images.end:
+            continue
+        if out is None:
+            out = positions.astype(np.int32)
+        out[first : first + chunk.num_tokens] = images.visible_through(chunk.start, chunk.end)
+    return out
 
 
 def _rope_positions(chunks: list[ScheduledChunk], positions: np.ndarray, first_rows: np.ndarray) -> np.ndarray:

@@ -273,7 +273,12 @@ class Scheduler:
         if remaining > budget and not self.config.enable_chunked_prefill:
             return 0
         n = min(remaining, budget)
-        return self._encode(seq, computed, n) if seq.images is not None else n
+        if seq.images is None:
+            return n
+        end = seq.images.chunk_end(computed, computed + n)  # a chunk never cuts a span attended both ways
+        if end - computed > budget:
+            return 0  # it begins in a span too long for this step's budget: the whole span in a later step
+        return self._encode(seq, computed, end - computed)
 
     def _encode(self, seq: Sequence, computed: int, n: int) -> int:
         """The chunk [computed, computed + n) of a pictured prompt, its pictures encoded first if it reaches one whose

@@ -138,6 +138,9 @@ class LlamaConfig:
         arch = (getattr(hf, "architectures", None) or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"architecture {arch} is not supported; Loom serves {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if getattr(hf, "use_bidirectional_attention", False):  # EmbeddingGemma: every token sees every other
+            raise ValueError(f"{arch} with use_bidirectional_attention is an encoder (an embedding model such as "
+                             "EmbeddingGemma), not a causal language model: Loom does not serve it")
         heads = hf.num_attention_heads
         rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
         local_rope = rope.pop("sliding_attention", None)  # Gemma 3: one rope per layer type

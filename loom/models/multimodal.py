@@ -1,6 +1,6 @@
 """Which vision-language implementation a checkpoint takes: the LLaVA family's (``loom.models.vision``), Qwen2-VL's
-(``loom.models.qwen_vl``) or Idefics3's (``loom.models.idefics3``), for the image encoder the engine runs and the
-preprocessing the server runs."""
+(``loom.models.qwen_vl``), Idefics3's (``loom.models.idefics3``) or Gemma 3's (``loom.models.gemma3_vision``), for the
+image encoder the engine runs and the preprocessing the server runs."""
 
 from __future__ import annotations
 
@@ -8,14 +8,17 @@ from pathlib import Path
 
 import torch
 
+from loom.models.gemma3_vision import Gemma3ImageProcessor, Gemma3VisionEncoder
 from loom.models.idefics3 import FAMILIES as IDEFICS_FAMILIES
 from loom.models.idefics3 import IdeficsImageProcessor, IdeficsVisionEncoder
 from loom.models.qwen_vl import QwenImageProcessor, QwenVisionEncoder
 from loom.models.vision import QWEN_VL_ARCHITECTURES, ImageProcessor, VisionEncoder
 
-Encoder = VisionEncoder | QwenVisionEncoder | IdeficsVisionEncoder
+GEMMA3 = "Gemma3ForConditionalGeneration"
+
+Encoder = VisionEncoder | QwenVisionEncoder | IdeficsVisionEncoder | Gemma3VisionEncoder
 """A vision-language model's image encoder, whichever family."""
-Preprocessor = ImageProcessor | QwenImageProcessor | IdeficsImageProcessor
+Preprocessor = ImageProcessor | QwenImageProcessor | IdeficsImageProcessor | Gemma3ImageProcessor
 """A vision-language model's image preprocessing alone, whichever family."""
 
 
@@ -30,6 +33,8 @@ def vision_encoder(folder: str | Path, hf_config, tokenizer, dtype: torch.dtype,
                          "resizes to its tower's tiles: drop --mm-processor-kwargs")
     if hf_config.architectures[0] in IDEFICS_FAMILIES:
         return IdeficsVisionEncoder(folder, hf_config, tokenizer, dtype, device, load)
+    if hf_config.architectures[0] == GEMMA3:
+        return Gemma3VisionEncoder(folder, hf_config, tokenizer, dtype, device, load)
     return VisionEncoder(folder, hf_config, dtype, device, load)
 
 
@@ -43,4 +48,6 @@ def image_processor(folder: str | Path, resize=None) -> Preprocessor:
         return QwenImageProcessor(folder, getattr(resize, "min_pixels", None), getattr(resize, "max_pixels", None))
     if hf_config.architectures[0] in IDEFICS_FAMILIES:
         return IdeficsImageProcessor(folder, hf_config.architectures[0])
+    if hf_config.architectures[0] == GEMMA3:
+        return Gemma3ImageProcessor(folder, hf_config)
     return ImageProcessor(folder, hf_config)

@@ -349,3 +349,56 @@ def save_tiny_idefics3(path: str | Path, tokenizer_dir: str | Path, seed: int = 
     tokenizer.chat_template = IDEFICS3_TEMPLATE
     tokenizer.save_pretrained(path)
     return Path(path)
+
+
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+"""Gemma 3's chat template, as far as the turns and pictures go (``<start_of_turn>user\\n<start_of_image>text``)."""
+
+GEMMA3_MARKERS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+
+
+def gemma3_tokenizer(tokenizer_dir: str | Path):
+    """``tokenizer_dir``'s tokenizer with Gemma 3's image markers and turn tokens (special, 49152 on), and runs of 1 to
+    8 newlines as tokens of their own, as Gemma's tokenizer has them (so "\\n" + "\\n\\n" is one token written as
+    text: what the processor's expansion merges into)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), extra_special_tokens=GEMMA3_MARKERS)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tokenizer.add_tokens(["\n" * k for k in range(8, 0, -1)])
+    return tokenizer
+
+
+def save_tiny_gemma3_vision(path: str | Path, tokenizer_dir: str | Path, seed: int = 0, window: int = 8,
+                            **overrides) -> Path:
+    """A tiny random Gemma 3 vision model (``Gemma3ForConditionalGeneration``): a 2-layer SigLIP tower on 64-pixel
+    pictures (8-pixel patches, 8 x 8), pooled 2 x 2 to 16 tokens an image, and a Gemma 3 text model of a sliding
+    layer (``window`` tokens: shorter than an image, so the window clips its both-ways attention) and a global one,
+    with ``gemma3_tokenizer``, Gemma 3's chat template and the processor. ``overrides`` go to the model's config."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    torch.manual_seed(seed)
+    tokenizer = gemma3_tokenizer(tokenizer_dir)
+    text = {**TINY, **GEMMA, "model_type": "gemma3_text", "vocab_size": 49216, "sliding_window": window,
+            "layer_types": ["sliding_attention", "full_attention"]}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                  patch_size=8)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16,
+                          boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
+                          image_token_index=tokenizer.image_token_id, **overrides)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # transformers' init leaves the projector at zero: images would add nothing
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3)
+    model.save_pretrained(path)
+    images = Gemma3ImageProcessorPil(size={"height": 64, "width": 64})
+    Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=16,
+                    chat_template=GEMMA3_TEMPLATE).save_pretrained(path)
+    tokenizer.chat_template = GEMMA3_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return Path(path)

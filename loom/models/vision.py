@@ -1,7 +1,8 @@
 """Vision-language models of the LLaVA family (``LlavaForConditionalGeneration``: LLaVA-1.5, BakLLaVA, LLaVA-Interleave;
 ``LlavaNextForConditionalGeneration`` and ``LlavaOnevisionForConditionalGeneration``, AnyRes; checkpoints in
-llava-hf's layout or transformers 5's), Qwen2-VL / Qwen2.5-VL / Qwen3-VL (``loom.models.qwen_vl``) and Idefics3 /
-SmolVLM (``loom.models.idefics3``): an image becomes rows of the language model's input embeddings.
+llava-hf's layout or transformers 5's), Qwen2-VL / Qwen2.5-VL / Qwen3-VL (``loom.models.qwen_vl``), Idefics3 /
+SmolVLM (``loom.models.idefics3``) and Gemma 3 (``loom.models.gemma3_vision``): an image becomes rows of the language
+model's input embeddings.
 
     image --image processor--> pixels [tiles, 3, H, W] --vision tower--> hidden states of one layer [P, Dv]
           --(the CLS row dropped, "default" strategy)--> [N, Dv] --projector (linear, act, linear)--> [N, D]
@@ -31,7 +32,8 @@ QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForCondit
                          *QWEN3_VL_ARCHITECTURES)
 MULTIMODAL_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
                             "LlavaOnevisionForConditionalGeneration", *QWEN_VL_ARCHITECTURES,
-                            "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+                            "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration",
+                            "Gemma3ForConditionalGeneration")
 SERVE_A_VISION_MODEL = f"serve a vision model (architectures {', '.join(MULTIMODAL_ARCHITECTURES)})"
 """The end of the refusal a text model gives a request with images."""
 ANYRES_ARCHITECTURES = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
@@ -137,6 +139,17 @@ class ImageTokens:
     max_patches: int | None = None
     """LLaVA-OneVision (``anyres_max_N``): a grid of more than N tiles' rows is scaled down (bilinear) to about N;
     and a prompt of several images gives each one square tile. None: LLaVA-NeXT's layout."""
+    placeholder_id: int | None = None
+    """The token a prompt holds for a picture before expansion (Gemma 3's ``<start_of_image>``); None: ``token_id``."""
+
+    @property
+    def placeholder(self) -> int:
+        return self.token_id if self.placeholder_id is None else self.placeholder_id
+
+    def place(self, token_ids: list[int], sizes: list[tuple[int, int]]) -> list[int]:
+        """The prompt with each picture's placeholder expanded (``place_image_tokens``), for pictures of ``sizes``
+        (width, height) in order. A ValueError when the prompt fits neither them nor their expansion."""
+        return place_image_tokens(token_ids, self.token_id, [self.expansion(w, h, len(sizes)) for w, h in sizes])
 
     def count(self, width: int, height: int, num_images: int = 1) -> int:
         """Prompt tokens of a ``width`` x ``height`` image among ``num_images`` of a prompt (transformers' processor
@@ -219,6 +232,9 @@ class ImageInput:
     """M-RoPE: the image tokens' (temporal, height, width) positions [len(positions), 3]."""
     rope_delta: int = 0
     """M-RoPE: a token past the prompt rotates by its index plus this (<= 0)."""
+    spans: np.ndarray | None = None
+    """Prompt positions [start, end) [images, 2] of spans attended both ways (Gemma 3: each image's tokens see the
+    whole image); None: causal, as for any model. A prefill chunk never cuts one (``chunk_end``)."""
     error: str | None = None
     """Why the vision tower failed on these pictures (the scheduler then leaves the request out and the engine ends
     it); None: it has not."""
@@ -232,6 +248,30 @@ class ImageInput:
         """For prompt positions [start, end): (offsets from ``start`` of the image tokens there, their rows)."""
         lo, hi = np.searchsorted(self.positions, [start, end])
         return self.positions[lo:hi] - start, np.arange(lo, hi)
+
+    def chunk_end(self, start: int, end: int) -> int:
+        """Where a prefill chunk [start, end) may end so that it cuts no bidirectional span: ``end`` itself, the start
+        of the span it would cut, or, for a chunk that begins inside that span (or at its start), the span's end
+        (the caller checks that it fits its budget)."""
+        if self.spans is None:
+            return end
+        i = int(np.searchsorted(self.spans[:, 1], end, side="right"))  # the first span ending past ``end``
+        if i == len(self.spans) or self.spans[i, 0] >= end:
+            return end
+        first = int(self.spans[i, 0])
+        return first if first > start else int(self.spans[i, 1])
+
+    def visible_through(self, start: int, end: int) -> np.ndarray:
+        """For prompt positions [start, end) of a chunk that cuts no span: the last position each one's query sees
+        (its own, or its span's last) (``AttentionMetadata.visible_through``)."""
+        out = np.arange(start, end, dtype=np.int32)
+        if self.spans is not None:
+            for first, last in self.spans[(self.spans[:, 1] > start) & (self.spans[:, 0] < end)].tolist():
+                if last > end:
+                    raise RuntimeError(f"a prefill chunk [{start}, {end}) cuts the bidirectional span "
+                                       f"[{first}, {last})")
+                out[max(first, start) - start : last - start] = last - 1
+        return out
 
     def encode_all(self) -> None:
         """Encode the images (the scheduler calls it when a chunk first reaches one)."""

@@ -39,6 +39,10 @@ class AttentionMetadata:
     """[Bd] int32: context length of each decode, the current token included."""
     prefills: list[PrefillChunk]
     block_size: int
+    visible_through: torch.Tensor | None = None
+    """[T] int32 over the step's rows, or None (causal): the last position each prefill row's query sees, its
+    own or further where it is inside a span the model attends to both ways (a Gemma 3 image: its tokens see the whole
+    image). Such a span always lies inside one chunk (the scheduler never cuts one)."""
     plans: dict = field(default_factory=dict, repr=False)
     """What is derived from this metadata once a step and reused in every layer, by its own keys: the reference's
     decode masks, Triton's prefill launch integers."""
@@ -105,12 +109,14 @@ def prefill_attention(
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
+    visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One chunk. q: [n, H, D], k/v: [n, Hkv, D] (this chunk's own keys) -> [n, H, D]. Causal; with a sliding
-    ``window`` a query at position p sees keys p - window + 1 .. p."""
+    ``window`` a query at position p sees keys p - window + 1 .. p. ``visible`` [n]: the last position each query
+    sees instead of its own (``AttentionMetadata.visible_through``; the window still bounds what lies behind it)."""
     n, _, d = q.shape
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-    if chunk.start_pos == 0 and (window is None or window >= n):
+    if chunk.start_pos == 0 and (window is None or window >= n) and visible is None:
         kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
         out = attend(qh, kh, vh, None, scale, softcap, causal=True)
     else:
@@ -123,7 +129,7 @@ def prefill_attention(
             vh = v_cache[chunk.block_table].view(-1, hkv, d)[:ctx].transpose(0, 1).unsqueeze(0)
         q_pos = torch.arange(chunk.start_pos, ctx, device=q.device)[:, None]
         k_pos = torch.arange(ctx, device=q.device)[None, :]
-        mask = k_pos <= q_pos  # [n, ctx]
+        mask = k_pos <= (q_pos if visible is None else visible.long()[:, None])  # [n, ctx]
         if window is not None:
             mask &= k_pos > q_pos - window
         out = attend(qh, kh, vh, mask, scale, softcap)
@@ -154,7 +160,9 @@ def paged_attention(
         out[:nd] = decode_fn(q[:nd], k_cache, v_cache, meta, scale, window, softcap)
     if prefill_fn is not None:
         return prefill_fn(q, k_cache, v_cache, meta, scale, out, window, softcap)
+    visible = meta.visible_through
     for chunk in meta.prefills:
         s, e = chunk.token_start, chunk.token_end
-        out[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], k_cache, v_cache, chunk, scale, window, softcap)
+        out[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], k_cache, v_cache, chunk, scale, window, softcap,
+                                     None if visible is None else visible[s:e])
     return out

@@ -64,4 +64,5 @@ class TritonOps(TorchOps):
     def prefill_attention(q, k_cache, v_cache, meta, scale, out, window=None, softcap=None):
         from loom.ops.triton.paged_attention import paged_prefill
 
-        return paged_prefill(q, k_cache, v_cache, meta.prefills, scale, out, window, softcap, plans=meta.plans)
+        return paged_prefill(q, k_cache, v_cache, meta.prefills, scale, out, window, softcap, plans=meta.plans,
+                             visible=meta.visible_through)

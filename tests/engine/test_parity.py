@@ -423,3 +423,11 @@ def test_an_unsupported_architecture_is_refused_naming_the_supported_ones(tmp_pa
     (path / "config.json").write_text(json.dumps({**config, "architectures": ["FalconForCausalLM"]}))
     with pytest.raises(ValueError, match="FalconForCausalLM is not supported; Loom serves Gemma2ForCausalLM, .*Qwen3"):
         LLM(str(path), num_kv_blocks=64)
+
+
+def test_a_bidirectional_gemma3_text_model_is_refused(tmp_path, smollm2_path):
+    """EmbeddingGemma's config (Gemma3TextConfig with use_bidirectional_attention) describes an encoder: served as a
+    causal model it would load and answer wrongly."""
+    path = save_tiny_model(tmp_path / "embedding-gemma", smollm2_path, arch="gemma3", use_bidirectional_attention=True)
+    with pytest.raises(ValueError, match="use_bidirectional_attention is an encoder"):
+        LLM(str(path), num_kv_blocks=64)

@@ -134,6 +134,83 @@ def test_all_prefill_chunks_of_a_step_in_one_launch_equal_the_reference(window, 
             assert (expected - plain).abs().max() > 1e-2
 
 
+def span_mask(length: int, spans: list[tuple[int, int]], window: int | None) -> torch.Tensor:
+    """[length, length] bool, as transformers' Gemma 3 masks a prompt: causal OR (both tokens in one image span),
+    then AND the window (k > q - window)."""
+    group = torch.full((length,), -1)
+    for i, (s, e) in enumerate(spans):
+        group[s:e] = i
+    q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    mask = (k <= q) | ((group[:, None] == group[None, :]) & (group[:, None] >= 0))
+    return mask & (k > q - window) if window else mask
+
+
+def visible_through(length: int, spans: list[tuple[int, int]]) -> torch.Tensor:
+    out = torch.arange(length)
+    for s, e in spans:
+        out[s:e] = e - 1
+    return out.to(torch.int32)
+
+
+@pytest.mark.parametrize("window", [None, 12], ids=["full", "window"])
+def test_prefill_with_bidirectional_spans_equals_a_brute_force_mask(window):
+    """The reference's ``visible``: a query inside a span (a Gemma 3 image) sees the whole span, keys after it
+    included, in a chunk from position 0 and in one after a cached prefix (a span that starts inside the prefix)."""
+    torch.manual_seed(7)
+    heads, kv_heads, d, block_size, length = 4, 2, 8, 8, 40
+    spans = [(3, 9), (14, 24), (30, 33)]
+    q, k, v = torch.randn(length, heads, d), torch.randn(length, kv_heads, d), torch.randn(length, kv_heads, d)
+    mask = span_mask(length, spans, window)
+    scores = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(2, dim=1)) * 0.3
+    expected = torch.einsum("hqk,khd->qhd", torch.softmax(scores.masked_fill(~mask, float("-inf")), -1),
+                            v.repeat_interleave(2, dim=1))
+    k_cache = torch.zeros(8, block_size, kv_heads, d)
+    v_cache = torch.zeros_like(k_cache)
+    table = torch.tensor([5, 1, 7, 0, 2])
+    k_cache[table] = k.view(5, block_size, kv_heads, d)
+    v_cache[table] = v.view(5, block_size, kv_heads, d)
+    visible = visible_through(length, spans)
+    for start in (0, 18):  # 18: inside the second span, whose first keys are cached
+        chunk = PrefillChunk(0, length - start, start, table)
+        out = prefill_reference(q[start:], k[start:], v[start:], k_cache, v_cache, chunk, 0.3, window,
+                                visible=visible[start:])
+        torch.testing.assert_close(out, expected[start:], atol=1e-5, rtol=1e-5)
+    causal = prefill_reference(q, k, v, k_cache, v_cache, PrefillChunk(0, length, 0, table), 0.3, window)
+    assert (causal - expected).abs().max() > 1e-2  # the spans matter
+
+
+@pytest.mark.parametrize("dtype, atol", DTYPES)
+@pytest.mark.parametrize("window", [None, 12], ids=["full", "window"])
+def test_prefill_launch_with_bidirectional_spans_equals_the_reference(window, dtype, atol):
+    """Three chunks in one launch, one without a span, one whose span crosses query tiles, one after a cached prefix
+    that cuts a span; the span's rows see keys past the tile's (and the chunk's causal) end."""
+    torch.manual_seed(2)
+    heads, kv_heads, d, block_size, num_blocks = 6, 2, 16, 8, 64
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, d, device=DEVICE).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, d, device=DEVICE).to(dtype)
+    free = torch.randperm(num_blocks).tolist()
+    chunks, row, visible = [], 0, []
+    for start, n, spans in [(0, 30, []), (0, 45, [(2, 7), (9, 40)]), (16, 30, [(10, 25), (38, 44)])]:
+        count = -(-(start + n) // block_size)
+        chunks.append(PrefillChunk(row, row + n, start, torch.tensor(free[:count], device=DEVICE)))
+        free = free[count:]
+        visible.append(visible_through(start + n, spans)[start:])
+        row += n
+    visible = torch.cat(visible).to(DEVICE)
+    q = (torch.randn(row, heads, d, device=DEVICE) * 2).to(dtype)
+    out = paged_prefill(q, k_cache, v_cache, chunks, 0.25, window=window, visible=visible).float()
+    q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
+    for c in chunks:
+        n = c.token_end - c.token_start
+        keys = k_cache[c.block_table].view(-1, kv_heads, d)[c.start_pos : c.start_pos + n]
+        values = v_cache[c.block_table].view(-1, kv_heads, d)[c.start_pos : c.start_pos + n]
+        expected = prefill_reference(q[c.token_start : c.token_end], keys, values, k_cache, v_cache, c, 0.25, window,
+                                     visible=visible[c.token_start : c.token_end])
+        torch.testing.assert_close(out[c.token_start : c.token_end], expected, atol=atol, rtol=atol)
+    causal = paged_prefill(q, k_cache, v_cache, chunks, 0.25, window=window)
+    assert (causal - out).abs().max() > 1e-2
+
+
 def test_a_cache_past_int32_offsets_is_refused_not_misread():
     """The kernels' int32 offsets address 2**31 elements of a layer's cache: a larger one is a clear error (here on
     meta tensors: nothing allocated, nothing launched)."""

@@ -29,7 +29,7 @@ from loom.entrypoints.openai.protocol import ChatMessage
 from loom.entrypoints.openai.reasoning import ReasoningParser
 from loom.entrypoints.openai.response_store import DEFAULT_STORED_RESPONSES, ResponseStore
 from loom.entrypoints.openai.tools import ToolSettings, template_messages
-from loom.models.vision import SERVE_A_VISION_MODEL, image_placeholder, place_image_tokens
+from loom.models.vision import SERVE_A_VISION_MODEL, image_placeholder
 
 MEDIA_THREADS = 2
 """Threads that decode and preprocess chat images (apart from the tokenizer's, which every request waits on)."""
@@ -159,20 +159,20 @@ class ServingContext:
             images = await self.load_images(messages, admitting=False)  # a text model's refusal is its
         tokens = self.front.image_tokens
         if tokens is not None or self.chat_template_content_format == "openai":
-            image_text = image_placeholder(self.front.tokenizer, tokens.token_id) if tokens is not None else ""
+            image_text = image_placeholder(self.front.tokenizer, tokens.placeholder) if tokens is not None else ""
             dicts = vision_content(dicts, self.content_format, image_text)
         ids = await self.encoder.chat(dicts, add_generation_prompt, limit=limit, tools=tools if native else None,
                                       template=template)
         if num_images:
-            counts = [tokens.expansion(image.width, image.height, len(images)) for image in images]
+            placed = ids.count(tokens.placeholder)
             try:
-                ids = place_image_tokens(ids, tokens.token_id, counts)
+                ids = tokens.place(ids, [(image.width, image.height) for image in images])
             except ValueError:
-                raise bad_request(f"the chat template placed {ids.count(tokens.token_id)} image tokens for "
-                                  f"{num_images} images; this model's template does not take image parts",
-                                  "messages") from None
+                raise bad_request(f"the chat template placed {placed} image tokens for {num_images} images; this "
+                                  "model's template does not take image parts", "messages") from None
             if limit is not None and len(ids) >= limit:
-                raise bad_request(f"prompt has {len(ids)} tokens ({sum(map(len, counts))} for images) but the "
+                image_rows = sum(tokens.count(image.width, image.height, len(images)) for image in images)
+                raise bad_request(f"prompt has {len(ids)} tokens ({image_rows} for images) but the "
                                   f"model's context is {limit}; send fewer or smaller images, or less text", "messages")
         return ids
 

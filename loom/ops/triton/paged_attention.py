@@ -211,14 +211,14 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, prog_chunk_ptr, prog_row_ptr,
-    chunk_row_ptr, chunk_len_ptr, chunk_pos_ptr,
+    chunk_row_ptr, chunk_len_ptr, chunk_pos_ptr, visible_ptr,
     scale, window, softcap,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh,
     stride_tc,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, TOKENS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    PRECISION: tl.constexpr,
+    USE_VISIBLE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     program = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -242,6 +242,10 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     end = start_pos + tl.minimum(first_token + TOKENS, length)  # past the tile's last query
+    q_last = q_pos  # the last key each row sees: its own position, or its bidirectional span's end
+    if USE_VISIBLE:
+        q_last = tl.load(visible_ptr + row0 + tokens, mask=row_ok, other=0)
+        end = tl.maximum(end, tl.max(tl.where(row_ok, q_last, 0)) + 1)
     begin = 0
     if USE_WINDOW:  # the oldest key the tile's first query sees (earlier blocks: maybe given back, -1)
         begin = tl.maximum(start_pos + first_token - window + 1, 0)
@@ -250,7 +254,7 @@ def _prefill_kernel(
         key_ok = k_pos < end
         k, v = _kv_tile(k_ptr, v_ptr, tables_ptr + chunk * stride_tc, k_pos, key_ok, kv_head, dims, dim_ok,
                         stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
-        visible = (k_pos[None, :] <= q_pos[:, None]) & row_ok[:, None] & key_ok[None, :]
+        visible = (k_pos[None, :] <= q_last[:, None]) & row_ok[:, None] & key_ok[None, :]
         if USE_WINDOW:
             visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
         m_i, l_i, acc = _softmax_step(q, k, v, visible, m_i, l_i, acc, scale, softcap, USE_SOFTCAP, PRECISION)
@@ -272,13 +276,16 @@ def _prefill_tiles(dtype: torch.dtype, d: int) -> dict:
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunks, scale: float,
                   out: torch.Tensor | None = None, window: int | None = None,
-                  softcap: float | None = None, plans: dict | None = None) -> torch.Tensor:
+                  softcap: float | None = None, plans: dict | None = None,
+                  visible: torch.Tensor | None = None) -> torch.Tensor:
     """Every prefill chunk of a step in one launch, like vLLM's unified Triton attention. ``chunks``:
     ``loom.ops.attention.PrefillChunk`` (rows [token_start, token_end) of q, position of the first, a block table
     covering the chunk's end). The chunk's own keys are already in the cache, so each query reads its cached prefix
     and its chunk causally through the table, within ``window`` keys where given, scores soft-capped by ``softcap``
     where given. q [T, H, D] -> the chunks' rows of ``out`` (allocated when None). ``plans``: a per-step dict
-    (``AttentionMetadata.plans``) that keeps the launch's integer tensors for the step's other layers."""
+    (``AttentionMetadata.plans``) that keeps the launch's integer tensors for the step's other layers. ``visible``
+    [T] int32: the last position each row's query sees (``AttentionMetadata.visible_through``: past its own inside a
+    bidirectional span); None: causal."""
     t, h, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     check_addressable(k_cache)
@@ -297,12 +304,13 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     tables, prog_chunk, prog_row, chunk_rows, chunk_lens, chunk_pos = plan
     _prefill_kernel[(len(prog_chunk), hkv)](
         q, k_cache, v_cache, out, tables, prog_chunk, prog_row, chunk_rows, chunk_lens, chunk_pos,
-        scale, window or 0, softcap or 0.0,
+        chunk_pos if visible is None else visible, scale, window or 0, softcap or 0.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         tables.stride(0),
         G=group, TOKENS=tokens, BLOCK_SIZE=block_size, USE_WINDOW=window is not None,
-        USE_SOFTCAP=softcap is not None, **_dot_tiles(q.dtype, d), **tiles, num_stages=1,
+        USE_SOFTCAP=softcap is not None, USE_VISIBLE=visible is not None, **_dot_tiles(q.dtype, d), **tiles,
+        num_stages=1,
     )  # fmt: skip
     return out
 
