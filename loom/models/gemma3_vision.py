@@ -32,6 +32,7 @@ from loom.models.vision import (
     ImageTokens,
     image_keys,
     load_whole,
+    marker_ids,
     prompt_images,
     read_weights,
 )
@@ -144,11 +145,7 @@ class Gemma3VisionEncoder:
 
         self.images = Gemma3ImageProcessor(folder, hf_config)
         self.anyres = self.onevision = False
-        names = ["<start_of_image>", "<end_of_image>"]
-        ids = tokenizer.convert_tokens_to_ids(names)
-        unknown = [n for n, i in zip(names, ids) if i is None or i == tokenizer.unk_token_id]
-        if unknown:
-            raise ValueError(f"{folder}: the tokenizer lacks Gemma 3's image markers ({', '.join(unknown)})")
+        ids = marker_ids(tokenizer, ["<start_of_image>", "<end_of_image>"], folder, "Gemma 3")
         count = int(hf_config.mm_tokens_per_image)
         self.tokens = Gemma3ImageTokens(int(hf_config.image_token_id), count, placeholder_id=ids[0], end_id=ids[1],
                                         **newline_tokens(tokenizer))

@@ -29,6 +29,7 @@ from loom.models.vision import (
     image_key,
     image_keys,
     load_whole,
+    marker_ids,
     prompt_images,
     read_weights,
 )
@@ -167,10 +168,7 @@ class IdeficsVisionEncoder:
         seq_len = int((vision.image_size // vision.patch_size) ** 2 / hf_config.scale_factor**2)
         names = ["<fake_token_around_image>", "<global-img>"]
         names += [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-        ids = tokenizer.convert_tokens_to_ids(names)
-        unknown = [n for n, i in zip(names, ids) if i is None or i == tokenizer.unk_token_id]
-        if unknown:
-            raise ValueError(f"{folder}: the tokenizer lacks Idefics3's image tags ({', '.join(unknown[:3])})")
+        ids = marker_ids(tokenizer, names, folder, "Idefics3")
         self.tokens = IdeficsImageTokens(
             int(hf_config.image_token_id), seq_len, tile_size=self.images.tile_size, seq_len=seq_len,
             fake_id=ids[0], global_id=ids[1], row_col_ids=tuple(tuple(ids[2 + 6 * r : 8 + 6 * r]) for r in range(6)),

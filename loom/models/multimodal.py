@@ -1,6 +1,7 @@
 """Which vision-language implementation a checkpoint takes: the LLaVA family's (``loom.models.vision``), Qwen2-VL's
-(``loom.models.qwen_vl``), Idefics3's (``loom.models.idefics3``) or Gemma 3's (``loom.models.gemma3_vision``), for the
-image encoder the engine runs and the preprocessing the server runs."""
+(``loom.models.qwen_vl``), Idefics3's (``loom.models.idefics3``), Gemma 3's (``loom.models.gemma3_vision``) or
+Pixtral's (``loom.models.pixtral``: Mistral 3, Pixtral 12B), for the image encoder the engine runs and the
+preprocessing the server runs."""
 
 from __future__ import annotations
 
@@ -11,14 +12,23 @@ import torch
 from loom.models.gemma3_vision import Gemma3ImageProcessor, Gemma3VisionEncoder
 from loom.models.idefics3 import FAMILIES as IDEFICS_FAMILIES
 from loom.models.idefics3 import IdeficsImageProcessor, IdeficsVisionEncoder
+from loom.models.pixtral import PixtralImageProcessor, PixtralVisionEncoder
 from loom.models.qwen_vl import QwenImageProcessor, QwenVisionEncoder
 from loom.models.vision import QWEN_VL_ARCHITECTURES, ImageProcessor, VisionEncoder
 
 GEMMA3 = "Gemma3ForConditionalGeneration"
 
-Encoder = VisionEncoder | QwenVisionEncoder | IdeficsVisionEncoder | Gemma3VisionEncoder
+
+def is_pixtral(hf_config) -> bool:
+    """Mistral 3, or a LLaVA checkpoint on a Pixtral tower (Pixtral 12B)."""
+    return (hf_config.architectures[0] == "Mistral3ForConditionalGeneration"
+            or getattr(hf_config.vision_config, "model_type", None) == "pixtral")
+
+
+Encoder = VisionEncoder | QwenVisionEncoder | IdeficsVisionEncoder | Gemma3VisionEncoder | PixtralVisionEncoder
 """A vision-language model's image encoder, whichever family."""
-Preprocessor = ImageProcessor | QwenImageProcessor | IdeficsImageProcessor | Gemma3ImageProcessor
+Preprocessor = (ImageProcessor | QwenImageProcessor | IdeficsImageProcessor | Gemma3ImageProcessor
+                | PixtralImageProcessor)
 """A vision-language model's image preprocessing alone, whichever family."""
 
 
@@ -35,6 +45,8 @@ def vision_encoder(folder: str | Path, hf_config, tokenizer, dtype: torch.dtype,
         return IdeficsVisionEncoder(folder, hf_config, tokenizer, dtype, device, load)
     if hf_config.architectures[0] == GEMMA3:
         return Gemma3VisionEncoder(folder, hf_config, tokenizer, dtype, device, load)
+    if is_pixtral(hf_config):
+        return PixtralVisionEncoder(folder, hf_config, tokenizer, dtype, device, load)
     return VisionEncoder(folder, hf_config, dtype, device, load)
 
 
@@ -50,4 +62,6 @@ def image_processor(folder: str | Path, resize=None) -> Preprocessor:
         return IdeficsImageProcessor(folder, hf_config.architectures[0])
     if hf_config.architectures[0] == GEMMA3:
         return Gemma3ImageProcessor(folder, hf_config)
+    if is_pixtral(hf_config):
+        return PixtralImageProcessor(folder, hf_config)
     return ImageProcessor(folder, hf_config)

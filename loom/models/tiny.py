@@ -402,3 +402,58 @@ def save_tiny_gemma3_vision(path: str | Path, tokenizer_dir: str | Path, seed: i
     tokenizer.chat_template = GEMMA3_TEMPLATE
     tokenizer.save_pretrained(path)
     return Path(path)
+
+
+MISTRAL3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '[IMG]' }}{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}[/INST]{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+"""Mistral's chat template, as far as the turns and pictures go (``[INST][IMG]text[/INST]``)."""
+
+PIXTRAL_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"]
+
+
+def save_tiny_mistral3(path: str | Path, tokenizer_dir: str | Path, seed: int = 0, pixtral: bool = False,
+                       **overrides) -> Path:
+    """A tiny random Mistral 3 (``Mistral3ForConditionalGeneration``: a 2-layer Pixtral tower on 8-pixel patches, 2 x 2
+    merged, so a token per 16 x 16 pixels, pictures' longest side at most 64) with a tiny Mistral language model; or,
+    ``pixtral``, Pixtral 12B's layout (``LlavaForConditionalGeneration`` on a Pixtral tower, LLaVA's projector, a token
+    per 8 x 8 pixels, longest side 48). Pixtral's tokens added to the ``tokenizer_dir`` tokenizer, Mistral's chat
+    template and the image processor. ``overrides`` go to the model's config."""
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+    )
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    torch.manual_seed(seed)
+    tokenizer = tokenizer_with(tokenizer_dir, PIXTRAL_TOKENS)
+    # an LM head of its own, as Mistral Small 3.1's and Pixtral 12B's
+    text = {**TINY, "model_type": "mistral", "vocab_size": 49216, "head_dim": 16, "sliding_window": None,
+            "tie_word_embeddings": False}
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, head_dim=16, image_size=64, patch_size=8)
+    image_token = tokenizer.convert_tokens_to_ids("[IMG]")
+    if pixtral:
+        config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=image_token,
+                             vision_feature_select_strategy="full", vision_feature_layer=-1,
+                             projector_hidden_act="gelu", tie_word_embeddings=False, **overrides)
+        model = LlavaForConditionalGeneration(config).eval()
+        longest = 48
+    else:
+        config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=image_token,
+                                spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=False, **overrides)
+        model = Mistral3ForConditionalGeneration(config).eval()
+        longest = 64
+    with torch.no_grad():  # transformers' init leaves the projector's rows small next to the embeddings
+        model.model.multi_modal_projector.linear_2.weight.normal_(0, 0.3)
+    model.save_pretrained(path)
+    # the image processor alone: transformers' PixtralProcessor needs torchvision
+    PixtralImageProcessorPil(size={"longest_edge": longest}, patch_size={"height": 8, "width": 8}).save_pretrained(path)
+    tokenizer.chat_template = MISTRAL3_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return Path(path)

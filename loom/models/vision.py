@@ -1,8 +1,8 @@
 """Vision-language models of the LLaVA family (``LlavaForConditionalGeneration``: LLaVA-1.5, BakLLaVA, LLaVA-Interleave;
 ``LlavaNextForConditionalGeneration`` and ``LlavaOnevisionForConditionalGeneration``, AnyRes; checkpoints in
 llava-hf's layout or transformers 5's), Qwen2-VL / Qwen2.5-VL / Qwen3-VL (``loom.models.qwen_vl``), Idefics3 /
-SmolVLM (``loom.models.idefics3``) and Gemma 3 (``loom.models.gemma3_vision``): an image becomes rows of the language
-model's input embeddings.
+SmolVLM (``loom.models.idefics3``), Gemma 3 (``loom.models.gemma3_vision``) and Mistral 3 / Pixtral
+(``loom.models.pixtral``): an image becomes rows of the language model's input embeddings.
 
     image --image processor--> pixels [tiles, 3, H, W] --vision tower--> hidden states of one layer [P, Dv]
           --(the CLS row dropped, "default" strategy)--> [N, Dv] --projector (linear, act, linear)--> [N, D]
@@ -33,7 +33,7 @@ QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForCondit
 MULTIMODAL_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
                             "LlavaOnevisionForConditionalGeneration", *QWEN_VL_ARCHITECTURES,
                             "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration",
-                            "Gemma3ForConditionalGeneration")
+                            "Gemma3ForConditionalGeneration", "Mistral3ForConditionalGeneration")
 SERVE_A_VISION_MODEL = f"serve a vision model (architectures {', '.join(MULTIMODAL_ARCHITECTURES)})"
 """The end of the refusal a text model gives a request with images."""
 ANYRES_ARCHITECTURES = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
@@ -114,6 +114,15 @@ def load_whole(module: nn.Module, weights: dict[str, torch.Tensor], folder: Path
         raise ValueError(f"{folder}: the {what}'s weights are incomplete (no {', '.join(missing[:3])}"
                          f"{' ...' if len(missing) > 3 else ''})")
     module.load_state_dict({n: weights[n] for n in own})
+
+
+def marker_ids(tokenizer, names: list[str], folder, family: str) -> list[int]:
+    """The ids of a family's image markers in the tokenizer; a ValueError naming the missing ones."""
+    ids = tokenizer.convert_tokens_to_ids(names)
+    unknown = [n for n, i in zip(names, ids) if i is None or i == tokenizer.unk_token_id]
+    if unknown:
+        raise ValueError(f"{folder}: the tokenizer lacks {family}'s image markers ({', '.join(unknown[:3])})")
+    return ids
 
 
 def image_key(pixels: torch.Tensor, size: tuple[int, int] = (0, 0)) -> int:

@@ -13,7 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from loom import LLM, SamplingParams
 from loom.models import gemma3_vision
 from loom.models.tiny import save_tiny_gemma3_vision
-from tests.engine.test_vision import assert_chunks_and_cache, image, loom_greedy
+from tests.engine.test_vision import assert_chunks_and_cache, hf_generate, image, loom_greedy
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,7 @@ class HF:
 
     def greedy(self, prompt: str, images: list, max_tokens: int) -> tuple[list[int], list[float]]:
         inputs = self.processor(images=[images] if images else None, text=prompt, return_tensors="pt")
-        out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, output_scores=True,
-                                  return_dict_in_generate=True)
-        ids = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-        return ids, [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, ids)]
+        return hf_generate(self.model, inputs, max_tokens)
 
 
 TURN = "<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n"

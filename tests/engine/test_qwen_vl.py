@@ -20,6 +20,7 @@ from tests.engine.test_vision import (
     assert_adapter_serves_as_peft,
     assert_chunks_and_cache,
     assert_greedy_equals,
+    hf_generate,
     image,
     loom_greedy,
 )
@@ -68,11 +69,7 @@ class HF:
                     mm_token_type_ids=(input_ids == self.pad).int(), **extra)
 
     def greedy(self, prompt: str, images: list, max_tokens: int) -> tuple[list[int], list[float]]:
-        inputs = self.inputs(prompt, images)
-        out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, output_scores=True,
-                                  return_dict_in_generate=True)
-        ids = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-        return ids, [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, ids)]
+        return hf_generate(self.model, self.inputs(prompt, images), max_tokens)
 
 
 PROMPTS = [

@@ -57,6 +57,14 @@ def hf_greedy(path, prompt: str, images: list, max_tokens: int) -> tuple[list[in
     return ids, logprobs
 
 
+def hf_generate(model, inputs: dict, max_tokens: int) -> tuple[list[int], list[float]]:
+    """transformers' greedy ids after ``inputs`` (the processor's tensors) and each one's logprob."""
+    out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True)
+    ids = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    return ids, [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, ids)]
+
+
 def loom_greedy(llm: LLM, prompt: str, images: list, max_tokens: int) -> tuple[list[int], list[float]]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, ignore_eos=True)
     request = {"prompt": prompt, "multi_modal_data": {"image": images}} if images else prompt

@@ -315,18 +315,20 @@ def test_responses_conversation_keeps_its_image(client, offline):
 
 
 
-@pytest.mark.parametrize("kind", ["qwen2-vl", "idefics3", "gemma3"])
+@pytest.mark.parametrize("kind", ["qwen2-vl", "idefics3", "gemma3", "mistral3"])
 def test_resolution_models_chat_tokenize_and_usage(tmp_path, smollm2_path, kind):
     """Qwen2-VL (a picture's tokens follow its size, one per merged patch), Idefics3 / SmolVLM (a placeholder
     becomes the picture's tiles with their tags: a token sequence, not one token repeated) and Gemma 3 (its
-    ``<start_of_image>`` becomes markers, newlines merged with the prompt's, and image tokens attended both ways):
-    the server's media threads prepare the pictures, the template puts them where the parts stand, and the answer,
-    usage and /tokenize equal the offline engine's."""
+    ``<start_of_image>`` becomes markers, newlines merged with the prompt's, and image tokens attended both ways),
+    Mistral 3 (a picture's lines of [IMG] closed by [IMG_BREAK], its size deciding): the server's media threads
+    prepare the pictures, the template puts them where the parts stand, and the answer, usage and /tokenize equal the
+    offline engine's."""
     import httpx
 
-    from loom.models.tiny import save_tiny_gemma3_vision, save_tiny_idefics3, save_tiny_qwen_vl
+    from loom.models.tiny import save_tiny_gemma3_vision, save_tiny_idefics3, save_tiny_mistral3, save_tiny_qwen_vl
 
-    save = {"qwen2-vl": save_tiny_qwen_vl, "idefics3": save_tiny_idefics3, "gemma3": save_tiny_gemma3_vision}[kind]
+    save = {"qwen2-vl": save_tiny_qwen_vl, "idefics3": save_tiny_idefics3, "gemma3": save_tiny_gemma3_vision,
+            "mistral3": save_tiny_mistral3}[kind]
     path = save(tmp_path / kind, smollm2_path)
     # Qwen2-VL: pictures bounded by --mm-processor-kwargs, on the server's media threads as in the engine
     resize = {"mm_processor_kwargs": {"max_pixels": 48 * 64}} if kind == "qwen2-vl" else {}
