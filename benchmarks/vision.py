@@ -1,11 +1,12 @@
-"""Vision-language serving on CPU: one LLaVA (or Qwen2-VL, Qwen3-VL, SmolVLM) through Loom's engine and through HF
-transformers' ``generate`` in the same run, on the same requests (one image and a question each), alternated round by
-round.
+"""Vision-language serving on CPU: one LLaVA (or Qwen2-VL, Qwen3-VL, SmolVLM, Gemma 3) through Loom's engine and
+through HF transformers' ``generate`` in the same run, on the same requests (one image and a question each),
+alternated round by round.
 
     python benchmarks/vision.py --num-prompts 32 --rounds 2
     python benchmarks/vision.py --model qwen2-vl --num-prompts 32 --rounds 2
     python benchmarks/vision.py --model qwen3-vl --num-prompts 32 --rounds 2
     python benchmarks/vision.py --model smolvlm --num-prompts 32 --rounds 2
+    python benchmarks/vision.py --model gemma3 --num-prompts 32 --rounds 2
 
 The model: LLaVA-1.5's layout at a CPU-sized scale, random weights (seeded), float32. The tower is CLIP ViT-B/16 at
 224 px (12 layers, hidden 768; 196 image tokens a picture, the second-to-last layer, CLS dropped), the projector two
@@ -26,6 +27,11 @@ its M-RoPE reads.
 16-pixel patches merged 2 x 2 (a 320 x 240 picture: 80 tokens), DeepStack features of layers 3, 7 and 11 added after
 the language model's first three layers, the same SmolLM2-135M-shaped language model as Qwen3 (q/k norm) with
 interleaved M-RoPE (sections 12, 10, 10), fed as for Qwen2-VL.
+
+``--model gemma3``: Gemma 3's layout at that scale (``Gemma3ForConditionalGeneration``): a SigLIP tower of 12
+layers of width 768 on 224-pixel pictures (14-pixel patches, 16 x 16), pooled 2 x 2 to 64 tokens an image, which
+attend to each other both ways; SmolLM2-135M's shape as Gemma 3's text model (q/k norms, five sliding layers of 512
+to one global). transformers runs its own processor, left-padded.
 
 ``--model smolvlm``: SmolVLM-256M's layout (``Idefics3ForConditionalGeneration``): a SigLIP tower of 12 layers of
 width 768 on 512-pixel tiles (16-pixel patches), pixel shuffle by 4 (64 tokens a tile), SmolLM2-135M's shape, with
@@ -151,6 +157,33 @@ def build_smolvlm(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
     return folder
 
 
+def build_gemma3(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
+    from transformers import AutoConfig, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from loom.models.tiny import GEMMA3_TEMPLATE, gemma3_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = gemma3_tokenizer(tokenizer_dir)
+    text = AutoConfig.from_pretrained(str(tokenizer_dir)).to_dict()
+    for key in ("architectures", "model_type", "hidden_act", "rope_scaling", "rope_parameters"):
+        text.pop(key, None)
+    text.update(model_type="gemma3_text", vocab_size=49216, head_dim=64, query_pre_attn_scalar=64, sliding_window=512)
+    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  image_size=224, patch_size=14, vision_use_head=False)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=64,
+                          boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
+                          image_token_index=tokenizer.image_token_id)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # transformers' init leaves the projector at zero
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.02)
+    model.save_pretrained(folder)
+    Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 224, "width": 224}), tokenizer=tokenizer,
+                    image_seq_length=64, chat_template=GEMMA3_TEMPLATE).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 class QwenHF:
     """transformers' Qwen2-VL or Qwen3-VL on a batch: prompts expanded by the image processor's grids, left-padded."""
 
@@ -188,6 +221,9 @@ def make_requests(n: int, seed: int, layout: str = "llava") -> list[tuple[str, o
         if layout in ("qwen2-vl", "qwen3-vl"):
             out.append((f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}?<|im_end|>\n"
                         "<|im_start|>assistant\n", image))
+        elif layout == "gemma3":
+            out.append((f"<start_of_turn>user\n<start_of_image>{question}?<end_of_turn>\n<start_of_turn>model\n",
+                        image))
         elif layout == "smolvlm":
             out.append((f"<|im_start|>User:<image>{question}?<end_of_utterance>\nAssistant:", image))
         else:
@@ -206,13 +242,14 @@ def run_loom(llm, requests) -> float:
     return elapsed
 
 
-def run_hf(model, processor, requests, batch_size: int) -> float:
+def run_hf(model, processor, requests, batch_size: int, nested: bool = False) -> float:
+    """``nested``: the processor takes each prompt's pictures as a list of their own (Gemma 3's)."""
     start = time.perf_counter()
     produced = 0
     for i in range(0, len(requests), batch_size):
         batch = requests[i : i + batch_size]
-        inputs = processor(images=[img for _, img in batch], text=[p for p, _ in batch], return_tensors="pt",
-                           padding=True)
+        images = [[img] if nested else img for _, img in batch]
+        inputs = processor(images=images, text=[p for p, _ in batch], return_tensors="pt", padding=True)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=OUTPUT_TOKENS, min_new_tokens=OUTPUT_TOKENS,
                                  do_sample=False)
@@ -224,7 +261,7 @@ def run_hf(model, processor, requests, batch_size: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["llava", "qwen2-vl", "qwen3-vl", "smolvlm"], default="llava")
+    ap.add_argument("--model", choices=["llava", "qwen2-vl", "qwen3-vl", "smolvlm", "gemma3"], default="llava")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--hf-batch-size", type=int, default=8)
@@ -242,7 +279,8 @@ def main() -> int:
     qwen = args.model in ("qwen2-vl", "qwen3-vl")
     with tempfile.TemporaryDirectory() as tmp:
         build = {"llava": build_model, "qwen2-vl": partial(build_qwen_vl, version="2"),
-                 "qwen3-vl": partial(build_qwen_vl, version="3"), "smolvlm": build_smolvlm}[args.model]
+                 "qwen3-vl": partial(build_qwen_vl, version="3"), "smolvlm": build_smolvlm,
+                 "gemma3": build_gemma3}[args.model]
         path = build(Path(tmp) / args.model, resolve_model("smollm2"), args.seed)
         llm = LLM(str(path), seed=args.seed, mm_encoder_dtype=args.mm_encoder_dtype)
         if qwen:
@@ -255,13 +293,14 @@ def main() -> int:
         image_tokens = llm.engine.image_tokens.count(320, 240)
         warm = make_requests(2, args.seed + 1000, args.model)
         run_loom(llm, warm)
-        run_hf(model, processor, warm, 2)
+        nested = args.model == "gemma3"
+        run_hf(model, processor, warm, 2, nested)
         tokens = OUTPUT_TOKENS * args.num_prompts
         loom_tps, hf_tps = [], []
         for r in range(args.rounds):
             requests = make_requests(args.num_prompts, args.seed + r, args.model)  # new pictures: no cache hit
             loom_tps.append(tokens / run_loom(llm, requests))
-            hf_tps.append(tokens / run_hf(model, processor, requests, args.hf_batch_size))
+            hf_tps.append(tokens / run_hf(model, processor, requests, args.hf_batch_size, nested))
             print(f"round {r + 1}: loom {loom_tps[-1]:.1f} tok/s, hf {hf_tps[-1]:.1f} tok/s", flush=True)
     loom, hf = statistics.median(loom_tps), statistics.median(hf_tps)
     described = {"qwen2-vl": "Qwen2-VL layout: 12-layer ViT (768) on 14 px patches merged 2x2 + SmolLM2-135M shape, "
@@ -270,6 +309,8 @@ def main() -> int:
                              "SmolLM2-135M shape as Qwen3, interleaved M-RoPE, random",
                  "smolvlm": "SmolVLM-256M layout: SigLIP 12 layers (768) on 512 px tiles, pixel shuffle 4, "
                             "SmolLM2-135M shape, longest side 1024, random",
+                 "gemma3": "Gemma 3 layout: SigLIP 12 layers (768) on 224 px, 14 px patches pooled 2x2 (64 tokens, "
+                           "attended both ways) + SmolLM2-135M shape as Gemma 3 text (window 512), random",
                  "llava": "LLaVA layout: CLIP ViT-B/16 224 px + SmolLM2-135M shape, random"}[args.model]
     result = {"benchmark": "vision", "model": described,
               "num_prompts": args.num_prompts, "output_tokens": OUTPUT_TOKENS, "image_tokens": image_tokens,
