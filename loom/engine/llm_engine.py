@@ -245,6 +245,13 @@ class LLMEngine:
             prompt_token_ids = self.vision.tokens.place(prompt_token_ids, [(im.width, im.height) for im in images])
         params = self._validate(prompt_token_ids, params)
         image_input = self.vision.image_input(prompt_token_ids, images) if images else None
+        if image_input is not None and image_input.spans is not None and len(image_input.spans):
+            longest = int((image_input.spans[:, 1] - image_input.spans[:, 0]).max())
+            if longest > self.config.max_num_batched_tokens:  # it could never be scheduled whole
+                raise ValueError(f"the prompt's image tokens side by side make one span of {longest} tokens, "
+                                 "attended both ways and so computed in one step, past max_num_batched_tokens "
+                                 f"{self.config.max_num_batched_tokens}: put each image's markers around its "
+                                 "tokens (or expand none and let the engine do it)")
         adapter = self._adapter(lora_request)
         now = arrival_time or time.time()
         seqs = [

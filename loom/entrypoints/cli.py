@@ -75,8 +75,8 @@ def _with_images(llm: LLM, prompts: list[str], images: list) -> list:
     tokens = llm.engine.image_tokens
     if tokens is None:
         raise ValueError(f"--image: {llm.engine.model_path} is a text model; {SERVE_A_VISION_MODEL}")
-    placeholder = llm.tokenizer.convert_ids_to_tokens(tokens.token_id)
-    marked = image_placeholder(llm.tokenizer, tokens.token_id)  # Qwen2-VL's between its markers
+    placeholder = llm.tokenizer.convert_ids_to_tokens(tokens.placeholder)  # Gemma 3's <start_of_image>
+    marked = image_placeholder(llm.tokenizer, tokens.placeholder)  # Qwen2-VL's between its markers
     return [{"prompt": p if placeholder in p else f"{marked}\n" * len(images) + p,
              "multi_modal_data": {"image": images}} for p in prompts]
 

@@ -174,7 +174,7 @@ class LLM:
         if self.engine.image_tokens is not None:
             parts = [{**m, "content": [p if p.get("type") == "text" else {"type": "image"} for p in m["content"]]}
                      if isinstance(m.get("content"), list) else m for m in messages]
-            image_text = image_placeholder(tok, self.engine.image_tokens.token_id)
+            image_text = image_placeholder(tok, self.engine.image_tokens.placeholder)
             messages = vision_content(parts, content_format(tok.get_chat_template()), image_text)
         ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)

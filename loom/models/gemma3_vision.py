@@ -63,9 +63,11 @@ class Gemma3ImageTokens(ImageTokens):
 
     def _newlines(self, count: int) -> list[int]:
         out = []
-        while count > MAX_NEWLINES:  # longer runs than the table: whole tokens of the longest, then the rest
-            out += self.newline_runs[MAX_NEWLINES]
-            count -= MAX_NEWLINES
+        if count > MAX_NEWLINES:  # longer runs than the table: the longest newline token while past it, then the rest
+            longest, size = max(self.newline_counts, key=lambda item: item[1])
+            while count > MAX_NEWLINES:
+                out.append(longest)
+                count -= size
         return out + list(self.newline_runs[count])
 
     def place(self, token_ids: list[int], sizes: list[tuple[int, int]]) -> list[int]:

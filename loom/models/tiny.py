@@ -366,11 +366,11 @@ GEMMA3_MARKERS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"
 
 def gemma3_tokenizer(tokenizer_dir: str | Path):
     """``tokenizer_dir``'s tokenizer with Gemma 3's image markers and turn tokens (special, 49152 on), and runs of 1 to
-    8 newlines as tokens of their own, as Gemma's tokenizer has them (so "\\n" + "\\n\\n" is one token written as
+    31 newlines as tokens of their own, as Gemma's tokenizer has them (so "\\n" + "\\n\\n" is one token written as
     text: what the processor's expansion merges into)."""
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), extra_special_tokens=GEMMA3_MARKERS)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
-    tokenizer.add_tokens(["\n" * k for k in range(8, 0, -1)])
+    tokenizer.add_tokens(["\n" * k for k in range(31, 0, -1)])
     return tokenizer
 
 

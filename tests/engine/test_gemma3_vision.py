@@ -161,3 +161,44 @@ def test_chat_and_the_step_size_refusal(gemma3):
     assert out.outputs[0].token_ids == hf.greedy(text, [picture], 6)[0]
     with pytest.raises(ValueError, match="max_num_batched_tokens must be at least 16"):
         LLM(str(gemma3), max_num_batched_tokens=12, num_kv_blocks=16)
+
+
+def test_generate_cli_and_string_templates_write_start_of_image(gemma3, tmp_path, capsys):
+    """Where Loom writes the placeholder itself (the CLI's --image in front of a prompt; a chat template that reads
+    content as a string), it writes <start_of_image>, which the engine expands, not the image token."""
+    import json
+
+    from loom.cli import main
+
+    picture = tmp_path / "cat.png"
+    image(12).save(picture)
+    assert main(["generate", "--model", str(gemma3), "--image", str(picture), "--max-tokens", "6", "--ignore-eos",
+                 "--num-kv-blocks", "32", "--json", "What is this?"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    hf = HF(gemma3)
+    from PIL import Image
+
+    seen = Image.open(picture).convert("RGB")
+    assert printed["text"] == hf.processor.tokenizer.decode(hf.greedy("<start_of_image>\nWhat is this?", [seen], 6)[0])
+
+    llm = LLM(str(gemma3), num_kv_blocks=64)
+    llm.tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    messages = [{"role": "user", "content": [{"type": "image_pil", "image_pil": seen},
+                                             {"type": "text", "text": "What is this?"}]}]
+    out = llm.chat(messages, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    assert out.prompt_token_ids.count(llm.engine.image_tokens.token_id) == 16
+    assert out.prompt_token_ids == hf.ids("user: <start_of_image>\nWhat is this?\n", [seen])
+
+
+def test_image_tokens_side_by_side_past_the_step_are_refused(gemma3):
+    """Two images' tokens written side by side (already expanded, no markers between) make one 32-token span, which
+    transformers also attends both ways: past a 20-token step it could never be scheduled whole, so it is refused
+    instead of waiting forever."""
+    llm = LLM(str(gemma3), max_num_batched_tokens=20, num_kv_blocks=64)
+    soft = llm.engine.image_tokens.token_id
+    ids = llm.tokenizer.encode("Look:") + [soft] * 32 + llm.tokenizer.encode("ok?")
+    request = {"prompt_token_ids": ids, "multi_modal_data": {"image": [image(1), image(2)]}}
+    with pytest.raises(ValueError, match="one span of 32 tokens"):
+        llm.generate(request, SamplingParams(max_tokens=2))
+    wide = LLM(str(gemma3), max_num_batched_tokens=64, num_kv_blocks=64)  # room for it: served as transformers does
+    assert len(wide.generate(request, SamplingParams(max_tokens=2))[0].outputs[0].token_ids) == 2

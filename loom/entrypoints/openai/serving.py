@@ -171,7 +171,7 @@ class ServingContext:
                 raise bad_request(f"the chat template placed {placed} image tokens for {num_images} images; this "
                                   "model's template does not take image parts", "messages") from None
             if limit is not None and len(ids) >= limit:
-                image_rows = sum(tokens.count(image.width, image.height, len(images)) for image in images)
+                image_rows = sum(len(tokens.expansion(image.width, image.height, len(images))) for image in images)
                 raise bad_request(f"prompt has {len(ids)} tokens ({image_rows} for images) but the "
                                   f"model's context is {limit}; send fewer or smaller images, or less text", "messages")
         return ids
