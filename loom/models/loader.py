@@ -71,6 +71,10 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
     hf = load_hf_config(folder)
     cfg = LlamaConfig.from_hf(hf)
     rename = language_weight_name if is_multimodal(hf) else None  # the text model's weights of a vision model
+    if rename is not None and cfg.tie_word_embeddings and _holds(files, rename, "lm_head.weight"):
+        # a vision config's tie flag defaults to True where the hub's configs leave it out (Mistral 3), though the
+        # checkpoint holds a head of its own: transformers then keeps that head, and so does Loom
+        cfg.tie_word_embeddings = False
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions=1, dtype=dtype, tp=tp)
     model = model.to_empty(device=device).to(dtype)
@@ -311,6 +315,15 @@ def _shard(pname: str, part: int | None, tensor: torch.Tensor, cfg: LlamaConfig,
 def _parts(pname: str) -> int:
     """How many checkpoint tensors make up Loom parameter ``pname`` (fused q/k/v: 3, gate/up: 2)."""
     return 3 if "qkv_proj" in pname else 2 if "gate_up_proj" in pname else 1
+
+
+def _holds(files: list[Path], rename, name: str) -> bool:
+    """Whether the checkpoint's ``files`` hold a tensor that ``rename`` names ``name``."""
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            if any(rename(key) == name for key in f.keys()):
+                return True
+    return False
 
 
 def _check_complete(params: dict, filled: dict[str, int], folder: Path) -> None:

@@ -57,8 +57,12 @@ class PixtralImageTokens(ImageTokens):
     """Pixels a side of one image token: the tower's patch times the merge (Mistral 3: 14 x 2)."""
 
     def grid(self, width: int, height: int) -> tuple[int, int]:
-        """(rows, columns) of image tokens of a ``width`` x ``height`` picture."""
+        """(rows, columns) of image tokens of a ``width`` x ``height`` picture; a ValueError for one so thin that
+        its short side scales down to nothing (transformers fails on it too)."""
         h, w = resized(height, width, self.longest_edge, self.patch)
+        if not h or not w:
+            raise ValueError(f"a {width}x{height} picture scales to {w}x{h} pixels at a longest side of "
+                             f"{self.longest_edge}: too thin for this model; crop or pad it")
         return h // self.patch, w // self.patch
 
     def count(self, width: int, height: int, num_images: int = 1) -> int:
@@ -121,6 +125,8 @@ class PixtralVisionEncoder:
         self.anyres = self.onevision = False
         layers = hf_config.vision_feature_layer
         self.feature_layers = [layers] if isinstance(layers, int) else list(layers)
+        if self.mistral3 and len(self.feature_layers) != 1:  # its norm and patch merger take one layer's width
+            raise ValueError(f"{folder}: Mistral 3's projector takes one vision_feature_layer, got {layers}")
         if getattr(hf_config, "vision_feature_select_strategy", "full") != "full":
             raise ValueError(f"{folder}: a Pixtral tower's rows are all patches (vision_feature_select_strategy "
                              f"'full'), got {hf_config.vision_feature_select_strategy!r}")
@@ -148,19 +154,17 @@ class PixtralVisionEncoder:
 
     @torch.inference_mode()
     def embed(self, images: list[PreparedImage]) -> torch.Tensor:
-        """The images' rows one after another: every picture through the tower in one call (padded to the largest,
-        each attending to its own patches only, as transformers runs a batch), then the projector."""
-        height = max(image.grid[0] for image in images)
-        width = max(image.grid[1] for image in images)
-        pixels = torch.zeros(len(images), 3, height, width)
-        for i, image in enumerate(images):
-            pixels[i, :, : image.grid[0], : image.grid[1]] = image.pixels[0]
-        sizes = torch.tensor([image.grid for image in images])
-        out = self.tower(pixels.to(device=self.device, dtype=self.dtype), image_sizes=sizes,
-                         output_hidden_states=True)
-        features = torch.cat([out.hidden_states[layer] for layer in self.feature_layers], dim=-1).squeeze(0)
+        """The images' rows one after another: each picture through the tower on its own (transformers runs a batch
+        as one sequence under a block-diagonal mask, whose memory grows with the square of all the pictures'
+        patches: 4.7 GB in bfloat16 for four of Mistral 3's largest), then the projector over them all."""
+        features = []
+        for image in images:
+            out = self.tower(image.pixels.to(device=self.device, dtype=self.dtype),
+                             image_sizes=torch.tensor([image.grid]), output_hidden_states=True)
+            features.append(torch.cat([out.hidden_states[layer] for layer in self.feature_layers], dim=-1)[0])
+        features = torch.cat(features)
         if self.mistral3:
-            return self.projector(features, sizes)
+            return self.projector(features, torch.tensor([image.grid for image in images]))
         return self.projector(features)
 
     def image_input(self, token_ids: list[int], images: list) -> ImageInput:

@@ -439,19 +439,28 @@ def save_tiny_mistral3(path: str | Path, tokenizer_dir: str | Path, seed: int = 
                   num_attention_heads=2, head_dim=16, image_size=64, patch_size=8)
     image_token = tokenizer.convert_tokens_to_ids("[IMG]")
     if pixtral:
-        config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=image_token,
-                             vision_feature_select_strategy="full", vision_feature_layer=-1,
-                             projector_hidden_act="gelu", tie_word_embeddings=False, **overrides)
+        config = LlavaConfig(**{"text_config": text, "vision_config": vision, "image_token_index": image_token,
+                                "vision_feature_select_strategy": "full", "vision_feature_layer": -1,
+                                "projector_hidden_act": "gelu", "tie_word_embeddings": False, **overrides})
         model = LlavaForConditionalGeneration(config).eval()
         longest = 48
+        hub = False
     else:
-        config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=image_token,
-                                spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=False, **overrides)
+        config = Mistral3Config(**{"text_config": text, "vision_config": vision, "image_token_index": image_token,
+                                   "spatial_merge_size": 2, "vision_feature_layer": -1, "tie_word_embeddings": False,
+                                   **overrides})
         model = Mistral3ForConditionalGeneration(config).eval()
+        hub = True  # the hub's config.json leaves the top-level tie flag out (transformers' default: True)
         longest = 64
     with torch.no_grad():  # transformers' init leaves the projector's rows small next to the embeddings
         model.model.multi_modal_projector.linear_2.weight.normal_(0, 0.3)
     model.save_pretrained(path)
+    if hub:
+        import json
+
+        saved = json.loads((Path(path) / "config.json").read_text())
+        saved.pop("tie_word_embeddings", None)
+        (Path(path) / "config.json").write_text(json.dumps(saved, indent=2))
     # the image processor alone: transformers' PixtralProcessor needs torchvision
     PixtralImageProcessorPil(size={"longest_edge": longest}, patch_size={"height": 8, "width": 8}).save_pretrained(path)
     tokenizer.chat_template = MISTRAL3_TEMPLATE

@@ -15,7 +15,7 @@ from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImag
 
 from loom import LLM, SamplingParams
 from loom.models.tiny import save_tiny_mistral3
-from tests.engine.test_vision import assert_chunks_and_cache, hf_generate, image
+from tests.engine.test_vision import assert_chunks_and_cache, hf_generate, image, loom_greedy
 
 
 @pytest.fixture(scope="module", params=["mistral3", "pixtral"])
@@ -104,3 +104,19 @@ def test_chunked_prefill_prefix_cache_and_chat(pixtral):
     rendered = hf.tokenizer.bos_token + "[INST][IMG]What is this?[/INST]"
     assert out.prompt_token_ids == hf.inputs(rendered, [picture])["input_ids"][0].tolist()
     assert out.outputs[0].token_ids == hf.greedy(rendered, [picture], 6)[0]
+
+
+def test_feature_layers_and_thin_pictures(tmp_path, smollm2_path):
+    """Pixtral 12B's layout with two feature layers (LLaVA's projector takes their concatenation) equals
+    transformers; Mistral 3's projector takes one and refuses a list; a picture too thin for any token is a clear
+    ValueError."""
+    path = save_tiny_mistral3(tmp_path / "pixtral", smollm2_path, pixtral=True, vision_feature_layer=[-2, -1])
+    prompt, pictures = PROMPTS[1]
+    images = [image(seed, size) for seed, size in pictures]
+    llm = LLM(str(path), num_kv_blocks=64)
+    assert loom_greedy(llm, prompt, images, 6)[0] == HF(path).greedy(prompt, images, 6)[0]
+    with pytest.raises(ValueError, match="too thin"):
+        llm.generate({"prompt": "[IMG]", "multi_modal_data": {"image": [image(0, (1, 200))]}})
+    mistral3 = save_tiny_mistral3(tmp_path / "mistral3", smollm2_path, vision_feature_layer=[-2, -1])
+    with pytest.raises(ValueError, match="one vision_feature_layer"):
+        LLM(str(mistral3), num_kv_blocks=16)
