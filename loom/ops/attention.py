@@ -160,9 +160,21 @@ def paged_attention(
         out[:nd] = decode_fn(q[:nd], k_cache, v_cache, meta, scale, window, softcap)
     if prefill_fn is not None:
         return prefill_fn(q, k_cache, v_cache, meta, scale, out, window, softcap)
-    visible = meta.visible_through
     for chunk in meta.prefills:
         s, e = chunk.token_start, chunk.token_end
         out[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], k_cache, v_cache, chunk, scale, window, softcap,
-                                     None if visible is None else visible[s:e])
+                                     _chunk_visible(meta, chunk))
     return out
+
+
+def _chunk_visible(meta: AttentionMetadata, chunk: PrefillChunk) -> torch.Tensor | None:
+    """The chunk's rows of ``meta.visible_through``, or None where none of them sees past itself (the chunk keeps
+    the causal path); decided once a step per chunk."""
+    if meta.visible_through is None:
+        return None
+    key = ("visible", chunk.token_start)
+    if key not in meta.plans:
+        rows = meta.visible_through[chunk.token_start : chunk.token_end]
+        own = torch.arange(chunk.start_pos, chunk.start_pos + len(rows), device=rows.device)
+        meta.plans[key] = rows if bool((rows != own).any()) else None
+    return meta.plans[key]
