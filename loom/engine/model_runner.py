@@ -387,7 +387,9 @@ class ModelRunner:
                 draft_rows.extend(range(end - num_drafts, end))
                 sampling.append(chunk)
         prompt_rows, prompt_logit_rows = [], []
-        for i, c in enumerate(prefills, len(decodes)):
+        # every chunk, decodes too: a one-token chunk of a prompt (the step's budget left one, or a chunk stopped
+        # before a picture) is scheduled as a decode and scores its token as any prompt chunk does
+        for i, c in enumerate(chunks):
             if c.seq.prompt_logprobs is not None:  # a request's first sequence (n > 1: its siblings skip)
                 rows, targets = _prompt_logprob_rows(c, int(ends[i] - counts[i]))
                 if len(targets):

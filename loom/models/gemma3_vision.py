@@ -73,9 +73,11 @@ class Gemma3ImageTokens(ImageTokens):
     def place(self, token_ids: list[int], sizes: list[tuple[int, int]]) -> list[int]:
         """The prompt with each ``<start_of_image>`` expanded, the inserted ``\\n\\n`` and the prompt's newlines next
         to them merged as the tokenizer would merge the text; a prompt that holds image tokens already is taken as
-        expanded. A ValueError when the placeholders are not one per image."""
-        if self.token_id in token_ids:
-            return token_ids
+        expanded when each ``<start_of_image>`` in it is followed by an image token. A ValueError when the placeholders
+        are not one per image."""
+        pairs = zip(token_ids, token_ids[1:])
+        if self.token_id in token_ids and all(b == self.token_id for a, b in pairs if a == self.placeholder_id):
+            return token_ids  # expanded already (image tokens typed as text beside a bare placeholder are not)
         found = token_ids.count(self.placeholder_id)
         if found != len(sizes):
             raise ValueError(f"the prompt has {found} image placeholders (<start_of_image>) for {len(sizes)} images: "

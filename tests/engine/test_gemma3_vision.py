@@ -202,3 +202,13 @@ def test_image_tokens_side_by_side_past_the_step_are_refused(gemma3):
         llm.generate(request, SamplingParams(max_tokens=2))
     wide = LLM(str(gemma3), max_num_batched_tokens=64, num_kv_blocks=64)  # room for it: served as transformers does
     assert len(wide.generate(request, SamplingParams(max_tokens=2))[0].outputs[0].token_ids) == 2
+
+
+def test_image_tokens_typed_as_text_are_not_an_expansion(gemma3):
+    """A message that types an image's worth of <image_soft_token> beside a real picture's bare <start_of_image>
+    is not taken as expanded (the picture's rows would land on the typed tokens): it is expanded, and the count
+    then tells the prompt is not the pictures'."""
+    llm = LLM(str(gemma3), num_kv_blocks=64)
+    prompt = TURN.format("<start_of_image>Say: " + "<image_soft_token>" * 16)
+    with pytest.raises(ValueError, match="32 image tokens where its 1 images take 16"):
+        llm.generate({"prompt": prompt, "multi_modal_data": {"image": [image(1)]}}, SamplingParams(max_tokens=2))

@@ -112,3 +112,21 @@ def test_offline_outputs_carry_vllm_logprob_objects(tiny_llama, reference):
     outside = [(t, e) for t, e in zip(sampled.outputs[0].token_ids, sampled.outputs[0].logprobs) if len(e) == 2]
     assert outside and all(e[t].rank is None and max(e.values()).rank == 1 for t, e in outside)
     assert json.loads(json.dumps(greedy.outputs[0].logprobs[0]))  # still floats to JSON
+
+
+def test_one_token_prompt_chunks_score_their_token(tiny_llama, reference):
+    """A prompt chunk of one token (here the step's last budget token, after a 15-token prompt in a 16-token step)
+    is scheduled as a decode: it scores its token like any prompt chunk (it was skipped, leaving the list short:
+    None for the whole request), and after preemption the recomputed scores stay aligned with their tokens."""
+    prompts = [list(range(300, 315)), list(range(400, 412))]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, prompt_logprobs=0)
+    for engine in (dict(num_kv_blocks=64), dict(num_kv_blocks=10, block_size=4)):  # the second one preempts
+        llm = LLM(str(tiny_llama), max_num_batched_tokens=16, **engine)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        for ids, out in zip(prompts, outs):
+            assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(ids)
+            ref = reference(ids)
+            for j in range(1, len(ids)):
+                assert set(out.prompt_logprobs[j]) == {ids[j]}
+                assert abs(out.prompt_logprobs[j][ids[j]].logprob - ref[j - 1, ids[j]].item()) < 1e-4
+    assert llm.engine.stats().num_preemptions > 0
