@@ -151,10 +151,12 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (a list of messages) or to several. A vision model's
         user messages may hold images as content parts: ``{"type": "image_pil", "image_pil": PIL image}`` or
-        ``{"type": "image_url", "image_url": {"url": "data:..." or "file:///..."}}`` (vLLM's parts)."""
+        ``{"type": "image_url", "image_url": {"url": "data:..." or "file:///..."}}`` (vLLM's parts). ``use_tqdm``:
+        a progress bar, as ``generate``'s."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = []
         for conversation in conversations:
@@ -163,7 +165,7 @@ class LLM:
             if images:
                 prompt["multi_modal_data"] = {"image": images}
             prompts.append(prompt)
-        return self.generate(prompts, sampling_params, lora_request=lora_request)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """The conversation's prompt ids; a vision model's image parts (``{"type": "image"}`` or any of ``chat``'s)

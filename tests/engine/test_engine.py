@@ -435,3 +435,13 @@ def test_priority_scheduling_serves_lower_values_first_with_the_same_outputs(tin
     with pytest.raises(ValueError, match="--scheduling-policy priority"):  # the first prompt is dropped too
         llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params, priority=[0, 1])
     assert_no_leaks(llm)
+
+
+def test_chat_takes_vllms_use_tqdm(tiny_llama, capsys):
+    llm = LLM(str(tiny_llama), num_kv_blocks=32)
+    messages = [{"role": "user", "content": "Hello there"}]
+    params = SamplingParams(max_tokens=4, temperature=0)
+    quiet = llm.chat(messages, params)[0].outputs[0].token_ids
+    capsys.readouterr()
+    assert llm.chat(messages, params, use_tqdm=True)[0].outputs[0].token_ids == quiet
+    assert "requests" in capsys.readouterr().err  # the bar
