@@ -78,6 +78,24 @@ class PixtralImageTokens(ImageTokens):
     def describe(self) -> str:
         return f"a token per {self.patch} x {self.patch} pixels (longest side {self.longest_edge})"
 
+    def place(self, token_ids: list[int], sizes: list[tuple[int, int]]) -> list[int]:
+        """As ``ImageTokens.place``, except that a prompt holding ``[IMG_END]`` is taken as expanded already (a
+        one-token picture's expansion, ``[IMG][IMG_END]``, holds one ``[IMG]``, as the placeholder does: the server's
+        expansion was expanded again by the engine) and each picture's tokens are checked to be its layout."""
+        if self.end_id not in token_ids:
+            return ImageTokens.place(self, token_ids, sizes)
+        at = 0
+        for k, (width, height) in enumerate(sizes):
+            want = self.expansion(width, height)
+            start = token_ids.index(self.token_id, at) if self.token_id in token_ids[at:] else len(token_ids)
+            if token_ids[start : start + len(want)] != want:
+                rows, cols = self.grid(width, height)
+                raise ValueError(f"the prompt's expanded picture {k + 1} is not the layout of a {width}x{height} "
+                                 f"picture ({rows} lines of {cols} [IMG], each closed by [IMG_BREAK], the last by "
+                                 "[IMG_END]): put one [IMG] per picture and let the engine expand it")
+            at = start + len(want)
+        return token_ids
+
 
 class PixtralImageProcessor:
     """Pixtral's image preprocessing without its tower (the folder's processor on its PIL backend, aligned to the

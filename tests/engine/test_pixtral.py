@@ -120,3 +120,32 @@ def test_feature_layers_and_thin_pictures(tmp_path, smollm2_path):
     mistral3 = save_tiny_mistral3(tmp_path / "mistral3", smollm2_path, vision_feature_layer=[-2, -1])
     with pytest.raises(ValueError, match="one vision_feature_layer"):
         LLM(str(mistral3), num_kv_blocks=16)
+
+
+def test_expanded_prompts_are_kept_and_checked(pixtral):
+    """A prompt expanded already is kept as it is, even where every picture takes one token ([IMG][IMG_END] holds
+    one [IMG], as a placeholder does: the server's expansion was expanded again by the engine, one token too many),
+    and one whose pictures' lines are not their layout is refused."""
+    llm = LLM(str(pixtral), num_kv_blocks=64)
+    tokens = llm.engine.image_tokens
+    tiny = image(3, (8, 8))  # one token on either layout
+    prompt = "[INST][IMG]What?[/INST]"
+    placed = llm.generate({"prompt": prompt, "multi_modal_data": {"image": [tiny]}}, SamplingParams(max_tokens=1))
+    ids = placed[0].prompt_token_ids
+    assert ids.count(tokens.end_id) == 1 and ids.count(tokens.token_id) == 1
+    again = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": [tiny]}},
+                         SamplingParams(max_tokens=1))
+    assert again[0].prompt_token_ids == ids
+    picture = image(4, (48, 64))  # 3 lines of 4 on Mistral 3, 6 of 8 on Pixtral
+    rows, cols = tokens.grid(64, 48)
+    good = tokens.expansion(64, 48)
+    transposed = ([tokens.token_id] * rows + [tokens.break_id]) * cols
+    transposed[-1] = tokens.end_id
+    before = llm.tokenizer.encode("[INST]")
+    for expanded, ok in ((good, True), (transposed, False)):
+        request = {"prompt_token_ids": before + expanded, "multi_modal_data": {"image": [picture]}}
+        if ok:
+            assert llm.generate(request, SamplingParams(max_tokens=1))[0].prompt_token_ids == before + expanded
+        else:
+            with pytest.raises(ValueError, match="not the layout"):
+                llm.generate(request, SamplingParams(max_tokens=1))
