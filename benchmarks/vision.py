@@ -1,12 +1,13 @@
-"""Vision-language serving on CPU: one LLaVA (or Qwen2-VL, Qwen3-VL, SmolVLM, Gemma 3) through Loom's engine and
-through HF transformers' ``generate`` in the same run, on the same requests (one image and a question each),
-alternated round by round.
+"""Vision-language serving on CPU: one LLaVA (or Qwen2-VL, Qwen3-VL, SmolVLM, Gemma 3, Mistral 3) through Loom's
+engine and through HF transformers' ``generate`` in the same run, on the same requests (one image and a question
+each), alternated round by round.
 
     python benchmarks/vision.py --num-prompts 32 --rounds 2
     python benchmarks/vision.py --model qwen2-vl --num-prompts 32 --rounds 2
     python benchmarks/vision.py --model qwen3-vl --num-prompts 32 --rounds 2
     python benchmarks/vision.py --model smolvlm --num-prompts 32 --rounds 2
     python benchmarks/vision.py --model gemma3 --num-prompts 32 --rounds 2
+    python benchmarks/vision.py --model mistral3 --num-prompts 32 --rounds 2
 
 The model: LLaVA-1.5's layout at a CPU-sized scale, random weights (seeded), float32. The tower is CLIP ViT-B/16 at
 224 px (12 layers, hidden 768; 196 image tokens a picture, the second-to-last layer, CLS dropped), the projector two
@@ -32,6 +33,11 @@ interleaved M-RoPE (sections 12, 10, 10), fed as for Qwen2-VL.
 layers of width 768 on 224-pixel pictures (14-pixel patches, 16 x 16), pooled 2 x 2 to 64 tokens an image, which
 attend to each other both ways; SmolLM2-135M's shape as Gemma 3's text model (q/k norms, five sliding layers of 512
 to one global). transformers runs its own processor, left-padded.
+
+``--model mistral3``: Mistral 3's layout (``Mistral3ForConditionalGeneration``, Mistral Small 3.1's) at that scale:
+a Pixtral tower of 12 layers of width 768 on 14-pixel patches, merged 2 x 2 (a 320 x 240 picture is resized to
+336 x 252: 9 lines of 12 image tokens, each closed by a marker), SmolLM2-135M's shape as Mistral. transformers gets
+each batch's prompts expanded by PixtralProcessor's rule (the processor needs torchvision), left-padded.
 
 ``--model smolvlm``: SmolVLM-256M's layout (``Idefics3ForConditionalGeneration``): a SigLIP tower of 12 layers of
 width 768 on 512-pixel tiles (16-pixel patches), pixel shuffle by 4 (64 tokens a tile), SmolLM2-135M's shape, with
@@ -184,6 +190,57 @@ def build_gemma3(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
     return folder
 
 
+def build_mistral3(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
+    from transformers import AutoConfig, Mistral3Config, Mistral3ForConditionalGeneration
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    from loom.models.tiny import MISTRAL3_TEMPLATE, PIXTRAL_TOKENS, tokenizer_with
+
+    torch.manual_seed(seed)
+    tokenizer = tokenizer_with(tokenizer_dir, PIXTRAL_TOKENS)
+    text = AutoConfig.from_pretrained(str(tokenizer_dir)).to_dict()
+    for key in ("architectures", "model_type"):
+        text.pop(key, None)
+    text.update(model_type="mistral", vocab_size=49216, head_dim=64, sliding_window=None, tie_word_embeddings=False)
+    vision = dict(model_type="pixtral", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12, head_dim=64, image_size=1540, patch_size=14)
+    config = Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=2, vision_feature_layer=-1,
+                            image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), tie_word_embeddings=False)
+    model = Mistral3ForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    images = PixtralImageProcessorPil(size={"longest_edge": 1540}, patch_size={"height": 14, "width": 14})
+    images.save_pretrained(folder)
+    tokenizer.chat_template = MISTRAL3_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+class Mistral3HF:
+    """transformers' Mistral 3 on a batch: each [IMG] written as its picture's lines by PixtralProcessor's rule (the
+    processor needs torchvision), pixels from its image processor at the merged patch, left-padded."""
+
+    def __init__(self, path: Path):
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
+        from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.images = PixtralImageProcessorPil.from_pretrained(str(path))
+        self.model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
+
+    def __call__(self, images, text, **_) -> dict:
+        pixels = self.images(images=images, patch_size={"height": 28, "width": 28}, return_tensors="pt")
+        ids = []
+        for prompt, (height, width) in zip(text, pixels["image_sizes"].tolist()):
+            lines = ("[IMG]" * (width // 28) + "[IMG_BREAK]") * (height // 28)
+            expanded = prompt.replace("[IMG]", lines.removesuffix("[IMG_BREAK]") + "[IMG_END]")
+            ids.append(self.tokenizer.encode(expanded))
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[0] * (width - len(i)) + i for i in ids])
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+        return dict(input_ids=input_ids, attention_mask=mask, pixel_values=pixels["pixel_values"],
+                    image_sizes=pixels["image_sizes"])
+
+
 class QwenHF:
     """transformers' Qwen2-VL or Qwen3-VL on a batch: prompts expanded by the image processor's grids, left-padded."""
 
@@ -221,6 +278,8 @@ def make_requests(n: int, seed: int, layout: str = "llava") -> list[tuple[str, o
         if layout in ("qwen2-vl", "qwen3-vl"):
             out.append((f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}?<|im_end|>\n"
                         "<|im_start|>assistant\n", image))
+        elif layout == "mistral3":
+            out.append((f"[INST][IMG]{question}?[/INST]", image))
         elif layout == "gemma3":
             out.append((f"<start_of_turn>user\n<start_of_image>{question}?<end_of_turn>\n<start_of_turn>model\n",
                         image))
@@ -261,7 +320,8 @@ def run_hf(model, processor, requests, batch_size: int, nested: bool = False) ->
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["llava", "qwen2-vl", "qwen3-vl", "smolvlm", "gemma3"], default="llava")
+    ap.add_argument("--model", choices=["llava", "qwen2-vl", "qwen3-vl", "smolvlm", "gemma3", "mistral3"],
+                    default="llava")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--hf-batch-size", type=int, default=8)
@@ -280,11 +340,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         build = {"llava": build_model, "qwen2-vl": partial(build_qwen_vl, version="2"),
                  "qwen3-vl": partial(build_qwen_vl, version="3"), "smolvlm": build_smolvlm,
-                 "gemma3": build_gemma3}[args.model]
+                 "gemma3": build_gemma3, "mistral3": build_mistral3}[args.model]
         path = build(Path(tmp) / args.model, resolve_model("smollm2"), args.seed)
         llm = LLM(str(path), seed=args.seed, mm_encoder_dtype=args.mm_encoder_dtype)
-        if qwen:
-            processor = QwenHF(path)
+        if qwen or args.model == "mistral3":
+            processor = QwenHF(path) if qwen else Mistral3HF(path)
             model = processor.model
         else:
             processor = AutoProcessor.from_pretrained(str(path))
@@ -311,6 +371,8 @@ def main() -> int:
                             "SmolLM2-135M shape, longest side 1024, random",
                  "gemma3": "Gemma 3 layout: SigLIP 12 layers (768) on 224 px, 14 px patches pooled 2x2 (64 tokens, "
                            "attended both ways) + SmolLM2-135M shape as Gemma 3 text (window 512), random",
+                 "mistral3": "Mistral 3 layout: Pixtral tower 12 layers (768) on 14 px patches merged 2x2, pictures at "
+                             "their own resolution + SmolLM2-135M shape as Mistral, random",
                  "llava": "LLaVA layout: CLIP ViT-B/16 224 px + SmolLM2-135M shape, random"}[args.model]
     result = {"benchmark": "vision", "model": described,
               "num_prompts": args.num_prompts, "output_tokens": OUTPUT_TOKENS, "image_tokens": image_tokens,
