@@ -212,3 +212,24 @@ def test_image_tokens_typed_as_text_are_not_an_expansion(gemma3):
     prompt = TURN.format("<start_of_image>Say: " + "<image_soft_token>" * 16)
     with pytest.raises(ValueError, match="32 image tokens where its 1 images take 16"):
         llm.generate({"prompt": prompt, "multi_modal_data": {"image": [image(1)]}}, SamplingParams(max_tokens=2))
+
+
+def test_adapter_on_the_language_model_matches_peft(gemma3, tmp_path):
+    """A peft LoRA on Gemma 3's language model (a regex keeps the tower's like-named projections out), served
+    unmerged on a pictured prompt (its spans through the adapter's layers): peft's ids."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.engine.test_vision import assert_adapter_serves_as_peft
+
+    torch.manual_seed(5)
+    hf = HF(gemma3)
+    targets = r".*language_model.*\.(q_proj|v_proj|gate_proj|down_proj)"
+    peft_model = get_peft_model(hf.model, LoraConfig(r=4, lora_alpha=64, target_modules=targets,
+                                                     init_lora_weights=False)).eval()  # strong: it moves the answer
+    peft_model.save_pretrained(tmp_path / "adapter")
+    prompt, pictures = PROMPTS[1]
+    picture = [image(seed, size) for seed, size in pictures]
+    inputs = hf.processor(images=[picture], text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        want = peft_model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert_adapter_serves_as_peft(gemma3, tmp_path / "adapter", prompt, picture, want.tolist())

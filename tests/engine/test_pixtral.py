@@ -149,3 +149,23 @@ def test_expanded_prompts_are_kept_and_checked(pixtral):
         else:
             with pytest.raises(ValueError, match="not the layout"):
                 llm.generate(request, SamplingParams(max_tokens=1))
+
+
+def test_adapter_on_the_language_model_matches_peft(pixtral, tmp_path):
+    """A peft LoRA on the language model (the regex keeps the Pixtral tower's q/v projections out), served unmerged
+    on a pictured prompt: peft's ids."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.engine.test_vision import assert_adapter_serves_as_peft
+
+    torch.manual_seed(5)
+    hf = HF(pixtral)
+    targets = r".*language_model.*\.(q_proj|v_proj|gate_proj|down_proj)"
+    peft_model = get_peft_model(hf.model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                     init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    prompt, picture = PROMPTS[0][0], [image(9, (40, 50))]
+    inputs = hf.inputs(prompt, picture)
+    with torch.no_grad():
+        want = peft_model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert_adapter_serves_as_peft(pixtral, tmp_path / "adapter", prompt, picture, want.tolist())
