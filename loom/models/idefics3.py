@@ -26,7 +26,6 @@ from loom.models.vision import (
     ImageInput,
     ImageTokens,
     PreparedImage,
-    image_key,
     image_keys,
     load_whole,
     marker_ids,
@@ -147,8 +146,7 @@ class IdeficsImageProcessor:
             n = rows * cols + 1
             pixels = values[at : at + n].clone()
             at += n
-            prepared.append(PreparedImage(pixels, image.height, image.width,
-                                          image_key(pixels, (image.height, image.width)), (rows, cols)))
+            prepared.append(PreparedImage.of(pixels, image, (rows, cols)))
         return prepared
 
 

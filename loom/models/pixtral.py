@@ -28,7 +28,6 @@ from loom.models.vision import (
     ImageTokens,
     PreparedImage,
     Projector,
-    image_key,
     image_keys,
     load_whole,
     marker_ids,
@@ -125,8 +124,7 @@ class PixtralImageProcessor:
             values = self.processor(images=[image.convert("RGB")], patch_size=patch, return_tensors="pt")
             h, w = (int(v) for v in values["image_sizes"][0])
             pixels = values["pixel_values"][:, :, :h, :w].float().clone()
-            out.append(PreparedImage(pixels, image.height, image.width,
-                                     image_key(pixels, (image.height, image.width)), (h, w)))
+            out.append(PreparedImage.of(pixels, image, (h, w)))
         return out
 
 

@@ -35,7 +35,6 @@ from loom.models.vision import (
     ImageInput,
     ImageTokens,
     PreparedImage,
-    image_key,
     image_keys,
     load_whole,
     prompt_images,
@@ -139,8 +138,7 @@ class QwenImageProcessor:
             n = int(np.prod(grid))
             pixels = values[at : at + n].clone()
             at += n
-            prepared.append(PreparedImage(pixels, image.height, image.width,
-                                          image_key(pixels, (image.height, image.width)), tuple(grid)))
+            prepared.append(PreparedImage.of(pixels, image, tuple(grid)))
         return prepared
 
 

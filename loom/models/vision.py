@@ -309,7 +309,12 @@ class PreparedImage:
     """``image_key`` of the pixels and size."""
     grid: tuple[int, ...] | None = None
     """Qwen2-VL: the patches' (temporal, height, width) grid (its pixels are the flattened patches [t*h*w, dims]);
-    Idefics3: the tiles' (rows, columns), (0, 0) for the global view alone."""
+    Idefics3: the tiles' (rows, columns), (0, 0) for the global view alone; Pixtral: the resized (height, width)."""
+
+    @classmethod
+    def of(cls, pixels: torch.Tensor, image, grid: tuple[int, ...] | None = None) -> PreparedImage:
+        """``pixels`` (owned: a clone, not a view of a batch) prepared from the PIL ``image``, keyed by both."""
+        return cls(pixels, image.height, image.width, image_key(pixels, (image.height, image.width)), grid)
 
 
 class ImageProcessor:
@@ -361,8 +366,7 @@ class ImageProcessor:
                 tiles = [values[i : i + 1] for i in range(len(images))]
             else:
                 tiles = [values[i, : self.tiles(image.height, image.width)] for i, image in enumerate(images)]
-        return [PreparedImage(t.clone(), image.height, image.width, image_key(t, (image.height, image.width)))
-                for t, image in zip(tiles, images)]
+        return [PreparedImage.of(t.clone(), image) for t, image in zip(tiles, images)]
 
 
 class Projector(nn.Module):

@@ -24,16 +24,13 @@ def pixtral(request, tmp_path_factory, smollm2_path):
     return save_tiny_mistral3(tmp_path_factory.mktemp(kind), smollm2_path, pixtral=kind == "pixtral")
 
 
-def merged_patch(path) -> int:
-    return 8 if "pixtral" in str(path.name) else 16
-
-
 class HF:
     def __init__(self, path):
-        self.patch = merged_patch(path)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.images = PixtralImageProcessorPil.from_pretrained(str(path))
         self.model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
+        config = self.model.config  # the merged patch, as PixtralProcessor reckons it: 16 on Mistral 3, 8 on Pixtral
+        self.patch = config.vision_config.patch_size * getattr(config, "spatial_merge_size", 1)
 
     def inputs(self, prompt: str, images: list) -> dict:
         """What PixtralProcessor gives: each [IMG] written as rows of [IMG] closed by [IMG_BREAK], the last by

@@ -164,10 +164,10 @@ class ServingContext:
         ids = await self.encoder.chat(dicts, add_generation_prompt, limit=limit, tools=tools if native else None,
                                       template=template)
         if num_images:
-            placed = ids.count(tokens.placeholder)
             try:
                 ids = tokens.place(ids, [(image.width, image.height) for image in images])
             except ValueError:
+                placed = ids.count(tokens.placeholder)  # ids as the template wrote them
                 raise bad_request(f"the chat template placed {placed} image tokens for {num_images} images; this "
                                   "model's template does not take image parts", "messages") from None
             if limit is not None and len(ids) >= limit:
