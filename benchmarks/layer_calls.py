@@ -57,10 +57,10 @@ def reference_attention(ops):
 
     fused = type(ops).decode_attention
 
-    def decode_attention(q, k_cache, v_cache, meta, scale, window=None, softcap=None):
-        if window is None and softcap is None:
+    def decode_attention(q, k_cache, v_cache, meta, scale, window=None, softcap=None, sinks=None):
+        if window is None and softcap is None and sinks is None:
             return fused(q, k_cache, v_cache, meta, scale)
-        return decode_attention_reference(q, k_cache, v_cache, meta, scale, window, softcap)
+        return decode_attention_reference(q, k_cache, v_cache, meta, scale, window, softcap, sinks)
 
     ops.decode_attention = decode_attention
     ops.gelu_and_mul = lambda gate_up: TorchOps.gelu_and_mul(ops, gate_up)

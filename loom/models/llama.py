@@ -4,7 +4,8 @@ Covers Llama 2/3 (incl. Llama-3 rope scaling), SmolLM2, SmolLM3 (layers without 
 attention, residual and logit multipliers), OLMo 2 (norms after attention and MLP, none before; q/k norms over all
 heads), Mistral, Phi-3 (fused qkv / gate_up checkpoints; default rope only), Qwen2
 (q/k/v bias), Qwen3 (RMSNorm on q and k per head) and the mixtures of experts Mixtral, Qwen2-MoE (shared expert) and
-Qwen3-MoE (``SparseMoE``): RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied
+Qwen3-MoE (``SparseMoE``), and gpt-oss (attention sinks, a router with a bias that picks the top k before its
+softmax, experts with biases and a clamped SwiGLU): RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied
 embeddings; sliding-window layers (Mistral, Phi-3; Gemma's alternate layers) masked in the paged attention; and
 Gemma 2 / 3: RMSNorm of (1 + weight), GeGLU, scaled embeddings, norms on the attention's and the MLP's outputs,
 attention and final-logit soft-capping (Gemma 2), q/k norms and a separate rotary base for the sliding layers
@@ -36,10 +37,10 @@ from loom.ops.rotary import (
     partial_rotary_rows,
 )
 
-SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "LlamaForCausalLM",
-                           "MistralForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM",
-                           "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
-                           "SmolLM3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM",
+                           "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM",
+                           "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM",
+                           "Qwen3MoeForCausalLM", "SmolLM3ForCausalLM")
 GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
 
@@ -111,6 +112,17 @@ class LlamaConfig:
     """Qwen2-MoE: a dense expert every token goes through, scaled by a sigmoid gate; 0: none."""
     moe_layers: tuple[int, ...] = ()
     """Indices of the layers whose MLP is a mixture of experts (the others are dense)."""
+    router_bias: bool = False
+    """gpt-oss: the router's linear has a bias."""
+    topk_before_softmax: bool = False
+    """gpt-oss: the router takes the top k of its logits, then a softmax over those k (not over all experts)."""
+    swiglu_limit: float | None = None
+    """gpt-oss' experts: gate clamped to at most this and up to [-limit, limit], then (up + 1) * gate *
+    sigmoid(alpha * gate); None: plain SwiGLU / GeGLU."""
+    swiglu_alpha: float = 1.0
+    attention_sinks: bool = False
+    """gpt-oss: a learned logit per query head joins each softmax's sum (a key with no value), so a query may give
+    its keys less than all of its attention."""
     mrope_section: tuple[int, ...] | None = None
     """Qwen2-VL / Qwen2.5-VL's multimodal rotary (M-RoPE): how many of each head's rotary frequencies turn with the
     temporal, height and width positions of an image token (text tokens have all three equal: plain RoPE)."""
@@ -200,7 +212,8 @@ class LlamaConfig:
             tie_word_embeddings=bool(tie),
             qkv_bias=is_qwen2 or attention_bias,
             o_bias=attention_bias and not is_qwen2,
-            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)) or arch == "GptOssForCausalLM",  # gpt-oss: the experts'
+
             architecture=arch,
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM"),
             qk_norm_full=arch == "Olmo2ForCausalLM",
@@ -225,6 +238,7 @@ class LlamaConfig:
             mrope_interleaved=interleaved and head_of_its_own,
             deepstack_layers=deepstack if head_of_its_own else 0,
             **_moe_fields(hf, arch, renormalise=top_arch == "Qwen3VLMoeForConditionalGeneration"),
+            **_gpt_oss_fields(hf, arch),
         )
 
 
@@ -245,6 +259,17 @@ def _moe_fields(hf, arch: str, renormalise: bool = False) -> dict:
                 norm_topk_prob=renormalise or bool(hf.norm_topk_prob),
                 shared_expert_intermediate_size=getattr(hf, "shared_expert_intermediate_size", 0) or 0,
                 moe_layers=layers if hf.num_experts else ())
+
+
+def _gpt_oss_fields(hf, arch: str) -> dict:
+    """gpt-oss' settings: every layer a mixture of experts (biases on the experts and the router), attention sinks,
+    q/k/v/o biases (``attention_bias``, read with the others)."""
+    if arch != "GptOssForCausalLM":
+        return {}
+    return dict(num_experts=hf.num_local_experts, num_experts_per_tok=hf.num_experts_per_tok,
+                moe_intermediate_size=hf.intermediate_size, moe_layers=tuple(range(hf.num_hidden_layers)),
+                router_bias=True, topk_before_softmax=True, attention_sinks=True,
+                swiglu_limit=float(hf.swiglu_limit), swiglu_alpha=float(hf.swiglu_alpha))
 
 
 def order_partial_rotary(tensors: dict[str, torch.Tensor], cfg: LlamaConfig) -> None:
@@ -309,6 +334,7 @@ class Attention(nn.Module):
         norms = (self.q_size, self.kv_size) if cfg.qk_norm_full else (self.head_dim, self.head_dim)
         self.q_norm = RMSNorm(norms[0], cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(norms[1], cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.sinks = nn.Parameter(torch.empty(self.num_heads)) if cfg.attention_sinks else None
 
     def forward(self, x, positions, rotary: RotaryEmbedding, kv_cache, meta: AttentionMetadata, ops: TorchOps):
         k_cache, v_cache = kv_cache
@@ -320,7 +346,7 @@ class Attention(nn.Module):
             self.num_heads, self.num_kv_heads,
         )  # fmt: skip  # q [T, H, D], k/v [T, Hkv, D]
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, ops.decode_attention, self.window,
-                              self.softcap, ops.prefill_attention)
+                              self.softcap, ops.prefill_attention, self.sinks)
         out = self.o_proj(out.reshape(x.shape[0], self.q_size))
         return out if self.tp is None else self.tp.all_reduce(out)
 
@@ -340,30 +366,37 @@ class MLP(nn.Module):
         if cfg.hidden_act not in ("silu", "gelu_pytorch_tanh"):
             raise ValueError(f"MLP activation {cfg.hidden_act!r} is not supported (silu, gelu_pytorch_tanh)")
         self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
+        self.clamp = (cfg.swiglu_alpha, cfg.swiglu_limit) if cfg.swiglu_limit is not None else None
+        """gpt-oss' clamped SwiGLU: (alpha, limit)."""
         self.intermediate_size = intermediate_size or cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(self.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        out = self.down_proj(ops.gelu_and_mul(gate_up) if self.gelu else ops.silu_and_mul(gate_up))
+        if self.clamp is not None:
+            act = ops.clamped_swiglu(gate_up, *self.clamp)
+        else:
+            act = ops.gelu_and_mul(gate_up) if self.gelu else ops.silu_and_mul(gate_up)
+        out = self.down_proj(act)
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class SparseMoE(nn.Module):
     """A mixture-of-experts MLP: a router picks ``num_experts_per_tok`` experts per token (softmax, then top-k, then
-    renormalised where the model does), tokens are grouped by expert so that each expert chosen in the step runs
-    once over all its tokens (two matmuls, whatever the batch), and the outputs are scattered back weighted.
-    Qwen2-MoE adds a shared expert every token goes through, scaled by a sigmoid gate. Under tensor parallelism each
-    rank holds a slice of every expert's columns (``cfg`` is the rank's) and the router whole, so all ranks route
-    alike, and one all-reduce sums the weighted partial outputs."""
+    renormalised where the model does; gpt-oss: top-k of the logits, then their softmax), tokens are grouped by
+    expert so that each expert chosen in the step runs once over all its tokens (two matmuls, whatever the batch),
+    and the outputs are scattered back weighted. Qwen2-MoE adds a shared expert every token goes through, scaled by
+    a sigmoid gate. Under tensor parallelism each rank holds a slice of every expert's columns (``cfg`` is the
+    rank's) and the router whole, so all ranks route alike, and one all-reduce sums the weighted partial outputs."""
 
     def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None = None):
         super().__init__()
         self.tp = tp
         self.top_k = cfg.num_experts_per_tok
         self.norm_topk_prob = cfg.norm_topk_prob
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.topk_before_softmax = cfg.topk_before_softmax
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)
         self.experts = nn.ModuleList(MLP(cfg, intermediate_size=cfg.moe_intermediate_size)
                                      for _ in range(cfg.num_experts))
         shared = cfg.shared_expert_intermediate_size
@@ -372,6 +405,9 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (weights [T, k] in x's dtype, expert ids [T, k]), as HF routes (float32 softmax)."""
+        if self.topk_before_softmax:  # gpt-oss
+            logits, experts = torch.topk(self.gate(x), self.top_k, dim=-1)
+            return torch.softmax(logits.float(), dim=-1).to(x.dtype), experts
         probs = torch.softmax(self.gate(x).float(), dim=-1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from loom.distributed.parallel import TensorParallel, head_shard
 from loom.models.gguf import is_gguf, load_gguf_config, load_gguf_model, load_gguf_tokenizer
 from loom.models.llama import LlamaConfig, LlamaForCausalLM, order_partial_rotary
+from loom.models.mxfp4 import dequantize_mxfp4
 from loom.models.vision import is_multimodal, language_weight_name
 from loom.ops.packed_linear import PackedLinear
 
@@ -28,9 +29,15 @@ _FUSED = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
-# Mixtral's names for its experts' projections (w1 gate, w3 up, w2 down), as the Qwen MoE models name them
+# Mixtral's names for its experts' projections (w1 gate, w3 up, w2 down), as the Qwen MoE models name them; gpt-oss'
+# router, as they name theirs
 _MIXTRAL = [(re.compile(r"^block_sparse_moe\."), "mlp."), (re.compile(r"\.w1$"), ".gate_proj"),
-            (re.compile(r"\.w3$"), ".up_proj"), (re.compile(r"\.w2$"), ".down_proj")]
+            (re.compile(r"\.w3$"), ".up_proj"), (re.compile(r"\.w2$"), ".down_proj"),
+            (re.compile(r"^mlp\.router$"), "mlp.gate")]
+QUANTIZATION_METHODS = ("mxfp4", "gguf")
+"""HF ``quantization_config`` methods Loom loads: MXFP4 (expanded to the model's dtype at load), and "gguf", which
+transformers writes into the config of a model it read from a GGUF file and saved (its weights are floats). Others
+are refused."""
 
 
 def load_tokenizer(folder: str | Path):
@@ -70,6 +77,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
         raise ValueError(f"no *.safetensors in {folder}; Loom loads HF folders saved with safetensors")
     hf = load_hf_config(folder)
     cfg = LlamaConfig.from_hf(hf)
+    _check_quantization(hf, folder)
     rename = language_weight_name if is_multimodal(hf) else None  # the text model's weights of a vision model
     if rename is not None and cfg.tie_word_embeddings and _holds(files, rename, "lm_head.weight"):
         # a vision config's tie flag defaults to True where the hub's configs leave it out (Mistral 3), though the
@@ -91,12 +99,15 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 own = rename(name) if rename is not None else name
-                if own is None:
-                    continue
+                if own is None or own.endswith("_scales") and _MXFP4.match(own.removesuffix("_scales")):
+                    continue  # MXFP4 scales: read with their blocks
                 pieces = [(own, None)]  # the tensor read only once it is known to be wanted
-                if _FUSED_EXPERTS.match(own):
-                    fused = f.get_tensor(name)
-                    pieces = _per_expert([(own, fused)], in_by_out=_in_by_out(own, fused, cfg))
+                if own.endswith("_blocks") and _MXFP4.match(own.removesuffix("_blocks")):
+                    own = own.removesuffix("_blocks")
+                    fused = dequantize_mxfp4(f.get_tensor(name), _read(files, name.removesuffix("_blocks") + "_scales"))
+                    pieces = _per_expert([(own, fused)], cfg, in_by_out=False)  # expanded: [E, out, in]
+                elif _FUSED_EXPERTS.match(own):
+                    pieces = _per_expert([(own, f.get_tensor(name))], cfg)
                 for own, tensor in pieces:
                     target = _target(own, cfg)
                     if target is None:
@@ -135,7 +146,7 @@ def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Ten
     staged: dict[str, torch.Tensor] = {}  # the whole weights of packed projections, rebuilt in float32
     seen: dict[str, set[int | None]] = {}  # the parts of each Loom weight given (None: all of it at once)
     writes = []  # (the whole Loom tensor, the rows this checkpoint tensor fills, the checkpoint tensor)
-    for name, tensor in _per_expert(weights):
+    for name, tensor in _per_expert(weights, cfg):
         target = _target(name, cfg)
         if target is None:
             continue
@@ -179,30 +190,41 @@ def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Ten
 
 QUANTIZED_MODULES = ("GGUFLinear", "StackedGGUFLinear", "Int8Linear", "TritonQuantLinear")
 """Modules holding quantized weights (``loom.ops.quantized``, ``loom.ops.triton.quantized``)."""
-_FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)(_bias)?$")
+_MXFP4 = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")
+"""gpt-oss' quantized experts: ``<name>_blocks`` and ``<name>_scales`` (``loom.models.mxfp4``)."""
+GPT_OSS = "GptOssForCausalLM"
 
 
 def _in_by_out(name: str, fused: torch.Tensor, cfg: LlamaConfig) -> bool:
     """Whether a checkpoint's fused experts are input-major, ``gate_up_proj`` [E, H, 2I] and ``down_proj`` [E, I, H]
-    (Qwen3-VL-MoE's files on the hub), not as transformers holds them; square ones are taken as transformers holds
-    them (as transformers' loader takes them)."""
+    (Qwen3-VL-MoE's files on the hub; gpt-oss' always, as transformers holds them), not as transformers holds
+    Qwen's and Mixtral's; square ones are taken as transformers holds them (as transformers' loader takes them)."""
+    if cfg.architecture == GPT_OSS:
+        return True
     rows = 2 * cfg.moe_intermediate_size if name.endswith("gate_up_proj") else cfg.hidden_size
     return fused.shape[1] != rows
 
 
-def _per_expert(weights: Iterable[tuple[str, torch.Tensor]], in_by_out: bool = False,
+def _per_expert(weights: Iterable[tuple[str, torch.Tensor]], cfg: LlamaConfig, in_by_out: bool | None = None,
                 ) -> Iterator[tuple[str, torch.Tensor]]:
     """transformers 5 holds a MoE layer's experts as two 3-D tensors (``mlp.experts.gate_up_proj`` [E, 2I, H], gate
     rows first, and ``mlp.experts.down_proj`` [E, H, I]; ``in_by_out``: each expert's matrix transposed, as
-    Qwen3-VL-MoE's files hold them); Loom holds one projection per expert."""
+    Qwen3-VL-MoE's and gpt-oss' files hold them; None: decided by ``_in_by_out``), gpt-oss biases too
+    (``gate_up_proj_bias`` [E, 2I], ``down_proj_bias`` [E, H]); Loom holds one projection per expert. gpt-oss
+    interleaves gate and up (gate in the even columns): Loom's rows are gate first, then up."""
     for name, tensor in weights:
         m = _FUSED_EXPERTS.match(name)
-        if m is None or tensor.dim() != 3:
+        if m is None or tensor.dim() != (2 if m.group(3) else 3):
             yield name, tensor
             continue
-        prefix, kind = m.groups()
+        prefix, kind, bias = m.groups()
+        flip = not bias and (_in_by_out(name, tensor, cfg) if in_by_out is None else in_by_out)
         for e in range(tensor.shape[0]):
-            yield f"{prefix}.{e}.{kind}.weight", tensor[e].T if in_by_out else tensor[e]
+            one = tensor[e].T if flip else tensor[e]
+            if kind == "gate_up_proj" and cfg.architecture == GPT_OSS:
+                one = torch.cat([one[0::2], one[1::2]])
+            yield f"{prefix}.{e}.{kind}.{'bias' if bias else 'weight'}", one
 
 
 def _packed(model: LlamaForCausalLM, pname: str) -> PackedLinear:
@@ -301,6 +323,8 @@ def _shard(pname: str, part: int | None, tensor: torch.Tensor, cfg: LlamaConfig,
             gate, up = tensor.chunk(2)
             return torch.cat([gate[mlp_rows], up[mlp_rows]])
         return tensor[mlp_rows]
+    if pname.endswith("self_attn.sinks"):  # one per query head
+        return tensor[shard.q_rows(1)]
     if pname.endswith(("o_proj.bias", "down_proj.bias")):  # added once, after the all-reduce sums the ranks
         return tensor if tp.rank == 0 else torch.zeros_like(tensor)
     if pname.endswith("o_proj.weight"):
@@ -315,6 +339,29 @@ def _shard(pname: str, part: int | None, tensor: torch.Tensor, cfg: LlamaConfig,
 def _parts(pname: str) -> int:
     """How many checkpoint tensors make up Loom parameter ``pname`` (fused q/k/v: 3, gate/up: 2)."""
     return 3 if "qkv_proj" in pname else 2 if "gate_up_proj" in pname else 1
+
+
+def _read(files: list[Path], name: str) -> torch.Tensor:
+    """Checkpoint tensor ``name``, from whichever of ``files`` holds it."""
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            if name in f.keys():
+                return f.get_tensor(name)
+    raise ValueError(f"the checkpoint lacks {name}")
+
+
+def _check_quantization(hf, folder: Path) -> None:
+    """Refuse a checkpoint quantized by a method Loom does not read (GPTQ, AWQ, FP8, bitsandbytes, ...): its tensors
+    would be missing or taken for float weights."""
+    quant = getattr(hf, "quantization_config", None)
+    if quant is None:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    method = getattr(method, "value", method)  # transformers' enum
+    if str(method).lower() not in QUANTIZATION_METHODS:
+        raise ValueError(f"{folder} holds weights quantized with {method!r}, which Loom does not load (it reads "
+                         f"{QUANTIZATION_METHODS[0]}): serve the unquantized checkpoint (with --quantization "
+                         "int8 for int8 weights) or a GGUF file")
 
 
 def _holds(files: list[Path], rename, name: str) -> bool:

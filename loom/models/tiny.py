@@ -16,6 +16,8 @@ from transformers import (
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GptOssConfig,
+    GptOssForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
     LlamaConfig,
@@ -61,6 +63,7 @@ ARCHS = {
     "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
     "granite": (GraniteConfig, GraniteForCausalLM),
     "olmo2": (Olmo2Config, Olmo2ForCausalLM),
+    "gpt_oss": (GptOssConfig, GptOssForCausalLM),
 }
 MOE = dict(num_local_experts=8, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64)
 """Mixture-of-experts settings the MoE configs take (each ignores the names it does not know)."""
@@ -70,6 +73,13 @@ SMOLLM3 = dict(no_rope_layer_interval=2)
 """Every second layer without rotary (SmolLM3-3B: every fourth; a 2-layer model would otherwise have none)."""
 GRANITE = dict(embedding_multiplier=3.0, attention_multiplier=0.2, residual_multiplier=0.4, logits_scaling=2.5)
 """Granite's multipliers (the defaults, 1.0, would leave them untested; Granite-3.x-8B: 12, 0.0078125, 0.22, 16)."""
+GPT_OSS = dict(head_dim=16, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, sliding_window=16,
+               swiglu_limit=1.5, tie_word_embeddings=False,
+               rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0,
+                                    truncate=False, original_max_position_embeddings=256))
+"""gpt-oss at a tiny size: windowed and full layers in turn (window 16: it takes effect at once), a clamp the
+experts' gate and up reach (gpt-oss-20b's is 7.0), and YaRN as the hub's configs set it (factor 32 over 4,096
+there; 4 over 256 here, to the tiny context)."""
 
 
 def save_tiny_model(path: str | Path, tokenizer_dir: str | Path, arch: str = "llama", seed: int = 0,
@@ -79,14 +89,22 @@ def save_tiny_model(path: str | Path, tokenizer_dir: str | Path, arch: str = "ll
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
     torch.manual_seed(seed)
     config_cls, model_cls = ARCHS[arch]
-    model_cls(config_cls(**{**TINY, **_arch_settings(arch), **overrides})).eval().save_pretrained(path)
+    model = model_cls(config_cls(**{**TINY, **_arch_settings(arch), **overrides})).eval()
+    if arch == "gpt_oss":  # sinks drawn like every weight (std 0.2) would hardly move a softmax (gpt-oss' own are
+        with torch.no_grad():  # ~1-5), and biases left at zero would go untested
+            for name, param in model.named_parameters():
+                if name.endswith("sinks"):
+                    param.normal_(2.0, 1.5)
+                elif name.endswith("bias"):
+                    param.normal_(0.0, 0.3)
+    model.save_pretrained(path)
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(path)
     return Path(path)
 
 
 def _arch_settings(arch: str) -> dict:
     """The settings a tiny ``arch`` model needs beside TINY (the ones whose defaults would not be tested)."""
-    return {"smollm3": SMOLLM3, "granite": GRANITE}.get(arch) or (
+    return {"smollm3": SMOLLM3, "granite": GRANITE, "gpt_oss": GPT_OSS}.get(arch) or (
         MOE if arch in ("mixtral", "qwen2_moe", "qwen3_moe") else GEMMA if arch.startswith("gemma") else {})
 
 

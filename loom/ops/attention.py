@@ -63,39 +63,46 @@ class AttentionMetadata:
 
 
 DecodeFn = Callable[..., torch.Tensor]
-"""``(q, k_cache, v_cache, meta, scale, window=None, softcap=None) -> out``: ``decode_attention_reference``'s
-contract."""
+"""``(q, k_cache, v_cache, meta, scale, window=None, softcap=None, sinks=None) -> out``:
+``decode_attention_reference``'s contract."""
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-           softcap: float | None = None, causal: bool = False) -> torch.Tensor:
+           softcap: float | None = None, causal: bool = False, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """SDPA over [..., H, n, D] queries and [..., Hkv, L, D] keys/values (GQA); with ``softcap`` (Gemma 2) the scores
-    are capped as cap * tanh(score / cap) before the mask and softmax, which SDPA cannot do."""
-    if softcap is None:
+    are capped as cap * tanh(score / cap) before the mask and softmax, and with ``sinks`` [H] (gpt-oss: a learned
+    logit per head) each head's softmax also counts a key of that score and no value, which SDPA can do neither of."""
+    if softcap is None and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
     group = q.shape[-3] // k.shape[-3]
     k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
-    scores = softcap * torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * (scale / softcap))
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if causal:
         n, length = scores.shape[-2:]
         mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+    scores = scores.float()
+    if sinks is not None:  # the sink's column joins the softmax, then is dropped: the keys' weights sum below 1
+        sink = sinks.float().view(-1, 1, 1).expand(*scores.shape[:-1], 1)
+        return torch.matmul(torch.softmax(torch.cat([scores, sink], -1), dim=-1)[..., :-1].to(v.dtype), v)
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
 
 
 def decode_attention_reference(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-    window: int | None = None, softcap: float | None = None,
+    window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [Bd, H, D] -> [Bd, H, D]. Gathers each sequence's blocks, masks past its length (and outside a sliding
-    ``window``), SDPA with GQA (``attend``)."""
+    ``window``), SDPA with GQA (``attend``; ``sinks``: gpt-oss' per-head sink logits)."""
     bd, _, d = q.shape
     tables = meta.decode_block_tables.long()
     hkv = k_cache.shape[2]
     k = k_cache[tables].view(bd, -1, hkv, d).transpose(1, 2)  # [Bd, Hkv, L, D]
     v = v_cache[tables].view(bd, -1, hkv, d).transpose(1, 2)
-    out = attend(q.unsqueeze(2), k, v, meta.decode_mask(window), scale, softcap)  # [Bd, H, 1, D]
+    out = attend(q.unsqueeze(2), k, v, meta.decode_mask(window), scale, softcap, sinks=sinks)  # [Bd, H, 1, D]
     return out.squeeze(2)
 
 
@@ -110,15 +117,17 @@ def prefill_attention(
     window: int | None = None,
     softcap: float | None = None,
     visible: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One chunk. q: [n, H, D], k/v: [n, Hkv, D] (this chunk's own keys) -> [n, H, D]. Causal; with a sliding
     ``window`` a query at position p sees keys p - window + 1 .. p. ``visible`` [n]: the last position each query
-    sees instead of its own (``AttentionMetadata.visible_through``; the window still bounds what lies behind it)."""
+    sees instead of its own (``AttentionMetadata.visible_through``; the window still bounds what lies behind it).
+    ``sinks`` [H]: per-head sink logits (``attend``)."""
     n, _, d = q.shape
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
     if chunk.start_pos == 0 and (window is None or window >= n) and visible is None:
         kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
-        out = attend(qh, kh, vh, None, scale, softcap, causal=True)
+        out = attend(qh, kh, vh, None, scale, softcap, causal=True, sinks=sinks)
     else:
         ctx = chunk.start_pos + n
         hkv = k_cache.shape[2]
@@ -132,7 +141,7 @@ def prefill_attention(
         mask = k_pos <= (q_pos if visible is None else visible.long()[:, None])  # [n, ctx]
         if window is not None:
             mask &= k_pos > q_pos - window
-        out = attend(qh, kh, vh, mask, scale, softcap)
+        out = attend(qh, kh, vh, mask, scale, softcap, sinks=sinks)
     return out.squeeze(0).transpose(0, 1)
 
 
@@ -148,22 +157,24 @@ def paged_attention(
     window: int | None = None,
     softcap: float | None = None,
     prefill_fn=None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D]; this step's k/v are already in the cache. ``window``: a sliding
-    window (Mistral, Phi-3, Gemma's local layers), ``softcap``: Gemma 2's score cap; every backend's kernels take
-    both. ``prefill_fn``: a backend's attention over all prefill chunks in one call (``TorchOps.prefill_attention``)."""
+    window (Mistral, Phi-3, Gemma's local layers), ``softcap``: Gemma 2's score cap, ``sinks``: gpt-oss' per-head
+    sink logits [H]; every backend's kernels take all three. ``prefill_fn``: a backend's attention over all prefill
+    chunks in one call (``TorchOps.prefill_attention``)."""
     if not meta.prefills:
-        return decode_fn(q, k_cache, v_cache, meta, scale, window, softcap)
+        return decode_fn(q, k_cache, v_cache, meta, scale, window, softcap, sinks=sinks)
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        out[:nd] = decode_fn(q[:nd], k_cache, v_cache, meta, scale, window, softcap)
+        out[:nd] = decode_fn(q[:nd], k_cache, v_cache, meta, scale, window, softcap, sinks=sinks)
     if prefill_fn is not None:
-        return prefill_fn(q, k_cache, v_cache, meta, scale, out, window, softcap)
+        return prefill_fn(q, k_cache, v_cache, meta, scale, out, window, softcap, sinks=sinks)
     for chunk in meta.prefills:
         s, e = chunk.token_start, chunk.token_end
         out[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], k_cache, v_cache, chunk, scale, window, softcap,
-                                     _chunk_visible(meta, chunk))
+                                     _chunk_visible(meta, chunk), sinks)
     return out
 
 

@@ -20,13 +20,13 @@ def _fast(*tensors: torch.Tensor) -> bool:
 
 def decode_attention_cpp(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-    window: int | None = None, softcap: float | None = None,
+    window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as ``decode_attention_reference``; float32 CPU tensors take the fused kernel."""
-    if not _fast(q):
-        return decode_attention_reference(q, k_cache, v_cache, meta, scale, window, softcap)
+    if not _fast(q) or (sinks is not None and not _fast(sinks)):
+        return decode_attention_reference(q, k_cache, v_cache, meta, scale, window, softcap, sinks)
     return _extension().paged_decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
-                                     window or 0, softcap or 0.0)
+                                     window or 0, softcap or 0.0, sinks)
 
 
 class CpuOps(TorchOps):
@@ -74,8 +74,8 @@ class CpuOps(TorchOps):
         return x, residual
 
     @staticmethod
-    def decode_attention(q, k_cache, v_cache, meta, scale, window=None, softcap=None):
-        return decode_attention_cpp(q, k_cache, v_cache, meta, scale, window, softcap)
+    def decode_attention(q, k_cache, v_cache, meta, scale, window=None, softcap=None, sinks=None):
+        return decode_attention_cpp(q, k_cache, v_cache, meta, scale, window, softcap, sinks)
 
     def rms_norm(self, x, weight, eps):
         if not _fast(x, weight) or x.dim() != 2:

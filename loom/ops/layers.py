@@ -53,8 +53,8 @@ class TorchOps:
     name = "torch"
     prefill_attention = None
     """A backend's attention over all of a step's prefill chunks at once, ``(q, k_cache, v_cache, meta, scale, out,
-    window, softcap) -> out`` (Triton's; ``meta.prefills`` are the chunks, ``meta.plans`` keeps what it derives once a
-    step); None: ``loom.ops.attention`` runs the chunks one by one."""
+    window, softcap, sinks=None) -> out`` (Triton's; ``meta.prefills`` are the chunks, ``meta.plans`` keeps what it
+    derives once a step); None: ``loom.ops.attention`` runs the chunks one by one."""
 
     def prepare(self, model: torch.nn.Module) -> None:
         """Adapt a freshly loaded model to this backend (the reference needs nothing)."""
@@ -69,8 +69,8 @@ class TorchOps:
         return None
 
     @staticmethod
-    def decode_attention(q, k_cache, v_cache, meta, scale, window=None, softcap=None):
-        return decode_attention_reference(q, k_cache, v_cache, meta, scale, window, softcap)
+    def decode_attention(q, k_cache, v_cache, meta, scale, window=None, softcap=None, sinks=None):
+        return decode_attention_reference(q, k_cache, v_cache, meta, scale, window, softcap, sinks)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm_reference(x, weight, eps)
@@ -108,6 +108,13 @@ class TorchOps:
         """[T, 2I] (gate, up) -> silu(gate) * up [T, I]."""
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def clamped_swiglu(self, gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+        """[T, 2I] (gate, up) -> (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
+        [T, I] (gpt-oss' experts; the checkpoint's interleaved gate/up columns are split at load)."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(max=limit)
+        return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(gate * alpha))
 
     def gelu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """[T, 2I] (gate, up) -> gelu_tanh(gate) * up [T, I] (Gemma's GeGLU)."""

@@ -54,15 +54,15 @@ class TritonOps(TorchOps):
         return layers.gelu_and_mul(gate_up)
 
     @staticmethod
-    def decode_attention(q, k_cache, v_cache, meta, scale, window=None, softcap=None):
+    def decode_attention(q, k_cache, v_cache, meta, scale, window=None, softcap=None, sinks=None):
         from loom.ops.triton.paged_attention import paged_decode  # local: imports triton
 
         return paged_decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
-                            window=window, softcap=softcap)
+                            window=window, softcap=softcap, sinks=sinks)
 
     @staticmethod
-    def prefill_attention(q, k_cache, v_cache, meta, scale, out, window=None, softcap=None):
+    def prefill_attention(q, k_cache, v_cache, meta, scale, out, window=None, softcap=None, sinks=None):
         from loom.ops.triton.paged_attention import paged_prefill
 
         return paged_prefill(q, k_cache, v_cache, meta.prefills, scale, out, window, softcap, plans=meta.plans,
-                             visible=meta.visible_through)
+                             visible=meta.visible_through, sinks=sinks)

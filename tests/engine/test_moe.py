@@ -1,4 +1,4 @@
-"""Mixtures of experts (Mixtral, Qwen2-MoE with a shared expert and dense layers, Qwen3-MoE) against HF
+"""Mixtures of experts (Mixtral, Qwen2-MoE with a shared expert and dense layers, Qwen3-MoE, gpt-oss) against HF
 transformers: greedy ids and logprobs through concurrent prompts, chunked prefill and a prefix hit; the routing
 itself equal to HF's router, token by token; each chosen expert run once per layer and step."""
 
@@ -16,6 +16,7 @@ CASES = {
     "mixtral": ("mixtral", {}),
     "qwen2-moe-shared-expert": ("qwen2_moe", dict(shared_expert_intermediate_size=96, mlp_only_layers=[1])),
     "qwen3-moe-normalised": ("qwen3_moe", dict(norm_topk_prob=True, head_dim=16)),
+    "gpt-oss": ("gpt_oss", {}),  # top-k before the softmax, router and expert biases, clamped SwiGLU, sinks
 }
 
 
@@ -42,8 +43,9 @@ def test_routing_equals_hf_router_token_by_token(moe_model):
     hf = AutoModelForCausalLM.from_pretrained(str(moe_model), dtype=torch.float32).eval()
     hf_routes: list[torch.Tensor] = []
     for layer in hf.model.layers:
-        if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts"):
-            layer.mlp.gate.register_forward_hook(lambda m, args, out: hf_routes.append(out[2]))
+        router = getattr(layer.mlp, "gate", None) or getattr(layer.mlp, "router", None)  # gpt-oss: router
+        if router is not None and hasattr(layer.mlp, "experts"):
+            router.register_forward_hook(lambda m, args, out: hf_routes.append(out[2]))
     with torch.inference_mode():
         hf(torch.tensor([ids]))
 

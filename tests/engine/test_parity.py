@@ -24,10 +24,11 @@ def varied_prompts(n: int, seed: int = 0, low: int = 3, high: int = 90) -> list[
     return [[rng.randrange(100, 49000) for _ in range(rng.randint(low, high))] for _ in range(n)]
 
 
-def hf_greedy(path, prompts: list[list[int]], max_new: int) -> list[tuple[list[int], list[float]]]:
+def hf_greedy(path, prompts: list[list[int]], max_new: int, **load) -> list[tuple[list[int], list[float]]]:
+    """``load``: more arguments to ``from_pretrained`` (a quantization config, say)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **load).eval()
     results = []
     with torch.inference_mode():
         for ids in prompts:

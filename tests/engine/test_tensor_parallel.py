@@ -162,6 +162,7 @@ def _assert_same_run(path, prompts, before_run=None, **engine):
     ("phi3", dict(UNEVEN, pad_token_id=0, sliding_window=None, partial_rotary_factor=0.75)),  # q/k rows reordered
     # every expert (and the shared one) cut by columns, odd widths; the dense layer too (mlp_only_layers)
     ("qwen2_moe", dict(UNEVEN, moe_intermediate_size=66, shared_expert_intermediate_size=90, mlp_only_layers=[1])),
+    ("gpt_oss", dict(UNEVEN, intermediate_size=66)),  # sinks by heads, interleaved experts cut, their biases once
 ])  # fmt: skip
 def test_two_ranks_match_one_through_prefill_decode_chunks_and_prefix_hits(tmp_path, smollm2_path, arch, overrides,
                                                                           monkeypatch):

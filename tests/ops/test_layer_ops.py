@@ -91,12 +91,14 @@ def test_non_float32_falls_back_to_the_reference(ops):
     assert torch.equal(fused.silu_and_mul(gate_up), ref.silu_and_mul(gate_up))
 
 
-@pytest.mark.parametrize("window,softcap", [(None, None), (20, None), (None, 2.0), (45, 8.0)],
-                         ids=["full", "window", "softcap", "window-softcap"])
+@pytest.mark.parametrize("window,softcap,sinks", [(None, None, False), (20, None, False), (None, 2.0, False),
+                                                  (45, 8.0, False), (None, None, True), (20, None, True)],
+                         ids=["full", "window", "softcap", "window-softcap", "sinks", "window-sinks"])
 @pytest.mark.parametrize("block_size,kv_heads,head_dim", [(16, 3, 64), (4, 2, 24), (8, 4, 64)])
-def test_paged_decode_matches_gather_and_sdpa(ops, block_size, kv_heads, head_dim, window, softcap):
+def test_paged_decode_matches_gather_and_sdpa(ops, block_size, kv_heads, head_dim, window, softcap, sinks):
     """With a window, table entries of blocks wholly before it are -1 (given back): the kernel must not read them.
-    Soft caps of 2 and 8 bend most scores of these inputs (|score| up to ~30)."""
+    Soft caps of 2 and 8 bend most scores of these inputs (|score| up to ~30); sink logits around 4 take a share of
+    most rows' softmax (gpt-oss)."""
     from loom.ops.attention import AttentionMetadata
 
     fused, ref = ops
@@ -120,10 +122,11 @@ def test_paged_decode_matches_gather_and_sdpa(ops, block_size, kv_heads, head_di
     v_cache = torch.randn(blocks, block_size, kv_heads, head_dim, generator=g)
     q = torch.randn(len(lens), heads, head_dim, generator=g) * 2
     scale = head_dim**-0.5
-    got = fused.decode_attention(q, k_cache, v_cache, meta, scale, window, softcap)
-    want = ref.decode_attention(q, k_cache, v_cache, meta, scale, window, softcap)
+    sinks = torch.randn(heads, generator=g) * 2 + 4 if sinks else None
+    got = fused.decode_attention(q, k_cache, v_cache, meta, scale, window, softcap, sinks)
+    want = ref.decode_attention(q, k_cache, v_cache, meta, scale, window, softcap, sinks)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    if window or softcap:  # the variant changes the result: a kernel that ignored it would fail above
+    if window or softcap or sinks is not None:  # the variant changes the result: a kernel ignoring it fails above
         assert (want - ref.decode_attention(q, k_cache, v_cache, meta, scale)).abs().max() > 1e-2
 
 

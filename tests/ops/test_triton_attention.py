@@ -47,10 +47,12 @@ def test_paged_decode_equals_the_reference(dtype, atol, heads, kv_heads):
     torch.testing.assert_close(out.float(), reference, atol=atol, rtol=atol)
 
 
-@pytest.mark.parametrize("window,softcap", [(20, None), (None, 2.0), (45, 8.0)],
-                         ids=["window", "softcap", "window-softcap"])
-def test_paged_decode_with_a_window_and_soft_caps_equals_the_reference(window, softcap):
-    """Table entries of blocks wholly before the window are -1 (given back): the kernel must not read them."""
+@pytest.mark.parametrize("window,softcap,sinks", [(20, None, False), (None, 2.0, False), (45, 8.0, False),
+                                                  (None, None, True), (20, None, True)],
+                         ids=["window", "softcap", "window-softcap", "sinks", "window-sinks"])
+def test_paged_decode_with_a_window_and_soft_caps_equals_the_reference(window, softcap, sinks):
+    """Table entries of blocks wholly before the window are -1 (given back): the kernel must not read them. Sinks
+    (gpt-oss) join the softmax after the splits are combined."""
     torch.manual_seed(3)
     num_blocks, block_size, heads, kv_heads, d = 128, 8, 6, 2, 16
     k = torch.randn(num_blocks, block_size, kv_heads, d, device=DEVICE) * 2
@@ -65,8 +67,9 @@ def test_paged_decode_with_a_window_and_soft_caps_equals_the_reference(window, s
     q = torch.randn(len(lens), heads, d, device=DEVICE) * 2
     meta = AttentionMetadata(slot_mapping=torch.zeros(len(lens), dtype=torch.long), num_decodes=len(lens),
                              decode_block_tables=tables, decode_seq_lens=lens, prefills=[], block_size=block_size)
-    reference = decode_attention_reference(q, k, v, meta, 0.3, window, softcap)
-    out = paged_decode(q, k, v, tables, lens, 0.3, blocks_per_split=4, window=window, softcap=softcap)
+    sinks = torch.randn(heads, device=DEVICE) * 2 + 4 if sinks else None
+    reference = decode_attention_reference(q, k, v, meta, 0.3, window, softcap, sinks)
+    out = paged_decode(q, k, v, tables, lens, 0.3, blocks_per_split=4, window=window, softcap=softcap, sinks=sinks)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
     assert (reference - decode_attention_reference(q, k, v, meta, 0.3)).abs().max() > 1e-2  # the variant matters
 
@@ -99,9 +102,10 @@ def test_decode_splits_without_keys_are_neither_written_nor_read(monkeypatch, wi
 
 @pytest.mark.parametrize("heads, kv_heads", [(6, 2), (4, 4), (9, 3)])
 @pytest.mark.parametrize("dtype, atol", DTYPES)
-@pytest.mark.parametrize("window,softcap", [(None, None), (12, None), (None, 2.0), (30, 8.0)],
-                         ids=["full", "window", "softcap", "window-softcap"])
-def test_all_prefill_chunks_of_a_step_in_one_launch_equal_the_reference(window, softcap, dtype, atol, heads,
+@pytest.mark.parametrize("window,softcap,sinks", [(None, None, False), (12, None, False), (None, 2.0, False),
+                                                  (30, 8.0, False), (12, None, True)],
+                         ids=["full", "window", "softcap", "window-softcap", "window-sinks"])
+def test_all_prefill_chunks_of_a_step_in_one_launch_equal_the_reference(window, softcap, sinks, dtype, atol, heads,
                                                                           kv_heads):
     """Chunks with and without a cached prefix, shorter and longer than a query tile, one of a single token; GQA
     (the kernel packs a KV head's G query heads into one tile's rows) and MHA.
@@ -121,17 +125,22 @@ def test_all_prefill_chunks_of_a_step_in_one_launch_equal_the_reference(window, 
         chunks.append(PrefillChunk(row, row + n, start, table))
         row += n
     q = (torch.randn(row, heads, d, device=DEVICE) * 2).to(dtype)
-    out = paged_prefill(q, k_cache, v_cache, chunks, 0.25, window=window, softcap=softcap).float()
+    sinks = (torch.randn(heads, device=DEVICE) * 2 + 3).to(dtype) if sinks else None
+    out = paged_prefill(q, k_cache, v_cache, chunks, 0.25, window=window, softcap=softcap, sinks=sinks).float()
+    sinks = None if sinks is None else sinks.float()
     q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()  # the reference in float32 on the same values
     for c in chunks:  # the reference takes the chunk's own keys as given; here they are the cache's
         keys = k_cache[c.block_table].view(-1, kv_heads, d)[c.start_pos : c.start_pos + c.token_end - c.token_start]
         values = v_cache[c.block_table].view(-1, kv_heads, d)[c.start_pos : c.start_pos + c.token_end - c.token_start]
         rows = q[c.token_start : c.token_end]
-        expected = prefill_reference(rows, keys, values, k_cache, v_cache, c, 0.25, window, softcap)
+        expected = prefill_reference(rows, keys, values, k_cache, v_cache, c, 0.25, window, softcap, sinks=sinks)
         torch.testing.assert_close(out[c.token_start : c.token_end], expected, atol=atol, rtol=atol)
         if (window or softcap) and c.token_end - c.token_start > 16:  # the variant matters
             plain = prefill_reference(rows, keys, values, k_cache, v_cache, c, 0.25)
             assert (expected - plain).abs().max() > 1e-2
+        if sinks is not None:  # and so do the sinks
+            sinkless = prefill_reference(rows, keys, values, k_cache, v_cache, c, 0.25, window, softcap)
+            assert (expected - sinkless).abs().max() > 1e-2
 
 
 def span_mask(length: int, spans: list[tuple[int, int]], window: int | None) -> torch.Tensor:
@@ -260,7 +269,8 @@ def test_engine_with_triton_attention_gives_the_reference_tokens(tiny_llama, mon
 @pytest.mark.parametrize("arch,overrides", [
     ("mistral", {"sliding_window": 20, "head_dim": 16}),  # every layer windowed: blocks behind it given back (-1)
     ("gemma2", {"attn_logit_softcapping": 1.0}),  # alternate 16-token windows, soft caps that bend the scores
-], ids=["mistral-window", "gemma2-softcap"])  # fmt: skip
+    ("gpt_oss", {}),  # alternate 16-token windows, attention sinks in decode and prefill
+], ids=["mistral-window", "gemma2-softcap", "gpt-oss-sinks"])  # fmt: skip
 def test_windowed_and_soft_capped_models_through_triton_give_the_reference_tokens(tmp_path, smollm2_path, arch,
                                                                                    overrides):
     """Prompts past the window, chunked over 16-token steps, decoding 12 tokens further."""

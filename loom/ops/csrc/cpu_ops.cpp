@@ -128,7 +128,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using NoGil = py::call_guard<py::gil_scoped_release>;  // every op computes without the GIL, as torch's do
   m.def("paged_decode", &paged_decode, "paged attention decode (CPU)", py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("scale"), py::arg("window") = 0,
-        py::arg("softcap") = 0.0, NoGil());
+        py::arg("softcap") = 0.0, py::arg("sinks") = py::none(), NoGil());
   m.def("rms_norm", &rms_norm, "RMSNorm over rows", NoGil());
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = RMSNorm(residual), in place", NoGil());
   m.def("rotary_cache_", &rotary_cache_, "rotary q/k in place + k/v cache write", NoGil());

@@ -175,10 +175,18 @@ torch::Tensor paged_decode(
     torch::Tensor seq_lens,      // [B] int32
     double scale,
     int64_t window = 0,          // > 0: a query sees only the last `window` keys (itself included)
-    double softcap = 0.0) {      // > 0: scores capped as softcap * tanh(score / softcap) (Gemma 2)
+    double softcap = 0.0,        // > 0: scores capped as softcap * tanh(score / softcap) (Gemma 2)
+    c10::optional<torch::Tensor> sinks = c10::nullopt) {  // [H]: a sink logit per head in each softmax (gpt-oss)
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32, "float32 only");
   q = q.contiguous();
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  torch::Tensor sink_values;
+  if (sinks.has_value()) {
+    sink_values = sinks->contiguous();
+    TORCH_CHECK(sink_values.scalar_type() == torch::kFloat32 && sink_values.numel() == H,
+                "paged_decode: sinks must be float32 [H]");
+  }
+  const float* sp = sinks.has_value() ? sink_values.data_ptr<float>() : nullptr;
   const int64_t BS = k_cache.size(1), HKV = k_cache.size(2), G = H / HKV;
   const int64_t MB = block_tables.size(1);
   auto out = torch::empty_like(q);
@@ -249,7 +257,13 @@ torch::Tensor paged_decode(
         }
       }
       for (int64_t h = 0; h < H; ++h) {
-        const float inv = 1.f / l[h];
+        float corr = 1.f;
+        if (sp != nullptr) {  // the sink counts in the sum, with no value: the weights of the keys sum below 1
+          const float m_new = std::max(m[h], sp[h]);
+          corr = std::exp(m[h] - m_new);
+          l[h] = l[h] * corr + std::exp(sp[h] - m_new);
+        }
+        const float inv = corr / l[h];
         for (int64_t d = 0; d < D; ++d) ob[h * D + d] *= inv;
       }
     }

@@ -1,5 +1,6 @@
 """Paged attention in Triton: K/V read in place from the block-paged cache through the block tables (no gather copy),
-GQA, online softmax, float32 accumulation, sliding windows and Gemma 2's score soft-capping. ``paged_decode``: one
+GQA, online softmax, float32 accumulation, sliding windows, Gemma 2's score soft-capping and gpt-oss' attention sinks
+(a learned logit per head that joins each softmax's sum with no value). ``paged_decode``: one
 query per sequence, split-KV ("flash-decoding") for long contexts. ``paged_prefill``: every prefill chunk of a step
 (cached prefix + the chunk, causal) in one launch. With a window, blocks wholly before it are never read (a sequence
 whose every layer is windowed gives them back: their table entries are -1).
@@ -106,12 +107,23 @@ def _decode_split_kernel(
 
 
 @triton.jit
+def _with_sink(m, total, sink):
+    """A softmax's running sum with a sink logit added (it has no value): (the new sum, the factor the weighted
+    values take, as the max moved to the sink's where it is larger)."""
+    m_new = tl.maximum(m, sink)
+    alpha = tl.exp(m - m_new)
+    return total * alpha + tl.exp(sink - m_new), alpha
+
+
+@triton.jit
 def _decode_combine_kernel(
-    acc_ptr, max_ptr, sum_ptr, lens_ptr, out_ptr, window,
+    acc_ptr, max_ptr, sum_ptr, lens_ptr, out_ptr, sinks_ptr, window,
     stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ob, stride_oh,
     D: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_KEYS: tl.constexpr, USE_WINDOW: tl.constexpr,
+    USE_SINKS: tl.constexpr,
 ):
-    """One (sequence, query head): the splits that saw keys, merged by their log-sum-exp, divided by the total."""
+    """One (sequence, query head): the splits that saw keys, merged by their log-sum-exp (and the head's sink),
+    divided by the total."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     length = tl.load(lens_ptr + seq)
@@ -135,6 +147,10 @@ def _decode_combine_kernel(
         total = total * alpha + l_s * beta
         acc = acc * alpha + a_s * beta
         m = m_new
+    if USE_SINKS:
+        sink = tl.load(sinks_ptr + head + tl.arange(0, 1)).to(tl.float32)
+        total, alpha = _with_sink(m, total, sink)
+        acc = acc * alpha
     out = tl.where(total > 0, acc / tl.maximum(total, 1e-30), 0.0)  # a context of no keys: zeros
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
 
@@ -164,10 +180,11 @@ def _decode_tiles(dtype: torch.dtype, d: int) -> dict:
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, scale: float, blocks_per_split: int = 16, window: int | None = None,
-                 softcap: float | None = None) -> torch.Tensor:
+                 softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32; seq_lens [B] int32
     -> [B, H, D] in q's dtype. ``window``: a query sees its last ``window`` keys; ``softcap``: scores become
-    softcap * tanh(score / softcap) (Gemma 2). A split covers ``blocks_per_split`` cache blocks."""
+    softcap * tanh(score / softcap) (Gemma 2); ``sinks`` [H]: each head's sink logit (gpt-oss). A split covers
+    ``blocks_per_split`` cache blocks."""
     b, h, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     check_addressable(k_cache)
@@ -200,10 +217,10 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     )  # fmt: skip
     out = torch.empty_like(q)
     _decode_combine_kernel[(b, h)](
-        acc, maxes, sums, seq_lens, out, window or 0,
+        acc, maxes, sums, seq_lens, out, seq_lens if sinks is None else sinks, window or 0,
         acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1), out.stride(0), out.stride(1),
         D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), SPLIT_KEYS=split_keys, USE_WINDOW=window is not None,
-        num_warps=1,
+        USE_SINKS=sinks is not None, num_warps=1,
     )  # fmt: skip
     return out
 
@@ -211,14 +228,14 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, prog_chunk_ptr, prog_row_ptr,
-    chunk_row_ptr, chunk_len_ptr, chunk_pos_ptr, visible_ptr,
+    chunk_row_ptr, chunk_len_ptr, chunk_pos_ptr, visible_ptr, sinks_ptr,
     scale, window, softcap,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh,
     stride_tc,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, TOKENS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    USE_VISIBLE: tl.constexpr, PRECISION: tl.constexpr,
+    USE_VISIBLE: tl.constexpr, USE_SINKS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     program = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -258,6 +275,9 @@ def _prefill_kernel(
         if USE_WINDOW:
             visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
         m_i, l_i, acc = _softmax_step(q, k, v, visible, m_i, l_i, acc, scale, softcap, USE_SOFTCAP, PRECISION)
+    if USE_SINKS:  # every row saw a key (itself): its max is finite
+        l_i, alpha = _with_sink(m_i, l_i, tl.load(sinks_ptr + heads, mask=row_ok, other=0.0).to(tl.float32))
+        acc = acc * alpha[:, None]
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + (row0 + tokens)[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
@@ -277,7 +297,7 @@ def _prefill_tiles(dtype: torch.dtype, d: int) -> dict:
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunks, scale: float,
                   out: torch.Tensor | None = None, window: int | None = None,
                   softcap: float | None = None, plans: dict | None = None,
-                  visible: torch.Tensor | None = None) -> torch.Tensor:
+                  visible: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Every prefill chunk of a step in one launch, like vLLM's unified Triton attention. ``chunks``:
     ``loom.ops.attention.PrefillChunk`` (rows [token_start, token_end) of q, position of the first, a block table
     covering the chunk's end). The chunk's own keys are already in the cache, so each query reads its cached prefix
@@ -285,7 +305,7 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     where given. q [T, H, D] -> the chunks' rows of ``out`` (allocated when None). ``plans``: a per-step dict
     (``AttentionMetadata.plans``) that keeps the launch's integer tensors for the step's other layers. ``visible``
     [T] int32: the last position each row's query sees (``AttentionMetadata.visible_through``: past its own inside a
-    bidirectional span); None: causal."""
+    bidirectional span); None: causal. ``sinks`` [H]: each head's sink logit (gpt-oss)."""
     t, h, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     check_addressable(k_cache)
@@ -304,12 +324,14 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     tables, prog_chunk, prog_row, chunk_rows, chunk_lens, chunk_pos = plan
     _prefill_kernel[(len(prog_chunk), hkv)](
         q, k_cache, v_cache, out, tables, prog_chunk, prog_row, chunk_rows, chunk_lens, chunk_pos,
-        chunk_pos if visible is None else visible, scale, window or 0, softcap or 0.0,
+        chunk_pos if visible is None else visible, chunk_pos if sinks is None else sinks, scale, window or 0,
+        softcap or 0.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         tables.stride(0),
         G=group, TOKENS=tokens, BLOCK_SIZE=block_size, USE_WINDOW=window is not None,
-        USE_SOFTCAP=softcap is not None, USE_VISIBLE=visible is not None, **_dot_tiles(q.dtype, d), **tiles,
+        USE_SOFTCAP=softcap is not None, USE_VISIBLE=visible is not None, USE_SINKS=sinks is not None,
+        **_dot_tiles(q.dtype, d), **tiles,
         num_stages=1,
     )  # fmt: skip
     return out

@@ -1,0 +1,42 @@
+"""MXFP4 weights (the OCP microscaling format gpt-oss ships its experts in): blocks of 32 FP4 (E2M1) values, two a
+byte (low nibble first), sharing one E8M0 scale byte (2 ** (byte - 127)). Loom expands them to the model's dtype at
+load, as transformers does without its Triton kernels; the checkpoint's names are ``<weight>_blocks`` [..., G, 16]
+and ``<weight>_scales`` [..., G] for a weight [..., G * 32]."""
+
+from __future__ import annotations
+
+import torch
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+"""E2M1 codes 0-15: sign bit 3, two exponent bits, one mantissa bit."""
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """blocks [..., G, 16] uint8, scales [..., G] uint8 -> [..., G * 32] in ``dtype`` (exact: every value is a
+    power of two times an FP4 value, so float32 and bfloat16 hold it unrounded within their exponent ranges)."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise ValueError(f"MXFP4 blocks and scales are uint8, got {blocks.dtype} and {scales.dtype}")
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
+        raise ValueError(f"MXFP4 blocks [..., G, 16] and scales [..., G] do not match: {tuple(blocks.shape)} and "
+                         f"{tuple(scales.shape)}")
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    values = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1)  # [..., G, 16, 2]
+    values = values.flatten(-2)  # element 2i from the low nibble, 2i + 1 from the high one
+    out = torch.ldexp(values, scales.to(torch.int32).unsqueeze(-1) - 127)
+    return out.flatten(-2).to(dtype)
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., K] (K a multiple of 32) -> (blocks, scales) as ``dequantize_mxfp4`` takes them: per 32 values the
+    smallest power-of-two scale that brings the largest magnitude within 6, each value rounded to the nearest FP4
+    value (for writing test checkpoints; the round trip is exact for values already on that grid)."""
+    if weight.shape[-1] % 32:
+        raise ValueError(f"MXFP4 packs 32 values a block; the last dimension is {weight.shape[-1]}")
+    w = weight.float().unflatten(-1, (-1, 32))  # [..., G, 32]
+    amax = w.abs().amax(-1).clamp_min(2.0**-126)
+    exponent = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    lut = torch.tensor(FP4_VALUES[:8])
+    scaled = (w / torch.exp2(exponent).unsqueeze(-1)).clamp(-6, 6)
+    codes = (scaled.abs().unsqueeze(-1) - lut).abs().argmin(-1) + 8 * (scaled < 0)  # [..., G, 32]
+    pairs = codes.unflatten(-1, (16, 2)).to(torch.uint8)
+    return pairs[..., 0] | (pairs[..., 1] << 4), (exponent + 127).to(torch.uint8)

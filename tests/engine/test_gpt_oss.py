@@ -1,0 +1,96 @@
+"""gpt-oss (``GptOssForCausalLM``) beyond what the MoE parity tests check (tests/engine/test_moe.py: greedy ids and
+logprobs against transformers through chunks and a prefix hit, routing token by token; tests/ops: the sinks in every
+backend's kernels): the reference's sink attention against transformers' own, checkpoints whose experts are MXFP4
+(expanded at load as transformers dequantizes them), and quantization methods Loom does not read refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loom import LLM
+from loom.models.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+from loom.ops.attention import PrefillChunk, prefill_attention
+from tests.conftest import save_tiny_model
+from tests.engine.test_parity import assert_parity, hf_greedy, loom_greedy, varied_prompts
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_sink_attention_equals_transformers_eager_attention(window):
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    torch.manual_seed(0)
+    n, heads, kv_heads, d = 12, 6, 2, 8
+    q, k, v = torch.randn(n, heads, d) * 2, torch.randn(n, kv_heads, d) * 2, torch.randn(n, kv_heads, d)
+    sinks = torch.randn(heads) * 2 + 2
+    pos = torch.arange(n)
+    allowed = pos[None, :] <= pos[:, None]
+    if window:
+        allowed &= pos[None, :] > pos[:, None] - window
+    mask = torch.zeros(n, n).masked_fill(~allowed, float("-inf"))[None, None]
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, sinks=sinks, training=False)
+    theirs, _ = eager_attention_forward(module, q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                        v.transpose(0, 1)[None], mask, scaling=0.3)
+    chunk = PrefillChunk(0, n, 0, None)  # the chunk's own keys are given: the cache is read for its shape only
+    ours = prefill_attention(q, k, v, k[None], v[None], chunk, 0.3, window, sinks=sinks)
+    torch.testing.assert_close(ours, theirs[0], atol=1e-6, rtol=1e-6)
+    sinkless = prefill_attention(q, k, v, k[None], v[None], chunk, 0.3, window)
+    assert (ours - sinkless).abs().max() > 0.1
+
+
+def test_mxfp4_dequantization_equals_transformers_bit_for_bit():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 10, 4, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(110, 135, (3, 10, 4), dtype=torch.uint8, generator=g)
+    theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, in, out]: transposed
+    assert torch.equal(dequantize_mxfp4(blocks, scales), theirs.transpose(1, 2))
+    round_trip = quantize_mxfp4(theirs.transpose(1, 2))
+    assert torch.equal(dequantize_mxfp4(*round_trip), theirs.transpose(1, 2))  # grid values come back exactly
+
+
+def _as_mxfp4(folder, target):
+    """The tiny gpt-oss folder with its experts stored as the hub's checkpoints store them: MXFP4 blocks and scales
+    [E, out, in / 32, 16] / [E, out, in / 32], and the quantization config."""
+    shutil.copytree(folder, target)
+    tensors = {}
+    for name, tensor in load_file(target / "model.safetensors").items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[name + "_blocks"], tensors[name + "_scales"] = quantize_mxfp4(tensor.transpose(1, 2))
+        else:
+            tensors[name] = tensor
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((target / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_an_mxfp4_checkpoint_serves_as_transformers_runs_it_dequantized(tmp_path, smollm2_path):
+    from transformers import Mxfp4Config
+
+    path = _as_mxfp4(save_tiny_model(tmp_path / "float", smollm2_path, arch="gpt_oss"), tmp_path / "mxfp4")
+    prompts = varied_prompts(4, seed=7, low=10, high=40)
+    reference = hf_greedy(path, prompts, 8, quantization_config=Mxfp4Config(dequantize=True))
+    ours = loom_greedy(LLM(str(path), num_kv_blocks=64, block_size=8, max_num_batched_tokens=32), prompts, 8)
+    assert_parity(ours, reference)
+    # the expansion is not the float weights: quantizing moved them enough to change the model's logprobs
+    floats = loom_greedy(LLM(str(tmp_path / "float"), num_kv_blocks=64, block_size=8), prompts, 8)
+    assert max(abs(a - b) for (_, x), (_, y) in zip(ours, floats) for a, b in zip(x, y)) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "fp8", "bitsandbytes"])
+def test_a_checkpoint_quantized_by_a_method_loom_does_not_read_is_refused(tmp_path, tiny_llama, method):
+    path = shutil.copytree(tiny_llama, tmp_path / method)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"quantized with '{method}', which Loom does not load"):
+        LLM(str(path), num_kv_blocks=16)
