@@ -12,6 +12,11 @@ grammar's from there on; ``deepseek_r1`` outputs start inside the block. Inside 
 closes it and the grammar takes over at the next token. The tags must be single tokens of the vocabulary (they are
 added tokens in Qwen3, SmolLM3 and DeepSeek-R1); where they are not, ``think_tokens`` is None and the engine
 enforces the grammar from the first token.
+
+``gpt_oss`` (the harmony format): the template's generation prompt ``<|start|>assistant`` opens the block, and
+everything up to the final channel's header ``<|channel|>final<|message|>`` (analysis and commentary messages) is
+free; the grammar applies to the final message. That end is three tokens, the last closing the block only after the
+other two (``ThinkTokens.before_end``).
 """
 
 from __future__ import annotations
@@ -27,13 +32,17 @@ class ReasoningTags:
     start_in_output: bool
     """True (qwen3): the output opens the block when the model thinks. False (deepseek_r1): the template opened it,
     so the output starts inside it."""
+    end_tokens: int = 1
+    """How many tokens the end tag is (gpt-oss' final header: 3); the start tag is always one."""
 
 
 REASONING_TAGS = {
     "qwen3": ReasoningTags("<think>", "</think>", start_in_output=True),
     "deepseek_r1": ReasoningTags("<think>", "</think>", start_in_output=False),
+    "gpt_oss": ReasoningTags("<|start|>", "<|channel|>final<|message|>", start_in_output=False, end_tokens=3),
 }
-"""``--reasoning-parser`` names (vLLM's): Qwen3 and SmolLM3 (hybrid), DeepSeek-R1 and Qwen3 ``*-Thinking-2507``."""
+"""``--reasoning-parser`` names (vLLM's): Qwen3 and SmolLM3 (hybrid), DeepSeek-R1 and Qwen3 ``*-Thinking-2507``,
+gpt-oss (harmony's channels)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,17 +50,33 @@ class ThinkTokens:
     start: int
     end: int
     start_in_output: bool
+    before_end: tuple[int, ...] = ()
+    """Tokens that must come right before ``end`` for it to close the block (gpt-oss: ``<|channel|>``, ``final``
+    before ``<|message|>``, which also ends the analysis channel's header)."""
+
+    def closes(self, token_ids: list[int], i: int) -> bool:
+        """Whether token ``i`` of ``token_ids`` closes the block."""
+        n = len(self.before_end)
+        return token_ids[i] == self.end and i >= n and tuple(token_ids[i - n : i]) == self.before_end
+
+    def block_end(self, token_ids: list[int]) -> int | None:
+        """The index after the token that closes the block in an output's ``token_ids``; None while it is open."""
+        for i, token in enumerate(token_ids):
+            if token == self.end and self.closes(token_ids, i):
+                return i + 1
+        return None
 
 
 def think_tokens(tokenizer, parser: str | None) -> ThinkTokens | None:
-    """The tags of ``parser`` as token ids of ``tokenizer``; None without a parser or where a tag is not one token."""
+    """The tags of ``parser`` as token ids of ``tokenizer``; None without a parser or where the start tag is not one
+    token, or the end tag not as many as the parser's format has."""
     if parser is None:
         return None
     tags = REASONING_TAGS[parser]
-    ids = [tokenizer.encode(tag, add_special_tokens=False) for tag in (tags.start, tags.end)]
-    if any(len(i) != 1 for i in ids):
+    start, end = (tokenizer.encode(tag, add_special_tokens=False) for tag in (tags.start, tags.end))
+    if len(start) != 1 or len(end) != tags.end_tokens:
         return None
-    return ThinkTokens(ids[0][0], ids[1][0], tags.start_in_output)
+    return ThinkTokens(start[0], end[-1], tags.start_in_output, tuple(end[:-1]))
 
 
 OPEN, MAY_OPEN, DONE = "open", "may_open", "done"
@@ -59,8 +84,9 @@ OPEN, MAY_OPEN, DONE = "open", "may_open", "done"
 
 def prompt_block(prompt_token_ids: list[int], tokens: ThinkTokens) -> str | None:
     """Where the prompt leaves the thinking block, from its last tag: DONE (closed), OPEN (opened), None (no tag)."""
-    for token in reversed(prompt_token_ids):
-        if token == tokens.end:
+    for i in range(len(prompt_token_ids) - 1, -1, -1):
+        token = prompt_token_ids[i]
+        if token == tokens.end and tokens.closes(prompt_token_ids, i):
             return DONE
         if token == tokens.start:
             return OPEN
@@ -72,10 +98,12 @@ class ReasoningGate:
     The engine uses it as a matcher (``consume_token``, ``is_stopped``); ``StructuredOutputs.apply`` masks a row only
     while ``constrains``, and lets the start tag through as well while ``allows_start``."""
 
-    __slots__ = ("matcher", "tokens", "state")
+    __slots__ = ("matcher", "tokens", "state", "recent")
 
     def __init__(self, matcher: Any, tokens: ThinkTokens, state: str):
         self.matcher, self.tokens, self.state = matcher, tokens, state
+        self.recent: tuple[int, ...] = ()
+        """The last ``len(tokens.before_end)`` tokens inside the block (a multi-token end tag's first part)."""
 
     @classmethod
     def for_prompt(cls, matcher: Any, tokens: ThinkTokens, prompt_token_ids: list[int]) -> Any:
@@ -83,7 +111,10 @@ class ReasoningGate:
         state = prompt_block(prompt_token_ids, tokens)
         if state == DONE:
             return matcher
-        return cls(matcher, tokens, state or (MAY_OPEN if tokens.start_in_output else OPEN))
+        gate = cls(matcher, tokens, state or (MAY_OPEN if tokens.start_in_output else OPEN))
+        if tokens.before_end:  # the end tag may have begun in the prompt (``<|channel|>final`` written by the user)
+            gate.recent = tuple(prompt_token_ids[-len(tokens.before_end) :])
+        return gate
 
     @property
     def constrains(self) -> bool:
@@ -97,8 +128,11 @@ class ReasoningGate:
 
     def consume_token(self, token: int) -> bool:
         if self.state == OPEN:
-            if token == self.tokens.end:
+            before = self.tokens.before_end
+            if token == self.tokens.end and self.recent == before:
                 self.state = DONE
+            elif before:
+                self.recent = (*self.recent, token)[-len(before) :]
             return True
         if self.state == MAY_OPEN:
             if token == self.tokens.start:

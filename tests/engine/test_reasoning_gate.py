@@ -89,3 +89,65 @@ def test_the_engine_constrains_only_after_the_block(tiny_thinker):
     assert gated.token_ids[0] == END and gated.text.startswith("</think>")
     assert gated.text.removeprefix("</think>") in ("yes", "no") and gated.finish_reason == "stop"
     assert END not in whole.token_ids and whole.text in ("yes", "no") and whole.finish_reason == "stop"
+
+
+HARMONY = ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>", "<|constrain|>"]
+
+
+@pytest.fixture(scope="module")
+def tiny_harmony(tmp_path_factory, smollm2_path):
+    """The tiny Llama with harmony's special tokens (gpt-oss' format) added to its tokenizer (49152 on)."""
+    from tests.conftest import save_tiny_model
+
+    path = save_tiny_model(tmp_path_factory.mktemp("tiny-harmony"), smollm2_path, vocab_size=VOCAB)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.add_special_tokens({"additional_special_tokens": HARMONY})
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_gpt_oss_blocks_end_at_the_final_channels_header_only(tiny_harmony):
+    """harmony: the analysis channel's header ends with the same <|message|> token as the final one's; only the
+    final one closes the block, in the prompt (an earlier turn's answer) and in the output."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_harmony))
+    ids = dict(zip(HARMONY, tokenizer.convert_tokens_to_ids(HARMONY)))
+
+    def encode(text):
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    think = think_tokens(tokenizer, "gpt_oss")
+    assert think == ThinkTokens(ids["<|start|>"], ids["<|message|>"], False, tuple(encode("<|channel|>final")))
+    so = structured(tokenizer, "gpt_oss")
+    params = StructuredOutputsParams(choice=["42"])
+    earlier = encode("<|start|>user<|message|>Hi<|end|><|start|>assistant<|channel|>final<|message|>Hello<|end|>")
+    assert so.new_matcher(params, earlier + encode("<|start|>assistant")).state == "open"
+    assert not isinstance(so.new_matcher(params, encode("<|start|>assistant<|channel|>final<|message|>")),
+                          ReasoningGate)
+    gate = so.new_matcher(params, encode("<|start|>assistant"))
+    for token in encode("<|channel|>analysis<|message|>4 and 2<|end|><|start|>assistant<|channel|>final"):
+        assert gate.consume_token(token) and gate.state == "open"
+    assert gate.consume_token(ids["<|message|>"]) and gate.state == "done"
+    for token in encode("42"):
+        assert gate.consume_token(token)
+    assert gate.is_stopped()
+    text = "<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>final<|message|>42"
+    assert think.block_end(encode(text)) == len(encode(text.removesuffix("42")))
+
+
+def test_the_engine_constrains_a_gpt_oss_answer_from_its_final_channel_on(tiny_harmony):
+    """A prompt that has begun the final header: <|message|> (pushed by logit_bias) completes it and the grammar
+    shapes what follows; without the parser the grammar shapes the whole output."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_harmony))
+    message = tokenizer.convert_tokens_to_ids("<|message|>")
+    params = SamplingParams(temperature=0, max_tokens=16, logit_bias={message: 100.0},
+                            structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
+    prompt = {"prompt_token_ids": tokenizer.encode("<|start|>assistant<|channel|>analysis<|message|>hm<|end|>"
+                                                   "<|start|>assistant<|channel|>final", add_special_tokens=False)}
+    outputs = {}
+    for parser in ("gpt_oss", None):
+        llm = LLM(str(tiny_harmony), num_kv_blocks=64, reasoning_parser=parser)
+        outputs[parser] = llm.generate([prompt], params)[0].outputs[0]
+    gated, whole = outputs["gpt_oss"], outputs[None]
+    assert gated.token_ids[0] == message
+    assert tokenizer.decode(gated.token_ids[1:], skip_special_tokens=True) in ("yes", "no")
+    assert message not in whole.token_ids and whole.text in ("yes", "no")

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from loom.entrypoints.openai.reasoning import REASONING_PARSERS
+from loom.entrypoints.openai.reasoning import HARMONY_MARKERS, REASONING_PARSERS
 
 CASES = [  # text, qwen3 (reasoning, content), deepseek_r1 (reasoning, content)
     ("<think>\nplan it\n</think>\n\nHello!", ("\nplan it\n", "\n\nHello!"), ("\nplan it\n", "\n\nHello!")),
@@ -42,6 +42,43 @@ def test_any_streamed_pieces_give_the_whole_outputs_split_and_never_split_a_tag(
                 assert "<think>" not in piece and "</think>" not in piece
                 assert not any(piece.endswith(parser.end[:n]) for n in range(2, len(parser.end))) or end == len(text)
                 reasoning += piece
+            assert (reasoning or None, content or None) == parser.split(text), (text, cuts)
+
+
+HARMONY_CASES = [  # text (gpt-oss' output after its prompt's "<|start|>assistant"), (reasoning, content)
+    ("<|channel|>analysis<|message|>User says hi.<|end|><|start|>assistant<|channel|>final<|message|>Hello!<|return|>",
+     ("User says hi.", "Hello!")),
+    ("<|channel|>analysis<|message|>cut short by max_tok", ("cut short by max_tok", None)),
+    ("<|channel|>final<|message|>No thinking: a < b <| c", (None, "No thinking: a < b <| c")),
+    ("<|channel|>analysis<|message|>one<|end|><|start|>assistant<|channel|>analysis<|message|> two<|end|>"
+     "<|start|>assistant<|channel|>commentary<|message|>Looking it up. <|end|><|start|>assistant<|channel|>final"
+     "<|message|>Done.", ("one two", "Looking it up. Done.")),  # a preamble (commentary to no one) is content
+    ("<|channel|>analysis<|message|>call it<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather "
+     "<|constrain|>json<|message|>{\"city\": \"Paris\"}<|call|>", ("call it", None)),  # a tool's message: neither
+    ("Plain text without the format", (None, "Plain text without the format")),
+    ("<|channel|>analysis<|mess", (None, None)),
+]
+
+
+@pytest.mark.parametrize("case", HARMONY_CASES, ids=range(len(HARMONY_CASES)))
+def test_gpt_oss_channels_split_into_reasoning_and_content(case):
+    text, expected = case
+    assert REASONING_PARSERS["gpt_oss"].split(text) == expected
+
+
+def test_gpt_oss_streamed_pieces_give_the_whole_outputs_split_and_never_show_a_marker():
+    parser = REASONING_PARSERS["gpt_oss"]
+    rng = random.Random(1)
+    for text, _ in HARMONY_CASES:
+        for _ in range(30):
+            cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 8))))
+            stream, reasoning, content, contents = parser.stream(), "", None, []
+            for end in [*cuts, len(text)]:
+                piece, content = stream.feed(text[:end], final=end == len(text))
+                assert not any(m in piece + (content or "") for m in HARMONY_MARKERS)
+                reasoning += piece
+                contents.append(content or "")
+            assert all(b.startswith(a) for a, b in zip(contents, contents[1:]))  # content only grows
             assert (reasoning or None, content or None) == parser.split(text), (text, cuts)
 
 
@@ -118,6 +155,22 @@ def test_a_tool_call_after_the_thinking_block_is_parsed_from_the_content(server,
     assert reasoning == "\nNeed the weather.\n"
     assert [d["tool_calls"][0]["function"]["name"] for d in deltas if d.get("tool_calls") and
             d["tool_calls"][0].get("function", {}).get("name")] == ["get_weather"]
+
+
+def test_a_gpt_oss_answer_is_split_in_the_message_and_in_the_stream(tiny_llama, monkeypatch):
+    from tests.server.conftest import script_outputs, start_llm_server, tiny_config
+
+    running = start_llm_server(tiny_config(tiny_llama, num_kv_blocks=64, reasoning_parser="gpt_oss"))
+    try:
+        text, expected = HARMONY_CASES[0]
+        script_outputs(running, monkeypatch)(text)
+        message = _chat(running).json()["choices"][0]["message"]
+        assert (message["reasoning_content"], message["content"]) == expected
+        reasoning, content, deltas = _streamed(running)
+        assert (reasoning, content) == expected
+        assert not any("<|" in (d.get("reasoning_content") or "") + (d.get("content") or "") for d in deltas)
+    finally:
+        running.stop()
 
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% if not (loop.last and "

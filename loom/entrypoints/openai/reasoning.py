@@ -18,6 +18,12 @@ here in a whole answer too, where recent vLLM's qwen3 returns it as content, so 
 An output that ends (``max_tokens``) before ``</think>`` is all reasoning and has no content. A stream holds back the
 characters that could be the start of a tag, so a tag is never split between the two fields, and the split of a
 streamed output is the split of the whole one (one code path: ``split`` feeds the whole text to a stream).
+
+- ``gpt_oss`` — the harmony format (``HarmonyParser``): the output is messages, each a header
+  (``<|channel|>analysis``, ``<|start|>assistant<|channel|>final``, ...) then ``<|message|>`` and a body up to
+  ``<|end|>`` / ``<|return|>`` / ``<|call|>``. The analysis channel's bodies are reasoning, the final channel's (and
+  commentary addressed to no one: preambles the user is meant to see) content; the headers, and messages addressed
+  to a tool (``to=functions.…``), are neither. An output without the format at all is content as it stands.
 """
 
 from __future__ import annotations
@@ -104,5 +110,95 @@ def _partial_suffix(text: str, tag: str, begin: int) -> int:
     return 0
 
 
-REASONING_PARSERS = {name: ReasoningParser(name, tags.start_in_output, tags.start, tags.end)
-                     for name, tags in REASONING_TAGS.items()}
+HARMONY_MARKERS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>", "<|constrain|>")
+"""The harmony format's special tokens (o200k_harmony's), which must stay in the text the parser reads."""
+_BODY_ENDS = ("<|end|>", "<|return|>", "<|call|>", "<|start|>")
+
+
+@dataclass(frozen=True, slots=True)
+class HarmonyParser:
+    """gpt-oss' channels as reasoning and content (the module docstring's ``gpt_oss``); the interface of
+    ``ReasoningParser``."""
+
+    name: str = "gpt_oss"
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        return HARMONY_MARKERS
+
+    def after_prompt(self, block: str | None) -> HarmonyParser | None:
+        """A prompt that ends inside the final channel's header (``<|channel|>final<|message|>``): the answer is all
+        content (None: no split); otherwise the messages are read."""
+        return None if block == DONE else self
+
+    def stream(self) -> HarmonyStream:
+        return HarmonyStream()
+
+    def split(self, text: str) -> tuple[str | None, str | None]:
+        reasoning, content = self.stream().feed(text, final=True)
+        return reasoning or None, content or None
+
+
+class HarmonyStream:
+    """One choice's text so far -> (new reasoning, content so far or None), as ``ReasoningStream``; the messages are
+    read again from the start at each call (a header's end may arrive later than its start)."""
+
+    def __init__(self):
+        self._sent = 0
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, str | None]:
+        reasoning, content = _harmony(text, final)
+        piece = reasoning[self._sent :]
+        self._sent = len(reasoning)
+        return piece, content
+
+
+def _harmony(text: str, final: bool) -> tuple[str, str | None]:
+    """(all reasoning, all content or None) of harmony text; unless ``final``, a body's last characters that could
+    begin a marker are held back."""
+    reasoning, content, pos = [], None, 0
+    while (m := text.find("<|message|>", pos)) >= 0:
+        channel, to = _header(text[pos:m])
+        start = m + len("<|message|>")
+        ends = [(i, tag) for tag in _BODY_ENDS if (i := text.find(tag, start)) >= 0]
+        end, tag = min(ends) if ends else (len(text), None)
+        body = text[start:end]
+        if tag is None and not final:
+            body = body[: len(body) - _marker_prefix(body)]
+        if channel == "analysis":
+            reasoning.append(body)
+        elif channel == "final" or (channel == "commentary" and to is None):
+            content = (content or "") + body
+        if tag is None:
+            break
+        pos = end + (0 if tag == "<|start|>" else len(tag))
+    if final and "<|message|>" not in text and not text.startswith(("<|channel|>", "<|start|>")):
+        return "", text  # no harmony at all (not a header cut short): the text is the answer
+    return "".join(reasoning), content
+
+
+def _header(header: str) -> tuple[str | None, str | None]:
+    """(channel, recipient) of a message header such as ``<|start|>assistant<|channel|>commentary to=functions.f
+    <|constrain|>json``; the recipient may also stand before the channel."""
+    def word_after(key: str) -> str | None:
+        if key not in header:
+            return None
+        words = header.split(key, 1)[1].split("<|", 1)[0].split()
+        return words[0] if words else None
+
+    return word_after("<|channel|>"), word_after("to=")
+
+
+def _marker_prefix(body: str) -> int:
+    """Length of the end of ``body`` that could be the start of a harmony marker (held back from a stream)."""
+    i = body.rfind("<")
+    if i < 0 or len(body) - i > max(map(len, HARMONY_MARKERS)):
+        return 0
+    tail = body[i:]
+    return len(tail) if any(marker.startswith(tail) for marker in HARMONY_MARKERS) else 0
+
+
+REASONING_PARSERS: dict[str, ReasoningParser | HarmonyParser] = {
+    name: ReasoningParser(name, tags.start_in_output, tags.start, tags.end)
+    for name, tags in REASONING_TAGS.items() if name != "gpt_oss"}
+REASONING_PARSERS["gpt_oss"] = HarmonyParser()

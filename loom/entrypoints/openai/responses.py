@@ -180,7 +180,8 @@ class Reply:
             return 0
         think = self.ctx.think
         if think is not None:  # the block ends at its end tag's token
-            return token_ids.index(think.end) + 1 if think.end in token_ids else len(token_ids)
+            end = think.block_end(token_ids)
+            return len(token_ids) if end is None else end
         return len(await self.ctx.encoder.encode(text, add_special_tokens=False))  # tags of several tokens: close
 
     def stored(self, body: dict) -> StoredResponse:
