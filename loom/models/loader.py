@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from loom.distributed.parallel import TensorParallel, head_shard
+from loom.models.fp8 import FP8_DTYPES, dequantize_fp8
 from loom.models.gguf import is_gguf, load_gguf_config, load_gguf_model, load_gguf_tokenizer
 from loom.models.llama import LlamaConfig, LlamaForCausalLM, order_partial_rotary
 from loom.models.mxfp4 import dequantize_mxfp4
@@ -34,10 +35,14 @@ _FUSED = {
 _MIXTRAL = [(re.compile(r"^block_sparse_moe\."), "mlp."), (re.compile(r"\.w1$"), ".gate_proj"),
             (re.compile(r"\.w3$"), ".up_proj"), (re.compile(r"\.w2$"), ".down_proj"),
             (re.compile(r"^mlp\.router$"), "mlp.gate")]
-QUANTIZATION_METHODS = ("mxfp4", "gguf")
-"""HF ``quantization_config`` methods Loom loads: MXFP4 (expanded to the model's dtype at load), and "gguf", which
-transformers writes into the config of a model it read from a GGUF file and saved (its weights are floats). Others
-are refused."""
+QUANTIZATION_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "mxfp4", "gguf")
+"""HF ``quantization_config`` methods Loom loads: FP8 (transformers' fine-grained blocks, fbgemm's channels,
+compressed-tensors' FP8 schemes: ``loom.models.fp8``) and MXFP4 (``loom.models.mxfp4``), expanded to the model's
+dtype at load; and "gguf", which transformers writes into the config of a model it read from a GGUF file and saved
+(its weights are floats). Others (GPTQ, AWQ, bitsandbytes, compressed-tensors' integer schemes) are refused."""
+_SCALES = (".weight_scale_inv", ".weight_scale", ".input_scale", ".k_scale", ".v_scale")
+"""Tensors of FP8 checkpoints that are not weights: the weights' scales (read with them) and the activations' and
+KV cache's static scales (Loom computes in the model's dtype: unused)."""
 
 
 def load_tokenizer(folder: str | Path):
@@ -77,7 +82,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
         raise ValueError(f"no *.safetensors in {folder}; Loom loads HF folders saved with safetensors")
     hf = load_hf_config(folder)
     cfg = LlamaConfig.from_hf(hf)
-    _check_quantization(hf, folder)
+    block = _check_quantization(hf, folder)
     rename = language_weight_name if is_multimodal(hf) else None  # the text model's weights of a vision model
     if rename is not None and cfg.tie_word_embeddings and _holds(files, rename, "lm_head.weight"):
         # a vision config's tie flag defaults to True where the hub's configs leave it out (Mistral 3), though the
@@ -95,25 +100,40 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
         return model.eval()
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}
+    index = {name: file for file in files for name in _keys(file)}
+
+    def read(f, name: str) -> torch.Tensor:
+        """A checkpoint tensor as floats: an FP8 weight multiplied by its scale (from whichever file holds it)."""
+        tensor = f.get_tensor(name)
+        if tensor.dtype not in FP8_DTYPES:
+            return tensor
+        base = name.removesuffix(".weight")
+        scale = next((base + s for s in (".weight_scale_inv", ".weight_scale") if base + s in index), None)
+        if scale is None:
+            raise ValueError(f"{name} in {folder} is {tensor.dtype} without a weight_scale_inv or weight_scale beside "
+                             "it")
+        return dequantize_fp8(tensor, _read(index, scale), block, dtype)
+
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 own = rename(name) if rename is not None else name
-                if own is None or own.endswith("_scales") and _MXFP4.match(own.removesuffix("_scales")):
-                    continue  # MXFP4 scales: read with their blocks
+                if own is None or own.endswith(_SCALES) or own.endswith("_scales") and _MXFP4.match(
+                        own.removesuffix("_scales")):
+                    continue  # scales: read with their weights (MXFP4's with their blocks)
                 pieces = [(own, None)]  # the tensor read only once it is known to be wanted
                 if own.endswith("_blocks") and _MXFP4.match(own.removesuffix("_blocks")):
                     own = own.removesuffix("_blocks")
-                    fused = dequantize_mxfp4(f.get_tensor(name), _read(files, name.removesuffix("_blocks") + "_scales"))
+                    fused = dequantize_mxfp4(f.get_tensor(name), _read(index, name.removesuffix("_blocks") + "_scales"))
                     pieces = _per_expert([(own, fused)], cfg, in_by_out=False)  # expanded: [E, out, in]
                 elif _FUSED_EXPERTS.match(own):
-                    pieces = _per_expert([(own, f.get_tensor(name))], cfg)
+                    pieces = _per_expert([(own, read(f, name))], cfg)
                 for own, tensor in pieces:
                     target = _target(own, cfg)
                     if target is None:
                         continue
                     pname, part = target
-                    tensor = _as_loom(pname, f.get_tensor(name) if tensor is None else tensor, cfg)
+                    tensor = _as_loom(pname, read(f, name) if tensor is None else tensor, cfg)
                     if tp is not None:
                         if row_amax and pname.endswith(ROW_PARALLEL_WEIGHTS):  # int8 scales: whole rows'
                             model.row_amax[pname] = tensor.float().abs().amax(1)
@@ -341,27 +361,44 @@ def _parts(pname: str) -> int:
     return 3 if "qkv_proj" in pname else 2 if "gate_up_proj" in pname else 1
 
 
-def _read(files: list[Path], name: str) -> torch.Tensor:
-    """Checkpoint tensor ``name``, from whichever of ``files`` holds it."""
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            if name in f.keys():
-                return f.get_tensor(name)
-    raise ValueError(f"the checkpoint lacks {name}")
+def _keys(file: Path) -> list[str]:
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        return list(f.keys())
 
 
-def _check_quantization(hf, folder: Path) -> None:
-    """Refuse a checkpoint quantized by a method Loom does not read (GPTQ, AWQ, FP8, bitsandbytes, ...): its tensors
-    would be missing or taken for float weights."""
+def _read(index: dict[str, Path], name: str) -> torch.Tensor:
+    """Checkpoint tensor ``name``, from the file ``index`` names for it."""
+    if name not in index:
+        raise ValueError(f"the checkpoint lacks {name}")
+    with safe_open(str(index[name]), framework="pt", device="cpu") as f:
+        return f.get_tensor(name)
+
+
+def _check_quantization(hf, folder: Path) -> tuple[int, int] | None:
+    """Refuse a checkpoint quantized by a method Loom does not read (GPTQ, AWQ, bitsandbytes, integer
+    compressed-tensors, ...): its tensors would be missing or taken for float weights. Returns the FP8 block tile
+    where the config gives one."""
     quant = getattr(hf, "quantization_config", None)
     if quant is None:
-        return
-    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-    method = getattr(method, "value", method)  # transformers' enum
-    if str(method).lower() not in QUANTIZATION_METHODS:
+        return None
+    if not isinstance(quant, dict):
+        quant = quant.to_dict() if hasattr(quant, "to_dict") else vars(quant)
+    method = quant.get("quant_method")
+    method = str(getattr(method, "value", method)).lower()  # transformers' enum
+    if method not in QUANTIZATION_METHODS:
         raise ValueError(f"{folder} holds weights quantized with {method!r}, which Loom does not load (it reads "
-                         f"{QUANTIZATION_METHODS[0]}): serve the unquantized checkpoint (with --quantization "
-                         "int8 for int8 weights) or a GGUF file")
+                         f"{', '.join(QUANTIZATION_METHODS[:-1])}): serve the unquantized checkpoint (with "
+                         "--quantization int8 for int8 weights) or a GGUF file")
+    block = quant.get("weight_block_size")
+    if method == "compressed-tensors":
+        for group in (quant.get("config_groups") or {}).values():
+            weights = group.get("weights") or {}
+            if weights.get("type") != "float" or weights.get("num_bits") != 8:
+                raise ValueError(f"{folder} holds compressed-tensors weights of {weights.get('num_bits')}-bit "
+                                 f"{weights.get('type')} (format {quant.get('format')!r}), which Loom does not load "
+                                 "(it reads the FP8 schemes): serve the unquantized checkpoint or a GGUF file")
+            block = block or weights.get("block_structure")
+    return tuple(int(n) for n in block) if block else None
 
 
 def _holds(files: list[Path], rename, name: str) -> bool:
