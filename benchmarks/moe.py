@@ -2,12 +2,15 @@
 in the same run, on the offline throughput workload of benchmarks/throughput.py, alternated round by round.
 
     python benchmarks/moe.py --num-prompts 32 --rounds 2
+    python benchmarks/moe.py --model gpt_oss --num-prompts 32 --rounds 2
 
-The model: 8 experts, top-2 routing, hidden 512, expert MLP width 1024, 4 layers, 8 query / 2 KV heads, SmolLM2's
-tokenizer (vocabulary 49152), random weights (seeded), float32. Loom groups each step's tokens by expert (one pair of
-matmuls per chosen expert and layer) inside its paged, continuously batched engine; transformers runs its default
-experts implementation with static batches of ``--hf-batch-size``. Prints one summary line (median useful tokens/s of
-each and the ratio) and writes JSON (default results/moe.json).
+The model (``--model mixtral``): 8 experts, top-2 routing, hidden 512, expert MLP width 1024, 4 layers, 8 query / 2 KV
+heads, SmolLM2's tokenizer (vocabulary 49152), random weights (seeded), float32. ``--model gpt_oss``: gpt-oss-20b's
+layout at that scale: 32 experts, top-4 (its router: bias, top-k before the softmax; experts with biases and the
+clamped SwiGLU), expert width 512, attention sinks, 128-token windows on every other layer, head dim 64, YaRN. Loom
+groups each step's tokens by expert (one pair of matmuls per chosen expert and layer) inside its paged, continuously
+batched engine; transformers runs its default experts implementation with static batches of ``--hf-batch-size``.
+Prints one summary line (median useful tokens/s of each and the ratio) and writes JSON (default results/moe.json).
 """
 
 from __future__ import annotations
@@ -26,9 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, write_json  # noqa: E402
 from benchmarks.throughput import make_workload, run_hf_static  # noqa: E402
 
-SHAPE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-             num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=2048,
-             initializer_range=0.02)
+SHAPES = {
+    "mixtral": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                    num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=2048,
+                    initializer_range=0.02),
+    "gpt_oss": dict(hidden_size=512, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                    num_key_value_heads=2, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
+                    sliding_window=128, swiglu_limit=7.0, max_position_embeddings=2048, initializer_range=0.02,
+                    rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0,
+                                         beta_slow=1.0, truncate=False, original_max_position_embeddings=512)),
+}
 
 
 def run_loom(path: str, w, seed: int) -> dict:
@@ -46,21 +56,24 @@ def run_loom(path: str, w, seed: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(SHAPES), default="mixtral")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--input-len", type=int, nargs=2, default=(32, 256), metavar=("MIN", "MAX"))
     ap.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--hf-batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="results/moe.json")
+    ap.add_argument("--out", default=None, help="default: results/moe.json (results/moe_gpt_oss.json)")
     args = ap.parse_args()
 
     from loom.models.catalogue import resolve_model
     from loom.models.tiny import save_tiny_model
 
+    shape = SHAPES[args.model]
+    out = args.out or ("results/moe.json" if args.model == "mixtral" else f"results/moe_{args.model}.json")
     with tempfile.TemporaryDirectory() as tmp:
-        path = str(save_tiny_model(Path(tmp) / "mixtral", resolve_model("smollm2"), arch="mixtral", seed=args.seed,
-                                   **SHAPE))
+        path = str(save_tiny_model(Path(tmp) / args.model, resolve_model("smollm2"), arch=args.model, seed=args.seed,
+                                   **shape))
         w = make_workload(args.num_prompts, tuple(args.input_len), tuple(args.output_len), 49152, args.seed)
         hf_args = Namespace(device="cpu", dtype="float32", hf_batch_size=args.hf_batch_size)
         runs = {"loom": lambda: run_loom(path, w, args.seed), "hf": lambda: run_hf_static(path, w, hf_args)}
@@ -71,11 +84,12 @@ def main() -> int:
     tokens = w.num_prompt_tokens + w.num_output_tokens
     rate = {name: statistics.median(tokens / r[name]["elapsed_s"] for r in rounds) for name in ("loom", "hf")}
     summary = {"loom_tokens_per_s": rate["loom"], "hf_tokens_per_s": rate["hf"], "ratio": rate["loom"] / rate["hf"]}
-    write_json(args.out, {"summary": summary, "rounds": rounds, "shape": SHAPE, "machine": machine(),
+    write_json(out, {"summary": summary, "rounds": rounds, "model": args.model, "shape": shape, "machine": machine(),
                           "threads": torch.get_num_threads(),
                           "workload": {"num_prompts": args.num_prompts, "prompt_tokens": w.num_prompt_tokens,
                                        "output_tokens": w.num_output_tokens, "seed": args.seed}})
-    print(f"moe mixtral-shaped 8x top-2 hidden 512: loom={rate['loom']:.0f} tok/s hf={rate['hf']:.0f} tok/s "
+    experts = f"{shape['num_local_experts']}x top-{shape['num_experts_per_tok']}"
+    print(f"moe {args.model}-shaped {experts} hidden 512: loom={rate['loom']:.0f} tok/s hf={rate['hf']:.0f} tok/s "
           f"ratio={summary['ratio']:.2f}x (prompts={args.num_prompts}, rounds={args.rounds})")
     return 0
 

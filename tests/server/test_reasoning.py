@@ -54,7 +54,9 @@ HARMONY_CASES = [  # text (gpt-oss' output after its prompt's "<|start|>assistan
      "<|start|>assistant<|channel|>commentary<|message|>Looking it up. <|end|><|start|>assistant<|channel|>final"
      "<|message|>Done.", ("one two", "Looking it up. Done.")),  # a preamble (commentary to no one) is content
     ("<|channel|>analysis<|message|>call it<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather "
-     "<|constrain|>json<|message|>{\"city\": \"Paris\"}<|call|>", ("call it", None)),  # a tool's message: neither
+     "<|constrain|>json<|message|>{\"city\": \"Paris\"}<|call|>",  # a function's message: a hermes call
+     ("call it", '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>')),
+    ("<|channel|>analysis to=browser.search<|message|>{\"q\": \"x\"}<|call|>", (None, None)),  # a built-in tool's
     ("Plain text without the format", (None, "Plain text without the format")),
     ("<|channel|>analysis<|mess", (None, None)),
 ]
@@ -157,20 +159,41 @@ def test_a_tool_call_after_the_thinking_block_is_parsed_from_the_content(server,
             d["tool_calls"][0].get("function", {}).get("name")] == ["get_weather"]
 
 
-def test_a_gpt_oss_answer_is_split_in_the_message_and_in_the_stream(tiny_llama, monkeypatch):
+def test_a_gpt_oss_answer_and_its_tool_call_are_split_in_the_message_and_in_the_stream(tiny_llama, monkeypatch):
+    """--reasoning-parser gpt_oss with --tool-call-parser openai (as vLLM serves gpt-oss)."""
     from tests.server.conftest import script_outputs, start_llm_server, tiny_config
 
-    running = start_llm_server(tiny_config(tiny_llama, num_kv_blocks=64, reasoning_parser="gpt_oss"))
+    running = start_llm_server(tiny_config(tiny_llama, num_kv_blocks=64, reasoning_parser="gpt_oss",
+                                           enable_auto_tool_choice=True, tool_call_parser="openai"))
     try:
+        script = script_outputs(running, monkeypatch)
         text, expected = HARMONY_CASES[0]
-        script_outputs(running, monkeypatch)(text)
+        script(text)
         message = _chat(running).json()["choices"][0]["message"]
         assert (message["reasoning_content"], message["content"]) == expected
         reasoning, content, deltas = _streamed(running)
         assert (reasoning, content) == expected
         assert not any("<|" in (d.get("reasoning_content") or "") + (d.get("content") or "") for d in deltas)
+
+        script(HARMONY_CASES[4][0])  # analysis, then a message to functions.get_weather
+        choice = _chat(running, tools=TOOLS).json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        assert (choice["message"]["reasoning_content"], choice["message"]["content"]) == ("call it", None)
+        call = choice["message"]["tool_calls"][0]["function"]
+        assert (call["name"], call["arguments"]) == ("get_weather", '{"city": "Paris"}')
+        reasoning, content, deltas = _streamed(running, tools=TOOLS)
+        calls = [c for d in deltas for c in d.get("tool_calls") or []]
+        assert (reasoning, content) == ("call it", "") and calls[0]["function"]["name"] == "get_weather"
+        assert "".join(c["function"].get("arguments", "") for c in calls) == '{"city": "Paris"}'
     finally:
         running.stop()
+
+
+def test_the_openai_tool_parser_needs_the_gpt_oss_reasoning_parser(tiny_llama):
+    from tests.server.conftest import tiny_config
+
+    with pytest.raises(ValueError, match="add --reasoning-parser gpt_oss"):
+        tiny_config(tiny_llama, enable_auto_tool_choice=True, tool_call_parser="openai")
 
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% if not (loop.last and "

@@ -22,12 +22,15 @@ streamed output is the split of the whole one (one code path: ``split`` feeds th
 - ``gpt_oss`` — the harmony format (``HarmonyParser``): the output is messages, each a header
   (``<|channel|>analysis``, ``<|start|>assistant<|channel|>final``, ...) then ``<|message|>`` and a body up to
   ``<|end|>`` / ``<|return|>`` / ``<|call|>``. The analysis channel's bodies are reasoning, the final channel's (and
-  commentary addressed to no one: preambles the user is meant to see) content; the headers, and messages addressed
-  to a tool (``to=functions.…``), are neither. An output without the format at all is content as it stands.
+  commentary addressed to no one: preambles the user is meant to see) content; the headers are neither. A message
+  to a function (``to=functions.NAME``, its body the JSON arguments) joins the content as a hermes call,
+  ``<tool_call>{"name": "NAME", "arguments": BODY}</tool_call>``, which ``--tool-call-parser openai`` returns as a
+  tool call (streamed as its body arrives). An output without the format at all is content as it stands.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 
 from loom.engine.reasoning import DONE, OPEN, REASONING_TAGS
@@ -165,9 +168,14 @@ def _harmony(text: str, final: bool) -> tuple[str, str | None]:
         body = text[start:end]
         if tag is None and not final:
             body = body[: len(body) - _marker_prefix(body)]
-        if channel == "analysis":
+        if to is not None and to.startswith("functions."):
+            call = f'<tool_call>{{"name": {json.dumps(to.removeprefix("functions."))}, "arguments": {body}'
+            content = (content or "") + call + ("" if tag is None else "}</tool_call>")
+        elif to is not None:
+            pass  # a built-in tool's (browser.*, python): neither the user's answer nor a function call
+        elif channel == "analysis":
             reasoning.append(body)
-        elif channel == "final" or (channel == "commentary" and to is None):
+        elif channel in ("final", "commentary"):
             content = (content or "") + body
         if tag is None:
             break

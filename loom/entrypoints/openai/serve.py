@@ -59,9 +59,10 @@ class LLMServerConfig:
     """Add POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read adapter folders from this machine)."""
     lora_store: str | None = None
     """With runtime updating: adapter paths must resolve inside this folder (relative ones are taken from it)."""
-    tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = None
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral", "openai"] | None = None
     """How tool calls are found in the model's text for tool_choice "auto": hermes (Hermes, Qwen <tool_call> JSON;
-    also the format used for a chat template that ignores tools), llama3_json, mistral."""
+    also the format used for a chat template that ignores tools), llama3_json, mistral, openai (gpt-oss' harmony
+    messages to functions.*; needs --reasoning-parser gpt_oss)."""
     enable_auto_tool_choice: bool = False
     """Let the model choose whether to call tools (tool_choice "auto", the default when tools are given); needs
     --tool-call-parser. Without it such requests get 400."""
@@ -97,6 +98,9 @@ class LLMServerConfig:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
             raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_PARSERS)}, got {self.tool_call_parser}")
+        if self.tool_call_parser == "openai" and self.engine.reasoning_parser != "gpt_oss":
+            raise ValueError("tool_call_parser openai reads the harmony messages that reasoning_parser gpt_oss "
+                             "separates: add --reasoning-parser gpt_oss")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("enable_auto_tool_choice needs a tool_call_parser: add --tool-call-parser "
                              f"({' | '.join(TOOL_PARSERS)}; hermes for Qwen, Hermes and SmolLM2)")

@@ -10,8 +10,10 @@
 Every format is content, then a region of JSON call objects ``{"name": …, "arguments" | "parameters": {…}}``:
 hermes (Hermes 2 Pro, Qwen 2.5/3) ``<tool_call>{…}</tool_call>`` (several allowed); llama3_json ``{"name": …,
 "parameters": {…}}`` (after an optional ``<|python_tag|>``, several separated by ``;``); mistral
-``[TOOL_CALLS] [{…}, …]``; and the JSON array that ``tool_choice: "required"`` holds the output to. So a parser is
-data (the pattern that opens the region, the text allowed between calls) and one incremental scanner does the rest.
+``[TOOL_CALLS] [{…}, …]``; openai (gpt-oss): harmony's messages to ``functions.NAME``, which the ``gpt_oss``
+reasoning parser rewrites as hermes calls; and the JSON array that ``tool_choice: "required"`` holds the output to.
+So a parser is data (the pattern that opens the region, the text allowed between calls) and one incremental
+scanner does the rest.
 
 Arguments are the model's own JSON text of the value, not re-serialised, so streamed pieces concatenate to exactly
 the string the non-streaming answer has. Text before the region is content; text after the last call is dropped
@@ -293,6 +295,8 @@ TOOL_PARSERS: dict[str, ToolParser] = {
     "llama3_json": _parser("llama3_json", r'<\|python_tag\|>|\{\s*"name"\s*:', r"(?:\s|;|<\|python_tag\|>)*",
                            ("<|python_tag|>",)),
     "mistral": _parser("mistral", r"\[TOOL_CALLS\]", r"(?:\s|,|\[TOOL_CALLS\]|\[|\])*", ("[TOOL_CALLS]",)),
+    # gpt-oss: the harmony reasoning parser (reasoning.py) hands each message to functions.* on as a hermes call
+    "openai": _parser("openai", r"<tool_call>", r"(?:\s|</?tool_call>)*"),
 }
 """The parsers ``--tool-call-parser`` chooses from (vLLM's names)."""
 
