@@ -16,9 +16,10 @@ from loom.distributed.parallel import TensorParallel, head_shard
 from loom.models.fp8 import FP8_DTYPES, dequantize_fp8
 from loom.models.gguf import is_gguf, load_gguf_config, load_gguf_model, load_gguf_tokenizer
 from loom.models.llama import LlamaConfig, LlamaForCausalLM, order_partial_rotary
-from loom.models.mxfp4 import dequantize_mxfp4
+from loom.models.mxfp4 import dequantize_mxfp4, mxfp4_as_q8_0
 from loom.models.vision import is_multimodal, language_weight_name
 from loom.ops.packed_linear import PackedLinear
+from loom.ops.quantized import GGMLType, GGUFLinear
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # The last part of an HF module name -> (Loom's fused module, which slice of it); the prefix is kept, so experts'
@@ -101,6 +102,9 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}
     index = {name: file for file in files for name in _keys(file)}
+    # MXFP4 experts stay quantized where a quantized kernel can take them (as Q8_0 rows: lossless); else expanded
+    keep_mxfp4 = tp is None and (quantized_kernels == "triton" or dtype == torch.float32)
+    kept: dict[str, torch.Tensor] = {}  # Loom module path of an expert's projection -> its Q8_0 rows
 
     def read(f, name: str) -> torch.Tensor:
         """A checkpoint tensor as floats: an FP8 weight multiplied by its scale (from whichever file holds it)."""
@@ -124,8 +128,15 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
                 pieces = [(own, None)]  # the tensor read only once it is known to be wanted
                 if own.endswith("_blocks") and _MXFP4.match(own.removesuffix("_blocks")):
                     own = own.removesuffix("_blocks")
-                    fused = dequantize_mxfp4(f.get_tensor(name), _read(index, name.removesuffix("_blocks") + "_scales"))
-                    pieces = _per_expert([(own, fused)], cfg, in_by_out=False)  # expanded: [E, out, in]
+                    blocks, scales = f.get_tensor(name), _read(index, name.removesuffix("_blocks") + "_scales")
+                    rows = mxfp4_as_q8_0(blocks, scales) if keep_mxfp4 else None
+                    if rows is not None:
+                        for loom_name, expert_rows in _per_expert([(own, rows)], cfg, in_by_out=False):
+                            path = _target(loom_name, cfg)[0].removesuffix(".weight")
+                            kept[path] = expert_rows.contiguous()
+                            filled[f"{path}.weight"] = _parts(path)
+                        continue
+                    pieces = _per_expert([(own, dequantize_mxfp4(blocks, scales))], cfg, in_by_out=False)  # [E, o, i]
                 elif _FUSED_EXPERTS.match(own):
                     pieces = _per_expert([(own, read(f, name))], cfg)
                 for own, tensor in pieces:
@@ -143,8 +154,23 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
                     whole = _parts(pname) if part is None else 1
                     filled[pname] = filled.get(pname, 0) + whole
     _check_complete(params, filled, folder)
+    for path, rows in kept.items():
+        model.set_submodule(path, _q8_0_linear(model.get_submodule(path), rows, quantized_kernels, device))
     order_partial_rotary(dict(model.named_parameters()), model.config)
     return model.eval()
+
+
+def _q8_0_linear(linear: torch.nn.Linear, rows: torch.Tensor, kernels: str, device: torch.device) -> torch.nn.Module:
+    """An expert's projection from its MXFP4 blocks as Q8_0 rows, in place of the float ``linear`` built for it (whose
+    weight was never written: its pages were never touched), keeping its bias. On CPU the kernel that dequantizes in
+    registers onto float32 activations (exact to float rounding, as transformers' expansion; not the GGUF files'
+    default int8 activations); on CUDA Triton's dequant-matmul."""
+    bias = None if linear.bias is None else linear.bias.detach().clone()
+    if kernels == "triton":
+        from loom.ops.triton.quantized import TritonQuantLinear  # local: imports triton
+
+        return TritonQuantLinear.from_gguf(rows, GGMLType.Q8_0, linear.in_features, bias, device)
+    return GGUFLinear(rows, GGMLType.Q8_0, linear.in_features, bias, activations="float32")
 
 
 def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> int:

@@ -40,3 +40,21 @@ def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes = (scaled.abs().unsqueeze(-1) - lut).abs().argmin(-1) + 8 * (scaled < 0)  # [..., G, 32]
     pairs = codes.unflatten(-1, (16, 2)).to(torch.uint8)
     return pairs[..., 0] | (pairs[..., 1] << 4), (exponent + 127).to(torch.uint8)
+
+
+Q8_0_LEVELS = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+"""FP4 codes as twice their value: integers, so an MXFP4 block is a Q8_0 block with scale 2 ** (byte - 128)."""
+
+
+def mxfp4_as_q8_0(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """blocks [..., out, G, 16], scales [..., out, G] -> the same weights as GGUF Q8_0 rows [..., out, G * 34] uint8
+    (per 32 weights a float16 scale 2 ** (byte - 128), then 32 int8 quants, twice the FP4 values), losslessly: both
+    are exact. None where a scale lies outside float16's range (2 ** -24 .. 2 ** 15): the caller expands instead."""
+    exponent = scales.to(torch.int32) - 128
+    if exponent.numel() and (int(exponent.min()) < -24 or int(exponent.max()) > 15):
+        return None
+    d = torch.ldexp(torch.ones(exponent.shape), exponent).to(torch.float16)  # powers of two: exact in float16
+    levels = torch.tensor(Q8_0_LEVELS, dtype=torch.int8)
+    quants = torch.stack([levels[(blocks & 0x0F).long()], levels[(blocks >> 4).long()]], dim=-1).flatten(-2)
+    rows = torch.cat([d.unsqueeze(-1).view(torch.uint8), quants.view(torch.uint8)], dim=-1)  # [..., G, 34]
+    return rows.flatten(-2)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loom import LLM
-from loom.models.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+from loom.models.mxfp4 import dequantize_mxfp4, mxfp4_as_q8_0, quantize_mxfp4
 from loom.ops.attention import PrefillChunk, prefill_attention
 from tests.conftest import save_tiny_model
 from tests.engine.test_parity import assert_parity, hf_greedy, loom_greedy, varied_prompts
@@ -55,6 +55,23 @@ def test_mxfp4_dequantization_equals_transformers_bit_for_bit():
     assert torch.equal(dequantize_mxfp4(*round_trip), theirs.transpose(1, 2))  # grid values come back exactly
 
 
+def test_mxfp4_blocks_are_q8_0_blocks_without_loss():
+    """Kept quantized, an MXFP4 weight is GGUF Q8_0 rows (twice the FP4 values, half the power-of-two scale): the gguf
+    package's own Q8_0 dequantizer gives back transformers' MXFP4 expansion exactly; a scale float16 cannot hold
+    gets None (the loader expands that weight instead)."""
+    from loom.ops.quantized import GGMLType, dequantize_reference
+
+    g = torch.Generator().manual_seed(1)
+    blocks = torch.randint(0, 256, (2, 6, 3, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(104, 144, (2, 6, 3), dtype=torch.uint8, generator=g)  # float16's whole range of powers
+    rows = mxfp4_as_q8_0(blocks, scales)
+    assert rows.shape == (2, 6, 3 * 34)
+    for e in range(2):
+        assert torch.equal(dequantize_reference(rows[e], GGMLType.Q8_0, 96), dequantize_mxfp4(blocks, scales)[e])
+    assert mxfp4_as_q8_0(blocks, scales.clone().fill_(103)) is None
+    assert mxfp4_as_q8_0(blocks, scales.clone().fill_(144)) is None
+
+
 def _as_mxfp4(folder, target):
     """The tiny gpt-oss folder with its experts stored as the hub's checkpoints store them: MXFP4 blocks and scales
     [E, out, in / 32, 16] / [E, out, in / 32], and the quantization config."""
@@ -79,8 +96,16 @@ def test_an_mxfp4_checkpoint_serves_as_transformers_runs_it_dequantized(tmp_path
     path = _as_mxfp4(save_tiny_model(tmp_path / "float", smollm2_path, arch="gpt_oss"), tmp_path / "mxfp4")
     prompts = varied_prompts(4, seed=7, low=10, high=40)
     reference = hf_greedy(path, prompts, 8, quantization_config=Mxfp4Config(dequantize=True))
-    ours = loom_greedy(LLM(str(path), num_kv_blocks=64, block_size=8, max_num_batched_tokens=32), prompts, 8)
+    llm = LLM(str(path), num_kv_blocks=64, block_size=8, max_num_batched_tokens=32)
+    experts = [m for layer in llm.engine.model.layers for e in layer.mlp.experts for m in (e.gate_up_proj, e.down_proj)]
+    assert {type(m).__name__ for m in experts} == {"GGUFLinear"}  # kept quantized: 34 bytes per 32 weights
+    assert sum(m.nbytes for m in experts) == sum(m.in_features * m.out_features for m in experts) * 34 // 32
+    ours = loom_greedy(llm, prompts, 8)
     assert_parity(ours, reference)
+    # bfloat16 on CPU has no quantized kernel: the experts are expanded, to the same weights
+    expanded = LLM(str(path), num_kv_blocks=64, block_size=8, dtype="bfloat16").engine.model.layers[0].mlp.experts[0]
+    assert type(expanded.gate_up_proj) is torch.nn.Linear
+    torch.testing.assert_close(expanded.gate_up_proj.weight.float(), experts[0].dequantize(), atol=0, rtol=0)
     # the expansion is not the float weights: quantizing moved them enough to change the model's logprobs
     floats = loom_greedy(LLM(str(tmp_path / "float"), num_kv_blocks=64, block_size=8), prompts, 8)
     assert max(abs(a - b) for (_, x), (_, y) in zip(ours, floats) for a, b in zip(x, y)) > 1e-3
@@ -94,3 +119,16 @@ def test_a_checkpoint_quantized_by_a_method_loom_does_not_read_is_refused(tmp_pa
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"quantized with '{method}', which Loom does not load"):
         LLM(str(path), num_kv_blocks=16)
+
+
+def test_mxfp4_experts_through_triton_kernels_give_the_cpu_kernels_tokens(tmp_path, smollm2_path):
+    """On CUDA the kept experts run through Triton's dequant-matmul (here under its interpreter)."""
+    path = _as_mxfp4(save_tiny_model(tmp_path / "float", smollm2_path, arch="gpt_oss"), tmp_path / "mxfp4")
+    prompts = varied_prompts(2, seed=8, low=10, high=30)
+    engine = dict(num_kv_blocks=64, block_size=8, dtype="float32")
+    triton_llm = LLM(str(path), attention_backend="triton", **engine)
+    assert type(triton_llm.engine.model.layers[0].mlp.experts[0].down_proj).__name__ == "TritonQuantLinear"
+    ours = loom_greedy(triton_llm, prompts, 4)
+    reference = loom_greedy(LLM(str(path), **engine), prompts, 4)
+    assert [o[0] for o in ours] == [r[0] for r in reference]
+    assert max(abs(a - b) for (_, x), (_, y) in zip(ours, reference) for a, b in zip(x, y)) < 1e-4
