@@ -123,6 +123,15 @@ def workloads():
         yield f"paged_prefill gemma-3-4b image spans {DTYPES[dtype]}", partial(
             paged_prefill, torch.empty(300, 8, 256, dtype=dtype), cache, cache, chunks, 0.0625, window=1024,
             visible=torch.zeros(300, dtype=torch.int32))
+    for dtype in (torch.bfloat16, torch.float32):  # gpt-oss-20b's heads: sinks on 128-token windows
+        cache, sinks = torch.empty(64, 16, 8, 64, dtype=dtype), torch.empty(64, dtype=dtype)
+        tables, lens = torch.zeros(4, 64, dtype=torch.int32), torch.full((4,), 1000, dtype=torch.int32)
+        chunks = [PrefillChunk(0, 300, 0, torch.zeros(19, dtype=torch.int32))]
+        tag = f"gpt-oss-20b sinks {DTYPES[dtype]}"
+        yield f"paged_decode {tag}", partial(paged_decode, torch.empty(4, 64, 64, dtype=dtype), cache, cache, tables,
+                                             lens, 0.125, window=128, sinks=sinks)
+        yield f"paged_prefill {tag}", partial(paged_prefill, torch.empty(300, 64, 64, dtype=dtype), cache, cache,
+                                              chunks, 0.125, window=128, sinks=sinks)
     ops = TritonOps()
     for dtype in (torch.bfloat16, torch.float32):
         x, w = torch.empty(8, 4096, dtype=dtype), torch.empty(4096, dtype=dtype)

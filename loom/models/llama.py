@@ -212,8 +212,7 @@ class LlamaConfig:
             tie_word_embeddings=bool(tie),
             qkv_bias=is_qwen2 or attention_bias,
             o_bias=attention_bias and not is_qwen2,
-            mlp_bias=bool(getattr(hf, "mlp_bias", False)) or arch == "GptOssForCausalLM",  # gpt-oss: the experts'
-
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)) or arch == "GptOssForCausalLM",  # gpt-oss' experts
             architecture=arch,
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM"),
             qk_norm_full=arch == "Olmo2ForCausalLM",

@@ -410,7 +410,13 @@ def _check_quantization(hf, folder: Path) -> tuple[int, int] | None:
     if not isinstance(quant, dict):
         quant = quant.to_dict() if hasattr(quant, "to_dict") else vars(quant)
     method = quant.get("quant_method")
+    if method is None:
+        raise ValueError(f"{folder}'s config holds a quantization_config without a quant_method (an older "
+                         "bitsandbytes save?), which Loom does not load: serve the unquantized checkpoint")
     method = str(getattr(method, "value", method)).lower()  # transformers' enum
+    if method == "mxfp4" and getattr(hf, "architectures", [None])[0] != GPT_OSS:
+        raise ValueError(f"{folder} holds MXFP4 weights of {getattr(hf, 'architectures', ['?'])[0]}; Loom reads "
+                         f"MXFP4 experts of {GPT_OSS} only")
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"{folder} holds weights quantized with {method!r}, which Loom does not load (it reads "
                          f"{', '.join(QUANTIZATION_METHODS[:-1])}): serve the unquantized checkpoint (with "

@@ -103,8 +103,8 @@ def test_decode_splits_without_keys_are_neither_written_nor_read(monkeypatch, wi
 @pytest.mark.parametrize("heads, kv_heads", [(6, 2), (4, 4), (9, 3)])
 @pytest.mark.parametrize("dtype, atol", DTYPES)
 @pytest.mark.parametrize("window,softcap,sinks", [(None, None, False), (12, None, False), (None, 2.0, False),
-                                                  (30, 8.0, False), (12, None, True)],
-                         ids=["full", "window", "softcap", "window-softcap", "window-sinks"])
+                                                  (30, 8.0, False), (None, None, True), (12, None, True)],
+                         ids=["full", "window", "softcap", "window-softcap", "sinks", "window-sinks"])
 def test_all_prefill_chunks_of_a_step_in_one_launch_equal_the_reference(window, softcap, sinks, dtype, atol, heads,
                                                                           kv_heads):
     """Chunks with and without a cached prefix, shorter and longer than a query tile, one of a single token; GQA
