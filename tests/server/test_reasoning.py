@@ -200,6 +200,7 @@ TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% if not
             "continue_final_message) %}</{{ m['role'] }}>{% endif %}{% endfor %}"
             "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
             "{% if mode is defined %}{{ 'mode: ' + mode }}{% endif %}"
+            "{% if reasoning_effort is defined %}{{ 'Reasoning: ' + reasoning_effort }}{% endif %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}"
             "{% if messages[0]['role'] == 'system' and messages[0]['content'] == 'refuse' %}"
             "{{ raise_exception('system prompts are not allowed') }}{% endif %}")
@@ -217,6 +218,10 @@ def test_chat_template_kwargs_and_continue_final_message_reach_the_template(serv
 
     assert rendered() == "<user>Hi</user><assistant>"
     assert rendered(chat_template_kwargs={"enable_thinking": False}) == "<user>Hi</user><think></think><assistant>"
+    # OpenAI's reasoning_effort reaches the template as gpt-oss' reads it; chat_template_kwargs' own value wins
+    assert rendered(reasoning_effort="high") == "<user>Hi</user>Reasoning: high<assistant>"
+    assert rendered(reasoning_effort="high", chat_template_kwargs={"reasoning_effort": "low"}) == (
+        "<user>Hi</user>Reasoning: low<assistant>")
     two = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
     assert rendered(messages=two, add_generation_prompt=False, continue_final_message=True) == (
         "<user>Hi</user><assistant>Hel")
@@ -224,6 +229,7 @@ def test_chat_template_kwargs_and_continue_final_message_reach_the_template(serv
                         ({"chat_template_kwargs": {"self": 1, "conversations": []}}, "chat_template_kwargs"),
                         ({"chat_template_kwargs": {"enable_thinking": False, "mode": 3}}, "messages"),
                         ({"continue_final_message": True}, "continue_final_message"),
+                        ({"reasoning_effort": "extreme"}, "reasoning_effort"),
                         ({"messages": [{"role": "system", "content": "refuse"}]}, "messages")):
         r = _chat(server, **body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -60,6 +60,12 @@ def test_input_items_become_the_chat_messages():
     assert _chat({"model": "m", "input": "Hi"}) == [{"role": "user", "content": "Hi"}]
 
 
+def test_reasoning_effort_reaches_the_chat_request():
+    """as the chat route's reasoning_effort: the template's variable (gpt-oss' "Reasoning: high")."""
+    req = ResponsesRequest.model_validate({"model": "m", "input": "Hi", "reasoning": {"effort": "high"}})
+    assert to_chat(req, []).template_options([], True) == {"reasoning_effort": "high"}
+
+
 @pytest.mark.parametrize("fields, param, needle", [
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "x"}]}]}, "input.0.content.0.type",
      "files and audio not at all"),
@@ -81,6 +87,7 @@ def test_input_items_become_the_chat_messages():
     ({"top_logprobs": 21}, "top_logprobs", "[0, 20]"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema", "schema"),
     ({"text": {"format": {"type": "yaml"}}}, "text.format.type", "yaml"),
+    ({"reasoning": {"effort": "extreme"}}, "reasoning.effort", "low, medium or high"),
 ])
 def test_what_cannot_be_taken_is_a_400_naming_the_field(fields, param, needle):
     with pytest.raises(OpenAIError) as caught:

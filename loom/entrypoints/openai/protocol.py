@@ -340,6 +340,9 @@ class ChatTemplateFields(BaseModel):
 
     chat_template_kwargs: dict[str, Any] | None = None
     continue_final_message: bool = False
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    """OpenAI's field: the template's ``reasoning_effort`` variable (gpt-oss' template writes "Reasoning: high" into
+    its system message; templates without it ignore it), unless ``chat_template_kwargs`` sets it."""
 
     def template_options(self, messages: list, add_generation_prompt: bool) -> dict:
         """The extra keyword arguments of ``apply_chat_template``; a 400 naming the field for what cannot be."""
@@ -348,6 +351,8 @@ class ChatTemplateFields(BaseModel):
             raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)} (apply_chat_template's own "
                               "arguments); give the template's variables only", "chat_template_kwargs")
         options = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            options.setdefault("reasoning_effort", self.reasoning_effort)
         if self.continue_final_message:
             if add_generation_prompt:
                 raise bad_request("continue_final_message needs add_generation_prompt: false (the answer continues "

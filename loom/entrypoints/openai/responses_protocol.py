@@ -102,6 +102,9 @@ def to_chat(req: ResponsesRequest, history: list[ChatMessage]) -> ChatCompletion
         messages.insert(0, ChatMessage(role="system", content=req.instructions))
     if not messages:
         raise bad_request("input is empty; give a string or at least one message item", "input")
+    effort = req.reasoning.effort if req.reasoning else None
+    if effort not in (None, "low", "medium", "high"):
+        raise bad_request(f"reasoning.effort must be low, medium or high, got {effort!r}", "reasoning.effort")
     fields = {
         "model": req.model, "messages": messages, "max_completion_tokens": req.max_output_tokens,
         # stream: the engine's outputs as deltas, streamed or not: one reading makes both (responses.py)
@@ -109,6 +112,7 @@ def to_chat(req: ResponsesRequest, history: list[ChatMessage]) -> ChatCompletion
         "logprobs": req.wants_logprobs, "top_logprobs": req.top_logprobs if req.wants_logprobs else None,
         "tools": chat_tools(req.tools), "tool_choice": chat_tool_choice(req.tool_choice),
         "parallel_tool_calls": req.parallel_tool_calls, "response_format": response_format(req.text),
+        "reasoning_effort": effort,
         **req.extras(),
     }
     try:
