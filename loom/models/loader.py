@@ -89,8 +89,14 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
         # a vision config's tie flag defaults to True where the hub's configs leave it out (Mistral 3), though the
         # checkpoint holds a head of its own: transformers then keeps that head, and so does Loom
         cfg.tie_word_embeddings = False
+    index = {name: file for file in files for name in _keys(file)}
+    # MXFP4 experts stay quantized where a quantized kernel can take them (as Q8_0 rows: lossless); else expanded.
+    # Their float weights are never allocated: the projections wait as placeholders holding only their biases.
+    keep_mxfp4 = tp is None and dummy_seed is None and (quantized_kernels == "triton" or dtype == torch.float32)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions=1, dtype=dtype, tp=tp)
+        if keep_mxfp4:
+            _await_mxfp4(model, index, cfg)
     model = model.to_empty(device=device).to(dtype)
     model.build_rotary(max_positions, dtype, device)
     if dummy_seed is not None:
@@ -101,9 +107,6 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
         return model.eval()
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}
-    index = {name: file for file in files for name in _keys(file)}
-    # MXFP4 experts stay quantized where a quantized kernel can take them (as Q8_0 rows: lossless); else expanded
-    keep_mxfp4 = tp is None and (quantized_kernels == "triton" or dtype == torch.float32)
     kept: dict[str, torch.Tensor] = {}  # Loom module path of an expert's projection -> its Q8_0 rows
 
     def read(f, name: str) -> torch.Tensor:
@@ -132,11 +135,16 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
                     rows = mxfp4_as_q8_0(blocks, scales) if keep_mxfp4 else None
                     if rows is not None:
                         for loom_name, expert_rows in _per_expert([(own, rows)], cfg, in_by_out=False):
-                            path = _target(loom_name, cfg)[0].removesuffix(".weight")
-                            kept[path] = expert_rows.contiguous()
-                            filled[f"{path}.weight"] = _parts(path)
+                            kept[_target(loom_name, cfg)[0].removesuffix(".weight")] = expert_rows.contiguous()
                         continue
-                    pieces = _per_expert([(own, dequantize_mxfp4(blocks, scales))], cfg, in_by_out=False)  # [E, o, i]
+                    pieces = list(_per_expert([(own, dequantize_mxfp4(blocks, scales))], cfg, in_by_out=False))
+                    if keep_mxfp4:  # a scale float16 cannot hold: these experts get float weights after all
+                        for loom_name, _ in pieces:
+                            path = _target(loom_name, cfg)[0].removesuffix(".weight")
+                            linear = _float_linear(model.get_submodule(path), device, dtype)
+                            model.set_submodule(path, linear)
+                            params[f"{path}.weight"] = linear.weight
+                            params[f"{path}.bias"] = linear.bias
                 elif _FUSED_EXPERTS.match(own):
                     pieces = _per_expert([(own, read(f, name))], cfg)
                 for own, tensor in pieces:
@@ -156,8 +164,46 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
     _check_complete(params, filled, folder)
     for path, rows in kept.items():
         model.set_submodule(path, _q8_0_linear(model.get_submodule(path), rows, quantized_kernels, device))
+    waiting = [path for path, module in model.named_modules() if isinstance(module, _PendingMXFP4)]
+    if waiting:
+        raise ValueError(f"checkpoint in {folder} lacks the MXFP4 blocks of {waiting[:3]}")
     order_partial_rotary(dict(model.named_parameters()), model.config)
     return model.eval()
+
+
+class _PendingMXFP4(torch.nn.Module):
+    """An expert's projection whose MXFP4 blocks are still to be read: its bias and sizes, no weight."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = linear.bias
+
+
+def _await_mxfp4(model: LlamaForCausalLM, index: dict[str, Path], cfg: LlamaConfig) -> None:
+    """Put a ``_PendingMXFP4`` in place of every expert projection the checkpoint holds as MXFP4 blocks (on the meta
+    device, before the model is given memory)."""
+    for name in index:
+        m = _MXFP4.match(name.removesuffix("_blocks")) if name.endswith("_blocks") else None
+        if m is None:
+            continue
+        layer = _LAYER.match(name).group(1)
+        for e in range(cfg.num_experts):
+            path = f"layers.{layer}.mlp.experts.{e}.{m.group(1)}"
+            model.set_submodule(path, _PendingMXFP4(model.get_submodule(path)))
+
+
+def _float_linear(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Linear:
+    """A float ``nn.Linear`` of ``module``'s shape and bias; its weight from ``module.dequantize()`` where it has one
+    (a quantized expert given float weights), else to be written."""
+    linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=device,
+                             dtype=dtype)
+    with torch.no_grad():
+        if hasattr(module, "dequantize"):
+            linear.weight.copy_(module.dequantize())
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+    return linear
 
 
 def _q8_0_linear(linear: torch.nn.Linear, rows: torch.Tensor, kernels: str, device: torch.device) -> torch.nn.Module:
@@ -169,8 +215,11 @@ def _q8_0_linear(linear: torch.nn.Linear, rows: torch.Tensor, kernels: str, devi
     if kernels == "triton":
         from loom.ops.triton.quantized import TritonQuantLinear  # local: imports triton
 
-        return TritonQuantLinear.from_gguf(rows, GGMLType.Q8_0, linear.in_features, bias, device)
-    return GGUFLinear(rows, GGMLType.Q8_0, linear.in_features, bias, activations="float32")
+        layer = TritonQuantLinear.from_gguf(rows, GGMLType.Q8_0, linear.in_features, bias, device)
+    else:
+        layer = GGUFLinear(rows, GGMLType.Q8_0, linear.in_features, bias, activations="float32")
+    layer.from_mxfp4 = True  # load_weights expands it again to take float weights (GRPO's syncs)
+    return layer
 
 
 def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
@@ -183,6 +232,10 @@ def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Ten
     if model.tp is not None:
         raise ValueError("load_weights: the model is sharded over tensor-parallel ranks; load the new weights from a "
                          "folder instead")
+    for path, module in list(model.named_modules()):  # MXFP4 experts kept as Q8_0: float weights replace them
+        if getattr(module, "from_mxfp4", False):
+            model.set_submodule(path, _float_linear(module, model.embed_tokens.weight.device,
+                                                    model.embed_tokens.weight.dtype))
     quantized = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in QUANTIZED_MODULES})
     if quantized:
         raise ValueError(f"load_weights: the model's weights are quantized ({', '.join(quantized)}); float weights "

@@ -90,13 +90,19 @@ def _as_mxfp4(folder, target):
     return target
 
 
-def test_an_mxfp4_checkpoint_serves_as_transformers_runs_it_dequantized(tmp_path, smollm2_path):
+def test_an_mxfp4_checkpoint_serves_as_transformers_runs_it_dequantized(tmp_path, smollm2_path, monkeypatch):
     from transformers import Mxfp4Config
+
+    from loom.models import loader
 
     path = _as_mxfp4(save_tiny_model(tmp_path / "float", smollm2_path, arch="gpt_oss"), tmp_path / "mxfp4")
     prompts = varied_prompts(4, seed=7, low=10, high=40)
     reference = hf_greedy(path, prompts, 8, quantization_config=Mxfp4Config(dequantize=True))
+    replaced = []  # what each kept expert replaces: a placeholder with no float weight (never given memory)
+    make = loader._q8_0_linear
+    monkeypatch.setattr(loader, "_q8_0_linear", lambda old, *a: (replaced.append(old), make(old, *a))[1])
     llm = LLM(str(path), num_kv_blocks=64, block_size=8, max_num_batched_tokens=32)
+    assert len(replaced) == 2 * 2 * 8 and not any(hasattr(old, "weight") for old in replaced)
     experts = [m for layer in llm.engine.model.layers for e in layer.mlp.experts for m in (e.gate_up_proj, e.down_proj)]
     assert {type(m).__name__ for m in experts} == {"GGUFLinear"}  # kept quantized: 34 bytes per 32 weights
     assert sum(m.nbytes for m in experts) == sum(m.in_features * m.out_features for m in experts) * 34 // 32
@@ -132,3 +138,35 @@ def test_mxfp4_experts_through_triton_kernels_give_the_cpu_kernels_tokens(tmp_pa
     reference = loom_greedy(LLM(str(path), **engine), prompts, 4)
     assert [o[0] for o in ours] == [r[0] for r in reference]
     assert max(abs(a - b) for (_, x), (_, y) in zip(ours, reference) for a, b in zip(x, y)) < 1e-4
+
+
+def test_float_weights_replace_kept_mxfp4_experts(tmp_path, smollm2_path):
+    """GRPO's weight syncs (``update_weights``) on an MXFP4 checkpoint: the kept experts are expanded to take the
+    float weights, and the engine then gives the float model's outputs."""
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny_model(tmp_path / "float", smollm2_path, arch="gpt_oss")
+    llm = LLM(str(_as_mxfp4(folder, tmp_path / "mxfp4")), num_kv_blocks=64, block_size=8)
+    float_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    llm.update_weights(float_model.state_dict().items())
+    assert type(llm.engine.model.layers[0].mlp.experts[0].gate_up_proj) is torch.nn.Linear
+    prompts = varied_prompts(3, seed=4, low=10, high=30)
+    assert_parity(loom_greedy(llm, prompts, 6), hf_greedy(folder, prompts, 6))
+
+
+def test_mxfp4_scales_float16_cannot_hold_give_float_experts(tmp_path, smollm2_path):
+    path = _as_mxfp4(save_tiny_model(tmp_path / "float", smollm2_path, arch="gpt_oss"), tmp_path / "mxfp4")
+    tensors = load_file(path / "model.safetensors")
+    name = "model.layers.1.mlp.experts.down_proj_scales"
+    tensors[name] = tensors[name].clone()
+    tensors[name][3, 0, 0] = 100  # 2 ** -28: below float16's smallest
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    llm = LLM(str(path), num_kv_blocks=64, block_size=8)
+    layers = llm.engine.model.layers
+    assert type(layers[1].mlp.experts[0].down_proj).__name__ == "PackedLinear"  # that layer's down_proj: floats
+    assert type(layers[1].mlp.experts[0].gate_up_proj).__name__ == "GGUFLinear"  # the others kept
+    prompts = varied_prompts(3, seed=5, low=10, high=30)
+    from transformers import Mxfp4Config
+
+    assert_parity(loom_greedy(llm, prompts, 6), hf_greedy(path, prompts, 6,
+                                                           quantization_config=Mxfp4Config(dequantize=True)))
