@@ -37,10 +37,13 @@ from loom.ops.rotary import (
     partial_rotary_rows,
 )
 
-SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM",
-                           "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM",
-                           "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM",
-                           "Qwen3MoeForCausalLM", "SmolLM3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Glm4MoeForCausalLM", "GptOssForCausalLM",
+                           "GraniteForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
+                           "Olmo2ForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM",
+                           "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "SmolLM3ForCausalLM")
+PARTIAL_ROTARY = ("Phi3ForCausalLM", "Glm4MoeForCausalLM")
+"""The families whose partial_rotary_factor transformers implements (and Loom with it): the first dimensions of each
+head rotate, rotate-half over them."""
 GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
 
@@ -110,6 +113,15 @@ class LlamaConfig:
     """Renormalise the top-k routing probabilities to sum to 1 (Mixtral always; Qwen MoE per config)."""
     shared_expert_intermediate_size: int = 0
     """Qwen2-MoE: a dense expert every token goes through, scaled by a sigmoid gate; 0: none."""
+    shared_expert_gated: bool = True
+    """Qwen2-MoE: the shared expert's output is scaled by a sigmoid gate; GLM-4.5: added as it is."""
+    router_scoring: str = "softmax"
+    """The router's scores: "softmax" (Mixtral, Qwen) or "sigmoid" (GLM-4.5 and DeepSeek-V3's: experts chosen by
+    score plus a per-expert correction bias, within the best ``topk_group`` of ``n_group`` groups; weighted by the
+    scores alone, renormalised where ``norm_topk_prob``, times ``routed_scaling_factor``)."""
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
     moe_layers: tuple[int, ...] = ()
     """Indices of the layers whose MLP is a mixture of experts (the others are dense)."""
     router_bias: bool = False
@@ -169,6 +181,7 @@ class LlamaConfig:
             rope.setdefault("original_max_position_embeddings", getattr(hf, "original_max_position_embeddings", None))
             rope["max_position_embeddings"] = hf.max_position_embeddings
         is_qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+        glm = arch == "Glm4MoeForCausalLM"
         attention_bias = bool(getattr(hf, "attention_bias", False))
         window = getattr(hf, "sliding_window", None)
         layer_types = getattr(hf, "layer_types", None) or []
@@ -186,9 +199,9 @@ class LlamaConfig:
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
         partial = rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0)
         rotary_dim = int(head_dim * partial) if partial != 1.0 else None
-        if rotary_dim is not None and arch != "Phi3ForCausalLM":  # the family transformers implements it for
+        if rotary_dim is not None and arch not in PARTIAL_ROTARY:  # the families transformers implements it for
             raise ValueError(f"{arch} with partial_rotary_factor {partial} is not supported (partial rotary: "
-                             "Phi3ForCausalLM only, e.g. Phi-4-mini)")
+                             f"{', '.join(PARTIAL_ROTARY)}, e.g. Phi-4-mini, GLM-4.5)")
         if rotary_dim is not None:
             partial_rotary_order(head_dim, rotary_dim)  # refuses what it cannot order
         if deepstack > hf.num_hidden_layers:
@@ -211,10 +224,11 @@ class LlamaConfig:
             max_position_embeddings=hf.max_position_embeddings,
             tie_word_embeddings=bool(tie),
             qkv_bias=is_qwen2 or attention_bias,
-            o_bias=attention_bias and not is_qwen2,
+            o_bias=attention_bias and not (is_qwen2 or glm),  # GLM-4.5: q/k/v biases, none on o_proj
             mlp_bias=bool(getattr(hf, "mlp_bias", False)) or arch == "GptOssForCausalLM",  # gpt-oss' experts
             architecture=arch,
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM"),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM")
+            or (glm and bool(getattr(hf, "use_qk_norm", False))),
             qk_norm_full=arch == "Olmo2ForCausalLM",
             post_norms=arch == "Olmo2ForCausalLM",
             sliding_window=window,
@@ -248,6 +262,17 @@ def _moe_fields(hf, arch: str, renormalise: bool = False) -> dict:
         return dict(num_experts=hf.num_local_experts, num_experts_per_tok=hf.num_experts_per_tok,
                     moe_intermediate_size=hf.intermediate_size, norm_topk_prob=True,
                     moe_layers=tuple(range(hf.num_hidden_layers)))
+    if arch == "Glm4MoeForCausalLM":  # DeepSeek-V3's router; the first layers dense
+        experts = hf.n_routed_experts
+        if experts % hf.n_group or hf.topk_group > hf.n_group:
+            raise ValueError(f"{experts} experts in {hf.n_group} groups, the best {hf.topk_group} of them chosen: "
+                             "the groups must divide the experts and outnumber the chosen ones")
+        return dict(num_experts=experts, num_experts_per_tok=hf.num_experts_per_tok,
+                    moe_intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
+                    shared_expert_intermediate_size=hf.moe_intermediate_size * hf.n_shared_experts,
+                    shared_expert_gated=False, router_scoring="sigmoid", n_group=hf.n_group,
+                    topk_group=hf.topk_group, routed_scaling_factor=float(hf.routed_scaling_factor),
+                    moe_layers=tuple(range(hf.first_k_dense_replace, hf.num_hidden_layers)))
     if arch not in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
         return {}
     dense = set(getattr(hf, "mlp_only_layers", None) or ())
@@ -395,23 +420,48 @@ class SparseMoE(nn.Module):
         self.top_k = cfg.num_experts_per_tok
         self.norm_topk_prob = cfg.norm_topk_prob
         self.topk_before_softmax = cfg.topk_before_softmax
+        self.sigmoid = cfg.router_scoring == "sigmoid"
+        self.groups = (cfg.n_group, cfg.topk_group)
+        self.routed_scaling_factor = cfg.routed_scaling_factor
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts)) if self.sigmoid else None
+        """Sigmoid routing: added to the scores to choose the experts (not to weight them)."""
         self.experts = nn.ModuleList(MLP(cfg, intermediate_size=cfg.moe_intermediate_size)
                                      for _ in range(cfg.num_experts))
         shared = cfg.shared_expert_intermediate_size
         self.shared_expert = MLP(cfg, intermediate_size=shared) if shared else None
-        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if shared else None
+        gated = shared and cfg.shared_expert_gated
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if gated else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (weights [T, k] in x's dtype, expert ids [T, k]), as HF routes (float32 softmax)."""
         if self.topk_before_softmax:  # gpt-oss
             logits, experts = torch.topk(self.gate(x), self.top_k, dim=-1)
             return torch.softmax(logits.float(), dim=-1).to(x.dtype), experts
+        if self.sigmoid:
+            return self._route_sigmoid(x)
         probs = torch.softmax(self.gate(x).float(), dim=-1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), experts
+
+    def _route_sigmoid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """GLM-4.5 / DeepSeek-V3 ("noaux_tc"): experts chosen by sigmoid score + correction bias among the best
+        ``topk_group`` groups (a group's worth: its two best biased scores), weighted by the plain scores."""
+        scores = torch.sigmoid(self.gate(x).float())
+        choice = scores + self.e_score_correction_bias.float()
+        groups, best = self.groups
+        if groups > 1:
+            grouped = choice.unflatten(-1, (groups, -1))  # [T, groups, experts per group]
+            kept = torch.topk(grouped.topk(2, dim=-1)[0].sum(-1), best, dim=-1, sorted=False)[1]
+            mask = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, kept, True)
+            choice = grouped.masked_fill(~mask.unsqueeze(-1), float("-inf")).flatten(1)
+        experts = torch.topk(choice, self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, experts)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return (weights * self.routed_scaling_factor).to(x.dtype), experts
 
     def forward(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
         weights, experts = self.route(x)
@@ -429,7 +479,8 @@ class SparseMoE(nn.Module):
         out.mul_(weights.flatten()[order].unsqueeze(-1))
         y = torch.zeros_like(x).index_add_(0, token, out)
         if self.shared_expert is not None:
-            y += torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, ops)
+            shared = self.shared_expert(x, ops)
+            y += shared if self.shared_expert_gate is None else torch.sigmoid(self.shared_expert_gate(x)) * shared
         return y if self.tp is None else self.tp.all_reduce(y)
 
 

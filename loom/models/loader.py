@@ -35,7 +35,7 @@ _FUSED = {
 # router, as they name theirs
 _MIXTRAL = [(re.compile(r"^block_sparse_moe\."), "mlp."), (re.compile(r"\.w1$"), ".gate_proj"),
             (re.compile(r"\.w3$"), ".up_proj"), (re.compile(r"\.w2$"), ".down_proj"),
-            (re.compile(r"^mlp\.router$"), "mlp.gate")]
+            (re.compile(r"^mlp\.router$"), "mlp.gate"), (re.compile(r"^mlp\.shared_experts\."), "mlp.shared_expert.")]
 QUANTIZATION_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "mxfp4", "gguf")
 """HF ``quantization_config`` methods Loom loads: FP8 (transformers' fine-grained blocks, fbgemm's channels,
 compressed-tensors' FP8 schemes: ``loom.models.fp8``) and MXFP4 (``loom.models.mxfp4``), expanded to the model's
@@ -372,7 +372,11 @@ def _target(name: str, cfg: LlamaConfig) -> tuple[str, int | None] | None:
     if m is None:
         return None
     layer, rest = m.groups()
+    if int(layer) >= cfg.num_hidden_layers:  # GLM-4.5's multi-token-prediction layer after the last: not served
+        return None
     module, kind = rest.rsplit(".", 1)
+    if kind == "e_score_correction_bias":  # the router's, held by Loom's MoE module (the router is a plain linear)
+        return f"layers.{layer}.{module.removesuffix('.gate')}.{kind}", None
     for pattern, replacement in _MIXTRAL:
         module = pattern.sub(replacement, module)
     prefix, _, last = module.rpartition(".")

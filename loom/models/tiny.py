@@ -16,6 +16,8 @@ from transformers import (
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    Glm4MoeConfig,
+    Glm4MoeForCausalLM,
     GptOssConfig,
     GptOssForCausalLM,
     GraniteConfig,
@@ -64,6 +66,7 @@ ARCHS = {
     "granite": (GraniteConfig, GraniteForCausalLM),
     "olmo2": (Olmo2Config, Olmo2ForCausalLM),
     "gpt_oss": (GptOssConfig, GptOssForCausalLM),
+    "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM),
 }
 MOE = dict(num_local_experts=8, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64)
 """Mixture-of-experts settings the MoE configs take (each ignores the names it does not know)."""
@@ -80,6 +83,12 @@ GPT_OSS = dict(head_dim=16, intermediate_size=64, num_local_experts=8, num_exper
 """gpt-oss at a tiny size: windowed and full layers in turn (window 16: it takes effect at once), a clamp the
 experts' gate and up reach (gpt-oss-20b's is 7.0), and YaRN as the hub's configs set it (factor 32 over 4,096
 there; 4 over 256 here, to the tiny context)."""
+GLM4_MOE = dict(num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                use_qk_norm=True, attention_bias=True, tie_word_embeddings=False)
+"""GLM-4.5 at a tiny size: a dense first layer, then sigmoid-routed experts in two groups (the best one kept) with a
+shared expert, q/k norms, q/k/v biases and half of each head rotating (GLM-4.5-Air: 128 experts in one group, top-8,
+scaling 1.0; GLM-4.5: 160, scaling 2.5)."""
 
 
 def save_tiny_model(path: str | Path, tokenizer_dir: str | Path, arch: str = "llama", seed: int = 0,
@@ -90,12 +99,12 @@ def save_tiny_model(path: str | Path, tokenizer_dir: str | Path, arch: str = "ll
     torch.manual_seed(seed)
     config_cls, model_cls = ARCHS[arch]
     model = model_cls(config_cls(**{**TINY, **_arch_settings(arch), **overrides})).eval()
-    if arch == "gpt_oss":  # sinks drawn like every weight (std 0.2) would hardly move a softmax (gpt-oss' own are
-        with torch.no_grad():  # ~1-5), and biases left at zero would go untested
-            for name, param in model.named_parameters():
+    if arch in ("gpt_oss", "glm4_moe"):  # sinks drawn like every weight (std 0.2) would hardly move a softmax
+        with torch.no_grad():  # (gpt-oss' own are ~1-5), and biases left at zero would go untested
+            for name, param in [*model.named_parameters(), *model.named_buffers()]:
                 if name.endswith("sinks"):
                     param.normal_(2.0, 1.5)
-                elif name.endswith("bias"):
+                elif name.endswith("bias"):  # GLM's router correction too: it changes which experts are chosen
                     param.normal_(0.0, 0.3)
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(path)
@@ -104,7 +113,7 @@ def save_tiny_model(path: str | Path, tokenizer_dir: str | Path, arch: str = "ll
 
 def _arch_settings(arch: str) -> dict:
     """The settings a tiny ``arch`` model needs beside TINY (the ones whose defaults would not be tested)."""
-    return {"smollm3": SMOLLM3, "granite": GRANITE, "gpt_oss": GPT_OSS}.get(arch) or (
+    return {"smollm3": SMOLLM3, "granite": GRANITE, "gpt_oss": GPT_OSS, "glm4_moe": GLM4_MOE}.get(arch) or (
         MOE if arch in ("mixtral", "qwen2_moe", "qwen3_moe") else GEMMA if arch.startswith("gemma") else {})
 
 

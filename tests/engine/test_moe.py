@@ -1,6 +1,6 @@
-"""Mixtures of experts (Mixtral, Qwen2-MoE with a shared expert and dense layers, Qwen3-MoE, gpt-oss) against HF
-transformers: greedy ids and logprobs through concurrent prompts, chunked prefill and a prefix hit; the routing
-itself equal to HF's router, token by token; each chosen expert run once per layer and step."""
+"""Mixtures of experts (Mixtral, Qwen2-MoE with a shared expert and dense layers, Qwen3-MoE, gpt-oss, GLM-4.5)
+against HF transformers: greedy ids and logprobs through concurrent prompts, chunked prefill and a prefix hit; the
+routing itself equal to HF's router, token by token; each chosen expert run once per layer and step."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ CASES = {
     "qwen2-moe-shared-expert": ("qwen2_moe", dict(shared_expert_intermediate_size=96, mlp_only_layers=[1])),
     "qwen3-moe-normalised": ("qwen3_moe", dict(norm_topk_prob=True, head_dim=16)),
     "gpt-oss": ("gpt_oss", {}),  # top-k before the softmax, router and expert biases, clamped SwiGLU, sinks
+    "glm4-moe": ("glm4_moe", {}),  # sigmoid scores + correction bias, groups, scaling, an ungated shared expert
 }
 
 
@@ -135,3 +136,18 @@ def test_adapters_on_a_moe_model_serve_attention_and_refuse_experts(tmp_path, sm
               str(bad / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="mixture of experts in this model"):
         llm.generate([{"prompt_token_ids": prompts[0]}], params, lora_request=LoRARequest("bad", 2, str(bad)))
+
+
+def test_glm_checkpoints_multi_token_prediction_layer_is_left_out(tmp_path, smollm2_path):
+    """GLM-4.5's files hold one more layer than the config's count (its MTP head, for speculative decoding in vLLM);
+    Loom serves the model without it, as transformers does."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_tiny_model(tmp_path / "glm", smollm2_path, arch="glm4_moe")
+    tensors = load_file(path / "model.safetensors")
+    extra = {k.replace(".layers.2.", ".layers.3."): v.clone() for k, v in tensors.items() if ".layers.2." in k}
+    save_file({**tensors, **extra, "model.layers.3.eh_proj.weight": torch.zeros(64, 128)}, path / "model.safetensors",
+              metadata={"format": "pt"})
+    prompts = varied_prompts(3, seed=6, low=10, high=30)
+    ours = loom_greedy(LLM(str(path), num_kv_blocks=64, block_size=8), prompts, 6)
+    assert_parity(ours, hf_greedy(path, prompts, 6))
