@@ -276,3 +276,26 @@ def test_the_prompts_last_tag_sets_where_an_answer_starts(name):
     assert parser.after_prompt("done") is None  # a closed block: all content
     assert parser.after_prompt("open").split("plan</think>answer") == ("plan", "answer")  # starts inside it
     assert parser.after_prompt(None) is parser
+
+
+def test_a_glm45_answer_thinks_then_calls_with_xml_arguments(tiny_llama, monkeypatch):
+    """--reasoning-parser glm45 --tool-call-parser glm45 (as vLLM serves GLM-4.5): the thinking block, then a call
+    whose arguments are <arg_key>/<arg_value> pairs, typed by the request's tools."""
+    from tests.server.conftest import script_outputs, start_llm_server, tiny_config
+
+    running = start_llm_server(tiny_config(tiny_llama, num_kv_blocks=64, reasoning_parser="glm45",
+                                           enable_auto_tool_choice=True, tool_call_parser="glm45"))
+    try:
+        script_outputs(running, monkeypatch)("<think>Need the weather.</think><tool_call>get_weather\n"
+                                             "<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>")
+        choice = _chat(running, tools=TOOLS).json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["reasoning_content"] == "Need the weather."
+        call = choice["message"]["tool_calls"][0]["function"]
+        assert (call["name"], call["arguments"]) == ("get_weather", '{"city": "Paris"}')
+        reasoning, _, deltas = _streamed(running, tools=TOOLS)
+        calls = [c for d in deltas for c in d.get("tool_calls") or []]
+        assert reasoning == "Need the weather." and calls[0]["function"]["name"] == "get_weather"
+        assert "".join(c["function"].get("arguments", "") for c in calls) == '{"city": "Paris"}'
+    finally:
+        running.stop()

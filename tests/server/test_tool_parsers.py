@@ -1,4 +1,4 @@
-"""Tool-call parsers (hermes, llama3_json, mistral, and the "required" JSON array): calls and content from whole
+"""Tool-call parsers (hermes, llama3_json, mistral, glm45, and the "required" JSON array): calls and content from whole
 outputs, the same from streams fed a character (or a few) at a time, and malformed output kept as content."""
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ import pytest
 from loom.entrypoints.openai.tool_parsers import REQUIRED_PARSER, TOOL_PARSERS
 
 HERMES, LLAMA, MISTRAL = TOOL_PARSERS["hermes"], TOOL_PARSERS["llama3_json"], TOOL_PARSERS["mistral"]
+GLM = TOOL_PARSERS["glm45"].for_tools([{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}])
+"""GLM-4.5's calls, read with the request's tools: city is a string (written raw), days JSON."""
 WEATHER = '{"city": "Paris", "unit": "celsius"}'
 TRICKY = '{"q": "a } ] { \\" <tool_call>", "n": [1, {"x": null}], "ok": true}'  # braces and quotes inside strings
 
@@ -39,6 +42,17 @@ CASES = {
                                f'"arguments": {TRICKY}}}]', None, [("a", WEATHER), ("b", TRICKY)]),
     "mistral_content_before": (MISTRAL, 'Checking.[TOOL_CALLS][{"name": "a", "arguments": {"x": [1, 2]}}]',
                                "Checking.", [("a", '{"x": [1, 2]}')]),
+    "glm45_one": (GLM, "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+                       "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>", None,
+                  [("get_weather", '{"city": "Paris", "days": 3}')]),
+    "glm45_content_before_two_calls": (
+        GLM, 'Checking.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>12 "rue" {x}</arg_value>\n'
+             '</tool_call>\n<tool_call>now\n<arg_key>opts</arg_key>\n<arg_value>{"tz": [1, 2]}</arg_value>\n'
+             '</tool_call>',
+        "Checking.\n", [("get_weather", '{"city": "12 \\"rue\\" {x}"}'), ("now", '{"opts": {"tz": [1, 2]}}')]),
+    "glm45_string_that_looks_like_json": (
+        GLM, "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>123</arg_value>\n</tool_call>", None,
+        [("get_weather", '{"city": "123"}')]),
     "required_array": (REQUIRED_PARSER, f'[{{"name":"a","parameters":{WEATHER}}},{{"name":"b","parameters":{{}}}}]',
                        None, [("a", WEATHER), ("b", "{}")]),
 }
@@ -52,6 +66,8 @@ PLAIN = {
     "llama3_plain_json": (LLAMA, 'Here: {"city": "Paris"}'),
     "mistral_no_array": (MISTRAL, "[TOOL_CALLS] sorry"),
     "mistral_unicode_prose": (MISTRAL, "déjà vu 🙂 [TOOL"),
+    "glm45_no_call": (GLM, "Sunny in Paris, <tool_ca"),
+    "glm45_name_never_ends": (GLM, "Sure <tool_call>get_weath"),
 }
 # Named calls that turn out malformed: content when whole; a stream has sent the name by then and cannot take it back
 # (as in vLLM), so there the call stays, with the arguments as written.

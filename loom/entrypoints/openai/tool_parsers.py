@@ -290,13 +290,100 @@ def _parser(name: str, start: str, gap: str, markers: tuple[str, ...] = ()) -> T
     return ToolParser(name, regex.compile(start), regex.compile(gap), markers)
 
 
-TOOL_PARSERS: dict[str, ToolParser] = {
+class RewrittenToolParser:
+    """A format whose calls are not JSON objects (GLM-4.5's XML-like arguments), rewritten into hermes' calls as the
+    text arrives, so that hermes' scanner finds, checks and streams them. ``for_tools``: the request's tools tell which
+    arguments are strings (written raw by the template) and which are JSON."""
+
+    def __init__(self, name: str, rewrite, markers: tuple[str, ...] = (), string_args: dict | None = None):
+        self.name, self.markers, self._rewrite, self.string_args = name, markers, rewrite, string_args
+
+    def for_tools(self, tools: list[dict] | None) -> RewrittenToolParser:
+        strings = {}
+        for tool in tools or []:
+            function = tool.get("function") or {}
+            properties = (function.get("parameters") or {}).get("properties") or {}
+            strings[function.get("name")] = {k for k, v in properties.items() if (v or {}).get("type") == "string"}
+        return RewrittenToolParser(self.name, self._rewrite, self.markers, strings)
+
+    def rewrite(self, text: str, final: bool) -> str:
+        return self._rewrite(text, final, self.string_args or {})
+
+    def extract(self, text: str, max_calls: int | None = None, strict: bool = True) -> tuple[str | None, list[dict]]:
+        content, calls = TOOL_PARSERS["hermes"].extract(self.rewrite(text, True), max_calls, strict)
+        return (text if not calls else content), calls  # no call: the model's own text, not the rewrite
+
+    def stream(self, max_calls: int | None = None, strict: bool = True) -> _RewrittenStream:
+        return _RewrittenStream(self, TOOL_PARSERS["hermes"].stream(max_calls, strict))
+
+
+class _RewrittenStream:
+    def __init__(self, parser: RewrittenToolParser, inner: ToolCallStream):
+        self.parser, self.inner = parser, inner
+
+    @property
+    def called(self) -> bool:
+        return self.inner.called
+
+    def feed(self, text: str, final: bool = False) -> dict:
+        return self.inner.feed(self.parser.rewrite(text, final), final=final)
+
+
+def glm45_as_hermes(text: str, final: bool, string_args: dict[str, set[str]]) -> str:
+    """GLM-4.5's calls, ``<tool_call>NAME\n<arg_key>K</arg_key>\n<arg_value>V</arg_value>...</tool_call>``, as
+    hermes' ``<tool_call>{"name": NAME, "arguments": {"K": V, ...}}</tool_call>``: V as a JSON string where the tool
+    says the argument is one (the template writes strings raw), else V itself where it is JSON. A call's name is
+    written once its line ends, each argument once its value closes: the rewrite of a text is a start of the rewrite
+    of any longer one (a stream's rule)."""
+    out, pos = [], 0
+    while (start := text.find("<tool_call>", pos)) >= 0:
+        out.append(text[pos:start])
+        name_start = start + len("<tool_call>")
+        ends = [i for i in (text.find("\n", name_start), text.find("<arg_key>", name_start),
+                            text.find("</tool_call>", name_start)) if i >= 0]
+        if not ends:  # the name is still arriving (or never ends: hermes finds no call in what is left)
+            return "".join(out) + (text[start:] if final else "<tool_call>")
+        name = text[name_start : min(ends)].strip()
+        out.append(f'<tool_call>{{"name": {json.dumps(name)}, "arguments": {{')
+        pos, first = min(ends), True
+        while True:
+            key_at, close_at = text.find("<arg_key>", pos), text.find("</tool_call>", pos)
+            if close_at >= 0 and (key_at < 0 or close_at < key_at):
+                out.append("}}</tool_call>")
+                pos = close_at + len("</tool_call>")
+                break
+            key_end = text.find("</arg_key>", key_at) if key_at >= 0 else -1
+            value_at = text.find("<arg_value>", key_end) if key_end >= 0 else -1
+            value_end = text.find("</arg_value>", value_at) if value_at >= 0 else -1
+            if value_end < 0:  # an argument still arriving
+                return "".join(out)
+            key = text[key_at + len("<arg_key>") : key_end].strip()
+            raw = text[value_at + len("<arg_value>") : value_end]
+            value = _glm_value(raw, key in string_args.get(name, ()))
+            out.append(("" if first else ", ") + f"{json.dumps(key)}: {value}")
+            pos, first = value_end + len("</arg_value>"), False
+    return "".join(out) + text[pos:]
+
+
+def _glm_value(raw: str, is_string: bool) -> str:
+    if not is_string:
+        try:
+            json.loads(raw)
+            return raw.strip()
+        except ValueError:
+            pass
+    return json.dumps(raw)
+
+
+TOOL_PARSERS: dict[str, ToolParser | RewrittenToolParser] = {
     "hermes": _parser("hermes", r"<tool_call>", r"(?:\s|</?tool_call>)*", ("<tool_call>", "</tool_call>")),
     "llama3_json": _parser("llama3_json", r'<\|python_tag\|>|\{\s*"name"\s*:', r"(?:\s|;|<\|python_tag\|>)*",
                            ("<|python_tag|>",)),
     "mistral": _parser("mistral", r"\[TOOL_CALLS\]", r"(?:\s|,|\[TOOL_CALLS\]|\[|\])*", ("[TOOL_CALLS]",)),
     # gpt-oss: the harmony reasoning parser (reasoning.py) hands each message to functions.* on as a hermes call
     "openai": _parser("openai", r"<tool_call>", r"(?:\s|</?tool_call>)*"),
+    "glm45": RewrittenToolParser("glm45", glm45_as_hermes, ("<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>",
+                                                             "<arg_value>", "</arg_value>")),
 }
 """The parsers ``--tool-call-parser`` chooses from (vLLM's names)."""
 

@@ -132,7 +132,10 @@ def plan_tools(req: ChatCompletionRequest, settings: ToolSettings) -> ToolPlan:
             raise bad_request('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set '
                               '(tool_choice defaults to "auto" when tools are given); or give tool_choice "none", '
                               '"required" or a named function', "tool_choice")
-        return ToolPlan("auto", rendered, parser=TOOL_PARSERS[settings.parser], max_calls=max_calls)
+        parser = TOOL_PARSERS[settings.parser]
+        if hasattr(parser, "for_tools"):  # a rewritten format reads the tools' argument types
+            parser = parser.for_tools(rendered)
+        return ToolPlan("auto", rendered, parser=parser, max_calls=max_calls)
     if choice == "required":
         schema = _required_schema(tools, req.parallel_tool_calls)
         return ToolPlan("required", rendered, StructuredOutputsParams(json=schema), parser=REQUIRED_PARSER,
