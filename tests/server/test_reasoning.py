@@ -145,18 +145,24 @@ def test_a_thinking_answer_is_split_in_the_message_and_in_the_stream(server, scr
     assert (message["reasoning_content"], message["content"]) == (None, "Hello without thinking.")
 
 
+def assert_weather_call(server, reasoning: str, content=None) -> None:
+    """The scripted answer is ``reasoning``, then get_weather(city="Paris"), in the message and in the stream."""
+    choice = _chat(server, tools=TOOLS).json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert (choice["message"]["reasoning_content"], choice["message"]["content"]) == (reasoning, content)
+    call = choice["message"]["tool_calls"][0]["function"]
+    assert (call["name"], call["arguments"]) == ("get_weather", '{"city": "Paris"}')
+    streamed, _, deltas = _streamed(server, tools=TOOLS)
+    calls = [c for d in deltas for c in d.get("tool_calls") or []]
+    assert streamed == reasoning and [c["function"]["name"] for c in calls if c["function"].get("name")] == [
+        "get_weather"]
+    assert "".join(c["function"].get("arguments", "") for c in calls) == '{"city": "Paris"}'
+
+
 def test_a_tool_call_after_the_thinking_block_is_parsed_from_the_content(server, scripted):
     scripted('<think>\nNeed the weather.\n</think>\n\n<tool_call>\n{"name": "get_weather", '
              '"arguments": {"city": "Paris"}}\n</tool_call>')
-    choice = _chat(server, tools=TOOLS).json()["choices"][0]
-    assert choice["finish_reason"] == "tool_calls"
-    assert choice["message"]["reasoning_content"] == "\nNeed the weather.\n"
-    call = choice["message"]["tool_calls"][0]["function"]
-    assert (call["name"], call["arguments"]) == ("get_weather", '{"city": "Paris"}')
-    reasoning, _, deltas = _streamed(server, tools=TOOLS)
-    assert reasoning == "\nNeed the weather.\n"
-    assert [d["tool_calls"][0]["function"]["name"] for d in deltas if d.get("tool_calls") and
-            d["tool_calls"][0].get("function", {}).get("name")] == ["get_weather"]
+    assert_weather_call(server, "\nNeed the weather.\n")
 
 
 def test_a_gpt_oss_answer_and_its_tool_call_are_split_in_the_message_and_in_the_stream(tiny_llama, monkeypatch):
@@ -176,15 +182,7 @@ def test_a_gpt_oss_answer_and_its_tool_call_are_split_in_the_message_and_in_the_
         assert not any("<|" in (d.get("reasoning_content") or "") + (d.get("content") or "") for d in deltas)
 
         script(HARMONY_CASES[4][0])  # analysis, then a message to functions.get_weather
-        choice = _chat(running, tools=TOOLS).json()["choices"][0]
-        assert choice["finish_reason"] == "tool_calls"
-        assert (choice["message"]["reasoning_content"], choice["message"]["content"]) == ("call it", None)
-        call = choice["message"]["tool_calls"][0]["function"]
-        assert (call["name"], call["arguments"]) == ("get_weather", '{"city": "Paris"}')
-        reasoning, content, deltas = _streamed(running, tools=TOOLS)
-        calls = [c for d in deltas for c in d.get("tool_calls") or []]
-        assert (reasoning, content) == ("call it", "") and calls[0]["function"]["name"] == "get_weather"
-        assert "".join(c["function"].get("arguments", "") for c in calls) == '{"city": "Paris"}'
+        assert_weather_call(running, "call it")
     finally:
         running.stop()
 
@@ -288,14 +286,6 @@ def test_a_glm45_answer_thinks_then_calls_with_xml_arguments(tiny_llama, monkeyp
     try:
         script_outputs(running, monkeypatch)("<think>Need the weather.</think><tool_call>get_weather\n"
                                              "<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>")
-        choice = _chat(running, tools=TOOLS).json()["choices"][0]
-        assert choice["finish_reason"] == "tool_calls"
-        assert choice["message"]["reasoning_content"] == "Need the weather."
-        call = choice["message"]["tool_calls"][0]["function"]
-        assert (call["name"], call["arguments"]) == ("get_weather", '{"city": "Paris"}')
-        reasoning, _, deltas = _streamed(running, tools=TOOLS)
-        calls = [c for d in deltas for c in d.get("tool_calls") or []]
-        assert reasoning == "Need the weather." and calls[0]["function"]["name"] == "get_weather"
-        assert "".join(c["function"].get("arguments", "") for c in calls) == '{"city": "Paris"}'
+        assert_weather_call(running, "Need the weather.")
     finally:
         running.stop()
