@@ -449,7 +449,7 @@ class SparseMoE(nn.Module):
     def _route_sigmoid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """GLM-4.5 / DeepSeek-V3 ("noaux_tc"): experts chosen by sigmoid score + correction bias among the best
         ``topk_group`` groups (a group's worth: its two best biased scores), weighted by the plain scores."""
-        scores = torch.sigmoid(self.gate(x).float())
+        scores = torch.sigmoid(self.gate(x.float()))  # in float32, as the router's weights are kept
         choice = scores + self.e_score_correction_bias.float()
         groups, best = self.groups
         if groups > 1:
@@ -562,6 +562,15 @@ class LlamaForCausalLM(nn.Module):
         self.logits_proj: nn.Module | None = None
         """Set by a backend that replaces the LM head matmul (``CpuOps.prepare`` packs it, see
         ``loom.ops.packed_linear``)."""
+
+    def keep_float32_routers(self) -> None:
+        """Sigmoid routers (GLM-4.5, DeepSeek-V3) and their correction biases stay float32 in a 16-bit model, as
+        transformers and vLLM keep them: in bfloat16 the biases' 0.01-scale differences (around 1.0) vanish and
+        tokens go to other experts."""
+        for module in self.modules():
+            if isinstance(module, SparseMoE) and module.sigmoid:
+                module.gate.float()
+                module.e_score_correction_bias.data = module.e_score_correction_bias.data.float()
 
     def build_rotary(self, max_positions: int, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
         """(Re)compute the rotary tables for ``max_positions`` (computed on the CPU, then moved to ``device``; None:

@@ -98,6 +98,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
         if keep_mxfp4:
             _await_mxfp4(model, index, cfg)
     model = model.to_empty(device=device).to(dtype)
+    model.keep_float32_routers()
     model.build_rotary(max_positions, dtype, device)
     if dummy_seed is not None:
         generator = torch.Generator(device).manual_seed(dummy_seed)
@@ -152,6 +153,11 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
                     if target is None:
                         continue
                     pname, part = target
+                    if pname not in params:
+                        if 0 in (f.get_slice(name).get_shape() if tensor is None else tensor.shape):
+                            continue  # a module of no width (GLM with n_shared_experts 0): Loom builds none
+                        raise ValueError(f"checkpoint tensor {name} in {folder} has no place in Loom's "
+                                         f"{cfg.architecture} model (as {pname})")
                     tensor = _as_loom(pname, read(f, name) if tensor is None else tensor, cfg)
                     if tp is not None:
                         if row_amax and pname.endswith(ROW_PARALLEL_WEIGHTS):  # int8 scales: whole rows'

@@ -151,3 +151,36 @@ def test_glm_checkpoints_multi_token_prediction_layer_is_left_out(tmp_path, smol
     prompts = varied_prompts(3, seed=6, low=10, high=30)
     ours = loom_greedy(LLM(str(path), num_kv_blocks=64, block_size=8), prompts, 6)
     assert_parity(ours, hf_greedy(path, prompts, 6))
+
+
+def test_glm_routers_stay_float32_in_a_bfloat16_model(tmp_path, smollm2_path):
+    """Correction biases around 1.0 differ by ~0.01, less than bfloat16's step there (0.0078): rounded, they would
+    send tokens to other experts. The same bfloat16 inputs routed by Loom and by transformers' router (which keeps
+    its weights in float32) pick the same experts."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_model(tmp_path / "glm", smollm2_path, arch="glm4_moe")
+    tensors = load_file(path / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for name in tensors:
+        if name.endswith("e_score_correction_bias"):
+            tensors[name] = 1.0 + torch.randn(tensors[name].shape, generator=g) * 0.01
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    moe = next(layer.mlp for layer in LLM(str(path), num_kv_blocks=16, dtype="bfloat16").engine.model.layers
+               if isinstance(layer.mlp, SparseMoE))
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16)
+    router = next(layer.mlp.gate for layer in hf.model.layers if hasattr(layer.mlp, "experts"))
+    x = torch.randn(2000, 64, generator=g).to(torch.bfloat16)
+    weights, experts = moe.route(x)
+    _, hf_weights, hf_experts = router(x)
+    assert torch.equal(experts.sort(-1).values, hf_experts.sort(-1).values)
+    torch.testing.assert_close(weights.float().sort(-1).values, hf_weights.float().sort(-1).values, atol=1e-2,
+                               rtol=1e-2)
+
+
+def test_a_glm_model_without_shared_experts_loads(tmp_path, smollm2_path):
+    """n_shared_experts 0: the checkpoint holds zero-width shared-expert tensors; Loom builds no shared expert."""
+    path = save_tiny_model(tmp_path / "glm", smollm2_path, arch="glm4_moe", n_shared_experts=0)
+    prompts = varied_prompts(2, seed=7, low=10, high=30)
+    assert_parity(loom_greedy(LLM(str(path), num_kv_blocks=64, block_size=8), prompts, 6), hf_greedy(path, prompts, 6))
