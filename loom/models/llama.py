@@ -4,8 +4,9 @@ Covers Llama 2/3 (incl. Llama-3 rope scaling), SmolLM2, SmolLM3 (layers without 
 attention, residual and logit multipliers), OLMo 2 (norms after attention and MLP, none before; q/k norms over all
 heads), Mistral, Phi-3 (fused qkv / gate_up checkpoints; default rope only), Qwen2
 (q/k/v bias), Qwen3 (RMSNorm on q and k per head) and the mixtures of experts Mixtral, Qwen2-MoE (shared expert) and
-Qwen3-MoE (``SparseMoE``), and gpt-oss (attention sinks, a router with a bias that picks the top k before its
-softmax, experts with biases and a clamped SwiGLU): RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied
+Qwen3-MoE (``SparseMoE``), gpt-oss (attention sinks, a router with a bias that picks the top k before its
+softmax, experts with biases and a clamped SwiGLU) and GLM-4.5 (DeepSeek-V3's sigmoid router with expert groups, an
+ungated shared expert, half-rotary heads): RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied
 embeddings; sliding-window layers (Mistral, Phi-3; Gemma's alternate layers) masked in the paged attention; and
 Gemma 2 / 3: RMSNorm of (1 + weight), GeGLU, scaled embeddings, norms on the attention's and the MLP's outputs,
 attention and final-logit soft-capping (Gemma 2), q/k norms and a separate rotary base for the sliding layers
@@ -266,7 +267,7 @@ def _moe_fields(hf, arch: str, renormalise: bool = False) -> dict:
         experts = hf.n_routed_experts
         if experts % hf.n_group or hf.topk_group > hf.n_group:
             raise ValueError(f"{experts} experts in {hf.n_group} groups, the best {hf.topk_group} of them chosen: "
-                             "the groups must divide the experts and outnumber the chosen ones")
+                             "the groups must divide the experts, and the chosen ones be among them")
         return dict(num_experts=experts, num_experts_per_tok=hf.num_experts_per_tok,
                     moe_intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
                     shared_expert_intermediate_size=hf.moe_intermediate_size * hf.n_shared_experts,

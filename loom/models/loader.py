@@ -212,9 +212,9 @@ def _float_linear(module: torch.nn.Module, device: torch.device, dtype: torch.dt
     return linear
 
 
-def _q8_0_linear(linear: torch.nn.Linear, rows: torch.Tensor, kernels: str, device: torch.device) -> torch.nn.Module:
-    """An expert's projection from its MXFP4 blocks as Q8_0 rows, in place of the float ``linear`` built for it (whose
-    weight was never written: its pages were never touched), keeping its bias. On CPU the kernel that dequantizes in
+def _q8_0_linear(linear: torch.nn.Module, rows: torch.Tensor, kernels: str, device: torch.device) -> torch.nn.Module:
+    """An expert's projection from its MXFP4 blocks as Q8_0 rows, in place of its ``_PendingMXFP4`` (no float weight
+    was ever allocated), keeping its bias. On CPU the kernel that dequantizes in
     registers onto float32 activations (exact to float rounding, as transformers' expansion; not the GGUF files'
     default int8 activations); on CUDA Triton's dequant-matmul."""
     bias = None if linear.bias is None else linear.bias.detach().clone()
