@@ -3,6 +3,7 @@ in the same run, on the offline throughput workload of benchmarks/throughput.py,
 
     python benchmarks/moe.py --num-prompts 32 --rounds 2
     python benchmarks/moe.py --model gpt_oss --num-prompts 32 --rounds 2
+    python benchmarks/moe.py --model gpt_oss --mxfp4 --num-prompts 32 --rounds 2
 
 The model (``--model mixtral``): 8 experts, top-2 routing, hidden 512, expert MLP width 1024, 4 layers, 8 query / 2 KV
 heads, SmolLM2's tokenizer (vocabulary 49152), random weights (seeded), float32. ``--model gpt_oss``: gpt-oss-20b's
@@ -11,6 +12,9 @@ clamped SwiGLU), expert width 512, attention sinks, 128-token windows on every o
 groups each step's tokens by expert (one pair of matmuls per chosen expert and layer) inside its paged, continuously
 batched engine; transformers runs its default experts implementation with static batches of ``--hf-batch-size``.
 Prints one summary line (median useful tokens/s of each and the ratio) and writes JSON (default results/moe.json).
+``--mxfp4`` (gpt_oss): Loom serves the experts as the hub stores them (MXFP4, kept as Q8_0 rows), transformers the
+same weights expanded to float32 (what it runs with ``Mxfp4Config(dequantize=True)``); the JSON also gives the
+experts' bytes in Loom.
 """
 
 from __future__ import annotations
@@ -45,18 +49,22 @@ def run_loom(path: str, w, seed: int) -> dict:
     from loom import LLM, SamplingParams
 
     llm = LLM(path, seed=seed)
+    experts = [m for layer in llm.engine.model.layers for e in getattr(layer.mlp, "experts", ())
+               for m in (e.gate_up_proj, e.down_proj)]
+    expert_bytes = sum(getattr(m, "nbytes", None) or m.in_features * m.out_features * 4 for m in experts)
     llm.generate([{"prompt_token_ids": p[:32]} for p in w.prompts[:4]], SamplingParams(max_tokens=4))
     params = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True) for n in w.output_lens]
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in w.prompts], params)
     elapsed = time.perf_counter() - start
     assert sum(len(o.outputs[0].token_ids) for o in outs) == w.num_output_tokens
-    return {"elapsed_s": elapsed}
+    return {"elapsed_s": elapsed, "expert_bytes": expert_bytes}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(SHAPES), default="mixtral")
+    ap.add_argument("--mxfp4", action="store_true", help="gpt_oss: Loom reads MXFP4 experts (see the docstring)")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--input-len", type=int, nargs=2, default=(32, 256), metavar=("MIN", "MAX"))
     ap.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
@@ -67,16 +75,23 @@ def main() -> int:
     args = ap.parse_args()
 
     from loom.models.catalogue import resolve_model
-    from loom.models.tiny import save_tiny_model
+    from loom.models.tiny import save_mxfp4_copy, save_tiny_model
 
+    if args.mxfp4 and args.model != "gpt_oss":
+        ap.error("--mxfp4 is gpt_oss' format")
     shape = SHAPES[args.model]
-    out = args.out or ("results/moe.json" if args.model == "mixtral" else f"results/moe_{args.model}.json")
+    tag = args.model + ("_mxfp4" if args.mxfp4 else "")
+    out = args.out or ("results/moe.json" if args.model == "mixtral" else f"results/moe_{tag}.json")
     with tempfile.TemporaryDirectory() as tmp:
         path = str(save_tiny_model(Path(tmp) / args.model, resolve_model("smollm2"), arch=args.model, seed=args.seed,
                                    **shape))
+        loom_path = path
+        if args.mxfp4:  # Loom: the MXFP4 folder; transformers: the same values as floats
+            loom_path = str(save_mxfp4_copy(path, Path(tmp) / "mxfp4", expanded_copy=Path(tmp) / "expanded"))
+            path = str(Path(tmp) / "expanded")
         w = make_workload(args.num_prompts, tuple(args.input_len), tuple(args.output_len), 49152, args.seed)
         hf_args = Namespace(device="cpu", dtype="float32", hf_batch_size=args.hf_batch_size)
-        runs = {"loom": lambda: run_loom(path, w, args.seed), "hf": lambda: run_hf_static(path, w, hf_args)}
+        runs = {"loom": lambda: run_loom(loom_path, w, args.seed), "hf": lambda: run_hf_static(path, w, hf_args)}
         rounds = []
         for i in range(args.rounds):
             order = ["loom", "hf"] if i % 2 == 0 else ["hf", "loom"]
@@ -84,13 +99,15 @@ def main() -> int:
     tokens = w.num_prompt_tokens + w.num_output_tokens
     rate = {name: statistics.median(tokens / r[name]["elapsed_s"] for r in rounds) for name in ("loom", "hf")}
     summary = {"loom_tokens_per_s": rate["loom"], "hf_tokens_per_s": rate["hf"], "ratio": rate["loom"] / rate["hf"]}
-    write_json(out, {"summary": summary, "rounds": rounds, "model": args.model, "shape": shape, "machine": machine(),
+    summary["loom_expert_bytes"] = rounds[0]["loom"]["expert_bytes"]
+    write_json(out, {"summary": summary, "rounds": rounds, "model": tag, "shape": shape, "machine": machine(),
                           "threads": torch.get_num_threads(),
                           "workload": {"num_prompts": args.num_prompts, "prompt_tokens": w.num_prompt_tokens,
                                        "output_tokens": w.num_output_tokens, "seed": args.seed}})
     experts = f"{shape['num_local_experts']}x top-{shape['num_experts_per_tok']}"
-    print(f"moe {args.model}-shaped {experts} hidden 512: loom={rate['loom']:.0f} tok/s hf={rate['hf']:.0f} tok/s "
-          f"ratio={summary['ratio']:.2f}x (prompts={args.num_prompts}, rounds={args.rounds})")
+    print(f"moe {tag}-shaped {experts} hidden 512: loom={rate['loom']:.0f} tok/s hf={rate['hf']:.0f} tok/s "
+          f"ratio={summary['ratio']:.2f}x experts={summary['loom_expert_bytes'] / 2**20:.1f} MiB "
+          f"(prompts={args.num_prompts}, rounds={args.rounds})")
     return 0
 
 

@@ -117,6 +117,39 @@ def _arch_settings(arch: str) -> dict:
         MOE if arch in ("mixtral", "qwen2_moe", "qwen3_moe") else GEMMA if arch.startswith("gemma") else {})
 
 
+def save_mxfp4_copy(folder: str | Path, target: str | Path, expanded_copy: str | Path | None = None) -> Path:
+    """A gpt-oss folder's copy with its experts stored as the hub's checkpoints store them: MXFP4 blocks and scales
+    ([E, out, in / 32, 16] / [E, out, in / 32], ``loom.models.mxfp4.quantize_mxfp4``), and the quantization config.
+    ``expanded_copy``: also a float copy holding the MXFP4 values expanded (the weights transformers runs with
+    ``Mxfp4Config(dequantize=True)``)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from loom.models.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+
+    folder, target = Path(folder), Path(target)
+    shutil.copytree(folder, target)
+    quantized, expanded = {}, {}
+    for name, tensor in load_file(folder / "model.safetensors").items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = quantize_mxfp4(tensor.transpose(1, 2))  # transformers holds them [E, in, out]
+            quantized[name + "_blocks"], quantized[name + "_scales"] = blocks, scales
+            expanded[name] = dequantize_mxfp4(blocks, scales).transpose(1, 2).contiguous()
+        else:
+            quantized[name] = expanded[name] = tensor
+    save_file(quantized, target / "model.safetensors", metadata={"format": "pt"})
+    if expanded_copy is not None:
+        shutil.copytree(folder, expanded_copy)
+        save_file(expanded, Path(expanded_copy) / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((target / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
 LLAVA_TEMPLATE = (
     "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
     "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from loom import LLM
 from loom.models.mxfp4 import dequantize_mxfp4, mxfp4_as_q8_0, quantize_mxfp4
+from loom.models.tiny import save_mxfp4_copy
 from loom.ops.attention import PrefillChunk, prefill_attention
 from tests.conftest import save_tiny_model
 from tests.engine.test_parity import assert_parity, hf_greedy, loom_greedy, varied_prompts
@@ -72,30 +73,12 @@ def test_mxfp4_blocks_are_q8_0_blocks_without_loss():
     assert mxfp4_as_q8_0(blocks, scales.clone().fill_(144)) is None
 
 
-def _as_mxfp4(folder, target):
-    """The tiny gpt-oss folder with its experts stored as the hub's checkpoints store them: MXFP4 blocks and scales
-    [E, out, in / 32, 16] / [E, out, in / 32], and the quantization config."""
-    shutil.copytree(folder, target)
-    tensors = {}
-    for name, tensor in load_file(target / "model.safetensors").items():
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            tensors[name + "_blocks"], tensors[name + "_scales"] = quantize_mxfp4(tensor.transpose(1, 2))
-        else:
-            tensors[name] = tensor
-    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((target / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
-    (target / "config.json").write_text(json.dumps(config))
-    return target
-
-
 def test_an_mxfp4_checkpoint_serves_as_transformers_runs_it_dequantized(tmp_path, smollm2_path, monkeypatch):
     from transformers import Mxfp4Config
 
     from loom.models import loader
 
-    path = _as_mxfp4(save_tiny_model(tmp_path / "float", smollm2_path, arch="gpt_oss"), tmp_path / "mxfp4")
+    path = save_mxfp4_copy(save_tiny_model(tmp_path / "float", smollm2_path, arch="gpt_oss"), tmp_path / "mxfp4")
     prompts = varied_prompts(4, seed=7, low=10, high=40)
     reference = hf_greedy(path, prompts, 8, quantization_config=Mxfp4Config(dequantize=True))
     replaced = []  # what each kept expert replaces: a placeholder with no float weight (never given memory)
@@ -129,7 +112,7 @@ def test_a_checkpoint_quantized_by_a_method_loom_does_not_read_is_refused(tmp_pa
 
 def test_mxfp4_experts_through_triton_kernels_give_the_cpu_kernels_tokens(tmp_path, smollm2_path):
     """On CUDA the kept experts run through Triton's dequant-matmul (here under its interpreter)."""
-    path = _as_mxfp4(save_tiny_model(tmp_path / "float", smollm2_path, arch="gpt_oss"), tmp_path / "mxfp4")
+    path = save_mxfp4_copy(save_tiny_model(tmp_path / "float", smollm2_path, arch="gpt_oss"), tmp_path / "mxfp4")
     prompts = varied_prompts(2, seed=8, low=10, high=30)
     engine = dict(num_kv_blocks=64, block_size=8, dtype="float32")
     triton_llm = LLM(str(path), attention_backend="triton", **engine)
@@ -146,7 +129,7 @@ def test_float_weights_replace_kept_mxfp4_experts(tmp_path, smollm2_path):
     from transformers import AutoModelForCausalLM
 
     folder = save_tiny_model(tmp_path / "float", smollm2_path, arch="gpt_oss")
-    llm = LLM(str(_as_mxfp4(folder, tmp_path / "mxfp4")), num_kv_blocks=64, block_size=8)
+    llm = LLM(str(save_mxfp4_copy(folder, tmp_path / "mxfp4")), num_kv_blocks=64, block_size=8)
     float_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     llm.update_weights(float_model.state_dict().items())
     assert type(llm.engine.model.layers[0].mlp.experts[0].gate_up_proj) is torch.nn.Linear
@@ -155,7 +138,7 @@ def test_float_weights_replace_kept_mxfp4_experts(tmp_path, smollm2_path):
 
 
 def test_mxfp4_scales_float16_cannot_hold_give_float_experts(tmp_path, smollm2_path):
-    path = _as_mxfp4(save_tiny_model(tmp_path / "float", smollm2_path, arch="gpt_oss"), tmp_path / "mxfp4")
+    path = save_mxfp4_copy(save_tiny_model(tmp_path / "float", smollm2_path, arch="gpt_oss"), tmp_path / "mxfp4")
     tensors = load_file(path / "model.safetensors")
     name = "model.layers.1.mlp.experts.down_proj_scales"
     tensors[name] = tensors[name].clone()
