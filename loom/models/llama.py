@@ -39,9 +39,9 @@ from loom.ops.rotary import (
 )
 
 SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Glm4MoeForCausalLM", "GptOssForCausalLM",
-                           "GraniteForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
-                           "Olmo2ForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM",
-                           "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "SmolLM3ForCausalLM")
+                           "GraniteForCausalLM", "GraniteMoeForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
+                           "MixtralForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "SmolLM3ForCausalLM")
 PARTIAL_ROTARY = ("Phi3ForCausalLM", "Glm4MoeForCausalLM")
 """The families whose partial_rotary_factor transformers implements (and Loom with it): the first dimensions of each
 head rotate, rotate-half over them."""
@@ -196,7 +196,7 @@ class LlamaConfig:
         else:
             sliding = tuple(range(hf.num_hidden_layers))
         gemma = arch in GEMMA
-        granite = arch == "GraniteForCausalLM"
+        granite = arch in ("GraniteForCausalLM", "GraniteMoeForCausalLM")
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
         partial = rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0)
         rotary_dim = int(head_dim * partial) if partial != 1.0 else None
@@ -262,6 +262,10 @@ def _moe_fields(hf, arch: str, renormalise: bool = False) -> dict:
     if arch == "MixtralForCausalLM":
         return dict(num_experts=hf.num_local_experts, num_experts_per_tok=hf.num_experts_per_tok,
                     moe_intermediate_size=hf.intermediate_size, norm_topk_prob=True,
+                    moe_layers=tuple(range(hf.num_hidden_layers)))
+    if arch == "GraniteMoeForCausalLM":  # Granite 3.x MoE: its router takes the top k of the logits, then softmax
+        return dict(num_experts=hf.num_local_experts, num_experts_per_tok=hf.num_experts_per_tok,
+                    moe_intermediate_size=hf.intermediate_size, topk_before_softmax=True,
                     moe_layers=tuple(range(hf.num_hidden_layers)))
     if arch == "Glm4MoeForCausalLM":  # DeepSeek-V3's router; the first layers dense
         experts = hf.n_routed_experts
@@ -620,7 +624,7 @@ class LlamaForCausalLM(nn.Module):
             images = (rows, embeds[:, : self.config.hidden_size], mrope)
         x, residual = self.embed(input_ids), None
         # Granite multiplies the whole input (image rows too); Gemma scales its token embeddings only
-        scale_images = self.config.architecture == "GraniteForCausalLM"
+        scale_images = self.config.architecture in ("GraniteForCausalLM", "GraniteMoeForCausalLM")
         if images is not None and scale_images:
             x = x.index_copy(0, images[0], images[1].to(x.dtype))
         if self.config.embed_scale != 1.0:

@@ -36,6 +36,13 @@ _FUSED = {
 _MIXTRAL = [(re.compile(r"^block_sparse_moe\."), "mlp."), (re.compile(r"\.w1$"), ".gate_proj"),
             (re.compile(r"\.w3$"), ".up_proj"), (re.compile(r"\.w2$"), ".down_proj"),
             (re.compile(r"^mlp\.router$"), "mlp.gate"), (re.compile(r"^mlp\.shared_experts\."), "mlp.shared_expert.")]
+_CANONICAL = [(re.compile(r"\.block_sparse_moe\.input_linear\.weight$"), ".mlp.experts.gate_up_proj"),
+              (re.compile(r"\.block_sparse_moe\.output_linear\.weight$"), ".mlp.experts.down_proj"),
+              (re.compile(r"\.block_sparse_moe\.router(\.layer)?\.weight$"), ".mlp.gate.weight"),
+              (re.compile(r"\.block_sparse_moe\."), ".mlp.")]
+"""Checkpoint names of the whole MoE block onto transformers 5's (``mlp.experts.gate_up_proj`` ...), before anything
+else reads them: Granite MoE's hub files (``input_linear`` [E, 2I, H], gate rows first; ``output_linear``;
+``router.layer``) and Mixtral's ``block_sparse_moe`` prefix."""
 QUANTIZATION_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "mxfp4", "gguf")
 """HF ``quantization_config`` methods Loom loads: FP8 (transformers' fine-grained blocks, fbgemm's channels,
 compressed-tensors' FP8 schemes: ``loom.models.fp8``) and MXFP4 (``loom.models.mxfp4``), expanded to the model's
@@ -125,7 +132,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                own = rename(name) if rename is not None else name
+                own = _canonical(rename(name) if rename is not None else name)
                 if own is None or own.endswith(_SCALES) or own.endswith("_scales") and _MXFP4.match(
                         own.removesuffix("_scales")):
                     continue  # scales: read with their weights (MXFP4's with their blocks)
@@ -251,7 +258,7 @@ def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Ten
     staged: dict[str, torch.Tensor] = {}  # the whole weights of packed projections, rebuilt in float32
     seen: dict[str, set[int | None]] = {}  # the parts of each Loom weight given (None: all of it at once)
     writes = []  # (the whole Loom tensor, the rows this checkpoint tensor fills, the checkpoint tensor)
-    for name, tensor in _per_expert(weights, cfg):
+    for name, tensor in _per_expert(((_canonical(n), t) for n, t in weights), cfg):
         target = _target(name, cfg)
         if target is None:
             continue
@@ -448,6 +455,14 @@ def _shard(pname: str, part: int | None, tensor: torch.Tensor, cfg: LlamaConfig,
 def _parts(pname: str) -> int:
     """How many checkpoint tensors make up Loom parameter ``pname`` (fused q/k/v: 3, gate/up: 2)."""
     return 3 if "qkv_proj" in pname else 2 if "gate_up_proj" in pname else 1
+
+
+def _canonical(name: str | None) -> str | None:
+    if name is None or "block_sparse_moe" not in name:
+        return name
+    for pattern, replacement in _CANONICAL:
+        name = pattern.sub(replacement, name)
+    return name
 
 
 def _keys(file: Path) -> list[str]:

@@ -22,6 +22,8 @@ from transformers import (
     GptOssForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
+    GraniteMoeConfig,
+    GraniteMoeForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -67,6 +69,7 @@ ARCHS = {
     "olmo2": (Olmo2Config, Olmo2ForCausalLM),
     "gpt_oss": (GptOssConfig, GptOssForCausalLM),
     "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM),
+    "granite_moe": (GraniteMoeConfig, GraniteMoeForCausalLM),
 }
 MOE = dict(num_local_experts=8, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64)
 """Mixture-of-experts settings the MoE configs take (each ignores the names it does not know)."""
@@ -113,6 +116,8 @@ def save_tiny_model(path: str | Path, tokenizer_dir: str | Path, arch: str = "ll
 
 def _arch_settings(arch: str) -> dict:
     """The settings a tiny ``arch`` model needs beside TINY (the ones whose defaults would not be tested)."""
+    if arch == "granite_moe":  # Granite's multipliers, experts of the MoE's width (its intermediate_size)
+        return {**GRANITE, "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64}
     return {"smollm3": SMOLLM3, "granite": GRANITE, "gpt_oss": GPT_OSS, "glm4_moe": GLM4_MOE}.get(arch) or (
         MOE if arch in ("mixtral", "qwen2_moe", "qwen3_moe") else GEMMA if arch.startswith("gemma") else {})
 

@@ -18,6 +18,7 @@ CASES = {
     "qwen3-moe-normalised": ("qwen3_moe", dict(norm_topk_prob=True, head_dim=16)),
     "gpt-oss": ("gpt_oss", {}),  # top-k before the softmax, router and expert biases, clamped SwiGLU, sinks
     "glm4-moe": ("glm4_moe", {}),  # sigmoid scores + correction bias, groups, scaling, an ungated shared expert
+    "granite-moe": ("granite_moe", {}),  # top-k of the logits then softmax; Granite's four multipliers
 }
 
 
@@ -44,8 +45,9 @@ def test_routing_equals_hf_router_token_by_token(moe_model):
     hf = AutoModelForCausalLM.from_pretrained(str(moe_model), dtype=torch.float32).eval()
     hf_routes: list[torch.Tensor] = []
     for layer in hf.model.layers:
-        router = getattr(layer.mlp, "gate", None) or getattr(layer.mlp, "router", None)  # gpt-oss: router
-        if router is not None and hasattr(layer.mlp, "experts"):
+        mlp = getattr(layer, "mlp", None) or layer.block_sparse_moe  # Granite MoE: block_sparse_moe
+        router = getattr(mlp, "gate", None) or getattr(mlp, "router", None)  # gpt-oss, Granite MoE: router
+        if router is not None and hasattr(mlp, "experts"):
             router.register_forward_hook(lambda m, args, out: hf_routes.append(out[2]))
     with torch.inference_mode():
         hf(torch.tensor([ids]))
@@ -184,3 +186,19 @@ def test_a_glm_model_without_shared_experts_loads(tmp_path, smollm2_path):
     path = save_tiny_model(tmp_path / "glm", smollm2_path, arch="glm4_moe", n_shared_experts=0)
     prompts = varied_prompts(2, seed=7, low=10, high=30)
     assert_parity(loom_greedy(LLM(str(path), num_kv_blocks=64, block_size=8), prompts, 6), hf_greedy(path, prompts, 6))
+
+
+def test_granite_moe_takes_transformers_own_weights_in_place(tmp_path, smollm2_path):
+    """Granite MoE's hub files name its experts input_linear / output_linear and its router router.layer; a
+    transformers model's state_dict names them experts.gate_up_proj / down_proj and router.weight (what GRPO's
+    syncs hand over): both load, the residual multiplier folded into every expert's down_proj."""
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_model(tmp_path / "granite-moe", smollm2_path, arch="granite_moe")
+    other = save_tiny_model(tmp_path / "other", smollm2_path, arch="granite_moe", seed=1)
+    llm = LLM(str(other), num_kv_blocks=64, block_size=8)
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    assert any("experts.gate_up_proj" in name for name in hf.state_dict())
+    llm.update_weights(hf.state_dict().items())
+    prompts = varied_prompts(3, seed=8, low=10, high=30)
+    assert_parity(loom_greedy(llm, prompts, 6), hf_greedy(path, prompts, 6))

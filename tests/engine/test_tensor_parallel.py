@@ -164,6 +164,7 @@ def _assert_same_run(path, prompts, before_run=None, **engine):
     ("qwen2_moe", dict(UNEVEN, moe_intermediate_size=66, shared_expert_intermediate_size=90, mlp_only_layers=[1])),
     ("gpt_oss", dict(UNEVEN, intermediate_size=66)),  # sinks by heads, interleaved experts cut, their biases once
     ("glm4_moe", dict(UNEVEN, moe_intermediate_size=66)),  # half-rotary heads, an ungated shared expert, groups
+    ("granite_moe", dict(UNEVEN, intermediate_size=66)),  # the residual multiplier in every expert's shards
 ])  # fmt: skip
 def test_two_ranks_match_one_through_prefill_decode_chunks_and_prefix_hits(tmp_path, smollm2_path, arch, overrides,
                                                                           monkeypatch):
