@@ -110,7 +110,7 @@ def head_shard(cfg, rank: int, size: int) -> HeadShard:
     error where the model cannot be split that many ways."""
     kv, heads = cfg.num_key_value_heads, cfg.num_attention_heads
     if getattr(cfg, "qk_norm_full", False) and size > 1:
-        raise ValueError("OLMo 2's q/k norms span every head, which tensor parallelism would split; use "
+        raise ValueError("OLMo 2's and OLMoE's q/k norms span every head, which tensor parallelism would split; use "
                          "tensor_parallel_size 1")
     if size > kv:
         raise ValueError(f"tensor_parallel_size {size} exceeds the model's {kv} key-value heads: each rank holds "

@@ -40,8 +40,9 @@ from loom.ops.rotary import (
 
 SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Glm4MoeForCausalLM", "GptOssForCausalLM",
                            "GraniteForCausalLM", "GraniteMoeForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
-                           "MixtralForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "SmolLM3ForCausalLM")
+                           "MixtralForCausalLM", "Olmo2ForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM",
+                           "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+                           "SmolLM3ForCausalLM")
 PARTIAL_ROTARY = ("Phi3ForCausalLM", "Glm4MoeForCausalLM")
 """The families whose partial_rotary_factor transformers implements (and Loom with it): the first dimensions of each
 head rotate, rotate-half over them."""
@@ -69,7 +70,9 @@ class LlamaConfig:
     qk_norm: bool = False
     """Qwen3: RMSNorm over each head of q and k before the rotary embedding."""
     qk_norm_full: bool = False
-    """OLMo 2: the q and k norms span all heads (one RMSNorm over the whole q, one over the whole k)."""
+    """OLMo 2, OLMoE: the q and k norms span all heads (one RMSNorm over the whole q, one over the whole k)."""
+    clip_qkv: float | None = None
+    """OLMoE (and OLMo's option): q, k and v clamped to [-clip, clip] after the q/k norms."""
     post_norms: bool = False
     """OLMo 2: no norm before attention or the MLP; each one's output is normalised before the residual add."""
     sliding_window: int | None = None
@@ -228,9 +231,10 @@ class LlamaConfig:
             o_bias=attention_bias and not (is_qwen2 or glm),  # GLM-4.5: q/k/v biases, none on o_proj
             mlp_bias=bool(getattr(hf, "mlp_bias", False)) or arch == "GptOssForCausalLM",  # gpt-oss' experts
             architecture=arch,
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM")
-            or (glm and bool(getattr(hf, "use_qk_norm", False))),
-            qk_norm_full=arch == "Olmo2ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM",
+                             "OlmoeForCausalLM") or (glm and bool(getattr(hf, "use_qk_norm", False))),
+            qk_norm_full=arch in ("Olmo2ForCausalLM", "OlmoeForCausalLM"),
+            clip_qkv=float(hf.clip_qkv) if getattr(hf, "clip_qkv", None) is not None else None,
             post_norms=arch == "Olmo2ForCausalLM",
             sliding_window=window,
             sliding_layers=sliding if window else (),
@@ -262,6 +266,10 @@ def _moe_fields(hf, arch: str, renormalise: bool = False) -> dict:
     if arch == "MixtralForCausalLM":
         return dict(num_experts=hf.num_local_experts, num_experts_per_tok=hf.num_experts_per_tok,
                     moe_intermediate_size=hf.intermediate_size, norm_topk_prob=True,
+                    moe_layers=tuple(range(hf.num_hidden_layers)))
+    if arch == "OlmoeForCausalLM":
+        return dict(num_experts=hf.num_experts, num_experts_per_tok=hf.num_experts_per_tok,
+                    moe_intermediate_size=hf.intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
                     moe_layers=tuple(range(hf.num_hidden_layers)))
     if arch == "GraniteMoeForCausalLM":  # Granite 3.x MoE: its router takes the top k of the logits, then softmax
         return dict(num_experts=hf.num_local_experts, num_experts_per_tok=hf.num_experts_per_tok,
@@ -364,12 +372,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(norms[0], cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(norms[1], cfg.rms_norm_eps) if cfg.qk_norm else None
         self.sinks = nn.Parameter(torch.empty(self.num_heads)) if cfg.attention_sinks else None
+        self.clip_qkv = cfg.clip_qkv
 
     def forward(self, x, positions, rotary: RotaryEmbedding, kv_cache, meta: AttentionMetadata, ops: TorchOps):
         k_cache, v_cache = kv_cache
         qkv = self.qkv_proj(x)
         if self.q_norm is not None:
             qkv = self.norm_qk(qkv, ops)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q, k, v = ops.rotary_and_cache(
             qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache, meta.slot_mapping,
             self.num_heads, self.num_kv_heads,

@@ -32,6 +32,8 @@ from transformers import (
     MixtralForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     Qwen2Config,
@@ -70,6 +72,7 @@ ARCHS = {
     "gpt_oss": (GptOssConfig, GptOssForCausalLM),
     "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM),
     "granite_moe": (GraniteMoeConfig, GraniteMoeForCausalLM),
+    "olmoe": (OlmoeConfig, OlmoeForCausalLM),
 }
 MOE = dict(num_local_experts=8, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64)
 """Mixture-of-experts settings the MoE configs take (each ignores the names it does not know)."""
@@ -118,6 +121,8 @@ def _arch_settings(arch: str) -> dict:
     """The settings a tiny ``arch`` model needs beside TINY (the ones whose defaults would not be tested)."""
     if arch == "granite_moe":  # Granite's multipliers, experts of the MoE's width (its intermediate_size)
         return {**GRANITE, "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64}
+    if arch == "olmoe":  # OLMoE-1B-7B: 64 experts, top-8, not renormalised
+        return {"num_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64, "norm_topk_prob": False}
     return {"smollm3": SMOLLM3, "granite": GRANITE, "gpt_oss": GPT_OSS, "glm4_moe": GLM4_MOE}.get(arch) or (
         MOE if arch in ("mixtral", "qwen2_moe", "qwen3_moe") else GEMMA if arch.startswith("gemma") else {})
 

@@ -118,7 +118,7 @@ def _layer_plan(model: torch.nn.Module) -> list[tuple] | None:
             return None
         if layer.post_norms or attn.qk_norm_full:  # OLMo 2's norms after the branches, over all heads
             return None
-        if attn.sinks is not None or mlp.clamp is not None:  # gpt-oss' sinks and clamped SwiGLU: not in the call
+        if attn.sinks is not None or mlp.clamp is not None or attn.clip_qkv is not None:  # not in the call
             return None
         norms = [layer.input_layernorm, layer.post_attention_layernorm]
         if layer.sandwich:  # Gemma

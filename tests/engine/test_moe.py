@@ -19,6 +19,7 @@ CASES = {
     "gpt-oss": ("gpt_oss", {}),  # top-k before the softmax, router and expert biases, clamped SwiGLU, sinks
     "glm4-moe": ("glm4_moe", {}),  # sigmoid scores + correction bias, groups, scaling, an ungated shared expert
     "granite-moe": ("granite_moe", {}),  # top-k of the logits then softmax; Granite's four multipliers
+    "olmoe-clip-qkv": ("olmoe", dict(clip_qkv=1.5)),  # q/k norms over all heads, weights not renormalised, clamps
 }
 
 
