@@ -260,7 +260,7 @@ def test_tensor_parallel_refuses_what_it_cannot_split(tmp_path, smollm2_path):
     with pytest.raises(ValueError, match="at most 3"):
         LLMEngine(EngineConfig(model=str(path), tensor_parallel_size=4, num_kv_blocks=16))
     olmo2 = save_tiny_model(tmp_path / "olmo2", smollm2_path, arch="olmo2", **UNEVEN)
-    with pytest.raises(ValueError, match="OLMo 2's q/k norms span every head"):
+    with pytest.raises(ValueError, match="OLMo 2's and OLMoE's q/k norms span every head"):
         LLMEngine(EngineConfig(model=str(olmo2), tensor_parallel_size=2, num_kv_blocks=16))
 
 
