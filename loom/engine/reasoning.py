@@ -62,10 +62,7 @@ class ThinkTokens:
 
     def block_end(self, token_ids: list[int]) -> int | None:
         """The index after the token that closes the block in an output's ``token_ids``; None while it is open."""
-        for i, token in enumerate(token_ids):
-            if token == self.end and self.closes(token_ids, i):
-                return i + 1
-        return None
+        return next((i + 1 for i in range(len(token_ids)) if self.closes(token_ids, i)), None)
 
 
 def think_tokens(tokenizer, parser: str | None) -> ThinkTokens | None:
@@ -86,10 +83,9 @@ OPEN, MAY_OPEN, DONE = "open", "may_open", "done"
 def prompt_block(prompt_token_ids: list[int], tokens: ThinkTokens) -> str | None:
     """Where the prompt leaves the thinking block, from its last tag: DONE (closed), OPEN (opened), None (no tag)."""
     for i in range(len(prompt_token_ids) - 1, -1, -1):
-        token = prompt_token_ids[i]
-        if token == tokens.end and tokens.closes(prompt_token_ids, i):
+        if tokens.closes(prompt_token_ids, i):
             return DONE
-        if token == tokens.start:
+        if prompt_token_ids[i] == tokens.start:
             return OPEN
     return None
 

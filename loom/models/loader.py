@@ -91,12 +91,12 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
     hf = load_hf_config(folder)
     cfg = LlamaConfig.from_hf(hf)
     block = _check_quantization(hf, folder)
+    index = {name: file for file in files for name in _keys(file)}  # every checkpoint tensor -> the file holding it
     rename = language_weight_name if is_multimodal(hf) else None  # the text model's weights of a vision model
-    if rename is not None and cfg.tie_word_embeddings and _holds(files, rename, "lm_head.weight"):
+    if rename is not None and cfg.tie_word_embeddings and any(rename(key) == "lm_head.weight" for key in index):
         # a vision config's tie flag defaults to True where the hub's configs leave it out (Mistral 3), though the
         # checkpoint holds a head of its own: transformers then keeps that head, and so does Loom
         cfg.tie_word_embeddings = False
-    index = {name: file for file in files for name in _keys(file)}
     # MXFP4 experts stay quantized where a quantized kernel can take them (as Q8_0 rows: lossless); else expanded.
     # Their float weights are never allocated: the projections wait as placeholders holding only their biases.
     keep_mxfp4 = tp is None and dummy_seed is None and (quantized_kernels == "triton" or dtype == torch.float32)
@@ -117,6 +117,10 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
     filled: dict[str, int] = {}
     kept: dict[str, torch.Tensor] = {}  # Loom module path of an expert's projection -> its Q8_0 rows
 
+    def companion(f, name: str) -> torch.Tensor:
+        """A tensor read beside another (a scale): from the open file ``f`` when it holds it, the usual case."""
+        return f.get_tensor(name) if index.get(name) == file else _read(index, name)
+
     def read(f, name: str) -> torch.Tensor:
         """A checkpoint tensor as floats: an FP8 weight multiplied by its scale (from whichever file holds it)."""
         tensor = f.get_tensor(name)
@@ -127,7 +131,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
         if scale is None:
             raise ValueError(f"{name} in {folder} is {tensor.dtype} without a weight_scale_inv or weight_scale beside "
                              "it")
-        return dequantize_fp8(tensor, _read(index, scale), block, dtype)
+        return dequantize_fp8(tensor, companion(f, scale), block, dtype)
 
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -139,7 +143,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
                 pieces = [(own, None)]  # the tensor read only once it is known to be wanted
                 if own.endswith("_blocks") and _MXFP4.match(own.removesuffix("_blocks")):
                     own = own.removesuffix("_blocks")
-                    blocks, scales = f.get_tensor(name), _read(index, name.removesuffix("_blocks") + "_scales")
+                    blocks, scales = f.get_tensor(name), companion(f, name.removesuffix("_blocks") + "_scales")
                     rows = mxfp4_as_q8_0(blocks, scales) if keep_mxfp4 else None
                     if rows is not None:
                         for loom_name, expert_rows in _per_expert([(own, rows)], cfg, in_by_out=False):
@@ -509,15 +513,6 @@ def _check_quantization(hf, folder: Path) -> tuple[int, int] | None:
                                  "(it reads the FP8 schemes): serve the unquantized checkpoint or a GGUF file")
             block = block or weights.get("block_structure")
     return tuple(int(n) for n in block) if block else None
-
-
-def _holds(files: list[Path], rename, name: str) -> bool:
-    """Whether the checkpoint's ``files`` hold a tensor that ``rename`` names ``name``."""
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            if any(rename(key) == name for key in f.keys()):
-                return True
-    return False
 
 
 def _check_complete(params: dict, filled: dict[str, int], folder: Path) -> None:

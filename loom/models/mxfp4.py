@@ -19,11 +19,15 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
         raise ValueError(f"MXFP4 blocks [..., G, 16] and scales [..., G] do not match: {tuple(blocks.shape)} and "
                          f"{tuple(scales.shape)}")
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
-    values = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1)  # [..., G, 16, 2]
-    values = values.flatten(-2)  # element 2i from the low nibble, 2i + 1 from the high one
+    values = _unpack(blocks, torch.tensor(FP4_VALUES, dtype=torch.float32))
     out = torch.ldexp(values, scales.to(torch.int32).unsqueeze(-1) - 127)
     return out.flatten(-2).to(dtype)
+
+
+def _unpack(blocks: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """[..., G, 16] bytes -> [..., G, 32] of ``levels`` indexed by the codes: element 2i from byte i's low nibble,
+    2i + 1 from its high one."""
+    return torch.stack([levels[(blocks & 0x0F).long()], levels[(blocks >> 4).long()]], dim=-1).flatten(-2)
 
 
 def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +46,7 @@ def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pairs[..., 0] | (pairs[..., 1] << 4), (exponent + 127).to(torch.uint8)
 
 
-Q8_0_LEVELS = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+Q8_0_LEVELS = tuple(int(2 * v) for v in FP4_VALUES)
 """FP4 codes as twice their value: integers, so an MXFP4 block is a Q8_0 block with scale 2 ** (byte - 128)."""
 
 
@@ -54,7 +58,6 @@ def mxfp4_as_q8_0(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | 
     if exponent.numel() and (int(exponent.min()) < -24 or int(exponent.max()) > 15):
         return None
     d = torch.ldexp(torch.ones(exponent.shape), exponent).to(torch.float16)  # powers of two: exact in float16
-    levels = torch.tensor(Q8_0_LEVELS, dtype=torch.int8)
-    quants = torch.stack([levels[(blocks & 0x0F).long()], levels[(blocks >> 4).long()]], dim=-1).flatten(-2)
+    quants = _unpack(blocks, torch.tensor(Q8_0_LEVELS, dtype=torch.int8))
     rows = torch.cat([d.unsqueeze(-1).view(torch.uint8), quants.view(torch.uint8)], dim=-1)  # [..., G, 34]
     return rows.flatten(-2)

@@ -95,6 +95,10 @@ GLM4_MOE = dict(num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, 
 """GLM-4.5 at a tiny size: a dense first layer, then sigmoid-routed experts in two groups (the best one kept) with a
 shared expert, q/k norms, q/k/v biases and half of each head rotating (GLM-4.5-Air: 128 experts in one group, top-8,
 scaling 1.0; GLM-4.5: 160, scaling 2.5)."""
+GRANITE_MOE = {**GRANITE, "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64}
+"""Granite's multipliers over experts of the MoE's width (its intermediate_size)."""
+OLMOE = dict(num_experts=8, num_experts_per_tok=2, intermediate_size=64, norm_topk_prob=False)
+"""OLMoE at a tiny size (OLMoE-1B-7B: 64 experts, top-8, weights not renormalised)."""
 
 
 def save_tiny_model(path: str | Path, tokenizer_dir: str | Path, arch: str = "llama", seed: int = 0,
@@ -119,11 +123,8 @@ def save_tiny_model(path: str | Path, tokenizer_dir: str | Path, arch: str = "ll
 
 def _arch_settings(arch: str) -> dict:
     """The settings a tiny ``arch`` model needs beside TINY (the ones whose defaults would not be tested)."""
-    if arch == "granite_moe":  # Granite's multipliers, experts of the MoE's width (its intermediate_size)
-        return {**GRANITE, "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64}
-    if arch == "olmoe":  # OLMoE-1B-7B: 64 experts, top-8, not renormalised
-        return {"num_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64, "norm_topk_prob": False}
-    return {"smollm3": SMOLLM3, "granite": GRANITE, "gpt_oss": GPT_OSS, "glm4_moe": GLM4_MOE}.get(arch) or (
+    return {"smollm3": SMOLLM3, "granite": GRANITE, "gpt_oss": GPT_OSS, "glm4_moe": GLM4_MOE,
+            "granite_moe": GRANITE_MOE, "olmoe": OLMOE}.get(arch) or (
         MOE if arch in ("mixtral", "qwen2_moe", "qwen3_moe") else GEMMA if arch.startswith("gemma") else {})
 
 
