@@ -91,9 +91,16 @@ def choose_ops(backend: str, device: torch.device):
 def allocate_kv_caches(
     model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One (keys, values) pair of [num_blocks, block_size, heads, width] per layer (``LlamaConfig.cache_layout``); a
+    latent cache (MLA) is one tensor, both keys and values."""
     cfg = model.config
-    shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-    return [(_zeros(shape, dtype, device), _zeros(shape, dtype, device)) for _ in range(cfg.num_hidden_layers)]
+    heads, width, shared = cfg.cache_layout()
+    shape = (num_blocks, block_size, heads, width)
+    caches = []
+    for _ in range(cfg.num_hidden_layers):
+        keys = _zeros(shape, dtype, device)
+        caches.append((keys, keys if shared else _zeros(shape, dtype, device)))
+    return caches
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -107,9 +114,9 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
-    cfg = model.config
+    heads, width, shared = model.config.cache_layout()
     elem = torch.tensor([], dtype=dtype).element_size()
-    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+    return (1 if shared else 2) * model.config.num_hidden_layers * block_size * heads * width * elem
 
 
 @dataclass(slots=True)

@@ -10,7 +10,8 @@ ungated shared expert, half-rotary heads): RMSNorm, RoPE, grouped-query attentio
 embeddings; sliding-window layers (Mistral, Phi-3; Gemma's alternate layers) masked in the paged attention; and
 Gemma 2 / 3: RMSNorm of (1 + weight), GeGLU, scaled embeddings, norms on the attention's and the MLP's outputs,
 attention and final-logit soft-capping (Gemma 2), q/k norms and a separate rotary base for the sliding layers
-(Gemma 3).
+(Gemma 3); DeepSeek-V2 / V3's multi-head latent attention (``LatentAttention``: the cache holds one compressed
+latent per token, which the heads read through their absorbed projections) with their routers.
 
 Tokens of all sequences in a step are one flat batch [T, D]; attention finds each sequence's keys through
 ``AttentionMetadata``. q/k/v and gate/up are fused into single matmuls at load time; everything between the matmuls
@@ -29,24 +30,27 @@ from torch import nn
 from loom.distributed.parallel import TensorParallel, local_config
 from loom.models.vision import QWEN3_VL_ARCHITECTURES, QWEN_VL_ARCHITECTURES, is_multimodal, language_config
 from loom.ops.attention import AttentionMetadata, paged_attention
-from loom.ops.layers import TorchOps, rms_norm_reference, uninitialized_embedding
+from loom.ops.layers import TorchOps, rms_norm_reference, rotate_half, uninitialized_embedding
 from loom.ops.rotary import (
     RotaryEmbedding,
     mrope_columns,
     mrope_rows,
     partial_rotary_order,
     partial_rotary_rows,
+    yarn_mscale,
 )
 
-SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Glm4MoeForCausalLM", "GptOssForCausalLM",
-                           "GraniteForCausalLM", "GraniteMoeForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
-                           "MixtralForCausalLM", "Olmo2ForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM",
-                           "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
-                           "SmolLM3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Gemma2ForCausalLM",
+                           "Gemma3ForCausalLM", "Glm4MoeForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM",
+                           "GraniteMoeForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
+                           "Olmo2ForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "SmolLM3ForCausalLM")
 PARTIAL_ROTARY = ("Phi3ForCausalLM", "Glm4MoeForCausalLM")
 """The families whose partial_rotary_factor transformers implements (and Loom with it): the first dimensions of each
 head rotate, rotate-half over them."""
 GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+DEEPSEEK = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+"""Multi-head latent attention (``LatentAttention``) and DeepSeek's routers."""
 
 
 @dataclass(slots=True)
@@ -120,9 +124,11 @@ class LlamaConfig:
     shared_expert_gated: bool = True
     """Qwen2-MoE: the shared expert's output is scaled by a sigmoid gate; GLM-4.5: added as it is."""
     router_scoring: str = "softmax"
-    """The router's scores: "softmax" (Mixtral, Qwen) or "sigmoid" (GLM-4.5 and DeepSeek-V3's: experts chosen by
-    score plus a per-expert correction bias, within the best ``topk_group`` of ``n_group`` groups; weighted by the
-    scores alone, renormalised where ``norm_topk_prob``, times ``routed_scaling_factor``)."""
+    """The router's scores: "softmax" (Mixtral, Qwen; DeepSeek-V2's too, its experts chosen within the best
+    ``topk_group`` of ``n_group`` groups by their best expert's probability where it limits groups, and weighted times
+    ``routed_scaling_factor``) or "sigmoid" (GLM-4.5 and DeepSeek-V3's: experts chosen by score plus a per-expert
+    correction bias, within the best ``topk_group`` of ``n_group`` groups; weighted by the scores alone, renormalised
+    where ``norm_topk_prob``, times ``routed_scaling_factor``)."""
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
@@ -139,6 +145,18 @@ class LlamaConfig:
     attention_sinks: bool = False
     """gpt-oss: a learned logit per query head joins each softmax's sum (a key with no value), so a query may give
     its keys less than all of its attention."""
+    kv_lora_rank: int = 0
+    """DeepSeek-V2 / V3's multi-head latent attention (MLA): each token's keys and values are one latent of this width
+    (plus a rotary key of ``qk_rope_head_dim`` all heads share), which is all the cache holds; 0: plain attention."""
+    q_lora_rank: int | None = None
+    """MLA: the queries' low-rank bottleneck (q_a_proj, a norm, q_b_proj); None: one q_proj."""
+    qk_nope_head_dim: int = 0
+    """MLA: the query / key dimensions of each head without rotary (``head_dim`` is this plus ``qk_rope_head_dim``)."""
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleaved: bool = False
+    """DeepSeek: the checkpoint's rotary dimensions pair up interleaved, (x0, x1), (x2, x3) ...; the loader puts them
+    in rotate-half order (first of each pair, then the second), which turns the same angles."""
     mrope_section: tuple[int, ...] | None = None
     """Qwen2-VL / Qwen2.5-VL's multimodal rotary (M-RoPE): how many of each head's rotary frequencies turn with the
     temporal, height and width positions of an image token (text tokens have all three equal: plain RoPE)."""
@@ -148,6 +166,13 @@ class LlamaConfig:
     deepstack_layers: int = 0
     """Qwen3-VL (DeepStack): an image token's rows also carry features of that many of the tower's inner layers, the
     k-th added to its hidden state after decoder layer k."""
+
+    def cache_layout(self) -> tuple[int, int, bool]:
+        """A layer's KV cache per token: (heads, width, shared): MLA caches one latent, read as both keys and values
+        (one tensor); other attention caches keys and values of ``num_key_value_heads`` heads each."""
+        if self.kv_lora_rank:
+            return 1, self.kv_lora_rank + self.qk_rope_head_dim, True
+        return self.num_key_value_heads, self.head_dim, False
 
     @classmethod
     def from_hf(cls, hf) -> LlamaConfig:
@@ -201,6 +226,9 @@ class LlamaConfig:
         gemma = arch in GEMMA
         granite = arch in ("GraniteForCausalLM", "GraniteMoeForCausalLM")
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+        mla = arch in DEEPSEEK
+        if mla:  # transformers' config says the rotary width; the heads' q/k width is both parts
+            head_dim = hf.qk_nope_head_dim + hf.qk_rope_head_dim
         partial = rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0)
         rotary_dim = int(head_dim * partial) if partial != 1.0 else None
         if rotary_dim is not None and arch not in PARTIAL_ROTARY:  # the families transformers implements it for
@@ -227,7 +255,7 @@ class LlamaConfig:
             rope_scaling=rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None,
             max_position_embeddings=hf.max_position_embeddings,
             tie_word_embeddings=bool(tie),
-            qkv_bias=is_qwen2 or attention_bias,
+            qkv_bias=is_qwen2 or attention_bias,  # MLA: q_a_proj's and kv_a_proj_with_mqa's
             o_bias=attention_bias and not (is_qwen2 or glm),  # GLM-4.5: q/k/v biases, none on o_proj
             mlp_bias=bool(getattr(hf, "mlp_bias", False)) or arch == "GptOssForCausalLM",  # gpt-oss' experts
             architecture=arch,
@@ -257,6 +285,7 @@ class LlamaConfig:
             deepstack_layers=deepstack if head_of_its_own else 0,
             **_moe_fields(hf, arch, renormalise=top_arch == "Qwen3VLMoeForConditionalGeneration"),
             **_gpt_oss_fields(hf, arch),
+            **_mla_fields(hf, arch),
         )
 
 
@@ -275,16 +304,20 @@ def _moe_fields(hf, arch: str, renormalise: bool = False) -> dict:
         return dict(num_experts=hf.num_local_experts, num_experts_per_tok=hf.num_experts_per_tok,
                     moe_intermediate_size=hf.intermediate_size, topk_before_softmax=True,
                     moe_layers=tuple(range(hf.num_hidden_layers)))
-    if arch == "Glm4MoeForCausalLM":  # DeepSeek-V3's router; the first layers dense
+    if arch in ("Glm4MoeForCausalLM", *DEEPSEEK):  # DeepSeek's routers; the first layers dense
         experts = hf.n_routed_experts
-        if experts % hf.n_group or hf.topk_group > hf.n_group:
-            raise ValueError(f"{experts} experts in {hf.n_group} groups, the best {hf.topk_group} of them chosen: "
+        # DeepSeek-V2 limits the groups only with "group_limited_greedy" ("greedy": over all experts)
+        v2_greedy = arch == "DeepseekV2ForCausalLM" and getattr(hf, "topk_method", "greedy") != "group_limited_greedy"
+        groups, best = (1, 1) if v2_greedy else (hf.n_group or 1, hf.topk_group or 1)
+        if experts % groups or best > groups:
+            raise ValueError(f"{experts} experts in {groups} groups, the best {best} of them chosen: "
                              "the groups must divide the experts, and the chosen ones be among them")
         return dict(num_experts=experts, num_experts_per_tok=hf.num_experts_per_tok,
                     moe_intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
-                    shared_expert_intermediate_size=hf.moe_intermediate_size * hf.n_shared_experts,
-                    shared_expert_gated=False, router_scoring="sigmoid", n_group=hf.n_group,
-                    topk_group=hf.topk_group, routed_scaling_factor=float(hf.routed_scaling_factor),
+                    shared_expert_intermediate_size=hf.moe_intermediate_size * (hf.n_shared_experts or 0),
+                    shared_expert_gated=False,
+                    router_scoring="softmax" if arch == "DeepseekV2ForCausalLM" else "sigmoid", n_group=groups,
+                    topk_group=best, routed_scaling_factor=float(hf.routed_scaling_factor),
                     moe_layers=tuple(range(hf.first_k_dense_replace, hf.num_hidden_layers)))
     if arch not in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
         return {}
@@ -307,6 +340,33 @@ def _gpt_oss_fields(hf, arch: str) -> dict:
                 moe_intermediate_size=hf.intermediate_size, moe_layers=tuple(range(hf.num_hidden_layers)),
                 router_bias=True, topk_before_softmax=True, attention_sinks=True,
                 swiglu_limit=float(hf.swiglu_limit), swiglu_alpha=float(hf.swiglu_alpha))
+
+
+def _mla_fields(hf, arch: str) -> dict:
+    """DeepSeek-V2 / V3's multi-head latent attention settings (nothing for other models)."""
+    if arch not in DEEPSEEK:
+        return {}
+    return dict(kv_lora_rank=hf.kv_lora_rank, q_lora_rank=hf.q_lora_rank or None,
+                qk_nope_head_dim=hf.qk_nope_head_dim, qk_rope_head_dim=hf.qk_rope_head_dim, v_head_dim=hf.v_head_dim,
+                rope_interleaved=arch == "DeepseekV2ForCausalLM" or bool(getattr(hf, "rope_interleave", True)))
+
+
+def deinterleave_rope(tensor: torch.Tensor, pname: str, cfg: LlamaConfig) -> torch.Tensor:
+    """MLA checkpoint rows whose rotary dimensions pair up interleaved ((x0, x1), (x2, x3) ...: DeepSeek's layout) in
+    rotate-half order instead (x0, x2, ..., x1, x3, ...): each head's rotary rows of q_proj / q_b_proj, the rotary key
+    rows of kv_a_proj_with_mqa. The same rotation then turns them with ``RotaryEmbedding``'s tables; q and k
+    reordered alike, their dot products are unchanged. Other tensors come back as they are."""
+    if not cfg.rope_interleaved:
+        return tensor
+    rope = cfg.qk_rope_head_dim
+    order = torch.cat([torch.arange(0, rope, 2), torch.arange(1, rope, 2)])
+    if pname.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):
+        heads = tensor.view(cfg.num_attention_heads, cfg.head_dim, -1)
+        return torch.cat([heads[:, : cfg.qk_nope_head_dim], heads[:, cfg.qk_nope_head_dim :][:, order]], 1
+                         ).reshape(tensor.shape)
+    if pname.endswith(("kv_a_proj_with_mqa.weight", "kv_a_proj_with_mqa.bias")):
+        return torch.cat([tensor[: cfg.kv_lora_rank], tensor[cfg.kv_lora_rank :][order]])
+    return tensor
 
 
 def order_partial_rotary(tensors: dict[str, torch.Tensor], cfg: LlamaConfig) -> None:
@@ -399,6 +459,84 @@ class Attention(nn.Module):
         return torch.cat([q.reshape(qkv.shape[0], -1), k.reshape(qkv.shape[0], -1), v], dim=-1)
 
 
+class LatentProjection(nn.Module):
+    """MLA's kv_b_proj: the weight [H (nope + v), rank] that turns a latent into each head's key (its first ``nope``
+    rows per head) and value (the other ``v``). ``LatentAttention`` never runs it as a matmul over the latents: it
+    absorbs the key part into the queries and the value part into the output (``absorbed``). Not an ``nn.Linear``,
+    so no backend packs or quantizes it."""
+
+    def __init__(self, heads: int, nope: int, v: int, rank: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(heads * (nope + v), rank))
+        self.heads, self.nope = heads, nope
+
+    def absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (W_UK [H, nope, rank], W_UV [H, v, rank]) of the weight."""
+        w = self.weight.view(self.heads, -1, self.weight.shape[1])
+        return w[:, : self.nope], w[:, self.nope :]
+
+
+class LatentAttention(nn.Module):
+    """DeepSeek-V2 / V3's multi-head latent attention (MLA) over a latent cache, as vLLM and FlashMLA run its decode.
+    A token's keys and values are one latent c = norm(W_DKV x) of ``kv_lora_rank`` (512 in DeepSeek-V3) and a rotary
+    key k_pe of ``qk_rope_head_dim`` (64) that every head shares; head h's key is [W_UK[h] c, k_pe] and its value
+    W_UV[h] c. The cache holds only [c, k_pe] (576 numbers a token and layer where plain attention over DeepSeek-V3's
+    128 heads would hold 40,960), and the heads read it as one key-value head: q_nope . (W_UK[h] c) =
+    (W_UK[h]^T q_nope) . c, so each query becomes [W_UK[h]^T q_nope, q_pe] against the latent keys [c, k_pe]; the
+    same latents are the values (their first ``kv_lora_rank`` columns kept), and W_UV[h] turns each head's weighted
+    latent into its output. Every backend's paged attention runs it as it is (grouped-query attention with one KV
+    head, the keys' cache passed as the values' too)."""
+
+    def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None = None, index: int = 0):
+        super().__init__()
+        if tp is not None:
+            raise ValueError("multi-head latent attention under tensor parallelism is not supported")
+        self.tp = None
+        self.num_heads = cfg.num_attention_heads
+        self.nope, self.rope, self.rank, self.v_dim = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank,
+                                                       cfg.v_head_dim)
+        q_width = self.num_heads * (self.nope + self.rope)
+        self.q_proj = self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.qkv_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)  # transformers' and DeepSeek's own: not the config's
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_width, bias=False)
+        else:
+            self.q_proj = nn.Linear(cfg.hidden_size, q_width, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.rank + self.rope, bias=cfg.qkv_bias)
+        self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
+        self.kv_b_proj = LatentProjection(self.num_heads, self.nope, self.v_dim, self.rank)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.scale = (self.nope + self.rope) ** -0.5
+        scaling = cfg.rope_scaling or {}
+        if scaling.get("mscale_all_dim"):  # YaRN: DeepSeek scales every dimension's scores, not the rotary ones only
+            self.scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
+
+    def forward(self, x, positions, rotary: RotaryEmbedding, kv_cache, meta: AttentionMetadata, ops: TorchOps):
+        cache = kv_cache[0]  # [blocks, block_size, 1, rank + rope], the values' cache being the same tensor
+        t, h = x.shape[0], self.num_heads
+        if self.q_proj is not None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(t, h, self.nope + self.rope)
+        kv = self.kv_a_proj_with_mqa(x)  # [T, rank + rope]
+        cos, sin = rotary.cos[positions].unsqueeze(1), rotary.sin[positions].unsqueeze(1)  # [T, 1, rope]
+        q_pe, k_pe = q[..., self.nope :], kv[:, None, self.rank :]
+        q_pe = q_pe * cos + rotate_half(q_pe) * sin
+        k_pe = k_pe * cos + rotate_half(k_pe) * sin
+        latent = torch.cat([self.kv_a_layernorm(kv[:, : self.rank]), k_pe.squeeze(1)], dim=-1)
+        cache.view(-1, self.rank + self.rope).index_copy_(0, meta.slot_mapping, latent)
+        w_uk, w_uv = self.kv_b_proj.absorbed()
+        q_latent = torch.bmm(q[..., : self.nope].transpose(0, 1), w_uk)  # [H, T, rank]
+        query = torch.cat([q_latent.transpose(0, 1), q_pe], dim=-1)  # [T, H, rank + rope]
+        latent = latent.unsqueeze(1)  # [T, 1, rank + rope]: this step's keys (and values)
+        out = paged_attention(query, latent, latent, cache, cache, meta, self.scale, ops.decode_attention,
+                              prefill_fn=ops.prefill_attention)  # [T, H, rank + rope]
+        out = torch.bmm(out[..., : self.rank].transpose(0, 1), w_uv.transpose(1, 2))  # [H, T, v]
+        return self.o_proj(out.transpose(0, 1).reshape(t, h * self.v_dim))
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None = None, intermediate_size: int | None = None):
         super().__init__()
@@ -437,6 +575,8 @@ class SparseMoE(nn.Module):
         self.norm_topk_prob = cfg.norm_topk_prob
         self.topk_before_softmax = cfg.topk_before_softmax
         self.sigmoid = cfg.router_scoring == "sigmoid"
+        self.float32_router = self.sigmoid or cfg.architecture in DEEPSEEK
+        """The router's weights and scores in float32 whatever the model's dtype (``keep_float32_routers``)."""
         self.groups = (cfg.n_group, cfg.topk_group)
         self.routed_scaling_factor = cfg.routed_scaling_factor
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)
@@ -456,10 +596,17 @@ class SparseMoE(nn.Module):
             return torch.softmax(logits.float(), dim=-1).to(x.dtype), experts
         if self.sigmoid:
             return self._route_sigmoid(x)
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        probs = torch.softmax((self.gate(x.float()) if self.float32_router else self.gate(x)).float(), dim=-1)
+        if self.groups[0] > 1:  # DeepSeek-V2's group_limited_greedy: experts of the best groups by their best one
+            grouped = probs.unflatten(-1, (self.groups[0], -1))
+            kept = torch.topk(grouped.amax(-1), self.groups[1], dim=-1, sorted=False)[1]
+            mask = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, kept, True)
+            probs = grouped.masked_fill(~mask.unsqueeze(-1), 0.0).flatten(1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.routed_scaling_factor != 1.0:  # DeepSeek-V2
+            weights = weights * self.routed_scaling_factor
         return weights.to(x.dtype), experts
 
     def _route_sigmoid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -505,7 +652,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.post_norms = cfg.post_norms
         self.input_layernorm = None if cfg.post_norms else RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, tp, index)
+        self.self_attn = (LatentAttention if cfg.kv_lora_rank else Attention)(cfg, tp, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SparseMoE(cfg, tp) if index in cfg.moe_layers else MLP(cfg, tp)
         self.sandwich = cfg.sandwich_norms
@@ -582,19 +729,20 @@ class LlamaForCausalLM(nn.Module):
     def keep_float32_routers(self) -> None:
         """Sigmoid routers (GLM-4.5, DeepSeek-V3) and their correction biases stay float32 in a 16-bit model, as
         transformers and vLLM keep them: in bfloat16 the biases' 0.01-scale differences (around 1.0) vanish and
-        tokens go to other experts."""
+        tokens go to other experts. DeepSeek-V2's softmax router too, as transformers holds it."""
         for module in self.modules():
-            if isinstance(module, SparseMoE) and module.sigmoid:
+            if isinstance(module, SparseMoE) and module.float32_router:
                 module.gate.float()
-                module.e_score_correction_bias.data = module.e_score_correction_bias.data.float()
+                if module.e_score_correction_bias is not None:
+                    module.e_score_correction_bias.data = module.e_score_correction_bias.data.float()
 
     def build_rotary(self, max_positions: int, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
         """(Re)compute the rotary tables for ``max_positions`` (computed on the CPU, then moved to ``device``; None:
         left there): they are computed, not loaded, so a model built on the meta device gets them here once its
         weights are in place."""
         cfg = self.config
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype,
-                                      cfg.rotary_dim)
+        self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim or cfg.head_dim, max_positions, cfg.rope_theta,
+                                      cfg.rope_scaling, dtype, cfg.rotary_dim)
         self.rotary_local = None
         if cfg.local_rope_theta is not None:
             self.rotary_local = RotaryEmbedding(cfg.head_dim, max_positions, cfg.local_rope_theta, None, dtype)

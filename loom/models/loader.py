@@ -15,7 +15,7 @@ from safetensors import safe_open
 from loom.distributed.parallel import TensorParallel, head_shard
 from loom.models.fp8 import FP8_DTYPES, dequantize_fp8
 from loom.models.gguf import is_gguf, load_gguf_config, load_gguf_model, load_gguf_tokenizer
-from loom.models.llama import LlamaConfig, LlamaForCausalLM, order_partial_rotary
+from loom.models.llama import LlamaConfig, LlamaForCausalLM, deinterleave_rope, order_partial_rotary
 from loom.models.mxfp4 import dequantize_mxfp4, mxfp4_as_q8_0
 from loom.models.vision import is_multimodal, language_weight_name
 from loom.ops.packed_linear import PackedLinear
@@ -364,12 +364,13 @@ def _packed_weights(model: LlamaForCausalLM) -> list[str]:
 
 def _as_loom(pname: str, tensor: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
     """A checkpoint tensor as Loom's parameter holds it: Gemma's norms as (1 + w), Granite's residual multiplier
-    folded into the projections that join the residual stream."""
+    folded into the projections that join the residual stream, DeepSeek's interleaved rotary rows in rotate-half
+    order."""
     if cfg.norm_offset and pname.endswith("norm.weight"):
         tensor = tensor.float() + 1.0
     if cfg.residual_multiplier != 1.0 and pname.endswith(RESIDUAL_BRANCH_OUTPUTS):
         tensor = tensor.float() * cfg.residual_multiplier
-    return tensor
+    return deinterleave_rope(tensor, pname, cfg)
 
 
 RESIDUAL_BRANCH_OUTPUTS = ("o_proj.weight", "o_proj.bias", "down_proj.weight", "down_proj.bias")
@@ -397,7 +398,7 @@ def _target(name: str, cfg: LlamaConfig) -> tuple[str, int | None] | None:
     for pattern, replacement in _MIXTRAL:
         module = pattern.sub(replacement, module)
     prefix, _, last = module.rpartition(".")
-    if last in _FUSED:
+    if last in _FUSED and not (cfg.kv_lora_rank and prefix == "self_attn"):  # MLA's q_proj stays its own
         fused, part = _FUSED[last]
         return f"layers.{layer}.{prefix}.{fused}.{kind}", part
     return f"layers.{layer}.{module}.{kind}", None

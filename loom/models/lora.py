@@ -132,6 +132,11 @@ def load_peft_adapter(folder: str | Path, cfg: LlamaConfig, max_rank: int, dtype
             if layer >= cfg.num_hidden_layers:
                 raise ValueError(f"adapter tensor {key!r} is for layer {layer}, but the model has "
                                  f"{cfg.num_hidden_layers} layers: the adapter was trained for another model")
+            if m["block"] == "self_attn" and cfg.kv_lora_rank and m["proj"] != "o_proj":
+                raise ValueError(f"adapter tensor {key!r} targets {m['proj']} of DeepSeek's latent attention, which "
+                                 "Loom holds as its own projections (q_a_proj, kv_a_proj_with_mqa, ...): LoRA there "
+                                 "is not served unmerged (o_proj and dense MLPs are); merge the adapter into the "
+                                 "weights instead")
             if m["block"] == "mlp" and layer in cfg.moe_layers:
                 raise ValueError(f"adapter tensor {key!r} targets the MLP of layer {layer}, a mixture of experts in "
                                  "this model: LoRA on experts is not served (the attention projections and dense "
@@ -221,7 +226,7 @@ def _pattern_value(pattern: dict, module: str, default):
 
 
 def _in_features(cfg: LlamaConfig) -> dict[str, int]:
-    attn = cfg.num_attention_heads * cfg.head_dim
+    attn = cfg.num_attention_heads * (cfg.v_head_dim if cfg.kv_lora_rank else cfg.head_dim)  # MLA: the values'
     return {"self_attn.qkv_proj": cfg.hidden_size, "self_attn.o_proj": attn, "mlp.gate_up_proj": cfg.hidden_size,
             "mlp.down_proj": cfg.intermediate_size}
 
@@ -331,8 +336,8 @@ class LoRAModel:
             wrapped = {}
             for name, parts in slices.items():
                 parent_name, attr = name.split(".")
-                if parent_name == "mlp" and index in cfg.moe_layers:
-                    continue
+                if parent_name == "mlp" and index in cfg.moe_layers or not hasattr(getattr(layer, parent_name), attr):
+                    continue  # experts; DeepSeek's latent attention has no fused q/k/v
                 parent = getattr(layer, parent_name)
                 module = LoRALinear(getattr(parent, attr), in_features[name], parts_out(parts), max_loras,
                                     _parts(parts) * max_rank, self.batch, weight.dtype, weight.device)

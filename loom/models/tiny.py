@@ -12,6 +12,10 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoTokenizer,
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -73,6 +77,8 @@ ARCHS = {
     "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM),
     "granite_moe": (GraniteMoeConfig, GraniteMoeForCausalLM),
     "olmoe": (OlmoeConfig, OlmoeForCausalLM),
+    "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM),
+    "deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM),
 }
 MOE = dict(num_local_experts=8, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64)
 """Mixture-of-experts settings the MoE configs take (each ignores the names it does not know)."""
@@ -99,6 +105,20 @@ GRANITE_MOE = {**GRANITE, "num_local_experts": 8, "num_experts_per_tok": 2, "int
 """Granite's multipliers over experts of the MoE's width (its intermediate_size)."""
 OLMOE = dict(num_experts=8, num_experts_per_tok=2, intermediate_size=64, norm_topk_prob=False)
 """OLMoE at a tiny size (OLMoE-1B-7B: 64 experts, top-8, weights not renormalised)."""
+MLA = dict(num_hidden_layers=3, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+           v_head_dim=24, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1,
+           first_k_dense_replace=1, n_group=2, topk_group=1, tie_word_embeddings=False)
+"""Multi-head latent attention at a tiny size, a dense first layer, then routed experts in two groups (the best one
+kept) with a shared expert (DeepSeek-V3: 128 heads, latent 512 + rotary 64, nope 128, v 128; 256 experts in 8
+groups, top-8 of the best 4 groups; DeepSeek-V2-Lite: 16 heads, no query bottleneck, 64 experts top-6)."""
+DEEPSEEK_V2 = {**MLA, "q_lora_rank": None, "topk_method": "group_limited_greedy", "routed_scaling_factor": 2.0}
+"""DeepSeek-V2's softmax router limited to the best group, its weights scaled; queries without a bottleneck (as
+V2-Lite's)."""
+DEEPSEEK_V3 = {**MLA, "q_lora_rank": 48, "routed_scaling_factor": 2.5,
+               "rope_parameters": dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=1.0,
+                                       mscale_all_dim=1.0, original_max_position_embeddings=256)}
+"""DeepSeek-V3 with a query bottleneck and YaRN as its hub config sets it (factor 40 over 4,096 there), whose
+mscale_all_dim also scales every score."""
 
 
 def save_tiny_model(path: str | Path, tokenizer_dir: str | Path, arch: str = "llama", seed: int = 0,
@@ -109,8 +129,8 @@ def save_tiny_model(path: str | Path, tokenizer_dir: str | Path, arch: str = "ll
     torch.manual_seed(seed)
     config_cls, model_cls = ARCHS[arch]
     model = model_cls(config_cls(**{**TINY, **_arch_settings(arch), **overrides})).eval()
-    if arch in ("gpt_oss", "glm4_moe"):  # sinks drawn like every weight (std 0.2) would hardly move a softmax
-        with torch.no_grad():  # (gpt-oss' own are ~1-5), and biases left at zero would go untested
+    if arch in ("gpt_oss", "glm4_moe", "deepseek_v3"):  # sinks drawn like every weight (std 0.2) would hardly move
+        with torch.no_grad():  # a softmax (gpt-oss' own are ~1-5), and biases left at zero would go untested
             for name, param in [*model.named_parameters(), *model.named_buffers()]:
                 if name.endswith("sinks"):
                     param.normal_(2.0, 1.5)
@@ -124,7 +144,8 @@ def save_tiny_model(path: str | Path, tokenizer_dir: str | Path, arch: str = "ll
 def _arch_settings(arch: str) -> dict:
     """The settings a tiny ``arch`` model needs beside TINY (the ones whose defaults would not be tested)."""
     return {"smollm3": SMOLLM3, "granite": GRANITE, "gpt_oss": GPT_OSS, "glm4_moe": GLM4_MOE,
-            "granite_moe": GRANITE_MOE, "olmoe": OLMOE}.get(arch) or (
+            "granite_moe": GRANITE_MOE, "olmoe": OLMOE, "deepseek_v2": DEEPSEEK_V2, "deepseek_v3": DEEPSEEK_V3
+            }.get(arch) or (
         MOE if arch in ("mixtral", "qwen2_moe", "qwen3_moe") else GEMMA if arch.startswith("gemma") else {})
 
 

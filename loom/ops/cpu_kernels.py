@@ -114,6 +114,8 @@ def _layer_plan(model: torch.nn.Module) -> list[tuple] | None:
     plan = []
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
+        if not hasattr(attn, "qkv_proj"):  # DeepSeek's latent attention
+            return None
         if not hasattr(mlp, "gate_up_proj") or mlp.tp is not None or attn.tp is not None:  # MoE: experts
             return None
         if layer.post_norms or attn.qk_norm_full:  # OLMo 2's norms after the branches, over all heads

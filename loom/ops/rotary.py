@@ -28,6 +28,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
                      "longrope")
 
 
+def yarn_mscale(factor: float, m: float = 1.0) -> float:
+    """YaRN's magnitude scale for a context stretched ``factor`` times: 0.1 m ln(factor) + 1 (1 without stretch)."""
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
 def _yarn(head_dim: int, theta: float, s: dict) -> tuple[torch.Tensor, float]:
     """YaRN (arXiv 2309.00071), as HF and vLLM compute it: each frequency is blended between itself (extrapolated: the
     fast dimensions, more than ``beta_fast`` turns over the original context) and itself / ``factor`` (interpolated:
@@ -39,14 +44,10 @@ def _yarn(head_dim: int, theta: float, s: dict) -> tuple[torch.Tensor, float]:
         raise ValueError("yarn rope scaling needs original_max_position_embeddings (the context the model was "
                          "pretrained at) in rope_scaling / rope_parameters or the config")
     factor = s.get("factor") or s["max_position_embeddings"] / original
-
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
     attention = s.get("attention_factor")
     if attention is None:
         m, m_all = s.get("mscale"), s.get("mscale_all_dim")
-        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        attention = yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
     fast, slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
 
     def dimension(turns: float) -> float:  # the dimension whose wavelength fits ``turns`` times in the context

@@ -1,4 +1,5 @@
-"""Mixtures of experts (Mixtral, Qwen2-MoE with a shared expert and dense layers, Qwen3-MoE, gpt-oss, GLM-4.5)
+"""Mixtures of experts (Mixtral, Qwen2-MoE with a shared expert and dense layers, Qwen3-MoE, gpt-oss, GLM-4.5,
+DeepSeek-V2 / V3 with latent attention)
 against HF transformers: greedy ids and logprobs through concurrent prompts, chunked prefill and a prefix hit; the
 routing itself equal to HF's router, token by token; each chosen expert run once per layer and step."""
 
@@ -20,6 +21,10 @@ CASES = {
     "glm4-moe": ("glm4_moe", {}),  # sigmoid scores + correction bias, groups, scaling, an ungated shared expert
     "granite-moe": ("granite_moe", {}),  # top-k of the logits then softmax; Granite's four multipliers
     "olmoe-clip-qkv": ("olmoe", dict(clip_qkv=1.5)),  # q/k norms over all heads, weights not renormalised, clamps
+    # latent attention (interleaved rotary rows; V3: a query bottleneck and YaRN's mscale on every score), V2's
+    # group-limited softmax router with scaled weights, V3's sigmoid one
+    "deepseek-v2": ("deepseek_v2", {}),
+    "deepseek-v3": ("deepseek_v3", {}),
 }
 
 
@@ -61,8 +66,8 @@ def test_routing_equals_hf_router_token_by_token(moe_model):
         moe.route = lambda x, route=route: (out := route(x), ours.append(out[1]))[0]
     loom_greedy(llm, [ids], 1)  # one prefill of the whole prompt
     assert len(ours) == len(hf_routes) == len(moe_layers) > 0
-    for mine, theirs in zip(ours, hf_routes):
-        assert torch.equal(mine, theirs.reshape(mine.shape))
+    for mine, theirs in zip(ours, hf_routes):  # the same experts per token (DeepSeek's top-k is not sorted)
+        assert torch.equal(mine.sort(-1)[0], theirs.reshape(mine.shape).sort(-1)[0])
 
 
 def test_each_chosen_expert_runs_once_per_layer_and_step(tmp_path, smollm2_path):
@@ -107,6 +112,23 @@ def test_tensor_parallel_ranks_hold_complementary_slices_of_every_expert():
         head_shard(cfg, 0, 8)
 
 
+def _adapter_serves_as_peft(tmp_path, base, targets: list[str]):
+    """A random peft adapter on ``targets`` of model ``base``, served unmerged: peft's greedy ids, not the base's.
+    Returns (the engine, its prompts, their sampling params)."""
+    from loom import LoRARequest, SamplingParams
+    from tests.engine.test_lora import hf_greedy, make_adapter
+
+    peft = make_adapter(tmp_path / "adapter", base, seed=3, r=4, alpha=8, targets=targets)
+    llm = LLM(str(base), enable_lora=True, max_lora_rank=4, num_kv_blocks=64)
+    prompts = varied_prompts(3, seed=4, low=5, high=30)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                      lora_request=LoRARequest("a", 1, str(tmp_path / "adapter")))]
+    assert got == [hf_greedy(peft, p) for p in prompts]
+    assert got != [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    return llm, prompts, params
+
+
 def test_adapters_on_a_moe_model_serve_attention_and_refuse_experts(tmp_path, smollm2_path):
     """``enable_lora`` on a mixture of experts (Qwen3-MoE with a dense layer 1, whose MLP takes adapter slots as any
     dense model's): an adapter on the attention projections, served unmerged, gives peft's ids; one that claims an MLP
@@ -115,20 +137,11 @@ def test_adapters_on_a_moe_model_serve_attention_and_refuse_experts(tmp_path, sm
 
     from safetensors.torch import save_file
 
-    from loom import LoRARequest, SamplingParams
-    from tests.engine.test_lora import hf_greedy, make_adapter
+    from loom import LoRARequest
 
     arch, overrides = CASES["qwen3-moe-normalised"]
     base = save_tiny_model(tmp_path / "base", smollm2_path, arch=arch, mlp_only_layers=[1], **overrides)
-    peft = make_adapter(tmp_path / "adapter", base, seed=3, r=4, alpha=8,
-                        targets=["q_proj", "v_proj", "o_proj"])
-    llm = LLM(str(base), enable_lora=True, max_lora_rank=4, num_kv_blocks=64)
-    prompts = varied_prompts(3, seed=4, low=5, high=30)
-    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                                                      lora_request=LoRARequest("a", 1, str(tmp_path / "adapter")))]
-    assert got == [hf_greedy(peft, p) for p in prompts]
-    assert got != [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    llm, prompts, params = _adapter_serves_as_peft(tmp_path, base, ["q_proj", "v_proj", "o_proj"])
 
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -187,6 +200,64 @@ def test_a_glm_model_without_shared_experts_loads(tmp_path, smollm2_path):
     path = save_tiny_model(tmp_path / "glm", smollm2_path, arch="glm4_moe", n_shared_experts=0)
     prompts = varied_prompts(2, seed=7, low=10, high=30)
     assert_parity(loom_greedy(LLM(str(path), num_kv_blocks=64, block_size=8), prompts, 6), hf_greedy(path, prompts, 6))
+
+
+def test_latent_attention_caches_one_latent_per_token(tmp_path, smollm2_path):
+    """DeepSeek's cache per layer is one tensor of [latent, rotary key] rows, the keys' and values' alike, and what a
+    prefill writes there is transformers' compressed KV of the same tokens: the normed latent and the rotated key
+    (transformers rotates the interleaved pairs into rotate-half order, as Loom holds them)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave
+
+    from loom.engine.model_runner import kv_bytes_per_block
+
+    path = save_tiny_model(tmp_path / "v3", smollm2_path, arch="deepseek_v3")
+    llm = LLM(str(path), num_kv_blocks=16, block_size=8)
+    model, caches = llm.engine.model, llm.engine.runner.kv_caches
+    assert all(k is v and k.shape[1:] == (8, 1, 40) for k, v in caches)
+    assert kv_bytes_per_block(model, 8, torch.float32) == 3 * 8 * 40 * 4
+    ids = varied_prompts(1, seed=2, low=20, high=20)[0]
+    loom_greedy(llm, [ids], 1)
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    seen = []
+    attn = hf.model.layers[1].self_attn
+    attn.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs), with_kwargs=True)
+    with torch.inference_mode():
+        hf(torch.tensor([ids]))
+        kv = attn.kv_a_proj_with_mqa(seen[0]["hidden_states"])
+        cos, sin = seen[0]["position_embeddings"]
+        k_pe = kv[:, None, :, 32:]
+        k_rot = apply_rotary_pos_emb_interleave(k_pe, k_pe, cos, sin)[1][0, 0]
+    expected = torch.cat([attn.kv_a_layernorm(kv[0, :, :32]), k_rot], dim=-1)  # its rotation: rotate-half order
+    blocks = llm.engine.block_manager.find_cached_prefix(ids)  # the prompt's two full blocks, kept for reuse
+    assert len(blocks) == 2
+    slots = [b * 8 + o for b in blocks for o in range(8)]
+    torch.testing.assert_close(caches[1][0].view(-1, 40)[slots], expected[:16], atol=1e-5, rtol=1e-5)
+
+
+def test_latent_attention_is_not_split_over_tensor_parallel_ranks(tmp_path, smollm2_path):
+    from loom.distributed.parallel import head_shard
+    from loom.models.llama import LlamaConfig
+    from loom.models.loader import load_hf_config
+
+    cfg = LlamaConfig.from_hf(load_hf_config(save_tiny_model(tmp_path / "v2", smollm2_path, arch="deepseek_v2")))
+    assert head_shard(cfg, 0, 1).q_heads == (0, 4)
+    with pytest.raises(ValueError, match="latent attention is not split over tensor-parallel ranks"):
+        head_shard(cfg, 0, 2)
+
+
+def test_adapters_on_latent_attention_serve_o_proj_and_refuse_the_latent_projections(tmp_path, smollm2_path):
+    """DeepSeek-V2 (no query bottleneck: a q_proj of its own, not a fused q/k/v): an adapter on o_proj and the dense
+    layer's MLP gives peft's ids unmerged; one on q_proj is refused with the reason, not slotted into a fused
+    projection the model does not have."""
+    from loom import LoRARequest
+    from tests.engine.test_lora import make_adapter
+
+    base = save_tiny_model(tmp_path / "base", smollm2_path, arch="deepseek_v2")
+    llm, prompts, params = _adapter_serves_as_peft(tmp_path, base, ["o_proj", "0.mlp.down_proj"])
+    make_adapter(tmp_path / "q", base, seed=4, r=4, alpha=8, targets=["q_proj"])
+    with pytest.raises(ValueError, match="latent attention"):
+        llm.generate([{"prompt_token_ids": prompts[0]}], params, lora_request=LoRARequest("q", 2, str(tmp_path / "q")))
 
 
 def test_granite_moe_takes_transformers_own_weights_in_place(tmp_path, smollm2_path):

@@ -26,6 +26,7 @@ def _state(path) -> dict[str, torch.Tensor]:
     ("granite", {"attention_bias": True, "mlp_bias": True}, "auto"),  # residual multiplier folded into o / down
     ("mixtral", {}, "auto"),  # transformers 5's experts as two 3-D tensors, one projection per expert in Loom
     ("qwen2_moe", {}, "auto"),  # and a shared expert with its gate
+    ("deepseek_v3", {}, "auto"),  # latent attention: rotary rows de-interleaved, kv_b_proj read in place
 ])
 def test_updated_engine_equals_a_fresh_one(tmp_path, smollm2_path, arch, overrides, backend):
     old = save_tiny_model(tmp_path / "old", smollm2_path, arch=arch, seed=0, **overrides)

@@ -270,7 +270,8 @@ def test_engine_with_triton_attention_gives_the_reference_tokens(tiny_llama, mon
     ("mistral", {"sliding_window": 20, "head_dim": 16}),  # every layer windowed: blocks behind it given back (-1)
     ("gemma2", {"attn_logit_softcapping": 1.0}),  # alternate 16-token windows, soft caps that bend the scores
     ("gpt_oss", {}),  # alternate 16-token windows, attention sinks in decode and prefill
-], ids=["mistral-window", "gemma2-softcap", "gpt-oss-sinks"])  # fmt: skip
+    ("deepseek_v3", {}),  # latent attention: one 40-wide KV head for 4 query heads, its cache the values' too
+], ids=["mistral-window", "gemma2-softcap", "gpt-oss-sinks", "deepseek-v3-latent"])  # fmt: skip
 def test_windowed_and_soft_capped_models_through_triton_give_the_reference_tokens(tmp_path, smollm2_path, arch,
                                                                                    overrides):
     """Prompts past the window, chunked over 16-token steps, decoding 12 tokens further."""
