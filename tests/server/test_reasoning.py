@@ -145,14 +145,14 @@ def test_a_thinking_answer_is_split_in_the_message_and_in_the_stream(server, scr
     assert (message["reasoning_content"], message["content"]) == (None, "Hello without thinking.")
 
 
-def assert_weather_call(server, reasoning: str, content=None) -> None:
+def assert_weather_call(server, reasoning: str, content=None, max_tokens: int = 64) -> None:
     """The scripted answer is ``reasoning``, then get_weather(city="Paris"), in the message and in the stream."""
-    choice = _chat(server, tools=TOOLS).json()["choices"][0]
+    choice = _chat(server, tools=TOOLS, max_tokens=max_tokens).json()["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     assert (choice["message"]["reasoning_content"], choice["message"]["content"]) == (reasoning, content)
     call = choice["message"]["tool_calls"][0]["function"]
     assert (call["name"], call["arguments"]) == ("get_weather", '{"city": "Paris"}')
-    streamed, _, deltas = _streamed(server, tools=TOOLS)
+    streamed, _, deltas = _streamed(server, tools=TOOLS, max_tokens=max_tokens)
     calls = [c for d in deltas for c in d.get("tool_calls") or []]
     assert streamed == reasoning and [c["function"]["name"] for c in calls if c["function"].get("name")] == [
         "get_weather"]
@@ -276,16 +276,23 @@ def test_the_prompts_last_tag_sets_where_an_answer_starts(name):
     assert parser.after_prompt(None) is parser
 
 
-def test_a_glm45_answer_thinks_then_calls_with_xml_arguments(tiny_llama, monkeypatch):
-    """--reasoning-parser glm45 --tool-call-parser glm45 (as vLLM serves GLM-4.5): the thinking block, then a call
-    whose arguments are <arg_key>/<arg_value> pairs, typed by the request's tools."""
+@pytest.mark.parametrize("reasoning,tools,answer", [
+    ("glm45", "glm45", "<think>Need the weather.</think><tool_call>get_weather\n<arg_key>city</arg_key>\n"
+                       "<arg_value>Paris</arg_value>\n</tool_call>"),
+    ("deepseek_r1", "deepseek_v31", "Need the weather.</think><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather"
+                                    '<｜tool▁sep｜>{"city": "Paris"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>'),
+], ids=["glm45", "deepseek-v31"])  # fmt: skip
+def test_an_answer_thinks_then_calls_in_its_models_own_format(tiny_llama, monkeypatch, reasoning, tools, answer):
+    """As vLLM serves GLM-4.5 (--reasoning-parser glm45 --tool-call-parser glm45: a call whose arguments are
+    <arg_key>/<arg_value> pairs, typed by the request's tools) and DeepSeek-V3.1 (deepseek_r1, deepseek_v31: the
+    prompt opens the thinking block; the call's tokens wrapped in the calls' begin and end tokens): the thinking
+    block, then the call, in the message and the stream."""
     from tests.server.conftest import script_outputs, start_llm_server, tiny_config
 
-    running = start_llm_server(tiny_config(tiny_llama, num_kv_blocks=64, reasoning_parser="glm45",
-                                           enable_auto_tool_choice=True, tool_call_parser="glm45"))
+    running = start_llm_server(tiny_config(tiny_llama, num_kv_blocks=64, reasoning_parser=reasoning,
+                                           enable_auto_tool_choice=True, tool_call_parser=tools))
     try:
-        script_outputs(running, monkeypatch)("<think>Need the weather.</think><tool_call>get_weather\n"
-                                             "<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>")
-        assert_weather_call(running, "Need the weather.")
+        script_outputs(running, monkeypatch)(answer)
+        assert_weather_call(running, "Need the weather.", max_tokens=200)  # DeepSeek's tokens: many of SmolLM2's
     finally:
         running.stop()

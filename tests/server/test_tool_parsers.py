@@ -1,5 +1,6 @@
-"""Tool-call parsers (hermes, llama3_json, mistral, glm45, and the "required" JSON array): calls and content from whole
-outputs, the same from streams fed a character (or a few) at a time, and malformed output kept as content."""
+"""Tool-call parsers (hermes, llama3_json, mistral, glm45, deepseek_v3 / v31, and the "required" JSON array): calls
+and content from whole outputs, the same from streams fed a character (or a few) at a time, and malformed output kept
+as content."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import random
 
 import pytest
 
-from loom.entrypoints.openai.tool_parsers import REQUIRED_PARSER, TOOL_PARSERS
+from loom.entrypoints.openai.tool_parsers import DEEPSEEK_MARKERS, REQUIRED_PARSER, TOOL_PARSERS
 
 HERMES, LLAMA, MISTRAL = TOOL_PARSERS["hermes"], TOOL_PARSERS["llama3_json"], TOOL_PARSERS["mistral"]
 GLM = TOOL_PARSERS["glm45"].for_tools([{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}])
 """GLM-4.5's calls, read with the request's tools: city is a string (written raw), days JSON."""
+DEEPSEEK_V3, DEEPSEEK_V31 = TOOL_PARSERS["deepseek_v3"], TOOL_PARSERS["deepseek_v31"]
+CALLS, CALL, SEP, END, CALLS_END = DEEPSEEK_MARKERS
 WEATHER = '{"city": "Paris", "unit": "celsius"}'
 TRICKY = '{"q": "a } ] { \\" <tool_call>", "n": [1, {"x": null}], "ok": true}'  # braces and quotes inside strings
 
@@ -53,6 +56,18 @@ CASES = {
     "glm45_string_that_looks_like_json": (
         GLM, "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>123</arg_value>\n</tool_call>", None,
         [("get_weather", '{"city": "123"}')]),
+    "deepseek_v3_one": (DEEPSEEK_V3, f"{CALLS}{CALL}function{SEP}get_weather\n```json\n{WEATHER}\n```{END}{CALLS_END}",
+                        None, [("get_weather", WEATHER)]),
+    "deepseek_v3_content_before_two_calls": (
+        DEEPSEEK_V3, f"Let me check.\n{CALLS}{CALL}function{SEP}a\n```json\n{TRICKY}\n```{END}\n"
+                     f"{CALL}function{SEP}b\n```json\n{{}}\n```{END}{CALLS_END}",
+        "Let me check.\n", [("a", TRICKY), ("b", "{}")]),
+    "deepseek_v31_two_calls": (
+        DEEPSEEK_V31, f"{CALLS}{CALL}get_weather{SEP}{WEATHER}{END}{CALL}f{SEP}{TRICKY}{END}{CALLS_END}", None,
+        [("get_weather", WEATHER), ("f", TRICKY)]),
+    "deepseek_v31_content_with_a_lone_bracket": (  # and, in the arguments, the start of one of the format's tokens
+        DEEPSEEK_V31, f'a <b> {CALLS}{CALL}f{SEP}{{"x": "{CALL[:2]}"}}{END}', "a <b> ",
+        [("f", f'{{"x": "{CALL[:2]}"}}')]),
     "required_array": (REQUIRED_PARSER, f'[{{"name":"a","parameters":{WEATHER}}},{{"name":"b","parameters":{{}}}}]',
                        None, [("a", WEATHER), ("b", "{}")]),
 }
@@ -68,6 +83,8 @@ PLAIN = {
     "mistral_unicode_prose": (MISTRAL, "déjà vu 🙂 [TOOL"),
     "glm45_no_call": (GLM, "Sunny in Paris, <tool_ca"),
     "glm45_name_never_ends": (GLM, "Sure <tool_call>get_weath"),
+    "deepseek_v3_cut_marker": (DEEPSEEK_V3, f"Sunny in Paris {CALL[:7]}"),
+    "deepseek_v31_name_never_ends": (DEEPSEEK_V31, f"Sure {CALLS}{CALL}get_wea"),
 }
 # Named calls that turn out malformed: content when whole; a stream has sent the name by then and cannot take it back
 # (as in vLLM), so there the call stays, with the arguments as written.

@@ -59,7 +59,8 @@ class LLMServerConfig:
     """Add POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read adapter folders from this machine)."""
     lora_store: str | None = None
     """With runtime updating: adapter paths must resolve inside this folder (relative ones are taken from it)."""
-    tool_call_parser: Literal["hermes", "llama3_json", "mistral", "openai", "glm45"] | None = None
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral", "openai", "glm45", "deepseek_v3",
+                              "deepseek_v31"] | None = None
     """How tool calls are found in the model's text for tool_choice "auto": hermes (Hermes, Qwen <tool_call> JSON;
     also the format used for a chat template that ignores tools), llama3_json, mistral, openai (gpt-oss' harmony
     messages to functions.*; needs --reasoning-parser gpt_oss), glm45 (GLM-4.5's <arg_key>/<arg_value> calls)."""

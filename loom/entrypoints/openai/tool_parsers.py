@@ -22,6 +22,7 @@ the string the non-streaming answer has. Text before the region is content; text
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from dataclasses import dataclass
@@ -375,6 +376,66 @@ def _glm_value(raw: str, is_string: bool) -> str:
     return json.dumps(raw)
 
 
+DEEPSEEK_CALLS_BEGIN, DEEPSEEK_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+DEEPSEEK_CALL_BEGIN, DEEPSEEK_SEP, DEEPSEEK_CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
+DEEPSEEK_MARKERS = (DEEPSEEK_CALLS_BEGIN, DEEPSEEK_CALL_BEGIN, DEEPSEEK_SEP, DEEPSEEK_CALL_END, DEEPSEEK_CALLS_END)
+"""DeepSeek's tool-call tokens (full-width bars, U+2581 in place of spaces)."""
+
+
+def deepseek_as_hermes(text: str, final: bool, string_args: dict[str, set[str]], v31: bool = False) -> str:
+    """DeepSeek-V3's (and R1-0528's) calls, ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGS\n```
+    <｜tool▁call▁end｜>``, or V3.1's, ``<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>``, all within
+    ``<｜tool▁calls▁begin｜>`` ... ``<｜tool▁calls▁end｜>``, as hermes' ``<tool_call>{"name": NAME, "arguments":
+    ARGS}</tool_call>``: ARGS is JSON already, so it streams through as it arrives. The wrapping tokens around calls
+    are dropped (an output without a call keeps its text as written), and while the text may still grow, a tail that
+    could begin one of the format's tokens or end the arguments is held back: the rewrite of a text is a start of the
+    rewrite of any longer one."""
+    args_end = DEEPSEEK_CALL_END if v31 else "\n```"
+    out, pos = [], 0
+    while (start := text.find(DEEPSEEK_CALL_BEGIN, pos)) >= 0:
+        before = len(out)
+        out.append(_between_calls(text[pos:start]) if out else _DEEPSEEK_LEAD.sub("", text[pos:start]))
+        header = start + len(DEEPSEEK_CALL_BEGIN)
+        sep = text.find(DEEPSEEK_SEP, header)
+        name_end = sep if v31 or sep < 0 else text.find("```json", sep)
+        if sep < 0 or name_end < 0:  # the name is still arriving (or never ends: hermes finds no call in what is left)
+            return "".join(out[:before]) + text[pos:] if final else "".join(out) + "<tool_call>"
+        name = text[header if v31 else sep + len(DEEPSEEK_SEP) : name_end].strip()
+        args = sep + len(DEEPSEEK_SEP) if v31 else name_end + len("```json")
+        out.append(f'<tool_call>{{"name": {json.dumps(name)}, "arguments": ')
+        close = text.find(args_end, args)
+        if close < 0:  # the arguments still arriving
+            return "".join(out) + (text[args:] if final else _held_back(text[args:], (args_end,)))
+        out.append(text[args:close] + "}</tool_call>")
+        pos = close + len(args_end)
+    rest = text[pos:]
+    if out:  # after a call: hermes drops what follows the last one
+        return "".join(out) + (_between_calls(rest) if final else _held_back(_between_calls(rest), DEEPSEEK_MARKERS))
+    if final:
+        return rest
+    rest = _held_back(rest, (DEEPSEEK_CALLS_BEGIN, DEEPSEEK_CALL_BEGIN))
+    return _DEEPSEEK_LEAD.sub("", rest)  # it may open calls: held back until they begin (or the output ends)
+
+
+_DEEPSEEK_LEAD = regex.compile(r"<｜tool▁calls▁begin｜>\s*$")
+"""The token that opens DeepSeek's calls (and what whitespace follows it) at the end of the content before them."""
+
+
+def _between_calls(text: str) -> str:
+    """What stands between (or after) DeepSeek's calls, without the format's tokens."""
+    for marker in (DEEPSEEK_CALLS_BEGIN, DEEPSEEK_CALLS_END, DEEPSEEK_CALL_END):
+        text = text.replace(marker, "")
+    return text
+
+
+def _held_back(text: str, markers: tuple[str, ...]) -> str:
+    """``text`` less its longest tail that is a proper start of one of ``markers``."""
+    for cut in range(max(map(len, markers)) - 1, 0, -1):
+        if len(text) >= cut and any(m.startswith(text[-cut:]) for m in markers):
+            return text[:-cut]
+    return text
+
+
 TOOL_PARSERS: dict[str, ToolParser | RewrittenToolParser] = {
     "hermes": _parser("hermes", r"<tool_call>", r"(?:\s|</?tool_call>)*", ("<tool_call>", "</tool_call>")),
     "llama3_json": _parser("llama3_json", r'<\|python_tag\|>|\{\s*"name"\s*:', r"(?:\s|;|<\|python_tag\|>)*",
@@ -384,6 +445,9 @@ TOOL_PARSERS: dict[str, ToolParser | RewrittenToolParser] = {
     "openai": _parser("openai", r"<tool_call>", r"(?:\s|</?tool_call>)*"),
     "glm45": RewrittenToolParser("glm45", glm45_as_hermes, ("<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>",
                                                              "<arg_value>", "</arg_value>")),
+    "deepseek_v3": RewrittenToolParser("deepseek_v3", deepseek_as_hermes, DEEPSEEK_MARKERS),
+    "deepseek_v31": RewrittenToolParser("deepseek_v31", functools.partial(deepseek_as_hermes, v31=True),
+                                        DEEPSEEK_MARKERS),
 }
 """The parsers ``--tool-call-parser`` chooses from (vLLM's names)."""
 
