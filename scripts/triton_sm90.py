@@ -43,7 +43,10 @@ ATTENTION = {  # name: (heads, kv heads, head dim, window, soft cap)
     "smollm2-135m": (9, 3, 64, None, None),
     "llama-3.1-8b": (32, 8, 128, None, None),
     "gemma-2-9b": (16, 8, 256, 4096, 50.0),
+    "deepseek-v3": (128, 1, 576, None, None),  # MLA: 128 query heads on one 576-wide latent, 16 heads a program
 }
+LATENT = ("deepseek-v3",)
+"""Shapes whose cache is one latent tensor, passed as both keys and values."""
 
 
 def captured_launches(call) -> list[tuple[JITFunction, tuple, dict]]:
@@ -108,14 +111,15 @@ def workloads():
 
     for name, (h, hkv, d, window, cap) in ATTENTION.items():
         for dtype in (torch.bfloat16, torch.float32):
-            cache = torch.empty(64, 16, hkv, d, dtype=dtype)
+            keys = torch.empty(64, 16, hkv, d, dtype=dtype)
+            values = keys if name in LATENT else torch.empty_like(keys)  # MLA: one latent cache, read as both
             tables = torch.zeros(4, 64, dtype=torch.int32)
             lens = torch.full((4,), 1000, dtype=torch.int32)
             tag = f"{name} {DTYPES[dtype]}"
-            yield f"paged_decode {tag}", partial(paged_decode, torch.empty(4, h, d, dtype=dtype), cache, cache, tables,
-                                                 lens, 0.1, window=window, softcap=cap)
+            yield f"paged_decode {tag}", partial(paged_decode, torch.empty(4, h, d, dtype=dtype), keys, values,
+                                                 tables, lens, 0.1, window=window, softcap=cap)
             chunks = [PrefillChunk(0, 300, 0, torch.zeros(19, dtype=torch.int32))]
-            yield f"paged_prefill {tag}", partial(paged_prefill, torch.empty(300, h, d, dtype=dtype), cache, cache,
+            yield f"paged_prefill {tag}", partial(paged_prefill, torch.empty(300, h, d, dtype=dtype), keys, values,
                                                   chunks, 0.1, window=window, softcap=cap)
     for dtype in (torch.bfloat16, torch.float32):  # Gemma 3 4B's heads, its images' tokens attended both ways
         cache = torch.empty(64, 16, 4, 256, dtype=dtype)

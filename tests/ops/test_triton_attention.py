@@ -47,6 +47,37 @@ def test_paged_decode_equals_the_reference(dtype, atol, heads, kv_heads):
     torch.testing.assert_close(out.float(), reference, atol=atol, rtol=atol)
 
 
+@pytest.mark.parametrize("dtype, atol", DTYPES)
+@pytest.mark.parametrize("heads", [16, 40])
+def test_latent_attention_shapes_equal_the_reference(dtype, atol, heads):
+    """DeepSeek's MLA as the kernels see it: query heads on one KV head 576 wide (latent 512 + rotary 64, tiled as
+    1024), the keys' cache passed as the values' (``loom.models.llama.LatentAttention``): 16 heads in one tile of
+    a program (DeepSeek-V2-Lite), 40 in three (``WIDE_HEAD_TILE``; the last one partly idle). Decode, then a step's
+    prefill chunks, one with a cached prefix."""
+    torch.manual_seed(5)
+    num_blocks, block_size, d, scale = 24, 16, 576, 192**-0.5
+    cache = (torch.randn(num_blocks, block_size, 1, d, device=DEVICE) * 0.1).to(dtype)
+    lens = torch.tensor([1, 17, 90], dtype=torch.int32, device=DEVICE)
+    tables = torch.stack([torch.randperm(num_blocks)[:6] for _ in lens]).to(torch.int32).to(DEVICE)
+    q = torch.randn(len(lens), heads, d, device=DEVICE).to(dtype)
+    meta = AttentionMetadata(slot_mapping=torch.zeros(len(lens), dtype=torch.long), num_decodes=len(lens),
+                             decode_block_tables=tables, decode_seq_lens=lens, prefills=[], block_size=block_size)
+    reference = decode_attention_reference(q.float(), cache.float(), cache.float(), meta, scale)
+    out = paged_decode(q, cache, cache, tables, lens, scale, blocks_per_split=2)
+    torch.testing.assert_close(out.float(), reference, atol=atol, rtol=atol)
+
+    blocks = torch.randperm(num_blocks).tolist()
+    chunks = [PrefillChunk(0, 5, 0, torch.tensor(blocks[:1], device=DEVICE)),
+              PrefillChunk(5, 12, 20, torch.tensor(blocks[1:3], device=DEVICE))]
+    q = torch.randn(12, heads, d, device=DEVICE).to(dtype)
+    out = paged_prefill(q, cache, cache, chunks, scale).float()
+    latent = cache.float()
+    for c in chunks:
+        own = latent[c.block_table].view(-1, 1, d)[c.start_pos : c.start_pos + c.token_end - c.token_start]
+        expected = prefill_reference(q[c.token_start : c.token_end].float(), own, own, latent, latent, c, scale)
+        torch.testing.assert_close(out[c.token_start : c.token_end], expected, atol=atol, rtol=atol)
+
+
 @pytest.mark.parametrize("window,softcap,sinks", [(20, None, False), (None, 2.0, False), (45, 8.0, False),
                                                   (None, None, True), (20, None, True)],
                          ids=["window", "softcap", "window-softcap", "sinks", "window-sinks"])

@@ -1,7 +1,7 @@
 """Every Triton kernel Loom launches compiles for an H100/H200 (sm_90) on this machine, without a GPU, and spills
-nothing to local memory at real model shapes (SmolLM2-135M, Llama-3.1-8B, Gemma-2-9B heads; 4096-wide norms and
-matmuls): scripts/triton_sm90.py, run in a process of its own (the interpreter this suite sets would replace the
-kernels). Static figures from ptxas, not speed: the GPU script measures that."""
+nothing to local memory at real model shapes (SmolLM2-135M, Llama-3.1-8B, Gemma-2-9B, DeepSeek-V3's latent heads;
+4096-wide norms and matmuls): scripts/triton_sm90.py, run in a process of its own (the interpreter this suite sets
+would replace the kernels). Static figures from ptxas, not speed: the GPU script measures that."""
 
 from __future__ import annotations
 

@@ -33,15 +33,19 @@ from loom.ops.triton.layers import tanh
 
 @triton.jit
 def _kv_tile(k_ptr, v_ptr, table_ptr, pos, key_ok, kv_head, dims, dim_ok, stride_kb, stride_ks, stride_kh,
-             BLOCK_SIZE: tl.constexpr):
+             BLOCK_SIZE: tl.constexpr, SHARED_KV: tl.constexpr):
     """K and V [BLOCK_N, BLOCK_D] at the key positions ``pos`` of one sequence, each key's cache block read from its
-    table row ``table_ptr`` (masked keys: zeros, their table entry and block never read)."""
+    table row ``table_ptr`` (masked keys: zeros, their table entry and block never read). ``SHARED_KV``: the values
+    are the keys (a latent cache, DeepSeek's MLA): read once."""
     # NOTE: int32 offsets: block * stride_kb overflows once one layer's cache holds 2**31 elements (4 GiB in bf16).
     # int64 ones (the block id, or each key's row start) spill 16 B of registers in the float32 prefill on sm_90.
     block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=key_ok, other=0)
     off = block[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_ks + kv_head * stride_kh + dims[None, :]
     mask = key_ok[:, None] & dim_ok[None, :]
-    return tl.load(k_ptr + off, mask=mask, other=0.0), tl.load(v_ptr + off, mask=mask, other=0.0)
+    k = tl.load(k_ptr + off, mask=mask, other=0.0)
+    if SHARED_KV:
+        return k, k
+    return k, tl.load(v_ptr + off, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -70,16 +74,17 @@ def _decode_split_kernel(
     stride_tb,
     stride_ab, stride_ah, stride_as,
     stride_mb, stride_mh,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_KEYS: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    PRECISION: tl.constexpr,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_KEYS: tl.constexpr, USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, SHARED_KV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(1) // TILES  # each KV head's G query heads in TILES tiles of BLOCK_G
     split = tl.program_id(2)
     length = tl.load(lens_ptr + seq)
-    heads = kv_head * G + tl.arange(0, BLOCK_G)
-    head_ok = tl.arange(0, BLOCK_G) < G
+    group = (tl.program_id(1) % TILES) * BLOCK_G + tl.arange(0, BLOCK_G)
+    heads = kv_head * G + group
+    head_ok = group < G
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
@@ -95,7 +100,7 @@ def _decode_split_kernel(
         pos = n0 + tl.arange(0, BLOCK_N)
         key_ok = pos < end
         k, v = _kv_tile(k_ptr, v_ptr, tables_ptr + seq * stride_tb, pos, key_ok, kv_head, dims, dim_ok, stride_kb,
-                        stride_ks, stride_kh, BLOCK_SIZE)
+                        stride_ks, stride_kh, BLOCK_SIZE, SHARED_KV)
         m_i, l_i, acc = _softmax_step(q, k, v, key_ok[None, :], m_i, l_i, acc, scale, softcap, USE_SOFTCAP, PRECISION)
     # A split past the context (or wholly before the window) writes nothing: the combine never reads it.
     head_ok = head_ok & (tl.zeros([BLOCK_G], tl.int32) + (end - begin) > 0)
@@ -173,9 +178,22 @@ def _dot_tiles(dtype: torch.dtype, d: int) -> dict:
 def _decode_tiles(dtype: torch.dtype, d: int) -> dict:
     """Keys per iteration and warps of the decode kernel: 32 keys with 4 warps (16 keys at head dims over 128, and
     over 64 in float32) kept every shape scripts/triton_sm90.py compiles for sm_90 free of spills, at 95-226
-    registers; 64 keys took 250+ registers and spilled at head dim 256."""
+    registers; 64 keys took 250+ registers and spilled at head dim 256. Heads wider than 256 (MLA's 576-wide latent,
+    tiled as 1024): 16 keys with 8 warps, at most ``WIDE_HEAD_TILE`` query heads a program."""
     wide = d > 128 or (dtype == torch.float32 and d > 64)
-    return dict(BLOCK_N=16 if wide else 32, num_warps=4)
+    return dict(BLOCK_N=16 if wide else 32, num_warps=8 if d > 256 else 4)
+
+
+WIDE_HEAD_TILE = 16
+"""Query heads one program takes at head dims over 256: DeepSeek-V3's 128 heads on its one latent head at once would
+take 327 KB of shared memory (more than an H100 has) and spill 51 KB of registers a program; 16 heads compile free
+of spills on sm_90 (scripts/triton_sm90.py), each tile reading the latent keys once for its 16 heads."""
+
+
+def _head_tiles(group: int, d: int) -> tuple[int, int]:
+    """(query heads a program takes, a power of two and at least 16 for tl.dot; programs per KV head)."""
+    block = max(16, triton.next_power_of_2(min(group, WIDE_HEAD_TILE) if d > 256 else group))
+    return block, -(-group // block)
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -193,6 +211,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     if b == 0:
         return q.new_empty(q.shape)
     group = h // hkv
+    block_g, tiles = _head_tiles(group, d)
     max_blocks = block_tables.shape[1]
     splits = max(1, -(-max_blocks // blocks_per_split))
     split_keys = blocks_per_split * block_size
@@ -203,7 +222,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     maxes = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
     sums = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
     q = q.contiguous()
-    _decode_split_kernel[(b, hkv, splits)](
+    _decode_split_kernel[(b, hkv * tiles, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, acc, maxes, sums,
         scale, window or 0, softcap or 0.0,
         q.stride(0), q.stride(1),
@@ -211,8 +230,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         block_tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2),
         maxes.stride(0), maxes.stride(1),
-        G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, SPLIT_KEYS=split_keys,
-        USE_WINDOW=window is not None, USE_SOFTCAP=softcap is not None, **_dot_tiles(q.dtype, d),
+        G=group, BLOCK_G=block_g, TILES=tiles, BLOCK_SIZE=block_size, SPLIT_KEYS=split_keys,
+        USE_WINDOW=window is not None, USE_SOFTCAP=softcap is not None, SHARED_KV=v_cache is k_cache,
+        **_dot_tiles(q.dtype, d),
         **_decode_tiles(q.dtype, d), num_stages=1,
     )  # fmt: skip
     out = torch.empty_like(q)
@@ -233,23 +253,26 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh,
     stride_tc,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, TOKENS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    USE_VISIBLE: tl.constexpr, USE_SINKS: tl.constexpr, PRECISION: tl.constexpr,
+    G: tl.constexpr, G_TILE: tl.constexpr, TILES: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_VISIBLE: tl.constexpr, USE_SINKS: tl.constexpr,
+    SHARED_KV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     program = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(1) // TILES  # each KV head's G query heads in TILES tiles of G_TILE
     chunk = tl.load(prog_chunk_ptr + program)
     first_token = tl.load(prog_row_ptr + program)  # offset of this program's first token inside the chunk
     row0 = tl.load(chunk_row_ptr + chunk)
     length = tl.load(chunk_len_ptr + chunk)
     start_pos = tl.load(chunk_pos_ptr + chunk)
-    # The tile's rows are (token, query head) pairs: TOKENS tokens x the G query heads of this KV head, so each K/V
-    # tile is read once for all G heads (rows past TOKENS * G, when G is not a power of two, are idle).
+    # The tile's rows are (token, query head) pairs: TOKENS tokens x G_TILE query heads of this KV head (all its G
+    # but at wide head dims), so each K/V tile is read once for them (rows past TOKENS * G_TILE, when G_TILE is not a
+    # power of two, are idle).
     r = tl.arange(0, BLOCK_M)
-    tokens = first_token + r // G
-    heads = kv_head * G + r % G
-    row_ok = (tokens < length) & (r < TOKENS * G)
+    tokens = first_token + r // G_TILE
+    group = (tl.program_id(1) % TILES) * G_TILE + r % G_TILE
+    heads = kv_head * G + group
+    row_ok = (tokens < length) & (r < TOKENS * G_TILE) & (group < G)
     q_pos = start_pos + tokens  # each row's position in its sequence
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
@@ -270,7 +293,7 @@ def _prefill_kernel(
         k_pos = n0 + tl.arange(0, BLOCK_N)
         key_ok = k_pos < end
         k, v = _kv_tile(k_ptr, v_ptr, tables_ptr + chunk * stride_tc, k_pos, key_ok, kv_head, dims, dim_ok,
-                        stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
+                        stride_kb, stride_ks, stride_kh, BLOCK_SIZE, SHARED_KV)
         visible = (k_pos[None, :] <= q_last[:, None]) & row_ok[:, None] & key_ok[None, :]
         if USE_WINDOW:
             visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
@@ -287,6 +310,8 @@ def _prefill_tiles(dtype: torch.dtype, d: int) -> dict:
     """Query rows, keys per iteration and warps of the prefill kernel, by operand width and head dim: the largest
     tiles that scripts/triton_sm90.py found free of spills on sm_90 (16-bit: 64 x 64 up to head dim 128, 32 x 32 at
     256; float32 a step smaller each way; 76-206 registers with the G heads packed into the rows)."""
+    if d > 256:  # MLA's latent (576, tiled as 1024): 16 x 16, each program on ``WIDE_HEAD_TILE`` query heads
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8)
     if dtype == torch.float32:
         rows, keys = (32, 32) if d <= 64 else (32, 16) if d <= 128 else (16, 16)
     else:
@@ -313,24 +338,27 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if not chunks:
         return out
     group = h // hkv
+    g_tile = min(group, WIDE_HEAD_TILE) if d > 256 else group
+    head_tiles = -(-group // g_tile)
     tiles = _prefill_tiles(q.dtype, d)
-    tiles["BLOCK_M"] = max(tiles["BLOCK_M"], triton.next_power_of_2(group))  # at least one token's G heads
-    tokens = tiles["BLOCK_M"] // group
+    tiles["BLOCK_M"] = max(tiles["BLOCK_M"], triton.next_power_of_2(g_tile))  # at least one token's G_TILE heads
+    tokens = tiles["BLOCK_M"] // g_tile
     plan = None if plans is None else plans.get(("prefill", tokens))
     if plan is None:
         plan = prefill_plan(chunks, tokens, q.device)
         if plans is not None:
             plans[("prefill", tokens)] = plan
     tables, prog_chunk, prog_row, chunk_rows, chunk_lens, chunk_pos = plan
-    _prefill_kernel[(len(prog_chunk), hkv)](
+    _prefill_kernel[(len(prog_chunk), hkv * head_tiles)](
         q, k_cache, v_cache, out, tables, prog_chunk, prog_row, chunk_rows, chunk_lens, chunk_pos,
         chunk_pos if visible is None else visible, chunk_pos if sinks is None else sinks, scale, window or 0,
         softcap or 0.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         tables.stride(0),
-        G=group, TOKENS=tokens, BLOCK_SIZE=block_size, USE_WINDOW=window is not None,
+        G=group, G_TILE=g_tile, TILES=head_tiles, TOKENS=tokens, BLOCK_SIZE=block_size, USE_WINDOW=window is not None,
         USE_SOFTCAP=softcap is not None, USE_VISIBLE=visible is not None, USE_SINKS=sinks is not None,
+        SHARED_KV=v_cache is k_cache,
         **_dot_tiles(q.dtype, d), **tiles,
         num_stages=1,
     )  # fmt: skip
