@@ -147,8 +147,8 @@ def _assert_same_run(path, prompts, before_run=None, **engine):
         before_run()
     two_steps, two = _run(path, 2, prompts, **engine)
     assert len(one_steps) == len(two_steps)
-    for a, b in zip(one_steps, two_steps):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    for a, b in zip(one_steps, two_steps):  # the ranks' partial sums add in another order: 1.2e-5 seen (Phi-3)
+        torch.testing.assert_close(b, a, atol=3e-5, rtol=1e-5)
     assert two == one
     return one
 
