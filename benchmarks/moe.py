@@ -4,6 +4,7 @@ in the same run, on the offline throughput workload of benchmarks/throughput.py,
     python benchmarks/moe.py --num-prompts 32 --rounds 2
     python benchmarks/moe.py --model gpt_oss --num-prompts 32 --rounds 2
     python benchmarks/moe.py --model gpt_oss --mxfp4 --num-prompts 32 --rounds 2
+    python benchmarks/moe.py --model deepseek_v3 --num-prompts 32 --rounds 2
 
 The model (``--model mixtral``): 8 experts, top-2 routing, hidden 512, expert MLP width 1024, 4 layers, 8 query / 2 KV
 heads, SmolLM2's tokenizer (vocabulary 49152), random weights (seeded), float32. ``--model gpt_oss``: gpt-oss-20b's
@@ -14,7 +15,10 @@ batched engine; transformers runs its default experts implementation with static
 Prints one summary line (median useful tokens/s of each and the ratio) and writes JSON (default results/moe.json).
 ``--mxfp4`` (gpt_oss): Loom serves the experts as the hub stores them (MXFP4, kept as Q8_0 rows), transformers the
 same weights expanded to float32 (what it runs with ``Mxfp4Config(dequantize=True)``); the JSON also gives the
-experts' bytes in Loom.
+experts' bytes in Loom. ``--model deepseek_v3``: DeepSeek-V3's layout at that scale: multi-head latent attention
+(latent 128 + rotary 16, a query bottleneck of 192; Loom caches the latent and absorbs the up-projections,
+transformers expands keys and values per head), a dense first layer, then 32 sigmoid-routed experts (top-4 within
+the best 2 of 4 groups) of width 256 and a shared expert.
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ SHAPES = {
                     sliding_window=128, swiglu_limit=7.0, max_position_embeddings=2048, initializer_range=0.02,
                     rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0,
                                          beta_slow=1.0, truncate=False, original_max_position_embeddings=512)),
+    "deepseek_v3": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                        num_key_value_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=32,
+                        qk_rope_head_dim=16, v_head_dim=32, num_local_experts=32, num_experts_per_tok=4,
+                        moe_intermediate_size=256, n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
+                        max_position_embeddings=2048, initializer_range=0.02),
 }
 
 
