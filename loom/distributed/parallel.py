@@ -112,9 +112,6 @@ def head_shard(cfg, rank: int, size: int) -> HeadShard:
     if getattr(cfg, "qk_norm_full", False) and size > 1:
         raise ValueError("OLMo 2's and OLMoE's q/k norms span every head, which tensor parallelism would split; use "
                          "tensor_parallel_size 1")
-    if getattr(cfg, "kv_lora_rank", 0) and size > 1:
-        raise ValueError("DeepSeek's multi-head latent attention is not split over tensor-parallel ranks yet; use "
-                         "tensor_parallel_size 1")
     if size > kv:
         raise ValueError(f"tensor_parallel_size {size} exceeds the model's {kv} key-value heads: each rank holds "
                          f"whole KV-head groups; use a tensor_parallel_size of at most {kv}")

@@ -248,7 +248,9 @@ class LlamaConfig:
             intermediate_size=hf.intermediate_size,
             num_hidden_layers=hf.num_hidden_layers,
             num_attention_heads=heads,
-            num_key_value_heads=getattr(hf, "num_key_value_heads", None) or heads,
+            # MLA: every head reads the one latent, as its own KV head in transformers' config (and in Loom's
+            # tensor-parallel split: a rank holds whole heads, the latent replicated)
+            num_key_value_heads=heads if mla else getattr(hf, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
             rms_norm_eps=hf.rms_norm_eps,
             rope_theta=float(theta),
@@ -485,13 +487,15 @@ class LatentAttention(nn.Module):
     (W_UK[h]^T q_nope) . c, so each query becomes [W_UK[h]^T q_nope, q_pe] against the latent keys [c, k_pe]; the
     same latents are the values (their first ``kv_lora_rank`` columns kept), and W_UV[h] turns each head's weighted
     latent into its output. Every backend's paged attention runs it as it is (grouped-query attention with one KV
-    head, the keys' cache passed as the values' too)."""
+    head, the keys' cache passed as the values' too). Under tensor parallelism (as vLLM splits it) a rank holds its
+    heads' rows of q_proj / q_b_proj and kv_b_proj and their columns of o_proj, computes the latent whole
+    (q_a_proj, kv_a_proj_with_mqa and their norms replicated) and caches all of it; o_proj's partial outputs are
+    summed over the ranks."""
 
     def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None = None, index: int = 0):
         super().__init__()
-        if tp is not None:
-            raise ValueError("multi-head latent attention under tensor parallelism is not supported")
-        self.tp = None
+        self.tp = tp
+        """With tensor parallelism: this rank's heads only (``cfg`` is its local config)."""
         self.num_heads = cfg.num_attention_heads
         self.nope, self.rope, self.rank, self.v_dim = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank,
                                                        cfg.v_head_dim)
@@ -534,7 +538,8 @@ class LatentAttention(nn.Module):
         out = paged_attention(query, latent, latent, cache, cache, meta, self.scale, ops.decode_attention,
                               prefill_fn=ops.prefill_attention)  # [T, H, rank + rope]
         out = torch.bmm(out[..., : self.rank].transpose(0, 1), w_uv.transpose(1, 2))  # [H, T, v]
-        return self.o_proj(out.transpose(0, 1).reshape(t, h * self.v_dim))
+        out = self.o_proj(out.transpose(0, 1).reshape(t, h * self.v_dim))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class MLP(nn.Module):

@@ -446,10 +446,14 @@ def _shard(pname: str, part: int | None, tensor: torch.Tensor, cfg: LlamaConfig,
         return tensor[mlp_rows]
     if pname.endswith("self_attn.sinks"):  # one per query head
         return tensor[shard.q_rows(1)]
+    if pname.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):  # MLA: its heads' query rows
+        return tensor[q_rows]
+    if pname.endswith("self_attn.kv_b_proj.weight"):  # MLA: its heads' key and value rows
+        return tensor[shard.q_rows(cfg.qk_nope_head_dim + cfg.v_head_dim)]
     if pname.endswith(("o_proj.bias", "down_proj.bias")):  # added once, after the all-reduce sums the ranks
         return tensor if tp.rank == 0 else torch.zeros_like(tensor)
-    if pname.endswith("o_proj.weight"):
-        return tensor[:, q_rows]
+    if pname.endswith("o_proj.weight"):  # its heads' outputs (MLA: their values' width)
+        return tensor[:, shard.q_rows(cfg.v_head_dim) if cfg.kv_lora_rank else q_rows]
     if pname.endswith("down_proj.weight"):
         return tensor[:, mlp_rows]
     if pname in ("embed_tokens.weight", "lm_head.weight"):

@@ -106,7 +106,7 @@ GRANITE_MOE = {**GRANITE, "num_local_experts": 8, "num_experts_per_tok": 2, "int
 OLMOE = dict(num_experts=8, num_experts_per_tok=2, intermediate_size=64, norm_topk_prob=False)
 """OLMoE at a tiny size (OLMoE-1B-7B: 64 experts, top-8, weights not renormalised)."""
 MLA = dict(num_hidden_layers=3, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-           v_head_dim=24, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1,
+           v_head_dim=20, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1,
            first_k_dense_replace=1, n_group=2, topk_group=1, tie_word_embeddings=False)
 """Multi-head latent attention at a tiny size, a dense first layer, then routed experts in two groups (the best one
 kept) with a shared expert (DeepSeek-V3: 128 heads, latent 512 + rotary 64, nope 128, v 128; 256 experts in 8

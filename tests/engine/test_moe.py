@@ -235,17 +235,6 @@ def test_latent_attention_caches_one_latent_per_token(tmp_path, smollm2_path):
     torch.testing.assert_close(caches[1][0].view(-1, 40)[slots], expected[:16], atol=1e-5, rtol=1e-5)
 
 
-def test_latent_attention_is_not_split_over_tensor_parallel_ranks(tmp_path, smollm2_path):
-    from loom.distributed.parallel import head_shard
-    from loom.models.llama import LlamaConfig
-    from loom.models.loader import load_hf_config
-
-    cfg = LlamaConfig.from_hf(load_hf_config(save_tiny_model(tmp_path / "v2", smollm2_path, arch="deepseek_v2")))
-    assert head_shard(cfg, 0, 1).q_heads == (0, 4)
-    with pytest.raises(ValueError, match="latent attention is not split over tensor-parallel ranks"):
-        head_shard(cfg, 0, 2)
-
-
 def test_adapters_on_latent_attention_serve_o_proj_and_refuse_the_latent_projections(tmp_path, smollm2_path):
     """DeepSeek-V2 (no query bottleneck: a q_proj of its own, not a fused q/k/v): an adapter on o_proj and the dense
     layer's MLP gives peft's ids unmerged; one on q_proj is refused with the reason, not slotted into a fused

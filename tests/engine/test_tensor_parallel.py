@@ -165,6 +165,9 @@ def _assert_same_run(path, prompts, before_run=None, **engine):
     ("gpt_oss", dict(UNEVEN, intermediate_size=66)),  # sinks by heads, interleaved experts cut, their biases once
     ("glm4_moe", dict(UNEVEN, moe_intermediate_size=66)),  # half-rotary heads, an ungated shared expert, groups
     ("granite_moe", dict(UNEVEN, intermediate_size=66)),  # the residual multiplier in every expert's shards
+    # latent attention: heads' query, key / value and output parts cut, the latent replicated (V3: a query bottleneck)
+    ("deepseek_v2", dict(UNEVEN, num_key_value_heads=6, moe_intermediate_size=66)),
+    ("deepseek_v3", dict(UNEVEN, num_key_value_heads=6, moe_intermediate_size=66)),
 ])  # fmt: skip
 def test_two_ranks_match_one_through_prefill_decode_chunks_and_prefix_hits(tmp_path, smollm2_path, arch, overrides,
                                                                           monkeypatch):
@@ -190,6 +193,21 @@ def test_smollm2_greedy_ids_are_identical_over_two_ranks(smollm2_path):
     assert two == one
     for a, b in zip(one_steps, two_steps):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)  # 30 layers of reordered sums
+
+
+@pytest.mark.slow
+def test_an_adapter_on_latent_attention_splits_over_two_ranks(tmp_path, smollm2_path):
+    """DeepSeek's o_proj reads its heads' values (v_head_dim wide, not the query heads' width): a rank's part of an
+    adapter on it is A's columns of the rank's heads' values; a dense layer's down_proj beside it."""
+    from loom.engine.lora import LoRARequest
+    from tests.engine.test_lora import make_adapter
+
+    path = save_tiny_model(tmp_path / "m", smollm2_path, arch="deepseek_v2",
+                           **dict(UNEVEN, num_key_value_heads=6, moe_intermediate_size=66))
+    make_adapter(tmp_path / "a", path, seed=1, r=4, alpha=8, targets=["o_proj", "0.mlp.down_proj"])
+    adapter = LoRARequest("a", 1, str(tmp_path / "a"))
+    _assert_same_run(path, [[(list(range(100, 130)), adapter), list(range(200, 220))]], enable_lora=True,
+                     max_lora_rank=4)
 
 
 @pytest.mark.slow
