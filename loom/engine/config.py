@@ -201,10 +201,11 @@ class EngineConfig:
     """Qwen2-VL / Qwen2.5-VL's picture size as JSON, vLLM's keys: {"min_pixels": 3136, "max_pixels": 1003520} (a
     picture takes a token per 28 x 28 pixels once resized to between the two); None: the checkpoint's
     preprocessor_config.json."""
-    reasoning_parser: Literal["qwen3", "deepseek_r1", "glm45", "gpt_oss"] | None = None
+    reasoning_parser: Literal["qwen3", "deepseek_r1", "deepseek_v3", "glm45", "gpt_oss"] | None = None
     """A thinking model's <think>...</think> block: the chat route splits it into reasoning_content and content, and
     structured outputs start after it (vLLM's rule). qwen3 (Qwen3, SmolLM3: an output that opens the block),
     deepseek_r1 (DeepSeek-R1, Qwen3 Thinking-2507: the template opens it, the output is reasoning up to </think>),
+    deepseek_v3 (DeepSeek-V3.1: as deepseek_r1 where the template opened the block, all content where it closed it),
     glm45 (GLM-4.5: as qwen3),
     gpt_oss (the harmony format: the analysis channel is reasoning, the final channel content)."""
 

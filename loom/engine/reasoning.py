@@ -39,11 +39,14 @@ class ReasoningTags:
 REASONING_TAGS = {
     "qwen3": ReasoningTags("<think>", "</think>", start_in_output=True),
     "deepseek_r1": ReasoningTags("<think>", "</think>", start_in_output=False),
+    # DeepSeek-V3.1 / V3.2: the template opens the block (chat_template_kwargs {"thinking": true}) or writes it closed
+    "deepseek_v3": ReasoningTags("<think>", "</think>", start_in_output=False),
     "glm45": ReasoningTags("<think>", "</think>", start_in_output=True),  # GLM-4.5: qwen3's rule
     "gpt_oss": ReasoningTags("<|start|>", "<|channel|>final<|message|>", start_in_output=False, end_tokens=3),
 }
 """``--reasoning-parser`` names (vLLM's): Qwen3 and SmolLM3 (hybrid), DeepSeek-R1 and Qwen3 ``*-Thinking-2507``,
-GLM-4.5 (hybrid, as Qwen3), gpt-oss (harmony's channels)."""
+DeepSeek-V3.1 (the prompt's last tag says whether it thinks), GLM-4.5 (hybrid, as Qwen3), gpt-oss (harmony's
+channels)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -268,7 +268,7 @@ def test_a_grammar_starts_after_the_thinking_block(tiny_thinker):
         running.stop()
 
 
-@pytest.mark.parametrize("name", ["qwen3", "deepseek_r1"])
+@pytest.mark.parametrize("name", ["qwen3", "deepseek_r1", "deepseek_v3"])
 def test_the_prompts_last_tag_sets_where_an_answer_starts(name):
     parser = REASONING_PARSERS[name]
     assert parser.after_prompt("done") is None  # a closed block: all content
@@ -279,12 +279,12 @@ def test_the_prompts_last_tag_sets_where_an_answer_starts(name):
 @pytest.mark.parametrize("reasoning,tools,answer", [
     ("glm45", "glm45", "<think>Need the weather.</think><tool_call>get_weather\n<arg_key>city</arg_key>\n"
                        "<arg_value>Paris</arg_value>\n</tool_call>"),
-    ("deepseek_r1", "deepseek_v31", "Need the weather.</think><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather"
+    ("deepseek_v3", "deepseek_v31", "Need the weather.</think><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather"
                                     '<｜tool▁sep｜>{"city": "Paris"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>'),
 ], ids=["glm45", "deepseek-v31"])  # fmt: skip
 def test_an_answer_thinks_then_calls_in_its_models_own_format(tiny_llama, monkeypatch, reasoning, tools, answer):
     """As vLLM serves GLM-4.5 (--reasoning-parser glm45 --tool-call-parser glm45: a call whose arguments are
-    <arg_key>/<arg_value> pairs, typed by the request's tools) and DeepSeek-V3.1 (deepseek_r1, deepseek_v31: the
+    <arg_key>/<arg_value> pairs, typed by the request's tools) and DeepSeek-V3.1 (deepseek_v3, deepseek_v31: the
     prompt opens the thinking block; the call's tokens wrapped in the calls' begin and end tokens): the thinking
     block, then the call, in the message and the stream."""
     from tests.server.conftest import script_outputs, start_llm_server, tiny_config
