@@ -205,7 +205,8 @@ class EngineConfig:
     """A thinking model's <think>...</think> block: the chat route splits it into reasoning_content and content, and
     structured outputs start after it (vLLM's rule). qwen3 (Qwen3, SmolLM3: an output that opens the block),
     deepseek_r1 (DeepSeek-R1, Qwen3 Thinking-2507: the template opens it, the output is reasoning up to </think>),
-    deepseek_v3 (DeepSeek-V3.1: as deepseek_r1 where the template opened the block, all content where it closed it),
+    deepseek_v3 (DeepSeek-V3.1: as deepseek_r1 where the template opened the block, all content where it closed it,
+    as qwen3 where the prompt has neither tag),
     glm45 (GLM-4.5: as qwen3),
     gpt_oss (the harmony format: the analysis channel is reasoning, the final channel content)."""
 

@@ -39,8 +39,9 @@ class ReasoningTags:
 REASONING_TAGS = {
     "qwen3": ReasoningTags("<think>", "</think>", start_in_output=True),
     "deepseek_r1": ReasoningTags("<think>", "</think>", start_in_output=False),
-    # DeepSeek-V3.1 / V3.2: the template opens the block (chat_template_kwargs {"thinking": true}) or writes it closed
-    "deepseek_v3": ReasoningTags("<think>", "</think>", start_in_output=False),
+    # DeepSeek-V3.1: the template opens the block (chat_template_kwargs {"thinking": true}) or writes it closed; a
+    # prompt with neither: all content unless the output opens a block (vLLM's parser: content without "thinking")
+    "deepseek_v3": ReasoningTags("<think>", "</think>", start_in_output=True),
     "glm45": ReasoningTags("<think>", "</think>", start_in_output=True),  # GLM-4.5: qwen3's rule
     "gpt_oss": ReasoningTags("<|start|>", "<|channel|>final<|message|>", start_in_output=False, end_tokens=3),
 }

@@ -279,14 +279,15 @@ def test_the_prompts_last_tag_sets_where_an_answer_starts(name):
 @pytest.mark.parametrize("reasoning,tools,answer", [
     ("glm45", "glm45", "<think>Need the weather.</think><tool_call>get_weather\n<arg_key>city</arg_key>\n"
                        "<arg_value>Paris</arg_value>\n</tool_call>"),
-    ("deepseek_v3", "deepseek_v31", "Need the weather.</think><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather"
-                                    '<｜tool▁sep｜>{"city": "Paris"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>'),
+    ("deepseek_v3", "deepseek_v31", "<think>Need the weather.</think><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>"
+                                    'get_weather<｜tool▁sep｜>{"city": "Paris"}<｜tool▁call▁end｜>'
+                                    "<｜tool▁calls▁end｜>"),
 ], ids=["glm45", "deepseek-v31"])  # fmt: skip
 def test_an_answer_thinks_then_calls_in_its_models_own_format(tiny_llama, monkeypatch, reasoning, tools, answer):
     """As vLLM serves GLM-4.5 (--reasoning-parser glm45 --tool-call-parser glm45: a call whose arguments are
-    <arg_key>/<arg_value> pairs, typed by the request's tools) and DeepSeek-V3.1 (deepseek_v3, deepseek_v31: the
-    prompt opens the thinking block; the call's tokens wrapped in the calls' begin and end tokens): the thinking
-    block, then the call, in the message and the stream."""
+    <arg_key>/<arg_value> pairs, typed by the request's tools) and DeepSeek-V3.1 (deepseek_v3, deepseek_v31: a prompt
+    without a tag, so the answer opens its block; the call's tokens wrapped in the calls' begin and end tokens): the
+    thinking block, then the call, in the message and the stream."""
     from tests.server.conftest import script_outputs, start_llm_server, tiny_config
 
     running = start_llm_server(tiny_config(tiny_llama, num_kv_blocks=64, reasoning_parser=reasoning,

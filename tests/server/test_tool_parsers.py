@@ -65,6 +65,9 @@ CASES = {
     "deepseek_v31_two_calls": (
         DEEPSEEK_V31, f"{CALLS}{CALL}get_weather{SEP}{WEATHER}{END}{CALL}f{SEP}{TRICKY}{END}{CALLS_END}", None,
         [("get_weather", WEATHER), ("f", TRICKY)]),
+    "deepseek_v3_unfenced_then_fenced": (  # the first call's name ends with its line, not at the next call's fence
+        DEEPSEEK_V3, f'{CALLS}{CALL}function{SEP}f\n{{"a": 1}}{END}{CALL}function{SEP}g\n```json\n{{"b": 2}}\n```{END}'
+                     f"{CALLS_END}", None, [("f", '{"a": 1}'), ("g", '{"b": 2}')]),
     "deepseek_v31_content_with_a_lone_bracket": (  # and, in the arguments, the start of one of the format's tokens
         DEEPSEEK_V31, f'a <b> {CALLS}{CALL}f{SEP}{{"x": "{CALL[:2]}"}}{END}', "a <b> ",
         [("f", f'{{"x": "{CALL[:2]}"}}')]),
@@ -85,6 +88,8 @@ PLAIN = {
     "glm45_name_never_ends": (GLM, "Sure <tool_call>get_weath"),
     "deepseek_v3_cut_marker": (DEEPSEEK_V3, f"Sunny in Paris {CALL[:7]}"),
     "deepseek_v31_name_never_ends": (DEEPSEEK_V31, f"Sure {CALLS}{CALL}get_wea"),
+    "deepseek_v31_name_over_two_lines": (DEEPSEEK_V31, f"Sure {CALLS}{CALL}get\nweather{SEP}{{}}{END}"),
+    "deepseek_v3_token_in_the_name": (DEEPSEEK_V3, f"{CALLS}{CALL}function{SEP}f{END}\n```json\n{{}}\n```{END}"),
 }
 # Named calls that turn out malformed: content when whole; a stream has sent the name by then and cannot take it back
 # (as in vLLM), so there the call stays, with the arguments as written.
@@ -202,3 +207,15 @@ def test_max_calls_keeps_the_first_call_only():
     parser, text, _, calls = CASES["hermes_two_calls"]
     assert _calls(parser.extract(text, max_calls=1)[1]) == calls[:1]
     assert reassemble(stream(parser, text, max_calls=1))[1] == calls[:1]
+
+
+@pytest.mark.parametrize("case", [c for c in [*CASES, *PLAIN] if c.startswith(("glm45", "deepseek"))])
+def test_a_rewritten_format_rewrites_a_text_to_a_start_of_any_longer_texts_rewrite(case):
+    """What a stream has sent is never taken back: the rewrite (into hermes' calls) of every cut of an output, while it
+    may grow, starts the rewrite of every longer cut and of the whole output."""
+    parser, text = (CASES.get(case) or PLAIN[case])[:2]
+    rewrites = [parser.rewrite(text[:end], final=False) for end in range(len(text) + 1)]
+    for shorter, longer in zip(rewrites, rewrites[1:]):
+        assert longer.startswith(shorter), (shorter, longer)
+    if case in CASES:  # a whole output with its calls
+        assert parser.rewrite(text, final=True).startswith(rewrites[-1])

@@ -386,35 +386,69 @@ def deepseek_as_hermes(text: str, final: bool, string_args: dict[str, set[str]],
     """DeepSeek-V3's (and R1-0528's) calls, ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGS\n```
     <｜tool▁call▁end｜>``, or V3.1's, ``<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>``, all within
     ``<｜tool▁calls▁begin｜>`` ... ``<｜tool▁calls▁end｜>``, as hermes' ``<tool_call>{"name": NAME, "arguments":
-    ARGS}</tool_call>``: ARGS is JSON already, so it streams through as it arrives. The wrapping tokens around calls
-    are dropped (an output without a call keeps its text as written), and while the text may still grow, a tail that
-    could begin one of the format's tokens or end the arguments is held back: the rewrite of a text is a start of the
-    rewrite of any longer one."""
-    args_end = DEEPSEEK_CALL_END if v31 else "\n```"
-    out, pos = [], 0
+    ARGS}</tool_call>``: ARGS is JSON already, so it streams through as it arrives (a V3 call without the fence: up to
+    its end token). A header that breaks off (a name over more than one line, a format token inside it) is no call:
+    its text stays as written. The wrapping tokens around calls are dropped (an output without a call keeps its text
+    as written), and while the text may still grow, a header still arriving, or a tail that could begin one of the
+    format's tokens or end the arguments, is held back: the rewrite of a text is a start of the rewrite of any longer
+    one."""
+    out, pos, called = [], 0, False
     while (start := text.find(DEEPSEEK_CALL_BEGIN, pos)) >= 0:
-        before = len(out)
-        out.append(_between_calls(text[pos:start]) if out else _DEEPSEEK_LEAD.sub("", text[pos:start]))
-        header = start + len(DEEPSEEK_CALL_BEGIN)
-        sep = text.find(DEEPSEEK_SEP, header)
-        name_end = sep if v31 or sep < 0 else text.find("```json", sep)
-        if sep < 0 or name_end < 0:  # the name is still arriving (or never ends: hermes finds no call in what is left)
-            return "".join(out[:before]) + text[pos:] if final else "".join(out) + "<tool_call>"
-        name = text[header if v31 else sep + len(DEEPSEEK_SEP) : name_end].strip()
-        args = sep + len(DEEPSEEK_SEP) if v31 else name_end + len("```json")
+        lead = text[pos:start]
+        state, name, at, args_end = _deepseek_header(text, start + len(DEEPSEEK_CALL_BEGIN), v31, final)
+        if state == "waiting":  # the name is still arriving (or never ends: hermes finds no call in what is left)
+            if final:
+                return "".join(out) + text[pos:]
+            return "".join(out) + (_between_calls(lead) if called else _DEEPSEEK_LEAD.sub("", lead))
+        if state == "broken":  # no call: as written, up to what broke it off
+            out.append(text[pos:at])
+            pos = at
+            continue
+        out.append(_between_calls(lead) if called else _DEEPSEEK_LEAD.sub("", lead))
         out.append(f'<tool_call>{{"name": {json.dumps(name)}, "arguments": ')
-        close = text.find(args_end, args)
+        called = True
+        if args_end is None:  # V3: whether a fence opens the arguments is not known yet
+            return "".join(out)
+        close = text.find(args_end, at)
         if close < 0:  # the arguments still arriving
-            return "".join(out) + (text[args:] if final else _held_back(text[args:], (args_end,)))
-        out.append(text[args:close] + "}</tool_call>")
+            return "".join(out) + (text[at:] if final else _held_back(text[at:], (args_end,)))
+        out.append(text[at:close] + "}</tool_call>")
         pos = close + len(args_end)
     rest = text[pos:]
-    if out:  # after a call: hermes drops what follows the last one
+    if called:  # after a call: hermes drops what follows the last one
         return "".join(out) + (_between_calls(rest) if final else _held_back(_between_calls(rest), DEEPSEEK_MARKERS))
     if final:
-        return rest
+        return "".join(out) + rest
     rest = _held_back(rest, (DEEPSEEK_CALLS_BEGIN, DEEPSEEK_CALL_BEGIN))
-    return _DEEPSEEK_LEAD.sub("", rest)  # it may open calls: held back until they begin (or the output ends)
+    return "".join(out) + _DEEPSEEK_LEAD.sub("", rest)  # it may open calls: held back until they do (or it ends)
+
+
+_FENCE = "```json"
+_HEADER_STOPS = ("\n", DEEPSEEK_CALL_BEGIN, DEEPSEEK_CALL_END, DEEPSEEK_SEP)
+"""What ends a line of a DeepSeek call's header: its separator or its line (V3's name), else it is broken off."""
+
+
+def _deepseek_header(text: str, at: int, v31: bool, final: bool) -> tuple[str, str, int, str | None]:
+    """A DeepSeek call's header from ``at`` (after its begin token): ("named", name, where the arguments start, what
+    ends them: None while V3's fence may still be arriving), ("waiting", "", at, None) while it arrives, or ("broken",
+    "", where it broke off, None). V3.1's name ends at the separator; V3's type at the separator, then its name at the
+    line's end; each within one line, before any of the format's tokens."""
+    for end_mark in (DEEPSEEK_SEP,) if v31 else (DEEPSEEK_SEP, "\n"):
+        stops = [i for m in _HEADER_STOPS if (i := text.find(m, at)) >= 0]
+        if not stops:
+            return "waiting", "", at, None
+        stop = min(stops)
+        if not text.startswith(end_mark, stop):
+            return "broken", "", stop, None
+        name, at = text[at:stop].strip(), stop + len(end_mark)
+    if v31:
+        return "named", name, at, DEEPSEEK_CALL_END
+    after = text[at : at + len(_FENCE)]
+    if after == _FENCE:
+        return "named", name, at + len(_FENCE), "\n```"
+    if _FENCE.startswith(after) and not final:  # the fence may be arriving
+        return "named", name, at, None
+    return "named", name, at, DEEPSEEK_CALL_END  # no fence: the arguments run to the call's end token
 
 
 _DEEPSEEK_LEAD = regex.compile(r"<｜tool▁calls▁begin｜>\s*$")
