@@ -29,7 +29,7 @@ from torch import nn
 
 from loom.distributed.parallel import TensorParallel, local_config
 from loom.models.vision import QWEN3_VL_ARCHITECTURES, QWEN_VL_ARCHITECTURES, is_multimodal, language_config
-from loom.ops.attention import AttentionMetadata, paged_attention
+from loom.ops.attention import AttentionMetadata, PrefillChunk, attend, paged_attention
 from loom.ops.layers import TorchOps, rms_norm_reference, rotate_half, uninitialized_embedding
 from loom.ops.rotary import (
     RotaryEmbedding,
@@ -487,10 +487,15 @@ class LatentAttention(nn.Module):
     (W_UK[h]^T q_nope) . c, so each query becomes [W_UK[h]^T q_nope, q_pe] against the latent keys [c, k_pe]; the
     same latents are the values (their first ``kv_lora_rank`` columns kept), and W_UV[h] turns each head's weighted
     latent into its output. Every backend's paged attention runs it as it is (grouped-query attention with one KV
-    head, the keys' cache passed as the values' too). Under tensor parallelism (as vLLM splits it) a rank holds its
+    head, the keys' cache passed as the values' too); prefill chunks run expanded where the backend takes them one by
+    one (``expanded_prefill``: fewer FLOPs a context key). Under tensor parallelism (as vLLM splits it) a rank holds its
     heads' rows of q_proj / q_b_proj and kv_b_proj and their columns of o_proj, computes the latent whole
     (q_a_proj, kv_a_proj_with_mqa and their norms replicated) and caches all of it; o_proj's partial outputs are
     summed over the ranks."""
+
+    expand_prefills = True
+    """Prefill chunks run expanded (``expanded_prefill``) where the backend runs them one by one (the reference and
+    the C++ backend; Triton's launch takes every chunk absorbed); False: absorbed too (benchmarks/mla_prefill.py)."""
 
     def __init__(self, cfg: LlamaConfig, tp: TensorParallel | None = None, index: int = 0):
         super().__init__()
@@ -527,19 +532,60 @@ class LatentAttention(nn.Module):
         kv = self.kv_a_proj_with_mqa(x)  # [T, rank + rope]
         cos, sin = rotary.cos[positions].unsqueeze(1), rotary.sin[positions].unsqueeze(1)  # [T, 1, rope]
         q_pe, k_pe = q[..., self.nope :], kv[:, None, self.rank :]
-        q_pe = q_pe * cos + rotate_half(q_pe) * sin
+        q = torch.cat([q[..., : self.nope], q_pe * cos + rotate_half(q_pe) * sin], dim=-1)
         k_pe = k_pe * cos + rotate_half(k_pe) * sin
         latent = torch.cat([self.kv_a_layernorm(kv[:, : self.rank]), k_pe.squeeze(1)], dim=-1)
         cache.view(-1, self.rank + self.rope).index_copy_(0, meta.slot_mapping, latent)
+        if meta.prefills and self.expand_prefills and ops.prefill_attention is None:  # chunk by chunk, expanded
+            out = q.new_empty(t, h, self.v_dim)
+            nd = meta.num_decodes
+            if nd:
+                out[:nd] = self.absorbed(q[:nd], latent[:nd], cache, meta, ops, decodes_only=True)
+            for chunk in meta.prefills:
+                rows = slice(chunk.token_start, chunk.token_end)
+                out[rows] = self.expanded_prefill(q[rows], latent[rows], cache, chunk)
+        else:
+            out = self.absorbed(q, latent, cache, meta, ops)
+        out = self.o_proj(out.reshape(t, h * self.v_dim))
+        return out if self.tp is None else self.tp.all_reduce(out)
+
+    def absorbed(self, q: torch.Tensor, latent: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+                 ops: TorchOps, decodes_only: bool = False) -> torch.Tensor:
+        """q [T, H, nope + rope] (rotated) and this step's latents [T, rank + rope] -> [T, H, v]: every head reads
+        the latent cache as one KV head, W_UK absorbed into its query and W_UV into its output. ``decodes_only``: the
+        rows are the step's decodes (the backend's decode attention alone)."""
         w_uk, w_uv = self.kv_b_proj.absorbed()
         q_latent = torch.bmm(q[..., : self.nope].transpose(0, 1), w_uk)  # [H, T, rank]
-        query = torch.cat([q_latent.transpose(0, 1), q_pe], dim=-1)  # [T, H, rank + rope]
-        latent = latent.unsqueeze(1)  # [T, 1, rank + rope]: this step's keys (and values)
-        out = paged_attention(query, latent, latent, cache, cache, meta, self.scale, ops.decode_attention,
-                              prefill_fn=ops.prefill_attention)  # [T, H, rank + rope]
-        out = torch.bmm(out[..., : self.rank].transpose(0, 1), w_uv.transpose(1, 2))  # [H, T, v]
-        out = self.o_proj(out.transpose(0, 1).reshape(t, h * self.v_dim))
-        return out if self.tp is None else self.tp.all_reduce(out)
+        query = torch.cat([q_latent.transpose(0, 1), q[..., self.nope :]], dim=-1)  # [T, H, rank + rope]
+        if decodes_only:
+            out = ops.decode_attention(query, cache, cache, meta, self.scale)
+        else:
+            latent = latent.unsqueeze(1)  # [T, 1, rank + rope]: this step's keys (and values)
+            out = paged_attention(query, latent, latent, cache, cache, meta, self.scale, ops.decode_attention,
+                                  prefill_fn=ops.prefill_attention)  # [T, H, rank + rope]
+        return torch.bmm(out[..., : self.rank].transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+
+    def expanded_prefill(self, q: torch.Tensor, latent: torch.Tensor, cache: torch.Tensor,
+                         chunk: PrefillChunk) -> torch.Tensor:
+        """One prefill chunk as vLLM runs MLA's prefills: its context's latents (the cached prefix's and its own)
+        expanded through kv_b_proj into every head's keys [W_UK c, k_pe] and values W_UV c, then causal attention
+        at the heads' own width (nope + rope, the values zero-padded to it: CPU SDPA's fused kernel wants one
+        width) — DeepSeek-V3: 192 a head instead of the absorbed 576 against every context key, the up-projection
+        paid once per key. q [n, H, nope + rope], latent [n, rank + rope] -> [n, H, v]."""
+        n, h = q.shape[:2]
+        context = latent if chunk.start_pos == 0 else (
+            cache[chunk.block_table].view(-1, latent.shape[-1])[: chunk.start_pos + n])
+        up = F.linear(context[:, : self.rank], self.kv_b_proj.weight).view(-1, h, self.nope + self.v_dim)
+        keys = torch.cat([up[..., : self.nope], context[:, None, self.rank :].expand(-1, h, self.rope)], dim=-1)
+        width = max(self.nope + self.rope, self.v_dim)
+        q, keys, values = (F.pad(x, (0, width - x.shape[-1])) for x in (q, keys, up[..., self.nope :]))
+        mask = None
+        if chunk.start_pos:  # a query at position p sees the keys up to p
+            positions = torch.arange(chunk.start_pos + n, device=q.device)
+            mask = positions[None, :] <= positions[chunk.start_pos :, None]
+        out = attend(q.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
+                     values.transpose(0, 1).unsqueeze(0), mask, self.scale, causal=mask is None)  # [1, H, n, width]
+        return out[0, ..., : self.v_dim].transpose(0, 1)
 
 
 class MLP(nn.Module):
