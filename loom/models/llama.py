@@ -167,6 +167,10 @@ class LlamaConfig:
     """Qwen3-VL (DeepStack): an image token's rows also carry features of that many of the tower's inner layers, the
     k-th added to its hidden state after decoder layer k."""
 
+    def head_output_dim(self) -> int:
+        """The width each attention head hands o_proj: its values' (``v_head_dim``) under MLA, else ``head_dim``."""
+        return self.v_head_dim if self.kv_lora_rank else self.head_dim
+
     def cache_layout(self) -> tuple[int, int, bool]:
         """A layer's KV cache per token: (heads, width, shared): MLA caches one latent, read as both keys and values
         (one tensor); other attention caches keys and values of ``num_key_value_heads`` heads each."""
@@ -578,7 +582,8 @@ class LatentAttention(nn.Module):
         up = F.linear(context[:, : self.rank], self.kv_b_proj.weight).view(-1, h, self.nope + self.v_dim)
         keys = torch.cat([up[..., : self.nope], context[:, None, self.rank :].expand(-1, h, self.rope)], dim=-1)
         width = max(self.nope + self.rope, self.v_dim)
-        q, keys, values = (F.pad(x, (0, width - x.shape[-1])) for x in (q, keys, up[..., self.nope :]))
+        q, keys, values = (x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
+                           for x in (q, keys, up[..., self.nope :]))
         mask = None
         if chunk.start_pos:  # a query at position p sees the keys up to p
             positions = torch.arange(chunk.start_pos + n, device=q.device)
@@ -649,10 +654,7 @@ class SparseMoE(nn.Module):
             return self._route_sigmoid(x)
         probs = torch.softmax((self.gate(x.float()) if self.float32_router else self.gate(x)).float(), dim=-1)
         if self.groups[0] > 1:  # DeepSeek-V2's group_limited_greedy: experts of the best groups by their best one
-            grouped = probs.unflatten(-1, (self.groups[0], -1))
-            kept = torch.topk(grouped.amax(-1), self.groups[1], dim=-1, sorted=False)[1]
-            mask = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, kept, True)
-            probs = grouped.masked_fill(~mask.unsqueeze(-1), 0.0).flatten(1)
+            probs = self._best_groups(probs, lambda grouped: grouped.amax(-1), 0.0)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -665,17 +667,22 @@ class SparseMoE(nn.Module):
         ``topk_group`` groups (a group's worth: its two best biased scores), weighted by the plain scores."""
         scores = torch.sigmoid(self.gate(x.float()))  # in float32, as the router's weights are kept
         choice = scores + self.e_score_correction_bias.float()
-        groups, best = self.groups
-        if groups > 1:
-            grouped = choice.unflatten(-1, (groups, -1))  # [T, groups, experts per group]
-            kept = torch.topk(grouped.topk(2, dim=-1)[0].sum(-1), best, dim=-1, sorted=False)[1]
-            mask = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, kept, True)
-            choice = grouped.masked_fill(~mask.unsqueeze(-1), float("-inf")).flatten(1)
+        if self.groups[0] > 1:
+            choice = self._best_groups(choice, lambda grouped: grouped.topk(2, dim=-1)[0].sum(-1), float("-inf"))
         experts = torch.topk(choice, self.top_k, dim=-1, sorted=False)[1]
         weights = scores.gather(1, experts)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return (weights * self.routed_scaling_factor).to(x.dtype), experts
+
+    def _best_groups(self, scores: torch.Tensor, worth, fill: float) -> torch.Tensor:
+        """``scores`` [T, experts] with the experts outside each token's best ``topk_group`` of ``n_group`` groups
+        set to ``fill``; ``worth``: a group's value from its scores [T, groups, experts per group] -> [T, groups]."""
+        groups, best = self.groups
+        grouped = scores.unflatten(-1, (groups, -1))
+        kept = torch.topk(worth(grouped), best, dim=-1, sorted=False)[1]
+        mask = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=scores.device).scatter_(1, kept, True)
+        return grouped.masked_fill(~mask.unsqueeze(-1), fill).flatten(1)
 
     def forward(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
         weights, experts = self.route(x)

@@ -453,7 +453,7 @@ def _shard(pname: str, part: int | None, tensor: torch.Tensor, cfg: LlamaConfig,
     if pname.endswith(("o_proj.bias", "down_proj.bias")):  # added once, after the all-reduce sums the ranks
         return tensor if tp.rank == 0 else torch.zeros_like(tensor)
     if pname.endswith("o_proj.weight"):  # its heads' outputs (MLA: their values' width)
-        return tensor[:, shard.q_rows(cfg.v_head_dim) if cfg.kv_lora_rank else q_rows]
+        return tensor[:, shard.q_rows(cfg.head_output_dim())]
     if pname.endswith("down_proj.weight"):
         return tensor[:, mlp_rows]
     if pname in ("embed_tokens.weight", "lm_head.weight"):

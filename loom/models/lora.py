@@ -193,14 +193,13 @@ def shard_adapter(weights: LoRAWeights, cfg: LlamaConfig, shard: HeadShard) -> L
     d, inter = cfg.head_dim, cfg.intermediate_size
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
     q_rows, kv_rows, mlp_rows = shard.q_rows(d), shard.kv_rows(d), slice(*shard.intermediate)
-    o_columns = shard.q_rows(cfg.v_head_dim) if cfg.kv_lora_rank else q_rows  # MLA: o_proj reads the values
 
     def run(r: slice, offset: int = 0) -> torch.Tensor:
         return torch.arange(r.start + offset, r.stop + offset)
 
     b_columns = {"self_attn.qkv_proj": torch.cat([run(q_rows), run(kv_rows, q), run(kv_rows, q + kv)]),
                  "mlp.gate_up_proj": torch.cat([run(mlp_rows), run(mlp_rows, inter)])}
-    a_columns = {"self_attn.o_proj": o_columns, "mlp.down_proj": mlp_rows}
+    a_columns = {"self_attn.o_proj": shard.q_rows(cfg.head_output_dim()), "mlp.down_proj": mlp_rows}
     layers = []
     for pairs in weights.layers:
         local = {}
@@ -227,7 +226,7 @@ def _pattern_value(pattern: dict, module: str, default):
 
 
 def _in_features(cfg: LlamaConfig) -> dict[str, int]:
-    attn = cfg.num_attention_heads * (cfg.v_head_dim if cfg.kv_lora_rank else cfg.head_dim)  # MLA: the values'
+    attn = cfg.num_attention_heads * cfg.head_output_dim()
     return {"self_attn.qkv_proj": cfg.hidden_size, "self_attn.o_proj": attn, "mlp.gate_up_proj": cfg.hidden_size,
             "mlp.down_proj": cfg.intermediate_size}
 

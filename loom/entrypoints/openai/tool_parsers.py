@@ -394,17 +394,15 @@ def deepseek_as_hermes(text: str, final: bool, string_args: dict[str, set[str]],
     one."""
     out, pos, called = [], 0, False
     while (start := text.find(DEEPSEEK_CALL_BEGIN, pos)) >= 0:
-        lead = text[pos:start]
+        lead = _between_calls(text[pos:start]) if called else _DEEPSEEK_LEAD.sub("", text[pos:start])
         state, name, at, args_end = _deepseek_header(text, start + len(DEEPSEEK_CALL_BEGIN), v31, final)
         if state == "waiting":  # the name is still arriving (or never ends: hermes finds no call in what is left)
-            if final:
-                return "".join(out) + text[pos:]
-            return "".join(out) + (_between_calls(lead) if called else _DEEPSEEK_LEAD.sub("", lead))
+            return "".join(out) + (text[pos:] if final else lead)
         if state == "broken":  # no call: as written, up to what broke it off
             out.append(text[pos:at])
             pos = at
             continue
-        out.append(_between_calls(lead) if called else _DEEPSEEK_LEAD.sub("", lead))
+        out.append(lead)
         out.append(f'<tool_call>{{"name": {json.dumps(name)}, "arguments": ')
         called = True
         if args_end is None:  # V3: whether a fence opens the arguments is not known yet
@@ -451,7 +449,7 @@ def _deepseek_header(text: str, at: int, v31: bool, final: bool) -> tuple[str, s
     return "named", name, at, DEEPSEEK_CALL_END  # no fence: the arguments run to the call's end token
 
 
-_DEEPSEEK_LEAD = regex.compile(r"<｜tool▁calls▁begin｜>\s*$")
+_DEEPSEEK_LEAD = regex.compile(regex.escape(DEEPSEEK_CALLS_BEGIN) + r"\s*$")
 """The token that opens DeepSeek's calls (and what whitespace follows it) at the end of the content before them."""
 
 
