@@ -20,7 +20,7 @@ from loom.engine.scheduler import ScheduledChunk, SchedulerOutput
 from loom.engine.sequence import PENDING, Sequence
 from loom.models.gguf import is_gguf
 from loom.models.llama import LlamaForCausalLM
-from loom.models.loader import load_model
+from loom.models.loader import integer_quantization, load_model
 from loom.ops.attention import AttentionMetadata, PrefillChunk
 from loom.ops.layers import TorchOps
 from loom.ops.quantized import quantize_int8
@@ -35,6 +35,9 @@ def build_model(path, config: EngineConfig, device: torch.device, max_model_len:
     if config.quantization:
         if is_gguf(path):
             raise ValueError(f"{path} is a GGUF file, already quantized: drop --quantization {config.quantization}")
+        if (method := integer_quantization(path)) is not None:
+            raise ValueError(f"{path} holds {method.upper()} weights, already quantized (and run quantized): drop "
+                             f"--quantization {config.quantization}")
         if kernels == "cpu" and config.torch_dtype() != torch.float32:
             raise ValueError(f"--quantization {config.quantization} runs on CPU in float32 (got "
                              f"{config.torch_dtype()})")

@@ -15,11 +15,24 @@ from safetensors import safe_open
 from loom.distributed.parallel import TensorParallel, head_shard
 from loom.models.fp8 import FP8_DTYPES, dequantize_fp8
 from loom.models.gguf import is_gguf, load_gguf_config, load_gguf_model, load_gguf_tokenizer
+from loom.models.int_quant import (
+    SUFFIXES,
+    GatheredInputs,
+    IntQuantConfig,
+    IntWeights,
+    as_blocks,
+    block_quants,
+    gguf_rows,
+    int_quant_config,
+    read_awq,
+    read_gptq,
+    stack_rows,
+)
 from loom.models.llama import LlamaConfig, LlamaForCausalLM, deinterleave_rope, order_partial_rotary
 from loom.models.mxfp4 import dequantize_mxfp4, mxfp4_as_q8_0
 from loom.models.vision import is_multimodal, language_weight_name
 from loom.ops.packed_linear import PackedLinear
-from loom.ops.quantized import GGMLType, GGUFLinear
+from loom.ops.quantized import BlockQuants, GGMLType, GGUFLinear, StackedGGUFLinear, default_activations
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # The last part of an HF module name -> (Loom's fused module, which slice of it); the prefix is kept, so experts'
@@ -43,11 +56,13 @@ _CANONICAL = [(re.compile(r"\.block_sparse_moe\.input_linear\.weight$"), ".mlp.e
 """Checkpoint names of the whole MoE block onto transformers 5's (``mlp.experts.gate_up_proj`` ...), before anything
 else reads them: Granite MoE's hub files (``input_linear`` [E, 2I, H], gate rows first; ``output_linear``;
 ``router.layer``) and Mixtral's ``block_sparse_moe`` prefix."""
-QUANTIZATION_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "mxfp4", "gguf")
-"""HF ``quantization_config`` methods Loom loads: FP8 (transformers' fine-grained blocks, fbgemm's channels,
-compressed-tensors' FP8 schemes: ``loom.models.fp8``) and MXFP4 (``loom.models.mxfp4``), expanded to the model's
-dtype at load; and "gguf", which transformers writes into the config of a model it read from a GGUF file and saved
-(its weights are floats). Others (GPTQ, AWQ, bitsandbytes, compressed-tensors' integer schemes) are refused."""
+QUANTIZATION_METHODS = ("gptq", "awq", "fp8", "fbgemm_fp8", "compressed-tensors", "mxfp4", "gguf")
+"""HF ``quantization_config`` methods Loom loads: GPTQ and AWQ (``loom.models.int_quant``: kept quantized as GGUF
+blocks); FP8 (transformers' fine-grained blocks, fbgemm's channels, compressed-tensors' FP8 schemes:
+``loom.models.fp8``) and MXFP4 (``loom.models.mxfp4``), expanded to the model's dtype at load (gpt-oss' MXFP4 experts
+kept as Q8_0 where a quantized kernel runs); and "gguf", which transformers writes into the config of a model it read
+from a GGUF file and saved (its weights are floats). Others (bitsandbytes, HQQ, compressed-tensors' integer schemes,
+...) are refused."""
 _SCALES = (".weight_scale_inv", ".weight_scale", ".input_scale", ".k_scale", ".v_scale")
 """Tensors of FP8 checkpoints that are not weights: the weights' scales (read with them) and the activations' and
 KV cache's static scales (Loom computes in the model's dtype: unused)."""
@@ -91,6 +106,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
     hf = load_hf_config(folder)
     cfg = LlamaConfig.from_hf(hf)
     block = _check_quantization(hf, folder)
+    int_quant = _int_quantization(hf, folder)
     index = {name: file for file in files for name in _keys(file)}  # every checkpoint tensor -> the file holding it
     rename = language_weight_name if is_multimodal(hf) else None  # the text model's weights of a vision model
     if rename is not None and cfg.tie_word_embeddings and any(rename(key) == "lm_head.weight" for key in index):
@@ -104,6 +120,8 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
         model = LlamaForCausalLM(cfg, max_positions=1, dtype=dtype, tp=tp)
         if keep_mxfp4:
             _await_mxfp4(model, index, cfg)
+        if int_quant is not None:
+            _await_int_weights(model, index, cfg, rename, tp)
     model = model.to_empty(device=device).to(dtype)
     model.keep_float32_routers()
     model.build_rotary(max_positions, dtype, device)
@@ -116,6 +134,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}
     kept: dict[str, torch.Tensor] = {}  # Loom module path of an expert's projection -> its Q8_0 rows
+    integer: dict[str, dict[int | None, IntWeights]] = {}  # GPTQ / AWQ: Loom weight -> its parts' integer weights
 
     def companion(f, name: str) -> torch.Tensor:
         """A tensor read beside another (a scale): from the open file ``f`` when it holds it, the usual case."""
@@ -137,6 +156,14 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 own = _canonical(rename(name) if rename is not None else name)
+                if int_quant is not None and own is not None and own.endswith(SUFFIXES):
+                    if own.endswith(".qweight"):  # its companions are read with it
+                        target = _target(own.removesuffix(".qweight") + ".weight", cfg)
+                        if target is not None:
+                            pname, part = target
+                            weights = _read_int_weights(f, name.removesuffix(".qweight"), int_quant, companion)
+                            integer.setdefault(pname, {})[part] = _int_as_loom(pname, part, weights, cfg, tp)
+                    continue
                 if own is None or own.endswith(_SCALES) or own.endswith("_scales") and _MXFP4.match(
                         own.removesuffix("_scales")):
                     continue  # scales: read with their weights (MXFP4's with their blocks)
@@ -179,26 +206,30 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
                     whole = _parts(pname) if part is None else 1
                     filled[pname] = filled.get(pname, 0) + whole
     _check_complete(params, filled, folder)
+    for pname, parts in integer.items():
+        _place_int_linear(model, pname, parts, quantized_kernels, device, dtype)
     for path, rows in kept.items():
         model.set_submodule(path, _q8_0_linear(model.get_submodule(path), rows, quantized_kernels, device))
-    waiting = [path for path, module in model.named_modules() if isinstance(module, _PendingMXFP4)]
+    waiting = [f"{path} ({module.awaits})" for path, module in model.named_modules() if isinstance(module, _Pending)]
     if waiting:
-        raise ValueError(f"checkpoint in {folder} lacks the MXFP4 blocks of {waiting[:3]}")
+        raise ValueError(f"checkpoint in {folder} lacks the quantized weights of {waiting[:3]}")
     order_partial_rotary(dict(model.named_parameters()), model.config)
     return model.eval()
 
 
-class _PendingMXFP4(torch.nn.Module):
-    """An expert's projection whose MXFP4 blocks are still to be read: its bias and sizes, no weight."""
+class _Pending(torch.nn.Module):
+    """A projection whose quantized weights (``awaits``: MXFP4 blocks, GPTQ or AWQ integers) are still to be read: its
+    bias and sizes, no weight."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, awaits: str):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = linear.bias
+        self.awaits = awaits
 
 
 def _await_mxfp4(model: LlamaForCausalLM, index: dict[str, Path], cfg: LlamaConfig) -> None:
-    """Put a ``_PendingMXFP4`` in place of every expert projection the checkpoint holds as MXFP4 blocks (on the meta
+    """Put a ``_Pending`` in place of every expert projection the checkpoint holds as MXFP4 blocks (on the meta
     device, before the model is given memory)."""
     for name in index:
         m = _MXFP4.match(name.removesuffix("_blocks")) if name.endswith("_blocks") else None
@@ -207,7 +238,7 @@ def _await_mxfp4(model: LlamaForCausalLM, index: dict[str, Path], cfg: LlamaConf
         layer = _LAYER.match(name).group(1)
         for e in range(cfg.num_experts):
             path = f"layers.{layer}.mlp.experts.{e}.{m.group(1)}"
-            model.set_submodule(path, _PendingMXFP4(model.get_submodule(path)))
+            model.set_submodule(path, _Pending(model.get_submodule(path), "MXFP4 blocks"))
 
 
 def _float_linear(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Linear:
@@ -224,7 +255,7 @@ def _float_linear(module: torch.nn.Module, device: torch.device, dtype: torch.dt
 
 
 def _q8_0_linear(linear: torch.nn.Module, rows: torch.Tensor, kernels: str, device: torch.device) -> torch.nn.Module:
-    """An expert's projection from its MXFP4 blocks as Q8_0 rows, in place of its ``_PendingMXFP4`` (no float weight
+    """An expert's projection from its MXFP4 blocks as Q8_0 rows, in place of its ``_Pending`` (no float weight
     was ever allocated), keeping its bias. On CPU the kernel that dequantizes in
     registers onto float32 activations (exact to float rounding, as transformers' expansion; not the GGUF files'
     default int8 activations); on CUDA Triton's dequant-matmul."""
@@ -237,6 +268,167 @@ def _q8_0_linear(linear: torch.nn.Module, rows: torch.Tensor, kernels: str, devi
         layer = GGUFLinear(rows, GGMLType.Q8_0, linear.in_features, bias, activations="float32")
     layer.from_mxfp4 = True  # load_weights expands it again to take float weights (GRPO's syncs)
     return layer
+
+
+def _int_quantization(hf, folder: Path) -> IntQuantConfig | None:
+    """A GPTQ or AWQ checkpoint's ``IntQuantConfig`` (``_check_quantization`` has let the method through), else
+    None."""
+    quant = _quantization_dict(hf)
+    if quant is None or str(quant.get("quant_method")).lower() not in ("gptq", "awq"):
+        return None
+    return int_quant_config(quant, folder)
+
+
+def integer_quantization(folder: str | Path) -> str | None:
+    """"gptq" or "awq" where the HF folder holds integer weights Loom runs quantized, else None."""
+    if is_gguf(folder) or not (Path(folder) / "config.json").is_file():
+        return None
+    quant = _quantization_dict(load_hf_config(folder))
+    method = None if quant is None else str(quant.get("quant_method")).lower()
+    return method if method in ("gptq", "awq") else None
+
+
+def _quantization_dict(hf) -> dict | None:
+    quant = getattr(hf, "quantization_config", None)
+    if quant is None or isinstance(quant, dict):
+        return quant
+    return quant.to_dict() if hasattr(quant, "to_dict") else vars(quant)
+
+
+def _await_int_weights(model: LlamaForCausalLM, index: dict[str, Path], cfg: LlamaConfig, rename,
+                       tp: TensorParallel | None) -> None:
+    """Put a ``_Pending`` in place of every projection the checkpoint holds as GPTQ / AWQ integers (a fused one once
+    for all its parts), on the meta device: their float weights are never allocated."""
+    for name in index:
+        if not name.endswith(".qweight"):
+            continue
+        own = _canonical(rename(name) if rename is not None else name)
+        target = _target(own.removesuffix(".qweight") + ".weight", cfg)
+        if target is None:
+            continue
+        path = target[0].removesuffix(".weight")
+        if path == "lm_head" and tp is not None:
+            raise ValueError("a quantized LM head is not split over tensor-parallel ranks: serve it on one rank")
+        module = model.get_submodule(path)
+        if not isinstance(module, _Pending):
+            model.set_submodule(path, _Pending(module, "GPTQ / AWQ integers"))
+
+
+def _read_int_weights(f, base: str, config: IntQuantConfig, companion) -> IntWeights:
+    """Checkpoint module ``base``'s integer weights (its ``.qweight`` from the open file ``f``, the rest from
+    wherever they are)."""
+    qweight, qzeros, scales = f.get_tensor(base + ".qweight"), companion(f, base + ".qzeros"), companion(
+        f, base + ".scales")
+    if config.method == "awq":
+        return read_awq(qweight, qzeros, scales, config)
+    try:
+        g_idx = companion(f, base + ".g_idx")
+    except ValueError:  # not every GPTQ writer saves the trivial one
+        g_idx = None
+    return read_gptq(qweight, qzeros, scales, g_idx, config)
+
+
+def _int_as_loom(pname: str, part: int | None, w: IntWeights, cfg: LlamaConfig, tp: TensorParallel | None,
+                 ) -> IntWeights:
+    """Integer weights as ``_as_loom`` and ``_shard`` take float ones: the same rows and columns (read off those
+    functions applied to index probes), Granite's residual multiplier in the scales."""
+    out_features, in_features = w.shape
+    probe = torch.arange(out_features, dtype=torch.float64)[:, None]
+    w = w.rows(deinterleave_rope(probe, pname, cfg)[:, 0].long())  # DeepSeek's rotary rows: a permutation
+    if cfg.residual_multiplier != 1.0 and pname.endswith(RESIDUAL_BRANCH_OUTPUTS):
+        w = w.scaled(cfg.residual_multiplier)
+    if tp is not None:
+        rows = torch.arange(out_features, dtype=torch.int32)[:, None].expand(out_features, in_features)
+        columns = torch.arange(in_features, dtype=torch.int32)[None, :].expand(out_features, in_features)
+        w = w.rows(_shard(pname, part, rows, cfg, tp)[:, 0].long()).columns(
+            _shard(pname, part, columns, cfg, tp)[0].long())
+    return w
+
+
+def _place_int_linear(model: LlamaForCausalLM, pname: str, parts: dict[int | None, IntWeights], kernels: str,
+                      device: torch.device, dtype: torch.dtype) -> None:
+    """Replace Loom weight ``pname``'s ``_Pending`` by a layer over its parts' integer weights (``_int_linear``)."""
+    path = pname.removesuffix(".weight")
+    pending = model.get_submodule(path)
+    count = _parts(pname)
+    if None in parts:
+        ordered = [parts[None]]
+    elif sorted(parts) == list(range(count)):
+        ordered = [parts[i] for i in range(count)]
+    else:
+        raise ValueError(f"{pname}: the checkpoint quantizes {len(parts)} of its {count} parts (mixed quantized and "
+                         "float projections are not read)")
+    if "qkv_proj" in pname:  # partial rotary: each part's rows in load order, as order_partial_rotary puts floats
+        probe = torch.arange(sum(p.shape[0] for p in ordered), dtype=torch.float64)[:, None]
+        order_partial_rotary({pname: probe}, model.config)
+        order, start = probe[:, 0].long(), 0
+        for i, p in enumerate(ordered):
+            own = order[start:start + p.shape[0]] - start
+            if own.min() < 0 or own.max() >= p.shape[0]:
+                raise ValueError(f"{pname}: the partial-rotary row order crosses its parts")
+            ordered[i], start = p.rows(own), start + p.shape[0]
+    layer = _int_linear(ordered, pending, kernels, device, dtype)
+    if path == "lm_head":
+        model.logits_proj, model.lm_head = layer, None
+    else:
+        model.set_submodule(path, layer)
+
+
+def _int_linear(parts: list[IntWeights], pending: _Pending, kernels: str, device: torch.device,
+                dtype: torch.dtype) -> torch.nn.Module:
+    """One projection over stacked integer parts, kept quantized where a quantized kernel runs (Triton; on CPU the
+    C++ kernels, in float32): runs of parts over the same input order share one layer (``block_quants``), and a run
+    whose inputs act-order permuted reads them in its order (``GatheredInputs``). Else, or where the blocks cannot
+    hold a part's groups, float weights in ``dtype``."""
+    bias = None if pending.bias is None else pending.bias.detach().float()
+    keep = kernels == "triton" or (device.type == "cpu" and dtype == torch.float32)
+    blocks = [as_blocks(p) for p in parts] if keep else []
+    layers = []
+    if keep and all(b is not None for b in blocks):
+        row, i = 0, 0
+        while i < len(parts):
+            j = i + 1
+            while j < len(parts) and _same_order(blocks[i].order, blocks[j].order):
+                j += 1
+            bq = block_quants(blocks[i:j])
+            rows = bq.q.shape[0]
+            layer = _block_layer(bq, pending.in_features, None if bias is None else bias[row:row + rows].contiguous(),
+                                 kernels, device)
+            if layer is None:
+                break
+            layers.append(layer if blocks[i].order is None else GatheredInputs(layer, blocks[i].order.to(device)))
+            row, i = row + rows, j
+        else:
+            return layers[0] if len(layers) == 1 else StackedGGUFLinear(layers)
+    whole = stack_rows(parts) if len(parts) > 1 and all(torch.equal(p.group, parts[0].group) for p in parts) else None
+    weight = whole.dequantize() if whole is not None else torch.cat([p.dequantize() for p in parts])
+    linear = torch.nn.Linear(pending.in_features, weight.shape[0], bias=bias is not None, device=device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
+def _block_layer(bq: BlockQuants, in_features: int, bias: torch.Tensor | None, kernels: str,
+                 device: torch.device) -> torch.nn.Module | None:
+    """A quantized linear over ``bq`` on ``kernels``, or None where the CPU's float32-activation kernels read no GGUF
+    type that holds it."""
+    if kernels == "triton":
+        from loom.ops.triton.quantized import TritonQuantLinear  # local: imports triton
+
+        on_device = BlockQuants(bq.q.to(device), bq.scale.to(device),
+                                None if bq.offset is None else bq.offset.to(device), bq.zero, bq.group, bq.bits)
+        return TritonQuantLinear(on_device, in_features, None if bias is None else bias.to(device), "GPTQ/AWQ")
+    if default_activations() == "int8":
+        return GGUFLinear.from_quants(bq, in_features, bias)
+    encoded = gguf_rows(bq)
+    return None if encoded is None else GGUFLinear(torch.from_numpy(encoded[1]), encoded[0], in_features, bias,
+                                                   activations="float32")
+
+
+def _same_order(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is None and b is None or a is not None and b is not None and torch.equal(a, b)
 
 
 def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
@@ -491,11 +683,9 @@ def _check_quantization(hf, folder: Path) -> tuple[int, int] | None:
     """Refuse a checkpoint quantized by a method Loom does not read (GPTQ, AWQ, bitsandbytes, integer
     compressed-tensors, ...): its tensors would be missing or taken for float weights. Returns the FP8 block tile
     where the config gives one."""
-    quant = getattr(hf, "quantization_config", None)
+    quant = _quantization_dict(hf)
     if quant is None:
         return None
-    if not isinstance(quant, dict):
-        quant = quant.to_dict() if hasattr(quant, "to_dict") else vars(quant)
     method = quant.get("quant_method")
     if method is None:
         raise ValueError(f"{folder}'s config holds a quantization_config without a quant_method (an older "

@@ -136,6 +136,34 @@ class GGUFLinear(nn.Module):
             self.register_buffer("qweight", qweight.contiguous(), persistent=False)
         self.register_buffer("bias", bias, persistent=False)
 
+    @classmethod
+    def from_quants(cls, bq: BlockQuants, in_features: int, bias: torch.Tensor | None = None) -> GGUFLinear:
+        """Int8 activations over quants spelled out in groups of 32 (unsigned ``bq.q``: a GPTQ or AWQ projection,
+        ``loom.models.int_quant``), packed into the tiles of the int8 format of the same arithmetic: Q4_0's or
+        Q8_0's (float16 scales, no min, zero 8 or 128), else Q4_K's or Q5_K's (float32 scales and mins, zero 0; 4- or
+        8-bit quants). The layer is that type's as far as the kernels go (``qtype``); its weights are exactly
+        ``dequantize_block_quants(bq)``."""
+        if bq.group != 32 or bq.values is not None or bq.q.dtype != torch.uint8:
+            raise ValueError("from_quants takes unsigned quants in groups of 32")
+        if bq.offset is None and (bq.bits, bq.zero) in ((4, 8), (8, 128)) and bq.scale.dtype == torch.float16:
+            qtype, mins = (GGMLType.Q4_0 if bq.bits == 4 else GGMLType.Q8_0), torch.empty(0)
+        else:
+            qtype = GGMLType.Q4_K if bq.bits == 4 else GGMLType.Q5_K
+            mins = -bq.zero * bq.scale.float() if bq.offset is None else bq.offset
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        from loom.ops.cpp_extension import gguf_extension
+
+        layer.qtype, layer.in_features, layer.out_features = qtype, in_features, bq.q.shape[0]
+        layer.activations, layer._ext = "int8", gguf_extension()
+        qs, d, m = layer._ext.gguf_int8_pack_quants(bq.q, bq.scale, mins, int(qtype))
+        layer.register_buffer("qweight", None, persistent=False)
+        layer.register_buffer("qs", huge_page_copy(qs), persistent=False)
+        layer.register_buffer("scales", d, persistent=False)
+        layer.register_buffer("mins", m, persistent=False)
+        layer.register_buffer("bias", bias, persistent=False)
+        return layer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations == "int8" and x.dim() == 2 and x.dtype == torch.float32:  # the engine's flat batches
             return self._ext.gguf_int8_linear(x, self.qs, self.scales, self.mins, self.qtype.value, self.out_features,
