@@ -1,5 +1,6 @@
-"""Integer weight-only checkpoints: GPTQ (AutoGPTQ / GPTQModel / optimum, 4- and 8-bit) and AWQ (AutoAWQ's "gemm"
-layout, 4-bit), the quantized HF folders on the hub (``Qwen2.5-7B-Instruct-AWQ``, ``...-GPTQ-Int4``). Both store
+"""Integer weight-only checkpoints: GPTQ (AutoGPTQ / GPTQModel / optimum, 4- and 8-bit), AWQ (AutoAWQ's "gemm"
+layout, 4-bit) and compressed-tensors' "pack-quantized" format (llm-compressor's W4A16 / W8A16), the quantized HF
+folders on the hub (``Qwen2.5-7B-Instruct-AWQ``, ``...-GPTQ-Int4``, RedHatAI's ``...-quantized.w4a16``). All store
 
     w[n, k] = scale[n, g(k)] * (q[n, k] - zero[n, g(k)])
 
@@ -27,6 +28,7 @@ model dtype on CPU (bfloat16) load as float weights (``IntWeights.dequantize``).
 - AWQ (``version: "gemm"``): ``qweight`` int32 [in, out / 8] and ``qzeros`` [groups, out / 8], both packed along the
   outputs in AutoAWQ's interleaved order (nibble i holds output ``AWQ_ORDER[i]`` of its eight); ``scales``
   [groups, out]; groups contiguous.
+- compressed-tensors: see ``read_compressed_tensors``.
 """
 
 from __future__ import annotations
@@ -41,8 +43,11 @@ from loom.ops.quantized import BlockQuants, GGMLType
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 """AutoAWQ's packing: nibble i of an int32 (bits 4i to 4i + 3) holds output column ``AWQ_ORDER[i]`` of its eight."""
-SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
-"""The tensors of one quantized linear (``<module>.qweight`` and its companions; biases keep ``.bias``)."""
+SUFFIXES = {"gptq": (".qweight", ".qzeros", ".scales", ".g_idx"), "awq": (".qweight", ".qzeros", ".scales"),
+            "compressed-tensors": (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_g_idx",
+                                   ".weight_shape")}
+"""Each method's tensors of one quantized linear, the first its packed weights (``<module>.qweight``; the others
+its companions; biases keep ``.bias``)."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class IntQuantConfig:
     """What a GPTQ or AWQ ``quantization_config`` says about its tensors."""
 
     method: str
-    """"gptq" or "awq"."""
+    """"gptq", "awq" or "compressed-tensors" (its "pack-quantized" format)."""
     bits: int
     group_size: int
     """Inputs per group; -1: one group per output feature (the whole row)."""
@@ -59,9 +64,11 @@ class IntQuantConfig:
 
 
 def int_quant_config(quant: dict, folder) -> IntQuantConfig:
-    """Validate a GPTQ / AWQ ``quantization_config`` (a dict) and return what the loader needs, or raise a
-    ``ValueError`` that says what Loom reads."""
+    """Validate a GPTQ / AWQ / compressed-tensors integer ``quantization_config`` (a dict) and return what the loader
+    needs, or raise a ``ValueError`` that says what Loom reads."""
     method = str(quant.get("quant_method")).lower()
+    if method == "compressed-tensors":
+        return _compressed_tensors_config(quant, folder)
     bits = int(quant.get("bits", quant.get("w_bit", 4)))
     group = int(quant.get("group_size", quant.get("q_group_size", 128)))
     if group != -1 and (group <= 0 or group % 32):
@@ -86,6 +93,36 @@ def int_quant_config(quant: dict, folder) -> IntQuantConfig:
     return IntQuantConfig("gptq", bits, group, 1 if fmt == "gptq" else 0)
 
 
+def _compressed_tensors_config(quant: dict, folder) -> IntQuantConfig:
+    """compressed-tensors' weight-only integer schemes in its "pack-quantized" format (llm-compressor's W4A16 and
+    W8A16: RedHatAI's ``*-quantized.w4a16``): one scheme for every quantized module, group or channel strategy."""
+    schemes = set()
+    for name, group in (quant.get("config_groups") or {}).items():
+        weights = group.get("weights") or {}
+        fmt = group.get("format") or quant.get("format")
+        strategy = weights.get("strategy")
+        size = int(weights.get("group_size") or -1) if strategy == "group" else -1
+        if (weights.get("type") != "int" or weights.get("num_bits") not in (4, 8) or fmt != "pack-quantized"
+                or strategy not in ("group", "channel") or weights.get("dynamic")
+                or group.get("input_activations") is not None):
+            raise ValueError(f"{folder} holds compressed-tensors weights of scheme {name!r} ({weights.get('num_bits')}"
+                             f"-bit {weights.get('type')}, strategy {strategy!r}, format {fmt!r}, input activations "
+                             f"{'quantized' if group.get('input_activations') else 'not quantized'}), which Loom does "
+                             "not load: it reads weight-only 4- and 8-bit integers in the 'pack-quantized' format "
+                             "(group or channel strategy) and the FP8 schemes; serve the unquantized checkpoint or a "
+                             "GGUF file")
+        if size != -1 and size % 32:
+            raise ValueError(f"{folder} holds compressed-tensors weights in groups of {size} inputs; Loom reads groups "
+                             "of a multiple of 32 inputs: serve the unquantized checkpoint or a GGUF file")
+        # zeros are stored only for asymmetric schemes: a symmetric one's is the middle level
+        schemes.add((int(weights["num_bits"]), size, bool(weights.get("symmetric", True))))
+    if len(schemes) != 1:
+        raise ValueError(f"{folder} quantizes its modules with {len(schemes) or 'no'} different integer schemes; Loom "
+                         "reads one: serve the unquantized checkpoint or a GGUF file")
+    bits, size, _ = schemes.pop()
+    return IntQuantConfig("compressed-tensors", bits, size, 0)
+
+
 @dataclass
 class IntWeights:
     """One linear's integer weights in Loom's orientation (``nn.Linear``'s [out, in]):
@@ -96,7 +133,7 @@ class IntWeights:
     zero: torch.Tensor
     """[out, groups] int16."""
     scale: torch.Tensor
-    """[out, groups] float16 (as stored)."""
+    """[out, groups] as stored (float16; compressed-tensors: the model's dtype)."""
     group: torch.Tensor
     """[in] int64: each input's group."""
     bits: int
@@ -158,6 +195,32 @@ def read_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, 
     zero = _unpack(qzeros, 4, AWQ_ORDER).t()
     return _checked(IntWeights(q.contiguous(), zero.contiguous(), scales.t().contiguous(),
                                _groups(q.shape[1], config), 4), "AWQ")
+
+
+def read_compressed_tensors(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                            g_idx: torch.Tensor | None, shape: torch.Tensor | None,
+                            config: IntQuantConfig) -> IntWeights:
+    """One compressed-tensors "pack-quantized" linear's tensors (as stored) as ``IntWeights``: ``weight_packed``
+    int32 [out, ceil(in / pack)] packed along the inputs, lowest bits first, each value stored plus 2^(bits - 1) (its
+    signed quant made unsigned); ``weight_zero_point`` (asymmetric only) int32 [ceil(out / pack), groups] packed along
+    the outputs, stored the same way; ``weight_scale`` [out, groups]; ``weight_g_idx`` [in] (activation order; -1s:
+    none); ``weight_shape`` [out, in]. w = scale (q_signed - zero_signed) = scale (q - zero) in the stored values."""
+    bits = config.bits
+    q = _unpack(packed, bits)
+    out_features = q.shape[0]
+    in_features = int(shape[1]) if shape is not None else q.shape[1]
+    q = q[:, :in_features]
+    groups = scale.shape[1] if scale.dim() == 2 else 1
+    if zero_point is None:  # symmetric: zero_signed 0, the middle level stored
+        zero = torch.full((out_features, groups), 1 << (bits - 1), dtype=torch.int16)
+    else:
+        zero = _unpack(zero_point.t(), bits).t()[:out_features]
+    if g_idx is None or bool((g_idx < 0).any()):
+        group = _groups(in_features, config)
+    else:
+        group = g_idx.to(torch.int64)
+    return _checked(IntWeights(q.contiguous(), zero.contiguous(), scale.reshape(out_features, groups).contiguous(),
+                               group, bits), "compressed-tensors")
 
 
 def _groups(in_features: int, config: IntQuantConfig) -> torch.Tensor:

@@ -25,6 +25,7 @@ from loom.models.int_quant import (
     gguf_rows,
     int_quant_config,
     read_awq,
+    read_compressed_tensors,
     read_gptq,
     stack_rows,
 )
@@ -121,7 +122,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
         if keep_mxfp4:
             _await_mxfp4(model, index, cfg)
         if int_quant is not None:
-            _await_int_weights(model, index, cfg, rename, tp)
+            _await_int_weights(model, index, cfg, rename, tp, int_quant)
     model = model.to_empty(device=device).to(dtype)
     model.keep_float32_routers()
     model.build_rotary(max_positions, dtype, device)
@@ -156,12 +157,13 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 own = _canonical(rename(name) if rename is not None else name)
-                if int_quant is not None and own is not None and own.endswith(SUFFIXES):
-                    if own.endswith(".qweight"):  # its companions are read with it
-                        target = _target(own.removesuffix(".qweight") + ".weight", cfg)
+                if int_quant is not None and own is not None and own.endswith(SUFFIXES[int_quant.method]):
+                    packed = SUFFIXES[int_quant.method][0]
+                    if own.endswith(packed):  # its companions are read with it
+                        target = _target(own.removesuffix(packed) + ".weight", cfg)
                         if target is not None:
                             pname, part = target
-                            weights = _read_int_weights(f, name.removesuffix(".qweight"), int_quant, companion)
+                            weights = _read_int_weights(f, name.removesuffix(packed), int_quant, companion, index)
                             integer.setdefault(pname, {})[part] = _int_as_loom(pname, part, weights, cfg, tp)
                     continue
                 if own is None or own.endswith(_SCALES) or own.endswith("_scales") and _MXFP4.match(
@@ -274,9 +276,16 @@ def _int_quantization(hf, folder: Path) -> IntQuantConfig | None:
     """A GPTQ or AWQ checkpoint's ``IntQuantConfig`` (``_check_quantization`` has let the method through), else
     None."""
     quant = _quantization_dict(hf)
-    if quant is None or str(quant.get("quant_method")).lower() not in ("gptq", "awq"):
-        return None
-    return int_quant_config(quant, folder)
+    method = None if quant is None else str(quant.get("quant_method")).lower()
+    if method in ("gptq", "awq") or method == "compressed-tensors" and _integer_groups(quant):
+        return int_quant_config(quant, folder)
+    return None
+
+
+def _integer_groups(quant: dict) -> bool:
+    """Whether a compressed-tensors config quantizes its weights to integers (else its FP8 schemes)."""
+    groups = (quant.get("config_groups") or {}).values()
+    return any((group.get("weights") or {}).get("type") == "int" for group in groups)
 
 
 def integer_quantization(folder: str | Path) -> str | None:
@@ -296,14 +305,15 @@ def _quantization_dict(hf) -> dict | None:
 
 
 def _await_int_weights(model: LlamaForCausalLM, index: dict[str, Path], cfg: LlamaConfig, rename,
-                       tp: TensorParallel | None) -> None:
-    """Put a ``_Pending`` in place of every projection the checkpoint holds as GPTQ / AWQ integers (a fused one once
-    for all its parts), on the meta device: their float weights are never allocated."""
+                       tp: TensorParallel | None, config: IntQuantConfig) -> None:
+    """Put a ``_Pending`` in place of every projection the checkpoint holds as integers (a fused one once for all its
+    parts), on the meta device: their float weights are never allocated."""
+    packed = SUFFIXES[config.method][0]
     for name in index:
-        if not name.endswith(".qweight"):
+        if not name.endswith(packed):
             continue
         own = _canonical(rename(name) if rename is not None else name)
-        target = _target(own.removesuffix(".qweight") + ".weight", cfg)
+        target = _target(own.removesuffix(packed) + ".weight", cfg)
         if target is None:
             continue
         path = target[0].removesuffix(".weight")
@@ -311,21 +321,25 @@ def _await_int_weights(model: LlamaForCausalLM, index: dict[str, Path], cfg: Lla
             raise ValueError("a quantized LM head is not split over tensor-parallel ranks: serve it on one rank")
         module = model.get_submodule(path)
         if not isinstance(module, _Pending):
-            model.set_submodule(path, _Pending(module, "GPTQ / AWQ integers"))
+            model.set_submodule(path, _Pending(module, f"{config.method} integers"))
 
 
-def _read_int_weights(f, base: str, config: IntQuantConfig, companion) -> IntWeights:
-    """Checkpoint module ``base``'s integer weights (its ``.qweight`` from the open file ``f``, the rest from
-    wherever they are)."""
-    qweight, qzeros, scales = f.get_tensor(base + ".qweight"), companion(f, base + ".qzeros"), companion(
-        f, base + ".scales")
+def _read_int_weights(f, base: str, config: IntQuantConfig, companion, index: dict[str, Path]) -> IntWeights:
+    """Checkpoint module ``base``'s integer weights (its packed weights from the open file ``f``, the rest from
+    wherever they are; optional ones where the checkpoint has them)."""
+    packed, *rest = SUFFIXES[config.method]
+    tensors = {suffix: companion(f, base + suffix) if base + suffix in index else None for suffix in rest}
+    missing = [base + s for s in rest if tensors[s] is None and s not in (".g_idx", ".weight_g_idx",
+                                                                           ".weight_zero_point", ".weight_shape")]
+    if missing:
+        raise ValueError(f"the checkpoint lacks {missing[0]} beside {base + packed}")
+    weights = f.get_tensor(base + packed)
     if config.method == "awq":
-        return read_awq(qweight, qzeros, scales, config)
-    try:
-        g_idx = companion(f, base + ".g_idx")
-    except ValueError:  # not every GPTQ writer saves the trivial one
-        g_idx = None
-    return read_gptq(qweight, qzeros, scales, g_idx, config)
+        return read_awq(weights, tensors[".qzeros"], tensors[".scales"], config)
+    if config.method == "gptq":
+        return read_gptq(weights, tensors[".qzeros"], tensors[".scales"], tensors[".g_idx"], config)
+    return read_compressed_tensors(weights, tensors[".weight_scale"], tensors[".weight_zero_point"],
+                                   tensors[".weight_g_idx"], tensors[".weight_shape"], config)
 
 
 def _int_as_loom(pname: str, part: int | None, w: IntWeights, cfg: LlamaConfig, tp: TensorParallel | None,
@@ -699,7 +713,7 @@ def _check_quantization(hf, folder: Path) -> tuple[int, int] | None:
                          f"{', '.join(QUANTIZATION_METHODS[:-1])}): serve the unquantized checkpoint (with "
                          "--quantization int8 for int8 weights) or a GGUF file")
     block = quant.get("weight_block_size")
-    if method == "compressed-tensors":
+    if method == "compressed-tensors" and not _integer_groups(quant):  # the integer schemes: int_quant_config
         for group in (quant.get("config_groups") or {}).values():
             weights = group.get("weights") or {}
             if weights.get("type") != "float" or weights.get("num_bits") != 8:

@@ -109,8 +109,15 @@ def test_fp8_layouts_expand_to_the_weights_each_tile_or_row_scales(tmp_path, smo
 
 
 @pytest.mark.parametrize("quantization, match", [
-    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
-        "weights": {"type": "int", "num_bits": 4, "strategy": "group", "group_size": 128}}}}, "4-bit int"),
+    ({"quant_method": "compressed-tensors", "format": "marlin-24", "config_groups": {"group_0": {
+        "weights": {"type": "int", "num_bits": 4, "strategy": "group", "group_size": 128}}}}, "format 'marlin-24'"),
+    ({"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {"group_0": {
+        "weights": {"type": "int", "num_bits": 8, "strategy": "channel"},
+        "input_activations": {"type": "int", "num_bits": 8, "dynamic": True}}}}, "input activations quantized"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {
+        "group_0": {"weights": {"type": "float", "num_bits": 8, "strategy": "channel"}},
+        "group_1": {"weights": {"type": "int", "num_bits": 4, "strategy": "group", "group_size": 128}}}},
+     "scheme 'group_0'"),
 ])  # fmt: skip
 def test_quantized_checkpoints_loom_cannot_read_are_refused(tmp_path, tiny_llama, quantization, match):
     path = shutil.copytree(tiny_llama, tmp_path / "quantized")

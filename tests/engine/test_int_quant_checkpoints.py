@@ -25,6 +25,7 @@ from loom.models.int_quant import (
     block_quants,
     gguf_rows,
     read_awq,
+    read_compressed_tensors,
     read_gptq,
 )
 from loom.ops.quantized import GGMLType, GGUFLinear, StackedGGUFLinear, dequantize_block_quants, dequantize_reference
@@ -110,6 +111,40 @@ def pack_awq(q, zero, scale) -> dict[str, torch.Tensor]:
             "qzeros": torch.tensor(packed(zt), dtype=torch.int32), "scales": scale.t().contiguous()}
 
 
+def pack_compressed_tensors(q, zero, scale, g_idx, bits: int, sym: bool) -> dict[str, torch.Tensor]:
+    """compressed-tensors' "pack-quantized" layout: weight_packed [out, in / pack] packed along the inputs (each value
+    the signed quant plus 2^(bits - 1): the unsigned quant), weight_zero_point [out / pack, groups] packed along the
+    outputs (asymmetric only), weight_scale [out, groups], weight_g_idx, weight_shape."""
+    per = 32 // bits
+    shifts = [bits * i for i in range(per)]
+    packed = [[_word(q[n, c * per:(c + 1) * per], shifts) for c in range(q.shape[1] // per)] for n in range(q.shape[0])]
+    tensors = {"weight_packed": torch.tensor(packed, dtype=torch.int32), "weight_scale": scale.contiguous(),
+               "weight_shape": torch.tensor(list(q.shape)), "weight_g_idx": g_idx.to(torch.int32)}
+    if not sym:
+        tensors["weight_zero_point"] = torch.tensor(
+            [[_word(zero[r * per:(r + 1) * per, g], shifts) for g in range(zero.shape[1])]
+             for r in range(zero.shape[0] // per)], dtype=torch.int32)
+    return tensors
+
+
+def compressed_tensors(bits: int = 4, group: int = 32, sym: bool = True, actorder: str | None = None) -> dict:
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "ignore": ["lm_head"], "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None,
+                                                                "weights": {
+        "num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group" if group > 0 else "channel",
+        "group_size": group if group > 0 else None, "actorder": actorder, "dynamic": False}}}}  # fmt: skip
+
+
+def scheme(quantization: dict) -> tuple[int, int, bool, bool]:
+    """(bits, group size, symmetric, act-order) of a GPTQ, AWQ or compressed-tensors config."""
+    if quantization["quant_method"] == "compressed-tensors":
+        weights = quantization["config_groups"]["group_0"]["weights"]
+        return (weights["num_bits"], weights["group_size"] or -1, weights["symmetric"],
+                weights["actorder"] is not None)
+    sym = quantization.get("sym", not quantization.get("zero_point", True))
+    return quantization["bits"], quantization["group_size"], sym, bool(quantization.get("desc_act"))
+
+
 GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True,
         "checkpoint_format": "gptq"}
 AWQ = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
@@ -124,8 +159,8 @@ def as_quantized(folder: Path, target: Path, quantization: dict, shared_order: b
     shutil.copytree(folder, target)
     reference = Path(shutil.copytree(folder, f"{target}-float"))
     generator = torch.Generator().manual_seed(seed)
-    bits, group = quantization["bits"], quantization["group_size"]
-    sym = quantization.get("sym", not quantization.get("zero_point", True))
+    bits, group, sym, act_order = scheme(quantization)
+    method = quantization["quant_method"]
     orders: dict[tuple[str, int], torch.Tensor] = {}
     packed, floats = {}, {}
     for name, tensor in load_file(target / "model.safetensors").items():
@@ -134,13 +169,18 @@ def as_quantized(folder: Path, target: Path, quantization: dict, shared_order: b
             packed[name] = floats[name] = tensor
             continue
         order = None
-        if quantization.get("desc_act"):
+        if act_order:
             key = (module.rsplit(".", 1)[0] if shared_order else module, tensor.shape[1])
             order = orders.setdefault(key, torch.randperm(tensor.shape[1], generator=generator))
         q, zero, scale, g_idx = quantize(tensor, bits, group if group > 0 else tensor.shape[1], sym, order)
+        if method == "compressed-tensors":  # its scales in the model's dtype: bfloat16 here
+            scale = scale.to(torch.bfloat16)
+            tensors = pack_compressed_tensors(q, zero, scale, g_idx, bits, sym)
+        elif method == "awq":
+            tensors = pack_awq(q, zero, scale)
+        else:
+            tensors = pack_gptq(q, zero, scale, g_idx, bits, quantization.get("checkpoint_format") != "gptq_v2")
         floats[name] = expand(q, zero, scale, g_idx)
-        tensors = (pack_awq(q, zero, scale) if quantization["quant_method"] == "awq"
-                   else pack_gptq(q, zero, scale, g_idx, bits, quantization.get("checkpoint_format") != "gptq_v2"))
         packed.update({f"{module}.{key}": value for key, value in tensors.items()})
     save_file(packed, target / "model.safetensors", metadata={"format": "pt"})
     save_file(floats, reference / "model.safetensors", metadata={"format": "pt"})
@@ -166,6 +206,24 @@ def test_gptq_tensors_read_back_as_the_integers_autogptq_packed(bits, sym, v1):
         expected_zero[0, 0] = 1 << bits
     assert torch.equal(w.q.long(), q) and torch.equal(w.zero.long(), expected_zero)
     assert torch.equal(w.scale, scale) and torch.equal(w.group, g_idx)
+
+
+@pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, False)])
+def test_compressed_tensors_read_back_as_the_integers_packed(bits, sym):
+    generator = torch.Generator().manual_seed(bits)
+    weight = torch.randn(24, 64, generator=generator)
+    q, zero, scale, g_idx = quantize(weight, bits, 32, sym, torch.randperm(64, generator=generator))
+    scale = scale.to(torch.bfloat16)
+    tensors = pack_compressed_tensors(q, zero, scale, g_idx, bits, sym)
+    w = read_compressed_tensors(tensors["weight_packed"], tensors["weight_scale"], tensors.get("weight_zero_point"),
+                                tensors["weight_g_idx"], tensors["weight_shape"],
+                                IntQuantConfig("compressed-tensors", bits, 32, 0))
+    assert torch.equal(w.q.long(), q) and torch.equal(w.zero.long(), zero) and torch.equal(w.group, g_idx)
+    assert torch.equal(w.dequantize(), expand(q, zero, scale, g_idx))
+    unordered = read_compressed_tensors(tensors["weight_packed"], tensors["weight_scale"],
+                                        tensors.get("weight_zero_point"), torch.full((64,), -1), None,
+                                        IntQuantConfig("compressed-tensors", bits, 32, 0))
+    assert torch.equal(unordered.group, torch.arange(64) // 32)  # g_idx of -1s: column order
 
 
 def test_awq_tensors_read_back_as_the_integers_autoawq_packed():
@@ -275,15 +333,18 @@ def assert_holds_the_weights(model, reference: Path) -> None:
     ({**GPTQ, "sym": False, "desc_act": True}, "qwen3"),  # act-order; q / k / v sharing one order
     ({**GPTQ, "desc_act": True, "bits": 8, "checkpoint_format": "gptq_v2"}, "llama"),
     ({**GPTQ, "group_size": -1}, "mistral"),
+    (compressed_tensors(), "qwen2"),  # RedHatAI's w4a16: symmetric groups of 128 (32 here), bfloat16 scales
+    (compressed_tensors(sym=False, actorder="group"), "llama"),
+    (compressed_tensors(bits=8, group=-1), "qwen3"),  # w8a16: one group per output channel
 ])  # fmt: skip
-def test_gptq_and_awq_variants_hold_their_weights_exactly(tmp_path, smollm2_path, quantization, arch):
+def test_integer_checkpoint_variants_hold_their_weights_exactly(tmp_path, smollm2_path, quantization, arch):
     """On the default int8-activation kernels (llama.cpp's arithmetic): the weights exactly, and the expanded
     weights' greedy tokens."""
     folder = save_tiny_model(tmp_path / "float", smollm2_path, arch=arch)
     path, reference = as_quantized(folder, tmp_path / "quantized", quantization)
     llm = LLM(str(path), **ENGINE)
     qkv = llm.engine.model.layers[0].self_attn.qkv_proj
-    assert isinstance(qkv, GatheredInputs if quantization.get("desc_act") else GGUFLinear)
+    assert isinstance(qkv, GatheredInputs if scheme(quantization)[3] else GGUFLinear)
     assert_holds_the_weights(llm.engine.model, reference)
     prompts = varied_prompts(24, seed=6, low=5, high=30)
     expected = [ids for ids, _ in loom_greedy(LLM(str(reference), **ENGINE), prompts, 8)]
