@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 
 from loom.devices import resolve_device
+from loom.engine.sampling_defaults import SamplingDefaults
 from loom.models.vision import language_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -166,6 +167,12 @@ class EngineConfig:
     by ``seed`` and drawn on the device (vLLM's name: benchmarks of real shapes with no weights to move)."""
     seed: int = 0
     """Seeds the generator of requests that bring no seed of their own."""
+    generation_config: str = "auto"
+    """Default sampling parameters for requests that leave them out (vLLM's flag): "auto" takes the model folder's
+    generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty; max_new_tokens as the default
+    max_tokens), "vllm" ignores it (the API's defaults), a folder path reads that folder's file."""
+    override_generation_config: SamplingDefaults | None = None
+    """Sampling defaults set over --generation-config's, e.g. '{"temperature": 0.5}' (vLLM's flag)."""
     enforce_eager: bool = False
     """Never replay decode steps as CUDA graphs (vLLM's name); graphs are captured only on CUDA, per batch bucket."""
     async_scheduling: bool = False
@@ -211,6 +218,10 @@ class EngineConfig:
     gpt_oss (the harmony format: the analysis channel is reasoning, the final channel content)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.override_generation_config, dict):  # LLM(override_generation_config={...})
+            self.override_generation_config = SamplingDefaults.from_dict(self.override_generation_config)
+        if not self.generation_config:
+            raise ValueError("generation_config must be auto, vllm or a folder holding a generation_config.json")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.dtype not in (*_DTYPES, "auto"):

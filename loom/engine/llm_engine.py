@@ -19,6 +19,7 @@ from loom.engine.lora import LoRAManager, LoRARequest
 from loom.engine.model_runner import ModelRunner, StepInputs, allocate_kv_caches, build_model, kv_bytes_per_block
 from loom.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from loom.engine.reasoning import REASONING_TAGS, think_tokens
+from loom.engine.sampling_defaults import sampling_defaults
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from loom.engine.sequence import Sequence
@@ -130,6 +131,14 @@ class LLMEngine:
         self.max_model_len = config.context_length(hf_config)
         self.tokenizer = load_tokenizer(self.tokenizer_path)
         self.eos_token_ids = _eos_ids(self.tokenizer, self.model_path)
+        self.sampling_defaults = sampling_defaults(config.generation_config, config.override_generation_config,
+                                                   self.model_path)
+        """What requests that leave sampling parameters out get (``loom.engine.sampling_defaults``)."""
+        if self.sampling_defaults.as_dict():
+            source = config.generation_config + (" and --override-generation-config"
+                                                 if config.override_generation_config else "")
+            log.info("default sampling parameters (--generation-config %s): %s", source,
+                     self.sampling_defaults.as_dict())
         self.decoder = FastDecode(self.tokenizer)
         self.workers: TPWorkers | None = None
         """With tensor_parallel_size > 1: the other ranks (this engine is rank 0)."""

@@ -57,6 +57,11 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` and ``chat`` sample with when given no SamplingParams (vLLM's method): the defaults,
+        with the model's own where its generation_config.json sets them (``--generation-config``)."""
+        return SamplingParams(**self.engine.sampling_defaults.as_dict())
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -68,10 +73,12 @@ class LLM:
         """Run every prompt to completion, batched continuously; outputs come back in prompt order. ``lora_request``
         (one for all prompts, or one per prompt, None for the base model) needs ``LLM(..., enable_lora=True)``;
         ``priority`` (one for all, or one per prompt; lower first) ``LLM(..., scheduling_policy="priority")``. A
-        prompt the engine refuses raises, and the prompts added before it are dropped."""
+        prompt the engine refuses raises, and the prompts added before it are dropped. No ``sampling_params``:
+        ``get_default_sampling_params()``."""
         if isinstance(prompts, str | dict):
             prompts = [prompts]
-        params = _final_only(_per_prompt(len(prompts), sampling_params, SamplingParams, SamplingParams()))
+        default = self.get_default_sampling_params() if sampling_params is None else None
+        params = _final_only(_per_prompt(len(prompts), sampling_params, SamplingParams, default))
         loras = _per_prompt(len(prompts), lora_request, LoRARequest, None)
         priorities = _per_prompt(len(prompts), priority, int, 0)
         ids = self._add_all((*_split_prompt(prompt), p, lora, rank, _multi_modal_data(prompt))

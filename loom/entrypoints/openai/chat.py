@@ -84,7 +84,7 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatR
     the grammar compiled. /v1/responses goes through here too."""
     lora = ctx.check_model(req.model)
     plan = plan_tools(req, ctx.tool_settings)
-    params = req.sampling_params(plan.structured)
+    params = req.sampling_params(plan.structured, ctx.sampling_defaults)
     # the engine starts a grammar after the thinking block where it can tell the block's tags (single tokens);
     # elsewhere a grammar constrains the whole output, which has no block to split off
     grammar_free = params.structured_outputs is None or ctx.think is not None

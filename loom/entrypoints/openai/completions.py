@@ -32,7 +32,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     lora = ctx.check_model(req.model)
     if req.use_beam_search:
         check_beam_request(req)
-    params = req.sampling_params() if not req.use_beam_search else None
+    params = req.sampling_params(ctx.sampling_defaults) if not req.use_beam_search else None
     raw_prompts = req.prompts()
     ctx.check_n(req.n, len(raw_prompts))
     ctx.encoder.check_chars(sum(len(p) for p in raw_prompts if isinstance(p, str)))

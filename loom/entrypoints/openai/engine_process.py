@@ -43,6 +43,7 @@ from typing import Any
 from loom.engine.config import EngineConfig
 from loom.engine.lora import LoRARequest
 from loom.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, merge_deltas
+from loom.engine.sampling_defaults import SamplingDefaults
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.tensor_parallel import EngineFatalError
 from loom.entrypoints.openai.async_engine import (
@@ -167,6 +168,7 @@ def engine_main(conn: Connection) -> None:
         return
     info = {"max_model_len": engine.max_model_len, "model_path": engine.model_path,
             "tokenizer_path": engine.tokenizer_path, "eos_token_ids": list(engine.eos_token_ids),
+            "sampling_defaults": engine.sampling_defaults.as_dict(),
             "image_tokens": engine.image_tokens}
     _send(conn, (0, "ok", info, _state(engine, None)))
     try:
@@ -294,6 +296,7 @@ class EngineProcess:
         self.model_path = info["model_path"]
         self.tokenizer_path = info["tokenizer_path"]
         self.eos_token_ids = info["eos_token_ids"]
+        self.sampling_defaults = SamplingDefaults(**info["sampling_defaults"])
         self.image_tokens = info["image_tokens"]
 
     # --- any thread --------------------------------------------------------------------------------------

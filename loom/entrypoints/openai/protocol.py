@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from loom.engine.sampling_defaults import SamplingDefaults
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.structured import StructuredOutputsParams
 from loom.entrypoints.openai.errors import bad_request
@@ -66,9 +67,11 @@ class _Common(BaseModel):
     logit_bias: dict[str, float] | None = None
     # Loom / vLLM extras
     allowed_token_ids: list[int] | None = None
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    top_k: int | None = None
+    """None (left out): the model's default (``--generation-config``), else 0 (off); likewise min_p and
+    repetition_penalty, and temperature and top_p (else 1.0)."""
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP)] | None = None
@@ -126,19 +129,21 @@ class _Common(BaseModel):
             raise bad_request(str(exc), param) from None
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None,
-                  structured: StructuredOutputsParams | None) -> SamplingParams:
+                  structured: StructuredOutputsParams | None, defaults: SamplingDefaults | None) -> SamplingParams:
+        """``defaults``: the model's (``--generation-config``) for what the request leaves out; None: the API's."""
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+        defaults = defaults or SamplingDefaults()
         return SamplingParams(
             n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
+            temperature=defaults.value("temperature", self.temperature, 1.0),
+            top_p=defaults.value("top_p", self.top_p, 1.0),
+            top_k=defaults.value("top_k", self.top_k, 0),
+            min_p=defaults.value("min_p", self.min_p, 0.0),
+            repetition_penalty=defaults.value("repetition_penalty", self.repetition_penalty, 1.0),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            max_tokens=max_tokens,
+            max_tokens=defaults.value("max_tokens", max_tokens, None),
             min_tokens=self.min_tokens,
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []),
@@ -164,12 +169,13 @@ class CompletionRequest(_Common):
     suffix: str | None = None
     best_of: int | None = None
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, defaults: SamplingDefaults | None = None) -> SamplingParams:
+        """``defaults``: the model's sampling defaults for the fields left out (max_tokens keeps its 16)."""
         if self.suffix:
             raise bad_request("suffix is not supported; put the text in the prompt", "suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise bad_request("best_of is not supported (it must equal n); use n", "best_of")
-        params = self._sampling(self.max_tokens, self.logprobs, self._structured())
+        params = self._sampling(self.max_tokens, self.logprobs, self._structured(), defaults)
         _check_prompt_logprobs(self.prompt_logprobs)
         wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
         if wanted:  # the echoed prompt's tokens are scored too (vLLM, OpenAI); each view takes its top ones
@@ -377,8 +383,10 @@ class ChatCompletionRequest(_Common, ChatTemplateFields):
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
 
-    def sampling_params(self, tool_structured: StructuredOutputsParams | None = None) -> SamplingParams:
-        """``tool_structured``: the output constraint of a named or "required" tool_choice."""
+    def sampling_params(self, tool_structured: StructuredOutputsParams | None = None,
+                        defaults: SamplingDefaults | None = None) -> SamplingParams:
+        """``tool_structured``: the output constraint of a named or "required" tool_choice; ``defaults``: the
+        model's sampling defaults for the fields left out (max_tokens / max_completion_tokens included)."""
         structured = self.response_format.structured() if self.response_format is not None else None
         if structured is not None and self._asks_structured():
             raise bad_request("give response_format or structured_outputs, not both", "response_format")
@@ -395,7 +403,7 @@ class ChatCompletionRequest(_Common, ChatTemplateFields):
         if self.prompt_logprobs is not None and self.stream:
             raise bad_request("prompt_logprobs comes with whole chat answers; leave out stream (completions streams "
                               "carry them)", "prompt_logprobs")
-        params = self._sampling(max_tokens, logprobs, structured or self._structured())
+        params = self._sampling(max_tokens, logprobs, structured or self._structured(), defaults)
         _check_prompt_logprobs(self.prompt_logprobs)
         return params if self.prompt_logprobs is None else params.clone(prompt_logprobs=self.prompt_logprobs)
 

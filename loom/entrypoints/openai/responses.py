@@ -148,7 +148,7 @@ class Reply:
     def body(self, finish_reason: str | None, output: list[dict], usage: dict | None = None,
              error: dict | None = None) -> dict:
         """The response object; ``finish_reason`` sets its status (None: in progress, or failed with ``error``)."""
-        req = self.req
+        req, defaults = self.req, self.ctx.sampling_defaults  # the values the model's defaults filled in, echoed
         status = "failed" if error else STATUS.get(finish_reason, "in_progress")
         if finish_reason == "abort":  # the server draining, or a grammar matcher's failure (logged)
             error = {"code": "server_error", "message": "the engine stopped this response before it finished"}
@@ -160,10 +160,10 @@ class Reply:
             "output": output, "parallel_tool_calls": req.parallel_tool_calls,
             "previous_response_id": req.previous_response_id,
             "reasoning": {"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
-            "store": req.store, "temperature": 1.0 if req.temperature is None else req.temperature,
+            "store": req.store, "temperature": defaults.value("temperature", req.temperature, 1.0),
             "text": {"format": (req.text.format if req.text and req.text.format else {"type": "text"})},
             "tool_choice": req.tool_choice or "auto", "tools": req.tools or [],
-            "top_logprobs": req.top_logprobs, "top_p": 1.0 if req.top_p is None else req.top_p,
+            "top_logprobs": req.top_logprobs, "top_p": defaults.value("top_p", req.top_p, 1.0),
             "truncation": req.truncation, "usage": usage, "user": req.user, "metadata": req.metadata or {},
         }
 

@@ -17,6 +17,7 @@ from fastapi import Request, Response
 from loom.engine.lora import LoRARequest
 from loom.engine.outputs import RequestOutput
 from loom.engine.reasoning import ThinkTokens, think_tokens
+from loom.engine.sampling_defaults import SamplingDefaults
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.structured import StructuredOutputError
 from loom.entrypoints.openai.async_engine import AsyncLLMEngine, EngineDead, EngineOverloaded, RequestStream
@@ -70,6 +71,11 @@ class ServingContext:
     @property
     def model_name(self) -> str:
         return self.model_names[0]
+
+    @property
+    def sampling_defaults(self) -> SamplingDefaults:
+        """The model's defaults for the sampling parameters a request leaves out (``--generation-config``)."""
+        return self.front.engine.sampling_defaults
 
     @property
     def think(self) -> ThinkTokens | None:
