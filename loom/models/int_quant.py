@@ -14,7 +14,8 @@ the kernels GGUF files run on, with exactly the checkpoint's weights:
   quants, a float32 scale and min per 32: AWQ, GPTQ ``sym: false``);
 - on CUDA (or with the triton backend), Triton's dequant-matmul over the same ``BlockQuants``;
 - on CPU with float32 activations (``LOOM_GGUF_ACTIVATIONS=float32``), GGUF blocks (``gguf_rows``): Q4_0 and Q8_0
-  exactly, Q4_1 with the min rounded to float16 (~1e-3 of a quantization step).
+  exactly, Q4_1 with the min rounded to float16 (off by at most zero · 2^-11 of a quantization step: 0.8% for a
+  zero of 16, 0.4% for 8).
 
 Groups that do not fill whole 32-input blocks, 8-bit weights with mins on the float32-activation path, and a float
 model dtype on CPU (bfloat16) load as float weights (``IntWeights.dequantize``). The layouts:
@@ -69,8 +70,12 @@ def int_quant_config(quant: dict, folder) -> IntQuantConfig:
     method = str(quant.get("quant_method")).lower()
     if method == "compressed-tensors":
         return _compressed_tensors_config(quant, folder)
-    bits = int(quant.get("bits", quant.get("w_bit", 4)))
-    group = int(quant.get("group_size", quant.get("q_group_size", 128)))
+    try:
+        bits = int(quant.get("bits", quant.get("w_bit", 4)))
+        group = int(quant.get("group_size", quant.get("q_group_size", 128)))
+    except (TypeError, ValueError):
+        raise ValueError(f"{folder}'s {method} config gives bits {quant.get('bits')!r} and group_size "
+                         f"{quant.get('group_size')!r}; both must be whole numbers") from None
     if group != -1 and (group <= 0 or group % 32):
         raise ValueError(f"{folder} holds {method} weights in groups of {group} inputs; Loom reads groups of a "
                          "multiple of 32 inputs (or -1, one per row): serve the unquantized checkpoint or a GGUF file")
@@ -87,9 +92,12 @@ def int_quant_config(quant: dict, folder) -> IntQuantConfig:
     if fmt not in ("gptq", "gptq_v2") or bits not in (4, 8):
         raise ValueError(f"{folder} holds {bits}-bit GPTQ weights in the {fmt!r} format; Loom reads the 4- and 8-bit "
                          "'gptq' and 'gptq_v2' formats: serve the unquantized checkpoint or a GGUF file")
-    if quant.get("dynamic"):
+    if any(not str(rule).startswith("-:") for rule in quant.get("dynamic") or {}):
+        # "-:" rules only leave modules unquantized (float weights, which load as any); others change bits or groups
         raise ValueError(f"{folder}'s GPTQ config has per-module overrides ('dynamic'), which Loom does not read: "
                          "serve the unquantized checkpoint or a GGUF file")
+    if str(quant.get("pack_dtype", "int32")).removeprefix("torch.") != "int32":
+        raise ValueError(f"{folder} packs its GPTQ weights in {quant['pack_dtype']} words; Loom reads int32 ones")
     return IntQuantConfig("gptq", bits, group, 1 if fmt == "gptq" else 0)
 
 
@@ -129,7 +137,7 @@ class IntWeights:
     w[n, k] = scale[n, group[k]] * (q[n, k] - zero[n, group[k]])."""
 
     q: torch.Tensor
-    """[out, in] int16."""
+    """[out, in] uint8."""
     zero: torch.Tensor
     """[out, groups] int16."""
     scale: torch.Tensor
@@ -157,7 +165,7 @@ class IntWeights:
     def dequantize(self) -> torch.Tensor:
         """w as float32 [out, in]."""
         g = self.group
-        return self.scale.float()[:, g] * (self.q - self.zero[:, g]).float()
+        return self.scale.float()[:, g] * (self.q.to(torch.int16) - self.zero[:, g]).float()
 
 
 def stack_rows(parts: list[IntWeights]) -> IntWeights:
@@ -186,14 +194,15 @@ def read_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     out_features, in_features = q.shape
     zero = _unpack(qzeros, bits)[:, :out_features].t() + config.zero_offset  # [groups, out] -> [out, groups]
     group = _groups(in_features, config) if g_idx is None else g_idx.to(torch.int64)
-    return _checked(IntWeights(q.contiguous(), zero.contiguous(), scales.t().contiguous(), group, bits), "GPTQ")
+    return _checked(IntWeights(q.to(torch.uint8).contiguous(), zero.contiguous(), scales.t().contiguous(), group,
+                               bits), "GPTQ")
 
 
 def read_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, config: IntQuantConfig) -> IntWeights:
     """One AWQ ("gemm") linear's tensors (as stored) as ``IntWeights``."""
     q = _unpack(qweight, 4, AWQ_ORDER).t()  # [in, out]: packed along the outputs
     zero = _unpack(qzeros, 4, AWQ_ORDER).t()
-    return _checked(IntWeights(q.contiguous(), zero.contiguous(), scales.t().contiguous(),
+    return _checked(IntWeights(q.to(torch.uint8).contiguous(), zero.contiguous(), scales.t().contiguous(),
                                _groups(q.shape[1], config), 4), "AWQ")
 
 
@@ -219,8 +228,8 @@ def read_compressed_tensors(packed: torch.Tensor, scale: torch.Tensor, zero_poin
         group = _groups(in_features, config)
     else:
         group = g_idx.to(torch.int64)
-    return _checked(IntWeights(q.contiguous(), zero.contiguous(), scale.reshape(out_features, groups).contiguous(),
-                               group, bits), "compressed-tensors")
+    return _checked(IntWeights(q.to(torch.uint8).contiguous(), zero.contiguous(),
+                               scale.reshape(out_features, groups).contiguous(), group, bits), "compressed-tensors")
 
 
 def _groups(in_features: int, config: IntQuantConfig) -> torch.Tensor:
@@ -286,7 +295,7 @@ def block_quants(parts: list[Blocks]) -> BlockQuants:
 def gguf_rows(bq: BlockQuants) -> tuple[int, np.ndarray] | None:
     """``block_quants``' result as GGUF blocks (type, [out, row bytes] uint8), for the float32-activation CPU kernels
     that read them: Q4_0 and Q8_0 (symmetric: the same weights), Q4_1 (4-bit with mins: d and m rounded to float16,
-    ~1e-3 of a quantization step); None for 8-bit with mins, or scales float16 cannot hold."""
+    up to zero · 2^-11 of a quantization step); None for 8-bit with mins, or scales float16 cannot hold."""
     out_features = bq.q.shape[0]
     q = bq.q.reshape(out_features, -1, 32)
     d = bq.scale.to(torch.float16)
@@ -321,7 +330,10 @@ class GatheredInputs(nn.Module):
         self.layer = layer
         self.register_buffer("order", order.to(torch.int64), persistent=False)
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.bias = getattr(layer, "bias", None)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.layer, "bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x.index_select(-1, self.order))

@@ -141,6 +141,13 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
         """A tensor read beside another (a scale): from the open file ``f`` when it holds it, the usual case."""
         return f.get_tensor(name) if index.get(name) == file else _read(index, name)
 
+    def place_if_ready(pname: str) -> None:
+        """Build an integer projection as soon as all its parts and its bias are read (its integers then go)."""
+        parts, bias = integer[pname], pname.removesuffix(".weight") + ".bias"
+        if (None in parts or len(parts) == _parts(pname)) and filled.get(bias, 0) >= (_parts(bias) if bias in params
+                                                                                    else 0):
+            _place_int_linear(model, pname, integer.pop(pname), quantized_kernels, device, dtype)
+
     def read(f, name: str) -> torch.Tensor:
         """A checkpoint tensor as floats: an FP8 weight multiplied by its scale (from whichever file holds it)."""
         tensor = f.get_tensor(name)
@@ -157,19 +164,26 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 own = _canonical(rename(name) if rename is not None else name)
+                expanded = None  # integer weights Loom holds as floats
                 if int_quant is not None and own is not None and own.endswith(SUFFIXES[int_quant.method]):
                     packed = SUFFIXES[int_quant.method][0]
-                    if own.endswith(packed):  # its companions are read with it
-                        target = _target(own.removesuffix(packed) + ".weight", cfg)
-                        if target is not None:
-                            pname, part = target
-                            weights = _read_int_weights(f, name.removesuffix(packed), int_quant, companion, index)
-                            integer.setdefault(pname, {})[part] = _int_as_loom(pname, part, weights, cfg, tp)
-                    continue
+                    if not own.endswith(packed):
+                        continue  # a companion, read with its weights
+                    own = own.removesuffix(packed) + ".weight"
+                    target = _target(own, cfg)
+                    if target is None:
+                        continue
+                    weights = _read_int_weights(f, name.removesuffix(packed), int_quant, companion, index)
+                    pname, part = target
+                    if pname not in params:  # a _Pending projection
+                        integer.setdefault(pname, {})[part] = _int_as_loom(pname, part, weights, cfg, tp)
+                        place_if_ready(pname)
+                        continue
+                    expanded = weights.dequantize()  # a projection Loom holds its own way (MLA's kv_b_proj)
                 if own is None or own.endswith(_SCALES) or own.endswith("_scales") and _MXFP4.match(
                         own.removesuffix("_scales")):
                     continue  # scales: read with their weights (MXFP4's with their blocks)
-                pieces = [(own, None)]  # the tensor read only once it is known to be wanted
+                pieces = [(own, expanded)]  # the tensor read only once it is known to be wanted
                 if own.endswith("_blocks") and _MXFP4.match(own.removesuffix("_blocks")):
                     own = own.removesuffix("_blocks")
                     blocks, scales = f.get_tensor(name), companion(f, name.removesuffix("_blocks") + "_scales")
@@ -196,6 +210,8 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
                     if pname not in params:
                         if 0 in (f.get_slice(name).get_shape() if tensor is None else tensor.shape):
                             continue  # a module of no width (GLM with n_shared_experts 0): Loom builds none
+                        if int_quant is not None and pname.endswith(".bias") and not read(f, name).any():
+                            continue  # the zero biases older AutoGPTQ saved beside every projection (vLLM skips)
                         raise ValueError(f"checkpoint tensor {name} in {folder} has no place in Loom's "
                                          f"{cfg.architecture} model (as {pname})")
                     tensor = _as_loom(pname, read(f, name) if tensor is None else tensor, cfg)
@@ -207,9 +223,11 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
                     # a checkpoint that stores q/k/v or gate/up already fused (Phi-3) fills every part at once
                     whole = _parts(pname) if part is None else 1
                     filled[pname] = filled.get(pname, 0) + whole
+                    if pname.endswith(".bias") and pname.removesuffix(".bias") + ".weight" in integer:
+                        place_if_ready(pname.removesuffix(".bias") + ".weight")
     _check_complete(params, filled, folder)
-    for pname, parts in integer.items():
-        _place_int_linear(model, pname, parts, quantized_kernels, device, dtype)
+    for pname in list(integer):  # parts the checkpoint lacks: _place_int_linear names them
+        _place_int_linear(model, pname, integer.pop(pname), quantized_kernels, device, dtype)
     for path, rows in kept.items():
         model.set_submodule(path, _q8_0_linear(model.get_submodule(path), rows, quantized_kernels, device))
     waiting = [f"{path} ({module.awaits})" for path, module in model.named_modules() if isinstance(module, _Pending)]
@@ -313,14 +331,14 @@ def _await_int_weights(model: LlamaForCausalLM, index: dict[str, Path], cfg: Lla
         if not name.endswith(packed):
             continue
         own = _canonical(rename(name) if rename is not None else name)
-        target = _target(own.removesuffix(packed) + ".weight", cfg)
+        target = None if own is None else _target(own.removesuffix(packed) + ".weight", cfg)
         if target is None:
             continue
         path = target[0].removesuffix(".weight")
         if path == "lm_head" and tp is not None:
             raise ValueError("a quantized LM head is not split over tensor-parallel ranks: serve it on one rank")
         module = model.get_submodule(path)
-        if not isinstance(module, _Pending):
+        if type(module) is torch.nn.Linear:  # others (MLA's latent projection) take the weights expanded
             model.set_submodule(path, _Pending(module, f"{config.method} integers"))
 
 
@@ -334,12 +352,15 @@ def _read_int_weights(f, base: str, config: IntQuantConfig, companion, index: di
     if missing:
         raise ValueError(f"the checkpoint lacks {missing[0]} beside {base + packed}")
     weights = f.get_tensor(base + packed)
-    if config.method == "awq":
-        return read_awq(weights, tensors[".qzeros"], tensors[".scales"], config)
-    if config.method == "gptq":
-        return read_gptq(weights, tensors[".qzeros"], tensors[".scales"], tensors[".g_idx"], config)
-    return read_compressed_tensors(weights, tensors[".weight_scale"], tensors[".weight_zero_point"],
-                                   tensors[".weight_g_idx"], tensors[".weight_shape"], config)
+    try:
+        if config.method == "awq":
+            return read_awq(weights, tensors[".qzeros"], tensors[".scales"], config)
+        if config.method == "gptq":
+            return read_gptq(weights, tensors[".qzeros"], tensors[".scales"], tensors[".g_idx"], config)
+        return read_compressed_tensors(weights, tensors[".weight_scale"], tensors[".weight_zero_point"],
+                                       tensors[".weight_g_idx"], tensors[".weight_shape"], config)
+    except (ValueError, RuntimeError) as exc:  # tensors that do not fit together
+        raise ValueError(f"{base} ({config.method}): {exc}") from None
 
 
 def _int_as_loom(pname: str, part: int | None, w: IntWeights, cfg: LlamaConfig, tp: TensorParallel | None,
@@ -348,7 +369,9 @@ def _int_as_loom(pname: str, part: int | None, w: IntWeights, cfg: LlamaConfig, 
     functions applied to index probes), Granite's residual multiplier in the scales."""
     out_features, in_features = w.shape
     probe = torch.arange(out_features, dtype=torch.float64)[:, None]
-    w = w.rows(deinterleave_rope(probe, pname, cfg)[:, 0].long())  # DeepSeek's rotary rows: a permutation
+    rows = deinterleave_rope(probe, pname, cfg)[:, 0].long()  # DeepSeek's rotary rows: a permutation
+    if not torch.equal(rows, torch.arange(out_features)):
+        w = w.rows(rows)
     if cfg.residual_multiplier != 1.0 and pname.endswith(RESIDUAL_BRANCH_OUTPUTS):
         w = w.scaled(cfg.residual_multiplier)
     if tp is not None:
@@ -361,7 +384,8 @@ def _int_as_loom(pname: str, part: int | None, w: IntWeights, cfg: LlamaConfig, 
 
 def _place_int_linear(model: LlamaForCausalLM, pname: str, parts: dict[int | None, IntWeights], kernels: str,
                       device: torch.device, dtype: torch.dtype) -> None:
-    """Replace Loom weight ``pname``'s ``_Pending`` by a layer over its parts' integer weights (``_int_linear``)."""
+    """Replace Loom weight ``pname``'s ``_Pending`` by a layer over its parts' integer weights: quantized
+    (``_quantized_int_linear``) where a kernel takes them, else float weights in ``dtype``."""
     path = pname.removesuffix(".weight")
     pending = model.get_submodule(path)
     count = _parts(pname)
@@ -372,56 +396,83 @@ def _place_int_linear(model: LlamaForCausalLM, pname: str, parts: dict[int | Non
     else:
         raise ValueError(f"{pname}: the checkpoint quantizes {len(parts)} of its {count} parts (mixed quantized and "
                          "float projections are not read)")
-    if "qkv_proj" in pname:  # partial rotary: each part's rows in load order, as order_partial_rotary puts floats
-        probe = torch.arange(sum(p.shape[0] for p in ordered), dtype=torch.float64)[:, None]
-        order_partial_rotary({pname: probe}, model.config)
-        order, start = probe[:, 0].long(), 0
-        for i, p in enumerate(ordered):
-            own = order[start:start + p.shape[0]] - start
-            if own.min() < 0 or own.max() >= p.shape[0]:
-                raise ValueError(f"{pname}: the partial-rotary row order crosses its parts")
-            ordered[i], start = p.rows(own), start + p.shape[0]
-    layer = _int_linear(ordered, pending, kernels, device, dtype)
+    rows = sum(p.shape[0] for p in ordered)
+    widths = {p.shape[1] for p in ordered}
+    if rows != pending.out_features or widths != {pending.in_features}:
+        raise ValueError(f"{pname}: the checkpoint's integers make a [{rows}, {'/'.join(map(str, sorted(widths)))}] "
+                         f"weight where the model's config needs [{pending.out_features}, {pending.in_features}]")
+    bias = None if pending.bias is None else pending.bias.detach().float()
+    layer = None
+    if kernels == "triton" or (device.type == "cpu" and dtype == torch.float32):
+        layer = _quantized_int_linear(_partial_rotary_rows(pname, ordered, bias, model.config), pending.in_features,
+                                      kernels, device)
+    if layer is None:  # float weights, rows as the checkpoint's: load_model's order_partial_rotary orders them
+        whole = (stack_rows(ordered) if len(ordered) > 1 and all(torch.equal(p.group, ordered[0].group)
+                                                                 for p in ordered) else None)
+        weight = whole.dequantize() if whole is not None else torch.cat([p.dequantize() for p in ordered])
+        layer = torch.nn.Linear(pending.in_features, weight.shape[0], bias=bias is not None, device=device,
+                                dtype=dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
     if path == "lm_head":
         model.logits_proj, model.lm_head = layer, None
     else:
         model.set_submodule(path, layer)
 
 
-def _int_linear(parts: list[IntWeights], pending: _Pending, kernels: str, device: torch.device,
-                dtype: torch.dtype) -> torch.nn.Module:
-    """One projection over stacked integer parts, kept quantized where a quantized kernel runs (Triton; on CPU the
-    C++ kernels, in float32): runs of parts over the same input order share one layer (``block_quants``), and a run
-    whose inputs act-order permuted reads them in its order (``GatheredInputs``). Else, or where the blocks cannot
-    hold a part's groups, float weights in ``dtype``."""
-    bias = None if pending.bias is None else pending.bias.detach().float()
-    keep = kernels == "triton" or (device.type == "cpu" and dtype == torch.float32)
-    blocks = [as_blocks(p) for p in parts] if keep else []
-    layers = []
-    if keep and all(b is not None for b in blocks):
-        row, i = 0, 0
-        while i < len(parts):
-            j = i + 1
-            while j < len(parts) and _same_order(blocks[i].order, blocks[j].order):
-                j += 1
-            bq = block_quants(blocks[i:j])
-            rows = bq.q.shape[0]
-            layer = _block_layer(bq, pending.in_features, None if bias is None else bias[row:row + rows].contiguous(),
-                                 kernels, device)
-            if layer is None:
-                break
-            layers.append(layer if blocks[i].order is None else GatheredInputs(layer, blocks[i].order.to(device)))
-            row, i = row + rows, j
-        else:
-            return layers[0] if len(layers) == 1 else StackedGGUFLinear(layers)
-    whole = stack_rows(parts) if len(parts) > 1 and all(torch.equal(p.group, parts[0].group) for p in parts) else None
-    weight = whole.dequantize() if whole is not None else torch.cat([p.dequantize() for p in parts])
-    linear = torch.nn.Linear(pending.in_features, weight.shape[0], bias=bias is not None, device=device, dtype=dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    return linear
+def _partial_rotary_rows(pname: str, parts: list[IntWeights], bias: torch.Tensor | None, cfg: LlamaConfig,
+                         ) -> list[tuple[IntWeights, torch.Tensor | None]]:
+    """(part, its rows of ``bias``) for each part, under partial rotary in the load order ``order_partial_rotary``
+    gives float q/k/v rows and their bias (the quantized layer's bias is no parameter it would reach)."""
+    bounds = [0]
+    for p in parts:
+        bounds.append(bounds[-1] + p.shape[0])
+    order = None
+    if "qkv_proj" in pname:
+        probe = torch.arange(bounds[-1], dtype=torch.float64)[:, None]
+        order_partial_rotary({pname: probe}, cfg)
+        order = probe[:, 0].long()
+        if torch.equal(order, torch.arange(bounds[-1])):
+            order = None
+    out = []
+    for p, start, end in zip(parts, bounds, bounds[1:]):
+        rows = None if order is None else order[start:end] - start
+        if rows is not None and (rows.min() < 0 or rows.max() >= end - start):
+            raise ValueError(f"{pname}: the partial-rotary row order crosses its parts")
+        part_bias = None if bias is None else bias[start:end]
+        if rows is not None:
+            p, part_bias = p.rows(rows), None if part_bias is None else part_bias[rows]
+        out.append((p, part_bias))
+    return out
+
+
+def _quantized_int_linear(parts: list[tuple[IntWeights, torch.Tensor | None]], in_features: int, kernels: str,
+                          device: torch.device) -> torch.nn.Module | None:
+    """One quantized projection over stacked (integer part, bias rows) pairs: runs of parts over the same input order
+    share one layer (``block_quants``), and a run whose inputs act-order permuted reads them in its order
+    (``GatheredInputs``); None where the blocks cannot hold a part's groups or no kernel takes them."""
+    blocks = [as_blocks(p) for p, _ in parts]
+    if any(b is None for b in blocks):
+        return None
+    layers, i = [], 0
+    while i < len(parts):
+        j = i + 1
+        while j < len(parts) and _same_order(blocks[i].order, blocks[j].order):
+            j += 1
+        biases = [b for _, b in parts[i:j]]
+        bias = None if biases[0] is None else torch.cat(biases).contiguous()
+        layer = _block_layer(block_quants(blocks[i:j]), in_features, bias, kernels, device)
+        if layer is None:
+            return None
+        layers.append(layer if blocks[i].order is None else GatheredInputs(layer, blocks[i].order.to(device)))
+        i = j
+    return layers[0] if len(layers) == 1 else StackedGGUFLinear(layers)
+
+
+def _same_order(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is None and b is None or a is not None and b is not None and torch.equal(a, b)
 
 
 def _block_layer(bq: BlockQuants, in_features: int, bias: torch.Tensor | None, kernels: str,
@@ -439,10 +490,6 @@ def _block_layer(bq: BlockQuants, in_features: int, bias: torch.Tensor | None, k
     encoded = gguf_rows(bq)
     return None if encoded is None else GGUFLinear(torch.from_numpy(encoded[1]), encoded[0], in_features, bias,
                                                    activations="float32")
-
-
-def _same_order(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    return a is None and b is None or a is not None and b is not None and torch.equal(a, b)
 
 
 def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> int:

@@ -84,7 +84,8 @@ def _word(values, shifts) -> int:
 
 def pack_gptq(q, zero, scale, g_idx, bits: int, v1: bool = True) -> dict[str, torch.Tensor]:
     """AutoGPTQ's layout: qweight [in / pack, out] packed along the inputs, qzeros [groups, out / pack] along the
-    outputs (the v1 format stores each zero minus one, masked to its bits), scales [groups, out], g_idx."""
+    outputs (the v1 format stores each zero minus one, here masked to its field: a zero of 0 is stored as all ones in
+    its field only), scales [groups, out], g_idx."""
     per = 32 // bits
     mask = (1 << bits) - 1
     shifts = [bits * i for i in range(per)]
@@ -151,11 +152,12 @@ AWQ = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "
 
 
 def as_quantized(folder: Path, target: Path, quantization: dict, shared_order: bool = True, seed: int = 0,
-                 head: bool = False):
+                 head: bool = False, modules: tuple[str, ...] = PROJECTIONS, zero_biases: bool = False):
     """``folder``'s checkpoint with every projection quantized as ``quantization`` says, written to ``target``; and
     beside it ``target``-float, the same model with the weights the integers stand for (the reference). Act-order
     (``desc_act``) draws one input order per layer and input (``shared_order``, as GPTQ's Hessian gives q, k and v
-    one) or one per projection. ``head``: the LM head too (GPTQModel's ``lm_head: true``)."""
+    one) or one per projection. ``head``: the LM head too (GPTQModel's ``lm_head: true``); ``modules``: the name
+    endings quantized; ``zero_biases``: a zero float16 bias beside each (as AutoGPTQ saved them before 2024)."""
     shutil.copytree(folder, target)
     reference = Path(shutil.copytree(folder, f"{target}-float"))
     generator = torch.Generator().manual_seed(seed)
@@ -165,7 +167,8 @@ def as_quantized(folder: Path, target: Path, quantization: dict, shared_order: b
     packed, floats = {}, {}
     for name, tensor in load_file(target / "model.safetensors").items():
         module = name.removesuffix(".weight")
-        if not (name.endswith(".weight") and (module.endswith(PROJECTIONS) or head and module == "lm_head")):
+        if not (name.endswith(".weight") and (module.endswith(modules) or head and module == "lm_head")
+                and ".mlp.gate." not in name):
             packed[name] = floats[name] = tensor
             continue
         order = None
@@ -182,6 +185,8 @@ def as_quantized(folder: Path, target: Path, quantization: dict, shared_order: b
             tensors = pack_gptq(q, zero, scale, g_idx, bits, quantization.get("checkpoint_format") != "gptq_v2")
         floats[name] = expand(q, zero, scale, g_idx)
         packed.update({f"{module}.{key}": value for key, value in tensors.items()})
+        if zero_biases and f"{module}.bias" not in packed:
+            packed[f"{module}.bias"] = torch.zeros(tensor.shape[0], dtype=torch.float16)
     save_file(packed, target / "model.safetensors", metadata={"format": "pt"})
     save_file(floats, reference / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((target / "config.json").read_text())
@@ -371,6 +376,64 @@ def test_a_quantized_lm_head_and_quantized_experts(tmp_path, smollm2_path, monke
     assert_parity(loom_greedy(llm, prompts, 8), loom_greedy(LLM(str(reference), **ENGINE), prompts, 8), atol=1e-4)
 
 
+@pytest.mark.parametrize("arch, overrides, dtype", [
+    ("glm4_moe", {}, "float32"),  # half-rotary heads and q/k/v biases, quantized: rows and bias reordered once
+    ("phi3", {"partial_rotary_factor": 0.5, "pad_token_id": 0}, "bfloat16"),  # fused qkv, expanded: ordered once
+])  # fmt: skip
+def test_partial_rotary_rows_and_biases_are_ordered_once(tmp_path, smollm2_path, monkeypatch, arch, overrides, dtype):
+    """Partial rotary loads q/k rows (and their biases) in another order; a quantized projection gets it as it is
+    placed, floats expanded from integers by the pass every float weight gets, never both."""
+    from loom.models.loader import load_model
+
+    monkeypatch.setenv("LOOM_GGUF_ACTIVATIONS", "float32")
+    folder = save_tiny_model(tmp_path / "float", smollm2_path, arch=arch, **overrides)
+    if arch == "glm4_moe":
+        per_expert(folder)
+    path, reference = as_quantized(folder, tmp_path / "gptq", GPTQ)
+    torch_dtype = getattr(torch, dtype)
+    ours = load_model(path, torch_dtype, torch.device("cpu"), 64).layers[0].self_attn.qkv_proj
+    theirs = load_model(reference, torch_dtype, torch.device("cpu"), 64).layers[0].self_attn.qkv_proj
+    assert isinstance(ours, GGUFLinear if dtype == "float32" else torch.nn.Linear)
+    assert torch.equal(ours.weight if dtype == "bfloat16" else ours.dequantize(), theirs.weight.to(
+        ours.weight.dtype if dtype == "bfloat16" else torch.float32))
+    if theirs.bias is not None:
+        assert torch.equal(ours.bias.float(), theirs.bias.float())
+    prompts = varied_prompts(3, seed=11, low=10, high=30)
+    engine = dict(ENGINE, dtype=dtype)
+    assert_parity(loom_greedy(LLM(str(path), **engine), prompts, 6),
+                  loom_greedy(LLM(str(reference), **engine), prompts, 6), atol=1e-4 if dtype == "float32" else 0.05)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+def test_latent_attention_projections_quantized(tmp_path, smollm2_path, monkeypatch, arch):
+    """GPTQModel quantizes every MLA projection: kv_b_proj (held by Loom as its absorbed latent projection) is
+    expanded to floats, the others stay quantized, the rotary rows de-interleaved alike."""
+    monkeypatch.setenv("LOOM_GGUF_ACTIVATIONS", "float32")
+    folder = per_expert(save_tiny_model(tmp_path / "float", smollm2_path, arch=arch))
+    path, reference = as_quantized(folder, tmp_path / "gptq", GPTQ, modules=("_proj", "_mqa"))
+    llm = LLM(str(path), **ENGINE)
+    attn = llm.engine.model.layers[0].self_attn
+    assert isinstance(attn.kv_a_proj_with_mqa, GGUFLinear)  # o_proj's 80 inputs are no whole 32-blocks: floats
+    prompts = varied_prompts(3, seed=12, low=10, high=30)
+    assert_parity(loom_greedy(llm, prompts, 6), loom_greedy(LLM(str(reference), **ENGINE), prompts, 6), atol=1e-4)
+
+
+def test_zero_biases_older_autogptq_saved_and_negative_dynamic_rules_load(tmp_path, smollm2_path, monkeypatch):
+    monkeypatch.setenv("LOOM_GGUF_ACTIVATIONS", "float32")
+    folder = save_tiny_model(tmp_path / "float", smollm2_path)
+    quantization = {**GPTQ, "dynamic": {"-:.*lm_head.*": {}}}  # GPTQModel: leave these unquantized
+    path, reference = as_quantized(folder, tmp_path / "gptq", quantization, zero_biases=True)
+    assert "model.layers.0.mlp.down_proj.bias" in load_file(path / "model.safetensors")
+    prompts = varied_prompts(3, seed=13, low=10, high=30)
+    assert_parity(loom_greedy(LLM(str(path), **ENGINE), prompts, 6),
+                  loom_greedy(LLM(str(reference), **ENGINE), prompts, 6), atol=1e-4)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.bias"][0] = 1.0  # a real bias where Llama has none: refused
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="down_proj.bias .* has no place"):
+        LLM(str(path), **ENGINE)
+
+
 def test_act_order_with_an_order_per_projection_gathers_each_part_its_own_way(tmp_path, smollm2_path, monkeypatch):
     monkeypatch.setenv("LOOM_GGUF_ACTIVATIONS", "float32")
     folder = save_tiny_model(tmp_path / "float", smollm2_path)
@@ -425,7 +488,8 @@ def test_a_gptq_checkpoint_splits_over_two_ranks_and_runs_as_on_one(tmp_path, sm
     ({"bits": 3}, "3-bit GPTQ"),
     ({"group_size": 16}, "groups of 16"),
     ({"checkpoint_format": "marlin"}, "'marlin' format"),
-    ({"dynamic": {"-:.*down_proj.*": {}}}, "per-module overrides"),
+    ({"dynamic": {"+:.*down_proj.*": {"bits": 8}}}, "per-module overrides"),
+    ({"pack_dtype": "int16"}, "int16 words"),
 ])  # fmt: skip
 def test_integer_checkpoints_loom_cannot_read_are_refused(tmp_path, tiny_llama, change, match):
     path = shutil.copytree(tiny_llama, tmp_path / "quantized")
@@ -441,3 +505,19 @@ def test_int8_quantization_of_a_gptq_checkpoint_is_refused(tmp_path, smollm2_pat
     path, _ = as_quantized(folder, tmp_path / "gptq", GPTQ)
     with pytest.raises(ValueError, match="holds GPTQ weights, already quantized"):
         LLM(str(path), quantization="int8", num_kv_blocks=16)
+
+
+def test_integers_of_the_wrong_shape_are_refused_at_load(tmp_path, smollm2_path):
+    folder = save_tiny_model(tmp_path / "float", smollm2_path)
+    path, _ = as_quantized(folder, tmp_path / "gptq", GPTQ)
+    tensors = load_file(path / "model.safetensors")
+    for suffix in ("qweight", "qzeros", "scales", "g_idx"):  # down_proj given o_proj's integers
+        tensors[f"model.layers.0.mlp.down_proj.{suffix}"] = tensors[f"model.layers.0.self_attn.o_proj.{suffix}"].clone()
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"layers.0.mlp.down_proj.weight: the checkpoint's integers make a \[64, 64\] "
+                                         r"weight where the model's config needs \[64, 128\]"):
+        LLM(str(path), **ENGINE)
+    tensors["model.layers.0.mlp.down_proj.scales"] = tensors["model.layers.0.mlp.down_proj.scales"][:1]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj \(gptq\): GPTQ tensors do not fit together"):
+        LLM(str(path), **ENGINE)
