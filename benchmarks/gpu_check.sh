@@ -20,8 +20,9 @@ if want llm; then
 echo "== parity on CUDA, bfloat16"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py tests/engine/test_step_upload.py \
   -k "not real_shapes" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
-echo "== Triton paged decode attention compiled on the GPU (the same tests run interpreted on CPU in make test)"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_attention.py tests/ops/test_triton_layers.py 2>&1 \
+echo "== Triton paged attention, layer ops and grouped MoE compiled on the GPU (interpreted on CPU in make test)"
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_attention.py tests/ops/test_triton_layers.py \
+  tests/ops/test_triton_moe.py 2>&1 \
   | tee "$OUT/pytest_triton.log" | tail -6
 echo "== quantized linears (GGUF blocks, weight-only int8) compiled on the GPU, then their speed against bf16 cuBLAS"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_quantized.py 2>&1 \

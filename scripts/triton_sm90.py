@@ -149,7 +149,37 @@ def workloads():
         cos, slots = torch.empty(2048, 128), torch.zeros(8, dtype=torch.long)
         yield f"rotary_and_cache 32/8x128 {tag}", partial(ops.rotary_and_cache, qkv, slots, cos, cos, cache, cache,
                                                           slots, 32, 8)
+    yield from moe_workloads()
     yield from quantized_workloads()
+
+
+MOE = {  # name: (experts, top k, hidden, expert width, biases and gpt-oss' clamped SwiGLU)
+    "mixtral-8x7b": (8, 2, 4096, 14336, False),
+    "qwen3-30b-a3b": (128, 8, 2048, 768, False),
+    "gpt-oss-20b": (32, 4, 2880, 2880, True),
+}
+
+
+def moe_workloads():
+    """The grouped MoE matmuls at real experts' shapes, for a decode batch (8 tokens) and a prefill chunk (512)."""
+    from types import SimpleNamespace
+
+    from loom.models.llama import StackedExperts
+    from loom.ops.triton_ops import TritonOps
+
+    ops = TritonOps()
+    for name, (e, k, h, i, gpt_oss) in MOE.items():
+        for dtype in (torch.bfloat16, torch.float32):
+            stacked = StackedExperts(torch.empty(e, 2 * i, h, dtype=dtype),
+                                     torch.empty(e, 2 * i, dtype=dtype) if gpt_oss else None,
+                                     torch.empty(e, h, i, dtype=dtype),
+                                     torch.empty(e, h, dtype=dtype) if gpt_oss else None)
+            expert = SimpleNamespace(clamp=(1.702, 7.0) if gpt_oss else None, gelu=False)
+            for tokens in (8, 512):
+                experts = torch.randint(0, e, (tokens, k))
+                weights = torch.empty(tokens, k, dtype=dtype)
+                yield f"fused_moe {name} t={tokens} {DTYPES[dtype]}", partial(
+                    ops.fused_moe, torch.empty(tokens, h, dtype=dtype), weights, experts, stacked, expert)
 
 
 def quantized_workloads():

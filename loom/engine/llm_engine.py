@@ -27,7 +27,7 @@ from loom.engine.spec_decode import SpecDecoder
 from loom.engine.structured import StructuredOutputs
 from loom.engine.tensor_parallel import EngineFatalError, RankSpec, TPWorkers, threads_per_rank
 from loom.models.catalogue import resolve_runtime
-from loom.models.llama import LlamaConfig
+from loom.models.llama import LlamaConfig, SparseMoE
 from loom.models.loader import load_hf_config, load_tokenizer, load_weights
 from loom.models.multimodal import Encoder, vision_encoder
 from loom.models.vision import SERVE_A_VISION_MODEL, ImageTokens, PreparedImage, is_multimodal
@@ -183,7 +183,7 @@ class LLMEngine:
         self.scheduler = Scheduler(sched_cfg, self.block_manager)
         if self.workers is not None:
             self.workers.join(num_blocks)
-        graphs = (self.device.type == "cuda" and not config.enforce_eager and not mcfg.num_experts
+        graphs = (self.device.type == "cuda" and not config.enforce_eager and no_host_syncs(self.model)
                   and self.lora is None and self.workers is None)
         # with graphs, one block past the pool (never handed out) takes the padded rows' writes
         kv = allocate_kv_caches(self.model, num_blocks + (1 if graphs else 0), config.block_size, self.dtype,
@@ -750,6 +750,14 @@ def kv_budget_bytes(total: int, free: int, reserved: int, peak: int, utilization
     (total - free - this process's reserved pool). 0 when nothing is left."""
     others = max(0, total - free - reserved)
     return max(0.0, utilization * total - peak - others)
+
+
+def no_host_syncs(model) -> bool:
+    """Whether a forward never asks the host for a value, so a decode step can be captured in a CUDA graph: a mixture
+    of experts counts its tokens per expert on the host unless its backend runs them in grouped matmuls
+    (``ops.fused_moe`` over stacked experts)."""
+    layers = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    return not layers or model.ops.fused_moe is not None and all(m.stacked is not None for m in layers)
 
 
 def _eos_ids(tokenizer, path) -> frozenset[int]:

@@ -616,6 +616,17 @@ class MLP(nn.Module):
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
+@dataclass(slots=True)
+class StackedExperts:
+    """A MoE layer's expert weights as stacks over experts, in ``nn.Linear``'s layout: gate/up [E, 2I, H] (gate rows
+    first), down [E, H, I], biases [E, 2I] and [E, H] where the experts have them."""
+
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
 class SparseMoE(nn.Module):
     """A mixture-of-experts MLP: a router picks ``num_experts_per_tok`` experts per token (softmax, then top-k, then
     renormalised where the model does; gpt-oss: top-k of the logits, then their softmax), tokens are grouped by
@@ -644,6 +655,28 @@ class SparseMoE(nn.Module):
         self.shared_expert = MLP(cfg, intermediate_size=shared) if shared else None
         gated = shared and cfg.shared_expert_gated
         self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if gated else None
+        self.stacked: StackedExperts | None = None
+        """The experts' weights stacked for a backend's grouped matmuls (``stack_experts``), or None."""
+
+    def stack_experts(self) -> bool:
+        """Hold the experts' weights (and biases) as stacks [E, N, K] for a backend whose ``ops.fused_moe`` runs
+        every expert in one grouped matmul per projection; each expert's parameters become views into them, so
+        weights written in place (``load_weights``) land in the stacks. False, and nothing changed, where an expert
+        is not a plain float linear (quantized, packed)."""
+        pairs = [(e.gate_up_proj, e.down_proj) for e in self.experts]
+        if not all(type(p) is nn.Linear for pair in pairs for p in pair):
+            return False
+
+        def stack(params: list[torch.Tensor | None]) -> torch.Tensor | None:
+            if params[0] is None:
+                return None
+            whole = torch.stack([p.detach() for p in params])
+            for i, p in enumerate(params):
+                p.data = whole[i]
+            return whole
+        self.stacked = StackedExperts(stack([g.weight for g, _ in pairs]), stack([g.bias for g, _ in pairs]),
+                                      stack([d.weight for _, d in pairs]), stack([d.bias for _, d in pairs]))
+        return True
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (weights [T, k] in x's dtype, expert ids [T, k]), as HF routes (float32 softmax)."""
@@ -686,6 +719,17 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
         weights, experts = self.route(x)
+        if self.stacked is not None and ops.fused_moe is not None:
+            y = ops.fused_moe(x, weights, experts, self.stacked, self.experts[0])
+        else:
+            y = self._grouped(x, weights, experts, ops)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x, ops)
+            y += shared if self.shared_expert_gate is None else torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return y if self.tp is None else self.tp.all_reduce(y)
+
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, ops: TorchOps) -> torch.Tensor:
+        """The routed experts' weighted sum, each expert chosen in the step run once over its tokens."""
         flat = experts.flatten()
         order = torch.argsort(flat, stable=True)  # the T*k (token, expert) pairs, grouped by expert
         token = order // self.top_k
@@ -698,11 +742,7 @@ class SparseMoE(nn.Module):
                 out[start : start + count] = expert(grouped[start : start + count], ops)
                 start += count
         out.mul_(weights.flatten()[order].unsqueeze(-1))
-        y = torch.zeros_like(x).index_add_(0, token, out)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x, ops)
-            y += shared if self.shared_expert_gate is None else torch.sigmoid(self.shared_expert_gate(x)) * shared
-        return y if self.tp is None else self.tp.all_reduce(y)
+        return torch.zeros_like(x).index_add_(0, token, out)
 
 
 class DecoderLayer(nn.Module):

@@ -55,6 +55,10 @@ class TorchOps:
     """A backend's attention over all of a step's prefill chunks at once, ``(q, k_cache, v_cache, meta, scale, out,
     window, softcap, sinks=None) -> out`` (Triton's; ``meta.prefills`` are the chunks, ``meta.plans`` keeps what it
     derives once a step); None: ``loom.ops.attention`` runs the chunks one by one."""
+    fused_moe = None
+    """A backend's routed experts in grouped matmuls, ``(x, weights, experts, stacked, expert) -> y`` over a MoE
+    layer's ``StackedExperts`` (``expert``: one of its MLPs, for the activation); None: the layer groups tokens by
+    expert and runs each expert's projections (one host sync a layer for the counts)."""
 
     def prepare(self, model: torch.nn.Module) -> None:
         """Adapt a freshly loaded model to this backend (the reference needs nothing)."""

@@ -5,6 +5,8 @@ step's prefill chunks read K/V in place through the block tables instead of gath
 
 from __future__ import annotations
 
+import torch
+
 from loom.ops.layers import TorchOps, split_qkv
 
 
@@ -15,6 +17,30 @@ def _rows(*tensors) -> bool:
 
 class TritonOps(TorchOps):
     name = "triton"
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Mixture-of-experts layers with float experts get them stacked for ``fused_moe``."""
+        super().prepare(model)
+        for module in model.modules():
+            if hasattr(module, "stack_experts"):
+                module.stack_experts()
+
+    def fused_moe(self, x, weights, experts, stacked, expert):
+        """The routed experts in two grouped matmuls over all (token, expert) pairs (``loom.ops.triton.moe``), the
+        activation between them as the expert MLP's (SiLU·mul, GeGLU, gpt-oss' clamped SwiGLU): no host sync."""
+        from loom.ops.triton import moe  # local: imports triton
+
+        x = x.contiguous()
+        top_k = experts.shape[1]
+        order = moe.align_by_expert(experts, stacked.gate_up.shape[0])
+        gate_up = moe.grouped_matmul(x, stacked.gate_up, stacked.gate_up_bias, *order, top_k, per_pair=False)
+        if expert.clamp is not None:
+            act = self.clamped_swiglu(gate_up, *expert.clamp)
+        else:
+            act = self.gelu_and_mul(gate_up) if expert.gelu else self.silu_and_mul(gate_up)
+        down = moe.grouped_matmul(act.contiguous(), stacked.down, stacked.down_bias, *order, top_k, per_pair=True,
+                                  routing=weights.reshape(-1).contiguous())
+        return down.view(x.shape[0], top_k, -1).sum(1)
 
     def rms_norm(self, x, weight, eps):
         if not _rows(x):

@@ -94,6 +94,29 @@ def test_bf16_cuda_matches_hf_at_real_shapes_and_graphs_equal_eager(tmp_path, sm
     assert [ids[0] for ids, _ in runs[True]] == [ids[0] for ids, _ in runs[False]]
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_moe_experts_grouped_on_the_gpu_under_graphs_score_as_hf(tmp_path, smollm2_path, arch):
+    """A mixture of experts on Triton's grouped matmuls (no host sync, so its decode steps replay CUDA graphs): HF's
+    bf16 model of the same checkpoint scores Loom's tokens as above, graphs on and off."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import save_tiny_model
+
+    path = save_tiny_model(tmp_path / arch, smollm2_path, arch=arch)
+    prompts = varied_prompts(8, seed=33, low=4, high=60)
+    runs = {}
+    for eager in (True, False):
+        llm = LLM(str(path), dtype="bfloat16", device="cuda", kv_cache_memory_gb=0.5, enforce_eager=eager)
+        runs[eager] = loom_bf16(llm, prompts, 8)
+        if not eager:
+            assert llm.engine.runner.graphs is not None and llm.engine.runner.graphs.graphs  # graphs were replayed
+        del llm
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).cuda().eval()
+    for eager, run in runs.items():
+        assert_hf_scores_loom_tokens(hf, prompts, run, f"{arch}, eager={eager}")
+    assert [ids[0] for ids, _ in runs[True]] == [ids[0] for ids, _ in runs[False]]
+
+
 def test_async_scheduling_on_cuda_gives_the_sync_tokens(tiny_llama):
     """Async scheduling with CUDA graphs: pending tokens fed on the device, ids read back through pinned memory
     behind an event. Without stops both modes run the same batches, so greedy and seeded ids and logprobs match."""

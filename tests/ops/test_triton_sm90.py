@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {"_decode_split_kernel", "_decode_combine_kernel", "_prefill_kernel", "_rms_norm_kernel", "_gated_mul_kernel",
            "_rotary_cache_kernel", "_gemv_kernel", "_gemm_kernel", "_dequantize_kernel",
-           "_split_sum_kernel"}  # fmt: skip
+           "_split_sum_kernel", "_grouped_matmul_kernel"}  # fmt: skip
 
 
 @pytest.mark.slow
