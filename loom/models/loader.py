@@ -307,12 +307,12 @@ def _integer_groups(quant: dict) -> bool:
 
 
 def integer_quantization(folder: str | Path) -> str | None:
-    """"gptq" or "awq" where the HF folder holds integer weights Loom runs quantized, else None."""
+    """"gptq", "awq" or "compressed-tensors" where the HF folder holds integer weights Loom runs quantized, else
+    None."""
     if is_gguf(folder) or not (Path(folder) / "config.json").is_file():
         return None
-    quant = _quantization_dict(load_hf_config(folder))
-    method = None if quant is None else str(quant.get("quant_method")).lower()
-    return method if method in ("gptq", "awq") else None
+    config = _int_quantization(load_hf_config(folder), Path(folder))
+    return None if config is None else config.method
 
 
 def _quantization_dict(hf) -> dict | None:

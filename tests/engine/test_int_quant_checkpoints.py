@@ -500,10 +500,11 @@ def test_integer_checkpoints_loom_cannot_read_are_refused(tmp_path, tiny_llama, 
         LLM(str(path), num_kv_blocks=16)
 
 
-def test_int8_quantization_of_a_gptq_checkpoint_is_refused(tmp_path, smollm2_path):
+@pytest.mark.parametrize("quantization, name", [(GPTQ, "GPTQ"), (compressed_tensors(), "COMPRESSED-TENSORS")])
+def test_int8_quantization_of_an_integer_checkpoint_is_refused(tmp_path, smollm2_path, quantization, name):
     folder = save_tiny_model(tmp_path / "float", smollm2_path)
-    path, _ = as_quantized(folder, tmp_path / "gptq", GPTQ)
-    with pytest.raises(ValueError, match="holds GPTQ weights, already quantized"):
+    path, _ = as_quantized(folder, tmp_path / "quantized", quantization)
+    with pytest.raises(ValueError, match=f"holds {name} weights, already quantized"):
         LLM(str(path), quantization="int8", num_kv_blocks=16)
 
 
