@@ -6,7 +6,8 @@ cache slots, block tables padded to the model's most blocks per sequence, contex
 bucket (1, 2, 4, 8, 16, 24, 32, ... max_num_seqs): a padded row decodes token 0 at position 0 with a context of one
 token, writing its K/V into a scratch block the block manager never hands out, and its logits are dropped. Prefill and
 mixed steps, speculative decodes and batches above the largest bucket run eagerly, as do models whose forward asks
-the host for a value (a mixture of experts counts its tokens per expert). ``enforce_eager=True`` turns graphs off.
+the host for a value (a mixture of experts counts its tokens per expert, unless the backend runs its experts in
+grouped matmuls: ``llm_engine.no_host_syncs``). ``enforce_eager=True`` turns graphs off.
 
 ``capture=False`` runs the same padded static-buffer path eagerly: that is how the logic is tested on a CPU.
 """

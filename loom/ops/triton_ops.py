@@ -32,7 +32,9 @@ class TritonOps(TorchOps):
 
         x = x.contiguous()
         top_k = experts.shape[1]
-        order = moe.align_by_expert(experts, stacked.gate_up.shape[0])
+        if x.shape[0] == 0:
+            return torch.zeros_like(x)
+        order = moe.align_by_expert(experts, stacked.gate_up.shape[0], moe.tile_rows(experts.numel()))
         gate_up = moe.grouped_matmul(x, stacked.gate_up, stacked.gate_up_bias, *order, top_k, per_pair=False)
         if expert.clamp is not None:
             act = self.clamped_swiglu(gate_up, *expert.clamp)

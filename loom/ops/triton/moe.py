@@ -22,7 +22,15 @@ import triton
 import triton.language as tl
 
 BLOCK_M = 16
-"""Pairs per tile: tl.dot's least; decode steps have few pairs per expert."""
+"""Pairs per tile for small steps (decode: few pairs per expert): tl.dot's least."""
+BLOCK_M_LARGE = 64
+"""Pairs per tile from ``LARGE_STEP`` pairs on (prefill chunks): each expert's weights read once per 64 pairs."""
+LARGE_STEP = 1024
+
+
+def tile_rows(pairs: int) -> int:
+    """Rows per tile for a step of ``pairs`` (token, expert) pairs."""
+    return BLOCK_M if pairs < LARGE_STEP else BLOCK_M_LARGE
 
 
 def align_by_expert(experts: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
@@ -84,12 +92,15 @@ def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    block_expert: torch.Tensor, valid: torch.Tensor, top_k: int, per_pair: bool,
                    routing: torch.Tensor | None = None) -> torch.Tensor:
     """out[p] = a[p or p // top_k] @ weight[e(p)].T (+ bias[e(p)]) (* routing[p]) for every pair p = t top_k + j;
-    ``weight`` [E, N, K] contiguous, ``a`` rows contiguous. Returns [T top_k, N] in a's dtype."""
+    ``weight`` [E, N, K] contiguous, ``a`` rows contiguous; the alignment made with ``tile_rows(pairs)`` rows a tile.
+    Returns [T top_k, N] in a's dtype."""
     pairs = routing.numel() if routing is not None else (a.shape[0] if per_pair else a.shape[0] * top_k)
+    block_m = sorted_ids.numel() // block_expert.numel()
     _, n, k = weight.shape
     out = torch.empty(pairs, n, dtype=a.dtype, device=a.device)
     block_n = max(16, min(64, triton.next_power_of_2(n)))
-    block_k = max(16, min(64 if a.dtype != torch.float32 else 32, triton.next_power_of_2(k)))
+    wide = block_m > BLOCK_M or a.dtype == torch.float32  # 64-row tiles and 4-byte operands: 32-wide K steps
+    block_k = max(16, min(32 if wide else 64, triton.next_power_of_2(k)))
     grid = (block_expert.numel(), triton.cdiv(n, block_n))
     _grouped_matmul_kernel[grid](
         a, weight, bias if bias is not None else weight, out, sorted_ids, block_expert, valid,
@@ -97,6 +108,6 @@ def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         weight.stride(1), bias.stride(0) if bias is not None else 0, out.stride(0),
         PER_PAIR=per_pair, HAS_BIAS=bias is not None, WEIGHTED=routing is not None,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # tf32: ignored for 16-bit operands
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4 if block_m == BLOCK_M else 8,
     )  # fmt: skip
     return out
