@@ -135,8 +135,8 @@ class LLMEngine:
                                                    self.model_path)
         """What requests that leave sampling parameters out get (``loom.engine.sampling_defaults``)."""
         if self.sampling_defaults.as_dict():
-            source = config.generation_config + (" and --override-generation-config"
-                                                 if config.override_generation_config else "")
+            override = config.override_generation_config is not None and config.override_generation_config.as_dict()
+            source = config.generation_config + (" and --override-generation-config" if override else "")
             log.info("default sampling parameters (--generation-config %s): %s", source,
                      self.sampling_defaults.as_dict())
         self.decoder = FastDecode(self.tokenizer)
@@ -588,7 +588,8 @@ class LLMEngine:
                     f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
                     f"({self.max_model_len}); lower max_tokens to at most {room}"
                 )
-            params = params.clone(max_tokens=room)
+            params = params.clone(max_tokens=room if params.default_max_tokens is None
+                                  else min(room, params.default_max_tokens))
         pool = self.block_manager.num_blocks * self.block_manager.block_size
         if n + params.max_tokens > pool:
             raise ValueError(

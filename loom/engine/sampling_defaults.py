@@ -12,6 +12,7 @@ folder's file; ``--override-generation-config '{"temperature": 0.5}'`` sets valu
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -45,18 +46,30 @@ class SamplingDefaults:
         return cls(**known)._checked()
 
     def _checked(self) -> SamplingDefaults:
+        """Numbers, finite, whole where the parameter is (20.0 becomes 20), and in the ranges SamplingParams takes."""
+        values = {}
         for name, kind in (("temperature", float), ("top_p", float), ("top_k", int), ("min_p", float),
                            ("repetition_penalty", float), ("max_tokens", int)):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or kind is int and value != int(value)):
-                raise ValueError(f"the sampling default {name} must be a number{' (whole)' if kind is int else ''}, "
-                                 f"got {value!r}")
-        return self
+            if value is None:
+                continue
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or kind is int and value != int(value)):
+                raise ValueError(f"the sampling default {name} must be a finite number"
+                                 f"{' (whole)' if kind is int else ''}, got {value!r}")
+            values[name] = int(value) if kind is int else float(value)
+        from loom.engine.sampling_params import SamplingParams  # local: sampling_params needs nothing from here
+
+        try:
+            SamplingParams(**{k: v for k, v in values.items() if k != "max_tokens"}, max_tokens=None,
+                           default_max_tokens=values.get("max_tokens"))
+        except ValueError as exc:
+            raise ValueError(f"an invalid sampling default: {exc}") from None
+        return replace(self, **values)
 
     def over(self, base: SamplingDefaults) -> SamplingDefaults:
         """These values where set, ``base``'s elsewhere."""
-        return replace(base, **self.as_dict())
+        return replace(base, **self.as_dict())._checked()
 
     def as_dict(self) -> dict:
         """The values that are set."""

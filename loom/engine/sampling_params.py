@@ -34,6 +34,9 @@ class SamplingParams:
     """Subtracted from a token's logits per time it was generated."""
     max_tokens: int | None = 16
     """Tokens to generate at most; None means up to the model's context."""
+    default_max_tokens: int | None = None
+    """Where ``max_tokens`` is None, generate at most this many, fewer where the context leaves less room (the
+    model's default from its generation_config.json, ``--generation-config``)."""
     min_tokens: int = 0
     """Tokens to generate before EOS or a stop token may end the output."""
     stop: list[str] = field(default_factory=list)
@@ -100,6 +103,8 @@ class SamplingParams:
             (-2.0 <= self.frequency_penalty <= 2.0,
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.default_max_tokens is None or self.default_max_tokens >= 1,
+             f"default_max_tokens must be >= 1, got {self.default_max_tokens}"),
             (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
             (
                 self.max_tokens is None or self.min_tokens <= self.max_tokens,

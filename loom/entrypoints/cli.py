@@ -17,12 +17,13 @@ from loom.flags import add_config_arguments, config_from_args
 from loom.models.lora import read_adapter_config
 from loom.models.vision import SERVE_A_VISION_MODEL, image_placeholder
 
-SAMPLING_SKIP = {"n", "logprobs", "structured_outputs"}
+SAMPLING_SKIP = {"n", "logprobs", "structured_outputs", "default_max_tokens"}
 """Sampling fields with no use on a command line that prints one completion per prompt (structured outputs: not
 offered here yet)."""
-ENGINE_SKIP = {"seed", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"}
+ENGINE_SKIP = {"seed", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "generation_config",
+               "override_generation_config"}
 """The engine's default seed: here ``--seed`` is the requests' own (a sampling flag); one ``--lora`` folder stands
-for the LoRA settings."""
+for the LoRA settings; every sampling parameter is a flag of its own (the model's defaults would never apply)."""
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

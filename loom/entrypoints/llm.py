@@ -60,7 +60,10 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """What ``generate`` and ``chat`` sample with when given no SamplingParams (vLLM's method): the defaults,
         with the model's own where its generation_config.json sets them (``--generation-config``)."""
-        return SamplingParams(**self.engine.sampling_defaults.as_dict())
+        values = self.engine.sampling_defaults.as_dict()
+        if "max_tokens" in values:  # the model's default: capped at the room a prompt leaves, never refused over it
+            values.update(max_tokens=None, default_max_tokens=values["max_tokens"])
+        return SamplingParams(**values)
 
     def generate(
         self,

@@ -29,11 +29,18 @@ def test_a_generation_config_gives_its_sampling_parameters_only(tmp_path):
                                                           "min_p": 0.05, "max_tokens": 256}
     assert read_generation_config(tmp_path / "missing").as_dict() == {}
     (tmp_path / "generation_config.json").write_text('{"temperature": "hot"}')
-    with pytest.raises(ValueError, match="temperature must be a number"):
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
         read_generation_config(tmp_path)
     (tmp_path / "generation_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not readable JSON"):
         read_generation_config(tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"top_k": 20.0, "max_new_tokens": 8.0}')
+    assert read_generation_config(tmp_path) == SamplingDefaults(top_k=20, max_tokens=8)  # whole numbers as ints
+    for bad, match in (('{"temperature": -1}', "temperature"), ('{"top_p": 0}', "top_p"),
+                       ('{"max_new_tokens": Infinity}', "finite"), ('{"temperature": NaN}', "finite")):
+        (tmp_path / "generation_config.json").write_text(bad)
+        with pytest.raises(ValueError, match=f"generation_config.json: .*{match}"):
+            read_generation_config(tmp_path)
 
 
 def test_modes_and_overrides(tmp_path):
@@ -62,8 +69,9 @@ def test_the_override_flag_takes_vllms_json():
     engine = config_from_args(EngineConfig, args)
     assert engine.override_generation_config == SamplingDefaults(temperature=0.5, max_tokens=12)
     assert engine.generation_config == "vllm"
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--model", "m", "--override-generation-config", '{"temp": 0.5}'])
+    for bad in ('{"temp": 0.5}', '{"max_new_tokens": 1e400}', '{"top_p": 2}'):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--model", "m", "--override-generation-config", bad])
 
 
 def test_requests_get_the_defaults_for_what_they_leave_out():
@@ -72,12 +80,12 @@ def test_requests_get_the_defaults_for_what_they_leave_out():
     chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
     params = chat.sampling_params(defaults=defaults)
     assert (params.temperature, params.top_p, params.top_k, params.min_p, params.repetition_penalty,
-            params.max_tokens) == (0.6, 0.95, 20, 0.05, 1.1, 7)
+            params.max_tokens, params.default_max_tokens) == (0.6, 0.95, 20, 0.05, 1.1, None, 7)
     given = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], temperature=0, top_p=1,
                                   top_k=0, min_p=0, repetition_penalty=1, max_tokens=3)
     params = given.sampling_params(defaults=defaults)  # given values, zeros included, stand
     assert (params.temperature, params.top_p, params.top_k, params.min_p, params.repetition_penalty,
-            params.max_tokens) == (0, 1, 0, 0, 1, 3)
+            params.max_tokens, params.default_max_tokens) == (0, 1, 0, 0, 1, 3, None)
     plain = chat.sampling_params()
     assert (plain.temperature, plain.top_p, plain.top_k, plain.min_p, plain.repetition_penalty, plain.max_tokens) == (
         1.0, 1.0, 0, 0.0, 1.0, None)
@@ -101,8 +109,25 @@ def test_the_offline_api_samples_with_the_models_defaults(greedy_by_default):
     greedy = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0].outputs[0].token_ids
     assert len(default) == 5 and default == greedy
     assert llm.get_default_sampling_params().temperature == 0.0
+    capped = LLM(str(greedy_by_default), num_kv_blocks=64, max_model_len=16,
+                 override_generation_config={"max_new_tokens": 4096})  # past the context: capped, not refused
+    assert len(capped.generate({"prompt_token_ids": list(range(5, 15))})[0].outputs[0].token_ids) <= 6
     plain = LLM(str(greedy_by_default), num_kv_blocks=64, generation_config="vllm")
     assert plain.get_default_sampling_params().max_tokens == 16  # the file ignored: SamplingParams' own
+
+
+def test_a_default_max_tokens_past_the_context_is_capped_not_refused(greedy_by_default):
+    server = start_llm_server(tiny_config(greedy_by_default, num_kv_blocks=64, max_model_len=40))
+    try:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me about the sea"}],
+                "ignore_eos": True, "max_tokens": None}
+        server.component.front.engine.sampling_defaults = SamplingDefaults(max_tokens=4096)
+        answer = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        usage = answer.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == 40  # the room the prompt left
+    finally:
+        server.stop()
 
 
 def test_the_server_fills_in_the_models_defaults(greedy_by_default):
@@ -119,5 +144,8 @@ def test_the_server_fills_in_the_models_defaults(greedy_by_default):
         response = httpx.post(f"{server.base_url}/responses", json={"model": "tiny", "input": "Hello"},
                               timeout=60).json()
         assert response["temperature"] == 0.0 and response["usage"]["output_tokens"] <= 5
+        beams = httpx.post(f"{server.base_url}/chat/completions", json={**body, "use_beam_search": True, "n": 2,
+                                                                           "ignore_eos": True}, timeout=60).json()
+        assert beams["usage"]["completion_tokens"] == 2 * 5  # each beam stops at the model's default
     finally:
         server.stop()

@@ -36,10 +36,13 @@ def check_beam_request(req) -> None:
             raise bad_request(f"{name} is not supported with use_beam_search; leave it out or sample instead", name)
 
 
-def beam_params(req, max_tokens: int | None, max_model_len: int, prompt_len: int) -> BeamSearchParams:
-    """The search settings of a request ``check_beam_request`` passed, for a prompt of ``prompt_len`` tokens."""
+def beam_params(req, max_tokens: int | None, max_model_len: int, prompt_len: int,
+                default_max_tokens: int | None = None) -> BeamSearchParams:
+    """The search settings of a request ``check_beam_request`` passed, for a prompt of ``prompt_len`` tokens;
+    ``default_max_tokens``: the model's, where the request gives none (capped at the room left)."""
     if max_tokens is None:
-        max_tokens = max_model_len - prompt_len
+        room = max_model_len - prompt_len
+        max_tokens = room if default_max_tokens is None else min(room, default_max_tokens)
     if prompt_len + max_tokens > max_model_len:
         raise bad_request(f"prompt has {prompt_len} tokens and max_tokens is {max_tokens}: more than the model's "
                           f"context of {max_model_len}; lower max_tokens", "max_tokens")

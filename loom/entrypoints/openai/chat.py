@@ -115,7 +115,7 @@ async def _beam_chat(ctx: ServingContext, req: ChatCompletionRequest) -> JSONRes
     if any(m.image_urls() for m in req.messages):
         raise bad_request("use_beam_search does not take images yet; sample instead", "use_beam_search")
     prompt = await ctx.apply_chat_template(req.messages, req.add_generation_prompt, template=template)
-    params = beam_params(req, max_tokens, ctx.front.max_model_len, len(prompt))
+    params = beam_params(req, max_tokens, ctx.front.max_model_len, len(prompt), ctx.sampling_defaults.max_tokens)
     request_id = new_id("chatcmpl")
     out = await beam_search(ctx, request_id, prompt, params, lora, req.priority, req.skip_special_tokens)
     answer = Answer(ToolPlan(), ctx.reasoning, with_reasoning=ctx.reasoning is not None)

@@ -72,7 +72,8 @@ async def _full(ctx, req: CompletionRequest, streams, prompts, echo, head) -> JS
 
 async def _beam_completion(ctx, req: CompletionRequest, prompts: list[list[int]], lora) -> JSONResponse:
     """``use_beam_search``: the n best beams of each prompt as its n choices, best first (``beam.py``)."""
-    params = [beam_params(req, req.max_tokens, ctx.front.max_model_len, len(p)) for p in prompts]
+    params = [beam_params(req, req.max_tokens, ctx.front.max_model_len, len(p), ctx.sampling_defaults.max_tokens)
+              for p in prompts]
     request_id = new_id("cmpl")
     outs = await beam_searches(ctx, request_id, prompts, params, lora, req.priority, req.skip_special_tokens)
     choices = [{"index": i * req.n + c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason,

@@ -143,7 +143,8 @@ class _Common(BaseModel):
             repetition_penalty=defaults.value("repetition_penalty", self.repetition_penalty, 1.0),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            max_tokens=defaults.value("max_tokens", max_tokens, None),
+            max_tokens=max_tokens,
+            default_max_tokens=defaults.max_tokens if max_tokens is None else None,  # capped at the room left
             min_tokens=self.min_tokens,
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []),
