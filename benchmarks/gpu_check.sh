@@ -4,7 +4,7 @@
 # its real tokenizer stands in. Carry: .whl (diffusers, gguf, the server's stack and their pure-Python needs) and
 # .device_carry (tokenizer); `bash scripts/device_wheels.sh` makes both here.
 #   bash benchmarks/gpu_check.sh            (OUT=folder for logs and JSON; default /tmp/loom-gpu)
-#   PART=llm bash benchmarks/gpu_check.sh   (parts: llm, parity, shapes, other, server; comma-separated; default all: a
+#   PART=llm bash benchmarks/gpu_check.sh   (parts: llm, parity, shapes, moe, other, server; comma-separated; default all: a
 #                                            device call runs at most 10 minutes, so a session may run the parts in turn)
 set -u
 OUT=${OUT:-/tmp/loom-gpu}
@@ -53,6 +53,13 @@ echo "== the issue 11 table at real shapes: Llama-3.2-1B / 3.1-8B (random weight
 # SHAPES_ARGS=--async-scheduling: Loom's runs with async scheduling (a second call, to compare)
 timeout 420 python3 benchmarks/gpu_shapes.py --tokenizer .device_carry/smollm2-tokenizer ${SHAPES_ARGS:-} --out "$OUT/gpu_shapes.json" \
   2>&1 | grep -vE "Warning|warn" | tail -6
+fi
+if want moe; then
+echo "== mixture of experts, bf16: grouped Triton experts + CUDA graphs vs the per-expert path vs transformers"
+timeout 200 python3 benchmarks/moe.py --device cuda --num-prompts 64 --rounds 1 --out "$OUT/moe_cuda.json" 2>&1 \
+  | grep -vE "Warning|warn|Loading" | tail -2
+timeout 200 python3 benchmarks/moe.py --device cuda --model gpt_oss --num-prompts 64 --rounds 1 \
+  --out "$OUT/moe_gpt_oss_cuda.json" 2>&1 | grep -vE "Warning|warn|Loading" | tail -2
 fi
 if want other; then
 echo "== the engine's host work per decode step (a 1-layer model: what the GPU waits for each step)"
