@@ -57,7 +57,8 @@ class CpuOps(TorchOps):
     def decode_layers(self, model, x, positions, kv_caches, meta):
         """Dense layers of the Llama family, Qwen3, Mistral, Phi-3 and Gemma 2 / 3 (q/k norms, sliding windows,
         soft-capping, GeGLU and Gemma's sandwich norms included) whose projections are panel-packed float32 or
-        int8-executed quantized (a GGUF file's, ``--quantization int8``): one C++ call each (``decode_layer`` /
+        int8-executed quantized (a GGUF file's, ``--quantization int8``, GPTQ / AWQ folders' — act-order inputs
+        gathered inside the call): one C++ call each (``decode_layer`` /
         ``gguf_decode_layer`` chain this class's ops with the matmul), so a decode step does not return to Python
         between ops. Any other model (MoE, tensor parallelism, LoRA, oneDNN weights, a projection of mixed GGUF
         types): None, and the layers run one op at a time."""
@@ -139,8 +140,11 @@ def _layer_plan(model: torch.nn.Module) -> list[tuple] | None:
                 shapes.append(p.out_features)
         elif None not in formats:
             call = gguf_extension().gguf_decode_layer
-            for p, fmt in zip(projections, formats):
-                weights += [p.qs, p.scales, p.mins, p.bias]
+            gathered = [_gathered(p) for p in projections]
+            for p, fmt, order in zip(projections, formats, gathered):
+                p = p.layer if order is not None else p
+                weights += [p.qs, p.scales, p.mins, p.bias] + ([order] if any(o is not None for o in gathered)
+                                                               else [])
                 shapes += [fmt, p.out_features]
         else:
             return None
@@ -152,8 +156,17 @@ def _layer_plan(model: torch.nn.Module) -> list[tuple] | None:
     return plan
 
 
+def _gathered(proj: torch.nn.Module) -> torch.Tensor | None:
+    """The input order of a projection that reads its input's columns in an order of its own (GPTQ's act-order:
+    ``loom.models.int_quant.GatheredInputs``, holding the quantized ``layer`` and its ``order``), else None."""
+    return proj.order if type(proj).__name__ == "GatheredInputs" else None
+
+
 def _int8_format(proj: torch.nn.Module) -> int | None:
-    """The int8 kernels' format of a projection they execute (a GGUF type or weight-only int8's), else None."""
+    """The int8 kernels' format of a projection they execute (a GGUF type or weight-only int8's; an act-order
+    projection's inner layer's), else None."""
+    if _gathered(proj) is not None:
+        proj = proj.layer
     if type(proj) is Int8Linear:
         return INT8_ROWS
     if type(proj) is GGUFLinear and proj.activations == "int8":

@@ -137,23 +137,30 @@ def test_fused_decode_layers_compute_exactly_what_the_op_by_op_layers_do(tmp_pat
     assert bool(ops._decode_plan) is fused
 
 
-@pytest.mark.parametrize("weights", ["gguf-qwen2", "gguf-qwen3", "gguf-gemma2", "quantization-int8"])
+@pytest.mark.parametrize("weights", ["gguf-qwen2", "gguf-qwen3", "gguf-gemma2", "quantization-int8", "gptq-act-order"])
 def test_fused_decode_layers_on_int8_executed_weights_compute_what_the_op_by_op_layers_do(tmp_path, smollm2_path,
                                                                                            monkeypatch, weights):
     """The same for projections the int8 kernels execute: GGUF files' (Q8_0, Q4_1 and Q4_0 blocks; qwen2's q/k/v
     biases, qwen3's q/k norms, gemma2's windows, soft caps, GeGLU and sandwich norms) and an HF folder's under
-    --quantization int8 (gguf_decode_layer)."""
+    --quantization int8 (gguf_decode_layer), and a GPTQ folder with act-order groups, whose projections read their
+    input's columns in an order of their own (gathered inside the call)."""
     from tests.engine.test_gguf_archs import write_tiny_gguf
+    from tests.engine.test_int_quant_checkpoints import GPTQ, as_quantized
 
     if weights.startswith("gguf"):
         arch = weights.split("-")[1]
         path, kwargs = tmp_path / f"tiny-{arch}.gguf", {"tokenizer": str(smollm2_path)}
         write_tiny_gguf(path, arch)
+    elif weights == "gptq-act-order":
+        path, _ = as_quantized(save_tiny_model(tmp_path / "float", smollm2_path, arch="qwen2"), tmp_path / "gptq",
+                               {**GPTQ, "desc_act": True})
+        kwargs = {}
     else:
         path, kwargs = save_tiny_model(tmp_path / "llama", smollm2_path), {"quantization": "int8"}
     prompts = [[t % 1000 for t in p] for p in varied_prompts(5, seed=22, low=3, high=70)]  # the GGUF's vocab: 1024
     ops = _layer_calls_match_op_by_op(monkeypatch, path, prompts, **kwargs)
     assert ops._decode_plan[0][0].__name__ == "gguf_decode_layer"
+    assert (len(ops._decode_plan[0][2]) == 20) is (weights == "gptq-act-order")  # each projection's input order
 
 
 def _layer_calls_match_op_by_op(monkeypatch, path, prompts, **kwargs):

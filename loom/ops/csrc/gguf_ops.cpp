@@ -880,21 +880,25 @@ torch::Tensor gguf_int8_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor 
 }
 
 // decode_layer_with (layer_ops.h) on weights repacked for int8 dot products (gguf_int8_pack; norms: as it takes
-// them). w: {qs, d, m, bias} for each of qkv, o, gate_up, down (bias optional); formats: {qtype, out_features} for
-// each.
+// them). w: {qs, d, m, bias} for each of qkv, o, gate_up, down (bias optional), or {qs, d, m, bias, order} where a
+// projection reads its input's columns in an order of its own (GPTQ's act-order; order optional); formats: {qtype,
+// out_features} for each.
 std::tuple<torch::Tensor, torch::Tensor> gguf_decode_layer(
     torch::Tensor x, c10::optional<torch::Tensor> residual, const std::vector<torch::Tensor>& norms,
     const std::vector<c10::optional<torch::Tensor>>& w, const std::vector<int64_t>& formats, double eps,
     torch::Tensor positions, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
     torch::Tensor slots, torch::Tensor block_tables, torch::Tensor seq_lens, int64_t H, int64_t HKV, double scale,
     int64_t window, double softcap, bool gelu, bool sandwich) {
-  TORCH_CHECK(w.size() == 16 && formats.size() == 8, "gguf_decode_layer: 16 weights, 8 formats");
+  TORCH_CHECK((w.size() == 16 || w.size() == 20) && formats.size() == 8,
+              "gguf_decode_layer: 16 or 20 weights, 8 formats");
+  const int per = static_cast<int>(w.size()) / 4;
   for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 3; ++j)
-      TORCH_CHECK(w[4 * i + j].has_value(), "gguf_decode_layer: weight ", 4 * i + j, " is missing");
+      TORCH_CHECK(w[per * i + j].has_value(), "gguf_decode_layer: weight ", per * i + j, " is missing");
   const auto linear = [&](int i, const torch::Tensor& in) {
-    return gguf_int8_linear(in, *w[4 * i], *w[4 * i + 1], *w[4 * i + 2], formats[2 * i], formats[2 * i + 1],
-                            w[4 * i + 3], "auto");
+    const c10::optional<torch::Tensor> order = per == 5 ? w[per * i + 4] : c10::optional<torch::Tensor>();
+    return gguf_int8_linear(order.has_value() ? in.index_select(1, *order) : in, *w[per * i], *w[per * i + 1],
+                            *w[per * i + 2], formats[2 * i], formats[2 * i + 1], w[per * i + 3], "auto");
   };
   return decode_layer_with(linear, x, residual, norms, eps, positions, cos, sin, k_cache, v_cache, slots, block_tables,
                            seq_lens, H, HKV, scale, window, softcap, gelu, sandwich);
