@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from loom.engine.sampling_params import SamplingParams
+
 GENERATION_CONFIG = "generation_config.json"
 _HF_NAMES = {"max_new_tokens": "max_tokens"}
 """generation_config.json's names that differ from SamplingParams'."""
@@ -58,8 +60,6 @@ class SamplingDefaults:
                 raise ValueError(f"the sampling default {name} must be a finite number"
                                  f"{' (whole)' if kind is int else ''}, got {value!r}")
             values[name] = int(value) if kind is int else float(value)
-        from loom.engine.sampling_params import SamplingParams  # local: sampling_params needs nothing from here
-
         try:
             SamplingParams(**{k: v for k, v in values.items() if k != "max_tokens"}, max_tokens=None,
                            default_max_tokens=values.get("max_tokens"))

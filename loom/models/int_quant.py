@@ -49,6 +49,8 @@ SUFFIXES = {"gptq": (".qweight", ".qzeros", ".scales", ".g_idx"), "awq": (".qwei
                                    ".weight_shape")}
 """Each method's tensors of one quantized linear, the first its packed weights (``<module>.qweight``; the others
 its companions; biases keep ``.bias``)."""
+OPTIONAL_SUFFIXES = (".g_idx", ".weight_g_idx", ".weight_zero_point", ".weight_shape")
+"""Companions a checkpoint may leave out: the trivial group order, a symmetric scheme's zero points, the shape."""
 
 
 @dataclass(frozen=True)
@@ -166,13 +168,6 @@ class IntWeights:
         """w as float32 [out, in]."""
         g = self.group
         return self.scale.float()[:, g] * (self.q.to(torch.int16) - self.zero[:, g]).float()
-
-
-def stack_rows(parts: list[IntWeights]) -> IntWeights:
-    """Parts of a fused projection (q / k / v, gate / up) quantized over the same groups of inputs, one above the
-    other."""
-    return IntWeights(torch.cat([p.q for p in parts]), torch.cat([p.zero for p in parts]),
-                      torch.cat([p.scale for p in parts]), parts[0].group, parts[0].bits)
 
 
 def _unpack(words: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:

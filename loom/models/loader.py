@@ -16,6 +16,7 @@ from loom.distributed.parallel import TensorParallel, head_shard
 from loom.models.fp8 import FP8_DTYPES, dequantize_fp8
 from loom.models.gguf import is_gguf, load_gguf_config, load_gguf_model, load_gguf_tokenizer
 from loom.models.int_quant import (
+    OPTIONAL_SUFFIXES,
     SUFFIXES,
     GatheredInputs,
     IntQuantConfig,
@@ -27,7 +28,6 @@ from loom.models.int_quant import (
     read_awq,
     read_compressed_tensors,
     read_gptq,
-    stack_rows,
 )
 from loom.models.llama import LlamaConfig, LlamaForCausalLM, deinterleave_rope, order_partial_rotary
 from loom.models.mxfp4 import dequantize_mxfp4, mxfp4_as_q8_0
@@ -347,8 +347,7 @@ def _read_int_weights(f, base: str, config: IntQuantConfig, companion, index: di
     wherever they are; optional ones where the checkpoint has them)."""
     packed, *rest = SUFFIXES[config.method]
     tensors = {suffix: companion(f, base + suffix) if base + suffix in index else None for suffix in rest}
-    missing = [base + s for s in rest if tensors[s] is None and s not in (".g_idx", ".weight_g_idx",
-                                                                           ".weight_zero_point", ".weight_shape")]
+    missing = [base + s for s in rest if tensors[s] is None and s not in OPTIONAL_SUFFIXES]
     if missing:
         raise ValueError(f"the checkpoint lacks {missing[0]} beside {base + packed}")
     weights = f.get_tensor(base + packed)
@@ -407,15 +406,9 @@ def _place_int_linear(model: LlamaForCausalLM, pname: str, parts: dict[int | Non
         layer = _quantized_int_linear(_partial_rotary_rows(pname, ordered, bias, model.config), pending.in_features,
                                       kernels, device)
     if layer is None:  # float weights, rows as the checkpoint's: load_model's order_partial_rotary orders them
-        whole = (stack_rows(ordered) if len(ordered) > 1 and all(torch.equal(p.group, ordered[0].group)
-                                                                 for p in ordered) else None)
-        weight = whole.dequantize() if whole is not None else torch.cat([p.dequantize() for p in ordered])
-        layer = torch.nn.Linear(pending.in_features, weight.shape[0], bias=bias is not None, device=device,
-                                dtype=dtype)
+        layer = _float_linear(pending, device, dtype)
         with torch.no_grad():
-            layer.weight.copy_(weight)
-            if bias is not None:
-                layer.bias.copy_(bias)
+            layer.weight.copy_(torch.cat([p.dequantize() for p in ordered]))
     if path == "lm_head":
         model.logits_proj, model.lm_head = layer, None
     else:
@@ -482,9 +475,7 @@ def _block_layer(bq: BlockQuants, in_features: int, bias: torch.Tensor | None, k
     if kernels == "triton":
         from loom.ops.triton.quantized import TritonQuantLinear  # local: imports triton
 
-        on_device = BlockQuants(bq.q.to(device), bq.scale.to(device),
-                                None if bq.offset is None else bq.offset.to(device), bq.zero, bq.group, bq.bits)
-        return TritonQuantLinear(on_device, in_features, None if bias is None else bias.to(device), "GPTQ/AWQ")
+        return TritonQuantLinear(bq.to(device), in_features, None if bias is None else bias.to(device), "GPTQ/AWQ")
     if default_activations() == "int8":
         return GGUFLinear.from_quants(bq, in_features, bias)
     encoded = gguf_rows(bq)

@@ -141,10 +141,10 @@ def _layer_plan(model: torch.nn.Module) -> list[tuple] | None:
         elif None not in formats:
             call = gguf_extension().gguf_decode_layer
             gathered = [_gathered(p) for p in projections]
+            with_orders = any(order is not None for order in gathered)  # then each projection's order, or None
             for p, fmt, order in zip(projections, formats, gathered):
                 p = p.layer if order is not None else p
-                weights += [p.qs, p.scales, p.mins, p.bias] + ([order] if any(o is not None for o in gathered)
-                                                               else [])
+                weights += [p.qs, p.scales, p.mins, p.bias] + ([order] if with_orders else [])
                 shapes += [fmt, p.out_features]
         else:
             return None

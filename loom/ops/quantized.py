@@ -128,10 +128,7 @@ class GGUFLinear(nn.Module):
                 bq = block_quants(qweight, qtype, in_features)
                 offset = bq.offset if bq.offset is not None else torch.empty(0)
                 qs, d, m = self._ext.gguf_int8_pack_quants(bq.q, bq.scale, offset, int(qtype))
-            self.register_buffer("qweight", None, persistent=False)
-            self.register_buffer("qs", huge_page_copy(qs), persistent=False)
-            self.register_buffer("scales", d, persistent=False)
-            self.register_buffer("mins", m, persistent=False)
+            self._hold_tiles(qs, d, m)
         else:
             self.register_buffer("qweight", qweight.contiguous(), persistent=False)
         self.register_buffer("bias", bias, persistent=False)
@@ -156,13 +153,16 @@ class GGUFLinear(nn.Module):
 
         layer.qtype, layer.in_features, layer.out_features = qtype, in_features, bq.q.shape[0]
         layer.activations, layer._ext = "int8", gguf_extension()
-        qs, d, m = layer._ext.gguf_int8_pack_quants(bq.q, bq.scale, mins, int(qtype))
-        layer.register_buffer("qweight", None, persistent=False)
-        layer.register_buffer("qs", huge_page_copy(qs), persistent=False)
-        layer.register_buffer("scales", d, persistent=False)
-        layer.register_buffer("mins", m, persistent=False)
+        layer._hold_tiles(*layer._ext.gguf_int8_pack_quants(bq.q, bq.scale, mins, int(qtype)))
         layer.register_buffer("bias", bias, persistent=False)
         return layer
+
+    def _hold_tiles(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> None:
+        """Keep the int8 kernels' tiles (``gguf_int8_pack``'s or ``gguf_int8_pack_quants``' results), no blocks."""
+        self.register_buffer("qweight", None, persistent=False)
+        self.register_buffer("qs", huge_page_copy(qs), persistent=False)
+        self.register_buffer("scales", d, persistent=False)
+        self.register_buffer("mins", m, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations == "int8" and x.dim() == 2 and x.dtype == torch.float32:  # the engine's flat batches
@@ -323,6 +323,11 @@ class BlockQuants:
     values: torch.Tensor | None = None
     """int8 [16] levels the quants index (IQ4_NL, IQ4_XS: weight = values[q] * scale), or None (the quants are the
     levels)."""
+
+    def to(self, device: torch.device | str) -> BlockQuants:
+        """The same quants on ``device``."""
+        return BlockQuants(*(None if t is None else t.to(device) for t in (self.q, self.scale, self.offset)),
+                           self.zero, self.group, self.bits, self.values)
 
 
 def _halves(blocks: torch.Tensor, start: int) -> torch.Tensor:

@@ -42,7 +42,13 @@ def as_fp8(folder, target, quantization: dict, block: tuple[int, int] | None, sc
             expanded[name] = expand_by_hand(q, scale, block)
         else:
             fp8[name] = expanded[name] = tensor
-    save_file(fp8, target / "model.safetensors", metadata={"format": "pt"})
+    return write_quantized(target, reference, fp8, expanded, quantization)
+
+
+def write_quantized(target: Path, reference: Path, quantized: dict, expanded: dict, quantization: dict):
+    """A quantized checkpoint's tensors into ``target`` (its config given ``quantization``) and the weights they
+    stand for into ``reference``; returns both folders."""
+    save_file(quantized, target / "model.safetensors", metadata={"format": "pt"})
     save_file(expanded, reference / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((target / "config.json").read_text())
     config["quantization_config"] = quantization

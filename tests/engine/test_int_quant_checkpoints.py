@@ -30,7 +30,7 @@ from loom.models.int_quant import (
 )
 from loom.ops.quantized import GGMLType, GGUFLinear, StackedGGUFLinear, dequantize_block_quants, dequantize_reference
 from tests.conftest import save_tiny_model
-from tests.engine.test_fp8_checkpoints import per_expert
+from tests.engine.test_fp8_checkpoints import per_expert, write_quantized
 from tests.engine.test_parity import assert_parity, hf_greedy, loom_greedy, teacher_forced_agreement, varied_prompts
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -187,12 +187,7 @@ def as_quantized(folder: Path, target: Path, quantization: dict, shared_order: b
         packed.update({f"{module}.{key}": value for key, value in tensors.items()})
         if zero_biases and f"{module}.bias" not in packed:
             packed[f"{module}.bias"] = torch.zeros(tensor.shape[0], dtype=torch.float16)
-    save_file(packed, target / "model.safetensors", metadata={"format": "pt"})
-    save_file(floats, reference / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((target / "config.json").read_text())
-    config["quantization_config"] = quantization
-    (target / "config.json").write_text(json.dumps(config))
-    return target, reference
+    return write_quantized(target, reference, packed, floats, quantization)
 
 
 @pytest.mark.parametrize("bits, sym, v1", [(4, True, True), (4, False, True), (4, False, False), (8, True, True)])

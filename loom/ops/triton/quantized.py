@@ -205,9 +205,7 @@ class TritonQuantLinear(nn.Module):
                   device: torch.device | str = "cpu") -> TritonQuantLinear:
         from loom.ops.quantized import GGMLType
 
-        bq = block_quants(qweight, qtype, in_features)
-        bq = BlockQuants(bq.q.to(device), bq.scale.to(device), None if bq.offset is None else bq.offset.to(device),
-                         bq.zero, bq.group, bq.bits, bq.values)
+        bq = block_quants(qweight, qtype, in_features).to(device)
         return cls(bq, in_features, None if bias is None else bias.float().to(device), GGMLType(int(qtype)).name)
 
     @classmethod
